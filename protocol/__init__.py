@@ -1,0 +1,1 @@
+"""What every side of GridMint shares: errors, money, signed messages, proof-of-training commitments."""
