@@ -1,0 +1,173 @@
+"""Database rows (SQLAlchemy 2). Money columns hold integer base units as exact decimal strings."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Engine, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+
+class Money(TypeDecorator[int]):
+    """Integer base units stored as a decimal string: exact on SQLite and PostgreSQL alike, up to 2**256."""
+
+    impl = String(80)
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"money must be int base units, got {value!r}")
+        return str(value)
+
+    def process_result_value(self, value: str | None, dialect: Any) -> int | None:
+        return None if value is None else int(value)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+class SignerNonce(Base):
+    """Highest nonce seen per signer: a signed request is accepted only with a larger one."""
+
+    __tablename__ = "signer_nonces"
+    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    last_nonce: Mapped[int] = mapped_column(BigInteger)
+
+
+class Provider(Base):
+    __tablename__ = "providers"
+    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    region: Mapped[str] = mapped_column(String(32))
+    gpu: Mapped[str] = mapped_column(String(128))
+    vram_mb: Mapped[int] = mapped_column(Integer)
+    price: Mapped[int] = mapped_column(Money)
+    tokens_per_s: Mapped[int] = mapped_column(BigInteger)  # measured benchmark throughput
+    capacity: Mapped[int] = mapped_column(Integer, default=1)
+    stake: Mapped[int] = mapped_column(Money, default=0)  # last read from chain
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active | slashed
+    assigned: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    dropped: Mapped[int] = mapped_column(Integer, default=0)
+    registered_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+class Verifier(Base):
+    __tablename__ = "verifiers"
+    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    checked: Mapped[int] = mapped_column(Integer, default=0)
+    fraud_found: Mapped[int] = mapped_column(Integer, default=0)
+    wrong: Mapped[int] = mapped_column(Integer, default=0)
+    last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(66), primary_key=True)  # bytes32 hex, also the escrow key
+    customer: Mapped[str] = mapped_column(String(42))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # JobSpec as JSON
+    budget: Mapped[int] = mapped_column(Money)  # what the escrow must hold: units x price cap
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | done | settled
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    global_blob: Mapped[str] = mapped_column(String(64))  # sha256 of the current global checkpoint
+    eval_losses: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    refund: Mapped[int | None] = mapped_column(Money, nullable=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    settled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Unit(Base):
+    __tablename__ = "units"
+    __table_args__ = (UniqueConstraint("job_id", "round", "shard"),)
+    id: Mapped[str] = mapped_column(String(66), primary_key=True)  # bytes32 hex
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    shard: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # pending -> assigned -> submitted -> verified | (fraud -> pending again, cheat excluded)
+    provider: Mapped[str | None] = mapped_column(String(42), nullable=True)
+    price: Mapped[int | None] = mapped_column(Money, nullable=True)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    excluded: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    proof: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    proof_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
+    final_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    segment_blobs: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    losses: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Verification(Base):
+    __tablename__ = "verifications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[str] = mapped_column(ForeignKey("units.id"), index=True)
+    provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
+    segment: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # pending -> assigned -> passed | disputed -> fraud (referee agreed) | verifier_wrong
+    verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
+    assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
+    slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)
+
+
+class LedgerEntry(Base):
+    """What a job owes a provider for one verified unit. Unique per unit: credited exactly once."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (UniqueConstraint("job_id", "unit_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    unit_id: Mapped[str] = mapped_column(String(66))
+    provider: Mapped[str] = mapped_column(String(42), index=True)
+    amount: Mapped[int] = mapped_column(Money)
+    released: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Event(Base):
+    """Human-readable history of a job (shown by the web page and the demo)."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str | None] = mapped_column(String(66), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn: Any, _record: Any) -> None:
+            # WAL lets the API and the Celery worker (separate processes) read while one writes.
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(url: str) -> sessionmaker[Any]:
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

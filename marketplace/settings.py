@@ -1,0 +1,33 @@
+"""One settings object for the marketplace; every field has an embedded default (env prefix GRIDMINT_)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.money import tokens
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRIDMINT_", extra="ignore")
+
+    data_dir: Path = Path(".gridmint")
+    db_url: str | None = None  # default: SQLite file in data_dir
+    redis_url: str | None = None  # default: the project starts its own redis-server (see gridmint.services)
+    chain_url: str | None = None  # JSON-RPC of the chain (Hardhat node); tests may inject an in-process chain instead
+    deployment_file: Path | None = None  # default: data_dir/deployment.json
+    operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)
+    max_upload_bytes: int = 32 * 1024 * 1024
+    min_stake: int = tokens(100)  # base units a provider must stake to be matched
+    unit_timeout_s: int = 120  # an assigned unit not submitted by then goes back to the pool
+    verify_segments: int = 1  # segments replayed per submitted unit (the "standard" level)
+    clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
+
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'marketplace.db').resolve()}"
+
+    def resolved_deployment_file(self) -> Path:
+        return self.deployment_file or self.data_dir / "deployment.json"
+
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

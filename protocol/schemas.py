@@ -1,0 +1,103 @@
+"""Wire schemas: what crosses HTTP between customers, nodes, verifiers and the marketplace.
+
+Money fields are integer base units; JSON carries them as decimal strings (JavaScript-safe) and we
+accept either an int or a digit string, never a float.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+
+from protocol.money import base_units
+
+MoneyField = Annotated[int, BeforeValidator(base_units), PlainSerializer(lambda v: str(v), return_type=str)]
+Bytes32Hex = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    vocab: int = Field(256, ge=256, le=256)
+    d_model: int = Field(64, ge=16, le=1024)
+    n_layer: int = Field(2, ge=1, le=24)
+    n_head: int = Field(4, ge=1, le=16)
+    ctx: int = Field(64, ge=8, le=1024)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSpec":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        return self
+
+
+class JobSpec(Strict):
+    """A training job: ``rounds`` DiLoCo rounds of ``units_per_round`` parallel units of ``steps_per_unit`` steps."""
+
+    model: ModelSpec = ModelSpec()
+    rounds: int = Field(4, ge=1, le=1000)
+    units_per_round: int = Field(3, ge=1, le=256)
+    steps_per_unit: int = Field(60, ge=1, le=100_000)
+    segment_len: int = Field(15, ge=1)
+    batch_size: int = Field(16, ge=1, le=1024)
+    lr: float = Field(3e-3, gt=0, lt=1)
+    seed: int = Field(0, ge=0, lt=2**31)
+    vram_mb: int = Field(1024, ge=0)
+    max_price: MoneyField  # the most the customer pays for one work unit
+
+    @model_validator(mode="after")
+    def _segments_divide(self) -> "JobSpec":
+        if self.steps_per_unit % self.segment_len:
+            raise ValueError(f"steps_per_unit {self.steps_per_unit} is not a multiple of segment_len {self.segment_len}")
+        return self
+
+    def budget(self) -> int:
+        """Escrow the job needs up front: every unit paid at the price cap. The unspent rest is refunded."""
+        return self.rounds * self.units_per_round * self.max_price
+
+
+class QuoteOut(Strict):
+    job_id: Bytes32Hex
+    budget: MoneyField
+    units: int
+    escrow: str  # JobEscrow address to fund
+    token: str
+    chain_id: int
+
+
+class JobSubmit(Strict):
+    job_id: Bytes32Hex
+    spec: JobSpec
+
+
+class ProviderRegister(Strict):
+    region: str = Field(min_length=1, max_length=32)
+    gpu: str = Field(min_length=1, max_length=128)
+    vram_mb: int = Field(ge=0, le=10_000_000)
+    price: MoneyField  # ask per work unit
+    tokens_per_s: int = Field(ge=0)  # measured by the node's benchmark
+    capacity: int = Field(1, ge=1, le=64)
+
+
+class BlobRef(Strict):
+    sha256: Sha256Hex
+
+
+class ResultSubmit(Strict):
+    unit_id: Bytes32Hex
+    proof: dict[str, Any]  # protocol.proof.TrainingProof JSON
+    proof_signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
+    final_blob: Sha256Hex
+    segment_blobs: list[Sha256Hex] = Field(max_length=10_000)
+    losses: list[float] = Field(max_length=100_000)
+
+
+class VerdictSubmit(Strict):
+    verification_id: int
+    ok: bool
+    replayed_hash: Bytes32Hex
+    signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")  # EIP-712 Verdict by the verifier
+    reason: str = Field("", max_length=500)

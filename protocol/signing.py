@@ -1,0 +1,209 @@
+"""EIP-712 signed messages shared by every side.
+
+Every node, verifier and customer request to the marketplace carries a signed *envelope*:
+``Request(signer, method, path, bodyHash, nonce, deadline)`` under the domain ``GridMint/1/chainId``.
+The server recovers the signer, checks the deadline, and accepts each (signer, nonce) once
+(nonces strictly increase per signer, so one integer per signer is all the server stores).
+The chain id in the domain means a signature made for one chain is useless on another.
+
+Proof roots and verifier verdicts are signed as their own typed structs, so they can be checked
+later (by a referee, or on chain) without the HTTP request that carried them.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils import is_hex_address, to_checksum_address
+
+from protocol.errors import ReplayError, SignatureError
+
+DOMAIN_NAME = "GridMint"
+DOMAIN_VERSION = "1"
+
+HEADER_SIGNER = "x-gm-signer"
+HEADER_NONCE = "x-gm-nonce"
+HEADER_DEADLINE = "x-gm-deadline"
+HEADER_SIGNATURE = "x-gm-signature"
+
+_EIP712_DOMAIN = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+]
+
+TYPES: dict[str, list[dict[str, str]]] = {
+    "Request": [
+        {"name": "signer", "type": "address"},
+        {"name": "method", "type": "string"},
+        {"name": "path", "type": "string"},
+        {"name": "bodyHash", "type": "bytes32"},
+        {"name": "nonce", "type": "uint256"},
+        {"name": "deadline", "type": "uint256"},
+    ],
+    "TrainingProof": [
+        {"name": "unitId", "type": "bytes32"},
+        {"name": "merkleRoot", "type": "bytes32"},
+        {"name": "startHash", "type": "bytes32"},
+        {"name": "finalHash", "type": "bytes32"},
+        {"name": "steps", "type": "uint256"},
+    ],
+    "Verdict": [
+        {"name": "unitId", "type": "bytes32"},
+        {"name": "segment", "type": "uint256"},
+        {"name": "ok", "type": "bool"},
+        {"name": "claimedHash", "type": "bytes32"},
+        {"name": "replayedHash", "type": "bytes32"},
+    ],
+}
+
+
+def domain(chain_id: int) -> dict[str, Any]:
+    return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": chain_id}
+
+
+def to_bytes32(value: str | bytes) -> bytes:
+    """Accept 32 raw bytes or a 0x-prefixed 64-hex-digit string."""
+    if isinstance(value, bytes):
+        raw = value
+    elif isinstance(value, str):
+        text = value[2:] if value.startswith("0x") else value
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError as exc:
+            raise SignatureError(f"not a hex bytes32: {value!r}") from exc
+    else:
+        raise SignatureError(f"not a bytes32: {value!r}")
+    if len(raw) != 32:
+        raise SignatureError(f"bytes32 must be 32 bytes, got {len(raw)}: {value!r}")
+    return raw
+
+
+def _typed(primary: str, chain_id: int, message: Mapping[str, Any]) -> Any:
+    return encode_typed_data(
+        full_message={
+            "types": {"EIP712Domain": _EIP712_DOMAIN, primary: TYPES[primary]},
+            "primaryType": primary,
+            "domain": domain(chain_id),
+            "message": dict(message),
+        }
+    )
+
+
+def sign_typed(account: LocalAccount, primary: str, chain_id: int, message: Mapping[str, Any]) -> str:
+    """Sign ``message`` as EIP-712 struct ``primary``; returns the 65-byte signature as 0x-hex."""
+    signed = account.sign_message(_typed(primary, chain_id, message))
+    return "0x" + bytes(signed.signature).hex()
+
+
+def recover_typed(primary: str, chain_id: int, message: Mapping[str, Any], signature: str) -> str:
+    """Checksum address that signed ``message``; SignatureError if the signature is malformed."""
+    try:
+        sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
+        if len(sig) != 65:
+            raise ValueError(f"signature must be 65 bytes, got {len(sig)}")
+        return str(Account.recover_message(_typed(primary, chain_id, message), signature=sig))
+    except SignatureError:
+        raise
+    except Exception as exc:  # eth_account raises several types for junk input
+        raise SignatureError(f"malformed {primary} signature: {exc}") from exc
+
+
+def body_hash(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    signer: str
+    nonce: int
+    deadline: int
+
+
+class NonceSource:
+    """Strictly increasing nonces for one signer in this process (microsecond clock, never repeats)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(self._last + 1, time.time_ns() // 1000)
+            return self._last
+
+
+def sign_request(
+    account: LocalAccount,
+    chain_id: int,
+    method: str,
+    path: str,
+    body: bytes,
+    nonce: int,
+    deadline: int,
+) -> dict[str, str]:
+    """Headers that authenticate one HTTP request. ``path`` is the URL path without host or query."""
+    message = {
+        "signer": account.address,
+        "method": method.upper(),
+        "path": path,
+        "bodyHash": body_hash(body),
+        "nonce": nonce,
+        "deadline": deadline,
+    }
+    return {
+        HEADER_SIGNER: account.address,
+        HEADER_NONCE: str(nonce),
+        HEADER_DEADLINE: str(deadline),
+        HEADER_SIGNATURE: sign_typed(account, "Request", chain_id, message),
+    }
+
+
+def verify_request(
+    headers: Mapping[str, str],
+    chain_id: int,
+    method: str,
+    path: str,
+    body: bytes,
+    now: int,
+) -> SignedRequest:
+    """Check a request's envelope: well-formed, signed by the claimed signer, not expired.
+
+    Does *not* check the nonce against history: the caller owns that state (see marketplace.auth).
+    Raises SignatureError (bad/forged) or ReplayError (expired).
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    missing = [h for h in (HEADER_SIGNER, HEADER_NONCE, HEADER_DEADLINE, HEADER_SIGNATURE) if h not in lowered]
+    if missing:
+        raise SignatureError(f"unsigned request: missing headers {missing}")
+    signer = lowered[HEADER_SIGNER]
+    if not is_hex_address(signer):
+        raise SignatureError(f"{HEADER_SIGNER} is not an address: {signer!r}")
+    signer = to_checksum_address(signer)
+    try:
+        nonce = int(lowered[HEADER_NONCE])
+        deadline = int(lowered[HEADER_DEADLINE])
+    except ValueError as exc:
+        raise SignatureError(f"nonce and deadline must be integers: {exc}") from exc
+    if nonce < 0 or deadline < 0 or nonce >= 2**256 or deadline >= 2**256:
+        raise SignatureError(f"nonce/deadline out of range: {nonce}, {deadline}")
+    message = {
+        "signer": signer,
+        "method": method.upper(),
+        "path": path,
+        "bodyHash": body_hash(body),
+        "nonce": nonce,
+        "deadline": deadline,
+    }
+    recovered = recover_typed("Request", chain_id, message, lowered[HEADER_SIGNATURE])
+    if recovered != signer:
+        raise SignatureError(f"signature is by {recovered}, not by the claimed signer {signer} (or the body, path or chain differ)")
+    if deadline < now:
+        raise ReplayError(f"request expired: deadline {deadline} < now {now}")
+    return SignedRequest(signer=signer, nonce=nonce, deadline=deadline)
