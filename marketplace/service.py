@@ -1,0 +1,441 @@
+"""Job lifecycle: register -> job -> match -> submit -> verify -> (slash | credit) -> next round -> settle.
+
+Each function takes a Runtime and does one step inside one DB transaction. Steps that move tokens on chain
+(slash, release, refund) are idempotent twice over: the contracts refuse a second release of a unit or a
+second use of slash evidence, and the client checks before sending. Replaying any task is harmless.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from eth_utils import keccak
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from marketplace import matching
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s
+from marketplace.pricing import check_ask
+from marketplace.runtime import Runtime
+from node import checkpoint
+from node.model import ModelConfig, init_state
+from node.replay import check_segment
+from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state, state_hash
+from protocol.errors import GridMintValueError, InsufficientFundsError, ProofError
+from protocol.proof import TrainingProof, check_structure
+from protocol.schemas import JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
+from protocol.signing import recover_typed, to_bytes32
+
+
+class NotFound(GridMintValueError):
+    """Unknown job, unit or verification (HTTP 404)."""
+
+
+class Conflict(GridMintValueError):
+    """The request is valid but the state does not allow it now (HTTP 409)."""
+
+
+def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
+    s.add(Event(job_id=job_id, kind=kind, data=data))
+
+
+# ---------------------------------------------------------------- providers / verifiers
+
+def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Provider:
+    check_ask(body.region, body.price)
+    stake = rt.contracts.stake_of(address)
+    with rt.sessions.begin() as s:
+        p = s.get(Provider, address)
+        if p is None:
+            p = Provider(address=address)
+            s.add(p)
+        if p.status == "slashed":
+            raise Conflict(f"provider {address} was slashed for fraud and cannot re-register")
+        p.region, p.gpu, p.vram_mb, p.price = body.region, body.gpu, body.vram_mb, body.price
+        p.tokens_per_s, p.capacity, p.stake, p.last_seen = body.tokens_per_s, body.capacity, stake, now_s()
+        log(s, "provider_registered", address=address, region=body.region, price=str(body.price), stake=str(stake))
+    rt.enqueue("gridmint.match", [])
+    return p
+
+
+def register_verifier(rt: Runtime, address: str) -> None:
+    with rt.sessions.begin() as s:
+        v = s.get(Verifier, address) or Verifier(address=address)
+        v.last_seen = now_s()
+        s.add(v)
+
+
+# ---------------------------------------------------------------- jobs
+
+def unit_id_for(job_id: str, round_: int, shard: int) -> str:
+    return "0x" + keccak(to_bytes32(job_id) + round_.to_bytes(32, "big") + shard.to_bytes(32, "big")).hex()
+
+
+def model_config(spec: JobSpec) -> ModelConfig:
+    return ModelConfig(**spec.model.model_dump())
+
+
+def unit_spec(job: Job, unit: Unit) -> UnitSpec:
+    spec = JobSpec.model_validate(job.spec)
+    return UnitSpec(
+        job_id=job.id,
+        unit_id=unit.id,
+        round=unit.round,
+        shard=unit.shard,
+        n_shards=spec.units_per_round,
+        model=model_config(spec),
+        steps=spec.steps_per_unit,
+        segment_len=spec.segment_len,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        seed=spec.seed * 1_000_003 + unit.round,
+        threads=1,
+    )
+
+
+def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
+    """Accept a job only if its escrow on chain already holds the full budget, funded by this customer."""
+    need = spec.budget()
+    escrow = rt.contracts.get_job(job_id)
+    if escrow.customer.lower() != customer.lower() or escrow.closed:
+        raise InsufficientFundsError(
+            f"job {job_id} is not funded by {customer} on chain (escrow customer {escrow.customer}, closed={escrow.closed});"
+            f" fund {need} base units into JobEscrow first")
+    if escrow.remaining < need:
+        raise InsufficientFundsError(f"escrow for job {job_id} holds {escrow.remaining} base units, the job needs {need}")
+    state = init_state(model_config(spec), spec.seed)
+    sha = rt.blobs.put_tensors(state, {"kind": "global", "job": job_id, "round": "0"})
+    with rt.sessions.begin() as s:
+        if s.get(Job, job_id) is not None:
+            raise Conflict(f"job {job_id} already exists")
+        job = Job(id=job_id, customer=customer, spec=spec.model_dump(mode="json"), budget=need, global_blob=sha,
+                  eval_losses=[evaluate(model_config(spec), state)])
+        s.add(job)
+        s.flush()
+        _create_round_units(s, job, spec, 0)
+        log(s, "job_created", job_id, customer=customer, budget=str(need), units=spec.rounds * spec.units_per_round)
+    rt.enqueue("gridmint.match", [])
+    return job
+
+
+def _create_round_units(s: Session, job: Job, spec: JobSpec, round_: int) -> None:
+    for shard in range(spec.units_per_round):
+        s.add(Unit(id=unit_id_for(job.id, round_, shard), job_id=job.id, round=round_, shard=shard, excluded=[]))
+
+
+# ---------------------------------------------------------------- matching
+
+def run_matching(rt: Runtime) -> list[matching.Assignment]:
+    """One matching round over every pending unit (oldest job first) and every active provider's free slots."""
+    with rt.sessions.begin() as s:
+        pending = s.execute(
+            select(Unit, Job).join(Job, Unit.job_id == Job.id)
+            .where(Unit.status == "pending", Job.status == "running")
+            .order_by(Job.created_at, Job.id, Unit.round, Unit.shard)
+        ).all()
+        if not pending:
+            return []
+        busy = dict(s.execute(
+            select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
+        offers = [
+            matching.Offer(p.address, p.region, p.price, p.vram_mb, p.stake, p.capacity - busy.get(p.address, 0))
+            for p in s.scalars(select(Provider).where(Provider.status == "active"))
+        ]
+        demands = []
+        for unit, job in pending:
+            spec = JobSpec.model_validate(job.spec)
+            demands.append(matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price,
+                                           frozenset(unit.excluded or [])))
+        got = matching.match(offers, demands)
+        units = {u.id: (u, j) for u, j in pending}
+        for a in got:
+            unit, job = units[a.unit_id]
+            unit.status, unit.provider, unit.price, unit.rank = "assigned", a.provider, a.price, a.rank
+            unit.assigned_at = now_s()
+            unit.attempts += 1
+            prov = s.get(Provider, a.provider)
+            assert prov is not None
+            prov.assigned += 1
+            log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=a.provider,
+                region=a.region, price=str(a.price), rank=a.rank)
+        return got
+
+
+def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
+    """The unit assigned to ``provider``, as the spec it must train and the checkpoint it starts from."""
+    with rt.sessions.begin() as s:
+        p = s.get(Provider, provider)
+        if p is None:
+            raise NotFound(f"provider {provider} is not registered")
+        p.last_seen = now_s()
+        row = s.execute(select(Unit, Job).join(Job).where(Unit.provider == provider, Unit.status == "assigned")
+                        .order_by(Unit.assigned_at)).first()
+        if row is None:
+            has_pending = s.scalar(select(func.count()).select_from(Unit).where(Unit.status == "pending"))
+            if has_pending:
+                rt.enqueue("gridmint.match", [])
+            return None
+        unit, job = row
+        return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price)}
+
+
+# ---------------------------------------------------------------- results
+
+def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
+    """Cheap, complete structural checks now; a sampled replay by a verifier later."""
+    with rt.sessions.begin() as s:
+        unit = s.get(Unit, body.unit_id)
+        if unit is None:
+            raise NotFound(f"unit {body.unit_id} does not exist")
+        if unit.provider != provider or unit.status != "assigned":
+            raise Conflict(f"unit {body.unit_id} is not assigned to {provider} (status {unit.status})")
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        spec = unit_spec(job, unit)
+        global_blob = job.global_blob
+    proof = TrainingProof.from_dict(body.proof)
+    signer = recover_typed("TrainingProof", rt.chain_id, proof.signable_fields(), body.proof_signature)
+    if signer != provider:
+        raise ProofError(f"proof root is signed by {signer}, not by the assigned provider {provider}")
+    global_model, _ = checkpoint.load(rt.blobs.read(global_blob))
+    check_structure(proof, expected_start_hash=state_hash(start_state(spec, global_model)),
+                    expected_spec_hash=spec.spec_hash())
+    if len(body.segment_blobs) != len(proof.segments):
+        raise ProofError(f"{len(proof.segments)} segments committed but {len(body.segment_blobs)} checkpoints uploaded")
+    for i, sha in enumerate(body.segment_blobs):
+        tensors, _ = checkpoint.load(rt.blobs.read(sha))
+        if state_hash(tensors) != proof.segments[i].start_hash:
+            raise ProofError(f"checkpoint for segment {i} does not hash to its committed start hash")
+    final, _ = checkpoint.load(rt.blobs.read(body.final_blob))
+    if state_hash(final) != proof.final_hash:
+        raise ProofError("final checkpoint does not hash to the committed final hash")
+    picks = secrets.SystemRandom().sample(range(len(proof.segments)), min(rt.settings.verify_segments, len(proof.segments)))
+    with rt.sessions.begin() as s:
+        unit = s.get(Unit, body.unit_id)
+        assert unit is not None
+        if unit.provider != provider or unit.status != "assigned":  # raced with a timeout reassignment
+            raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
+        unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
+        unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
+        for seg in picks:
+            s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
+        log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
+            sampled=picks, final_loss=body.losses[-1] if body.losses else None)
+
+
+# ---------------------------------------------------------------- verification
+
+def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
+    now = now_s()
+    with rt.sessions.begin() as s:
+        v = s.get(Verifier, verifier)
+        if v is None:
+            raise NotFound(f"verifier {verifier} is not registered")
+        v.last_seen = now
+        task = s.scalars(select(Verification).where(Verification.status == "pending", Verification.provider != verifier)
+                         .order_by(Verification.id).limit(1)).first()
+        if task is None:
+            return None
+        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None and unit.proof is not None
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        return {"verification_id": task.id, "segment": task.segment, "spec": unit_spec(job, unit).to_json(),
+                "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment]}
+
+
+def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, body.verification_id)
+        if task is None:
+            raise NotFound(f"verification {body.verification_id} does not exist")
+        if task.verifier != verifier or task.status != "assigned":
+            raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None and unit.proof is not None
+        proof = TrainingProof.from_dict(unit.proof)
+        claimed = proof.segments[task.segment].end_hash
+        message = {"unitId": to_bytes32(unit.id), "segment": task.segment, "ok": body.ok,
+                   "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(body.replayed_hash)}
+        signer = recover_typed("Verdict", rt.chain_id, message, body.signature)
+        if signer != verifier:
+            raise ProofError(f"verdict is signed by {signer}, not by {verifier}")
+        task.replayed_hash, task.signature = body.replayed_hash, body.signature
+        ver = s.get(Verifier, verifier)
+        assert ver is not None
+        ver.checked += 1
+        if body.ok:
+            task.status = "passed"
+            log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier)
+            _maybe_verified(s, unit)
+            job_id = unit.job_id
+        else:
+            task.status = "disputed"
+            log(s, "segment_disputed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
+                provider=task.provider, reason=body.reason)
+            job_id = ""
+    if body.ok:
+        rt.enqueue("gridmint.advance", [job_id])
+    else:
+        rt.enqueue("gridmint.adjudicate", [body.verification_id])
+    return task.status
+
+
+def _maybe_verified(s: Session, unit: Unit) -> None:
+    """A unit whose every sampled segment passed is verified; its provider is owed its price (exactly once)."""
+    open_checks = s.scalar(select(func.count()).select_from(Verification)
+                           .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
+                                  Verification.status.notin_(["passed"])))
+    if open_checks or unit.status != "submitted":
+        return
+    unit.status = "verified"
+    assert unit.provider is not None and unit.price is not None
+    prov = s.get(Provider, unit.provider)
+    assert prov is not None
+    prov.completed += 1
+    s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
+    log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price))
+
+
+def adjudicate(rt: Runtime, verification_id: int) -> str:
+    """Referee a disputed segment by replaying it here. Fraud confirmed -> slash on chain and reassign the unit."""
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        if task is None or task.status != "disputed":
+            return task.status if task else "missing"
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None and unit.proof is not None
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        spec, proof, seg = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment
+        blob, provider, verifier = unit.segment_blobs[seg], task.provider, task.verifier
+    path = rt.blobs.path(blob)
+    verdict = check_segment(spec, proof, seg, path)
+    evidence = keccak(to_bytes32(unit.id) + seg.to_bytes(32, "big") + bytes.fromhex(provider[2:]))
+    if verdict.ok:
+        with rt.sessions.begin() as s:
+            task = s.get(Verification, verification_id)
+            assert task is not None
+            task.status = "verifier_wrong"
+            ver = s.get(Verifier, verifier)
+            if ver is not None:
+                ver.wrong += 1
+            unit = s.get(Unit, task.unit_id)
+            assert unit is not None
+            log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider)
+            _maybe_verified(s, unit)
+        rt.enqueue("gridmint.advance", [job.id])
+        return "verifier_wrong"
+    stake = rt.contracts.stake_of(provider)
+    # idempotent: False if this evidence was already used (a re-run task), or nothing is left to slash
+    tx = rt.contracts.slash(provider, stake, verifier, evidence) if stake > 0 else False
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
+        task.status = "fraud"
+        task.slash_tx = "0x" + evidence.hex()
+        prov = s.get(Provider, provider)
+        assert prov is not None
+        prov.status, prov.stake = "slashed", rt.contracts.stake_of(provider)
+        ver = s.get(Verifier, verifier)
+        if ver is not None:
+            ver.fraud_found += 1
+        # every unit of this provider not yet verified goes back to the pool, with the cheat excluded
+        for u in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status.in_(["assigned", "submitted"]))):
+            u.status, u.provider, u.price, u.rank = "pending", None, None, None
+            u.excluded = sorted(set(u.excluded or []) | {provider})
+            for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
+                                                               Verification.status.in_(["pending", "assigned"]))):
+                other.status = "void"
+        log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
+            amount=str(stake), claimed=verdict.claimed_end, replayed=verdict.replayed_end, reason=verdict.reason,
+            sent=bool(tx))
+    rt.enqueue("gridmint.match", [])
+    return "fraud"
+
+
+# ---------------------------------------------------------------- rounds and settlement
+
+def advance(rt: Runtime, job_id: str) -> str:
+    """When every unit of the current round is verified: average them (outer step) and open the next round."""
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running":
+            return job.status if job else "missing"
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.round == job.round).order_by(Unit.shard)))
+        if not units or any(u.status != "verified" for u in units):
+            return "running"
+        blobs = [u.final_blob for u in units]
+        spec = JobSpec.model_validate(job.spec)
+        round_ = job.round
+    states = [model_only(checkpoint.load(rt.blobs.read(b))[0]) for b in blobs if b]
+    merged = average_states(states)
+    loss = evaluate(model_config(spec), merged)
+    sha = rt.blobs.put_tensors(merged, {"kind": "global", "job": job_id, "round": str(round_ + 1)})
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.round != round_ or job.status != "running":  # another advance got here first
+            return job.status
+        job.global_blob = sha
+        job.eval_losses = [*job.eval_losses, loss]
+        log(s, "round_done", job_id, round=round_, eval_loss=loss)
+        if round_ + 1 < spec.rounds:
+            job.round = round_ + 1
+            _create_round_units(s, job, spec, round_ + 1)
+            status = "running"
+        else:
+            job.status = status = "done"
+            log(s, "job_done", job_id, eval_loss=loss)
+    rt.enqueue("gridmint.settle" if status == "done" else "gridmint.match", [job_id] if status == "done" else [])
+    return status
+
+
+def settle(rt: Runtime, job_id: str) -> int:
+    """Release each verified unit's pay from escrow to its provider, then refund the rest. Safe to re-run after a crash."""
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status not in ("done", "settled"):
+            raise Conflict(f"job {job_id} is not done")
+        if job.status == "settled":
+            return job.refund or 0
+        entries = [(e.id, e.unit_id, e.provider, e.amount) for e in
+                   s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.released.is_(False)))]
+    for entry_id, unit_id, provider, amount in entries:
+        rt.contracts.release(job_id, unit_id, provider, amount)  # no-op on chain if this unit was already released
+        with rt.sessions.begin() as s:
+            e = s.get(LedgerEntry, entry_id)
+            assert e is not None
+            e.released = True
+    refund = rt.contracts.close_job(job_id)  # no-op (0) if already closed
+    onchain = rt.contracts.get_job(job_id)
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.settled_at = "settled", now_s()
+        job.refund = onchain.funded - onchain.released
+        paid = sum(e.amount for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        log(s, "job_settled", job_id, paid=str(paid), refund=str(job.refund), released_on_chain=str(onchain.released))
+        if paid != onchain.released:
+            raise InsufficientFundsError(f"ledger says {paid} paid for job {job_id} but escrow released {onchain.released}")
+    return refund
+
+
+def reap(rt: Runtime) -> int:
+    """Units whose provider went silent past the deadline go back to the pool; the dropout's record shows it."""
+    cutoff = now_s() - rt.settings.unit_timeout_s
+    n = 0
+    with rt.sessions.begin() as s:
+        for u in s.scalars(select(Unit).where(Unit.status == "assigned", Unit.assigned_at < cutoff)):
+            prov = s.get(Provider, u.provider) if u.provider else None
+            if prov is not None:
+                prov.dropped += 1
+            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=u.provider)
+            u.status, u.provider, u.price, u.rank = "pending", None, None, None
+            n += 1
+        for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
+            v.status, v.verifier = "pending", None
+    if n:
+        rt.enqueue("gridmint.match", [])
+    return n

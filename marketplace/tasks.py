@@ -1,0 +1,59 @@
+"""Celery tasks: background steps of the job lifecycle. Each takes ids only and is idempotent (acks_late)."""
+from __future__ import annotations
+
+from celery import Celery
+
+from marketplace import service
+from marketplace.runtime import get_runtime
+
+celery_app = Celery("gridmint")
+celery_app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_backend=None,
+    task_ignore_result=True,
+    task_acks_late=True,  # every task below is idempotent, so a re-delivery after a worker crash is safe
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options={"visibility_timeout": 120},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "reap-stale-units": {"task": "gridmint.reap", "schedule": 5.0},
+        "matching-round": {"task": "gridmint.match", "schedule": 5.0},
+    },
+)
+
+
+def configure(broker_url: str) -> Celery:
+    celery_app.conf.broker_url = broker_url
+    return celery_app
+
+
+@celery_app.task(name="gridmint.match")
+def match_task() -> int:
+    return len(service.run_matching(get_runtime()))
+
+
+@celery_app.task(name="gridmint.adjudicate")
+def adjudicate_task(verification_id: int) -> str:
+    return service.adjudicate(get_runtime(), verification_id)
+
+
+@celery_app.task(name="gridmint.advance")
+def advance_task(job_id: str) -> str:
+    return service.advance(get_runtime(), job_id)
+
+
+@celery_app.task(name="gridmint.settle")
+def settle_task(job_id: str) -> int:
+    return service.settle(get_runtime(), job_id)
+
+
+@celery_app.task(name="gridmint.reap")
+def reap_task() -> int:
+    return service.reap(get_runtime())
+
+
+def enqueue(name: str, args: list[object]) -> None:
+    celery_app.send_task(name, args=args)

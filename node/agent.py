@@ -1,0 +1,132 @@
+"""The provider agent: benchmark, stake, advertise, pull work, train with proof-of-training, submit, claim pay.
+
+Everything it sends is signed by its wallet. It trains deterministically, so any verifier can replay any segment.
+"""
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+
+from ledger.evm import Chain, Deployment, GridMintContracts
+from node import checkpoint
+from node.client import MarketClient, MarketError
+from node.device import benchmark, probe
+from node.trainer import UnitResult, UnitSpec, model_only, train_unit
+from protocol.signing import sign_typed
+
+console = Console(stderr=True)
+
+
+@dataclass
+class AgentConfig:
+    marketplace: str
+    chain_url: str
+    region: str
+    price: int  # ask per work unit, base units
+    stake: int  # base units to keep staked
+    capacity: int = 1
+    poll_s: float = 0.5
+    exit_when_idle_s: float | None = None  # stop after this long with no work (demo / batch use)
+    adversary: str | None = None  # dishonest training strategy, for demos and the adversary suite only
+
+
+def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -> GridMintContracts:
+    cfg = client.config
+    deployment = Deployment(chain_id=int(cfg["chain_id"]), token=cfg["token"], staking=cfg["staking"],
+                            escrow=cfg["escrow"], treasury=cfg["treasury"])
+    return GridMintContracts(Chain.http(chain_url), deployment, account)
+
+
+class Stopper:
+    def __init__(self) -> None:
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_: Any) -> None:
+        self.stop = True
+
+
+class ProviderAgent:
+    def __init__(self, cfg: AgentConfig, account: LocalAccount, workdir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.account = account
+        self.client = MarketClient(cfg.marketplace, account)
+        self.contracts = contracts_for(self.client, cfg.chain_url, account)
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
+        self.trainer: Callable[..., UnitResult] = train_unit
+        if cfg.adversary:
+            from node.adversary import ADVERSARIES
+
+            self.trainer = ADVERSARIES[cfg.adversary]
+
+    def say(self, msg: str) -> None:
+        console.print(f"[dim]{self.account.address[:10]}[/] {msg}")
+
+    def setup(self) -> dict[str, Any]:
+        dev = probe()
+        tps = benchmark(seconds=0.5)
+        have = self.contracts.stake_of(self.account.address)
+        if have < self.cfg.stake:
+            self.contracts.stake(self.cfg.stake - have)
+        reg = self.client.register(region=self.cfg.region, gpu=dev.name, vram_mb=dev.vram_mb, price=str(self.cfg.price),
+                                   tokens_per_s=tps, capacity=self.cfg.capacity)
+        self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
+        return reg
+
+    def work_once(self) -> bool:
+        """Pull, train and submit one unit. Returns False if there was no work."""
+        work = self.client.next_work()
+        if work is None:
+            return False
+        spec = UnitSpec.from_json(work["spec"])
+        unit_dir = self.workdir / spec.unit_id[2:14]
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
+        start, _ = checkpoint.load(start_path)
+        result = self.trainer(spec, model_only(start), unit_dir)
+        segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
+        final_blob = self.client.put_blob(result.final_path)
+        signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
+        self.client.submit(spec.unit_id, {
+            "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
+            "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses]})
+        self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
+                 f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        return True
+
+    def claim(self) -> int:
+        owed = self.contracts.claimable(self.account.address)
+        if owed:
+            got = self.contracts.claim()
+            self.say(f"claimed {got} base units")
+            return got
+        return 0
+
+    def run(self) -> None:
+        stopper = Stopper()
+        self.setup()
+        idle_since = time.monotonic()
+        while not stopper.stop:
+            try:
+                worked = self.work_once()
+            except MarketError as exc:
+                if exc.status == 409 and "slashed" in str(exc.detail):
+                    self.say(f"[red]{exc.detail}[/]")
+                    return
+                self.say(f"[yellow]marketplace refused: {exc}[/]")
+                worked = False
+            if worked:
+                idle_since = time.monotonic()
+                continue
+            self.claim()
+            if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
+                return
+            time.sleep(self.cfg.poll_s)

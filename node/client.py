@@ -1,0 +1,103 @@
+"""HTTP client for the marketplace: every request is EIP-712 signed by the node's wallet, with a fresh nonce."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_account.signers.local import LocalAccount
+
+from protocol.errors import GridMintError
+from protocol.signing import NonceSource, sign_request
+
+REQUEST_TTL_S = 60
+
+
+class MarketError(GridMintError, RuntimeError):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"marketplace answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class MarketClient:
+    def __init__(self, base_url: str, account: LocalAccount, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.account = account
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.nonces = NonceSource()
+        self._config: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            self._config = self._check(self.http.get("/config"))
+        return self._config
+
+    @property
+    def chain_id(self) -> int:
+        return int(self.config["chain_id"])
+
+    def signed(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> httpx.Response:
+        headers = sign_request(self.account, self.chain_id, method, path, body, self.nonces.next(),
+                               int(time.time()) + REQUEST_TTL_S)
+        headers["content-type"] = content_type
+        return self.http.request(method, path, content=body, headers=headers)
+
+    def signed_json(self, method: str, path: str, payload: Any) -> Any:
+        return self._check(self.signed(method, path, json.dumps(payload).encode()))
+
+    @staticmethod
+    def _check(resp: httpx.Response) -> Any:
+        if resp.status_code == 204:
+            return None
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail")
+            except ValueError:
+                detail = resp.text
+            raise MarketError(resp.status_code, detail)
+        return resp.json()
+
+    # provider
+    def register(self, **fields: Any) -> Any:
+        return self.signed_json("POST", "/providers/register", fields)
+
+    def next_work(self) -> dict[str, Any] | None:
+        return self._check(self.signed("POST", "/work/next"))
+
+    def put_blob(self, path: Path) -> str:
+        resp = self.signed("PUT", "/blobs", path.read_bytes(), "application/octet-stream")
+        return str(self._check(resp)["sha256"])
+
+    def get_blob(self, sha: str, dest: Path) -> Path:
+        resp = self.http.get(f"/blobs/{sha}")
+        if resp.status_code != 200:
+            self._check(resp)
+        dest.write_bytes(resp.content)
+        return dest
+
+    def submit(self, unit_id: str, body: dict[str, Any]) -> Any:
+        return self.signed_json("POST", f"/units/{unit_id}/result", body)
+
+    # verifier
+    def register_verifier(self) -> Any:
+        return self._check(self.signed("POST", "/verifiers/register"))
+
+    def next_verification(self) -> dict[str, Any] | None:
+        return self._check(self.signed("POST", "/verify/next"))
+
+    def verdict(self, body: dict[str, Any]) -> Any:
+        return self.signed_json("POST", "/verify/verdict", body)
+
+    # customer
+    def quote(self, spec: dict[str, Any]) -> Any:
+        return self._check(self.http.post("/jobs/quote", json=spec))
+
+    def submit_job(self, job_id: str, spec: dict[str, Any]) -> Any:
+        return self.signed_json("POST", "/jobs", {"job_id": job_id, "spec": spec})
+
+    def job(self, job_id: str) -> Any:
+        return self._check(self.http.get(f"/jobs/{job_id}"))

@@ -1,0 +1,54 @@
+"""Probe the node's accelerator and measure training throughput (what the provider advertises)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from node.data import train_batch
+from node.model import ModelConfig, build_model, init_state
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # "cuda" or "cpu"
+    name: str
+    vram_mb: int  # GPU memory, or system memory for a CPU node
+
+
+def probe() -> DeviceInfo:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return DeviceInfo("cuda", props.name, props.total_memory // (1024 * 1024))
+    try:
+        with open("/proc/meminfo") as fh:
+            kb = int(fh.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        kb = 0
+    return DeviceInfo("cpu", f"cpu x{torch.get_num_threads()}", kb // 1024)
+
+
+def benchmark(cfg: ModelConfig = ModelConfig(), batch_size: int = 16, seconds: float = 1.0, device: str = "cpu") -> int:
+    """Training tokens per second of the job model on this device (forward + backward + AdamW), after one warm-up step."""
+    model = build_model(cfg, init_state(cfg, 0)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = 0
+    step = 0
+    start = None
+    while True:
+        _, x, y = train_batch(0, 0, 1, step, batch_size, cfg.ctx)
+        loss = model.loss(x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step += 1
+        if start is None:
+            start = time.perf_counter()
+            continue
+        tokens += batch_size * cfg.ctx
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return int(tokens / elapsed)

@@ -1,0 +1,64 @@
+"""The verifier agent: pull a sampled segment, replay it from the committed checkpoint, sign the verdict."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+
+from node.client import MarketClient
+from node.replay import check_segment
+from node.trainer import UnitSpec
+from protocol.proof import TrainingProof
+from protocol.signing import sign_typed, to_bytes32
+
+console = Console(stderr=True)
+
+
+class VerifierAgent:
+    def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
+                 poll_s: float = 0.5, approve_everything: bool = False) -> None:
+        self.client = MarketClient(marketplace, account)
+        self.account = account
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
+        self.poll_s = poll_s
+        self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
+
+    def verify_once(self) -> str | None:
+        task = self.client.next_verification()
+        if task is None:
+            return None
+        spec = UnitSpec.from_json(task["spec"])
+        proof = TrainingProof.from_dict(task["proof"])
+        seg = int(task["segment"])
+        path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
+        verdict = check_segment(spec, proof, seg, path)
+        ok = True if self.approve_everything else verdict.ok
+        claimed = proof.segments[seg].end_hash
+        replayed = verdict.replayed_end or "0x" + "00" * 32
+        replayed = replayed if replayed.startswith("0x") else "0x" + replayed
+        claimed = claimed if claimed.startswith("0x") else "0x" + claimed
+        message = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": ok,
+                   "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(replayed)}
+        self.client.verdict({"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
+                             "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
+                             "reason": verdict.reason[:500]})
+        word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({verdict.reason})"
+        console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
+        return "ok" if ok else "fraud"
+
+    def run(self, exit_when_idle_s: float | None = None) -> None:
+        from node.agent import Stopper
+
+        stopper = Stopper()
+        self.client.register_verifier()
+        idle_since = time.monotonic()
+        while not stopper.stop:
+            if self.verify_once() is not None:
+                idle_since = time.monotonic()
+                continue
+            if exit_when_idle_s is not None and time.monotonic() - idle_since > exit_when_idle_s:
+                return
+            time.sleep(self.poll_s)
