@@ -55,11 +55,12 @@ class Stopper:
 
 
 class ProviderAgent:
-    def __init__(self, cfg: AgentConfig, account: LocalAccount, workdir: Path | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, account: LocalAccount, workdir: Path | None = None,
+                 contracts: GridMintContracts | None = None) -> None:
         self.cfg = cfg
         self.account = account
         self.client = MarketClient(cfg.marketplace, account)
-        self.contracts = contracts_for(self.client, cfg.chain_url, account)
+        self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
         self.trainer: Callable[..., UnitResult] = train_unit
         if cfg.adversary:

@@ -1,0 +1,114 @@
+"""Bad input gets a clear 4xx and changes nothing: forged, replayed, expired, wrong-chain, unfunded, pickles, oversize."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import torch
+from eth_account import Account
+
+from marketplace.db import Job, Provider
+from node.client import MarketClient
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from protocol.signing import HEADER_SIGNER, sign_request
+
+REG = {"region": "eu-north", "gpu": "test", "vram_mb": 8000, "price": str(tokens(1)), "tokens_per_s": 1000}
+
+
+def _post(market, acct, path: str, payload: dict, chain_id: int | None = None, nonce: int | None = None,
+          deadline: int | None = None) -> httpx.Response:
+    body = json.dumps(payload).encode()
+    h = sign_request(acct, chain_id or market.rt.chain_id, "POST", path, body, nonce or time.time_ns() // 1000,
+                     deadline or int(time.time()) + 60)
+    return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
+
+
+def _providers(market) -> int:
+    with market.rt.sessions() as s:
+        return s.query(Provider).count()
+
+
+def test_register_ok_then_replay_rejected(market) -> None:
+    acct = market.account()
+    body = json.dumps(REG).encode()
+    h = sign_request(acct, market.rt.chain_id, "POST", "/providers/register", body, 5, int(time.time()) + 60)
+    first = httpx.post(market.url + "/providers/register", content=body, headers=h)
+    assert first.status_code == 201, first.text
+    assert first.json()["eligible"] is False  # nothing staked yet
+    again = httpx.post(market.url + "/providers/register", content=body, headers=h)
+    assert again.status_code == 409 and "already used" in again.json()["detail"]
+    older = _post(market, acct, "/providers/register", REG, nonce=4)
+    assert older.status_code == 409
+
+
+def test_forged_signature_rejected(market) -> None:
+    victim, forger = market.account(), Account.create()
+    body = json.dumps(REG).encode()
+    h = sign_request(forger, market.rt.chain_id, "POST", "/providers/register", body, 1, int(time.time()) + 60)
+    h[HEADER_SIGNER] = victim.address  # claim to be someone else
+    r = httpx.post(market.url + "/providers/register", content=body, headers=h)
+    assert r.status_code == 401 and "not by the claimed signer" in r.json()["detail"]
+    tampered = _post(market, victim, "/providers/register", REG)
+    assert tampered.status_code == 201
+    h2 = sign_request(victim, market.rt.chain_id, "POST", "/providers/register", body, 10**15 * 5, int(time.time()) + 60)
+    r = httpx.post(market.url + "/providers/register", content=body.replace(b"eu-north", b"us-east"), headers=h2)
+    assert r.status_code == 401  # body changed after signing
+    assert _providers(market) == 1
+
+
+def test_wrong_chain_expired_and_unsigned(market) -> None:
+    acct = market.account()
+    assert _post(market, acct, "/providers/register", REG, chain_id=1).status_code == 401
+    expired = _post(market, acct, "/providers/register", REG, deadline=int(time.time()) - 5)
+    assert expired.status_code == 409 and "expired" in expired.json()["detail"]
+    far = _post(market, acct, "/providers/register", REG, deadline=int(time.time()) + 10**6)
+    assert far.status_code == 401 and "too far ahead" in far.json()["detail"]
+    assert httpx.post(market.url + "/providers/register", json=REG).status_code == 401
+    assert _providers(market) == 0
+
+
+def test_malformed_and_below_floor(market) -> None:
+    acct = market.account()
+    assert _post(market, acct, "/providers/register", {**REG, "price": 1.5}).status_code == 422  # float money
+    assert _post(market, acct, "/providers/register", {**REG, "bogus": 1}).status_code == 422
+    low = _post(market, acct, "/providers/register", {**REG, "price": "1"})
+    assert low.status_code == 422 and "below the eu-north floor" in low.json()["detail"]
+    assert _post(market, acct, "/providers/register", {**REG, "region": "mars"}).status_code == 422
+    assert _providers(market) == 0
+
+
+def test_unfunded_and_underfunded_job_refused(market) -> None:
+    customer = market.account(gmt=tokens(100))
+    client = MarketClient(market.url, customer)
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, max_price=tokens(2)).model_dump(mode="json")
+    quote = client.quote(spec)
+    r = _post(market, customer, "/jobs", {"job_id": quote["job_id"], "spec": spec})
+    assert r.status_code == 402 and "not funded" in r.json()["detail"]
+    market.contracts(customer).fund_job(quote["job_id"], int(quote["budget"]) - 1)
+    r = _post(market, customer, "/jobs", {"job_id": quote["job_id"], "spec": spec})
+    assert r.status_code == 402 and "needs" in r.json()["detail"]
+    other = market.account()
+    market.contracts(customer).fund_job(quote["job_id"], 1)
+    r = _post(market, other, "/jobs", {"job_id": quote["job_id"], "spec": spec})  # someone else's escrow
+    assert r.status_code == 402
+    with market.rt.sessions() as s:
+        assert s.query(Job).count() == 0
+    assert client.submit_job(quote["job_id"], spec)["status"] == "running"
+
+
+def test_pickle_and_oversize_uploads_refused(market) -> None:
+    acct = market.account()
+    client = MarketClient(market.url, acct)
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    for junk in (buf.getvalue(), b"\x80\x04K\x01.", b"not a checkpoint"):
+        r = client.signed("PUT", "/blobs", junk, "application/octet-stream")
+        assert r.status_code == 422, r.text
+        assert "safetensors" in r.json()["detail"]
+    big = b"\0" * (market.rt.settings.max_upload_bytes + 1)
+    r = client.signed("PUT", "/blobs", big, "application/octet-stream")
+    assert r.status_code == 413
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []
