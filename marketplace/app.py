@@ -1,5 +1,4 @@
 """The marketplace HTTP service. Routes parse, call marketplace.service, and return a schema."""
-from __future__ import annotations
 
 import json
 import secrets

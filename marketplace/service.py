@@ -20,7 +20,7 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.replay import check_segment
-from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state, state_hash
+from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
 from protocol.errors import GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_structure
 from protocol.schemas import JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
@@ -198,7 +198,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     if signer != provider:
         raise ProofError(f"proof root is signed by {signer}, not by the assigned provider {provider}")
     global_model, _ = checkpoint.load(rt.blobs.read(global_blob))
-    check_structure(proof, expected_start_hash=state_hash(start_state(spec, global_model)),
+    check_structure(proof, expected_start_hash=start_state_hash(model_only(global_model)),
                     expected_spec_hash=spec.spec_hash())
     if len(body.segment_blobs) != len(proof.segments):
         raise ProofError(f"{len(proof.segments)} segments committed but {len(body.segment_blobs)} checkpoints uploaded")

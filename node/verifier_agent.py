@@ -23,6 +23,7 @@ class VerifierAgent:
         self.client = MarketClient(marketplace, account)
         self.account = account
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
 

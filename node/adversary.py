@@ -1,0 +1,137 @@
+"""Dishonest trainers, for tests and demos: each has :func:`node.trainer.train_unit`'s signature.
+
+Each cheat is as good as a real cheater could make it: the proofs pass :func:`protocol.proof.check_structure`
+(start from the right global state, contiguous hash chain, right segment count, correct Merkle root) and
+every uploaded checkpoint hashes to what was committed. Only a replay of a segment exposes them.
+
+* ``skip-steps``: does half the optimizer steps of every segment and commits the result as if it had done all.
+* ``random-weights``: commits a chain of random states (each saved, so checkpoints match their hashes).
+* ``replay-old``: trains another unit (other shard; or other seed if there is one shard), then relabels that
+  result as this unit's (new unit id, spec hash, seed and the batch digests this unit should have had).
+* ``replay-old-verbatim``: hands in the other unit's proof unchanged; :func:`check_structure` catches it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from node import checkpoint
+from node.trainer import (
+    OnStep,
+    TrainFn,
+    UnitResult,
+    UnitSpec,
+    checkpoint_metadata,
+    deterministic,
+    expected_batch_digest,
+    export_training_state,
+    final_path,
+    fresh_state,
+    load_training_state,
+    model_only,
+    segment_batches,
+    segment_path,
+    state_hash,
+    train_step,
+    train_unit,
+)
+from node import data
+from protocol.proof import SegmentCommit, loss_to_micro, make_proof
+
+
+def _finish(spec: UnitSpec, workdir: Path, commits: list[SegmentCommit], final_state: Mapping[str, Tensor],
+            seg_paths: list[Path], losses: list[float]) -> UnitResult:
+    fpath = final_path(workdir)
+    checkpoint.save(fpath, final_state, checkpoint_metadata(spec, None))
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=commits)
+    final_model = {k: v.detach().clone() for k, v in model_only(final_state).items()}
+    return UnitResult(fpath, seg_paths, proof, losses, final_model)
+
+
+def skip_steps(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """Half the work per segment, a self-consistent chain of real states, full-work batch digests."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    done = spec.segment_len // 2
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, fresh_state(start))
+        cur = state_hash(export_training_state(model, opt))
+        commits, seg_paths, all_losses = [], [], []
+        for s in range(spec.n_segments):
+            path = segment_path(workdir, s)
+            checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
+            seg_paths.append(path)
+            losses: list[float] = []
+            for step, offsets in segment_batches(spec, s)[:done]:
+                x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+                losses.append(train_step(model, opt, x, y))
+            fake = losses[-1] if losses else 5.0
+            losses += [fake] * (spec.segment_len - len(losses))  # claimed losses for the skipped steps
+            for k, loss in enumerate(losses):
+                if on_step is not None:
+                    on_step(s * spec.segment_len + k, loss)
+            end = state_hash(export_training_state(model, opt))
+            commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s),
+                                         loss_to_micro(sum(losses) / len(losses))))
+            all_losses += losses
+            cur = end
+        return _finish(spec, workdir, commits, export_training_state(model, opt), seg_paths, all_losses)
+
+
+def random_weights(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """No training: the honest start state, then a fabricated chain of random states with plausible losses."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(spec.unit_id.encode()).digest()[:7], "big"))
+    state = fresh_state(start)
+    cur = state_hash(state)
+    commits, seg_paths, all_losses = [], [], []
+    for s in range(spec.n_segments):
+        path = segment_path(workdir, s)
+        checkpoint.save(path, state, checkpoint_metadata(spec, s))
+        seg_paths.append(path)
+        state = {k: (torch.randn(v.shape, generator=gen) * 0.02 if k.startswith("model.") else v) for k, v in state.items()}
+        end = state_hash(state)
+        losses = [5.0 - 0.01 * (s * spec.segment_len + k) for k in range(spec.segment_len)]
+        for k, loss in enumerate(losses):
+            if on_step is not None:
+                on_step(s * spec.segment_len + k, loss)
+        commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s), loss_to_micro(sum(losses) / len(losses))))
+        all_losses += losses
+        cur = end
+    return _finish(spec, workdir, commits, state, seg_paths, all_losses)
+
+
+def _other_spec(spec: UnitSpec) -> UnitSpec:
+    other_id = "0x" + hashlib.sha256(b"old" + spec.unit_id.encode()).hexdigest()
+    if spec.n_shards > 1:
+        return replace(spec, unit_id=other_id, shard=(spec.shard + 1) % spec.n_shards)
+    return replace(spec, unit_id=other_id, seed=(spec.seed + 1) % 2**63)
+
+
+def replay_old_verbatim(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """The result of another unit, handed in as is."""
+    return train_unit(_other_spec(spec), start, workdir, on_step=on_step)
+
+
+def replay_old(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """Another unit's real work, relabelled so that every structural check passes."""
+    old = train_unit(_other_spec(spec), start, workdir, on_step=on_step)
+    commits = [replace(c, batch_digest=expected_batch_digest(spec, c.index)) for c in old.proof.segments]
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=commits)
+    return replace(old, proof=proof)
+
+
+ADVERSARIES: dict[str, TrainFn] = {
+    "skip-steps": skip_steps,
+    "random-weights": random_weights,
+    "replay-old": replay_old,
+    "replay-old-verbatim": replay_old_verbatim,
+}

@@ -1,0 +1,204 @@
+"""Checkpoints as safetensors files, and a loader that accepts nothing else.
+
+A checkpoint arriving from a provider is untrusted input. It is parsed by hand first (header length,
+JSON header, dtypes, shapes, offsets that tile the data buffer exactly) so a refusal says what was
+received, and only then handed to ``safetensors``. Nothing here ever calls ``torch.load`` or unpickles.
+
+What a training checkpoint holds (see :mod:`node.trainer`): ``model.<param>`` weights and the AdamW state
+``optim.<param>.exp_avg``, ``optim.<param>.exp_avg_sq`` and ``optim.<param>.step``. It holds no random
+number generator state because training uses none: the model has no dropout and the data order is a
+pure SHA-256 function of (seed, shard, step) (:func:`node.data.batch_indices`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from torch import Tensor
+
+from protocol.errors import CheckpointError
+
+#: safetensors dtype name -> bytes per element, for the dtypes a GridMint checkpoint may contain.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}
+_TORCH_TO_ST: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024**3
+
+
+def save(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """Write ``tensors`` + ``metadata`` as a safetensors file (atomically) and return ``0x`` + its SHA-256.
+
+    The bytes are a pure function of the inputs (header keys sorted, data in name order), so two saves of
+    the same state give the same file hash. (``safetensors.torch.save`` orders ``__metadata__`` from a
+    Rust HashMap, which differs from call to call.)
+    """
+    blob = serialize(tensors, metadata)
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, target)
+    return "0x" + hashlib.sha256(blob).hexdigest()
+
+
+def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Canonical safetensors bytes (see :func:`save`)."""
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        raise CheckpointError("writing checkpoints needs a little-endian machine")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise CheckpointError(f"checkpoint metadata must map str to str, got {k!r}: {v!r}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    chunks: list[bytes] = []
+    pos = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(name, str) or name == "__metadata__" or not isinstance(t, Tensor):
+            raise CheckpointError(f"checkpoint entries must be str -> Tensor, got {name!r}: {type(t).__name__}")
+        if t.dtype not in _TORCH_TO_ST:
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, not one of {sorted(DTYPE_SIZES)}")
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
+def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes) -> str:
+    """``0x`` + SHA-256 of a checkpoint file's bytes (the value :func:`save` returned)."""
+    return "0x" + hashlib.sha256(_read(path_or_bytes)).hexdigest()
+
+
+def load(path_or_bytes: str | os.PathLike[str] | bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a valid safetensors checkpoint.
+
+    Raises :class:`CheckpointError` for any content that is not one (pickle, zip, garbage, truncated file,
+    header that lies about sizes), and ``OSError`` if the path cannot be read at all.
+    """
+    blob = _read(path_or_bytes)
+    header = _parse_header(blob)
+    metadata = header.pop("__metadata__", {})
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:  # pragma: no cover - _parse_header catches these first
+        raise CheckpointError(f"safetensors refused the checkpoint: {exc}") from exc
+    if set(tensors) != set(header):
+        raise CheckpointError(f"checkpoint tensor names {sorted(tensors)} differ from its header {sorted(header)}")
+    return tensors, metadata
+
+
+def _read(path_or_bytes: str | os.PathLike[str] | bytes) -> bytes:
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes)
+    # A missing or unreadable file raises OSError, not CheckpointError: that is a local problem
+    # (wrong path, failed download), not evidence against whoever produced the checkpoint.
+    path = Path(path_or_bytes)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"checkpoint {path} is {size} bytes, over the {MAX_FILE_BYTES} byte limit")
+    return path.read_bytes()
+
+
+def _describe(blob: bytes) -> str:
+    """A guess at what a non-safetensors blob is, for error messages."""
+    if blob.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save output?)"
+    if len(blob) >= 2 and blob[0] == 0x80 and 2 <= blob[1] <= 5:
+        return f"a Python pickle (protocol {blob[1]})"
+    if blob.startswith(b"\x1f\x8b"):
+        return "a gzip stream"
+    return f"{len(blob)} bytes starting {blob[:16].hex()}"
+
+
+def _parse_header(blob: bytes) -> dict[str, Any]:
+    if len(blob) < 8:
+        raise CheckpointError(f"not a safetensors file: {len(blob)} bytes is shorter than the 8-byte header length")
+    n = int.from_bytes(blob[:8], "little")
+    if n < 2 or n > MAX_HEADER_BYTES or n > len(blob) - 8:
+        raise CheckpointError(
+            f"not a safetensors file: header length field says {n} bytes but the file has {len(blob) - 8} "
+            f"after it; got {_describe(blob)}"
+        )
+    raw = blob[8 : 8 + n]
+    if raw[:1] != b"{":
+        raise CheckpointError(f"not a safetensors file: header does not start with '{{'; got {_describe(blob)}")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, CheckpointError) as exc:
+        raise CheckpointError(f"safetensors header is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"safetensors header must be a JSON object, got {type(header).__name__}")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"safetensors __metadata__ must map str to str, got {meta!r}")
+    buffer_len = len(blob) - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        spans.append(_check_entry(name, entry) + (name,))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise CheckpointError(
+                f"tensor {name!r} starts at byte {begin} of the data buffer, expected {pos} (gap or overlap)"
+            )
+        pos = end
+    if pos != buffer_len:
+        raise CheckpointError(
+            f"header describes {pos} bytes of tensor data but the file holds {buffer_len} (truncated or padded)"
+        )
+    return header
+
+
+def _check_entry(name: str, entry: Any) -> tuple[int, int]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"tensor {name!r}: header entry must have dtype, shape, data_offsets; got {entry!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise CheckpointError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+        raise CheckpointError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
+    begin, end = offsets
+    need = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != need:
+        raise CheckpointError(
+            f"tensor {name!r}: {dtype}{shape} needs {need} bytes but its offsets [{begin}, {end}] give {end - begin}"
+        )
+    return begin, end
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"duplicate key {k!r} in safetensors header")
+        out[k] = v
+    return out
+
+
+__all__ = ["save", "serialize", "load", "file_sha256", "DTYPE_SIZES"]

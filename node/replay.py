@@ -1,0 +1,135 @@
+"""The verifier's core: replay one committed segment and compare hashes.
+
+The verifier trusts only the spec (from the marketplace) and the checkpoint bytes. The batches are derived
+from the spec, never taken from the provider; the checkpoint must hash to the committed start of the segment;
+then ``segment_len`` steps are re-run and the resulting state hash must equal the committed end.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from node import checkpoint
+from node.trainer import (
+    UnitSpec,
+    deterministic,
+    expected_batch_digest,
+    export_training_state,
+    load_training_state,
+    mean_loss_micro,
+    run_segment,
+    state_hash,
+)
+from protocol.errors import CheckpointError, GridMintValueError
+from protocol.proof import TrainingProof, batch_digest
+
+CheckpointSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    start_hash: str
+    end_hash: str
+    losses: tuple[float, ...]
+    batch_digest: str
+    loss_micro: int
+
+
+@dataclass(frozen=True)
+class SegmentVerdict:
+    """``ok`` False means the provider's claim for segment ``index`` is false (``reason`` says which part)."""
+
+    ok: bool
+    index: int
+    claimed_end: str
+    replayed_end: str | None
+    reason: str
+
+
+def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSource) -> ReplayResult:
+    """Re-run segment ``seg_index`` from the checkpoint. Raises CheckpointError if it is not a fitting state."""
+    if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
+        raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
+    tensors, _meta = checkpoint.load(checkpoint_path)
+    return _replay(spec, seg_index, tensors)
+
+
+def _replay(spec: UnitSpec, seg_index: int, tensors: dict[str, Tensor]) -> ReplayResult:
+    start = state_hash(tensors)
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, tensors)
+        batches, losses = run_segment(spec, model, opt, seg_index)
+        end = state_hash(export_training_state(model, opt))
+    return ReplayResult(start, end, tuple(losses), batch_digest(batches), mean_loss_micro(losses))
+
+
+def check_segment(
+    spec: UnitSpec, proof: TrainingProof, seg_index: int, checkpoint_path: CheckpointSource
+) -> SegmentVerdict:
+    """Verify the provider's claim about one segment by replaying it.
+
+    Flags (ok=False) a proof for another spec/unit, a checkpoint that is not a valid training state or does
+    not hash to the committed start, a batch digest other than the spec's data order, and any replayed end
+    hash or mean loss that differs from the commitment. ``OSError`` (file missing locally) propagates: it is
+    not evidence against the provider.
+    """
+    if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
+        raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
+
+    def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
+        return SegmentVerdict(False, seg_index, claimed, replayed, reason)
+
+    if proof.spec_hash != spec.spec_hash() or proof.unit_id != spec.unit_id:
+        return fail(f"proof is for spec {proof.spec_hash} / unit {proof.unit_id}, not this unit's {spec.spec_hash()}")
+    if (proof.steps, proof.segment_len, len(proof.segments)) != (spec.steps, spec.segment_len, spec.n_segments):
+        return fail(f"proof shape {proof.steps}/{proof.segment_len}/{len(proof.segments)} does not match the spec")
+    seg = proof.segments[seg_index]
+    if seg.index != seg_index:
+        return fail(f"segment at position {seg_index} claims index {seg.index}", seg.end_hash)
+    try:
+        tensors, _meta = checkpoint.load(checkpoint_path)
+    except CheckpointError as exc:
+        return fail(f"checkpoint rejected: {exc}", seg.end_hash)
+    got_start = state_hash(tensors)
+    if got_start != seg.start_hash:
+        return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
+    derived = expected_batch_digest(spec, seg_index)
+    if seg.batch_digest != derived:
+        return fail(f"committed batch digest {seg.batch_digest} is not the spec's data order {derived}", seg.end_hash)
+    try:
+        result = _replay(spec, seg_index, tensors)
+    except CheckpointError as exc:
+        return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
+    if result.end_hash != seg.end_hash:
+        return fail("replayed end state differs from the committed end", seg.end_hash, result.end_hash)
+    if result.loss_micro != seg.loss_micro:
+        return fail(
+            f"committed mean loss {seg.loss_micro} micro-nats, replay gives {result.loss_micro}",
+            seg.end_hash, result.end_hash,
+        )
+    return SegmentVerdict(True, seg_index, seg.end_hash, result.end_hash, "replay matches")
+
+
+def choose_segments(proof: TrainingProof, n: int, rng_seed: int | bytes) -> list[int]:
+    """``n`` distinct segment indices (all of them if n >= count), uniformly at random given ``rng_seed``, sorted.
+
+    Each index is ranked by SHA-256(seed, unit id, index): a provider cannot predict the pick before the
+    seed (e.g. a block hash drawn after the proof was committed) is known.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise GridMintValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(rng_seed, bool) or not isinstance(rng_seed, (int, bytes)):
+        raise GridMintValueError(f"rng_seed must be an int or bytes, got {rng_seed!r}")
+    if isinstance(rng_seed, int):
+        if rng_seed < 0:
+            raise GridMintValueError(f"rng_seed must be non-negative, got {rng_seed}")
+        seed_bytes = rng_seed.to_bytes(max(1, (rng_seed.bit_length() + 7) // 8), "big")
+    else:
+        seed_bytes = rng_seed
+    prefix = b"GridMint/choose/v1" + len(seed_bytes).to_bytes(4, "big") + seed_bytes + bytes.fromhex(proof.unit_id[2:])
+    count = len(proof.segments)
+    ranked = sorted(range(count), key=lambda i: hashlib.sha256(prefix + i.to_bytes(8, "big")).digest())
+    return sorted(ranked[: min(n, count)])

@@ -1,0 +1,430 @@
+"""The provider's trainer: one DiLoCo work unit of H AdamW steps, with proof-of-training commitments.
+
+Reproducibility contract (what a verifier relies on to replay a segment bit for bit):
+
+* same torch build and CPU kind, ``torch.use_deterministic_algorithms(True)``, the spec's thread count;
+* a training state that is the whole story: model weights + AdamW moments and step counts. No dropout,
+  and the data order is a pure SHA-256 function of the spec (:func:`node.data.batch_indices`), so no
+  random-number-generator state exists to save;
+* the optimizer recipe below, which is bound into every spec hash via :data:`RECIPE`.
+
+Training state tensors are named ``model.<param>``, ``optim.<param>.exp_avg``, ``optim.<param>.exp_avg_sq``
+and ``optim.<param>.step``. :func:`state_hash` of that dict is what segment commitments contain.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.utils.deterministic
+from torch import Tensor
+
+from node import checkpoint, data
+from node.model import ModelConfig, TinyGPT, build_model, param_shapes
+from protocol.errors import CheckpointError, GridMintValueError
+from protocol.proof import (
+    HASH_RE,
+    SegmentCommit,
+    TrainingProof,
+    batch_digest,
+    loss_to_micro,
+    make_proof,
+)
+
+ADAMW_BETAS = (0.9, 0.95)
+ADAMW_EPS = 1e-8
+ADAMW_WEIGHT_DECAY = 0.0
+#: Everything about training that is code, not spec. Part of every spec hash: change it and old proofs stop matching.
+RECIPE = "tinygpt-v1/adamw(b1=0.9,b2=0.95,eps=1e-8,wd=0.0,fused)/sha256-batches-v1"
+STATE_FORMAT = "gridmint-train-state/v1"
+EVAL_BATCH_SIZE = 16
+
+OnStep = Callable[[int, float], None]
+
+# torch's thread count and deterministic flag are process-global: one unit (or replay) at a time per process.
+_TORCH_LOCK = threading.RLock()
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """Everything that determines a unit's training, bit for bit. ``unit_id`` is 0x + 32-byte hex.
+
+    ``seed`` picks the data order (mixed with job id and round, so reusing a seed across rounds still gives
+    new batches). ``threads`` is the CPU thread count the unit must be trained and replayed with.
+    """
+
+    job_id: str
+    unit_id: str
+    round: int
+    shard: int
+    n_shards: int
+    model: ModelConfig
+    steps: int
+    segment_len: int
+    batch_size: int
+    lr: float
+    seed: int
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.job_id, str) or not 1 <= len(self.job_id) <= 200:
+            raise GridMintValueError(f"job_id must be a non-empty str of at most 200 chars, got {self.job_id!r}")
+        if not isinstance(self.unit_id, str) or not HASH_RE.match(self.unit_id):
+            raise GridMintValueError(f"unit_id must be 0x + 64 lowercase hex digits, got {self.unit_id!r}")
+        if not isinstance(self.model, ModelConfig):
+            raise GridMintValueError(f"model must be a ModelConfig, got {type(self.model).__name__}")
+        for name, minimum in (("round", 0), ("shard", 0), ("n_shards", 1), ("steps", 1), ("segment_len", 1),
+                              ("batch_size", 1), ("seed", 0), ("threads", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v < 2**63:
+                raise GridMintValueError(f"UnitSpec.{name} must be an int in [{minimum}, 2**63), got {v!r}")
+        if self.shard >= self.n_shards:
+            raise GridMintValueError(f"shard {self.shard} out of range for n_shards={self.n_shards}")
+        if self.steps % self.segment_len:
+            raise GridMintValueError(f"steps ({self.steps}) must be a multiple of segment_len ({self.segment_len})")
+        if self.threads > 256:
+            raise GridMintValueError(f"threads must be at most 256, got {self.threads}")
+        lr = self.lr
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or not 0 < lr < 1:
+            raise GridMintValueError(f"lr must be a finite number in (0, 1), got {lr!r}")
+        object.__setattr__(self, "lr", float(lr))
+
+    @property
+    def n_segments(self) -> int:
+        return self.steps // self.segment_len
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {
+            "jobId": d["job_id"], "unitId": d["unit_id"], "round": d["round"], "shard": d["shard"],
+            "nShards": d["n_shards"], "model": self.model.to_dict(), "steps": d["steps"],
+            "segmentLen": d["segment_len"], "batchSize": d["batch_size"], "lr": d["lr"], "seed": d["seed"],
+            "threads": d["threads"],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UnitSpec:
+        fields = {"jobId", "unitId", "round", "shard", "nShards", "model", "steps", "segmentLen", "batchSize",
+                  "lr", "seed", "threads"}
+        if not isinstance(d, Mapping) or set(d) != fields:
+            got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+            raise GridMintValueError(f"UnitSpec needs exactly the fields {sorted(fields)}, got {got}")
+        return cls(
+            job_id=d["jobId"], unit_id=d["unitId"], round=d["round"], shard=d["shard"], n_shards=d["nShards"],
+            model=ModelConfig.from_dict(d["model"]), steps=d["steps"], segment_len=d["segmentLen"],
+            batch_size=d["batchSize"], lr=d["lr"], seed=d["seed"], threads=d["threads"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> UnitSpec:
+        try:
+            d = json.loads(text)
+        except ValueError as exc:
+            raise GridMintValueError(f"UnitSpec is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
+
+    def spec_hash(self) -> str:
+        """``0x`` + SHA-256 of the canonical JSON plus :data:`RECIPE` and the corpus hash."""
+        payload = {"recipe": RECIPE, "corpus": data.CORPUS_SHA256, "spec": self.to_dict()}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return "0x" + hashlib.sha256(b"GridMint/spec/v1" + blob).hexdigest()
+
+
+def data_seed(spec: UnitSpec) -> int:
+    """The seed handed to :func:`node.data.batch_indices` for this unit (63 bits)."""
+    h = hashlib.sha256(
+        b"GridMint/data-seed/v1" + spec.job_id.encode() + b"\x00"
+        + spec.round.to_bytes(8, "big") + spec.seed.to_bytes(8, "big")
+    ).digest()
+    return int.from_bytes(h[:8], "big") >> 1
+
+
+def segment_batches(spec: UnitSpec, seg_index: int) -> list[tuple[int, list[int]]]:
+    """(step, batch offsets) of every step of segment ``seg_index``, derived from the spec alone."""
+    if not 0 <= seg_index < spec.n_segments:
+        raise GridMintValueError(f"segment {seg_index} out of range: unit has {spec.n_segments} segments")
+    seed = data_seed(spec)
+    first = seg_index * spec.segment_len
+    return [
+        (step, data.batch_indices(seed, spec.shard, spec.n_shards, step, spec.batch_size, spec.model.ctx))
+        for step in range(first, first + spec.segment_len)
+    ]
+
+
+def expected_batch_digest(spec: UnitSpec, seg_index: int) -> str:
+    return batch_digest(segment_batches(spec, seg_index))
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_hash(tensors: Mapping[str, Tensor]) -> str:
+    """``0x`` + SHA-256 over tensors in sorted name order: name, dtype, shape, raw (little-endian) bytes."""
+    h = hashlib.sha256(b"GridMint/state/v1")
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        nb, db = name.encode(), str(t.dtype).encode()
+        h.update(len(nb).to_bytes(4, "big") + nb + len(db).to_bytes(4, "big") + db + t.dim().to_bytes(4, "big"))
+        for d in t.shape:
+            h.update(int(d).to_bytes(8, "big"))
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "0x" + h.hexdigest()
+
+
+def model_only(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The ``model.*`` tensors of a training state, with the prefix stripped (a no-op on model-only dicts)."""
+    if not any(k.startswith("model.") for k in tensors):
+        return dict(tensors)
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def fresh_state(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A full training state: the given weights (copied) and a fresh AdamW state (zero moments, step 0)."""
+    out: dict[str, Tensor] = {}
+    for name, t in model_state.items():
+        out[f"model.{name}"] = t.detach().clone()
+        out[f"optim.{name}.exp_avg"] = torch.zeros_like(t)
+        out[f"optim.{name}.exp_avg_sq"] = torch.zeros_like(t)
+        out[f"optim.{name}.step"] = torch.tensor(0.0, dtype=torch.float32)
+    return out
+
+
+def start_state_hash(model_state: Mapping[str, Tensor]) -> str:
+    """The start hash every unit of a round must commit: global weights + fresh optimizer."""
+    return state_hash(fresh_state(model_state))
+
+
+def load_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
+    """Model + AdamW holding a copy of ``tensors``; :class:`CheckpointError` if they do not fit the spec."""
+    shapes = param_shapes(spec.model)
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        expected[f"model.{name}"] = shape
+        expected[f"optim.{name}.exp_avg"] = shape
+        expected[f"optim.{name}.exp_avg_sq"] = shape
+        expected[f"optim.{name}.step"] = ()
+    if set(tensors) != set(expected):
+        raise CheckpointError(
+            f"training state does not fit {spec.model}: missing {sorted(set(expected) - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - set(expected))}"
+        )
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected torch.float32{shape}")
+    model = build_model(spec.model, model_only(tensors))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=spec.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY,
+        fused=True,  # one elementwise kernel per tensor: faster on CPU, and order-free so thread-count-proof
+    )
+    for name, p in model.named_parameters():
+        opt.state[p] = {
+            "step": tensors[f"optim.{name}.step"].detach().clone(),
+            "exp_avg": tensors[f"optim.{name}.exp_avg"].detach().clone(),
+            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].detach().clone(),
+        }
+    return model, opt
+
+
+def export_training_state(model: TinyGPT, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """Live views (not copies) of the full training state; clone before mutating the model again if kept."""
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        st = opt.state[p]
+        out[f"model.{name}"] = p.detach()
+        out[f"optim.{name}.exp_avg"] = st["exp_avg"]
+        out[f"optim.{name}.exp_avg_sq"] = st["exp_avg_sq"]
+        out[f"optim.{name}.step"] = st["step"]
+    return out
+
+
+@contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Deterministic algorithms and exactly ``threads`` intra-op threads for the block; restored after."""
+    with _TORCH_LOCK:
+        prev_threads = torch.get_num_threads()
+        prev_det = torch.are_deterministic_algorithms_enabled()
+        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode also NaN-fills every fresh allocation, which costs ~10% of a step here. No op we use
+        # reads uninitialised memory, and the determinism tests would catch one that did.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            yield
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+            torch.set_num_threads(prev_threads)
+
+
+def train_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+    """One AdamW step on (x, y); returns the loss before the step."""
+    opt.zero_grad(set_to_none=True)
+    loss = model.loss(x, y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def run_segment(
+    spec: UnitSpec, model: TinyGPT, opt: torch.optim.Optimizer, seg_index: int, on_step: OnStep | None = None
+) -> tuple[list[tuple[int, list[int]]], list[float]]:
+    """Train the ``segment_len`` steps of one segment in place; returns (step batches, losses)."""
+    batches = segment_batches(spec, seg_index)
+    tokens = data.train_tokens()
+    losses: list[float] = []
+    for step, offsets in batches:
+        x, y = data.make_batch(tokens, offsets, spec.model.ctx)
+        loss = train_step(model, opt, x, y)
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    return batches, losses
+
+
+def mean_loss_micro(losses: Sequence[float]) -> int:
+    return loss_to_micro(math.fsum(losses) / len(losses))
+
+
+# --------------------------------------------------------------------------- a unit
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a provider hands in. ``segment_paths[i]`` is the full training state at the start of segment i."""
+
+    final_path: Path
+    segment_paths: list[Path]
+    proof: TrainingProof
+    losses: list[float]
+    final_model: dict[str, Tensor]
+
+
+TrainFn = Callable[..., UnitResult]
+
+
+def checkpoint_metadata(spec: UnitSpec, seg_index: int | None) -> dict[str, str]:
+    """Informational only: a verifier never trusts metadata, it hashes tensors."""
+    return {
+        "format": STATE_FORMAT,
+        "spec_hash": spec.spec_hash(),
+        "unit_id": spec.unit_id,
+        "segment": "final" if seg_index is None else str(seg_index),
+    }
+
+
+def segment_path(workdir: Path, seg_index: int) -> Path:
+    return workdir / f"segment-{seg_index:04d}.safetensors"
+
+
+def final_path(workdir: Path) -> Path:
+    return workdir / "final.safetensors"
+
+
+def _check_start(spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
+    try:
+        build_model(spec.model, start)
+    except GridMintValueError as exc:
+        raise GridMintValueError(f"start checkpoint does not fit the unit's model: {exc}") from exc
+
+
+def train_unit(
+    spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None
+) -> UnitResult:
+    """Train one unit honestly from the model-only global checkpoint ``start`` (fresh AdamW state).
+
+    Writes ``segment-NNNN.safetensors`` (state at the start of each segment) and ``final.safetensors``
+    into ``workdir``. ``on_step(step, loss)`` is called after every optimizer step. Deterministic given
+    the spec: two runs on the same torch build give byte-identical checkpoints and the same proof.
+    """
+    _check_start(spec, start)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_hash = spec.spec_hash()
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, fresh_state(start))
+        seg_paths: list[Path] = []
+        commits: list[SegmentCommit] = []
+        all_losses: list[float] = []
+        cur = state_hash(export_training_state(model, opt))
+        for s in range(spec.n_segments):
+            path = segment_path(workdir, s)
+            checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
+            seg_paths.append(path)
+            batches, losses = run_segment(spec, model, opt, s, on_step)
+            end = state_hash(export_training_state(model, opt))
+            commits.append(SegmentCommit(s, cur, end, batch_digest(batches), mean_loss_micro(losses)))
+            all_losses.extend(losses)
+            cur = end
+        final_state = export_training_state(model, opt)
+        fpath = final_path(workdir)
+        checkpoint.save(fpath, final_state, checkpoint_metadata(spec, None))
+        final_model = {k: v.clone() for k, v in model_only(final_state).items()}
+    proof = make_proof(
+        unit_id=spec.unit_id, spec_hash=spec_hash, seed=spec.seed, steps=spec.steps,
+        segment_len=spec.segment_len, segments=commits,
+    )
+    return UnitResult(fpath, seg_paths, proof, all_losses, final_model)
+
+
+# --------------------------------------------------------------------------- DiLoCo outer step and evaluation
+
+
+def average_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Element-wise mean of model states (the DiLoCo outer step with outer lr 1.0).
+
+    Computed in float64 over the values sorted per element, then cast back: the result does not depend on
+    the order of ``states`` (so every marketplace replica gets the same next global checkpoint).
+    """
+    if not states:
+        raise GridMintValueError("average_states needs at least one state")
+    names = set(states[0])
+    for i, st in enumerate(states[1:], 1):
+        if set(st) != names:
+            raise GridMintValueError(f"state {i} has tensors {sorted(set(st) ^ names)} that state 0 does not share")
+    out: dict[str, Tensor] = {}
+    for name in sorted(names):
+        ref = states[0][name]
+        for i, st in enumerate(states):
+            if st[name].shape != ref.shape or st[name].dtype != ref.dtype:
+                raise GridMintValueError(
+                    f"tensor {name!r}: state {i} is {st[name].dtype}{tuple(st[name].shape)}, "
+                    f"state 0 is {ref.dtype}{tuple(ref.shape)}"
+                )
+        stacked = torch.stack([st[name].detach().to(torch.float64) for st in states])
+        ordered = torch.sort(stacked, dim=0).values
+        acc = ordered[0].clone()
+        for k in range(1, ordered.shape[0]):
+            acc = acc + ordered[k]
+        out[name] = (acc / len(states)).to(ref.dtype)
+    return out
+
+
+def evaluate(cfg: ModelConfig, model_state: Mapping[str, Tensor], n_batches: int = 8) -> float:
+    """Mean next-byte cross-entropy (nats) on fixed held-out batches."""
+    model = build_model(cfg, model_only(model_state))
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for x, y in data.eval_batches(n_batches, EVAL_BATCH_SIZE, cfg.ctx):
+            total += float(model.loss(x, y))
+    return total / n_batches

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from node import checkpoint
+from protocol.errors import CheckpointError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    return {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b.step": torch.tensor(3.0),
+        "c": torch.zeros(0, dtype=torch.float32),
+    }
+
+
+def _blob(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def test_round_trip_and_file_hash(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    digest = checkpoint.save(path, _tensors(), {"k": "v"})
+    assert digest == "0x" + hashlib.sha256(path.read_bytes()).hexdigest() == checkpoint.file_sha256(path)
+    tensors, meta = checkpoint.load(path)
+    assert meta == {"k": "v"}
+    assert tensors.keys() == _tensors().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in _tensors().items())
+    assert checkpoint.load(path.read_bytes())[1] == {"k": "v"}
+
+
+def test_save_is_deterministic(tmp_path: Path) -> None:
+    assert checkpoint.save(tmp_path / "1", _tensors(), {"x": "1"}) == checkpoint.save(tmp_path / "2", _tensors(), {"x": "1"})
+
+
+def test_refuses_torch_save_zip(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save(_tensors(), path)
+    with pytest.raises(CheckpointError, match="zip archive"):
+        checkpoint.load(path)
+
+
+def test_refuses_legacy_torch_save_pickle() -> None:
+    buf = io.BytesIO()
+    torch.save(_tensors(), buf, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.load(buf.getvalue())
+
+
+def test_refuses_plain_pickle_without_unpickling() -> None:
+    class Boom:
+        def __reduce__(self):  # would run on unpickling
+            return (pytest.fail, ("unpickled!",))
+
+    with pytest.raises(CheckpointError, match="pickle"):
+        checkpoint.load(pickle.dumps(Boom(), protocol=4))
+
+
+def test_refuses_zip_of_safetensors(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model.safetensors", st_save(_tensors()))
+    with pytest.raises(CheckpointError, match="zip"):
+        checkpoint.load(buf.getvalue())
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 20, -1, -4])
+def test_refuses_truncated(tmp_path: Path, cut: int) -> None:
+    blob = st_save(_tensors())
+    with pytest.raises(CheckpointError):
+        checkpoint.load(blob[:cut])
+
+
+@pytest.mark.parametrize("blob", [b"", b"garbage!", b"\x00" * 64, bytes(range(256)) * 4, b"{}" * 10])
+def test_refuses_garbage(blob: bytes) -> None:
+    with pytest.raises(CheckpointError):
+        checkpoint.load(blob)
+
+
+def test_refuses_appended_bytes() -> None:
+    with pytest.raises(CheckpointError, match="truncated or padded"):
+        checkpoint.load(st_save(_tensors()) + b"\x00" * 4)
+
+
+def test_refuses_header_lying_about_sizes() -> None:
+    data = b"\x00" * 16
+    with pytest.raises(CheckpointError, match="needs 32 bytes"):
+        checkpoint.load(_blob({"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 16]}}, data))
+    with pytest.raises(CheckpointError, match="gap or overlap"):
+        checkpoint.load(_blob({
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        }, data[:12]))
+    with pytest.raises(CheckpointError, match="file has"):
+        checkpoint.load((10**9).to_bytes(8, "little") + b"{}")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "OBJ", "shape": [1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+        {"dtype": "F32", "shape": [1]},
+        "nope",
+    ],
+)
+def test_refuses_malformed_entries(entry) -> None:
+    with pytest.raises(CheckpointError):
+        checkpoint.load(_blob({"a": entry}, b"\x00" * 4))
+
+
+def test_refuses_duplicate_keys_and_bad_metadata() -> None:
+    raw = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    with pytest.raises(CheckpointError, match="duplicate"):
+        checkpoint.load(len(raw).to_bytes(8, "little") + raw + b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="__metadata__"):
+        checkpoint.load(_blob({"__metadata__": {"k": 1}}, b""))
+
+
+def test_missing_file_is_an_os_error_not_evidence(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        checkpoint.load(tmp_path / "nope.safetensors")
+
+
+def test_save_rejects_non_string_metadata(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        checkpoint.save(tmp_path / "x", _tensors(), {"k": 1})  # type: ignore[dict-item]
+
+
+def test_canonical_bytes_are_read_by_safetensors_itself() -> None:
+    from safetensors.torch import load as st_load
+
+    meta = {f"k{i}": str(i) for i in range(20)}  # many keys: safetensors' own writer orders them at random
+    blob = checkpoint.serialize(_tensors(), meta)
+    assert blob == checkpoint.serialize(dict(reversed(list(_tensors().items()))), dict(reversed(list(meta.items()))))
+    loaded = st_load(blob)
+    assert all(torch.equal(loaded[k], v) for k, v in _tensors().items())
+    assert checkpoint.load(blob)[1] == meta

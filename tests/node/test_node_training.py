@@ -1,0 +1,150 @@
+"""Honest training: determinism, proof structure, replay with zero false flags, DiLoCo averaging."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from node import checkpoint
+from node.model import init_state
+from node.replay import check_segment, choose_segments, replay_segment
+from node.trainer import (
+    UnitSpec,
+    average_states,
+    evaluate,
+    model_only,
+    start_state_hash,
+    state_hash,
+    train_unit,
+)
+from protocol.errors import GridMintValueError
+from protocol.proof import check_structure
+
+
+def test_two_runs_give_identical_hashes(spec, global_state, honest, workdir: Path) -> None:
+    again = train_unit(spec, global_state, workdir)
+    assert again.proof == honest.proof
+    assert again.losses == honest.losses
+    for a, b in zip(again.segment_paths, honest.segment_paths):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_ambient_thread_count_does_not_matter(spec, global_state, honest, workdir: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train_unit(spec, global_state, workdir)
+        assert torch.get_num_threads() == 2  # restored after the unit
+    finally:
+        torch.set_num_threads(before)
+    assert result.proof.final_hash == honest.proof.final_hash
+
+
+def test_two_thread_spec_is_reproducible(make_spec, global_state, tmp_path: Path) -> None:
+    spec2 = make_spec(threads=2, steps=4)
+    a = train_unit(spec2, global_state, tmp_path / "a")
+    b = train_unit(spec2, global_state, tmp_path / "b")
+    assert a.proof == b.proof
+
+
+def test_honest_proof_is_well_formed(spec, global_state, honest) -> None:
+    p = honest.proof
+    check_structure(p, start_state_hash(global_state), spec.spec_hash())
+    assert len(p.segments) == len(honest.segment_paths) == spec.n_segments
+    assert len(honest.losses) == spec.steps and all(math.isfinite(x) for x in honest.losses)
+    tensors, meta = checkpoint.load(honest.final_path)
+    assert state_hash(tensors) == p.final_hash and meta["unit_id"] == spec.unit_id
+    assert all(torch.equal(model_only(tensors)[k], v) for k, v in honest.final_model.items())
+    for seg, path in zip(p.segments, honest.segment_paths):
+        assert state_hash(checkpoint.load(path)[0]) == seg.start_hash
+
+
+def test_every_honest_segment_replays_exactly(spec, honest) -> None:
+    for i, path in enumerate(honest.segment_paths):
+        verdict = check_segment(spec, honest.proof, i, path)
+        assert verdict.ok, verdict
+        assert verdict.replayed_end == verdict.claimed_end == honest.proof.segments[i].end_hash
+
+
+def test_replay_under_other_ambient_threads_still_matches(spec, honest) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = replay_segment(spec, 1, honest.segment_paths[1])
+    finally:
+        torch.set_num_threads(before)
+    assert result.end_hash == honest.proof.segments[1].end_hash
+    assert list(result.losses) == honest.losses[spec.segment_len : 2 * spec.segment_len]
+
+
+def test_on_step_sees_every_step(spec, global_state, honest, workdir: Path) -> None:
+    seen: list[tuple[int, float]] = []
+    train_unit(spec, global_state, workdir, on_step=lambda s, loss: seen.append((s, loss)))
+    assert [s for s, _ in seen] == list(range(spec.steps))
+    assert [loss for _, loss in seen] == honest.losses
+
+
+def test_choose_segments_is_uniform_deterministic_and_distinct(honest) -> None:
+    p = honest.proof
+    picks = choose_segments(p, 2, 1234)
+    assert picks == choose_segments(p, 2, 1234)
+    assert len(set(picks)) == 2 and all(0 <= i < len(p.segments) for i in picks)
+    assert choose_segments(p, 99, 1) == list(range(len(p.segments)))
+    counts = [0] * len(p.segments)
+    for seed in range(800):
+        for i in choose_segments(p, 1, seed):
+            counts[i] += 1
+    assert min(counts) > 150  # 200 expected each
+    with pytest.raises(GridMintValueError):
+        choose_segments(p, 0, 1)
+
+
+def test_spec_json_round_trip_and_hash(spec: UnitSpec) -> None:
+    assert UnitSpec.from_json(spec.to_json()) == spec
+    assert spec.spec_hash() == UnitSpec.from_json(spec.to_json()).spec_hash()
+    for change in ({"unit_id": "0x" + "b2" * 32}, {"shard": 1}, {"lr": 0.02}, {"threads": 2}, {"round": 1}):
+        assert replace(spec, **change).spec_hash() != spec.spec_hash(), change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"steps": 7}, {"shard": 2}, {"unit_id": "job"}, {"lr": float("nan")}, {"seed": -1}, {"threads": 0}, {"job_id": ""}],
+)
+def test_spec_validation(make_spec, change) -> None:
+    with pytest.raises(GridMintValueError):
+        make_spec(**change)
+
+
+def test_start_must_fit_the_model(spec, global_state, workdir: Path) -> None:
+    with pytest.raises(GridMintValueError):
+        train_unit(spec, {k: v for k, v in global_state.items() if k != "tok.weight"}, workdir)
+
+
+def test_average_is_the_mean_and_order_independent(tiny_cfg) -> None:
+    states = [init_state(tiny_cfg, s) for s in range(4)]
+    avg = average_states(states)
+    assert all(torch.equal(avg[k], average_states(states[::-1])[k]) for k in avg)
+    assert all(torch.equal(avg[k], average_states([states[2], states[0], states[3], states[1]])[k]) for k in avg)
+    k = "tok.weight"
+    expected = (torch.stack([s[k].double() for s in states]).mean(0)).float()
+    assert torch.allclose(avg[k], expected, atol=1e-7) and avg[k].dtype == torch.float32
+    with pytest.raises(GridMintValueError):
+        average_states([states[0], {k: v for k, v in states[1].items() if k != "head.bias"}])
+
+
+def test_loss_goes_down_over_rounds_of_train_and_average(make_spec, tiny_cfg, tmp_path: Path) -> None:
+    state = init_state(tiny_cfg, 0)
+    history = [evaluate(tiny_cfg, state)]
+    assert abs(history[0] - math.log(256)) < 0.1
+    for rnd in range(3):
+        results = [
+            train_unit(make_spec(round=rnd, shard=s, unit_id="0x" + f"{rnd:02x}{s:02x}" * 16), state, tmp_path / f"{rnd}-{s}")
+            for s in range(2)
+        ]
+        state = average_states([r.final_model for r in results])
+        history.append(evaluate(tiny_cfg, state))
+    assert all(b < a for a, b in zip(history, history[1:])), history
+    assert history[-1] < history[0] - 1.0, history
