@@ -2,6 +2,7 @@
 stake -> register -> match -> train + prove -> verify -> (slash) -> settle -> claim."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -51,8 +52,6 @@ def drive(market, agents: list[ProviderAgent], verifier: VerifierAgent, job_id: 
                 busy |= a.work_once()
         busy |= verifier.verify_once() is not None
         if not busy:
-            market.wait(lambda: True, 0)
-            import time
             time.sleep(0.1)
     raise AssertionError(f"job {job_id} not settled: {job_status(market, job_id)}")
 
