@@ -6,6 +6,8 @@ Every party is its own process and talks over loopback HTTP / JSON-RPC, signing 
 """
 from __future__ import annotations
 
+import os
+
 import shutil
 import sys
 import tempfile
@@ -30,6 +32,8 @@ from protocol.money import format_tokens, tokens
 from protocol.schemas import JobSpec
 
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console = Console(width=120)  # piped to a file or CI log: do not squeeze the tables into 80 columns
 
 SUPPLY = tokens(1_000_000)
 STAKE = tokens(200)
