@@ -117,8 +117,25 @@ def market_worker(beat: Annotated[bool, typer.Option(help="Also run the periodic
     celery_app.worker_main(argv)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Which benchmark (settlement, proof, matching, api)")],
+) -> None:
+    """Run a benchmark; its last output line is a JSON object of figures. Options after NAME go to the benchmark."""
+    from gridmint.bench import run
+
+    raise typer.Exit(run(name, list(ctx.args)))
+
+
 def main() -> None:
-    app()
+    from protocol.errors import GridMintError
+
+    try:
+        app()
+    except GridMintError as e:  # a user's mistake or a refused operation: one readable line, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
