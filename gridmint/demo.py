@@ -166,7 +166,7 @@ class Demo:
         console.print(f"[bold]Customer[/] funded escrow with {_fmt(budget)} (permit, no approve tx) and submitted job "
                       f"{self.job_id[:12]}: {spec.rounds} rounds x {spec.units_per_round} units x {spec.steps_per_unit} steps")
         seen = 0
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 300
         cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*cols, console=console) as progress:
             bar = progress.add_task("units verified", total=spec.rounds * spec.units_per_round)
@@ -180,7 +180,7 @@ class Demo:
                 if job["status"] == "settled":
                     return job
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"job not settled within 600 s (status {job['status']})")
+                    raise ServiceError(f"job not settled within 300 s (status {job['status']})")
                 time.sleep(0.3)
 
     def name(self, address: str | None) -> str:

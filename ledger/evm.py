@@ -44,6 +44,10 @@ Backend = Literal["in_process", "http"]
 PRIORITY_FEE_WEI = 10**9
 #: Head-room on top of eth_estimateGas (state can change between the estimate and inclusion).
 GAS_MARGIN_NUM, GAS_MARGIN_DEN = 6, 5
+# Absolute headroom on top of the estimate: another account's transaction mined between estimate and send can flip a
+# storage slot this one writes from non-zero to zero (e.g. a provider claims while its release is in flight), and a
+# zero -> non-zero SSTORE then costs ~17k more than estimated. Seen as 'ran out of gas' on a Hardhat node.
+GAS_HEADROOM = 30_000
 MAX_UINT256 = 2**256 - 1
 
 # Process-wide per-(chain, account) locks and next nonces, shared by every Chain object in this process that talks to
@@ -179,7 +183,7 @@ class Chain:
                 estimate = int(self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
             except (TransactionFailed, Web3Exception) as exc:
                 raise _chain_error(exc, errors, label) from exc
-            gas = estimate * GAS_MARGIN_NUM // GAS_MARGIN_DEN
+            gas = estimate * GAS_MARGIN_NUM // GAS_MARGIN_DEN + GAS_HEADROOM
         tx["gas"] = gas
         base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
         tx["maxPriorityFeePerGas"] = PRIORITY_FEE_WEI

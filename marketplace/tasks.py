@@ -4,6 +4,7 @@ from __future__ import annotations
 from celery import Celery
 
 from marketplace import service
+from protocol.errors import ChainError
 from marketplace.runtime import get_runtime
 
 celery_app = Celery("gridmint")
@@ -25,6 +26,13 @@ celery_app.conf.update(
 )
 
 
+# Steps that send transactions retry on a chain error (a node restarting, a gas race, a dropped RPC connection):
+# each is idempotent on chain (per-unit releases, per-evidence slashes, close-once), so a retry never pays twice.
+_CHAIN_RETRY: dict[str, object] = {
+    "autoretry_for": (ChainError,), "retry_backoff": 1, "retry_backoff_max": 30, "retry_jitter": False, "max_retries": 8,
+}
+
+
 def configure(broker_url: str) -> Celery:
     celery_app.conf.broker_url = broker_url
     return celery_app
@@ -35,17 +43,17 @@ def match_task() -> int:
     return len(service.run_matching(get_runtime()))
 
 
-@celery_app.task(name="gridmint.adjudicate")
+@celery_app.task(name="gridmint.adjudicate", **_CHAIN_RETRY)
 def adjudicate_task(verification_id: int) -> str:
     return service.adjudicate(get_runtime(), verification_id)
 
 
-@celery_app.task(name="gridmint.advance")
+@celery_app.task(name="gridmint.advance", **_CHAIN_RETRY)
 def advance_task(job_id: str) -> str:
     return service.advance(get_runtime(), job_id)
 
 
-@celery_app.task(name="gridmint.settle")
+@celery_app.task(name="gridmint.settle", **_CHAIN_RETRY)
 def settle_task(job_id: str) -> int:
     return service.settle(get_runtime(), job_id)
 

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(900)
 def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "160", "TERM": "dumb"}
     proc = subprocess.run([sys.executable, "-m", "gridmint.cli", "demo", "--data-dir", str(tmp_path), "--rounds", "3"],
