@@ -36,6 +36,16 @@ def venv_path_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM us when the parent dies (even by SIGKILL, e.g. a test timeout),
+    so an interrupted demo never leaves an API, workers and agents running. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Proc:
     """A child process in its own process group, output to a log file; stop() ends the whole group."""
 
@@ -46,7 +56,8 @@ class Proc:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=venv_path_env(env), cwd=cwd, start_new_session=True)
+                                      env=venv_path_env(env), cwd=cwd, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
