@@ -135,3 +135,83 @@ ADVERSARIES: dict[str, TrainFn] = {
     "replay-old": replay_old,
     "replay-old-verbatim": replay_old_verbatim,
 }
+
+
+# --------------------------------------------------------------------------- step-level cheats (node.prover policies)
+#
+# Each is a StepPolicy for :func:`node.prover.train_traced`: it performs (or fakes) one optimizer step and returns the
+# loss it will commit. ``bad`` is the set of steps it cheats on (see :func:`node.prover.bad_step_set`); the state it
+# commits is always the state it really holds, so every revealed checkpoint hashes to its commitment.
+
+
+class SkipSteps:
+    """Does nothing on its bad steps (no forward, no backward, no update) and commits the previous loss."""
+
+    def __init__(self, bad: frozenset[int]) -> None:
+        self.bad, self.last = bad, 5.545  # ~ln(256): the loss of an untrained byte model
+
+    def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor) -> float:
+        if step not in self.bad:
+            self.last = train_step(model, opt, x, y)
+        return self.last
+
+
+class OtherData:
+    """Trains its bad steps on other batches (another shard's, cheaper to get or already cached) but commits the
+    digest of the batches the spec dictates. With every step bad, this is copying another provider's run."""
+
+    def __init__(self, bad: frozenset[int], shard_shift: int = 1) -> None:
+        self.bad, self.shift = bad, shard_shift
+
+    def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor) -> float:
+        if step in self.bad:
+            n = max(2, spec.n_shards)
+            offsets = data.batch_indices(spec.seed + 1, (spec.shard + self.shift) % n, n, step, spec.batch_size,
+                                         spec.model.ctx)
+            x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+        return train_step(model, opt, x, y)
+
+
+class FakeLoss:
+    """Trains honestly but commits a prettier loss (3% lower) on its bad steps."""
+
+    def __init__(self, bad: frozenset[int]) -> None:
+        self.bad = bad
+
+    def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor) -> float:
+        loss = train_step(model, opt, x, y)
+        return loss * 0.97 if step in self.bad else loss
+
+
+class LowPrecision:
+    """Runs its bad steps in bfloat16 autocast (faster on hardware with bf16 units) instead of the spec's float32."""
+
+    def __init__(self, bad: frozenset[int]) -> None:
+        self.bad = bad
+
+    def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor) -> float:
+        if step in self.bad:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return train_step(model, opt, x, y)
+        return train_step(model, opt, x, y)
+
+
+class RandomWeights:
+    """No training at all: every step overwrites weights and moments with seeded noise, commits a made-up curve."""
+
+    def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 x: Tensor, y: Tensor) -> float:
+        gen = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                st = opt.state.get(p)
+                if st:
+                    st["exp_avg"].copy_(torch.randn(p.shape, generator=gen) * 1e-3)
+                    st["exp_avg_sq"].copy_(torch.rand(p.shape, generator=gen) * 1e-6)
+                    st["step"].add_(1)
+        return 5.5 - 0.002 * step

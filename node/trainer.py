@@ -26,7 +26,7 @@ import torch
 import torch.utils.deterministic
 from torch import Tensor
 
-from node import checkpoint, data
+from node import checkpoint, data, statehash
 from node.model import ModelConfig, TinyGPT, build_model, param_shapes
 from protocol.errors import CheckpointError, GridMintValueError
 from protocol.proof import (
@@ -172,20 +172,8 @@ def expected_batch_digest(spec: UnitSpec, seg_index: int) -> str:
 
 
 def state_hash(tensors: Mapping[str, Tensor]) -> str:
-    """``0x`` + SHA-256 over tensors in sorted name order: name, dtype, shape, raw (little-endian) bytes."""
-    h = hashlib.sha256(b"GridMint/state/v1")
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        nb, db = name.encode(), str(t.dtype).encode()
-        h.update(len(nb).to_bytes(4, "big") + nb + len(db).to_bytes(4, "big") + db + t.dim().to_bytes(4, "big"))
-        for d in t.shape:
-            h.update(int(d).to_bytes(8, "big"))
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return "0x" + h.hexdigest()
+    """``0x`` + SHA-256 of a training state (names, dtypes, shapes, raw bytes; see :mod:`node.statehash`)."""
+    return statehash.state_hash(tensors)
 
 
 def model_only(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:

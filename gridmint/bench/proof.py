@@ -1,0 +1,218 @@
+"""``gridmint bench proof``: does proof-of-training catch cheats cheaply and never slash an honest GPU?
+
+What runs (all real training and real replays on this machine; the trials only re-draw the challenge randomness):
+
+1. For each adversary, a pool of cheating units of ``--steps`` one-step segments is trained, and *every* committed
+   segment is re-executed by a :class:`node.prover.SegmentReplayer` from the state the cheater reveals for it: that
+   gives each segment's real verdict.
+2. ``--trials`` trials per adversary: a new provider posts a stake of ``--stake-units`` x the unit price and submits
+   cheating units; each unit is checked at the standard level (fresh challenge seed per unit). A trial counts as
+   caught if a challenge hits a failing segment before the provider has been paid for more units than its stake
+   covers (pay follows verification, so that is within ``stake_units + 1`` units).
+3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
+   ``false_slash`` counts units with any failing segment.
+4. ``verify_cost_ratio``: wall time of the standard-level verification of an honest unit over the wall time the
+   provider needs to train it without commitments; ``proof_overhead``: throughput with per-segment asynchronous
+   commitments over throughput without, same loop, interleaved repeats.
+5. A lazy verifier that approves everything against planted canary tasks.
+
+``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
+with bf16 autocast and torch.compile, committing every ``--gpu-commit-every`` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from node import adversary
+from node.model import ModelConfig, init_state
+from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
+from node.trainer import UnitSpec, fresh_state, state_hash
+from protocol import verification as vp
+
+
+def _spec(cfg: ModelConfig, steps: int, idx: int, threads: int = 1, batch: int = 4) -> UnitSpec:
+    return UnitSpec(job_id="bench-proof", unit_id="0x" + f"{idx:064x}", round=0, shard=idx % 4, n_shards=4, model=cfg,
+                    steps=steps, segment_len=1, batch_size=batch, lr=3e-3, seed=1000 + idx, threads=threads)
+
+
+def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy: StepPolicy,
+                         first_state: dict[str, torch.Tensor] | None = None,
+                         verify_threads: int | None = None) -> tuple[Trace, list[bool]]:
+    """Train under ``policy`` and replay every segment from the state the provider would reveal for it."""
+    claimed0 = fresh_state(start)
+    vspec = replace(spec, threads=verify_threads) if verify_threads else spec
+    replayer = SegmentReplayer(vspec, claimed0)
+    seen: list[tuple[str, str, int]] = []
+    held: list[dict[str, torch.Tensor]] = []
+
+    def tap(s: int, live: Any) -> None:
+        revealed = claimed0 if s == 0 else live  # the state whose hash the cheater committed as segment s's start
+        if verify_threads:  # replay after training: switching thread counts every step costs more than the step
+            held.append({k: v.detach().clone() for k, v in revealed.items()})
+        else:
+            seen.append((state_hash(revealed), *replayer.replay(s, revealed)))
+
+    trace = train_traced(spec, start, policy, tap=tap, first_state=first_state)
+    for s, state in enumerate(held):
+        seen.append((state_hash(state), *replayer.replay(s, state)))
+    verdicts = [(h, end, loss) == (c.start_hash, c.end_hash, c.loss_micro) for (h, end, loss), c in
+                zip(seen, trace.proof.segments)]
+    return trace, verdicts
+
+
+def _adversaries(frac: float) -> dict[str, tuple[Callable[[UnitSpec], StepPolicy], str, bool]]:
+    """name -> (policy factory, what it touches, replay-old start swap)."""
+    return {
+        "skip_steps": (lambda s: adversary.SkipSteps(bad_step_set(s, frac, 1)), f"{frac:.0%} of steps", False),
+        "other_data": (lambda s: adversary.OtherData(bad_step_set(s, frac, 2)), f"{frac:.0%} of steps", False),
+        "fake_loss": (lambda s: adversary.FakeLoss(bad_step_set(s, frac, 3)), f"{frac:.0%} of steps", False),
+        "low_precision": (lambda s: adversary.LowPrecision(bad_step_set(s, frac, 4)), f"{frac:.0%} of steps", False),
+        "random_weights": (lambda s: adversary.RandomWeights(), "all steps", False),
+        "copied_weights": (lambda s: adversary.OtherData(frozenset(range(s.steps))), "all steps", False),
+        "replay_old": (lambda s: honest_step, "the start (old checkpoint, then honest steps)", True),
+    }
+
+
+def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(cfg, 7)
+    rate = vp.level_rate("standard")
+    horizon = a.stake_units + 1
+    out: dict[str, Any] = {"steps_per_unit": a.steps, "segment_len": 1, "standard_rate": float(rate),
+                           "challenges_per_unit": vp.challenge_budget(a.steps, rate), "stake_units": a.stake_units,
+                           "trials": a.trials, "cheat_fraction": a.fraction, "adversaries": {}}
+    idx = 1
+    canary_bad: list[bool] = []
+    for name, (factory, touches, swap) in _adversaries(a.fraction).items():
+        pool = a.pool if "steps" in touches and "all" not in touches else 1
+        units = []
+        t0 = time.perf_counter()
+        for _ in range(pool):
+            spec = _spec(cfg, a.steps, idx)
+            idx += 1
+            first = fresh_state(init_state(cfg, 99)) if swap else None
+            trace, verdicts = traced_with_verdicts(spec, start, factory(spec), first_state=first)
+            units.append((spec, [c.loss_micro for c in trace.proof.segments], verdicts))
+        failing = [sum(not v for v in u[2]) for u in units]
+        if name == "skip_steps":
+            canary_bad = [v for v in units[0][2]]
+        caught_trials, units_checked, units_caught = 0, 0, 0
+        for t in range(a.trials):
+            for u in range(horizon):
+                spec, losses, verdicts = units[(t + u) % len(units)]
+                picks = vp.choose_challenges(spec.unit_id, losses, rate, f"{name}/{t}/{u}".encode())
+                units_checked += 1
+                if any(not verdicts[i] for i in picks):
+                    units_caught += 1
+                    caught_trials += 1
+                    break
+        res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
+               "caught_rate": caught_trials / a.trials, "unit_catch_rate": round(units_caught / units_checked, 4),
+               "build_s": round(time.perf_counter() - t0, 1)}
+        out["adversaries"][name] = res
+        log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
+            f"unit catch {res['unit_catch_rate']:.3f}  ({res['build_s']} s)")
+    out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
+
+    # honest units: false slashes, across thread counts (trained with t threads, replayed with the other count)
+    t0 = time.perf_counter()
+    false_units = 0
+    for i in range(a.honest_units):
+        threads = 1 + i % 2
+        spec = _spec(cfg, a.honest_steps, 100_000 + i, threads=threads)
+        _, verdicts = traced_with_verdicts(spec, start, honest_step, verify_threads=3 - threads)
+        false_units += not all(verdicts)
+    out["false_slash"] = false_units
+    out["honest_units"] = a.honest_units
+    out["honest_segments_replayed"] = a.honest_units * a.honest_steps
+    log(f"honest: {a.honest_units} units x {a.honest_steps} steps, every segment replayed with the other thread "
+        f"count: {false_units} false slashes ({time.perf_counter() - t0:.0f} s)")
+
+    # verification cost at the standard level, against the provider's plain training time for the same unit
+    spec = _spec(cfg, a.steps, 999_999)
+    trace = train_traced(spec, start)
+    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost")
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    claimed0 = fresh_state(start)
+
+    def keep(s: int, live: Any) -> None:  # the provider re-deriving the challenged states (its cost, not timed)
+        if s in picks:
+            kept[s] = {k: v.detach().clone() for k, v in (claimed0 if s == 0 else live).items()}
+
+    again = train_traced(spec, start, tap=keep)
+    assert again.proof == trace.proof, "honest training is not deterministic"
+    provider_s = spec.steps / statistics.median(plain_throughput(spec, start, commit_every=None) for _ in range(3))
+    t0 = time.perf_counter()
+    replayer = SegmentReplayer(spec, claimed0)
+    oks = [replayer.check(trace.proof, s, kept[s]).ok for s in picks]
+    verify_s = time.perf_counter() - t0
+    out["verify_cost_ratio"] = round(verify_s / provider_s, 4)
+    out["verify_challenges"] = len(picks)
+    log(f"verify cost: {len(picks)} segments replayed in {verify_s:.3f} s vs {provider_s:.2f} s of plain training "
+        f"-> {out['verify_cost_ratio']} (all ok: {all(oks)})")
+
+    # commitment overhead on the trainer: per-step async hashing vs none, interleaved
+    ospec = replace(spec, steps=a.overhead_steps)
+    ratios = []
+    for _ in range(a.repeats):
+        base = plain_throughput(ospec, start, commit_every=None)
+        withp = plain_throughput(ospec, start, commit_every=1)
+        ratios.append(withp / base)
+    out["proof_overhead"] = round(statistics.median(ratios), 4)
+    out["proof_overhead_runs"] = [round(r, 4) for r in ratios]
+    log(f"proof overhead (commit every step, async hashing): {out['proof_overhead_runs']} -> {out['proof_overhead']}")
+
+    # lazy verifier vs planted canaries (known-bad segments from the skip-steps unit)
+    bad_idx = [i for i, ok in enumerate(canary_bad) if not ok]
+    lazy_caught = 0
+    honest_flags_wrong = 0
+    for t in range(a.trials):
+        plan = vp.plant_canaries(50, f"canary/{t}".encode())
+        lazy_caught += any(plan)  # a lazy verifier approves every task: its first canary exposes it
+        for j, is_canary in enumerate(plan):
+            if is_canary:  # the honest verifier's verdict on a canary is the real replay verdict of a bad segment
+                honest_flags_wrong += canary_bad[bad_idx[(t + j) % len(bad_idx)]]
+    out["lazy_verifier_caught_rate"] = lazy_caught / a.trials
+    out["honest_verifier_canary_errors"] = honest_flags_wrong
+    log(f"lazy verifier caught within 50 tasks in {lazy_caught}/{a.trials} trials; honest verifier approved "
+        f"{honest_flags_wrong} canaries")
+    return out
+
+
+def run_gpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from node.gpu_bench import gpu_overhead
+
+    return gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridmint bench proof", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=2048, help="one-step segments per cheating unit")
+    p.add_argument("--fraction", type=float, default=0.01, help="share of steps a sparse cheater fakes")
+    p.add_argument("--pool", type=int, default=2, help="real units per sparse adversary")
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--stake-units", type=int, default=20, help="stake as a multiple of the unit price")
+    p.add_argument("--honest-units", type=int, default=1000)
+    p.add_argument("--honest-steps", type=int, default=16)
+    p.add_argument("--overhead-steps", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gpu-steps", type=int, default=300)
+    p.add_argument("--gpu-commit-every", type=int, default=50)
+    p.add_argument("--no-compile", action="store_true")
+    a = p.parse_args(argv)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    log(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {a.device}")
+    t0 = time.perf_counter()
+    figures = run_gpu(a, log) if a.device == "cuda" else run_cpu(a, log)
+    figures["bench_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(figures))
+    return 0

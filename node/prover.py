@@ -1,0 +1,181 @@
+"""Fine-grained proof-of-training: commit every segment (down to every step) without stalling the trainer,
+and re-execute one committed segment cheaply.
+
+:func:`train_traced` runs a unit under a *step policy* (the honest :func:`honest_step`, or a cheat from
+:mod:`node.adversary`), hashes the state at every segment boundary on background threads
+(:class:`node.statehash.AsyncStateHasher`) and returns the signed-ready :class:`~protocol.proof.TrainingProof`.
+It does not write a checkpoint per segment: a provider keeps sparse checkpoints and re-derives a challenged
+segment's start state on demand (its cost, not the verifier's). For tests and benchmarks, ``verifier`` receives
+every segment's start state as it passes, so each transition's verdict is a real replay.
+
+:class:`SegmentReplayer` is the verifier's side: one model and optimizer built once, into which a challenged
+state is copied; it replays the segment's steps on the batches the *spec* dictates and compares hashes and loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from node import data
+from node.model import TinyGPT
+from node.statehash import AsyncStateHasher
+from node.trainer import (
+    UnitSpec,
+    deterministic,
+    export_training_state,
+    fresh_state,
+    load_training_state,
+    mean_loss_micro,
+    segment_batches,
+    state_hash,
+    train_step,
+)
+from protocol.errors import GridMintValueError
+from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proof
+
+#: A step policy performs optimizer step ``step`` (or pretends to) and returns the loss it will commit.
+StepPolicy = Callable[[UnitSpec, int, TinyGPT, torch.optim.Optimizer, Tensor, Tensor], float]
+#: Called with (segment index, start state, its committed start hash) before the segment is trained.
+SegmentTap = Callable[[int, Mapping[str, Tensor]], None]
+
+
+def honest_step(spec: UnitSpec, step: int, model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+    return train_step(model, opt, x, y)
+
+
+@dataclass(frozen=True)
+class Trace:
+    proof: TrainingProof
+    losses: list[float]
+    final_state: dict[str, Tensor]
+    train_s: float  # wall time of the training loop, hashing included
+
+
+def train_traced(
+    spec: UnitSpec,
+    start: Mapping[str, Tensor],
+    policy: StepPolicy = honest_step,
+    *,
+    tap: SegmentTap | None = None,
+    first_state: Mapping[str, Tensor] | None = None,
+) -> Trace:
+    """Train ``spec`` from the model-only ``start`` (fresh AdamW), committing every ``segment_len`` steps.
+
+    ``first_state`` (a cheat's hook): the full training state actually trained from, while the proof still claims
+    the honest start. ``tap`` sees every segment's start state (live tensors: copy what you keep).
+    """
+    tokens = data.train_tokens()
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, first_state if first_state is not None else fresh_state(start))
+        claimed_start = state_hash(fresh_state(start))
+        live = export_training_state(model, opt)
+        futures = []
+        digests, loss_micro, all_losses = [], [], []
+        t0 = time.perf_counter()
+        with AsyncStateHasher(live, buffers=4, threads=1) as hasher:
+            for s in range(spec.n_segments):
+                if tap is not None:
+                    tap(s, live)
+                batches = segment_batches(spec, s)
+                losses = []
+                for step, offsets in batches:
+                    x, y = data.make_batch(tokens, offsets, spec.model.ctx)
+                    losses.append(policy(spec, step, model, opt, x, y))
+                futures.append(hasher.submit(live))
+                digests.append(batch_digest(batches))
+                loss_micro.append(mean_loss_micro(losses))
+                all_losses.extend(losses)
+            ends = [f.result() for f in futures]
+        train_s = time.perf_counter() - t0
+        final = {k: v.detach().clone() for k, v in live.items()}
+    starts = [claimed_start] + ends[:-1]
+    commits = [SegmentCommit(i, starts[i], ends[i], digests[i], loss_micro[i]) for i in range(spec.n_segments)]
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=commits)
+    return Trace(proof, all_losses, final, train_s)
+
+
+def plain_throughput(spec: UnitSpec, start: Mapping[str, Tensor], *, commit_every: int | None) -> float:
+    """Optimizer steps per second over ``spec.steps`` honest steps, hashing the state asynchronously every
+    ``commit_every`` steps (None: no commitments at all). The same loop either way, for an overhead ratio."""
+    tokens = data.train_tokens()
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, fresh_state(start))
+        live = export_training_state(model, opt)
+        batches = [b for s in range(spec.n_segments) for b in segment_batches(spec, s)]
+        xs = [data.make_batch(tokens, offsets, spec.model.ctx) for _, offsets in batches]
+        hasher = AsyncStateHasher(live, buffers=4, threads=1) if commit_every else None
+        futures = []
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(xs, 1):
+            train_step(model, opt, x, y)
+            if hasher is not None and commit_every and i % commit_every == 0:
+                futures.append(hasher.submit(live))
+        for f in futures:
+            f.result()
+        dt = time.perf_counter() - t0
+        if hasher is not None:
+            hasher.close()
+    return len(xs) / dt
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    ok: bool
+    index: int
+    reason: str
+
+
+class SegmentReplayer:
+    """Re-executes single committed segments of one unit. Build once per unit; call :meth:`check` per challenge."""
+
+    def __init__(self, spec: UnitSpec, template: Mapping[str, Tensor]) -> None:
+        self.spec = spec
+        with deterministic(spec.threads):
+            self.model, self.opt = load_training_state(spec, template)
+        self.live = export_training_state(self.model, self.opt)
+        self.tokens = data.train_tokens()
+        self.replayed_steps = 0
+
+    def replay(self, seg_index: int, state: Mapping[str, Tensor]) -> tuple[str, int]:
+        """(end hash, mean loss micro-nats) of segment ``seg_index`` re-run from ``state``."""
+        if set(state) != set(self.live):
+            raise GridMintValueError(f"state does not fit the unit: {sorted(set(state) ^ set(self.live))}")
+        losses = []
+        with deterministic(self.spec.threads):
+            with torch.no_grad():
+                for name, t in self.live.items():
+                    t.copy_(state[name])
+            for step, offsets in segment_batches(self.spec, seg_index):
+                x, y = data.make_batch(self.tokens, offsets, self.spec.model.ctx)
+                losses.append(train_step(self.model, self.opt, x, y))
+        self.replayed_steps += len(losses)
+        return state_hash(self.live), mean_loss_micro(losses)
+
+    def check(self, proof: TrainingProof, seg_index: int, state: Mapping[str, Tensor]) -> StepVerdict:
+        """Does the provider's committed segment replay? ``state`` is what it revealed as the segment's start."""
+        seg = proof.segments[seg_index]
+        got = state_hash(state)
+        if got != seg.start_hash:
+            return StepVerdict(False, seg_index, f"revealed state hashes to {got}, committed {seg.start_hash}")
+        end, loss = self.replay(seg_index, state)
+        if end != seg.end_hash:
+            return StepVerdict(False, seg_index, "replayed end state differs from the committed end")
+        if loss != seg.loss_micro:
+            return StepVerdict(False, seg_index, f"committed loss {seg.loss_micro} micro-nats, replay gives {loss}")
+        return StepVerdict(True, seg_index, "replay matches")
+
+
+def bad_step_set(spec: UnitSpec, fraction: float, salt: int) -> frozenset[int]:
+    """``ceil(fraction * steps)`` distinct steps (at least one), a pure function of the unit and ``salt``: where a
+    sparse cheater fakes its work."""
+    import hashlib
+
+    n = max(1, math.ceil(fraction * spec.steps - 1e-9))
+    key = lambda i: hashlib.sha256(f"{spec.unit_id}/{salt}/{i}".encode()).digest()  # noqa: E731
+    return frozenset(sorted(range(spec.steps), key=key)[:n])

@@ -1,0 +1,150 @@
+"""Hashing a training state without stalling the trainer.
+
+The state hash (v2): the tensors, in sorted name order, are laid out in one flat byte buffer (each starting on a
+64-byte boundary, zero padding between); the hash is ``sha256(domain || sha256(layout) || sha256(chunk_0) || ...)``
+over fixed 4 MiB chunks of that buffer, where the layout lists every tensor's name, dtype, shape and offset.
+Chunks let the work spread over threads (``hashlib`` releases the GIL on large buffers), which a single running
+SHA-256 over 1.5 GB (a 124M-parameter model with its AdamW moments) cannot: that alone takes ~1 s on one core. A small
+state is one chunk: one ``hashlib`` call, no per-tensor Python loop on the hashing thread.
+
+:class:`AsyncStateHasher` snapshots a state and hashes it in the background:
+
+* on CPU the snapshot is one ``memcpy`` per tensor into a reusable flat buffer, and hashing runs on worker threads;
+* on CUDA the snapshot is a device-to-device copy into a flat GPU buffer (fast, on the training stream, so the next
+  optimizer step cannot overwrite what is being copied), then a copy to pinned host memory on a side stream, which
+  the hashing threads wait for. The training stream never waits on the host.
+
+A pool of ``buffers`` snapshots bounds memory; when all are being hashed, :meth:`submit` waits for one (back-pressure:
+hashing slower than training slows training rather than growing without bound).
+"""
+from __future__ import annotations
+
+import hashlib
+import queue
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+DOMAIN = b"GridMint/state/v2"
+CHUNK = 4 << 20
+ALIGN = 64
+
+
+@dataclass(frozen=True)
+class Layout:
+    names: tuple[str, ...]
+    offsets: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    total: int
+    layout_digest: bytes
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, Tensor]) -> Layout:
+        names = tuple(sorted(tensors))
+        offsets, sizes, off = [], [], 0
+        h = hashlib.sha256()
+        for n in names:
+            t = tensors[n]
+            nbytes = t.numel() * t.element_size()
+            nb, db = n.encode(), str(t.dtype).encode()
+            h.update(len(nb).to_bytes(4, "big") + nb + len(db).to_bytes(4, "big") + db + t.dim().to_bytes(4, "big"))
+            h.update(b"".join(int(d).to_bytes(8, "big") for d in t.shape) + off.to_bytes(8, "big"))
+            offsets.append(off)
+            sizes.append(nbytes)
+            off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+        return cls(names, tuple(offsets), tuple(sizes), off, h.digest())
+
+    def pack(self, tensors: Mapping[str, Tensor], out: Tensor) -> None:
+        """Copy ``tensors`` into the uint8 buffer ``out`` (padding must already be zero)."""
+        for n, off, nbytes in zip(self.names, self.offsets, self.nbytes):
+            if nbytes:
+                out[off : off + nbytes].copy_(tensors[n].detach().reshape(-1).view(torch.uint8))
+
+    def digest(self, buf: memoryview, pool: Executor | None = None) -> str:
+        chunks = [buf[i : i + CHUNK] for i in range(0, self.total, CHUNK)]
+        one = lambda c: hashlib.sha256(c).digest()  # noqa: E731
+        parts = list(pool.map(one, chunks)) if pool is not None and len(chunks) > 1 else [one(c) for c in chunks]
+        return "0x" + hashlib.sha256(DOMAIN + self.layout_digest + b"".join(parts)).hexdigest()
+
+
+def state_hash(tensors: Mapping[str, Tensor]) -> str:
+    """``0x`` + the v2 state hash (see module doc). Synchronous; the reference the async hasher must equal."""
+    layout = Layout.of(tensors)
+    cpu = {n: (t.detach().cpu() if t.device.type != "cpu" else t) for n, t in tensors.items()}
+    buf = torch.zeros(layout.total, dtype=torch.uint8)
+    layout.pack(cpu, buf)
+    return layout.digest(memoryview(buf.numpy()))
+
+
+class AsyncStateHasher:
+    """Background hashing of states that all share ``template``'s names, dtypes, shapes and device.
+
+    ``submit(state)`` returns a ``Future[str]`` of :func:`state_hash` of the state *as it was when submit
+    returned*: the caller may modify the tensors right after. Close with :meth:`close` (or use as a context manager).
+    """
+
+    def __init__(self, template: Mapping[str, Tensor], *, buffers: int = 2, threads: int = 2) -> None:
+        if buffers < 1 or threads < 1:
+            raise ValueError(f"buffers and threads must be >= 1, got {buffers}, {threads}")
+        if not template:
+            raise ValueError("cannot hash an empty state")
+        self.layout = Layout.of(template)
+        self.device = next(iter(template.values())).device
+        for n, t in template.items():
+            if t.device != self.device:
+                raise ValueError(f"tensor {n!r} is on {t.device}, the others on {self.device}")
+        self._shapes = {n: (t.dtype, tuple(t.shape)) for n, t in template.items()}
+        total, cuda = self.layout.total, self.device.type == "cuda"
+        self._host = [torch.zeros(total, dtype=torch.uint8, pin_memory=cuda) for _ in range(buffers)]
+        self._dev = [torch.zeros(total, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if cuda else None
+        self._side = torch.cuda.Stream(device=self.device) if cuda else None
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(buffers):
+            self._free.put(i)
+        self._pool = ThreadPoolExecutor(max_workers=buffers, thread_name_prefix="statehash")
+        self._chunk_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="statehash-chunk")
+
+    def __enter__(self) -> AsyncStateHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._chunk_pool.shutdown(wait=True)
+
+    def _check(self, tensors: Mapping[str, Tensor]) -> None:
+        if set(tensors) != set(self._shapes):
+            raise ValueError(f"state has tensors {sorted(set(tensors) ^ set(self._shapes))} the template does not")
+        for n, (dtype, shape) in self._shapes.items():
+            t = tensors[n]
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"tensor {n!r} is {t.dtype}{tuple(t.shape)}, template {dtype}{shape}")
+
+    def submit(self, tensors: Mapping[str, Tensor]) -> Future[str]:
+        self._check(tensors)
+        i = self._free.get()  # back-pressure
+        event = None
+        if self._dev is not None and self._side is not None:
+            # device-to-device on the training stream: ordered before the next optimizer step touches the weights
+            self.layout.pack(tensors, self._dev[i])
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
+                self._host[i].copy_(self._dev[i], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._side)
+        else:
+            self.layout.pack(tensors, self._host[i])
+        return self._pool.submit(self._hash, i, event)
+
+    def _hash(self, i: int, event: torch.cuda.Event | None) -> str:
+        try:
+            if event is not None:
+                event.synchronize()
+            return self.layout.digest(memoryview(self._host[i].numpy()), self._chunk_pool)
+        finally:
+            self._free.put(i)

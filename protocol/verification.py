@@ -1,0 +1,169 @@
+"""How much of a unit gets re-executed, which segments, and what that buys: the verification policy.
+
+Pure functions, no I/O. The buyer picks a level per job; the level fixes the share of committed segments a verifier
+replays (``rate``). Which segments: a uniform sample ranked by SHA-256 of a seed the provider cannot know when it
+commits (a later block hash, or the marketplace's secret drawn after the proof is in), plus a few *targeted* picks —
+the segments whose committed loss departs most from their neighbours (a faked loss curve, or a sloppy forgery, shows
+up there without any compute). Targeted picks come out of the same budget.
+
+What it buys, exactly (no simulation): a unit with ``n`` committed segments of which ``bad`` were faked, checked with
+``k`` uniform picks, escapes with probability ``C(n-bad, k) / C(n, k)`` (hypergeometric). A cheater's unearned pay is
+bounded by its stake only if it is caught within ``stake / unit price`` cheating units; :func:`catch_within` is the
+chance of that. With ``n`` = 2,048 one-step segments and the standard rate, a provider faking 1% of its steps escapes
+one unit with p ≈ 0.69 and 21 units in a row with p < 0.001. That is why units are long and commitments fine-grained:
+the sampling rate alone cannot do it at 2% cost, the number of committed transitions per unit can.
+
+Trust (BOINC's adaptive replication): a host with a long record of verified units is sampled at half the rate. A
+trusted host that turns cheater still faces :func:`catch_within` at the halved rate, and its record (and stake) is
+what it risks.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+from protocol.errors import GridMintValueError
+
+#: Share of committed segments replayed per unit, by level. "standard" leaves room under a 2% compute budget for
+#: the verifier's own overhead (loading the state and hashing it twice per replayed step).
+LEVELS: dict[str, Fraction] = {
+    "none": Fraction(0),
+    "standard": Fraction(18, 1000),
+    "paranoid": Fraction(1, 10),
+    "full": Fraction(1),
+}
+TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as trusted
+TRUSTED_DISCOUNT = Fraction(1, 2)
+TARGETED_SHARE = Fraction(1, 8)  # of the budget, spent on the most anomalous committed losses
+CANARY_RATE = Fraction(1, 10)  # share of a verifier's tasks that are planted known-bad segments
+
+
+def level_rate(level: str, consecutive_verified: int = 0) -> Fraction:
+    """Replay share for ``level``; halved for a trusted host (never for "full")."""
+    if level not in LEVELS:
+        raise GridMintValueError(f"unknown verification level {level!r}; choose one of {sorted(LEVELS)}")
+    if not isinstance(consecutive_verified, int) or consecutive_verified < 0:
+        raise GridMintValueError(f"consecutive_verified must be a non-negative int, got {consecutive_verified!r}")
+    rate = LEVELS[level]
+    if level != "full" and consecutive_verified >= TRUST_AFTER_UNITS:
+        rate *= TRUSTED_DISCOUNT
+    return rate
+
+
+def challenge_budget(n_segments: int, rate: Fraction) -> int:
+    """How many segments to replay: ``floor(rate * n)``, at least one unless the rate is zero, at most ``n``."""
+    if not isinstance(n_segments, int) or n_segments < 1:
+        raise GridMintValueError(f"n_segments must be a positive int, got {n_segments!r}")
+    if rate <= 0:
+        return 0
+    return min(n_segments, max(1, math.floor(rate * n_segments)))
+
+
+def _seed_bytes(seed: int | bytes) -> bytes:
+    if isinstance(seed, bool) or not isinstance(seed, (int, bytes)):
+        raise GridMintValueError(f"challenge seed must be an int or bytes, got {seed!r}")
+    if isinstance(seed, int):
+        if seed < 0:
+            raise GridMintValueError(f"challenge seed must be non-negative, got {seed}")
+        return seed.to_bytes(max(1, (seed.bit_length() + 7) // 8), "big")
+    return seed
+
+
+def loss_anomalies(loss_micro: Sequence[int], window: int = 4) -> list[int]:
+    """Segment indices ordered by how far each committed loss is from the median of its ``window`` neighbours
+    on each side (largest first; ties by index). Integer arithmetic on micro-nats."""
+    n = len(loss_micro)
+    scored = []
+    for i in range(n):
+        nb = sorted(loss_micro[max(0, i - window) : i] + loss_micro[i + 1 : i + 1 + window])
+        med = nb[len(nb) // 2] if nb else loss_micro[i]
+        scored.append((-abs(loss_micro[i] - med), i))
+    return [i for _, i in sorted(scored)]
+
+
+def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, seed: int | bytes) -> list[int]:
+    """Sorted segment indices to replay: segment 0, targeted picks (most anomalous committed losses), then a
+    uniform sample, ``challenge_budget`` in all.
+
+    ``seed`` must be unknown to the provider when it committed; the uniform part is SHA-256(seed, unit, i) ranked.
+    """
+    n = len(loss_micro)
+    budget = challenge_budget(n, rate)
+    if budget == 0:
+        return []
+    if budget >= n:
+        return list(range(n))
+    # Segment 0 always: it is the one transition that ties the whole chain to the job's start state (a provider that
+    # trains honestly from an old or foreign checkpoint fakes only that one).
+    picked = {0}
+    for i in loss_anomalies(list(loss_micro))[: math.floor(budget * TARGETED_SHARE)]:
+        if len(picked) < budget:
+            picked.add(i)
+    prefix = b"GridMint/challenge/v1" + _seed_bytes(seed) + b"\x00" + unit_id.encode()
+    for i in sorted(range(n), key=lambda i: hashlib.sha256(prefix + i.to_bytes(8, "big")).digest()):
+        if len(picked) >= budget:
+            break
+        picked.add(i)
+    return sorted(picked)
+
+
+def miss_probability(n: int, bad: int, picks: int) -> Fraction:
+    """Exact chance that ``picks`` uniform draws without replacement from ``n`` segments miss all ``bad`` ones."""
+    if not 0 <= bad <= n or not 0 <= picks <= n:
+        raise GridMintValueError(f"need 0 <= bad, picks <= n; got n={n}, bad={bad}, picks={picks}")
+    if picks > n - bad:
+        return Fraction(0)
+    return Fraction(math.comb(n - bad, picks), math.comb(n, picks))
+
+
+def catch_within(n: int, bad: int, picks: int, units: int) -> Fraction:
+    """Chance a provider faking ``bad`` of ``n`` segments in every unit is caught within ``units`` units."""
+    return 1 - miss_probability(n, bad, picks) ** units
+
+
+def stake_horizon(stake: int, unit_price: int) -> int:
+    """Cheating units a provider can be paid for before its unearned pay exceeds its stake (then one more is caught
+    before its pay is released, since pay follows verification)."""
+    if unit_price <= 0 or stake < 0:
+        raise GridMintValueError(f"need unit_price > 0 and stake >= 0, got {unit_price}, {stake}")
+    return stake // unit_price + 1
+
+
+@dataclass(frozen=True)
+class VerificationQuote:
+    level: str
+    rate: Fraction
+    replayed_segments: int
+    fee: int  # base units per unit, paid to the verifier on top of the provider's price
+    catch_probability_1pct: Fraction  # one unit, 1% of segments faked
+    catch_within_stake_1pct: Fraction  # before unearned pay exceeds the stake, 1% faked in every unit
+
+
+def quote(level: str, *, n_segments: int, unit_price: int, stake: int) -> VerificationQuote:
+    """What a level costs per unit and what it buys, for a buyer choosing it. Money in integer base units.
+
+    The fee pays the verifier the provider's own price for the share of compute it re-runs (rounded up).
+    """
+    rate = level_rate(level)
+    k = challenge_budget(n_segments, rate)
+    fee = -(-unit_price * k // n_segments)
+    bad = max(1, math.ceil(n_segments / 100))
+    # Conservative: count only the uniform picks (segment 0 and the targeted ones may miss a careful forger).
+    uniform = k if k >= n_segments else max(0, k - 1 - math.floor(k * TARGETED_SHARE))
+    one = 1 - miss_probability(n_segments, bad, uniform)
+    return VerificationQuote(level, rate, k, fee, one,
+                             catch_within(n_segments, bad, uniform, stake_horizon(stake, unit_price)))
+
+
+def plant_canaries(n_tasks: int, seed: int | bytes, rate: Fraction = CANARY_RATE) -> list[bool]:
+    """Which of a verifier's next ``n_tasks`` tasks are planted known-bad segments (True). A verifier that approves
+    one is lazy or colluding and loses its stake; the verifier cannot tell canaries from real tasks."""
+    s = _seed_bytes(seed)
+    out = []
+    for i in range(n_tasks):
+        h = int.from_bytes(hashlib.sha256(b"GridMint/canary/v1" + s + i.to_bytes(8, "big")).digest()[:8], "big")
+        out.append(Fraction(h, 2**64) < rate)
+    return out

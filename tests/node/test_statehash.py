@@ -1,0 +1,46 @@
+"""The state hash: async snapshots hash exactly like the synchronous reference, and later mutation cannot leak in."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.statehash import CHUNK, AsyncStateHasher, state_hash
+
+
+def _state(big: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    st = {"model.w": torch.randn(33, 7, generator=g), "model.b": torch.zeros(5), "optim.w.step": torch.tensor(3.0)}
+    if big:  # more than one 4 MiB chunk, so the chunk pool is used
+        st["model.emb"] = torch.randn(CHUNK // 4 + 1000, generator=g)
+    return st
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_async_equals_sync_and_snapshot_is_taken_at_submit(big: bool) -> None:
+    st = _state(big)
+    ref = state_hash(st)
+    with AsyncStateHasher(st, buffers=2, threads=2) as h:
+        fut = h.submit(st)
+        st["model.w"].add_(1.0)
+        assert fut.result() == ref
+        assert h.submit(st).result() == state_hash(st) != ref
+
+
+def test_hash_binds_names_dtypes_shapes_and_values() -> None:
+    st = _state()
+    ref = state_hash(st)
+    renamed = {("model.v" if k == "model.w" else k): v for k, v in st.items()}
+    reshaped = {**st, "model.w": st["model.w"].reshape(7, 33)}
+    retyped = {**st, "model.b": torch.zeros(5, dtype=torch.float64)[:5].float().double()}
+    flipped = {k: v.clone() for k, v in st.items()}
+    flipped["model.w"].view(torch.int32)[0, 0] ^= 1  # one bit
+    assert len({ref, state_hash(renamed), state_hash(reshaped), state_hash(retyped), state_hash(flipped)}) == 5
+
+
+def test_submit_rejects_a_state_of_another_shape() -> None:
+    st = _state()
+    with AsyncStateHasher(st) as h:
+        with pytest.raises(ValueError, match="model.w"):
+            h.submit({**st, "model.w": torch.zeros(2, 2)})
+        with pytest.raises(ValueError, match="template does not"):
+            h.submit({**st, "extra": torch.zeros(1)})

@@ -1,0 +1,69 @@
+"""Verification policy: budgets, challenge choice, exact catch probabilities, quotes, trust, canaries."""
+from __future__ import annotations
+
+from fractions import Fraction
+from math import comb
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import verification as vp
+from protocol.errors import GridMintValueError
+
+
+def test_levels_and_trust() -> None:
+    assert vp.level_rate("none") == 0 and vp.level_rate("full") == 1
+    assert vp.level_rate("standard") == Fraction(18, 1000)
+    assert vp.level_rate("standard", vp.TRUST_AFTER_UNITS) == Fraction(9, 1000)
+    assert vp.level_rate("full", 10_000) == 1  # full replication is never discounted
+    with pytest.raises(GridMintValueError, match="unknown verification level"):
+        vp.level_rate("lax")
+
+
+def test_budget() -> None:
+    assert vp.challenge_budget(2048, vp.LEVELS["standard"]) == 36
+    assert vp.challenge_budget(10, vp.LEVELS["standard"]) == 1  # at least one
+    assert vp.challenge_budget(10, Fraction(0)) == 0
+    assert vp.challenge_budget(10, Fraction(1)) == 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), seed=st.integers(0, 2**64), level=st.sampled_from(["standard", "paranoid", "full"]),
+       losses=st.data())
+def test_challenges_are_within_budget_distinct_sorted_and_include_segment_zero(n: int, seed: int, level: str,
+                                                                               losses: st.DataObject) -> None:
+    loss = losses.draw(st.lists(st.integers(0, 10**7), min_size=n, max_size=n))
+    rate = vp.level_rate(level)
+    picks = vp.choose_challenges("0x" + "ab" * 32, loss, rate, seed)
+    assert picks == sorted(set(picks)) and len(picks) == vp.challenge_budget(n, rate)
+    assert 0 in picks and all(0 <= i < n for i in picks)
+    assert picks == vp.choose_challenges("0x" + "ab" * 32, loss, rate, seed)  # deterministic given the seed
+
+
+def test_uniform_part_depends_on_the_seed_and_targets_the_odd_loss() -> None:
+    loss = [3_000_000] * 2048
+    loss[1500] = 2_000_000  # a faked, too-pretty loss
+    a = vp.choose_challenges("0x" + "01" * 32, loss, vp.LEVELS["standard"], 1)
+    b = vp.choose_challenges("0x" + "01" * 32, loss, vp.LEVELS["standard"], 2)
+    assert 1500 in a and 1500 in b and a != b
+
+
+def test_miss_probability_is_the_hypergeometric_ratio() -> None:
+    assert vp.miss_probability(10, 2, 3) == Fraction(comb(8, 3), comb(10, 3))
+    assert vp.miss_probability(10, 8, 3) == 0
+    assert vp.catch_within(2048, 21, 36, 21) > Fraction(999, 1000)
+    assert vp.stake_horizon(20 * 7, 7) == 21
+
+
+def test_quote_is_integer_money_and_says_what_it_buys() -> None:
+    q = vp.quote("standard", n_segments=2048, unit_price=10**18, stake=20 * 10**18)
+    assert isinstance(q.fee, int) and q.fee == -(-(10**18) * 36 // 2048)
+    assert q.replayed_segments == 36 and q.catch_within_stake_1pct > Fraction(99, 100)
+    assert vp.quote("none", n_segments=2048, unit_price=10**18, stake=1).fee == 0
+
+
+def test_canaries_are_planted_at_about_the_rate_and_are_reproducible() -> None:
+    plan = vp.plant_canaries(20_000, b"s")
+    assert 0.09 < sum(plan) / len(plan) < 0.11
+    assert plan == vp.plant_canaries(20_000, b"s") != vp.plant_canaries(20_000, b"t")
