@@ -15,6 +15,7 @@ from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.web import render_index
+from protocol import verification
 from protocol.errors import (
     ChainError,
     CheckpointError,
@@ -130,8 +131,14 @@ def create_app(rt: Runtime) -> FastAPI:
     async def quote(request: Request) -> QuoteOut:
         spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
         d = rt.contracts.deployment
+        vq = verification.quote(spec.verification, n_segments=spec.steps_per_unit // spec.segment_len,
+                                unit_price=spec.max_price, stake=rt.settings.min_stake)
         return QuoteOut(job_id="0x" + secrets.token_hex(32), budget=spec.budget(),
-                        units=spec.rounds * spec.units_per_round, escrow=d.escrow, token=d.token, chain_id=rt.chain_id)
+                        units=spec.rounds * spec.units_per_round, escrow=d.escrow, token=d.token, chain_id=rt.chain_id,
+                        verification={"level": vq.level, "replay_share": str(vq.rate),
+                                      "replayed_segments_per_unit": vq.replayed_segments, "fee_per_unit": str(vq.fee),
+                                      "catch_probability_1pct_per_unit": float(vq.catch_probability_1pct),
+                                      "catch_within_stake_1pct": float(vq.catch_within_stake_1pct)})
 
     @app.post("/jobs", status_code=201)
     def submit_job(req: Signed, request: Request) -> dict[str, Any]:

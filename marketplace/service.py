@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from marketplace import matching
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s
 from marketplace.pricing import check_ask
+from protocol import verification
 from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
@@ -192,6 +193,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec = unit_spec(job, unit)
+        level = JobSpec.model_validate(job.spec).verification
         global_blob = job.global_blob
     proof = TrainingProof.from_dict(body.proof)
     signer = recover_typed("TrainingProof", rt.chain_id, proof.signable_fields(), body.proof_signature)
@@ -209,7 +211,10 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     final, _ = checkpoint.load(rt.blobs.read(body.final_blob))
     if state_hash(final) != proof.final_hash:
         raise ProofError("final checkpoint does not hash to the committed final hash")
-    picks = secrets.SystemRandom().sample(range(len(proof.segments)), min(rt.settings.verify_segments, len(proof.segments)))
+    # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
+    # the rest drawn with a seed the provider could not know when it signed (protocol.verification).
+    picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments],
+                                           verification.level_rate(level), secrets.token_bytes(32))
     with rt.sessions.begin() as s:
         unit = s.get(Unit, body.unit_id)
         assert unit is not None

@@ -20,7 +20,6 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 32 * 1024 * 1024
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
     unit_timeout_s: int = 120  # an assigned unit not submitted by then goes back to the pool
-    verify_segments: int = 1  # segments replayed per submitted unit (the "standard" level)
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
 
     def resolved_db_url(self) -> str:

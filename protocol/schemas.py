@@ -5,7 +5,7 @@ accept either an int or a digit string, never a float.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
@@ -47,6 +47,8 @@ class JobSpec(Strict):
     seed: int = Field(0, ge=0, lt=2**31)
     vram_mb: int = Field(1024, ge=0)
     max_price: MoneyField  # the most the customer pays for one work unit
+    # How much of each unit verifiers re-execute (protocol.verification.LEVELS): none / standard / paranoid / full.
+    verification: Literal["none", "standard", "paranoid", "full"] = "standard"
 
     @model_validator(mode="after")
     def _segments_divide(self) -> "JobSpec":
@@ -66,6 +68,7 @@ class QuoteOut(Strict):
     escrow: str  # JobEscrow address to fund
     token: str
     chain_id: int
+    verification: dict[str, Any] = {}  # the level's replay share, fee and catch odds (protocol.verification.quote)
 
 
 class JobSubmit(Strict):

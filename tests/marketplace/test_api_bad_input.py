@@ -112,3 +112,16 @@ def test_pickle_and_oversize_uploads_refused(market) -> None:
     r = client.signed("PUT", "/blobs", big, "application/octet-stream")
     assert r.status_code == 413
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
+
+def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> None:
+    client = MarketClient(market.url, market.account())
+    base = dict(rounds=1, units_per_round=1, steps_per_unit=2048, segment_len=1, max_price=tokens(1))
+    std = client.quote(JobSpec(**base).model_dump(mode="json"))["verification"]
+    par = client.quote(JobSpec(**base, verification="paranoid").model_dump(mode="json"))["verification"]
+    assert std["level"] == "standard" and std["replayed_segments_per_unit"] == 36
+    assert int(std["fee_per_unit"]) < int(par["fee_per_unit"])  # integer base units, as strings
+    assert 0 < std["catch_probability_1pct_per_unit"] < par["catch_probability_1pct_per_unit"] <= 1
+    bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}
+    r = httpx.post(f"{market.url}/jobs/quote", json=bad)
+    assert r.status_code == 422 and "verification" in r.text
