@@ -4,82 +4,247 @@ pragma solidity ^0.8.24;
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @title GridStaking
-/// @notice Providers bond GMT as collateral; a SLASHER (the verifier pipeline) slashes it on proven misbehaviour.
-/// Each piece of evidence can be used once, which makes slashing exactly-once even when the off-chain side retries.
-/// A slash pays `bountyBps` of the slashed amount to the verifier that found the fault and the rest to the treasury.
-/// @dev Unstaking is immediate for now; an unbonding period is a planned follow-up.
-contract GridStaking is AccessControl, Pausable, ReentrancyGuard {
+/// @notice Providers and verifiers bond GMT. Leaving is two steps: `requestUnbond` (the amount stops backing work
+/// but stays slashable) and `withdraw` after `unbondingDelay`. A LOCKER (escrow / marketplace) locks the stake that
+/// backs work in flight; an account in an open dispute cannot unbond or withdraw at all.
+/// Slashing happens only (a) through a fraud proof: a staked verifier signs an accusation that a committed hash does
+/// not replay, bonding `verifierBond`; a REFEREE resolves it, slashing the provider (bounty to the verifier) or the
+/// verifier's bond for a false accusation; or (b) by the governance SLASHER. Each evidence hash is used once, so
+/// slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to the verifier and the
+/// rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
+contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
+    bytes32 public constant GOVERNOR_ROLE = keccak256("GOVERNOR_ROLE");
     bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
+    bytes32 public constant LOCKER_ROLE = keccak256("LOCKER_ROLE");
+    bytes32 public constant REFEREE_ROLE = keccak256("REFEREE_ROLE");
+    bytes32 public constant ACCUSATION_TYPEHASH =
+        keccak256("Accusation(address provider,bytes32 evidence,uint256 amount)");
     uint16 public constant MAX_BPS = 10_000;
+
+    /// @dev `staked` backs work and is what `stakeOf` reports; `locked` (LOCKER) and `bonded` (verifier bonds of open
+    /// accusations) are parts of it that cannot be unbonded. `unbonding` left `staked` but is still slashable.
+    struct StakeAccount {
+        uint256 staked;
+        uint256 locked;
+        uint256 bonded;
+        uint256 unbonding;
+        uint64 unbondingReadyAt;
+        uint32 openDisputes;
+    }
+
+    struct Dispute {
+        address provider;
+        address verifier;
+        uint256 amount;
+        uint256 bond;
+    }
 
     IERC20 public immutable token;
     address public immutable treasury;
-    uint16 public immutable bountyBps;
+    uint16 public bountyBps;
+    uint32 public unbondingDelay;
+    uint256 public verifierBond;
 
-    mapping(address provider => uint256) private _stakes;
+    mapping(address account => StakeAccount) private _accounts;
+    mapping(bytes32 gpuClass => uint256) private _minStake;
     mapping(bytes32 evidence => bool) private _evidenceUsed;
+    mapping(bytes32 evidence => Dispute) private _disputes;
     uint256 private _totalStaked;
 
     event Staked(address indexed provider, uint256 amount, uint256 newTotal);
-    event Unstaked(address indexed provider, uint256 amount, uint256 newTotal);
+    event UnbondRequested(address indexed provider, uint256 amount, uint256 totalUnbonding, uint256 readyAt);
+    event Withdrawn(address indexed provider, uint256 amount);
+    event StakeLocked(address indexed provider, uint256 amount, uint256 totalLocked);
+    event StakeUnlocked(address indexed provider, uint256 amount, uint256 totalLocked);
+    event Accused(
+        address indexed provider, address indexed verifier, bytes32 indexed evidence, uint256 amount, uint256 bond
+    );
+    event DisputeResolved(bytes32 indexed evidence, bool fraud, uint256 slashed);
     event Slashed(
         address indexed provider, address indexed verifier, bytes32 indexed evidence, uint256 slashed, uint256 bounty
     );
+    event MinStakeSet(bytes32 indexed gpuClass, uint256 amount);
+    event BountyBpsSet(uint16 bps);
+    event UnbondingDelaySet(uint32 delay);
+    event VerifierBondSet(uint256 bond);
 
     error StakingZeroAmount();
     error StakingZeroAddress();
     error StakingInvalidBps(uint16 bps);
-    error StakingInsufficientStake(address provider, uint256 have, uint256 need);
+    error StakingInsufficientStake(address account, uint256 have, uint256 need);
+    error StakingInsufficientLocked(address account, uint256 locked, uint256 need);
     error StakingNothingToSlash(address provider);
+    error StakingNothingToWithdraw(address account);
+    error StakingStillUnbonding(address account, uint256 readyAt);
+    error StakingUnderDispute(address account, uint256 openDisputes);
     error StakingEvidenceUsed(bytes32 evidence);
+    error StakingUnknownDispute(bytes32 evidence);
+    error StakingSelfAccusation(address account);
 
-    constructor(IERC20 token_, address admin, address treasury_, uint16 bountyBps_) {
-        if (address(token_) == address(0) || admin == address(0) || treasury_ == address(0)) {
+    constructor(
+        IERC20 token_,
+        address admin,
+        address governor,
+        address treasury_,
+        uint16 bountyBps_,
+        uint32 unbondingDelay_,
+        uint256 verifierBond_
+    ) EIP712("GridStaking", "1") {
+        if (address(token_) == address(0) || admin == address(0) || governor == address(0) || treasury_ == address(0))
+        {
             revert StakingZeroAddress();
         }
         if (bountyBps_ > MAX_BPS) revert StakingInvalidBps(bountyBps_);
         token = token_;
         treasury = treasury_;
         bountyBps = bountyBps_;
+        unbondingDelay = unbondingDelay_;
+        verifierBond = verifierBond_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(GOVERNOR_ROLE, governor);
     }
+
+    // ---------------------------------------------------------------- bonding
 
     /// @notice Bond `amount` GMT from the caller (needs a prior `approve`).
     function stake(uint256 amount) external whenNotPaused nonReentrant {
         if (amount == 0) revert StakingZeroAmount();
-        uint256 newTotal = _stakes[msg.sender] + amount;
-        _stakes[msg.sender] = newTotal;
+        StakeAccount storage a = _accounts[msg.sender];
+        uint256 newTotal = a.staked + amount;
+        a.staked = newTotal;
         _totalStaked += amount;
         emit Staked(msg.sender, amount, newTotal);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }
 
-    /// @notice Withdraw `amount` of the caller's own stake.
-    function unstake(uint256 amount) external whenNotPaused nonReentrant {
+    /// @notice Start unbonding `amount` of the caller's free stake (not locked, not bonded, no open dispute).
+    /// It stays slashable until `withdraw`; a new request adds to the pending one and restarts the delay.
+    function requestUnbond(uint256 amount) external whenNotPaused {
         if (amount == 0) revert StakingZeroAmount();
-        uint256 have = _stakes[msg.sender];
-        if (amount > have) revert StakingInsufficientStake(msg.sender, have, amount);
-        uint256 newTotal;
-        // unchecked: amount <= have was checked above, and _totalStaked >= have (it is the sum of all stakes).
+        StakeAccount storage a = _accounts[msg.sender];
+        if (a.openDisputes != 0) revert StakingUnderDispute(msg.sender, a.openDisputes);
+        uint256 free = _free(a);
+        if (amount > free) revert StakingInsufficientStake(msg.sender, free, amount);
+        // unchecked: amount <= free <= staked.
         unchecked {
-            newTotal = have - amount;
+            a.staked -= amount;
+        }
+        uint256 unbonding = a.unbonding + amount;
+        uint256 readyAt = block.timestamp + unbondingDelay;
+        a.unbonding = unbonding;
+        a.unbondingReadyAt = uint64(readyAt);
+        emit UnbondRequested(msg.sender, amount, unbonding, readyAt);
+    }
+
+    /// @notice Withdraw everything that finished unbonding.
+    function withdraw() external whenNotPaused nonReentrant returns (uint256 amount) {
+        StakeAccount storage a = _accounts[msg.sender];
+        amount = a.unbonding;
+        if (amount == 0) revert StakingNothingToWithdraw(msg.sender);
+        if (a.openDisputes != 0) revert StakingUnderDispute(msg.sender, a.openDisputes);
+        if (block.timestamp < a.unbondingReadyAt) revert StakingStillUnbonding(msg.sender, a.unbondingReadyAt);
+        a.unbonding = 0;
+        // unchecked: _totalStaked is the sum of every staked + unbonding, so it is >= amount.
+        unchecked {
             _totalStaked -= amount;
         }
-        _stakes[msg.sender] = newTotal;
-        emit Unstaked(msg.sender, amount, newTotal);
+        emit Withdrawn(msg.sender, amount);
         token.safeTransfer(msg.sender, amount);
     }
 
-    /// @notice Slash up to `amount` of `provider`'s stake for `evidence` (used at most once).
-    /// @dev Slashes min(amount, stake). bounty = slashed * bountyBps / 10_000 (rounded down) goes to `verifier`,
-    /// the remainder to the treasury, so bounty + treasury share == slashed exactly.
+    /// @notice Lock `amount` of `provider`'s free stake behind work in flight (LOCKER: escrow / marketplace).
+    function lock(address provider, uint256 amount) external onlyRole(LOCKER_ROLE) {
+        if (amount == 0) revert StakingZeroAmount();
+        StakeAccount storage a = _accounts[provider];
+        uint256 free = _free(a);
+        if (amount > free) revert StakingInsufficientStake(provider, free, amount);
+        uint256 locked = a.locked + amount;
+        a.locked = locked;
+        emit StakeLocked(provider, amount, locked);
+    }
+
+    /// @notice Release `amount` of `provider`'s locked stake once the work it backed is settled.
+    function unlock(address provider, uint256 amount) external onlyRole(LOCKER_ROLE) {
+        if (amount == 0) revert StakingZeroAmount();
+        StakeAccount storage a = _accounts[provider];
+        uint256 locked = a.locked;
+        if (amount > locked) revert StakingInsufficientLocked(provider, locked, amount);
+        // unchecked: amount <= locked was checked above.
+        unchecked {
+            locked -= amount;
+        }
+        a.locked = locked;
+        emit StakeUnlocked(provider, amount, locked);
+    }
+
+    // ---------------------------------------------------------------- slashing (a): fraud proof
+
+    /// @notice Open a dispute: `verifier`'s EIP-712 signature over Accusation(provider, evidence, amount) claims that
+    /// `provider`'s committed hash `evidence` does not replay. Anyone may submit it (the marketplace relays it).
+    /// Bonds `verifierBond` of the verifier's free stake and freezes both accounts' unbonding until resolved.
+    function accuse(address provider, bytes32 evidence, uint256 amount, bytes calldata signature)
+        external
+        whenNotPaused
+    {
+        if (amount == 0) revert StakingZeroAmount();
+        if (_evidenceUsed[evidence] || _disputes[evidence].provider != address(0)) revert StakingEvidenceUsed(evidence);
+        bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(ACCUSATION_TYPEHASH, provider, evidence, amount)));
+        address verifier = ECDSA.recover(digest, signature);
+        if (verifier == provider) revert StakingSelfAccusation(provider);
+        StakeAccount storage p = _accounts[provider];
+        if (p.staked + p.unbonding == 0) revert StakingNothingToSlash(provider);
+        StakeAccount storage v = _accounts[verifier];
+        uint256 bond = verifierBond;
+        uint256 free = _free(v);
+        if (bond == 0 || bond > free) revert StakingInsufficientStake(verifier, free, bond == 0 ? 1 : bond);
+
+        v.bonded += bond;
+        v.openDisputes += 1;
+        p.openDisputes += 1;
+        _disputes[evidence] = Dispute(provider, verifier, amount, bond);
+        emit Accused(provider, verifier, evidence, amount, bond);
+    }
+
+    /// @notice Referee verdict on the dispute for `evidence`. `fraud`: slash the provider up to the accused amount,
+    /// bounty to the verifier. Otherwise the accusation was false: the verifier's bond goes to the treasury.
+    function resolve(bytes32 evidence, bool fraud) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
+        Dispute memory d = _disputes[evidence];
+        if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
+        delete _disputes[evidence];
+        _evidenceUsed[evidence] = true;
+        StakeAccount storage p = _accounts[d.provider];
+        StakeAccount storage v = _accounts[d.verifier];
+        // unchecked: each open dispute added exactly these amounts/counts in `accuse`.
+        unchecked {
+            p.openDisputes -= 1;
+            v.openDisputes -= 1;
+            v.bonded -= d.bond;
+        }
+        if (fraud) {
+            uint256 slashed = _takeStake(d.provider, d.amount);
+            emit DisputeResolved(evidence, true, slashed);
+            _payOut(d.provider, d.verifier, evidence, slashed);
+        } else {
+            uint256 penalty = _takeStake(d.verifier, d.bond);
+            emit DisputeResolved(evidence, false, penalty);
+            _payOut(d.verifier, address(0), evidence, penalty);
+        }
+    }
+
+    // ---------------------------------------------------------------- slashing (b): governance
+
+    /// @notice Slash up to `amount` of `provider`'s stake (staked, then unbonding) for `evidence` (used at most once).
+    /// @dev bounty = slashed * bountyBps / 10_000 (rounded down) goes to `verifier`, the rest to the treasury, so
+    /// bounty + treasury share == slashed exactly.
     function slash(address provider, uint256 amount, address verifier, bytes32 evidence)
         external
         onlyRole(SLASHER_ROLE)
@@ -88,44 +253,124 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuard {
     {
         if (amount == 0) revert StakingZeroAmount();
         if (verifier == address(0)) revert StakingZeroAddress();
-        if (_evidenceUsed[evidence]) revert StakingEvidenceUsed(evidence);
-        uint256 have = _stakes[provider];
-        if (have == 0) revert StakingNothingToSlash(provider);
-
-        uint256 slashed = amount < have ? amount : have;
-        uint256 bounty = (slashed * bountyBps) / MAX_BPS;
+        if (_evidenceUsed[evidence] || _disputes[evidence].provider != address(0)) revert StakingEvidenceUsed(evidence);
+        StakeAccount storage a = _accounts[provider];
+        if (a.staked + a.unbonding == 0) revert StakingNothingToSlash(provider);
         _evidenceUsed[evidence] = true;
-        // unchecked: slashed <= have <= _totalStaked, and bounty <= slashed because bountyBps <= MAX_BPS.
-        unchecked {
-            _stakes[provider] = have - slashed;
-            _totalStaked -= slashed;
-        }
-        emit Slashed(provider, verifier, evidence, slashed, bounty);
-
-        if (bounty > 0) token.safeTransfer(verifier, bounty);
-        unchecked {
-            if (slashed - bounty > 0) token.safeTransfer(treasury, slashed - bounty);
-        }
+        uint256 slashed = _takeStake(provider, amount);
+        _payOut(provider, verifier, evidence, slashed);
     }
 
-    /// @notice Guardian kill switch: blocks stake, unstake and slash.
+    // ---------------------------------------------------------------- governance
+
+    /// @notice Kill switch: blocks stake, unbonding, withdrawal, accusations and slashes. Unpause goes through the timelock.
     function pause() external onlyRole(GUARDIAN_ROLE) {
         _pause();
     }
 
-    function unpause() external onlyRole(GUARDIAN_ROLE) {
+    function unpause() external onlyRole(GOVERNOR_ROLE) {
         _unpause();
     }
 
-    function stakeOf(address provider) external view returns (uint256) {
-        return _stakes[provider];
+    function setMinStake(bytes32 gpuClass, uint256 amount) external onlyRole(GOVERNOR_ROLE) {
+        _minStake[gpuClass] = amount;
+        emit MinStakeSet(gpuClass, amount);
     }
 
+    function setBountyBps(uint16 bps) external onlyRole(GOVERNOR_ROLE) {
+        if (bps > MAX_BPS) revert StakingInvalidBps(bps);
+        bountyBps = bps;
+        emit BountyBpsSet(bps);
+    }
+
+    function setUnbondingDelay(uint32 delay) external onlyRole(GOVERNOR_ROLE) {
+        unbondingDelay = delay;
+        emit UnbondingDelaySet(delay);
+    }
+
+    function setVerifierBond(uint256 bond) external onlyRole(GOVERNOR_ROLE) {
+        verifierBond = bond;
+        emit VerifierBondSet(bond);
+    }
+
+    // ---------------------------------------------------------------- views
+
+    /// @notice Bonded stake backing work (excludes what is unbonding).
+    function stakeOf(address account) external view returns (uint256) {
+        return _accounts[account].staked;
+    }
+
+    /// @notice Stake that may be unbonded now (or bonded for an accusation): staked - locked - bonded, floored at 0.
+    function freeStakeOf(address account) external view returns (uint256) {
+        StakeAccount storage a = _accounts[account];
+        return a.openDisputes != 0 ? 0 : _free(a);
+    }
+
+    function accountOf(address account) external view returns (StakeAccount memory) {
+        return _accounts[account];
+    }
+
+    function minStake(bytes32 gpuClass) external view returns (uint256) {
+        return _minStake[gpuClass];
+    }
+
+    /// @notice True if `provider`'s bonded stake reaches the minimum for `gpuClass` and no dispute is open against it.
+    function meetsMinStake(address provider, bytes32 gpuClass) external view returns (bool) {
+        StakeAccount storage a = _accounts[provider];
+        return a.openDisputes == 0 && a.staked >= _minStake[gpuClass];
+    }
+
+    /// @notice Every token this contract holds for stakers: the sum of staked + unbonding over all accounts.
     function totalStaked() external view returns (uint256) {
         return _totalStaked;
     }
 
     function evidenceUsed(bytes32 evidence) external view returns (bool) {
         return _evidenceUsed[evidence];
+    }
+
+    function disputeOf(bytes32 evidence) external view returns (Dispute memory) {
+        return _disputes[evidence];
+    }
+
+    /// @notice The EIP-712 domain separator accusations are signed under.
+    function domainSeparator() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    function _free(StakeAccount storage a) private view returns (uint256) {
+        uint256 held = a.locked + a.bonded;
+        return a.staked > held ? a.staked - held : 0;
+    }
+
+    /// @dev Removes up to `amount` from `account`: staked first, then unbonding. Returns what was taken (maybe 0:
+    /// a dispute must still resolve when governance already slashed the account).
+    function _takeStake(address account, uint256 amount) private returns (uint256 taken) {
+        StakeAccount storage a = _accounts[account];
+        uint256 staked = a.staked;
+        uint256 unbonding = a.unbonding;
+        uint256 fromStaked = amount < staked ? amount : staked;
+        uint256 rest = amount - fromStaked;
+        uint256 fromUnbonding = rest < unbonding ? rest : unbonding;
+        // unchecked: fromStaked <= staked, fromUnbonding <= unbonding, and _totalStaked >= staked + unbonding.
+        unchecked {
+            a.staked = staked - fromStaked;
+            a.unbonding = unbonding - fromUnbonding;
+            taken = fromStaked + fromUnbonding;
+            _totalStaked -= taken;
+        }
+    }
+
+    /// @dev Splits `slashed`: bountyBps to `verifier` (none if it is address(0)), the rest to the treasury.
+    function _payOut(address provider, address verifier, bytes32 evidence, uint256 slashed) private {
+        uint256 bounty = verifier == address(0) ? 0 : (slashed * bountyBps) / MAX_BPS;
+        emit Slashed(provider, verifier, evidence, slashed, bounty);
+        if (bounty > 0) token.safeTransfer(verifier, bounty);
+        // unchecked: bounty <= slashed because bountyBps <= MAX_BPS.
+        unchecked {
+            if (slashed - bounty > 0) token.safeTransfer(treasury, slashed - bounty);
+        }
     }
 }

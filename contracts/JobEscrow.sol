@@ -6,52 +6,80 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+/// @notice What JobEscrow needs from the epoch settlement pool (PayoutDistributor).
+interface IPayoutPool {
+    function deposit(uint256 amount) external;
+}
 
 /// @title JobEscrow
-/// @notice Holds a customer's GMT for a training job and releases it per verified work unit.
-/// Each (jobId, unitId) pays out at most once, so the settler can retry a release safely. Released funds are
-/// credited to the provider and withdrawn with `claim` (pull payment). Closing a job refunds what was not released.
-/// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + sum of claimable.
-contract JobEscrow is AccessControl, Pausable, ReentrancyGuard {
+/// @notice Holds a customer's GMT for a training job and releases it per verified work unit, on one of two paths:
+/// - `release` (per unit): credits the provider here; the provider withdraws with `claim` (pull payment).
+/// - `releaseToPool` (per batch of units): moves the batch's pay to the PayoutDistributor, whose epoch Merkle root
+///   says who earned it. This is the path that scales: one transfer per job per epoch, not one per unit.
+/// Each (jobId, unitId) and each (jobId, batchId) pays out at most once, so the settler can retry safely.
+/// The settler closes a finished job; a customer can `cancel` and close it itself after `cancelGrace` seconds (units
+/// verified in the meantime are still paid). Closing refunds what was not released.
+/// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + totalClaimable.
+contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
+    bytes32 public constant GOVERNOR_ROLE = keccak256("GOVERNOR_ROLE");
     bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
 
     struct Job {
         address customer;
+        uint64 closableAt; // 0 until the customer cancels
+        bool closed;
         uint256 funded;
         uint256 released;
-        bool closed;
     }
 
     IERC20 public immutable token;
+    IPayoutPool public immutable distributor;
+    uint32 public cancelGrace;
 
     mapping(bytes32 jobId => Job) private _jobs;
     mapping(bytes32 jobId => mapping(bytes32 unitId => bool)) private _unitReleased;
+    mapping(bytes32 jobId => mapping(bytes32 batchId => bool)) private _batchReleased;
     mapping(address account => uint256) private _claimable;
+    uint256 private _totalClaimable;
 
     event JobFunded(bytes32 indexed jobId, address indexed customer, uint256 amount, uint256 totalFunded);
     event UnitReleased(bytes32 indexed jobId, bytes32 indexed unitId, address indexed provider, uint256 amount);
+    event BatchReleased(bytes32 indexed jobId, bytes32 indexed batchId, uint256 amount);
+    event JobCancelled(bytes32 indexed jobId, uint256 closableAt);
     event JobClosed(bytes32 indexed jobId, uint256 refund);
     event Claimed(address indexed account, uint256 amount);
+    event CancelGraceSet(uint32 grace);
 
     error EscrowZeroAmount();
     error EscrowZeroAddress();
     error EscrowUnknownJob(bytes32 jobId);
     error EscrowNotCustomer(bytes32 jobId, address caller, address customer);
     error EscrowJobClosed(bytes32 jobId);
+    error EscrowJobCancelled(bytes32 jobId, uint256 closableAt);
     error EscrowUnitAlreadyReleased(bytes32 jobId, bytes32 unitId);
     error EscrowInsufficientFunds(bytes32 jobId, uint256 available, uint256 need);
     error EscrowNotAuthorized(bytes32 jobId, address caller);
+    error EscrowCancelPending(bytes32 jobId, uint256 closableAt);
     error EscrowNothingToClaim(address account);
 
-    constructor(IERC20 token_, address admin) {
-        if (address(token_) == address(0) || admin == address(0)) revert EscrowZeroAddress();
+    constructor(IERC20 token_, address admin, address governor, IPayoutPool distributor_, uint32 cancelGrace_) {
+        if (
+            address(token_) == address(0) || admin == address(0) || governor == address(0)
+                || address(distributor_) == address(0)
+        ) revert EscrowZeroAddress();
         token = token_;
+        distributor = distributor_;
+        cancelGrace = cancelGrace_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(GOVERNOR_ROLE, governor);
     }
+
+    // ---------------------------------------------------------------- customers
 
     /// @notice Add `amount` GMT to `jobId` (needs a prior `approve`). The first funder becomes the job's customer.
     function fund(bytes32 jobId, uint256 amount) external whenNotPaused nonReentrant {
@@ -70,33 +98,33 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuard {
         _fund(jobId, msg.sender, amount);
     }
 
-    /// @notice Pay `amount` from `jobId` to `provider` for verified unit `unitId`; each unit pays at most once.
-    function release(bytes32 jobId, bytes32 unitId, address provider, uint256 amount)
-        external
-        onlyRole(SETTLER_ROLE)
-        whenNotPaused
-    {
-        if (amount == 0) revert EscrowZeroAmount();
-        if (provider == address(0)) revert EscrowZeroAddress();
-        if (_unitReleased[jobId][unitId]) revert EscrowUnitAlreadyReleased(jobId, unitId);
+    /// @notice Customer: stop the job. Units verified within `cancelGrace` seconds are still paid; after that the
+    /// customer may `close` and take the refund.
+    function cancel(bytes32 jobId) external whenNotPaused {
         Job storage job = _jobs[jobId];
+        address customer = job.customer;
+        if (customer == address(0)) revert EscrowUnknownJob(jobId);
+        if (msg.sender != customer) revert EscrowNotCustomer(jobId, msg.sender, customer);
         if (job.closed) revert EscrowJobClosed(jobId);
-        uint256 available = job.funded - job.released;
-        if (amount > available) revert EscrowInsufficientFunds(jobId, available, amount);
-
-        _unitReleased[jobId][unitId] = true;
-        job.released += amount;
-        _claimable[provider] += amount;
-        emit UnitReleased(jobId, unitId, provider, amount);
+        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, job.closableAt);
+        uint256 closableAt = block.timestamp + cancelGrace;
+        job.closableAt = uint64(closableAt);
+        emit JobCancelled(jobId, closableAt);
     }
 
-    /// @notice Close `jobId` and refund what was not released to its customer. Callable by the customer or a settler.
+    /// @notice Close `jobId` and refund what was not released to its customer. A settler may close at any time
+    /// (the job ended); the customer only after `cancel` plus `cancelGrace`.
     function close(bytes32 jobId) external whenNotPaused nonReentrant {
         Job storage job = _jobs[jobId];
         address customer = job.customer;
-        if (msg.sender != customer && !hasRole(SETTLER_ROLE, msg.sender)) revert EscrowNotAuthorized(jobId, msg.sender);
+        bool settler = hasRole(SETTLER_ROLE, msg.sender);
+        if (msg.sender != customer && !settler) revert EscrowNotAuthorized(jobId, msg.sender);
         if (customer == address(0)) revert EscrowUnknownJob(jobId);
         if (job.closed) revert EscrowJobClosed(jobId);
+        if (!settler) {
+            uint256 closableAt = job.closableAt;
+            if (closableAt == 0 || block.timestamp < closableAt) revert EscrowCancelPending(jobId, closableAt);
+        }
 
         uint256 refund = job.funded - job.released;
         job.closed = true;
@@ -104,45 +132,104 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuard {
         if (refund > 0) token.safeTransfer(customer, refund);
     }
 
-    /// @notice Withdraw everything released to the caller.
+    // ---------------------------------------------------------------- settler
+
+    /// @notice Pay `amount` from `jobId` to `provider` for verified unit `unitId`; each unit pays at most once.
+    function release(bytes32 jobId, bytes32 unitId, address provider, uint256 amount)
+        external
+        onlyRole(SETTLER_ROLE)
+        whenNotPaused
+    {
+        if (provider == address(0)) revert EscrowZeroAddress();
+        if (_unitReleased[jobId][unitId]) revert EscrowUnitAlreadyReleased(jobId, unitId);
+        _debit(jobId, amount);
+        _unitReleased[jobId][unitId] = true;
+        _claimable[provider] += amount;
+        _totalClaimable += amount;
+        emit UnitReleased(jobId, unitId, provider, amount);
+    }
+
+    /// @notice Move `amount` of `jobId`'s escrow, the pay of the verified units in batch `batchId`, to the epoch
+    /// settlement pool; each batch moves at most once. The ledger's next root credits the providers.
+    function releaseToPool(bytes32 jobId, bytes32 batchId, uint256 amount)
+        external
+        onlyRole(SETTLER_ROLE)
+        whenNotPaused
+        nonReentrant
+    {
+        if (_batchReleased[jobId][batchId]) revert EscrowUnitAlreadyReleased(jobId, batchId);
+        _debit(jobId, amount);
+        _batchReleased[jobId][batchId] = true;
+        emit BatchReleased(jobId, batchId, amount);
+        token.forceApprove(address(distributor), amount);
+        distributor.deposit(amount);
+    }
+
+    // ---------------------------------------------------------------- providers
+
+    /// @notice Withdraw everything released to the caller on the per-unit path.
     function claim() external whenNotPaused nonReentrant returns (uint256 amount) {
         amount = _claimable[msg.sender];
         if (amount == 0) revert EscrowNothingToClaim(msg.sender);
         _claimable[msg.sender] = 0;
+        // unchecked: _totalClaimable is the sum of every _claimable.
+        unchecked {
+            _totalClaimable -= amount;
+        }
         emit Claimed(msg.sender, amount);
         token.safeTransfer(msg.sender, amount);
     }
 
-    /// @notice Guardian kill switch: blocks fund, release, close and claim.
+    // ---------------------------------------------------------------- governance
+
+    /// @notice Kill switch: blocks fund, cancel, release, close and claim. Unpause goes through the timelock.
     function pause() external onlyRole(GUARDIAN_ROLE) {
         _pause();
     }
 
-    function unpause() external onlyRole(GUARDIAN_ROLE) {
+    function unpause() external onlyRole(GOVERNOR_ROLE) {
         _unpause();
     }
+
+    function setCancelGrace(uint32 grace) external onlyRole(GOVERNOR_ROLE) {
+        cancelGrace = grace;
+        emit CancelGraceSet(grace);
+    }
+
+    // ---------------------------------------------------------------- views
 
     function getJob(bytes32 jobId)
         external
         view
-        returns (address customer, uint256 funded, uint256 released, bool closed)
+        returns (address customer, uint256 funded, uint256 released, bool closed, uint256 closableAt)
     {
         Job storage job = _jobs[jobId];
-        return (job.customer, job.funded, job.released, job.closed);
+        return (job.customer, job.funded, job.released, job.closed, job.closableAt);
     }
 
     function claimable(address account) external view returns (uint256) {
         return _claimable[account];
     }
 
+    function totalClaimable() external view returns (uint256) {
+        return _totalClaimable;
+    }
+
     function unitReleased(bytes32 jobId, bytes32 unitId) external view returns (bool) {
         return _unitReleased[jobId][unitId];
     }
+
+    function batchReleased(bytes32 jobId, bytes32 batchId) external view returns (bool) {
+        return _batchReleased[jobId][batchId];
+    }
+
+    // ---------------------------------------------------------------- internals
 
     function _fund(bytes32 jobId, address funder, uint256 amount) private {
         if (amount == 0) revert EscrowZeroAmount();
         Job storage job = _jobs[jobId];
         if (job.closed) revert EscrowJobClosed(jobId);
+        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, job.closableAt);
         address customer = job.customer;
         if (customer == address(0)) {
             job.customer = funder;
@@ -153,5 +240,16 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuard {
         job.funded = total;
         emit JobFunded(jobId, funder, amount, total);
         token.safeTransferFrom(funder, address(this), amount);
+    }
+
+    /// @dev Checks that `jobId` is open and holds `amount`, and records it as released.
+    function _debit(bytes32 jobId, uint256 amount) private {
+        if (amount == 0) revert EscrowZeroAmount();
+        Job storage job = _jobs[jobId];
+        if (job.closed) revert EscrowJobClosed(jobId);
+        uint256 released = job.released;
+        uint256 available = job.funded - released;
+        if (amount > available) revert EscrowInsufficientFunds(jobId, available, amount);
+        job.released = released + amount;
     }
 }

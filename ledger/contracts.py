@@ -21,8 +21,8 @@ from protocol.errors import GridMintError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Default artifacts folder; ``artifacts_dir()`` honours ``GRIDMINT_ARTIFACTS`` at call time.
 ARTIFACTS_DIR = Path(os.environ.get("GRIDMINT_ARTIFACTS", REPO_ROOT / "artifacts"))
-#: The contracts ``ledger.evm.deploy`` deploys, in deployment order.
-CONTRACT_NAMES = ("GridToken", "GridStaking", "JobEscrow")
+#: The contracts ``ledger.deploy.deploy`` deploys, in deployment order.
+CONTRACT_NAMES = ("GridToken", "GridTimelock", "GridStaking", "PayoutDistributor", "JobEscrow", "GridKillSwitch")
 
 Abi = list[dict[str, Any]]
 

@@ -1,18 +1,29 @@
 """The matching engine's pure core: who trains which work unit.
 
-``match(offers, demands)`` assigns each unit (in the order given: oldest job first) to the eligible
-offer with the lowest ask; ties go to the cheaper region, then to the lower address, so results are
-deterministic. An offer is eligible for a unit when it has a free slot, enough VRAM, enough stake,
-is not excluded from the unit (a provider caught cheating on it, or one that dropped it), and asks no
-more than the unit's price cap. Pricier offers are reached only when cheaper ones are full or ineligible.
+``match(offers, demands)`` assigns each unit (in the order given: oldest job first) to the eligible offer
+with the lowest effective price (``pricing.rank_key``: ask per completed unit at reference speed); ties go to
+the cheaper region, then to the lower address, so results are deterministic. An offer is eligible for a unit
+when it has a free slot, enough VRAM, enough stake, an ask no more than the unit's price cap (the escrow
+holds units x cap), a region on the unit's allow-list, is not excluded from the unit (a provider caught
+cheating on it, or one that dropped it), and its operator holds no other replica of the unit. Pricier offers
+are reached only when cheaper ones are full or ineligible.
+
+``MatchingBook`` keeps that state between calls (the simulation adds and removes capacity as it goes);
+``match_naive`` is the reference that scores every offer for every unit: it must give the same answer.
 No I/O, no clock: the caller passes plain data in and writes the assignments out.
 """
 from __future__ import annotations
 
-import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from marketplace.pricing import REGIONS
+from marketplace.matching_index import MatchIndex
+from marketplace.pricing import (DEFAULT_TABLE, MAX_THROUGHPUT, PPM, REFERENCE_THROUGHPUT, CostTable, check_performance,
+                                 rank_key)
+from protocol.errors import GridMintValueError
+
+#: Region floor used to rank an offer from a region the cost table does not know: after every known region.
+_UNKNOWN_FLOOR = 2**255
 
 
 @dataclass(frozen=True)
@@ -22,16 +33,35 @@ class Offer:
     price: int  # ask per work unit, base units
     vram_mb: int
     stake: int  # base units currently staked on chain
-    free_slots: int = 1
+    free_slots: int = 1  # <= 0 means full
+    throughput: int = REFERENCE_THROUGHPUT  # training tokens/s: benchmark, blended with real work
+    reliability_ppm: int = PPM  # pricing.Reliability(...).ppm
+    operator: str = ""  # who runs the machine; "" = the provider is its own operator
+
+    def __post_init__(self) -> None:
+        check_performance(self.throughput, self.reliability_ppm)
+        if min(self.price, self.vram_mb, self.stake) < 0:
+            raise GridMintValueError(f"offer {self.provider}: price, vram and stake must be >= 0: {self}")
+
+    @property
+    def operated_by(self) -> str:
+        return self.operator or self.provider
 
 
 @dataclass(frozen=True)
 class Demand:
     unit_id: str
     vram_mb: int
-    min_stake: int
-    max_price: int
-    excluded: frozenset[str] = field(default_factory=frozenset)
+    min_stake: int  # e.g. pricing.required_stake(value at risk, settings.min_stake)
+    max_price: int  # cap on the ask, base units per unit
+    excluded: frozenset[str] = field(default_factory=frozenset)  # providers
+    regions: frozenset[str] | None = None  # allow-list; None = anywhere
+    replicas: int = 1  # copies of the unit, each on a different operator
+    excluded_operators: frozenset[str] = field(default_factory=frozenset)  # e.g. holders of earlier replicas
+
+    def __post_init__(self) -> None:
+        if self.vram_mb < 0 or self.min_stake < 0 or self.replicas < 1:
+            raise GridMintValueError(f"demand {self.unit_id}: vram and stake must be >= 0, replicas >= 1: {self}")
 
 
 @dataclass(frozen=True)
@@ -41,45 +71,182 @@ class Assignment:
     price: int
     region: str
     rank: int  # 1 = cheapest offer overall; tells the user how far down the price list we had to go
+    replica: int = 0
 
 
-def _key(offer: Offer) -> tuple[int, int, str]:
-    region = REGIONS.get(offer.region)
-    return (offer.price, region.floor_per_unit if region else 2**255, offer.provider.lower())
+def sort_key(offer: Offer, table: CostTable = DEFAULT_TABLE) -> tuple[int, int, str]:
+    """The total order of offers: effective price (exact), region floor, lower-case address."""
+    region = table.regions.get(offer.region)
+    return (rank_key(offer.price, offer.throughput, offer.reliability_ppm),
+            region.floor_per_unit if region else _UNKNOWN_FLOOR, offer.provider.lower())
 
 
 def eligible(offer: Offer, demand: Demand) -> bool:
+    """Whether ``offer`` may take ``demand`` at all (slots and replica operators are checked by the matcher)."""
     return (
         offer.vram_mb >= demand.vram_mb
         and offer.stake >= demand.min_stake
         and offer.price <= demand.max_price
         and offer.provider not in demand.excluded
+        and (demand.regions is None or offer.region in demand.regions)
     )
 
 
-def match(offers: list[Offer], demands: list[Demand]) -> list[Assignment]:
-    """Assign units cheapest-first. Each unit gets at most one provider; each provider at most its free slots."""
-    ranked = sorted(offers, key=_key)
-    rank_of = {o.provider: i + 1 for i, o in enumerate(ranked)}
-    slots = {o.provider: o.free_slots for o in ranked}
-    heap = [(_key(o), i) for i, o in enumerate(ranked) if o.free_slots > 0]
-    heapq.heapify(heap)
+@dataclass(frozen=True)
+class OfferColumns:
+    """An offer book column by column (what ``MatchingBook`` indexes), for books too big to hold as ``Offer``s."""
+
+    providers: list[str]
+    regions: list[str]
+    prices: list[int]
+    vram_mb: list[int]
+    stakes: list[int]
+    free_slots: list[int]
+    throughput: list[int]
+    reliability_ppm: list[int]
+    operators: list[str]  # "" = the provider is its own operator
+
+    @classmethod
+    def from_offers(cls, offers: Sequence[Offer]) -> OfferColumns:
+        return cls([o.provider for o in offers], [o.region for o in offers], [o.price for o in offers],
+                   [o.vram_mb for o in offers], [o.stake for o in offers], [o.free_slots for o in offers],
+                   [o.throughput for o in offers], [o.reliability_ppm for o in offers], [o.operator for o in offers])
+
+    def offer(self, i: int) -> Offer:
+        return Offer(self.providers[i], self.regions[i], self.prices[i], self.vram_mb[i], self.stakes[i],
+                     self.free_slots[i], self.throughput[i], self.reliability_ppm[i], self.operators[i])
+
+    def check(self) -> None:
+        """The checks ``Offer`` makes, over whole columns; and one offer per provider."""
+        n = len(self.providers)
+        if any(len(col) != n for col in (self.regions, self.prices, self.vram_mb, self.stakes, self.free_slots,
+                                          self.throughput, self.reliability_ppm, self.operators)):
+            raise GridMintValueError("offer columns differ in length")
+        if n and min(min(self.prices), min(self.vram_mb), min(self.stakes)) < 0:
+            bad = next(i for i in range(n) if min(self.prices[i], self.vram_mb[i], self.stakes[i]) < 0)
+            raise GridMintValueError(f"offer {self.providers[bad]}: price, vram and stake must be >= 0")
+        if n and (min(self.throughput) < 1 or max(self.throughput) > MAX_THROUGHPUT
+                  or min(self.reliability_ppm) < 1 or max(self.reliability_ppm) > PPM):
+            for t, r in zip(self.throughput, self.reliability_ppm):
+                check_performance(t, r)
+        lower = {p.lower() for p in self.providers}
+        if len(lower) != n:
+            seen: set[str] = set()
+            for p in self.providers:
+                if p.lower() in seen:
+                    raise GridMintValueError(f"provider {p} offers twice; merge its slots into one offer")
+                seen.add(p.lower())
+
+
+def rank_order(cols: OfferColumns, table: CostTable = DEFAULT_TABLE) -> list[int]:
+    """Input positions sorted by ``sort_key`` (one int sort, then the rare ties broken by floor and address)."""
+    keys = list(map(rank_key, cols.prices, cols.throughput, cols.reliability_ppm))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    floor = {r: (c.floor_per_unit if (c := table.regions.get(r)) else _UNKNOWN_FLOOR) for r in set(cols.regions)}
+    j, n = 0, len(order)
+    while j < n:
+        k = j + 1
+        while k < n and keys[order[k]] == keys[order[j]]:
+            k += 1
+        if k - j > 1:
+            order[j:k] = sorted(order[j:k], key=lambda i: (floor[cols.regions[i]], cols.providers[i].lower()))
+        j = k
+    return order
+
+
+class MatchingBook:
+    """An offer book with capacity that changes as units are assigned and finish. Offers are addressed by
+    their position in the book given (``i``); ``assign`` is the one place units are matched."""
+
+    def __init__(self, offers: Sequence[Offer] | OfferColumns, table: CostTable = DEFAULT_TABLE,
+                 online: Sequence[bool] | None = None) -> None:
+        cols = offers if isinstance(offers, OfferColumns) else OfferColumns.from_offers(offers)
+        cols.check()
+        order = rank_order(cols, table)
+        self.index = MatchIndex(order, cols.regions, cols.prices, cols.vram_mb, cols.stakes, cols.free_slots, online)
+        self.providers = list(map(cols.providers.__getitem__, order))
+        self.operators = [op or p for op, p in zip(map(cols.operators.__getitem__, order), self.providers)]
+        self.region_names = list(map(cols.regions.__getitem__, order))
+    def assign(self, demand: Demand) -> list[Assignment]:
+        """Match up to ``demand.replicas`` copies of one unit and take their slots. Partial if fewer eligible
+        operators exist: the caller retries the rest later with ``excluded_operators`` set."""
+        ix = self.index
+        regions = ix.regions_for(demand.regions)
+        v, s, cap = demand.vram_mb, demand.min_stake, demand.max_price
+        excluded = demand.excluded
+        used = set(demand.excluded_operators)
+        hidden: list[int] = []
+        out: list[Assignment] = []
+        for replica in range(demand.replicas):
+            r = ix.best(v, s, cap, regions)
+            # excluded providers and busy operators are few per unit: hide them for this unit and look again
+            while r >= 0 and (self.providers[r] in excluded or self.operators[r] in used):
+                ix.hide(r)
+                hidden.append(r)
+                r = ix.best(v, s, cap, regions)
+            if r < 0:
+                break
+            ix.take(r)
+            used.add(self.operators[r])
+            out.append(Assignment(demand.unit_id, self.providers[r], ix.price[r], self.region_names[r], r + 1, replica))
+        for r in hidden:
+            ix.restore(r)
+        return out
+
+    def release(self, i: int) -> None:
+        """Offer ``i`` finished (or dropped) a unit: one slot back."""
+        self.index.give(self.index.rank_of[i])
+
+    def set_online(self, i: int, online: bool) -> None:
+        self.index.set_online(self.index.rank_of[i], online)
+
+
+def match(offers: Sequence[Offer], demands: Sequence[Demand], table: CostTable = DEFAULT_TABLE) -> list[Assignment]:
+    """Assign units cheapest-first, in the order given. Each replica of a unit gets at most one provider (of
+    distinct operators); each provider at most its free slots. O(n log n) to rank, then O(log n) per unit."""
+    book = MatchingBook(offers, table)
     out: list[Assignment] = []
     for demand in demands:
-        skipped: list[tuple[tuple[int, int, str], int]] = []
-        chosen: Offer | None = None
-        while heap:
-            item = heapq.heappop(heap)
-            offer = ranked[item[1]]
-            if eligible(offer, demand):
-                chosen = offer
-                slots[offer.provider] -= 1
-                if slots[offer.provider] > 0:
-                    skipped.append(item)
-                break
-            skipped.append(item)
-        for item in skipped:
-            heapq.heappush(heap, item)
-        if chosen is not None:
-            out.append(Assignment(demand.unit_id, chosen.provider, chosen.price, chosen.region, rank_of[chosen.provider]))
+        out.extend(book.assign(demand))
     return out
+
+
+class NaiveBook:
+    """Reference matcher: for every replica of every unit, look at every offer and keep the cheapest eligible
+    one (by ``sort_key``, computed once). O(n) per unit; checks ``MatchingBook`` and is the benchmark's
+    baseline."""
+
+    def __init__(self, offers: Sequence[Offer], table: CostTable = DEFAULT_TABLE) -> None:
+        OfferColumns.from_offers(offers).check()
+        self.offers = list(offers)
+        self.keys = [sort_key(o, table) for o in offers]
+        self.rank = [0] * len(offers)
+        for r, i in enumerate(sorted(range(len(offers)), key=self.keys.__getitem__)):
+            self.rank[i] = r + 1
+        self.free = [max(0, o.free_slots) for o in offers]
+
+    def assign(self, d: Demand) -> list[Assignment]:
+        keys, free = self.keys, self.free
+        used = set(d.excluded_operators)
+        out: list[Assignment] = []
+        for replica in range(d.replicas):
+            best = -1
+            for i, o in enumerate(self.offers):
+                if (free[i] > 0 and o.vram_mb >= d.vram_mb and o.stake >= d.min_stake and o.price <= d.max_price
+                        and o.provider not in d.excluded and (d.regions is None or o.region in d.regions)
+                        and (o.operator or o.provider) not in used and (best < 0 or keys[i] < keys[best])):
+                    best = i
+            if best < 0:
+                break
+            o = self.offers[best]
+            free[best] -= 1
+            used.add(o.operated_by)
+            out.append(Assignment(d.unit_id, o.provider, o.price, o.region, self.rank[best], replica))
+        return out
+
+
+def match_naive(offers: Sequence[Offer], demands: Sequence[Demand],
+                table: CostTable = DEFAULT_TABLE) -> list[Assignment]:
+    """``match`` done the slow, obvious way (``NaiveBook``): the same answer, O(n) per unit."""
+    book = NaiveBook(offers, table)
+    return [a for d in demands for a in book.assign(d)]

@@ -1,0 +1,676 @@
+"""The invariant campaign: random operations against the real contracts, checked against ``campaign_model.Model``.
+
+``Harness`` deploys the GridMint contracts on a dev chain, hands tokens to a cast of customers, providers and
+verifiers, and exposes one method per operation (stake, unbond, withdraw, lock, fund, release, release to the pool,
+cancel, close, claim, post root, void root, claim payout, slash, accuse, resolve, pause, unpause, advance time).
+Each method sends the transaction(s), compares the outcome (success, or the exact custom error) with the model's
+prediction, then ``check()`` reads the whole system in one call (GridLens) and verifies:
+
+- token totals are conserved (every token sits with a known holder; the sum is the fixed supply);
+- every token a contract holds is accounted for: staking == sum(staked + unbonding); escrow == sum over open jobs
+  of (funded - released) + per-unit claimables; distributor == deposited - sum(claimed);
+- no account ever claimed more from the pool than its cumulative entitlement in the off-chain ledger;
+- nothing moves while paused (every token-moving operation must revert EnforcedPause, and balances stand still);
+- a slashed account never gets the slashed part back: stake in == withdrawn + slashed + staked + unbonding;
+- and every on-chain figure equals the model's.
+
+The Hypothesis state machine in ``tests/ledger/test_invariants.py`` drives these methods for the test suite (a few
+hundred operations on py-evm); ``run_campaign`` drives them with a seeded RNG for ``gridmint bench settlement``
+(hundreds of thousands of operations, fastest on a Hardhat node through ``RpcDriver``).
+"""
+from __future__ import annotations
+
+import json
+import random
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from eth_abi import encode as abi_encode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_tester.exceptions import TransactionFailed
+from eth_utils import keccak
+from web3.exceptions import Web3Exception
+
+from ledger.campaign_model import Model, Params
+from ledger.chain import Chain
+from ledger.client import GridMintContracts
+from ledger.contracts import ErrorDecoder, gridmint_error_decoder
+from ledger.deploy import deploy
+from ledger.payout_tree import PayoutTree, build_payout_tree
+from ledger.errors import revert_payload
+from protocol.errors import ChainError, GridMintError
+
+TX_GAS = 1_000_000
+SUPPLY = 10**30
+START_BALANCE = 10**6
+JOBS = tuple(keccak(text=f"campaign-job-{i}") for i in range(4))
+UNITS = tuple(keccak(text=f"campaign-unit-{i}") for i in range(6))
+
+
+@lru_cache(maxsize=None)
+def _selector(signature: str) -> tuple[bytes, list[str]]:
+    inner = signature[signature.index("(") + 1 : -1]
+    return keccak(text=signature)[:4], [t for t in inner.split(",") if t]
+
+
+def calldata(signature: str, *args: Any) -> bytes:
+    """ABI calldata for ``signature`` (e.g. ``"stake(uint256)"``; no tuple types)."""
+    selector, types = _selector(signature)
+    return selector + abi_encode(types, list(args))
+
+
+# ---------------------------------------------------------------- drivers
+
+
+class Driver(Protocol):
+    """The few chain operations the campaign needs, as cheap as each backend allows."""
+
+    def send(self, sender: LocalAccount, to: str, data: bytes, timestamp: int) -> str | None:
+        """Mine one transaction in a block stamped ``timestamp``; None if it succeeded, else the decoded custom
+        error name (``"?"`` if unknown)."""
+
+    def read(self, to: str, data: bytes) -> bytes: ...
+
+    def snapshot(self) -> str: ...
+
+    def revert(self, snapshot_id: str) -> None: ...
+
+
+class InProcessDriver:
+    """py-evm (``Chain.in_process()``): locally signed raw transactions with a fixed gas limit, no estimates.
+
+    A reverted transaction is mined with status 0 and no revert data, so its error is read by re-running it as an
+    ``eth_call`` on the pending block with the same pinned timestamp (a reverted transaction changes no contract
+    state, so that is exactly the state and time it ran in)."""
+
+    def __init__(self, chain: Chain) -> None:
+        if chain._tester is None:  # noqa: SLF001
+            raise GridMintError("InProcessDriver needs Chain.in_process()")
+        self.chain = chain
+        self.tester = chain._tester  # noqa: SLF001 - dev-chain clock control
+        self.errors = gridmint_error_decoder()
+        self._nonces: dict[str, int] = {}
+
+    def send(self, sender: LocalAccount, to: str, data: bytes, timestamp: int) -> str | None:
+        self._pin(timestamp)
+        w3 = self.chain.w3
+        nonce = self._nonces.get(sender.address)
+        if nonce is None:
+            nonce = int(w3.eth.get_transaction_count(sender.address))
+        tx = {"to": to, "data": data, "gas": TX_GAS, "chainId": self.chain.chain_id, "nonce": nonce, "value": 0,
+              "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 10**9}
+        tx_hash = w3.eth.send_raw_transaction(sender.sign_transaction(tx).raw_transaction)
+        self._nonces[sender.address] = nonce + 1
+        if w3.eth.get_transaction_receipt(tx_hash)["status"] == 1:
+            return None
+        self._pin(timestamp)
+        try:
+            w3.eth.call({"from": sender.address, "to": to, "data": data, "gas": TX_GAS}, "pending")  # type: ignore[typeddict-item]
+        except (TransactionFailed, Web3Exception) as exc:
+            payload = revert_payload(exc)
+            if isinstance(payload, bytes):
+                return self.errors.decode(payload).name or "?"
+        return "?"
+
+    def read(self, to: str, data: bytes) -> bytes:
+        return bytes(self.chain.w3.eth.call({"to": to, "data": data}))  # type: ignore[typeddict-item]
+
+    def _pin(self, timestamp: int) -> None:
+        # eth-tester executes a transaction in the pending block: pinning that block's timestamp is what its
+        # time_travel does, minus the empty block it mines.
+        backend = self.tester.backend
+        backend.chain.header = backend.chain.header.copy(timestamp=timestamp)
+
+    def snapshot(self) -> str:
+        return self.chain.snapshot()
+
+    def revert(self, snapshot_id: str) -> None:
+        self.chain.revert(snapshot_id)
+        self._nonces.clear()
+
+
+class RpcDriver:
+    """Raw JSON-RPC to a Hardhat node with its unlocked dev accounts, for long campaigns: ``eth_sendTransaction``
+    (no local signing) batched with ``evm_setNextBlockTimestamp`` in one HTTP request over a kept-alive socket, no
+    web3 middleware: ~2.5 ms per transaction."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.errors = gridmint_error_decoder()
+        url = urlparse(str(getattr(chain.w3.provider, "endpoint_uri", "")))
+        if not url.hostname or not url.port:
+            raise GridMintError(f"RpcDriver needs an http chain, got {chain.backend}")
+        self._host = f"{url.hostname}:{url.port}"
+        self._sock = socket.create_connection((url.hostname, url.port), timeout=60)
+        # One small request per round trip: without TCP_NODELAY, Nagle + delayed ACKs add up to ~40 ms to some.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def _post(self, payload: Any) -> Any:
+        body = json.dumps(payload).encode()
+        head = f"POST / HTTP/1.1\r\nHost: {self._host}\r\nContent-Type: application/json\r\n"
+        self._sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        while b"\r\n\r\n" not in self._buffer:
+            self._buffer += self._recv()
+        header, rest = self._buffer.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":", 1)[1]) for line in header.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(rest) < length:
+            rest += self._recv()
+        self._buffer = rest[length:]
+        return json.loads(rest[:length])
+
+    def _recv(self) -> bytes:
+        chunk = self._sock.recv(1 << 16)
+        if not chunk:
+            raise ChainError(f"node at {self._host} closed the connection")
+        return chunk
+
+    def send(self, sender: LocalAccount, to: str, data: bytes, timestamp: int) -> str | None:
+        tx = {"from": sender.address, "to": to, "data": "0x" + data.hex(), "gas": hex(TX_GAS)}
+        stamp, reply = self._post([
+            {"jsonrpc": "2.0", "id": 1, "method": "evm_setNextBlockTimestamp", "params": [timestamp]},
+            {"jsonrpc": "2.0", "id": 2, "method": "eth_sendTransaction", "params": [tx]},
+        ])
+        if "error" in stamp:
+            raise ChainError(f"evm_setNextBlockTimestamp({timestamp}) failed: {stamp['error']}")
+        error = reply.get("error")
+        if error is None:
+            return None
+        payload = error.get("data")
+        if isinstance(payload, dict):
+            payload = payload.get("data")
+        if isinstance(payload, str) and payload.startswith("0x"):
+            return self.errors.decode(bytes.fromhex(payload[2:])).name or "?"
+        return "?"
+
+    def read(self, to: str, data: bytes) -> bytes:
+        reply = self._post({"jsonrpc": "2.0", "id": 1, "method": "eth_call",
+                            "params": [{"to": to, "data": "0x" + data.hex()}, "latest"]})
+        if "error" in reply:
+            raise ChainError(f"eth_call failed: {reply['error']}")
+        return bytes.fromhex(str(reply["result"])[2:])
+
+    def snapshot(self) -> str:
+        return self.chain.snapshot()
+
+    def revert(self, snapshot_id: str) -> None:
+        self.chain.revert(snapshot_id)
+
+
+def make_driver(chain: Chain) -> Driver:
+    """``InProcessDriver`` on py-evm, ``RpcDriver`` on a Hardhat node (whose dev accounts are unlocked)."""
+    return InProcessDriver(chain) if chain.backend == "in_process" else RpcDriver(chain)
+
+
+# ---------------------------------------------------------------- the harness
+
+@dataclass
+class Cast:
+    operator: LocalAccount
+    customers: list[LocalAccount]
+    providers: list[LocalAccount]
+    verifiers: list[LocalAccount]
+    treasury: str
+
+    @property
+    def stakers(self) -> list[LocalAccount]:
+        return [*self.providers, *self.verifiers]
+
+    @property
+    def people(self) -> list[LocalAccount]:
+        return [self.operator, *self.customers, *self.providers, *self.verifiers]
+
+
+@dataclass
+class Stats:
+    ops: int = 0
+    transactions: int = 0
+    reverts_expected: int = 0
+    checks: int = 0
+    violations: list[str] = field(default_factory=list)
+    by_op: dict[str, int] = field(default_factory=dict)
+
+
+class Harness:
+    """The real contracts and the model, side by side. See the module docstring."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        *,
+        params: Params | None = None,
+        raise_on_violation: bool = False,
+    ) -> None:
+        self.chain = chain
+        self.driver = make_driver(chain)
+        self.params = params or Params(
+            bounty_bps=5000, unbonding_delay=50, verifier_bond=100, dispute_window=100, cancel_grace=30
+        )
+        self.raise_on_violation = raise_on_violation
+        self.stats = Stats()
+        self.decoder: ErrorDecoder = gridmint_error_decoder()
+        accounts = chain.dev_accounts(8)
+        self.cast = Cast(accounts[0], accounts[1:3], accounts[3:6], accounts[6:8], Account.create().address)
+        self._setup()
+
+    # ------------------------------------------------------------ setup and reset
+
+    def _setup(self) -> None:
+        cast, p = self.cast, self.params
+        op = cast.operator
+        self.deployment = deploy(
+            self.chain, op, supply=SUPPLY, treasury=cast.treasury, bounty_bps=p.bounty_bps,
+            unbonding_delay_s=p.unbonding_delay, verifier_bond=p.verifier_bond, dispute_window_s=p.dispute_window,
+            cancel_grace_s=p.cancel_grace,
+        )
+        self.client = GridMintContracts(self.chain, self.deployment, op)
+        d = self.deployment
+        assert d.distributor is not None and d.kill_switch is not None and d.timelock is not None
+        self.token, self.staking, self.escrow, self.distributor = d.token, d.staking, d.escrow, d.distributor
+        self.kill_switch, self.timelock = d.kill_switch, d.timelock
+        self.lens = self.chain.deploy_contract(op, "GridLens").address
+        for person in cast.people[1:]:
+            self.client.transfer(person.address, START_BALANCE)
+            mine = self.client.as_account(person)
+            for spender in (self.staking, self.escrow):
+                mine._send(mine.token, "approve", spender, 2**256 - 1)  # noqa: SLF001
+        self.watched = [person.address for person in cast.people] + [cast.treasury]
+        self._lens_call = calldata(
+            "read(address,address,address,address,address[],bytes32[])",
+            self.token, self.staking, self.escrow, self.distributor, self.watched, list(JOBS),
+        )
+        balances = {a: 0 for a in self.watched}
+        balances[op.address] = SUPPLY - START_BALANCE * (len(cast.people) - 1)
+        for person in cast.people[1:]:
+            balances[person.address] = START_BALANCE
+        self.base_model = Model(op.address, cast.treasury, p, now=self.chain.timestamp(), balances=balances)
+        self.model = self.base_model.copy()
+        self.trees: dict[int, PayoutTree] = {}
+        self._evidence = 0
+        self._signers: dict[str, GridMintContracts] = {}
+        self._dirty = True
+        self._base = self.driver.snapshot()
+        self.check()
+
+    def reset(self) -> None:
+        """Back to the freshly set-up state (chain and model), e.g. between Hypothesis examples."""
+        self.driver.revert(self._base)
+        self._base = self.driver.snapshot()  # a Hardhat snapshot is used up by revert
+        self.model = self.base_model.copy()
+        self.model.now = self.chain.timestamp()
+        self.trees = {}
+        self._dirty = True
+
+    # ------------------------------------------------------------ running one operation
+
+    def _tx(self, name: str, sender: LocalAccount, to: str, data: bytes, predict: Callable[[], str | None]) -> None:
+        """One transaction at the next second: the model predicts (and applies) it at that timestamp, the chain runs
+        it at that very timestamp, and the outcomes must agree."""
+        self.model.now += 1
+        expected = predict()
+        actual = self.driver.send(sender, to, data, self.model.now)
+        self.stats.transactions += 1
+        if expected is not None:
+            self.stats.reverts_expected += 1
+        if actual is None or actual != expected:
+            self._dirty = True
+        if actual != expected:
+            self._violation(f"{name}: expected {expected or 'success'}, got {actual or 'success'}")
+
+    def _op(self, name: str) -> None:
+        self.stats.ops += 1
+        if self.stats.ops == 1:
+            self._dirty = True
+        self.stats.by_op[name] = self.stats.by_op.get(name, 0) + 1
+
+    def _violation(self, text: str) -> None:
+        self.stats.violations.append(f"op {self.stats.ops}: {text}")
+        if self.raise_on_violation:
+            raise AssertionError(self.stats.violations[-1])
+
+    # ------------------------------------------------------------ operations (one per flow)
+
+    def stake(self, who: int, amount: int) -> None:
+        a = self.cast.stakers[who].address
+        self._op("stake")
+        self._tx("stake", self.cast.stakers[who], self.staking, calldata("stake(uint256)", amount),
+                 lambda: self.model.stake(a, amount))
+
+    def request_unbond(self, who: int, amount: int) -> None:
+        a = self.cast.stakers[who].address
+        self._op("request_unbond")
+        self._tx("request_unbond", self.cast.stakers[who], self.staking, calldata("requestUnbond(uint256)", amount),
+                 lambda: self.model.request_unbond(a, amount))
+
+    def withdraw(self, who: int) -> None:
+        a = self.cast.stakers[who].address
+        self._op("withdraw")
+        self._tx("withdraw", self.cast.stakers[who], self.staking, calldata("withdraw()"),
+                 lambda: self.model.withdraw(a))
+
+    def lock(self, who: int, amount: int, unlock: bool = False) -> None:
+        """The LOCKER (operator) locks, or unlocks, ``amount`` of a staker's stake."""
+        p = self.cast.stakers[who].address
+        name = "unlock" if unlock else "lock"
+        self._op(name)
+        predict = self.model.unlock if unlock else self.model.lock
+        self._tx(name, self.cast.operator, self.staking, calldata(f"{name}(address,uint256)", p, amount),
+                 lambda: predict(p, amount))
+
+    def fund(self, who: int, job: int, amount: int) -> None:
+        c = self.cast.customers[who]
+        self._op("fund")
+        self._tx("fund", c, self.escrow, calldata("fund(bytes32,uint256)", JOBS[job], amount),
+                 lambda: self.model.fund(c.address, JOBS[job], amount))
+
+    def release(self, job: int, unit: int, provider: int, amount: int) -> None:
+        p = self.cast.providers[provider].address
+        self._op("release")
+        data = calldata("release(bytes32,bytes32,address,uint256)", JOBS[job], UNITS[unit], p, amount)
+        self._tx("release", self.cast.operator, self.escrow, data,
+                 lambda: self.model.release(JOBS[job], UNITS[unit], p, amount))
+
+    def release_to_pool(self, job: int, batch: int, shares: Sequence[int]) -> None:
+        """Move a batch paying ``shares[i]`` to provider i into the pool; the ledger credits each provider."""
+        self._op("release_to_pool")
+        split = [(p.address, v) for p, v in zip(self.cast.providers, shares) if v > 0]
+        data = calldata("releaseToPool(bytes32,bytes32,uint256)", JOBS[job], UNITS[batch], sum(shares))
+        self._tx("release_to_pool", self.cast.operator, self.escrow, data,
+                 lambda: self.model.release_to_pool(JOBS[job], UNITS[batch], split))
+
+    def cancel(self, who: int, job: int) -> None:
+        c = self.cast.customers[who]
+        self._op("cancel")
+        self._tx("cancel", c, self.escrow, calldata("cancel(bytes32)", JOBS[job]),
+                 lambda: self.model.cancel(c.address, JOBS[job]))
+
+    def close(self, who: int | None, job: int) -> None:
+        """Close as customer ``who``, or as the settler (operator) when ``who`` is None."""
+        sender = self.cast.operator if who is None else self.cast.customers[who]
+        self._op("close")
+        self._tx("close", sender, self.escrow, calldata("close(bytes32)", JOBS[job]),
+                 lambda: self.model.close(sender.address, JOBS[job]))
+
+    def claim_escrow(self, provider: int) -> None:
+        p = self.cast.providers[provider]
+        self._op("claim_escrow")
+        self._tx("claim_escrow", p, self.escrow, calldata("claim()"), lambda: self.model.claim_escrow(p.address))
+
+    def post_root(self, mode: str = "honest") -> None:
+        """Post the ledger's cumulative tree as the next epoch. ``mode``: ``"honest"``; ``"skip"`` (wrong epoch
+        number); ``"inflated"`` (total above the deposits); ``"bad_then_void"`` (one account inflated, then the
+        guardian voids it inside the dispute window)."""
+        m = self.model
+        entries = {a: v for a, v in m.ledger.items() if v > 0}
+        if not entries or (mode == "bad_then_void" and m.params.dispute_window < 5):
+            return
+        self._op(f"post_root_{mode}")
+        epoch = m.latest + (2 if mode == "skip" else 1)
+        if mode == "bad_then_void":
+            victim = sorted(entries)[0]
+            entries[victim] += 1
+        tree = build_payout_tree(entries)
+        total = m.deposited + 1 if mode == "inflated" else tree.total
+        data = calldata("postRoot(uint256,bytes32,uint256)", epoch, tree.root, total)
+        latest = m.latest
+        self._tx("post_root", self.cast.operator, self.distributor, data, lambda: m.post_root(epoch, entries, total))
+        if m.latest != latest:
+            self.trees[epoch] = tree
+            if mode == "bad_then_void":
+                self.void_root(epoch)
+
+    def void_root(self, epoch: int | None = None) -> None:
+        m = self.model
+        target = m.latest if epoch is None else epoch
+        self._op("void_root")
+        latest = m.latest
+        self._tx("void_root", self.cast.operator, self.distributor, calldata("voidRoot(uint256)", target),
+                 lambda: m.void_root(target))
+        if m.latest != latest:
+            self.trees.pop(target, None)
+
+    def claim_payout(self, who: int, mode: str = "latest") -> None:
+        """A staker claims from the pool. ``mode``: ``"latest"`` (newest root, claimable or not), ``"claimable"``
+        (newest past its window), ``"oldest"`` (epoch 1), ``"tampered"`` (cumulative + 1 with the real proof),
+        ``"foreign"`` (another account's proof)."""
+        a = self.cast.stakers[who]
+        m = self.model
+        epoch = 1 if mode == "oldest" else m.latest
+        if mode == "claimable" and m.latest and m.now + 1 < m.posted_at + m.params.dispute_window:
+            epoch = m.latest - 1
+        tree = self.trees.get(epoch)
+        self._op(f"claim_payout_{mode}")
+        cumulative, proof, honest = 0, [], True
+        if tree is not None:
+            if mode == "foreign" or tree.cumulative(a.address) == 0:
+                other = next(iter(tree.entries))
+                cumulative, proof, honest = tree.cumulative(a.address) or 1, tree.proof(other), other == a.address
+            else:
+                cumulative, proof = tree.cumulative(a.address), tree.proof(a.address)
+                if mode == "tampered":
+                    cumulative, honest = cumulative + 1, False
+        data = calldata("claim(uint256,uint256,bytes32[])", epoch, cumulative, proof)
+        self._tx("claim_payout", a, self.distributor, data, lambda: m.claim_payout(a.address, epoch, cumulative, honest))
+
+    def slash(self, provider: int, amount: int, verifier: int, reuse: bool = False) -> None:
+        """Governance slash (SLASHER: operator) of a staker, bounty to a verifier."""
+        p, v = self.cast.stakers[provider].address, self.cast.verifiers[verifier].address
+        self._op("slash")
+        evidence = self._new_evidence(reuse)
+        data = calldata("slash(address,uint256,address,bytes32)", p, amount, v, evidence)
+        self._tx("slash", self.cast.operator, self.staking, data, lambda: self.model.slash(p, amount, v, evidence))
+
+    def accuse(self, verifier: int, provider: int, amount: int, reuse: bool = False) -> None:
+        """Verifier signs an accusation; the operator relays it."""
+        v, p = self.cast.verifiers[verifier], self.cast.stakers[provider].address
+        self._op("accuse")
+        evidence = self._new_evidence(reuse)
+        signature = self._signer(v).sign_accusation(p, evidence, amount)
+        data = calldata("accuse(address,bytes32,uint256,bytes)", p, evidence, amount, signature)
+        self._tx("accuse", self.cast.operator, self.staking, data,
+                 lambda: self.model.accuse(v.address, p, evidence, amount))
+
+    def resolve(self, pick: int, fraud: bool) -> None:
+        """Referee resolves the ``pick``-th open dispute (or an unknown one when none is open)."""
+        m = self.model
+        self._op("resolve")
+        open_ = sorted(m.disputes)
+        evidence = open_[pick % len(open_)] if open_ else keccak(text="no-such-dispute")
+        self._tx("resolve", self.cast.operator, self.staking, calldata("resolve(bytes32,bool)", evidence, fraud),
+                 lambda: m.resolve(evidence, fraud))
+
+    def pause(self) -> None:
+        """Guardian hits the kill switch: one transaction pauses staking, escrow and distributor."""
+        self._op("pause")
+        self._tx("pause", self.cast.operator, self.kill_switch, calldata("pauseAll()"), self.model.pause)
+
+    def unpause(self) -> None:
+        """Through the timelock (delay 0 here): schedule the batch of unpause calls, then execute it."""
+        if not self.model.paused:
+            return
+        self._op("unpause")
+        targets = [self.staking, self.escrow, self.distributor]
+        salt = keccak(text=f"unpause-{self.stats.transactions}")
+        args = (targets, [0, 0, 0], [calldata("unpause()")] * 3, b"\x00" * 32, salt)
+        schedule = calldata("scheduleBatch(address[],uint256[],bytes[],bytes32,bytes32,uint256)", *args, 0)
+        self._tx("schedule_unpause", self.cast.operator, self.timelock, schedule, lambda: None)
+        execute = calldata("executeBatch(address[],uint256[],bytes[],bytes32,bytes32)", *args)
+        self._tx("execute_unpause", self.cast.operator, self.timelock, execute, self.model.unpause)
+
+    def advance_time(self, seconds: int) -> None:
+        """Let ``seconds`` pass before the next transaction (no transaction is sent)."""
+        self._op("advance_time")
+        self.model.now += seconds
+
+    def _signer(self, account: LocalAccount) -> GridMintContracts:
+        if account.address not in self._signers:
+            self._signers[account.address] = self.client.as_account(account)
+        return self._signers[account.address]
+
+    def _new_evidence(self, reuse: bool) -> bytes:
+        if not reuse or self._evidence == 0:
+            self._evidence += 1
+        return keccak(text=f"evidence-{self._evidence}")
+
+    # ------------------------------------------------------------ the invariants
+
+    def read_state(self) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        """(system fields, per watched account fields, per job fields) from one GridLens call."""
+        raw = self.driver.read(self.lens, self._lens_call)
+        # abi: offset, length, then the words (decoded by hand: this runs after every operation)
+        flat = [int.from_bytes(raw[i : i + 32], "big") for i in range(64, len(raw), 32)]
+        n = len(self.watched)
+        accounts = [list(flat[12 + 9 * i : 21 + 9 * i]) for i in range(n)]
+        base = 12 + 9 * n
+        jobs = [list(flat[base + 4 * i : base + 4 * i + 4]) for i in range(len(JOBS))]
+        return list(flat[:12]), accounts, jobs
+
+    def check_if_changed(self) -> list[str]:
+        """``check()`` unless every transaction since the last check reverted as predicted: a reverted transaction
+        changes no contract state (EVM semantics), so the last check still holds. Saves most of the reads while
+        the system is paused."""
+        if not self._dirty:
+            return []
+        return self.check()
+
+    def check(self) -> list[str]:
+        """Read everything in one call and verify the invariants and the model; returns (and records) violations."""
+        self._dirty = False
+        self.stats.checks += 1
+        m = self.model
+        sys_, accounts, jobs = self.read_state()
+        (supply, staking_bal, escrow_bal, dist_bal, total_staked, total_claimable, deposited, latest, _claimable_at,
+         p_staking, p_escrow, p_dist) = sys_
+        bad: list[str] = []
+
+        def expect(cond: bool, text: str) -> None:
+            if not cond:
+                bad.append(text)
+
+        by = dict(zip(self.watched, accounts))
+        held = sum(acc[0] for acc in accounts) + staking_bal + escrow_bal + dist_bal
+        expect(held == supply == SUPPLY, f"tokens not conserved: held {held}, supply {supply}")
+        stakes = sum(acc[1] + acc[4] for acc in accounts)
+        expect(staking_bal == total_staked == stakes,
+               f"staking holds {staking_bal}, totalStaked {total_staked}, sum of stakes {stakes}")
+        open_jobs = sum(j[0] - j[1] for j in jobs if not j[2])
+        claimables = sum(acc[7] for acc in accounts)
+        expect(total_claimable == claimables, f"totalClaimable {total_claimable} != sum {claimables}")
+        expect(escrow_bal == open_jobs + total_claimable,
+               f"escrow holds {escrow_bal}, open jobs {open_jobs} + claimable {total_claimable}")
+        claimed = sum(acc[8] for acc in accounts)
+        expect(dist_bal == deposited - claimed, f"distributor holds {dist_bal}, deposited {deposited} - claimed {claimed}")
+        for a, acc in by.items():
+            entitled = m.ledger.get(a, 0)
+            expect(acc[8] <= entitled, f"{a} claimed {acc[8]} > entitlement {entitled}")
+            flows = m.withdrawn.get(a, 0) + m.slashed.get(a, 0) + acc[1] + acc[4]
+            expect(m.stake_in.get(a, 0) == flows, f"{a} stake flows: in {m.stake_in.get(a, 0)} != out+held {flows}")
+        paused = (p_staking, p_escrow, p_dist)
+        expect(paused == (int(m.paused),) * 3, f"paused {paused}, model {m.paused}")
+        # the model, figure by figure
+        model_open = sum(j.funded - j.released for j in m.jobs.values() if not j.closed)
+        expect((staking_bal, escrow_bal - total_claimable, deposited, latest) ==
+               (m.total_staked, model_open, m.deposited, m.latest), "system totals differ from the model")
+        for a, acc in by.items():
+            ms = m.stakes.get(a)
+            want_stake = [0] * 6 if ms is None else [
+                ms.staked, ms.locked, ms.bonded, ms.unbonding, ms.ready_at, ms.open_disputes]
+            want = [m.balances.get(a, 0), *want_stake, m.claimable.get(a, 0), m.claimed.get(a, 0)]
+            expect(acc == want, f"{a}: chain {acc} != model {want}")
+        for job_id, j in zip(JOBS, jobs):
+            mj = m.jobs.get(job_id)
+            want_job = [0, 0, 0, 0] if mj is None else [mj.funded, mj.released, int(mj.closed), mj.closable_at]
+            expect(j == want_job, f"job {job_id.hex()[:8]}: chain {j} != model {want_job}")
+        for text in bad:
+            self._violation(text)
+        return bad
+
+
+# ---------------------------------------------------------------- the random campaign
+
+
+def random_op(h: Harness, rng: random.Random) -> None:
+    """One random operation with random arguments, weighted toward the money flows. While paused, the guardian's
+    timelocked unpause comes soon (every other operation is then a must-revert probe)."""
+    n_stakers, n_prov, n_jobs = len(h.cast.stakers), len(h.cast.providers), len(JOBS)
+    amount = rng.choice([0, 1, 7, 50, 100, 250, 1000, 5000])
+    if h.model.paused and rng.random() < 0.2:
+        h.unpause()
+        return
+    roll = rng.random()
+    if roll < 0.10:
+        h.stake(rng.randrange(n_stakers), rng.choice([0, 10, 100, 300, 1000, 2_000_000]))
+    elif roll < 0.16:
+        h.request_unbond(rng.randrange(n_stakers), amount)
+    elif roll < 0.21:
+        h.withdraw(rng.randrange(n_stakers))
+    elif roll < 0.25:
+        h.lock(rng.randrange(n_stakers), amount, unlock=rng.random() < 0.5)
+    elif roll < 0.34:
+        h.fund(rng.randrange(2), rng.randrange(n_jobs), rng.choice([0, 100, 1000, 10_000, 5_000_000]))
+    elif roll < 0.41:
+        h.release(rng.randrange(n_jobs), rng.randrange(len(UNITS)), rng.randrange(n_prov), amount)
+    elif roll < 0.51:
+        h.release_to_pool(rng.randrange(n_jobs), rng.randrange(len(UNITS)),
+                          [rng.choice([0, 0, 5, 40, 300]) for _ in range(n_prov)])
+    elif roll < 0.54:
+        h.cancel(rng.randrange(2), rng.randrange(n_jobs))
+    elif roll < 0.58:
+        h.close(None if rng.random() < 0.5 else rng.randrange(2), rng.randrange(n_jobs))
+    elif roll < 0.62:
+        h.claim_escrow(rng.randrange(n_prov))
+    elif roll < 0.70:
+        h.post_root(rng.choice(["honest", "honest", "honest", "skip", "inflated", "bad_then_void"]))
+    elif roll < 0.71:
+        h.void_root()
+    elif roll < 0.82:
+        h.claim_payout(rng.randrange(n_stakers),
+                       rng.choice(["latest", "claimable", "claimable", "oldest", "tampered", "foreign"]))
+    elif roll < 0.85:
+        h.slash(rng.randrange(n_stakers), amount, rng.randrange(2), reuse=rng.random() < 0.2)
+    elif roll < 0.89:
+        h.accuse(rng.randrange(2), rng.randrange(n_stakers), amount, reuse=rng.random() < 0.2)
+    elif roll < 0.92:
+        h.resolve(rng.randrange(4), fraud=rng.random() < 0.5)
+    elif roll < 0.93:
+        h.pause()
+    else:
+        h.advance_time(rng.choice([5, 30, 60, 120, 400]))
+
+
+def run_campaign(
+    h: Harness,
+    ops: int,
+    *,
+    seed: int = 0,
+    episode: int = 200,
+    on_progress: Callable[[int], None] | None = None,
+) -> Stats:
+    """``ops`` random operations in episodes of ``episode`` (each from the freshly set-up state), checking every
+    invariant after every operation. Returns the stats; ``stats.violations`` lists what broke (empty is the goal)."""
+    rng = random.Random(seed)
+    start = h.stats.ops
+    done_in_episode = 0
+    while h.stats.ops - start < ops:
+        if done_in_episode >= episode:
+            h.reset()
+            done_in_episode = 0
+        before = h.stats.ops
+        random_op(h, rng)
+        if h.stats.ops == before:
+            continue
+        done_in_episode += 1
+        if h.check_if_changed() and not h.raise_on_violation:
+            h.reset()  # the model diverged: start a fresh episode so later figures stay meaningful
+            done_in_episode = 0
+        if on_progress is not None:
+            on_progress(h.stats.ops - start)
+    return h.stats

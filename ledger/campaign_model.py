@@ -1,0 +1,392 @@
+"""The reference model behind the invariant campaign (pure: no chain).
+
+``Model`` holds what the GridMint contracts *should* hold after a sequence of operations, and each method predicts
+one operation: it returns the custom error the contracts must revert with (checked in the contracts' own order),
+or None and applies the operation's effects. ``ledger.campaign`` runs every operation against the real contracts
+and the model side by side, and flags any difference: a wrong outcome, a wrong balance, a token out of place.
+
+``now`` is the block timestamp the operation executes at (the campaign pins it before every transaction).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+MAX_BPS = 10_000
+
+
+@dataclass
+class StakeM:
+    staked: int = 0
+    locked: int = 0
+    bonded: int = 0
+    unbonding: int = 0
+    ready_at: int = 0
+    open_disputes: int = 0
+
+    def free(self) -> int:
+        return max(self.staked - self.locked - self.bonded, 0)
+
+
+@dataclass
+class JobM:
+    customer: str | None = None
+    funded: int = 0
+    released: int = 0
+    closed: bool = False
+    closable_at: int = 0
+
+
+@dataclass(frozen=True)
+class DisputeM:
+    provider: str
+    verifier: str
+    amount: int
+    bond: int
+
+
+@dataclass
+class Params:
+    bounty_bps: int
+    unbonding_delay: int
+    verifier_bond: int
+    dispute_window: int
+    cancel_grace: int
+
+
+@dataclass
+class Model:
+    """Expected state. ``operator`` holds every operator role (settler, poster, slasher, locker, referee, guardian)."""
+
+    operator: str
+    treasury: str
+    params: Params
+    now: int
+    balances: dict[str, int] = field(default_factory=dict)
+    stakes: dict[str, StakeM] = field(default_factory=dict)
+    total_staked: int = 0
+    jobs: dict[bytes, JobM] = field(default_factory=dict)
+    units: set[tuple[bytes, bytes]] = field(default_factory=set)
+    batches: set[tuple[bytes, bytes]] = field(default_factory=set)
+    claimable: dict[str, int] = field(default_factory=dict)
+    deposited: int = 0
+    #: the off-chain ledger: cumulative earnings credited on the pool path (the entitlement roots are built from)
+    ledger: dict[str, int] = field(default_factory=dict)
+    roots: dict[int, dict[str, int]] = field(default_factory=dict)
+    latest: int = 0
+    posted_at: int = 0
+    claimed: dict[str, int] = field(default_factory=dict)
+    paused: bool = False
+    evidence_used: set[bytes] = field(default_factory=set)
+    disputes: dict[bytes, DisputeM] = field(default_factory=dict)
+    # per-account stake flows: stake_in == withdrawn + slashed + staked + unbonding, always
+    stake_in: dict[str, int] = field(default_factory=dict)
+    withdrawn: dict[str, int] = field(default_factory=dict)
+    slashed: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> Model:
+        return copy.deepcopy(self)
+
+    def stake_of(self, a: str) -> StakeM:
+        return self.stakes.setdefault(a, StakeM())
+
+    def _add(self, table: dict[str, int], a: str, amount: int) -> None:
+        table[a] = table.get(a, 0) + amount
+
+    # ---------------------------------------------------------------- staking
+
+    def stake(self, a: str, amount: int) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        if amount == 0:
+            return "StakingZeroAmount"
+        if self.balances.get(a, 0) < amount:
+            return "ERC20InsufficientBalance"
+        self._add(self.balances, a, -amount)
+        self.stake_of(a).staked += amount
+        self.total_staked += amount
+        self._add(self.stake_in, a, amount)
+        return None
+
+    def request_unbond(self, a: str, amount: int) -> str | None:
+        s = self.stake_of(a)
+        if self.paused:
+            return "EnforcedPause"
+        if amount == 0:
+            return "StakingZeroAmount"
+        if s.open_disputes:
+            return "StakingUnderDispute"
+        if amount > s.free():
+            return "StakingInsufficientStake"
+        s.staked -= amount
+        s.unbonding += amount
+        s.ready_at = self.now + self.params.unbonding_delay
+        return None
+
+    def withdraw(self, a: str) -> str | None:
+        s = self.stake_of(a)
+        if self.paused:
+            return "EnforcedPause"
+        if s.unbonding == 0:
+            return "StakingNothingToWithdraw"
+        if s.open_disputes:
+            return "StakingUnderDispute"
+        if self.now < s.ready_at:
+            return "StakingStillUnbonding"
+        self._add(self.balances, a, s.unbonding)
+        self._add(self.withdrawn, a, s.unbonding)
+        self.total_staked -= s.unbonding
+        s.unbonding = 0
+        return None
+
+    def lock(self, p: str, amount: int) -> str | None:
+        s = self.stake_of(p)
+        if amount == 0:
+            return "StakingZeroAmount"
+        if amount > s.free():
+            return "StakingInsufficientStake"
+        s.locked += amount
+        return None
+
+    def unlock(self, p: str, amount: int) -> str | None:
+        s = self.stake_of(p)
+        if amount == 0:
+            return "StakingZeroAmount"
+        if amount > s.locked:
+            return "StakingInsufficientLocked"
+        s.locked -= amount
+        return None
+
+    def slash(self, p: str, amount: int, verifier: str, evidence: bytes) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        if amount == 0:
+            return "StakingZeroAmount"
+        if evidence in self.evidence_used or evidence in self.disputes:
+            return "StakingEvidenceUsed"
+        s = self.stake_of(p)
+        if s.staked + s.unbonding == 0:
+            return "StakingNothingToSlash"
+        self.evidence_used.add(evidence)
+        self._pay_out(verifier, self._take(p, amount))
+        return None
+
+    def accuse(self, verifier: str, p: str, evidence: bytes, amount: int) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        if amount == 0:
+            return "StakingZeroAmount"
+        if evidence in self.evidence_used or evidence in self.disputes:
+            return "StakingEvidenceUsed"
+        if verifier == p:
+            return "StakingSelfAccusation"
+        ps, vs = self.stake_of(p), self.stake_of(verifier)
+        if ps.staked + ps.unbonding == 0:
+            return "StakingNothingToSlash"
+        bond = self.params.verifier_bond
+        if bond == 0 or bond > vs.free():
+            return "StakingInsufficientStake"
+        vs.bonded += bond
+        vs.open_disputes += 1
+        ps.open_disputes += 1
+        self.disputes[evidence] = DisputeM(p, verifier, amount, bond)
+        return None
+
+    def resolve(self, evidence: bytes, fraud: bool) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        d = self.disputes.get(evidence)
+        if d is None:
+            return "StakingUnknownDispute"
+        del self.disputes[evidence]
+        self.evidence_used.add(evidence)
+        ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
+        ps.open_disputes -= 1
+        vs.open_disputes -= 1
+        vs.bonded -= d.bond
+        if fraud:
+            self._pay_out(d.verifier, self._take(d.provider, d.amount))
+        else:
+            self._pay_out(None, self._take(d.verifier, d.bond))
+        return None
+
+    def _take(self, a: str, amount: int) -> int:
+        s = self.stake_of(a)
+        from_staked = min(amount, s.staked)
+        from_unbonding = min(amount - from_staked, s.unbonding)
+        s.staked -= from_staked
+        s.unbonding -= from_unbonding
+        taken = from_staked + from_unbonding
+        self.total_staked -= taken
+        self._add(self.slashed, a, taken)
+        return taken
+
+    def _pay_out(self, verifier: str | None, slashed: int) -> None:
+        bounty = 0 if verifier is None else slashed * self.params.bounty_bps // MAX_BPS
+        if verifier is not None:
+            self._add(self.balances, verifier, bounty)
+        self._add(self.balances, self.treasury, slashed - bounty)
+
+    # ---------------------------------------------------------------- escrow
+
+    def fund(self, c: str, job: bytes, amount: int) -> str | None:
+        j = self.jobs.get(job, JobM())
+        if self.paused:
+            return "EnforcedPause"
+        if amount == 0:
+            return "EscrowZeroAmount"
+        if j.closed:
+            return "EscrowJobClosed"
+        if j.closable_at:
+            return "EscrowJobCancelled"
+        if j.customer is not None and j.customer != c:
+            return "EscrowNotCustomer"
+        if self.balances.get(c, 0) < amount:
+            return "ERC20InsufficientBalance"
+        j.customer = c
+        j.funded += amount
+        self.jobs[job] = j
+        self._add(self.balances, c, -amount)
+        return None
+
+    def _debit(self, job: bytes, amount: int) -> str | None:
+        j = self.jobs.get(job, JobM())
+        if amount == 0:
+            return "EscrowZeroAmount"
+        if j.closed:
+            return "EscrowJobClosed"
+        if amount > j.funded - j.released:
+            return "EscrowInsufficientFunds"
+        j.released += amount
+        self.jobs[job] = j
+        return None
+
+    def release(self, job: bytes, unit: bytes, p: str, amount: int) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        if (job, unit) in self.units:
+            return "EscrowUnitAlreadyReleased"
+        error = self._debit(job, amount)
+        if error is None:
+            self.units.add((job, unit))
+            self._add(self.claimable, p, amount)
+        return error
+
+    def release_to_pool(self, job: bytes, batch: bytes, shares: Iterable[tuple[str, int]]) -> str | None:
+        """Moves the batch (the sum of ``shares``) to the pool; the ledger credits each provider its share."""
+        shares = list(shares)
+        amount = sum(v for _, v in shares)
+        if self.paused:
+            return "EnforcedPause"
+        if (job, batch) in self.batches:
+            return "EscrowUnitAlreadyReleased"
+        error = self._debit(job, amount)
+        if error is None:
+            self.batches.add((job, batch))
+            self.deposited += amount
+            for p, v in shares:
+                self._add(self.ledger, p, v)
+        return error
+
+    def cancel(self, c: str, job: bytes) -> str | None:
+        j = self.jobs.get(job, JobM())
+        if self.paused:
+            return "EnforcedPause"
+        if j.customer is None:
+            return "EscrowUnknownJob"
+        if c != j.customer:
+            return "EscrowNotCustomer"
+        if j.closed:
+            return "EscrowJobClosed"
+        if j.closable_at:
+            return "EscrowJobCancelled"
+        j.closable_at = self.now + self.params.cancel_grace
+        return None
+
+    def close(self, sender: str, job: bytes) -> str | None:
+        j = self.jobs.get(job, JobM())
+        settler = sender == self.operator
+        if self.paused:
+            return "EnforcedPause"
+        if sender != j.customer and not settler:
+            return "EscrowNotAuthorized"
+        if j.customer is None:
+            return "EscrowUnknownJob"
+        if j.closed:
+            return "EscrowJobClosed"
+        if not settler and (j.closable_at == 0 or self.now < j.closable_at):
+            return "EscrowCancelPending"
+        j.closed = True
+        self._add(self.balances, j.customer, j.funded - j.released)
+        return None
+
+    def claim_escrow(self, p: str) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        amount = self.claimable.get(p, 0)
+        if amount == 0:
+            return "EscrowNothingToClaim"
+        self.claimable[p] = 0
+        self._add(self.balances, p, amount)
+        return None
+
+    # ---------------------------------------------------------------- settlement
+
+    def post_root(self, epoch: int, cumulative: dict[str, int], total: int) -> str | None:
+        if self.paused:
+            return "EnforcedPause"
+        if epoch != self.latest + 1:
+            return "SettlementWrongEpoch"
+        if self.now < self.posted_at + self.params.dispute_window:
+            return "SettlementRootInDispute"
+        if total > self.deposited:
+            return "SettlementUnderfunded"
+        self.roots[epoch] = dict(cumulative)
+        self.latest = epoch
+        self.posted_at = self.now
+        return None
+
+    def void_root(self, epoch: int) -> str | None:
+        claimable_at = self.posted_at + self.params.dispute_window
+        if epoch != self.latest or epoch == 0 or self.now >= claimable_at:
+            return "SettlementNotVoidable"
+        del self.roots[epoch]
+        self.latest -= 1
+        self.posted_at = 0
+        return None
+
+    def claim_payout(self, a: str, epoch: int, cumulative: int, proof_ok: bool) -> str | None:
+        """``proof_ok``: the caller sent the tree's real proof for (``a``, ``cumulative``) in ``epoch``'s root."""
+        if self.paused:
+            return "EnforcedPause"
+        if epoch == 0 or epoch > self.latest:
+            return "SettlementUnknownEpoch"
+        if epoch == self.latest and self.now < self.posted_at + self.params.dispute_window:
+            return "SettlementRootInDispute"
+        if not proof_ok or self.roots.get(epoch, {}).get(a) != cumulative:
+            return "SettlementInvalidProof"
+        prior = self.claimed.get(a, 0)
+        if cumulative <= prior:
+            return "SettlementNothingToClaim"
+        self.claimed[a] = cumulative
+        self._add(self.balances, a, cumulative - prior)
+        return None
+
+    def claimable_root(self) -> int:
+        """The newest epoch whose root is past its dispute window (0 if none)."""
+        if self.latest and self.now < self.posted_at + self.params.dispute_window:
+            return self.latest - 1
+        return self.latest
+
+    # ---------------------------------------------------------------- kill switch
+
+    def pause(self) -> str | None:
+        self.paused = True
+        return None
+
+    def unpause(self) -> str | None:
+        if not self.paused:
+            return "ExpectedPause"
+        self.paused = False
+        return None

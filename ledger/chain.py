@@ -1,0 +1,255 @@
+"""A Web3 connection that signs transactions locally, identical on the in-process py-evm chain and a JSON-RPC node.
+
+``Chain.in_process()`` runs py-evm (eth-tester) in this process; ``Chain.http(url)`` talks to any node (a Hardhat
+node in development). Transactions are always signed with a ``LocalAccount`` and sent raw, so one code path serves
+both backends; reverts raise the domain errors of ``ledger.errors`` with the decoded custom error.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_tester import EthereumTester, PyEVMBackend
+from eth_tester.backends.pyevm.main import get_default_account_keys
+from eth_tester.exceptions import TransactionFailed
+from web3 import EthereumTesterProvider, HTTPProvider, Web3
+from web3.contract import Contract
+from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
+from web3.types import RPCEndpoint, RPCResponse, TxReceipt
+
+from ledger import fast_ecdsa
+from ledger.contracts import ErrorDecoder, gridmint_error_decoder, load_artifact
+from ledger.devchain import HARDHAT_DEFAULT_ACCOUNTS, hardhat_dev_keys
+from ledger.errors import chain_error
+from ledger.values import to_address, to_uint
+from protocol.errors import ChainError, GridMintValueError
+
+Backend = Literal["in_process", "http"]
+
+#: Tip paid per gas; dev chains only need it to be non-zero.
+PRIORITY_FEE_WEI = 10**9
+#: Head-room on top of eth_estimateGas (state can change between the estimate and inclusion).
+GAS_MARGIN_NUM, GAS_MARGIN_DEN = 6, 5
+# Absolute headroom on top of the estimate: another account's transaction mined between estimate and send can flip a
+# storage slot this one writes from non-zero to zero (e.g. a provider claims while its release is in flight), and a
+# zero -> non-zero SSTORE then costs ~17k more than estimated. Seen as 'ran out of gas' on a Hardhat node.
+GAS_HEADROOM = 30_000
+
+# Process-wide per-(chain, account) locks and next nonces, shared by every Chain object in this process that talks to
+# the same node: two threads (or two clients) sending as one account never pick the same nonce.
+_registry_guard = threading.Lock()
+_nonce_locks: dict[tuple[str, str], threading.Lock] = {}
+_op_locks: dict[tuple[str, str], threading.RLock] = {}
+_next_nonce: dict[tuple[str, str], int] = {}
+
+
+def _lock_for(table: dict[tuple[str, str], Any], key: tuple[str, str], factory: Any) -> Any:
+    with _registry_guard:
+        lock = table.get(key)
+        if lock is None:
+            lock = table[key] = factory()
+        return lock
+
+
+class _SerializedTesterProvider(EthereumTesterProvider):
+    """EthereumTesterProvider that serialises requests: py-evm is not thread-safe, callers may be."""
+
+    def __init__(self, tester: EthereumTester) -> None:
+        super().__init__(tester)
+        self._request_lock = threading.RLock()
+
+    def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        with self._request_lock:
+            return super().make_request(method, params)
+
+
+class Chain:
+    """A Web3 connection that sends locally signed transactions.
+
+    Use ``Chain.in_process()`` (py-evm, a fresh chain per call) or ``Chain.http(url)`` (any JSON-RPC node).
+    """
+
+    def __init__(
+        self,
+        w3: Web3,
+        *,
+        backend: Backend,
+        key: str,
+        dev_keys: Sequence[str],
+        tester: EthereumTester | None = None,
+        receipt_timeout: float = 120.0,
+    ) -> None:
+        self.w3 = w3
+        self.backend: Backend = backend
+        self.chain_id: int = int(w3.eth.chain_id)
+        self.receipt_timeout = receipt_timeout
+        self._key = key  # identifies the node for the process-wide nonce registry
+        self._dev_keys = list(dev_keys)
+        self._tester = tester
+
+    @classmethod
+    def in_process(cls) -> Chain:
+        """A fresh in-memory py-evm chain (eth-tester); its 10 default accounts hold 1,000,000 ETH each.
+
+        Installs ``ledger.fast_ecdsa`` (memoised sender recovery), which roughly halves each transaction's time."""
+        fast_ecdsa.install()
+        tester = EthereumTester(PyEVMBackend())
+        keys = [key.to_hex() for key in get_default_account_keys()]
+        w3 = Web3(_SerializedTesterProvider(tester))
+        return cls(w3, backend="in_process", key=f"py-evm:{uuid.uuid4()}", dev_keys=keys, tester=tester)
+
+    @classmethod
+    def http(cls, url: str, *, timeout: float = 30.0, dev_keys: Sequence[str] | None = None) -> Chain:
+        """A JSON-RPC node at ``url``. ``dev_accounts()`` defaults to Hardhat's funded dev keys."""
+        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": timeout}))
+        keys = list(dev_keys) if dev_keys is not None else hardhat_dev_keys(HARDHAT_DEFAULT_ACCOUNTS)
+        return cls(w3, backend="http", key=f"http:{url}", dev_keys=keys)
+
+    def dev_accounts(self, n: int | None = None) -> list[LocalAccount]:
+        """Accounts funded with ETH on this dev chain (at most 10 in-process, 20 on a Hardhat node)."""
+        keys = self._dev_keys if n is None else self._dev_keys[:n]
+        if n is not None and n > len(self._dev_keys):
+            raise GridMintValueError(f"{self.backend} chain has {len(self._dev_keys)} dev accounts, {n} requested")
+        return [Account.from_key(k) for k in keys]
+
+    def snapshot(self) -> str:
+        """Snapshot the chain state (dev chains only: py-evm, Hardhat). Returns an id for ``revert``."""
+        if self._tester is not None:
+            return str(self._tester.take_snapshot())
+        return str(self._rpc("evm_snapshot", []))
+
+    def revert(self, snapshot_id: str) -> None:
+        """Return to ``snapshot_id``. On Hardhat a snapshot is used up by ``revert``: take a new one each time.
+
+        Forgets this process's cached nonces for the chain, since reverted transactions no longer count.
+        """
+        if self._tester is not None:
+            self._tester.revert_to_snapshot(int(snapshot_id))
+        elif self._rpc("evm_revert", [snapshot_id]) is not True:
+            raise ChainError(f"evm_revert: unknown or used snapshot {snapshot_id}")
+        with _registry_guard:
+            for key in [k for k in _next_nonce if k[0] == self._key]:
+                del _next_nonce[key]
+
+    def timestamp(self) -> int:
+        """Timestamp of the latest block (seconds)."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def advance_time(self, seconds: int) -> int:
+        """Dev chains only: mine a block ``seconds`` later than the latest one; returns its timestamp.
+
+        Use it to pass unbonding delays, dispute windows and timelock delays in tests and the demo.
+        """
+        seconds = to_uint(seconds, "seconds", 64)
+        if self._tester is not None:
+            target = self.timestamp() + max(seconds, 1)
+            self._tester.time_travel(target)
+            return target
+        self._rpc("evm_increaseTime", [seconds])
+        self._rpc("evm_mine", [])
+        return self.timestamp()
+
+    def account_lock(self, address: str) -> threading.RLock:
+        """This process's lock for multi-transaction operations of ``address`` on this chain (approve + act)."""
+        lock: threading.RLock = _lock_for(_op_locks, (self._key, to_address(address)), threading.RLock)
+        return lock
+
+    def _rpc(self, method: str, params: list[Any]) -> Any:
+        response = self.w3.provider.make_request(RPCEndpoint(method), params)
+        if "error" in response:
+            raise ChainError(f"{method} failed: {response['error']}")
+        return response.get("result")
+
+    def eth_balance(self, address: str) -> int:
+        return int(self.w3.eth.get_balance(to_address(address)))
+
+    def send_eth(self, from_account: LocalAccount, to: str, wei: int) -> TxReceipt:
+        """Send ``wei`` ETH from ``from_account`` to ``to``; returns the receipt."""
+        to = to_address(to)
+        gas = 21_000 if not self.w3.eth.get_code(to) else None
+        return self.transact(from_account, to=to, value=to_uint(wei, "wei"), gas=gas, label="send_eth")
+
+    def transact(
+        self,
+        account: LocalAccount,
+        *,
+        to: str | None,
+        data: bytes | str = b"",
+        value: int = 0,
+        gas: int | None = None,
+        errors: ErrorDecoder | None = None,
+        label: str = "transaction",
+    ) -> TxReceipt:
+        """Sign ``account``'s transaction locally, send it raw and wait for the receipt.
+
+        Without ``gas`` the transaction is first simulated with ``eth_estimateGas``, which also turns a revert into a
+        ChainError before anything is sent. A mined transaction with status 0 raises ChainError too (its revert is
+        decoded by replaying it on the parent block). ``to=None`` deploys ``data`` as a contract.
+        """
+        tx: dict[str, Any] = {"from": account.address, "value": value, "data": data, "chainId": self.chain_id}
+        if to is not None:
+            tx["to"] = to
+        if gas is None:
+            try:
+                estimate = int(self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
+            except (TransactionFailed, Web3Exception) as exc:
+                raise chain_error(exc, errors, label) from exc
+            gas = estimate * GAS_MARGIN_NUM // GAS_MARGIN_DEN + GAS_HEADROOM
+        tx["gas"] = gas
+        base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0)
+        tx["maxPriorityFeePerGas"] = PRIORITY_FEE_WEI
+        tx["maxFeePerGas"] = 2 * base_fee + PRIORITY_FEE_WEI
+
+        key = (self._key, account.address)
+        with _lock_for(_nonce_locks, key, threading.Lock):
+            nonce = max(int(self.w3.eth.get_transaction_count(account.address, "pending")), _next_nonce.get(key, 0))
+            tx["nonce"] = nonce
+            signed = account.sign_transaction(tx)
+            try:
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            except (TransactionFailed, Web3Exception, ValueError) as exc:
+                # Hardhat's automine executes the transaction inside eth_sendRawTransaction and reports a revert
+                # there (the nonce is then used). The cached nonce is not advanced: the next send re-reads it.
+                raise chain_error(exc, errors, label) from exc
+            _next_nonce[key] = nonce + 1
+        try:
+            receipt = self.w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=self.receipt_timeout, poll_latency=0.01
+            )
+        except TimeExhausted as exc:
+            raise ChainError(f"{label}: no receipt for 0x{bytes(tx_hash).hex()} after {self.receipt_timeout}s") from exc
+        if receipt["status"] != 1:
+            raise self._failed_receipt_error(tx, receipt, errors, label)
+        return receipt
+
+    def call(self, contract_fn: Any, *, errors: ErrorDecoder | None = None, label: str = "call") -> Any:
+        """Run a bound contract function read-only (``contract.functions.x(args)``); reverts raise ChainError."""
+        try:
+            return contract_fn.call()
+        except (TransactionFailed, ContractLogicError) as exc:
+            raise chain_error(exc, errors, label) from exc
+
+    def deploy_contract(self, account: LocalAccount, name: str, *args: Any) -> Contract:
+        """Deploy artifact ``name`` with constructor ``args``; returns the bound contract."""
+        abi, bytecode = load_artifact(name)
+        data = self.w3.eth.contract(abi=abi, bytecode=bytecode).constructor(*args).data_in_transaction
+        receipt = self.transact(account, to=None, data=data, errors=gridmint_error_decoder(), label=f"deploy {name}")
+        address = receipt["contractAddress"]
+        if address is None:  # pragma: no cover - a successful creation always has one
+            raise ChainError(f"deploy {name}: receipt has no contract address")
+        return self.w3.eth.contract(address=address, abi=abi)
+
+    def _failed_receipt_error(
+        self, tx: dict[str, Any], receipt: TxReceipt, errors: ErrorDecoder | None, label: str
+    ) -> ChainError:
+        replay = {k: tx[k] for k in ("from", "to", "data", "value", "gas") if k in tx}
+        try:
+            self.w3.eth.call(replay, block_identifier=receipt["blockNumber"] - 1)  # type: ignore[arg-type]
+        except (TransactionFailed, Web3Exception) as exc:
+            return chain_error(exc, errors, label)
+        tx_hash = bytes(receipt["transactionHash"]).hex()
+        return ChainError(f"{label}: transaction 0x{tx_hash} failed (status 0, gas used {receipt['gasUsed']})")

@@ -1,0 +1,163 @@
+"""The shared core of the typed client: bound contracts, reads, sends, roles (``GridMintContracts`` builds on it)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from ledger.chain import Chain
+from ledger.contracts import gridmint_error_decoder, load_artifact
+from ledger.deploy import Deployment
+from ledger.values import to_address
+from protocol.errors import ChainError, GridMintValueError
+
+#: Contract key (as in ``Deployment``) -> artifact name.
+ARTIFACTS: dict[str, str] = {
+    "token": "GridToken",
+    "staking": "GridStaking",
+    "escrow": "JobEscrow",
+    "distributor": "PayoutDistributor",
+    "kill_switch": "GridKillSwitch",
+    "timelock": "GridTimelock",
+}
+
+#: Which contracts each role lives on. The token has no roles.
+ROLE_CONTRACTS: dict[str, tuple[str, ...]] = {
+    "DEFAULT_ADMIN_ROLE": ("staking", "escrow", "distributor"),
+    "GUARDIAN_ROLE": ("staking", "escrow", "distributor"),
+    "GOVERNOR_ROLE": ("staking", "escrow", "distributor"),
+    "SLASHER_ROLE": ("staking",),
+    "LOCKER_ROLE": ("staking",),
+    "REFEREE_ROLE": ("staking",),
+    "SETTLER_ROLE": ("escrow",),
+    "POSTER_ROLE": ("distributor",),
+    "PROPOSER_ROLE": ("timelock",),
+    "EXECUTOR_ROLE": ("timelock",),
+    "CANCELLER_ROLE": ("timelock",),
+}
+#: Contracts the kill switch pauses.
+PAUSABLE = ("staking", "escrow", "distributor")
+
+
+def role_id(role_name: str) -> bytes:
+    """bytes32 id of an AccessControl role (``DEFAULT_ADMIN_ROLE`` is zero, others ``keccak256(name)``)."""
+    if role_name not in ROLE_CONTRACTS:
+        raise GridMintValueError(f"unknown role {role_name!r}; known: {', '.join(ROLE_CONTRACTS)}")
+    return b"\x00" * 32 if role_name == "DEFAULT_ADMIN_ROLE" else keccak(text=role_name)
+
+
+class ContractsBase:
+    """Bound contracts of one deployment, acting as ``account`` (which signs every transaction)."""
+
+    def __init__(self, chain: Chain, deployment: Deployment, account: LocalAccount) -> None:
+        if deployment.chain_id != chain.chain_id:
+            raise GridMintValueError(f"deployment is for chain {deployment.chain_id}, connected to {chain.chain_id}")
+        self.chain = chain
+        self.deployment = deployment
+        self.account = account
+        self._errors = gridmint_error_decoder()
+        self._bound: dict[str, Contract] = {}
+        self._names: dict[str, str] = {}
+        for key in ("token", "staking", "escrow"):
+            self._bind(key, getattr(deployment, key))
+        for key in ("distributor", "kill_switch", "timelock"):
+            if getattr(deployment, key) is not None:
+                self._bind(key, getattr(deployment, key))
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    @property
+    def token(self) -> Contract:
+        return self._bound["token"]
+
+    @property
+    def staking(self) -> Contract:
+        return self._bound["staking"]
+
+    @property
+    def escrow(self) -> Contract:
+        return self._bound["escrow"]
+
+    @property
+    def distributor(self) -> Contract:
+        """The PayoutDistributor; read from ``escrow.distributor()`` when the deployment does not name it."""
+        if "distributor" not in self._bound:
+            self._bind("distributor", str(self._call(self.escrow, "distributor")))
+        return self._bound["distributor"]
+
+    def _optional(self, key: str) -> Contract:
+        if key not in self._bound:
+            raise GridMintValueError(f"this deployment does not name a {key} contract")
+        return self._bound[key]
+
+    # roles
+
+    def has_role(self, role_name: str, address: str) -> bool:
+        """True if ``address`` holds ``role_name`` on every contract that role applies to."""
+        rid, addr = role_id(role_name), to_address(address)
+        return all(self._call(self._contract(c), "hasRole", rid, addr) for c in ROLE_CONTRACTS[role_name])
+
+    def grant_role(self, role_name: str, address: str) -> bool:
+        """Grant ``role_name`` to ``address`` on the contracts it applies to (needs DEFAULT_ADMIN_ROLE there).
+
+        Returns True if any grant was sent, False if ``address`` already held the role everywhere.
+        """
+        sent = False
+        for name in ROLE_CONTRACTS[role_name]:
+            sent |= self.grant_role_on(name, role_name, address)
+        return sent
+
+    def grant_role_on(self, contract: str, role_name: str, address: str) -> bool:
+        """Grant ``role_name`` on one contract (``"staking"``, ``"kill_switch"``...); False if already held."""
+        rid, addr = role_id(role_name), to_address(address)
+        target = self._contract(contract)
+        if self._call(target, "hasRole", rid, addr):
+            return False
+        self._send(target, "grantRole", rid, addr)
+        return True
+
+    # internals
+
+    def _bind(self, key: str, address: str) -> None:
+        contract = self.chain.w3.eth.contract(address=to_address(address), abi=load_artifact(ARTIFACTS[key])[0])
+        self._bound[key] = contract
+        self._names[contract.address] = ARTIFACTS[key]
+
+    def _contract(self, name: str) -> Contract:
+        if name == "distributor":
+            return self.distributor
+        return self._bound[name] if name in ("token", "staking", "escrow") else self._optional(name)
+
+    def _call(self, contract: Contract, fn: str, *args: Any) -> Any:
+        return self.chain.call(contract.functions[fn](*args), errors=self._errors, label=f"{self._name(contract)}.{fn}")
+
+    def _send(self, contract: Contract, fn: str, *args: Any, gas: int | None = None) -> TxReceipt:
+        data = contract.encode_abi(fn, args=list(args))
+        return self.chain.transact(
+            self.account, to=contract.address, data=data, gas=gas, errors=self._errors,
+            label=f"{self._name(contract)}.{fn}",
+        )
+
+    def _name(self, contract: Contract) -> str:
+        return self._names.get(contract.address, contract.address)
+
+    @contextmanager
+    def _account_op(self) -> Iterator[None]:
+        """Serialises this account's approve+action pairs in this process, so concurrent ones cannot overwrite each
+        other's allowance (or permit nonce) between the two steps."""
+        with self.chain.account_lock(self.address):
+            yield
+
+    def _event_arg(self, contract: Contract, event: str, receipt: TxReceipt, arg: str) -> Any:
+        logs = contract.events[event]().process_receipt(receipt, errors=DISCARD)
+        if not logs:
+            raise ChainError(f"{self._name(contract)}: receipt has no {event} event")
+        return logs[0]["args"][arg]

@@ -1,0 +1,130 @@
+"""Job escrow operations of the typed client (mixed into ``GridMintContracts``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_utils import to_checksum_address
+from web3.types import TxReceipt
+
+from ledger.staking_ops import TokenStakingOps
+from ledger.values import to_address, to_bytes32, to_uint
+from protocol.errors import ChainError
+
+
+@dataclass(frozen=True)
+class JobState:
+    """An escrowed job. ``remaining`` is what the escrow still holds for it: funded - released, or 0 once closed.
+    ``closable_at`` is 0 unless the customer cancelled (then: when the customer may close it)."""
+
+    customer: str
+    funded: int
+    released: int
+    closed: bool
+    remaining: int
+    closable_at: int = 0
+
+
+class EscrowOps(TokenStakingOps):
+    def fund_job(self, job_id: bytes | str, amount: int) -> TxReceipt:
+        """Approve (if the allowance is short) and fund ``job_id``; the first funder becomes the job's customer."""
+        amount = to_uint(amount)
+        with self._account_op():
+            self._ensure_allowance(self.escrow.address, amount)
+            return self._send(self.escrow, "fund", to_bytes32(job_id, "job_id"), amount)
+
+    def fund_job_with_permit(self, job_id: bytes | str, amount: int, *, ttl_s: int = 3600) -> TxReceipt:
+        """Fund ``job_id`` in one transaction: signs an EIP-2612 permit (valid ``ttl_s`` seconds) with this account's
+        key and calls ``fundWithPermit``."""
+        amount, job = to_uint(amount), to_bytes32(job_id, "job_id")
+        with self._account_op():
+            deadline = self.chain.timestamp() + ttl_s
+            v, r, s = self._sign_permit(self.escrow.address, amount, deadline)
+            return self._send(self.escrow, "fundWithPermit", job, amount, deadline, v, r, s)
+
+    def get_job(self, job_id: bytes | str) -> JobState:
+        customer, funded, released, closed, closable_at = self._call(self.escrow, "getJob", to_bytes32(job_id, "job_id"))
+        remaining = 0 if closed else int(funded) - int(released)
+        return JobState(
+            to_checksum_address(customer), int(funded), int(released), bool(closed), remaining, int(closable_at)
+        )
+
+    def unit_released(self, job_id: bytes | str, unit_id: bytes | str) -> bool:
+        return bool(self._call(self.escrow, "unitReleased", to_bytes32(job_id, "job_id"), to_bytes32(unit_id, "unit_id")))
+
+    def release(self, job_id: bytes | str, unit_id: bytes | str, provider: str, amount: int) -> bool:
+        """Pay ``amount`` of ``job_id``'s escrow to ``provider`` for unit ``unit_id`` (needs SETTLER_ROLE).
+
+        Idempotent per (job, unit): returns False, sending nothing, if that unit was already released.
+        """
+        job, unit = to_bytes32(job_id, "job_id"), to_bytes32(unit_id, "unit_id")
+        if self.unit_released(job, unit):
+            return False
+        try:
+            self._send(self.escrow, "release", job, unit, to_address(provider), to_uint(amount))
+        except ChainError as exc:
+            if exc.error_name == "EscrowUnitAlreadyReleased":
+                return False
+            raise
+        return True
+
+    def batch_released(self, job_id: bytes | str, batch_id: bytes | str) -> bool:
+        return bool(
+            self._call(self.escrow, "batchReleased", to_bytes32(job_id, "job_id"), to_bytes32(batch_id, "batch_id"))
+        )
+
+    def release_to_pool(self, job_id: bytes | str, batch_id: bytes | str, amount: int) -> bool:
+        """Move ``amount`` of ``job_id``'s escrow (the pay of the verified units in ``batch_id``) into the epoch
+        payout pool (needs SETTLER_ROLE). Idempotent per (job, batch): False, sending nothing, if already moved."""
+        job, batch = to_bytes32(job_id, "job_id"), to_bytes32(batch_id, "batch_id")
+        if self.batch_released(job, batch):
+            return False
+        try:
+            self._send(self.escrow, "releaseToPool", job, batch, to_uint(amount))
+        except ChainError as exc:
+            if exc.error_name == "EscrowUnitAlreadyReleased":
+                return False
+            raise
+        return True
+
+    def cancel_job(self, job_id: bytes | str) -> int:
+        """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it (units verified until then
+        are still paid)."""
+        receipt = self._send(self.escrow, "cancel", to_bytes32(job_id, "job_id"))
+        return int(self._event_arg(self.escrow, "JobCancelled", receipt, "closableAt"))
+
+    def close_job(self, job_id: bytes | str) -> int:
+        """Close ``job_id`` and return the refund sent to the customer. A settler may close any time; the customer
+        after ``cancel_job`` and the grace period.
+
+        Idempotent: returns 0, sending nothing, if the job is already closed.
+        """
+        job = to_bytes32(job_id, "job_id")
+        if self.get_job(job).closed:
+            return 0
+        try:
+            receipt = self._send(self.escrow, "close", job)
+        except ChainError as exc:
+            if exc.error_name == "EscrowJobClosed":
+                return 0
+            raise
+        return int(self._event_arg(self.escrow, "JobClosed", receipt, "refund"))
+
+    def claimable(self, address: str) -> int:
+        """What the per-unit path (``release``) credited to ``address`` and it has not claimed yet."""
+        return int(self._call(self.escrow, "claimable", to_address(address)))
+
+    def total_claimable(self) -> int:
+        return int(self._call(self.escrow, "totalClaimable"))
+
+    def claim(self) -> int:
+        """Withdraw everything the per-unit path released to this account; returns the amount (0, sending nothing,
+        if none). Epoch payouts are claimed with ``claim_payout``."""
+        if self.claimable(self.address) == 0:
+            return 0
+        try:
+            receipt = self._send(self.escrow, "claim")
+        except ChainError as exc:
+            if exc.error_name == "EscrowNothingToClaim":
+                return 0
+            raise
+        return int(self._event_arg(self.escrow, "Claimed", receipt, "amount"))

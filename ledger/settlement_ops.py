@@ -1,0 +1,91 @@
+"""Epoch settlement operations of the typed client: the payout pool, roots and cumulative claims."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from web3.types import TxReceipt
+
+from ledger.escrow_ops import EscrowOps
+from ledger.payout_tree import PayoutTree
+from ledger.values import to_address, to_bytes32, to_uint
+from protocol.errors import ChainError
+
+#: Gas for a claim sent without an estimate (a 1,024-leaf claim uses ~45-60k; deeper trees add ~1k per level).
+CLAIM_GAS_LIMIT = 150_000
+
+
+class SettlementOps(EscrowOps):
+    def deposit_to_pool(self, amount: int) -> TxReceipt:
+        """Approve (if short) and deposit ``amount`` into the payout pool (JobEscrow.releaseToPool does this)."""
+        amount = to_uint(amount)
+        with self._account_op():
+            self._ensure_allowance(self.distributor.address, amount)
+            return self._send(self.distributor, "deposit", amount)
+
+    def post_root(self, epoch: int, root: bytes | str, total: int) -> TxReceipt:
+        """Post epoch ``epoch``'s root over cumulative earnings summing to ``total`` (needs POSTER_ROLE).
+
+        ``epoch`` must be ``latest_epoch() + 1`` and the previous root past its dispute window."""
+        return self._send(self.distributor, "postRoot", to_uint(epoch, "epoch", 32), to_bytes32(root, "root"), to_uint(total))
+
+    def post_tree(self, epoch: int, tree: PayoutTree) -> TxReceipt:
+        """``post_root(epoch, tree.root, tree.total)``."""
+        return self.post_root(epoch, tree.root, tree.total)
+
+    def void_root(self, epoch: int) -> TxReceipt:
+        """Guardian: void the latest root while it is inside its dispute window."""
+        return self._send(self.distributor, "voidRoot", to_uint(epoch, "epoch", 32))
+
+    def latest_epoch(self) -> int:
+        return int(self._call(self.distributor, "latestEpoch"))
+
+    def root_of(self, epoch: int) -> bytes:
+        return bytes(self._call(self.distributor, "rootOf", to_uint(epoch, "epoch", 32)))
+
+    def latest_claimable_at(self) -> int:
+        """When the latest root becomes (or became) claimable; 0 before the first root."""
+        return int(self._call(self.distributor, "latestClaimableAt"))
+
+    def dispute_window(self) -> int:
+        return int(self._call(self.distributor, "disputeWindow"))
+
+    def claimed(self, account: str) -> int:
+        """Cumulative amount ``account`` has claimed from the payout pool so far."""
+        return int(self._call(self.distributor, "claimed", to_address(account)))
+
+    def total_deposited(self) -> int:
+        return int(self._call(self.distributor, "totalDeposited"))
+
+    def claim_payout(self, epoch: int, cumulative: int, proof: Sequence[bytes], *, gas: int | None = None) -> int:
+        """Claim everything owed to this account up to epoch ``epoch``'s root, whose leaf says ``cumulative``.
+
+        Returns the amount paid; 0, sending nothing, if ``cumulative`` is not above what was already claimed (so a
+        retried claim is harmless). Raises InvalidProofError / RootInDisputeError / PausedError otherwise.
+        ``gas`` skips the estimate (benchmarks measure the receipt's gasUsed either way).
+        """
+        cumulative = to_uint(cumulative, "cumulative")
+        if cumulative <= self.claimed(self.address):
+            return 0
+        args = (to_uint(epoch, "epoch", 32), cumulative, [to_bytes32(p, "proof node") for p in proof])
+        try:
+            receipt = self._send(self.distributor, "claim", *args, gas=gas)
+        except ChainError as exc:
+            if exc.error_name == "SettlementNothingToClaim":
+                return 0
+            raise
+        return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
+
+    def claim_from_tree(self, epoch: int, tree: PayoutTree) -> int:
+        """``claim_payout`` with this account's leaf and proof from ``tree`` (epoch ``epoch``'s tree)."""
+        return self.claim_payout(epoch, tree.cumulative(self.address), tree.proof(self.address))
+
+    def claim_payout_for(self, account: str, epoch: int, cumulative: int, proof: Sequence[bytes]) -> int:
+        """Claim on behalf of ``account`` (the tokens go to ``account``); same idempotence as ``claim_payout``."""
+        account, cumulative = to_address(account), to_uint(cumulative, "cumulative")
+        if cumulative <= self.claimed(account):
+            return 0
+        receipt = self._send(
+            self.distributor, "claimFor", account, to_uint(epoch, "epoch", 32), cumulative,
+            [to_bytes32(p, "proof node") for p in proof],
+        )
+        return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))

@@ -1,0 +1,197 @@
+"""Token and staking operations of the typed client (mixed into ``GridMintContracts``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_utils import keccak
+from web3.types import TxReceipt
+
+from ledger.client_base import ContractsBase
+from ledger.values import to_address, to_bytes32, to_uint
+from protocol.errors import ChainError
+
+
+@dataclass(frozen=True)
+class StakeState:
+    """One account's stake. ``staked`` backs work (what ``stake_of`` reports); ``locked`` (work in flight) and
+    ``bonded`` (verifier bonds of open accusations) are parts of it that cannot be unbonded; ``unbonding`` is on its
+    way out (still slashable) and can be withdrawn from ``unbonding_ready_at``."""
+
+    staked: int
+    locked: int
+    bonded: int
+    unbonding: int
+    unbonding_ready_at: int
+    open_disputes: int
+
+
+def gpu_class_id(gpu_class: str | bytes) -> bytes:
+    """bytes32 key of a GPU class: ``keccak256(name)`` for a name such as ``"H100-80GB"``, or a raw 32-byte id."""
+    if isinstance(gpu_class, str) and not gpu_class.startswith(("0x", "0X")):
+        return keccak(text=gpu_class)
+    return to_bytes32(gpu_class, "gpu_class")
+
+
+class TokenStakingOps(ContractsBase):
+    # token
+
+    def total_supply(self) -> int:
+        return int(self._call(self.token, "totalSupply"))
+
+    def balance_of(self, address: str) -> int:
+        return int(self._call(self.token, "balanceOf", to_address(address)))
+
+    def transfer(self, to: str, amount: int) -> TxReceipt:
+        return self._send(self.token, "transfer", to_address(to), to_uint(amount))
+
+    def contract_balances(self) -> dict[str, int]:
+        """GMT held by each GridMint contract that holds tokens: staking, escrow and the payout distributor."""
+        return {
+            "staking": self.balance_of(self.staking.address),
+            "escrow": self.balance_of(self.escrow.address),
+            "distributor": self.balance_of(self.distributor.address),
+        }
+
+    # staking: bonding
+
+    def stake(self, amount: int) -> TxReceipt:
+        """Approve (if the allowance is short) and stake ``amount``; returns the stake receipt."""
+        amount = to_uint(amount)
+        with self._account_op():
+            self._ensure_allowance(self.staking.address, amount)
+            return self._send(self.staking, "stake", amount)
+
+    def request_unbond(self, amount: int) -> int:
+        """Start unbonding ``amount`` of this account's free stake; returns the timestamp it can be withdrawn at."""
+        receipt = self._send(self.staking, "requestUnbond", to_uint(amount))
+        return int(self._event_arg(self.staking, "UnbondRequested", receipt, "readyAt"))
+
+    def withdraw(self) -> int:
+        """Withdraw everything that finished unbonding; returns the amount (0, sending nothing, if none is pending).
+
+        Raises StakeFrozenError while still unbonding or under dispute."""
+        if self.stake_state(self.address).unbonding == 0:
+            return 0
+        receipt = self._send(self.staking, "withdraw")
+        return int(self._event_arg(self.staking, "Withdrawn", receipt, "amount"))
+
+    def unstake(self, amount: int) -> TxReceipt:
+        """Compatibility: ``request_unbond(amount)``, then ``withdraw()`` at once if the unbonding delay allows
+        (it does with a zero delay, as on a development deployment). Returns the last receipt."""
+        receipt = self._send(self.staking, "requestUnbond", to_uint(amount))
+        ready_at = int(self._event_arg(self.staking, "UnbondRequested", receipt, "readyAt"))
+        if ready_at <= self.chain.timestamp():
+            receipt = self._send(self.staking, "withdraw")
+        return receipt
+
+    def stake_of(self, address: str) -> int:
+        """Bonded stake backing work (excludes what is unbonding)."""
+        return int(self._call(self.staking, "stakeOf", to_address(address)))
+
+    def free_stake_of(self, address: str) -> int:
+        return int(self._call(self.staking, "freeStakeOf", to_address(address)))
+
+    def stake_state(self, address: str) -> StakeState:
+        raw = self._call(self.staking, "accountOf", to_address(address))
+        return StakeState(*(int(x) for x in raw))
+
+    def total_staked(self) -> int:
+        """Every token the staking contract holds for stakers (staked + unbonding over all accounts)."""
+        return int(self._call(self.staking, "totalStaked"))
+
+    def min_stake(self, gpu_class: str | bytes) -> int:
+        return int(self._call(self.staking, "minStake", gpu_class_id(gpu_class)))
+
+    def meets_min_stake(self, provider: str, gpu_class: str | bytes) -> bool:
+        return bool(self._call(self.staking, "meetsMinStake", to_address(provider), gpu_class_id(gpu_class)))
+
+    def lock_stake(self, provider: str, amount: int) -> TxReceipt:
+        """Lock ``amount`` of ``provider``'s free stake behind work in flight (needs LOCKER_ROLE)."""
+        return self._send(self.staking, "lock", to_address(provider), to_uint(amount))
+
+    def unlock_stake(self, provider: str, amount: int) -> TxReceipt:
+        return self._send(self.staking, "unlock", to_address(provider), to_uint(amount))
+
+    # staking: slashing
+
+    def evidence_used(self, evidence: bytes | str) -> bool:
+        return bool(self._call(self.staking, "evidenceUsed", to_bytes32(evidence, "evidence")))
+
+    def slash(self, provider: str, amount: int, verifier: str, evidence: bytes | str) -> bool:
+        """Governance slash of up to ``amount`` of ``provider``'s stake for ``evidence`` (needs SLASHER_ROLE).
+
+        Exactly-once per evidence: returns False, sending nothing, if the evidence was already used.
+        """
+        ev = to_bytes32(evidence, "evidence")
+        if self.evidence_used(ev):
+            return False
+        try:
+            self._send(self.staking, "slash", to_address(provider), to_uint(amount), to_address(verifier), ev)
+        except ChainError as exc:
+            if exc.error_name == "StakingEvidenceUsed":
+                return False
+            raise
+        return True
+
+    def sign_accusation(self, provider: str, evidence: bytes | str, amount: int) -> bytes:
+        """This account (a staked verifier) signs that ``provider``'s commitment ``evidence`` does not replay.
+
+        Returns the 65-byte EIP-712 signature anyone can submit with ``accuse``."""
+        domain = {
+            "name": "GridStaking",
+            "version": "1",
+            "chainId": self.chain.chain_id,
+            "verifyingContract": self.staking.address,
+        }
+        types = {
+            "Accusation": [
+                {"name": "provider", "type": "address"},
+                {"name": "evidence", "type": "bytes32"},
+                {"name": "amount", "type": "uint256"},
+            ]
+        }
+        message = {"provider": to_address(provider), "evidence": to_bytes32(evidence, "evidence"), "amount": to_uint(amount)}
+        return bytes(self.account.sign_typed_data(domain, types, message).signature)
+
+    def accuse(self, provider: str, evidence: bytes | str, amount: int, signature: bytes) -> TxReceipt:
+        """Submit a verifier's signed accusation (opens a dispute; bonds the verifier's ``verifierBond``)."""
+        return self._send(
+            self.staking, "accuse", to_address(provider), to_bytes32(evidence, "evidence"), to_uint(amount), signature
+        )
+
+    def resolve_dispute(self, evidence: bytes | str, fraud: bool) -> int:
+        """Referee verdict (needs REFEREE_ROLE); returns the amount slashed (provider's if fraud, else the verifier's)."""
+        receipt = self._send(self.staking, "resolve", to_bytes32(evidence, "evidence"), bool(fraud))
+        return int(self._event_arg(self.staking, "DisputeResolved", receipt, "slashed"))
+
+    # helpers
+
+    def _ensure_allowance(self, spender: str, amount: int) -> None:
+        if int(self._call(self.token, "allowance", self.address, spender)) < amount:
+            self._send(self.token, "approve", spender, amount)
+
+    def _sign_permit(self, spender: str, value: int, deadline: int) -> tuple[int, bytes, bytes]:
+        domain = {
+            "name": self._call(self.token, "name"),
+            "version": "1",
+            "chainId": self.chain.chain_id,
+            "verifyingContract": self.token.address,
+        }
+        types = {
+            "Permit": [
+                {"name": "owner", "type": "address"},
+                {"name": "spender", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+            ]
+        }
+        message = {
+            "owner": self.address,
+            "spender": spender,
+            "value": value,
+            "nonce": int(self._call(self.token, "nonces", self.address)),
+            "deadline": deadline,
+        }
+        signed = self.account.sign_typed_data(domain, types, message)
+        return int(signed.v), int(signed.r).to_bytes(32, "big"), int(signed.s).to_bytes(32, "big")
