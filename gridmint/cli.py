@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from protocol.errors import GridMintValueError
 from protocol.money import tokens
 
 app = typer.Typer(help="GridMint: an open, verified compute marketplace for AI training.", no_args_is_help=True,
@@ -77,13 +78,23 @@ def node_wallet(wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json") -
 def verifier_run(
     marketplace: MarketOpt = "http://127.0.0.1:8000",
     wallet: WalletOpt = Path.home() / ".gridmint" / "verifier.json",
+    chain: Annotated[Optional[str], typer.Option(help="JSON-RPC URL of the chain, to stake (needed with --stake)")] = None,
+    stake: Annotated[str, typer.Option(help="GMT to keep staked; backs signed fraud accusations (bond per dispute)")] = "0",
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
 ) -> None:
-    """Replay sampled segments of submitted units and sign verdicts; fraud leads to a slash on chain."""
+    """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
+    marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
+    or, if you were wrong, your bond is."""
     from node.verifier_agent import VerifierAgent
     from node.wallet import load_or_create
 
-    VerifierAgent(marketplace, load_or_create(wallet)).run(exit_when_idle)
+    account = load_or_create(wallet)
+    agent = VerifierAgent(marketplace, account)
+    if tokens(stake) > 0:
+        if not chain:
+            raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
+        agent.keep_staked(chain, tokens(stake))
+    agent.run(exit_when_idle)
 
 
 @market_app.command("serve")

@@ -75,7 +75,9 @@ class Demo:
             self.chain = Chain.http(self.hardhat.url)
             self.operator = self.chain.dev_accounts()[0]
             self.treasury = Account.create()
-            self.deployment = deploy(self.chain, self.operator, supply=SUPPLY, treasury=self.treasury.address)
+            # verifiers bond 50 GMT per accusation: a false one costs them that, a true one earns half the cheat's stake
+            self.deployment = deploy(self.chain, self.operator, supply=SUPPLY, treasury=self.treasury.address,
+                                     verifier_bond=tokens(50))
             self.deployment_file = self.dir / "deployment.json"
             self.deployment.to_json(self.deployment_file)
             self.ops = GridMintContracts(self.chain, self.deployment, self.operator)
@@ -123,8 +125,9 @@ class Demo:
             if plan.adversary:
                 argv += ["--adversary", plan.adversary]
             self.procs.append(Proc(f"node-{plan.name}", argv, self.logs, self.env))
-        self.verifier, vpath = self.wallet("verifier", 10**18, 0)
-        self.procs.append(Proc("verifier", [*gm, "verifier", "run", "--marketplace", self.url, "--wallet", str(vpath)],
+        self.verifier, vpath = self.wallet("verifier", 10**18, tokens(100))
+        self.procs.append(Proc("verifier", [*gm, "verifier", "run", "--marketplace", self.url, "--wallet", str(vpath),
+                                            "--chain", self.hardhat.url if self.hardhat else "", "--stake", "100"],
                                self.logs, self.env))
         deadline = time.monotonic() + 90
         with console.status("Providers benchmarking, staking and registering..."):
@@ -197,32 +200,40 @@ class Demo:
         elif k == "segment_disputed":
             out(f"  [red]verifier disputes[/] {self.name(ev['provider'])}'s unit {ev['unit'][:10]} segment {ev['segment']}")
         elif k == "provider_slashed":
+            how = ("the verifier's signed accusation, upheld by the referee" if ev.get("path") == "fraud-proof"
+                   else "governance slash")
             out(f"  [bold red]SLASHED[/] {self.name(ev['provider'])}: referee replay of segment {ev['segment']} gives "
-                f"{ev['replayed'][:12]}.., committed {ev['claimed'][:12]}..; {_fmt(int(ev['amount']))} stake taken, "
-                f"unit goes back to the pool")
+                f"{ev['replayed'][:12]}.., committed {ev['claimed'][:12]}..; {_fmt(int(ev['amount']))} stake taken via "
+                f"{how}; unit goes back to the pool")
         elif k == "false_accusation":
             out(f"  [yellow]referee overrules the verifier[/] on unit {ev['unit'][:10]}")
         elif k == "round_done":
             out(f"  round {ev['round']} averaged (DiLoCo outer step): held-out loss [bold]{ev['eval_loss']:.3f}[/]")
         elif k == "job_settled":
-            out(f"  settled on chain: {_fmt(int(ev['paid']))} released to providers, {_fmt(int(ev['refund']))} refunded")
+            out(f"  settled on chain: {_fmt(int(ev['paid']))} moved from escrow to the payout pool in one transfer, "
+                f"{_fmt(int(ev['refund']))} refunded")
 
     # ---------------------------------------------------------------- the ending
     def finish(self, job: dict[str, Any]) -> int:
         paid = {e["provider"] for e in job["payouts"]}
-        deadline = time.monotonic() + 60
-        with console.status("Providers claiming their pay..."):
-            while any(self.ops.claimable(a) for a in paid) and time.monotonic() < deadline:
-                time.sleep(0.3)
-        ops = self.ops
-        accounts = {"operator": self.operator.address, "treasury": self.treasury.address,
-                    "customer": self.customer.address, "verifier": self.verifier.address,
-                    **{plan.name: a for a, (plan, _) in self.providers.items()}}
         earned: dict[str, int] = {}
         units: dict[str, int] = {}
         for e in job["payouts"]:
             earned[e["provider"]] = earned.get(e["provider"], 0) + int(e["amount"])
             units[e["provider"]] = units.get(e["provider"], 0) + 1
+        deadline = time.monotonic() + 90
+        with console.status("Epoch root going on chain; providers claiming their pay with Merkle proofs..."):
+            while any(self.ops.claimed(a) < earned[a] for a in paid) and time.monotonic() < deadline:
+                self.check_alive()
+                time.sleep(0.3)
+        epoch = self.ops.latest_epoch()
+        if epoch:
+            console.print(f"  payout epoch {epoch}: root 0x{self.ops.root_of(epoch).hex()[:16]}.. over cumulative "
+                          f"earnings; each provider claimed with one proof")
+        ops = self.ops
+        accounts = {"operator": self.operator.address, "treasury": self.treasury.address,
+                    "customer": self.customer.address, "verifier": self.verifier.address,
+                    **{plan.name: a for a, (plan, _) in self.providers.items()}}
         table = Table(title=f"Job {self.job_id[:12]}: who did what, who got paid")
         for col in ("party", "region", "ask", "units paid", "earned", "stake now", "wallet now", "status"):
             table.add_column(col)
@@ -232,7 +243,8 @@ class Demo:
             table.add_row(plan.name, plan.region, _fmt(int(p["price"])), str(units.get(addr, 0)), _fmt(earned.get(addr, 0)),
                           _fmt(ops.stake_of(addr)), _fmt(ops.balance_of(addr)),
                           "[red]slashed[/]" if p["status"] == "slashed" else "[green]honest[/]")
-        table.add_row("verifier", "", "", "", "", "", _fmt(ops.balance_of(self.verifier.address)), "bounty")
+        table.add_row("verifier", "", "", "", "", _fmt(ops.stake_of(self.verifier.address)),
+                      _fmt(ops.balance_of(self.verifier.address)), "bounty")
         table.add_row("treasury", "", "", "", "", "", _fmt(ops.balance_of(self.treasury.address)), "slash share")
         table.add_row("customer", "", "", "", "", "", _fmt(ops.balance_of(self.customer.address)),
                       f"refund {_fmt(int(job['refund']))}")
@@ -254,8 +266,11 @@ class Demo:
             "token totals conserved": total == ops.total_supply() == SUPPLY,
             "escrow paid == ledger": sum(earned.values()) + int(job["refund"]) == int(job["budget"]),
             "cheat slashed": all(providers[c]["status"] == "slashed" and ops.stake_of(c) == 0 for c in cheats),
+            "cheat slashed through the verifier's on-chain fraud proof":
+                bool(cheats) and all(ev.get("path") == "fraud-proof" for ev in job["events"] if ev["kind"] == "provider_slashed")
+                and any(ev["kind"] == "provider_slashed" for ev in job["events"]),
             "cheat paid nothing": all(earned.get(c, 0) == 0 for c in cheats),
-            "honest providers paid and claimed": all(ops.claimable(a) == 0 and earned.get(a, 0) > 0 for a in paid)
+            "honest providers paid and claimed": all(ops.claimed(a) == earned.get(a, 0) > 0 for a in paid)
             and len(paid) >= 2,
             "loss went down": len(losses) >= 2 and losses[-1] < losses[0],
         }

@@ -25,6 +25,21 @@ class StakeState:
     open_disputes: int
 
 
+@dataclass(frozen=True)
+class Dispute:
+    """An open accusation on GridStaking: ``provider`` accused by ``verifier`` (who bonded ``bond``), slash cap
+    ``amount``. ``provider`` is the zero address when no dispute is open for the evidence."""
+
+    provider: str
+    verifier: str
+    amount: int
+    bond: int
+
+    @property
+    def is_open(self) -> bool:
+        return int(self.provider, 16) != 0
+
+
 def gpu_class_id(gpu_class: str | bytes) -> bytes:
     """bytes32 key of a GPU class: ``keccak256(name)`` for a name such as ``"H100-80GB"``, or a raw 32-byte id."""
     if isinstance(gpu_class, str) and not gpu_class.startswith(("0x", "0X")):
@@ -116,6 +131,11 @@ class TokenStakingOps(ContractsBase):
 
     def evidence_used(self, evidence: bytes | str) -> bool:
         return bool(self._call(self.staking, "evidenceUsed", to_bytes32(evidence, "evidence")))
+
+    def dispute_of(self, evidence: bytes | str) -> Dispute:
+        """The open dispute for ``evidence``; all zero if none is open (never opened, or already resolved)."""
+        provider, verifier, amount, bond = self._call(self.staking, "disputeOf", to_bytes32(evidence, "evidence"))
+        return Dispute(str(provider), str(verifier), int(amount), int(bond))
 
     def slash(self, provider: str, amount: int, verifier: str, evidence: bytes | str) -> bool:
         """Governance slash of up to ``amount`` of ``provider``'s stake for ``evidence`` (needs SLASHER_ROLE).

@@ -9,7 +9,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from marketplace import service
+from marketplace import service, settlement
+from ledger.values import to_address
 from marketplace.auth import PayloadTooLarge, make_signed_dependency, read_body
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.pricing import REGIONS
@@ -75,6 +76,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def config() -> dict[str, Any]:
         d = rt.contracts.deployment
         return {"chain_id": rt.chain_id, "token": d.token, "staking": d.staking, "escrow": d.escrow, "treasury": d.treasury,
+                "distributor": rt.contracts.distributor.address,
                 "min_stake": str(rt.settings.min_stake), "max_upload_bytes": rt.settings.max_upload_bytes,
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
@@ -168,6 +170,16 @@ def create_app(rt: Runtime) -> FastAPI:
             sha = j.global_blob
         return FileResponse(rt.blobs.path(sha), media_type="application/octet-stream",
                             filename=f"gridmint-{job_id[2:10]}.safetensors")
+
+    @app.get("/payouts/{address}")
+    def payout(address: str) -> dict[str, Any]:
+        """What ``address`` can claim from the PayoutDistributor now: its cumulative leaf and Merkle proof under the
+        newest root past its dispute window (``claim(epoch, cumulative, proof)``), and what it has claimed so far."""
+        try:
+            checksummed = to_address(address)
+        except GridMintValueError:
+            raise HTTPException(422, detail=f"not an address: {address!r}") from None
+        return settlement.payout_for(rt, checksummed)
 
     @app.get("/providers")
     def providers() -> list[dict[str, Any]]:

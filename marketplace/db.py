@@ -119,7 +119,8 @@ class Verification(Base):
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
     signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
-    slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)  # the evidence id used on chain
+    accusation: Mapped[str | None] = mapped_column(String(132), nullable=True)  # verifier's signed Accusation
 
 
 class LedgerEntry(Base):
@@ -132,7 +133,24 @@ class LedgerEntry(Base):
     unit_id: Mapped[str] = mapped_column(String(66))
     provider: Mapped[str] = mapped_column(String(42), index=True)
     amount: Mapped[int] = mapped_column(Money)
-    released: Mapped[bool] = mapped_column(Boolean, default=False)
+    released: Mapped[bool] = mapped_column(Boolean, default=False)  # moved from escrow to the payout pool
+    batch: Mapped[str | None] = mapped_column(String(66), nullable=True)  # JobEscrow.releaseToPool batch id
+
+
+class PayoutEpoch(Base):
+    """One posted (or being posted) payout root: every provider's cumulative pooled earnings at that epoch.
+
+    Written ahead with status ``posting`` before the transaction is sent, ``posted`` once it is on chain."""
+
+    __tablename__ = "payout_epochs"
+
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    root: Mapped[str] = mapped_column(String(66))
+    total: Mapped[int] = mapped_column(Money)
+    entries: Mapped[dict[str, Any]] = mapped_column(JSON)  # {address: cumulative base units as a decimal string}
+    status: Mapped[str] = mapped_column(String(16))  # posting | posted
+    posted_at: Mapped[int] = mapped_column(BigInteger)
+    claimable_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class Event(Base):

@@ -13,7 +13,7 @@ from eth_utils import keccak
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from marketplace import matching
+from marketplace import matching, settlement
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s
 from marketplace.pricing import check_ask
 from protocol import verification
@@ -22,10 +22,10 @@ from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.replay import check_segment
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
-from protocol.errors import GridMintValueError, InsufficientFundsError, ProofError
+from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_structure
 from protocol.schemas import JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
-from protocol.signing import recover_typed, to_bytes32
+from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
 
 
 class NotFound(GridMintValueError):
@@ -247,7 +247,8 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         job = s.get(Job, unit.job_id)
         assert job is not None
         return {"verification_id": task.id, "segment": task.segment, "spec": unit_spec(job, unit).to_json(),
-                "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment]}
+                "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment], "provider": task.provider,
+                "evidence": "0x" + verification.fraud_evidence(unit.id, task.segment, task.provider).hex()}
 
 
 def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
@@ -266,7 +267,14 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         signer = recover_typed("Verdict", rt.chain_id, message, body.signature)
         if signer != verifier:
             raise ProofError(f"verdict is signed by {signer}, not by {verifier}")
-        task.replayed_hash, task.signature = body.replayed_hash, body.signature
+        if body.accusation is not None:
+            evidence = verification.fraud_evidence(unit.id, task.segment, task.provider)
+            accuser = recover_accusation(rt.chain_id, rt.contracts.staking.address, task.provider, evidence,
+                                         body.accusation)
+            if body.ok or accuser != verifier:
+                raise ProofError(f"accusation is signed by {accuser}, not by {verifier}" if not body.ok
+                                 else "an accusation comes only with a fraud verdict (ok=false)")
+        task.replayed_hash, task.signature, task.accusation = body.replayed_hash, body.signature, body.accusation
         ver = s.get(Verifier, verifier)
         assert ver is not None
         ver.checked += 1
@@ -288,10 +296,11 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
 
 
 def _maybe_verified(s: Session, unit: Unit) -> None:
-    """A unit whose every sampled segment passed is verified; its provider is owed its price (exactly once)."""
+    """A unit whose every sampled segment passed (by the verifier, or by the referee overruling a false accusation)
+    is verified; its provider is owed its price (exactly once)."""
     open_checks = s.scalar(select(func.count()).select_from(Verification)
                            .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
-                                  Verification.status.notin_(["passed"])))
+                                  Verification.status.notin_(["passed", "verifier_wrong"])))
     if open_checks or unit.status != "submitted":
         return
     unit.status = "verified"
@@ -304,7 +313,10 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
 
 
 def adjudicate(rt: Runtime, verification_id: int) -> str:
-    """Referee a disputed segment by replaying it here. Fraud confirmed -> slash on chain and reassign the unit."""
+    """Referee a disputed segment: relay the verifier's signed accusation on chain (it freezes both stakes), replay
+    the segment here, and resolve. Fraud -> the provider is slashed (bounty to the verifier) and its units go back to
+    the pool; no fraud -> the verifier's bond is forfeit. A dispute without a (usable) accusation is settled by the
+    operator's governance slash instead. Every chain step checks first, so a re-run task sends nothing twice."""
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         if task is None or task.status != "disputed":
@@ -314,27 +326,37 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec, proof, seg = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment
-        blob, provider, verifier = unit.segment_blobs[seg], task.provider, task.verifier
-    path = rt.blobs.path(blob)
-    verdict = check_segment(spec, proof, seg, path)
-    evidence = keccak(to_bytes32(unit.id) + seg.to_bytes(32, "big") + bytes.fromhex(provider[2:]))
+        blob, provider, verifier, accusation = unit.segment_blobs[seg], task.provider, task.verifier, task.accusation
+    assert verifier is not None
+    evidence = verification.fraud_evidence(unit.id, seg, provider)
+    disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
+    verdict = check_segment(spec, proof, seg, rt.blobs.path(blob))
     if verdict.ok:
+        lost = rt.contracts.resolve_dispute(evidence, False) if disputed and not rt.contracts.evidence_used(evidence) else 0
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
             task.status = "verifier_wrong"
+            task.slash_tx = "0x" + evidence.hex() if disputed else None
             ver = s.get(Verifier, verifier)
             if ver is not None:
                 ver.wrong += 1
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
-            log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider)
+            log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider,
+                bond_lost=str(lost))
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"
-    stake = rt.contracts.stake_of(provider)
-    # idempotent: False if this evidence was already used (a re-run task), or nothing is left to slash
-    tx = rt.contracts.slash(provider, stake, verifier, evidence) if stake > 0 else False
+    before = rt.contracts.stake_of(provider)
+    if disputed:  # path (a): the verifier's fraud proof, resolved by this referee
+        path = "fraud-proof"
+        if not rt.contracts.evidence_used(evidence):
+            rt.contracts.resolve_dispute(evidence, True)
+    else:  # path (b): governance slash; idempotent (False if this evidence was already used, or nothing is left)
+        path = "governance"
+        if before > 0:
+            rt.contracts.slash(provider, before, verifier, evidence)
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         assert task is not None
@@ -354,10 +376,26 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                                                                Verification.status.in_(["pending", "assigned"]))):
                 other.status = "void"
         log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
-            amount=str(stake), claimed=verdict.claimed_end, replayed=verdict.replayed_end, reason=verdict.reason,
-            sent=bool(tx))
+            amount=str(before - prov.stake), claimed=verdict.claimed_end, replayed=verdict.replayed_end,
+            reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"
+
+
+def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, accusation: str) -> bool:
+    """Relay ``verifier``'s accusation to GridStaking.accuse. True if a dispute for ``evidence`` is (or was) open on
+    chain; False if the verifier cannot back it (no bond configured, or too little free stake)."""
+    if rt.contracts.evidence_used(evidence):
+        return True
+    bond = rt.contracts.verifier_bond()
+    if bond == 0 or rt.contracts.free_stake_of(verifier) < bond:
+        return bool(rt.contracts.dispute_of(evidence).is_open)  # opened by an earlier run of this task
+    try:
+        rt.contracts.accuse(provider, evidence, ACCUSE_ALL, bytes.fromhex(accusation[2:]))
+    except ChainError as exc:
+        if exc.error_name != "StakingEvidenceUsed":  # already open: a re-run of this task
+            raise
+    return True
 
 
 # ---------------------------------------------------------------- rounds and settlement
@@ -398,33 +436,11 @@ def advance(rt: Runtime, job_id: str) -> str:
 
 
 def settle(rt: Runtime, job_id: str) -> int:
-    """Release each verified unit's pay from escrow to its provider, then refund the rest. Safe to re-run after a crash."""
-    with rt.sessions.begin() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status not in ("done", "settled"):
-            raise Conflict(f"job {job_id} is not done")
-        if job.status == "settled":
-            return job.refund or 0
-        entries = [(e.id, e.unit_id, e.provider, e.amount) for e in
-                   s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.released.is_(False)))]
-    for entry_id, unit_id, provider, amount in entries:
-        rt.contracts.release(job_id, unit_id, provider, amount)  # no-op on chain if this unit was already released
-        with rt.sessions.begin() as s:
-            e = s.get(LedgerEntry, entry_id)
-            assert e is not None
-            e.released = True
-    refund = rt.contracts.close_job(job_id)  # no-op (0) if already closed
-    onchain = rt.contracts.get_job(job_id)
-    with rt.sessions.begin() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        job.status, job.settled_at = "settled", now_s()
-        job.refund = onchain.funded - onchain.released
-        paid = sum(e.amount for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
-        log(s, "job_settled", job_id, paid=str(paid), refund=str(job.refund), released_on_chain=str(onchain.released))
-        if paid != onchain.released:
-            raise InsufficientFundsError(f"ledger says {paid} paid for job {job_id} but escrow released {onchain.released}")
-    return refund
+    """Pay a finished job's verified units into the epoch payout pool and refund the rest (``settlement.settle_job``)."""
+    try:
+        return settlement.settle_job(rt, job_id)
+    except GridMintValueError as exc:
+        raise Conflict(str(exc)) from None
 
 
 def reap(rt: Runtime) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from marketplace import service
+from marketplace import service, settlement
 from protocol.errors import ChainError
 from marketplace.runtime import get_runtime
 
@@ -22,6 +22,7 @@ celery_app.conf.update(
     beat_schedule={
         "reap-stale-units": {"task": "gridmint.reap", "schedule": 5.0},
         "matching-round": {"task": "gridmint.match", "schedule": 5.0},
+        "payout-epoch": {"task": "gridmint.epoch", "schedule": 30.0},
     },
 )
 
@@ -56,6 +57,11 @@ def advance_task(job_id: str) -> str:
 @celery_app.task(name="gridmint.settle", **_CHAIN_RETRY)
 def settle_task(job_id: str) -> int:
     return service.settle(get_runtime(), job_id)
+
+
+@celery_app.task(name="gridmint.epoch", **_CHAIN_RETRY)
+def epoch_task() -> int:
+    return settlement.post_epoch(get_runtime()) or 0
 
 
 @celery_app.task(name="gridmint.reap")

@@ -40,7 +40,7 @@ class AgentConfig:
 def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -> GridMintContracts:
     cfg = client.config
     deployment = Deployment(chain_id=int(cfg["chain_id"]), token=cfg["token"], staking=cfg["staking"],
-                            escrow=cfg["escrow"], treasury=cfg["treasury"])
+                            escrow=cfg["escrow"], treasury=cfg["treasury"], distributor=cfg.get("distributor"))
     return GridMintContracts(Chain.http(chain_url), deployment, account)
 
 
@@ -104,12 +104,24 @@ class ProviderAgent:
         return True
 
     def claim(self) -> int:
-        owed = self.contracts.claimable(self.account.address)
-        if owed:
-            got = self.contracts.claim()
-            self.say(f"claimed {got} base units")
-            return got
-        return 0
+        """Collect everything owed: the epoch payout pool (one claim with the newest claimable root's proof pays
+        every epoch since the last claim) and any per-unit escrow credit. Returns base units received; 0 if none.
+
+        Idempotent: the distributor pays ``cumulative - claimed``, so a repeated claim sends nothing."""
+        got = 0
+        p = self.client.payout()
+        cumulative = int(p["cumulative"])
+        if p["epoch"] and cumulative > int(p["claimed"]):
+            proof = [bytes.fromhex(x[2:]) for x in p["proof"]]
+            paid = self.contracts.claim_payout(int(p["epoch"]), cumulative, proof)
+            if paid:
+                self.say(f"claimed {paid} base units from payout epoch {p['epoch']}")
+            got += paid
+        if self.contracts.claimable(self.account.address):
+            paid = self.contracts.claim()
+            self.say(f"claimed {paid} base units of per-unit escrow credit")
+            got += paid
+        return got
 
     def run(self) -> None:
         stopper = Stopper()

@@ -101,3 +101,7 @@ class MarketClient:
 
     def job(self, job_id: str) -> Any:
         return self._check(self.http.get(f"/jobs/{job_id}"))
+
+    def payout(self, address: str | None = None) -> dict[str, Any]:
+        """This account's (or ``address``'s) leaf and proof under the newest claimable payout root."""
+        return self._check(self.http.get(f"/payouts/{address or self.account.address}"))

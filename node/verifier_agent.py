@@ -4,6 +4,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
@@ -12,20 +13,34 @@ from node.client import MarketClient
 from node.replay import check_segment
 from node.trainer import UnitSpec
 from protocol.proof import TrainingProof
-from protocol.signing import sign_typed, to_bytes32
+from protocol.signing import sign_accusation, sign_typed, to_bytes32
+from protocol.verification import fraud_evidence
 
 console = Console(stderr=True)
 
 
 class VerifierAgent:
     def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
-                 poll_s: float = 0.5, approve_everything: bool = False) -> None:
+                 poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False) -> None:
         self.client = MarketClient(marketplace, account)
         self.account = account
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
+        self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
+        self.accuse = True  # sign an on-chain Accusation with every fraud verdict
+
+    def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
+        """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
+        from node.agent import contracts_for
+
+        c = contracts or contracts_for(self.client, chain_url, self.account)
+        have = c.stake_of(self.account.address)
+        if have < amount:
+            c.stake(amount - have)
+        console.print(f"[dim]verifier[/] staked {max(have, amount)} base units")
+        return max(have, amount)
 
     def verify_once(self) -> str | None:
         task = self.client.next_verification()
@@ -36,16 +51,21 @@ class VerifierAgent:
         seg = int(task["segment"])
         path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
         verdict = check_segment(spec, proof, seg, path)
-        ok = True if self.approve_everything else verdict.ok
+        ok = True if self.approve_everything else False if self.accuse_everything else verdict.ok
         claimed = proof.segments[seg].end_hash
         replayed = verdict.replayed_end or "0x" + "00" * 32
         replayed = replayed if replayed.startswith("0x") else "0x" + replayed
         claimed = claimed if claimed.startswith("0x") else "0x" + claimed
         message = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(replayed)}
-        self.client.verdict({"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
-                             "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
-                             "reason": verdict.reason[:500]})
+        body = {"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
+                "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
+                "reason": verdict.reason[:500]}
+        if not ok and self.accuse:
+            evidence = fraud_evidence(spec.unit_id, seg, task["provider"])
+            body["accusation"] = sign_accusation(self.account, self.client.chain_id, self.client.config["staking"],
+                                                 task["provider"], evidence)
+        self.client.verdict(body)
         word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({verdict.reason})"
         console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
         return "ok" if ok else "fraud"

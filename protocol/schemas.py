@@ -104,3 +104,6 @@ class VerdictSubmit(Strict):
     replayed_hash: Bytes32Hex
     signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")  # EIP-712 Verdict by the verifier
     reason: str = Field("", max_length=500)
+    # with ok=false: the verifier's EIP-712 Accusation for GridStaking.accuse (protocol.signing.sign_accusation), which
+    # bonds its stake; without one, a confirmed fraud is slashed by the governance path instead
+    accusation: str | None = Field(None, pattern=r"^0x[0-9a-f]{130}$")

@@ -115,6 +115,44 @@ def recover_typed(primary: str, chain_id: int, message: Mapping[str, Any], signa
         raise SignatureError(f"malformed {primary} signature: {exc}") from exc
 
 
+#: The slash cap a verifier signs when it accuses: "everything slashable" (the contract takes what is there).
+ACCUSE_ALL = 2**256 - 1
+_ACCUSATION_TYPES = {
+    "EIP712Domain": [*_EIP712_DOMAIN, {"name": "verifyingContract", "type": "address"}],
+    "Accusation": [
+        {"name": "provider", "type": "address"},
+        {"name": "evidence", "type": "bytes32"},
+        {"name": "amount", "type": "uint256"},
+    ],
+}
+
+
+def _accusation(chain_id: int, staking: str, provider: str, evidence: bytes, amount: int) -> Any:
+    return encode_typed_data(full_message={
+        "types": _ACCUSATION_TYPES, "primaryType": "Accusation",
+        "domain": {"name": "GridStaking", "version": "1", "chainId": chain_id,
+                   "verifyingContract": to_checksum_address(staking)},
+        "message": {"provider": to_checksum_address(provider), "evidence": evidence, "amount": amount},
+    })
+
+
+def sign_accusation(account: LocalAccount, chain_id: int, staking: str, provider: str, evidence: bytes,
+                    amount: int = ACCUSE_ALL) -> str:
+    """A verifier's fraud claim, as GridStaking.accuse checks it: EIP-712 ``Accusation(provider, evidence, amount)``
+    under the domain ``GridStaking/1/chainId/staking``. Anyone may submit it on chain; it bonds the signer's stake."""
+    return "0x" + bytes(account.sign_message(_accusation(chain_id, staking, provider, evidence, amount)).signature).hex()
+
+
+def recover_accusation(chain_id: int, staking: str, provider: str, evidence: bytes, signature: str,
+                       amount: int = ACCUSE_ALL) -> str:
+    """Who signed this accusation; SignatureError if the signature is malformed."""
+    try:
+        sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
+        return str(Account.recover_message(_accusation(chain_id, staking, provider, evidence, amount), signature=sig))
+    except Exception as exc:  # eth_account raises several types for junk input
+        raise SignatureError(f"malformed Accusation signature: {exc}") from exc
+
+
 def body_hash(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
 

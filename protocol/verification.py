@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
+from eth_utils import keccak
+
 from protocol.errors import GridMintValueError
 
 #: Share of committed segments replayed per unit, by level. "standard" leaves room under a 2% compute budget for
@@ -167,3 +169,12 @@ def plant_canaries(n_tasks: int, seed: int | bytes, rate: Fraction = CANARY_RATE
         h = int.from_bytes(hashlib.sha256(b"GridMint/canary/v1" + s + i.to_bytes(8, "big")).digest()[:8], "big")
         out.append(Fraction(h, 2**64) < rate)
     return out
+
+
+def fraud_evidence(unit_id: str, segment: int, provider: str) -> bytes:
+    """The on-chain evidence id of "segment ``segment`` of ``unit_id`` by ``provider`` does not replay": what a
+    verifier's accusation names and GridStaking uses at most once. keccak256(unitId || uint256 segment || provider)."""
+    unit = bytes.fromhex(unit_id[2:] if unit_id.startswith("0x") else unit_id)
+    if len(unit) != 32 or segment < 0:
+        raise GridMintValueError(f"bad evidence inputs: unit {unit_id!r}, segment {segment}")
+    return keccak(unit + segment.to_bytes(32, "big") + bytes.fromhex(provider[2:]))

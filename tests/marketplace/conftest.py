@@ -68,7 +68,7 @@ class Market:
 def market(tmp_path: Path, redis_url: str) -> Iterator[Market]:
     chain = Chain.in_process()
     operator = chain.dev_accounts()[0]
-    deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address)
+    deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address, verifier_bond=tokens(50))
     ops = GridMintContracts(chain, deployment, operator)
     settings = Settings(data_dir=tmp_path / "market", min_stake=tokens(100), max_upload_bytes=2 * 1024 * 1024,
                         redis_url=redis_url)

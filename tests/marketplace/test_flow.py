@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from marketplace.db import Job, LedgerEntry, Provider, Unit, Verification
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient
 from node.verifier_agent import VerifierAgent
@@ -79,19 +79,29 @@ def test_honest_job_is_matched_cheapest_first_verified_settled_and_claimed(marke
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
         checks = list(s.scalars(select(Verification)))
         assert job.eval_losses[-1] < job.eval_losses[0]
-    assert len(entries) == 4 and all(e.released for e in entries)
+    assert len(entries) == 4 and all(e.released and e.batch for e in entries)
+    assert len({e.batch for e in entries}) == 1  # one pool transfer for the whole job
     assert checks and all(v.status == "passed" for v in checks)  # no honest unit flagged
     paid = sum(e.amount for e in entries)
     onchain = market.ops.get_job(job_id)
     assert onchain.closed and onchain.released == paid
     assert paid + job.refund == SPEC.budget()
+    assert market.ops.batch_released(job_id, entries[0].batch)
+    # the settle task queued an epoch: one root over cumulative earnings, funded by the pool
+    market.wait(lambda: market.ops.latest_epoch() == 1, what="payout root posted")
+    assert market.ops.total_deposited() == paid
     for agent in (cheap, mid):
-        owed = market.ops.claimable(agent.account.address)
-        assert owed == sum(e.amount for e in entries if e.provider == agent.account.address) > 0
+        owed = sum(e.amount for e in entries if e.provider == agent.account.address)
+        assert owed > 0
+        payout = agent.client.payout()
+        assert payout["epoch"] == 1 and int(payout["cumulative"]) == owed and payout["claimed"] == "0"
         before = market.ops.balance_of(agent.account.address)
         assert agent.claim() == owed
         assert market.ops.balance_of(agent.account.address) == before + owed
+        assert market.ops.claimed(agent.account.address) == owed
         assert agent.claim() == 0  # claiming twice pays nothing
+    assert pricey.claim() == 0  # never matched: no leaf, nothing to claim
+    assert market.ops.balance_of(market.ops.distributor.address) == 0
 
 
 def _assigned(market, job_id: str) -> int:
@@ -122,3 +132,50 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
     assert len(frauds) == 1 and frauds[0].provider == cheat.account.address
     assert any(cheat.account.address in u.excluded for u in units)
     assert market.ops.total_supply() == supply_before
+
+
+def test_staked_verifier_fraud_proof_slashes_the_cheat_through_a_dispute(market, tmp_path: Path) -> None:
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    vacct = market.account(gmt=tokens(100))
+    verifier = VerifierAgent(market.url, vacct, tmp_path / "verifier")
+    verifier.client.register_verifier()
+    verifier.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    treasury = market.deployment.treasury
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        fraud = s.scalars(select(Verification).where(Verification.status == "fraud")).one()
+        slash_events = [e.data for e in s.scalars(select(Event).where(Event.kind == "provider_slashed"))]
+    assert fraud.accusation is not None and slash_events[0]["path"] == "fraud-proof"
+    evidence = fraud.slash_tx
+    assert market.ops.evidence_used(evidence) and not market.ops.dispute_of(evidence).is_open
+    assert market.ops.stake_of(cheat.account.address) == 0
+    assert market.ops.balance_of(vacct.address) == tokens(100)  # bounty: half the cheat's 200 stake
+    assert market.ops.balance_of(treasury) == tokens(100)
+    state = market.ops.stake_state(vacct.address)
+    assert state.staked == tokens(100) and state.bonded == 0 and state.open_disputes == 0  # bond released
+
+
+def test_false_accusation_costs_the_verifier_its_bond_and_pays_the_honest_provider(market, tmp_path: Path) -> None:
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    vacct = market.account(gmt=tokens(100))
+    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
+    liar.client.register_verifier()
+    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [honest], liar, job_id)
+    assert slashed(market) == set()
+    assert market.ops.stake_of(honest.account.address) == tokens(200)
+    with market.rt.sessions() as s:
+        wrong = list(s.scalars(select(Verification).where(Verification.status == "verifier_wrong")))
+        lost = [int(e.data["bond_lost"]) for e in s.scalars(select(Event).where(Event.kind == "false_accusation"))]
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    assert wrong and all(v.accusation and market.ops.evidence_used(v.slash_tx) for v in wrong)
+    assert lost[0] == tokens(50)  # the first false accusation forfeits one bond
+    assert market.ops.stake_of(vacct.address) == tokens(100) - sum(lost)
+    assert market.ops.balance_of(market.deployment.treasury) == sum(lost)
+    assert [e.provider for e in entries] == [honest.account.address]

@@ -1,0 +1,179 @@
+"""Epoch settlement: how verified work becomes tokens in a provider's wallet.
+
+1. ``settle_job`` (job done): the job's verified, unreleased ledger entries move from its escrow to the payout pool
+   in ONE transfer (``JobEscrow.releaseToPool`` with a batch id derived from the entries), then the escrow is closed
+   and the customer refunded the rest.
+2. ``post_epoch`` (periodic, and after each settlement): one Merkle root over every provider's *cumulative* pooled
+   earnings goes on chain (``PayoutDistributor.postRoot``). Nothing is posted when nothing changed, or while the
+   previous root is still inside its dispute window.
+3. ``payout_for`` (``GET /payouts/{address}``): the provider's leaf and proof under the newest claimable root; one
+   ``claim`` pays everything owed up to it, however many epochs the provider waited.
+
+Exactly-once, step by step: a batch id is a pure function of the job and its unit ids, and the escrow releases a
+batch at most once; a root is written ahead (status ``posting``) before it is sent, so a crash between sending and
+recording is finished by the next run instead of posting a second, different root; a voided root (guardian veto
+inside the dispute window) is noticed on chain, logged and its epoch number reused.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from eth_utils import keccak
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ledger.payout_tree import PayoutTree, build_payout_tree
+from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, now_s
+from marketplace.runtime import Runtime
+from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError
+from protocol.signing import to_bytes32
+
+
+def batch_id_for(job_id: str, unit_ids: list[str]) -> str:
+    """The escrow batch id for paying ``unit_ids`` of ``job_id``: the same set always gives the same id."""
+    parts = b"".join(sorted(to_bytes32(u) for u in unit_ids))
+    return "0x" + keccak(to_bytes32(job_id) + b"pool-batch" + parts).hex()
+
+
+def settle_job(rt: Runtime, job_id: str) -> int:
+    """Move a finished job's verified pay to the payout pool and refund the rest. Returns the refund.
+
+    Safe to re-run after a crash at any point: the batch id is derived from the unreleased entries, and the escrow
+    refuses a second release of a batch (the client returns False without sending)."""
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status not in ("done", "settled"):
+            raise GridMintValueError(f"job {job_id} is not done")
+        if job.status == "settled":
+            return job.refund or 0
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.released.is_(False))))
+        ids = [e.id for e in entries]
+        batch = batch_id_for(job_id, [e.unit_id for e in entries]) if entries else None
+        amount = sum(e.amount for e in entries)
+    if batch is not None:
+        rt.contracts.release_to_pool(job_id, batch, amount)  # False (no tx) if this batch was already released
+        with rt.sessions.begin() as s:
+            for e in s.scalars(select(LedgerEntry).where(LedgerEntry.id.in_(ids))):
+                e.released, e.batch = True, batch
+    rt.contracts.close_job(job_id)  # 0, no tx, if already closed
+    onchain = rt.contracts.get_job(job_id)
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        paid = sum(e.amount for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        if paid != onchain.released:
+            raise InsufficientFundsError(f"ledger says {paid} paid for job {job_id} but escrow released {onchain.released}")
+        job.status, job.settled_at = "settled", now_s()
+        job.refund = onchain.funded - onchain.released
+        s.add(Event(job_id=job_id, kind="job_settled", data={
+            "paid": str(paid), "refund": str(job.refund), "released_on_chain": str(onchain.released),
+            "batch": batch}))
+        refund = job.refund
+    rt.enqueue("gridmint.epoch", [])
+    return refund
+
+
+def cumulative_earnings(s: Session) -> dict[str, int]:
+    """Every provider's pooled earnings so far (entries whose batch reached the payout pool)."""
+    rows = s.execute(select(LedgerEntry.provider, LedgerEntry.amount).where(LedgerEntry.released.is_(True),
+                                                                            LedgerEntry.batch.is_not(None)))
+    out: dict[str, int] = {}
+    for provider, amount in rows:
+        out[provider] = out.get(provider, 0) + amount
+    return out
+
+
+def _entries_json(cumulative: dict[str, int]) -> dict[str, str]:
+    return {a: str(v) for a, v in sorted(cumulative.items())}
+
+
+@lru_cache(maxsize=8)
+def _tree(entries: tuple[tuple[str, str], ...]) -> PayoutTree:
+    return build_payout_tree({a: int(v) for a, v in entries})
+
+
+def tree_of(row: PayoutEpoch) -> PayoutTree:
+    return _tree(tuple(sorted(row.entries.items())))
+
+
+def post_epoch(rt: Runtime) -> int | None:
+    """Post the next epoch's root if cumulative earnings changed. Returns the epoch posted (or completed), else None.
+
+    Needs POSTER_ROLE on the distributor. Idempotent and safe to run concurrently: the epoch row is the lock."""
+    c = rt.contracts
+    chain_latest = c.latest_epoch()
+    try:
+        pending = _claim_epoch(rt, chain_latest)
+    except IntegrityError:  # another worker wrote this epoch's row first; it posts it
+        return None
+    if pending is None:
+        return None
+    epoch, root, total = pending.epoch, bytes.fromhex(pending.root[2:]), pending.total
+    if chain_latest < epoch:
+        c.post_root(epoch, root, total)
+    elif c.root_of(epoch) != root:
+        raise ChainError(f"epoch {epoch} on chain has root 0x{c.root_of(epoch).hex()}, the ledger wrote {pending.root}")
+    claimable_at = c.latest_claimable_at()
+    with rt.sessions.begin() as s:
+        row = s.get(PayoutEpoch, epoch)
+        assert row is not None
+        row.status, row.posted_at, row.claimable_at = "posted", c.chain.timestamp(), claimable_at
+        s.add(Event(kind="epoch_posted", data={"epoch": epoch, "root": row.root, "total": str(total),
+                                               "accounts": len(row.entries), "claimable_at": claimable_at}))
+    return epoch
+
+
+def _claim_epoch(rt: Runtime, chain_latest: int) -> PayoutEpoch | None:
+    """The epoch row to post: one left ``posting`` by a crashed run, or a new one written ahead now; None if there
+    is nothing new to post or the previous root is still in its dispute window."""
+    c = rt.contracts
+    with rt.sessions.begin() as s:
+        _forget_voided(s, chain_latest)
+        pending = s.scalars(select(PayoutEpoch).where(PayoutEpoch.status == "posting")).first()
+        if pending is not None:
+            return pending
+        last = s.scalars(select(PayoutEpoch).order_by(PayoutEpoch.epoch.desc())).first()
+        cumulative = cumulative_earnings(s)
+        if not cumulative or (last is not None and last.entries == _entries_json(cumulative)):
+            return None
+        if last is not None and last.claimable_at > c.chain.timestamp():
+            return None  # the previous root is still in its dispute window; the periodic task comes back
+        if chain_latest != (last.epoch if last else 0):
+            raise ChainError(f"distributor is at epoch {chain_latest}, the ledger at {last.epoch if last else 0}: "
+                             "a root was posted that this ledger did not write")
+        tree = build_payout_tree(cumulative)
+        pending = PayoutEpoch(epoch=chain_latest + 1, root="0x" + tree.root.hex(), total=tree.total,
+                              entries=_entries_json(cumulative), status="posting", posted_at=0, claimable_at=0)
+        s.add(pending)
+        s.flush()  # IntegrityError if another worker wrote this epoch first
+        return pending
+
+
+def _forget_voided(s: Session, chain_latest: int) -> None:
+    """Rows for epochs the chain no longer has (the guardian voided them) are dropped, logged, and re-posted."""
+    for row in s.scalars(select(PayoutEpoch).where(PayoutEpoch.epoch > chain_latest, PayoutEpoch.status == "posted")):
+        s.add(Event(kind="epoch_voided", data={"epoch": row.epoch, "root": row.root, "total": str(row.total)}))
+        s.delete(row)
+    s.flush()
+
+
+def payout_for(rt: Runtime, address: str) -> dict[str, Any]:
+    """What ``address`` can claim now: its leaf and proof under the newest root past its dispute window."""
+    now = rt.contracts.chain.timestamp()
+    with rt.sessions() as s:
+        row = s.scalars(select(PayoutEpoch).where(PayoutEpoch.status == "posted", PayoutEpoch.claimable_at <= now)
+                        .order_by(PayoutEpoch.epoch.desc())).first()
+        newest = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
+        pooled = cumulative_earnings(s).get(address, 0)
+    out: dict[str, Any] = {"address": address, "pooled": str(pooled), "newest_epoch": newest or 0,
+                           "epoch": 0, "cumulative": "0", "proof": []}
+    if row is not None:
+        tree = tree_of(row)
+        cumulative = tree.cumulative(address)
+        out.update(epoch=row.epoch, root=row.root, cumulative=str(cumulative),
+                   proof=["0x" + p.hex() for p in tree.proof(address)] if cumulative else [])
+    out["claimed"] = str(rt.contracts.claimed(address))
+    return out

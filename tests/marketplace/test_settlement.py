@@ -1,0 +1,169 @@
+"""Epoch settlement against the real contracts on the in-process EVM and a real SQLite ledger:
+settle a job into the payout pool, post cumulative roots, claim with proofs; crashes and retries pay nothing twice."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from ledger.evm import Chain, GridMintContracts, deploy
+from ledger.payout_tree import verify_proof
+from marketplace import settlement
+from marketplace.app import create_app
+from marketplace.blobs import BlobStore
+from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, make_sessionmaker
+from marketplace.runtime import Runtime
+from marketplace.settings import Settings
+from protocol.money import tokens
+
+SUPPLY = tokens(1_000_000)
+
+
+@dataclass
+class World:
+    chain: Chain
+    ops: GridMintContracts
+    rt: Runtime
+    queued: list[tuple[str, list[Any]]]
+    customer: GridMintContracts
+    providers: list[LocalAccount]
+
+    def fund_done_job(self, name: str, pay: list[tuple[int, int]], budget: int = tokens(10)) -> str:
+        """A job funded on chain and finished off chain, with one verified unit per (provider index, price)."""
+        job_id = "0x" + keccak(text=name).hex()
+        self.customer.fund_job(job_id, budget)
+        with self.rt.sessions.begin() as s:
+            s.add(Job(id=job_id, customer=self.customer.address, spec={}, budget=budget, global_blob="0" * 64,
+                      status="done"))
+            s.flush()
+            for i, (who, price) in enumerate(pay):
+                s.add(LedgerEntry(job_id=job_id, unit_id="0x" + keccak(text=f"{name}-{i}").hex(),
+                                  provider=self.providers[who].address, amount=price))
+        return job_id
+
+    def as_provider(self, i: int) -> GridMintContracts:
+        return self.ops.as_account(self.providers[i])
+
+
+def make_world(tmp_path: Path, dispute_window_s: int = 0) -> World:
+    chain = Chain.in_process()
+    operator, cust, *provs = chain.dev_accounts(5)
+    deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address,
+                        dispute_window_s=dispute_window_s)
+    ops = GridMintContracts(chain, deployment, operator)
+    ops.transfer(cust.address, tokens(1_000))
+    settings = Settings(data_dir=tmp_path)
+    queued: list[tuple[str, list[Any]]] = []
+    rt = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
+                 blobs=BlobStore(settings.blob_dir()), chain_id=chain.chain_id, contracts=ops,
+                 enqueue=lambda name, args: queued.append((name, args)))
+    return World(chain, ops, rt, queued, ops.as_account(cust), provs)
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> World:
+    return make_world(tmp_path)
+
+
+def test_settle_moves_pay_to_pool_once_and_refunds_the_rest(world: World) -> None:
+    job = world.fund_done_job("a", [(0, tokens(1)), (0, tokens(1)), (1, tokens("1.5"))])
+    before = world.ops.balance_of(world.customer.address)
+    refund = settlement.settle_job(world.rt, job)
+    assert refund == tokens(10) - tokens("3.5")
+    assert world.ops.balance_of(world.customer.address) == before + refund
+    assert world.ops.total_deposited() == tokens("3.5")
+    assert ("gridmint.epoch", []) in world.queued
+    with world.rt.sessions() as s:
+        batches = {e.batch for e in s.scalars(select(LedgerEntry))}
+    assert len(batches) == 1 and world.ops.batch_released(job, batches.pop())
+    # a re-run (a retried task) moves nothing and refunds nothing
+    assert settlement.settle_job(world.rt, job) == refund
+    assert world.ops.total_deposited() == tokens("3.5")
+
+
+def test_crash_after_release_before_recording_is_finished_by_the_rerun(world: World) -> None:
+    job = world.fund_done_job("b", [(0, tokens(2)), (1, tokens(1))])
+    with world.rt.sessions() as s:
+        units = [e.unit_id for e in s.scalars(select(LedgerEntry))]
+    # the crashed run got the batch on chain but never wrote it to the ledger
+    world.ops.release_to_pool(job, settlement.batch_id_for(job, units), tokens(3))
+    settlement.settle_job(world.rt, job)
+    assert world.ops.total_deposited() == tokens(3)  # not 6
+    assert world.ops.get_job(job).released == tokens(3)
+
+
+def test_epochs_are_cumulative_and_one_claim_pays_every_epoch(world: World) -> None:
+    settlement.settle_job(world.rt, world.fund_done_job("e1", [(0, tokens(1)), (1, tokens(2))]))
+    assert settlement.post_epoch(world.rt) == 1
+    assert settlement.post_epoch(world.rt) is None  # nothing changed: no new root
+    p1 = world.as_provider(1)
+    assert p1.claim_from_tree(1, settlement.tree_of(_epoch(world, 1))) == tokens(2)
+    for n in range(2, 5):
+        settlement.settle_job(world.rt, world.fund_done_job(f"e{n}", [(0, tokens(1)), (1, tokens(1))]))
+        assert settlement.post_epoch(world.rt) == n
+    assert world.ops.latest_epoch() == 4
+    # provider 0 waited four epochs: one claim pays all 4 tokens; provider 1 gets what it did not claim yet
+    for i, owed in ((0, tokens(4)), (1, tokens(3))):
+        view = settlement.payout_for(world.rt, world.providers[i].address)
+        proof = [bytes.fromhex(x[2:]) for x in view["proof"]]
+        assert view["epoch"] == 4 and verify_proof(world.ops.root_of(4), world.providers[i].address,
+                                                   int(view["cumulative"]), proof)
+        assert world.as_provider(i).claim_payout(4, int(view["cumulative"]), proof) == owed
+        assert world.as_provider(i).claim_payout(4, int(view["cumulative"]), proof) == 0
+    assert world.ops.balance_of(world.ops.distributor.address) == 0
+
+
+def test_crash_between_posting_and_recording_does_not_post_a_second_root(world: World) -> None:
+    settlement.settle_job(world.rt, world.fund_done_job("c", [(0, tokens(1))]))
+    row = settlement._claim_epoch(world.rt, 0)  # written ahead ...
+    assert row is not None and row.status == "posting"
+    world.ops.post_root(1, bytes.fromhex(row.root[2:]), row.total)  # ... sent, then the worker died
+    # meanwhile more work was pooled: the rerun must finish epoch 1 as written, not post a new root over it
+    settlement.settle_job(world.rt, world.fund_done_job("d", [(1, tokens(1))]))
+    assert settlement.post_epoch(world.rt) == 1
+    assert _epoch(world, 1).status == "posted" and world.ops.latest_epoch() == 1
+    assert settlement.post_epoch(world.rt) == 2  # the new work goes into the next epoch
+
+
+def test_root_waits_for_the_dispute_window_and_a_voided_root_is_reposted(tmp_path: Path) -> None:
+    w = make_world(tmp_path, dispute_window_s=600)
+    settlement.settle_job(w.rt, w.fund_done_job("v1", [(0, tokens(1))]))
+    assert settlement.post_epoch(w.rt) == 1
+    addr = w.providers[0].address
+    assert settlement.payout_for(w.rt, addr)["epoch"] == 0  # nothing claimable inside the window
+    settlement.settle_job(w.rt, w.fund_done_job("v2", [(0, tokens(1))]))
+    assert settlement.post_epoch(w.rt) is None  # previous root still in dispute
+    w.ops.void_root(1)  # the guardian vetoes epoch 1
+    assert settlement.post_epoch(w.rt) == 1  # re-posted, now covering both jobs
+    with w.rt.sessions() as s:
+        assert [e.kind for e in s.scalars(select(Event).where(Event.kind.like("epoch_%")))] == [
+            "epoch_posted", "epoch_voided", "epoch_posted"]
+    w.chain.advance_time(601)
+    view = settlement.payout_for(w.rt, addr)
+    assert view["epoch"] == 1 and view["cumulative"] == str(tokens(2))
+
+
+def test_payout_endpoint(world: World) -> None:
+    settlement.settle_job(world.rt, world.fund_done_job("h", [(0, tokens(1))]))
+    settlement.post_epoch(world.rt)
+    api = TestClient(create_app(world.rt))
+    got = api.get(f"/payouts/{world.providers[0].address.lower()}")
+    assert got.status_code == 200
+    assert got.json()["cumulative"] == str(tokens(1)) and got.json()["epoch"] == 1
+    assert api.get(f"/payouts/{world.providers[1].address}").json()["cumulative"] == "0"
+    bad = api.get("/payouts/0x1234")
+    assert bad.status_code == 422 and "not an address" in bad.text
+
+
+def _epoch(world: World, n: int) -> PayoutEpoch:
+    with world.rt.sessions() as s:
+        row = s.get(PayoutEpoch, n)
+        assert row is not None
+        return row
