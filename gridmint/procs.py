@@ -46,18 +46,38 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _as_user(user: str | None) -> Callable[[], None]:
+    """A preexec_fn that dies with the parent and, when we are root and ``user`` is given, drops to that user
+    (PostgreSQL refuses to run as root)."""
+    ids = None
+    if user is not None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        ids = (entry.pw_uid, entry.pw_gid)
+
+    def preexec() -> None:
+        _die_with_parent()
+        if ids is not None:
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+
+    return preexec
+
+
 class Proc:
     """A child process in its own process group, output to a log file; stop() ends the whole group."""
 
     def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None,
-                 cwd: Path = REPO) -> None:
+                 cwd: Path = REPO, user: str | None = None, stop_signal: int = signal.SIGTERM) -> None:
         self.name = name
+        self.stop_signal = stop_signal
         self.log_path = log_dir / f"{name}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=venv_path_env(env), cwd=cwd, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=_as_user(user))
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -84,7 +104,7 @@ class Proc:
     def stop(self, timeout: float = 10.0) -> None:
         if self.alive():
             try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
+                os.killpg(self.popen.pid, self.stop_signal)
                 self.popen.wait(timeout)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
@@ -111,3 +131,62 @@ def start_redis(data_dir: Path, log_dir: Path) -> tuple[Proc, str]:
                           "--save", "", "--appendonly", "no", "--dir", str(data_dir)], log_dir)
     proc.wait_until(lambda: port_open(port), 20, "redis listening")
     return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def postgres_bindir() -> Path | None:
+    """Where this machine's PostgreSQL server binaries are (Debian's ``postgresql`` package), or None."""
+    import glob
+    import shutil
+
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if (Path(candidate) / "postgres").exists():
+            return Path(candidate)
+    found = shutil.which("postgres")
+    return Path(found).parent if found else None
+
+
+def start_postgres(data_dir: Path, log_dir: Path) -> tuple[Proc, str]:
+    """A real PostgreSQL server on a free loopback port, in ``data_dir`` (initdb'ed on first use); returns the
+    process and a SQLAlchemy URL (psycopg 3). As root it runs as the ``postgres`` user, which owns ``data_dir``."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise ServiceError("no PostgreSQL server on this machine (Debian: apt-get install postgresql)")
+    user = "postgres" if os.geteuid() == 0 else None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        for path in (data_dir, *data_dir.rglob("*")):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        for parent in data_dir.parents:  # the server must be able to reach its directory
+            if parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "PG_VERSION").exists():
+        init = Proc("initdb", [str(bindir / "initdb"), "-D", str(pgdata), "-U", "gridmint", "--auth=trust",
+                               "-E", "UTF8", "--no-sync"], log_dir, user=user)
+        if init.popen.wait(60) != 0:
+            raise ServiceError(f"initdb failed:\n{init.tail()}")
+        init.stop()
+    port = free_port()
+    proc = Proc("postgres", [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1",
+                             "-k", str(data_dir), "-c", "fsync=off", "-c", "max_connections=200"], log_dir, user=user,
+                stop_signal=signal.SIGINT)  # "fast" shutdown: SIGTERM would wait for every client to disconnect
+    proc.wait_until(lambda: port_open(port), 30, "postgres listening")
+    return proc, f"postgresql+psycopg://gridmint@127.0.0.1:{port}/postgres"
+
+
+def new_database(server_url: str) -> str:
+    """Create a fresh, empty database on the PostgreSQL server at ``server_url``; returns its URL."""
+    import uuid
+
+    from sqlalchemy import create_engine
+
+    name = f"gm_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

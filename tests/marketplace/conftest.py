@@ -14,7 +14,7 @@ from celery.contrib.testing.worker import start_worker
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from gridmint.procs import free_port, start_redis
+from gridmint.procs import free_port, new_database, start_redis
 from ledger.evm import Chain, Deployment, GridMintContracts, deploy
 from marketplace import tasks
 from marketplace.app import create_app
@@ -65,13 +65,18 @@ class Market:
 
 
 @pytest.fixture()
-def market(tmp_path: Path, redis_url: str) -> Iterator[Market]:
+def market(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Market]:
+    """The marketplace on SQLite; ``@pytest.mark.parametrize("market", ["postgres"], indirect=True)`` puts it on a
+    real PostgreSQL server instead."""
+    db_url = None
+    if getattr(request, "param", "sqlite") == "postgres":
+        db_url = new_database(request.getfixturevalue("postgres_server"))
     chain = Chain.in_process()
     operator = chain.dev_accounts()[0]
     deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address, verifier_bond=tokens(50))
     ops = GridMintContracts(chain, deployment, operator)
     settings = Settings(data_dir=tmp_path / "market", min_stake=tokens(100), max_upload_bytes=2 * 1024 * 1024,
-                        redis_url=redis_url)
+                        redis_url=redis_url, db_url=db_url)
     settings.data_dir.mkdir(parents=True)
     tasks.configure(redis_url)
     tasks.celery_app.connection_for_write().default_channel.client.flushdb()  # no tasks left from earlier tests

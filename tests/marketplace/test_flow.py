@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from sqlalchemy import select
 
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
@@ -61,6 +63,7 @@ def slashed(market) -> set[str]:
         return set(s.scalars(select(Provider.address).where(Provider.status == "slashed")))
 
 
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_honest_job_is_matched_cheapest_first_verified_settled_and_claimed(market, tmp_path: Path) -> None:
     cheap = provider(market, tmp_path, "cheap", "eu-north", "0.6")
     mid = provider(market, tmp_path, "mid", "us-east", "0.9")

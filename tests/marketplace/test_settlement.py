@@ -52,14 +52,24 @@ class World:
         return self.ops.as_account(self.providers[i])
 
 
-def make_world(tmp_path: Path, dispute_window_s: int = 0) -> World:
-    chain = Chain.in_process()
+_CHAINS: dict[int, tuple[Chain, Any, str]] = {}
+
+
+def make_world(tmp_path: Path, db_url: str, dispute_window_s: int = 0) -> World:
+    """A deployment per dispute window, made once per module; each test starts from its snapshot."""
+    if dispute_window_s not in _CHAINS:
+        chain = Chain.in_process()
+        operator, cust = chain.dev_accounts(2)
+        deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address,
+                            dispute_window_s=dispute_window_s)
+        GridMintContracts(chain, deployment, operator).transfer(cust.address, tokens(1_000))
+        _CHAINS[dispute_window_s] = (chain, deployment, chain.snapshot())
+    chain, deployment, snap = _CHAINS[dispute_window_s]
+    chain.revert(snap)
+    _CHAINS[dispute_window_s] = (chain, deployment, chain.snapshot())
     operator, cust, *provs = chain.dev_accounts(5)
-    deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address,
-                        dispute_window_s=dispute_window_s)
     ops = GridMintContracts(chain, deployment, operator)
-    ops.transfer(cust.address, tokens(1_000))
-    settings = Settings(data_dir=tmp_path)
+    settings = Settings(data_dir=tmp_path, db_url=db_url)
     queued: list[tuple[str, list[Any]]] = []
     rt = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
                  blobs=BlobStore(settings.blob_dir()), chain_id=chain.chain_id, contracts=ops,
@@ -68,8 +78,9 @@ def make_world(tmp_path: Path, dispute_window_s: int = 0) -> World:
 
 
 @pytest.fixture()
-def world(tmp_path: Path) -> World:
-    return make_world(tmp_path)
+def world(tmp_path: Path, db_url: str) -> World:
+    """Runs each test on SQLite and on PostgreSQL (``db_url`` in tests/conftest.py)."""
+    return make_world(tmp_path, db_url)
 
 
 def test_settle_moves_pay_to_pool_once_and_refunds_the_rest(world: World) -> None:
@@ -132,8 +143,8 @@ def test_crash_between_posting_and_recording_does_not_post_a_second_root(world: 
     assert settlement.post_epoch(world.rt) == 2  # the new work goes into the next epoch
 
 
-def test_root_waits_for_the_dispute_window_and_a_voided_root_is_reposted(tmp_path: Path) -> None:
-    w = make_world(tmp_path, dispute_window_s=600)
+def test_root_waits_for_the_dispute_window_and_a_voided_root_is_reposted(tmp_path: Path, db_url: str) -> None:
+    w = make_world(tmp_path, db_url, dispute_window_s=600)
     settlement.settle_job(w.rt, w.fund_done_job("v1", [(0, tokens(1))]))
     assert settlement.post_epoch(w.rt) == 1
     addr = w.providers[0].address
