@@ -236,7 +236,10 @@ class Stats:
     reverts_expected: int = 0
     checks: int = 0
     violations: list[str] = field(default_factory=list)
+    #: operations attempted, by kind (``post_root_honest``, ``claim_payout_tampered``...)
     by_op: dict[str, int] = field(default_factory=dict)
+    #: transactions that succeeded (as the model predicted), by kind: shows which flows really ran
+    succeeded: dict[str, int] = field(default_factory=dict)
 
 
 class Harness:
@@ -320,6 +323,8 @@ class Harness:
         self.stats.transactions += 1
         if expected is not None:
             self.stats.reverts_expected += 1
+        elif actual is None:
+            self.stats.succeeded[name] = self.stats.succeeded.get(name, 0) + 1
         if actual is None or actual != expected:
             self._dirty = True
         if actual != expected:
@@ -406,19 +411,21 @@ class Harness:
 
     def post_root(self, mode: str = "honest") -> None:
         """Post the ledger's cumulative tree as the next epoch. ``mode``: ``"honest"``; ``"skip"`` (wrong epoch
-        number); ``"inflated"`` (total above the deposits); ``"bad_then_void"`` (one account inflated, then the
-        guardian voids it inside the dispute window)."""
+        number); ``"inflated"`` (a total above the deposits: must revert); ``"bad_then_void"`` (an over-promising
+        root: the first account's leaf inflated by 1 under the honest total, which the contract cannot check
+        against the leaves; the guardian then voids it inside the dispute window)."""
         m = self.model
         entries = {a: v for a, v in m.ledger.items() if v > 0}
         if not entries or (mode == "bad_then_void" and m.params.dispute_window < 5):
             return
         self._op(f"post_root_{mode}")
         epoch = m.latest + (2 if mode == "skip" else 1)
+        honest_total = sum(entries.values())
         if mode == "bad_then_void":
             victim = sorted(entries)[0]
             entries[victim] += 1
         tree = build_payout_tree(entries)
-        total = m.deposited + 1 if mode == "inflated" else tree.total
+        total = m.deposited + 1 if mode == "inflated" else honest_total
         data = calldata("postRoot(uint256,bytes32,uint256)", epoch, tree.root, total)
         latest = m.latest
         self._tx("post_root", self.cast.operator, self.distributor, data, lambda: m.post_root(epoch, entries, total))
@@ -597,34 +604,50 @@ class Harness:
 # ---------------------------------------------------------------- the random campaign
 
 
+AMOUNTS = (0, 1, 7, 50, 100, 250, 1000, 5000)
+
+
+def _amount(rng: random.Random, fits: int) -> int:
+    """Half the time an amount the operation can take (1..``fits``, per the model), else one from ``AMOUNTS``
+    (0, small, and far too large): the success paths and the refusals both get exercised."""
+    if fits > 0 and rng.random() < 0.5:
+        return rng.randint(1, fits)
+    return rng.choice(AMOUNTS)
+
+
 def random_op(h: Harness, rng: random.Random) -> None:
     """One random operation with random arguments, weighted toward the money flows. While paused, the guardian's
     timelocked unpause comes soon (every other operation is then a must-revert probe)."""
-    n_stakers, n_prov, n_jobs = len(h.cast.stakers), len(h.cast.providers), len(JOBS)
-    amount = rng.choice([0, 1, 7, 50, 100, 250, 1000, 5000])
-    if h.model.paused and rng.random() < 0.2:
+    m = h.model
+    stakers = [a.address for a in h.cast.stakers]
+    n_stakers, n_prov, n_jobs = len(stakers), len(h.cast.providers), len(JOBS)
+    if m.paused and rng.random() < 0.2:
         h.unpause()
         return
+    who, job = rng.randrange(n_stakers), rng.randrange(n_jobs)
+    s = m.stakes.get(stakers[who])
+    j = m.jobs.get(JOBS[job])
     roll = rng.random()
     if roll < 0.10:
-        h.stake(rng.randrange(n_stakers), rng.choice([0, 10, 100, 300, 1000, 2_000_000]))
+        h.stake(who, rng.choice([0, 10, 100, 300, 1000, 2_000_000]))
     elif roll < 0.16:
-        h.request_unbond(rng.randrange(n_stakers), amount)
+        h.request_unbond(who, _amount(rng, s.free() if s and not s.open_disputes else 0))
     elif roll < 0.21:
-        h.withdraw(rng.randrange(n_stakers))
+        h.withdraw(who)
     elif roll < 0.25:
-        h.lock(rng.randrange(n_stakers), amount, unlock=rng.random() < 0.5)
+        unlock = rng.random() < 0.5
+        h.lock(who, _amount(rng, (s.locked if unlock else s.free()) if s else 0), unlock=unlock)
     elif roll < 0.34:
-        h.fund(rng.randrange(2), rng.randrange(n_jobs), rng.choice([0, 100, 1000, 10_000, 5_000_000]))
+        h.fund(rng.randrange(2), job, rng.choice([0, 100, 1000, 10_000, 5_000_000]))
     elif roll < 0.41:
-        h.release(rng.randrange(n_jobs), rng.randrange(len(UNITS)), rng.randrange(n_prov), amount)
+        available = j.funded - j.released if j and not j.closed else 0
+        h.release(job, rng.randrange(len(UNITS)), rng.randrange(n_prov), _amount(rng, available))
     elif roll < 0.51:
-        h.release_to_pool(rng.randrange(n_jobs), rng.randrange(len(UNITS)),
-                          [rng.choice([0, 0, 5, 40, 300]) for _ in range(n_prov)])
+        h.release_to_pool(job, rng.randrange(len(UNITS)), [rng.choice([0, 0, 5, 40, 300]) for _ in range(n_prov)])
     elif roll < 0.54:
-        h.cancel(rng.randrange(2), rng.randrange(n_jobs))
+        h.cancel(rng.randrange(2), job)
     elif roll < 0.58:
-        h.close(None if rng.random() < 0.5 else rng.randrange(2), rng.randrange(n_jobs))
+        h.close(None if rng.random() < 0.5 else rng.randrange(2), job)
     elif roll < 0.62:
         h.claim_escrow(rng.randrange(n_prov))
     elif roll < 0.70:
@@ -632,12 +655,12 @@ def random_op(h: Harness, rng: random.Random) -> None:
     elif roll < 0.71:
         h.void_root()
     elif roll < 0.82:
-        h.claim_payout(rng.randrange(n_stakers),
-                       rng.choice(["latest", "claimable", "claimable", "oldest", "tampered", "foreign"]))
+        claimer = rng.randrange(n_prov) if rng.random() < 0.8 else who  # mostly providers: they have leaves
+        h.claim_payout(claimer, rng.choice(["latest", "claimable", "claimable", "oldest", "tampered", "foreign"]))
     elif roll < 0.85:
-        h.slash(rng.randrange(n_stakers), amount, rng.randrange(2), reuse=rng.random() < 0.2)
+        h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2)
     elif roll < 0.89:
-        h.accuse(rng.randrange(2), rng.randrange(n_stakers), amount, reuse=rng.random() < 0.2)
+        h.accuse(rng.randrange(2), who, _amount(rng, s.staked + s.unbonding if s else 0), reuse=rng.random() < 0.2)
     elif roll < 0.92:
         h.resolve(rng.randrange(4), fraud=rng.random() < 0.5)
     elif roll < 0.93:

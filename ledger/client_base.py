@@ -110,6 +110,7 @@ class ContractsBase:
 
         Returns True if any grant was sent, False if ``address`` already held the role everywhere.
         """
+        role_id(role_name)  # an unknown role is a GridMintValueError before anything is sent
         sent = False
         for name in ROLE_CONTRACTS[role_name]:
             sent |= self.grant_role_on(name, role_name, address)

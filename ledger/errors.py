@@ -13,7 +13,7 @@ from eth_tester.exceptions import TransactionFailed
 from web3.exceptions import ContractLogicError, Web3RPCError
 
 from ledger.contracts import ErrorDecoder
-from protocol.errors import ChainError, InsufficientFundsError
+from protocol.errors import ChainError, InsufficientFundsError, SignatureError
 
 
 class StakingError(ChainError):
@@ -34,6 +34,11 @@ class GovernanceError(ChainError):
 
 class TokenError(ChainError):
     """GridToken refused (``ERC20*`` / ``ERC2612*`` errors)."""
+
+
+class InvalidSignatureError(ChainError, SignatureError):
+    """A signature the contract could not recover (``ECDSAInvalidSignature*``), or a permit signed by the wrong key
+    (``ERC2612InvalidSigner``)."""
 
 
 class PausedError(ChainError):
@@ -80,6 +85,7 @@ _BY_NAME: dict[str, type[ChainError]] = {
     "ExpectedPause": PausedError,
     "AccessControlUnauthorizedAccount": UnauthorizedError,
     "TimelockUnauthorizedCaller": UnauthorizedError,
+    "ERC2612InvalidSigner": InvalidSignatureError,
 }
 _BY_PREFIX: tuple[tuple[str, type[ChainError]], ...] = (
     ("Staking", StakingError),
@@ -88,6 +94,7 @@ _BY_PREFIX: tuple[tuple[str, type[ChainError]], ...] = (
     ("Timelock", GovernanceError),
     ("ERC20", TokenError),
     ("ERC2612", TokenError),
+    ("ECDSA", InvalidSignatureError),
 )
 
 

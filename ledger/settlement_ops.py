@@ -79,13 +79,18 @@ class SettlementOps(EscrowOps):
         """``claim_payout`` with this account's leaf and proof from ``tree`` (epoch ``epoch``'s tree)."""
         return self.claim_payout(epoch, tree.cumulative(self.address), tree.proof(self.address))
 
-    def claim_payout_for(self, account: str, epoch: int, cumulative: int, proof: Sequence[bytes]) -> int:
+    def claim_payout_for(
+        self, account: str, epoch: int, cumulative: int, proof: Sequence[bytes], *, gas: int | None = None
+    ) -> int:
         """Claim on behalf of ``account`` (the tokens go to ``account``); same idempotence as ``claim_payout``."""
         account, cumulative = to_address(account), to_uint(cumulative, "cumulative")
         if cumulative <= self.claimed(account):
             return 0
-        receipt = self._send(
-            self.distributor, "claimFor", account, to_uint(epoch, "epoch", 32), cumulative,
-            [to_bytes32(p, "proof node") for p in proof],
-        )
+        args = (account, to_uint(epoch, "epoch", 32), cumulative, [to_bytes32(p, "proof node") for p in proof])
+        try:
+            receipt = self._send(self.distributor, "claimFor", *args, gas=gas)
+        except ChainError as exc:
+            if exc.error_name == "SettlementNothingToClaim":
+                return 0
+            raise
         return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))

@@ -3,10 +3,14 @@
 Providers (regions, asks above their floor, GPUs, stake, slots, speed, track record, operators) join and
 leave; jobs arrive over the day (more by day than by night) with units, replicas, VRAM, price caps, stake
 needs and region allow-lists. Each hour: churn (a provider that leaves drops its running units, which go
-back to the pool with it excluded), finished units free their slots, new units queue behind older ones, and
-``MatchingBook.assign`` matches the queue. The report gives utilisation per region, the price paid against
-the cheapest possible (the k cheapest free asks each hour, ignoring every constraint: a lower bound), and the
-share of online providers left idle. numpy draws the population; no clock is read.
+back to the queue with it excluded), finished units free their slots, new units queue behind older ones, and
+``MatchingBook.assign`` matches the queue, oldest first. The report gives utilisation per region, the price
+paid against the cheapest possible, and the share of online providers left idle.
+
+"Cheapest possible" is a lower bound per hour: the k cheapest free slots of that hour (k = assignments made),
+ignoring every constraint (VRAM, stake, caps, allow-lists, replicas on distinct operators). It is computed
+twice: by ask (what customers pay per unit) and by effective price (what the matcher minimises: a fast,
+reliable node is worth a higher ask). numpy draws the population; no clock is read.
 """
 from __future__ import annotations
 
@@ -15,27 +19,36 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from marketplace.matching import Demand, MatchingBook, Offer
-from marketplace.pricing import DEFAULT_TABLE, REFERENCE_THROUGHPUT, reliability_ppm, required_stake
+from marketplace.matching import Demand, MatchingBook, Offer, OfferColumns
+from marketplace.pricing import DEFAULT_TABLE, PPM, REFERENCE_THROUGHPUT, effective_price, reliability_ppm, required_stake
+from protocol.errors import GridMintValueError
 from protocol.money import ONE_TOKEN
 
 MILLI = ONE_TOKEN // 1000
+_MICRO = ONE_TOKEN // 1_000_000
 _REGION_SHARE = {"eu-north": 0.30, "us-east": 0.25, "ap-south": 0.15, "eu-west": 0.20, "ap-east": 0.10}
 _GPU_MB = np.array([8192, 12288, 16384, 24576, 40960, 49152, 81920])
 _GPU_SHARE = [0.10, 0.15, 0.20, 0.30, 0.10, 0.05, 0.10]
 _GPU_SPEED_PCT = np.array([30, 45, 60, 100, 160, 180, 300])  # % of the reference node's tokens/s
 _NEED_MB = [4096, 8192, 16384, 24576, 40960, 81920]
 _NEED_SHARE = [0.20, 0.25, 0.25, 0.15, 0.10, 0.05]
+_ONLINE_AT_START = 0.85
 
 
 @dataclass(frozen=True)
 class SimConfig:
     providers: int = 10_000  # population over the run; about 85% online at the start
-    jobs: int | None = None  # jobs arriving over the run; default providers // 10
+    jobs: int | None = None  # jobs arriving over the run; default providers // 10 (1 to 8 units each)
     hours: int = 24
     seed: int = 0
     leave_per_hour_pct: int = 2  # of online providers
     join_per_hour_pct: int = 10  # of offline providers
+
+    def __post_init__(self) -> None:
+        if self.providers < 0 or self.hours < 0 or (self.jobs is not None and self.jobs < 0):
+            raise GridMintValueError(f"providers, jobs and hours must be >= 0: {self}")
+        if not (0 <= self.leave_per_hour_pct <= 100 and 0 <= self.join_per_hour_pct <= 100):
+            raise GridMintValueError(f"churn percentages must be in [0, 100]: {self}")
 
     @property
     def job_count(self) -> int:
@@ -48,6 +61,8 @@ class RegionStats:
     providers: int
     online_slot_hours: int
     busy_slot_hours: int
+    assigned: int = 0  # assignments made to providers of the region
+    paid: int = 0  # base units, sum of their asks
 
     @property
     def utilisation(self) -> float:  # a ratio for display, not money
@@ -58,27 +73,34 @@ class RegionStats:
 class SimReport:
     config: SimConfig
     units: int  # replicas included
-    assigned: int
+    assigned: int  # assignments made, re-assignments after a dropout included
     completed: int
     dropouts: int
-    pending_at_end: int
-    paid: int  # base units, sum of asks of every assignment
-    cheapest_possible: int  # base units, hourly lower bound (see module docstring)
+    pending_at_end: int  # replicas still waiting for a provider
+    paid: int  # base units, sum of the asks of every assignment
+    cheapest_possible: int  # base units, hourly lower bound by ask (module docstring)
     idle_provider_hours: int
     online_provider_hours: int
     regions: tuple[RegionStats, ...]
+    paid_effective: int = 0  # base units, sum of the effective prices of every assignment
+    cheapest_effective: int = 0  # base units, hourly lower bound by effective price
 
     @property
     def paid_vs_cheapest(self) -> float:
         return self.paid / self.cheapest_possible if self.cheapest_possible else 1.0
 
     @property
+    def effective_vs_cheapest(self) -> float:
+        return self.paid_effective / self.cheapest_effective if self.cheapest_effective else 1.0
+
+    @property
     def idle_share(self) -> float:
         return self.idle_provider_hours / self.online_provider_hours if self.online_provider_hours else 0.0
 
 
-def synthetic_offers(n: int, rng: np.random.Generator) -> list[Offer]:
-    """``n`` providers drawn from a plausible market (asks in whole milli-tokens above the region floor)."""
+def synthetic_offer_columns(n: int, rng: np.random.Generator) -> OfferColumns:
+    """``n`` providers drawn from a plausible market (asks in whole milli-tokens above the region floor), column
+    by column: a million ``Offer`` objects would cost more to build than a simulated day of matching."""
     names = list(DEFAULT_TABLE.regions)
     region = rng.choice(len(names), n, p=[_REGION_SHARE[r] for r in names])
     floors = np.array([DEFAULT_TABLE.floor(r) // MILLI for r in names])
@@ -91,12 +113,23 @@ def synthetic_offers(n: int, rng: np.random.Generator) -> list[Offer]:
     dropped = rng.binomial(completed, rng.choice([0.01, 0.05, 0.2], n, p=[0.7, 0.25, 0.05]))
     uptime = rng.integers(900_000, 1_000_001, n)
     farm = np.where(rng.random(n) < 0.1, rng.integers(0, max(1, n // 200), n), -1)
-    rel = list(map(reliability_ppm, completed.tolist(), dropped.tolist(), uptime.tolist()))
-    return [
-        Offer(f"0x{i:040x}", names[r], a * MILLI, int(_GPU_MB[g]), s * ONE_TOKEN, sl, t, rp, f"op{f}" if f >= 0 else "")
-        for i, r, a, g, s, sl, t, rp, f in zip(range(n), region.tolist(), ask_milli.tolist(), gpu.tolist(),
-                                               stake.tolist(), slots.tolist(), tps.tolist(), rel, farm.tolist())
-    ]
+    return OfferColumns(
+        providers=[f"0x{i:040x}" for i in range(n)],
+        regions=list(map(names.__getitem__, region.tolist())),
+        prices=[a * MILLI for a in ask_milli.tolist()],
+        vram_mb=_GPU_MB[gpu].tolist(),
+        stakes=[s * ONE_TOKEN for s in stake.tolist()],
+        free_slots=slots.tolist(),
+        throughput=tps.tolist(),
+        reliability_ppm=list(map(reliability_ppm, completed.tolist(), dropped.tolist(), uptime.tolist())),
+        operators=[f"op{f}" if f >= 0 else "" for f in farm.tolist()],
+    )
+
+
+def synthetic_offers(n: int, rng: np.random.Generator) -> list[Offer]:
+    """``synthetic_offer_columns`` as ``Offer`` objects (for the reference matcher and small books)."""
+    cols = synthetic_offer_columns(n, rng)
+    return [cols.offer(i) for i in range(n)]
 
 
 def synthetic_demands(m: int, rng: np.random.Generator, prefix: str = "u",
@@ -105,22 +138,23 @@ def synthetic_demands(m: int, rng: np.random.Generator, prefix: str = "u",
     stake scaled with the job's value at risk, some with a region allow-list, some replicated, a few with an
     excluded provider."""
     names = list(DEFAULT_TABLE.regions)
-    need = rng.choice(_NEED_MB, m, p=_NEED_SHARE)
-    cap_milli = 800 + rng.integers(0, 2500, m)
+    need = rng.choice(_NEED_MB, m, p=_NEED_SHARE).tolist()
+    cap_milli = (800 + rng.integers(0, 2500, m)).tolist()
     if units is None:
         units = rng.integers(1, 9, m)
-    replicas = np.where(rng.random(m) < 0.1, 2, 1)
-    restrict = rng.random(m) < 0.25
-    excluded = rng.random(m) < 0.02
+    units_l = units.tolist()
+    replicas = np.where(rng.random(m) < 0.1, 2, 1).tolist()
+    restrict = (rng.random(m) < 0.25).tolist()
+    excluded = (rng.random(m) < 0.02).tolist()
     out = []
     for k in range(m):
         allow = None
         if restrict[k]:
             allow = frozenset(names[j] for j in rng.choice(len(names), int(rng.integers(1, 4)), replace=False))
-        cap = int(cap_milli[k]) * MILLI
-        stake = required_stake(cap * int(units[k]) * 10, 100 * ONE_TOKEN)
+        cap = cap_milli[k] * MILLI
+        stake = required_stake(cap * units_l[k] * 10, 100 * ONE_TOKEN)
         ex = frozenset({f"0x{int(rng.integers(0, 1 << 16)):040x}"}) if excluded[k] else frozenset()
-        out.append(Demand(f"{prefix}{k}", int(need[k]), stake, cap, ex, allow, int(replicas[k])))
+        out.append(Demand(f"{prefix}{k}", need[k], stake, cap, ex, allow, replicas[k]))
     return out
 
 
@@ -128,35 +162,44 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
     """Run ``config.hours`` hourly ticks; ``progress(hour)`` is called after each (for a progress bar)."""
     rng = np.random.default_rng(config.seed)
     n, hours = config.providers, config.hours
-    offers = synthetic_offers(n, rng)
-    online = rng.random(n) < 0.85
-    book = MatchingBook(offers, DEFAULT_TABLE, online.tolist())
+    cols = synthetic_offer_columns(n, rng)
+    online = rng.random(n) < _ONLINE_AT_START
+    book = MatchingBook(cols, DEFAULT_TABLE, online.tolist())
     index_of = book.index.index_of
     names = list(DEFAULT_TABLE.regions)
-    region = np.array([names.index(o.region) for o in offers])
-    asks = np.array([o.price // MILLI for o in offers], dtype=np.int64)
-    slots = np.array([max(0, o.free_slots) for o in offers], dtype=np.int64)
-    speed = [o.throughput for o in offers]
-    operator = [o.operated_by for o in offers]
+    region_id = {name: k for k, name in enumerate(names)}
+    region = np.array([region_id[r] for r in cols.regions], dtype=np.int64)
+    ask_milli = np.array([p // MILLI for p in cols.prices], dtype=np.int64)
+    tps = np.array(cols.throughput, dtype=np.int64)
+    rel = np.array(cols.reliability_ppm, dtype=np.int64)
+    # effective price in whole micro-tokens, rounded down, for the lower bound only (int64: asks here are < 3 tokens)
+    eff_micro = ask_milli * (1000 * REFERENCE_THROUGHPUT * PPM) // (tps * rel)
+    slots = np.array([max(0, s) for s in cols.free_slots], dtype=np.int64)
+    speed, providers, prices = cols.throughput, cols.providers, cols.prices
+    operator = [op or p for op, p in zip(cols.operators, providers)]
     busy = np.zeros(n, dtype=np.int64)
 
     jobs = config.job_count
     arrive_weight = 2 + np.sin(np.arange(hours) * 2 * np.pi / 24 - np.pi / 2)  # night trough, afternoon peak
-    arrival = np.sort(rng.choice(hours, jobs, p=arrive_weight / arrive_weight.sum())) if hours else np.zeros(0, int)
-    work_hours = rng.integers(4, 21, jobs)  # per unit, at reference speed
+    arrival = (np.sort(rng.choice(hours, jobs, p=arrive_weight / arrive_weight.sum())) if hours
+               else np.zeros(0, dtype=np.int64)).tolist()
+    work_hours = rng.integers(4, 21, jobs).tolist()  # per unit, at reference speed
     units_of = rng.integers(1, 9, jobs)
     job_demands = synthetic_demands(jobs, rng, prefix="job", units=units_of)
+    units_of_l = units_of.tolist()
     units_total = 0
-    pending: list[tuple[Demand, int]] = []  # (demand, job)
+    pending: list[tuple[Demand, int]] = []  # (demand, job), oldest first
     finishing: list[list[tuple[int, int]]] = [[] for _ in range(hours + 1)]  # (provider, run id)
     running: dict[int, tuple[int, str, Demand, int]] = {}  # run id -> (provider, operator, unit, job)
     runs_of: dict[int, list[int]] = {}  # provider -> its run ids
     unit_ops: dict[str, set[str]] = {}  # unit -> operators running a replica
     next_run = 0
     assigned = completed = dropouts = 0
-    paid = cheapest = idle_hours = online_hours = 0
+    paid = cheapest = paid_eff = cheapest_eff = idle_hours = online_hours = 0
     online_slot_hours = np.zeros(len(names), dtype=np.int64)
     busy_slot_hours = np.zeros(len(names), dtype=np.int64)
+    assigned_to = np.zeros(n, dtype=np.int64)
+    eff_of: dict[int, int] = {}  # provider -> exact effective price, computed when first assigned
     job_k = 0
 
     for hour in range(hours):
@@ -167,26 +210,26 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
             online[join] = True
             for i in leave.tolist():
                 book.set_online(i, False)
-                for run in runs_of.pop(i, []):
+                for run in runs_of.pop(i, ()):
                     _, op, d, job = running.pop(run)
                     book.release(i)
                     busy[i] -= 1
                     dropouts += 1
-                    unit_ops[d.unit_id].discard(op)
-                    pending.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price, d.excluded | {offers[i].provider},
-                                           d.regions, 1, frozenset(unit_ops[d.unit_id])), job))
+                    ops = unit_ops[d.unit_id]
+                    ops.discard(op)
+                    pending.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price, d.excluded | {providers[i]},
+                                           d.regions, 1, frozenset(ops)), job))
             for i in join.tolist():
                 book.set_online(i, True)
         for i, run in finishing[hour]:
-            if run in running:
-                del running[run]
+            if running.pop(run, None) is not None:
                 runs_of[i].remove(run)
                 book.release(i)
                 busy[i] -= 1
                 completed += 1
         while job_k < jobs and arrival[job_k] == hour:
             base = job_demands[job_k]
-            for u in range(int(units_of[job_k])):
+            for u in range(units_of_l[job_k]):
                 pending.append((Demand(f"{base.unit_id}-{u}", base.vram_mb, base.min_stake, base.max_price,
                                        base.excluded, base.regions, base.replicas), job_k))
                 units_total += base.replicas
@@ -194,33 +237,36 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
 
         free = np.where(online, slots - busy, 0)
         waiting: list[tuple[Demand, int]] = []
-        hour_paid = hour_assigned = 0
+        hour_assigned = 0
         for d, job in pending:
             got = book.assign(d)
             for a in got:
                 i = index_of[a.rank - 1]
                 busy[i] += 1
-                hour_paid += a.price
+                assigned_to[i] += 1
+                paid += a.price
+                e = eff_of.get(i)
+                if e is None:
+                    e = eff_of[i] = effective_price(prices[i], speed[i], cols.reliability_ppm[i])
+                paid_eff += e
                 run = next_run
                 next_run += 1
                 running[run] = (i, operator[i], d, job)
                 runs_of.setdefault(i, []).append(run)
                 unit_ops.setdefault(d.unit_id, set()).add(operator[i])
-                took = -(-int(work_hours[job]) * REFERENCE_THROUGHPUT // speed[i])  # faster nodes finish sooner
+                took = -(-work_hours[job] * REFERENCE_THROUGHPUT // speed[i])  # faster nodes finish sooner
                 finishing[min(hours, hour + max(1, took))].append((i, run))
             hour_assigned += len(got)
             if len(got) < d.replicas:
                 waiting.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price, d.excluded, d.regions,
-                                       d.replicas - len(got), frozenset(unit_ops.get(d.unit_id, ()))), job))
+                                       d.replicas - len(got), frozenset(unit_ops.get(d.unit_id, ()))), job)
+                               if got else (d, job))
         pending = waiting
         assigned += hour_assigned
-        paid += hour_paid
         if hour_assigned:
-            pool = np.repeat(asks, free)
-            k = min(hour_assigned, len(pool))
-            cheapest += sum(np.partition(pool, k - 1)[:k].tolist()) * MILLI if k else 0
-        on = int(online.sum())
-        online_hours += on
+            cheapest += _k_smallest_sum(ask_milli, free, hour_assigned) * MILLI
+            cheapest_eff += _k_smallest_sum(eff_micro, free, hour_assigned) * _MICRO
+        online_hours += int(online.sum())
         idle_hours += int((online & (busy == 0)).sum())
         online_slot_hours += np.bincount(region[online], weights=slots[online], minlength=len(names)).astype(np.int64)
         busy_slot_hours += np.bincount(region, weights=busy, minlength=len(names)).astype(np.int64)
@@ -228,7 +274,21 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
             progress(hour)
 
     counts = np.bincount(region, minlength=len(names))
+    region_assigned = np.bincount(region, weights=assigned_to, minlength=len(names)).astype(np.int64)
+    region_paid = [0] * len(names)
+    for i in np.flatnonzero(assigned_to).tolist():
+        region_paid[region[i]] += prices[i] * int(assigned_to[i])
     return SimReport(config, units_total, assigned, completed, dropouts, sum(d.replicas for d, _ in pending), paid,
                      cheapest, idle_hours, online_hours,
-                     tuple(RegionStats(name, int(counts[k]), int(online_slot_hours[k]), int(busy_slot_hours[k]))
-                           for k, name in enumerate(names)))
+                     tuple(RegionStats(name, int(counts[k]), int(online_slot_hours[k]), int(busy_slot_hours[k]),
+                                       int(region_assigned[k]), region_paid[k])
+                           for k, name in enumerate(names)),
+                     paid_eff, cheapest_eff)
+
+
+def _k_smallest_sum(values: np.ndarray, copies: np.ndarray, k: int) -> int:
+    """Sum of the ``k`` smallest of ``values``, value ``j`` counted ``copies[j]`` times. int64 is exact here:
+    the simulation's values are below 2**25 and there are fewer than 2**38 copies."""
+    pool = np.repeat(values, copies)
+    k = min(k, len(pool))
+    return int(np.partition(pool, k - 1)[:k].sum()) if k > 0 else 0

@@ -1,61 +1,122 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
+import { accusationSigner, signAccusation, stakingDomain } from "./helpers.js";
+
 const { ethers, networkHelpers } = await network.create();
+const { time } = networkHelpers;
 
 const SUPPLY = ethers.parseEther("1000000");
 const STAKE = ethers.parseEther("1000");
+const BOND = ethers.parseEther("100");
+const ACCUSED = ethers.parseEther("400");
 const BOUNTY_BPS = 2500n;
+const DELAY = 7n * 24n * 3600n; // unbonding delay, seconds
 const EVIDENCE = ethers.id("evidence-1");
+const EVIDENCE2 = ethers.id("evidence-2");
+const GPU = ethers.encodeBytes32String("A100-80GB");
+
+/** accountOf as a plain object (ethers returns a Result). */
+async function accountOf(staking, who) {
+  return (await staking.accountOf(who)).toObject();
+}
 
 describe("GridStaking", function () {
+  // The governor is an EOA here (the timelock in production, see GridTimelock.test.js).
   async function deployStakingFixture() {
-    const [admin, guardian, slasher, provider, provider2, verifier, treasury, other] = await ethers.getSigners();
+    const [admin, governor, guardian, slasher, locker, referee, provider, provider2, verifier, treasury, other] =
+      await ethers.getSigners();
     const token = await ethers.deployContract("GridToken", [admin.address, SUPPLY]);
     const staking = await ethers.deployContract("GridStaking", [
-      await token.getAddress(),
+      token,
       admin.address,
+      governor.address,
       treasury.address,
       BOUNTY_BPS,
+      DELAY,
+      BOND,
     ]);
     await staking.grantRole(await staking.GUARDIAN_ROLE(), guardian.address);
     await staking.grantRole(await staking.SLASHER_ROLE(), slasher.address);
-    for (const p of [provider, provider2]) {
+    await staking.grantRole(await staking.LOCKER_ROLE(), locker.address);
+    await staking.grantRole(await staking.REFEREE_ROLE(), referee.address);
+    for (const p of [provider, provider2, verifier]) {
       await token.transfer(p.address, STAKE * 10n);
-      await token.connect(p).approve(await staking.getAddress(), ethers.MaxUint256);
+      await token.connect(p).approve(staking, ethers.MaxUint256);
     }
-    return { token, staking, admin, guardian, slasher, provider, provider2, verifier, treasury, other };
+    return {
+      token,
+      staking,
+      admin,
+      governor,
+      guardian,
+      slasher,
+      locker,
+      referee,
+      provider,
+      provider2,
+      verifier,
+      treasury,
+      other,
+    };
   }
 
+  // provider and verifier each bonded STAKE.
   async function stakedFixture() {
     const f = await deployStakingFixture();
     await f.staking.connect(f.provider).stake(STAKE);
+    await f.staking.connect(f.verifier).stake(STAKE);
+    return f;
+  }
+
+  // provider asked to unbond 300 of its STAKE; readyAt = that block's time + DELAY.
+  async function unbondingFixture() {
+    const f = await stakedFixture();
+    await f.staking.connect(f.provider).requestUnbond(ethers.parseEther("300"));
+    const readyAt = BigInt(await time.latest()) + DELAY;
+    return { ...f, unbonded: ethers.parseEther("300"), readyAt };
+  }
+
+  // verifier accused provider of ACCUSED on EVIDENCE (relayed by `other`), bonding BOND.
+  async function accusedFixture() {
+    const f = await stakedFixture();
+    const sig = await signAccusation(f.verifier, f.staking, f.provider.address, EVIDENCE, ACCUSED);
+    await f.staking.connect(f.other).accuse(f.provider.address, EVIDENCE, ACCUSED, sig);
     return f;
   }
 
   describe("constructor", function () {
-    it("grants DEFAULT_ADMIN_ROLE to admin and stores token, treasury and bounty rate", async function () {
-      const { token, staking, admin, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
-      expect(await staking.hasRole(await staking.DEFAULT_ADMIN_ROLE(), admin.address)).to.equal(true);
+    it("stores token, treasury and parameters and grants admin and governor roles", async function () {
+      const { token, staking, admin, governor, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
       expect(await staking.token()).to.equal(await token.getAddress());
       expect(await staking.treasury()).to.equal(treasury.address);
       expect(await staking.bountyBps()).to.equal(BOUNTY_BPS);
+      expect(await staking.unbondingDelay()).to.equal(DELAY);
+      expect(await staking.verifierBond()).to.equal(BOND);
+      expect(await staking.hasRole(await staking.DEFAULT_ADMIN_ROLE(), admin.address)).to.equal(true);
+      expect(await staking.hasRole(await staking.GOVERNOR_ROLE(), governor.address)).to.equal(true);
+      expect(await staking.hasRole(await staking.GOVERNOR_ROLE(), admin.address)).to.equal(false);
     });
 
-    it("reverts with StakingInvalidBps above 10000", async function () {
-      const { token, admin, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
+    it("reverts with StakingInvalidBps(bps) above 10000", async function () {
+      const { token, admin, governor, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
       const factory = await ethers.getContractFactory("GridStaking");
-      await expect(factory.deploy(await token.getAddress(), admin.address, treasury.address, 10_001))
+      await expect(factory.deploy(token, admin.address, governor.address, treasury.address, 10_001, DELAY, BOND))
         .to.be.revertedWithCustomError(factory, "StakingInvalidBps")
         .withArgs(10_001);
     });
 
-    it("reverts with StakingZeroAddress for a zero treasury", async function () {
-      const { token, admin } = await networkHelpers.loadFixture(deployStakingFixture);
+    it("reverts with StakingZeroAddress for a zero token, admin, governor or treasury", async function () {
+      const { token, admin, governor, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
       const factory = await ethers.getContractFactory("GridStaking");
-      await expect(
-        factory.deploy(await token.getAddress(), admin.address, ethers.ZeroAddress, 0),
-      ).to.be.revertedWithCustomError(factory, "StakingZeroAddress");
+      const good = [await token.getAddress(), admin.address, governor.address, treasury.address];
+      for (let i = 0; i < good.length; i++) {
+        const addrs = good.map((a, j) => (j === i ? ethers.ZeroAddress : a));
+        await expect(factory.deploy(...addrs, BOUNTY_BPS, DELAY, BOND)).to.be.revertedWithCustomError(
+          factory,
+          "StakingZeroAddress",
+        );
+      }
     });
   });
 
@@ -72,6 +133,7 @@ describe("GridStaking", function () {
         [-5n, 5n],
       );
       expect(await staking.stakeOf(provider.address)).to.equal(STAKE + 5n);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE + 5n);
     });
 
     it("tracks totalStaked across providers", async function () {
@@ -94,31 +156,452 @@ describe("GridStaking", function () {
     });
   });
 
-  describe("unstake", function () {
-    it("returns tokens and emits Unstaked with the remaining stake", async function () {
+  describe("requestUnbond", function () {
+    it("moves the amount from staked to unbonding and emits UnbondRequested with readyAt = now + delay", async function () {
       const { token, staking, provider } = await networkHelpers.loadFixture(stakedFixture);
-      await expect(staking.connect(provider).unstake(400n))
-        .to.emit(staking, "Unstaked")
-        .withArgs(provider.address, 400n, STAKE - 400n);
-      await expect(staking.connect(provider).unstake(100n)).to.changeTokenBalances(
-        ethers,
-        token,
-        [provider, staking],
-        [100n, -100n],
-      );
-      expect(await staking.totalStaked()).to.equal(STAKE - 500n);
+      const amount = ethers.parseEther("300");
+      const tx = await staking.connect(provider).requestUnbond(amount);
+      await expect(tx).to.changeTokenBalances(ethers, token, [provider, staking], [0n, 0n]);
+      const readyAt = BigInt(await time.latest()) + DELAY;
+      await expect(tx).to.emit(staking, "UnbondRequested").withArgs(provider.address, amount, amount, readyAt);
+      const a = await accountOf(staking, provider.address);
+      expect([a.staked, a.unbonding, a.unbondingReadyAt]).to.deep.equal([STAKE - amount, amount, readyAt]);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE - amount);
+      // Still held by the contract (and slashable) until withdrawn.
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n);
     });
 
-    it("reverts with StakingInsufficientStake(provider, have, need)", async function () {
+    it("adds to a pending request and restarts the delay", async function () {
+      const { staking, provider, unbonded } = await networkHelpers.loadFixture(unbondingFixture);
+      await time.increase(DELAY / 2n);
+      const tx = await staking.connect(provider).requestUnbond(1n);
+      const readyAt = BigInt(await time.latest()) + DELAY; // the request's block + the full delay
+      await expect(tx)
+        .to.emit(staking, "UnbondRequested")
+        .withArgs(provider.address, 1n, unbonded + 1n, readyAt);
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt);
+    });
+
+    it("cannot unbond locked stake: StakingInsufficientStake(account, free, need)", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      const locked = ethers.parseEther("700");
+      await staking.connect(locker).lock(provider.address, locked);
+      await expect(staking.connect(provider).requestUnbond(STAKE - locked + 1n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(provider.address, STAKE - locked, STAKE - locked + 1n);
+      const tx = await staking.connect(provider).requestUnbond(STAKE - locked);
+      await expect(tx)
+        .to.emit(staking, "UnbondRequested")
+        .withArgs(provider.address, STAKE - locked, STAKE - locked, BigInt(await time.latest()) + DELAY);
+      expect(await staking.stakeOf(provider.address)).to.equal(locked);
+    });
+
+    it("reverts with StakingInsufficientStake(account, have, need) past the stake", async function () {
       const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
-      await expect(staking.connect(provider).unstake(STAKE + 1n))
+      await expect(staking.connect(provider).requestUnbond(STAKE + 1n))
         .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
         .withArgs(provider.address, STAKE, STAKE + 1n);
     });
 
+    it("reverts with StakingUnderDispute(account, openDisputes) for the accused and the accuser", async function () {
+      const { staking, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      for (const who of [provider, verifier]) {
+        await expect(staking.connect(who).requestUnbond(1n))
+          .to.be.revertedWithCustomError(staking, "StakingUnderDispute")
+          .withArgs(who.address, 1n);
+      }
+    });
+
     it("reverts with StakingZeroAmount for 0", async function () {
       const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
-      await expect(staking.connect(provider).unstake(0)).to.be.revertedWithCustomError(staking, "StakingZeroAmount");
+      await expect(staking.connect(provider).requestUnbond(0n)).to.be.revertedWithCustomError(
+        staking,
+        "StakingZeroAmount",
+      );
+    });
+  });
+
+  describe("withdraw", function () {
+    it("reverts with StakingStillUnbonding(account, readyAt) before the delay has passed", async function () {
+      const { staking, provider, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await time.increase(DELAY - 100n); // the withdraw lands well before readyAt
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingStillUnbonding")
+        .withArgs(provider.address, readyAt);
+    });
+
+    it("pays out everything unbonded once the delay has passed and emits Withdrawn", async function () {
+      const { token, staking, provider, unbonded, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await time.increaseTo(readyAt);
+      expect(await staking.connect(provider).withdraw.staticCall()).to.equal(unbonded);
+      const tx = staking.connect(provider).withdraw();
+      await expect(tx).to.emit(staking, "Withdrawn").withArgs(provider.address, unbonded);
+      await expect(tx).to.changeTokenBalances(ethers, token, [provider, staking], [unbonded, -unbonded]);
+      expect((await accountOf(staking, provider.address)).unbonding).to.equal(0n);
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n - unbonded);
+      expect(await token.balanceOf(staking)).to.equal(await staking.totalStaked());
+    });
+
+    it("is blocked while the account is under dispute and works once the dispute is resolved", async function () {
+      const { staking, provider, verifier, referee, other, readyAt } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      await time.increaseTo(readyAt + 1n);
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingUnderDispute")
+        .withArgs(provider.address, 1n);
+      await staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(staking.connect(provider).withdraw())
+        .to.emit(staking, "Withdrawn")
+        .withArgs(provider.address, ethers.parseEther("300"));
+    });
+
+    it("reverts with StakingNothingToWithdraw(account) without a request, and after withdrawing", async function () {
+      const { staking, provider, verifier, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await expect(staking.connect(verifier).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingNothingToWithdraw")
+        .withArgs(verifier.address);
+      await time.increaseTo(readyAt);
+      await staking.connect(provider).withdraw();
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingNothingToWithdraw")
+        .withArgs(provider.address);
+    });
+  });
+
+  describe("lock", function () {
+    it("locks free stake and emits StakeLocked with the running total", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(locker).lock(provider.address, 100n))
+        .to.emit(staking, "StakeLocked")
+        .withArgs(provider.address, 100n, 100n);
+      await expect(staking.connect(locker).lock(provider.address, 50n))
+        .to.emit(staking, "StakeLocked")
+        .withArgs(provider.address, 50n, 150n);
+      expect((await accountOf(staking, provider.address)).locked).to.equal(150n);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE - 150n);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE); // locked stake still backs work
+    });
+
+    it("reverts with StakingInsufficientStake(provider, free, need) past the free stake", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(locker).lock(provider.address, STAKE - 10n);
+      await expect(staking.connect(locker).lock(provider.address, 11n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(provider.address, 10n, 11n);
+    });
+
+    it("cannot lock the verifier's bonded stake", async function () {
+      const { staking, locker, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await expect(staking.connect(locker).lock(verifier.address, STAKE - BOND + 1n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(verifier.address, STAKE - BOND, STAKE - BOND + 1n);
+    });
+
+    it("reverts with StakingZeroAmount for 0", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(locker).lock(provider.address, 0n)).to.be.revertedWithCustomError(
+        staking,
+        "StakingZeroAmount",
+      );
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without LOCKER_ROLE", async function () {
+      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(provider).lock(provider.address, 1n))
+        .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+        .withArgs(provider.address, await staking.LOCKER_ROLE());
+    });
+  });
+
+  describe("unlock", function () {
+    it("releases locked stake, emits StakeUnlocked, and the stake can then be unbonded", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(locker).lock(provider.address, STAKE);
+      await expect(staking.connect(locker).unlock(provider.address, 400n))
+        .to.emit(staking, "StakeUnlocked")
+        .withArgs(provider.address, 400n, STAKE - 400n);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(400n);
+      await expect(staking.connect(provider).requestUnbond(400n)).to.emit(staking, "UnbondRequested");
+    });
+
+    it("reverts with StakingInsufficientLocked(provider, locked, need) past the locked stake", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(locker).lock(provider.address, 5n);
+      await expect(staking.connect(locker).unlock(provider.address, 6n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientLocked")
+        .withArgs(provider.address, 5n, 6n);
+    });
+
+    it("reverts with StakingZeroAmount for 0", async function () {
+      const { staking, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(locker).unlock(provider.address, 0n)).to.be.revertedWithCustomError(
+        staking,
+        "StakingZeroAmount",
+      );
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without LOCKER_ROLE", async function () {
+      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(provider).unlock(provider.address, 1n))
+        .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+        .withArgs(provider.address, await staking.LOCKER_ROLE());
+    });
+  });
+
+  describe("accuse", function () {
+    it("opens a dispute from a staked verifier's EIP-712 signature, relayed by anyone", async function () {
+      const { staking, provider, verifier, other } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.emit(staking, "Accused")
+        .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, BOND);
+      expect((await staking.disputeOf(EVIDENCE)).toObject()).to.deep.equal({
+        provider: provider.address,
+        verifier: verifier.address,
+        amount: ACCUSED,
+        bond: BOND,
+      });
+      const v = await accountOf(staking, verifier.address);
+      expect([v.bonded, v.openDisputes]).to.deep.equal([BOND, 1n]);
+      expect((await accountOf(staking, provider.address)).openDisputes).to.equal(1n);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(0n);
+      expect(await staking.freeStakeOf(verifier.address)).to.equal(0n);
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(false); // used only once resolved
+      // No token moves until the referee resolves.
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+      expect(await staking.stakeOf(verifier.address)).to.equal(STAKE);
+    });
+
+    it("reaches a provider whose whole stake is unbonding", async function () {
+      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(provider).requestUnbond(STAKE);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.emit(staking, "Accused")
+        .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, BOND);
+    });
+
+    it("names the signer of a forged accusation (unstaked) in StakingInsufficientStake", async function () {
+      const { staking, provider, other } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(other, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(other.address, 0n, BOND);
+    });
+
+    it("rejects a verifier's signature replayed with another amount (it recovers to a stranger)", async function () {
+      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      const stranger = await accusationSigner(staking, provider.address, EVIDENCE, STAKE, sig);
+      expect(stranger).to.not.equal(verifier.address);
+      await expect(staking.accuse(provider.address, EVIDENCE, STAKE, sig))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(stranger, 0n, BOND);
+    });
+
+    it("rejects a signature made for another chain or contract", async function () {
+      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const domain = await stakingDomain(staking);
+      for (const forged of [
+        { ...domain, chainId: domain.chainId + 1n },
+        { ...domain, verifyingContract: verifier.address },
+        { ...domain, name: "GridStakingV2" },
+      ]) {
+        const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED, forged);
+        const stranger = await accusationSigner(staking, provider.address, EVIDENCE, ACCUSED, sig);
+        await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+          .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+          .withArgs(stranger, 0n, BOND);
+      }
+    });
+
+    it("reverts with ECDSA errors for a malformed signature", async function () {
+      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, ethers.ZeroHash))
+        .to.be.revertedWithCustomError(staking, "ECDSAInvalidSignatureLength")
+        .withArgs(32n);
+      await expect(
+        staking.accuse(provider.address, EVIDENCE, ACCUSED, ethers.concat([ethers.ZeroHash, ethers.ZeroHash, "0x1b"])),
+      ).to.be.revertedWithCustomError(staking, "ECDSAInvalidSignature");
+    });
+
+    it("reverts with StakingSelfAccusation(account) when the provider signs against itself", async function () {
+      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(provider, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingSelfAccusation")
+        .withArgs(provider.address);
+    });
+
+    it("reverts with StakingEvidenceUsed(evidence) while the evidence is in dispute and once resolved", async function () {
+      const { staking, referee, provider, provider2, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(provider2).stake(STAKE);
+      // Same evidence, even against another provider or by another verifier.
+      const again = await signAccusation(provider2, staking, provider.address, EVIDENCE, 1n);
+      await expect(staking.accuse(provider.address, EVIDENCE, 1n, again))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+      await staking.connect(referee).resolve(EVIDENCE, true);
+      const replay = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, replay))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+    });
+
+    it("reverts with StakingEvidenceUsed for evidence a governance slash already used", async function () {
+      const { staking, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+    });
+
+    it("reverts with StakingNothingToSlash(provider) for a provider without stake", async function () {
+      const { staking, provider2, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(verifier, staking, provider2.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider2.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingNothingToSlash")
+        .withArgs(provider2.address);
+    });
+
+    it("reverts with StakingInsufficientStake(verifier, free, bond) when the verifier cannot bond", async function () {
+      const { staking, locker, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(locker).lock(verifier.address, STAKE - BOND + 1n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(verifier.address, BOND - 1n, BOND);
+    });
+
+    it("bonds once per accusation: a second one needs another free bond", async function () {
+      const { staking, provider, provider2, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(provider2).stake(STAKE);
+      const sig = await signAccusation(verifier, staking, provider2.address, EVIDENCE2, 1n);
+      await expect(staking.accuse(provider2.address, EVIDENCE2, 1n, sig))
+        .to.emit(staking, "Accused")
+        .withArgs(provider2.address, verifier.address, EVIDENCE2, 1n, BOND);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.bonded, v.openDisputes]).to.deep.equal([BOND * 2n, 2n]);
+      expect((await accountOf(staking, provider.address)).openDisputes).to.equal(1n);
+    });
+
+    it("is disabled while verifierBond is 0: StakingInsufficientStake(verifier, free, 1)", async function () {
+      const { staking, governor, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(governor).setVerifierBond(0n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(verifier.address, STAKE, 1n);
+    });
+
+    it("reverts with StakingZeroAmount for 0", async function () {
+      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 0n);
+      await expect(staking.accuse(provider.address, EVIDENCE, 0n, sig)).to.be.revertedWithCustomError(
+        staking,
+        "StakingZeroAmount",
+      );
+    });
+  });
+
+  describe("resolve", function () {
+    it("fraud: slashes the provider, pays bountyBps to the verifier and the rest to the treasury", async function () {
+      const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        accusedFixture,
+      );
+      const bounty = (ACCUSED * BOUNTY_BPS) / 10_000n;
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, ACCUSED);
+      await expect(tx)
+        .to.emit(staking, "Slashed")
+        .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, bounty);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-ACCUSED, bounty, ACCUSED - bounty, 0n],
+      );
+      const p = await accountOf(staking, provider.address);
+      const v = await accountOf(staking, verifier.address);
+      expect([p.staked, p.openDisputes]).to.deep.equal([STAKE - ACCUSED, 0n]);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, 0n, 0n]); // bond released
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n - ACCUSED);
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
+      expect((await staking.disputeOf(EVIDENCE)).provider).to.equal(ethers.ZeroAddress);
+    });
+
+    it("fraud: takes unbonding stake too, up to the accused amount", async function () {
+      const { staking, referee, provider, verifier, other } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(provider).requestUnbond(STAKE - 100n); // staked 100, unbonding STAKE - 100
+      const amount = STAKE * 3n;
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, amount);
+      await staking.connect(other).accuse(provider.address, EVIDENCE, amount, sig);
+      await expect(staking.connect(referee).resolve(EVIDENCE, true))
+        .to.emit(staking, "Slashed")
+        .withArgs(provider.address, verifier.address, EVIDENCE, STAKE, (STAKE * BOUNTY_BPS) / 10_000n);
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding]).to.deep.equal([0n, 0n]);
+    });
+
+    it("false accusation: the verifier's bond goes to the treasury, the provider keeps its stake", async function () {
+      const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        accusedFixture,
+      );
+      const tx = staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, false, BOND);
+      await expect(tx).to.emit(staking, "Slashed").withArgs(verifier.address, ethers.ZeroAddress, EVIDENCE, BOND, 0n);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-BOND, 0n, BOND, 0n],
+      );
+      const p = await accountOf(staking, provider.address);
+      const v = await accountOf(staking, verifier.address);
+      expect([p.staked, p.openDisputes]).to.deep.equal([STAKE, 0n]);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE - BOND, 0n, 0n]);
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
+    });
+
+    it("false accusation: takes the bond recorded at accuse time, not the current verifierBond", async function () {
+      const { staking, governor, referee, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(governor).setVerifierBond(BOND * 5n);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, BOND);
+      expect(await staking.stakeOf(verifier.address)).to.equal(STAKE - BOND);
+    });
+
+    it("fraud after governance already slashed everything: resolves with 0 slashed and moves no token", async function () {
+      const { token, staking, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(slasher).slash(provider.address, STAKE, verifier.address, EVIDENCE2);
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, 0n);
+      await expect(tx).to.emit(staking, "Slashed").withArgs(provider.address, verifier.address, EVIDENCE, 0n, 0n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier], [0n, 0n]);
+      expect((await accountOf(staking, verifier.address)).openDisputes).to.equal(0n);
+    });
+
+    it("reverts with StakingUnknownDispute(evidence) for unknown or already resolved evidence", async function () {
+      const { staking, referee } = await networkHelpers.loadFixture(accusedFixture);
+      await expect(staking.connect(referee).resolve(EVIDENCE2, true))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownDispute")
+        .withArgs(EVIDENCE2);
+      await staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(staking.connect(referee).resolve(EVIDENCE, true))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownDispute")
+        .withArgs(EVIDENCE);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without REFEREE_ROLE", async function () {
+      const { staking, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await expect(staking.connect(verifier).resolve(EVIDENCE, true))
+        .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+        .withArgs(verifier.address, await staking.REFEREE_ROLE());
     });
   });
 
@@ -127,34 +610,67 @@ describe("GridStaking", function () {
       const { token, staking, slasher, provider, verifier, treasury } = await networkHelpers.loadFixture(stakedFixture);
       const amount = 1003n;
       const bounty = (amount * BOUNTY_BPS) / 10_000n; // 250, rounded down
-      await expect(staking.connect(slasher).slash(provider.address, amount, verifier.address, EVIDENCE))
+      const tx = staking.connect(slasher).slash(provider.address, amount, verifier.address, EVIDENCE);
+      await expect(tx)
         .to.emit(staking, "Slashed")
         .withArgs(provider.address, verifier.address, EVIDENCE, amount, bounty);
-      expect(await token.balanceOf(verifier.address)).to.equal(bounty);
-      expect(await token.balanceOf(treasury.address)).to.equal(amount - bounty);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury],
+        [-amount, bounty, amount - bounty],
+      );
       expect(await staking.stakeOf(provider.address)).to.equal(STAKE - amount);
-      expect(await staking.totalStaked()).to.equal(STAKE - amount);
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n - amount);
       expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
     });
 
-    it("slashes at most the provider's stake", async function () {
-      const { token, staking, slasher, provider, verifier, treasury } = await networkHelpers.loadFixture(stakedFixture);
+    it("takes unbonding stake once the bonded stake is gone", async function () {
+      const { token, staking, slasher, provider, verifier, readyAt } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
+      const staked = STAKE - ethers.parseEther("300");
+      const amount = staked + ethers.parseEther("100");
+      await expect(staking.connect(slasher).slash(provider.address, amount, verifier.address, EVIDENCE))
+        .to.emit(staking, "Slashed")
+        .withArgs(provider.address, verifier.address, EVIDENCE, amount, (amount * BOUNTY_BPS) / 10_000n);
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding]).to.deep.equal([0n, ethers.parseEther("200")]);
+      await time.increaseTo(readyAt);
+      await expect(staking.connect(provider).withdraw()).to.changeTokenBalances(
+        ethers,
+        token,
+        [provider],
+        [ethers.parseEther("200")],
+      );
+    });
+
+    it("slashes at most staked + unbonding", async function () {
+      const { token, staking, slasher, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
       await expect(staking.connect(slasher).slash(provider.address, STAKE * 5n, verifier.address, EVIDENCE))
         .to.emit(staking, "Slashed")
         .withArgs(provider.address, verifier.address, EVIDENCE, STAKE, (STAKE * BOUNTY_BPS) / 10_000n);
-      expect(await staking.stakeOf(provider.address)).to.equal(0n);
-      expect((await token.balanceOf(verifier.address)) + (await token.balanceOf(treasury.address))).to.equal(STAKE);
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding]).to.deep.equal([0n, 0n]);
+      expect((await token.balanceOf(verifier.address)) + (await token.balanceOf(treasury.address))).to.equal(
+        STAKE * 9n + STAKE, // the verifier's unstaked 9 * STAKE plus everything slashed
+      );
     });
 
-    it("reverts with StakingEvidenceUsed when the evidence is reused", async function () {
-      const { staking, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
-      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
+    it("reverts with StakingEvidenceUsed(evidence) when the evidence is reused or in an open dispute", async function () {
+      const { staking, slasher, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
       await expect(staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
+      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE2);
+      await expect(staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE2))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE2);
     });
 
-    it("reverts with StakingNothingToSlash for a provider without stake", async function () {
+    it("reverts with StakingNothingToSlash(provider) for a provider without stake", async function () {
       const { staking, slasher, provider2, verifier } = await networkHelpers.loadFixture(stakedFixture);
       await expect(staking.connect(slasher).slash(provider2.address, 1n, verifier.address, EVIDENCE))
         .to.be.revertedWithCustomError(staking, "StakingNothingToSlash")
@@ -180,35 +696,199 @@ describe("GridStaking", function () {
   });
 
   describe("pause", function () {
-    it("blocks stake, unstake and slash with EnforcedPause", async function () {
-      const { staking, guardian, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+    it("blocks stake, requestUnbond, withdraw, accuse, resolve and slash with EnforcedPause", async function () {
+      const { staking, guardian, slasher, referee, provider, verifier, readyAt } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE2, 1n);
+      await staking.accuse(provider.address, EVIDENCE2, 1n, sig);
+      await time.increaseTo(readyAt);
       await expect(staking.connect(guardian).pause()).to.emit(staking, "Paused").withArgs(guardian.address);
-      await expect(staking.connect(provider).stake(1n)).to.be.revertedWithCustomError(staking, "EnforcedPause");
-      await expect(staking.connect(provider).unstake(1n)).to.be.revertedWithCustomError(staking, "EnforcedPause");
-      await expect(
-        staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE),
-      ).to.be.revertedWithCustomError(staking, "EnforcedPause");
+      const sig2 = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
+      const calls = [
+        () => staking.connect(provider).stake(1n),
+        () => staking.connect(provider).requestUnbond(1n),
+        () => staking.connect(provider).withdraw(),
+        () => staking.accuse(provider.address, EVIDENCE, 1n, sig2),
+        () => staking.connect(referee).resolve(EVIDENCE2, false),
+        () => staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE),
+      ];
+      for (const call of calls) {
+        await expect(call()).to.be.revertedWithCustomError(staking, "EnforcedPause");
+      }
     });
 
-    it("unpause restores every flow", async function () {
-      const { staking, guardian, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+    it("leaves lock and unlock open (they move no token; every exit is paused)", async function () {
+      const { staking, guardian, locker, provider } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(guardian).pause();
-      await expect(staking.connect(guardian).unpause()).to.emit(staking, "Unpaused").withArgs(guardian.address);
-      await staking.connect(provider).stake(1n);
-      await staking.connect(provider).unstake(1n);
-      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
-      expect(await staking.stakeOf(provider.address)).to.equal(STAKE - 1n);
+      await expect(staking.connect(locker).lock(provider.address, 1n)).to.emit(staking, "StakeLocked");
+      await expect(staking.connect(locker).unlock(provider.address, 1n)).to.emit(staking, "StakeUnlocked");
     });
 
-    it("reverts with AccessControlUnauthorizedAccount without GUARDIAN_ROLE", async function () {
+    it("reverts with EnforcedPause when already paused", async function () {
+      const { staking, guardian } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(guardian).pause();
+      await expect(staking.connect(guardian).pause()).to.be.revertedWithCustomError(staking, "EnforcedPause");
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GUARDIAN_ROLE (governor and admin included)", async function () {
+      const { staking, admin, governor } = await networkHelpers.loadFixture(stakedFixture);
+      for (const who of [admin, governor]) {
+        await expect(staking.connect(who).pause())
+          .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await staking.GUARDIAN_ROLE());
+      }
+    });
+  });
+
+  describe("unpause", function () {
+    it("lets the governor restore every flow and emits Unpaused", async function () {
+      const { staking, guardian, governor, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(
+        stakedFixture,
+      );
+      await staking.connect(guardian).pause();
+      await expect(staking.connect(governor).unpause()).to.emit(staking, "Unpaused").withArgs(governor.address);
+      await staking.connect(provider).stake(1n);
+      await staking.connect(provider).requestUnbond(1n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
+      await staking.accuse(provider.address, EVIDENCE, 1n, sig);
+      await staking.connect(referee).resolve(EVIDENCE, true);
+      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE2);
+      await time.increase(DELAY);
+      await expect(staking.connect(provider).withdraw()).to.emit(staking, "Withdrawn").withArgs(provider.address, 1n);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount for the guardian and the admin", async function () {
+      const { staking, admin, guardian } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(guardian).pause();
+      for (const who of [guardian, admin]) {
+        await expect(staking.connect(who).unpause())
+          .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await staking.GOVERNOR_ROLE());
+      }
+    });
+
+    it("reverts with ExpectedPause when not paused", async function () {
+      const { staking, governor } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(governor).unpause()).to.be.revertedWithCustomError(staking, "ExpectedPause");
+    });
+  });
+
+  describe("setMinStake / minStake / meetsMinStake", function () {
+    it("sets a per-GPU-class minimum, emits MinStakeSet, and meetsMinStake compares bonded stake", async function () {
+      const { staking, governor, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(governor).setMinStake(GPU, STAKE))
+        .to.emit(staking, "MinStakeSet")
+        .withArgs(GPU, STAKE);
+      expect(await staking.minStake(GPU)).to.equal(STAKE);
+      expect(await staking.meetsMinStake(provider.address, GPU)).to.equal(true);
+      await staking.connect(provider).requestUnbond(1n); // unbonding stake no longer backs work
+      expect(await staking.meetsMinStake(provider.address, GPU)).to.equal(false);
+    });
+
+    it("meetsMinStake is false while a dispute against the provider is open", async function () {
+      const { staking, referee, provider } = await networkHelpers.loadFixture(accusedFixture);
+      expect(await staking.meetsMinStake(provider.address, GPU)).to.equal(false); // min 0, but accused
+      await staking.connect(referee).resolve(EVIDENCE, false);
+      expect(await staking.meetsMinStake(provider.address, GPU)).to.equal(true);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
       const { staking, admin } = await networkHelpers.loadFixture(stakedFixture);
-      const role = await staking.GUARDIAN_ROLE();
-      await expect(staking.connect(admin).pause())
+      await expect(staking.connect(admin).setMinStake(GPU, 1n))
         .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
-        .withArgs(admin.address, role);
-      await expect(staking.connect(admin).unpause())
+        .withArgs(admin.address, await staking.GOVERNOR_ROLE());
+    });
+  });
+
+  describe("setBountyBps", function () {
+    it("changes the split of the next slash and emits BountyBpsSet", async function () {
+      const { token, staking, governor, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(governor).setBountyBps(10_000)).to.emit(staking, "BountyBpsSet").withArgs(10_000);
+      expect(await staking.bountyBps()).to.equal(10_000n);
+      await expect(
+        staking.connect(slasher).slash(provider.address, 77n, verifier.address, EVIDENCE),
+      ).to.changeTokenBalances(ethers, token, [verifier], [77n]);
+    });
+
+    it("reverts with StakingInvalidBps(bps) above 10000", async function () {
+      const { staking, governor } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(governor).setBountyBps(10_001))
+        .to.be.revertedWithCustomError(staking, "StakingInvalidBps")
+        .withArgs(10_001);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
+      const { staking, admin } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(admin).setBountyBps(1))
         .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
-        .withArgs(admin.address, role);
+        .withArgs(admin.address, await staking.GOVERNOR_ROLE());
+    });
+  });
+
+  describe("setUnbondingDelay", function () {
+    it("applies to the next request, not to a pending one, and emits UnbondingDelaySet", async function () {
+      const { staking, governor, provider, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await expect(staking.connect(governor).setUnbondingDelay(60)).to.emit(staking, "UnbondingDelaySet").withArgs(60);
+      expect(await staking.unbondingDelay()).to.equal(60n);
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt);
+      await staking.connect(provider).requestUnbond(1n);
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(BigInt(await time.latest()) + 60n);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
+      const { staking, admin } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(admin).setUnbondingDelay(0))
+        .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+        .withArgs(admin.address, await staking.GOVERNOR_ROLE());
+    });
+  });
+
+  describe("setVerifierBond", function () {
+    it("applies to the next accusation and emits VerifierBondSet", async function () {
+      const { staking, governor, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(governor).setVerifierBond(7n)).to.emit(staking, "VerifierBondSet").withArgs(7n);
+      expect(await staking.verifierBond()).to.equal(7n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
+      await expect(staking.accuse(provider.address, EVIDENCE, 1n, sig))
+        .to.emit(staking, "Accused")
+        .withArgs(provider.address, verifier.address, EVIDENCE, 1n, 7n);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
+      const { staking, admin } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(admin).setVerifierBond(1n))
+        .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+        .withArgs(admin.address, await staking.GOVERNOR_ROLE());
+    });
+  });
+
+  describe("views", function () {
+    it("domainSeparator is the EIP-712 domain {GridStaking, 1, chainId, staking}", async function () {
+      const { staking } = await networkHelpers.loadFixture(deployStakingFixture);
+      expect(await staking.domainSeparator()).to.equal(
+        ethers.TypedDataEncoder.hashDomain(await stakingDomain(staking)),
+      );
+      expect(await staking.ACCUSATION_TYPEHASH()).to.equal(
+        ethers.id("Accusation(address provider,bytes32 evidence,uint256 amount)"),
+      );
+    });
+
+    it("freeStakeOf floors at 0 when a slash left less stake than is locked", async function () {
+      const { staking, locker, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(locker).lock(provider.address, STAKE);
+      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(0n);
+      await expect(staking.connect(provider).requestUnbond(1n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(provider.address, 0n, 1n);
+    });
+
+    it("totalStaked always equals the contract's token balance", async function () {
+      const { token, staking, referee, slasher, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(referee).resolve(EVIDENCE, true);
+      await staking.connect(slasher).slash(verifier.address, 5n, provider.address, EVIDENCE2);
+      expect(await staking.totalStaked()).to.equal(await token.balanceOf(staking));
     });
   });
 });

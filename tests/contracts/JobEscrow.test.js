@@ -1,84 +1,113 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
+import { signPermit } from "./helpers.js";
+
 const { ethers, networkHelpers } = await network.create();
+const { time } = networkHelpers;
 
 const SUPPLY = ethers.parseEther("1000000");
 const FUNDING = ethers.parseEther("100");
+const GRACE = 3600n; // cancelGrace, seconds
 const JOB = ethers.id("job-1");
 const JOB2 = ethers.id("job-2");
 const UNIT = ethers.id("unit-1");
 const UNIT2 = ethers.id("unit-2");
+const BATCH = ethers.id("batch-1");
+const BATCH2 = ethers.id("batch-2");
 
-async function signPermit(token, owner, spender, value, deadline) {
-  const { chainId } = await ethers.provider.getNetwork();
-  const domain = { name: await token.name(), version: "1", chainId, verifyingContract: await token.getAddress() };
-  const types = {
-    Permit: [
-      { name: "owner", type: "address" },
-      { name: "spender", type: "address" },
-      { name: "value", type: "uint256" },
-      { name: "nonce", type: "uint256" },
-      { name: "deadline", type: "uint256" },
-    ],
-  };
-  const nonce = await token.nonces(owner.address);
-  return ethers.Signature.from(
-    await owner.signTypedData(domain, types, { owner: owner.address, spender, value, nonce, deadline }),
-  );
+/** getJob as a plain array [customer, funded, released, closed, closableAt]. */
+async function jobOf(escrow, jobId) {
+  return [...(await escrow.getJob(jobId))];
 }
 
 describe("JobEscrow", function () {
+  // The governor is an EOA here (the timelock in production, see GridTimelock.test.js); the distributor is real.
   async function deployEscrowFixture() {
-    const [admin, guardian, settler, customer, customer2, provider, provider2, other] = await ethers.getSigners();
+    const [admin, governor, guardian, settler, customer, customer2, provider, provider2, other] =
+      await ethers.getSigners();
     const token = await ethers.deployContract("GridToken", [admin.address, SUPPLY]);
-    const escrow = await ethers.deployContract("JobEscrow", [await token.getAddress(), admin.address]);
+    const distributor = await ethers.deployContract("PayoutDistributor", [token, admin.address, governor.address, 0]);
+    const escrow = await ethers.deployContract("JobEscrow", [
+      token,
+      admin.address,
+      governor.address,
+      distributor,
+      GRACE,
+    ]);
     await escrow.grantRole(await escrow.GUARDIAN_ROLE(), guardian.address);
     await escrow.grantRole(await escrow.SETTLER_ROLE(), settler.address);
+    await distributor.grantRole(await distributor.GUARDIAN_ROLE(), guardian.address);
     for (const c of [customer, customer2]) {
       await token.transfer(c.address, FUNDING * 10n);
-      await token.connect(c).approve(await escrow.getAddress(), ethers.MaxUint256);
+      await token.connect(c).approve(escrow, ethers.MaxUint256);
     }
-    return { token, escrow, admin, guardian, settler, customer, customer2, provider, provider2, other };
+    return {
+      token,
+      distributor,
+      escrow,
+      admin,
+      governor,
+      guardian,
+      settler,
+      customer,
+      customer2,
+      provider,
+      provider2,
+      other,
+    };
   }
 
+  // customer funded JOB with FUNDING.
   async function fundedFixture() {
     const f = await deployEscrowFixture();
     await f.escrow.connect(f.customer).fund(JOB, FUNDING);
     return f;
   }
 
+  // ... and 30 wei of it was released to provider for UNIT.
   async function releasedFixture() {
     const f = await fundedFixture();
     await f.escrow.connect(f.settler).release(JOB, UNIT, f.provider.address, 30n);
     return f;
   }
 
+  // customer cancelled JOB; closableAt = the cancel's block + GRACE.
+  async function cancelledFixture() {
+    const f = await fundedFixture();
+    await f.escrow.connect(f.customer).cancel(JOB);
+    return { ...f, closableAt: BigInt(await time.latest()) + GRACE };
+  }
+
   describe("constructor", function () {
-    it("grants DEFAULT_ADMIN_ROLE to admin", async function () {
-      const { escrow, admin, token } = await networkHelpers.loadFixture(deployEscrowFixture);
-      expect(await escrow.hasRole(await escrow.DEFAULT_ADMIN_ROLE(), admin.address)).to.equal(true);
+    it("stores token, distributor and cancelGrace and grants admin and governor roles", async function () {
+      const { token, distributor, escrow, admin, governor } = await networkHelpers.loadFixture(deployEscrowFixture);
       expect(await escrow.token()).to.equal(await token.getAddress());
+      expect(await escrow.distributor()).to.equal(await distributor.getAddress());
+      expect(await escrow.cancelGrace()).to.equal(GRACE);
+      expect(await escrow.hasRole(await escrow.DEFAULT_ADMIN_ROLE(), admin.address)).to.equal(true);
+      expect(await escrow.hasRole(await escrow.GOVERNOR_ROLE(), governor.address)).to.equal(true);
+      expect(await escrow.hasRole(await escrow.GOVERNOR_ROLE(), admin.address)).to.equal(false);
     });
 
-    it("reverts with EscrowZeroAddress for a zero admin", async function () {
-      const { token } = await networkHelpers.loadFixture(deployEscrowFixture);
+    it("reverts with EscrowZeroAddress for a zero token, admin, governor or distributor", async function () {
+      const { token, distributor, admin, governor } = await networkHelpers.loadFixture(deployEscrowFixture);
       const factory = await ethers.getContractFactory("JobEscrow");
-      await expect(factory.deploy(await token.getAddress(), ethers.ZeroAddress)).to.be.revertedWithCustomError(
-        factory,
-        "EscrowZeroAddress",
-      );
+      const good = [await token.getAddress(), admin.address, governor.address, await distributor.getAddress()];
+      for (let i = 0; i < good.length; i++) {
+        const addrs = good.map((a, j) => (j === i ? ethers.ZeroAddress : a));
+        await expect(factory.deploy(...addrs, GRACE)).to.be.revertedWithCustomError(factory, "EscrowZeroAddress");
+      }
     });
   });
 
   describe("fund", function () {
     it("makes the first funder the customer and emits JobFunded", async function () {
       const { token, escrow, customer } = await networkHelpers.loadFixture(deployEscrowFixture);
-      await expect(escrow.connect(customer).fund(JOB, FUNDING))
-        .to.emit(escrow, "JobFunded")
-        .withArgs(JOB, customer.address, FUNDING, FUNDING);
-      expect(await escrow.getJob(JOB)).to.deep.equal([customer.address, FUNDING, 0n, false]);
-      expect(await token.balanceOf(await escrow.getAddress())).to.equal(FUNDING);
+      const tx = escrow.connect(customer).fund(JOB, FUNDING);
+      await expect(tx).to.emit(escrow, "JobFunded").withArgs(JOB, customer.address, FUNDING, FUNDING);
+      await expect(tx).to.changeTokenBalances(ethers, token, [customer, escrow], [-FUNDING, FUNDING]);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 0n, false, 0n]);
     });
 
     it("lets the customer top up and reports the running total", async function () {
@@ -88,16 +117,23 @@ describe("JobEscrow", function () {
         .withArgs(JOB, customer.address, 5n, FUNDING + 5n);
     });
 
-    it("reverts with EscrowNotCustomer when another address funds the job", async function () {
+    it("reverts with EscrowNotCustomer(jobId, caller, customer) when another address funds the job", async function () {
       const { escrow, customer, customer2 } = await networkHelpers.loadFixture(fundedFixture);
       await expect(escrow.connect(customer2).fund(JOB, 1n))
         .to.be.revertedWithCustomError(escrow, "EscrowNotCustomer")
         .withArgs(JOB, customer2.address, customer.address);
     });
 
-    it("reverts with EscrowJobClosed after close", async function () {
-      const { escrow, customer } = await networkHelpers.loadFixture(fundedFixture);
-      await escrow.connect(customer).close(JOB);
+    it("reverts with EscrowJobCancelled(jobId, closableAt) after cancel", async function () {
+      const { escrow, customer, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await expect(escrow.connect(customer).fund(JOB, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, closableAt);
+    });
+
+    it("reverts with EscrowJobClosed(jobId) after close", async function () {
+      const { escrow, settler, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).close(JOB);
       await expect(escrow.connect(customer).fund(JOB, 1n))
         .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
         .withArgs(JOB);
@@ -107,27 +143,36 @@ describe("JobEscrow", function () {
       const { escrow, customer } = await networkHelpers.loadFixture(deployEscrowFixture);
       await expect(escrow.connect(customer).fund(JOB, 0n)).to.be.revertedWithCustomError(escrow, "EscrowZeroAmount");
     });
+
+    it("reverts with ERC20InsufficientAllowance without approval", async function () {
+      const { token, escrow, admin, other } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await token.connect(admin).transfer(other.address, 5n);
+      await expect(escrow.connect(other).fund(JOB2, 5n))
+        .to.be.revertedWithCustomError(token, "ERC20InsufficientAllowance")
+        .withArgs(await escrow.getAddress(), 0n, 5n);
+    });
   });
 
   describe("fundWithPermit", function () {
     it("funds without a prior approve", async function () {
       const { token, escrow, admin, other } = await networkHelpers.loadFixture(deployEscrowFixture);
       await token.connect(admin).transfer(other.address, 70n);
-      const deadline = (await networkHelpers.time.latest()) + 3600;
+      const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 70n, deadline);
       await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
         .to.emit(escrow, "JobFunded")
         .withArgs(JOB2, other.address, 70n, 70n);
       expect(await token.balanceOf(other.address)).to.equal(0n);
-      expect(await token.allowance(other.address, await escrow.getAddress())).to.equal(0n);
+      expect(await token.allowance(other.address, escrow)).to.equal(0n);
+      expect(await token.nonces(other.address)).to.equal(1n);
     });
 
     it("still funds when the permit was already used (front-run)", async function () {
       const { token, escrow, admin, other } = await networkHelpers.loadFixture(deployEscrowFixture);
       await token.connect(admin).transfer(other.address, 70n);
-      const deadline = (await networkHelpers.time.latest()) + 3600;
+      const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 70n, deadline);
-      await token.connect(admin).permit(other.address, await escrow.getAddress(), 70n, deadline, sig.v, sig.r, sig.s);
+      await token.connect(admin).permit(other.address, escrow, 70n, deadline, sig.v, sig.r, sig.s);
       await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
         .to.emit(escrow, "JobFunded")
         .withArgs(JOB2, other.address, 70n, 70n);
@@ -136,27 +181,166 @@ describe("JobEscrow", function () {
     it("reverts with ERC20InsufficientAllowance for a bad permit and no allowance", async function () {
       const { token, escrow, admin, other } = await networkHelpers.loadFixture(deployEscrowFixture);
       await token.connect(admin).transfer(other.address, 70n);
-      const deadline = (await networkHelpers.time.latest()) + 3600;
+      const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 69n, deadline); // signed for 69
       await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
         .to.be.revertedWithCustomError(token, "ERC20InsufficientAllowance")
         .withArgs(await escrow.getAddress(), 0n, 70n);
     });
+
+    it("applies fund's checks: EscrowNotCustomer(jobId, caller, customer)", async function () {
+      const { token, escrow, customer, customer2 } = await networkHelpers.loadFixture(fundedFixture);
+      const deadline = (await time.latest()) + 3600;
+      const sig = await signPermit(token, customer2, await escrow.getAddress(), 1n, deadline);
+      await expect(escrow.connect(customer2).fundWithPermit(JOB, 1n, deadline, sig.v, sig.r, sig.s))
+        .to.be.revertedWithCustomError(escrow, "EscrowNotCustomer")
+        .withArgs(JOB, customer2.address, customer.address);
+    });
+  });
+
+  describe("cancel", function () {
+    it("starts the grace period and emits JobCancelled(jobId, now + cancelGrace)", async function () {
+      const { escrow, customer } = await networkHelpers.loadFixture(fundedFixture);
+      const tx = await escrow.connect(customer).cancel(JOB);
+      const closableAt = BigInt(await time.latest()) + GRACE;
+      await expect(tx).to.emit(escrow, "JobCancelled").withArgs(JOB, closableAt);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 0n, false, closableAt]);
+    });
+
+    it("still lets the settler pay units verified during the grace period", async function () {
+      const { escrow, settler, provider } = await networkHelpers.loadFixture(cancelledFixture);
+      await time.increase(GRACE / 2n);
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 10n))
+        .to.emit(escrow, "UnitReleased")
+        .withArgs(JOB, UNIT, provider.address, 10n);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 5n))
+        .to.emit(escrow, "BatchReleased")
+        .withArgs(JOB, BATCH, 5n);
+    });
+
+    it("reverts with EscrowJobCancelled(jobId, closableAt) the second time", async function () {
+      const { escrow, customer, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await expect(escrow.connect(customer).cancel(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, closableAt);
+    });
+
+    it("reverts with EscrowNotCustomer(jobId, caller, customer) for anyone but the customer", async function () {
+      const { escrow, settler, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await expect(escrow.connect(settler).cancel(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowNotCustomer")
+        .withArgs(JOB, settler.address, customer.address);
+    });
+
+    it("reverts with EscrowJobClosed(jobId) on a closed job", async function () {
+      const { escrow, settler, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).close(JOB);
+      await expect(escrow.connect(customer).cancel(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
+        .withArgs(JOB);
+    });
+
+    it("reverts with EscrowUnknownJob(jobId) for a job never funded", async function () {
+      const { escrow, customer } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await expect(escrow.connect(customer).cancel(JOB2))
+        .to.be.revertedWithCustomError(escrow, "EscrowUnknownJob")
+        .withArgs(JOB2);
+    });
+  });
+
+  describe("close", function () {
+    it("lets the customer close after cancel + cancelGrace and refunds the unreleased rest", async function () {
+      const { token, escrow, settler, customer, provider, closableAt } = await networkHelpers.loadFixture(
+        cancelledFixture,
+      );
+      await escrow.connect(settler).release(JOB, UNIT, provider.address, 30n);
+      await time.increaseTo(closableAt);
+      const tx = escrow.connect(customer).close(JOB);
+      await expect(tx)
+        .to.emit(escrow, "JobClosed")
+        .withArgs(JOB, FUNDING - 30n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [customer, escrow], [FUNDING - 30n, -(FUNDING - 30n)]);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 30n, true, closableAt]);
+      expect(await token.balanceOf(escrow)).to.equal(30n); // still owed to the provider
+    });
+
+    it("reverts with EscrowCancelPending(jobId, closableAt) for the customer inside the grace period", async function () {
+      const { escrow, customer, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await time.increase(GRACE - 100n);
+      await expect(escrow.connect(customer).close(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowCancelPending")
+        .withArgs(JOB, closableAt);
+    });
+
+    it("reverts with EscrowCancelPending(jobId, 0) for a customer who did not cancel", async function () {
+      const { escrow, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await expect(escrow.connect(customer).close(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowCancelPending")
+        .withArgs(JOB, 0n);
+    });
+
+    it("lets a settler close at any time and refunds the customer, not the settler", async function () {
+      const { token, escrow, settler, customer } = await networkHelpers.loadFixture(releasedFixture);
+      const tx = escrow.connect(settler).close(JOB);
+      await expect(tx)
+        .to.emit(escrow, "JobClosed")
+        .withArgs(JOB, FUNDING - 30n);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [customer, settler, escrow],
+        [FUNDING - 30n, 0n, -(FUNDING - 30n)],
+      );
+    });
+
+    it("moves no token when everything was released", async function () {
+      const { token, escrow, settler } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).releaseToPool(JOB, BATCH, FUNDING);
+      const tx = escrow.connect(settler).close(JOB);
+      await expect(tx).to.emit(escrow, "JobClosed").withArgs(JOB, 0n);
+      await expect(tx).to.not.emit(token, "Transfer");
+    });
+
+    it("reverts with EscrowNotAuthorized(jobId, caller) for anyone else", async function () {
+      const { escrow, other } = await networkHelpers.loadFixture(cancelledFixture);
+      await time.increase(GRACE);
+      await expect(escrow.connect(other).close(JOB))
+        .to.be.revertedWithCustomError(escrow, "EscrowNotAuthorized")
+        .withArgs(JOB, other.address);
+    });
+
+    it("reverts with EscrowJobClosed(jobId) the second time", async function () {
+      const { escrow, settler, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).close(JOB);
+      for (const who of [settler, customer]) {
+        await expect(escrow.connect(who).close(JOB))
+          .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
+          .withArgs(JOB);
+      }
+    });
+
+    it("reverts with EscrowUnknownJob(jobId) for a job never funded", async function () {
+      const { escrow, settler } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await expect(escrow.connect(settler).close(JOB2))
+        .to.be.revertedWithCustomError(escrow, "EscrowUnknownJob")
+        .withArgs(JOB2);
+    });
   });
 
   describe("release", function () {
     it("credits the provider and emits UnitReleased", async function () {
-      const { escrow, settler, provider, customer } = await networkHelpers.loadFixture(fundedFixture);
-      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 30n))
-        .to.emit(escrow, "UnitReleased")
-        .withArgs(JOB, UNIT, provider.address, 30n);
+      const { token, escrow, settler, provider, customer } = await networkHelpers.loadFixture(fundedFixture);
+      const tx = escrow.connect(settler).release(JOB, UNIT, provider.address, 30n);
+      await expect(tx).to.emit(escrow, "UnitReleased").withArgs(JOB, UNIT, provider.address, 30n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [escrow, provider], [0n, 0n]); // pull payment
       expect(await escrow.claimable(provider.address)).to.equal(30n);
+      expect(await escrow.totalClaimable()).to.equal(30n);
       expect(await escrow.unitReleased(JOB, UNIT)).to.equal(true);
       expect(await escrow.unitReleased(JOB, UNIT2)).to.equal(false);
-      expect(await escrow.getJob(JOB)).to.deep.equal([customer.address, FUNDING, 30n, false]);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 30n, false, 0n]);
     });
 
-    it("reverts with EscrowUnitAlreadyReleased for the same unit twice", async function () {
+    it("reverts with EscrowUnitAlreadyReleased(jobId, unitId) for the same unit twice", async function () {
       const { escrow, settler, provider } = await networkHelpers.loadFixture(releasedFixture);
       await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 30n))
         .to.be.revertedWithCustomError(escrow, "EscrowUnitAlreadyReleased")
@@ -177,9 +361,9 @@ describe("JobEscrow", function () {
         .withArgs(JOB2, 0n, 1n);
     });
 
-    it("reverts with EscrowJobClosed on a closed job", async function () {
-      const { escrow, settler, customer, provider } = await networkHelpers.loadFixture(fundedFixture);
-      await escrow.connect(customer).close(JOB);
+    it("reverts with EscrowJobClosed(jobId) on a closed job", async function () {
+      const { escrow, settler, provider } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).close(JOB);
       await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 1n))
         .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
         .withArgs(JOB);
@@ -187,12 +371,14 @@ describe("JobEscrow", function () {
 
     it("reverts with EscrowZeroAmount and EscrowZeroAddress", async function () {
       const { escrow, settler, provider } = await networkHelpers.loadFixture(fundedFixture);
-      await expect(
-        escrow.connect(settler).release(JOB, UNIT, provider.address, 0n),
-      ).to.be.revertedWithCustomError(escrow, "EscrowZeroAmount");
-      await expect(
-        escrow.connect(settler).release(JOB, UNIT, ethers.ZeroAddress, 1n),
-      ).to.be.revertedWithCustomError(escrow, "EscrowZeroAddress");
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 0n)).to.be.revertedWithCustomError(
+        escrow,
+        "EscrowZeroAmount",
+      );
+      await expect(escrow.connect(settler).release(JOB, UNIT, ethers.ZeroAddress, 1n)).to.be.revertedWithCustomError(
+        escrow,
+        "EscrowZeroAddress",
+      );
     });
 
     it("reverts with AccessControlUnauthorizedAccount without SETTLER_ROLE", async function () {
@@ -203,46 +389,65 @@ describe("JobEscrow", function () {
     });
   });
 
-  describe("close", function () {
-    it("refunds the unreleased rest to the customer when the customer closes", async function () {
-      const { token, escrow, customer } = await networkHelpers.loadFixture(releasedFixture);
-      await expect(escrow.connect(customer).close(JOB))
-        .to.emit(escrow, "JobClosed")
-        .withArgs(JOB, FUNDING - 30n);
-      expect(await escrow.getJob(JOB)).to.deep.equal([customer.address, FUNDING, 30n, true]);
-      expect(await token.balanceOf(await escrow.getAddress())).to.equal(30n); // still owed to the provider
+  describe("releaseToPool", function () {
+    it("moves the batch's pay into the distributor and emits BatchReleased and Deposited", async function () {
+      const { token, distributor, escrow, settler, customer } = await networkHelpers.loadFixture(fundedFixture);
+      const tx = escrow.connect(settler).releaseToPool(JOB, BATCH, 40n);
+      await expect(tx).to.emit(escrow, "BatchReleased").withArgs(JOB, BATCH, 40n);
+      await expect(tx)
+        .to.emit(distributor, "Deposited")
+        .withArgs(await escrow.getAddress(), 40n, 40n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [escrow, distributor], [-40n, 40n]);
+      expect(await distributor.totalDeposited()).to.equal(40n);
+      expect(await escrow.batchReleased(JOB, BATCH)).to.equal(true);
+      expect(await escrow.batchReleased(JOB, BATCH2)).to.equal(false);
+      expect(await escrow.unitReleased(JOB, BATCH)).to.equal(false); // batches and units are separate
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 40n, false, 0n]);
+      expect(await token.allowance(escrow, distributor)).to.equal(0n); // the approval was spent exactly
     });
 
-    it("lets a settler close and refunds the customer, not the settler", async function () {
-      const { token, escrow, settler, customer } = await networkHelpers.loadFixture(releasedFixture);
-      await expect(escrow.connect(settler).close(JOB)).to.changeTokenBalances(
-        ethers,
-        token,
-        [customer, settler, escrow],
-        [FUNDING - 30n, 0n, -(FUNDING - 30n)],
+    it("reverts with EscrowUnitAlreadyReleased(jobId, batchId) for the same batch twice", async function () {
+      const { escrow, settler } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(settler).releaseToPool(JOB, BATCH, 1n);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowUnitAlreadyReleased")
+        .withArgs(JOB, BATCH);
+    });
+
+    it("reverts with EscrowInsufficientFunds(jobId, available, need) past the funding", async function () {
+      const { escrow, settler } = await networkHelpers.loadFixture(releasedFixture);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, FUNDING - 29n))
+        .to.be.revertedWithCustomError(escrow, "EscrowInsufficientFunds")
+        .withArgs(JOB, FUNDING - 30n, FUNDING - 29n);
+    });
+
+    it("reverts with EscrowJobClosed(jobId) and EscrowZeroAmount", async function () {
+      const { escrow, settler } = await networkHelpers.loadFixture(fundedFixture);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 0n)).to.be.revertedWithCustomError(
+        escrow,
+        "EscrowZeroAmount",
       );
-    });
-
-    it("reverts with EscrowNotAuthorized for anyone else", async function () {
-      const { escrow, other } = await networkHelpers.loadFixture(fundedFixture);
-      await expect(escrow.connect(other).close(JOB))
-        .to.be.revertedWithCustomError(escrow, "EscrowNotAuthorized")
-        .withArgs(JOB, other.address);
-    });
-
-    it("reverts with EscrowJobClosed the second time", async function () {
-      const { escrow, customer } = await networkHelpers.loadFixture(fundedFixture);
-      await escrow.connect(customer).close(JOB);
-      await expect(escrow.connect(customer).close(JOB))
+      await escrow.connect(settler).close(JOB);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n))
         .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
         .withArgs(JOB);
     });
 
-    it("reverts with EscrowUnknownJob for a job never funded", async function () {
-      const { escrow, settler } = await networkHelpers.loadFixture(deployEscrowFixture);
-      await expect(escrow.connect(settler).close(JOB2))
-        .to.be.revertedWithCustomError(escrow, "EscrowUnknownJob")
-        .withArgs(JOB2);
+    it("reverts with the distributor's EnforcedPause when the distributor is paused", async function () {
+      const { distributor, escrow, guardian, settler } = await networkHelpers.loadFixture(fundedFixture);
+      await distributor.connect(guardian).pause();
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n)).to.be.revertedWithCustomError(
+        distributor,
+        "EnforcedPause",
+      );
+      expect(await escrow.batchReleased(JOB, BATCH)).to.equal(false);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without SETTLER_ROLE", async function () {
+      const { escrow, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await expect(escrow.connect(customer).releaseToPool(JOB, BATCH, 1n))
+        .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
+        .withArgs(customer.address, await escrow.SETTLER_ROLE());
     });
   });
 
@@ -250,16 +455,17 @@ describe("JobEscrow", function () {
     it("pays the provider everything released to it and emits Claimed", async function () {
       const { token, escrow, settler, provider } = await networkHelpers.loadFixture(releasedFixture);
       await escrow.connect(settler).release(JOB, UNIT2, provider.address, 12n);
-      await expect(escrow.connect(provider).claim())
-        .to.emit(escrow, "Claimed")
-        .withArgs(provider.address, 42n);
-      expect(await token.balanceOf(provider.address)).to.equal(42n);
+      expect(await escrow.connect(provider).claim.staticCall()).to.equal(42n);
+      const tx = escrow.connect(provider).claim();
+      await expect(tx).to.emit(escrow, "Claimed").withArgs(provider.address, 42n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [provider, escrow], [42n, -42n]);
       expect(await escrow.claimable(provider.address)).to.equal(0n);
+      expect(await escrow.totalClaimable()).to.equal(0n);
     });
 
     it("still pays after the job was closed", async function () {
-      const { token, escrow, customer, provider } = await networkHelpers.loadFixture(releasedFixture);
-      await escrow.connect(customer).close(JOB);
+      const { token, escrow, settler, provider } = await networkHelpers.loadFixture(releasedFixture);
+      await escrow.connect(settler).close(JOB);
       await expect(escrow.connect(provider).claim()).to.changeTokenBalances(
         ethers,
         token,
@@ -268,7 +474,7 @@ describe("JobEscrow", function () {
       );
     });
 
-    it("reverts with EscrowNothingToClaim when nothing is owed", async function () {
+    it("reverts with EscrowNothingToClaim(account) when nothing is owed", async function () {
       const { escrow, provider } = await networkHelpers.loadFixture(releasedFixture);
       await escrow.connect(provider).claim();
       await expect(escrow.connect(provider).claim())
@@ -278,16 +484,20 @@ describe("JobEscrow", function () {
   });
 
   describe("pause", function () {
-    it("blocks fund, fundWithPermit, release, close and claim with EnforcedPause", async function () {
-      const { token, escrow, guardian, settler, customer, provider } = await networkHelpers.loadFixture(releasedFixture);
+    it("blocks fund, fundWithPermit, cancel, close, release, releaseToPool and claim with EnforcedPause", async function () {
+      const { token, escrow, guardian, settler, customer, provider } = await networkHelpers.loadFixture(
+        releasedFixture,
+      );
       await expect(escrow.connect(guardian).pause()).to.emit(escrow, "Paused").withArgs(guardian.address);
-      const deadline = (await networkHelpers.time.latest()) + 3600;
+      const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, customer, await escrow.getAddress(), 1n, deadline);
       const calls = [
         () => escrow.connect(customer).fund(JOB, 1n),
         () => escrow.connect(customer).fundWithPermit(JOB, 1n, deadline, sig.v, sig.r, sig.s),
+        () => escrow.connect(customer).cancel(JOB),
+        () => escrow.connect(settler).close(JOB),
         () => escrow.connect(settler).release(JOB, UNIT2, provider.address, 1n),
-        () => escrow.connect(customer).close(JOB),
+        () => escrow.connect(settler).releaseToPool(JOB, BATCH, 1n),
         () => escrow.connect(provider).claim(),
       ];
       for (const call of calls) {
@@ -295,26 +505,83 @@ describe("JobEscrow", function () {
       }
     });
 
-    it("unpause restores every flow", async function () {
-      const { escrow, guardian, settler, customer, provider } = await networkHelpers.loadFixture(releasedFixture);
+    it("reverts with AccessControlUnauthorizedAccount without GUARDIAN_ROLE", async function () {
+      const { escrow, settler, governor } = await networkHelpers.loadFixture(deployEscrowFixture);
+      for (const who of [settler, governor]) {
+        await expect(escrow.connect(who).pause())
+          .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await escrow.GUARDIAN_ROLE());
+      }
+    });
+  });
+
+  describe("unpause", function () {
+    it("lets the governor restore every flow and emits Unpaused", async function () {
+      const { escrow, guardian, governor, settler, customer, provider } = await networkHelpers.loadFixture(
+        releasedFixture,
+      );
       await escrow.connect(guardian).pause();
-      await expect(escrow.connect(guardian).unpause()).to.emit(escrow, "Unpaused").withArgs(guardian.address);
+      await expect(escrow.connect(governor).unpause()).to.emit(escrow, "Unpaused").withArgs(governor.address);
       await escrow.connect(customer).fund(JOB, 1n);
       await escrow.connect(settler).release(JOB, UNIT2, provider.address, 1n);
-      await escrow.connect(customer).close(JOB);
+      await escrow.connect(settler).releaseToPool(JOB, BATCH, 1n);
+      await escrow.connect(customer).cancel(JOB);
+      await escrow.connect(settler).close(JOB);
       await escrow.connect(provider).claim();
       expect(await escrow.claimable(provider.address)).to.equal(0n);
     });
 
-    it("reverts with AccessControlUnauthorizedAccount without GUARDIAN_ROLE", async function () {
-      const { escrow, settler } = await networkHelpers.loadFixture(deployEscrowFixture);
-      const role = await escrow.GUARDIAN_ROLE();
-      await expect(escrow.connect(settler).pause())
+    it("reverts with AccessControlUnauthorizedAccount for the guardian and the admin", async function () {
+      const { escrow, admin, guardian } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await escrow.connect(guardian).pause();
+      for (const who of [guardian, admin]) {
+        await expect(escrow.connect(who).unpause())
+          .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await escrow.GOVERNOR_ROLE());
+      }
+    });
+
+    it("reverts with ExpectedPause when not paused", async function () {
+      const { escrow, governor } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await expect(escrow.connect(governor).unpause()).to.be.revertedWithCustomError(escrow, "ExpectedPause");
+    });
+  });
+
+  describe("setCancelGrace", function () {
+    it("applies to the next cancel and emits CancelGraceSet", async function () {
+      const { escrow, governor, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await expect(escrow.connect(governor).setCancelGrace(0)).to.emit(escrow, "CancelGraceSet").withArgs(0);
+      expect(await escrow.cancelGrace()).to.equal(0n);
+      const tx = await escrow.connect(customer).cancel(JOB);
+      await expect(tx)
+        .to.emit(escrow, "JobCancelled")
+        .withArgs(JOB, BigInt(await time.latest()));
+      await expect(escrow.connect(customer).close(JOB)).to.emit(escrow, "JobClosed").withArgs(JOB, FUNDING);
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
+      const { escrow, admin } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await expect(escrow.connect(admin).setCancelGrace(1))
         .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
-        .withArgs(settler.address, role);
-      await expect(escrow.connect(settler).unpause())
-        .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
-        .withArgs(settler.address, role);
+        .withArgs(admin.address, await escrow.GOVERNOR_ROLE());
+    });
+  });
+
+  describe("views", function () {
+    it("balance == sum over open jobs of (funded - released) + totalClaimable", async function () {
+      const { token, escrow, settler, customer, customer2, provider, provider2 } = await networkHelpers.loadFixture(
+        releasedFixture,
+      );
+      await escrow.connect(customer2).fund(JOB2, 50n);
+      await escrow.connect(settler).release(JOB2, UNIT, provider2.address, 7n);
+      await escrow.connect(settler).releaseToPool(JOB2, BATCH, 8n);
+      await escrow.connect(settler).close(JOB);
+      await escrow.connect(provider).claim();
+      const open = await jobOf(escrow, JOB2);
+      expect(open[3]).to.equal(false);
+      expect(await token.balanceOf(escrow)).to.equal(open[1] - open[2] + (await escrow.totalClaimable()));
+      expect(await escrow.totalClaimable()).to.equal(7n);
+      expect((await jobOf(escrow, JOB))[0]).to.equal(customer.address);
     });
   });
 });

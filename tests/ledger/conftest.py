@@ -1,9 +1,14 @@
 """Fixtures for the ledger suite: one ``chain`` fixture, parametrized over the in-process py-evm chain and a real
-Hardhat JSON-RPC node, so every chain test is written once and runs on both backends."""
+Hardhat JSON-RPC node, so every chain test is written once and runs on both backends.
+
+Two deployments: ``world`` is a development deployment (no delays: unstake is immediate, roots are claimable at
+once); ``timed_world`` has real delays (unbonding, dispute window, cancel grace, timelock) and a verifier bond, for
+the flows that depend on time. Both roll the chain back after every test."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -15,6 +20,14 @@ from protocol.money import tokens
 
 SUPPLY = tokens(1_000_000)
 BOUNTY_BPS = 5000
+#: The timed deployment's parameters (seconds, and the verifier bond in base units).
+TIMED = {
+    "unbonding_delay_s": 1_000,
+    "dispute_window_s": 600,
+    "cancel_grace_s": 120,
+    "timelock_delay_s": 300,
+    "verifier_bond": 100,
+}
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +60,8 @@ def chain(request: pytest.FixtureRequest, artifacts: None) -> Chain:
 
 @dataclass(frozen=True)
 class World:
-    """A fresh deployment and one client per participant. ``admin`` deployed and holds every role."""
+    """A fresh deployment and one client per participant. ``admin`` deployed and holds every role; customer,
+    provider, provider2 and verifier start with 10,000 GMT, outsider with none."""
 
     chain: Chain
     deployment: Deployment
@@ -58,6 +72,7 @@ class World:
     verifier: GridMintContracts
     outsider: GridMintContracts
     treasury: str
+    params: dict[str, int]
     supply: int = SUPPLY
     bounty_bps: int = BOUNTY_BPS
 
@@ -65,19 +80,19 @@ class World:
     def holders(self) -> list[str]:
         """Every address that can hold GMT in these tests, contracts included."""
         people = [self.admin, self.customer, self.provider, self.provider2, self.verifier, self.outsider]
-        return [p.address for p in people] + [self.treasury, self.deployment.staking, self.deployment.escrow]
+        d = self.deployment
+        contracts = [d.staking, d.escrow, d.distributor]
+        return [p.address for p in people] + [self.treasury] + [c for c in contracts if c is not None]
 
     def total_held(self) -> int:
         return sum(self.admin.balance_of(a) for a in self.holders)
 
 
-@pytest.fixture(scope="module")
-def deployed_world(chain: Chain) -> World:
-    """Contracts deployed once per module and backend; ``world`` rolls the chain back after every test."""
+def _make_world(chain: Chain, **params: Any) -> World:
     admin, customer, provider, provider2, verifier, outsider, treasury = chain.dev_accounts(7)
-    deployment = deploy(chain, admin, supply=SUPPLY, treasury=treasury.address, bounty_bps=BOUNTY_BPS)
+    deployment = deploy(chain, admin, supply=SUPPLY, treasury=treasury.address, bounty_bps=BOUNTY_BPS, **params)
     client = GridMintContracts(chain, deployment, admin)
-    for account in (customer, provider, provider2):
+    for account in (customer, provider, provider2, verifier):
         client.transfer(account.address, tokens(10_000))
 
     def as_(account: LocalAccount) -> GridMintContracts:
@@ -85,8 +100,20 @@ def deployed_world(chain: Chain) -> World:
 
     return World(
         chain, deployment, client, as_(customer), as_(provider), as_(provider2), as_(verifier), as_(outsider),
-        treasury.address,
+        treasury.address, dict(params),
     )
+
+
+@pytest.fixture(scope="module")
+def deployed_world(chain: Chain) -> World:
+    """A development deployment (zero delays), once per module and backend; ``world`` rolls back every test."""
+    return _make_world(chain)
+
+
+@pytest.fixture(scope="module")
+def timed_deployed_world(chain: Chain) -> World:
+    """A deployment with the ``TIMED`` delays and verifier bond, once per module and backend."""
+    return _make_world(chain, **TIMED)
 
 
 @pytest.fixture
@@ -94,4 +121,12 @@ def world(chain: Chain, deployed_world: World) -> Iterator[World]:
     """``deployed_world`` in its freshly deployed state: every test's transactions are reverted afterwards."""
     snapshot = chain.snapshot()
     yield deployed_world
+    chain.revert(snapshot)
+
+
+@pytest.fixture
+def timed_world(chain: Chain, timed_deployed_world: World) -> Iterator[World]:
+    """``timed_deployed_world``, rolled back (chain state and clock) after every test."""
+    snapshot = chain.snapshot()
+    yield timed_deployed_world
     chain.revert(snapshot)

@@ -1,4 +1,7 @@
-"""The chain client, written once and run on both backends (in-process py-evm and a Hardhat node)."""
+"""The chain client, written once and run on both backends (in-process py-evm and a Hardhat node).
+
+This module uses the development deployment (``world``: no delays). Time-dependent flows (unbonding, accusations,
+epoch roots, the kill switch and the timelock) are in ``test_evm_flows.py``."""
 from __future__ import annotations
 
 import threading
@@ -9,6 +12,7 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
+from ledger.errors import PausedError, UnauthorizedError
 from ledger.evm import Chain, Deployment, JobState, role_id
 from protocol.errors import ChainError, GridMintValueError
 
@@ -34,8 +38,8 @@ class TestDeploy:
         for role in ("DEFAULT_ADMIN_ROLE", "GUARDIAN_ROLE", "SLASHER_ROLE", "SETTLER_ROLE"):
             assert admin.has_role(role, admin.address), role
             assert not admin.has_role(role, world.outsider.address), role
-        assert admin.paused() == {"staking": False, "escrow": False}
-        assert admin.contract_balances() == {"staking": 0, "escrow": 0}
+        assert admin.paused() == {"staking": False, "escrow": False, "distributor": False}
+        assert admin.contract_balances() == {"staking": 0, "escrow": 0, "distributor": 0}
         assert world.deployment.chain_id == world.chain.chain_id
 
     def test_deployment_json_round_trip(self, world: World, tmp_path: Path) -> None:
@@ -65,10 +69,22 @@ class TestStaking:
         assert p.stake_of(p.address) == 1000
         assert p.total_staked() == 1000
         assert p.contract_balances()["staking"] == 1000
+        # With no unbonding delay (a development deployment) unstake = request_unbond + withdraw at once.
         p.unstake(250)
         assert p.stake_of(p.address) == 750
+        assert p.stake_state(p.address).unbonding == 0
+        assert p.total_staked() == 750
         assert p.balance_of(p.address) == 10_000 * 10**18 - 750
         assert world.total_held() == world.supply
+
+    def test_request_unbond_and_withdraw_without_delay(self, world: World) -> None:
+        p = world.provider
+        p.stake(500)
+        assert p.request_unbond(200) <= world.chain.timestamp()
+        assert (p.stake_of(p.address), p.stake_state(p.address).unbonding, p.total_staked()) == (300, 200, 500)
+        assert p.withdraw() == 200
+        assert p.withdraw() == 0  # nothing pending: no transaction
+        assert (p.total_staked(), p.contract_balances()["staking"]) == (300, 300)
 
     def test_unstake_more_than_staked_reverts_with_args(self, world: World) -> None:
         world.provider.stake(100)
@@ -79,23 +95,27 @@ class TestStaking:
     def test_slash_splits_bounty_and_is_idempotent(self, world: World) -> None:
         world.provider.stake(1000)
         verifier, treasury = world.verifier.address, world.treasury
+        verifier_before = world.admin.balance_of(verifier)
         assert world.admin.slash(world.provider.address, 301, verifier, EVIDENCE) is True
         bounty = 301 * world.bounty_bps // 10_000
-        assert (world.admin.balance_of(verifier), world.admin.balance_of(treasury)) == (bounty, 301 - bounty)
+        assert world.admin.balance_of(verifier) - verifier_before == bounty
+        assert world.admin.balance_of(treasury) == 301 - bounty
         assert world.admin.stake_of(world.provider.address) == 699
         assert world.admin.evidence_used(EVIDENCE)
         # Same evidence again (as bytes or hex): nothing is sent, nothing changes.
         assert world.admin.slash(world.provider.address, 301, verifier, EVIDENCE) is False
         assert world.admin.slash(world.provider.address, 5, verifier, "0x" + EVIDENCE.hex()) is False
         assert world.admin.stake_of(world.provider.address) == 699
-        assert world.admin.balance_of(verifier) == bounty
+        assert world.admin.balance_of(verifier) - verifier_before == bounty
         assert world.total_held() == world.supply
 
     def test_slash_caps_at_the_stake(self, world: World) -> None:
         world.provider.stake(80)
+        verifier_before = world.admin.balance_of(world.verifier.address)
         assert world.admin.slash(world.provider.address, 10**30, world.verifier.address, EVIDENCE)
         assert world.admin.stake_of(world.provider.address) == 0
-        assert world.admin.balance_of(world.verifier.address) + world.admin.balance_of(world.treasury) == 80
+        paid = world.admin.balance_of(world.verifier.address) - verifier_before
+        assert (paid, world.admin.balance_of(world.treasury)) == (40, 40)
 
     def test_slash_lost_race_returns_false(self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
         world.provider.stake(100)
@@ -119,7 +139,7 @@ class TestEscrow:
             lambda: c.fund_job(JOB, 1_000),
             lambda: admin.release(JOB, UNIT_A, p1.address, 300),
             lambda: admin.release(JOB, UNIT_B, p2.address, 450),
-            lambda: c.close_job(JOB),
+            lambda: admin.close_job(JOB),  # the settler closes a finished job
             lambda: p1.claim(),
             lambda: p2.claim(),
         ]
@@ -132,7 +152,7 @@ class TestEscrow:
         assert admin.balance_of(c.address) == start[c.address] - 750
         assert admin.balance_of(p1.address) == start[p1.address] + 300
         assert admin.balance_of(p2.address) == start[p2.address] + 450
-        assert admin.contract_balances() == {"staking": 0, "escrow": 0}
+        assert admin.contract_balances() == {"staking": 0, "escrow": 0, "distributor": 0}
 
     def test_release_is_idempotent_per_unit(self, world: World) -> None:
         world.customer.fund_job(JOB, 100)
@@ -175,7 +195,7 @@ class TestEscrow:
         world.customer.fund_job(JOB, 100)
         world.admin.release(JOB, UNIT_A, world.provider.address, 10)
         assert world.admin.close_job(JOB) == 90  # a settler may close; the refund goes to the customer
-        assert world.customer.close_job(JOB) == 0
+        assert world.customer.close_job(JOB) == 0  # already closed: nothing is sent
         assert world.provider.claim() == 10
         assert world.provider.claim() == 0
         assert world.outsider.claim() == 0
@@ -201,8 +221,8 @@ class TestPause:
         c.fund_job(JOB, 100)
         admin.release(JOB, UNIT_A, p.address, 10)
         admin.pause_all()
-        assert admin.paused() == {"staking": True, "escrow": True}
-        admin.pause_all()  # idempotent
+        assert admin.paused() == {"staking": True, "escrow": True, "distributor": True}
+        admin.pause_all()  # idempotent: nothing is sent
 
         flows = {
             "stake": lambda: p.stake(1),
@@ -211,27 +231,30 @@ class TestPause:
             "fund": lambda: c.fund_job(JOB, 1),
             "fund_with_permit": lambda: c.fund_job_with_permit(JOB, 1),
             "release": lambda: admin.release(JOB, UNIT_B, p.address, 1),
-            "close": lambda: c.close_job(JOB),
+            "release_to_pool": lambda: admin.release_to_pool(JOB, UNIT_B, 1),
+            "close": lambda: admin.close_job(JOB),
             "claim": lambda: p.claim(),
+            "deposit": lambda: admin.deposit_to_pool(1),
         }
         for name, flow in flows.items():
-            with pytest.raises(ChainError) as exc_info:
+            with pytest.raises(PausedError) as exc_info:
                 flow()
             assert exc_info.value.error_name == "EnforcedPause", name
 
-        admin.unpause_all()
-        assert admin.paused() == {"staking": False, "escrow": False}
+        assert admin.unpause_all() is not None  # the timelock's delay is 0 here: scheduled and executed at once
+        assert admin.paused() == {"staking": False, "escrow": False, "distributor": False}
+        assert admin.unpause_all() is None  # nothing paused: nothing scheduled
         p.stake(1)
         p.unstake(1)
         assert admin.slash(p.address, 1, world.verifier.address, EVIDENCE)
         c.fund_job(JOB, 1)
         assert admin.release(JOB, UNIT_B, p.address, 1)
-        assert c.close_job(JOB) == 90
+        assert admin.close_job(JOB) == 90
         assert p.claim() == 11
         assert world.total_held() == world.supply
 
     def test_only_guardians_pause(self, world: World) -> None:
-        with pytest.raises(ChainError) as exc_info:
+        with pytest.raises(UnauthorizedError) as exc_info:
             world.outsider.pause_all()
         expect_revert(exc_info, "AccessControlUnauthorizedAccount", world.outsider.address, role_id("GUARDIAN_ROLE"))
 
