@@ -27,7 +27,7 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
-from protocol.schemas import JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, VerdictSubmit
+from protocol.schemas import Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, VerdictSubmit
 from protocol.signing import SignedRequest
 
 JSON_LIMIT = 1024 * 1024
@@ -78,6 +78,7 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"chain_id": rt.chain_id, "token": d.token, "staking": d.staking, "escrow": d.escrow, "treasury": d.treasury,
                 "distributor": rt.contracts.distributor.address,
                 "min_stake": str(rt.settings.min_stake), "max_upload_bytes": rt.settings.max_upload_bytes,
+                "unit_timeout_s": rt.settings.unit_timeout_s,
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 
@@ -87,6 +88,12 @@ def create_app(rt: Runtime) -> FastAPI:
         body = _parse(ProviderRegister, request._body)  # noqa: SLF001 - the exact bytes that were signed
         p = service.register_provider(rt, req.signer, body)
         return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= rt.settings.min_stake}
+
+    @app.post("/providers/heartbeat")
+    def provider_heartbeat(req: Signed, request: Request) -> dict[str, Any]:
+        """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned."""
+        body = _parse(Heartbeat, request._body)  # noqa: SLF001
+        return service.heartbeat(rt, req.signer, body)
 
     @app.post("/work/next")
     def work_next(req: Signed) -> Response:

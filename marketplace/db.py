@@ -53,7 +53,8 @@ class Provider(Base):
     gpu: Mapped[str] = mapped_column(String(128))
     vram_mb: Mapped[int] = mapped_column(Integer)
     price: Mapped[int] = mapped_column(Money)
-    tokens_per_s: Mapped[int] = mapped_column(BigInteger)  # measured benchmark throughput
+    tokens_per_s: Mapped[int] = mapped_column(BigInteger)  # the node's own benchmark (shown; not used to rank)
+    observed_tps: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # delivered on real units (ranks)
     capacity: Mapped[int] = mapped_column(Integer, default=1)
     stake: Mapped[int] = mapped_column(Money, default=0)  # last read from chain
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | slashed
@@ -101,6 +102,8 @@ class Unit(Base):
     price: Mapped[int | None] = mapped_column(Money, nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # provider's last sign of life
+    steps_done: Mapped[int] = mapped_column(Integer, default=0)
     excluded: Mapped[list[Any]] = mapped_column(JSON, default=list)
     proof: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     proof_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)

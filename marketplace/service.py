@@ -7,15 +7,17 @@ second use of slash evidence, and the client checks before sending. Replaying an
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from marketplace import matching, settlement
+from marketplace import matching, settlement, standby
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s
-from marketplace.pricing import check_ask
+from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
+                                 reliability_ppm)
 from protocol import verification
 from marketplace.runtime import Runtime
 from node import checkpoint
@@ -24,8 +26,12 @@ from node.replay import check_segment
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_structure
-from protocol.schemas import JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
+from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
+
+
+#: Spare providers considered when a unit's provider drops out (the cheapest eligible one takes over at once).
+STANDBY_POOL = 3
 
 
 class NotFound(GridMintValueError):
@@ -126,6 +132,42 @@ def _create_round_units(s: Session, job: Job, spec: JobSpec, round_: int) -> Non
 
 # ---------------------------------------------------------------- matching
 
+def _offers(s: Session) -> list[matching.Offer]:
+    """Every active provider's offer: its ask, free slots, delivered throughput and delivery record, so the matcher
+    ranks by effective price (ask per unit at reference speed, dearer for a provider that drops work).
+
+    Throughput is what the provider *delivered* on real units (tokens trained per second from assignment to
+    submission), never its self-reported benchmark, which would be free to inflate. A provider with no delivered
+    unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
+    busy = dict(s.execute(
+        select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
+    providers = list(s.scalars(select(Provider).where(Provider.status == "active")))
+    seen = sorted(p.observed_tps for p in providers if p.observed_tps)
+    default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
+    return [
+        matching.Offer(p.address, p.region, p.price, p.vram_mb, p.stake, p.capacity - busy.get(p.address, 0),
+                       throughput=min(max(p.observed_tps or default, 1), MAX_THROUGHPUT),
+                       reliability_ppm=reliability_ppm(p.completed, p.dropped))
+        for p in providers
+    ]
+
+
+def _demand(rt: Runtime, unit: Unit, job: Job) -> matching.Demand:
+    spec = JobSpec.model_validate(job.spec)
+    return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price, frozenset(unit.excluded or []))
+
+
+def _assign(s: Session, unit: Unit, job: Job, provider: str, price: int, region: str, rank: int, how: str) -> None:
+    unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
+    unit.assigned_at, unit.heartbeat_at, unit.steps_done = now_s(), None, 0
+    unit.attempts += 1
+    prov = s.get(Provider, provider)
+    assert prov is not None
+    prov.assigned += 1
+    log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=provider,
+        region=region, price=str(price), rank=rank, how=how)
+
+
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
     """One matching round over every pending unit (oldest job first) and every active provider's free slots."""
     with rt.sessions.begin() as s:
@@ -136,29 +178,11 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         ).all()
         if not pending:
             return []
-        busy = dict(s.execute(
-            select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
-        offers = [
-            matching.Offer(p.address, p.region, p.price, p.vram_mb, p.stake, p.capacity - busy.get(p.address, 0))
-            for p in s.scalars(select(Provider).where(Provider.status == "active"))
-        ]
-        demands = []
-        for unit, job in pending:
-            spec = JobSpec.model_validate(job.spec)
-            demands.append(matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price,
-                                           frozenset(unit.excluded or [])))
-        got = matching.match(offers, demands)
+        got = matching.match(_offers(s), [_demand(rt, unit, job) for unit, job in pending])
         units = {u.id: (u, j) for u, j in pending}
         for a in got:
             unit, job = units[a.unit_id]
-            unit.status, unit.provider, unit.price, unit.rank = "assigned", a.provider, a.price, a.rank
-            unit.assigned_at = now_s()
-            unit.attempts += 1
-            prov = s.get(Provider, a.provider)
-            assert prov is not None
-            prov.assigned += 1
-            log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=a.provider,
-                region=a.region, price=str(a.price), rank=a.rank)
+            _assign(s, unit, job, a.provider, a.price, a.region, a.rank, "matching round")
         return got
 
 
@@ -221,11 +245,21 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         if unit.provider != provider or unit.status != "assigned":  # raced with a timeout reassignment
             raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
         unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
+        _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
         unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
             sampled=picks, final_loss=body.losses[-1] if body.losses else None)
+
+
+def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
+    """Blend the throughput this unit was delivered at (tokens trained / seconds since assignment) into the
+    provider's record; the first unit sets it."""
+    p = s.get(Provider, provider)
+    assert p is not None
+    measured = spec.steps * spec.batch_size * spec.model.ctx // max(1, seconds)
+    p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
 
 # ---------------------------------------------------------------- verification
@@ -443,17 +477,51 @@ def settle(rt: Runtime, job_id: str) -> int:
         raise Conflict(str(exc)) from None
 
 
+def heartbeat(rt: Runtime, provider: str, body: Heartbeat) -> dict[str, Any]:
+    """A provider's sign of life: pushes back the deadline of its assigned units (and records progress on one)."""
+    now = now_s()
+    with rt.sessions.begin() as s:
+        p = s.get(Provider, provider)
+        if p is None:
+            raise NotFound(f"provider {provider} is not registered")
+        p.last_seen = now
+        units = list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned")))
+        for u in units:
+            u.heartbeat_at = now
+            if u.id == body.unit_id:
+                u.steps_done = body.steps_done
+        if body.unit_id is not None and body.unit_id not in {u.id for u in units}:
+            raise Conflict(f"unit {body.unit_id} is not assigned to {provider}")
+        return {"units": [u.id for u in units], "deadline": now + rt.settings.unit_timeout_s}
+
+
 def reap(rt: Runtime) -> int:
-    """Units whose provider went silent past the deadline go back to the pool; the dropout's record shows it."""
+    """Assigned units whose provider missed its heartbeat deadline are taken from it: the dropout's reliability drops
+    (a higher effective price from now on) and it is excluded from the unit; the unit restarts from its last verified
+    checkpoint (the job's current global model) on the cheapest eligible standby right away, or goes back to the
+    pool for the next matching round when no spare provider fits. Returns how many units were taken back."""
     cutoff = now_s() - rt.settings.unit_timeout_s
     n = 0
     with rt.sessions.begin() as s:
-        for u in s.scalars(select(Unit).where(Unit.status == "assigned", Unit.assigned_at < cutoff)):
-            prov = s.get(Provider, u.provider) if u.provider else None
-            if prov is not None:
-                prov.dropped += 1
-            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=u.provider)
+        stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
+            Unit.status == "assigned", func.coalesce(Unit.heartbeat_at, Unit.assigned_at) < cutoff)).all()
+        offers = _offers(s) if stale else []
+        for u, job in stale:
+            dropped = u.provider
+            assert dropped is not None
+            prov = s.get(Provider, dropped)
+            assert prov is not None
+            u.excluded = sorted(set(u.excluded or []) | {dropped})
             u.status, u.provider, u.price, u.rank = "pending", None, None, None
+            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped)
+            demand = _demand(rt, u, job)
+            spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
+            move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
+            prov.dropped = move.dropped_reliability.dropped
+            if move.replacement is not None:
+                r = move.replacement
+                _assign(s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")
+                offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
             v.status, v.verifier = "pending", None

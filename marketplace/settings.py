@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)
     max_upload_bytes: int = 32 * 1024 * 1024
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
-    unit_timeout_s: int = 120  # an assigned unit not submitted by then goes back to the pool
+    unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
 
     def resolved_db_url(self) -> str:

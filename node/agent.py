@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
@@ -92,9 +96,10 @@ class ProviderAgent:
         unit_dir.mkdir(parents=True, exist_ok=True)
         start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
         start, _ = checkpoint.load(start_path)
-        result = self.trainer(spec, model_only(start), unit_dir)
-        segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
-        final_blob = self.client.put_blob(result.final_path)
+        with self.heartbeats(spec.unit_id):
+            result = self.trainer(spec, model_only(start), unit_dir)
+            segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
+            final_blob = self.client.put_blob(result.final_path)
         signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
         self.client.submit(spec.unit_id, {
             "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
@@ -102,6 +107,29 @@ class ProviderAgent:
         self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
                  f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
         return True
+
+    @contextmanager
+    def heartbeats(self, unit_id: str) -> Iterator[None]:
+        """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
+        a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby."""
+        timeout = int(self.client.config.get("unit_timeout_s", 120))
+        interval = min(15.0, max(0.5, timeout / 4))
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    self.client.heartbeat(unit_id)
+                except (MarketError, httpx.HTTPError) as exc:  # the next beat (or the submission) will tell
+                    self.say(f"[yellow]heartbeat failed: {exc}[/]")
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def claim(self) -> int:
         """Collect everything owed: the epoch payout pool (one claim with the newest claimable root's proof pays

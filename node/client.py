@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ class MarketClient:
         self.account = account
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self.nonces = NonceSource()
+        # one signed request at a time: nonces must reach the server in the order they were drawn
+        self._send_lock = threading.Lock()
         self._config: dict[str, Any] | None = None
 
     @property
@@ -41,10 +44,12 @@ class MarketClient:
         return int(self.config["chain_id"])
 
     def signed(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> httpx.Response:
-        headers = sign_request(self.account, self.chain_id, method, path, body, self.nonces.next(),
-                               int(time.time()) + REQUEST_TTL_S)
-        headers["content-type"] = content_type
-        return self.http.request(method, path, content=body, headers=headers)
+        chain_id = self.chain_id
+        with self._send_lock:
+            headers = sign_request(self.account, chain_id, method, path, body, self.nonces.next(),
+                                   int(time.time()) + REQUEST_TTL_S)
+            headers["content-type"] = content_type
+            return self.http.request(method, path, content=body, headers=headers)
 
     def signed_json(self, method: str, path: str, payload: Any) -> Any:
         return self._check(self.signed(method, path, json.dumps(payload).encode()))
@@ -64,6 +69,9 @@ class MarketClient:
     # provider
     def register(self, **fields: Any) -> Any:
         return self.signed_json("POST", "/providers/register", fields)
+
+    def heartbeat(self, unit_id: str | None = None, steps_done: int = 0) -> Any:
+        return self.signed_json("POST", "/providers/heartbeat", {"unit_id": unit_id, "steps_done": steps_done})
 
     def next_work(self) -> dict[str, Any] | None:
         return self._check(self.signed("POST", "/work/next"))

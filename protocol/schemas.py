@@ -85,6 +85,13 @@ class ProviderRegister(Strict):
     capacity: int = Field(1, ge=1, le=64)
 
 
+class Heartbeat(Strict):
+    """A provider's sign of life while it trains: which unit, and how many of its steps are done."""
+
+    unit_id: Bytes32Hex | None = None
+    steps_done: int = Field(0, ge=0, le=10_000_000)
+
+
 class BlobRef(Strict):
     sha256: Sha256Hex
 
