@@ -64,6 +64,8 @@ class ContractsBase:
         self._errors = gridmint_error_decoder()
         self._bound: dict[str, Contract] = {}
         self._names: dict[str, str] = {}
+        #: receipt of the last transaction this client sent (benchmarks read its ``gasUsed``)
+        self.last_receipt: TxReceipt | None = None
         for key in ("token", "staking", "escrow"):
             self._bind(key, getattr(deployment, key))
         for key in ("distributor", "kill_switch", "timelock"):
@@ -142,10 +144,12 @@ class ContractsBase:
 
     def _send(self, contract: Contract, fn: str, *args: Any, gas: int | None = None) -> TxReceipt:
         data = contract.encode_abi(fn, args=list(args))
-        return self.chain.transact(
+        receipt = self.chain.transact(
             self.account, to=contract.address, data=data, gas=gas, errors=self._errors,
             label=f"{self._name(contract)}.{fn}",
         )
+        self.last_receipt = receipt
+        return receipt
 
     def _name(self, contract: Contract) -> str:
         return self._names.get(contract.address, contract.address)
