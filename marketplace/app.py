@@ -5,14 +5,21 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Query, Security
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from sqlalchemy import select
 
 from marketplace import service, settlement
+from marketplace import siwe
+from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
 from marketplace.auth import PayloadTooLarge, make_signed_dependency, read_body
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
+from marketplace.db import now_s
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.web import render_index
@@ -46,6 +53,27 @@ _STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
+class ErrorOut(BaseModel):
+    """Body of every 4xx/5xx answer: what was wrong, and the error's class (``SignatureError``, ``NotFound``...)."""
+
+    detail: str | list[dict[str, Any]]
+    error: str | None = None
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error status codes (bodies are ``ErrorOut``)."""
+    text = {401: "Signature or session refused", 402: "Escrow does not hold the budget", 404: "Not found",
+            409: "Conflicts with the current state, or a replayed nonce", 413: "Body over the size limit",
+            422: "Malformed body or values", 502: "The chain refused the transaction"}
+    return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+SIGNED_DOC = ("EIP-712 `Request(signer, method, path, bodyHash, nonce, deadline)` under the domain "
+              "`GridMint/1/chainId` (protocol/signing.py), sent as headers `x-gm-signer`, `x-gm-nonce` (strictly "
+              "increasing per signer), `x-gm-deadline` (unix seconds) and `x-gm-signature`.")
+
+
 def _parse(model: type[Any], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
@@ -58,6 +86,44 @@ def create_app(rt: Runtime) -> FastAPI:
                   description="Buy and sell GPU training time. Node and verifier requests are EIP-712 signed.")
     signed_json = Depends(make_signed_dependency(rt, JSON_LIMIT))
     signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes))
+    metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    documented: list[type[BaseModel]] = [ErrorOut]
+
+    def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+        """``openapi_extra`` for a route that reads its own JSON body (a signed route must hash the exact bytes)."""
+        documented.append(model)
+        return {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus what it cannot see: bodies read by hand, and which routes need a signed envelope."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = fastapi_openapi()
+        components = schema.setdefault("components", {})
+        _, defs = models_json_schema([(m, "validation") for m in documented],
+                                     ref_template="#/components/schemas/{model}")
+        for name, sub in defs.get("$defs", {}).items():
+            components.setdefault("schemas", {}).setdefault(name, sub)
+        components.setdefault("securitySchemes", {})["GridMintRequest"] = {
+            "type": "apiKey", "in": "header", "name": "x-gm-signature", "description": SIGNED_DOC}
+        signed_calls = {signed_json.dependency, signed_blob.dependency}
+        for route in app.routes:
+            if isinstance(route, APIRoute) and any(d.call in signed_calls for d in route.dependant.dependencies):
+                for method in route.methods:
+                    op = schema["paths"][route.path_format][method.lower()]
+                    op["security"] = [{"GridMintRequest": []}]
+                    for code, doc in _errors(401, 409, 413).items():
+                        op["responses"].setdefault(str(code), {
+                            "description": doc["description"],
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     Signed = Annotated[SignedRequest, signed_json]
     SignedBlob = Annotated[SignedRequest, signed_blob]
 
@@ -68,12 +134,15 @@ def create_app(rt: Runtime) -> FastAPI:
                 return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=400)
 
-    @app.get("/healthz")
+    @app.get("/healthz", summary="Liveness check")
     def healthz() -> dict[str, str]:
+        """200 while the process serves requests. Touches neither the database nor the chain."""
         return {"status": "ok"}
 
-    @app.get("/config")
+    @app.get("/config", summary="Chain, contracts and market parameters")
     def config() -> dict[str, Any]:
+        """What clients sign and fund against: chain id, token/staking/escrow/distributor addresses, the minimum
+        stake, upload limit, unit timeout and each region's price floor. Money is a decimal string of base units."""
         d = rt.contracts.deployment
         return {"chain_id": rt.chain_id, "token": d.token, "staking": d.staking, "escrow": d.escrow, "treasury": d.treasury,
                 "distributor": rt.contracts.distributor.address,
@@ -83,36 +152,55 @@ def create_app(rt: Runtime) -> FastAPI:
                             for r in REGIONS.values()}}
 
     # ------------------------------------------------------------ providers
-    @app.post("/providers/register", status_code=201)
+    @app.post("/providers/register", status_code=201, summary="Register or update a provider (signed)",
+              openapi_extra=body_doc(ProviderRegister), responses=_errors(422, 502))
     def register(req: Signed, request: Request) -> dict[str, Any]:
+        """Body: ``ProviderRegister``. The signer becomes (or updates) a provider with its GPU, region, ask and
+        benchmark. Its stake is read from GridStaking; it is matched only while ``eligible`` (stake >= min_stake)."""
         body = _parse(ProviderRegister, request._body)  # noqa: SLF001 - the exact bytes that were signed
         p = service.register_provider(rt, req.signer, body)
         return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= rt.settings.min_stake}
 
-    @app.post("/providers/heartbeat")
+    @app.post("/providers/heartbeat", summary="Heartbeat while training (signed)", openapi_extra=body_doc(Heartbeat),
+              responses=_errors(404, 422))
     def provider_heartbeat(req: Signed, request: Request) -> dict[str, Any]:
         """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned."""
         body = _parse(Heartbeat, request._body)  # noqa: SLF001
         return service.heartbeat(rt, req.signer, body)
 
-    @app.post("/work/next")
+    @app.post("/work/next", summary="Poll for assigned work (signed)", responses={
+        200: {"description": "The unit assigned to the signer: spec, unit id and start checkpoint",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        204: {"description": "Nothing assigned now; poll again"}, **_errors(404)})
     def work_next(req: Signed) -> Response:
+        """The next unit the matching engine assigned to the signing provider, or 204. Polling also counts as a sign
+        of life for the provider."""
         work = service.next_work(rt, req.signer)
         return Response(status_code=204) if work is None else JSONResponse(work)
 
-    @app.put("/blobs", status_code=201)
+    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422),
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
     def put_blob(req: SignedBlob, request: Request) -> dict[str, str]:
+        """Body: a safetensors file of at most ``max_upload_bytes`` (no pickle). Stored by content; answers its
+        sha256, which result submissions then name."""
         return {"sha256": rt.blobs.put_checkpoint(request._body)}  # noqa: SLF001
 
-    @app.get("/blobs/{sha}")
+    @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=FileResponse,
+             responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},
+                        **_errors(404)})
     def get_blob(sha: str) -> FileResponse:
+        """The checkpoint stored under sha256 ``sha`` (start checkpoints, unit results, global models)."""
         path = rt.blobs.path(sha)
         if not path.exists():
             raise service.NotFound(f"no checkpoint {sha}")
         return FileResponse(path, media_type="application/octet-stream")
 
-    @app.post("/units/{unit_id}/result", status_code=202)
+    @app.post("/units/{unit_id}/result", status_code=202, summary="Submit a unit's result (signed)",
+              openapi_extra=body_doc(ResultSubmit), responses=_errors(404, 409, 422))
     def submit(unit_id: str, req: Signed, request: Request) -> dict[str, str]:
+        """Body: ``ResultSubmit``: the final checkpoint, the proof-of-training commitments and the signed Merkle root.
+        Structural checks run now (root, hash chain, start = global model, every checkpoint's hash); a sampled
+        segment is then replayed by a verifier."""
         body = _parse(ResultSubmit, request._body)  # noqa: SLF001
         if body.unit_id != unit_id:
             raise GridMintValueError(f"body unit {body.unit_id} != path unit {unit_id}")
@@ -120,24 +208,34 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"status": "submitted"}
 
     # ------------------------------------------------------------ verifiers
-    @app.post("/verifiers/register", status_code=201)
+    @app.post("/verifiers/register", status_code=201, summary="Join the verifier pool (signed)")
     def verifier_register(req: Signed) -> dict[str, str]:
+        """The signer becomes (or stays) a verifier and may poll ``/verify/next``."""
         service.register_verifier(rt, req.signer)
         return {"address": req.signer}
 
-    @app.post("/verify/next")
+    @app.post("/verify/next", summary="Poll for a verification task (signed)", responses={
+        200: {"description": "A segment to replay: unit, segment index, checkpoints and claimed hash",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        204: {"description": "No task now; poll again"}, **_errors(404)})
     def verify_next(req: Signed) -> Response:
+        """A server-chosen segment of a submitted unit for the signing verifier to replay, or 204."""
         task = service.next_verification(rt, req.signer)
         return Response(status_code=204) if task is None else JSONResponse(task)
 
-    @app.post("/verify/verdict")
+    @app.post("/verify/verdict", summary="Submit a verdict (signed)", openapi_extra=body_doc(VerdictSubmit),
+              responses=_errors(404, 409, 422))
     def verdict(req: Signed, request: Request) -> dict[str, str]:
+        """Body: ``VerdictSubmit``. ok: the unit is verified and credited once. A fraud claim is re-checked by a
+        referee replay; if it holds, the provider is slashed and the unit goes back to the pool."""
         body = _parse(VerdictSubmit, request._body)  # noqa: SLF001
         return {"status": service.record_verdict(rt, req.signer, body)}
 
     # ------------------------------------------------------------ customers
-    @app.post("/jobs/quote")
+    @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
     async def quote(request: Request) -> QuoteOut:
+        """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
+        and the verification level's replay share, fee and catch odds. Nothing is stored."""
         spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
         d = rt.contracts.deployment
         vq = verification.quote(spec.verification, n_segments=spec.steps_per_unit // spec.segment_len,
@@ -149,27 +247,35 @@ def create_app(rt: Runtime) -> FastAPI:
                                       "catch_probability_1pct_per_unit": float(vq.catch_probability_1pct),
                                       "catch_within_stake_1pct": float(vq.catch_within_stake_1pct)})
 
-    @app.post("/jobs", status_code=201)
+    @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
+              openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))
     def submit_job(req: Signed, request: Request) -> dict[str, Any]:
+        """Body: ``JobSubmit``. Accepted only if JobEscrow already holds the full budget for ``job_id``, funded by
+        the signer; units are then matched to providers."""
         body = _parse(JobSubmit, request._body)  # noqa: SLF001
         job = service.create_job(rt, req.signer, body.job_id, body.spec)
         return {"job_id": job.id, "budget": str(job.budget), "status": job.status}
 
-    @app.get("/jobs")
+    @app.get("/jobs", summary="Recent jobs")
     def jobs() -> list[dict[str, Any]]:
+        """The 100 newest jobs, newest first: status, round, units verified, budget, eval losses, refund."""
         with rt.sessions() as s:
             return [job_view(s, j) for j in s.scalars(select(Job).order_by(Job.created_at.desc()).limit(100))]
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", summary="One job in detail", responses=_errors(404))
     def job(job_id: str) -> dict[str, Any]:
+        """A job with its units, payouts, verifications and event history."""
         with rt.sessions() as s:
             j = s.get(Job, job_id)
             if j is None:
                 raise service.NotFound(f"job {job_id} does not exist")
             return job_view(s, j, detail=True)
 
-    @app.get("/jobs/{job_id}/weights")
+    @app.get("/jobs/{job_id}/weights", summary="Download a job's global model", response_class=FileResponse,
+             responses={200: {"description": "safetensors", "content": {"application/octet-stream": _BINARY}},
+                        **_errors(404)})
     def weights(job_id: str) -> FileResponse:
+        """The job's current global checkpoint (the final model once the job is done), as safetensors."""
         with rt.sessions() as s:
             j = s.get(Job, job_id)
             if j is None:
@@ -178,7 +284,7 @@ def create_app(rt: Runtime) -> FastAPI:
         return FileResponse(rt.blobs.path(sha), media_type="application/octet-stream",
                             filename=f"gridmint-{job_id[2:10]}.safetensors")
 
-    @app.get("/payouts/{address}")
+    @app.get("/payouts/{address}", summary="What an address can claim, with its Merkle proof", responses=_errors(422))
     def payout(address: str) -> dict[str, Any]:
         """What ``address`` can claim from the PayoutDistributor now: its cumulative leaf and Merkle proof under the
         newest root past its dispute window (``claim(epoch, cumulative, proof)``), and what it has claimed so far."""
@@ -188,16 +294,76 @@ def create_app(rt: Runtime) -> FastAPI:
             raise HTTPException(422, detail=f"not an address: {address!r}") from None
         return settlement.payout_for(rt, checksummed)
 
-    @app.get("/providers")
+    @app.get("/providers", summary="Providers, cheapest ask first")
     def providers() -> list[dict[str, Any]]:
+        """Every registered provider: region, GPU, VRAM, ask, benchmark, stake, status and reliability counts."""
         with rt.sessions() as s:
             return [provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))]
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, summary="Web page")
     def index() -> str:
+        """A human-readable page of providers and recent jobs."""
         with rt.sessions() as s:
             return render_index([provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))],
                                 [job_view(s, j) for j in s.scalars(select(Job).order_by(Job.created_at.desc()).limit(20))])
+
+    # ------------------------------------------------------------ customer login (SIWE, EIP-4361)
+    session_secret = siwe.load_secret(rt.settings)
+    bearer = HTTPBearer(auto_error=False, description="Session token from POST /auth/login")
+
+    def customer(creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> siwe.CustomerSession:
+        try:
+            if creds is None:
+                raise siwe.LoginRejected("send 'Authorization: Bearer <token>'; log in at POST /auth/login")
+            return siwe.verify_token(creds.credentials, secret=session_secret, chain_id=rt.chain_id, now=now_s())
+        except siwe.LoginRejected as exc:
+            raise HTTPException(401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+    Customer = Annotated[siwe.CustomerSession, Depends(customer)]
+
+    @app.post("/auth/nonce", status_code=201, summary="Get a login nonce")
+    def auth_nonce(request: Request) -> siwe.NonceOut:
+        """A fresh random nonce for an EIP-4361 login message, usable once within ``login_nonce_ttl_s``. Also says
+        which domain and chain id the message must name."""
+        row = siwe.issue_nonce(rt.sessions, now=now_s(), ttl_s=rt.settings.login_nonce_ttl_s)
+        return siwe.NonceOut(nonce=row.nonce, expires_at=row.expires_at, chain_id=rt.chain_id,
+                             domain=siwe.request_domain(rt.settings, request.headers.get("host"), request.url.netloc))
+
+    @app.post("/auth/login", summary="Log in by signing an EIP-4361 message", openapi_extra=body_doc(siwe.LoginIn),
+              responses=_errors(401, 413, 422))
+    async def auth_login(request: Request) -> siwe.SessionOut:
+        """Body: ``{message, signature}``: an EIP-4361 (Sign-In with Ethereum) message holding a nonce from
+        ``/auth/nonce``, this marketplace's domain and chain id, signed with EIP-191 ``personal_sign``. Answers a
+        bearer token for the message's address. 401 if the signature, chain, domain, times or nonce do not check
+        out (each nonce logs in once); 422 if the message is not EIP-4361."""
+        login = _parse(siwe.LoginIn, await read_body(request, JSON_LIMIT))
+        return siwe.login(rt.sessions, login, secret=session_secret, chain_id=rt.chain_id,
+                          domain=siwe.request_domain(rt.settings, request.headers.get("host"), request.url.netloc),
+                          now=now_s(), skew_s=rt.settings.clock_skew_s, ttl_s=rt.settings.session_ttl_s)
+
+    @app.get("/auth/me", summary="Who the session token belongs to", responses=_errors(401))
+    def auth_me(who: Customer) -> siwe.MeOut:
+        """The address a valid ``Authorization: Bearer`` token was issued to, and when it expires."""
+        return siwe.MeOut(address=who.address, expires_at=who.expires_at)
+
+    @app.get("/customers/me/jobs", summary="The logged-in customer's jobs", responses=_errors(401))
+    def my_jobs(who: Customer, limit: Annotated[int, Query(ge=1, le=100)] = 50,
+                offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+        """Jobs whose customer is the session's address, newest first, ``limit`` at a time from ``offset``."""
+        with rt.sessions() as s:
+            rows = s.scalars(select(Job).where(Job.customer == who.address)
+                             .order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
+            return [job_view(s, j) for j in rows]
+
+    # ------------------------------------------------------------ operations
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    def prometheus_metrics(request: Request) -> Response:
+        """Requests and latency by route template and status (this process), and market gauges read from the
+        database now: units, jobs and providers by status, active providers, newest posted payout epoch."""
+        data, content_type = metrics.render(request.headers.get("accept"))
+        return Response(data, headers={"Content-Type": content_type})
 
     return app
 

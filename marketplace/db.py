@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Engine, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy import Index
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -168,6 +169,21 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
+class LoginNonce(Base):
+    """A customer-login (SIWE) nonce this server issued: accepted once, before ``expires_at`` (marketplace.siwe)."""
+
+    __tablename__ = "login_nonces"
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    used_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(42), nullable=True)
+
+
+# A customer's own jobs (GET /customers/me/jobs) without a scan of every job.
+Index("ix_jobs_customer", Job.customer)
 
 
 def make_engine(url: str) -> Engine:

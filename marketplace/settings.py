@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
@@ -21,6 +22,12 @@ class Settings(BaseSettings):
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
+    # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
+    # other's tokens share it (same env var, or same data_dir, where it is generated on first start).
+    session_secret: SecretStr | None = None
+    session_ttl_s: int = 24 * 3600  # how long a login lasts
+    login_nonce_ttl_s: int = 600  # how long a nonce from POST /auth/nonce may wait before it is used
+    siwe_domain: str | None = None  # the domain login messages must name; default: the request's Host header
 
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'marketplace.db').resolve()}"

@@ -1,0 +1,167 @@
+"""Prometheus metrics for one marketplace app: HTTP traffic by route template, and market state read at scrape time.
+
+Each app gets its own ``CollectorRegistry`` (never the process-global default), so one process can build several apps
+(tests do). Request counters are per process: with several API processes, scrape each one (Prometheus sums them).
+The market gauges come from the database at scrape time, so every process reports the same figures.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from marketplace.db import Job, PayoutEpoch, Provider, Unit
+
+log = logging.getLogger(__name__)
+
+# Seconds. Fine at the low end: a signed heartbeat should answer in a few milliseconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNMATCHED = "<unmatched>"  # requests no route matched: one label, whatever path a scanner tries
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method is "OTHER"
+# Statuses reported even when no row has them, so a gauge drops to 0 instead of vanishing (see marketplace.db).
+UNIT_STATUSES = ("pending", "assigned", "submitted", "verified")
+JOB_STATUSES = ("running", "done", "settled")
+PROVIDER_STATUSES = ("active", "slashed")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class MarketSnapshot:
+    """Counts read from the database at one instant."""
+
+    units: dict[str, int] = field(default_factory=dict)  # by status
+    jobs: dict[str, int] = field(default_factory=dict)  # by status
+    providers: dict[str, int] = field(default_factory=dict)  # registered, by status
+    providers_active: int = 0  # status active and seen within the activity window
+    latest_posted_epoch: int = 0  # 0: no payout root posted yet (epochs start at 1)
+
+
+def market_families(snap: MarketSnapshot) -> list[Metric]:
+    """The gauges for ``snap`` (pure)."""
+    units = GaugeMetricFamily("gridmint_units", "Work units by status", labels=["status"])
+    for status, n in sorted(({s: 0 for s in UNIT_STATUSES} | snap.units).items()):
+        units.add_metric([status], n)
+    jobs = GaugeMetricFamily("gridmint_jobs", "Jobs by status", labels=["status"])
+    for status, n in sorted(({s: 0 for s in JOB_STATUSES} | snap.jobs).items()):
+        jobs.add_metric([status], n)
+    providers = GaugeMetricFamily("gridmint_providers", "Registered providers by status", labels=["status"])
+    for status, n in sorted(({s: 0 for s in PROVIDER_STATUSES} | snap.providers).items()):
+        providers.add_metric([status], n)
+    return [
+        units, jobs, providers,
+        GaugeMetricFamily("gridmint_providers_active", "Providers in good standing that were seen within the activity "
+                          "window (unit_timeout_s)", value=snap.providers_active),
+        GaugeMetricFamily("gridmint_payout_epoch_latest", "Newest payout epoch whose root is posted on chain (0: none)",
+                          value=snap.latest_posted_epoch),
+    ]
+
+
+def read_snapshot(s: Session, *, now: int, active_window_s: int) -> MarketSnapshot:
+    """Count units, jobs and providers by status, active providers and the newest posted epoch (four small queries)."""
+
+    def by_status(col: Any) -> dict[str, int]:
+        return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col))}
+
+    active = s.scalar(select(func.count()).select_from(Provider)
+                      .where(Provider.status == "active", Provider.last_seen >= now - active_window_s))
+    epoch = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
+    return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
+                          providers=by_status(Provider.status),
+                          providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0))
+
+
+class MarketCollector(Collector):
+    """Reads the market gauges from the database on every scrape. If the database cannot be read, the scrape still
+    answers, with ``gridmint_market_scrape_ok 0`` instead of the gauges."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, active_window_s: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sessions, self.active_window_s, self.clock = sessions, active_window_s, clock
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self.sessions() as s:
+                snap = read_snapshot(s, now=int(self.clock()), active_window_s=self.active_window_s)
+        except Exception:  # noqa: BLE001 - a metrics scrape must not fail because the database is away
+            log.exception("reading market metrics failed")
+            yield GaugeMetricFamily("gridmint_market_scrape_ok", "1 if the market gauges could be read", value=0)
+            return
+        yield GaugeMetricFamily("gridmint_market_scrape_ok", "1 if the market gauges could be read", value=1)
+        yield from market_families(snap)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no scrape at registration time (it would touch the database)
+
+
+class Metrics:
+    """One app's registry: request counter, latency histogram and the market collector."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, active_window_s: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gridmint_http_requests", "HTTP requests answered, by route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("gridmint_http_request_duration_seconds", "Time to answer an HTTP request",
+                                 ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(MarketCollector(sessions, active_window_s=active_window_s))
+        # Label children by (method, route, status): .labels() costs more than the observation itself. Bounded, as
+        # routes and methods are a fixed set and statuses few.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (method, route, str(status))
+            children = self._children.setdefault(key, (self.requests.labels(*labels), self.latency.labels(*labels)))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """Everything in this registry, in the exposition format the ``Accept`` header asks for (Prometheus text by
+        default, OpenMetrics if asked), and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class MetricsMiddleware:
+    """Plain ASGI middleware (no BaseHTTPMiddleware: no extra task per request, streaming bodies untouched).
+
+    Labels a request by the template of the route that answered it (``/jobs/{job_id}``, not the job id), read from
+    ``scope["route"]`` after the app ran; a request that raised is counted as 500."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            self.metrics.observe(method, route, status, time.perf_counter() - start)
