@@ -98,7 +98,12 @@ def verifier_run(
 
 
 @market_app.command("serve")
-def market_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+def market_serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes; each builds its own runtime from the same "
+                                                    "settings (marketplace.asgi:create)")] = 1,
+) -> None:
     """Serve the marketplace API (settings from GRIDMINT_* environment variables)."""
     import uvicorn
 
@@ -107,9 +112,15 @@ def market_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     from marketplace.runtime import set_runtime
     from marketplace.settings import Settings
 
+    # Built here even with --workers: bad settings fail once with a readable error, and migrations run before any
+    # worker starts.
     rt = runtime_from_settings(Settings())
+    log_level = os.environ.get("GRIDMINT_LOG_LEVEL", "warning")
+    if workers > 1:
+        uvicorn.run("marketplace.asgi:create", factory=True, workers=workers, host=host, port=port, log_level=log_level)
+        return
     set_runtime(rt)
-    uvicorn.run(create_app(rt), host=host, port=port, log_level=os.environ.get("GRIDMINT_LOG_LEVEL", "warning"))
+    uvicorn.run(create_app(rt), host=host, port=port, log_level=log_level)
 
 
 @market_app.command("worker")
