@@ -1,9 +1,11 @@
 """Request authentication: EIP-712 envelope (protocol.signing) plus a per-signer nonce kept in the database."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
@@ -58,14 +60,18 @@ def consume_nonce(rt: Runtime, signer: str, nonce: int) -> None:
 
 
 def make_signed_dependency(rt: Runtime, limit: int):  # type: ignore[no-untyped-def]
-    async def signed(request: Request) -> SignedRequest:
-        body = await read_body(request, limit)
+    def check(headers: Mapping[str, str], method: str, path: str, body: bytes) -> SignedRequest:
         now = now_s()
-        req = verify_request(request.headers, rt.chain_id, request.method, request.url.path, body, now)
+        req = verify_request(headers, rt.chain_id, method, path, body, now)
         if req.deadline > now + rt.settings.clock_skew_s:
             raise SignatureError(f"deadline {req.deadline} is too far ahead (now {now}, skew {rt.settings.clock_skew_s}s)")
         consume_nonce(rt, req.signer, req.nonce)
         return req
+
+    async def signed(request: Request) -> SignedRequest:
+        body = await read_body(request, limit)
+        # signature recovery and the nonce write block: keep them off the event loop
+        return await run_in_threadpool(check, request.headers, request.method, request.url.path, body)
 
     return signed
 

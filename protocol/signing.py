@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils import is_hex_address, to_checksum_address
+from eth_utils import is_hex_address, keccak, to_checksum_address
 
 from protocol.errors import ReplayError, SignatureError
 
@@ -153,8 +154,46 @@ def recover_accusation(chain_id: int, staking: str, provider: str, evidence: byt
         raise SignatureError(f"malformed Accusation signature: {exc}") from exc
 
 
+def _recover_digest(digest: bytes, signature: str, what: str) -> str:
+    """Checksum address that signed the 32-byte ``digest``; SignatureError if the signature is malformed. Uses
+    coincurve (libsecp256k1) through eth-keys where installed: ~0.5 ms instead of ~15 ms in pure Python."""
+    try:
+        sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
+        if len(sig) != 65:
+            raise ValueError(f"signature must be 65 bytes, got {len(sig)}")
+        return str(Account._recover_hash(digest, signature=sig))  # noqa: SLF001 - eth_account's public-ish helper
+    except Exception as exc:  # eth_account raises several types for junk input
+        raise SignatureError(f"malformed {what} signature: {exc}") from exc
+
+
 def body_hash(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
+
+
+# The Request envelope is on every node/verifier call, so its EIP-712 digest is computed directly (two keccaks, the
+# domain separator and string hashes cached) instead of through encode_typed_data (~0.5 ms). A test checks the two
+# agree byte for byte.
+_DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId)")
+_REQUEST_TYPEHASH = keccak(
+    text="Request(address signer,string method,string path,bytes32 bodyHash,uint256 nonce,uint256 deadline)")
+
+
+@lru_cache(maxsize=64)
+def _domain_separator(chain_id: int) -> bytes:
+    return keccak(_DOMAIN_TYPEHASH + keccak(text=DOMAIN_NAME) + keccak(text=DOMAIN_VERSION) + chain_id.to_bytes(32, "big"))
+
+
+@lru_cache(maxsize=1024)
+def _text_hash(text: str) -> bytes:
+    return keccak(text=text)
+
+
+def request_digest(chain_id: int, signer: str, method: str, path: str, body: bytes, nonce: int, deadline: int) -> bytes:
+    """The EIP-712 digest of ``Request(signer, method, path, bodyHash, nonce, deadline)`` under ``GridMint/1/chainId``
+    (what ``sign_request`` signs and ``verify_request`` recovers from)."""
+    struct = keccak(_REQUEST_TYPEHASH + bytes(12) + bytes.fromhex(signer[2:]) + _text_hash(method.upper())
+                    + _text_hash(path) + body_hash(body) + nonce.to_bytes(32, "big") + deadline.to_bytes(32, "big"))
+    return keccak(b"\x19\x01" + _domain_separator(chain_id) + struct)
 
 
 @dataclass(frozen=True)
@@ -231,15 +270,8 @@ def verify_request(
         raise SignatureError(f"nonce and deadline must be integers: {exc}") from exc
     if nonce < 0 or deadline < 0 or nonce >= 2**256 or deadline >= 2**256:
         raise SignatureError(f"nonce/deadline out of range: {nonce}, {deadline}")
-    message = {
-        "signer": signer,
-        "method": method.upper(),
-        "path": path,
-        "bodyHash": body_hash(body),
-        "nonce": nonce,
-        "deadline": deadline,
-    }
-    recovered = recover_typed("Request", chain_id, message, lowered[HEADER_SIGNATURE])
+    recovered = _recover_digest(request_digest(chain_id, signer, method, path, body, nonce, deadline),
+                                lowered[HEADER_SIGNATURE], "Request")
     if recovered != signer:
         raise SignatureError(f"signature is by {recovered}, not by the claimed signer {signer} (or the body, path or chain differ)")
     if deadline < now:

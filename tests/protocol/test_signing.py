@@ -69,3 +69,21 @@ def test_nonces_strictly_increase() -> None:
     src = NonceSource()
     seen = [src.next() for _ in range(1000)]
     assert all(b > a for a, b in zip(seen, seen[1:]))
+
+
+def test_direct_request_digest_equals_the_eip712_library_digest() -> None:
+    from eth_account import Account
+    from eth_account.messages import _hash_eip191_message
+
+    from protocol.signing import _typed, body_hash, request_digest
+
+    acct = Account.create()
+    for chain_id, method, path, body, nonce, deadline in [
+        (1, "post", "/work/next", b"", 1, 2**40),
+        (31337, "PUT", "/blobs", b"\x00" * 1000, 2**63 - 1, 0),
+        (2**64, "GET", "/p\u00e4th", b'{"a":1}', 0, 2**256 - 1),
+    ]:
+        message = {"signer": acct.address, "method": method.upper(), "path": path, "bodyHash": body_hash(body),
+                   "nonce": nonce, "deadline": deadline}
+        expected = _hash_eip191_message(_typed("Request", chain_id, message))
+        assert request_digest(chain_id, acct.address, method, path, body, nonce, deadline) == expected
