@@ -14,10 +14,10 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// but stays slashable) and `withdraw` after `unbondingDelay`. A LOCKER (escrow / marketplace) locks the stake that
 /// backs work in flight; an account in an open dispute cannot unbond or withdraw at all.
 /// Slashing happens only (a) through a fraud proof: a staked verifier signs an accusation that a committed hash does
-/// not replay, bonding `verifierBond`; a REFEREE resolves it, slashing the provider (bounty to the verifier) or the
-/// verifier's bond for a false accusation; or (b) by the governance SLASHER. Each evidence hash is used once, so
-/// slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to the verifier and the
-/// rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
+/// not replay, bonding `verifierBond`; a REFEREE resolves it, slashing the provider's whole slashable stake (bounty
+/// to the verifier) or the verifier's bond for a false accusation; or (b) by the governance SLASHER. Each evidence
+/// hash is used once, so slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to
+/// the verifier and the rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
 contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
@@ -41,6 +41,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         uint32 openDisputes;
     }
 
+    /// @dev `amount` is the verifier's claimed unearned pay, as signed; it does not cap the slash (see `resolve`).
     struct Dispute {
         address provider;
         address verifier;
@@ -191,6 +192,8 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// @notice Open a dispute: `verifier`'s EIP-712 signature over Accusation(provider, evidence, amount) claims that
     /// `provider`'s committed hash `evidence` does not replay. Anyone may submit it (the marketplace relays it).
     /// Bonds `verifierBond` of the verifier's free stake and freezes both accounts' unbonding until resolved.
+    /// @param amount the pay the verifier claims the provider did not earn; it is recorded (Accused, disputeOf) for
+    /// the referee but does NOT cap the slash: a fraud verdict takes the provider's whole stake (see `resolve`).
     function accuse(address provider, bytes32 evidence, uint256 amount, bytes calldata signature)
         external
         whenNotPaused
@@ -214,8 +217,14 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         emit Accused(provider, verifier, evidence, amount, bond);
     }
 
-    /// @notice Referee verdict on the dispute for `evidence`. `fraud`: slash the provider up to the accused amount,
-    /// bounty to the verifier. Otherwise the accusation was false: the verifier's bond goes to the treasury.
+    /// @notice Referee verdict on the dispute for `evidence`. `fraud`: slash the provider's WHOLE slashable stake
+    /// (staked + unbonding, whatever is locked or bonded in it), bounty to the verifier. Otherwise the accusation was
+    /// false: the verifier's bond goes to the treasury.
+    /// @dev Why not the accused `amount`: the accuser chooses it and each evidence hash is used once, so a cheating
+    /// provider could have a second staked key of its own accuse it first for 1 wei, and the fraud verdict on that
+    /// accusation would cap its penalty at 1 wei and spend the evidence before an honest verifier could use it.
+    /// A proven fraud therefore costs everything; `amount` stays in the signed struct as the verifier's claim of
+    /// unearned pay (reported in Accused and disputeOf).
     function resolve(bytes32 evidence, bool fraud) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
         Dispute memory d = _disputes[evidence];
         if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
@@ -230,7 +239,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
             v.bonded -= d.bond;
         }
         if (fraud) {
-            uint256 slashed = _takeStake(d.provider, d.amount);
+            uint256 slashed = _takeStake(d.provider, p.staked + p.unbonding);
             emit DisputeResolved(evidence, true, slashed);
             _payOut(d.provider, d.verifier, evidence, slashed);
         } else {

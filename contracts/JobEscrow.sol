@@ -20,7 +20,9 @@ interface IPayoutPool {
 ///   says who earned it. This is the path that scales: one transfer per job per epoch, not one per unit.
 /// Each (jobId, unitId) and each (jobId, batchId) pays out at most once, so the settler can retry safely.
 /// The settler closes a finished job; a customer can `cancel` and close it itself after `cancelGrace` seconds (units
-/// verified in the meantime are still paid). Closing refunds what was not released.
+/// verified in the meantime are still paid). Once that grace is over (`closableAt`), nothing more can be released
+/// from the job: what is left then is the customer's refund, whenever it closes. Closing refunds what was not
+/// released.
 /// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + totalClaimable.
 contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
@@ -98,7 +100,8 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         _fund(jobId, msg.sender, amount);
     }
 
-    /// @notice Customer: stop the job. Units verified within `cancelGrace` seconds are still paid; after that the
+    /// @notice Customer: stop the job. Units verified within `cancelGrace` seconds are still paid (release and
+    /// releaseToPool work until `closableAt`); from `closableAt` on they revert with EscrowJobCancelled, and the
     /// customer may `close` and take the refund.
     function cancel(bytes32 jobId) external whenNotPaused {
         Job storage job = _jobs[jobId];
@@ -135,6 +138,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- settler
 
     /// @notice Pay `amount` from `jobId` to `provider` for verified unit `unitId`; each unit pays at most once.
+    /// Refused once a cancelled job's grace is over (EscrowJobCancelled(jobId, closableAt)).
     function release(bytes32 jobId, bytes32 unitId, address provider, uint256 amount)
         external
         onlyRole(SETTLER_ROLE)
@@ -151,6 +155,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
 
     /// @notice Move `amount` of `jobId`'s escrow, the pay of the verified units in batch `batchId`, to the epoch
     /// settlement pool; each batch moves at most once. The ledger's next root credits the providers.
+    /// Refused once a cancelled job's grace is over (EscrowJobCancelled(jobId, closableAt)).
     function releaseToPool(bytes32 jobId, bytes32 batchId, uint256 amount)
         external
         onlyRole(SETTLER_ROLE)
@@ -242,11 +247,15 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         token.safeTransferFrom(funder, address(this), amount);
     }
 
-    /// @dev Checks that `jobId` is open and holds `amount`, and records it as released.
+    /// @dev Checks that `jobId` is open, not past a cancel's grace, and holds `amount`; records it as released.
+    /// The grace check keeps the settler from draining a cancelled job between `closableAt` and the customer's
+    /// `close`: from `closableAt` on, the rest belongs to the customer.
     function _debit(bytes32 jobId, uint256 amount) private {
         if (amount == 0) revert EscrowZeroAmount();
         Job storage job = _jobs[jobId];
         if (job.closed) revert EscrowJobClosed(jobId);
+        uint256 closableAt = job.closableAt;
+        if (closableAt != 0 && block.timestamp >= closableAt) revert EscrowJobCancelled(jobId, closableAt);
         uint256 released = job.released;
         uint256 available = job.funded - released;
         if (amount > available) revert EscrowInsufficientFunds(jobId, available, amount);

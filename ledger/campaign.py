@@ -2,7 +2,8 @@
 
 ``Harness`` deploys the GridMint contracts on a dev chain, hands tokens to a cast of customers, providers and
 verifiers, and exposes one method per operation (stake, unbond, withdraw, lock, fund, release, release to the pool,
-cancel, close, claim, post root, void root, claim payout, slash, accuse, resolve, pause, unpause, advance time).
+cancel, close, claim, post root, void root, claim payout, batched payout push, set the dispute window, slash, accuse,
+resolve, pause, unpause, advance time).
 Each method sends the transaction(s), compares the outcome (success, or the exact custom error) with the model's
 prediction, then ``check()`` reads the whole system in one call (GridLens) and verifies:
 
@@ -416,7 +417,7 @@ class Harness:
         a = self.cast.stakers[who]
         m = self.model
         epoch = 1 if mode == "oldest" else m.latest
-        if mode == "claimable" and m.latest and m.now + 1 < m.posted_at + m.params.dispute_window:
+        if mode == "claimable" and m.latest and m.now + 1 < m.claimable_at:
             epoch = m.latest - 1
         tree = self.trees.get(epoch)
         self._op(f"claim_payout_{mode}")
@@ -431,6 +432,48 @@ class Harness:
                     cumulative, honest = cumulative + 1, False
         data = calldata("claim(uint256,uint256,bytes32[])", epoch, cumulative, proof)
         self._tx("claim_payout", a, self.distributor, data, lambda: m.claim_payout(a.address, epoch, cumulative, honest))
+
+    def claim_payout_batch(self, mode: str = "claimable") -> None:
+        """The operator pushes pay with one ``claimMany`` to every account with a leaf in a root, listing the first
+        account twice and a stranger with cumulative 0 (both must be skipped). ``mode``: ``"claimable"`` (the newest
+        root past its window), ``"latest"`` (the newest, maybe still in dispute), ``"tampered"`` (the last account's
+        cumulative + 1 with its real proof: reverts the batch unless that account is already paid past it),
+        ``"mismatch"`` (one proof short: SettlementLengthMismatch)."""
+        m = self.model
+        epoch = m.latest
+        if mode != "latest" and m.latest and m.now + 1 < m.claimable_at:
+            epoch = m.latest - 1
+        tree = self.trees.get(epoch)
+        self._op(f"claim_payout_batch_{mode}")
+        rows: list[tuple[str, int, list[bytes], bool]] = []
+        if tree is not None:
+            rows = [(a, tree.cumulative(a), tree.proof(a), True) for a in sorted(tree.entries)]
+            if mode == "tampered":
+                a, cumulative, proof, _ = rows[-1]
+                rows[-1] = (a, cumulative + 1, proof, False)
+            rows = [*rows, rows[0]]
+        rows.append((self.cast.customers[0].address, 0, [], True))
+        accounts = [r[0] for r in rows]
+        cumulatives = [r[1] for r in rows]
+        proofs = [r[2] for r in rows]
+        if mode == "mismatch":
+            proofs = proofs[:-1]
+        data = calldata("claimMany(uint256,address[],uint256[],bytes32[][])", epoch, accounts, cumulatives, proofs)
+        entries = [(a, c, ok) for a, c, _, ok in rows]
+        self._tx("claim_payout_batch", self.cast.operator, self.distributor, data,
+                 lambda: m.claim_payout_batch(epoch, entries, lengths_match=mode != "mismatch"))
+
+    def set_dispute_window(self, window: int) -> None:
+        """Governance changes the dispute window through the timelock (delay 0 here): schedule, then execute. It
+        applies to roots posted afterwards; the latest root keeps the claimable time it was posted with."""
+        self._op("set_dispute_window")
+        salt = keccak(text=f"window-{self.stats.transactions}")
+        args = (self.distributor, 0, calldata("setDisputeWindow(uint32)", window), b"\x00" * 32, salt)
+        schedule = calldata("schedule(address,uint256,bytes,bytes32,bytes32,uint256)", *args, 0)
+        self._tx("schedule_dispute_window", self.cast.operator, self.timelock, schedule, lambda: None)
+        execute = calldata("execute(address,uint256,bytes,bytes32,bytes32)", *args)
+        self._tx("set_dispute_window", self.cast.operator, self.timelock, execute,
+                 lambda: self.model.set_dispute_window(window))
 
     def slash(self, provider: int, amount: int, verifier: int, reuse: bool = False) -> None:
         """Governance slash (SLASHER: operator) of a staker, bounty to a verifier."""
@@ -519,7 +562,7 @@ class Harness:
         self.stats.checks += 1
         m = self.model
         sys_, accounts, jobs = self.read_state()
-        (supply, staking_bal, escrow_bal, dist_bal, total_staked, total_claimable, deposited, latest, _claimable_at,
+        (supply, staking_bal, escrow_bal, dist_bal, total_staked, total_claimable, deposited, latest, claimable_at,
          p_staking, p_escrow, p_dist) = sys_
         bad: list[str] = []
 
@@ -549,8 +592,11 @@ class Harness:
         expect(paused == (int(m.paused),) * 3, f"paused {paused}, model {m.paused}")
         # the model, figure by figure
         model_open = sum(j.funded - j.released for j in m.jobs.values() if not j.closed)
-        expect((staking_bal, escrow_bal - total_claimable, deposited, latest) ==
-               (m.total_staked, model_open, m.deposited, m.latest), "system totals differ from the model")
+        chain_totals = (staking_bal, escrow_bal - total_claimable, deposited, latest, claimable_at)
+        model_totals = (m.total_staked, model_open, m.deposited, m.latest, m.claimable_at)
+        expect(chain_totals == model_totals,
+               f"system totals (staked, open escrow, deposited, latest epoch, its claimableAt) differ from the model: "
+               f"chain {chain_totals}, model {model_totals}")
         for a, acc in by.items():
             ms = m.stakes.get(a)
             want_stake = [0] * 6 if ms is None else [
@@ -619,17 +665,21 @@ def random_op(h: Harness, rng: random.Random) -> None:
         h.post_root(rng.choice(["honest", "honest", "honest", "skip", "inflated", "bad_then_void"]))
     elif roll < 0.71:
         h.void_root()
-    elif roll < 0.82:
+    elif roll < 0.79:
         claimer = rng.randrange(n_prov) if rng.random() < 0.8 else who  # mostly providers: they have leaves
         h.claim_payout(claimer, rng.choice(["latest", "claimable", "claimable", "oldest", "tampered", "foreign"]))
+    elif roll < 0.83:
+        h.claim_payout_batch(rng.choice(["claimable", "claimable", "claimable", "latest", "tampered", "mismatch"]))
     elif roll < 0.85:
         h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2)
     elif roll < 0.89:
         h.accuse(rng.randrange(2), who, _amount(rng, s.staked + s.unbonding if s else 0), reuse=rng.random() < 0.2)
     elif roll < 0.92:
         h.resolve(rng.randrange(4), fraud=rng.random() < 0.5)
-    elif roll < 0.93:
+    elif roll < 0.925:
         h.pause()
+    elif roll < 0.935:
+        h.set_dispute_window(rng.choice([0, 10, 100, 400]))
     else:
         h.advance_time(rng.choice([5, 30, 60, 120, 400]))
 

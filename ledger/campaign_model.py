@@ -10,7 +10,7 @@ and the model side by side, and flags any difference: a wrong outcome, a wrong b
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 MAX_BPS = 10_000
@@ -75,7 +75,9 @@ class Model:
     ledger: dict[str, int] = field(default_factory=dict)
     roots: dict[int, dict[str, int]] = field(default_factory=dict)
     latest: int = 0
-    posted_at: int = 0
+    #: when the latest root becomes claimable, fixed at post time (post time + the window then); 0 before the first
+    #: root and after a void (PayoutDistributor.latestClaimableAt)
+    claimable_at: int = 0
     claimed: dict[str, int] = field(default_factory=dict)
     paused: bool = False
     evidence_used: set[bytes] = field(default_factory=set)
@@ -206,7 +208,8 @@ class Model:
         vs.open_disputes -= 1
         vs.bonded -= d.bond
         if fraud:
-            self._pay_out(d.verifier, self._take(d.provider, d.amount))
+            # The whole slashable stake: the accused amount is the accuser's choice and does not cap the slash.
+            self._pay_out(d.verifier, self._take(d.provider, ps.staked + ps.unbonding))
         else:
             self._pay_out(None, self._take(d.verifier, d.bond))
         return None
@@ -256,6 +259,8 @@ class Model:
             return "EscrowZeroAmount"
         if j.closed:
             return "EscrowJobClosed"
+        if j.closable_at and self.now >= j.closable_at:
+            return "EscrowJobCancelled"  # the cancel's grace is over: the rest is the customer's refund
         if amount > j.funded - j.released:
             return "EscrowInsufficientFunds"
         j.released += amount
@@ -338,32 +343,42 @@ class Model:
             return "EnforcedPause"
         if epoch != self.latest + 1:
             return "SettlementWrongEpoch"
-        if self.now < self.posted_at + self.params.dispute_window:
+        if self.now < self.claimable_at:
             return "SettlementRootInDispute"
         if total > self.deposited:
             return "SettlementUnderfunded"
         self.roots[epoch] = dict(cumulative)
         self.latest = epoch
-        self.posted_at = self.now
+        self.claimable_at = self.now + self.params.dispute_window
         return None
 
     def void_root(self, epoch: int) -> str | None:
-        claimable_at = self.posted_at + self.params.dispute_window
-        if epoch != self.latest or epoch == 0 or self.now >= claimable_at:
+        if epoch != self.latest or epoch == 0 or self.now >= self.claimable_at:
             return "SettlementNotVoidable"
         del self.roots[epoch]
         self.latest -= 1
-        self.posted_at = 0
+        self.claimable_at = 0  # the previous root was already claimable
+        return None
+
+    def set_dispute_window(self, window: int) -> str | None:
+        """Governance (through the timelock): applies to roots posted from now on, not to the latest one."""
+        self.params.dispute_window = window
+        return None
+
+    def _claimable_epoch_error(self, epoch: int) -> str | None:
+        if epoch == 0 or epoch > self.latest:
+            return "SettlementUnknownEpoch"
+        if epoch == self.latest and self.now < self.claimable_at:
+            return "SettlementRootInDispute"
         return None
 
     def claim_payout(self, a: str, epoch: int, cumulative: int, proof_ok: bool) -> str | None:
         """``proof_ok``: the caller sent the tree's real proof for (``a``, ``cumulative``) in ``epoch``'s root."""
         if self.paused:
             return "EnforcedPause"
-        if epoch == 0 or epoch > self.latest:
-            return "SettlementUnknownEpoch"
-        if epoch == self.latest and self.now < self.posted_at + self.params.dispute_window:
-            return "SettlementRootInDispute"
+        error = self._claimable_epoch_error(epoch)
+        if error is not None:
+            return error
         if not proof_ok or self.roots.get(epoch, {}).get(a) != cumulative:
             return "SettlementInvalidProof"
         prior = self.claimed.get(a, 0)
@@ -373,9 +388,37 @@ class Model:
         self._add(self.balances, a, cumulative - prior)
         return None
 
+    def claim_payout_batch(
+        self, epoch: int, entries: Sequence[tuple[str, int, bool]], lengths_match: bool = True
+    ) -> str | None:
+        """``claimMany``: ``entries`` are (account, cumulative, proof_ok) in order. An entry with nothing new for its
+        account (including an account listed earlier in the same batch) is skipped before its proof is looked at;
+        any other entry with a bad proof reverts the whole batch (nothing is paid)."""
+        if self.paused:
+            return "EnforcedPause"
+        if not lengths_match:
+            return "SettlementLengthMismatch"
+        error = self._claimable_epoch_error(epoch)
+        if error is not None:
+            return error
+        claimed = dict(self.claimed)
+        paid: dict[str, int] = {}
+        for a, cumulative, proof_ok in entries:
+            prior = claimed.get(a, 0)
+            if cumulative <= prior:
+                continue
+            if not proof_ok or self.roots.get(epoch, {}).get(a) != cumulative:
+                return "SettlementInvalidProof"
+            claimed[a] = cumulative
+            paid[a] = paid.get(a, 0) + cumulative - prior
+        self.claimed = claimed
+        for a, amount in paid.items():
+            self._add(self.balances, a, amount)
+        return None
+
     def claimable_root(self) -> int:
         """The newest epoch whose root is past its dispute window (0 if none)."""
-        if self.latest and self.now < self.posted_at + self.params.dispute_window:
+        if self.latest and self.now < self.claimable_at:
             return self.latest - 1
         return self.latest
 

@@ -54,7 +54,8 @@ class EscrowOps(TokenStakingOps):
     def release(self, job_id: bytes | str, unit_id: bytes | str, provider: str, amount: int) -> bool:
         """Pay ``amount`` of ``job_id``'s escrow to ``provider`` for unit ``unit_id`` (needs SETTLER_ROLE).
 
-        Idempotent per (job, unit): returns False, sending nothing, if that unit was already released.
+        Idempotent per (job, unit): returns False, sending nothing, if that unit was already released. Raises
+        EscrowError ``EscrowJobCancelled(job, closableAt)`` once a cancelled job's grace is over.
         """
         job, unit = to_bytes32(job_id, "job_id"), to_bytes32(unit_id, "unit_id")
         if self.unit_released(job, unit):
@@ -74,7 +75,8 @@ class EscrowOps(TokenStakingOps):
 
     def release_to_pool(self, job_id: bytes | str, batch_id: bytes | str, amount: int) -> bool:
         """Move ``amount`` of ``job_id``'s escrow (the pay of the verified units in ``batch_id``) into the epoch
-        payout pool (needs SETTLER_ROLE). Idempotent per (job, batch): False, sending nothing, if already moved."""
+        payout pool (needs SETTLER_ROLE). Idempotent per (job, batch): False, sending nothing, if already moved.
+        Raises EscrowError ``EscrowJobCancelled(job, closableAt)`` once a cancelled job's grace is over."""
         job, batch = to_bytes32(job_id, "job_id"), to_bytes32(batch_id, "batch_id")
         if self.batch_released(job, batch):
             return False
@@ -87,8 +89,8 @@ class EscrowOps(TokenStakingOps):
         return True
 
     def cancel_job(self, job_id: bytes | str) -> int:
-        """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it (units verified until then
-        are still paid)."""
+        """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it. Units verified until then
+        are still paid; from then on nothing more can be released, so the rest is the customer's refund."""
         receipt = self._send(self.escrow, "cancel", to_bytes32(job_id, "job_id"))
         return int(self._event_arg(self.escrow, "JobCancelled", receipt, "closableAt"))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from ledger.escrow_ops import EscrowOps
@@ -12,6 +13,11 @@ from protocol.errors import ChainError
 
 #: Gas for a claim sent without an estimate (a 1,024-leaf claim uses ~45-60k; deeper trees add ~1k per level).
 CLAIM_GAS_LIMIT = 150_000
+#: Entries per ``claim_payout_batch`` call that keep a claimMany transaction well under a block's gas limit: in a
+#: 1,024-leaf tree an entry costs ~25k gas when the account claimed before and holds GMT, ~60k for a first claim by
+#: a new holder (measured by ``gridmint bench settlement`` and the PayoutDistributor gas pin), so 200 entries use
+#: ~5-12M gas of a 30M block.
+CLAIM_BATCH_SIZE = 200
 
 
 class SettlementOps(EscrowOps):
@@ -94,3 +100,47 @@ class SettlementOps(EscrowOps):
                 return 0
             raise
         return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
+
+    def claim_payout_batch(
+        self, epoch: int, entries: Sequence[tuple[str, int, Sequence[bytes]]], *, gas: int | None = None
+    ) -> int:
+        """Push payouts with one ``claimMany``: each ``(account, cumulative, proof)`` from epoch ``epoch``'s tree pays
+        ``account`` (to itself, never to the sender) what it is owed beyond what it already claimed. Anyone may send
+        it; the operator pays every provider each epoch this way, one call per batch of up to ``CLAIM_BATCH_SIZE``.
+
+        Idempotent: entries whose account already claimed ``cumulative`` or more (or that repeat an account with no
+        higher amount) are dropped before sending, and 0 is returned, sending nothing, when none is left; an entry a
+        racing claim paid meanwhile is skipped by the contract. Returns the total paid (the receipt's Claimed
+        events). Raises InvalidProofError if any remaining entry's proof is wrong (then nobody in the batch is paid),
+        RootInDisputeError inside the root's dispute window, PausedError under the kill switch.
+        ``gas`` skips the estimate.
+        """
+        epoch = to_uint(epoch, "epoch", 32)
+        owed: dict[str, int] = {}
+        pending: list[tuple[str, int, list[bytes]]] = []
+        for account, cumulative, proof in entries:
+            account, cumulative = to_address(account), to_uint(cumulative, "cumulative")
+            if account not in owed:
+                owed[account] = self.claimed(account)
+            if cumulative <= owed[account]:
+                continue
+            owed[account] = cumulative
+            pending.append((account, cumulative, [to_bytes32(p, "proof node") for p in proof]))
+        if not pending:
+            return 0
+        receipt = self._send(
+            self.distributor, "claimMany", epoch, [a for a, _, _ in pending], [c for _, c, _ in pending],
+            [p for _, _, p in pending], gas=gas,
+        )
+        paid = self.distributor.events["Claimed"]().process_receipt(receipt, errors=DISCARD)
+        return sum(int(log["args"]["amount"]) for log in paid)
+
+    def claim_tree_batch(self, epoch: int, tree: PayoutTree, accounts: Sequence[str] | None = None) -> int:
+        """``claim_payout_batch`` for ``accounts`` (default: every leaf of ``tree``, epoch ``epoch``'s tree), sent in
+        batches of ``CLAIM_BATCH_SIZE``; returns the total paid."""
+        chosen = list(tree.entries) if accounts is None else [to_address(a) for a in accounts]
+        total = 0
+        for start in range(0, len(chosen), CLAIM_BATCH_SIZE):
+            batch = chosen[start : start + CLAIM_BATCH_SIZE]
+            total += self.claim_payout_batch(epoch, [(a, tree.cumulative(a), tree.proof(a)) for a in batch])
+        return total

@@ -9,6 +9,7 @@ from web3.types import TxReceipt
 from ledger.client_base import ContractsBase
 from ledger.values import to_address, to_bytes32, to_uint
 from protocol.errors import ChainError
+from protocol.signing import sign_accusation as sign_accusation_message
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,9 @@ class StakeState:
 
 @dataclass(frozen=True)
 class Dispute:
-    """An open accusation on GridStaking: ``provider`` accused by ``verifier`` (who bonded ``bond``), slash cap
-    ``amount``. ``provider`` is the zero address when no dispute is open for the evidence."""
+    """An open accusation on GridStaking: ``provider`` accused by ``verifier`` (who bonded ``bond``) of ``amount``
+    unearned pay (as signed; a fraud verdict slashes the provider's whole stake regardless). ``provider`` is the zero
+    address when no dispute is open for the evidence."""
 
     provider: str
     verifier: str
@@ -154,24 +156,17 @@ class TokenStakingOps(ContractsBase):
         return True
 
     def sign_accusation(self, provider: str, evidence: bytes | str, amount: int) -> bytes:
-        """This account (a staked verifier) signs that ``provider``'s commitment ``evidence`` does not replay.
+        """This account (a staked verifier) signs that ``provider``'s commitment ``evidence`` does not replay, and
+        that ``amount`` of its pay was unearned (recorded with the dispute; it does not cap the slash).
 
-        Returns the 65-byte EIP-712 signature anyone can submit with ``accuse``."""
-        domain = {
-            "name": "GridStaking",
-            "version": "1",
-            "chainId": self.chain.chain_id,
-            "verifyingContract": self.staking.address,
-        }
-        types = {
-            "Accusation": [
-                {"name": "provider", "type": "address"},
-                {"name": "evidence", "type": "bytes32"},
-                {"name": "amount", "type": "uint256"},
-            ]
-        }
-        message = {"provider": to_address(provider), "evidence": to_bytes32(evidence, "evidence"), "amount": to_uint(amount)}
-        return bytes(self.account.sign_typed_data(domain, types, message).signature)
+        Returns the 65-byte EIP-712 signature anyone can submit with ``accuse``. The encoding is
+        ``protocol.signing.sign_accusation``'s (the one the node's verifier uses), under this deployment's chain id
+        and staking address."""
+        signature = sign_accusation_message(
+            self.account, self.chain.chain_id, self.staking.address, to_address(provider),
+            to_bytes32(evidence, "evidence"), to_uint(amount),
+        )
+        return bytes.fromhex(signature.removeprefix("0x"))
 
     def accuse(self, provider: str, evidence: bytes | str, amount: int, signature: bytes) -> TxReceipt:
         """Submit a verifier's signed accusation (opens a dispute; bonds the verifier's ``verifierBond``)."""
@@ -180,7 +175,8 @@ class TokenStakingOps(ContractsBase):
         )
 
     def resolve_dispute(self, evidence: bytes | str, fraud: bool) -> int:
-        """Referee verdict (needs REFEREE_ROLE); returns the amount slashed (provider's if fraud, else the verifier's)."""
+        """Referee verdict (needs REFEREE_ROLE); returns the amount slashed: with ``fraud``, the provider's whole
+        stake (staked + unbonding, whatever amount was accused); otherwise the verifier's bond."""
         receipt = self._send(self.staking, "resolve", to_bytes32(evidence, "evidence"), bool(fraud))
         return int(self._event_arg(self.staking, "DisputeResolved", receipt, "slashed"))
 

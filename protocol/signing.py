@@ -116,7 +116,8 @@ def recover_typed(primary: str, chain_id: int, message: Mapping[str, Any], signa
         raise SignatureError(f"malformed {primary} signature: {exc}") from exc
 
 
-#: The slash cap a verifier signs when it accuses: "everything slashable" (the contract takes what is there).
+#: The default ``amount`` of an accusation (the verifier's claimed unearned pay, recorded with the dispute). It no
+#: longer caps anything: a fraud verdict slashes the provider's whole stake whatever amount was signed.
 ACCUSE_ALL = 2**256 - 1
 _ACCUSATION_TYPES = {
     "EIP712Domain": [*_EIP712_DOMAIN, {"name": "verifyingContract", "type": "address"}],

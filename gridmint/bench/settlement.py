@@ -15,10 +15,14 @@ hard-coded. Gas is each receipt's ``gasUsed`` (the 21,000 base and calldata incl
    ``erc20_transfer_gas``: a plain GMT transfer between two existing holders, in the same run.
 2. **An epoch's settlement** (``gas_per_work_unit``): ``--providers`` (1,000) providers each do ``--units`` (100)
    work units per epoch for ``--jobs`` (100) jobs (each provider works on one job; each job moves one batch per
-   epoch with ``releaseToPool``); the ledger posts one root; every provider claims every epoch. Epoch 1 is
-   everyone's first claim (new holders, the worst case); epoch 2 is the steady state (headline).
-   ``gas_per_work_unit = (releaseToPool x jobs + postRoot + claims) / (providers x units)``. Funding the jobs is
-   the customer's transaction, not settlement, and is not counted.
+   epoch with ``releaseToPool``); the ledger posts one root; every provider is paid every epoch. Measured twice,
+   each on a fresh deployment over two epochs (epoch 1: everyone's first payout as a new holder; epoch 2: the
+   steady state):
+   - *batched push* (the headline, how the marketplace pays): the operator pays every provider with
+     ``claimMany``, ``--batch`` (200) providers per transaction;
+   - *individual claims* (``gas_per_work_unit_individual_claims``): every provider sends its own ``claim``.
+   ``gas_per_work_unit = (releaseToPool x jobs + postRoot + claim transactions) / (providers x units)``, epoch 2.
+   Funding the jobs is the customer's transaction, not settlement, and is not counted.
 3. **The invariant campaign** (``invariant_ops``, ``invariant_violations``): ``ledger.campaign.run_campaign`` for
    ``--ops`` random operations against the real contracts, every invariant checked after every operation. It runs
    on the Hardhat node through ``RpcDriver`` (measured ~10-15x faster than py-evm; ``--probe-ops`` measures the
@@ -43,13 +47,17 @@ from ledger.deploy import Deployment, deploy
 from ledger.devchain import HardhatNode
 from ledger.jsonrpc import JsonRpcSocket
 from ledger.payout_tree import build_payout_tree
-from protocol.errors import ChainError
+from protocol.errors import ChainError, GridMintValueError
 
 TARGETS = {"claim_gas": 60_000, "root_post_gas": 80_000, "gas_per_work_unit": 500, "invariant_violations": 0}
 SUPPLY = 10**30
 DISPUTE_WINDOW_S = 3_600
 PRICE_PER_UNIT = 10**15  # 0.001 GMT per work unit; the price only changes a few calldata bytes, not the storage work
-TX_GAS = hex(500_000)
+TX_GAS = 500_000
+#: EIP-7825 (Osaka) caps one transaction at 2**24 gas; a claimMany batch must fit under it and the block limit.
+TX_GAS_CAP = 2**24
+#: Accounts per claimMany transaction in the batched push payout (``--batch``).
+CLAIM_BATCH = 200
 
 Log = Callable[[str], None]
 
@@ -138,13 +146,14 @@ class Impersonator:
             calls += [("hardhat_setBalance", [a, hex(10**20)]), ("hardhat_impersonateAccount", [a])]
         self._check(self.rpc.batch(calls), "impersonate")
 
-    def send(self, txs: list[tuple[str, str, bytes]], what: str) -> list[int]:
-        """Send ``(from, to, data)`` transactions in order (one block each); returns each one's gasUsed."""
-        gas: list[int] = []
+    def send(self, txs: list[tuple[str, str, bytes]], what: str, gas: int = TX_GAS) -> list[int]:
+        """Send ``(from, to, data)`` transactions in order (one block each) with gas limit ``gas``; returns each
+        one's gasUsed."""
+        used: list[int] = []
         for start in range(0, len(txs), 250):
             chunk = txs[start : start + 250]
             sent = self.rpc.batch([
-                ("eth_sendTransaction", [{"from": f, "to": t, "data": "0x" + d.hex(), "gas": TX_GAS}])
+                ("eth_sendTransaction", [{"from": f, "to": t, "data": "0x" + d.hex(), "gas": hex(gas)}])
                 for f, t, d in chunk
             ])
             hashes = self._check(sent, what)
@@ -152,8 +161,8 @@ class Impersonator:
             for receipt in receipts:
                 if int(receipt["status"], 16) != 1:  # pragma: no cover - a failed settlement transaction
                     raise ChainError(f"{what}: transaction {receipt['transactionHash']} failed")
-                gas.append(int(receipt["gasUsed"], 16))
-        return gas
+                used.append(int(receipt["gasUsed"], 16))
+        return used
 
     @staticmethod
     def _check(replies: list[dict[str, Any]], what: str) -> list[Any]:
@@ -163,7 +172,19 @@ class Impersonator:
         return [r["result"] for r in replies]
 
 
-def measure_epochs(chain: Chain, rpc: JsonRpcSocket, providers: int, units: int, jobs: int, log: Log) -> dict[str, Any]:
+def _batch_gas_limit(entries: int) -> int:
+    """Gas limit for a claimMany of ``entries`` (a first claim by a new holder measures ~60k per entry)."""
+    return 70_000 * entries + 200_000
+
+
+def settle_epochs(
+    chain: Chain, rpc: JsonRpcSocket, providers: int, units: int, jobs: int, batch: int | None, log: Log
+) -> tuple[dict[int, dict[str, int]], int]:
+    """One fresh deployment settling two epochs at scale; returns each epoch's measured gas and the tree's depth.
+
+    ``batch``: the operator pushes every provider's pay with ``claimMany`` in batches of ``batch`` accounts; None:
+    every provider sends its own ``claim``. Epoch 1 is everyone's first claim (new holders); epoch 2 the steady
+    state."""
     operator, customer, treasury = chain.dev_accounts(3)
     deployment: Deployment = deploy(
         chain, operator, supply=SUPPLY, treasury=treasury.address, dispute_window_s=DISPUTE_WINDOW_S
@@ -179,66 +200,113 @@ def measure_epochs(chain: Chain, rpc: JsonRpcSocket, providers: int, units: int,
     batch_of_job = [sum(v for p, v in earned.items() if job_of[p] == j) for j in range(jobs)]
 
     sender = Impersonator(rpc)
-    sender.fund_gas(people)
+    if batch is None:
+        sender.fund_gas(people)  # each provider sends its own claim
     # The customer funds every job for both epochs (not settlement gas).
     sender.send([(customer.address, deployment.token, calldata("approve(address,uint256)", escrow, 2**256 - 1))],
                 "approve")
     sender.send([(customer.address, escrow, calldata("fund(bytes32,uint256)", job, 2 * amount))
                  for job, amount in zip(job_ids, batch_of_job)], "fund")
-    log(f"  {providers:,} providers x {units} units on {jobs} jobs funded; settling two epochs")
+    how = "individual claims" if batch is None else f"claimMany pushes of {batch}"
+    log(f"  [{how}] {providers:,} providers x {units} units on {jobs} jobs funded; settling two epochs")
 
     cumulative: dict[str, int] = {}
     out: dict[int, dict[str, int]] = {}
     for epoch in (1, 2):
-        batch = keccak(text=f"bench-batch-{epoch}")
+        batch_id = keccak(text=f"bench-batch-{epoch}")
         releases = sender.send([(operator.address, escrow, calldata("releaseToPool(bytes32,bytes32,uint256)", job,
-                                                                    batch, amount))
+                                                                    batch_id, amount))
                                 for job, amount in zip(job_ids, batch_of_job)], "releaseToPool")
         cumulative = {p: cumulative.get(p, 0) + v for p, v in earned.items()}
         tree = build_payout_tree(cumulative)
         (post,) = sender.send([(operator.address, distributor, calldata("postRoot(uint256,bytes32,uint256)", epoch,
                                                                         tree.root, tree.total))], "postRoot")
         chain.advance_time(DISPUTE_WINDOW_S)
-        claims = sender.send([(p, distributor, calldata("claim(uint256,uint256,bytes32[])", epoch, cumulative[p],
-                                                        tree.proof(p)))
-                              for p in people], "claim")
+        if batch is None:
+            claims = sender.send([(p, distributor, calldata("claim(uint256,uint256,bytes32[])", epoch, cumulative[p],
+                                                            tree.proof(p)))
+                                  for p in people], "claim")
+        else:
+            chunks = [people[i : i + batch] for i in range(0, len(people), batch)]
+            claims = [
+                sender.send([(operator.address, distributor, calldata(
+                    "claimMany(uint256,address[],uint256[],bytes32[][])", epoch, chunk,
+                    [cumulative[p] for p in chunk], [tree.proof(p) for p in chunk]))], "claimMany",
+                    gas=_batch_gas_limit(len(chunk)))[0]
+                for chunk in chunks
+            ]
         total = sum(releases) + post + sum(claims)
         out[epoch] = {"releases": sum(releases), "release_each": int(statistics.mean(releases)), "post": post,
-                      "claims": sum(claims), "claim_each": int(statistics.mean(claims)), "total": total}
-        log(f"  epoch {epoch}: {jobs} releaseToPool {sum(releases):,} + postRoot {post:,} + {providers:,} claims "
-            f"{sum(claims):,} (mean {out[epoch]['claim_each']:,}) = {total:,} gas "
+                      "claims": sum(claims), "claim_txs": len(claims), "claim_tx_max": max(claims),
+                      "claim_per_account": int(sum(claims) / providers), "total": total}
+        log(f"  epoch {epoch}: {jobs} releaseToPool {sum(releases):,} + postRoot {post:,} + {len(claims):,} claim "
+            f"transactions {sum(claims):,} ({out[epoch]['claim_per_account']:,} per provider) = {total:,} gas "
             f"= {total / (providers * units):,.1f} per work unit")
     if op.balance_of(distributor) != 0:  # pragma: no cover - every deposited token was claimed
         raise ChainError(f"distributor still holds {op.balance_of(distributor)} after every claim")
+    return out, tree.depth
 
+
+def measure_epochs(
+    chain: Chain, rpc: JsonRpcSocket, providers: int, units: int, jobs: int, batch: int, log: Log
+) -> dict[str, Any]:
+    block_gas_limit = int(rpc.call("eth_getBlockByNumber", ["latest", False])["gasLimit"], 16)
+    cap = min(block_gas_limit, TX_GAS_CAP)
+    if _batch_gas_limit(batch) > cap:
+        raise GridMintValueError(f"--batch {batch} needs a {_batch_gas_limit(batch):,} gas limit per transaction "
+                                 f"in the worst case (first claims), above {cap:,}")
+    pushed, depth = settle_epochs(chain, rpc, providers, units, jobs, batch, log)
+    pulled, _ = settle_epochs(chain, rpc, providers, units, jobs, None, log)
     work = providers * units
-    steady = out[2]
-    every_10 = steady["releases"] + steady["post"] + steady["claim_each"] * providers // 10
-    per_unit = {k: round(steady[k] / work, 1) for k in ("claims", "releases", "post")}
+    steady, ind = pushed[2], pulled[2]
+
+    def per_unit(figures: dict[str, int]) -> dict[str, float]:
+        return {k: round(figures[k] / work, 1) for k in ("claims", "releases", "post")}
+
+    every_10 = ind["releases"] + ind["post"] + ind["claims"] // 10
+    push, pull = per_unit(steady), per_unit(ind)
     return {
         "gas_per_work_unit": round(steady["total"] / work, 1),
-        "gas_per_work_unit_breakdown": per_unit,
-        "gas_per_work_unit_note": (
-            f"With every provider claiming every epoch, the {providers:,} claims alone cost {per_unit['claims']} "
-            f"gas per unit: each claim is its own transaction (21,000 base, ~{steady['claim_each'] - 21_000:,} for "
-            f"calldata with a {tree.depth}-hash proof, the proof check, the claimed-so-far update and the token "
-            f"transfer), so {providers:,} claims per {work:,} units cannot go below ~{21_000 * providers / work:.0f} "
-            f"gas per unit from the base fee alone. releaseToPool adds {per_unit['releases']} (one per job batch: "
-            f"batch flag, allowance set and spent, deposit) and postRoot {per_unit['post']}. Claiming every 10 "
-            f"epochs, which the cumulative root exists for, gives the claim_every_10_epochs figure."
-        ),
-        "gas_per_work_unit_first_epoch": round(out[1]["total"] / work, 1),
+        "gas_per_work_unit_mode": f"batched push payout: the operator pays every provider with claimMany, "
+                                  f"{batch} accounts per transaction",
+        "gas_per_work_unit_breakdown": push,
+        "gas_per_work_unit_first_epoch": round(pushed[1]["total"] / work, 1),
+        "gas_per_work_unit_individual_claims": round(ind["total"] / work, 1),
+        "gas_per_work_unit_individual_claims_breakdown": pull,
+        "gas_per_work_unit_individual_claims_first_epoch": round(pulled[1]["total"] / work, 1),
         "gas_per_work_unit_claim_every_10_epochs": round(every_10 / work, 1),
+        "claim_batch_size": batch,
+        "claim_batch_txs_per_epoch": steady["claim_txs"],
+        "claim_batch_gas": steady["claim_tx_max"],
+        "claim_batch_gas_first_epoch": pushed[1]["claim_tx_max"],
+        "claim_batch_gas_per_account": steady["claim_per_account"],
+        "claim_batch_gas_per_account_first_epoch": pushed[1]["claim_per_account"],
+        "block_gas_limit": block_gas_limit,
+        "gas_per_work_unit_note": (
+            f"gas_per_work_unit is the batched push payout, how the marketplace pays: per epoch {jobs} "
+            f"releaseToPool ({push['releases']} gas per unit), one postRoot ({push['post']}), and "
+            f"{steady['claim_txs']} claimMany transactions of up to {batch} providers each ({push['claims']}; "
+            f"{steady['claim_per_account']:,} gas per provider paid, the 21,000 base shared by the batch: the proof's "
+            f"{depth} hashes in calldata, the claimed-so-far update, the token transfer and two events). The largest "
+            f"batch used {steady['claim_tx_max']:,} gas in the steady state and {pushed[1]['claim_tx_max']:,} in "
+            f"the first epoch (every account a new holder), against a {block_gas_limit:,} block gas limit. "
+            f"gas_per_work_unit_individual_claims is the same epoch with every provider sending its own claim "
+            f"({pull['claims']} per unit for claims: {ind['claim_per_account']:,} gas each, 21,000 of it the "
+            f"transaction base, so {providers:,} claims per {work:,} units cannot go below "
+            f"~{21_000 * providers / work:.0f} per unit); claim_every_10_epochs derives from it with a tenth of the "
+            f"providers claiming per epoch."
+        ),
         "epoch_gas": steady,
-        "epoch_gas_first": out[1],
+        "epoch_gas_first": pushed[1],
+        "epoch_gas_individual_claims": ind,
+        "epoch_gas_individual_claims_first": pulled[1],
         "gas_per_work_unit_assumptions": (
             f"{providers:,} providers x {units} work units per epoch = {work:,} units; {jobs} jobs per epoch, "
-            f"each releasing one batch (releaseToPool) per epoch; one postRoot; every provider claims every epoch "
-            f"(measured: {providers:,} claims in a {providers:,}-leaf tree). Headline = epoch 2 (providers claimed "
-            f"before and hold GMT); epoch 1 = everyone's first claim as a new holder. claim_every_10_epochs is "
-            f"derived from the measured epoch-2 figures with a tenth of the providers claiming per epoch (a claim "
-            f"covering 10 epochs costs the same as one covering 1: the leaf is cumulative). Job funding is the "
-            f"customer's, not counted."
+            f"each releasing one batch (releaseToPool) per epoch; one postRoot over a {providers:,}-leaf tree; every "
+            f"provider paid every epoch. Headline = epoch 2 of a deployment where the operator pushes with claimMany "
+            f"(providers were paid before and hold GMT); first_epoch = epoch 1 (every provider a new holder). "
+            f"individual_claims = the same two epochs on a second deployment where each provider claims itself. "
+            f"Job funding is the customer's, not counted. All gas is measured receipts' gasUsed."
         ),
     }
 
@@ -300,10 +368,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--providers", type=int, default=1000, help="providers per epoch (one leaf and claim each)")
     p.add_argument("--units", type=int, default=100, help="work units per provider per epoch")
     p.add_argument("--jobs", type=int, default=100, help="jobs per epoch (one releaseToPool batch each)")
+    p.add_argument("--batch", type=int, default=CLAIM_BATCH,
+                   help="providers paid per claimMany transaction in the batched push payout (the headline)")
     p.add_argument("--node-url", help="use this running Hardhat node (its dev accounts unlocked) instead of starting one")
     a = p.parse_args(argv)
-    if a.leaves < 4 or a.epochs < 1 or a.providers < 1 or a.jobs < 1 or a.units < 1:
-        p.error("--leaves >= 4 and --epochs, --providers, --jobs, --units >= 1")
+    if a.leaves < 4 or a.epochs < 1 or a.providers < 1 or a.jobs < 1 or a.units < 1 or a.batch < 1:
+        p.error("--leaves >= 4 and --epochs, --providers, --jobs, --units, --batch >= 1")
+    if _batch_gas_limit(a.batch) > TX_GAS_CAP:
+        p.error(f"--batch {a.batch} could need {_batch_gas_limit(a.batch):,} gas per transaction, above {TX_GAS_CAP:,}")
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -320,8 +392,9 @@ def main(argv: list[str]) -> int:
         stack.callback(rpc.close)
         log(f"1. claims and roots ({a.leaves:,} leaves, one claim covering {a.epochs} epochs)")
         figures.update(measure_claims(chain, a.leaves, a.epochs, log))
-        log(f"2. one epoch's settlement ({a.providers:,} providers x {a.units} units, {a.jobs} jobs)")
-        figures.update(measure_epochs(chain, rpc, a.providers, a.units, a.jobs, log))
+        log(f"2. an epoch's settlement ({a.providers:,} providers x {a.units} units, {a.jobs} jobs): pushed with "
+            f"claimMany in batches of {a.batch}, then claimed one by one")
+        figures.update(measure_epochs(chain, rpc, a.providers, a.units, a.jobs, a.batch, log))
         log(f"3. invariant campaign ({a.ops:,} ops, seed {a.seed})")
         figures.update(run_invariants(chain, a.ops, a.seed, a.probe_ops, log))
     figures["targets"] = TARGETS

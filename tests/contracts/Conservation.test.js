@@ -174,6 +174,9 @@ describe("GridMint protocol", function () {
         move(S, treasury.address, slashed - bounty);
       };
       const jobs = new Map(); // jobId -> { customer, funded, released, closed, closableAt }
+      // Not cancelled, or well inside the cancel's grace (a margin, so block-time drift cannot make it uncertain):
+      // from closableAt on, releases revert with EscrowJobCancelled.
+      const releasable = (j, now) => j.closableAt === 0n || j.closableAt > now + 30n;
       const claimable = new Map(providers.map((p) => [p.address, 0n])); // escrow per-unit path
       const ledger = new Map(); // pool path: cumulative earnings per provider (off chain)
       const roots = []; // roots[epoch] = tree
@@ -200,8 +203,8 @@ describe("GridMint protocol", function () {
           move(c.address, X, amount);
           return true;
         },
-        async release() {
-          const open = [...jobs].filter(([, j]) => !j.closed && j.funded > j.released);
+        async release(now) {
+          const open = [...jobs].filter(([, j]) => !j.closed && releasable(j, now) && j.funded > j.released);
           if (open.length === 0) return false;
           const [jobId, j] = rnd.pick(open);
           const p = rnd.pick(providers);
@@ -211,8 +214,8 @@ describe("GridMint protocol", function () {
           claimable.set(p.address, claimable.get(p.address) + amount);
           return true;
         },
-        async releaseToPool() {
-          const open = [...jobs].filter(([, j]) => !j.closed && j.funded - j.released >= 2n);
+        async releaseToPool(now) {
+          const open = [...jobs].filter(([, j]) => !j.closed && releasable(j, now) && j.funded - j.released >= 2n);
           if (open.length === 0) return false;
           const [jobId, j] = rnd.pick(open);
           const amount = rnd.big(2n, j.funded - j.released < 1_500n ? j.funded - j.released : 1_500n);
@@ -341,7 +344,9 @@ describe("GridMint protocol", function () {
           stakes.get(d.provider).openDisputes -= 1n;
           stakes.get(d.verifier).openDisputes -= 1n;
           stakes.get(d.verifier).bonded -= d.bond;
-          if (fraud) payOut(d.verifier, take(d.provider, d.amount));
+          // A fraud verdict takes the provider's whole stake, whatever amount was accused.
+          const ps = stakes.get(d.provider);
+          if (fraud) payOut(d.verifier, take(d.provider, ps.staked + ps.unbonding));
           else payOut(null, take(d.verifier, d.bond));
           return true;
         },
@@ -372,7 +377,7 @@ describe("GridMint protocol", function () {
           await distributor.connect(operator).voidRoot(latest);
           roots[latest] = undefined;
           latest -= 1;
-          claimableAt = BigInt(PARAMS.disputeWindow); // the previous root now counts as posted at time 0
+          claimableAt = 0n; // the previous root was already claimable
           return true;
         },
         async poolClaim(now) {
@@ -391,6 +396,25 @@ describe("GridMint protocol", function () {
           else await distributor.connect(operator).claimFor(p.address, e, cumulative, proof);
           move(D, p.address, cumulative - poolClaimed.get(p.address));
           poolClaimed.set(p.address, cumulative);
+          return true;
+        },
+        async poolClaimMany(now) {
+          // The operator pushes one claimable epoch's pay to every provider with a leaf in it, in one claimMany;
+          // accounts with nothing new there (already paid up to it) are skipped by the contract.
+          const lastClaimable = claimableAt <= now ? latest : latest - 1;
+          if (lastClaimable < 1) return false;
+          const e = rnd.int(lastClaimable) + 1;
+          const accounts = providers.map((p) => p.address).filter((a) => roots[e].cumulative(a) > 0n);
+          if (accounts.length === 0) return false;
+          const cumulatives = accounts.map((a) => roots[e].cumulative(a));
+          const proofs = accounts.map((a) => roots[e].proof(a));
+          await distributor.connect(operator).claimMany(e, accounts, cumulatives, proofs);
+          accounts.forEach((a, i) => {
+            if (cumulatives[i] > poolClaimed.get(a)) {
+              move(D, a, cumulatives[i] - poolClaimed.get(a));
+              poolClaimed.set(a, cumulatives[i]);
+            }
+          });
           return true;
         },
         async wait() {
@@ -414,8 +438,9 @@ describe("GridMint protocol", function () {
         resolve: 3,
         slash: 2,
         postRoot: 3,
-        voidRoot: 2,
+        voidRoot: 3,
         poolClaim: 5,
+        poolClaimMany: 2,
         wait: 5,
       };
       const bag = Object.entries(weights).flatMap(([name, w]) => Array(w).fill(name));
@@ -464,6 +489,7 @@ describe("GridMint protocol", function () {
         expect(await distributor.totalDeposited(), `${where}: totalDeposited`).to.equal(deposited);
         expect(book.get(D), `${where}: distributor holds deposits - claims`).to.equal(deposited - paid);
         expect(await distributor.latestEpoch(), `${where}: latestEpoch`).to.equal(BigInt(latest));
+        expect(await distributor.latestClaimableAt(), `${where}: latestClaimableAt`).to.equal(claimableAt);
         for (const p of providers) {
           expect(await distributor.claimed(p.address), `${where}: claimed by ${p.address}`).to.equal(
             poolClaimed.get(p.address),

@@ -509,42 +509,86 @@ describe("GridStaking", function () {
   });
 
   describe("resolve", function () {
-    it("fraud: slashes the provider, pays bountyBps to the verifier and the rest to the treasury", async function () {
+    it("fraud: slashes the provider's whole stake (not the accused amount), bountyBps to the verifier, rest to the treasury", async function () {
       const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
         accusedFixture,
       );
-      const bounty = (ACCUSED * BOUNTY_BPS) / 10_000n;
+      expect(ACCUSED).to.be.lessThan(STAKE);
+      const bounty = (STAKE * BOUNTY_BPS) / 10_000n;
       const tx = staking.connect(referee).resolve(EVIDENCE, true);
-      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, ACCUSED);
-      await expect(tx)
-        .to.emit(staking, "Slashed")
-        .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, bounty);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, STAKE);
+      await expect(tx).to.emit(staking, "Slashed").withArgs(provider.address, verifier.address, EVIDENCE, STAKE, bounty);
       await expect(tx).to.changeTokenBalances(
         ethers,
         token,
         [staking, verifier, treasury, provider],
-        [-ACCUSED, bounty, ACCUSED - bounty, 0n],
+        [-STAKE, bounty, STAKE - bounty, 0n],
       );
       const p = await accountOf(staking, provider.address);
       const v = await accountOf(staking, verifier.address);
-      expect([p.staked, p.openDisputes]).to.deep.equal([STAKE - ACCUSED, 0n]);
+      expect([p.staked, p.unbonding, p.openDisputes]).to.deep.equal([0n, 0n, 0n]);
       expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, 0n, 0n]); // bond released
-      expect(await staking.totalStaked()).to.equal(STAKE * 2n - ACCUSED);
+      expect(await staking.totalStaked()).to.equal(STAKE);
       expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
       expect((await staking.disputeOf(EVIDENCE)).provider).to.equal(ethers.ZeroAddress);
     });
 
-    it("fraud: takes unbonding stake too, up to the accused amount", async function () {
-      const { staking, referee, provider, verifier, other } = await networkHelpers.loadFixture(stakedFixture);
+    it("fraud: takes unbonding and locked stake too, whatever the accused amount", async function () {
+      const { staking, locker, referee, provider, verifier, other } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(provider).requestUnbond(STAKE - 100n); // staked 100, unbonding STAKE - 100
-      const amount = STAKE * 3n;
-      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, amount);
-      await staking.connect(other).accuse(provider.address, EVIDENCE, amount, sig);
-      await expect(staking.connect(referee).resolve(EVIDENCE, true))
+      await staking.connect(locker).lock(provider.address, 60n); // work in flight does not shield stake either
+      for (const [amount, evidence] of [
+        [5n, EVIDENCE],
+        [STAKE * 3n, EVIDENCE2],
+      ]) {
+        await staking.connect(provider).stake(STAKE);
+        const before = await accountOf(staking, provider.address);
+        const held = before.staked + before.unbonding;
+        const sig = await signAccusation(verifier, staking, provider.address, evidence, amount);
+        await staking.connect(other).accuse(provider.address, evidence, amount, sig);
+        await expect(staking.connect(referee).resolve(evidence, true))
+          .to.emit(staking, "Slashed")
+          .withArgs(provider.address, verifier.address, evidence, held, (held * BOUNTY_BPS) / 10_000n);
+        const p = await accountOf(staking, provider.address);
+        expect([p.staked, p.unbonding]).to.deep.equal([0n, 0n]);
+      }
+    });
+
+    it("fraud: a provider's own second key accusing it first for 1 wei does not cap its penalty", async function () {
+      // The attack this rule closes: evidence is single-use and the accuser picks `amount`, so a cheat who knows
+      // it will be caught has a second staked key of its own (provider2) accuse it for 1 wei before an honest
+      // verifier does. The fraud verdict still takes everything the provider has at stake.
+      const { token, staking, referee, provider, provider2, verifier, treasury, other } =
+        await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(provider).requestUnbond(STAKE / 4n); // leaving does not help either
+      await staking.connect(provider2).stake(BOND);
+      const selfAccusation = await signAccusation(provider2, staking, provider.address, EVIDENCE, 1n);
+      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, 1n, selfAccusation))
+        .to.emit(staking, "Accused")
+        .withArgs(provider.address, provider2.address, EVIDENCE, 1n, BOND);
+      // The honest verifier comes second: the evidence is taken.
+      const honest = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, honest))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+
+      const bounty = (STAKE * BOUNTY_BPS) / 10_000n;
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, STAKE);
+      await expect(tx)
         .to.emit(staking, "Slashed")
-        .withArgs(provider.address, verifier.address, EVIDENCE, STAKE, (STAKE * BOUNTY_BPS) / 10_000n);
+        .withArgs(provider.address, provider2.address, EVIDENCE, STAKE, bounty);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, provider2, treasury, provider],
+        [-STAKE, bounty, STAKE - bounty, 0n],
+      );
       const p = await accountOf(staking, provider.address);
-      expect([p.staked, p.unbonding]).to.deep.equal([0n, 0n]);
+      expect([p.staked, p.unbonding, p.openDisputes]).to.deep.equal([0n, 0n, 0n]);
+      // Even counting the bounty its own second key collects, the cheat loses STAKE - bounty, not 1 wei.
+      expect(STAKE - bounty).to.be.greaterThan(1n);
+      expect((await staking.disputeOf(EVIDENCE)).provider).to.equal(ethers.ZeroAddress);
     });
 
     it("false accusation: the verifier's bond goes to the treasury, the provider keeps its stake", async function () {
@@ -752,7 +796,7 @@ describe("GridStaking", function () {
       await staking.connect(provider).requestUnbond(1n);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
       await staking.accuse(provider.address, EVIDENCE, 1n, sig);
-      await staking.connect(referee).resolve(EVIDENCE, true);
+      await staking.connect(referee).resolve(EVIDENCE, false); // a fraud verdict would take everything (see resolve)
       await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE2);
       await time.increase(DELAY);
       await expect(staking.connect(provider).withdraw()).to.emit(staking, "Withdrawn").withArgs(provider.address, 1n);

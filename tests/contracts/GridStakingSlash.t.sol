@@ -110,6 +110,7 @@ contract GridStakingSlashFuzzTest {
 
     struct Accusation {
         uint256 providerStake;
+        uint256 providerUnbonding;
         uint256 verifierStake;
         uint256 bond;
         uint256 amount;
@@ -119,8 +120,9 @@ contract GridStakingSlashFuzzTest {
         bytes32 evidence;
     }
 
-    /// The fraud-proof path with a real EIP-712 signature: whatever the stakes, bond, accused amount, rate and verdict,
-    /// a fraud verdict slashes min(amount, provider stake) and splits it exactly (bounty to the verifier); a false
+    /// The fraud-proof path with a real EIP-712 signature: whatever the stakes, the provider's unbonding part, bond,
+    /// accused amount, rate and verdict, a fraud verdict slashes the provider's WHOLE stake (staked + unbonding; the
+    /// accused amount, however small, does not cap it) and splits it exactly (bounty to the verifier); a false
     /// accusation costs the verifier exactly its bond, to the treasury; the evidence is spent; no token is lost.
     function testFuzz_ResolveSplitsExactly(
         uint256 providerStake,
@@ -135,6 +137,7 @@ contract GridStakingSlashFuzzTest {
         c.verifierStake = (verifierStake % (SUPPLY / 2)) + 1;
         c.bond = (bond % c.verifierStake) + 1;
         c.amount = (amount % SUPPLY) + 1;
+        c.providerUnbonding = amount % (c.providerStake + 1); // 0..all of it, independent of the verdict
         c.bps = uint16(uint256(bps) % 10_001);
         c.fraud = fraud;
         c.verifier = vm.addr(VERIFIER_KEY);
@@ -152,6 +155,7 @@ contract GridStakingSlashFuzzTest {
         staking.grantRole(staking.REFEREE_ROLE(), address(this));
         token.approve(address(staking), c.providerStake);
         staking.stake(c.providerStake);
+        if (c.providerUnbonding > 0) staking.requestUnbond(c.providerUnbonding);
         require(token.transfer(c.verifier, c.verifierStake), "fund verifier");
         vm.prank(c.verifier);
         token.approve(address(staking), c.verifierStake);
@@ -172,14 +176,17 @@ contract GridStakingSlashFuzzTest {
         require(staking.evidenceUsed(c.evidence), "evidence spent");
         uint256 toTreasury = token.balanceOf(TREASURY);
         if (c.fraud) {
-            uint256 slashed = c.amount < c.providerStake ? c.amount : c.providerStake;
+            uint256 slashed = c.providerStake;
             uint256 bounty = (slashed * c.bps) / 10_000;
-            require(p.staked == c.providerStake - slashed, "provider slashed");
+            require(p.staked == 0 && p.unbonding == 0, "provider slashed entirely");
             require(ver.staked == c.verifierStake, "verifier keeps its stake");
             require(token.balanceOf(c.verifier) == bounty, "bounty");
             require(toTreasury == slashed - bounty, "treasury share");
         } else {
-            require(p.staked == c.providerStake, "provider keeps its stake");
+            require(
+                p.staked == c.providerStake - c.providerUnbonding && p.unbonding == c.providerUnbonding,
+                "provider keeps its stake"
+            );
             require(ver.staked == c.verifierStake - c.bond, "verifier loses its bond");
             require(token.balanceOf(c.verifier) == 0 && toTreasury == c.bond, "bond to the treasury");
         }

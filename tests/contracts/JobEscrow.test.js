@@ -207,8 +207,8 @@ describe("JobEscrow", function () {
       expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 0n, false, closableAt]);
     });
 
-    it("still lets the settler pay units verified during the grace period", async function () {
-      const { escrow, settler, provider } = await networkHelpers.loadFixture(cancelledFixture);
+    it("still lets the settler pay units verified during the grace period, up to its last second", async function () {
+      const { escrow, settler, provider, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
       await time.increase(GRACE / 2n);
       await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 10n))
         .to.emit(escrow, "UnitReleased")
@@ -216,6 +216,34 @@ describe("JobEscrow", function () {
       await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 5n))
         .to.emit(escrow, "BatchReleased")
         .withArgs(JOB, BATCH, 5n);
+      // An explicit gas limit skips estimation, so the call runs in a block at exactly the timestamp set.
+      await time.setNextBlockTimestamp(closableAt - 1n);
+      await expect(escrow.connect(settler).release(JOB, UNIT2, provider.address, 1n, { gasLimit: 300_000 })).to.emit(
+        escrow,
+        "UnitReleased",
+      );
+    });
+
+    it("ends every release at closableAt: the customer's close then refunds the whole rest", async function () {
+      // A reviewer's repro of the drain this closes: fund 1,000, cancel with a 120 s grace, wait 10,000 s; the
+      // settler's release 900 + releaseToPool 100 used to succeed before the customer's close, which refunded 0.
+      const { token, escrow, governor, settler, customer, provider } = await networkHelpers.loadFixture(
+        deployEscrowFixture,
+      );
+      await escrow.connect(governor).setCancelGrace(120);
+      await escrow.connect(customer).fund(JOB2, 1_000n);
+      await escrow.connect(customer).cancel(JOB2);
+      const closableAt = BigInt(await time.latest()) + 120n;
+      await time.increase(10_000);
+      await expect(escrow.connect(settler).release(JOB2, UNIT, provider.address, 900n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB2, closableAt);
+      await expect(escrow.connect(settler).releaseToPool(JOB2, BATCH, 100n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB2, closableAt);
+      const tx = escrow.connect(customer).close(JOB2);
+      await expect(tx).to.emit(escrow, "JobClosed").withArgs(JOB2, 1_000n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [customer, escrow], [1_000n, -1_000n]);
     });
 
     it("reverts with EscrowJobCancelled(jobId, closableAt) the second time", async function () {
@@ -369,6 +397,15 @@ describe("JobEscrow", function () {
         .withArgs(JOB);
     });
 
+    it("reverts with EscrowJobCancelled(jobId, closableAt) from the end of a cancel's grace on", async function () {
+      const { escrow, settler, provider, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await time.setNextBlockTimestamp(closableAt);
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 1n, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, closableAt);
+      expect(await escrow.unitReleased(JOB, UNIT)).to.equal(false);
+    });
+
     it("reverts with EscrowZeroAmount and EscrowZeroAddress", async function () {
       const { escrow, settler, provider } = await networkHelpers.loadFixture(fundedFixture);
       await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 0n)).to.be.revertedWithCustomError(
@@ -431,6 +468,15 @@ describe("JobEscrow", function () {
       await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n))
         .to.be.revertedWithCustomError(escrow, "EscrowJobClosed")
         .withArgs(JOB);
+    });
+
+    it("reverts with EscrowJobCancelled(jobId, closableAt) from the end of a cancel's grace on", async function () {
+      const { distributor, escrow, settler, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await time.setNextBlockTimestamp(closableAt);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, closableAt);
+      expect(await distributor.totalDeposited()).to.equal(0n);
     });
 
     it("reverts with the distributor's EnforcedPause when the distributor is paused", async function () {

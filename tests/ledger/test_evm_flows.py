@@ -26,7 +26,9 @@ from ledger.errors import (
 )
 from ledger.evm import JobState, StakeState, role_id
 from ledger.payout_tree import accumulate, build_payout_tree
+from ledger.staking_ops import Dispute
 from protocol.errors import ChainError, InsufficientFundsError
+from protocol.signing import recover_accusation, sign_accusation
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; never import it at run time (module-name clashes)
     from conftest import World
@@ -155,6 +157,27 @@ class TestAccusation:
         signature = w.verifier.sign_accusation(w.provider.address, EVIDENCE, amount)
         w.outsider.accuse(w.provider.address, EVIDENCE, amount, signature)  # anyone may relay a signed accusation
 
+    def test_client_and_protocol_sign_one_encoding_that_the_contract_accepts(self, timed_world: World) -> None:
+        """The client's sign_accusation and protocol.signing's (the node verifier's) give the same bytes, and
+        GridStaking recovers the verifier from them: one EIP-712 encoding, checked against the contract."""
+        w = timed_world
+        w.provider.stake(1_000)
+        w.verifier.stake(500)
+        staking = w.deployment.staking
+        theirs = sign_accusation(w.verifier.account, w.chain.chain_id, staking, w.provider.address, EVIDENCE, 400)
+        ours = w.verifier.sign_accusation(w.provider.address, EVIDENCE, 400)
+        assert ours == bytes.fromhex(theirs.removeprefix("0x")) and len(ours) == 65
+        assert w.verifier.sign_accusation(w.provider.address, "0x" + EVIDENCE.hex(), 400) == ours  # hex evidence too
+        signer = recover_accusation(w.chain.chain_id, staking, w.provider.address, EVIDENCE, theirs, 400)
+        assert signer == w.verifier.address
+        w.outsider.accuse(w.provider.address, EVIDENCE, 400, ours)
+        bond = w.params["verifier_bond"]
+        assert w.admin.dispute_of(EVIDENCE) == Dispute(w.provider.address, w.verifier.address, 400, bond)
+        # protocol's signature (0x-hex) submitted as bytes works just the same.
+        w.outsider.accuse(w.provider.address, EVIDENCE_2, 400, bytes.fromhex(
+            sign_accusation(w.verifier.account, w.chain.chain_id, staking, w.provider.address, EVIDENCE_2, 400)[2:]))
+        assert w.admin.dispute_of(EVIDENCE_2).verifier == w.verifier.address
+
     def test_accusation_bonds_the_verifier_and_freezes_both(self, timed_world: World) -> None:
         w = timed_world
         self._open_dispute(w)
@@ -171,15 +194,15 @@ class TestAccusation:
             w.verifier.request_unbond(1)
         expect(verifier_info, StakeFrozenError, "StakingUnderDispute", w.verifier.address, 1)
 
-    def test_fraud_slashes_the_provider_and_pays_the_bounty(self, timed_world: World) -> None:
+    def test_fraud_slashes_the_providers_whole_stake_and_pays_the_bounty(self, timed_world: World) -> None:
         w = timed_world
-        self._open_dispute(w, amount=400)
+        self._open_dispute(w, amount=400)  # the accused amount does not cap the slash
         verifier_balance = w.admin.balance_of(w.verifier.address)
-        assert w.admin.resolve_dispute(EVIDENCE, fraud=True) == 400
-        bounty = 400 * w.bounty_bps // 10_000
+        assert w.admin.resolve_dispute(EVIDENCE, fraud=True) == 1_000
+        bounty = 1_000 * w.bounty_bps // 10_000
         assert w.admin.balance_of(w.verifier.address) - verifier_balance == bounty
-        assert w.admin.balance_of(w.treasury) == 400 - bounty
-        assert w.provider.stake_state(w.provider.address) == StakeState(600, 0, 0, 0, 0, 0)
+        assert w.admin.balance_of(w.treasury) == 1_000 - bounty
+        assert w.provider.stake_state(w.provider.address) == StakeState(0, 0, 0, 0, 0, 0)
         assert w.verifier.stake_state(w.verifier.address) == StakeState(500, 0, 0, 0, 0, 0)
         assert w.admin.evidence_used(EVIDENCE)
         # The evidence is spent: neither another accusation nor a governance slash can reuse it.
@@ -188,7 +211,27 @@ class TestAccusation:
             w.admin.accuse(w.provider.address, EVIDENCE, 1, signature)
         expect(exc_info, StakingError, "StakingEvidenceUsed", EVIDENCE)
         assert w.admin.slash(w.provider.address, 1, w.verifier.address, EVIDENCE) is False
-        w.provider.request_unbond(600)  # the dispute is over
+        w.provider.stake(10)
+        w.provider.request_unbond(10)  # the dispute is over
+        assert w.total_held() == w.supply
+
+    def test_a_self_accusation_for_1_wei_still_costs_the_provider_everything(self, timed_world: World) -> None:
+        """The cheat's second staked key (provider2) accuses it first for 1 wei, spending the evidence before an
+        honest verifier can; the fraud verdict still takes all of the provider's stake, unbonding part included."""
+        w = timed_world
+        w.provider.stake(1_000)
+        w.provider.request_unbond(300)
+        w.provider2.stake(w.params["verifier_bond"])
+        w.verifier.stake(500)
+        w.admin.accuse(w.provider.address, EVIDENCE, 1, w.provider2.sign_accusation(w.provider.address, EVIDENCE, 1))
+        honest = w.verifier.sign_accusation(w.provider.address, EVIDENCE, 400)
+        with pytest.raises(StakingError) as honest_info:
+            w.admin.accuse(w.provider.address, EVIDENCE, 400, honest)
+        expect(honest_info, StakingError, "StakingEvidenceUsed", EVIDENCE)
+        assert w.admin.resolve_dispute(EVIDENCE, fraud=True) == 1_000
+        state = w.provider.stake_state(w.provider.address)
+        assert (state.staked, state.unbonding) == (0, 0)
+        assert w.admin.balance_of(w.treasury) == 1_000 - 1_000 * w.bounty_bps // 10_000
         assert w.total_held() == w.supply
 
     def test_false_accusation_costs_the_verifier_its_bond(self, timed_world: World) -> None:
@@ -264,6 +307,24 @@ class TestEscrowCancel:
         assert c.close_job(JOB) == 900
         assert c.balance_of(c.address) == before + 900
         assert c.get_job(JOB) == JobState(c.address, 1_000, 100, True, 0, closable_at)
+
+    def test_nothing_is_released_after_the_grace_so_the_customer_gets_the_rest(self, timed_world: World) -> None:
+        """A reviewer's repro: fund 1,000, cancel (grace 120 s), wait 10,000 s; the settler's release 900 and
+        releaseToPool 100 must be refused, and the customer's close refunds all 1,000."""
+        w, c, admin = timed_world, timed_world.customer, timed_world.admin
+        c.fund_job(JOB, 1_000)
+        closable_at = c.cancel_job(JOB)
+        w.chain.advance_time(10_000)
+        with pytest.raises(EscrowError) as release_info:
+            admin.release(JOB, UNIT, w.provider.address, 900)
+        expect(release_info, EscrowError, "EscrowJobCancelled", JOB, closable_at)
+        with pytest.raises(EscrowError) as pool_info:
+            admin.release_to_pool(JOB, BATCH_1, 100)
+        expect(pool_info, EscrowError, "EscrowJobCancelled", JOB, closable_at)
+        before = c.balance_of(c.address)
+        assert c.close_job(JOB) == 1_000
+        assert c.balance_of(c.address) == before + 1_000
+        assert w.total_held() == w.supply
 
     def test_only_the_customer_cancels(self, timed_world: World) -> None:
         w = timed_world
@@ -347,6 +408,51 @@ class TestPayoutPool:
         assert admin.claim_payout_for(p1.address, 1, 70, tree.proof(p1.address)) == 70
         assert admin.claim_payout_for(p1.address, 1, 70, tree.proof(p1.address)) == 0
         assert (admin.balance_of(p1.address), admin.balance_of(admin.address)) == (before[0] + 70, before[1])
+
+    def test_claim_payout_batch_pushes_pay_to_each_account_once(self, timed_world: World) -> None:
+        w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
+        w.customer.fund_job(JOB, 1_000)
+        admin.release_to_pool(JOB, BATCH_1, 300)
+        tree1 = build_payout_tree({p1.address: 100, p2.address: 200})
+        admin.post_tree(1, tree1)
+        rows = [(a, tree1.cumulative(a), tree1.proof(a)) for a in (p1.address, p2.address, p2.address)]
+        with pytest.raises(RootInDisputeError) as dispute_info:
+            w.outsider.claim_payout_batch(1, rows)
+        expect(dispute_info, RootInDisputeError, "SettlementRootInDispute", 1, admin.latest_claimable_at())
+        w.chain.advance_time(w.params["dispute_window_s"])
+        assert p1.claim_from_tree(1, tree1) == 100  # p1 claims itself first: its entry is stale
+        before = {a: admin.balance_of(a) for a in (p1.address, p2.address, w.outsider.address)}
+        assert w.outsider.claim_payout_batch(1, rows) == 200  # anyone may push; p2 listed twice is paid once
+        assert {a: admin.balance_of(a) - v for a, v in before.items()} == {
+            p1.address: 0, p2.address: 200, w.outsider.address: 0}
+        sent = w.outsider.last_receipt
+        assert w.outsider.claim_payout_batch(1, rows) == 0  # a retry: everything already paid, nothing sent
+        assert w.outsider.last_receipt is sent
+
+        admin.release_to_pool(JOB, BATCH_2, 70)
+        tree2 = build_payout_tree({p1.address: 150, p2.address: 200, w.verifier.address: 20})
+        admin.post_tree(2, tree2)
+        w.chain.advance_time(w.params["dispute_window_s"])
+        assert admin.claim_tree_batch(2, tree2) == 70  # p1 +50, verifier +20, p2 nothing new
+        assert (admin.claimed(p1.address), admin.claimed(p2.address), admin.claimed(w.verifier.address)) == (150, 200, 20)
+        assert admin.balance_of(w.deployment.distributor) == 0
+        assert w.total_held() == w.supply
+
+    def test_claim_payout_batch_is_refused_whole_for_one_bad_proof(self, timed_world: World) -> None:
+        w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
+        w.customer.fund_job(JOB, 1_000)
+        admin.release_to_pool(JOB, BATCH_1, 300)
+        tree = build_payout_tree({p1.address: 100, p2.address: 200})
+        admin.post_tree(1, tree)
+        w.chain.advance_time(w.params["dispute_window_s"])
+        rows = [(p1.address, 100, tree.proof(p1.address)), (p2.address, 201, tree.proof(p2.address))]
+        with pytest.raises(InvalidProofError) as proof_info:
+            admin.claim_payout_batch(1, rows)
+        expect(proof_info, InvalidProofError, "SettlementInvalidProof", p2.address, 1, 201)
+        assert (admin.claimed(p1.address), admin.claimed(p2.address)) == (0, 0)  # nobody in the batch was paid
+        with pytest.raises(SettlementError) as length_info:  # the client never builds this; the contract refuses it
+            admin._send(admin.distributor, "claimMany", 1, [p1.address], [100], [])  # noqa: SLF001
+        expect(length_info, SettlementError, "SettlementLengthMismatch", 1, 1, 0)
 
     def test_bad_claims_are_refused_with_their_values(self, timed_world: World) -> None:
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
@@ -489,7 +595,7 @@ class TestKillSwitchAndTimelock:
 
         with pytest.raises(StakeFrozenError):
             p.withdraw()  # still under dispute
-        assert admin.resolve_dispute(EVIDENCE, fraud=True) == 10
+        assert admin.resolve_dispute(EVIDENCE, fraud=False) == w.params["verifier_bond"]  # fraud would take all
         assert p.withdraw() == 100
         assert p.claim_from_tree(1, tree) == 100
         assert p.claim() == 10

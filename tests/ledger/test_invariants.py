@@ -63,7 +63,8 @@ def harness(artifacts: None) -> Iterator[Harness]:
 OPERATIONS: tuple[tuple[str, int], ...] = (
     ("advance_time", 7), ("stake", 10), ("fund", 8), ("release_to_pool", 9), ("release", 6), ("request_unbond", 6),
     ("withdraw", 5), ("lock", 4), ("cancel", 3), ("close", 4), ("claim_escrow", 4), ("post_root", 8), ("void_root", 1),
-    ("claim_payout", 11), ("slash", 3), ("accuse", 4), ("resolve", 3), ("pause", 1), ("unpause", 4),
+    ("claim_payout", 11), ("claim_payout_batch", 5), ("set_dispute_window", 1), ("slash", 3), ("accuse", 4),
+    ("resolve", 3), ("pause", 1), ("unpause", 4),
 )
 OPERATION = st.sampled_from([name for name, weight in OPERATIONS for _ in range(weight)])
 
@@ -147,6 +148,12 @@ class CampaignMachine(RuleBasedStateMachine):
     def claim_payout(self, draw: Draw) -> None:
         mode = st.sampled_from(["claimable", "latest", "oldest", "tampered", "foreign"])
         self.h.claim_payout(draw(STAKERS, label="who"), draw(mode, label="mode"))
+
+    def claim_payout_batch(self, draw: Draw) -> None:
+        self.h.claim_payout_batch(draw(st.sampled_from(["claimable", "latest", "tampered", "mismatch"]), label="mode"))
+
+    def set_dispute_window(self, draw: Draw) -> None:
+        self.h.set_dispute_window(draw(st.sampled_from([100, 0, 10, 400]), label="window"))
 
     def slash(self, draw: Draw) -> None:
         who = draw(STAKERS, label="who")
