@@ -113,7 +113,9 @@ def _celery_workers(redis_url: str, want: int) -> list[str]:
     """Names of the Celery workers answering a broadcast ping on the shared broker (polled until ``want`` answer)."""
     tasks.configure(redis_url)
     names: list[str] = []
-    for _ in range(30):
+    # a worker imports torch and the whole service before it answers: on a loaded 2-core machine that took > 30 s
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
         names = sorted(name for reply in tasks.celery_app.control.ping(timeout=1.0) for name in reply)
         if len(names) >= want:
             break
