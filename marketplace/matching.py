@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 from marketplace.matching_index import MatchIndex
 from marketplace.pricing import (DEFAULT_TABLE, MAX_THROUGHPUT, PPM, REFERENCE_THROUGHPUT, CostTable, check_performance,
@@ -26,7 +29,7 @@ from protocol.errors import GridMintValueError
 _UNKNOWN_FLOOR = 2**255
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Offer:
     provider: str
     region: str
@@ -40,15 +43,16 @@ class Offer:
 
     def __post_init__(self) -> None:
         check_performance(self.throughput, self.reliability_ppm)
-        if min(self.price, self.vram_mb, self.stake) < 0:
-            raise GridMintValueError(f"offer {self.provider}: price, vram and stake must be >= 0: {self}")
+        numbers_ok = _ints(self.price, self.vram_mb, self.stake, self.free_slots)
+        if not numbers_ok or min(self.price, self.vram_mb, self.stake) < 0:
+            raise GridMintValueError(f"offer {self.provider}: price, vram and stake must be ints >= 0: {self}")
 
     @property
     def operated_by(self) -> str:
         return self.operator or self.provider
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Demand:
     unit_id: str
     vram_mb: int
@@ -60,12 +64,20 @@ class Demand:
     excluded_operators: frozenset[str] = field(default_factory=frozenset)  # e.g. holders of earlier replicas
 
     def __post_init__(self) -> None:
-        if self.vram_mb < 0 or self.min_stake < 0 or self.replicas < 1:
-            raise GridMintValueError(f"demand {self.unit_id}: vram and stake must be >= 0, replicas >= 1: {self}")
+        if (not _ints(self.vram_mb, self.min_stake, self.max_price, self.replicas) or self.vram_mb < 0
+                or self.min_stake < 0 or self.replicas < 1):
+            raise GridMintValueError(f"demand {self.unit_id}: vram, stake and cap must be ints, vram and stake >= 0, "
+                                     f"replicas >= 1: {self}")
 
 
-@dataclass(frozen=True)
-class Assignment:
+def _ints(*values: object) -> bool:
+    """All plain ints (money and sizes are never float; bool is not a number here)."""
+    return all(type(v) is int for v in values)
+
+
+class Assignment(NamedTuple):
+    """One replica of one unit given to one provider (immutable; a tuple, since matching makes millions)."""
+
     unit_id: str
     provider: str
     price: int
@@ -122,6 +134,11 @@ class OfferColumns:
         if any(len(col) != n for col in (self.regions, self.prices, self.vram_mb, self.stakes, self.free_slots,
                                           self.throughput, self.reliability_ppm, self.operators)):
             raise GridMintValueError("offer columns differ in length")
+        numbers = (self.prices, self.vram_mb, self.stakes, self.free_slots, self.throughput, self.reliability_ppm)
+        if any(set(map(type, col)) - {int} for col in numbers):
+            bad = next(i for i in range(n) if not _ints(*(col[i] for col in numbers)))
+            raise GridMintValueError(f"offer {self.providers[bad]}: price, vram, stake, slots, throughput and "
+                                     "reliability must be ints")
         if n and min(min(self.prices), min(self.vram_mb), min(self.stakes)) < 0:
             bad = next(i for i in range(n) if min(self.prices[i], self.vram_mb[i], self.stakes[i]) < 0)
             raise GridMintValueError(f"offer {self.providers[bad]}: price, vram and stake must be >= 0")
@@ -129,8 +146,7 @@ class OfferColumns:
                   or min(self.reliability_ppm) < 1 or max(self.reliability_ppm) > PPM):
             for t, r in zip(self.throughput, self.reliability_ppm):
                 check_performance(t, r)
-        lower = {p.lower() for p in self.providers}
-        if len(lower) != n:
+        if len(set(map(str.lower, self.providers))) != n:
             seen: set[str] = set()
             for p in self.providers:
                 if p.lower() in seen:
@@ -139,58 +155,81 @@ class OfferColumns:
 
 
 def rank_order(cols: OfferColumns, table: CostTable = DEFAULT_TABLE) -> list[int]:
-    """Input positions sorted by ``sort_key`` (one int sort, then the rare ties broken by floor and address)."""
+    """Input positions sorted by ``sort_key``: exact integer keys, sorted from a float pre-order (numpy, then
+    timsort finishes a nearly sorted list in about n comparisons), the rare ties broken by floor and address."""
+    n = len(cols.prices)
     keys = list(map(rank_key, cols.prices, cols.throughput, cols.reliability_ppm))
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    floor = {r: (c.floor_per_unit if (c := table.regions.get(r)) else _UNKNOWN_FLOOR) for r in set(cols.regions)}
-    j, n = 0, len(order)
-    while j < n:
-        k = j + 1
-        while k < n and keys[order[k]] == keys[order[j]]:
+    if n < 2:
+        return list(range(n))
+    try:
+        approx = np.array(cols.prices, dtype=np.float64) / (
+            np.array(cols.throughput, dtype=np.float64) * np.array(cols.reliability_ppm, dtype=np.float64))
+        order = sorted(np.argsort(approx, kind="stable").tolist(), key=keys.__getitem__)
+    except OverflowError:  # an ask beyond float range: sort the exact keys outright
+        order = sorted(range(n), key=keys.__getitem__)
+    ranked = np.array(keys, dtype=object)[np.array(order)]
+    tied = np.flatnonzero(ranked[1:] == ranked[:-1]) + 1  # position j: same key as j - 1
+    if len(tied):
+        floor = {r: (c.floor_per_unit if (c := table.regions.get(r)) else _UNKNOWN_FLOOR) for r in set(cols.regions)}
+        tied_l, k = tied.tolist(), 0
+        while k < len(tied_l):  # each run of equal keys, order[j0 - 1 : j1 + 1]
+            j0 = j1 = tied_l[k]
+            while k + 1 < len(tied_l) and tied_l[k + 1] == j1 + 1:
+                k += 1
+                j1 = tied_l[k]
+            order[j0 - 1: j1 + 1] = sorted(order[j0 - 1: j1 + 1],
+                                           key=lambda i: (floor[cols.regions[i]], cols.providers[i].lower()))
             k += 1
-        if k - j > 1:
-            order[j:k] = sorted(order[j:k], key=lambda i: (floor[cols.regions[i]], cols.providers[i].lower()))
-        j = k
     return order
 
 
 class MatchingBook:
     """An offer book with capacity that changes as units are assigned and finish. Offers are addressed by
-    their position in the book given (``i``); ``assign`` is the one place units are matched."""
+    their position in the book given (``i``); ``assign`` is the one place units are matched. O(n log n) to
+    build, then O(log n) per assignment, release or change of online state (``matching_index``)."""
 
     def __init__(self, offers: Sequence[Offer] | OfferColumns, table: CostTable = DEFAULT_TABLE,
                  online: Sequence[bool] | None = None) -> None:
         cols = offers if isinstance(offers, OfferColumns) else OfferColumns.from_offers(offers)
         cols.check()
-        order = rank_order(cols, table)
-        self.index = MatchIndex(order, cols.regions, cols.prices, cols.vram_mb, cols.stakes, cols.free_slots, online)
-        self.providers = list(map(cols.providers.__getitem__, order))
-        self.operators = [op or p for op, p in zip(map(cols.operators.__getitem__, order), self.providers)]
-        self.region_names = list(map(cols.regions.__getitem__, order))
+        self.cols = cols  # kept, not copied: do not change the columns while the book is in use
+        self.index = MatchIndex(rank_order(cols, table), cols.regions, cols.vram_mb, cols.stakes, cols.prices,
+                                cols.free_slots, online)
+        self.operators = [op or p for op, p in zip(cols.operators, cols.providers)]  # by position
+
     def assign(self, demand: Demand) -> list[Assignment]:
         """Match up to ``demand.replicas`` copies of one unit and take their slots. Partial if fewer eligible
         operators exist: the caller retries the rest later with ``excluded_operators`` set."""
         ix = self.index
-        regions = ix.regions_for(demand.regions)
-        v, s, cap = demand.vram_mb, demand.min_stake, demand.max_price
+        cols = self.cols
+        index_of = ix.index_of
+        scope = ix.regions_for(demand.regions)
         excluded = demand.excluded
+        if demand.replicas == 1 and not excluded and not demand.excluded_operators:  # the common case, no filter
+            r = ix.best(demand.vram_mb, demand.min_stake, demand.max_price, scope)
+            if r < 0:
+                return []
+            ix.take(r)
+            i = index_of[r]
+            return [Assignment(demand.unit_id, cols.providers[i], cols.prices[i], cols.regions[i], r + 1, 0)]
+        providers, operators = cols.providers, self.operators
         used = set(demand.excluded_operators)
-        hidden: list[int] = []
+
+        def skip(r: int) -> bool:  # few per unit: checked at the leaves, the trees are not touched
+            i = index_of[r]
+            return providers[i] in excluded or operators[i] in used
+
         out: list[Assignment] = []
         for replica in range(demand.replicas):
-            r = ix.best(v, s, cap, regions)
-            # excluded providers and busy operators are few per unit: hide them for this unit and look again
-            while r >= 0 and (self.providers[r] in excluded or self.operators[r] in used):
-                ix.hide(r)
-                hidden.append(r)
-                r = ix.best(v, s, cap, regions)
+            r = ix.best(demand.vram_mb, demand.min_stake, demand.max_price, scope,
+                        skip if excluded or used else None)
             if r < 0:
                 break
             ix.take(r)
-            used.add(self.operators[r])
-            out.append(Assignment(demand.unit_id, self.providers[r], ix.price[r], self.region_names[r], r + 1, replica))
-        for r in hidden:
-            ix.restore(r)
+            i = index_of[r]
+            used.add(operators[i])
+            out.append(Assignment(demand.unit_id, providers[i], cols.prices[i], cols.regions[i], r + 1,
+                                  replica))
         return out
 
     def release(self, i: int) -> None:
@@ -198,7 +237,16 @@ class MatchingBook:
         self.index.give(self.index.rank_of[i])
 
     def set_online(self, i: int, online: bool) -> None:
+        """Offer ``i`` comes online (its free slots can be matched) or goes offline (they cannot)."""
         self.index.set_online(self.index.rank_of[i], online)
+
+    def release_many(self, indices: Sequence[int]) -> None:
+        """``release(i)`` for each of ``indices`` (one slot back per entry)."""
+        self.index.give_many(list(map(self.index.rank_of.__getitem__, indices)))
+
+    def set_online_many(self, indices: Sequence[int], online: bool) -> None:
+        """``set_online(i, online)`` for each of ``indices``."""
+        self.index.set_online_many(list(map(self.index.rank_of.__getitem__, indices)), online)
 
 
 def match(offers: Sequence[Offer], demands: Sequence[Demand], table: CostTable = DEFAULT_TABLE) -> list[Assignment]:
@@ -224,15 +272,17 @@ class NaiveBook:
         for r, i in enumerate(sorted(range(len(offers)), key=self.keys.__getitem__)):
             self.rank[i] = r + 1
         self.free = [max(0, o.free_slots) for o in offers]
+        self.online = [True] * len(offers)
 
     def assign(self, d: Demand) -> list[Assignment]:
-        keys, free = self.keys, self.free
+        keys, free, online = self.keys, self.free, self.online
         used = set(d.excluded_operators)
         out: list[Assignment] = []
         for replica in range(d.replicas):
             best = -1
             for i, o in enumerate(self.offers):
-                if (free[i] > 0 and o.vram_mb >= d.vram_mb and o.stake >= d.min_stake and o.price <= d.max_price
+                if (free[i] > 0 and online[i] and o.vram_mb >= d.vram_mb and o.stake >= d.min_stake
+                        and o.price <= d.max_price
                         and o.provider not in d.excluded and (d.regions is None or o.region in d.regions)
                         and (o.operator or o.provider) not in used and (best < 0 or keys[i] < keys[best])):
                     best = i
@@ -243,6 +293,12 @@ class NaiveBook:
             used.add(o.operated_by)
             out.append(Assignment(d.unit_id, o.provider, o.price, o.region, self.rank[best], replica))
         return out
+
+    def release(self, i: int) -> None:
+        self.free[i] += 1
+
+    def set_online(self, i: int, online: bool) -> None:
+        self.online[i] = online
 
 
 def match_naive(offers: Sequence[Offer], demands: Sequence[Demand],

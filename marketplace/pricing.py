@@ -40,10 +40,18 @@ RELIABILITY_PRIOR = 4
 
 @dataclass(frozen=True)
 class RegionCost:
+    """A region's running cost (what governance looks at) and the price floor per work unit it sets."""
+
     region: str
     energy_usd_per_mwh: int
     floor_per_unit: int  # base units
     bandwidth_usd_per_tb: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("energy_usd_per_mwh", "floor_per_unit", "bandwidth_usd_per_tb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise GridMintValueError(f"region {self.region!r}: {name} must be an int >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,13 @@ class CostTable:
     """One version of the regional cost table. Immutable: ``amend`` returns the next version."""
 
     version: int
-    regions: Mapping[str, RegionCost] = field(default_factory=dict)
+    regions: Mapping[str, RegionCost] = field(default_factory=dict, hash=False)  # hashed by version
 
     def __post_init__(self) -> None:
+        if not isinstance(self.version, int) or self.version < 1:
+            raise GridMintValueError(f"cost table version must be an int >= 1, got {self.version!r}")
         for name, cost in self.regions.items():
-            if name != cost.region or cost.floor_per_unit < 0:
+            if not isinstance(cost, RegionCost) or name != cost.region:
                 raise GridMintValueError(f"bad cost table entry {name!r}: {cost}")
         object.__setattr__(self, "regions", MappingProxyType(dict(self.regions)))
 
@@ -166,9 +176,12 @@ def rank_key(ask: int, throughput: int = REFERENCE_THROUGHPUT, reliability_ppm: 
 
 
 def required_stake(value_at_risk: int, min_stake: int, ratio_ppm: int = PPM) -> int:
-    """Stake a provider needs for work worth ``value_at_risk`` base units: ``ratio_ppm`` of it, never below
-    ``min_stake`` (so cheating always costs more than it could earn)."""
-    return max(min_stake, value_at_risk * ratio_ppm // PPM)
+    """Stake a provider needs for work worth ``value_at_risk`` base units: ``ratio_ppm`` of it, rounded up,
+    never below ``min_stake`` (at the default ratio, cheating always costs at least what it could earn)."""
+    if min(value_at_risk, min_stake, ratio_ppm) < 0:
+        raise GridMintValueError(f"value at risk, min stake and ratio must be >= 0, got "
+                                 f"{value_at_risk}, {min_stake}, {ratio_ppm}")
+    return max(min_stake, -(-value_at_risk * ratio_ppm // PPM))
 
 
 # ---------------------------------------------------------------- quotes

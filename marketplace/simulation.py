@@ -14,13 +14,16 @@ reliable node is worth a higher ask). numpy draws the population; no clock is re
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from marketplace.matching import Demand, MatchingBook, Offer, OfferColumns
-from marketplace.pricing import DEFAULT_TABLE, PPM, REFERENCE_THROUGHPUT, effective_price, reliability_ppm, required_stake
+from marketplace.pricing import (DEFAULT_TABLE, PPM, REFERENCE_THROUGHPUT, RELIABILITY_PRIOR, effective_price,
+                                 required_stake)
 from protocol.errors import GridMintValueError
 from protocol.money import ONE_TOKEN
 
@@ -121,9 +124,15 @@ def synthetic_offer_columns(n: int, rng: np.random.Generator) -> OfferColumns:
         stakes=[s * ONE_TOKEN for s in stake.tolist()],
         free_slots=slots.tolist(),
         throughput=tps.tolist(),
-        reliability_ppm=list(map(reliability_ppm, completed.tolist(), dropped.tolist(), uptime.tolist())),
+        reliability_ppm=_reliability_ppm(completed, dropped, uptime).tolist(),
         operators=[f"op{f}" if f >= 0 else "" for f in farm.tolist()],
     )
+
+
+def _reliability_ppm(completed: np.ndarray, dropped: np.ndarray, uptime_ppm: np.ndarray) -> np.ndarray:
+    """``pricing.reliability_ppm`` over arrays, the same integer arithmetic (exact in int64 here)."""
+    done = (completed + RELIABILITY_PRIOR) * PPM // (completed + dropped + RELIABILITY_PRIOR)
+    return np.clip(done * np.clip(uptime_ppm, 0, PPM) // PPM, 1, PPM)
 
 
 def synthetic_offers(n: int, rng: np.random.Generator) -> list[Offer]:
@@ -135,8 +144,8 @@ def synthetic_offers(n: int, rng: np.random.Generator) -> list[Offer]:
 def synthetic_demands(m: int, rng: np.random.Generator, prefix: str = "u",
                       units: np.ndarray | None = None) -> list[Demand]:
     """``m`` units, each standing for a job of ``units[k]`` units (default 1 to 8): VRAM need, a price cap,
-    stake scaled with the job's value at risk, some with a region allow-list, some replicated, a few with an
-    excluded provider."""
+    stake scaled with the job's value at risk, a quarter with a region allow-list (1 to 3 regions), a tenth
+    replicated twice, a few with an excluded provider."""
     names = list(DEFAULT_TABLE.regions)
     need = rng.choice(_NEED_MB, m, p=_NEED_SHARE).tolist()
     cap_milli = (800 + rng.integers(0, 2500, m)).tolist()
@@ -144,40 +153,67 @@ def synthetic_demands(m: int, rng: np.random.Generator, prefix: str = "u",
         units = rng.integers(1, 9, m)
     units_l = units.tolist()
     replicas = np.where(rng.random(m) < 0.1, 2, 1).tolist()
-    restrict = (rng.random(m) < 0.25).tolist()
-    excluded = (rng.random(m) < 0.02).tolist()
+    allow_size = np.where(rng.random(m) < 0.25, rng.integers(1, 4, m), 0).tolist()
+    shuffled = np.argsort(rng.random((m, len(names))), axis=1).tolist()  # a random order of the regions per unit
+    excluded = np.where(rng.random(m) < 0.02, rng.integers(0, 1 << 16, m), -1).tolist()
+    allow_lists: dict[tuple[int, ...], frozenset[str]] = {}
     out = []
     for k in range(m):
         allow = None
-        if restrict[k]:
-            allow = frozenset(names[j] for j in rng.choice(len(names), int(rng.integers(1, 4)), replace=False))
+        if allow_size[k]:
+            key = tuple(sorted(shuffled[k][: allow_size[k]]))
+            allow = allow_lists.get(key)
+            if allow is None:
+                allow = allow_lists[key] = frozenset(names[j] for j in key)
         cap = cap_milli[k] * MILLI
         stake = required_stake(cap * units_l[k] * 10, 100 * ONE_TOKEN)
-        ex = frozenset({f"0x{int(rng.integers(0, 1 << 16)):040x}"}) if excluded[k] else frozenset()
+        ex = frozenset({f"0x{excluded[k]:040x}"}) if excluded[k] >= 0 else frozenset()
         out.append(Demand(f"{prefix}{k}", need[k], stake, cap, ex, allow, replicas[k]))
     return out
 
 
 def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -> SimReport:
     """Run ``config.hours`` hourly ticks; ``progress(hour)`` is called after each (for a progress bar)."""
+    with _gc_paused():
+        return _simulate(config, progress)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The run holds millions of small objects that live as long as it does and form no cycles: the cyclic
+    collector's full passes over them cost about a fifth of a large run, and would find nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _simulate(config: SimConfig, progress: Callable[[int], None] | None) -> SimReport:
     rng = np.random.default_rng(config.seed)
     n, hours = config.providers, config.hours
     cols = synthetic_offer_columns(n, rng)
     online = rng.random(n) < _ONLINE_AT_START
     book = MatchingBook(cols, DEFAULT_TABLE, online.tolist())
+    assign = book.assign
     index_of = book.index.index_of
     names = list(DEFAULT_TABLE.regions)
     region_id = {name: k for k, name in enumerate(names)}
-    region = np.array([region_id[r] for r in cols.regions], dtype=np.int64)
-    ask_milli = np.array([p // MILLI for p in cols.prices], dtype=np.int64)
+    region = np.fromiter(map(region_id.__getitem__, cols.regions), dtype=np.int64, count=n)
+    ask_milli = np.array(cols.prices, dtype=object) // MILLI
+    ask_milli = ask_milli.astype(np.int64) if n else np.zeros(0, dtype=np.int64)
     tps = np.array(cols.throughput, dtype=np.int64)
     rel = np.array(cols.reliability_ppm, dtype=np.int64)
     # effective price in whole micro-tokens, rounded down, for the lower bound only (int64: asks here are < 3 tokens)
     eff_micro = ask_milli * (1000 * REFERENCE_THROUGHPUT * PPM) // (tps * rel)
-    slots = np.array([max(0, s) for s in cols.free_slots], dtype=np.int64)
-    speed, providers, prices = cols.throughput, cols.providers, cols.prices
+    slots = np.maximum(np.array(cols.free_slots, dtype=np.int64), 0)
+    speed, providers, prices, reliability = cols.throughput, cols.providers, cols.prices, cols.reliability_ppm
     operator = [op or p for op, p in zip(cols.operators, providers)]
     busy = np.zeros(n, dtype=np.int64)
+    assigned_to = np.zeros(n, dtype=np.int64)
+    eff_of: dict[int, int] = {}  # provider -> exact effective price, computed when first assigned
 
     jobs = config.job_count
     arrive_weight = 2 + np.sin(np.arange(hours) * 2 * np.pi / 24 - np.pi / 2)  # night trough, afternoon peak
@@ -187,46 +223,50 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
     units_of = rng.integers(1, 9, jobs)
     job_demands = synthetic_demands(jobs, rng, prefix="job", units=units_of)
     units_of_l = units_of.tolist()
-    units_total = 0
-    pending: list[tuple[Demand, int]] = []  # (demand, job), oldest first
-    finishing: list[list[tuple[int, int]]] = [[] for _ in range(hours + 1)]  # (provider, run id)
-    running: dict[int, tuple[int, str, Demand, int]] = {}  # run id -> (provider, operator, unit, job)
-    runs_of: dict[int, list[int]] = {}  # provider -> its run ids
-    unit_ops: dict[str, set[str]] = {}  # unit -> operators running a replica
-    next_run = 0
-    assigned = completed = dropouts = 0
+
+    # runs (one assignment each), column by column; a run is alive until it completes or its provider leaves
+    run_provider: list[int] = []
+    run_unit: list[Demand] = []
+    run_job: list[int] = []
+    run_alive: list[bool] = []
+    runs_of: dict[int, list[int]] = {}  # provider -> its runs (finished ones too)
+    unit_ops: dict[str, set[str]] = {}  # unit -> operators holding a live replica
+    finishing: list[list[int]] = [[] for _ in range(hours + 1)]  # runs due to complete at the start of hour h
+    pending: list[tuple[Demand, int]] = []  # (unit, job), oldest first
+    units_total = assigned = completed = dropouts = 0
     paid = cheapest = paid_eff = cheapest_eff = idle_hours = online_hours = 0
     online_slot_hours = np.zeros(len(names), dtype=np.int64)
     busy_slot_hours = np.zeros(len(names), dtype=np.int64)
-    assigned_to = np.zeros(n, dtype=np.int64)
-    eff_of: dict[int, int] = {}  # provider -> exact effective price, computed when first assigned
     job_k = 0
 
     for hour in range(hours):
+        freed: list[int] = []  # providers with a run that ended this hour (one entry per run)
         if hour:
             leave = np.flatnonzero(online & (rng.integers(0, 100, n) < config.leave_per_hour_pct))
             join = np.flatnonzero(~online & (rng.integers(0, 100, n) < config.join_per_hour_pct))
             online[leave] = False
             online[join] = True
-            for i in leave.tolist():
-                book.set_online(i, False)
+            leaving = leave.tolist()
+            book.set_online_many(leaving, False)
+            for i in leaving:
                 for run in runs_of.pop(i, ()):
-                    _, op, d, job = running.pop(run)
-                    book.release(i)
-                    busy[i] -= 1
-                    dropouts += 1
-                    ops = unit_ops[d.unit_id]
-                    ops.discard(op)
-                    pending.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price, d.excluded | {providers[i]},
-                                           d.regions, 1, frozenset(ops)), job))
-            for i in join.tolist():
-                book.set_online(i, True)
-        for i, run in finishing[hour]:
-            if running.pop(run, None) is not None:
-                runs_of[i].remove(run)
-                book.release(i)
-                busy[i] -= 1
+                    if run_alive[run]:  # dropped: back to the queue, never to this provider again
+                        run_alive[run] = False
+                        freed.append(i)
+                        dropouts += 1
+                        d = run_unit[run]
+                        ops = unit_ops[d.unit_id]
+                        ops.discard(operator[i])
+                        pending.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price,
+                                               d.excluded | {providers[i]}, d.regions, 1, frozenset(ops)),
+                                        run_job[run]))
+            book.set_online_many(join.tolist(), True)
+        for run in finishing[hour]:
+            if run_alive[run]:
+                run_alive[run] = False
+                freed.append(run_provider[run])
                 completed += 1
+        book.release_many(freed)
         while job_k < jobs and arrival[job_k] == hour:
             base = job_demands[job_k]
             for u in range(units_of_l[job_k]):
@@ -234,38 +274,46 @@ def simulate(config: SimConfig, progress: Callable[[int], None] | None = None) -
                                        base.excluded, base.regions, base.replicas), job_k))
                 units_total += base.replicas
             job_k += 1
+        if freed:
+            busy -= np.bincount(freed, minlength=n)
 
         free = np.where(online, slots - busy, 0)
+        taken: list[int] = []  # providers assigned this hour (one entry per run)
         waiting: list[tuple[Demand, int]] = []
-        hour_assigned = 0
         for d, job in pending:
-            got = book.assign(d)
+            got = assign(d)
+            if not got:
+                waiting.append((d, job))
+                continue
+            ops = unit_ops.setdefault(d.unit_id, set())
             for a in got:
                 i = index_of[a.rank - 1]
-                busy[i] += 1
-                assigned_to[i] += 1
+                taken.append(i)
                 paid += a.price
                 e = eff_of.get(i)
                 if e is None:
-                    e = eff_of[i] = effective_price(prices[i], speed[i], cols.reliability_ppm[i])
+                    e = eff_of[i] = effective_price(prices[i], speed[i], reliability[i])
                 paid_eff += e
-                run = next_run
-                next_run += 1
-                running[run] = (i, operator[i], d, job)
+                run = len(run_provider)
+                run_provider.append(i)
+                run_unit.append(d)
+                run_job.append(job)
+                run_alive.append(True)
                 runs_of.setdefault(i, []).append(run)
-                unit_ops.setdefault(d.unit_id, set()).add(operator[i])
+                ops.add(operator[i])
                 took = -(-work_hours[job] * REFERENCE_THROUGHPUT // speed[i])  # faster nodes finish sooner
-                finishing[min(hours, hour + max(1, took))].append((i, run))
-            hour_assigned += len(got)
+                finishing[min(hours, hour + max(1, took))].append(run)
             if len(got) < d.replicas:
                 waiting.append((Demand(d.unit_id, d.vram_mb, d.min_stake, d.max_price, d.excluded, d.regions,
-                                       d.replicas - len(got), frozenset(unit_ops.get(d.unit_id, ()))), job)
-                               if got else (d, job))
+                                       d.replicas - len(got), frozenset(ops)), job))
         pending = waiting
-        assigned += hour_assigned
-        if hour_assigned:
-            cheapest += _k_smallest_sum(ask_milli, free, hour_assigned) * MILLI
-            cheapest_eff += _k_smallest_sum(eff_micro, free, hour_assigned) * _MICRO
+        assigned += len(taken)
+        if taken:
+            cheapest += _k_smallest_sum(ask_milli, free, len(taken)) * MILLI
+            cheapest_eff += _k_smallest_sum(eff_micro, free, len(taken)) * _MICRO
+            took_now = np.bincount(taken, minlength=n)
+            busy += took_now
+            assigned_to += took_now
         online_hours += int(online.sum())
         idle_hours += int((online & (busy == 0)).sum())
         online_slot_hours += np.bincount(region[online], weights=slots[online], minlength=len(names)).astype(np.int64)
