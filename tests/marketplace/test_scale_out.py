@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from celery import Celery
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
@@ -22,7 +23,6 @@ from sqlalchemy import func, select
 from gridmint.procs import Proc, free_port, new_database, start_redis
 from ledger.devchain import HardhatNode
 from ledger.evm import Chain, Deployment, GridMintContracts, deploy
-from marketplace import tasks
 from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, make_sessionmaker
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient
@@ -111,14 +111,17 @@ def cluster(tmp_path: Path, postgres_server: str) -> Iterator[Cluster]:
 
 def _celery_workers(redis_url: str, want: int) -> list[str]:
     """Names of the Celery workers answering a broadcast ping on the shared broker (polled until ``want`` answer)."""
-    tasks.configure(redis_url)
+    # A Celery app of its own: the shared ``tasks.celery_app`` may already hold a connection pool to an earlier
+    # test's broker, and reconfiguring its URL does not move that pool (the ping then asks the wrong Redis).
+    probe = Celery("gridmint-probe", broker=redis_url)
     names: list[str] = []
     # a worker imports torch and the whole service before it answers: on a loaded 2-core machine that took > 30 s
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        names = sorted(name for reply in tasks.celery_app.control.ping(timeout=1.0) for name in reply)
+        names = sorted(name for reply in probe.control.ping(timeout=1.0) for name in reply)
         if len(names) >= want:
             break
+    probe.close()
     return names
 
 
