@@ -7,18 +7,21 @@ both backends; reverts raise the domain errors of ``ledger.errors`` with the dec
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.backends.pyevm.main import get_default_account_keys
 from eth_tester.exceptions import TransactionFailed
 from web3 import EthereumTesterProvider, HTTPProvider, Web3
+from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
 from web3.contract import Contract
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception
+from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound, Web3Exception
 from web3.types import RPCEndpoint, RPCResponse, TxReceipt
 
 from ledger import fast_ecdsa
@@ -26,7 +29,7 @@ from ledger.contracts import ErrorDecoder, gridmint_error_decoder, load_artifact
 from ledger.devchain import HARDHAT_DEFAULT_ACCOUNTS, hardhat_dev_keys
 from ledger.errors import chain_error
 from ledger.values import to_address, to_uint
-from protocol.errors import ChainError, GridMintValueError
+from protocol.errors import ChainError, ChainUnavailable, GridMintValueError
 
 Backend = Literal["in_process", "http"]
 
@@ -38,6 +41,21 @@ GAS_MARGIN_NUM, GAS_MARGIN_DEN = 6, 5
 # storage slot this one writes from non-zero to zero (e.g. a provider claims while its release is in flight), and a
 # zero -> non-zero SSTORE then costs ~17k more than estimated. Seen as 'ran out of gas' on a Hardhat node.
 GAS_HEADROOM = 30_000
+
+#: Transport failures talking to a JSON-RPC node. requests' ConnectionError is not a subclass of the builtin one, which
+#: is all web3's default retry policy names, so without this list a dropped keep-alive connection is never retried.
+#: Node's HTTP server closes a kept-alive connection after 5 s idle; a client that reuses it at that moment (a beat
+#: task every 5 s does) gets 'Remote end closed connection without response'.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError,
+)
+#: Tries (and the first back-off, doubled per try) for one request that failed in transport.
+TRANSPORT_RETRIES, TRANSPORT_BACKOFF_S = 6, 0.1
+#: Methods safe to resend: web3's read-only eth_/net_ list. Not eth_sendRawTransaction (``Chain.transact`` resends it
+#: itself, after checking by hash whether the lost attempt reached the node) nor the evm_/admin_ namespaces web3 also
+#: lists (a resent evm_increaseTime or evm_revert would act twice).
+_RETRY_ALLOWLIST = [m for m in REQUEST_RETRY_ALLOWLIST
+                    if m.startswith(("eth_", "net")) and m != "eth_sendRawTransaction"]
 
 # Process-wide per-(chain, account) locks and next nonces, shared by every Chain object in this process that talks to
 # the same node: two threads (or two clients) sending as one account never pick the same nonce.
@@ -53,6 +71,23 @@ def _lock_for(table: dict[tuple[str, str], Any], key: tuple[str, str], factory: 
         if lock is None:
             lock = table[key] = factory()
         return lock
+
+
+class _RetryingHTTPProvider(HTTPProvider):
+    """HTTPProvider whose read-only requests are resent on a transport failure (``TRANSPORT_ERRORS``, with back-off)
+    and whose final transport failure is a ``ChainUnavailable``: callers see one domain error for 'node unreachable',
+    which the marketplace's Celery tasks retry."""
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        retry = ExceptionRetryConfiguration(errors=TRANSPORT_ERRORS, retries=TRANSPORT_RETRIES,
+                                            backoff_factor=TRANSPORT_BACKOFF_S, method_allowlist=_RETRY_ALLOWLIST)
+        super().__init__(url, request_kwargs={"timeout": timeout}, exception_retry_configuration=retry)
+
+    def _make_request(self, method: RPCEndpoint, request_data: bytes) -> bytes:
+        try:
+            return super()._make_request(method, request_data)
+        except TRANSPORT_ERRORS as exc:
+            raise ChainUnavailable(f"chain node {self.endpoint_uri} unreachable during {method}: {exc}") from exc
 
 
 class _SerializedTesterProvider(EthereumTesterProvider):
@@ -105,7 +140,7 @@ class Chain:
     @classmethod
     def http(cls, url: str, *, timeout: float = 30.0, dev_keys: Sequence[str] | None = None) -> Chain:
         """A JSON-RPC node at ``url``. ``dev_accounts()`` defaults to Hardhat's funded dev keys."""
-        w3 = Web3(HTTPProvider(url, request_kwargs={"timeout": timeout}))
+        w3 = Web3(_RetryingHTTPProvider(url, timeout=timeout))
         keys = list(dev_keys) if dev_keys is not None else hardhat_dev_keys(HARDHAT_DEFAULT_ACCOUNTS)
         return cls(w3, backend="http", key=f"http:{url}", dev_keys=keys)
 
@@ -190,6 +225,10 @@ class Chain:
         ChainError before anything is sent. A mined transaction with status 0 raises ChainError too (its revert is
         decoded by replaying it on the parent block). ``to=None`` deploys ``data`` as a contract.
         """
+        return self._transact(account, to=to, data=data, value=value, gas=gas, errors=errors, label=label)
+
+    def _transact(self, account: LocalAccount, *, to: str | None, data: bytes | str, value: int, gas: int | None,
+                  errors: ErrorDecoder | None, label: str) -> TxReceipt:
         tx: dict[str, Any] = {"from": account.address, "value": value, "data": data, "chainId": self.chain_id}
         if to is not None:
             tx["to"] = to
@@ -209,12 +248,7 @@ class Chain:
             nonce = max(int(self.w3.eth.get_transaction_count(account.address, "pending")), _next_nonce.get(key, 0))
             tx["nonce"] = nonce
             signed = account.sign_transaction(tx)
-            try:
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except (TransactionFailed, Web3Exception, ValueError) as exc:
-                # Hardhat's automine executes the transaction inside eth_sendRawTransaction and reports a revert
-                # there (the nonce is then used). The cached nonce is not advanced: the next send re-reads it.
-                raise chain_error(exc, errors, label) from exc
+            tx_hash = self._send_raw(signed.raw_transaction, bytes(signed.hash), errors, label)
             _next_nonce[key] = nonce + 1
         try:
             receipt = self.w3.eth.wait_for_transaction_receipt(
@@ -225,6 +259,41 @@ class Chain:
         if receipt["status"] != 1:
             raise self._failed_receipt_error(tx, receipt, errors, label)
         return receipt
+
+    def _send_raw(self, raw: bytes, tx_hash: bytes, errors: ErrorDecoder | None, label: str) -> bytes:
+        """Send a signed transaction, exactly once even when the connection drops.
+
+        A transport failure leaves it unknown whether the node got the transaction. The same signed bytes can only
+        ever be mined once (same nonce, same hash), so: ask the node for the hash; if it has it, done; if not,
+        resend. An error reply to a resend (e.g. 'nonce too low') is only believed when the node still does not know
+        the hash."""
+        lost: BaseException | None = None
+        for attempt in range(TRANSPORT_RETRIES):
+            if lost is not None:
+                time.sleep(TRANSPORT_BACKOFF_S * 2 ** (attempt - 1))
+                if self._knows_tx(tx_hash):
+                    return tx_hash
+            try:
+                return bytes(self.w3.eth.send_raw_transaction(raw))
+            except ChainUnavailable as exc:
+                lost = exc
+            except (TransactionFailed, Web3Exception, ValueError) as exc:
+                # Hardhat's automine executes the transaction inside eth_sendRawTransaction and reports a revert
+                # there (the nonce is then used). The cached nonce is not advanced: the next send re-reads it.
+                if lost is not None and self._knows_tx(tx_hash):
+                    return tx_hash
+                raise chain_error(exc, errors, label) from exc
+        assert lost is not None
+        raise lost
+
+    def _knows_tx(self, tx_hash: bytes) -> bool:
+        """Whether the node has the transaction (pending or mined). Unreachable counts as no: the caller then resends,
+        which is harmless, since the node refuses a second copy of a signed transaction."""
+        try:
+            self.w3.eth.get_transaction(tx_hash)  # type: ignore[arg-type]
+        except (TransactionNotFound, ChainUnavailable):
+            return False
+        return True
 
     def call(self, contract_fn: Any, *, errors: ErrorDecoder | None = None, label: str = "call") -> Any:
         """Run a bound contract function read-only (``contract.functions.x(args)``); reverts raise ChainError."""

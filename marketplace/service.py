@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from marketplace import matching, settlement, standby
@@ -499,6 +499,25 @@ def heartbeat(rt: Runtime, provider: str, body: Heartbeat) -> dict[str, Any]:
                 raise Conflict(f"unit {body.unit_id} is not assigned to {provider}")
             conn.execute(_BEAT_PROGRESS, params)
     return {"units": units, "deadline": now + rt.settings.unit_timeout_s}
+
+
+def sweep(rt: Runtime) -> dict[str, int]:
+    """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
+    the chain node was down, a broker restart): disputes not yet adjudicated, rounds fully verified but not advanced,
+    finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
+    with rt.sessions.begin() as s:
+        disputes = list(s.scalars(select(Verification.id).where(Verification.status == "disputed")))
+        unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
+        ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
+                               .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
+        done = list(s.scalars(select(Job.id).where(Job.status == "done")))
+    for v in disputes:
+        rt.enqueue("gridmint.adjudicate", [v])
+    for j in ready:
+        rt.enqueue("gridmint.advance", [j])
+    for j in done:
+        rt.enqueue("gridmint.settle", [j])
+    return {"adjudicate": len(disputes), "advance": len(ready), "settle": len(done)}
 
 
 def reap(rt: Runtime) -> int:

@@ -23,12 +23,15 @@ celery_app.conf.update(
         "reap-stale-units": {"task": "gridmint.reap", "schedule": 5.0},
         "matching-round": {"task": "gridmint.match", "schedule": 5.0},
         "payout-epoch": {"task": "gridmint.epoch", "schedule": 30.0},
+        "sweep-lost-steps": {"task": "gridmint.sweep", "schedule": 60.0},
     },
 )
 
 
-# Steps that send transactions retry on a chain error (a node restarting, a gas race, a dropped RPC connection):
-# each is idempotent on chain (per-unit releases, per-evidence slashes, close-once), so a retry never pays twice.
+# Steps that send transactions retry on a chain error (a node restarting, a gas race, a dropped RPC connection: the
+# chain client turns transport failures into ChainUnavailable, a ChainError): each is idempotent on chain (per-unit
+# releases, per-evidence slashes, close-once), so a retry never pays twice. A step that exhausts its retries is
+# picked up again by the periodic sweep.
 _CHAIN_RETRY: dict[str, object] = {
     "autoretry_for": (ChainError,), "retry_backoff": 1, "retry_backoff_max": 30, "retry_jitter": False, "max_retries": 8,
 }
@@ -62,6 +65,11 @@ def settle_task(job_id: str) -> int:
 @celery_app.task(name="gridmint.epoch", **_CHAIN_RETRY)
 def epoch_task() -> int:
     return settlement.post_epoch(get_runtime()) or 0
+
+
+@celery_app.task(name="gridmint.sweep")
+def sweep_task() -> dict[str, int]:
+    return service.sweep(get_runtime())
 
 
 @celery_app.task(name="gridmint.reap")

@@ -23,6 +23,7 @@ from node import checkpoint
 from node.client import MarketClient, MarketError
 from node.device import benchmark, probe
 from node.trainer import UnitResult, UnitSpec, model_only, train_unit
+from protocol.errors import ChainUnavailable
 from protocol.signing import sign_typed
 
 console = Console(stderr=True)
@@ -164,10 +165,16 @@ class ProviderAgent:
                     return
                 self.say(f"[yellow]marketplace refused: {exc}[/]")
                 worked = False
+            except (ChainUnavailable, httpx.TransportError) as exc:  # a restart or a dropped link: try again later
+                self.say(f"[yellow]unreachable, retrying in {self.cfg.poll_s:g} s: {exc}[/]")
+                worked = False
             if worked:
                 idle_since = time.monotonic()
                 continue
-            self.claim()
+            try:
+                self.claim()
+            except (ChainUnavailable, httpx.TransportError) as exc:
+                self.say(f"[yellow]claim postponed, unreachable: {exc}[/]")
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 return
             time.sleep(self.cfg.poll_s)

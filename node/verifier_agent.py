@@ -6,12 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from node.client import MarketClient
 from node.replay import check_segment
 from node.trainer import UnitSpec
+from protocol.errors import ChainUnavailable
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
 from protocol.verification import fraud_evidence
@@ -77,7 +79,12 @@ class VerifierAgent:
         self.client.register_verifier()
         idle_since = time.monotonic()
         while not stopper.stop:
-            if self.verify_once() is not None:
+            try:
+                verified = self.verify_once()
+            except (ChainUnavailable, httpx.TransportError) as exc:  # a restart or a dropped link: try again later
+                console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
+                verified = None
+            if verified is not None:
                 idle_since = time.monotonic()
                 continue
             if exit_when_idle_s is not None and time.monotonic() - idle_since > exit_when_idle_s:

@@ -39,5 +39,9 @@ class ChainError(GridMintError, RuntimeError):
         self.error_args = error_args
 
 
+class ChainUnavailable(ChainError):
+    """The chain node could not be reached (connection refused or dropped, timeout). Nothing was decided: retry."""
+
+
 class InsufficientFundsError(GridMintError, ValueError):
     """Escrow or stake is below what the operation needs."""

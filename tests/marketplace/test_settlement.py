@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from ledger.evm import Chain, GridMintContracts, deploy
 from ledger.payout_tree import verify_proof
-from marketplace import settlement
+from marketplace import service, settlement
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
-from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, make_sessionmaker
+from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Unit, Verification, make_sessionmaker
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.money import tokens
@@ -178,3 +178,36 @@ def _epoch(world: World, n: int) -> PayoutEpoch:
         row = s.get(PayoutEpoch, n)
         assert row is not None
         return row
+
+
+def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
+    """A settle task that ran out of retries (chain node down), a lost advance, a lost adjudication: the periodic
+    sweep queues each again; finished work (a settled job, a round still training) is left alone."""
+    lost = world.fund_done_job("lost-settle", [(0, tokens(1))])
+    settled = world.fund_done_job("settled", [(1, tokens(1))])
+    settlement.settle_job(world.rt, settled)
+    with world.rt.sessions.begin() as s:
+        for name, statuses in (("ready", ["verified", "verified"]), ("training", ["verified", "assigned"])):
+            job_id = "0x" + keccak(text=name).hex()
+            s.add(Job(id=job_id, customer=world.customer.address, spec={}, budget=1, global_blob="0" * 64,
+                      status="running", round=1))
+            s.flush()
+            s.add(Unit(id="0x" + keccak(text=name + "-old").hex(), job_id=job_id, round=0, shard=0, status="assigned"))
+            for shard, status in enumerate(statuses):
+                s.add(Unit(id="0x" + keccak(text=f"{name}-{shard}").hex(), job_id=job_id, round=1, shard=shard,
+                           status=status))
+        s.flush()
+        disputed_unit = "0x" + keccak(text="training-1").hex()
+        s.add(Verification(unit_id=disputed_unit, provider=world.providers[0].address, segment=0, status="disputed"))
+        s.add(Verification(unit_id=disputed_unit, provider=world.providers[0].address, segment=1, status="fraud"))
+    world.queued.clear()
+    assert service.sweep(world.rt) == {"adjudicate": 1, "advance": 1, "settle": 1}
+    with world.rt.sessions() as s:
+        dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
+    assert sorted(world.queued) == sorted([("gridmint.adjudicate", [dispute]),
+                                           ("gridmint.advance", ["0x" + keccak(text="ready").hex()]),
+                                           ("gridmint.settle", [lost])])
+    # the re-queued settle settles it, and the next sweep finds nothing more to settle
+    settlement.settle_job(world.rt, lost)
+    world.queued.clear()
+    assert service.sweep(world.rt)["settle"] == 0

@@ -1,0 +1,154 @@
+"""A flaky link to a real Hardhat node: requests or replies lost in transit never lose or double a transaction.
+
+A small HTTP proxy sits between ``Chain.http`` and the node and, on cue, drops one JSON-RPC request before
+forwarding it (the node never saw it) or after (the node executed it, the reply is lost) by closing the connection
+without an answer, which is what a Node.js server does to a kept-alive connection that sits idle 5 s: the client sees
+'Remote end closed connection without response'."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ledger.devchain import HardhatNode
+from ledger.evm import Chain, GridMintContracts, deploy
+from protocol.errors import ChainUnavailable
+from protocol.money import tokens
+
+
+class FlakyProxy:
+    """Forwards JSON-RPC to ``upstream``; ``fail(method, when)`` makes the next request for ``method`` drop its
+    connection ``before`` or ``after`` forwarding. ``seen`` counts the requests that reached the node, per method."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.plan: list[tuple[str, str]] = []
+        self.seen: dict[str, int] = {}
+        self.dropped: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                method = json.loads(body).get("method", "")
+                when = proxy._take(method)
+                if when == "before":
+                    self.close_connection = True
+                    return
+                request = urllib.request.Request(proxy.upstream, data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    answer = reply.read()
+                proxy.seen[method] = proxy.seen.get(method, 0) + 1
+                if when == "after":
+                    self.close_connection = True
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, method: str, when: str, times: int = 1) -> None:
+        self.plan.extend([(method, when)] * times)
+
+    def _take(self, method: str) -> str | None:
+        for i, (m, when) in enumerate(self.plan):
+            if m == method:
+                del self.plan[i]
+                self.dropped.append((m, when))
+                return when
+        return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def node(artifacts: None) -> Iterator[HardhatNode]:
+    with HardhatNode() as n:
+        yield n
+
+
+@pytest.fixture
+def proxy(node: HardhatNode) -> Iterator[FlakyProxy]:
+    p = FlakyProxy(node.url)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(node: HardhatNode) -> tuple[Chain, GridMintContracts]:
+    chain = Chain.http(node.url)
+    admin, treasury = chain.dev_accounts(2)
+    deployment = deploy(chain, admin, supply=tokens(1_000_000), treasury=treasury.address, bounty_bps=5000)
+    return chain, GridMintContracts(chain, deployment, admin)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_lost_send_is_sent_exactly_once(deployed: tuple[Chain, GridMintContracts], proxy: FlakyProxy,
+                                          when: str) -> None:
+    direct_chain, direct = deployed
+    flaky = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    payee = direct_chain.dev_accounts(5)[4].address
+    before = direct.balance_of(payee)
+    proxy.fail("eth_sendRawTransaction", when)
+    flaky.transfer(payee, tokens(3))
+    assert proxy.dropped == [("eth_sendRawTransaction", when)]
+    # 'before': the node never saw the first attempt and got the resend; 'after': it executed the first attempt
+    # and the resend was not needed (found by hash)
+    assert proxy.seen["eth_sendRawTransaction"] == 1
+    assert direct.balance_of(payee) - before == tokens(3)
+    # and the account's next transaction goes through with the right nonce
+    flaky.transfer(payee, tokens(1))
+    assert direct.balance_of(payee) - before == tokens(4)
+
+
+def test_a_lost_send_whose_resend_is_refused_still_counts_once(deployed: tuple[Chain, GridMintContracts],
+                                                               proxy: FlakyProxy) -> None:
+    """The reply to the first send is lost after the node executed it, and the check by hash is lost too, so the
+    resend reaches the node, which refuses it (nonce already used): that refusal must not be reported as a failure
+    of a transaction that in fact went through once."""
+    direct_chain, direct = deployed
+    flaky = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    payee = direct_chain.dev_accounts(6)[5].address
+    before = direct.balance_of(payee)
+    proxy.fail("eth_sendRawTransaction", "after")
+    proxy.fail("eth_getTransactionByHash", "before", times=6)  # every check in the first back-off round fails
+    flaky.transfer(payee, tokens(2))
+    assert direct.balance_of(payee) - before == tokens(2)
+    assert proxy.seen["eth_sendRawTransaction"] == 2  # the executed first attempt and the refused resend
+
+
+def test_reads_are_retried_through_dropped_connections(deployed: tuple[Chain, GridMintContracts],
+                                                       proxy: FlakyProxy) -> None:
+    _, direct = deployed
+    flaky = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    proxy.fail("eth_call", "before")
+    proxy.fail("eth_call", "after")
+    assert flaky.balance_of(direct.address) == direct.balance_of(direct.address)
+    assert proxy.dropped == [("eth_call", "before"), ("eth_call", "after")]
+
+
+def test_a_node_that_is_gone_is_one_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(ChainUnavailable, match="unreachable during eth_chainId"):
+        Chain.http(f"http://127.0.0.1:{port}", timeout=2)
