@@ -9,6 +9,7 @@ from fastapi import Query, Security
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import select
@@ -17,9 +18,9 @@ from marketplace import service, settlement
 from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
-from marketplace.auth import PayloadTooLarge, make_signed_dependency, read_body
+from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
-from marketplace.db import now_s
+from marketplace.db import now_s, write_gate
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.web import render_index
@@ -90,6 +91,7 @@ def create_app(rt: Runtime) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     documented: list[type[BaseModel]] = [ErrorOut]
+    self_signed: set[str] = set()  # routes that check the signed envelope themselves (not through the dependency)
 
     def body_doc(model: type[BaseModel]) -> dict[str, Any]:
         """``openapi_extra`` for a route that reads its own JSON body (a signed route must hash the exact bytes)."""
@@ -113,7 +115,8 @@ def create_app(rt: Runtime) -> FastAPI:
             "type": "apiKey", "in": "header", "name": "x-gm-signature", "description": SIGNED_DOC}
         signed_calls = {signed_json.dependency, signed_blob.dependency}
         for route in app.routes:
-            if isinstance(route, APIRoute) and any(d.call in signed_calls for d in route.dependant.dependencies):
+            if isinstance(route, APIRoute) and (route.path in self_signed or any(
+                    d.call in signed_calls for d in route.dependant.dependencies)):
                 for method in route.methods:
                     op = schema["paths"][route.path_format][method.lower()]
                     op["security"] = [{"GridMintRequest": []}]
@@ -161,12 +164,31 @@ def create_app(rt: Runtime) -> FastAPI:
         p = service.register_provider(rt, req.signer, body)
         return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= rt.settings.min_stake}
 
+    engine = rt.sessions.kw["bind"]
+
+    def signed_heartbeat(headers: Any, path: str, body: bytes) -> dict[str, Any]:
+        req = check_envelope(rt, headers, "POST", path, body)
+        beat = _parse(Heartbeat, body)
+        refused: GridMintError | None = None
+        with write_gate(engine).begin() as conn:  # the nonce and the heartbeat: one transaction
+            consume_nonce_in(conn, req.signer, req.nonce)
+            try:
+                return service.heartbeat_in(conn, rt, req.signer, beat)
+            except (service.NotFound, service.Conflict) as exc:
+                refused = exc  # the nonce stays used: a refused request cannot be replayed later
+        raise refused
+
     @app.post("/providers/heartbeat", summary="Heartbeat while training (signed)", openapi_extra=body_doc(Heartbeat),
               responses=_errors(404, 422))
-    def provider_heartbeat(req: Signed, request: Request) -> dict[str, Any]:
-        """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned."""
-        body = _parse(Heartbeat, request._body)  # noqa: SLF001
-        return service.heartbeat(rt, req.signer, body)
+    async def provider_heartbeat(request: Request) -> dict[str, Any]:
+        """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned.
+
+        The hottest route, so it checks its envelope itself (same rules as every signed route) and writes the nonce
+        and the heartbeat in one transaction, in one trip to the threadpool."""
+        body = await read_body(request, JSON_LIMIT)
+        return await run_in_threadpool(signed_heartbeat, request.headers, request.url.path, body)
+
+    self_signed.add("/providers/heartbeat")
 
     @app.post("/work/next", summary="Poll for assigned work (signed)", responses={
         200: {"description": "The unit assigned to the signer: spec, unit id and start checkpoint",

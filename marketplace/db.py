@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,6 +237,56 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     with open(f"{path}.migrate-lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+class WriteGate:
+    """Begins the hot write transactions (a signed request's nonce, a heartbeat) on ``engine``.
+
+    On a SQLite file, writers queue on a lock instead of on SQLite's busy handler. The busy handler polls with
+    growing sleeps (up to 100 ms between tries), so under many concurrent writers a waiting transaction sleeps long
+    after the lock is free: measured p99 in the hundreds of ms with 2 API processes. Here one thread per process waits
+    on a ``threading.Lock`` and one process at a time holds an ``flock`` on ``<db>.writers``; the kernel wakes the
+    next waiter as soon as the holder unlocks. Writers that skip the gate (ORM sessions, the Celery worker) still meet
+    it at SQLite's lock, so correctness never depends on the gate, only latency. On PostgreSQL (row locks) and
+    in-memory SQLite it is just ``engine.begin()``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        path = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._path = f"{path}.writers" if path and path != ":memory:" else None
+        self._lock = threading.Lock()
+        self._file: Any = None
+
+    @contextmanager
+    def begin(self) -> Iterator[Any]:
+        if self._path is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        import fcntl
+
+        with self._lock:
+            if self._file is None:
+                self._file = open(self._path, "a")  # noqa: SIM115 - held for the life of the process
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+            try:
+                with self.engine.begin() as conn:
+                    yield conn
+            finally:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+
+
+_gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+_gates_guard = threading.Lock()
+
+
+def write_gate(engine: Engine) -> WriteGate:
+    """The one ``WriteGate`` of ``engine`` in this process."""
+    with _gates_guard:
+        gate = _gates.get(engine)
+        if gate is None:
+            gate = _gates[engine] = WriteGate(engine)
+        return gate
 
 
 def make_sessionmaker(url: str) -> sessionmaker[Any]:

@@ -12,10 +12,11 @@ from typing import Any
 
 from eth_utils import keccak
 from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from marketplace import matching, settlement, standby
-from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
 from protocol import verification
@@ -485,19 +486,23 @@ _BEAT_PROGRESS = update(Unit).where(Unit.id == bindparam("u"), Unit.provider == 
 
 
 def heartbeat(rt: Runtime, provider: str, body: Heartbeat) -> dict[str, Any]:
-    """A provider's sign of life: pushes back the deadline of its assigned units (and records progress on one).
+    """A provider's sign of life: pushes back the deadline of its assigned units (and records progress on one)."""
+    with write_gate(rt.sessions.kw["bind"]).begin() as conn:
+        return heartbeat_in(conn, rt, provider, body)
 
-    The hottest write path (every provider, every few seconds): three prebuilt Core statements in one transaction."""
+
+def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) -> dict[str, Any]:
+    """``heartbeat`` inside the caller's transaction (the signed route runs it with the nonce in one transaction).
+
+    The hottest write path (every provider, every few seconds): prebuilt Core statements. A refusal (NotFound,
+    Conflict) is raised before any write to units."""
     now = now_s()
     params = {"p": provider, "now": now, "u": body.unit_id, "steps": body.steps_done}
-    with rt.sessions.kw["bind"].begin() as conn:
-        if conn.execute(_BEAT_PROVIDER, params).rowcount != 1:
-            raise NotFound(f"provider {provider} is not registered")
-        units = list(conn.execute(_BEAT_UNITS, params).scalars())
-        if body.unit_id is not None:
-            if body.unit_id not in units:
-                raise Conflict(f"unit {body.unit_id} is not assigned to {provider}")
-            conn.execute(_BEAT_PROGRESS, params)
+    if conn.execute(_BEAT_PROVIDER, params).rowcount != 1:
+        raise NotFound(f"provider {provider} is not registered")
+    if body.unit_id is not None and conn.execute(_BEAT_PROGRESS, params).rowcount != 1:
+        raise Conflict(f"unit {body.unit_id} is not assigned to {provider}")
+    units = list(conn.execute(_BEAT_UNITS, params).scalars())
     return {"units": units, "deadline": now + rt.settings.unit_timeout_s}
 
 

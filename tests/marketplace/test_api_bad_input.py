@@ -125,3 +125,35 @@ def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> N
     bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}
     r = httpx.post(f"{market.url}/jobs/quote", json=bad)
     assert r.status_code == 422 and "verification" in r.text
+
+
+def test_heartbeat_checks_its_envelope_like_every_signed_route(market) -> None:
+    """The heartbeat route verifies its own envelope (one transaction for nonce + beat): same refusals as the others,
+    and a refused heartbeat still uses up its nonce."""
+    acct, forger = market.account(), Account.create()
+    beat = {"unit_id": None, "steps_done": 0}
+    unknown = _post(market, acct, "/providers/heartbeat", beat, nonce=7)
+    assert unknown.status_code == 404 and "not registered" in unknown.json()["detail"]
+    assert _post(market, acct, "/providers/register", REG, nonce=8).status_code == 201
+    # the refused heartbeat's signed bytes cannot be replayed now that the provider exists
+    assert _post(market, acct, "/providers/heartbeat", beat, nonce=7).status_code == 409
+    ok = _post(market, acct, "/providers/heartbeat", beat, nonce=9)
+    assert ok.status_code == 200 and ok.json()["units"] == []
+    body = json.dumps(beat).encode()
+    h = sign_request(acct, market.rt.chain_id, "POST", "/providers/heartbeat", body, 10, int(time.time()) + 60)
+    assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=h).status_code == 200
+    assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=h).status_code == 409  # replay
+    forged = sign_request(forger, market.rt.chain_id, "POST", "/providers/heartbeat", body, 11, int(time.time()) + 60)
+    forged[HEADER_SIGNER] = acct.address
+    assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=forged).status_code == 401
+    assert _post(market, acct, "/providers/heartbeat", beat, chain_id=1).status_code == 401
+    assert _post(market, acct, "/providers/heartbeat", beat, deadline=int(time.time()) - 5).status_code == 409
+    assert _post(market, acct, "/providers/heartbeat", beat, deadline=int(time.time()) + 10**6).status_code == 401
+    assert httpx.post(market.url + "/providers/heartbeat", json=beat).status_code == 401
+    assert _post(market, acct, "/providers/heartbeat", {"unit_id": None, "steps_done": "x"}).status_code == 422
+    stranger = _post(market, acct, "/providers/heartbeat", {"unit_id": "0x" + "ab" * 32, "steps_done": 3})
+    assert stranger.status_code == 409 and "not assigned" in stranger.json()["detail"]
+    big = httpx.post(market.url + "/providers/heartbeat", content=b"x" * (2 * 1024 * 1024),
+                     headers=sign_request(acct, market.rt.chain_id, "POST", "/providers/heartbeat", b"", 12,
+                                          int(time.time()) + 60))
+    assert big.status_code == 413

@@ -87,3 +87,54 @@ def test_direct_request_digest_equals_the_eip712_library_digest() -> None:
                    "nonce": nonce, "deadline": deadline}
         expected = _hash_eip191_message(_typed("Request", chain_id, message))
         assert request_digest(chain_id, acct.address, method, path, body, nonce, deadline) == expected
+
+
+def test_libsecp256k1_recovery_agrees_with_eth_account_also_on_junk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path (coincurve + own EIP-55) and eth_account's give the same signer, and refuse the same junk."""
+    import os
+
+    from eth_utils import to_checksum_address
+
+    from protocol import signing
+
+    n = signing._SECP256K1_N  # noqa: SLF001
+    good = [(d, Account.create().unsafe_sign_hash(d).signature) for d in (os.urandom(32) for _ in range(50))]
+    tweak = [(d, s[:64] + bytes([s[64] - 27])) for d, s in good[:5]]  # v as 0/1 is accepted too
+    bad = [(good[0][0], good[0][1][:64] + bytes([v])) for v in (2, 26, 29, 34)]
+    bad += [(good[1][0], n.to_bytes(32, "big") + good[1][1][32:]),  # r out of range
+            (good[2][0], good[2][1][:32] + (n + 1).to_bytes(32, "big") + good[2][1][64:])]  # s out of range
+    bad += [(good[3][0], bytes(65))]
+
+    def outcome(digest: bytes, sig: bytes) -> str:
+        try:
+            return signing._recover_digest(digest, "0x" + sig.hex(), "test")  # noqa: SLF001
+        except SignatureError:
+            return "refused"
+
+    fast = [outcome(d, s) for d, s in good + tweak + bad]
+    monkeypatch.setattr(signing, "_PublicKey", None)
+    slow = [outcome(d, s) for d, s in good + tweak + bad]
+    assert fast == slow
+    assert fast[-len(bad):] == ["refused"] * len(bad)
+    assert "refused" not in fast[:len(good) + len(tweak)]
+    # eth_account also reads v >= 35 as an EIP-155 transaction v; a request signature has no chain id in v: refused
+    monkeypatch.undo()
+    assert [outcome(good[4][0], good[4][1][:64] + bytes([v])) for v in (35, 36, 255)] == ["refused"] * 3
+    for _ in range(50):
+        raw = os.urandom(20)
+        assert signing.checksum_address(raw) == to_checksum_address(raw)
+        assert signing.parse_address("0x" + raw.hex().upper()) == to_checksum_address(raw)
+    for junk in ("", "0x", "0x" + "g" * 40, "0x" + "1" * 39, "1" * 42, "0x" + "1" * 41):
+        with pytest.raises(SignatureError):
+            signing.parse_address(junk)
+
+
+def test_keccak_backend_is_swapped_in_place_and_gives_the_same_hashes() -> None:
+    from Crypto.Hash import keccak as cryptodome_keccak
+    from eth_utils import keccak
+
+    import protocol
+
+    assert protocol.KECCAK_BACKEND == "pysha3"  # safe-pysha3 is a declared dependency
+    for data in (b"", b"abc", bytes(range(256)) * 5):
+        assert keccak(data) == cryptodome_keccak.new(digest_bits=256, data=data).digest()
