@@ -9,7 +9,6 @@ from fastapi import Query, Security
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import select
@@ -20,7 +19,8 @@ from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, M
 from ledger.values import to_address
 from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
-from marketplace.db import now_s, write_gate
+from marketplace.db import now_s
+from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.web import render_index
@@ -164,29 +164,26 @@ def create_app(rt: Runtime) -> FastAPI:
         p = service.register_provider(rt, req.signer, body)
         return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= rt.settings.min_stake}
 
-    engine = rt.sessions.kw["bind"]
-
-    def signed_heartbeat(headers: Any, path: str, body: bytes) -> dict[str, Any]:
-        req = check_envelope(rt, headers, "POST", path, body)
-        beat = _parse(Heartbeat, body)
-        refused: GridMintError | None = None
-        with write_gate(engine).begin() as conn:  # the nonce and the heartbeat: one transaction
-            consume_nonce_in(conn, req.signer, req.nonce)
-            try:
-                return service.heartbeat_in(conn, rt, req.signer, beat)
-            except (service.NotFound, service.Conflict) as exc:
-                refused = exc  # the nonce stays used: a refused request cannot be replayed later
-        raise refused
+    committer = group_commit(rt.sessions.kw["bind"])
 
     @app.post("/providers/heartbeat", summary="Heartbeat while training (signed)", openapi_extra=body_doc(Heartbeat),
               responses=_errors(404, 422))
     async def provider_heartbeat(request: Request) -> dict[str, Any]:
         """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned.
 
-        The hottest route, so it checks its envelope itself (same rules as every signed route) and writes the nonce
-        and the heartbeat in one transaction, in one trip to the threadpool."""
+        The hottest route (every provider, every few seconds), so it checks its envelope itself (the same rules as
+        every signed route; ~0.15 ms of CPU, on the event loop) and group-commits: the nonce and the heartbeat of
+        every request that arrived meanwhile go into one transaction (``marketplace.groupcommit``). A refused
+        heartbeat (unknown provider, unit not its own) still uses up its nonce."""
         body = await read_body(request, JSON_LIMIT)
-        return await run_in_threadpool(signed_heartbeat, request.headers, request.url.path, body)
+        req = check_envelope(rt, request.headers, "POST", request.url.path, body)
+        beat = _parse(Heartbeat, body)
+
+        def write(conn: Any) -> dict[str, Any]:
+            consume_nonce_in(conn, req.signer, req.nonce)
+            return service.heartbeat_in(conn, rt, req.signer, beat)
+
+        return await committer.run_async(write)
 
     self_signed.add("/providers/heartbeat")
 

@@ -44,10 +44,11 @@ _BUMP_NONCE = (update(SignerNonce).where(SignerNonce.address == bindparam("a"), 
                .values(last_nonce=bindparam("n")))
 _READ_NONCE = select(SignerNonce.last_nonce).where(SignerNonce.address == bindparam("a"))
 _NEW_NONCE = {
+    # RETURNING says whether the row went in (psycopg reports rowcount -1 for INSERT .. ON CONFLICT DO NOTHING)
     "sqlite": sqlite_insert(SignerNonce).values(address=bindparam("a"), last_nonce=bindparam("n"))
-    .on_conflict_do_nothing(index_elements=["address"]),
+    .on_conflict_do_nothing(index_elements=["address"]).returning(SignerNonce.address),
     "postgresql": pg_insert(SignerNonce).values(address=bindparam("a"), last_nonce=bindparam("n"))
-    .on_conflict_do_nothing(index_elements=["address"]),
+    .on_conflict_do_nothing(index_elements=["address"]).returning(SignerNonce.address),
 }
 
 
@@ -59,7 +60,7 @@ def consume_nonce_in(conn: Connection, signer: str, nonce: int) -> None:
     params = {"a": signer, "n": nonce}
     if conn.execute(_BUMP_NONCE, params).rowcount == 1:
         return
-    if conn.execute(_NEW_NONCE[conn.dialect.name], params).rowcount == 1:
+    if conn.execute(_NEW_NONCE[conn.dialect.name], params).first() is not None:
         return
     # the row exists: written before, or by a concurrent first request that committed meanwhile (try once more)
     if conn.execute(_BUMP_NONCE, params).rowcount == 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -276,17 +275,19 @@ class WriteGate:
                 fcntl.flock(self._file, fcntl.LOCK_UN)
 
 
-_gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
 _gates_guard = threading.Lock()
 
 
 def write_gate(engine: Engine) -> WriteGate:
-    """The one ``WriteGate`` of ``engine`` in this process."""
-    with _gates_guard:
-        gate = _gates.get(engine)
-        if gate is None:
-            gate = _gates[engine] = WriteGate(engine)
-        return gate
+    """The one ``WriteGate`` of ``engine`` in this process (kept on the engine: both go away together)."""
+    gate: WriteGate | None = getattr(engine, "_gridmint_write_gate", None)
+    if gate is None:
+        with _gates_guard:
+            gate = getattr(engine, "_gridmint_write_gate", None)
+            if gate is None:
+                gate = WriteGate(engine)
+                engine._gridmint_write_gate = gate  # type: ignore[attr-defined]
+    return gate
 
 
 def make_sessionmaker(url: str) -> sessionmaker[Any]:
