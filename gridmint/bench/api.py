@@ -15,13 +15,8 @@ What runs, all on loopback, in one run:
    Service runs must get no error status: a replayed or refused request would measure the wrong path.
 4. Where the time goes: CPU seconds per request of the server processes and of ``wrk`` (from /proc), and an
    in-process timing of each step of a signed heartbeat on the same database (EIP-712 encoding, ECDSA recovery,
-   nonce transaction, heartbeat transaction).
-5. Unless ``--no-prototype``: ``lean_app``, a PROTOTYPE of the recommended fix (not the service; see its docstring),
-   served the same way on the service's own database, measured after each service run. Its figures are reported
-   under ``prototype`` and never as the service's.
-
-``PYTHONPATH=DIR`` with ``coincurve`` installed in DIR reaches the servers too (eth-keys then recovers signatures
-with libsecp256k1): ``steps_us.ecdsa_backend`` says which backend ran.
+   nonce transaction, heartbeat transaction, and both in one transaction as the group-commit writer runs them).
+   ``steps_us.ecdsa_backend`` and ``steps_us.keccak_backend`` say which libraries did the hashing and recovery.
 
 Last line: JSON with ``rps``, ``p99_ms``, ``baseline_rps``, ``ratio`` (rps / baseline_rps) and the details.
 Targets: ``ratio`` >= 0.6, ``p99_ms`` <= 50.
@@ -95,86 +90,6 @@ def baseline_app() -> FastAPI:
         if cur.rowcount != 1:
             raise HTTPException(404, f"unknown signer {x_gm_signer}")
         return {"units": [], "deadline": now + 120}
-
-    return app
-
-
-# ---------------------------------------------------------------- a prototype of the fix (not the service)
-
-def lean_app() -> FastAPI:
-    """PROTOTYPE of the changes this benchmark recommends, to measure what they would give; not the service.
-
-    The same signed-heartbeat contract on the service's own database and settings (factory for
-    ``uvicorn gridmint.bench.api:lean_app --factory``, GRIDMINT_* environment), with four changes:
-    the EIP-712 digest computed directly (``gridmint.loadgen.request_digest``) instead of ``encode_typed_data``;
-    public-key recovery straight through eth-keys' backend; the nonce, the provider's ``last_seen`` and its units'
-    ``heartbeat_at`` written in ONE transaction of pre-built SQL statements instead of two ORM transactions; and that
-    transaction run in the threadpool behind a per-process lock (one writer per process) instead of on the event loop.
-    """
-    from eth_keys import KeyAPI
-    from eth_utils import is_hex_address, to_checksum_address
-    from starlette.concurrency import run_in_threadpool
-    from sqlalchemy import text
-
-    from gridmint.loadgen import request_digest
-    from marketplace.auth import read_body
-    from marketplace.bootstrap import runtime_from_settings
-    from marketplace.db import now_s
-    from marketplace.settings import Settings
-    from protocol import signing
-    from protocol.schemas import Heartbeat
-
-    rt = runtime_from_settings(Settings())
-    engine = rt.sessions.kw["bind"]
-    keys = KeyAPI()
-    write_lock = threading.Lock()
-    nonce_sql = text("UPDATE signer_nonces SET last_nonce = :n WHERE address = :a AND last_nonce < :n")
-    nonce_new_sql = text("INSERT INTO signer_nonces (address, last_nonce) VALUES (:a, :n)")
-    seen_sql = text("UPDATE providers SET last_seen = :now WHERE address = :a")
-    units_sql = text("UPDATE units SET heartbeat_at = :now WHERE provider = :a AND status = 'assigned'")
-    app = FastAPI(title="bench prototype: lean signed heartbeat")
-
-    def write(signer: str, nonce: int, now: int) -> dict[str, Any]:
-        with write_lock, engine.begin() as conn:
-            if conn.execute(nonce_sql, {"n": nonce, "a": signer}).rowcount != 1:
-                known = conn.execute(text("SELECT 1 FROM signer_nonces WHERE address = :a"), {"a": signer}).first()
-                if known is not None:
-                    raise HTTPException(409, f"nonce {nonce} from {signer} was already used")
-                conn.execute(nonce_new_sql, {"n": nonce, "a": signer})
-            if conn.execute(seen_sql, {"now": now, "a": signer}).rowcount != 1:
-                raise HTTPException(404, f"provider {signer} is not registered")
-            conn.execute(units_sql, {"now": now, "a": signer})
-            units = [r[0] for r in conn.execute(
-                text("SELECT id FROM units WHERE provider = :a AND status = 'assigned'"), {"a": signer})]
-        return {"units": units, "deadline": now + rt.settings.unit_timeout_s}
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post(PATH)
-    async def heartbeat(request: Request) -> dict[str, Any]:
-        body = await read_body(request, 1024 * 1024)
-        h = request.headers
-        try:
-            signer, nonce, deadline = h[signing.HEADER_SIGNER], int(h[signing.HEADER_NONCE]), int(h[signing.HEADER_DEADLINE])
-            sig = bytes.fromhex(h[signing.HEADER_SIGNATURE][2:])
-            if not is_hex_address(signer) or len(sig) != 65 or not 0 <= nonce < 2**63 or deadline < 0:
-                raise ValueError("malformed envelope")
-            signer = to_checksum_address(signer)
-            digest = request_digest(rt.chain_id, signer, "POST", PATH, body, nonce, deadline)
-            vrs = (sig[64] - 27 if sig[64] >= 27 else sig[64], int.from_bytes(sig[:32], "big"),
-                   int.from_bytes(sig[32:64], "big"))
-            recovered = keys.Signature(vrs=vrs).recover_public_key_from_msg_hash(digest).to_checksum_address()
-        except Exception as exc:  # noqa: BLE001 - any junk in the envelope is a 401
-            raise HTTPException(401, f"bad signature: {exc}") from None
-        now = now_s()
-        if recovered != signer:
-            raise HTTPException(401, "signature is not by the claimed signer")
-        if deadline < now or deadline > now + rt.settings.clock_skew_s:
-            raise HTTPException(409, "expired or too far ahead")
-        Heartbeat.model_validate_json(body)  # the same body schema (unit_id is null in this benchmark)
-        return await run_in_threadpool(write, signer, nonce, now)
 
     return app
 
@@ -269,13 +184,15 @@ def _time_us(fn: Callable[[int], Any], n: int) -> float:
 
 def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
     """Time each step of one signed heartbeat in this process, on the service's own database (idle by now)."""
-    import eth_keys
     from eth_account import Account
+
+    import protocol
     from eth_account.messages import _hash_eip191_message
 
     from gridmint.loadgen import FastSigner, request_digest
     from marketplace import service
-    from marketplace.auth import consume_nonce
+    from marketplace.auth import consume_nonce, consume_nonce_in
+    from marketplace.db import write_gate
     from marketplace.bootstrap import runtime_from_settings
     from protocol import signing
     from protocol.schemas import Heartbeat
@@ -295,8 +212,17 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
     encoded = [typed("Request", rt.chain_id, m) for m in messages]
     sigs = [bytes.fromhex(sig[2:]) for _, _, sig in signed]
     hb = Heartbeat.model_validate_json(BODY)
+    fused = list(range(signers.next_nonce[0], signers.next_nonce[0] + n))
+    signers.next_nonce[0] += n
+    gate = write_gate(rt.sessions.kw["bind"])
+
+    def one_txn(nonce: int) -> None:  # what one request costs the service's group-commit writer, batch of one
+        with gate.begin() as conn:
+            consume_nonce_in(conn, signer.address, nonce)
+            service.heartbeat_in(conn, rt, signer.address, hb)
     out = {
-        "ecdsa_backend": type(eth_keys.KeyAPI().backend).__name__,
+        "ecdsa_backend": "coincurve (libsecp256k1)" if signing._PublicKey is not None else "eth-account (Python)",  # noqa: SLF001
+        "keccak_backend": protocol.KECCAK_BACKEND,
         "verify_request_us": _time_us(
             lambda i: signing.verify_request(headers[i], rt.chain_id, "POST", PATH, BODY, now), n),
         "eip712_encode_us": _time_us(lambda i: typed("Request", rt.chain_id, messages[i]), n),
@@ -306,6 +232,7 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
                                                                      signature=sigs[i]), n),
         "nonce_txn_us": _time_us(lambda i: consume_nonce(rt, signer.address, messages[i]["nonce"]), n),
         "heartbeat_txn_us": _time_us(lambda i: service.heartbeat(rt, signer.address, hb), n),
+        "nonce_and_heartbeat_one_txn_us": _time_us(lambda i: one_txn(fused[i]), n),
         "samples": n,
     }
     rt.sessions.kw["bind"].dispose()
@@ -315,9 +242,8 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- orchestration
 
 @contextmanager
-def _services(root: Path, workers: int, prototype: bool, log: Log) -> Iterator[dict[str, Any]]:
-    """Chain + deployment, redis, the service (``gridmint marketplace serve --workers``), the baseline and (if asked)
-    the prototype of the fix on the service's database."""
+def _services(root: Path, workers: int, log: Log) -> Iterator[dict[str, Any]]:
+    """Chain + deployment, redis, the service (``gridmint marketplace serve --workers``) and the baseline."""
     import httpx
     from eth_account import Account
 
@@ -359,22 +285,11 @@ def _services(root: Path, workers: int, prototype: bool, log: Log) -> Iterator[d
         procs.append(baseline)
         url, base_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{base_port}"
         api.wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 120, "API answering")
-        lean = lean_url = None
-        if prototype:  # after the service is up: its migrations have run
-            lean_port = free_port()
-            lean = Proc("prototype", [sys.executable, "-m", "uvicorn", "gridmint.bench.api:lean_app", "--factory",
-                                      "--workers", str(workers), "--host", "127.0.0.1", "--port", str(lean_port),
-                                      "--log-level", "warning", "--no-access-log"], logs, env)
-            procs.append(lean)
-            lean_url = f"http://127.0.0.1:{lean_port}"
-            lean.wait_until(lambda: httpx.get(f"{lean_url}/healthz", timeout=1).status_code == 200, 120,
-                            "prototype answering")
         baseline.wait_until(lambda: httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200, 60,
                             "baseline answering")
         log(f"service {url} (gridmint marketplace serve --workers {workers}, SQLite), baseline {base_url}; "
             f"redis {redis_url}")
         yield {"url": url, "base_url": base_url, "api": api, "baseline": baseline, "chain_id": chain.chain_id,
-               "lean_url": lean_url, "lean": lean,
                "env": env, "baseline_db": baseline_db}
     finally:
         for p in reversed(procs):
@@ -403,17 +318,15 @@ def _register(url: str, signers: Signers) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gridmint bench api", description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=16, help="wrk connections = signers (one thread each)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured run")
-    parser.add_argument("--warmup", type=float, default=3.0, help="length of the warm-up before each measured run")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each measured run (whole seconds: wrk's unit)")
+    parser.add_argument("--warmup", type=int, default=3, help="length of the warm-up before each measured run (s)")
     parser.add_argument("--repeats", type=int, default=2, help="baseline/service measured pairs, alternating")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes for each server")
     parser.add_argument("--profile-samples", type=int, default=300, help="in-process timings per step")
-    parser.add_argument("--no-prototype", action="store_true",
-                        help="skip the prototype of the recommended fix (lean_app), measured after each service run")
     parser.add_argument("--keep", type=Path, default=None, help="keep logs and databases in this directory")
     args = parser.parse_args(argv)
-    if args.connections < 1 or args.seconds <= 0 or args.repeats < 1 or args.seconds + args.warmup > DEADLINE_S / 2:
-        parser.error("need connections >= 1, repeats >= 1, 0 < seconds and seconds + warmup <= 140")
+    if args.connections < 1 or args.seconds < 1 or args.warmup < 1 or args.repeats < 1 or args.seconds + args.warmup > DEADLINE_S / 2:
+        parser.error("need connections >= 1, repeats >= 1, seconds >= 1, warmup >= 1 and seconds + warmup <= 140")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -426,7 +339,7 @@ def main(argv: list[str]) -> int:
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        with _services(root, args.workers, not args.no_prototype, log) as svc, ProcessPoolExecutor(os.cpu_count() or 2) as pool:
+        with _services(root, args.workers, log) as svc, ProcessPoolExecutor(os.cpu_count() or 2) as pool:
             signers = Signers(args.connections, svc["chain_id"])
             signers.self_check()
             _register(svc["url"], signers)
@@ -467,7 +380,6 @@ def main(argv: list[str]) -> int:
 
             base_runs: list[dict[str, Any]] = []
             svc_runs: list[dict[str, Any]] = []
-            lean_runs: list[dict[str, Any]] = []
             log(f"wrk: {args.connections} connections, {args.connections} threads, {args.seconds:g} s per measured run")
             for rep in range(args.repeats):
                 measure(f"baseline warm-up {rep + 1}", svc["base_url"], base_script, args.warmup, base_pg)
@@ -477,14 +389,6 @@ def main(argv: list[str]) -> int:
                                    max(r["rps"] for r in svc_runs) if svc_runs else base_runs[-1]["rps"])
                 svc_runs.append(service_run(f"service run {rep + 1}", args.seconds,
                                             max([warm["rps"], *(r["rps"] for r in svc_runs)])))
-                if svc["lean_url"]:
-                    lean_pg = svc["lean"].popen.pid
-                    warm = service_run(f"prototype warm-up {rep + 1}", args.warmup,
-                                       max(r["rps"] for r in lean_runs) if lean_runs else base_runs[-1]["rps"],
-                                       svc["lean_url"], lean_pg)
-                    lean_runs.append(service_run(f"prototype run {rep + 1}", args.seconds,
-                                                 max([warm["rps"], *(r["rps"] for r in lean_runs)]), svc["lean_url"],
-                                                 lean_pg))
 
             log("in-process timing of each step of a signed heartbeat (service database, no load):")
             from marketplace.settings import Settings
@@ -521,14 +425,6 @@ def main(argv: list[str]) -> int:
         "service_runs": svc_runs,
         "baseline_runs": base_runs,
         "steps_us": steps,
-        "prototype": None if not lean_runs else {
-            "what": "gridmint.bench.api:lean_app, NOT the service: hand-computed EIP-712 digest, one SQL transaction "
-                    "for nonce + heartbeat, per-process writer lock, off the event loop",
-            "rps": round(statistics.mean(r["rps"] for r in lean_runs), 1),
-            "p99_ms": round(max(r["p99_ms"] for r in lean_runs), 2),
-            "ratio": round(statistics.mean(r["rps"] for r in lean_runs) / baseline_rps, 4),
-            "errors": sum(sum(r["errors"].values()) + r["exhausted_connections"] for r in lean_runs),
-            "runs": lean_runs},
         "wall_s": round(time.monotonic() - started, 1),
         "targets": TARGETS,
         "meets_targets": rps / baseline_rps >= TARGETS["ratio"] and p99 <= TARGETS["p99_ms"] and errors == 0,
