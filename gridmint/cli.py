@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -117,6 +118,13 @@ def market_serve(
     rt = runtime_from_settings(Settings())
     log_level = os.environ.get("GRIDMINT_LOG_LEVEL", "warning")
     if workers > 1:
+        from marketplace.metrics import MULTIPROC_ENV
+
+        if not os.environ.get(MULTIPROC_ENV):  # request counters summed over the workers (marketplace/metrics.py)
+            shared = rt.settings.data_dir / f"prometheus-{port}"
+            shutil.rmtree(shared, ignore_errors=True)  # counters start at zero with the server, as in one process
+            shared.mkdir(parents=True)
+            os.environ[MULTIPROC_ENV] = str(shared)
         uvicorn.run("marketplace.asgi:create", factory=True, workers=workers, host=host, port=port, log_level=log_level)
         return
     set_runtime(rt)

@@ -1,18 +1,23 @@
 """Prometheus metrics for one marketplace app: HTTP traffic by route template, and market state read at scrape time.
 
 Each app gets its own ``CollectorRegistry`` (never the process-global default), so one process can build several apps
-(tests do). Request counters are per process: with several API processes, scrape each one (Prometheus sums them).
-The market gauges come from the database at scrape time, so every process reports the same figures.
+(tests do). With several worker processes behind one port (``gridmint marketplace serve --workers K``) a scrape lands
+on any one of them, so the request counters then live in prometheus_client's multiprocess mode: the serve command sets
+``PROMETHEUS_MULTIPROC_DIR`` (a fresh folder under the data dir) before the workers start, each worker's values go to
+memory-mapped files there, and every scrape sums all of them. Separate API instances (other ports or machines) are
+separate scrape targets, as usual. The market gauges come from the database at scrape time, so every process reports
+the same figures.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -32,6 +37,8 @@ UNIT_STATUSES = ("pending", "assigned", "submitted", "verified")
 JOB_STATUSES = ("running", "done", "settled")
 PROVIDER_STATUSES = ("active", "slashed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: Set (before prometheus_client is imported) in every worker of a multi-worker server: see the module docstring.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -117,7 +124,8 @@ class Metrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("gridmint_http_request_duration_seconds", "Time to answer an HTTP request",
                                  ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(MarketCollector(sessions, active_window_s=active_window_s))
+        self.market = MarketCollector(sessions, active_window_s=active_window_s)
+        self.registry.register(self.market)
         # Label children by (method, route, status): .labels() costs more than the observation itself. Bounded, as
         # routes and methods are a fixed set and statuses few.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -135,7 +143,17 @@ class Metrics:
         """Everything in this registry, in the exposition format the ``Accept`` header asks for (Prometheus text by
         default, OpenMetrics if asked), and its content type."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        return encoder(self.scrape_registry()), content_type
+
+    def scrape_registry(self) -> CollectorRegistry:
+        """This app's registry, or in multiprocess mode one that sums every worker's files plus the market gauges."""
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+        registry.register(self.market)
+        return registry
 
 
 class MetricsMiddleware:

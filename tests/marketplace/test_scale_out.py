@@ -94,7 +94,9 @@ def cluster(tmp_path: Path, postgres_server: str) -> Iterator[Cluster]:
         }
         gm = [sys.executable, "-m", "gridmint.cli", "marketplace"]
         ports = [free_port(), free_port()]
-        apis = [Proc(f"api-{i}", [*gm, "serve", "--port", str(port)], logs, env) for i, port in enumerate(ports)]
+        # the second API is one port served by 2 uvicorn worker processes (its /metrics must sum both)
+        apis = [Proc(f"api-{i}", [*gm, "serve", "--port", str(port), "--workers", str(i + 1)], logs, env)
+                for i, port in enumerate(ports)]
         workers = [Proc("worker-beat", [*gm, "worker", "--beat"], logs, env),
                    Proc("worker-2", [*gm, "worker", "--no-beat"], logs, env)]
         procs += [*apis, *workers]
@@ -211,3 +213,20 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     total = sum(cluster.ops.balance_of(h) for h in holders) + sum(cluster.ops.contract_balances().values())
     assert total == cluster.ops.total_supply() == supply_before == SUPPLY
     cluster.check_alive()
+
+    # api_b runs 2 worker processes behind one port: every scrape counts the requests both of them answered
+    before = _healthz_count(api_b)
+    with httpx.Client() as http:
+        for _ in range(20):
+            assert http.get(f"{api_b}/healthz", headers={"connection": "close"}).status_code == 200  # fresh
+    assert [_healthz_count(api_b) for _ in range(4)] == [before + 20] * 4
+
+
+def _healthz_count(url: str) -> float:
+    """``gridmint_http_requests_total`` for GET /healthz 200 in one scrape of ``url``/metrics (new connection)."""
+    text = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
+    for line in text.splitlines():
+        if (line.startswith("gridmint_http_requests_total{") and 'route="/healthz"' in line
+                and 'method="GET"' in line and 'status="200"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no /healthz counter in the scrape")
