@@ -109,6 +109,7 @@ def market_serve(
     import uvicorn
 
     from marketplace.app import create_app
+    from marketplace.asgi import freeze_startup_heap
     from marketplace.bootstrap import runtime_from_settings
     from marketplace.runtime import set_runtime
     from marketplace.settings import Settings
@@ -128,7 +129,9 @@ def market_serve(
         uvicorn.run("marketplace.asgi:create", factory=True, workers=workers, host=host, port=port, log_level=log_level)
         return
     set_runtime(rt)
-    uvicorn.run(create_app(rt), host=host, port=port, log_level=log_level)
+    app = create_app(rt)
+    freeze_startup_heap()
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 @market_app.command("worker")
