@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, BigInteger, Boolean, Engine, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
 from sqlalchemy import Index
@@ -275,19 +275,27 @@ class WriteGate:
                 fcntl.flock(self._file, fcntl.LOCK_UN)
 
 
-_gates_guard = threading.Lock()
+_per_engine_guard = threading.Lock()
+T = TypeVar("T")
+
+
+def per_engine(engine: Engine, name: str, factory: Callable[[Engine], T]) -> T:
+    """The one ``factory(engine)`` called ``name`` for ``engine`` in this process, made on first use and kept on the
+    engine itself (so both go away together)."""
+    attr = f"_gridmint_{name}"
+    obj: T | None = getattr(engine, attr, None)
+    if obj is None:
+        with _per_engine_guard:
+            obj = getattr(engine, attr, None)
+            if obj is None:
+                obj = factory(engine)
+                setattr(engine, attr, obj)
+    return obj
 
 
 def write_gate(engine: Engine) -> WriteGate:
-    """The one ``WriteGate`` of ``engine`` in this process (kept on the engine: both go away together)."""
-    gate: WriteGate | None = getattr(engine, "_gridmint_write_gate", None)
-    if gate is None:
-        with _gates_guard:
-            gate = getattr(engine, "_gridmint_write_gate", None)
-            if gate is None:
-                gate = WriteGate(engine)
-                engine._gridmint_write_gate = gate  # type: ignore[attr-defined]
-    return gate
+    """The one ``WriteGate`` of ``engine`` in this process."""
+    return per_engine(engine, "write_gate", WriteGate)
 
 
 def make_sessionmaker(url: str) -> sessionmaker[Any]:

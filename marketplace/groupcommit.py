@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
-from marketplace.db import write_gate
+from marketplace.db import per_engine, write_gate
 from protocol.errors import GridMintError
 
 T = TypeVar("T")
@@ -108,16 +108,6 @@ class GroupCommit:
             self.requests += len(live)
 
 
-_guard = threading.Lock()
-
-
 def group_commit(engine: Engine) -> GroupCommit:
-    """The ``GroupCommit`` of ``engine`` in this process (kept on the engine: both go away together)."""
-    gc: GroupCommit | None = getattr(engine, "_gridmint_group_commit", None)
-    if gc is None:
-        with _guard:
-            gc = getattr(engine, "_gridmint_group_commit", None)
-            if gc is None:
-                gc = GroupCommit(engine)
-                engine._gridmint_group_commit = gc  # type: ignore[attr-defined]
-    return gc
+    """The ``GroupCommit`` of ``engine`` in this process."""
+    return per_engine(engine, "group_commit", GroupCommit)
