@@ -91,7 +91,9 @@ def test_honest_job_is_matched_cheapest_first_verified_settled_and_claimed(marke
     assert paid + job.refund == SPEC.budget()
     assert market.ops.batch_released(job_id, entries[0].batch)
     # the settle task queued an epoch: one root over cumulative earnings, funded by the pool
-    market.wait(lambda: market.ops.latest_epoch() == 1, what="payout root posted")
+    # (sent on chain first, then recorded as posted: the marketplace serves proofs only under a recorded root)
+    market.wait(lambda: market.ops.latest_epoch() == 1 and cheap.client.payout()["newest_epoch"] == 1,
+                what="payout root posted and recorded")
     assert market.ops.total_deposited() == paid
     # from round 1 on, ranking uses delivered throughput, so any of the three may have earned: each claims its own
     for agent in (cheap, mid, pricey):

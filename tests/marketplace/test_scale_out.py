@@ -188,8 +188,9 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
 
     # the payout root goes on chain once; each provider claims exactly what the ledger owes it, once
     end = time.monotonic() + 60
-    while cluster.ops.latest_epoch() < 1:
-        assert time.monotonic() < end, "no payout root posted"
+    # (sent on chain first, then recorded as posted: the marketplace serves proofs only under a recorded root)
+    while cluster.ops.latest_epoch() < 1 or agents[0].client.payout()["newest_epoch"] < 1:
+        assert time.monotonic() < end, "no payout root posted and recorded"
         time.sleep(0.2)
     for agent in agents:
         owed = sum(e.amount for e in entries if e.provider == agent.account.address)
