@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -255,6 +256,7 @@ class WriteGate:
         self._path = f"{path}.writers" if path and path != ":memory:" else None
         self._lock = threading.Lock()
         self._file: Any = None
+        self._pid = os.getpid()
 
     @contextmanager
     def begin(self) -> Iterator[Any]:
@@ -264,6 +266,9 @@ class WriteGate:
             return
         import fcntl
 
+        if self._pid != os.getpid():  # first use, or a forked child: an inherited lock may be held by a thread that
+            # does not exist here, and an inherited file shares the parent's flock, so neither would exclude anything
+            self._lock, self._file, self._pid = threading.Lock(), None, os.getpid()
         with self._lock:
             if self._file is None:
                 self._file = open(self._path, "a")  # noqa: SIM115 - held for the life of the process

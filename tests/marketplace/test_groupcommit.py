@@ -141,12 +141,28 @@ def _bump_many(url: str, n: int) -> None:
             conn.execute(text("UPDATE counter SET n = :v WHERE id = 1"), {"v": value + 1})  # read-modify-write
 
 
-def test_the_sqlite_gate_serialises_writers_across_processes(tmp_path: Path) -> None:
-    """Two processes doing read-modify-write through the gate: no lost update, no 'database is locked'."""
+def _bump_many_on(engine, n: int) -> None:  # type: ignore[no-untyped-def]
+    engine.dispose(close=False)  # a forked child must not use the parent's pooled connections
+    gate = write_gate(engine)
+    for _ in range(n):
+        with gate.begin() as conn:
+            value = conn.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one()
+            conn.execute(text("UPDATE counter SET n = :v WHERE id = 1"), {"v": value + 1})
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_the_sqlite_gate_serialises_writers_across_processes(tmp_path: Path, start: str) -> None:
+    """Two processes doing read-modify-write through the gate: no lost update, no 'database is locked'. Forked
+    children inherit the parent's gate (already used, its lock file open) and must still exclude each other."""
     url = f"sqlite:///{tmp_path / 'gate.db'}"
     engine = _engine(url)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_bump_many, args=(url, 150)) for _ in range(2)]
+    with write_gate(engine).begin() as conn:  # the parent has used its gate before the fork
+        conn.execute(text("UPDATE counter SET n = 0 WHERE id = 1"))
+    ctx = multiprocessing.get_context(start)
+    if start == "fork":
+        procs = [ctx.Process(target=_bump_many_on, args=(engine, 150)) for _ in range(2)]
+    else:
+        procs = [ctx.Process(target=_bump_many, args=(url, 150)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
