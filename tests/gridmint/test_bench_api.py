@@ -20,7 +20,7 @@ def test_bench_api_runs_and_reports_its_figures() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["service_errors"] == 0
+    assert result["service_errors"] == 0, proc.stdout[-3000:]
     assert result["rps"] > 0 and result["baseline_rps"] > 0 and result["p99_ms"] > 0
     assert result["ratio"] == pytest.approx(result["rps"] / result["baseline_rps"], rel=1e-3)
     assert result["service_runs"][0]["ok"] == result["service_runs"][0]["requests"] > 0
