@@ -225,10 +225,6 @@ class Chain:
         ChainError before anything is sent. A mined transaction with status 0 raises ChainError too (its revert is
         decoded by replaying it on the parent block). ``to=None`` deploys ``data`` as a contract.
         """
-        return self._transact(account, to=to, data=data, value=value, gas=gas, errors=errors, label=label)
-
-    def _transact(self, account: LocalAccount, *, to: str | None, data: bytes | str, value: int, gas: int | None,
-                  errors: ErrorDecoder | None, label: str) -> TxReceipt:
         tx: dict[str, Any] = {"from": account.address, "value": value, "data": data, "chainId": self.chain_id}
         if to is not None:
             tx["to"] = to

@@ -11,8 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import bindparam, case, func, select, update
-from sqlalchemy import Connection
+from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from marketplace import matching, settlement, standby

@@ -20,10 +20,9 @@ from rich.console import Console
 
 from ledger.evm import Chain, Deployment, GridMintContracts
 from node import checkpoint
-from node.client import MarketClient, MarketError
+from node.client import UNREACHABLE, MarketClient, MarketError
 from node.device import benchmark, probe
 from node.trainer import UnitResult, UnitSpec, model_only, train_unit
-from protocol.errors import ChainUnavailable
 from protocol.signing import sign_typed
 
 console = Console(stderr=True)
@@ -165,7 +164,7 @@ class ProviderAgent:
                     return
                 self.say(f"[yellow]marketplace refused: {exc}[/]")
                 worked = False
-            except (ChainUnavailable, httpx.TransportError) as exc:  # a restart or a dropped link: try again later
+            except UNREACHABLE as exc:  # a restart or a dropped link: try again later
                 self.say(f"[yellow]unreachable, retrying in {self.cfg.poll_s:g} s: {exc}[/]")
                 worked = False
             if worked:
@@ -173,7 +172,7 @@ class ProviderAgent:
                 continue
             try:
                 self.claim()
-            except (ChainUnavailable, httpx.TransportError) as exc:
+            except UNREACHABLE as exc:
                 self.say(f"[yellow]claim postponed, unreachable: {exc}[/]")
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 return

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from protocol.errors import GridMintError
+from protocol.errors import ChainUnavailable, GridMintError
 from protocol.signing import NonceSource, sign_request
 
 REQUEST_TTL_S = 60
@@ -21,6 +21,10 @@ class MarketError(GridMintError, RuntimeError):
         super().__init__(f"marketplace answered {status}: {detail}")
         self.status = status
         self.detail = detail
+
+
+#: What a dropped link or a restarting service looks like to an agent: wait and try again, never exit.
+UNREACHABLE: tuple[type[BaseException], ...] = (ChainUnavailable, httpx.TransportError)
 
 
 class MarketClient:

@@ -6,14 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
-from node.client import MarketClient
+from node.client import UNREACHABLE, MarketClient
 from node.replay import check_segment
 from node.trainer import UnitSpec
-from protocol.errors import ChainUnavailable
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
 from protocol.verification import fraud_evidence
@@ -81,7 +79,7 @@ class VerifierAgent:
         while not stopper.stop:
             try:
                 verified = self.verify_once()
-            except (ChainUnavailable, httpx.TransportError) as exc:  # a restart or a dropped link: try again later
+            except UNREACHABLE as exc:  # a restart or a dropped link: try again later
                 console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
                 verified = None
             if verified is not None:
