@@ -35,16 +35,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.stop()
 
 
-@dataclass
-class Market:
-    url: str
-    rt: Runtime
+class Accounts:
+    """Fresh funded accounts on a deployment; mixed into the test markets (needs chain, deployment, ops, operator)."""
+
     chain: Chain
     deployment: Deployment
     ops: GridMintContracts
     operator: LocalAccount
 
     def account(self, gmt: int = 0) -> LocalAccount:
+        """A new account with 1 ETH for gas and ``gmt`` base units of GMT."""
         acct = Account.create()
         self.chain.send_eth(self.operator, acct.address, 10**18)
         if gmt:
@@ -53,6 +53,16 @@ class Market:
 
     def contracts(self, acct: LocalAccount) -> GridMintContracts:
         return GridMintContracts(self.chain, self.deployment, acct)
+
+
+@dataclass
+class Market(Accounts):
+    url: str
+    rt: Runtime
+    chain: Chain
+    deployment: Deployment
+    ops: GridMintContracts
+    operator: LocalAccount
 
     def wait(self, cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
         end = time.monotonic() + timeout

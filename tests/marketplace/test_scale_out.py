@@ -30,6 +30,7 @@ from node.verifier_agent import VerifierAgent
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from protocol.signing import sign_request
+from tests.marketplace.conftest import Accounts
 
 SUPPLY = tokens(1_000_000)
 SPEC = JobSpec(rounds=2, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
@@ -37,7 +38,7 @@ DEADLINE_S = 150  # the whole job, from submission to claims
 
 
 @dataclass
-class Cluster:
+class Cluster(Accounts):
     api: list[str]  # base URLs of the API processes
     procs: list[Proc]
     chain: Chain
@@ -46,16 +47,6 @@ class Cluster:
     ops: GridMintContracts
     db_url: str
     redis_url: str
-
-    def account(self, gmt: int = 0) -> LocalAccount:
-        acct = Account.create()
-        self.chain.send_eth(self.operator, acct.address, 10**18)
-        if gmt:
-            self.ops.transfer(acct.address, gmt)
-        return acct
-
-    def contracts(self, acct: LocalAccount) -> GridMintContracts:
-        return GridMintContracts(self.chain, self.deployment, acct)
 
     def check_alive(self) -> None:
         for p in self.procs:
