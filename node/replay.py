@@ -82,13 +82,10 @@ def check_segment(
     def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
         return SegmentVerdict(False, seg_index, claimed, replayed, reason)
 
-    if proof.spec_hash != spec.spec_hash() or proof.unit_id != spec.unit_id:
-        return fail(f"proof is for spec {proof.spec_hash} / unit {proof.unit_id}, not this unit's {spec.spec_hash()}")
-    if (proof.steps, proof.segment_len, len(proof.segments)) != (spec.steps, spec.segment_len, spec.n_segments):
-        return fail(f"proof shape {proof.steps}/{proof.segment_len}/{len(proof.segments)} does not match the spec")
+    problem = claim_problem(spec, proof, seg_index)
+    if problem is not None:
+        return fail(problem, proof.segments[seg_index].end_hash if seg_index < len(proof.segments) else "")
     seg = proof.segments[seg_index]
-    if seg.index != seg_index:
-        return fail(f"segment at position {seg_index} claims index {seg.index}", seg.end_hash)
     try:
         tensors, _meta = checkpoint.load(checkpoint_path)
     except CheckpointError as exc:
@@ -96,9 +93,6 @@ def check_segment(
     got_start = state_hash(tensors)
     if got_start != seg.start_hash:
         return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
-    derived = expected_batch_digest(spec, seg_index)
-    if seg.batch_digest != derived:
-        return fail(f"committed batch digest {seg.batch_digest} is not the spec's data order {derived}", seg.end_hash)
     try:
         result = _replay(spec, seg_index, tensors)
     except CheckpointError as exc:
@@ -111,6 +105,23 @@ def check_segment(
             seg.end_hash, result.end_hash,
         )
     return SegmentVerdict(True, seg_index, seg.end_hash, result.end_hash, "replay matches")
+
+
+def claim_problem(spec: UnitSpec, proof: TrainingProof, seg_index: int) -> str | None:
+    """What is wrong with the provider's claim about segment ``seg_index`` before any replay (None: nothing): a
+    proof for another spec or unit, of another shape, a segment out of place, a batch digest other than the spec's
+    data order. Any of these is evidence against the provider on its own."""
+    if proof.spec_hash != spec.spec_hash() or proof.unit_id != spec.unit_id:
+        return f"proof is for spec {proof.spec_hash} / unit {proof.unit_id}, not this unit's {spec.spec_hash()}"
+    if (proof.steps, proof.segment_len, len(proof.segments)) != (spec.steps, spec.segment_len, spec.n_segments):
+        return f"proof shape {proof.steps}/{proof.segment_len}/{len(proof.segments)} does not match the spec"
+    seg = proof.segments[seg_index]
+    if seg.index != seg_index:
+        return f"segment at position {seg_index} claims index {seg.index}"
+    derived = expected_batch_digest(spec, seg_index)
+    if seg.batch_digest != derived:
+        return f"committed batch digest {seg.batch_digest} is not the spec's data order {derived}"
+    return None
 
 
 def choose_segments(proof: TrainingProof, n: int, rng_seed: int | bytes) -> list[int]:

@@ -156,12 +156,15 @@ def segment_batches(spec: UnitSpec, seg_index: int) -> list[tuple[int, list[int]
     """(step, batch offsets) of every step of segment ``seg_index``, derived from the spec alone."""
     if not 0 <= seg_index < spec.n_segments:
         raise GridMintValueError(f"segment {seg_index} out of range: unit has {spec.n_segments} segments")
-    seed = data_seed(spec)
     first = seg_index * spec.segment_len
-    return [
-        (step, data.batch_indices(seed, spec.shard, spec.n_shards, step, spec.batch_size, spec.model.ctx))
-        for step in range(first, first + spec.segment_len)
-    ]
+    return [(step, step_batch(spec, step)) for step in range(first, first + spec.segment_len)]
+
+
+def step_batch(spec: UnitSpec, step: int) -> list[int]:
+    """Batch offsets of optimizer step ``step`` (0-based within the unit), derived from the spec alone."""
+    if not isinstance(step, int) or not 0 <= step < spec.steps:
+        raise GridMintValueError(f"step {step!r} out of range: unit has {spec.steps} steps")
+    return data.batch_indices(data_seed(spec), spec.shard, spec.n_shards, step, spec.batch_size, spec.model.ctx)
 
 
 def expected_batch_digest(spec: UnitSpec, seg_index: int) -> str:

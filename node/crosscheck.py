@@ -1,0 +1,514 @@
+"""Verification across hardware: replay on another machine's kernels, compare within a calibrated tolerance, and
+settle a disagreement by bisection down to one optimizer step that a referee replays.
+
+Bit-for-bit replay (:mod:`node.replay`) needs the verifier to run the provider's exact kernels. Across hardware it
+does not hold: another GPU, a CPU, or the same math cut into micro-batches (a verifier with less memory) sums in
+another order, and float32 rounding differs in the last bits, which training then amplifies. Here:
+
+* an **execution plan** (:class:`Plan`) is *how* a machine runs a spec: device and micro-batches (gradient
+  accumulation). It never changes *what* is computed: a plan with one micro-batch on the CPU is the provider's
+  trainer bit for bit;
+* :func:`distance` compares two training states group by group (weights, first moments, second moments): relative
+  L2 distance in float64, the worst group counts; step counters must be equal;
+* a :class:`Tolerance` says how far honest runs on different plans drift apart after ``k`` steps. It is
+  *calibrated* (:func:`calibrate`) on honest units replayed across plans, times a safety factor;
+* :func:`check_segment_across` is the verifier's check of one committed segment: the revealed start and end states
+  must hash to the commitments (exact), the replay of the segment from the start on the verifier's plan must land
+  within the tolerance of the end, and the replayed mean loss within the loss tolerance of the committed one;
+* on a disagreement, :func:`bisect_segment` narrows it: the provider reveals its state at the midpoint (on its own
+  machine, deterministic, so it can re-derive any step from the segment's start checkpoint), the verifier replays
+  the first half on its plan and agrees or not, and so on down to one step ``t``. The referee
+  (:func:`referee_step`) replays that single step from the provider's own revealed state and compares it with the
+  provider's revealed next state. One step from identical inputs drifts ~1e-7 honestly, while a skipped, faked,
+  low-precision or wrong-data step moves the state by ~1e-4 to 1e-1: that margin, not the multi-step tolerance,
+  decides a slash. A verifier who disputes honest work loses the single-step replay at the referee.
+
+A provider that does not reveal a state, or reveals one that does not hash to its commitment, loses the dispute.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from node import data
+from node.model import TinyGPT
+from node.trainer import (
+    UnitSpec,
+    fresh_state,
+    deterministic,
+    export_training_state,
+    load_training_state,
+    mean_loss_micro,
+    state_hash,
+    step_batch,
+    train_step,
+)
+from node.replay import claim_problem
+from protocol.errors import GridMintValueError
+from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proof
+
+State = Mapping[str, Tensor]
+#: The provider's side of a dispute: its full training state *before* optimizer step ``step`` (absolute, 0-based).
+RevealFn = Callable[[int], State]
+
+GROUPS = ("model", "exp_avg", "exp_avg_sq")
+
+
+def _group(name: str) -> str | None:
+    if name.startswith("model."):
+        return "model"
+    if name.endswith(".exp_avg"):
+        return "exp_avg"
+    if name.endswith(".exp_avg_sq"):
+        return "exp_avg_sq"
+    return None  # step counters: compared exactly
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a machine executes a spec. ``micro_batches`` splits each step's batch and accumulates the gradients
+    (the same step, summed in another order)."""
+
+    device: str = "cpu"
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise GridMintValueError(f"plan device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
+                or not 1 <= self.micro_batches <= 64:
+            raise GridMintValueError(f"micro_batches must be an int in [1, 64], got {self.micro_batches!r}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.device}/mb{self.micro_batches}"
+
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        """``cpu``, ``cuda``, ``cpu/mb4`` ..."""
+        device, _, mb = text.partition("/")
+        if mb and not (mb.startswith("mb") and mb[2:].isdigit()):
+            raise GridMintValueError(f"plan {text!r}: expected DEVICE or DEVICE/mbN")
+        return cls(device, int(mb[2:]) if mb else 1)
+
+
+PROVIDER_PLAN = Plan()
+
+
+def _plan_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, plan: Plan) -> float:
+    if plan.micro_batches == 1:
+        return train_step(model, opt, x, y)
+    if x.shape[0] % plan.micro_batches:
+        raise GridMintValueError(f"batch of {x.shape[0]} does not split into {plan.micro_batches} micro-batches")
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for xs, ys in zip(x.chunk(plan.micro_batches), y.chunk(plan.micro_batches)):
+        part = model.loss(xs, ys) / plan.micro_batches  # equal chunks: the mean over the batch, summed in parts
+        part.backward()
+        total += float(part.detach())
+    opt.step()
+    return total
+
+
+class PlanRunner:
+    """One model + AdamW for a spec on one plan, into which any training state is loaded; runs steps by index."""
+
+    def __init__(self, spec: UnitSpec, template: State, plan: Plan = PROVIDER_PLAN) -> None:
+        if plan.device == "cuda":
+            if not torch.cuda.is_available():
+                raise GridMintValueError("plan wants CUDA but this machine has no CUDA device")
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        self.spec, self.plan = spec, plan
+        with deterministic(spec.threads):
+            self.model, self.opt = load_training_state(spec, template)
+            if plan.device != "cpu":
+                self.model.to(plan.device)
+                for st in self.opt.state.values():
+                    for k in st:
+                        st[k] = st[k].to(plan.device)
+        self.live = export_training_state(self.model, self.opt)
+        self.tokens = data.train_tokens()
+        self.steps_run = 0
+
+    def load(self, state: State) -> None:
+        if set(state) != set(self.live):
+            raise GridMintValueError(f"state does not fit the unit: {sorted(set(state) ^ set(self.live))}")
+        with torch.no_grad():
+            for name, t in self.live.items():
+                t.copy_(state[name])
+
+    def run(self, first: int, n: int) -> list[float]:
+        """Train steps ``first .. first + n - 1`` in place; returns their losses."""
+        losses = []
+        with deterministic(self.spec.threads):
+            for step in range(first, first + n):
+                x, y = data.make_batch(self.tokens, step_batch(self.spec, step), self.spec.model.ctx)
+                if self.plan.device != "cpu":
+                    x, y = x.to(self.plan.device), y.to(self.plan.device)
+                losses.append(_plan_step(self.model, self.opt, x, y, self.plan))
+        self.steps_run += n
+        return losses
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.live.items()}
+
+    def replay(self, state: State, first: int, n: int) -> tuple[dict[str, Tensor], list[float]]:
+        self.load(state)
+        losses = self.run(first, n)
+        return self.snapshot(), losses
+
+
+# --------------------------------------------------------------------------- distance and tolerance
+
+
+def distance(replayed: State, claimed: State) -> float:
+    """Worst group's ``||replayed - claimed|| / ||claimed||`` (float64) over weights, first and second moments;
+    ``inf`` if the states do not have the same tensors or their step counters differ."""
+    if set(replayed) != set(claimed):
+        return math.inf
+    num = dict.fromkeys(GROUPS, 0.0)
+    den = dict.fromkeys(GROUPS, 0.0)
+    for name, c in claimed.items():
+        r = replayed[name]
+        if r.shape != c.shape:
+            return math.inf
+        g = _group(name)
+        if g is None:
+            if not torch.equal(r.cpu(), c.cpu()):
+                return math.inf
+            continue
+        c64, r64 = c.detach().cpu().double(), r.detach().cpu().double()
+        num[g] += float((r64 - c64).pow(2).sum())
+        den[g] += float(c64.pow(2).sum())
+    worst = 0.0
+    for g in GROUPS:
+        if not (math.isfinite(num[g]) and math.isfinite(den[g])):
+            return math.inf
+        if den[g] == 0.0:
+            worst = max(worst, 0.0 if num[g] == 0.0 else math.inf)
+        else:
+            worst = max(worst, math.sqrt(num[g] / den[g]))
+    return worst
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far honest runs may drift apart: ``state`` maps a step count (powers of two) to the largest accepted
+    :func:`distance` after that many steps; ``loss_micro`` bounds the difference of a segment's mean loss."""
+
+    state: tuple[tuple[int, float], ...]
+    loss_micro: int
+    factor: float = 1.0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        steps = [k for k, _ in self.state]
+        if not steps or steps != sorted(set(steps)) or steps[0] != 1:
+            raise GridMintValueError(f"tolerance table needs ascending distinct step counts from 1, got {steps}")
+        if any(not (math.isfinite(v) and v > 0) for _, v in self.state):
+            raise GridMintValueError("tolerance values must be finite and positive")
+        if not isinstance(self.loss_micro, int) or self.loss_micro < 0:
+            raise GridMintValueError(f"loss_micro must be a non-negative int, got {self.loss_micro!r}")
+
+    def for_steps(self, k: int) -> float:
+        """Threshold after ``k`` steps: the entry of the smallest calibrated count >= k."""
+        for steps, tol in self.state:
+            if steps >= k:
+                return tol
+        raise GridMintValueError(f"tolerance calibrated up to {self.state[-1][0]} steps, not {k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": {str(k): v for k, v in self.state}, "loss_micro": self.loss_micro, "factor": self.factor,
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Tolerance:
+        try:
+            table = tuple(sorted((int(k), float(v)) for k, v in d["state"].items()))
+            return cls(table, int(d["loss_micro"]), float(d.get("factor", 1.0)), str(d.get("note", "")))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GridMintValueError(f"not a tolerance: {exc}") from exc
+
+
+def _lengths(up_to: int) -> list[int]:
+    out = [1]
+    while out[-1] < up_to:
+        out.append(out[-1] * 2)
+    return out
+
+
+@dataclass
+class Calibration:
+    """Raw honest drift (max over the calibration windows) per step count, and the tolerance made from it."""
+
+    honest_max: dict[int, float]
+    loss_max_micro: int
+    windows: int
+    tolerance: Tolerance
+
+
+def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[list[dict[str, Tensor]], list[float]]:
+    """States before steps ``first .. first + n`` (n + 1 of them) and the n losses, run on ``runner``'s plan."""
+    runner.load(state)
+    states, losses = [runner.snapshot()], []
+    for step in range(first, first + n):
+        losses += runner.run(step, 1)
+        states.append(runner.snapshot())
+    return states, losses
+
+
+def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[Plan], *,
+              provider_plan: Plan = PROVIDER_PLAN, factor: float = 8.0, loss_floor_micro: int = 4) -> Calibration:
+    """Measure honest drift: each ``(spec, full start state)`` is trained on ``provider_plan``; then, for every
+    power-of-two length ``k`` up to the segment length, every aligned window of ``k`` steps is replayed from the
+    provider's state on each verifier plan and compared with where the provider got. Tolerance = ``factor`` x the
+    worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise, at least the floor."""
+    honest: dict[int, float] = {}
+    loss_max, windows = 0, 0
+    for spec, start in units:
+        prov = PlanRunner(spec, start, provider_plan)
+        states, losses = trajectory(prov, start, 0, spec.steps)
+        for plan in verifier_plans:
+            ver = PlanRunner(spec, start, plan)
+            for k in _lengths(spec.segment_len):
+                for a in range(0, spec.steps - k + 1, k):
+                    got, vl = ver.replay(states[a], a, k)
+                    honest[k] = max(honest.get(k, 0.0), distance(got, states[a + k]))
+                    loss_max = max(loss_max, abs(mean_loss_micro(vl) - mean_loss_micro(losses[a:a + k])))
+                    windows += 1
+    if not honest:
+        raise GridMintValueError("calibration needs at least one unit and one verifier plan")
+    table, running = [], 0.0
+    floor = 1e-9  # bit-identical plans measure 0: keep the table positive
+    for k in sorted(honest):
+        running = max(running, honest[k])
+        table.append((k, factor * max(running, floor)))
+    plans = ", ".join(p.label for p in verifier_plans)
+    tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)), factor,
+                    f"provider {provider_plan.label} vs {plans}; {windows} windows")
+    return Calibration(honest, loss_max, windows, tol)
+
+
+# --------------------------------------------------------------------------- the verifier's check
+
+
+@dataclass(frozen=True)
+class CrossVerdict:
+    """``ok`` False: the replay disagrees beyond tolerance (``kind`` "state" or "loss": go to bisection / referee)
+    or the claim is wrong on its face (``kind`` "claim": hashes or data order; no replay needed)."""
+
+    ok: bool
+    index: int
+    kind: str
+    distance: float
+    threshold: float
+    loss_delta_micro: int
+    reason: str
+
+
+def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, end: State,
+                         tol: Tolerance, runner: PlanRunner) -> CrossVerdict:
+    """Replay committed segment ``seg_index`` on ``runner``'s plan from the revealed ``start`` and compare with the
+    revealed ``end`` (both must hash to the commitments)."""
+    if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
+        raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
+    thr = tol.for_steps(spec.segment_len)
+
+    def verdict(ok: bool, kind: str, reason: str, d: float = math.nan, dl: int = 0) -> CrossVerdict:
+        return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason)
+
+    problem = claim_problem(spec, proof, seg_index)
+    if problem is not None:
+        return verdict(False, "claim", problem)
+    seg = proof.segments[seg_index]
+    for what, st, want in (("start", start, seg.start_hash), ("end", end, seg.end_hash)):
+        got = state_hash(st)
+        if got != want:
+            return verdict(False, "claim", f"revealed {what} state hashes to {got}, committed {want}")
+    got, losses = runner.replay(start, seg_index * spec.segment_len, spec.segment_len)
+    d = distance(got, end)
+    dl = abs(mean_loss_micro(losses) - seg.loss_micro)
+    if not d <= thr:
+        return verdict(False, "state", f"replay lands {d:.3g} from the committed end (tolerance {thr:.3g})", d, dl)
+    if dl > tol.loss_micro:
+        return verdict(False, "loss", f"committed mean loss off by {dl} micro-nats (tolerance {tol.loss_micro})", d, dl)
+    return verdict(True, "ok", f"replay within tolerance ({d:.3g} <= {thr:.3g})", d, dl)
+
+
+# --------------------------------------------------------------------------- disputes
+
+
+@dataclass(frozen=True)
+class Dispute:
+    """Where a bisection ended: the provider claims its state goes from ``before_hash`` (before step ``step``) to
+    ``after_hash`` (after it). ``provider_failed`` is set when the provider could not back its own claims."""
+
+    unit_id: str
+    segment: int
+    step: int
+    before_hash: str
+    after_hash: str
+    rounds: tuple[tuple[int, str, bool], ...]  # (step revealed, its hash, verifier agreed)
+    verifier_steps: int
+    provider_failed: str = ""
+
+
+@dataclass(frozen=True)
+class RefereeVerdict:
+    fraud: bool
+    step: int
+    distance: float
+    threshold: float
+    reason: str
+
+
+def _reveal(reveal: RevealFn, step: int) -> tuple[State | None, str]:
+    try:
+        st = reveal(step)
+    except Exception as exc:  # noqa: BLE001 - any failure to produce its own state counts against the provider
+        return None, f"provider could not reveal its state before step {step}: {exc}"
+    return st, ""
+
+
+def bisect_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: RevealFn, tol: Tolerance,
+                   runner: PlanRunner) -> Dispute:
+    """Narrow a disagreement over segment ``seg_index`` to one step. ``reveal`` is the provider's answer; the
+    segment's ends must hash to its commitments. Each round the provider reveals the state at the midpoint and the
+    verifier replays from the lower end (on ``runner``'s plan) and agrees (within ``tol`` for that many steps) or
+    not. log2(segment_len) rounds, about ``segment_len`` replayed steps."""
+    seg = proof.segments[seg_index]
+    lo = seg_index * spec.segment_len
+    hi = lo + spec.segment_len
+    spent0 = runner.steps_run
+    s_lo, why = _reveal(reveal, lo)
+    s_hi, why_hi = _reveal(reveal, hi) if s_lo is not None else (None, "")
+    h_lo = state_hash(s_lo) if s_lo is not None else ""
+    h_hi = state_hash(s_hi) if s_hi is not None else ""
+    fail = why or why_hi
+    if not fail and h_lo != seg.start_hash:
+        fail = f"revealed start hashes to {h_lo}, committed {seg.start_hash}"
+    if not fail and h_hi != seg.end_hash:
+        fail = f"revealed end hashes to {h_hi}, committed {seg.end_hash}"
+    rounds: list[tuple[int, str, bool]] = []
+    while not fail and hi - lo > 1:
+        mid = (lo + hi) // 2
+        s_mid, fail = _reveal(reveal, mid)
+        if s_mid is None:
+            break
+        h_mid = state_hash(s_mid)
+        got, _ = runner.replay(s_lo, lo, mid - lo)
+        agreed = distance(got, s_mid) <= tol.for_steps(mid - lo)
+        rounds.append((mid, h_mid, agreed))
+        if agreed:
+            lo, s_lo, h_lo = mid, s_mid, h_mid
+        else:
+            hi, h_hi = mid, h_mid
+    return Dispute(spec.unit_id, seg_index, lo, h_lo, h_hi, tuple(rounds), runner.steps_run - spent0, fail)
+
+
+def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolerance, runner: PlanRunner) -> RefereeVerdict:
+    """Replay the single disputed step from the provider's own revealed state and compare with its revealed next
+    state (both must hash to what it said during the bisection). Fraud when it cannot back its claim or the step
+    lands beyond the one-step tolerance."""
+    t = dispute.step
+    thr = tol.for_steps(1)
+    if dispute.provider_failed:
+        return RefereeVerdict(True, t, math.inf, thr, dispute.provider_failed)
+    before, why = _reveal(reveal, t)
+    after, why2 = _reveal(reveal, t + 1) if before is not None else (None, "")
+    if before is None or after is None:
+        return RefereeVerdict(True, t, math.inf, thr, why or why2)
+    if state_hash(before) != dispute.before_hash or state_hash(after) != dispute.after_hash:
+        return RefereeVerdict(True, t, math.inf, thr, "revealed states do not match the hashes of the bisection")
+    got, _ = runner.replay(before, t, 1)
+    d = distance(got, after)
+    if d > thr:
+        return RefereeVerdict(True, t, d, thr, f"step {t} replays {d:.3g} away from the provider's claim (> {thr:.3g})")
+    return RefereeVerdict(False, t, d, thr, f"step {t} replays within {d:.3g} <= {thr:.3g}: the dispute was wrong")
+
+
+def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, tol: Tolerance,
+                 runner: PlanRunner) -> RefereeVerdict:
+    """A dispute over a committed mean loss (states agree): the referee replays the segment and compares."""
+    seg = proof.segments[seg_index]
+    thr = float(tol.loss_micro)
+    if state_hash(start) != seg.start_hash:
+        return RefereeVerdict(True, seg_index * spec.segment_len, math.inf, thr, "revealed start is not the committed one")
+    _, losses = runner.replay(start, seg_index * spec.segment_len, spec.segment_len)
+    dl = abs(mean_loss_micro(losses) - seg.loss_micro)
+    return RefereeVerdict(dl > tol.loss_micro, seg_index * spec.segment_len, float(dl), thr,
+                          f"committed mean loss off by {dl} micro-nats (tolerance {tol.loss_micro})")
+
+
+# --------------------------------------------------------------------------- the provider's side
+
+
+@dataclass
+class Revealer:
+    """An honest provider's answer in a dispute: re-derives its state before any step of a segment by re-running
+    its own plan (deterministic on its machine) from the segment-start checkpoint it kept. Caches what it ran."""
+
+    spec: UnitSpec
+    runner: PlanRunner
+    seg_starts: Mapping[int, State]  # segment index -> full training state at its start (the checkpoints it kept)
+    cache: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+    def __call__(self, step: int) -> State:
+        if not isinstance(step, int) or not 0 <= step <= self.spec.steps:
+            raise GridMintValueError(f"step {step!r} out of range")
+        if step in self.cache:
+            return self.cache[step]
+        seg = min(step // self.spec.segment_len, self.spec.n_segments - 1)
+        first = seg * self.spec.segment_len
+        base = max((s for s in self.cache if first <= s <= step), default=None)
+        state = self.cache[base] if base is not None else self.seg_starts[seg]
+        got, _ = self.runner.replay(state, base if base is not None else first, step - (base if base is not None else first))
+        self.cache[step] = got
+        return got
+
+
+class RecordedReveal:
+    """A provider that answers from a recorded trajectory (``states[i]`` = its state before step i): how a cheat
+    answers when it sticks to what it really computed; ``lie`` overrides chosen steps (an adaptive liar)."""
+
+    def __init__(self, states: Sequence[State], lie: Mapping[int, State] | None = None) -> None:
+        self.states, self.lie = states, dict(lie or {})
+
+    def __call__(self, step: int) -> State:
+        return self.lie.get(step, self.states[step])
+
+
+def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float], *,
+                  first_state: State | None = None) -> tuple[list[dict[str, Tensor]], list[float], TrainingProof]:
+    """Run ``policy`` (a :data:`node.prover.StepPolicy`: honest or a cheat) over the unit on the provider plan,
+    keeping the state before every step (small models only: tests and benchmarks) and the proof it would commit:
+    the states it really holds, except that segment 0 claims the honest start (``first_state`` is where a cheat
+    that replays an old result really began)."""
+    runner = PlanRunner(spec, fresh_state(start))
+    claimed0 = fresh_state(start)
+    if first_state is not None:
+        runner.load(first_state)
+    states, losses = [runner.snapshot()], []
+    with deterministic(spec.threads):
+        for step in range(spec.steps):
+            x, y = data.make_batch(runner.tokens, step_batch(spec, step), spec.model.ctx)
+            losses.append(policy(spec, step, runner.model, runner.opt, x, y))
+            states.append(runner.snapshot())
+    hashes = [state_hash(claimed0)] + [state_hash(states[(s + 1) * spec.segment_len]) for s in range(spec.n_segments)]
+    commits = []
+    for s in range(spec.n_segments):
+        a = s * spec.segment_len
+        batches = [(t, step_batch(spec, t)) for t in range(a, a + spec.segment_len)]
+        commits.append(SegmentCommit(s, hashes[s], hashes[s + 1], batch_digest(batches),
+                                     mean_loss_micro(losses[a:a + spec.segment_len])))
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=commits)
+    return states, losses, proof

@@ -1,0 +1,199 @@
+"""Verification across hardware: honest work replayed on another execution plan is not bit-identical but always
+passes the calibrated tolerance; every cheat fails it, a bisection narrows each dispute to the faked step, and the
+referee's one-step replay slashes the cheat and never the honest provider (also against a verifier who disputes
+everything, a provider who will not reveal, and an adaptive liar)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from node import adversary
+from node import crosscheck as cc
+from node.model import init_state
+from node.prover import honest_step, train_traced
+from node.trainer import UnitSpec, fresh_state
+from protocol.errors import GridMintValueError
+from tests.node.conftest import TINY
+
+STEPS, SEG = 32, 8
+START = init_state(TINY, 3)
+VERIFIER, REFEREE = cc.Plan(micro_batches=2), cc.Plan(micro_batches=4)
+
+
+def _spec(i: int) -> UnitSpec:
+    return UnitSpec(job_id="job-cross", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4, model=TINY,
+                    steps=STEPS, segment_len=SEG, batch_size=4, lr=3e-3, seed=i)
+
+
+@pytest.fixture(scope="module")
+def tol() -> cc.Tolerance:
+    cal = cc.calibrate([(_spec(i), fresh_state(START)) for i in range(3)], [VERIFIER, REFEREE])
+    assert cal.honest_max[1] > 0, "the plans must really differ in the last bits, or this tests nothing"
+    assert sorted(cal.honest_max) == [1, 2, 4, 8]
+    return cal.tolerance
+
+
+def _runners(spec: UnitSpec) -> tuple[cc.PlanRunner, cc.PlanRunner]:
+    return cc.PlanRunner(spec, fresh_state(START), VERIFIER), cc.PlanRunner(spec, fresh_state(START), REFEREE)
+
+
+def _verdicts(spec, states, proof, tol, ver):  # type: ignore[no-untyped-def]
+    return [cc.check_segment_across(spec, proof, s, states[s * SEG], states[(s + 1) * SEG], tol, ver)
+            for s in range(spec.n_segments)]
+
+
+def test_the_provider_plan_is_the_trainer_bit_for_bit_and_other_plans_are_not() -> None:
+    spec = _spec(10)
+    states, _, proof = cc.record_policy(spec, START, honest_step)
+    assert proof == train_traced(spec, START).proof  # record_policy commits exactly what the trainer commits
+    ver, _ = _runners(spec)
+    got, _ = ver.replay(states[0], 0, SEG)
+    assert cc.state_hash(got) != proof.segments[0].end_hash  # an exact check would call this honest work fraud
+    assert 0 < cc.distance(got, states[SEG]) < 1e-4
+
+
+def test_honest_units_pass_across_plans_and_a_forced_dispute_is_lost_by_the_verifier(tol: cc.Tolerance) -> None:
+    for i in (20, 21, 22):
+        spec = _spec(i)
+        states, _, proof = cc.record_policy(spec, START, honest_step)
+        ver, ref = _runners(spec)
+        verdicts = _verdicts(spec, states, proof, tol, ver)
+        assert all(v.ok for v in verdicts), [v.reason for v in verdicts]
+        assert max(v.distance for v in verdicts) < tol.for_steps(SEG) / 2
+        # a verifier that disputes anyway (malicious, or faulty): the honest provider re-derives its states on its
+        # own plan from the segment checkpoints it kept, and the referee's one-step replay clears it
+        revealer = cc.Revealer(spec, cc.PlanRunner(spec, fresh_state(START)), {s: states[s * SEG] for s in range(4)})
+        for seg in range(spec.n_segments):
+            liar = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
+            liar_tol = replace(tol, state=tuple((k, 1e-30) for k, _ in tol.state))  # disagrees with everything
+            d = cc.bisect_segment(spec, proof, seg, revealer, liar_tol, liar)
+            assert not d.provider_failed and d.step == seg * SEG  # a verifier that never agrees ends at the first step
+            r = cc.referee_step(spec, d, revealer, tol, ref)
+            assert not r.fraud, r.reason
+            assert r.distance < tol.for_steps(1)
+
+
+SPARSE = {
+    "skip_steps": (adversary.SkipSteps, "state"),
+    "other_data": (adversary.OtherData, "state"),
+    "low_precision": (adversary.LowPrecision, "state"),
+    "fake_loss": (adversary.FakeLoss, "loss"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_a_sparse_cheat_fails_its_segment_and_the_bisection_finds_the_faked_step(name: str, tol: cc.Tolerance) -> None:
+    make, kind = SPARSE[name]
+    spec = _spec(30)
+    bad = 13  # inside segment 1, not on its edge
+    states, _, proof = cc.record_policy(spec, START, make(frozenset({bad})))
+    ver, ref = _runners(spec)
+    verdicts = _verdicts(spec, states, proof, tol, ver)
+    assert [v.ok for v in verdicts] == [True, False, True, True], [v.reason for v in verdicts]
+    v = verdicts[1]
+    assert v.kind == kind
+    if kind == "state":
+        assert v.distance > tol.for_steps(SEG)
+        d = cc.bisect_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver)
+        assert d.step == bad and len(d.rounds) == 3 and d.verifier_steps <= SEG
+        r = cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ref)
+        assert r.fraud and r.distance > 10 * tol.for_steps(1), r.reason
+    else:
+        r = cc.referee_loss(spec, proof, 1, states[SEG], tol, ref)
+        assert r.fraud and r.distance > tol.loss_micro
+        honest = cc.referee_loss(spec, proof, 0, states[0], tol, ref)
+        assert not honest.fraud
+
+
+def test_whole_unit_cheats_fail_from_the_first_segment_and_lose_at_the_referee(tol: cc.Tolerance) -> None:
+    spec = _spec(40)
+    honest0 = fresh_state(START)
+    cases = {
+        "random_weights": (adversary.RandomWeights(), None),
+        "copied_weights": (adversary.OtherData(frozenset(range(STEPS))), None),
+        "replay_old": (honest_step, fresh_state(init_state(TINY, 99))),
+    }
+    for name, (policy, first) in cases.items():
+        states, _, proof = cc.record_policy(spec, START, policy, first_state=first)
+        ver, ref = _runners(spec)
+        # the cheat reveals the honest start (it must match the committed start), then what it really computed
+        reveal = cc.RecordedReveal(states, lie={0: honest0})
+        v = cc.check_segment_across(spec, proof, 0, honest0, states[SEG], tol, ver)
+        assert not v.ok and v.kind == "state", (name, v.reason)
+        d = cc.bisect_segment(spec, proof, 0, reveal, tol, ver)
+        assert d.step == 0, name
+        r = cc.referee_step(spec, d, reveal, tol, ref)
+        assert r.fraud, (name, r.reason)
+
+
+def test_an_adaptive_liar_is_cornered_at_its_last_step(tol: cc.Tolerance) -> None:
+    spec = _spec(50)
+    cheat, _, proof = cc.record_policy(spec, START, adversary.SkipSteps(frozenset({9})))
+    honest, _, _ = cc.record_policy(spec, START, honest_step)
+    # it answers every midpoint with the honest state (which the verifier agrees with), but its committed end is
+    # the cheat's: the bisection walks to the segment's last step, whose replay does not reach that end
+    reveal = cc.RecordedReveal(cheat, lie={t: honest[t] for t in range(SEG + 1, 2 * SEG)})
+    ver, ref = _runners(spec)
+    d = cc.bisect_segment(spec, proof, 1, reveal, tol, ver)
+    assert d.step == 2 * SEG - 1 and all(agreed for _, _, agreed in d.rounds)
+    assert cc.referee_step(spec, d, reveal, tol, ref).fraud
+
+
+def test_a_provider_that_cannot_back_its_claims_loses(tol: cc.Tolerance) -> None:
+    spec = _spec(60)
+    states, _, proof = cc.record_policy(spec, START, adversary.SkipSteps(frozenset({20})))
+    ver, ref = _runners(spec)
+
+    def refuses(step: int):  # type: ignore[no-untyped-def]
+        if step == 20:
+            raise OSError("checkpoint lost")
+        return states[step]
+
+    d = cc.bisect_segment(spec, proof, 2, refuses, tol, ver)
+    assert "could not reveal" in d.provider_failed
+    assert cc.referee_step(spec, d, refuses, tol, ref).fraud
+    # revealing an end state that is not the committed one
+    wrong = cc.RecordedReveal(states, lie={24: states[23]})
+    d = cc.bisect_segment(spec, proof, 2, wrong, tol, ver)
+    assert "revealed end hashes" in d.provider_failed
+    # swapping a state between the bisection and the referee's call
+    d = cc.bisect_segment(spec, proof, 2, cc.RecordedReveal(states), tol, ver)
+    swapped = cc.RecordedReveal(states, lie={d.step + 1: states[d.step + 2]})
+    r = cc.referee_step(spec, d, swapped, tol, ref)
+    assert r.fraud and "do not match" in r.reason
+    # and the claim checks need no replay at all
+    v = cc.check_segment_across(spec, proof, 2, states[17], states[24], tol, ver)
+    assert not v.ok and v.kind == "claim"
+
+
+def test_distance_tolerance_and_plan_reject_bad_input() -> None:
+    a = fresh_state(START)
+    assert cc.distance(a, a) == 0.0
+    b = dict(a)
+    name = next(k for k in a if k.endswith(".step"))
+    b[name] = a[name] + 1
+    assert cc.distance(b, a) == math.inf  # step counters are compared exactly
+    assert cc.distance({k: v for k, v in a.items() if k != name}, a) == math.inf
+    nan = dict(a)
+    w = next(k for k in a if k.startswith("model."))
+    nan[w] = torch.full_like(a[w], float("nan"))
+    assert not cc.distance(nan, a) <= 1.0  # a NaN state never passes a tolerance
+    tol = cc.Tolerance(((1, 1e-5), (4, 1e-4)), 5)
+    assert cc.Tolerance.from_dict(tol.to_dict()) == tol
+    assert tol.for_steps(3) == 1e-4
+    with pytest.raises(GridMintValueError, match="calibrated up to 4"):
+        tol.for_steps(8)
+    for bad in ({"state": {"2": 1e-5}, "loss_micro": 1}, {"state": {"1": -1.0}, "loss_micro": 1}, {"loss_micro": 1},
+                {"state": {"1": 1e-5}, "loss_micro": -1}, {"state": "x", "loss_micro": 1}):
+        with pytest.raises(GridMintValueError):
+            cc.Tolerance.from_dict(bad)
+    assert cc.Plan.parse("cpu/mb4") == cc.Plan("cpu", 4) and cc.Plan.parse("cuda").device == "cuda"
+    for text in ("tpu", "cpu/4", "cpu/mb0", "cpu/mbx"):
+        with pytest.raises(GridMintValueError):
+            cc.Plan.parse(text)
+    with pytest.raises(GridMintValueError, match="micro-batches"):
+        spec = replace(_spec(1), batch_size=3)
+        cc.PlanRunner(spec, fresh_state(START), cc.Plan(micro_batches=2)).run(0, 1)
