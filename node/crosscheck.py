@@ -486,13 +486,14 @@ class RecordedReveal:
         return self.lie.get(step, self.states[step])
 
 
-def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float], *,
-                  first_state: State | None = None) -> tuple[list[dict[str, Tensor]], list[float], TrainingProof]:
-    """Run ``policy`` (a :data:`node.prover.StepPolicy`: honest or a cheat) over the unit on the provider plan,
-    keeping the state before every step (small models only: tests and benchmarks) and the proof it would commit:
-    the states it really holds, except that segment 0 claims the honest start (``first_state`` is where a cheat
-    that replays an old result really began)."""
-    runner = PlanRunner(spec, fresh_state(start))
+def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float] | None = None, *,
+                  first_state: State | None = None, plan: Plan = PROVIDER_PLAN,
+                  ) -> tuple[list[dict[str, Tensor]], list[float], TrainingProof]:
+    """Run ``policy`` (a :data:`node.prover.StepPolicy`: honest or a cheat; None: honest steps on ``plan``) over
+    the unit, keeping the state before every step (small models only: tests and benchmarks) and the proof it would
+    commit: the states it really holds, except that segment 0 claims the honest start (``first_state`` is where a
+    cheat that replays an old result really began). Cheat policies run on the CPU."""
+    runner = PlanRunner(spec, fresh_state(start), plan)
     claimed0 = fresh_state(start)
     if first_state is not None:
         runner.load(first_state)
@@ -500,7 +501,10 @@ def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float], *,
     with deterministic(spec.threads):
         for step in range(spec.steps):
             x, y = data.make_batch(runner.tokens, step_batch(spec, step), spec.model.ctx)
-            losses.append(policy(spec, step, runner.model, runner.opt, x, y))
+            if policy is None:
+                losses.append(_plan_step(runner.model, runner.opt, x.to(plan.device), y.to(plan.device), plan))
+            else:
+                losses.append(policy(spec, step, runner.model, runner.opt, x, y))
             states.append(runner.snapshot())
     hashes = [state_hash(claimed0)] + [state_hash(states[(s + 1) * spec.segment_len]) for s in range(spec.n_segments)]
     commits = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from node import adversary
+from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import UnitSpec, fresh_state, state_hash
@@ -180,6 +182,10 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         for j, is_canary in enumerate(plan):
             if is_canary:  # the honest verifier's verdict on a canary is the real replay verdict of a bad segment
                 honest_flags_wrong += canary_bad[bad_idx[(t + j) % len(bad_idx)]]
+    if a.cross_units:
+        out["cross_plan"] = run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
+                                      [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))
+        out["false_slash"] += out["cross_plan"]["false_slash"]
     out["lazy_verifier_caught_rate"] = lazy_caught / a.trials
     out["honest_verifier_canary_errors"] = honest_flags_wrong
     log(f"lazy verifier caught within 50 tasks in {lazy_caught}/{a.trials} trials; honest verifier approved "
@@ -187,10 +193,125 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     return out
 
 
+def _cross_spec(cfg: ModelConfig, a: argparse.Namespace, idx: int) -> UnitSpec:
+    return UnitSpec(job_id="bench-cross", unit_id="0x" + f"{idx:064x}", round=0, shard=idx % 4, n_shards=4, model=cfg,
+                    steps=a.cross_steps, segment_len=a.cross_seg, batch_size=4, lr=3e-3, seed=5000 + idx,
+                    threads=1 + idx % 2)
+
+
+def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans: list[cc.Plan],
+              verifier: cc.Plan, referees: list[cc.Plan], cheat_verifier: cc.Plan) -> dict[str, Any]:
+    """Verification across hardware (execution plans that do not agree bit for bit): calibrate a tolerance on
+    honest units, then (a) honest units, trained on each provider plan, every segment replayed on the verifier's
+    plan; a disagreement goes to bisection and the referee (a plan other than the provider's); one segment per unit
+    is also disputed on purpose, so the referee's one-step margin on honest work is measured; (b) each adversary's
+    units (provider on the CPU, verifier on ``cheat_verifier``): every faked segment must fail, its bisection must
+    end on the faked step and the referee must slash."""
+    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(cfg, 7)
+    t0 = time.perf_counter()
+    cal = cc.calibrate([(_cross_spec(cfg, a, 900_000 + i), fresh_state(start)) for i in range(a.cal_units)],
+                       [verifier, *[r for r in referees if r != verifier]], provider_plan=provider_plans[0])
+    tol = cal.tolerance
+    out: dict[str, Any] = {"steps_per_unit": a.cross_steps, "segment_len": a.cross_seg,
+                           "provider_plans": [p.label for p in provider_plans], "verifier_plan": verifier.label,
+                           "referee_plans": [p.label for p in referees], "calibration_units": a.cal_units,
+                           "honest_drift_max": {str(k): float(f"{v:.3g}") for k, v in cal.honest_max.items()},
+                           "tolerance": {str(k): float(f"{v:.3g}") for k, v in tol.state},
+                           "loss_tolerance_micro": tol.loss_micro, "calibrate_s": round(time.perf_counter() - t0, 1)}
+    log(f"cross-plan tolerance ({tol.note}): honest drift {out['honest_drift_max']} -> tolerance {out['tolerance']}, "
+        f"loss {tol.loss_micro} micro-nats ({out['calibrate_s']} s)")
+    # (a) honest
+    t0 = time.perf_counter()
+    bit_identical = disputes = slashed = 0
+    worst_seg, worst_ref = 0.0, 0.0
+    for i in range(a.cross_units):
+        spec = _cross_spec(cfg, a, i)
+        plan = provider_plans[i % len(provider_plans)]
+        referee = next(r for r in referees if r != plan)
+        states, _, proof = cc.record_policy(spec, start, plan=plan)
+        ver = cc.PlanRunner(spec, fresh_state(start), verifier)
+        ref = cc.PlanRunner(spec, fresh_state(start), referee)
+        revealer = cc.Revealer(spec, cc.PlanRunner(spec, fresh_state(start), plan),
+                               {s: states[s * spec.segment_len] for s in range(spec.n_segments)})
+        for s in range(spec.n_segments):
+            end = states[(s + 1) * spec.segment_len]
+            v = cc.check_segment_across(spec, proof, s, states[s * spec.segment_len], end, tol, ver)
+            worst_seg = max(worst_seg, v.distance / v.threshold)
+            bit_identical += v.distance == 0.0
+            forced = s == i % spec.n_segments
+            if not v.ok or forced:
+                disputes += not v.ok
+                never = cc.Tolerance(tuple((k, 1e-300) for k, _ in tol.state), tol.loss_micro)  # disputes all
+                d = cc.bisect_segment(spec, proof, s, revealer, tol if not v.ok else never, ver)
+                r = cc.referee_step(spec, d, revealer, tol, ref)
+                worst_ref = max(worst_ref, r.distance / r.threshold)
+                slashed += r.fraud
+    segs = a.cross_units * (a.cross_steps // a.cross_seg)
+    out.update({"honest_units": a.cross_units, "honest_segments": segs, "bit_identical_segments": bit_identical,
+                "false_disputes": disputes, "false_slash": slashed,
+                "honest_worst_over_tolerance": round(worst_seg, 4),
+                "referee_honest_worst_over_tolerance": round(worst_ref, 4), "honest_s": round(time.perf_counter() - t0, 1)})
+    log(f"cross-plan honest: {a.cross_units} units / {segs} segments (bit-identical {bit_identical}), worst drift "
+        f"{worst_seg:.3f} x tolerance, {disputes} disputes, referee worst {worst_ref:.3g} x one-step tolerance, "
+        f"{slashed} false slashes ({out['honest_s']} s)")
+    # (b) cheats
+    adv: dict[str, Any] = {}
+    frac = 1 / a.cross_steps  # one faked step per unit
+    worst_margin = math.inf
+    for name, (factory, touches, swap) in _adversaries(frac).items():
+        faked = detected = exact = fraud = bisect_steps = 0
+        margin = math.inf
+        for j in range(a.cross_cheat_units):
+            spec = replace(_cross_spec(cfg, a, 10_000 + 100 * len(adv) + j), threads=1)
+            policy = factory(spec)
+            bad = sorted(getattr(policy, "bad", ())) or None
+            first = fresh_state(init_state(cfg, 99)) if swap else None
+            states, _, proof = cc.record_policy(spec, start, policy, first_state=first)
+            reveal = cc.RecordedReveal(states, lie={0: fresh_state(start)})
+            ver = cc.PlanRunner(spec, fresh_state(start), cheat_verifier)
+            ref = cc.PlanRunner(spec, fresh_state(start), referees[0])
+            segs_faked = sorted({b // spec.segment_len for b in bad}) if bad else [0]
+            for s in segs_faked:
+                faked += 1
+                v = cc.check_segment_across(spec, proof, s, reveal(s * spec.segment_len),
+                                            states[(s + 1) * spec.segment_len], tol, ver)
+                if v.ok:
+                    continue
+                detected += 1
+                if v.kind == "loss":
+                    r = cc.referee_loss(spec, proof, s, reveal(s * spec.segment_len), tol, ref)
+                    exact += 1
+                    margin = min(margin, r.distance / r.threshold)
+                else:
+                    d = cc.bisect_segment(spec, proof, s, reveal, tol, ver)
+                    bisect_steps += d.verifier_steps
+                    exact += (d.step in bad) if bad else d.step == s * spec.segment_len
+                    r = cc.referee_step(spec, d, reveal, tol, ref)
+                    margin = min(margin, r.distance / r.threshold)
+                fraud += r.fraud
+        adv[name] = {"touches": "one step" if frac < 1 and "%" in touches else touches, "faked_segments": faked,
+                     "detected_rate": detected / faked, "bisected_to_faked_step": exact / faked,
+                     "slashed_rate": fraud / faked, "referee_margin_min": float(f"{margin:.3g}"),
+                     "dispute_verifier_steps_mean": round(bisect_steps / max(1, detected), 1)}
+        worst_margin = min(worst_margin, margin)
+        log(f"cross-plan {name:15s} faked segments {faked}: detected {detected}, bisected to the faked step {exact}, "
+            f"slashed {fraud}; referee distance >= {margin:.3g} x one-step tolerance")
+    out["adversaries"] = adv
+    if adv:
+        out["min_slashed_rate"] = min(r["slashed_rate"] for r in adv.values())
+        out["referee_margin_min"] = float(f"{worst_margin:.3g}")
+    return out
+
+
 def run_gpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from node.gpu_bench import gpu_overhead
 
-    return gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log)
+    figures = gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log)
+    if a.cross_units:  # honest CUDA providers checked on the CPU; CPU-trained cheats checked on CUDA
+        cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
+        figures["cross_device"] = run_cross(a, log, [cuda], cpu, [cpu, cc.Plan("cpu", 2)], cuda)
+    return figures
 
 
 def main(argv: list[str]) -> int:
@@ -208,6 +329,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpu-steps", type=int, default=300)
     p.add_argument("--gpu-commit-every", type=int, default=50)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--cross-units", type=int, default=200, help="honest units verified on another plan (0: skip)")
+    p.add_argument("--cross-cheat-units", type=int, default=10, help="units per adversary verified on another plan")
+    p.add_argument("--cross-steps", type=int, default=64)
+    p.add_argument("--cross-seg", type=int, default=16)
+    p.add_argument("--cal-units", type=int, default=4, help="honest units the cross-plan tolerance is calibrated on")
     a = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {a.device}")

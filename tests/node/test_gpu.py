@@ -44,3 +44,37 @@ def test_honest_cuda_training_replays_bit_for_bit_on_the_same_gpu() -> None:
     a = state_hash(export_training_state(*_trained(5, det=True)))
     b = state_hash(export_training_state(*_trained(5, det=True)))
     assert a == b
+
+
+def test_cuda_work_verifies_on_the_cpu_within_a_calibrated_tolerance_and_a_cheat_does_not() -> None:
+    """Across devices the replay is not bit-identical; the calibrated tolerance passes honest CUDA work checked on
+    the CPU, and a CPU cheat checked on CUDA is bisected to its faked step and slashed by a CUDA referee."""
+    from node import adversary
+    from node import crosscheck as cc
+    from node.trainer import UnitSpec, fresh_state
+
+    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(tiny, 3)
+
+    def spec(i: int) -> UnitSpec:
+        return UnitSpec(job_id="job-gpu", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4, model=tiny,
+                        steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i)
+
+    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
+    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cpu], provider_plan=cuda).tolerance
+    sp = spec(10)
+    states, _, proof = cc.record_policy(sp, start, plan=cuda)
+    on_cpu = cc.PlanRunner(sp, fresh_state(start), cpu)
+    got, _ = on_cpu.replay(states[0], 0, 8)
+    assert state_hash(got) != proof.segments[0].end_hash  # the devices really differ
+    for s in range(4):
+        v = cc.check_segment_across(sp, proof, s, states[8 * s], states[8 * s + 8], tol, on_cpu)
+        assert v.ok, v.reason
+    sp = spec(11)
+    states, _, proof = cc.record_policy(sp, start, adversary.SkipSteps(frozenset({13})))
+    on_cuda = cc.PlanRunner(sp, fresh_state(start), cuda)
+    v = cc.check_segment_across(sp, proof, 1, states[8], states[16], tol, on_cuda)
+    assert not v.ok and v.kind == "state"
+    d = cc.bisect_segment(sp, proof, 1, cc.RecordedReveal(states), tol, on_cuda)
+    assert d.step == 13
+    assert cc.referee_step(sp, d, cc.RecordedReveal(states), tol, cc.PlanRunner(sp, fresh_state(start), cuda)).fraud

@@ -67,7 +67,8 @@ def test_replayer_rejects_a_revealed_state_that_is_not_the_committed_one() -> No
 
 def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     rc = bench.main(["--steps", "64", "--trials", "20", "--pool", "1", "--honest-units", "4", "--honest-steps", "4",
-                     "--overhead-steps", "16", "--repeats", "1", "--fraction", "0.05"])
+                     "--overhead-steps", "16", "--repeats", "1", "--fraction", "0.05", "--cross-units", "2",
+                     "--cross-cheat-units", "1", "--cross-steps", "16", "--cross-seg", "4", "--cal-units", "1"])
     assert rc == 0
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("min_caught_rate", "false_slash", "verify_cost_ratio", "proof_overhead", "lazy_verifier_caught_rate"):
@@ -78,3 +79,9 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     # 64 segments at the standard rate buy one challenge (segment 0): sparse cheats slip through at this size,
     # which is why real units are long (the full-size bench shows them caught)
     assert fig["adversaries"]["skip_steps"]["unit_catch_rate"] == 0
+    cross = fig["cross_plan"]  # verification on another execution plan: tolerance, bisection, referee
+    assert cross["bit_identical_segments"] == 0 and cross["false_slash"] == 0
+    assert cross["honest_worst_over_tolerance"] < 1 and cross["referee_honest_worst_over_tolerance"] < 1
+    assert cross["min_slashed_rate"] == 1.0 and cross["referee_margin_min"] > 1
+    for name, r in cross["adversaries"].items():
+        assert r["detected_rate"] == r["bisected_to_faked_step"] == 1.0, name
