@@ -82,6 +82,8 @@ def verifier_run(
     chain: Annotated[Optional[str], typer.Option(help="JSON-RPC URL of the chain, to stake (needed with --stake)")] = None,
     stake: Annotated[str, typer.Option(help="GMT to keep staked; backs signed fraud accusations (bond per dispute)")] = "0",
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
+    plan: Annotated[str, typer.Option(help="How this machine replays: 'cpu' (the providers' plan: bit for bit), or "
+                                           "another, e.g. 'cpu/mb2' or 'cuda' (within a calibrated tolerance)")] = "cpu",
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
@@ -89,8 +91,10 @@ def verifier_run(
     from node.verifier_agent import VerifierAgent
     from node.wallet import load_or_create
 
+    from node.crosscheck import Plan
+
     account = load_or_create(wallet)
-    agent = VerifierAgent(marketplace, account)
+    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan))
     if tokens(stake) > 0:
         if not chain:
             raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")

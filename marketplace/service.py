@@ -282,6 +282,10 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         assert job is not None
         return {"verification_id": task.id, "segment": task.segment, "spec": unit_spec(job, unit).to_json(),
                 "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment], "provider": task.provider,
+                # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
+                # hardware compares its replay with it within a tolerance instead of bit for bit
+                "end_blob": (unit.segment_blobs[task.segment + 1] if task.segment + 1 < len(unit.segment_blobs)
+                             else unit.final_blob),
                 "evidence": "0x" + verification.fraud_evidence(unit.id, task.segment, task.provider).hex()}
 
 

@@ -312,6 +312,7 @@ class CrossVerdict:
     threshold: float
     loss_delta_micro: int
     reason: str
+    replayed_hash: str | None = None  # hash of the state the replay reached (never equal to the claim across plans)
 
 
 def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, end: State,
@@ -322,8 +323,9 @@ def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, s
         raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
     thr = tol.for_steps(spec.segment_len)
 
-    def verdict(ok: bool, kind: str, reason: str, d: float = math.nan, dl: int = 0) -> CrossVerdict:
-        return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason)
+    def verdict(ok: bool, kind: str, reason: str, d: float = math.nan, dl: int = 0,
+                replayed: str | None = None) -> CrossVerdict:
+        return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason, replayed)
 
     problem = claim_problem(spec, proof, seg_index)
     if problem is not None:
@@ -336,11 +338,34 @@ def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, s
     got, losses = runner.replay(start, seg_index * spec.segment_len, spec.segment_len)
     d = distance(got, end)
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
+    h = state_hash(got)
     if not d <= thr:
-        return verdict(False, "state", f"replay lands {d:.3g} from the committed end (tolerance {thr:.3g})", d, dl)
+        return verdict(False, "state", f"replay lands {d:.3g} from the committed end (tolerance {thr:.3g})", d, dl, h)
     if dl > tol.loss_micro:
-        return verdict(False, "loss", f"committed mean loss off by {dl} micro-nats (tolerance {tol.loss_micro})", d, dl)
-    return verdict(True, "ok", f"replay within tolerance ({d:.3g} <= {thr:.3g})", d, dl)
+        return verdict(False, "loss", f"committed mean loss off by {dl} micro-nats (tolerance {tol.loss_micro})",
+                       d, dl, h)
+    return verdict(True, "ok", f"replay within tolerance ({d:.3g} <= {thr:.3g})", d, dl, h)
+
+
+_CALIBRATED: dict[tuple[Any, ...], Tolerance] = {}
+
+
+def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: Plan = PROVIDER_PLAN) -> Tolerance:
+    """A verifier's tolerance for units shaped like ``spec`` (model, segment length, batch, lr, threads), calibrated
+    once per process on ``units`` honest units of two segments each from fresh weights, provider plan vs ``plan``.
+    The verifier's tolerance only decides whether to dispute; a slash is decided by the referee's one-step replay."""
+    key = (spec.model, spec.segment_len, spec.batch_size, spec.lr, spec.threads, plan, provider_plan, units)
+    if key not in _CALIBRATED:
+        from dataclasses import replace
+
+        from node.model import init_state
+
+        steps = 2 * spec.segment_len
+        cal = [(replace(spec, job_id="gridmint-calibration", unit_id="0x" + f"{0xca11b + i:064x}", round=0,
+                        shard=i % spec.n_shards, steps=steps, seed=i), fresh_state(init_state(spec.model, 1000 + i)))
+               for i in range(units)]
+        _CALIBRATED[key] = calibrate(cal, [plan], provider_plan=provider_plan).tolerance
+    return _CALIBRATED[key]
 
 
 # --------------------------------------------------------------------------- disputes

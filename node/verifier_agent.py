@@ -9,9 +9,12 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
+from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient
+from node.crosscheck import PROVIDER_PLAN, Plan
 from node.replay import check_segment
 from node.trainer import UnitSpec
+from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
 from protocol.verification import fraud_evidence
@@ -21,7 +24,8 @@ console = Console(stderr=True)
 
 class VerifierAgent:
     def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
-                 poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False) -> None:
+                 poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False,
+                 plan: Plan = PROVIDER_PLAN) -> None:
         self.client = MarketClient(marketplace, account)
         self.account = account
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
@@ -30,6 +34,7 @@ class VerifierAgent:
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
         self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
+        self.plan = plan  # how this machine replays; another plan than the providers' checks within a tolerance
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
@@ -50,25 +55,46 @@ class VerifierAgent:
         proof = TrainingProof.from_dict(task["proof"])
         seg = int(task["segment"])
         path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
-        verdict = check_segment(spec, proof, seg, path)
-        ok = True if self.approve_everything else False if self.accuse_everything else verdict.ok
+        if self.plan == PROVIDER_PLAN:
+            verdict = check_segment(spec, proof, seg, path)
+            found, reason, replayed_end = verdict.ok, verdict.reason, verdict.replayed_end
+        else:
+            end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
+            found, reason, replayed_end = self._check_across(spec, proof, seg, path, end)
+        ok = True if self.approve_everything else False if self.accuse_everything else found
         claimed = proof.segments[seg].end_hash
-        replayed = verdict.replayed_end or "0x" + "00" * 32
+        replayed = replayed_end or "0x" + "00" * 32
         replayed = replayed if replayed.startswith("0x") else "0x" + replayed
         claimed = claimed if claimed.startswith("0x") else "0x" + claimed
         message = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(replayed)}
         body = {"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
                 "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
-                "reason": verdict.reason[:500]}
+                "reason": reason[:500]}
         if not ok and self.accuse:
             evidence = fraud_evidence(spec.unit_id, seg, task["provider"])
             body["accusation"] = sign_accusation(self.account, self.client.chain_id, self.client.config["staking"],
                                                  task["provider"], evidence)
         self.client.verdict(body)
-        word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({verdict.reason})"
+        word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({reason})"
         console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
         return "ok" if ok else "fraud"
+
+    def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
+                      end_path: Path) -> tuple[bool, str, str | None]:
+        """Replay on this machine's plan and compare with the provider's end state within a calibrated tolerance."""
+        try:
+            start, _ = checkpoint.load(start_path)
+            end, _ = checkpoint.load(end_path)
+        except CheckpointError as exc:
+            return False, f"checkpoint rejected: {exc}", None
+        tol = crosscheck.tolerance_for(spec, self.plan)
+        try:
+            runner = crosscheck.PlanRunner(spec, start, self.plan)
+        except CheckpointError as exc:
+            return False, f"checkpoint is not a training state for this spec: {exc}", None
+        v = crosscheck.check_segment_across(spec, proof, seg, start, end, tol, runner)
+        return v.ok, f"[{self.plan.label}] {v.reason}", v.replayed_hash
 
     def run(self, exit_when_idle_s: float | None = None) -> None:
         from node.agent import Stopper

@@ -138,6 +138,32 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
     assert market.ops.total_supply() == supply_before
 
 
+def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the_cheat(market, tmp_path: Path) -> None:
+    """A verifier whose machine does not replay bit for bit (here: gradients in two micro-batches) checks within its
+    calibrated tolerance against the provider's end checkpoint: honest segments pass although no replayed hash
+    equals the committed one, and the cheat's segment fails and is slashed."""
+    from node.crosscheck import Plan
+    from protocol.proof import TrainingProof
+
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = VerifierAgent(market.url, market.account(), tmp_path / "verifier", plan=Plan("cpu", 2))
+    verifier.client.register_verifier()
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        units = {u.id: u for u in s.scalars(select(Unit).where(Unit.job_id == job_id))}
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_(list(units)))))
+    passed = [v for v in checks if v.status == "passed"]
+    assert passed and all(u.status == "verified" and u.provider == honest.account.address for u in units.values())
+    for v in passed:  # not one of them replayed bit for bit: the tolerance did the work
+        claimed = TrainingProof.from_dict(units[v.unit_id].proof).segments[v.segment].end_hash
+        assert v.replayed_hash != claimed
+    assert [v.provider for v in checks if v.status == "fraud"] == [cheat.account.address]
+
+
 def test_staked_verifier_fraud_proof_slashes_the_cheat_through_a_dispute(market, tmp_path: Path) -> None:
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
