@@ -201,11 +201,18 @@ def distance(replayed: State, claimed: State) -> float:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How far honest runs may drift apart: ``state`` maps a step count (powers of two) to the largest accepted
-    :func:`distance` after that many steps; ``loss_micro`` bounds the difference of a segment's mean loss."""
+    """How far honest runs may drift apart. ``state`` maps a step count (powers of two) to the largest
+    :func:`distance` a verifier accepts after that many steps (beyond it, it disputes); ``loss_micro`` bounds the
+    difference of a segment's mean loss; ``referee`` is the one-step distance beyond which the referee slashes.
+
+    The two sides are set apart on purpose: a dispute costs only replay time (and a wrong verifier its bond), so
+    the verifier's table sits a few times above honest drift, tight enough to flag one low-precision step in a
+    segment; a slash is irreversible, so the referee's threshold sits tens of times above honest one-step drift,
+    still far below what any faked step moves the state."""
 
     state: tuple[tuple[int, float], ...]
     loss_micro: int
+    referee: float
     factor: float = 1.0
     note: str = ""
 
@@ -217,6 +224,8 @@ class Tolerance:
             raise GridMintValueError("tolerance values must be finite and positive")
         if not isinstance(self.loss_micro, int) or self.loss_micro < 0:
             raise GridMintValueError(f"loss_micro must be a non-negative int, got {self.loss_micro!r}")
+        if not (isinstance(self.referee, float) and math.isfinite(self.referee) and self.referee > 0):
+            raise GridMintValueError(f"referee threshold must be a finite positive float, got {self.referee!r}")
 
     def for_steps(self, k: int) -> float:
         """Threshold after ``k`` steps: the entry of the smallest calibrated count >= k."""
@@ -226,14 +235,15 @@ class Tolerance:
         raise GridMintValueError(f"tolerance calibrated up to {self.state[-1][0]} steps, not {k}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"state": {str(k): v for k, v in self.state}, "loss_micro": self.loss_micro, "factor": self.factor,
-                "note": self.note}
+        return {"state": {str(k): v for k, v in self.state}, "loss_micro": self.loss_micro, "referee": self.referee,
+                "factor": self.factor, "note": self.note}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Tolerance:
         try:
             table = tuple(sorted((int(k), float(v)) for k, v in d["state"].items()))
-            return cls(table, int(d["loss_micro"]), float(d.get("factor", 1.0)), str(d.get("note", "")))
+            return cls(table, int(d["loss_micro"]), float(d["referee"]), float(d.get("factor", 1.0)),
+                       str(d.get("note", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GridMintValueError(f"not a tolerance: {exc}") from exc
 
@@ -266,11 +276,13 @@ def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[li
 
 
 def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[Plan], *,
-              provider_plan: Plan = PROVIDER_PLAN, factor: float = 8.0, loss_floor_micro: int = 4) -> Calibration:
+              provider_plan: Plan = PROVIDER_PLAN, factor: float = 3.0, referee_factor: float = 64.0,
+              loss_floor_micro: int = 4) -> Calibration:
     """Measure honest drift: each ``(spec, full start state)`` is trained on ``provider_plan``; then, for every
     power-of-two length ``k`` up to the segment length, every aligned window of ``k`` steps is replayed from the
-    provider's state on each verifier plan and compared with where the provider got. Tolerance = ``factor`` x the
-    worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise, at least the floor."""
+    provider's state on each verifier plan and compared with where the provider got. Dispute tolerance =
+    ``factor`` x the worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise (at least
+    the floor); referee threshold = ``referee_factor`` x the worst one-step drift."""
     honest: dict[int, float] = {}
     loss_max, windows = 0, 0
     for spec, start in units:
@@ -292,8 +304,9 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
         running = max(running, honest[k])
         table.append((k, factor * max(running, floor)))
     plans = ", ".join(p.label for p in verifier_plans)
-    tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)), factor,
-                    f"provider {provider_plan.label} vs {plans}; {windows} windows")
+    tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)),
+                    referee_factor * max(honest[1], floor), factor,
+                    f"provider {provider_plan.label} vs {plans}; {windows} windows; referee x{referee_factor:g}")
     return Calibration(honest, loss_max, windows, tol)
 
 
@@ -442,9 +455,9 @@ def bisect_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal:
 def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolerance, runner: PlanRunner) -> RefereeVerdict:
     """Replay the single disputed step from the provider's own revealed state and compare with its revealed next
     state (both must hash to what it said during the bisection). Fraud when it cannot back its claim or the step
-    lands beyond the one-step tolerance."""
+    lands beyond the referee's one-step threshold."""
     t = dispute.step
-    thr = tol.for_steps(1)
+    thr = tol.referee
     if dispute.provider_failed:
         return RefereeVerdict(True, t, math.inf, thr, dispute.provider_failed)
     before, why = _reveal(reveal, t)

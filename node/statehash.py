@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -57,11 +58,24 @@ class Layout:
             off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
         return cls(names, tuple(offsets), tuple(sizes), off, h.digest())
 
-    def pack(self, tensors: Mapping[str, Tensor], out: Tensor) -> None:
-        """Copy ``tensors`` into the uint8 buffer ``out`` (padding must already be zero)."""
+    def views(self, tensors: Mapping[str, Tensor], out: Tensor) -> list[Tensor]:
+        """Typed views into the uint8 buffer ``out``, one per non-empty tensor in name order, shaped like
+        ``tensors``' (offsets are 64-byte aligned, so every dtype can view its slot)."""
+        views = []
         for n, off, nbytes in zip(self.names, self.offsets, self.nbytes):
             if nbytes:
-                out[off : off + nbytes].copy_(tensors[n].detach().reshape(-1).view(torch.uint8))
+                t = tensors[n]
+                views.append(out[off : off + nbytes].view(t.dtype).view(t.shape))
+        return views
+
+    def sources(self, tensors: Mapping[str, Tensor]) -> list[Tensor]:
+        return [tensors[n] for n, nbytes in zip(self.names, self.nbytes) if nbytes]
+
+    def pack(self, tensors: Mapping[str, Tensor], out: Tensor, views: list[Tensor] | None = None) -> None:
+        """Copy ``tensors`` into the uint8 buffer ``out`` (padding must already be zero): one fused copy over all
+        tensors (``views``: :meth:`views` of ``out``, when the caller keeps them)."""
+        with torch.no_grad():
+            torch._foreach_copy_(views if views is not None else self.views(tensors, out), self.sources(tensors))
 
     def digest(self, buf: memoryview, pool: Executor | None = None) -> str:
         chunks = [buf[i : i + CHUNK] for i in range(0, self.total, CHUNK)]
@@ -70,12 +84,24 @@ class Layout:
         return "0x" + hashlib.sha256(DOMAIN + self.layout_digest + b"".join(parts)).hexdigest()
 
 
+_scratch = threading.local()  # per thread: the last layout hashed, its zeroed buffer and typed views into it
+
+
 def state_hash(tensors: Mapping[str, Tensor]) -> str:
-    """``0x`` + the v2 state hash (see module doc). Synchronous; the reference the async hasher must equal."""
-    layout = Layout.of(tensors)
+    """``0x`` + the v2 state hash (see module doc). Synchronous; the reference the async hasher must equal.
+
+    A thread hashing states of one shape again and again (a verifier, a replayer) reuses its layout and buffer:
+    only the tensor slots are written, so the padding stays zero."""
     cpu = {n: (t.detach().cpu() if t.device.type != "cpu" else t) for n, t in tensors.items()}
-    buf = torch.zeros(layout.total, dtype=torch.uint8)
-    layout.pack(cpu, buf)
+    key = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(cpu.items()))
+    cached = getattr(_scratch, "entry", None)
+    if cached is None or cached[0] != key:
+        layout = Layout.of(cpu)
+        buf = torch.frombuffer(bytearray(layout.total), dtype=torch.uint8) if layout.total else torch.zeros(0, dtype=torch.uint8)
+        cached = (key, layout, buf, layout.views(cpu, buf))
+        _scratch.entry = cached
+    _, layout, buf, views = cached
+    layout.pack(cpu, buf, views)
     return layout.digest(memoryview(buf.numpy()))
 
 
@@ -100,6 +126,7 @@ class AsyncStateHasher:
         total, cuda = self.layout.total, self.device.type == "cuda"
         self._host = [torch.zeros(total, dtype=torch.uint8, pin_memory=cuda) for _ in range(buffers)]
         self._dev = [torch.zeros(total, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if cuda else None
+        self._views = [self.layout.views(template, b) for b in (self._dev if self._dev is not None else self._host)]
         self._side = torch.cuda.Stream(device=self.device) if cuda else None
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(buffers):
@@ -131,14 +158,14 @@ class AsyncStateHasher:
         event = None
         if self._dev is not None and self._side is not None:
             # device-to-device on the training stream: ordered before the next optimizer step touches the weights
-            self.layout.pack(tensors, self._dev[i])
+            self.layout.pack(tensors, self._dev[i], self._views[i])
             self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
                 self._host[i].copy_(self._dev[i], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._side)
         else:
-            self.layout.pack(tensors, self._host[i])
+            self.layout.pack(tensors, self._host[i], self._views[i])
         return self._pool.submit(self._hash, i, event)
 
     def _hash(self, i: int, event: torch.cuda.Event | None) -> str:

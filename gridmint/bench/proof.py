@@ -83,6 +83,33 @@ def _adversaries(frac: float) -> dict[str, tuple[Callable[[UnitSpec], StepPolicy
     }
 
 
+def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repeats: int, log: Callable[[str], None],
+                what: str) -> tuple[float, int]:
+    """(verifier seconds for the standard level's challenges of one honest unit / provider seconds to train it
+    without commitments, number of challenges). The verifier's time includes building its replayer, hashing each
+    revealed start state and each replayed end state."""
+    trace = train_traced(spec, start)
+    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost")
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+    claimed0 = fresh_state(start)
+
+    def keep(s: int, live: Any) -> None:  # the provider re-deriving the challenged states (its cost, not timed)
+        if s in picks:
+            kept[s] = {k: v.detach().clone() for k, v in (claimed0 if s == 0 else live).items()}
+
+    again = train_traced(spec, start, tap=keep)
+    assert again.proof == trace.proof, "honest training is not deterministic"
+    provider_s = spec.steps / statistics.median(plain_throughput(spec, start, commit_every=None) for _ in range(repeats))
+    t0 = time.perf_counter()
+    replayer = SegmentReplayer(spec, claimed0)
+    oks = [replayer.check(trace.proof, s, kept[s]).ok for s in picks]
+    verify_s = time.perf_counter() - t0
+    ratio = round(verify_s / provider_s, 4)
+    log(f"verify cost ({what}): {len(picks)} segments replayed in {verify_s:.3f} s vs {provider_s:.2f} s of plain "
+        f"training -> {ratio} (all ok: {all(oks)})")
+    return ratio, len(picks)
+
+
 def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(cfg, 7)
@@ -138,28 +165,14 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     log(f"honest: {a.honest_units} units x {a.honest_steps} steps, every segment replayed with the other thread "
         f"count: {false_units} false slashes ({time.perf_counter() - t0:.0f} s)")
 
-    # verification cost at the standard level, against the provider's plain training time for the same unit
+    # verification cost at the standard level, against the provider's plain training time for the same unit: on the
+    # toy shape above, and on the shape of a default job (what a customer buys: ModelConfig(), batch 16)
     spec = _spec(cfg, a.steps, 999_999)
-    trace = train_traced(spec, start)
-    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost")
-    kept: dict[int, dict[str, torch.Tensor]] = {}
-    claimed0 = fresh_state(start)
-
-    def keep(s: int, live: Any) -> None:  # the provider re-deriving the challenged states (its cost, not timed)
-        if s in picks:
-            kept[s] = {k: v.detach().clone() for k, v in (claimed0 if s == 0 else live).items()}
-
-    again = train_traced(spec, start, tap=keep)
-    assert again.proof == trace.proof, "honest training is not deterministic"
-    provider_s = spec.steps / statistics.median(plain_throughput(spec, start, commit_every=None) for _ in range(3))
-    t0 = time.perf_counter()
-    replayer = SegmentReplayer(spec, claimed0)
-    oks = [replayer.check(trace.proof, s, kept[s]).ok for s in picks]
-    verify_s = time.perf_counter() - t0
-    out["verify_cost_ratio"] = round(verify_s / provider_s, 4)
-    out["verify_challenges"] = len(picks)
-    log(f"verify cost: {len(picks)} segments replayed in {verify_s:.3f} s vs {provider_s:.2f} s of plain training "
-        f"-> {out['verify_cost_ratio']} (all ok: {all(oks)})")
+    out["verify_cost_ratio_toy"], _ = verify_cost(spec, start, rate, 3, log, "toy shape")
+    dspec = _spec(ModelConfig(), a.cost_steps, 999_998, batch=16)
+    out["verify_cost_ratio"], picks = verify_cost(dspec, init_state(ModelConfig(), 7), rate, 1, log, "default job shape")
+    out["verify_challenges"] = picks
+    out["verify_cost_shape"] = {"model": ModelConfig().to_dict(), "batch_size": 16, "steps": a.cost_steps}
 
     # commitment overhead on the trainer: per-step async hashing vs none, interleaved
     ospec = replace(spec, steps=a.overhead_steps)
@@ -218,9 +231,10 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                            "referee_plans": [p.label for p in referees], "calibration_units": a.cal_units,
                            "honest_drift_max": {str(k): float(f"{v:.3g}") for k, v in cal.honest_max.items()},
                            "tolerance": {str(k): float(f"{v:.3g}") for k, v in tol.state},
-                           "loss_tolerance_micro": tol.loss_micro, "calibrate_s": round(time.perf_counter() - t0, 1)}
+                           "loss_tolerance_micro": tol.loss_micro, "referee_threshold": float(f"{tol.referee:.3g}"),
+                           "calibrate_s": round(time.perf_counter() - t0, 1)}
     log(f"cross-plan tolerance ({tol.note}): honest drift {out['honest_drift_max']} -> tolerance {out['tolerance']}, "
-        f"loss {tol.loss_micro} micro-nats ({out['calibrate_s']} s)")
+        f"loss {tol.loss_micro} micro-nats, referee one-step {tol.referee:.3g} ({out['calibrate_s']} s)")
     # (a) honest
     t0 = time.perf_counter()
     bit_identical = disputes = slashed = 0
@@ -242,7 +256,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
             forced = s == i % spec.n_segments
             if not v.ok or forced:
                 disputes += not v.ok
-                never = cc.Tolerance(tuple((k, 1e-300) for k, _ in tol.state), tol.loss_micro)  # disputes all
+                never = replace(tol, state=tuple((k, 1e-300) for k, _ in tol.state))  # disputes everything
                 d = cc.bisect_segment(spec, proof, s, revealer, tol if not v.ok else never, ver)
                 r = cc.referee_step(spec, d, revealer, tol, ref)
                 worst_ref = max(worst_ref, r.distance / r.threshold)
@@ -253,15 +267,15 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 "honest_worst_over_tolerance": round(worst_seg, 4),
                 "referee_honest_worst_over_tolerance": round(worst_ref, 4), "honest_s": round(time.perf_counter() - t0, 1)})
     log(f"cross-plan honest: {a.cross_units} units / {segs} segments (bit-identical {bit_identical}), worst drift "
-        f"{worst_seg:.3f} x tolerance, {disputes} disputes, referee worst {worst_ref:.3g} x one-step tolerance, "
+        f"{worst_seg:.3f} x tolerance, {disputes} disputes, referee worst {worst_ref:.3g} x its threshold, "
         f"{slashed} false slashes ({out['honest_s']} s)")
     # (b) cheats
     adv: dict[str, Any] = {}
     frac = 1 / a.cross_steps  # one faked step per unit
     worst_margin = math.inf
     for name, (factory, touches, swap) in _adversaries(frac).items():
-        faked = detected = exact = fraud = bisect_steps = 0
-        margin = math.inf
+        faked = detected = exact = fraud = bisect_steps = by_loss = 0
+        margin = loss_margin = math.inf
         for j in range(a.cross_cheat_units):
             spec = replace(_cross_spec(cfg, a, 10_000 + 100 * len(adv) + j), threads=1)
             policy = factory(spec)
@@ -282,7 +296,8 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 if v.kind == "loss":
                     r = cc.referee_loss(spec, proof, s, reveal(s * spec.segment_len), tol, ref)
                     exact += 1
-                    margin = min(margin, r.distance / r.threshold)
+                    by_loss += 1
+                    loss_margin = min(loss_margin, r.distance / r.threshold)
                 else:
                     d = cc.bisect_segment(spec, proof, s, reveal, tol, ver)
                     bisect_steps += d.verifier_steps
@@ -292,11 +307,13 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 fraud += r.fraud
         adv[name] = {"touches": "one step" if frac < 1 and "%" in touches else touches, "faked_segments": faked,
                      "detected_rate": detected / faked, "bisected_to_faked_step": exact / faked,
-                     "slashed_rate": fraud / faked, "referee_margin_min": float(f"{margin:.3g}"),
+                     "slashed_rate": fraud / faked, "caught_by_loss_only": by_loss,
+                     "referee_margin_min": float(f"{margin:.3g}"), "loss_margin_min": float(f"{loss_margin:.3g}"),
                      "dispute_verifier_steps_mean": round(bisect_steps / max(1, detected), 1)}
         worst_margin = min(worst_margin, margin)
-        log(f"cross-plan {name:15s} faked segments {faked}: detected {detected}, bisected to the faked step {exact}, "
-            f"slashed {fraud}; referee distance >= {margin:.3g} x one-step tolerance")
+        log(f"cross-plan {name:15s} faked segments {faked}: detected {detected} ({by_loss} by the loss alone), "
+            f"localized {exact}, slashed {fraud}; referee: state >= {margin:.3g} x its threshold, loss >= "
+            f"{loss_margin:.3g} x its tolerance")
     out["adversaries"] = adv
     if adv:
         out["min_slashed_rate"] = min(r["slashed_rate"] for r in adv.values())
@@ -325,6 +342,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--honest-units", type=int, default=1000)
     p.add_argument("--honest-steps", type=int, default=16)
     p.add_argument("--overhead-steps", type=int, default=512)
+    p.add_argument("--cost-steps", type=int, default=1000, help="unit length for the default-job verify cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-steps", type=int, default=300)
     p.add_argument("--gpu-commit-every", type=int, default=50)

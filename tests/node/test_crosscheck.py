@@ -73,7 +73,7 @@ def test_honest_units_pass_across_plans_and_a_forced_dispute_is_lost_by_the_veri
             assert not d.provider_failed and d.step == seg * SEG  # a verifier that never agrees ends at the first step
             r = cc.referee_step(spec, d, revealer, tol, ref)
             assert not r.fraud, r.reason
-            assert r.distance < tol.for_steps(1)
+            assert r.distance < tol.referee / 4
 
 
 SPARSE = {
@@ -100,7 +100,7 @@ def test_a_sparse_cheat_fails_its_segment_and_the_bisection_finds_the_faked_step
         d = cc.bisect_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver)
         assert d.step == bad and len(d.rounds) == 3 and d.verifier_steps <= SEG
         r = cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ref)
-        assert r.fraud and r.distance > 10 * tol.for_steps(1), r.reason
+        assert r.fraud and r.distance > 4 * tol.referee, r.reason
     else:
         r = cc.referee_loss(spec, proof, 1, states[SEG], tol, ref)
         assert r.fraud and r.distance > tol.loss_micro
@@ -181,13 +181,15 @@ def test_distance_tolerance_and_plan_reject_bad_input() -> None:
     w = next(k for k in a if k.startswith("model."))
     nan[w] = torch.full_like(a[w], float("nan"))
     assert not cc.distance(nan, a) <= 1.0  # a NaN state never passes a tolerance
-    tol = cc.Tolerance(((1, 1e-5), (4, 1e-4)), 5)
+    tol = cc.Tolerance(((1, 1e-5), (4, 1e-4)), 5, 1e-3)
     assert cc.Tolerance.from_dict(tol.to_dict()) == tol
     assert tol.for_steps(3) == 1e-4
     with pytest.raises(GridMintValueError, match="calibrated up to 4"):
         tol.for_steps(8)
-    for bad in ({"state": {"2": 1e-5}, "loss_micro": 1}, {"state": {"1": -1.0}, "loss_micro": 1}, {"loss_micro": 1},
-                {"state": {"1": 1e-5}, "loss_micro": -1}, {"state": "x", "loss_micro": 1}):
+    ok = {"state": {"1": 1e-5}, "loss_micro": 1, "referee": 1e-4}
+    for bad in ({**ok, "state": {"2": 1e-5}}, {**ok, "state": {"1": -1.0}}, {"loss_micro": 1, "referee": 1e-4},
+                {**ok, "loss_micro": -1}, {**ok, "state": "x"}, {**ok, "referee": 0.0}, {**ok, "referee": "inf"},
+                {k: v for k, v in ok.items() if k != "referee"}):
         with pytest.raises(GridMintValueError):
             cc.Tolerance.from_dict(bad)
     assert cc.Plan.parse("cpu/mb4") == cc.Plan("cpu", 4) and cc.Plan.parse("cuda").device == "cuda"

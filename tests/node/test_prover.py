@@ -68,7 +68,8 @@ def test_replayer_rejects_a_revealed_state_that_is_not_the_committed_one() -> No
 def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     rc = bench.main(["--steps", "64", "--trials", "20", "--pool", "1", "--honest-units", "4", "--honest-steps", "4",
                      "--overhead-steps", "16", "--repeats", "1", "--fraction", "0.05", "--cross-units", "2",
-                     "--cross-cheat-units", "1", "--cross-steps", "16", "--cross-seg", "4", "--cal-units", "1"])
+                     "--cross-cheat-units", "1", "--cross-steps", "16", "--cross-seg", "4", "--cal-units", "1",
+                     "--cost-steps", "16"])
     assert rc == 0
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("min_caught_rate", "false_slash", "verify_cost_ratio", "proof_overhead", "lazy_verifier_caught_rate"):
