@@ -48,13 +48,16 @@ def node_run(
     capacity: Annotated[int, typer.Option(help="Units trained at once")] = 1,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     adversary: Annotated[Optional[str], typer.Option(hidden=True, help="Cheat on purpose (demo/adversary suite)")] = None,
+    plan: Annotated[str, typer.Option(help="How to train: 'cpu' (replayed bit for bit by anyone), or another plan such "
+                                           "as 'cuda' or 'cpu/mb2' (checked within a calibrated tolerance; disputes "
+                                           "are bisected and you reveal states on request)")] = "cpu",
 ) -> None:
-    """Pull work, train it, submit it with proof-of-training commitments, claim earnings."""
+    """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings."""
     from node.agent import AgentConfig, ProviderAgent
     from node.wallet import load_or_create
 
     cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
-                      capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary)
+                      capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary, plan=plan)
     ProviderAgent(cfg, load_or_create(wallet)).run()
 
 

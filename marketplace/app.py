@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import select
 
-from marketplace import service, settlement
+from marketplace import referee, service, settlement
 from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
@@ -35,7 +35,8 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
-from protocol.schemas import Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, VerdictSubmit
+from protocol.schemas import (Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, RevealSubmit,
+                              VerdictSubmit, VerifierRegister)
 from protocol.signing import SignedRequest
 
 JSON_LIMIT = 1024 * 1024
@@ -150,7 +151,9 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"chain_id": rt.chain_id, "token": d.token, "staking": d.staking, "escrow": d.escrow, "treasury": d.treasury,
                 "distributor": rt.contracts.distributor.address,
                 "min_stake": str(rt.settings.min_stake), "max_upload_bytes": rt.settings.max_upload_bytes,
-                "unit_timeout_s": rt.settings.unit_timeout_s,
+                "unit_timeout_s": rt.settings.unit_timeout_s, "reveal_timeout_s": rt.settings.reveal_timeout_s,
+                # devices the referee replays on: a provider's execution plan must use one of them
+                "referee_devices": referee.devices(),
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 
@@ -226,11 +229,34 @@ def create_app(rt: Runtime) -> FastAPI:
         service.submit_result(rt, req.signer, body)
         return {"status": "submitted"}
 
+    @app.post("/reveals/next", summary="Poll for a state a referee wants revealed (signed)", responses={
+        200: {"description": "A dispute over one of the signer's segments waits for its state before a step",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        204: {"description": "Nothing asked now; poll again"}, **_errors(404)})
+    def reveal_next(req: Signed) -> Response:
+        """In a dispute over a segment the signer trained on another execution plan than the referee's, the referee
+        bisects it and asks for the provider's training state before one step; it re-derives it from the segment's
+        start checkpoint on its own plan. Unanswered by the deadline, the dispute is lost."""
+        ask = service.next_reveal(rt, req.signer)
+        return Response(status_code=204) if ask is None else JSONResponse(ask)
+
+    @app.post("/reveals", summary="Reveal a training state in a dispute (signed)", openapi_extra=body_doc(RevealSubmit),
+              responses=_errors(404, 409, 422))
+    def reveal(req: Signed, request: Request) -> dict[str, str]:
+        """Body: ``RevealSubmit``: the uploaded checkpoint of the asked state and the provider's EIP-712 ``Reveal``
+        signature over (unit, step, state hash). The referee then takes the next bisection step."""
+        body = _parse(RevealSubmit, request._body)  # noqa: SLF001
+        return {"status": service.record_reveal(rt, req.signer, body)}
+
     # ------------------------------------------------------------ verifiers
-    @app.post("/verifiers/register", status_code=201, summary="Join the verifier pool (signed)")
-    def verifier_register(req: Signed) -> dict[str, str]:
-        """The signer becomes (or stays) a verifier and may poll ``/verify/next``."""
-        service.register_verifier(rt, req.signer)
+    @app.post("/verifiers/register", status_code=201, summary="Join the verifier pool (signed)",
+              openapi_extra=body_doc(VerifierRegister), responses=_errors(422))
+    def verifier_register(req: Signed, request: Request) -> dict[str, str]:
+        """Body (optional): ``VerifierRegister``, the verifier's execution plan. The signer becomes (or stays) a
+        verifier and may poll ``/verify/next``; it is handed only segments whose plan its devices can replay."""
+        raw = request._body  # noqa: SLF001
+        body = _parse(VerifierRegister, raw) if raw else None
+        service.register_verifier(rt, req.signer, body)
         return {"address": req.signer}
 
     @app.post("/verify/next", summary="Poll for a verification task (signed)", responses={

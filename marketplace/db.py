@@ -75,6 +75,7 @@ class Verifier(Base):
     fraud_found: Mapped[int] = mapped_column(Integer, default=0)
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    plan: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # how it replays
 
 
 class Job(Base):
@@ -114,6 +115,7 @@ class Unit(Base):
     segment_blobs: Mapped[list[Any]] = mapped_column(JSON, default=list)
     losses: Mapped[list[Any]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    plan: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # how the provider trained
 
 
 class Verification(Base):
@@ -123,13 +125,16 @@ class Verification(Base):
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
     segment: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # pending -> assigned -> passed | disputed -> fraud (referee agreed) | verifier_wrong
+    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
     signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)  # the evidence id used on chain
     accusation: Mapped[str | None] = mapped_column(String(132), nullable=True)  # verifier's signed Accusation
+    # A dispute over a segment trained on another plan than the referee's: the bisection's open question and the
+    # provider's signed answers, {"asked": step, "deadline": unix s, "reveals": {step: {blob, hash, signature}}}
+    bisect: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class LedgerEntry(Base):

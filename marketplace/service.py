@@ -14,7 +14,7 @@ from eth_utils import keccak
 from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from marketplace import matching, settlement, standby
+from marketplace import matching, referee, settlement, standby
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
@@ -22,11 +22,12 @@ from protocol import verification
 from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
-from node.replay import check_segment
+from node.crosscheck import Plan
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_structure
-from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerdictSubmit
+from protocol.schemas import (Heartbeat, JobSpec, ProviderRegister, ResultSubmit, RevealSubmit, VerdictSubmit,
+                              VerifierRegister)
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
 
 
@@ -65,10 +66,12 @@ def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Prov
     return p
 
 
-def register_verifier(rt: Runtime, address: str) -> None:
+def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None = None) -> None:
     with rt.sessions.begin() as s:
         v = s.get(Verifier, address) or Verifier(address=address)
         v.last_seen = now_s()
+        if body is not None:
+            v.plan = body.plan
         s.add(v)
 
 
@@ -219,6 +222,10 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         spec = unit_spec(job, unit)
         level = JobSpec.model_validate(job.spec).verification
         global_blob = job.global_blob
+    plan = Plan.parse(body.plan)
+    if not referee.refereeable(plan):
+        raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
+                                 f"{', '.join(referee.devices())} only); train on one of those")
     proof = TrainingProof.from_dict(body.proof)
     signer = recover_typed("TrainingProof", rt.chain_id, proof.signable_fields(), body.proof_signature)
     if signer != provider:
@@ -247,6 +254,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
         unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
+        unit.plan = plan.label
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
@@ -271,7 +279,10 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         if v is None:
             raise NotFound(f"verifier {verifier} is not registered")
         v.last_seen = now
-        task = s.scalars(select(Verification).where(Verification.status == "pending", Verification.provider != verifier)
+        # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment
+        checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
+        task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
+                         .where(Verification.status == "pending", Verification.provider != verifier, checkable)
                          .order_by(Verification.id).limit(1)).first()
         if task is None:
             return None
@@ -282,11 +293,18 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         assert job is not None
         return {"verification_id": task.id, "segment": task.segment, "spec": unit_spec(job, unit).to_json(),
                 "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment], "provider": task.provider,
+                "plan": unit.plan,  # how the provider trained: the same plan replays bit for bit, another within a tolerance
                 # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
                 # hardware compares its replay with it within a tolerance instead of bit for bit
-                "end_blob": (unit.segment_blobs[task.segment + 1] if task.segment + 1 < len(unit.segment_blobs)
-                             else unit.final_blob),
+                "end_blob": _end_blob(unit, task.segment),
                 "evidence": "0x" + verification.fraud_evidence(unit.id, task.segment, task.provider).hex()}
+
+
+def _end_blob(unit: Unit, seg: int) -> str:
+    """The checkpoint a segment ends in: the next segment's start, or the unit's final checkpoint."""
+    blob = unit.segment_blobs[seg + 1] if seg + 1 < len(unit.segment_blobs) else unit.final_blob
+    assert blob is not None
+    return blob
 
 
 def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
@@ -354,26 +372,51 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     """Referee a disputed segment: relay the verifier's signed accusation on chain (it freezes both stakes), replay
     the segment here, and resolve. Fraud -> the provider is slashed (bounty to the verifier) and its units go back to
     the pool; no fraud -> the verifier's bond is forfeit. A dispute without a (usable) accusation is settled by the
-    operator's governance slash instead. Every chain step checks first, so a re-run task sends nothing twice."""
+    operator's governance slash instead. A segment trained on another execution plan is bisected with the provider
+    revealing states (``bisecting`` until it answers or its deadline passes; marketplace.referee). Every chain step
+    checks first, so a re-run task sends nothing twice."""
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
-        if task is None or task.status != "disputed":
+        if task is None or task.status not in ("disputed", "bisecting"):
             return task.status if task else "missing"
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec, proof, seg = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment
-        blob, provider, verifier, accusation = unit.segment_blobs[seg], task.provider, task.verifier, task.accusation
+        start, end, plan = unit.segment_blobs[seg], _end_blob(unit, seg), Plan.parse(unit.plan)
+        provider, verifier, accusation = task.provider, task.verifier, task.accusation
+        bisect = referee.bisect_view(task.bisect)
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
-    verdict = check_segment(spec, proof, seg, rt.blobs.path(blob))
-    if verdict.ok:
+    reveals = {int(k): rt.blobs.path(r["blob"]) for k, r in bisect["reveals"].items()}
+
+    def overdue(step: int) -> str:
+        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
+            return f"the provider did not reveal its state before step {step} by its deadline"
+        return ""
+
+    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue)
+    if verdict.fraud is None:  # the bisection waits for the provider's next reveal
+        assert verdict.pending is not None
+        with rt.sessions.begin() as s:
+            task = s.get(Verification, verification_id)
+            assert task is not None
+            b = referee.bisect_view(task.bisect)
+            if task.status in ("disputed", "bisecting") and b.get("asked") != verdict.pending:
+                b["asked"], b["deadline"] = verdict.pending, now_s() + rt.settings.reveal_timeout_s
+                task.status, task.bisect = "bisecting", b
+                log(s, "reveal_requested", job.id, unit=unit.id, segment=seg, provider=provider, step=verdict.pending,
+                    deadline=b["deadline"])
+            return task.status
+    if not verdict.fraud:
         lost = rt.contracts.resolve_dispute(evidence, False) if disputed and not rt.contracts.evidence_used(evidence) else 0
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
+            if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
+                return task.status
             task.status = "verifier_wrong"
             task.slash_tx = "0x" + evidence.hex() if disputed else None
             ver = s.get(Verifier, verifier)
@@ -382,7 +425,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
             log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider,
-                bond_lost=str(lost))
+                bond_lost=str(lost), reason=verdict.reason)
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"
@@ -398,6 +441,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         assert task is not None
+        if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
+            return task.status
         task.status = "fraud"
         task.slash_tx = "0x" + evidence.hex()
         prov = s.get(Provider, provider)
@@ -414,7 +459,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                                                                Verification.status.in_(["pending", "assigned"]))):
                 other.status = "void"
         log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
-            amount=str(before - prov.stake), claimed=verdict.claimed_end, replayed=verdict.replayed_end,
+            amount=str(before - prov.stake), claimed=verdict.claimed, replayed=verdict.replayed,
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"
@@ -434,6 +479,66 @@ def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, ac
         if exc.error_name != "StakingEvidenceUsed":  # already open: a re-run of this task
             raise
     return True
+
+
+# ---------------------------------------------------------------- reveals (the provider's side of a bisection)
+
+def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
+    """The state a referee is waiting for from ``provider``: which unit, the step before which it wants the training
+    state, and the segment's start checkpoint to re-derive it from (on the plan the provider declared)."""
+    with rt.sessions.begin() as s:
+        if s.get(Provider, provider) is None:
+            raise NotFound(f"provider {provider} is not registered")
+        for task in s.scalars(select(Verification).where(Verification.provider == provider,
+                                                         Verification.status == "bisecting").order_by(Verification.id)):
+            b = referee.bisect_view(task.bisect)
+            step = b.get("asked")
+            if step is None or str(step) in b["reveals"]:
+                continue
+            unit = s.get(Unit, task.unit_id)
+            assert unit is not None
+            job = s.get(Job, unit.job_id)
+            assert job is not None
+            return {"verification_id": task.id, "unit_id": unit.id, "segment": task.segment, "step": int(step),
+                    "spec": unit_spec(job, unit).to_json(), "plan": unit.plan,
+                    "checkpoint_blob": unit.segment_blobs[task.segment], "deadline": int(b["deadline"])}
+    return None
+
+
+def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
+    """Store a provider's revealed state: it must be the step the referee asked for, signed by the unit's provider
+    (EIP-712 Reveal), and the uploaded checkpoint must hash to the signed state hash. Then the referee goes on."""
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, body.verification_id)
+        if task is None:
+            raise NotFound(f"verification {body.verification_id} does not exist")
+        if task.provider != provider:
+            raise Conflict(f"verification {task.id} is not over a segment of {provider}")
+        b = referee.bisect_view(task.bisect)
+        if task.status != "bisecting" or b.get("asked") != body.step:
+            raise Conflict(f"verification {task.id} is not waiting for a state before step {body.step}"
+                           f" (status {task.status}, asked {b.get('asked')})")
+        unit_id = task.unit_id
+    message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
+    signer = recover_typed("Reveal", rt.chain_id, message, body.signature)
+    if signer != provider:
+        raise ProofError(f"reveal is signed by {signer}, not by the unit's provider {provider}")
+    tensors, _ = checkpoint.load(rt.blobs.read(body.blob))
+    if state_hash(tensors) != body.state_hash:
+        raise ProofError(f"revealed checkpoint hashes to {state_hash(tensors)}, not to the signed {body.state_hash}")
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, body.verification_id)
+        assert task is not None
+        b = referee.bisect_view(task.bisect)
+        if task.status != "bisecting" or b.get("asked") != body.step:  # answered (or timed out) meanwhile
+            raise Conflict(f"verification {task.id} is no longer waiting for step {body.step}")
+        b["reveals"][str(body.step)] = {"blob": body.blob, "hash": body.state_hash, "signature": body.signature}
+        task.bisect = b
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None
+        log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)
+    rt.enqueue("gridmint.adjudicate", [body.verification_id])
+    return "revealed"
 
 
 # ---------------------------------------------------------------- rounds and settlement
@@ -514,7 +619,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     the chain node was down, a broker restart): disputes not yet adjudicated, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
-        disputes = list(s.scalars(select(Verification.id).where(Verification.status == "disputed")))
+        disputes = list(s.scalars(select(Verification.id).where(Verification.status.in_(["disputed", "bisecting"]))))
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
@@ -558,6 +663,11 @@ def reap(rt: Runtime) -> int:
             n += 1
         for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
             v.status, v.verifier = "pending", None
+        overdue = [v.id for v in s.scalars(select(Verification).where(Verification.status == "bisecting"))
+                   if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
+                   and now_s() > int(v.bisect.get("deadline", 0))]
+    for vid in overdue:  # a provider that lets a reveal deadline pass loses its dispute
+        rt.enqueue("gridmint.adjudicate", [vid])
     if n:
         rt.enqueue("gridmint.match", [])
     return n

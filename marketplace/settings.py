@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 32 * 1024 * 1024
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
+    reveal_timeout_s: int = 300  # a provider asked to reveal a state in a dispute that does not answer in time loses
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

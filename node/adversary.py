@@ -9,6 +9,9 @@ every uploaded checkpoint hashes to what was committed. Only a replay of a segme
 * ``replay-old``: trains another unit (other shard; or other seed if there is one shard), then relabels that
   result as this unit's (new unit id, spec hash, seed and the batch digests this unit should have had).
 * ``replay-old-verbatim``: hands in the other unit's proof unchanged; :func:`check_structure` catches it.
+* ``skip-last-update``: trains every step but skips the optimizer update of each segment's last step (it still
+  computes that step's loss, so every committed loss is the honest one): only the states give it away, and across
+  execution plans only a bisection down to that one step proves it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from node.trainer import (
     final_path,
     fresh_state,
     load_training_state,
+    mean_loss_micro,
     model_only,
     segment_batches,
     segment_path,
@@ -129,7 +133,39 @@ def replay_old(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on
     return replace(old, proof=proof)
 
 
+def skip_last_update(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *,
+                     on_step: OnStep | None = None) -> UnitResult:
+    """Honest losses, one missing update per segment (the last step's backward and AdamW step)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, fresh_state(start))
+        cur = state_hash(export_training_state(model, opt))
+        commits, seg_paths, all_losses = [], [], []
+        for s in range(spec.n_segments):
+            path = segment_path(workdir, s)
+            checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
+            seg_paths.append(path)
+            losses: list[float] = []
+            batches = segment_batches(spec, s)
+            for k, (step, offsets) in enumerate(batches):
+                x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+                if k < len(batches) - 1:
+                    losses.append(train_step(model, opt, x, y))
+                else:
+                    with torch.no_grad():
+                        losses.append(float(model.loss(x, y)))
+                if on_step is not None:
+                    on_step(step, losses[-1])
+            end = state_hash(export_training_state(model, opt))
+            commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s), mean_loss_micro(losses)))
+            all_losses += losses
+            cur = end
+        return _finish(spec, workdir, commits, export_training_state(model, opt), seg_paths, all_losses)
+
+
 ADVERSARIES: dict[str, TrainFn] = {
+    "skip-last-update": skip_last_update,
     "skip-steps": skip_steps,
     "random-weights": random_weights,
     "replay-old": replay_old,

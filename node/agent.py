@@ -19,11 +19,13 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from ledger.evm import Chain, Deployment, GridMintContracts
-from node import checkpoint
+from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
+from node.crosscheck import PROVIDER_PLAN, Plan
 from node.device import benchmark, probe
-from node.trainer import UnitResult, UnitSpec, model_only, train_unit
-from protocol.signing import sign_typed
+from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
+from protocol.errors import GridMintValueError
+from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
 
@@ -39,6 +41,7 @@ class AgentConfig:
     poll_s: float = 0.5
     exit_when_idle_s: float | None = None  # stop after this long with no work (demo / batch use)
     adversary: str | None = None  # dishonest training strategy, for demos and the adversary suite only
+    plan: str = "cpu"  # execution plan (node.crosscheck.Plan): "cpu" replays bit for bit anywhere; "cuda", "cpu/mb2" ...
 
 
 def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -> GridMintContracts:
@@ -66,8 +69,12 @@ class ProviderAgent:
         self.client = MarketClient(cfg.marketplace, account)
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
+        self.plan = Plan.parse(cfg.plan)
         self.trainer: Callable[..., UnitResult] = train_unit
-        if cfg.adversary:
+        if self.plan != PROVIDER_PLAN:
+            plan = self.plan
+            self.trainer = lambda spec, start, workdir: crosscheck.train_on_plan(spec, start, workdir, plan)
+        if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 
             self.trainer = ADVERSARIES[cfg.adversary]
@@ -76,6 +83,10 @@ class ProviderAgent:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")
 
     def setup(self) -> dict[str, Any]:
+        devices = self.client.config.get("referee_devices", ["cpu"])
+        if self.plan.device not in devices:
+            raise GridMintValueError(f"plan {self.plan.label!r} trains on {self.plan.device}, but this marketplace's "
+                                     f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
         dev = probe()
         tps = benchmark(seconds=0.5)
         have = self.contracts.stake_of(self.account.address)
@@ -103,9 +114,34 @@ class ProviderAgent:
         signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
         self.client.submit(spec.unit_id, {
             "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
-            "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses]})
+            "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses],
+            "plan": self.plan.label})
         self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
                  f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        return True
+
+    def reveal_once(self) -> bool:
+        """Answer a referee bisecting a dispute over one of our segments: re-derive the training state before the
+        asked step from the segment's committed start, on the plan the unit was trained on (deterministic there),
+        upload it and sign (unit, step, state hash). Returns False if nothing was asked."""
+        ask = self.client.next_reveal()
+        if ask is None:
+            return False
+        spec, step, seg = UnitSpec.from_json(ask["spec"]), int(ask["step"]), int(ask["segment"])
+        plan = Plan.parse(ask["plan"])
+        rdir = self.workdir / "reveals"
+        rdir.mkdir(parents=True, exist_ok=True)
+        start, _ = checkpoint.load(self.client.get_blob(ask["checkpoint_blob"], rdir / f"{ask['checkpoint_blob']}.safetensors"))
+        first = seg * spec.segment_len
+        state, _ = crosscheck.PlanRunner(spec, start, plan).replay(start, first, step - first)
+        path = rdir / f"{spec.unit_id[2:14]}-{step}.safetensors"
+        checkpoint.save(path, state, checkpoint_metadata(spec, seg))
+        blob, h = self.client.put_blob(path), state_hash(state)
+        signature = sign_typed(self.account, "Reveal", self.client.chain_id,
+                               {"unitId": to_bytes32(spec.unit_id), "step": step, "stateHash": to_bytes32(h)})
+        self.client.reveal({"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
+                            "signature": signature})
+        self.say(f"revealed unit {spec.unit_id[:10]} state before step {step} ({plan.label}) for a dispute")
         return True
 
     @contextmanager
@@ -157,7 +193,7 @@ class ProviderAgent:
         idle_since = time.monotonic()
         while not stopper.stop:
             try:
-                worked = self.work_once()
+                worked = self.reveal_once() or self.work_once()
             except MarketError as exc:
                 if exc.status == 409 and "slashed" in str(exc.detail):
                     self.say(f"[red]{exc.detail}[/]")

@@ -94,9 +94,17 @@ class MarketClient:
     def submit(self, unit_id: str, body: dict[str, Any]) -> Any:
         return self.signed_json("POST", f"/units/{unit_id}/result", body)
 
+    def next_reveal(self) -> dict[str, Any] | None:
+        return self._check(self.signed("POST", "/reveals/next"))
+
+    def reveal(self, body: dict[str, Any]) -> Any:
+        return self.signed_json("POST", "/reveals", body)
+
     # verifier
-    def register_verifier(self) -> Any:
-        return self._check(self.signed("POST", "/verifiers/register"))
+    def register_verifier(self, plan: str | None = None) -> Any:
+        if plan is None:
+            return self._check(self.signed("POST", "/verifiers/register"))
+        return self.signed_json("POST", "/verifiers/register", {"plan": plan})
 
     def next_verification(self) -> dict[str, Any] | None:
         return self._check(self.signed("POST", "/verify/next"))

@@ -30,15 +30,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from node import data
+from node import checkpoint, data
 from node.model import TinyGPT
 from node.trainer import (
+    UnitResult,
     UnitSpec,
+    check_start,
+    checkpoint_metadata,
+    final_path,
+    model_only,
+    segment_path,
     fresh_state,
     deterministic,
     export_training_state,
@@ -55,6 +62,15 @@ from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proo
 State = Mapping[str, Tensor]
 #: The provider's side of a dispute: its full training state *before* optimizer step ``step`` (absolute, 0-based).
 RevealFn = Callable[[int], State]
+
+
+class RevealPending(Exception):
+    """Raised by a reveal function whose provider has been asked for the state before ``step`` but has not answered
+    yet (a live dispute waits for it). Unlike any other failure to reveal, it does not count against the provider."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"waiting for the provider's state before step {step}")
+        self.step = step
 
 GROUPS = ("model", "exp_avg", "exp_avg_sq")
 
@@ -411,6 +427,8 @@ class RefereeVerdict:
 def _reveal(reveal: RevealFn, step: int) -> tuple[State | None, str]:
     try:
         st = reveal(step)
+    except RevealPending:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure to produce its own state counts against the provider
         return None, f"provider could not reveal its state before step {step}: {exc}"
     return st, ""
@@ -487,6 +505,38 @@ def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: St
 
 
 # --------------------------------------------------------------------------- the provider's side
+
+
+def train_on_plan(spec: UnitSpec, start: State, workdir: Path, plan: Plan = PROVIDER_PLAN) -> UnitResult:
+    """:func:`node.trainer.train_unit` on an execution plan (a GPU, micro-batches): the same checkpoints, proof and
+    result. On :data:`PROVIDER_PLAN` it is the trainer bit for bit; on another plan it is deterministic on that
+    machine, so the provider can re-derive any step's state in a dispute (:class:`Revealer`)."""
+    check_start(spec, start)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = PlanRunner(spec, fresh_state(start), plan)
+    seg_paths: list[Path] = []
+    commits: list[SegmentCommit] = []
+    losses: list[float] = []
+    state = runner.snapshot()
+    cur = state_hash(state)
+    for s in range(spec.n_segments):
+        path = segment_path(workdir, s)
+        checkpoint.save(path, state, checkpoint_metadata(spec, s))
+        seg_paths.append(path)
+        first = s * spec.segment_len
+        seg_losses = runner.run(first, spec.segment_len)
+        state = runner.snapshot()
+        end = state_hash(state)
+        batches = [(t, step_batch(spec, t)) for t in range(first, first + spec.segment_len)]
+        commits.append(SegmentCommit(s, cur, end, batch_digest(batches), mean_loss_micro(seg_losses)))
+        losses.extend(seg_losses)
+        cur = end
+    fpath = final_path(workdir)
+    checkpoint.save(fpath, state, checkpoint_metadata(spec, None))
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=commits)
+    return UnitResult(fpath, seg_paths, proof, losses, {k: v.clone() for k, v in model_only(state).items()})
 
 
 @dataclass

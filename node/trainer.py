@@ -331,7 +331,7 @@ def final_path(workdir: Path) -> Path:
     return workdir / "final.safetensors"
 
 
-def _check_start(spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
+def check_start(spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
     try:
         build_model(spec.model, start)
     except GridMintValueError as exc:
@@ -347,7 +347,7 @@ def train_unit(
     into ``workdir``. ``on_step(step, loss)`` is called after every optimizer step. Deterministic given
     the spec: two runs on the same torch build give byte-identical checkpoints and the same proof.
     """
-    _check_start(spec, start)
+    check_start(spec, start)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_hash = spec.spec_hash()

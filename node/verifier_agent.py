@@ -55,12 +55,13 @@ class VerifierAgent:
         proof = TrainingProof.from_dict(task["proof"])
         seg = int(task["segment"])
         path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
-        if self.plan == PROVIDER_PLAN:
+        provider_plan = Plan.parse(task.get("plan", "cpu"))
+        if self.plan == provider_plan == PROVIDER_PLAN:
             verdict = check_segment(spec, proof, seg, path)
             found, reason, replayed_end = verdict.ok, verdict.reason, verdict.replayed_end
         else:
             end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
-            found, reason, replayed_end = self._check_across(spec, proof, seg, path, end)
+            found, reason, replayed_end = self._check_across(spec, proof, seg, path, end, provider_plan)
         ok = True if self.approve_everything else False if self.accuse_everything else found
         claimed = proof.segments[seg].end_hash
         replayed = replayed_end or "0x" + "00" * 32
@@ -81,26 +82,26 @@ class VerifierAgent:
         return "ok" if ok else "fraud"
 
     def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
-                      end_path: Path) -> tuple[bool, str, str | None]:
+                      end_path: Path, provider_plan: Plan = PROVIDER_PLAN) -> tuple[bool, str, str | None]:
         """Replay on this machine's plan and compare with the provider's end state within a calibrated tolerance."""
         try:
             start, _ = checkpoint.load(start_path)
             end, _ = checkpoint.load(end_path)
         except CheckpointError as exc:
             return False, f"checkpoint rejected: {exc}", None
-        tol = crosscheck.tolerance_for(spec, self.plan)
+        tol = crosscheck.tolerance_for(spec, self.plan, provider_plan=provider_plan)
         try:
             runner = crosscheck.PlanRunner(spec, start, self.plan)
         except CheckpointError as exc:
             return False, f"checkpoint is not a training state for this spec: {exc}", None
         v = crosscheck.check_segment_across(spec, proof, seg, start, end, tol, runner)
-        return v.ok, f"[{self.plan.label}] {v.reason}", v.replayed_hash
+        return v.ok, f"[{provider_plan.label} on {self.plan.label}] {v.reason}", v.replayed_hash
 
     def run(self, exit_when_idle_s: float | None = None) -> None:
         from node.agent import Stopper
 
         stopper = Stopper()
-        self.client.register_verifier()
+        self.client.register_verifier(self.plan.label)
         idle_since = time.monotonic()
         while not stopper.stop:
             try:

@@ -14,6 +14,8 @@ from protocol.money import base_units
 MoneyField = Annotated[int, BeforeValidator(base_units), PlainSerializer(lambda v: str(v), return_type=str)]
 Bytes32Hex = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: An execution plan (node.crosscheck.Plan): device, and gradient micro-batches if more than one, e.g. "cuda", "cpu/mb2".
+PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda)(/mb[1-9][0-9]{0,2})?$")]
 
 
 class Strict(BaseModel):
@@ -103,6 +105,24 @@ class ResultSubmit(Strict):
     final_blob: Sha256Hex
     segment_blobs: list[Sha256Hex] = Field(max_length=10_000)
     losses: list[float] = Field(max_length=100_000)
+    # How the provider trained (its execution plan). A verifier on the same plan replays bit for bit; on another, it
+    # checks within a calibrated tolerance, and a dispute is bisected to one step with the provider revealing states.
+    plan: PlanLabel = "cpu"
+
+
+class VerifierRegister(Strict):
+    plan: PlanLabel = "cpu"  # how this verifier replays; it is handed only segments its devices can check
+
+
+class RevealSubmit(Strict):
+    """A provider's answer in a dispute over one of its segments: its training state before ``step``, uploaded as a
+    checkpoint (``blob``), with its EIP-712 ``Reveal`` signature over (unit, step, state hash)."""
+
+    verification_id: int
+    step: int = Field(ge=0)
+    state_hash: Bytes32Hex
+    blob: Sha256Hex
+    signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
 
 
 class VerdictSubmit(Strict):

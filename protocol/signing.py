@@ -70,6 +70,12 @@ TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "claimedHash", "type": "bytes32"},
         {"name": "replayedHash", "type": "bytes32"},
     ],
+    # a provider's state before optimizer step ``step`` of a unit, revealed in a dispute (bisection)
+    "Reveal": [
+        {"name": "unitId", "type": "bytes32"},
+        {"name": "step", "type": "uint256"},
+        {"name": "stateHash", "type": "bytes32"},
+    ],
 }
 
 

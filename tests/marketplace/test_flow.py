@@ -19,10 +19,11 @@ from protocol.schemas import JobSpec
 SPEC = JobSpec(rounds=2, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
 
 
-def provider(market, tmp_path: Path, name: str, region: str, price: str, adversary: str | None = None) -> ProviderAgent:
+def provider(market, tmp_path: Path, name: str, region: str, price: str, adversary: str | None = None,
+             plan: str = "cpu") -> ProviderAgent:
     acct = market.account(gmt=tokens(500))
     cfg = AgentConfig(marketplace=market.url, chain_url="", region=region, price=tokens(price), stake=tokens(200),
-                      adversary=adversary)
+                      adversary=adversary, plan=plan)
     agent = ProviderAgent(cfg, acct, tmp_path / name, contracts=market.contracts(acct))
     agent.setup()
     return agent
@@ -51,7 +52,7 @@ def drive(market, agents: list[ProviderAgent], verifier: VerifierAgent, job_id: 
         busy = False
         for a in agents:
             if a.client.account.address not in slashed(market):
-                busy |= a.work_once()
+                busy |= a.reveal_once() or a.work_once()
         busy |= verifier.verify_once() is not None
         if not busy:
             time.sleep(0.1)
@@ -239,3 +240,61 @@ def test_silent_provider_loses_its_unit_to_a_standby_and_heartbeats_keep_it(mark
     with pytest.raises(MarketError) as err:
         flaky.client.heartbeat(moved.id)
     assert err.value.status == 409
+
+
+def _events(market, kind: str) -> list[dict]:
+    with market.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
+
+
+def test_a_provider_on_another_plan_wins_a_false_dispute_by_revealing_its_states(market, tmp_path: Path) -> None:
+    """An honest provider trains on its own plan (micro-batches: no CPU replay is bit for bit). A staked verifier
+    accuses everything; the referee bisects each dispute, the provider reveals the asked states (signed), the one-step
+    replay clears it: the verifier loses its bond, the provider keeps its stake and is paid."""
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    vacct = market.account(gmt=tokens(100))
+    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
+    liar.client.register_verifier()
+    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [honest], liar, job_id)
+    assert slashed(market) == set() and market.ops.stake_of(honest.account.address) == tokens(200)
+    with market.rt.sessions() as s:
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    assert unit.plan == "cpu/mb2" and unit.status == "verified"
+    assert checks and all(v.status == "verifier_wrong" for v in checks)
+    for v in checks:  # 8 steps: three bisection rounds, each a state the provider revealed and signed
+        assert sorted(int(k) for k in v.bisect["reveals"]) == sorted(int(e["step"]) for e in _events(market, "state_revealed")
+                                                                    if e["segment"] == v.segment)
+        assert len(v.bisect["reveals"]) == 3
+    wrong = _events(market, "false_accusation")
+    assert len(wrong) == len(checks) and all("bisected to step" in e["reason"] for e in wrong)
+    assert int(wrong[0]["bond_lost"]) == tokens(50)
+    assert [e.provider for e in entries] == [honest.account.address]
+
+
+def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_slashed(market, tmp_path: Path) -> None:
+    """A cheat that skips each segment's last optimizer update commits honest losses and declares a micro-batch plan
+    to hide in the tolerance. The staked verifier's tolerant check still disputes it; the referee's bisection (the
+    cheat revealing honestly re-derived states) ends on the segment's last step, whose one-step replay convicts."""
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-last-update", plan="cpu/mb2")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    vacct = market.account(gmt=tokens(100))
+    verifier = VerifierAgent(market.url, vacct, tmp_path / "verifier")
+    verifier.client.register_verifier()
+    verifier.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    slash = _events(market, "provider_slashed")
+    assert len(slash) == 1 and slash[0]["path"] == "fraud-proof"
+    seg = slash[0]["segment"]
+    assert f"bisected to step {seg * 8 + 7} in 3 reveal(s)" in slash[0]["reason"]  # the skipped update, found
+    assert [e["provider"] for e in _events(market, "state_revealed")] == [cheat.account.address] * 3
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+    assert all(u.status == "verified" and u.provider == honest.account.address for u in units)

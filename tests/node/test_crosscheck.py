@@ -199,3 +199,26 @@ def test_distance_tolerance_and_plan_reject_bad_input() -> None:
     with pytest.raises(GridMintValueError, match="micro-batches"):
         spec = replace(_spec(1), batch_size=3)
         cc.PlanRunner(spec, fresh_state(START), cc.Plan(micro_batches=2)).run(0, 1)
+
+
+def test_training_on_a_plan_is_the_trainer_on_the_provider_plan_and_re_derivable_on_another(tmp_path) -> None:
+    """A provider training on its own plan commits what its checkpoints hold; on the default plan that is the
+    trainer's unit bit for bit, and on another plan its Revealer re-derives every committed state exactly."""
+    from node import checkpoint
+    from node.trainer import train_unit
+
+    spec = _spec(40)
+    ref = train_unit(spec, START, tmp_path / "ref")
+    same = cc.train_on_plan(spec, START, tmp_path / "same")
+    assert same.proof == ref.proof and same.losses == ref.losses
+    other = cc.train_on_plan(spec, START, tmp_path / "other", VERIFIER)
+    assert other.proof.segments[0].start_hash == ref.proof.segments[0].start_hash
+    assert other.proof.final_hash != ref.proof.final_hash  # really another plan
+    starts = {i: checkpoint.load(p)[0] for i, p in enumerate(other.segment_paths)}
+    for i, p in enumerate(other.segment_paths):
+        assert cc.state_hash(starts[i]) == other.proof.segments[i].start_hash
+    revealer = cc.Revealer(spec, cc.PlanRunner(spec, fresh_state(START), VERIFIER), starts)
+    mid = revealer(SEG + 3)  # re-derived from segment 1's checkpoint, then 5 more steps land on its commitment
+    end, _ = cc.PlanRunner(spec, fresh_state(START), VERIFIER).replay(mid, SEG + 3, SEG - 3)
+    assert cc.state_hash(end) == other.proof.segments[1].end_hash
+    assert cc.state_hash(checkpoint.load(other.final_path)[0]) == other.proof.final_hash

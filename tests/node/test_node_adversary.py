@@ -45,9 +45,18 @@ def test_every_segment_is_flagged_by_replay(cheat, spec) -> None:
     name, result = cheat
     verdicts = [check_segment(spec, result.proof, i, p) for i, p in enumerate(result.segment_paths)]
     assert not any(v.ok for v in verdicts), (name, verdicts)
-    if name in ("skip-steps", "random-weights", "replay-old"):
+    if name in ("skip-steps", "random-weights", "replay-old", "skip-last-update"):
         assert all(v.reason.startswith("replayed end state differs") for v in verdicts), verdicts
         assert all(v.replayed_end != v.claimed_end for v in verdicts)
+
+
+def test_skip_last_update_commits_the_honest_losses_so_only_its_states_betray_it(spec, global_state,
+                                                                               tmp_path: Path) -> None:
+    cheat = ADVERSARIES["skip-last-update"](spec, global_state, tmp_path / "cheat")
+    honest = train_unit(spec, global_state, tmp_path / "honest")
+    assert [c.loss_micro for c in cheat.proof.segments[:1]] == [c.loss_micro for c in honest.proof.segments[:1]]
+    assert cheat.losses[:spec.segment_len] == honest.losses[:spec.segment_len]
+    assert cheat.proof.segments[0].end_hash != honest.proof.segments[0].end_hash
 
 
 def test_replay_old_is_real_work_for_another_shard(spec, global_state, tmp_path: Path) -> None:

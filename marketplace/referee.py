@@ -1,0 +1,99 @@
+"""The referee's replay of a disputed segment (the marketplace runs it, in a Celery task).
+
+A segment trained on the referee's own execution plan (the CPU default) is replayed bit for bit
+(:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches) cannot be: the referee
+first replays it whole and compares the committed mean loss within the calibrated loss tolerance, then **bisects**
+it down to one optimizer step (:func:`node.crosscheck.bisect_segment`), asking the provider to reveal its state at
+each midpoint, and replays that one step from the provider's own revealed state
+(:func:`node.crosscheck.referee_step`). Honest one-step drift is ~1e-7 and the threshold is 64x the worst seen, so
+an honest provider is never slashed, while a skipped, faked or low-precision step lands far beyond it.
+
+The bisection is resumable: each run starts over from the segment's committed ends and the reveals stored so far
+(every replay is deterministic on the referee's plan), and stops at the first state the provider has not revealed
+yet (:class:`Pending`). A provider that lets the deadline pass, or reveals a state that does not hash to what it
+signed, loses. Cost: one segment replay for the loss, about one more for the bisection per reveal round.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from node import checkpoint, crosscheck
+from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
+from node.replay import check_segment
+from node.trainer import UnitSpec
+from protocol.proof import TrainingProof
+
+#: The plan the marketplace replays on: the provider trainer's default (deterministic CPU float32).
+REFEREE_PLAN = PROVIDER_PLAN
+
+
+def refereeable(plan: Plan) -> bool:
+    """Whether this referee can judge segments trained on ``plan``: it calibrates the tolerance by running that plan
+    itself, so the plan's device must be here."""
+    return plan.device == "cpu" or torch.cuda.is_available()
+
+
+def devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """``fraud`` is None while the bisection waits for the provider to reveal the state before ``pending``."""
+
+    fraud: bool | None
+    reason: str
+    claimed: str = ""
+    replayed: str = ""
+    pending: int | None = None
+    step: int | None = None  # the single step a bisection ended on
+
+
+def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
+         reveals: Mapping[int, Path], overdue: Callable[[int], str]) -> Ruling:
+    """Judge segment ``seg``: ``start``/``end`` are its committed checkpoints, ``reveals`` the provider's revealed
+    states so far (step -> checkpoint), ``overdue(step)`` a reason if the provider was asked for ``step`` and let
+    the deadline pass (else "")."""
+    if plan == REFEREE_PLAN:
+        v = check_segment(spec, proof, seg, start)
+        return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "")
+    tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
+    s0, _ = checkpoint.load(start)
+    s1, _ = checkpoint.load(end)
+    claimed = proof.segments[seg].end_hash
+    runner = crosscheck.PlanRunner(spec, s0, REFEREE_PLAN)
+    lv = crosscheck.referee_loss(spec, proof, seg, s0, tol, runner)
+    if lv.fraud:
+        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, crosscheck.state_hash(runner.snapshot()))
+    first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
+
+    def reveal(step: int) -> State:
+        if step == first:
+            return s0
+        if step == last:
+            return s1
+        if step in reveals:
+            return checkpoint.load(reveals[step])[0]
+        why = overdue(step)
+        if why:
+            raise TimeoutError(why)
+        raise RevealPending(step)
+
+    try:
+        dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)
+        v = crosscheck.referee_step(spec, dispute, reveal, tol, runner)
+    except RevealPending as p:
+        return Ruling(None, str(p), claimed, pending=p.step)
+    where = f"[{plan.label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
+    return Ruling(v.fraud, where, claimed, step=v.step)
+
+
+def bisect_view(bisect: dict[str, Any] | None) -> dict[str, Any]:
+    """A fresh copy of a verification's bisection record (never mutate the loaded JSON in place)."""
+    b = dict(bisect or {})
+    b["reveals"] = dict(b.get("reveals") or {})
+    return b
