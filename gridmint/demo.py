@@ -45,12 +45,13 @@ class ProviderPlan:
     region: str
     price: str  # GMT per unit
     adversary: str | None = None
+    plan: str = "cpu"  # execution plan: another one than the verifier's is checked within a calibrated tolerance
 
 
 PROVIDERS = [
     ProviderPlan("cheapcheat", "eu-north", "0.55", "skip-steps"),
     ProviderPlan("nordic", "eu-north", "0.60"),
-    ProviderPlan("virginia", "us-east", "0.90"),
+    ProviderPlan("virginia", "us-east", "0.90", plan="cpu/mb2"),  # other "hardware": gradients in two micro-batches
     ProviderPlan("dublin", "eu-west", "1.20"),
 ]
 
@@ -124,6 +125,8 @@ class Demo:
                     "--wallet", str(path), "--region", plan.region, "--price", plan.price, "--stake", "200"]
             if plan.adversary:
                 argv += ["--adversary", plan.adversary]
+            if plan.plan != "cpu":
+                argv += ["--plan", plan.plan]
             self.procs.append(Proc(f"node-{plan.name}", argv, self.logs, self.env))
         self.verifier, vpath = self.wallet("verifier", 10**18, tokens(100))
         self.procs.append(Proc("verifier", [*gm, "verifier", "run", "--marketplace", self.url, "--wallet", str(vpath),
@@ -147,7 +150,7 @@ class Demo:
             plan = self.providers[p["address"]][0]
             table.add_row(f"{plan.name}{' (cheat)' if plan.adversary else ''}", p["region"],
                           _fmt(int(cfg["regions"][p["region"]]["floor_per_unit"])), _fmt(int(p["price"])),
-                          _fmt(int(p["stake"])), f"{p['gpu']}, {p['tokens_per_s']:,} tok/s")
+                          _fmt(int(p["stake"])), f"{p['gpu']}, {p['tokens_per_s']:,} tok/s, plan {plan.plan}")
         console.print(table)
 
     def check_alive(self) -> None:
@@ -207,6 +210,10 @@ class Demo:
                 f"{how}; unit goes back to the pool")
         elif k == "false_accusation":
             out(f"  [yellow]referee overrules the verifier[/] on unit {ev['unit'][:10]}")
+        elif k == "reveal_requested":
+            out(f"  referee bisects: asks {self.name(ev['provider'])} for its state before step {ev['step']}")
+        elif k == "state_revealed":
+            out(f"  {self.name(ev['provider'])} reveals its state before step {ev['step']} (signed)")
         elif k == "round_done":
             out(f"  round {ev['round']} averaged (DiLoCo outer step): held-out loss [bold]{ev['eval_loss']:.3f}[/]")
         elif k == "job_settled":
@@ -262,6 +269,7 @@ class Demo:
         console.print(totals)
         losses = job["eval_losses"]
         cheats = [a for a, (plan, _) in self.providers.items() if plan.adversary]
+        others = [a for a, (plan, _) in self.providers.items() if plan.plan != "cpu" and not plan.adversary]
         checks = {
             "token totals conserved": total == ops.total_supply() == SUPPLY,
             "escrow paid == ledger": sum(earned.values()) + int(job["refund"]) == int(job["budget"]),
@@ -273,6 +281,8 @@ class Demo:
             "honest providers paid and claimed": all(ops.claimed(a) == earned.get(a, 0) > 0 for a in paid)
             and len(paid) >= 2,
             "loss went down": len(losses) >= 2 and losses[-1] < losses[0],
+            "provider on another execution plan checked within tolerance and paid":
+                bool(others) and all(earned.get(a, 0) > 0 for a in others),
         }
         console.print(f"Held-out loss by round: {' -> '.join(f'{x:.3f}' for x in losses)}")
         for name, ok in checks.items():

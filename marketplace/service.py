@@ -518,6 +518,8 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if task.status != "bisecting" or b.get("asked") != body.step:
             raise Conflict(f"verification {task.id} is not waiting for a state before step {body.step}"
                            f" (status {task.status}, asked {b.get('asked')})")
+        if now_s() > int(b["deadline"]):
+            raise Conflict(f"the deadline to reveal step {body.step} of verification {task.id} has passed")
         unit_id = task.unit_id
     message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
     signer = recover_typed("Reveal", rt.chain_id, message, body.signature)

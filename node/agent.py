@@ -127,6 +127,12 @@ class ProviderAgent:
         ask = self.client.next_reveal()
         if ask is None:
             return False
+        self.client.reveal(self.answer(ask))
+        self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute")
+        return True
+
+    def answer(self, ask: dict[str, Any]) -> dict[str, Any]:
+        """The signed reveal body for a referee's ``ask`` (from ``/reveals/next``); uploads the state's checkpoint."""
         spec, step, seg = UnitSpec.from_json(ask["spec"]), int(ask["step"]), int(ask["segment"])
         plan = Plan.parse(ask["plan"])
         rdir = self.workdir / "reveals"
@@ -139,10 +145,8 @@ class ProviderAgent:
         blob, h = self.client.put_blob(path), state_hash(state)
         signature = sign_typed(self.account, "Reveal", self.client.chain_id,
                                {"unitId": to_bytes32(spec.unit_id), "step": step, "stateHash": to_bytes32(h)})
-        self.client.reveal({"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
-                            "signature": signature})
-        self.say(f"revealed unit {spec.unit_id[:10]} state before step {step} ({plan.label}) for a dispute")
-        return True
+        return {"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
+                "signature": signature}
 
     @contextmanager
     def heartbeats(self, unit_id: str) -> Iterator[None]:

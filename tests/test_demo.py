@@ -19,6 +19,7 @@ def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     for line in ("SLASHED", "ok   token totals conserved", "ok   cheat slashed", "ok   cheat paid nothing",
-                 "ok   honest providers paid and claimed", "ok   loss went down"):
+                 "ok   honest providers paid and claimed", "ok   loss went down",
+                 "ok   provider on another execution plan checked within tolerance and paid", "plan cpu/mb2"):
         assert line in out, f"{line!r} missing from demo output:\n{out[-6000:]}"
     assert "FAIL" not in out

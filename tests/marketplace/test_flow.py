@@ -298,3 +298,53 @@ def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_sl
     with market.rt.sessions() as s:
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
+
+
+def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(market, tmp_path: Path) -> None:
+    """Bad reveals are refused and change nothing: an unknown dispute (404), another provider's dispute or a step
+    not asked (409), a Reveal signed by another key or a checkpoint that does not hash to the signed state (422).
+    A provider that lets the deadline pass loses: a late reveal is refused and the referee slashes it."""
+    from eth_account import Account
+
+    from marketplace import service
+    from protocol.signing import sign_typed, to_bytes32
+
+    market.rt.settings.reveal_timeout_s = 4
+    quiet = provider(market, tmp_path, "quiet", "us-east", "0.9", plan="cpu/mb2")
+    other = provider(market, tmp_path, "other", "eu-north", "3")  # too dear to be matched; only sends bad reveals
+    vacct = market.account(gmt=tokens(100))
+    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
+    liar.client.register_verifier()
+    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=8, segment_len=8, batch_size=8, max_price=tokens(2))
+    submit_job(market, spec)
+    market.wait(lambda: quiet.work_once(), what="the unit trained and submitted")
+    assert liar.verify_once() == "fraud"
+    ask = market.wait(lambda: quiet.client.next_reveal(), what="the referee asking for a state")
+    assert ask["step"] == 4 and ask["plan"] == "cpu/mb2" and other.client.next_reveal() is None
+    good = quiet.answer(ask)
+
+    def refused(agent: ProviderAgent, body: dict, status: int) -> None:
+        with pytest.raises(MarketError) as err:
+            agent.client.reveal(body)
+        assert err.value.status == status, err.value.detail
+
+    refused(quiet, {**good, "verification_id": 10**6}, 404)
+    refused(other, good, 409)  # not its segment
+    refused(quiet, {**good, "step": 5}, 409)  # not the step the referee asked for
+    forged = sign_typed(Account.create(), "Reveal", quiet.client.chain_id,
+                        {"unitId": to_bytes32(ask["unit_id"]), "step": 4, "stateHash": to_bytes32(good["state_hash"])})
+    refused(quiet, {**good, "signature": forged}, 422)
+    start_blob = ask["checkpoint_blob"]  # a real checkpoint, but not the state the provider signed
+    refused(quiet, {**good, "blob": start_blob}, 422)
+    refused(quiet, {**good, "extra": 1}, 422)
+    with market.rt.sessions() as s:
+        task = s.get(Verification, ask["verification_id"])
+        assert task.status == "bisecting" and task.bisect["reveals"] == {}
+    time.sleep(market.rt.settings.reveal_timeout_s + 1.5)
+    refused(quiet, good, 409)  # too late
+    service.reap(market.rt)  # the periodic sweep hands the overdue dispute back to the referee
+    market.wait(lambda: quiet.account.address in slashed(market), what="the silent provider slashed")
+    slash = _events(market, "provider_slashed")
+    assert len(slash) == 1 and "did not reveal its state before step 4" in slash[0]["reason"]
+    assert market.ops.stake_of(quiet.account.address) == 0

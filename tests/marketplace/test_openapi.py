@@ -19,7 +19,7 @@ from marketplace.settings import Settings
 # Routes that the marketplace signs for (EIP-712 envelope), by (method, path).
 SIGNED = {("POST", "/providers/register"), ("POST", "/providers/heartbeat"), ("POST", "/work/next"), ("PUT", "/blobs"),
           ("POST", "/units/{unit_id}/result"), ("POST", "/verifiers/register"), ("POST", "/verify/next"),
-          ("POST", "/verify/verdict"), ("POST", "/jobs")}
+          ("POST", "/verify/verdict"), ("POST", "/jobs"), ("POST", "/reveals/next"), ("POST", "/reveals")}
 
 
 @pytest.fixture()
@@ -87,7 +87,8 @@ def test_references_resolve_and_bodies_are_described(app: FastAPI) -> None:
     missing = {r for r in refs(schema) if r.removeprefix("#/components/schemas/") not in components}
     assert missing == set()
     for path, method, model in [("/providers/register", "post", "ProviderRegister"), ("/jobs", "post", "JobSubmit"),
-                                ("/jobs/quote", "post", "JobSpec"), ("/auth/login", "post", "LoginIn")]:
+                                ("/jobs/quote", "post", "JobSpec"), ("/auth/login", "post", "LoginIn"),
+                                ("/reveals", "post", "RevealSubmit"), ("/verifiers/register", "post", "VerifierRegister")]:
         body = schema["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"}
     assert "application/octet-stream" in schema["paths"]["/blobs"]["put"]["requestBody"]["content"]
