@@ -226,6 +226,9 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     if not referee.refereeable(plan):
         raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
                                  f"{', '.join(referee.devices())} only); train on one of those")
+    if spec.batch_size % plan.micro_batches:
+        raise GridMintValueError(f"plan {body.plan!r}: a batch of {spec.batch_size} does not split into "
+                                 f"{plan.micro_batches} equal micro-batches")
     proof = TrainingProof.from_dict(body.proof)
     signer = recover_typed("TrainingProof", rt.chain_id, proof.signable_fields(), body.proof_signature)
     if signer != provider:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -58,11 +58,15 @@ def _finish(spec: UnitSpec, workdir: Path, commits: list[SegmentCommit], final_s
     return UnitResult(fpath, seg_paths, proof, losses, final_model)
 
 
-def skip_steps(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
-    """Half the work per segment, a self-consistent chain of real states, full-work batch digests."""
+SegmentFn = Callable[[UnitSpec, int, torch.nn.Module, torch.optim.Optimizer], list[float]]
+
+
+def _cheat_unit(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, segment: SegmentFn,
+                on_step: OnStep | None) -> UnitResult:
+    """Run ``segment`` (what a cheat does in segment s; returns the losses it claims) over the unit and commit the
+    states it really holds: a self-consistent chain of real checkpoints with the batch digests the spec dictates."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    done = spec.segment_len // 2
     with deterministic(spec.threads):
         model, opt = load_training_state(spec, fresh_state(start))
         cur = state_hash(export_training_state(model, opt))
@@ -71,21 +75,48 @@ def skip_steps(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on
             path = segment_path(workdir, s)
             checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
             seg_paths.append(path)
-            losses: list[float] = []
-            for step, offsets in segment_batches(spec, s)[:done]:
-                x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
-                losses.append(train_step(model, opt, x, y))
-            fake = losses[-1] if losses else 5.0
-            losses += [fake] * (spec.segment_len - len(losses))  # claimed losses for the skipped steps
+            losses = segment(spec, s, model, opt)
             for k, loss in enumerate(losses):
                 if on_step is not None:
                     on_step(s * spec.segment_len + k, loss)
             end = state_hash(export_training_state(model, opt))
-            commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s),
-                                         loss_to_micro(sum(losses) / len(losses))))
+            commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s), mean_loss_micro(losses)))
             all_losses += losses
             cur = end
         return _finish(spec, workdir, commits, export_training_state(model, opt), seg_paths, all_losses)
+
+
+def _half_the_steps(spec: UnitSpec, s: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+    losses: list[float] = []
+    for step, offsets in segment_batches(spec, s)[:spec.segment_len // 2]:
+        x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+        losses.append(train_step(model, opt, x, y))
+    fake = losses[-1] if losses else 5.0
+    return losses + [fake] * (spec.segment_len - len(losses))  # claimed losses for the skipped steps
+
+
+def _all_but_the_last_update(spec: UnitSpec, s: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+    losses: list[float] = []
+    batches = segment_batches(spec, s)
+    for k, (step, offsets) in enumerate(batches):
+        x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+        if k < len(batches) - 1:
+            losses.append(train_step(model, opt, x, y))
+        else:  # the loss is the honest one (it is taken before the update); the update is skipped
+            with torch.no_grad():
+                losses.append(float(model.loss(x, y)))
+    return losses
+
+
+def skip_steps(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """Half the work per segment, a self-consistent chain of real states, full-work batch digests."""
+    return _cheat_unit(spec, start, workdir, _half_the_steps, on_step)
+
+
+def skip_last_update(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *,
+                     on_step: OnStep | None = None) -> UnitResult:
+    """Honest losses, one missing update per segment (the last step's backward and AdamW step)."""
+    return _cheat_unit(spec, start, workdir, _all_but_the_last_update, on_step)
 
 
 def random_weights(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
@@ -131,37 +162,6 @@ def replay_old(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on
     proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
                        segment_len=spec.segment_len, segments=commits)
     return replace(old, proof=proof)
-
-
-def skip_last_update(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *,
-                     on_step: OnStep | None = None) -> UnitResult:
-    """Honest losses, one missing update per segment (the last step's backward and AdamW step)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with deterministic(spec.threads):
-        model, opt = load_training_state(spec, fresh_state(start))
-        cur = state_hash(export_training_state(model, opt))
-        commits, seg_paths, all_losses = [], [], []
-        for s in range(spec.n_segments):
-            path = segment_path(workdir, s)
-            checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
-            seg_paths.append(path)
-            losses: list[float] = []
-            batches = segment_batches(spec, s)
-            for k, (step, offsets) in enumerate(batches):
-                x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
-                if k < len(batches) - 1:
-                    losses.append(train_step(model, opt, x, y))
-                else:
-                    with torch.no_grad():
-                        losses.append(float(model.loss(x, y)))
-                if on_step is not None:
-                    on_step(step, losses[-1])
-            end = state_hash(export_training_state(model, opt))
-            commits.append(SegmentCommit(s, cur, end, expected_batch_digest(spec, s), mean_loss_micro(losses)))
-            all_losses += losses
-            cur = end
-        return _finish(spec, workdir, commits, export_training_state(model, opt), seg_paths, all_losses)
 
 
 ADVERSARIES: dict[str, TrainFn] = {

@@ -105,7 +105,8 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return f"{self.device}/mb{self.micro_batches}"
+        """``cpu``, ``cuda/mb4`` ...: what :meth:`parse` reads back (one micro-batch is left unsaid)."""
+        return self.device if self.micro_batches == 1 else f"{self.device}/mb{self.micro_batches}"
 
     @classmethod
     def parse(cls, text: str) -> Plan:

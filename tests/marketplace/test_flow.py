@@ -29,6 +29,15 @@ def provider(market, tmp_path: Path, name: str, region: str, price: str, adversa
     return agent
 
 
+def staked_verifier(market, tmp_path: Path, name: str, **kw) -> VerifierAgent:
+    """A registered verifier with 100 GMT staked (it backs its accusations with a bond)."""
+    acct = market.account(gmt=tokens(100))
+    v = VerifierAgent(market.url, acct, tmp_path / name, **kw)
+    v.client.register_verifier()
+    v.keep_staked("", tokens(100), contracts=market.contracts(acct))
+    return v
+
+
 def submit_job(market, spec: JobSpec = SPEC) -> str:
     customer = market.account(gmt=tokens(100))
     client = MarketClient(market.url, customer)
@@ -168,10 +177,8 @@ def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the
 def test_staked_verifier_fraud_proof_slashes_the_cheat_through_a_dispute(market, tmp_path: Path) -> None:
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
-    vacct = market.account(gmt=tokens(100))
-    verifier = VerifierAgent(market.url, vacct, tmp_path / "verifier")
-    verifier.client.register_verifier()
-    verifier.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    vacct = verifier.account
     treasury = market.deployment.treasury
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
@@ -192,10 +199,8 @@ def test_staked_verifier_fraud_proof_slashes_the_cheat_through_a_dispute(market,
 
 def test_false_accusation_costs_the_verifier_its_bond_and_pays_the_honest_provider(market, tmp_path: Path) -> None:
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
-    vacct = market.account(gmt=tokens(100))
-    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
-    liar.client.register_verifier()
-    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    liar = staked_verifier(market, tmp_path, "liar", accuse_everything=True)
+    vacct = liar.account
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     drive(market, [honest], liar, job_id)
@@ -247,15 +252,14 @@ def _events(market, kind: str) -> list[dict]:
         return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
 
 
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_a_provider_on_another_plan_wins_a_false_dispute_by_revealing_its_states(market, tmp_path: Path) -> None:
     """An honest provider trains on its own plan (micro-batches: no CPU replay is bit for bit). A staked verifier
     accuses everything; the referee bisects each dispute, the provider reveals the asked states (signed), the one-step
     replay clears it: the verifier loses its bond, the provider keeps its stake and is paid."""
     honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
-    vacct = market.account(gmt=tokens(100))
-    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
-    liar.client.register_verifier()
-    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    liar = staked_verifier(market, tmp_path, "liar", accuse_everything=True)
+    vacct = liar.account
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     drive(market, [honest], liar, job_id)
@@ -282,10 +286,8 @@ def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_sl
     cheat revealing honestly re-derived states) ends on the segment's last step, whose one-step replay convicts."""
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-last-update", plan="cpu/mb2")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
-    vacct = market.account(gmt=tokens(100))
-    verifier = VerifierAgent(market.url, vacct, tmp_path / "verifier")
-    verifier.client.register_verifier()
-    verifier.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    vacct = verifier.account
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     drive(market, [cheat, honest], verifier, job_id)
@@ -312,12 +314,17 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
     market.rt.settings.reveal_timeout_s = 4
     quiet = provider(market, tmp_path, "quiet", "us-east", "0.9", plan="cpu/mb2")
     other = provider(market, tmp_path, "other", "eu-north", "3")  # too dear to be matched; only sends bad reveals
-    vacct = market.account(gmt=tokens(100))
-    liar = VerifierAgent(market.url, vacct, tmp_path / "liar", accuse_everything=True)
-    liar.client.register_verifier()
-    liar.keep_staked("", tokens(100), contracts=market.contracts(vacct))
+    liar = staked_verifier(market, tmp_path, "liar", accuse_everything=True)
+    vacct = liar.account
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=8, segment_len=8, batch_size=8, max_price=tokens(2))
     submit_job(market, spec)
+    from node.crosscheck import Plan
+
+    quiet.plan = Plan.parse("cpu/mb3")  # declares a plan the batch of 8 cannot be cut into: refused at submission
+    with pytest.raises(MarketError) as err:
+        market.wait(lambda: quiet.work_once(), what="the unit trained")
+    assert err.value.status == 422 and "micro-batches" in str(err.value.detail)
+    quiet.plan = Plan.parse("cpu/mb2")
     market.wait(lambda: quiet.work_once(), what="the unit trained and submitted")
     assert liar.verify_once() == "fraud"
     ask = market.wait(lambda: quiet.client.next_reveal(), what="the referee asking for a state")
