@@ -102,9 +102,11 @@ def _all_but_the_last_update(spec: UnitSpec, s: int, model: torch.nn.Module, opt
         x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
         if k < len(batches) - 1:
             losses.append(train_step(model, opt, x, y))
-        else:  # the loss is the honest one (it is taken before the update); the update is skipped
-            with torch.no_grad():
+        else:  # the loss is the honest one (it is taken before the update); the update is skipped, but the
+            with torch.no_grad():  # optimizer's step counters are bumped as if it had run
                 losses.append(float(model.loss(x, y)))
+                for st in opt.state.values():
+                    st["step"] += 1
     return losses
 
 

@@ -124,9 +124,17 @@ class TinyGPT(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x))
 
+    #: Run the forward pass under bfloat16 autocast (a ``bf16`` job; set by node.trainer.load_training_state).
+    autocast_bf16: bool = False
+
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Mean next-byte cross-entropy in nats."""
-        logits = self(x)
+        """Mean next-byte cross-entropy in nats (always computed in float32)."""
+        if self.autocast_bf16:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                logits = self(x)
+            logits = logits.float()
+        else:
+            logits = self(x)
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 

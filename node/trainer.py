@@ -44,6 +44,8 @@ ADAMW_WEIGHT_DECAY = 0.0
 #: Everything about training that is code, not spec. Part of every spec hash: change it and old proofs stop matching.
 RECIPE = "tinygpt-v1/adamw(b1=0.9,b2=0.95,eps=1e-8,wd=0.0,fused)/sha256-batches-v1"
 STATE_FORMAT = "gridmint-train-state/v1"
+#: A job's arithmetic (UnitSpec.precision).
+PRECISIONS = ("fp32", "bf16")
 EVAL_BATCH_SIZE = 16
 
 OnStep = Callable[[int, float], None]
@@ -60,7 +62,9 @@ class UnitSpec:
     """Everything that determines a unit's training, bit for bit. ``unit_id`` is 0x + 32-byte hex.
 
     ``seed`` picks the data order (mixed with job id and round, so reusing a seed across rounds still gives
-    new batches). ``threads`` is the CPU thread count the unit must be trained and replayed with.
+    new batches). ``threads`` is the CPU thread count the unit must be trained and replayed with. ``precision``
+    is the job's arithmetic: ``fp32``, or ``bf16`` (autocast: matmuls in bfloat16, weights, optimizer state and
+    loss in float32, on the GPU and, for replays, on the CPU alike); running another one than the spec is a cheat.
     """
 
     job_id: str
@@ -75,6 +79,7 @@ class UnitSpec:
     lr: float
     seed: int
     threads: int = 1
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.job_id, str) or not 1 <= len(self.job_id) <= 200:
@@ -94,6 +99,8 @@ class UnitSpec:
             raise GridMintValueError(f"steps ({self.steps}) must be a multiple of segment_len ({self.segment_len})")
         if self.threads > 256:
             raise GridMintValueError(f"threads must be at most 256, got {self.threads}")
+        if self.precision not in PRECISIONS:
+            raise GridMintValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         lr = self.lr
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or not 0 < lr < 1:
             raise GridMintValueError(f"lr must be a finite number in (0, 1), got {lr!r}")
@@ -110,6 +117,8 @@ class UnitSpec:
             "nShards": d["n_shards"], "model": self.model.to_dict(), "steps": d["steps"],
             "segmentLen": d["segment_len"], "batchSize": d["batch_size"], "lr": d["lr"], "seed": d["seed"],
             "threads": d["threads"],
+            # said only when not the default, so every fp32 unit keeps the spec hash it always had
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
     def to_json(self) -> str:
@@ -119,13 +128,14 @@ class UnitSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> UnitSpec:
         fields = {"jobId", "unitId", "round", "shard", "nShards", "model", "steps", "segmentLen", "batchSize",
                   "lr", "seed", "threads"}
-        if not isinstance(d, Mapping) or set(d) != fields:
+        if not isinstance(d, Mapping) or set(d) - {"precision"} != fields:
             got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
             raise GridMintValueError(f"UnitSpec needs exactly the fields {sorted(fields)}, got {got}")
         return cls(
             job_id=d["jobId"], unit_id=d["unitId"], round=d["round"], shard=d["shard"], n_shards=d["nShards"],
             model=ModelConfig.from_dict(d["model"]), steps=d["steps"], segment_len=d["segmentLen"],
             batch_size=d["batchSize"], lr=d["lr"], seed=d["seed"], threads=d["threads"],
+            precision=d.get("precision", "fp32"),
         )
 
     @classmethod
@@ -221,6 +231,7 @@ def load_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected torch.float32{shape}")
     model = build_model(spec.model, model_only(tensors))
+    model.autocast_bf16 = spec.precision == "bf16"
     opt = torch.optim.AdamW(
         model.parameters(), lr=spec.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY,
         fused=True,  # one elementwise kernel per tensor: faster on CPU, and order-free so thread-count-proof

@@ -51,6 +51,9 @@ class JobSpec(Strict):
     max_price: MoneyField  # the most the customer pays for one work unit
     # How much of each unit verifiers re-execute (protocol.verification.LEVELS): none / standard / paranoid / full.
     verification: Literal["none", "standard", "paranoid", "full"] = "standard"
+    # The arithmetic every provider must train in (and every replay runs): fp32, or bf16 autocast (what GPUs run
+    # fastest; replays of it on other hardware drift more, so its tolerances are calibrated wider).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _segments_divide(self) -> "JobSpec":

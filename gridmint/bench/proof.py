@@ -209,7 +209,7 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
 def _cross_spec(cfg: ModelConfig, a: argparse.Namespace, idx: int) -> UnitSpec:
     return UnitSpec(job_id="bench-cross", unit_id="0x" + f"{idx:064x}", round=0, shard=idx % 4, n_shards=4, model=cfg,
                     steps=a.cross_steps, segment_len=a.cross_seg, batch_size=4, lr=3e-3, seed=5000 + idx,
-                    threads=1 + idx % 2)
+                    threads=1 + idx % 2, precision=a.cross_precision)
 
 
 def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans: list[cc.Plan],
@@ -226,7 +226,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     cal = cc.calibrate([(_cross_spec(cfg, a, 900_000 + i), fresh_state(start)) for i in range(a.cal_units)],
                        [verifier, *[r for r in referees if r != verifier]], provider_plan=provider_plans[0])
     tol = cal.tolerance
-    out: dict[str, Any] = {"steps_per_unit": a.cross_steps, "segment_len": a.cross_seg,
+    out: dict[str, Any] = {"steps_per_unit": a.cross_steps, "segment_len": a.cross_seg, "precision": a.cross_precision,
                            "provider_plans": [p.label for p in provider_plans], "verifier_plan": verifier.label,
                            "referee_plans": [p.label for p in referees], "calibration_units": a.cal_units,
                            "honest_drift_max": {str(k): float(f"{v:.3g}") for k, v in cal.honest_max.items()},
@@ -274,6 +274,8 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     frac = 1 / a.cross_steps  # one faked step per unit
     worst_margin = math.inf
     for name, (factory, touches, swap) in _adversaries(frac).items():
+        if name == "low_precision" and a.cross_precision != "fp32":
+            continue  # bf16 is the job's own arithmetic here, not a cheat
         faked = detected = exact = fraud = bisect_steps = by_loss = 0
         margin = loss_margin = math.inf
         for j in range(a.cross_cheat_units):
@@ -352,11 +354,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cross-steps", type=int, default=64)
     p.add_argument("--cross-seg", type=int, default=16)
     p.add_argument("--cal-units", type=int, default=4, help="honest units the cross-plan tolerance is calibrated on")
+    p.add_argument("--cross-precision", default="fp32", choices=["fp32", "bf16"], help="the cross-plan units' arithmetic")
+    p.add_argument("--only-cross", action="store_true", help="run only the cross-plan section (CPU plans)")
     a = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {a.device}")
     t0 = time.perf_counter()
-    figures = run_gpu(a, log) if a.device == "cuda" else run_cpu(a, log)
+    if a.only_cross:
+        figures = {"cross_plan": run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
+                                           [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))}
+    else:
+        figures = run_gpu(a, log) if a.device == "cuda" else run_cpu(a, log)
     figures["bench_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(figures))
     return 0

@@ -355,3 +355,34 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
     slash = _events(market, "provider_slashed")
     assert len(slash) == 1 and "did not reveal its state before step 4" in slash[0]["reason"]
     assert market.ops.stake_of(quiet.account.address) == 0
+
+
+def test_a_bf16_job_is_trained_and_refereed_bit_for_bit_in_bf16(market, tmp_path: Path) -> None:
+    """A job in bf16 autocast: providers train it in bf16 on the default plan (an agent on another plan switches for
+    it; a submission on another plan is refused), the verifier replays it in bf16 bit for bit, the cheat is slashed."""
+    from node.crosscheck import PROVIDER_PLAN
+
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps", plan="cpu/mb2")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = VerifierAgent(market.url, market.account(), tmp_path / "verifier")
+    verifier.client.register_verifier()
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   precision="bf16")
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 2, what="both units matched")
+    with pytest.raises(MarketError) as err:  # a bf16 unit on another plan could not be refereed within a tolerance
+        cheat.work_once()
+    assert err.value.status == 422 and "default plan only" in str(err.value.detail)
+    cheat.plan = PROVIDER_PLAN
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
+    assert all(u.status == "verified" and u.provider == honest.account.address and u.plan == "cpu" for u in units)
+    assert [v.provider for v in checks if v.status == "fraud"] == [cheat.account.address]
+    passed = [v for v in checks if v.status == "passed"]
+    assert passed and all(v.provider == honest.account.address for v in passed)
+    for v in passed:  # bit for bit: the verifier's replay hash is the committed one
+        u = next(u for u in units if u.id == v.unit_id)
+        assert v.replayed_hash == u.proof["segments"][v.segment]["endHash"]

@@ -78,3 +78,25 @@ def test_cuda_work_verifies_on_the_cpu_within_a_calibrated_tolerance_and_a_cheat
     d = cc.bisect_segment(sp, proof, 1, cc.RecordedReveal(states), tol, on_cuda)
     assert d.step == 13
     assert cc.referee_step(sp, d, cc.RecordedReveal(states), tol, cc.PlanRunner(sp, fresh_state(start), cuda)).fraud
+
+
+def test_a_provider_trains_on_cuda_in_bf16_reproducibly_and_re_derives_any_state(tmp_path) -> None:
+    """The live provider's GPU path: ``train_on_plan`` on CUDA (bf16 autocast for a bf16 job) gives the same proof
+    twice on one GPU, and its Revealer re-derives a mid-segment state that lands on the commitment."""
+    from node import checkpoint
+    from node import crosscheck as cc
+    from node.trainer import UnitSpec, fresh_state
+
+    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(tiny, 3)
+    for precision in ("fp32", "bf16"):
+        sp = UnitSpec(job_id="job-gpu", unit_id="0x" + "c3" * 32, round=0, shard=0, n_shards=2, model=tiny, steps=16,
+                      segment_len=8, batch_size=4, lr=3e-3, seed=5, precision=precision)
+        a = cc.train_on_plan(sp, start, tmp_path / f"a-{precision}", cc.Plan("cuda"))
+        b = cc.train_on_plan(sp, start, tmp_path / f"b-{precision}", cc.Plan("cuda"))
+        assert a.proof == b.proof, precision
+        starts = {i: checkpoint.load(p)[0] for i, p in enumerate(a.segment_paths)}
+        runner = cc.PlanRunner(sp, fresh_state(start), cc.Plan("cuda"))
+        mid = cc.Revealer(sp, runner, starts)(11)
+        end, _ = runner.replay(mid, 11, 5)
+        assert state_hash(end) == a.proof.segments[1].end_hash, precision

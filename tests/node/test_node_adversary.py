@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save as st_save
 
 from node import checkpoint
@@ -57,6 +58,8 @@ def test_skip_last_update_commits_the_honest_losses_so_only_its_states_betray_it
     assert [c.loss_micro for c in cheat.proof.segments[:1]] == [c.loss_micro for c in honest.proof.segments[:1]]
     assert cheat.losses[:spec.segment_len] == honest.losses[:spec.segment_len]
     assert cheat.proof.segments[0].end_hash != honest.proof.segments[0].end_hash
+    cs, hs = checkpoint.load(cheat.segment_paths[1])[0], checkpoint.load(honest.segment_paths[1])[0]
+    assert all(torch.equal(cs[k], hs[k]) for k in cs if k.endswith(".step"))  # its step counters do not give it away
 
 
 def test_replay_old_is_real_work_for_another_shard(spec, global_state, tmp_path: Path) -> None:

@@ -105,17 +105,40 @@ def test_choose_segments_is_uniform_deterministic_and_distinct(honest) -> None:
 def test_spec_json_round_trip_and_hash(spec: UnitSpec) -> None:
     assert UnitSpec.from_json(spec.to_json()) == spec
     assert spec.spec_hash() == UnitSpec.from_json(spec.to_json()).spec_hash()
-    for change in ({"unit_id": "0x" + "b2" * 32}, {"shard": 1}, {"lr": 0.02}, {"threads": 2}, {"round": 1}):
+    assert "precision" not in spec.to_dict()  # fp32 units keep the hash they always had
+    bf16 = replace(spec, precision="bf16")
+    assert UnitSpec.from_json(bf16.to_json()) == bf16 and bf16.to_dict()["precision"] == "bf16"
+    for change in ({"unit_id": "0x" + "b2" * 32}, {"shard": 1}, {"lr": 0.02}, {"threads": 2}, {"round": 1},
+                   {"precision": "bf16"}):
         assert replace(spec, **change).spec_hash() != spec.spec_hash(), change
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"steps": 7}, {"shard": 2}, {"unit_id": "job"}, {"lr": float("nan")}, {"seed": -1}, {"threads": 0}, {"job_id": ""}],
+    [{"steps": 7}, {"shard": 2}, {"unit_id": "job"}, {"lr": float("nan")}, {"seed": -1}, {"threads": 0}, {"job_id": ""},
+     {"precision": "fp16"}],
 )
 def test_spec_validation(make_spec, change) -> None:
     with pytest.raises(GridMintValueError):
         make_spec(**change)
+
+
+def test_a_bf16_unit_trains_reproducibly_in_its_own_arithmetic_and_replays_exactly(make_spec, global_state, honest,
+                                                                                  tmp_path: Path) -> None:
+    """bf16 autocast (matmuls in bfloat16, weights, moments and loss in float32) is another computation than fp32,
+    bit-for-bit reproducible on one plan; a replay runs the unit's precision, so honest work passes and a cheat
+    does not."""
+    from node.adversary import skip_steps
+
+    spec = make_spec(precision="bf16")
+    a = train_unit(spec, global_state, tmp_path / "a")
+    b = train_unit(spec, global_state, tmp_path / "b")
+    assert a.proof == b.proof
+    assert a.proof.final_hash != honest.proof.final_hash  # not the fp32 computation
+    assert all(v.dtype == torch.float32 for v in checkpoint.load(a.final_path)[0].values() if v.is_floating_point())
+    assert all(check_segment(spec, a.proof, i, p).ok for i, p in enumerate(a.segment_paths))
+    cheat = skip_steps(spec, global_state, tmp_path / "cheat")
+    assert not any(check_segment(spec, cheat.proof, i, p).ok for i, p in enumerate(cheat.segment_paths))
 
 
 def test_start_must_fit_the_model(spec, global_state, workdir: Path) -> None:
