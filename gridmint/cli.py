@@ -87,6 +87,8 @@ def verifier_run(
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     plan: Annotated[str, typer.Option(help="How this machine replays: 'cpu' (the providers' plan: bit for bit), or "
                                            "another, e.g. 'cpu/mb2' or 'cuda' (within a calibrated tolerance)")] = "cpu",
+    bond_margin: Annotated[float, typer.Option(help="Across plans, bond an accusation only when the replay is at least "
+                                                    "this many times past the tolerance (closer: dispute unbonded)")] = 4.0,
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
@@ -97,7 +99,7 @@ def verifier_run(
     from node.crosscheck import Plan
 
     account = load_or_create(wallet)
-    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan))
+    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin)
     if tokens(stake) > 0:
         if not chain:
             raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")

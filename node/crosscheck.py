@@ -343,6 +343,9 @@ class CrossVerdict:
     loss_delta_micro: int
     reason: str
     replayed_hash: str | None = None  # hash of the state the replay reached (never equal to the claim across plans)
+    # how far past its tolerance the disagreement is (state distance / its tolerance, or loss delta / the loss
+    # tolerance; inf for a claim wrong on its face): a verifier bonds an accusation only when it is far past
+    margin: float = math.nan
 
 
 def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, end: State,
@@ -355,7 +358,10 @@ def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, s
 
     def verdict(ok: bool, kind: str, reason: str, d: float = math.nan, dl: int = 0,
                 replayed: str | None = None) -> CrossVerdict:
-        return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason, replayed)
+        over_state = d / thr if thr > 0 else (0.0 if d == 0 else math.inf)
+        over_loss = dl / tol.loss_micro if tol.loss_micro > 0 else (0.0 if dl == 0 else math.inf)
+        margin = {"claim": math.inf, "state": over_state, "loss": over_loss}.get(kind, max(over_state, over_loss))
+        return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason, replayed, margin)
 
     problem = claim_problem(spec, proof, seg_index)
     if problem is not None:

@@ -1,6 +1,7 @@
 """The verifier agent: pull a sampled segment, replay it from the committed checkpoint, sign the verdict."""
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ console = Console(stderr=True)
 class VerifierAgent:
     def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
                  poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False,
-                 plan: Plan = PROVIDER_PLAN) -> None:
+                 plan: Plan = PROVIDER_PLAN, bond_margin: float = 4.0) -> None:
         self.client = MarketClient(marketplace, account)
         self.account = account
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
@@ -35,6 +36,9 @@ class VerifierAgent:
         self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
         self.plan = plan  # how this machine replays; another plan than the providers' checks within a tolerance
+        # Across plans, accuse with a bond only when the disagreement is at least this many times the tolerance; a
+        # closer one is still disputed, without a bond: the referee settles it (governance slash), no bounty, no risk
+        self.bond_margin = bond_margin
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
@@ -60,10 +64,10 @@ class VerifierAgent:
         # across plans is too wide for a tolerance to catch a cheat
         if provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32"):
             verdict = check_segment(spec, proof, seg, path)
-            found, reason, replayed_end = verdict.ok, verdict.reason, verdict.replayed_end
+            found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
         else:
             end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
-            found, reason, replayed_end = self._check_across(spec, proof, seg, path, end, provider_plan)
+            found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan)
         ok = True if self.approve_everything else False if self.accuse_everything else found
         claimed = proof.segments[seg].end_hash
         replayed = replayed_end or "0x" + "00" * 32
@@ -74,7 +78,9 @@ class VerifierAgent:
         body = {"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
                 "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
                 "reason": reason[:500]}
-        if not ok and self.accuse:
+        if not ok and not self.accuse_everything and margin < self.bond_margin:
+            body["reason"] = f"{reason} [unbonded: {margin:.3g} x tolerance < {self.bond_margin:g}]"[:500]
+        elif not ok and self.accuse:
             evidence = fraud_evidence(spec.unit_id, seg, task["provider"])
             body["accusation"] = sign_accusation(self.account, self.client.chain_id, self.client.config["staking"],
                                                  task["provider"], evidence)
@@ -84,20 +90,20 @@ class VerifierAgent:
         return "ok" if ok else "fraud"
 
     def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
-                      end_path: Path, provider_plan: Plan = PROVIDER_PLAN) -> tuple[bool, str, str | None]:
+                      end_path: Path, provider_plan: Plan = PROVIDER_PLAN) -> tuple[bool, str, str | None, float]:
         """Replay on this machine's plan and compare with the provider's end state within a calibrated tolerance."""
         try:
             start, _ = checkpoint.load(start_path)
             end, _ = checkpoint.load(end_path)
         except CheckpointError as exc:
-            return False, f"checkpoint rejected: {exc}", None
+            return False, f"checkpoint rejected: {exc}", None, math.inf
         tol = crosscheck.tolerance_for(spec, self.plan, provider_plan=provider_plan)
         try:
             runner = crosscheck.PlanRunner(spec, start, self.plan)
         except CheckpointError as exc:
-            return False, f"checkpoint is not a training state for this spec: {exc}", None
+            return False, f"checkpoint is not a training state for this spec: {exc}", None, math.inf
         v = crosscheck.check_segment_across(spec, proof, seg, start, end, tol, runner)
-        return v.ok, f"[{provider_plan.label} on {self.plan.label}] {v.reason}", v.replayed_hash
+        return v.ok, f"[{provider_plan.label} on {self.plan.label}] {v.reason}", v.replayed_hash, v.margin
 
     def run(self, exit_when_idle_s: float | None = None) -> None:
         from node.agent import Stopper

@@ -2,6 +2,7 @@
 stake -> register -> match -> train + prove -> verify -> (slash) -> settle -> claim."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -280,20 +281,28 @@ def test_a_provider_on_another_plan_wins_a_false_dispute_by_revealing_its_states
     assert [e.provider for e in entries] == [honest.account.address]
 
 
-def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_slashed(market, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bond_margin", [4.0, math.inf])
+def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_slashed(market, tmp_path: Path,
+                                                                                    bond_margin: float) -> None:
     """A cheat that skips each segment's last optimizer update commits honest losses and declares a micro-batch plan
     to hide in the tolerance. The staked verifier's tolerant check still disputes it; the referee's bisection (the
-    cheat revealing honestly re-derived states) ends on the segment's last step, whose one-step replay convicts."""
+    cheat revealing honestly re-derived states) ends on the segment's last step, whose one-step replay convicts.
+    Far past the tolerance, the verifier bonds its accusation (an on-chain fraud proof); a verifier that bonds nothing
+    (its margin never reached) still gets the cheat slashed, by the operator's governance path, with no bond at risk."""
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-last-update", plan="cpu/mb2")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
-    verifier = staked_verifier(market, tmp_path, "verifier")
+    verifier = staked_verifier(market, tmp_path, "verifier", bond_margin=bond_margin)
     vacct = verifier.account
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     drive(market, [cheat, honest], verifier, job_id)
     assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
     slash = _events(market, "provider_slashed")
-    assert len(slash) == 1 and slash[0]["path"] == "fraud-proof"
+    assert len(slash) == 1 and slash[0]["path"] == ("fraud-proof" if bond_margin < math.inf else "governance")
+    assert market.ops.balance_of(verifier.account.address) == tokens(100)  # the bounty either way
+    with market.rt.sessions() as s:
+        fraud = s.scalars(select(Verification).where(Verification.status == "fraud")).one()
+    assert (fraud.accusation is not None) == (bond_margin < math.inf)
     seg = slash[0]["segment"]
     assert f"bisected to step {seg * 8 + 7} in 3 reveal(s)" in slash[0]["reason"]  # the skipped update, found
     assert [e["provider"] for e in _events(market, "state_revealed")] == [cheat.account.address] * 3

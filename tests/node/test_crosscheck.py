@@ -222,3 +222,19 @@ def test_training_on_a_plan_is_the_trainer_on_the_provider_plan_and_re_derivable
     end, _ = cc.PlanRunner(spec, fresh_state(START), VERIFIER).replay(mid, SEG + 3, SEG - 3)
     assert cc.state_hash(end) == other.proof.segments[1].end_hash
     assert cc.state_hash(checkpoint.load(other.final_path)[0]) == other.proof.final_hash
+
+
+def test_a_verdict_says_how_far_past_its_tolerance_it_is(tol: cc.Tolerance) -> None:
+    """The margin a verifier bonds on: honest work stays under 1, a skipped step lands far past, a wrong claim is inf."""
+    spec = _spec(50)
+    states, _, proof = cc.record_policy(spec, START, plan=REFEREE)
+    ver, _ = _runners(spec)
+    honest = _verdicts(spec, states, proof, tol, ver)
+    assert all(v.ok and 0 < v.margin <= 1 for v in honest)
+    cheat_spec = _spec(51)
+    states, _, proof = cc.record_policy(cheat_spec, START, adversary.SkipSteps(frozenset({9})))
+    ver, _ = _runners(cheat_spec)
+    v = _verdicts(cheat_spec, states, proof, tol, ver)[1]
+    assert not v.ok and v.kind == "state" and v.margin > 100
+    wrong_end = cc.check_segment_across(cheat_spec, proof, 1, states[SEG], states[SEG + 1], tol, ver)
+    assert wrong_end.kind == "claim" and wrong_end.margin == math.inf
