@@ -26,7 +26,9 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -36,7 +38,7 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
-from node.trainer import UnitSpec, fresh_state, state_hash
+from node.trainer import UnitSpec, fresh_state, state_hash, train_unit
 from protocol import verification as vp
 
 
@@ -184,6 +186,21 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["proof_overhead"] = round(statistics.median(ratios), 4)
     out["proof_overhead_runs"] = [round(r, 4) for r in ratios]
     log(f"proof overhead (commit every step, async hashing): {out['proof_overhead_runs']} -> {out['proof_overhead']}")
+    # what a provider runs on a default job (ModelConfig(), batch 16, a commitment + checkpoint every 15 steps):
+    # node.trainer.train_unit against the same steps with no commitments and no checkpoints, interleaved
+    jspec = replace(_spec(ModelConfig(), a.job_steps - a.job_steps % 15 or 15, 999_997, batch=16), segment_len=15)
+    jstart = init_state(ModelConfig(), 7)
+    jratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.repeats):
+            base = plain_throughput(jspec, jstart, commit_every=None)  # steps/s, batches made ahead, no commitments
+            t0 = time.perf_counter()
+            train_unit(jspec, jstart, Path(tmp) / str(r))
+            jratios.append((jspec.steps / (time.perf_counter() - t0)) / base)
+    out["proof_overhead_default_job"] = round(statistics.median(jratios), 4)
+    out["proof_overhead_default_job_runs"] = [round(r, 4) for r in jratios]
+    log(f"proof overhead on a default job (train_unit: hash + checkpoint every 15 steps, {jspec.steps} steps): "
+        f"{out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}")
 
     # lazy verifier vs planted canaries (known-bad segments from the skip-steps unit)
     bad_idx = [i for i, ok in enumerate(canary_bad) if not ok]
@@ -344,6 +361,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--honest-units", type=int, default=1000)
     p.add_argument("--honest-steps", type=int, default=16)
     p.add_argument("--overhead-steps", type=int, default=512)
+    p.add_argument("--job-steps", type=int, default=120, help="steps of the default-job overhead run (x 15 per segment)")
     p.add_argument("--cost-steps", type=int, default=1000, help="unit length for the default-job verify cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-steps", type=int, default=300)
