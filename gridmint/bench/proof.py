@@ -38,7 +38,8 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
-from node.trainer import UnitSpec, fresh_state, state_hash, train_unit
+from node.trainer import (UnitSpec, check_start, deterministic, fresh_state, load_training_state, run_segment,
+                          state_hash, train_unit)
 from protocol import verification as vp
 
 
@@ -110,6 +111,16 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     log(f"verify cost ({what}): {len(picks)} segments replayed in {verify_s:.3f} s vs {provider_s:.2f} s of plain "
         f"training -> {ratio} (all ok: {all(oks)})")
     return ratio, len(picks)
+
+
+def _bare_unit(spec: UnitSpec, start: dict[str, torch.Tensor]) -> None:
+    """:func:`node.trainer.train_unit` without its commitments: the same model build, batches and steps, no state
+    hashes and no checkpoints (the baseline of ``proof_overhead_default_job``)."""
+    check_start(spec, start)
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, fresh_state(start))
+        for s in range(spec.n_segments):
+            run_segment(spec, model, opt, s)
 
 
 def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -193,10 +204,12 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     jratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
-            base = plain_throughput(jspec, jstart, commit_every=None)  # steps/s, batches made ahead, no commitments
+            t0 = time.perf_counter()
+            _bare_unit(jspec, jstart)
+            bare = time.perf_counter() - t0
             t0 = time.perf_counter()
             train_unit(jspec, jstart, Path(tmp) / str(r))
-            jratios.append((jspec.steps / (time.perf_counter() - t0)) / base)
+            jratios.append(bare / (time.perf_counter() - t0))
     out["proof_overhead_default_job"] = round(statistics.median(jratios), 4)
     out["proof_overhead_default_job_runs"] = [round(r, 4) for r in jratios]
     log(f"proof overhead on a default job (train_unit: hash + checkpoint every 15 steps, {jspec.steps} steps): "
