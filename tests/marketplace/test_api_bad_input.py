@@ -119,7 +119,7 @@ def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> N
     base = dict(rounds=1, units_per_round=1, steps_per_unit=2048, segment_len=1, max_price=tokens(1))
     std = client.quote(JobSpec(**base).model_dump(mode="json"))["verification"]
     par = client.quote(JobSpec(**base, verification="paranoid").model_dump(mode="json"))["verification"]
-    assert std["level"] == "standard" and std["replayed_segments_per_unit"] == 36
+    assert std["level"] == "standard" and std["replayed_segments_per_unit"] == 32
     assert int(std["fee_per_unit"]) < int(par["fee_per_unit"])  # integer base units, as strings
     assert 0 < std["catch_probability_1pct_per_unit"] < par["catch_probability_1pct_per_unit"] <= 1
     bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}

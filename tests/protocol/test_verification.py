@@ -14,15 +14,15 @@ from protocol.errors import GridMintValueError
 
 def test_levels_and_trust() -> None:
     assert vp.level_rate("none") == 0 and vp.level_rate("full") == 1
-    assert vp.level_rate("standard") == Fraction(18, 1000)
-    assert vp.level_rate("standard", vp.TRUST_AFTER_UNITS) == Fraction(9, 1000)
+    assert vp.level_rate("standard") == Fraction(16, 1000)
+    assert vp.level_rate("standard", vp.TRUST_AFTER_UNITS) == Fraction(8, 1000)
     assert vp.level_rate("full", 10_000) == 1  # full replication is never discounted
     with pytest.raises(GridMintValueError, match="unknown verification level"):
         vp.level_rate("lax")
 
 
 def test_budget() -> None:
-    assert vp.challenge_budget(2048, vp.LEVELS["standard"]) == 36
+    assert vp.challenge_budget(2048, vp.LEVELS["standard"]) == 32
     assert vp.challenge_budget(10, vp.LEVELS["standard"]) == 1  # at least one
     assert vp.challenge_budget(10, Fraction(0)) == 0
     assert vp.challenge_budget(10, Fraction(1)) == 10
@@ -58,8 +58,8 @@ def test_miss_probability_is_the_hypergeometric_ratio() -> None:
 
 def test_quote_is_integer_money_and_says_what_it_buys() -> None:
     q = vp.quote("standard", n_segments=2048, unit_price=10**18, stake=20 * 10**18)
-    assert isinstance(q.fee, int) and q.fee == -(-(10**18) * 36 // 2048)
-    assert q.replayed_segments == 36 and q.catch_within_stake_1pct > Fraction(99, 100)
+    assert isinstance(q.fee, int) and q.fee == -(-(10**18) * 32 // 2048)
+    assert q.replayed_segments == 32 and q.catch_within_stake_1pct > Fraction(99, 100)
     assert vp.quote("none", n_segments=2048, unit_price=10**18, stake=1).fee == 0
 
 
