@@ -10,8 +10,8 @@ an honest provider is never slashed, while a skipped, faked or low-precision ste
 
 The bisection is resumable: each run starts over from the segment's committed ends and the reveals stored so far
 (every replay is deterministic on the referee's plan), and stops at the first state the provider has not revealed
-yet (:class:`Pending`). A provider that lets the deadline pass, or reveals a state that does not hash to what it
-signed, loses. Cost: one segment replay for the loss, about one more for the bisection per reveal round.
+yet (:class:`node.crosscheck.RevealPending`). A provider that lets the deadline pass loses (a reveal that does not
+hash to what it signed is refused when it is posted, so it counts as no answer). Cost: one segment replay for the loss, about one more for the bisection per reveal round.
 """
 from __future__ import annotations
 

@@ -143,8 +143,7 @@ class ProviderAgent:
         rdir = self.workdir / "reveals"
         rdir.mkdir(parents=True, exist_ok=True)
         start, _ = checkpoint.load(self.client.get_blob(ask["checkpoint_blob"], rdir / f"{ask['checkpoint_blob']}.safetensors"))
-        first = seg * spec.segment_len
-        state, _ = crosscheck.PlanRunner(spec, start, plan).replay(start, first, step - first)
+        state = crosscheck.Revealer(spec, crosscheck.PlanRunner(spec, start, plan), {seg: start})(step)
         path = rdir / f"{spec.unit_id[2:14]}-{step}.safetensors"
         checkpoint.save(path, state, checkpoint_metadata(spec, seg))
         blob, h = self.client.put_blob(path), state_hash(state)

@@ -37,7 +37,7 @@ class VerifierAgent:
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
         self.plan = plan  # how this machine replays; another plan than the providers' checks within a tolerance
         # Across plans, accuse with a bond only when the disagreement is at least this many times the tolerance; a
-        # closer one is still disputed, without a bond: the referee settles it (governance slash), no bounty, no risk
+        # closer one is still disputed, without a bond: the referee settles it (governance path), no bond at risk
         self.bond_margin = bond_margin
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
