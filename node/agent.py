@@ -73,7 +73,7 @@ class ProviderAgent:
         self.trainer: Callable[..., UnitResult] = train_unit
         if self.plan != PROVIDER_PLAN:
             plan = self.plan
-            self.trainer = lambda spec, start, workdir: crosscheck.train_on_plan(spec, start, workdir, plan)
+            self.trainer = lambda spec, start, workdir: train_unit(spec, start, workdir, plan=plan)
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 

@@ -28,32 +28,26 @@ A provider that does not reveal a state, or reveals one that does not hash to it
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from node import checkpoint, data
-from node.model import TinyGPT
-from node.trainer import (
-    UnitResult,
+from node import data
+from node.trainer import (  # Plan and PROVIDER_PLAN live with the trainer; they are this module's vocabulary too
+    PROVIDER_PLAN,
+    Plan,
     UnitSpec,
-    check_start,
-    checkpoint_metadata,
-    final_path,
-    model_only,
-    segment_path,
-    fresh_state,
     deterministic,
     export_training_state,
+    fresh_state,
     load_training_state,
     mean_loss_micro,
+    place,
+    plan_step,
     state_hash,
     step_batch,
-    train_step,
 )
 from node.replay import claim_problem
 from protocol.errors import GridMintValueError
@@ -85,72 +79,17 @@ def _group(name: str) -> str | None:
     return None  # step counters: compared exactly
 
 
-# --------------------------------------------------------------------------- plans
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a machine executes a spec. ``micro_batches`` splits each step's batch and accumulates the gradients
-    (the same step, summed in another order)."""
-
-    device: str = "cpu"
-    micro_batches: int = 1
-
-    def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
-            raise GridMintValueError(f"plan device must be 'cpu' or 'cuda', got {self.device!r}")
-        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
-                or not 1 <= self.micro_batches <= 64:
-            raise GridMintValueError(f"micro_batches must be an int in [1, 64], got {self.micro_batches!r}")
-
-    @property
-    def label(self) -> str:
-        """``cpu``, ``cuda/mb4`` ...: what :meth:`parse` reads back (one micro-batch is left unsaid)."""
-        return self.device if self.micro_batches == 1 else f"{self.device}/mb{self.micro_batches}"
-
-    @classmethod
-    def parse(cls, text: str) -> Plan:
-        """``cpu``, ``cuda``, ``cpu/mb4`` ..."""
-        device, _, mb = text.partition("/")
-        if mb and not (mb.startswith("mb") and mb[2:].isdigit()):
-            raise GridMintValueError(f"plan {text!r}: expected DEVICE or DEVICE/mbN")
-        return cls(device, int(mb[2:]) if mb else 1)
-
-
-PROVIDER_PLAN = Plan()
-
-
-def _plan_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, plan: Plan) -> float:
-    if plan.micro_batches == 1:
-        return train_step(model, opt, x, y)
-    if x.shape[0] % plan.micro_batches:
-        raise GridMintValueError(f"batch of {x.shape[0]} does not split into {plan.micro_batches} micro-batches")
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for xs, ys in zip(x.chunk(plan.micro_batches), y.chunk(plan.micro_batches)):
-        part = model.loss(xs, ys) / plan.micro_batches  # equal chunks: the mean over the batch, summed in parts
-        part.backward()
-        total += float(part.detach())
-    opt.step()
-    return total
+# --------------------------------------------------------------------------- plans (:class:`node.trainer.Plan`)
 
 
 class PlanRunner:
     """One model + AdamW for a spec on one plan, into which any training state is loaded; runs steps by index."""
 
     def __init__(self, spec: UnitSpec, template: State, plan: Plan = PROVIDER_PLAN) -> None:
-        if plan.device == "cuda":
-            if not torch.cuda.is_available():
-                raise GridMintValueError("plan wants CUDA but this machine has no CUDA device")
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         self.spec, self.plan = spec, plan
         with deterministic(spec.threads):
             self.model, self.opt = load_training_state(spec, template)
-            if plan.device != "cpu":
-                self.model.to(plan.device)
-                for st in self.opt.state.values():
-                    for k in st:
-                        st[k] = st[k].to(plan.device)
+            place(self.model, self.opt, plan)
         self.live = export_training_state(self.model, self.opt)
         self.tokens = data.train_tokens()
         self.steps_run = 0
@@ -170,7 +109,7 @@ class PlanRunner:
                 x, y = data.make_batch(self.tokens, step_batch(self.spec, step), self.spec.model.ctx)
                 if self.plan.device != "cpu":
                     x, y = x.to(self.plan.device), y.to(self.plan.device)
-                losses.append(_plan_step(self.model, self.opt, x, y, self.plan))
+                losses.append(plan_step(self.model, self.opt, x, y, self.plan))
         self.steps_run += n
         return losses
 
@@ -514,38 +453,6 @@ def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: St
 # --------------------------------------------------------------------------- the provider's side
 
 
-def train_on_plan(spec: UnitSpec, start: State, workdir: Path, plan: Plan = PROVIDER_PLAN) -> UnitResult:
-    """:func:`node.trainer.train_unit` on an execution plan (a GPU, micro-batches): the same checkpoints, proof and
-    result. On :data:`PROVIDER_PLAN` it is the trainer bit for bit; on another plan it is deterministic on that
-    machine, so the provider can re-derive any step's state in a dispute (:class:`Revealer`)."""
-    check_start(spec, start)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    runner = PlanRunner(spec, fresh_state(start), plan)
-    seg_paths: list[Path] = []
-    commits: list[SegmentCommit] = []
-    losses: list[float] = []
-    state = runner.snapshot()
-    cur = state_hash(state)
-    for s in range(spec.n_segments):
-        path = segment_path(workdir, s)
-        checkpoint.save(path, state, checkpoint_metadata(spec, s))
-        seg_paths.append(path)
-        first = s * spec.segment_len
-        seg_losses = runner.run(first, spec.segment_len)
-        state = runner.snapshot()
-        end = state_hash(state)
-        batches = [(t, step_batch(spec, t)) for t in range(first, first + spec.segment_len)]
-        commits.append(SegmentCommit(s, cur, end, batch_digest(batches), mean_loss_micro(seg_losses)))
-        losses.extend(seg_losses)
-        cur = end
-    fpath = final_path(workdir)
-    checkpoint.save(fpath, state, checkpoint_metadata(spec, None))
-    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
-                       segment_len=spec.segment_len, segments=commits)
-    return UnitResult(fpath, seg_paths, proof, losses, {k: v.clone() for k, v in model_only(state).items()})
-
-
 @dataclass
 class Revealer:
     """An honest provider's answer in a dispute: re-derives its state before any step of a segment by re-running
@@ -597,7 +504,7 @@ def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float] | N
         for step in range(spec.steps):
             x, y = data.make_batch(runner.tokens, step_batch(spec, step), spec.model.ctx)
             if policy is None:
-                losses.append(_plan_step(runner.model, runner.opt, x.to(plan.device), y.to(plan.device), plan))
+                losses.append(plan_step(runner.model, runner.opt, x.to(plan.device), y.to(plan.device), plan))
             else:
                 losses.append(policy(spec, step, runner.model, runner.opt, x, y))
             states.append(runner.snapshot())

@@ -24,7 +24,7 @@ import queue
 import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -109,7 +109,10 @@ class AsyncStateHasher:
     """Background hashing of states that all share ``template``'s names, dtypes, shapes and device.
 
     ``submit(state)`` returns a ``Future[str]`` of :func:`state_hash` of the state *as it was when submit
-    returned*: the caller may modify the tensors right after. Close with :meth:`close` (or use as a context manager).
+    returned*: the caller may modify the tensors right after. ``submit(state, then=f)`` also calls ``f(snapshot)``
+    on the hashing thread with the snapshot as CPU tensors (views of the host buffer, valid only during the call:
+    write a checkpoint from them, do not keep them); its exception, if any, is the future's. Close with
+    :meth:`close` (or use as a context manager).
     """
 
     def __init__(self, template: Mapping[str, Tensor], *, buffers: int = 2, threads: int = 2) -> None:
@@ -127,6 +130,7 @@ class AsyncStateHasher:
         self._host = [torch.zeros(total, dtype=torch.uint8, pin_memory=cuda) for _ in range(buffers)]
         self._dev = [torch.zeros(total, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if cuda else None
         self._views = [self.layout.views(template, b) for b in (self._dev if self._dev is not None else self._host)]
+        self._host_state = [self._state_views(template, b) for b in self._host]
         self._side = torch.cuda.Stream(device=self.device) if cuda else None
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(buffers):
@@ -152,7 +156,13 @@ class AsyncStateHasher:
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"tensor {n!r} is {t.dtype}{tuple(t.shape)}, template {dtype}{shape}")
 
-    def submit(self, tensors: Mapping[str, Tensor]) -> Future[str]:
+    def _state_views(self, template: Mapping[str, Tensor], buf: Tensor) -> dict[str, Tensor]:
+        views = iter(self.layout.views(template, buf))
+        return {n: next(views) if nbytes else torch.empty(template[n].shape, dtype=template[n].dtype)
+                for n, nbytes in zip(self.layout.names, self.layout.nbytes)}
+
+    def submit(self, tensors: Mapping[str, Tensor], then: Callable[[dict[str, Tensor]], object] | None = None,
+               ) -> Future[str]:
         self._check(tensors)
         i = self._free.get()  # back-pressure
         event = None
@@ -166,12 +176,15 @@ class AsyncStateHasher:
                 event.record(self._side)
         else:
             self.layout.pack(tensors, self._host[i], self._views[i])
-        return self._pool.submit(self._hash, i, event)
+        return self._pool.submit(self._hash, i, event, then)
 
-    def _hash(self, i: int, event: torch.cuda.Event | None) -> str:
+    def _hash(self, i: int, event: torch.cuda.Event | None, then: Callable[[dict[str, Tensor]], object] | None) -> str:
         try:
             if event is not None:
                 event.synchronize()
-            return self.layout.digest(memoryview(self._host[i].numpy()), self._chunk_pool)
+            digest = self.layout.digest(memoryview(self._host[i].numpy()), self._chunk_pool)
+            if then is not None:
+                then(self._host_state[i])
+            return digest
         finally:
             self._free.put(i)

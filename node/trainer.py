@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -307,6 +309,70 @@ def mean_loss_micro(losses: Sequence[float]) -> int:
     return loss_to_micro(math.fsum(losses) / len(losses))
 
 
+# --------------------------------------------------------------------------- execution plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a machine executes a spec. ``micro_batches`` splits each step's batch and accumulates the gradients
+    (the same step, summed in another order). :data:`PROVIDER_PLAN` (CPU, one micro-batch) is what any verifier
+    replays bit for bit; work on another plan is checked within a calibrated tolerance (:mod:`node.crosscheck`)."""
+
+    device: str = "cpu"
+    micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise GridMintValueError(f"plan device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
+                or not 1 <= self.micro_batches <= 64:
+            raise GridMintValueError(f"micro_batches must be an int in [1, 64], got {self.micro_batches!r}")
+
+    @property
+    def label(self) -> str:
+        """``cpu``, ``cuda/mb4`` ...: what :meth:`parse` reads back (one micro-batch is left unsaid)."""
+        return self.device if self.micro_batches == 1 else f"{self.device}/mb{self.micro_batches}"
+
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        """``cpu``, ``cuda``, ``cpu/mb4`` ..."""
+        device, _, mb = text.partition("/")
+        if mb and not (mb.startswith("mb") and mb[2:].isdigit()):
+            raise GridMintValueError(f"plan {text!r}: expected DEVICE or DEVICE/mbN")
+        return cls(device, int(mb[2:]) if mb else 1)
+
+
+PROVIDER_PLAN = Plan()
+
+
+def plan_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, plan: Plan) -> float:
+    if plan.micro_batches == 1:
+        return train_step(model, opt, x, y)
+    if x.shape[0] % plan.micro_batches:
+        raise GridMintValueError(f"batch of {x.shape[0]} does not split into {plan.micro_batches} micro-batches")
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for xs, ys in zip(x.chunk(plan.micro_batches), y.chunk(plan.micro_batches)):
+        part = model.loss(xs, ys) / plan.micro_batches  # equal chunks: the mean over the batch, summed in parts
+        part.backward()
+        total += float(part.detach())
+    opt.step()
+    return total
+
+
+def place(model: TinyGPT, opt: torch.optim.Optimizer, plan: Plan) -> None:
+    """Move a model and its AdamW state onto the plan's device (in place)."""
+    if plan.device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise GridMintValueError("plan wants CUDA but this machine has no CUDA device")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    model.to(plan.device)
+    for st in opt.state.values():
+        for k in st:
+            st[k] = st[k].to(plan.device)
+
+
 # --------------------------------------------------------------------------- a unit
 
 
@@ -319,6 +385,9 @@ class UnitResult:
     proof: TrainingProof
     losses: list[float]
     final_model: dict[str, Tensor]
+    #: wall seconds the training loop spent on commitments (snapshot copies, waiting for a free snapshot buffer,
+    #: and at the end for the last hashes and checkpoint writes): the proof's stall on the trainer
+    commit_s: float = 0.0
 
 
 TrainFn = Callable[..., UnitResult]
@@ -350,42 +419,75 @@ def check_start(spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
 
 
 def train_unit(
-    spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None
+    spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None,
+    plan: Plan = PROVIDER_PLAN,
 ) -> UnitResult:
-    """Train one unit honestly from the model-only global checkpoint ``start`` (fresh AdamW state).
+    """Train one unit honestly from the model-only global checkpoint ``start`` (fresh AdamW state) on ``plan``.
 
     Writes ``segment-NNNN.safetensors`` (state at the start of each segment) and ``final.safetensors``
     into ``workdir``. ``on_step(step, loss)`` is called after every optimizer step. Deterministic given
-    the spec: two runs on the same torch build give byte-identical checkpoints and the same proof.
+    the spec and the plan: two runs on one machine give byte-identical checkpoints and the same proof; on
+    :data:`PROVIDER_PLAN` that holds on every machine with the same torch build (what a verifier replays).
+
+    Commitments do not stall training: at every segment boundary the state is snapshotted into a reusable
+    buffer (:class:`node.statehash.AsyncStateHasher`: one fused copy on CPU; on CUDA a device-to-device copy,
+    then to pinned host memory on a side stream), and hashing it and writing its checkpoint happen on a
+    background thread while the next segment trains.
     """
     check_start(spec, start)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_hash = spec.spec_hash()
+    tokens = data.train_tokens()
+    n = spec.n_segments
+    paths = [segment_path(workdir, s) for s in range(n)] + [final_path(workdir)]
+    metas = [checkpoint_metadata(spec, s) for s in range(n)] + [checkpoint_metadata(spec, None)]
+
+    def saver(k: int) -> Callable[[dict[str, Tensor]], object]:
+        return lambda snapshot: checkpoint.save(paths[k], snapshot, metas[k])
+
     with deterministic(spec.threads):
         model, opt = load_training_state(spec, fresh_state(start))
-        seg_paths: list[Path] = []
-        commits: list[SegmentCommit] = []
+        place(model, opt, plan)
+        live = export_training_state(model, opt)
+        digests: list[str] = []
+        loss_micro: list[int] = []
         all_losses: list[float] = []
-        cur = state_hash(export_training_state(model, opt))
-        for s in range(spec.n_segments):
-            path = segment_path(workdir, s)
-            checkpoint.save(path, export_training_state(model, opt), checkpoint_metadata(spec, s))
-            seg_paths.append(path)
-            batches, losses = run_segment(spec, model, opt, s, on_step)
-            end = state_hash(export_training_state(model, opt))
-            commits.append(SegmentCommit(s, cur, end, batch_digest(batches), mean_loss_micro(losses)))
-            all_losses.extend(losses)
-            cur = end
-        final_state = export_training_state(model, opt)
-        fpath = final_path(workdir)
-        checkpoint.save(fpath, final_state, checkpoint_metadata(spec, None))
-        final_model = {k: v.clone() for k, v in model_only(final_state).items()}
+        threads = max(1, min(8, (os.cpu_count() or 2) - (spec.threads if plan.device == "cpu" else 1)))
+        with statehash.AsyncStateHasher(live, buffers=2, threads=threads) as hasher:
+            t0 = time.perf_counter()
+            futures = [hasher.submit(live, then=saver(0))]
+            commit_s = time.perf_counter() - t0
+            for s in range(n):
+                batches = segment_batches(spec, s)
+                losses: list[float] = []
+                for step, offsets in batches:
+                    x, y = data.make_batch(tokens, offsets, spec.model.ctx)
+                    if plan.device != "cpu":
+                        x, y = x.to(plan.device), y.to(plan.device)
+                    loss = plan_step(model, opt, x, y, plan)
+                    losses.append(loss)
+                    if on_step is not None:
+                        on_step(step, loss)
+                t0 = time.perf_counter()
+                futures.append(hasher.submit(live, then=saver(s + 1)))
+                for f in futures[:-2]:
+                    if f.done():
+                        f.result()  # a failed checkpoint write stops the unit now, not at its end
+                commit_s += time.perf_counter() - t0
+                digests.append(batch_digest(batches))
+                loss_micro.append(mean_loss_micro(losses))
+                all_losses.extend(losses)
+            t0 = time.perf_counter()
+            hashes = [f.result() for f in futures]
+            commit_s += time.perf_counter() - t0
+        final_model = {k: v.detach().to("cpu", copy=True) for k, v in model_only(live).items()}
+    commits = [SegmentCommit(s, hashes[s], hashes[s + 1], digests[s], loss_micro[s]) for s in range(n)]
     proof = make_proof(
         unit_id=spec.unit_id, spec_hash=spec_hash, seed=spec.seed, steps=spec.steps,
         segment_len=spec.segment_len, segments=commits,
     )
-    return UnitResult(fpath, seg_paths, proof, all_losses, final_model)
+    return UnitResult(paths[-1], paths[:-1], proof, all_losses, final_model, commit_s)
 
 
 # --------------------------------------------------------------------------- DiLoCo outer step and evaluation

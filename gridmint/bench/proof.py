@@ -198,22 +198,29 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["proof_overhead_runs"] = [round(r, 4) for r in ratios]
     log(f"proof overhead (commit every step, async hashing): {out['proof_overhead_runs']} -> {out['proof_overhead']}")
     # what a provider runs on a default job (ModelConfig(), batch 16, a commitment + checkpoint every 15 steps):
-    # node.trainer.train_unit against the same steps with no commitments and no checkpoints, interleaved
+    # node.trainer.train_unit against the same steps with no commitments and no checkpoints, in ABBA order (this
+    # machine's speed drifts); and the trainer's own stall: the wall time its loop spent on commitments
     jspec = replace(_spec(ModelConfig(), a.job_steps - a.job_steps % 15 or 15, 999_997, batch=16), segment_len=15)
     jstart = init_state(ModelConfig(), 7)
-    jratios = []
+    jratios, stalls = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.repeats):
-            t0 = time.perf_counter()
-            _bare_unit(jspec, jstart)
-            bare = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            train_unit(jspec, jstart, Path(tmp) / str(r))
-            jratios.append(bare / (time.perf_counter() - t0))
+        for r in range(a.job_repeats):
+            times = {}
+            for which in (("bare", "proof") if r % 2 == 0 else ("proof", "bare")):
+                t0 = time.perf_counter()
+                if which == "bare":
+                    _bare_unit(jspec, jstart)
+                else:
+                    res = train_unit(jspec, jstart, Path(tmp) / str(r))
+                times[which] = time.perf_counter() - t0
+            jratios.append(times["bare"] / times["proof"])
+            stalls.append(res.commit_s / times["proof"])
     out["proof_overhead_default_job"] = round(statistics.median(jratios), 4)
     out["proof_overhead_default_job_runs"] = [round(r, 4) for r in jratios]
+    out["proof_stall_default_job"] = round(statistics.median(stalls), 5)
     log(f"proof overhead on a default job (train_unit: hash + checkpoint every 15 steps, {jspec.steps} steps): "
-        f"{out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}")
+        f"{out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}; the training loop spent "
+        f"{out['proof_stall_default_job']:.2%} of its wall time on commitments (median)")
 
     # lazy verifier vs planted canaries (known-bad segments from the skip-steps unit)
     bad_idx = [i for i, ok in enumerate(canary_bad) if not ok]
@@ -375,6 +382,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--honest-steps", type=int, default=16)
     p.add_argument("--overhead-steps", type=int, default=512)
     p.add_argument("--job-steps", type=int, default=120, help="steps of the default-job overhead run (x 15 per segment)")
+    p.add_argument("--job-repeats", type=int, default=6, help="bare/proof pairs of the default-job overhead run")
     p.add_argument("--cost-steps", type=int, default=1000, help="unit length for the default-job verify cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-steps", type=int, default=300)

@@ -203,15 +203,17 @@ def test_distance_tolerance_and_plan_reject_bad_input() -> None:
 
 def test_training_on_a_plan_is_the_trainer_on_the_provider_plan_and_re_derivable_on_another(tmp_path) -> None:
     """A provider training on its own plan commits what its checkpoints hold; on the default plan that is the
-    trainer's unit bit for bit, and on another plan its Revealer re-derives every committed state exactly."""
+    unit a separate loop (the prover's traced trainer) commits, and on another plan its Revealer re-derives every
+    committed state exactly."""
     from node import checkpoint
+    from node.prover import train_traced
     from node.trainer import train_unit
 
     spec = _spec(40)
-    ref = train_unit(spec, START, tmp_path / "ref")
-    same = cc.train_on_plan(spec, START, tmp_path / "same")
-    assert same.proof == ref.proof and same.losses == ref.losses
-    other = cc.train_on_plan(spec, START, tmp_path / "other", VERIFIER)
+    ref = train_unit(spec, START, tmp_path / "ref", plan=cc.PROVIDER_PLAN)
+    traced = train_traced(spec, START)
+    assert traced.proof == ref.proof and traced.losses == ref.losses
+    other = train_unit(spec, START, tmp_path / "other", plan=VERIFIER)
     assert other.proof.segments[0].start_hash == ref.proof.segments[0].start_hash
     assert other.proof.final_hash != ref.proof.final_hash  # really another plan
     starts = {i: checkpoint.load(p)[0] for i, p in enumerate(other.segment_paths)}

@@ -51,7 +51,7 @@ def test_cuda_work_verifies_on_the_cpu_within_a_calibrated_tolerance_and_a_cheat
     the CPU, and a CPU cheat checked on CUDA is bisected to its faked step and slashed by a CUDA referee."""
     from node import adversary
     from node import crosscheck as cc
-    from node.trainer import UnitSpec, fresh_state
+    from node.trainer import UnitSpec, fresh_state, train_unit
 
     tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(tiny, 3)
@@ -81,19 +81,19 @@ def test_cuda_work_verifies_on_the_cpu_within_a_calibrated_tolerance_and_a_cheat
 
 
 def test_a_provider_trains_on_cuda_in_bf16_reproducibly_and_re_derives_any_state(tmp_path) -> None:
-    """The live provider's GPU path: ``train_on_plan`` on CUDA (bf16 autocast for a bf16 job) gives the same proof
+    """The live provider's GPU path: ``train_unit`` on the CUDA plan (bf16 autocast for a bf16 job) gives the same proof
     twice on one GPU, and its Revealer re-derives a mid-segment state that lands on the commitment."""
     from node import checkpoint
     from node import crosscheck as cc
-    from node.trainer import UnitSpec, fresh_state
+    from node.trainer import UnitSpec, fresh_state, train_unit
 
     tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(tiny, 3)
     for precision in ("fp32", "bf16"):
         sp = UnitSpec(job_id="job-gpu", unit_id="0x" + "c3" * 32, round=0, shard=0, n_shards=2, model=tiny, steps=16,
                       segment_len=8, batch_size=4, lr=3e-3, seed=5, precision=precision)
-        a = cc.train_on_plan(sp, start, tmp_path / f"a-{precision}", cc.Plan("cuda"))
-        b = cc.train_on_plan(sp, start, tmp_path / f"b-{precision}", cc.Plan("cuda"))
+        a = train_unit(sp, start, tmp_path / f"a-{precision}", plan=cc.Plan("cuda"))
+        b = train_unit(sp, start, tmp_path / f"b-{precision}", plan=cc.Plan("cuda"))
         assert a.proof == b.proof, precision
         starts = {i: checkpoint.load(p)[0] for i, p in enumerate(a.segment_paths)}
         runner = cc.PlanRunner(sp, fresh_state(start), cc.Plan("cuda"))

@@ -171,3 +171,31 @@ def test_loss_goes_down_over_rounds_of_train_and_average(make_spec, tiny_cfg, tm
         history.append(evaluate(tiny_cfg, state))
     assert all(b < a for a, b in zip(history, history[1:])), history
     assert history[-1] < history[0] - 1.0, history
+
+
+def test_commitments_run_off_the_training_loop_and_a_failed_checkpoint_write_stops_the_unit(
+    make_spec, global_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every checkpoint the trainer wrote in the background holds the state its commitment names, the stall it
+    reports is part of the run, and a write that fails (a full disk) raises instead of handing in a unit whose
+    segment checkpoints are missing."""
+    import time
+
+    spec = make_spec(steps=8)
+    t0 = time.perf_counter()
+    result = train_unit(spec, global_state, tmp_path / "ok")
+    assert 0 < result.commit_s < time.perf_counter() - t0
+    for i, path in enumerate(result.segment_paths):
+        assert state_hash(checkpoint.load(path)[0]) == result.proof.segments[i].start_hash
+
+    real_save, calls = checkpoint.save, []
+
+    def failing_save(path, tensors, metadata):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train_unit(spec, global_state, tmp_path / "full")

@@ -44,3 +44,21 @@ def test_submit_rejects_a_state_of_another_shape() -> None:
             h.submit({**st, "model.w": torch.zeros(2, 2)})
         with pytest.raises(ValueError, match="template does not"):
             h.submit({**st, "extra": torch.zeros(1)})
+
+
+def test_then_sees_the_snapshot_taken_at_submit_and_its_error_is_the_futures() -> None:
+    st = _state()
+    before = {k: v.clone() for k, v in st.items()}
+    seen: list[dict[str, torch.Tensor]] = []
+    with AsyncStateHasher(st, buffers=1) as h:
+        fut = h.submit(st, then=lambda snap: seen.append({k: v.clone() for k, v in snap.items()}))
+        st["model.w"].mul_(2.0)  # the trainer moves on at once
+        assert fut.result() == state_hash(before)
+        assert set(seen[0]) == set(st) and all(torch.equal(seen[0][k], before[k]) for k in st)
+
+        def disk_full(_: dict[str, torch.Tensor]) -> None:
+            raise OSError("no space left on device")
+
+        with pytest.raises(OSError, match="no space"):
+            h.submit(st, then=disk_full).result()
+        assert h.submit(st).result() == state_hash(st)  # the buffer came back after the failure (buffers=1)
