@@ -227,10 +227,6 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     if not referee.refereeable(plan):
         raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
                                  f"{', '.join(referee.devices())} only); train on one of those")
-    if spec.precision != "fp32" and plan != referee.REFEREE_PLAN:
-        raise GridMintValueError(f"a {spec.precision} job is trained on the default plan only (got {body.plan!r}): "
-                                 f"across plans its honest one-step drift is ~10% of an update, too close to a cheat's "
-                                 f"to referee within a tolerance")
     if spec.batch_size % plan.micro_batches:
         raise GridMintValueError(f"plan {body.plan!r}: a batch of {spec.batch_size} does not split into "
                                  f"{plan.micro_batches} equal micro-batches")

@@ -21,7 +21,7 @@ from rich.console import Console
 from ledger.evm import Chain, Deployment, GridMintContracts
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
-from node.crosscheck import PROVIDER_PLAN, Plan
+from node.crosscheck import Plan
 from node.device import benchmark, probe
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
 from protocol.errors import GridMintValueError
@@ -70,10 +70,9 @@ class ProviderAgent:
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
         self.plan = Plan.parse(cfg.plan)
-        self.trainer: Callable[..., UnitResult] = train_unit
-        if self.plan != PROVIDER_PLAN:
-            plan = self.plan
-            self.trainer = lambda spec, start, workdir: train_unit(spec, start, workdir, plan=plan)
+        # on the plan it declares when it submits (self.plan, read at training time)
+        self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(spec, start, workdir,
+                                                                                         plan=self.plan)
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 
@@ -107,20 +106,15 @@ class ProviderAgent:
         unit_dir.mkdir(parents=True, exist_ok=True)
         start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
         start, _ = checkpoint.load(start_path)
-        trainer, plan = self.trainer, self.plan
-        if spec.precision != "fp32" and plan != PROVIDER_PLAN and not self.cfg.adversary:
-            # a low-precision job is refereed bit for bit, so it is trained on the default plan (marketplace.service)
-            trainer, plan = train_unit, PROVIDER_PLAN
-            self.say(f"unit {spec.unit_id[:10]} is a {spec.precision} job: training it on plan {plan.label}")
         with self.heartbeats(spec.unit_id):
-            result = trainer(spec, model_only(start), unit_dir)
+            result = self.trainer(spec, model_only(start), unit_dir)
             segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
             final_blob = self.client.put_blob(result.final_path)
         signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
         self.client.submit(spec.unit_id, {
             "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
             "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses],
-            "plan": plan.label})
+            "plan": self.plan.label})
         self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
                  f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
         return True

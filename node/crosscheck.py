@@ -155,11 +155,52 @@ def distance(replayed: State, claimed: State) -> float:
     return worst
 
 
+def update_distance(before: State, replayed: State, claimed: State) -> float:
+    """Worst group's ``||replayed - claimed|| / ||replayed - before||`` (float64): how far a claimed one-step result
+    is from a replay of that step, relative to the step's own update (the referee's replay, not the claim, so a
+    provider cannot widen the yardstick by claiming a bigger jump); ``inf`` if tensors or step counters differ.
+
+    For reduced-precision jobs: bf16 matmuls on two machines disagree by ~1e-2 of an *update* (a few 1e-3 of the
+    state), so a threshold relative to the state would have to sit near a skipped update; relative to the update
+    a skipped step is 1.0, another batch ~0.5 or more, and honest drift stays ~30x below."""
+    if set(replayed) != set(claimed) or set(before) != set(claimed):
+        return math.inf
+    num = dict.fromkeys(GROUPS, 0.0)
+    den = dict.fromkeys(GROUPS, 0.0)
+    for name, c in claimed.items():
+        r, b = replayed[name], before[name]
+        if r.shape != c.shape or b.shape != c.shape:
+            return math.inf
+        g = _group(name)
+        if g is None:
+            if not torch.equal(r.cpu(), c.cpu()):
+                return math.inf
+            continue
+        c64, r64, b64 = c.detach().cpu().double(), r.detach().cpu().double(), b.detach().cpu().double()
+        num[g] += float((r64 - c64).pow(2).sum())
+        den[g] += float((r64 - b64).pow(2).sum())
+    worst = 0.0
+    for g in GROUPS:
+        if not (math.isfinite(num[g]) and math.isfinite(den[g])):
+            return math.inf
+        if den[g] == 0.0:
+            worst = max(worst, 0.0 if num[g] == 0.0 else math.inf)
+        else:
+            worst = max(worst, math.sqrt(num[g] / den[g]))
+    return worst
+
+
+#: How the referee measures a disputed step: ``state`` (:func:`distance`, relative to the state) or ``update``
+#: (:func:`update_distance`, relative to the step's update; for bf16 jobs).
+REFEREE_METRICS = ("state", "update")
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """How far honest runs may drift apart. ``state`` maps a step count (powers of two) to the largest
     :func:`distance` a verifier accepts after that many steps (beyond it, it disputes); ``loss_micro`` bounds the
-    difference of a segment's mean loss; ``referee`` is the one-step distance beyond which the referee slashes.
+    difference of a segment's mean loss; ``referee`` is the one-step distance beyond which the referee slashes,
+    measured by ``referee_metric`` (see :data:`REFEREE_METRICS`).
 
     The two sides are set apart on purpose: a dispute costs only replay time (and a wrong verifier its bond), so
     the verifier's table sits a few times above honest drift, tight enough to flag one low-precision step in a
@@ -171,8 +212,11 @@ class Tolerance:
     referee: float
     factor: float = 1.0
     note: str = ""
+    referee_metric: str = "state"
 
     def __post_init__(self) -> None:
+        if self.referee_metric not in REFEREE_METRICS:
+            raise GridMintValueError(f"referee metric must be one of {REFEREE_METRICS}, got {self.referee_metric!r}")
         steps = [k for k, _ in self.state]
         if not steps or steps != sorted(set(steps)) or steps[0] != 1:
             raise GridMintValueError(f"tolerance table needs ascending distinct step counts from 1, got {steps}")
@@ -192,14 +236,14 @@ class Tolerance:
 
     def to_dict(self) -> dict[str, Any]:
         return {"state": {str(k): v for k, v in self.state}, "loss_micro": self.loss_micro, "referee": self.referee,
-                "factor": self.factor, "note": self.note}
+                "factor": self.factor, "note": self.note, "referee_metric": self.referee_metric}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Tolerance:
         try:
             table = tuple(sorted((int(k), float(v)) for k, v in d["state"].items()))
             return cls(table, int(d["loss_micro"]), float(d["referee"]), float(d.get("factor", 1.0)),
-                       str(d.get("note", "")))
+                       str(d.get("note", "")), str(d.get("referee_metric", "state")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GridMintValueError(f"not a tolerance: {exc}") from exc
 
@@ -219,6 +263,7 @@ class Calibration:
     loss_max_micro: int
     windows: int
     tolerance: Tolerance
+    referee_honest_max: float = 0.0  # worst honest one-step drift by the tolerance's referee metric
 
 
 def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[list[dict[str, Tensor]], list[float]]:
@@ -233,13 +278,16 @@ def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[li
 
 def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[Plan], *,
               provider_plan: Plan = PROVIDER_PLAN, factor: float = 3.0, referee_factor: float = 64.0,
-              loss_floor_micro: int = 4) -> Calibration:
+              loss_floor_micro: int = 4, referee_metric: str = "state") -> Calibration:
     """Measure honest drift: each ``(spec, full start state)`` is trained on ``provider_plan``; then, for every
     power-of-two length ``k`` up to the segment length, every aligned window of ``k`` steps is replayed from the
     provider's state on each verifier plan and compared with where the provider got. Dispute tolerance =
     ``factor`` x the worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise (at least
-    the floor); referee threshold = ``referee_factor`` x the worst one-step drift."""
+    the floor); referee threshold = ``referee_factor`` x the worst one-step drift by ``referee_metric``."""
+    if referee_metric not in REFEREE_METRICS:
+        raise GridMintValueError(f"referee metric must be one of {REFEREE_METRICS}, got {referee_metric!r}")
     honest: dict[int, float] = {}
+    one_step = 0.0
     loss_max, windows = 0, 0
     for spec, start in units:
         prov = PlanRunner(spec, start, provider_plan)
@@ -250,6 +298,9 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
                 for a in range(0, spec.steps - k + 1, k):
                     got, vl = ver.replay(states[a], a, k)
                     honest[k] = max(honest.get(k, 0.0), distance(got, states[a + k]))
+                    if k == 1:
+                        one_step = max(one_step, distance(got, states[a + 1]) if referee_metric == "state"
+                                       else update_distance(states[a], got, states[a + 1]))
                     loss_max = max(loss_max, abs(mean_loss_micro(vl) - mean_loss_micro(losses[a:a + k])))
                     windows += 1
     if not honest:
@@ -261,9 +312,10 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
         table.append((k, factor * max(running, floor)))
     plans = ", ".join(p.label for p in verifier_plans)
     tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)),
-                    referee_factor * max(honest[1], floor), factor,
-                    f"provider {provider_plan.label} vs {plans}; {windows} windows; referee x{referee_factor:g}")
-    return Calibration(honest, loss_max, windows, tol)
+                    referee_factor * max(one_step, floor), factor,
+                    f"provider {provider_plan.label} vs {plans}; {windows} windows; referee {referee_metric} "
+                    f"x{referee_factor:g}", referee_metric)
+    return Calibration(honest, loss_max, windows, tol, one_step)
 
 
 # --------------------------------------------------------------------------- the verifier's check
@@ -325,11 +377,20 @@ def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, s
 _CALIBRATED: dict[tuple[Any, ...], Tolerance] = {}
 
 
+#: The referee's one-step test per job precision: (metric, factor over the worst honest one-step drift). fp32 drifts
+#: ~3e-7 of the state per step across plans and any faked step moves it >= 1e-4: 64x. bf16 drifts up to ~3e-2 of an
+#: update (``bench proof --only-cross --cross-precision bf16``) while a skipped step is 1.0 of one and another batch
+#: >= 0.5: 8x leaves room on both sides. What it cannot see: a step in float8 moves ~1-5e-2 of an update, inside
+#: honest bf16 drift, so a bf16 job's arithmetic is checked exactly only on the default plan.
+REFEREE_RULE = {"fp32": ("state", 64.0), "bf16": ("update", 8.0)}
+
+
 def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: Plan = PROVIDER_PLAN) -> Tolerance:
     """A verifier's tolerance for units shaped like ``spec`` (model, segment length, batch, lr, threads), calibrated
     once per process on ``units`` honest units of two segments each from fresh weights, provider plan vs ``plan``.
     The verifier's tolerance only decides whether to dispute; a slash is decided by the referee's one-step replay."""
-    key = (spec.model, spec.segment_len, spec.batch_size, spec.lr, spec.threads, plan, provider_plan, units)
+    key = (spec.model, spec.segment_len, spec.batch_size, spec.lr, spec.threads, spec.precision, plan, provider_plan,
+           units)
     if key not in _CALIBRATED:
         from dataclasses import replace
 
@@ -339,7 +400,9 @@ def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: 
         cal = [(replace(spec, job_id="gridmint-calibration", unit_id="0x" + f"{0xca11b + i:064x}", round=0,
                         shard=i % spec.n_shards, steps=steps, seed=i), fresh_state(init_state(spec.model, 1000 + i)))
                for i in range(units)]
-        _CALIBRATED[key] = calibrate(cal, [plan], provider_plan=provider_plan).tolerance
+        metric, factor = REFEREE_RULE[spec.precision]
+        _CALIBRATED[key] = calibrate(cal, [plan], provider_plan=provider_plan, referee_metric=metric,
+                                     referee_factor=factor).tolerance
     return _CALIBRATED[key]
 
 
@@ -356,7 +419,7 @@ class Dispute:
     step: int
     before_hash: str
     after_hash: str
-    rounds: tuple[tuple[int, str, bool], ...]  # (step revealed, its hash, verifier agreed)
+    rounds: tuple[tuple[int, str, bool], ...]  # (step revealed, its hash, went on into the second half)
     verifier_steps: int
     provider_failed: str = ""
 
@@ -383,9 +446,11 @@ def _reveal(reveal: RevealFn, step: int) -> tuple[State | None, str]:
 def bisect_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: RevealFn, tol: Tolerance,
                    runner: PlanRunner) -> Dispute:
     """Narrow a disagreement over segment ``seg_index`` to one step. ``reveal`` is the provider's answer; the
-    segment's ends must hash to its commitments. Each round the provider reveals the state at the midpoint and the
-    verifier replays from the lower end (on ``runner``'s plan) and agrees (within ``tol`` for that many steps) or
-    not. log2(segment_len) rounds, about ``segment_len`` replayed steps."""
+    segment's ends must hash to its commitments. Each round the provider reveals the state at the midpoint; both
+    halves are replayed (on ``runner``'s plan) from their revealed starts, and the bisection goes on into the half
+    that lands further past its tolerance (the first half on a tie). Following the larger disagreement, not the
+    first one past the tolerance, keeps honest drift that happens to graze the tolerance in the half before a faked
+    step from leading the search away from it. log2(segment_len) rounds, about 2 x ``segment_len`` replayed steps."""
     seg = proof.segments[seg_index]
     lo = seg_index * spec.segment_len
     hi = lo + spec.segment_len
@@ -406,13 +471,14 @@ def bisect_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal:
         if s_mid is None:
             break
         h_mid = state_hash(s_mid)
-        got, _ = runner.replay(s_lo, lo, mid - lo)
-        agreed = distance(got, s_mid) <= tol.for_steps(mid - lo)
-        rounds.append((mid, h_mid, agreed))
-        if agreed:
+        left, _ = runner.replay(s_lo, lo, mid - lo)
+        right, _ = runner.replay(s_mid, mid, hi - mid)
+        go_right = distance(right, s_hi) / tol.for_steps(hi - mid) > distance(left, s_mid) / tol.for_steps(mid - lo)
+        rounds.append((mid, h_mid, go_right))  # True: the first half agreed better than the second
+        if go_right:
             lo, s_lo, h_lo = mid, s_mid, h_mid
         else:
-            hi, h_hi = mid, h_mid
+            hi, h_hi, s_hi = mid, h_mid, s_mid
     return Dispute(spec.unit_id, seg_index, lo, h_lo, h_hi, tuple(rounds), runner.steps_run - spent0, fail)
 
 
@@ -431,9 +497,10 @@ def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolera
     if state_hash(before) != dispute.before_hash or state_hash(after) != dispute.after_hash:
         return RefereeVerdict(True, t, math.inf, thr, "revealed states do not match the hashes of the bisection")
     got, _ = runner.replay(before, t, 1)
-    d = distance(got, after)
+    d = distance(got, after) if tol.referee_metric == "state" else update_distance(before, got, after)
     if d > thr:
-        return RefereeVerdict(True, t, d, thr, f"step {t} replays {d:.3g} away from the provider's claim (> {thr:.3g})")
+        return RefereeVerdict(True, t, d, thr, f"step {t} replays {d:.3g} away from the provider's claim (> {thr:.3g}"
+                                               f"{', relative to its update' if tol.referee_metric == 'update' else ''})")
     return RefereeVerdict(False, t, d, thr, f"step {t} replays within {d:.3g} <= {thr:.3g}: the dispute was wrong")
 
 

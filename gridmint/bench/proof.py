@@ -260,8 +260,10 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(cfg, 7)
     t0 = time.perf_counter()
+    metric, factor = cc.REFEREE_RULE[a.cross_precision]
     cal = cc.calibrate([(_cross_spec(cfg, a, 900_000 + i), fresh_state(start)) for i in range(a.cal_units)],
-                       [verifier, *[r for r in referees if r != verifier]], provider_plan=provider_plans[0])
+                       [verifier, *[r for r in referees if r != verifier]], provider_plan=provider_plans[0],
+                       referee_metric=metric, referee_factor=factor)
     tol = cal.tolerance
     out: dict[str, Any] = {"steps_per_unit": a.cross_steps, "segment_len": a.cross_seg, "precision": a.cross_precision,
                            "provider_plans": [p.label for p in provider_plans], "verifier_plan": verifier.label,
@@ -269,6 +271,8 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                            "honest_drift_max": {str(k): float(f"{v:.3g}") for k, v in cal.honest_max.items()},
                            "tolerance": {str(k): float(f"{v:.3g}") for k, v in tol.state},
                            "loss_tolerance_micro": tol.loss_micro, "referee_threshold": float(f"{tol.referee:.3g}"),
+                           "referee_metric": tol.referee_metric,
+                           "referee_honest_one_step_max": float(f"{cal.referee_honest_max:.3g}"),
                            "calibrate_s": round(time.perf_counter() - t0, 1)}
     log(f"cross-plan tolerance ({tol.note}): honest drift {out['honest_drift_max']} -> tolerance {out['tolerance']}, "
         f"loss {tol.loss_micro} micro-nats, referee one-step {tol.referee:.3g} ({out['calibrate_s']} s)")
@@ -311,8 +315,6 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     frac = 1 / a.cross_steps  # one faked step per unit
     worst_margin = math.inf
     for name, (factory, touches, swap) in _adversaries(frac).items():
-        if name == "low_precision" and a.cross_precision != "fp32":
-            continue  # bf16 is the job's own arithmetic here, not a cheat
         faked = detected = exact = fraud = bisect_steps = by_loss = 0
         margin = loss_margin = math.inf
         for j in range(a.cross_cheat_units):

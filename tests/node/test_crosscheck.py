@@ -70,7 +70,7 @@ def test_honest_units_pass_across_plans_and_a_forced_dispute_is_lost_by_the_veri
             liar = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
             liar_tol = replace(tol, state=tuple((k, 1e-30) for k, _ in tol.state))  # disagrees with everything
             d = cc.bisect_segment(spec, proof, seg, revealer, liar_tol, liar)
-            assert not d.provider_failed and d.step == seg * SEG  # a verifier that never agrees ends at the first step
+            assert not d.provider_failed and seg * SEG <= d.step < (seg + 1) * SEG  # wherever honest drift peaks
             r = cc.referee_step(spec, d, revealer, tol, ref)
             assert not r.fraud, r.reason
             assert r.distance < tol.referee / 4
@@ -98,7 +98,7 @@ def test_a_sparse_cheat_fails_its_segment_and_the_bisection_finds_the_faked_step
     if kind == "state":
         assert v.distance > tol.for_steps(SEG)
         d = cc.bisect_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver)
-        assert d.step == bad and len(d.rounds) == 3 and d.verifier_steps <= SEG
+        assert d.step == bad and len(d.rounds) == 3 and d.verifier_steps <= 2 * SEG
         r = cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ref)
         assert r.fraud and r.distance > 4 * tol.referee, r.reason
     else:
@@ -127,6 +127,21 @@ def test_whole_unit_cheats_fail_from_the_first_segment_and_lose_at_the_referee(t
         assert d.step == 0, name
         r = cc.referee_step(spec, d, reveal, tol, ref)
         assert r.fraud, (name, r.reason)
+
+
+def test_honest_drift_past_the_tolerance_does_not_lead_the_bisection_away_from_the_faked_step(
+        tol: cc.Tolerance) -> None:
+    """With a tolerance 1000x too tight, honest cross-plan drift fails every window, the first half of the segment
+    included; the bisection still follows the larger disagreement into the second half, to the skipped step."""
+    tight = replace(tol, state=tuple((k, v / 1000) for k, v in tol.state))
+    spec = _spec(60)
+    bad = SEG + SEG // 2 + 1  # in the second half of segment 1
+    states, _, proof = cc.record_policy(spec, START, adversary.SkipSteps(frozenset({bad})))
+    ver, ref = _runners(spec)
+    assert cc.distance(ver.replay(states[SEG], SEG, SEG // 2)[0], states[SEG + SEG // 2]) > tight.for_steps(SEG // 2)
+    d = cc.bisect_segment(spec, proof, 1, cc.RecordedReveal(states), tight, ver)
+    assert d.step == bad
+    assert cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ref).fraud
 
 
 def test_an_adaptive_liar_is_cornered_at_its_last_step(tol: cc.Tolerance) -> None:
