@@ -4,9 +4,11 @@ A segment trained on the referee's own execution plan (the CPU default) is repla
 (:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches) cannot be: the referee
 first replays it whole and compares the committed mean loss within the calibrated loss tolerance, then **bisects**
 it down to one optimizer step (:func:`node.crosscheck.bisect_segment`), asking the provider to reveal its state at
-each midpoint, and replays that one step from the provider's own revealed state
-(:func:`node.crosscheck.referee_step`). Honest one-step drift is ~1e-7 and the threshold is 64x the worst seen, so
-an honest provider is never slashed, while a skipped, faked or low-precision step lands far beyond it.
+each midpoint (going on into the half that lands further past its tolerance), and replays that one step from the
+provider's own revealed state (:func:`node.crosscheck.referee_step`). In fp32, honest one-step drift is ~1e-7 of the
+state and the threshold is 64x the worst seen, so an honest provider is never slashed, while a skipped, faked or
+low-precision step lands far beyond it; in bf16 the step is judged against its own update (honest drift up to ~3e-2
+of it, threshold 8x the worst seen, a skipped step 1.0).
 
 The bisection is resumable: each run starts over from the segment's committed ends and the reveals stored so far
 (every replay is deterministic on the referee's plan), and stops at the first state the provider has not revealed

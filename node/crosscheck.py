@@ -128,31 +128,7 @@ class PlanRunner:
 def distance(replayed: State, claimed: State) -> float:
     """Worst group's ``||replayed - claimed|| / ||claimed||`` (float64) over weights, first and second moments;
     ``inf`` if the states do not have the same tensors or their step counters differ."""
-    if set(replayed) != set(claimed):
-        return math.inf
-    num = dict.fromkeys(GROUPS, 0.0)
-    den = dict.fromkeys(GROUPS, 0.0)
-    for name, c in claimed.items():
-        r = replayed[name]
-        if r.shape != c.shape:
-            return math.inf
-        g = _group(name)
-        if g is None:
-            if not torch.equal(r.cpu(), c.cpu()):
-                return math.inf
-            continue
-        c64, r64 = c.detach().cpu().double(), r.detach().cpu().double()
-        num[g] += float((r64 - c64).pow(2).sum())
-        den[g] += float(c64.pow(2).sum())
-    worst = 0.0
-    for g in GROUPS:
-        if not (math.isfinite(num[g]) and math.isfinite(den[g])):
-            return math.inf
-        if den[g] == 0.0:
-            worst = max(worst, 0.0 if num[g] == 0.0 else math.inf)
-        else:
-            worst = max(worst, math.sqrt(num[g] / den[g]))
-    return worst
+    return _relative(replayed, claimed, None)
 
 
 def update_distance(before: State, replayed: State, claimed: State) -> float:
@@ -163,22 +139,29 @@ def update_distance(before: State, replayed: State, claimed: State) -> float:
     For reduced-precision jobs: bf16 matmuls on two machines disagree by ~1e-2 of an *update* (a few 1e-3 of the
     state), so a threshold relative to the state would have to sit near a skipped update; relative to the update
     a skipped step is 1.0, another batch ~0.5 or more, and honest drift stays ~30x below."""
-    if set(replayed) != set(claimed) or set(before) != set(claimed):
+    if set(before) != set(claimed):
+        return math.inf
+    return _relative(replayed, claimed, before)
+
+
+def _relative(replayed: State, claimed: State, before: State | None) -> float:
+    """Worst group's ``||replayed - claimed||`` over ``||claimed||`` (``before`` None) or ``||replayed - before||``."""
+    if set(replayed) != set(claimed):
         return math.inf
     num = dict.fromkeys(GROUPS, 0.0)
     den = dict.fromkeys(GROUPS, 0.0)
     for name, c in claimed.items():
-        r, b = replayed[name], before[name]
-        if r.shape != c.shape or b.shape != c.shape:
+        r = replayed[name]
+        if r.shape != c.shape or (before is not None and before[name].shape != c.shape):
             return math.inf
         g = _group(name)
         if g is None:
             if not torch.equal(r.cpu(), c.cpu()):
                 return math.inf
             continue
-        c64, r64, b64 = c.detach().cpu().double(), r.detach().cpu().double(), b.detach().cpu().double()
+        c64, r64 = c.detach().cpu().double(), r.detach().cpu().double()
         num[g] += float((r64 - c64).pow(2).sum())
-        den[g] += float((r64 - b64).pow(2).sum())
+        den[g] += float((c64 if before is None else r64 - before[name].detach().cpu().double()).pow(2).sum())
     worst = 0.0
     for g in GROUPS:
         if not (math.isfinite(num[g]) and math.isfinite(den[g])):

@@ -369,6 +369,9 @@ def run_gpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     if a.cross_units:  # honest CUDA providers checked on the CPU; CPU-trained cheats checked on CUDA
         cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
         figures["cross_device"] = run_cross(a, log, [cuda], cpu, [cpu, cc.Plan("cpu", 2)], cuda)
+        if a.cross_precision == "fp32":  # and a bf16 job, a GPU's fast path, refereed on the CPU
+            b = argparse.Namespace(**{**vars(a), "cross_precision": "bf16"})
+            figures["cross_device_bf16"] = run_cross(b, log, [cuda], cpu, [cpu, cc.Plan("cpu", 2)], cuda)
     return figures
 
 

@@ -255,3 +255,21 @@ def test_a_verdict_says_how_far_past_its_tolerance_it_is(tol: cc.Tolerance) -> N
     assert not v.ok and v.kind == "state" and v.margin > 100
     wrong_end = cc.check_segment_across(cheat_spec, proof, 1, states[SEG], states[SEG + 1], tol, ver)
     assert wrong_end.kind == "claim" and wrong_end.margin == math.inf
+
+
+def test_a_bf16_step_is_judged_against_its_own_update() -> None:
+    """In bf16 the referee's yardstick is the replayed step's update: honest drift across plans is a few percent of
+    it, a skipped update is all of it (1.0), a claim with other step counters is infinitely far."""
+    spec = replace(_spec(70), precision="bf16")
+    states, _, _ = cc.record_policy(spec, START, plan=VERIFIER)  # the provider on micro-batches
+    ref = cc.PlanRunner(spec, fresh_state(START))  # the referee on the default plan
+    metric, factor = cc.REFEREE_RULE["bf16"]
+    assert metric == "update"
+    worst = 0.0
+    for t in range(0, STEPS, 3):
+        got, _ = ref.replay(states[t], t, 1)
+        worst = max(worst, cc.update_distance(states[t], got, states[t + 1]))
+        skipped = {k: (v + 1 if k.endswith(".step") else v) for k, v in states[t].items()}
+        assert cc.update_distance(states[t], got, skipped) == pytest.approx(1.0)
+        assert cc.update_distance(states[t], got, states[t]) == math.inf  # counters not advanced
+    assert 0 < worst < 0.1 and worst * factor < 1.0  # a skipped update stays beyond the threshold

@@ -1,6 +1,8 @@
 """CUDA paths of proof-of-training (run on the GPU machine: ``pytest -m gpu``; skipped without CUDA)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -100,3 +102,42 @@ def test_a_provider_trains_on_cuda_in_bf16_reproducibly_and_re_derives_any_state
         mid = cc.Revealer(sp, runner, starts)(11)
         end, _ = runner.replay(mid, 11, 5)
         assert state_hash(end) == a.proof.segments[1].end_hash, precision
+
+
+def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -> None:
+    """A bf16 job on a GPU, its referee on the CPU: honest CUDA work passes the calibrated check and a forced dispute
+    over it is cleared by the CPU's one-step replay (judged against the step's own update); a skipped step is
+    bisected to and convicted."""
+    from node import adversary
+    from node import crosscheck as cc
+    from node.trainer import UnitSpec, fresh_state
+
+    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(tiny, 3)
+
+    def spec(i: int) -> UnitSpec:
+        return UnitSpec(job_id="job-gpu-bf16", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4,
+                        model=tiny, steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i, precision="bf16")
+
+    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
+    metric, factor = cc.REFEREE_RULE["bf16"]
+    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cpu], provider_plan=cuda,
+                       referee_metric=metric, referee_factor=factor).tolerance
+    sp = spec(10)
+    states, _, proof = cc.record_policy(sp, start, plan=cuda)
+    on_cpu = cc.PlanRunner(sp, fresh_state(start), cpu)
+    for s in range(4):
+        v = cc.check_segment_across(sp, proof, s, states[8 * s], states[8 * s + 8], tol, on_cpu)
+        assert v.ok, v.reason
+    liar_tol = replace(tol, state=tuple((k, 1e-30) for k, _ in tol.state))  # a verifier that disputes everything
+    d = cc.bisect_segment(sp, proof, 1, cc.RecordedReveal(states), liar_tol, on_cpu)
+    r = cc.referee_step(sp, d, cc.RecordedReveal(states), tol, cc.PlanRunner(sp, fresh_state(start), cpu))
+    assert not r.fraud and r.distance < tol.referee / 2, r.reason
+    sp = spec(11)
+    states, _, proof = cc.record_policy(sp, start, adversary.SkipSteps(frozenset({13})))
+    on_cuda = cc.PlanRunner(sp, fresh_state(start), cuda)
+    v = cc.check_segment_across(sp, proof, 1, states[8], states[16], tol, on_cuda)
+    assert not v.ok
+    d = cc.bisect_segment(sp, proof, 1, cc.RecordedReveal(states), tol, on_cuda)
+    assert d.step == 13
+    assert cc.referee_step(sp, d, cc.RecordedReveal(states), tol, cc.PlanRunner(sp, fresh_state(start), cpu)).fraud
