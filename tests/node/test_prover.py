@@ -69,13 +69,14 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     rc = bench.main(["--steps", "64", "--trials", "20", "--pool", "1", "--honest-units", "4", "--honest-steps", "4",
                      "--overhead-steps", "16", "--repeats", "1", "--fraction", "0.05", "--cross-units", "2",
                      "--cross-cheat-units", "1", "--cross-steps", "16", "--cross-seg", "4", "--cal-units", "1",
-                     "--cost-steps", "16", "--job-steps", "15", "--job-repeats", "2"])
+                     "--cost-steps", "16", "--cost-repeats", "1", "--job-steps", "15", "--job-repeats", "2"])
     assert rc == 0
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("min_caught_rate", "false_slash", "verify_cost_ratio", "proof_overhead", "lazy_verifier_caught_rate"):
         assert key in fig
     assert 0 < fig["proof_overhead_default_job"] < 10 and len(fig["proof_overhead_default_job_runs"]) == 2
     assert 0 < fig["proof_stall_default_job"] < 0.5  # the trainer's own loop, not the background hashing
+    assert 0 < fig["verify_cost_ratio"] and 0 < fig["verify_cost_ratio_wall"]
     assert fig["honest_verifier_canary_errors"] == 0 and fig["lazy_verifier_caught_rate"] == 1.0
     assert fig["false_slash"] == 0
     for whole in ("random_weights", "copied_weights", "replay_old"):  # segment 0 is always replayed
