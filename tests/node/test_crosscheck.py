@@ -273,3 +273,17 @@ def test_a_bf16_step_is_judged_against_its_own_update() -> None:
         assert cc.update_distance(states[t], got, skipped) == pytest.approx(1.0)
         assert cc.update_distance(states[t], got, states[t]) == math.inf  # counters not advanced
     assert 0 < worst < 0.1 and worst * factor < 1.0  # a skipped update stays beyond the threshold
+
+
+def test_a_bf16_loss_across_plans_is_never_slashed_on_alone() -> None:
+    """Seen in CI: an honest bf16 provider on micro-batches was disputed on its mean loss at 2x a tolerance
+    calibrated on two units, and the referee's loss check slashed it. A bf16 loss across plans is not evidence: the
+    referee goes on to the states (which clear it)."""
+    spec = replace(_spec(80), precision="bf16")
+    states, _, proof = cc.record_policy(spec, START, plan=VERIFIER)
+    ref = cc.PlanRunner(spec, fresh_state(START))
+    tight = cc.Tolerance(((1, 1.0),), 1, 1.0, referee_metric="update")  # any loss difference is past it
+    r = cc.referee_loss(spec, proof, 1, states[SEG], tight, ref)
+    assert r.distance > tight.loss_micro and not r.fraud and "not evidence" in r.reason
+    fp32 = replace(tight, referee_metric="state")
+    assert cc.referee_loss(replace(spec, precision="fp32"), proof, 1, states[SEG], fp32, ref).fraud  # fp32: it is
