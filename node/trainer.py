@@ -290,15 +290,20 @@ def train_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor)
 
 
 def run_segment(
-    spec: UnitSpec, model: TinyGPT, opt: torch.optim.Optimizer, seg_index: int, on_step: OnStep | None = None
+    spec: UnitSpec, model: TinyGPT, opt: torch.optim.Optimizer, seg_index: int, on_step: OnStep | None = None,
+    plan: Plan | None = None,
 ) -> tuple[list[tuple[int, list[int]]], list[float]]:
-    """Train the ``segment_len`` steps of one segment in place; returns (step batches, losses)."""
+    """Train the ``segment_len`` steps of one segment in place on ``plan`` (default: :data:`PROVIDER_PLAN`);
+    returns (step batches, losses)."""
+    plan = plan or PROVIDER_PLAN
     batches = segment_batches(spec, seg_index)
     tokens = data.train_tokens()
     losses: list[float] = []
     for step, offsets in batches:
         x, y = data.make_batch(tokens, offsets, spec.model.ctx)
-        loss = train_step(model, opt, x, y)
+        if plan.device != "cpu":
+            x, y = x.to(plan.device), y.to(plan.device)
+        loss = plan_step(model, opt, x, y, plan)
         losses.append(loss)
         if on_step is not None:
             on_step(step, loss)
@@ -438,7 +443,6 @@ def train_unit(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_hash = spec.spec_hash()
-    tokens = data.train_tokens()
     n = spec.n_segments
     paths = [segment_path(workdir, s) for s in range(n)] + [final_path(workdir)]
     metas = [checkpoint_metadata(spec, s) for s in range(n)] + [checkpoint_metadata(spec, None)]
@@ -459,16 +463,7 @@ def train_unit(
             futures = [hasher.submit(live, then=saver(0))]
             commit_s = time.perf_counter() - t0
             for s in range(n):
-                batches = segment_batches(spec, s)
-                losses: list[float] = []
-                for step, offsets in batches:
-                    x, y = data.make_batch(tokens, offsets, spec.model.ctx)
-                    if plan.device != "cpu":
-                        x, y = x.to(plan.device), y.to(plan.device)
-                    loss = plan_step(model, opt, x, y, plan)
-                    losses.append(loss)
-                    if on_step is not None:
-                        on_step(step, loss)
+                batches, losses = run_segment(spec, model, opt, s, on_step, plan)
                 t0 = time.perf_counter()
                 futures.append(hasher.submit(live, then=saver(s + 1)))
                 for f in futures[:-2]:
