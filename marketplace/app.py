@@ -436,7 +436,8 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
                           for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == j.id))]
         out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment, "status": v.status,
                                  "provider": v.provider, "verifier": v.verifier}
-                                for v in s.scalars(select(Verification).join(Unit).where(Unit.job_id == j.id))]
+                                for v in s.scalars(select(Verification).join(Unit).where(Unit.job_id == j.id,
+                                                                           Verification.canary.is_(None)))]
         out["events"] = [{"kind": e.kind, "at": e.at, **e.data}
                          for e in s.scalars(select(Event).where(Event.job_id == j.id).order_by(Event.id))]
     return out

@@ -76,6 +76,8 @@ class Verifier(Base):
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
     plan: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # how it replays
+    # active | benched (it approved a planted known-bad segment: it gets no more tasks, its stake is slashed)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
 
 
 class Job(Base):
@@ -135,6 +137,9 @@ class Verification(Base):
     # A dispute over a segment trained on another plan than the referee's: the bisection's open question and the
     # provider's signed answers, {"asked": step, "deadline": unix s, "reveals": {step: {blob, hash, signature}}}
     bisect: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # A planted known-bad segment (marketplace.canary), not a check of a real submission: what the verifier was
+    # handed in place of ``unit_id``'s own claim. Status assigned -> canary_flagged (right) | canary_missed (lazy)
+    canary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class LedgerEntry(Base):

@@ -14,7 +14,7 @@ from eth_utils import keccak
 from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from marketplace import matching, referee, settlement, standby
+from marketplace import canary, matching, referee, settlement, standby
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
@@ -69,6 +69,8 @@ def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Prov
 def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None = None) -> None:
     with rt.sessions.begin() as s:
         v = s.get(Verifier, address) or Verifier(address=address)
+        if v.status == "benched":
+            raise Conflict(f"verifier {address} approved a planted known-bad segment and is benched")
         v.last_seen = now_s()
         if body is not None:
             v.plan = body.plan
@@ -282,26 +284,50 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         v = s.get(Verifier, verifier)
         if v is None:
             raise NotFound(f"verifier {verifier} is not registered")
+        if v.status == "benched":
+            raise Conflict(f"verifier {verifier} approved a planted known-bad segment and is benched")
         v.last_seen = now
         # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment
         checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
-                         .where(Verification.status == "pending", Verification.provider != verifier, checkable)
+                         .where(Verification.status == "pending", Verification.provider != verifier,
+                                Verification.canary.is_(None), checkable)
                          .order_by(Verification.id).limit(1)).first()
         if task is None:
             return None
-        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
         unit = s.get(Unit, task.unit_id)
-        assert unit is not None and unit.proof is not None
+        assert unit is not None and unit.proof is not None and unit.final_blob is not None
         job = s.get(Job, unit.job_id)
         assert job is not None
-        return {"verification_id": task.id, "segment": task.segment, "spec": unit_spec(job, unit).to_json(),
-                "proof": unit.proof, "checkpoint_blob": unit.segment_blobs[task.segment], "provider": task.provider,
-                "plan": unit.plan,  # how the provider trained: the same plan replays bit for bit, another within a tolerance
-                # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
-                # hardware compares its replay with it within a tolerance instead of bit for bit
-                "end_blob": _end_blob(unit, task.segment),
-                "evidence": "0x" + verification.fraud_evidence(unit.id, task.segment, task.provider).hex()}
+        # now and then a planted known-bad segment instead (only while real work waits, so it looks like work);
+        # the real task stays pending for the next poll
+        fake = (canary.forge(unit_spec(job, unit), TrainingProof.from_dict(unit.proof), unit.segment_blobs,
+                             unit.final_blob) if canary.draw(rt.settings.canary_rate) else None)
+        if fake is not None:
+            planted = Verification(unit_id=unit.id, provider=fake["provider"], segment=fake["segment"],
+                                   status="assigned", verifier=verifier, assigned_at=now, canary=fake)
+            s.add(planted)
+            s.flush()
+            log(s, "canary_planted", verification=planted.id, verifier=verifier, unit=unit.id,
+                segment=fake["segment"])
+            return _task_body(planted.id, fake["segment"], fake["spec"], fake["proof"], fake["checkpoint_blob"],
+                              fake["provider"], unit.plan, fake["end_blob"], fake["unit_id"])
+        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
+        return _task_body(task.id, task.segment, unit_spec(job, unit).to_json(), unit.proof,
+                          unit.segment_blobs[task.segment], task.provider, unit.plan, _end_blob(unit, task.segment),
+                          unit.id)
+
+
+def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
+               plan: str, end_blob: str, unit_id: str) -> dict[str, Any]:
+    """What a verifier is handed, the same for a real task and a canary."""
+    return {"verification_id": vid, "segment": seg, "spec": spec_json, "proof": proof,
+            "checkpoint_blob": checkpoint_blob, "provider": provider,
+            "plan": plan,  # how the provider trained: the same plan replays bit for bit, another within a tolerance
+            # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
+            # hardware compares its replay with it within a tolerance instead of bit for bit
+            "end_blob": end_blob,
+            "evidence": "0x" + verification.fraud_evidence(unit_id, seg, provider).hex()}
 
 
 def _end_blob(unit: Unit, seg: int) -> str:
@@ -320,15 +346,17 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
-        proof = TrainingProof.from_dict(unit.proof)
+        # a canary is judged exactly like the claim it imitates: its own unit id and forged proof
+        unit_id = task.canary["unit_id"] if task.canary else unit.id
+        proof = TrainingProof.from_dict(task.canary["proof"] if task.canary else unit.proof)
         claimed = proof.segments[task.segment].end_hash
-        message = {"unitId": to_bytes32(unit.id), "segment": task.segment, "ok": body.ok,
+        message = {"unitId": to_bytes32(unit_id), "segment": task.segment, "ok": body.ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(body.replayed_hash)}
         signer = recover_typed("Verdict", rt.chain_id, message, body.signature)
         if signer != verifier:
             raise ProofError(f"verdict is signed by {signer}, not by {verifier}")
         if body.accusation is not None:
-            evidence = verification.fraud_evidence(unit.id, task.segment, task.provider)
+            evidence = verification.fraud_evidence(unit_id, task.segment, task.provider)
             accuser = recover_accusation(rt.chain_id, rt.contracts.staking.address, task.provider, evidence,
                                          body.accusation)
             if body.ok or accuser != verifier:
@@ -338,7 +366,14 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         ver = s.get(Verifier, verifier)
         assert ver is not None
         ver.checked += 1
-        if body.ok:
+        planted, job_id = task.canary is not None, ""
+        if planted:  # never adjudicated, never relayed: its "provider" does not exist
+            task.status = "canary_missed" if body.ok else "canary_flagged"
+            if body.ok:
+                _bench(s, ver, task)
+            else:
+                log(s, "canary_flagged", verification=task.id, verifier=verifier)
+        elif body.ok:
             task.status = "passed"
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier)
             _maybe_verified(s, unit)
@@ -347,12 +382,15 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             task.status = "disputed"
             log(s, "segment_disputed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
                 provider=task.provider, reason=body.reason)
-            job_id = ""
+    if planted:
+        if body.ok:
+            rt.enqueue("gridmint.punish_verifier", [body.verification_id])
+        return "passed" if body.ok else "disputed"  # the words a real task gets: a canary stays a canary
     if body.ok:
         rt.enqueue("gridmint.advance", [job_id])
     else:
         rt.enqueue("gridmint.adjudicate", [body.verification_id])
-    return task.status
+    return "passed" if body.ok else "disputed"
 
 
 def _maybe_verified(s: Session, unit: Unit) -> None:
@@ -370,6 +408,53 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
     prov.completed += 1
     s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
     log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price))
+
+
+def _bench(s: Session, ver: Verifier, canary_task: Verification) -> None:
+    """``ver`` approved a planted known-bad segment: it gets no more tasks, what it holds goes back to the pool, and
+    every check it passed on a unit not yet credited is done again by another verifier (a unit already credited on
+    its word stays credited: the canary rate bounds how many). Its stake is slashed by ``punish_verifier``."""
+    ver.status = "benched"
+    redo = 0
+    for v in s.scalars(select(Verification).where(Verification.verifier == ver.address,
+                                                  Verification.id != canary_task.id,
+                                                  Verification.status.in_(["assigned", "passed"]))):
+        if v.canary is not None:
+            v.status = "void" if v.status == "assigned" else v.status
+            continue
+        unit = s.get(Unit, v.unit_id)
+        if v.status == "passed" and (unit is None or unit.status != "submitted"):
+            continue
+        v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
+        redo += 1
+    log(s, "verifier_benched", verifier=ver.address, verification=canary_task.id, rechecks=redo)
+
+
+def punish_verifier(rt: Runtime, verification_id: int) -> str:
+    """Slash the whole stake (bonded and unbonding) of the verifier that approved canary ``verification_id``, to the
+    treasury (governance path; the evidence id is the canary's, usable once, so a re-run sends nothing twice)."""
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        if task is None or task.status != "canary_missed" or task.canary is None:
+            return task.status if task else "missing"
+        if task.slash_tx is not None:
+            return "slashed"
+        verifier, unit_id, seg = task.verifier, task.canary["unit_id"], task.segment
+    assert verifier is not None
+    evidence = verification.fraud_evidence(unit_id, seg, verifier)
+    st = rt.contracts.stake_state(verifier)
+    amount = st.staked + st.unbonding
+    if amount > 0 and not rt.contracts.evidence_used(evidence):
+        rt.contracts.slash(verifier, amount, rt.contracts.deployment.treasury, evidence)
+    after = rt.contracts.stake_state(verifier)
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
+        if task.slash_tx is None:
+            task.slash_tx = "0x" + evidence.hex()
+            log(s, "verifier_slashed", verifier=verifier, verification=verification_id,
+                amount=str(amount - after.staked - after.unbonding))
+    return "slashed"
 
 
 def adjudicate(rt: Runtime, verification_id: int) -> str:
@@ -622,21 +707,26 @@ def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) 
 
 def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
-    the chain node was down, a broker restart): disputes not yet adjudicated, rounds fully verified but not advanced,
+    the chain node was down, a broker restart): disputes not yet adjudicated, verifiers caught by a canary not yet
+    slashed, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
         disputes = list(s.scalars(select(Verification.id).where(Verification.status.in_(["disputed", "bisecting"]))))
+        lazy = list(s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
+                                                            Verification.slash_tx.is_(None))))
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status == "done")))
     for v in disputes:
         rt.enqueue("gridmint.adjudicate", [v])
+    for v in lazy:
+        rt.enqueue("gridmint.punish_verifier", [v])
     for j in ready:
         rt.enqueue("gridmint.advance", [j])
     for j in done:
         rt.enqueue("gridmint.settle", [j])
-    return {"adjudicate": len(disputes), "advance": len(ready), "settle": len(done)}
+    return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done)}
 
 
 def reap(rt: Runtime) -> int:
@@ -668,7 +758,7 @@ def reap(rt: Runtime) -> int:
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
-            v.status, v.verifier = "pending", None
+            v.status, v.verifier = ("void", v.verifier) if v.canary is not None else ("pending", None)
         overdue = [v.id for v in s.scalars(select(Verification).where(Verification.status == "bisecting"))
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]

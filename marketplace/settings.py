@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
+from protocol.verification import CANARY_RATE
 
 
 class Settings(BaseSettings):
@@ -22,6 +23,9 @@ class Settings(BaseSettings):
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     reveal_timeout_s: int = 300  # a provider asked to reveal a state in a dispute that does not answer in time loses
+    # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier
+    # that approves one is benched and slashed. A probability, not money; 0 plants none
+    canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

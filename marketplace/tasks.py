@@ -52,6 +52,11 @@ def adjudicate_task(verification_id: int) -> str:
     return service.adjudicate(get_runtime(), verification_id)
 
 
+@celery_app.task(name="gridmint.punish_verifier", **_CHAIN_RETRY)
+def punish_verifier_task(verification_id: int) -> str:
+    return service.punish_verifier(get_runtime(), verification_id)
+
+
 @celery_app.task(name="gridmint.advance", **_CHAIN_RETRY)
 def advance_task(job_id: str) -> str:
     return service.advance(get_runtime(), job_id)

@@ -42,7 +42,10 @@ LEVELS: dict[str, Fraction] = {
 TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as trusted
 TRUSTED_DISCOUNT = Fraction(1, 2)
 TARGETED_SHARE = Fraction(1, 8)  # of the budget, spent on the most anomalous committed losses
-CANARY_RATE = Fraction(1, 10)  # share of a verifier's tasks that are planted known-bad segments
+#: Share of a verifier's tasks that are planted known-bad segments (marketplace.canary). Each costs the verifier one
+#: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets
+#: its first canary within 228 tasks with probability 0.99, and loses its stake there.
+CANARY_RATE = Fraction(1, 50)
 
 
 def level_rate(level: str, consecutive_verified: int = 0) -> Fraction:

@@ -224,6 +224,119 @@ def test_false_accusation_costs_the_verifier_its_bond_and_pays_the_honest_provid
     assert [e.provider for e in entries] == [honest.account.address]
 
 
+def _submitted(market, job_id: str, agents: list[ProviderAgent], n: int) -> None:
+    """Let the providers train until ``n`` units of the job are submitted (nothing verified yet)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with market.rt.sessions() as s:
+            done = len(list(s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.status == "submitted"))))
+        if done >= n:
+            return
+        if not any(a.work_once() for a in agents):
+            time.sleep(0.1)
+    raise AssertionError(f"{n} units of {job_id} not submitted in time")
+
+
+def _rows(market, **where) -> list[Verification]:
+    with market.rt.sessions() as s:
+        q = select(Verification).order_by(Verification.id)
+        for k, v in where.items():
+            q = q.where(getattr(Verification, k) == v)
+        return list(s.scalars(q))
+
+
+def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
+    """Planted known-bad segments (marketplace.canary) mixed into an honest verifier's tasks: it flags every one
+    with a signed accusation that is never relayed (no stake moves, no provider is touched), a canary it abandons
+    is voided (never handed out as work), and the job settles as without canaries."""
+    from marketplace import service
+    from marketplace.db import Verifier
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 2)
+    market.rt.settings.canary_rate = 1.0
+    assert [verifier.verify_once(), verifier.verify_once()] == ["fraud", "fraud"]  # two canaries, both flagged
+    abandoned = verifier.client.next_verification()  # a third one, never answered
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    service.reap(market.rt)
+    market.rt.settings.unit_timeout_s = 120
+    assert _rows(market, id=abandoned["verification_id"])[0].status == "void"
+    assert len(_rows(market, status="pending")) == 8 and not _rows(market, status="assigned")  # no real task taken
+    market.rt.settings.canary_rate = 0.3
+    drive(market, [honest], verifier, job_id)
+    planted = [v for v in _rows(market) if v.canary is not None]
+    flagged = [v for v in planted if v.status == "canary_flagged"]
+    assert len(flagged) >= 2 and len(flagged) == len(planted) - 1
+    for v in flagged:  # signed accusations, naming a unit and a provider that do not exist, never sent on chain
+        assert v.accusation and v.replayed_hash == v.canary["true_end"] != v.canary["proof"]["segments"][v.segment]["endHash"]
+        assert not market.ops.evidence_used(service.verification.fraud_evidence(v.canary["unit_id"], v.segment,
+                                                                                v.canary["provider"]))
+    real = [v for v in _rows(market) if v.canary is None]
+    assert len(real) == 8 and all(v.status == "passed" for v in real)
+    state = market.ops.stake_state(verifier.account.address)
+    assert state.staked == tokens(100) and state.bonded == 0
+    assert market.ops.stake_of(honest.account.address) == tokens(200) and slashed(market) == set()
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, verifier.account.address).status == "active"
+        assert len(list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))) == 2
+    assert not _events(market, "segment_disputed") and not _events(market, "verifier_benched")
+
+
+def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path) -> None:
+    """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
+    it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
+    step runs), and the two checks it passed are done again by an honest verifier before the unit is paid."""
+    from marketplace import service
+    from marketplace.db import Verifier
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
+    careful = staked_verifier(market, tmp_path, "careful")
+    treasury = market.deployment.treasury
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    assert [lazy.verify_once(), lazy.verify_once()] == ["ok", "ok"]
+    passed_by_lazy = [v.id for v in _rows(market, status="passed")]
+    assert len(passed_by_lazy) == 2
+    market.rt.settings.canary_rate = 1.0
+    assert lazy.verify_once() == "ok"  # it approved a canary
+    market.rt.settings.canary_rate = 0.0
+    market.wait(lambda: _rows(market, status="canary_missed")[0].slash_tx, what="lazy verifier slashed")
+    assert market.ops.stake_state(lazy.account.address).staked == 0
+    missed = _rows(market, status="canary_missed")
+    assert len(missed) == 1 and market.ops.evidence_used(missed[0].slash_tx)
+    assert market.ops.balance_of(treasury) == tokens(100)
+    assert _events(market, "verifier_slashed")[0]["amount"] == str(tokens(100))
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "benched"
+        assert s.get(Unit, _rows(market)[0].unit_id).status == "submitted"  # not paid on the lazy word
+    for vid in passed_by_lazy:
+        redo = _rows(market, id=vid)[0]
+        assert redo.status == "pending" and redo.verifier is None
+    assert _events(market, "verifier_benched")[0]["rechecks"] == 2
+    for call in (lazy.verify_once, lazy.client.register_verifier):
+        with pytest.raises(MarketError) as err:
+            call()
+        assert err.value.status == 409 and "benched" in str(err.value.detail)
+    # the slash step again (a retry, the sweep): nothing more moves
+    assert service.punish_verifier(market.rt, missed[0].id) == "slashed"
+    assert service.sweep(market.rt)["punish_verifier"] == 0
+    assert market.ops.balance_of(treasury) == tokens(100)
+    drive(market, [honest], careful, job_id)
+    real = [v for v in _rows(market) if v.canary is None]
+    assert len(real) == 4 and all(v.status == "passed" and v.verifier == careful.account.address for v in real)
+    with market.rt.sessions() as s:
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    assert [e.provider for e in entries] == [honest.account.address]
+
+
 def test_silent_provider_loses_its_unit_to_a_standby_and_heartbeats_keep_it(market, tmp_path: Path) -> None:
     from marketplace import service
 

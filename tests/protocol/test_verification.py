@@ -65,5 +65,5 @@ def test_quote_is_integer_money_and_says_what_it_buys() -> None:
 
 def test_canaries_are_planted_at_about_the_rate_and_are_reproducible() -> None:
     plan = vp.plant_canaries(20_000, b"s")
-    assert 0.09 < sum(plan) / len(plan) < 0.11
+    assert abs(sum(plan) / len(plan) - float(vp.CANARY_RATE)) < 0.25 * float(vp.CANARY_RATE)
     assert plan == vp.plant_canaries(20_000, b"s") != vp.plant_canaries(20_000, b"t")
