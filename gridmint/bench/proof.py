@@ -17,7 +17,8 @@ What runs (all real training and real replays on this machine; the trials only r
    commitments over throughput without, same loop, interleaved repeats; ``proof_overhead_default_job``: the
    provider's real trainer (hash + checkpoint per segment) against the same steps bare, and ``proof_stall_default_job``
    the share of its wall time its training loop spent on commitments.
-5. A lazy verifier that approves everything against planted canary tasks.
+5. Planted canaries (the marketplace's own, ``marketplace.canary``): an honest verifier replays forged ones (all must
+   be flagged); a lazy verifier that approves everything meets its first one after a number of tasks (reported).
 
 ``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
 with bf16 autocast and torch.compile, committing every ``--gpu-commit-every`` steps.
@@ -43,7 +44,9 @@ from node.model import ModelConfig, init_state
 from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (UnitSpec, check_start, deterministic, fresh_state, load_training_state, run_segment,
                           state_hash, train_unit)
+from node.replay import check_segment
 from protocol import verification as vp
+from protocol.proof import TrainingProof
 
 
 def _spec(cfg: ModelConfig, steps: int, idx: int, threads: int = 1, batch: int = 4) -> UnitSpec:
@@ -142,7 +145,6 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
                            "challenges_per_unit": vp.challenge_budget(a.steps, rate), "stake_units": a.stake_units,
                            "trials": a.trials, "cheat_fraction": a.fraction, "adversaries": {}}
     idx = 1
-    canary_bad: list[bool] = []
     for name, (factory, touches, swap) in _adversaries(a.fraction).items():
         pool = a.pool if "steps" in touches and "all" not in touches else 1
         units = []
@@ -154,8 +156,6 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
             trace, verdicts = traced_with_verdicts(spec, start, factory(spec), first_state=first)
             units.append((spec, [c.loss_micro for c in trace.proof.segments], verdicts))
         failing = [sum(not v for v in u[2]) for u in units]
-        if name == "skip_steps":
-            canary_bad = [v for v in units[0][2]]
         caught_trials, units_checked, units_caught = 0, 0, 0
         for t in range(a.trials):
             for u in range(horizon):
@@ -233,24 +233,44 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         f"{out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}; the training loop spent "
         f"{out['proof_stall_default_job']:.2%} of its wall time on commitments (median)")
 
-    # lazy verifier vs planted canaries (known-bad segments from the skip-steps unit)
-    bad_idx = [i for i, ok in enumerate(canary_bad) if not ok]
-    lazy_caught = 0
-    honest_flags_wrong = 0
+    # lazy verifier vs planted canaries: the marketplace's own canaries (marketplace.canary.forge) cut from an honest
+    # unit and really replayed by an honest verifier (every one must be flagged); a lazy verifier approves every
+    # task, so its first canary (drawn at CANARY_RATE per task) exposes it
+    from marketplace import canary
+
+    cspec = _spec(cfg, 32, 777_777)
+    cspec = replace(cspec, segment_len=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        cunit = train_unit(cspec, start, Path(tmp))
+        approved = 0
+        for _ in range(a.canaries):
+            fake = canary.forge(cspec, cunit.proof, [str(p) for p in cunit.segment_paths], str(cunit.final_path))
+            assert fake is not None
+            approved += check_segment(UnitSpec.from_json(fake["spec"]), TrainingProof.from_dict(fake["proof"]),
+                                      fake["segment"], Path(fake["checkpoint_blob"])).ok
+    window = a.lazy_window
+    firsts = []
     for t in range(a.trials):
-        plan = vp.plant_canaries(50, f"canary/{t}".encode())
-        lazy_caught += any(plan)  # a lazy verifier approves every task: its first canary exposes it
-        for j, is_canary in enumerate(plan):
-            if is_canary:  # the honest verifier's verdict on a canary is the real replay verdict of a bad segment
-                honest_flags_wrong += canary_bad[bad_idx[(t + j) % len(bad_idx)]]
+        plan = vp.plant_canaries(window, f"canary/{t}".encode())
+        firsts.append(plan.index(True) + 1 if any(plan) else None)
+    caught = [f for f in firsts if f is not None]
     if a.cross_units:
         out["cross_plan"] = run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
                                       [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))
         out["false_slash"] += out["cross_plan"]["false_slash"]
-    out["lazy_verifier_caught_rate"] = lazy_caught / a.trials
-    out["honest_verifier_canary_errors"] = honest_flags_wrong
-    log(f"lazy verifier caught within 50 tasks in {lazy_caught}/{a.trials} trials; honest verifier approved "
-        f"{honest_flags_wrong} canaries")
+    out["canary_rate"] = float(vp.CANARY_RATE)
+    out["lazy_verifier_window"] = window
+    out["lazy_verifier_caught_rate"] = len(caught) / a.trials
+    out["lazy_verifier_tasks_to_catch_median"] = statistics.median(caught) if caught else None
+    out["lazy_verifier_tasks_to_catch_max"] = max(caught) if caught else None
+    out["honest_verifier_canaries"] = a.canaries
+    out["honest_verifier_canary_errors"] = approved
+    # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
+    out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
+    log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
+        f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
+        f"honest verifier approved {approved} of {a.canaries} forged canaries it replayed; verify cost with "
+        f"canaries {out['verify_cost_ratio_with_canaries']}")
     return out
 
 
@@ -402,6 +422,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cost-steps", type=int, default=1000, help="unit length for the default-job verify cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cost-repeats", type=int, default=3, help="provider/verifier pairs of the default-job verify cost")
+    p.add_argument("--canaries", type=int, default=24, help="forged canaries an honest verifier replays")
+    p.add_argument("--lazy-window", type=int, default=500, help="tasks a lazy verifier gets before it counts as free")
     p.add_argument("--gpu-steps", type=int, default=300)
     p.add_argument("--gpu-commit-every", type=int, default=50)
     p.add_argument("--no-compile", action="store_true")

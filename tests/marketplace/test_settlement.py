@@ -200,11 +200,17 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
         disputed_unit = "0x" + keccak(text="training-1").hex()
         s.add(Verification(unit_id=disputed_unit, provider=world.providers[0].address, segment=0, status="disputed"))
         s.add(Verification(unit_id=disputed_unit, provider=world.providers[0].address, segment=1, status="fraud"))
+        # a verifier caught approving a canary, its slash lost; and one whose slash went through
+        for status, slash_tx in (("canary_missed", None), ("canary_missed", "0x" + "11" * 32)):
+            s.add(Verification(unit_id=disputed_unit, provider=world.providers[1].address, segment=2, status=status,
+                               slash_tx=slash_tx, canary={"unit_id": "0x" + "22" * 32}))
     world.queued.clear()
-    assert service.sweep(world.rt) == {"adjudicate": 1, "advance": 1, "settle": 1}
+    assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1}
     with world.rt.sessions() as s:
         dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
-    assert sorted(world.queued) == sorted([("gridmint.adjudicate", [dispute]),
+        lazy = s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
+                                                       Verification.slash_tx.is_(None))).one()
+    assert sorted(world.queued) == sorted([("gridmint.adjudicate", [dispute]), ("gridmint.punish_verifier", [lazy]),
                                            ("gridmint.advance", ["0x" + keccak(text="ready").hex()]),
                                            ("gridmint.settle", [lost])])
     # the re-queued settle settles it, and the next sweep finds nothing more to settle
