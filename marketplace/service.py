@@ -278,7 +278,7 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -
 
 # ---------------------------------------------------------------- verification
 
-def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
+def next_verification(rt: Runtime, verifier: str, plant: bool = True) -> dict[str, Any] | None:
     now = now_s()
     with rt.sessions.begin() as s:
         v = s.get(Verifier, verifier)
@@ -301,21 +301,27 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         assert job is not None
         # now and then a planted known-bad segment instead (only while real work waits, so it looks like work);
         # the real task stays pending for the next poll
-        fake = (canary.forge(unit_spec(job, unit), TrainingProof.from_dict(unit.proof), unit.segment_blobs,
-                             unit.final_blob) if canary.draw(rt.settings.canary_rate) else None)
-        if fake is not None:
-            planted = Verification(unit_id=unit.id, provider=fake["provider"], segment=fake["segment"],
-                                   status="assigned", verifier=verifier, assigned_at=now, canary=fake)
-            s.add(planted)
-            s.flush()
-            log(s, "canary_planted", verification=planted.id, verifier=verifier, unit=unit.id,
-                segment=fake["segment"])
-            return _task_body(planted.id, fake["segment"], fake["spec"], fake["proof"], fake["checkpoint_blob"],
-                              fake["provider"], unit.plan, fake["end_blob"], fake["unit_id"])
-        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
-        return _task_body(task.id, task.segment, unit_spec(job, unit).to_json(), unit.proof,
-                          unit.segment_blobs[task.segment], task.provider, unit.plan, _end_blob(unit, task.segment),
-                          unit.id)
+        if plant and len(unit.segment_blobs) > 1 and canary.draw(rt.settings.canary_rate):
+            source = (unit_spec(job, unit), TrainingProof.from_dict(unit.proof), list(unit.segment_blobs),
+                      unit.final_blob, unit.id, unit.plan)
+        else:
+            task.status, task.verifier, task.assigned_at = "assigned", verifier, now
+            return _task_body(task.id, task.segment, unit_spec(job, unit).to_json(), unit.proof,
+                              unit.segment_blobs[task.segment], task.provider, unit.plan,
+                              _end_blob(unit, task.segment), unit.id)
+    spec, proof, blobs, final, source_unit, plan = source
+    fake = canary.forge(spec, proof, blobs, final, rt.blobs)  # checkpoint I/O: outside the transaction
+    if fake is None:
+        return next_verification(rt, verifier, plant=False)
+    with rt.sessions.begin() as s:
+        planted = Verification(unit_id=source_unit, provider=fake["provider"], segment=fake["segment"],
+                               status="assigned", verifier=verifier, assigned_at=now_s(), canary=fake)
+        s.add(planted)
+        s.flush()
+        log(s, "canary_planted", verification=planted.id, verifier=verifier, unit=source_unit,
+            segment=fake["segment"])
+        return _task_body(planted.id, fake["segment"], fake["spec"], fake["proof"], fake["checkpoint_blob"],
+                          fake["provider"], plan, fake["end_blob"], fake["unit_id"])
 
 
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,

@@ -237,17 +237,19 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     # unit and really replayed by an honest verifier (every one must be flagged); a lazy verifier approves every
     # task, so its first canary (drawn at CANARY_RATE per task) exposes it
     from marketplace import canary
+    from marketplace.blobs import BlobStore
 
-    cspec = _spec(cfg, 32, 777_777)
-    cspec = replace(cspec, segment_len=4)
+    cspec = replace(_spec(cfg, 32, 777_777), segment_len=4)
     with tempfile.TemporaryDirectory() as tmp:
-        cunit = train_unit(cspec, start, Path(tmp))
+        cunit = train_unit(cspec, start, Path(tmp) / "unit")
+        store = BlobStore(Path(tmp) / "blobs")
+        blobs, final = [store.put_file(p) for p in cunit.segment_paths], store.put_file(cunit.final_path)
         approved = 0
         for _ in range(a.canaries):
-            fake = canary.forge(cspec, cunit.proof, [str(p) for p in cunit.segment_paths], str(cunit.final_path))
+            fake = canary.forge(cspec, cunit.proof, blobs, final, store)
             assert fake is not None
             approved += check_segment(UnitSpec.from_json(fake["spec"]), TrainingProof.from_dict(fake["proof"]),
-                                      fake["segment"], Path(fake["checkpoint_blob"])).ok
+                                      fake["segment"], store.path(fake["checkpoint_blob"])).ok
     window = a.lazy_window
     firsts = []
     for t in range(a.trials):
