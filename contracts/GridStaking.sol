@@ -190,12 +190,15 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     // ---------------------------------------------------------------- slashing (a): fraud proof
 
     /// @notice Open a dispute: `verifier`'s EIP-712 signature over Accusation(provider, evidence, amount) claims that
-    /// `provider`'s committed hash `evidence` does not replay. Anyone may submit it (the marketplace relays it).
+    /// `provider`'s committed hash `evidence` does not replay. Only the referee submits it (the marketplace relays the
+    /// accusations its verifiers hand in): the referee alone resolves disputes, and a dispute opened behind its back
+    /// would freeze an honest provider's stake for as long as nobody resolved it, at the price of a bond.
     /// Bonds `verifierBond` of the verifier's free stake and freezes both accounts' unbonding until resolved.
     /// @param amount the pay the verifier claims the provider did not earn; it is recorded (Accused, disputeOf) for
     /// the referee but does NOT cap the slash: a fraud verdict takes the provider's whole stake (see `resolve`).
     function accuse(address provider, bytes32 evidence, uint256 amount, bytes calldata signature)
         external
+        onlyRole(REFEREE_ROLE)
         whenNotPaused
     {
         if (amount == 0) revert StakingZeroAmount();

@@ -77,11 +77,11 @@ describe("GridStaking", function () {
     return { ...f, unbonded: ethers.parseEther("300"), readyAt };
   }
 
-  // verifier accused provider of ACCUSED on EVIDENCE (relayed by `other`), bonding BOND.
+  // verifier accused provider of ACCUSED on EVIDENCE (relayed by the referee), bonding BOND.
   async function accusedFixture() {
     const f = await stakedFixture();
     const sig = await signAccusation(f.verifier, f.staking, f.provider.address, EVIDENCE, ACCUSED);
-    await f.staking.connect(f.other).accuse(f.provider.address, EVIDENCE, ACCUSED, sig);
+    await f.staking.connect(f.referee).accuse(f.provider.address, EVIDENCE, ACCUSED, sig);
     return f;
   }
 
@@ -247,7 +247,7 @@ describe("GridStaking", function () {
         unbondingFixture,
       );
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig);
       await time.increaseTo(readyAt + 1n);
       await expect(staking.connect(provider).withdraw())
         .to.be.revertedWithCustomError(staking, "StakingUnderDispute")
@@ -352,10 +352,21 @@ describe("GridStaking", function () {
   });
 
   describe("accuse", function () {
-    it("opens a dispute from a staked verifier's EIP-712 signature, relayed by anyone", async function () {
+    it("refuses a relay by anyone but the referee (a dispute it never saw would freeze the provider)", async function () {
       const { staking, provider, verifier, other } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      for (const who of [other, verifier]) {
+        await expect(staking.connect(who).accuse(provider.address, EVIDENCE, ACCUSED, sig))
+          .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await staking.REFEREE_ROLE());
+      }
+      expect((await accountOf(staking, provider.address)).openDisputes).to.equal(0n);
+    });
+
+    it("opens a dispute from a staked verifier's EIP-712 signature, relayed by the referee", async function () {
+      const { staking, provider, verifier, other, referee } = await networkHelpers.loadFixture(stakedFixture);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.emit(staking, "Accused")
         .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, BOND);
       expect((await staking.disputeOf(EVIDENCE)).toObject()).to.deep.equal({
@@ -376,34 +387,34 @@ describe("GridStaking", function () {
     });
 
     it("reaches a provider whose whole stake is unbonding", async function () {
-      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(provider).requestUnbond(STAKE);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.emit(staking, "Accused")
         .withArgs(provider.address, verifier.address, EVIDENCE, ACCUSED, BOND);
     });
 
     it("names the signer of a forged accusation (unstaked) in StakingInsufficientStake", async function () {
-      const { staking, provider, other } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, other, referee } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(other, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
         .withArgs(other.address, 0n, BOND);
     });
 
     it("rejects a verifier's signature replayed with another amount (it recovers to a stranger)", async function () {
-      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
       const stranger = await accusationSigner(staking, provider.address, EVIDENCE, STAKE, sig);
       expect(stranger).to.not.equal(verifier.address);
-      await expect(staking.accuse(provider.address, EVIDENCE, STAKE, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, STAKE, sig))
         .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
         .withArgs(stranger, 0n, BOND);
     });
 
     it("rejects a signature made for another chain or contract", async function () {
-      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       const domain = await stakingDomain(staking);
       for (const forged of [
         { ...domain, chainId: domain.chainId + 1n },
@@ -412,26 +423,26 @@ describe("GridStaking", function () {
       ]) {
         const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED, forged);
         const stranger = await accusationSigner(staking, provider.address, EVIDENCE, ACCUSED, sig);
-        await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
           .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
           .withArgs(stranger, 0n, BOND);
       }
     });
 
     it("reverts with ECDSA errors for a malformed signature", async function () {
-      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, ethers.ZeroHash))
+      const { staking, provider, referee } = await networkHelpers.loadFixture(stakedFixture);
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, ethers.ZeroHash))
         .to.be.revertedWithCustomError(staking, "ECDSAInvalidSignatureLength")
         .withArgs(32n);
       await expect(
-        staking.accuse(provider.address, EVIDENCE, ACCUSED, ethers.concat([ethers.ZeroHash, ethers.ZeroHash, "0x1b"])),
+        staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, ethers.concat([ethers.ZeroHash, ethers.ZeroHash, "0x1b"])),
       ).to.be.revertedWithCustomError(staking, "ECDSAInvalidSignature");
     });
 
     it("reverts with StakingSelfAccusation(account) when the provider signs against itself", async function () {
-      const { staking, provider } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, referee } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(provider, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingSelfAccusation")
         .withArgs(provider.address);
     });
@@ -441,47 +452,47 @@ describe("GridStaking", function () {
       await staking.connect(provider2).stake(STAKE);
       // Same evidence, even against another provider or by another verifier.
       const again = await signAccusation(provider2, staking, provider.address, EVIDENCE, 1n);
-      await expect(staking.accuse(provider.address, EVIDENCE, 1n, again))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, again))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
       await staking.connect(referee).resolve(EVIDENCE, true);
       const replay = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, replay))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, replay))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
     });
 
     it("reverts with StakingEvidenceUsed for evidence a governance slash already used", async function () {
-      const { staking, slasher, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, slasher, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
     });
 
     it("reverts with StakingNothingToSlash(provider) for a provider without stake", async function () {
-      const { staking, provider2, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider2, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(verifier, staking, provider2.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider2.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider2.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingNothingToSlash")
         .withArgs(provider2.address);
     });
 
     it("reverts with StakingInsufficientStake(verifier, free, bond) when the verifier cannot bond", async function () {
-      const { staking, locker, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, locker, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(locker).lock(verifier.address, STAKE - BOND + 1n);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
         .withArgs(verifier.address, BOND - 1n, BOND);
     });
 
     it("bonds once per accusation: a second one needs another free bond", async function () {
-      const { staking, provider, provider2, verifier } = await networkHelpers.loadFixture(accusedFixture);
+      const { staking, provider, provider2, verifier, referee } = await networkHelpers.loadFixture(accusedFixture);
       await staking.connect(provider2).stake(STAKE);
       const sig = await signAccusation(verifier, staking, provider2.address, EVIDENCE2, 1n);
-      await expect(staking.accuse(provider2.address, EVIDENCE2, 1n, sig))
+      await expect(staking.connect(referee).accuse(provider2.address, EVIDENCE2, 1n, sig))
         .to.emit(staking, "Accused")
         .withArgs(provider2.address, verifier.address, EVIDENCE2, 1n, BOND);
       const v = await accountOf(staking, verifier.address);
@@ -490,18 +501,18 @@ describe("GridStaking", function () {
     });
 
     it("is disabled while verifierBond is 0: StakingInsufficientStake(verifier, free, 1)", async function () {
-      const { staking, governor, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, governor, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       await staking.connect(governor).setVerifierBond(0n);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.accuse(provider.address, EVIDENCE, ACCUSED, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
         .withArgs(verifier.address, STAKE, 1n);
     });
 
     it("reverts with StakingZeroAmount for 0", async function () {
-      const { staking, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 0n);
-      await expect(staking.accuse(provider.address, EVIDENCE, 0n, sig)).to.be.revertedWithCustomError(
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, 0n, sig)).to.be.revertedWithCustomError(
         staking,
         "StakingZeroAmount",
       );
@@ -545,7 +556,7 @@ describe("GridStaking", function () {
         const before = await accountOf(staking, provider.address);
         const held = before.staked + before.unbonding;
         const sig = await signAccusation(verifier, staking, provider.address, evidence, amount);
-        await staking.connect(other).accuse(provider.address, evidence, amount, sig);
+        await staking.connect(referee).accuse(provider.address, evidence, amount, sig);
         await expect(staking.connect(referee).resolve(evidence, true))
           .to.emit(staking, "Slashed")
           .withArgs(provider.address, verifier.address, evidence, held, (held * BOUNTY_BPS) / 10_000n);
@@ -563,12 +574,12 @@ describe("GridStaking", function () {
       await staking.connect(provider).requestUnbond(STAKE / 4n); // leaving does not help either
       await staking.connect(provider2).stake(BOND);
       const selfAccusation = await signAccusation(provider2, staking, provider.address, EVIDENCE, 1n);
-      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, 1n, selfAccusation))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, selfAccusation))
         .to.emit(staking, "Accused")
         .withArgs(provider.address, provider2.address, EVIDENCE, 1n, BOND);
       // The honest verifier comes second: the evidence is taken.
       const honest = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
-      await expect(staking.connect(other).accuse(provider.address, EVIDENCE, ACCUSED, honest))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, honest))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
 
@@ -745,7 +756,7 @@ describe("GridStaking", function () {
         unbondingFixture,
       );
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE2, 1n);
-      await staking.accuse(provider.address, EVIDENCE2, 1n, sig);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE2, 1n, sig);
       await time.increaseTo(readyAt);
       await expect(staking.connect(guardian).pause()).to.emit(staking, "Paused").withArgs(guardian.address);
       const sig2 = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
@@ -753,7 +764,7 @@ describe("GridStaking", function () {
         () => staking.connect(provider).stake(1n),
         () => staking.connect(provider).requestUnbond(1n),
         () => staking.connect(provider).withdraw(),
-        () => staking.accuse(provider.address, EVIDENCE, 1n, sig2),
+        () => staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, sig2),
         () => staking.connect(referee).resolve(EVIDENCE2, false),
         () => staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE),
       ];
@@ -795,7 +806,7 @@ describe("GridStaking", function () {
       await staking.connect(provider).stake(1n);
       await staking.connect(provider).requestUnbond(1n);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
-      await staking.accuse(provider.address, EVIDENCE, 1n, sig);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, sig);
       await staking.connect(referee).resolve(EVIDENCE, false); // a fraud verdict would take everything (see resolve)
       await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE2);
       await time.increase(DELAY);
@@ -890,11 +901,11 @@ describe("GridStaking", function () {
 
   describe("setVerifierBond", function () {
     it("applies to the next accusation and emits VerifierBondSet", async function () {
-      const { staking, governor, provider, verifier } = await networkHelpers.loadFixture(stakedFixture);
+      const { staking, governor, provider, verifier, referee } = await networkHelpers.loadFixture(stakedFixture);
       await expect(staking.connect(governor).setVerifierBond(7n)).to.emit(staking, "VerifierBondSet").withArgs(7n);
       expect(await staking.verifierBond()).to.equal(7n);
       const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, 1n);
-      await expect(staking.accuse(provider.address, EVIDENCE, 1n, sig))
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, sig))
         .to.emit(staking, "Accused")
         .withArgs(provider.address, verifier.address, EVIDENCE, 1n, 7n);
     });

@@ -155,7 +155,7 @@ class TestAccusation:
         w.provider.stake(1_000)
         w.verifier.stake(500)
         signature = w.verifier.sign_accusation(w.provider.address, EVIDENCE, amount)
-        w.outsider.accuse(w.provider.address, EVIDENCE, amount, signature)  # anyone may relay a signed accusation
+        w.admin.accuse(w.provider.address, EVIDENCE, amount, signature)  # the referee relays a signed accusation
 
     def test_client_and_protocol_sign_one_encoding_that_the_contract_accepts(self, timed_world: World) -> None:
         """The client's sign_accusation and protocol.signing's (the node verifier's) give the same bytes, and
@@ -170,11 +170,17 @@ class TestAccusation:
         assert w.verifier.sign_accusation(w.provider.address, "0x" + EVIDENCE.hex(), 400) == ours  # hex evidence too
         signer = recover_accusation(w.chain.chain_id, staking, w.provider.address, EVIDENCE, theirs, 400)
         assert signer == w.verifier.address
-        w.outsider.accuse(w.provider.address, EVIDENCE, 400, ours)
+        with pytest.raises(UnauthorizedError) as exc_info:  # only the referee relays: the signer itself cannot
+            w.verifier.accuse(w.provider.address, EVIDENCE, 400, ours)
+        expect(exc_info, UnauthorizedError, "AccessControlUnauthorizedAccount", w.verifier.address,
+               role_id("REFEREE_ROLE"))
+        assert not w.admin.dispute_of(EVIDENCE).is_open
+        assert w.admin.stake_state(w.provider.address).open_disputes == 0  # nothing frozen
+        w.admin.accuse(w.provider.address, EVIDENCE, 400, ours)
         bond = w.params["verifier_bond"]
         assert w.admin.dispute_of(EVIDENCE) == Dispute(w.provider.address, w.verifier.address, 400, bond)
         # protocol's signature (0x-hex) submitted as bytes works just the same.
-        w.outsider.accuse(w.provider.address, EVIDENCE_2, 400, bytes.fromhex(
+        w.admin.accuse(w.provider.address, EVIDENCE_2, 400, bytes.fromhex(
             sign_accusation(w.verifier.account, w.chain.chain_id, staking, w.provider.address, EVIDENCE_2, 400)[2:]))
         assert w.admin.dispute_of(EVIDENCE_2).verifier == w.verifier.address
 
