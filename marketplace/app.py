@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from marketplace import referee, service, settlement
 from marketplace import siwe
@@ -436,8 +436,10 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
                           for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == j.id))]
         out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment, "status": v.status,
                                  "provider": v.provider, "verifier": v.verifier}
-                                for v in s.scalars(select(Verification).join(Unit).where(Unit.job_id == j.id,
-                                                                           Verification.canary.is_(None)))]
+                                for v in s.scalars(select(Verification).join(Unit).where(
+                                    Unit.job_id == j.id, Verification.status != "held",
+                                    # a canary shows as the task it is while out, then is gone: it was never a check
+                                    or_(Verification.canary.is_(None), Verification.status == "assigned")))]
         out["events"] = [{"kind": e.kind, "at": e.at, **e.data}
                          for e in s.scalars(select(Event).where(Event.job_id == j.id).order_by(Event.id))]
     return out

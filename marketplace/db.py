@@ -127,7 +127,8 @@ class Verification(Base):
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
     segment: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong
+    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong;
+    # held: the check of a segment whose task is out as a canary (pending again once the canary is answered)
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
@@ -137,8 +138,9 @@ class Verification(Base):
     # A dispute over a segment trained on another plan than the referee's: the bisection's open question and the
     # provider's signed answers, {"asked": step, "deadline": unix s, "reveals": {step: {blob, hash, signature}}}
     bisect: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # A planted known-bad segment (marketplace.canary), not a check of a real submission: what the verifier was
-    # handed in place of ``unit_id``'s own claim. Status assigned -> canary_flagged (right) | canary_missed (lazy)
+    # A planted known-bad segment (marketplace.canary): this task, handed out with a forged claim for its segment
+    # ({proof, end_blob, true_end, held: id of the real check waiting meanwhile}). assigned -> canary_flagged (the
+    # verifier was right) | canary_missed (it approved: lazy) | void (abandoned)
     canary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 

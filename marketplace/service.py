@@ -278,7 +278,7 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -
 
 # ---------------------------------------------------------------- verification
 
-def next_verification(rt: Runtime, verifier: str, plant: bool = True) -> dict[str, Any] | None:
+def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     now = now_s()
     with rt.sessions.begin() as s:
         v = s.get(Verifier, verifier)
@@ -287,41 +287,45 @@ def next_verification(rt: Runtime, verifier: str, plant: bool = True) -> dict[st
         if v.status == "benched":
             raise Conflict(f"verifier {verifier} approved a planted known-bad segment and is benched")
         v.last_seen = now
-        # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment
+        # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment;
+        # it gets real tasks of units it was handed a canary of last (the two claims' roots differ)
         checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
+        canaried = select(Verification.unit_id).where(Verification.verifier == verifier,
+                                                      Verification.canary.is_not(None))
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
                                 Verification.canary.is_(None), checkable)
-                         .order_by(Verification.id).limit(1)).first()
+                         .order_by(Verification.unit_id.in_(canaried), Verification.id).limit(1)).first()
         if task is None:
             return None
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None and unit.final_blob is not None
         job = s.get(Job, unit.job_id)
         assert job is not None
-        # now and then a planted known-bad segment instead (only while real work waits, so it looks like work);
-        # the real task stays pending for the next poll
-        if plant and len(unit.segment_blobs) > 1 and canary.draw(rt.settings.canary_rate):
-            source = (unit_spec(job, unit), TrainingProof.from_dict(unit.proof), list(unit.segment_blobs),
-                      unit.final_blob, unit.id, unit.plan)
-        else:
-            task.status, task.verifier, task.assigned_at = "assigned", verifier, now
-            return _task_body(task.id, task.segment, unit_spec(job, unit).to_json(), unit.proof,
-                              unit.segment_blobs[task.segment], task.provider, unit.plan,
-                              _end_blob(unit, task.segment), unit.id)
-    spec, proof, blobs, final, source_unit, plan = source
-    fake = canary.forge(spec, proof, blobs, final, rt.blobs)  # checkpoint I/O: outside the transaction
-    if fake is None:
-        return next_verification(rt, verifier, plant=False)
-    with rt.sessions.begin() as s:
-        planted = Verification(unit_id=source_unit, provider=fake["provider"], segment=fake["segment"],
-                               status="assigned", verifier=verifier, assigned_at=now_s(), canary=fake)
-        s.add(planted)
+        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
+        spec = unit_spec(job, unit)
+        body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
+                          task.provider, unit.plan, _end_blob(unit, task.segment), unit.id)
+        # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
+        # queued again once the canary is answered (or abandoned)
+        plant = task.segment < len(unit.segment_blobs) - 1 and canary.draw(rt.settings.canary_rate)
+        if not plant:
+            return body
+        # the real check waits, held (counted open: the unit is not paid before it passes; never handed out)
+        held = Verification(unit_id=unit.id, provider=task.provider, segment=task.segment, status="held")
+        s.add(held)
         s.flush()
-        log(s, "canary_planted", verification=planted.id, verifier=verifier, unit=source_unit,
-            segment=fake["segment"])
-        return _task_body(planted.id, fake["segment"], fake["spec"], fake["proof"], fake["checkpoint_blob"],
-                          fake["provider"], plan, fake["end_blob"], fake["unit_id"])
+        task.canary = {"held": held.id}  # a crash before the forgery lands is reaped like an abandoned canary
+        vid, seg, proof, blobs, final = task.id, task.segment, TrainingProof.from_dict(unit.proof), \
+            list(unit.segment_blobs), unit.final_blob
+    fake = canary.forge(spec, proof, seg, blobs, final, rt.blobs)  # checkpoint I/O: outside the transaction
+    assert fake is not None
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, vid)
+        assert task is not None
+        task.canary = {**fake, "held": task.canary["held"]}
+        log(s, "canary_planted", verification=vid, verifier=verifier, unit=task.unit_id, segment=seg)
+    return {**body, "proof": fake["proof"], "end_blob": fake["end_blob"]}
 
 
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
@@ -348,12 +352,12 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         task = s.get(Verification, body.verification_id)
         if task is None:
             raise NotFound(f"verification {body.verification_id} does not exist")
-        if task.verifier != verifier or task.status != "assigned":
+        if task.verifier != verifier or task.status != "assigned" or (task.canary and "proof" not in task.canary):
             raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
-        # a canary is judged exactly like the claim it imitates: its own unit id and forged proof
-        unit_id = task.canary["unit_id"] if task.canary else unit.id
+        # a canary is judged exactly like the claim it imitates: the forged proof is what the verifier signed over
+        unit_id = unit.id
         proof = TrainingProof.from_dict(task.canary["proof"] if task.canary else unit.proof)
         claimed = proof.segments[task.segment].end_hash
         message = {"unitId": to_bytes32(unit_id), "segment": task.segment, "ok": body.ok,
@@ -373,8 +377,9 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         assert ver is not None
         ver.checked += 1
         planted, job_id = task.canary is not None, ""
-        if planted:  # never adjudicated, never relayed: its "provider" does not exist
+        if planted:  # never adjudicated, never relayed: the provider never made this claim
             task.status = "canary_missed" if body.ok else "canary_flagged"
+            _retire_canary(s, task)
             if body.ok:
                 _bench(s, ver, task)
             else:
@@ -404,6 +409,7 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
     is verified; its provider is owed its price (exactly once)."""
     open_checks = s.scalar(select(func.count()).select_from(Verification)
                            .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
+                                  Verification.canary.is_(None),
                                   Verification.status.notin_(["passed", "verifier_wrong"])))
     if open_checks or unit.status != "submitted":
         return
@@ -416,6 +422,14 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
     log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price))
 
 
+def _retire_canary(s: Session, planted: Verification) -> None:
+    """A canary took the place of a real check of its segment, held meanwhile: hand that check out again (unless it
+    was voided meanwhile: the unit left its provider, e.g. slashed for another segment)."""
+    held = s.get(Verification, (planted.canary or {}).get("held"))
+    if held is not None and held.status == "held":
+        held.status = "pending"
+
+
 def _bench(s: Session, ver: Verifier, canary_task: Verification) -> None:
     """``ver`` approved a planted known-bad segment: it gets no more tasks, what it holds goes back to the pool, and
     every check it passed on a unit not yet credited is done again by another verifier (a unit already credited on
@@ -426,7 +440,9 @@ def _bench(s: Session, ver: Verifier, canary_task: Verification) -> None:
                                                   Verification.id != canary_task.id,
                                                   Verification.status.in_(["assigned", "passed"]))):
         if v.canary is not None:
-            v.status = "void" if v.status == "assigned" else v.status
+            if v.status == "assigned":
+                v.status = "void"
+                _retire_canary(s, v)
             continue
         unit = s.get(Unit, v.unit_id)
         if v.status == "passed" and (unit is None or unit.status != "submitted"):
@@ -445,9 +461,9 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
             return task.status if task else "missing"
         if task.slash_tx is not None:
             return "slashed"
-        verifier, unit_id, seg = task.verifier, task.canary["unit_id"], task.segment
+        verifier = task.verifier
     assert verifier is not None
-    evidence = verification.fraud_evidence(unit_id, seg, verifier)
+    evidence = canary.evidence(verification_id, verifier)
     st = rt.contracts.stake_state(verifier)
     amount = st.staked + st.unbonding
     if amount > 0 and not rt.contracts.evidence_used(evidence):
@@ -551,7 +567,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             u.status, u.provider, u.price, u.rank = "pending", None, None, None
             u.excluded = sorted(set(u.excluded or []) | {provider})
             for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
-                                                               Verification.status.in_(["pending", "assigned"]))):
+                                                               Verification.status.in_(["pending", "assigned",
+                                                                                        "held"]))):
                 other.status = "void"
         log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
             amount=str(before - prov.stake), claimed=verdict.claimed, replayed=verdict.replayed,
@@ -764,7 +781,11 @@ def reap(rt: Runtime) -> int:
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
-            v.status, v.verifier = ("void", v.verifier) if v.canary is not None else ("pending", None)
+            if v.canary is not None:  # an abandoned canary is never handed out again: its real check is instead
+                v.status = "void"
+                _retire_canary(s, v)
+            else:
+                v.status, v.verifier = "pending", None
         overdue = [v.id for v in s.scalars(select(Verification).where(Verification.status == "bisecting"))
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]

@@ -239,17 +239,19 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     from marketplace import canary
     from marketplace.blobs import BlobStore
 
-    cspec = replace(_spec(cfg, 32, 777_777), segment_len=4)
+    approved, planted = 0, 0
     with tempfile.TemporaryDirectory() as tmp:
-        cunit = train_unit(cspec, start, Path(tmp) / "unit")
         store = BlobStore(Path(tmp) / "blobs")
-        blobs, final = [store.put_file(p) for p in cunit.segment_paths], store.put_file(cunit.final_path)
-        approved = 0
-        for _ in range(a.canaries):
-            fake = canary.forge(cspec, cunit.proof, blobs, final, store)
-            assert fake is not None
-            approved += check_segment(UnitSpec.from_json(fake["spec"]), TrainingProof.from_dict(fake["proof"]),
-                                      fake["segment"], store.path(fake["checkpoint_blob"])).ok
+        for u in range(a.canary_units):  # every segment but the last of each unit, forged and really replayed
+            cspec = replace(_spec(cfg, 32, 777_000 + u), segment_len=4)
+            cunit = train_unit(cspec, start, Path(tmp) / str(u))
+            blobs, final = [store.put_file(p) for p in cunit.segment_paths], store.put_file(cunit.final_path)
+            for seg in range(cspec.n_segments - 1):
+                fake = canary.forge(cspec, cunit.proof, seg, blobs, final, store)
+                assert fake is not None
+                planted += 1
+                approved += check_segment(cspec, TrainingProof.from_dict(fake["proof"]), seg,
+                                          store.path(blobs[seg])).ok
     window = a.lazy_window
     firsts = []
     for t in range(a.trials):
@@ -265,13 +267,13 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["lazy_verifier_caught_rate"] = len(caught) / a.trials
     out["lazy_verifier_tasks_to_catch_median"] = statistics.median(caught) if caught else None
     out["lazy_verifier_tasks_to_catch_max"] = max(caught) if caught else None
-    out["honest_verifier_canaries"] = a.canaries
+    out["honest_verifier_canaries"] = planted
     out["honest_verifier_canary_errors"] = approved
     # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
-        f"honest verifier approved {approved} of {a.canaries} forged canaries it replayed; verify cost with "
+        f"honest verifier approved {approved} of {planted} forged canaries it replayed; verify cost with "
         f"canaries {out['verify_cost_ratio_with_canaries']}")
     return out
 
@@ -424,7 +426,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cost-steps", type=int, default=1000, help="unit length for the default-job verify cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cost-repeats", type=int, default=3, help="provider/verifier pairs of the default-job verify cost")
-    p.add_argument("--canaries", type=int, default=24, help="forged canaries an honest verifier replays")
+    p.add_argument("--canary-units", type=int, default=4, help="units whose segments are forged into canaries")
     p.add_argument("--lazy-window", type=int, default=500, help="tasks a lazy verifier gets before it counts as free")
     p.add_argument("--gpu-steps", type=int, default=300)
     p.add_argument("--gpu-commit-every", type=int, default=50)

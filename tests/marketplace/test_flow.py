@@ -6,6 +6,7 @@ import math
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sqlalchemy import select
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
+from node.trainer import UnitSpec
 from node.verifier_agent import VerifierAgent
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
@@ -247,8 +249,9 @@ def _rows(market, **where) -> list[Verification]:
 
 def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
     """Planted known-bad segments (marketplace.canary) mixed into an honest verifier's tasks: it flags every one
-    with a signed accusation that is never relayed (no stake moves, no provider is touched), a canary it abandons
-    is voided (never handed out as work), and the job settles as without canaries."""
+    with a signed accusation that is never relayed (no stake moves, the provider is not touched), a canary it
+    abandons is voided, the real check each canary stood in for is done all the same, and the job settles as
+    without canaries."""
     from marketplace import service
     from marketplace.db import Verifier
 
@@ -261,6 +264,13 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     market.rt.settings.canary_rate = 1.0
     assert [verifier.verify_once(), verifier.verify_once()] == ["fraud", "fraud"]  # two canaries, both flagged
     abandoned = verifier.client.next_verification()  # a third one, never answered
+    # a canary is the real task it stands in for: its unit, provider, spec and start checkpoint, and it is listed
+    # with the job's checks while out (the real check it replaced held back, unlisted); only its claim differs
+    row = _rows(market, id=abandoned["verification_id"])[0]
+    assert row.canary is not None and abandoned["provider"] == honest.account.address == row.provider
+    assert UnitSpec.from_json(abandoned["spec"]).unit_id == row.unit_id and abandoned["proof"] == row.canary["proof"]
+    listed = {v["id"]: v["status"] for v in httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]}
+    assert len(listed) == 8 and listed[row.id] == "assigned"
     market.rt.settings.unit_timeout_s = 0
     time.sleep(1.1)
     service.reap(market.rt)
@@ -274,10 +284,11 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert len(flagged) >= 2 and len(flagged) == len(planted) - 1
     for v in flagged:  # signed accusations, naming a unit and a provider that do not exist, never sent on chain
         assert v.accusation and v.replayed_hash == v.canary["true_end"] != v.canary["proof"]["segments"][v.segment]["endHash"]
-        assert not market.ops.evidence_used(service.verification.fraud_evidence(v.canary["unit_id"], v.segment,
-                                                                                v.canary["provider"]))
+        assert not market.ops.evidence_used(service.verification.fraud_evidence(v.unit_id, v.segment, v.provider))
     real = [v for v in _rows(market) if v.canary is None]
-    assert len(real) == 8 and all(v.status == "passed" for v in real)
+    assert len(real) == 8 and all(v.status == "passed" for v in real)  # every replaced check was still done
+    listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
+    assert sorted(v["id"] for v in listed) == sorted(v.id for v in real)  # answered canaries are not listed
     state = market.ops.stake_state(verifier.account.address)
     assert state.staked == tokens(100) and state.bonded == 0
     assert market.ops.stake_of(honest.account.address) == tokens(200) and slashed(market) == set()
