@@ -271,12 +271,21 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert UnitSpec.from_json(abandoned["spec"]).unit_id == row.unit_id and abandoned["proof"] == row.canary["proof"]
     listed = {v["id"]: v["status"] for v in httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]}
     assert len(listed) == 8 and listed[row.id] == "assigned"
+    held = _rows(market, id=row.canary["held"])[0]
+    assert (held.unit_id, held.segment, held.status) == (row.unit_id, row.segment, "held")
+    # every other check passes meanwhile: the unit is still not paid, its held check is open
+    market.rt.settings.canary_rate = 0.0
+    while verifier.verify_once() is not None:
+        pass
+    with market.rt.sessions() as s:
+        assert s.get(Unit, row.unit_id).status == "submitted"
+    assert [v.id for v in _rows(market, unit_id=row.unit_id) if v.canary is None and v.status != "passed"] == [held.id]
     market.rt.settings.unit_timeout_s = 0
     time.sleep(1.1)
     service.reap(market.rt)
     market.rt.settings.unit_timeout_s = 120
-    assert _rows(market, id=abandoned["verification_id"])[0].status == "void"
-    assert len(_rows(market, status="pending")) == 8 and not _rows(market, status="assigned")  # no real task taken
+    assert _rows(market, id=row.id)[0].status == "void"  # the abandoned canary, never handed out again
+    assert [v.id for v in _rows(market, status="pending")] == [held.id] and not _rows(market, status="assigned")
     market.rt.settings.canary_rate = 0.3
     drive(market, [honest], verifier, job_id)
     planted = [v for v in _rows(market) if v.canary is not None]
