@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 from torch import Tensor
 
@@ -18,7 +19,7 @@ from node.trainer import (
     deterministic,
     expected_batch_digest,
     export_training_state,
-    load_training_state,
+    reuse_training_state,
     mean_loss_micro,
     run_segment,
     state_hash,
@@ -57,10 +58,10 @@ def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSo
     return _replay(spec, seg_index, tensors)
 
 
-def _replay(spec: UnitSpec, seg_index: int, tensors: dict[str, Tensor]) -> ReplayResult:
+def _replay(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor]) -> ReplayResult:
     start = state_hash(tensors)
     with deterministic(spec.threads):
-        model, opt = load_training_state(spec, tensors)
+        model, opt = reuse_training_state(spec, tensors)  # built once per job shape
         batches, losses = run_segment(spec, model, opt, seg_index)
         end = state_hash(export_training_state(model, opt))
     return ReplayResult(start, end, tuple(losses), batch_digest(batches), mean_loss_micro(losses))
@@ -90,6 +91,26 @@ def check_segment(
         tensors, _meta = checkpoint.load(checkpoint_path)
     except CheckpointError as exc:
         return fail(f"checkpoint rejected: {exc}", seg.end_hash)
+    return _check_loaded(spec, proof, seg_index, tensors)
+
+
+def check_state(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
+    """:func:`check_segment` on a start state already in memory."""
+    if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
+        raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
+    problem = claim_problem(spec, proof, seg_index)
+    if problem is not None:
+        claimed = proof.segments[seg_index].end_hash if seg_index < len(proof.segments) else ""
+        return SegmentVerdict(False, seg_index, claimed, None, problem)
+    return _check_loaded(spec, proof, seg_index, tensors)
+
+
+def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
+    """The replay part of :func:`check_segment`, for a claim without problems of its own."""
+    def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
+        return SegmentVerdict(False, seg_index, claimed, replayed, reason)
+
+    seg = proof.segments[seg_index]
     got_start = state_hash(tensors)
     if got_start != seg.start_hash:
         return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)

@@ -216,6 +216,51 @@ def start_state_hash(model_state: Mapping[str, Tensor]) -> str:
 
 def load_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
     """Model + AdamW holding a copy of ``tensors``; :class:`CheckpointError` if they do not fit the spec."""
+    check_training_state(spec, tensors)
+    model = build_model(spec.model, model_only(tensors))
+    model.autocast_bf16 = spec.precision == "bf16"
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=spec.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY,
+        fused=True,  # one elementwise kernel per tensor: faster on CPU, and order-free so thread-count-proof
+    )
+    for name, p in model.named_parameters():
+        opt.state[p] = {
+            "step": tensors[f"optim.{name}.step"].detach().clone(),
+            "exp_avg": tensors[f"optim.{name}.exp_avg"].detach().clone(),
+            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].detach().clone(),
+        }
+    return model, opt
+
+
+#: Models + optimizers kept for replays, one per job shape, newest last (see :func:`reuse_training_state`).
+_REUSED: dict[tuple[Any, ...], tuple[TinyGPT, torch.optim.AdamW, dict[str, Tensor]]] = {}
+REUSE_SLOTS = 2
+
+
+def reuse_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
+    """:func:`load_training_state` on a model + AdamW kept per job shape (model, lr, precision): ``tensors`` are
+    copied into it. A verifier replays segment after segment of units of one shape, and building the model and the
+    optimizer costs about one training step of a default job; a replay on the kept pair is bit for bit a replay on
+    a fresh one (tests). Call it inside :func:`deterministic` (which serialises all torch work in this process):
+    the pair is shared, and stays valid only until the next call."""
+    check_training_state(spec, tensors)
+    key = (spec.model, spec.lr, spec.precision)
+    slot = _REUSED.pop(key, None)
+    if slot is None:
+        model, opt = load_training_state(spec, tensors)
+        slot = (model, opt, export_training_state(model, opt))
+    else:
+        with torch.no_grad():
+            for name, t in slot[2].items():
+                t.copy_(tensors[name])
+    _REUSED[key] = slot
+    while len(_REUSED) > REUSE_SLOTS:
+        del _REUSED[next(iter(_REUSED))]
+    return slot[0], slot[1]
+
+
+def check_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
+    """:class:`CheckpointError` unless ``tensors`` are a full fp32 training state of ``spec``'s model."""
     shapes = param_shapes(spec.model)
     expected: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
@@ -232,19 +277,6 @@ def load_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[
         t = tensors[name]
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected torch.float32{shape}")
-    model = build_model(spec.model, model_only(tensors))
-    model.autocast_bf16 = spec.precision == "bf16"
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=spec.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY,
-        fused=True,  # one elementwise kernel per tensor: faster on CPU, and order-free so thread-count-proof
-    )
-    for name, p in model.named_parameters():
-        opt.state[p] = {
-            "step": tensors[f"optim.{name}.step"].detach().clone(),
-            "exp_avg": tensors[f"optim.{name}.exp_avg"].detach().clone(),
-            "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].detach().clone(),
-        }
-    return model, opt
 
 
 def export_training_state(model: TinyGPT, opt: torch.optim.Optimizer) -> dict[str, Tensor]:

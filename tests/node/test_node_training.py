@@ -15,13 +15,14 @@ from node.trainer import (
     UnitSpec,
     average_states,
     evaluate,
+    fresh_state,
     model_only,
     start_state_hash,
     state_hash,
     train_unit,
 )
 from protocol.errors import GridMintValueError
-from protocol.proof import check_structure
+from protocol.proof import check_structure, make_proof
 
 
 def test_two_runs_give_identical_hashes(spec, global_state, honest, workdir: Path) -> None:
@@ -67,6 +68,36 @@ def test_every_honest_segment_replays_exactly(spec, honest) -> None:
         verdict = check_segment(spec, honest.proof, i, path)
         assert verdict.ok, verdict
         assert verdict.replayed_end == verdict.claimed_end == honest.proof.segments[i].end_hash
+
+
+def test_replays_on_the_kept_model_match_fresh_ones_across_units_shapes_and_evictions(
+        make_spec, tiny_cfg, global_state, tmp_path: Path) -> None:
+    """A verifier keeps one model + optimizer per job shape (node.trainer.reuse_training_state) and copies each
+    challenged state into it: replays interleaved over two units of a shape, three shapes (more than the kept
+    slots, so pairs are evicted and rebuilt) and a state of another model in between still match every commitment
+    bit for bit."""
+    from node import trainer
+
+    specs = [make_spec(unit_id="0x" + "b1" * 32), make_spec(unit_id="0x" + "b2" * 32, seed=43),
+             make_spec(unit_id="0x" + "b3" * 32, lr=3e-3), make_spec(unit_id="0x" + "b4" * 32, precision="bf16")]
+    units = [train_unit(s, global_state, tmp_path / str(i)) for i, s in enumerate(specs)]
+    assert len({(s.model, s.lr, s.precision) for s in specs}) == 3 > trainer.REUSE_SLOTS
+    # a claim whose committed start is a state of another model: refused as such, the kept pair left intact
+    misfit = fresh_state(init_state(replace(tiny_cfg, d_model=16), seed=1))
+    wrong = tmp_path / "misfit.safetensors"
+    checkpoint.save(wrong, misfit, {})
+    segs = list(units[0].proof.segments)
+    segs[1] = replace(segs[1], start_hash=state_hash(misfit))
+    lying = make_proof(unit_id=specs[0].unit_id, spec_hash=specs[0].spec_hash(), seed=specs[0].seed,
+                       steps=specs[0].steps, segment_len=specs[0].segment_len, segments=segs)
+    order = [(u, seg) for seg in range(specs[0].n_segments) for u in (3, 0, 2, 1)] + [(0, 0), (2, 3), (3, 1)]
+    for k, (u, seg) in enumerate(order):
+        verdict = check_segment(specs[u], units[u].proof, seg, units[u].segment_paths[seg])
+        assert verdict.ok, (k, u, seg, verdict)
+        if k % 5 == 0:
+            bad = check_segment(specs[0], lying, 1, wrong)
+            assert not bad.ok and "not a training state" in bad.reason, bad
+    assert len(trainer._REUSED) == trainer.REUSE_SLOTS
 
 
 def test_replay_under_other_ambient_threads_still_matches(spec, honest) -> None:
