@@ -81,6 +81,7 @@ def cluster(tmp_path: Path, postgres_server: str) -> Iterator[Cluster]:
             "GRIDMINT_OPERATOR_KEY": "0x" + bytes(operator.key).hex(),
             "GRIDMINT_MIN_STAKE": str(tokens(100)),
             "GRIDMINT_UNIT_TIMEOUT_S": "60",
+            "GRIDMINT_CANARY_RATE": "0.25",  # planted canaries across processes (forged by one, answered via any)
             "GRIDMINT_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
         }
         gm = [sys.executable, "-m", "gridmint.cli", "marketplace"]
@@ -168,8 +169,12 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     # every unit verified once, credited once
     assert len(units) == n_units and all(u.status == "verified" and u.attempts == 1 for u in units)
     assert sorted(e.data["unit"] for e in verified_events) == sorted(u.id for u in units)
-    assert checks and all(v.status == "passed" for v in checks)
-    assert len({(v.unit_id, v.segment) for v in checks}) == len(checks)  # no segment handed out twice
+    # now and then a task is a planted canary (a quarter here), which the honest verifier flags; the real check it
+    # stood in for is done all the same
+    real = [v for v in checks if v.canary is None]
+    assert all(v.status == "canary_flagged" for v in checks if v.canary is not None)
+    assert real and all(v.status == "passed" for v in real)
+    assert len({(v.unit_id, v.segment) for v in real}) == len(real)  # no segment handed out twice
     assert len(entries) == n_units and {e.unit_id for e in entries} == {u.id for u in units}
     assert all(e.released and e.amount == u.price for e in entries for u in units if u.id == e.unit_id)
     assert rounds_done == SPEC.rounds  # each round averaged once, though two workers could have raced on it
