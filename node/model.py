@@ -8,6 +8,8 @@ pins it.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -140,9 +142,15 @@ class TinyGPT(nn.Module):
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every trainable tensor, without allocating a model's weights twice."""
+    return dict(_param_shapes(cfg))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(cfg: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # building even a weightless (meta) model costs ~10 ms, and every checkpoint load checks its shapes
     with torch.device("meta"):
         model = TinyGPT(cfg)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
 
 
 def init_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
