@@ -11,7 +11,7 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from node import checkpoint, crosscheck
-from node.client import UNREACHABLE, MarketClient
+from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import PROVIDER_PLAN, Plan
 from node.replay import check_segment
 from node.trainer import UnitSpec
@@ -89,7 +89,14 @@ class VerifierAgent:
             evidence = fraud_evidence(spec.unit_id, seg, task["provider"])
             body["accusation"] = sign_accusation(self.account, self.client.chain_id, self.client.config["staking"],
                                                  task["provider"], evidence)
-        self.client.verdict(body)
+        try:
+            self.client.verdict(body)
+        except MarketError as exc:
+            if exc.status != 409:
+                raise
+            # the task was withdrawn while this replayed it (its provider slashed meanwhile, or it timed out)
+            console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({exc.detail})")
+            return "withdrawn"
         word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({reason})"
         console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
         return "ok" if ok else "fraud"

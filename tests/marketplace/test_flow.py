@@ -357,6 +357,33 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     assert [e.provider for e in entries] == [honest.account.address]
 
 
+def test_a_verifier_whose_task_is_withdrawn_while_it_replays_carries_on(market, tmp_path: Path) -> None:
+    """A task can be withdrawn while a verifier replays it (its provider slashed over another segment, or it took
+    too long): the verdict is refused (409), the verifier says so and goes on with the next task."""
+    from marketplace import service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = VerifierAgent(market.url, market.account(), tmp_path / "verifier")
+    verifier.client.register_verifier()
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    send = verifier.client.verdict
+
+    def late(body: dict) -> object:  # the task times out meanwhile and is reaped back to the pool
+        market.rt.settings.unit_timeout_s = 0
+        time.sleep(1.1)
+        service.reap(market.rt)
+        market.rt.settings.unit_timeout_s = 120
+        return send(body)
+
+    verifier.client.verdict = late
+    assert verifier.verify_once() == "withdrawn"
+    verifier.client.verdict = send
+    drive(market, [honest], verifier, job_id)
+    assert all(v.status == "passed" for v in _rows(market))
+
+
 def test_silent_provider_loses_its_unit_to_a_standby_and_heartbeats_keep_it(market, tmp_path: Path) -> None:
     from marketplace import service
 
