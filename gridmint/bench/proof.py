@@ -357,7 +357,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     worst_margin = math.inf
     for name, (factory, touches, swap) in _adversaries(frac).items():
         faked = detected = exact = fraud = bisect_steps = by_loss = 0
-        margin = loss_margin = math.inf
+        margin = loss_margin = dispute = math.inf
         for j in range(a.cross_cheat_units):
             spec = replace(_cross_spec(cfg, a, 10_000 + 100 * len(adv) + j), threads=1)
             policy = factory(spec)
@@ -375,6 +375,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 if v.ok:
                     continue
                 detected += 1
+                dispute = min(dispute, v.margin)  # how far past its tolerance the verifier saw it (vs its bond margin)
                 if v.kind == "loss":
                     r = cc.referee_loss(spec, proof, s, reveal(s * spec.segment_len), tol, ref)
                     exact += 1
@@ -391,11 +392,12 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                      "detected_rate": detected / faked, "bisected_to_faked_step": exact / faked,
                      "slashed_rate": fraud / faked, "caught_by_loss_only": by_loss,
                      "referee_margin_min": float(f"{margin:.3g}"), "loss_margin_min": float(f"{loss_margin:.3g}"),
+                     "dispute_margin_min": float(f"{dispute:.3g}"),
                      "dispute_verifier_steps_mean": round(bisect_steps / max(1, detected), 1)}
         worst_margin = min(worst_margin, margin)
         log(f"cross-plan {name:15s} faked segments {faked}: detected {detected} ({by_loss} by the loss alone), "
-            f"localized {exact}, slashed {fraud}; referee: one step >= {margin:.3g} x its threshold, loss >= "
-            f"{loss_margin:.3g} x its tolerance")
+            f"localized {exact}, slashed {fraud}; verifier disputed at >= {dispute:.3g} x its tolerance; referee: one "
+            f"step >= {margin:.3g} x its threshold, loss >= {loss_margin:.3g} x its tolerance")
     out["adversaries"] = adv
     if adv:
         out["min_slashed_rate"] = min(r["slashed_rate"] for r in adv.values())
