@@ -357,16 +357,15 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         # a canary is judged exactly like the claim it imitates: the forged proof is what the verifier signed over
-        unit_id = unit.id
         proof = TrainingProof.from_dict(task.canary["proof"] if task.canary else unit.proof)
         claimed = proof.segments[task.segment].end_hash
-        message = {"unitId": to_bytes32(unit_id), "segment": task.segment, "ok": body.ok,
+        message = {"unitId": to_bytes32(unit.id), "segment": task.segment, "ok": body.ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(body.replayed_hash)}
         signer = recover_typed("Verdict", rt.chain_id, message, body.signature)
         if signer != verifier:
             raise ProofError(f"verdict is signed by {signer}, not by {verifier}")
         if body.accusation is not None:
-            evidence = verification.fraud_evidence(unit_id, task.segment, task.provider)
+            evidence = verification.fraud_evidence(unit.id, task.segment, task.provider)
             accuser = recover_accusation(rt.chain_id, rt.contracts.staking.address, task.provider, evidence,
                                          body.accusation)
             if body.ok or accuser != verifier:

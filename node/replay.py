@@ -58,8 +58,9 @@ def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSo
     return _replay(spec, seg_index, tensors)
 
 
-def _replay(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor]) -> ReplayResult:
-    start = state_hash(tensors)
+def _replay(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None) -> ReplayResult:
+    """``start``: the state's hash when the caller has computed it already (a full-state hash is not free)."""
+    start = start or state_hash(tensors)
     with deterministic(spec.threads):
         model, opt = reuse_training_state(spec, tensors)  # built once per job shape
         batches, losses = run_segment(spec, model, opt, seg_index)
@@ -77,35 +78,35 @@ def check_segment(
     hash or mean loss that differs from the commitment. ``OSError`` (file missing locally) propagates: it is
     not evidence against the provider.
     """
-    if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
-        raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
-
-    def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
-        return SegmentVerdict(False, seg_index, claimed, replayed, reason)
-
-    problem = claim_problem(spec, proof, seg_index)
-    if problem is not None:
-        return fail(problem, proof.segments[seg_index].end_hash if seg_index < len(proof.segments) else "")
-    seg = proof.segments[seg_index]
+    wrong = _claim_verdict(spec, proof, seg_index)
+    if wrong is not None:
+        return wrong
     try:
         tensors, _meta = checkpoint.load(checkpoint_path)
     except CheckpointError as exc:
-        return fail(f"checkpoint rejected: {exc}", seg.end_hash)
+        return SegmentVerdict(False, seg_index, proof.segments[seg_index].end_hash, None, f"checkpoint rejected: {exc}")
     return _check_loaded(spec, proof, seg_index, tensors)
 
 
 def check_state(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
     """:func:`check_segment` on a start state already in memory."""
+    wrong = _claim_verdict(spec, proof, seg_index)
+    return wrong if wrong is not None else _check_loaded(spec, proof, seg_index, tensors)
+
+
+def _claim_verdict(spec: UnitSpec, proof: TrainingProof, seg_index: int) -> SegmentVerdict | None:
+    """The verdict on a claim wrong on its face (:func:`claim_problem`), or None; a segment out of range raises."""
     if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
         raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
     problem = claim_problem(spec, proof, seg_index)
-    if problem is not None:
-        claimed = proof.segments[seg_index].end_hash if seg_index < len(proof.segments) else ""
-        return SegmentVerdict(False, seg_index, claimed, None, problem)
-    return _check_loaded(spec, proof, seg_index, tensors)
+    if problem is None:
+        return None
+    claimed = proof.segments[seg_index].end_hash if seg_index < len(proof.segments) else ""
+    return SegmentVerdict(False, seg_index, claimed, None, problem)
 
 
-def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
+def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
+                  tensors: Mapping[str, Tensor]) -> SegmentVerdict:
     """The replay part of :func:`check_segment`, for a claim without problems of its own."""
     def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
         return SegmentVerdict(False, seg_index, claimed, replayed, reason)
@@ -115,7 +116,7 @@ def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors:
     if got_start != seg.start_hash:
         return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
     try:
-        result = _replay(spec, seg_index, tensors)
+        result = _replay(spec, seg_index, tensors, got_start)
     except CheckpointError as exc:
         return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
     if result.end_hash != seg.end_hash:
