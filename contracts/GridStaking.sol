@@ -15,7 +15,8 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// backs work in flight; an account in an open dispute cannot unbond or withdraw at all.
 /// Slashing happens only (a) through a fraud proof: a staked verifier signs an accusation that a committed hash does
 /// not replay, bonding `verifierBond`; a REFEREE resolves it, slashing the provider's whole slashable stake (bounty
-/// to the verifier) or the verifier's bond for a false accusation; or (b) by the governance SLASHER. Each evidence
+/// to the verifier) or the verifier's bond for a false accusation (or `dismiss`ing it, bond released, when the
+/// accusation was made in good faith); or (b) by the governance SLASHER. Each evidence
 /// hash is used once, so slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to
 /// the verifier and the rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
 contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP712 {
@@ -70,6 +71,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         address indexed provider, address indexed verifier, bytes32 indexed evidence, uint256 amount, uint256 bond
     );
     event DisputeResolved(bytes32 indexed evidence, bool fraud, uint256 slashed);
+    event DisputeDismissed(bytes32 indexed evidence, address indexed provider, address indexed verifier);
     event Slashed(
         address indexed provider, address indexed verifier, bytes32 indexed evidence, uint256 slashed, uint256 bounty
     );
@@ -250,6 +252,28 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
             emit DisputeResolved(evidence, false, penalty);
             _payOut(d.verifier, address(0), evidence, penalty);
         }
+    }
+
+    /// @notice Referee verdict that the provider is innocent AND the accusation was made in good faith: the referee
+    /// reproduced the verifier's signed replay bit for bit on the verifier's own execution plan, and it disagrees with
+    /// the provider's claim past the tolerance the protocol gives that plan. Honest training drifts apart across
+    /// hardware without bound in chaotic stretches (an honest segment has been seen ~50x past a calibrated
+    /// tolerance), so an honest verifier's accusation can be wrong; it loses nothing. The dispute closes, both
+    /// accounts unfreeze, the bond is released, no token moves and the evidence is spent.
+    function dismiss(bytes32 evidence) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
+        Dispute memory d = _disputes[evidence];
+        if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
+        delete _disputes[evidence];
+        _evidenceUsed[evidence] = true;
+        StakeAccount storage p = _accounts[d.provider];
+        StakeAccount storage v = _accounts[d.verifier];
+        // unchecked: each open dispute added exactly these amounts/counts in `accuse`.
+        unchecked {
+            p.openDisputes -= 1;
+            v.openDisputes -= 1;
+            v.bonded -= d.bond;
+        }
+        emit DisputeDismissed(evidence, d.provider, d.verifier);
     }
 
     // ---------------------------------------------------------------- slashing (b): governance

@@ -87,12 +87,14 @@ def verifier_run(
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     plan: Annotated[str, typer.Option(help="How this machine replays: 'cpu' (the providers' plan: bit for bit), or "
                                            "another, e.g. 'cpu/mb2' or 'cuda' (within a calibrated tolerance)")] = "cpu",
-    bond_margin: Annotated[float, typer.Option(help="Across plans, bond an accusation only when the replay is at least "
-                                                    "this many times past the tolerance (closer: dispute unbonded)")] = 4.0,
+    bond_margin: Annotated[Optional[float], typer.Option(
+        help="Across plans, bond an accusation only when the replay is at least this many times past the tolerance "
+             "(closer: dispute unbonded). Default: 1 (every dispute) on the referee's plan 'cpu', where the referee "
+             "can reproduce your replay and releases the bond of an accusation made in good faith; 4 elsewhere")] = None,
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
-    or, if you were wrong, your bond is."""
+    or, if you were wrong, your bond is (unless the referee reproduces your replay: honest drift, bond released)."""
     from node.verifier_agent import VerifierAgent
     from node.wallet import load_or_create
 

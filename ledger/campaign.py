@@ -3,7 +3,7 @@
 ``Harness`` deploys the GridMint contracts on a dev chain, hands tokens to a cast of customers, providers and
 verifiers, and exposes one method per operation (stake, unbond, withdraw, lock, fund, release, release to the pool,
 cancel, close, claim, post root, void root, claim payout, batched payout push, set the dispute window, slash, accuse,
-resolve, pause, unpause, advance time).
+resolve, dismiss, pause, unpause, advance time).
 Each method sends the transaction(s), compares the outcome (success, or the exact custom error) with the model's
 prediction, then ``check()`` reads the whole system in one call (GridLens) and verifies:
 
@@ -502,6 +502,15 @@ class Harness:
         self._tx("resolve", self.cast.operator, self.staking, calldata("resolve(bytes32,bool)", evidence, fraud),
                  lambda: m.resolve(evidence, fraud))
 
+    def dismiss(self, pick: int) -> None:
+        """Referee dismisses the ``pick``-th open dispute as made in good faith (or an unknown one when none is open)."""
+        m = self.model
+        self._op("dismiss")
+        open_ = sorted(m.disputes)
+        evidence = open_[pick % len(open_)] if open_ else keccak(text="no-such-dispute")
+        self._tx("dismiss", self.cast.operator, self.staking, calldata("dismiss(bytes32)", evidence),
+                 lambda: m.dismiss(evidence))
+
     def pause(self) -> None:
         """Guardian hits the kill switch: one transaction pauses staking, escrow and distributor."""
         self._op("pause")
@@ -674,8 +683,10 @@ def random_op(h: Harness, rng: random.Random) -> None:
         h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2)
     elif roll < 0.89:
         h.accuse(rng.randrange(2), who, _amount(rng, s.staked + s.unbonding if s else 0), reuse=rng.random() < 0.2)
-    elif roll < 0.92:
+    elif roll < 0.91:
         h.resolve(rng.randrange(4), fraud=rng.random() < 0.5)
+    elif roll < 0.92:
+        h.dismiss(rng.randrange(4))
     elif roll < 0.925:
         h.pause()
     elif roll < 0.935:

@@ -214,6 +214,21 @@ class Model:
             self._pay_out(None, self._take(d.verifier, d.bond))
         return None
 
+    def dismiss(self, evidence: bytes) -> str | None:
+        """Good-faith accusation, provider innocent: the dispute closes, the bond is released, no token moves."""
+        if self.paused:
+            return "EnforcedPause"
+        d = self.disputes.get(evidence)
+        if d is None:
+            return "StakingUnknownDispute"
+        del self.disputes[evidence]
+        self.evidence_used.add(evidence)
+        ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
+        ps.open_disputes -= 1
+        vs.open_disputes -= 1
+        vs.bonded -= d.bond
+        return None
+
     def _take(self, a: str, amount: int) -> int:
         s = self.stake_of(a)
         from_staked = min(amount, s.staked)

@@ -180,6 +180,16 @@ class TokenStakingOps(ContractsBase):
         receipt = self._send(self.staking, "resolve", to_bytes32(evidence, "evidence"), bool(fraud))
         return int(self._event_arg(self.staking, "DisputeResolved", receipt, "slashed"))
 
+    def dismiss_dispute(self, evidence: bytes | str) -> bool:
+        """Referee verdict that an accusation was made in good faith and the provider is innocent (needs
+        REFEREE_ROLE): the dispute closes and the verifier's bond is released; no token moves. Exactly-once: returns
+        False, sending nothing, if no dispute is open for ``evidence`` (already resolved or dismissed)."""
+        ev = to_bytes32(evidence, "evidence")
+        if int(self.dispute_of(ev).provider, 16) == 0:
+            return False
+        self._send(self.staking, "dismiss", ev)
+        return True
+
     # helpers
 
     def _ensure_allowance(self, spender: str, amount: int) -> None:

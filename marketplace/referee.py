@@ -94,6 +94,35 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     return Ruling(v.fraud, where, claimed, step=v.step)
 
 
+def good_faith(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
+               verifier_plan: Plan, replayed_hash: str) -> tuple[bool, str]:
+    """Whether an accusation the referee has cleared was nonetheless made in good faith, so the verifier keeps its
+    bond: the referee replays segment ``seg`` on the verifier's declared plan, gets the very state the verifier
+    signed it reached (``replayed_hash``, bit for bit), and that state disagrees with the provider's committed end
+    past the tolerance the protocol gives the verifier's plan against the provider's. Honest training drifts apart
+    across hardware without bound in chaotic stretches (an honest segment of the demo's job shape has been seen
+    ~50x past its calibrated tolerance), so no bond margin makes an honest verifier safe; this does. A verifier whose
+    replay the referee cannot run (its plan's device is not here), cannot reproduce, or finds within the tolerance,
+    or one that disputed a provider on its own plan (checked bit for bit: a cleared dispute there means its replay
+    was not the honest one), was not in good faith."""
+    if verifier_plan != REFEREE_PLAN:
+        return False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}"
+    if plan == verifier_plan:
+        return False, f"checked bit for bit on plan {plan.label}, and the referee's replay matches the provider's claim"
+    tol = crosscheck.tolerance_for(spec, verifier_plan, provider_plan=plan)
+    s0, _ = checkpoint.load(start)
+    s1, _ = checkpoint.load(end)
+    runner = crosscheck.PlanRunner(spec, s0, verifier_plan)
+    v = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
+    want = replayed_hash.lower() if replayed_hash.startswith("0x") else "0x" + replayed_hash.lower()
+    if v.replayed_hash != want:
+        return False, f"the verifier signed a replay ending in {want[:12]}, the referee's on {verifier_plan.label} " \
+                      f"ends in {(v.replayed_hash or '?')[:12]}"
+    if v.ok:
+        return False, f"the verifier's own replay is within the tolerance: {v.reason}"
+    return True, f"the referee reproduced the verifier's replay on {verifier_plan.label} bit for bit: {v.reason}"
+
+
 def bisect_view(bisect: dict[str, Any] | None) -> dict[str, Any]:
     """A fresh copy of a verification's bisection record (never mutate the loaded JSON in place)."""
     b = dict(bisect or {})

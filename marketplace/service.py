@@ -22,7 +22,7 @@ from protocol import verification
 from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
-from node.crosscheck import Plan
+from node.crosscheck import PROVIDER_PLAN, Plan
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_structure
@@ -496,7 +496,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         spec, proof, seg = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment
         start, end, plan = unit.segment_blobs[seg], _end_blob(unit, seg), Plan.parse(unit.plan)
         provider, verifier, accusation = task.provider, task.verifier, task.accusation
+        replayed_hash = task.replayed_hash or ""
         bisect = referee.bisect_view(task.bisect)
+        ver_row = s.get(Verifier, verifier) if verifier is not None else None
+        verifier_plan = Plan.parse(ver_row.plan) if ver_row is not None else PROVIDER_PLAN
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
@@ -521,7 +524,17 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                     deadline=b["deadline"])
             return task.status
     if not verdict.fraud:
-        lost = rt.contracts.resolve_dispute(evidence, False) if disputed and not rt.contracts.evidence_used(evidence) else 0
+        # the provider is cleared; the verifier's bond is forfeit unless the referee can show the accusation was
+        # made in good faith (it reproduces the verifier's replay, past the tolerance): then it is released
+        lost, faith, why = 0, False, ""
+        if disputed:
+            faith, why = referee.good_faith(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end),
+                                            verifier_plan, replayed_hash)
+            if not rt.contracts.evidence_used(evidence):
+                if faith:
+                    rt.contracts.dismiss_dispute(evidence)
+                else:
+                    lost = rt.contracts.resolve_dispute(evidence, False)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
@@ -535,7 +548,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
             log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider,
-                bond_lost=str(lost), reason=verdict.reason)
+                bond_lost=str(lost), bonded=disputed, good_faith=faith, faith_reason=why, reason=verdict.reason)
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"

@@ -22,11 +22,15 @@ from protocol.verification import fraud_evidence
 
 console = Console(stderr=True)
 
+#: Default bond margins (see VerifierAgent): on the referee's plan (the providers' default, "cpu") and on another.
+REFEREE_BOND_MARGIN = 1.0
+OTHER_PLAN_BOND_MARGIN = 4.0
+
 
 class VerifierAgent:
     def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
                  poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False,
-                 plan: Plan = PROVIDER_PLAN, bond_margin: float = 4.0) -> None:
+                 plan: Plan = PROVIDER_PLAN, bond_margin: float | None = None) -> None:
         self.client = MarketClient(marketplace, account)
         self.account = account
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
@@ -37,8 +41,13 @@ class VerifierAgent:
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
         self.plan = plan  # how this machine replays; another plan than the providers' checks within a tolerance
         # Across plans, accuse with a bond only when the disagreement is at least this many times the tolerance; a
-        # closer one is still disputed, without a bond: the referee settles it (governance path), no bond at risk
-        self.bond_margin = bond_margin
+        # closer one is still disputed, without a bond: the referee settles it (governance path), no bond at risk.
+        # On the referee's own plan every dispute is bonded: the referee reproduces this replay bit for bit and
+        # releases the bond of an accusation made in good faith (marketplace.referee.good_faith), so honest drift,
+        # which has no bound a margin could rely on, costs this verifier nothing; on another plan it cannot, and a
+        # margin keeps the bond off the disagreements honest drift reaches most often.
+        self.bond_margin = bond_margin if bond_margin is not None else (
+            REFEREE_BOND_MARGIN if plan == PROVIDER_PLAN else OTHER_PLAN_BOND_MARGIN)
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""

@@ -350,6 +350,17 @@ describe("GridMint protocol", function () {
           else payOut(null, take(d.verifier, d.bond));
           return true;
         },
+        async dismiss() {
+          // good faith: the dispute closes, the bond is released, no token moves
+          if (disputes.size === 0) return false;
+          const [evidence, d] = rnd.pick([...disputes]);
+          await staking.connect(operator).dismiss(evidence);
+          disputes.delete(evidence);
+          stakes.get(d.provider).openDisputes -= 1n;
+          stakes.get(d.verifier).openDisputes -= 1n;
+          stakes.get(d.verifier).bonded -= d.bond;
+          return true;
+        },
         async slash() {
           const able = stakers.filter((s) => stakes.get(s.address).staked + stakes.get(s.address).unbonding > 0n);
           if (able.length === 0) return false;
@@ -436,6 +447,7 @@ describe("GridMint protocol", function () {
         unlock: 2,
         accuse: 3,
         resolve: 3,
+        dismiss: 2,
         slash: 2,
         postRoot: 3,
         voidRoot: 3,

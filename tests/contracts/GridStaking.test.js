@@ -660,6 +660,54 @@ describe("GridStaking", function () {
     });
   });
 
+  describe("dismiss", function () {
+    it("closes a good-faith dispute: the bond is released, both accounts unfreeze, no token moves", async function () {
+      const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        accusedFixture,
+      );
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(BOND);
+      const tx = staking.connect(referee).dismiss(EVIDENCE);
+      await expect(tx).to.emit(staking, "DisputeDismissed").withArgs(EVIDENCE, provider.address, verifier.address);
+      await expect(tx).to.not.emit(staking, "Slashed");
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier, treasury, provider], [0n, 0n, 0n, 0n]);
+      const p = await accountOf(staking, provider.address);
+      const v = await accountOf(staking, verifier.address);
+      expect([p.staked, p.openDisputes]).to.deep.equal([STAKE, 0n]);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, 0n, 0n]);
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n);
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
+      expect((await staking.disputeOf(EVIDENCE)).provider).to.equal(ethers.ZeroAddress);
+      // both may leave again, and the spent evidence cannot be raised twice
+      await expect(staking.connect(provider).requestUnbond(1n)).to.emit(staking, "UnbondRequested");
+      await expect(staking.connect(verifier).requestUnbond(STAKE)).to.emit(staking, "UnbondRequested");
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+    });
+
+    it("reverts with StakingUnknownDispute(evidence) for unknown, resolved or dismissed evidence", async function () {
+      const { staking, referee } = await networkHelpers.loadFixture(accusedFixture);
+      await expect(staking.connect(referee).dismiss(EVIDENCE2))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownDispute")
+        .withArgs(EVIDENCE2);
+      await staking.connect(referee).dismiss(EVIDENCE);
+      for (const call of [() => staking.connect(referee).dismiss(EVIDENCE), () => staking.connect(referee).resolve(EVIDENCE, false)]) {
+        await expect(call()).to.be.revertedWithCustomError(staking, "StakingUnknownDispute").withArgs(EVIDENCE);
+      }
+    });
+
+    it("reverts with AccessControlUnauthorizedAccount without REFEREE_ROLE (the verifier itself included)", async function () {
+      const { staking, verifier, provider } = await networkHelpers.loadFixture(accusedFixture);
+      for (const who of [verifier, provider]) {
+        await expect(staking.connect(who).dismiss(EVIDENCE))
+          .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await staking.REFEREE_ROLE());
+      }
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(BOND);
+    });
+  });
+
   describe("slash", function () {
     it("pays bountyBps of the slash to the verifier and the rest to the treasury", async function () {
       const { token, staking, slasher, provider, verifier, treasury } = await networkHelpers.loadFixture(stakedFixture);
@@ -751,7 +799,7 @@ describe("GridStaking", function () {
   });
 
   describe("pause", function () {
-    it("blocks stake, requestUnbond, withdraw, accuse, resolve and slash with EnforcedPause", async function () {
+    it("blocks stake, requestUnbond, withdraw, accuse, resolve, dismiss and slash with EnforcedPause", async function () {
       const { staking, guardian, slasher, referee, provider, verifier, readyAt } = await networkHelpers.loadFixture(
         unbondingFixture,
       );
@@ -766,6 +814,7 @@ describe("GridStaking", function () {
         () => staking.connect(provider).withdraw(),
         () => staking.connect(referee).accuse(provider.address, EVIDENCE, 1n, sig2),
         () => staking.connect(referee).resolve(EVIDENCE2, false),
+        () => staking.connect(referee).dismiss(EVIDENCE2),
         () => staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE),
       ];
       for (const call of calls) {
