@@ -25,7 +25,7 @@ import torch
 
 from node import checkpoint, crosscheck
 from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
-from node.replay import check_segment
+from node.replay import check_segment, claim_problem
 from node.trainer import UnitSpec
 from protocol.proof import TrainingProof
 
@@ -63,10 +63,13 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     if plan == REFEREE_PLAN:
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "")
+    claimed = proof.segments[seg].end_hash
+    problem = claim_problem(spec, proof, seg)  # wrong on its face (e.g. not the spec's data order): no replay needed
+    if problem is not None:
+        return Ruling(True, f"[{plan.label}] {problem}", claimed)
     tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
     s0, _ = checkpoint.load(start)
     s1, _ = checkpoint.load(end)
-    claimed = proof.segments[seg].end_hash
     runner = crosscheck.PlanRunner(spec, s0, REFEREE_PLAN)
     lv = crosscheck.referee_loss(spec, proof, seg, s0, tol, runner)
     if lv.fraud:

@@ -19,6 +19,8 @@ What runs (all real training and real replays on this machine; the trials only r
    the share of its wall time its training loop spent on commitments.
 5. Planted canaries (the marketplace's own, ``marketplace.canary``): an honest verifier replays forged ones (all must
    be flagged); a lazy verifier that approves everything meets its first one after a number of tasks (reported).
+6. ``--drift-jobs``: honest drift across plans at the demo job's shape, every dispute refereed and judged for good
+   faith (:func:`run_drift`).
 
 ``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
 with bf16 autocast and torch.compile, committing every ``--gpu-commit-every`` steps.
@@ -405,6 +407,70 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     return out
 
 
+def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Honest cross-plan drift at the demo job's shape, as the running marketplace sees it: ``--drift-jobs`` jobs
+    (random ids, so random data orders) of 3 units x 60 steps (segments of 15, batch 16, the default model), trained
+    on micro-batches (``cpu/mb2``) for ``--drift-rounds`` DiLoCo rounds (each round from the average of the last),
+    every segment checked by a ``cpu`` verifier with the tolerance it calibrates (``tolerance_for``). Each dispute
+    is refereed as ``marketplace.referee.rule`` does (loss rule, bisection on honest reveals, one-step replay) and
+    judged for good faith as ``marketplace.referee.good_faith`` does (a second, fresh replay must reproduce the
+    verifier's signed state, past the tolerance): an honest verifier's bond is released, none is slashed."""
+    from marketplace.service import unit_id_for
+    from node.trainer import average_states, model_only
+
+    prov, ver = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")
+    cfg = ModelConfig()  # the JobSpec default
+    steps, seg_len, units = 60, 15, 3
+    margins: list[float] = []
+    disputes = slashed = faith = old_margin_bonds = 0
+    ref_worst = 0.0
+    t0 = time.perf_counter()
+    for j in range(a.drift_jobs):
+        job = "0x" + os.urandom(32).hex()
+        start = init_state(cfg, 0)
+        for r in range(a.drift_rounds):
+            ends = []
+            for u in range(units):
+                spec = UnitSpec(job_id=job, unit_id=unit_id_for(job, r, u), round=r, shard=u, n_shards=units, model=cfg,
+                                steps=steps, segment_len=seg_len, batch_size=16, lr=3e-3, seed=r, threads=1)
+                tol = cc.tolerance_for(spec, ver, provider_plan=prov)
+                states, _, proof = cc.record_policy(spec, start, plan=prov)
+                runner = cc.PlanRunner(spec, fresh_state(start), ver)
+                for s in range(spec.n_segments):
+                    a0, a1 = states[s * seg_len], states[(s + 1) * seg_len]
+                    v = cc.check_segment_across(spec, proof, s, a0, a1, tol, runner)
+                    margins.append(v.distance / v.threshold)
+                    if v.ok:
+                        continue
+                    disputes += 1
+                    old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
+                    lv = cc.referee_loss(spec, proof, s, a0, tol, runner)
+                    reveal = cc.RecordedReveal(states)
+                    d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
+                    rv = cc.referee_step(spec, d, reveal, tol, runner)
+                    ref_worst = max(ref_worst, rv.distance / rv.threshold)
+                    slashed += lv.fraud or rv.fraud
+                    again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
+                    faith += (not again.ok) and again.replayed_hash == v.replayed_hash
+                ends.append(model_only(states[-1]))
+            start = average_states(ends)
+        log(f"drift: job {j + 1}/{a.drift_jobs}, {len(margins)} segments, {disputes} disputed, worst "
+            f"{max(margins):.3g} x tolerance ({time.perf_counter() - t0:.0f} s)")
+    ordered = sorted(margins)
+    out = {"drift_jobs": a.drift_jobs, "drift_rounds": a.drift_rounds, "drift_segments": len(margins),
+           "drift_disputes": disputes, "drift_dispute_rate": round(disputes / max(1, len(margins)), 4),
+           "drift_worst_over_tolerance": float(f"{ordered[-1]:.3g}") if ordered else 0.0,
+           "drift_p99_over_tolerance": float(f"{ordered[int(0.99 * (len(ordered) - 1))]:.3g}") if ordered else 0.0,
+           "drift_bonds_lost_at_margin_4": old_margin_bonds, "drift_good_faith": faith,
+           "drift_false_slash": slashed, "drift_referee_worst": float(f"{ref_worst:.3g}"),
+           "drift_s": round(time.perf_counter() - t0, 1)}
+    log(f"drift: {disputes} of {len(margins)} honest segments disputed ({out['drift_dispute_rate']}), worst "
+        f"{out['drift_worst_over_tolerance']} x tolerance; {faith} of {disputes} reproduced in good faith (bond "
+        f"released; at the old bond margin 4, {old_margin_bonds} bonds lost); {slashed} slashed, referee worst "
+        f"{out['drift_referee_worst']} x its threshold")
+    return out
+
+
 def run_gpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     from node.gpu_bench import gpu_overhead
 
@@ -446,15 +512,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cal-units", type=int, default=4, help="honest units the cross-plan tolerance is calibrated on")
     p.add_argument("--cross-precision", default="fp32", choices=["fp32", "bf16"], help="the cross-plan units' arithmetic")
     p.add_argument("--only-cross", action="store_true", help="run only the cross-plan section (CPU plans)")
+    p.add_argument("--drift-jobs", type=int, default=0, help="demo-shaped jobs for the honest-drift section (0: skip)")
+    p.add_argument("--drift-rounds", type=int, default=1, help="DiLoCo rounds per drift job")
+    p.add_argument("--only-drift", action="store_true", help="run only the honest-drift section")
     a = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {a.device}")
     t0 = time.perf_counter()
-    if a.only_cross:
+    if a.only_drift:
+        figures = {"drift": run_drift(a, log)}
+    elif a.only_cross:
         figures = {"cross_plan": run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
                                            [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))}
     else:
         figures = run_gpu(a, log) if a.device == "cuda" else run_cpu(a, log)
+        if a.drift_jobs > 0:
+            figures["drift"] = run_drift(a, log)
     figures["bench_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(figures))
     return 0

@@ -72,3 +72,21 @@ def test_a_made_up_replay_a_replay_within_tolerance_or_another_plan_is_not(drift
     # a provider on the verifier's own plan is checked bit for bit: a cleared dispute there is never in good faith
     faith, why = referee.good_faith(spec, proof, 0, CPU, paths[0], paths[1], CPU, replayed[0])
     assert not faith and "bit for bit" in why
+
+
+def test_the_referee_convicts_a_claim_wrong_on_its_face_and_bisects_the_rest(drifting) -> None:
+    """A segment committed with another data order than the spec's is fraud on its face, whatever its states (before,
+    the cross-plan referee replayed and bisected the states only, so it cleared such a claim and the verifier that
+    flagged it lost its bond). An honest segment's dispute goes to bisection: the referee asks for the midpoint."""
+    from dataclasses import replace
+
+    from protocol.proof import make_proof
+
+    spec, proof, paths, _ = drifting
+    segments = [replace(c, batch_digest="0x" + "11" * 32) if c.index == 0 else c for c in proof.segments]
+    forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                        segment_len=proof.segment_len, segments=segments)
+    ruling = referee.rule(spec, forged, 0, MB2, paths[0], paths[1], {}, lambda step: "")
+    assert ruling.fraud is True and "is not the spec's data order" in ruling.reason
+    ruling = referee.rule(spec, proof, 0, MB2, paths[0], paths[1], {}, lambda step: "")
+    assert ruling.fraud is None and ruling.pending == spec.segment_len // 2
