@@ -231,19 +231,9 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// A proven fraud therefore costs everything; `amount` stays in the signed struct as the verifier's claim of
     /// unearned pay (reported in Accused and disputeOf).
     function resolve(bytes32 evidence, bool fraud) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _disputes[evidence];
-        if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
-        delete _disputes[evidence];
-        _evidenceUsed[evidence] = true;
-        StakeAccount storage p = _accounts[d.provider];
-        StakeAccount storage v = _accounts[d.verifier];
-        // unchecked: each open dispute added exactly these amounts/counts in `accuse`.
-        unchecked {
-            p.openDisputes -= 1;
-            v.openDisputes -= 1;
-            v.bonded -= d.bond;
-        }
+        Dispute memory d = _closeDispute(evidence);
         if (fraud) {
+            StakeAccount storage p = _accounts[d.provider];
             uint256 slashed = _takeStake(d.provider, p.staked + p.unbonding);
             emit DisputeResolved(evidence, true, slashed);
             _payOut(d.provider, d.verifier, evidence, slashed);
@@ -261,7 +251,14 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// tolerance), so an honest verifier's accusation can be wrong; it loses nothing. The dispute closes, both
     /// accounts unfreeze, the bond is released, no token moves and the evidence is spent.
     function dismiss(bytes32 evidence) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _disputes[evidence];
+        Dispute memory d = _closeDispute(evidence);
+        emit DisputeDismissed(evidence, d.provider, d.verifier);
+    }
+
+    /// @dev Close the open dispute for `evidence` (spending the evidence): both accounts leave it, the bond is
+    /// released. Reverts StakingUnknownDispute if none is open.
+    function _closeDispute(bytes32 evidence) private returns (Dispute memory d) {
+        d = _disputes[evidence];
         if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
         delete _disputes[evidence];
         _evidenceUsed[evidence] = true;
@@ -273,7 +270,6 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
             v.openDisputes -= 1;
             v.bonded -= d.bond;
         }
-        emit DisputeDismissed(evidence, d.provider, d.verifier);
     }
 
     // ---------------------------------------------------------------- slashing (b): governance

@@ -198,16 +198,11 @@ class Model:
     def resolve(self, evidence: bytes, fraud: bool) -> str | None:
         if self.paused:
             return "EnforcedPause"
-        d = self.disputes.get(evidence)
+        d = self._close_dispute(evidence)
         if d is None:
             return "StakingUnknownDispute"
-        del self.disputes[evidence]
-        self.evidence_used.add(evidence)
-        ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
-        ps.open_disputes -= 1
-        vs.open_disputes -= 1
-        vs.bonded -= d.bond
         if fraud:
+            ps = self.stake_of(d.provider)
             # The whole slashable stake: the accused amount is the accuser's choice and does not cap the slash.
             self._pay_out(d.verifier, self._take(d.provider, ps.staked + ps.unbonding))
         else:
@@ -218,16 +213,19 @@ class Model:
         """Good-faith accusation, provider innocent: the dispute closes, the bond is released, no token moves."""
         if self.paused:
             return "EnforcedPause"
-        d = self.disputes.get(evidence)
+        return "StakingUnknownDispute" if self._close_dispute(evidence) is None else None
+
+    def _close_dispute(self, evidence: bytes) -> DisputeM | None:
+        """Both accounts leave the dispute, the bond is released, the evidence is spent (GridStaking._closeDispute)."""
+        d = self.disputes.pop(evidence, None)
         if d is None:
-            return "StakingUnknownDispute"
-        del self.disputes[evidence]
+            return None
         self.evidence_used.add(evidence)
         ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
         ps.open_disputes -= 1
         vs.open_disputes -= 1
         vs.bonded -= d.bond
-        return None
+        return d
 
     def _take(self, a: str, amount: int) -> int:
         s = self.stake_of(a)
