@@ -2,7 +2,9 @@
 
 A segment trained on the referee's own execution plan (the CPU default) is replayed bit for bit
 (:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches) cannot be: the referee
-first replays it whole and compares the committed mean loss within the calibrated loss tolerance, then **bisects**
+first replays it whole and repeats the verifier's check on its own plan (a dispute its replay does not back is
+cleared there and then: the provider is never asked for anything on a false accusation), compares the committed
+mean loss (convicting on it alone only far past the calibrated loss tolerance), then **bisects**
 it down to one optimizer step (:func:`node.crosscheck.bisect_segment`), asking the provider to reveal its state at
 each midpoint (going on into the half that lands further past its tolerance), and replays that one step from the
 provider's own revealed state (:func:`node.crosscheck.referee_step`). In fp32, honest one-step drift is ~1e-7 of the
@@ -25,7 +27,7 @@ import torch
 
 from node import checkpoint, crosscheck
 from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
-from node.replay import check_segment, claim_problem
+from node.replay import check_segment
 from node.trainer import UnitSpec
 from protocol.proof import TrainingProof
 
@@ -64,16 +66,21 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "")
     claimed = proof.segments[seg].end_hash
-    problem = claim_problem(spec, proof, seg)  # wrong on its face (e.g. not the spec's data order): no replay needed
-    if problem is not None:
-        return Ruling(True, f"[{plan.label}] {problem}", claimed)
     tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
     s0, _ = checkpoint.load(start)
     s1, _ = checkpoint.load(end)
     runner = crosscheck.PlanRunner(spec, s0, REFEREE_PLAN)
-    lv = crosscheck.referee_loss(spec, proof, seg, s0, tol, runner)
+    # first the verifier's own check, on the referee's plan: a dispute the referee's replay does not back is cleared
+    # at once, so a false accusation never asks an honest provider for anything (nor runs it into a reveal deadline)
+    look = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
+    if look.ok:
+        return Ruling(False, f"[{plan.label}] the referee's replay agrees: {look.reason}; the provider was not asked "
+                             f"for anything", claimed, look.replayed_hash or "")
+    if look.kind == "claim":  # wrong on its face (e.g. not the spec's data order): evidence on its own
+        return Ruling(True, f"[{plan.label}] {look.reason}", claimed)
+    lv = crosscheck.loss_ruling(spec, seg, tol, look.loss_delta_micro)
     if lv.fraud:
-        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, crosscheck.state_hash(runner.snapshot()))
+        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, look.replayed_hash or "")
     first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
 
     def reveal(step: int) -> State:

@@ -497,11 +497,16 @@ def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: St
                  runner: PlanRunner) -> RefereeVerdict:
     """A dispute over a committed mean loss (states agree): the referee replays the segment and compares."""
     seg = proof.segments[seg_index]
-    thr = REFEREE_LOSS_FACTOR * max(1, tol.loss_micro)
     if state_hash(start) != seg.start_hash:
-        return RefereeVerdict(True, seg_index * spec.segment_len, math.inf, thr, "revealed start is not the committed one")
+        return RefereeVerdict(True, seg_index * spec.segment_len, math.inf, REFEREE_LOSS_FACTOR * max(1, tol.loss_micro),
+                              "revealed start is not the committed one")
     _, losses = runner.replay(start, seg_index * spec.segment_len, spec.segment_len)
-    dl = abs(mean_loss_micro(losses) - seg.loss_micro)
+    return loss_ruling(spec, seg_index, tol, abs(mean_loss_micro(losses) - seg.loss_micro))
+
+
+def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int) -> RefereeVerdict:
+    """The referee's rule on a segment whose replayed mean loss is ``dl`` micro-nats off the committed one."""
+    thr = REFEREE_LOSS_FACTOR * max(1, tol.loss_micro)
     if tol.referee_metric != "state":
         # bf16 losses drift across plans by hundreds to thousands of micro-nats with a heavy tail (a provider was
         # disputed at 2x a tolerance calibrated on two units): not evidence to slash on; the states decide
