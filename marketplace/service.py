@@ -307,8 +307,12 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
                           task.provider, unit.plan, _end_blob(unit, task.segment), unit.id)
         # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
-        # queued again once the canary is answered (or abandoned)
-        plant = task.segment < len(unit.segment_blobs) - 1 and canary.draw(rt.settings.canary_rate)
+        # queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
+        # planted at most once, so each check costs at most one extra replay, whatever the rate
+        plant = (task.segment < len(unit.segment_blobs) - 1 and canary.draw(rt.settings.canary_rate)
+                 and s.scalar(select(func.count()).select_from(Verification).where(
+                     Verification.unit_id == unit.id, Verification.segment == task.segment,
+                     Verification.canary.is_not(None))) == 0)
         if not plant:
             return body
         # the real check waits, held (counted open: the unit is not paid before it passes; never handed out)

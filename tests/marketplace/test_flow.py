@@ -289,6 +289,9 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     market.rt.settings.unit_timeout_s = 120
     assert _rows(market, id=row.id)[0].status == "void"  # the abandoned canary, never handed out again
     assert [v.id for v in _rows(market, status="pending")] == [held.id] and not _rows(market, status="assigned")
+    # a segment is planted at most once: whatever the rate, its held check now comes back as itself
+    market.rt.settings.canary_rate = 1.0
+    assert verifier.verify_once() == "ok" and _rows(market, id=held.id)[0].status == "passed"
     market.rt.settings.canary_rate = 0.3
     drive(market, [honest], verifier, job_id)
     planted = [v for v in _rows(market) if v.canary is not None]
