@@ -8,8 +8,9 @@ It does not write a checkpoint per segment: a provider keeps sparse checkpoints 
 segment's start state on demand (its cost, not the verifier's). For tests and benchmarks, ``verifier`` receives
 every segment's start state as it passes, so each transition's verdict is a real replay.
 
-:class:`SegmentReplayer` is the verifier's side: one model and optimizer built once, into which a challenged
-state is copied; it replays the segment's steps on the batches the *spec* dictates and compares hashes and loss.
+:func:`node.replay.replay_state` / :func:`node.replay.check_state` are the verifier's side (the live verifier's
+own): one model and optimizer kept per job shape, into which a challenged state is copied; the segment's steps are
+replayed on the batches the *spec* dictates and hashes and loss compared.
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ from node.trainer import (
     state_hash,
     train_step,
 )
-from protocol.errors import GridMintValueError
 from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proof
 
 #: A step policy performs optimizer step ``step`` (or pretends to) and returns the loss it will commit.
@@ -125,53 +125,6 @@ def plain_throughput(spec: UnitSpec, start: Mapping[str, Tensor], *, commit_ever
         if hasher is not None:
             hasher.close()
     return len(xs) / dt
-
-
-@dataclass(frozen=True)
-class StepVerdict:
-    ok: bool
-    index: int
-    reason: str
-
-
-class SegmentReplayer:
-    """Re-executes single committed segments of one unit. Build once per unit; call :meth:`check` per challenge."""
-
-    def __init__(self, spec: UnitSpec, template: Mapping[str, Tensor]) -> None:
-        self.spec = spec
-        with deterministic(spec.threads):
-            self.model, self.opt = load_training_state(spec, template)
-        self.live = export_training_state(self.model, self.opt)
-        self.tokens = data.train_tokens()
-        self.replayed_steps = 0
-
-    def replay(self, seg_index: int, state: Mapping[str, Tensor]) -> tuple[str, int]:
-        """(end hash, mean loss micro-nats) of segment ``seg_index`` re-run from ``state``."""
-        if set(state) != set(self.live):
-            raise GridMintValueError(f"state does not fit the unit: {sorted(set(state) ^ set(self.live))}")
-        losses = []
-        with deterministic(self.spec.threads):
-            with torch.no_grad():
-                for name, t in self.live.items():
-                    t.copy_(state[name])
-            for step, offsets in segment_batches(self.spec, seg_index):
-                x, y = data.make_batch(self.tokens, offsets, self.spec.model.ctx)
-                losses.append(train_step(self.model, self.opt, x, y))
-        self.replayed_steps += len(losses)
-        return state_hash(self.live), mean_loss_micro(losses)
-
-    def check(self, proof: TrainingProof, seg_index: int, state: Mapping[str, Tensor]) -> StepVerdict:
-        """Does the provider's committed segment replay? ``state`` is what it revealed as the segment's start."""
-        seg = proof.segments[seg_index]
-        got = state_hash(state)
-        if got != seg.start_hash:
-            return StepVerdict(False, seg_index, f"revealed state hashes to {got}, committed {seg.start_hash}")
-        end, loss = self.replay(seg_index, state)
-        if end != seg.end_hash:
-            return StepVerdict(False, seg_index, "replayed end state differs from the committed end")
-        if loss != seg.loss_micro:
-            return StepVerdict(False, seg_index, f"committed loss {seg.loss_micro} micro-nats, replay gives {loss}")
-        return StepVerdict(True, seg_index, "replay matches")
 
 
 def bad_step_set(spec: UnitSpec, fraction: float, salt: int) -> frozenset[int]:

@@ -55,11 +55,13 @@ def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSo
     if not isinstance(seg_index, int) or not 0 <= seg_index < spec.n_segments:
         raise GridMintValueError(f"segment {seg_index!r} out of range: unit has {spec.n_segments} segments")
     tensors, _meta = checkpoint.load(checkpoint_path)
-    return _replay(spec, seg_index, tensors)
+    return replay_state(spec, seg_index, tensors)
 
 
-def _replay(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None) -> ReplayResult:
-    """``start``: the state's hash when the caller has computed it already (a full-state hash is not free)."""
+def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None) -> ReplayResult:
+    """Re-run segment ``seg_index`` from a training state in memory (on the model + AdamW kept for its job shape).
+    ``start``: the state's hash when the caller has computed it already (a full-state hash is not free). Raises
+    CheckpointError if the state does not fit the spec."""
     start = start or state_hash(tensors)
     with deterministic(spec.threads):
         model, opt = reuse_training_state(spec, tensors)  # built once per job shape
@@ -116,7 +118,7 @@ def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
     if got_start != seg.start_hash:
         return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
     try:
-        result = _replay(spec, seg_index, tensors, got_start)
+        result = replay_state(spec, seg_index, tensors, got_start)
     except CheckpointError as exc:
         return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
     if result.end_hash != seg.end_hash:

@@ -3,7 +3,7 @@
 What runs (all real training and real replays on this machine; the trials only re-draw the challenge randomness):
 
 1. For each adversary, a pool of cheating units of ``--steps`` one-step segments is trained, and *every* committed
-   segment is re-executed by a :class:`node.prover.SegmentReplayer` from the state the cheater reveals for it: that
+   segment is re-executed by the live verifier's replay (:func:`node.replay.replay_state`) from the state the cheater reveals for it: that
    gives each segment's real verdict.
 2. ``--trials`` trials per adversary: a new provider posts a stake of ``--stake-units`` x the unit price and submits
    cheating units; each unit is checked at the standard level (fresh challenge seed per unit). A trial counts as
@@ -43,10 +43,10 @@ import torch
 from node import adversary
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
-from node.prover import SegmentReplayer, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
+from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (UnitSpec, check_start, deterministic, fresh_state, load_training_state,
                           reuse_training_state, run_segment, state_hash, train_unit)
-from node.replay import check_segment, check_state
+from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
 
@@ -62,20 +62,24 @@ def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy:
     """Train under ``policy`` and replay every segment from the state the provider would reveal for it."""
     claimed0 = fresh_state(start)
     vspec = replace(spec, threads=verify_threads) if verify_threads else spec
-    replayer = SegmentReplayer(vspec, claimed0)
     seen: list[tuple[str, str, int]] = []
     held: list[dict[str, torch.Tensor]] = []
+
+    def replay(s: int, state: dict[str, torch.Tensor]) -> tuple[str, str, int]:  # the live verifier's replay
+        h = state_hash(state)
+        r = replay_state(vspec, s, state, h)
+        return h, r.end_hash, r.loss_micro
 
     def tap(s: int, live: Any) -> None:
         revealed = claimed0 if s == 0 else live  # the state whose hash the cheater committed as segment s's start
         if verify_threads:  # replay after training: switching thread counts every step costs more than the step
             held.append({k: v.detach().clone() for k, v in revealed.items()})
         else:
-            seen.append((state_hash(revealed), *replayer.replay(s, revealed)))
+            seen.append(replay(s, revealed))
 
     trace = train_traced(spec, start, policy, tap=tap, first_state=first_state)
     for s, state in enumerate(held):
-        seen.append((state_hash(state), *replayer.replay(s, state)))
+        seen.append(replay(s, state))
     verdicts = [(h, end, loss) == (c.start_hash, c.end_hash, c.loss_micro) for (h, end, loss), c in
                 zip(seen, trace.proof.segments)]
     return trace, verdicts

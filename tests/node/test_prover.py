@@ -9,7 +9,8 @@ import pytest
 from gridmint.bench import proof as bench
 from node import adversary
 from node.model import init_state
-from node.prover import SegmentReplayer, bad_step_set, honest_step, train_traced
+from node.prover import bad_step_set, honest_step, train_traced
+from node.replay import check_state
 from node.trainer import fresh_state
 from protocol.proof import check_structure
 from tests.node.conftest import TINY
@@ -59,10 +60,9 @@ def test_replayer_rejects_a_revealed_state_that_is_not_the_committed_one() -> No
     start = init_state(TINY, 0)
     spec = _spec(4)
     trace = train_traced(spec, start)
-    r = SegmentReplayer(spec, fresh_state(start))
-    assert r.check(trace.proof, 0, fresh_state(start)).ok
-    v = r.check(trace.proof, 1, fresh_state(start))  # segment 1 does not start from the fresh state
-    assert not v.ok and "committed" in v.reason
+    assert check_state(spec, trace.proof, 0, fresh_state(start)).ok
+    v = check_state(spec, trace.proof, 1, fresh_state(start))  # segment 1 does not start from the fresh state
+    assert not v.ok and "committed start" in v.reason
 
 
 def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> None:
