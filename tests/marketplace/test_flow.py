@@ -436,7 +436,9 @@ def test_a_false_accusation_of_a_provider_on_another_plan_is_cleared_without_ask
     liar = staked_verifier(market, tmp_path, "liar", accuse_everything=True)
     vacct = liar.account
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
-    job_id = submit_job(market, spec)
+    # a fixed job id (so a fixed data order) whose honest segments land well within the tolerance (0.29x and 0.07x):
+    # under a random one, honest drift passes it in a few percent of jobs, and then the referee rightly bisects
+    job_id = submit_job(market, spec, job_id="0x" + "33" * 32)
     drive(market, [honest], liar, job_id)
     assert slashed(market) == set() and market.ops.stake_of(honest.account.address) == tokens(200)
     with market.rt.sessions() as s:
