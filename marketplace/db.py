@@ -76,8 +76,10 @@ class Verifier(Base):
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
     plan: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")  # how it replays
-    # active | benched (it approved a planted known-bad segment: it gets no more tasks, its stake is slashed)
+    # active | benched: it gets no more tasks, for approving a planted known-bad segment (its stake is slashed too)
+    # or for an accusation the referee proved false on the verifier's own plan (its bond, if any, is forfeit)
     status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    benched_for: Mapped[str | None] = mapped_column(String(300), nullable=True)  # why, in words
 
 
 class Job(Base):

@@ -55,6 +55,11 @@ class Ruling:
     replayed: str = ""
     pending: int | None = None
     step: int | None = None  # the single step a bisection ended on
+    # the referee's first look at a segment trained on another plan: its whole-segment replay on REFEREE_PLAN (the
+    # state it ends in, whether that lies within the tolerance, and why): what a verifier on that plan signed
+    look_hash: str = ""
+    look_ok: bool | None = None
+    look_reason: str = ""
 
 
 def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
@@ -64,7 +69,8 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     the deadline pass (else "")."""
     if plan == REFEREE_PLAN:
         v = check_segment(spec, proof, seg, start)
-        return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "")
+        return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
+                      look_ok=v.ok, look_reason=v.reason)
     claimed = proof.segments[seg].end_hash
     tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
     s0, _ = checkpoint.load(start)
@@ -73,14 +79,15 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     # first the verifier's own check, on the referee's plan: a dispute the referee's replay does not back is cleared
     # at once, so a false accusation never asks an honest provider for anything (nor runs it into a reveal deadline)
     look = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
+    seen = {"look_hash": look.replayed_hash or "", "look_ok": look.ok, "look_reason": look.reason}
     if look.ok:
         return Ruling(False, f"[{plan.label}] the referee's replay agrees: {look.reason}; the provider was not asked "
-                             f"for anything", claimed, look.replayed_hash or "")
+                             f"for anything", claimed, look.replayed_hash or "", **seen)
     if look.kind == "claim":  # wrong on its face (e.g. not the spec's data order): evidence on its own
-        return Ruling(True, f"[{plan.label}] {look.reason}", claimed)
+        return Ruling(True, f"[{plan.label}] {look.reason}", claimed, **seen)
     lv = crosscheck.loss_ruling(spec, seg, tol, look.loss_delta_micro)
     if lv.fraud:
-        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, look.replayed_hash or "")
+        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, look.replayed_hash or "", **seen)
     first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
 
     def reveal(step: int) -> State:
@@ -99,38 +106,50 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)
         v = crosscheck.referee_step(spec, dispute, reveal, tol, runner)
     except RevealPending as p:
-        return Ruling(None, str(p), claimed, pending=p.step)
+        return Ruling(None, str(p), claimed, pending=p.step, **seen)
     where = f"[{plan.label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
-    return Ruling(v.fraud, where, claimed, step=v.step)
+    return Ruling(v.fraud, where, claimed, step=v.step, **seen)
 
 
-def good_faith(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
-               verifier_plan: Plan, replayed_hash: str) -> tuple[bool, str]:
-    """Whether an accusation the referee has cleared was nonetheless made in good faith, so the verifier keeps its
-    bond: the referee replays segment ``seg`` on the verifier's declared plan, gets the very state the verifier
-    signed it reached (``replayed_hash``, bit for bit), and that state disagrees with the provider's committed end
-    past the tolerance the protocol gives the verifier's plan against the provider's. Honest training drifts apart
-    across hardware without bound in chaotic stretches (an honest segment of the demo's job shape has been seen
-    ~50x past its calibrated tolerance), so no bond margin makes an honest verifier safe; this does. A verifier whose
-    replay the referee cannot run (its plan's device is not here), cannot reproduce, or finds within the tolerance,
-    or one that disputed a provider on its own plan (checked bit for bit: a cleared dispute there means its replay
-    was not the honest one), was not in good faith."""
+@dataclass(frozen=True)
+class Faith:
+    """How an accusation the referee cleared was made. ``good``: in good faith (the bond is released). ``proven_false``:
+    the referee showed, on the verifier's own declared plan, that the verifier's signed verdict is not what that plan
+    computes (or contradicts its own replay): no honest verifier signs it, so the verifier is benched."""
+
+    good: bool
+    proven_false: bool
+    reason: str
+
+
+def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_hash: str) -> Faith:
+    """Judge the accusation behind a dispute ``ruling`` cleared (``ruling.fraud`` is False), from the referee's own
+    replay in that ruling: no segment is replayed again.
+
+    Honest training drifts apart across hardware without bound in chaotic stretches (an honest segment of the demo's
+    job shape has been seen ~50x past its calibrated tolerance), so no bond margin makes an honest verifier safe;
+    this does. A verifier on the referee's plan is judged exactly: the referee's first look *is* its replay (same
+    plan, same tolerance, bit for bit). If the referee got the very state the verifier signed it reached and that
+    state lies past the tolerance, the accusation was honest. If the verifier signed another state, or one within
+    the tolerance (its own check passed, yet it said fraud), or disputed a provider on its own plan whose claim the
+    referee reproduced bit for bit, the accusation is proven false. A verifier on a plan the referee does not replay
+    on (micro-batches, a GPU) cannot be judged either way: not in good faith (its bond, if any, is forfeit), not
+    proven false."""
+    assert ruling.fraud is False, ruling
     if verifier_plan != REFEREE_PLAN:
-        return False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}"
-    if plan == verifier_plan:
-        return False, f"checked bit for bit on plan {plan.label}, and the referee's replay matches the provider's claim"
-    tol = crosscheck.tolerance_for(spec, verifier_plan, provider_plan=plan)
-    s0, _ = checkpoint.load(start)
-    s1, _ = checkpoint.load(end)
-    runner = crosscheck.PlanRunner(spec, s0, verifier_plan)
-    v = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
+        return Faith(False, False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}")
     want = replayed_hash.lower() if replayed_hash.startswith("0x") else "0x" + replayed_hash.lower()
-    if v.replayed_hash != want:
-        return False, f"the verifier signed a replay ending in {want[:12]}, the referee's on {verifier_plan.label} " \
-                      f"ends in {(v.replayed_hash or '?')[:12]}"
-    if v.ok:
-        return False, f"the verifier's own replay is within the tolerance: {v.reason}"
-    return True, f"the referee reproduced the verifier's replay on {verifier_plan.label} bit for bit: {v.reason}"
+    if plan == verifier_plan:
+        return Faith(False, True, f"checked bit for bit on plan {plan.label}: the referee's replay matches the "
+                                  f"provider's claim, and the verifier signed a replay ending in {want[:12]}")
+    got = ruling.look_hash.lower() if ruling.look_hash.startswith("0x") else "0x" + ruling.look_hash.lower()
+    if got != want:
+        return Faith(False, True, f"the verifier signed a replay ending in {want[:12]}, the referee's on "
+                                  f"{verifier_plan.label} ends in {got[:12]}")
+    if ruling.look_ok:
+        return Faith(False, True, f"the verifier's own replay is within the tolerance: {ruling.look_reason}")
+    return Faith(True, False, f"the referee reproduced the verifier's replay on {verifier_plan.label} bit for bit: "
+                              f"{ruling.look_reason}")
 
 
 def bisect_view(bisect: dict[str, Any] | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
+from protocol.money import format_tokens
 from protocol.proof import TrainingProof, check_structure
 from protocol.schemas import (Heartbeat, JobSpec, ProviderRegister, ResultSubmit, RevealSubmit, VerdictSubmit,
                               VerifierRegister)
@@ -70,7 +71,7 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
     with rt.sessions.begin() as s:
         v = s.get(Verifier, address) or Verifier(address=address)
         if v.status == "benched":
-            raise Conflict(f"verifier {address} approved a planted known-bad segment and is benched")
+            raise Conflict(_benched_message(v))
         v.last_seen = now_s()
         if body is not None:
             v.plan = body.plan
@@ -278,14 +279,25 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -
 
 # ---------------------------------------------------------------- verification
 
+def _benched_message(v: Verifier) -> str:
+    return f"verifier {v.address} is benched: {v.benched_for or 'it approved a planted known-bad segment'}"
+
+
 def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     now = now_s()
+    need = rt.settings.min_verifier_stake
+    stake = rt.contracts.stake_of(verifier) if need > 0 else 0  # a chain read: outside the transaction
     with rt.sessions.begin() as s:
         v = s.get(Verifier, verifier)
         if v is None:
             raise NotFound(f"verifier {verifier} is not registered")
         if v.status == "benched":
-            raise Conflict(f"verifier {verifier} approved a planted known-bad segment and is benched")
+            raise Conflict(_benched_message(v))
+        if stake < need:
+            # an unstaked verifier would risk nothing: a lazy one caught by a canary, or one benched for a false
+            # accusation, would simply come back under a new wallet
+            raise Conflict(f"verifier {verifier} has {format_tokens(stake)} staked; tasks go only to verifiers "
+                           f"staking at least {format_tokens(need)} (gridmint verifier run --stake AMOUNT --chain URL)")
         v.last_seen = now
         # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment;
         # it gets real tasks of units it was handed a canary of last (the two claims' roots differ)
@@ -384,7 +396,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             task.status = "canary_missed" if body.ok else "canary_flagged"
             _retire_canary(s, task)
             if body.ok:
-                _bench(s, ver, task)
+                _bench(s, ver, task, f"it approved a planted known-bad segment (verification {task.id})")
             else:
                 log(s, "canary_flagged", verification=task.id, verifier=verifier)
         elif body.ok:
@@ -433,14 +445,17 @@ def _retire_canary(s: Session, planted: Verification) -> None:
         held.status = "pending"
 
 
-def _bench(s: Session, ver: Verifier, canary_task: Verification) -> None:
-    """``ver`` approved a planted known-bad segment: it gets no more tasks, what it holds goes back to the pool, and
-    every check it passed on a unit not yet credited is done again by another verifier (a unit already credited on
-    its word stays credited: the canary rate bounds how many). Its stake is slashed by ``punish_verifier``."""
-    ver.status = "benched"
+def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
+    """``ver`` approved a planted known-bad segment, or made an accusation the referee proved false (``cause``): it
+    gets no more tasks, what it holds goes back to the pool, and every check it passed on a unit not yet credited is
+    done again by another verifier (a unit already credited on its word stays credited: the canary rate bounds how
+    many). A canary's approver also has its stake slashed (``punish_verifier``); a false accuser loses its bond."""
+    if ver.status == "benched":
+        return
+    ver.status, ver.benched_for = "benched", why[:300]
     redo = 0
     for v in s.scalars(select(Verification).where(Verification.verifier == ver.address,
-                                                  Verification.id != canary_task.id,
+                                                  Verification.id != cause.id,
                                                   Verification.status.in_(["assigned", "passed"]))):
         if v.canary is not None:
             if v.status == "assigned":
@@ -452,7 +467,7 @@ def _bench(s: Session, ver: Verifier, canary_task: Verification) -> None:
             continue
         v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
         redo += 1
-    log(s, "verifier_benched", verifier=ver.address, verification=canary_task.id, rechecks=redo)
+    log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
 
 
 def punish_verifier(rt: Runtime, verification_id: int) -> str:
@@ -528,17 +543,15 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                     deadline=b["deadline"])
             return task.status
     if not verdict.fraud:
-        # the provider is cleared; the verifier's bond is forfeit unless the referee can show the accusation was
-        # made in good faith (it reproduces the verifier's replay, past the tolerance): then it is released
-        lost, faith, why = 0, False, ""
-        if disputed:
-            faith, why = referee.good_faith(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end),
-                                            verifier_plan, replayed_hash)
-            if not rt.contracts.evidence_used(evidence):
-                if faith:
-                    rt.contracts.dismiss_dispute(evidence)
-                else:
-                    lost = rt.contracts.resolve_dispute(evidence, False)
+        # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
+        # accusation was made in good faith (it reached the verifier's signed state, past the tolerance): then it
+        # is released. An accusation that replay proves false benches the verifier, bonded or not
+        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash)
+        if disputed and not rt.contracts.evidence_used(evidence):
+            if faith.good:
+                rt.contracts.dismiss_dispute(evidence)
+            else:
+                lost = rt.contracts.resolve_dispute(evidence, False)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
@@ -547,12 +560,16 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             task.status = "verifier_wrong"
             task.slash_tx = "0x" + evidence.hex() if disputed else None
             ver = s.get(Verifier, verifier)
-            if ver is not None:
-                ver.wrong += 1
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
             log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider,
-                bond_lost=str(lost), bonded=disputed, good_faith=faith, faith_reason=why, reason=verdict.reason)
+                bond_lost=str(lost), bonded=disputed, good_faith=faith.good, proven_false=faith.proven_false,
+                faith_reason=faith.reason, reason=verdict.reason)
+            if ver is not None:
+                ver.wrong += 1
+                if faith.proven_false:
+                    _bench(s, ver, task, f"an accusation the referee proved false (verification {task.id}): "
+                                         f"{faith.reason}")
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"

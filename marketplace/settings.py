@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)
     max_upload_bytes: int = 32 * 1024 * 1024
     min_stake: int = tokens(100)  # base units a provider must stake to be matched
+    # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
+    # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)
+    min_verifier_stake: int = tokens(100)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     reveal_timeout_s: int = 300  # a provider asked to reveal a state in a dispute that does not answer in time loses
     # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier

@@ -1,5 +1,5 @@
-"""The referee's good-faith test (marketplace.referee.good_faith): when it clears a provider, does the verifier keep
-its bond? On a real case: honest micro-batch training (plan cpu/mb2) that a cpu verifier's calibrated tolerance
+"""The referee's judgement of an accusation it cleared (marketplace.referee.judge_accusation): made in good faith (the
+verifier keeps its bond), proven false (the verifier is benched), or neither? On a real case: honest micro-batch training (plan cpu/mb2) that a cpu verifier's calibrated tolerance
 disputes (job id found by searching the flow test's job shape; honest drift across plans passes the tolerance in a
 few percent of segments)."""
 from __future__ import annotations
@@ -31,9 +31,9 @@ def unit_spec(job_id: str = DRIFTING_JOB, spec: JobSpec = DRIFTING_SPEC) -> Unit
 
 
 @pytest.fixture(scope="module")
-def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str]]:
-    """The unit trained honestly on cpu/mb2: its proof, segment-boundary checkpoints, and the hash a cpu verifier's
-    replay of each segment reaches."""
+def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str], dict[int, Path]]:
+    """The unit trained honestly on cpu/mb2: its proof, segment-boundary checkpoints, the hash a cpu verifier's
+    replay of each segment reaches, and every step's state (what the honest provider reveals when asked)."""
     spec = unit_spec()
     start = init_state(spec.model, DRIFTING_SPEC.seed)
     states, _, proof = cc.record_policy(spec, start, plan=MB2)
@@ -42,36 +42,55 @@ def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str]]
     paths = [d / f"s{i}.safetensors" for i in range(spec.n_segments + 1)]
     for i, path in enumerate(paths):
         checkpoint.save(path, states[i * L], {})
+    reveals = {k: d / f"step{k}.safetensors" for k in range(1, spec.steps)}
+    for k, path in reveals.items():
+        checkpoint.save(path, states[k], {})
     tol = cc.tolerance_for(spec, CPU, provider_plan=MB2)
     runner = cc.PlanRunner(spec, fresh_state(start), CPU)
     verdicts = [cc.check_segment_across(spec, proof, s, states[s * L], states[(s + 1) * L], tol, runner)
                 for s in range(spec.n_segments)]
     assert not verdicts[0].ok and verdicts[0].kind == "state" and verdicts[0].margin > 4, verdicts[0].reason
     assert verdicts[1].ok, verdicts[1].reason
-    return spec, proof, paths, [v.replayed_hash for v in verdicts]
+    return spec, proof, paths, [v.replayed_hash for v in verdicts], reveals
+
+
+def _cleared(drifting, seg: int) -> referee.Ruling:
+    """The referee's ruling on segment ``seg`` with the honest provider answering every reveal: cleared."""
+    spec, proof, paths, _, reveals = drifting
+    ruling = referee.rule(spec, proof, seg, MB2, paths[seg], paths[seg + 1], reveals, lambda step: "")
+    assert ruling.fraud is False, ruling
+    return ruling
 
 
 def test_an_honest_accusation_past_the_tolerance_is_in_good_faith(drifting) -> None:
-    spec, proof, paths, replayed = drifting
-    faith, why = referee.good_faith(spec, proof, 0, MB2, paths[0], paths[1], CPU, replayed[0])
-    assert faith, why
-    assert "reproduced the verifier's replay" in why
+    """Segment 0: the referee's first look backs the dispute (its replay is the verifier's, bit for bit), so it
+    bisects; the honest reveals clear the provider, and the ruling keeps the first look: good faith, from it alone."""
+    replayed = drifting[3]
+    ruling = _cleared(drifting, 0)
+    assert "bisected to step" in ruling.reason and ruling.look_ok is False and ruling.look_hash == replayed[0]
+    faith = referee.judge_accusation(ruling, MB2, CPU, replayed[0])
+    assert faith.good and not faith.proven_false, faith
+    assert "reproduced the verifier's replay" in faith.reason
 
 
-def test_a_made_up_replay_a_replay_within_tolerance_or_another_plan_is_not(drifting) -> None:
-    spec, proof, paths, replayed = drifting
-    forged = "0x" + "ab" * 32
-    faith, why = referee.good_faith(spec, proof, 0, MB2, paths[0], paths[1], CPU, forged)
-    assert not faith and "signed a replay ending in 0xababababab" in why
-    # segment 1 replays within the tolerance: accusing it was not honest, even with the honest replay's hash
-    faith, why = referee.good_faith(spec, proof, 1, MB2, paths[1], paths[2], CPU, replayed[1])
-    assert not faith and "within the tolerance" in why
-    # a verifier declaring a plan the referee does not run cannot be reproduced
-    faith, why = referee.good_faith(spec, proof, 0, MB2, paths[0], paths[1], MB2, replayed[0])
-    assert not faith and "cannot reproduce a replay on plan cpu/mb2" in why
-    # a provider on the verifier's own plan is checked bit for bit: a cleared dispute there is never in good faith
-    faith, why = referee.good_faith(spec, proof, 0, CPU, paths[0], paths[1], CPU, replayed[0])
-    assert not faith and "bit for bit" in why
+def test_a_made_up_replay_or_one_within_tolerance_is_proven_false_another_plan_is_neither(drifting) -> None:
+    replayed = drifting[3]
+    ruling = _cleared(drifting, 0)
+    faith = referee.judge_accusation(ruling, MB2, CPU, "0x" + "ab" * 32)
+    assert not faith.good and faith.proven_false and "signed a replay ending in 0xababababab" in faith.reason
+    # segment 1 replays within the tolerance: cleared at the first look (nothing asked of the provider), and an
+    # accusation signed over that very replay contradicts the verifier's own check
+    ruling = _cleared(drifting, 1)
+    assert ruling.look_ok is True and "the provider was not asked" in ruling.reason
+    faith = referee.judge_accusation(ruling, MB2, CPU, replayed[1])
+    assert not faith.good and faith.proven_false and "within the tolerance" in faith.reason
+    # a verifier declaring a plan the referee does not replay on can be judged neither way
+    faith = referee.judge_accusation(_cleared(drifting, 0), MB2, MB2, replayed[0])
+    assert not faith.good and not faith.proven_false and "cannot reproduce a replay on plan cpu/mb2" in faith.reason
+    # a provider on the verifier's own plan is checked bit for bit: a cleared dispute there is proven false
+    bit_for_bit = referee.Ruling(False, "the replay reproduces the claim", look_hash=replayed[0], look_ok=True)
+    faith = referee.judge_accusation(bit_for_bit, CPU, CPU, replayed[0])
+    assert not faith.good and faith.proven_false and "bit for bit" in faith.reason
 
 
 def test_the_referee_convicts_a_claim_wrong_on_its_face_and_bisects_the_rest(drifting) -> None:
@@ -82,7 +101,7 @@ def test_the_referee_convicts_a_claim_wrong_on_its_face_and_bisects_the_rest(dri
 
     from protocol.proof import make_proof
 
-    spec, proof, paths, _ = drifting
+    spec, proof, paths, _, _ = drifting
     segments = [replace(c, batch_digest="0x" + "11" * 32) if c.index == 0 else c for c in proof.segments]
     forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
                         segment_len=proof.segment_len, segments=segments)

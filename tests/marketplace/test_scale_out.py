@@ -134,8 +134,10 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
 
     # providers register through different API processes; matching runs on whichever worker takes the task
     agents = [provider("p-a", api_a, "eu-north", "0.6"), provider("p-b", api_b, "us-east", "0.9")]
-    verifier = VerifierAgent(api_b, cluster.account(), tmp_path / "verifier")
+    vacct = cluster.account(gmt=tokens(100))
+    verifier = VerifierAgent(api_b, vacct, tmp_path / "verifier")
     verifier.client.register_verifier()
+    verifier.keep_staked("", tokens(100), contracts=cluster.contracts(vacct))  # tasks go only to staked verifiers
 
     customer = cluster.account(gmt=tokens(100))
     client_a, client_b = MarketClient(api_a, customer), MarketClient(api_b, customer)
