@@ -417,8 +417,9 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     on micro-batches (``cpu/mb2``) for ``--drift-rounds`` DiLoCo rounds (each round from the average of the last),
     every segment checked by a ``cpu`` verifier with the tolerance it calibrates (``tolerance_for``). Each dispute
     is refereed as ``marketplace.referee.rule`` does (loss rule, bisection on honest reveals, one-step replay) and
-    judged for good faith as ``marketplace.referee.good_faith`` does (a second, fresh replay must reproduce the
-    verifier's signed state, past the tolerance): an honest verifier's bond is released, none is slashed."""
+    judged as ``marketplace.referee.judge_accusation`` does, from the referee's own first look (a fresh replay on
+    the verifier's plan must reach the verifier's signed state, past the tolerance): an honest verifier's bond is
+    released and it is never benched (``drift_verifiers_benched``), no provider is slashed."""
     from marketplace.service import unit_id_for
     from node.trainer import average_states, model_only
 
@@ -426,7 +427,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     cfg = ModelConfig()  # the JobSpec default
     steps, seg_len, units = 60, 15, 3
     margins: list[float] = []
-    disputes = slashed = faith = old_margin_bonds = 0
+    disputes = slashed = faith = benched = old_margin_bonds = 0
     ref_worst = 0.0
     t0 = time.perf_counter()
     for j in range(a.drift_jobs):
@@ -456,6 +457,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                     slashed += lv.fraud or rv.fraud
                     again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
                     faith += (not again.ok) and again.replayed_hash == v.replayed_hash
+                    benched += again.ok or again.replayed_hash != v.replayed_hash  # proven false: never, if honest
                 ends.append(model_only(states[-1]))
             start = average_states(ends)
         log(f"drift: job {j + 1}/{a.drift_jobs}, {len(margins)} segments, {disputes} disputed, worst "
@@ -466,6 +468,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
            "drift_worst_over_tolerance": float(f"{ordered[-1]:.3g}") if ordered else 0.0,
            "drift_p99_over_tolerance": float(f"{ordered[int(0.99 * (len(ordered) - 1))]:.3g}") if ordered else 0.0,
            "drift_bonds_lost_at_margin_4": old_margin_bonds, "drift_good_faith": faith,
+           "drift_verifiers_benched": benched,
            "drift_false_slash": slashed, "drift_referee_worst": float(f"{ref_worst:.3g}"),
            "drift_s": round(time.perf_counter() - t0, 1)}
     log(f"drift: {disputes} of {len(margins)} honest segments disputed ({out['drift_dispute_rate']}), worst "
