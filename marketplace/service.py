@@ -193,28 +193,70 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         return got
 
 
+def _stake_short(rt: Runtime, provider: str) -> tuple[int, str]:
+    """``provider``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is too
+    little to back work ("" if it is enough). The stake a provider registered with is not enough: it could unbond
+    it after registering and go on taking work with nothing left to slash."""
+    stake, need = rt.contracts.stake_of(provider), rt.settings.min_stake
+    if stake >= need:
+        return stake, ""
+    return stake, (f"provider {provider} has {format_tokens(stake)} staked; work goes only to providers staking at "
+                   f"least {format_tokens(need)} (its stake backs every unit until the unit is verified)")
+
+
+def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
+    """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout)."""
+    unit.status, unit.provider, unit.price, unit.rank = "pending", None, None, None
+    log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
+
+
 def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
-    """The unit assigned to ``provider``, as the spec it must train and the checkpoint it starts from."""
+    """The unit assigned to ``provider``, as the spec it must train and the checkpoint it starts from. A provider
+    whose stake fell below the minimum gets none (409), and the units it was assigned go back to the pool."""
+    stake, short = _stake_short(rt, provider)
+    released = 0
     with rt.sessions.begin() as s:
         p = s.get(Provider, provider)
         if p is None:
             raise NotFound(f"provider {provider} is not registered")
-        p.last_seen = now_s()
-        row = s.execute(select(Unit, Job).join(Job).where(Unit.provider == provider, Unit.status == "assigned")
-                        .order_by(Unit.assigned_at)).first()
-        if row is None:
-            has_pending = s.scalar(select(func.count()).select_from(Unit).where(Unit.status == "pending"))
-            if has_pending:
-                rt.enqueue("gridmint.match", [])
-            return None
-        unit, job = row
-        return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price)}
+        if p.status == "slashed":
+            raise Conflict(f"provider {provider} was slashed for fraud")
+        p.last_seen, p.stake = now_s(), stake  # matching ranks on what is staked now
+        if short:
+            for unit in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned")):
+                _release(s, unit, provider, short)
+                released += 1
+        else:
+            row = s.execute(select(Unit, Job).join(Job).where(Unit.provider == provider, Unit.status == "assigned")
+                            .order_by(Unit.assigned_at)).first()
+            if row is None:
+                has_pending = s.scalar(select(func.count()).select_from(Unit).where(Unit.status == "pending"))
+                if has_pending:
+                    rt.enqueue("gridmint.match", [])
+                return None
+            unit, job = row
+            return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price)}
+    if released:
+        rt.enqueue("gridmint.match", [])
+    raise Conflict(short)
 
 
 # ---------------------------------------------------------------- results
 
 def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
-    """Cheap, complete structural checks now; a sampled replay by a verifier later."""
+    """Cheap, complete structural checks now; a sampled replay by a verifier later. A result whose provider's stake
+    fell below the minimum while it trained is refused and its unit goes back to the pool: nothing would back it."""
+    stake, short = _stake_short(rt, provider)
+    if short:
+        with rt.sessions.begin() as s:
+            unit = s.get(Unit, body.unit_id)
+            p = s.get(Provider, provider)
+            if p is not None:
+                p.stake = stake
+            if unit is not None and unit.provider == provider and unit.status == "assigned":
+                _release(s, unit, provider, short)
+        rt.enqueue("gridmint.match", [])
+        raise Conflict(f"{short}: the result is refused and the unit goes back to the pool")
     with rt.sessions.begin() as s:
         unit = s.get(Unit, body.unit_id)
         if unit is None:
@@ -573,7 +615,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"
-    before = rt.contracts.stake_of(provider)
+    # all of it: staked and unbonding (a cheat that starts unbonding once it has submitted keeps nothing)
+    st = rt.contracts.stake_state(provider)
+    before = st.staked + st.unbonding
     if disputed:  # path (a): the verifier's fraud proof, resolved by this referee
         path = "fraud-proof"
         if not rt.contracts.evidence_used(evidence):
@@ -591,7 +635,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         task.slash_tx = "0x" + evidence.hex()
         prov = s.get(Provider, provider)
         assert prov is not None
-        prov.status, prov.stake = "slashed", rt.contracts.stake_of(provider)
+        after = rt.contracts.stake_state(provider)
+        prov.status, prov.stake = "slashed", after.staked
         ver = s.get(Verifier, verifier)
         if ver is not None:
             ver.fraud_found += 1
@@ -604,7 +649,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                                                                                         "held"]))):
                 other.status = "void"
         log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
-            amount=str(before - prov.stake), claimed=verdict.claimed, replayed=verdict.replayed,
+            amount=str(before - after.staked - after.unbonding), claimed=verdict.claimed, replayed=verdict.replayed,
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"

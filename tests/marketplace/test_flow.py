@@ -72,7 +72,11 @@ def drive(market, agents: list[ProviderAgent], verifiers: VerifierAgent | list[V
         busy = False
         for a in agents:
             if a.client.account.address not in slashed(market):
-                busy |= a.reveal_once() or a.work_once()
+                try:
+                    busy |= a.reveal_once() or a.work_once()
+                except MarketError as exc:  # refused work (slashed on chain a moment ago, or short of stake): idle,
+                    if exc.status != 409:   # as the agent's own loop rides it out
+                        raise
         for v in list(pool):
             try:
                 busy |= v.verify_once() is not None
@@ -166,6 +170,68 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
     assert len(frauds) == 1 and frauds[0].provider == cheat.account.address
     assert any(cheat.account.address in u.excluded for u in units)
     assert market.ops.total_supply() == supply_before
+
+
+def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market, tmp_path: Path) -> None:
+    """Submitted work is paid only once verified; a cheat that starts unbonding its whole stake right after submitting
+    (nothing is frozen on chain before a dispute) has nothing staked left, but its unbonding stake is slashed in
+    full: the governance slash takes staked + unbonding, as the on-chain fraud proof does."""
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    verifier.accuse = False  # no on-chain dispute: the operator's governance slash
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [cheat, honest], 2)
+    cheat.contracts.request_unbond(tokens(200))
+    state = market.ops.stake_state(cheat.account.address)
+    assert state.staked == 0 and state.unbonding == tokens(200)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    state = market.ops.stake_state(cheat.account.address)
+    assert state.staked == 0 and state.unbonding == 0
+    [event] = _events(market, "provider_slashed")
+    assert event["path"] == "governance" and event["amount"] == str(tokens(200))
+    assert market.ops.balance_of(verifier.account.address) == tokens(100)  # the bounty: half of the 200
+    assert market.ops.balance_of(market.deployment.treasury) == tokens(100)
+
+
+def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_stakes_again(market,
+                                                                                          tmp_path: Path) -> None:
+    """The stake a provider registered with is read again whenever it asks for work or submits: one that unbonds
+    below the minimum while training has its result refused (the unit back to the pool), is refused work and passed
+    over by matching while short (409, saying how much it has and needs), and works again once it stakes."""
+    from marketplace import service
+
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    train = p.trainer
+
+    def unbond_while_training(*args):  # 50 GMT left of 200: the minimum is 100
+        p.contracts.request_unbond(tokens(150))
+        return train(*args)
+
+    p.trainer = unbond_while_training
+    with pytest.raises(MarketError) as err:
+        p.work_once()
+    assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
+    p.trainer = train
+    with pytest.raises(MarketError) as err:
+        p.work_once()
+    assert err.value.status == 409 and "has 50.0000 GMT staked" in str(err.value.detail)
+    assert "at least 100.0000 GMT" in str(err.value.detail)
+    with market.rt.sessions() as s:
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
+        assert unit.status == "pending" and unit.provider is None
+        assert s.get(Provider, p.account.address).stake == tokens(50)
+    assert [e["provider"] for e in _events(market, "unit_released")] == [p.account.address]
+    assert service.run_matching(market.rt) == []  # nobody else to take it, and p is short
+    p.contracts.stake(tokens(100))
+    market.wait(lambda: p.work_once(), what="work again once staked")
+    with market.rt.sessions() as s:
+        assert s.scalars(select(Unit).where(Unit.job_id == job_id)).one().status == "submitted"
 
 
 def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the_cheat(market, tmp_path: Path) -> None:
