@@ -64,6 +64,10 @@ OPERATOR_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Default seconds between ``request_unbond`` and ``withdraw``: a week.
+UNBONDING_DELAY_S = 7 * 24 * 3600
+
+
 def deploy(
     chain: Chain,
     deployer: LocalAccount,
@@ -71,7 +75,7 @@ def deploy(
     supply: int,
     treasury: str,
     bounty_bps: int = 5000,
-    unbonding_delay_s: int = 0,
+    unbonding_delay_s: int = UNBONDING_DELAY_S,
     verifier_bond: int = 0,
     dispute_window_s: int = 0,
     cancel_grace_s: int = 3600,
@@ -81,7 +85,9 @@ def deploy(
     and GridKillSwitch, and wire their roles.
 
     - ``bounty_bps``: the verifier's share of each slash in basis points (the rest goes to ``treasury``).
-    - ``unbonding_delay_s``: seconds between ``request_unbond`` and ``withdraw``.
+    - ``unbonding_delay_s``: seconds between ``request_unbond`` and ``withdraw``. Unbonding stake stays slashable, so
+      this must outlast the time from a unit's submission to its verification (a week by default): with 0, a cheat
+      could unbond and withdraw its whole stake the moment it has submitted, before any verifier replays it.
     - ``verifier_bond``: stake a verifier bonds per accusation (0 disables the fraud-proof path until governance
       sets one).
     - ``dispute_window_s``: seconds before a posted payout root becomes claimable (the guardian can void it inside).

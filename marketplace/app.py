@@ -11,7 +11,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from marketplace import referee, service, settlement
 from marketplace import siwe
@@ -344,6 +344,22 @@ def create_app(rt: Runtime) -> FastAPI:
         """Every registered provider: region, GPU, VRAM, ask, benchmark, stake, status and reliability counts."""
         with rt.sessions() as s:
             return [provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))]
+
+    @app.get("/providers/{address}", summary="One provider, with its work still open", responses=_errors(404, 422))
+    def provider_one(address: str) -> dict[str, Any]:
+        """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified
+        (a dispute over one may still ask it to reveal a state: a node should stay up until this is 0)."""
+        try:
+            checksummed = to_address(address)
+        except GridMintValueError:
+            raise HTTPException(422, detail=f"not an address: {address!r}") from None
+        with rt.sessions() as s:
+            p = s.get(Provider, checksummed)
+            if p is None:
+                raise HTTPException(404, detail=f"provider {checksummed} is not registered")
+            unverified = s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == checksummed,
+                                                                               Unit.status == "submitted"))
+            return {**provider_view(p), "unverified": int(unverified or 0)}
 
     @app.get("/", response_class=HTMLResponse, summary="Web page")
     def index() -> str:

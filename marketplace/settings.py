@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)
     min_verifier_stake: int = tokens(100)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
-    reveal_timeout_s: int = 300  # a provider asked to reveal a state in a dispute that does not answer in time loses
+    # a provider asked to reveal a state in a dispute that does not answer in time loses (its whole stake): long enough
+    # for a crashed node to be restarted (an honest one re-derives any state from its checkpoints in seconds), short
+    # against a job's hours; only a silent provider's dispute waits it out
+    reveal_timeout_s: int = 1800
     # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier
     # that approves one is benched and slashed. A probability, not money; 0 plants none
     canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)

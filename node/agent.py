@@ -189,6 +189,18 @@ class ProviderAgent:
             got += paid
         return got
 
+    def _work_open(self) -> bool:
+        """Whether units of ours are submitted and not yet verified: a referee may still ask us to reveal a state
+        (a provider silent past its deadline loses the dispute), so an idle node does not exit before they are."""
+        try:
+            open_units = int(self.client.provider()["unverified"])
+        except (MarketError, *UNREACHABLE) as exc:
+            self.say(f"[yellow]cannot tell whether work is still open ({exc}); staying up[/]")
+            return True
+        if open_units:
+            self.say(f"{open_units} unit(s) not yet verified: staying up to answer any dispute")
+        return open_units > 0
+
     def run(self) -> None:
         stopper = Stopper()
         self.setup()
@@ -213,5 +225,8 @@ class ProviderAgent:
             except UNREACHABLE as exc:
                 self.say(f"[yellow]claim postponed, unreachable: {exc}[/]")
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
-                return
+                if self._work_open():
+                    idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state
+                else:
+                    return
             time.sleep(self.cfg.poll_s)

@@ -122,6 +122,10 @@ class MarketClient:
     def job(self, job_id: str) -> Any:
         return self._check(self.http.get(f"/jobs/{job_id}"))
 
+    def provider(self, address: str | None = None) -> dict[str, Any]:
+        """This account's (or ``address``'s) provider record, with ``unverified``: its submitted units not yet verified."""
+        return self._check(self.http.get(f"/providers/{address or self.account.address}"))
+
     def payout(self, address: str | None = None) -> dict[str, Any]:
         """This account's (or ``address``'s) leaf and proof under the newest claimable payout root."""
         return self._check(self.http.get(f"/payouts/{address or self.account.address}"))

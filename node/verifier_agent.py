@@ -48,17 +48,32 @@ class VerifierAgent:
         # margin keeps the bond off the disagreements honest drift reaches most often.
         self.bond_margin = bond_margin if bond_margin is not None else (
             REFEREE_BOND_MARGIN if plan == PROVIDER_PLAN else OTHER_PLAN_BOND_MARGIN)
+        self._stake_target: tuple[str, int, Any] | None = None  # what keep_staked keeps topped up (run() re-stakes)
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
         from node.agent import contracts_for
 
         c = contracts or contracts_for(self.client, chain_url, self.account)
+        self._stake_target = (chain_url, amount, c)
         have = c.stake_of(self.account.address)
         if have < amount:
             c.stake(amount - have)
         console.print(f"[dim]verifier[/] staked {max(have, amount)} base units")
         return max(have, amount)
+
+    def _restake(self) -> bool:
+        """Top the stake back up to what keep_staked was asked for (e.g. after a bond was forfeit). True if it grew."""
+        if self._stake_target is None:
+            return False
+        chain_url, amount, c = self._stake_target
+        before = c.stake_of(self.account.address)
+        try:
+            self.keep_staked(chain_url, amount, c)
+        except Exception as exc:  # noqa: BLE001 - e.g. the wallet cannot cover it: said, and the agent stops
+            console.print(f"[dim]verifier[/] [yellow]could not stake back up to {amount} base units: {exc}[/]")
+            return False
+        return c.stake_of(self.account.address) > before
 
     def verify_once(self) -> str | None:
         task = self.client.next_verification()
@@ -138,6 +153,15 @@ class VerifierAgent:
             except UNREACHABLE as exc:  # a restart or a dropped link: try again later
                 console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
                 verified = None
+            except MarketError as exc:
+                if exc.status != 409:
+                    raise
+                # refused tasks: short of the marketplace's minimum stake (a forfeit bond, say: top up and go on,
+                # if the wallet can), or benched (for good)
+                if "staking at least" in str(exc.detail) and self._restake():
+                    continue
+                console.print(f"[dim]verifier[/] [red]stopped: {exc.detail}[/]")
+                return
             if verified is not None:
                 idle_since = time.monotonic()
                 continue

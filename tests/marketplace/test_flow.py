@@ -16,6 +16,7 @@ from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
 from node.trainer import UnitSpec
 from node.verifier_agent import VerifierAgent
+from protocol.errors import ChainError
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
 
@@ -174,8 +175,9 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
 
 def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market, tmp_path: Path) -> None:
     """Submitted work is paid only once verified; a cheat that starts unbonding its whole stake right after submitting
-    (nothing is frozen on chain before a dispute) has nothing staked left, but its unbonding stake is slashed in
-    full: the governance slash takes staked + unbonding, as the on-chain fraud proof does."""
+    (nothing is frozen on chain before a dispute) has nothing staked left, but cannot withdraw it for the unbonding
+    delay (a week by default) and its unbonding stake is slashed in full: the governance slash takes staked +
+    unbonding, as the on-chain fraud proof does."""
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     verifier = staked_verifier(market, tmp_path, "verifier")
@@ -186,6 +188,9 @@ def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market
     cheat.contracts.request_unbond(tokens(200))
     state = market.ops.stake_state(cheat.account.address)
     assert state.staked == 0 and state.unbonding == tokens(200)
+    with pytest.raises(ChainError) as err:  # and it cannot take it out before a verifier gets to its work
+        cheat.contracts.withdraw()
+    assert err.value.error_name == "StakingStillUnbonding"
     drive(market, [cheat, honest], verifier, job_id)
     assert slashed(market) == {cheat.account.address}
     state = market.ops.stake_state(cheat.account.address)
@@ -346,6 +351,71 @@ def test_an_unstaked_verifier_gets_no_task_until_it_stakes(market, tmp_path: Pat
     verifier.keep_staked("", tokens(100), contracts=contracts)
     drive(market, [honest], verifier, job_id)
     assert all(v.status == "passed" and v.verifier == acct.address for v in _rows(market))
+
+
+def test_a_verifier_agent_short_of_stake_tops_it_up_and_carries_on(market, tmp_path: Path, capsys) -> None:
+    """``gridmint verifier run --stake N`` keeps N staked: refused tasks for a stake that fell short (a forfeit bond;
+    here, an unbond), the agent stakes back up from its wallet and goes on; one asked to keep less than the
+    marketplace's minimum stops at the refusal, saying why, instead of polling in vain."""
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    acct = market.account(gmt=tokens(200))
+    contracts = market.contracts(acct)
+    verifier = VerifierAgent(market.url, acct, tmp_path / "verifier", poll_s=0.05)
+    verifier.keep_staked("", tokens(100), contracts=contracts)
+    contracts.request_unbond(tokens(50))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    verifier.run(exit_when_idle_s=1)
+    assert market.ops.stake_of(acct.address) == tokens(100)
+    checks = _rows(market)
+    assert checks and all(v.status == "passed" and v.verifier == acct.address for v in checks)
+    contracts.request_unbond(tokens(50))
+    verifier.keep_staked("", tokens(60), contracts=contracts)
+    capsys.readouterr()
+    verifier.run(exit_when_idle_s=60)
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "stopped:" in err and "staking at least 100.0000 GMT" in err
+    assert market.ops.stake_of(acct.address) == tokens(60)
+
+
+def test_an_idle_provider_node_stays_up_until_its_work_is_verified(market, tmp_path: Path) -> None:
+    """``gridmint node run --exit-when-idle S`` does not exit while a unit of its own is submitted and not yet
+    verified: a dispute over it may still ask the node to reveal a state, and a node gone silent past the deadline
+    loses its stake. ``GET /providers/{address}`` says how many are open."""
+    import signal
+    import threading
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    honest.cfg.exit_when_idle_s, honest.cfg.poll_s = 0.5, 0.05
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    assert honest.client.provider()["unverified"] == 0
+
+    def verify_later() -> None:  # the verifier turns up well after the node has gone idle
+        market.wait(lambda: _rows(market), what="the unit submitted")
+        time.sleep(3)
+        while verifier.verify_once() is not None:
+            pass
+
+    seen: list[int] = []
+    worker = threading.Thread(target=verify_later)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    worker.start()
+    try:
+        honest.run()  # trains, submits, idles; returns only once nothing of its own is open
+        seen.append(honest.client.provider()["unverified"])
+    finally:
+        worker.join()
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert seen == [0]
+    with market.rt.sessions() as s:
+        assert s.scalars(select(Unit).where(Unit.job_id == job_id)).one().status == "verified"
+    for address, status in (("0x" + "12" * 20, 404), ("nope", 422)):
+        assert httpx.get(f"{market.url}/providers/{address}").status_code == status
 
 
 def _submitted(market, job_id: str, agents: list[ProviderAgent], n: int) -> None:
