@@ -106,8 +106,9 @@ def _make_world(chain: Chain, **params: Any) -> World:
 
 @pytest.fixture(scope="module")
 def deployed_world(chain: Chain) -> World:
-    """A development deployment (zero delays), once per module and backend; ``world`` rolls back every test."""
-    return _make_world(chain)
+    """A development deployment (zero delays, unbonding included: ``deploy`` defaults to a week), once per module and
+    backend; ``world`` rolls back every test."""
+    return _make_world(chain, unbonding_delay_s=0)
 
 
 @pytest.fixture(scope="module")
