@@ -24,7 +24,7 @@ from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
 from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
-from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError, ProofError
+from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.money import format_tokens
 from protocol.proof import TrainingProof, check_structure
 from protocol.schemas import (Heartbeat, JobSpec, ProviderRegister, ResultSubmit, RevealSubmit, VerdictSubmit,
@@ -193,11 +193,16 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         return got
 
 
-def _stake_short(rt: Runtime, provider: str) -> tuple[int, str]:
+def _stake_short(rt: Runtime, provider: str) -> tuple[int | None, str]:
     """``provider``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is too
     little to back work ("" if it is enough). The stake a provider registered with is not enough: it could unbond
-    it after registering and go on taking work with nothing left to slash."""
-    stake, need = rt.contracts.stake_of(provider), rt.settings.min_stake
+    it after registering and go on taking work with nothing left to slash. None if the chain cannot be reached:
+    the last stake read stands (an outage must not stall training; unbonding stake stays slashable for a week)."""
+    need = rt.settings.min_stake
+    try:
+        stake = rt.contracts.stake_of(provider)
+    except ChainUnavailable:
+        return None, ""
     if stake >= need:
         return stake, ""
     return stake, (f"provider {provider} has {format_tokens(stake)} staked; work goes only to providers staking at "
@@ -221,7 +226,9 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
             raise NotFound(f"provider {provider} is not registered")
         if p.status == "slashed":
             raise Conflict(f"provider {provider} was slashed for fraud")
-        p.last_seen, p.stake = now_s(), stake  # matching ranks on what is staked now
+        p.last_seen = now_s()
+        if stake is not None:
+            p.stake = stake  # matching ranks on what is staked now
         if short:
             for unit in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned")):
                 _release(s, unit, provider, short)
@@ -251,7 +258,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         with rt.sessions.begin() as s:
             unit = s.get(Unit, body.unit_id)
             p = s.get(Provider, provider)
-            if p is not None:
+            if p is not None and stake is not None:
                 p.stake = stake
             if unit is not None and unit.provider == provider and unit.status == "assigned":
                 _release(s, unit, provider, short)
@@ -328,7 +335,10 @@ def _benched_message(v: Verifier) -> str:
 def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     now = now_s()
     need = rt.settings.min_verifier_stake
-    stake = rt.contracts.stake_of(verifier) if need > 0 else 0  # a chain read: outside the transaction
+    try:
+        stake = rt.contracts.stake_of(verifier) if need > 0 else 0  # a chain read: outside the transaction
+    except ChainUnavailable:
+        stake = need  # unknown while the chain is down: checks go on (a canary's slash waits for the chain)
     with rt.sessions.begin() as s:
         v = s.get(Verifier, verifier)
         if v is None:

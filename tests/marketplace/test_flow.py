@@ -16,7 +16,7 @@ from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
 from node.trainer import UnitSpec
 from node.verifier_agent import VerifierAgent
-from protocol.errors import ChainError
+from protocol.errors import ChainError, ChainUnavailable
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
 
@@ -234,6 +234,19 @@ def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_st
     assert [e["provider"] for e in _events(market, "unit_released")] == [p.account.address]
     assert service.run_matching(market.rt) == []  # nobody else to take it, and p is short
     p.contracts.stake(tokens(100))
+    # the chain's node drops out just then: the marketplace cannot read stakes, so the last one read stands (50:
+    # still short), and nothing stalls on the outage itself; once the chain is back, the fresh stake counts
+    read = market.rt.contracts.stake_of
+
+    def chain_down(address: str) -> int:
+        raise ChainUnavailable(f"injected: the chain node is unreachable (reading {address})")
+
+    market.rt.contracts.stake_of = chain_down
+    try:
+        assert p.work_once() is False  # no unit assigned (p was short at the last read): nothing, not an error
+        assert service.run_matching(market.rt) == []
+    finally:
+        market.rt.contracts.stake_of = read
     market.wait(lambda: p.work_once(), what="work again once staked")
     with market.rt.sessions() as s:
         assert s.scalars(select(Unit).where(Unit.job_id == job_id)).one().status == "submitted"
