@@ -619,9 +619,15 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                 faith_reason=faith.reason, reason=verdict.reason)
             if ver is not None:
                 ver.wrong += 1
+                floor, share = rt.settings.verifier_overruled_floor, rt.settings.verifier_overruled_share
                 if faith.proven_false:
                     _bench(s, ver, task, f"an accusation the referee proved false (verification {task.id}): "
                                          f"{faith.reason}")
+                elif ver.wrong >= floor and ver.wrong > share * ver.checked:
+                    # not provable one by one (its plan is not the referee's), but honest drift does not look like
+                    # this: disputing freely would cost it nothing and the marketplace a referee replay each time
+                    _bench(s, ver, task, f"the referee overruled {ver.wrong} of its {ver.checked} verdicts "
+                                         f"(more than {share:.0%}, from {floor} on)")
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return "verifier_wrong"

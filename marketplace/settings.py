@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)
     min_verifier_stake: int = tokens(100)
+    # a verifier whose fraud verdicts the referee overrules this often is benched even where it cannot be proven false
+    # (a plan the referee does not replay on): from `verifier_overruled_floor` overruled verdicts on, once they are
+    # more than `verifier_overruled_share` of all its verdicts. Honest drift across plans disputes ~4-6% of segments
+    verifier_overruled_floor: int = Field(default=5, ge=1)
+    verifier_overruled_share: float = Field(default=0.5, ge=0.0, le=1.0)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     # a provider asked to reveal a state in a dispute that does not answer in time loses (its whole stake): long enough
     # for a crashed node to be restarted (an honest one re-derives any state from its checkpoints in seconds), short

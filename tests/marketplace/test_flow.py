@@ -37,7 +37,7 @@ def staked_verifier(market, tmp_path: Path, name: str, **kw) -> VerifierAgent:
     """A registered verifier with 100 GMT staked (it backs its accusations with a bond)."""
     acct = market.account(gmt=tokens(100))
     v = VerifierAgent(market.url, acct, tmp_path / name, **kw)
-    v.client.register_verifier()
+    v.client.register_verifier(v.plan.label)  # its declared plan: what the referee judges its verdicts by
     v.keep_staked("", tokens(100), contracts=market.contracts(acct))
     return v
 
@@ -340,6 +340,38 @@ def test_a_false_accusation_costs_the_verifier_its_bond_and_its_place_and_pays_t
     assert market.ops.stake_of(vacct.address) == tokens(50)
     assert market.ops.balance_of(market.deployment.treasury) == tokens(50)
     assert [e.provider for e in entries] == [honest.account.address]
+
+
+def test_a_verifier_the_referee_keeps_overruling_is_benched_where_no_single_verdict_is_provable(market,
+                                                                                             tmp_path: Path) -> None:
+    """A verifier on a plan the referee does not replay on (here micro-batches) cannot be proven false one verdict at
+    a time. One that disputes everything without a bond (no accusation: nothing at stake) would cost the marketplace
+    a referee replay each time for free: once the referee has overruled 5 of its verdicts, and they are more than
+    half of its verdicts, it is benched; a careful verifier does the rest; nobody's stake moves."""
+    from node.crosscheck import Plan
+
+    market.rt.settings.canary_rate = 0.0
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    liar = staked_verifier(market, tmp_path, "liar", plan=Plan("cpu", 2), accuse_everything=True)
+    liar.accuse = False
+    careful = staked_verifier(market, tmp_path, "careful")
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 2)
+    assert [liar.verify_once() for _ in range(5)] == ["fraud"] * 5
+    benched = market.wait(lambda: _events(market, "verifier_benched"), what="the liar benched")
+    assert benched[0]["verifier"] == liar.account.address
+    assert "overruled 5 of its 5 verdicts" in benched[0]["reason"]
+    wrong = _events(market, "false_accusation")
+    assert len(wrong) == 5 and not any(e["proven_false"] or e["bonded"] or e["good_faith"] for e in wrong)
+    assert all("cannot reproduce a replay on plan cpu/mb2" in e["faith_reason"] for e in wrong)
+    drive(market, [honest], [liar, careful], job_id)
+    checks = _rows(market)
+    assert sorted((v.status, v.verifier) for v in checks) == sorted(
+        [("verifier_wrong", liar.account.address)] * 5 + [("passed", careful.account.address)] * 3)
+    assert market.ops.stake_of(liar.account.address) == tokens(100)  # nothing bonded, nothing lost
+    assert market.ops.stake_of(honest.account.address) == tokens(200) and slashed(market) == set()
 
 
 def test_an_unstaked_verifier_gets_no_task_until_it_stakes(market, tmp_path: Path) -> None:
