@@ -71,8 +71,12 @@ class ProviderAgent:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
         self.plan = Plan.parse(cfg.plan)
         # on the plan it declares when it submits (self.plan, read at training time)
-        self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(spec, start, workdir,
-                                                                                         plan=self.plan)
+        self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(
+            spec, start, workdir, plan=self.plan, on_step=self._between_steps)
+        # a referee's request to reveal a state, seen by the heartbeat thread while a unit trains; answered by the
+        # training thread between two steps (a long unit must not outlast the reveal deadline)
+        self._ask: dict[str, Any] | None = None
+        self._ask_lock = threading.Lock()
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 
@@ -146,6 +150,24 @@ class ProviderAgent:
         return {"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
                 "signature": signature}
 
+    def _between_steps(self, step: int, loss: float) -> None:
+        """Called by the trainer after every optimizer step, on the training thread: answer a reveal the heartbeat
+        thread saw. The replay nests in the trainer's deterministic block (same thread, reentrant lock; torch's
+        thread count and flags are restored) and touches none of the unit's tensors: its bits do not change."""
+        if self._ask is None:  # the common case: no lock taken
+            return
+        with self._ask_lock:
+            ask, self._ask = self._ask, None
+        if ask is None:
+            return
+        try:
+            self.client.reveal(self.answer(ask))
+        except (MarketError, httpx.HTTPError) as exc:  # asked again after this unit (reveal_once), if still open
+            self.say(f"[yellow]reveal during training failed: {exc}[/]")
+            return
+        self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute, "
+                 f"between steps {step} and {step + 1} of the unit in training")
+
     @contextmanager
     def heartbeats(self, unit_id: str) -> Iterator[None]:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
@@ -158,6 +180,10 @@ class ProviderAgent:
             while not done.wait(interval):
                 try:
                     self.client.heartbeat(unit_id)
+                    if self._ask is None:
+                        ask = self.client.next_reveal()
+                        with self._ask_lock:
+                            self._ask = self._ask or ask
                 except (MarketError, httpx.HTTPError) as exc:  # the next beat (or the submission) will tell
                     self.say(f"[yellow]heartbeat failed: {exc}[/]")
 

@@ -733,6 +733,52 @@ def test_an_honest_verifier_keeps_its_bond_when_honest_drift_passes_its_toleranc
     assert [e.provider for e in paid] == [honest.account.address]
 
 
+def test_a_node_answers_a_reveal_between_steps_of_the_unit_it_is_training(market, tmp_path: Path) -> None:
+    """A dispute can ask a node for a state while it trains another unit, and a unit may outlast the reveal deadline:
+    the heartbeat thread sees the ask, the training thread answers it between two steps, and the unit in training
+    comes out bit for bit as it would have without the interruption."""
+    from test_referee import DRIFTING_JOB, DRIFTING_SPEC  # this directory is on sys.path (pytest prepend import mode)
+
+    from marketplace import service
+    from node import checkpoint
+    from node.crosscheck import Plan
+    from node.trainer import model_only, train_unit
+
+    market.rt.settings.unit_timeout_s = 2  # the node heartbeats (and looks for reveal requests) every 0.5 s
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    job_a = submit_job(market, DRIFTING_SPEC, job_id=DRIFTING_JOB)
+    _submitted(market, job_a, [honest], 1)
+    verdicts = [verifier.verify_once(), verifier.verify_once()]
+    assert sorted(verdicts) == ["fraud", "ok"]  # honest drift 4.76x past the tolerance in segment 0: disputed
+    market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    spec_b = JobSpec(rounds=1, units_per_round=1, steps_per_unit=160, segment_len=40, batch_size=8,
+                     max_price=tokens(2))
+    job_b = submit_job(market, spec_b)
+    market.wait(lambda: _assigned(market, job_b) == 1, what="job B's unit matched")
+    assert honest.work_once()  # trains job B's unit, answering the referee in between
+    kinds = [(e.kind, e.job_id) for e in _all_events(market)]
+    submitted_b = kinds.index(("unit_submitted", job_b))
+    assert ("state_revealed", job_a) in kinds[:submitted_b], kinds  # answered before the unit was done
+    drive(market, [honest], verifier, job_a)  # whatever the bisection still asks, after the unit
+    wrong = _events(market, "false_accusation")
+    assert len(wrong) == 1 and wrong[0]["good_faith"] and slashed(market) == set()
+    # the unit trained with the interruption is the unit trained without it
+    with market.rt.sessions() as s:
+        job = s.get(Job, job_b)
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_b)).one()
+        spec = service.unit_spec(job, unit)
+        start = model_only(checkpoint.load(market.rt.blobs.path(job.global_blob))[0])
+        proof = unit.proof
+    again = train_unit(spec, start, tmp_path / "again", plan=Plan.parse("cpu/mb2"))
+    assert again.proof.to_dict() == proof
+
+
+def _all_events(market) -> list[Event]:
+    with market.rt.sessions() as s:
+        return list(s.scalars(select(Event).order_by(Event.id)))
+
+
 @pytest.mark.parametrize("bond_margin", [4.0, math.inf])
 def test_a_cheat_declaring_another_plan_is_bisected_to_its_skipped_update_and_slashed(market, tmp_path: Path,
                                                                                     bond_margin: float) -> None:
