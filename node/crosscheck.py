@@ -370,7 +370,10 @@ REFEREE_RULE = {"fp32": ("state", 64.0), "bf16": ("update", 8.0)}
 #: micro-nat). The tolerance is calibrated on a few units and honest drift has a tail: the demo's fresh-clone CI saw
 #: an honest micro-batch provider 5 micro-nats off a tolerance of 4 (and its state 10x past the state tolerance),
 #: and the referee slashed it on the loss. A faked loss sits >= 1,380x past it (bench), and a loss within this
-#: factor with honest states gains a cheat nothing: the states are bisected instead.
+#: factor with honest states gains a cheat nothing: the states are bisected instead. The factor also grows with how
+#: far the replayed *states* drifted (:func:`loss_ruling`): a chaotic stretch drifts in both (seen: an honest 40-step
+#: segment 162x past the state tolerance and 60x past the loss tolerance, and one slashed on its loss in a flow
+#: test), while a faked loss over honest states shows on the loss alone.
 REFEREE_LOSS_FACTOR = 64.0
 
 
@@ -504,9 +507,13 @@ def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: St
     return loss_ruling(spec, seg_index, tol, abs(mean_loss_micro(losses) - seg.loss_micro))
 
 
-def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int) -> RefereeVerdict:
-    """The referee's rule on a segment whose replayed mean loss is ``dl`` micro-nats off the committed one."""
-    thr = REFEREE_LOSS_FACTOR * max(1, tol.loss_micro)
+def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int, state_over: float = 0.0) -> RefereeVerdict:
+    """The referee's rule on a segment whose replayed mean loss is ``dl`` micro-nats off the committed one, its
+    replayed end state ``state_over`` times its state tolerance off the committed one: the loss convicts on its own
+    only past ``REFEREE_LOSS_FACTOR`` x the loss tolerance x ``max(1, state_over)`` (honest chaotic drift moves the
+    loss with the states; a bad state is left to the bisection)."""
+    scale = max(1.0, state_over) if math.isfinite(state_over) else math.inf
+    thr = REFEREE_LOSS_FACTOR * max(1, tol.loss_micro) * scale
     if tol.referee_metric != "state":
         # bf16 losses drift across plans by hundreds to thousands of micro-nats with a heavy tail (a provider was
         # disputed at 2x a tolerance calibrated on two units): not evidence to slash on; the states decide

@@ -91,7 +91,7 @@ def drive(market, agents: list[ProviderAgent], verifiers: VerifierAgent | list[V
         checks = [(v.unit_id[:10], v.segment, v.status, sorted((v.bisect or {}).get("reveals") or {}))
                   for v in s.scalars(select(Verification))]
     raise AssertionError(f"job {job_id} not settled after {timeout_s:g} s: {job_status(market, job_id)}; "
-                         f"verifications {checks}")
+                         f"verifications {checks}; slashes {_events(market, 'provider_slashed')}")
 
 
 def slashed(market) -> set[str]:
@@ -760,16 +760,15 @@ def test_a_node_answers_a_reveal_between_steps_of_the_unit_it_is_training(market
     kinds = [(e.kind, e.job_id) for e in _all_events(market)]
     submitted_b = kinds.index(("unit_submitted", job_b))
     assert ("state_revealed", job_a) in kinds[:submitted_b], kinds  # answered before the unit was done
+    with market.rt.sessions() as s:  # job B's unit as submitted, and the global model it started from (read now:
+        job = s.get(Job, job_b)      # once the unit is verified, the job's global model moves on)
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_b)).one()
+        spec, proof, start_blob = service.unit_spec(job, unit), unit.proof, job.global_blob
     drive(market, [honest], verifier, job_a)  # whatever the bisection still asks, after the unit
-    wrong = _events(market, "false_accusation")
+    wrong = [e.data for e in _all_events(market) if e.kind == "false_accusation" and e.job_id == job_a]
     assert len(wrong) == 1 and wrong[0]["good_faith"] and slashed(market) == set()
     # the unit trained with the interruption is the unit trained without it
-    with market.rt.sessions() as s:
-        job = s.get(Job, job_b)
-        unit = s.scalars(select(Unit).where(Unit.job_id == job_b)).one()
-        spec = service.unit_spec(job, unit)
-        start = model_only(checkpoint.load(market.rt.blobs.path(job.global_blob))[0])
-        proof = unit.proof
+    start = model_only(checkpoint.load(market.rt.blobs.path(start_blob))[0])
     again = train_unit(spec, start, tmp_path / "again", plan=Plan.parse("cpu/mb2"))
     assert again.proof.to_dict() == proof
 

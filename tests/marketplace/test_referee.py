@@ -109,3 +109,17 @@ def test_the_referee_convicts_a_claim_wrong_on_its_face_and_bisects_the_rest(dri
     assert ruling.fraud is True and "is not the spec's data order" in ruling.reason
     ruling = referee.rule(spec, proof, 0, MB2, paths[0], paths[1], {}, lambda step: "")
     assert ruling.fraud is None and ruling.pending == spec.segment_len // 2
+
+
+def test_the_loss_rule_leaves_a_chaotic_stretch_to_the_bisection(drifting) -> None:
+    """A committed mean loss convicts on its own only past REFEREE_LOSS_FACTOR x its tolerance, scaled by how far the
+    replayed states drifted: honest chaotic drift moves both (seen: an honest 40-step segment 162x past the state
+    tolerance with its loss 60x past the loss tolerance; another, in a flow test, slashed on its loss alone)."""
+    spec = drifting[0]
+    tol = cc.tolerance_for(spec, CPU, provider_plan=MB2)
+    dl = int(100 * max(1, tol.loss_micro))  # past 64x the loss tolerance
+    assert cc.loss_ruling(spec, 0, tol, dl).fraud  # honest states (within their tolerance): the loss alone convicts
+    assert cc.loss_ruling(spec, 0, tol, dl, state_over=0.9).fraud
+    assert not cc.loss_ruling(spec, 0, tol, dl, state_over=162.0).fraud  # the states drifted as far: bisect them
+    assert cc.loss_ruling(spec, 0, tol, 200 * dl, state_over=162.0).fraud  # a faked loss still stands out
+    assert not cc.loss_ruling(spec, 0, tol, 10**9, state_over=float("inf")).fraud  # states wrong on their face
