@@ -333,11 +333,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def payout(address: str) -> dict[str, Any]:
         """What ``address`` can claim from the PayoutDistributor now: its cumulative leaf and Merkle proof under the
         newest root past its dispute window (``claim(epoch, cumulative, proof)``), and what it has claimed so far."""
-        try:
-            checksummed = to_address(address)
-        except GridMintValueError:
-            raise HTTPException(422, detail=f"not an address: {address!r}") from None
-        return settlement.payout_for(rt, checksummed)
+        return settlement.payout_for(rt, _address(address))
 
     @app.get("/providers", summary="Providers, cheapest ask first")
     def providers() -> list[dict[str, Any]]:
@@ -349,10 +345,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def provider_one(address: str) -> dict[str, Any]:
         """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified
         (a dispute over one may still ask it to reveal a state: a node should stay up until this is 0)."""
-        try:
-            checksummed = to_address(address)
-        except GridMintValueError:
-            raise HTTPException(422, detail=f"not an address: {address!r}") from None
+        checksummed = _address(address)
         with rt.sessions() as s:
             p = s.get(Provider, checksummed)
             if p is None:
@@ -427,6 +420,14 @@ def create_app(rt: Runtime) -> FastAPI:
         return Response(data, headers={"Content-Type": content_type})
 
     return app
+
+
+def _address(text: str) -> str:
+    """A path's address, checksummed; 422 if it is not one."""
+    try:
+        return to_address(text)
+    except GridMintValueError:
+        raise HTTPException(422, detail=f"not an address: {text!r}") from None
 
 
 def provider_view(p: Provider) -> dict[str, Any]:

@@ -19,7 +19,6 @@ hash to what it signed is refused when it is posted, so it counts as no answer).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -86,7 +85,7 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
                              f"for anything", claimed, look.replayed_hash or "", **seen)
     if look.kind == "claim":  # wrong on its face (e.g. not the spec's data order): evidence on its own
         return Ruling(True, f"[{plan.label}] {look.reason}", claimed, **seen)
-    lv = crosscheck.loss_ruling(spec, seg, tol, look.loss_delta_micro, _over(look.distance, look.threshold))
+    lv = crosscheck.loss_ruling(spec, seg, tol, look.loss_delta_micro, look.state_over)
     if lv.fraud:
         return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, look.replayed_hash or "", **seen)
     first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
@@ -110,13 +109,6 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         return Ruling(None, str(p), claimed, pending=p.step, **seen)
     where = f"[{plan.label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
     return Ruling(v.fraud, where, claimed, step=v.step, **seen)
-
-
-def _over(distance: float, threshold: float) -> float:
-    """How many times its tolerance a replayed state landed off (0 if unknown)."""
-    if math.isnan(distance):
-        return 0.0
-    return distance / threshold if threshold > 0 else (0.0 if distance == 0 else math.inf)
 
 
 @dataclass(frozen=True)

@@ -193,20 +193,24 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         return got
 
 
-def _stake_short(rt: Runtime, provider: str) -> tuple[int | None, str]:
-    """``provider``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is too
-    little to back work ("" if it is enough). The stake a provider registered with is not enough: it could unbond
-    it after registering and go on taking work with nothing left to slash. None if the chain cannot be reached:
-    the last stake read stands (an outage must not stall training; unbonding stake stays slashable for a week)."""
-    need = rt.settings.min_stake
+def _stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then: str) -> tuple[int | None, str]:
+    """``address``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is less
+    than ``need`` ("" if it is enough). A stake read once at registration is not enough: it could be unbonded after
+    and the account go on working with nothing left to slash. None if the chain cannot be reached: the last stake
+    read stands (an outage must not stall work; unbonding stake stays slashable for a week)."""
     try:
-        stake = rt.contracts.stake_of(provider)
+        stake = rt.contracts.stake_of(address)
     except ChainUnavailable:
         return None, ""
     if stake >= need:
         return stake, ""
-    return stake, (f"provider {provider} has {format_tokens(stake)} staked; work goes only to providers staking at "
-                   f"least {format_tokens(need)} (its stake backs every unit until the unit is verified)")
+    return stake, (f"{role} {address} has {format_tokens(stake)} staked; {role}s get {gets} only while staking at "
+                   f"least {format_tokens(need)} {then}")
+
+
+def _provider_stake(rt: Runtime, provider: str) -> tuple[int | None, str]:
+    return _stake_short(rt, "provider", provider, rt.settings.min_stake, "work",
+                        "(its stake backs every unit until the unit is verified)")
 
 
 def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
@@ -218,7 +222,7 @@ def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
 def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
     """The unit assigned to ``provider``, as the spec it must train and the checkpoint it starts from. A provider
     whose stake fell below the minimum gets none (409), and the units it was assigned go back to the pool."""
-    stake, short = _stake_short(rt, provider)
+    stake, short = _provider_stake(rt, provider)
     released = 0
     with rt.sessions.begin() as s:
         p = s.get(Provider, provider)
@@ -253,7 +257,7 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
 def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     """Cheap, complete structural checks now; a sampled replay by a verifier later. A result whose provider's stake
     fell below the minimum while it trained is refused and its unit goes back to the pool: nothing would back it."""
-    stake, short = _stake_short(rt, provider)
+    stake, short = _provider_stake(rt, provider)
     if short:
         with rt.sessions.begin() as s:
             unit = s.get(Unit, body.unit_id)
@@ -334,22 +338,19 @@ def _benched_message(v: Verifier) -> str:
 
 def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     now = now_s()
-    need = rt.settings.min_verifier_stake
-    try:
-        stake = rt.contracts.stake_of(verifier) if need > 0 else 0  # a chain read: outside the transaction
-    except ChainUnavailable:
-        stake = need  # unknown while the chain is down: checks go on (a canary's slash waits for the chain)
+    # unknown while the chain is down: checks go on (a canary's slash waits for the chain)
+    _, short = _stake_short(rt, "verifier", verifier, rt.settings.min_verifier_stake, "tasks",
+                            "(gridmint verifier run --stake AMOUNT --chain URL)")
     with rt.sessions.begin() as s:
         v = s.get(Verifier, verifier)
         if v is None:
             raise NotFound(f"verifier {verifier} is not registered")
         if v.status == "benched":
             raise Conflict(_benched_message(v))
-        if stake < need:
+        if short:
             # an unstaked verifier would risk nothing: a lazy one caught by a canary, or one benched for a false
             # accusation, would simply come back under a new wallet
-            raise Conflict(f"verifier {verifier} has {format_tokens(stake)} staked; tasks go only to verifiers "
-                           f"staking at least {format_tokens(need)} (gridmint verifier run --stake AMOUNT --chain URL)")
+            raise Conflict(short)
         v.last_seen = now
         # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment;
         # it gets real tasks of units it was handed a canary of last (the two claims' roots differ)

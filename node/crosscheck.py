@@ -321,6 +321,16 @@ class CrossVerdict:
     # tolerance; inf for a claim wrong on its face): a verifier bonds an accusation only when it is far past
     margin: float = math.nan
 
+    @property
+    def state_over(self) -> float:
+        """How many times its tolerance the replayed state landed off the committed end."""
+        return _times(self.distance, self.threshold)
+
+
+def _times(x: float, tol: float) -> float:
+    """``x`` in units of ``tol`` (a zero tolerance: 0 for nothing, inf for anything)."""
+    return x / tol if tol > 0 else (0.0 if x == 0 else math.inf)
+
 
 def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, end: State,
                          tol: Tolerance, runner: PlanRunner) -> CrossVerdict:
@@ -332,8 +342,7 @@ def check_segment_across(spec: UnitSpec, proof: TrainingProof, seg_index: int, s
 
     def verdict(ok: bool, kind: str, reason: str, d: float = math.nan, dl: int = 0,
                 replayed: str | None = None) -> CrossVerdict:
-        over_state = d / thr if thr > 0 else (0.0 if d == 0 else math.inf)
-        over_loss = dl / tol.loss_micro if tol.loss_micro > 0 else (0.0 if dl == 0 else math.inf)
+        over_state, over_loss = _times(d, thr), _times(dl, tol.loss_micro)
         margin = {"claim": math.inf, "state": over_state, "loss": over_loss}.get(kind, max(over_state, over_loss))
         return CrossVerdict(ok, seg_index, kind, d, thr, dl, reason, replayed, margin)
 

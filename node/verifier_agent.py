@@ -69,11 +69,10 @@ class VerifierAgent:
         chain_url, amount, c = self._stake_target
         before = c.stake_of(self.account.address)
         try:
-            self.keep_staked(chain_url, amount, c)
+            return self.keep_staked(chain_url, amount, c) > before
         except Exception as exc:  # noqa: BLE001 - e.g. the wallet cannot cover it: said, and the agent stops
             console.print(f"[dim]verifier[/] [yellow]could not stake back up to {amount} base units: {exc}[/]")
             return False
-        return c.stake_of(self.account.address) > before
 
     def verify_once(self) -> str | None:
         task = self.client.next_verification()

@@ -449,8 +449,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                         continue
                     disputes += 1
                     old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
-                    lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro,  # as rule: from the check's own replay
-                                        v.distance / v.threshold)
+                    # as rule: from the check's own replay
+                    lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro, v.state_over)
                     reveal = cc.RecordedReveal(states)
                     d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
                     rv = cc.referee_step(spec, d, reveal, tol, runner)
