@@ -172,7 +172,8 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.post("/providers/heartbeat", summary="Heartbeat while training (signed)", openapi_extra=body_doc(Heartbeat),
               responses=_errors(404, 422))
     async def provider_heartbeat(request: Request) -> dict[str, Any]:
-        """Sign of life while training: a unit whose provider misses ``unit_timeout_s`` of heartbeats is reassigned.
+        """Sign of life while training, with the unit's progress: a unit whose provider misses ``unit_timeout_s`` of
+        heartbeats is reassigned, and so is one not submitted by its deadline (``due``) however alive its provider is.
 
         The hottest route (every provider, every few seconds), so it checks its envelope itself (the same rules as
         every signed route; ~0.15 ms of CPU, on the event loop) and group-commits: the nonce and the heartbeat of
@@ -448,7 +449,8 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
     if detail:
         out["units"] = [{"unit_id": u.id, "round": u.round, "shard": u.shard, "status": u.status, "provider": u.provider,
                          "price": None if u.price is None else str(u.price), "rank": u.rank, "attempts": u.attempts,
-                         "excluded": u.excluded} for u in units]
+                         "excluded": u.excluded, **({"steps_done": u.steps_done, "due": u.deadline_at}
+                                                     if u.status == "assigned" else {})} for u in units]
         out["payouts"] = [{"unit_id": e.unit_id, "provider": e.provider, "amount": str(e.amount), "released": e.released}
                           for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == j.id))]
         out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment, "status": v.status,

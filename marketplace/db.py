@@ -111,6 +111,8 @@ class Unit(Base):
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # provider's last sign of life
+    # when the unit is taken back however alive its provider looks (BOINC's report deadline): set at assignment
+    deadline_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
     excluded: Mapped[list[Any]] = mapped_column(JSON, default=list)
     proof: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -164,15 +164,33 @@ def _demand(rt: Runtime, unit: Unit, job: Job) -> matching.Demand:
     return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price, frozenset(unit.excluded or []))
 
 
-def _assign(s: Session, unit: Unit, job: Job, provider: str, price: int, region: str, rank: int, how: str) -> None:
-    unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
-    unit.assigned_at, unit.heartbeat_at, unit.steps_done = now_s(), None, 0
-    unit.attempts += 1
+def unit_seconds(spec: JobSpec, tokens_per_s: int) -> int:
+    """How long one unit of ``spec`` should train at ``tokens_per_s`` (rounded up, at least 1)."""
+    return max(1, -(-spec.steps_per_unit * spec.batch_size * spec.model.ctx // max(1, tokens_per_s)))
+
+
+def _deadline(rt: Runtime, s: Session, spec: JobSpec, prov: Provider, now: int) -> int:
+    """When a unit assigned to ``prov`` now must be submitted: ``unit_deadline_factor`` times what its throughput
+    (delivered on real units, else its own benchmark) says this unit and the units it holds already should take
+    (a node trains its units one after another), never sooner than ``unit_deadline_min_s``."""
+    queued = 1 + (s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == prov.address,
+                                                                        Unit.status == "assigned")) or 0)
+    due = rt.settings.unit_deadline_factor * queued * unit_seconds(spec, prov.observed_tps or prov.tokens_per_s)
+    return now + max(rt.settings.unit_deadline_min_s, due)
+
+
+def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, provider: str, price: int, region: str, rank: int,
+            how: str) -> None:
     prov = s.get(Provider, provider)
     assert prov is not None
+    now = now_s()
+    deadline = _deadline(rt, s, JobSpec.model_validate(job.spec), prov, now)
+    unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
+    unit.assigned_at, unit.heartbeat_at, unit.steps_done, unit.deadline_at = now, None, 0, deadline
+    unit.attempts += 1
     prov.assigned += 1
     log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=provider,
-        region=region, price=str(price), rank=rank, how=how)
+        region=region, price=str(price), rank=rank, how=how, deadline=deadline)
 
 
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
@@ -189,7 +207,7 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         units = {u.id: (u, j) for u, j in pending}
         for a in got:
             unit, job = units[a.unit_id]
-            _assign(s, unit, job, a.provider, a.price, a.region, a.rank, "matching round")
+            _assign(rt, s, unit, job, a.provider, a.price, a.region, a.rank, "matching round")
         return got
 
 
@@ -246,7 +264,8 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
                     rt.enqueue("gridmint.match", [])
                 return None
             unit, job = row
-            return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price)}
+            return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price),
+                    "due": unit.deadline_at}
     if released:
         rt.enqueue("gridmint.match", [])
     raise Conflict(short)
@@ -797,7 +816,7 @@ def settle(rt: Runtime, job_id: str) -> int:
 
 _BEAT_PROVIDER = update(Provider).where(Provider.address == bindparam("p")).values(last_seen=bindparam("now"))
 _BEAT_UNITS = (update(Unit).where(Unit.provider == bindparam("p"), Unit.status == "assigned")
-               .values(heartbeat_at=bindparam("now")).returning(Unit.id))
+               .values(heartbeat_at=bindparam("now")).returning(Unit.id, Unit.deadline_at))
 _BEAT_PROGRESS = update(Unit).where(Unit.id == bindparam("u"), Unit.provider == bindparam("p"),
                                     Unit.status == "assigned").values(steps_done=bindparam("steps"))
 
@@ -819,8 +838,10 @@ def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) 
         raise NotFound(f"provider {provider} is not registered")
     if body.unit_id is not None and conn.execute(_BEAT_PROGRESS, params).rowcount != 1:
         raise Conflict(f"unit {body.unit_id} is not assigned to {provider}")
-    units = list(conn.execute(_BEAT_UNITS, params).scalars())
-    return {"units": units, "deadline": now + rt.settings.unit_timeout_s}
+    units = conn.execute(_BEAT_UNITS, params).all()
+    # deadline: the next heartbeat's; due: when each unit must be submitted by, however often we hear from it
+    return {"units": [u for u, _ in units], "deadline": now + rt.settings.unit_timeout_s,
+            "due": {u: due for u, due in units}}
 
 
 def sweep(rt: Runtime) -> dict[str, int]:
@@ -848,15 +869,18 @@ def sweep(rt: Runtime) -> dict[str, int]:
 
 
 def reap(rt: Runtime) -> int:
-    """Assigned units whose provider missed its heartbeat deadline are taken from it: the dropout's reliability drops
-    (a higher effective price from now on) and it is excluded from the unit; the unit restarts from its last verified
-    checkpoint (the job's current global model) on the cheapest eligible standby right away, or goes back to the
-    pool for the next matching round when no spare provider fits. Returns how many units were taken back."""
-    cutoff = now_s() - rt.settings.unit_timeout_s
+    """Assigned units whose provider missed its heartbeat deadline, or the unit's own deadline (alive but stuck, or
+    holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
+    price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
+    job's current global model) on the cheapest eligible standby right away, or goes back to the pool for the next
+    matching round when no spare provider fits. Returns how many units were taken back."""
+    now = now_s()
+    cutoff = now - rt.settings.unit_timeout_s
     n = 0
     with rt.sessions.begin() as s:
+        silent = func.coalesce(Unit.heartbeat_at, Unit.assigned_at) < cutoff
         stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
-            Unit.status == "assigned", func.coalesce(Unit.heartbeat_at, Unit.assigned_at) < cutoff)).all()
+            Unit.status == "assigned", silent | (Unit.deadline_at < now))).all()
         offers = _offers(s) if stale else []
         for u, job in stale:
             dropped = u.provider
@@ -865,14 +889,16 @@ def reap(rt: Runtime) -> int:
             assert prov is not None
             u.excluded = sorted(set(u.excluded or []) | {dropped})
             u.status, u.provider, u.price, u.rank = "pending", None, None, None
-            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped)
+            late = u.deadline_at is not None and u.deadline_at < now and (u.heartbeat_at or u.assigned_at or 0) >= cutoff
+            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
+                reason=f"not submitted by its deadline ({u.deadline_at})" if late else "no heartbeat")
             demand = _demand(rt, u, job)
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
             prov.dropped = move.dropped_reliability.dropped
             if move.replacement is not None:
                 r = move.replacement
-                _assign(s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")
+                _assign(rt, s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):

@@ -24,7 +24,7 @@ from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
 from node.device import benchmark, probe
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
-from protocol.errors import GridMintValueError
+from protocol.errors import GridMintError, GridMintValueError
 from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
@@ -49,6 +49,11 @@ def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -
     deployment = Deployment(chain_id=int(cfg["chain_id"]), token=cfg["token"], staking=cfg["staking"],
                             escrow=cfg["escrow"], treasury=cfg["treasury"], distributor=cfg.get("distributor"))
     return GridMintContracts(Chain.http(chain_url), deployment, account)
+
+
+class UnitWithdrawn(GridMintError):
+    """The marketplace took back the unit being trained (its deadline passed, or a heartbeat was missed): training it
+    further would earn nothing."""
 
 
 class Stopper:
@@ -77,6 +82,10 @@ class ProviderAgent:
         # training thread between two steps (a long unit must not outlast the reveal deadline)
         self._ask: dict[str, Any] | None = None
         self._ask_lock = threading.Lock()
+        # the training thread's progress, reported by the heartbeat thread; and why the marketplace took the unit
+        # back, if it did (the training thread stops at the next step)
+        self._steps = 0
+        self._withdrawn: str | None = None
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 
@@ -110,8 +119,18 @@ class ProviderAgent:
         unit_dir.mkdir(parents=True, exist_ok=True)
         start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
         start, _ = checkpoint.load(start_path)
+        self._steps, self._withdrawn = 0, None
+        if work.get("due"):
+            self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in {int(work['due']) - int(time.time())} s")
         with self.heartbeats(spec.unit_id):
-            result = self.trainer(spec, model_only(start), unit_dir)
+            try:
+                result = self.trainer(spec, model_only(start), unit_dir)
+            except UnitWithdrawn as exc:
+                self.say(f"[yellow]stopped training unit {spec.unit_id[:10]} after {self._steps} steps: {exc}[/]")
+                return True
+            if self._withdrawn is not None:  # taken back as the last step ended: uploading would earn nothing
+                self.say(f"[yellow]not submitting unit {spec.unit_id[:10]}: {self._withdrawn}[/]")
+                return True
             segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
             final_blob = self.client.put_blob(result.final_path)
         signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
@@ -153,7 +172,11 @@ class ProviderAgent:
     def _between_steps(self, step: int, loss: float) -> None:
         """Called by the trainer after every optimizer step, on the training thread: answer a reveal the heartbeat
         thread saw. The replay nests in the trainer's deterministic block (same thread, reentrant lock; torch's
-        thread count and flags are restored) and touches none of the unit's tensors: its bits do not change."""
+        thread count and flags are restored) and touches none of the unit's tensors: its bits do not change. Stops
+        the unit (:class:`UnitWithdrawn`) once the marketplace has taken it back."""
+        self._steps = step + 1
+        if self._withdrawn is not None:
+            raise UnitWithdrawn(self._withdrawn)
         if self._ask is None:  # the common case: no lock taken
             return
         with self._ask_lock:
@@ -171,7 +194,9 @@ class ProviderAgent:
     @contextmanager
     def heartbeats(self, unit_id: str) -> Iterator[None]:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
-        a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby."""
+        a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby, and so does one that has not
+        submitted it by its deadline. Each beat reports the steps trained so far; a beat the marketplace refuses
+        because the unit is no longer ours (409) stops the training at its next step."""
         timeout = int(self.client.config.get("unit_timeout_s", 120))
         interval = min(15.0, max(0.5, timeout / 4))
         done = threading.Event()
@@ -179,7 +204,13 @@ class ProviderAgent:
         def beat() -> None:
             while not done.wait(interval):
                 try:
-                    self.client.heartbeat(unit_id)
+                    try:
+                        self.client.heartbeat(unit_id, self._steps)
+                    except MarketError as exc:
+                        if exc.status != 409:
+                            raise
+                        self._withdrawn = f"the marketplace took it back ({exc.detail})"
+                        return
                     if self._ask is None:
                         ask = self.client.next_reveal()
                         with self._ask_lock:

@@ -3,6 +3,7 @@ stake -> register -> match -> train + prove -> verify -> (slash) -> settle -> cl
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sqlalchemy import select
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
-from node.trainer import UnitSpec
+from node.trainer import UnitSpec, train_unit
 from node.verifier_agent import VerifierAgent
 from protocol.errors import ChainError, ChainUnavailable
 from protocol.money import tokens
@@ -651,6 +652,80 @@ def test_silent_provider_loses_its_unit_to_a_standby_and_heartbeats_keep_it(mark
     with pytest.raises(MarketError) as err:
         flaky.client.heartbeat(moved.id)
     assert err.value.status == 409
+
+
+def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_provider_is(market,
+                                                                                         tmp_path: Path) -> None:
+    """A provider that keeps heartbeating but never finishes (stuck, or sitting on the unit) loses it at its deadline,
+    set at assignment from its throughput (here: the floor, 2 s): reliability hit, excluded, a standby takes the
+    unit at once. The node, told by its next heartbeat, stops training at the next step and submits nothing; the
+    job completes on the standby."""
+    from marketplace import service
+
+    market.rt.settings.unit_timeout_s = 2  # the node heartbeats every 0.5 s
+    market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 2, 1
+    slow = provider(market, tmp_path, "slow", "eu-north", "0.6")
+    spare = provider(market, tmp_path, "spare", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    unit = next(u for u in httpx.get(f"{market.url}/jobs/{job_id}").json()["units"])
+    assert unit["provider"] == slow.account.address and unit["due"] is not None
+    with market.rt.sessions() as s:
+        expect = service.unit_seconds(spec, s.get(Provider, slow.account.address).tokens_per_s)
+    assert 1 <= unit["due"] - int(time.time()) <= max(2, expect)
+    train = slow.trainer
+
+    def crawl(spec, start, workdir):  # 0.3 s a step: 6 s for the unit, three times its deadline
+        def step(i: int, loss: float) -> None:
+            time.sleep(0.3)
+            slow._between_steps(i, loss)
+        return train_unit(spec, start, workdir, on_step=step)
+
+    slow.trainer = crawl
+    reaped: list[int] = []
+
+    def reaper() -> None:  # the beat task the fixture does not run
+        end = time.monotonic() + 30
+        while not reaped and time.monotonic() < end:
+            time.sleep(0.25)
+            if service.reap(market.rt):
+                reaped.append(1)
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    assert slow.work_once() is True
+    thread.join()
+    slow.trainer = train
+    assert reaped and 0 < slow._steps < spec.steps_per_unit  # stopped part-way, told by a refused heartbeat
+    assert slow._withdrawn is not None and "not assigned" in slow._withdrawn
+    timed_out = _events(market, "unit_timed_out")
+    assert [e["provider"] for e in timed_out] == [slow.account.address]
+    assert timed_out[0]["reason"].startswith("not submitted by its deadline")
+    with market.rt.sessions() as s:
+        u = s.get(Unit, unit["unit_id"])
+        assert (u.provider, u.status, u.excluded) == (spare.account.address, "assigned", [slow.account.address])
+        assert u.steps_done == 0 and s.get(Provider, slow.account.address).dropped == 1
+    assert any(e["how"] == f"standby for {slow.account.address}" for e in _events(market, "unit_assigned"))
+    market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 3600, 4
+    drive(market, [slow, spare], verifier, job_id)
+    with market.rt.sessions() as s:
+        paid = {e.provider for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))}
+    assert paid == {spare.account.address}
+
+
+def test_heartbeats_report_a_units_progress(market, tmp_path: Path) -> None:
+    """Each heartbeat carries the steps trained so far; the job's view shows them, with the unit's deadline."""
+    node = provider(market, tmp_path, "node", "us-east", "0.9")
+    job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8,
+                                        max_price=tokens(2)))
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    unit_id = httpx.get(f"{market.url}/jobs/{job_id}").json()["units"][0]["unit_id"]
+    beat = node.client.heartbeat(unit_id, 7)
+    assert beat["units"] == [unit_id] and beat["due"][unit_id] > time.time()
+    view = httpx.get(f"{market.url}/jobs/{job_id}").json()["units"][0]
+    assert (view["steps_done"], view["due"]) == (7, beat["due"][unit_id])
 
 
 def _events(market, kind: str) -> list[dict]:
