@@ -1,13 +1,14 @@
 """What a marketplace process needs at run time, built once by whoever starts the process and passed down."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.blobs import BlobStore
 from marketplace.settings import Settings
+from marketplace.stakes import StakeCache
 
 Enqueue = Callable[[str, list[Any]], None]
 
@@ -20,6 +21,7 @@ class Runtime:
     chain_id: int
     contracts: Any  # ledger.evm.GridMintContracts acting as the marketplace operator
     enqueue: Enqueue  # send a Celery task by name
+    stakes: StakeCache = field(default_factory=StakeCache)  # recent stake reads (marketplace.stakes)
 
 
 _current: Runtime | None = None

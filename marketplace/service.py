@@ -211,24 +211,29 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         return got
 
 
-def _stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then: str) -> tuple[int | None, str]:
+def _stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then: str,
+                 fresh: bool = False) -> tuple[int | None, str]:
     """``address``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is less
     than ``need`` ("" if it is enough). A stake read once at registration is not enough: it could be unbonded after
-    and the account go on working with nothing left to slash. None if the chain cannot be reached: the last stake
-    read stands (an outage must not stall work; unbonding stake stays slashable for a week)."""
+    and the account go on working with nothing left to slash. A read that showed enough is reused for
+    ``stake_read_ttl_s`` unless ``fresh`` (``marketplace.stakes``). None if the chain cannot be reached: the last
+    stake read stands (an outage must not stall work; unbonding stake stays slashable for a week)."""
+    if not fresh and (seen := rt.stakes.enough(address, need, rt.settings.stake_read_ttl_s)) is not None:
+        return seen, ""
     try:
         stake = rt.contracts.stake_of(address)
     except ChainUnavailable:
         return None, ""
+    rt.stakes.put(address, stake)
     if stake >= need:
         return stake, ""
     return stake, (f"{role} {address} has {format_tokens(stake)} staked; {role}s get {gets} only while staking at "
                    f"least {format_tokens(need)} {then}")
 
 
-def _provider_stake(rt: Runtime, provider: str) -> tuple[int | None, str]:
+def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[int | None, str]:
     return _stake_short(rt, "provider", provider, rt.settings.min_stake, "work",
-                        "(its stake backs every unit until the unit is verified)")
+                        "(its stake backs every unit until the unit is verified)", fresh)
 
 
 def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
@@ -275,8 +280,9 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
 
 def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     """Cheap, complete structural checks now; a sampled replay by a verifier later. A result whose provider's stake
-    fell below the minimum while it trained is refused and its unit goes back to the pool: nothing would back it."""
-    stake, short = _provider_stake(rt, provider)
+    fell below the minimum while it trained is refused and its unit goes back to the pool: nothing would back it
+    (read from the chain now, not from a recent poll's read)."""
+    stake, short = _provider_stake(rt, provider, fresh=True)
     if short:
         with rt.sessions.begin() as s:
             unit = s.get(Unit, body.unit_id)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # more than `verifier_overruled_share` of all its verdicts. Honest drift across plans disputes ~4-6% of segments
     verifier_overruled_floor: int = Field(default=5, ge=1)
     verifier_overruled_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    # how long a stake read that showed enough is reused by polls for work and tasks (marketplace.stakes); 0 reads
+    # the chain on every request
+    stake_read_ttl_s: float = Field(default=10.0, ge=0.0)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     # a unit not submitted by its deadline is reassigned even while its provider heartbeats (stuck, or holding it):
     # the deadline is `unit_deadline_factor` times the time the provider's throughput says the unit (and the units

@@ -253,6 +253,48 @@ def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_st
         assert s.scalars(select(Unit).where(Unit.job_id == job_id)).one().status == "submitted"
 
 
+def test_polls_reuse_a_recent_stake_read_and_a_submission_reads_the_chain_again(market, tmp_path: Path) -> None:
+    """Polling for work reads the provider's stake from the chain once per ``stake_read_ttl_s``, not once a poll;
+    a stake found short is read again at every poll (staking up counts at once), and a submitted result always
+    reads it again: a provider that unbonded below the minimum within the window has its result refused."""
+    market.rt.settings.stake_read_ttl_s = 60
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    read, reads = market.rt.contracts.stake_of, []
+
+    def counted(address: str) -> int:  # the real chain read, counted
+        reads.append(address)
+        return read(address)
+
+    market.rt.contracts.stake_of = counted
+    try:
+        for _ in range(20):
+            assert p.client.next_work() is None
+        assert reads == [p.account.address]  # one read for twenty polls
+        job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5,
+                                            batch_size=8, max_price=tokens(2)))
+        market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+        train = p.trainer
+
+        def unbond_while_training(*args):  # 50 GMT left of 200: the minimum is 100
+            p.contracts.request_unbond(tokens(150))
+            return train(*args)
+
+        p.trainer = unbond_while_training
+        with pytest.raises(MarketError) as err:
+            p.work_once()  # the poll that fetched the unit used the cached read; the submission read the chain
+        assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
+        assert len(reads) == 2
+        p.trainer = train
+        for _ in range(3):  # short: read again every time
+            with pytest.raises(MarketError):
+                p.client.next_work()
+        assert len(reads) == 5
+        p.contracts.stake(tokens(100))
+        market.wait(lambda: p.work_once(), what="work at the first poll after staking up")
+    finally:
+        market.rt.contracts.stake_of = read
+
+
 def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the_cheat(market, tmp_path: Path) -> None:
     """A verifier whose machine does not replay bit for bit (here: gradients in two micro-batches) checks within its
     calibrated tolerance against the provider's end checkpoint: honest segments pass although no replayed hash
