@@ -434,7 +434,8 @@ def _address(text: str) -> str:
 def provider_view(p: Provider) -> dict[str, Any]:
     return {"address": p.address, "region": p.region, "gpu": p.gpu, "vram_mb": p.vram_mb, "price": str(p.price),
             "tokens_per_s": p.tokens_per_s, "stake": str(p.stake), "status": p.status, "assigned": p.assigned,
-            "completed": p.completed, "dropped": p.dropped}
+            "completed": p.completed, "dropped": p.dropped, "verified_streak": p.verified_streak,
+            "trusted": p.verified_streak >= verification.TRUST_AFTER_UNITS}
 
 
 def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:

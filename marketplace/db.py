@@ -64,6 +64,8 @@ class Provider(Base):
     assigned: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     dropped: Mapped[int] = mapped_column(Integer, default=0)
+    # units verified in a row with at least one segment replayed (reset by a timeout): the trusted-host record
+    verified_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
 

@@ -122,6 +122,12 @@ class Faith:
     reason: str
 
 
+def _hex0x(h: str) -> str:
+    """A hash written either way (with or without 0x, any case) as lowercase 0x-hex, to compare."""
+    h = h.lower()
+    return h if h.startswith("0x") else "0x" + h
+
+
 def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_hash: str) -> Faith:
     """Judge the accusation behind a dispute ``ruling`` cleared (``ruling.fraud`` is False), from the referee's own
     replay in that ruling: no segment is replayed again.
@@ -138,11 +144,11 @@ def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_h
     assert ruling.fraud is False, ruling
     if verifier_plan != REFEREE_PLAN:
         return Faith(False, False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}")
-    want = replayed_hash.lower() if replayed_hash.startswith("0x") else "0x" + replayed_hash.lower()
+    want = _hex0x(replayed_hash)
     if plan == verifier_plan:
         return Faith(False, True, f"checked bit for bit on plan {plan.label}: the referee's replay matches the "
                                   f"provider's claim, and the verifier signed a replay ending in {want[:12]}")
-    got = ruling.look_hash.lower() if ruling.look_hash.startswith("0x") else "0x" + ruling.look_hash.lower()
+    got = _hex0x(ruling.look_hash)
     if got != want:
         return Faith(False, True, f"the verifier signed a replay ending in {want[:12]}, the referee's on "
                                   f"{verifier_plan.label} ends in {got[:12]}")

@@ -304,6 +304,9 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         spec = unit_spec(job, unit)
         level = JobSpec.model_validate(job.spec).verification
         global_blob = job.global_blob
+        prov = s.get(Provider, provider)
+        assert prov is not None and unit.price is not None
+        streak, price, backing = prov.verified_streak, unit.price, prov.stake if stake is None else stake
     plan = Plan.parse(body.plan)
     if not referee.refereeable(plan):
         raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
@@ -329,8 +332,12 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         raise ProofError("final checkpoint does not hash to the committed final hash")
     # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
     # the rest drawn with a seed the provider could not know when it signed (protocol.verification).
-    picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments],
-                                           verification.level_rate(level), secrets.token_bytes(32))
+    # A trusted host (a record of verified units) is sampled at half the rate where that keeps a 1% cheat's odds
+    # of being caught within its stake at 0.99 or better (protocol.verification.sampling_rate).
+    rate, trusted = verification.sampling_rate(level, consecutive_verified=streak, n_segments=len(proof.segments),
+                                               unit_price=price, stake=backing)
+    picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments], rate,
+                                           secrets.token_bytes(32))
     with rt.sessions.begin() as s:
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
@@ -343,7 +350,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
-            sampled=picks, final_loss=body.losses[-1] if body.losses else None)
+            sampled=picks, rate=str(rate), trusted=trusted, final_loss=body.losses[-1] if body.losses else None)
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
@@ -511,6 +518,10 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
     prov = s.get(Provider, unit.provider)
     assert prov is not None
     prov.completed += 1
+    replayed = s.scalar(select(func.count()).select_from(Verification).where(
+        Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.canary.is_(None)))
+    if replayed:  # a unit nobody replayed (level "none") builds no record
+        prov.verified_streak += 1
     s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
     log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price))
 
@@ -902,6 +913,7 @@ def reap(rt: Runtime) -> int:
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
             prov.dropped = move.dropped_reliability.dropped
+            prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:
                 r = move.replacement
                 _assign(rt, s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")

@@ -149,9 +149,13 @@ class ProviderAgent:
         ask = self.client.next_reveal()
         if ask is None:
             return False
-        self.client.reveal(self.answer(ask))
-        self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute")
+        self._reveal(ask)
         return True
+
+    def _reveal(self, ask: dict[str, Any], where: str = "") -> None:
+        self.client.reveal(self.answer(ask))
+        self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute"
+                 f"{where}")
 
     def answer(self, ask: dict[str, Any]) -> dict[str, Any]:
         """The signed reveal body for a referee's ``ask`` (from ``/reveals/next``); uploads the state's checkpoint."""
@@ -184,12 +188,9 @@ class ProviderAgent:
         if ask is None:
             return
         try:
-            self.client.reveal(self.answer(ask))
+            self._reveal(ask, f", between steps {step} and {step + 1} of the unit in training")
         except (MarketError, httpx.HTTPError) as exc:  # asked again after this unit (reveal_once), if still open
             self.say(f"[yellow]reveal during training failed: {exc}[/]")
-            return
-        self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute, "
-                 f"between steps {step} and {step + 1} of the unit in training")
 
     @contextmanager
     def heartbeats(self, unit_id: str) -> Iterator[None]:

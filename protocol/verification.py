@@ -13,9 +13,11 @@ chance of that. With ``n`` = 2,048 one-step segments and the standard rate, a pr
 one unit with p ≈ 0.72 and 21 units in a row with p ≈ 0.0009. That is why units are long and commitments fine-grained:
 the sampling rate alone cannot do it at 2% cost, the number of committed transitions per unit can.
 
-Trust (BOINC's adaptive replication): a host with a long record of verified units is sampled at half the rate. A
-trusted host that turns cheater still faces :func:`catch_within` at the halved rate, and its record (and stake) is
-what it risks.
+Trust (BOINC's adaptive replication): a host with a long record of verified units (each with at least one segment
+replayed) is sampled at half the rate, but only where the halved rate still catches a provider faking 1% of a unit's
+segments before its unearned pay exceeds its stake with probability at least 0.99 (:func:`sampling_rate`): trust
+must not buy a cheat better odds than the target. So the discount goes to trusted hosts whose stake covers more
+units (a unit of 2,048 segments at the standard rate needs 34x the unit price staked, against 20x without it).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ LEVELS: dict[str, Fraction] = {
 }
 TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as trusted
 TRUSTED_DISCOUNT = Fraction(1, 2)
+#: The catch probability (1% of segments faked, within the stake horizon) the trusted discount must keep.
+TRUSTED_MIN_CATCH = Fraction(99, 100)
 TARGETED_SHARE = Fraction(1, 8)  # of the budget, spent on the most anomalous committed losses
 #: Share of a verifier's tasks that are planted known-bad segments (marketplace.canary). Each costs the verifier one
 #: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets
@@ -157,12 +161,34 @@ def quote(level: str, *, n_segments: int, unit_price: int, stake: int) -> Verifi
     rate = level_rate(level)
     k = challenge_budget(n_segments, rate)
     fee = -(-unit_price * k // n_segments)
-    bad = max(1, math.ceil(n_segments / 100))
     # Conservative: count only the uniform picks (segment 0 and the targeted ones may miss a careful forger).
+    return VerificationQuote(level, rate, k, fee, _catch_1pct(n_segments, rate, 1),
+                             _catch_1pct(n_segments, rate, stake_horizon(stake, unit_price)))
+
+
+def sampling_rate(level: str, *, consecutive_verified: int, n_segments: int, unit_price: int,
+                  stake: int) -> tuple[Fraction, bool]:
+    """The replay share for one submitted unit, and whether the trusted-host discount applied: ``level_rate`` with
+    the host's record, unless the halved rate would catch a provider faking 1% of the unit's ``n_segments`` within
+    its stake horizon (``stake`` / ``unit_price``) with probability under :data:`TRUSTED_MIN_CATCH` while the
+    level's own rate does not: then the level's rate (counted as :func:`quote` counts it, uniform picks only)."""
+    rate = level_rate(level)
+    trusted = level_rate(level, consecutive_verified)
+    if trusted == rate:
+        return rate, False
+    if challenge_budget(n_segments, trusted) == challenge_budget(n_segments, rate):
+        return trusted, True  # the same number of picks either way
+    horizon = stake_horizon(stake, unit_price)
+    if _catch_1pct(n_segments, trusted, horizon) >= min(TRUSTED_MIN_CATCH, _catch_1pct(n_segments, rate, horizon)):
+        return trusted, True
+    return rate, False
+
+
+def _catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
+    k = challenge_budget(n_segments, rate)
+    bad = max(1, math.ceil(n_segments / 100))
     uniform = k if k >= n_segments else max(0, k - 1 - math.floor(k * TARGETED_SHARE))
-    one = 1 - miss_probability(n_segments, bad, uniform)
-    return VerificationQuote(level, rate, k, fee, one,
-                             catch_within(n_segments, bad, uniform, stake_horizon(stake, unit_price)))
+    return catch_within(n_segments, bad, uniform, horizon)
 
 
 def plant_canaries(n_tasks: int, seed: int | bytes, rate: Fraction = CANARY_RATE) -> list[bool]:

@@ -19,8 +19,8 @@ What runs (all real training and real replays on this machine; the trials only r
    the share of its wall time its training loop spent on commitments.
 5. Planted canaries (the marketplace's own, ``marketplace.canary``): an honest verifier replays forged ones (all must
    be flagged); a lazy verifier that approves everything meets its first one after a number of tasks (reported).
-6. ``--drift-jobs``: honest drift across plans at the demo job's shape, every dispute refereed and judged for good
-   faith (:func:`run_drift`).
+6. ``--drift-jobs``: honest drift across plans at the demo job's shape (``--drift-shapes`` for more), every dispute
+   refereed and judged for good faith, and how near the referee's loss rule came to convicting (:func:`run_drift`).
 
 ``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
 with bf16 autocast and torch.compile, committing every ``--gpu-commit-every`` steps.
@@ -412,8 +412,9 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
 
 
 def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """Honest cross-plan drift at the demo job's shape, as the running marketplace sees it: ``--drift-jobs`` jobs
-    (random ids, so random data orders) of 3 units x 60 steps (segments of 15, batch 16, the default model), trained
+    """Honest cross-plan drift at the demo job's shape (or each of ``--drift-shapes``), as the running marketplace
+    sees it: ``--drift-jobs`` jobs per shape (random ids, so random data orders) of 3 units (by default 60 steps in
+    segments of 15, batch 16; the default model), trained
     on micro-batches (``cpu/mb2``) for ``--drift-rounds`` DiLoCo rounds (each round from the average of the last),
     every segment checked by a ``cpu`` verifier with the tolerance it calibrates (``tolerance_for``). Each dispute
     is refereed as ``marketplace.referee.rule`` does (loss rule, bisection on honest reveals, one-step replay) and
@@ -425,44 +426,58 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
 
     prov, ver = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")
     cfg = ModelConfig()  # the JobSpec default
-    steps, seg_len, units = 60, 15, 3
+    units = 3
     margins: list[float] = []
     disputes = slashed = faith = benched = old_margin_bonds = 0
-    ref_worst = 0.0
+    ref_worst = loss_worst = 0.0
+    by_shape: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
-    for j in range(a.drift_jobs):
-        job = "0x" + os.urandom(32).hex()
-        start = init_state(cfg, 0)
-        for r in range(a.drift_rounds):
-            ends = []
-            for u in range(units):
-                spec = UnitSpec(job_id=job, unit_id=unit_id_for(job, r, u), round=r, shard=u, n_shards=units, model=cfg,
-                                steps=steps, segment_len=seg_len, batch_size=16, lr=3e-3, seed=r, threads=1)
-                tol = cc.tolerance_for(spec, ver, provider_plan=prov)
-                states, _, proof = cc.record_policy(spec, start, plan=prov)
-                runner = cc.PlanRunner(spec, fresh_state(start), ver)
-                for s in range(spec.n_segments):
-                    a0, a1 = states[s * seg_len], states[(s + 1) * seg_len]
-                    v = cc.check_segment_across(spec, proof, s, a0, a1, tol, runner)
-                    margins.append(v.distance / v.threshold)
-                    if v.ok:
-                        continue
-                    disputes += 1
-                    old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
-                    # as rule: from the check's own replay
-                    lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro, v.state_over)
-                    reveal = cc.RecordedReveal(states)
-                    d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
-                    rv = cc.referee_step(spec, d, reveal, tol, runner)
-                    ref_worst = max(ref_worst, rv.distance / rv.threshold)
-                    slashed += lv.fraud or rv.fraud
-                    again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
-                    faith += (not again.ok) and again.replayed_hash == v.replayed_hash
-                    benched += again.ok or again.replayed_hash != v.replayed_hash  # proven false: never, if honest
-                ends.append(model_only(states[-1]))
-            start = average_states(ends)
-        log(f"drift: job {j + 1}/{a.drift_jobs}, {len(margins)} segments, {disputes} disputed, worst "
-            f"{max(margins):.3g} x tolerance ({time.perf_counter() - t0:.0f} s)")
+    for shape in a.drift_shapes.split(","):
+        steps, seg_len, batch = (int(x) for x in shape.split("x"))
+        mine: list[float] = []
+        mine_loss = 0.0
+        mine_disputes = 0
+        for j in range(a.drift_jobs):
+            job = "0x" + os.urandom(32).hex()
+            start = init_state(cfg, 0)
+            for r in range(a.drift_rounds):
+                ends = []
+                for u in range(units):
+                    spec = UnitSpec(job_id=job, unit_id=unit_id_for(job, r, u), round=r, shard=u, n_shards=units,
+                                    model=cfg, steps=steps, segment_len=seg_len, batch_size=batch, lr=3e-3, seed=r,
+                                    threads=1)
+                    tol = cc.tolerance_for(spec, ver, provider_plan=prov)
+                    states, _, proof = cc.record_policy(spec, start, plan=prov)
+                    runner = cc.PlanRunner(spec, fresh_state(start), ver)
+                    for s in range(spec.n_segments):
+                        a0, a1 = states[s * seg_len], states[(s + 1) * seg_len]
+                        v = cc.check_segment_across(spec, proof, s, a0, a1, tol, runner)
+                        mine.append(v.distance / v.threshold)
+                        # the loss rule on every honest segment (disputed or not): how near it came to convicting
+                        lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro, v.state_over)
+                        mine_loss = max(mine_loss, lv.distance / lv.threshold)
+                        if v.ok:
+                            continue
+                        mine_disputes += 1
+                        old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
+                        reveal = cc.RecordedReveal(states)
+                        d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
+                        rv = cc.referee_step(spec, d, reveal, tol, runner)
+                        ref_worst = max(ref_worst, rv.distance / rv.threshold)
+                        slashed += lv.fraud or rv.fraud
+                        again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
+                        faith += (not again.ok) and again.replayed_hash == v.replayed_hash
+                        benched += again.ok or again.replayed_hash != v.replayed_hash  # proven false: never, if honest
+                    ends.append(model_only(states[-1]))
+                start = average_states(ends)
+            log(f"drift {shape}: job {j + 1}/{a.drift_jobs}, {len(mine)} segments, {mine_disputes} disputed, worst "
+                f"{max(mine):.3g} x tolerance, loss rule at {mine_loss:.3g} of its line ({time.perf_counter() - t0:.0f} s)")
+        by_shape[shape] = {"segments": len(mine), "disputes": mine_disputes,
+                           "worst_over_tolerance": float(f"{max(mine):.3g}") if mine else 0.0,
+                           "loss_rule_worst": float(f"{mine_loss:.3g}")}
+        margins += mine
+        disputes += mine_disputes
+        loss_worst = max(loss_worst, mine_loss)
     ordered = sorted(margins)
     out = {"drift_jobs": a.drift_jobs, "drift_rounds": a.drift_rounds, "drift_segments": len(margins),
            "drift_disputes": disputes, "drift_dispute_rate": round(disputes / max(1, len(margins)), 4),
@@ -471,11 +486,13 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
            "drift_bonds_lost_at_margin_4": old_margin_bonds, "drift_good_faith": faith,
            "drift_verifiers_benched": benched,
            "drift_false_slash": slashed, "drift_referee_worst": float(f"{ref_worst:.3g}"),
+           "drift_loss_rule_worst": float(f"{loss_worst:.3g}"), "drift_by_shape": by_shape,
            "drift_s": round(time.perf_counter() - t0, 1)}
     log(f"drift: {disputes} of {len(margins)} honest segments disputed ({out['drift_dispute_rate']}), worst "
         f"{out['drift_worst_over_tolerance']} x tolerance; {faith} of {disputes} reproduced in good faith (bond "
         f"released; at the old bond margin 4, {old_margin_bonds} bonds lost); {slashed} slashed, referee worst "
-        f"{out['drift_referee_worst']} x its threshold")
+        f"{out['drift_referee_worst']} x its threshold; the loss rule at worst {out['drift_loss_rule_worst']} of the "
+        f"line past which it convicts")
     return out
 
 
@@ -522,6 +539,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only-cross", action="store_true", help="run only the cross-plan section (CPU plans)")
     p.add_argument("--drift-jobs", type=int, default=0, help="demo-shaped jobs for the honest-drift section (0: skip)")
     p.add_argument("--drift-rounds", type=int, default=1, help="DiLoCo rounds per drift job")
+    p.add_argument("--drift-shapes", default="60x15x16",
+                   help="comma-separated unit shapes STEPSxSEGMENTxBATCH for the drift section (each gets --drift-jobs)")
     p.add_argument("--only-drift", action="store_true", help="run only the honest-drift section")
     a = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -708,6 +708,8 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
     market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 2, 1
     slow = provider(market, tmp_path, "slow", "eu-north", "0.6")
     spare = provider(market, tmp_path, "spare", "us-east", "0.9")
+    with market.rt.sessions.begin() as s:
+        s.get(Provider, slow.account.address).verified_streak = 7
     verifier = staked_verifier(market, tmp_path, "verifier")
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
@@ -748,13 +750,37 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
     with market.rt.sessions() as s:
         u = s.get(Unit, unit["unit_id"])
         assert (u.provider, u.status, u.excluded) == (spare.account.address, "assigned", [slow.account.address])
-        assert u.steps_done == 0 and s.get(Provider, slow.account.address).dropped == 1
+        dropout = s.get(Provider, slow.account.address)
+        assert u.steps_done == 0 and dropout.dropped == 1 and dropout.verified_streak == 0  # its record starts over
     assert any(e["how"] == f"standby for {slow.account.address}" for e in _events(market, "unit_assigned"))
     market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 3600, 4
     drive(market, [slow, spare], verifier, job_id)
     with market.rt.sessions() as s:
         paid = {e.provider for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))}
     assert paid == {spare.account.address}
+
+
+def test_a_trusted_host_is_sampled_at_half_the_rate_and_its_record_grows_with_each_checked_unit(market,
+                                                                                                tmp_path: Path) -> None:
+    """A provider with TRUST_AFTER_UNITS units verified in a row gets half the replays (paranoid on 40 one-step
+    segments: 2 instead of 4; its 200 GMT staked against a 0.9 GMT unit keeps a 1% cheat's odds of being caught
+    within its stake at 0.9965), and each verified unit that was replayed adds to its record."""
+    from protocol.verification import TRUST_AFTER_UNITS
+
+    host = provider(market, tmp_path, "host", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    with market.rt.sessions.begin() as s:
+        s.get(Provider, host.account.address).verified_streak = TRUST_AFTER_UNITS
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=40, segment_len=1, batch_size=8, max_price=tokens(2),
+                   verification="paranoid")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [host], 1)
+    sub = _events(market, "unit_submitted")[-1]
+    assert (sub["trusted"], sub["rate"], len(sub["sampled"])) == (True, "1/20", 2)
+    drive(market, [host], verifier, job_id)
+    assert len(_rows(market)) == 2 and all(v.status == "passed" for v in _rows(market))
+    view = httpx.get(f"{market.url}/providers/{host.account.address}").json()
+    assert (view["verified_streak"], view["trusted"]) == (TRUST_AFTER_UNITS + 1, True)
 
 
 def test_heartbeats_report_a_units_progress(market, tmp_path: Path) -> None:

@@ -21,6 +21,33 @@ def test_levels_and_trust() -> None:
         vp.level_rate("lax")
 
 
+def test_trusted_hosts_are_sampled_less_only_where_a_cheat_still_loses_its_stake() -> None:
+    """The discount never takes a 1% cheat's odds of being caught within its stake below 0.99: a trusted host on a
+    long unit (2,048 one-step segments) at the standard rate gets it with 40x the unit price staked, not with 20x
+    (the halved rate would catch a 1% cheat within 21 units with p = 0.94)."""
+    trusted = vp.TRUST_AFTER_UNITS
+    half, full = Fraction(8, 1000), Fraction(16, 1000)
+    kw = {"n_segments": 2048, "unit_price": 10}
+    assert vp.sampling_rate("standard", consecutive_verified=trusted, stake=400, **kw) == (half, True)
+    assert vp.sampling_rate("standard", consecutive_verified=trusted, stake=200, **kw) == (full, False)
+    assert vp.sampling_rate("standard", consecutive_verified=trusted - 1, stake=10**6, **kw) == (full, False)
+    for stake in (200, 300, 330, 340, 400):  # it discounts exactly where the halved rate keeps 0.99
+        _, discounted = vp.sampling_rate("standard", consecutive_verified=trusted, stake=stake, **kw)
+        k = vp.challenge_budget(2048, half)  # 16: segment 0, 2 targeted, 13 uniform
+        caught = vp.catch_within(2048, 21, k - 1 - k // 8, vp.stake_horizon(stake, 10))
+        assert (caught >= Fraction(99, 100)) == discounted, (stake, float(caught))
+    # short units: one pick either way, so the discount costs nothing
+    assert vp.sampling_rate("standard", consecutive_verified=trusted, n_segments=4, unit_price=10,
+                            stake=0) == (half, True)
+    # paranoid on 40 segments: 4 picks or 2. A cheap unit (horizon 223) keeps 0.9965 at 2; a dear one would drop from
+    # 0.83 to 0.44 (never below what the level itself gives)
+    assert vp.sampling_rate("paranoid", consecutive_verified=trusted, n_segments=40, unit_price=9,
+                            stake=2000) == (Fraction(1, 20), True)
+    assert vp.sampling_rate("paranoid", consecutive_verified=trusted, n_segments=40, unit_price=90,
+                            stake=2000) == (Fraction(1, 10), False)
+    assert vp.sampling_rate("full", consecutive_verified=10**6, n_segments=40, unit_price=1, stake=10**9) == (1, False)
+
+
 def test_budget() -> None:
     assert vp.challenge_budget(2048, vp.LEVELS["standard"]) == 32
     assert vp.challenge_budget(10, vp.LEVELS["standard"]) == 1  # at least one

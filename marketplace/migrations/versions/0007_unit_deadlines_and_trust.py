@@ -1,4 +1,5 @@
-"""a unit's deadline: taken back when not submitted by then, however alive its provider looks
+"""a unit's deadline: taken back when not submitted by then, however alive its provider looks; a provider's
+record of units verified in a row (the trusted-host discount)
 
 Revision ID: 0007
 Revises: 0006
@@ -18,8 +19,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('units', schema=None) as batch_op:
         batch_op.add_column(sa.Column('deadline_at', sa.BigInteger(), nullable=True))
+    with op.batch_alter_table('providers', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('verified_streak', sa.Integer(), nullable=False, server_default='0'))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('providers', schema=None) as batch_op:
+        batch_op.drop_column('verified_streak')
     with op.batch_alter_table('units', schema=None) as batch_op:
         batch_op.drop_column('deadline_at')
