@@ -8,7 +8,9 @@ What runs (all real training and real replays on this machine; the trials only r
 2. ``--trials`` trials per adversary: a new provider posts a stake of ``--stake-units`` x the unit price and submits
    cheating units; each unit is checked at the standard level (fresh challenge seed per unit). A trial counts as
    caught if a challenge hits a failing segment before the provider has been paid for more units than its stake
-   covers (pay follows verification, so that is within ``stake_units + 1`` units).
+   covers (pay follows verification, so that is within ``stake_units + 1`` units). The same trials again for a
+   trusted host (``trusted``): sampled at half the rate, from the smallest stake at which the marketplace gives it
+   that discount on this unit shape (``protocol.verification.sampling_rate``).
 3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
    ``false_slash`` counts units with any failing segment.
 4. ``verify_cost_ratio``: compute (CPU seconds) of the standard-level verification of an honest unit of a default
@@ -156,6 +158,15 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out: dict[str, Any] = {"steps_per_unit": a.steps, "segment_len": 1, "standard_rate": float(rate),
                            "challenges_per_unit": vp.challenge_budget(a.steps, rate), "stake_units": a.stake_units,
                            "trials": a.trials, "cheat_fraction": a.fraction, "adversaries": {}}
+    # a trusted host (TRUST_AFTER_UNITS units verified in a row) is sampled at half the rate only with enough stake
+    # (vp.sampling_rate): the smallest stake, in unit prices, at which it gets the discount on this unit shape, and
+    # how often each adversary is caught there at the halved rate
+    trusted_units = next(s for s in range(a.stake_units, 100 * a.stake_units)
+                         if vp.sampling_rate("standard", consecutive_verified=vp.TRUST_AFTER_UNITS, n_segments=a.steps,
+                                             unit_price=1, stake=s)[1])
+    trusted_rate = vp.level_rate("standard", vp.TRUST_AFTER_UNITS)
+    out["trusted"] = {"stake_units": trusted_units, "rate": float(trusted_rate),
+                      "challenges_per_unit": vp.challenge_budget(a.steps, trusted_rate)}
     idx = 1
     for name, (factory, touches, swap) in _adversaries(a.fraction).items():
         pool = a.pool if "steps" in touches and "all" not in touches else 1
@@ -168,23 +179,32 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
             trace, verdicts = traced_with_verdicts(spec, start, factory(spec), first_state=first)
             units.append((spec, [c.loss_micro for c in trace.proof.segments], verdicts))
         failing = [sum(not v for v in u[2]) for u in units]
-        caught_trials, units_checked, units_caught = 0, 0, 0
-        for t in range(a.trials):
-            for u in range(horizon):
-                spec, losses, verdicts = units[(t + u) % len(units)]
-                picks = vp.choose_challenges(spec.unit_id, losses, rate, f"{name}/{t}/{u}".encode())
-                units_checked += 1
-                if any(not verdicts[i] for i in picks):
-                    units_caught += 1
-                    caught_trials += 1
-                    break
+
+        def trials(r: Any, h: int, tag: str) -> tuple[float, float]:
+            caught_trials, units_checked, units_caught = 0, 0, 0
+            for t in range(a.trials):
+                for u in range(h):
+                    spec, losses, verdicts = units[(t + u) % len(units)]
+                    picks = vp.choose_challenges(spec.unit_id, losses, r, f"{name}/{tag}{t}/{u}".encode())
+                    units_checked += 1
+                    if any(not verdicts[i] for i in picks):
+                        units_caught += 1
+                        caught_trials += 1
+                        break
+            return caught_trials / a.trials, round(units_caught / units_checked, 4)
+
+        caught, unit_catch = trials(rate, horizon, "")
+        trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
         res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
-               "caught_rate": caught_trials / a.trials, "unit_catch_rate": round(units_caught / units_checked, 4),
+               "caught_rate": caught, "unit_catch_rate": unit_catch, "trusted_caught_rate": trusted_caught,
                "build_s": round(time.perf_counter() - t0, 1)}
         out["adversaries"][name] = res
         log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
-            f"unit catch {res['unit_catch_rate']:.3f}  ({res['build_s']} s)")
+            f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  ({res['build_s']} s)")
     out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
+    out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
+    log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
+        f"caught rate there {out['trusted']['min_caught_rate']:.3f}")
 
     # honest units: false slashes, across thread counts (trained with t threads, replayed with the other count)
     t0 = time.perf_counter()
