@@ -202,6 +202,24 @@ def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market
     assert market.ops.balance_of(market.deployment.treasury) == tokens(100)
 
 
+def _refused_after_unbonding_while_training(p: ProviderAgent) -> None:
+    """``p`` trains its assigned unit, unbonding 150 of its 200 GMT meanwhile (the minimum is 100): its result is
+    refused (409) and the unit goes back to the pool."""
+    train = p.trainer
+
+    def unbond_while_training(*args):
+        p.contracts.request_unbond(tokens(150))
+        return train(*args)
+
+    p.trainer = unbond_while_training
+    try:
+        with pytest.raises(MarketError) as err:
+            p.work_once()
+    finally:
+        p.trainer = train
+    assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
+
+
 def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_stakes_again(market,
                                                                                           tmp_path: Path) -> None:
     """The stake a provider registered with is read again whenever it asks for work or submits: one that unbonds
@@ -213,17 +231,7 @@ def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_st
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
-    train = p.trainer
-
-    def unbond_while_training(*args):  # 50 GMT left of 200: the minimum is 100
-        p.contracts.request_unbond(tokens(150))
-        return train(*args)
-
-    p.trainer = unbond_while_training
-    with pytest.raises(MarketError) as err:
-        p.work_once()
-    assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
-    p.trainer = train
+    _refused_after_unbonding_while_training(p)
     with pytest.raises(MarketError) as err:
         p.work_once()
     assert err.value.status == 409 and "has 50.0000 GMT staked" in str(err.value.detail)
@@ -273,18 +281,8 @@ def test_polls_reuse_a_recent_stake_read_and_a_submission_reads_the_chain_again(
         job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5,
                                             batch_size=8, max_price=tokens(2)))
         market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
-        train = p.trainer
-
-        def unbond_while_training(*args):  # 50 GMT left of 200: the minimum is 100
-            p.contracts.request_unbond(tokens(150))
-            return train(*args)
-
-        p.trainer = unbond_while_training
-        with pytest.raises(MarketError) as err:
-            p.work_once()  # the poll that fetched the unit used the cached read; the submission read the chain
-        assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
-        assert len(reads) == 2
-        p.trainer = train
+        _refused_after_unbonding_while_training(p)  # the poll that fetched the unit used the cached read
+        assert len(reads) == 2  # the submission read the chain
         for _ in range(3):  # short: read again every time
             with pytest.raises(MarketError):
                 p.client.next_work()
