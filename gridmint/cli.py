@@ -70,6 +70,25 @@ def node_probe() -> None:
     typer.echo(f"{info.kind}: {info.name}, {info.vram_mb} MB; {benchmark(device=info.kind):,} training tokens/s")
 
 
+@node_app.command("status")
+def node_status(
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json",
+) -> None:
+    """Your node's record at the marketplace, as JSON: stake, units assigned / completed / dropped, units verified in
+    a row (``trusted``: sampled at a lower rate), units not yet verified, and pay owed under the newest payout root."""
+    import json
+
+    from node.client import MarketClient
+    from node.wallet import load_or_create
+
+    client = MarketClient(marketplace, load_or_create(wallet))
+    record = client.provider()
+    pay = client.payout()
+    record["payout"] = {k: pay.get(k) for k in ("epoch", "cumulative", "claimed")}
+    typer.echo(json.dumps(record, indent=2))
+
+
 @node_app.command("wallet")
 def node_wallet(wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json") -> None:
     """Create (or open) the node's wallet and print its address."""

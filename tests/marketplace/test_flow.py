@@ -2,6 +2,7 @@
 stake -> register -> match -> train + prove -> verify -> (slash) -> settle -> claim."""
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -779,6 +780,20 @@ def test_a_trusted_host_is_sampled_at_half_the_rate_and_its_record_grows_with_ea
     assert len(_rows(market)) == 2 and all(v.status == "passed" for v in _rows(market))
     view = httpx.get(f"{market.url}/providers/{host.account.address}").json()
     assert (view["verified_streak"], view["trusted"]) == (TRUST_AFTER_UNITS + 1, True)
+    # the node's owner reads the same record with `gridmint node status`
+    from typer.testing import CliRunner
+
+    from gridmint.cli import app
+    from node.wallet import save
+
+    save(host.account, tmp_path / "host.json", "pw")
+    got = CliRunner().invoke(app, ["node", "status", "--marketplace", market.url, "--wallet", str(tmp_path / "host.json")],
+                             env={"GRIDMINT_WALLET_PASSWORD": "pw"})
+    assert got.exit_code == 0, got.output
+    record = json.loads(got.stdout)
+    assert record["address"] == host.account.address and record["trusted"] is True
+    assert (record["verified_streak"], record["completed"], record["unverified"]) == (TRUST_AFTER_UNITS + 1, 1, 0)
+    assert set(record["payout"]) == {"epoch", "cumulative", "claimed"}
 
 
 def test_heartbeats_report_a_units_progress(market, tmp_path: Path) -> None:
