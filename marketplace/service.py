@@ -333,7 +333,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
     # the rest drawn with a seed the provider could not know when it signed (protocol.verification).
     # A trusted host (a record of verified units) is sampled at half the rate where that keeps a 1% cheat's odds
-    # of being caught within its stake at 0.99 or better (protocol.verification.sampling_rate).
+    # of being caught within its stake at 0.995 or better (protocol.verification.sampling_rate).
     rate, trusted = verification.sampling_rate(level, consecutive_verified=streak, n_segments=len(proof.segments),
                                                unit_price=price, stake=backing)
     picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments], rate,

@@ -15,9 +15,10 @@ the sampling rate alone cannot do it at 2% cost, the number of committed transit
 
 Trust (BOINC's adaptive replication): a host with a long record of verified units (each with at least one segment
 replayed) is sampled at half the rate, but only where the halved rate still catches a provider faking 1% of a unit's
-segments before its unearned pay exceeds its stake with probability at least 0.99 (:func:`sampling_rate`): trust
-must not buy a cheat better odds than the target. So the discount goes to trusted hosts whose stake covers more
-units (a unit of 2,048 segments at the standard rate needs 34x the unit price staked, against 20x without it).
+segments before its unearned pay exceeds its stake with probability at least 0.995 (:func:`sampling_rate`; the target
+is 0.99, and at that very line the bench measured 0.990 over 1,000 trials: no room for its noise): trust must not buy a
+cheat better odds than the target. So the discount goes to trusted hosts whose stake covers more units (a unit of
+2,048 segments at the standard rate needs 39x the unit price staked, against 20x without it).
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ LEVELS: dict[str, Fraction] = {
 }
 TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as trusted
 TRUSTED_DISCOUNT = Fraction(1, 2)
-#: The catch probability (1% of segments faked, within the stake horizon) the trusted discount must keep.
-TRUSTED_MIN_CATCH = Fraction(99, 100)
+#: The catch probability (1% of segments faked, within the stake horizon) the trusted discount must keep: the 0.99
+#: target with room for the measurement's noise.
+TRUSTED_MIN_CATCH = Fraction(995, 1000)
 TARGETED_SHARE = Fraction(1, 8)  # of the budget, spent on the most anomalous committed losses
 #: Share of a verifier's tasks that are planted known-bad segments (marketplace.canary). Each costs the verifier one
 #: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets

@@ -150,8 +150,13 @@ def _bare_unit(spec: UnitSpec, start: dict[str, torch.Tensor]) -> None:
             run_segment(spec, model, opt, s)
 
 
-def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and honest units' model
+
+
+def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """Sections 1-2: every adversary's pool of cheating units, fully replayed; the standard-level trials, and the
+    trusted-host trials."""
+    cfg = TOY
     start = init_state(cfg, 7)
     rate = vp.level_rate("standard")
     horizon = a.stake_units + 1
@@ -205,6 +210,14 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
     log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
         f"caught rate there {out['trusted']['min_caught_rate']:.3f}")
+    return out
+
+
+def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = TOY
+    start = init_state(cfg, 7)
+    rate = vp.level_rate("standard")
+    out = run_adversaries(a, log)
 
     # honest units: false slashes, across thread counts (trained with t threads, replayed with the other count)
     t0 = time.perf_counter()
@@ -562,12 +575,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--drift-shapes", default="60x15x16",
                    help="comma-separated unit shapes STEPSxSEGMENTxBATCH for the drift section (each gets --drift-jobs)")
     p.add_argument("--only-drift", action="store_true", help="run only the honest-drift section")
+    p.add_argument("--only-adversaries", action="store_true", help="run only the adversary trials (sections 1-2)")
     a = p.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {a.device}")
     t0 = time.perf_counter()
     if a.only_drift:
         figures = {"drift": run_drift(a, log)}
+    elif a.only_adversaries:
+        figures = run_adversaries(a, log)
     elif a.only_cross:
         figures = {"cross_plan": run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
                                            [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))}
