@@ -109,7 +109,9 @@ def verifier_run(
     bond_margin: Annotated[Optional[float], typer.Option(
         help="Across plans, bond an accusation only when the replay is at least this many times past the tolerance "
              "(closer: dispute unbonded). Default: 1 (every dispute) on the referee's plan 'cpu', where the referee "
-             "can reproduce your replay and releases the bond of an accusation made in good faith; 4 elsewhere")] = None,
+             "can reproduce your replay and releases the bond of an accusation made in good faith; elsewhere none "
+             "(inf: disputes unbonded; honest drift across plans has reached 107x the tolerance, and no referee "
+             "there can tell it from a lie)")] = None,
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)

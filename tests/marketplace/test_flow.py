@@ -297,13 +297,17 @@ def test_polls_reuse_a_recent_stake_read_and_a_submission_reads_the_chain_again(
 def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the_cheat(market, tmp_path: Path) -> None:
     """A verifier whose machine does not replay bit for bit (here: gradients in two micro-batches) checks within its
     calibrated tolerance against the provider's end checkpoint: honest segments pass although no replayed hash
-    equals the committed one, and the cheat's segment fails and is slashed."""
+    equals the committed one, and the cheat's segment fails and is slashed. Off the referee's plan the verifier
+    bonds nothing by default (the referee could not tell its honest drift from a lie): the dispute goes unbonded and
+    the cheat is slashed on the governance path, the bounty paid all the same."""
     from node.crosscheck import Plan
+    from node.verifier_agent import OTHER_PLAN_BOND_MARGIN
     from protocol.proof import TrainingProof
 
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     verifier = staked_verifier(market, tmp_path, "verifier", plan=Plan("cpu", 2))
+    assert verifier.bond_margin == OTHER_PLAN_BOND_MARGIN == math.inf
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
     # a fixed job id whose honest segments all land within the verifier's tolerance (at most 0.22x): under a random
     # one, honest drift passes it in ~3% of segments (seen: 7.5x), and the referee rightly clears such a dispute
@@ -319,6 +323,10 @@ def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the
         claimed = TrainingProof.from_dict(units[v.unit_id].proof).segments[v.segment].end_hash
         assert v.replayed_hash != claimed
     assert [v.provider for v in checks if v.status == "fraud"] == [cheat.account.address]
+    fraud = next(v for v in checks if v.status == "fraud")
+    assert fraud.accusation is None and [e["path"] for e in _events(market, "provider_slashed")] == ["governance"]
+    assert market.ops.stake_of(verifier.account.address) == tokens(100)  # nothing was bonded
+    assert market.ops.balance_of(verifier.account.address) == tokens(100)  # the bounty: half the slashed 200
 
 
 def test_staked_verifier_fraud_proof_slashes_the_cheat_through_a_dispute(market, tmp_path: Path) -> None:
