@@ -36,7 +36,7 @@ from protocol.errors import (
     SignatureError,
 )
 from protocol.schemas import (Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, RevealSubmit,
-                              VerdictSubmit, VerifierRegister)
+                              VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
 
 JSON_LIMIT = 1024 * 1024
@@ -268,6 +268,15 @@ def create_app(rt: Runtime) -> FastAPI:
         """A server-chosen segment of a submitted unit for the signing verifier to replay, or 204."""
         task = service.next_verification(rt, req.signer)
         return Response(status_code=204) if task is None else JSONResponse(task)
+
+    @app.post("/verify/heartbeat", summary="Heartbeat while replaying a task (signed)",
+              openapi_extra=body_doc(VerificationBeat), responses=_errors(404, 409, 422))
+    def verify_heartbeat(req: Signed, request: Request) -> dict[str, Any]:
+        """Body: ``VerificationBeat``. Sign of life while replaying a task: one whose verifier misses
+        ``unit_timeout_s`` of heartbeats is handed out again, as is one held ``verify_deadline_s`` (``due``)
+        whatever its heartbeats. 409 once the task is no longer the signer's: stop replaying it."""
+        body = _parse(VerificationBeat, request._body)  # noqa: SLF001
+        return service.verification_heartbeat(rt, req.signer, body)
 
     @app.post("/verify/verdict", summary="Submit a verdict (signed)", openapi_extra=body_doc(VerdictSubmit),
               responses=_errors(404, 409, 422))

@@ -137,6 +137,7 @@ class Verification(Base):
     # held: the check of a segment whose task is out as a canary (pending again once the canary is answered)
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the verifier's last sign of life
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
     signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)  # the evidence id used on chain

@@ -28,7 +28,7 @@ from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, In
 from protocol.money import format_tokens
 from protocol.proof import TrainingProof, check_structure
 from protocol.schemas import (Heartbeat, JobSpec, ProviderRegister, ResultSubmit, RevealSubmit, VerdictSubmit,
-                              VerifierRegister)
+                              VerificationBeat, VerifierRegister)
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
 
 
@@ -399,7 +399,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         assert unit is not None and unit.proof is not None and unit.final_blob is not None
         job = s.get(Job, unit.job_id)
         assert job is not None
-        task.status, task.verifier, task.assigned_at = "assigned", verifier, now
+        task.status, task.verifier, task.assigned_at, task.heartbeat_at = "assigned", verifier, now, None
         spec = unit_spec(job, unit)
         body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
                           task.provider, unit.plan, _end_blob(unit, task.segment), unit.id)
@@ -861,6 +861,22 @@ def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) 
             "due": {u: due for u, due in units}}
 
 
+def verification_heartbeat(rt: Runtime, verifier: str, body: VerificationBeat) -> dict[str, Any]:
+    """A verifier's sign of life while it replays a task (a long segment outlasts ``unit_timeout_s``): pushes back
+    the task's timeout, never past ``verify_deadline_s`` after it was handed out. 409 once the task is not its own
+    (withdrawn: reaped, or its provider slashed over another segment)."""
+    now = now_s()
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, body.verification_id)
+        if task is None:
+            raise NotFound(f"verification {body.verification_id} does not exist")
+        if task.verifier != verifier or task.status != "assigned":
+            raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
+        task.heartbeat_at = now
+        return {"deadline": now + rt.settings.unit_timeout_s,
+                "due": (task.assigned_at or now) + rt.settings.verify_deadline_s}
+
+
 def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
     the chain node was down, a broker restart): disputes not yet adjudicated, verifiers caught by a canary not yet
@@ -919,7 +935,9 @@ def reap(rt: Runtime) -> int:
                 _assign(rt, s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
-        for v in s.scalars(select(Verification).where(Verification.status == "assigned", Verification.assigned_at < cutoff)):
+        quiet = func.coalesce(Verification.heartbeat_at, Verification.assigned_at) < cutoff
+        held = Verification.assigned_at < now - rt.settings.verify_deadline_s
+        for v in s.scalars(select(Verification).where(Verification.status == "assigned", quiet | held)):
             if v.canary is not None:  # an abandoned canary is never handed out again: its real check is instead
                 v.status = "void"
                 _retire_canary(s, v)

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # the deadline is `unit_deadline_factor` times the time the provider's throughput says the unit (and the units
     # queued before it on that provider) should take, and never less than `unit_deadline_min_s` (uploads, restarts)
     unit_deadline_min_s: int = Field(default=3600, ge=0)
+    # a verification task is handed out again when its verifier misses `unit_timeout_s` of heartbeats while replaying
+    # it, or has held it this long whatever its heartbeats say
+    verify_deadline_s: int = Field(default=3600, ge=1)
     unit_deadline_factor: int = Field(default=4, ge=1)
     # a provider asked to reveal a state in a dispute that does not answer in time loses (its whole stake): long enough
     # for a crashed node to be restarted (an honest one re-derives any state from its checkpoints in seconds), short

@@ -8,8 +8,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +22,7 @@ from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
 from node.device import benchmark, probe
+from node.keepalive import beat_interval, beating
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.signing import sign_typed, to_bytes32
@@ -192,40 +192,30 @@ class ProviderAgent:
         except (MarketError, httpx.HTTPError) as exc:  # asked again after this unit (reveal_once), if still open
             self.say(f"[yellow]reveal during training failed: {exc}[/]")
 
-    @contextmanager
-    def heartbeats(self, unit_id: str) -> Iterator[None]:
+    def heartbeats(self, unit_id: str) -> AbstractContextManager[None]:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
         a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby, and so does one that has not
         submitted it by its deadline. Each beat reports the steps trained so far; a beat the marketplace refuses
         because the unit is no longer ours (409) stops the training at its next step."""
-        timeout = int(self.client.config.get("unit_timeout_s", 120))
-        interval = min(15.0, max(0.5, timeout / 4))
-        done = threading.Event()
 
-        def beat() -> None:
-            while not done.wait(interval):
+        def beat() -> bool:
+            try:
                 try:
-                    try:
-                        self.client.heartbeat(unit_id, self._steps)
-                    except MarketError as exc:
-                        if exc.status != 409:
-                            raise
-                        self._withdrawn = f"the marketplace took it back ({exc.detail})"
-                        return
-                    if self._ask is None:
-                        ask = self.client.next_reveal()
-                        with self._ask_lock:
-                            self._ask = self._ask or ask
-                except (MarketError, httpx.HTTPError) as exc:  # the next beat (or the submission) will tell
-                    self.say(f"[yellow]heartbeat failed: {exc}[/]")
+                    self.client.heartbeat(unit_id, self._steps)
+                except MarketError as exc:
+                    if exc.status != 409:
+                        raise
+                    self._withdrawn = f"the marketplace took it back ({exc.detail})"
+                    return False
+                if self._ask is None:
+                    ask = self.client.next_reveal()
+                    with self._ask_lock:
+                        self._ask = self._ask or ask
+            except (MarketError, httpx.HTTPError) as exc:  # the next beat (or the submission) will tell
+                self.say(f"[yellow]heartbeat failed: {exc}[/]")
+            return True
 
-        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
+        return beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat)
 
     def claim(self) -> int:
         """Collect everything owed: the epoch payout pool (one claim with the newest claimable root's proof pays

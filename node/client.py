@@ -109,6 +109,9 @@ class MarketClient:
     def next_verification(self) -> dict[str, Any] | None:
         return self._check(self.signed("POST", "/verify/next"))
 
+    def verification_heartbeat(self, verification_id: int) -> Any:
+        return self.signed_json("POST", "/verify/heartbeat", {"verification_id": verification_id})
+
     def verdict(self, body: dict[str, Any]) -> Any:
         return self.signed_json("POST", "/verify/verdict", body)
 

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import PROVIDER_PLAN, Plan
+from node.keepalive import beat_interval, beating
 from node.replay import check_segment
 from node.trainer import UnitSpec
 from protocol.errors import CheckpointError
@@ -86,16 +88,34 @@ class VerifierAgent:
         spec = UnitSpec.from_json(task["spec"])
         proof = TrainingProof.from_dict(task["proof"])
         seg = int(task["segment"])
-        path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
-        provider_plan = Plan.parse(task.get("plan", "cpu"))
-        # bit for bit on the providers' default plan (any CPU runs it), always for a low-precision job, whose drift
-        # across plans is wider than some cheats (float8 arithmetic)
-        if provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32"):
-            verdict = check_segment(spec, proof, seg, path)
-            found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
-        else:
-            end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
-            found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan)
+        withdrawn: list[str] = []
+
+        def beat() -> bool:  # while replaying: a long segment must not outlast the task's timeout
+            try:
+                self.client.verification_heartbeat(int(task["verification_id"]))
+            except MarketError as exc:
+                if exc.status == 409:
+                    withdrawn.append(str(exc.detail))
+                    return False
+                console.print(f"[yellow]verifier heartbeat failed: {exc}[/]")
+            except httpx.HTTPError as exc:
+                console.print(f"[yellow]verifier heartbeat failed: {exc}[/]")
+            return True
+
+        with beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat):
+            path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
+            provider_plan = Plan.parse(task.get("plan", "cpu"))
+            # bit for bit on the providers' default plan (any CPU runs it), always for a low-precision job, whose
+            # drift across plans is wider than some cheats (float8 arithmetic)
+            if provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32"):
+                verdict = check_segment(spec, proof, seg, path)
+                found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
+            else:
+                end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
+                found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan)
+        if withdrawn:  # taken back while we replayed: a verdict would be refused
+            console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({withdrawn[0]})")
+            return "withdrawn"
         # a cheat in float8 drifts like honest bf16 on other hardware: disputed, but the referee's one-step replay
         # may not convict it, so a low-precision job checked across plans is never accused with a bond
         # (an infinite bond margin bonds nothing, not even a disagreement past every tolerance: a zero calibrated

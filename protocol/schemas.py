@@ -128,6 +128,12 @@ class RevealSubmit(Strict):
     signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
 
 
+class VerificationBeat(Strict):
+    """A verifier's sign of life while it replays a task: which task."""
+
+    verification_id: int = Field(ge=1)
+
+
 class VerdictSubmit(Strict):
     verification_id: int
     ok: bool

@@ -9,7 +9,7 @@ import httpx
 import torch
 from eth_account import Account
 
-from marketplace.db import Job, Provider
+from marketplace.db import Job, Provider, Verification
 from node.client import MarketClient
 from protocol.money import tokens
 from protocol.schemas import JobSpec
@@ -125,6 +125,28 @@ def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> N
     bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}
     r = httpx.post(f"{market.url}/jobs/quote", json=bad)
     assert r.status_code == 422 and "verification" in r.text
+
+
+def test_a_verifier_heartbeat_is_refused_for_a_task_that_is_not_its_own(market) -> None:
+    """``/verify/heartbeat``: unsigned 401, malformed 422, an unknown task 404, a task not assigned to the signer
+    409 (it changes nothing)."""
+    acct = market.account()
+    assert httpx.post(market.url + "/verify/heartbeat", json={"verification_id": 1}).status_code == 401
+    assert _post(market, acct, "/verify/heartbeat", {"verification_id": "one"}).status_code == 422
+    assert _post(market, acct, "/verify/heartbeat", {"verification_id": 0}).status_code == 422
+    assert _post(market, acct, "/verify/heartbeat", {"verification_id": 1, "x": 1}).status_code == 422
+    missing = _post(market, acct, "/verify/heartbeat", {"verification_id": 10**9})
+    assert missing.status_code == 404 and "does not exist" in missing.json()["detail"]
+    with market.rt.sessions.begin() as s:  # a pending task (SQLite enforces no foreign key: no unit is needed)
+        task = Verification(unit_id="0x" + "cd" * 32, provider=acct.address, segment=0)
+        s.add(task)
+        s.flush()
+        vid = task.id
+    other = _post(market, acct, "/verify/heartbeat", {"verification_id": vid})
+    assert other.status_code == 409 and "not assigned" in other.json()["detail"]
+    with market.rt.sessions() as s:
+        got = s.get(Verification, vid)
+        assert (got.status, got.heartbeat_at) == ("pending", None)
 
 
 def test_heartbeat_checks_its_envelope_like_every_signed_route(market) -> None:

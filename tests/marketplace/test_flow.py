@@ -804,6 +804,41 @@ def test_a_trusted_host_is_sampled_at_half_the_rate_and_its_record_grows_with_ea
     assert set(record["payout"]) == {"epoch", "cumulative", "claimed"}
 
 
+def test_a_verifier_keeps_a_long_replay_alive_with_heartbeats_until_the_tasks_deadline(market, tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """A replay longer than the task timeout (a big segment on a slow machine) is not taken away while the verifier
+    heartbeats; a task held past ``verify_deadline_s`` is handed out again whatever its heartbeats, and the verifier,
+    told by its next beat (409), drops it without a verdict. The job completes."""
+    import node.verifier_agent as va
+    from marketplace import service
+
+    market.rt.settings.unit_timeout_s = 2  # the verifier beats every 0.5 s
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 2)
+    replay = va.check_segment
+
+    def slow(*args, **kw):  # 4 s, twice the timeout, with the periodic reaper running meanwhile
+        for _ in range(8):
+            time.sleep(0.5)
+            service.reap(market.rt)
+        return replay(*args, **kw)
+
+    monkeypatch.setattr(va, "check_segment", slow)
+    assert verifier.verify_once() == "ok"
+    first = [v for v in _rows(market) if v.status == "passed"]
+    assert len(first) == 1 and first[0].verifier == verifier.account.address and first[0].heartbeat_at is not None
+    market.rt.settings.verify_deadline_s = 1  # now a task may be held 1 s at most, heartbeats or not
+    assert verifier.verify_once() == "withdrawn"
+    assert [v.status for v in _rows(market) if v.id != first[0].id] == ["pending"]
+    market.rt.settings.verify_deadline_s = 3600
+    monkeypatch.setattr(va, "check_segment", replay)
+    drive(market, [honest], verifier, job_id)
+    assert [v.status for v in _rows(market)] == ["passed", "passed"]
+
+
 def test_heartbeats_report_a_units_progress(market, tmp_path: Path) -> None:
     """Each heartbeat carries the steps trained so far; the job's view shows them, with the unit's deadline."""
     node = provider(market, tmp_path, "node", "us-east", "0.9")

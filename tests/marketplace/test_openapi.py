@@ -19,7 +19,7 @@ from marketplace.settings import Settings
 # Routes that the marketplace signs for (EIP-712 envelope), by (method, path).
 SIGNED = {("POST", "/providers/register"), ("POST", "/providers/heartbeat"), ("POST", "/work/next"), ("PUT", "/blobs"),
           ("POST", "/units/{unit_id}/result"), ("POST", "/verifiers/register"), ("POST", "/verify/next"),
-          ("POST", "/verify/verdict"), ("POST", "/jobs"), ("POST", "/reveals/next"), ("POST", "/reveals")}
+          ("POST", "/verify/verdict"), ("POST", "/verify/heartbeat"), ("POST", "/jobs"), ("POST", "/reveals/next"), ("POST", "/reveals")}
 
 
 @pytest.fixture()

@@ -1,5 +1,5 @@
 """a unit's deadline: taken back when not submitted by then, however alive its provider looks; a provider's
-record of units verified in a row (the trusted-host discount)
+record of units verified in a row (the trusted-host discount); a verifier's heartbeat on the task it replays
 
 Revision ID: 0007
 Revises: 0006
@@ -21,9 +21,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('deadline_at', sa.BigInteger(), nullable=True))
     with op.batch_alter_table('providers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('verified_streak', sa.Integer(), nullable=False, server_default='0'))
+    with op.batch_alter_table('verifications', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('heartbeat_at', sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('verifications', schema=None) as batch_op:
+        batch_op.drop_column('heartbeat_at')
     with op.batch_alter_table('providers', schema=None) as batch_op:
         batch_op.drop_column('verified_streak')
     with op.batch_alter_table('units', schema=None) as batch_op:
