@@ -169,22 +169,24 @@ def unit_seconds(spec: JobSpec, tokens_per_s: int) -> int:
     return max(1, -(-spec.steps_per_unit * spec.batch_size * spec.model.ctx // max(1, tokens_per_s)))
 
 
-def _deadline(rt: Runtime, s: Session, spec: JobSpec, prov: Provider, now: int) -> int:
-    """When a unit assigned to ``prov`` now must be submitted: ``unit_deadline_factor`` times what its throughput
-    (delivered on real units, else its own benchmark) says this unit and the units it holds already should take
-    (a node trains its units one after another), never sooner than ``unit_deadline_min_s``."""
-    queued = 1 + (s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == prov.address,
+def _deadline(rt: Runtime, s: Session, spec: JobSpec, provider: str, tokens_per_s: int, now: int) -> int:
+    """When a unit assigned to ``provider`` now must be submitted: ``unit_deadline_factor`` times what the throughput
+    the matching ranked it at (delivered on real units, else the market's median; never its own benchmark, which a
+    node could understate to hold units longer) says this unit and the units it holds already should take (a node
+    trains its units one after another), never sooner than ``unit_deadline_min_s``."""
+    queued = 1 + (s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == provider,
                                                                         Unit.status == "assigned")) or 0)
-    due = rt.settings.unit_deadline_factor * queued * unit_seconds(spec, prov.observed_tps or prov.tokens_per_s)
+    due = rt.settings.unit_deadline_factor * queued * unit_seconds(spec, tokens_per_s)
     return now + max(rt.settings.unit_deadline_min_s, due)
 
 
-def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, provider: str, price: int, region: str, rank: int,
+def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer, price: int, rank: int,
             how: str) -> None:
+    provider, region = offer.provider, offer.region
     prov = s.get(Provider, provider)
     assert prov is not None
     now = now_s()
-    deadline = _deadline(rt, s, JobSpec.model_validate(job.spec), prov, now)
+    deadline = _deadline(rt, s, JobSpec.model_validate(job.spec), provider, offer.throughput, now)
     unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
     unit.assigned_at, unit.heartbeat_at, unit.steps_done, unit.deadline_at = now, None, 0, deadline
     unit.attempts += 1
@@ -203,11 +205,13 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         ).all()
         if not pending:
             return []
-        got = matching.match(_offers(s), [_demand(rt, unit, job) for unit, job in pending])
+        offers = _offers(s)
+        got = matching.match(offers, [_demand(rt, unit, job) for unit, job in pending])
         units = {u.id: (u, j) for u, j in pending}
+        by_provider = {o.provider: o for o in offers}
         for a in got:
             unit, job = units[a.unit_id]
-            _assign(rt, s, unit, job, a.provider, a.price, a.region, a.rank, "matching round")
+            _assign(rt, s, unit, job, by_provider[a.provider], a.price, a.rank, "matching round")
         return got
 
 
@@ -932,7 +936,7 @@ def reap(rt: Runtime) -> int:
             prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:
                 r = move.replacement
-                _assign(rt, s, u, job, r.provider, r.price, r.region, 0, f"standby for {dropped}")
+                _assign(rt, s, u, job, r, r.price, 0, f"standby for {dropped}")
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         quiet = func.coalesce(Verification.heartbeat_at, Verification.assigned_at) < cutoff
