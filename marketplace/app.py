@@ -293,14 +293,20 @@ def create_app(rt: Runtime) -> FastAPI:
         and the verification level's replay share, fee and catch odds. Nothing is stored."""
         spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
         d = rt.contracts.deployment
-        vq = verification.quote(spec.verification, n_segments=spec.steps_per_unit // spec.segment_len,
-                                unit_price=spec.max_price, stake=rt.settings.min_stake)
+        n = spec.steps_per_unit // spec.segment_len
+        vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)
+        trusted_stake = verification.trusted_min_stake(spec.verification, n_segments=n, unit_price=spec.max_price)
         return QuoteOut(job_id="0x" + secrets.token_hex(32), budget=spec.budget(),
                         units=spec.rounds * spec.units_per_round, escrow=d.escrow, token=d.token, chain_id=rt.chain_id,
                         verification={"level": vq.level, "replay_share": str(vq.rate),
                                       "replayed_segments_per_unit": vq.replayed_segments, "fee_per_unit": str(vq.fee),
                                       "catch_probability_1pct_per_unit": float(vq.catch_probability_1pct),
-                                      "catch_within_stake_1pct": float(vq.catch_within_stake_1pct)})
+                                      "catch_within_stake_1pct": float(vq.catch_within_stake_1pct),
+                                      # a trusted host (a record of verified units) is sampled at this share instead,
+                                      # only while staking this much (None: never), where a 1% cheat still loses
+                                      "trusted_replay_share": str(verification.level_rate(spec.verification,
+                                                                                          verification.TRUST_AFTER_UNITS)),
+                                      "trusted_min_stake": None if trusted_stake is None else str(trusted_stake)})
 
     @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
               openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))

@@ -186,6 +186,21 @@ def sampling_rate(level: str, *, consecutive_verified: int, n_segments: int, uni
     return rate, False
 
 
+def trusted_min_stake(level: str, *, n_segments: int, unit_price: int, max_units: int = 10_000) -> int | None:
+    """The least stake (base units) at which a trusted host gets :func:`sampling_rate`'s discount on a unit of
+    ``n_segments`` at ``unit_price``: 0 where the discount costs nothing, None where there is none (level "none" or
+    "full") or it would take more than ``max_units`` unit prices."""
+    rate, trusted = level_rate(level), level_rate(level, TRUST_AFTER_UNITS)
+    if trusted == rate:
+        return None
+    if challenge_budget(n_segments, trusted) == challenge_budget(n_segments, rate):
+        return 0
+    for horizon in range(1, max_units + 2):  # stake_horizon = stake // price + 1
+        if _catch_1pct(n_segments, trusted, horizon) >= min(TRUSTED_MIN_CATCH, _catch_1pct(n_segments, rate, horizon)):
+            return (horizon - 1) * unit_price
+    return None
+
+
 def _catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
     k = challenge_budget(n_segments, rate)
     bad = max(1, math.ceil(n_segments / 100))

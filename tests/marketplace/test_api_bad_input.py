@@ -122,6 +122,10 @@ def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> N
     assert std["level"] == "standard" and std["replayed_segments_per_unit"] == 32
     assert int(std["fee_per_unit"]) < int(par["fee_per_unit"])  # integer base units, as strings
     assert 0 < std["catch_probability_1pct_per_unit"] < par["catch_probability_1pct_per_unit"] <= 1
+    # a trusted host: half the replays, only while staking 39 unit prices (where a 1% cheat is still caught first)
+    assert (std["trusted_replay_share"], std["trusted_min_stake"]) == ("1/125", str(tokens(39)))
+    full = client.quote(JobSpec(**base, verification="full").model_dump(mode="json"))["verification"]
+    assert (full["trusted_replay_share"], full["trusted_min_stake"]) == ("1", None)  # never discounted
     bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}
     r = httpx.post(f"{market.url}/jobs/quote", json=bad)
     assert r.status_code == 422 and "verification" in r.text

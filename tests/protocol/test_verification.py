@@ -48,6 +48,15 @@ def test_trusted_hosts_are_sampled_less_only_where_a_cheat_still_loses_its_stake
     assert vp.sampling_rate("paranoid", consecutive_verified=trusted, n_segments=40, unit_price=90,
                             stake=2000) == (Fraction(1, 10), False)
     assert vp.sampling_rate("full", consecutive_verified=10**6, n_segments=40, unit_price=1, stake=10**9) == (1, False)
+    # what the quote shows a buyer: the least stake that earns the discount, exactly where sampling_rate gives it
+    for level, n, price in (("standard", 2048, 10), ("paranoid", 40, 9), ("standard", 700, 3)):
+        least = vp.trusted_min_stake(level, n_segments=n, unit_price=price)
+        assert least is not None and least > 0
+        kw = {"consecutive_verified": trusted, "n_segments": n, "unit_price": price}
+        assert vp.sampling_rate(level, stake=least, **kw)[1] and not vp.sampling_rate(level, stake=least - 1, **kw)[1]
+    assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=10) == 390
+    assert vp.trusted_min_stake("standard", n_segments=4, unit_price=10) == 0  # one pick either way
+    assert vp.trusted_min_stake("full", n_segments=4, unit_price=10) is None
 
 
 def test_budget() -> None:
