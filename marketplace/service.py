@@ -139,15 +139,21 @@ def _create_round_units(s: Session, job: Job, spec: JobSpec, round_: int) -> Non
 
 # ---------------------------------------------------------------- matching
 
-def _offers(s: Session) -> list[matching.Offer]:
+def _busy(s: Session) -> dict[str, int]:
+    """How many units each provider holds assigned now."""
+    return dict(s.execute(
+        select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
+
+
+def _offers(s: Session, busy: dict[str, int] | None = None) -> list[matching.Offer]:
     """Every active provider's offer: its ask, free slots, delivered throughput and delivery record, so the matcher
-    ranks by effective price (ask per unit at reference speed, dearer for a provider that drops work).
+    ranks by effective price (ask per unit at reference speed, dearer for a provider that drops work). ``busy``:
+    ``_busy(s)``, if the caller has it already.
 
     Throughput is what the provider *delivered* on real units (tokens trained per second from assignment to
     submission), never its self-reported benchmark, which would be free to inflate. A provider with no delivered
     unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
-    busy = dict(s.execute(
-        select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
+    busy = _busy(s) if busy is None else busy
     providers = list(s.scalars(select(Provider).where(Provider.status == "active")))
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
@@ -169,24 +175,24 @@ def unit_seconds(spec: JobSpec, tokens_per_s: int) -> int:
     return max(1, -(-spec.steps_per_unit * spec.batch_size * spec.model.ctx // max(1, tokens_per_s)))
 
 
-def _deadline(rt: Runtime, s: Session, spec: JobSpec, provider: str, tokens_per_s: int, now: int) -> int:
-    """When a unit assigned to ``provider`` now must be submitted: ``unit_deadline_factor`` times what the throughput
-    the matching ranked it at (delivered on real units, else the market's median; never its own benchmark, which a
-    node could understate to hold units longer) says this unit and the units it holds already should take (a node
-    trains its units one after another), never sooner than ``unit_deadline_min_s``."""
-    queued = 1 + (s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == provider,
-                                                                        Unit.status == "assigned")) or 0)
+def _deadline(rt: Runtime, spec: JobSpec, tokens_per_s: int, queued: int, now: int) -> int:
+    """When a unit assigned now must be submitted: ``unit_deadline_factor`` times what the throughput the matching
+    ranked its provider at (delivered on real units, else the market's median; never its own benchmark, which a
+    node could understate to hold units longer) says it takes, times ``queued`` (the units the provider holds with
+    this one: a node trains them one after another), never sooner than ``unit_deadline_min_s``."""
     due = rt.settings.unit_deadline_factor * queued * unit_seconds(spec, tokens_per_s)
     return now + max(rt.settings.unit_deadline_min_s, due)
 
 
 def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer, price: int, rank: int,
-            how: str) -> None:
+            how: str, busy: dict[str, int]) -> None:
+    """Give ``unit`` to ``offer``'s provider; ``busy`` (``_busy``, kept up to date by the caller's round) counts it."""
     provider, region = offer.provider, offer.region
     prov = s.get(Provider, provider)
     assert prov is not None
     now = now_s()
-    deadline = _deadline(rt, s, JobSpec.model_validate(job.spec), provider, offer.throughput, now)
+    busy[provider] = busy.get(provider, 0) + 1
+    deadline = _deadline(rt, JobSpec.model_validate(job.spec), offer.throughput, busy[provider], now)
     unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
     unit.assigned_at, unit.heartbeat_at, unit.steps_done, unit.deadline_at = now, None, 0, deadline
     unit.attempts += 1
@@ -205,13 +211,14 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         ).all()
         if not pending:
             return []
-        offers = _offers(s)
+        busy = _busy(s)
+        offers = _offers(s, busy)
         got = matching.match(offers, [_demand(rt, unit, job) for unit, job in pending])
         units = {u.id: (u, j) for u, j in pending}
         by_provider = {o.provider: o for o in offers}
         for a in got:
             unit, job = units[a.unit_id]
-            _assign(rt, s, unit, job, by_provider[a.provider], a.price, a.rank, "matching round")
+            _assign(rt, s, unit, job, by_provider[a.provider], a.price, a.rank, "matching round", busy)
         return got
 
 
@@ -452,13 +459,19 @@ def _end_blob(unit: Unit, seg: int) -> str:
     return blob
 
 
+def _own_task(s: Session, verification_id: int, verifier: str) -> Verification:
+    """The verification task ``verification_id``, handed out to ``verifier`` and still open (404 / 409 otherwise)."""
+    task = s.get(Verification, verification_id)
+    if task is None:
+        raise NotFound(f"verification {verification_id} does not exist")
+    if task.verifier != verifier or task.status != "assigned" or (task.canary and "proof" not in task.canary):
+        raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
+    return task
+
+
 def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     with rt.sessions.begin() as s:
-        task = s.get(Verification, body.verification_id)
-        if task is None:
-            raise NotFound(f"verification {body.verification_id} does not exist")
-        if task.verifier != verifier or task.status != "assigned" or (task.canary and "proof" not in task.canary):
-            raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
+        task = _own_task(s, body.verification_id, verifier)
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         # a canary is judged exactly like the claim it imitates: the forged proof is what the verifier signed over
@@ -871,11 +884,7 @@ def verification_heartbeat(rt: Runtime, verifier: str, body: VerificationBeat) -
     (withdrawn: reaped, or its provider slashed over another segment)."""
     now = now_s()
     with rt.sessions.begin() as s:
-        task = s.get(Verification, body.verification_id)
-        if task is None:
-            raise NotFound(f"verification {body.verification_id} does not exist")
-        if task.verifier != verifier or task.status != "assigned":
-            raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
+        task = _own_task(s, body.verification_id, verifier)
         task.heartbeat_at = now
         return {"deadline": now + rt.settings.unit_timeout_s,
                 "due": (task.assigned_at or now) + rt.settings.verify_deadline_s}
@@ -918,7 +927,8 @@ def reap(rt: Runtime) -> int:
         silent = func.coalesce(Unit.heartbeat_at, Unit.assigned_at) < cutoff
         stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
             Unit.status == "assigned", silent | (Unit.deadline_at < now))).all()
-        offers = _offers(s) if stale else []
+        busy = _busy(s) if stale else {}
+        offers = _offers(s, busy) if stale else []
         for u, job in stale:
             dropped = u.provider
             assert dropped is not None
@@ -936,7 +946,7 @@ def reap(rt: Runtime) -> int:
             prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:
                 r = move.replacement
-                _assign(rt, s, u, job, r, r.price, 0, f"standby for {dropped}")
+                _assign(rt, s, u, job, r, r.price, 0, f"standby for {dropped}", busy)
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         quiet = func.coalesce(Verification.heartbeat_at, Verification.assigned_at) < cutoff

@@ -34,13 +34,14 @@ class Settings(BaseSettings):
     stake_read_ttl_s: float = Field(default=10.0, ge=0.0)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     # a unit not submitted by its deadline is reassigned even while its provider heartbeats (stuck, or holding it):
-    # the deadline is `unit_deadline_factor` times the time the provider's throughput says the unit (and the units
-    # queued before it on that provider) should take, and never less than `unit_deadline_min_s` (uploads, restarts)
+    # the deadline is `unit_deadline_factor` times the time the throughput the matching ranked the provider at says
+    # the unit (and the units queued before it on that provider) should take, and never less than
+    # `unit_deadline_min_s` (uploads, restarts)
     unit_deadline_min_s: int = Field(default=3600, ge=0)
+    unit_deadline_factor: int = Field(default=4, ge=1)
     # a verification task is handed out again when its verifier misses `unit_timeout_s` of heartbeats while replaying
     # it, or has held it this long whatever its heartbeats say
     verify_deadline_s: int = Field(default=3600, ge=1)
-    unit_deadline_factor: int = Field(default=4, ge=1)
     # a provider asked to reveal a state in a dispute that does not answer in time loses (its whole stake): long enough
     # for a crashed node to be restarted (an honest one re-derives any state from its checkpoints in seconds), short
     # against a job's hours; only a silent provider's dispute waits it out

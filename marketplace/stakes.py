@@ -29,7 +29,3 @@ class StakeCache:
     def put(self, address: str, stake: int) -> None:
         with self._lock:
             self._seen[address] = (stake, time.monotonic())
-
-    def forget(self, address: str) -> None:
-        with self._lock:
-            self._seen.pop(address, None)

@@ -93,12 +93,10 @@ class VerifierAgent:
         def beat() -> bool:  # while replaying: a long segment must not outlast the task's timeout
             try:
                 self.client.verification_heartbeat(int(task["verification_id"]))
-            except MarketError as exc:
-                if exc.status == 409:
+            except (MarketError, httpx.HTTPError) as exc:
+                if isinstance(exc, MarketError) and exc.status == 409:
                     withdrawn.append(str(exc.detail))
                     return False
-                console.print(f"[yellow]verifier heartbeat failed: {exc}[/]")
-            except httpx.HTTPError as exc:
                 console.print(f"[yellow]verifier heartbeat failed: {exc}[/]")
             return True
 
