@@ -34,12 +34,24 @@ def _batches(cfg: ModelConfig, n: int, batch: int, dev: torch.device) -> list[tu
     return out
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
 def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: bool = True, batch: int = 16,
-                 repeats: int = 3, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 repeats: int = 3, log: Callable[[str], None] = print, device: str = "cuda",
+                 cfg: ModelConfig = GPT2_SMALL_BYTES, warmup: int = 15) -> dict[str, Any]:
+    """The figures in the module doc on ``device``: CUDA on the GPU machine; ``"cpu"`` (with a small ``cfg``) only
+    so that CI runs this very code before a GPU session spends its few minutes on it."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = GPT2_SMALL_BYTES
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg, init_state(cfg, 0)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), fused=True)
     fwd = torch.compile(model) if compile_model else model
@@ -47,7 +59,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             logits = fwd(x)
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab), y.reshape(-1))
         loss.backward()
@@ -55,10 +67,10 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         opt.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
-    for i in range(15):  # compile + allocate optimizer state
+    for i in range(warmup):  # compile + allocate optimizer state
         step(i)
-    torch.cuda.synchronize()
-    log(f"warm-up (compile={compile_model}) {time.perf_counter() - t0:.1f} s on {torch.cuda.get_device_name()}")
+    _sync(dev)
+    log(f"warm-up (compile={compile_model}) {time.perf_counter() - t0:.1f} s on {device_name(dev)}")
     live = export_training_state(model, opt)
     n_params = sum(p.numel() for p in model.parameters())
     state_bytes = sum(t.numel() * t.element_size() for t in live.values())
@@ -73,7 +85,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
 
     def run(commit: bool) -> float:
         futures = []
-        torch.cuda.synchronize()
+        _sync(dev)
         t = time.perf_counter()
         for i in range(1, steps + 1):
             step(i)
@@ -81,7 +93,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
                 futures.append(hasher.submit(live))
         for f in futures:
             f.result()
-        torch.cuda.synchronize()
+        _sync(dev)
         return steps / (time.perf_counter() - t)
 
     ratios, plain, committed = [], [], []
@@ -110,7 +122,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         hashes.append(state_hash(export_training_state(m, o)))
     torch.use_deterministic_algorithms(False)
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": device_name(dev),
         "torch": torch.__version__,
         "params": n_params,
         "state_bytes": state_bytes,

@@ -46,8 +46,8 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
-from node.trainer import (UnitSpec, check_start, deterministic, fresh_state, load_training_state,
-                          reuse_training_state, run_segment, state_hash, train_unit)
+from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
+                          load_training_state, place, reuse_training_state, run_segment, state_hash, train_unit)
 from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
@@ -140,14 +140,47 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     return ratio, wall, len(picks)
 
 
-def _bare_unit(spec: UnitSpec, start: dict[str, torch.Tensor]) -> None:
-    """:func:`node.trainer.train_unit` without its commitments: the same model build, batches and steps, no state
-    hashes and no checkpoints (the baseline of ``proof_overhead_default_job``)."""
+def _bare_unit(spec: UnitSpec, start: dict[str, torch.Tensor], plan: Plan = PROVIDER_PLAN) -> None:
+    """:func:`node.trainer.train_unit` without its commitments: the same model build, placement, batches and steps,
+    no state hashes and no checkpoints (the baseline of ``proof_overhead_default_job``)."""
     check_start(spec, start)
     with deterministic(spec.threads):
         model, opt = load_training_state(spec, fresh_state(start))
+        place(model, opt, plan)
         for s in range(spec.n_segments):
-            run_segment(spec, model, opt, s)
+            run_segment(spec, model, opt, s, None, plan)
+
+
+def trainer_overhead(steps: int, repeats: int, plan: Plan, log: Callable[[str], None],
+                     cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """What a provider runs on a default job (``cfg``, default ``ModelConfig()``; batch 16; a commitment +
+    checkpoint every 15 steps) on ``plan``: :func:`node.trainer.train_unit` against the same steps with no
+    commitments and no checkpoints, in ABBA order (this machine's speed drifts); and the trainer's own stall: the
+    wall time its loop spent on commitments."""
+    cfg = cfg or ModelConfig()
+    jspec = replace(_spec(cfg, steps - steps % 15 or 15, 999_997, batch=16), segment_len=15)
+    jstart = init_state(cfg, 7)
+    jratios, stalls = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            times = {}
+            for which in (("bare", "proof") if r % 2 == 0 else ("proof", "bare")):
+                t0 = time.perf_counter()
+                if which == "bare":
+                    _bare_unit(jspec, jstart, plan)
+                else:
+                    res = train_unit(jspec, jstart, Path(tmp) / str(r), plan=plan)
+                times[which] = time.perf_counter() - t0
+            jratios.append(times["bare"] / times["proof"])
+            stalls.append(res.commit_s / times["proof"])
+    out = {"proof_overhead_default_job": round(statistics.median(jratios), 4),
+           "proof_overhead_default_job_runs": [round(r, 4) for r in jratios],
+           "proof_stall_default_job": round(statistics.median(stalls), 5),
+           "default_job_plan": plan.label, "default_job_steps": jspec.steps}
+    log(f"proof overhead on a default job on {plan.label} (train_unit: hash + checkpoint every 15 steps, "
+        f"{jspec.steps} steps): {out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}; the "
+        f"training loop spent {out['proof_stall_default_job']:.2%} of its wall time on commitments (median)")
+    return out
 
 
 TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and honest units' model
@@ -253,30 +286,7 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["proof_overhead"] = round(statistics.median(ratios), 4)
     out["proof_overhead_runs"] = [round(r, 4) for r in ratios]
     log(f"proof overhead (commit every step, async hashing): {out['proof_overhead_runs']} -> {out['proof_overhead']}")
-    # what a provider runs on a default job (ModelConfig(), batch 16, a commitment + checkpoint every 15 steps):
-    # node.trainer.train_unit against the same steps with no commitments and no checkpoints, in ABBA order (this
-    # machine's speed drifts); and the trainer's own stall: the wall time its loop spent on commitments
-    jspec = replace(_spec(ModelConfig(), a.job_steps - a.job_steps % 15 or 15, 999_997, batch=16), segment_len=15)
-    jstart = init_state(ModelConfig(), 7)
-    jratios, stalls = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.job_repeats):
-            times = {}
-            for which in (("bare", "proof") if r % 2 == 0 else ("proof", "bare")):
-                t0 = time.perf_counter()
-                if which == "bare":
-                    _bare_unit(jspec, jstart)
-                else:
-                    res = train_unit(jspec, jstart, Path(tmp) / str(r))
-                times[which] = time.perf_counter() - t0
-            jratios.append(times["bare"] / times["proof"])
-            stalls.append(res.commit_s / times["proof"])
-    out["proof_overhead_default_job"] = round(statistics.median(jratios), 4)
-    out["proof_overhead_default_job_runs"] = [round(r, 4) for r in jratios]
-    out["proof_stall_default_job"] = round(statistics.median(stalls), 5)
-    log(f"proof overhead on a default job (train_unit: hash + checkpoint every 15 steps, {jspec.steps} steps): "
-        f"{out['proof_overhead_default_job_runs']} -> {out['proof_overhead_default_job']}; the training loop spent "
-        f"{out['proof_stall_default_job']:.2%} of its wall time on commitments (median)")
+    out.update(trainer_overhead(a.job_steps, a.job_repeats, PROVIDER_PLAN, log))
 
     # lazy verifier vs planted canaries: the marketplace's own canaries (marketplace.canary.forge) cut from an honest
     # unit and really replayed by an honest verifier (every one must be flagged); a lazy verifier approves every
@@ -529,16 +539,24 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     return out
 
 
-def run_gpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from node.gpu_bench import gpu_overhead
+def run_gpu(a: argparse.Namespace, log: Callable[[str], None], device: str = "cuda",
+            model: ModelConfig | None = None) -> dict[str, Any]:
+    """``--device cuda``: the commitment overhead of a GPT-2-small-shaped trainer with torch.compile
+    (:func:`node.gpu_bench.gpu_overhead`), the provider's own trainer on the device, and verification across
+    devices. ``device="cpu"`` (with a small ``model``) runs the same code in CI, so a GPU session's few minutes are
+    not lost to a typo."""
+    from node.gpu_bench import GPT2_SMALL_BYTES, gpu_overhead
 
-    figures = gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log)
-    if a.cross_units:  # honest CUDA providers checked on the CPU; CPU-trained cheats checked on CUDA
-        cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
-        figures["cross_device"] = run_cross(a, log, [cuda], cpu, [cpu, cc.Plan("cpu", 2)], cuda)
+    figures = gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log,
+                           device=device, cfg=model or GPT2_SMALL_BYTES, repeats=a.repeats)
+    dev = cc.Plan(device)
+    figures.update(trainer_overhead(a.job_steps, a.job_repeats, dev, log))
+    if a.cross_units:  # honest device providers checked on the CPU; CPU-trained cheats checked on the device
+        cpu = cc.Plan("cpu")
+        figures["cross_device"] = run_cross(a, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev)
         if a.cross_precision == "fp32":  # and a bf16 job, a GPU's fast path, refereed on the CPU
             b = argparse.Namespace(**{**vars(a), "cross_precision": "bf16"})
-            figures["cross_device_bf16"] = run_cross(b, log, [cuda], cpu, [cpu, cc.Plan("cpu", 2)], cuda)
+            figures["cross_device_bf16"] = run_cross(b, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev)
     return figures
 
 

@@ -92,3 +92,28 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert cross["min_slashed_rate"] == 1.0 and cross["referee_margin_min"] > 1
     for name, r in cross["adversaries"].items():
         assert r["detected_rate"] == r["bisected_to_faked_step"] == 1.0, name
+
+
+def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
+    """``--device cuda`` runs only on the GPU machine, a few minutes a session at best: the same code (run_gpu,
+    gpu_overhead, the device trainer's overhead, cross-device verification) runs here on the CPU at toy sizes, so a
+    typo cannot cost that run. The async hash is checked against the synchronous one inside (it raises)."""
+    import argparse
+
+    from node.model import ModelConfig
+
+    a = argparse.Namespace(gpu_steps=4, gpu_commit_every=2, no_compile=True, repeats=1, job_steps=15, job_repeats=2,
+                           cross_units=1, cross_cheat_units=1, cross_steps=8, cross_seg=4, cal_units=1,
+                           cross_precision="fp32")
+    lines: list[str] = []
+    fig = bench.run_gpu(a, lines.append, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
+    assert fig["device"].startswith("cpu") and fig["compile"] is False and fig["commit_every"] == 2
+    assert 0 < fig["proof_overhead"] < 10 and len(fig["proof_overhead_runs"]) == 1
+    assert fig["gpu_replay_bitwise"] is True  # deterministic algorithms, same device: bit for bit
+    assert fig["default_job_plan"] == "cpu" and len(fig["proof_overhead_default_job_runs"]) == 2
+    assert fig["cross_device"]["false_slash"] == 0 and fig["cross_device"]["min_slashed_rate"] == 1.0
+    bf16 = fig["cross_device_bf16"]  # a bf16 loss across plans is not evidence, fp8 hides in bf16 drift (known)
+    assert bf16["precision"] == "bf16" and bf16["false_slash"] == 0
+    for name in ("skip_steps", "random_weights", "copied_weights", "replay_old"):
+        assert bf16["adversaries"][name]["slashed_rate"] == 1.0, name
+    assert any("proof overhead on a default job on cpu" in line for line in lines)
