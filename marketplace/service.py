@@ -373,6 +373,17 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -
     p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
 
+def _observe_late(prov: Provider, spec: JobSpec, seconds: int) -> int:
+    """A provider alive but past a unit's deadline delivered that unit's tokens in *more* than ``seconds``: blend
+    that bound into its delivered throughput (the first record sets it) and return it. Only the fact that the
+    unit is not in counts, never the node's own progress report (free to shade either way), so a node that missed
+    its deadline is ranked, and its next deadline set, at no more than it has shown; without this, a slow node new
+    to the market stays ranked at the market's median and misses deadline after deadline."""
+    bound = max(1, min(MAX_THROUGHPUT, spec.steps_per_unit * spec.batch_size * spec.model.ctx // max(1, seconds)))
+    prov.observed_tps = min(prov.observed_tps, observe_throughput(prov.observed_tps, bound)) if prov.observed_tps else bound
+    return bound
+
+
 # ---------------------------------------------------------------- verification
 
 def _benched_message(v: Verifier) -> str:
@@ -937,8 +948,12 @@ def reap(rt: Runtime) -> int:
             u.excluded = sorted(set(u.excluded or []) | {dropped})
             u.status, u.provider, u.price, u.rank = "pending", None, None, None
             late = u.deadline_at is not None and u.deadline_at < now and (u.heartbeat_at or u.assigned_at or 0) >= cutoff
+            extra: dict[str, Any] = {}
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
+                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
+                                                           now - (u.assigned_at or now))
             log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
-                reason=f"not submitted by its deadline ({u.deadline_at})" if late else "no heartbeat")
+                reason=f"not submitted by its deadline ({u.deadline_at})" if late else "no heartbeat", **extra)
             demand = _demand(rt, u, job)
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)

@@ -697,6 +697,7 @@ def test_silent_provider_loses_its_unit_to_a_standby_and_heartbeats_keep_it(mark
     assert moved.status == "assigned" and flaky.account.address in moved.excluded and moved.attempts == 2
     assert events[-1]["how"] == f"standby for {flaky.account.address}"
     assert dropout.dropped == 1  # its reliability, and so its effective price, takes the hit
+    assert dropout.observed_tps is None  # a silent dropout says nothing of its speed
     # a heartbeat for a unit that is not yours is refused
     with pytest.raises(MarketError) as err:
         flaky.client.heartbeat(moved.id)
@@ -763,6 +764,12 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
         assert (u.provider, u.status, u.excluded) == (spare.account.address, "assigned", [slow.account.address])
         dropout = s.get(Provider, slow.account.address)
         assert u.steps_done == 0 and dropout.dropped == 1 and dropout.verified_streak == 0  # its record starts over
+        # it showed it trains a unit in more than the time it held it: from now on it is ranked (and its deadlines
+        # set) at no more than that, no longer at the market's median
+        at_most = timed_out[0]["delivered_at_most"]
+        unit_tokens = spec.steps_per_unit * spec.batch_size * spec.model.ctx
+        assert dropout.observed_tps == at_most and 1 <= at_most <= min(ranked_at, unit_tokens // 2)
+        assert {o.provider: o.throughput for o in service._offers(s)}[slow.account.address] == at_most
     assert any(e["how"] == f"standby for {slow.account.address}" for e in _events(market, "unit_assigned"))
     market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 3600, 4
     drive(market, [slow, spare], verifier, job_id)
