@@ -23,7 +23,8 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash
+from node.trainer import (UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash,
+                          update_norm)
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.money import format_tokens
 from protocol.proof import TrainingProof, check_structure
@@ -334,13 +335,22 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
                     expected_spec_hash=spec.spec_hash())
     if len(body.segment_blobs) != len(proof.segments):
         raise ProofError(f"{len(proof.segments)} segments committed but {len(body.segment_blobs)} checkpoints uploaded")
+    # each checkpoint must hash to its commitment; on the way, how far the model moved in each segment (the update
+    # outliers are replayed on top of the level's budget: a segment that did not train, or jumped)
+    norms: list[float] = []
+    before: dict[str, Any] | None = None
     for i, sha in enumerate(body.segment_blobs):
         tensors, _ = checkpoint.load(rt.blobs.read(sha))
         if state_hash(tensors) != proof.segments[i].start_hash:
             raise ProofError(f"checkpoint for segment {i} does not hash to its committed start hash")
+        if before is not None:
+            norms.append(update_norm(before, tensors))
+        before = model_only(tensors)
     final, _ = checkpoint.load(rt.blobs.read(body.final_blob))
     if state_hash(final) != proof.final_hash:
         raise ProofError("final checkpoint does not hash to the committed final hash")
+    if before is not None:
+        norms.append(update_norm(before, final))
     # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
     # the rest drawn with a seed the provider could not know when it signed (protocol.verification).
     # A trusted host (a record of verified units) is sampled at half the rate where that keeps a 1% cheat's odds
@@ -348,7 +358,8 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     rate, trusted = verification.sampling_rate(level, consecutive_verified=streak, n_segments=len(proof.segments),
                                                unit_price=price, stake=backing)
     picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments], rate,
-                                           secrets.token_bytes(32))
+                                           secrets.token_bytes(32), norms)
+    outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
     with rt.sessions.begin() as s:
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
@@ -361,7 +372,8 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
-            sampled=picks, rate=str(rate), trusted=trusted, final_loss=body.losses[-1] if body.losses else None)
+            sampled=picks, rate=str(rate), trusted=trusted, update_outliers=[i for i in outliers if i in picks],
+            final_loss=body.losses[-1] if body.losses else None)
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:

@@ -9,6 +9,9 @@ every uploaded checkpoint hashes to what was committed. Only a replay of a segme
 * ``replay-old``: trains another unit (other shard; or other seed if there is one shard), then relabels that
   result as this unit's (new unit id, spec hash, seed and the batch digests this unit should have had).
 * ``replay-old-verbatim``: hands in the other unit's proof unchanged; :func:`check_structure` catches it.
+* ``idle-segment``: trains honestly but one segment (the middle one), where it does no work at all and commits the
+  previous segment's losses; it bumps AdamW's step counters so that segment's end state still differs from its
+  start. A short unit's budget may never reach that segment; its update (zero) marks it for replay all the same.
 * ``skip-last-update``: trains every step but skips the optimizer update of each segment's last step (it still
   computes that step's loss, so every committed loss is the honest one): only the states give it away, and across
   execution plans only a bisection down to that one step proves it.
@@ -166,7 +169,30 @@ def replay_old(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on
     return replace(old, proof=proof)
 
 
+def idle_segment(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None) -> UnitResult:
+    """Honest work but one idle segment (the middle one), with plausible losses and a moved step counter."""
+    idle = spec.n_segments // 2
+    last = [5.0] * spec.segment_len
+
+    def segment(spec: UnitSpec, s: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+        nonlocal last
+        if s != idle:
+            losses = []
+            for step, offsets in segment_batches(spec, s):
+                x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+                losses.append(train_step(model, opt, x, y))
+            last = losses
+            return losses
+        with torch.no_grad():  # no forward, no backward, no update: only the counters move
+            for st in opt.state.values():
+                st["step"] += spec.segment_len
+        return list(last)
+
+    return _cheat_unit(spec, start, workdir, segment, on_step)
+
+
 ADVERSARIES: dict[str, TrainFn] = {
+    "idle-segment": idle_segment,
     "skip-last-update": skip_last_update,
     "skip-steps": skip_steps,
     "random-weights": random_weights,

@@ -198,6 +198,20 @@ def model_only(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
+def update_norm(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> float:
+    """How far the model moved between two states (training states or model-only): the L2 norm of the difference of
+    the model tensors, in float64 (what :func:`protocol.verification.update_outliers` ranks)."""
+    a, b = model_only(before), model_only(after)
+    if set(a) != set(b):
+        raise GridMintValueError(f"states differ in tensors {sorted(set(a) ^ set(b))}")
+    total = 0.0
+    for k in sorted(a):
+        if a[k].shape != b[k].shape:
+            raise GridMintValueError(f"tensor {k!r} is {tuple(a[k].shape)} in one state, {tuple(b[k].shape)} in the other")
+        total += float((b[k].double() - a[k].double()).pow(2).sum())
+    return math.sqrt(total)
+
+
 def fresh_state(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A full training state: the given weights (copied) and a fresh AdamW state (zero moments, step 0)."""
     out: dict[str, Tensor] = {}

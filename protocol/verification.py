@@ -4,7 +4,11 @@ Pure functions, no I/O. The buyer picks a level per job; the level fixes the sha
 replays (``rate``). Which segments: a uniform sample ranked by SHA-256 of a seed the provider cannot know when it
 commits (a later block hash, or the marketplace's secret drawn after the proof is in), plus a few *targeted* picks —
 the segments whose committed loss departs most from their neighbours (a faked loss curve, or a sloppy forgery, shows
-up there without any compute). Targeted picks come out of the same budget.
+up there without any compute). Targeted picks come out of the same budget. On top of it, up to
+``UPDATE_OUTLIER_PICKS`` segments whose model *moved* far more or far less than their neighbours' (Proof-of-Learning's
+largest updates, and the idle segment that did not train at all): the marketplace measures each segment's update on
+the checkpoints it was handed (which hash to the commitments), so a provider cannot shade it; honest units have none
+(measured: every honest segment within 0.8-2.6x its neighbours' median), so honest work costs no extra replay.
 
 What it buys, exactly (no simulation): a unit with ``n`` committed segments of which ``bad`` were faked, checked with
 ``k`` uniform picks, escapes with probability ``C(n-bad, k) / C(n, k)`` (hypergeometric). A cheater's unearned pay is
@@ -48,6 +52,12 @@ TRUSTED_DISCOUNT = Fraction(1, 2)
 #: target with room for the measurement's noise.
 TRUSTED_MIN_CATCH = Fraction(995, 1000)
 TARGETED_SHARE = Fraction(1, 8)  # of the budget, spent on the most anomalous committed losses
+#: A segment whose model update (the L2 distance its checkpoints moved) is more than this factor above or below the
+#: median of its neighbours' is an update outlier. Honest segments measured 0.82-2.52x (the first segment of a unit,
+#: from fresh AdamW moments, is the largest); a skipped segment is 0, a jump to copied or random weights is huge.
+UPDATE_OUTLIER_FACTOR = 8
+#: Update outliers replayed on top of the level's budget, most extreme first (one hit is enough to convict).
+UPDATE_OUTLIER_PICKS = 2
 #: Share of a verifier's tasks that are planted known-bad segments (marketplace.canary). Each costs the verifier one
 #: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets
 #: its first canary within 228 tasks with probability 0.99, and loses its stake there.
@@ -97,18 +107,48 @@ def loss_anomalies(loss_micro: Sequence[int], window: int = 4) -> list[int]:
     return [i for _, i in sorted(scored)]
 
 
-def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, seed: int | bytes) -> list[int]:
+def update_outliers(update_norms: Sequence[float], window: int = 4, factor: float = UPDATE_OUTLIER_FACTOR) -> list[int]:
+    """Segments whose update is more than ``factor`` times above or below the median update of its ``window``
+    neighbours on each side, most extreme first (ties by index). A zero update among moving neighbours is the most
+    extreme there is."""
+    if factor <= 1:
+        raise GridMintValueError(f"factor must be > 1, got {factor}")
+    n = len(update_norms)
+    for x in update_norms:
+        if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
+            raise GridMintValueError(f"update norms must be finite and non-negative, got {x!r}")
+    scored = []
+    for i in range(n):
+        nb = sorted(update_norms[max(0, i - window) : i] + update_norms[i + 1 : i + 1 + window])
+        if not nb:
+            continue
+        med, x = nb[len(nb) // 2], update_norms[i]
+        if med == 0:
+            off = math.inf if x > 0 else 1.0
+        else:
+            off = math.inf if x == 0 else max(x / med, med / x)
+        if off > factor:
+            scored.append((-off, i))
+    return [i for _, i in sorted(scored)]
+
+
+def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, seed: int | bytes,
+                      update_norms: Sequence[float] | None = None) -> list[int]:
     """Sorted segment indices to replay: segment 0, targeted picks (most anomalous committed losses), then a
-    uniform sample, ``challenge_budget`` in all.
+    uniform sample, ``challenge_budget`` in all; plus the ``UPDATE_OUTLIER_PICKS`` most extreme update outliers
+    (:func:`update_outliers` of ``update_norms``, each segment's measured update, when given), if not picked already.
 
     ``seed`` must be unknown to the provider when it committed; the uniform part is SHA-256(seed, unit, i) ranked.
     """
     n = len(loss_micro)
+    if update_norms is not None and len(update_norms) != n:
+        raise GridMintValueError(f"{len(update_norms)} update norms for {n} segments")
     budget = challenge_budget(n, rate)
     if budget == 0:
         return []
     if budget >= n:
         return list(range(n))
+    extra = update_outliers(update_norms)[:UPDATE_OUTLIER_PICKS] if update_norms is not None else []
     # Segment 0 always: it is the one transition that ties the whole chain to the job's start state (a provider that
     # trains honestly from an old or foreign checkpoint fakes only that one).
     picked = {0}
@@ -120,7 +160,7 @@ def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, s
         if len(picked) >= budget:
             break
         picked.add(i)
-    return sorted(picked)
+    return sorted(picked | set(extra))
 
 
 def miss_probability(n: int, bad: int, picks: int) -> Fraction:

@@ -6,7 +6,8 @@ What runs (all real training and real replays on this machine; the trials only r
    segment is re-executed by the live verifier's replay (:func:`node.replay.replay_state`) from the state the cheater reveals for it: that
    gives each segment's real verdict.
 2. ``--trials`` trials per adversary: a new provider posts a stake of ``--stake-units`` x the unit price and submits
-   cheating units; each unit is checked at the standard level (fresh challenge seed per unit). A trial counts as
+   cheating units; each unit is checked at the standard level (fresh challenge seed per unit; plus its update
+   outliers, measured on the states it would upload, as the marketplace does). A trial counts as
    caught if a challenge hits a failing segment before the provider has been paid for more units than its stake
    covers (pay follows verification, so that is within ``stake_units + 1`` units). The same trials again for a
    trusted host (``trusted``): sampled at half the rate, from the smallest stake at which the marketplace gives it
@@ -47,7 +48,8 @@ from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
-                          load_training_state, place, reuse_training_state, run_segment, state_hash, train_unit)
+                          load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
+                          train_unit, update_norm)
 from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
@@ -60,12 +62,15 @@ def _spec(cfg: ModelConfig, steps: int, idx: int, threads: int = 1, batch: int =
 
 def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy: StepPolicy,
                          first_state: dict[str, torch.Tensor] | None = None,
-                         verify_threads: int | None = None) -> tuple[Trace, list[bool]]:
-    """Train under ``policy`` and replay every segment from the state the provider would reveal for it."""
+                         verify_threads: int | None = None,
+                         norms: list[float] | None = None) -> tuple[Trace, list[bool]]:
+    """Train under ``policy`` and replay every segment from the state the provider would reveal for it. ``norms``,
+    if given, receives each segment's update as the marketplace measures it on the uploaded checkpoints."""
     claimed0 = fresh_state(start)
     vspec = replace(spec, threads=verify_threads) if verify_threads else spec
     seen: list[tuple[str, str, int]] = []
     held: list[dict[str, torch.Tensor]] = []
+    prev: list[dict[str, torch.Tensor]] = []
 
     def replay(s: int, state: dict[str, torch.Tensor]) -> tuple[str, str, int]:  # the live verifier's replay
         h = state_hash(state)
@@ -74,12 +79,18 @@ def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy:
 
     def tap(s: int, live: Any) -> None:
         revealed = claimed0 if s == 0 else live  # the state whose hash the cheater committed as segment s's start
+        if norms is not None:
+            if prev:
+                norms.append(update_norm(prev[0], revealed))
+            prev[:] = [{k: v.detach().clone() for k, v in model_only(revealed).items()}]
         if verify_threads:  # replay after training: switching thread counts every step costs more than the step
             held.append({k: v.detach().clone() for k, v in revealed.items()})
         else:
             seen.append(replay(s, revealed))
 
     trace = train_traced(spec, start, policy, tap=tap, first_state=first_state)
+    if norms is not None and prev:
+        norms.append(update_norm(prev[0], trace.final_state))
     for s, state in enumerate(held):
         seen.append(replay(s, state))
     verdicts = [(h, end, loss) == (c.start_hash, c.end_hash, c.loss_micro) for (h, end, loss), c in
@@ -108,8 +119,17 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     ``repeats`` provider/verifier pairs. The verifier runs the live verifier's check (:func:`node.replay.
     check_state`: the claim's own checks, the revealed start state's hash, the replay, the end state's hash) on the
     model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit."""
-    trace = train_traced(spec, start)
-    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost")
+    prev: list[dict[str, torch.Tensor]] = []
+    norms: list[float] = []
+
+    def measure(s: int, live: Any) -> None:  # each segment's update, as the marketplace measures it (not timed)
+        if prev:
+            norms.append(update_norm(prev[0], live))
+        prev[:] = [{k: v.detach().clone() for k, v in model_only(live).items()}]
+
+    trace = train_traced(spec, start, tap=measure)
+    norms.append(update_norm(prev[0], trace.final_state))
+    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost", norms)
     kept: dict[int, dict[str, torch.Tensor]] = {}
     claimed0 = fresh_state(start)
 
@@ -214,16 +234,17 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             spec = _spec(cfg, a.steps, idx)
             idx += 1
             first = fresh_state(init_state(cfg, 99)) if swap else None
-            trace, verdicts = traced_with_verdicts(spec, start, factory(spec), first_state=first)
-            units.append((spec, [c.loss_micro for c in trace.proof.segments], verdicts))
+            norms: list[float] = []
+            trace, verdicts = traced_with_verdicts(spec, start, factory(spec), first_state=first, norms=norms)
+            units.append((spec, [c.loss_micro for c in trace.proof.segments], verdicts, norms))
         failing = [sum(not v for v in u[2]) for u in units]
 
         def trials(r: Any, h: int, tag: str) -> tuple[float, float]:
             caught_trials, units_checked, units_caught = 0, 0, 0
             for t in range(a.trials):
                 for u in range(h):
-                    spec, losses, verdicts = units[(t + u) % len(units)]
-                    picks = vp.choose_challenges(spec.unit_id, losses, r, f"{name}/{tag}{t}/{u}".encode())
+                    spec, losses, verdicts, norms = units[(t + u) % len(units)]
+                    picks = vp.choose_challenges(spec.unit_id, losses, r, f"{name}/{tag}{t}/{u}".encode(), norms)
                     units_checked += 1
                     if any(not verdicts[i] for i in picks):
                         units_caught += 1
@@ -465,7 +486,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     the verifier's plan must reach the verifier's signed state, past the tolerance): an honest verifier's bond is
     released and it is never benched (``drift_verifiers_benched``), no provider is slashed."""
     from marketplace.service import unit_id_for
-    from node.trainer import average_states, model_only
+    from node.trainer import average_states
 
     prov, ver = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")
     cfg = ModelConfig()  # the JobSpec default

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+import math
 from math import comb
 
 import pytest
@@ -85,6 +86,35 @@ def test_uniform_part_depends_on_the_seed_and_targets_the_odd_loss() -> None:
     a = vp.choose_challenges("0x" + "01" * 32, loss, vp.LEVELS["standard"], 1)
     b = vp.choose_challenges("0x" + "01" * 32, loss, vp.LEVELS["standard"], 2)
     assert 1500 in a and 1500 in b and a != b
+
+
+def test_update_outliers_are_the_segments_that_moved_far_more_or_far_less_than_their_neighbours() -> None:
+    honest = [3.1, 2.1, 1.7, 1.6, 1.3, 1.3, 1.1, 1.0]  # a real honest unit's updates (first segment largest)
+    assert vp.update_outliers(honest) == []
+    idle = honest[:4] + [0.0] + honest[5:]
+    assert vp.update_outliers(idle) == [4]
+    jumps = [1.0] * 20
+    jumps[7], jumps[12], jumps[15] = 50.0, 9.0, 1 / 20  # a jump to copied weights; two past the factor of 8
+    assert vp.update_outliers(jumps) == [7, 15, 12]
+    assert vp.update_outliers([1.0, 7.9]) == [] and vp.update_outliers([1.0, 8.1]) == [0, 1]  # both ways, of 2
+    assert vp.update_outliers([0.0, 0.0, 0.0]) == [] and vp.update_outliers([2.0]) == []
+    for bad in ([1.0, -1.0], [1.0, math.nan], [math.inf, 1.0]):
+        with pytest.raises(GridMintValueError):
+            vp.update_outliers(bad)
+
+
+def test_update_outliers_are_replayed_on_top_of_the_budget_and_honest_updates_add_nothing() -> None:
+    loss = [3_000_000] * 64
+    norms = [1.0 + 0.01 * (i % 7) for i in range(64)]
+    rate = vp.LEVELS["standard"]
+    plain = vp.choose_challenges("0x" + "02" * 32, loss, rate, 5)
+    assert plain == [0] and vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == plain
+    for i in (20, 30, 40):
+        norms[i] = 0.0  # three idle segments: the two most extreme (ties by index) go on top of the budget
+    assert vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == [0, 20, 30]
+    assert vp.choose_challenges("0x" + "02" * 32, loss, vp.LEVELS["none"], 5, norms) == []  # the buyer chose none
+    with pytest.raises(GridMintValueError):
+        vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms[:-1])
 
 
 def test_miss_probability_is_the_hypergeometric_ratio() -> None:
