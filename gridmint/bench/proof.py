@@ -275,17 +275,20 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
 
     # honest units: false slashes, across thread counts (trained with t threads, replayed with the other count)
     t0 = time.perf_counter()
-    false_units = 0
+    false_units = outliers = 0
     for i in range(a.honest_units):
         threads = 1 + i % 2
         spec = _spec(cfg, a.honest_steps, 100_000 + i, threads=threads)
-        _, verdicts = traced_with_verdicts(spec, start, honest_step, verify_threads=3 - threads)
+        norms: list[float] = []
+        _, verdicts = traced_with_verdicts(spec, start, honest_step, verify_threads=3 - threads, norms=norms)
         false_units += not all(verdicts)
+        outliers += len(vp.update_outliers(norms))  # honest segments replayed beyond the budget: cost, not risk
     out["false_slash"] = false_units
     out["honest_units"] = a.honest_units
     out["honest_segments_replayed"] = a.honest_units * a.honest_steps
+    out["honest_update_outliers"] = outliers
     log(f"honest: {a.honest_units} units x {a.honest_steps} steps, every segment replayed with the other thread "
-        f"count: {false_units} false slashes ({time.perf_counter() - t0:.0f} s)")
+        f"count: {false_units} false slashes; {outliers} update outliers ({time.perf_counter() - t0:.0f} s)")
 
     # verification cost at the standard level, against the provider's plain training time for the same unit: on the
     # toy shape above, and on the shape of a default job (what a customer buys: ModelConfig(), batch 16)

@@ -80,7 +80,7 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["honest_verifier_canaries"] > 0 and fig["honest_verifier_canary_errors"] == 0  # real replays
     assert fig["lazy_verifier_caught_rate"] == 1.0 and 1 <= fig["lazy_verifier_tasks_to_catch_max"] <= 500
     assert fig["verify_cost_ratio_with_canaries"] > fig["verify_cost_ratio"]
-    assert fig["false_slash"] == 0
+    assert fig["false_slash"] == 0 and fig["honest_update_outliers"] == 0
     for whole in ("random_weights", "copied_weights", "replay_old"):  # segment 0 is always replayed
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
     # 64 segments at the standard rate buy one challenge (segment 0): sparse cheats slip through at this size,
