@@ -67,9 +67,20 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         opt.zero_grad(set_to_none=True)
 
     t0 = time.perf_counter()
-    for i in range(warmup):  # compile + allocate optimizer state
-        step(i)
-    _sync(dev)
+    compile_error = ""
+    try:
+        for i in range(warmup):  # compile + allocate optimizer state
+            step(i)
+        _sync(dev)
+    except Exception as exc:  # a GPU session is short: a figure without torch.compile beats none at all
+        if not compile_model:
+            raise
+        compile_error = f"{type(exc).__name__}: {exc}"[:500]
+        log(f"torch.compile failed ({compile_error}); measuring eager")
+        compile_model, fwd = False, model
+        for i in range(warmup):
+            step(i)
+        _sync(dev)
     log(f"warm-up (compile={compile_model}) {time.perf_counter() - t0:.1f} s on {device_name(dev)}")
     live = export_training_state(model, opt)
     n_params = sum(p.numel() for p in model.parameters())
@@ -128,6 +139,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         "state_bytes": state_bytes,
         "commit_every": commit_every,
         "compile": compile_model,
+        **({"compile_error": compile_error} if compile_error else {}),
         "tokens_per_s_plain": round(statistics.median(plain) * tok_per_step),
         "tokens_per_s_committed": round(statistics.median(committed) * tok_per_step),
         "proof_overhead": round(statistics.median(ratios), 4),

@@ -121,3 +121,20 @@ def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
     for name in ("skip_steps", "random_weights", "copied_weights", "replay_old"):
         assert bf16["adversaries"][name]["slashed_rate"] == 1.0, name
     assert any("proof overhead on a default job on cpu" in line for line in lines)
+
+
+def test_gpu_bench_measures_eager_when_torch_compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing torch.compile (no Triton, no compiler) must not cost the GPU session its figures."""
+    from node import gpu_bench
+    from node.model import ModelConfig
+
+    def broken(model: object) -> object:
+        def call(*args: object) -> object:
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(gpu_bench.torch, "compile", broken)
+    fig = gpu_bench.gpu_overhead(steps=2, commit_every=1, repeats=1, device="cpu", warmup=1, log=lambda s: None,
+                                 cfg=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
+    assert fig["compile"] is False and "no compiler here" in fig["compile_error"]
+    assert 0 < fig["proof_overhead"] < 10 and fig["gpu_replay_bitwise"] is True
