@@ -569,18 +569,37 @@ def run_gpu(a: argparse.Namespace, log: Callable[[str], None], device: str = "cu
     (:func:`node.gpu_bench.gpu_overhead`), the provider's own trainer on the device, and verification across
     devices. ``device="cpu"`` (with a small ``model``) runs the same code in CI, so a GPU session's few minutes are
     not lost to a typo."""
+    import traceback
+
     from node.gpu_bench import GPT2_SMALL_BYTES, gpu_overhead
 
-    figures = gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every, compile_model=not a.no_compile, log=log,
-                           device=device, cfg=model or GPT2_SMALL_BYTES, repeats=a.repeats)
+    figures: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def section(name: str, fn: Callable[[], Any]) -> None:  # one section failing keeps the others' figures
+        try:
+            got = fn()
+            if name.startswith("+"):  # its figures at the top level
+                figures.update(got)
+            else:
+                figures[name] = got
+        except Exception as exc:
+            log(f"section {name.lstrip('+')} failed:\n{traceback.format_exc()}")
+            errors[name.lstrip("+")] = f"{type(exc).__name__}: {exc}"[:500]
+
+    section("+gpu_overhead", lambda: gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every,
+                                                  compile_model=not a.no_compile, log=log, device=device,
+                                                  cfg=model or GPT2_SMALL_BYTES, repeats=a.repeats))
     dev = cc.Plan(device)
-    figures.update(trainer_overhead(a.job_steps, a.job_repeats, dev, log))
+    section("+trainer_overhead", lambda: trainer_overhead(a.job_steps, a.job_repeats, dev, log))
     if a.cross_units:  # honest device providers checked on the CPU; CPU-trained cheats checked on the device
         cpu = cc.Plan("cpu")
-        figures["cross_device"] = run_cross(a, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev)
+        section("cross_device", lambda: run_cross(a, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev))
         if a.cross_precision == "fp32":  # and a bf16 job, a GPU's fast path, refereed on the CPU
             b = argparse.Namespace(**{**vars(a), "cross_precision": "bf16"})
-            figures["cross_device_bf16"] = run_cross(b, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev)
+            section("cross_device_bf16", lambda: run_cross(b, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev))
+    if errors:
+        figures["errors"] = errors
     return figures
 
 
@@ -635,4 +654,4 @@ def main(argv: list[str]) -> int:
             figures["drift"] = run_drift(a, log)
     figures["bench_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(figures))
-    return 0
+    return 1 if figures.get("errors") else 0

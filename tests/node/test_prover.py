@@ -138,3 +138,19 @@ def test_gpu_bench_measures_eager_when_torch_compile_fails(monkeypatch: pytest.M
                                  cfg=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
     assert fig["compile"] is False and "no compiler here" in fig["compile_error"]
     assert 0 < fig["proof_overhead"] < 10 and fig["gpu_replay_bitwise"] is True
+
+
+def test_a_failing_gpu_bench_section_keeps_the_others_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from node.model import ModelConfig
+
+    def broken(*args: object, **kw: object) -> object:
+        raise RuntimeError("deterministic kernel missing")
+
+    monkeypatch.setattr(bench, "trainer_overhead", broken)
+    a = argparse.Namespace(gpu_steps=2, gpu_commit_every=1, no_compile=True, repeats=1, job_steps=15, job_repeats=1,
+                           cross_units=0)
+    fig = bench.run_gpu(a, lambda s: None, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
+    assert fig["errors"] == {"trainer_overhead": "RuntimeError: deterministic kernel missing"}
+    assert 0 < fig["proof_overhead"] < 10 and "proof_overhead_default_job" not in fig
