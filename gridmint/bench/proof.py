@@ -102,6 +102,7 @@ def _adversaries(frac: float) -> dict[str, tuple[Callable[[UnitSpec], StepPolicy
     """name -> (policy factory, what it touches, replay-old start swap)."""
     return {
         "skip_steps": (lambda s: adversary.SkipSteps(bad_step_set(s, frac, 1)), f"{frac:.0%} of steps", False),
+        "extrapolate": (lambda s: adversary.Extrapolate(bad_step_set(s, frac, 5)), f"{frac:.0%} of steps", False),
         "other_data": (lambda s: adversary.OtherData(bad_step_set(s, frac, 2)), f"{frac:.0%} of steps", False),
         "fake_loss": (lambda s: adversary.FakeLoss(bad_step_set(s, frac, 3)), f"{frac:.0%} of steps", False),
         "low_precision": (lambda s: adversary.LowPrecision(bad_step_set(s, frac, 4)), f"{frac:.0%} of steps", False),

@@ -34,7 +34,8 @@ def test_honest_trace_is_deterministic_structurally_valid_and_replays_with_anoth
     assert verdicts == [True] * STEPS
 
 
-@pytest.mark.parametrize("make", [adversary.SkipSteps, adversary.OtherData, adversary.FakeLoss, adversary.LowPrecision])
+@pytest.mark.parametrize("make", [adversary.SkipSteps, adversary.OtherData, adversary.FakeLoss, adversary.LowPrecision,
+                                  adversary.Extrapolate])
 def test_sparse_cheats_fail_exactly_where_they_cheated(make) -> None:  # type: ignore[no-untyped-def]
     start = init_state(TINY, 0)
     spec = _spec(2)
@@ -44,6 +45,24 @@ def test_sparse_cheats_fail_exactly_where_they_cheated(make) -> None:  # type: i
     failing = {i for i, ok in enumerate(verdicts) if not ok}
     assert failing == set(bad), make.__name__
     assert trace.proof.segments[0].start_hash == train_traced(spec, start).proof.segments[0].start_hash
+
+
+def test_a_skipped_step_is_an_update_outlier_but_an_extrapolated_one_is_not() -> None:
+    """The update measure sees a step that did not move the model, so the marketplace replays it beyond the budget;
+    a cheat that repeats the previous update instead hides from that measure, and only the uniform draw (and the
+    stake) stands against it: the bench's ``extrapolate`` row."""
+    from protocol.verification import update_outliers
+
+    start = init_state(TINY, 0)
+    spec = _spec(4)
+    bad = bad_step_set(spec, 0.05, 9)
+    seen = {}
+    for make in (adversary.SkipSteps, adversary.Extrapolate):
+        norms: list[float] = []
+        _, verdicts = bench.traced_with_verdicts(spec, start, make(bad), norms=norms)
+        assert {i for i, ok in enumerate(verdicts) if not ok} == set(bad) and len(norms) == STEPS
+        seen[make.__name__] = set(update_outliers(norms))
+    assert seen == {"SkipSteps": set(bad), "Extrapolate": set()}
 
 
 def test_whole_unit_cheats_fail_everywhere_and_replay_old_fails_its_start() -> None:
@@ -87,7 +106,7 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     # which is why real units are long (the full-size bench shows them caught); except a skipped step, whose
     # segment's model did not move: an update outlier, replayed on top of the budget every time
     assert fig["adversaries"]["skip_steps"]["unit_catch_rate"] == 1.0
-    for sparse in ("fake_loss", "low_precision"):
+    for sparse in ("fake_loss", "low_precision", "extrapolate"):  # extrapolate: a skip that hides its update
         assert fig["adversaries"][sparse]["unit_catch_rate"] == 0, sparse
     assert fig["verify_challenges"] == 1  # an honest unit: segment 0 alone, no update outlier
     cross = fig["cross_plan"]  # verification on another execution plan: tolerance, bisection, referee
