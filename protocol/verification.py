@@ -111,25 +111,28 @@ def loss_anomalies(loss_micro: Sequence[int], window: int = 4) -> list[int]:
 def update_outliers(update_norms: Sequence[float], window: int = 4, factor: float = UPDATE_OUTLIER_FACTOR) -> list[int]:
     """Segments whose update is more than ``factor`` times above or below the median update of its ``window``
     neighbours on each side, most extreme first (ties by index). A zero update among moving neighbours is the most
-    extreme there is."""
+    extreme there is, and so is a non-finite one (weights that overflowed: honest divergence replays the same, so
+    it is replayed, never refused)."""
     if factor <= 1:
         raise GridMintValueError(f"factor must be > 1, got {factor}")
-    n = len(update_norms)
+    norms = []
     for x in update_norms:
-        if not (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0):
-            raise GridMintValueError(f"update norms must be finite and non-negative, got {x!r}")
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+            raise GridMintValueError(f"update norms must be non-negative numbers, got {x!r}")
+        norms.append(float(x) if math.isfinite(x) else math.inf)
+
+    def off(x: float, med: float) -> float:  # how many times apart, either way
+        if x == med:
+            return 1.0
+        if 0 in (x, med) or math.inf in (x, med):
+            return math.inf
+        return max(x / med, med / x)
+
     scored = []
-    for i in range(n):
-        nb = sorted(update_norms[max(0, i - window) : i] + update_norms[i + 1 : i + 1 + window])
-        if not nb:
-            continue
-        med, x = nb[len(nb) // 2], update_norms[i]
-        if med == 0:
-            off = math.inf if x > 0 else 1.0
-        else:
-            off = math.inf if x == 0 else max(x / med, med / x)
-        if off > factor:
-            scored.append((-off, i))
+    for i, x in enumerate(norms):
+        nb = sorted(norms[max(0, i - window) : i] + norms[i + 1 : i + 1 + window])
+        if nb and (o := off(x, nb[len(nb) // 2])) > factor:
+            scored.append((-o, i))
     return [i for _, i in sorted(scored)]
 
 

@@ -98,9 +98,12 @@ def test_update_outliers_are_the_segments_that_moved_far_more_or_far_less_than_t
     assert vp.update_outliers(jumps) == [7, 15, 12]
     assert vp.update_outliers([1.0, 7.9]) == [] and vp.update_outliers([1.0, 8.1]) == [0, 1]  # both ways, of 2
     assert vp.update_outliers([0.0, 0.0, 0.0]) == [] and vp.update_outliers([2.0]) == []
-    for bad in ([1.0, -1.0], [1.0, math.nan], [math.inf, 1.0]):
+    # weights that overflowed (a diverging job replays the same): replayed, never a reason to refuse the unit
+    assert vp.update_outliers([1.0, 1.0, math.nan, 1.0, 1.0]) == [2] == vp.update_outliers([1, 1, math.inf, 1, 1])
+    assert vp.update_outliers([math.inf] * 3) == []
+    for bad in ([1.0, -1.0], [1.0, "2"], [True, 1.0]):
         with pytest.raises(GridMintValueError):
-            vp.update_outliers(bad)
+            vp.update_outliers(bad)  # type: ignore[arg-type]
 
 
 def test_update_outliers_are_replayed_on_top_of_the_budget_and_honest_updates_add_nothing() -> None:
