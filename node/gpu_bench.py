@@ -78,6 +78,7 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         compile_error = f"{type(exc).__name__}: {exc}"[:500]
         log(f"torch.compile failed ({compile_error}); measuring eager")
         compile_model, fwd = False, model
+        opt.zero_grad(set_to_none=True)  # whatever the failed step left behind
         for i in range(warmup):
             step(i)
         _sync(dev)
