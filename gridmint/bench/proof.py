@@ -60,6 +60,21 @@ def _spec(cfg: ModelConfig, steps: int, idx: int, threads: int = 1, batch: int =
                     steps=steps, segment_len=1, batch_size=batch, lr=3e-3, seed=1000 + idx, threads=threads)
 
 
+class _Updates:
+    """Each segment's update as the marketplace measures it on the uploaded checkpoints: ``see`` every segment's start
+    state in order, then the final state."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self._prev: dict[str, torch.Tensor] | None = None
+
+    def see(self, state: Any) -> None:
+        cur = {k: v.detach().clone() for k, v in model_only(state).items()}
+        if self._prev is not None:
+            self.norms.append(update_norm(self._prev, cur))
+        self._prev = cur
+
+
 def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy: StepPolicy,
                          first_state: dict[str, torch.Tensor] | None = None,
                          verify_threads: int | None = None,
@@ -70,7 +85,7 @@ def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy:
     vspec = replace(spec, threads=verify_threads) if verify_threads else spec
     seen: list[tuple[str, str, int]] = []
     held: list[dict[str, torch.Tensor]] = []
-    prev: list[dict[str, torch.Tensor]] = []
+    updates = _Updates() if norms is not None else None
 
     def replay(s: int, state: dict[str, torch.Tensor]) -> tuple[str, str, int]:  # the live verifier's replay
         h = state_hash(state)
@@ -79,18 +94,17 @@ def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy:
 
     def tap(s: int, live: Any) -> None:
         revealed = claimed0 if s == 0 else live  # the state whose hash the cheater committed as segment s's start
-        if norms is not None:
-            if prev:
-                norms.append(update_norm(prev[0], revealed))
-            prev[:] = [{k: v.detach().clone() for k, v in model_only(revealed).items()}]
+        if updates is not None:
+            updates.see(revealed)
         if verify_threads:  # replay after training: switching thread counts every step costs more than the step
             held.append({k: v.detach().clone() for k, v in revealed.items()})
         else:
             seen.append(replay(s, revealed))
 
     trace = train_traced(spec, start, policy, tap=tap, first_state=first_state)
-    if norms is not None and prev:
-        norms.append(update_norm(prev[0], trace.final_state))
+    if updates is not None and norms is not None:
+        updates.see(trace.final_state)
+        norms.extend(updates.norms)
     for s, state in enumerate(held):
         seen.append(replay(s, state))
     verdicts = [(h, end, loss) == (c.start_hash, c.end_hash, c.loss_micro) for (h, end, loss), c in
@@ -120,17 +134,11 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     ``repeats`` provider/verifier pairs. The verifier runs the live verifier's check (:func:`node.replay.
     check_state`: the claim's own checks, the revealed start state's hash, the replay, the end state's hash) on the
     model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit."""
-    prev: list[dict[str, torch.Tensor]] = []
-    norms: list[float] = []
-
-    def measure(s: int, live: Any) -> None:  # each segment's update, as the marketplace measures it (not timed)
-        if prev:
-            norms.append(update_norm(prev[0], live))
-        prev[:] = [{k: v.detach().clone() for k, v in model_only(live).items()}]
-
-    trace = train_traced(spec, start, tap=measure)
-    norms.append(update_norm(prev[0], trace.final_state))
-    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost", norms)
+    updates = _Updates()  # each segment's update, as the marketplace measures it (not timed)
+    trace = train_traced(spec, start, tap=lambda s, live: updates.see(live))
+    updates.see(trace.final_state)
+    picks = vp.choose_challenges(spec.unit_id, [c.loss_micro for c in trace.proof.segments], rate, b"cost",
+                                 updates.norms)
     kept: dict[int, dict[str, torch.Tensor]] = {}
     claimed0 = fresh_state(start)
 
