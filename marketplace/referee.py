@@ -4,7 +4,10 @@ A segment trained on the referee's own execution plan (the CPU default) is repla
 (:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches) cannot be: the referee
 first replays it whole and repeats the verifier's check on its own plan (a dispute its replay does not back is
 cleared there and then: the provider is never asked for anything on a false accusation), compares the committed
-mean loss (convicting on it alone only far past the calibrated loss tolerance), then **bisects**
+mean loss (convicting on it alone only far past the calibrated loss tolerance). A dispute over the loss alone (the
+states agree) is **scanned**: the provider reveals its state before every step of the segment and the referee
+replays each step from it (:func:`node.crosscheck.scan_segment`), so the losses differ by one forward pass's
+arithmetic, not by drift carried in: a loss faked on one step stands out in bf16 too. Otherwise the referee **bisects**
 it down to one optimizer step (:func:`node.crosscheck.bisect_segment`), asking the provider to reveal its state at
 each midpoint (going on into the half that lands further past its tolerance), and replays that one step from the
 provider's own revealed state (:func:`node.crosscheck.referee_step`). In fp32, honest one-step drift is ~1e-7 of the
@@ -102,6 +105,15 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
             raise TimeoutError(why)
         raise RevealPending(step)
 
+    if look.kind == "loss" and tol.step_loss_micro is not None:
+        # the states agree and the mean loss does not: a bisection over states would find nothing; replay every
+        # step from the provider's own state instead, where a loss drifts by one forward pass's arithmetic alone
+        try:
+            sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner)
+        except RevealPending as p:
+            return Ruling(None, str(p), claimed, pending=p.step, **seen)
+        return Ruling(sv.fraud, f"[{plan.label}] scanned {spec.segment_len} steps: {sv.reason}", claimed,
+                      step=sv.step, **seen)
     try:
         dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)
         v = crosscheck.referee_step(spec, dispute, reveal, tol, runner)

@@ -15,6 +15,9 @@ every uploaded checkpoint hashes to what was committed. Only a replay of a segme
 * ``skip-last-update``: trains every step but skips the optimizer update of each segment's last step (it still
   computes that step's loss, so every committed loss is the honest one): only the states give it away, and across
   execution plans only a bisection down to that one step proves it.
+* ``fake-loss``: trains honestly, on the plan it declares, but commits a loss 3% lower on one step (the middle step
+  of the middle segment): every state is honest, only that segment's committed mean loss is not. In bf16 across
+  plans the mean alone is no evidence (honest means drift further); the referee's step-by-step scan is.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ from node.trainer import (
     segment_batches,
     segment_path,
     state_hash,
+    PROVIDER_PLAN,
+    Plan,
     train_step,
     train_unit,
 )
@@ -191,7 +196,23 @@ def idle_segment(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, 
     return _cheat_unit(spec, start, workdir, segment, on_step)
 
 
+def fake_loss(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None,
+              plan: Plan = PROVIDER_PLAN) -> UnitResult:
+    """Honest training on ``plan``; one step's committed loss 3% lower (the middle step of the middle segment)."""
+    honest = train_unit(spec, start, workdir, on_step=on_step, plan=plan)
+    s = spec.n_segments // 2
+    step = s * spec.segment_len + spec.segment_len // 2
+    losses = list(honest.losses)
+    losses[step] *= 0.97
+    segs = list(honest.proof.segments)
+    segs[s] = replace(segs[s], loss_micro=mean_loss_micro(losses[s * spec.segment_len:(s + 1) * spec.segment_len]))
+    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
+                       segment_len=spec.segment_len, segments=segs)
+    return replace(honest, proof=proof, losses=losses)
+
+
 ADVERSARIES: dict[str, TrainFn] = {
+    "fake-loss": fake_loss,
     "idle-segment": idle_segment,
     "skip-last-update": skip_last_update,
     "skip-steps": skip_steps,

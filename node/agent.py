@@ -4,6 +4,7 @@ Everything it sends is signed by its wallet. It trains deterministically, so any
 """
 from __future__ import annotations
 
+import inspect
 import signal
 import tempfile
 import threading
@@ -89,7 +90,10 @@ class ProviderAgent:
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES
 
-            self.trainer = ADVERSARIES[cfg.adversary]
+            cheat = ADVERSARIES[cfg.adversary]
+            # one that trains honestly apart from its lie trains on the plan it declares
+            self.trainer = ((lambda spec, start, workdir: cheat(spec, start, workdir, plan=self.plan))
+                            if "plan" in inspect.signature(cheat).parameters else cheat)
 
     def say(self, msg: str) -> None:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")

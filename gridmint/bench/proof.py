@@ -402,7 +402,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     # (a) honest
     t0 = time.perf_counter()
     bit_identical = disputes = slashed = 0
-    worst_seg, worst_ref = 0.0, 0.0
+    worst_seg, worst_ref, worst_scan = 0.0, 0.0, 0.0
     for i in range(a.cross_units):
         spec = _cross_spec(cfg, a, i)
         plan = provider_plans[i % len(provider_plans)]
@@ -425,20 +425,26 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 r = cc.referee_step(spec, d, revealer, tol, ref)
                 worst_ref = max(worst_ref, r.distance / r.threshold)
                 slashed += r.fraud
+                # and the loss scan (a loss dispute's referee): every step from the provider's own state
+                sc = cc.scan_segment(spec, proof, s, revealer, tol, ref)
+                worst_scan = max(worst_scan, sc.distance / sc.threshold)
+                slashed += sc.fraud
     segs = a.cross_units * (a.cross_steps // a.cross_seg)
     out.update({"honest_units": a.cross_units, "honest_segments": segs, "bit_identical_segments": bit_identical,
                 "false_disputes": disputes, "false_slash": slashed,
                 "honest_worst_over_tolerance": round(worst_seg, 4),
-                "referee_honest_worst_over_tolerance": round(worst_ref, 4), "honest_s": round(time.perf_counter() - t0, 1)})
+                "referee_honest_worst_over_tolerance": round(worst_ref, 4),
+                "scan_honest_worst_over_threshold": round(worst_scan, 4),
+                "honest_s": round(time.perf_counter() - t0, 1)})
     log(f"cross-plan honest: {a.cross_units} units / {segs} segments (bit-identical {bit_identical}), worst drift "
         f"{worst_seg:.3f} x tolerance, {disputes} disputes, referee worst {worst_ref:.3g} x its threshold, "
-        f"{slashed} false slashes ({out['honest_s']} s)")
+        f"loss scan worst {worst_scan:.3g} x its threshold, {slashed} false slashes ({out['honest_s']} s)")
     # (b) cheats
     adv: dict[str, Any] = {}
     frac = 1 / a.cross_steps  # one faked step per unit
     worst_margin = math.inf
     for name, (factory, touches, swap) in _adversaries(frac).items():
-        faked = detected = exact = fraud = bisect_steps = by_loss = 0
+        faked = detected = exact = fraud = bisect_steps = by_loss = by_scan = 0
         margin = loss_margin = dispute = math.inf
         for j in range(a.cross_cheat_units):
             spec = replace(_cross_spec(cfg, a, 10_000 + 100 * len(adv) + j), threads=1)
@@ -458,8 +464,11 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                     continue
                 detected += 1
                 dispute = min(dispute, v.margin)  # how far past its tolerance the verifier saw it (vs its bond margin)
-                if v.kind == "loss":
+                if v.kind == "loss":  # as the marketplace's referee: the loss rule, else a step-by-step scan
                     r = cc.referee_loss(spec, proof, s, reveal(s * spec.segment_len), tol, ref)
+                    if not r.fraud:
+                        r = cc.scan_segment(spec, proof, s, reveal, tol, ref)
+                        by_scan += 1
                     exact += 1
                     by_loss += 1
                     loss_margin = min(loss_margin, r.distance / r.threshold)
@@ -472,14 +481,15 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 fraud += r.fraud
         adv[name] = {"touches": "one step" if frac < 1 and "%" in touches else touches, "faked_segments": faked,
                      "detected_rate": detected / faked, "bisected_to_faked_step": exact / faked,
-                     "slashed_rate": fraud / faked, "caught_by_loss_only": by_loss,
+                     "slashed_rate": fraud / faked, "caught_by_loss_only": by_loss, "loss_scans": by_scan,
                      "referee_margin_min": float(f"{margin:.3g}"), "loss_margin_min": float(f"{loss_margin:.3g}"),
                      "dispute_margin_min": float(f"{dispute:.3g}"),
                      "dispute_verifier_steps_mean": round(bisect_steps / max(1, detected), 1)}
         worst_margin = min(worst_margin, margin)
-        log(f"cross-plan {name:15s} faked segments {faked}: detected {detected} ({by_loss} by the loss alone), "
+        log(f"cross-plan {name:15s} faked segments {faked}: detected {detected} ({by_loss} by the loss alone, "
+            f"{by_scan} scanned), "
             f"localized {exact}, slashed {fraud}; verifier disputed at >= {dispute:.3g} x its tolerance; referee: one "
-            f"step >= {margin:.3g} x its threshold, loss >= {loss_margin:.3g} x its tolerance")
+            f"step >= {margin:.3g} x its threshold, loss >= {loss_margin:.3g} x the line it convicts past")
     out["adversaries"] = adv
     if adv:
         out["min_slashed_rate"] = min(r["slashed_rate"] for r in adv.values())
@@ -493,7 +503,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     segments of 15, batch 16; the default model), trained
     on micro-batches (``cpu/mb2``) for ``--drift-rounds`` DiLoCo rounds (each round from the average of the last),
     every segment checked by a ``cpu`` verifier with the tolerance it calibrates (``tolerance_for``). Each dispute
-    is refereed as ``marketplace.referee.rule`` does (loss rule, bisection on honest reveals, one-step replay) and
+    is refereed as ``marketplace.referee.rule`` does (loss rule, then a step-by-step loss scan or a bisection on
+    honest reveals and a one-step replay; one segment per unit is scanned whatever its verdict) and
     judged as ``marketplace.referee.judge_accusation`` does, from the referee's own first look (a fresh replay on
     the verifier's plan must reach the verifier's signed state, past the tolerance): an honest verifier's bond is
     released and it is never benched (``drift_verifiers_benched``), no provider is slashed."""
@@ -504,8 +515,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     cfg = ModelConfig()  # the JobSpec default
     units = 3
     margins: list[float] = []
-    disputes = slashed = faith = benched = old_margin_bonds = 0
-    ref_worst = loss_worst = 0.0
+    disputes = slashed = faith = benched = old_margin_bonds = scans = 0
+    ref_worst = loss_worst = scan_worst = 0.0
     by_shape: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for shape in a.drift_shapes.split(","):
@@ -532,13 +543,21 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                         # the loss rule on every honest segment (disputed or not): how near it came to convicting
                         lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro, v.state_over)
                         mine_loss = max(mine_loss, lv.distance / lv.threshold)
+                        if s == u % spec.n_segments:  # one segment per unit scanned whatever its verdict
+                            sc = cc.scan_segment(spec, proof, s, cc.RecordedReveal(states), tol, runner)
+                            scan_worst = max(scan_worst, sc.distance / sc.threshold)
+                            slashed += sc.fraud
                         if v.ok:
                             continue
                         mine_disputes += 1
                         old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
                         reveal = cc.RecordedReveal(states)
-                        d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
-                        rv = cc.referee_step(spec, d, reveal, tol, runner)
+                        if v.kind == "loss":  # the states agree: the referee scans the steps (as marketplace.referee)
+                            rv = cc.scan_segment(spec, proof, s, reveal, tol, runner)
+                            scans += 1
+                        else:
+                            d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
+                            rv = cc.referee_step(spec, d, reveal, tol, runner)
                         ref_worst = max(ref_worst, rv.distance / rv.threshold)
                         slashed += lv.fraud or rv.fraud
                         again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
@@ -561,14 +580,15 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
            "drift_p99_over_tolerance": float(f"{ordered[int(0.99 * (len(ordered) - 1))]:.3g}") if ordered else 0.0,
            "drift_bonds_lost_at_margin_4": old_margin_bonds, "drift_good_faith": faith,
            "drift_verifiers_benched": benched,
-           "drift_false_slash": slashed, "drift_referee_worst": float(f"{ref_worst:.3g}"),
+           "drift_false_slash": slashed, "drift_referee_worst": float(f"{ref_worst:.3g}"), "drift_loss_scans": scans,
+           "drift_scan_worst": float(f"{scan_worst:.3g}"),
            "drift_loss_rule_worst": float(f"{loss_worst:.3g}"), "drift_by_shape": by_shape,
            "drift_s": round(time.perf_counter() - t0, 1)}
     log(f"drift: {disputes} of {len(margins)} honest segments disputed ({out['drift_dispute_rate']}), worst "
         f"{out['drift_worst_over_tolerance']} x tolerance; {faith} of {disputes} reproduced in good faith (bond "
         f"released; at the old bond margin 4, {old_margin_bonds} bonds lost); {slashed} slashed, referee worst "
         f"{out['drift_referee_worst']} x its threshold; the loss rule at worst {out['drift_loss_rule_worst']} of the "
-        f"line past which it convicts")
+        f"line past which it convicts, the loss scan at worst {out['drift_scan_worst']} of its line")
     return out
 
 

@@ -1138,3 +1138,29 @@ def test_a_bf16_job_is_verified_on_the_providers_plan_and_its_cheat_slashed(mark
         seg = slash[0]["segment"]
         assert f"bisected to step {seg * 8 + 7} in 3 reveal(s)" in slash[0]["reason"]
         assert "relative to its update" in slash[0]["reason"]
+
+
+def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(market, tmp_path: Path) -> None:
+    """A bf16 job on micro-batches; a cheat trains honestly there but commits one step's loss 3% lower. Its states
+    are honest, so a bisection over them finds nothing, and a bf16 mean loss across plans is no evidence alone (it
+    went unpunished before). The referee scans the disputed segment instead: the cheat reveals its state before every
+    step, each step is replayed from it, and the mean loss, off by far more than one forward pass drifts, convicts."""
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="fake-loss", plan="cpu/mb2")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(model=ModelSpec(d_model=32, n_layer=1, n_head=2, ctx=32), rounds=1, units_per_round=2,
+                   steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2), precision="bf16",
+                   verification="full")
+    job_id = submit_job(market, spec)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    slash = _events(market, "provider_slashed")
+    assert len(slash) == 1 and slash[0]["segment"] == 1, slash  # the middle segment of two
+    assert "scanned 8 steps" in slash[0]["reason"] and "mean loss" in slash[0]["reason"], slash[0]["reason"]
+    # every state of the segment but its two committed ends, asked of the cheat and revealed by it
+    revealed = [e for e in _events(market, "state_revealed") if e["provider"] == cheat.account.address]
+    assert sorted(e["step"] for e in revealed) == list(range(9, 16))
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+    assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
+    assert market.ops.stake_of(honest.account.address) > 0

@@ -107,6 +107,9 @@ def test_a_sparse_cheat_fails_its_segment_and_the_bisection_finds_the_faked_step
         assert r.fraud and r.distance > tol.loss_micro
         honest = cc.referee_loss(spec, proof, 0, states[0], tol, ref)
         assert not honest.fraud
+        scanned = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ref)
+        assert scanned.fraud and scanned.distance > 10 * scanned.threshold, scanned.reason
+        assert not cc.scan_segment(spec, proof, 0, cc.RecordedReveal(states), tol, ref).fraud
 
 
 def test_whole_unit_cheats_fail_from_the_first_segment_and_lose_at_the_referee(tol: cc.Tolerance) -> None:
@@ -308,3 +311,57 @@ def test_an_honest_fp32_loss_a_little_past_its_tolerance_is_not_slashed_on() -> 
     drifts = [cc.referee_loss(spec, proof, s, states[s * SEG], zero, ref) for s in range(spec.n_segments)]
     assert any(r.distance > zero.loss_micro for r in drifts)  # the old rule (past the tolerance) convicted these
     assert not any(r.fraud for r in drifts), [r.reason for r in drifts]
+
+
+def test_a_bf16_loss_faked_on_one_step_is_scanned_and_slashed_honest_losses_never_are() -> None:
+    """A bf16 loss is never convicted on its segment mean across plans (honest drift is too wide): a faked loss on one
+    step went unpunished. Replayed step by step from the provider's own states, a loss drifts only by one forward
+    pass's arithmetic, so the scan convicts the fake far past its threshold and clears every honest segment."""
+    def bf16(i: int) -> UnitSpec:
+        return replace(_spec(i), precision="bf16", threads=1)
+
+    metric, factor = cc.REFEREE_RULE["bf16"]
+    cal = cc.calibrate([(bf16(90 + i), fresh_state(START)) for i in range(2)], [VERIFIER], referee_metric=metric,
+                       referee_factor=factor)
+    tol = cal.tolerance
+    assert tol.step_loss_micro == cal.step_loss_max_micro and tol.step_loss_micro is not None
+    assert tol.step_loss_micro * 10 < cal.loss_max_micro, cal  # what the scan buys: no drift carried in
+    assert cc.Tolerance.from_dict(tol.to_dict()) == tol
+    spec = bf16(95)
+    ver = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
+    honest, _, hproof = cc.record_policy(spec, START)
+    for s in range(spec.n_segments):
+        r = cc.scan_segment(spec, hproof, s, cc.RecordedReveal(honest), tol, ver)
+        assert not r.fraud and r.distance < r.threshold / 4, r.reason
+    bad = SEG + 3
+    states, _, proof = cc.record_policy(spec, START, adversary.FakeLoss(frozenset({bad})))
+    v = cc.check_segment_across(spec, proof, 1, states[SEG], states[2 * SEG], tol, ver)
+    assert not v.ok and v.kind == "loss", v.reason
+    assert not cc.loss_ruling(spec, 1, tol, v.loss_delta_micro, v.state_over).fraud  # the mean alone: no evidence
+    d = cc.bisect_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver)
+    assert not cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ver).fraud  # the states are honest
+    r = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver)
+    assert r.fraud and r.distance > 10 * r.threshold and "mean loss" in r.reason, r.reason
+    # a provider that backs its loss with a made-up state mid-segment loses on that step; one that cannot reveal
+    # loses; the first state it has not revealed yet is asked for
+    lie = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states, lie={bad: states[bad - 1]}), tol, ver)
+    assert lie.fraud and lie.step == bad - 1 and lie.distance == math.inf, lie.reason
+
+    def silent(step: int) -> cc.State:
+        if step > bad:
+            raise TimeoutError(f"no state before step {step}")
+        return states[step]
+
+    mute = cc.scan_segment(spec, proof, 1, silent, tol, ver)
+    assert mute.fraud and mute.step == bad + 1 and "no state" in mute.reason
+
+    def pending(step: int) -> cc.State:
+        if step in (SEG + 2, SEG + 5):
+            raise cc.RevealPending(step)
+        return states[step]
+
+    with pytest.raises(cc.RevealPending) as waiting:
+        cc.scan_segment(spec, proof, 1, pending, tol, ver)
+    assert waiting.value.step == SEG + 2
+    with pytest.raises(GridMintValueError, match="one-step loss drift"):
+        cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), replace(tol, step_loss_micro=None), ver)

@@ -45,8 +45,11 @@ def test_uploaded_checkpoints_match_their_commitments(cheat) -> None:
 def test_every_segment_is_flagged_by_replay(cheat, spec) -> None:
     name, result = cheat
     verdicts = [check_segment(spec, result.proof, i, p) for i, p in enumerate(result.segment_paths)]
-    if name == "idle-segment":  # one idle segment; the others are real work from where it left off
+    if name in ("idle-segment", "fake-loss"):  # one bad segment; the others are real work from where it left off
         assert [not v.ok for v in verdicts] == [i == spec.n_segments // 2 for i in range(spec.n_segments)], verdicts
+        if name == "fake-loss":  # honest states, a lie in the committed mean loss alone
+            bad = verdicts[spec.n_segments // 2]
+            assert bad.replayed_end == bad.claimed_end and "committed mean loss" in bad.reason, bad
         return
     assert not any(v.ok for v in verdicts), (name, verdicts)
     if name in ("skip-steps", "random-weights", "replay-old", "skip-last-update"):

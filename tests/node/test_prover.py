@@ -112,6 +112,8 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     cross = fig["cross_plan"]  # verification on another execution plan: tolerance, bisection, referee
     assert cross["bit_identical_segments"] == 0 and cross["false_slash"] == 0
     assert cross["honest_worst_over_tolerance"] < 1 and cross["referee_honest_worst_over_tolerance"] < 1
+    assert 0 <= cross["scan_honest_worst_over_threshold"] < 1  # the loss scan, forced on one honest segment per unit
+    assert cross["adversaries"]["fake_loss"]["slashed_rate"] == 1.0
     assert cross["min_slashed_rate"] == 1.0 and cross["referee_margin_min"] > 1
     for name, r in cross["adversaries"].items():
         assert r["detected_rate"] == r["bisected_to_faked_step"] == 1.0, name
@@ -135,9 +137,9 @@ def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
     assert fig["gpu_replay_bitwise"] is True  # deterministic algorithms, same device: bit for bit
     assert fig["default_job_plan"] == "cpu" and len(fig["proof_overhead_default_job_runs"]) == 2
     assert fig["cross_device"]["false_slash"] == 0 and fig["cross_device"]["min_slashed_rate"] == 1.0
-    bf16 = fig["cross_device_bf16"]  # a bf16 loss across plans is not evidence, fp8 hides in bf16 drift (known)
+    bf16 = fig["cross_device_bf16"]  # fp8 hides in bf16 drift across plans (known); a faked loss is scanned
     assert bf16["precision"] == "bf16" and bf16["false_slash"] == 0
-    for name in ("skip_steps", "random_weights", "copied_weights", "replay_old"):
+    for name in ("skip_steps", "random_weights", "copied_weights", "replay_old", "fake_loss"):
         assert bf16["adversaries"][name]["slashed_rate"] == 1.0, name
     assert any("proof overhead on a default job on cpu" in line for line in lines)
 
