@@ -17,7 +17,8 @@ of it, threshold 8x the worst seen, a skipped step 1.0).
 
 The bisection is resumable: each run starts over from the segment's committed ends and the reveals stored so far
 (every replay is deterministic on the referee's plan), and stops at the first state the provider has not revealed
-yet (:class:`node.crosscheck.RevealPending`). A provider that lets the deadline pass loses (a reveal that does not
+yet (:class:`node.crosscheck.RevealPending`); a scan asks for every state it lacks at once, in turn, and is ruled on
+once they are all in. A provider that lets the deadline pass loses (a reveal that does not
 hash to what it signed is refused when it is posted, so it counts as no answer). Cost: one segment replay for the loss, about one more for the bisection per reveal round.
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Ruling:
     claimed: str = ""
     replayed: str = ""
     pending: int | None = None
+    pending_more: tuple[int, ...] = ()  # states to ask for after ``pending``, each in turn (a loss scan's batch)
     step: int | None = None  # the single step a bisection ended on
     # the referee's first look at a segment trained on another plan: its whole-segment replay on REFEREE_PLAN (the
     # state it ends in, whether that lies within the tolerance, and why): what a verifier on that plan signed
@@ -111,7 +113,7 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         try:
             sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner)
         except RevealPending as p:
-            return Ruling(None, str(p), claimed, pending=p.step, **seen)
+            return Ruling(None, str(p), claimed, pending=p.step, pending_more=p.more, **seen)
         return Ruling(sv.fraud, f"[{plan.label}] scanned {spec.segment_len} steps: {sv.reason}", claimed,
                       step=sv.step, **seen)
     try:

@@ -637,6 +637,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         task = s.get(Verification, verification_id)
         if task is None or task.status not in ("disputed", "bisecting"):
             return task.status if task else "missing"
+        asked = referee.bisect_view(task.bisect) if task.status == "bisecting" else {}
+        if asked and str(asked.get("asked")) not in asked["reveals"] and now_s() <= int(asked["deadline"]):
+            return task.status  # still waiting for the state asked: nothing to replay yet
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         job = s.get(Job, unit.job_id)
@@ -667,9 +670,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             b = referee.bisect_view(task.bisect)
             if task.status in ("disputed", "bisecting") and b.get("asked") != verdict.pending:
                 b["asked"], b["deadline"] = verdict.pending, now_s() + rt.settings.reveal_timeout_s
+                b["more"] = list(verdict.pending_more)  # asked in turn as each comes in (record_reveal)
                 task.status, task.bisect = "bisecting", b
                 log(s, "reveal_requested", job.id, unit=unit.id, segment=seg, provider=provider, step=verdict.pending,
-                    deadline=b["deadline"])
+                    deadline=b["deadline"], then=len(b["more"]))
             return task.status
     if not verdict.fraud:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
@@ -818,11 +822,17 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if task.status != "bisecting" or b.get("asked") != body.step:  # answered (or timed out) meanwhile
             raise Conflict(f"verification {task.id} is no longer waiting for step {body.step}")
         b["reveals"][str(body.step)] = {"blob": body.blob, "hash": body.state_hash, "signature": body.signature}
-        task.bisect = b
         unit = s.get(Unit, task.unit_id)
         assert unit is not None
         log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)
-    rt.enqueue("gridmint.adjudicate", [body.verification_id])
+        more = [int(x) for x in b.get("more") or [] if str(x) not in b["reveals"]]
+        if more:  # the referee asked for several states (a loss scan): the next one, with its own deadline
+            b["asked"], b["more"], b["deadline"] = more[0], more[1:], now_s() + rt.settings.reveal_timeout_s
+            log(s, "reveal_requested", unit.job_id, unit=unit.id, segment=task.segment, provider=provider,
+                step=more[0], deadline=b["deadline"], then=len(more) - 1)
+        task.bisect = b
+    if not more:  # all the referee asked for is in: it rules (or goes on bisecting)
+        rt.enqueue("gridmint.adjudicate", [body.verification_id])
     return "revealed"
 
 

@@ -62,9 +62,11 @@ class RevealPending(Exception):
     """Raised by a reveal function whose provider has been asked for the state before ``step`` but has not answered
     yet (a live dispute waits for it). Unlike any other failure to reveal, it does not count against the provider."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"waiting for the provider's state before step {step}")
+    def __init__(self, step: int, more: Sequence[int] = ()) -> None:
+        later = f" (then {len(more)} more: {', '.join(map(str, more))})" if more else ""
+        super().__init__(f"waiting for the provider's state before step {step}{later}")
         self.step = step
+        self.more = tuple(more)  # further states the referee needs, asked in turn once this one is in
 
 GROUPS = ("model", "exp_avg", "exp_avg_sq")
 
@@ -569,19 +571,26 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     is (the referee's one-step rule, as after a bisection) and averages the losses it got. Fraud when the provider
     cannot back a state, a step lands past the one-step threshold, or the mean is more than
     ``REFEREE_SCAN_FACTOR`` x the calibrated one-step loss drift off the committed one. Costs ``segment_len``
-    reveals and one replay of the segment; :class:`RevealPending` propagates (the marketplace's resumable flow asks
-    for the first state it lacks)."""
+    reveals and one replay of the segment; while states are missing it raises :class:`RevealPending` for all of them
+    (the marketplace's resumable flow asks for them in turn and rules once they are all in)."""
     if tol.step_loss_micro is None:
         raise GridMintValueError("this tolerance has no calibrated one-step loss drift: a loss scan needs one")
     seg = proof.segments[seg_index]
     lo, n = seg_index * spec.segment_len, spec.segment_len
     thr = REFEREE_SCAN_FACTOR * max(1, tol.step_loss_micro)
     states: list[State] = []
+    missing: list[int] = []
     for t in range(lo, lo + n + 1):
-        st, why = _reveal(reveal, t)
+        try:
+            st, why = _reveal(reveal, t)
+        except RevealPending:
+            missing.append(t)  # every state still missing is asked for at once: one ruling when all are in
+            continue
         if st is None:
             return RefereeVerdict(True, t, math.inf, thr, why)
         states.append(st)
+    if missing:
+        raise RevealPending(missing[0], missing[1:])
     for at, st, want in ((lo, states[0], seg.start_hash), (lo + n, states[-1], seg.end_hash)):
         if state_hash(st) != want:
             return RefereeVerdict(True, at, math.inf, thr, f"the revealed state before step {at} is not the committed one")

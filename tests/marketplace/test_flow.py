@@ -1159,7 +1159,10 @@ def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(marke
     assert "scanned 8 steps" in slash[0]["reason"] and "mean loss" in slash[0]["reason"], slash[0]["reason"]
     # every state of the segment but its two committed ends, asked of the cheat and revealed by it
     revealed = [e for e in _events(market, "state_revealed") if e["provider"] == cheat.account.address]
-    assert sorted(e["step"] for e in revealed) == list(range(9, 16))
+    assert [e["step"] for e in revealed] == list(range(9, 16))
+    # asked for all at once (one after another, each with its deadline) and ruled on once they were all in
+    asks = [e for e in _events(market, "reveal_requested") if e["provider"] == cheat.account.address]
+    assert [(e["step"], e["then"]) for e in asks] == [(9 + k, 6 - k) for k in range(7)]
     with market.rt.sessions() as s:
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)

@@ -362,6 +362,6 @@ def test_a_bf16_loss_faked_on_one_step_is_scanned_and_slashed_honest_losses_neve
 
     with pytest.raises(cc.RevealPending) as waiting:
         cc.scan_segment(spec, proof, 1, pending, tol, ver)
-    assert waiting.value.step == SEG + 2
+    assert waiting.value.step == SEG + 2 and waiting.value.more == (SEG + 5,)  # every missing state, asked at once
     with pytest.raises(GridMintValueError, match="one-step loss drift"):
         cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), replace(tol, step_loss_micro=None), ver)
