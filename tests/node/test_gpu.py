@@ -141,3 +141,38 @@ def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -
     d = cc.bisect_segment(sp, proof, 1, cc.RecordedReveal(states), tol, on_cuda)
     assert d.step == 13
     assert cc.referee_step(sp, d, cc.RecordedReveal(states), tol, cc.PlanRunner(sp, fresh_state(start), cpu)).fraud
+
+
+def test_a_bf16_cuda_providers_loss_is_scanned_on_the_cpu_honest_passes_a_faked_one_step_loss_does_not() -> None:
+    """The loss scan across devices: every step of an honest bf16 CUDA segment replayed on the CPU from the
+    provider's own states lands within the scan's threshold (64x the one-step loss drift calibrated cuda vs cpu),
+    and the same segment committing a loss 3% lower on one step is convicted."""
+    from node import crosscheck as cc
+    from node.trainer import UnitSpec, fresh_state, mean_loss_micro
+    from protocol.proof import make_proof
+
+    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(tiny, 3)
+
+    def spec(i: int) -> UnitSpec:
+        return UnitSpec(job_id="job-gpu-scan", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4,
+                        model=tiny, steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i, precision="bf16")
+
+    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
+    metric, factor = cc.REFEREE_RULE["bf16"]
+    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cpu], provider_plan=cuda,
+                       referee_metric=metric, referee_factor=factor).tolerance
+    sp = spec(12)
+    states, losses, proof = cc.record_policy(sp, start, plan=cuda)
+    on_cpu = cc.PlanRunner(sp, fresh_state(start), cpu)
+    for s in range(4):
+        r = cc.scan_segment(sp, proof, s, cc.RecordedReveal(states), tol, on_cpu)
+        assert not r.fraud and r.distance < r.threshold / 2, r.reason
+    segs = list(proof.segments)
+    faked = losses[8:16]
+    faked[3] *= 0.97
+    segs[1] = replace(segs[1], loss_micro=mean_loss_micro(faked))
+    lie = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                     segment_len=proof.segment_len, segments=segs)
+    r = cc.scan_segment(sp, lie, 1, cc.RecordedReveal(states), tol, on_cpu)
+    assert r.fraud and "mean loss" in r.reason, r.reason
