@@ -396,9 +396,12 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                            "loss_tolerance_micro": tol.loss_micro, "referee_threshold": float(f"{tol.referee:.3g}"),
                            "referee_metric": tol.referee_metric,
                            "referee_honest_one_step_max": float(f"{cal.referee_honest_max:.3g}"),
+                           "one_step_loss_drift_max_micro": cal.step_loss_max_micro,
+                           "scan_threshold_micro": cc.REFEREE_SCAN_FACTOR * max(1, cal.step_loss_max_micro),
                            "calibrate_s": round(time.perf_counter() - t0, 1)}
     log(f"cross-plan tolerance ({tol.note}): honest drift {out['honest_drift_max']} -> tolerance {out['tolerance']}, "
-        f"loss {tol.loss_micro} micro-nats, referee one-step {tol.referee:.3g} ({out['calibrate_s']} s)")
+        f"loss {tol.loss_micro} micro-nats (one step from the same state: {cal.step_loss_max_micro}), referee one-step "
+        f"{tol.referee:.3g} ({out['calibrate_s']} s)")
     # (a) honest
     t0 = time.perf_counter()
     bit_identical = disputes = slashed = 0
@@ -532,7 +535,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                 for u in range(units):
                     spec = UnitSpec(job_id=job, unit_id=unit_id_for(job, r, u), round=r, shard=u, n_shards=units,
                                     model=cfg, steps=steps, segment_len=seg_len, batch_size=batch, lr=3e-3, seed=r,
-                                    threads=1)
+                                    threads=1, precision=a.cross_precision)
                     tol = cc.tolerance_for(spec, ver, provider_plan=prov)
                     states, _, proof = cc.record_policy(spec, start, plan=prov)
                     runner = cc.PlanRunner(spec, fresh_state(start), ver)
@@ -574,7 +577,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
         disputes += mine_disputes
         loss_worst = max(loss_worst, mine_loss)
     ordered = sorted(margins)
-    out = {"drift_jobs": a.drift_jobs, "drift_rounds": a.drift_rounds, "drift_segments": len(margins),
+    out = {"drift_jobs": a.drift_jobs, "drift_rounds": a.drift_rounds, "drift_precision": a.cross_precision,
+           "drift_segments": len(margins),
            "drift_disputes": disputes, "drift_dispute_rate": round(disputes / max(1, len(margins)), 4),
            "drift_worst_over_tolerance": float(f"{ordered[-1]:.3g}") if ordered else 0.0,
            "drift_p99_over_tolerance": float(f"{ordered[int(0.99 * (len(ordered) - 1))]:.3g}") if ordered else 0.0,
@@ -658,7 +662,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cross-steps", type=int, default=64)
     p.add_argument("--cross-seg", type=int, default=16)
     p.add_argument("--cal-units", type=int, default=4, help="honest units the cross-plan tolerance is calibrated on")
-    p.add_argument("--cross-precision", default="fp32", choices=["fp32", "bf16"], help="the cross-plan units' arithmetic")
+    p.add_argument("--cross-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the arithmetic of the cross-plan and drift sections' units")
     p.add_argument("--only-cross", action="store_true", help="run only the cross-plan section (CPU plans)")
     p.add_argument("--drift-jobs", type=int, default=0, help="demo-shaped jobs for the honest-drift section (0: skip)")
     p.add_argument("--drift-rounds", type=int, default=1, help="DiLoCo rounds per drift job")

@@ -175,3 +175,13 @@ def test_a_failing_gpu_bench_section_keeps_the_others_figures(monkeypatch: pytes
     fig = bench.run_gpu(a, lambda s: None, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
     assert fig["errors"] == {"trainer_overhead": "RuntimeError: deterministic kernel missing"}
     assert 0 < fig["proof_overhead"] < 10 and "proof_overhead_default_job" not in fig
+
+
+def test_proof_bench_drift_section_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The honest-drift section (demo-shaped jobs on micro-batches checked on the CPU; every dispute refereed, one
+    segment per unit loss-scanned) runs end to end and slashes no one."""
+    rc = bench.main(["--only-drift", "--drift-jobs", "1", "--drift-shapes", "8x4x4"])
+    assert rc == 0
+    fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["drift"]
+    assert fig["drift_segments"] == 6 and fig["drift_false_slash"] == 0 and fig["drift_verifiers_benched"] == 0
+    assert 0 <= fig["drift_scan_worst"] < 1 and fig["drift_precision"] == "fp32"
