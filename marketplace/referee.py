@@ -107,14 +107,14 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
             raise TimeoutError(why)
         raise RevealPending(step)
 
-    if look.kind == "loss" and tol.step_loss_micro is not None:
+    if look.kind == "loss" and crosscheck.can_scan(spec, tol):
         # the states agree and the mean loss does not: a bisection over states would find nothing; replay every
         # step from the provider's own state instead, where a loss drifts by one forward pass's arithmetic alone
         try:
             sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner)
         except RevealPending as p:
             return Ruling(None, str(p), claimed, pending=p.step, pending_more=p.more, **seen)
-        return Ruling(sv.fraud, f"[{plan.label}] scanned {spec.segment_len} steps: {sv.reason}", claimed,
+        return Ruling(sv.fraud, f"[{plan.label}] scanned the segment's {spec.segment_len} steps: {sv.reason}", claimed,
                       step=sv.step, **seen)
     try:
         dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)

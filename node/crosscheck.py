@@ -198,9 +198,10 @@ class Tolerance:
     factor: float = 1.0
     note: str = ""
     referee_metric: str = "state"
-    #: worst honest drift of one step's loss (micro-nats) replayed from the provider's own state before it: no
-    #: state drift carried in, only the forward pass's arithmetic (None: not calibrated; no step-by-step loss scan)
-    step_loss_micro: int | None = None
+    #: (window length k, worst honest drift of a k-step window's mean loss in micro-nats, replayed from the
+    #: provider's own state at its start): k = 1 carries no state drift in, only the forward pass's arithmetic.
+    #: Empty: not calibrated (no loss scan; the referee bisects the states instead)
+    loss_windows: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.referee_metric not in REFEREE_METRICS:
@@ -214,8 +215,27 @@ class Tolerance:
             raise GridMintValueError(f"loss_micro must be a non-negative int, got {self.loss_micro!r}")
         if not (isinstance(self.referee, float) and math.isfinite(self.referee) and self.referee > 0):
             raise GridMintValueError(f"referee threshold must be a finite positive float, got {self.referee!r}")
-        if self.step_loss_micro is not None and (not isinstance(self.step_loss_micro, int) or self.step_loss_micro < 0):
-            raise GridMintValueError(f"step_loss_micro must be None or a non-negative int, got {self.step_loss_micro!r}")
+        ks = [k for k, _ in self.loss_windows]
+        if ks and (ks != sorted(set(ks)) or ks[0] != 1 or any(not isinstance(v, int) or v < 0
+                                                             for _, v in self.loss_windows)):
+            raise GridMintValueError(f"loss windows need ascending distinct lengths from 1 and non-negative int "
+                                     f"drifts, got {self.loss_windows!r}")
+
+    @property
+    def step_loss_micro(self) -> int | None:
+        """Worst honest drift of one step's loss replayed from the provider's own state (None: not calibrated)."""
+        return dict(self.loss_windows).get(1)
+
+    def scan_loss_micro(self, chunk: int) -> int | None:
+        """Worst honest drift of the mean loss of a window of at most ``chunk`` steps replayed from the provider's
+        state at its start (the largest calibrated up to the first length >= ``chunk``); None if not calibrated
+        that far."""
+        worst = None
+        for k, v in self.loss_windows:
+            worst = v if worst is None else max(worst, v)
+            if k >= chunk:
+                return worst
+        return None
 
     def for_steps(self, k: int) -> float:
         """Threshold after ``k`` steps: the entry of the smallest calibrated count >= k."""
@@ -227,16 +247,15 @@ class Tolerance:
     def to_dict(self) -> dict[str, Any]:
         return {"state": {str(k): v for k, v in self.state}, "loss_micro": self.loss_micro, "referee": self.referee,
                 "factor": self.factor, "note": self.note, "referee_metric": self.referee_metric,
-                "step_loss_micro": self.step_loss_micro}
+                "loss_windows": {str(k): v for k, v in self.loss_windows}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Tolerance:
         try:
             table = tuple(sorted((int(k), float(v)) for k, v in d["state"].items()))
-            step_loss = d.get("step_loss_micro")
+            windows = tuple(sorted((int(k), int(v)) for k, v in (d.get("loss_windows") or {}).items()))
             return cls(table, int(d["loss_micro"]), float(d["referee"]), float(d.get("factor", 1.0)),
-                       str(d.get("note", "")), str(d.get("referee_metric", "state")),
-                       None if step_loss is None else int(step_loss))
+                       str(d.get("note", "")), str(d.get("referee_metric", "state")), windows)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GridMintValueError(f"not a tolerance: {exc}") from exc
 
@@ -258,6 +277,7 @@ class Calibration:
     tolerance: Tolerance
     referee_honest_max: float = 0.0  # worst honest one-step drift by the tolerance's referee metric
     step_loss_max_micro: int = 0  # worst honest one-step loss drift from the provider's own state
+    loss_windows: dict[int, int] = field(default_factory=dict)  # the same per window length
 
 
 def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[list[dict[str, Tensor]], list[float]]:
@@ -282,7 +302,8 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
         raise GridMintValueError(f"referee metric must be one of {REFEREE_METRICS}, got {referee_metric!r}")
     honest: dict[int, float] = {}
     one_step = 0.0
-    loss_max, step_loss, windows = 0, 0, 0
+    loss_max, windows = 0, 0
+    loss_k: dict[int, int] = {}
     for spec, start in units:
         prov = PlanRunner(spec, start, provider_plan)
         states, losses = trajectory(prov, start, 0, spec.steps)
@@ -297,8 +318,7 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
                                        else update_distance(states[a], got, states[a + 1]))
                     dl = abs(mean_loss_micro(vl) - mean_loss_micro(losses[a:a + k]))
                     loss_max = max(loss_max, dl)
-                    if k == 1:
-                        step_loss = max(step_loss, dl)
+                    loss_k[k] = max(loss_k.get(k, 0), dl)
                     windows += 1
     if not honest:
         raise GridMintValueError("calibration needs at least one unit and one verifier plan")
@@ -311,8 +331,8 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
     tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)),
                     referee_factor * max(one_step, floor), factor,
                     f"provider {provider_plan.label} vs {plans}; {windows} windows; referee {referee_metric} "
-                    f"x{referee_factor:g}", referee_metric, step_loss)
-    return Calibration(honest, loss_max, windows, tol, one_step, step_loss)
+                    f"x{referee_factor:g}", referee_metric, tuple(sorted(loss_k.items())))
+    return Calibration(honest, loss_max, windows, tol, one_step, loss_k.get(1, 0), loss_k)
 
 
 # --------------------------------------------------------------------------- the verifier's check
@@ -563,24 +583,49 @@ def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int, state_o
 REFEREE_SCAN_FACTOR = 64.0
 
 
+#: At most this many states are asked of a provider for one loss scan: a segment longer than that is scanned in
+#: chunks of a power-of-two length, each replayed from the provider's state at its start (``scan_chunk``).
+MAX_SCAN_REVEALS = 15
+
+
+def scan_chunk(segment_len: int) -> int:
+    """The steps replayed per revealed state in a loss scan of a ``segment_len``-step segment: 1 (every step from
+    the provider's own state) up to ``MAX_SCAN_REVEALS + 1`` steps, else the smallest power of two that keeps the
+    reveals within ``MAX_SCAN_REVEALS``."""
+    c = 1
+    while -(-segment_len // c) - 1 > MAX_SCAN_REVEALS:
+        c *= 2
+    return c
+
+
+def can_scan(spec: UnitSpec, tol: Tolerance) -> bool:
+    """Whether ``tol`` was calibrated for a loss scan of ``spec``'s segments."""
+    return tol.scan_loss_micro(scan_chunk(spec.segment_len)) is not None
+
+
 def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: RevealFn, tol: Tolerance,
                  runner: PlanRunner) -> RefereeVerdict:
     """Settle a dispute over segment ``seg_index``'s committed mean loss step by step: the provider reveals its state
-    before every step of the segment (``reveal``; its ends must hash to the commitments), the referee replays each
-    step from the provider's own state on ``runner``'s plan, checks the step lands where the provider's next state
-    is (the referee's one-step rule, as after a bisection) and averages the losses it got. Fraud when the provider
-    cannot back a state, a step lands past the one-step threshold, or the mean is more than
-    ``REFEREE_SCAN_FACTOR`` x the calibrated one-step loss drift off the committed one. Costs ``segment_len``
-    reveals and one replay of the segment; while states are missing it raises :class:`RevealPending` for all of them
-    (the marketplace's resumable flow asks for them in turn and rules once they are all in)."""
-    if tol.step_loss_micro is None:
-        raise GridMintValueError("this tolerance has no calibrated one-step loss drift: a loss scan needs one")
+    before every step of the segment (before every ``scan_chunk`` steps of a long one; its ends must hash to the
+    commitments), the referee replays each step (chunk) from the provider's own state on ``runner``'s plan and
+    averages the losses it got; one step at a time it also checks each step lands where the provider's next state
+    is (the referee's one-step rule, as after a bisection). Fraud when the provider cannot back a state, a step lands
+    past the one-step threshold, or the mean is more than ``REFEREE_SCAN_FACTOR`` x the calibrated drift of a
+    chunk's mean loss off the committed one. Costs at most ``MAX_SCAN_REVEALS`` reveals and one replay of the
+    segment; while states are missing it raises :class:`RevealPending` for all of them (the marketplace's resumable
+    flow asks for them in turn and rules once they are all in)."""
+    chunk = scan_chunk(spec.segment_len)
+    drift = tol.scan_loss_micro(chunk)
+    if drift is None:
+        raise GridMintValueError(f"this tolerance has no calibrated loss drift for {chunk}-step windows: a loss scan "
+                                 f"needs one")
     seg = proof.segments[seg_index]
-    lo, n = seg_index * spec.segment_len, spec.segment_len
-    thr = REFEREE_SCAN_FACTOR * max(1, tol.step_loss_micro)
+    lo, hi = seg_index * spec.segment_len, (seg_index + 1) * spec.segment_len
+    points = list(range(lo, hi, chunk)) + [hi]
+    thr = REFEREE_SCAN_FACTOR * max(1, drift)
     states: list[State] = []
     missing: list[int] = []
-    for t in range(lo, lo + n + 1):
+    for t in points:
         try:
             st, why = _reveal(reveal, t)
         except RevealPending:
@@ -591,27 +636,30 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
         states.append(st)
     if missing:
         raise RevealPending(missing[0], missing[1:])
-    for at, st, want in ((lo, states[0], seg.start_hash), (lo + n, states[-1], seg.end_hash)):
+    for at, st, want in ((lo, states[0], seg.start_hash), (hi, states[-1], seg.end_hash)):
         if state_hash(st) != want:
             return RefereeVerdict(True, at, math.inf, thr, f"the revealed state before step {at} is not the committed one")
     losses: list[float] = []
-    for i in range(n):
-        got, step_losses = runner.replay(states[i], lo + i, 1)
-        d = distance(got, states[i + 1]) if tol.referee_metric == "state" else update_distance(states[i], got, states[i + 1])
-        if d > tol.referee:
-            return RefereeVerdict(True, lo + i, d, tol.referee,
-                                  f"step {lo + i} replays {d:.3g} away from the provider's revealed next state "
-                                  f"(> {tol.referee:.3g}{', relative to its update' if tol.referee_metric == 'update' else ''})")
-        losses += step_losses
+    for i, (a, b) in enumerate(zip(points, points[1:])):
+        got, chunk_losses = runner.replay(states[i], a, b - a)
+        if chunk == 1:
+            nxt = states[i + 1]
+            d = distance(got, nxt) if tol.referee_metric == "state" else update_distance(states[i], got, nxt)
+            if d > tol.referee:
+                how = ", relative to its update" if tol.referee_metric == "update" else ""
+                return RefereeVerdict(True, a, d, tol.referee, f"step {a} replays {d:.3g} away from the provider's "
+                                                               f"revealed next state (> {tol.referee:.3g}{how})")
+        losses += chunk_losses
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
+    how = "step by step" if chunk == 1 else f"{chunk} steps at a time"
     if dl > thr:
         return RefereeVerdict(True, lo, float(dl), thr,
-                              f"replayed step by step from the provider's own states, segment {seg_index}'s mean loss "
-                              f"is {dl} micro-nats off the committed one (one step drifts <= {tol.step_loss_micro} "
-                              f"honestly; the referee convicts past {thr:g})")
+                              f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is "
+                              f"{dl} micro-nats off the committed one (honest drift <= {drift}; the referee convicts "
+                              f"past {thr:g})")
     return RefereeVerdict(False, lo, float(dl), thr,
-                          f"replayed step by step from the provider's own states, segment {seg_index}'s mean loss is "
-                          f"within {dl} <= {thr:g} micro-nats of the committed one and every step within its threshold")
+                          f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is within "
+                          f"{dl} <= {thr:g} micro-nats of the committed one")
 
 
 # --------------------------------------------------------------------------- the provider's side

@@ -14,7 +14,7 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import init_state
 from node.prover import honest_step, train_traced
-from node.trainer import UnitSpec, fresh_state
+from node.trainer import UnitSpec, fresh_state, mean_loss_micro
 from protocol.errors import GridMintValueError
 from protocol.proof import make_proof
 from tests.node.conftest import TINY
@@ -363,5 +363,39 @@ def test_a_bf16_loss_faked_on_one_step_is_scanned_and_slashed_honest_losses_neve
     with pytest.raises(cc.RevealPending) as waiting:
         cc.scan_segment(spec, proof, 1, pending, tol, ver)
     assert waiting.value.step == SEG + 2 and waiting.value.more == (SEG + 5,)  # every missing state, asked at once
-    with pytest.raises(GridMintValueError, match="one-step loss drift"):
-        cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), replace(tol, step_loss_micro=None), ver)
+    with pytest.raises(GridMintValueError, match="calibrated loss drift"):
+        cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), replace(tol, loss_windows=()), ver)
+
+
+def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> None:
+    """A loss scan asks the provider for one state per step only up to 16 steps; a longer segment is replayed in
+    power-of-two chunks from the provider's state at each chunk's start, judged against the calibrated drift of a
+    chunk's mean loss: the honest provider reveals 15 states of a 32-step segment and is cleared, a loss faked on one
+    step is still convicted."""
+    assert [cc.scan_chunk(n) for n in (1, 15, 16, 17, 32, 33, 100, 1000)] == [1, 1, 1, 2, 2, 4, 8, 64]
+    spec = UnitSpec(job_id="job-scan-chunks", unit_id="0x" + f"{77:064x}", round=0, shard=0, n_shards=1, model=TINY,
+                    steps=64, segment_len=32, batch_size=4, lr=3e-3, seed=7, threads=1)
+    cal = cc.calibrate([(replace(spec, unit_id="0x" + f"{78:064x}", seed=8), fresh_state(START))], [VERIFIER])
+    tol = cal.tolerance
+    assert [k for k, _ in tol.loss_windows] == [1, 2, 4, 8, 16, 32] and tol.scan_loss_micro(2) is not None
+    assert cc.Tolerance.from_dict(tol.to_dict()) == tol and cc.can_scan(spec, tol)
+    ver = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
+    states, losses, proof = cc.record_policy(spec, START)
+    asked: list[int] = []
+
+    def reveal(step: int) -> cc.State:
+        asked.append(step)
+        return states[step]
+
+    honest = cc.scan_segment(spec, proof, 1, reveal, tol, ver)
+    assert not honest.fraud and "2 steps at a time" in honest.reason, honest.reason
+    assert asked == list(range(32, 65, 2))  # the two committed ends and 15 states between them
+    segs = list(proof.segments)
+    faked = losses[32:64]
+    faked[9] *= 0.97
+    segs[1] = replace(segs[1], loss_micro=mean_loss_micro(faked))
+    lie = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                     segment_len=proof.segment_len, segments=segs)
+    r = cc.scan_segment(spec, lie, 1, cc.RecordedReveal(states), tol, ver)
+    assert r.fraud and r.distance > 4 * r.threshold and "mean loss" in r.reason, r.reason
+    assert not cc.can_scan(spec, replace(tol, loss_windows=((1, 0),)))  # calibrated for single steps only
