@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ from node.trainer import (
     train_unit,
 )
 from node import data
-from protocol.proof import SegmentCommit, loss_to_micro, make_proof
+from protocol.proof import SegmentCommit, TrainingProof, loss_to_micro, make_proof
 
 
 def _finish(spec: UnitSpec, workdir: Path, commits: list[SegmentCommit], final_state: Mapping[str, Tensor],
@@ -196,18 +196,25 @@ def idle_segment(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, 
     return _cheat_unit(spec, start, workdir, segment, on_step)
 
 
+def fake_step_loss(proof: TrainingProof, losses: Sequence[float], step: int,
+                   factor: float = 0.97) -> tuple[TrainingProof, list[float]]:
+    """The lie of a provider that fakes one step's loss: ``losses`` with step ``step``'s scaled by ``factor``, and
+    ``proof`` with that segment's committed mean loss (and so the Merkle root) recomputed from them."""
+    out = list(losses)
+    out[step] *= factor
+    s, n = step // proof.segment_len, proof.segment_len
+    segs = list(proof.segments)
+    segs[s] = replace(segs[s], loss_micro=mean_loss_micro(out[s * n:(s + 1) * n]))
+    return make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                      segment_len=n, segments=segs), out
+
+
 def fake_loss(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None,
               plan: Plan = PROVIDER_PLAN) -> UnitResult:
     """Honest training on ``plan``; one step's committed loss 3% lower (the middle step of the middle segment)."""
     honest = train_unit(spec, start, workdir, on_step=on_step, plan=plan)
-    s = spec.n_segments // 2
-    step = s * spec.segment_len + spec.segment_len // 2
-    losses = list(honest.losses)
-    losses[step] *= 0.97
-    segs = list(honest.proof.segments)
-    segs[s] = replace(segs[s], loss_micro=mean_loss_micro(losses[s * spec.segment_len:(s + 1) * spec.segment_len]))
-    proof = make_proof(unit_id=spec.unit_id, spec_hash=spec.spec_hash(), seed=spec.seed, steps=spec.steps,
-                       segment_len=spec.segment_len, segments=segs)
+    step = spec.n_segments // 2 * spec.segment_len + spec.segment_len // 2
+    proof, losses = fake_step_loss(honest.proof, honest.losses, step)
     return replace(honest, proof=proof, losses=losses)
 
 

@@ -14,7 +14,7 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import init_state
 from node.prover import honest_step, train_traced
-from node.trainer import UnitSpec, fresh_state, mean_loss_micro
+from node.trainer import UnitSpec, fresh_state
 from protocol.errors import GridMintValueError
 from protocol.proof import make_proof
 from tests.node.conftest import TINY
@@ -390,12 +390,7 @@ def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> 
     honest = cc.scan_segment(spec, proof, 1, reveal, tol, ver)
     assert not honest.fraud and "2 steps at a time" in honest.reason, honest.reason
     assert asked == list(range(32, 65, 2))  # the two committed ends and 15 states between them
-    segs = list(proof.segments)
-    faked = losses[32:64]
-    faked[9] *= 0.97
-    segs[1] = replace(segs[1], loss_micro=mean_loss_micro(faked))
-    lie = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
-                     segment_len=proof.segment_len, segments=segs)
+    lie, _ = adversary.fake_step_loss(proof, losses, 32 + 9)
     r = cc.scan_segment(spec, lie, 1, cc.RecordedReveal(states), tol, ver)
     assert r.fraud and r.distance > 4 * r.threshold and "mean loss" in r.reason, r.reason
     assert not cc.can_scan(spec, replace(tol, loss_windows=((1, 0),)))  # calibrated for single steps only

@@ -104,11 +104,8 @@ def test_a_provider_trains_on_cuda_in_bf16_reproducibly_and_re_derives_any_state
         assert state_hash(end) == a.proof.segments[1].end_hash, precision
 
 
-def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -> None:
-    """A bf16 job on a GPU, its referee on the CPU: honest CUDA work passes the calibrated check and a forced dispute
-    over it is cleared by the CPU's one-step replay (judged against the step's own update); a skipped step is
-    bisected to and convicted."""
-    from node import adversary
+def _bf16_cuda_vs_cpu(job: str):  # type: ignore[no-untyped-def]
+    """Tiny bf16 units of ``job`` (spec by index), their start, and a tolerance calibrated cuda vs cpu on 3 units."""
     from node import crosscheck as cc
     from node.trainer import UnitSpec, fresh_state
 
@@ -116,13 +113,25 @@ def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -
     start = init_state(tiny, 3)
 
     def spec(i: int) -> UnitSpec:
-        return UnitSpec(job_id="job-gpu-bf16", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4,
-                        model=tiny, steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i, precision="bf16")
+        return UnitSpec(job_id=job, unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4, model=tiny,
+                        steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i, precision="bf16")
 
-    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
     metric, factor = cc.REFEREE_RULE["bf16"]
-    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cpu], provider_plan=cuda,
-                       referee_metric=metric, referee_factor=factor).tolerance
+    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cc.Plan("cpu")],
+                       provider_plan=cc.Plan("cuda"), referee_metric=metric, referee_factor=factor).tolerance
+    return spec, start, tol
+
+
+def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -> None:
+    """A bf16 job on a GPU, its referee on the CPU: honest CUDA work passes the calibrated check and a forced dispute
+    over it is cleared by the CPU's one-step replay (judged against the step's own update); a skipped step is
+    bisected to and convicted."""
+    from node import adversary
+    from node import crosscheck as cc
+    from node.trainer import fresh_state
+
+    spec, start, tol = _bf16_cuda_vs_cpu("job-gpu-bf16")
+    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
     sp = spec(10)
     states, _, proof = cc.record_policy(sp, start, plan=cuda)
     on_cpu = cc.PlanRunner(sp, fresh_state(start), cpu)
@@ -147,32 +156,17 @@ def test_a_bf16_cuda_providers_loss_is_scanned_on_the_cpu_honest_passes_a_faked_
     """The loss scan across devices: every step of an honest bf16 CUDA segment replayed on the CPU from the
     provider's own states lands within the scan's threshold (64x the one-step loss drift calibrated cuda vs cpu),
     and the same segment committing a loss 3% lower on one step is convicted."""
+    from node import adversary
     from node import crosscheck as cc
-    from node.trainer import UnitSpec, fresh_state, mean_loss_micro
-    from protocol.proof import make_proof
+    from node.trainer import fresh_state
 
-    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
-    start = init_state(tiny, 3)
-
-    def spec(i: int) -> UnitSpec:
-        return UnitSpec(job_id="job-gpu-scan", unit_id="0x" + f"{i:064x}", round=0, shard=i % 4, n_shards=4,
-                        model=tiny, steps=32, segment_len=8, batch_size=4, lr=3e-3, seed=i, precision="bf16")
-
-    cuda, cpu = cc.Plan("cuda"), cc.Plan("cpu")
-    metric, factor = cc.REFEREE_RULE["bf16"]
-    tol = cc.calibrate([(spec(i), fresh_state(start)) for i in range(3)], [cpu], provider_plan=cuda,
-                       referee_metric=metric, referee_factor=factor).tolerance
+    spec, start, tol = _bf16_cuda_vs_cpu("job-gpu-scan")
     sp = spec(12)
-    states, losses, proof = cc.record_policy(sp, start, plan=cuda)
-    on_cpu = cc.PlanRunner(sp, fresh_state(start), cpu)
+    states, losses, proof = cc.record_policy(sp, start, plan=cc.Plan("cuda"))
+    on_cpu = cc.PlanRunner(sp, fresh_state(start), cc.Plan("cpu"))
     for s in range(4):
         r = cc.scan_segment(sp, proof, s, cc.RecordedReveal(states), tol, on_cpu)
         assert not r.fraud and r.distance < r.threshold / 2, r.reason
-    segs = list(proof.segments)
-    faked = losses[8:16]
-    faked[3] *= 0.97
-    segs[1] = replace(segs[1], loss_micro=mean_loss_micro(faked))
-    lie = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
-                     segment_len=proof.segment_len, segments=segs)
+    lie, _ = adversary.fake_step_loss(proof, losses, 8 + 3)
     r = cc.scan_segment(sp, lie, 1, cc.RecordedReveal(states), tol, on_cpu)
     assert r.fraud and "mean loss" in r.reason, r.reason
