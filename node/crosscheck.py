@@ -146,6 +146,17 @@ def update_distance(before: State, replayed: State, claimed: State) -> float:
     return _relative(replayed, claimed, before)
 
 
+def step_distance(metric: str, before: State, replayed: State, claimed: State) -> float:
+    """How far a claimed one-step result is from the referee's replay of that step, by the referee ``metric``
+    (:data:`REFEREE_METRICS`): :func:`distance` ("state") or :func:`update_distance` ("update")."""
+    return distance(replayed, claimed) if metric == "state" else update_distance(before, replayed, claimed)
+
+
+def _against(metric: str) -> str:
+    """How a one-step verdict words its yardstick."""
+    return ", relative to its update" if metric == "update" else ""
+
+
 def _relative(replayed: State, claimed: State, before: State | None) -> float:
     """Worst group's ``||replayed - claimed||`` over ``||claimed||`` (``before`` None) or ``||replayed - before||``."""
     if set(replayed) != set(claimed):
@@ -276,8 +287,13 @@ class Calibration:
     windows: int
     tolerance: Tolerance
     referee_honest_max: float = 0.0  # worst honest one-step drift by the tolerance's referee metric
-    step_loss_max_micro: int = 0  # worst honest one-step loss drift from the provider's own state
-    loss_windows: dict[int, int] = field(default_factory=dict)  # the same per window length
+    #: worst honest drift of a window's mean loss from the provider's own state, per window length
+    loss_windows: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def step_loss_max_micro(self) -> int:
+        """Worst honest one-step loss drift from the provider's own state."""
+        return self.loss_windows.get(1, 0)
 
 
 def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[list[dict[str, Tensor]], list[float]]:
@@ -314,8 +330,7 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
                     got, vl = ver.replay(states[a], a, k)
                     honest[k] = max(honest.get(k, 0.0), distance(got, states[a + k]))
                     if k == 1:
-                        one_step = max(one_step, distance(got, states[a + 1]) if referee_metric == "state"
-                                       else update_distance(states[a], got, states[a + 1]))
+                        one_step = max(one_step, step_distance(referee_metric, states[a], got, states[a + 1]))
                     dl = abs(mean_loss_micro(vl) - mean_loss_micro(losses[a:a + k]))
                     loss_max = max(loss_max, dl)
                     loss_k[k] = max(loss_k.get(k, 0), dl)
@@ -332,7 +347,7 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
                     referee_factor * max(one_step, floor), factor,
                     f"provider {provider_plan.label} vs {plans}; {windows} windows; referee {referee_metric} "
                     f"x{referee_factor:g}", referee_metric, tuple(sorted(loss_k.items())))
-    return Calibration(honest, loss_max, windows, tol, one_step, loss_k.get(1, 0), loss_k)
+    return Calibration(honest, loss_max, windows, tol, one_step, loss_k)
 
 
 # --------------------------------------------------------------------------- the verifier's check
@@ -533,10 +548,10 @@ def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolera
     if state_hash(before) != dispute.before_hash or state_hash(after) != dispute.after_hash:
         return RefereeVerdict(True, t, math.inf, thr, "revealed states do not match the hashes of the bisection")
     got, _ = runner.replay(before, t, 1)
-    d = distance(got, after) if tol.referee_metric == "state" else update_distance(before, got, after)
+    d = step_distance(tol.referee_metric, before, got, after)
     if d > thr:
         return RefereeVerdict(True, t, d, thr, f"step {t} replays {d:.3g} away from the provider's claim (> {thr:.3g}"
-                                               f"{', relative to its update' if tol.referee_metric == 'update' else ''})")
+                                               f"{_against(tol.referee_metric)})")
     return RefereeVerdict(False, t, d, thr, f"step {t} replays within {d:.3g} <= {thr:.3g}: the dispute was wrong")
 
 
@@ -643,12 +658,11 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     for i, (a, b) in enumerate(zip(points, points[1:])):
         got, chunk_losses = runner.replay(states[i], a, b - a)
         if chunk == 1:
-            nxt = states[i + 1]
-            d = distance(got, nxt) if tol.referee_metric == "state" else update_distance(states[i], got, nxt)
+            d = step_distance(tol.referee_metric, states[i], got, states[i + 1])
             if d > tol.referee:
-                how = ", relative to its update" if tol.referee_metric == "update" else ""
                 return RefereeVerdict(True, a, d, tol.referee, f"step {a} replays {d:.3g} away from the provider's "
-                                                               f"revealed next state (> {tol.referee:.3g}{how})")
+                                                               f"revealed next state (> {tol.referee:.3g}"
+                                                               f"{_against(tol.referee_metric)})")
         losses += chunk_losses
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
     how = "step by step" if chunk == 1 else f"{chunk} steps at a time"

@@ -546,23 +546,24 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                         # the loss rule on every honest segment (disputed or not): how near it came to convicting
                         lv = cc.loss_ruling(spec, s, tol, v.loss_delta_micro, v.state_over)
                         mine_loss = max(mine_loss, lv.distance / lv.threshold)
-                        if s == u % spec.n_segments:  # one segment per unit scanned whatever its verdict
+                        sc = None  # one segment per unit is scanned whatever its verdict (reused if it is disputed)
+                        if s == u % spec.n_segments:
                             sc = cc.scan_segment(spec, proof, s, cc.RecordedReveal(states), tol, runner)
                             scan_worst = max(scan_worst, sc.distance / sc.threshold)
-                            slashed += sc.fraud
                         if v.ok:
+                            slashed += sc is not None and sc.fraud
                             continue
                         mine_disputes += 1
                         old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
                         reveal = cc.RecordedReveal(states)
                         if v.kind == "loss":  # the states agree: the referee scans the steps (as marketplace.referee)
-                            rv = cc.scan_segment(spec, proof, s, reveal, tol, runner)
+                            rv = sc or cc.scan_segment(spec, proof, s, reveal, tol, runner)
                             scans += 1
                         else:
                             d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)
                             rv = cc.referee_step(spec, d, reveal, tol, runner)
                         ref_worst = max(ref_worst, rv.distance / rv.threshold)
-                        slashed += lv.fraud or rv.fraud
+                        slashed += lv.fraud or rv.fraud or (sc is not None and sc.fraud)  # once per segment
                         again = cc.check_segment_across(spec, proof, s, a0, a1, tol, cc.PlanRunner(spec, a0, ver))
                         faith += (not again.ok) and again.replayed_hash == v.replayed_hash
                         benched += again.ok or again.replayed_hash != v.replayed_hash  # proven false: never, if honest
