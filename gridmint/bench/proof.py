@@ -620,6 +620,8 @@ def run_gpu(a: argparse.Namespace, log: Callable[[str], None], device: str = "cu
         except Exception as exc:
             log(f"section {name.lstrip('+')} failed:\n{traceback.format_exc()}")
             errors[name.lstrip("+")] = f"{type(exc).__name__}: {exc}"[:500]
+        # the GPU run is cut off at its time limit: each section's figures are on record as soon as they exist
+        log(f"figures so far: {json.dumps({**figures, **({'errors': errors} if errors else {})})}")
 
     section("+gpu_overhead", lambda: gpu_overhead(steps=a.gpu_steps, commit_every=a.gpu_commit_every,
                                                   compile_model=not a.no_compile, log=log, device=device,

@@ -172,9 +172,14 @@ def test_a_failing_gpu_bench_section_keeps_the_others_figures(monkeypatch: pytes
     monkeypatch.setattr(bench, "trainer_overhead", broken)
     a = argparse.Namespace(gpu_steps=2, gpu_commit_every=1, no_compile=True, repeats=1, job_steps=15, job_repeats=1,
                            cross_units=0)
-    fig = bench.run_gpu(a, lambda s: None, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
+    lines: list[str] = []
+    fig = bench.run_gpu(a, lines.append, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
     assert fig["errors"] == {"trainer_overhead": "RuntimeError: deterministic kernel missing"}
     assert 0 < fig["proof_overhead"] < 10 and "proof_overhead_default_job" not in fig
+    # a run cut off at the GPU machine's time limit still has each finished section's figures in its log
+    so_far = [json.loads(s.split(": ", 1)[1]) for s in lines if s.startswith("figures so far: ")]
+    assert [sorted(f) == sorted(fig) for f in so_far] == [False, True]
+    assert so_far[0]["proof_overhead"] == fig["proof_overhead"] and "errors" not in so_far[0]
 
 
 def test_proof_bench_drift_section_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> None:
