@@ -592,10 +592,20 @@ def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int, state_o
 #: not far enough for :func:`loss_ruling`) is settled step by step (:func:`scan_segment`): each step is replayed from
 #: the provider's own revealed state before it, so a replayed loss differs from an honest one only by one forward
 #: pass's arithmetic across plans, no drift carried in (measured: 1 micro-nat in fp32 and in bf16 between cpu and
-#: cpu/mb2 on the default model, whose bf16 segment means drift ~95). The mean convicts past this factor x the worst
-#: one-step loss drift seen in calibration (floored at one micro-nat): a bf16 loss faked by 3% on one step of 15
-#: moves the mean ~11,000 micro-nats.
-REFEREE_SCAN_FACTOR = 64.0
+#: cpu/mb2 on the default model, whose bf16 segment means drift ~95; 66 in fp32 and 238 in bf16 between an H200 and
+#: the CPU on the cross-plan bench's model). The mean of a scan's per-step differences is at most its worst step's
+#: difference (plus rounding), so the mean convicts past this factor x the worst one-step (one-chunk) loss drift seen
+#: in calibration, and never below ``REFEREE_SCAN_FLOOR_MICRO`` (integer rounding; a calibration that saw no drift).
+#: A bf16 loss faked by 3% on one step of 16 moved the mean ~6,000 micro-nats on the H200: 3.2x this line, when 64x
+#: the drift (the line before) let it through at 0.39x; honest scans there came within 23 micro-nats.
+REFEREE_SCAN_FACTOR = 8.0
+REFEREE_SCAN_FLOOR_MICRO = 64
+
+
+def scan_line(drift: int) -> float:
+    """The micro-nats off the committed mean loss past which a loss scan convicts, given the worst honest drift of
+    a scanned window's mean loss calibrated for its length (``Tolerance.scan_loss_micro``)."""
+    return max(float(REFEREE_SCAN_FLOOR_MICRO), REFEREE_SCAN_FACTOR * drift)
 
 
 #: At most this many states are asked of a provider for one loss scan: a segment longer than that is scanned in
@@ -625,8 +635,8 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     commitments), the referee replays each step (chunk) from the provider's own state on ``runner``'s plan and
     averages the losses it got; one step at a time it also checks each step lands where the provider's next state
     is (the referee's one-step rule, as after a bisection). Fraud when the provider cannot back a state, a step lands
-    past the one-step threshold, or the mean is more than ``REFEREE_SCAN_FACTOR`` x the calibrated drift of a
-    chunk's mean loss off the committed one. Costs at most ``MAX_SCAN_REVEALS`` reveals and one replay of the
+    past the one-step threshold, or the mean is further off the committed one than :func:`scan_line` of the
+    calibrated drift of a chunk's mean loss. Costs at most ``MAX_SCAN_REVEALS`` reveals and one replay of the
     segment; while states are missing it raises :class:`RevealPending` for all of them (the marketplace's resumable
     flow asks for them in turn and rules once they are all in)."""
     chunk = scan_chunk(spec.segment_len)
@@ -637,7 +647,7 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     seg = proof.segments[seg_index]
     lo, hi = seg_index * spec.segment_len, (seg_index + 1) * spec.segment_len
     points = list(range(lo, hi, chunk)) + [hi]
-    thr = REFEREE_SCAN_FACTOR * max(1, drift)
+    thr = scan_line(drift)
     states: list[State] = []
     missing: list[int] = []
     for t in points:

@@ -397,7 +397,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                            "referee_metric": tol.referee_metric,
                            "referee_honest_one_step_max": float(f"{cal.referee_honest_max:.3g}"),
                            "one_step_loss_drift_max_micro": cal.step_loss_max_micro,
-                           "scan_threshold_micro": cc.REFEREE_SCAN_FACTOR * max(1, cal.step_loss_max_micro),
+                           "scan_threshold_micro": cc.scan_line(cal.step_loss_max_micro),
                            "calibrate_s": round(time.perf_counter() - t0, 1)}
     log(f"cross-plan tolerance ({tol.note}): honest drift {out['honest_drift_max']} -> tolerance {out['tolerance']}, "
         f"loss {tol.loss_micro} micro-nats (one step from the same state: {cal.step_loss_max_micro}), referee one-step "

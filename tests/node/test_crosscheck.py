@@ -367,6 +367,31 @@ def test_a_bf16_loss_faked_on_one_step_is_scanned_and_slashed_honest_losses_neve
         cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), replace(tol, loss_windows=()), ver)
 
 
+def test_a_loss_scan_convicts_where_one_steps_loss_drifts_as_wide_as_between_a_gpu_and_the_cpu() -> None:
+    """On an H200 a bf16 step's loss, replayed on the CPU from the provider's own state, drifted up to 238
+    micro-nats (1-2 between CPU plans): 64x that let a loss faked by 3% on one step through. The mean of a scan's
+    per-step differences is bounded by its worst step's, so the line is 8x the one-step drift (floored at 64): with
+    the GPU's drift the fake is still convicted and every honest segment cleared."""
+    assert [cc.scan_line(d) for d in (0, 1, 8, 66, 238)] == [64.0, 64.0, 64.0, 528.0, 1904.0]
+
+    def bf16(i: int) -> UnitSpec:
+        return replace(_spec(i), precision="bf16", threads=1, segment_len=16)
+
+    metric, factor = cc.REFEREE_RULE["bf16"]
+    cal = cc.calibrate([(bf16(190), fresh_state(START))], [VERIFIER], referee_metric=metric, referee_factor=factor)
+    gpu_wide = replace(cal.tolerance, loss_windows=((1, max(238, cal.tolerance.step_loss_micro or 0)),))
+    spec = bf16(195)
+    ver = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
+    honest, _, hproof = cc.record_policy(spec, START)
+    for s in range(spec.n_segments):
+        r = cc.scan_segment(spec, hproof, s, cc.RecordedReveal(honest), gpu_wide, ver)
+        assert not r.fraud and r.threshold == 1904.0 and r.distance < r.threshold / 16, r.reason
+    bad = 16 + 5
+    states, _, proof = cc.record_policy(spec, START, adversary.FakeLoss(frozenset({bad})))
+    r = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), gpu_wide, ver)
+    assert r.fraud and r.distance > 2 * r.threshold and "mean loss" in r.reason, r.reason
+
+
 def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> None:
     """A loss scan asks the provider for one state per step only up to 16 steps; a longer segment is replayed in
     power-of-two chunks from the provider's state at each chunk's start, judged against the calibrated drift of a
