@@ -134,6 +134,8 @@ def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
     fig = bench.run_gpu(a, lines.append, device="cpu", model=ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32))
     assert fig["device"].startswith("cpu") and fig["compile"] is False and fig["commit_every"] == 2
     assert 0 < fig["proof_overhead"] < 10 and len(fig["proof_overhead_runs"]) == 1
+    # the last commitment's hash, after the last step, is its own latency: end to end can only be slower
+    assert fig["final_commit_s"] >= 0 and 0 < fig["proof_overhead_end_to_end"] <= fig["proof_overhead"] * 1.01
     assert fig["gpu_replay_bitwise"] is True  # deterministic algorithms, same device: bit for bit
     assert fig["default_job_plan"] == "cpu" and len(fig["proof_overhead_default_job_runs"]) == 2
     assert fig["cross_device"]["false_slash"] == 0 and fig["cross_device"]["min_slashed_rate"] == 1.0
