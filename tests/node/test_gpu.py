@@ -154,8 +154,8 @@ def test_a_bf16_cuda_provider_is_refereed_on_the_cpu_relative_to_each_update() -
 
 def test_a_bf16_cuda_providers_loss_is_scanned_on_the_cpu_honest_passes_a_faked_one_step_loss_does_not() -> None:
     """The loss scan across devices: every step of an honest bf16 CUDA segment replayed on the CPU from the
-    provider's own states lands within the scan's threshold (64x the one-step loss drift calibrated cuda vs cpu),
-    and the same segment committing a loss 3% lower on one step is convicted."""
+    provider's own states lands within the scan's line (``crosscheck.scan_line`` of the one-step loss drift
+    calibrated cuda vs cpu), and the same segment committing a loss 3% lower on one step is convicted."""
     from node import adversary
     from node import crosscheck as cc
     from node.trainer import fresh_state
