@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -69,10 +69,12 @@ class Ruling:
 
 
 def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
-         reveals: Mapping[int, Path], overdue: Callable[[int], str]) -> Ruling:
+         reveals: Mapping[int, Path], overdue: Callable[[int], str],
+         losses: Sequence[float] | None = None) -> Ruling:
     """Judge segment ``seg``: ``start``/``end`` are its committed checkpoints, ``reveals`` the provider's revealed
     states so far (step -> checkpoint), ``overdue(step)`` a reason if the provider was asked for ``step`` and let
-    the deadline pass (else "")."""
+    the deadline pass (else ""), ``losses`` the unit's per-step losses it submitted with its proof (checked against
+    its commitments on submission): a loss scan judges each step against them."""
     if plan == REFEREE_PLAN:
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
@@ -112,7 +114,8 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         # the states agree and the mean loss does not: a bisection over states would find nothing; replay every
         # step from the provider's own state instead, where a loss drifts by one forward pass's arithmetic alone
         try:
-            sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner)
+            mine = list(losses[first:last]) if losses is not None and len(losses) == spec.steps else None
+            sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner, step_losses=mine)
         except RevealPending as p:
             return Ruling(None, str(p), claimed, pending=p.step, pending_more=p.more, **seen)
         return Ruling(sv.fraud, f"[{plan.label}] scanned the segment's {spec.segment_len} steps: {sv.reason}", claimed,

@@ -27,7 +27,7 @@ from node.trainer import (UnitSpec, average_states, evaluate, model_only, start_
                           update_norm)
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.money import format_tokens
-from protocol.proof import TrainingProof, check_structure
+from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import (Heartbeat, JobSpec, ProviderRegister, ResultSubmit, RevealSubmit, VerdictSubmit,
                               VerificationBeat, VerifierRegister)
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
@@ -333,6 +333,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     global_model, _ = checkpoint.load(rt.blobs.read(global_blob))
     check_structure(proof, expected_start_hash=start_state_hash(model_only(global_model)),
                     expected_spec_hash=spec.spec_hash())
+    check_step_losses(proof, body.losses)  # the loss curve it signs: what a loss scan judges each step against
     if len(body.segment_blobs) != len(proof.segments):
         raise ProofError(f"{len(proof.segments)} segments committed but {len(body.segment_blobs)} checkpoints uploaded")
     # each checkpoint must hash to its commitment; on the way, how far the model moved in each segment (the update
@@ -646,6 +647,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         assert job is not None
         spec, proof, seg = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment
         start, end, plan = unit.segment_blobs[seg], _end_blob(unit, seg), Plan.parse(unit.plan)
+        losses = list(unit.losses) if unit.losses else None  # per step, as submitted and signed with the proof
         provider, verifier, accusation = task.provider, task.verifier, task.accusation
         replayed_hash = task.replayed_hash or ""
         bisect = referee.bisect_view(task.bisect)
@@ -661,7 +663,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return f"the provider did not reveal its state before step {step} by its deadline"
         return ""
 
-    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue)
+    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
+                           losses)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
         assert verdict.pending is not None
         with rt.sessions.begin() as s:

@@ -51,7 +51,7 @@ from node.trainer import (  # Plan and PROVIDER_PLAN live with the trainer; they
 )
 from node.replay import claim_problem
 from protocol.errors import GridMintValueError
-from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proof
+from protocol.proof import SegmentCommit, TrainingProof, batch_digest, loss_to_micro, make_proof
 
 State = Mapping[str, Tensor]
 #: The provider's side of a dispute: its full training state *before* optimizer step ``step`` (absolute, 0-based).
@@ -629,14 +629,18 @@ def can_scan(spec: UnitSpec, tol: Tolerance) -> bool:
 
 
 def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: RevealFn, tol: Tolerance,
-                 runner: PlanRunner) -> RefereeVerdict:
+                 runner: PlanRunner, step_losses: Sequence[float] | None = None) -> RefereeVerdict:
     """Settle a dispute over segment ``seg_index``'s committed mean loss step by step: the provider reveals its state
     before every step of the segment (before every ``scan_chunk`` steps of a long one; its ends must hash to the
     commitments), the referee replays each step (chunk) from the provider's own state on ``runner``'s plan and
     averages the losses it got; one step at a time it also checks each step lands where the provider's next state
     is (the referee's one-step rule, as after a bisection). Fraud when the provider cannot back a state, a step lands
     past the one-step threshold, or the mean is further off the committed one than :func:`scan_line` of the
-    calibrated drift of a chunk's mean loss. Costs at most ``MAX_SCAN_REVEALS`` reveals and one replay of the
+    calibrated drift of a chunk's mean loss. Given ``step_losses`` (the segment's per-step losses the provider
+    submitted and signed with its proof, checked against its commitments by
+    :func:`protocol.proof.check_step_losses`), a segment scanned step by step is also judged one step at a time:
+    a loss faked on one step then stands out by its full size instead of 1/L of it in the mean. Costs at most
+    ``MAX_SCAN_REVEALS`` reveals and one replay of the
     segment; while states are missing it raises :class:`RevealPending` for all of them (the marketplace's resumable
     flow asks for them in turn and rules once they are all in)."""
     chunk = scan_chunk(spec.segment_len)
@@ -648,6 +652,8 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     lo, hi = seg_index * spec.segment_len, (seg_index + 1) * spec.segment_len
     points = list(range(lo, hi, chunk)) + [hi]
     thr = scan_line(drift)
+    if step_losses is not None and len(step_losses) != hi - lo:
+        raise GridMintValueError(f"segment {seg_index} has {hi - lo} steps, got {len(step_losses)} step losses")
     states: list[State] = []
     missing: list[int] = []
     for t in points:
@@ -665,6 +671,7 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
         if state_hash(st) != want:
             return RefereeVerdict(True, at, math.inf, thr, f"the revealed state before step {at} is not the committed one")
     losses: list[float] = []
+    worst_step = 0  # the largest one-step loss difference judged (with step_losses)
     for i, (a, b) in enumerate(zip(points, points[1:])):
         got, chunk_losses = runner.replay(states[i], a, b - a)
         if chunk == 1:
@@ -673,6 +680,14 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                 return RefereeVerdict(True, a, d, tol.referee, f"step {a} replays {d:.3g} away from the provider's "
                                                                f"revealed next state (> {tol.referee:.3g}"
                                                                f"{_against(tol.referee_metric)})")
+            if step_losses is not None:
+                dl = abs(loss_to_micro(chunk_losses[0]) - loss_to_micro(float(step_losses[a - lo])))
+                worst_step = max(worst_step, dl)
+                if dl > thr:
+                    return RefereeVerdict(True, a, float(dl), thr,
+                                          f"replayed from the provider's own state, step {a}'s loss is {dl} micro-nats "
+                                          f"off the one it submitted (honest drift <= {drift}; the referee convicts "
+                                          f"past {thr:g})")
         losses += chunk_losses
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
     how = "step by step" if chunk == 1 else f"{chunk} steps at a time"
@@ -681,9 +696,10 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                               f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is "
                               f"{dl} micro-nats off the committed one (honest drift <= {drift}; the referee convicts "
                               f"past {thr:g})")
-    return RefereeVerdict(False, lo, float(dl), thr,
+    each = f", each step's within {worst_step}" if step_losses is not None and chunk == 1 else ""
+    return RefereeVerdict(False, lo, float(max(dl, worst_step)), thr,
                           f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is within "
-                          f"{dl} <= {thr:g} micro-nats of the committed one")
+                          f"{dl}{each} <= {thr:g} micro-nats of the committed one")
 
 
 # --------------------------------------------------------------------------- the provider's side

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
@@ -319,6 +320,26 @@ def make_proof(
         merkle_root="0x" + "00" * 32,
     )
     return replace(draft, merkle_root="0x" + merkle_root(draft.leaves()).hex())
+
+
+def check_step_losses(proof: TrainingProof, losses: Sequence[float]) -> None:
+    """Raise :class:`ProofError` unless ``losses`` (the per-step loss curve a provider submits with its proof, under
+    its request signature) has one finite non-negative loss per step and each segment's mean is the loss the proof
+    commits for it (to the micro-nat, give or take the rounding of a sum). A referee's loss scan then judges every
+    step against the loss the provider put its name to, not only the segment's mean."""
+    if not isinstance(losses, Sequence) or len(losses) != proof.steps:
+        raise ProofError(f"{proof.steps} steps need {proof.steps} step losses, got "
+                         f"{len(losses) if isinstance(losses, Sequence) else type(losses).__name__}")
+    for i, x in enumerate(losses):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ProofError(f"step {i}'s loss must be a number, got {x!r}")
+        loss_to_micro(float(x))  # finite, non-negative
+    for seg in proof.segments:
+        part = [float(x) for x in losses[seg.index * proof.segment_len:(seg.index + 1) * proof.segment_len]]
+        got = loss_to_micro(math.fsum(part) / len(part))
+        if abs(got - seg.loss_micro) > 1:
+            raise ProofError(f"segment {seg.index}'s step losses average {got} micro-nats, its commitment says "
+                             f"{seg.loss_micro}")
 
 
 def check_structure(proof: TrainingProof, expected_start_hash: str, expected_spec_hash: str) -> None:

@@ -372,6 +372,11 @@ def _cross_spec(cfg: ModelConfig, a: argparse.Namespace, idx: int) -> UnitSpec:
                     threads=1 + idx % 2, precision=a.cross_precision)
 
 
+def _seg(losses: list[float], spec: UnitSpec, s: int) -> list[float]:
+    """Segment ``s``'s per-step losses (what a provider submits with its proof; a loss scan judges each step by)."""
+    return losses[s * spec.segment_len:(s + 1) * spec.segment_len]
+
+
 def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans: list[cc.Plan],
               verifier: cc.Plan, referees: list[cc.Plan], cheat_verifier: cc.Plan) -> dict[str, Any]:
     """Verification across hardware (execution plans that do not agree bit for bit): calibrate a tolerance on
@@ -410,7 +415,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
         spec = _cross_spec(cfg, a, i)
         plan = provider_plans[i % len(provider_plans)]
         referee = next(r for r in referees if r != plan)
-        states, _, proof = cc.record_policy(spec, start, plan=plan)
+        states, losses, proof = cc.record_policy(spec, start, plan=plan)
         ver = cc.PlanRunner(spec, fresh_state(start), verifier)
         ref = cc.PlanRunner(spec, fresh_state(start), referee)
         revealer = cc.Revealer(spec, cc.PlanRunner(spec, fresh_state(start), plan),
@@ -429,7 +434,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 worst_ref = max(worst_ref, r.distance / r.threshold)
                 slashed += r.fraud
                 # and the loss scan (a loss dispute's referee): every step from the provider's own state
-                sc = cc.scan_segment(spec, proof, s, revealer, tol, ref)
+                sc = cc.scan_segment(spec, proof, s, revealer, tol, ref, step_losses=_seg(losses, spec, s))
                 worst_scan = max(worst_scan, sc.distance / sc.threshold)
                 slashed += sc.fraud
     segs = a.cross_units * (a.cross_steps // a.cross_seg)
@@ -454,7 +459,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
             policy = factory(spec)
             bad = sorted(getattr(policy, "bad", ())) or None
             first = fresh_state(init_state(cfg, 99)) if swap else None
-            states, _, proof = cc.record_policy(spec, start, policy, first_state=first)
+            states, losses, proof = cc.record_policy(spec, start, policy, first_state=first)
             reveal = cc.RecordedReveal(states, lie={0: fresh_state(start)})
             ver = cc.PlanRunner(spec, fresh_state(start), cheat_verifier)
             ref = cc.PlanRunner(spec, fresh_state(start), referees[0])
@@ -470,7 +475,7 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
                 if v.kind == "loss":  # as the marketplace's referee: the loss rule, else a step-by-step scan
                     r = cc.referee_loss(spec, proof, s, reveal(s * spec.segment_len), tol, ref)
                     if not r.fraud:
-                        r = cc.scan_segment(spec, proof, s, reveal, tol, ref)
+                        r = cc.scan_segment(spec, proof, s, reveal, tol, ref, step_losses=_seg(losses, spec, s))
                         by_scan += 1
                     exact += 1
                     by_loss += 1
@@ -537,7 +542,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                                     model=cfg, steps=steps, segment_len=seg_len, batch_size=batch, lr=3e-3, seed=r,
                                     threads=1, precision=a.cross_precision)
                     tol = cc.tolerance_for(spec, ver, provider_plan=prov)
-                    states, _, proof = cc.record_policy(spec, start, plan=prov)
+                    states, losses, proof = cc.record_policy(spec, start, plan=prov)
                     runner = cc.PlanRunner(spec, fresh_state(start), ver)
                     for s in range(spec.n_segments):
                         a0, a1 = states[s * seg_len], states[(s + 1) * seg_len]
@@ -548,7 +553,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                         mine_loss = max(mine_loss, lv.distance / lv.threshold)
                         sc = None  # one segment per unit is scanned whatever its verdict (reused if it is disputed)
                         if s == u % spec.n_segments:
-                            sc = cc.scan_segment(spec, proof, s, cc.RecordedReveal(states), tol, runner)
+                            sc = cc.scan_segment(spec, proof, s, cc.RecordedReveal(states), tol, runner,
+                                                 step_losses=_seg(losses, spec, s))
                             scan_worst = max(scan_worst, sc.distance / sc.threshold)
                         if v.ok:
                             slashed += sc is not None and sc.fraud
@@ -557,7 +563,8 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
                         old_margin_bonds += v.margin >= 4.0  # the old default bond margin: bonded, and the bond lost
                         reveal = cc.RecordedReveal(states)
                         if v.kind == "loss":  # the states agree: the referee scans the steps (as marketplace.referee)
-                            rv = sc or cc.scan_segment(spec, proof, s, reveal, tol, runner)
+                            rv = sc or cc.scan_segment(spec, proof, s, reveal, tol, runner,
+                                                       step_losses=_seg(losses, spec, s))
                             scans += 1
                         else:
                             d = cc.bisect_segment(spec, proof, s, reveal, tol, runner)

@@ -319,6 +319,40 @@ def test_polls_reuse_a_recent_stake_read_and_a_submission_reads_the_chain_again(
         market.rt.contracts.stake_of = read
 
 
+def test_a_result_whose_step_losses_do_not_average_to_its_commitments_is_refused_and_loses_nothing(
+        market, tmp_path: Path) -> None:
+    """The per-step losses a provider submits with its proof are what a loss scan judges each step against: a result
+    whose curve does not average to its committed segment losses (one step's loss made up after the fact) is refused
+    with the reason, the unit stays the provider's, nothing is queued for checking, and the true result is taken."""
+    from dataclasses import replace
+
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8,
+                                        max_price=tokens(2)))
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    train = p.trainer
+
+    def nicer_curve(*args):
+        result = train(*args)
+        return replace(result, losses=[*result.losses[:6], result.losses[6] * 0.9, *result.losses[7:]])
+
+    p.trainer = nicer_curve
+    try:
+        with pytest.raises(MarketError) as err:
+            p.work_once()
+    finally:
+        p.trainer = train
+    assert err.value.status == 422 and "segment 1's step losses average" in str(err.value.detail), err.value.detail
+    with market.rt.sessions() as s:
+        [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
+        assert unit.status == "assigned" and unit.provider == p.account.address and unit.proof is None
+        assert not list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
+    assert p.work_once()  # the same unit, trained again and submitted as it is
+    with market.rt.sessions() as s:
+        [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
+        assert unit.status == "submitted" and len(unit.losses) == 10
+
+
 def test_a_verifier_on_another_execution_plan_passes_honest_work_and_catches_the_cheat(market, tmp_path: Path) -> None:
     """A verifier whose machine does not replay bit for bit (here: gradients in two micro-batches) checks within its
     calibrated tolerance against the provider's end checkpoint: honest segments pass although no replayed hash
@@ -1144,7 +1178,8 @@ def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(marke
     """A bf16 job on micro-batches; a cheat trains honestly there but commits one step's loss 3% lower. Its states
     are honest, so a bisection over them finds nothing, and a bf16 mean loss across plans is no evidence alone (it
     went unpunished before). The referee scans the disputed segment instead: the cheat reveals its state before every
-    step, each step is replayed from it, and the mean loss, off by far more than one forward pass drifts, convicts."""
+    step, each step is replayed from it, and the faked step's loss, off the one the cheat submitted (and signed) by
+    far more than one forward pass drifts, convicts: the step is named."""
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="fake-loss", plan="cpu/mb2")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
     verifier = staked_verifier(market, tmp_path, "verifier")
@@ -1158,7 +1193,8 @@ def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(marke
     assert market.ops.stake_of(cheat.account.address) == 0
     assert len(slash) == 1 and slash[0]["segment"] == 1, slash  # the middle segment of two
     reason = slash[0]["reason"]
-    assert "scanned the segment's 8 steps" in reason and "step by step" in reason and "mean loss" in reason, reason
+    assert "scanned the segment's 8 steps" in reason and "step 12's loss is" in reason, reason  # 1 * 8 + 8 // 2
+    assert "off the one it submitted" in reason, reason
     # every state of the segment but its two committed ends, asked of the cheat and revealed by it
     # (its honest segment 0 may be disputed too, on honest bf16 drift, and bisected: only segment 1 counts here)
     revealed = [e for e in _events(market, "state_revealed")

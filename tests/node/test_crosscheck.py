@@ -371,7 +371,8 @@ def test_a_loss_scan_convicts_where_one_steps_loss_drifts_as_wide_as_between_a_g
     """On an H200 a bf16 step's loss, replayed on the CPU from the provider's own state, drifted up to 238
     micro-nats (1-2 between CPU plans): 64x that let a loss faked by 3% on one step through. The mean of a scan's
     per-step differences is bounded by its worst step's, so the line is 8x the one-step drift (floored at 64): with
-    the GPU's drift the fake is still convicted and every honest segment cleared."""
+    the GPU's drift the fake is still convicted and every honest segment cleared. Judged step by step against the
+    per-step losses the provider submitted, the fake stands out 16x further (all of it, not 1/16) and is named."""
     assert [cc.scan_line(d) for d in (0, 1, 8, 66, 238)] == [64.0, 64.0, 64.0, 528.0, 1904.0]
 
     def bf16(i: int) -> UnitSpec:
@@ -382,14 +383,23 @@ def test_a_loss_scan_convicts_where_one_steps_loss_drifts_as_wide_as_between_a_g
     gpu_wide = replace(cal.tolerance, loss_windows=((1, max(238, cal.tolerance.step_loss_micro or 0)),))
     spec = bf16(195)
     ver = cc.PlanRunner(spec, fresh_state(START), VERIFIER)
-    honest, _, hproof = cc.record_policy(spec, START)
+    honest, hlosses, hproof = cc.record_policy(spec, START)
     for s in range(spec.n_segments):
         r = cc.scan_segment(spec, hproof, s, cc.RecordedReveal(honest), gpu_wide, ver)
         assert not r.fraud and r.threshold == 1904.0 and r.distance < r.threshold / 16, r.reason
+        mine = hlosses[16 * s:16 * (s + 1)]  # judged step by step against the losses it submitted: cleared too
+        r = cc.scan_segment(spec, hproof, s, cc.RecordedReveal(honest), gpu_wide, ver, step_losses=mine)
+        assert not r.fraud and r.distance < r.threshold / 16, r.reason
     bad = 16 + 5
-    states, _, proof = cc.record_policy(spec, START, adversary.FakeLoss(frozenset({bad})))
+    states, losses, proof = cc.record_policy(spec, START, adversary.FakeLoss(frozenset({bad})))
     r = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), gpu_wide, ver)
     assert r.fraud and r.distance > 2 * r.threshold and "mean loss" in r.reason, r.reason
+    # with its signed per-step losses the fake stands out by its full size, not 1/16 of it, and is named
+    r1 = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), gpu_wide, ver, step_losses=losses[16:32])
+    assert r1.fraud and r1.step == bad and r1.distance > 12 * r.distance, r1.reason
+    assert f"step {bad}'s loss is" in r1.reason
+    with pytest.raises(GridMintValueError, match="16 steps, got 15"):
+        cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), gpu_wide, ver, step_losses=losses[16:31])
 
 
 def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> None:

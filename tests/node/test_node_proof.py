@@ -15,6 +15,7 @@ from protocol.proof import (
     SegmentCommit,
     TrainingProof,
     batch_digest,
+    check_step_losses,
     check_structure,
     leaf_hash,
     make_proof,
@@ -170,3 +171,25 @@ def test_segment_commit_validates_fields() -> None:
         SegmentCommit(0, "0x" + "00" * 31, h("b"), h("c"), 1)
     with pytest.raises(ProofError):
         SegmentCommit(-1, h("a"), h("b"), h("c"), 1)
+
+
+def test_the_submitted_step_losses_must_average_to_each_segments_committed_loss() -> None:
+    """The per-step loss curve a provider submits (and signs) with its proof is what a loss scan judges each step
+    against: it must have one finite loss per step, and each segment's mean must be the committed ``loss_micro``."""
+    p = chain_proof(n=4, seg_len=3)
+    honest = [5.0 - s * 1e-6 + d for s in range(4) for d in (-0.25, 0.5, -0.25)]  # means 5.0 - s micro-nats apart
+    check_step_losses(p, honest)
+    check_step_losses(p, [*honest[:-1], honest[-1] + 1.4e-6])  # the rounding of a sum: within one micro-nat
+    one_step_lower = list(honest)
+    one_step_lower[4] -= 0.15  # a loss faked on one step, the committed mean left as it was
+    cases = {"one step faked": (one_step_lower, "segment 1's step losses average 4949999 micro-nats"),
+             "one short": (honest[:-1], "12 steps need 12 step losses, got 11"),
+             "not a list": ({"0": 1.0}, "12 steps need 12 step losses, got dict"),
+             "nan": ([*honest[:5], float("nan"), *honest[6:]], "finite non-negative"),
+             "negative": ([*honest[:5], -1.0, *honest[6:]], "finite non-negative"),
+             "infinite": ([*honest[:5], float("inf"), *honest[6:]], "finite non-negative"),
+             "a string": ([*honest[:5], "5.0", *honest[6:]], "step 5's loss must be a number"),
+             "a bool": ([*honest[:5], True, *honest[6:]], "step 5's loss must be a number")}
+    for name, (losses, why) in cases.items():
+        with pytest.raises(ProofError, match=why):
+            check_step_losses(p, losses)  # type: ignore[arg-type]
