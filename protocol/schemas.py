@@ -107,6 +107,8 @@ class ResultSubmit(Strict):
     proof_signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
     final_blob: Sha256Hex
     segment_blobs: list[Sha256Hex] = Field(max_length=10_000)
+    # one training loss per step, signed with the request: each segment's mean must be the loss its commitment
+    # says (protocol.proof.check_step_losses), and a referee's loss scan judges every step against it
     losses: list[float] = Field(max_length=100_000)
     # How the provider trained (its execution plan). A verifier on the same plan replays bit for bit; on another, it
     # checks within a calibrated tolerance, and a dispute is bisected to one step with the provider revealing states.
