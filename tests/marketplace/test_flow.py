@@ -228,22 +228,29 @@ def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market
     assert market.ops.balance_of(market.deployment.treasury) == tokens(100)
 
 
-def _refused_after_unbonding_while_training(p: ProviderAgent) -> None:
-    """``p`` trains its assigned unit, unbonding 150 of its 200 GMT meanwhile (the minimum is 100): its result is
-    refused (409) and the unit goes back to the pool."""
+def _refused(p: ProviderAgent, trainer) -> MarketError:  # type: ignore[no-untyped-def]
+    """``p`` works once with ``trainer(its own trainer)`` in its place; the error its submission got."""
     train = p.trainer
-
-    def unbond_while_training(*args):
-        p.contracts.request_unbond(tokens(150))
-        return train(*args)
-
-    p.trainer = unbond_while_training
+    p.trainer = trainer(train)
     try:
         with pytest.raises(MarketError) as err:
             p.work_once()
     finally:
         p.trainer = train
-    assert err.value.status == 409 and "the result is refused" in str(err.value.detail)
+    return err.value
+
+
+def _refused_after_unbonding_while_training(p: ProviderAgent) -> None:
+    """``p`` trains its assigned unit, unbonding 150 of its 200 GMT meanwhile (the minimum is 100): its result is
+    refused (409) and the unit goes back to the pool."""
+    def unbond_while_training(train):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            p.contracts.request_unbond(tokens(150))
+            return train(*args)
+        return run
+
+    err = _refused(p, unbond_while_training)
+    assert err.status == 409 and "the result is refused" in str(err.detail)
 
 
 def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_stakes_again(market,
@@ -330,19 +337,15 @@ def test_a_result_whose_step_losses_do_not_average_to_its_commitments_is_refused
     job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8,
                                         max_price=tokens(2)))
     market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
-    train = p.trainer
 
-    def nicer_curve(*args):
-        result = train(*args)
-        return replace(result, losses=[*result.losses[:6], result.losses[6] * 0.9, *result.losses[7:]])
+    def nicer_curve(train):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            result = train(*args)
+            return replace(result, losses=[*result.losses[:6], result.losses[6] * 0.9, *result.losses[7:]])
+        return run
 
-    p.trainer = nicer_curve
-    try:
-        with pytest.raises(MarketError) as err:
-            p.work_once()
-    finally:
-        p.trainer = train
-    assert err.value.status == 422 and "segment 1's step losses average" in str(err.value.detail), err.value.detail
+    err = _refused(p, nicer_curve)
+    assert err.status == 422 and "segment 1's step losses average" in str(err.detail), err.detail
     with market.rt.sessions() as s:
         [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
         assert unit.status == "assigned" and unit.provider == p.account.address and unit.proof is None
