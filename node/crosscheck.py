@@ -640,9 +640,9 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     submitted and signed with its proof, checked against its commitments by
     :func:`protocol.proof.check_step_losses`), a segment scanned step by step is also judged one step at a time:
     a loss faked on one step then stands out by its full size instead of 1/L of it in the mean. Costs at most
-    ``MAX_SCAN_REVEALS`` reveals and one replay of the
-    segment; while states are missing it raises :class:`RevealPending` for all of them (the marketplace's resumable
-    flow asks for them in turn and rules once they are all in)."""
+    ``MAX_SCAN_REVEALS`` reveals and one replay of the segment; while states are missing it raises
+    :class:`RevealPending` for all of them (the marketplace's resumable flow asks for them in turn and rules once
+    they are all in)."""
     chunk = scan_chunk(spec.segment_len)
     drift = tol.scan_loss_micro(chunk)
     if drift is None:
