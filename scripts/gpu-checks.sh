@@ -7,7 +7,8 @@
 # training on CUDA in fp32 and bf16 and re-deriving states) and
 # `gridmint bench proof --device cuda` (proof overhead with torch.compile, cross-device verification in fp32 and
 # bf16); logs in $OUT. On an H200 (2026-12-04) it took 261 s with 10 cross-device units and 2 per adversary (tests
-# 21 s, bench 220 s, of which the cross-device sections ~40 s each): the defaults below take about 3x that many.
+# 21 s, bench 220 s; each cross-device section's calibration ~17-21 s and honest units ~12-15 s by its figures):
+# the defaults below (3x the units, 2x the cheats) should add ~100 s, well inside the budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gridmint-gpu}
