@@ -36,8 +36,8 @@ from protocol.proof import (
     SegmentCommit,
     TrainingProof,
     batch_digest,
-    loss_to_micro,
     make_proof,
+    mean_loss_micro,
 )
 
 ADAMW_BETAS = (0.9, 0.95)
@@ -354,10 +354,6 @@ def run_segment(
         if on_step is not None:
             on_step(step, loss)
     return batches, losses
-
-
-def mean_loss_micro(losses: Sequence[float]) -> int:
-    return loss_to_micro(math.fsum(losses) / len(losses))
 
 
 # --------------------------------------------------------------------------- execution plans

@@ -150,6 +150,11 @@ def loss_to_micro(mean_loss: float) -> int:
     return int(round(mean_loss * 1_000_000))
 
 
+def mean_loss_micro(losses: Sequence[float]) -> int:
+    """The mean of a segment's per-step losses as committed: :func:`loss_to_micro` of their exact (fsum) mean."""
+    return loss_to_micro(math.fsum(losses) / len(losses))
+
+
 def segment_count(steps: int, segment_len: int) -> int:
     _uint("steps", steps, 1)
     _uint("segment_len", segment_len, 1)
@@ -335,8 +340,8 @@ def check_step_losses(proof: TrainingProof, losses: Sequence[float]) -> None:
             raise ProofError(f"step {i}'s loss must be a number, got {x!r}")
         loss_to_micro(float(x))  # finite, non-negative
     for seg in proof.segments:
-        part = [float(x) for x in losses[seg.index * proof.segment_len:(seg.index + 1) * proof.segment_len]]
-        got = loss_to_micro(math.fsum(part) / len(part))
+        lo = seg.index * proof.segment_len
+        got = mean_loss_micro([float(x) for x in losses[lo:lo + proof.segment_len]])
         if abs(got - seg.loss_micro) > 1:
             raise ProofError(f"segment {seg.index}'s step losses average {got} micro-nats, its commitment says "
                              f"{seg.loss_micro}")
