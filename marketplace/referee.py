@@ -34,11 +34,33 @@ import torch
 from node import checkpoint, crosscheck
 from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
 from node.replay import check_segment
-from node.trainer import UnitSpec
+from node.trainer import UnitSpec, gpu_slug
+from protocol.errors import GridMintValueError
 from protocol.proof import TrainingProof
 
 #: The plan the marketplace replays on: the provider trainer's default (deterministic CPU float32).
 REFEREE_PLAN = PROVIDER_PLAN
+
+
+def exact_plans(labels: str) -> frozenset[Plan]:
+    """The plans this referee replays bit for bit (``GRIDMINT_REFEREE_PLANS``, comma-separated labels), always
+    :data:`REFEREE_PLAN` among them. Each must be :attr:`~node.trainer.Plan.exact` and run here: a named GPU plan
+    needs that GPU model in this machine. A segment trained on one of them is judged by an exact replay on its own
+    plan, so a cheat that hides inside the honest drift between plans (float8 steps on a GPU checked on a CPU) is
+    convicted; a verifier on that plan bonds its disputes (the referee reproduces its replay)."""
+    out = {REFEREE_PLAN}
+    for label in filter(None, (x.strip() for x in labels.split(","))):
+        plan = Plan.parse(label)
+        if not plan.exact:
+            raise GridMintValueError(f"referee plan {label!r} is not replayed bit for bit by another machine: "
+                                     f"a cuda plan must name its GPU model (e.g. cuda:h200)")
+        if plan.device == "cuda":
+            here = gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+            if here != plan.gpu:
+                raise GridMintValueError(f"referee plan {label!r} needs a {plan.gpu} GPU here, this machine has "
+                                         f"{here or 'no CUDA device'}")
+        out.add(plan)
+    return frozenset(out)
 
 
 def refereeable(plan: Plan) -> bool:
@@ -71,15 +93,22 @@ class Ruling:
 
 def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
          reveals: Mapping[int, Path], overdue: Callable[[int], str],
-         losses: Sequence[float] | None = None) -> Ruling:
+         losses: Sequence[float] | None = None, exact: frozenset[Plan] = frozenset({REFEREE_PLAN})) -> Ruling:
     """Judge segment ``seg``: ``start``/``end`` are its committed checkpoints, ``reveals`` the provider's revealed
     states so far (step -> checkpoint), ``overdue(step)`` a reason if the provider was asked for ``step`` and let
     the deadline pass (else ""), ``losses`` the unit's per-step losses it submitted with its proof (checked against
-    its commitments on submission): a loss scan judges each step against them."""
+    its commitments on submission): a loss scan judges each step against them. ``exact``: the plans this referee
+    replays bit for bit (:func:`exact_plans`); a segment trained on one is judged by that replay alone."""
     if plan == REFEREE_PLAN:
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
                       look_ok=v.ok, look_reason=v.reason)
+    if plan in exact:
+        v = check_segment(spec, proof, seg, start, plan)
+        where = f"[{plan.label}] replayed bit for bit on the provider's own plan: {v.reason}"
+        if not v.ok:
+            return Ruling(True, where, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
+                          look_ok=False, look_reason=v.reason)
     claimed = proof.segments[seg].end_hash
     tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
     s0, _ = checkpoint.load(start)
@@ -89,6 +118,8 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     # at once, so a false accusation never asks an honest provider for anything (nor runs it into a reveal deadline)
     look = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
     seen = {"look_hash": look.replayed_hash or "", "look_ok": look.ok, "look_reason": look.reason}
+    if plan in exact:  # the claim is reproduced bit for bit: cleared; the look judges a verifier on REFEREE_PLAN
+        return Ruling(False, where, claimed, v.replayed_end or "", **seen)
     if look.ok:
         return Ruling(False, f"[{plan.label}] the referee's replay agrees: {look.reason}; the provider was not asked "
                              f"for anything", claimed, look.replayed_hash or "", **seen)
@@ -147,7 +178,8 @@ def _hex0x(h: str) -> str:
     return h if h.startswith("0x") else "0x" + h
 
 
-def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_hash: str) -> Faith:
+def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_hash: str,
+                     exact: frozenset[Plan] = frozenset({REFEREE_PLAN})) -> Faith:
     """Judge the accusation behind a dispute ``ruling`` cleared (``ruling.fraud`` is False), from the referee's own
     replay in that ruling: no segment is replayed again.
 
@@ -157,16 +189,17 @@ def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_h
     plan, same tolerance, bit for bit). If the referee got the very state the verifier signed it reached and that
     state lies past the tolerance, the accusation was honest. If the verifier signed another state, or one within
     the tolerance (its own check passed, yet it said fraud), or disputed a provider on its own plan whose claim the
-    referee reproduced bit for bit, the accusation is proven false. A verifier on a plan the referee does not replay
-    on (micro-batches, a GPU) cannot be judged either way: not in good faith (its bond, if any, is forfeit), not
-    proven false."""
+    referee reproduced bit for bit, the accusation is proven false; so is a dispute by a verifier on the provider's
+    own plan where that plan is one the referee replays bit for bit (``exact``). A verifier on another plan the
+    referee does not replay on (micro-batches, a GPU) cannot be judged either way: not in good faith (its bond, if
+    any, is forfeit), not proven false."""
     assert ruling.fraud is False, ruling
-    if verifier_plan != REFEREE_PLAN:
-        return Faith(False, False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}")
     want = _hex0x(replayed_hash)
-    if plan == verifier_plan:
+    if plan == verifier_plan and plan in exact | {REFEREE_PLAN}:
         return Faith(False, True, f"checked bit for bit on plan {plan.label}: the referee's replay matches the "
                                   f"provider's claim, and the verifier signed a replay ending in {want[:12]}")
+    if verifier_plan != REFEREE_PLAN:
+        return Faith(False, False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}")
     got = _hex0x(ruling.look_hash)
     if got != want:
         return Faith(False, True, f"the verifier signed a replay ending in {want[:12]}, the referee's on "

@@ -23,6 +23,13 @@ class Runtime:
     enqueue: Enqueue  # send a Celery task by name
     stakes: StakeCache = field(default_factory=StakeCache)  # recent stake reads (marketplace.stakes)
 
+    def referee_plans(self) -> frozenset[Any]:
+        """The execution plans this marketplace's referee replays bit for bit (settings.referee_plans; see
+        :func:`marketplace.referee.exact_plans`), read from the settings on each call."""
+        from marketplace.referee import exact_plans
+
+        return exact_plans(self.settings.referee_plans)
+
 
 _current: Runtime | None = None
 

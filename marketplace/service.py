@@ -420,14 +420,17 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             raise Conflict(short)
         v.last_seen = now
         # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment;
-        # it gets real tasks of units it was handed a canary of last (the two claims' roots differ)
+        # it gets real tasks of units it was handed a canary of last (the two claims' roots differ); then units
+        # trained on its own plan first (it replays those bit for bit where the plan is exact, catching what hides
+        # in the drift between plans), oldest first
         checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
         canaried = select(Verification.unit_id).where(Verification.verifier == verifier,
                                                       Verification.canary.is_not(None))
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
                                 Verification.canary.is_(None), checkable)
-                         .order_by(Verification.unit_id.in_(canaried), Verification.id).limit(1)).first()
+                         .order_by(Verification.unit_id.in_(canaried), Unit.plan != v.plan, Verification.id)
+                         .limit(1)).first()
         if task is None:
             return None
         unit = s.get(Unit, task.unit_id)
@@ -437,7 +440,8 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         task.status, task.verifier, task.assigned_at, task.heartbeat_at = "assigned", verifier, now, None
         spec = unit_spec(job, unit)
         body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
-                          task.provider, unit.plan, _end_blob(unit, task.segment), unit.id)
+                          task.provider, unit.plan, _end_blob(unit, task.segment), unit.id,
+                          Plan.parse(unit.plan) in rt.referee_plans())
         # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
         # queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
@@ -465,11 +469,13 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
 
 
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
-               plan: str, end_blob: str, unit_id: str) -> dict[str, Any]:
+               plan: str, end_blob: str, unit_id: str, referee_exact: bool) -> dict[str, Any]:
     """What a verifier is handed, the same for a real task and a canary."""
     return {"verification_id": vid, "segment": seg, "spec": spec_json, "proof": proof,
             "checkpoint_blob": checkpoint_blob, "provider": provider,
             "plan": plan,  # how the provider trained: the same plan replays bit for bit, another within a tolerance
+            # whether the referee replays that plan bit for bit too: then a verifier on it bonds its disputes
+            "referee_exact": referee_exact,
             # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
             # hardware compares its replay with it within a tolerance instead of bit for bit
             "end_blob": end_blob,
@@ -663,8 +669,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return f"the provider did not reveal its state before step {step} by its deadline"
         return ""
 
+    exact = rt.referee_plans()
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
-                           losses)
+                           losses, exact)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
         assert verdict.pending is not None
         with rt.sessions.begin() as s:
@@ -682,7 +689,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
         # accusation was made in good faith (it reached the verifier's signed state, past the tolerance): then it
         # is released. An accusation that replay proves false benches the verifier, bonded or not
-        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash)
+        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash, exact)
         if disputed and not rt.contracts.evidence_used(evidence):
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier
     # that approves one is benched and slashed. A probability, not money; 0 plants none
     canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)
+    # execution plans the referee replays bit for bit besides the providers' default "cpu" (comma-separated labels,
+    # e.g. "cpu/mb2" or, on a machine with that GPU, "cuda:h200"; marketplace.referee.exact_plans): a segment trained
+    # on one is judged by an exact replay, so a cheat hiding inside the honest drift between plans (float8 steps) is
+    # convicted, and a verifier on that plan bonds its disputes
+    referee_plans: str = "cpu"
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

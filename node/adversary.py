@@ -18,6 +18,9 @@ every uploaded checkpoint hashes to what was committed. Only a replay of a segme
 * ``fake-loss``: trains honestly, on the plan it declares, but commits a loss 3% lower on one step (the middle step
   of the middle segment): every state is honest, only that segment's committed mean loss is not. In bf16 across
   plans the mean alone is no evidence (honest means drift further); the referee's step-by-step scan is.
+* ``low-precision``: trains on the (CPU) plan it declares but runs the middle step of every segment in cheaper
+  arithmetic (bf16 in an fp32 job, float8 weights in a bf16 one). In a bf16 job that step lies inside the honest
+  drift between plans: only a bit-for-bit replay on its own plan proves it (a verifier and a referee on that plan).
 """
 from __future__ import annotations
 
@@ -49,10 +52,12 @@ from node.trainer import (
     state_hash,
     PROVIDER_PLAN,
     Plan,
+    plan_step,
     train_step,
     train_unit,
 )
 from node import data
+from protocol.errors import GridMintValueError
 from protocol.proof import SegmentCommit, TrainingProof, loss_to_micro, make_proof
 
 
@@ -218,8 +223,28 @@ def fake_loss(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_
     return replace(honest, proof=proof, losses=losses)
 
 
+def low_precision(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None,
+                  plan: Plan = PROVIDER_PLAN) -> UnitResult:
+    """Trains on the CPU plan it declares, but runs the middle step of every segment in cheaper arithmetic
+    (:class:`LowPrecision`: bf16 for an fp32 job, float8 weights for a bf16 one)."""
+    if plan.device != "cpu":
+        raise GridMintValueError(f"the low-precision cheat trains on CPU plans, not {plan.label}")
+
+    def segment(spec: UnitSpec, s: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+        cheap = LowPrecision(frozenset({s * spec.segment_len + spec.segment_len // 2}))
+        losses = []
+        for step, offsets in segment_batches(spec, s):
+            x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+            losses.append(cheap(spec, step, model, opt, x, y) if step in cheap.bad
+                          else plan_step(model, opt, x, y, plan))
+        return losses
+
+    return _cheat_unit(spec, start, workdir, segment, on_step)
+
+
 ADVERSARIES: dict[str, TrainFn] = {
     "fake-loss": fake_loss,
+    "low-precision": low_precision,
     "idle-segment": idle_segment,
     "skip-last-update": skip_last_update,
     "skip-steps": skip_steps,

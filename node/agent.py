@@ -22,7 +22,7 @@ from ledger.evm import Chain, Deployment, GridMintContracts
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
-from node.device import benchmark, probe
+from node.device import benchmark, local_plan, probe
 from node.keepalive import beat_interval, beating
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
 from protocol.errors import GridMintError, GridMintValueError
@@ -75,7 +75,7 @@ class ProviderAgent:
         self.client = MarketClient(cfg.marketplace, account)
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
-        self.plan = Plan.parse(cfg.plan)
+        self.plan = local_plan(Plan.parse(cfg.plan))  # a GPU plan names this machine's GPU model
         # on the plan it declares when it submits (self.plan, read at training time)
         self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(
             spec, start, workdir, plan=self.plan, on_step=self._between_steps)

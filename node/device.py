@@ -8,6 +8,8 @@ import torch
 
 from node.data import train_batch
 from node.model import ModelConfig, build_model, init_state
+from node.trainer import Plan, gpu_slug
+from protocol.errors import GridMintValueError
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,22 @@ def probe() -> DeviceInfo:
     except (OSError, ValueError, IndexError):
         kb = 0
     return DeviceInfo("cpu", f"cpu x{torch.get_num_threads()}", kb // 1024)
+
+
+def local_plan(plan: Plan, gpu_name: str | None = None) -> Plan:
+    """``plan`` as this machine runs it: a CUDA plan names this machine's GPU model (``cuda`` -> ``cuda:h200``), so a
+    verifier on the same model replays its work bit for bit; one that names another model than this machine's is
+    refused. ``gpu_name``: the device name (default: CUDA device 0's, if there is one)."""
+    if plan.device != "cuda":
+        return plan
+    if gpu_name is None and torch.cuda.is_available():
+        gpu_name = torch.cuda.get_device_name(0)
+    if gpu_name is None:
+        return plan  # no GPU here: training on it fails on its own, with its own message
+    here = gpu_slug(gpu_name)
+    if plan.gpu and plan.gpu != here:
+        raise GridMintValueError(f"plan {plan.label!r} names a {plan.gpu} GPU, this machine has {gpu_name} ({here})")
+    return Plan(plan.device, plan.micro_batches, here)
 
 
 def benchmark(cfg: ModelConfig = ModelConfig(), batch_size: int = 16, seconds: float = 1.0, device: str = "cpu") -> int:

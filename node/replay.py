@@ -15,10 +15,15 @@ from torch import Tensor
 
 from node import checkpoint
 from node.trainer import (
+    PROVIDER_PLAN,
+    Plan,
     UnitSpec,
+    check_training_state,
     deterministic,
     expected_batch_digest,
     export_training_state,
+    load_training_state,
+    place,
     reuse_training_state,
     mean_loss_micro,
     run_segment,
@@ -58,26 +63,35 @@ def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSo
     return replay_state(spec, seg_index, tensors)
 
 
-def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None) -> ReplayResult:
-    """Re-run segment ``seg_index`` from a training state in memory (on the model + AdamW kept for its job shape).
-    ``start``: the state's hash when the caller has computed it already (a full-state hash is not free). Raises
-    CheckpointError if the state does not fit the spec."""
+def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None,
+                 plan: Plan = PROVIDER_PLAN) -> ReplayResult:
+    """Re-run segment ``seg_index`` from a training state in memory (on the model + AdamW kept for its job shape)
+    on ``plan`` (the provider's: bit for bit where the plan is :attr:`~node.trainer.Plan.exact`). ``start``: the
+    state's hash when the caller has computed it already (a full-state hash is not free). Raises CheckpointError if
+    the state does not fit the spec."""
     start = start or state_hash(tensors)
     with deterministic(spec.threads):
-        model, opt = reuse_training_state(spec, tensors)  # built once per job shape
-        batches, losses = run_segment(spec, model, opt, seg_index)
+        if plan.device == "cpu":
+            model, opt = reuse_training_state(spec, tensors)  # built once per job shape
+        else:
+            check_training_state(spec, tensors)
+            model, opt = load_training_state(spec, tensors)
+            place(model, opt, plan)
+        batches, losses = run_segment(spec, model, opt, seg_index, plan=plan)
         end = state_hash(export_training_state(model, opt))
     return ReplayResult(start, end, tuple(losses), batch_digest(batches), mean_loss_micro(losses))
 
 
 def check_segment(
-    spec: UnitSpec, proof: TrainingProof, seg_index: int, checkpoint_path: CheckpointSource
+    spec: UnitSpec, proof: TrainingProof, seg_index: int, checkpoint_path: CheckpointSource,
+    plan: Plan = PROVIDER_PLAN,
 ) -> SegmentVerdict:
     """Verify the provider's claim about one segment by replaying it.
 
     Flags (ok=False) a proof for another spec/unit, a checkpoint that is not a valid training state or does
     not hash to the committed start, a batch digest other than the spec's data order, and any replayed end
-    hash or mean loss that differs from the commitment. ``OSError`` (file missing locally) propagates: it is
+    hash or mean loss that differs from the commitment. ``plan``: the one the provider trained on, replayed here
+    (it must be :attr:`~node.trainer.Plan.exact` for a bit-for-bit verdict to mean anything). ``OSError`` (file missing locally) propagates: it is
     not evidence against the provider.
     """
     wrong = _claim_verdict(spec, proof, seg_index)
@@ -87,7 +101,7 @@ def check_segment(
         tensors, _meta = checkpoint.load(checkpoint_path)
     except CheckpointError as exc:
         return SegmentVerdict(False, seg_index, proof.segments[seg_index].end_hash, None, f"checkpoint rejected: {exc}")
-    return _check_loaded(spec, proof, seg_index, tensors)
+    return _check_loaded(spec, proof, seg_index, tensors, plan)
 
 
 def check_state(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
@@ -108,7 +122,7 @@ def _claim_verdict(spec: UnitSpec, proof: TrainingProof, seg_index: int) -> Segm
 
 
 def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
-                  tensors: Mapping[str, Tensor]) -> SegmentVerdict:
+                  tensors: Mapping[str, Tensor], plan: Plan = PROVIDER_PLAN) -> SegmentVerdict:
     """The replay part of :func:`check_segment`, for a claim without problems of its own."""
     def fail(reason: str, claimed: str = "", replayed: str | None = None) -> SegmentVerdict:
         return SegmentVerdict(False, seg_index, claimed, replayed, reason)
@@ -118,7 +132,7 @@ def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
     if got_start != seg.start_hash:
         return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
     try:
-        result = replay_state(spec, seg_index, tensors, got_start)
+        result = replay_state(spec, seg_index, tensors, got_start, plan)
     except CheckpointError as exc:
         return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
     if result.end_hash != seg.end_hash:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -363,10 +364,15 @@ def run_segment(
 class Plan:
     """How a machine executes a spec. ``micro_batches`` splits each step's batch and accumulates the gradients
     (the same step, summed in another order). :data:`PROVIDER_PLAN` (CPU, one micro-batch) is what any verifier
-    replays bit for bit; work on another plan is checked within a calibrated tolerance (:mod:`node.crosscheck`)."""
+    replays bit for bit; work on another plan is checked within a calibrated tolerance (:mod:`node.crosscheck`),
+    except by a machine on the very same plan, which replays it bit for bit when the plan is :attr:`exact`.
+
+    ``gpu`` names a CUDA plan's GPU model (:func:`gpu_slug` of the device name, e.g. ``h200``): deterministic
+    kernels give the same bits on the same GPU model, not across models, so only a named CUDA plan is exact."""
 
     device: str = "cpu"
     micro_batches: int = 1
+    gpu: str = ""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -374,19 +380,45 @@ class Plan:
         if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) \
                 or not 1 <= self.micro_batches <= 64:
             raise GridMintValueError(f"micro_batches must be an int in [1, 64], got {self.micro_batches!r}")
+        if self.gpu and (self.device != "cuda" or not isinstance(self.gpu, str) or not _GPU_SLUG.fullmatch(self.gpu)):
+            raise GridMintValueError(f"a GPU model belongs to a cuda plan, as 1-24 of [a-z0-9-], got {self.gpu!r} "
+                                     f"on {self.device!r}")
 
     @property
     def label(self) -> str:
-        """``cpu``, ``cuda/mb4`` ...: what :meth:`parse` reads back (one micro-batch is left unsaid)."""
-        return self.device if self.micro_batches == 1 else f"{self.device}/mb{self.micro_batches}"
+        """``cpu``, ``cuda/mb4``, ``cuda:h200`` ...: what :meth:`parse` reads back (one micro-batch is left unsaid)."""
+        base = f"{self.device}:{self.gpu}" if self.gpu else self.device
+        return base if self.micro_batches == 1 else f"{base}/mb{self.micro_batches}"
+
+    @property
+    def exact(self) -> bool:
+        """Whether two machines running this plan compute the same bits (so one replays the other's work exactly):
+        any CPU plan (deterministic float32 kernels, a fixed thread count), a CUDA plan only with its GPU model
+        named. (Same-model GPUs also need the same kernels: torch and CUDA versions; a mismatch from a version
+        difference is disputed like any other, and cleared by a referee that replays the plan itself.)"""
+        return self.device == "cpu" or bool(self.gpu)
 
     @classmethod
     def parse(cls, text: str) -> Plan:
-        """``cpu``, ``cuda``, ``cpu/mb4`` ..."""
-        device, _, mb = text.partition("/")
+        """``cpu``, ``cuda``, ``cuda:h200``, ``cpu/mb4``, ``cuda:h100/mb2`` ..."""
+        head, _, mb = text.partition("/")
         if mb and not (mb.startswith("mb") and mb[2:].isdigit()):
-            raise GridMintValueError(f"plan {text!r}: expected DEVICE or DEVICE/mbN")
-        return cls(device, int(mb[2:]) if mb else 1)
+            raise GridMintValueError(f"plan {text!r}: expected DEVICE[:GPU] or DEVICE[:GPU]/mbN")
+        device, colon, gpu = head.partition(":")
+        if colon and not gpu:
+            raise GridMintValueError(f"plan {text!r}: a ':' must be followed by the GPU model")
+        return cls(device, int(mb[2:]) if mb else 1, gpu)
+
+
+_GPU_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
+
+
+def gpu_slug(device_name: str) -> str:
+    """A GPU's model as a plan names it: ``NVIDIA H200`` -> ``h200``, ``NVIDIA GeForce RTX 4090`` ->
+    ``geforce-rtx-4090`` (lower case, runs of other characters as one ``-``, the vendor dropped, at most 24)."""
+    words = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    words = re.sub(r"^nvidia-", "", words)[:24].strip("-")
+    return words or "gpu"
 
 
 PROVIDER_PLAN = Plan()

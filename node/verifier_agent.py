@@ -14,6 +14,7 @@ from rich.console import Console
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import PROVIDER_PLAN, Plan
+from node.device import local_plan
 from node.keepalive import beat_interval, beating
 from node.replay import check_segment
 from node.trainer import UnitSpec
@@ -46,7 +47,9 @@ class VerifierAgent:
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
         self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
-        self.plan = plan  # how this machine replays; another plan than the providers' checks within a tolerance
+        # how this machine replays (a GPU plan names its GPU model); another plan than the provider's checks within
+        # a tolerance, the same plan bit for bit where it is exact
+        self.plan = local_plan(plan)
         # Across plans, accuse with a bond only when the disagreement is at least this many times the tolerance; a
         # closer one is still disputed, without a bond: the referee settles it (governance path), no bond at risk.
         # On the referee's own plan every dispute is bonded: the referee reproduces this replay bit for bit and
@@ -104,10 +107,14 @@ class VerifierAgent:
             path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
             provider_plan = Plan.parse(task.get("plan", "cpu"))
             # bit for bit on the providers' default plan (any CPU runs it), always for a low-precision job, whose
-            # drift across plans is wider than some cheats (float8 arithmetic)
-            if provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32"):
-                verdict = check_segment(spec, proof, seg, path)
+            # drift across plans is wider than some cheats (float8 arithmetic); and on this machine's own plan when
+            # that plan is exact (any CPU plan, a GPU plan naming its model)
+            same = provider_plan == self.plan and provider_plan.exact
+            if same or (provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32")):
+                verdict = check_segment(spec, proof, seg, path, provider_plan)
                 found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
+                if provider_plan != PROVIDER_PLAN:
+                    reason = f"[{provider_plan.label} bit for bit] {reason}"
             else:
                 end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
                 found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan)
@@ -120,6 +127,11 @@ class VerifierAgent:
         # loss tolerance makes any honest loss drift infinitely far past it)
         unbonded = (margin < self.bond_margin or math.isinf(self.bond_margin)
                     or (spec.precision != "fp32" and math.isfinite(margin)))
+        # a bit-for-bit replay on the provider's own plan (not the default) is bonded exactly when the referee
+        # replays that plan bit for bit too: it then reproduces this replay and releases the bond of an honest one
+        exact_elsewhere = same and provider_plan != PROVIDER_PLAN
+        if exact_elsewhere:
+            unbonded = not task.get("referee_exact", False)
         ok = True if self.approve_everything else False if self.accuse_everything else found
         claimed = proof.segments[seg].end_hash
         replayed = replayed_end or "0x" + "00" * 32
@@ -131,7 +143,8 @@ class VerifierAgent:
                 "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
                 "reason": reason[:500]}
         if not ok and not self.accuse_everything and unbonded:
-            why = (f"{margin:.3g} x tolerance < {self.bond_margin:g}" if margin < self.bond_margin
+            why = (f"the referee does not replay plan {provider_plan.label} bit for bit" if exact_elsewhere
+                   else f"{margin:.3g} x tolerance < {self.bond_margin:g}" if margin < self.bond_margin
                    else f"no bond on plan {self.plan.label}" if math.isinf(self.bond_margin)
                    else f"a {spec.precision} job across plans")
             body["reason"] = f"{reason} [unbonded: {why}]"[:500]

@@ -15,7 +15,8 @@ MoneyField = Annotated[int, BeforeValidator(base_units), PlainSerializer(lambda 
 Bytes32Hex = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 #: An execution plan (node.crosscheck.Plan): device, and gradient micro-batches if more than one, e.g. "cuda", "cpu/mb2".
-PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda)(/mb([1-9]|[1-5][0-9]|6[0-4]))?$")]  # 1 to 64 micro-batches
+# a CUDA plan may name its GPU model ("cuda:h200"): only then is it replayed bit for bit on the same plan
+PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda(:[a-z0-9][a-z0-9-]{0,23})?)(/mb([1-9]|[1-5][0-9]|6[0-4]))?$")]
 
 
 class Strict(BaseModel):

@@ -1177,6 +1177,59 @@ def test_a_bf16_job_is_verified_on_the_providers_plan_and_its_cheat_slashed(mark
         assert "relative to its update" in slash[0]["reason"]
 
 
+@pytest.mark.parametrize("referee_plans", ["cpu,cpu/mb2", "cpu"])
+def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(market, tmp_path: Path,
+                                                                           referee_plans: str) -> None:
+    """A bf16 job. A cheat declares micro-batches (cpu/mb2) and runs one step of every segment with float8 weights:
+    across plans that hides inside honest bf16 drift (a verifier on another plan does not dispute it: `gridmint bench
+    proof`). A verifier on cpu/mb2 is handed the units trained on its own plan first and replays them bit for bit.
+    Where the referee replays cpu/mb2 too (GRIDMINT_REFEREE_PLANS), the verifier bonds its accusation and the
+    referee's exact replay convicts: slashed on the fraud proof, the verifier's bond back. Where it does not, the
+    dispute goes unbonded and the referee's step-by-step loss scan convicts (governance path). The honest provider
+    (default plan) is checked bit for bit as well and paid."""
+    from node.crosscheck import Plan
+
+    exact = referee_plans == "cpu,cpu/mb2"
+    market.rt.settings.referee_plans = referee_plans
+    market.rt.settings.canary_rate = 0.0
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="low-precision", plan="cpu/mb2")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier", plan=Plan("cpu", 2))
+    spec = JobSpec(model=ModelSpec(d_model=32, n_layer=1, n_head=2, ctx=32), rounds=1, units_per_round=2,
+                   steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2), precision="bf16",
+                   verification="full")
+    job_id = submit_job(market, spec)
+    assert honest.work_once() and cheat.work_once()  # the honest unit is submitted (and queued) first
+    with market.rt.sessions() as s:
+        plans = {u.provider: u.plan for u in s.scalars(select(Unit).where(Unit.job_id == job_id))}
+        first_ids = sorted(v.id for v in s.scalars(select(Verification)))
+    assert plans == {cheat.account.address: "cpu/mb2", honest.account.address: "cpu"}, plans
+    assert verifier.verify_once() == "fraud"  # the cheat's unit first (its own plan), whatever the queue order
+    disputed = _events(market, "segment_disputed")
+    assert disputed and disputed[0]["provider"] == cheat.account.address
+    assert "[cpu/mb2 bit for bit] replayed end state differs" in disputed[0]["reason"], disputed
+    assert ("unbonded" not in disputed[0]["reason"]) if exact else \
+        "[unbonded: the referee does not replay plan cpu/mb2 bit for bit]" in disputed[0]["reason"]
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    slash = _events(market, "provider_slashed")
+    assert len(slash) == 1 and slash[0]["path"] == ("fraud-proof" if exact else "governance"), slash
+    assert ("[cpu/mb2] replayed bit for bit on the provider's own plan" if exact
+            else "scanned the segment's 8 steps") in slash[0]["reason"], slash
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
+    fraud = [v for v in checks if v.status == "fraud"]
+    assert [v.provider for v in fraud] == [cheat.account.address] and (fraud[0].accusation is not None) == exact
+    assert min(v.id for v in checks if v.provider == honest.account.address) == min(first_ids)  # queued first
+    assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
+    passed = [v for v in checks if v.status == "passed"]
+    for v in passed:  # bit for bit: the verifier's replay hash is the committed one
+        u = next(u for u in units if u.id == v.unit_id)
+        assert v.replayed_hash == u.proof["segments"][v.segment]["endHash"]
+    assert passed and market.ops.stake_of(verifier.account.address) == tokens(100)  # its bond released, if any
+
+
 def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(market, tmp_path: Path) -> None:
     """A bf16 job on micro-batches; a cheat trains honestly there but commits one step's loss 3% lower. Its states
     are honest, so a bisection over them finds nothing, and a bf16 mean loss across plans is no evidence alone (it

@@ -123,3 +123,48 @@ def test_the_loss_rule_leaves_a_chaotic_stretch_to_the_bisection(drifting) -> No
     assert not cc.loss_ruling(spec, 0, tol, dl, state_over=162.0).fraud  # the states drifted as far: bisect them
     assert cc.loss_ruling(spec, 0, tol, 200 * dl, state_over=162.0).fraud  # a faked loss still stands out
     assert not cc.loss_ruling(spec, 0, tol, 10**9, state_over=float("inf")).fraud  # states wrong on their face
+
+
+def test_a_referee_on_the_providers_own_plan_judges_it_bit_for_bit(drifting, tmp_path: Path) -> None:
+    """A referee that replays cpu/mb2 itself (GRIDMINT_REFEREE_PLANS) judges a segment trained there by an exact
+    replay: the honest segment that drifted 4.76x past a cpu verifier's tolerance is cleared at once (nothing asked of
+    the provider; the cpu verifier's accusation still in good faith, from the look on its plan), a verifier on
+    cpu/mb2 that disputed it is proven false, and a cheat whose every segment has one step in cheaper arithmetic is
+    convicted on that replay alone."""
+    from node.adversary import low_precision
+
+    spec, proof, paths, replayed, _ = drifting
+    exact = referee.exact_plans("cpu, cpu/mb2")
+    assert exact == {CPU, MB2}
+    ruling = referee.rule(spec, proof, 0, MB2, paths[0], paths[1], {}, lambda step: "", exact=exact)
+    assert ruling.fraud is False and "replayed bit for bit on the provider's own plan: replay matches" in ruling.reason
+    assert ruling.replayed == proof.segments[0].end_hash and ruling.pending is None
+    assert ruling.look_ok is False and ruling.look_hash == replayed[0]
+    faith = referee.judge_accusation(ruling, MB2, CPU, replayed[0], exact)
+    assert faith.good and not faith.proven_false, faith
+    faith = referee.judge_accusation(ruling, MB2, MB2, "0x" + "ab" * 32, exact)
+    assert faith.proven_false and "checked bit for bit on plan cpu/mb2" in faith.reason
+    # without the plan among the referee's, the same ruling on a cpu/mb2 verifier can be judged neither way
+    assert not referee.judge_accusation(ruling, MB2, MB2, "0x" + "ab" * 32).proven_false
+
+    from node.model import init_state
+
+    cheat = low_precision(spec, init_state(spec.model, DRIFTING_SPEC.seed), tmp_path / "cheat", plan=MB2)
+    ends = cheat.segment_paths[1:] + [cheat.final_path]
+    for seg in range(spec.n_segments):
+        ruling = referee.rule(spec, cheat.proof, seg, MB2, cheat.segment_paths[seg], ends[seg], {},
+                              lambda step: "", exact=exact)
+        assert ruling.fraud is True and "[cpu/mb2] replayed bit for bit" in ruling.reason, ruling
+        assert "replayed end state differs" in ruling.reason and ruling.replayed != ruling.claimed
+
+
+def test_the_referee_takes_only_plans_it_replays_bit_for_bit() -> None:
+    from protocol.errors import GridMintValueError
+
+    assert referee.exact_plans("") == referee.exact_plans("cpu") == {CPU}
+    with pytest.raises(GridMintValueError, match="must name its GPU model"):
+        referee.exact_plans("cpu,cuda")
+    with pytest.raises(GridMintValueError, match="needs a no-such-gpu GPU here"):
+        referee.exact_plans("cuda:no-such-gpu")
+    with pytest.raises(GridMintValueError):
+        referee.exact_plans("cpu/mb0")

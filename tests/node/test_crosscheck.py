@@ -212,7 +212,8 @@ def test_distance_tolerance_and_plan_reject_bad_input() -> None:
         with pytest.raises(GridMintValueError):
             cc.Tolerance.from_dict(bad)
     assert cc.Plan.parse("cpu/mb4") == cc.Plan("cpu", 4) and cc.Plan.parse("cuda").device == "cuda"
-    for text in ("tpu", "cpu/4", "cpu/mb0", "cpu/mbx"):
+    for text in ("tpu", "cpu/4", "cpu/mb0", "cpu/mbx", "cpu:h200", "cuda:", "cuda:H200", "cuda:-x", "cuda:a/b",
+                 "cuda:" + "x" * 25):
         with pytest.raises(GridMintValueError):
             cc.Plan.parse(text)
     with pytest.raises(GridMintValueError, match="micro-batches"):
@@ -429,3 +430,24 @@ def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> 
     r = cc.scan_segment(spec, lie, 1, cc.RecordedReveal(states), tol, ver)
     assert r.fraud and r.distance > 4 * r.threshold and "mean loss" in r.reason, r.reason
     assert not cc.can_scan(spec, replace(tol, loss_windows=((1, 0),)))  # calibrated for single steps only
+
+
+def test_a_gpu_plan_names_its_model_and_only_then_replays_bit_for_bit_elsewhere() -> None:
+    """Deterministic kernels give the same bits on the same GPU model only: a CUDA plan is exact when it names the
+    model (what a verifier on that plan, or a referee with that GPU, replays bit for bit); every CPU plan is."""
+    from node.device import local_plan
+    from node.trainer import gpu_slug
+
+    for label in ("cpu", "cpu/mb2", "cuda", "cuda:h200", "cuda:geforce-rtx-4090/mb64"):
+        assert cc.Plan.parse(label).label == label
+    assert cc.Plan.parse("cuda:h100/mb2") == cc.Plan("cuda", 2, "h100") != cc.Plan("cuda", 2)
+    assert [cc.Plan.parse(x).exact for x in ("cpu", "cpu/mb4", "cuda", "cuda/mb2", "cuda:h200")] == \
+        [True, True, False, False, True]
+    assert gpu_slug("NVIDIA H200") == "h200" and gpu_slug("NVIDIA GeForce RTX 4090") == "geforce-rtx-4090"
+    assert gpu_slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb" and len(gpu_slug("x" * 99)) == 24
+    # an agent's plan as its machine runs it: a CUDA plan gets the GPU's model, a wrong one is refused
+    assert local_plan(cc.Plan.parse("cuda/mb2"), "NVIDIA H200") == cc.Plan.parse("cuda:h200/mb2")
+    assert local_plan(cc.Plan.parse("cuda:h200"), "NVIDIA H200").label == "cuda:h200"
+    assert local_plan(cc.Plan.parse("cpu/mb2"), "NVIDIA H200") == cc.Plan("cpu", 2)
+    with pytest.raises(GridMintValueError, match="names a h100 GPU, this machine has NVIDIA H200"):
+        local_plan(cc.Plan.parse("cuda:h100"), "NVIDIA H200")
