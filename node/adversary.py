@@ -232,11 +232,11 @@ def low_precision(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *,
 
     def segment(spec: UnitSpec, s: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[float]:
         cheap = LowPrecision(frozenset({s * spec.segment_len + spec.segment_len // 2}))
+        cheap.plan = plan
         losses = []
         for step, offsets in segment_batches(spec, s):
             x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
-            losses.append(cheap(spec, step, model, opt, x, y) if step in cheap.bad
-                          else plan_step(model, opt, x, y, plan))
+            losses.append(cheap(spec, step, model, opt, x, y))
         return losses
 
     return _cheat_unit(spec, start, workdir, segment, on_step)
@@ -261,7 +261,17 @@ ADVERSARIES: dict[str, TrainFn] = {
 # commits is always the state it really holds, so every revealed checkpoint hashes to its commitment.
 
 
-class SkipSteps:
+class _StepCheat:
+    """A step-level cheat's honest steps run on ``plan`` (class default :data:`PROVIDER_PLAN`; set it on the
+    instance for a cheat that declares another plan): only its bad steps are its own arithmetic."""
+
+    plan: Plan = PROVIDER_PLAN
+
+    def honest(self, model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+        return plan_step(model, opt, x, y, self.plan)
+
+
+class SkipSteps(_StepCheat):
     """Does nothing on its bad steps (no forward, no backward, no update) and commits the previous loss."""
 
     def __init__(self, bad: frozenset[int]) -> None:
@@ -270,11 +280,11 @@ class SkipSteps:
     def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  x: Tensor, y: Tensor) -> float:
         if step not in self.bad:
-            self.last = train_step(model, opt, x, y)
+            self.last = self.honest(model, opt, x, y)
         return self.last
 
 
-class OtherData:
+class OtherData(_StepCheat):
     """Trains its bad steps on other batches (another shard's, cheaper to get or already cached) but commits the
     digest of the batches the spec dictates. With every step bad, this is copying another provider's run."""
 
@@ -287,11 +297,12 @@ class OtherData:
             n = max(2, spec.n_shards)
             offsets = data.batch_indices(spec.seed + 1, (spec.shard + self.shift) % n, n, step, spec.batch_size,
                                          spec.model.ctx)
-            x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
-        return train_step(model, opt, x, y)
+            other = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+            x, y = other[0].to(x.device), other[1].to(y.device)
+        return self.honest(model, opt, x, y)
 
 
-class FakeLoss:
+class FakeLoss(_StepCheat):
     """Trains honestly but commits a prettier loss (3% lower) on its bad steps."""
 
     def __init__(self, bad: frozenset[int]) -> None:
@@ -299,11 +310,11 @@ class FakeLoss:
 
     def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  x: Tensor, y: Tensor) -> float:
-        loss = train_step(model, opt, x, y)
+        loss = self.honest(model, opt, x, y)
         return loss * 0.97 if step in self.bad else loss
 
 
-class Extrapolate:
+class Extrapolate(_StepCheat):
     """A skipper that knows the marketplace measures every segment's update: on its bad steps it runs no forward and
     no backward but moves the weights by the previous step's update once more (and bumps AdamW's counters), so each
     segment's update looks like its neighbours'; it commits the previous loss. Only a replay tells."""
@@ -317,7 +328,7 @@ class Extrapolate:
         params = list(model.parameters())
         if step not in self.bad:
             before = [p.detach().clone() for p in params]
-            self.last = train_step(model, opt, x, y)
+            self.last = self.honest(model, opt, x, y)
             self.delta = [p.detach() - b for p, b in zip(params, before)]
             return self.last
         with torch.no_grad():
@@ -329,7 +340,7 @@ class Extrapolate:
         return self.last
 
 
-class LowPrecision:
+class LowPrecision(_StepCheat):
     """Runs its bad steps in cheaper arithmetic than the spec's: bfloat16 autocast for a float32 job; for a bfloat16
     job, float8 (e4m3, per-tensor scaled) weights in the forward and backward pass, what an fp8 tensor core runs,
     with the float32 master weights stepped as usual."""
@@ -340,9 +351,9 @@ class LowPrecision:
     def __call__(self, spec: UnitSpec, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  x: Tensor, y: Tensor) -> float:
         if step not in self.bad:
-            return train_step(model, opt, x, y)
+            return self.honest(model, opt, x, y)
         if spec.precision == "fp32":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 return train_step(model, opt, x, y)
         masters = [p.detach().clone() for p in model.parameters()]
         with torch.no_grad():

@@ -746,7 +746,8 @@ def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float] | N
     """Run ``policy`` (a :data:`node.prover.StepPolicy`: honest or a cheat; None: honest steps on ``plan``) over
     the unit, keeping the state before every step (small models only: tests and benchmarks) and the proof it would
     commit: the states it really holds, except that segment 0 claims the honest start (``first_state`` is where a
-    cheat that replays an old result really began). Cheat policies run on the CPU."""
+    cheat that replays an old result really began). A cheat policy gets the batch on the plan's device (the
+    plan's micro-batches are the honest steps' business: a cheat's steps are its own)."""
     runner = PlanRunner(spec, fresh_state(start), plan)
     claimed0 = fresh_state(start)
     if first_state is not None:
@@ -755,8 +756,9 @@ def record_policy(spec: UnitSpec, start: State, policy: Callable[..., float] | N
     with deterministic(spec.threads):
         for step in range(spec.steps):
             x, y = data.make_batch(runner.tokens, step_batch(spec, step), spec.model.ctx)
+            x, y = x.to(plan.device), y.to(plan.device)
             if policy is None:
-                losses.append(plan_step(runner.model, runner.opt, x.to(plan.device), y.to(plan.device), plan))
+                losses.append(plan_step(runner.model, runner.opt, x, y, plan))
             else:
                 losses.append(policy(spec, step, runner.model, runner.opt, x, y))
             states.append(runner.snapshot())

@@ -22,7 +22,9 @@ What runs (all real training and real replays on this machine; the trials only r
    the share of its wall time its training loop spent on commitments.
 5. Planted canaries (the marketplace's own, ``marketplace.canary``): an honest verifier replays forged ones (all must
    be flagged); a lazy verifier that approves everything meets its first one after a number of tasks (reported).
-6. ``--drift-jobs``: honest drift across plans at the demo job's shape (``--drift-shapes`` for more), every dispute
+6. ``same_plan``: a verifier on the provider's own exact plan (``cpu/mb2``; on a GPU, the same GPU model) replays
+   honest units bit for bit and detects the cheats that hide from a verifier on another plan (:func:`run_same_plan`).
+7. ``--drift-jobs``: honest drift across plans at the demo job's shape (``--drift-shapes`` for more), every dispute
    refereed and judged for good faith, and how near the referee's loss rule came to convicting (:func:`run_drift`).
 
 ``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
@@ -50,6 +52,7 @@ from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_thro
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
                           load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
                           train_unit, update_norm)
+from node.device import local_plan
 from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
@@ -350,6 +353,8 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         out["cross_plan"] = run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
                                       [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))
         out["false_slash"] += out["cross_plan"]["false_slash"]
+        out["same_plan"] = run_same_plan(a, log, cc.Plan("cpu", 2))
+        out["false_slash"] += out["same_plan"]["false_disputes"]  # on its own plan, a mismatch is a conviction
     out["canary_rate"] = float(vp.CANARY_RATE)
     out["lazy_verifier_window"] = window
     out["lazy_verifier_caught_rate"] = len(caught) / a.trials
@@ -505,6 +510,63 @@ def run_cross(a: argparse.Namespace, log: Callable[[str], None], provider_plans:
     return out
 
 
+#: The adversaries whose one faked step a verifier on another plan can miss (inside honest drift, or the loss alone):
+#: replayed on their own plan bit for bit instead (:func:`run_same_plan`).
+SAME_PLAN_ADVERSARIES = ("low_precision", "fake_loss", "skip_steps")
+
+
+def run_same_plan(a: argparse.Namespace, log: Callable[[str], None], plan: cc.Plan) -> dict[str, Any]:
+    """A verifier (or referee) on the provider's own exact plan (``cpu/mb2`` here; a named GPU plan on a GPU) replays
+    its segments bit for bit (:func:`node.replay.replay_state` on ``plan``): ``--cross-units`` honest units trained
+    on ``plan``, every segment replayed there (``bit_identical`` must be every one: a false dispute otherwise), and
+    ``--cross-cheat-units`` units of each of :data:`SAME_PLAN_ADVERSARIES` trained on ``plan`` with one faked step,
+    each faked segment replayed there (``detected_rate``: its replayed end state or mean loss differs)."""
+    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(cfg, 7)
+    t0 = time.perf_counter()
+
+    def mismatch(spec: UnitSpec, proof: TrainingProof, states: list[Any], s: int) -> str:
+        got = replay_state(spec, s, states[s * spec.segment_len], plan=plan)
+        want = proof.segments[s]
+        return ("state" if got.end_hash != want.end_hash else "loss" if got.loss_micro != want.loss_micro else "")
+
+    same = segs = 0
+    for i in range(a.cross_units):
+        spec = _cross_spec(cfg, a, 20_000 + i)
+        states, _, proof = cc.record_policy(spec, start, plan=plan)
+        for s in range(spec.n_segments):
+            segs += 1
+            same += not mismatch(spec, proof, states, s)
+    out: dict[str, Any] = {"plan": plan.label, "precision": a.cross_precision, "honest_units": a.cross_units,
+                           "honest_segments": segs, "bit_identical": same, "false_disputes": segs - same}
+    adv: dict[str, Any] = {}
+    frac = 1 / a.cross_steps
+    for name in SAME_PLAN_ADVERSARIES:
+        factory = _adversaries(frac)[name][0]
+        faked = detected = 0
+        how: dict[str, int] = {}
+        for j in range(a.cross_cheat_units):
+            spec = replace(_cross_spec(cfg, a, 30_000 + 100 * len(adv) + j), threads=1)
+            policy = factory(spec)
+            policy.plan = plan  # its honest steps on the plan it declares, its faked one its own
+            states, _, proof = cc.record_policy(spec, start, policy, plan=plan)
+            for s in sorted({b // spec.segment_len for b in policy.bad}):
+                faked += 1
+                kind = mismatch(spec, proof, states, s)
+                detected += bool(kind)
+                if kind:
+                    how[kind] = how.get(kind, 0) + 1
+        adv[name] = {"faked_segments": faked, "detected": detected, "detected_rate": detected / max(1, faked),
+                     "by": how}
+    out["adversaries"] = adv
+    out["min_detected_rate"] = min((r["detected_rate"] for r in adv.values()), default=None)
+    out["same_plan_s"] = round(time.perf_counter() - t0, 1)
+    log(f"same plan ({plan.label}, {a.cross_precision}): {segs} honest segments, {same} replayed bit for bit; "
+        + ", ".join(f"{n} detected {r['detected']} of {r['faked_segments']} {r['by']}" for n, r in adv.items())
+        + f" ({out['same_plan_s']} s)")
+    return out
+
+
 def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Honest cross-plan drift at the demo job's shape (or each of ``--drift-shapes``), as the running marketplace
     sees it: ``--drift-jobs`` jobs per shape (random ids, so random data orders) of 3 units (by default 60 steps in
@@ -641,6 +703,11 @@ def run_gpu(a: argparse.Namespace, log: Callable[[str], None], device: str = "cu
         if a.cross_precision == "fp32":  # and a bf16 job, a GPU's fast path, refereed on the CPU
             b = argparse.Namespace(**{**vars(a), "cross_precision": "bf16"})
             section("cross_device_bf16", lambda: run_cross(b, log, [dev], cpu, [cpu, cc.Plan("cpu", 2)], dev))
+        # a verifier on the provider's own GPU model replays it bit for bit: catches what hides in the drift above
+        named = local_plan(dev)
+        for prec in ("fp32", "bf16"):
+            p = argparse.Namespace(**{**vars(a), "cross_precision": prec})
+            section(f"same_device_{prec}", lambda p=p: run_same_plan(p, log, named))
     if errors:
         figures["errors"] = errors
     return figures
@@ -691,7 +758,8 @@ def main(argv: list[str]) -> int:
         figures = run_adversaries(a, log)
     elif a.only_cross:
         figures = {"cross_plan": run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
-                                           [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2))}
+                                           [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2)),
+                   "same_plan": run_same_plan(a, log, cc.Plan("cpu", 2))}
     else:
         figures = run_gpu(a, log) if a.device == "cuda" else run_cpu(a, log)
         if a.drift_jobs > 0:

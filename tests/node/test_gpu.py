@@ -170,3 +170,32 @@ def test_a_bf16_cuda_providers_loss_is_scanned_on_the_cpu_honest_passes_a_faked_
     lie, _ = adversary.fake_step_loss(proof, losses, 8 + 3)
     r = cc.scan_segment(sp, lie, 1, cc.RecordedReveal(states), tol, on_cpu)
     assert r.fraud and "mean loss" in r.reason, r.reason
+
+
+def test_a_verifier_on_the_same_gpu_model_replays_bit_for_bit_and_catches_a_float8_step(tmp_path) -> None:
+    """A CUDA plan names its GPU model (``cuda:h200``): a verifier on that plan replays a unit trained there with
+    the live verifier's check (:func:`node.replay.check_segment` on the plan) bit for bit, in fp32 and in bf16,
+    and a cheat that runs one step in cheaper arithmetic (float8 weights in a bf16 job, which hides inside the drift
+    between a GPU and a CPU) fails its segment there."""
+    from node import adversary, checkpoint
+    from node import crosscheck as cc
+    from node.device import local_plan
+    from node.replay import check_segment
+    from node.trainer import UnitSpec, train_unit
+
+    plan = local_plan(cc.Plan("cuda"))
+    assert plan.exact and plan.gpu
+    tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    start = init_state(tiny, 3)
+    for precision in ("fp32", "bf16"):
+        sp = UnitSpec(job_id="job-gpu", unit_id="0x" + "c5" * 32, round=0, shard=0, n_shards=2, model=tiny, steps=16,
+                      segment_len=8, batch_size=4, lr=3e-3, seed=5, precision=precision)
+        honest = train_unit(sp, start, tmp_path / f"honest-{precision}", plan=plan)
+        for seg, path in enumerate(honest.segment_paths):
+            v = check_segment(sp, honest.proof, seg, path, plan)
+            assert v.ok and v.replayed_end == v.claimed_end, (precision, v)
+        states, _, proof = cc.record_policy(sp, start, adversary.LowPrecision(frozenset({11})), plan=plan)
+        p = tmp_path / f"cheat-{precision}.safetensors"
+        checkpoint.save(p, states[8], {})
+        v = check_segment(sp, proof, 1, p, plan)
+        assert not v.ok and "replayed end state differs" in v.reason, (precision, v)

@@ -117,6 +117,10 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert cross["min_slashed_rate"] == 1.0 and cross["referee_margin_min"] > 1
     for name, r in cross["adversaries"].items():
         assert r["detected_rate"] == r["bisected_to_faked_step"] == 1.0, name
+    same = fig["same_plan"]  # a verifier on the provider's own plan: bit for bit, a faked step cannot hide
+    assert same["plan"] == "cpu/mb2" and same["honest_segments"] == 8 == same["bit_identical"]
+    assert same["false_disputes"] == 0 and same["min_detected_rate"] == 1.0
+    assert same["adversaries"]["fake_loss"]["by"] == {"loss": 1}  # honest states on its plan, a lie in the loss
 
 
 def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
@@ -144,6 +148,9 @@ def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
     for name in ("skip_steps", "random_weights", "copied_weights", "replay_old", "fake_loss"):
         assert bf16["adversaries"][name]["slashed_rate"] == 1.0, name
     assert any("proof overhead on a default job on cpu" in line for line in lines)
+    for prec in ("fp32", "bf16"):  # on the provider's own device (here the CPU plan): bit for bit
+        same = fig[f"same_device_{prec}"]
+        assert same["precision"] == prec and same["false_disputes"] == 0 and same["min_detected_rate"] == 1.0
 
 
 def test_gpu_bench_measures_eager_when_torch_compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
