@@ -49,8 +49,10 @@ def node_run(
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     adversary: Annotated[Optional[str], typer.Option(hidden=True, help="Cheat on purpose (demo/adversary suite)")] = None,
     plan: Annotated[str, typer.Option(help="How to train: 'cpu' (replayed bit for bit by anyone), or another plan such "
-                                           "as 'cuda' or 'cpu/mb2' (checked within a calibrated tolerance; disputes "
-                                           "are bisected and you reveal states on request)")] = "cpu",
+                                           "as 'cuda' (recorded with this GPU's model, e.g. cuda:h200: a verifier on "
+                                           "the same model replays it bit for bit) or 'cpu/mb2' (elsewhere checked "
+                                           "within a calibrated tolerance; disputes are bisected and you reveal "
+                                           "states on request)")] = "cpu",
 ) -> None:
     """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings."""
     from node.agent import AgentConfig, ProviderAgent
@@ -105,7 +107,9 @@ def verifier_run(
     stake: Annotated[str, typer.Option(help="GMT to keep staked; backs signed fraud accusations (bond per dispute)")] = "0",
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     plan: Annotated[str, typer.Option(help="How this machine replays: 'cpu' (the providers' plan: bit for bit), or "
-                                           "another, e.g. 'cpu/mb2' or 'cuda' (within a calibrated tolerance)")] = "cpu",
+                                           "another, e.g. 'cpu/mb2' or 'cuda' (named by this GPU's model, e.g. cuda:h200): units "
+                                           "trained on that same plan are replayed bit for bit (and handed to you "
+                                           "first), others within a calibrated tolerance")] = "cpu",
     bond_margin: Annotated[Optional[float], typer.Option(
         help="Across plans, bond an accusation only when the replay is at least this many times past the tolerance "
              "(closer: dispute unbonded). Default: 1 (every dispute) on the referee's plan 'cpu', where the referee "
