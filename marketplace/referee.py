@@ -42,23 +42,24 @@ from protocol.proof import TrainingProof
 REFEREE_PLAN = PROVIDER_PLAN
 
 
-def exact_plans(labels: str) -> frozenset[Plan]:
+def exact_plans(labels: str, here: bool = True) -> frozenset[Plan]:
     """The plans this referee replays bit for bit (``GRIDMINT_REFEREE_PLANS``, comma-separated labels), always
     :data:`REFEREE_PLAN` among them. Each must be :attr:`~node.trainer.Plan.exact` and run here: a named GPU plan
     needs that GPU model in this machine. A segment trained on one of them is judged by an exact replay on its own
     plan, so a cheat that hides inside the honest drift between plans (float8 steps on a GPU checked on a CPU) is
-    convicted; a verifier on that plan bonds its disputes (the referee reproduces its replay)."""
+    convicted; a verifier on that plan bonds its disputes (the referee reproduces its replay). ``here=False`` only
+    reads the labels (an API process telling verifiers what the referee's workers replay, on other machines)."""
     out = {REFEREE_PLAN}
     for label in filter(None, (x.strip() for x in labels.split(","))):
         plan = Plan.parse(label)
         if not plan.exact:
             raise GridMintValueError(f"referee plan {label!r} is not replayed bit for bit by another machine: "
                                      f"a cuda plan must name its GPU model (e.g. cuda:h200)")
-        if plan.device == "cuda":
-            here = gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
-            if here != plan.gpu:
+        if plan.device == "cuda" and here:
+            gpu = gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+            if gpu != plan.gpu:
                 raise GridMintValueError(f"referee plan {label!r} needs a {plan.gpu} GPU here, this machine has "
-                                         f"{here or 'no CUDA device'}")
+                                         f"{gpu or 'no CUDA device'}")
         out.add(plan)
     return frozenset(out)
 

@@ -23,12 +23,13 @@ class Runtime:
     enqueue: Enqueue  # send a Celery task by name
     stakes: StakeCache = field(default_factory=StakeCache)  # recent stake reads (marketplace.stakes)
 
-    def referee_plans(self) -> frozenset[Any]:
+    def referee_plans(self, here: bool = False) -> frozenset[Any]:
         """The execution plans this marketplace's referee replays bit for bit (settings.referee_plans; see
-        :func:`marketplace.referee.exact_plans`), read from the settings on each call."""
+        :func:`marketplace.referee.exact_plans`), read from the settings on each call. ``here``: the referee itself
+        (a worker), which must run each of them on this machine."""
         from marketplace.referee import exact_plans
 
-        return exact_plans(self.settings.referee_plans)
+        return exact_plans(self.settings.referee_plans, here)
 
 
 _current: Runtime | None = None

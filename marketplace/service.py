@@ -669,7 +669,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return f"the provider did not reveal its state before step {step} by its deadline"
         return ""
 
-    exact = rt.referee_plans()
+    exact = rt.referee_plans(here=True)  # a worker without a GPU it is configured to replay on says so here
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
                            losses, exact)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     session_ttl_s: int = 24 * 3600  # how long a login lasts
     login_nonce_ttl_s: int = 600  # how long a nonce from POST /auth/nonce may wait before it is used
     siwe_domain: str | None = None  # the domain login messages must name; default: the request's Host header
+
+    @field_validator("referee_plans")
+    @classmethod
+    def _plans_read(cls, v: str) -> str:
+        """A malformed or inexact plan label fails at start-up (whether this machine runs it is the worker's check)."""
+        from marketplace.referee import exact_plans
+
+        exact_plans(v, here=False)
+        return v
 
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'marketplace.db').resolve()}"

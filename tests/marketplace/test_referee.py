@@ -166,5 +166,7 @@ def test_the_referee_takes_only_plans_it_replays_bit_for_bit() -> None:
         referee.exact_plans("cpu,cuda")
     with pytest.raises(GridMintValueError, match="needs a no-such-gpu GPU here"):
         referee.exact_plans("cuda:no-such-gpu")
+    # an API process only tells verifiers what the referee's workers replay (they may have the GPU, it need not)
+    assert referee.exact_plans("cpu,cuda:no-such-gpu", here=False) == {CPU, cc.Plan("cuda", 1, "no-such-gpu")}
     with pytest.raises(GridMintValueError):
         referee.exact_plans("cpu/mb0")
