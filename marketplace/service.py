@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import Connection, bindparam, case, func, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from marketplace import canary, matching, referee, settlement, standby
@@ -426,9 +426,19 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
         canaried = select(Verification.unit_id).where(Verification.verifier == verifier,
                                                       Verification.canary.is_not(None))
+        # a check of a unit on an exact plan (another CPU plan, a named GPU) waits a while for a verifier on that
+        # plan, who replays it bit for bit (a float8 step hides from every other): while one is around
+        same_plan_verifier = select(Verifier.address).where(
+            Verifier.plan == Unit.plan, Verifier.status == "active", Verifier.address != verifier,
+            Verifier.address != Verification.provider,
+            Verifier.last_seen >= now - rt.settings.unit_timeout_s).exists()
+        reserved = and_(Unit.plan != v.plan, Unit.plan != PROVIDER_PLAN.label,
+                        or_(Unit.plan.like("cpu%"), Unit.plan.like("cuda:%")),
+                        func.coalesce(Verification.created_at, 0) > now - rt.settings.same_plan_hold_s,
+                        same_plan_verifier)
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
-                                Verification.canary.is_(None), checkable)
+                                Verification.canary.is_(None), checkable, ~reserved)
                          .order_by(Verification.unit_id.in_(canaried), Unit.plan != v.plan, Verification.id)
                          .limit(1)).first()
         if task is None:

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # on one is judged by an exact replay, so a cheat hiding inside the honest drift between plans (float8 steps) is
     # convicted, and a verifier on that plan bonds its disputes
     referee_plans: str = "cpu"
+    # a check of a unit trained on an exact plan other than "cpu" (another CPU plan, a named GPU plan) is kept for
+    # verifiers on that very plan (they replay it bit for bit) for this long after it was queued, while one of them
+    # has been seen within `unit_timeout_s`; then any verifier whose devices run it may take it. 0: no wait
+    same_plan_hold_s: int = Field(default=600, ge=0)
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

@@ -13,7 +13,7 @@ import pytest
 
 from sqlalchemy import select
 
-from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
 from node.trainer import UnitSpec, train_unit
@@ -1199,7 +1199,11 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
                    steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2), precision="bf16",
                    verification="full")
     job_id = submit_job(market, spec)
-    assert honest.work_once() and cheat.work_once()  # the honest unit is submitted (and queued) first
+    for agent in (honest, cheat):  # one unit each, the honest one submitted (and its checks queued) first
+        deadline = time.monotonic() + 60
+        while not agent.work_once():
+            assert time.monotonic() < deadline, "no unit to train"
+            time.sleep(0.1)
     with market.rt.sessions() as s:
         plans = {u.provider: u.plan for u in s.scalars(select(Unit).where(Unit.job_id == job_id))}
         first_ids = sorted(v.id for v in s.scalars(select(Verification)))
@@ -1228,6 +1232,32 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
         u = next(u for u in units if u.id == v.unit_id)
         assert v.replayed_hash == u.proof["segments"][v.segment]["endHash"]
     assert passed and market.ops.stake_of(verifier.account.address) == tokens(100)  # its bond released, if any
+
+
+def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(market, tmp_path: Path) -> None:
+    """A unit trained on micro-batches (cpu/mb2, an exact plan): while a verifier on cpu/mb2 is around, its checks
+    are kept for it (GRIDMINT_SAME_PLAN_HOLD_S) and a cpu verifier gets nothing; the cpu/mb2 verifier replays them
+    bit for bit. Once no verifier on that plan has been seen for a while (or the hold has passed), anyone may."""
+    from node.crosscheck import Plan
+
+    market.rt.settings.canary_rate = 0.0
+    mb2 = provider(market, tmp_path, "mb2", "us-east", "0.9", plan="cpu/mb2")
+    cpu_verifier = staked_verifier(market, tmp_path, "cpu-verifier")
+    same = staked_verifier(market, tmp_path, "mb2-verifier", plan=Plan("cpu", 2))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [mb2], 1)
+    assert cpu_verifier.verify_once() is None  # kept for the verifier on the unit's own plan
+    assert same.verify_once() == "ok"
+    [done] = [v for v in _rows(market) if v.status != "pending"]
+    with market.rt.sessions() as s:
+        unit = s.get(Unit, done.unit_id)
+        assert done.verifier == same.account.address and done.replayed_hash == \
+            unit.proof["segments"][done.segment]["endHash"]  # bit for bit
+    with market.rt.sessions.begin() as s:  # the cpu/mb2 verifier is gone (not seen for longer than a unit timeout)
+        s.get(Verifier, same.account.address).last_seen -= market.rt.settings.unit_timeout_s + 1
+    assert cpu_verifier.verify_once() is not None  # checked within its tolerance, by a verifier on another plan
 
 
 def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(market, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""execution plans may name their GPU model ("cuda:geforce-rtx-4090/mb64"): plan labels up to 40 characters
+"""execution plans may name their GPU model ("cuda:geforce-rtx-4090/mb64"): plan labels up to 40 characters;
+a verification remembers when it was queued (a unit on an exact plan waits a while for a verifier on that plan)
 
 Revision ID: 0008
 Revises: 0007
@@ -22,9 +23,13 @@ def upgrade() -> None:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.alter_column('plan', existing_type=sa.String(16), type_=sa.String(40),
                                   existing_nullable=False, existing_server_default='cpu')
+    with op.batch_alter_table('verifications', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('created_at', sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('verifications', schema=None) as batch_op:
+        batch_op.drop_column('created_at')
     for table in TABLES:
         with op.batch_alter_table(table, schema=None) as batch_op:
             batch_op.alter_column('plan', existing_type=sa.String(40), type_=sa.String(16),
