@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from node import adversary
+from node import adversary, checkpoint
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
@@ -520,7 +520,13 @@ def run_same_plan(a: argparse.Namespace, log: Callable[[str], None], plan: cc.Pl
     its segments bit for bit (:func:`node.replay.replay_state` on ``plan``): ``--cross-units`` honest units trained
     on ``plan``, every segment replayed there (``bit_identical`` must be every one: a false dispute otherwise), and
     ``--cross-cheat-units`` units of each of :data:`SAME_PLAN_ADVERSARIES` trained on ``plan`` with one faked step,
-    each faked segment replayed there (``detected_rate``: its replayed end state or mean loss differs)."""
+    each faked segment replayed there (``detected_rate``: its replayed end state or mean loss differs). Each detected
+    segment then goes, as a dispute, to a referee that does *not* replay ``plan`` (the default marketplace's, on the
+    CPU: :func:`marketplace.referee.rule` with every state revealed): ``slashed_by_other_plan_referee`` counts the
+    convictions it reaches on its own (the loss scan, the bisection); the rest need a referee on ``plan``
+    (GRIDMINT_REFEREE_PLANS), which convicts on the exact replay."""
+    from marketplace import referee
+
     cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(cfg, 7)
     t0 = time.perf_counter()
@@ -543,26 +549,41 @@ def run_same_plan(a: argparse.Namespace, log: Callable[[str], None], plan: cc.Pl
     frac = 1 / a.cross_steps
     for name in SAME_PLAN_ADVERSARIES:
         factory = _adversaries(frac)[name][0]
-        faked = detected = 0
+        faked = detected = other = 0
         how: dict[str, int] = {}
+        ways: dict[str, int] = {}
         for j in range(a.cross_cheat_units):
             spec = replace(_cross_spec(cfg, a, 30_000 + 100 * len(adv) + j), threads=1)
             policy = factory(spec)
             policy.plan = plan  # its honest steps on the plan it declares, its faked one its own
-            states, _, proof = cc.record_policy(spec, start, policy, plan=plan)
+            states, losses, proof = cc.record_policy(spec, start, policy, plan=plan)
             for s in sorted({b // spec.segment_len for b in policy.bad}):
                 faked += 1
                 kind = mismatch(spec, proof, states, s)
                 detected += bool(kind)
-                if kind:
-                    how[kind] = how.get(kind, 0) + 1
+                if not kind:
+                    continue
+                how[kind] = how.get(kind, 0) + 1
+                L = spec.segment_len
+                with tempfile.TemporaryDirectory() as tmp:
+                    paths = {}
+                    for k in range(s * L, (s + 1) * L + 1):
+                        paths[k] = Path(tmp) / f"{k}.safetensors"
+                        checkpoint.save(paths[k], states[k], {})
+                    r = referee.rule(spec, proof, s, plan, paths[s * L], paths[(s + 1) * L], paths,
+                                     lambda step: "", losses)
+                other += bool(r.fraud)
+                way = ("scan" if "scanned" in r.reason else "bisection" if "bisected" in r.reason
+                       else "cleared" if r.fraud is False else "other")
+                ways[way] = ways.get(way, 0) + 1
         adv[name] = {"faked_segments": faked, "detected": detected, "detected_rate": detected / max(1, faked),
-                     "by": how}
+                     "by": how, "slashed_by_other_plan_referee": other, "other_plan_referee": ways}
     out["adversaries"] = adv
     out["min_detected_rate"] = min((r["detected_rate"] for r in adv.values()), default=None)
     out["same_plan_s"] = round(time.perf_counter() - t0, 1)
     log(f"same plan ({plan.label}, {a.cross_precision}): {segs} honest segments, {same} replayed bit for bit; "
-        + ", ".join(f"{n} detected {r['detected']} of {r['faked_segments']} {r['by']}" for n, r in adv.items())
+        + ", ".join(f"{n} detected {r['detected']} of {r['faked_segments']} {r['by']}, a referee on another plan "
+                    f"convicts {r['slashed_by_other_plan_referee']} {r['other_plan_referee']}" for n, r in adv.items())
         + f" ({out['same_plan_s']} s)")
     return out
 
