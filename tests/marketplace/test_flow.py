@@ -1184,9 +1184,11 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
     across plans that hides inside honest bf16 drift (a verifier on another plan does not dispute it: `gridmint bench
     proof`). A verifier on cpu/mb2 is handed the units trained on its own plan first and replays them bit for bit.
     Where the referee replays cpu/mb2 too (GRIDMINT_REFEREE_PLANS), the verifier bonds its accusation and the
-    referee's exact replay convicts: slashed on the fraud proof, the verifier's bond back. Where it does not, the
-    dispute goes unbonded and the referee's step-by-step loss scan convicts (governance path). The honest provider
-    (default plan) is checked bit for bit as well and paid."""
+    referee's exact replay convicts: slashed on the fraud proof, the verifier's bond back; the honest provider
+    (default plan) is checked bit for bit as well and paid. Where it does not, the dispute goes unbonded (the
+    verifier risks nothing) and the referee judges it across plans, where a float8 step may hide: its loss scan or
+    bisection convicts some (`gridmint bench proof`, same_plan: 3 of 10 bf16 segments on the CPU) and clears the
+    rest (the verifier overruled, no bond lost, not proven false)."""
     from node.crosscheck import Plan
 
     exact = referee_plans == "cpu,cpu/mb2"
@@ -1215,23 +1217,31 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
     assert ("unbonded" not in disputed[0]["reason"]) if exact else \
         "[unbonded: the referee does not replay plan cpu/mb2 bit for bit]" in disputed[0]["reason"]
     drive(market, [cheat, honest], verifier, job_id)
-    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    assert market.ops.stake_of(verifier.account.address) == tokens(100)  # its bond released, or none bonded
     slash = _events(market, "provider_slashed")
-    assert len(slash) == 1 and slash[0]["path"] == ("fraud-proof" if exact else "governance"), slash
-    assert ("[cpu/mb2] replayed bit for bit on the provider's own plan" if exact
-            else "scanned the segment's 8 steps") in slash[0]["reason"], slash
+    if not exact:  # across plans: convicted by the scan or the bisection, or cleared (never on the verifier's back)
+        assert all(e["path"] == "governance" and ("scanned" in e["reason"] or "bisected" in e["reason"])
+                   for e in slash), slash
+        overruled = _events(market, "false_accusation")
+        assert all(not e["proven_false"] and not e["bonded"] and "cannot reproduce a replay on plan cpu/mb2"
+                   in e["faith_reason"] for e in overruled), overruled
+        assert slash or overruled
+        return
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    assert len(slash) == 1 and slash[0]["path"] == "fraud-proof", slash
+    assert "[cpu/mb2] replayed bit for bit on the provider's own plan" in slash[0]["reason"], slash
     with market.rt.sessions() as s:
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
         checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
     fraud = [v for v in checks if v.status == "fraud"]
-    assert [v.provider for v in fraud] == [cheat.account.address] and (fraud[0].accusation is not None) == exact
+    assert [v.provider for v in fraud] == [cheat.account.address] and fraud[0].accusation is not None
     assert min(v.id for v in checks if v.provider == honest.account.address) == min(first_ids)  # queued first
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
     passed = [v for v in checks if v.status == "passed"]
     for v in passed:  # bit for bit: the verifier's replay hash is the committed one
         u = next(u for u in units if u.id == v.unit_id)
         assert v.replayed_hash == u.proof["segments"][v.segment]["endHash"]
-    assert passed and market.ops.stake_of(verifier.account.address) == tokens(100)  # its bond released, if any
+    assert passed
 
 
 def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(market, tmp_path: Path) -> None:
