@@ -154,6 +154,9 @@ def create_app(rt: Runtime) -> FastAPI:
                 "unit_timeout_s": rt.settings.unit_timeout_s, "reveal_timeout_s": rt.settings.reveal_timeout_s,
                 # devices the referee replays on: a provider's execution plan must use one of them
                 "referee_devices": referee.devices(),
+                # plans the referee replays bit for bit: work trained on one is judged exactly, and a verifier on it
+                # bonds its disputes
+                "referee_plans": sorted(p.label for p in rt.referee_plans()),
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 

@@ -1193,6 +1193,7 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
 
     exact = referee_plans == "cpu,cpu/mb2"
     market.rt.settings.referee_plans = referee_plans
+    assert httpx.get(f"{market.url}/config").json()["referee_plans"] == (["cpu", "cpu/mb2"] if exact else ["cpu"])
     market.rt.settings.canary_rate = 0.0
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="low-precision", plan="cpu/mb2")
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
