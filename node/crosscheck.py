@@ -51,7 +51,7 @@ from node.trainer import (  # Plan and PROVIDER_PLAN live with the trainer; they
 )
 from node.replay import claim_problem
 from protocol.errors import GridMintValueError
-from protocol.proof import SegmentCommit, TrainingProof, batch_digest, loss_to_micro, make_proof
+from protocol.proof import SegmentCommit, TrainingProof, batch_digest, make_proof
 
 State = Mapping[str, Tensor]
 #: The provider's side of a dispute: its full training state *before* optimizer step ``step`` (absolute, 0-based).
@@ -638,8 +638,9 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
     past the one-step threshold, or the mean is further off the committed one than :func:`scan_line` of the
     calibrated drift of a chunk's mean loss. Given ``step_losses`` (the segment's per-step losses the provider
     submitted and signed with its proof, checked against its commitments by
-    :func:`protocol.proof.check_step_losses`), a segment scanned step by step is also judged one step at a time:
-    a loss faked on one step then stands out by its full size instead of 1/L of it in the mean. Costs at most
+    :func:`protocol.proof.check_step_losses`), the scan is also judged one step (chunk) at a time, each window's
+    replayed mean loss against the mean of the losses submitted for it: a loss faked on one step then stands out by
+    its full size (1/chunk of it in a chunked scan) instead of 1/L of it in the segment's mean. Costs at most
     ``MAX_SCAN_REVEALS`` reveals and one replay of the segment; while states are missing it raises
     :class:`RevealPending` for all of them (the marketplace's resumable flow asks for them in turn and rules once
     they are all in)."""
@@ -680,14 +681,15 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                 return RefereeVerdict(True, a, d, tol.referee, f"step {a} replays {d:.3g} away from the provider's "
                                                                f"revealed next state (> {tol.referee:.3g}"
                                                                f"{_against(tol.referee_metric)})")
-            if step_losses is not None:
-                dl = abs(loss_to_micro(chunk_losses[0]) - loss_to_micro(float(step_losses[a - lo])))
-                worst_step = max(worst_step, dl)
-                if dl > thr:
-                    return RefereeVerdict(True, a, float(dl), thr,
-                                          f"replayed from the provider's own state, step {a}'s loss is {dl} micro-nats "
-                                          f"off the one it submitted (honest drift <= {drift}; the referee convicts "
-                                          f"past {thr:g})")
+        if step_losses is not None:  # each window (step, or chunk) against the losses the provider submitted for it
+            dl = abs(mean_loss_micro(chunk_losses) - mean_loss_micro([float(x) for x in step_losses[a - lo:b - lo]]))
+            worst_step = max(worst_step, dl)
+            if dl > thr:
+                what = f"step {a}'s loss is" if b - a == 1 else f"steps {a}-{b - 1}'s mean loss is"
+                return RefereeVerdict(True, a, float(dl), thr,
+                                      f"replayed from the provider's own state, {what} {dl} micro-nats off the "
+                                      f"{'one' if b - a == 1 else 'mean of those'} it submitted (honest drift <= "
+                                      f"{drift}; the referee convicts past {thr:g})")
         losses += chunk_losses
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
     how = "step by step" if chunk == 1 else f"{chunk} steps at a time"
@@ -696,7 +698,8 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                               f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is "
                               f"{dl} micro-nats off the committed one (honest drift <= {drift}; the referee convicts "
                               f"past {thr:g})")
-    each = f", each step's within {worst_step}" if step_losses is not None and chunk == 1 else ""
+    each = (f", each {'step' if chunk == 1 else f'{chunk}-step window'}'s within {worst_step}"
+            if step_losses is not None else "")
     return RefereeVerdict(False, lo, float(max(dl, worst_step)), thr,
                           f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is within "
                           f"{dl}{each} <= {thr:g} micro-nats of the committed one")

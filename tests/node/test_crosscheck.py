@@ -407,7 +407,7 @@ def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> 
     """A loss scan asks the provider for one state per step only up to 16 steps; a longer segment is replayed in
     power-of-two chunks from the provider's state at each chunk's start, judged against the calibrated drift of a
     chunk's mean loss: the honest provider reveals 15 states of a 32-step segment and is cleared, a loss faked on one
-    step is still convicted."""
+    step is still convicted, and with the per-step losses it submitted, in the chunk that holds it."""
     assert [cc.scan_chunk(n) for n in (1, 15, 16, 17, 32, 33, 100, 1000)] == [1, 1, 1, 2, 2, 4, 8, 64]
     spec = UnitSpec(job_id="job-scan-chunks", unit_id="0x" + f"{77:064x}", round=0, shard=0, n_shards=1, model=TINY,
                     steps=64, segment_len=32, batch_size=4, lr=3e-3, seed=7, threads=1)
@@ -426,9 +426,16 @@ def test_a_long_segment_is_scanned_in_chunks_asking_at_most_fifteen_states() -> 
     honest = cc.scan_segment(spec, proof, 1, reveal, tol, ver)
     assert not honest.fraud and "2 steps at a time" in honest.reason, honest.reason
     assert asked == list(range(32, 65, 2))  # the two committed ends and 15 states between them
-    lie, _ = adversary.fake_step_loss(proof, losses, 32 + 9)
+    lie, lied = adversary.fake_step_loss(proof, losses, 32 + 9)
     r = cc.scan_segment(spec, lie, 1, cc.RecordedReveal(states), tol, ver)
     assert r.fraud and r.distance > 4 * r.threshold and "mean loss" in r.reason, r.reason
+    # judged window by window against the per-step losses it submitted: the honest one cleared, and the fake stands
+    # out by half its size (a 2-step window) instead of 1/32 of it, and the window is named
+    ok = cc.scan_segment(spec, proof, 1, cc.RecordedReveal(states), tol, ver, step_losses=losses[32:])
+    assert not ok.fraud and "each 2-step window's within" in ok.reason, ok.reason
+    r2 = cc.scan_segment(spec, lie, 1, cc.RecordedReveal(states), tol, ver, step_losses=lied[32:])
+    assert r2.fraud and r2.step == 40 and r2.distance > 12 * r.distance, r2.reason
+    assert "steps 40-41's mean loss is" in r2.reason and "off the mean of those it submitted" in r2.reason
     assert not cc.can_scan(spec, replace(tol, loss_windows=((1, 0),)))  # calibrated for single steps only
 
 
