@@ -8,8 +8,8 @@ mean loss (convicting on it alone only far past the calibrated loss tolerance). 
 states agree) is **scanned**: the provider reveals its state before every step of the segment (every power-of-two
 chunk of a segment longer than 16 steps: at most 15 reveals) and the referee replays each step from it
 (:func:`node.crosscheck.scan_segment`), so the losses differ by one forward pass's arithmetic, not by drift carried
-in, and each is judged against the per-step loss the provider submitted with its proof: a loss faked on one step
-stands out in bf16 too, by its full size. Otherwise the referee **bisects**
+in, and each is judged against the per-step loss the provider submitted with its proof (a chunk's mean against the
+mean of those submitted for it): a loss faked on one step stands out in bf16 too, by its full size (1/chunk of it). Otherwise the referee **bisects**
 it down to one optimizer step (:func:`node.crosscheck.bisect_segment`), asking the provider to reveal its state at
 each midpoint (going on into the half that lands further past its tolerance), and replays that one step from the
 provider's own revealed state (:func:`node.crosscheck.referee_step`). In fp32, honest one-step drift is ~1e-7 of the
