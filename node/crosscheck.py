@@ -600,6 +600,12 @@ def loss_ruling(spec: UnitSpec, seg_index: int, tol: Tolerance, dl: int, state_o
 #: the drift (the line before) let it through at 0.39x; honest scans there came within 23 micro-nats.
 REFEREE_SCAN_FACTOR = 8.0
 REFEREE_SCAN_FLOOR_MICRO = 64
+#: A chunked scan's window of several steps, judged on its own against the losses submitted for it, convicts only past
+#: this many times the line: after its first step it carries drift of its own (honest bf16 2-step windows, cpu/mb2
+#: against cpu, reached 1.7x the worst seen in calibration over 120 scans; the segment's mean, which averages them,
+#: stays further inside). A one-step fake still lands far past it (a 3% fake on a ~5-nat loss: ~75,000 micro-nats
+#: in a 2-step window).
+REFEREE_SCAN_WINDOW_MARGIN = 2.0
 
 
 def scan_line(drift: int) -> float:
@@ -672,7 +678,7 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
         if state_hash(st) != want:
             return RefereeVerdict(True, at, math.inf, thr, f"the revealed state before step {at} is not the committed one")
     losses: list[float] = []
-    worst_step = 0  # the largest one-step loss difference judged (with step_losses)
+    worst_step, worst_rel = 0, 0.0  # the largest window's loss difference judged (step_losses), and as a distance
     for i, (a, b) in enumerate(zip(points, points[1:])):
         got, chunk_losses = runner.replay(states[i], a, b - a)
         if chunk == 1:
@@ -683,13 +689,14 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                                                                f"{_against(tol.referee_metric)})")
         if step_losses is not None:  # each window (step, or chunk) against the losses the provider submitted for it
             dl = abs(mean_loss_micro(chunk_losses) - mean_loss_micro([float(x) for x in step_losses[a - lo:b - lo]]))
-            worst_step = max(worst_step, dl)
-            if dl > thr:
+            line = thr if b - a == 1 else REFEREE_SCAN_WINDOW_MARGIN * thr
+            worst_step, worst_rel = max(worst_step, dl), max(worst_rel, dl * thr / line)  # against ``thr``
+            if dl > line:
                 what = f"step {a}'s loss is" if b - a == 1 else f"steps {a}-{b - 1}'s mean loss is"
-                return RefereeVerdict(True, a, float(dl), thr,
+                return RefereeVerdict(True, a, float(dl), line,
                                       f"replayed from the provider's own state, {what} {dl} micro-nats off the "
                                       f"{'one' if b - a == 1 else 'mean of those'} it submitted (honest drift <= "
-                                      f"{drift}; the referee convicts past {thr:g})")
+                                      f"{drift}; the referee convicts past {line:g})")
         losses += chunk_losses
     dl = abs(mean_loss_micro(losses) - seg.loss_micro)
     how = "step by step" if chunk == 1 else f"{chunk} steps at a time"
@@ -698,9 +705,9 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                               f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is "
                               f"{dl} micro-nats off the committed one (honest drift <= {drift}; the referee convicts "
                               f"past {thr:g})")
-    each = (f", each {'step' if chunk == 1 else f'{chunk}-step window'}'s within {worst_step}"
-            if step_losses is not None else "")
-    return RefereeVerdict(False, lo, float(max(dl, worst_step)), thr,
+    each = ("" if step_losses is None else f", each step's within {worst_step}" if chunk == 1
+            else f", each {chunk}-step window's within {worst_step} <= {REFEREE_SCAN_WINDOW_MARGIN * thr:g}")
+    return RefereeVerdict(False, lo, float(max(dl, worst_rel)), thr,
                           f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is within "
                           f"{dl}{each} <= {thr:g} micro-nats of the committed one")
 
