@@ -34,6 +34,7 @@ import torch
 from node import checkpoint, crosscheck
 from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
 from node.replay import check_segment
+from node.device import gpu_name
 from node.trainer import UnitSpec, gpu_slug
 from protocol.errors import GridMintValueError
 from protocol.proof import TrainingProof
@@ -56,7 +57,8 @@ def exact_plans(labels: str, here: bool = True) -> frozenset[Plan]:
             raise GridMintValueError(f"referee plan {label!r} is not replayed bit for bit by another machine: "
                                      f"a cuda plan must name its GPU model (e.g. cuda:h200)")
         if plan.device == "cuda" and here:
-            gpu = gpu_slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+            name = gpu_name()
+            gpu = gpu_slug(name) if name is not None else None
             if gpu != plan.gpu:
                 raise GridMintValueError(f"referee plan {label!r} needs a {plan.gpu} GPU here, this machine has "
                                          f"{gpu or 'no CUDA device'}")

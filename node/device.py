@@ -31,19 +31,23 @@ def probe() -> DeviceInfo:
     return DeviceInfo("cpu", f"cpu x{torch.get_num_threads()}", kb // 1024)
 
 
-def local_plan(plan: Plan, gpu_name: str | None = None) -> Plan:
+def gpu_name() -> str | None:
+    """CUDA device 0's name (``NVIDIA H200``), or None on a machine without CUDA."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def local_plan(plan: Plan, name: str | None = None) -> Plan:
     """``plan`` as this machine runs it: a CUDA plan names this machine's GPU model (``cuda`` -> ``cuda:h200``), so a
     verifier on the same model replays its work bit for bit; one that names another model than this machine's is
-    refused. ``gpu_name``: the device name (default: CUDA device 0's, if there is one)."""
+    refused. ``name``: the GPU's device name (default: :func:`gpu_name`)."""
     if plan.device != "cuda":
         return plan
-    if gpu_name is None and torch.cuda.is_available():
-        gpu_name = torch.cuda.get_device_name(0)
-    if gpu_name is None:
+    name = name if name is not None else gpu_name()
+    if name is None:
         return plan  # no GPU here: training on it fails on its own, with its own message
-    here = gpu_slug(gpu_name)
+    here = gpu_slug(name)
     if plan.gpu and plan.gpu != here:
-        raise GridMintValueError(f"plan {plan.label!r} names a {plan.gpu} GPU, this machine has {gpu_name} ({here})")
+        raise GridMintValueError(f"plan {plan.label!r} names a {plan.gpu} GPU, this machine has {name} ({here})")
     return Plan(plan.device, plan.micro_batches, here)
 
 

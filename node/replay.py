@@ -18,7 +18,6 @@ from node.trainer import (
     PROVIDER_PLAN,
     Plan,
     UnitSpec,
-    check_training_state,
     deterministic,
     expected_batch_digest,
     export_training_state,
@@ -73,8 +72,7 @@ def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], 
     with deterministic(spec.threads):
         if plan.device == "cpu":
             model, opt = reuse_training_state(spec, tensors)  # built once per job shape
-        else:
-            check_training_state(spec, tensors)
+        else:  # a fresh pair on the plan's device (load_training_state checks the state fits)
             model, opt = load_training_state(spec, tensors)
             place(model, opt, plan)
         batches, losses = run_segment(spec, model, opt, seg_index, plan=plan)
@@ -91,8 +89,8 @@ def check_segment(
     Flags (ok=False) a proof for another spec/unit, a checkpoint that is not a valid training state or does
     not hash to the committed start, a batch digest other than the spec's data order, and any replayed end
     hash or mean loss that differs from the commitment. ``plan``: the one the provider trained on, replayed here
-    (it must be :attr:`~node.trainer.Plan.exact` for a bit-for-bit verdict to mean anything). ``OSError`` (file missing locally) propagates: it is
-    not evidence against the provider.
+    (it must be :attr:`~node.trainer.Plan.exact` for a bit-for-bit verdict to mean anything). ``OSError`` (file
+    missing locally) propagates: it is not evidence against the provider.
     """
     wrong = _claim_verdict(spec, proof, seg_index)
     if wrong is not None:
@@ -104,10 +102,11 @@ def check_segment(
     return _check_loaded(spec, proof, seg_index, tensors, plan)
 
 
-def check_state(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor]) -> SegmentVerdict:
+def check_state(spec: UnitSpec, proof: TrainingProof, seg_index: int, tensors: Mapping[str, Tensor],
+                plan: Plan = PROVIDER_PLAN) -> SegmentVerdict:
     """:func:`check_segment` on a start state already in memory."""
     wrong = _claim_verdict(spec, proof, seg_index)
-    return wrong if wrong is not None else _check_loaded(spec, proof, seg_index, tensors)
+    return wrong if wrong is not None else _check_loaded(spec, proof, seg_index, tensors, plan)
 
 
 def _claim_verdict(spec: UnitSpec, proof: TrainingProof, seg_index: int) -> SegmentVerdict | None:

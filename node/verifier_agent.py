@@ -110,7 +110,7 @@ class VerifierAgent:
             # drift across plans is wider than some cheats (float8 arithmetic); and on this machine's own plan when
             # that plan is exact (any CPU plan, a GPU plan naming its model)
             same = provider_plan == self.plan and provider_plan.exact
-            if same or (provider_plan == PROVIDER_PLAN and (self.plan == PROVIDER_PLAN or spec.precision != "fp32")):
+            if same or (provider_plan == PROVIDER_PLAN and spec.precision != "fp32"):
                 verdict = check_segment(spec, proof, seg, path, provider_plan)
                 found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
                 if provider_plan != PROVIDER_PLAN:

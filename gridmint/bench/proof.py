@@ -532,9 +532,9 @@ def run_same_plan(a: argparse.Namespace, log: Callable[[str], None], plan: cc.Pl
     t0 = time.perf_counter()
 
     def mismatch(spec: UnitSpec, proof: TrainingProof, states: list[Any], s: int) -> str:
-        got = replay_state(spec, s, states[s * spec.segment_len], plan=plan)
-        want = proof.segments[s]
-        return ("state" if got.end_hash != want.end_hash else "loss" if got.loss_micro != want.loss_micro else "")
+        """The live verifier's check on ``plan``: "" if it passes, else whether the end state or the loss is off."""
+        v = check_state(spec, proof, s, states[s * spec.segment_len], plan)
+        return "" if v.ok else "state" if v.replayed_end != v.claimed_end else "loss"
 
     same = segs = 0
     for i in range(a.cross_units):
