@@ -65,11 +65,13 @@ def node_run(
 
 @node_app.command("probe")
 def node_probe() -> None:
-    """Show this machine's device and its measured training throughput."""
-    from node.device import benchmark, probe
+    """Show this machine's device, its measured training throughput and the kernels it computes with (work replays
+    bit for bit only on the same plan and the same kernels)."""
+    from node.device import benchmark, kernel_build, probe
 
     info = probe()
     typer.echo(f"{info.kind}: {info.name}, {info.vram_mb} MB; {benchmark(device=info.kind):,} training tokens/s")
+    typer.echo(f"kernels: {kernel_build(info.kind)}")
 
 
 @node_app.command("status")

@@ -157,6 +157,8 @@ def create_app(rt: Runtime) -> FastAPI:
                 # plans the referee replays bit for bit: work trained on one is judged exactly, and a verifier on it
                 # bonds its disputes
                 "referee_plans": sorted(p.label for p in rt.referee_plans()),
+                # the CPU kernels it replays with: bit for bit only for work (and verifiers) on the same kernels
+                "referee_build": rt.referee_build(),
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 

@@ -78,6 +78,7 @@ class Verifier(Base):
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
     plan: Mapped[str] = mapped_column(String(40), default="cpu", server_default="cpu")  # how it replays
+    build: Mapped[str | None] = mapped_column(String(160), nullable=True)  # with which kernels (kernel_build)
     # active | benched: it gets no more tasks, for approving a planted known-bad segment (its stake is slashed too)
     # or for an accusation the referee proved false on the verifier's own plan (its bond, if any, is forfeit)
     status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
@@ -124,6 +125,7 @@ class Unit(Base):
     losses: Mapped[list[Any]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     plan: Mapped[str] = mapped_column(String(40), default="cpu", server_default="cpu")  # how the provider trained
+    build: Mapped[str | None] = mapped_column(String(160), nullable=True)  # with which kernels (kernel_build)
 
 
 class Verification(Base):

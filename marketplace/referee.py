@@ -1,7 +1,9 @@
 """The referee's replay of a disputed segment (the marketplace runs it, in a Celery task).
 
-A segment trained on the referee's own execution plan (the CPU default) is replayed bit for bit
-(:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches) cannot be: the referee
+A segment trained on the referee's own execution plan (the CPU default) with the referee's own kernels
+(:func:`node.device.kernel_build`: the torch build, the CPU kind) is replayed bit for bit
+(:func:`node.replay.check_segment`). A segment trained on another plan, or on the same plan with other kernels (a
+provider on another CPU computes other bits, honestly: a bit mismatch there is no evidence), (a GPU, micro-batches) cannot be: the referee
 first replays it whole and repeats the verifier's check on its own plan (a dispute its replay does not back is
 cleared there and then: the provider is never asked for anything on a false accusation), compares the committed
 mean loss (convicting on it alone only far past the calibrated loss tolerance). A dispute over the loss alone (the
@@ -34,8 +36,8 @@ import torch
 from node import checkpoint, crosscheck
 from node.crosscheck import PROVIDER_PLAN, Plan, RevealPending, State
 from node.replay import check_segment
-from node.device import gpu_name
-from node.trainer import UnitSpec, gpu_slug
+from node.device import gpu_name, kernel_build
+from node.trainer import UnitSpec, gpu_slug, same_bits
 from protocol.errors import GridMintValueError
 from protocol.proof import TrainingProof
 
@@ -72,6 +74,18 @@ def refereeable(plan: Plan) -> bool:
     return plan.device == "cpu" or torch.cuda.is_available()
 
 
+def build_here(plan: Plan) -> str | None:
+    """The kernels this machine runs ``plan`` with (:func:`node.device.kernel_build`), None without its device."""
+    return kernel_build(plan.device) if plan.device == "cpu" or torch.cuda.is_available() else None
+
+
+def native(plan: Plan, build: str | None) -> bool:
+    """Whether work on ``plan`` computed with ``build`` replays bit for bit here (``build`` None: computed on this
+    machine's own kernels, as in tests and benchmarks; "" or any other build: not)."""
+    here = build_here(plan)
+    return here is not None and same_bits(plan, here if build is None else build, plan, here)
+
+
 def devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
@@ -96,24 +110,32 @@ class Ruling:
 
 def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
          reveals: Mapping[int, Path], overdue: Callable[[int], str],
-         losses: Sequence[float] | None = None, exact: frozenset[Plan] = frozenset({REFEREE_PLAN})) -> Ruling:
+         losses: Sequence[float] | None = None, exact: frozenset[Plan] = frozenset({REFEREE_PLAN}),
+         build: str | None = None) -> Ruling:
     """Judge segment ``seg``: ``start``/``end`` are its committed checkpoints, ``reveals`` the provider's revealed
     states so far (step -> checkpoint), ``overdue(step)`` a reason if the provider was asked for ``step`` and let
     the deadline pass (else ""), ``losses`` the unit's per-step losses it submitted with its proof (checked against
     its commitments on submission): a loss scan judges each step against them. ``exact``: the plans this referee
-    replays bit for bit (:func:`exact_plans`); a segment trained on one is judged by that replay alone."""
-    if plan == REFEREE_PLAN:
+    replays bit for bit (:func:`exact_plans`); a segment trained on one is judged by that replay alone, when the
+    provider's kernel ``build`` is this machine's (None: it is; "": unknown). On other kernels the plan is judged
+    like another plan, on a tolerance calibrated against other kernels (:mod:`node.foreign`)."""
+    bitwise = native(plan, build) and (plan == REFEREE_PLAN or plan in exact)
+    if plan == REFEREE_PLAN and bitwise:
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
                       look_ok=v.ok, look_reason=v.reason)
-    if plan in exact:
+    if bitwise:
         v = check_segment(spec, proof, seg, start, plan)
         where = f"[{plan.label}] replayed bit for bit on the provider's own plan: {v.reason}"
         if not v.ok:
             return Ruling(True, where, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
                           look_ok=False, look_reason=v.reason)
     claimed = proof.segments[seg].end_hash
-    tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan)
+    # the same device on other kernels drifts even on the same plan: calibrated against other kernels (a GPU
+    # plan's tolerance is calibrated across devices already, wider than a version difference on one device)
+    foreign = plan.device == "cpu" and not native(plan, build)
+    tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan, foreign=foreign)
+    label = f"{plan.label} on other kernels" if foreign else plan.label
     s0, _ = checkpoint.load(start)
     s1, _ = checkpoint.load(end)
     runner = crosscheck.PlanRunner(spec, s0, REFEREE_PLAN)
@@ -121,16 +143,16 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     # at once, so a false accusation never asks an honest provider for anything (nor runs it into a reveal deadline)
     look = crosscheck.check_segment_across(spec, proof, seg, s0, s1, tol, runner)
     seen = {"look_hash": look.replayed_hash or "", "look_ok": look.ok, "look_reason": look.reason}
-    if plan in exact:  # the claim is reproduced bit for bit: cleared; the look judges a verifier on REFEREE_PLAN
+    if bitwise:  # the claim is reproduced bit for bit: cleared; the look judges a verifier on REFEREE_PLAN
         return Ruling(False, where, claimed, v.replayed_end or "", **seen)
     if look.ok:
-        return Ruling(False, f"[{plan.label}] the referee's replay agrees: {look.reason}; the provider was not asked "
+        return Ruling(False, f"[{label}] the referee's replay agrees: {look.reason}; the provider was not asked "
                              f"for anything", claimed, look.replayed_hash or "", **seen)
     if look.kind == "claim":  # wrong on its face (e.g. not the spec's data order): evidence on its own
-        return Ruling(True, f"[{plan.label}] {look.reason}", claimed, **seen)
+        return Ruling(True, f"[{label}] {look.reason}", claimed, **seen)
     lv = crosscheck.loss_ruling(spec, seg, tol, look.loss_delta_micro, look.state_over)
     if lv.fraud:
-        return Ruling(True, f"[{plan.label}] {lv.reason}", claimed, look.replayed_hash or "", **seen)
+        return Ruling(True, f"[{label}] {lv.reason}", claimed, look.replayed_hash or "", **seen)
     first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
 
     def reveal(step: int) -> State:
@@ -153,14 +175,14 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
             sv = crosscheck.scan_segment(spec, proof, seg, reveal, tol, runner, step_losses=mine)
         except RevealPending as p:
             return Ruling(None, str(p), claimed, pending=p.step, pending_more=p.more, **seen)
-        return Ruling(sv.fraud, f"[{plan.label}] scanned the segment's {spec.segment_len} steps: {sv.reason}", claimed,
+        return Ruling(sv.fraud, f"[{label}] scanned the segment's {spec.segment_len} steps: {sv.reason}", claimed,
                       step=sv.step, **seen)
     try:
         dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)
         v = crosscheck.referee_step(spec, dispute, reveal, tol, runner)
     except RevealPending as p:
         return Ruling(None, str(p), claimed, pending=p.step, **seen)
-    where = f"[{plan.label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
+    where = f"[{label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
     return Ruling(v.fraud, where, claimed, step=v.step, **seen)
 
 
@@ -182,7 +204,8 @@ def _hex0x(h: str) -> str:
 
 
 def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_hash: str,
-                     exact: frozenset[Plan] = frozenset({REFEREE_PLAN})) -> Faith:
+                     exact: frozenset[Plan] = frozenset({REFEREE_PLAN}), build: str | None = None,
+                     verifier_build: str | None = None) -> Faith:
     """Judge the accusation behind a dispute ``ruling`` cleared (``ruling.fraud`` is False), from the referee's own
     replay in that ruling: no segment is replayed again.
 
@@ -195,14 +218,20 @@ def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_h
     referee reproduced bit for bit, the accusation is proven false; so is a dispute by a verifier on the provider's
     own plan where that plan is one the referee replays bit for bit (``exact``). A verifier on another plan the
     referee does not replay on (micro-batches, a GPU) cannot be judged either way: not in good faith (its bond, if
-    any, is forfeit), not proven false."""
+    any, is forfeit), not proven false. All of this holds only on the referee's own kernels (``build``: the
+    provider's, ``verifier_build``: the verifier's, :func:`node.device.kernel_build`; None: this machine's): a
+    verifier on other kernels computes other bits, so the referee can neither reproduce nor refute its replay."""
     assert ruling.fraud is False, ruling
     want = _hex0x(replayed_hash)
-    if plan == verifier_plan and plan in exact | {REFEREE_PLAN}:
+    if plan == verifier_plan and plan in exact | {REFEREE_PLAN} and native(plan, build) \
+            and native(plan, verifier_build):
         return Faith(False, True, f"checked bit for bit on plan {plan.label}: the referee's replay matches the "
                                   f"provider's claim, and the verifier signed a replay ending in {want[:12]}")
     if verifier_plan != REFEREE_PLAN:
         return Faith(False, False, f"the referee cannot reproduce a replay on plan {verifier_plan.label}")
+    if not native(verifier_plan, verifier_build):
+        return Faith(False, False, f"the referee cannot reproduce a replay on other kernels than its own "
+                                   f"({verifier_build or 'unknown'})")
     got = _hex0x(ruling.look_hash)
     if got != want:
         return Faith(False, True, f"the verifier signed a replay ending in {want[:12]}, the referee's on "

@@ -31,6 +31,12 @@ class Runtime:
 
         return exact_plans(self.settings.referee_plans, here)
 
+    def referee_build(self) -> str:
+        """The CPU kernels the referee replays with (settings.referee_build, or this machine's)."""
+        from node.device import kernel_build
+
+        return self.settings.referee_build or kernel_build("cpu")
+
 
 _current: Runtime | None = None
 

@@ -75,7 +75,7 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
             raise Conflict(_benched_message(v))
         v.last_seen = now_s()
         if body is not None:
-            v.plan = body.plan
+            v.plan, v.build = body.plan, body.build or None
         s.add(v)
 
 
@@ -369,7 +369,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
         unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
-        unit.plan = plan.label
+        unit.plan, unit.build = plan.label, body.build or None
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
@@ -427,19 +427,23 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         canaried = select(Verification.unit_id).where(Verification.verifier == verifier,
                                                       Verification.canary.is_not(None))
         # a check of a unit on an exact plan (another CPU plan, a named GPU) waits a while for a verifier on that
-        # plan, who replays it bit for bit (a float8 step hides from every other): while one is around
+        # plan and the same kernels, who replays it bit for bit (a float8 step hides from every other): while one is
+        # around. (Kernels unsaid, "", are never the same: no bit-for-bit claim is made on them.)
+        unit_build = func.coalesce(Unit.build, "")
         same_plan_verifier = select(Verifier.address).where(
-            Verifier.plan == Unit.plan, Verifier.status == "active", Verifier.address != verifier,
-            Verifier.address != Verification.provider,
+            Verifier.plan == Unit.plan, Verifier.build == unit_build, Verifier.status == "active",
+            Verifier.address != verifier, Verifier.address != Verification.provider,
             Verifier.last_seen >= now - rt.settings.unit_timeout_s).exists()
-        reserved = and_(Unit.plan != v.plan, Unit.plan != PROVIDER_PLAN.label,
+        not_mine = or_(Unit.plan != v.plan, unit_build != (v.build or ""), unit_build == "")
+        reserved = and_(not_mine, Unit.plan != PROVIDER_PLAN.label,
                         or_(Unit.plan.like("cpu%"), Unit.plan.like("cuda:%")),
                         func.coalesce(Verification.created_at, 0) > now - rt.settings.same_plan_hold_s,
                         same_plan_verifier)
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
                                 Verification.canary.is_(None), checkable, ~reserved)
-                         .order_by(Verification.unit_id.in_(canaried), Unit.plan != v.plan, Verification.id)
+                         .order_by(Verification.unit_id.in_(canaried), Unit.plan != v.plan, not_mine,
+                                   Verification.id)
                          .limit(1)).first()
         if task is None:
             return None
@@ -451,7 +455,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         spec = unit_spec(job, unit)
         body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
                           task.provider, unit.plan, _end_blob(unit, task.segment), unit.id,
-                          Plan.parse(unit.plan) in rt.referee_plans())
+                          _referee_exact(rt, Plan.parse(unit.plan), unit.build or ""), unit.build or "")
         # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
         # queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
@@ -478,12 +482,19 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     return {**body, "proof": fake["proof"], "end_blob": fake["end_blob"]}
 
 
+def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
+    """Whether the referee replays work on ``plan`` computed with ``build`` bit for bit: a plan it is configured to
+    replay so, on its own CPU kernels (a GPU plan's kernels are the operator's to match when naming the plan)."""
+    return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build == rt.referee_build())
+
+
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
-               plan: str, end_blob: str, unit_id: str, referee_exact: bool) -> dict[str, Any]:
+               plan: str, end_blob: str, unit_id: str, referee_exact: bool, build: str) -> dict[str, Any]:
     """What a verifier is handed, the same for a real task and a canary."""
     return {"verification_id": vid, "segment": seg, "spec": spec_json, "proof": proof,
             "checkpoint_blob": checkpoint_blob, "provider": provider,
             "plan": plan,  # how the provider trained: the same plan replays bit for bit, another within a tolerance
+            "build": build,  # with which kernels: bit for bit needs the same plan and the same kernels
             # whether the referee replays that plan bit for bit too: then a verifier on it bonds its disputes
             "referee_exact": referee_exact,
             # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
@@ -669,6 +680,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         bisect = referee.bisect_view(task.bisect)
         ver_row = s.get(Verifier, verifier) if verifier is not None else None
         verifier_plan = Plan.parse(ver_row.plan) if ver_row is not None else PROVIDER_PLAN
+        # which kernels each computed with ("" unsaid: never taken for the referee's own)
+        build, verifier_build = unit.build or "", (ver_row.build if ver_row is not None else None) or ""
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
@@ -681,7 +694,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
 
     exact = rt.referee_plans(here=True)  # a worker without a GPU it is configured to replay on says so here
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
-                           losses, exact)
+                           losses, exact, build)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
         assert verdict.pending is not None
         with rt.sessions.begin() as s:
@@ -699,7 +712,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
         # accusation was made in good faith (it reached the verifier's signed state, past the tolerance): then it
         # is released. An accusation that replay proves false benches the verifier, bonded or not
-        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash, exact)
+        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash, exact, build,
+                                                  verifier_build)
         if disputed and not rt.contracts.evidence_used(evidence):
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # verifiers on that very plan (they replay it bit for bit) for this long after it was queued, while one of them
     # has been seen within `unit_timeout_s`; then any verifier whose devices run it may take it. 0: no wait
     same_plan_hold_s: int = Field(default=600, ge=0)
+    # the CPU kernels the referee's workers compute with (node.device.kernel_build); "": this machine's own (the API
+    # and its workers run one build on one CPU kind). Verifiers read it in GET /config: one on other kernels cannot
+    # have its replay reproduced by the referee, so it bonds no dispute, and work on other kernels is refereed within a
+    # tolerance calibrated against other kernels (node.foreign), never convicted on a bit mismatch
+    referee_build: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9._+/-]{0,159})?$")
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

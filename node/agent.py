@@ -22,7 +22,7 @@ from ledger.evm import Chain, Deployment, GridMintContracts
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
-from node.device import benchmark, local_plan, probe
+from node.device import benchmark, local_plan, plan_build, probe
 from node.keepalive import beat_interval, beating
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
 from protocol.errors import GridMintError, GridMintValueError
@@ -76,6 +76,7 @@ class ProviderAgent:
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
         self.plan = local_plan(Plan.parse(cfg.plan))  # a GPU plan names this machine's GPU model
+        self.build = plan_build(self.plan)  # with which kernels it trains: its work replays bit for bit on these only
         # on the plan it declares when it submits (self.plan, read at training time)
         self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(
             spec, start, workdir, plan=self.plan, on_step=self._between_steps)
@@ -141,7 +142,7 @@ class ProviderAgent:
         self.client.submit(spec.unit_id, {
             "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
             "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses],
-            "plan": self.plan.label})
+            "plan": self.plan.label, "build": self.build})
         self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
                  f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
         return True

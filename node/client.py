@@ -101,10 +101,10 @@ class MarketClient:
         return self.signed_json("POST", "/reveals", body)
 
     # verifier
-    def register_verifier(self, plan: str | None = None) -> Any:
+    def register_verifier(self, plan: str | None = None, build: str = "") -> Any:
         if plan is None:
             return self._check(self.signed("POST", "/verifiers/register"))
-        return self.signed_json("POST", "/verifiers/register", {"plan": plan})
+        return self.signed_json("POST", "/verifiers/register", {"plan": plan, **({"build": build} if build else {})})
 
     def next_verification(self) -> dict[str, Any] | None:
         return self._check(self.signed("POST", "/verify/next"))

@@ -308,21 +308,33 @@ def trajectory(runner: PlanRunner, state: State, first: int, n: int) -> tuple[li
 
 def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[Plan], *,
               provider_plan: Plan = PROVIDER_PLAN, factor: float = 3.0, referee_factor: float = 64.0,
-              loss_floor_micro: int = 4, referee_metric: str = "state") -> Calibration:
+              loss_floor_micro: int = 4, referee_metric: str = "state",
+              provider_runs: Sequence[tuple[Sequence[State], Sequence[float]]] | None = None,
+              provider_note: str = "") -> Calibration:
     """Measure honest drift: each ``(spec, full start state)`` is trained on ``provider_plan``; then, for every
     power-of-two length ``k`` up to the segment length, every aligned window of ``k`` steps is replayed from the
     provider's state on each verifier plan and compared with where the provider got. Dispute tolerance =
     ``factor`` x the worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise (at least
-    the floor); referee threshold = ``referee_factor`` x the worst one-step drift by ``referee_metric``."""
+    the floor); referee threshold = ``referee_factor`` x the worst one-step drift by ``referee_metric``.
+    ``provider_runs``: the provider's trajectories (states before every step, losses), one per unit, trained
+    elsewhere (on other kernels: :mod:`node.foreign`) instead of here; ``provider_note`` says where."""
     if referee_metric not in REFEREE_METRICS:
         raise GridMintValueError(f"referee metric must be one of {REFEREE_METRICS}, got {referee_metric!r}")
     honest: dict[int, float] = {}
     one_step = 0.0
     loss_max, windows = 0, 0
     loss_k: dict[int, int] = {}
-    for spec, start in units:
-        prov = PlanRunner(spec, start, provider_plan)
-        states, losses = trajectory(prov, start, 0, spec.steps)
+    units = list(units)
+    if provider_runs is not None and len(provider_runs) != len(units):
+        raise GridMintValueError(f"{len(provider_runs)} provider runs for {len(units)} calibration units")
+    for i, (spec, start) in enumerate(units):
+        if provider_runs is None:
+            states, losses = trajectory(PlanRunner(spec, start, provider_plan), start, 0, spec.steps)
+        else:
+            states, losses = list(provider_runs[i][0]), list(provider_runs[i][1])
+            if len(states) != spec.steps + 1 or len(losses) != spec.steps:
+                raise GridMintValueError(f"provider run {i} has {len(states)} states and {len(losses)} losses for "
+                                         f"{spec.steps} steps")
         for plan in verifier_plans:
             ver = PlanRunner(spec, start, plan)
             for k in _lengths(spec.segment_len):
@@ -345,7 +357,7 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
     plans = ", ".join(p.label for p in verifier_plans)
     tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)),
                     referee_factor * max(one_step, floor), factor,
-                    f"provider {provider_plan.label} vs {plans}; {windows} windows; referee {referee_metric} "
+                    f"provider {provider_plan.label}{provider_note} vs {plans}; {windows} windows; referee {referee_metric} "
                     f"x{referee_factor:g}", referee_metric, tuple(sorted(loss_k.items())))
     return Calibration(honest, loss_max, windows, tol, one_step, loss_k)
 
@@ -436,12 +448,16 @@ REFEREE_RULE = {"fp32": ("state", 64.0), "bf16": ("update", 8.0)}
 REFEREE_LOSS_FACTOR = 64.0
 
 
-def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: Plan = PROVIDER_PLAN) -> Tolerance:
+def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: Plan = PROVIDER_PLAN,
+                  foreign: bool = False) -> Tolerance:
     """A verifier's tolerance for units shaped like ``spec`` (model, segment length, batch, lr, threads), calibrated
     once per process on ``units`` honest units of two segments each from fresh weights, provider plan vs ``plan``.
-    The verifier's tolerance only decides whether to dispute; a slash is decided by the referee's one-step replay."""
+    The verifier's tolerance only decides whether to dispute; a slash is decided by the referee's one-step replay.
+    ``foreign``: the provider runs other kernels than this machine (another CPU kind or torch build, see
+    :func:`node.device.kernel_build`), so even the same plan drifts: its side of the calibration is trained on other
+    kernels (:mod:`node.foreign`; a CPU ``provider_plan`` only)."""
     key = (spec.model, spec.segment_len, spec.batch_size, spec.lr, spec.threads, spec.precision, plan, provider_plan,
-           units)
+           units, foreign)
     if key not in _CALIBRATED:
         from dataclasses import replace
 
@@ -449,11 +465,17 @@ def tolerance_for(spec: UnitSpec, plan: Plan, *, units: int = 2, provider_plan: 
 
         steps = 2 * spec.segment_len
         cal = [(replace(spec, job_id="gridmint-calibration", unit_id="0x" + f"{0xca11b + i:064x}", round=0,
-                        shard=i % spec.n_shards, steps=steps, seed=i), fresh_state(init_state(spec.model, 1000 + i)))
-               for i in range(units)]
+                        shard=i % spec.n_shards, steps=steps, seed=i), 1000 + i) for i in range(units)]
+        runs, note = None, ""
+        if foreign:
+            from node import foreign as other
+
+            runs, build = other.trajectories(cal, provider_plan)
+            note = f" on other kernels ({build})"
         metric, factor = REFEREE_RULE[spec.precision]
-        _CALIBRATED[key] = calibrate(cal, [plan], provider_plan=provider_plan, referee_metric=metric,
-                                     referee_factor=factor).tolerance
+        _CALIBRATED[key] = calibrate([(s, fresh_state(init_state(s.model, seed))) for s, seed in cal], [plan],
+                                     provider_plan=provider_plan, referee_metric=metric, referee_factor=factor,
+                                     provider_runs=runs, provider_note=note).tolerance
     return _CALIBRATED[key]
 
 

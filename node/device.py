@@ -1,6 +1,10 @@
 """Probe the node's accelerator and measure training throughput (what the provider advertises)."""
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import re
 import time
 from dataclasses import dataclass
 
@@ -34,6 +38,68 @@ def probe() -> DeviceInfo:
 def gpu_name() -> str | None:
     """CUDA device 0's name (``NVIDIA H200``), or None on a machine without CUDA."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+#: Environment that makes a child process compute with other CPU kernels than this one: ATen's scalar kernels
+#: instead of its vectorised ones, MKL's compatible code path, oneDNN's oldest ISA. A machine with another CPU kind
+#: or torch build runs other kernels like these; :func:`node.crosscheck.tolerance_for` calibrates the honest drift
+#: between kernel builds by training in such a child (``bench proof`` reports it as ``cross_build``).
+FOREIGN_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+_BUILD = re.compile(r"[a-z0-9][a-z0-9._+/-]{0,159}")
+
+
+def _cpu_kind() -> str:
+    """``x86_64.genuineintel.avx2``: architecture, vendor and widest vector ISA (what MKL and oneDNN dispatch on)."""
+    arch = platform.machine().lower() or "unknown"
+    vendor, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip().lower()
+                if key in ("vendor_id", "cpu implementer") and not vendor:
+                    vendor = val.strip().lower()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(val.split())
+                if vendor and flags:
+                    break
+    except OSError:
+        pass
+    isa = next((name for flag, name in (("amx_tile", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"),
+                                         ("avx2", "avx2"), ("avx", "avx"), ("sve", "sve"), ("asimd", "neon"))
+                if flag in flags), "base")
+    return ".".join(re.sub(r"[^a-z0-9_+-]+", "-", x) or "unknown" for x in (arch, vendor or "unknown", isa))
+
+
+@functools.lru_cache(maxsize=4)
+def kernel_build(device: str = "cpu") -> str:
+    """Which kernels this process computes ``device`` work with: deterministic training gives the same bits on two
+    machines only on the same plan *and* the same build. CPU: the torch build, the CPU kind (architecture, vendor,
+    widest vector ISA) and ATen's kernel set, plus MKL's code-path setting if pinned (``MKL_CBWR``); CUDA: the torch
+    build, CUDA and cuDNN versions and the GPU's compute capability (the model itself is in the plan). E.g.
+    ``torch-2.13.0+cpu.cf30153c/x86_64.genuineintel.avx2/aten-avx2``."""
+    head = f"torch-{torch.__version__}.{(torch.version.git_version or 'unknown')[:8]}"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise GridMintValueError("no CUDA device here: no CUDA kernel build to name")
+        major, minor = torch.cuda.get_device_capability(0)
+        parts = [head, f"cuda-{torch.version.cuda}.cudnn-{torch.backends.cudnn.version()}.sm{major}{minor}"]
+    else:
+        parts = [head, _cpu_kind(), f"aten-{torch.backends.cpu.get_cpu_capability()}"]
+        if os.environ.get("MKL_CBWR"):
+            parts.append(f"mkl-{os.environ['MKL_CBWR']}")
+    build = re.sub(r"[^a-z0-9._+/-]+", "-", "/".join(parts).lower())[:160]
+    if not _BUILD.fullmatch(build):
+        raise GridMintValueError(f"cannot name this machine's kernel build: {build!r}")
+    return build
+
+
+def plan_build(plan: Plan) -> str:
+    """The kernels this machine runs ``plan`` with (:func:`kernel_build` of its device); "" without that device."""
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        return ""
+    return kernel_build(plan.device)
 
 
 def local_plan(plan: Plan, name: str | None = None) -> Plan:

@@ -424,6 +424,14 @@ def gpu_slug(device_name: str) -> str:
 PROVIDER_PLAN = Plan()
 
 
+def same_bits(plan: Plan, build: str | None, other: Plan, other_build: str | None) -> bool:
+    """Whether work on ``plan`` computed with kernel ``build`` (:func:`node.device.kernel_build`) replays bit for bit
+    on ``other`` with ``other_build``: the same :attr:`~Plan.exact` plan on the same, known kernels. Deterministic
+    training is reproducible only on the same kernels: a CPU with another vector ISA or MKL path, or another torch,
+    CUDA or cuDNN version, computes other bits on the very same plan (``bench proof``'s ``cross_build``)."""
+    return plan == other and plan.exact and bool(build) and build == other_build
+
+
 def plan_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, plan: Plan) -> float:
     if plan.micro_batches == 1:
         return train_step(model, opt, x, y)

@@ -14,10 +14,10 @@ from rich.console import Console
 from node import checkpoint, crosscheck
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.device import local_plan
+from node.device import local_plan, plan_build
 from node.keepalive import beat_interval, beating
 from node.replay import check_segment
-from node.trainer import UnitSpec
+from node.trainer import UnitSpec, same_bits
 from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
@@ -50,6 +50,9 @@ class VerifierAgent:
         # how this machine replays (a GPU plan names its GPU model); another plan than the provider's checks within
         # a tolerance, the same plan bit for bit where it is exact
         self.plan = local_plan(plan)
+        # with which kernels: the provider's plan replays bit for bit only on the same kernels (another CPU kind or
+        # torch build computes other bits: checked within a tolerance calibrated against other kernels instead)
+        self.build = plan_build(self.plan)
         # Across plans, accuse with a bond only when the disagreement is at least this many times the tolerance; a
         # closer one is still disputed, without a bond: the referee settles it (governance path), no bond at risk.
         # On the referee's own plan every dispute is bonded: the referee reproduces this replay bit for bit and
@@ -59,6 +62,11 @@ class VerifierAgent:
         self.bond_margin = bond_margin if bond_margin is not None else (
             REFEREE_BOND_MARGIN if plan == PROVIDER_PLAN else OTHER_PLAN_BOND_MARGIN)
         self._stake_target: tuple[str, int, Any] | None = None  # what keep_staked keeps topped up (run() re-stakes)
+
+    @property
+    def cpu_build(self) -> str:
+        """The CPU kernels this verifier computes with: its plan's, or this machine's CPU for a GPU verifier."""
+        return self.build if self.plan.device == "cpu" else plan_build(PROVIDER_PLAN)
 
     def keep_staked(self, chain_url: str, amount: int, contracts: Any = None) -> int:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
@@ -106,18 +114,22 @@ class VerifierAgent:
         with beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat):
             path = self.client.get_blob(task["checkpoint_blob"], self.workdir / f"{task['checkpoint_blob']}.safetensors")
             provider_plan = Plan.parse(task.get("plan", "cpu"))
-            # bit for bit on the providers' default plan (any CPU runs it), always for a low-precision job, whose
-            # drift across plans is wider than some cheats (float8 arithmetic); and on this machine's own plan when
-            # that plan is exact (any CPU plan, a GPU plan naming its model)
-            same = provider_plan == self.plan and provider_plan.exact
-            if same or (provider_plan == PROVIDER_PLAN and spec.precision != "fp32"):
+            build = str(task.get("build") or "")
+            # bit for bit on this machine's own plan when that plan is exact (any CPU plan, a GPU plan naming its
+            # model) and the provider computed with the same kernels; a low-precision job on the providers' default
+            # plan is replayed bit for bit by any CPU verifier with its kernels (its drift across plans is wider
+            # than some cheats: float8 arithmetic); the rest within a calibrated tolerance
+            same = same_bits(provider_plan, build, self.plan, self.build)
+            if same or (provider_plan == PROVIDER_PLAN and spec.precision != "fp32"
+                        and same_bits(provider_plan, build, PROVIDER_PLAN, self.cpu_build)):
                 verdict = check_segment(spec, proof, seg, path, provider_plan)
                 found, reason, replayed_end, margin = verdict.ok, verdict.reason, verdict.replayed_end, math.inf
                 if provider_plan != PROVIDER_PLAN:
                     reason = f"[{provider_plan.label} bit for bit] {reason}"
             else:
                 end = self.client.get_blob(task["end_blob"], self.workdir / f"{task['end_blob']}.safetensors")
-                found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan)
+                found, reason, replayed_end, margin = self._check_across(spec, proof, seg, path, end, provider_plan,
+                                                                         build)
         if withdrawn:  # taken back while we replayed: a verdict would be refused
             console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({withdrawn[0]})")
             return "withdrawn"
@@ -127,11 +139,15 @@ class VerifierAgent:
         # loss tolerance makes any honest loss drift infinitely far past it)
         unbonded = (margin < self.bond_margin or math.isinf(self.bond_margin)
                     or (spec.precision != "fp32" and math.isfinite(margin)))
+        # the referee reproduces a replay (and releases the bond of an honest accusation) only on its own kernels
+        foreign_referee = (self.plan.device == "cpu"
+                           and str(self.client.config.get("referee_build") or "") != self.build)
         # a bit-for-bit replay on the provider's own plan (not the default) is bonded exactly when the referee
         # replays that plan bit for bit too: it then reproduces this replay and releases the bond of an honest one
         exact_elsewhere = same and provider_plan != PROVIDER_PLAN
         if exact_elsewhere:
             unbonded = not task.get("referee_exact", False)
+        unbonded = unbonded or foreign_referee
         ok = True if self.approve_everything else False if self.accuse_everything else found
         claimed = proof.segments[seg].end_hash
         replayed = replayed_end or "0x" + "00" * 32
@@ -144,6 +160,8 @@ class VerifierAgent:
                 "reason": reason[:500]}
         if not ok and not self.accuse_everything and unbonded:
             why = (f"the referee does not replay plan {provider_plan.label} bit for bit" if exact_elsewhere
+                   and not task.get("referee_exact", False)
+                   else "the referee computes with other kernels than this verifier" if foreign_referee
                    else f"{margin:.3g} x tolerance < {self.bond_margin:g}" if margin < self.bond_margin
                    else f"no bond on plan {self.plan.label}" if math.isinf(self.bond_margin)
                    else f"a {spec.precision} job across plans")
@@ -165,26 +183,30 @@ class VerifierAgent:
         return "ok" if ok else "fraud"
 
     def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
-                      end_path: Path, provider_plan: Plan = PROVIDER_PLAN) -> tuple[bool, str, str | None, float]:
-        """Replay on this machine's plan and compare with the provider's end state within a calibrated tolerance."""
+                      end_path: Path, provider_plan: Plan = PROVIDER_PLAN,
+                      build: str | None = None) -> tuple[bool, str, str | None, float]:
+        """Replay on this machine's plan and compare with the provider's end state within a calibrated tolerance
+        (against other kernels where the provider's CPU ``build`` is not this machine's)."""
         try:
             start, _ = checkpoint.load(start_path)
             end, _ = checkpoint.load(end_path)
         except CheckpointError as exc:
             return False, f"checkpoint rejected: {exc}", None, math.inf
-        tol = crosscheck.tolerance_for(spec, self.plan, provider_plan=provider_plan)
+        foreign = provider_plan.device == "cpu" and build is not None and build != self.cpu_build
+        tol = crosscheck.tolerance_for(spec, self.plan, provider_plan=provider_plan, foreign=foreign)
         try:
             runner = crosscheck.PlanRunner(spec, start, self.plan)
         except CheckpointError as exc:
             return False, f"checkpoint is not a training state for this spec: {exc}", None, math.inf
         v = crosscheck.check_segment_across(spec, proof, seg, start, end, tol, runner)
-        return v.ok, f"[{provider_plan.label} on {self.plan.label}] {v.reason}", v.replayed_hash, v.margin
+        where = f"{provider_plan.label} on other kernels" if foreign else provider_plan.label
+        return v.ok, f"[{where} on {self.plan.label}] {v.reason}", v.replayed_hash, v.margin
 
     def run(self, exit_when_idle_s: float | None = None) -> None:
         from node.agent import Stopper
 
         stopper = Stopper()
-        self.client.register_verifier(self.plan.label)
+        self.client.register_verifier(self.plan.label, self.build)
         idle_since = time.monotonic()
         while not stopper.stop:
             try:

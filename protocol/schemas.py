@@ -17,6 +17,9 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 #: An execution plan (node.crosscheck.Plan): device, and gradient micro-batches if more than one, e.g. "cuda", "cpu/mb2".
 # a CUDA plan may name its GPU model ("cuda:h200"): only then is it replayed bit for bit on the same plan
 PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda(:[a-z0-9][a-z0-9-]{0,23})?)(/mb([1-9]|[1-5][0-9]|6[0-4]))?$")]
+#: Which kernels a machine computes a plan with (node.device.kernel_build): the torch build and the CPU kind, or the
+#: CUDA and cuDNN versions. The same plan replays bit for bit only on the same kernels. "" = not said (never exact).
+KernelBuild = Annotated[str, Field(pattern=r"^([a-z0-9][a-z0-9._+/-]{0,159})?$")]
 
 
 class Strict(BaseModel):
@@ -114,10 +117,14 @@ class ResultSubmit(Strict):
     # How the provider trained (its execution plan). A verifier on the same plan replays bit for bit; on another, it
     # checks within a calibrated tolerance, and a dispute is bisected to one step with the provider revealing states.
     plan: PlanLabel = "cpu"
+    # with which kernels (node.device.kernel_build): bit for bit only on the same plan *and* kernels; on other kernels
+    # (another CPU kind, torch build) the same plan is checked like another plan, within a calibrated tolerance
+    build: KernelBuild = ""
 
 
 class VerifierRegister(Strict):
     plan: PlanLabel = "cpu"  # how this verifier replays; it is handed only segments its devices can check
+    build: KernelBuild = ""  # with which kernels: it is handed units of its own plan and kernels first
 
 
 class RevealSubmit(Strict):

@@ -24,7 +24,9 @@ What runs (all real training and real replays on this machine; the trials only r
    be flagged); a lazy verifier that approves everything meets its first one after a number of tasks (reported).
 6. ``same_plan``: a verifier on the provider's own exact plan (``cpu/mb2``; on a GPU, the same GPU model) replays
    honest units bit for bit and detects the cheats that hide from a verifier on another plan (:func:`run_same_plan`).
-7. ``--drift-jobs``: honest drift across plans at the demo job's shape (``--drift-shapes`` for more), every dispute
+7. ``cross_build``: the same plan on other kernels (a child on ATen's scalar kernels, as another CPU kind): honest
+   work never convicted on a bit mismatch, cheats there still convicted (:func:`run_cross_build`).
+8. ``--drift-jobs``: honest drift across plans at the demo job's shape (``--drift-shapes`` for more), every dispute
    refereed and judged for good faith, and how near the referee's loss rule came to convicting (:func:`run_drift`).
 
 ``--device cuda`` measures ``proof_overhead`` (and an honest same-device replay check) on a GPT-2-small-shaped model
@@ -52,7 +54,7 @@ from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_thro
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
                           load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
                           train_unit, update_norm)
-from node.device import local_plan
+from node.device import kernel_build, local_plan
 from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
@@ -355,6 +357,9 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
         out["false_slash"] += out["cross_plan"]["false_slash"]
         out["same_plan"] = run_same_plan(a, log, cc.Plan("cpu", 2))
         out["false_slash"] += out["same_plan"]["false_disputes"]  # on its own plan, a mismatch is a conviction
+    if a.build_units:  # the same plan on other kernels (another CPU kind): never convicted on a bit mismatch
+        out["cross_build"] = run_cross_build(a, log)
+        out["false_slash"] += out["cross_build"]["false_slash"]
     out["canary_rate"] = float(vp.CANARY_RATE)
     out["lazy_verifier_window"] = window
     out["lazy_verifier_caught_rate"] = len(caught) / a.trials
@@ -588,6 +593,98 @@ def run_same_plan(a: argparse.Namespace, log: Callable[[str], None], plan: cc.Pl
     return out
 
 
+#: Cheats trained on other kernels for the ``cross_build`` section (node.adversary names).
+BUILD_ADVERSARIES = ("fake-loss", "skip-last-update", "low-precision")
+
+
+def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    """The same plan (``cpu``) on other kernels: ``--build-units`` honest units trained in a child process on ATen's
+    scalar kernels and MKL's compatible path (:mod:`node.foreign`, as a machine with another CPU kind would), checked
+    here by a ``cpu`` verifier and refereed by :func:`marketplace.referee.rule` with the provider's kernels known.
+    ``bit_identical``: segments whose replay here reproduces the claim bit for bit (each other one is a false
+    conviction for a referee that takes the same plan for the same bits); ``disputes``: segments past the verifier's
+    tolerance (calibrated against other kernels: ``tolerance_for(..., foreign=True)``); ``false_slash``: honest
+    segments the referee convicts (every segment refereed, every state revealed); ``one_step_line_used``: the worst
+    honest one-step drift over the referee's one-step line (1.0 would convict). Then ``--build-cheat-units`` units of
+    each of :data:`BUILD_ADVERSARIES` on those kernels: cheated segments the verifier disputes and the referee
+    convicts."""
+    from marketplace import referee
+    from node import foreign
+
+    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
+    plan = cc.Plan("cpu")
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"plan": plan.label, "precision": a.cross_precision, "here": kernel_build("cpu")}
+
+    def judge(spec: UnitSpec, result: Any, states: list[Any], build: str, tmp: Path) -> list[tuple[Any, Any]]:
+        """Per segment: the verifier's check (on other kernels' tolerance) and the referee's ruling."""
+        tol = cc.tolerance_for(spec, plan, provider_plan=plan, foreign=True)
+        runner = cc.PlanRunner(spec, fresh_state(init_state(cfg, 7)), plan)
+        L = spec.segment_len
+        paths = {}
+        for k, st in enumerate(states):
+            paths[k] = tmp / f"{spec.unit_id[-8:]}-{k}.safetensors"
+            checkpoint.save(paths[k], st, {})
+        got = []
+        for s in range(spec.n_segments):
+            v = cc.check_segment_across(spec, result.proof, s, states[s * L], states[(s + 1) * L], tol, runner)
+            r = referee.rule(spec, result.proof, s, plan, result.segment_paths[s],
+                             (result.segment_paths[1:] + [result.final_path])[s], paths, lambda step: "",
+                             result.losses, build=build)
+            got.append((v, r))
+        return got
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        specs = [(_cross_spec(cfg, a, 40_000 + i), 7) for i in range(a.build_units)]
+        units, build = foreign.train_units(specs, tmp / "honest", plan)
+        out["other_kernels"] = build
+        same = disputes = slashed = segs = 0
+        worst_line = worst_margin = 0.0
+        metric, _ = cc.REFEREE_RULE[a.cross_precision]
+        for (spec, _), (result, states) in zip(specs, units):
+            tol = cc.tolerance_for(spec, plan, provider_plan=plan, foreign=True)
+            runner = cc.PlanRunner(spec, fresh_state(init_state(cfg, 7)), plan)
+            for t in range(spec.steps):  # one step from the provider's own state: what the referee's line judges
+                mine, _ = runner.replay(states[t], t, 1)
+                worst_line = max(worst_line, cc.step_distance(metric, states[t], mine, states[t + 1]) / tol.referee)
+            for s, (v, r) in enumerate(judge(spec, result, states, build, tmp)):
+                segs += 1
+                same += replay_state(spec, s, states[s * spec.segment_len]).end_hash == result.proof.segments[s].end_hash
+                disputes += not v.ok
+                worst_margin = max(worst_margin, v.margin if math.isfinite(v.margin) else 0.0)
+                slashed += bool(r.fraud)
+        out.update({"honest_units": a.build_units, "honest_segments": segs, "bit_identical": same,
+                    "disputes": disputes, "false_slash": slashed, "worst_dispute_margin": round(worst_margin, 3),
+                    "one_step_line_used": round(worst_line, 4)})
+        adv: dict[str, Any] = {}
+        for name in BUILD_ADVERSARIES:
+            cspecs = [(_cross_spec(cfg, a, 50_000 + 100 * len(adv) + j), 7) for j in range(a.build_cheat_units)]
+            cheats, _ = foreign.train_units(cspecs, tmp / name, plan, trainer=name)
+            faked = disputed = convicted = 0
+            for (spec, _), (result, states) in zip(cspecs, cheats):
+                for s, (v, r) in enumerate(judge(spec, result, states, build, tmp)):
+                    # cheated: every segment (a skipped update, a float8 step in each), or fake-loss's middle one
+                    bad = name != "fake-loss" or s == spec.n_segments // 2
+                    if not bad:
+                        slashed += bool(r.fraud)  # an honest segment of a cheat's unit convicted: counted as false
+                        continue
+                    faked += 1
+                    disputed += not v.ok
+                    convicted += bool(r.fraud)
+            adv[name] = {"cheated_segments": faked, "disputed": disputed, "convicted": convicted,
+                         "convicted_rate": convicted / max(1, faked)}
+        out["false_slash"] = slashed
+        out["adversaries"] = adv
+    out["cross_build_s"] = round(time.perf_counter() - t0, 1)
+    log(f"other kernels ({a.cross_precision}, {out['other_kernels']} vs {out['here']}): {segs} honest segments, "
+        f"{same} bit for bit, {disputes} disputed (worst {out['worst_dispute_margin']}x), {out['false_slash']} "
+        f"slashed, one-step line used {out['one_step_line_used']}; "
+        + ", ".join(f"{n} convicted {r['convicted']}/{r['cheated_segments']} (disputed {r['disputed']})"
+                    for n, r in adv.items()) + f" ({out['cross_build_s']} s)")
+    return out
+
+
 def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     """Honest cross-plan drift at the demo job's shape (or each of ``--drift-shapes``), as the running marketplace
     sees it: ``--drift-jobs`` jobs per shape (random ids, so random data orders) of 3 units (by default 60 steps in
@@ -763,6 +860,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cross-precision", default="fp32", choices=["fp32", "bf16"],
                    help="the arithmetic of the cross-plan and drift sections' units")
     p.add_argument("--only-cross", action="store_true", help="run only the cross-plan section (CPU plans)")
+    p.add_argument("--build-units", type=int, default=10,
+                   help="honest units trained on other kernels for the cross_build section (0: skip)")
+    p.add_argument("--build-cheat-units", type=int, default=3, help="units per adversary trained on other kernels")
+    p.add_argument("--only-builds", action="store_true",
+                   help="run only the cross_build section (the same plan on other kernels), in fp32 and bf16")
     p.add_argument("--drift-jobs", type=int, default=0, help="demo-shaped jobs for the honest-drift section (0: skip)")
     p.add_argument("--drift-rounds", type=int, default=1, help="DiLoCo rounds per drift job")
     p.add_argument("--drift-shapes", default="60x15x16",
@@ -777,6 +879,10 @@ def main(argv: list[str]) -> int:
         figures = {"drift": run_drift(a, log)}
     elif a.only_adversaries:
         figures = run_adversaries(a, log)
+    elif a.only_builds:
+        figures = {f"cross_build_{prec}": run_cross_build(argparse.Namespace(**{**vars(a), "cross_precision": prec}),
+                                                          log) for prec in ("fp32", "bf16")}
+        figures["false_slash"] = sum(f["false_slash"] for f in figures.values())
     elif a.only_cross:
         figures = {"cross_plan": run_cross(a, log, [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2),
                                            [cc.Plan("cpu", 1), cc.Plan("cpu", 4)], cc.Plan("cpu", 2)),

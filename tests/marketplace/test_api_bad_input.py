@@ -183,3 +183,21 @@ def test_heartbeat_checks_its_envelope_like_every_signed_route(market) -> None:
                      headers=sign_request(acct, market.rt.chain_id, "POST", "/providers/heartbeat", b"", 12,
                                           int(time.time()) + 60))
     assert big.status_code == 413
+
+
+def test_a_verifier_registers_its_plan_and_kernels_and_malformed_ones_are_refused(market) -> None:
+    from marketplace.db import Verifier
+    from node.device import kernel_build
+
+    acct = market.account()
+    for bad in ({"plan": "cpu", "build": "Torch 2.13 (AVX2)"}, {"plan": "cpu", "build": "x" * 161},
+                {"plan": "cuda:", "build": ""}, {"plan": "cpu", "build": 7}):
+        assert _post(market, acct, "/verifiers/register", bad).status_code == 422, bad
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, acct.address) is None
+    ok = _post(market, acct, "/verifiers/register", {"plan": "cpu/mb2", "build": kernel_build()})
+    assert ok.status_code < 300, ok.text
+    with market.rt.sessions() as s:
+        v = s.get(Verifier, acct.address)
+        assert (v.plan, v.build) == ("cpu/mb2", kernel_build())
+    assert httpx.get(market.url + "/config").json()["referee_build"] == kernel_build()

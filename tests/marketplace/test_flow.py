@@ -39,7 +39,7 @@ def staked_verifier(market, tmp_path: Path, name: str, **kw) -> VerifierAgent:
     """A registered verifier with 100 GMT staked (it backs its accusations with a bond)."""
     acct = market.account(gmt=tokens(100))
     v = VerifierAgent(market.url, acct, tmp_path / name, **kw)
-    v.client.register_verifier(v.plan.label)  # its declared plan: what the referee judges its verdicts by
+    v.client.register_verifier(v.plan.label, v.build)  # its declared plan: what the referee judges its verdicts by
     v.keep_staked("", tokens(100), contracts=market.contracts(acct))
     return v
 
@@ -1306,3 +1306,36 @@ def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(marke
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
     assert market.ops.stake_of(honest.account.address) > 0
+
+
+def test_work_and_verifiers_on_other_kernels_are_checked_within_a_tolerance_and_bond_nothing(market,
+                                                                                             tmp_path: Path) -> None:
+    """The same plan replays bit for bit only on the same kernels (node.device.kernel_build). An honest provider that
+    says it trains on other kernels (another CPU kind) is checked by a verifier on yet other kernels within a
+    tolerance calibrated against other kernels (node.foreign), not bit for bit, and paid. That verifier's dispute of
+    a cheat goes unbonded (the referee, on its own kernels, could not reproduce its replay to release a bond), and the
+    cheat, on the referee's kernels, is convicted bit for bit and slashed on the governance path."""
+    other = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    honest.build = other
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    verifier.build = "torch-2.13.0.example/aarch64.arm.neon/aten-default"
+    verifier.client.register_verifier(verifier.plan.label, verifier.build)
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=16, segment_len=4, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+        assert s.get(Verifier, verifier.account.address).build == verifier.build
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
+    assert {u.build for u in units if u.status == "verified"} == {other}
+    assert all(u.provider == honest.account.address for u in units if u.status == "verified")
+    assert [v.provider for v in checks if v.status == "fraud"] == [cheat.account.address]
+    assert all(v.status == "passed" for v in checks if v.provider == honest.account.address)
+    disputed = _events(market, "segment_disputed")
+    assert len(disputed) == 1 and "[cpu on other kernels on cpu]" in disputed[0]["reason"]
+    assert "[unbonded: the referee computes with other kernels than this verifier]" in disputed[0]["reason"]
+    assert [e["path"] for e in _events(market, "provider_slashed")] == ["governance"]
+    assert market.ops.stake_of(verifier.account.address) == tokens(100)  # nothing was bonded

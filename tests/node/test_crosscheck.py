@@ -458,3 +458,31 @@ def test_a_gpu_plan_names_its_model_and_only_then_replays_bit_for_bit_elsewhere(
     assert local_plan(cc.Plan.parse("cpu/mb2"), "NVIDIA H200") == cc.Plan("cpu", 2)
     with pytest.raises(GridMintValueError, match="names a h100 GPU, this machine has NVIDIA H200"):
         local_plan(cc.Plan.parse("cuda:h100"), "NVIDIA H200")
+
+
+def test_the_same_bits_need_the_same_exact_plan_on_the_same_known_kernels() -> None:
+    """A kernel build names what decides the bits besides the plan (torch build, CPU kind, ATen's kernel set); a
+    child on other kernels (node.foreign) names other ones, and the schema takes both."""
+    import re
+    import subprocess
+    import sys
+
+    from node.device import kernel_build, plan_build
+    from node.foreign import foreign_env
+    from node.trainer import same_bits
+    from protocol.schemas import KernelBuild  # noqa: F401 - the pattern below is the schema's
+
+    here = kernel_build("cpu")
+    assert plan_build(cc.Plan("cpu", 2)) == here and here.startswith("torch-") and "/aten-" in here
+    child = subprocess.run([sys.executable, "-c", "from node.device import kernel_build; print(kernel_build())"],
+                           env=foreign_env(), capture_output=True, text=True, check=True).stdout.strip()
+    assert child != here and "aten-default" in child and child.endswith("mkl-compatible")
+    for build in (here, child):
+        assert re.fullmatch(r"[a-z0-9][a-z0-9._+/-]{0,159}", build)
+    cpu, mb2, cuda = cc.Plan("cpu"), cc.Plan("cpu", 2), cc.Plan("cuda")
+    assert same_bits(cpu, here, cpu, here) and same_bits(mb2, child, mb2, child)
+    assert not same_bits(cpu, here, cpu, child)  # the same plan on other kernels
+    assert not same_bits(cpu, "", cpu, "")  # kernels unsaid: never taken for the same
+    assert not same_bits(cpu, here, mb2, here)  # another plan
+    assert not same_bits(cuda, "x", cuda, "x")  # a GPU plan without its model is not exact
+    assert same_bits(cc.Plan("cuda", 1, "h200"), "x", cc.Plan("cuda", 1, "h200"), "x")

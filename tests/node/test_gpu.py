@@ -183,8 +183,13 @@ def test_a_verifier_on_the_same_gpu_model_replays_bit_for_bit_and_catches_a_floa
     from node.replay import check_segment
     from node.trainer import UnitSpec, train_unit
 
+    from node.device import plan_build
+
     plan = local_plan(cc.Plan("cuda"))
     assert plan.exact and plan.gpu
+    # the kernels it names besides the model: the torch build, CUDA and cuDNN versions, the compute capability
+    build = plan_build(plan)
+    assert build.startswith("torch-") and "/cuda-" in build and ".sm" in build and build != plan_build(cc.Plan("cpu"))
     tiny = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)
     start = init_state(tiny, 3)
     for precision in ("fp32", "bf16"):
