@@ -88,7 +88,8 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     rc = bench.main(["--steps", "64", "--trials", "20", "--pool", "1", "--honest-units", "4", "--honest-steps", "4",
                      "--overhead-steps", "16", "--repeats", "1", "--fraction", "0.05", "--cross-units", "2",
                      "--cross-cheat-units", "1", "--cross-steps", "16", "--cross-seg", "4", "--cal-units", "1",
-                     "--cost-steps", "16", "--cost-repeats", "1", "--job-steps", "15", "--job-repeats", "2"])
+                     "--cost-steps", "16", "--cost-repeats", "1", "--job-steps", "15", "--job-repeats", "2",
+                     "--build-units", "1", "--build-cheat-units", "1"])
     assert rc == 0
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("min_caught_rate", "false_slash", "verify_cost_ratio", "proof_overhead", "lazy_verifier_caught_rate"):
@@ -121,6 +122,11 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert same["plan"] == "cpu/mb2" and same["honest_segments"] == 8 == same["bit_identical"]
     assert same["false_disputes"] == 0 and same["min_detected_rate"] == 1.0
     assert same["adversaries"]["fake_loss"]["by"] == {"loss": 1}  # honest states on its plan, a lie in the loss
+    other = fig["cross_build"]  # the same plan on other kernels (a child on ATen's scalar kernels)
+    assert other["other_kernels"] != other["here"] and other["honest_segments"] == 4
+    assert other["bit_identical"] == 0 and other["false_slash"] == 0 and other["one_step_line_used"] < 1
+    for name in ("fake-loss", "skip-last-update"):
+        assert other["adversaries"][name]["convicted_rate"] == 1.0, name
 
 
 def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
