@@ -35,6 +35,24 @@ REFEREE_BOND_MARGIN = 1.0
 OTHER_PLAN_BOND_MARGIN = math.inf
 
 
+def calibration_plans(provider_plan: Plan, provider_build: str | None, plan: Plan, build: str,
+                      cpu_build: str) -> tuple[Plan, Plan, bool]:
+    """Which plans a verifier on ``plan`` (kernels ``build``; ``cpu_build`` its CPU's) calibrates its tolerance for
+    work on ``provider_plan`` (kernels ``provider_build``) on: ``(verifier plan, provider plan, foreign)``, for
+    :func:`node.crosscheck.tolerance_for`. Calibration runs the provider's side here, so it must be something this
+    machine can stand in for. A CPU plan on other kernels: trained on other kernels in a child (``foreign``). A GPU
+    plan naming another GPU model, or on other GPU kernels (another torch / CUDA version): this GPU would compute what
+    this verifier computes, a drift of zero, and every honest segment would be disputed (and its verifier, overruled
+    every time, benched); so the tolerance is the one between this GPU and the CPU, an upper bound on the drift
+    between two GPUs running the same deterministic kernels. (``provider_build`` None: this machine's own.)"""
+    if provider_plan.device == "cpu":
+        return plan, provider_plan, provider_build is not None and provider_build != cpu_build
+    if plan.device == "cuda" and (provider_plan.gpu != plan.gpu
+                                  or (provider_build is not None and provider_build != build)):
+        return PROVIDER_PLAN, Plan("cuda", provider_plan.micro_batches), False
+    return plan, provider_plan, False
+
+
 class VerifierAgent:
     def __init__(self, marketplace: str, account: LocalAccount, workdir: Path | None = None,
                  poll_s: float = 0.5, approve_everything: bool = False, accuse_everything: bool = False,
@@ -192,14 +210,16 @@ class VerifierAgent:
             end, _ = checkpoint.load(end_path)
         except CheckpointError as exc:
             return False, f"checkpoint rejected: {exc}", None, math.inf
-        foreign = provider_plan.device == "cpu" and build is not None and build != self.cpu_build
-        tol = crosscheck.tolerance_for(spec, self.plan, provider_plan=provider_plan, foreign=foreign)
+        cal_plan, cal_provider, foreign = calibration_plans(provider_plan, build, self.plan, self.build,
+                                                            self.cpu_build)
+        tol = crosscheck.tolerance_for(spec, cal_plan, provider_plan=cal_provider, foreign=foreign)
         try:
             runner = crosscheck.PlanRunner(spec, start, self.plan)
         except CheckpointError as exc:
             return False, f"checkpoint is not a training state for this spec: {exc}", None, math.inf
         v = crosscheck.check_segment_across(spec, proof, seg, start, end, tol, runner)
-        where = f"{provider_plan.label} on other kernels" if foreign else provider_plan.label
+        where = (f"{provider_plan.label} on other kernels" if foreign or cal_plan != self.plan
+                 else provider_plan.label)
         return v.ok, f"[{where} on {self.plan.label}] {v.reason}", v.replayed_hash, v.margin
 
     def run(self, exit_when_idle_s: float | None = None) -> None:

@@ -486,3 +486,21 @@ def test_the_same_bits_need_the_same_exact_plan_on_the_same_known_kernels() -> N
     assert not same_bits(cpu, here, mb2, here)  # another plan
     assert not same_bits(cuda, "x", cuda, "x")  # a GPU plan without its model is not exact
     assert same_bits(cc.Plan("cuda", 1, "h200"), "x", cc.Plan("cuda", 1, "h200"), "x")
+
+
+def test_a_verifier_calibrates_against_what_its_machine_can_stand_in_for() -> None:
+    """A verifier's tolerance is calibrated by running the provider's side here: a CPU plan on other kernels is run
+    on other kernels (a child), and a GPU plan of another model or other GPU kernels cannot be run here at all (this
+    GPU would compute this verifier's own bits, a zero drift): it is calibrated between this GPU and the CPU."""
+    from node.verifier_agent import calibration_plans
+
+    cpu, mb2 = cc.Plan("cpu"), cc.Plan("cpu", 2)
+    h200, a100, h200mb2 = cc.Plan("cuda", 1, "h200"), cc.Plan("cuda", 1, "a100"), cc.Plan("cuda", 2, "h200")
+    assert calibration_plans(mb2, "ours", cpu, "ours", "ours") == (cpu, mb2, False)
+    assert calibration_plans(mb2, "theirs", cpu, "ours", "ours") == (cpu, mb2, True)
+    assert calibration_plans(cpu, None, cpu, "ours", "ours") == (cpu, cpu, False)  # None: this machine's
+    assert calibration_plans(cpu, "", h200, "gpu", "ours") == (h200, cpu, True)  # unsaid: taken as other
+    assert calibration_plans(h200mb2, "gpu", h200, "gpu", "ours") == (h200, h200mb2, False)  # a real plan difference
+    assert calibration_plans(a100, "gpu", h200, "gpu", "ours") == (cpu, cc.Plan("cuda"), False)  # another model
+    assert calibration_plans(h200mb2, "old-torch", h200, "gpu", "ours") == (cpu, cc.Plan("cuda", 2), False)
+    assert calibration_plans(cc.Plan("cuda"), "gpu", h200, "gpu", "ours") == (cpu, cc.Plan("cuda"), False)
