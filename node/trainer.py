@@ -2,7 +2,9 @@
 
 Reproducibility contract (what a verifier relies on to replay a segment bit for bit):
 
-* same torch build and CPU kind, ``torch.use_deterministic_algorithms(True)``, the spec's thread count;
+* same torch build and CPU kind (:func:`node.device.kernel_build`: providers and verifiers name theirs, and work on
+  other kernels is checked within a tolerance instead), ``torch.use_deterministic_algorithms(True)``, the spec's
+  thread count;
 * a training state that is the whole story: model weights + AdamW moments and step counts. No dropout,
   and the data order is a pure SHA-256 function of the spec (:func:`node.data.batch_indices`), so no
   random-number-generator state exists to save;
@@ -394,8 +396,8 @@ class Plan:
     def exact(self) -> bool:
         """Whether two machines running this plan compute the same bits (so one replays the other's work exactly):
         any CPU plan (deterministic float32 kernels, a fixed thread count), a CUDA plan only with its GPU model
-        named. (Same-model GPUs also need the same kernels: torch and CUDA versions; a mismatch from a version
-        difference is disputed like any other, and cleared by a referee that replays the plan itself.)"""
+        named. Two machines on an exact plan compute the same bits only on the same kernels too (the torch build and
+        CPU kind; torch, CUDA and cuDNN versions): :func:`same_bits`, with :func:`node.device.kernel_build`."""
         return self.device == "cpu" or bool(self.gpu)
 
     @classmethod
