@@ -7,6 +7,7 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.blobs import BlobStore
+from protocol.errors import GridMintValueError
 from marketplace.settings import Settings
 from marketplace.stakes import StakeCache
 
@@ -26,9 +27,15 @@ class Runtime:
     def referee_plans(self, here: bool = False) -> frozenset[Any]:
         """The execution plans this marketplace's referee replays bit for bit (settings.referee_plans; see
         :func:`marketplace.referee.exact_plans`), read from the settings on each call. ``here``: the referee itself
-        (a worker), which must run each of them on this machine."""
+        (a worker), which must run each of them on this machine, with the CPU kernels the marketplace says its
+        referee computes with (settings.referee_build): else verifiers would bond disputes it cannot judge."""
         from marketplace.referee import exact_plans
+        from node.device import kernel_build
 
+        if here and self.referee_build() != kernel_build("cpu"):
+            raise GridMintValueError(f"GRIDMINT_REFEREE_BUILD says the referee computes with "
+                                     f"{self.referee_build()}, this worker computes with {kernel_build('cpu')}: set it "
+                                     f"to what `gridmint node probe` prints on the workers")
         return exact_plans(self.settings.referee_plans, here)
 
     def referee_build(self) -> str:

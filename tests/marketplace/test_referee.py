@@ -170,3 +170,25 @@ def test_the_referee_takes_only_plans_it_replays_bit_for_bit() -> None:
     assert referee.exact_plans("cpu,cuda:no-such-gpu", here=False) == {CPU, cc.Plan("cuda", 1, "no-such-gpu")}
     with pytest.raises(GridMintValueError):
         referee.exact_plans("cpu/mb0")
+
+
+def test_a_worker_on_other_kernels_than_the_marketplace_names_refuses_to_referee(tmp_path: Path) -> None:
+    """Verifiers bond disputes when their kernels are the referee's (GET /config referee_build): a worker computing
+    with other kernels than that could not release an honest bond, so it says so instead of judging."""
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+    from node.device import kernel_build
+    from protocol.errors import GridMintValueError
+
+    def runtime(build: str) -> Runtime:
+        return Runtime(settings=Settings(data_dir=tmp_path, referee_build=build), sessions=None, blobs=None,
+                       chain_id=1, contracts=None, enqueue=lambda name, args: None)  # type: ignore[arg-type]
+
+    assert runtime("").referee_build() == kernel_build("cpu") and runtime("").referee_plans(here=True) == {CPU}
+    assert runtime(kernel_build("cpu")).referee_plans(here=True) == {CPU}
+    other = runtime("torch-2.13.0.example/aarch64.arm.neon/aten-default")
+    assert other.referee_plans() == {CPU}  # an API process only reads the labels
+    with pytest.raises(GridMintValueError, match="GRIDMINT_REFEREE_BUILD says the referee computes with torch-2.13.0"):
+        other.referee_plans(here=True)
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, referee_build="Torch 2 (AVX2)")
