@@ -435,7 +435,8 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             Verifier.address != verifier, Verifier.address != Verification.provider,
             Verifier.last_seen >= now - rt.settings.unit_timeout_s).exists()
         not_mine = or_(Unit.plan != v.plan, unit_build != (v.build or ""), unit_build == "")
-        reserved = and_(not_mine, Unit.plan != PROVIDER_PLAN.label,
+        # (the default plan on the referee's kernels: any verifier there replays it bit for bit, none is waited for)
+        reserved = and_(not_mine, or_(Unit.plan != PROVIDER_PLAN.label, unit_build != rt.referee_build()),
                         or_(Unit.plan.like("cpu%"), Unit.plan.like("cuda:%")),
                         func.coalesce(Verification.created_at, 0) > now - rt.settings.same_plan_hold_s,
                         same_plan_verifier)

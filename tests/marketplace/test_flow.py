@@ -1245,16 +1245,24 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
     assert passed
 
 
-def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(market, tmp_path: Path) -> None:
-    """A unit trained on micro-batches (cpu/mb2, an exact plan): while a verifier on cpu/mb2 is around, its checks
-    are kept for it (GRIDMINT_SAME_PLAN_HOLD_S) and a cpu verifier gets nothing; the cpu/mb2 verifier replays them
-    bit for bit. Once no verifier on that plan has been seen for a while (or the hold has passed), anyone may."""
+@pytest.mark.parametrize("kernels", ["ours", "other"])
+def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(market, tmp_path: Path,
+                                                                               kernels: str) -> None:
+    """A unit trained on micro-batches (cpu/mb2, an exact plan), or on the default plan with other kernels than the
+    referee's: while a verifier on that plan and those kernels is around, its checks are kept for it
+    (GRIDMINT_SAME_PLAN_HOLD_S) and a cpu verifier on the referee's kernels gets nothing; the one on the unit's own
+    plan and kernels replays them bit for bit. Once it has not been seen for a while (or the hold has passed),
+    anyone may."""
     from node.crosscheck import Plan
 
     market.rt.settings.canary_rate = 0.0
-    mb2 = provider(market, tmp_path, "mb2", "us-east", "0.9", plan="cpu/mb2")
+    plan = "cpu/mb2" if kernels == "ours" else "cpu"
+    mb2 = provider(market, tmp_path, "mb2", "us-east", "0.9", plan=plan)
     cpu_verifier = staked_verifier(market, tmp_path, "cpu-verifier")
-    same = staked_verifier(market, tmp_path, "mb2-verifier", plan=Plan("cpu", 2))
+    same = staked_verifier(market, tmp_path, "mb2-verifier", plan=Plan.parse(plan))
+    if kernels == "other":  # (said: these machines really compute alike, so the bits are the same)
+        mb2.build = same.build = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
+        same.client.register_verifier(same.plan.label, same.build)
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     job_id = submit_job(market, spec)
