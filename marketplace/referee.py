@@ -2,9 +2,9 @@
 
 A segment trained on the referee's own execution plan (the CPU default) with the referee's own kernels
 (:func:`node.device.kernel_build`: the torch build, the CPU kind) is replayed bit for bit
-(:func:`node.replay.check_segment`). A segment trained on another plan, or on the same plan with other kernels (a
-provider on another CPU computes other bits, honestly: a bit mismatch there is no evidence), (a GPU, micro-batches) cannot be: the referee
-first replays it whole and repeats the verifier's check on its own plan (a dispute its replay does not back is
+(:func:`node.replay.check_segment`). A segment trained on another plan (a GPU, micro-batches), or on the same plan
+with other kernels (a provider on another CPU computes other bits, honestly: a bit mismatch there is no evidence),
+cannot be: the referee first replays it whole and repeats the verifier's check on its own plan (a dispute its replay does not back is
 cleared there and then: the provider is never asked for anything on a false accusation), compares the committed
 mean loss (convicting on it alone only far past the calibrated loss tolerance). A dispute over the loss alone (the
 states agree) is **scanned**: the provider reveals its state before every step of the segment (every power-of-two
