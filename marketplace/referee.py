@@ -119,7 +119,8 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     replays bit for bit (:func:`exact_plans`); a segment trained on one is judged by that replay alone, when the
     provider's kernel ``build`` is this machine's (None: it is; "": unknown). On other kernels the plan is judged
     like another plan, on a tolerance calibrated against other kernels (:mod:`node.foreign`)."""
-    bitwise = native(plan, build) and (plan == REFEREE_PLAN or plan in exact)
+    ours = native(plan, build)
+    bitwise = ours and (plan == REFEREE_PLAN or plan in exact)
     if plan == REFEREE_PLAN and bitwise:
         v = check_segment(spec, proof, seg, start)
         return Ruling(not v.ok, v.reason, v.claimed_end, v.replayed_end or "", look_hash=v.replayed_end or "",
@@ -133,7 +134,7 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     claimed = proof.segments[seg].end_hash
     # the same device on other kernels drifts even on the same plan: calibrated against other kernels (a GPU
     # plan's tolerance is calibrated across devices already, wider than a version difference on one device)
-    foreign = plan.device == "cpu" and not native(plan, build)
+    foreign = plan.device == "cpu" and not ours
     tol = crosscheck.tolerance_for(spec, REFEREE_PLAN, provider_plan=plan, foreign=foreign)
     label = f"{plan.label} on other kernels" if foreign else plan.label
     s0, _ = checkpoint.load(start)

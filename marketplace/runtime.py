@@ -7,9 +7,9 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.blobs import BlobStore
-from protocol.errors import GridMintValueError
 from marketplace.settings import Settings
 from marketplace.stakes import StakeCache
+from protocol.errors import GridMintValueError
 
 Enqueue = Callable[[str, list[Any]], None]
 

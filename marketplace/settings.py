@@ -7,6 +7,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
+from protocol.schemas import KernelBuild
 from protocol.verification import CANARY_RATE
 
 
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     # and its workers run one build on one CPU kind). Verifiers read it in GET /config: one on other kernels cannot
     # have its replay reproduced by the referee, so it bonds no dispute, and work on other kernels is refereed within a
     # tolerance calibrated against other kernels (node.foreign), never convicted on a bit mismatch
-    referee_build: str = Field(default="", pattern=r"^([a-z0-9][a-z0-9._+/-]{0,159})?$")
+    referee_build: KernelBuild = ""
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).

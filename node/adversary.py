@@ -25,6 +25,7 @@ every uploaded checkpoint hashes to what was committed. Only a replay of a segme
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -240,6 +241,12 @@ def low_precision(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *,
         return losses
 
     return _cheat_unit(spec, start, workdir, segment, on_step)
+
+
+def trains_on_its_plan(train: TrainFn) -> bool:
+    """Whether adversary ``train`` trains honestly, apart from its lie, on the plan it declares (it takes ``plan``);
+    the others train their own way, whatever plan they declare."""
+    return "plan" in inspect.signature(train).parameters
 
 
 ADVERSARIES: dict[str, TrainFn] = {

@@ -4,7 +4,6 @@ Everything it sends is signed by its wallet. It trains deterministically, so any
 """
 from __future__ import annotations
 
-import inspect
 import signal
 import tempfile
 import threading
@@ -89,12 +88,11 @@ class ProviderAgent:
         self._steps = 0
         self._withdrawn: str | None = None
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
-            from node.adversary import ADVERSARIES
+            from node.adversary import ADVERSARIES, trains_on_its_plan
 
             cheat = ADVERSARIES[cfg.adversary]
-            # one that trains honestly apart from its lie trains on the plan it declares
             self.trainer = ((lambda spec, start, workdir: cheat(spec, start, workdir, plan=self.plan))
-                            if "plan" in inspect.signature(cheat).parameters else cheat)
+                            if trains_on_its_plan(cheat) else cheat)
 
     def say(self, msg: str) -> None:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")

@@ -14,6 +14,7 @@ from node.data import train_batch
 from node.model import ModelConfig, build_model, init_state
 from node.trainer import Plan, gpu_slug
 from protocol.errors import GridMintValueError
+from protocol.schemas import KERNEL_BUILD
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def gpu_name() -> str | None:
 #: between kernel builds by training in such a child (``bench proof`` reports it as ``cross_build``).
 FOREIGN_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 
-_BUILD = re.compile(r"[a-z0-9][a-z0-9._+/-]{0,159}")
+_BUILD = re.compile(KERNEL_BUILD)
 
 
 def _cpu_kind() -> str:

@@ -2,8 +2,9 @@
 (:data:`node.device.FOREIGN_KERNELS`), to calibrate how far two machines with different CPU kinds or torch builds
 drift apart on the same plan (:func:`node.crosscheck.tolerance_for` with ``foreign=True``).
 
-Deterministic training gives the same bits only on the same kernels: a provider on another CPU (AVX-512 rather than AVX2, ARM, another vendor's MKL path) computes other bits on the very
-same plan, and a referee that took a bit mismatch there for fraud would slash it. Across builds the check is the one
+Deterministic training gives the same bits only on the same kernels: a provider on another CPU (AVX-512 rather than
+AVX2, ARM, another vendor's MKL path) computes other bits on the very same plan, and a referee that took a bit
+mismatch there for fraud would slash it. Across builds the check is the one
 across plans (a calibrated tolerance, then a bisection or loss scan down to one step), and its tolerance is measured
 here: the provider's side of the calibration is trained in the child, replayed in this process.
 
@@ -11,12 +12,12 @@ here: the provider's side of the calibration is trained in the child, replayed i
 [[spec_json, init_seed], ...]}``: OUT gets ``unit-N.safetensors`` (the state before every step, ``S/name``) and
 ``unit-N.json`` (losses, the build). ``{"mode": "units", "plan", "trainer", "units": [[spec_json, init_seed],
 ...]}``: whole units (honest, or one of :data:`node.adversary.ADVERSARIES`) trained into ``OUT/unit-N`` as a provider
-would, each with ``unit.json`` (its proof, losses, the build) and ``reveals.safetensors``: every state it would reveal in a dispute, re-derived from its
-own segment checkpoints (:class:`node.crosscheck.Revealer`) on those kernels, for tests and ``bench proof``.
+would, each with ``unit.json`` (its proof, losses, the build) and ``reveals.safetensors``: every state it would
+reveal in a dispute, re-derived from its own segment checkpoints (:class:`node.crosscheck.Revealer`) on those
+kernels, for tests and ``bench proof``.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -141,7 +142,7 @@ def _flatten(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
 
 def main(argv: Sequence[str]) -> int:
     from node import checkpoint
-    from node.adversary import ADVERSARIES
+    from node.adversary import ADVERSARIES, trains_on_its_plan
     from node.crosscheck import PlanRunner, Revealer, trajectory
     from node.device import kernel_build
     from node.model import init_state
@@ -152,7 +153,7 @@ def main(argv: Sequence[str]) -> int:
     plan, out = Plan.parse(req["plan"]), Path(argv[1])
     if req.get("mode") == "units":
         train = honest if req["trainer"] == "honest" else ADVERSARIES[req["trainer"]]
-        kw = {"plan": plan} if "plan" in inspect.signature(train).parameters else {}  # a cheat may train its own way
+        kw = {"plan": plan} if trains_on_its_plan(train) else {}  # a cheat may train its own way
         for i, (spec_json, seed) in enumerate(req["units"]):
             spec = UnitSpec.from_json(spec_json)
             d = out / f"unit-{i}"

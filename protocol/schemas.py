@@ -19,7 +19,8 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda(:[a-z0-9][a-z0-9-]{0,23})?)(/mb([1-9]|[1-5][0-9]|6[0-4]))?$")]
 #: Which kernels a machine computes a plan with (node.device.kernel_build): the torch build and the CPU kind, or the
 #: CUDA and cuDNN versions. The same plan replays bit for bit only on the same kernels. "" = not said (never exact).
-KernelBuild = Annotated[str, Field(pattern=r"^([a-z0-9][a-z0-9._+/-]{0,159})?$")]
+KERNEL_BUILD = r"[a-z0-9][a-z0-9._+/-]{0,159}"
+KernelBuild = Annotated[str, Field(pattern=rf"^({KERNEL_BUILD})?$")]
 
 
 class Strict(BaseModel):

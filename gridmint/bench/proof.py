@@ -616,10 +616,15 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     t0 = time.perf_counter()
     out: dict[str, Any] = {"plan": plan.label, "precision": a.cross_precision, "here": kernel_build("cpu")}
 
-    def judge(spec: UnitSpec, result: Any, states: list[Any], build: str, tmp: Path) -> list[tuple[Any, Any]]:
+    def checker(spec: UnitSpec) -> tuple[cc.Tolerance, cc.PlanRunner]:
+        """A ``cpu`` verifier's tolerance for work on other kernels (calibrated once per shape) and its replayer."""
+        return (cc.tolerance_for(spec, plan, provider_plan=plan, foreign=True),
+                cc.PlanRunner(spec, fresh_state(init_state(cfg, 7)), plan))
+
+    def judge(spec: UnitSpec, result: Any, states: list[Any], build: str, tmp: Path,
+              check: tuple[cc.Tolerance, cc.PlanRunner]) -> list[tuple[Any, Any]]:
         """Per segment: the verifier's check (on other kernels' tolerance) and the referee's ruling."""
-        tol = cc.tolerance_for(spec, plan, provider_plan=plan, foreign=True)
-        runner = cc.PlanRunner(spec, fresh_state(init_state(cfg, 7)), plan)
+        tol, runner = check
         L = spec.segment_len
         paths = {}
         for k, st in enumerate(states):
@@ -643,14 +648,13 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         worst_line = worst_margin = 0.0
         metric, _ = cc.REFEREE_RULE[a.cross_precision]
         for (spec, _), (result, states) in zip(specs, units):
-            tol = cc.tolerance_for(spec, plan, provider_plan=plan, foreign=True)
-            runner = cc.PlanRunner(spec, fresh_state(init_state(cfg, 7)), plan)
+            tol, runner = check = checker(spec)
             for t in range(spec.steps):  # one step from the provider's own state: what the referee's line judges
                 mine, _ = runner.replay(states[t], t, 1)
                 worst_line = max(worst_line, cc.step_distance(metric, states[t], mine, states[t + 1]) / tol.referee)
-            for s, (v, r) in enumerate(judge(spec, result, states, build, tmp)):
+            for s, (v, r) in enumerate(judge(spec, result, states, build, tmp, check)):
                 segs += 1
-                same += replay_state(spec, s, states[s * spec.segment_len]).end_hash == result.proof.segments[s].end_hash
+                same += v.replayed_hash == result.proof.segments[s].end_hash  # its replay here, bit for bit?
                 disputes += not v.ok
                 worst_margin = max(worst_margin, v.margin if math.isfinite(v.margin) else 0.0)
                 slashed += bool(r.fraud)
@@ -663,7 +667,7 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             cheats, _ = foreign.train_units(cspecs, tmp / name, plan, trainer=name)
             faked = disputed = convicted = 0
             for (spec, _), (result, states) in zip(cspecs, cheats):
-                for s, (v, r) in enumerate(judge(spec, result, states, build, tmp)):
+                for s, (v, r) in enumerate(judge(spec, result, states, build, tmp, checker(spec))):
                     # cheated: every segment (a skipped update, a float8 step in each), or fake-loss's middle one
                     bad = name != "fake-loss" or s == spec.n_segments // 2
                     if not bad:
