@@ -173,18 +173,35 @@ def market_serve(
 
 
 @market_app.command("worker")
-def market_worker(beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler (one worker only)")] = True) -> None:
-    """Run a Celery worker for matching rounds, adjudication, round advance and settlement."""
+def market_worker(beat: Annotated[Optional[bool], typer.Option(
+        help="Also run the periodic scheduler (one worker only; default: on, but never on a referee pool's worker)")]
+        = None) -> None:
+    """Run a Celery worker for matching rounds, adjudication, round advance and settlement. On a machine whose CPU
+    kernels are a referee pool's (GRIDMINT_REFEREE_POOLS) rather than the referee's (GRIDMINT_REFEREE_BUILD), it
+    only referees the disputes over work computed with those kernels (that pool's queue)."""
     from marketplace.bootstrap import runtime_from_settings
-    from marketplace.runtime import set_runtime
-    from marketplace.settings import Settings
+    from marketplace.runtime import pool_queue, referee_build, set_runtime
+    from marketplace.settings import Settings, pool_builds
     from marketplace.tasks import celery_app
+    from node.device import kernel_build
 
-    rt = runtime_from_settings(Settings())
-    set_runtime(rt)
+    settings = Settings()
     argv = ["worker", "--pool=solo", "--loglevel=WARNING", "--without-gossip", "--without-mingle"]
-    if beat:
-        argv += ["-B", "-s", str(rt.settings.data_dir / "celerybeat-schedule")]
+    here = kernel_build("cpu")  # checked before anything starts: a worker on the wrong kernels fails at once
+    if here in pool_builds(settings.referee_pools):
+        referee_build(settings)  # the default referee's kernels must be named on a pool's machine
+        if beat:
+            raise GridMintValueError("a referee pool's worker does not run the periodic scheduler (--beat): run it "
+                                     "on a worker with the referee's own kernels")
+        typer.echo(f"referee pool {here}: queue {pool_queue(here)}")
+        argv += ["-Q", pool_queue(here)]
+    elif here != referee_build(settings):
+        raise GridMintValueError(f"this worker computes with {here}, the referee with {referee_build(settings)} "
+                                 f"(GRIDMINT_REFEREE_BUILD) and no referee pool with these kernels "
+                                 f"(GRIDMINT_REFEREE_POOLS): set one of them to what `gridmint node probe` prints here")
+    elif beat is None or beat:
+        argv += ["-B", "-s", str(settings.data_dir / "celerybeat-schedule")]
+    set_runtime(runtime_from_settings(settings))
     celery_app.worker_main(argv)
 
 

@@ -159,6 +159,9 @@ def create_app(rt: Runtime) -> FastAPI:
                 "referee_plans": sorted(p.label for p in rt.referee_plans()),
                 # the CPU kernels it replays with: bit for bit only for work (and verifiers) on the same kernels
                 "referee_build": rt.referee_build(),
+                # referee pools: other CPU kernels some referee workers compute with (work on them is judged there,
+                # bit for bit; a task names the kernels of the referee that would judge it, `referee_build`)
+                "referee_pools": sorted(rt.referee_builds() - {rt.referee_build()}),
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 

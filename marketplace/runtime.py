@@ -7,11 +7,11 @@ from typing import Any, Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.blobs import BlobStore
-from marketplace.settings import Settings
+from marketplace.settings import Settings, pool_builds
 from marketplace.stakes import StakeCache
 from protocol.errors import GridMintValueError
 
-Enqueue = Callable[[str, list[Any]], None]
+Enqueue = Callable[..., None]  # (task name, args, queue=None): send a Celery task
 
 
 @dataclass
@@ -32,17 +32,63 @@ class Runtime:
         from marketplace.referee import exact_plans
         from node.device import kernel_build
 
-        if here and self.referee_build() != kernel_build("cpu"):
+        if here and not self.referee_pool_here() and kernel_build("cpu") != self.referee_build():
             raise GridMintValueError(f"GRIDMINT_REFEREE_BUILD says the referee computes with "
                                      f"{self.referee_build()}, this worker computes with {kernel_build('cpu')}: set it "
-                                     f"to what `gridmint node probe` prints on the workers")
+                                     f"to what `gridmint node probe` prints on the workers, or name this worker's "
+                                     f"kernels in GRIDMINT_REFEREE_POOLS")
         return exact_plans(self.settings.referee_plans, here)
 
     def referee_build(self) -> str:
         """The CPU kernels the referee replays with (settings.referee_build, or this machine's)."""
+        return referee_build(self.settings)
+
+    def referee_builds(self) -> frozenset[str]:
+        """Every CPU kernel build some referee worker computes with: referee_build and the referee pools'."""
+        return referee_builds(self.settings)
+
+    def referee_pool_here(self) -> bool:
+        """Whether this machine computes with a referee pool's kernels (its worker referees that pool's work)."""
         from node.device import kernel_build
 
-        return self.settings.referee_build or kernel_build("cpu")
+        return kernel_build("cpu") in pool_builds(self.settings.referee_pools)
+
+    def referee_for(self, build: str) -> str:
+        """The kernels of the referee that judges work computed with ``build``: its pool's, where one computes with
+        them, else the default referee's (referee_build)."""
+        return build if build in pool_builds(self.settings.referee_pools) else self.referee_build()
+
+    def referee_queue(self, build: str) -> str | None:
+        """The Celery queue of the referee that judges work computed with ``build`` (None: the default queue)."""
+        return pool_queue(build) if build in pool_builds(self.settings.referee_pools) else None
+
+
+def referee_build(settings: Settings) -> str:
+    """The CPU kernels the (default) referee replays with: settings.referee_build, or this machine's (unless they
+    are a referee pool's: then the default referee computes with other kernels, which must be named)."""
+    from node.device import kernel_build
+
+    if settings.referee_build:
+        return settings.referee_build
+    here = kernel_build("cpu")
+    if here in pool_builds(settings.referee_pools):
+        raise GridMintValueError(f"this machine computes with a referee pool's kernels ({here}): set "
+                                 f"GRIDMINT_REFEREE_BUILD to the default referee's (what `gridmint node probe` "
+                                 f"prints on its workers)")
+    return here
+
+
+def referee_builds(settings: Settings) -> frozenset[str]:
+    """The CPU kernels of every referee: the default one's and each referee pool's (settings.referee_pools)."""
+    return frozenset({referee_build(settings), *pool_builds(settings.referee_pools)})
+
+
+def pool_queue(build: str) -> str:
+    """The Celery queue of the referee pool computing with kernel ``build`` (a short stable name: a build may hold
+    characters a queue name should not)."""
+    import hashlib
+
+    return "referee." + hashlib.sha256(build.encode()).hexdigest()[:16]
 
 
 _current: Runtime | None = None

@@ -23,6 +23,7 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
+from node.device import kernel_build
 from node.trainer import (UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash,
                           update_norm)
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, InsufficientFundsError, ProofError
@@ -456,7 +457,8 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         spec = unit_spec(job, unit)
         body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
                           task.provider, unit.plan, _end_blob(unit, task.segment), unit.id,
-                          _referee_exact(rt, Plan.parse(unit.plan), unit.build or ""), unit.build or "")
+                          _referee_exact(rt, Plan.parse(unit.plan), unit.build or ""), unit.build or "",
+                          rt.referee_for(unit.build or ""))
         # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
         # queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
@@ -485,12 +487,20 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
 
 def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
     """Whether the referee replays work on ``plan`` computed with ``build`` bit for bit: a plan it is configured to
-    replay so, on its own CPU kernels (a GPU plan's kernels are the operator's to match when naming the plan)."""
-    return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build == rt.referee_build())
+    replay so, on CPU kernels a referee computes with: the default referee's, or a referee pool's (a GPU plan's
+    kernels are the operator's to match when naming the plan)."""
+    return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build in rt.referee_builds())
+
+
+def _referee(rt: Runtime, verification_id: int, build: str | None) -> None:
+    """Send dispute ``verification_id`` over work computed with kernel ``build`` to the referee that judges it:
+    the referee pool computing with those kernels (it replays the work bit for bit), else the default referee."""
+    rt.enqueue("gridmint.adjudicate", [verification_id], queue=rt.referee_queue(build or ""))
 
 
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
-               plan: str, end_blob: str, unit_id: str, referee_exact: bool, build: str) -> dict[str, Any]:
+               plan: str, end_blob: str, unit_id: str, referee_exact: bool, build: str,
+               referee_build: str) -> dict[str, Any]:
     """What a verifier is handed, the same for a real task and a canary."""
     return {"verification_id": vid, "segment": seg, "spec": spec_json, "proof": proof,
             "checkpoint_blob": checkpoint_blob, "provider": provider,
@@ -498,6 +508,9 @@ def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkp
             "build": build,  # with which kernels: bit for bit needs the same plan and the same kernels
             # whether the referee replays that plan bit for bit too: then a verifier on it bonds its disputes
             "referee_exact": referee_exact,
+            # the kernels of the referee that would judge a dispute of it (a referee pool's, or the default's): it
+            # reproduces a verifier's replay, and releases the bond of an honest accusation, only on these
+            "referee_build": referee_build,
             # the segment's end state (next segment's start, or the final checkpoint): a verifier on other
             # hardware compares its replay with it within a tolerance instead of bit for bit
             "end_blob": end_blob,
@@ -545,7 +558,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         ver = s.get(Verifier, verifier)
         assert ver is not None
         ver.checked += 1
-        planted, job_id = task.canary is not None, ""
+        planted, job_id, build = task.canary is not None, "", unit.build
         if planted:  # never adjudicated, never relayed: the provider never made this claim
             task.status = "canary_missed" if body.ok else "canary_flagged"
             _retire_canary(s, task)
@@ -569,7 +582,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     if body.ok:
         rt.enqueue("gridmint.advance", [job_id])
     else:
-        rt.enqueue("gridmint.adjudicate", [body.verification_id])
+        _referee(rt, body.verification_id, build)
     return "passed" if body.ok else "disputed"
 
 
@@ -694,6 +707,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         return ""
 
     exact = rt.referee_plans(here=True)  # a worker without a GPU it is configured to replay on says so here
+    if rt.referee_for(build) != kernel_build("cpu"):  # a dispute sent to another referee's queue by hand, say
+        raise GridMintValueError(f"verification {verification_id} is for the referee computing with "
+                                 f"{rt.referee_for(build)}, this worker computes with {kernel_build('cpu')}")
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
                            losses, exact, build)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
@@ -860,14 +876,14 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         unit = s.get(Unit, task.unit_id)
         assert unit is not None
         log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)
-        more = [int(x) for x in b.get("more") or [] if str(x) not in b["reveals"]]
+        more, build = [int(x) for x in b.get("more") or [] if str(x) not in b["reveals"]], unit.build
         if more:  # the referee asked for several states (a loss scan): the next one, with its own deadline
             b["asked"], b["more"], b["deadline"] = more[0], more[1:], now_s() + rt.settings.reveal_timeout_s
             log(s, "reveal_requested", unit.job_id, unit=unit.id, segment=task.segment, provider=provider,
                 step=more[0], deadline=b["deadline"], then=len(more) - 1)
         task.bisect = b
     if not more:  # all the referee asked for is in: it rules (or goes on bisecting)
-        rt.enqueue("gridmint.adjudicate", [body.verification_id])
+        _referee(rt, body.verification_id, build)
     return "revealed"
 
 
@@ -964,15 +980,16 @@ def sweep(rt: Runtime) -> dict[str, int]:
     slashed, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
-        disputes = list(s.scalars(select(Verification.id).where(Verification.status.in_(["disputed", "bisecting"]))))
+        disputes = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+                                  .where(Verification.status.in_(["disputed", "bisecting"]))).tuples())
         lazy = list(s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
                                                             Verification.slash_tx.is_(None))))
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status == "done")))
-    for v in disputes:
-        rt.enqueue("gridmint.adjudicate", [v])
+    for v, build in disputes:
+        _referee(rt, v, build)
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
     for j in ready:
@@ -1029,11 +1046,13 @@ def reap(rt: Runtime) -> int:
                 _retire_canary(s, v)
             else:
                 v.status, v.verifier = "pending", None
-        overdue = [v.id for v in s.scalars(select(Verification).where(Verification.status == "bisecting"))
+        overdue = [(v.id, build) for v, build in s.execute(select(Verification, Unit.build)
+                                                             .join(Unit, Unit.id == Verification.unit_id)
+                                                             .where(Verification.status == "bisecting")).tuples()
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]
-    for vid in overdue:  # a provider that lets a reveal deadline pass loses its dispute
-        rt.enqueue("gridmint.adjudicate", [vid])
+    for vid, build in overdue:  # a provider that lets a reveal deadline pass loses its dispute
+        _referee(rt, vid, build)
     if n:
         rt.enqueue("gridmint.match", [])
     return n

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     # have its replay reproduced by the referee, so it bonds no dispute, and work on other kernels is refereed within a
     # tolerance calibrated against other kernels (node.foreign), never convicted on a bit mismatch
     referee_build: KernelBuild = ""
+    # referee pools: CPU kernel builds besides referee_build that referee workers compute with (comma-separated
+    # node.device.kernel_build strings, what `gridmint node probe` prints there). Each pool is a Celery queue of its
+    # own (Runtime.referee_queue), consumed by `gridmint marketplace worker` started on a machine with those kernels:
+    # a dispute over work on them is sent there and replayed bit for bit, so a cheat hiding inside the drift between
+    # kernels (a float8 step in a bf16 job) is convicted, and a verifier on them bonds its disputes. Name a pool only
+    # with its workers running: its disputes wait for them
+    referee_pools: str = ""
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).
@@ -81,6 +88,27 @@ class Settings(BaseSettings):
         exact_plans(v, here=False)
         return v
 
+    @field_validator("referee_pools")
+    @classmethod
+    def _pools_read(cls, v: str) -> str:
+        """Each pool must be a CPU kernel build (GPU plans are refereed through referee_plans)."""
+        import re
+
+        from protocol.schemas import KERNEL_BUILD
+
+        for b in pool_builds(v):
+            if not re.fullmatch(KERNEL_BUILD, b) or "/cuda-" in b:
+                raise ValueError(f"referee pool {b!r} is not a CPU kernel build (what `gridmint node probe` prints "
+                                 f"on a CPU machine, e.g. torch-2.13.0+cpu.cf30153c/x86_64.authenticamd.avx2/aten-avx2)")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_not_the_referee(self) -> "Settings":
+        if self.referee_build and self.referee_build in pool_builds(self.referee_pools):
+            raise ValueError(f"referee pool {self.referee_build!r} is the referee's own kernels (referee_build): "
+                             f"its work would be taken from the referee's workers")
+        return self
+
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'marketplace.db').resolve()}"
 
@@ -89,3 +117,8 @@ class Settings(BaseSettings):
 
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+
+def pool_builds(pools: str) -> list[str]:
+    """The kernel builds named in a referee_pools setting, in order, without blanks."""
+    return [b for b in (x.strip() for x in pools.split(",")) if b]

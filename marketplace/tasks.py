@@ -82,5 +82,6 @@ def reap_task() -> int:
     return service.reap(get_runtime())
 
 
-def enqueue(name: str, args: list[object]) -> None:
-    celery_app.send_task(name, args=args)
+def enqueue(name: str, args: list[object], queue: str | None = None) -> None:
+    """Send task ``name``; ``queue`` None: the default queue (a referee pool's queue: Runtime.referee_queue)."""
+    celery_app.send_task(name, args=args, queue=queue)

@@ -157,9 +157,10 @@ class VerifierAgent:
         # loss tolerance makes any honest loss drift infinitely far past it)
         unbonded = (margin < self.bond_margin or math.isinf(self.bond_margin)
                     or (spec.precision != "fp32" and math.isfinite(margin)))
-        # the referee reproduces a replay (and releases the bond of an honest accusation) only on its own kernels
-        foreign_referee = (self.plan.device == "cpu"
-                           and str(self.client.config.get("referee_build") or "") != self.build)
+        # the referee reproduces a replay (and releases the bond of an honest accusation) only on its own kernels:
+        # the task names those of the referee that would judge it (a referee pool's for work on its kernels)
+        referee_build = task.get("referee_build", self.client.config.get("referee_build"))
+        foreign_referee = self.plan.device == "cpu" and str(referee_build or "") != self.build
         # a bit-for-bit replay on the provider's own plan (not the default) is bonded exactly when the referee
         # replays that plan bit for bit too: it then reproduces this replay and releases the bond of an honest one
         exact_elsewhere = same and provider_plan != PROVIDER_PLAN

@@ -200,4 +200,5 @@ def test_a_verifier_registers_its_plan_and_kernels_and_malformed_ones_are_refuse
     with market.rt.sessions() as s:
         v = s.get(Verifier, acct.address)
         assert (v.plan, v.build) == ("cpu/mb2", kernel_build())
-    assert httpx.get(market.url + "/config").json()["referee_build"] == kernel_build()
+    config = httpx.get(market.url + "/config").json()
+    assert config["referee_build"] == kernel_build() and config["referee_pools"] == []

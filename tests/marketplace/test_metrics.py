@@ -42,7 +42,7 @@ def scrape(client: TestClient) -> Samples:
 def rt(tmp_path: Path, db_url: str) -> Runtime:
     settings = Settings(data_dir=tmp_path, db_url=db_url, unit_timeout_s=120)
     return Runtime(settings=settings, sessions=make_sessionmaker(db_url), blobs=BlobStore(settings.blob_dir()),
-                   chain_id=31337, contracts=None, enqueue=lambda name, args: None)
+                   chain_id=31337, contracts=None, enqueue=lambda name, args, queue=None: None)
 
 
 # ------------------------------------------------------------------------------------------------ pure

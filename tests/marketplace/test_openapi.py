@@ -27,7 +27,7 @@ def app(tmp_path: Path) -> FastAPI:
     settings = Settings(data_dir=tmp_path)
     return create_app(Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
                               blobs=BlobStore(settings.blob_dir()), chain_id=31337, contracts=None,
-                              enqueue=lambda name, args: None))
+                              enqueue=lambda name, args, queue=None: None))
 
 
 def undocumented(app: FastAPI, schema: dict[str, Any]) -> list[str]:

@@ -182,7 +182,7 @@ def test_a_worker_on_other_kernels_than_the_marketplace_names_refuses_to_referee
 
     def runtime(build: str) -> Runtime:
         return Runtime(settings=Settings(data_dir=tmp_path, referee_build=build), sessions=None, blobs=None,
-                       chain_id=1, contracts=None, enqueue=lambda name, args: None)  # type: ignore[arg-type]
+                       chain_id=1, contracts=None, enqueue=lambda name, args, queue=None: None)  # type: ignore[arg-type]
 
     assert runtime("").referee_build() == kernel_build("cpu") and runtime("").referee_plans(here=True) == {CPU}
     assert runtime(kernel_build("cpu")).referee_plans(here=True) == {CPU}
@@ -192,3 +192,42 @@ def test_a_worker_on_other_kernels_than_the_marketplace_names_refuses_to_referee
         other.referee_plans(here=True)
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, referee_build="Torch 2 (AVX2)")
+
+
+def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tmp_path: Path) -> None:
+    """GRIDMINT_REFEREE_POOLS names CPU kernels other referee workers compute with: work computed with them is
+    judged by that pool (its own Celery queue, bit for bit), anything else by the default referee; a machine whose
+    own kernels are a pool's must be told the default referee's; a malformed pool, a GPU build or a pool with the
+    referee's own kernels fails at start-up."""
+    from marketplace.runtime import Runtime, pool_queue
+    from marketplace.settings import Settings
+    from node.device import kernel_build
+    from protocol.errors import GridMintValueError
+
+    avx512 = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
+    arm = "torch-2.13.0.example/aarch64.arm.neon/aten-default"
+    here = kernel_build("cpu")
+
+    def runtime(**kw: str) -> Runtime:
+        return Runtime(settings=Settings(data_dir=tmp_path, **kw), sessions=None, blobs=None, chain_id=1,
+                       contracts=None, enqueue=lambda name, args, queue=None: None)  # type: ignore[arg-type]
+
+    rt = runtime(referee_pools=f"{avx512}, {arm}")
+    assert rt.referee_builds() == {here, avx512, arm} and not rt.referee_pool_here()
+    assert rt.referee_for(avx512) == avx512 and rt.referee_queue(avx512) == pool_queue(avx512)
+    assert pool_queue(avx512) != pool_queue(arm) and pool_queue(avx512).startswith("referee.")
+    # the referee's own kernels, unknown ones and unsaid ones: the default referee, on the default queue
+    for build in (here, "torch-2.13.0.example/x86_64.genuineintel.avx2/aten-avx2", ""):
+        assert rt.referee_for(build) == here and rt.referee_queue(build) is None
+    # a pool's machine: it referees (its kernels are a referee's), but cannot take its own for the default's
+    pool_here = runtime(referee_pools=here)
+    assert pool_here.referee_pool_here() and pool_here.referee_for(here) == here
+    with pytest.raises(GridMintValueError, match="set GRIDMINT_REFEREE_BUILD to the default referee's"):
+        pool_here.referee_build()
+    told = runtime(referee_pools=here, referee_build=avx512)
+    assert told.referee_plans(here=True) == {CPU} and told.referee_for(arm) == avx512
+    for bad in ("AVX-512 box", f"{avx512}/cuda-12.4.cudnn-9.sm90"):
+        with pytest.raises(ValueError, match="is not a CPU kernel build"):
+            Settings(data_dir=tmp_path, referee_pools=bad)
+    with pytest.raises(ValueError, match="is the referee's own kernels"):
+        Settings(data_dir=tmp_path, referee_pools=avx512, referee_build=avx512)

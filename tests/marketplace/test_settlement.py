@@ -73,7 +73,7 @@ def make_world(tmp_path: Path, db_url: str, dispute_window_s: int = 0) -> World:
     queued: list[tuple[str, list[Any]]] = []
     rt = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
                  blobs=BlobStore(settings.blob_dir()), chain_id=chain.chain_id, contracts=ops,
-                 enqueue=lambda name, args: queued.append((name, args)))
+                 enqueue=lambda name, args, queue=None: queued.append((name, args)))
     return World(chain, ops, rt, queued, ops.as_account(cust), provs)
 
 

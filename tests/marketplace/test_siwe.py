@@ -221,7 +221,7 @@ def test_tampered_tokens_are_refused(case: str) -> None:
 def runtime(data_dir: Path, db_url: str, **settings: Any) -> Runtime:
     s = Settings(data_dir=data_dir, db_url=db_url, **settings)
     return Runtime(settings=s, sessions=make_sessionmaker(db_url), blobs=BlobStore(s.blob_dir()), chain_id=CHAIN,
-                   contracts=None, enqueue=lambda name, args: None)
+                   contracts=None, enqueue=lambda name, args, queue=None: None)
 
 
 @pytest.fixture()
