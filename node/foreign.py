@@ -14,7 +14,9 @@ here: the provider's side of the calibration is trained in the child, replayed i
 ...]}``: whole units (honest, or one of :data:`node.adversary.ADVERSARIES`) trained into ``OUT/unit-N`` as a provider
 would, each with ``unit.json`` (its proof, losses, the build) and ``reveals.safetensors``: every state it would
 reveal in a dispute, re-derived from its own segment checkpoints (:class:`node.crosscheck.Revealer`) on those
-kernels, for tests and ``bench proof``.
+kernels, for tests and ``bench proof``. ``{"mode": "replay", "plan", "units": [[spec_json, unit_dir], ...]}``: every
+segment of those units replayed bit for bit on the child's kernels (a verifier and a referee pool on the provider's
+own kernels), into ``OUT/replays.json``.
 """
 from __future__ import annotations
 
@@ -117,6 +119,23 @@ def train_unit(spec: Any, init_seed: int, workdir: Path, plan: Any, trainer: str
     return result, states, build
 
 
+def replay_units(units: Sequence[tuple[Any, Path]], plan: Any, build: str,
+                 timeout_s: float = 1800.0) -> list[list[dict[str, Any]]]:
+    """Replay every segment of units trained by :func:`train_units` (each ``(spec, unit_dir)``) bit for bit in a
+    child on the same other kernels (``build``: what they were trained with), as a verifier and a referee pool on
+    the provider's kernels do (:func:`node.replay.check_segment`). Returns per unit, per segment, ``ok``, ``reason``
+    and ``replayed_end``. Raises GridMintValueError if the child computes with other kernels than ``build``."""
+    if plan.device != "cpu":
+        raise GridMintValueError(f"other kernels are simulated on the CPU only, not on plan {plan.label!r}")
+    with tempfile.TemporaryDirectory(prefix="gridmint-foreign-") as d:
+        _child({"mode": "replay", "plan": plan.label,
+                "units": [[spec.to_json(), str(Path(u).resolve())] for spec, u in units]}, Path(d), timeout_s)
+        got = json.loads((Path(d) / "replays.json").read_text())
+    if got["build"] != build:
+        raise GridMintValueError(f"the replaying child computed with {got['build']}, the units with {build}")
+    return list(got["units"])
+
+
 def trajectories(units: Sequence[tuple[Any, int]], plan: Any, timeout_s: float = 600.0) -> tuple[list[Trajectory], str]:
     """Train each ``(spec, init_seed)`` (fresh weights ``init_state(spec.model, init_seed)``, fresh AdamW) on
     ``plan`` (a CPU plan) in a child on other kernels; returns the states before every step with the losses, and
@@ -163,6 +182,19 @@ def main(argv: Sequence[str]) -> int:
             save_file(_flatten([reveal(t) for t in range(spec.steps + 1)]), str(d / "reveals.safetensors"))
             (d / "unit.json").write_text(json.dumps({"proof": result.proof.to_dict(), "losses": result.losses,
                                                      "build": kernel_build("cpu")}))
+        return 0
+    if req.get("mode") == "replay":
+        from node.replay import check_segment
+        from node.trainer import segment_path
+        from protocol.proof import TrainingProof
+
+        replays = []
+        for spec_json, unit_dir in req["units"]:
+            spec, d = UnitSpec.from_json(spec_json), Path(unit_dir)
+            proof = TrainingProof.from_dict(json.loads((d / "unit.json").read_text())["proof"])
+            verdicts = [check_segment(spec, proof, s, segment_path(d, s), plan) for s in range(spec.n_segments)]
+            replays.append([{"ok": v.ok, "reason": v.reason, "replayed_end": v.replayed_end} for v in verdicts])
+        (out / "replays.json").write_text(json.dumps({"units": replays, "build": kernel_build("cpu")}))
         return 0
     for i, (spec_json, seed) in enumerate(req["units"]):
         spec = UnitSpec.from_json(spec_json)

@@ -607,7 +607,9 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
     segments the referee convicts (every segment refereed, every state revealed); ``one_step_line_used``: the worst
     honest one-step drift over the referee's one-step line (1.0 would convict). Then ``--build-cheat-units`` units of
     each of :data:`BUILD_ADVERSARIES` on those kernels: cheated segments the verifier disputes and the referee
-    convicts."""
+    convicts. ``referee_pool``: the same work judged by a referee pool on the provider's kernels
+    (GRIDMINT_REFEREE_POOLS) and a verifier there: every segment replayed bit for bit in another child on those
+    kernels (honest segments reproduced, honest ones convicted, cheated ones convicted)."""
     from marketplace import referee
     from node import foreign
 
@@ -658,34 +660,50 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                 disputes += not v.ok
                 worst_margin = max(worst_margin, v.margin if math.isfinite(v.margin) else 0.0)
                 slashed += bool(r.fraud)
+        # a referee pool on those kernels (GRIDMINT_REFEREE_POOLS), and a verifier there: every segment replayed
+        # bit for bit in another child on the provider's kernels
+        pool_ok = sum(r["ok"] for unit in foreign.replay_units([(spec, tmp / "honest" / f"unit-{i}")
+                                                                for i, (spec, _) in enumerate(specs)], plan, build)
+                      for r in unit)
         out.update({"honest_units": a.build_units, "honest_segments": segs, "bit_identical": same,
                     "disputes": disputes, "false_slash": slashed, "worst_dispute_margin": round(worst_margin, 3),
                     "one_step_line_used": round(worst_line, 4)})
+        pool: dict[str, Any] = {"honest_bit_identical": pool_ok, "false_slash": segs - pool_ok, "adversaries": {}}
         adv: dict[str, Any] = {}
         for name in BUILD_ADVERSARIES:
             cspecs = [(_cross_spec(cfg, a, 50_000 + 100 * len(adv) + j), 7) for j in range(a.build_cheat_units)]
             cheats, _ = foreign.train_units(cspecs, tmp / name, plan, trainer=name)
-            faked = disputed = convicted = 0
-            for (spec, _), (result, states) in zip(cspecs, cheats):
+            exact = foreign.replay_units([(spec, tmp / name / f"unit-{j}") for j, (spec, _) in enumerate(cspecs)],
+                                         plan, build)
+            faked = disputed = convicted = pool_convicted = 0
+            for (spec, _), (result, states), replays in zip(cspecs, cheats, exact):
                 for s, (v, r) in enumerate(judge(spec, result, states, build, tmp, checker(spec))):
                     # cheated: every segment (a skipped update, a float8 step in each), or fake-loss's middle one
                     bad = name != "fake-loss" or s == spec.n_segments // 2
                     if not bad:
                         slashed += bool(r.fraud)  # an honest segment of a cheat's unit convicted: counted as false
+                        pool["false_slash"] += not replays[s]["ok"]
                         continue
                     faked += 1
                     disputed += not v.ok
                     convicted += bool(r.fraud)
+                    pool_convicted += not replays[s]["ok"]
             adv[name] = {"cheated_segments": faked, "disputed": disputed, "convicted": convicted,
                          "convicted_rate": convicted / max(1, faked)}
+            pool["adversaries"][name] = {"convicted": pool_convicted, "convicted_rate": pool_convicted / max(1, faked)}
         out["false_slash"] = slashed
         out["adversaries"] = adv
+        out["referee_pool"] = pool
     out["cross_build_s"] = round(time.perf_counter() - t0, 1)
     log(f"other kernels ({a.cross_precision}, {out['other_kernels']} vs {out['here']}): {segs} honest segments, "
         f"{same} bit for bit, {disputes} disputed (worst {out['worst_dispute_margin']}x), {out['false_slash']} "
         f"slashed, one-step line used {out['one_step_line_used']}; "
         + ", ".join(f"{n} convicted {r['convicted']}/{r['cheated_segments']} (disputed {r['disputed']})"
                     for n, r in adv.items()) + f" ({out['cross_build_s']} s)")
+    log(f"  with a referee pool on those kernels (bit for bit): {pool['honest_bit_identical']}/{segs} honest "
+        f"segments reproduced, {pool['false_slash']} slashed; "
+        + ", ".join(f"{n} convicted {r['convicted']}/{adv[n]['cheated_segments']}"
+                    for n, r in pool["adversaries"].items()))
     return out
 
 

@@ -127,6 +127,9 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert other["bit_identical"] == 0 and other["false_slash"] == 0 and other["one_step_line_used"] < 1
     for name in ("fake-loss", "skip-last-update"):
         assert other["adversaries"][name]["convicted_rate"] == 1.0, name
+    pool = other["referee_pool"]  # a referee pool (and a verifier) on those kernels: bit for bit, in another child
+    assert pool["honest_bit_identical"] == 4 and pool["false_slash"] == 0
+    assert all(r["convicted_rate"] == 1.0 for r in pool["adversaries"].values()), pool
 
 
 def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
