@@ -23,6 +23,7 @@ from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
+from marketplace.settings import pool_builds
 from marketplace.web import render_index
 from protocol import verification
 from protocol.errors import (
@@ -161,7 +162,7 @@ def create_app(rt: Runtime) -> FastAPI:
                 "referee_build": rt.referee_build(),
                 # referee pools: other CPU kernels some referee workers compute with (work on them is judged there,
                 # bit for bit; a task names the kernels of the referee that would judge it, `referee_build`)
-                "referee_pools": sorted(rt.referee_builds() - {rt.referee_build()}),
+                "referee_pools": sorted(set(pool_builds(rt.settings.referee_pools))),
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 
