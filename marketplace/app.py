@@ -89,7 +89,8 @@ def create_app(rt: Runtime) -> FastAPI:
                   description="Buy and sell GPU training time. Node and verifier requests are EIP-712 signed.")
     signed_json = Depends(make_signed_dependency(rt, JSON_LIMIT))
     signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes))
-    metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s)
+    metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s,
+                      pools=pool_builds(rt.settings.referee_pools))
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     documented: list[type[BaseModel]] = [ErrorOut]

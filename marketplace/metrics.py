@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from marketplace.db import Job, PayoutEpoch, Provider, Unit
+from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class MarketSnapshot:
     providers: dict[str, int] = field(default_factory=dict)  # registered, by status
     providers_active: int = 0  # status active and seen within the activity window
     latest_posted_epoch: int = 0  # 0: no payout root posted yet (epochs start at 1)
+    # open disputes (awaiting a ruling, or a provider's reveal) by the referee that judges them: "default", or the
+    # kernels of a referee pool (GRIDMINT_REFEREE_POOLS); each pool named is reported, as 0 when it has none
+    disputes: dict[str, int] = field(default_factory=dict)
 
 
 def market_families(snap: MarketSnapshot) -> list[Metric]:
@@ -69,8 +72,13 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
     providers = GaugeMetricFamily("gridmint_providers", "Registered providers by status", labels=["status"])
     for status, n in sorted(({s: 0 for s in PROVIDER_STATUSES} | snap.providers).items()):
         providers.add_metric([status], n)
+    disputes = GaugeMetricFamily("gridmint_disputes_open", "Disputes awaiting a referee's ruling (or a provider's "
+                                 "reveal), by referee: default, or a referee pool's kernels (a pool whose count "
+                                 "only grows has no worker running)", labels=["referee"])
+    for referee, n in sorted(({"default": 0} | snap.disputes).items()):
+        disputes.add_metric([referee], n)
     return [
-        units, jobs, providers,
+        units, jobs, providers, disputes,
         GaugeMetricFamily("gridmint_providers_active", "Providers in good standing that were seen within the activity "
                           "window (unit_timeout_s)", value=snap.providers_active),
         GaugeMetricFamily("gridmint_payout_epoch_latest", "Newest payout epoch whose root is posted on chain (0: none)",
@@ -78,8 +86,9 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
     ]
 
 
-def read_snapshot(s: Session, *, now: int, active_window_s: int) -> MarketSnapshot:
-    """Count units, jobs and providers by status, active providers and the newest posted epoch (four small queries)."""
+def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence[str] = ()) -> MarketSnapshot:
+    """Count units, jobs and providers by status, active providers, the newest posted epoch and open disputes by
+    referee (``pools``: the referee pools' kernels; five small queries)."""
 
     def by_status(col: Any) -> dict[str, int]:
         return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col))}
@@ -87,9 +96,14 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int) -> MarketSnapsh
     active = s.scalar(select(func.count()).select_from(Provider)
                       .where(Provider.status == "active", Provider.last_seen >= now - active_window_s))
     epoch = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
+    disputes = {p: 0 for p in pools}
+    for build, n in s.execute(select(Unit.build, func.count()).join(Verification, Verification.unit_id == Unit.id)
+                              .where(Verification.status.in_(["disputed", "bisecting"])).group_by(Unit.build)):
+        referee = build if build in disputes else "default"
+        disputes[referee] = disputes.get(referee, 0) + int(n)
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),
-                          providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0))
+                          providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0), disputes=disputes)
 
 
 class MarketCollector(Collector):
@@ -97,13 +111,13 @@ class MarketCollector(Collector):
     answers, with ``gridmint_market_scrape_ok 0`` instead of the gauges."""
 
     def __init__(self, sessions: sessionmaker[Session], *, active_window_s: int,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.sessions, self.active_window_s, self.clock = sessions, active_window_s, clock
+                 clock: Callable[[], float] = time.time, pools: Sequence[str] = ()) -> None:
+        self.sessions, self.active_window_s, self.clock, self.pools = sessions, active_window_s, clock, tuple(pools)
 
     def collect(self) -> Iterator[Metric]:
         try:
             with self.sessions() as s:
-                snap = read_snapshot(s, now=int(self.clock()), active_window_s=self.active_window_s)
+                snap = read_snapshot(s, now=int(self.clock()), active_window_s=self.active_window_s, pools=self.pools)
         except Exception:  # noqa: BLE001 - a metrics scrape must not fail because the database is away
             log.exception("reading market metrics failed")
             yield GaugeMetricFamily("gridmint_market_scrape_ok", "1 if the market gauges could be read", value=0)
@@ -118,13 +132,13 @@ class MarketCollector(Collector):
 class Metrics:
     """One app's registry: request counter, latency histogram and the market collector."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, active_window_s: int) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, active_window_s: int, pools: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("gridmint_http_requests", "HTTP requests answered, by route template and status",
                                 ["method", "route", "status"], registry=self.registry)
         self.latency = Histogram("gridmint_http_request_duration_seconds", "Time to answer an HTTP request",
                                  ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.market = MarketCollector(sessions, active_window_s=active_window_s)
+        self.market = MarketCollector(sessions, active_window_s=active_window_s, pools=pools)
         self.registry.register(self.market)
         # Label children by (method, route, status): .labels() costs more than the observation itself. Bounded, as
         # routes and methods are a fixed set and statuses few.

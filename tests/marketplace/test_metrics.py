@@ -13,7 +13,7 @@ from sqlalchemy.orm import sessionmaker
 
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
-from marketplace.db import Job, PayoutEpoch, Provider, Unit, make_engine, make_sessionmaker, now_s
+from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, make_engine, make_sessionmaker, now_s
 from marketplace.metrics import MarketCollector, MarketSnapshot, market_families
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
@@ -56,6 +56,7 @@ def test_families_fill_known_statuses_with_zero() -> None:
                                                                                       "settled": 0}
     assert fams["gridmint_providers_active"].samples[0].value == 1
     assert fams["gridmint_payout_epoch_latest"].samples[0].value == 7
+    assert {s.labels["referee"]: s.value for s in fams["gridmint_disputes_open"].samples} == {"default": 0}
 
 
 def test_unreadable_database_still_scrapes(tmp_path: Path) -> None:
@@ -154,3 +155,36 @@ def test_openmetrics_on_request(rt: Runtime) -> None:
     assert got.status_code == 200
     assert got.headers["content-type"].startswith("application/openmetrics-text")
     assert got.text.rstrip().endswith("# EOF")
+
+
+def test_open_disputes_are_counted_by_the_referee_that_judges_them(tmp_path: Path, db_url: str) -> None:
+    """A referee pool whose disputes pile up has no worker running (they wait in its queue): /metrics shows it.
+    Disputed and bisecting checks count, by the kernels the unit was computed with: a pool's, else the default
+    referee's; every pool named is reported, as 0 when it has none."""
+    pool, other = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512", "torch-2.13.0.example/arm/aten-x"
+    idle = "torch-2.13.0.example/aarch64.arm.neon/aten-default"
+    settings = Settings(data_dir=tmp_path, db_url=db_url, referee_pools=f"{pool},{idle}")
+    rt = Runtime(settings=settings, sessions=make_sessionmaker(db_url), blobs=BlobStore(settings.blob_dir()),
+                 chain_id=31337, contracts=None, enqueue=lambda name, args, queue=None: None)
+    client = TestClient(create_app(rt))
+    spec = JobSpec(max_price=1).model_dump(mode="json")
+    with rt.sessions.begin() as s:
+        s.add(Job(id="0x" + "01" * 32, customer="0x" + "0" * 40, spec=spec, budget=1, global_blob="0" * 64))
+        s.flush()
+        for shard, build in enumerate([pool, other, None]):
+            s.add(Unit(id=f"0x{shard:064x}", job_id="0x" + "01" * 32, round=0, shard=shard, status="submitted",
+                       build=build))
+        s.flush()
+        for shard, status in [(0, "disputed"), (0, "bisecting"), (0, "passed"), (1, "disputed"), (2, "bisecting"),
+                              (2, "pending"), (2, "fraud")]:
+            s.add(Verification(unit_id=f"0x{shard:064x}", provider="0x" + "0" * 40, segment=0, status=status))
+    got = scrape(client)
+    assert value(got, "gridmint_disputes_open", referee=pool) == 2
+    assert value(got, "gridmint_disputes_open", referee="default") == 2  # other kernels and unsaid ones
+    assert (("gridmint_disputes_open", frozenset({("referee", idle)})) in got
+            and value(got, "gridmint_disputes_open", referee=idle) == 0)
+    with rt.sessions.begin() as s:
+        s.execute(update(Verification).where(Verification.status == "disputed").values(status="fraud"))
+    got = scrape(client)
+    assert value(got, "gridmint_disputes_open", referee=pool) == 1
+    assert value(got, "gridmint_disputes_open", referee="default") == 1
