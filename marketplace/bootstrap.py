@@ -7,7 +7,7 @@ from ledger.evm import Chain, Deployment, GridMintContracts
 from marketplace import tasks
 from marketplace.blobs import BlobStore
 from marketplace.db import make_sessionmaker
-from marketplace.runtime import Runtime
+from marketplace.runtime import Runtime, referee_build
 from marketplace.settings import Settings
 from protocol.errors import GridMintValueError
 
@@ -19,6 +19,7 @@ def runtime_from_settings(settings: Settings) -> Runtime:
         raise GridMintValueError("GRIDMINT_OPERATOR_KEY is not set: the marketplace operator signs slashes and releases")
     if not settings.redis_url:
         raise GridMintValueError("GRIDMINT_REDIS_URL is not set: Celery needs a broker (gridmint demo starts one)")
+    referee_build(settings)  # on a referee pool's machine the default referee's kernels must be named: fail here
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     chain = Chain.http(settings.chain_url)
     deployment = Deployment.from_json(settings.resolved_deployment_file())

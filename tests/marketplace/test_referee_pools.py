@@ -47,12 +47,21 @@ def _kernels_of(env: dict[str, str]) -> str:
 
 
 def test_a_worker_on_kernels_no_referee_computes_with_refuses_to_start(tmp_path: Path) -> None:
+    """A worker on other kernels than the referee's and every pool's would judge disputes it cannot replay; a pool's
+    worker not told the default referee's kernels would take its own for them. Both stop at once, saying why."""
     other = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
-    run = subprocess.run([*GM, "marketplace", "worker"], capture_output=True, text=True, timeout=120,
-                         env=venv_path_env({"GRIDMINT_DATA_DIR": str(tmp_path), "GRIDMINT_REFEREE_BUILD": other}))
+
+    def worker(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*GM, "marketplace", "worker"], capture_output=True, text=True, timeout=120,
+                              env=venv_path_env({"GRIDMINT_DATA_DIR": str(tmp_path), **env}))
+
+    run = worker(GRIDMINT_REFEREE_BUILD=other)
     assert run.returncode == 2, run.stderr
     assert f"this worker computes with {kernel_build('cpu')}, the referee with {other}" in run.stderr, run.stderr
     assert "GRIDMINT_REFEREE_POOLS" in run.stderr
+    run = worker(GRIDMINT_REFEREE_POOLS=kernel_build("cpu"))
+    assert run.returncode == 2, run.stderr
+    assert "computes with a referee pool's kernels" in run.stderr and "set GRIDMINT_REFEREE_BUILD" in run.stderr
 
 
 def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there(tmp_path: Path) -> None:
