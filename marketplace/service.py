@@ -980,8 +980,9 @@ def sweep(rt: Runtime) -> dict[str, int]:
     slashed, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
-        disputes = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
-                                  .where(Verification.status.in_(["disputed", "bisecting"]))).tuples())
+        disputes = [(v, build) for v, build in s.execute(select(Verification.id, Unit.build)
+                                                          .join(Unit, Unit.id == Verification.unit_id)
+                                                          .where(Verification.status.in_(["disputed", "bisecting"])))]
         lazy = list(s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
                                                             Verification.slash_tx.is_(None))))
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
@@ -1048,7 +1049,7 @@ def reap(rt: Runtime) -> int:
                 v.status, v.verifier = "pending", None
         overdue = [(v.id, build) for v, build in s.execute(select(Verification, Unit.build)
                                                              .join(Unit, Unit.id == Verification.unit_id)
-                                                             .where(Verification.status == "bisecting")).tuples()
+                                                             .where(Verification.status == "bisecting"))
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]
     for vid, build in overdue:  # a provider that lets a reveal deadline pass loses its dispute
