@@ -660,21 +660,23 @@ def run_cross_build(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                 disputes += not v.ok
                 worst_margin = max(worst_margin, v.margin if math.isfinite(v.margin) else 0.0)
                 slashed += bool(r.fraud)
-        # a referee pool on those kernels (GRIDMINT_REFEREE_POOLS), and a verifier there: every segment replayed
-        # bit for bit in another child on the provider's kernels
-        pool_ok = sum(r["ok"] for unit in foreign.replay_units([(spec, tmp / "honest" / f"unit-{i}")
-                                                                for i, (spec, _) in enumerate(specs)], plan, build)
-                      for r in unit)
+        trained = {}
+        for k, name in enumerate(BUILD_ADVERSARIES):
+            cspecs = [(_cross_spec(cfg, a, 50_000 + 100 * k + j), 7) for j in range(a.build_cheat_units)]
+            trained[name] = cspecs, foreign.train_units(cspecs, tmp / name, plan, trainer=name)[0]
+        # a referee pool on those kernels (GRIDMINT_REFEREE_POOLS), and a verifier there: every segment, honest and
+        # cheated, replayed bit for bit in another child on the provider's kernels (one child for all)
+        dirs = [(spec, tmp / "honest" / f"unit-{i}") for i, (spec, _) in enumerate(specs)]
+        for name, (cspecs, _) in trained.items():
+            dirs += [(spec, tmp / name / f"unit-{j}") for j, (spec, _) in enumerate(cspecs)]
+        exact = iter(foreign.replay_units(dirs, plan, build))
+        pool_ok = sum(r["ok"] for _ in specs for r in next(exact))
         out.update({"honest_units": a.build_units, "honest_segments": segs, "bit_identical": same,
                     "disputes": disputes, "false_slash": slashed, "worst_dispute_margin": round(worst_margin, 3),
                     "one_step_line_used": round(worst_line, 4)})
         pool: dict[str, Any] = {"honest_bit_identical": pool_ok, "false_slash": segs - pool_ok, "adversaries": {}}
         adv: dict[str, Any] = {}
-        for name in BUILD_ADVERSARIES:
-            cspecs = [(_cross_spec(cfg, a, 50_000 + 100 * len(adv) + j), 7) for j in range(a.build_cheat_units)]
-            cheats, _ = foreign.train_units(cspecs, tmp / name, plan, trainer=name)
-            exact = foreign.replay_units([(spec, tmp / name / f"unit-{j}") for j, (spec, _) in enumerate(cspecs)],
-                                         plan, build)
+        for name, (cspecs, cheats) in trained.items():
             faked = disputed = convicted = pool_convicted = 0
             for (spec, _), (result, states), replays in zip(cspecs, cheats, exact):
                 for s, (v, r) in enumerate(judge(spec, result, states, build, tmp, checker(spec))):

@@ -93,3 +93,13 @@ def test_only_a_verifier_on_the_referees_own_kernels_is_judged_by_its_replay() -
     assert referee.judge_accusation(exact, CPU, CPU, "0x" + "ab" * 32, build=ours, verifier_build=ours).proven_false
     faith = referee.judge_accusation(exact, CPU, CPU, "0x" + "ab" * 32, build="other", verifier_build="other")
     assert not faith.proven_false
+
+
+def test_a_replay_on_the_providers_kernels_is_refused_when_the_child_runs_others() -> None:
+    """bench proof's referee_pool replays work in a child on the provider's kernels: a child that computes with
+    other ones (the simulation drifted from what the units were trained with) would measure nothing; it says so."""
+    from protocol.errors import GridMintValueError
+
+    with pytest.raises(GridMintValueError, match="the replaying child computed with .*aten-default.*, the units "
+                                                 "with torch-2.13.0.example/x86_64.genuineintel.avx512"):
+        foreign.replay_units([], CPU, "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512")
