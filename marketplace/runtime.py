@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -11,7 +11,10 @@ from marketplace.settings import Settings, pool_builds
 from marketplace.stakes import StakeCache
 from protocol.errors import GridMintValueError
 
-Enqueue = Callable[..., None]  # (task name, args, queue=None): send a Celery task
+class Enqueue(Protocol):
+    """Send a Celery task by name (``queue`` None: the default queue; a referee pool's: Runtime.referee_queue)."""
+
+    def __call__(self, name: str, args: list[Any], queue: str | None = None) -> None: ...
 
 
 @dataclass
