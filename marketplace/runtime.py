@@ -27,17 +27,23 @@ class Runtime:
     enqueue: Enqueue  # send a Celery task by name
     stakes: StakeCache = field(default_factory=StakeCache)  # recent stake reads (marketplace.stakes)
 
-    def referee_plans(self, here: bool = False) -> frozenset[Any]:
+    def referee_plans(self, here: bool = False, build: str | None = None) -> frozenset[Any]:
         """The execution plans this marketplace's referee replays bit for bit (settings.referee_plans; see
         :func:`marketplace.referee.exact_plans`), read from the settings on each call. ``here``: the referee itself
-        (a worker), which must run each of them on this machine, with the CPU kernels the marketplace says its
-        referee computes with (settings.referee_build): else verifiers would bond disputes it cannot judge."""
+        (a worker), which must run each of them on this machine, with the CPU kernels the marketplace says a
+        referee computes with (settings.referee_build, or a referee pool's): else verifiers would bond disputes it
+        cannot judge; with ``build``, the kernels a disputed unit was computed with, it must be the very referee
+        for that work (:meth:`referee_for`): a dispute on another referee's queue is refused, not judged."""
         from marketplace.referee import exact_plans
         from node.device import kernel_build
 
-        if here and not self.referee_pool_here() and kernel_build("cpu") != self.referee_build():
+        mine = kernel_build("cpu")
+        if here and build is not None and self.referee_for(build) != mine:
+            raise GridMintValueError(f"this dispute is for the referee computing with {self.referee_for(build)}, "
+                                     f"this worker computes with {mine}")
+        if here and not self.referee_pool_here() and mine != self.referee_build():
             raise GridMintValueError(f"GRIDMINT_REFEREE_BUILD says the referee computes with "
-                                     f"{self.referee_build()}, this worker computes with {kernel_build('cpu')}: set it "
+                                     f"{self.referee_build()}, this worker computes with {mine}: set it "
                                      f"to what `gridmint node probe` prints on the workers, or name this worker's "
                                      f"kernels in GRIDMINT_REFEREE_POOLS")
         return exact_plans(self.settings.referee_plans, here)
@@ -48,7 +54,7 @@ class Runtime:
 
     def referee_builds(self) -> frozenset[str]:
         """Every CPU kernel build some referee worker computes with: referee_build and the referee pools'."""
-        return referee_builds(self.settings)
+        return frozenset({self.referee_build(), *pool_builds(self.settings.referee_pools)})
 
     def referee_pool_here(self) -> bool:
         """Whether this machine computes with a referee pool's kernels (its worker referees that pool's work)."""
@@ -79,11 +85,6 @@ def referee_build(settings: Settings) -> str:
                                  f"GRIDMINT_REFEREE_BUILD to the default referee's (what `gridmint node probe` "
                                  f"prints on its workers)")
     return here
-
-
-def referee_builds(settings: Settings) -> frozenset[str]:
-    """The CPU kernels of every referee: the default one's and each referee pool's (settings.referee_pools)."""
-    return frozenset({referee_build(settings), *pool_builds(settings.referee_pools)})
 
 
 def pool_queue(build: str) -> str:

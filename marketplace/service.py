@@ -23,7 +23,6 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.device import kernel_build
 from node.trainer import (UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash,
                           update_norm)
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, InsufficientFundsError, ProofError
@@ -706,10 +705,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return f"the provider did not reveal its state before step {step} by its deadline"
         return ""
 
-    exact = rt.referee_plans(here=True)  # a worker without a GPU it is configured to replay on says so here
-    if rt.referee_for(build) != kernel_build("cpu"):  # a dispute sent to another referee's queue by hand, say
-        raise GridMintValueError(f"verification {verification_id} is for the referee computing with "
-                                 f"{rt.referee_for(build)}, this worker computes with {kernel_build('cpu')}")
+    # a worker without a GPU it is configured to replay on says so here, and so does one handed a dispute that is
+    # another referee's (its pool's queue, or the default one, holds it by mistake)
+    exact = rt.referee_plans(here=True, build=build)
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
                            losses, exact, build)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
@@ -980,9 +978,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
     slashed, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
-        disputes = [(v, build) for v, build in s.execute(select(Verification.id, Unit.build)
-                                                          .join(Unit, Unit.id == Verification.unit_id)
-                                                          .where(Verification.status.in_(["disputed", "bisecting"])))]
+        disputes = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+                                  .where(Verification.status.in_(["disputed", "bisecting"]))))
         lazy = list(s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
                                                             Verification.slash_tx.is_(None))))
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))

@@ -4,6 +4,7 @@ disputes (job id found by searching the flow test's job shape; honest drift acro
 few percent of segments)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -219,9 +220,15 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
     # the referee's own kernels, unknown ones and unsaid ones: the default referee, on the default queue
     for build in (here, "torch-2.13.0.example/x86_64.genuineintel.avx2/aten-avx2", ""):
         assert rt.referee_for(build) == here and rt.referee_queue(build) is None
+        assert rt.referee_plans(here=True, build=build) == {CPU}  # this worker judges them
+    # a worker handed a pool's dispute refuses it
+    with pytest.raises(GridMintValueError, match=re.escape(f"this dispute is for the referee computing with {avx512}, "
+                                                           f"this worker computes with {here}")):
+        rt.referee_plans(here=True, build=avx512)
     # a pool's machine: it referees (its kernels are a referee's), but cannot take its own for the default's
     pool_here = runtime(referee_pools=here)
     assert pool_here.referee_pool_here() and pool_here.referee_for(here) == here
+    assert pool_here.referee_plans(here=True, build=here) == {CPU}  # its own pool's work, without the default named
     with pytest.raises(GridMintValueError, match="set GRIDMINT_REFEREE_BUILD to the default referee's"):
         pool_here.referee_build()
     told = runtime(referee_pools=here, referee_build=avx512)

@@ -170,7 +170,7 @@ def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there
         assert ops.stake_of(agents["cheat"]) == 0 and ops.stake_of(agents["honest"]) == tokens(200)
         assert ops.stake_of(verifier) >= tokens(100)  # its bond back, and a bounty on top
         # the ruling was the pool worker's, on its own queue; the referee's own worker never got the dispute (it
-        # would have refused it: "verification N is for the referee computing with ...")
+        # would have refused it: "this dispute is for the referee computing with ...")
         assert f"referee pool {pool}: queue {pool_queue(pool)}" in procs[3].tail(200)
         assert "is for the referee computing with" not in procs[2].tail(400), procs[2].tail(40)
     finally:
