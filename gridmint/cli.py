@@ -118,6 +118,9 @@ def verifier_run(
              "can reproduce your replay and releases the bond of an accusation made in good faith; elsewhere none "
              "(inf: disputes unbonded; honest drift across plans has reached 107x the tolerance, and no referee "
              "there can tell it from a lie)")] = None,
+    adversary: Annotated[Optional[str], typer.Option(hidden=True, help="Misbehave on purpose (adversary suite): "
+                                                                        "approve-everything or accuse-everything")]
+        = None,
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
@@ -127,8 +130,12 @@ def verifier_run(
 
     from node.crosscheck import Plan
 
+    if adversary not in (None, "approve-everything", "accuse-everything"):
+        raise GridMintValueError(f"unknown verifier adversary {adversary!r}: approve-everything or accuse-everything")
     account = load_or_create(wallet)
-    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin)
+    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin,
+                          approve_everything=adversary == "approve-everything",
+                          accuse_everything=adversary == "accuse-everything")
     if tokens(stake) > 0:
         if not chain:
             raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
@@ -182,10 +189,11 @@ def market_worker(beat: Annotated[Optional[bool], typer.Option(
     from marketplace.bootstrap import runtime_from_settings
     from marketplace.runtime import pool_queue, referee_build, set_runtime
     from marketplace.settings import Settings, pool_builds
-    from marketplace.tasks import celery_app
+    from marketplace.tasks import celery_app, keep_pool_alive
     from node.device import kernel_build
 
     settings = Settings()
+    pool = False
     argv = ["worker", "--pool=solo", "--loglevel=WARNING", "--without-gossip", "--without-mingle"]
     here = kernel_build("cpu")  # checked before anything starts: a worker on the wrong kernels fails at once
     if here in pool_builds(settings.referee_pools):
@@ -195,13 +203,17 @@ def market_worker(beat: Annotated[Optional[bool], typer.Option(
                                      "on a worker with the referee's own kernels")
         typer.echo(f"referee pool {here}: queue {pool_queue(here)}")
         argv += ["-Q", pool_queue(here)]
+        pool = True
     elif here != referee_build(settings):
         raise GridMintValueError(f"this worker computes with {here}, the referee with {referee_build(settings)} "
                                  f"(GRIDMINT_REFEREE_BUILD) and no referee pool with these kernels "
                                  f"(GRIDMINT_REFEREE_POOLS): set one of them to what `gridmint node probe` prints here")
     elif beat is None or beat:
         argv += ["-B", "-s", str(settings.data_dir / "celerybeat-schedule")]
-    set_runtime(runtime_from_settings(settings))
+    rt = runtime_from_settings(settings)
+    set_runtime(rt)
+    if pool:  # its sign of life keeps the pool's disputes with it (else, after a while, the default referee's)
+        keep_pool_alive(rt, here)
     celery_app.worker_main(argv)
 
 

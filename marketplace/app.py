@@ -164,6 +164,9 @@ def create_app(rt: Runtime) -> FastAPI:
                 # referee pools: other CPU kernels some referee workers compute with (work on them is judged there,
                 # bit for bit; a task names the kernels of the referee that would judge it, `referee_build`)
                 "referee_pools": sorted(set(pool_builds(rt.settings.referee_pools))),
+                # how long a pool may be away before its disputes go to the default referee (0: never), which judges
+                # them across kernels and releases the bond of a dispute it does not uphold
+                "referee_pool_wait_s": rt.settings.referee_pool_wait_s,
                 "regions": {r.region: {"floor_per_unit": str(r.floor_per_unit), "energy_usd_per_mwh": r.energy_usd_per_mwh}
                             for r in REGIONS.values()}}
 

@@ -135,7 +135,8 @@ class Verification(Base):
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
     segment: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong;
+    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong | dismissed
+    # (its referee pool was away: the default referee found nothing, and blames no one);
     # held: the check of a segment whose task is out as a canary (pending again once the canary is answered)
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -153,6 +154,17 @@ class Verification(Base):
     # ({proof, end_blob, true_end, held: id of the real check waiting meanwhile}). assigned -> canary_flagged (the
     # verifier was right) | canary_missed (it approved: lazy) | void (abandoned)
     canary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # when a dispute over work on a referee pool's kernels was handed to the default referee, the pool not seen for
+    # settings.referee_pool_wait_s (None: judged by the referee its kernels name)
+    fallback_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class RefereePool(Base):
+    """A referee pool's last sign of life (settings.referee_pools): its workers write it every few seconds."""
+
+    __tablename__ = "referee_pools"
+    build: Mapped[str] = mapped_column(String(160), primary_key=True)  # the pool's kernels
+    seen_at: Mapped[int] = mapped_column(BigInteger)
 
 
 class LedgerEntry(Base):

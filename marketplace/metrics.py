@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification
+from marketplace.db import Job, PayoutEpoch, Provider, RefereePool, Unit, Verification
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class MarketSnapshot:
     # open disputes (awaiting a ruling, or a provider's reveal) by the referee that judges them: "default", or the
     # kernels of a referee pool (GRIDMINT_REFEREE_POOLS); each pool named is reported, as 0 when it has none
     disputes: dict[str, int] = field(default_factory=dict)
+    # each referee pool's last sign of life, unix s (0: never seen)
+    pools_seen: dict[str, int] = field(default_factory=dict)
 
 
 def market_families(snap: MarketSnapshot) -> list[Metric]:
@@ -73,12 +75,17 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
     for status, n in sorted(({s: 0 for s in PROVIDER_STATUSES} | snap.providers).items()):
         providers.add_metric([status], n)
     disputes = GaugeMetricFamily("gridmint_disputes_open", "Disputes awaiting a referee's ruling (or a provider's "
-                                 "reveal), by referee: default, or a referee pool's kernels (a pool whose count "
-                                 "only grows has no worker running)", labels=["referee"])
+                                 "reveal), by referee: default (with the disputes handed over from an away pool), "
+                                 "or a referee pool's kernels", labels=["referee"])
     for referee, n in sorted(({"default": 0} | snap.disputes).items()):
         disputes.add_metric([referee], n)
+    seen = GaugeMetricFamily("gridmint_referee_pool_seen_timestamp_seconds", "A referee pool's last sign of life "
+                             "(0: never); after referee_pool_wait_s its disputes go to the default referee",
+                             labels=["referee"])
+    for referee, t in sorted(snap.pools_seen.items()):
+        seen.add_metric([referee], t)
     return [
-        units, jobs, providers, disputes,
+        units, jobs, providers, disputes, seen,
         GaugeMetricFamily("gridmint_providers_active", "Providers in good standing that were seen within the activity "
                           "window (unit_timeout_s)", value=snap.providers_active),
         GaugeMetricFamily("gridmint_payout_epoch_latest", "Newest payout epoch whose root is posted on chain (0: none)",
@@ -88,7 +95,7 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
 
 def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence[str] = ()) -> MarketSnapshot:
     """Count units, jobs and providers by status, active providers, the newest posted epoch and open disputes by
-    referee (``pools``: the referee pools' kernels; five small queries)."""
+    referee and each referee pool's last sign of life (``pools``: the pools' kernels; six small queries)."""
 
     def by_status(col: Any) -> dict[str, int]:
         return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col))}
@@ -97,13 +104,21 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
                       .where(Provider.status == "active", Provider.last_seen >= now - active_window_s))
     epoch = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
     disputes = {p: 0 for p in pools}
-    for build, n in s.execute(select(Unit.build, func.count()).join(Verification, Verification.unit_id == Unit.id)
-                              .where(Verification.status.in_(["disputed", "bisecting"])).group_by(Unit.build)):
-        referee = build if build in disputes else "default"
+    pools_seen = {p: 0 for p in pools}
+    if pools:
+        pools_seen |= {b: int(t) for b, t in s.execute(select(RefereePool.build, RefereePool.seen_at)
+                                                       .where(RefereePool.build.in_(list(pools))))}
+    for build, fallen_back, n in s.execute(
+            select(Unit.build, Verification.fallback_at.is_not(None), func.count())
+            .join(Verification, Verification.unit_id == Unit.id)
+            .where(Verification.status.in_(["disputed", "bisecting"]))
+            .group_by(Unit.build, Verification.fallback_at.is_not(None))):
+        referee = build if build in disputes and not fallen_back else "default"
         disputes[referee] = disputes.get(referee, 0) + int(n)
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),
-                          providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0), disputes=disputes)
+                          providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0), disputes=disputes,
+                          pools_seen=pools_seen)
 
 
 class MarketCollector(Collector):

@@ -15,11 +15,13 @@ from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, upd
 from sqlalchemy.orm import Session
 
 from marketplace import canary, matching, referee, settlement, standby
-from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, now_s, write_gate
+from marketplace.db import (Event, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
+                            write_gate)
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
 from protocol import verification
 from marketplace.runtime import Runtime
+from marketplace.settings import pool_builds
 from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.crosscheck import PROVIDER_PLAN, Plan
@@ -491,10 +493,51 @@ def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
     return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build in rt.referee_builds())
 
 
-def _referee(rt: Runtime, verification_id: int, build: str | None) -> None:
+def _referee(rt: Runtime, verification_id: int, build: str | None, fallen_back: bool = False) -> None:
     """Send dispute ``verification_id`` over work computed with kernel ``build`` to the referee that judges it:
-    the referee pool computing with those kernels (it replays the work bit for bit), else the default referee."""
-    rt.enqueue("gridmint.adjudicate", [verification_id], queue=rt.referee_queue(build or ""))
+    the referee pool computing with those kernels (it replays the work bit for bit), else the default referee; the
+    default one too once the dispute has ``fallen_back`` (its pool was away: :func:`_pools_away`)."""
+    rt.enqueue("gridmint.adjudicate", [verification_id], queue=None if fallen_back else rt.referee_queue(build or ""))
+
+
+def pool_alive(rt: Runtime, build: str) -> None:
+    """A referee pool's sign of life, written by its workers every few seconds (settings.pool_beat_s): while it is
+    recent, the pool's disputes stay with it."""
+    with rt.sessions.begin() as s:
+        row = s.get(RefereePool, build)
+        if row is None:
+            s.add(RefereePool(build=build, seen_at=now_s()))
+        else:
+            row.seen_at = max(row.seen_at, now_s())
+
+
+def pool_away(now: int, pool_seen: int | None, dispute_seen: int, wait_s: int) -> bool:
+    """Whether a dispute's referee pool counts as away: neither it (its last sign of life, None: never) nor the
+    dispute (its verifier's last one, when it disputed) were seen for more than ``wait_s`` (0: never away)."""
+    return wait_s > 0 and now - max(pool_seen or 0, dispute_seen) > wait_s
+
+
+def _pools_away(rt: Runtime, s: Session, now: int) -> list[int]:
+    """Hand each open dispute whose referee pool is away (:func:`pool_away`) to the default referee: marked
+    ``fallback_at`` (so the pool, should it come back, leaves it alone) and logged. Returns their ids."""
+    pools, wait = pool_builds(rt.settings.referee_pools), rt.settings.referee_pool_wait_s
+    if not pools or not wait:
+        return []
+    seen = {b: int(t) for b, t in s.execute(select(RefereePool.build, RefereePool.seen_at)
+                                            .where(RefereePool.build.in_(pools)))}
+    moved = []
+    for v, unit in s.execute(select(Verification, Unit).join(Unit, Unit.id == Verification.unit_id)
+                             .where(Verification.status.in_(["disputed", "bisecting"]),
+                                    Verification.fallback_at.is_(None), Unit.build.in_(pools))):
+        assert unit.build is not None
+        if pool_away(now, seen.get(unit.build), v.heartbeat_at or v.assigned_at or 0, wait):
+            v.fallback_at = now
+            log(s, "referee_fallback", unit.job_id, unit=unit.id, segment=v.segment, verification=v.id,
+                provider=v.provider, verifier=v.verifier, pool=unit.build, pool_seen=seen.get(unit.build),
+                reason=f"the referee pool computing with {unit.build} was not seen for {wait} s: the default "
+                       f"referee judges the dispute across kernels")
+            moved.append(v.id)
+    return moved
 
 
 def _task_body(vid: int, seg: int, spec_json: str, proof: dict[str, Any], checkpoint_blob: str, provider: str,
@@ -591,7 +634,7 @@ def _maybe_verified(s: Session, unit: Unit) -> None:
     open_checks = s.scalar(select(func.count()).select_from(Verification)
                            .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
                                   Verification.canary.is_(None),
-                                  Verification.status.notin_(["passed", "verifier_wrong"])))
+                                  Verification.status.notin_(["passed", "verifier_wrong", "dismissed"])))
     if open_checks or unit.status != "submitted":
         return
     unit.status = "verified"
@@ -678,6 +721,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         task = s.get(Verification, verification_id)
         if task is None or task.status not in ("disputed", "bisecting"):
             return task.status if task else "missing"
+        fallen_back = task.fallback_at is not None
+        if fallen_back and rt.referee_pool_here():
+            return task.status  # the pool was away and the default referee has it now: not this worker's any more
         asked = referee.bisect_view(task.bisect) if task.status == "bisecting" else {}
         if asked and str(asked.get("asked")) not in asked["reveals"] and now_s() <= int(asked["deadline"]):
             return task.status  # still waiting for the state asked: nothing to replay yet
@@ -706,8 +752,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         return ""
 
     # a worker without a GPU it is configured to replay on says so here, and so does one handed a dispute that is
-    # another referee's (its pool's queue, or the default one, holds it by mistake)
-    exact = rt.referee_plans(here=True, build=build)
+    # another referee's (its pool's queue, or the default one, holds it by mistake; one that fell back from its pool
+    # is the default referee's, which judges the pool's kernels as other kernels: within the tolerance)
+    exact = rt.referee_plans(here=True, build="" if fallen_back else build)
     verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
                            losses, exact, build)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
@@ -723,6 +770,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                 log(s, "reveal_requested", job.id, unit=unit.id, segment=seg, provider=provider, step=verdict.pending,
                     deadline=b["deadline"], then=len(b["more"]))
             return task.status
+    if not verdict.fraud and fallen_back:
+        return _dismiss(rt, verification_id, evidence, disputed, verdict.reason)
     if not verdict.fraud:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
         # accusation was made in good faith (it reached the verifier's signed state, past the tolerance): then it
@@ -801,6 +850,31 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     return "fraud"
 
 
+def _dismiss(rt: Runtime, verification_id: int, evidence: bytes, disputed: bool, reason: str) -> str:
+    """A dispute that fell back from its away referee pool and that the default referee, judging across kernels,
+    found no fraud in: the provider is cleared, and no one is blamed. The verifier bonded on the pool's promise of an
+    exact replay (a cheat inside the drift between kernels is still possible), so its bond is released, and the
+    overruled verdict is not counted against it."""
+    if disputed and not rt.contracts.evidence_used(evidence):
+        rt.contracts.dismiss_dispute(evidence)
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
+        if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
+            return task.status
+        task.status = "dismissed"
+        task.slash_tx = "0x" + evidence.hex() if disputed else None
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None
+        log(s, "dispute_dismissed", unit.job_id, unit=unit.id, segment=task.segment, verifier=task.verifier,
+            provider=task.provider, bonded=disputed, reason=f"its referee pool was away; the default referee "
+                                                            f"found no fraud across kernels: {reason}")
+        _maybe_verified(s, unit)
+        job_id = unit.job_id
+    rt.enqueue("gridmint.advance", [job_id])
+    return "dismissed"
+
+
 def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, accusation: str) -> bool:
     """Relay ``verifier``'s accusation to GridStaking.accuse. True if a dispute for ``evidence`` is (or was) open on
     chain; False if the verifier cannot back it (no bond configured, or too little free stake)."""
@@ -875,13 +949,14 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         assert unit is not None
         log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)
         more, build = [int(x) for x in b.get("more") or [] if str(x) not in b["reveals"]], unit.build
+        fallen_back = task.fallback_at is not None
         if more:  # the referee asked for several states (a loss scan): the next one, with its own deadline
             b["asked"], b["more"], b["deadline"] = more[0], more[1:], now_s() + rt.settings.reveal_timeout_s
             log(s, "reveal_requested", unit.job_id, unit=unit.id, segment=task.segment, provider=provider,
                 step=more[0], deadline=b["deadline"], then=len(more) - 1)
         task.bisect = b
     if not more:  # all the referee asked for is in: it rules (or goes on bisecting)
-        _referee(rt, body.verification_id, build)
+        _referee(rt, body.verification_id, build, fallen_back)
     return "revealed"
 
 
@@ -978,7 +1053,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
     slashed, rounds fully verified but not advanced,
     finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
     with rt.sessions.begin() as s:
-        disputes = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+        disputes = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
+                                  .join(Unit, Unit.id == Verification.unit_id)
                                   .where(Verification.status.in_(["disputed", "bisecting"]))))
         lazy = list(s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
                                                             Verification.slash_tx.is_(None))))
@@ -986,8 +1062,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status == "done")))
-    for v, build in disputes:
-        _referee(rt, v, build)
+    for v, build, fallen_back in disputes:
+        _referee(rt, v, build, fallen_back)
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
     for j in ready:
@@ -1002,7 +1078,9 @@ def reap(rt: Runtime) -> int:
     holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
     price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
     job's current global model) on the cheapest eligible standby right away, or goes back to the pool for the next
-    matching round when no spare provider fits. Returns how many units were taken back."""
+    matching round when no spare provider fits. Verification tasks gone quiet go back to the queue; a dispute whose
+    provider let a reveal deadline pass is ruled on; one whose referee pool is away goes to the default referee
+    (:func:`_pools_away`). Returns how many units were taken back."""
     now = now_s()
     cutoff = now - rt.settings.unit_timeout_s
     n = 0
@@ -1044,13 +1122,18 @@ def reap(rt: Runtime) -> int:
                 _retire_canary(s, v)
             else:
                 v.status, v.verifier = "pending", None
-        overdue = [(v.id, build) for v, build in s.execute(select(Verification, Unit.build)
-                                                             .join(Unit, Unit.id == Verification.unit_id)
-                                                             .where(Verification.status == "bisecting"))
+        overdue = [(v.id, build, v.fallback_at is not None)
+                   for v, build in s.execute(select(Verification, Unit.build)
+                                             .join(Unit, Unit.id == Verification.unit_id)
+                                             .where(Verification.status == "bisecting"))
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]
-    for vid, build in overdue:  # a provider that lets a reveal deadline pass loses its dispute
-        _referee(rt, vid, build)
+        away = _pools_away(rt, s, now)
+    for vid, build, fallen_back in overdue:  # a provider that lets a reveal deadline pass loses its dispute
+        if vid not in away:
+            _referee(rt, vid, build, fallen_back)
+    for vid in away:  # a dispute whose referee pool is away: to the default referee
+        _referee(rt, vid, None, True)
     if n:
         rt.enqueue("gridmint.match", [])
     return n

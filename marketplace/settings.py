@@ -68,9 +68,14 @@ class Settings(BaseSettings):
     # node.device.kernel_build strings, what `gridmint node probe` prints there). Each pool is a Celery queue of its
     # own (Runtime.referee_queue), consumed by `gridmint marketplace worker` started on a machine with those kernels:
     # a dispute over work on them is sent there and replayed bit for bit, so a cheat hiding inside the drift between
-    # kernels (a float8 step in a bf16 job) is convicted, and a verifier on them bonds its disputes. Name a pool only
-    # with its workers running: its disputes wait for them
+    # kernels (a float8 step in a bf16 job) is convicted, and a verifier on them bonds its disputes
     referee_pools: str = ""
+    # a pool's worker says it is alive every few seconds (marketplace.service.pool_alive); a dispute whose pool has
+    # not been seen for this long (nor its verifier, since it disputed) is handed to the default referee instead, so a
+    # job never waits on a pool with no worker for ever. That referee judges it across kernels, within the tolerance:
+    # a cheat past it is convicted as ever; one inside it (a float8 step) goes free, and the verifier's bond, posted
+    # on the pool's promise, is released ("dismissed"). 0: never; the dispute waits for the pool
+    referee_pool_wait_s: int = Field(default=3600, ge=0)
     clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).
@@ -117,6 +122,11 @@ class Settings(BaseSettings):
 
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+
+def pool_beat_s(wait_s: int) -> float:
+    """How often a referee pool's worker says it is alive: well inside ``referee_pool_wait_s`` (at most every 15 s)."""
+    return max(0.5, min(15.0, wait_s / 4)) if wait_s else 15.0
 
 
 def pool_builds(pools: str) -> list[str]:

@@ -1,11 +1,18 @@
 """Celery tasks: background steps of the job lifecycle. Each takes ids only and is idempotent (acks_late)."""
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 from celery import Celery
 
 from marketplace import service, settlement
 from protocol.errors import ChainError
-from marketplace.runtime import get_runtime
+from marketplace.runtime import Runtime, get_runtime
+from marketplace.settings import pool_beat_s
+
+log = logging.getLogger(__name__)
 
 celery_app = Celery("gridmint")
 celery_app.conf.update(
@@ -80,6 +87,26 @@ def sweep_task() -> dict[str, int]:
 @celery_app.task(name="gridmint.reap")
 def reap_task() -> int:
     return service.reap(get_runtime())
+
+
+def keep_pool_alive(rt: Runtime, build: str) -> threading.Thread:
+    """On a referee pool's worker: write the pool's sign of life now, then every settings.pool_beat_s from a
+    daemon thread (a solo worker replaying a long dispute still says it is there). A failed write (the database
+    restarting) is logged and retried at the next beat."""
+    service.pool_alive(rt, build)
+    every = pool_beat_s(rt.settings.referee_pool_wait_s)
+
+    def beat() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                service.pool_alive(rt, build)
+            except Exception:  # noqa: BLE001 - a beat missed is retried; the worker must not die of it
+                log.exception("referee pool %s: could not write its sign of life", build)
+
+    t = threading.Thread(target=beat, name="referee-pool-alive", daemon=True)
+    t.start()
+    return t
 
 
 def enqueue(name: str, args: list[object], queue: str | None = None) -> None:

@@ -1024,7 +1024,7 @@ def test_a_node_answers_a_reveal_between_steps_of_the_unit_it_is_training(market
     verdicts = [verifier.verify_once(), verifier.verify_once()]
     assert sorted(verdicts) == ["fraud", "ok"]  # honest drift 4.76x past the tolerance in segment 0: disputed
     market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
-    spec_b = JobSpec(rounds=1, units_per_round=1, steps_per_unit=160, segment_len=40, batch_size=8,
+    spec_b = JobSpec(rounds=1, units_per_round=1, steps_per_unit=80, segment_len=20, batch_size=8,
                      max_price=tokens(2))
     job_b = submit_job(market, spec_b)
     market.wait(lambda: _assigned(market, job_b) == 1, what="job B's unit matched")

@@ -238,3 +238,105 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
             Settings(data_dir=tmp_path, referee_pools=bad)
     with pytest.raises(ValueError, match="is the referee's own kernels"):
         Settings(data_dir=tmp_path, referee_pools=avx512, referee_build=avx512)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_path: Path, db_url: str) -> None:
+    """A pool's workers write its sign of life every few seconds (service.pool_alive). A dispute over work on its
+    kernels that neither the pool nor its verifier were seen near for referee_pool_wait_s is handed to the default
+    referee by the reaper: marked (once, logged), sent to the default queue, and routed there from then on (sweep);
+    the pool, should it come back, leaves it alone. A pool seen recently keeps its disputes; a wait of 0 never hands
+    one over; disputes over other kernels are the default referee's anyway."""
+    from sqlalchemy import select
+
+    from marketplace import service
+    from marketplace.blobs import BlobStore
+    from marketplace.db import Event, Job, RefereePool, Unit, Verification, make_sessionmaker, now_s
+    from marketplace.runtime import Runtime, pool_queue
+    from marketplace.settings import Settings
+    from node.device import kernel_build
+
+    pool, here = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512", kernel_build("cpu")
+    sent: list[tuple[str, list[object], str | None]] = []
+    sessions = make_sessionmaker(db_url)
+
+    def runtime(**kw: object) -> Runtime:
+        settings = Settings(data_dir=tmp_path, db_url=db_url, **kw)  # type: ignore[arg-type]
+        return Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
+                       contracts=None, enqueue=lambda name, args, queue=None: sent.append((name, args, queue)))
+
+    rt = runtime(referee_pools=pool, referee_pool_wait_s=60)
+    now, job = now_s(), "0x" + "01" * 32
+    with sessions.begin() as s:
+        s.add(Job(id=job, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"), budget=1,
+                  global_blob="0" * 64))
+        s.flush()
+        for shard, build in enumerate([pool, here]):
+            s.add(Unit(id=f"0x{shard:064x}", job_id=job, round=0, shard=shard, status="submitted", build=build))
+        s.flush()
+        rows = [Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=0, status="disputed",
+                             assigned_at=now - 120),  # quiet for 2 minutes: its pool is away
+                Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=1, status="bisecting",
+                             assigned_at=now - 120, heartbeat_at=now - 10),  # its verifier was here 10 s ago
+                Verification(unit_id=f"0x{1:064x}", provider="0x" + "0" * 40, segment=0, status="disputed",
+                             assigned_at=now - 1000)]  # the referee's own kernels: the default's anyway
+        s.add_all(rows)
+    away, recent, ours = (v.id for v in rows)
+
+    assert service.reap(rt) == 0
+    assert sent == [("gridmint.adjudicate", [away], None)]
+    with sessions() as s:
+        marked = {v.id: v.fallback_at for v in s.scalars(select(Verification))}
+        [event] = [e.data for e in s.scalars(select(Event).where(Event.kind == "referee_fallback"))]
+    assert marked[away] is not None and marked[away] >= now and marked[recent] is None and marked[ours] is None
+    assert event["verification"] == away and event["pool"] == pool and event["pool_seen"] is None
+    sent.clear()
+    assert service.reap(rt) == 0 and sent == []  # handed over once
+    # the pool says it is alive: its quiet dispute stays with it
+    with sessions.begin() as s:
+        s.get(Verification, recent).heartbeat_at = now - 1000  # type: ignore[union-attr]
+    service.pool_alive(rt, pool)
+    assert service.reap(rt) == 0 and sent == []
+    # the sweep routes by the mark: the handed-over dispute to the default queue, the pool's to the pool's
+    service.sweep(rt)
+    assert sorted((args[0], queue or "") for name, args, queue in sent if name == "gridmint.adjudicate") == sorted(
+        [(away, ""), (recent, pool_queue(pool)), (ours, "")])
+    # never handed over with a wait of 0, however long the pool is away
+    with sessions.begin() as s:
+        s.execute(Verification.__table__.update().values(fallback_at=None))
+        s.execute(RefereePool.__table__.delete())
+    sent.clear()
+    assert service.reap(runtime(referee_pools=pool, referee_pool_wait_s=0)) == 0 and sent == []
+    assert service.pool_away(100, None, 0, 60) and not service.pool_away(100, None, 0, 0)
+    assert not service.pool_away(100, 50, 0, 60) and not service.pool_away(100, None, 50, 60)
+    assert service.pool_away(200, 139, 100, 60) and not service.pool_away(200, 140, 100, 60)
+
+
+def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp_path: Path) -> None:
+    """Once a dispute fell back from its away pool, a worker of that pool that comes back (and finds it in its queue)
+    does not judge it: the default referee has it."""
+    from marketplace import service
+    from marketplace.blobs import BlobStore
+    from marketplace.db import Job, Unit, Verification, make_sessionmaker, now_s
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+    from node.device import kernel_build
+
+    here, default = kernel_build("cpu"), "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
+    sessions = make_sessionmaker(f"sqlite:///{tmp_path / 'm.db'}")
+    settings = Settings(data_dir=tmp_path, referee_pools=here, referee_build=default)
+    rt = Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
+                 contracts=None, enqueue=lambda name, args, queue=None: None)
+    assert rt.referee_pool_here()
+    with sessions.begin() as s:
+        s.add(Job(id="0x" + "01" * 32, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"),
+                  budget=1, global_blob="0" * 64))
+        s.flush()
+        s.add(Unit(id=f"0x{0:064x}", job_id="0x" + "01" * 32, round=0, shard=0, status="submitted", build=here))
+        s.flush()
+        v = Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=0, status="disputed",
+                         fallback_at=now_s())
+        s.add(v)
+    assert service.adjudicate(rt, v.id) == "disputed"  # untouched: no proof was even read
+    with sessions() as s:
+        assert s.get(Verification, v.id).status == "disputed"  # type: ignore[union-attr]

@@ -9,13 +9,19 @@ with them, and it replays them bit for bit; a verifier on the same kernels bonds
 Everything here is real: a Hardhat chain, Redis, the API and two ``gridmint marketplace worker`` processes (the
 referee's, with the scheduler, and the pool's, on ATen's scalar kernels and MKL's compatible path: node.foreign's
 other kernels), two providers and a verifier as ``gridmint node run`` / ``gridmint verifier run`` processes on the
-pool's kernels. No process is told which kernels it computes with: each names its own (node.device.kernel_build)."""
+pool's kernels. No process is told which kernels it computes with: each names its own (node.device.kernel_build).
+A pool's worker says it is alive every few seconds; a pool away for GRIDMINT_REFEREE_POOL_WAIT_S hands its disputes
+to the default referee, so no job waits on it for ever."""
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +31,7 @@ from sqlalchemy import select
 from gridmint.procs import Proc, free_port, start_redis, venv_path_env
 from ledger.devchain import HardhatNode
 from ledger.evm import Chain, GridMintContracts, deploy
-from marketplace.db import Event, Unit, Verification, make_sessionmaker
+from marketplace.db import Event, Unit, Verification, Verifier, make_sessionmaker
 from marketplace.runtime import pool_queue
 from node.client import MarketClient
 from node.device import FOREIGN_KERNELS, kernel_build
@@ -64,11 +70,107 @@ def test_a_worker_on_kernels_no_referee_computes_with_refuses_to_start(tmp_path:
     assert "computes with a referee pool's kernels" in run.stderr and "set GRIDMINT_REFEREE_BUILD" in run.stderr
 
 
-def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there(tmp_path: Path) -> None:
-    logs = tmp_path / "logs"
-    procs: list[Proc] = []
+@dataclass
+class PoolMarket:
+    """The real processes of a marketplace with one referee pool (node.foreign's other kernels)."""
+
+    tmp: Path
+    url: str
+    pool: str  # the pool's kernels
+    chain: Chain
+    ops: GridMintContracts
+    operator: Any
+    deployment: Any
+    env: dict[str, str]
+    on_pool: dict[str, str]  # env of a process on the pool's kernels
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        p = Proc(name, argv, self.tmp / "logs", env)
+        self.procs.append(p)
+        return p
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def wallet(self, name: str, gmt: int) -> tuple[str, Path]:
+        acct = Account.create()
+        path = self.tmp / "wallets" / f"{name}.json"
+        save_wallet(acct, path, password="")
+        self.chain.send_eth(self.operator, acct.address, 10**18)
+        self.ops.transfer(acct.address, gmt)
+        return acct.address, path
+
+    def provider(self, name: str, region: str, price: str, adversary: str | None = None) -> str:
+        """A `gridmint node run` process on the pool's kernels, staking 200 GMT; its address."""
+        address, path = self.wallet(name, tokens(500))
+        argv = [*GM, "node", "run", "--marketplace", self.url, "--chain", self.chain_url, "--wallet", str(path),
+                "--region", region, "--price", price, "--stake", "200"]
+        self.start(f"node-{name}", argv + (["--adversary", adversary] if adversary else []), self.on_pool)
+        return address
+
+    def verifier(self, adversary: str | None = None) -> str:
+        """A `gridmint verifier run` process on the pool's kernels, staking 100 GMT (two 50 GMT bonds); its address."""
+        address, path = self.wallet("verifier", tokens(100))
+        argv = [*GM, "verifier", "run", "--marketplace", self.url, "--wallet", str(path), "--chain", self.chain_url,
+                "--stake", "100"]
+        self.start("verifier", argv + (["--adversary", adversary] if adversary else []), self.on_pool)
+        return address
+
+    @property
+    def chain_url(self) -> str:
+        return self.env["GRIDMINT_CHAIN_URL"]
+
+    def check_alive(self) -> None:
+        for p in self.procs:  # a node told it was slashed stops cleanly (exit 0): the cheat's way out
+            assert p.alive() or (p.name.startswith("node-") and p.popen.returncode == 0), \
+                f"{p.name} died (exit {p.popen.returncode}):\n{p.tail()}"
+
+    def wait(self, cond: Callable[[], Any], timeout: float, what: str) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.check_alive()
+            got = cond()
+            if got:
+                return got
+            time.sleep(0.3)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
+                             + "\n".join(f"--- {p.name}\n{p.tail(8)}" for p in self.procs))
+
+    def run_job(self, providers: set[str]) -> str:
+        """Once ``providers`` are registered, a customer funds and submits SPEC; returns the job id once settled."""
+        registered = lambda: {p["address"] for p in httpx.get(f"{self.url}/providers", timeout=5).json()}  # noqa: E731
+        self.wait(lambda: registered() == providers, 240, "the providers registered")
+        customer = Account.create()
+        self.chain.send_eth(self.operator, customer.address, 10**18)
+        self.ops.transfer(customer.address, tokens(100))
+        client = MarketClient(self.url, customer)
+        quote = client.quote(SPEC.model_dump(mode="json"))
+        job_id = quote["job_id"]
+        GridMintContracts(self.chain, self.deployment, customer).fund_job_with_permit(job_id, int(quote["budget"]))
+        client.submit_job(job_id, SPEC.model_dump(mode="json"))
+        self.wait(lambda: client.job(job_id)["status"] == "settled", 360, "the job settled")
+        return job_id
+
+    def records(self, job_id: str) -> tuple[list[Unit], list[Verification], dict[str, list[dict[str, Any]]]]:
+        """The job's units, their checks and the marketplace's events by kind, read from its database."""
+        sessions = make_sessionmaker(f"sqlite:///{(self.tmp / 'market' / 'marketplace.db').resolve()}")
+        with sessions() as s:
+            units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+            checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
+            events: dict[str, list[dict[str, Any]]] = {}
+            for e in s.scalars(select(Event)):
+                events.setdefault(e.kind, []).append(e.data)
+        return units, checks, events
+
+
+@contextmanager
+def pool_market(tmp_path: Path, *, pool_worker: bool, wait_s: int) -> Iterator[PoolMarket]:
+    """A Hardhat chain, Redis, the API and the referee's own worker (with the scheduler), one referee pool named
+    (node.foreign's other kernels, waited for ``wait_s`` when away), and with ``pool_worker`` the pool's worker."""
     node = HardhatNode()
     node.start()
+    m: PoolMarket | None = None
     try:
         pool = _kernels_of(dict(FOREIGN_KERNELS))
         assert pool != kernel_build("cpu") and "aten-default" in pool
@@ -78,80 +180,51 @@ def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there
                             verifier_bond=tokens(50))
         deployment.to_json(tmp_path / "deployment.json")
         ops = GridMintContracts(chain, deployment, operator)
-        redis, redis_url = start_redis(tmp_path / "redis", logs)
-        procs.append(redis)
+        redis, redis_url = start_redis(tmp_path / "redis", tmp_path / "logs")
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         env = {"GRIDMINT_DATA_DIR": str(tmp_path / "market"), "GRIDMINT_CHAIN_URL": node.url,
                "GRIDMINT_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
                "GRIDMINT_OPERATOR_KEY": "0x" + bytes(operator.key).hex(), "GRIDMINT_REDIS_URL": redis_url,
                "GRIDMINT_MIN_STAKE": str(tokens(100)), "GRIDMINT_UNIT_TIMEOUT_S": "60", "GRIDMINT_CANARY_RATE": "0",
                "GRIDMINT_WALLET_PASSWORD": "", "GRIDMINT_REFEREE_POOLS": pool,
+               "GRIDMINT_REFEREE_POOL_WAIT_S": str(wait_s),
                # every process is told the default referee's kernels: a pool's machine cannot take its own for them
                "GRIDMINT_REFEREE_BUILD": kernel_build("cpu")}
-        on_pool = {**env, **FOREIGN_KERNELS}
-        procs += [Proc("api", [*GM, "marketplace", "serve", "--port", str(port)], logs, env),
-                  Proc("worker", [*GM, "marketplace", "worker"], logs, env),
-                  Proc("pool-worker", [*GM, "marketplace", "worker"], logs, on_pool)]
-        procs[1].wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, 180, "API answering")
-        config = httpx.get(f"{url}/config").json()
+        m = PoolMarket(tmp_path, f"http://127.0.0.1:{port}", pool, chain, ops, operator, deployment, env,
+                       {**env, **FOREIGN_KERNELS}, [redis])
+        m.start("api", [*GM, "marketplace", "serve", "--port", str(port)], env)
+        m.start("worker", [*GM, "marketplace", "worker"], env)
+        if pool_worker:
+            m.start("pool-worker", [*GM, "marketplace", "worker"], m.on_pool)
+        m.proc("api").wait_until(lambda: httpx.get(f"{m.url}/healthz", timeout=1).status_code == 200, 180,
+                                 "API answering")
+        config = httpx.get(f"{m.url}/config").json()
         assert config["referee_pools"] == [pool] and config["referee_build"] == kernel_build("cpu")
+        assert config["referee_pool_wait_s"] == wait_s
+        yield m
+    finally:
+        for p in reversed(m.procs if m else []):
+            p.stop()
+        node.stop()
 
-        def wallet(name: str, gmt: int) -> tuple[str, Path]:
-            acct = Account.create()
-            path = tmp_path / "wallets" / f"{name}.json"
-            save_wallet(acct, path, password="")
-            chain.send_eth(operator, acct.address, 10**18)
-            ops.transfer(acct.address, gmt)
-            return acct.address, path
 
-        agents = {}
-        for name, region, price, adversary in (("honest", "us-east", "0.9", None),
-                                               ("cheat", "eu-north", "0.55", "low-precision")):
-            address, path = wallet(name, tokens(500))
-            argv = [*GM, "node", "run", "--marketplace", url, "--chain", node.url, "--wallet", str(path),
-                    "--region", region, "--price", price, "--stake", "200"]
-            procs.append(Proc(f"node-{name}", argv + (["--adversary", adversary] if adversary else []), logs,
-                              on_pool))
-            agents[name] = address
-        verifier, vpath = wallet("verifier", tokens(100))
-        procs.append(Proc("verifier", [*GM, "verifier", "run", "--marketplace", url, "--wallet", str(vpath),
-                                       "--chain", node.url, "--stake", "100"], logs, on_pool))
+def _pool_seen(url: str, pool: str) -> float:
+    """The pool's last sign of life as /metrics reports it (0: never seen)."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("gridmint_referee_pool_seen_timestamp_seconds{") and f'referee="{pool}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no gridmint_referee_pool_seen_timestamp_seconds for {pool}")
 
-        def check_alive() -> None:
-            for p in procs:  # a node told it was slashed stops cleanly (exit 0): the cheat's way out
-                assert p.alive() or (p.name.startswith("node-") and p.popen.returncode == 0), \
-                    f"{p.name} died (exit {p.popen.returncode}):\n{p.tail()}"
 
-        def wait(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                check_alive()
-                got = cond()
-                if got:
-                    return got
-                time.sleep(0.3)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; "
-                                 + "\n".join(f"--- {p.name}\n{p.tail(8)}" for p in procs))
-
-        registered = lambda: {p["address"] for p in httpx.get(f"{url}/providers", timeout=5).json()}  # noqa: E731
-        wait(lambda: registered() == set(agents.values()), 240, "both providers registered")
-        customer = Account.create()
-        chain.send_eth(operator, customer.address, 10**18)
-        ops.transfer(customer.address, tokens(100))
-        client = MarketClient(url, customer)
-        quote = client.quote(SPEC.model_dump(mode="json"))
-        job_id = quote["job_id"]
-        GridMintContracts(chain, deployment, customer).fund_job_with_permit(job_id, int(quote["budget"]))
-        client.submit_job(job_id, SPEC.model_dump(mode="json"))
-        wait(lambda: client.job(job_id)["status"] == "settled", 360, "the job settled")
-
-        sessions = make_sessionmaker(f"sqlite:///{(tmp_path / 'market' / 'marketplace.db').resolve()}")
-        with sessions() as s:
-            units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
-            checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
-            events = {k: [e.data for e in s.scalars(select(Event).where(Event.kind == k))]
-                      for k in ("provider_slashed", "segment_disputed", "false_accusation")}
+def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there(tmp_path: Path) -> None:
+    # the pool's worker says it is alive every 1.5 s: its disputes stay with it, though it is away after 6 s
+    with pool_market(tmp_path, pool_worker=True, wait_s=6) as m:
+        agents = {"honest": m.provider("honest", "us-east", "0.9"),
+                  "cheat": m.provider("cheat", "eu-north", "0.55", "low-precision")}
+        verifier = m.verifier()
+        job_id = m.run_job(set(agents.values()))
+        units, checks, events = m.records(job_id)
+        pool, ops = m.pool, m.ops
         # every unit and every stored result names the pool's kernels: the agents said what they compute with
         assert {u.build for u in units} == {pool}
         # the honest provider's work on those kernels replays bit for bit on the verifier's: every check passed
@@ -163,17 +236,43 @@ def test_a_float8_step_on_a_referee_pools_kernels_is_convicted_bit_for_bit_there
         # the cheat's float8 step: disputed with a bond (the task named the pool's kernels as the referee's), sent
         # to the pool's queue and convicted there on an exact replay: the fraud-proof path, the verifier paid
         assert events["segment_disputed"] and all("[unbonded" not in e["reason"] for e in events["segment_disputed"])
-        assert not events["false_accusation"], events["false_accusation"]
+        assert "false_accusation" not in events, events["false_accusation"]
         [slash] = events["provider_slashed"]
         assert slash["provider"] == agents["cheat"] and slash["path"] == "fraud-proof", slash
         assert "end state differs" in slash["reason"] and "other kernels" not in slash["reason"], slash
         assert ops.stake_of(agents["cheat"]) == 0 and ops.stake_of(agents["honest"]) == tokens(200)
         assert ops.stake_of(verifier) >= tokens(100)  # its bond back, and a bounty on top
         # the ruling was the pool worker's, on its own queue; the referee's own worker never got the dispute (it
-        # would have refused it: "this dispute is for the referee computing with ...")
-        assert f"referee pool {pool}: queue {pool_queue(pool)}" in procs[3].tail(200)
-        assert "is for the referee computing with" not in procs[2].tail(400), procs[2].tail(40)
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        node.stop()
+        # would have refused it: "this dispute is for the referee computing with ..."), nor did one fall back to it:
+        # the pool's worker kept saying it was there
+        assert f"referee pool {pool}: queue {pool_queue(pool)}" in m.proc("pool-worker").tail(200)
+        assert "is for the referee computing with" not in m.proc("worker").tail(400), m.proc("worker").tail(40)
+        assert "referee_fallback" not in events, events["referee_fallback"]
+        assert _pool_seen(m.url, pool) >= time.time() - 30
+
+
+def test_a_referee_pool_with_no_worker_hands_its_disputes_to_the_default_referee(tmp_path: Path) -> None:
+    """The pool is named but no worker of it runs. A verifier on its kernels disputes every segment of an honest
+    provider there (it accuses everything), with a bond: the task says the pool would judge it bit for bit. The pool
+    never says it is alive, so after GRIDMINT_REFEREE_POOL_WAIT_S each dispute goes to the default referee, which
+    judges the other kernels within the tolerance and clears the honest work; the job settles instead of waiting for
+    ever. No one is blamed: the bonds, posted on the pool's promise of an exact replay, are released, and the
+    overruled verdicts are not counted against the verifier (the pool would have proven them false; its absence
+    is the marketplace's failing)."""
+    with pool_market(tmp_path, pool_worker=False, wait_s=3) as m:
+        honest = m.provider("honest", "us-east", "0.9")
+        verifier = m.verifier("accuse-everything")
+        assert _pool_seen(m.url, m.pool) == 0
+        job_id = m.run_job({honest})
+        units, checks, events = m.records(job_id)
+        assert {u.build for u in units} == {m.pool} and all(u.status == "verified" for u in units)
+        assert checks and all(v.status == "dismissed" and v.fallback_at for v in checks), \
+            [(v.segment, v.status, v.fallback_at) for v in checks]
+        assert len(events["referee_fallback"]) == len(checks) == len(events["dispute_dismissed"])
+        assert all(e["pool"] == m.pool and e["pool_seen"] is None for e in events["referee_fallback"])
+        assert any(e["bonded"] for e in events["dispute_dismissed"])  # a bond was at stake, and came back
+        assert "provider_slashed" not in events and "false_accusation" not in events
+        assert m.ops.stake_of(honest) == tokens(200) and m.ops.stake_of(verifier) == tokens(100)
+        with make_sessionmaker(f"sqlite:///{(tmp_path / 'market' / 'marketplace.db').resolve()}")() as s:
+            row = s.get(Verifier, verifier)
+            assert row is not None and row.wrong == 0 and row.status == "active", (row.wrong, row.status)
