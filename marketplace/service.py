@@ -12,6 +12,7 @@ from typing import Any
 
 from eth_utils import keccak
 from sqlalchemy import Connection, and_, bindparam, case, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, matching, referee, settlement, standby
@@ -503,12 +504,19 @@ def _referee(rt: Runtime, verification_id: int, build: str | None, fallen_back: 
 def pool_alive(rt: Runtime, build: str) -> None:
     """A referee pool's sign of life, written by its workers every few seconds (settings.pool_beat_s): while it is
     recent, the pool's disputes stay with it."""
-    with rt.sessions.begin() as s:
-        row = s.get(RefereePool, build)
-        if row is None:
+
+    def touch() -> int:
+        with rt.sessions.begin() as s:
+            return int(s.execute(update(RefereePool).where(RefereePool.build == build)
+                                 .values(seen_at=now_s())).rowcount)  # type: ignore[attr-defined]
+
+    if touch():
+        return
+    try:
+        with rt.sessions.begin() as s:
             s.add(RefereePool(build=build, seen_at=now_s()))
-        else:
-            row.seen_at = max(row.seen_at, now_s())
+    except IntegrityError:  # another of the pool's workers wrote it first
+        touch()
 
 
 def pool_away(now: int, pool_seen: int | None, dispute_seen: int, wait_s: int) -> bool:
@@ -713,7 +721,8 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
 def adjudicate(rt: Runtime, verification_id: int) -> str:
     """Referee a disputed segment: relay the verifier's signed accusation on chain (it freezes both stakes), replay
     the segment here, and resolve. Fraud -> the provider is slashed (bounty to the verifier) and its units go back to
-    the pool; no fraud -> the verifier's bond is forfeit. A dispute without a (usable) accusation is settled by the
+    the pool; no fraud -> the verifier's bond is forfeit (unless in good faith; a dispute handed over from an away
+    referee pool is dismissed, its bond released). A dispute without a (usable) accusation is settled by the
     operator's governance slash instead. A segment trained on another execution plan is bisected with the provider
     revealing states (``bisecting`` until it answers or its deadline passes; marketplace.referee). Every chain step
     checks first, so a re-run task sends nothing twice."""
@@ -770,14 +779,16 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                 log(s, "reveal_requested", job.id, unit=unit.id, segment=seg, provider=provider, step=verdict.pending,
                     deadline=b["deadline"], then=len(b["more"]))
             return task.status
-    if not verdict.fraud and fallen_back:
-        return _dismiss(rt, verification_id, evidence, disputed, verdict.reason)
     if not verdict.fraud:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
         # accusation was made in good faith (it reached the verifier's signed state, past the tolerance): then it
-        # is released. An accusation that replay proves false benches the verifier, bonded or not
-        lost, faith = 0, referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash, exact, build,
-                                                  verifier_build)
+        # is released. An accusation that replay proves false benches the verifier, bonded or not. A dispute that
+        # fell back from its away pool blames no one: the verifier bonded on the pool's promise of an exact replay
+        # (which might have convicted a cheat inside the drift between kernels), so the bond is released and the
+        # overruled verdict not counted against it: "dismissed"
+        lost, faith = 0, (referee.Faith(True, False, f"its referee pool ({build}) was away")
+                          if fallen_back else referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash,
+                                                                       exact, build, verifier_build))
         if disputed and not rt.contracts.evidence_used(evidence):
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)
@@ -788,15 +799,16 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             assert task is not None
             if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
                 return task.status
-            task.status = "verifier_wrong"
+            task.status = "dismissed" if fallen_back else "verifier_wrong"
             task.slash_tx = "0x" + evidence.hex() if disputed else None
             ver = s.get(Verifier, verifier)
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
-            log(s, "false_accusation", unit.job_id, unit=unit.id, verifier=verifier, provider=provider,
-                bond_lost=str(lost), bonded=disputed, good_faith=faith.good, proven_false=faith.proven_false,
-                faith_reason=faith.reason, reason=verdict.reason)
-            if ver is not None:
+            log(s, "dispute_dismissed" if fallen_back else "false_accusation", unit.job_id, unit=unit.id,
+                segment=seg, verifier=verifier, provider=provider, bond_lost=str(lost), bonded=disputed,
+                good_faith=faith.good, proven_false=faith.proven_false, faith_reason=faith.reason,
+                reason=verdict.reason)
+            if ver is not None and not fallen_back:
                 ver.wrong += 1
                 floor, share = rt.settings.verifier_overruled_floor, rt.settings.verifier_overruled_share
                 if faith.proven_false:
@@ -809,7 +821,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                                          f"(more than {share:.0%}, from {floor} on)")
             _maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
-        return "verifier_wrong"
+        return task.status
     # all of it: staked and unbonding (a cheat that starts unbonding once it has submitted keeps nothing)
     st = rt.contracts.stake_state(provider)
     before = st.staked + st.unbonding
@@ -848,31 +860,6 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"
-
-
-def _dismiss(rt: Runtime, verification_id: int, evidence: bytes, disputed: bool, reason: str) -> str:
-    """A dispute that fell back from its away referee pool and that the default referee, judging across kernels,
-    found no fraud in: the provider is cleared, and no one is blamed. The verifier bonded on the pool's promise of an
-    exact replay (a cheat inside the drift between kernels is still possible), so its bond is released, and the
-    overruled verdict is not counted against it."""
-    if disputed and not rt.contracts.evidence_used(evidence):
-        rt.contracts.dismiss_dispute(evidence)
-    with rt.sessions.begin() as s:
-        task = s.get(Verification, verification_id)
-        assert task is not None
-        if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
-            return task.status
-        task.status = "dismissed"
-        task.slash_tx = "0x" + evidence.hex() if disputed else None
-        unit = s.get(Unit, task.unit_id)
-        assert unit is not None
-        log(s, "dispute_dismissed", unit.job_id, unit=unit.id, segment=task.segment, verifier=task.verifier,
-            provider=task.provider, bonded=disputed, reason=f"its referee pool was away; the default referee "
-                                                            f"found no fraud across kernels: {reason}")
-        _maybe_verified(s, unit)
-        job_id = unit.job_id
-    rt.enqueue("gridmint.advance", [job_id])
-    return "dismissed"
 
 
 def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, accusation: str) -> bool:

@@ -296,6 +296,9 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
     with sessions.begin() as s:
         s.get(Verification, recent).heartbeat_at = now - 1000  # type: ignore[union-attr]
     service.pool_alive(rt, pool)
+    service.pool_alive(rt, pool)  # written, then brought up to date: one row per pool
+    with sessions() as s:
+        assert [(r.build, r.seen_at >= now) for r in s.scalars(select(RefereePool))] == [(pool, True)]
     assert service.reap(rt) == 0 and sent == []
     # the sweep routes by the mark: the handed-over dispute to the default queue, the pool's to the pool's
     service.sweep(rt)
