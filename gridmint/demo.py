@@ -172,6 +172,7 @@ class Demo:
         self.job_id = quote["job_id"]
         console.print(f"[bold]Customer[/] funded escrow with {_fmt(budget)} (permit, no approve tx) and submitted job "
                       f"{self.job_id[:12]}: {spec.rounds} rounds x {spec.units_per_round} units x {spec.steps_per_unit} steps")
+        console.print(f"  watch it run: {self.url}/web/jobs/{self.job_id}")
         seen = 0
         deadline = time.monotonic() + 300
         cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -284,12 +285,19 @@ class Demo:
             "loss went down": len(losses) >= 2 and losses[-1] < losses[0],
             "provider on another execution plan checked within tolerance and paid":
                 bool(others) and all(earned.get(a, 0) > 0 for a in others),
+            "the job's web page shows it settled, and the cheat slashed": self._page_shows(len(cheats)),
         }
         console.print(f"Held-out loss by round: {' -> '.join(f'{x:.3f}' for x in losses)}")
         for name, ok in checks.items():
             console.print(f"  {'[green]ok[/]  ' if ok else '[red]FAIL[/]'} {name}")
         console.print(f"Weights: {self.url}/jobs/{self.job_id}/weights (safetensors)")
         return 0 if all(checks.values()) else 1
+
+    def _page_shows(self, cheats: int) -> bool:
+        """Whether the customer's page of the job (``/web/jobs/{id}``) says what the chain says."""
+        page = httpx.get(f"{self.url}/web/jobs/{self.job_id}", timeout=10)
+        return (page.status_code == 200 and "Status <b>settled</b>" in page.text
+                and f"Providers slashed for cheating: {cheats}" in page.text)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

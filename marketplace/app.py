@@ -24,7 +24,7 @@ from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
-from marketplace.web import render_index
+from marketplace.web import render_index, render_job
 from protocol import verification
 from protocol.errors import (
     ChainError,
@@ -389,6 +389,12 @@ def create_app(rt: Runtime) -> FastAPI:
         with rt.sessions() as s:
             return render_index([provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))],
                                 [job_view(s, j) for j in s.scalars(select(Job).order_by(Job.created_at.desc()).limit(20))])
+
+    @app.get("/web/jobs/{job_id}", response_class=HTMLResponse, summary="Web page of one job", responses=_errors(404))
+    def job_page(job_id: str) -> str:
+        """One job as it runs: its units, every check of its work (verifications, disputes, slashes), its payouts
+        and its history, with the model to download."""
+        return render_job(job(job_id))
 
     # ------------------------------------------------------------ customer login (SIWE, EIP-4361)
     session_secret = siwe.load_secret(rt.settings)

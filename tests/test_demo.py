@@ -20,6 +20,7 @@ def test_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert proc.returncode == 0, out[-6000:]
     for line in ("SLASHED", "ok   token totals conserved", "ok   cheat slashed", "ok   cheat paid nothing",
                  "ok   honest providers paid and claimed", "ok   loss went down",
-                 "ok   provider on another execution plan checked within tolerance and paid", "plan cpu/mb2"):
+                 "ok   provider on another execution plan checked within tolerance and paid", "plan cpu/mb2",
+                 "ok   the job's web page shows it settled, and the cheat slashed", "watch it run: http://"):
         assert line in out, f"{line!r} missing from demo output:\n{out[-6000:]}"
     assert "FAIL" not in out

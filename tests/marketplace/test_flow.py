@@ -173,6 +173,13 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
     assert len(frauds) == 1 and frauds[0].provider == cheat.account.address
     assert any(cheat.account.address in u.excluded for u in units)
     assert market.ops.total_supply() == supply_before
+    # the customer's page of the job tells the same story: the cheat found and slashed, the model to download
+    page = httpx.get(f"{market.url}/web/jobs/{job_id}", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f"Providers slashed for cheating: 1 ({cheat.account.address[:8]}" in page.text
+    assert "1 fraud" in page.text and "provider_slashed" in page.text and "Status <b>settled</b>" in page.text
+    assert f'href="/jobs/{job_id}/weights"' in page.text and 'http-equiv="refresh"' not in page.text
+    assert httpx.get(f"{market.url}/jobs/{job_id}/weights", timeout=10).status_code == 200
 
 
 def test_a_segment_that_did_not_train_is_replayed_beyond_the_levels_budget_and_its_cheat_slashed(market,
