@@ -141,6 +141,7 @@ class Verification(Base):
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the verifier's last sign of life
+    verdict_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # when its verdict came in
     # when the check was queued: a unit trained on an exact plan waits a while for a verifier on that plan
     created_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=now_s)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)

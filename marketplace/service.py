@@ -521,7 +521,7 @@ def pool_alive(rt: Runtime, build: str) -> None:
 
 def pool_away(now: int, pool_seen: int | None, dispute_seen: int, wait_s: int) -> bool:
     """Whether a dispute's referee pool counts as away: neither it (its last sign of life, None: never) nor the
-    dispute (its verifier's last one, when it disputed) were seen for more than ``wait_s`` (0: never away)."""
+    dispute (when its verdict came in) were seen for more than ``wait_s`` (0: never away)."""
     return wait_s > 0 and now - max(pool_seen or 0, dispute_seen) > wait_s
 
 
@@ -538,7 +538,7 @@ def _pools_away(rt: Runtime, s: Session, now: int) -> list[int]:
                              .where(Verification.status.in_(["disputed", "bisecting"]),
                                     Verification.fallback_at.is_(None), Unit.build.in_(pools))):
         assert unit.build is not None
-        if pool_away(now, seen.get(unit.build), v.heartbeat_at or v.assigned_at or 0, wait):
+        if pool_away(now, seen.get(unit.build), v.verdict_at or v.heartbeat_at or v.assigned_at or 0, wait):
             v.fallback_at = now
             log(s, "referee_fallback", unit.job_id, unit=unit.id, segment=v.segment, verification=v.id,
                 provider=v.provider, verifier=v.verifier, pool=unit.build, pool_seen=seen.get(unit.build),
@@ -609,6 +609,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         assert ver is not None
         ver.checked += 1
         planted, job_id, build = task.canary is not None, "", unit.build
+        task.verdict_at = now_s()
         if planted:  # never adjudicated, never relayed: the provider never made this claim
             task.status = "canary_missed" if body.ok else "canary_flagged"
             _retire_canary(s, task)

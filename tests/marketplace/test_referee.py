@@ -243,10 +243,10 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_path: Path, db_url: str) -> None:
     """A pool's workers write its sign of life every few seconds (service.pool_alive). A dispute over work on its
-    kernels that neither the pool nor its verifier were seen near for referee_pool_wait_s is handed to the default
-    referee by the reaper: marked (once, logged), sent to the default queue, and routed there from then on (sweep);
-    the pool, should it come back, leaves it alone. A pool seen recently keeps its disputes; a wait of 0 never hands
-    one over; disputes over other kernels are the default referee's anyway."""
+    kernels whose pool was not seen for referee_pool_wait_s, nor the dispute itself (its verdict, else its verifier's
+    last sign of life), is handed to the default referee by the reaper: marked (once, logged), sent to the default
+    queue, and routed there from then on (sweep); the pool, should it come back, leaves it alone. A pool seen recently
+    keeps its disputes; a wait of 0 never hands one over; disputes over other kernels are the default's anyway."""
     from sqlalchemy import select
 
     from marketplace import service
@@ -279,22 +279,27 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
                 Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=1, status="bisecting",
                              assigned_at=now - 120, heartbeat_at=now - 10),  # its verifier was here 10 s ago
                 Verification(unit_id=f"0x{1:064x}", provider="0x" + "0" * 40, segment=0, status="disputed",
-                             assigned_at=now - 1000)]  # the referee's own kernels: the default's anyway
+                             assigned_at=now - 1000),  # the referee's own kernels: the default's anyway
+                Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=2, status="disputed",
+                             assigned_at=now - 1000, heartbeat_at=now - 1000,
+                             verdict_at=now - 5)]  # a long replay, disputed 5 s ago
         s.add_all(rows)
-    away, recent, ours = (v.id for v in rows)
+    away, recent, ours, fresh = (v.id for v in rows)
 
     assert service.reap(rt) == 0
     assert sent == [("gridmint.adjudicate", [away], None)]
     with sessions() as s:
         marked = {v.id: v.fallback_at for v in s.scalars(select(Verification))}
         [event] = [e.data for e in s.scalars(select(Event).where(Event.kind == "referee_fallback"))]
-    assert marked[away] is not None and marked[away] >= now and marked[recent] is None and marked[ours] is None
+    assert marked[away] is not None and marked[away] >= now
+    assert marked[recent] is None and marked[ours] is None and marked[fresh] is None
     assert event["verification"] == away and event["pool"] == pool and event["pool_seen"] is None
     sent.clear()
     assert service.reap(rt) == 0 and sent == []  # handed over once
-    # the pool says it is alive: its quiet dispute stays with it
+    # the pool says it is alive: its quiet disputes stay with it
     with sessions.begin() as s:
         s.get(Verification, recent).heartbeat_at = now - 1000  # type: ignore[union-attr]
+        s.get(Verification, fresh).verdict_at = now - 1000  # type: ignore[union-attr]
     service.pool_alive(rt, pool)
     service.pool_alive(rt, pool)  # written, then brought up to date: one row per pool
     with sessions() as s:
@@ -303,7 +308,7 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
     # the sweep routes by the mark: the handed-over dispute to the default queue, the pool's to the pool's
     service.sweep(rt)
     assert sorted((args[0], queue or "") for name, args, queue in sent if name == "gridmint.adjudicate") == sorted(
-        [(away, ""), (recent, pool_queue(pool)), (ours, "")])
+        [(away, ""), (recent, pool_queue(pool)), (ours, ""), (fresh, pool_queue(pool))])
     # never handed over with a wait of 0, however long the pool is away
     with sessions.begin() as s:
         s.execute(Verification.__table__.update().values(fallback_at=None))
