@@ -5,13 +5,13 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import JSON, BigInteger, Boolean, Engine, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
-from sqlalchemy import Index
+from sqlalchemy import Index, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -166,6 +166,14 @@ class RefereePool(Base):
     __tablename__ = "referee_pools"
     build: Mapped[str] = mapped_column(String(160), primary_key=True)  # the pool's kernels
     seen_at: Mapped[int] = mapped_column(BigInteger)
+
+
+def pools_seen(s: Any, pools: Sequence[str]) -> dict[str, int]:
+    """Each of ``pools`` (kernel builds) that was ever seen: its last sign of life, unix s."""
+    if not pools:
+        return {}
+    return {b: int(t) for b, t in s.execute(select(RefereePool.build, RefereePool.seen_at)
+                                            .where(RefereePool.build.in_(list(pools))))}
 
 
 class LedgerEntry(Base):

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from marketplace.db import Job, PayoutEpoch, Provider, RefereePool, Unit, Verification
+from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, pools_seen
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
                       .where(Provider.status == "active", Provider.last_seen >= now - active_window_s))
     epoch = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
     disputes = {p: 0 for p in pools}
-    pools_seen = {p: 0 for p in pools}
-    if pools:
-        pools_seen |= {b: int(t) for b, t in s.execute(select(RefereePool.build, RefereePool.seen_at)
-                                                       .where(RefereePool.build.in_(list(pools))))}
+    seen = {p: 0 for p in pools} | pools_seen(s, pools)
     for build, fallen_back, n in s.execute(
             select(Unit.build, Verification.fallback_at.is_not(None), func.count())
             .join(Verification, Verification.unit_id == Unit.id)
@@ -118,7 +115,7 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),
                           providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0), disputes=disputes,
-                          pools_seen=pools_seen)
+                          pools_seen=seen)
 
 
 class MarketCollector(Collector):

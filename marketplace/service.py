@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from marketplace import canary, matching, referee, settlement, standby
 from marketplace.db import (Event, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
-                            write_gate)
+                            pools_seen, write_gate)
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
 from protocol import verification
@@ -531,8 +531,7 @@ def _pools_away(rt: Runtime, s: Session, now: int) -> list[int]:
     pools, wait = pool_builds(rt.settings.referee_pools), rt.settings.referee_pool_wait_s
     if not pools or not wait:
         return []
-    seen = {b: int(t) for b, t in s.execute(select(RefereePool.build, RefereePool.seen_at)
-                                            .where(RefereePool.build.in_(pools)))}
+    seen = pools_seen(s, pools)
     moved = []
     for v, unit in s.execute(select(Verification, Unit).join(Unit, Unit.id == Verification.unit_id)
                              .where(Verification.status.in_(["disputed", "bisecting"]),
