@@ -1,11 +1,16 @@
 """The referee's judgement of an accusation it cleared (marketplace.referee.judge_accusation): made in good faith (the
-verifier keeps its bond), proven false (the verifier is benched), or neither? On a real case: honest micro-batch training (plan cpu/mb2) that a cpu verifier's calibrated tolerance
-disputes (job id found by searching the flow test's job shape; honest drift across plans passes the tolerance in a
-few percent of segments)."""
+verifier keeps its bond), proven false (the verifier is benched), or neither? On a real case: honest micro-batch
+training (plan cpu/mb2) that a cpu verifier's calibrated tolerance disputes. Honest drift across plans passes a
+calibrated tolerance in a few percent of segments, but which segments depends on the CPU's kernels (a job found to
+drift 4.76x past it on an AVX2 machine stays well inside it on an AVX-512 one), so the tests put it there on any
+machine: :func:`drift_past_tolerance`."""
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -17,12 +22,15 @@ from node.model import init_state
 from node.trainer import UnitSpec, fresh_state
 from protocol.schemas import JobSpec
 
-#: Honest cpu/mb2 training of this job's only unit lands 4.76x past a cpu verifier's tolerance in segment 0 (past
-#: the old bond margin of 4: before, an honest verifier bonded this accusation and lost its bond).
+#: The job whose only unit, trained honestly on cpu/mb2, the tests dispute in segment 0 (and not in segment 1).
 DRIFTING_JOB = "0x5d8934355fb8917e0dcfaa7d160a677cbe102f034c3a03f28081b6c298963a46"
 DRIFTING_SPEC = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8,
                         max_price=2 * 10**18, verification="full")
 MB2, CPU = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")
+#: How far past the cpu verifier's tolerance the tests put segment 0's honest drift (over the bond margin 1 a
+#: verifier on the referee's plan bonds at).
+DRIFT_OVER = 2.0
+_TOLERANCE_FOR = cc.tolerance_for
 
 
 def unit_spec(job_id: str = DRIFTING_JOB, spec: JobSpec = DRIFTING_SPEC) -> UnitSpec:
@@ -31,28 +39,70 @@ def unit_spec(job_id: str = DRIFTING_JOB, spec: JobSpec = DRIFTING_SPEC) -> Unit
                     batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed * 1_000_003, threads=1)
 
 
-@pytest.fixture(scope="module")
-def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str], dict[int, Path]]:
-    """The unit trained honestly on cpu/mb2: its proof, segment-boundary checkpoints, the hash a cpu verifier's
-    replay of each segment reaches, and every step's state (what the honest provider reveals when asked)."""
+@functools.lru_cache(maxsize=1)
+def drift_scale() -> float:
+    """The factor on the cpu verifier's calibrated state tolerance (for work on cpu/mb2 shaped like
+    DRIFTING_SPEC) that puts the honest drift of DRIFTING_JOB's segment 0 at DRIFT_OVER times it: a calibration
+    that came out tight, as one on a few units does now and then. Segment 1 must stay inside it (it drifts far
+    less on every machine seen: 0.04-0.08 of the tolerance against segment 0's 0.2-0.4 on AVX-512)."""
     spec = unit_spec()
     start = init_state(spec.model, DRIFTING_SPEC.seed)
     states, _, proof = cc.record_policy(spec, start, plan=MB2)
-    d = tmp_path_factory.mktemp("drift")
-    L = spec.segment_len
-    paths = [d / f"s{i}.safetensors" for i in range(spec.n_segments + 1)]
-    for i, path in enumerate(paths):
-        checkpoint.save(path, states[i * L], {})
-    reveals = {k: d / f"step{k}.safetensors" for k in range(1, spec.steps)}
-    for k, path in reveals.items():
-        checkpoint.save(path, states[k], {})
-    tol = cc.tolerance_for(spec, CPU, provider_plan=MB2)
+    tol = _TOLERANCE_FOR(spec, CPU, provider_plan=MB2)
     runner = cc.PlanRunner(spec, fresh_state(start), CPU)
-    verdicts = [cc.check_segment_across(spec, proof, s, states[s * L], states[(s + 1) * L], tol, runner)
-                for s in range(spec.n_segments)]
-    assert not verdicts[0].ok and verdicts[0].kind == "state" and verdicts[0].margin > 4, verdicts[0].reason
-    assert verdicts[1].ok, verdicts[1].reason
-    return spec, proof, paths, [v.replayed_hash for v in verdicts], reveals
+    L = spec.segment_len
+    over = [v.distance / v.threshold for v in (cc.check_segment_across(spec, proof, s, states[s * L],
+                                                                       states[(s + 1) * L], tol, runner)
+                                               for s in range(spec.n_segments))]
+    if not (over[0] > 0 and over[1] * DRIFT_OVER < over[0]):
+        raise AssertionError(f"honest drift of the drifting job on this machine: {over} x the tolerance by segment; "
+                             f"the tests need segment 0's over {DRIFT_OVER}x segment 1's")
+    return over[0] / DRIFT_OVER
+
+
+def drift_past_tolerance() -> Callable[..., cc.Tolerance]:
+    """A ``crosscheck.tolerance_for`` (monkeypatch it in) whose state table, for a cpu verifier or referee checking
+    cpu/mb2 work shaped like DRIFTING_SPEC, is :func:`drift_scale` times the calibrated one; every other tolerance,
+    its loss tolerance and the referee's one-step line (what a slash is decided on) as calibrated."""
+    scale = drift_scale()
+
+    def tolerance_for(spec: UnitSpec, plan: cc.Plan, **kw: Any) -> cc.Tolerance:
+        tol = _TOLERANCE_FOR(spec, plan, **kw)
+        if (plan == CPU and kw.get("provider_plan") == MB2 and not kw.get("foreign") and spec.model ==
+                unit_spec().model and (spec.steps, spec.segment_len, spec.batch_size) == (16, 8, 8)):
+            return replace(tol, state=tuple((k, v * scale) for k, v in tol.state),
+                           note=f"{tol.note} (state table x{scale:.3g}: the tests' tight calibration)")
+        return tol
+
+    return tolerance_for
+
+
+@pytest.fixture(scope="module")
+def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str], dict[int, Path]]:
+    """The unit trained honestly on cpu/mb2: its proof, segment-boundary checkpoints, the hash a cpu verifier's
+    replay of each segment reaches, and every step's state (what the honest provider reveals when asked), with the
+    tolerance of :func:`drift_past_tolerance` in place for the module's tests (the referee calibrates its own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cc, "tolerance_for", drift_past_tolerance())
+        spec = unit_spec()
+        start = init_state(spec.model, DRIFTING_SPEC.seed)
+        states, _, proof = cc.record_policy(spec, start, plan=MB2)
+        d = tmp_path_factory.mktemp("drift")
+        L = spec.segment_len
+        paths = [d / f"s{i}.safetensors" for i in range(spec.n_segments + 1)]
+        for i, path in enumerate(paths):
+            checkpoint.save(path, states[i * L], {})
+        reveals = {k: d / f"step{k}.safetensors" for k in range(1, spec.steps)}
+        for k, path in reveals.items():
+            checkpoint.save(path, states[k], {})
+        tol = cc.tolerance_for(spec, CPU, provider_plan=MB2)
+        runner = cc.PlanRunner(spec, fresh_state(start), CPU)
+        verdicts = [cc.check_segment_across(spec, proof, s, states[s * L], states[(s + 1) * L], tol, runner)
+                    for s in range(spec.n_segments)]
+        assert not verdicts[0].ok and verdicts[0].kind == "state", verdicts[0].reason
+        assert verdicts[0].distance / verdicts[0].threshold == pytest.approx(DRIFT_OVER)
+        assert verdicts[1].ok, verdicts[1].reason
+        yield spec, proof, paths, [v.replayed_hash for v in verdicts], reveals
 
 
 def _cleared(drifting, seg: int) -> referee.Ruling:
@@ -128,7 +178,7 @@ def test_the_loss_rule_leaves_a_chaotic_stretch_to_the_bisection(drifting) -> No
 
 def test_a_referee_on_the_providers_own_plan_judges_it_bit_for_bit(drifting, tmp_path: Path) -> None:
     """A referee that replays cpu/mb2 itself (GRIDMINT_REFEREE_PLANS) judges a segment trained there by an exact
-    replay: the honest segment that drifted 4.76x past a cpu verifier's tolerance is cleared at once (nothing asked of
+    replay: the honest segment that drifted past a cpu verifier's tolerance is cleared at once (nothing asked of
     the provider; the cpu verifier's accusation still in good faith, from the look on its plan), a verifier on
     cpu/mb2 that disputed it is proven false, and a cheat whose every segment has one step in cheaper arithmetic is
     convicted on that replay alone."""

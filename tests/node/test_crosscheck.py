@@ -305,13 +305,21 @@ def test_an_honest_fp32_loss_a_little_past_its_tolerance_is_not_slashed_on() -> 
     """Seen in the demo's fresh-clone CI: an honest fp32 provider on micro-batches, 5 micro-nats off a loss
     tolerance of 4 calibrated on two units, was slashed by the referee's loss check. Honest drift past a tolerance
     this thin is not evidence: below REFEREE_LOSS_FACTOR x it the referee bisects the states, which clear it."""
-    spec = _spec(85)  # a unit whose honest loss drifts across these plans (most units here drift by 0 micro-nats)
-    states, _, proof = cc.record_policy(spec, START, plan=VERIFIER)
-    ref = cc.PlanRunner(spec, fresh_state(START))
     zero = cc.Tolerance(((1, 1.0),), 0, 1.0)  # a calibration that saw no loss drift at all
-    drifts = [cc.referee_loss(spec, proof, s, states[s * SEG], zero, ref) for s in range(spec.n_segments)]
-    assert any(r.distance > zero.loss_micro for r in drifts)  # the old rule (past the tolerance) convicted these
-    assert not any(r.fraud for r in drifts), [r.reason for r in drifts]
+    drifted = []
+    # units whose honest loss drifts across these plans: which ones depends on the CPU's kernels (most units drift
+    # by 0 micro-nats; on AVX2 unit 85 did, on AVX-512 a quarter of units 60-160 do), so look for three
+    for i in range(80, 480):
+        spec = _spec(i)
+        states, _, proof = cc.record_policy(spec, START, plan=VERIFIER)
+        ref = cc.PlanRunner(spec, fresh_state(START))
+        drifts = [cc.referee_loss(spec, proof, s, states[s * SEG], zero, ref) for s in range(spec.n_segments)]
+        if any(r.distance > zero.loss_micro for r in drifts):  # the old rule (past the tolerance) convicted these
+            drifted.append(i)
+            assert not any(r.fraud for r in drifts), (i, [r.reason for r in drifts])
+            if len(drifted) == 3:
+                break
+    assert len(drifted) == 3, f"only units {drifted} of 80-479 drift in their loss on this machine"
 
 
 def test_a_bf16_loss_faked_on_one_step_is_scanned_and_slashed_honest_losses_never_are() -> None:
