@@ -39,7 +39,9 @@ from protocol.errors import GridMintValueError
 #: Share of committed segments replayed per unit, by level. "standard" leaves room under a 2% compute budget for
 #: the verifier's own overhead (building its replayer, loading the state and hashing it twice per replayed step:
 #: measured ~7% per replayed step plus ~45 ms per unit on the default job shape; at 18/1000 the bench's ratio was
-#: 0.0195-0.0216, over budget in two runs of three).
+#: 0.0195-0.0216, over budget in two runs of three). That was on AVX2. On AVX-512/AMX the step is cheaper and the
+#: two SHA-256 hashes of the state are not (SHA-NI either way): 27% per replayed step, 0.0204-0.0208 at 16/1000
+#: (``bench proof``'s verify_segment_steps, verify_hash_steps say where it goes).
 LEVELS: dict[str, Fraction] = {
     "none": Fraction(0),
     "standard": Fraction(16, 1000),

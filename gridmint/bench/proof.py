@@ -132,13 +132,16 @@ def _adversaries(frac: float) -> dict[str, tuple[Callable[[UnitSpec], StepPolicy
 
 
 def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repeats: int, log: Callable[[str], None],
-                what: str) -> tuple[float, float, int]:
+                what: str, detail: dict[str, Any] | None = None) -> tuple[float, float, int]:
     """(verifier compute for the standard level's challenges of one honest unit / provider compute to train it
     without commitments, the same in wall time, number of challenges). Compute is this process's CPU time (what a
     busy neighbour on a shared machine does not inflate), wall time is reported beside it; each is the median of
     ``repeats`` provider/verifier pairs. The verifier runs the live verifier's check (:func:`node.replay.
     check_state`: the claim's own checks, the revealed start state's hash, the replay, the end state's hash) on the
-    model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit."""
+    model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit.
+    ``detail``, if given, gets where a replayed segment's compute goes, in provider steps (the ratio's unit):
+    ``verify_segment_steps`` all of it, ``verify_hash_steps`` one hash of the training state (a check hashes two:
+    the revealed start and the replayed end), measured here on the same states."""
     updates = _Updates()  # each segment's update, as the marketplace measures it (not timed)
     trace = train_traced(spec, start, tap=lambda s, live: updates.see(live))
     updates.see(trace.final_state)
@@ -166,10 +169,22 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
         cpu_ratios.append((time.process_time() - c0) / provider_cpu)
         wall_ratios.append((time.perf_counter() - w0) / provider_wall)
     ratio, wall = round(statistics.median(cpu_ratios), 4), round(statistics.median(wall_ratios), 4)
+    step_s = provider_cpu / spec.steps
+    hashes = []
+    for s in picks:  # one state hash on its own, on the states the checks hashed
+        c0 = time.process_time()
+        state_hash(kept[s])
+        hashes.append(time.process_time() - c0)
+    seg_steps = statistics.median(cpu_ratios) * spec.steps / len(picks)
+    hash_steps = statistics.median(hashes) / step_s
     log(f"verify cost ({what}): {len(picks)} segments replayed per unit of {spec.steps} steps: compute "
         f"{[round(r, 4) for r in cpu_ratios]} -> {ratio}, wall {[round(r, 4) for r in wall_ratios]} -> {wall} "
         f"(all ok: {all(oks)}; the verifier's model + optimizer for this shape built once in {build_s * 1e3:.0f} ms "
-        f"CPU, {build_s / (provider_cpu / spec.steps):.2f} provider steps)")
+        f"CPU, {build_s / (provider_cpu / spec.steps):.2f} provider steps); a replayed segment of "
+        f"{spec.segment_len} step(s) costs {seg_steps:.3f} provider steps ({step_s * 1e3:.2f} ms CPU each), of which "
+        f"two state hashes {2 * hash_steps:.3f} ({statistics.median(hashes) * 1e3:.2f} ms CPU each)")
+    if detail is not None:
+        detail.update({"verify_segment_steps": round(seg_steps, 3), "verify_hash_steps": round(hash_steps, 3)})
     assert all(oks), "an honest unit failed verification"
     return ratio, wall, len(picks)
 
@@ -310,7 +325,7 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["verify_cost_ratio_toy"], _, _ = verify_cost(spec, start, rate, 3, log, "toy shape")
     dspec = _spec(ModelConfig(), a.cost_steps, 999_998, batch=16)
     out["verify_cost_ratio"], out["verify_cost_ratio_wall"], picks = verify_cost(
-        dspec, init_state(ModelConfig(), 7), rate, a.cost_repeats, log, "default job shape")
+        dspec, init_state(ModelConfig(), 7), rate, a.cost_repeats, log, "default job shape", detail=out)
     out["verify_challenges"] = picks
     out["verify_cost_shape"] = {"model": ModelConfig().to_dict(), "batch_size": 16, "steps": a.cost_steps}
 
