@@ -33,6 +33,8 @@ test-contracts: setup
 	npx hardhat test
 
 test-py: setup
+	@# which kernels this run computes with: how far honest runs drift apart depends on them
+	@$(PY) -c "from node.device import kernel_build; print('kernel build:', kernel_build('cpu'))"
 	$(PY) -m pytest -q -p no:cacheprovider
 
 clean:
