@@ -169,7 +169,7 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
         cpu_ratios.append((time.process_time() - c0) / provider_cpu)
         wall_ratios.append((time.perf_counter() - w0) / provider_wall)
     ratio, wall = round(statistics.median(cpu_ratios), 4), round(statistics.median(wall_ratios), 4)
-    step_s = provider_cpu / spec.steps
+    step_s = provider_cpu / spec.steps  # one provider step, CPU s
     hashes = []
     for s in picks:  # one state hash on its own, on the states the checks hashed
         c0 = time.process_time()
@@ -180,7 +180,7 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     log(f"verify cost ({what}): {len(picks)} segments replayed per unit of {spec.steps} steps: compute "
         f"{[round(r, 4) for r in cpu_ratios]} -> {ratio}, wall {[round(r, 4) for r in wall_ratios]} -> {wall} "
         f"(all ok: {all(oks)}; the verifier's model + optimizer for this shape built once in {build_s * 1e3:.0f} ms "
-        f"CPU, {build_s / (provider_cpu / spec.steps):.2f} provider steps); a replayed segment of "
+        f"CPU, {build_s / step_s:.2f} provider steps); a replayed segment of "
         f"{spec.segment_len} step(s) costs {seg_steps:.3f} provider steps ({step_s * 1e3:.2f} ms CPU each), of which "
         f"two state hashes {2 * hash_steps:.3f} ({statistics.median(hashes) * 1e3:.2f} ms CPU each)")
     if detail is not None:

@@ -1025,12 +1025,11 @@ def test_a_node_answers_a_reveal_between_steps_of_the_unit_it_is_training(market
     from test_referee import DRIFTING_JOB, DRIFTING_SPEC, drift_past_tolerance  # this directory is on sys.path
 
     from marketplace import service
-    from node import crosscheck
-
-    monkeypatch.setattr(crosscheck, "tolerance_for", drift_past_tolerance())
-    from node import checkpoint
+    from node import checkpoint, crosscheck
     from node.crosscheck import Plan
     from node.trainer import model_only, train_unit
+
+    monkeypatch.setattr(crosscheck, "tolerance_for", drift_past_tolerance())
 
     market.rt.settings.unit_timeout_s = 2  # the node heartbeats (and looks for reveal requests) every 0.5 s
     honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")

@@ -40,20 +40,29 @@ def unit_spec(job_id: str = DRIFTING_JOB, spec: JobSpec = DRIFTING_SPEC) -> Unit
 
 
 @functools.lru_cache(maxsize=1)
+def _honest_run() -> tuple[UnitSpec, dict, list, object]:
+    """The drifting job's unit trained honestly on cpu/mb2 (once per session): spec, start, every state, proof."""
+    spec = unit_spec()
+    start = init_state(spec.model, DRIFTING_SPEC.seed)
+    states, _, proof = cc.record_policy(spec, start, plan=MB2)
+    return spec, start, states, proof
+
+
+def _cpu_checks(tol: cc.Tolerance) -> list[cc.CrossVerdict]:
+    """A cpu verifier's check of each segment of :func:`_honest_run` within ``tol``."""
+    spec, start, states, proof = _honest_run()
+    runner, L = cc.PlanRunner(spec, fresh_state(start), CPU), spec.segment_len
+    return [cc.check_segment_across(spec, proof, s, states[s * L], states[(s + 1) * L], tol, runner)
+            for s in range(spec.n_segments)]
+
+
+@functools.lru_cache(maxsize=1)
 def drift_scale() -> float:
     """The factor on the cpu verifier's calibrated state tolerance (for work on cpu/mb2 shaped like
     DRIFTING_SPEC) that puts the honest drift of DRIFTING_JOB's segment 0 at DRIFT_OVER times it: a calibration
     that came out tight, as one on a few units does now and then. Segment 1 must stay inside it (it drifts far
     less on every machine seen: 0.04-0.08 of the tolerance against segment 0's 0.2-0.4 on AVX-512)."""
-    spec = unit_spec()
-    start = init_state(spec.model, DRIFTING_SPEC.seed)
-    states, _, proof = cc.record_policy(spec, start, plan=MB2)
-    tol = _TOLERANCE_FOR(spec, CPU, provider_plan=MB2)
-    runner = cc.PlanRunner(spec, fresh_state(start), CPU)
-    L = spec.segment_len
-    over = [v.distance / v.threshold for v in (cc.check_segment_across(spec, proof, s, states[s * L],
-                                                                       states[(s + 1) * L], tol, runner)
-                                               for s in range(spec.n_segments))]
+    over = [v.distance / v.threshold for v in _cpu_checks(_TOLERANCE_FOR(unit_spec(), CPU, provider_plan=MB2))]
     if not (over[0] > 0 and over[1] * DRIFT_OVER < over[0]):
         raise AssertionError(f"honest drift of the drifting job on this machine: {over} x the tolerance by segment; "
                              f"the tests need segment 0's over {DRIFT_OVER}x segment 1's")
@@ -64,12 +73,13 @@ def drift_past_tolerance() -> Callable[..., cc.Tolerance]:
     """A ``crosscheck.tolerance_for`` (monkeypatch it in) whose state table, for a cpu verifier or referee checking
     cpu/mb2 work shaped like DRIFTING_SPEC, is :func:`drift_scale` times the calibrated one; every other tolerance,
     its loss tolerance and the referee's one-step line (what a slash is decided on) as calibrated."""
-    scale = drift_scale()
+    scale, shape = drift_scale(), unit_spec()
 
     def tolerance_for(spec: UnitSpec, plan: cc.Plan, **kw: Any) -> cc.Tolerance:
         tol = _TOLERANCE_FOR(spec, plan, **kw)
-        if (plan == CPU and kw.get("provider_plan") == MB2 and not kw.get("foreign") and spec.model ==
-                unit_spec().model and (spec.steps, spec.segment_len, spec.batch_size) == (16, 8, 8)):
+        if (plan == CPU and kw.get("provider_plan") == MB2 and not kw.get("foreign")
+                and (spec.model, spec.steps, spec.segment_len, spec.batch_size)
+                == (shape.model, shape.steps, shape.segment_len, shape.batch_size)):
             return replace(tol, state=tuple((k, v * scale) for k, v in tol.state),
                            note=f"{tol.note} (state table x{scale:.3g}: the tests' tight calibration)")
         return tol
@@ -81,12 +91,11 @@ def drift_past_tolerance() -> Callable[..., cc.Tolerance]:
 def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str], dict[int, Path]]:
     """The unit trained honestly on cpu/mb2: its proof, segment-boundary checkpoints, the hash a cpu verifier's
     replay of each segment reaches, and every step's state (what the honest provider reveals when asked), with the
-    tolerance of :func:`drift_past_tolerance` in place for the module's tests (the referee calibrates its own)."""
+    tolerance of :func:`drift_past_tolerance` in place for the module's tests (the referee's rulings go through it
+    too)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cc, "tolerance_for", drift_past_tolerance())
-        spec = unit_spec()
-        start = init_state(spec.model, DRIFTING_SPEC.seed)
-        states, _, proof = cc.record_policy(spec, start, plan=MB2)
+        spec, _, states, proof = _honest_run()
         d = tmp_path_factory.mktemp("drift")
         L = spec.segment_len
         paths = [d / f"s{i}.safetensors" for i in range(spec.n_segments + 1)]
@@ -95,10 +104,7 @@ def drifting(tmp_path_factory) -> tuple[UnitSpec, object, list[Path], list[str],
         reveals = {k: d / f"step{k}.safetensors" for k in range(1, spec.steps)}
         for k, path in reveals.items():
             checkpoint.save(path, states[k], {})
-        tol = cc.tolerance_for(spec, CPU, provider_plan=MB2)
-        runner = cc.PlanRunner(spec, fresh_state(start), CPU)
-        verdicts = [cc.check_segment_across(spec, proof, s, states[s * L], states[(s + 1) * L], tol, runner)
-                    for s in range(spec.n_segments)]
+        verdicts = _cpu_checks(cc.tolerance_for(spec, CPU, provider_plan=MB2))
         assert not verdicts[0].ok and verdicts[0].kind == "state", verdicts[0].reason
         assert verdicts[0].distance / verdicts[0].threshold == pytest.approx(DRIFT_OVER)
         assert verdicts[1].ok, verdicts[1].reason
