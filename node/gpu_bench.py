@@ -3,7 +3,7 @@
 A GPT-2-small-shaped byte model (12 layers, d=768, ctx 1024; ~85M parameters with the 256-byte vocabulary) trains
 with bf16 autocast, fused AdamW and (by default) torch.compile. The same loop runs with and without an asynchronous
 state commitment every ``commit_every`` steps (:class:`node.statehash.AsyncStateHasher`: device-to-device snapshot on
-the training stream, copy to pinned memory on a side stream, chunked SHA-256 on host threads), interleaved in ABBA
+the training stream, copy to pinned memory on a side stream, BLAKE3 on host threads), interleaved in ABBA
 order, and the throughput ratio while training is the overhead (the hash of the state after the last step, which
 no training is left to hide, is reported as its own latency and in an end-to-end ratio beside it). Also measured:
 one synchronous hash of the same state (what the async path avoids), and whether an honest segment replays bit for

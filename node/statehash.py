@@ -1,11 +1,11 @@
 """Hashing a training state without stalling the trainer.
 
-The state hash (v2): the tensors, in sorted name order, are laid out in one flat byte buffer (each starting on a
-64-byte boundary, zero padding between); the hash is ``sha256(domain || sha256(layout) || sha256(chunk_0) || ...)``
-over fixed 4 MiB chunks of that buffer, where the layout lists every tensor's name, dtype, shape and offset.
-Chunks let the work spread over threads (``hashlib`` releases the GIL on large buffers), which a single running
-SHA-256 over 1.5 GB (a 124M-parameter model with its AdamW moments) cannot: that alone takes ~1 s on one core. A small
-state is one chunk: one ``hashlib`` call, no per-tensor Python loop on the hashing thread.
+The state hash (v3): the tensors, in sorted name order, are laid out in one flat byte buffer (each starting on a
+64-byte boundary, zero padding between); the hash is ``BLAKE3(domain || BLAKE3(layout) || buffer)``, where the
+layout lists every tensor's name, dtype, shape and offset. BLAKE3 is a tree hash: a large buffer spreads over
+threads inside the one hash, and on one core it runs at 7.2 GB/s on a 1.65 MB state where OpenSSL's SHA-256 (with
+SHA-NI) runs at 1.72 GB/s (v2 was SHA-256 over 4 MiB chunks); 200 MB take 35 ms on one thread, 18 ms on two. A
+verifier hashes two states per replayed segment, so this is a fifth of what SHA-256 cost it on a one-step segment.
 
 :class:`AsyncStateHasher` snapshots a state and hashes it in the background:
 
@@ -15,23 +15,25 @@ state is one chunk: one ``hashlib`` call, no per-tensor Python loop on the hashi
   the hashing threads wait for. The training stream never waits on the host.
 
 A pool of ``buffers`` snapshots bounds memory; when all are being hashed, :meth:`submit` waits for one (back-pressure:
-hashing slower than training slows training rather than growing without bound).
+hashing slower than training slows training rather than growing without bound). The hash releases the GIL.
 """
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
+from blake3 import blake3
 from torch import Tensor
 
-DOMAIN = b"GridMint/state/v2"
-CHUNK = 4 << 20
+DOMAIN = b"GridMint/state/v3"
 ALIGN = 64
+#: below this many bytes a state is hashed on one thread: a BLAKE3 thread pool costs more than it saves (measured
+#: here: 1.65 MB on two threads 0.42 ms CPU / 0.33 ms wall against 0.24 ms on one; 64 MiB 5.7 ms wall against 11.4)
+PARALLEL_MIN = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Layout:
     def of(cls, tensors: Mapping[str, Tensor]) -> Layout:
         names = tuple(sorted(tensors))
         offsets, sizes, off = [], [], 0
-        h = hashlib.sha256()
+        h = blake3()
         for n in names:
             t = tensors[n]
             nbytes = t.numel() * t.element_size()
@@ -77,18 +79,18 @@ class Layout:
         with torch.no_grad():
             torch._foreach_copy_(views if views is not None else self.views(tensors, out), self.sources(tensors))
 
-    def digest(self, buf: memoryview, pool: Executor | None = None) -> str:
-        chunks = [buf[i : i + CHUNK] for i in range(0, self.total, CHUNK)]
-        one = lambda c: hashlib.sha256(c).digest()  # noqa: E731
-        parts = list(pool.map(one, chunks)) if pool is not None and len(chunks) > 1 else [one(c) for c in chunks]
-        return "0x" + hashlib.sha256(DOMAIN + self.layout_digest + b"".join(parts)).hexdigest()
+    def digest(self, buf: memoryview, threads: int = 1) -> str:
+        """The v3 hash of the packed buffer ``buf`` (:meth:`pack`), on up to ``threads`` threads if it is large."""
+        h = blake3(DOMAIN + self.layout_digest, max_threads=threads if self.total >= PARALLEL_MIN else 1)
+        h.update(buf)
+        return "0x" + h.hexdigest()
 
 
 _scratch = threading.local()  # per thread: the last layout hashed, its zeroed buffer and typed views into it
 
 
 def state_hash(tensors: Mapping[str, Tensor]) -> str:
-    """``0x`` + the v2 state hash (see module doc). Synchronous; the reference the async hasher must equal.
+    """``0x`` + the v3 state hash (see module doc), on one thread. Synchronous; the reference the async hasher must equal.
 
     A thread hashing states of one shape again and again (a verifier, a replayer) reuses its layout and buffer:
     only the tensor slots are written, so the padding stays zero."""
@@ -112,7 +114,8 @@ class AsyncStateHasher:
     returned*: the caller may modify the tensors right after. ``submit(state, then=f)`` also calls ``f(snapshot)``
     on the hashing thread with the snapshot as CPU tensors (views of the host buffer, valid only during the call:
     write a checkpoint from them, do not keep them); its exception, if any, is the future's. Close with
-    :meth:`close` (or use as a context manager).
+    :meth:`close` (or use as a context manager). A state of at least ``PARALLEL_MIN`` bytes is hashed on up to
+    ``threads`` threads.
     """
 
     def __init__(self, template: Mapping[str, Tensor], *, buffers: int = 2, threads: int = 2) -> None:
@@ -135,8 +138,8 @@ class AsyncStateHasher:
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(buffers):
             self._free.put(i)
+        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=buffers, thread_name_prefix="statehash")
-        self._chunk_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="statehash-chunk")
 
     def __enter__(self) -> AsyncStateHasher:
         return self
@@ -146,7 +149,6 @@ class AsyncStateHasher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._chunk_pool.shutdown(wait=True)
 
     def _check(self, tensors: Mapping[str, Tensor]) -> None:
         if set(tensors) != set(self._shapes):
@@ -182,7 +184,7 @@ class AsyncStateHasher:
         try:
             if event is not None:
                 event.synchronize()
-            digest = self.layout.digest(memoryview(self._host[i].numpy()), self._chunk_pool)
+            digest = self.layout.digest(memoryview(self._host[i].numpy()), self._threads)
             if then is not None:
                 then(self._host_state[i])
             return digest

@@ -190,7 +190,7 @@ def expected_batch_digest(spec: UnitSpec, seg_index: int) -> str:
 
 
 def state_hash(tensors: Mapping[str, Tensor]) -> str:
-    """``0x`` + SHA-256 of a training state (names, dtypes, shapes, raw bytes; see :mod:`node.statehash`)."""
+    """``0x`` + BLAKE3 of a training state (names, dtypes, shapes, raw bytes; see :mod:`node.statehash`)."""
     return statehash.state_hash(tensors)
 
 

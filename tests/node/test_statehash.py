@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blake3 import blake3
 
-from node.statehash import CHUNK, AsyncStateHasher, state_hash
+from node.statehash import PARALLEL_MIN, AsyncStateHasher, state_hash
 
 
 def _state(big: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     st = {"model.w": torch.randn(33, 7, generator=g), "model.b": torch.zeros(5), "optim.w.step": torch.tensor(3.0)}
-    if big:  # more than one 4 MiB chunk, so the chunk pool is used
-        st["model.emb"] = torch.randn(CHUNK // 4 + 1000, generator=g)
+    if big:  # large enough to be hashed on several threads
+        st["model.emb"] = torch.randn(PARALLEL_MIN // 4 + 1000, generator=g)
     return st
 
 
@@ -24,6 +25,22 @@ def test_async_equals_sync_and_snapshot_is_taken_at_submit(big: bool) -> None:
         st["model.w"].add_(1.0)
         assert fut.result() == ref
         assert h.submit(st).result() == state_hash(st) != ref
+
+
+def test_the_v3_hash_is_blake3_of_domain_layout_and_the_aligned_buffer() -> None:
+    """The definition, written out by hand (what another implementation of a verifier must reproduce): tensors in
+    name order, each at a 64-byte aligned offset, zero padding; the layout hashed first."""
+    a = torch.arange(3, dtype=torch.float32)  # 12 bytes at offset 0
+    b = torch.tensor([7], dtype=torch.int64)  # 8 bytes at offset 64
+    layout = blake3()
+    for name, t, off in (("a", a, 0), ("b", b, 64)):
+        dt = str(t.dtype).encode()
+        layout.update(len(name).to_bytes(4, "big") + name.encode() + len(dt).to_bytes(4, "big") + dt
+                      + t.dim().to_bytes(4, "big") + b"".join(d.to_bytes(8, "big") for d in t.shape)
+                      + off.to_bytes(8, "big"))
+    buf = a.numpy().tobytes() + bytes(52) + b.numpy().tobytes() + bytes(56)
+    want = "0x" + blake3(b"GridMint/state/v3" + layout.digest() + buf).hexdigest()
+    assert state_hash({"b": b, "a": a}) == want
 
 
 def test_hash_binds_names_dtypes_shapes_and_values() -> None:
