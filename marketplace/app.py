@@ -13,11 +13,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import func, or_, select
 
-from marketplace import referee, service, settlement
+from marketplace import checking, referee, service, settlement
 from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
 from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
+from marketplace.common import Conflict, NotFound
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
@@ -47,8 +48,8 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (ReplayError, 409),
     (SignatureError, 401),
     (InsufficientFundsError, 402),
-    (service.NotFound, 404),
-    (service.Conflict, 409),
+    (NotFound, 404),
+    (Conflict, 409),
     (CheckpointError, 422),
     (ProofError, 422),
     (GridMintValueError, 422),
@@ -228,7 +229,7 @@ def create_app(rt: Runtime) -> FastAPI:
         """The checkpoint stored under sha256 ``sha`` (start checkpoints, unit results, global models)."""
         path = rt.blobs.path(sha)
         if not path.exists():
-            raise service.NotFound(f"no checkpoint {sha}")
+            raise NotFound(f"no checkpoint {sha}")
         return FileResponse(path, media_type="application/octet-stream")
 
     @app.post("/units/{unit_id}/result", status_code=202, summary="Submit a unit's result (signed)",
@@ -251,7 +252,7 @@ def create_app(rt: Runtime) -> FastAPI:
         """In a dispute over a segment the signer trained on another execution plan than the referee's, the referee
         bisects it and asks for the provider's training state before one step; it re-derives it from the segment's
         start checkpoint on its own plan. Unanswered by the deadline, the dispute is lost."""
-        ask = service.next_reveal(rt, req.signer)
+        ask = checking.next_reveal(rt, req.signer)
         return Response(status_code=204) if ask is None else JSONResponse(ask)
 
     @app.post("/reveals", summary="Reveal a training state in a dispute (signed)", openapi_extra=body_doc(RevealSubmit),
@@ -260,7 +261,7 @@ def create_app(rt: Runtime) -> FastAPI:
         """Body: ``RevealSubmit``: the uploaded checkpoint of the asked state and the provider's EIP-712 ``Reveal``
         signature over (unit, step, state hash). The referee then takes the next bisection step."""
         body = _parse(RevealSubmit, request._body)  # noqa: SLF001
-        return {"status": service.record_reveal(rt, req.signer, body)}
+        return {"status": checking.record_reveal(rt, req.signer, body)}
 
     # ------------------------------------------------------------ verifiers
     @app.post("/verifiers/register", status_code=201, summary="Join the verifier pool (signed)",
@@ -279,7 +280,7 @@ def create_app(rt: Runtime) -> FastAPI:
         204: {"description": "No task now; poll again"}, **_errors(404)})
     def verify_next(req: Signed) -> Response:
         """A server-chosen segment of a submitted unit for the signing verifier to replay, or 204."""
-        task = service.next_verification(rt, req.signer)
+        task = checking.next_verification(rt, req.signer)
         return Response(status_code=204) if task is None else JSONResponse(task)
 
     @app.post("/verify/heartbeat", summary="Heartbeat while replaying a task (signed)",
@@ -289,7 +290,7 @@ def create_app(rt: Runtime) -> FastAPI:
         ``unit_timeout_s`` of heartbeats is handed out again, as is one held ``verify_deadline_s`` (``due``)
         whatever its heartbeats. 409 once the task is no longer the signer's: stop replaying it."""
         body = _parse(VerificationBeat, request._body)  # noqa: SLF001
-        return service.verification_heartbeat(rt, req.signer, body)
+        return checking.verification_heartbeat(rt, req.signer, body)
 
     @app.post("/verify/verdict", summary="Submit a verdict (signed)", openapi_extra=body_doc(VerdictSubmit),
               responses=_errors(404, 409, 422))
@@ -297,7 +298,7 @@ def create_app(rt: Runtime) -> FastAPI:
         """Body: ``VerdictSubmit``. ok: the unit is verified and credited once. A fraud claim is re-checked by a
         referee replay; if it holds, the provider is slashed and the unit goes back to the pool."""
         body = _parse(VerdictSubmit, request._body)  # noqa: SLF001
-        return {"status": service.record_verdict(rt, req.signer, body)}
+        return {"status": checking.record_verdict(rt, req.signer, body)}
 
     # ------------------------------------------------------------ customers
     @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
@@ -342,7 +343,7 @@ def create_app(rt: Runtime) -> FastAPI:
         with rt.sessions() as s:
             j = s.get(Job, job_id)
             if j is None:
-                raise service.NotFound(f"job {job_id} does not exist")
+                raise NotFound(f"job {job_id} does not exist")
             return job_view(s, j, detail=True)
 
     @app.get("/jobs/{job_id}/weights", summary="Download a job's global model", response_class=FileResponse,
@@ -353,7 +354,7 @@ def create_app(rt: Runtime) -> FastAPI:
         with rt.sessions() as s:
             j = s.get(Job, job_id)
             if j is None:
-                raise service.NotFound(f"job {job_id} does not exist")
+                raise NotFound(f"job {job_id} does not exist")
             sha = j.global_blob
         return FileResponse(rt.blobs.path(sha), media_type="application/octet-stream",
                             filename=f"gridmint-{job_id[2:10]}.safetensors")

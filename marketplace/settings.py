@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # a dispute over work on them is sent there and replayed bit for bit, so a cheat hiding inside the drift between
     # kernels (a float8 step in a bf16 job) is convicted, and a verifier on them bonds its disputes
     referee_pools: str = ""
-    # a pool's worker says it is alive every few seconds (marketplace.service.pool_alive); a dispute whose pool has
+    # a pool's worker says it is alive every few seconds (marketplace.checking.pool_alive); a dispute whose pool has
     # not been seen for this long (nor the dispute, since its verdict) is handed to the default referee instead, so a
     # job never waits on a pool with no worker for ever. That referee judges it across kernels, within the tolerance:
     # a cheat past it is convicted as ever; one inside it (a float8 step) goes free, and the verifier's bond, posted

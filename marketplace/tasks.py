@@ -7,7 +7,7 @@ import time
 
 from celery import Celery
 
-from marketplace import service, settlement
+from marketplace import checking, service, settlement
 from protocol.errors import ChainError
 from marketplace.runtime import Runtime, get_runtime
 from marketplace.settings import pool_beat_s
@@ -56,12 +56,12 @@ def match_task() -> int:
 
 @celery_app.task(name="gridmint.adjudicate", **_CHAIN_RETRY)
 def adjudicate_task(verification_id: int) -> str:
-    return service.adjudicate(get_runtime(), verification_id)
+    return checking.adjudicate(get_runtime(), verification_id)
 
 
 @celery_app.task(name="gridmint.punish_verifier", **_CHAIN_RETRY)
 def punish_verifier_task(verification_id: int) -> str:
-    return service.punish_verifier(get_runtime(), verification_id)
+    return checking.punish_verifier(get_runtime(), verification_id)
 
 
 @celery_app.task(name="gridmint.advance", **_CHAIN_RETRY)
@@ -93,14 +93,14 @@ def keep_pool_alive(rt: Runtime, build: str) -> threading.Thread:
     """On a referee pool's worker: write the pool's sign of life now, then every settings.pool_beat_s from a
     daemon thread (a solo worker replaying a long dispute still says it is there). A failed write (the database
     restarting) is logged and retried at the next beat."""
-    service.pool_alive(rt, build)
+    checking.pool_alive(rt, build)
     every = pool_beat_s(rt.settings.referee_pool_wait_s)
 
     def beat() -> None:
         while True:
             time.sleep(every)
             try:
-                service.pool_alive(rt, build)
+                checking.pool_alive(rt, build)
             except Exception:  # noqa: BLE001 - a beat missed is retried; the worker must not die of it
                 log.exception("referee pool %s: could not write its sign of life", build)
 

@@ -735,7 +735,7 @@ def run_drift(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, An
     judged as ``marketplace.referee.judge_accusation`` does, from the referee's own first look (a fresh replay on
     the verifier's plan must reach the verifier's signed state, past the tolerance): an honest verifier's bond is
     released and it is never benched (``drift_verifiers_benched``), no provider is slashed."""
-    from marketplace.service import unit_id_for
+    from marketplace.common import unit_id_for
     from node.trainer import average_states
 
     prov, ver = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")

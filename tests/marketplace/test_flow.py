@@ -670,7 +670,7 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
     step runs), and the two checks it passed are done again by an honest verifier before the unit is paid."""
-    from marketplace import service
+    from marketplace import checking, service
     from marketplace.db import Verifier
 
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
@@ -705,7 +705,7 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
             call()
         assert err.value.status == 409 and "benched" in str(err.value.detail)
     # the slash step again (a retry, the sweep): nothing more moves
-    assert service.punish_verifier(market.rt, missed[0].id) == "slashed"
+    assert checking.punish_verifier(market.rt, missed[0].id) == "slashed"
     assert service.sweep(market.rt)["punish_verifier"] == 0
     assert market.ops.balance_of(treasury) == tokens(100)
     drive(market, [honest], careful, job_id)

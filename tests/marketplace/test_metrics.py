@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 from sqlalchemy.orm import sessionmaker
 
-from marketplace import service
+from marketplace import checking
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
 from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, make_engine, make_sessionmaker, now_s
@@ -192,7 +192,7 @@ def test_open_disputes_are_counted_by_the_referee_that_judges_them(tmp_path: Pat
     # each pool's last sign of life (0: never); a dispute handed over from an away pool is the default referee's
     assert value(got, "gridmint_referee_pool_seen_timestamp_seconds", referee=pool) == 0
     assert value(got, "gridmint_referee_pool_seen_timestamp_seconds", referee=idle) == 0
-    service.pool_alive(rt, pool)
+    checking.pool_alive(rt, pool)
     with rt.sessions.begin() as s:
         s.execute(update(Verification).where(Verification.status == "bisecting", Verification.unit_id == f"0x{0:064x}")
                   .values(fallback_at=now_s()))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from marketplace import referee
-from marketplace.service import model_config, unit_id_for
+from marketplace.common import model_config, unit_id_for
 from node import checkpoint
 from node import crosscheck as cc
 from node.model import init_state
@@ -298,14 +298,14 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_path: Path, db_url: str) -> None:
-    """A pool's workers write its sign of life every few seconds (service.pool_alive). A dispute over work on its
+    """A pool's workers write its sign of life every few seconds (checking.pool_alive). A dispute over work on its
     kernels whose pool was not seen for referee_pool_wait_s, nor the dispute itself (its verdict, else its verifier's
     last sign of life), is handed to the default referee by the reaper: marked (once, logged), sent to the default
     queue, and routed there from then on (sweep); the pool, should it come back, leaves it alone. A pool seen recently
     keeps its disputes; a wait of 0 never hands one over; disputes over other kernels are the default's anyway."""
     from sqlalchemy import select
 
-    from marketplace import service
+    from marketplace import checking, service
     from marketplace.blobs import BlobStore
     from marketplace.db import Event, Job, RefereePool, Unit, Verification, make_sessionmaker, now_s
     from marketplace.runtime import Runtime, pool_queue
@@ -356,8 +356,8 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
     with sessions.begin() as s:
         s.get(Verification, recent).heartbeat_at = now - 1000  # type: ignore[union-attr]
         s.get(Verification, fresh).verdict_at = now - 1000  # type: ignore[union-attr]
-    service.pool_alive(rt, pool)
-    service.pool_alive(rt, pool)  # written, then brought up to date: one row per pool
+    checking.pool_alive(rt, pool)
+    checking.pool_alive(rt, pool)  # written, then brought up to date: one row per pool
     with sessions() as s:
         assert [(r.build, r.seen_at >= now) for r in s.scalars(select(RefereePool))] == [(pool, True)]
     assert service.reap(rt) == 0 and sent == []
@@ -371,15 +371,15 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
         s.execute(RefereePool.__table__.delete())
     sent.clear()
     assert service.reap(runtime(referee_pools=pool, referee_pool_wait_s=0)) == 0 and sent == []
-    assert service.pool_away(100, None, 0, 60) and not service.pool_away(100, None, 0, 0)
-    assert not service.pool_away(100, 50, 0, 60) and not service.pool_away(100, None, 50, 60)
-    assert service.pool_away(200, 139, 100, 60) and not service.pool_away(200, 140, 100, 60)
+    assert checking.pool_away(100, None, 0, 60) and not checking.pool_away(100, None, 0, 0)
+    assert not checking.pool_away(100, 50, 0, 60) and not checking.pool_away(100, None, 50, 60)
+    assert checking.pool_away(200, 139, 100, 60) and not checking.pool_away(200, 140, 100, 60)
 
 
 def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp_path: Path) -> None:
     """Once a dispute fell back from its away pool, a worker of that pool that comes back (and finds it in its queue)
     does not judge it: the default referee has it."""
-    from marketplace import service
+    from marketplace import checking
     from marketplace.blobs import BlobStore
     from marketplace.db import Job, Unit, Verification, make_sessionmaker, now_s
     from marketplace.runtime import Runtime
@@ -401,6 +401,6 @@ def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp
         v = Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=0, status="disputed",
                          fallback_at=now_s())
         s.add(v)
-    assert service.adjudicate(rt, v.id) == "disputed"  # untouched: no proof was even read
+    assert checking.adjudicate(rt, v.id) == "disputed"  # untouched: no proof was even read
     with sessions() as s:
         assert s.get(Verification, v.id).status == "disputed"  # type: ignore[union-attr]

@@ -1,0 +1,77 @@
+"""What the marketplace's rooms share (:mod:`marketplace.service`: jobs, matching, results, rounds;
+:mod:`marketplace.checking`: verification, disputes, reveals): their errors, the event log, a unit's training spec,
+and the stake read that gates work."""
+from __future__ import annotations
+
+from typing import Any
+
+from eth_utils import keccak
+from sqlalchemy.orm import Session
+
+from marketplace.db import Event, Job, Unit
+from marketplace.runtime import Runtime
+from node.model import ModelConfig
+from node.trainer import UnitSpec
+from protocol.errors import ChainUnavailable, GridMintValueError
+from protocol.money import format_tokens
+from protocol.schemas import JobSpec
+from protocol.signing import to_bytes32
+
+
+class NotFound(GridMintValueError):
+    """Unknown job, unit or verification (HTTP 404)."""
+
+
+class Conflict(GridMintValueError):
+    """The request is valid but the state does not allow it now (HTTP 409)."""
+
+
+def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
+    s.add(Event(job_id=job_id, kind=kind, data=data))
+
+
+def unit_id_for(job_id: str, round_: int, shard: int) -> str:
+    return "0x" + keccak(to_bytes32(job_id) + round_.to_bytes(32, "big") + shard.to_bytes(32, "big")).hex()
+
+
+def model_config(spec: JobSpec) -> ModelConfig:
+    return ModelConfig(**spec.model.model_dump())
+
+
+def unit_spec(job: Job, unit: Unit) -> UnitSpec:
+    spec = JobSpec.model_validate(job.spec)
+    return UnitSpec(
+        job_id=job.id,
+        unit_id=unit.id,
+        round=unit.round,
+        shard=unit.shard,
+        n_shards=spec.units_per_round,
+        model=model_config(spec),
+        steps=spec.steps_per_unit,
+        segment_len=spec.segment_len,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        seed=spec.seed * 1_000_003 + unit.round,
+        threads=1,
+        precision=spec.precision,
+    )
+
+
+def stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then: str,
+                 fresh: bool = False) -> tuple[int | None, str]:
+    """``address``'s bonded stake on chain now (a chain read: call it outside a transaction), and why it is less
+    than ``need`` ("" if it is enough). A stake read once at registration is not enough: it could be unbonded after
+    and the account go on working with nothing left to slash. A read that showed enough is reused for
+    ``stake_read_ttl_s`` unless ``fresh`` (``marketplace.stakes``). None if the chain cannot be reached: the last
+    stake read stands (an outage must not stall work; unbonding stake stays slashable for a week)."""
+    if not fresh and (seen := rt.stakes.enough(address, need, rt.settings.stake_read_ttl_s)) is not None:
+        return seen, ""
+    try:
+        stake = rt.contracts.stake_of(address)
+    except ChainUnavailable:
+        return None, ""
+    rt.stakes.put(address, stake)
+    if stake >= need:
+        return stake, ""
+    return stake, (f"{role} {address} has {format_tokens(stake)} staked; {role}s get {gets} only while staking at "
+                   f"least {format_tokens(need)} {then}")
