@@ -40,8 +40,9 @@ from protocol.errors import GridMintValueError
 #: the verifier's own overhead (building its replayer, loading the state and hashing it twice per replayed step:
 #: measured ~7% per replayed step plus ~45 ms per unit on the default job shape; at 18/1000 the bench's ratio was
 #: 0.0195-0.0216, over budget in two runs of three). That was on AVX2. On AVX-512/AMX the step is cheaper and the
-#: two SHA-256 hashes of the state are not (SHA-NI either way): 27% per replayed step, 0.0204-0.0208 at 16/1000
-#: (``bench proof``'s verify_segment_steps, verify_hash_steps say where it goes).
+#: two SHA-256 hashes of the state were not (SHA-NI either way): 27% per replayed step, 0.0204-0.0208 at 16/1000.
+#: The v3 state hash (BLAKE3, node.statehash) halves them: 20% per replayed step, 0.0192 (``bench proof``'s
+#: verify_segment_steps, verify_hash_steps say where it goes).
 LEVELS: dict[str, Fraction] = {
     "none": Fraction(0),
     "standard": Fraction(16, 1000),
