@@ -124,7 +124,7 @@ def run_referee(rt: Runtime, verification_id: int, build: str | None, fallen_bac
     """Send dispute ``verification_id`` over work computed with kernel ``build`` to the referee that judges it:
     the referee pool computing with those kernels (it replays the work bit for bit), else the default referee; the
     default one too once the dispute has ``fallen_back`` (its pool was away: :func:`pools_away`)."""
-    rt.enqueue("gridmint.adjudicate", [verification_id], queue=None if fallen_back else rt.referee_queue(build or ""))
+    rt.enqueue("gridmint.adjudicate", [verification_id], queue=rt.referee_queue(build or "", fallen_back))
 
 
 def pool_alive(rt: Runtime, build: str) -> None:

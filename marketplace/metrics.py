@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, pools_seen
+from marketplace.settings import judging_pool
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
             .join(Verification, Verification.unit_id == Unit.id)
             .where(Verification.status.in_(["disputed", "bisecting"]))
             .group_by(Unit.build, Verification.fallback_at.is_not(None))):
-        referee = build if build in disputes and not fallen_back else "default"
+        referee = judging_pool(build, pools, bool(fallen_back)) or "default"
         disputes[referee] = disputes.get(referee, 0) + int(n)
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from marketplace.blobs import BlobStore
-from marketplace.settings import Settings, pool_builds
+from marketplace.settings import Settings, judging_pool, pool_builds
 from marketplace.stakes import StakeCache
 from protocol.errors import GridMintValueError
 
@@ -65,11 +65,14 @@ class Runtime:
     def referee_for(self, build: str) -> str:
         """The kernels of the referee that judges work computed with ``build``: its pool's, where one computes with
         them, else the default referee's (referee_build)."""
-        return build if build in pool_builds(self.settings.referee_pools) else self.referee_build()
+        pool = judging_pool(build, pool_builds(self.settings.referee_pools))
+        return pool if pool is not None else self.referee_build()
 
-    def referee_queue(self, build: str) -> str | None:
-        """The Celery queue of the referee that judges work computed with ``build`` (None: the default queue)."""
-        return pool_queue(build) if build in pool_builds(self.settings.referee_pools) else None
+    def referee_queue(self, build: str, fallen_back: bool = False) -> str | None:
+        """The Celery queue of the referee that judges work computed with ``build`` (None: the default queue; so
+        too once the dispute has ``fallen_back``)."""
+        pool = judging_pool(build, pool_builds(self.settings.referee_pools), fallen_back)
+        return pool_queue(pool) if pool is not None else None
 
 
 def referee_build(settings: Settings) -> str:

@@ -1,6 +1,7 @@
 """One settings object for the marketplace; every field has an embedded default (env prefix GRIDMINT_)."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -132,3 +133,11 @@ def pool_beat_s(wait_s: int) -> float:
 def pool_builds(pools: str) -> list[str]:
     """The kernel builds named in a referee_pools setting, in order, without blanks."""
     return [b for b in (x.strip() for x in pools.split(",")) if b]
+
+
+def judging_pool(build: str | None, pools: Collection[str], fallen_back: bool = False) -> str | None:
+    """The referee pool that judges a dispute over work computed with kernel ``build`` (None: the default referee):
+    the pool in ``pools`` computing with those kernels, unless the dispute has ``fallen_back`` to the default
+    referee (its pool was away). The one routing rule: the queue a dispute is sent to and the /metrics count of
+    open disputes by referee both follow it."""
+    return build if build in pools and not fallen_back else None

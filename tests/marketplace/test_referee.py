@@ -272,6 +272,7 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
     rt = runtime(referee_pools=f"{avx512}, {arm}")
     assert rt.referee_builds() == {here, avx512, arm} and not rt.referee_pool_here()
     assert rt.referee_for(avx512) == avx512 and rt.referee_queue(avx512) == pool_queue(avx512)
+    assert rt.referee_queue(avx512, fallen_back=True) is None  # its pool was away: the default referee has it
     assert pool_queue(avx512) != pool_queue(arm) and pool_queue(avx512).startswith("referee.")
     # the referee's own kernels, unknown ones and unsaid ones: the default referee, on the default queue
     for build in (here, "torch-2.13.0.example/x86_64.genuineintel.avx2/aten-avx2", ""):
