@@ -221,8 +221,9 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
                     rt.enqueue("gridmint.match", [])
                 return None
             unit, job = row
-            return {"spec": unit_spec(job, unit).to_json(), "start_blob": job.global_blob, "price": str(unit.price),
-                    "due": unit.deadline_at}
+            spec = unit_spec(job, unit)
+            return {"spec": spec.to_json(), "spec_hash": spec.spec_hash(), "start_blob": job.global_blob,
+                    "price": str(unit.price), "due": unit.deadline_at}
     if released:
         rt.enqueue("gridmint.match", [])
     raise Conflict(short)

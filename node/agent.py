@@ -23,7 +23,8 @@ from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
 from node.device import benchmark, local_plan, plan_build, probe
 from node.keepalive import beat_interval, beating
-from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, model_only, state_hash, train_unit
+from node.trainer import (UnitResult, UnitSpec, check_recipe, checkpoint_metadata, model_only, state_hash,
+                          train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.signing import sign_typed, to_bytes32
 
@@ -118,6 +119,7 @@ class ProviderAgent:
         if work is None:
             return False
         spec = UnitSpec.from_json(work["spec"])
+        check_recipe(spec, str(work.get("spec_hash") or ""))  # another version's commitments would be refused
         unit_dir = self.workdir / spec.unit_id[2:14]
         unit_dir.mkdir(parents=True, exist_ok=True)
         start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from node import checkpoint, data, statehash
 from node.model import ModelConfig, TinyGPT, build_model, param_shapes
-from protocol.errors import CheckpointError, GridMintValueError
+from protocol.errors import CheckpointError, GridMintValueError, VersionMismatch
 from protocol.proof import (
     HASH_RE,
     SegmentCommit,
@@ -47,7 +47,7 @@ ADAMW_BETAS = (0.9, 0.95)
 ADAMW_EPS = 1e-8
 ADAMW_WEIGHT_DECAY = 0.0
 #: Everything about training that is code, not spec. Part of every spec hash: change it and old proofs stop matching.
-RECIPE = "tinygpt-v1/adamw(b1=0.9,b2=0.95,eps=1e-8,wd=0.0,fused)/sha256-batches-v1"
+RECIPE = "tinygpt-v1/adamw(b1=0.9,b2=0.95,eps=1e-8,wd=0.0,fused)/sha256-batches-v1/blake3-state-v3"
 STATE_FORMAT = "gridmint-train-state/v1"
 #: A job's arithmetic (UnitSpec.precision).
 PRECISIONS = ("fp32", "bf16")
@@ -156,6 +156,19 @@ class UnitSpec:
         payload = {"recipe": RECIPE, "corpus": data.CORPUS_SHA256, "spec": self.to_dict()}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return "0x" + hashlib.sha256(b"GridMint/spec/v1" + blob).hexdigest()
+
+
+def check_recipe(spec: UnitSpec, market_spec_hash: str) -> None:
+    """Raise :class:`VersionMismatch` unless this node hashes ``spec`` as the marketplace did (``market_spec_hash``:
+    the hash it sends with work, or the one a proof it accepted carries). Another hash means another :data:`RECIPE`:
+    a provider's commitments would be refused after all its training, and a verifier's replay would call honest
+    work fraud and cost its bond. Checked before any work, so nothing is lost but the wait for an upgrade."""
+    mine = spec.spec_hash()
+    if market_spec_hash != mine:
+        theirs = market_spec_hash or "nothing (a version before this check)"
+        raise VersionMismatch(
+            f"the marketplace hashes unit {spec.unit_id[:10]}'s spec to {theirs}, this node to {mine} (recipe "
+            f"{RECIPE}): they run different GridMint versions; install the marketplace's version and start again")
 
 
 def data_seed(spec: UnitSpec) -> int:

@@ -17,7 +17,7 @@ from node.crosscheck import PROVIDER_PLAN, Plan
 from node.device import local_plan, plan_build
 from node.keepalive import beat_interval, beating
 from node.replay import check_segment
-from node.trainer import UnitSpec, same_bits
+from node.trainer import UnitSpec, check_recipe, same_bits
 from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
@@ -116,6 +116,7 @@ class VerifierAgent:
             return None
         spec = UnitSpec.from_json(task["spec"])
         proof = TrainingProof.from_dict(task["proof"])
+        check_recipe(spec, proof.spec_hash)  # the marketplace accepted it: another hash here is this node's version
         seg = int(task["segment"])
         withdrawn: list[str] = []
 

@@ -30,6 +30,11 @@ class CheckpointError(GridMintError, ValueError):
     """A checkpoint that is not a valid safetensors file, or whose contents do not match what was committed."""
 
 
+class VersionMismatch(GridMintError):
+    """This node computes a unit's spec hash otherwise than the marketplace: another GridMint version (training
+    recipe, data order or state hash), whose commitments or verdicts would not match the marketplace's."""
+
+
 class ChainError(GridMintError, RuntimeError):
     """A transaction or call that the chain refused. ``name``/``args`` hold the decoded custom error if known."""
 

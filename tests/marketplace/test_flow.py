@@ -18,7 +18,7 @@ from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
 from node.trainer import UnitSpec, train_unit
 from node.verifier_agent import VerifierAgent
-from protocol.errors import ChainError, ChainUnavailable
+from protocol.errors import ChainError, ChainUnavailable, VersionMismatch
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
 
@@ -1362,3 +1362,47 @@ def test_work_and_verifiers_on_other_kernels_are_checked_within_a_tolerance_and_
     assert "[unbonded: the referee computes with other kernels than this verifier]" in disputed[0]["reason"]
     assert [e["path"] for e in _events(market, "provider_slashed")] == ["governance"]
     assert market.ops.stake_of(verifier.account.address) == tokens(100)  # nothing was bonded
+
+
+def test_a_node_or_verifier_on_another_gridmint_version_stops_before_any_work(market, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec hash binds the training recipe, data order and state hash (node.trainer.RECIPE). A provider told a
+    spec hash other than its own stops before training (its commitments would be refused after all that work), and
+    a verifier whose hash differs from the one on a proof the marketplace accepted stops before judging (its
+    replay would call honest work fraud and cost its bond): each with a VersionMismatch that says what to do, and
+    nothing moves: the unit stays assigned, no verdict, no slash, stakes untouched."""
+    from node import trainer
+
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    v = staked_verifier(market, tmp_path, "v")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    trained: list[str] = []
+    train = p.trainer
+    p.trainer = lambda sp, *a: trained.append(sp.unit_id) or train(sp, *a)  # type: ignore[method-assign]
+    next_work = p.client.next_work
+
+    def from_another_version() -> dict | None:  # the marketplace's own answer, as a marketplace on another recipe says it
+        work = next_work()
+        return None if work is None else {**work, "spec_hash": "0x" + "ab" * 32}
+
+    p.client.next_work = from_another_version  # type: ignore[method-assign]
+    with pytest.raises(VersionMismatch, match="different GridMint versions; install the marketplace's version"):
+        p.work_once()
+    assert trained == [] and _assigned(market, job_id) == 1
+    p.client.next_work = next_work  # type: ignore[method-assign]
+    assert p.work_once() and trained  # the same node on the marketplace's version: trained and submitted
+    with market.rt.sessions() as s:
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
+        assert unit.status == "submitted"
+    # the verifier is another version: its recipe (so its spec hashes) differs from the marketplace's
+    monkeypatch.setattr(trainer, "RECIPE", trainer.RECIPE.replace("blake3-state-v3", "sha256-state-v2"))
+    with pytest.raises(VersionMismatch, match=r"recipe .*sha256-state-v2\): they run different GridMint versions"):
+        v.verify_once()
+    with market.rt.sessions() as s:
+        assert [c.status for c in s.scalars(select(Verification).where(Verification.verifier == v.account.address))
+                ] == ["assigned"]  # handed out, no verdict: it goes to another verifier when its time runs out
+    assert slashed(market) == set() and _events(market, "false_accusation") == []
+    assert market.ops.stake_state(v.account.address).staked == tokens(100)
+    assert market.ops.stake_state(p.account.address).staked == tokens(200)
