@@ -534,8 +534,9 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
             assert unit is not None
             job = s.get(Job, unit.job_id)
             assert job is not None
+            spec = unit_spec(job, unit)
             return {"verification_id": task.id, "unit_id": unit.id, "segment": task.segment, "step": int(step),
-                    "spec": unit_spec(job, unit).to_json(), "plan": unit.plan,
+                    "spec": spec.to_json(), "spec_hash": spec.spec_hash(), "plan": unit.plan,
                     "checkpoint_blob": unit.segment_blobs[task.segment], "deadline": int(b["deadline"])}
     return None
 

@@ -165,6 +165,7 @@ class ProviderAgent:
     def answer(self, ask: dict[str, Any]) -> dict[str, Any]:
         """The signed reveal body for a referee's ``ask`` (from ``/reveals/next``); uploads the state's checkpoint."""
         spec, step, seg = UnitSpec.from_json(ask["spec"]), int(ask["step"]), int(ask["segment"])
+        check_recipe(spec, str(ask.get("spec_hash") or ""))  # re-derived on another version, the state would not chain
         plan = Plan.parse(ask["plan"])
         rdir = self.workdir / "reveals"
         rdir.mkdir(parents=True, exist_ok=True)

@@ -1383,14 +1383,22 @@ def test_a_node_or_verifier_on_another_gridmint_version_stops_before_any_work(ma
     p.trainer = lambda sp, *a: trained.append(sp.unit_id) or train(sp, *a)  # type: ignore[method-assign]
     next_work = p.client.next_work
 
+    handed: list[dict] = []
+
     def from_another_version() -> dict | None:  # the marketplace's own answer, as a marketplace on another recipe says it
         work = next_work()
+        handed.extend([work] if work else [])
         return None if work is None else {**work, "spec_hash": "0x" + "ab" * 32}
 
     p.client.next_work = from_another_version  # type: ignore[method-assign]
     with pytest.raises(VersionMismatch, match="different GridMint versions; install the marketplace's version"):
         p.work_once()
     assert trained == [] and _assigned(market, job_id) == 1
+    # nor does it answer a referee's reveal on another version: a state re-derived so would not chain to its proof
+    ask = {"verification_id": 1, "unit_id": "0x" + "00" * 32, "segment": 0, "step": 1, "spec": handed[0]["spec"],
+           "spec_hash": "0x" + "ab" * 32, "plan": "cpu", "checkpoint_blob": handed[0]["start_blob"], "deadline": 0}
+    with pytest.raises(VersionMismatch, match="different GridMint versions"):
+        p.answer(ask)
     p.client.next_work = next_work  # type: ignore[method-assign]
     assert p.work_once() and trained  # the same node on the marketplace's version: trained and submitted
     with market.rt.sessions() as s:
