@@ -26,6 +26,7 @@ from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from marketplace.web import render_index, render_job
+from node.trainer import RECIPE
 from protocol import verification
 from protocol.errors import (
     ChainError,
@@ -155,6 +156,9 @@ def create_app(rt: Runtime) -> FastAPI:
                 "distributor": rt.contracts.distributor.address,
                 "min_stake": str(rt.settings.min_stake), "max_upload_bytes": rt.settings.max_upload_bytes,
                 "unit_timeout_s": rt.settings.unit_timeout_s, "reveal_timeout_s": rt.settings.reveal_timeout_s,
+                # how units are trained and committed (model, optimizer, data order, state hash): a node or verifier
+                # on another recipe runs another GridMint version and stops before it stakes
+                "recipe": RECIPE,
                 # devices the referee replays on: a provider's execution plan must use one of them
                 "referee_devices": referee.devices(),
                 # plans the referee replays bit for bit: work trained on one is judged exactly, and a verifier on it

@@ -23,8 +23,8 @@ from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
 from node.device import benchmark, local_plan, plan_build, probe
 from node.keepalive import beat_interval, beating
-from node.trainer import (UnitResult, UnitSpec, check_recipe, checkpoint_metadata, model_only, state_hash,
-                          train_unit)
+from node.trainer import (UnitResult, UnitSpec, check_market_recipe, check_recipe, checkpoint_metadata, model_only,
+                          state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.signing import sign_typed, to_bytes32
 
@@ -99,6 +99,7 @@ class ProviderAgent:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")
 
     def setup(self) -> dict[str, Any]:
+        check_market_recipe(self.client.config.get("recipe"))  # before anything is staked
         devices = self.client.config.get("referee_devices", ["cpu"])
         if self.plan.device not in devices:
             raise GridMintValueError(f"plan {self.plan.label!r} trains on {self.plan.device}, but this marketplace's "

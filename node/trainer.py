@@ -171,6 +171,15 @@ def check_recipe(spec: UnitSpec, market_spec_hash: str) -> None:
             f"{RECIPE}): they run different GridMint versions; install the marketplace's version and start again")
 
 
+def check_market_recipe(market_recipe: str | None) -> None:
+    """Raise :class:`VersionMismatch` unless the marketplace (its ``/config``) trains by this node's :data:`RECIPE`:
+    checked when a node or verifier starts, before it stakes anything."""
+    if market_recipe != RECIPE:
+        theirs = market_recipe or "nothing (a version before this check)"
+        raise VersionMismatch(f"the marketplace's training recipe is {theirs}, this node's {RECIPE}: they run "
+                              f"different GridMint versions; install the marketplace's version and start again")
+
+
 def data_seed(spec: UnitSpec) -> int:
     """The seed handed to :func:`node.data.batch_indices` for this unit (63 bits)."""
     h = hashlib.sha256(

@@ -17,7 +17,7 @@ from node.crosscheck import PROVIDER_PLAN, Plan
 from node.device import local_plan, plan_build
 from node.keepalive import beat_interval, beating
 from node.replay import check_segment
-from node.trainer import UnitSpec, check_recipe, same_bits
+from node.trainer import UnitSpec, check_market_recipe, check_recipe, same_bits
 from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
@@ -90,6 +90,7 @@ class VerifierAgent:
         """Top this verifier's stake up to ``amount`` base units (it backs its accusations). Returns the stake."""
         from node.agent import contracts_for
 
+        check_market_recipe(self.client.config.get("recipe"))  # before anything is staked
         c = contracts or contracts_for(self.client, chain_url, self.account)
         self._stake_target = (chain_url, amount, c)
         have = c.stake_of(self.account.address)
@@ -228,6 +229,7 @@ class VerifierAgent:
         from node.agent import Stopper
 
         stopper = Stopper()
+        check_market_recipe(self.client.config.get("recipe"))
         self.client.register_verifier(self.plan.label, self.build)
         idle_since = time.monotonic()
         while not stopper.stop:

@@ -1366,12 +1366,28 @@ def test_work_and_verifiers_on_other_kernels_are_checked_within_a_tolerance_and_
 
 def test_a_node_or_verifier_on_another_gridmint_version_stops_before_any_work(market, tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The spec hash binds the training recipe, data order and state hash (node.trainer.RECIPE). A provider told a
-    spec hash other than its own stops before training (its commitments would be refused after all that work), and
-    a verifier whose hash differs from the one on a proof the marketplace accepted stops before judging (its
+    """The spec hash binds the training recipe, data order and state hash (node.trainer.RECIPE); /config names the
+    recipe, and a node or verifier on another one stops at start, before staking. A provider told a spec hash other
+    than its own stops before training (its commitments would be refused after all that work) or answering a reveal,
+    and a verifier whose hash differs from the one on a proof the marketplace accepted stops before judging (its
     replay would call honest work fraud and cost its bond): each with a VersionMismatch that says what to do, and
     nothing moves: the unit stays assigned, no verdict, no slash, stakes untouched."""
     from node import trainer
+
+    # at start: a node or verifier whose recipe is not the marketplace's (GET /config) stops before it stakes
+    assert httpx.get(market.url + "/config").json()["recipe"] == trainer.RECIPE
+    old_node = market.account(gmt=tokens(500))
+    cfg = AgentConfig(marketplace=market.url, chain_url="", region="us-east", price=tokens("0.9"), stake=tokens(200))
+    outdated = ProviderAgent(cfg, old_node, tmp_path / "old", contracts=market.contracts(old_node))
+    old_verifier = VerifierAgent(market.url, market.account(gmt=tokens(100)), tmp_path / "old-v")
+    monkeypatch.setattr(trainer, "RECIPE", trainer.RECIPE.replace("blake3-state-v3", "sha256-state-v2"))
+    with pytest.raises(VersionMismatch, match=r"recipe is .*blake3-state-v3, this node's .*sha256-state-v2"):
+        outdated.setup()
+    with pytest.raises(VersionMismatch, match="different GridMint versions"):
+        old_verifier.keep_staked("", tokens(100), contracts=market.contracts(old_verifier.account))
+    assert market.ops.stake_state(old_node.address).staked == 0
+    assert market.ops.stake_state(old_verifier.account.address).staked == 0
+    monkeypatch.undo()
 
     p = provider(market, tmp_path, "p", "us-east", "0.9")
     v = staked_verifier(market, tmp_path, "v")
