@@ -120,7 +120,7 @@ class ProviderAgent:
         if work is None:
             return False
         spec = UnitSpec.from_json(work["spec"])
-        check_recipe(spec, str(work.get("spec_hash") or ""))  # another version's commitments would be refused
+        check_recipe(spec, work.get("spec_hash"))  # another version's commitments would be refused
         unit_dir = self.workdir / spec.unit_id[2:14]
         unit_dir.mkdir(parents=True, exist_ok=True)
         start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
@@ -166,7 +166,7 @@ class ProviderAgent:
     def answer(self, ask: dict[str, Any]) -> dict[str, Any]:
         """The signed reveal body for a referee's ``ask`` (from ``/reveals/next``); uploads the state's checkpoint."""
         spec, step, seg = UnitSpec.from_json(ask["spec"]), int(ask["step"]), int(ask["segment"])
-        check_recipe(spec, str(ask.get("spec_hash") or ""))  # re-derived on another version, the state would not chain
+        check_recipe(spec, ask.get("spec_hash"))  # re-derived on another version, the state would not chain
         plan = Plan.parse(ask["plan"])
         rdir = self.workdir / "reveals"
         rdir.mkdir(parents=True, exist_ok=True)

@@ -158,26 +158,30 @@ class UnitSpec:
         return "0x" + hashlib.sha256(b"GridMint/spec/v1" + blob).hexdigest()
 
 
-def check_recipe(spec: UnitSpec, market_spec_hash: str) -> None:
+_UPGRADE = "they run different GridMint versions; install the marketplace's version and start again"
+
+
+def _theirs(value: str | None) -> str:
+    return value or "nothing (a version before this check)"
+
+
+def check_recipe(spec: UnitSpec, market_spec_hash: str | None) -> None:
     """Raise :class:`VersionMismatch` unless this node hashes ``spec`` as the marketplace did (``market_spec_hash``:
     the hash it sends with work, or the one a proof it accepted carries). Another hash means another :data:`RECIPE`:
     a provider's commitments would be refused after all its training, and a verifier's replay would call honest
     work fraud and cost its bond. Checked before any work, so nothing is lost but the wait for an upgrade."""
     mine = spec.spec_hash()
     if market_spec_hash != mine:
-        theirs = market_spec_hash or "nothing (a version before this check)"
-        raise VersionMismatch(
-            f"the marketplace hashes unit {spec.unit_id[:10]}'s spec to {theirs}, this node to {mine} (recipe "
-            f"{RECIPE}): they run different GridMint versions; install the marketplace's version and start again")
+        raise VersionMismatch(f"the marketplace hashes unit {spec.unit_id[:10]}'s spec to {_theirs(market_spec_hash)}, "
+                              f"this node to {mine} (recipe {RECIPE}): {_UPGRADE}")
 
 
 def check_market_recipe(market_recipe: str | None) -> None:
     """Raise :class:`VersionMismatch` unless the marketplace (its ``/config``) trains by this node's :data:`RECIPE`:
     checked when a node or verifier starts, before it stakes anything."""
     if market_recipe != RECIPE:
-        theirs = market_recipe or "nothing (a version before this check)"
-        raise VersionMismatch(f"the marketplace's training recipe is {theirs}, this node's {RECIPE}: they run "
-                              f"different GridMint versions; install the marketplace's version and start again")
+        raise VersionMismatch(f"the marketplace's training recipe is {_theirs(market_recipe)}, this node's {RECIPE}: "
+                              f"{_UPGRADE}")
 
 
 def data_seed(spec: UnitSpec) -> int:
