@@ -56,6 +56,7 @@ from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, determinis
                           load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
                           train_unit, update_norm)
 from node.device import kernel_build, local_plan
+from node.statehash import Layout
 from node.replay import check_segment, check_state, replay_state
 from protocol import verification as vp
 from protocol.proof import TrainingProof
@@ -176,9 +177,11 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
         c0 = time.process_time()
         state_hash(kept[s])
         hashes.append(time.process_time() - c0)
-        packed = b"".join(kept[s][k].detach().reshape(-1).view(torch.uint8).numpy().tobytes() for k in sorted(kept[s]))
+        layout = Layout.of(kept[s])  # the buffer the state hash hashed, laid out again (untimed)
+        packed = torch.zeros(layout.total, dtype=torch.uint8)
+        layout.pack(kept[s], packed)
         c0 = time.process_time()
-        hashlib.sha256(packed).digest()
+        hashlib.sha256(memoryview(packed.numpy())).digest()
         sha.append(time.process_time() - c0)
     seg_steps = statistics.median(cpu_ratios) * spec.steps / len(picks)
     hash_steps = statistics.median(hashes) / step_s
