@@ -5,7 +5,10 @@ with bf16 autocast, fused AdamW and (by default) torch.compile. The same loop ru
 state commitment every ``commit_every`` steps (:class:`node.statehash.AsyncStateHasher`: device-to-device snapshot on
 the training stream, copy to pinned memory on a side stream, BLAKE3 on host threads), interleaved in ABBA
 order, and the throughput ratio while training is the overhead (the hash of the state after the last step, which
-no training is left to hide, is reported as its own latency and in an end-to-end ratio beside it). Also measured:
+no training is left to hide, is reported as its own latency and in an end-to-end ratio beside it). Where the
+overhead goes (``overhead_detail``): every step's time on the training stream (timing events, no host sync) says
+whether the cost lands on the step after a commitment or spreads over the interval, and the hasher's stage totals
+say what the training thread spent in ``submit`` and what the copy to the host and the hash took. Also measured:
 one synchronous hash of the same state (what the async path avoids), and whether an honest segment replays bit for
 bit on the same GPU under deterministic algorithms.
 """
@@ -43,6 +46,57 @@ def _sync(dev: torch.device) -> None:
 
 def device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+class StepClock:
+    """Each step's time as the device's training stream saw it: on CUDA a timing event recorded after every step
+    (no host sync, so the loop runs as it would untimed; gaps where the host launched late count too), on the CPU
+    the host clock (its steps are synchronous). :meth:`ms` after the window is synchronized."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        self.marks: list[Any] = []
+
+    def tick(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def ms(self) -> list[float]:
+        pairs = zip(self.marks, self.marks[1:])
+        return [a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in pairs]
+
+
+def where_the_time_went(plain: list[list[float]], committed: list[list[float]], commit_every: int,
+                        timings: dict[str, float]) -> dict[str, Any]:
+    """Attribution of the overhead from per-step times (:class:`StepClock`, step ``j`` of a window at index
+    ``j - 1``; a commitment is submitted after steps ``commit_every``, ``2 * commit_every``, ...) and the hasher's
+    :meth:`~node.statehash.AsyncStateHasher.timings`. ``commit_cost_ms``: the committed windows' extra time per
+    commitment that steps followed (a window's last commitment, after its last step, is the end-to-end figure's
+    part); ``after_commit_extra_ms``: how much slower than a plain step the step right after a commitment is
+    (the snapshot's device copy and the start of the copy to the host land there); ``other_step_extra_ms``: how
+    much slower the committed windows' other steps are (contention spread over the interval: host threads, memory,
+    clocks). Means, not medians: throughput is the mean's reciprocal."""
+    flat_plain = [x for w in plain for x in w]
+    base = statistics.fmean(flat_plain)
+    after = [w[j] for w in committed for j in range(commit_every, len(w), commit_every)]
+    other = [x for w in committed for j, x in enumerate(w) if j < commit_every or j % commit_every]
+    extra = sum(x for w in committed for x in w) - base * sum(len(w) for w in committed)
+    done = max(1, int(timings["hashed"]))
+    return {
+        "step_ms_plain": round(base, 3),
+        "step_ms_committed": round(statistics.fmean([x for w in committed for x in w]), 3),
+        "commit_cost_ms": round(extra / max(1, len(after)), 2),
+        "after_commit_extra_ms": round(statistics.fmean(after) - base, 2) if after else None,
+        "other_step_extra_ms": round(statistics.fmean(other) - base, 3) if other else None,
+        "submit_ms": round(1e3 * timings["submit_s"] / max(1, int(timings["submitted"])), 3),
+        "backpressure_ms": round(1e3 * timings["backpressure_s"] / max(1, int(timings["submitted"])), 3),
+        "copy_wait_ms": round(1e3 * timings["copy_wait_s"] / done, 2),
+        "hash_ms": round(1e3 * timings["hash_s"] / done, 2),
+    }
 
 
 def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: bool = True, batch: int = 16,
@@ -105,10 +159,13 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         unit, reported on its own instead of as lost throughput (in a 300-step window it would count for one
         commitment in six)."""
         futures = []
+        clock = StepClock(dev)
         _sync(dev)
         t = time.perf_counter()
+        clock.tick()
         for i in range(1, steps + 1):
             step(i)
+            clock.tick()  # before the commitment: its snapshot lands in the next step's time
             if commit and i % commit_every == 0:
                 futures.append(hasher.submit(live))
         _sync(dev)  # every stream of the device: the side stream's copies to the host too
@@ -116,9 +173,13 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         for f in futures:
             f.result()
         done = time.perf_counter()
+        (committed_steps if commit else plain_steps).append(clock.ms())
         return steps / (trained - t), steps / (done - t), done - trained
 
     ratios, ratios_e2e, plain, committed, tails = [], [], [], [], []
+    plain_steps: list[list[float]] = []
+    committed_steps: list[list[float]] = []
+    hashed_before = hasher.timings()  # the check above is not a commitment of the windows
     for k in range(repeats):
         # ABBA: every other pair runs the committed window first, so a drift over the session (clocks, heat)
         # does not always land on the same side of the ratio
@@ -134,6 +195,10 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         log(f"  steps/s plain {a:.2f}  with commitments every {commit_every} {b:.2f}  ratio {b / a:.4f} (until the "
             f"last hash is done {b_e2e / a_e2e:.4f}: it took {tail:.3f} s after the last step)")
     hasher.close()
+    t_all = hasher.timings()
+    spent = where_the_time_went(plain_steps, committed_steps, commit_every,
+                                {k: v - hashed_before[k] for k, v in t_all.items()})
+    log(f"  where it went: {spent}")
     tok_per_step = batch * cfg.ctx
 
     # same-GPU replay: deterministic algorithms, eager, fp32 (the spec's recipe), a small model
@@ -169,4 +234,5 @@ def gpu_overhead(*, steps: int = 300, commit_every: int = 50, compile_model: boo
         "sync_hash_s": round(sync_hash_s, 3),
         "sync_hash_steps": round(sync_hash_s * statistics.median(plain), 1),
         "gpu_replay_bitwise": hashes[0] == hashes[1],
+        "overhead_detail": spent,
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -115,7 +116,7 @@ class AsyncStateHasher:
     on the hashing thread with the snapshot as CPU tensors (views of the host buffer, valid only during the call:
     write a checkpoint from them, do not keep them); its exception, if any, is the future's. Close with
     :meth:`close` (or use as a context manager). A state of at least ``PARALLEL_MIN`` bytes is hashed on up to
-    ``threads`` threads.
+    ``threads`` threads. :meth:`timings` says where a commitment's time went (totals, so memory stays bounded).
     """
 
     def __init__(self, template: Mapping[str, Tensor], *, buffers: int = 2, threads: int = 2) -> None:
@@ -140,6 +141,9 @@ class AsyncStateHasher:
             self._free.put(i)
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=buffers, thread_name_prefix="statehash")
+        self._lock = threading.Lock()
+        self._totals = dict.fromkeys(("submit_s", "backpressure_s", "copy_wait_s", "hash_s", "then_s"), 0.0)
+        self._counts = {"submitted": 0, "hashed": 0}
 
     def __enter__(self) -> AsyncStateHasher:
         return self
@@ -165,8 +169,10 @@ class AsyncStateHasher:
 
     def submit(self, tensors: Mapping[str, Tensor], then: Callable[[dict[str, Tensor]], object] | None = None,
                ) -> Future[str]:
+        t0 = time.perf_counter()
         self._check(tensors)
         i = self._free.get()  # back-pressure
+        t1 = time.perf_counter()
         event = None
         if self._dev is not None and self._side is not None:
             # device-to-device on the training stream: ordered before the next optimizer step touches the weights
@@ -178,15 +184,39 @@ class AsyncStateHasher:
                 event.record(self._side)
         else:
             self.layout.pack(tensors, self._host[i], self._views[i])
-        return self._pool.submit(self._hash, i, event, then)
+        fut = self._pool.submit(self._hash, i, event, then)
+        self._add(submitted=1, submit_s=time.perf_counter() - t0, backpressure_s=t1 - t0)
+        return fut
+
+    def _add(self, **amounts: float) -> None:
+        with self._lock:
+            for k, v in amounts.items():
+                if k in self._counts:
+                    self._counts[k] += int(v)
+                else:
+                    self._totals[k] += v
+
+    def timings(self) -> dict[str, float]:
+        """Totals over every commitment so far: ``submitted`` / ``hashed`` (counts); ``submit_s``, the caller's
+        (the training thread's) time inside :meth:`submit`, snapshot launch included, of which ``backpressure_s``
+        waiting for a free buffer; on the hashing threads ``copy_wait_s`` (waiting for the device-to-host copy),
+        ``hash_s`` and ``then_s`` (the callback, e.g. a checkpoint write)."""
+        with self._lock:
+            return {**self._counts, **self._totals}
 
     def _hash(self, i: int, event: torch.cuda.Event | None, then: Callable[[dict[str, Tensor]], object] | None) -> str:
+        marks = [time.perf_counter()]  # start, copy done, hashed, callback done (as far as it got)
         try:
             if event is not None:
                 event.synchronize()
+            marks.append(time.perf_counter())
             digest = self.layout.digest(memoryview(self._host[i].numpy()), self._threads)
+            marks.append(time.perf_counter())
             if then is not None:
                 then(self._host_state[i])
             return digest
         finally:
+            marks.append(time.perf_counter())
+            spans = dict(zip(("copy_wait_s", "hash_s", "then_s"), (b - a for a, b in zip(marks, marks[1:]))))
+            self._add(hashed=1, **spans)
             self._free.put(i)

@@ -152,6 +152,9 @@ def test_gpu_bench_code_runs_on_the_cpu_at_toy_sizes() -> None:
     # the last commitment's hash, after the last step, is its own latency: end to end can only be slower
     assert fig["final_commit_s"] >= 0 and 0 < fig["proof_overhead_end_to_end"] <= fig["proof_overhead"] * 1.01
     assert fig["gpu_replay_bitwise"] is True  # deterministic algorithms, same device: bit for bit
+    spent = fig["overhead_detail"]  # per-step times and the hasher's stage totals, the two windows' commitments
+    assert spent["step_ms_plain"] > 0 and spent["step_ms_committed"] > 0 and spent["hash_ms"] > 0
+    assert spent["submit_ms"] > 0 and spent["after_commit_extra_ms"] is not None
     assert fig["default_job_plan"] == "cpu" and len(fig["proof_overhead_default_job_runs"]) == 2
     assert fig["cross_device"]["false_slash"] == 0 and fig["cross_device"]["min_slashed_rate"] == 1.0
     bf16 = fig["cross_device_bf16"]  # fp8 hides in bf16 drift across plans (known); a faked loss is scanned
@@ -210,3 +213,22 @@ def test_proof_bench_drift_section_runs_at_toy_sizes(capsys: pytest.CaptureFixtu
     fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["drift"]
     assert fig["drift_segments"] == 6 and fig["drift_false_slash"] == 0 and fig["drift_verifiers_benched"] == 0
     assert 0 <= fig["drift_scan_worst"] < 1 and fig["drift_precision"] == "fp32"
+
+
+def test_gpu_overhead_attribution_from_step_times() -> None:
+    """Where the commitments' time went, from per-step times: here each commitment makes the step after it 4 ms
+    slower and nothing else, so all of the cost is that step's (and the per-commitment cost is exactly 4 ms)."""
+    from node.gpu_bench import where_the_time_went
+
+    plain = [[10.0] * 12, [10.0] * 12]
+    # commitments after steps 4, 8 and 12: the steps at indices 4 and 8 follow one; nothing follows the last
+    committed = [[14.0 if j and j % 4 == 0 else 10.0 for j in range(12)]]
+    t = {"submitted": 3, "hashed": 3, "submit_s": 0.003, "backpressure_s": 0.0, "copy_wait_s": 0.06,
+         "hash_s": 0.09, "then_s": 0.0}
+    got = where_the_time_went(plain, committed, 4, t)
+    assert got["step_ms_plain"] == 10.0 and got["after_commit_extra_ms"] == 4.0
+    assert got["other_step_extra_ms"] == 0.0 and got["commit_cost_ms"] == 4.0
+    assert got["submit_ms"] == 1.0 and got["copy_wait_ms"] == 20.0 and got["hash_ms"] == 30.0
+    spread = [[11.0] * 12]  # a uniform 10% slowdown: none of it after the commitments in particular
+    got = where_the_time_went(plain, spread, 4, t)
+    assert got["after_commit_extra_ms"] == 1.0 and got["other_step_extra_ms"] == 1.0

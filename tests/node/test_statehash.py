@@ -1,6 +1,8 @@
 """The state hash: async snapshots hash exactly like the synchronous reference, and later mutation cannot leak in."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from blake3 import blake3
@@ -79,3 +81,29 @@ def test_then_sees_the_snapshot_taken_at_submit_and_its_error_is_the_futures() -
         with pytest.raises(OSError, match="no space"):
             h.submit(st, then=disk_full).result()
         assert h.submit(st).result() == state_hash(st)  # the buffer came back after the failure (buffers=1)
+
+
+def test_timings_say_where_a_commitments_time_went() -> None:
+    """Totals per stage: the caller's time in submit (of it, waiting for a free buffer), the hash, the callback."""
+    st = _state()
+    with AsyncStateHasher(st, buffers=1) as h:
+        futs = [h.submit(st, then=lambda _: time.sleep(0.05)) for _ in range(3)]
+        assert [f.result() for f in futs] == [state_hash(st)] * 3
+        t = h.timings()
+    assert t["submitted"] == 3 and t["hashed"] == 3
+    assert t["then_s"] >= 3 * 0.05  # each callback slept that long
+    # one buffer: the 2nd and 3rd submit each waited for the callback before them, on the caller's thread
+    assert t["backpressure_s"] >= 2 * 0.04 and t["submit_s"] >= t["backpressure_s"]
+    assert t["hash_s"] > 0 and t["copy_wait_s"] >= 0  # no device copy on the CPU
+
+
+def test_a_failing_callback_still_counts_and_frees_its_buffer() -> None:
+    def disk_full(_: dict[str, torch.Tensor]) -> None:
+        raise OSError("no space left on device")
+
+    st = _state()
+    with AsyncStateHasher(st, buffers=1) as h:
+        with pytest.raises(OSError):
+            h.submit(st, then=disk_full).result()
+        assert h.submit(st).result() == state_hash(st)  # the one buffer came back
+        assert h.timings()["hashed"] == 2
