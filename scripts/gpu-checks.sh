@@ -7,8 +7,8 @@
 # training on CUDA in fp32 and bf16 and re-deriving states, a verifier on the same GPU model replaying bit for bit
 # and catching a float8 step) and
 # `gridmint bench proof --device cuda` (proof overhead with torch.compile and where it goes: overhead_detail,
-# cross-device verification in fp32 and bf16, same-device replay: same_device_fp32/bf16); logs in $OUT. On an H200 (2026-12-04) it took 261 s with 10
-# cross-device units and 2 per adversary (tests 21 s, bench 220 s; each cross-device section's calibration ~17-21 s
+# cross-device verification in fp32 and bf16, same-device replay: same_device_fp32/bf16); logs in $OUT.
+# On an H200 (2026-12-04) it took 261 s with 10 cross-device units and 2 per adversary (tests 21 s, bench 220 s; each cross-device section's calibration ~17-21 s
 # and honest units ~12-15 s by its figures): the defaults below (3x the units, 2x the cheats) should add ~100 s, the
 # same-device sections (not yet run on a GPU: ~10k tiny steps, estimated ~50 s) the rest, inside the budget; they
 # run last, so a cut-off run loses only them. The overhead runs 5 plain/committed pairs (was 3: on the H200 they
