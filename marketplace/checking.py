@@ -245,7 +245,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         elif body.ok:
             task.status = "passed"
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier)
-            _maybe_verified(s, unit)
+            maybe_verified(s, unit)
             job_id = unit.job_id
         else:
             task.status = "disputed"
@@ -262,9 +262,10 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     return "passed" if body.ok else "disputed"
 
 
-def _maybe_verified(s: Session, unit: Unit) -> None:
+def maybe_verified(s: Session, unit: Unit) -> None:
     """A unit whose every sampled segment passed (by the verifier, or by the referee overruling a false accusation)
-    is verified; its provider is owed its price (exactly once)."""
+    is verified; its provider is owed its price (exactly once). A unit with nothing sampled (level "none": the
+    buyer chose no replay) is verified once its result passed the structural checks."""
     open_checks = s.scalar(select(func.count()).select_from(Verification)
                            .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
                                   Verification.canary.is_(None),
@@ -445,7 +446,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                     # this: disputing freely would cost it nothing and the marketplace a referee replay each time
                     _bench(s, ver, task, f"the referee overruled {ver.wrong} of its {ver.checked} verdicts "
                                          f"(more than {share:.0%}, from {floor} on)")
-            _maybe_verified(s, unit)
+            maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job.id])
         return task.status
     # all of it: staked and unbonding (a cheat that starts unbonding once it has submitted keeps nothing)

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from marketplace import matching, referee, settlement, standby
-from marketplace.checking import benched_message, pools_away, retire_canary, run_referee
+from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
 from marketplace.common import Conflict, NotFound, log, model_config, stake_short, unit_id_for, unit_spec
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
@@ -316,6 +316,11 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
             sampled=picks, rate=str(rate), trusted=trusted, update_outliers=[i for i in outliers if i in picks],
             final_loss=body.losses[-1] if body.losses else None)
+        if not picks:  # level "none": nothing to wait for; the unit is credited now
+            maybe_verified(s, unit)
+        job_id = unit.job_id
+    if not picks:
+        rt.enqueue("gridmint.advance", [job_id])
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:

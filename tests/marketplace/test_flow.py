@@ -145,6 +145,27 @@ def test_honest_job_is_matched_cheapest_first_verified_settled_and_claimed(marke
     assert market.ops.balance_of(market.ops.distributor.address) == 0
 
 
+def test_a_job_at_level_none_is_credited_settled_and_paid_without_any_replay(market, tmp_path: Path) -> None:
+    """The buyer chose no replay: a result that passes the structural checks is credited at once (no verifier is
+    asked anything), the job settles and its provider is paid."""
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="none")
+    p = provider(market, tmp_path, "p", "eu-north", "0.6")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    job_id = submit_job(market, spec)
+    drive(market, [p], verifier, job_id)
+    with market.rt.sessions() as s:
+        job = s.get(Job, job_id)
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        assert not list(s.scalars(select(Verification)))  # nothing replayed, nothing asked of the verifier
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+        streak = s.get(Provider, p.account.address).verified_streak
+    assert [u.status for u in units] == ["verified", "verified"] and streak == 0  # no replay builds no record
+    assert len(entries) == 2 and all(e.released and e.provider == p.account.address for e in entries)
+    paid = sum(e.amount for e in entries)
+    assert market.ops.get_job(job_id).released == paid and paid + job.refund == spec.budget()
+
+
 def _assigned(market, job_id: str) -> int:
     with market.rt.sessions() as s:
         return len(list(s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.status == "assigned"))))
