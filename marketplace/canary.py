@@ -28,7 +28,7 @@ from eth_utils import keccak
 
 from marketplace.blobs import BlobStore
 from node import checkpoint
-from node.trainer import UnitSpec, checkpoint_metadata, state_hash
+from node.trainer import UnitSpec, checkpoint_metadata, state_hash, update_norm
 from protocol.proof import TrainingProof, make_proof
 
 
@@ -44,7 +44,8 @@ def draw(rate: float | Fraction) -> bool:
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
           blobs: BlobStore) -> dict[str, Any] | None:
-    """The forged claim for segment ``seg`` of a real unit (None for its last segment: nothing further on).
+    """The forged claim for segment ``seg`` of a real unit; None for its last segment (nothing further on) and where
+    the unit claims the next segment did not move the model (the state further on is the claimed end: no forgery).
 
     Returns ``proof`` (the unit's proof with segment ``seg`` ending in the forged state), ``end_blob`` (that state,
     labelled like the unit's own checkpoint there, in the providers' file format) and ``true_end`` (the hash an
@@ -56,6 +57,8 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     further, _ = checkpoint.load(blobs.path(segment_blobs[seg + 2] if seg + 2 < n else final_blob))
     forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
     end_hash = state_hash(forged_end)
+    if end_hash == proof.segments[seg].end_hash or update_norm(true_end, forged_end) == 0.0:
+        return None  # the next segment did not move the model (claimed idle): the "forgery" is the claim itself
     end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, seg + 1)))
     segments = list(proof.segments)
     segments[seg] = replace(segments[seg], end_hash=end_hash)

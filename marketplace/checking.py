@@ -104,10 +104,15 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         vid, seg, proof, blobs, final = task.id, task.segment, TrainingProof.from_dict(unit.proof), \
             list(unit.segment_blobs), unit.final_blob
     fake = canary.forge(spec, proof, seg, blobs, final, rt.blobs)  # checkpoint I/O: outside the transaction
-    assert fake is not None
     with rt.sessions.begin() as s:
         task = s.get(Verification, vid)
         assert task is not None
+        if fake is None:  # nothing to forge here (canary.forge): the task stays itself, its held twin goes
+            held_row = s.get(Verification, task.canary["held"])
+            if held_row is not None and held_row.status == "held":
+                s.delete(held_row)
+            task.canary = None
+            return body
         task.canary = {**fake, "held": task.canary["held"]}
         log(s, "canary_planted", verification=vid, verifier=verifier, unit=task.unit_id, segment=seg)
     return {**body, "proof": fake["proof"], "end_blob": fake["end_blob"]}
@@ -320,7 +325,10 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
 
 def punish_verifier(rt: Runtime, verification_id: int) -> str:
     """Slash the whole stake (bonded and unbonding) of the verifier that approved canary ``verification_id``, to the
-    treasury (governance path; the evidence id is the canary's, usable once, so a re-run sends nothing twice)."""
+    treasury (governance path; the evidence id is the canary's, usable once, so a re-run sends nothing twice) —
+    once the referee's own replay of the segment confirms the forged claim is wrong. A provider shapes the states a
+    canary is forged from (its own claims further on): should a replay reach the forgery, the verifier approved the
+    truth, and the canary is void: nothing is slashed and the verifier is back at work."""
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         if task is None or task.status != "canary_missed" or task.canary is None:
@@ -328,7 +336,34 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
         if task.slash_tx is not None:
             return "slashed"
         verifier = task.verifier
+        confirmed = bool(task.canary.get("confirmed"))
+        if not confirmed:
+            unit = s.get(Unit, task.unit_id)
+            assert unit is not None
+            job = s.get(Job, unit.job_id)
+            assert job is not None
+            spec, seg, plan, build = unit_spec(job, unit), task.segment, Plan.parse(unit.plan), unit.build or ""
+            forged, start, end = TrainingProof.from_dict(task.canary["proof"]), unit.segment_blobs[seg], \
+                task.canary["end_blob"]
     assert verifier is not None
+    if not confirmed:
+        ruling = referee.rule(spec, forged, seg, plan, rt.blobs.path(start), rt.blobs.path(end), {}, lambda _: "",
+                              None, rt.referee_plans(here=True, build=build), build)
+        with rt.sessions.begin() as s:
+            task = s.get(Verification, verification_id)
+            assert task is not None and task.canary is not None
+            if task.status != "canary_missed":  # a concurrent run of this task got here first
+                return task.status
+            if ruling.fraud is False:  # the replay reaches the forged claim: the verifier was right
+                task.status = "canary_void"
+                ver = s.get(Verifier, verifier)
+                if ver is not None and ver.status == "benched" and f"(verification {task.id})" in (ver.benched_for or ""):
+                    ver.status, ver.benched_for = "active", None
+                log(s, "canary_void", verification=task.id, verifier=verifier, unit=task.unit_id, segment=task.segment,
+                    reason=ruling.reason)
+                return "void"
+            # wrong beyond doubt (a bisection it would ask for means the replay is past the tolerance already)
+            task.canary = {**task.canary, "confirmed": True}
     evidence = canary.evidence(verification_id, verifier)
     st = rt.contracts.stake_state(verifier)
     amount = st.staked + st.unbonding

@@ -152,8 +152,10 @@ class Verification(Base):
     # provider's signed answers, {"asked": step, "deadline": unix s, "reveals": {step: {blob, hash, signature}}}
     bisect: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # A planted known-bad segment (marketplace.canary): this task, handed out with a forged claim for its segment
-    # ({proof, end_blob, true_end, held: id of the real check waiting meanwhile}). assigned -> canary_flagged (the
-    # verifier was right) | canary_missed (it approved: lazy) | void (abandoned)
+    # ({proof, end_blob, true_end, held: id of the real check waiting meanwhile; confirmed: the referee's replay
+    # found the forgery wrong}). assigned -> canary_flagged (the verifier was right) | canary_missed (it approved:
+    # lazy, once the referee confirms) | void (abandoned); canary_missed -> canary_void (the referee's replay reached
+    # the forged claim: the approval was right, nothing slashed)
     canary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # when a dispute over work on a referee pool's kernels was handed to the default referee, the pool not seen for
     # settings.referee_pool_wait_s (None: judged by the referee its kernels name)

@@ -70,6 +70,22 @@ def test_no_canary_of_a_units_last_segment(unit: UnitResult, store: BlobStore) -
     assert canary.forge(SPEC, unit.proof, len(blobs) - 1, blobs, final, store) is None
 
 
+def test_no_canary_before_a_segment_claimed_idle(store: BlobStore, tmp_path: Path) -> None:
+    """A unit claiming a segment that did not move the model (the idle-segment cheat) gives the segment before it
+    no forgery: the state "one segment further on" is that segment's own claimed end, so a replay would match the
+    canary and an honest verifier would approve it. The other segments still get one."""
+    from node.adversary import ADVERSARIES
+
+    cheat = ADVERSARIES["idle-segment"](SPEC, START, tmp_path / "cheat")
+    blobs, final = _blobs(cheat, store)
+    idle = SPEC.n_segments // 2
+    forged = {seg: canary.forge(SPEC, cheat.proof, seg, blobs, final, store) for seg in range(SPEC.n_segments - 1)}
+    assert [seg for seg, fake in forged.items() if fake is None] == [idle - 1]
+    fake = forged[idle]  # the idle segment itself: its forgery is the real state further on, which did move
+    assert fake is not None
+    assert not check_segment(SPEC, TrainingProof.from_dict(fake["proof"]), idle, cheat.segment_paths[idle]).ok
+
+
 def test_the_draw_is_never_at_rate_zero_always_at_one_and_about_the_rate_between() -> None:
     assert not any(canary.draw(0) for _ in range(1000))
     assert all(canary.draw(1) for _ in range(1000))

@@ -737,6 +737,42 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     assert [e.provider for e in entries] == [honest.account.address]
 
 
+def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_its_place(market, tmp_path: Path,
+                                                                                             monkeypatch) -> None:
+    """A provider shapes the states a canary is forged from (its own claims further on), so a "forgery" could be one
+    a replay reaches. The honest verifier that approves it is not slashed: the referee replays the segment before
+    any slash, finds the claim right, voids the canary and puts the verifier back to work."""
+    from marketplace import canary, checking
+    from marketplace.db import Verifier
+
+    def truthful(spec, proof, seg, segment_blobs, final_blob, blobs):  # what canary.forge itself never plants
+        return {"proof": proof.to_dict(), "end_blob": segment_blobs[seg + 1], "true_end": proof.segments[seg].end_hash}
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    careful = staked_verifier(market, tmp_path, "careful")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    monkeypatch.setattr(canary, "forge", truthful)
+    market.rt.settings.canary_rate = 1.0
+    assert careful.verify_once() == "ok"  # it replayed: the claim it was handed is right
+    market.rt.settings.canary_rate = 0.0
+    market.wait(lambda: _rows(market, status="canary_void"), what="the referee voided the canary")
+    void = _rows(market, status="canary_void")[0]
+    assert void.canary is not None and void.slash_tx is None
+    assert market.ops.stake_state(careful.account.address).staked == tokens(100)
+    assert not _events(market, "verifier_slashed") and _events(market, "canary_void")[0]["verification"] == void.id
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, careful.account.address)
+        assert ver.status == "active" and ver.benched_for is None
+    assert checking.punish_verifier(market.rt, void.id) == "canary_void"  # a retry or the sweep: nothing moves
+    drive(market, [honest], careful, job_id)  # back at work: the real checks pass and the unit is paid
+    with market.rt.sessions() as s:
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    assert [e.provider for e in entries] == [honest.account.address]
+
+
 def test_a_verifier_whose_task_is_withdrawn_while_it_replays_carries_on(market, tmp_path: Path) -> None:
     """A task can be withdrawn while a verifier replays it (its provider slashed over another segment, or it took
     too long): the verdict is refused (409), the verifier says so and goes on with the next task."""
