@@ -492,7 +492,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
     else:  # path (b): governance slash; idempotent (False if this evidence was already used, or nothing is left)
-        path = "governance"
+        path = "governance" if before > 0 else "nothing left to slash"
         if before > 0:
             rt.contracts.slash(provider, before, verifier, evidence)
     with rt.sessions.begin() as s:
@@ -526,7 +526,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
 
 def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, accusation: str) -> bool:
     """Relay ``verifier``'s accusation to GridStaking.accuse. True if a dispute for ``evidence`` is (or was) open on
-    chain; False if the verifier cannot back it (no bond configured, or too little free stake)."""
+    chain; False if the verifier cannot back it (no bond configured, or too little free stake) or the provider has
+    nothing left to dispute (slashed over another segment already: the referee still rules, nothing moves)."""
     if rt.contracts.evidence_used(evidence):
         return True
     bond = rt.contracts.verifier_bond()
@@ -535,6 +536,8 @@ def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, ac
     try:
         rt.contracts.accuse(provider, evidence, ACCUSE_ALL, bytes.fromhex(accusation[2:]))
     except ChainError as exc:
+        if exc.error_name == "StakingNothingToSlash":  # slashed to nothing already (over another segment)
+            return False
         if exc.error_name != "StakingEvidenceUsed":  # already open: a re-run of this task
             raise
     return True

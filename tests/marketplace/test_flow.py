@@ -228,6 +228,35 @@ def test_a_segment_that_did_not_train_is_replayed_beyond_the_levels_budget_and_i
     assert {e.provider for e in entries} == {honest.account.address}
 
 
+def test_a_cheats_other_disputes_are_ruled_once_it_is_slashed_to_nothing(market, tmp_path: Path, monkeypatch) -> None:
+    """A cheat disputed on several segments is slashed to nothing by the first ruling; the other disputes are ruled
+    all the same (fraud, nothing left to move) instead of failing on chain and being retried for ever."""
+    from marketplace import checking, service
+
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.6", adversary="skip-steps")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    held: list[int] = []
+    real = market.rt.enqueue
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args[0])
+                        if name == "gridmint.adjudicate" else real(name, args, queue=queue))
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [cheat], 1)
+    while verifier.verify_once() is not None:
+        pass
+    disputes = [v.id for v in _rows(market, status="disputed")]
+    assert len(disputes) >= 2 and sorted(held) == disputes  # every segment skipped steps: each one disputed
+    assert checking.adjudicate(market.rt, disputes[0]) == "fraud"
+    assert market.ops.stake_state(cheat.account.address).staked == 0
+    for vid in disputes[1:]:
+        assert checking.adjudicate(market.rt, vid) == "fraud"
+    assert [v.status for v in _rows(market, status="fraud")] == ["fraud"] * len(disputes)
+    assert service.sweep(market.rt)["adjudicate"] == 0  # nothing left to retry
+    paths = [e["path"] for e in _events(market, "provider_slashed")]
+    assert paths[0] == "fraud-proof" and set(paths[1:]) == {"nothing left to slash"}
+
+
 def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market, tmp_path: Path) -> None:
     """Submitted work is paid only once verified; a cheat that starts unbonding its whole stake right after submitting
     (nothing is frozen on chain before a dispute) has nothing staked left, but cannot withdraw it for the unbonding
