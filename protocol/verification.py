@@ -141,8 +141,8 @@ def update_outliers(update_norms: Sequence[float], window: int = 4, factor: floa
 
 def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, seed: int | bytes,
                       update_norms: Sequence[float] | None = None) -> list[int]:
-    """Sorted segment indices to replay: segment 0, targeted picks (most anomalous committed losses), then a
-    uniform sample, ``challenge_budget`` in all; plus the ``UPDATE_OUTLIER_PICKS`` most extreme update outliers
+    """Sorted segment indices to replay: segment 0 (when the budget is two or more), targeted picks (most anomalous
+    committed losses), then a uniform sample, ``challenge_budget`` in all; plus the ``UPDATE_OUTLIER_PICKS`` most extreme update outliers
     (:func:`update_outliers` of ``update_norms``, each segment's measured update, when given), if not picked already.
 
     ``seed`` must be unknown to the provider when it committed; the uniform part is SHA-256(seed, unit, i) ranked.
@@ -156,9 +156,11 @@ def choose_challenges(unit_id: str, loss_micro: Sequence[int], rate: Fraction, s
     if budget >= n:
         return list(range(n))
     extra = update_outliers(update_norms)[:UPDATE_OUTLIER_PICKS] if update_norms is not None else []
-    # Segment 0 always: it is the one transition that ties the whole chain to the job's start state (a provider that
-    # trains honestly from an old or foreign checkpoint fakes only that one).
-    picked = {0}
+    # Segment 0 always, from two picks on: it is the one transition that ties the whole chain to the job's start
+    # state (a provider that trains honestly from an old or foreign checkpoint fakes only that one). A budget of one
+    # (a short unit: the default job's four segments at "standard") is drawn uniformly instead: fixed on segment 0,
+    # it would never look at the others, and a careful forger would fake only those.
+    picked = {0} if budget >= 2 else set()
     for i in loss_anomalies(list(loss_micro))[: math.floor(budget * TARGETED_SHARE)]:
         if len(picked) < budget:
             picked.add(i)
@@ -251,7 +253,7 @@ def trusted_min_stake(level: str, *, n_segments: int, unit_price: int, max_units
 def _catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
     k = challenge_budget(n_segments, rate)
     bad = max(1, math.ceil(n_segments / 100))
-    uniform = k if k >= n_segments else max(0, k - 1 - math.floor(k * TARGETED_SHARE))
+    uniform = k if k >= n_segments or k == 1 else max(0, k - 1 - math.floor(k * TARGETED_SHARE))
     return catch_within(n_segments, bad, uniform, horizon)
 
 

@@ -205,24 +205,24 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
 
 def test_a_segment_that_did_not_train_is_replayed_beyond_the_levels_budget_and_its_cheat_slashed(market,
                                                                                                  tmp_path: Path) -> None:
-    """An 8-segment unit at the standard level buys one replay: segment 0. A cheat idle in segment 4 (plausible
-    losses, AdamW counters bumped so its hashes still move) would never be checked there; the marketplace measures
-    each segment's update on the uploaded checkpoints, sees the one that did not move, replays it on top of the
-    budget, and the cheat is slashed. An honest unit of the same shape gets no extra replay."""
+    """An 8-segment unit at the standard level buys one replay, drawn uniformly. A cheat idle in segment 4
+    (plausible losses, AdamW counters bumped so its hashes still move) would be checked there one time in eight;
+    the marketplace measures each segment's update on the uploaded checkpoints, sees the one that did not move,
+    replays it on top of the budget, and the cheat is slashed. An honest unit of the same shape gets no extra replay."""
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="idle-segment")
     verifier = staked_verifier(market, tmp_path, "verifier")
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=40, segment_len=5, batch_size=8, max_price=tokens(2))
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [cheat], 1)
     sub = _events(market, "unit_submitted")[-1]
-    assert (sub["segments"], sub["sampled"], sub["update_outliers"]) == (8, [0, 4], [4])
+    assert (sub["segments"], sub["update_outliers"]) == (8, [4]) and 4 in sub["sampled"] and len(sub["sampled"]) <= 2
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     drive(market, [cheat, honest], verifier, job_id)
     assert slashed(market) == {cheat.account.address}
     [fraud] = _rows(market, status="fraud")
     assert (fraud.provider, fraud.segment) == (cheat.account.address, 4)
     again = [e for e in _events(market, "unit_submitted") if e["provider"] == honest.account.address]
-    assert [(e["sampled"], e["update_outliers"]) for e in again] == [([0], [])]
+    assert [(len(e["sampled"]), e["update_outliers"]) for e in again] == [(1, [])]
     with market.rt.sessions() as s:
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
     assert {e.provider for e in entries} == {honest.account.address}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from protocol import verification as vp
 from protocol.errors import GridMintValueError
+from protocol.money import tokens
 
 
 def test_levels_and_trust() -> None:
@@ -76,8 +77,24 @@ def test_challenges_are_within_budget_distinct_sorted_and_include_segment_zero(n
     rate = vp.level_rate(level)
     picks = vp.choose_challenges("0x" + "ab" * 32, loss, rate, seed)
     assert picks == sorted(set(picks)) and len(picks) == vp.challenge_budget(n, rate)
-    assert 0 in picks and all(0 <= i < n for i in picks)
+    assert all(0 <= i < n for i in picks)
+    assert 0 in picks or len(picks) == 1  # a budget of one is drawn uniformly
     assert picks == vp.choose_challenges("0x" + "ab" * 32, loss, rate, seed)  # deterministic given the seed
+
+
+def test_a_budget_of_one_looks_at_every_segment_and_the_quote_counts_it() -> None:
+    """A short unit (the default job: four segments) gets one replay at "standard": drawn uniformly, so a forger of
+    any one segment is caught a quarter of the time per unit, and well before its stake is earned back (fixed on
+    segment 0, it never was: the quote said 0)."""
+    loss = [3_000_000] * 4
+    seen = [vp.choose_challenges("0x" + "01" * 32, loss, vp.LEVELS["standard"], seed) for seed in range(400)]
+    assert all(len(p) == 1 for p in seen)
+    counts = [sum(p == [i] for p in seen) for i in range(4)]
+    assert all(60 < c < 140 for c in counts), counts  # 100 each expected; +-4 sigma
+    q = vp.quote("standard", n_segments=4, unit_price=tokens("1.5"), stake=tokens(200))
+    assert q.replayed_segments == 1 and q.catch_probability_1pct == Fraction(1, 4)
+    assert q.catch_within_stake_1pct > Fraction(999, 1000)
+    assert vp.choose_challenges("0x" + "01" * 32, loss * 32, vp.LEVELS["standard"], 3)[0] == 0  # 2 picks: 0 first
 
 
 def test_uniform_part_depends_on_the_seed_and_targets_the_odd_loss() -> None:
@@ -111,10 +128,10 @@ def test_update_outliers_are_replayed_on_top_of_the_budget_and_honest_updates_ad
     norms = [1.0 + 0.01 * (i % 7) for i in range(64)]
     rate = vp.LEVELS["standard"]
     plain = vp.choose_challenges("0x" + "02" * 32, loss, rate, 5)
-    assert plain == [0] and vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == plain
+    assert len(plain) == 1 and vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == plain
     for i in (20, 30, 40):
         norms[i] = 0.0  # three idle segments: the two most extreme (ties by index) go on top of the budget
-    assert vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == [0, 20, 30]
+    assert vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms) == sorted(set(plain) | {20, 30})
     assert vp.choose_challenges("0x" + "02" * 32, loss, vp.LEVELS["none"], 5, norms) == []  # the buyer chose none
     with pytest.raises(GridMintValueError):
         vp.choose_challenges("0x" + "02" * 32, loss, rate, 5, norms[:-1])
