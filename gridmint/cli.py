@@ -60,7 +60,8 @@ def node_run(
 
     cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
                       capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary, plan=plan)
-    ProviderAgent(cfg, load_or_create(wallet)).run()
+    if ProviderAgent(cfg, load_or_create(wallet)).run() is not None:
+        raise typer.Exit(2)  # refused for good (slashed): said already
 
 
 @node_app.command("probe")
@@ -140,7 +141,8 @@ def verifier_run(
         if not chain:
             raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
         agent.keep_staked(chain, tokens(stake))
-    agent.run(exit_when_idle)
+    if agent.run(exit_when_idle) is not None:
+        raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
 @market_app.command("serve")
@@ -274,12 +276,27 @@ def bench(
 
 
 def main() -> None:
+    import httpx
+    from pydantic import ValidationError
+
     from protocol.errors import GridMintError
 
     try:
         app()
     except GridMintError as e:  # a user's mistake or a refused operation: one readable line, not a traceback
         typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except (httpx.TransportError, httpx.InvalidURL) as e:  # the marketplace is down, or the URL is mistyped
+        try:
+            where = str(e.request.url)  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError):  # InvalidURL has no request; a RequestError may not have one set
+            where = "the marketplace"
+        typer.echo(f"error: cannot reach {where}: {e or type(e).__name__} (check --marketplace or "
+                   f"GRIDMINT_MARKETPLACE_URL, and that it is running)", err=True)
+        raise SystemExit(2) from None
+    except ValidationError as e:  # a GRIDMINT_* setting that does not parse
+        bad = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        typer.echo(f"error: bad setting ({bad}): see the GRIDMINT_* variables in README.md", err=True)
         raise SystemExit(2) from None
 
 

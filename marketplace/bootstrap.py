@@ -19,11 +19,14 @@ def runtime_from_settings(settings: Settings) -> Runtime:
         raise GridMintValueError("GRIDMINT_OPERATOR_KEY is not set: the marketplace operator signs slashes and releases")
     if not settings.redis_url:
         raise GridMintValueError("GRIDMINT_REDIS_URL is not set: Celery needs a broker (gridmint demo starts one)")
+    try:
+        operator = Account.from_key(settings.operator_key)
+    except (ValueError, TypeError) as exc:
+        raise GridMintValueError(f"GRIDMINT_OPERATOR_KEY is not a private key (64 hex digits): {exc}") from None
     referee_build(settings)  # on a referee pool's machine the default referee's kernels must be named: fail here
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     chain = Chain.http(settings.chain_url)
     deployment = Deployment.from_json(settings.resolved_deployment_file())
-    operator = Account.from_key(settings.operator_key)
     tasks.configure(settings.redis_url)
     return Runtime(
         settings=settings,

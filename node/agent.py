@@ -26,6 +26,7 @@ from node.keepalive import beat_interval, beating
 from node.trainer import (UnitResult, UnitSpec, check_market_recipe, check_recipe, checkpoint_metadata, model_only,
                           state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
+from protocol.money import format_tokens
 from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
@@ -104,6 +105,7 @@ class ProviderAgent:
         if self.plan.device not in devices:
             raise GridMintValueError(f"plan {self.plan.label!r} trains on {self.plan.device}, but this marketplace's "
                                      f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
+        self._check_offer()  # what the marketplace would refuse, refused here: before anything is staked
         dev = probe()
         tps = benchmark(seconds=0.5)
         have = self.contracts.stake_of(self.account.address)
@@ -113,6 +115,22 @@ class ProviderAgent:
                                    tokens_per_s=tps, capacity=self.cfg.capacity)
         self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
         return reg
+
+    def _check_offer(self) -> None:
+        """The region, ask and stake against the marketplace's ``/config``: a typo found after staking would leave
+        the stake locked for the unbonding delay."""
+        cfg = self.client.config
+        regions = cfg.get("regions") or {}
+        if regions and self.cfg.region not in regions:
+            raise GridMintValueError(f"unknown region {self.cfg.region!r}: this marketplace has {', '.join(sorted(regions))}")
+        floor = int(regions.get(self.cfg.region, {}).get("floor_per_unit", 0))
+        if self.cfg.price < floor:
+            raise GridMintValueError(f"price {format_tokens(self.cfg.price)} per unit is below the "
+                                     f"{self.cfg.region} floor of {format_tokens(floor)}")
+        least = int(cfg.get("min_stake", 0))
+        if self.cfg.stake < least:
+            raise GridMintValueError(f"stake {format_tokens(self.cfg.stake)} is below this marketplace's minimum of "
+                                     f"{format_tokens(least)}: providers get work only while staking that much")
 
     def work_once(self) -> bool:
         """Pull, train and submit one unit. Returns False if there was no work."""
@@ -256,7 +274,9 @@ class ProviderAgent:
             self.say(f"{open_units} unit(s) not yet verified: staying up to answer any dispute")
         return open_units > 0
 
-    def run(self) -> None:
+    def run(self) -> str | None:
+        """Work until stopped (a signal), idle (``exit_when_idle_s``, nothing of its own open), or slashed: then
+        the marketplace's word is returned (and said), so a caller can exit with a failure status."""
         stopper = Stopper()
         self.setup()
         idle_since = time.monotonic()
@@ -266,7 +286,7 @@ class ProviderAgent:
             except MarketError as exc:
                 if exc.status == 409 and "slashed" in str(exc.detail):
                     self.say(f"[red]{exc.detail}[/]")
-                    return
+                    return str(exc.detail)
                 self.say(f"[yellow]marketplace refused: {exc}[/]")
                 worked = False
             except UNREACHABLE as exc:  # a restart or a dropped link: try again later
@@ -283,5 +303,6 @@ class ProviderAgent:
                 if self._work_open():
                     idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state
                 else:
-                    return
+                    return None
             time.sleep(self.cfg.poll_s)
+        return None

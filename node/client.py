@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from protocol.errors import ChainUnavailable, GridMintError
+from protocol.errors import ChainUnavailable, GridMintError, GridMintValueError
 from protocol.signing import NonceSource, sign_request
 
 REQUEST_TTL_S = 60
@@ -40,7 +40,11 @@ class MarketClient:
     @property
     def config(self) -> dict[str, Any]:
         if self._config is None:
-            self._config = self._check(self.http.get("/config"))
+            cfg = self._check(self.http.get("/config"))
+            if not isinstance(cfg, dict) or "chain_id" not in cfg or "staking" not in cfg:
+                raise GridMintValueError(f"{self.base_url} does not look like a GridMint marketplace (its /config "
+                                         f"names no chain and contracts): check --marketplace")
+            self._config = cfg
         return self._config
 
     @property
@@ -64,11 +68,15 @@ class MarketClient:
             return None
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail")
+                body = resp.json()
+                detail = body.get("detail") if isinstance(body, dict) else body
             except ValueError:
-                detail = resp.text
+                detail = resp.text[:300]
             raise MarketError(resp.status_code, detail)
-        return resp.json()
+        try:
+            return resp.json()
+        except ValueError:  # not a GridMint answer (a web page, another service on that port)
+            raise MarketError(resp.status_code, f"not JSON from {resp.request.url}: {resp.text[:120]!r}") from None
 
     # provider
     def register(self, **fields: Any) -> Any:

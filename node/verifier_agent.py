@@ -225,7 +225,9 @@ class VerifierAgent:
                  else provider_plan.label)
         return v.ok, f"[{where} on {self.plan.label}] {v.reason}", v.replayed_hash, v.margin
 
-    def run(self, exit_when_idle_s: float | None = None) -> None:
+    def run(self, exit_when_idle_s: float | None = None) -> str | None:
+        """Verify until stopped (a signal), idle for ``exit_when_idle_s``, or refused for good: then the refusal is
+        returned (and said), so a caller can exit with a failure status."""
         from node.agent import Stopper
 
         stopper = Stopper()
@@ -246,10 +248,11 @@ class VerifierAgent:
                 if "staking at least" in str(exc.detail) and self._restake():
                     continue
                 console.print(f"[dim]verifier[/] [red]stopped: {exc.detail}[/]")
-                return
+                return str(exc.detail)
             if verified is not None:
                 idle_since = time.monotonic()
                 continue
             if exit_when_idle_s is not None and time.monotonic() - idle_since > exit_when_idle_s:
-                return
+                return None
             time.sleep(self.poll_s)
+        return None

@@ -20,14 +20,25 @@ def password_from_env() -> str:
 def load_or_create(path: Path = DEFAULT_WALLET, password: str | None = None) -> LocalAccount:
     """Load the keystore at ``path``, or create a fresh key there. The password comes from GRIDMINT_WALLET_PASSWORD."""
     password = password_from_env() if password is None else password
+    if path.is_dir():
+        raise GridMintValueError(f"wallet {path} is a directory: name a file (e.g. {path / 'wallet.json'})")
     if path.exists():
         try:
-            key = Account.decrypt(json.loads(path.read_text()), password)
-        except (ValueError, json.JSONDecodeError) as exc:
+            keystore = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GridMintValueError(f"cannot read wallet {path}: {exc}") from exc
+        if not isinstance(keystore, dict) or "crypto" not in keystore and "Crypto" not in keystore:
+            raise GridMintValueError(f"{path} is not an Ethereum keystore file (a wallet GridMint wrote)")
+        try:
+            key = Account.decrypt(keystore, password)
+        except (ValueError, KeyError, TypeError) as exc:
             raise GridMintValueError(f"cannot open wallet {path}: {exc} (wrong GRIDMINT_WALLET_PASSWORD?)") from exc
         return Account.from_key(key)
     account = Account.create()
-    save(account, path, password)
+    try:
+        save(account, path, password)
+    except OSError as exc:
+        raise GridMintValueError(f"cannot create wallet {path}: {exc.strerror or exc}") from exc
     return account
 
 

@@ -18,7 +18,7 @@ from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient, MarketError
 from node.trainer import UnitSpec, train_unit
 from node.verifier_agent import VerifierAgent
-from protocol.errors import ChainError, ChainUnavailable, VersionMismatch
+from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, VersionMismatch
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
 
@@ -310,6 +310,21 @@ def _refused_after_unbonding_while_training(p: ProviderAgent) -> None:
     assert err.status == 409 and "the result is refused" in str(err.detail)
 
 
+def test_a_node_whose_region_ask_or_stake_would_be_refused_stops_before_it_stakes(market, tmp_path: Path) -> None:
+    """A typo in ``--region``, an ask under the region's floor or a stake under the minimum is refused by the node
+    itself, from ``/config``, before it stakes anything: found after staking, it would leave the tokens locked for
+    the unbonding delay."""
+    for region, price, stake, says in (("mars", "0.6", 200, "unknown region 'mars': this marketplace has ap-east"),
+                                       ("eu-north", "0.1", 200, "below the eu-north floor of 0.5000 GMT"),
+                                       ("eu-north", "0.6", 50, "below this marketplace's minimum of 100.0000 GMT")):
+        acct = market.account(gmt=tokens(500))
+        cfg = AgentConfig(marketplace=market.url, chain_url="", region=region, price=tokens(price), stake=tokens(stake))
+        agent = ProviderAgent(cfg, acct, tmp_path / f"{region}-{price}-{stake}", contracts=market.contracts(acct))
+        with pytest.raises(GridMintValueError, match=says):
+            agent.setup()
+        assert market.ops.stake_of(acct.address) == 0 and market.ops.balance_of(acct.address) == tokens(500)
+
+
 def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_stakes_again(market,
                                                                                           tmp_path: Path) -> None:
     """The stake a provider registered with is read again whenever it asks for work or submits: one that unbonds
@@ -587,7 +602,7 @@ def test_a_verifier_agent_short_of_stake_tops_it_up_and_carries_on(market, tmp_p
     contracts.request_unbond(tokens(50))
     verifier.keep_staked("", tokens(60), contracts=contracts)
     capsys.readouterr()
-    verifier.run(exit_when_idle_s=60)
+    assert "staking at least" in (verifier.run(exit_when_idle_s=60) or "")  # a failure status for the CLI
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "stopped:" in err and "staking at least 100.0000 GMT" in err
     assert market.ops.stake_of(acct.address) == tokens(60)

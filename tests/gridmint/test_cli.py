@@ -1,0 +1,47 @@
+"""A user's plausible mistakes end in one readable line and a failure status, never a traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def gridmint(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GRIDMINT_")}
+    return subprocess.run([sys.executable, "-c", "from gridmint.cli import main; main()", *args], cwd=REPO,
+                          env={**clean, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("url, says", [("http://127.0.0.1:1", "Connection refused"),
+                                       ("notaurl", "missing an 'http://' or 'https://'"),
+                                       ("localhost:8000", "unsupported protocol")])
+def test_a_marketplace_that_is_down_or_mistyped_is_one_line(tmp_path: Path, url: str, says: str) -> None:
+    got = gridmint("node", "status", "--marketplace", url, "--wallet", str(tmp_path / "w.json"))
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert got.stderr.startswith("error: cannot reach ") and says in got.stderr and "--marketplace" in got.stderr
+
+
+def test_a_wallet_that_is_a_folder_or_not_a_keystore_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "junk.json").write_bytes(b"\xff\xfe not json")
+    for wallet, says in ((tmp_path, "is a directory"), (tmp_path / "empty.json", "not an Ethereum keystore"),
+                         (tmp_path / "junk.json", "cannot read wallet")):
+        got = gridmint("node", "wallet", "--wallet", str(wallet))
+        assert got.returncode == 2 and "Traceback" not in got.stderr and says in got.stderr, got.stderr
+    assert not (tmp_path / "wallet.json").exists()  # nothing created in the folder's place
+
+
+def test_a_setting_that_does_not_parse_is_one_line() -> None:
+    base = {"GRIDMINT_CHAIN_URL": "http://127.0.0.1:1", "GRIDMINT_REDIS_URL": "redis://127.0.0.1:1"}
+    got = gridmint("marketplace", "serve", env={**base, "GRIDMINT_OPERATOR_KEY": "0x" + "11" * 32,
+                                                 "GRIDMINT_UNIT_TIMEOUT_S": "2m"})
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert "bad setting (unit_timeout_s:" in got.stderr
+    got = gridmint("marketplace", "serve", env={**base, "GRIDMINT_OPERATOR_KEY": "abc"})
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert "GRIDMINT_OPERATOR_KEY is not a private key" in got.stderr
