@@ -145,6 +145,55 @@ def verifier_run(
         raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
+@market_app.command("deploy")
+def market_deploy(
+    treasury: Annotated[str, typer.Option(help="Address that receives the treasury's share of slashes")],
+    supply: Annotated[str, typer.Option(help="GMT minted to the operator (who funds the market's first accounts)")]
+        = "1000000",
+    verifier_bond: Annotated[str, typer.Option(help="GMT a verifier bonds per accusation (0: fraud proofs off)")] = "50",
+    unbonding_delay_s: Annotated[Optional[int], typer.Option(min=0, help="Seconds from an unbond request to "
+                                                                         "withdrawal; must outlast submission-to-"
+                                                                         "verification (default: a week)")] = None,
+    cancel_grace_s: Annotated[int, typer.Option(min=0, help="Seconds after a customer's cancel during which "
+                                                            "verified units are still paid")] = 3600,
+    timelock_delay_s: Annotated[int, typer.Option(min=0, help="Timelock delay for parameter changes and unpausing "
+                                                              "(days on a production chain)")] = 0,
+    dispute_window_s: Annotated[int, typer.Option(min=0, help="Seconds before a posted payout root is claimable "
+                                                              "(the guardian can void it meanwhile)")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing deployment file")] = False,
+) -> None:
+    """Deploy the GridMint contracts to GRIDMINT_CHAIN_URL with GRIDMINT_OPERATOR_KEY (it keeps the operator roles)
+    and write the deployment file every API and worker process reads (GRIDMINT_DEPLOYMENT_FILE, default
+    GRIDMINT_DATA_DIR/deployment.json)."""
+    from eth_utils import is_address, to_checksum_address
+
+    from ledger.chain import Chain
+    from ledger.deploy import UNBONDING_DELAY_S, deploy
+    from marketplace.bootstrap import operator_account
+    from marketplace.settings import Settings
+
+    settings = Settings()
+    if not settings.chain_url or not settings.operator_key:
+        raise GridMintValueError("set GRIDMINT_CHAIN_URL (the chain to deploy to) and GRIDMINT_OPERATOR_KEY (the key "
+                                 "that deploys and keeps the operator roles)")
+    if not is_address(treasury):
+        raise GridMintValueError(f"--treasury {treasury!r} is not an address")
+    out = settings.resolved_deployment_file()
+    if out.exists() and not force:
+        raise GridMintValueError(f"{out} exists: a marketplace already runs on it (--force to deploy anew)")
+    operator = operator_account(settings)
+    chain = Chain.http(settings.chain_url)
+    deployment = deploy(chain, operator, supply=tokens(supply), treasury=to_checksum_address(treasury),
+                        verifier_bond=tokens(verifier_bond),
+                        unbonding_delay_s=UNBONDING_DELAY_S if unbonding_delay_s is None else unbonding_delay_s,
+                        cancel_grace_s=cancel_grace_s, timelock_delay_s=timelock_delay_s,
+                        dispute_window_s=dispute_window_s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deployment.to_json(out)
+    typer.echo(f"deployed on chain {deployment.chain_id}: token {deployment.token}, staking {deployment.staking}, "
+               f"escrow {deployment.escrow}; wrote {out}")
+
+
 @market_app.command("serve")
 def market_serve(
     host: str = "127.0.0.1",

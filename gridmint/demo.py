@@ -1,6 +1,6 @@
 """``gridmint demo``: the whole marketplace loop on one machine, with real parts.
 
-A Hardhat chain, a Redis, the marketplace API and a Celery worker, four provider agents in four regions
+A Hardhat chain, a Redis, the marketplace API and a Celery worker, four provider agents in three regions
 (one of them a cheat that skips training steps), one verifier, and a customer with one training job.
 Every party is its own process and talks over loopback HTTP / JSON-RPC, signing what it sends.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from ledger.evm import Chain, Deployment, GridMintContracts
 from marketplace import tasks
@@ -12,6 +13,14 @@ from marketplace.settings import Settings
 from protocol.errors import GridMintValueError
 
 
+def operator_account(settings: Settings) -> LocalAccount:
+    """The operator's key (GRIDMINT_OPERATOR_KEY), or a readable error."""
+    try:
+        return Account.from_key(settings.operator_key or "")
+    except (ValueError, TypeError) as exc:
+        raise GridMintValueError(f"GRIDMINT_OPERATOR_KEY is not a private key (64 hex digits): {exc}") from None
+
+
 def runtime_from_settings(settings: Settings) -> Runtime:
     if not settings.chain_url:
         raise GridMintValueError("GRIDMINT_CHAIN_URL is not set: the marketplace needs a chain (gridmint demo starts one)")
@@ -19,10 +28,7 @@ def runtime_from_settings(settings: Settings) -> Runtime:
         raise GridMintValueError("GRIDMINT_OPERATOR_KEY is not set: the marketplace operator signs slashes and releases")
     if not settings.redis_url:
         raise GridMintValueError("GRIDMINT_REDIS_URL is not set: Celery needs a broker (gridmint demo starts one)")
-    try:
-        operator = Account.from_key(settings.operator_key)
-    except (ValueError, TypeError) as exc:
-        raise GridMintValueError(f"GRIDMINT_OPERATOR_KEY is not a private key (64 hex digits): {exc}") from None
+    operator = operator_account(settings)
     referee_build(settings)  # on a referee pool's machine the default referee's kernels must be named: fail here
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     chain = Chain.http(settings.chain_url)

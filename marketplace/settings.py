@@ -17,7 +17,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".gridmint")
     db_url: str | None = None  # default: SQLite file in data_dir
-    redis_url: str | None = None  # default: the project starts its own redis-server (see gridmint.services)
+    redis_url: str | None = None  # `gridmint demo` starts its own redis-server (gridmint.procs); serve and worker need one
     chain_url: str | None = None  # JSON-RPC of the chain (Hardhat node); tests may inject an in-process chain instead
     deployment_file: Path | None = None  # default: data_dir/deployment.json
     operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)

@@ -45,3 +45,38 @@ def test_a_setting_that_does_not_parse_is_one_line() -> None:
     got = gridmint("marketplace", "serve", env={**base, "GRIDMINT_OPERATOR_KEY": "abc"})
     assert got.returncode == 2 and "Traceback" not in got.stderr
     assert "GRIDMINT_OPERATOR_KEY is not a private key" in got.stderr
+
+
+def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Path) -> None:
+    """An operator's first step on a real chain: ``gridmint marketplace deploy`` (Hardhat node here) deploys the
+    contracts with the operator key and writes the deployment file; a second run refuses to overwrite it."""
+    from eth_account import Account
+
+    from ledger.chain import Chain
+    from ledger.devchain import HardhatNode
+    from ledger.evm import Deployment, GridMintContracts
+    from protocol.money import tokens
+
+    node = HardhatNode()
+    node.start()
+    try:
+        chain = Chain.http(node.url)
+        operator = chain.dev_accounts()[0]
+        treasury = Account.create().address
+        env = {"GRIDMINT_CHAIN_URL": node.url, "GRIDMINT_OPERATOR_KEY": operator.key.hex(),
+               "GRIDMINT_DATA_DIR": str(tmp_path / "data")}
+        got = gridmint("marketplace", "deploy", "--treasury", treasury, "--supply", "5000", "--verifier-bond", "25",
+                       env=env)
+        assert got.returncode == 0, got.stderr
+        out = tmp_path / "data" / "deployment.json"
+        assert f"wrote {out}" in got.stdout
+        deployment = Deployment.from_json(out)
+        ops = GridMintContracts(chain, deployment, operator)
+        assert deployment.chain_id == chain.chain_id and deployment.treasury == treasury
+        assert ops.balance_of(operator.address) == tokens(5000) and ops.verifier_bond() == tokens(25)
+        again = gridmint("marketplace", "deploy", "--treasury", treasury, env=env)
+        assert again.returncode == 2 and "exists" in again.stderr and Deployment.from_json(out) == deployment
+        bad = gridmint("marketplace", "deploy", "--treasury", "0x1234", env={**env, "GRIDMINT_DATA_DIR": str(tmp_path)})
+        assert bad.returncode == 2 and "is not an address" in bad.stderr
+    finally:
+        node.stop()
