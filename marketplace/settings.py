@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = None
     session_ttl_s: int = 24 * 3600  # how long a login lasts
     login_nonce_ttl_s: int = 600  # how long a nonce from POST /auth/nonce may wait before it is used
-    siwe_domain: str | None = None  # the domain login messages must name; default: the request's Host header
+    siwe_domain: str | None = None  # the domain login messages must name; unset: the Host, on loopback addresses only
 
     @field_validator("referee_plans")
     @classmethod

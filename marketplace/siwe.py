@@ -354,5 +354,14 @@ def load_secret(settings: Settings) -> bytes:
 
 
 def request_domain(settings: Settings, host_header: str | None, fallback: str) -> str:
-    """The domain a login message must name: ``settings.siwe_domain`` if set (behind a proxy), else the Host."""
-    return settings.siwe_domain or host_header or fallback
+    """The domain a login message must name: ``settings.siwe_domain`` if set, else the Host — on a loopback address
+    only. The Host header is the client's to write: a phishing site's login message (its own domain) replayed here
+    with that Host would pass, so a marketplace others reach must name its domain (GRIDMINT_SIWE_DOMAIN)."""
+    if settings.siwe_domain:
+        return settings.siwe_domain
+    host = host_header or fallback
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name == "localhost" or name == "::1" or re.fullmatch(r"127(\.\d{1,3}){3}", name):
+        return host
+    raise SignatureError(f"sign-in is off for {host!r}: set GRIDMINT_SIWE_DOMAIN to the domain customers reach this "
+                         f"marketplace at (the Host header is trusted on a loopback address only)")

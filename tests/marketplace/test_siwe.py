@@ -27,7 +27,7 @@ from protocol.errors import GridMintValueError
 from protocol.schemas import JobSpec
 
 CHAIN = 31337
-DOMAIN = "testserver"  # the Host TestClient sends
+DOMAIN = "localhost"  # the Host the test client sends (a loopback name: trusted without GRIDMINT_SIWE_DOMAIN)
 NOW = 1_800_000_000
 SECRET = b"k" * 32
 ALICE: LocalAccount = Account.from_key("0x" + "11" * 32)
@@ -231,7 +231,7 @@ def rt(tmp_path: Path, db_url: str) -> Runtime:
 
 @pytest.fixture()
 def client(rt: Runtime) -> TestClient:
-    return TestClient(create_app(rt))
+    return TestClient(create_app(rt), base_url=f"http://{DOMAIN}")
 
 
 def fresh_login(client: TestClient, who: LocalAccount = ALICE, signer: LocalAccount | None = None,
@@ -315,10 +315,28 @@ def test_wrong_domain_is_refused(client: TestClient) -> None:
 
 def test_configured_domain_is_what_counts(tmp_path: Path, db_url: str) -> None:
     """Behind a proxy the Host header is the proxy's business: GRIDMINT_SIWE_DOMAIN names the public domain."""
-    client = TestClient(create_app(runtime(tmp_path, db_url, siwe_domain="market.gridmint.example")))
+    client = TestClient(create_app(runtime(tmp_path, db_url, siwe_domain="market.gridmint.example")),
+                        base_url=f"http://{DOMAIN}")
     assert client.post("/auth/nonce").json()["domain"] == "market.gridmint.example"
     assert login(client, *fresh_login(client, domain="market.gridmint.example")).status_code == 200
-    assert login(client, *fresh_login(client)).status_code == 401  # the Host, testserver, is not it
+    assert login(client, *fresh_login(client)).status_code == 401  # the Host, localhost, is not it
+    # a phishing site's login message, replayed with its own domain in the Host header: not this marketplace's
+    got = client.post("/auth/login", json=dict(zip(("message", "signature"), fresh_login(client, domain="evil.example"))),
+                      headers={"Host": "evil.example"})
+    assert got.status_code == 401 and "domain" in got.json()["detail"]
+
+
+def test_without_a_configured_domain_only_a_loopback_host_is_trusted(client: TestClient) -> None:
+    """Unconfigured, the domain is the Host header, which the client writes: trusted on a loopback address (one
+    machine: the demo, a test), refused elsewhere, so a phishing site's login message cannot be replayed here with
+    ``Host: evil.example``."""
+    text, sig = fresh_login(client, domain="evil.example")
+    for host in ("evil.example", "evil.example:8000", "10.0.0.5:8000", "127.evil.example"):
+        got = client.post("/auth/login", json={"message": text, "signature": sig}, headers={"Host": host})
+        assert got.status_code == 401 and "GRIDMINT_SIWE_DOMAIN" in got.json()["detail"], host
+        assert client.post("/auth/nonce", headers={"Host": host}).status_code == 401
+    for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "127.0.0.1"):
+        assert client.post("/auth/nonce", headers={"Host": host}).json()["domain"] == host
 
 
 def test_malformed_login_is_422(client: TestClient) -> None:
@@ -376,9 +394,8 @@ def test_customer_sees_only_their_jobs(client: TestClient, rt: Runtime) -> None:
 
 def test_processes_sharing_data_dir_share_sessions(tmp_path: Path, db_url: str) -> None:
     """Two API processes on one data_dir (and database) agree on the generated secret; another data_dir does not."""
-    a = TestClient(create_app(runtime(tmp_path / "shared", db_url)))
-    b = TestClient(create_app(runtime(tmp_path / "shared", db_url)))
-    other = TestClient(create_app(runtime(tmp_path / "other", db_url)))
+    a, b, other = (TestClient(create_app(runtime(tmp_path / d, db_url)), base_url=f"http://{DOMAIN}")
+                   for d in ("shared", "shared", "other"))
     token = login(a, *fresh_login(a)).json()["token"]
     assert b.get("/auth/me", headers=bearer(token)).json()["address"] == ALICE.address
     assert other.get("/auth/me", headers=bearer(token)).status_code == 401
@@ -386,8 +403,8 @@ def test_processes_sharing_data_dir_share_sessions(tmp_path: Path, db_url: str) 
 
 
 def test_configured_secret_is_used_and_checked(tmp_path: Path, db_url: str) -> None:
-    a = TestClient(create_app(runtime(tmp_path / "a", db_url, session_secret="s" * 40)))
-    b = TestClient(create_app(runtime(tmp_path / "b", db_url, session_secret="s" * 40)))
+    a, b = (TestClient(create_app(runtime(tmp_path / d, db_url, session_secret="s" * 40)), base_url=f"http://{DOMAIN}")
+            for d in ("a", "b"))
     token = login(a, *fresh_login(a)).json()["token"]
     assert b.get("/auth/me", headers=bearer(token)).status_code == 200
     assert not (tmp_path / "a" / siwe.SECRET_FILE).exists()
