@@ -67,6 +67,7 @@ class Demo:
         self.rounds = rounds
         self.procs: list[Proc] = []
         self.hardhat: HardhatNode | None = None
+        self.cheat_procs = {f"node-{plan.name}" for plan in PROVIDERS if plan.adversary}
 
     # ---------------------------------------------------------------- infrastructure
     def start_chain(self) -> None:
@@ -155,8 +156,12 @@ class Demo:
 
     def check_alive(self) -> None:
         for p in self.procs:
-            # a node that stops cleanly is done by choice (the cheat's, told it was slashed); anything else is a death
-            if not p.alive() and p.name != "redis" and not (p.name.startswith("node-") and p.popen.returncode == 0):
+            # a node that stops cleanly is done by choice; the cheat stops refused for good (status 2), told it was
+            # slashed; anything else is a death
+            if p.alive() or p.name == "redis":
+                continue
+            code = p.popen.returncode
+            if not (p.name.startswith("node-") and (code == 0 or (code == 2 and p.name in self.cheat_procs))):
                 raise ServiceError(f"{p.name} died (exit {p.popen.returncode}):\n{p.tail()}")
 
     # ---------------------------------------------------------------- the customer's job
@@ -224,12 +229,13 @@ class Demo:
 
     # ---------------------------------------------------------------- the ending
     def finish(self, job: dict[str, Any]) -> int:
-        paid = {e["provider"] for e in job["payouts"]}
+        paid = {e["provider"] for e in job["payouts"]}  # providers for their units, the verifier for its checks
         earned: dict[str, int] = {}
         units: dict[str, int] = {}
         for e in job["payouts"]:
             earned[e["provider"]] = earned.get(e["provider"], 0) + int(e["amount"])
-            units[e["provider"]] = units.get(e["provider"], 0) + 1
+            if "verification_id" not in e:
+                units[e["provider"]] = units.get(e["provider"], 0) + 1
         deadline = time.monotonic() + 90
         with console.status("Epoch root going on chain; providers claiming their pay with Merkle proofs..."):
             while any(self.ops.claimed(a) < earned[a] for a in paid) and time.monotonic() < deadline:
@@ -252,8 +258,9 @@ class Demo:
             table.add_row(plan.name, plan.region, _fmt(int(p["price"])), str(units.get(addr, 0)), _fmt(earned.get(addr, 0)),
                           _fmt(ops.stake_of(addr)), _fmt(ops.balance_of(addr)),
                           "[red]slashed[/]" if p["status"] == "slashed" else "[green]honest[/]")
-        table.add_row("verifier", "", "", "", "", _fmt(ops.stake_of(self.verifier.address)),
-                      _fmt(ops.balance_of(self.verifier.address)), "bounty")
+        table.add_row("verifier", "", "", "", _fmt(earned.get(self.verifier.address, 0)),
+                      _fmt(ops.stake_of(self.verifier.address)), _fmt(ops.balance_of(self.verifier.address)),
+                      "check fees + bounty")
         table.add_row("treasury", "", "", "", "", "", _fmt(ops.balance_of(self.treasury.address)), "slash share")
         table.add_row("customer", "", "", "", "", "", _fmt(ops.balance_of(self.customer.address)),
                       f"refund {_fmt(int(job['refund']))}")
@@ -281,7 +288,9 @@ class Demo:
                 and any(ev["kind"] == "provider_slashed" for ev in job["events"]),
             "cheat paid nothing": all(earned.get(c, 0) == 0 for c in cheats),
             "honest providers paid and claimed": all(ops.claimed(a) == earned.get(a, 0) > 0 for a in paid)
-            and len(paid) >= 2,
+            and len(paid - {self.verifier.address}) >= 2,
+            "verifier paid for its checks and claimed": ops.claimed(self.verifier.address)
+            == earned.get(self.verifier.address, 0) > 0,
             "loss went down": len(losses) >= 2 and losses[-1] < losses[0],
             "provider on another execution plan checked within tolerance and paid":
                 bool(others) and all(earned.get(a, 0) > 0 for a in others),

@@ -491,7 +491,9 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
                          "price": None if u.price is None else str(u.price), "rank": u.rank, "attempts": u.attempts,
                          "excluded": u.excluded, **({"steps_done": u.steps_done, "due": u.deadline_at}
                                                      if u.status == "assigned" else {})} for u in units]
-        out["payouts"] = [{"unit_id": e.unit_id, "provider": e.provider, "amount": str(e.amount), "released": e.released}
+        # a unit's pay to its provider, or (with its check's id) a verifier's fee for one replay that passed
+        out["payouts"] = [{"unit_id": e.unit_id, "provider": e.provider, "amount": str(e.amount), "released": e.released,
+                           **({"verification_id": e.verification_id} if e.verification_id is not None else {})}
                           for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == j.id))]
         out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment, "status": v.status,
                                  "provider": v.provider, "verifier": v.verifier}

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from marketplace import canary, referee
 from marketplace.common import Conflict, NotFound, log, stake_short, unit_spec
-from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
+from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, check_fee_key, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
@@ -287,7 +287,18 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     if replayed:  # a unit nobody replayed (level "none") builds no record
         prov.verified_streak += 1
     s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
-    log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price))
+    # each verifier whose replay passed the unit earns the provider's price for that share of the compute (the job's
+    # escrow holds it: JobSpec.budget); a check it got wrong, or a canary, earns nothing
+    fee = verification.check_fee(unit.price, len(unit.segment_blobs or []) or 1)
+    fees = 0
+    for check in s.scalars(select(Verification).where(
+            Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.canary.is_(None),
+            Verification.status == "passed", Verification.verifier.is_not(None))):
+        s.add(LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier, amount=fee,
+                          verification_id=check.id))
+        fees += fee
+    log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price),
+        check_fees=str(fees))
 
 
 def retire_canary(s: Session, planted: Verification) -> None:
@@ -517,7 +528,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                                                                Verification.status.in_(["pending", "assigned",
                                                                                         "held"]))):
                 other.status = "void"
-        log(s, "provider_slashed", job.id, unit=unit.id, segment=seg, provider=provider, verifier=verifier,
+        # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
+        log(s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
+            provider=provider, verifier=verifier,
             amount=str(before - after.staked - after.unbonding), claimed=verdict.claimed, replayed=verdict.replayed,
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])

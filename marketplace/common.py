@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from eth_utils import keccak
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from marketplace.db import Event, Job, Unit
+from marketplace.db import Event, Job, Unit, Verification
 from marketplace.runtime import Runtime
 from node.model import ModelConfig
 from node.trainer import UnitSpec
@@ -75,3 +76,15 @@ def stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then
         return stake, ""
     return stake, (f"{role} {address} has {format_tokens(stake)} staked; {role}s get {gets} only while staking at "
                    f"least {format_tokens(need)} {then}")
+
+
+def check_uploader(rt: Runtime, address: str) -> None:
+    """Checkpoints are uploaded for work: a unit assigned to ``address`` (its result) or a dispute of its work in
+    bisection (a revealed state). Anyone else's upload would only fill the disk (Conflict, 409)."""
+    with rt.sessions() as s:
+        working = s.scalar(select(exists().where(Unit.provider == address, Unit.status == "assigned")))
+        revealing = working or s.scalar(select(exists().where(Verification.provider == address,
+                                                              Verification.status == "bisecting")))
+    if not revealing:
+        raise Conflict(f"{address} has no unit assigned and no state asked of it: checkpoints are uploaded for "
+                       f"those only")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from eth_utils import keccak
 from sqlalchemy import JSON, BigInteger, Boolean, Engine, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
 from sqlalchemy import Index, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -179,7 +180,9 @@ def pools_seen(s: Any, pools: Sequence[str]) -> dict[str, int]:
 
 
 class LedgerEntry(Base):
-    """What a job owes a provider for one verified unit. Unique per unit: credited exactly once."""
+    """What a job owes a provider for one verified unit, or a verifier for one passed replay of it
+    (``verification_id``; its ``unit_id`` is then :func:`check_fee_key`, not the unit's). Unique per key: credited
+    exactly once."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (UniqueConstraint("job_id", "unit_id"),)
@@ -190,6 +193,13 @@ class LedgerEntry(Base):
     amount: Mapped[int] = mapped_column(Money)
     released: Mapped[bool] = mapped_column(Boolean, default=False)  # moved from escrow to the payout pool
     batch: Mapped[str | None] = mapped_column(String(66), nullable=True)  # JobEscrow.releaseToPool batch id
+    verification_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a verifier's fee: for that check
+
+
+def check_fee_key(verification_id: int) -> str:
+    """The ledger key of the fee for check ``verification_id`` (bytes32 hex, in the unit ids' column: the one
+    unique key, so a fee is credited once)."""
+    return "0x" + keccak(b"GridMint/check-fee/v1" + verification_id.to_bytes(32, "big")).hex()
 
 
 class PayoutEpoch(Base):

@@ -53,6 +53,28 @@ def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -
     return GridMintContracts(Chain.http(chain_url), deployment, account)
 
 
+def claim_owed(client: MarketClient, contracts: GridMintContracts, say: Callable[[str], None]) -> int:
+    """Collect everything ``client``'s account is owed — a provider's units, a verifier's check fees: the epoch
+    payout pool (one claim with the newest claimable root's proof pays every epoch since the last claim) and any
+    per-unit escrow credit. Returns base units received; 0 if none.
+
+    Idempotent: the distributor pays ``cumulative - claimed``, so a repeated claim sends nothing."""
+    got = 0
+    p = client.payout()
+    cumulative = int(p["cumulative"])
+    if p["epoch"] and cumulative > int(p["claimed"]):
+        proof = [bytes.fromhex(x[2:]) for x in p["proof"]]
+        paid = contracts.claim_payout(int(p["epoch"]), cumulative, proof)
+        if paid:
+            say(f"claimed {paid} base units from payout epoch {p['epoch']}")
+        got += paid
+    if contracts.claimable(client.account.address):
+        paid = contracts.claim()
+        say(f"claimed {paid} base units of per-unit escrow credit")
+        got += paid
+    return got
+
+
 class UnitWithdrawn(GridMintError):
     """The marketplace took back the unit being trained (its deadline passed, or a heartbeat was missed): training it
     further would earn nothing."""
@@ -243,24 +265,8 @@ class ProviderAgent:
         return beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat)
 
     def claim(self) -> int:
-        """Collect everything owed: the epoch payout pool (one claim with the newest claimable root's proof pays
-        every epoch since the last claim) and any per-unit escrow credit. Returns base units received; 0 if none.
-
-        Idempotent: the distributor pays ``cumulative - claimed``, so a repeated claim sends nothing."""
-        got = 0
-        p = self.client.payout()
-        cumulative = int(p["cumulative"])
-        if p["epoch"] and cumulative > int(p["claimed"]):
-            proof = [bytes.fromhex(x[2:]) for x in p["proof"]]
-            paid = self.contracts.claim_payout(int(p["epoch"]), cumulative, proof)
-            if paid:
-                self.say(f"claimed {paid} base units from payout epoch {p['epoch']}")
-            got += paid
-        if self.contracts.claimable(self.account.address):
-            paid = self.contracts.claim()
-            self.say(f"claimed {paid} base units of per-unit escrow credit")
-            got += paid
-        return got
+        """Collect everything owed (:func:`claim_owed`). Returns base units received; 0 if none."""
+        return claim_owed(self.client, self.contracts, self.say)
 
     def _work_open(self) -> bool:
         """Whether units of ours are submitted and not yet verified: a referee may still ask us to reveal a state

@@ -111,6 +111,16 @@ class VerifierAgent:
             console.print(f"[dim]verifier[/] [yellow]could not stake back up to {amount} base units: {exc}[/]")
             return False
 
+    def claim(self) -> int:
+        """Collect the check fees (and bounties) owed to this verifier (:func:`node.agent.claim_owed`); 0 without a
+        chain client (one comes with :meth:`keep_staked`)."""
+        from node.agent import claim_owed
+
+        if self._stake_target is None:
+            return 0
+        return claim_owed(self.client, self._stake_target[2],
+                          lambda msg: console.print(f"[dim]verifier[/] {msg}"))
+
     def verify_once(self) -> str | None:
         task = self.client.next_verification()
         if task is None:
@@ -252,6 +262,10 @@ class VerifierAgent:
             if verified is not None:
                 idle_since = time.monotonic()
                 continue
+            try:
+                self.claim()  # idle: collect the fees of checks that passed (once their units' jobs settled)
+            except UNREACHABLE as exc:
+                console.print(f"[dim]verifier[/] [yellow]claim postponed, unreachable: {exc}[/]")
             if exit_when_idle_s is not None and time.monotonic() - idle_since > exit_when_idle_s:
                 return None
             time.sleep(self.poll_s)

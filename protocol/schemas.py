@@ -67,8 +67,13 @@ class JobSpec(Strict):
         return self
 
     def budget(self) -> int:
-        """Escrow the job needs up front: every unit paid at the price cap. The unspent rest is refunded."""
-        return self.rounds * self.units_per_round * self.max_price
+        """Escrow the job needs up front: every unit paid at the price cap, and the most its verification level can
+        cost in verifier fees at that price (protocol.verification.max_checks). The unspent rest is refunded."""
+        from protocol.verification import check_fee, max_checks
+
+        n = self.steps_per_unit // self.segment_len
+        per_unit = self.max_price + check_fee(self.max_price, n) * max_checks(self.verification, n)
+        return self.rounds * self.units_per_round * per_unit
 
 
 class QuoteOut(Strict):

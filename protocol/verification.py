@@ -194,12 +194,25 @@ def stake_horizon(stake: int, unit_price: int) -> int:
     return stake // unit_price + 1
 
 
+def check_fee(unit_price: int, n_segments: int) -> int:
+    """What a verifier earns for one replayed segment that passes: the provider's own price for that share of the
+    unit's compute, rounded up (base units)."""
+    return -(-unit_price // n_segments)
+
+
+def max_checks(level: str, n_segments: int) -> int:
+    """The most replayed segments one unit can pay for at ``level``: its budget and the update outliers replayed on
+    top of it (a trusted host's halved budget is never more). What the escrow holds the fees for."""
+    rate = level_rate(level)
+    return 0 if rate == 0 else min(n_segments, challenge_budget(n_segments, rate) + UPDATE_OUTLIER_PICKS)
+
+
 @dataclass(frozen=True)
 class VerificationQuote:
     level: str
     rate: Fraction
     replayed_segments: int
-    fee: int  # base units per unit, paid to the verifier on top of the provider's price
+    fee: int  # base units per unit, paid to the verifiers on top of the provider's price (the level's replays)
     catch_probability_1pct: Fraction  # one unit, 1% of segments faked
     catch_within_stake_1pct: Fraction  # before unearned pay exceeds the stake, 1% faked in every unit
 
@@ -207,11 +220,13 @@ class VerificationQuote:
 def quote(level: str, *, n_segments: int, unit_price: int, stake: int) -> VerificationQuote:
     """What a level costs per unit and what it buys, for a buyer choosing it. Money in integer base units.
 
-    The fee pays the verifier the provider's own price for the share of compute it re-runs (rounded up).
+    The fee pays the verifiers the provider's own price for the share of compute they re-run (:func:`check_fee` per
+    replayed segment that passes); the escrow also holds the fees of the update outliers that may be replayed on
+    top (:func:`max_checks`), refunded when unused.
     """
     rate = level_rate(level)
     k = challenge_budget(n_segments, rate)
-    fee = -(-unit_price * k // n_segments)
+    fee = check_fee(unit_price, n_segments) * k
     # Conservative: count only the uniform picks (segment 0 and the targeted ones may miss a careful forger).
     return VerificationQuote(level, rate, k, fee, _catch_1pct(n_segments, rate, 1),
                              _catch_1pct(n_segments, rate, stake_horizon(stake, unit_price)))

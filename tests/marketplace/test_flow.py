@@ -116,22 +116,32 @@ def test_honest_job_is_matched_cheapest_first_verified_settled_and_claimed(marke
     drive(market, [cheap, mid, pricey], verifier, job_id)
     with market.rt.sessions() as s:
         job = s.get(Job, job_id)
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
+        fees = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                        LedgerEntry.verification_id.is_not(None))))
         checks = list(s.scalars(select(Verification)))
+        prices = {u.id: u.price for u in s.scalars(select(Unit).where(Unit.job_id == job_id))}
         assert job.eval_losses[-1] < job.eval_losses[0]
     assert len(entries) == 4 and all(e.released and e.batch for e in entries)
-    assert len({e.batch for e in entries}) == 1  # one pool transfer for the whole job
+    assert len({e.batch for e in entries + fees}) == 1  # one pool transfer for the whole job, fees included
     assert checks and all(v.status == "passed" for v in checks)  # no honest unit flagged
-    paid = sum(e.amount for e in entries)
+    # the verifier earns the provider's price for the share of each unit it replayed: one fee per passed check
+    by_check = {v.id: v for v in checks}
+    assert sorted(f.verification_id for f in fees) == sorted(by_check)
+    assert all(f.provider == verifier.account.address and f.released for f in fees)
+    assert all(f.amount == -(-prices[by_check[f.verification_id].unit_id] // 4) for f in fees)  # 4 segments a unit
+    paid, fee_total = sum(e.amount for e in entries), sum(f.amount for f in fees)
     onchain = market.ops.get_job(job_id)
-    assert onchain.closed and onchain.released == paid
-    assert paid + job.refund == SPEC.budget()
+    assert onchain.closed and onchain.released == paid + fee_total
+    assert paid + fee_total + job.refund == SPEC.budget()
     assert market.ops.batch_released(job_id, entries[0].batch)
     # the settle task queued an epoch: one root over cumulative earnings, funded by the pool
     # (sent on chain first, then recorded as posted: the marketplace serves proofs only under a recorded root)
     market.wait(lambda: market.ops.latest_epoch() == 1 and cheap.client.payout()["newest_epoch"] == 1,
                 what="payout root posted and recorded")
-    assert market.ops.total_deposited() == paid
+    assert market.ops.total_deposited() == paid + fee_total
+    assert verifier.claim() == fee_total > 0 and market.ops.claimed(verifier.account.address) == fee_total
     # from round 1 on, ranking uses delivered throughput, so any of the three may have earned: each claims its own
     for agent in (cheap, mid, pricey):
         owed = sum(e.amount for e in entries if e.provider == agent.account.address)
@@ -156,7 +166,8 @@ def test_a_job_at_level_none_is_credited_settled_and_paid_without_any_replay(mar
     drive(market, [p], verifier, job_id)
     with market.rt.sessions() as s:
         job = s.get(Job, job_id)
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
         assert not list(s.scalars(select(Verification)))  # nothing replayed, nothing asked of the verifier
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
         streak = s.get(Provider, p.account.address).verified_streak
@@ -187,7 +198,8 @@ def test_cheat_is_caught_slashed_and_its_unit_reassigned(market, tmp_path: Path)
     assert market.ops.balance_of(treasury) == tokens(100)
     with market.rt.sessions() as s:
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
         frauds = list(s.scalars(select(Verification).where(Verification.status == "fraud")))
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
     assert {e.provider for e in entries} == {honest.account.address}
@@ -224,7 +236,8 @@ def test_a_segment_that_did_not_train_is_replayed_beyond_the_levels_budget_and_i
     again = [e for e in _events(market, "unit_submitted") if e["provider"] == honest.account.address]
     assert [(len(e["sampled"]), e["update_outliers"]) for e in again] == [(1, [])]
     with market.rt.sessions() as s:
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
     assert {e.provider for e in entries} == {honest.account.address}
 
 
@@ -253,8 +266,10 @@ def test_a_cheats_other_disputes_are_ruled_once_it_is_slashed_to_nothing(market,
         assert checking.adjudicate(market.rt, vid) == "fraud"
     assert [v.status for v in _rows(market, status="fraud")] == ["fraud"] * len(disputes)
     assert service.sweep(market.rt)["adjudicate"] == 0  # nothing left to retry
-    paths = [e["path"] for e in _events(market, "provider_slashed")]
-    assert paths[0] == "fraud-proof" and set(paths[1:]) == {"nothing left to slash"}
+    assert [e["path"] for e in _events(market, "provider_slashed")] == ["fraud-proof"]  # one slash, of all of it
+    confirmed = _events(market, "fraud_confirmed")
+    assert len(confirmed) == len(disputes) - 1 and {e["path"] for e in confirmed} == {"nothing left to slash"}
+    assert all(e["amount"] == "0" for e in confirmed)
 
 
 def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market, tmp_path: Path) -> None:
@@ -512,7 +527,8 @@ def test_a_false_accusation_costs_the_verifier_its_bond_and_its_place_and_pays_t
     assert market.ops.stake_of(honest.account.address) == tokens(200)
     with market.rt.sessions() as s:
         checks = list(s.scalars(select(Verification).where(Verification.canary.is_(None))))
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
         assert s.get(Verifier, vacct.address).status == "benched"
         assert s.get(Verifier, careful.account.address).status == "active"
     wrong = [v for v in checks if v.status == "verifier_wrong"]
@@ -727,7 +743,8 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert market.ops.stake_of(honest.account.address) == tokens(200) and slashed(market) == set()
     with market.rt.sessions() as s:
         assert s.get(Verifier, verifier.account.address).status == "active"
-        assert len(list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))) == 2
+        assert len(list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                            LedgerEntry.verification_id.is_(None))))) == 2
     assert not _events(market, "segment_disputed") and not _events(market, "verifier_benched")
 
 
@@ -777,7 +794,8 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     real = [v for v in _rows(market) if v.canary is None]
     assert len(real) == 4 and all(v.status == "passed" and v.verifier == careful.account.address for v in real)
     with market.rt.sessions() as s:
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
     assert [e.provider for e in entries] == [honest.account.address]
 
 
@@ -813,7 +831,8 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     assert checking.punish_verifier(market.rt, void.id) == "canary_void"  # a retry or the sweep: nothing moves
     drive(market, [honest], careful, job_id)  # back at work: the real checks pass and the unit is paid
     with market.rt.sessions() as s:
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
     assert [e.provider for e in entries] == [honest.account.address]
 
 
@@ -944,7 +963,8 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
     market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 3600, 4
     drive(market, [slow, spare], verifier, job_id)
     with market.rt.sessions() as s:
-        paid = {e.provider for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))}
+        paid = {e.provider for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                                        LedgerEntry.verification_id.is_(None)))}
     assert paid == {spare.account.address}
 
 
@@ -1062,7 +1082,8 @@ def test_a_false_accusation_of_a_provider_on_another_plan_is_cleared_without_ask
     with market.rt.sessions() as s:
         unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
         checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
     assert unit.plan == "cpu/mb2" and unit.status == "verified"
     assert sorted(v.status for v in checks) == ["passed", "verifier_wrong"]
     assert all(not (v.bisect or {}).get("reveals") for v in checks)
@@ -1107,7 +1128,8 @@ def test_an_honest_verifier_keeps_its_bond_when_honest_drift_passes_its_toleranc
     with market.rt.sessions() as s:
         unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
         checks = {v.segment: v for v in s.scalars(select(Verification).where(Verification.unit_id == unit.id))}
-        paid = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        paid = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                        LedgerEntry.verification_id.is_(None))))
     assert unit.status == "verified" and {k: v.status for k, v in checks.items()} == {0: "verifier_wrong", 1: "passed"}
     assert checks[0].accusation is not None and "bisected to step" in wrong[0]["reason"]
     # the referee's own replay backed the dispute, so it bisected: three states asked of the provider, each revealed
@@ -1351,7 +1373,8 @@ def test_a_float8_cheat_is_caught_bit_for_bit_by_a_verifier_on_its_own_plan(mark
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
         checks = list(s.scalars(select(Verification).where(Verification.unit_id.in_([u.id for u in units]))))
     fraud = [v for v in checks if v.status == "fraud"]
-    assert [v.provider for v in fraud] == [cheat.account.address] and fraud[0].accusation is not None
+    # each of the cheat's disputed segments ruled fraud (the first slashed it, bonded; the others found nothing left)
+    assert fraud and {v.provider for v in fraud} == {cheat.account.address} and fraud[0].accusation is not None
     assert min(v.id for v in checks if v.provider == honest.account.address) == min(first_ids)  # queued first
     assert all(u.status == "verified" and u.provider == honest.account.address for u in units)
     passed = [v for v in checks if v.status == "passed"]

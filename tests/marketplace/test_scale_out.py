@@ -164,7 +164,8 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     with sessions() as s:
         job = s.get(Job, job_id)
         units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
-        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                           LedgerEntry.verification_id.is_(None))))
         checks = list(s.scalars(select(Verification).join(Unit).where(Unit.job_id == job_id)))
         verified_events = list(s.scalars(select(Event).where(Event.job_id == job_id, Event.kind == "unit_verified")))
         rounds_done = s.scalar(select(func.count()).select_from(Event)
@@ -185,7 +186,11 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     assert len(entries) == n_units and {e.unit_id for e in entries} == {u.id for u in units}
     assert all(e.released and e.amount == u.price for e in entries for u in units if u.id == e.unit_id)
     assert rounds_done == SPEC.rounds  # each round averaged once, though two workers could have raced on it
-    paid = sum(e.amount for e in entries)
+    with sessions() as s:  # and each passed check's fee to its verifier
+        fees = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                        LedgerEntry.verification_id.is_not(None))))
+    assert sorted(f.verification_id for f in fees) == sorted(v.id for v in real) and all(f.released for f in fees)
+    paid = sum(e.amount for e in entries) + sum(f.amount for f in fees)
     onchain = cluster.ops.get_job(job_id)
     assert onchain.closed and onchain.released == paid and paid + job.refund == budget
 

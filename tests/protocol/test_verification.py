@@ -155,3 +155,23 @@ def test_canaries_are_planted_at_about_the_rate_and_are_reproducible() -> None:
     plan = vp.plant_canaries(20_000, b"s")
     assert abs(sum(plan) / len(plan) - float(vp.CANARY_RATE)) < 0.25 * float(vp.CANARY_RATE)
     assert plan == vp.plant_canaries(20_000, b"s") != vp.plant_canaries(20_000, b"t")
+
+
+def test_a_jobs_budget_holds_its_levels_verifier_fees_at_the_price_cap() -> None:
+    """The escrow pays the verifiers too: per unit, the price cap and the fee of every replay the level can make at
+    that price (its budget and the update outliers on top), which is what the quote's fee says plus the outliers."""
+    from protocol.schemas import JobSpec
+
+    price = tokens("1.5")
+    base = dict(rounds=2, units_per_round=3, steps_per_unit=60, segment_len=15, max_price=price)  # 4 segments
+    fee = vp.check_fee(price, 4)
+    assert fee == tokens("0.375") and vp.check_fee(10, 4) == 3  # rounded up
+    assert JobSpec(**base, verification="none").budget() == 6 * price
+    assert vp.max_checks("standard", 4) == 3  # one replay + two outliers
+    assert JobSpec(**base, verification="standard").budget() == 6 * (price + 3 * fee)
+    assert vp.max_checks("full", 4) == 4 and JobSpec(**base, verification="full").budget() == 6 * 2 * price
+    q = vp.quote("standard", n_segments=4, unit_price=price, stake=tokens(200))
+    assert q.fee == fee * q.replayed_segments
+    many = JobSpec(**{**base, "steps_per_unit": 2048, "segment_len": 1})  # the bench's shape: 32 + 2 replays
+    assert vp.max_checks("standard", 2048) == 34
+    assert many.budget() == 6 * (price + 34 * vp.check_fee(price, 2048))
