@@ -114,6 +114,20 @@ def test_pickle_and_oversize_uploads_refused(market) -> None:
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
 
 
+
+def test_a_checkpoint_header_nested_deep_or_with_a_huge_integer_is_refused_and_the_server_lives(market) -> None:
+    """A safetensors header of 100,000 nested brackets used to kill the server (json.loads overflowed the C stack
+    under eth_account's recursion limit); a 5,000-digit integer in one was a 500. Both are a 422 now, nothing is
+    stored, and the server still answers."""
+    client = MarketClient(market.url, Account.create())  # any fresh wallet may upload
+    nested = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    huge = b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,4]}}'
+    for header, data, says in ((nested, b"", "nests deeper"), (huge, b"\0" * 4, "5000-digit integer")):
+        r = client.signed("PUT", "/blobs", len(header).to_bytes(8, "little") + header + data, "application/octet-stream")
+        assert r.status_code == 422 and says in r.json()["detail"], r.text
+    assert httpx.get(market.url + "/healthz").status_code == 200
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
 def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> None:
     client = MarketClient(market.url, market.account())
     base = dict(rounds=1, units_per_round=1, steps_per_unit=2048, segment_len=1, max_price=tokens(1))
