@@ -1,6 +1,6 @@
 """The marketplace HTTP service. Routes parse, call marketplace.service, and return a schema."""
 
-import json
+import math
 import secrets
 from typing import Annotated, Any
 
@@ -83,7 +83,24 @@ def _parse(model: type[Any], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise HTTPException(422, detail=json.loads(exc.json(include_url=False))) from None
+        # not exc.json(): it raises on a body that is not UTF-8, and NaN would not serialize into the answer
+        raise HTTPException(422, detail=[_plain(e) for e in exc.errors(include_url=False)]) from None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: what a validation error echoes back (the input, its context) may be bytes
+    that are not UTF-8, NaN or infinity, or an exception; those become text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
 
 
 def create_app(rt: Runtime) -> FastAPI:

@@ -80,6 +80,37 @@ def test_malformed_and_below_floor(market) -> None:
     assert _providers(market) == 0
 
 
+
+def _signed_raw(market, acct, path: str, body: bytes) -> httpx.Response:
+    h = sign_request(acct, market.rt.chain_id, "POST", path, body, time.time_ns() // 1000, int(time.time()) + 60)
+    return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
+
+
+def test_a_body_that_is_not_utf8_is_a_422_on_every_json_route(market) -> None:
+    """Bodies that are not UTF-8 were a 500 on every JSON route (the error echo could not serialize them); signed
+    or not, they are a 422 saying where the JSON broke, and change nothing."""
+    acct = market.account()
+    for body in (b"\xff", b'{"unit_id": "\xff"}', b'{"region": "\xc3"}'):
+        answers = [_signed_raw(market, acct, path, body)
+                   for path in ("/providers/register", "/providers/heartbeat", "/verifiers/register", "/jobs")]
+        answers += [httpx.post(market.url + path, content=body, headers={"content-type": "application/json"})
+                    for path in ("/jobs/quote", "/auth/login")]
+        for r in answers:
+            assert r.status_code == 422, (r.request.url, body, r.text)
+            assert r.json()["detail"][0]["type"] == "json_invalid" and "Invalid JSON" in r.json()["detail"][0]["msg"]
+    assert _providers(market) == 0
+    with market.rt.sessions() as s:
+        assert s.query(Job).count() == 0
+
+
+def test_nan_or_infinity_in_a_float_field_is_a_422_not_a_500(market) -> None:
+    """The 422 echoed the offending input, and NaN cannot be written as JSON: a 500. The echo says it in words."""
+    for value, echoed in ((b"NaN", "nan"), (b"Infinity", "inf"), (b"-Infinity", "-inf")):
+        r = httpx.post(market.url + "/jobs/quote", content=b'{"max_price": "1", "lr": ' + value + b"}")
+        assert r.status_code == 422, r.text
+        (err,) = r.json()["detail"]
+        assert (err["loc"], err["input"]) == (["lr"], echoed)
+
 def test_unfunded_and_underfunded_job_refused(market) -> None:
     customer = market.account(gmt=tokens(100))
     client = MarketClient(market.url, customer)
