@@ -38,8 +38,8 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
-from protocol.schemas import (Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, RevealSubmit,
-                              VerdictSubmit, VerificationBeat, VerifierRegister)
+from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit,
+                              RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
 
 JSON_LIMIT = 1024 * 1024
@@ -459,7 +459,7 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/customers/me/jobs", summary="The logged-in customer's jobs", responses=_errors(401))
     def my_jobs(who: Customer, limit: Annotated[int, Query(ge=1, le=100)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+                offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0) -> list[dict[str, Any]]:
         """Jobs whose customer is the session's address, newest first, ``limit`` at a time from ``offset``."""
         with rt.sessions() as s:
             rows = s.scalars(select(Job).where(Job.customer == who.address)

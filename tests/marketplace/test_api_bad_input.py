@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import pytest
 import torch
 from eth_account import Account
 
@@ -110,6 +111,32 @@ def test_nan_or_infinity_in_a_float_field_is_a_422_not_a_500(market) -> None:
         assert r.status_code == 422, r.text
         (err,) = r.json()["detail"]
         assert (err["loc"], err["input"]) == (["lr"], echoed)
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_integers_over_their_columns_are_a_422_on_both_databases(market) -> None:
+    """tokens_per_s over BIGINT, or a verification id over INTEGER (PostgreSQL; 2**63 on SQLite), overflowed the
+    database: a 500. The schemas bound them by their columns; the largest value that fits still goes through."""
+    acct = market.account()
+    assert _post(market, acct, "/providers/register", {**REG, "tokens_per_s": 2**63 - 1}).status_code == 201
+    for tps in (2**63, 2**80):
+        r = _post(market, acct, "/providers/register", {**REG, "tokens_per_s": tps, "gpu": "changed"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["tokens_per_s"], r.text
+    with market.rt.sessions() as s:
+        p = s.get(Provider, acct.address)
+        assert (p.tokens_per_s, p.gpu) == (2**63 - 1, "test")  # nothing changed
+    sig, h32 = "0x" + "11" * 65, "0x" + "ab" * 32
+    bodies = {"/verify/heartbeat": {},
+              "/verify/verdict": {"ok": True, "replayed_hash": h32, "signature": sig},
+              "/reveals": {"step": 1, "state_hash": h32, "blob": "cd" * 32, "signature": sig}}
+    for path, rest in bodies.items():
+        for vid in (2**31, 2**63, 2**80):
+            r = _post(market, acct, path, {"verification_id": vid, **rest})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["verification_id"], (path, vid, r.text)
+        top = _post(market, acct, path, {"verification_id": 2**31 - 1, **rest})
+        assert top.status_code == 404 and "does not exist" in top.json()["detail"], (path, top.text)
+    r = httpx.post(market.url + "/jobs/quote", json={"max_price": "1", "vram_mb": 2**80})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["vram_mb"], r.text
 
 def test_unfunded_and_underfunded_job_refused(market) -> None:
     customer = market.account(gmt=tokens(100))
