@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
 from protocol.money import base_units
 
@@ -28,6 +28,25 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 MAX_STEPS_PER_UNIT = 100_000
 MAX_VRAM_MB = 10_000_000
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError(f"must not contain a NUL character (\\x00), got {text!r}")
+    return text
+
+
+def _one_line(text: str) -> str:
+    bad = sorted({c for c in text if c < " " or c == "\x7f"})
+    if bad:
+        raise ValueError(f"must be one line of printable text, got control characters {''.join(bad)!r} in {text!r}")
+    return text
+
+
+#: Free text that is stored: PostgreSQL text cannot hold NUL at all (SQLite can), so it is refused on both.
+Text = Annotated[str, AfterValidator(_no_nul)]
+#: A name shown in lists and pages (a GPU, a region): one line, no control characters.
+Label = Annotated[str, AfterValidator(_one_line)]
 
 
 class Strict(BaseModel):
@@ -94,8 +113,8 @@ class JobSubmit(Strict):
 
 
 class ProviderRegister(Strict):
-    region: str = Field(min_length=1, max_length=32)
-    gpu: str = Field(min_length=1, max_length=128)
+    region: Label = Field(min_length=1, max_length=32)
+    gpu: Label = Field(min_length=1, max_length=128)
     vram_mb: int = Field(ge=0, le=MAX_VRAM_MB)
     price: MoneyField  # ask per work unit
     tokens_per_s: int = Field(ge=0, le=INT64_MAX)  # measured by the node's benchmark (a BIGINT column)
@@ -157,7 +176,7 @@ class VerdictSubmit(Strict):
     ok: bool
     replayed_hash: Bytes32Hex
     signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")  # EIP-712 Verdict by the verifier
-    reason: str = Field("", max_length=500)
+    reason: Text = Field("", max_length=500)
     # with ok=false: the verifier's EIP-712 Accusation for GridStaking.accuse (protocol.signing.sign_accusation), which
     # bonds its stake; without one, a confirmed fraud is slashed by the governance path instead
     accusation: str | None = Field(None, pattern=r"^0x[0-9a-f]{130}$")

@@ -138,6 +138,26 @@ def test_integers_over_their_columns_are_a_422_on_both_databases(market) -> None
     r = httpx.post(market.url + "/jobs/quote", json={"max_price": "1", "vram_mb": 2**80})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["vram_mb"], r.text
 
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_nul_and_control_characters_are_refused_alike_on_both_databases(market) -> None:
+    """PostgreSQL text cannot hold NUL: a NUL in a job id path or a stored string was a DataError (500) there and
+    went through on SQLite. Both now refuse it the same way: 404 for a path id, 422 for a body field."""
+    for path in ("/jobs/%00", "/web/jobs/%00", "/jobs/%00/weights", "/jobs/0x" + "ab" * 31 + "a%00",
+                 "/jobs/x%0Ay"):
+        r = httpx.get(market.url + path)
+        assert r.status_code == 404 and "does not exist" in r.json()["detail"], (path, r.text)
+    acct = market.account()
+    for field, text in (("gpu", "a\u0000b"), ("gpu", "RTX\n4090"), ("gpu", "a\u007f"), ("region", "eu-north\u0000")):
+        r = _post(market, acct, "/providers/register", {**REG, field: text})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [field], (field, text, r.text)
+    assert _providers(market) == 0
+    verdict = {"verification_id": 1, "ok": True, "replayed_hash": "0x" + "ab" * 32, "signature": "0x" + "11" * 65}
+    r = _post(market, acct, "/verify/verdict", {**verdict, "reason": "fine\u0000"})
+    assert r.status_code == 422 and "NUL" in r.json()["detail"][0]["msg"], r.text
+    ok = _post(market, acct, "/providers/register", {**REG, "gpu": "NVIDIA GeForce RTX 4090 \u00fc"})  # not ASCII: fine
+    assert ok.status_code == 201, ok.text
+
 def test_unfunded_and_underfunded_job_refused(market) -> None:
     customer = market.account(gmt=tokens(100))
     client = MarketClient(market.url, customer)
