@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
-from protocol.money import base_units
+from protocol.money import base_units, check_amount
 
 MoneyField = Annotated[int, BeforeValidator(base_units), PlainSerializer(lambda v: str(v), return_type=str)]
 Bytes32Hex = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
@@ -90,6 +90,13 @@ class JobSpec(Strict):
     def _segments_divide(self) -> "JobSpec":
         if self.steps_per_unit % self.segment_len:
             raise ValueError(f"steps_per_unit {self.steps_per_unit} is not a multiple of segment_len {self.segment_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "JobSpec":
+        # every amount stops at a uint256 (MAX_AMOUNT), and the escrow must hold this one
+        check_amount(self.budget(), f"budget {self.rounds} rounds x {self.units_per_round} units x max_price "
+                                    f"{self.max_price} =")
         return self
 
     def budget(self) -> int:

@@ -158,6 +158,28 @@ def test_nul_and_control_characters_are_refused_alike_on_both_databases(market) 
     ok = _post(market, acct, "/providers/register", {**REG, "gpu": "NVIDIA GeForce RTX 4090 \u00fc"})  # not ASCII: fine
     assert ok.status_code == 201, ok.text
 
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_money_is_ascii_digits_up_to_a_uint256_on_both_databases(market) -> None:
+    """A price of 2**300 was stored (a 500 on PostgreSQL past the Money column's 80 digits), Arabic-Indic digits
+    passed str.isdigit(), and a quote's budget could exceed what any escrow holds. All a 422 now; 2**256 - 1 is
+    stored and read back exactly on both databases."""
+    top = 2**256 - 1
+    acct = market.account()
+    for price in (2**300, str(10**80), top + 1, "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669\u0660" * 2):
+        r = _post(market, acct, "/providers/register", {**REG, "price": price})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["price"], (price, r.text)
+    assert _providers(market) == 0
+    assert _post(market, acct, "/providers/register", {**REG, "price": str(top)}).status_code == 201
+    with market.rt.sessions() as s:
+        assert s.get(Provider, acct.address).price == top
+    assert httpx.get(market.url + "/providers").json()[0]["price"] == str(top)
+    for spec in ({"max_price": 2**300}, {"max_price": str(top)}, {"max_price": str(top // 12 + 1)}):  # 4 x 3 units
+        r = httpx.post(market.url + "/jobs/quote", json=spec)
+        assert r.status_code == 422 and "uint256 cap" in r.text, (spec, r.text)
+    r = httpx.post(market.url + "/jobs/quote", json={"max_price": str(top), "rounds": 1, "units_per_round": 1})
+    assert r.status_code == 200 and int(r.json()["budget"]) == top, r.text
+
 def test_unfunded_and_underfunded_job_refused(market) -> None:
     customer = market.account(gmt=tokens(100))
     client = MarketClient(market.url, customer)

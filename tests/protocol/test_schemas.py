@@ -1,8 +1,12 @@
-"""Wire schemas refuse what they cannot carry: execution plans, reveals, integers over their columns."""
+"""Wire schemas refuse what they cannot carry: execution plans, reveals, integers over their columns, money
+that is not ASCII digits or is over a uint256."""
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+
+from protocol.errors import GridMintValueError
+from protocol.money import MAX_AMOUNT, base_units, tokens
 
 from protocol.schemas import (INT32_MAX, INT64_MAX, JobSpec, ProviderRegister, RevealSubmit, VerdictSubmit,
                               VerificationBeat, VerifierRegister)
@@ -57,3 +61,36 @@ def test_integers_stop_at_what_their_column_holds(model: type, body: dict, field
     if field == "verification_id":
         with pytest.raises(ValidationError, match="greater than or equal to 1"):
             model(**{**body, field: 0})
+
+
+@pytest.mark.parametrize("value", [7, "7", "007", str(MAX_AMOUNT), MAX_AMOUNT, "0" * 5000 + "1"],
+                         ids=lambda v: repr(v)[:24])
+def test_money_that_parses(value: object) -> None:
+    assert base_units(value) == int(str(value).lstrip("0"))
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662\u0663", "\u00b2", "\uff11\uff12", " 1", "1_000", "-1", "",
+                                   MAX_AMOUNT + 1, str(MAX_AMOUNT + 1), 2**300, "1" * 5000, 1.0, True, None],
+                         ids=lambda v: repr(v)[:24])
+def test_money_that_does_not(value: object) -> None:
+    """str.isdigit() took Arabic-Indic digits and superscripts; nothing stopped an amount over a uint256 (stored as 91
+    digits, or over the Money column's 80 on PostgreSQL: a 500)."""
+    with pytest.raises(GridMintValueError):
+        base_units(value)
+    with pytest.raises(ValidationError):
+        ProviderRegister(**{**REG, "price": value})
+
+
+def test_token_amounts_stop_at_a_uint256() -> None:
+    assert tokens(10**59) == 10**77 <= MAX_AMOUNT
+    for over in (2 * 10**59, "1e80", "Infinity"):
+        with pytest.raises(GridMintValueError, match="uint256 cap"):
+            tokens(over)
+
+
+def test_a_job_budget_stops_at_a_uint256() -> None:
+    """The budget (rounds x units x max_price) was quoted above 2**256, an escrow no chain can hold."""
+    fits = JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6)
+    assert fits.budget() <= MAX_AMOUNT
+    with pytest.raises(ValidationError, match="budget 2 rounds x 3 units .* is over the uint256 cap"):
+        JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6 + 1)
