@@ -4,7 +4,7 @@ GMT has 18 decimals: ``tokens("1.5") == 1_500_000_000_000_000_000``.
 """
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, localcontext
 
 from protocol.errors import GridMintValueError
 
@@ -19,8 +19,11 @@ def tokens(amount: int | str | Decimal) -> int:
     if isinstance(amount, bool) or isinstance(amount, float):
         raise GridMintValueError(f"money must be int, str or Decimal, not {type(amount).__name__}: {amount!r}")
     try:
-        value = Decimal(amount) * ONE_TOKEN
-    except (InvalidOperation, TypeError) as exc:
+        exact = Decimal(amount)
+        with localcontext() as ctx:  # the default 28 digits would round a 29-digit product (and say nothing)
+            ctx.prec = len(exact.as_tuple().digits) + DECIMALS + 1
+            value = exact * ONE_TOKEN
+    except (ArithmeticError, TypeError, ValueError) as exc:  # decimal's InvalidOperation, Overflow are ArithmeticError
         raise GridMintValueError(f"not a token amount: {amount!r}") from exc
     if value != value.to_integral_value():
         raise GridMintValueError(f"{amount!r} has more than {DECIMALS} decimals")

@@ -94,3 +94,13 @@ def test_a_job_budget_stops_at_a_uint256() -> None:
     assert fits.budget() <= MAX_AMOUNT
     with pytest.raises(ValidationError, match="budget 2 rounds x 3 units .* is over the uint256 cap"):
         JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6 + 1)
+
+
+def test_token_amounts_are_exact_past_28_significant_digits() -> None:
+    """Decimal's default context keeps 28 digits: tokens('12345678901.123456789012345678') came out as ...680, and
+    '99999999999.999999999999999999' as 10**29, rounded without a word."""
+    assert tokens("12345678901.123456789012345678") == 12345678901_123456789012345678
+    assert tokens("99999999999.999999999999999999") == 10**29 - 1
+    assert tokens(12345678901234567890123) == 12345678901234567890123 * 10**18
+    whole, frac = divmod(MAX_AMOUNT, 10**18)
+    assert tokens(f"{whole}.{frac:018d}") == MAX_AMOUNT
