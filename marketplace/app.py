@@ -1,6 +1,7 @@
 """The marketplace HTTP service. Routes parse, call marketplace.service, and return a schema."""
 
-import json
+import math
+import re
 import secrets
 from typing import Annotated, Any
 
@@ -38,11 +39,12 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
-from protocol.schemas import (Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit, RevealSubmit,
-                              VerdictSubmit, VerificationBeat, VerifierRegister)
+from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit,
+                              RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
 
 JSON_LIMIT = 1024 * 1024
+_JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids are the escrow's bytes32 keys
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
@@ -83,7 +85,24 @@ def _parse(model: type[Any], body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise HTTPException(422, detail=json.loads(exc.json(include_url=False))) from None
+        # not exc.json(): it raises on a body that is not UTF-8, and NaN would not serialize into the answer
+        raise HTTPException(422, detail=[_plain(e) for e in exc.errors(include_url=False)]) from None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: what a validation error echoes back (the input, its context) may be bytes
+    that are not UTF-8, NaN or infinity, or an exception; those become text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return str(value)
 
 
 def create_app(rt: Runtime) -> FastAPI:
@@ -345,10 +364,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def job(job_id: str) -> dict[str, Any]:
         """A job with its units, payouts, verifications and event history."""
         with rt.sessions() as s:
-            j = s.get(Job, job_id)
-            if j is None:
-                raise NotFound(f"job {job_id} does not exist")
-            return job_view(s, j, detail=True)
+            return job_view(s, _job_row(s, job_id), detail=True)
 
     @app.get("/jobs/{job_id}/weights", summary="Download a job's global model", response_class=FileResponse,
              responses={200: {"description": "safetensors", "content": {"application/octet-stream": _BINARY}},
@@ -356,10 +372,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def weights(job_id: str) -> FileResponse:
         """The job's current global checkpoint (the final model once the job is done), as safetensors."""
         with rt.sessions() as s:
-            j = s.get(Job, job_id)
-            if j is None:
-                raise NotFound(f"job {job_id} does not exist")
-            sha = j.global_blob
+            sha = _job_row(s, job_id).global_blob
         return FileResponse(rt.blobs.path(sha), media_type="application/octet-stream",
                             filename=f"gridmint-{job_id[2:10]}.safetensors")
 
@@ -442,7 +455,7 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/customers/me/jobs", summary="The logged-in customer's jobs", responses=_errors(401))
     def my_jobs(who: Customer, limit: Annotated[int, Query(ge=1, le=100)] = 50,
-                offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+                offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0) -> list[dict[str, Any]]:
         """Jobs whose customer is the session's address, newest first, ``limit`` at a time from ``offset``."""
         with rt.sessions() as s:
             rows = s.scalars(select(Job).where(Job.customer == who.address)
@@ -468,6 +481,17 @@ def _address(text: str) -> str:
         return to_address(text)
     except GridMintValueError:
         raise HTTPException(422, detail=f"not an address: {text!r}") from None
+
+
+def _job_row(s: Any, job_id: str) -> Job:
+    """The job a path names, or 404. Only a bytes32 hex id is looked up: any other text names no job, and one with a
+    NUL byte would be a 500 on PostgreSQL, which cannot compare it."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise NotFound(f"job {job_id[:80]!r} does not exist: a job id is 0x and 64 lowercase hex digits")
+    j = s.get(Job, job_id)
+    if j is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return j
 
 
 def provider_view(p: Provider) -> dict[str, Any]:

@@ -168,8 +168,12 @@ class Metrics:
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Everything in this registry, in the exposition format the ``Accept`` header asks for (Prometheus text by
-        default, OpenMetrics if asked), and its content type."""
-        encoder, content_type = choose_encoder(accept or "")
+        default, OpenMetrics if asked), and its content type. An ``Accept`` prometheus_client cannot read (it raises
+        on ``version=abc``) gets the Prometheus text format, as a client asking for nothing in particular does."""
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):
+            encoder, content_type = choose_encoder("")
         return encoder(self.scrape_registry()), content_type
 
     def scrape_registry(self) -> CollectorRegistry:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,13 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
+#: How deep a header's brackets may nest: {"name": {"shape": [...]}} is 3, the most a valid header has. Checked before
+#: json.loads, which recurses once per level in C: eth_account (py_ecc) raises the recursion limit to 100,000, so a
+#: header of a few hundred kilobytes of brackets would overflow the C stack and kill the process.
+MAX_HEADER_DEPTH = 3
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # one string literal, escapes included (linear time)
+_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")  # depth only: a bracket of the wrong kind fails json.loads itself
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def save(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
@@ -150,9 +158,12 @@ def _parse_header(blob: bytes) -> dict[str, Any]:
     raw = blob[8 : 8 + n]
     if raw[:1] != b"{":
         raise CheckpointError(f"not a safetensors file: header does not start with '{{'; got {_describe(blob)}")
+    _check_depth(raw)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, CheckpointError) as exc:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_header_int)
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"safetensors header is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"safetensors header must be a JSON object, got {type(header).__name__}")
@@ -180,6 +191,20 @@ def _parse_header(blob: bytes) -> dict[str, Any]:
     return header
 
 
+def _check_depth(raw: bytes) -> None:
+    """Refuse a header whose brackets nest deeper than :data:`MAX_HEADER_DEPTH` (or do not pair up), without
+    recursing: strings removed, only the brackets kept (``{}`` as ``[]``), then each pass removes the innermost pairs.
+    Whatever is left after MAX_HEADER_DEPTH passes is nested deeper or unpaired. Linear time, in C."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_AS_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_HEADER_DEPTH):
+        brackets = brackets.replace(b"[]", b"")
+    if brackets:
+        raise CheckpointError(
+            f"safetensors header nests deeper than {MAX_HEADER_DEPTH} levels, the most a valid one has "
+            "(or its brackets do not pair up)"
+        )
+
+
 def _check_entry(name: str, entry: Any) -> tuple[int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"tensor {name!r}: header entry must have dtype, shape, data_offsets; got {entry!r}")
@@ -201,6 +226,13 @@ def _check_entry(name: str, entry: Any) -> tuple[int, int]:
 
 def _is_uint(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _header_int(text: str) -> int:
+    # json.loads would call int() itself, which raises a bare ValueError past Python's 4,300-digit limit
+    if len(text.lstrip("-")) > 20:
+        raise CheckpointError(f"safetensors header holds a {len(text)}-digit integer; shapes and offsets are 64-bit")
+    return int(text)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

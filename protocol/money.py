@@ -4,12 +4,14 @@ GMT has 18 decimals: ``tokens("1.5") == 1_500_000_000_000_000_000``.
 """
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, localcontext
 
 from protocol.errors import GridMintValueError
 
 DECIMALS = 18
 ONE_TOKEN = 10**DECIMALS
+#: The largest amount there can be: a uint256, what the chain holds (and the Money column's 78 digits).
+MAX_AMOUNT = 2**256 - 1
 
 
 def tokens(amount: int | str | Decimal) -> int:
@@ -17,24 +19,39 @@ def tokens(amount: int | str | Decimal) -> int:
     if isinstance(amount, bool) or isinstance(amount, float):
         raise GridMintValueError(f"money must be int, str or Decimal, not {type(amount).__name__}: {amount!r}")
     try:
-        value = Decimal(amount) * ONE_TOKEN
-    except (InvalidOperation, TypeError) as exc:
+        exact = Decimal(amount)
+        with localcontext() as ctx:  # the default 28 digits would round a 29-digit product (and say nothing)
+            ctx.prec = len(exact.as_tuple().digits) + DECIMALS + 1
+            value = exact * ONE_TOKEN
+    except (ArithmeticError, TypeError, ValueError) as exc:  # decimal's InvalidOperation, Overflow are ArithmeticError
         raise GridMintValueError(f"not a token amount: {amount!r}") from exc
     if value != value.to_integral_value():
         raise GridMintValueError(f"{amount!r} has more than {DECIMALS} decimals")
     if value < 0:
         raise GridMintValueError(f"negative token amount: {amount!r}")
+    if value > MAX_AMOUNT:  # compared as a Decimal: int() of 1e1000000 would take a while
+        raise GridMintValueError(f"token amount {amount!r} is over the uint256 cap (2**256 - 1 base units)")
     return int(value)
 
 
 def base_units(value: object) -> int:
-    """Validate a base-unit amount coming from the wire (int, or a decimal string of an int)."""
+    """Validate a base-unit amount coming from the wire (int, or a string of ASCII digits) up to :data:`MAX_AMOUNT`."""
     if isinstance(value, bool) or isinstance(value, float):
         raise GridMintValueError(f"base units must be an integer, got {value!r}")
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # isdigit alone takes '١٢٣' and '²'
+        digits = value.lstrip("0") or "0"
+        if len(digits) > len(str(MAX_AMOUNT)):  # before int(), which refuses over 4,300 digits
+            raise GridMintValueError(f"a {len(digits)}-digit amount is over the uint256 cap (2**256 - 1 base units)")
+        value = int(digits)
     if not isinstance(value, int) or value < 0:
-        raise GridMintValueError(f"base units must be a non-negative integer, got {value!r}")
+        raise GridMintValueError(f"base units must be a non-negative int or a string of ASCII digits, got {value!r}")
+    return check_amount(value)
+
+
+def check_amount(value: int, what: str = "amount") -> int:
+    """``value`` if it is at most :data:`MAX_AMOUNT` base units (a uint256), else a GridMintValueError naming it."""
+    if value > MAX_AMOUNT:
+        raise GridMintValueError(f"{what} {value} is over the uint256 cap (2**256 - 1 base units)")
     return value
 
 

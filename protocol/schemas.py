@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
-from protocol.money import base_units
+from protocol.money import base_units, check_amount
 
 MoneyField = Annotated[int, BeforeValidator(base_units), PlainSerializer(lambda v: str(v), return_type=str)]
 Bytes32Hex = Annotated[str, Field(pattern=r"^0x[0-9a-f]{64}$")]
@@ -21,6 +21,32 @@ PlanLabel = Annotated[str, Field(pattern=r"^(cpu|cuda(:[a-z0-9][a-z0-9-]{0,23})?
 #: CUDA and cuDNN versions. The same plan replays bit for bit only on the same kernels. "" = not said (never exact).
 KERNEL_BUILD = r"[a-z0-9][a-z0-9._+/-]{0,159}"
 KernelBuild = Annotated[str, Field(pattern=rf"^({KERNEL_BUILD})?$")]
+#: The largest values the marketplace's integer columns hold: PostgreSQL INTEGER and BIGINT (SQLite's are 64-bit).
+#: A wire integer stored in (or looked up by) such a column is bounded by its type, so a bigger one is a 422, not an
+#: overflow in the database driver.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+MAX_STEPS_PER_UNIT = 100_000
+MAX_VRAM_MB = 10_000_000
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError(f"must not contain a NUL character (\\x00), got {text!r}")
+    return text
+
+
+def _one_line(text: str) -> str:
+    bad = sorted({c for c in text if c < " " or c == "\x7f"})
+    if bad:
+        raise ValueError(f"must be one line of printable text, got control characters {''.join(bad)!r} in {text!r}")
+    return text
+
+
+#: Free text that is stored: PostgreSQL text cannot hold NUL at all (SQLite can), so it is refused on both.
+Text = Annotated[str, AfterValidator(_no_nul)]
+#: A name shown in lists and pages (a GPU, a region): one line, no control characters.
+Label = Annotated[str, AfterValidator(_one_line)]
 
 
 class Strict(BaseModel):
@@ -47,12 +73,12 @@ class JobSpec(Strict):
     model: ModelSpec = ModelSpec()
     rounds: int = Field(4, ge=1, le=1000)
     units_per_round: int = Field(3, ge=1, le=256)
-    steps_per_unit: int = Field(60, ge=1, le=100_000)
-    segment_len: int = Field(15, ge=1)
+    steps_per_unit: int = Field(60, ge=1, le=MAX_STEPS_PER_UNIT)
+    segment_len: int = Field(15, ge=1, le=MAX_STEPS_PER_UNIT)
     batch_size: int = Field(16, ge=1, le=1024)
     lr: float = Field(3e-3, gt=0, lt=1)
     seed: int = Field(0, ge=0, lt=2**31)
-    vram_mb: int = Field(1024, ge=0)
+    vram_mb: int = Field(1024, ge=0, le=MAX_VRAM_MB)
     max_price: MoneyField  # the most the customer pays for one work unit
     # How much of each unit verifiers re-execute (protocol.verification.LEVELS): none / standard / paranoid / full.
     verification: Literal["none", "standard", "paranoid", "full"] = "standard"
@@ -64,6 +90,13 @@ class JobSpec(Strict):
     def _segments_divide(self) -> "JobSpec":
         if self.steps_per_unit % self.segment_len:
             raise ValueError(f"steps_per_unit {self.steps_per_unit} is not a multiple of segment_len {self.segment_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "JobSpec":
+        # every amount stops at a uint256 (MAX_AMOUNT), and the escrow must hold this one
+        check_amount(self.budget(), f"budget {self.rounds} rounds x {self.units_per_round} units x max_price "
+                                    f"{self.max_price} =")
         return self
 
     def budget(self) -> int:
@@ -92,11 +125,11 @@ class JobSubmit(Strict):
 
 
 class ProviderRegister(Strict):
-    region: str = Field(min_length=1, max_length=32)
-    gpu: str = Field(min_length=1, max_length=128)
-    vram_mb: int = Field(ge=0, le=10_000_000)
+    region: Label = Field(min_length=1, max_length=32)
+    gpu: Label = Field(min_length=1, max_length=128)
+    vram_mb: int = Field(ge=0, le=MAX_VRAM_MB)
     price: MoneyField  # ask per work unit
-    tokens_per_s: int = Field(ge=0)  # measured by the node's benchmark
+    tokens_per_s: int = Field(ge=0, le=INT64_MAX)  # measured by the node's benchmark (a BIGINT column)
     capacity: int = Field(1, ge=1, le=64)
 
 
@@ -137,8 +170,8 @@ class RevealSubmit(Strict):
     """A provider's answer in a dispute over one of its segments: its training state before ``step``, uploaded as a
     checkpoint (``blob``), with its EIP-712 ``Reveal`` signature over (unit, step, state hash)."""
 
-    verification_id: int
-    step: int = Field(ge=0)
+    verification_id: int = Field(ge=1, le=INT32_MAX)  # verifications.id is an INTEGER column
+    step: int = Field(ge=0, le=MAX_STEPS_PER_UNIT)
     state_hash: Bytes32Hex
     blob: Sha256Hex
     signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
@@ -147,15 +180,15 @@ class RevealSubmit(Strict):
 class VerificationBeat(Strict):
     """A verifier's sign of life while it replays a task: which task."""
 
-    verification_id: int = Field(ge=1)
+    verification_id: int = Field(ge=1, le=INT32_MAX)
 
 
 class VerdictSubmit(Strict):
-    verification_id: int
+    verification_id: int = Field(ge=1, le=INT32_MAX)
     ok: bool
     replayed_hash: Bytes32Hex
     signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")  # EIP-712 Verdict by the verifier
-    reason: str = Field("", max_length=500)
+    reason: Text = Field("", max_length=500)
     # with ok=false: the verifier's EIP-712 Accusation for GridStaking.accuse (protocol.signing.sign_accusation), which
     # bonds its stake; without one, a confirmed fraud is slashed by the governance path instead
     accusation: str | None = Field(None, pattern=r"^0x[0-9a-f]{130}$")

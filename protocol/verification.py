@@ -35,6 +35,7 @@ from typing import Sequence
 from eth_utils import keccak
 
 from protocol.errors import GridMintValueError
+from protocol.money import MAX_AMOUNT
 
 #: Share of committed segments replayed per unit, by level. "standard" leaves room under a 2% compute budget for
 #: the verifier's own overhead (building its replayer, loading the state and hashing it twice per replayed step:
@@ -253,7 +254,7 @@ def sampling_rate(level: str, *, consecutive_verified: int, n_segments: int, uni
 def trusted_min_stake(level: str, *, n_segments: int, unit_price: int, max_units: int = 10_000) -> int | None:
     """The least stake (base units) at which a trusted host gets :func:`sampling_rate`'s discount on a unit of
     ``n_segments`` at ``unit_price``: 0 where the discount costs nothing, None where there is none (level "none" or
-    "full") or it would take more than ``max_units`` unit prices."""
+    "full") or it would take more than ``max_units`` unit prices, or more than any stake can be (MAX_AMOUNT)."""
     rate, trusted = level_rate(level), level_rate(level, TRUST_AFTER_UNITS)
     if trusted == rate:
         return None
@@ -261,7 +262,8 @@ def trusted_min_stake(level: str, *, n_segments: int, unit_price: int, max_units
         return 0
     for horizon in range(1, max_units + 2):  # stake_horizon = stake // price + 1
         if _catch_1pct(n_segments, trusted, horizon) >= min(TRUSTED_MIN_CATCH, _catch_1pct(n_segments, rate, horizon)):
-            return (horizon - 1) * unit_price
+            least = (horizon - 1) * unit_price
+            return least if least <= MAX_AMOUNT else None
     return None
 
 

@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import pytest
 import torch
 from eth_account import Account
 
@@ -80,6 +81,105 @@ def test_malformed_and_below_floor(market) -> None:
     assert _providers(market) == 0
 
 
+
+def _signed_raw(market, acct, path: str, body: bytes) -> httpx.Response:
+    h = sign_request(acct, market.rt.chain_id, "POST", path, body, time.time_ns() // 1000, int(time.time()) + 60)
+    return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
+
+
+def test_a_body_that_is_not_utf8_is_a_422_on_every_json_route(market) -> None:
+    """Bodies that are not UTF-8 were a 500 on every JSON route (the error echo could not serialize them); signed
+    or not, they are a 422 saying where the JSON broke, and change nothing."""
+    acct = market.account()
+    for body in (b"\xff", b'{"unit_id": "\xff"}', b'{"region": "\xc3"}'):
+        answers = [_signed_raw(market, acct, path, body)
+                   for path in ("/providers/register", "/providers/heartbeat", "/verifiers/register", "/jobs")]
+        answers += [httpx.post(market.url + path, content=body, headers={"content-type": "application/json"})
+                    for path in ("/jobs/quote", "/auth/login")]
+        for r in answers:
+            assert r.status_code == 422, (r.request.url, body, r.text)
+            assert r.json()["detail"][0]["type"] == "json_invalid" and "Invalid JSON" in r.json()["detail"][0]["msg"]
+    assert _providers(market) == 0
+    with market.rt.sessions() as s:
+        assert s.query(Job).count() == 0
+
+
+def test_nan_or_infinity_in_a_float_field_is_a_422_not_a_500(market) -> None:
+    """The 422 echoed the offending input, and NaN cannot be written as JSON: a 500. The echo says it in words."""
+    for value, echoed in ((b"NaN", "nan"), (b"Infinity", "inf"), (b"-Infinity", "-inf")):
+        r = httpx.post(market.url + "/jobs/quote", content=b'{"max_price": "1", "lr": ' + value + b"}")
+        assert r.status_code == 422, r.text
+        (err,) = r.json()["detail"]
+        assert (err["loc"], err["input"]) == (["lr"], echoed)
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_integers_over_their_columns_are_a_422_on_both_databases(market) -> None:
+    """tokens_per_s over BIGINT, or a verification id over INTEGER (PostgreSQL; 2**63 on SQLite), overflowed the
+    database: a 500. The schemas bound them by their columns; the largest value that fits still goes through."""
+    acct = market.account()
+    assert _post(market, acct, "/providers/register", {**REG, "tokens_per_s": 2**63 - 1}).status_code == 201
+    for tps in (2**63, 2**80):
+        r = _post(market, acct, "/providers/register", {**REG, "tokens_per_s": tps, "gpu": "changed"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["tokens_per_s"], r.text
+    with market.rt.sessions() as s:
+        p = s.get(Provider, acct.address)
+        assert (p.tokens_per_s, p.gpu) == (2**63 - 1, "test")  # nothing changed
+    sig, h32 = "0x" + "11" * 65, "0x" + "ab" * 32
+    bodies = {"/verify/heartbeat": {},
+              "/verify/verdict": {"ok": True, "replayed_hash": h32, "signature": sig},
+              "/reveals": {"step": 1, "state_hash": h32, "blob": "cd" * 32, "signature": sig}}
+    for path, rest in bodies.items():
+        for vid in (2**31, 2**63, 2**80):
+            r = _post(market, acct, path, {"verification_id": vid, **rest})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["verification_id"], (path, vid, r.text)
+        top = _post(market, acct, path, {"verification_id": 2**31 - 1, **rest})
+        assert top.status_code == 404 and "does not exist" in top.json()["detail"], (path, top.text)
+    r = httpx.post(market.url + "/jobs/quote", json={"max_price": "1", "vram_mb": 2**80})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["vram_mb"], r.text
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_nul_and_control_characters_are_refused_alike_on_both_databases(market) -> None:
+    """PostgreSQL text cannot hold NUL: a NUL in a job id path or a stored string was a DataError (500) there and
+    went through on SQLite. Both now refuse it the same way: 404 for a path id, 422 for a body field."""
+    for path in ("/jobs/%00", "/web/jobs/%00", "/jobs/%00/weights", "/jobs/0x" + "ab" * 31 + "a%00",
+                 "/jobs/x%0Ay"):
+        r = httpx.get(market.url + path)
+        assert r.status_code == 404 and "does not exist" in r.json()["detail"], (path, r.text)
+    acct = market.account()
+    for field, text in (("gpu", "a\u0000b"), ("gpu", "RTX\n4090"), ("gpu", "a\u007f"), ("region", "eu-north\u0000")):
+        r = _post(market, acct, "/providers/register", {**REG, field: text})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [field], (field, text, r.text)
+    assert _providers(market) == 0
+    verdict = {"verification_id": 1, "ok": True, "replayed_hash": "0x" + "ab" * 32, "signature": "0x" + "11" * 65}
+    r = _post(market, acct, "/verify/verdict", {**verdict, "reason": "fine\u0000"})
+    assert r.status_code == 422 and "NUL" in r.json()["detail"][0]["msg"], r.text
+    ok = _post(market, acct, "/providers/register", {**REG, "gpu": "NVIDIA GeForce RTX 4090 \u00fc"})  # not ASCII: fine
+    assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_money_is_ascii_digits_up_to_a_uint256_on_both_databases(market) -> None:
+    """A price of 2**300 was stored (a 500 on PostgreSQL past the Money column's 80 digits), Arabic-Indic digits
+    passed str.isdigit(), and a quote's budget could exceed what any escrow holds. All a 422 now; 2**256 - 1 is
+    stored and read back exactly on both databases."""
+    top = 2**256 - 1
+    acct = market.account()
+    for price in (2**300, str(10**80), top + 1, "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669\u0660" * 2):
+        r = _post(market, acct, "/providers/register", {**REG, "price": price})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["price"], (price, r.text)
+    assert _providers(market) == 0
+    assert _post(market, acct, "/providers/register", {**REG, "price": str(top)}).status_code == 201
+    with market.rt.sessions() as s:
+        assert s.get(Provider, acct.address).price == top
+    assert httpx.get(market.url + "/providers").json()[0]["price"] == str(top)
+    for spec in ({"max_price": 2**300}, {"max_price": str(top)}, {"max_price": str(top // 12 + 1)}):  # 4 x 3 units
+        r = httpx.post(market.url + "/jobs/quote", json=spec)
+        assert r.status_code == 422 and "uint256 cap" in r.text, (spec, r.text)
+    r = httpx.post(market.url + "/jobs/quote", json={"max_price": str(top), "rounds": 1, "units_per_round": 1})
+    assert r.status_code == 200 and int(r.json()["budget"]) == top, r.text
+
 def test_unfunded_and_underfunded_job_refused(market) -> None:
     customer = market.account(gmt=tokens(100))
     client = MarketClient(market.url, customer)
@@ -113,6 +213,20 @@ def test_pickle_and_oversize_uploads_refused(market) -> None:
     assert r.status_code == 413
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
 
+
+
+def test_a_checkpoint_header_nested_deep_or_with_a_huge_integer_is_refused_and_the_server_lives(market) -> None:
+    """A safetensors header of 100,000 nested brackets used to kill the server (json.loads overflowed the C stack
+    under eth_account's recursion limit); a 5,000-digit integer in one was a 500. Both are a 422 now, nothing is
+    stored, and the server still answers."""
+    client = MarketClient(market.url, Account.create())  # any fresh wallet may upload
+    nested = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    huge = b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,4]}}'
+    for header, data, says in ((nested, b"", "nests deeper"), (huge, b"\0" * 4, "5000-digit integer")):
+        r = client.signed("PUT", "/blobs", len(header).to_bytes(8, "little") + header + data, "application/octet-stream")
+        assert r.status_code == 422 and says in r.json()["detail"], r.text
+    assert httpx.get(market.url + "/healthz").status_code == 200
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []
 
 def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> None:
     client = MarketClient(market.url, market.account())

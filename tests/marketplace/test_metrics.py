@@ -158,6 +158,17 @@ def test_openmetrics_on_request(rt: Runtime) -> None:
     assert got.text.rstrip().endswith("# EOF")
 
 
+@pytest.mark.parametrize("version", ["abc", "1.0.x"])
+def test_an_accept_header_prometheus_client_cannot_read_gets_the_text_format(rt: Runtime, version: str) -> None:
+    """prometheus_client.choose_encoder raised TypeError on 'version=abc' (a 500): the answer is the plain text
+    format, as for a scraper that asks for nothing in particular."""
+    client = TestClient(create_app(rt), raise_server_exceptions=False)
+    got = client.get("/metrics", headers={"Accept": f"application/openmetrics-text; version={version}"})
+    assert got.status_code == 200 and got.headers["content-type"] == client.get("/metrics").headers["content-type"]
+    assert got.headers["content-type"].startswith("text/plain")
+    assert any(f.name == "gridmint_http_requests" for f in text_string_to_metric_families(got.text))
+
+
 def test_open_disputes_are_counted_by_the_referee_that_judges_them(tmp_path: Path, db_url: str) -> None:
     """A referee pool whose disputes pile up has no worker running (they wait in its queue): /metrics shows it.
     Disputed and bisecting checks count, by the kernels the unit was computed with: a pool's, else the default

@@ -4,6 +4,8 @@ import hashlib
 import io
 import json
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -146,4 +148,48 @@ def test_canonical_bytes_are_read_by_safetensors_itself() -> None:
     assert blob == checkpoint.serialize(dict(reversed(list(_tensors().items()))), dict(reversed(list(meta.items()))))
     loaded = st_load(blob)
     assert all(torch.equal(loaded[k], v) for k, v in _tensors().items())
+    assert checkpoint.load(blob)[1] == meta
+
+
+def _raw_blob(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+NESTED = _raw_blob(b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+
+def test_a_deeply_nested_header_is_refused_before_json_parses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """json.loads recurses in C once per bracket: the depth check must refuse first, whatever the recursion limit."""
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("json.loads was called on a header nested 100,000 deep")
+
+    monkeypatch.setattr(checkpoint.json, "loads", no_parse)
+    for blob in (NESTED, _raw_blob(b'{"a":{"b":{"c":[1]}}}'), _raw_blob(b'{"a":[[[[}')):
+        with pytest.raises(CheckpointError, match="nests deeper than 3 levels"):
+            checkpoint.load(blob)
+
+
+def test_a_deeply_nested_header_does_not_crash_the_process() -> None:
+    """With the recursion limit eth_account (py_ecc) sets, json.loads on this header overflowed the C stack: the
+    process died of SIGSEGV. Loaded in a child process so a regression fails this test instead of killing pytest."""
+    code = ("import sys; sys.setrecursionlimit(100_000)\n"
+            "from node import checkpoint\nfrom protocol.errors import CheckpointError\n"
+            "try:\n    checkpoint.load(sys.stdin.buffer.read())\nexcept CheckpointError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], input=NESTED, capture_output=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"nests deeper than 3 levels" in done.stdout
+
+
+def test_a_huge_integer_in_the_header_is_a_checkpoint_error() -> None:
+    """int() refuses more than 4,300 digits with a bare ValueError; the loader says what is wrong instead."""
+    for digits in (b"1" * 5000, b"1" * 21, b"-" + b"1" * 5000):
+        raw = b'{"a":{"dtype":"F32","shape":[' + digits + b'],"data_offsets":[0,4]}}'
+        with pytest.raises(CheckpointError, match="-digit integer"):
+            checkpoint.load(_raw_blob(raw, b"\x00" * 4))
+
+
+def test_brackets_and_quotes_inside_strings_do_not_count_as_nesting() -> None:
+    meta = {"note": '[[[[{{{{ "quoted" \\ }}', "k[": "v{"}
+    blob = checkpoint.serialize(_tensors(), meta)
     assert checkpoint.load(blob)[1] == meta

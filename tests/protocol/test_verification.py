@@ -59,6 +59,10 @@ def test_trusted_hosts_are_sampled_less_only_where_a_cheat_still_loses_its_stake
     assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=10) == 390
     assert vp.trusted_min_stake("standard", n_segments=4, unit_price=10) == 0  # one pick either way
     assert vp.trusted_min_stake("full", n_segments=4, unit_price=10) is None
+    # a stake over a uint256 cannot exist: no discount is on offer at any stake (it was quoted above 2**256)
+    top = (2**256 - 1) // 39  # the dearest unit whose 39 unit prices still fit
+    assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=top) == 39 * top
+    assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=top + 1) is None
 
 
 def test_budget() -> None:
