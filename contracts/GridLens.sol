@@ -21,7 +21,7 @@ contract GridLens {
     ///   totalClaimable, totalDeposited, latestEpoch, latestClaimableAt, paused flags of staking / escrow / distributor;
     /// - 9 per account: token balance, staked, locked, bonded, unbonding, unbondingReadyAt, openDisputes,
     ///   escrow claimable, payout claimed;
-    /// - 4 per job: funded, released, closed (0/1), closableAt.
+    /// - 4 per job: funded, released, closed (0/1), closableAt (the deadline in force, as JobEscrow.getJob says).
     function read(
         IERC20 token,
         GridStaking staking,

@@ -6,6 +6,7 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @notice What JobEscrow needs from the epoch settlement pool (PayoutDistributor).
@@ -22,7 +23,9 @@ interface IPayoutPool {
 /// The settler closes a finished job; a customer can `cancel` and close it itself after `cancelGrace` seconds (units
 /// verified in the meantime are still paid). Once that grace is over (`closableAt`), nothing more can be released
 /// from the job: what is left then is the customer's refund, whenever it closes. Closing refunds what was not
-/// released.
+/// released. Time the escrow spends paused (the guardian's kill switch; unpausing waits for the timelock) does not
+/// count against a grace: `closableAt` moves back by every second paused since the cancel, so a pause cannot wipe
+/// out the pay of units verified before it, nor let the customer close early.
 /// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + totalClaimable.
 contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
@@ -31,9 +34,11 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     bytes32 public constant GOVERNOR_ROLE = keccak256("GOVERNOR_ROLE");
     bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
 
+    /// @dev customer, closableAt, pausedAtCancel and closed share one slot (uint40 seconds last 34,000 years).
     struct Job {
         address customer;
-        uint64 closableAt; // 0 until the customer cancels
+        uint40 closableAt; // 0 until the customer cancels; then the cancel's time + cancelGrace (before any pause)
+        uint40 pausedAtCancel; // pausedSeconds() at the cancel: later paused time pushes closableAt back
         bool closed;
         uint256 funded;
         uint256 released;
@@ -42,6 +47,10 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     IERC20 public immutable token;
     IPayoutPool public immutable distributor;
     uint32 public cancelGrace;
+    // Paused-time accounting (packs with cancelGrace and Pausable's flag): seconds spent paused before the current
+    // pause, and when the current pause began (meaningful only while paused).
+    uint40 private _pausedTotal;
+    uint40 private _pausedSince;
 
     mapping(bytes32 jobId => Job) private _jobs;
     mapping(bytes32 jobId => mapping(bytes32 unitId => bool)) private _unitReleased;
@@ -102,21 +111,23 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
 
     /// @notice Customer: stop the job. Units verified within `cancelGrace` seconds are still paid (release and
     /// releaseToPool work until `closableAt`); from `closableAt` on they revert with EscrowJobCancelled, and the
-    /// customer may `close` and take the refund.
+    /// customer may `close` and take the refund. Seconds the escrow spends paused from now on push `closableAt`
+    /// back (`getJob` reports the deadline in force).
     function cancel(bytes32 jobId) external whenNotPaused {
         Job storage job = _jobs[jobId];
         address customer = job.customer;
         if (customer == address(0)) revert EscrowUnknownJob(jobId);
         if (msg.sender != customer) revert EscrowNotCustomer(jobId, msg.sender, customer);
         if (job.closed) revert EscrowJobClosed(jobId);
-        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, job.closableAt);
+        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, _closableAt(job));
         uint256 closableAt = block.timestamp + cancelGrace;
-        job.closableAt = uint64(closableAt);
+        job.closableAt = SafeCast.toUint40(closableAt);
+        job.pausedAtCancel = _pausedTotal; // not paused now (whenNotPaused): the total is complete
         emit JobCancelled(jobId, closableAt);
     }
 
     /// @notice Close `jobId` and refund what was not released to its customer. A settler may close at any time
-    /// (the job ended); the customer only after `cancel` plus `cancelGrace`.
+    /// (the job ended); the customer only after `cancel` plus `cancelGrace` (plus any time paused since the cancel).
     function close(bytes32 jobId) external whenNotPaused nonReentrant {
         Job storage job = _jobs[jobId];
         address customer = job.customer;
@@ -125,7 +136,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         if (customer == address(0)) revert EscrowUnknownJob(jobId);
         if (job.closed) revert EscrowJobClosed(jobId);
         if (!settler) {
-            uint256 closableAt = job.closableAt;
+            uint256 closableAt = _closableAt(job);
             if (closableAt == 0 || block.timestamp < closableAt) revert EscrowCancelPending(jobId, closableAt);
         }
 
@@ -188,12 +199,25 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     // ---------------------------------------------------------------- governance
 
     /// @notice Kill switch: blocks fund, cancel, release, close and claim. Unpause goes through the timelock.
+    /// The time paused does not count against any cancel's grace (see `pausedSeconds`).
     function pause() external onlyRole(GUARDIAN_ROLE) {
         _pause();
     }
 
     function unpause() external onlyRole(GOVERNOR_ROLE) {
         _unpause();
+    }
+
+    /// @dev Paused-time accounting hooks into OpenZeppelin's `_pause` / `_unpause`: a pause starts the clock ...
+    function _pause() internal override {
+        super._pause();
+        _pausedSince = SafeCast.toUint40(block.timestamp);
+    }
+
+    /// @dev ... and an unpause adds the pause's length to the total.
+    function _unpause() internal override {
+        super._unpause();
+        _pausedTotal = SafeCast.toUint40(_pausedTotal + (block.timestamp - _pausedSince));
     }
 
     function setCancelGrace(uint32 grace) external onlyRole(GOVERNOR_ROLE) {
@@ -203,13 +227,22 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- views
 
+    /// @notice `closableAt` is the deadline in force: 0 if not cancelled, else the cancel's time + the grace then +
+    /// every second the escrow has been paused since the cancel (while paused, it moves on with the clock).
     function getJob(bytes32 jobId)
         external
         view
         returns (address customer, uint256 funded, uint256 released, bool closed, uint256 closableAt)
     {
         Job storage job = _jobs[jobId];
-        return (job.customer, job.funded, job.released, job.closed, job.closableAt);
+        return (job.customer, job.funded, job.released, job.closed, _closableAt(job));
+    }
+
+    /// @notice Seconds this escrow has spent paused since it was deployed, the current pause included.
+    function pausedSeconds() public view returns (uint256) {
+        uint256 total = _pausedTotal;
+        if (paused()) total += block.timestamp - _pausedSince;
+        return total;
     }
 
     function claimable(address account) external view returns (uint256) {
@@ -234,7 +267,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         if (amount == 0) revert EscrowZeroAmount();
         Job storage job = _jobs[jobId];
         if (job.closed) revert EscrowJobClosed(jobId);
-        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, job.closableAt);
+        if (job.closableAt != 0) revert EscrowJobCancelled(jobId, _closableAt(job));
         address customer = job.customer;
         if (customer == address(0)) {
             job.customer = funder;
@@ -247,6 +280,16 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         token.safeTransferFrom(funder, address(this), amount);
     }
 
+    /// @dev A cancelled job's deadline in force (0 if not cancelled): its nominal `closableAt` plus the seconds paused
+    /// since the cancel. Pauses after the deadline passed push it back by no more than they last, so a job past its
+    /// deadline stays past it.
+    function _closableAt(Job storage job) private view returns (uint256) {
+        uint256 nominal = job.closableAt;
+        if (nominal == 0) return 0;
+        // pausedSeconds() never decreases, and was job.pausedAtCancel at the cancel: no underflow
+        return nominal + pausedSeconds() - job.pausedAtCancel;
+    }
+
     /// @dev Checks that `jobId` is open, not past a cancel's grace, and holds `amount`; records it as released.
     /// The grace check keeps the settler from draining a cancelled job between `closableAt` and the customer's
     /// `close`: from `closableAt` on, the rest belongs to the customer.
@@ -254,7 +297,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         if (amount == 0) revert EscrowZeroAmount();
         Job storage job = _jobs[jobId];
         if (job.closed) revert EscrowJobClosed(jobId);
-        uint256 closableAt = job.closableAt;
+        uint256 closableAt = _closableAt(job);
         if (closableAt != 0 && block.timestamp >= closableAt) revert EscrowJobCancelled(jobId, closableAt);
         uint256 released = job.released;
         uint256 available = job.funded - released;

@@ -35,7 +35,8 @@ class JobM:
     funded: int = 0
     released: int = 0
     closed: bool = False
-    closable_at: int = 0
+    closable_at: int = 0  # nominal: the cancel's time + the grace; Model.deadline adds the time paused since
+    paused_at_cancel: int = 0  # Model.paused_total at the cancel
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class Model:
     claimable_at: int = 0
     claimed: dict[str, int] = field(default_factory=dict)
     paused: bool = False
+    #: JobEscrow's paused-time accounting: seconds paused before the current pause, and when the current one began
+    paused_total: int = 0
+    paused_since: int = 0
     evidence_used: set[bytes] = field(default_factory=set)
     disputes: dict[bytes, DisputeM] = field(default_factory=dict)
     # per-account stake flows: stake_in == withdrawn + slashed + staked + unbonding, always
@@ -246,6 +250,16 @@ class Model:
 
     # ---------------------------------------------------------------- escrow
 
+    def paused_seconds(self, at: int | None = None) -> int:
+        """JobEscrow.pausedSeconds() at time ``at`` (default ``now``): the current pause included."""
+        at = self.now if at is None else at
+        return self.paused_total + (at - self.paused_since if self.paused else 0)
+
+    def deadline(self, j: JobM, at: int | None = None) -> int:
+        """A cancelled job's deadline in force at ``at`` (JobEscrow getJob's closableAt): the nominal one pushed back
+        by the seconds paused since the cancel; 0 if not cancelled."""
+        return j.closable_at + self.paused_seconds(at) - j.paused_at_cancel if j.closable_at else 0
+
     def fund(self, c: str, job: bytes, amount: int) -> str | None:
         j = self.jobs.get(job, JobM())
         if self.paused:
@@ -272,7 +286,7 @@ class Model:
             return "EscrowZeroAmount"
         if j.closed:
             return "EscrowJobClosed"
-        if j.closable_at and self.now >= j.closable_at:
+        if j.closable_at and self.now >= self.deadline(j):
             return "EscrowJobCancelled"  # the cancel's grace is over: the rest is the customer's refund
         if amount > j.funded - j.released:
             return "EscrowInsufficientFunds"
@@ -320,6 +334,7 @@ class Model:
         if j.closable_at:
             return "EscrowJobCancelled"
         j.closable_at = self.now + self.params.cancel_grace
+        j.paused_at_cancel = self.paused_total
         return None
 
     def close(self, sender: str, job: bytes) -> str | None:
@@ -333,7 +348,7 @@ class Model:
             return "EscrowUnknownJob"
         if j.closed:
             return "EscrowJobClosed"
-        if not settler and (j.closable_at == 0 or self.now < j.closable_at):
+        if not settler and (j.closable_at == 0 or self.now < self.deadline(j)):
             return "EscrowCancelPending"
         j.closed = True
         self._add(self.balances, j.customer, j.funded - j.released)
@@ -438,11 +453,13 @@ class Model:
     # ---------------------------------------------------------------- kill switch
 
     def pause(self) -> str | None:
-        self.paused = True
+        if not self.paused:  # the kill switch skips a paused target: its pause clock keeps running
+            self.paused, self.paused_since = True, self.now
         return None
 
     def unpause(self) -> str | None:
         if not self.paused:
             return "ExpectedPause"
         self.paused = False
+        self.paused_total += self.now - self.paused_since
         return None

@@ -91,7 +91,9 @@ def deploy(
     - ``verifier_bond``: stake a verifier bonds per accusation (0 disables the fraud-proof path until governance
       sets one).
     - ``dispute_window_s``: seconds before a posted payout root becomes claimable (the guardian can void it inside).
-    - ``cancel_grace_s``: seconds after a customer's cancel during which verified units are still paid.
+    - ``cancel_grace_s``: seconds after a customer's cancel during which verified units are still paid (seconds the
+      escrow spends paused do not count). The marketplace pays what was verified as soon as it sees the cancel (its
+      sweep runs every minute): keep the grace well above that.
     - ``timelock_delay_s``: the TimelockController's minimum delay for parameter changes and unpausing.
 
     The TimelockController gets GOVERNOR_ROLE everywhere (``deployer`` is its proposer and executor); the kill switch

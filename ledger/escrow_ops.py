@@ -14,7 +14,9 @@ from protocol.errors import ChainError
 @dataclass(frozen=True)
 class JobState:
     """An escrowed job. ``remaining`` is what the escrow still holds for it: funded - released, or 0 once closed.
-    ``closable_at`` is 0 unless the customer cancelled (then: when the customer may close it)."""
+    ``closable_at`` is 0 unless the customer cancelled; then it is the deadline in force (unix seconds): releases
+    work until then, the customer may close from then on. It is the cancel's time + the grace, pushed back by every
+    second the escrow has spent paused since the cancel (while paused it moves on with the clock)."""
 
     customer: str
     funded: int
@@ -89,8 +91,9 @@ class EscrowOps(TokenStakingOps):
         return True
 
     def cancel_job(self, job_id: bytes | str) -> int:
-        """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it. Units verified until then
-        are still paid; from then on nothing more can be released, so the rest is the customer's refund."""
+        """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it (a pause of the escrow
+        pushes that back by its length: ``get_job(...).closable_at`` has the deadline in force). Units verified until
+        then are still paid; from then on nothing more can be released, so the rest is the customer's refund."""
         receipt = self._send(self.escrow, "cancel", to_bytes32(job_id, "job_id"))
         return int(self._event_arg(self.escrow, "JobCancelled", receipt, "closableAt"))
 

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 
 from marketplace import checking, referee, service, settlement
 from marketplace import siwe
@@ -390,15 +390,19 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.get("/providers/{address}", summary="One provider, with its work still open", responses=_errors(404, 422))
     def provider_one(address: str) -> dict[str, Any]:
-        """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified
-        (a dispute over one may still ask it to reveal a state: a node should stay up until this is 0)."""
+        """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified,
+        and those of cancelled jobs still under dispute (a dispute over one may still ask it to reveal a state: a node
+        should stay up until this is 0)."""
         checksummed = _address(address)
         with rt.sessions() as s:
             p = s.get(Provider, checksummed)
             if p is None:
                 raise HTTPException(404, detail=f"provider {checksummed} is not registered")
-            unverified = s.scalar(select(func.count()).select_from(Unit).where(Unit.provider == checksummed,
-                                                                               Unit.status == "submitted"))
+            disputed = (select(Verification.id).where(Verification.unit_id == Unit.id,
+                                                      Verification.status.in_(["disputed", "bisecting"])).exists())
+            unverified = s.scalar(select(func.count()).select_from(Unit).where(
+                Unit.provider == checksummed,
+                or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed))))
             return {**provider_view(p), "unverified": int(unverified or 0)}
 
     @app.get("/", response_class=HTMLResponse, summary="Web page")

@@ -277,7 +277,11 @@ def maybe_verified(s: Session, unit: Unit) -> None:
                                   Verification.status.notin_(["passed", "verifier_wrong", "dismissed"])))
     if open_checks or unit.status != "submitted":
         return
-    unit.status = "verified"
+    # conditional: a unit its job's stop cancelled meanwhile (marketplace.cancellation) is not credited
+    # (synchronize "fetch": the session's copy of the unit follows what the database did, not what it assumed)
+    if s.execute(update(Unit).where(Unit.id == unit.id, Unit.status == "submitted").values(status="verified")
+                 .execution_options(synchronize_session="fetch")).rowcount != 1:
+        return
     assert unit.provider is not None and unit.price is not None
     prov = s.get(Provider, unit.provider)
     assert prov is not None

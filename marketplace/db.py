@@ -92,7 +92,9 @@ class Job(Base):
     customer: Mapped[str] = mapped_column(String(42))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # JobSpec as JSON
     budget: Mapped[int] = mapped_column(Money)  # what the escrow must hold: units x price cap
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running | done | settled
+    # running | done | settled; running | cancelling | cancelled once the customer cancels the escrow on chain
+    # (marketplace.cancellation)
+    status: Mapped[str] = mapped_column(String(16), default="running")
     round: Mapped[int] = mapped_column(Integer, default=0)
     global_blob: Mapped[str] = mapped_column(String(64))  # sha256 of the current global checkpoint
     eval_losses: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -109,7 +111,8 @@ class Unit(Base):
     round: Mapped[int] = mapped_column(Integer)
     shard: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # pending -> assigned -> submitted -> verified | (fraud -> pending again, cheat excluded)
+    # pending -> assigned -> submitted -> verified | (fraud -> pending again, cheat excluded);
+    # cancelled: not verified when its job's escrow was cancelled (never paid)
     provider: Mapped[str | None] = mapped_column(String(42), nullable=True)
     price: Mapped[int | None] = mapped_column(Money, nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -34,8 +34,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 UNMATCHED = "<unmatched>"  # requests no route matched: one label, whatever path a scanner tries
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method is "OTHER"
 # Statuses reported even when no row has them, so a gauge drops to 0 instead of vanishing (see marketplace.db).
-UNIT_STATUSES = ("pending", "assigned", "submitted", "verified")
-JOB_STATUSES = ("running", "done", "settled")
+UNIT_STATUSES = ("pending", "assigned", "submitted", "verified", "cancelled")
+JOB_STATUSES = ("running", "done", "settled", "cancelling", "cancelled")
 PROVIDER_STATUSES = ("active", "slashed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Set (before prometheus_client is imported) in every worker of a multi-worker server: see the module docstring.

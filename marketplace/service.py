@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
-from marketplace import matching, referee, settlement, standby
+from marketplace import cancellation, matching, referee, settlement, standby
 from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
 from marketplace.common import Conflict, NotFound, log, model_config, stake_short, unit_id_for, unit_spec
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
@@ -69,13 +69,17 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
 # ---------------------------------------------------------------- jobs
 
 def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
-    """Accept a job only if its escrow on chain already holds the full budget, funded by this customer."""
+    """Accept a job only if its escrow on chain already holds the full budget, funded by this customer, and was not
+    cancelled (Conflict: a cancelled escrow pays nothing after its grace, and is the customer's to close)."""
     need = spec.budget()
     escrow = rt.contracts.get_job(job_id)
     if escrow.customer.lower() != customer.lower() or escrow.closed:
         raise InsufficientFundsError(
             f"job {job_id} is not funded by {customer} on chain (escrow customer {escrow.customer}, closed={escrow.closed});"
             f" fund {need} base units into JobEscrow first")
+    if escrow.closable_at:
+        raise Conflict(f"the escrow of job {job_id} was cancelled on chain: it pays no work after {escrow.closable_at}"
+                       f" (unix s), when you may close it for the refund; fund a new job id to submit this job")
     if escrow.remaining < need:
         raise InsufficientFundsError(f"escrow for job {job_id} holds {escrow.remaining} base units, the job needs {need}")
     state = init_state(model_config(spec), spec.seed)
@@ -346,7 +350,9 @@ def _observe_late(prov: Provider, spec: JobSpec, seconds: int) -> int:
 # ---------------------------------------------------------------- rounds and settlement
 
 def advance(rt: Runtime, job_id: str) -> str:
-    """When every unit of the current round is verified: average them (outer step) and open the next round."""
+    """When every unit of the current round is verified: average them (outer step) and open the next round, unless
+    the customer cancelled the escrow meanwhile (read from the chain first): then the job stops there, its verified
+    units are paid (:mod:`marketplace.cancellation`)."""
     with rt.sessions.begin() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running":
@@ -361,6 +367,11 @@ def advance(rt: Runtime, job_id: str) -> str:
     merged = average_states(states)
     loss = evaluate(model_config(spec), merged)
     sha = rt.blobs.put_tensors(merged, {"kind": "global", "job": job_id, "round": str(round_ + 1)})
+    stop = None  # a new round starts only on an escrow that was not cancelled (the last round just ends: done)
+    if round_ + 1 < spec.rounds:
+        escrow = rt.contracts.get_job(job_id)
+        if (why := cancellation.escrow_stop(escrow)) is not None:
+            stop = (why, escrow.closable_at)
     with rt.sessions.begin() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -369,14 +380,20 @@ def advance(rt: Runtime, job_id: str) -> str:
         job.global_blob = sha
         job.eval_losses = [*job.eval_losses, loss]
         log(s, "round_done", job_id, round=round_, eval_loss=loss)
-        if round_ + 1 < spec.rounds:
+        if stop is not None:
+            cancellation.stop_in(s, job_id, *stop)
+            status = "cancelling"
+        elif round_ + 1 < spec.rounds:
             job.round = round_ + 1
             _create_round_units(s, job, spec, round_ + 1)
             status = "running"
         else:
             job.status = status = "done"
             log(s, "job_done", job_id, eval_loss=loss)
-    rt.enqueue("gridmint.settle" if status == "done" else "gridmint.match", [job_id] if status == "done" else [])
+    if status == "running":
+        rt.enqueue("gridmint.match", [])
+    else:
+        rt.enqueue("gridmint.settle", [job_id])
     return status
 
 
@@ -421,8 +438,11 @@ def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) 
 def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
     the chain node was down, a broker restart): disputes not yet adjudicated, verifiers caught by a canary not yet
-    slashed, rounds fully verified but not advanced,
-    finished jobs not settled. Each step is idempotent, so a duplicate of a step still queued does nothing."""
+    slashed, rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
+    idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
+    cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, one chain read per running job);
+    a job settled for good (``settled``, ``cancelled``) is never queued again."""
+    cancelled = cancellation.stop_cancelled(rt)
     with rt.sessions.begin() as s:
         disputes = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
                                   .join(Unit, Unit.id == Verification.unit_id)
@@ -432,16 +452,18 @@ def sweep(rt: Runtime) -> dict[str, int]:
         unverified = func.sum(case((Unit.status != "verified", 1), else_=0))
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
-        done = list(s.scalars(select(Job.id).where(Job.status == "done")))
+        done = list(s.scalars(select(Job.id).where(Job.status.in_(settlement.SETTLING))))
     for v, build, fallen_back in disputes:
         run_referee(rt, v, build, fallen_back)
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
     for j in ready:
         rt.enqueue("gridmint.advance", [j])
+    done = [j for j in done if j not in cancelled]  # stop_cancelled queued their settlement
     for j in done:
         rt.enqueue("gridmint.settle", [j])
-    return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done)}
+    return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done),
+            "cancelled": len(cancelled)}
 
 
 def reap(rt: Runtime) -> int:

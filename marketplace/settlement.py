@@ -2,7 +2,10 @@
 
 1. ``settle_job`` (job done): the job's verified, unreleased ledger entries move from its escrow to the payout pool
    in ONE transfer (``JobEscrow.releaseToPool`` with a batch id derived from the entries), then the escrow is closed
-   and the customer refunded the rest.
+   and the customer refunded the rest. A job stopped because its customer cancelled the escrow (``cancelling``,
+   :mod:`marketplace.cancellation`) goes the same way, except that the escrow is left to the customer's close; one
+   whose escrow refuses for good (the cancel's grace is over, or the escrow was closed) ends ``cancelled`` with its
+   unpaid entries recorded, never retried.
 2. ``post_epoch`` (periodic, and after each settlement): one Merkle root over every provider's *cumulative* pooled
    earnings goes on chain (``PayoutDistributor.postRoot``). Nothing is posted when nothing changed, or while the
    previous root is still inside its dispute window.
@@ -25,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ledger.payout_tree import PayoutTree, build_payout_tree
+from marketplace.cancellation import unpaid_entries
 from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, now_s
 from marketplace.runtime import Runtime
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError
@@ -37,43 +41,97 @@ def batch_id_for(job_id: str, unit_ids: list[str]) -> str:
     return "0x" + keccak(to_bytes32(job_id) + b"pool-batch" + parts).hex()
 
 
+#: Job states settle_job works on, and the final ones it leaves a job in.
+SETTLING = ("done", "cancelling")
+FINAL = ("settled", "cancelled")
+#: Escrow refusals that are final: a cancel's grace is over, or the escrow was closed. Nothing more can be released.
+_FOR_GOOD = ("EscrowJobCancelled", "EscrowJobClosed")
+
+
 def settle_job(rt: Runtime, job_id: str) -> int:
-    """Move a finished job's verified pay to the payout pool and refund the rest. Returns the refund.
+    """Move a finished job's verified pay to the payout pool and refund the rest. Returns the refund: sent now, or,
+    for a ``cancelling`` job (its customer cancelled the escrow), what the customer's own close will send, as the
+    escrow is left open for it. Either way the job ends in a final state (``settled``, ``cancelled``).
 
     Safe to re-run after a crash at any point: the batch id is derived from the unreleased entries, and the escrow
-    refuses a second release of a batch (the client returns False without sending)."""
+    refuses a second release of a batch (the client returns False without sending). If the escrow refuses the
+    release for good (EscrowJobCancelled: the cancel's grace is over; EscrowJobClosed), the job ends ``cancelled`` and
+    a ``cancel_unpaid`` event lists the entries left unpaid; a re-run returns at once, so nothing retries forever."""
     with rt.sessions.begin() as s:
         job = s.get(Job, job_id)
-        if job is None or job.status not in ("done", "settled"):
-            raise GridMintValueError(f"job {job_id} is not done")
-        if job.status == "settled":
+        if job is None or job.status not in SETTLING + FINAL:
+            raise GridMintValueError(f"job {job_id} is not done" + (f" (status {job.status})" if job else ""))
+        if job.status in FINAL:
             return job.refund or 0
+        cancelling = job.status == "cancelling"
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
                                                            LedgerEntry.released.is_(False))))
         ids = [e.id for e in entries]
         batch = batch_id_for(job_id, [e.unit_id for e in entries]) if entries else None
         amount = sum(e.amount for e in entries)
     if batch is not None:
-        rt.contracts.release_to_pool(job_id, batch, amount)  # False (no tx) if this batch was already released
+        try:
+            rt.contracts.release_to_pool(job_id, batch, amount)  # False (no tx) if this batch was already released
+        except ChainError as exc:
+            if exc.error_name not in _FOR_GOOD:
+                raise  # paused, node down, ...: the task retries, the sweep re-queues it
+            return _end_unpaid(rt, job_id, str(exc))
         with rt.sessions.begin() as s:
             for e in s.scalars(select(LedgerEntry).where(LedgerEntry.id.in_(ids))):
                 e.released, e.batch = True, batch
-    rt.contracts.close_job(job_id)  # 0, no tx, if already closed
+    if not cancelling:
+        rt.contracts.close_job(job_id)  # 0, no tx, if already closed
     onchain = rt.contracts.get_job(job_id)
     with rt.sessions.begin() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        paid = sum(e.amount for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
-        if paid != onchain.released:
-            raise InsufficientFundsError(f"ledger says {paid} paid for job {job_id} but escrow released {onchain.released}")
-        job.status, job.settled_at = "settled", now_s()
+        if job.status in FINAL:  # a concurrent run finished it
+            return job.refund or 0
+        paid = _check_released(s, job_id, onchain.released)
+        # none but a verdict that raced the stop (cancellation.stop_in) can be left: recorded, never paid
+        left = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.released.is_(False))))
+        job.status, job.settled_at = "cancelled" if cancelling else "settled", now_s()
         job.refund = onchain.funded - onchain.released
-        s.add(Event(job_id=job_id, kind="job_settled", data={
-            "paid": str(paid), "refund": str(job.refund), "released_on_chain": str(onchain.released),
-            "batch": batch}))
+        data: dict[str, Any] = {"paid": str(paid), "refund": str(job.refund), "released_on_chain": str(onchain.released),
+                                "batch": batch}
+        if cancelling:  # the escrow stays open: the customer's close refunds the rest
+            data.update(closable_at=onchain.closable_at, escrow_closed=onchain.closed)
+        if left:
+            data["unpaid"] = unpaid_entries(left)
+        s.add(Event(job_id=job_id, kind="job_cancel_settled" if cancelling else "job_settled", data=data))
         refund = job.refund
     rt.enqueue("gridmint.epoch", [])
     return refund
+
+
+def _check_released(s: Session, job_id: str, onchain_released: int) -> int:
+    """What the ledger says was released from ``job_id``'s escrow; InsufficientFundsError unless the escrow agrees."""
+    paid = sum(e.amount for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                                     LedgerEntry.released.is_(True))))
+    if paid != onchain_released:
+        raise InsufficientFundsError(f"ledger says {paid} paid for job {job_id} but escrow released {onchain_released}")
+    return paid
+
+
+def _end_unpaid(rt: Runtime, job_id: str, reason: str) -> int:
+    """The escrow refuses ``job_id``'s release for good: the job ends ``cancelled``, its unreleased entries are
+    recorded as unpaid (a ``cancel_unpaid`` event) and left so. Returns the customer's refund (the escrow's rest)."""
+    onchain = rt.contracts.get_job(job_id)
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.status in FINAL:
+            return job.refund or 0
+        _check_released(s, job_id, onchain.released)
+        unpaid = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                          LedgerEntry.released.is_(False))))
+        job.status, job.settled_at = "cancelled", now_s()
+        job.refund = onchain.funded - onchain.released
+        s.add(Event(job_id=job_id, kind="cancel_unpaid", data={
+            "reason": reason, "closable_at": onchain.closable_at, "escrow_closed": onchain.closed,
+            "unpaid": str(sum(e.amount for e in unpaid)), "entries": unpaid_entries(unpaid),
+            "refund": str(job.refund)}))
+        return job.refund
 
 
 def cumulative_earnings(s: Session) -> dict[str, int]:

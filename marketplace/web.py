@@ -63,7 +63,7 @@ def _event_detail(e: dict[str, Any]) -> str:
 
 
 def render_job(job: dict[str, Any]) -> str:
-    """One job (``GET /jobs/{job_id}``'s view) as a page: refreshed every 5 s until it is settled."""
+    """One job (``GET /jobs/{job_id}``'s view) as a page: refreshed every 5 s until it is settled (or cancelled)."""
     jid = job["job_id"]
     losses = job["eval_losses"] or []
     checks = Counter(v["status"] for v in job["verifications"])
@@ -80,7 +80,8 @@ def render_job(job: dict[str, Any]) -> str:
     verifications = [{**v, "unit_id": _short(v["unit_id"]), "provider": _short(v["provider"]),
                       "verifier": _short(v["verifier"])} for v in job["verifications"]]
     payouts = [{**p, "unit_id": _short(p["unit_id"]), "provider": _short(p["provider"]), "amount": _gmt(p["amount"]),
-                "released": "yes" if p["released"] else "not yet"} for p in job["payouts"]]
+                "released": "yes" if p["released"] else "never: job cancelled" if job["status"] == "cancelled"
+                else "not yet"} for p in job["payouts"]]
     history = [{"at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"])), "kind": e["kind"],
                 "detail": _event_detail(e)} for e in job["events"]]
     body = f"""<p><a href="/">GridMint marketplace</a></p>
@@ -103,7 +104,7 @@ Providers slashed for cheating: {len(slashed)}{escape(cheats)}.</p>
 {_rows(payouts, [("unit_id", "Unit"), ("provider", "Provider"), ("amount", "Amount"), ("released", "Released to the pool")])}
 <h2>History</h2>
 {_rows(history, [("at", "UTC"), ("kind", "Event"), ("detail", "Detail")])}"""
-    return _page(f"GridMint job {_short(jid)}", body, refresh=job["status"] != "settled")
+    return _page(f"GridMint job {_short(jid)}", body, refresh=job["status"] not in ("settled", "cancelled"))
 
 
 def render_index(providers: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:

@@ -593,6 +593,120 @@ describe("JobEscrow", function () {
     });
   });
 
+  describe("pausedSeconds and a pause during a cancel's grace", function () {
+    // The guardian pauses 600 s into JOB's grace; the timelocked unpause lands 1,000 s after the nominal closableAt.
+    // The escrow was paused for PAUSED seconds, so the grace ends PAUSED seconds later: at `extended`.
+    async function pausedInGraceFixture() {
+      const f = await cancelledFixture();
+      const cancelledAt = f.closableAt - GRACE;
+      await time.setNextBlockTimestamp(cancelledAt + 600n);
+      await f.escrow.connect(f.guardian).pause();
+      await time.setNextBlockTimestamp(f.closableAt + 1_000n);
+      await f.escrow.connect(f.governor).unpause();
+      const paused = f.closableAt + 1_000n - (cancelledAt + 600n);
+      return { ...f, paused, extended: f.closableAt + paused };
+    }
+
+    it("counts the seconds paused, the current pause included", async function () {
+      const { escrow, guardian, governor } = await networkHelpers.loadFixture(deployEscrowFixture);
+      expect(await escrow.pausedSeconds()).to.equal(0n);
+      await escrow.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(500);
+      expect(await escrow.pausedSeconds()).to.equal(BigInt(await time.latest()) - pausedAt);
+      await time.setNextBlockTimestamp(pausedAt + 1_000n);
+      await escrow.connect(governor).unpause();
+      await time.increase(5_000);
+      expect(await escrow.pausedSeconds()).to.equal(1_000n); // stands still once unpaused
+    });
+
+    it("reports the deadline in force from getJob, moving with the clock while paused", async function () {
+      const { escrow, guardian, customer, closableAt } = await networkHelpers.loadFixture(cancelledFixture);
+      await escrow.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(GRACE * 2n);
+      const pausedFor = BigInt(await time.latest()) - pausedAt;
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 0n, false, closableAt + pausedFor]);
+    });
+
+    it("still lets the settler pay units after the nominal closableAt, up to the extended deadline's last second", async function () {
+      const { escrow, settler, customer, provider, closableAt, paused, extended } = await networkHelpers.loadFixture(
+        pausedInGraceFixture,
+      );
+      expect(await escrow.pausedSeconds()).to.equal(paused);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 0n, false, extended]);
+      expect(BigInt(await time.latest())).to.be.greaterThan(closableAt); // past the nominal grace
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 10n))
+        .to.emit(escrow, "UnitReleased")
+        .withArgs(JOB, UNIT, provider.address, 10n);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 5n))
+        .to.emit(escrow, "BatchReleased")
+        .withArgs(JOB, BATCH, 5n);
+      await time.setNextBlockTimestamp(extended - 1n);
+      await expect(escrow.connect(settler).release(JOB, UNIT2, provider.address, 1n, { gasLimit: 300_000 })).to.emit(
+        escrow,
+        "UnitReleased",
+      );
+    });
+
+    it("refuses the customer's close until the extended deadline (EscrowCancelPending with it), then refunds the rest", async function () {
+      const { token, escrow, settler, customer, provider, extended } = await networkHelpers.loadFixture(
+        pausedInGraceFixture,
+      );
+      await escrow.connect(settler).release(JOB, UNIT, provider.address, 30n);
+      await time.setNextBlockTimestamp(extended - 1n);
+      await expect(escrow.connect(customer).close(JOB, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(escrow, "EscrowCancelPending")
+        .withArgs(JOB, extended);
+      const tx = escrow.connect(customer).close(JOB);
+      await expect(tx).to.emit(escrow, "JobClosed").withArgs(JOB, FUNDING - 30n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [customer, escrow], [FUNDING - 30n, -(FUNDING - 30n)]);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([customer.address, FUNDING, 30n, true, extended]);
+    });
+
+    it("reverts release and releaseToPool with EscrowJobCancelled(jobId, extended deadline) from then on", async function () {
+      const { distributor, escrow, settler, provider, extended } = await networkHelpers.loadFixture(
+        pausedInGraceFixture,
+      );
+      await time.setNextBlockTimestamp(extended);
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 1n, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, extended);
+      await expect(escrow.connect(settler).releaseToPool(JOB, BATCH, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, extended);
+      expect(await distributor.totalDeposited()).to.equal(0n);
+    });
+
+    it("does not move the deadline of a cancel made after the pause", async function () {
+      const { escrow, guardian, governor, customer } = await networkHelpers.loadFixture(fundedFixture);
+      await escrow.connect(guardian).pause();
+      await time.increase(10_000);
+      await escrow.connect(governor).unpause();
+      await escrow.connect(customer).cancel(JOB);
+      const closableAt = BigInt(await time.latest()) + GRACE;
+      expect((await jobOf(escrow, JOB))[4]).to.equal(closableAt);
+      await time.increaseTo(closableAt);
+      await expect(escrow.connect(customer).close(JOB)).to.emit(escrow, "JobClosed").withArgs(JOB, FUNDING);
+    });
+
+    it("does not reopen releases for a job whose grace had already ended when the pause began", async function () {
+      const { escrow, guardian, governor, settler, customer, provider, closableAt } = await networkHelpers.loadFixture(
+        cancelledFixture,
+      );
+      await time.increaseTo(closableAt + 10n);
+      await escrow.connect(guardian).pause();
+      await time.increase(GRACE * 3n);
+      await escrow.connect(governor).unpause();
+      const deadline = (await jobOf(escrow, JOB))[4];
+      expect(deadline).to.be.lessThan(BigInt(await time.latest()));
+      await expect(escrow.connect(settler).release(JOB, UNIT, provider.address, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobCancelled")
+        .withArgs(JOB, deadline);
+      await expect(escrow.connect(customer).close(JOB)).to.emit(escrow, "JobClosed").withArgs(JOB, FUNDING);
+    });
+  });
+
   describe("setCancelGrace", function () {
     it("applies to the next cancel and emits CancelGraceSet", async function () {
       const { escrow, governor, customer } = await networkHelpers.loadFixture(fundedFixture);

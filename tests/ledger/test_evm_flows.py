@@ -332,6 +332,38 @@ class TestEscrowCancel:
         assert c.balance_of(c.address) == before + 1_000
         assert w.total_held() == w.supply
 
+    def test_a_pause_inside_the_grace_does_not_count_against_it(self, timed_world: World) -> None:
+        """A reviewer's repro: fund 1,000, cancel (grace 120 s), the guardian's kill switch 10 s later, the unpause
+        through the timelock (300 s: longer than the grace). Units verified before the cancel used to be unpayable
+        after the unpause (EscrowJobCancelled) and the customer's close took everything. Now the deadline moves back
+        by the time paused: the settler still pays until then, the customer's close waits until then and refunds
+        the rest."""
+        w, c, admin = timed_world, timed_world.customer, timed_world.admin
+        c.fund_job(JOB, 1_000)
+        closable_at = c.cancel_job(JOB)
+        w.chain.advance_time(10)
+        admin.pause_all()
+        paused_at = w.chain.timestamp()
+        op = admin.unpause_all()
+        assert op is not None
+        w.chain.advance_time(w.params["timelock_delay_s"] + 1)
+        admin.execute(op)
+        unpaused_at = w.chain.timestamp()
+        assert not any(admin.paused().values()) and unpaused_at > closable_at  # past the nominal grace
+        deadline = closable_at + (unpaused_at - paused_at)
+        assert c.get_job(JOB).closable_at == deadline
+        with pytest.raises(EscrowError) as early_info:
+            c.close_job(JOB)
+        expect(early_info, EscrowError, "EscrowCancelPending", JOB, deadline)
+        assert admin.release_to_pool(JOB, BATCH_1, 600)
+        w.chain.advance_time(deadline - w.chain.timestamp())
+        with pytest.raises(EscrowError) as late_info:
+            admin.release(JOB, UNIT, w.provider.address, 100)
+        expect(late_info, EscrowError, "EscrowJobCancelled", JOB, deadline)
+        assert c.close_job(JOB) == 400
+        assert c.get_job(JOB) == JobState(c.address, 1_000, 600, True, 0, deadline)
+        assert w.total_held() == w.supply
+
     def test_only_the_customer_cancels(self, timed_world: World) -> None:
         w = timed_world
         w.customer.fund_job(JOB, 10)

@@ -229,6 +229,37 @@ def test_a_dismissed_dispute_releases_the_bond_and_matches_the_model(harness: Ha
     assert h.check() == [] and h.stats.violations == []
 
 
+def test_a_pause_inside_a_cancels_grace_extends_it_on_chain_and_in_the_model(harness: Harness) -> None:
+    """JobEscrow's paused-time accounting against the model: a cancel (grace 30 s), the kill switch 10 s later,
+    the timelocked unpause 100 s after that. The deadline moves back by the time paused: a release after the nominal
+    deadline still pays, the customer's close is refused until the moved deadline, and from then on releases revert
+    and the close refunds the rest; the chain and the model agree at every step (GridLens included, read while
+    paused)."""
+    harness.reset()
+    h, job = harness, JOBS[0]
+    h.fund(0, 0, 1_000)
+    h.cancel(0, 0)
+    nominal = h.model.jobs[job].closable_at
+    h.advance_time(10)
+    h.pause()
+    h.advance_time(100)
+    assert h.check() == []
+    h.unpause()
+    deadline = h.model.deadline(h.model.jobs[job])
+    assert nominal < h.model.now < deadline and deadline == nominal + h.model.paused_total > nominal + 100
+    succeeded, reverts = dict(h.stats.succeeded), h.stats.reverts_expected
+    h.release(0, 0, 0, 100)  # past the nominal deadline: still paid
+    h.close(0, 0)  # the customer, before the moved deadline: EscrowCancelPending
+    assert h.stats.succeeded.get("release", 0) == succeeded.get("release", 0) + 1
+    assert h.stats.reverts_expected == reverts + 1
+    h.advance_time(deadline - h.model.now - 1)  # the next transaction runs at the deadline
+    h.release(0, 1, 0, 100)  # EscrowJobCancelled
+    h.close(0, 0)
+    assert h.stats.reverts_expected == reverts + 2
+    assert h.stats.succeeded.get("close", 0) == succeeded.get("close", 0) + 1
+    assert h.model.jobs[job].closed and h.check() == [] and h.stats.violations == []
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 

@@ -325,8 +325,9 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
     rt = runtime(referee_pools=pool, referee_pool_wait_s=60)
     now, job = now_s(), "0x" + "01" * 32
     with sessions.begin() as s:
+        # not "running": the sweep reads a running job's escrow on chain, and this runtime has no chain
         s.add(Job(id=job, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"), budget=1,
-                  global_blob="0" * 64))
+                  global_blob="0" * 64, status="done"))
         s.flush()
         for shard, build in enumerate([pool, here]):
             s.add(Unit(id=f"0x{shard:064x}", job_id=job, round=0, shard=shard, status="submitted", build=build))

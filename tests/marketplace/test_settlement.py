@@ -205,7 +205,8 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
             s.add(Verification(unit_id=disputed_unit, provider=world.providers[1].address, segment=2, status=status,
                                slash_tx=slash_tx, canary={"unit_id": "0x" + "22" * 32}))
     world.queued.clear()
-    assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1}
+    assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1,
+                                       "cancelled": 0}
     with world.rt.sessions() as s:
         dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
         lazy = s.scalars(select(Verification.id).where(Verification.status == "canary_missed",

@@ -1,0 +1,115 @@
+"""A customer's cancel on chain (``JobEscrow.cancel``), as the marketplace follows it.
+
+After a cancel the escrow still pays verified units for a grace period (``closableAt``: the cancel's time + the grace,
+pushed back by any time the escrow spends paused); from then on nothing more can be released, and the rest is the
+customer's refund when it closes. So the marketplace:
+
+1. takes no new job on an escrow whose cancel is pending (``service.create_job``: 409);
+2. stops a running job as soon as it sees the cancel: the periodic sweep reads every running job's escrow, and so
+   does ``service.advance`` before it opens a new round. The rule is the simplest honest one: **units verified by
+   then are paid; every other unit is cancelled**. A provider training one is told at its next heartbeat (409) and
+   stops; a submitted unit's pending checks are void (no verifier replays work nobody will pay for); a dispute
+   already open is still ruled on (a cheat is slashed whether or not it would be paid). The job is ``cancelling``;
+3. settles it at once, through the same idempotent path as a finished job (``settlement.settle_job``): the verified
+   units' pay goes to the payout pool in one batch, the escrow stays open for the customer's close (which refunds
+   the rest), and the job ends ``cancelled``;
+4. when it is too late (the marketplace was away longer than the grace, or the customer closed the escrow), the
+   escrow refuses the release for good: the job ends ``cancelled`` all the same, and a ``cancel_unpaid`` event
+   records the verified entries left unpaid; nothing retries them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ledger.escrow_ops import JobState
+from marketplace.common import log
+from marketplace.db import Job, Unit, Verification
+from marketplace.runtime import Runtime
+from protocol.errors import ChainError
+
+logger = logging.getLogger(__name__)
+
+#: Unit states a stop cancels (everything but ``verified``), and the checks of a cancelled unit that are voided.
+STOPPED_UNITS = ("pending", "assigned", "submitted")
+VOIDED_CHECKS = ("pending", "assigned", "held")
+
+
+def escrow_stop(escrow: JobState) -> str | None:
+    """Why a job whose escrow is in this state must not go on; None if it may. An escrow nobody funded (customer
+    0x0) is no reason: ``create_job`` checks the funding."""
+    if int(escrow.customer, 16) == 0:
+        return None
+    if escrow.closable_at:
+        return f"the customer cancelled its escrow on chain (it releases pay until {escrow.closable_at})"
+    if escrow.closed:
+        return "its escrow was closed on chain"
+    return None
+
+
+def stop_in(s: Session, job_id: str, why: str, closable_at: int) -> bool:
+    """Inside the caller's transaction: stop running job ``job_id`` (see the module doc). False, changing nothing,
+    if the job is not running (already stopped, done or settled).
+
+    Every transition is a conditional UPDATE, so a verdict verifying a unit concurrently either lands first (the unit
+    stays verified and is paid) or finds the unit cancelled (``checking._maybe_verified`` credits nothing)."""
+    # synchronize "fetch": objects the caller's session holds follow what the database did
+    fetch = {"synchronize_session": "fetch"}
+    if s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status="cancelling"),
+                 execution_options=fetch).rowcount != 1:
+        return False
+    stopped: dict[str, list[tuple[str, str | None]]] = {}
+    for status in STOPPED_UNITS:
+        stopped[status] = [(u, p) for u, p in s.execute(
+            update(Unit).where(Unit.job_id == job_id, Unit.status == status).values(status="cancelled")
+            .returning(Unit.id, Unit.provider), execution_options=fetch).all()]
+    cancelled = [u for rows in stopped.values() for u, _ in rows]
+    voided = 0
+    if cancelled:
+        voided = s.execute(update(Verification).where(Verification.unit_id.in_(cancelled),
+                                                      Verification.canary.is_(None),
+                                                      Verification.status.in_(VOIDED_CHECKS))
+                           .values(status="void"), execution_options=fetch).rowcount
+    verified = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job_id, Unit.status == "verified"))
+    log(s, "job_cancelled", job_id, reason=why, closable_at=closable_at, verified_units=verified,
+        cancelled_units=len(cancelled), stopped_training={u: p for u, p in stopped["assigned"]},
+        unchecked={u: p for u, p in stopped["submitted"]}, checks_voided=voided)
+    return True
+
+
+def stop_job(rt: Runtime, job_id: str, why: str, closable_at: int) -> bool:
+    """Stop running job ``job_id`` (:func:`stop_in`) and queue its settlement. Idempotent: False if it was not
+    running."""
+    with rt.sessions.begin() as s:
+        stopped = stop_in(s, job_id, why, closable_at)
+    if stopped:
+        rt.enqueue("gridmint.settle", [job_id])
+    return stopped
+
+
+def stop_cancelled(rt: Runtime) -> list[str]:
+    """The periodic sweep's look at every running job's escrow (one chain read each): every job cancelled or closed
+    on chain is stopped. Returns the jobs stopped. A chain error ends the look (logged): the next sweep looks
+    again, long inside a grace (an hour by default)."""
+    with rt.sessions() as s:
+        running = list(s.scalars(select(Job.id).where(Job.status == "running").order_by(Job.created_at)))
+    stopped: list[str] = []
+    for job_id in running:
+        try:
+            state = rt.contracts.get_job(job_id)
+        except ChainError as exc:
+            logger.warning("sweep: could not read the escrow of job %s (%s); trying again at the next sweep",
+                           job_id, exc)
+            break
+        why = escrow_stop(state)
+        if why is not None and stop_job(rt, job_id, why, state.closable_at):
+            stopped.append(job_id)
+    return stopped
+
+
+def unpaid_entries(entries: list[Any]) -> list[dict[str, str]]:
+    """Ledger entries as a ``cancel_unpaid`` event lists them."""
+    return [{"unit": e.unit_id, "provider": e.provider, "amount": str(e.amount)} for e in entries]
