@@ -19,7 +19,7 @@ from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
 from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
-from marketplace.common import Conflict, NotFound
+from marketplace.common import Conflict, NotFound, check_uploader
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
@@ -27,6 +27,7 @@ from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from marketplace.web import render_index, render_job
+from node.checkpoint import load as load_checkpoint
 from node.trainer import RECIPE
 from protocol import verification
 from protocol.errors import (
@@ -242,8 +243,12 @@ def create_app(rt: Runtime) -> FastAPI:
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
     def put_blob(req: SignedBlob, request: Request) -> dict[str, str]:
         """Body: a safetensors file of at most ``max_upload_bytes`` (no pickle). Stored by content; answers its
-        sha256, which result submissions then name."""
-        return {"sha256": rt.blobs.put_checkpoint(request._body)}  # noqa: SLF001
+        sha256, which result submissions then name. Only from a provider with a unit assigned to it or a state asked
+        of it in a dispute (409 otherwise): an upload is for work, never free storage."""
+        body = request._body  # noqa: SLF001
+        load_checkpoint(body)  # what it is, first (422): junk, pickle, a hostile header
+        check_uploader(rt, req.signer)  # who may store it (409)
+        return {"sha256": rt.blobs.put_checkpoint(body)}
 
     @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=FileResponse,
              responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},

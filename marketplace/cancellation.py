@@ -55,7 +55,7 @@ def stop_in(s: Session, job_id: str, why: str, closable_at: int) -> bool:
     if the job is not running (already stopped, done or settled).
 
     Every transition is a conditional UPDATE, so a verdict verifying a unit concurrently either lands first (the unit
-    stays verified and is paid) or finds the unit cancelled (``checking._maybe_verified`` credits nothing)."""
+    stays verified and is paid) or finds the unit cancelled (``checking.maybe_verified`` credits nothing)."""
     # synchronize "fetch": objects the caller's session holds follow what the database did
     fetch = {"synchronize_session": "fetch"}
     if s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status="cancelling"),

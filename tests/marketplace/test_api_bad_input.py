@@ -177,7 +177,8 @@ def test_money_is_ascii_digits_up_to_a_uint256_on_both_databases(market) -> None
     for spec in ({"max_price": 2**300}, {"max_price": str(top)}, {"max_price": str(top // 12 + 1)}):  # 4 x 3 units
         r = httpx.post(market.url + "/jobs/quote", json=spec)
         assert r.status_code == 422 and "uint256 cap" in r.text, (spec, r.text)
-    r = httpx.post(market.url + "/jobs/quote", json={"max_price": str(top), "rounds": 1, "units_per_round": 1})
+    r = httpx.post(market.url + "/jobs/quote", json={"max_price": str(top), "rounds": 1, "units_per_round": 1,
+                                                     "verification": "none"})  # no verifier fees on top
     assert r.status_code == 200 and int(r.json()["budget"]) == top, r.text
 
 def test_unfunded_and_underfunded_job_refused(market) -> None:
@@ -316,3 +317,20 @@ def test_a_verifier_registers_its_plan_and_kernels_and_malformed_ones_are_refuse
         assert (v.plan, v.build) == ("cpu/mb2", kernel_build())
     config = httpx.get(market.url + "/config").json()
     assert config["referee_build"] == kernel_build() and config["referee_pools"] == []
+
+
+def test_a_checkpoint_from_a_wallet_with_no_work_is_refused_and_not_stored(market) -> None:
+    """Uploads are for work: a valid checkpoint from a wallet with no unit assigned and no state asked of it (here a
+    fresh one, and a registered provider between units) is a 409, and the disk holds nothing of it."""
+    from node import checkpoint
+
+    blob = checkpoint.serialize({"w": torch.zeros(4)}, {"note": "free storage?"})
+    stranger = MarketClient(market.url, Account.create())
+    r = stranger.signed("PUT", "/blobs", blob, "application/octet-stream")
+    assert r.status_code == 409 and "no unit assigned" in r.json()["detail"], r.text
+    idle = MarketClient(market.url, market.account(gmt=tokens(300)))
+    market.contracts(idle.account).stake(tokens(200))
+    idle.register(region="eu-north", gpu="cpu", vram_mb=0, price=str(tokens("0.6")), tokens_per_s=1000, capacity=1)
+    r = idle.signed("PUT", "/blobs", blob, "application/octet-stream")
+    assert r.status_code == 409, r.text
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []

@@ -247,7 +247,7 @@ def test_a_verdict_that_races_the_stop_credits_nothing(world: World) -> None:
         assert unit is not None and unit.status == "submitted"
         with w.rt.sessions.begin() as other:  # meanwhile the sweep stops the job
             assert cancellation.stop_in(other, job_id, "cancelled on chain", 1)
-        checking._maybe_verified(s, unit)
+        checking.maybe_verified(s, unit)
         assert unit.status != "verified"  # the session's copy does not pretend either
     assert _units(w, job_id)[ids["submitted"]] == "cancelled"
     assert [e.unit_id for e in _entries(w, job_id)] == [ids["paid0"], ids["paid1"]]

@@ -90,10 +90,12 @@ def test_token_amounts_stop_at_a_uint256() -> None:
 
 def test_a_job_budget_stops_at_a_uint256() -> None:
     """The budget (rounds x units x max_price) was quoted above 2**256, an escrow no chain can hold."""
-    fits = JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6)
+    fits = JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6, verification="none")  # no verifier fees
     assert fits.budget() <= MAX_AMOUNT
     with pytest.raises(ValidationError, match="budget 2 rounds x 3 units .* is over the uint256 cap"):
-        JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6 + 1)
+        JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6 + 1, verification="none")
+    with pytest.raises(ValidationError, match="over the uint256 cap"):  # the fees count too
+        JobSpec(rounds=2, units_per_round=3, max_price=MAX_AMOUNT // 6)
 
 
 def test_token_amounts_are_exact_past_28_significant_digits() -> None:
