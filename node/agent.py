@@ -127,10 +127,10 @@ class ProviderAgent:
         if self.plan.device not in devices:
             raise GridMintValueError(f"plan {self.plan.label!r} trains on {self.plan.device}, but this marketplace's "
                                      f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
-        self._check_offer()  # what the marketplace would refuse, refused here: before anything is staked
+        have = self.contracts.stake_of(self.account.address)
+        self._check_offer(max(have, self.cfg.stake))  # what the marketplace would refuse: before anything is staked
         dev = probe()
         tps = benchmark(seconds=0.5)
-        have = self.contracts.stake_of(self.account.address)
         if have < self.cfg.stake:
             self.contracts.stake(self.cfg.stake - have)
         reg = self.client.register(region=self.cfg.region, gpu=dev.name, vram_mb=dev.vram_mb, price=str(self.cfg.price),
@@ -138,9 +138,9 @@ class ProviderAgent:
         self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
         return reg
 
-    def _check_offer(self) -> None:
-        """The region, ask and stake against the marketplace's ``/config``: a typo found after staking would leave
-        the stake locked for the unbonding delay."""
+    def _check_offer(self, stake: int) -> None:
+        """The region, ask and ``stake`` (what it will have staked) against the marketplace's ``/config``: a typo
+        found after staking would leave the stake locked for the unbonding delay."""
         cfg = self.client.config
         regions = cfg.get("regions") or {}
         if regions and self.cfg.region not in regions:
@@ -150,8 +150,8 @@ class ProviderAgent:
             raise GridMintValueError(f"price {format_tokens(self.cfg.price)} per unit is below the "
                                      f"{self.cfg.region} floor of {format_tokens(floor)}")
         least = int(cfg.get("min_stake", 0))
-        if self.cfg.stake < least:
-            raise GridMintValueError(f"stake {format_tokens(self.cfg.stake)} is below this marketplace's minimum of "
+        if stake < least:
+            raise GridMintValueError(f"stake {format_tokens(stake)} is below this marketplace's minimum of "
                                      f"{format_tokens(least)}: providers get work only while staking that much")
 
     def work_once(self) -> bool:

@@ -338,6 +338,9 @@ def test_a_node_whose_region_ask_or_stake_would_be_refused_stops_before_it_stake
         with pytest.raises(GridMintValueError, match=says):
             agent.setup()
         assert market.ops.stake_of(acct.address) == 0 and market.ops.balance_of(acct.address) == tokens(500)
+    # what counts is the stake it will have: a node asked to keep 50 that holds 200 staked already registers
+    market.contracts(acct).stake(tokens(200))
+    assert int(agent.setup()["stake"]) == tokens(200)
 
 
 def test_a_provider_whose_stake_falls_below_the_minimum_gets_no_work_until_it_stakes_again(market,

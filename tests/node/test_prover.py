@@ -103,15 +103,16 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["lazy_verifier_caught_rate"] == 1.0 and 1 <= fig["lazy_verifier_tasks_to_catch_max"] <= 500
     assert fig["verify_cost_ratio_with_canaries"] > fig["verify_cost_ratio"]
     assert fig["false_slash"] == 0 and fig["honest_update_outliers"] == 0
-    for whole in ("random_weights", "copied_weights", "replay_old"):  # segment 0 is always replayed
+    for whole in ("random_weights", "copied_weights", "replay_old"):  # every segment is wrong: any replay sees it
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
-    # 64 segments at the standard rate buy one challenge (segment 0): sparse cheats slip through at this size,
-    # which is why real units are long (the full-size bench shows them caught); except a skipped step, whose
-    # segment's model did not move: an update outlier, replayed on top of the budget every time
+    # 64 segments at the standard rate buy one challenge, drawn uniformly: a sparse cheat (5% of the segments) is
+    # caught in about one unit of 16 at this size, which is why real units are long (the full-size bench shows them
+    # caught); except a skipped step, whose segment's model did not move: an update outlier, replayed on top of the
+    # budget every time
     assert fig["adversaries"]["skip_steps"]["unit_catch_rate"] == 1.0
     for sparse in ("fake_loss", "low_precision", "extrapolate"):  # extrapolate: a skip that hides its update
-        assert fig["adversaries"][sparse]["unit_catch_rate"] == 0, sparse
-    assert fig["verify_challenges"] == 1  # an honest unit: segment 0 alone, no update outlier
+        assert 0 <= fig["adversaries"][sparse]["unit_catch_rate"] < 0.5, sparse
+    assert fig["verify_challenges"] == 1  # an honest unit: one segment, no update outlier
     cross = fig["cross_plan"]  # verification on another execution plan: tolerance, bisection, referee
     assert cross["bit_identical_segments"] == 0 and cross["false_slash"] == 0
     assert cross["honest_worst_over_tolerance"] < 1 and cross["referee_honest_worst_over_tolerance"] < 1
