@@ -27,7 +27,6 @@ from marketplace.pricing import REGIONS
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from marketplace.web import render_index, render_job
-from node.checkpoint import load as load_checkpoint
 from node.trainer import RECIPE
 from protocol import verification
 from protocol.errors import (
@@ -246,9 +245,8 @@ def create_app(rt: Runtime) -> FastAPI:
         sha256, which result submissions then name. Only from a provider with a unit assigned to it or a state asked
         of it in a dispute (409 otherwise): an upload is for work, never free storage."""
         body = request._body  # noqa: SLF001
-        load_checkpoint(body)  # what it is, first (422): junk, pickle, a hostile header
-        check_uploader(rt, req.signer)  # who may store it (409)
-        return {"sha256": rt.blobs.put_checkpoint(body)}
+        # what it is first (422: junk, pickle, a hostile header), then who may store it (409)
+        return {"sha256": rt.blobs.put_checkpoint(body, admit=lambda: check_uploader(rt, req.signer))}
 
     @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=FileResponse,
              responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},

@@ -5,7 +5,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
@@ -27,9 +27,12 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return self.path(sha).exists()
 
-    def put_checkpoint(self, data: bytes) -> str:
-        """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent."""
+    def put_checkpoint(self, data: bytes, admit: Callable[[], object] | None = None) -> str:
+        """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent.
+        ``admit``, if given, runs between the two (it raises to refuse the upload: what it is is said first)."""
         load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
+        if admit is not None:
+            admit()
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if not target.exists():

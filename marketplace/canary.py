@@ -56,9 +56,9 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     true_end, _ = checkpoint.load(blobs.path(segment_blobs[seg + 1]))
     further, _ = checkpoint.load(blobs.path(segment_blobs[seg + 2] if seg + 2 < n else final_blob))
     forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
-    end_hash = state_hash(forged_end)
-    if end_hash == proof.segments[seg].end_hash or update_norm(true_end, forged_end) == 0.0:
+    if update_norm(true_end, forged_end) == 0.0:  # (a forgery equal to the claim, hash and all, is one of these)
         return None  # the next segment did not move the model (claimed idle): the "forgery" is the claim itself
+    end_hash = state_hash(forged_end)
     end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, seg + 1)))
     segments = list(proof.segments)
     segments[seg] = replace(segments[seg], end_hash=end_hash)

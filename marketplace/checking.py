@@ -271,11 +271,10 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     """A unit whose every sampled segment passed (by the verifier, or by the referee overruling a false accusation)
     is verified; its provider is owed its price (exactly once). A unit with nothing sampled (level "none": the
     buyer chose no replay) is verified once its result passed the structural checks."""
-    open_checks = s.scalar(select(func.count()).select_from(Verification)
-                           .where(Verification.unit_id == unit.id, Verification.provider == unit.provider,
-                                  Verification.canary.is_(None),
-                                  Verification.status.notin_(["passed", "verifier_wrong", "dismissed"])))
-    if open_checks or unit.status != "submitted":
+    checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id,
+                                                       Verification.provider == unit.provider,
+                                                       Verification.canary.is_(None))))
+    if unit.status != "submitted" or any(c.status not in ("passed", "verifier_wrong", "dismissed") for c in checks):
         return
     # conditional: a unit its job's stop cancelled meanwhile (marketplace.cancellation) is not credited
     # (synchronize "fetch": the session's copy of the unit follows what the database did, not what it assumed)
@@ -286,21 +285,18 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     prov = s.get(Provider, unit.provider)
     assert prov is not None
     prov.completed += 1
-    replayed = s.scalar(select(func.count()).select_from(Verification).where(
-        Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.canary.is_(None)))
-    if replayed:  # a unit nobody replayed (level "none") builds no record
+    if checks:  # a unit nobody replayed (level "none") builds no record
         prov.verified_streak += 1
     s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
     # each verifier whose replay passed the unit earns the provider's price for that share of the compute (the job's
     # escrow holds it: JobSpec.budget); a check it got wrong, or a canary, earns nothing
     fee = verification.check_fee(unit.price, len(unit.segment_blobs or []) or 1)
     fees = 0
-    for check in s.scalars(select(Verification).where(
-            Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.canary.is_(None),
-            Verification.status == "passed", Verification.verifier.is_not(None))):
-        s.add(LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier, amount=fee,
-                          verification_id=check.id))
-        fees += fee
+    for check in checks:
+        if check.status == "passed" and check.verifier is not None:
+            s.add(LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier,
+                              amount=fee, verification_id=check.id))
+            fees += fee
     log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price),
         check_fees=str(fees))
 
