@@ -27,7 +27,7 @@ from eth_utils import keccak, to_checksum_address
 
 from protocol.errors import GridMintError
 from protocol.signing import HEADER_DEADLINE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_SIGNER
-from protocol.signing import request_digest
+from protocol.signing import Domain, request_digest
 
 # secp256k1
 P = 2**256 - 2**32 - 977
@@ -150,10 +150,10 @@ class FastSigner:
                 s, parity = N - s, parity ^ 1
             return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([27 + parity])
 
-    def request_headers(self, chain_id: int, method: str, path: str, body: bytes, nonce: int,
+    def request_headers(self, domain: Domain, method: str, path: str, body: bytes, nonce: int,
                         deadline: int) -> dict[str, str]:
         """The same headers as ``protocol.signing.sign_request``."""
-        sig = self.sign_digest(request_digest(chain_id, self.address, method, path, body, nonce, deadline))
+        sig = self.sign_digest(request_digest(domain, self.address, method, path, body, nonce, deadline))
         return {HEADER_SIGNER: self.address, HEADER_NONCE: str(nonce), HEADER_DEADLINE: str(deadline),
                 HEADER_SIGNATURE: "0x" + sig.hex()}
 

@@ -78,7 +78,7 @@ def consume_nonce(rt: Runtime, signer: str, nonce: int) -> None:
 def check_envelope(rt: Runtime, headers: Mapping[str, str], method: str, path: str, body: bytes) -> SignedRequest:
     """The signature, the signer and the deadline window (not the nonce: see ``consume_nonce``)."""
     now = now_s()
-    req = verify_request(headers, rt.chain_id, method, path, body, now)
+    req = verify_request(headers, rt.domain, method, path, body, now)
     if req.deadline > now + rt.settings.clock_skew_s:
         raise SignatureError(f"deadline {req.deadline} is too far ahead (now {now}, skew {rt.settings.clock_skew_s}s)")
     return req

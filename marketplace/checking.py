@@ -224,7 +224,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         claimed = proof.segments[task.segment].end_hash
         message = {"unitId": to_bytes32(unit.id), "segment": task.segment, "ok": body.ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(body.replayed_hash)}
-        signer = recover_typed("Verdict", rt.chain_id, message, body.signature)
+        signer = recover_typed("Verdict", rt.domain, message, body.signature)
         if signer != verifier:
             raise ProofError(f"verdict is signed by {signer}, not by {verifier}")
         if body.accusation is not None:
@@ -610,7 +610,7 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
             raise Conflict(f"the deadline to reveal step {body.step} of verification {task.id} has passed")
         unit_id = task.unit_id
     message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
-    signer = recover_typed("Reveal", rt.chain_id, message, body.signature)
+    signer = recover_typed("Reveal", rt.domain, message, body.signature)
     if signer != provider:
         raise ProofError(f"reveal is signed by {signer}, not by the unit's provider {provider}")
     tensors, _ = checkpoint.load(rt.blobs.read(body.blob))

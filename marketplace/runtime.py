@@ -10,6 +10,7 @@ from marketplace.blobs import BlobStore
 from marketplace.settings import Settings, judging_pool, pool_builds
 from marketplace.stakes import StakeCache
 from protocol.errors import GridMintValueError
+from protocol.signing import Domain
 
 class Enqueue(Protocol):
     """Send a Celery task by name (``queue`` None: the default queue; a referee pool's: Runtime.referee_queue)."""
@@ -26,6 +27,15 @@ class Runtime:
     contracts: Any  # ledger.evm.GridMintContracts acting as the marketplace operator
     enqueue: Enqueue  # send a Celery task by name
     stakes: StakeCache = field(default_factory=StakeCache)  # recent stake reads (marketplace.stakes)
+
+    @property
+    def domain(self) -> Domain:
+        """What every signed request, proof, verdict and reveal to this marketplace is signed under: its chain and
+        its GridStaking contract (so a signature for another deployment on the same chain is refused)."""
+        d = self.__dict__.get("_domain")
+        if d is None:
+            d = self.__dict__["_domain"] = Domain(self.chain_id, self.contracts.staking.address)
+        return d
 
     def referee_plans(self, here: bool = False, build: str | None = None) -> frozenset[Any]:
         """The execution plans this marketplace's referee replays bit for bit (settings.referee_plans; see

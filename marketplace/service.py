@@ -272,7 +272,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         raise GridMintValueError(f"plan {body.plan!r}: a batch of {spec.batch_size} does not split into "
                                  f"{plan.micro_batches} equal micro-batches")
     proof = TrainingProof.from_dict(body.proof)
-    signer = recover_typed("TrainingProof", rt.chain_id, proof.signable_fields(), body.proof_signature)
+    signer = recover_typed("TrainingProof", rt.domain, proof.signable_fields(), body.proof_signature)
     if signer != provider:
         raise ProofError(f"proof root is signed by {signer}, not by the assigned provider {provider}")
     global_model, _ = checkpoint.load(rt.blobs.read(global_blob))

@@ -179,7 +179,7 @@ class ProviderAgent:
                 return True
             segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
             final_blob = self.client.put_blob(result.final_path)
-        signature = sign_typed(self.account, "TrainingProof", self.client.chain_id, result.proof.signable_fields())
+        signature = sign_typed(self.account, "TrainingProof", self.client.domain, result.proof.signable_fields())
         self.client.submit(spec.unit_id, {
             "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
             "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses],
@@ -215,7 +215,7 @@ class ProviderAgent:
         path = rdir / f"{spec.unit_id[2:14]}-{step}.safetensors"
         checkpoint.save(path, state, checkpoint_metadata(spec, seg))
         blob, h = self.client.put_blob(path), state_hash(state)
-        signature = sign_typed(self.account, "Reveal", self.client.chain_id,
+        signature = sign_typed(self.account, "Reveal", self.client.domain,
                                {"unitId": to_bytes32(spec.unit_id), "step": step, "stateHash": to_bytes32(h)})
         return {"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
                 "signature": signature}

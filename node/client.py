@@ -11,7 +11,7 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 from protocol.errors import ChainUnavailable, GridMintError, GridMintValueError
-from protocol.signing import NonceSource, sign_request
+from protocol.signing import Domain, NonceSource, sign_request
 
 REQUEST_TTL_S = 60
 
@@ -51,10 +51,15 @@ class MarketClient:
     def chain_id(self) -> int:
         return int(self.config["chain_id"])
 
+    @property
+    def domain(self) -> Domain:
+        """What this client signs under: the marketplace's chain and deployment (its staking contract)."""
+        return Domain(self.chain_id, str(self.config["staking"]))
+
     def signed(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> httpx.Response:
-        chain_id = self.chain_id
+        d = self.domain
         with self._send_lock:
-            headers = sign_request(self.account, chain_id, method, path, body, self.nonces.next(),
+            headers = sign_request(self.account, d, method, path, body, self.nonces.next(),
                                    int(time.time()) + REQUEST_TTL_S)
             headers["content-type"] = content_type
             return self.http.request(method, path, content=body, headers=headers)

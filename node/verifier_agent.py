@@ -187,7 +187,7 @@ class VerifierAgent:
         message = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": ok,
                    "claimedHash": to_bytes32(claimed), "replayedHash": to_bytes32(replayed)}
         body = {"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
-                "signature": sign_typed(self.account, "Verdict", self.client.chain_id, message),
+                "signature": sign_typed(self.account, "Verdict", self.client.domain, message),
                 "reason": reason[:500]}
         if not ok and not self.accuse_everything and unbonded:
             why = (f"the referee does not replay plan {provider_plan.label} bit for bit" if exact_elsewhere

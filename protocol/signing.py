@@ -1,10 +1,12 @@
 """EIP-712 signed messages shared by every side.
 
 Every node, verifier and customer request to the marketplace carries a signed *envelope*:
-``Request(signer, method, path, bodyHash, nonce, deadline)`` under the domain ``GridMint/1/chainId``.
+``Request(signer, method, path, bodyHash, nonce, deadline)`` under the domain ``GridMint/2/chainId/staking``.
 The server recovers the signer, checks the deadline, and accepts each (signer, nonce) once
 (nonces strictly increase per signer, so one integer per signer is all the server stores).
-The chain id in the domain means a signature made for one chain is useless on another.
+The domain names the chain and the deployment (its GridStaking contract, as ``verifyingContract``): a signature
+made for one marketplace is useless on another chain and on another marketplace on the same chain (each keeps
+its own nonces, so without the contract a request to one could be replayed to the other).
 
 Proof roots and verifier verdicts are signed as their own typed structs, so they can be checked
 later (by a referee, or on chain) without the HTTP request that carried them.
@@ -34,7 +36,7 @@ except ImportError:  # pragma: no cover - coincurve is a dependency; eth_account
 _keccak256 = eth_hash_keccak
 
 DOMAIN_NAME = "GridMint"
-DOMAIN_VERSION = "1"
+DOMAIN_VERSION = "2"  # 2: the domain names the deployment (verifyingContract); 1 named only the chain
 
 HEADER_SIGNER = "x-gm-signer"
 HEADER_NONCE = "x-gm-nonce"
@@ -45,6 +47,7 @@ _EIP712_DOMAIN = [
     {"name": "name", "type": "string"},
     {"name": "version", "type": "string"},
     {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
 ]
 
 TYPES: dict[str, list[dict[str, str]]] = {
@@ -79,8 +82,32 @@ TYPES: dict[str, list[dict[str, str]]] = {
 }
 
 
-def domain(chain_id: int) -> dict[str, Any]:
-    return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": chain_id}
+@dataclass(frozen=True)
+class Domain:
+    """Where a GridMint signature counts: one chain and one deployment, named by its GridStaking contract (what
+    ``/config`` calls ``staking``). Every typed message (requests, proofs, verdicts, reveals) is signed under it."""
+
+    chain_id: int
+    contract: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or not 0 < self.chain_id < 2**256:
+            raise SignatureError(f"chain id must be a positive integer, got {self.chain_id!r}")
+        if not isinstance(self.contract, str) or len(self.contract) != 42 or not self.contract.startswith(("0x", "0X")) \
+                or not _HEX.issuperset(self.contract[2:]):
+            raise SignatureError(f"a signing domain's contract must be an address, got {self.contract!r}")
+        object.__setattr__(self, "contract", checksum_address(bytes.fromhex(self.contract[2:])))
+
+
+def _check_domain(d: Any) -> Domain:
+    if not isinstance(d, Domain):  # a bare chain id would sign for every deployment on the chain
+        raise TypeError(f"expected a protocol.signing.Domain (chain id and staking contract), got {d!r}")
+    return d
+
+
+def domain(d: Domain) -> dict[str, Any]:
+    _check_domain(d)
+    return {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": d.chain_id, "verifyingContract": d.contract}
 
 
 def to_bytes32(value: str | bytes) -> bytes:
@@ -100,30 +127,32 @@ def to_bytes32(value: str | bytes) -> bytes:
     return raw
 
 
-def _typed(primary: str, chain_id: int, message: Mapping[str, Any]) -> Any:
+def _typed(primary: str, d: Domain, message: Mapping[str, Any]) -> Any:
     return encode_typed_data(
         full_message={
             "types": {"EIP712Domain": _EIP712_DOMAIN, primary: TYPES[primary]},
             "primaryType": primary,
-            "domain": domain(chain_id),
+            "domain": domain(d),
             "message": dict(message),
         }
     )
 
 
-def sign_typed(account: LocalAccount, primary: str, chain_id: int, message: Mapping[str, Any]) -> str:
-    """Sign ``message`` as EIP-712 struct ``primary``; returns the 65-byte signature as 0x-hex."""
-    signed = account.sign_message(_typed(primary, chain_id, message))
+def sign_typed(account: LocalAccount, primary: str, d: Domain, message: Mapping[str, Any]) -> str:
+    """Sign ``message`` as EIP-712 struct ``primary`` under the deployment's domain; returns the 65-byte signature
+    as 0x-hex."""
+    signed = account.sign_message(_typed(primary, d, message))
     return "0x" + bytes(signed.signature).hex()
 
 
-def recover_typed(primary: str, chain_id: int, message: Mapping[str, Any], signature: str) -> str:
+def recover_typed(primary: str, d: Domain, message: Mapping[str, Any], signature: str) -> str:
     """Checksum address that signed ``message``; SignatureError if the signature is malformed."""
+    _check_domain(d)
     try:
         sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
         if len(sig) != 65:
             raise ValueError(f"signature must be 65 bytes, got {len(sig)}")
-        return str(Account.recover_message(_typed(primary, chain_id, message), signature=sig))
+        return str(Account.recover_message(_typed(primary, d, message), signature=sig))
     except SignatureError:
         raise
     except Exception as exc:  # eth_account raises several types for junk input
@@ -220,14 +249,15 @@ def body_hash(body: bytes) -> bytes:
 # The Request envelope is on every node/verifier call, so its EIP-712 digest is computed directly (two keccaks, the
 # domain separator and string hashes cached) instead of through encode_typed_data (~0.5 ms). A test checks the two
 # agree byte for byte.
-_DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId)")
+_DOMAIN_TYPEHASH = keccak(text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 _REQUEST_TYPEHASH = keccak(
     text="Request(address signer,string method,string path,bytes32 bodyHash,uint256 nonce,uint256 deadline)")
 
 
 @lru_cache(maxsize=64)
-def _domain_separator(chain_id: int) -> bytes:
-    return keccak(_DOMAIN_TYPEHASH + keccak(text=DOMAIN_NAME) + keccak(text=DOMAIN_VERSION) + chain_id.to_bytes(32, "big"))
+def _domain_separator(d: Domain) -> bytes:
+    return keccak(_DOMAIN_TYPEHASH + keccak(text=DOMAIN_NAME) + keccak(text=DOMAIN_VERSION) + d.chain_id.to_bytes(32, "big")
+                  + bytes(12) + bytes.fromhex(d.contract[2:]))
 
 
 @lru_cache(maxsize=1024)
@@ -235,12 +265,13 @@ def _text_hash(text: str) -> bytes:
     return keccak(text=text)
 
 
-def request_digest(chain_id: int, signer: str, method: str, path: str, body: bytes, nonce: int, deadline: int) -> bytes:
-    """The EIP-712 digest of ``Request(signer, method, path, bodyHash, nonce, deadline)`` under ``GridMint/1/chainId``
-    (what ``sign_request`` signs and ``verify_request`` recovers from)."""
+def request_digest(d: Domain, signer: str, method: str, path: str, body: bytes, nonce: int, deadline: int) -> bytes:
+    """The EIP-712 digest of ``Request(signer, method, path, bodyHash, nonce, deadline)`` under
+    ``GridMint/2/chainId/staking`` (what ``sign_request`` signs and ``verify_request`` recovers from)."""
+    _check_domain(d)
     struct = _keccak256(_REQUEST_TYPEHASH + bytes(12) + bytes.fromhex(signer[2:]) + _text_hash(method.upper())
                     + _text_hash(path) + body_hash(body) + nonce.to_bytes(32, "big") + deadline.to_bytes(32, "big"))
-    return _keccak256(b"\x19\x01" + _domain_separator(chain_id) + struct)
+    return _keccak256(b"\x19\x01" + _domain_separator(d) + struct)
 
 
 @dataclass(frozen=True)
@@ -265,7 +296,7 @@ class NonceSource:
 
 def sign_request(
     account: LocalAccount,
-    chain_id: int,
+    d: Domain,
     method: str,
     path: str,
     body: bytes,
@@ -285,13 +316,13 @@ def sign_request(
         HEADER_SIGNER: account.address,
         HEADER_NONCE: str(nonce),
         HEADER_DEADLINE: str(deadline),
-        HEADER_SIGNATURE: sign_typed(account, "Request", chain_id, message),
+        HEADER_SIGNATURE: sign_typed(account, "Request", d, message),
     }
 
 
 def verify_request(
     headers: Mapping[str, str],
-    chain_id: int,
+    d: Domain,
     method: str,
     path: str,
     body: bytes,
@@ -302,6 +333,7 @@ def verify_request(
     Does *not* check the nonce against history: the caller owns that state (see marketplace.auth).
     Raises SignatureError (bad/forged) or ReplayError (expired).
     """
+    _check_domain(d)
     lowered = {k.lower(): v for k, v in headers.items()}
     missing = [h for h in (HEADER_SIGNER, HEADER_NONCE, HEADER_DEADLINE, HEADER_SIGNATURE) if h not in lowered]
     if missing:
@@ -314,10 +346,10 @@ def verify_request(
         raise SignatureError(f"nonce and deadline must be integers: {exc}") from exc
     if nonce < 0 or deadline < 0 or nonce >= 2**256 or deadline >= 2**256:
         raise SignatureError(f"nonce/deadline out of range: {nonce}, {deadline}")
-    recovered = _recover_digest(request_digest(chain_id, signer, method, path, body, nonce, deadline),
+    recovered = _recover_digest(request_digest(d, signer, method, path, body, nonce, deadline),
                                 lowered[HEADER_SIGNATURE], "Request")
     if recovered != signer:
-        raise SignatureError(f"signature is by {recovered}, not by the claimed signer {signer} (or the body, path or chain differ)")
+        raise SignatureError(f"signature is by {recovered}, not by the claimed signer {signer} (or the body, path, chain or marketplace differ)")
     if deadline < now:
         raise ReplayError(f"request expired: deadline {deadline} < now {now}")
     return SignedRequest(signer=signer, nonce=nonce, deadline=deadline)

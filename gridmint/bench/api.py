@@ -104,13 +104,13 @@ def make_baseline_db(path: Path, signers: list[str]) -> None:
 
 # ---------------------------------------------------------------- pre-signing
 
-def _sign_batch(key: int, chain_id: int, first_nonce: int, count: int, deadline: int) -> list[tuple[int, int, str]]:
+def _sign_batch(key: int, domain: Any, first_nonce: int, count: int, deadline: int) -> list[tuple[int, int, str]]:
     from gridmint.loadgen import FastSigner, request_digest
 
     signer = FastSigner(key)
     out = []
     for nonce in range(first_nonce, first_nonce + count):
-        sig = signer.sign_digest(request_digest(chain_id, signer.address, "POST", PATH, BODY, nonce, deadline))
+        sig = signer.sign_digest(request_digest(domain, signer.address, "POST", PATH, BODY, nonce, deadline))
         out.append((nonce, deadline, "0x" + sig.hex()))
     return out
 
@@ -118,10 +118,10 @@ def _sign_batch(key: int, chain_id: int, first_nonce: int, count: int, deadline:
 class Signers:
     """One FastSigner per connection, each with its own strictly increasing nonce counter."""
 
-    def __init__(self, n: int, chain_id: int) -> None:
+    def __init__(self, n: int, domain: Any) -> None:
         from gridmint.loadgen import FastSigner
 
-        self.chain_id = chain_id
+        self.domain = domain  # protocol.signing.Domain: the deployment the requests are signed for
         self.signers = [FastSigner() for _ in range(n)]
         self.next_nonce = [1] * n
 
@@ -131,8 +131,8 @@ class Signers:
 
         now = int(time.time())
         for s in self.signers[:4]:
-            headers = s.request_headers(self.chain_id, "POST", PATH, BODY, 2**62, now + 60)
-            got = verify_request(headers, self.chain_id, "POST", PATH, BODY, now)
+            headers = s.request_headers(self.domain, "POST", PATH, BODY, 2**62, now + 60)
+            got = verify_request(headers, self.domain, "POST", PATH, BODY, now)
             if got.signer != s.address:
                 raise RuntimeError(f"FastSigner envelope recovers to {got.signer}, not {s.address}")
 
@@ -146,7 +146,7 @@ class Signers:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         deadline = int(time.time()) + DEADLINE_S
-        futures = [pool.submit(_sign_batch, s.key, self.chain_id, self.next_nonce[i], per_connection, deadline)
+        futures = [pool.submit(_sign_batch, s.key, self.domain, self.next_nonce[i], per_connection, deadline)
                    for i, s in enumerate(self.signers)]
         for i, fut in enumerate(futures):
             write_connection_file(out_dir / f"conn-{i + 1}.txt", self.signers[i].address, fut.result())
@@ -201,7 +201,7 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
     signer: FastSigner = signers.signers[0]
     deadline = int(time.time()) + DEADLINE_S
     base = signers.next_nonce[0]
-    signed = _sign_batch(signer.key, rt.chain_id, base, n, deadline)
+    signed = _sign_batch(signer.key, rt.domain, base, n, deadline)
     signers.next_nonce[0] += n
     headers = [{signing.HEADER_SIGNER: signer.address, signing.HEADER_NONCE: str(nonce),
                 signing.HEADER_DEADLINE: str(dl), signing.HEADER_SIGNATURE: sig} for nonce, dl, sig in signed]
@@ -209,7 +209,7 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
                  "nonce": nonce, "deadline": dl} for nonce, dl, _ in signed]
     now = int(time.time())
     typed = signing._typed  # noqa: SLF001 - the exact encoding verify_request uses
-    encoded = [typed("Request", rt.chain_id, m) for m in messages]
+    encoded = [typed("Request", rt.domain, m) for m in messages]
     sigs = [bytes.fromhex(sig[2:]) for _, _, sig in signed]
     hb = Heartbeat.model_validate_json(BODY)
     fused = list(range(signers.next_nonce[0], signers.next_nonce[0] + n))
@@ -224,10 +224,10 @@ def step_breakdown(settings: Any, signers: Signers, n: int) -> dict[str, Any]:
         "ecdsa_backend": "coincurve (libsecp256k1)" if signing._PublicKey is not None else "eth-account (Python)",  # noqa: SLF001
         "keccak_backend": protocol.KECCAK_BACKEND,
         "verify_request_us": _time_us(
-            lambda i: signing.verify_request(headers[i], rt.chain_id, "POST", PATH, BODY, now), n),
-        "eip712_encode_us": _time_us(lambda i: typed("Request", rt.chain_id, messages[i]), n),
+            lambda i: signing.verify_request(headers[i], rt.domain, "POST", PATH, BODY, now), n),
+        "eip712_encode_us": _time_us(lambda i: typed("Request", rt.domain, messages[i]), n),
         "eip712_digest_by_hand_us": _time_us(
-            lambda i: request_digest(rt.chain_id, signer.address, "POST", PATH, BODY, messages[i]["nonce"], deadline), n),
+            lambda i: request_digest(rt.domain, signer.address, "POST", PATH, BODY, messages[i]["nonce"], deadline), n),
         "ecdsa_recover_us": _time_us(lambda i: Account._recover_hash(_hash_eip191_message(encoded[i]),  # noqa: SLF001
                                                                      signature=sigs[i]), n),
         "nonce_txn_us": _time_us(lambda i: consume_nonce(rt, signer.address, messages[i]["nonce"]), n),
@@ -251,6 +251,7 @@ def _services(root: Path, workers: int, log: Log) -> Iterator[dict[str, Any]]:
     from ledger.devchain import HardhatNode
     from ledger.evm import Chain, deploy
     from protocol.money import tokens
+    from protocol.signing import Domain
 
     logs = root / "logs"
     procs: list[Proc] = []
@@ -289,7 +290,7 @@ def _services(root: Path, workers: int, log: Log) -> Iterator[dict[str, Any]]:
                             "baseline answering")
         log(f"service {url} (gridmint marketplace serve --workers {workers}, SQLite), baseline {base_url}; "
             f"redis {redis_url}")
-        yield {"url": url, "base_url": base_url, "api": api, "baseline": baseline, "chain_id": chain.chain_id,
+        yield {"url": url, "base_url": base_url, "api": api, "baseline": baseline, "domain": Domain(chain.chain_id, deployment.staking),
                "env": env, "baseline_db": baseline_db}
     finally:
         for p in reversed(procs):
@@ -307,7 +308,7 @@ def _register(url: str, signers: Signers) -> None:
         for i, s in enumerate(signers.signers):
             body = json.dumps({"region": "eu-north", "gpu": "bench", "vram_mb": 24_000, "price": str(floor),
                                "tokens_per_s": 1_000, "capacity": 1}).encode()
-            headers = s.request_headers(signers.chain_id, "POST", "/providers/register", body, signers.next_nonce[i],
+            headers = s.request_headers(signers.domain, "POST", "/providers/register", body, signers.next_nonce[i],
                                         int(time.time()) + 60)
             signers.next_nonce[i] += 1
             r = http.post("/providers/register", content=body, headers={**headers, "content-type": "application/json"})
@@ -340,7 +341,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         with _services(root, args.workers, log) as svc, ProcessPoolExecutor(os.cpu_count() or 2) as pool:
-            signers = Signers(args.connections, svc["chain_id"])
+            signers = Signers(args.connections, svc["domain"])
             signers.self_check()
             _register(svc["url"], signers)
             make_baseline_db(svc["baseline_db"], signers.addresses)

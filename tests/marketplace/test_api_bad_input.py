@@ -14,15 +14,15 @@ from marketplace.db import Job, Provider, Verification
 from node.client import MarketClient
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from protocol.signing import HEADER_SIGNER, sign_request
+from protocol.signing import HEADER_SIGNER, Domain, sign_request
 
 REG = {"region": "eu-north", "gpu": "test", "vram_mb": 8000, "price": str(tokens(1)), "tokens_per_s": 1000}
 
 
-def _post(market, acct, path: str, payload: dict, chain_id: int | None = None, nonce: int | None = None,
+def _post(market, acct, path: str, payload: dict, domain: Domain | None = None, nonce: int | None = None,
           deadline: int | None = None) -> httpx.Response:
     body = json.dumps(payload).encode()
-    h = sign_request(acct, chain_id or market.rt.chain_id, "POST", path, body, nonce or time.time_ns() // 1000,
+    h = sign_request(acct, domain or market.rt.domain, "POST", path, body, nonce or time.time_ns() // 1000,
                      deadline or int(time.time()) + 60)
     return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
 
@@ -35,7 +35,7 @@ def _providers(market) -> int:
 def test_register_ok_then_replay_rejected(market) -> None:
     acct = market.account()
     body = json.dumps(REG).encode()
-    h = sign_request(acct, market.rt.chain_id, "POST", "/providers/register", body, 5, int(time.time()) + 60)
+    h = sign_request(acct, market.rt.domain, "POST", "/providers/register", body, 5, int(time.time()) + 60)
     first = httpx.post(market.url + "/providers/register", content=body, headers=h)
     assert first.status_code == 201, first.text
     assert first.json()["eligible"] is False  # nothing staked yet
@@ -48,21 +48,56 @@ def test_register_ok_then_replay_rejected(market) -> None:
 def test_forged_signature_rejected(market) -> None:
     victim, forger = market.account(), Account.create()
     body = json.dumps(REG).encode()
-    h = sign_request(forger, market.rt.chain_id, "POST", "/providers/register", body, 1, int(time.time()) + 60)
+    h = sign_request(forger, market.rt.domain, "POST", "/providers/register", body, 1, int(time.time()) + 60)
     h[HEADER_SIGNER] = victim.address  # claim to be someone else
     r = httpx.post(market.url + "/providers/register", content=body, headers=h)
     assert r.status_code == 401 and "not by the claimed signer" in r.json()["detail"]
     tampered = _post(market, victim, "/providers/register", REG)
     assert tampered.status_code == 201
-    h2 = sign_request(victim, market.rt.chain_id, "POST", "/providers/register", body, 10**15 * 5, int(time.time()) + 60)
+    h2 = sign_request(victim, market.rt.domain, "POST", "/providers/register", body, 10**15 * 5, int(time.time()) + 60)
     r = httpx.post(market.url + "/providers/register", content=body.replace(b"eu-north", b"us-east"), headers=h2)
     assert r.status_code == 401  # body changed after signing
     assert _providers(market) == 1
 
 
+def test_a_request_for_another_marketplace_on_the_same_chain_is_refused(market, tmp_path) -> None:
+    """Two deployments on one chain keep their own nonces: a request signed for one, replayed to the other, must
+    not count there (the signing domain names the deployment's staking contract)."""
+    from fastapi.testclient import TestClient
+
+    from ledger.evm import GridMintContracts, deploy
+    from marketplace.app import create_app
+    from marketplace.blobs import BlobStore
+    from marketplace.db import make_sessionmaker
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+
+    other = deploy(market.chain, market.operator, supply=tokens(1_000), treasury=Account.create().address)
+    assert other.staking != market.deployment.staking
+    settings = Settings(data_dir=tmp_path / "other", min_stake=0, redis_url=market.rt.settings.redis_url)
+    settings.data_dir.mkdir()
+    rt_b = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
+                   blobs=BlobStore(settings.blob_dir()), chain_id=market.chain.chain_id,
+                   contracts=GridMintContracts(market.chain, other, market.operator), enqueue=lambda *a, **k: None)
+    assert rt_b.domain.chain_id == market.rt.domain.chain_id and rt_b.domain != market.rt.domain
+    acct = market.account()
+    body = json.dumps(REG).encode()
+    for_a = {**sign_request(acct, market.rt.domain, "POST", "/providers/register", body, time.time_ns() // 1000,
+                            int(time.time()) + 60), "content-type": "application/json"}
+    with TestClient(create_app(rt_b)) as b:
+        replayed = b.post("/providers/register", content=body, headers=for_a)
+        assert replayed.status_code == 401 and "marketplace" in replayed.json()["detail"]
+        for_b = {**sign_request(acct, rt_b.domain, "POST", "/providers/register", body, time.time_ns() // 1000,
+                                int(time.time()) + 60), "content-type": "application/json"}
+        assert b.post("/providers/register", content=body, headers=for_b).status_code == 201
+    assert _providers(market) == 0  # and the request signed for A still counts there, once
+    assert httpx.post(market.url + "/providers/register", content=body, headers=for_a).status_code == 201
+    assert httpx.post(market.url + "/providers/register", content=body, headers=for_a).status_code == 409
+
+
 def test_wrong_chain_expired_and_unsigned(market) -> None:
     acct = market.account()
-    assert _post(market, acct, "/providers/register", REG, chain_id=1).status_code == 401
+    assert _post(market, acct, "/providers/register", REG, domain=Domain(1, market.rt.domain.contract)).status_code == 401
     expired = _post(market, acct, "/providers/register", REG, deadline=int(time.time()) - 5)
     assert expired.status_code == 409 and "expired" in expired.json()["detail"]
     far = _post(market, acct, "/providers/register", REG, deadline=int(time.time()) + 10**6)
@@ -83,7 +118,7 @@ def test_malformed_and_below_floor(market) -> None:
 
 
 def _signed_raw(market, acct, path: str, body: bytes) -> httpx.Response:
-    h = sign_request(acct, market.rt.chain_id, "POST", path, body, time.time_ns() // 1000, int(time.time()) + 60)
+    h = sign_request(acct, market.rt.domain, "POST", path, body, time.time_ns() // 1000, int(time.time()) + 60)
     return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
 
 
@@ -281,13 +316,13 @@ def test_heartbeat_checks_its_envelope_like_every_signed_route(market) -> None:
     ok = _post(market, acct, "/providers/heartbeat", beat, nonce=9)
     assert ok.status_code == 200 and ok.json()["units"] == []
     body = json.dumps(beat).encode()
-    h = sign_request(acct, market.rt.chain_id, "POST", "/providers/heartbeat", body, 10, int(time.time()) + 60)
+    h = sign_request(acct, market.rt.domain, "POST", "/providers/heartbeat", body, 10, int(time.time()) + 60)
     assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=h).status_code == 200
     assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=h).status_code == 409  # replay
-    forged = sign_request(forger, market.rt.chain_id, "POST", "/providers/heartbeat", body, 11, int(time.time()) + 60)
+    forged = sign_request(forger, market.rt.domain, "POST", "/providers/heartbeat", body, 11, int(time.time()) + 60)
     forged[HEADER_SIGNER] = acct.address
     assert httpx.post(market.url + "/providers/heartbeat", content=body, headers=forged).status_code == 401
-    assert _post(market, acct, "/providers/heartbeat", beat, chain_id=1).status_code == 401
+    assert _post(market, acct, "/providers/heartbeat", beat, domain=Domain(1, market.rt.domain.contract)).status_code == 401
     assert _post(market, acct, "/providers/heartbeat", beat, deadline=int(time.time()) - 5).status_code == 409
     assert _post(market, acct, "/providers/heartbeat", beat, deadline=int(time.time()) + 10**6).status_code == 401
     assert httpx.post(market.url + "/providers/heartbeat", json=beat).status_code == 401
@@ -295,7 +330,7 @@ def test_heartbeat_checks_its_envelope_like_every_signed_route(market) -> None:
     stranger = _post(market, acct, "/providers/heartbeat", {"unit_id": "0x" + "ab" * 32, "steps_done": 3})
     assert stranger.status_code == 409 and "not assigned" in stranger.json()["detail"]
     big = httpx.post(market.url + "/providers/heartbeat", content=b"x" * (2 * 1024 * 1024),
-                     headers=sign_request(acct, market.rt.chain_id, "POST", "/providers/heartbeat", b"", 12,
+                     headers=sign_request(acct, market.rt.domain, "POST", "/providers/heartbeat", b"", 12,
                                           int(time.time()) + 60))
     assert big.status_code == 413
 

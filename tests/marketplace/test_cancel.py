@@ -131,7 +131,7 @@ def test_a_job_on_an_escrow_whose_cancel_is_pending_is_refused_with_409(world: W
     with pytest.raises(Conflict, match=f"cancelled on chain: it pays no work after {closable_at}"):
         service.create_job(world.rt, world.customer.address, job_id, spec)
     body = json.dumps({"job_id": job_id, "spec": spec.model_dump(mode="json")}).encode()
-    headers = sign_request(world.customer.account, world.rt.chain_id, "POST", "/jobs", body, time.time_ns() // 1000,
+    headers = sign_request(world.customer.account, world.rt.domain, "POST", "/jobs", body, time.time_ns() // 1000,
                            int(time.time()) + 60)
     r = TestClient(create_app(world.rt)).post("/jobs", content=body, headers={**headers,
                                                                                  "content-type": "application/json"})

@@ -1260,7 +1260,7 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
     refused(quiet, {**good, "verification_id": 10**6}, 404)
     refused(other, good, 409)  # not its segment
     refused(quiet, {**good, "step": 5}, 409)  # not the step the referee asked for
-    forged = sign_typed(Account.create(), "Reveal", quiet.client.chain_id,
+    forged = sign_typed(Account.create(), "Reveal", quiet.client.domain,
                         {"unitId": to_bytes32(ask["unit_id"]), "step": 4, "stateHash": to_bytes32(good["state_hash"])})
     refused(quiet, {**good, "signature": forged}, 422)
     start_blob = ask["checkpoint_blob"]  # a real checkpoint, but not the state the provider signed

@@ -209,7 +209,7 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     # one signed request, accepted by one API process, is a replay on the other (nonces live in the database)
     body = json.dumps({"unit_id": None, "steps_done": 0}).encode()
     for first, other, agent in ((api_a, api_b, agents[0]), (api_b, api_a, agents[1])):
-        headers = sign_request(agent.account, cluster.chain.chain_id, "POST", "/providers/heartbeat", body,
+        headers = sign_request(agent.account, agent.client.domain, "POST", "/providers/heartbeat", body,
                                agent.client.nonces.next(), int(time.time()) + 60)
         headers["content-type"] = "application/json"
         assert httpx.post(f"{first}/providers/heartbeat", content=body, headers=headers).status_code == 200

@@ -5,6 +5,7 @@ from eth_account import Account
 
 from protocol.errors import ReplayError, SignatureError
 from protocol.signing import (
+    Domain,
     HEADER_SIGNATURE,
     HEADER_SIGNER,
     NonceSource,
@@ -14,7 +15,8 @@ from protocol.signing import (
     verify_request,
 )
 
-CHAIN = 31337
+CHAIN = Domain(31337, "0x" + "ab" * 20)
+OTHER_DEPLOYMENT = Domain(31337, "0x" + "cd" * 20)  # the same chain, another marketplace's contracts
 
 
 @pytest.fixture()
@@ -30,7 +32,8 @@ def test_signed_request_verifies(acct) -> None:
 
 @pytest.mark.parametrize(
     "chain,method,path,body",
-    [(1, "POST", "/work/next", b'{"a":1}'), (CHAIN, "GET", "/work/next", b'{"a":1}'),
+    [(Domain(1, CHAIN.contract), "POST", "/work/next", b'{"a":1}'), (OTHER_DEPLOYMENT, "POST", "/work/next", b'{"a":1}'),
+     (CHAIN, "GET", "/work/next", b'{"a":1}'),
      (CHAIN, "POST", "/work/other", b'{"a":1}'), (CHAIN, "POST", "/work/next", b'{"a":2}')],
 )
 def test_any_change_breaks_signature(acct, chain, method, path, body) -> None:
@@ -63,6 +66,22 @@ def test_typed_struct_roundtrip(acct) -> None:
     sig = sign_typed(acct, "Verdict", CHAIN, msg)
     assert recover_typed("Verdict", CHAIN, msg, sig) == acct.address
     assert recover_typed("Verdict", CHAIN, {**msg, "ok": True}, sig) != acct.address
+    assert recover_typed("Verdict", OTHER_DEPLOYMENT, msg, sig) != acct.address  # another marketplace's verdict
+
+
+def test_a_domain_names_a_deployment() -> None:
+    """A bare chain id would sign for every marketplace on the chain: refused, as are malformed domains."""
+    acct = Account.create()
+    with pytest.raises(TypeError, match="Domain"):
+        sign_request(acct, 31337, "POST", "/p", b"", 1, 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Domain"):
+        verify_request({}, 31337, "POST", "/p", b"", now=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Domain"):
+        recover_typed("Verdict", 31337, {}, "0x00")  # type: ignore[arg-type]
+    for chain, contract in [(0, CHAIN.contract), (True, CHAIN.contract), (1, "0x1234"), (1, None), (1, "zz" * 21)]:
+        with pytest.raises(SignatureError):
+            Domain(chain, contract)  # type: ignore[arg-type]
+    assert Domain(1, "0x" + "AB" * 20) == Domain(1, "0x" + "ab" * 20)  # any case: one canonical form
 
 
 def test_nonces_strictly_increase() -> None:
@@ -79,9 +98,9 @@ def test_direct_request_digest_equals_the_eip712_library_digest() -> None:
 
     acct = Account.create()
     for chain_id, method, path, body, nonce, deadline in [
-        (1, "post", "/work/next", b"", 1, 2**40),
-        (31337, "PUT", "/blobs", b"\x00" * 1000, 2**63 - 1, 0),
-        (2**64, "GET", "/p\u00e4th", b'{"a":1}', 0, 2**256 - 1),
+        (Domain(1, "0x" + "00" * 20), "post", "/work/next", b"", 1, 2**40),
+        (Domain(31337, "0x" + "5f" * 20), "PUT", "/blobs", b"\x00" * 1000, 2**63 - 1, 0),
+        (Domain(2**64, acct.address), "GET", "/p\u00e4th", b'{"a":1}', 0, 2**256 - 1),
     ]:
         message = {"signer": acct.address, "method": method.upper(), "path": path, "bodyHash": body_hash(body),
                    "nonce": nonce, "deadline": deadline}
