@@ -1,5 +1,6 @@
 """The marketplace HTTP service. Routes parse, call marketplace.service, and return a schema."""
 
+import json
 import math
 import re
 import secrets
@@ -77,7 +78,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 SIGNED_DOC = ("EIP-712 `Request(signer, method, path, bodyHash, nonce, deadline)` under the domain "
-              "`GridMint/1/chainId` (protocol/signing.py), sent as headers `x-gm-signer`, `x-gm-nonce` (strictly "
+              "`GridMint/2/chainId/verifyingContract` (the `staking` contract of `/config`; protocol/signing.py), sent as headers `x-gm-signer`, `x-gm-nonce` (strictly "
               "increasing per signer), `x-gm-deadline` (unix seconds) and `x-gm-signature`.")
 
 
@@ -86,7 +87,21 @@ def _parse(model: type[Any], body: bytes) -> Any:
         return model.model_validate_json(body)
     except ValidationError as exc:
         # not exc.json(): it raises on a body that is not UTF-8, and NaN would not serialize into the answer
-        raise HTTPException(422, detail=[_plain(e) for e in exc.errors(include_url=False)]) from None
+        raise HTTPException(422, detail=[_bounded(_plain(e)) for e in exc.errors(include_url=False)]) from None
+
+
+#: the most of an offending value a 422 echoes (JSON characters): invalid JSON's "input" is the whole body, a
+#: missing field's the whole object; echoing a body up to the upload limit back doubles the traffic it costs
+ECHO_LIMIT = 200
+
+
+def _bounded(error: dict[str, Any]) -> dict[str, Any]:
+    for key in ("input", "ctx"):
+        if key in error:
+            text = json.dumps(error[key])
+            if len(text) > ECHO_LIMIT:
+                error[key] = f"<{type(error[key]).__name__} of {len(text)} JSON characters, not echoed>"
+    return error
 
 
 def _plain(value: Any) -> Any:

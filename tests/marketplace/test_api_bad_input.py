@@ -148,6 +148,23 @@ def test_nan_or_infinity_in_a_float_field_is_a_422_not_a_500(market) -> None:
         assert (err["loc"], err["input"]) == (["lr"], echoed)
 
 
+def test_a_422_does_not_echo_a_large_body(market) -> None:
+    """Invalid JSON's error "input" is the whole body (and a missing field's the whole object): a 422 echoed up to
+    the JSON limit back. It names what was wrong and echoes small values only."""
+    acct = market.account()
+    big = "x" * 100_000
+    for path, body in (("/jobs/quote", b'{"max_price": "1", "lr": "' + big.encode() + b'"}'),
+                       ("/jobs/quote", b'{"max_price": "1", "lr": 1e-3, "pad": "' + big.encode()),  # unterminated
+                       ("/jobs/quote", b'{"lr": 1e-3, "pad": "' + big.encode() + b'"}')):
+        r = httpx.post(market.url + path, content=body)
+        assert r.status_code == 422 and len(r.content) < 2_000, (r.status_code, len(r.content))
+        assert "not echoed" in r.text and big not in r.text
+    r = _signed_raw(market, acct, "/providers/register", b'{"region": "' + big.encode())
+    assert r.status_code == 422 and len(r.content) < 2_000 and r.json()["detail"][0]["type"] == "json_invalid"
+    small = httpx.post(market.url + "/jobs/quote", content=b'{"max_price": "1", "lr": "fast"}')
+    assert small.status_code == 422 and small.json()["detail"][0]["input"] == "fast"  # a small value still shown
+
+
 @pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_integers_over_their_columns_are_a_422_on_both_databases(market) -> None:
     """tokens_per_s over BIGINT, or a verification id over INTEGER (PostgreSQL; 2**63 on SQLite), overflowed the
