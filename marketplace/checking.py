@@ -25,11 +25,21 @@ from protocol import verification
 from protocol.errors import ChainError, ProofError
 from protocol.proof import TrainingProof
 from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
+from protocol.verification import UNDER_REVIEW
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
 
 
-def benched_message(v: Verifier) -> str:
-    return f"verifier {v.address} is benched: {v.benched_for or 'it approved a planted known-bad segment'}"
+def benched_message(s: Session, v: Verifier) -> str:
+    """Why ``v`` gets no tasks; while the referee has yet to rule on the canary that benched it (a replay that
+    reaches the forged claim voids the canary and un-benches the verifier), it says so (``UNDER_REVIEW``), and an
+    agent waits instead of stopping for good."""
+    text = f"verifier {v.address} is benched: {v.benched_for or 'it approved a planted known-bad segment'}"
+    pending = s.scalars(select(Verification.id).where(Verification.verifier == v.address,
+                                                      Verification.status == "canary_missed",
+                                                      Verification.slash_tx.is_(None))).all()
+    if any(f"(verification {vid})" in (v.benched_for or "") for vid in pending):
+        text += f"; {UNDER_REVIEW}"
+    return text
 
 
 def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
@@ -42,7 +52,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         if v is None:
             raise NotFound(f"verifier {verifier} is not registered")
         if v.status == "benched":
-            raise Conflict(benched_message(v))
+            raise Conflict(benched_message(s, v))
         if short:
             # an unstaked verifier would risk nothing: a lazy one caught by a canary, or one benched for a false
             # accusation, would simply come back under a new wallet

@@ -59,7 +59,7 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
     with rt.sessions.begin() as s:
         v = s.get(Verifier, address) or Verifier(address=address)
         if v.status == "benched":
-            raise Conflict(benched_message(v))
+            raise Conflict(benched_message(s, v))
         v.last_seen = now_s()
         if body is not None:
             v.plan, v.build = body.plan, body.build or None

@@ -21,7 +21,7 @@ from node.trainer import UnitSpec, check_market_recipe, check_recipe, same_bits
 from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
-from protocol.verification import fraud_evidence
+from protocol.verification import UNDER_REVIEW, fraud_evidence
 
 console = Console(stderr=True)
 
@@ -63,6 +63,7 @@ class VerifierAgent:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
+        self._under_review = False  # benched by a canary the referee has yet to rule on (run() waits)
         self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
         self.accuse = True  # sign an on-chain Accusation with every fraud verdict
         # how this machine replays (a GPU plan names its GPU model); another plan than the provider's checks within
@@ -242,10 +243,13 @@ class VerifierAgent:
 
         stopper = Stopper()
         check_market_recipe(self.client.config.get("recipe"))
-        self.client.register_verifier(self.plan.label, self.build)
+        registered = False
         idle_since = time.monotonic()
         while not stopper.stop:
             try:
+                if not registered:
+                    self.client.register_verifier(self.plan.label, self.build)
+                    registered = True
                 verified = self.verify_once()
             except UNREACHABLE as exc:  # a restart or a dropped link: try again later
                 console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
@@ -254,11 +258,22 @@ class VerifierAgent:
                 if exc.status != 409:
                     raise
                 # refused tasks: short of the marketplace's minimum stake (a forfeit bond, say: top up and go on,
-                # if the wallet can), or benched (for good)
+                # if the wallet can), benched while the referee rules on the canary that benched it (it may void
+                # it: wait), or benched (for good)
                 if "staking at least" in str(exc.detail) and self._restake():
+                    continue
+                if UNDER_REVIEW in str(exc.detail):
+                    if not self._under_review:
+                        console.print(f"[dim]verifier[/] [yellow]waiting: {exc.detail}[/]")
+                    self._under_review = True
+                    idle_since = time.monotonic()  # not idle: the marketplace owes it a ruling
+                    time.sleep(self.poll_s)
                     continue
                 console.print(f"[dim]verifier[/] [red]stopped: {exc.detail}[/]")
                 return str(exc.detail)
+            if self._under_review:
+                console.print("[dim]verifier[/] [green]back at work: the referee voided the canary[/]")
+                self._under_review = False
             if verified is not None:
                 idle_since = time.monotonic()
                 continue

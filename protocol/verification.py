@@ -26,6 +26,10 @@ cheat better odds than the target. So the discount goes to trusted hosts whose s
 """
 from __future__ import annotations
 
+#: what a benched verifier's refusal adds while the referee has yet to rule on the canary it approved (the ruling may
+#: void the canary and put it back to work): its agent waits and asks again instead of stopping
+UNDER_REVIEW = "the referee is replaying the segment it approved: ask again later"
+
 import hashlib
 import math
 from dataclasses import dataclass

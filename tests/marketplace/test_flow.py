@@ -21,6 +21,7 @@ from node.verifier_agent import VerifierAgent
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, VersionMismatch
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
+from protocol.verification import UNDER_REVIEW
 
 SPEC = JobSpec(rounds=2, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
 
@@ -789,6 +790,7 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
         with pytest.raises(MarketError) as err:
             call()
         assert err.value.status == 409 and "benched" in str(err.value.detail)
+        assert UNDER_REVIEW not in str(err.value.detail)  # ruled: benched for good, its agent stops
     # the slash step again (a retry, the sweep): nothing more moves
     assert checking.punish_verifier(market.rt, missed[0].id) == "slashed"
     assert service.sweep(market.rt)["punish_verifier"] == 0
@@ -820,10 +822,26 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
     monkeypatch.setattr(canary, "forge", truthful)
+    held: list[list] = []  # the referee's ruling, held back until the agent is seen waiting for it
+    send = market.rt.enqueue
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
+                        if name == "gridmint.punish_verifier" else send(name, args, queue))
     market.rt.settings.canary_rate = 1.0
     assert careful.verify_once() == "ok"  # it replayed: the claim it was handed is right
     market.rt.settings.canary_rate = 0.0
-    market.wait(lambda: _rows(market, status="canary_void"), what="the referee voided the canary")
+    (missed,) = _rows(market, status="canary_missed")
+    assert held == [[missed.id]]
+    with pytest.raises(MarketError) as refused:  # benched, but the referee has not ruled: it is told to wait
+        careful.verify_once()
+    assert refused.value.status == 409 and "benched" in refused.value.detail and UNDER_REVIEW in refused.value.detail
+
+    # the agent's own loop waits through the review (it stopped for good, and had to be restarted, before), then
+    # does the real checks once the referee voids the canary
+    ruling = threading.Timer(2.0, checking.punish_verifier, (market.rt, missed.id))
+    ruling.start()
+    careful.poll_s = 0.2
+    assert careful.run(exit_when_idle_s=3.0) is None
+    ruling.join()
     void = _rows(market, status="canary_void")[0]
     assert void.canary is not None and void.slash_tx is None
     assert market.ops.stake_state(careful.account.address).staked == tokens(100)
@@ -831,8 +849,10 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     with market.rt.sessions() as s:
         ver = s.get(Verifier, careful.account.address)
         assert ver.status == "active" and ver.benched_for is None
+    real = [v for v in _rows(market) if v.canary is None]
+    assert real and all(v.status == "passed" and v.verifier == careful.account.address for v in real)
     assert checking.punish_verifier(market.rt, void.id) == "canary_void"  # a retry or the sweep: nothing moves
-    drive(market, [honest], careful, job_id)  # back at work: the real checks pass and the unit is paid
+    drive(market, [honest], careful, job_id)  # the unit is paid
     with market.rt.sessions() as s:
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
                                                            LedgerEntry.verification_id.is_(None))))
