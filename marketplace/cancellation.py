@@ -8,10 +8,11 @@ customer's refund when it closes. So the marketplace:
 2. stops a running job as soon as it sees the cancel: the periodic sweep reads every running job's escrow, and so
    does ``service.advance`` before it opens a new round. The rule is the simplest honest one: **units verified by
    then are paid; every other unit is cancelled**. A provider training one is told at its next heartbeat (409) and
-   stops; a submitted unit's pending checks are void (no verifier replays work nobody will pay for); a dispute
+   stops; a submitted unit's pending checks are void (no verifier replays work nobody will pay for), and the
+   checks that already passed on it earn their verifiers' fees (they did what the customer asked); a dispute
    already open is still ruled on (a cheat is slashed whether or not it would be paid). The job is ``cancelling``;
 3. settles it at once, through the same idempotent path as a finished job (``settlement.settle_job``): the verified
-   units' pay goes to the payout pool in one batch, the escrow stays open for the customer's close (which refunds
+   units' pay and the checks' fees go to the payout pool in one batch, the escrow stays open for the customer's close (which refunds
    the rest), and the job ends ``cancelled``;
 4. when it is too late (the marketplace was away longer than the grace, or the customer closed the escrow), the
    escrow refuses the release for good: the job ends ``cancelled`` all the same, and a ``cancel_unpaid`` event
@@ -26,8 +27,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ledger.escrow_ops import JobState
-from marketplace.common import log
-from marketplace.db import Job, Unit, Verification
+from marketplace.common import check_fee_entry, log
+from marketplace.db import Job, Unit, Verification, Verifier
 from marketplace.runtime import Runtime
 from protocol.errors import ChainError
 
@@ -73,11 +74,32 @@ def stop_in(s: Session, job_id: str, why: str, closable_at: int) -> bool:
                                                       Verification.canary.is_(None),
                                                       Verification.status.in_(VOIDED_CHECKS))
                            .values(status="void"), execution_options=fetch).rowcount
+    fees = _credit_done_checks(s, job_id, [u for u, _ in stopped["submitted"]])
     verified = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job_id, Unit.status == "verified"))
     log(s, "job_cancelled", job_id, reason=why, closable_at=closable_at, verified_units=verified,
         cancelled_units=len(cancelled), stopped_training={u: p for u, p in stopped["assigned"]},
-        unchecked={u: p for u, p in stopped["submitted"]}, checks_voided=voided)
+        unchecked={u: p for u, p in stopped["submitted"]}, checks_voided=voided, check_fees=fees)
     return True
+
+
+def _credit_done_checks(s: Session, job_id: str, units: list[str]) -> dict[str, str]:
+    """The fee of every real check that already passed on a submitted unit the stop cancelled (the verifier did the
+    replay the customer's level asked for; only the unit's other checks were left), credited as a verified unit's
+    are (``checking.maybe_verified``: once, keyed by the check) and paid with the cancel's settlement. Not to a
+    verifier benched meanwhile: a canary caught it approving without replaying, and its passes are worth nothing."""
+    if not units:
+        return {}
+    out: dict[str, str] = {}
+    rows = s.execute(select(Verification, Unit).join(Unit, Unit.id == Verification.unit_id)
+                     .join(Verifier, Verifier.address == Verification.verifier)
+                     .where(Verification.unit_id.in_(units), Verification.canary.is_(None),
+                            Verification.status == "passed", Verification.provider == Unit.provider,
+                            Verifier.status == "active")).all()
+    for check, unit in rows:
+        entry = check_fee_entry(unit, check)
+        s.add(entry)
+        out[str(check.id)] = str(entry.amount)
+    return out
 
 
 def stop_job(rt: Runtime, job_id: str, why: str, closable_at: int) -> bool:

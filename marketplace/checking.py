@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, referee
-from marketplace.common import Conflict, NotFound, log, stake_short, unit_spec
-from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, check_fee_key, now_s,
+from marketplace.common import Conflict, NotFound, check_fee_entry, log, stake_short, unit_spec
+from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
@@ -300,13 +300,12 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     s.add(LedgerEntry(job_id=unit.job_id, unit_id=unit.id, provider=unit.provider, amount=unit.price))
     # each verifier whose replay passed the unit earns the provider's price for that share of the compute (the job's
     # escrow holds it: JobSpec.budget); a check it got wrong, or a canary, earns nothing
-    fee = verification.check_fee(unit.price, len(unit.segment_blobs or []) or 1)
     fees = 0
     for check in checks:
         if check.status == "passed" and check.verifier is not None:
-            s.add(LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier,
-                              amount=fee, verification_id=check.id))
-            fees += fee
+            entry = check_fee_entry(unit, check)
+            s.add(entry)
+            fees += entry.amount
     log(s, "unit_verified", unit.job_id, unit=unit.id, provider=unit.provider, price=str(unit.price),
         check_fees=str(fees))
 

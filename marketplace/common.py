@@ -9,10 +9,11 @@ from eth_utils import keccak
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from marketplace.db import Event, Job, Unit, Verification
+from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, check_fee_key
 from marketplace.runtime import Runtime
 from node.model import ModelConfig
 from node.trainer import UnitSpec
+from protocol import verification
 from protocol.errors import ChainUnavailable, GridMintValueError
 from protocol.money import format_tokens
 from protocol.schemas import JobSpec
@@ -33,6 +34,15 @@ def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
 
 def unit_id_for(job_id: str, round_: int, shard: int) -> str:
     return "0x" + keccak(to_bytes32(job_id) + round_.to_bytes(32, "big") + shard.to_bytes(32, "big")).hex()
+
+
+def check_fee_entry(unit: Unit, check: Verification) -> LedgerEntry:
+    """The ledger entry that pays ``check``'s verifier for its passed replay of a segment of ``unit``: the provider's
+    price for that share of the unit (``verification.check_fee``), keyed by the check (credited once)."""
+    assert unit.price is not None and check.verifier is not None
+    return LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier,
+                       amount=verification.check_fee(unit.price, len(unit.segment_blobs or []) or 1),
+                       verification_id=check.id)
 
 
 def model_config(spec: JobSpec) -> ModelConfig:

@@ -201,6 +201,47 @@ def test_a_cancel_stops_the_job_pays_what_was_verified_and_leaves_the_rest_to_th
     assert all(name != "gridmint.settle" for name, _ in w.queued)
 
 
+def test_checks_that_passed_on_a_unit_the_cancel_stopped_are_paid_their_fees(world: World) -> None:
+    """The verifier did the replay the customer's level asked for; only the unit's other checks were left when the
+    customer cancelled. Its fee is credited at the stop (once) and paid with the cancel's settlement, not refunded;
+    a check a benched verifier passed (a canary caught it approving blind) and a canary earn nothing."""
+    from marketplace.db import Verifier
+
+    w = world
+    spec = _spec()
+    job_id = _job(w, "fees", spec)
+    ids = _midway(w, job_id)
+    careful, lazy = w.providers[1].address, w.providers[2].address  # two wallets acting as verifiers here
+    with w.rt.sessions.begin() as s:
+        s.add(Verifier(address=careful))
+        s.add(Verifier(address=lazy, status="benched", benched_for="it approved a planted known-bad segment"))
+        u = s.get(Unit, ids["submitted"])
+        u.segment_blobs = ["a" * 64, "b" * 64]  # two segments: a check's fee is half the unit's price
+        s.add(Verification(unit_id=u.id, provider=u.provider, segment=0, status="passed", verifier=careful))
+        s.add(Verification(unit_id=u.id, provider=u.provider, segment=1, status="passed", verifier=lazy))
+        s.add(Verification(unit_id=u.id, provider=u.provider, segment=1, status="passed", verifier=careful,
+                           canary={"held": None}))
+        s.flush()
+        paid_check = s.scalar(select(Verification.id).where(Verification.verifier == careful,
+                                                            Verification.status == "passed",
+                                                            Verification.canary.is_(None)))
+    w.customer.cancel_job(job_id)
+    assert service.sweep(w.rt)["cancelled"] == 1
+    fee = PRICE // 2
+    [stop] = _events(w, job_id, "job_cancelled")
+    assert stop["check_fees"] == {str(paid_check): str(fee)}
+    entries = _entries(w, job_id)
+    assert [(e.provider, e.amount, e.verification_id) for e in entries if e.verification_id is not None] == \
+        [(careful, fee, paid_check)]
+    assert not cancellation.stop_in(w.rt.sessions(), job_id, "again", 1)  # stopped once: credited once
+    refund = settlement.settle_job(w.rt, job_id)
+    assert refund == spec.budget() - 2 * PRICE - fee
+    assert w.ops.get_job(job_id).released == 2 * PRICE + fee == w.ops.total_deposited()
+    assert settlement.post_epoch(w.rt) == 1
+    tree = settlement.tree_of(_epoch_row(w, 1))
+    assert w.as_provider(1).claim_from_tree(1, tree) == PRICE + fee  # its own verified unit's pay and the fee
+
+
 def _epoch_row(w: World, n: int) -> PayoutEpoch:
     with w.rt.sessions() as s:
         row = s.get(PayoutEpoch, n)
