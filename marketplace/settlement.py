@@ -189,16 +189,19 @@ def _claim_epoch(rt: Runtime, chain_latest: int) -> PayoutEpoch | None:
     is nothing new to post or the previous root is still in its dispute window."""
     c = rt.contracts
     with rt.sessions.begin() as s:
-        _forget_voided(s, chain_latest)
+        _forget_voided(s, c, chain_latest)
         pending = s.scalars(select(PayoutEpoch).where(PayoutEpoch.status == "posting")).first()
-        if pending is not None:
+        if pending is not None and not _voided_after_sending(s, c, pending, chain_latest):
             return pending
-        last = s.scalars(select(PayoutEpoch).order_by(PayoutEpoch.epoch.desc())).first()
+        last = s.scalars(select(PayoutEpoch).where(PayoutEpoch.status == "posted")
+                         .order_by(PayoutEpoch.epoch.desc())).first()
         cumulative = cumulative_earnings(s)
         if not cumulative or (last is not None and last.entries == _entries_json(cumulative)):
             return None
         if last is not None and last.claimable_at > c.chain.timestamp():
             return None  # the previous root is still in its dispute window; the periodic task comes back
+        if last is not None and chain_latest < last.epoch:
+            return None  # read before another worker's root landed (its row is here, its root on chain): next run
         if chain_latest != (last.epoch if last else 0):
             raise ChainError(f"distributor is at epoch {chain_latest}, the ledger at {last.epoch if last else 0}: "
                              "a root was posted that this ledger did not write")
@@ -210,12 +213,31 @@ def _claim_epoch(rt: Runtime, chain_latest: int) -> PayoutEpoch | None:
         return pending
 
 
-def _forget_voided(s: Session, chain_latest: int) -> None:
-    """Rows for epochs the chain no longer has (the guardian voided them) are dropped, logged, and re-posted."""
+def _forget_voided(s: Session, c: Any, chain_latest: int) -> None:
+    """Rows for epochs whose root the chain no longer has (the guardian voided them) are dropped, logged, and
+    re-posted. ``chain_latest`` may be stale (read before another worker posted and recorded the next root): a row
+    above it is dropped only if the chain, asked again, does not hold its root."""
     for row in s.scalars(select(PayoutEpoch).where(PayoutEpoch.epoch > chain_latest, PayoutEpoch.status == "posted")):
+        if "0x" + c.root_of(row.epoch).hex() == row.root:
+            continue  # on chain: the caller's read was older than this row
         s.add(Event(kind="epoch_voided", data={"epoch": row.epoch, "root": row.root, "total": str(row.total)}))
         s.delete(row)
     s.flush()
+
+
+def _voided_after_sending(s: Session, c: Any, pending: PayoutEpoch, chain_latest: int) -> bool:
+    """Whether ``pending`` (written ahead, its run crashed before recording it) was sent and then voided by the
+    guardian: then it is dropped and logged like a posted root that was voided (the next root is built afresh from
+    the ledger, not the vetoed snapshot re-sent). Not sent, or on chain: False, and it is posted (or recorded)."""
+    if pending.epoch <= chain_latest or "0x" + c.root_of(pending.epoch).hex() == pending.root:
+        return False
+    if bytes.fromhex(pending.root[2:]) not in c.voided_roots(pending.epoch):
+        return False
+    s.add(Event(kind="epoch_voided", data={"epoch": pending.epoch, "root": pending.root, "total": str(pending.total),
+                                           "recorded": False}))
+    s.delete(pending)
+    s.flush()
+    return True
 
 
 def payout_for(rt: Runtime, address: str) -> dict[str, Any]:

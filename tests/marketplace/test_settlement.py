@@ -161,6 +161,63 @@ def test_root_waits_for_the_dispute_window_and_a_voided_root_is_reposted(tmp_pat
     assert view["epoch"] == 1 and view["cumulative"] == str(tokens(2))
 
 
+def test_a_stale_epoch_read_does_not_forget_another_workers_root(world: World,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two epoch tasks at once (the beat's and the one a settlement queues; several workers): worker X reads the
+    chain's latest epoch, then worker Y posts and records the next root before X opens its transaction. X took Y's
+    row for a voided root, deleted it, wrote another epoch over it, and every later run failed for good ("epoch 2
+    on chain has root ..."), the root already on chain unserved. Now X leaves it, and the next run goes on."""
+    w = world
+    settlement.settle_job(w.rt, w.fund_done_job("j1", [(0, tokens(1))]))
+    assert settlement.post_epoch(w.rt) == 1
+    settlement.settle_job(w.rt, w.fund_done_job("j2", [(1, tokens(2))]))
+    c = w.rt.contracts
+    real_latest, interleaved = type(c).latest_epoch, []
+
+    def stale(self: Any) -> int:  # X's read, then Y's whole run and another settlement before X goes on
+        got = real_latest(self)
+        if not interleaved:
+            interleaved.append(got)
+            assert settlement.post_epoch(w.rt) == 2  # worker Y
+            settlement.settle_job(w.rt, w.fund_done_job("j3", [(0, tokens(3))]))
+        return got
+
+    monkeypatch.setattr(type(c), "latest_epoch", stale)
+    assert settlement.post_epoch(w.rt) is None  # worker X: its read is stale, it leaves the epoch to the next run
+    monkeypatch.setattr(type(c), "latest_epoch", real_latest)
+    assert interleaved == [1] and _epoch(w, 2).status == "posted" and "0x" + c.root_of(2).hex() == _epoch(w, 2).root
+    with w.rt.sessions() as s:
+        assert [e.kind for e in s.scalars(select(Event).where(Event.kind.like("epoch_%")))] == ["epoch_posted"] * 2
+    assert settlement.post_epoch(w.rt) == 3  # j3's pay goes into the next root
+    view = settlement.payout_for(w.rt, w.providers[1].address)
+    assert view["epoch"] == 3 and view["cumulative"] == str(tokens(2))
+    assert settlement.payout_for(w.rt, w.providers[0].address)["cumulative"] == str(tokens(4))
+
+
+def test_a_root_voided_after_a_crash_before_recording_is_rebuilt_not_resent(tmp_path: Path, db_url: str) -> None:
+    """The run that sent epoch 1's root died before recording it, and the guardian voided that root inside its
+    dispute window: the next run re-sent the very root the guardian had vetoed, and logged nothing. Now it logs the
+    veto and posts a root built from the ledger as it is."""
+    w = make_world(tmp_path, db_url, dispute_window_s=600)
+    settlement.settle_job(w.rt, w.fund_done_job("a", [(0, tokens(1))]))
+    row = settlement._claim_epoch(w.rt, 0)  # written ahead ...
+    assert row is not None
+    w.ops.post_root(1, bytes.fromhex(row.root[2:]), row.total)  # ... sent; the worker dies here
+    w.ops.void_root(1)  # the guardian's veto
+    settlement.settle_job(w.rt, w.fund_done_job("b", [(1, tokens(5))]))
+    assert settlement.post_epoch(w.rt) == 1
+    assert "0x" + w.ops.root_of(1).hex() != row.root and _epoch(w, 1).root == "0x" + w.ops.root_of(1).hex()
+    assert _epoch(w, 1).entries == {w.providers[0].address: str(tokens(1)), w.providers[1].address: str(tokens(5))}
+    with w.rt.sessions() as s:
+        events = [(e.kind, e.data.get("root")) for e in s.scalars(select(Event).where(Event.kind.like("epoch_%")))]
+    assert events == [("epoch_voided", row.root), ("epoch_posted", _epoch(w, 1).root)]
+    # a root written ahead and never sent (the crash came first) is still sent as written
+    settlement.settle_job(w.rt, w.fund_done_job("c", [(0, tokens(1))]))
+    w.chain.advance_time(601)
+    ahead = settlement._claim_epoch(w.rt, 1)
+    assert ahead is not None and settlement.post_epoch(w.rt) == 2 and _epoch(w, 2).root == ahead.root
+
+
 def test_payout_endpoint(world: World) -> None:
     settlement.settle_job(world.rt, world.fund_done_job("h", [(0, tokens(1))]))
     settlement.post_epoch(world.rt)
