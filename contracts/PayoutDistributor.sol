@@ -74,7 +74,11 @@ contract PayoutDistributor is AccessControl, Pausable, ReentrancyGuardTransient 
     // ---------------------------------------------------------------- money in
 
     /// @notice Add `amount` GMT (needs a prior `approve`) to the pool that roots pay out of.
-    function deposit(uint256 amount) external whenNotPaused nonReentrant {
+    /// @dev Open while paused: a pause stops money *out* (roots, claims). Deposits only add to the pool, and
+    /// JobEscrow.releaseToPool pays verified work through here: blocked, a cancelled job's grace (which counts only
+    /// the escrow's own paused time) could run out while the distributor alone was paused, and the providers' pay
+    /// would go back to the customer.
+    function deposit(uint256 amount) external nonReentrant {
         if (amount == 0) revert SettlementZeroAmount();
         uint256 total = _totalDeposited + amount;
         _totalDeposited = total;

@@ -621,14 +621,17 @@ describe("PayoutDistributor", function () {
   });
 
   describe("pause", function () {
-    it("blocks deposit, postRoot, claim, claimFor and claimMany with EnforcedPause", async function () {
+    it("blocks postRoot, claim, claimFor and claimMany with EnforcedPause, and takes deposits", async function () {
       const { distributor, guardian, poster, funder, alice, other, tree1 } = await networkHelpers.loadFixture(
         claimableFixture,
       );
       await expect(distributor.connect(guardian).pause()).to.emit(distributor, "Paused").withArgs(guardian.address);
+      // money in stays open (JobEscrow.releaseToPool pays verified work through it inside a cancel's grace)
+      const before = await distributor.totalDeposited();
+      await expect(distributor.connect(funder).deposit(1n)).to.emit(distributor, "Deposited");
+      expect(await distributor.totalDeposited()).to.equal(before + 1n);
       const proof = tree1.proof(alice.address);
       const calls = [
-        () => distributor.connect(funder).deposit(1n),
         () => distributor.connect(poster).postRoot(2, ethers.id("r"), 1n),
         () => distributor.connect(alice).claim(1, E(100), proof),
         () => distributor.connect(other).claimFor(alice.address, 1, E(100), proof),

@@ -371,6 +371,29 @@ def test_a_kill_switch_pause_across_the_nominal_grace_does_not_cost_the_provider
     assert _events(w, job_id, "cancel_unpaid") == []
 
 
+def test_a_pause_of_the_payout_distributor_alone_does_not_cost_the_providers_their_pay(world: World) -> None:
+    """The guardian pauses payouts only (claims on a bad root, say) while a cancelled job settles. releaseToPool
+    deposits into the distributor; when a paused distributor refused deposits, the escrow's grace (which counts
+    only the escrow's paused time) ran out meanwhile and the verified pay went back to the customer. Deposits stay
+    open: the pay reaches the pool inside the grace, and only its claim waits for the unpause."""
+    w = world
+    job_id = _job(w, "pp", _spec())
+    _midway(w, job_id)  # 2 units verified (2 x PRICE owed), 3 not
+    w.customer.cancel_job(job_id)
+    assert service.sweep(w.rt)["cancelled"] == 1
+    w.ops._send(w.ops.distributor, "pause")  # noqa: SLF001 - the operator is the distributor's guardian too
+    assert w.ops.paused()["distributor"] and not w.ops.paused()["escrow"]
+    refund = settlement.settle_job(w.rt, job_id)
+    assert w.ops.total_deposited() == 2 * PRICE and refund == _spec().budget() - 2 * PRICE
+    assert _job_row(w, job_id).status == "cancelled" and _events(w, job_id, "cancel_unpaid") == []
+    w.chain.advance_time(GRACE + 1)
+    assert w.customer.close_job(job_id) == refund  # the customer gets the rest, not the providers' pay
+    with pytest.raises(PausedError):
+        settlement.post_epoch(w.rt)  # roots and claims wait for the unpause
+    w.ops.unpause_all()
+    assert settlement.post_epoch(w.rt) == 1
+
+
 def test_a_round_finished_after_the_cancel_opens_no_new_round(world: World) -> None:
     """advance reads the escrow before it opens a round: the finished round is still averaged into the customer's
     model and paid, no unit of the next round is created, and the job goes to its settlement."""
