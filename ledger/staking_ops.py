@@ -106,7 +106,15 @@ class TokenStakingOps(ContractsBase):
         return int(self._call(self.staking, "stakeOf", to_address(address)))
 
     def free_stake_of(self, address: str) -> int:
+        """What ``address`` may unbond now: its stake beyond locks and bonds, or 0 while any accusation of its is
+        open (GridStaking.freeStakeOf). Not what it can bond: see :meth:`bondable_stake_of`."""
         return int(self._call(self.staking, "freeStakeOf", to_address(address)))
+
+    def bondable_stake_of(self, address: str) -> int:
+        """What a verifier can still bond on a new accusation: its stake beyond locks and bonds (what
+        GridStaking.accuse bonds from), whatever accusations of its are open."""
+        st = self.stake_state(address)
+        return max(0, st.staked - st.locked - st.bonded)
 
     def stake_state(self, address: str) -> StakeState:
         raw = self._call(self.staking, "accountOf", to_address(address))

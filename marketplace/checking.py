@@ -553,7 +553,9 @@ def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, ac
     if rt.contracts.evidence_used(evidence):
         return True
     bond = rt.contracts.verifier_bond()
-    if bond == 0 or rt.contracts.free_stake_of(verifier) < bond:
+    # not freeStakeOf: it is 0 while any of the verifier's accusations is open, so a second one went unbonded (a
+    # false one then cost it nothing); accuse bonds from the stake beyond locks and bonds
+    if bond == 0 or rt.contracts.bondable_stake_of(verifier) < bond:
         return bool(rt.contracts.dispute_of(evidence).is_open)  # opened by an earlier run of this task
     try:
         rt.contracts.accuse(provider, evidence, ACCUSE_ALL, bytes.fromhex(accusation[2:]))

@@ -275,3 +275,29 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
     settlement.settle_job(world.rt, lost)
     world.queued.clear()
     assert service.sweep(world.rt)["settle"] == 0
+
+
+def test_a_verifiers_second_open_accusation_is_bonded_too(world: World) -> None:
+    """The relay asked GridStaking.freeStakeOf whether a verifier could back an accusation; that is 0 while any of
+    its accusations is open, so a second one at once went unbonded (a false one then cost nothing) although accuse
+    bonds from the stake beyond locks and bonds. Now each is bonded while that stake lasts."""
+    from marketplace import checking
+    from protocol.signing import ACCUSE_ALL
+    from protocol.verification import fraud_evidence
+
+    w = world
+    w.ops.govern([("staking", "setVerifierBond", (tokens(50),))], "bond")
+    prov, ver = w.providers[0], w.providers[1]
+    for a in (prov, ver):
+        w.ops.transfer(a.address, tokens(120))
+        w.ops.as_account(a).stake(tokens(120))
+    vc = w.ops.as_account(ver)
+    evidence = [fraud_evidence("0x" + f"{i:064x}", 0, prov.address) for i in (1, 2, 3)]
+    signed = ["0x" + vc.sign_accusation(prov.address, e, ACCUSE_ALL).hex() for e in evidence]
+    assert checking._open_dispute(w.rt, prov.address, ver.address, evidence[0], signed[0])  # noqa: SLF001
+    assert w.ops.free_stake_of(ver.address) == 0  # what the relay used to read
+    assert checking._open_dispute(w.rt, prov.address, ver.address, evidence[1], signed[1])  # noqa: SLF001
+    assert w.ops.dispute_of(evidence[1]).is_open and w.ops.stake_state(ver.address).bonded == tokens(100)
+    # 20 GMT left beyond its bonds: a third is not bonded (the referee still rules on it, nothing moves)
+    assert not checking._open_dispute(w.rt, prov.address, ver.address, evidence[2], signed[2])  # noqa: SLF001
+    assert not w.ops.dispute_of(evidence[2]).is_open and w.ops.stake_state(ver.address).bonded == tokens(100)
