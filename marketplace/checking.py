@@ -415,9 +415,18 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         fallen_back = task.fallback_at is not None
         if fallen_back and rt.referee_pool_here():
             return task.status  # the pool was away and the default referee has it now: not this worker's any more
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None
+        moved = unit.provider != task.provider
         asked = referee.bisect_view(task.bisect) if task.status == "bisecting" else {}
-        if asked and str(asked.get("asked")) not in asked["reveals"] and now_s() <= int(asked["deadline"]):
+        if not moved and asked and str(asked.get("asked")) not in asked["reveals"] \
+                and now_s() <= int(asked["deadline"]):
             return task.status  # still waiting for the state asked: nothing to replay yet
+    if moved:
+        return _dismiss_moved(rt, verification_id)
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         job = s.get(Job, unit.job_id)
@@ -546,6 +555,33 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     return "fraud"
 
 
+def _dismiss_moved(rt: Runtime, verification_id: int) -> str:
+    """A dispute over a unit that has left its provider before the ruling (slashed over another segment: its units
+    back to the pool; or taken back) blames no one: the claim it disputes is no longer the unit's (a standby's
+    result may stand there by now, and a replay of it would clear the provider and call the verifier wrong). Any
+    bond the verifier posted is released; the overruled verdict is not counted against it: ``dismissed``."""
+    with rt.sessions() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None and task.verifier is not None
+        evidence = verification.fraud_evidence(task.unit_id, task.segment, task.provider)
+        bonded = task.accusation is not None
+    if bonded and not rt.contracts.evidence_used(evidence) and rt.contracts.dispute_of(evidence).is_open:
+        rt.contracts.dismiss_dispute(evidence)
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
+        if task.status not in ("disputed", "bisecting"):  # a concurrent run of this task got here first
+            return task.status
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None
+        task.status = "dismissed"
+        log(s, "dispute_dismissed", unit.job_id, unit=unit.id, segment=task.segment, verifier=task.verifier,
+            provider=task.provider, bond_lost="0", bonded=bonded, good_faith=True, proven_false=False,
+            reason=f"the unit left provider {task.provider} before the ruling (now {unit.status}"
+                   f"{', with ' + unit.provider if unit.provider else ''}): its claim is gone")
+        return task.status
+
+
 def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, accusation: str) -> bool:
     """Relay ``verifier``'s accusation to GridStaking.accuse. True if a dispute for ``evidence`` is (or was) open on
     chain; False if the verifier cannot back it (no bond configured, or too little free stake) or the provider has
@@ -595,6 +631,8 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
                 continue
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
+            if unit.provider != provider:
+                continue  # the unit left it: the dispute is dismissed, nothing to reveal
             job = s.get(Job, unit.job_id)
             assert job is not None
             spec = unit_spec(job, unit)

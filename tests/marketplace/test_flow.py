@@ -242,9 +242,13 @@ def test_a_segment_that_did_not_train_is_replayed_beyond_the_levels_budget_and_i
     assert {e.provider for e in entries} == {honest.account.address}
 
 
-def test_a_cheats_other_disputes_are_ruled_once_it_is_slashed_to_nothing(market, tmp_path: Path, monkeypatch) -> None:
-    """A cheat disputed on several segments is slashed to nothing by the first ruling; the other disputes are ruled
-    all the same (fraud, nothing left to move) instead of failing on chain and being retried for ever."""
+def test_a_cheats_other_disputes_end_once_it_is_slashed_and_its_unit_goes_to_another(market, tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """A cheat disputed on several segments is slashed to nothing by the first ruling, and its unit goes back to the
+    pool. The other disputes end (they failed on chain and were retried for ever, once): dismissed, their bonds
+    released, nothing counted against their verifier — and never ruled on the unit as it stands later, when a
+    standby's honest result is there (a replay of that cleared "the cheat" and benched the verifier who had caught
+    it, as proven false)."""
     from marketplace import checking, service
 
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.6", adversary="skip-steps")
@@ -263,14 +267,24 @@ def test_a_cheats_other_disputes_are_ruled_once_it_is_slashed_to_nothing(market,
     assert len(disputes) >= 2 and sorted(held) == disputes  # every segment skipped steps: each one disputed
     assert checking.adjudicate(market.rt, disputes[0]) == "fraud"
     assert market.ops.stake_state(cheat.account.address).staked == 0
+    # a standby takes the unit over and hands in an honest result before the other disputes are ruled
+    standby = provider(market, tmp_path, "standby", "us-east", "0.9")
+    market.wait(lambda: standby.work_once(), what="the standby trained the unit")
+    assert _rows(market, status="pending") and _rows(market, status="disputed")
     for vid in disputes[1:]:
-        assert checking.adjudicate(market.rt, vid) == "fraud"
-    assert [v.status for v in _rows(market, status="fraud")] == ["fraud"] * len(disputes)
+        assert checking.adjudicate(market.rt, vid) == "dismissed"
+    assert [v.id for v in _rows(market, status="fraud")] == disputes[:1]
+    assert sorted(v.id for v in _rows(market, status="dismissed")) == disputes[1:]
     assert service.sweep(market.rt)["adjudicate"] == 0  # nothing left to retry
     assert [e["path"] for e in _events(market, "provider_slashed")] == ["fraud-proof"]  # one slash, of all of it
-    confirmed = _events(market, "fraud_confirmed")
-    assert len(confirmed) == len(disputes) - 1 and {e["path"] for e in confirmed} == {"nothing left to slash"}
-    assert all(e["amount"] == "0" for e in confirmed)
+    dismissed = _events(market, "dispute_dismissed")
+    assert len(dismissed) == len(disputes) - 1 and all("left provider" in e["reason"] for e in dismissed)
+    assert not _events(market, "false_accusation")
+    state = market.ops.stake_state(verifier.account.address)
+    assert state.bonded == 0 and state.staked == tokens(100)  # every bond released, none forfeit
+    with market.rt.sessions() as s:
+        v = s.get(Verifier, verifier.account.address)
+        assert (v.status, v.wrong) == ("active", 0)
 
 
 def test_a_cheat_that_unbonds_once_its_work_is_in_is_slashed_all_the_same(market, tmp_path: Path) -> None:
