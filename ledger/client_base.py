@@ -25,6 +25,7 @@ ARTIFACTS: dict[str, str] = {
     "distributor": "PayoutDistributor",
     "kill_switch": "GridKillSwitch",
     "timelock": "GridTimelock",
+    "lens": "GridLens",
 }
 
 #: Which contracts each role lives on. The token has no roles.
@@ -68,7 +69,7 @@ class ContractsBase:
         self.last_receipt: TxReceipt | None = None
         for key in ("token", "staking", "escrow"):
             self._bind(key, getattr(deployment, key))
-        for key in ("distributor", "kill_switch", "timelock"):
+        for key in ("distributor", "kill_switch", "timelock", "lens"):
             if getattr(deployment, key) is not None:
                 self._bind(key, getattr(deployment, key))
 

@@ -29,6 +29,7 @@ class Deployment:
     distributor: str | None = None
     kill_switch: str | None = None
     timelock: str | None = None
+    lens: str | None = None  # GridLens (read-only): many jobs' escrow state in one call
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON text of this deployment; also written to ``path`` if given."""
@@ -42,7 +43,8 @@ class Deployment:
         """Read a deployment written by ``to_json(path)``."""
         try:
             data = json.loads(Path(path).read_text())
-            optional = {k: to_address(data[k]) for k in ("distributor", "kill_switch", "timelock") if data.get(k)}
+            optional = {k: to_address(data[k]) for k in ("distributor", "kill_switch", "timelock", "lens")
+                        if data.get(k)}
             return cls(
                 chain_id=int(data["chain_id"]),
                 token=to_address(data["token"]),
@@ -117,9 +119,11 @@ def deploy(
         to_uint(cancel_grace_s, "cancel_grace_s", 32),
     )
     kill_switch = chain.deploy_contract(deployer, "GridKillSwitch", me, [staking.address, escrow.address, distributor.address])
+    lens = chain.deploy_contract(deployer, "GridLens")
     deployment = Deployment(
         chain.chain_id, token.address, staking.address, escrow.address, treasury,
         distributor=distributor.address, kill_switch=kill_switch.address, timelock=timelock.address,
+        lens=lens.address,
     )
     from ledger.client import GridMintContracts  # the client imports this module
 
