@@ -93,7 +93,8 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # JobSpec as JSON
     budget: Mapped[int] = mapped_column(Money)  # what the escrow must hold: units x price cap
     # running | done | settled; running | cancelling | cancelled once the customer cancels the escrow on chain
-    # (marketplace.cancellation)
+    # (marketplace.cancellation); running | failing | failed when a round cannot be averaged into a finite model
+    # (service.advance)
     status: Mapped[str] = mapped_column(String(16), default="running")
     round: Mapped[int] = mapped_column(Integer, default=0)
     global_blob: Mapped[str] = mapped_column(String(64))  # sha256 of the current global checkpoint

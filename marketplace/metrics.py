@@ -35,7 +35,7 @@ UNMATCHED = "<unmatched>"  # requests no route matched: one label, whatever path
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method is "OTHER"
 # Statuses reported even when no row has them, so a gauge drops to 0 instead of vanishing (see marketplace.db).
 UNIT_STATUSES = ("pending", "assigned", "submitted", "verified", "cancelled")
-JOB_STATUSES = ("running", "done", "settled", "cancelling", "cancelled")
+JOB_STATUSES = ("running", "done", "settled", "cancelling", "cancelled", "failing", "failed")
 PROVIDER_STATUSES = ("active", "slashed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Set (before prometheus_client is imported) in every worker of a multi-worker server: see the module docstring.

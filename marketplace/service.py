@@ -7,6 +7,7 @@ second use of slash evidence, and the client checks before sending. Replaying an
 """
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import replace
 from typing import Any
@@ -30,6 +31,8 @@ from protocol.errors import GridMintValueError, InsufficientFundsError, ProofErr
 from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerifierRegister
 from protocol.signing import recover_typed
+from node.trainer import check_finite, check_training_state
+from protocol.errors import CheckpointError
 
 
 #: Spare providers considered when a unit's provider drops out (the cheapest eligible one takes over at once).
@@ -289,12 +292,14 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         tensors, _ = checkpoint.load(rt.blobs.read(sha))
         if state_hash(tensors) != proof.segments[i].start_hash:
             raise ProofError(f"checkpoint for segment {i} does not hash to its committed start hash")
+        _check_upload(spec, tensors, f"checkpoint for segment {i}")
         if before is not None:
             norms.append(update_norm(before, tensors))
         before = model_only(tensors)
     final, _ = checkpoint.load(rt.blobs.read(body.final_blob))
     if state_hash(final) != proof.final_hash:
         raise ProofError("final checkpoint does not hash to the committed final hash")
+    _check_upload(spec, final, "final checkpoint")
     if before is not None:
         norms.append(update_norm(before, final))
     # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
@@ -327,6 +332,19 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         rt.enqueue("gridmint.advance", [job_id])
 
 
+def _check_upload(spec: UnitSpec, tensors: dict[str, Any], what: str) -> None:
+    """:class:`CheckpointError` (422) unless an uploaded checkpoint is a full fp32 training state of ``spec``'s model
+    (names, shapes, dtypes: :func:`check_training_state`) with every value finite. A hash only binds the bytes to the
+    proof: a float16 final state once passed, was paid, and then failed every average of its round (the job never
+    ended); a NaN weight was averaged into the customer's model. Refused before anything is written, like every
+    structural check: the unit stays the provider's (it may submit a sound result)."""
+    try:
+        check_training_state(spec, tensors)
+        check_finite(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+
+
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
     """Blend the throughput this unit was delivered at (tokens trained / seconds since assignment) into the
     provider's record; the first unit sets it."""
@@ -352,7 +370,9 @@ def _observe_late(prov: Provider, spec: JobSpec, seconds: int) -> int:
 def advance(rt: Runtime, job_id: str) -> str:
     """When every unit of the current round is verified: average them (outer step) and open the next round, unless
     the customer cancelled the escrow meanwhile (read from the chain first): then the job stops there, its verified
-    units are paid (:mod:`marketplace.cancellation`)."""
+    units are paid (:mod:`marketplace.cancellation`). A round that cannot be averaged, or whose average is not finite
+    (a diverged job: NaN or inf in the model or its held-out loss), fails the job (:func:`_fail`) instead of being
+    retried: the same bytes fail the same way every time."""
     with rt.sessions.begin() as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running":
@@ -363,9 +383,15 @@ def advance(rt: Runtime, job_id: str) -> str:
         blobs = [u.final_blob for u in units]
         spec = JobSpec.model_validate(job.spec)
         round_ = job.round
-    states = [model_only(checkpoint.load(rt.blobs.read(b))[0]) for b in blobs if b]
-    merged = average_states(states)
-    loss = evaluate(model_config(spec), merged)
+    try:
+        states = [model_only(checkpoint.load(rt.blobs.read(b))[0]) for b in blobs if b]
+        merged = average_states(states)
+        check_finite(merged)
+        loss = evaluate(model_config(spec), merged)
+        if not math.isfinite(loss):
+            raise GridMintValueError(f"the averaged model's held-out loss is {loss}")
+    except (CheckpointError, GridMintValueError) as exc:  # not a chain error: a retry would fail the same way
+        return _fail(rt, job_id, round_, f"round {round_} could not be averaged into a usable model: {exc}")
     sha = rt.blobs.put_tensors(merged, {"kind": "global", "job": job_id, "round": str(round_ + 1)})
     stop = None  # a new round starts only on an escrow that was not cancelled (the last round just ends: done)
     if round_ + 1 < spec.rounds:
@@ -395,6 +421,22 @@ def advance(rt: Runtime, job_id: str) -> str:
     else:
         rt.enqueue("gridmint.settle", [job_id])
     return status
+
+
+def _fail(rt: Runtime, job_id: str, round_: int, reason: str) -> str:
+    """End a running job at ``round_`` as ``failing`` (a ``job_failed`` event says why) and queue its settlement: its
+    verified units are paid and the rest of the escrow refunded as for a finished job, and it ends ``failed``
+    (:func:`settlement.settle_job`). Its global model stays the last one that averaged cleanly (what the customer
+    downloads); its ``eval_losses`` get nothing for the failed round (a NaN cannot be stored as JSON on PostgreSQL)."""
+    with rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        if job.round != round_ or job.status != "running":  # another advance got here first
+            return job.status
+        job.status = "failing"
+        log(s, "job_failed", job_id, round=round_, reason=reason)
+    rt.enqueue("gridmint.settle", [job_id])
+    return "failing"
 
 
 def settle(rt: Runtime, job_id: str) -> int:
@@ -441,7 +483,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     slashed, rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, one chain read per running job);
-    a job settled for good (``settled``, ``cancelled``) is never queued again."""
+    a job settled for good (``settled``, ``cancelled``, ``failed``) is never queued again."""
     cancelled = cancellation.stop_cancelled(rt)
     with rt.sessions.begin() as s:
         disputes = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))

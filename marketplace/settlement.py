@@ -3,7 +3,9 @@
 1. ``settle_job`` (job done): the job's verified, unreleased ledger entries move from its escrow to the payout pool
    in ONE transfer (``JobEscrow.releaseToPool`` with a batch id derived from the entries), then the escrow is closed
    and the customer refunded the rest. A job stopped because its customer cancelled the escrow (``cancelling``,
-   :mod:`marketplace.cancellation`) goes the same way, except that the escrow is left to the customer's close; one
+   :mod:`marketplace.cancellation`) goes the same way, except that the escrow is left to the customer's close; a
+   job that failed (``failing``: a round that could not be averaged into a finite model, ``service.advance``) is
+   settled exactly as a done one and ends ``failed``; one
    whose escrow refuses for good (the cancel's grace is over, or the escrow was closed) ends ``cancelled`` with its
    unpaid entries recorded, never retried.
 2. ``post_epoch`` (periodic, and after each settlement): one Merkle root over every provider's *cumulative* pooled
@@ -41,9 +43,10 @@ def batch_id_for(job_id: str, unit_ids: list[str]) -> str:
     return "0x" + keccak(to_bytes32(job_id) + b"pool-batch" + parts).hex()
 
 
-#: Job states settle_job works on, and the final ones it leaves a job in.
-SETTLING = ("done", "cancelling")
-FINAL = ("settled", "cancelled")
+#: Job states settle_job works on, and the final ones it leaves a job in (``_ENDS``: which one, for each).
+SETTLING = ("done", "cancelling", "failing")
+FINAL = ("settled", "cancelled", "failed")
+_ENDS = {"done": "settled", "cancelling": "cancelled", "failing": "failed"}
 #: Escrow refusals that are final: a cancel's grace is over, or the escrow was closed. Nothing more can be released.
 _FOR_GOOD = ("EscrowJobCancelled", "EscrowJobClosed")
 
@@ -51,7 +54,8 @@ _FOR_GOOD = ("EscrowJobCancelled", "EscrowJobClosed")
 def settle_job(rt: Runtime, job_id: str) -> int:
     """Move a finished job's verified pay to the payout pool and refund the rest. Returns the refund: sent now, or,
     for a ``cancelling`` job (its customer cancelled the escrow), what the customer's own close will send, as the
-    escrow is left open for it. Either way the job ends in a final state (``settled``, ``cancelled``).
+    escrow is left open for it. Either way the job ends in a final state (``settled``, ``cancelled``; a ``failing``
+    job, settled as a ``done`` one, ends ``failed``).
 
     Safe to re-run after a crash at any point: the batch id is derived from the unreleased entries, and the escrow
     refuses a second release of a batch (the client returns False without sending). If the escrow refuses the
@@ -63,7 +67,7 @@ def settle_job(rt: Runtime, job_id: str) -> int:
             raise GridMintValueError(f"job {job_id} is not done" + (f" (status {job.status})" if job else ""))
         if job.status in FINAL:
             return job.refund or 0
-        cancelling = job.status == "cancelling"
+        cancelling, ends = job.status == "cancelling", _ENDS[job.status]
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
                                                            LedgerEntry.released.is_(False))))
         ids = [e.id for e in entries]
@@ -90,7 +94,7 @@ def settle_job(rt: Runtime, job_id: str) -> int:
         paid = _check_released(s, job_id, onchain.released)
         # none but a verdict that raced the stop (cancellation.stop_in) can be left: recorded, never paid
         left = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.released.is_(False))))
-        job.status, job.settled_at = "cancelled" if cancelling else "settled", now_s()
+        job.status, job.settled_at = ends, now_s()
         job.refund = onchain.funded - onchain.released
         data: dict[str, Any] = {"paid": str(paid), "refund": str(job.refund), "released_on_chain": str(onchain.released),
                                 "batch": batch}

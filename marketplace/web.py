@@ -63,7 +63,8 @@ def _event_detail(e: dict[str, Any]) -> str:
 
 
 def render_job(job: dict[str, Any]) -> str:
-    """One job (``GET /jobs/{job_id}``'s view) as a page: refreshed every 5 s until it is settled (or cancelled)."""
+    """One job (``GET /jobs/{job_id}``'s view) as a page: refreshed every 5 s until it is settled (or cancelled, or
+    failed)."""
     jid = job["job_id"]
     losses = job["eval_losses"] or []
     checks = Counter(v["status"] for v in job["verifications"])
@@ -104,7 +105,7 @@ Providers slashed for cheating: {len(slashed)}{escape(cheats)}.</p>
 {_rows(payouts, [("unit_id", "Unit"), ("provider", "Provider"), ("amount", "Amount"), ("released", "Released to the pool")])}
 <h2>History</h2>
 {_rows(history, [("at", "UTC"), ("kind", "Event"), ("detail", "Detail")])}"""
-    return _page(f"GridMint job {_short(jid)}", body, refresh=job["status"] not in ("settled", "cancelled"))
+    return _page(f"GridMint job {_short(jid)}", body, refresh=job["status"] not in ("settled", "cancelled", "failed"))
 
 
 def render_index(providers: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> str:

@@ -322,6 +322,15 @@ def check_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
             raise CheckpointError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected torch.float32{shape}")
 
 
+def check_finite(tensors: Mapping[str, Tensor]) -> None:
+    """:class:`CheckpointError` naming every floating tensor of ``tensors`` that holds a NaN or an infinity (with how
+    many): such a state cannot be averaged into a model anyone would want, nor its loss stored as JSON."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in sorted(tensors.items())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+    if bad:
+        raise CheckpointError(f"non-finite values (NaN or inf) in {len(bad)} tensor(s), count per tensor: {bad}")
+
+
 def export_training_state(model: TinyGPT, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
     """Live views (not copies) of the full training state; clone before mutating the model again if kept."""
     out: dict[str, Tensor] = {}

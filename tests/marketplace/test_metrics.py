@@ -54,7 +54,7 @@ def test_families_fill_known_statuses_with_zero() -> None:
     units = {s.labels["status"]: s.value for s in fams["gridmint_units"].samples}
     assert units == {"pending": 0, "assigned": 0, "submitted": 0, "verified": 3, "fraud": 1, "cancelled": 0}
     assert {s.labels["status"]: s.value for s in fams["gridmint_jobs"].samples} == {
-        "running": 0, "done": 0, "settled": 0, "cancelling": 0, "cancelled": 0}
+        "running": 0, "done": 0, "settled": 0, "cancelling": 0, "cancelled": 0, "failing": 0, "failed": 0}
     assert fams["gridmint_providers_active"].samples[0].value == 1
     assert fams["gridmint_payout_epoch_latest"].samples[0].value == 7
     assert {s.labels["referee"]: s.value for s in fams["gridmint_disputes_open"].samples} == {"default": 0}
