@@ -26,13 +26,12 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import init_state
 from node.crosscheck import Plan
-from node.trainer import UnitSpec, average_states, evaluate, model_only, start_state_hash, state_hash, update_norm
-from protocol.errors import GridMintValueError, InsufficientFundsError, ProofError
+from node.trainer import (UnitSpec, average_states, check_finite, check_training_state, evaluate, model_only,
+                          start_state_hash, state_hash, update_norm)
+from protocol.errors import CheckpointError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerifierRegister
 from protocol.signing import recover_typed
-from node.trainer import check_finite, check_training_state
-from protocol.errors import CheckpointError
 
 
 #: Spare providers considered when a unit's provider drops out (the cheapest eligible one takes over at once).
@@ -482,7 +481,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     the chain node was down, a broker restart): disputes not yet adjudicated, verifiers caught by a canary not yet
     slashed, rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
-    cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, one chain read per running job);
+    cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
     a job settled for good (``settled``, ``cancelled``, ``failed``) is never queued again."""
     cancelled = cancellation.stop_cancelled(rt)
     with rt.sessions.begin() as s:
