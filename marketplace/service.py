@@ -110,16 +110,18 @@ def _busy(s: Session) -> dict[str, int]:
         select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
 
 
-def _offers(s: Session, busy: dict[str, int] | None = None) -> list[matching.Offer]:
-    """Every active provider's offer: its ask, free slots, delivered throughput and delivery record, so the matcher
-    ranks by effective price (ask per unit at reference speed, dearer for a provider that drops work). ``busy``:
+def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0) -> list[matching.Offer]:
+    """The offer of every active provider seen (registered, polled for work, heartbeat) at ``seen_since`` or later
+    (unix s; the caller's ``_live_since``: a node gone for good is offered no unit that would only sit until the
+    reaper takes it back): its ask, free slots, delivered throughput and delivery record, so the matcher ranks by
+    effective price (ask per unit at reference speed, dearer for a provider that drops work). ``busy``:
     ``_busy(s)``, if the caller has it already.
 
     Throughput is what the provider *delivered* on real units (tokens trained per second from assignment to
     submission), never its self-reported benchmark, which would be free to inflate. A provider with no delivered
     unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
     busy = _busy(s) if busy is None else busy
-    providers = list(s.scalars(select(Provider).where(Provider.status == "active")))
+    providers = list(s.scalars(select(Provider).where(Provider.status == "active", Provider.last_seen >= seen_since)))
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
     return [
@@ -128,6 +130,11 @@ def _offers(s: Session, busy: dict[str, int] | None = None) -> list[matching.Off
                        reliability_ppm=reliability_ppm(p.completed, p.dropped))
         for p in providers
     ]
+
+
+def _live_since(rt: Runtime, now: int) -> int:
+    """The oldest sign of life that still gets a provider offered work (``settings.resolved_provider_live_s``)."""
+    return now - rt.settings.resolved_provider_live_s()
 
 
 def _demand(rt: Runtime, unit: Unit, job: Job) -> matching.Demand:
@@ -167,7 +174,8 @@ def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer
 
 
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
-    """One matching round over every pending unit (oldest job first) and every active provider's free slots."""
+    """One matching round over every pending unit (oldest job first) and the free slots of every active provider
+    seen lately (``_offers``)."""
     with rt.sessions.begin() as s:
         pending = s.execute(
             select(Unit, Job).join(Job, Unit.job_id == Job.id)
@@ -177,7 +185,7 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         if not pending:
             return []
         busy = _busy(s)
-        offers = _offers(s, busy)
+        offers = _offers(s, busy, _live_since(rt, now_s()))
         got = matching.match(offers, [_demand(rt, unit, job) for unit, job in pending])
         units = {u.id: (u, j) for u, j in pending}
         by_provider = {o.provider: o for o in offers}
@@ -470,7 +478,7 @@ def reap(rt: Runtime) -> int:
     """Assigned units whose provider missed its heartbeat deadline, or the unit's own deadline (alive but stuck, or
     holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
     price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
-    job's current global model) on the cheapest eligible standby right away, or goes back to the pool for the next
+    job's current global model) on the cheapest eligible standby seen lately right away, or goes back to the pool for the next
     matching round when no spare provider fits. Verification tasks gone quiet go back to the queue; a dispute whose
     provider let a reveal deadline pass is ruled on; one whose referee pool is away goes to the default referee
     (:func:`pools_away`). Returns how many units were taken back."""
@@ -482,7 +490,7 @@ def reap(rt: Runtime) -> int:
         stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
             Unit.status == "assigned", silent | (Unit.deadline_at < now))).all()
         busy = _busy(s) if stale else {}
-        offers = _offers(s, busy) if stale else []
+        offers = _offers(s, busy, _live_since(rt, now)) if stale else []
         for u, job in stale:
             dropped = u.provider
             assert dropped is not None
