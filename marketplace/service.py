@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from marketplace import cancellation, matching, referee, settlement, standby
 from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
-from marketplace.common import Conflict, NotFound, log, model_config, stake_short, unit_id_for, unit_spec
+from marketplace.common import (Conflict, NotFound, log, model_config, stake_short, take_back, unit_id_for,
+                                unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
@@ -201,9 +202,10 @@ def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[in
 
 
 def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
-    """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout)."""
-    unit.status, unit.provider, unit.price, unit.rank = "pending", None, None, None
-    log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
+    """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout). Nothing
+    if the unit moved meanwhile (``take_back``)."""
+    if take_back(s, unit.id, provider):
+        log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
 
 
 def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
@@ -221,7 +223,7 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
         if stake is not None:
             p.stake = stake  # matching ranks on what is staked now
         if short:
-            for unit in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned")):
+            for unit in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned"))):
                 _release(s, unit, provider, short)
                 released += 1
         else:
@@ -315,14 +317,17 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
                                            secrets.token_bytes(32), norms)
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
     with rt.sessions.begin() as s:
+        # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
+        # cleanly and this result is refused; a plain write would put it over the unit's new holder
+        if s.execute(update(Unit).where(Unit.id == body.unit_id, Unit.provider == provider, Unit.status == "assigned")
+                     .values(status="submitted", proof=body.proof, proof_signature=body.proof_signature,
+                             final_blob=body.final_blob, segment_blobs=list(body.segment_blobs),
+                             losses=list(body.losses), plan=plan.label, build=body.build or None),
+                     execution_options={"synchronize_session": "fetch"}).rowcount != 1:
+            raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
-        if unit.provider != provider or unit.status != "assigned":  # raced with a timeout reassignment
-            raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
-        unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
-        unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
-        unit.plan, unit.build = plan.label, body.build or None
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
@@ -478,10 +483,12 @@ def reap(rt: Runtime) -> int:
     """Assigned units whose provider missed its heartbeat deadline, or the unit's own deadline (alive but stuck, or
     holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
     price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
-    job's current global model) on the cheapest eligible standby seen lately right away, or goes back to the pool for the next
-    matching round when no spare provider fits. Verification tasks gone quiet go back to the queue; a dispute whose
-    provider let a reveal deadline pass is ruled on; one whose referee pool is away goes to the default referee
-    (:func:`pools_away`). Returns how many units were taken back."""
+    job's current global model) on the cheapest eligible standby seen lately right away, or goes back to the pool
+    for the next matching round when no spare provider fits. Each take-back is conditional (``common.take_back``):
+    a result, a stop or a conviction that landed since the units were read wins, and that unit is left alone.
+    Verification tasks gone quiet go back to the queue; a dispute whose provider let a reveal deadline pass is
+    ruled on; one whose referee pool is away goes to the default referee (:func:`pools_away`). Returns how many
+    units were taken back."""
     now = now_s()
     cutoff = now - rt.settings.unit_timeout_s
     n = 0
@@ -496,18 +503,20 @@ def reap(rt: Runtime) -> int:
             assert dropped is not None
             prov = s.get(Provider, dropped)
             assert prov is not None
-            u.excluded = sorted(set(u.excluded or []) | {dropped})
-            u.status, u.provider, u.price, u.rank = "pending", None, None, None
             late = u.deadline_at is not None and u.deadline_at < now and (u.heartbeat_at or u.assigned_at or 0) >= cutoff
-            extra: dict[str, Any] = {}
-            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
-                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
-                                                           now - (u.assigned_at or now))
-            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
-                reason=f"not submitted by its deadline ({u.deadline_at})" if late else "no heartbeat", **extra)
+            assigned_at, deadline_at = u.assigned_at, u.deadline_at
             demand = _demand(rt, u, job)
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
+            # only while ``dropped`` still holds it: a result accepted since the read above stands (and is paid)
+            if not take_back(s, u.id, dropped, excluded=sorted(set(u.excluded or []) | {dropped})):
+                continue
+            extra: dict[str, Any] = {}
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
+                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
+                                                           now - (assigned_at or now))
+            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
+                reason=f"not submitted by its deadline ({deadline_at})" if late else "no heartbeat", **extra)
             prov.dropped = move.dropped_reliability.dropped
             prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:

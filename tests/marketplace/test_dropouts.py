@@ -2,6 +2,9 @@
 PostgreSQL), through the service's own steps (register, match, next_work, submit_result, reap, verify) with the
 Celery queue recorded instead of run.
 
+- A take-back is conditional (``common.take_back``): a result accepted while the reaper runs stands and is paid; a
+  reap that lands first refuses the result (409) instead of being overwritten; a unit that leaves its provider takes
+  that provider's open checks with it.
 - Only providers seen lately are offered work (``settings.resolved_provider_live_s``)."""
 from __future__ import annotations
 
@@ -11,13 +14,20 @@ from typing import Any
 import pytest
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
-from marketplace import service
-from marketplace.db import Event, Provider, Unit, now_s
+from marketplace import checking, service, standby
+from marketplace.common import Conflict
+from marketplace.db import Event, LedgerEntry, Provider, Unit, Verification, now_s
 from marketplace.settings import Settings
+from node import checkpoint
+from node.device import kernel_build
+from node.replay import check_segment
+from node.trainer import UnitSpec, model_only, train_unit
 from protocol.money import tokens
-from protocol.schemas import JobSpec, ModelSpec, ProviderRegister
+from protocol.proof import TrainingProof
+from protocol.schemas import JobSpec, ModelSpec, ProviderRegister, ResultSubmit, VerdictSubmit, VerifierRegister
+from protocol.signing import sign_typed, to_bytes32
 from tests.marketplace.test_settlement import World, make_world
 
 
@@ -59,6 +69,41 @@ def _unit(w: World, job_id: str) -> Unit:
         return s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
 
 
+def _train(w: World, acct: LocalAccount, tmp: Path) -> ResultSubmit:
+    """What ProviderAgent.work_once does: pull its unit, train it, upload, sign."""
+    work = service.next_work(w.rt, acct.address)
+    assert work is not None, f"nothing assigned to {acct.address}"
+    spec = UnitSpec.from_json(work["spec"])
+    start, _ = checkpoint.load(w.rt.blobs.read(work["start_blob"]))
+    res = train_unit(spec, model_only(start), tmp / f"{acct.address[2:10]}-{spec.unit_id[2:10]}")
+    segments = [w.rt.blobs.put_file(p) for p in res.segment_paths]
+    final = w.rt.blobs.put_file(res.final_path)
+    return ResultSubmit(unit_id=spec.unit_id, proof=res.proof.to_dict(), final_blob=final, segment_blobs=segments,
+                        proof_signature=sign_typed(acct, "TrainingProof", w.rt.domain, res.proof.signable_fields()),
+                        losses=[float(x) for x in res.losses], plan="cpu", build=kernel_build("cpu"))
+
+
+def _verify(w: World, verifier: LocalAccount) -> tuple[int, str] | None:
+    """What VerifierAgent.verify_once does on the referee's plan: take a task, replay it bit for bit, sign."""
+    task = checking.next_verification(w.rt, verifier.address)
+    if task is None:
+        return None
+    spec, proof, seg = UnitSpec.from_json(task["spec"]), TrainingProof.from_dict(task["proof"]), task["segment"]
+    v = check_segment(spec, proof, seg, w.rt.blobs.path(task["checkpoint_blob"]))
+    replayed = v.replayed_end if v.replayed_end.startswith("0x") else "0x" + v.replayed_end
+    msg = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": v.ok,
+           "claimedHash": to_bytes32(proof.segments[seg].end_hash), "replayedHash": to_bytes32(replayed)}
+    return task["verification_id"], checking.record_verdict(w.rt, verifier.address, VerdictSubmit(
+        verification_id=task["verification_id"], ok=v.ok, replayed_hash=replayed,
+        signature=sign_typed(verifier, "Verdict", w.rt.domain, msg), reason=v.reason[:200]))
+
+
+def _overdue(w: World, job_id: str) -> None:
+    """The unit's provider is alive (it beat a second ago) and its deadline has just passed: the reaper's to take."""
+    with w.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job_id).values(heartbeat_at=now_s() - 1, deadline_at=now_s() - 1))
+
+
 def _silent(w: World, job_id: str) -> None:
     """The unit's provider has not been heard from for longer than the heartbeat deadline (a link blip)."""
     ago = now_s() - w.rt.settings.unit_timeout_s - 5
@@ -72,6 +117,102 @@ def _silent(w: World, job_id: str) -> None:
 def _events(w: World, job_id: str, kind: str) -> list[dict[str, Any]]:
     with w.rt.sessions() as s:
         return [e.data for e in s.scalars(select(Event).where(Event.job_id == job_id, Event.kind == kind))]
+
+
+# ---------------------------------------------------------------- D1: the reaper and a result, at once
+
+
+def test_a_result_accepted_while_the_reaper_runs_stands_and_is_paid(world: World, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper reads A's unit as overdue; A's result is accepted (202) before the reaper writes. The reaper used to
+    overwrite it (UPDATE ... WHERE id = ?): the unit went to standby B, A counted as a dropout and never paid, and
+    A's checks left pending under A's name, later handed out over B's proof (a dispute of them slashed A for B's
+    work). Now the take-back finds the unit submitted and leaves it: A's checks are its own, pass, and A is paid."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    verifier = world.providers[2]
+    _staked(world, verifier)
+    service.register_verifier(world.rt, verifier.address, VerifierRegister(plan="cpu", build=kernel_build("cpu")))
+    job = _job(world, "race-submit-first", _spec("full"))
+    service.run_matching(world.rt)
+    result = _train(world, a, tmp_path)
+    _overdue(world, job)
+    real_pick, fired = standby.pick_standbys, []
+
+    def submit_meanwhile(*args: Any, **kw: Any) -> Any:  # reap has read the unit and not yet written
+        if not fired:
+            fired.append(True)
+            service.submit_result(world.rt, a.address, result)  # another API process: committed, 202 to the node
+        return real_pick(*args, **kw)
+
+    monkeypatch.setattr(standby, "pick_standbys", submit_meanwhile)
+    assert service.reap(world.rt) == 0
+    assert fired
+    unit = _unit(world, job)
+    assert (unit.status, unit.provider, unit.excluded) == ("submitted", a.address, [])
+    with world.rt.sessions() as s:
+        assert s.get(Provider, a.address).dropped == 0
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
+        assert s.scalars(select(Unit).where(Unit.provider == b.address)).all() == []
+    assert [(v.provider, v.status) for v in checks] == [(a.address, "pending")] * 2
+    assert _events(world, job, "unit_timed_out") == []
+    assert service.next_work(world.rt, b.address) is None  # the standby was handed nothing
+    verdicts = [_verify(world, verifier), _verify(world, verifier)]
+    assert [r for _, r in verdicts] == ["passed", "passed"] and _verify(world, verifier) is None
+    with world.rt.sessions() as s:
+        assert s.get(Unit, unit.id).status == "verified"
+        paid = [(e.provider, e.amount) for e in s.scalars(select(LedgerEntry).where(
+            LedgerEntry.job_id == job, LedgerEntry.verification_id.is_(None)))]
+    assert paid == [(a.address, tokens(1))]
+
+
+def test_a_reap_that_lands_first_refuses_the_result(world: World, tmp_path: Path) -> None:
+    """The other order: submit_result has read the unit as still A's, and the reaper takes it (to standby B) before
+    the result's write. The write used to go through regardless (UPDATE ... WHERE id = ?): B's unit marked submitted
+    with A's proof, checks created for A. Now it is conditional: the result is refused (409), the unit stays B's
+    and no check is created."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    job = _job(world, "race-reap-first", _spec("full"))
+    service.run_matching(world.rt)
+    result = _train(world, a, tmp_path)
+    _overdue(world, job)
+    engine, armed = world.rt.sessions.kw["bind"], [True]
+
+    def reap_first(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if armed[0] and statement.lstrip().upper().startswith("UPDATE UNITS"):  # the result's write, about to run
+            armed[0] = False
+            assert service.reap(world.rt) == 1  # the beat worker, another connection: committed first
+
+    event.listen(engine, "before_cursor_execute", reap_first)
+    try:
+        with pytest.raises(Conflict, match="no longer assigned"):
+            service.submit_result(world.rt, a.address, result)
+    finally:
+        event.remove(engine, "before_cursor_execute", reap_first)
+    assert not armed[0]
+    unit = _unit(world, job)
+    assert (unit.status, unit.provider, unit.proof) == ("assigned", b.address, None)
+    assert unit.excluded == [a.address]
+    with world.rt.sessions() as s:
+        assert s.scalars(select(Verification)).all() == []
+
+
+def test_a_unit_taken_back_voids_its_providers_open_checks(world: World) -> None:
+    """Whenever a unit leaves a provider its open checks of it go too (void: never handed out over the next holder's
+    work, never paid); checks already done, and canaries, are left to their own paths. Here a unit still assigned to
+    A carries checks of A (what the old lost update left behind) when the reaper takes it."""
+    a = _provider(world, 0, tokens(1))
+    job = _job(world, "void-checks", _spec("full"))
+    service.run_matching(world.rt)
+    unit = _unit(world, job)
+    with world.rt.sessions.begin() as s:
+        for seg, status in enumerate(["pending", "assigned", "held", "passed"]):
+            s.add(Verification(unit_id=unit.id, provider=a.address, segment=seg % 2, status=status))
+        s.add(Verification(unit_id=unit.id, provider=a.address, segment=0, status="assigned", canary={"held": 0}))
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    with world.rt.sessions() as s:
+        got = [(v.status, v.canary is not None) for v in s.scalars(select(Verification).order_by(Verification.id))]
+    assert got == [("void", False), ("void", False), ("void", False), ("passed", False), ("assigned", True)]
 
 
 # ---------------------------------------------------------------- D5: a provider gone for good
