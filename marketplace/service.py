@@ -139,8 +139,22 @@ def _live_since(rt: Runtime, now: int) -> int:
 
 
 def _demand(rt: Runtime, unit: Unit, job: Job) -> matching.Demand:
+    """``unit``'s demand, excluding its cheats and its dropouts (the latter a last resort: ``_back_after_dropping``)."""
     spec = JobSpec.model_validate(job.spec)
-    return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price, frozenset(unit.excluded or []))
+    return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price,
+                           frozenset(unit.excluded or []) | frozenset(unit.dropped_by or {}))
+
+
+def _back_after_dropping(s: Session, units: list[Unit]) -> dict[str, frozenset[str]]:
+    """For each of ``units``, the providers excluded from it only for having dropped it, and seen since (back from
+    a blip or a restart): a matching round may give the unit back to one of them when no other has a free slot."""
+    dropouts = {a for u in units for a in (u.dropped_by or {})}
+    if not dropouts:
+        return {}
+    seen = dict(s.execute(select(Provider.address, Provider.last_seen).where(Provider.address.in_(dropouts))).all())
+    return {u.id: frozenset(a for a, at in u.dropped_by.items()
+                            if a not in (u.excluded or []) and seen.get(a, -1) >= at)
+            for u in units if u.dropped_by}
 
 
 def unit_seconds(spec: JobSpec, tokens_per_s: int) -> int:
@@ -176,7 +190,9 @@ def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer
 
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
     """One matching round over every pending unit (oldest job first) and the free slots of every active provider
-    seen lately (``_offers``)."""
+    seen lately (``_offers``). A unit's dropouts are passed over while anyone else has a free slot; then one seen
+    since it dropped the unit may take it back (``matching.match_last_resort``: its reliability record already
+    prices it dearer). Cheats never."""
     with rt.sessions.begin() as s:
         pending = s.execute(
             select(Unit, Job).join(Job, Unit.job_id == Job.id)
@@ -187,7 +203,8 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
             return []
         busy = _busy(s)
         offers = _offers(s, busy, _live_since(rt, now_s()))
-        got = matching.match(offers, [_demand(rt, unit, job) for unit, job in pending])
+        got = matching.match_last_resort(offers, [_demand(rt, unit, job) for unit, job in pending],
+                                         _back_after_dropping(s, [u for u, _ in pending]))
         units = {u.id: (u, j) for u, j in pending}
         by_provider = {o.provider: o for o in offers}
         for a in got:
@@ -482,13 +499,13 @@ def sweep(rt: Runtime) -> dict[str, int]:
 def reap(rt: Runtime) -> int:
     """Assigned units whose provider missed its heartbeat deadline, or the unit's own deadline (alive but stuck, or
     holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
-    price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
-    job's current global model) on the cheapest eligible standby seen lately right away, or goes back to the pool
-    for the next matching round when no spare provider fits. Each take-back is conditional (``common.take_back``):
-    a result, a stop or a conviction that landed since the units were read wins, and that unit is left alone.
-    Verification tasks gone quiet go back to the queue; a dispute whose provider let a reveal deadline pass is
-    ruled on; one whose referee pool is away goes to the default referee (:func:`pools_away`). Returns how many
-    units were taken back."""
+    price from now on) and it joins the unit's ``dropped_by`` (passed over while another provider can take the unit:
+    ``run_matching``); the unit restarts from its last verified checkpoint (the job's current global model) on the
+    cheapest eligible standby seen lately right away, or goes back to the pool for the next matching round when no
+    spare provider fits. Each take-back is conditional (``common.take_back``): a result, a stop or a conviction that
+    landed since the units were read wins, and that unit is left alone. Verification tasks gone quiet go back to
+    the queue; a dispute whose provider let a reveal deadline pass is ruled on; one whose referee pool is away goes
+    to the default referee (:func:`pools_away`). Returns how many units were taken back."""
     now = now_s()
     cutoff = now - rt.settings.unit_timeout_s
     n = 0
@@ -509,7 +526,7 @@ def reap(rt: Runtime) -> int:
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
             # only while ``dropped`` still holds it: a result accepted since the read above stands (and is paid)
-            if not take_back(s, u.id, dropped, excluded=sorted(set(u.excluded or []) | {dropped})):
+            if not take_back(s, u.id, dropped, dropped_by={**(u.dropped_by or {}), dropped: now}):
                 continue
             extra: dict[str, Any] = {}
             if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)

@@ -5,6 +5,7 @@ Celery queue recorded instead of run.
 - A take-back is conditional (``common.take_back``): a result accepted while the reaper runs stands and is paid; a
   reap that lands first refuses the result (409) instead of being overwritten; a unit that leaves its provider takes
   that provider's open checks with it.
+- A dropout is a last resort for the unit it dropped, not banned from it for good (``Unit.dropped_by``); a cheat is.
 - Only providers seen lately are offered work (``settings.resolved_provider_live_s``)."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from sqlalchemy import event, select, update
 
 from marketplace import checking, service, standby
 from marketplace.common import Conflict
-from marketplace.db import Event, LedgerEntry, Provider, Unit, Verification, now_s
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, now_s
+from marketplace.matching import Demand, Offer, match_last_resort
 from marketplace.settings import Settings
 from node import checkpoint
 from node.device import kernel_build
@@ -148,7 +150,7 @@ def test_a_result_accepted_while_the_reaper_runs_stands_and_is_paid(world: World
     assert service.reap(world.rt) == 0
     assert fired
     unit = _unit(world, job)
-    assert (unit.status, unit.provider, unit.excluded) == ("submitted", a.address, [])
+    assert (unit.status, unit.provider, unit.dropped_by) == ("submitted", a.address, {})
     with world.rt.sessions() as s:
         assert s.get(Provider, a.address).dropped == 0
         checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
@@ -191,7 +193,7 @@ def test_a_reap_that_lands_first_refuses_the_result(world: World, tmp_path: Path
     assert not armed[0]
     unit = _unit(world, job)
     assert (unit.status, unit.provider, unit.proof) == ("assigned", b.address, None)
-    assert unit.excluded == [a.address]
+    assert set(unit.dropped_by) == {a.address}
     with world.rt.sessions() as s:
         assert s.scalars(select(Verification)).all() == []
 
@@ -213,6 +215,52 @@ def test_a_unit_taken_back_voids_its_providers_open_checks(world: World) -> None
     with world.rt.sessions() as s:
         got = [(v.status, v.canary is not None) for v in s.scalars(select(Verification).order_by(Verification.id))]
     assert got == [("void", False), ("void", False), ("void", False), ("passed", False), ("assigned", True)]
+
+
+# ---------------------------------------------------------------- D3: every provider dropped the unit once
+
+
+def test_a_unit_every_provider_dropped_once_goes_back_to_one_that_is_back(world: World, tmp_path: Path) -> None:
+    """A two-provider market where each node's link drops once while it holds the unit. The dropouts used to be
+    excluded from the unit for good: pending for ever, the job never done. Now a dropout is passed over while
+    another provider has a free slot, and is the last resort once it is back (seen since it dropped the unit)."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    job = _job(world, "two-blips", _spec())
+    service.run_matching(world.rt)
+    assert _unit(world, job).provider == a.address
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    assert _unit(world, job).provider == b.address  # the standby, at once: A is passed over while B is free
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    unit = _unit(world, job)
+    assert unit.status == "pending" and set(unit.dropped_by) == {a.address, b.address} and unit.excluded == []
+    assert service.run_matching(world.rt) == []  # neither is back yet
+    assert service.next_work(world.rt, b.address) is None  # B is: it polls for work again
+    assert [(g.unit_id, g.provider) for g in service.run_matching(world.rt)] == [(unit.id, b.address)]
+    with world.rt.sessions() as s:
+        ranked = {p.address: p.dropped for p in s.scalars(select(Provider))}
+    assert ranked[a.address] == ranked[b.address] == 1  # each dropout still counts against its ranking
+    service.submit_result(world.rt, b.address, _train(world, b, tmp_path))
+    assert service.advance(world.rt, job) == "done"
+    with world.rt.sessions() as s:
+        assert s.get(Job, job).status == "done"
+
+
+def test_a_dropout_is_the_last_resort_and_a_cheat_is_never_let_back() -> None:
+    """The rule itself (pure): a unit's dropouts are let back in only for the units nobody else has a free slot
+    for, and only into the slots left; a provider excluded for fraud stays out."""
+    offers = [Offer("0xa", "eu-north", 1, 8000, 100), Offer("0xb", "eu-north", 2, 8000, 100),
+              Offer("0xc", "eu-north", 1, 8000, 100, free_slots=2)]
+    demands = [Demand("u1", 8000, 100, 5, excluded=frozenset({"0xc"})),
+               Demand("u2", 8000, 100, 5, excluded=frozenset({"0xa", "0xb", "0xc"})),
+               Demand("u3", 8000, 100, 5, excluded=frozenset({"0xa", "0xb", "0xc"}))]
+    lifted = {"u1": frozenset({"0xc"}), "u2": frozenset({"0xa", "0xc"}), "u3": frozenset({"0xb"})}
+    got = {g.unit_id: g.provider for g in match_last_resort(offers, demands, lifted)}
+    # u1 goes to A (free, not its dropout); u2 falls back to C (its dropout; A's slot is taken); u3's only let-back
+    # dropout is B (C dropped it too, and is excluded for fraud there: never)
+    assert got == {"u1": "0xa", "u2": "0xc", "u3": "0xb"}
+    assert match_last_resort(offers[:1], demands[1:2], {}) == []  # nobody lifted: the unit waits
 
 
 # ---------------------------------------------------------------- D5: a provider gone for good
