@@ -535,8 +535,9 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
     if detail:
         out["units"] = [{"unit_id": u.id, "round": u.round, "shard": u.shard, "status": u.status, "provider": u.provider,
                          "price": None if u.price is None else str(u.price), "rank": u.rank, "attempts": u.attempts,
-                         "excluded": u.excluded, **({"steps_done": u.steps_done, "due": u.deadline_at}
-                                                     if u.status == "assigned" else {})} for u in units]
+                         "excluded": u.excluded, "dropped_by": u.dropped_by,
+                         **({"steps_done": u.steps_done, "due": u.deadline_at} if u.status == "assigned" else {})}
+                        for u in units]
         # a unit's pay to its provider, or (with its check's id) a verifier's fee for one replay that passed
         out["payouts"] = [{"unit_id": e.unit_id, "provider": e.provider, "amount": str(e.amount), "released": e.released,
                            **({"verification_id": e.verification_id} if e.verification_id is not None else {})}

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, referee
-from marketplace.common import Conflict, NotFound, check_fee_entry, log, stake_short, unit_spec
+from marketplace.common import Conflict, NotFound, check_fee_entry, log, stake_short, take_back, unit_spec
 from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
@@ -539,9 +539,12 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         if ver is not None:
             ver.fraud_found += 1
         # every unit of this provider not yet verified goes back to the pool, with the cheat excluded
-        for u in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status.in_(["assigned", "submitted"]))):
-            u.status, u.provider, u.price, u.rank = "pending", None, None, None
-            u.excluded = sorted(set(u.excluded or []) | {provider})
+        # (each conditionally, ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby)
+        for u in list(s.scalars(select(Unit).where(Unit.provider == provider,
+                                                   Unit.status.in_(["assigned", "submitted"])))):
+            if not take_back(s, u.id, provider, ("assigned", "submitted"),
+                             excluded=sorted(set(u.excluded or []) | {provider})):
+                continue
             for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
                                                                Verification.status.in_(["pending", "assigned",
                                                                                         "held"]))):

@@ -3,10 +3,11 @@
 and the stake read that gates work."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, check_fee_key
@@ -30,6 +31,31 @@ class Conflict(GridMintValueError):
 
 def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
     s.add(Event(job_id=job_id, kind=kind, data=data))
+
+
+#: A provider's checks of a unit that are still open: voided once the unit leaves it (a check judges its result only)
+OPEN_CHECKS = ("pending", "assigned", "held")
+
+
+def take_back(s: Session, unit_id: str, provider: str, statuses: Collection[str] = ("assigned",),
+              **values: Any) -> bool:
+    """Inside the caller's transaction: hand unit ``unit_id`` back to the pool (``pending``, no provider) if, and only
+    if, ``provider`` still holds it in one of ``statuses``; ``values``: further columns to set (exclusions). False,
+    changing nothing, otherwise.
+
+    A conditional UPDATE, as :func:`marketplace.cancellation.stop_in` does: a step that moved the unit since the
+    caller read it (a result accepted, a reap, a stop, a conviction) wins cleanly instead of being overwritten. The
+    provider's open checks of the unit (not canaries: those are retired by their own path) are voided with it, so
+    no check is ever handed out, judged or paid in its name over work that is no longer its."""
+    fetch = {"synchronize_session": "fetch"}  # objects the caller's session holds follow what the database did
+    if s.execute(update(Unit).where(Unit.id == unit_id, Unit.provider == provider, Unit.status.in_(statuses))
+                 .values(status="pending", provider=None, price=None, rank=None, **values),
+                 execution_options=fetch).rowcount != 1:
+        return False
+    s.execute(update(Verification).where(Verification.unit_id == unit_id, Verification.provider == provider,
+                                         Verification.canary.is_(None), Verification.status.in_(OPEN_CHECKS))
+              .values(status="void"), execution_options=fetch)
+    return True
 
 
 def unit_id_for(job_id: str, round_: int, shard: int) -> str:

@@ -113,6 +113,7 @@ class Unit(Base):
     shard: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     # pending -> assigned -> submitted -> verified | (fraud -> pending again, cheat excluded);
+    # assigned -> pending again when reaped (dropped_by) or its provider's stake fell short;
     # cancelled: not verified when its job's escrow was cancelled (never paid)
     provider: Mapped[str | None] = mapped_column(String(42), nullable=True)
     price: Mapped[int | None] = mapped_column(Money, nullable=True)
@@ -122,7 +123,12 @@ class Unit(Base):
     # when the unit is taken back however alive its provider looks (BOINC's report deadline): set at assignment
     deadline_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
+    # providers excluded from the unit for good: convicted of fraud on it (or on any unit of theirs not yet verified)
     excluded: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # providers the unit was taken back from (no heartbeat, or past its deadline): {address: unix s when}. Excluded
+    # only while another provider can take the unit: a matching round that finds no free slot elsewhere gives it
+    # back to one seen since it dropped it (service.run_matching), so a small market's blips never strand a job
+    dropped_by: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     proof: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     proof_signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     final_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -6,7 +6,8 @@ the cheaper region, then to the lower address, so results are deterministic. An 
 when it has a free slot, enough VRAM, enough stake, an ask no more than the unit's price cap (the escrow
 holds units x cap), a region on the unit's allow-list, is not excluded from the unit (a provider caught
 cheating on it, or one that dropped it), and its operator holds no other replica of the unit. Pricier offers
-are reached only when cheaper ones are full or ineligible.
+are reached only when cheaper ones are full or ineligible. ``match_last_resort`` then lets a unit that found
+no free slot go back to a provider excluded from it only for dropping it (never to a cheat).
 
 ``MatchingBook`` keeps that state between calls (the simulation adds and removes capacity as it goes);
 ``match_naive`` is the reference that scores every offer for every unit: it must give the same answer.
@@ -14,8 +15,9 @@ No I/O, no clock: the caller passes plain data in and writes the assignments out
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -257,6 +259,25 @@ def match(offers: Sequence[Offer], demands: Sequence[Demand], table: CostTable =
     for demand in demands:
         out.extend(book.assign(demand))
     return out
+
+
+def match_last_resort(offers: Sequence[Offer], demands: Sequence[Demand], lifted: Mapping[str, frozenset[str]],
+                      table: CostTable = DEFAULT_TABLE) -> list[Assignment]:
+    """``match``, then each unit left without a provider is matched once more among the slots still free with the
+    providers in ``lifted[unit_id]`` let back in (providers excluded from it only for having dropped it: a link
+    blip, a restart, a missed deadline; never a cheat). A dropout is a last resort, not banned for good: in a
+    market where every provider able to take a unit has dropped it once, the unit would otherwise wait for ever.
+    Single-replica demands (what the service matches)."""
+    got = match(offers, demands, table)
+    done = {a.unit_id for a in got}
+    retry = [replace(d, excluded=d.excluded - lifted[d.unit_id])
+             for d in demands if d.unit_id not in done and lifted.get(d.unit_id)]
+    if not retry:
+        return got
+    taken = Counter(a.provider for a in got)
+    left = [replace(o, free_slots=o.free_slots - taken[o.provider]) for o in offers
+            if o.free_slots > taken[o.provider]]
+    return got + match(left, retry, table)
 
 
 class NaiveBook:

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from marketplace import cancellation, matching, referee, settlement, standby
 from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
-from marketplace.common import Conflict, NotFound, log, model_config, stake_short, unit_id_for, unit_spec
+from marketplace.common import (Conflict, NotFound, log, model_config, stake_short, take_back, unit_id_for,
+                                unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
                                  reliability_ppm)
@@ -112,16 +113,18 @@ def _busy(s: Session) -> dict[str, int]:
         select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
 
 
-def _offers(s: Session, busy: dict[str, int] | None = None) -> list[matching.Offer]:
-    """Every active provider's offer: its ask, free slots, delivered throughput and delivery record, so the matcher
-    ranks by effective price (ask per unit at reference speed, dearer for a provider that drops work). ``busy``:
+def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0) -> list[matching.Offer]:
+    """The offer of every active provider seen (registered, polled for work, heartbeat) at ``seen_since`` or later
+    (unix s; the caller's ``_live_since``: a node gone for good is offered no unit that would only sit until the
+    reaper takes it back): its ask, free slots, delivered throughput and delivery record, so the matcher ranks by
+    effective price (ask per unit at reference speed, dearer for a provider that drops work). ``busy``:
     ``_busy(s)``, if the caller has it already.
 
     Throughput is what the provider *delivered* on real units (tokens trained per second from assignment to
     submission), never its self-reported benchmark, which would be free to inflate. A provider with no delivered
     unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
     busy = _busy(s) if busy is None else busy
-    providers = list(s.scalars(select(Provider).where(Provider.status == "active")))
+    providers = list(s.scalars(select(Provider).where(Provider.status == "active", Provider.last_seen >= seen_since)))
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
     return [
@@ -132,9 +135,28 @@ def _offers(s: Session, busy: dict[str, int] | None = None) -> list[matching.Off
     ]
 
 
+def _live_since(rt: Runtime, now: int) -> int:
+    """The oldest sign of life that still gets a provider offered work (``settings.resolved_provider_live_s``)."""
+    return now - rt.settings.resolved_provider_live_s()
+
+
 def _demand(rt: Runtime, unit: Unit, job: Job) -> matching.Demand:
+    """``unit``'s demand, excluding its cheats and its dropouts (the latter a last resort: ``_back_after_dropping``)."""
     spec = JobSpec.model_validate(job.spec)
-    return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price, frozenset(unit.excluded or []))
+    return matching.Demand(unit.id, spec.vram_mb, rt.settings.min_stake, spec.max_price,
+                           frozenset(unit.excluded or []) | frozenset(unit.dropped_by or {}))
+
+
+def _back_after_dropping(s: Session, units: list[Unit]) -> dict[str, frozenset[str]]:
+    """For each of ``units``, the providers excluded from it only for having dropped it, and seen since (back from
+    a blip or a restart): a matching round may give the unit back to one of them when no other has a free slot."""
+    dropouts = {a for u in units for a in (u.dropped_by or {})}
+    if not dropouts:
+        return {}
+    seen = dict(s.execute(select(Provider.address, Provider.last_seen).where(Provider.address.in_(dropouts))).all())
+    return {u.id: frozenset(a for a, at in u.dropped_by.items()
+                            if a not in (u.excluded or []) and seen.get(a, -1) >= at)
+            for u in units if u.dropped_by}
 
 
 def unit_seconds(spec: JobSpec, tokens_per_s: int) -> int:
@@ -169,7 +191,10 @@ def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer
 
 
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
-    """One matching round over every pending unit (oldest job first) and every active provider's free slots."""
+    """One matching round over every pending unit (oldest job first) and the free slots of every active provider
+    seen lately (``_offers``). A unit's dropouts are passed over while anyone else has a free slot; then one seen
+    since it dropped the unit may take it back (``matching.match_last_resort``: its reliability record already
+    prices it dearer). Cheats never."""
     with rt.sessions.begin() as s:
         pending = s.execute(
             select(Unit, Job).join(Job, Unit.job_id == Job.id)
@@ -179,8 +204,9 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         if not pending:
             return []
         busy = _busy(s)
-        offers = _offers(s, busy)
-        got = matching.match(offers, [_demand(rt, unit, job) for unit, job in pending])
+        offers = _offers(s, busy, _live_since(rt, now_s()))
+        got = matching.match_last_resort(offers, [_demand(rt, unit, job) for unit, job in pending],
+                                         _back_after_dropping(s, [u for u, _ in pending]))
         units = {u.id: (u, j) for u, j in pending}
         by_provider = {o.provider: o for o in offers}
         for a in got:
@@ -195,9 +221,10 @@ def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[in
 
 
 def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
-    """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout)."""
-    unit.status, unit.provider, unit.price, unit.rank = "pending", None, None, None
-    log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
+    """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout). Nothing
+    if the unit moved meanwhile (``take_back``)."""
+    if take_back(s, unit.id, provider):
+        log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
 
 
 def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
@@ -215,7 +242,7 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
         if stake is not None:
             p.stake = stake  # matching ranks on what is staked now
         if short:
-            for unit in s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned")):
+            for unit in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "assigned"))):
                 _release(s, unit, provider, short)
                 released += 1
         else:
@@ -311,14 +338,17 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
                                            secrets.token_bytes(32), norms)
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
     with rt.sessions.begin() as s:
+        # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
+        # cleanly and this result is refused; a plain write would put it over the unit's new holder
+        if s.execute(update(Unit).where(Unit.id == body.unit_id, Unit.provider == provider, Unit.status == "assigned")
+                     .values(status="submitted", proof=body.proof, proof_signature=body.proof_signature,
+                             final_blob=body.final_blob, segment_blobs=list(body.segment_blobs),
+                             losses=list(body.losses), plan=plan.label, build=body.build or None),
+                     execution_options={"synchronize_session": "fetch"}).rowcount != 1:
+            raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
-        if unit.provider != provider or unit.status != "assigned":  # raced with a timeout reassignment
-            raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
-        unit.status, unit.proof, unit.proof_signature = "submitted", body.proof, body.proof_signature
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
-        unit.final_blob, unit.segment_blobs, unit.losses = body.final_blob, list(body.segment_blobs), list(body.losses)
-        unit.plan, unit.build = plan.label, body.build or None
         for seg in picks:
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
@@ -510,11 +540,13 @@ def sweep(rt: Runtime) -> dict[str, int]:
 def reap(rt: Runtime) -> int:
     """Assigned units whose provider missed its heartbeat deadline, or the unit's own deadline (alive but stuck, or
     holding the unit without training it), are taken from it: the dropout's reliability drops (a higher effective
-    price from now on) and it is excluded from the unit; the unit restarts from its last verified checkpoint (the
-    job's current global model) on the cheapest eligible standby right away, or goes back to the pool for the next
-    matching round when no spare provider fits. Verification tasks gone quiet go back to the queue; a dispute whose
-    provider let a reveal deadline pass is ruled on; one whose referee pool is away goes to the default referee
-    (:func:`pools_away`). Returns how many units were taken back."""
+    price from now on) and it joins the unit's ``dropped_by`` (passed over while another provider can take the unit:
+    ``run_matching``); the unit restarts from its last verified checkpoint (the job's current global model) on the
+    cheapest eligible standby seen lately right away, or goes back to the pool for the next matching round when no
+    spare provider fits. Each take-back is conditional (``common.take_back``): a result, a stop or a conviction that
+    landed since the units were read wins, and that unit is left alone. Verification tasks gone quiet go back to
+    the queue; a dispute whose provider let a reveal deadline pass is ruled on; one whose referee pool is away goes
+    to the default referee (:func:`pools_away`). Returns how many units were taken back."""
     now = now_s()
     cutoff = now - rt.settings.unit_timeout_s
     n = 0
@@ -523,24 +555,26 @@ def reap(rt: Runtime) -> int:
         stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
             Unit.status == "assigned", silent | (Unit.deadline_at < now))).all()
         busy = _busy(s) if stale else {}
-        offers = _offers(s, busy) if stale else []
+        offers = _offers(s, busy, _live_since(rt, now)) if stale else []
         for u, job in stale:
             dropped = u.provider
             assert dropped is not None
             prov = s.get(Provider, dropped)
             assert prov is not None
-            u.excluded = sorted(set(u.excluded or []) | {dropped})
-            u.status, u.provider, u.price, u.rank = "pending", None, None, None
             late = u.deadline_at is not None and u.deadline_at < now and (u.heartbeat_at or u.assigned_at or 0) >= cutoff
-            extra: dict[str, Any] = {}
-            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
-                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
-                                                           now - (u.assigned_at or now))
-            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
-                reason=f"not submitted by its deadline ({u.deadline_at})" if late else "no heartbeat", **extra)
+            assigned_at, deadline_at = u.assigned_at, u.deadline_at
             demand = _demand(rt, u, job)
             spares = standby.pick_standbys(offers, demand, STANDBY_POOL, assigned={dropped})
             move = standby.reassign_on_dropout(demand, dropped, Reliability(prov.completed, prov.dropped), spares)
+            # only while ``dropped`` still holds it: a result accepted since the read above stands (and is paid)
+            if not take_back(s, u.id, dropped, dropped_by={**(u.dropped_by or {}), dropped: now}):
+                continue
+            extra: dict[str, Any] = {}
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
+                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
+                                                           now - (assigned_at or now))
+            log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
+                reason=f"not submitted by its deadline ({deadline_at})" if late else "no heartbeat", **extra)
             prov.dropped = move.dropped_reliability.dropped
             prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:

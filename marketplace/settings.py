@@ -12,6 +12,12 @@ from protocol.schemas import KernelBuild
 from protocol.verification import CANARY_RATE
 
 
+#: ``provider_live_s`` by default: this many heartbeat deadlines (a provider's units are reaped after one) ...
+PROVIDER_LIVE_TIMEOUTS = 3
+#: ... and never under this (four beats at the agents' slowest cadence, 15 s), whatever a short unit_timeout_s says
+PROVIDER_LIVE_FLOOR_S = 60
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRIDMINT_", extra="ignore")
 
@@ -35,6 +41,11 @@ class Settings(BaseSettings):
     # the chain on every request
     stake_read_ttl_s: float = Field(default=10.0, ge=0.0)
     unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
+    # a provider is offered work (matching rounds and standbys) only while seen (registered, polled for work or
+    # heartbeat) within this many seconds (resolved_provider_live_s): a node idle polls every 0.5 s and one training
+    # beats at least every 15 s, so one unseen for longer is gone, and a unit handed to it would only sit until
+    # the reaper takes it back. None: 3 x unit_timeout_s, at least 60 s
+    provider_live_s: int | None = Field(default=None, ge=1)
     # a unit not submitted by its deadline is reassigned even while its provider heartbeats (stuck, or holding it):
     # the deadline is `unit_deadline_factor` times the time the throughput the matching ranked the provider at says
     # the unit (and the units queued before it on that provider) should take, and never less than
@@ -117,6 +128,10 @@ class Settings(BaseSettings):
 
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{(self.data_dir / 'marketplace.db').resolve()}"
+
+    def resolved_provider_live_s(self) -> int:
+        """How recently a provider must have been seen to be offered work (``provider_live_s``)."""
+        return self.provider_live_s or max(PROVIDER_LIVE_FLOOR_S, PROVIDER_LIVE_TIMEOUTS * self.unit_timeout_s)
 
     def resolved_deployment_file(self) -> Path:
         return self.deployment_file or self.data_dir / "deployment.json"

@@ -78,8 +78,9 @@ def reassign_on_dropout(demand: Demand, dropped: str, dropped_record: Reliabilit
     """Provider ``dropped`` left unit ``demand``: pick the first standby (they are cheapest first) still
     eligible for the unit, not the dropout, and whose operator holds no other replica of the unit
     (``busy_operators``). The unit resumes from its last verified checkpoint among ``checkpoints``. The
-    dropout joins the unit's exclusions so the unit never goes back to it. Pure: the caller persists the
-    result (and retries the unit in the next matching round if no standby fits)."""
+    dropout joins the unit's exclusions here, so it is never its own standby; the service records it in the
+    unit's ``dropped_by``, passed over in later rounds while anyone else has a free slot. Pure: the caller
+    persists the result (and retries the unit in the next matching round if no standby fits)."""
     unit = Demand(demand.unit_id, demand.vram_mb, demand.min_stake, demand.max_price, demand.excluded | {dropped},
                   demand.regions, demand.replicas, demand.excluded_operators)
     chosen: Offer | None = None

@@ -1,0 +1,292 @@
+"""Providers that drop out, against the real contracts on the in-process EVM and a real database (SQLite and
+PostgreSQL), through the service's own steps (register, match, next_work, submit_result, reap, verify) with the
+Celery queue recorded instead of run.
+
+- A take-back is conditional (``common.take_back``): a result accepted while the reaper runs stands and is paid; a
+  reap that lands first refuses the result (409) instead of being overwritten; a unit that leaves its provider takes
+  that provider's open checks with it.
+- A dropout is a last resort for the unit it dropped, not banned from it for good (``Unit.dropped_by``); a cheat is.
+- Only providers seen lately are offered work (``settings.resolved_provider_live_s``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+from sqlalchemy import event, select, update
+
+from marketplace import checking, service, standby
+from marketplace.common import Conflict
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, now_s
+from marketplace.matching import Demand, Offer, match_last_resort
+from marketplace.settings import Settings
+from node import checkpoint
+from node.device import kernel_build
+from node.replay import check_segment
+from node.trainer import UnitSpec, model_only, train_unit
+from protocol.money import tokens
+from protocol.proof import TrainingProof
+from protocol.schemas import JobSpec, ModelSpec, ProviderRegister, ResultSubmit, VerdictSubmit, VerifierRegister
+from protocol.signing import sign_typed, to_bytes32
+from tests.marketplace.test_settlement import World, make_world
+
+
+@pytest.fixture()
+def world(tmp_path: Path, db_url: str) -> World:
+    w = make_world(tmp_path, db_url)
+    w.rt.settings.canary_rate = 0.0  # no planted known-bad tasks: each check handed out is a real one
+    return w
+
+
+def _spec(level: str = "none", units: int = 1) -> JobSpec:
+    """A unit of two 2-step segments on a tiny model: trained and replayed in well under a second."""
+    return JobSpec(model=ModelSpec(d_model=16, n_layer=1, n_head=2, ctx=16), rounds=1, units_per_round=units,
+                   steps_per_unit=4, segment_len=2, batch_size=2, max_price=tokens(5), verification=level)
+
+
+def _staked(w: World, acct: LocalAccount) -> None:
+    w.ops.transfer(acct.address, tokens(100))
+    w.ops.as_account(acct).stake(tokens(100))  # the minimum: settings.min_stake, settings.min_verifier_stake
+
+
+def _provider(w: World, i: int, price: int) -> LocalAccount:
+    acct = w.providers[i]
+    _staked(w, acct)
+    service.register_provider(w.rt, acct.address, ProviderRegister(
+        region="eu-north", gpu="cpu", vram_mb=16_000, price=str(price), tokens_per_s=10_000, capacity=1))
+    return acct
+
+
+def _job(w: World, name: str, spec: JobSpec) -> str:
+    job_id = "0x" + keccak(text=name).hex()
+    w.customer.fund_job(job_id, spec.budget())
+    service.create_job(w.rt, w.customer.address, job_id, spec)
+    return job_id
+
+
+def _unit(w: World, job_id: str) -> Unit:
+    with w.rt.sessions() as s:
+        return s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
+
+
+def _train(w: World, acct: LocalAccount, tmp: Path) -> ResultSubmit:
+    """What ProviderAgent.work_once does: pull its unit, train it, upload, sign."""
+    work = service.next_work(w.rt, acct.address)
+    assert work is not None, f"nothing assigned to {acct.address}"
+    spec = UnitSpec.from_json(work["spec"])
+    start, _ = checkpoint.load(w.rt.blobs.read(work["start_blob"]))
+    res = train_unit(spec, model_only(start), tmp / f"{acct.address[2:10]}-{spec.unit_id[2:10]}")
+    segments = [w.rt.blobs.put_file(p) for p in res.segment_paths]
+    final = w.rt.blobs.put_file(res.final_path)
+    return ResultSubmit(unit_id=spec.unit_id, proof=res.proof.to_dict(), final_blob=final, segment_blobs=segments,
+                        proof_signature=sign_typed(acct, "TrainingProof", w.rt.domain, res.proof.signable_fields()),
+                        losses=[float(x) for x in res.losses], plan="cpu", build=kernel_build("cpu"))
+
+
+def _verify(w: World, verifier: LocalAccount) -> tuple[int, str] | None:
+    """What VerifierAgent.verify_once does on the referee's plan: take a task, replay it bit for bit, sign."""
+    task = checking.next_verification(w.rt, verifier.address)
+    if task is None:
+        return None
+    spec, proof, seg = UnitSpec.from_json(task["spec"]), TrainingProof.from_dict(task["proof"]), task["segment"]
+    v = check_segment(spec, proof, seg, w.rt.blobs.path(task["checkpoint_blob"]))
+    replayed = v.replayed_end if v.replayed_end.startswith("0x") else "0x" + v.replayed_end
+    msg = {"unitId": to_bytes32(spec.unit_id), "segment": seg, "ok": v.ok,
+           "claimedHash": to_bytes32(proof.segments[seg].end_hash), "replayedHash": to_bytes32(replayed)}
+    return task["verification_id"], checking.record_verdict(w.rt, verifier.address, VerdictSubmit(
+        verification_id=task["verification_id"], ok=v.ok, replayed_hash=replayed,
+        signature=sign_typed(verifier, "Verdict", w.rt.domain, msg), reason=v.reason[:200]))
+
+
+def _overdue(w: World, job_id: str) -> None:
+    """The unit's provider is alive (it beat a second ago) and its deadline has just passed: the reaper's to take."""
+    with w.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job_id).values(heartbeat_at=now_s() - 1, deadline_at=now_s() - 1))
+
+
+def _silent(w: World, job_id: str) -> None:
+    """The unit's provider has not been heard from for longer than the heartbeat deadline (a link blip)."""
+    ago = now_s() - w.rt.settings.unit_timeout_s - 5
+    with w.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job_id, Unit.status == "assigned")
+                  .values(assigned_at=ago, heartbeat_at=ago))
+        s.execute(update(Provider).where(Provider.address.in_(select(Unit.provider).where(Unit.job_id == job_id)))
+                  .values(last_seen=ago))
+
+
+def _events(w: World, job_id: str, kind: str) -> list[dict[str, Any]]:
+    with w.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.job_id == job_id, Event.kind == kind))]
+
+
+# ---------------------------------------------------------------- D1: the reaper and a result, at once
+
+
+def test_a_result_accepted_while_the_reaper_runs_stands_and_is_paid(world: World, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reaper reads A's unit as overdue; A's result is accepted (202) before the reaper writes. The reaper used to
+    overwrite it (UPDATE ... WHERE id = ?): the unit went to standby B, A counted as a dropout and never paid, and
+    A's checks left pending under A's name, later handed out over B's proof (a dispute of them slashed A for B's
+    work). Now the take-back finds the unit submitted and leaves it: A's checks are its own, pass, and A is paid."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    verifier = world.providers[2]
+    _staked(world, verifier)
+    service.register_verifier(world.rt, verifier.address, VerifierRegister(plan="cpu", build=kernel_build("cpu")))
+    job = _job(world, "race-submit-first", _spec("full"))
+    service.run_matching(world.rt)
+    result = _train(world, a, tmp_path)
+    _overdue(world, job)
+    real_pick, fired = standby.pick_standbys, []
+
+    def submit_meanwhile(*args: Any, **kw: Any) -> Any:  # reap has read the unit and not yet written
+        if not fired:
+            fired.append(True)
+            service.submit_result(world.rt, a.address, result)  # another API process: committed, 202 to the node
+        return real_pick(*args, **kw)
+
+    monkeypatch.setattr(standby, "pick_standbys", submit_meanwhile)
+    assert service.reap(world.rt) == 0
+    assert fired
+    unit = _unit(world, job)
+    assert (unit.status, unit.provider, unit.dropped_by) == ("submitted", a.address, {})
+    with world.rt.sessions() as s:
+        assert s.get(Provider, a.address).dropped == 0
+        checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
+        assert s.scalars(select(Unit).where(Unit.provider == b.address)).all() == []
+    assert [(v.provider, v.status) for v in checks] == [(a.address, "pending")] * 2
+    assert _events(world, job, "unit_timed_out") == []
+    assert service.next_work(world.rt, b.address) is None  # the standby was handed nothing
+    verdicts = [_verify(world, verifier), _verify(world, verifier)]
+    assert [r for _, r in verdicts] == ["passed", "passed"] and _verify(world, verifier) is None
+    with world.rt.sessions() as s:
+        assert s.get(Unit, unit.id).status == "verified"
+        paid = [(e.provider, e.amount) for e in s.scalars(select(LedgerEntry).where(
+            LedgerEntry.job_id == job, LedgerEntry.verification_id.is_(None)))]
+    assert paid == [(a.address, tokens(1))]
+
+
+def test_a_reap_that_lands_first_refuses_the_result(world: World, tmp_path: Path) -> None:
+    """The other order: submit_result has read the unit as still A's, and the reaper takes it (to standby B) before
+    the result's write. The write used to go through regardless (UPDATE ... WHERE id = ?): B's unit marked submitted
+    with A's proof, checks created for A. Now it is conditional: the result is refused (409), the unit stays B's
+    and no check is created."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    job = _job(world, "race-reap-first", _spec("full"))
+    service.run_matching(world.rt)
+    result = _train(world, a, tmp_path)
+    _overdue(world, job)
+    engine, armed = world.rt.sessions.kw["bind"], [True]
+
+    def reap_first(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if armed[0] and statement.lstrip().upper().startswith("UPDATE UNITS"):  # the result's write, about to run
+            armed[0] = False
+            assert service.reap(world.rt) == 1  # the beat worker, another connection: committed first
+
+    event.listen(engine, "before_cursor_execute", reap_first)
+    try:
+        with pytest.raises(Conflict, match="no longer assigned"):
+            service.submit_result(world.rt, a.address, result)
+    finally:
+        event.remove(engine, "before_cursor_execute", reap_first)
+    assert not armed[0]
+    unit = _unit(world, job)
+    assert (unit.status, unit.provider, unit.proof) == ("assigned", b.address, None)
+    assert set(unit.dropped_by) == {a.address}
+    with world.rt.sessions() as s:
+        assert s.scalars(select(Verification)).all() == []
+
+
+def test_a_unit_taken_back_voids_its_providers_open_checks(world: World) -> None:
+    """Whenever a unit leaves a provider its open checks of it go too (void: never handed out over the next holder's
+    work, never paid); checks already done, and canaries, are left to their own paths. Here a unit still assigned to
+    A carries checks of A (what the old lost update left behind) when the reaper takes it."""
+    a = _provider(world, 0, tokens(1))
+    job = _job(world, "void-checks", _spec("full"))
+    service.run_matching(world.rt)
+    unit = _unit(world, job)
+    with world.rt.sessions.begin() as s:
+        for seg, status in enumerate(["pending", "assigned", "held", "passed"]):
+            s.add(Verification(unit_id=unit.id, provider=a.address, segment=seg % 2, status=status))
+        s.add(Verification(unit_id=unit.id, provider=a.address, segment=0, status="assigned", canary={"held": 0}))
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    with world.rt.sessions() as s:
+        got = [(v.status, v.canary is not None) for v in s.scalars(select(Verification).order_by(Verification.id))]
+    assert got == [("void", False), ("void", False), ("void", False), ("passed", False), ("assigned", True)]
+
+
+# ---------------------------------------------------------------- D3: every provider dropped the unit once
+
+
+def test_a_unit_every_provider_dropped_once_goes_back_to_one_that_is_back(world: World, tmp_path: Path) -> None:
+    """A two-provider market where each node's link drops once while it holds the unit. The dropouts used to be
+    excluded from the unit for good: pending for ever, the job never done. Now a dropout is passed over while
+    another provider has a free slot, and is the last resort once it is back (seen since it dropped the unit)."""
+    a, b = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(2))
+    job = _job(world, "two-blips", _spec())
+    service.run_matching(world.rt)
+    assert _unit(world, job).provider == a.address
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    assert _unit(world, job).provider == b.address  # the standby, at once: A is passed over while B is free
+    _silent(world, job)
+    assert service.reap(world.rt) == 1
+    unit = _unit(world, job)
+    assert unit.status == "pending" and set(unit.dropped_by) == {a.address, b.address} and unit.excluded == []
+    assert service.run_matching(world.rt) == []  # neither is back yet
+    assert service.next_work(world.rt, b.address) is None  # B is: it polls for work again
+    assert [(g.unit_id, g.provider) for g in service.run_matching(world.rt)] == [(unit.id, b.address)]
+    with world.rt.sessions() as s:
+        ranked = {p.address: p.dropped for p in s.scalars(select(Provider))}
+    assert ranked[a.address] == ranked[b.address] == 1  # each dropout still counts against its ranking
+    service.submit_result(world.rt, b.address, _train(world, b, tmp_path))
+    assert service.advance(world.rt, job) == "done"
+    with world.rt.sessions() as s:
+        assert s.get(Job, job).status == "done"
+
+
+def test_a_dropout_is_the_last_resort_and_a_cheat_is_never_let_back() -> None:
+    """The rule itself (pure): a unit's dropouts are let back in only for the units nobody else has a free slot
+    for, and only into the slots left; a provider excluded for fraud stays out."""
+    offers = [Offer("0xa", "eu-north", 1, 8000, 100), Offer("0xb", "eu-north", 2, 8000, 100),
+              Offer("0xc", "eu-north", 1, 8000, 100, free_slots=2)]
+    demands = [Demand("u1", 8000, 100, 5, excluded=frozenset({"0xc"})),
+               Demand("u2", 8000, 100, 5, excluded=frozenset({"0xa", "0xb", "0xc"})),
+               Demand("u3", 8000, 100, 5, excluded=frozenset({"0xa", "0xb", "0xc"}))]
+    lifted = {"u1": frozenset({"0xc"}), "u2": frozenset({"0xa", "0xc"}), "u3": frozenset({"0xb"})}
+    got = {g.unit_id: g.provider for g in match_last_resort(offers, demands, lifted)}
+    # u1 goes to A (free, not its dropout); u2 falls back to C (its dropout; A's slot is taken); u3's only let-back
+    # dropout is B (C dropped it too, and is excluded for fraud there: never)
+    assert got == {"u1": "0xa", "u2": "0xc", "u3": "0xb"}
+    assert match_last_resort(offers[:1], demands[1:2], {}) == []  # nobody lifted: the unit waits
+
+
+# ---------------------------------------------------------------- D5: a provider gone for good
+
+
+def test_a_provider_not_seen_lately_is_offered_no_work(world: World) -> None:
+    """A cheap provider gone for good used to be handed a unit in every matching round (and picked as a standby),
+    each sitting until the reaper took it back. Now only providers seen within ``provider_live_s`` are offered work:
+    the dearer live one gets the unit, the gone one is no standby when the live one blips, and it is offered work
+    again once it polls."""
+    gone, alive = _provider(world, 0, tokens(1)), _provider(world, 1, tokens(3))
+    window = world.rt.settings.resolved_provider_live_s()
+    with world.rt.sessions.begin() as s:  # just out of the window (a week, in the reviewer's case)
+        s.execute(update(Provider).where(Provider.address == gone.address).values(last_seen=now_s() - window - 1))
+    job = _job(world, "gone", _spec())
+    assert [g.provider for g in service.run_matching(world.rt)] == [alive.address]
+    _silent(world, job)  # the live one blips: the gone one is no standby
+    assert service.reap(world.rt) == 1
+    assert _unit(world, job).status == "pending"
+    assert [e["how"] for e in _events(world, job, "unit_assigned")] == ["matching round"]
+    assert service.run_matching(world.rt) == []
+    assert service.next_work(world.rt, gone.address) is None  # back: it polls for work
+    assert [g.provider for g in service.run_matching(world.rt)] == [gone.address]
+
+
+def test_the_live_window_follows_the_heartbeat_deadline() -> None:
+    assert Settings(unit_timeout_s=120).resolved_provider_live_s() == 360  # 3 heartbeat deadlines
+    assert Settings(unit_timeout_s=2).resolved_provider_live_s() == 60  # never under 4 beats at 15 s
+    assert Settings(unit_timeout_s=120, provider_live_s=900).resolved_provider_live_s() == 900
