@@ -24,7 +24,7 @@ from marketplace.common import Conflict, NotFound, check_uploader
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
-from marketplace.pricing import REGIONS
+from marketplace.pricing import REGIONS, check_max_price
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from marketplace.web import render_index, render_job
@@ -347,6 +347,7 @@ def create_app(rt: Runtime) -> FastAPI:
         """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
         and the verification level's replay share, fee and catch odds. Nothing is stored."""
         spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
+        check_max_price(spec.max_price)
         d = rt.contracts.deployment
         n = spec.steps_per_unit // spec.segment_len
         vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from protocol.errors import GridMintValueError
-from protocol.money import tokens
+from protocol.money import format_tokens, tokens
 
 if TYPE_CHECKING:
     from marketplace.matching import Offer
@@ -105,6 +105,17 @@ REGIONS: Mapping[str, RegionCost] = DEFAULT_TABLE.regions
 
 def region_cost(region: str, table: CostTable = DEFAULT_TABLE) -> RegionCost:
     return table.cost(region)
+
+
+def check_max_price(max_price: int, table: CostTable = DEFAULT_TABLE) -> None:
+    """A job's price cap must reach some region's floor: below every floor no provider may take its units (they
+    would wait for ever, the escrow funded). The usual slip: a price in GMT where base units are meant."""
+    region = min(table.regions.values(), key=lambda c: (c.floor_per_unit, c.region))
+    if max_price < region.floor_per_unit:
+        raise GridMintValueError(
+            f"max_price {max_price} base units is below every region's price floor (the lowest: {region.region}'s "
+            f"{region.floor_per_unit} = {format_tokens(region.floor_per_unit)} GMT per unit): no provider may take "
+            f"a unit at that price. Money is in base units: 1 GMT = 10**18")
 
 
 def check_ask(region: str, price_per_unit: int, table: CostTable = DEFAULT_TABLE) -> None:

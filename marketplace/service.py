@@ -20,7 +20,8 @@ from marketplace.checking import benched_message, maybe_verified, pools_away, re
 from marketplace.common import (Conflict, NotFound, log, model_config, stake_short, take_back, unit_id_for,
                                 unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
-from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, observe_throughput,
+from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, check_max_price,
+                                 observe_throughput,
                                  reliability_ppm)
 from protocol import verification
 from marketplace.runtime import Runtime
@@ -73,7 +74,9 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
 
 def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
     """Accept a job only if its escrow on chain already holds the full budget, funded by this customer, and was not
-    cancelled (Conflict: a cancelled escrow pays nothing after its grace, and is the customer's to close)."""
+    cancelled (Conflict: a cancelled escrow pays nothing after its grace, and is the customer's to close), and only
+    at a price cap some region's providers may take (``pricing.check_max_price``)."""
+    check_max_price(spec.max_price)
     need = spec.budget()
     escrow = rt.contracts.get_job(job_id)
     if escrow.customer.lower() != customer.lower() or escrow.closed:

@@ -186,9 +186,19 @@ def miss_probability(n: int, bad: int, picks: int) -> Fraction:
     return Fraction(math.comb(n - bad, picks), math.comb(n, picks))
 
 
+#: Horizons up to this many units are computed exactly (Fraction powers); beyond, in floating point (a stake over a
+#: tiny unit price is a horizon of 10**20 units: the exact power never returned, holding the GIL)
+EXACT_HORIZON = 1024
+
+
 def catch_within(n: int, bad: int, picks: int, units: int) -> Fraction:
-    """Chance a provider faking ``bad`` of ``n`` segments in every unit is caught within ``units`` units."""
-    return 1 - miss_probability(n, bad, picks) ** units
+    """Chance a provider faking ``bad`` of ``n`` segments in every unit is caught within ``units`` units (exact up to
+    ``EXACT_HORIZON`` units, to double precision beyond)."""
+    miss = miss_probability(n, bad, picks)
+    if units <= EXACT_HORIZON or miss in (0, 1):
+        return 1 - miss ** units
+    log_miss = math.log(miss.numerator) - math.log(miss.denominator)  # big ints: no float underflow
+    return Fraction(-math.expm1(units * log_miss))
 
 
 def stake_horizon(stake: int, unit_price: int) -> int:

@@ -148,6 +148,27 @@ def test_nan_or_infinity_in_a_float_field_is_a_422_not_a_500(market) -> None:
         assert (err["loc"], err["input"]) == (["lr"], echoed)
 
 
+@pytest.mark.timeout(120)
+def test_a_price_cap_below_every_floor_is_refused_at_the_quote_and_the_submission(market) -> None:
+    """``"max_price": "1"`` (1 base unit: GMT meant) froze the API: the quote's catch odds raised an exact fraction
+    to the 2 * 10**20th power, holding the GIL (healthz unanswered, SIGTERM ignored). And a job below every region's
+    floor was taken, funded, and never matched. Now both are a 422 naming the lowest floor; the API answers on."""
+    for price in ("1", str(tokens("0.5") - 1)):
+        r = httpx.post(market.url + "/jobs/quote", json={"max_price": price}, timeout=60)
+        assert r.status_code == 422 and "below every region's price floor" in r.json()["detail"], r.text
+        assert "eu-north" in r.json()["detail"] and "base units" in r.json()["detail"]
+    assert httpx.get(market.url + "/healthz", timeout=10).status_code == 200
+    assert httpx.post(market.url + "/jobs/quote", json={"max_price": str(tokens("0.5"))}).status_code == 200
+    customer = market.account(gmt=tokens(10))
+    spec = JobSpec(max_price=tokens("0.5") - 1, rounds=1, units_per_round=1)
+    job_id = "0x" + "c3" * 32
+    market.contracts(customer).fund_job(job_id, spec.budget())
+    r = _post(market, customer, "/jobs", {"job_id": job_id, "spec": spec.model_dump(mode="json")})
+    assert r.status_code == 422 and "below every region's price floor" in r.json()["detail"], r.text
+    with market.rt.sessions() as s:
+        assert s.query(Job).count() == 0
+
+
 def test_a_422_does_not_echo_a_large_body(market) -> None:
     """Invalid JSON's error "input" is the whole body (and a missing field's the whole object): a 422 echoed up to
     the JSON limit back. It names what was wrong and echoes small values only."""

@@ -179,3 +179,17 @@ def test_a_jobs_budget_holds_its_levels_verifier_fees_at_the_price_cap() -> None
     many = JobSpec(**{**base, "steps_per_unit": 2048, "segment_len": 1})  # the bench's shape: 32 + 2 replays
     assert vp.max_checks("standard", 2048) == 34
     assert many.budget() == 6 * (price + 34 * vp.check_fee(price, 2048))
+
+
+@pytest.mark.timeout(60)
+def test_a_stake_over_a_tiny_price_is_quoted_at_once() -> None:
+    """A stake of 200 GMT over a price of 1 base unit is a horizon of 2 * 10**20 units: the exact Fraction power
+    never returned (an unsigned quote held the API's GIL for good). Beyond EXACT_HORIZON it is computed in floating
+    point, and agrees with the exact value where both can be had."""
+    q = vp.quote("standard", n_segments=4, unit_price=1, stake=200 * 10**18)
+    assert q.catch_within_stake_1pct == 1
+    assert vp.catch_within(2048, 1, 1, 10**20) == 1 and vp.catch_within(2048, 1, 1, 0) == 0
+    for units in (vp.EXACT_HORIZON + 1, 3000):
+        exact = 1 - vp.miss_probability(2048, 1, 1) ** units
+        assert abs(vp.catch_within(2048, 1, 1, units) - exact) < Fraction(1, 10**9)
+    assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=1) is not None
