@@ -45,7 +45,7 @@ def node_run(
     region: Annotated[str, typer.Option(help="Region you run in (sets your price floor)")] = "eu-north",
     price: Annotated[str, typer.Option(help="Ask per work unit, in GMT (decimal string)")] = "1",
     stake: Annotated[str, typer.Option(help="GMT to keep staked (slashed if you cheat)")] = "200",
-    capacity: Annotated[int, typer.Option(help="Units trained at once")] = 1,
+    capacity: Annotated[int, typer.Option(min=1, max=64, help="Units trained at once (1-64)")] = 1,
     exit_when_idle: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds")] = None,
     adversary: Annotated[Optional[str], typer.Option(hidden=True, help="Cheat on purpose (demo/adversary suite)")] = None,
     plan: Annotated[str, typer.Option(help="How to train: 'cpu' (replayed bit for bit by anyone), or another plan such "
@@ -85,9 +85,9 @@ def node_status(
     import json
 
     from node.client import MarketClient
-    from node.wallet import load_or_create
+    from node.wallet import load
 
-    client = MarketClient(marketplace, load_or_create(wallet))
+    client = MarketClient(marketplace, load(wallet))
     record = client.provider()
     pay = client.payout()
     record["payout"] = {k: pay.get(k) for k in ("epoch", "cumulative", "claimed")}

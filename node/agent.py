@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import httpx
 from eth_account.signers.local import LocalAccount
+from pydantic import ValidationError
 from rich.console import Console
 
 from ledger.evm import Chain, Deployment, GridMintContracts
@@ -27,6 +28,7 @@ from node.trainer import (UnitResult, UnitSpec, check_market_recipe, check_recip
                           state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.money import format_tokens
+from protocol.schemas import ProviderRegister
 from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
@@ -128,19 +130,26 @@ class ProviderAgent:
             raise GridMintValueError(f"plan {self.plan.label!r} trains on {self.plan.device}, but this marketplace's "
                                      f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
         have = self.contracts.stake_of(self.account.address)
-        self._check_offer(max(have, self.cfg.stake))  # what the marketplace would refuse: before anything is staked
         dev = probe()
         tps = benchmark(seconds=0.5)
+        offer = {"region": self.cfg.region, "gpu": dev.name, "vram_mb": dev.vram_mb, "price": str(self.cfg.price),
+                 "tokens_per_s": tps, "capacity": self.cfg.capacity}
+        self._check_offer(max(have, self.cfg.stake), offer)  # what the marketplace would refuse: before staking
         if have < self.cfg.stake:
             self.contracts.stake(self.cfg.stake - have)
-        reg = self.client.register(region=self.cfg.region, gpu=dev.name, vram_mb=dev.vram_mb, price=str(self.cfg.price),
-                                   tokens_per_s=tps, capacity=self.cfg.capacity)
+        reg = self.client.register(**offer)
         self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
         return reg
 
-    def _check_offer(self, stake: int) -> None:
-        """The region, ask and ``stake`` (what it will have staked) against the marketplace's ``/config``: a typo
-        found after staking would leave the stake locked for the unbonding delay."""
+    def _check_offer(self, stake: int, offer: dict[str, Any]) -> None:
+        """The registration ``offer`` as the marketplace's schema takes it (capacity 1-64, ...), and its region, ask
+        and ``stake`` (what it will have staked) against the marketplace's ``/config``: a typo found after staking
+        would leave the stake locked for the unbonding delay."""
+        try:
+            ProviderRegister.model_validate(offer)
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+            raise GridMintValueError(f"the marketplace would refuse this offer ({bad})") from None
         cfg = self.client.config
         regions = cfg.get("regions") or {}
         if regions and self.cfg.region not in regions:

@@ -17,6 +17,15 @@ def password_from_env() -> str:
     return os.environ.get("GRIDMINT_WALLET_PASSWORD", "")
 
 
+def load(path: Path = DEFAULT_WALLET, password: str | None = None) -> LocalAccount:
+    """Open the existing keystore at ``path`` (a command that only reads, such as ``node status``: a mistyped path
+    must not create a new wallet and report on an address nobody meant)."""
+    if not path.exists():
+        raise GridMintValueError(f"no wallet at {path}: create one with `gridmint node wallet --wallet {path}`, or name "
+                                 f"the file your node uses")
+    return load_or_create(path, password)
+
+
 def load_or_create(path: Path = DEFAULT_WALLET, password: str | None = None) -> LocalAccount:
     """Load the keystore at ``path``, or create a fresh key there. The password comes from GRIDMINT_WALLET_PASSWORD."""
     password = password_from_env() if password is None else password

@@ -21,6 +21,7 @@ def gridmint(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
                                        ("notaurl", "missing an 'http://' or 'https://'"),
                                        ("localhost:8000", "unsupported protocol")])
 def test_a_marketplace_that_is_down_or_mistyped_is_one_line(tmp_path: Path, url: str, says: str) -> None:
+    assert gridmint("node", "wallet", "--wallet", str(tmp_path / "w.json")).returncode == 0
     got = gridmint("node", "status", "--marketplace", url, "--wallet", str(tmp_path / "w.json"))
     assert got.returncode == 2 and "Traceback" not in got.stderr
     assert got.stderr.startswith("error: cannot reach ") and says in got.stderr and "--marketplace" in got.stderr
@@ -34,6 +35,20 @@ def test_a_wallet_that_is_a_folder_or_not_a_keystore_is_one_line(tmp_path: Path)
         got = gridmint("node", "wallet", "--wallet", str(wallet))
         assert got.returncode == 2 and "Traceback" not in got.stderr and says in got.stderr, got.stderr
     assert not (tmp_path / "wallet.json").exists()  # nothing created in the folder's place
+
+
+def test_status_with_a_mistyped_wallet_creates_nothing_and_a_capacity_out_of_range_stakes_nothing(
+        tmp_path: Path) -> None:
+    """``node status`` only reads: a mistyped --wallet made a new (empty-password) keystore and reported on an
+    address nobody owns. ``node run --capacity 0`` (or 65) staked 200 GMT before the marketplace refused it."""
+    got = gridmint("node", "status", "--marketplace", "http://127.0.0.1:1", "--wallet", str(tmp_path / "typo.json"))
+    assert got.returncode == 2 and "Traceback" not in got.stderr and "no wallet at" in got.stderr, got.stderr
+    assert not (tmp_path / "typo.json").exists()
+    for capacity in ("0", "65"):
+        got = gridmint("node", "run", "--capacity", capacity, "--marketplace", "http://127.0.0.1:1",
+                       "--wallet", str(tmp_path / "run.json"))
+        assert got.returncode == 2 and "Traceback" not in got.stderr and "--capacity" in got.stderr, got.stderr
+    assert not (tmp_path / "run.json").exists()  # refused before the wallet, the chain or the marketplace
 
 
 def test_a_setting_that_does_not_parse_is_one_line() -> None:

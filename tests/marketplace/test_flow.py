@@ -344,12 +344,18 @@ def test_a_node_whose_region_ask_or_stake_would_be_refused_stops_before_it_stake
     """A typo in ``--region``, an ask under the region's floor or a stake under the minimum is refused by the node
     itself, from ``/config``, before it stakes anything: found after staking, it would leave the tokens locked for
     the unbonding delay."""
-    for region, price, stake, says in (("mars", "0.6", 200, "unknown region 'mars': this marketplace has ap-east"),
-                                       ("eu-north", "0.1", 200, "below the eu-north floor of 0.5000 GMT"),
-                                       ("eu-north", "0.6", 50, "below this marketplace's minimum of 100.0000 GMT")):
+    for region, price, stake, capacity, says in (
+            ("mars", "0.6", 200, 1, "unknown region 'mars': this marketplace has ap-east"),
+            ("eu-north", "0.1", 200, 1, "below the eu-north floor of 0.5000 GMT"),
+            # the registration's own bounds, as the marketplace's schema has them (a capacity of 0 staked first)
+            ("eu-north", "0.6", 200, 0, "would refuse this offer .capacity: Input should be greater than or equal to 1"),
+            ("eu-north", "0.6", 200, 65, "would refuse this offer .capacity: Input should be less than or equal to 64"),
+            ("eu-north", "0.6", 50, 1, "below this marketplace's minimum of 100.0000 GMT")):
         acct = market.account(gmt=tokens(500))
-        cfg = AgentConfig(marketplace=market.url, chain_url="", region=region, price=tokens(price), stake=tokens(stake))
-        agent = ProviderAgent(cfg, acct, tmp_path / f"{region}-{price}-{stake}", contracts=market.contracts(acct))
+        cfg = AgentConfig(marketplace=market.url, chain_url="", region=region, price=tokens(price), stake=tokens(stake),
+                          capacity=capacity)
+        agent = ProviderAgent(cfg, acct, tmp_path / f"{region}-{price}-{stake}-{capacity}",
+                              contracts=market.contracts(acct))
         with pytest.raises(GridMintValueError, match=says):
             agent.setup()
         assert market.ops.stake_of(acct.address) == 0 and market.ops.balance_of(acct.address) == tokens(500)
