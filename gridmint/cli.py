@@ -1,10 +1,10 @@
-"""The one CLI entry point: ``gridmint demo | node | verifier | marketplace``."""
+"""The one CLI entry point: ``gridmint demo | job | node | verifier | marketplace``."""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -16,6 +16,9 @@ app = typer.Typer(help="GridMint: an open, verified compute marketplace for AI t
 node_app = typer.Typer(help="Run a GPU provider node: benchmark, stake, advertise, train, prove, earn.", no_args_is_help=True)
 verifier_app = typer.Typer(help="Run a verifier: replay sampled training segments, report fraud.", no_args_is_help=True)
 market_app = typer.Typer(help="Run the marketplace service (API) and its background workers.", no_args_is_help=True)
+job_app = typer.Typer(help="Buy training: quote a job, fund its escrow and submit it, watch it, download its model, "
+                           "cancel it.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
 app.add_typer(node_app, name="node")
 app.add_typer(verifier_app, name="verifier")
 app.add_typer(market_app, name="marketplace")
@@ -35,6 +38,113 @@ def demo(
     from gridmint.demo import run_demo
 
     raise typer.Exit(run_demo(serve=serve, data_dir=data_dir, rounds=rounds))
+
+
+SpecArg = Annotated[Path, typer.Argument(help="Job spec, JSON: the body POST /jobs/quote takes (money in base units)")]
+
+
+def _customer(marketplace: str, chain: str, wallet: Path) -> tuple[Any, Any]:
+    from node.agent import contracts_for
+    from node.client import MarketClient
+    from node.wallet import load_or_create
+
+    client = MarketClient(marketplace, load_or_create(wallet))
+    return client, contracts_for(client, chain, client.account)
+
+
+@job_app.command("quote")
+def job_quote(spec: SpecArg, marketplace: MarketOpt = "http://127.0.0.1:8000") -> None:
+    """What a job costs (its escrow budget: every unit at the price cap plus the level's verifier fees) and what
+    its verification level buys, as JSON. Nothing is funded or stored."""
+    import json
+
+    from gridmint.customer import read_spec
+    from node.client import MarketClient
+    from eth_account import Account
+
+    typer.echo(json.dumps(MarketClient(marketplace, Account.create()).quote(read_spec(spec).model_dump(mode="json")),
+                          indent=2))
+
+
+@job_app.command("submit")
+def job_submit(
+    spec: SpecArg,
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    chain: ChainOpt = "http://127.0.0.1:8545",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "customer.json",
+    job_id: Annotated[Optional[str], typer.Option(help="Use this job id (to finish a submission that failed half "
+                                                       "way: only what the escrow lacks is funded)")] = None,
+) -> None:
+    """Fund the job's escrow with your wallet's GMT (one permit transaction) and submit it; prints its id and page."""
+    import json
+
+    from gridmint.customer import read_spec, submit
+
+    job = read_spec(spec)  # before the wallet, the marketplace or the chain
+    client, contracts = _customer(marketplace, chain, wallet)
+    typer.echo(json.dumps(submit(client, contracts, job, job_id, say=lambda m: typer.echo(m, err=True)), indent=2))
+
+
+@job_app.command("status")
+def job_status(job_id: str, marketplace: MarketOpt = "http://127.0.0.1:8000") -> None:
+    """A job's status, rounds, units verified and held-out losses, as JSON (the full record: GET /jobs/ID)."""
+    import json
+
+    from eth_account import Account
+
+    from node.client import MarketClient
+
+    job = MarketClient(marketplace, Account.create()).job(job_id)
+    keep = ("job_id", "customer", "status", "round", "rounds", "budget", "eval_losses", "refund")
+    out = {k: job[k] for k in keep if k in job}
+    units = job.get("units") or []
+    out["units"] = {s: sum(1 for u in units if u.get("status") == s) for s in sorted({u.get("status") for u in units})}
+    typer.echo(json.dumps(out, indent=2))
+
+
+@job_app.command("weights")
+def job_weights(
+    job_id: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the safetensors file")] = Path("model.safetensors"),
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+) -> None:
+    """Download the job's model as safetensors (the final one once the job is done; before, the latest round's)."""
+    import json
+
+    from eth_account import Account
+
+    from gridmint.customer import download_weights
+    from node.client import MarketClient
+
+    typer.echo(json.dumps(download_weights(MarketClient(marketplace, Account.create()), job_id, out), indent=2))
+
+
+@job_app.command("cancel")
+def job_cancel(
+    job_id: str,
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    chain: ChainOpt = "http://127.0.0.1:8545",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "customer.json",
+) -> None:
+    """Cancel the job's escrow on chain: the marketplace stops the job within a minute and pays the work verified
+    by then; after the grace, `gridmint job close` refunds the rest."""
+    _, contracts = _customer(marketplace, chain, wallet)
+    closable_at = contracts.cancel_job(job_id)
+    typer.echo(f"cancelled: work verified is paid until {closable_at} (unix s); then `gridmint job close {job_id}`")
+
+
+@job_app.command("close")
+def job_close(
+    job_id: str,
+    marketplace: MarketOpt = "http://127.0.0.1:8000",
+    chain: ChainOpt = "http://127.0.0.1:8545",
+    wallet: WalletOpt = Path.home() / ".gridmint" / "customer.json",
+) -> None:
+    """Close a cancelled job's escrow once its grace is over: the rest comes back to your wallet."""
+    from protocol.money import format_tokens
+
+    _, contracts = _customer(marketplace, chain, wallet)
+    typer.echo(f"refunded {format_tokens(contracts.close_job(job_id))} GMT")
 
 
 @node_app.command("run")

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from gridmint.customer import submit
 from gridmint.procs import Proc, ServiceError, free_port, start_redis
 from ledger.devchain import HardhatNode
 from ledger.evm import Chain, GridMintContracts, deploy
@@ -169,12 +170,9 @@ class Demo:
         self.customer, _ = self.wallet("customer", 10**18, tokens(100))
         client = MarketClient(self.url, self.customer)
         spec = JobSpec(rounds=self.rounds, units_per_round=3, steps_per_unit=60, segment_len=15, max_price=tokens("1.5"))
-        quote = client.quote(spec.model_dump(mode="json"))
-        budget = int(quote["budget"])
         cust = GridMintContracts(self.chain, self.deployment, self.customer)
-        cust.fund_job_with_permit(quote["job_id"], budget)
-        client.submit_job(quote["job_id"], spec.model_dump(mode="json"))
-        self.job_id = quote["job_id"]
+        sent = submit(client, cust, spec, say=lambda _: None)  # what `gridmint job submit` does
+        budget, self.job_id = int(sent["budget"]), sent["job_id"]
         console.print(f"[bold]Customer[/] funded escrow with {_fmt(budget)} (permit, no approve tx) and submitted job "
                       f"{self.job_id[:12]}: {spec.rounds} rounds x {spec.units_per_round} units x {spec.steps_per_unit} steps")
         console.print(f"  watch it run: {self.url}/web/jobs/{self.job_id}")

@@ -95,3 +95,16 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
         assert bad.returncode == 2 and "is not an address" in bad.stderr
     finally:
         node.stop()
+
+
+def test_the_customer_commands_exist_and_a_bad_spec_is_one_line(tmp_path: Path) -> None:
+    got = gridmint("job", "--help")
+    assert got.returncode == 0 and all(c in got.stdout for c in ("quote", "submit", "status", "weights", "cancel",
+                                                                 "close"))
+    (tmp_path / "spec.json").write_text('{"max_price": "1.5"}')  # GMT where base units are meant: not an integer
+    got = gridmint("job", "quote", str(tmp_path / "spec.json"), "--marketplace", "http://127.0.0.1:1")
+    assert got.returncode == 2 and "Traceback" not in got.stderr and "max_price" in got.stderr, got.stderr
+    got = gridmint("job", "submit", str(tmp_path / "missing.json"), "--marketplace", "http://127.0.0.1:1",
+                   "--wallet", str(tmp_path / "c.json"))
+    assert got.returncode == 2 and "Traceback" not in got.stderr and "cannot read job spec" in got.stderr, got.stderr
+    assert not (tmp_path / "c.json").exists()  # refused before a wallet was made
