@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import cancellation, matching, referee, settlement, standby
@@ -90,15 +91,19 @@ def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
         raise InsufficientFundsError(f"escrow for job {job_id} holds {escrow.remaining} base units, the job needs {need}")
     state = init_state(model_config(spec), spec.seed)
     sha = rt.blobs.put_tensors(state, {"kind": "global", "job": job_id, "round": "0"})
-    with rt.sessions.begin() as s:
-        if s.get(Job, job_id) is not None:
-            raise Conflict(f"job {job_id} already exists")
-        job = Job(id=job_id, customer=customer, spec=spec.model_dump(mode="json"), budget=need, global_blob=sha,
-                  eval_losses=[evaluate(model_config(spec), state)])
-        s.add(job)
-        s.flush()
-        _create_round_units(s, job, spec, 0)
-        log(s, "job_created", job_id, customer=customer, budget=str(need), units=spec.rounds * spec.units_per_round)
+    loss = evaluate(model_config(spec), state)
+    try:
+        with rt.sessions.begin() as s:
+            if s.get(Job, job_id) is not None:
+                raise Conflict(f"job {job_id} already exists")
+            job = Job(id=job_id, customer=customer, spec=spec.model_dump(mode="json"), budget=need, global_blob=sha,
+                      eval_losses=[loss])
+            s.add(job)
+            s.flush()
+            _create_round_units(s, job, spec, 0)
+            log(s, "job_created", job_id, customer=customer, budget=str(need), units=spec.rounds * spec.units_per_round)
+    except IntegrityError:  # the same job submitted twice at once: the other submission created it
+        raise Conflict(f"job {job_id} already exists") from None
     rt.enqueue("gridmint.match", [])
     return job
 

@@ -154,6 +154,21 @@ def test_the_sweep_reads_many_escrows_per_chain_call_and_agrees_with_reading_eac
 # ---------------------------------------------------------------- create_job
 
 
+def test_the_same_job_submitted_twice_at_once_is_a_409_not_a_500(world: World,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two submissions of one job id at once: both read "no such job", one inserts it, the other's insert broke
+    the unique key (IntegrityError: a 500). The loser now gets the Conflict a later duplicate gets."""
+    w = world
+    job_id = _job(w, "twice", _spec())
+    real_get = Session.get
+    monkeypatch.setattr(Session, "get", lambda self, entity, ident, **kw: None if entity is Job
+                        else real_get(self, entity, ident, **kw))  # its check ran before the other committed
+    with pytest.raises(Conflict, match="already exists"):
+        service.create_job(w.rt, w.customer.address, job_id, _spec())
+    monkeypatch.undo()
+    assert _job_row(w, job_id).status == "running" and len(_units(w, job_id)) == 5
+
+
 def test_a_job_on_an_escrow_whose_cancel_is_pending_is_refused_with_409(world: World) -> None:
     """The reviewer's first step: fund, cancel on chain, then POST /jobs. It used to be accepted (and run to
     nothing). Now 409, saying why and what to do; no job is created."""
