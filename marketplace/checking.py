@@ -20,9 +20,9 @@ from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from node import checkpoint
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.trainer import state_hash
+from node.trainer import check_finite, check_training_state, state_hash
 from protocol import verification
-from protocol.errors import ChainError, ProofError
+from protocol.errors import ChainError, CheckpointError, ProofError
 from protocol.proof import TrainingProof
 from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
@@ -336,8 +336,8 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
                 retire_canary(s, v)
             continue
         unit = s.get(Unit, v.unit_id)
-        if v.status == "passed" and (unit is None or unit.status != "submitted"):
-            continue
+        if v.status == "passed" and (unit is None or unit.status != "submitted" or unit.provider != v.provider):
+            continue  # credited already, or a claim the unit no longer holds (its provider slashed, a standby's now)
         v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
         redo += 1
     log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
@@ -668,6 +668,21 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
     tensors, _ = checkpoint.load(rt.blobs.read(body.blob))
     if state_hash(tensors) != body.state_hash:
         raise ProofError(f"revealed checkpoint hashes to {state_hash(tensors)}, not to the signed {body.state_hash}")
+    # a state the referee cannot load (a tensor missing, another dtype, NaN) failed every ruling, outside the guard
+    # that counts a bad reveal against the provider: the dispute stalled for ever, the cheat unslashed (422 here;
+    # its deadline still runs)
+    with rt.sessions() as s:
+        task = s.get(Verification, body.verification_id)
+        unit = s.get(Unit, unit_id)
+        assert task is not None and unit is not None
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        spec = unit_spec(job, unit)
+    try:
+        check_training_state(spec, tensors)
+        check_finite(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"revealed state before step {body.step}: {exc}") from None
     with rt.sessions.begin() as s:
         task = s.get(Verification, body.verification_id)
         assert task is not None

@@ -112,3 +112,21 @@ def test_a_verifier_on_another_plan_flags_a_canary_far_past_its_tolerance(tmp_pa
         v = cc.check_segment_across(spec, TrainingProof.from_dict(fake["proof"]), seg, start, end, tol,
                                     cc.PlanRunner(spec, start, plan))
         assert not v.ok and v.kind == "state" and 4 <= v.margin < math.inf, v
+
+
+def test_no_canary_from_a_next_segment_that_barely_moved(unit: UnitResult, store: BlobStore) -> None:
+    """A provider shapes the states canaries are forged from: with its next segment nudged by 1e-6, the forgery lay
+    inside the tolerance of an honest verifier on another plan (cpu/mb2 checking a cpu unit), which approved it,
+    and the referee's bit-for-bit replay then "confirmed" the canary: the honest verifier's whole stake slashed.
+    No canary is forged where the next segment moved less than 1/CANARY_MIN_UPDATE_SHARE of this one."""
+    from node.trainer import update_norm
+
+    blobs = [store.put_file(p) for p in unit.segment_paths]
+    final = store.put_file(unit.final_path)
+    assert canary.forge(SPEC, unit.proof, 0, blobs, final, store) is not None  # an honest next segment: planted
+    s1, _ = checkpoint.load(store.path(blobs[1]))
+    key = next(k for k in s1 if k.startswith("model."))
+    nudged = {**s1, key: s1[key] * (1 + 1e-6)}
+    shaped = [blobs[0], blobs[1], store.put_tensors(nudged, checkpoint_metadata(SPEC, 2)), *blobs[3:]]
+    assert 0 < update_norm(s1, nudged) < update_norm(checkpoint.load(store.path(blobs[0]))[0], s1) / 4
+    assert canary.forge(SPEC, unit.proof, 0, shaped, final, store) is None

@@ -824,6 +824,41 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     assert [e.provider for e in entries] == [honest.account.address]
 
 
+def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_redone(market, tmp_path: Path) -> None:
+    """A lazy verifier passed a check of provider A's claim; A was then slashed over another segment and a standby B
+    re-submitted the unit. When a canary benched the lazy verifier, that old pass went back to the queue: an honest
+    verifier replayed B's claim for a check naming A, and was never paid for it (only checks of the unit's current
+    claim are). A pass of a claim the unit no longer holds is left as it is."""
+    a = provider(market, tmp_path, "a", "eu-north", "0.55", adversary="idle-segment")
+    b = provider(market, tmp_path, "b", "us-east", "0.9")
+    lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
+    careful = staked_verifier(market, tmp_path, "careful")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    market.wait(lambda: a.work_once(), what="A's unit submitted")
+    assert lazy.verify_once() == "ok"  # a check of A's claim, passed on the lazy word
+    stale = _rows(market, status="passed")[0]
+    while careful.verify_once() != "fraud":
+        pass
+    market.wait(lambda: a.account.address in slashed(market), what="A slashed")
+    market.wait(lambda: b.work_once(), timeout=120, what="B re-trains and submits the unit")
+    market.rt.settings.canary_rate = 1.0
+    assert lazy.verify_once() == "ok"  # approves a canary: benched
+    market.rt.settings.canary_rate = 0.0
+    market.wait(lambda: _events(market, "verifier_benched"), what="the lazy verifier benched")
+    assert _events(market, "verifier_benched")[0]["rechecks"] == 0
+    row = _rows(market, id=stale.id)[0]
+    assert (row.status, row.verifier, row.provider) == ("passed", lazy.account.address, a.account.address)
+    drive(market, [b], careful, job_id)
+    with market.rt.sessions() as s:
+        paid = {e.verification_id for e in s.scalars(select(LedgerEntry).where(
+            LedgerEntry.provider == careful.account.address))}
+    done = {v.id for v in _rows(market, status="passed") if v.verifier == careful.account.address
+            and v.provider == b.account.address}
+    assert done and done <= paid  # every check careful did of B's claim is paid
+
+
 def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_its_place(market, tmp_path: Path,
                                                                                              monkeypatch) -> None:
     """A provider shapes the states a canary is forged from (its own claims further on), so a "forgery" could be one
@@ -1308,6 +1343,22 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
     start_blob = ask["checkpoint_blob"]  # a real checkpoint, but not the state the provider signed
     refused(quiet, {**good, "blob": start_blob}, 422)
     refused(quiet, {**good, "extra": 1}, 422)
+    # a state signed and hashing right that is no training state of the unit (a tensor left out, or a NaN): every
+    # ruling failed on it outside the guard that counts a bad reveal against the provider, and the dispute stalled
+    # for ever, the cheat unslashed; refused now, so only a sound state (or the deadline) moves the dispute
+    from node import checkpoint as ckpt
+    from node.trainer import UnitSpec, checkpoint_metadata, state_hash
+
+    state, _ = ckpt.load(market.rt.blobs.path(good["blob"]))
+    name = sorted(k for k in state if k.startswith("model."))[0]
+    for label, bad in (("missing", {k: v for k, v in state.items() if k != name}),
+                       ("nan", {**state, name: state[name].clone().fill_(float("nan"))})):
+        path = tmp_path / f"reveal-{label}.safetensors"
+        ckpt.save(path, bad, checkpoint_metadata(UnitSpec.from_json(ask["spec"]), int(ask["segment"])))
+        blob, h = quiet.client.put_blob(path), state_hash(bad)
+        signed = sign_typed(quiet.account, "Reveal", quiet.client.domain,
+                            {"unitId": to_bytes32(ask["unit_id"]), "step": 4, "stateHash": to_bytes32(h)})
+        refused(quiet, {**good, "blob": blob, "state_hash": h, "signature": signed}, 422)
     with market.rt.sessions() as s:
         task = s.get(Verification, ask["verification_id"])
         assert task.status == "bisecting" and task.bisect["reveals"] == {}
