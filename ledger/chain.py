@@ -87,7 +87,22 @@ class _RetryingHTTPProvider(HTTPProvider):
         try:
             return super()._make_request(method, request_data)
         except TRANSPORT_ERRORS as exc:
-            raise ChainUnavailable(f"chain node {self.endpoint_uri} unreachable during {method}: {exc}") from exc
+            # neither the URL's credentials or path (a hosted node's API key) nor the transport's text (it repeats
+            # the path) go into the error: a marketplace answers it to anonymous callers
+            raise ChainUnavailable(f"chain node {redact_url(str(self.endpoint_uri))} unreachable during {method} "
+                                   f"({type(exc).__name__})") from exc
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host:port`` of ``url``: no user, password, path or query (where hosted nodes keep API keys)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return "<chain url>"
 
 
 class _SerializedTesterProvider(EthereumTesterProvider):
@@ -241,16 +256,33 @@ class Chain:
 
         key = (self._key, account.address)
         with _lock_for(_nonce_locks, key, threading.Lock):
-            nonce = max(int(self.w3.eth.get_transaction_count(account.address, "pending")), _next_nonce.get(key, 0))
-            tx["nonce"] = nonce
-            signed = account.sign_transaction(tx)
-            tx_hash = self._send_raw(signed.raw_transaction, bytes(signed.hash), errors, label)
+            counted = int(self.w3.eth.get_transaction_count(account.address, "pending"))
+            nonce = max(counted, _next_nonce.get(key, 0))
+            while True:
+                tx["nonce"] = nonce
+                signed = account.sign_transaction(tx)
+                try:
+                    tx_hash = self._send_raw(signed.raw_transaction, bytes(signed.hash), errors, label)
+                    break
+                except ChainError as exc:
+                    # refused (a revert; "nonce too high": a transaction the node dropped left a gap below the
+                    # cache) or unreachable: from now on count from the node's own pending count, not a cache past
+                    # a gap for ever; a nonce the node refused, taken from the cache alone, is tried once more at
+                    # the node's count
+                    _next_nonce.pop(key, None)
+                    if nonce == counted or "nonce" not in str(exc).lower():
+                        raise
+                    nonce = counted
             _next_nonce[key] = nonce + 1
         try:
             receipt = self.w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self.receipt_timeout, poll_latency=0.01
             )
         except TimeExhausted as exc:
+            if not self._knows_tx(bytes(tx_hash)):  # dropped by the node: its nonce is free again
+                with _lock_for(_nonce_locks, key, threading.Lock):
+                    if _next_nonce.get(key) == nonce + 1:
+                        _next_nonce.pop(key, None)
             raise ChainError(f"{label}: no receipt for 0x{bytes(tx_hash).hex()} after {self.receipt_timeout}s") from exc
         if receipt["status"] != 1:
             raise self._failed_receipt_error(tx, receipt, errors, label)

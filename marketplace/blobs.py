@@ -1,6 +1,7 @@
 """Content-addressed checkpoint store: files named by their sha256. Only safetensors are accepted."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -37,9 +38,16 @@ class BlobStore:
         target = self.path(sha)
         if not target.exists():
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())  # on disk before it has a name: a host crash leaves no torn blob named right
+                os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
+            except BaseException:
+                with contextlib.suppress(OSError):  # a full disk: the partial file must not keep it full
+                    os.unlink(tmp)
+                raise
         return sha
 
     def put_tensors(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:

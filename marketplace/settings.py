@@ -27,11 +27,11 @@ class Settings(BaseSettings):
     chain_url: str | None = None  # JSON-RPC of the chain (Hardhat node); tests may inject an in-process chain instead
     deployment_file: Path | None = None  # default: data_dir/deployment.json
     operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)
-    max_upload_bytes: int = 32 * 1024 * 1024
-    min_stake: int = tokens(100)  # base units a provider must stake to be matched
+    max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    min_stake: int = Field(default=tokens(100), ge=0)  # base units a provider must stake to be matched
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)
-    min_verifier_stake: int = tokens(100)
+    min_verifier_stake: int = Field(default=tokens(100), ge=0)
     # a verifier whose fraud verdicts the referee overrules this often is benched even where it cannot be proven false
     # (a plan the referee does not replay on): from `verifier_overruled_floor` overruled verdicts on, once they are
     # more than `verifier_overruled_share` of all its verdicts. Honest drift across plans disputes ~4-6% of segments
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     # how long a stake read that showed enough is reused by polls for work and tasks (marketplace.stakes); 0 reads
     # the chain on every request
     stake_read_ttl_s: float = Field(default=10.0, ge=0.0)
-    unit_timeout_s: int = 120  # an assigned unit with no heartbeat (or submission) for this long is reassigned
+    unit_timeout_s: int = Field(default=120, ge=1)  # an assigned unit with no heartbeat (or submission) for this long is reassigned
     # a provider is offered work (matching rounds and standbys) only while seen (registered, polled for work or
     # heartbeat) within this many seconds (resolved_provider_live_s): a node idle polls every 0.5 s and one training
     # beats at least every 15 s, so one unseen for longer is gone, and a unit handed to it would only sit until
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # a provider asked to reveal a state in a dispute that does not answer in time loses (its whole stake): long enough
     # for a crashed node to be restarted (an honest one re-derives any state from its checkpoints in seconds), short
     # against a job's hours; only a silent provider's dispute waits it out
-    reveal_timeout_s: int = 1800
+    reveal_timeout_s: int = Field(default=1800, ge=1)
     # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier
     # that approves one is benched and slashed. A probability, not money; 0 plants none
     canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)
@@ -88,13 +88,22 @@ class Settings(BaseSettings):
     # a cheat past it is convicted as ever; one inside it (a float8 step) goes free, and the verifier's bond, posted
     # on the pool's promise, is released ("dismissed"). 0: never; the dispute waits for the pool
     referee_pool_wait_s: int = Field(default=3600, ge=0)
-    clock_skew_s: int = 300  # the furthest a signed request's deadline may lie in the future
+    clock_skew_s: int = Field(default=300, ge=0)  # the furthest a signed request's deadline may lie in the future
     # Customer login (SIWE, marketplace.siwe). The secret MACs session tokens: API processes that should accept each
     # other's tokens share it (same env var, or same data_dir, where it is generated on first start).
     session_secret: SecretStr | None = None
-    session_ttl_s: int = 24 * 3600  # how long a login lasts
-    login_nonce_ttl_s: int = 600  # how long a nonce from POST /auth/nonce may wait before it is used
+    session_ttl_s: int = Field(default=24 * 3600, ge=1)  # how long a login lasts
+    login_nonce_ttl_s: int = Field(default=600, ge=1)  # how long a nonce from POST /auth/nonce may wait before it is used
     siwe_domain: str | None = None  # the domain login messages must name; unset: the Host, on loopback addresses only
+
+    @field_validator("db_url", "redis_url", "chain_url", "operator_key", "siwe_domain")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        """Set but empty (a templated env file): an error, not the default. An empty GRIDMINT_DB_URL put each API and
+        worker on a SQLite file of its own, sharing no nonces, jobs or units, and everything started."""
+        if v is not None and not v.strip():
+            raise ValueError("is set but empty: unset it for the default, or give a value")
+        return v
 
     @field_validator("referee_plans")
     @classmethod

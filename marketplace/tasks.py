@@ -23,7 +23,10 @@ celery_app.conf.update(
     task_acks_late=True,  # every task below is idempotent, so a re-delivery after a worker crash is safe
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    broker_transport_options={"visibility_timeout": 120},
+    # Redis hands an unacknowledged task to another worker after this long, though its worker lives on: it must
+    # outlast the longest task (a referee's replay of a long segment; 120 s put a second, third... worker on the same
+    # dispute). A worker that died loses nothing meanwhile: the sweep queues every lost step again within a minute
+    broker_transport_options={"visibility_timeout": 4 * 3600},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={

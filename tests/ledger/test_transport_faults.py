@@ -152,3 +152,39 @@ def test_a_node_that_is_gone_is_one_clear_error() -> None:
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     with pytest.raises(ChainUnavailable, match="unreachable during eth_chainId"):
         Chain.http(f"http://127.0.0.1:{port}", timeout=2)
+
+
+def test_a_transaction_the_node_dropped_does_not_block_the_next_ones(node: HardhatNode) -> None:
+    """The process-wide nonce cache only grew: once the node dropped a sent transaction (mempool eviction, a restart
+    without its mempool), every later transaction of that account from this process was signed past the gap ("Nonce
+    too high") until the process restarted: settlement, slashing and payouts stopped. A send the node refuses, or a
+    transaction it no longer knows after the receipt wait, makes the next send count from the node again."""
+    from eth_account import Account
+
+    from protocol.errors import ChainError
+
+    chain = Chain.http(node.url)
+    chain.receipt_timeout = 2
+    sender = chain.dev_accounts(7)[6]
+    payee = Account.create().address
+    chain.send_eth(sender, payee, 1)
+    chain._rpc("evm_setAutomine", [False])  # noqa: SLF001
+    try:
+        with pytest.raises(ChainError, match="no receipt"):
+            chain.send_eth(sender, payee, 1)  # in the mempool, never mined ...
+        for h in chain._rpc("eth_getBlockByNumber", ["pending", False])["transactions"]:  # noqa: SLF001
+            assert chain._rpc("hardhat_dropTransaction", [h])  # noqa: SLF001 - ... and then lost by the node
+    finally:
+        chain._rpc("evm_setAutomine", [True])  # noqa: SLF001
+    chain.send_eth(sender, payee, 1)  # was "Nonce too high" for ever
+    chain.send_eth(sender, payee, 1)
+    assert chain.w3.eth.get_balance(payee) == 3
+
+
+def test_an_unreachable_node_is_named_without_its_credentials_or_path() -> None:
+    """A marketplace answers ChainUnavailable's text to anonymous callers (502): it showed the chain URL with its
+    user, password and API-key path."""
+    with pytest.raises(ChainUnavailable) as err:
+        Chain.http("http://rpcuser:S3CRET@127.0.0.1:1/v3/API-KEY-123", timeout=1).timestamp()
+    text = str(err.value)
+    assert "127.0.0.1:1" in text and not any(s in text for s in ("S3CRET", "rpcuser", "API-KEY-123", "/v3"))
