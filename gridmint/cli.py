@@ -52,6 +52,15 @@ def _customer(marketplace: str, chain: str, wallet: Path) -> tuple[Any, Any]:
     return client, contracts_for(client, chain, client.account)
 
 
+def _reader(marketplace: str) -> Any:
+    """A client for the marketplace's public reads (quote, job, weights): no wallet needed, none is made."""
+    from eth_account import Account
+
+    from node.client import MarketClient
+
+    return MarketClient(marketplace, Account.create())
+
+
 @job_app.command("quote")
 def job_quote(spec: SpecArg, marketplace: MarketOpt = "http://127.0.0.1:8000") -> None:
     """What a job costs (its escrow budget: every unit at the price cap plus the level's verifier fees) and what
@@ -59,11 +68,8 @@ def job_quote(spec: SpecArg, marketplace: MarketOpt = "http://127.0.0.1:8000") -
     import json
 
     from gridmint.customer import read_spec
-    from node.client import MarketClient
-    from eth_account import Account
 
-    typer.echo(json.dumps(MarketClient(marketplace, Account.create()).quote(read_spec(spec).model_dump(mode="json")),
-                          indent=2))
+    typer.echo(json.dumps(_reader(marketplace).quote(read_spec(spec).model_dump(mode="json")), indent=2))
 
 
 @job_app.command("submit")
@@ -90,11 +96,7 @@ def job_status(job_id: str, marketplace: MarketOpt = "http://127.0.0.1:8000") ->
     """A job's status, rounds, units verified and held-out losses, as JSON (the full record: GET /jobs/ID)."""
     import json
 
-    from eth_account import Account
-
-    from node.client import MarketClient
-
-    job = MarketClient(marketplace, Account.create()).job(job_id)
+    job = _reader(marketplace).job(job_id)
     keep = ("job_id", "customer", "status", "round", "rounds", "budget", "eval_losses", "refund")
     out = {k: job[k] for k in keep if k in job}
     units = job.get("units") or []
@@ -111,12 +113,9 @@ def job_weights(
     """Download the job's model as safetensors (the final one once the job is done; before, the latest round's)."""
     import json
 
-    from eth_account import Account
-
     from gridmint.customer import download_weights
-    from node.client import MarketClient
 
-    typer.echo(json.dumps(download_weights(MarketClient(marketplace, Account.create()), job_id, out), indent=2))
+    typer.echo(json.dumps(download_weights(_reader(marketplace), job_id, out), indent=2))
 
 
 @job_app.command("cancel")

@@ -27,16 +27,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ledger.escrow_ops import JobState
-from marketplace.common import check_fee_entry, log
+from marketplace.common import OPEN_CHECKS, check_fee_entry, log
 from marketplace.db import Job, Unit, Verification, Verifier
 from marketplace.runtime import Runtime
 from protocol.errors import ChainError
 
 logger = logging.getLogger(__name__)
 
-#: Unit states a stop cancels (everything but ``verified``), and the checks of a cancelled unit that are voided.
+#: Unit states a stop cancels (everything but ``verified``); a cancelled unit's open checks (common.OPEN_CHECKS) are
+#: voided.
 STOPPED_UNITS = ("pending", "assigned", "submitted")
-VOIDED_CHECKS = ("pending", "assigned", "held")
 
 
 def escrow_stop(escrow: JobState) -> str | None:
@@ -77,7 +77,7 @@ def stop_in(s: Session, job_id: str, why: str, closable_at: int) -> bool:
     if cancelled:
         voided = s.execute(update(Verification).where(Verification.unit_id.in_(cancelled),
                                                       Verification.canary.is_(None),
-                                                      Verification.status.in_(VOIDED_CHECKS))
+                                                      Verification.status.in_(OPEN_CHECKS))
                            .values(status="void"), execution_options=fetch).rowcount
     fees = _credit_done_checks(s, job_id, [u for u, _ in stopped["submitted"]])
     verified = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job_id, Unit.status == "verified"))

@@ -13,16 +13,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, referee
-from marketplace.common import Conflict, NotFound, check_fee_entry, log, stake_short, take_back, unit_spec
+from marketplace.common import (OPEN_CHECKS, Conflict, NotFound, check_fee_entry, check_uploaded_state, log, stake_short, take_back,
+                                unit_spec)
 from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from node import checkpoint
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.trainer import check_finite, check_training_state, state_hash
+from node.trainer import state_hash
 from protocol import verification
-from protocol.errors import ChainError, CheckpointError, ProofError
+from protocol.errors import ChainError, ProofError
 from protocol.proof import TrainingProof
 from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
@@ -546,9 +547,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                              excluded=sorted(set(u.excluded or []) | {provider})):
                 continue
             for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
-                                                               Verification.status.in_(["pending", "assigned",
-                                                                                        "held"]))):
-                other.status = "void"
+                                                               Verification.status.in_(OPEN_CHECKS))):
+                other.status = "void"  # canaries too (take_back voided the provider's own real checks)
         # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
         log(s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
             provider=provider, verifier=verifier,
@@ -661,6 +661,11 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if now_s() > int(b["deadline"]):
             raise Conflict(f"the deadline to reveal step {body.step} of verification {task.id} has passed")
         unit_id = task.unit_id
+        unit = s.get(Unit, unit_id)
+        assert unit is not None
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        spec = unit_spec(job, unit)
     message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
     signer = recover_typed("Reveal", rt.domain, message, body.signature)
     if signer != provider:
@@ -668,21 +673,9 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
     tensors, _ = checkpoint.load(rt.blobs.read(body.blob))
     if state_hash(tensors) != body.state_hash:
         raise ProofError(f"revealed checkpoint hashes to {state_hash(tensors)}, not to the signed {body.state_hash}")
-    # a state the referee cannot load (a tensor missing, another dtype, NaN) failed every ruling, outside the guard
-    # that counts a bad reveal against the provider: the dispute stalled for ever, the cheat unslashed (422 here;
-    # its deadline still runs)
-    with rt.sessions() as s:
-        task = s.get(Verification, body.verification_id)
-        unit = s.get(Unit, unit_id)
-        assert task is not None and unit is not None
-        job = s.get(Job, unit.job_id)
-        assert job is not None
-        spec = unit_spec(job, unit)
-    try:
-        check_training_state(spec, tensors)
-        check_finite(tensors)
-    except CheckpointError as exc:
-        raise CheckpointError(f"revealed state before step {body.step}: {exc}") from None
+    # a state the referee cannot load failed every ruling, outside the guard that counts a bad reveal against the
+    # provider: the dispute stalled for ever, the cheat unslashed (422 here; its deadline still runs)
+    check_uploaded_state(spec, tensors, f"revealed state before step {body.step}")
     with rt.sessions.begin() as s:
         task = s.get(Verification, body.verification_id)
         assert task is not None

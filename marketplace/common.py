@@ -3,7 +3,7 @@
 and the stake read that gates work."""
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from eth_utils import keccak
@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, check_fee_key
 from marketplace.runtime import Runtime
 from node.model import ModelConfig
-from node.trainer import UnitSpec
+from node.trainer import UnitSpec, check_finite, check_training_state
 from protocol import verification
-from protocol.errors import ChainUnavailable, GridMintValueError
+from protocol.errors import ChainUnavailable, CheckpointError, GridMintValueError
 from protocol.money import format_tokens
 from protocol.schemas import JobSpec
 from protocol.signing import to_bytes32
@@ -69,6 +69,19 @@ def check_fee_entry(unit: Unit, check: Verification) -> LedgerEntry:
     return LedgerEntry(job_id=unit.job_id, unit_id=check_fee_key(check.id), provider=check.verifier,
                        amount=verification.check_fee(unit.price, len(unit.segment_blobs or []) or 1),
                        verification_id=check.id)
+
+
+def check_uploaded_state(spec: UnitSpec, tensors: Mapping[str, Any], what: str) -> None:
+    """:class:`CheckpointError` (422) unless a state a provider uploaded (a result's checkpoints, a state revealed in
+    a dispute) is a full fp32 training state of ``spec``'s model (names, shapes, dtypes: :func:`check_training_state`)
+    with every value finite. A hash only binds the bytes to the proof: a float16 final state once passed, was paid,
+    and then failed every average of its round (the job never ended); a NaN weight was averaged into the customer's
+    model; a revealed state missing a tensor failed every ruling of its dispute. Refused before anything is written."""
+    try:
+        check_training_state(spec, tensors)
+        check_finite(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
 
 
 def model_config(spec: JobSpec) -> ModelConfig:

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from marketplace import cancellation, matching, referee, settlement, standby
 from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
-from marketplace.common import (Conflict, NotFound, log, model_config, stake_short, take_back, unit_id_for,
-                                unit_spec)
+from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
+                                unit_id_for, unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
 from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliability, check_ask, check_max_price,
                                  observe_throughput,
@@ -29,8 +29,8 @@ from marketplace.runtime import Runtime
 from node import checkpoint
 from node.model import init_state
 from node.crosscheck import Plan
-from node.trainer import (UnitSpec, average_states, check_finite, check_training_state, evaluate, model_only,
-                          start_state_hash, state_hash, update_norm)
+from node.trainer import (UnitSpec, average_states, check_finite, evaluate, model_only, start_state_hash, state_hash,
+                          update_norm)
 from protocol.errors import CheckpointError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerifierRegister
@@ -326,14 +326,14 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         tensors, _ = checkpoint.load(rt.blobs.read(sha))
         if state_hash(tensors) != proof.segments[i].start_hash:
             raise ProofError(f"checkpoint for segment {i} does not hash to its committed start hash")
-        _check_upload(spec, tensors, f"checkpoint for segment {i}")
+        check_uploaded_state(spec, tensors, f"checkpoint for segment {i}")
         if before is not None:
             norms.append(update_norm(before, tensors))
         before = model_only(tensors)
     final, _ = checkpoint.load(rt.blobs.read(body.final_blob))
     if state_hash(final) != proof.final_hash:
         raise ProofError("final checkpoint does not hash to the committed final hash")
-    _check_upload(spec, final, "final checkpoint")
+    check_uploaded_state(spec, final, "final checkpoint")
     if before is not None:
         norms.append(update_norm(before, final))
     # Which segments to replay: the buyer's level sets how many; segment 0 and the oddest committed losses first,
@@ -367,19 +367,6 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         job_id = unit.job_id
     if not picks:
         rt.enqueue("gridmint.advance", [job_id])
-
-
-def _check_upload(spec: UnitSpec, tensors: dict[str, Any], what: str) -> None:
-    """:class:`CheckpointError` (422) unless an uploaded checkpoint is a full fp32 training state of ``spec``'s model
-    (names, shapes, dtypes: :func:`check_training_state`) with every value finite. A hash only binds the bytes to the
-    proof: a float16 final state once passed, was paid, and then failed every average of its round (the job never
-    ended); a NaN weight was averaged into the customer's model. Refused before anything is written, like every
-    structural check: the unit stays the provider's (it may submit a sound result)."""
-    try:
-        check_training_state(spec, tensors)
-        check_finite(tensors)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
