@@ -5,17 +5,23 @@ goes free. So now and then (``Settings.canary_rate`` of the tasks it polls, draw
 cannot be predicted) the task a verifier is handed is a *canary*: the very task it was about to get (same id, unit,
 provider, spec, segment and start checkpoint), except that the claim for that segment is forged: it ends in the
 unit's state one segment further on (real training: that checkpoint's weights and moments, with the step counters
-the segment's true end has), the chain and Merkle root re-derived. Nothing short of replaying the segment tells it
-from an honest claim: the task's ids, its provider's stake, the public job listing all look like any task's. A
-replay always exposes it, on any execution plan (the replay ends one whole segment of updates from the claim, far
-past any cross-plan tolerance). An honest verifier flags it; approved, it proves the verifier lazy (or broken): it
-is benched, its stake is slashed, and the checks it passed on units not yet credited go back to the pool. Either
-way the real check of that segment is queued again, so the unit is still verified.
+the segment's true end has). A replay always exposes it, on any execution plan (the replay ends one whole segment
+of updates from the claim, far past any cross-plan tolerance). An honest verifier flags it; approved, it proves the
+verifier lazy (or broken): it is benched, its stake is slashed, and the checks it passed on units not yet credited
+go back to the pool. Either way the real check of that segment is queued again, so the unit is still verified.
 
-Cost: the operator writes one checkpoint per canary (no training); the verifier replays one segment. What a canary
-cannot hide: its Merkle root differs from the one the provider committed, so a verifier comparing notes with
-another verifier of the same unit could tell, and so could a verifier handed a canary and later a real task of
-one unit (it gets those last); and a unit's last segment is never a canary (nothing further on).
+What keeps a canary from being told without a replay:
+- a task shows only its own segment's claim (``protocol.proof.segment_view``): no Merkle root or neighbour's hash
+  to compare across tasks of one unit;
+- it is never planted where the verifier was handed the segment after it or the one after that (their start or end
+  checkpoints are the truth, or the state the forgery copies), nor twice on one unit for one verifier
+  (:func:`plantable`); a verifier holds one task at a time, so it cannot fetch those while holding a canary;
+- it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks), not when it is handed out:
+  a hand-out costs the same database work either way, nothing a verifier could time.
+What a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; and a
+unit's last segment is never a canary (nothing further on).
+
+Cost: the operator writes one checkpoint per stocked check (no training); the verifier replays one segment.
 """
 from __future__ import annotations
 
@@ -46,6 +52,49 @@ def draw(rate: float | Fraction) -> bool:
 #: the forged segment did: the forgery then lies a segment's worth of training from the truth, far outside any
 #: verifier's tolerance across plans (honest drift: ~1e-7 of the state per step in fp32, ~3e-2 of an update in bf16)
 CANARY_MIN_UPDATE_SHARE = 4
+
+
+#: The share of checks a canary is forged for when they are queued is this many times the canary rate (at most all):
+#: a check handed out is planted with probability rate / share when it has one, so the rate holds while the rate set
+#: later stays within this factor of the one the stock was drawn at
+STOCK_FACTOR = 4
+
+
+def stock_share(rate: float | Fraction) -> Fraction:
+    """The share of checks to forge a canary for ahead (:data:`STOCK_FACTOR` x ``rate``, at most 1)."""
+    r = Fraction(rate).limit_denominator(1_000_000)
+    return min(Fraction(1), max(Fraction(0), r * STOCK_FACTOR))
+
+
+def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs: list[str], final_blob: str,
+          blobs: BlobStore, rate: float | Fraction) -> dict[int, dict[str, Any]]:
+    """Canaries forged ahead for a share of a unit's sampled segments ``picks`` (each drawn with probability
+    :func:`stock_share` of ``rate``): segment -> its decoy (:func:`forge`'s output, plus the ``root`` of the proof it
+    was forged from and the ``share`` it was drawn at). Segments :func:`forge` declines have none."""
+    share = stock_share(rate)
+    out: dict[int, dict[str, Any]] = {}
+    for seg in sorted(set(picks)):
+        if share > 0 and draw(share):
+            fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs)
+            if fake is not None:
+                out[seg] = {**fake, "root": proof.merkle_root, "share": str(share)}
+    return out
+
+
+def plant_odds(rate: float | Fraction, decoy: dict[str, Any]) -> Fraction:
+    """The probability that a check with ``decoy`` is planted when handed out: ``rate`` over the share the decoy was
+    stocked at (at most 1), so that rate of all the checks handed out are canaries."""
+    share = Fraction(decoy.get("share", "1"))
+    return min(Fraction(1), Fraction(rate).limit_denominator(1_000_000) / share) if share > 0 else Fraction(0)
+
+
+def plantable(seg: int, seen: list[tuple[int, bool]]) -> bool:
+    """Whether a canary of segment ``seg`` may be handed to a verifier that was handed ``seen`` of the same unit
+    before: (segment, was it a canary) per hand-out. Not where it had a canary of the unit already, nor where it was
+    handed segment ``seg`` itself (its real claim, should the task have come back to it), ``seg`` + 1 (whose start
+    checkpoint is the true end, and its end the state the forgery copies) or ``seg`` + 2 (which starts from the
+    state the forgery copies). The segments before tell nothing: they end where this one starts."""
+    return not any(was_canary or s in (seg, seg + 1, seg + 2) for s, was_canary in seen)
 
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,

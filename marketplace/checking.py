@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from marketplace import canary, referee
 from marketplace.common import (OPEN_CHECKS, Conflict, NotFound, check_fee_entry, check_uploaded_state, log, stake_short, take_back,
                                 unit_spec)
-from marketplace.db import (Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
+from marketplace.db import (Handed, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
@@ -24,7 +24,7 @@ from node.crosscheck import PROVIDER_PLAN, Plan
 from node.trainer import state_hash
 from protocol import verification
 from protocol.errors import ChainError, ProofError
-from protocol.proof import TrainingProof
+from protocol.proof import TrainingProof, segment_view
 from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
@@ -59,13 +59,19 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             # accusation, would simply come back under a new wallet
             raise Conflict(short)
         v.last_seen = now
+        # one task at a time: a poll while one is out hands that one back (a restarted agent resumes it), so a
+        # verifier never holds two tasks of a unit at once to compare (a canary's tell: marketplace.canary)
+        task = s.scalars(select(Verification).where(Verification.verifier == verifier,
+                                                    Verification.status == "assigned")
+                         .order_by(Verification.id).limit(1)).first()
+        if task is not None:
+            return _task_for(rt, s, task)
         # a verifier can only replay plans whose device it has: a CPU verifier is not handed a GPU-trained segment;
-        # it gets real tasks of units it was handed a canary of last (the two claims' roots differ); then units
-        # trained on its own plan first (it replays those bit for bit where the plan is exact, catching what hides
-        # in the drift between plans), oldest first
+        # it gets units it has not been handed a segment of first (each unit's segments spread over the pool's
+        # verifiers); then units trained on its own plan first (it replays those bit for bit where the plan is
+        # exact, catching what hides in the drift between plans), oldest first
         checkable = Unit.plan.like("cpu%") if Plan.parse(v.plan).device == "cpu" else Unit.plan.is_not(None)
-        canaried = select(Verification.unit_id).where(Verification.verifier == verifier,
-                                                      Verification.canary.is_not(None))
+        seen_units = select(Handed.unit_id).where(Handed.verifier == verifier)
         # a check of a unit on an exact plan (another CPU plan, a named GPU) waits a while for a verifier on that
         # plan and the same kernels, who replays it bit for bit (a float8 step hides from every other): while one is
         # around. (Kernels unsaid, "", are never the same: no bit-for-bit claim is made on them.)
@@ -83,50 +89,58 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
                                 Verification.canary.is_(None), checkable, ~reserved)
-                         .order_by(Verification.unit_id.in_(canaried), Unit.plan != v.plan, not_mine,
+                         .order_by(Verification.unit_id.in_(seen_units), Unit.plan != v.plan, not_mine,
                                    Verification.id)
                          .limit(1)).first()
         if task is None:
             return None
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None and unit.final_blob is not None
-        job = s.get(Job, unit.job_id)
-        assert job is not None
         task.status, task.verifier, task.assigned_at, task.heartbeat_at = "assigned", verifier, now, None
-        spec = unit_spec(job, unit)
-        body = _task_body(task.id, task.segment, spec.to_json(), unit.proof, unit.segment_blobs[task.segment],
-                          task.provider, unit.plan, _end_blob(unit, task.segment), unit.id,
-                          _referee_exact(rt, Plan.parse(unit.plan), unit.build or ""), unit.build or "",
-                          rt.referee_for(unit.build or ""))
-        # now and then this very task becomes a planted known-bad segment (its claim forged); its real check is
-        # queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
+        # now and then this very task becomes a planted known-bad segment: its claim replaced by the decoy forged
+        # when it was queued (no checkpoint I/O here: a canary is handed out as fast as a real task). Its real check
+        # is queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
-        plant = (task.segment < len(unit.segment_blobs) - 1 and canary.draw(rt.settings.canary_rate)
-                 and s.scalar(select(func.count()).select_from(Verification).where(
-                     Verification.unit_id == unit.id, Verification.segment == task.segment,
-                     Verification.canary.is_not(None))) == 0)
-        if not plant:
-            return body
-        # the real check waits, held (counted open: the unit is not paid before it passes; never handed out)
-        held = Verification(unit_id=unit.id, provider=task.provider, segment=task.segment, status="held")
-        s.add(held)
-        s.flush()
-        task.canary = {"held": held.id}  # a crash before the forgery lands is reaped like an abandoned canary
-        vid, seg, proof, blobs, final = task.id, task.segment, TrainingProof.from_dict(unit.proof), \
-            list(unit.segment_blobs), unit.final_blob
-    fake = canary.forge(spec, proof, seg, blobs, final, rt.blobs)  # checkpoint I/O: outside the transaction
-    with rt.sessions.begin() as s:
-        task = s.get(Verification, vid)
-        assert task is not None
-        if fake is None:  # nothing to forge here (canary.forge): the task stays itself, its held twin goes
-            held_row = s.get(Verification, task.canary["held"])
-            if held_row is not None and held_row.status == "held":
-                s.delete(held_row)
-            task.canary = None
-            return body
-        task.canary = {**fake, "held": task.canary["held"]}
-        log(s, "canary_planted", verification=vid, verifier=verifier, unit=task.unit_id, segment=seg)
-    return {**body, "proof": fake["proof"], "end_blob": fake["end_blob"]}
+        decoy = task.decoy
+        if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
+                and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
+                and canary.plantable(task.segment, _seen(s, verifier, unit.id))
+                and s.scalar(select(func.count()).select_from(Verification).where(
+                    Verification.unit_id == unit.id, Verification.segment == task.segment,
+                    Verification.canary.is_not(None))) == 0):
+            # the real check waits, held (counted open: the unit is not paid before it passes; never handed out)
+            held = Verification(unit_id=unit.id, provider=task.provider, segment=task.segment, status="held")
+            s.add(held)
+            s.flush()
+            task.canary = {"proof": decoy["proof"], "end_blob": decoy["end_blob"], "true_end": decoy["true_end"],
+                           "held": held.id}
+            task.decoy = None
+            log(s, "canary_planted", verification=task.id, verifier=verifier, unit=task.unit_id,
+                segment=task.segment)
+        s.add(Handed(verifier=verifier, unit_id=unit.id, segment=task.segment))
+        return _task_for(rt, s, task)
+
+
+def _seen(s: Session, verifier: str, unit_id: str) -> list[tuple[int, bool]]:
+    """What ``verifier`` was handed of unit ``unit_id`` before: (segment, was it a canary) per hand-out."""
+    handed = [(seg, False) for seg in s.scalars(select(Handed.segment).where(Handed.verifier == verifier,
+                                                                             Handed.unit_id == unit_id))]
+    return handed + [(seg, True) for seg in s.scalars(select(Verification.segment).where(
+        Verification.verifier == verifier, Verification.unit_id == unit_id, Verification.canary.is_not(None)))]
+
+
+def _task_for(rt: Runtime, s: Session, task: Verification) -> dict[str, Any]:
+    """What the verifier holding ``task`` is handed: the segment's claim (a canary's forged one) in a view of the
+    unit's proof that shows no other segment's (protocol.proof.segment_view), and the checkpoints around it."""
+    unit = s.get(Unit, task.unit_id)
+    job = s.get(Job, unit.job_id) if unit is not None else None
+    assert unit is not None and unit.proof is not None and job is not None
+    proof = TrainingProof.from_dict(task.canary["proof"] if task.canary else unit.proof)
+    end_blob = task.canary["end_blob"] if task.canary else _end_blob(unit, task.segment)
+    return _task_body(task.id, task.segment, unit_spec(job, unit).to_json(),
+                      segment_view(proof, task.segment).to_dict(), unit.segment_blobs[task.segment], task.provider,
+                      unit.plan, end_blob, unit.id, _referee_exact(rt, Plan.parse(unit.plan), unit.build or ""),
+                      unit.build or "", rt.referee_for(unit.build or ""))
 
 
 def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
@@ -220,7 +234,7 @@ def _own_task(s: Session, verification_id: int, verifier: str) -> Verification:
     task = s.get(Verification, verification_id)
     if task is None:
         raise NotFound(f"verification {verification_id} does not exist")
-    if task.verifier != verifier or task.status != "assigned" or (task.canary and "proof" not in task.canary):
+    if task.verifier != verifier or task.status != "assigned":
         raise Conflict(f"verification {task.id} is not assigned to {verifier} (status {task.status})")
     return task
 

@@ -171,6 +171,23 @@ class Verification(Base):
     # when a dispute over work on a referee pool's kernels was handed to the default referee, the pool not seen for
     # settings.referee_pool_wait_s (None: judged by the referee its kernels name)
     fallback_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # A canary forged ahead, when the check was queued (marketplace.canary.stock), so that planting one when the
+    # task is handed out costs no checkpoint I/O a verifier could time: {proof, end_blob, true_end, root (of the
+    # proof it was forged from), share (the share of checks stocked)}; None: this check is never a canary
+    decoy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Handed(Base):
+    """Which segments of which unit a verifier was handed (a row per hand-out): a canary is never planted where
+    what it saw before tells the forgery (marketplace.canary.plantable), and a verifier gets units it has not
+    seen first."""
+
+    __tablename__ = "handed"
+    __table_args__ = (Index("ix_handed_verifier_unit", "verifier", "unit_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    verifier: Mapped[str] = mapped_column(String(42))
+    unit_id: Mapped[str] = mapped_column(String(66))
+    segment: Mapped[int] = mapped_column(Integer)
 
 
 class RefereePool(Base):

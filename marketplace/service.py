@@ -16,7 +16,7 @@ from sqlalchemy import Connection, bindparam, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from marketplace import cancellation, matching, referee, settlement, standby
+from marketplace import canary, cancellation, matching, referee, settlement, standby
 from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
                                 unit_id_for, unit_spec)
@@ -345,6 +345,9 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments], rate,
                                            secrets.token_bytes(32), norms)
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
+    # canaries forged now for a share of the checks, so that planting one later costs a verifier's poll no I/O
+    decoys = canary.stock(spec, proof, picks, list(body.segment_blobs), body.final_blob, rt.blobs,
+                          rt.settings.canary_rate)
     with rt.sessions.begin() as s:
         # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
         # cleanly and this result is refused; a plain write would put it over the unit's new holder
@@ -358,7 +361,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         assert unit is not None
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
         for seg in picks:
-            s.add(Verification(unit_id=unit.id, provider=provider, segment=seg))
+            s.add(Verification(unit_id=unit.id, provider=provider, segment=seg, decoy=decoys.get(seg)))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
             sampled=picks, rate=str(rate), trusted=trusted, update_outliers=[i for i in outliers if i in picks],
             final_loss=body.losses[-1] if body.losses else None)

@@ -327,6 +327,25 @@ def make_proof(
     return replace(draft, merkle_root="0x" + merkle_root(draft.leaves()).hex())
 
 
+ZERO_HASH = "0x" + "00" * 32
+
+
+def segment_view(proof: TrainingProof, index: int) -> TrainingProof:
+    """What a verifier of segment ``index`` is shown of ``proof``: that segment's claim (its start and end hashes,
+    batch digest and loss) in a proof of the unit's shape, every other segment's hashes and loss blanked (zero),
+    the header's start/final hash and Merkle root derived from that. A replay needs nothing more, and a verifier
+    handed several segments of one unit learns nothing from one task about another's claim: a planted canary
+    (a forged claim for one segment, :mod:`marketplace.canary`) differs from the real task only in the one hash a
+    replay checks, not in a root or a neighbour's hash it could compare across tasks. Not the provider's signed
+    proof (its root differs): the marketplace keeps that, and judges disputes on it."""
+    if not 0 <= index < len(proof.segments):
+        raise ProofError(f"segment {index} out of range for {len(proof.segments)} segments")
+    shown = [s if s.index == index else replace(s, start_hash=ZERO_HASH, end_hash=ZERO_HASH, loss_micro=0)
+             for s in proof.segments]
+    return make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                      segment_len=proof.segment_len, segments=shown)
+
+
 def check_step_losses(proof: TrainingProof, losses: Sequence[float]) -> None:
     """Raise :class:`ProofError` unless ``losses`` (the per-step loss curve a provider submits with its proof, under
     its request signature) has one finite non-negative loss per step and each segment's mean is the loss the proof

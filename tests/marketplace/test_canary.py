@@ -15,7 +15,7 @@ from node import checkpoint
 from node.model import ModelConfig, init_state
 from node.replay import check_segment, claim_problem
 from node.trainer import UnitResult, UnitSpec, checkpoint_metadata, start_state_hash, state_hash, train_unit
-from protocol.proof import TrainingProof, check_structure
+from protocol.proof import ZERO_HASH, TrainingProof, check_structure, segment_view
 
 START = init_state(ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32), seed=7)
 SPEC = UnitSpec(job_id="job-canary", unit_id="0x" + "c3" * 32, round=0, shard=0, n_shards=2,
@@ -63,6 +63,51 @@ def test_a_canary_is_the_real_task_with_a_forged_claim_that_only_a_replay_reject
         # ... and replaying the segment from the real start exposes it
         verdict = check_segment(SPEC, proof, seg, unit.segment_paths[seg])
         assert not verdict.ok and verdict.replayed_end == fake["true_end"], verdict.reason
+
+
+def test_a_task_shows_its_segments_claim_only_so_a_canary_differs_from_the_real_task_in_one_hash(
+        unit: UnitResult, store: BlobStore) -> None:
+    """What a verifier is shown of a proof (segment_view): its segment's claim, every other segment blanked. A
+    canary's view and the real task's differ only in the claimed end hash (and the root derived from it); the
+    views of two segments of one unit share no hash, so comparing tasks tells nothing; a replay still checks it."""
+    blobs, final = _blobs(unit, store)
+    n = len(unit.proof.segments)
+    for seg in range(n - 1):
+        forged = TrainingProof.from_dict(canary.forge(SPEC, unit.proof, seg, blobs, final, store)["proof"])
+        real, fake = segment_view(unit.proof, seg), segment_view(forged, seg)
+        assert real.segments[seg] == unit.proof.segments[seg] and fake.segments[seg] == forged.segments[seg]
+        diff = {k for k, v in real.to_dict().items() if fake.to_dict()[k] != v}
+        assert diff == {"segments", "merkleRoot", *(["finalHash"] if seg == n - 1 else [])}
+        assert [i for i, (a, b) in enumerate(zip(real.segments, fake.segments)) if a != b] == [seg]
+        assert real.segments[seg].end_hash != fake.segments[seg].end_hash
+        # any task's view shows the two hashes of its own segment and nothing else of the unit
+        view = segment_view(unit.proof, seg)
+        shown = {h for c in view.segments for h in (c.start_hash, c.end_hash)} | {view.start_hash, view.final_hash}
+        assert shown - {ZERO_HASH} == {unit.proof.segments[seg].start_hash, unit.proof.segments[seg].end_hash}
+        assert claim_problem(SPEC, fake, seg) is None and claim_problem(SPEC, real, seg) is None
+        assert check_segment(SPEC, real, seg, unit.segment_paths[seg]).ok
+        assert not check_segment(SPEC, fake, seg, unit.segment_paths[seg]).ok
+
+
+def test_a_canary_is_not_planted_where_the_verifier_saw_what_tells_it() -> None:
+    """Its own segment earlier (the real claim), the next segment (it starts at the true end and ends where the
+    forgery's state comes from), the one after (it starts there), or a canary of the unit already: not plantable.
+    Earlier segments end where this one starts: they tell nothing."""
+    assert canary.plantable(3, [])
+    assert canary.plantable(3, [(0, False), (1, False), (2, False), (6, False)])
+    for seen in ([(3, False)], [(4, False)], [(5, False)], [(0, True)], [(1, False), (7, True)]):
+        assert not canary.plantable(3, seen), seen
+
+
+def test_canaries_are_stocked_at_a_multiple_of_the_rate_and_planted_so_the_rate_holds() -> None:
+    from fractions import Fraction
+
+    assert canary.stock_share(0) == 0 and canary.stock_share(1) == 1 and canary.stock_share(0.5) == 1
+    share = canary.stock_share(Fraction(1, 50))
+    assert share == Fraction(canary.STOCK_FACTOR, 50)
+    odds = canary.plant_odds(Fraction(1, 50), {"share": str(share)})
+    assert share * odds == Fraction(1, 50)  # stocked and then drawn: the rate, however the two split it
+    assert canary.plant_odds(1, {"share": str(share)}) == 1 and canary.plant_odds(0, {"share": str(share)}) == 0
 
 
 def test_no_canary_of_a_units_last_segment(unit: UnitResult, store: BlobStore) -> None:

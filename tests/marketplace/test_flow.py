@@ -20,7 +20,9 @@ from node.trainer import UnitSpec, train_unit
 from node.verifier_agent import VerifierAgent
 from protocol.errors import ChainError, ChainUnavailable, GridMintValueError, VersionMismatch
 from protocol.money import tokens
+from protocol.proof import TrainingProof, segment_view
 from protocol.schemas import JobSpec, ModelSpec
+from protocol.signing import sign_typed, to_bytes32
 from protocol.verification import UNDER_REVIEW
 
 SPEC = JobSpec(rounds=2, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
@@ -720,16 +722,22 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     verifier = staked_verifier(market, tmp_path, "verifier")
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
+    market.rt.settings.canary_rate = 1.0  # (canaries are forged when the checks are queued: every check has one)
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 2)
-    market.rt.settings.canary_rate = 1.0
-    assert [verifier.verify_once(), verifier.verify_once()] == ["fraud", "fraud"]  # two canaries, both flagged
-    abandoned = verifier.client.next_verification()  # a third one, never answered
+    # two canaries, both flagged: one per unit (a verifier gets units it has not seen first, and one canary a unit)
+    assert [verifier.verify_once(), verifier.verify_once()] == ["fraud", "fraud"]
+    other = staked_verifier(market, tmp_path, "other")
+    abandoned = other.client.next_verification()  # a third one, to another verifier, never answered
+    assert other.client.next_verification() == abandoned  # one task at a time: polled again, the same one
     # a canary is the real task it stands in for: its unit, provider, spec and start checkpoint, and it is listed
-    # with the job's checks while out (the real check it replaced held back, unlisted); only its claim differs
+    # with the job's checks while out (the real check it replaced held back, unlisted); only its claim differs, and
+    # the task shows no other segment's claim (no Merkle root to compare with another task of the unit)
     row = _rows(market, id=abandoned["verification_id"])[0]
     assert row.canary is not None and abandoned["provider"] == honest.account.address == row.provider
-    assert UnitSpec.from_json(abandoned["spec"]).unit_id == row.unit_id and abandoned["proof"] == row.canary["proof"]
+    assert UnitSpec.from_json(abandoned["spec"]).unit_id == row.unit_id
+    forged = TrainingProof.from_dict(row.canary["proof"])
+    assert abandoned["proof"] == segment_view(forged, row.segment).to_dict() != forged.to_dict()
     listed = {v["id"]: v["status"] for v in httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]}
     assert len(listed) == 8 and listed[row.id] == "assigned"
     held = _rows(market, id=row.canary["held"])[0]
@@ -772,6 +780,127 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert not _events(market, "segment_disputed") and not _events(market, "verifier_benched")
 
 
+class _CrossCheckingLazyVerifier:
+    """A lazy verifier that looks for canaries instead of replaying: it replays the first task of each unit it is
+    handed (honestly, through its agent), remembers every hash and checkpoint it is shown of the unit (by boundary:
+    the state before segment k), and answers every later task of the unit without a replay: fraud where it
+    contradicts what it knows (a canary's forged end, it hopes), approved otherwise."""
+
+    def __init__(self, agent: VerifierAgent) -> None:
+        self.agent, self.client = agent, agent.client
+        self.known: dict[str, dict[int, set[str]]] = {}  # unit -> boundary -> hashes and blob ids seen there
+        self.replays, self.flagged_unseen, self.approved_unseen = 0, [], []
+
+    def _learn(self, unit: str, task: dict) -> None:
+        proof, seg = TrainingProof.from_dict(task["proof"]), int(task["segment"])
+        at = self.known.setdefault(unit, {})
+        for s in proof.segments:  # whatever the task shows of any segment (blanked hashes carry nothing)
+            for k, h in ((s.index, s.start_hash), (s.index + 1, s.end_hash)):
+                if h != "0x" + "00" * 32:
+                    at.setdefault(k, set()).add(h)
+        at.setdefault(seg, set()).add(task["checkpoint_blob"])
+        at.setdefault(seg + 1, set()).add(task["end_blob"])
+
+    def _contradicts(self, unit: str, task: dict) -> bool:
+        """Whether the task shows, at a boundary this verifier saw before, a hash or checkpoint of another kind
+        than it saw there (two hashes, or two blob ids, at one boundary)."""
+        before = {k: set(v) for k, v in self.known.get(unit, {}).items()}
+        probe = _CrossCheckingLazyVerifier.__new__(_CrossCheckingLazyVerifier)
+        probe.known = {unit: {}}
+        probe._learn(unit, task)
+        for k, shown in probe.known[unit].items():
+            seen = before.get(k, set())
+            for group in (lambda x: x.startswith("0x"), lambda x: not x.startswith("0x")):  # hashes, blob ids
+                if {x for x in seen if group(x)} and {x for x in shown if group(x)} - {x for x in seen if group(x)}:
+                    return True
+        return False
+
+    def verify_once(self) -> str | None:
+        task = self.client.next_verification()
+        if task is None:
+            return None
+        unit, seg = UnitSpec.from_json(task["spec"]).unit_id, int(task["segment"])
+        if unit in self.known:
+            ok = not self._contradicts(unit, task)
+            (self.approved_unseen if ok else self.flagged_unseen).append(task["verification_id"])
+            self._learn(unit, task)
+            proof = TrainingProof.from_dict(task["proof"])
+            claimed = proof.segments[seg].end_hash
+            replayed = claimed if ok else "0x" + "11" * 32
+            msg = {"unitId": to_bytes32(unit), "segment": seg, "ok": ok, "claimedHash": to_bytes32(claimed),
+                   "replayedHash": to_bytes32(replayed)}
+            self.client.verdict({"verification_id": task["verification_id"], "ok": ok, "replayed_hash": replayed,
+                                 "signature": sign_typed(self.agent.account, "Verdict", self.client.domain, msg),
+                                 "reason": "not replayed"})
+            return "ok" if ok else "fraud"
+        self._learn(unit, task)
+        self.replays += 1
+        return self.agent.verify_once()  # the same task again (one at a time): replayed for real
+
+
+def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(market, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A verifier handed several segments of one unit replays the first and compares the others with what it saw:
+    a task shows only its own segment's claim (no Merkle root or neighbour's hash), and a canary is never planted
+    where the verifier saw the segment after it, or the one after that (its forgery's source), so nothing it knows
+    contradicts one. It approves a canary and is benched."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    lazy = _CrossCheckingLazyVerifier(staked_verifier(market, tmp_path, "lazy"))
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0  # every check is queued with its canary forged
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 2)
+    draws = iter([False, True] * 20)  # every other task handed out is planted, where a canary may be
+    monkeypatch.setattr(canary, "draw", lambda odds: next(draws))
+    answers = []
+    while (got := lazy.verify_once()) is not None:
+        answers.append(got)
+        with market.rt.sessions() as s:
+            if s.get(Verifier, lazy.agent.account.address).status == "benched":
+                break
+    planted = {v.id: v.status for v in _rows(market) if v.canary is not None}
+    assert planted and "canary_missed" in planted.values()  # it approved a canary unreplayed: benched
+    assert not set(lazy.flagged_unseen) & set(planted)  # no canary ever contradicted what it had seen
+    assert set(lazy.approved_unseen) & set(planted)
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.agent.account.address).status == "benched"
+    assert lazy.replays >= 1 and answers
+
+
+def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_path: Path, monkeypatch) -> None:
+    """Tasks come back out of order (one abandoned by another verifier is reaped and handed out again): a verifier
+    that was handed segment 1 knows the state segment 0 truly ends in, so segment 0 is not planted for it — the
+    first canary drawn for it is of a later segment, which it cannot tell, approves, and is benched for."""
+    from marketplace import canary, service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    other = staked_verifier(market, tmp_path, "other")
+    lazy = _CrossCheckingLazyVerifier(staked_verifier(market, tmp_path, "lazy"))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    draws = iter([False, False, True, True])  # other's (segment 0), lazy's first (1), then two drawn as canaries
+    monkeypatch.setattr(canary, "draw", lambda odds: next(draws))
+    assert other.client.next_verification()["segment"] == 0  # and abandoned
+    assert lazy.verify_once() == "ok" and lazy.replays == 1  # segment 1, replayed
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    service.reap(market.rt)  # other's task of segment 0 back in the pool
+    market.rt.settings.unit_timeout_s = 120
+    assert lazy.verify_once() == "ok"  # segment 0, drawn but not planted: it knows where segment 0 ends
+    assert lazy.verify_once() == "ok"  # segment 2: a canary nothing it saw contradicts
+    planted = [v for v in _rows(market) if v.canary is not None]
+    assert [(v.segment, v.status) for v in planted] == [(2, "canary_missed")]
+    assert not lazy.flagged_unseen
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.agent.account.address).status == "benched"
+
+
 def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path) -> None:
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
@@ -785,13 +914,15 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     treasury = market.deployment.treasury
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
+    market.rt.settings.canary_rate = 1.0  # every check is queued with a canary forged for it
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
+    market.rt.settings.canary_rate = 0.0  # none planted yet
     assert [lazy.verify_once(), lazy.verify_once()] == ["ok", "ok"]
     passed_by_lazy = [v.id for v in _rows(market, status="passed")]
     assert len(passed_by_lazy) == 2
     market.rt.settings.canary_rate = 1.0
-    assert lazy.verify_once() == "ok"  # it approved a canary
+    assert lazy.verify_once() == "ok"  # it approved a canary (of segment 2: it saw only the segments before)
     market.rt.settings.canary_rate = 0.0
     market.wait(lambda: _rows(market, status="canary_missed")[0].slash_tx, what="lazy verifier slashed")
     assert market.ops.stake_state(lazy.account.address).staked == 0
@@ -842,12 +973,16 @@ def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_red
     while careful.verify_once() != "fraud":
         pass
     market.wait(lambda: a.account.address in slashed(market), what="A slashed")
+    market.rt.settings.canary_rate = 1.0  # B's checks are queued with canaries forged for them
     market.wait(lambda: b.work_once(), timeout=120, what="B re-trains and submits the unit")
-    market.rt.settings.canary_rate = 1.0
-    assert lazy.verify_once() == "ok"  # approves a canary: benched
+    # the lazy verifier approves B's checks until a canary benches it (none of a segment whose state it saw in A's
+    # claim: B's states are A's up to A's cheat), the real ones it passed of B's claim done again
+    answers = []
+    while not _events(market, "verifier_benched"):
+        answers.append(lazy.verify_once())
     market.rt.settings.canary_rate = 0.0
-    market.wait(lambda: _events(market, "verifier_benched"), what="the lazy verifier benched")
-    assert _events(market, "verifier_benched")[0]["rechecks"] == 0
+    assert answers and set(answers) == {"ok"}
+    assert _events(market, "verifier_benched")[0]["rechecks"] == len(answers) - 1  # not A's stale pass
     row = _rows(market, id=stale.id)[0]
     assert (row.status, row.verifier, row.provider) == ("passed", lazy.account.address, a.account.address)
     drive(market, [b], careful, job_id)
@@ -868,15 +1003,18 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     from marketplace.db import Verifier
 
     def truthful(spec, proof, seg, segment_blobs, final_blob, blobs):  # what canary.forge itself never plants
+        if seg + 1 >= len(segment_blobs):
+            return None  # (as canary.forge: no canary of a unit's last segment)
         return {"proof": proof.to_dict(), "end_blob": segment_blobs[seg + 1], "true_end": proof.segments[seg].end_hash}
 
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     careful = staked_verifier(market, tmp_path, "careful")
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
+    monkeypatch.setattr(canary, "forge", truthful)
+    market.rt.settings.canary_rate = 1.0
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
-    monkeypatch.setattr(canary, "forge", truthful)
     held: list[list] = []  # the referee's ruling, held back until the agent is seen waiting for it
     send = market.rt.enqueue
     monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
