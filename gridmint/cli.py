@@ -254,53 +254,120 @@ def verifier_run(
         raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
+#: Production defaults of ``gridmint marketplace deploy``: the timelock's delay and a payout root's dispute window.
+TIMELOCK_DELAY_S = 2 * 24 * 3600
+DISPUTE_WINDOW_S = 24 * 3600
+
+
 @market_app.command("deploy")
 def market_deploy(
     treasury: Annotated[str, typer.Option(help="Address that receives the treasury's share of slashes")],
+    governor: Annotated[Optional[str], typer.Option(help="Address that proposes, executes and cancels GridTimelock "
+                                                         "operations (unpause, parameters, roles): a cold key or a "
+                                                         "multisig, not the operator key. Required unless --dev")]
+        = None,
+    guardian: Annotated[Optional[str], typer.Option(help="Address that can pause everything, void a payout root "
+                                                         "inside its dispute window and cancel a pending timelock "
+                                                         "operation; not the operator key (default: the governor)")]
+        = None,
     supply: Annotated[str, typer.Option(help="GMT minted to the operator (who funds the market's first accounts)")]
         = "1000000",
     verifier_bond: Annotated[str, typer.Option(help="GMT a verifier bonds per accusation (0: fraud proofs off)")] = "50",
     unbonding_delay_s: Annotated[Optional[int], typer.Option(min=0, help="Seconds from an unbond request to "
                                                                          "withdrawal; must outlast submission-to-"
-                                                                         "verification (default: a week)")] = None,
+                                                                         "verification (default: a week; 0 only "
+                                                                         "with --dev)")] = None,
     cancel_grace_s: Annotated[int, typer.Option(min=0, help="Seconds after a customer's cancel during which "
                                                             "verified units are still paid")] = 3600,
-    timelock_delay_s: Annotated[int, typer.Option(min=0, help="Timelock delay for parameter changes and unpausing "
-                                                              "(days on a production chain)")] = 0,
-    dispute_window_s: Annotated[int, typer.Option(min=0, help="Seconds before a posted payout root is claimable "
-                                                              "(the guardian can void it meanwhile)")] = 0,
+    timelock_delay_s: Annotated[int, typer.Option(min=0, help="Timelock delay for unpausing, parameter and role "
+                                                              "changes (0 only with --dev)")] = TIMELOCK_DELAY_S,
+    dispute_window_s: Annotated[int, typer.Option(min=0, help="Seconds before a posted payout root is claimable: the "
+                                                              "guardian can void it meanwhile, never with 0 (0 only "
+                                                              "with --dev); also the shortest time between two "
+                                                              "payout epochs")] = DISPUTE_WINDOW_S,
+    dev: Annotated[bool, typer.Option(help="Development chain: the operator key stays admin of everything (it can "
+                                           "skip the timelock) and zero delays are allowed. Never with real money")]
+        = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing deployment file")] = False,
 ) -> None:
-    """Deploy the GridMint contracts to GRIDMINT_CHAIN_URL with GRIDMINT_OPERATOR_KEY (it keeps the operator roles)
-    and write the deployment file every API and worker process reads (GRIDMINT_DEPLOYMENT_FILE, default
-    GRIDMINT_DATA_DIR/deployment.json)."""
+    """Deploy the GridMint contracts to GRIDMINT_CHAIN_URL with GRIDMINT_OPERATOR_KEY and write the deployment file
+    every API and worker process reads (GRIDMINT_DEPLOYMENT_FILE, default GRIDMINT_DATA_DIR/deployment.json).
+
+    The operator key keeps only what serve and worker send (SETTLER, POSTER, SLASHER, REFEREE). GridTimelock becomes
+    the only admin of every contract; --governor proposes and executes through it, after --timelock-delay-s in
+    public; --guardian pauses, voids bad payout roots and cancels proposals. --dev: the development
+    wiring instead (the operator key admin of everything)."""
     from eth_utils import is_address, to_checksum_address
 
-    from ledger.chain import Chain
-    from ledger.deploy import UNBONDING_DELAY_S, deploy
-    from marketplace.bootstrap import operator_account
+    from ledger.deploy import UNBONDING_DELAY_S
     from marketplace.settings import Settings
 
     settings = Settings()
     if not settings.chain_url or not settings.operator_key:
         raise GridMintValueError("set GRIDMINT_CHAIN_URL (the chain to deploy to) and GRIDMINT_OPERATOR_KEY (the key "
                                  "that deploys and keeps the operator roles)")
-    if not is_address(treasury):
-        raise GridMintValueError(f"--treasury {treasury!r} is not an address")
+    for flag, value in (("--treasury", treasury), ("--governor", governor), ("--guardian", guardian)):
+        if value is not None and not is_address(value):
+            raise GridMintValueError(f"{flag} {value!r} is not an address")
+    unbonding = UNBONDING_DELAY_S if unbonding_delay_s is None else unbonding_delay_s
+    if dev and (governor or guardian):
+        raise GridMintValueError("--governor and --guardian are for a production deployment: --dev leaves every role "
+                                 "with the operator key")
+    # The flags first: checking against the operator key (below) needs marketplace.bootstrap, seconds of imports.
+    governor = None if dev else _production_governor(governor, timelock_delay_s, dispute_window_s, unbonding)
+
+    from ledger.chain import Chain
+    from ledger.deploy import OPERATOR_ROLES, Governance, deploy
+    from marketplace.bootstrap import operator_account
+
+    operator = operator_account(settings)
+    governance = None
+    if governor is not None:
+        governance = Governance(governor=governor, guardian=to_checksum_address(guardian or governor))
+        for flag, address in (("--governor", governance.governor), ("--guardian", governance.guardian)):
+            if address == operator.address:
+                raise GridMintValueError(f"{flag} {address} is GRIDMINT_OPERATOR_KEY's address, the hot key every "
+                                         f"serve and worker machine holds: use another key (--dev for a development "
+                                         f"chain)")
     out = settings.resolved_deployment_file()
     if out.exists() and not force:
         raise GridMintValueError(f"{out} exists: a marketplace already runs on it (--force to deploy anew)")
-    operator = operator_account(settings)
     chain = Chain.http(settings.chain_url)
     deployment = deploy(chain, operator, supply=tokens(supply), treasury=to_checksum_address(treasury),
-                        verifier_bond=tokens(verifier_bond),
-                        unbonding_delay_s=UNBONDING_DELAY_S if unbonding_delay_s is None else unbonding_delay_s,
+                        verifier_bond=tokens(verifier_bond), unbonding_delay_s=unbonding,
                         cancel_grace_s=cancel_grace_s, timelock_delay_s=timelock_delay_s,
-                        dispute_window_s=dispute_window_s)
+                        dispute_window_s=dispute_window_s, governance=governance)
     out.parent.mkdir(parents=True, exist_ok=True)
     deployment.to_json(out)
     typer.echo(f"deployed on chain {deployment.chain_id}: token {deployment.token}, staking {deployment.staking}, "
-               f"escrow {deployment.escrow}; wrote {out}")
+               f"escrow {deployment.escrow}, timelock {deployment.timelock}; wrote {out}")
+    if governance is None:
+        typer.echo(f"development deployment: the operator key {operator.address} is admin of every contract and can "
+                   f"skip the timelock")
+    else:
+        kept = ", ".join(role.removesuffix("_ROLE") for roles in OPERATOR_ROLES.values() for role in roles)
+        typer.echo(f"operator key {operator.address} keeps {kept} only; admin of every contract: the timelock "
+                   f"({timelock_delay_s} s delay); governor {governance.governor}; guardian {governance.guardian}")
+
+
+def _production_governor(governor: str | None, timelock_delay_s: int, dispute_window_s: int,
+                         unbonding_delay_s: int) -> str:
+    """The checksummed --governor of a production deploy; GridMintValueError, in the CLI's own words (its flags), for
+    what a production deploy must not do."""
+    if governor is None:
+        raise GridMintValueError("a production deploy needs --governor ADDRESS (a cold key or a multisig: it proposes "
+                                 "and executes every unpause, parameter and role change through the timelock); --dev "
+                                 "for a development chain")
+    for flag, value, why in (("--timelock-delay-s", timelock_delay_s, "governance would skip its public delay"),
+                             ("--dispute-window-s", dispute_window_s, "the guardian could never void a bad payout root"),
+                             ("--unbonding-delay-s", unbonding_delay_s,
+                              "a cheat could withdraw its stake before it is verified")):
+        if value == 0:
+            raise GridMintValueError(f"{flag} 0 is refused on a production chain: {why} (--dev for a development "
+                                     f"chain)")
+    from eth_utils import to_checksum_address
+
+    return str(to_checksum_address(governor))
 
 
 @market_app.command("serve")

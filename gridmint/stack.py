@@ -110,7 +110,7 @@ def run_stack(data_dir: Path, services: Services, say: Callable[[str], None]) ->
                     "NEVER use it on a real chain")
             say(f"export {name}={value}")
         if stack.chain is not None:
-            say("# The chain starts empty each time: run `gridmint marketplace deploy --force --treasury ADDRESS`")
+            say("# The chain starts empty each time: run `gridmint marketplace deploy --dev --force --treasury ADDRESS`")
         say("# ready: Ctrl-C stops it all")
         while (why := stack.dead()) is None:
             time.sleep(0.5)

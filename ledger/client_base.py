@@ -128,6 +128,16 @@ class ContractsBase:
         self._send(target, "grantRole", rid, addr)
         return True
 
+    def renounce_role_on(self, contract: str, role_name: str) -> bool:
+        """Give up ``role_name`` on one contract for this client's own account (nobody can give it back but that
+        contract's admin); False if not held."""
+        rid = role_id(role_name)
+        target = self._contract(contract)
+        if not self._call(target, "hasRole", rid, self.address):
+            return False
+        self._send(target, "renounceRole", rid, self.address)
+        return True
+
     # internals
 
     def _bind(self, key: str, address: str) -> None:

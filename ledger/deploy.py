@@ -57,17 +57,54 @@ class Deployment:
             raise GridMintValueError(f"not a GridMint deployment file: {path} ({exc})") from exc
 
 
-#: Roles the deployer receives on each contract in a development deployment (it acts as the marketplace operator).
+#: Roles the operator key keeps in a production deployment (``deploy(..., governance=...)``): only what the
+#: marketplace's serve and worker processes send. That key sits on every one of their machines.
+#: - staking: SLASHER (``marketplace.checking`` slashes a verifier that passed a canary), REFEREE (the referee relays
+#:   accusations and resolves or dismisses them). Not LOCKER: nothing in the marketplace locks stake, and a leaked key
+#:   that could would freeze any provider's stake.
+#: - escrow: SETTLER (``marketplace.settlement``: ``releaseToPool`` a settled job's pay, ``close`` it).
+#: - distributor: POSTER (``marketplace.settlement.post_epoch``: each epoch's payout root).
 OPERATOR_ROLES: dict[str, tuple[str, ...]] = {
+    "staking": ("SLASHER_ROLE", "REFEREE_ROLE"),
+    "escrow": ("SETTLER_ROLE",),
+    "distributor": ("POSTER_ROLE",),
+}
+
+#: Roles the deployer receives in a development deployment (no ``governance``): every operational role and the
+#: guardian's, besides DEFAULT_ADMIN_ROLE everywhere and the timelock's proposer, executor and admin roles.
+DEV_DEPLOYER_ROLES: dict[str, tuple[str, ...]] = {
     "staking": ("GUARDIAN_ROLE", "SLASHER_ROLE", "LOCKER_ROLE", "REFEREE_ROLE"),
     "escrow": ("GUARDIAN_ROLE", "SETTLER_ROLE"),
     "distributor": ("GUARDIAN_ROLE", "POSTER_ROLE"),
     "kill_switch": ("GUARDIAN_ROLE",),
 }
 
+#: Contracts the timelock is the only admin of in a production deployment (and of itself).
+ADMINISTERED = ("staking", "escrow", "distributor", "kill_switch")
+
 
 #: Default seconds between ``request_unbond`` and ``withdraw``: a week.
 UNBONDING_DELAY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Governance:
+    """Who holds the powers a production deployment keeps off the operator's hot key.
+
+    - ``governor``: PROPOSER, EXECUTOR and CANCELLER on GridTimelock. Every unpause, parameter change and role change
+      (the timelock is the only admin of every contract) is a proposal of the governor that waits the timelock's
+      delay in public before it can run. A cold key or a multisig.
+    - ``guardian``: GUARDIAN_ROLE on the kill switch and on staking, escrow and distributor (pause at once, void a
+      payout root inside its dispute window) and CANCELLER on GridTimelock (veto a pending proposal). It can stop
+      things, never move money or restart them. May be the governor.
+
+    Neither may be the operator key: as proposer, whoever stole it would only wait the delay, and as canceller (the
+    guardian's, and every proposer's) it could cancel the very proposal that revokes it, leaving the system paused
+    for good.
+    """
+
+    governor: str
+    guardian: str
 
 
 def deploy(
@@ -82,6 +119,7 @@ def deploy(
     dispute_window_s: int = 0,
     cancel_grace_s: int = 3600,
     timelock_delay_s: int = 0,
+    governance: Governance | None = None,
 ) -> Deployment:
     """Deploy GridToken (whole ``supply`` to ``deployer``), GridTimelock, GridStaking, PayoutDistributor, JobEscrow
     and GridKillSwitch, and wire their roles.
@@ -92,21 +130,38 @@ def deploy(
       could unbond and withdraw its whole stake the moment it has submitted, before any verifier replays it.
     - ``verifier_bond``: stake a verifier bonds per accusation (0 disables the fraud-proof path until governance
       sets one).
-    - ``dispute_window_s``: seconds before a posted payout root becomes claimable (the guardian can void it inside).
+    - ``dispute_window_s``: seconds before a posted payout root becomes claimable (the guardian can void it inside;
+      with 0 it never can).
     - ``cancel_grace_s``: seconds after a customer's cancel during which verified units are still paid (seconds the
       escrow spends paused do not count). The marketplace pays what was verified as soon as it sees the cancel (its
       sweep runs every minute): keep the grace well above that.
-    - ``timelock_delay_s``: the TimelockController's minimum delay for parameter changes and unpausing.
+    - ``timelock_delay_s``: the TimelockController's minimum delay for parameter changes, role changes and unpausing.
+    - ``governance``: who governs a production deployment (``Governance``); None for a development one.
 
-    The TimelockController gets GOVERNOR_ROLE everywhere (``deployer`` is its proposer and executor); the kill switch
-    gets GUARDIAN_ROLE on staking, escrow and distributor. ``deployer`` keeps DEFAULT_ADMIN_ROLE and the operator
-    roles (``OPERATOR_ROLES``): on a production chain, move the admin role to the timelock and the operator roles to
-    the marketplace's key. The defaults suit a development chain; production delays are days, not zero.
+    Either way the TimelockController holds GOVERNOR_ROLE everywhere and the kill switch GUARDIAN_ROLE on staking,
+    escrow and distributor.
+
+    Production (``governance`` given): ``deployer`` (the marketplace's operator key) ends with ``OPERATOR_ROLES`` only.
+    The timelock is the only DEFAULT_ADMIN_ROLE of staking, escrow, distributor and kill switch, and of itself;
+    the governor proposes, executes and cancels; the guardian pauses, voids roots and cancels. Zero delays
+    (timelock, dispute window, unbonding) and a governor or guardian that is ``deployer`` are refused
+    (GridMintValueError) before anything is sent.
+
+    Development (no ``governance``; the demo, the tests): ``deployer`` keeps DEFAULT_ADMIN_ROLE everywhere, is the
+    timelock's admin, proposer and executor, and holds ``DEV_DEPLOYER_ROLES``, so it can grant itself GOVERNOR_ROLE
+    and skip the timelock. Never for a chain with anyone else's money on it.
     """
     treasury = to_address(treasury)
     me = deployer.address
+    if governance is not None:
+        governance = _production_governance(me, governance, timelock_delay_s=timelock_delay_s,
+                                            dispute_window_s=dispute_window_s, unbonding_delay_s=unbonding_delay_s)
+    governor = me if governance is None else governance.governor
     token = chain.deploy_contract(deployer, "GridToken", me, to_uint(supply, "supply"))
-    timelock = chain.deploy_contract(deployer, "GridTimelock", to_uint(timelock_delay_s, "timelock_delay_s"), [me], [me], me)
+    # ``me`` is the timelock's admin until the roles are wired (the guardian's CANCELLER_ROLE), then renounces it.
+    timelock = chain.deploy_contract(
+        deployer, "GridTimelock", to_uint(timelock_delay_s, "timelock_delay_s"), [governor], [governor], me
+    )
     staking = chain.deploy_contract(
         deployer, "GridStaking", token.address, me, timelock.address, treasury, to_uint(bounty_bps, "bounty_bps", 16),
         to_uint(unbonding_delay_s, "unbonding_delay_s", 32), to_uint(verifier_bond, "verifier_bond"),
@@ -130,7 +185,44 @@ def deploy(
     client = GridMintContracts(chain, deployment, deployer)
     for name in ("staking", "escrow", "distributor"):
         client.grant_role_on(name, "GUARDIAN_ROLE", kill_switch.address)
+    if governance is None:
+        for name, roles in DEV_DEPLOYER_ROLES.items():
+            for role in roles:
+                client.grant_role_on(name, role, me)
+        return deployment
+
+    for name in ("staking", "escrow", "distributor", "kill_switch"):
+        client.grant_role_on(name, "GUARDIAN_ROLE", governance.guardian)
+    client.grant_role_on("timelock", "CANCELLER_ROLE", governance.guardian)
     for name, roles in OPERATOR_ROLES.items():
         for role in roles:
             client.grant_role_on(name, role, me)
+    # Hand the admin role to the timelock, then give up ours: from here on, every role change is a proposal.
+    for name in ADMINISTERED:
+        client.grant_role_on(name, "DEFAULT_ADMIN_ROLE", timelock.address)
+        client.renounce_role_on(name, "DEFAULT_ADMIN_ROLE")
+    client.renounce_role_on("timelock", "DEFAULT_ADMIN_ROLE")  # the timelock administers itself (OpenZeppelin)
     return deployment
+
+
+def _production_governance(
+    operator: str, governance: Governance, *, timelock_delay_s: int, dispute_window_s: int, unbonding_delay_s: int
+) -> Governance:
+    """``governance`` with checksummed addresses, or GridMintValueError naming what makes it unsafe."""
+    governor = to_address(governance.governor)
+    guardian = to_address(governance.guardian)
+    for what, address in (("governor", governor), ("guardian", guardian)):
+        if address == operator:
+            raise GridMintValueError(
+                f"the {what} {address} is the operator key that deploys and runs the marketplace: a production "
+                f"{what} must be another key (a cold key or a multisig), or whoever steals the operator key could "
+                f"cancel the very timelock proposal that revokes it"
+            )
+    zero = [f"{name} ({why})" for name, value, why in (
+        ("timelock_delay_s", timelock_delay_s, "governance would skip its public delay"),
+        ("dispute_window_s", dispute_window_s, "the guardian could never void a bad payout root"),
+        ("unbonding_delay_s", unbonding_delay_s, "a cheat could withdraw its stake before it is verified"),
+    ) if value == 0]
+    if zero:
+        raise GridMintValueError(f"a production deployment refuses a zero {'; a zero '.join(zero)}")
+    return Governance(governor=governor, guardian=guardian)

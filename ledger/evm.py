@@ -1,7 +1,7 @@
 """Compatibility façade: the EVM chain client's public names, now split across smaller modules.
 
 - ``ledger.chain``: ``Chain`` (in-process py-evm or JSON-RPC, locally signed transactions, snapshots, time).
-- ``ledger.deploy``: ``Deployment`` and ``deploy()``.
+- ``ledger.deploy``: ``Deployment``, ``Governance`` and ``deploy()``.
 - ``ledger.client``: ``GridMintContracts`` (built from ``staking_ops``, ``escrow_ops``, ``settlement_ops``,
   ``governance_ops``).
 - ``ledger.errors``: domain errors decoded from custom-error reverts.
@@ -13,7 +13,7 @@ from ledger.chain import Chain
 from ledger.client import GridMintContracts
 from ledger.client_base import PAUSABLE, ROLE_CONTRACTS, role_id
 from ledger.contracts import DecodedError
-from ledger.deploy import Deployment, deploy
+from ledger.deploy import Deployment, Governance, deploy
 from ledger.escrow_ops import JobState
 from ledger.governance_ops import TimelockOp
 from ledger.staking_ops import StakeState, gpu_class_id
@@ -28,6 +28,7 @@ __all__ = [
     "ChainError",
     "DecodedError",
     "Deployment",
+    "Governance",
     "GridMintContracts",
     "JobState",
     "StakeState",

@@ -90,6 +90,12 @@ class GovernanceOps(SettlementOps):
             self._optional("timelock"), "executeBatch", list(op.targets), values, list(op.payloads), _NO_PREDECESSOR, op.salt
         )
 
+    def cancel(self, op: TimelockOp) -> TxReceipt:
+        """Cancel a pending (scheduled, not yet executed) operation (needs CANCELLER_ROLE: in a production deployment
+        the governor and the guardian hold it). Already done or unknown: GovernanceError
+        ``TimelockUnexpectedOperationState``."""
+        return self._send(self._optional("timelock"), "cancel", op.id)
+
     def govern(self, calls: list[Call], description: str = "") -> TimelockOp:
         """``schedule`` and, when the timelock's delay is zero, ``execute`` at once."""
         op = self.schedule(calls, description)

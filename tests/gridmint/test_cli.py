@@ -64,7 +64,11 @@ def test_a_setting_that_does_not_parse_is_one_line() -> None:
 
 def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Path) -> None:
     """An operator's first step on a real chain: ``gridmint marketplace deploy`` (Hardhat node here) deploys the
-    contracts with the operator key and writes the deployment file; a second run refuses to overwrite it."""
+    contracts with the operator key and writes the deployment file; a second run refuses to overwrite it.
+
+    It is a production deployment unless --dev: it needs --governor, refuses zero delays and a governor or guardian
+    that is the operator key, and leaves that key only its operational roles (review R2: it was admin of everything,
+    with a 0 s timelock and dispute window by default)."""
     from eth_account import Account
 
     from ledger.chain import Chain
@@ -76,12 +80,29 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
     node.start()
     try:
         chain = Chain.http(node.url)
-        operator = chain.dev_accounts()[0]
+        operator, governor, guardian = chain.dev_accounts(3)
         treasury = Account.create().address
         env = {"GRIDMINT_CHAIN_URL": node.url, "GRIDMINT_OPERATOR_KEY": operator.key.hex(),
                "GRIDMINT_DATA_DIR": str(tmp_path / "data")}
-        got = gridmint("marketplace", "deploy", "--treasury", treasury, "--supply", "5000", "--verifier-bond", "25",
-                       env=env)
+        deploy = ("marketplace", "deploy", "--treasury", treasury)
+        nonce = chain.w3.eth.get_transaction_count(operator.address)
+        for args, says in (((), "needs --governor ADDRESS"),
+                           (("--governor", operator.address), f"--governor {operator.address} is GRIDMINT_OPERATOR_KEY"),
+                           (("--governor", governor.address, "--guardian", operator.address), "--guardian"),
+                           (("--governor", governor.address, "--timelock-delay-s", "0"), "--timelock-delay-s 0 is "
+                                                                                          "refused"),
+                           (("--governor", governor.address, "--dispute-window-s", "0"), "--dispute-window-s 0 is "
+                                                                                         "refused"),
+                           (("--governor", "0x1234"), "--governor '0x1234' is not an address"),
+                           (("--dev", "--governor", governor.address), "--dev leaves every role")):
+            refused = gridmint(*deploy, *args, env=env)
+            assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr, (
+                args, refused.stderr)
+        assert chain.w3.eth.get_transaction_count(operator.address) == nonce  # refused before anything was sent
+        assert not (tmp_path / "data" / "deployment.json").exists()
+
+        got = gridmint(*deploy, "--governor", governor.address, "--guardian", guardian.address, "--supply", "5000",
+                       "--verifier-bond", "25", env=env)
         assert got.returncode == 0, got.stderr
         out = tmp_path / "data" / "deployment.json"
         assert f"wrote {out}" in got.stdout
@@ -89,10 +110,22 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
         ops = GridMintContracts(chain, deployment, operator)
         assert deployment.chain_id == chain.chain_id and deployment.treasury == treasury
         assert ops.balance_of(operator.address) == tokens(5000) and ops.verifier_bond() == tokens(25)
-        again = gridmint("marketplace", "deploy", "--treasury", treasury, env=env)
+        assert (ops.min_delay(), ops.dispute_window()) == (2 * 86400, 86400)  # the production defaults
+        for role in ("SETTLER_ROLE", "POSTER_ROLE", "SLASHER_ROLE", "REFEREE_ROLE"):
+            assert ops.has_role(role, operator.address), role
+        for role in ("DEFAULT_ADMIN_ROLE", "GOVERNOR_ROLE", "GUARDIAN_ROLE", "PROPOSER_ROLE", "CANCELLER_ROLE"):
+            assert not ops.has_role(role, operator.address), role
+        assert ops.has_role("DEFAULT_ADMIN_ROLE", str(deployment.timelock))
+        assert ops.has_role("PROPOSER_ROLE", governor.address) and ops.has_role("GUARDIAN_ROLE", guardian.address)
+        again = gridmint(*deploy, "--governor", governor.address, env=env)
         assert again.returncode == 2 and "exists" in again.stderr and Deployment.from_json(out) == deployment
         bad = gridmint("marketplace", "deploy", "--treasury", "0x1234", env={**env, "GRIDMINT_DATA_DIR": str(tmp_path)})
         assert bad.returncode == 2 and "is not an address" in bad.stderr
+
+        dev = gridmint(*deploy, "--dev", "--timelock-delay-s", "0", "--dispute-window-s", "0", "--force", env=env)
+        assert dev.returncode == 0 and "development deployment" in dev.stdout, dev.stderr
+        dev_ops = GridMintContracts(chain, Deployment.from_json(out), operator)
+        assert dev_ops.has_role("DEFAULT_ADMIN_ROLE", operator.address) and dev_ops.min_delay() == 0
     finally:
         node.stop()
 

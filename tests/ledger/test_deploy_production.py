@@ -1,0 +1,241 @@
+"""The production deployment (``deploy(..., governance=...)``, what ``gridmint marketplace deploy`` runs), on both
+backends: the operator's hot key keeps only the roles serve and worker send, and everything else goes through the
+timelock (review R2: the key was admin everywhere and the timelock's admin, so it granted itself GOVERNOR_ROLE and
+unpaused, or set the unbonding delay to 0, at once).
+
+Who holds what is read from the contracts' RoleGranted / RoleRevoked events, so a stray grant anywhere fails the
+test, not only a missing one."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from eth_account import Account
+from eth_utils import keccak
+
+from ledger.errors import GovernanceError, PausedError, UnauthorizedError
+from ledger.evm import Chain, Deployment, Governance, GridMintContracts, deploy, role_id
+from ledger.payout_tree import build_payout_tree
+from protocol.errors import ChainError, GridMintValueError
+from protocol.money import tokens
+
+DAY = 24 * 3600
+PARAMS = {
+    "timelock_delay_s": 2 * DAY,
+    "dispute_window_s": DAY,
+    "unbonding_delay_s": 7 * DAY,
+    "cancel_grace_s": 3600,
+    "verifier_bond": 100,
+}
+JOB = keccak(text="production-job")
+BATCH = keccak(text="production-batch")
+EVIDENCE = keccak(text="production-evidence")
+EVIDENCE_2 = keccak(text="production-evidence-2")
+ROLE_NAMES = ("DEFAULT_ADMIN_ROLE", "GOVERNOR_ROLE", "GUARDIAN_ROLE", "SLASHER_ROLE", "LOCKER_ROLE", "REFEREE_ROLE",
+              "SETTLER_ROLE", "POSTER_ROLE", "PROPOSER_ROLE", "EXECUTOR_ROLE", "CANCELLER_ROLE")
+ADMIN = role_id("DEFAULT_ADMIN_ROLE")
+
+
+@dataclass(frozen=True)
+class Production:
+    """A production deployment and one client per participant: ``operator`` deployed it (the marketplace's key)."""
+
+    chain: Chain
+    deployment: Deployment
+    operator: GridMintContracts
+    governor: GridMintContracts
+    guardian: GridMintContracts
+    customer: GridMintContracts
+    provider: GridMintContracts
+    provider2: GridMintContracts
+    verifier: GridMintContracts
+
+
+@pytest.fixture(scope="module")
+def deployed(chain: Chain) -> Production:
+    operator, governor, guardian, customer, provider, provider2, verifier, treasury = chain.dev_accounts(8)
+    deployment = deploy(chain, operator, supply=tokens(1_000_000), treasury=treasury.address,
+                        governance=Governance(governor=governor.address, guardian=guardian.address), **PARAMS)
+    ops = GridMintContracts(chain, deployment, operator)
+    for account in (customer, provider, provider2, verifier):
+        ops.transfer(account.address, tokens(10_000))
+    clients = [ops.as_account(a) for a in (governor, guardian, customer, provider, provider2, verifier)]
+    return Production(chain, deployment, ops, *clients)
+
+
+@pytest.fixture
+def prod(chain: Chain, deployed: Production) -> Iterator[Production]:
+    snapshot = chain.snapshot()
+    yield deployed
+    chain.revert(snapshot)
+
+
+def role_holders(p: Production) -> dict[str, dict[str, set[str]]]:
+    """contract key -> role name -> addresses holding it now, replayed from every RoleGranted/RoleRevoked."""
+    names = {role_id(n): n for n in ROLE_NAMES}
+    out: dict[str, dict[str, set[str]]] = {}
+    for key in ("staking", "escrow", "distributor", "kill_switch", "timelock"):
+        contract = p.operator._contract(key)  # noqa: SLF001 - the bound contract, to read its events
+        events = [(log["blockNumber"], log["logIndex"], True, log["args"])
+                  for log in contract.events.RoleGranted.get_logs(from_block=0)]
+        events += [(log["blockNumber"], log["logIndex"], False, log["args"])
+                   for log in contract.events.RoleRevoked.get_logs(from_block=0)]
+        holders: dict[str, set[str]] = {}
+        for _, _, granted, args in sorted(events, key=lambda e: (e[0], e[1])):
+            members = holders.setdefault(names[bytes(args["role"])], set())
+            (members.add if granted else members.discard)(args["account"])
+        out[key] = {role: members for role, members in holders.items() if members}
+    return out
+
+
+def unauthorized(exc_info: pytest.ExceptionInfo[UnauthorizedError], account: str, role: str) -> None:
+    assert (exc_info.value.error_name, exc_info.value.error_args) == (
+        "AccessControlUnauthorizedAccount", (account, role_id(role))), str(exc_info.value)
+
+
+def test_roles_end_with_the_timelock_governor_and_guardian_not_the_operator(prod: Production) -> None:
+    d = prod.deployment
+    op, governor, guardian = prod.operator.address, prod.governor.address, prod.guardian.address
+    timelock, kill_switch = d.timelock, d.kill_switch
+    money = {"DEFAULT_ADMIN_ROLE": {timelock}, "GOVERNOR_ROLE": {timelock}, "GUARDIAN_ROLE": {kill_switch, guardian}}
+    assert role_holders(prod) == {
+        "staking": {**money, "SLASHER_ROLE": {op}, "REFEREE_ROLE": {op}},
+        "escrow": {**money, "SETTLER_ROLE": {op}},
+        "distributor": {**money, "POSTER_ROLE": {op}},
+        "kill_switch": {"DEFAULT_ADMIN_ROLE": {timelock}, "GUARDIAN_ROLE": {guardian}},
+        # no EOA administers the timelock: only the timelock itself (a proposal) can change who proposes
+        "timelock": {"DEFAULT_ADMIN_ROLE": {timelock}, "PROPOSER_ROLE": {governor}, "EXECUTOR_ROLE": {governor},
+                     "CANCELLER_ROLE": {governor, guardian}},
+    }
+    assert prod.operator.min_delay() == PARAMS["timelock_delay_s"]
+    assert prod.operator.dispute_window() == PARAMS["dispute_window_s"]
+
+
+def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
+    """Review R2's bypass, sent with the operator key: every step reverts, and nothing it governs changes."""
+    ops, op = prod.operator, prod.operator.address
+    prod.guardian.pause_all()
+
+    with pytest.raises(UnauthorizedError) as grant_info:  # the repro's first step
+        ops.grant_role("GOVERNOR_ROLE", op)
+    unauthorized(grant_info, op, "DEFAULT_ADMIN_ROLE")
+    governor_role = role_id("GOVERNOR_ROLE")
+    for name in ("staking", "escrow", "distributor"):
+        with pytest.raises(UnauthorizedError) as unpause_info:
+            ops._send(ops._contract(name), "unpause")  # noqa: SLF001 - the raw call a thief would send
+        unauthorized(unpause_info, op, "GOVERNOR_ROLE")
+        with pytest.raises(UnauthorizedError) as revoke_info:  # nor take the timelock's role away
+            ops._send(ops._contract(name), "revokeRole", governor_role, prod.deployment.timelock)  # noqa: SLF001
+        unauthorized(revoke_info, op, "DEFAULT_ADMIN_ROLE")
+    with pytest.raises(UnauthorizedError) as param_info:
+        ops._send(ops.staking, "setUnbondingDelay", 0)  # noqa: SLF001
+    unauthorized(param_info, op, "GOVERNOR_ROLE")
+    with pytest.raises(UnauthorizedError) as propose_info:  # nor propose it through the timelock
+        ops.set_unbonding_delay(0)
+    unauthorized(propose_info, op, "PROPOSER_ROLE")
+    with pytest.raises(UnauthorizedError) as timelock_info:  # nor make itself a proposer
+        ops.grant_role_on("timelock", "PROPOSER_ROLE", op)
+    unauthorized(timelock_info, op, "DEFAULT_ADMIN_ROLE")
+    with pytest.raises(UnauthorizedError) as kill_info:  # nor a guardian
+        ops.grant_role_on("kill_switch", "GUARDIAN_ROLE", op)
+    unauthorized(kill_info, op, "DEFAULT_ADMIN_ROLE")
+    with pytest.raises(UnauthorizedError) as lock_info:  # nor lock a provider's stake (LOCKER is not the operator's)
+        ops.lock_stake(prod.provider.address, 1)
+    unauthorized(lock_info, op, "LOCKER_ROLE")
+    with pytest.raises(UnauthorizedError) as guardian_info:  # nor a guardian (pause, void a root, cancel a proposal)
+        ops._send(ops._contract("kill_switch"), "pauseAll")  # noqa: SLF001
+    unauthorized(guardian_info, op, "GUARDIAN_ROLE")
+
+    assert ops.paused() == {"staking": True, "escrow": True, "distributor": True}
+    assert ops.unbonding_delay() == PARAMS["unbonding_delay_s"]
+    assert not ops.has_role("GOVERNOR_ROLE", op) and not ops.has_role("DEFAULT_ADMIN_ROLE", op)
+
+
+def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production) -> None:
+    """Settle a job into the pool, post its root, slash a cheat through the referee path and a governance slash,
+    close the job: all with the operator key. The guardian can still void a root inside its (non-zero) window."""
+    ops, p, p2, v, c = prod.operator, prod.provider, prod.provider2, prod.verifier, prod.customer
+    p.stake(1_000)
+    p2.stake(400)
+    v.stake(500)
+    c.fund_job(JOB, 1_000)
+
+    assert ops.release_to_pool(JOB, BATCH, 300) is True  # SETTLER
+    bad = build_payout_tree({ops.address: 300})  # a root naming the operator: the guardian vetoes it
+    ops.post_tree(1, bad)  # POSTER
+    prod.guardian.void_root(1)
+    tree = build_payout_tree({p.address: 300})
+    ops.post_tree(1, tree)
+    prod.chain.advance_time(PARAMS["dispute_window_s"])
+    assert p.claim_from_tree(1, tree) == 300
+
+    signature = v.sign_accusation(p.address, EVIDENCE, 300)
+    ops.accuse(p.address, EVIDENCE, 300, signature)  # REFEREE relays the verifier's accusation...
+    assert ops.resolve_dispute(EVIDENCE, fraud=True) == 1_000  # ...and convicts: the whole stake
+    assert ops.slash(p2.address, 400, v.address, EVIDENCE_2) is True  # SLASHER (a canary-approving verifier's path)
+    assert ops.stake_of(p.address) == ops.stake_of(p2.address) == 0
+    assert ops.close_job(JOB) == 700  # SETTLER closes, the customer gets the rest
+
+
+def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_one(prod: Production) -> None:
+    gov, ops, delay = prod.governor, prod.operator, PARAMS["timelock_delay_s"]
+    prod.guardian.pause_all()
+    op = gov.unpause_all()
+    assert op is not None and op.ready_at == prod.chain.timestamp() + delay
+    with pytest.raises(GovernanceError) as early_info:
+        gov.execute(op)
+    assert early_info.value.error_name == "TimelockUnexpectedOperationState"
+    with pytest.raises(UnauthorizedError) as executor_info:  # the operator key does not execute either
+        ops.execute(op)
+    unauthorized(executor_info, ops.address, "EXECUTOR_ROLE")
+
+    bad = gov.set_unbonding_delay(0)  # say the governor's key leaked: the guardian cancels in the delay
+    prod.guardian.cancel(bad)
+    prod.chain.advance_time(delay)
+    gov.execute(op)
+    assert ops.paused() == {"staking": False, "escrow": False, "distributor": False}
+    with pytest.raises(GovernanceError) as cancelled_info:
+        gov.execute(bad)
+    assert cancelled_info.value.error_name == "TimelockUnexpectedOperationState"
+    assert ops.unbonding_delay() == PARAMS["unbonding_delay_s"]
+
+    # Rotating the operator key is a proposal too: the timelock, the only admin, grants and revokes.
+    new_key = Account.create().address
+    rotate = gov.schedule([(name, fn, (role_id(role), who)) for name, role in (
+        ("escrow", "SETTLER_ROLE"), ("distributor", "POSTER_ROLE"), ("staking", "SLASHER_ROLE"),
+        ("staking", "REFEREE_ROLE")) for fn, who in (("grantRole", new_key), ("revokeRole", ops.address))],
+        "rotate the operator key")
+    prod.chain.advance_time(delay)
+    gov.execute(rotate)
+    for role in ("SETTLER_ROLE", "POSTER_ROLE", "SLASHER_ROLE", "REFEREE_ROLE"):
+        assert ops.has_role(role, new_key) and not ops.has_role(role, ops.address), role
+
+
+def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: Chain) -> None:
+    operator, governor = chain.dev_accounts(2)
+    nonce = chain.w3.eth.get_transaction_count(operator.address)
+    treasury = Account.create().address
+    for params, governance, says in (
+        ({**PARAMS, "timelock_delay_s": 0}, Governance(governor.address, governor.address), "zero timelock_delay_s"),
+        ({**PARAMS, "dispute_window_s": 0}, Governance(governor.address, governor.address), "zero dispute_window_s"),
+        ({**PARAMS, "unbonding_delay_s": 0}, Governance(governor.address, governor.address), "zero unbonding_delay_s"),
+        (PARAMS, Governance(operator.address, governor.address), f"the governor {operator.address} is the operator"),
+        (PARAMS, Governance(governor.address, operator.address), f"the guardian {operator.address} is the operator"),
+        (PARAMS, Governance("0x1234", governor.address), "0x1234"),
+    ):
+        with pytest.raises(GridMintValueError) as exc_info:
+            deploy(chain, operator, supply=1, treasury=treasury, governance=governance, **params)
+        assert says in str(exc_info.value) and not isinstance(exc_info.value, ChainError), str(exc_info.value)
+    assert chain.w3.eth.get_transaction_count(operator.address) == nonce
+
+
+def test_paused_contracts_stop_the_operator_key_too(prod: Production) -> None:
+    """What the guardian buys while a leaked operator key is rotated out: nothing it holds moves money."""
+    ops = prod.operator
+    prod.customer.fund_job(JOB, 100)
+    prod.guardian.pause_all()
+    tree = build_payout_tree({ops.address: 1})
+    for flow in (lambda: ops.release_to_pool(JOB, BATCH, 1), lambda: ops.post_tree(1, tree), lambda: ops.close_job(JOB)):
+        with pytest.raises(PausedError):
+            flow()
