@@ -199,7 +199,8 @@ def node_status(
     client = MarketClient(marketplace, load(wallet))
     record = client.provider()
     pay = client.payout()
-    record["payout"] = {k: pay.get(k) for k in ("epoch", "cumulative", "claimed")}
+    # pooled: earned and paid into the pool; cumulative: claimable under the newest root past its dispute window
+    record["payout"] = {k: pay.get(k) for k in ("pooled", "epoch", "cumulative", "claimed")}
     typer.echo(json.dumps(record, indent=2))
 
 
@@ -209,6 +210,49 @@ def node_wallet(wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json") -
     from node.wallet import load_or_create
 
     typer.echo(load_or_create(wallet).address)
+
+
+def _earnings(marketplace: str, chain: str, wallet: Path) -> tuple[Any, Any]:
+    """The wallet's marketplace client and chain client (an existing wallet only: a typo creates nothing)."""
+    from node.agent import contracts_for
+    from node.client import MarketClient
+    from node.wallet import load
+
+    client = MarketClient(marketplace, load(wallet))
+    return client, contracts_for(client, chain, client.account)
+
+
+def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
+    """``claim``, ``unbond`` and ``withdraw`` for a node's or a verifier's wallet (gridmint.earnings)."""
+
+    @app.command("claim")
+    def claim(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
+              wallet: WalletOpt = default_wallet) -> None:
+        """Claim what you are owed now: the epoch payout pool and any per-unit escrow credit (idempotent)."""
+        from gridmint.earnings import claim as run
+
+        run(*_earnings(marketplace, chain, wallet), typer.echo)
+
+    @app.command("unbond")
+    def unbond(amount: Annotated[Optional[str], typer.Argument(help="GMT to unbond (default: all free stake)")] = None,
+               marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
+               wallet: WalletOpt = default_wallet) -> None:
+        """Start unbonding stake (to leave the market): it stays slashable for the unbonding delay, then `withdraw`."""
+        from gridmint.earnings import unbond as run
+        from protocol.money import tokens
+
+        run(*_earnings(marketplace, chain, wallet), None if amount is None else tokens(amount), typer.echo)
+
+    @app.command("withdraw")
+    def withdraw(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
+                 wallet: WalletOpt = default_wallet) -> None:
+        """Withdraw stake whose unbonding delay is over, to your wallet."""
+        from gridmint.earnings import withdraw as run
+
+        run(*_earnings(marketplace, chain, wallet), typer.echo)
+
+_money_commands(node_app, Path.home() / ".gridmint" / "wallet.json")
+_money_commands(verifier_app, Path.home() / ".gridmint" / "verifier.json")
 
 
 @verifier_app.command("run")
