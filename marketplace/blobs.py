@@ -1,10 +1,17 @@
-"""Content-addressed checkpoint store: files named by their sha256. Only safetensors are accepted."""
+"""Content-addressed checkpoint store: files named by their sha256. Only safetensors are accepted.
+
+A name is a promise about the bytes: every read the marketplace decides on (averaging a round, checking a result or
+a reveal, a referee's replay, forging a canary) and every download checks the bytes against it, so a copy corrupted
+on disk or on shared storage raises :class:`BlobCorruptError` (logged, naming the blob) instead of being loaded or
+served as if it were what was uploaded."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -12,15 +19,33 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from node.checkpoint import load as load_checkpoint
-from protocol.errors import CheckpointError, GridMintValueError
+from protocol.errors import BlobCorruptError, CheckpointError, GridMintValueError
+
+log = logging.getLogger(__name__)
+
+#: bytes read (and hashed) at a time when a blob is checked or sent: never a whole checkpoint in memory for that
+CHUNK = 1024 * 1024
+#: files remembered as hashed whole (``BlobStore._intact``); past this the memory starts over (each is hashed again)
+INTACT_MEMORY = 65536
+
+_Identity = tuple[int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    """A file as written: a write through the filesystem (a replaced file, a torn copy) changes its size or mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        # blobs this process wrote or hashed whole, with their file then (_identity): sending one unchanged since is
+        # not preceded by a second read to check it (it is still hashed on the way: :meth:`send`)
+        self._intact: dict[str, _Identity] = {}
 
     def path(self, sha: str) -> Path:
+        """Where blob ``sha`` lives; nothing is checked (:meth:`read`, :meth:`checked_path` and :meth:`send` are)."""
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise GridMintValueError(f"not a sha256 hex digest: {sha!r}")
         return self.root / f"{sha}.safetensors"
@@ -29,14 +54,17 @@ class BlobStore:
         return self.path(sha).exists()
 
     def put_checkpoint(self, data: bytes, admit: Callable[[], object] | None = None) -> str:
-        """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent.
+        """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent; a stored
+        copy that is corrupt is written anew (so the same bytes uploaded again repair it).
         ``admit``, if given, runs between the two (it raises to refuse the upload: what it is is said first)."""
         load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
         if admit is not None:
             admit()
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
-        if not target.exists():
+        if not self._holds(sha, target):
+            if target.exists():
+                log.warning("blob %s: its corrupt copy is replaced by the same bytes uploaded again", sha)
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as fh:
@@ -48,6 +76,7 @@ class BlobStore:
                 with contextlib.suppress(OSError):  # a full disk: the partial file must not keep it full
                     os.unlink(tmp)
                 raise
+            self._remember(sha, target.stat())
         return sha
 
     def put_tensors(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
@@ -57,7 +86,82 @@ class BlobStore:
         return self.put_checkpoint(path.read_bytes())
 
     def read(self, sha: str) -> bytes:
+        """Blob ``sha``'s bytes, checked against its name (BlobCorruptError: they hash to something else). One read;
+        hashing them costs a fraction of loading them (SHA-256: ~1 ms a MB)."""
         p = self.path(sha)
         if not p.exists():
             raise CheckpointError(f"no checkpoint {sha}")
-        return p.read_bytes()
+        st = p.stat()
+        data = p.read_bytes()
+        self._check(sha, hashlib.sha256(data).hexdigest(), p)
+        self._remember(sha, st)
+        return data
+
+    def checked_path(self, sha: str) -> Path:
+        """Blob ``sha``'s path, once its bytes are hashed now (in chunks) and match its name (BlobCorruptError
+        otherwise): for a reader that takes a path, the referee, whose replay costs far more than this read (the
+        reader's own read then comes from the page cache). FileNotFoundError if there is none."""
+        p = self.path(sha)
+        st = p.stat()
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                h.update(chunk)
+        self._check(sha, h.hexdigest(), p)
+        self._remember(sha, st)
+        return p
+
+    def send(self, sha: str) -> tuple[int, Iterator[bytes]]:
+        """(size, chunks) of blob ``sha``, to serve. Checked before the first byte goes (BlobCorruptError: the
+        client gets an error, not the bytes) unless this process wrote or hashed this very file before (same inode,
+        size and mtime: ``_identity``), so a blob every provider downloads is not read twice each time; and hashed on
+        the way whatever: the last chunk goes only if the whole matches, so a copy that rotted in place (its
+        metadata untouched) is cut off, and no client ever gets all of a corrupt blob. FileNotFoundError if none."""
+        p = self.path(sha)
+        st = p.stat()
+        if self._intact.get(sha) != _identity(st):
+            self.checked_path(sha)
+        return st.st_size, self._chunks(sha, p)
+
+    def _chunks(self, sha: str, p: Path) -> Iterator[bytes]:
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            held = fh.read(CHUNK)
+            while nxt := fh.read(CHUNK):
+                h.update(held)
+                yield held
+                held = nxt
+            h.update(held)
+        self._check(sha, h.hexdigest(), p)  # raises: the connection is cut before the body is complete
+        yield held
+
+    def _holds(self, sha: str, p: Path) -> bool:
+        """Whether ``p`` holds blob ``sha``: remembered so for this very file (:meth:`_remember`), or hashed now.
+        False if there is no file, or it is corrupt (logged)."""
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return False
+        if self._intact.get(sha) == _identity(st):
+            return True
+        try:
+            self.checked_path(sha)
+        except BlobCorruptError:
+            return False
+        return True
+
+    def _remember(self, sha: str, st: os.stat_result) -> None:
+        """``sha``'s file, as stat'ed *before* it was hashed whole and matched (a change since is a change after)."""
+        if len(self._intact) >= INTACT_MEMORY:
+            self._intact.clear()
+        self._intact[sha] = _identity(st)
+
+    def _check(self, sha: str, got: str, p: Path) -> None:
+        """BlobCorruptError (logged) unless ``got``, the hash of ``p``'s bytes, is ``sha``."""
+        if got == sha:
+            return
+        self._intact.pop(sha, None)
+        log.error("blob %s is corrupt: its content hashes to %s (%s); nothing is loaded or served from it until it "
+                  "is restored (its bytes uploaded again, or the file put back from a copy)", sha, got, p)
+        raise BlobCorruptError(f"blob {sha} is corrupt: its content hashes to {got}; the marketplace operator must "
+                               f"restore it")

@@ -14,9 +14,9 @@ from protocol.errors import GridMintValueError
 
 
 def operator_account(settings: Settings) -> LocalAccount:
-    """The operator's key (GRIDMINT_OPERATOR_KEY), or a readable error."""
+    """The operator's key (GRIDMINT_OPERATOR_KEY), or a readable error (which never shows the key)."""
     try:
-        return Account.from_key(settings.operator_key or "")
+        return Account.from_key(settings.operator_key.get_secret_value() if settings.operator_key else "")
     except (ValueError, TypeError) as exc:
         raise GridMintValueError(f"GRIDMINT_OPERATOR_KEY is not a private key (64 hex digits): {exc}") from None
 

@@ -110,13 +110,13 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     n = len(proof.segments)
     if not 0 <= seg < n - 1 or len(segment_blobs) != n:
         return None
-    true_end, _ = checkpoint.load(blobs.path(segment_blobs[seg + 1]))
-    further, _ = checkpoint.load(blobs.path(segment_blobs[seg + 2] if seg + 2 < n else final_blob))
+    true_end, _ = checkpoint.load(blobs.read(segment_blobs[seg + 1]))
+    further, _ = checkpoint.load(blobs.read(segment_blobs[seg + 2] if seg + 2 < n else final_blob))
     forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
     moved = update_norm(true_end, forged_end)
     if moved == 0.0:  # (a forgery equal to the claim, hash and all, is one of these)
         return None  # the next segment did not move the model (claimed idle): the "forgery" is the claim itself
-    start, _ = checkpoint.load(blobs.path(segment_blobs[seg]))
+    start, _ = checkpoint.load(blobs.read(segment_blobs[seg]))
     if moved * CANARY_MIN_UPDATE_SHARE < update_norm(start, true_end):
         # the next segment barely moved the model (a provider may shape it so): the forgery could land inside the
         # tolerance of an honest verifier on another plan, whose approval the referee's bit-for-bit replay would then

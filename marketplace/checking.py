@@ -382,8 +382,8 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
                 task.canary["end_blob"]
     assert verifier is not None
     if not confirmed:
-        ruling = referee.rule(spec, forged, seg, plan, rt.blobs.path(start), rt.blobs.path(end), {}, lambda _: "",
-                              None, rt.referee_plans(here=True, build=build), build)
+        ruling = referee.rule(spec, forged, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), {},
+                              lambda _: "", None, rt.referee_plans(here=True, build=build), build)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None and task.canary is not None
@@ -459,7 +459,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
-    reveals = {int(k): rt.blobs.path(r["blob"]) for k, r in bisect["reveals"].items()}
+    # every state ruled on is checked against its name first: a copy corrupted on this disk replays to another
+    # state, and would convict an honest provider (or clear a cheat); BlobCorruptError fails the task instead, and
+    # the sweep queues it again until the operator restores the blob
+    reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
 
     def overdue(step: int) -> str:
         if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
@@ -470,8 +473,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     # another referee's (its pool's queue, or the default one, holds it by mistake; one that fell back from its pool
     # is the default referee's, which judges the pool's kernels as other kernels: within the tolerance)
     exact = rt.referee_plans(here=True, build="" if fallen_back else build)
-    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.path(start), rt.blobs.path(end), reveals, overdue,
-                           losses, exact, build)
+    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), reveals,
+                           overdue, losses, exact, build)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
         assert verdict.pending is not None
         with rt.sessions.begin() as s:

@@ -13,7 +13,9 @@ from protocol.errors import GridMintValueError
 from protocol.signing import Domain
 
 class Enqueue(Protocol):
-    """Send a Celery task by name (``queue`` None: the default queue; a referee pool's: Runtime.referee_queue)."""
+    """Send a Celery task by name (``queue`` None: the default queue; a referee pool's: Runtime.referee_queue).
+    Called after a committed write, so it never raises for a broker that is away (marketplace.tasks.enqueue: logged;
+    the sweep sends the step again)."""
 
     def __call__(self, name: str, args: list[Any], queue: str | None = None) -> None: ...
 

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None  # `gridmint demo` starts its own redis-server (gridmint.procs); serve and worker need one
     chain_url: str | None = None  # JSON-RPC of the chain (Hardhat node); tests may inject an in-process chain instead
     deployment_file: Path | None = None  # default: data_dir/deployment.json
-    operator_key: str | None = None  # key holding the SLASHER/SETTLER roles (marketplace operator)
+    # key holding the SLASHER/SETTLER roles (marketplace operator): a SecretStr, so no repr, log line or traceback
+    # of the settings shows it (``get_secret_value()`` where it signs: marketplace.bootstrap.operator_account)
+    operator_key: SecretStr | None = None
     max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     min_stake: int = Field(default=tokens(100), ge=0)  # base units a provider must stake to be matched
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
@@ -98,10 +100,11 @@ class Settings(BaseSettings):
 
     @field_validator("db_url", "redis_url", "chain_url", "operator_key", "siwe_domain")
     @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
+    def _not_blank(cls, v: str | SecretStr | None) -> str | SecretStr | None:
         """Set but empty (a templated env file): an error, not the default. An empty GRIDMINT_DB_URL put each API and
         worker on a SQLite file of its own, sharing no nonces, jobs or units, and everything started."""
-        if v is not None and not v.strip():
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if text is not None and not text.strip():
             raise ValueError("is set but empty: unset it for the default, or give a value")
         return v
 

@@ -5,7 +5,9 @@ import logging
 import threading
 import time
 
+import redis.exceptions
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from marketplace import checking, service, settlement
 from protocol.errors import ChainError
@@ -13,6 +15,13 @@ from marketplace.runtime import Runtime, get_runtime
 from marketplace.settings import pool_beat_s
 
 log = logging.getLogger(__name__)
+
+#: the longest a send waits on a broker that accepts connections but does not answer (a paused or overloaded Redis,
+#: a half-open connection after a failover), or on connecting to one; a broker that refuses connections fails at once
+BROKER_SOCKET_TIMEOUT_S = 1.5
+BROKER_CONNECT_TIMEOUT_S = 1.0
+#: what a send to a broker that cannot be reached raises (kombu wraps the transport's errors in OperationalError)
+BROKER_DOWN = (OperationalError, OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 celery_app = Celery("gridmint")
 celery_app.conf.update(
@@ -26,7 +35,14 @@ celery_app.conf.update(
     # Redis hands an unacknowledged task to another worker after this long, though its worker lives on: it must
     # outlast the longest task (a referee's replay of a long segment; 120 s put a second, third... worker on the same
     # dispute). A worker that died loses nothing meanwhile: the sweep queues every lost step again within a minute
-    broker_transport_options={"visibility_timeout": 4 * 3600},
+    # (the socket timeouts bound every command on a broker that went silent; without them a send waited for ever)
+    broker_transport_options={"visibility_timeout": 4 * 3600, "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+                              "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S},
+    # a send is tried once (Celery's default retried it 3 times): the API sends after its write committed, so a
+    # broker that is away must cost a request ~2 s at most (a silent socket, and a wait for one of the pooled
+    # connections, all busy on a silent broker), never a hang; what was not sent is sent again by the sweep (enqueue)
+    task_publish_retry_policy={"max_retries": 0},
+    broker_pool_acquire_timeout=0.5,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={
@@ -48,6 +64,10 @@ _CHAIN_RETRY: dict[str, object] = {
 
 
 def configure(broker_url: str) -> Celery:
+    """Send to and consume from ``broker_url``. Pooled connections to another broker are dropped: the pool is built
+    on first use, from the URL then, and kept sending there after the URL changed."""
+    if celery_app.conf.broker_url != broker_url:
+        celery_app._after_fork()  # noqa: SLF001 - forgets the connection and producer pools, as a forked child does
     celery_app.conf.broker_url = broker_url
     return celery_app
 
@@ -113,5 +133,17 @@ def keep_pool_alive(rt: Runtime, build: str) -> threading.Thread:
 
 
 def enqueue(name: str, args: list[object], queue: str | None = None) -> None:
-    """Send task ``name``; ``queue`` None: the default queue (a referee pool's queue: Runtime.referee_queue)."""
-    celery_app.send_task(name, args=args, queue=queue)
+    """Send task ``name``; ``queue`` None: the default queue (a referee pool's queue: Runtime.referee_queue).
+
+    Best effort, and never raises for a broker that cannot be reached: every caller sends after its write committed,
+    so an exception here answered a 500 for a write that stood (and the client's retry a 409 or a replayed nonce).
+    A send fails at once on a broker that refuses connections, within ``BROKER_SOCKET_TIMEOUT_S`` (and half a second
+    more for a pooled connection) on one that went silent; it is logged (a warning naming the task) and nothing is
+    lost: the periodic sweep (service.sweep, every minute) queues each step that may be lost so again (advance,
+    settle, adjudicate, punish_verifier), and beat's schedule runs the others (match, reap, epoch) every few seconds
+    whatever was sent."""
+    try:
+        celery_app.send_task(name, args=args, queue=queue)
+    except BROKER_DOWN as exc:
+        log.warning("task %s %s not sent, the broker is unreachable (%s): the sweep or the beat schedule runs it "
+                    "later", name, args, exc)

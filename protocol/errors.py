@@ -30,6 +30,12 @@ class CheckpointError(GridMintError, ValueError):
     """A checkpoint that is not a valid safetensors file, or whose contents do not match what was committed."""
 
 
+class BlobCorruptError(GridMintError, OSError):
+    """A stored blob whose bytes no longer hash to its name (content-addressed by sha256): a disk or shared-storage
+    fault. An OSError, like a file that cannot be read (node.checkpoint.load): a fault of this machine, never evidence
+    against whoever uploaded the blob, so nothing is decided on it and it is not served."""
+
+
 class VersionMismatch(GridMintError):
     """This node computes a unit's spec hash otherwise than the marketplace: another GridMint version (training
     recipe, data order or state hash), whose commitments or verdicts would not match the marketplace's."""

@@ -49,3 +49,19 @@ def test_a_blob_write_that_fails_leaves_no_partial_file(tmp_path: Path, monkeypa
     monkeypatch.undo()
     sha = store.put_checkpoint(data)
     assert [p.name for p in (tmp_path / "blobs").iterdir()] == [f"{sha}.safetensors"] and store.read(sha) == data
+
+
+def test_the_operator_key_never_shows_in_a_repr_or_log_of_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRIDMINT_OPERATOR_KEY holds the slasher and settler roles; as a plain str it was printed whole by any repr of
+    the settings (a debug log line, a traceback's locals, a crash report). It is used all the same."""
+    from eth_account import Account
+
+    from marketplace.bootstrap import operator_account
+
+    acct = Account.create()
+    key = bytes(acct.key).hex()
+    monkeypatch.setenv("GRIDMINT_OPERATOR_KEY", "0x" + key)
+    settings = Settings()
+    shown = [repr(settings), str(settings), f"{settings!r}", settings.model_dump_json(), repr(settings.model_dump())]
+    assert not [text for text in shown if key in text.lower()]
+    assert operator_account(settings).address == acct.address

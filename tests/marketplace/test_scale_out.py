@@ -107,8 +107,7 @@ def cluster(tmp_path: Path, postgres_server: str) -> Iterator[Cluster]:
 
 def _celery_workers(redis_url: str, want: int) -> list[str]:
     """Names of the Celery workers answering a broadcast ping on the shared broker (polled until ``want`` answer)."""
-    # A Celery app of its own: the shared ``tasks.celery_app`` may already hold a connection pool to an earlier
-    # test's broker, and reconfiguring its URL does not move that pool (the ping then asks the wrong Redis).
+    # A Celery app of its own: the shared ``tasks.celery_app`` belongs to whichever test configured it last.
     probe = Celery("gridmint-probe", broker=redis_url)
     names: list[str] = []
     # a worker imports torch and the whole service before it answers: on a loaded 2-core machine that took > 30 s
