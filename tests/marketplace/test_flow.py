@@ -738,6 +738,9 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert UnitSpec.from_json(abandoned["spec"]).unit_id == row.unit_id
     forged = TrainingProof.from_dict(row.canary["proof"])
     assert abandoned["proof"] == segment_view(forged, row.segment).to_dict() != forged.to_dict()
+    for blob in (abandoned["checkpoint_blob"], abandoned["end_blob"]):  # nothing dates the forged end state
+        headers = httpx.get(f"{market.url}/blobs/{blob}").headers
+        assert "last-modified" not in headers and "etag" not in headers
     listed = {v["id"]: v["status"] for v in httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]}
     assert len(listed) == 8 and listed[row.id] == "assigned"
     held = _rows(market, id=row.canary["held"])[0]
