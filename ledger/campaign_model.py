@@ -22,8 +22,9 @@ class StakeM:
     locked: int = 0
     bonded: int = 0
     unbonding: int = 0
-    ready_at: int = 0
+    ready_at: int = 0  # nominal: the request's time + the delay; Model.ready_at adds the time paused since
     open_disputes: int = 0
+    paused_at_request: int = 0  # Model.paused_total at the request
 
     def free(self) -> int:
         return max(self.staked - self.locked - self.bonded, 0)
@@ -81,7 +82,8 @@ class Model:
     claimable_at: int = 0
     claimed: dict[str, int] = field(default_factory=dict)
     paused: bool = False
-    #: JobEscrow's paused-time accounting: seconds paused before the current pause, and when the current one began
+    #: the paused-time accounting of JobEscrow and GridStaking (PauseClock; the kill switch pauses both at once):
+    #: seconds paused before the current pause, and when the current one began
     paused_total: int = 0
     paused_since: int = 0
     evidence_used: set[bytes] = field(default_factory=set)
@@ -128,6 +130,7 @@ class Model:
         s.staked -= amount
         s.unbonding += amount
         s.ready_at = self.now + self.params.unbonding_delay
+        s.paused_at_request = self.paused_total
         return None
 
     def withdraw(self, a: str) -> str | None:
@@ -138,7 +141,7 @@ class Model:
             return "StakingNothingToWithdraw"
         if s.open_disputes:
             return "StakingUnderDispute"
-        if self.now < s.ready_at:
+        if self.now < self.ready_at(s):
             return "StakingStillUnbonding"
         self._add(self.balances, a, s.unbonding)
         self._add(self.withdrawn, a, s.unbonding)
@@ -248,10 +251,15 @@ class Model:
             self._add(self.balances, verifier, bounty)
         self._add(self.balances, self.treasury, slashed - bounty)
 
+    def ready_at(self, s: StakeM, at: int | None = None) -> int:
+        """An unbonding's deadline in force at ``at`` (GridStaking accountOf's unbondingReadyAt): the nominal one
+        pushed back by the seconds paused since the request; 0 if nothing was ever requested."""
+        return s.ready_at + self.paused_seconds(at) - s.paused_at_request if s.ready_at else 0
+
     # ---------------------------------------------------------------- escrow
 
     def paused_seconds(self, at: int | None = None) -> int:
-        """JobEscrow.pausedSeconds() at time ``at`` (default ``now``): the current pause included."""
+        """pausedSeconds() of JobEscrow and GridStaking at time ``at`` (default ``now``): the current pause included."""
         at = self.now if at is None else at
         return self.paused_total + (at - self.paused_since if self.paused else 0)
 

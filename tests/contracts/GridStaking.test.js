@@ -878,6 +878,109 @@ describe("GridStaking", function () {
     });
   });
 
+  describe("pausedSeconds and a pause during unbonding", function () {
+    // The provider's request (unbondingFixture) would mature at readyAt. An hour after it the guardian pauses; the
+    // timelocked unpause lands 1,000 s after readyAt. Staking was paused for PAUSED seconds, during which nobody
+    // could accuse, resolve or slash, so the unbonding matures PAUSED seconds later: at `extended`.
+    async function pausedInUnbondingFixture() {
+      const f = await unbondingFixture();
+      const requestedAt = f.readyAt - DELAY;
+      await time.setNextBlockTimestamp(requestedAt + 3_600n);
+      await f.staking.connect(f.guardian).pause();
+      await time.setNextBlockTimestamp(f.readyAt + 1_000n);
+      await f.staking.connect(f.governor).unpause();
+      const paused = f.readyAt + 1_000n - (requestedAt + 3_600n);
+      return { ...f, paused, extended: f.readyAt + paused };
+    }
+
+    it("counts the seconds paused, the current pause included", async function () {
+      const { staking, guardian, governor } = await networkHelpers.loadFixture(deployStakingFixture);
+      expect(await staking.pausedSeconds()).to.equal(0n);
+      await staking.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(500);
+      expect(await staking.pausedSeconds()).to.equal(BigInt(await time.latest()) - pausedAt);
+      await time.setNextBlockTimestamp(pausedAt + 1_000n);
+      await staking.connect(governor).unpause();
+      await time.increase(5_000);
+      expect(await staking.pausedSeconds()).to.equal(1_000n); // stands still once unpaused
+    });
+
+    it("reports the deadline in force from accountOf, moving with the clock while paused", async function () {
+      const { staking, guardian, provider, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await staking.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(DELAY * 2n);
+      const pausedFor = BigInt(await time.latest()) - pausedAt;
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt + pausedFor);
+    });
+
+    it("keeps stake whose unbonding would have matured during the pause slashable after it (review R1)", async function () {
+      // The cheat requested its unbond at once, the pause blocked every slashing path, and the unpause was scheduled
+      // in public: its withdraw in the next block must fail, and the referee's fraud verdict must still find the stake.
+      const { token, staking, referee, provider, verifier, treasury, readyAt, extended } =
+        await networkHelpers.loadFixture(pausedInUnbondingFixture);
+      expect(BigInt(await time.latest())).to.be.greaterThan(readyAt); // past the nominal delay
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingStillUnbonding")
+        .withArgs(provider.address, extended);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      const bounty = (STAKE * BOUNTY_BPS) / 10_000n;
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, STAKE);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-STAKE, bounty, STAKE - bounty, 0n],
+      );
+    });
+
+    it("lets the withdraw through at the extended deadline, not a second before", async function () {
+      const { token, staking, provider, unbonded, paused, extended } = await networkHelpers.loadFixture(
+        pausedInUnbondingFixture,
+      );
+      expect(await staking.pausedSeconds()).to.equal(paused);
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(extended);
+      await time.setNextBlockTimestamp(extended - 1n);
+      await expect(staking.connect(provider).withdraw({ gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingStillUnbonding")
+        .withArgs(provider.address, extended);
+      const tx = staking.connect(provider).withdraw();
+      await expect(tx).to.emit(staking, "Withdrawn").withArgs(provider.address, unbonded);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, provider], [-unbonded, unbonded]);
+    });
+
+    it("does not move the deadline of a request made after the pause", async function () {
+      const { staking, guardian, governor, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(guardian).pause();
+      await time.increase(10_000);
+      await staking.connect(governor).unpause();
+      await staking.connect(provider).requestUnbond(1n);
+      const readyAt = BigInt(await time.latest()) + DELAY;
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt);
+      await time.increaseTo(readyAt);
+      await expect(staking.connect(provider).withdraw()).to.emit(staking, "Withdrawn").withArgs(provider.address, 1n);
+    });
+
+    it("leaves an unbonding that had matured before the pause withdrawable as soon as it ends", async function () {
+      const { staking, guardian, governor, provider, unbonded, readyAt } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
+      await time.increaseTo(readyAt + 10n);
+      await staking.connect(guardian).pause();
+      await time.increase(DELAY * 3n);
+      await staking.connect(governor).unpause();
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.be.lessThan(
+        BigInt(await time.latest()),
+      );
+      await expect(staking.connect(provider).withdraw())
+        .to.emit(staking, "Withdrawn")
+        .withArgs(provider.address, unbonded);
+    });
+  });
+
   describe("setMinStake / minStake / meetsMinStake", function () {
     it("sets a per-GPU-class minimum, emits MinStakeSet, and meetsMinStake compares bonded stake", async function () {
       const { staking, governor, provider } = await networkHelpers.loadFixture(stakedFixture);
