@@ -63,6 +63,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     }
 
     /// @dev `amount` is the verifier's claimed unearned pay, as signed; it does not cap the slash (see `resolve`).
+    /// `bond` is what `accuse` bonded; a slash of the verifier's stake may since have taken part of it (`_takeStake`).
     struct Dispute {
         address provider;
         address verifier;
@@ -248,21 +249,22 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
 
     /// @notice Referee verdict on the dispute for `evidence`. `fraud`: slash the provider's WHOLE slashable stake
     /// (staked + unbonding, whatever is locked or bonded in it), bounty to the verifier. Otherwise the accusation was
-    /// false: the verifier's bond goes to the treasury.
+    /// false: the verifier's bond goes to the treasury, or what is left of it where a slash of the verifier's stake
+    /// since took part of it (`_takeStake`); stake the verifier added later never pays for it.
     /// @dev Why not the accused `amount`: the accuser chooses it and each evidence hash is used once, so a cheating
     /// provider could have a second staked key of its own accuse it first for 1 wei, and the fraud verdict on that
     /// accusation would cap its penalty at 1 wei and spend the evidence before an honest verifier could use it.
     /// A proven fraud therefore costs everything; `amount` stays in the signed struct as the verifier's claim of
     /// unearned pay (reported in Accused and disputeOf).
     function resolve(bytes32 evidence, bool fraud) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _closeDispute(evidence);
+        (Dispute memory d, uint256 bondLeft) = _closeDispute(evidence);
         if (fraud) {
             StakeRecord storage p = _accounts[d.provider];
             uint256 slashed = _takeStake(d.provider, p.staked + p.unbonding);
             emit DisputeResolved(evidence, true, slashed);
             _payOut(d.provider, d.verifier, evidence, slashed);
         } else {
-            uint256 penalty = _takeStake(d.verifier, d.bond);
+            uint256 penalty = _takeStake(d.verifier, bondLeft);
             emit DisputeResolved(evidence, false, penalty);
             _payOut(d.verifier, address(0), evidence, penalty);
         }
@@ -275,24 +277,28 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     /// tolerance), so an honest verifier's accusation can be wrong; it loses nothing. The dispute closes, both
     /// accounts unfreeze, the bond is released, no token moves and the evidence is spent.
     function dismiss(bytes32 evidence) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _closeDispute(evidence);
+        (Dispute memory d,) = _closeDispute(evidence);
         emit DisputeDismissed(evidence, d.provider, d.verifier);
     }
 
     /// @dev Close the open dispute for `evidence` (spending the evidence): both accounts leave it, the bond is
-    /// released. Reverts StakingUnknownDispute if none is open.
-    function _closeDispute(bytes32 evidence) private returns (Dispute memory d) {
+    /// released. Returns the dispute and `bondLeft`, the part of its bond still backed by the verifier's stake: all of
+    /// it unless a slash took stake from under the verifier's bonds (`_takeStake` then cut `bonded` to what is left;
+    /// that remainder backs the open bonds in the order they close). Reverts StakingUnknownDispute if none is open.
+    function _closeDispute(bytes32 evidence) private returns (Dispute memory d, uint256 bondLeft) {
         d = _disputes[evidence];
         if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
         delete _disputes[evidence];
         _evidenceUsed[evidence] = true;
         StakeRecord storage p = _accounts[d.provider];
         StakeRecord storage v = _accounts[d.verifier];
-        // unchecked: each open dispute added exactly these amounts/counts in `accuse`.
+        uint256 bonded = v.bonded;
+        bondLeft = d.bond < bonded ? d.bond : bonded;
+        // unchecked: each open dispute added exactly these counts in `accuse`; bondLeft <= bonded.
         unchecked {
             p.openDisputes -= 1;
             v.openDisputes -= 1;
-            v.bonded -= d.bond;
+            v.bonded = bonded - bondLeft;
         }
     }
 
@@ -412,6 +418,11 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
 
     /// @dev Removes up to `amount` from `account`: staked first, then unbonding. Returns what was taken (maybe 0:
     /// a dispute must still resolve when governance already slashed the account).
+    /// The verifier bonds of `account`'s open accusations are part of that stake, so what a slash takes from under
+    /// them it takes from the bonds: `bonded` is cut to the stake left (staked + unbonding, which a false verdict
+    /// draws on), so that stake added later is free and a false verdict takes only what is still backed (review R4:
+    /// the canary path slashes a verifier's whole stake; its bond used to be taken again from its next stake).
+    /// `locked` is not cut: nothing is ever paid out of a lock, and the LOCKER releases exactly what it locked.
     function _takeStake(address account, uint256 amount) private returns (uint256 taken) {
         StakeRecord storage a = _accounts[account];
         uint256 staked = a.staked;
@@ -421,11 +432,14 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         uint256 fromUnbonding = rest < unbonding ? rest : unbonding;
         // unchecked: fromStaked <= staked, fromUnbonding <= unbonding, and _totalStaked >= staked + unbonding.
         unchecked {
-            a.staked = staked - fromStaked;
-            a.unbonding = unbonding - fromUnbonding;
+            staked -= fromStaked;
+            unbonding -= fromUnbonding;
             taken = fromStaked + fromUnbonding;
             _totalStaked -= taken;
         }
+        a.staked = staked;
+        a.unbonding = unbonding;
+        if (a.bonded > staked + unbonding) a.bonded = staked + unbonding;
     }
 
     /// @dev Splits `slashed`: bountyBps to `verifier` (none if it is address(0)), the rest to the treasury.

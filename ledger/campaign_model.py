@@ -205,15 +205,17 @@ class Model:
     def resolve(self, evidence: bytes, fraud: bool) -> str | None:
         if self.paused:
             return "EnforcedPause"
-        d = self._close_dispute(evidence)
-        if d is None:
+        closed = self._close_dispute(evidence)
+        if closed is None:
             return "StakingUnknownDispute"
+        d, bond_left = closed
         if fraud:
             ps = self.stake_of(d.provider)
             # The whole slashable stake: the accused amount is the accuser's choice and does not cap the slash.
             self._pay_out(d.verifier, self._take(d.provider, ps.staked + ps.unbonding))
         else:
-            self._pay_out(None, self._take(d.verifier, d.bond))
+            # The bond, as far as a slash of the verifier's stake has not taken it already.
+            self._pay_out(None, self._take(d.verifier, bond_left))
         return None
 
     def dismiss(self, evidence: bytes) -> str | None:
@@ -222,8 +224,10 @@ class Model:
             return "EnforcedPause"
         return "StakingUnknownDispute" if self._close_dispute(evidence) is None else None
 
-    def _close_dispute(self, evidence: bytes) -> DisputeM | None:
-        """Both accounts leave the dispute, the bond is released, the evidence is spent (GridStaking._closeDispute)."""
+    def _close_dispute(self, evidence: bytes) -> tuple[DisputeM, int] | None:
+        """Both accounts leave the dispute, the bond is released, the evidence is spent (GridStaking._closeDispute).
+        Returns the dispute and the part of its bond still backed: all of it unless a slash cut ``bonded`` (what is
+        left backs the open bonds in the order they close)."""
         d = self.disputes.pop(evidence, None)
         if d is None:
             return None
@@ -231,8 +235,9 @@ class Model:
         ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
         ps.open_disputes -= 1
         vs.open_disputes -= 1
-        vs.bonded -= d.bond
-        return d
+        bond_left = min(d.bond, vs.bonded)
+        vs.bonded -= bond_left
+        return d, bond_left
 
     def _take(self, a: str, amount: int) -> int:
         s = self.stake_of(a)
@@ -240,6 +245,8 @@ class Model:
         from_unbonding = min(amount - from_staked, s.unbonding)
         s.staked -= from_staked
         s.unbonding -= from_unbonding
+        # the account's open bonds are part of its stake: what was taken from under them was taken from them
+        s.bonded = min(s.bonded, s.staked + s.unbonding)
         taken = from_staked + from_unbonding
         self.total_staked -= taken
         self._add(self.slashed, a, taken)

@@ -188,7 +188,9 @@ class TokenStakingOps(ContractsBase):
 
     def resolve_dispute(self, evidence: bytes | str, fraud: bool) -> int:
         """Referee verdict (needs REFEREE_ROLE); returns the amount slashed: with ``fraud``, the provider's whole
-        stake (staked + unbonding, whatever amount was accused); otherwise the verifier's bond."""
+        stake (staked + unbonding, whatever amount was accused); otherwise the verifier's bond, or what is left of it
+        where a slash of the verifier's stake has since taken part of it (0 after a whole-stake slash: stake added
+        later never pays for it)."""
         receipt = self._send(self.staking, "resolve", to_bytes32(evidence, "evidence"), bool(fraud))
         return int(self._event_arg(self.staking, "DisputeResolved", receipt, "slashed"))
 

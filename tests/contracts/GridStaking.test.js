@@ -631,6 +631,57 @@ describe("GridStaking", function () {
       expect(await staking.stakeOf(verifier.address)).to.equal(STAKE - BOND);
     });
 
+    it("false accusation after a slash took the verifier's whole stake: no bond from stake added later (review R4)", async function () {
+      // The canary path slashes a lazy verifier's whole stake, its open bond included; it then stakes again.
+      const { token, staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(slasher).slash(verifier.address, STAKE, treasury.address, EVIDENCE2);
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(0n); // nothing backs the bond any more
+      const again = STAKE / 10n;
+      await staking.connect(verifier).stake(again);
+      const tx = staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, false, 0n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier, treasury], [0n, 0n, 0n]);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([again, 0n, 0n]);
+      expect(await staking.freeStakeOf(verifier.address)).to.equal(again);
+    });
+
+    it("false accusation after a partial slash: takes only the part of the bond still backed", async function () {
+      const { staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      const left = BOND / 4n;
+      await staking.connect(slasher).slash(verifier.address, STAKE - left, treasury.address, EVIDENCE2);
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(left);
+      await staking.connect(verifier).stake(STAKE);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, left);
+      expect(await staking.stakeOf(verifier.address)).to.equal(STAKE); // left + STAKE - left
+    });
+
+    it("across several open bonds, takes no more than what backed them after the slash", async function () {
+      const { staking, slasher, referee, provider, provider2, verifier, treasury } = await networkHelpers.loadFixture(
+        accusedFixture,
+      );
+      await staking.connect(provider2).stake(STAKE);
+      const EVIDENCE3 = ethers.id("evidence-3");
+      await staking
+        .connect(referee)
+        .accuse(provider2.address, EVIDENCE3, 1n, await signAccusation(verifier, staking, provider2.address, EVIDENCE3, 1n));
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(BOND * 2n);
+      const left = BOND + BOND / 2n; // backs one bond and half of the other
+      await staking.connect(slasher).slash(verifier.address, STAKE - left, treasury.address, EVIDENCE2);
+      await staking.connect(verifier).stake(STAKE);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, BOND);
+      await expect(staking.connect(referee).resolve(EVIDENCE3, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE3, false, left - BOND);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, 0n, 0n]);
+      expect((await accountOf(staking, provider.address)).openDisputes).to.equal(0n);
+    });
+
     it("fraud after governance already slashed everything: resolves with 0 slashed and moves no token", async function () {
       const { token, staking, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
       await staking.connect(slasher).slash(provider.address, STAKE, verifier.address, EVIDENCE2);
@@ -684,6 +735,16 @@ describe("GridStaking", function () {
       await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
+    });
+
+    it("releases a bond a slash already took from: stake added later is free again", async function () {
+      const { staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(slasher).slash(verifier.address, STAKE - BOND / 2n, treasury.address, EVIDENCE2);
+      await staking.connect(verifier).stake(STAKE);
+      await staking.connect(referee).dismiss(EVIDENCE);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE + BOND / 2n, 0n, 0n]);
+      expect(await staking.freeStakeOf(verifier.address)).to.equal(STAKE + BOND / 2n);
     });
 
     it("reverts with StakingUnknownDispute(evidence) for unknown, resolved or dismissed evidence", async function () {

@@ -287,6 +287,28 @@ def test_a_pause_during_unbonding_extends_it_on_chain_and_in_the_model(harness: 
     assert s.unbonding == 0 and h.check() == [] and h.stats.violations == []
 
 
+def test_a_bond_slashed_away_is_not_taken_again_from_later_stake(harness: Harness) -> None:
+    """Review R4 against the model: a verifier bonds 100 on an accusation, a governance slash takes its whole stake
+    (the bond with it), it stakes 300 again, and the accusation is ruled false. The verdict takes nothing more: the
+    300 stays staked and free, on chain and in the model."""
+    harness.reset()
+    h = harness
+    verifier = h.cast.verifiers[0]
+    v_index = h.cast.stakers.index(verifier)
+    h.stake(0, 1_000)
+    h.stake(v_index, 500)
+    h.accuse(0, 0, 10)
+    h.slash(v_index, 500, 1)
+    s = h.model.stake_of(verifier.address)
+    assert (s.staked, s.bonded, s.open_disputes) == (0, 0, 1)
+    h.stake(v_index, 300)
+    slashed = h.model.slashed.get(verifier.address, 0)
+    h.resolve(0, fraud=False)
+    assert h.model.disputes == {} and h.model.slashed.get(verifier.address, 0) == slashed
+    assert (s.staked, s.bonded, s.open_disputes, s.free()) == (300, 0, 0, 300)
+    assert h.check() == [] and h.stats.violations == []
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 
