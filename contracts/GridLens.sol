@@ -19,8 +19,8 @@ contract GridLens {
     /// @notice Everything in one flat array (cheap to build and to decode):
     /// - 12 system fields: totalSupply, token balances of staking / escrow / distributor, totalStaked,
     ///   totalClaimable, totalDeposited, latestEpoch, latestClaimableAt, paused flags of staking / escrow / distributor;
-    /// - 9 per account: token balance, staked, locked, bonded, unbonding, unbondingReadyAt, openDisputes,
-    ///   escrow claimable, payout claimed;
+    /// - 9 per account: token balance, staked, locked, bonded, unbonding, unbondingReadyAt (the deadline in force, as
+    ///   GridStaking.accountOf says), openDisputes, escrow claimable, payout claimed;
     /// - 4 per job: funded, released, closed (0/1), closableAt (the deadline in force, as JobEscrow.getJob says).
     function read(
         IERC20 token,

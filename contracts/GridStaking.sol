@@ -6,20 +6,24 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+import {PauseClock} from "./PauseClock.sol";
 
 /// @title GridStaking
 /// @notice Providers and verifiers bond GMT. Leaving is two steps: `requestUnbond` (the amount stops backing work
-/// but stays slashable) and `withdraw` after `unbondingDelay`. A LOCKER (escrow / marketplace) locks the stake that
-/// backs work in flight; an account in an open dispute cannot unbond or withdraw at all.
+/// but stays slashable) and `withdraw` after `unbondingDelay`. Time spent paused does not count toward that delay:
+/// the pause blocks every slashing path, so a delay that ran on through it would let a cheat whose unbonding matured
+/// meanwhile withdraw in the block the (publicly scheduled) unpause lands, before the referee could slash it.
+/// A LOCKER (escrow / marketplace) locks the stake that backs work in flight; an account in an open dispute cannot
+/// unbond or withdraw at all.
 /// Slashing happens only (a) through a fraud proof: a staked verifier signs an accusation that a committed hash does
 /// not replay, bonding `verifierBond`; a REFEREE resolves it, slashing the provider's whole slashable stake (bounty
 /// to the verifier) or the verifier's bond for a false accusation (or `dismiss`ing it, bond released, when the
 /// accusation was made in good faith); or (b) by the governance SLASHER. Each evidence
 /// hash is used once, so slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to
 /// the verifier and the rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
-contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP712 {
+contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
@@ -31,8 +35,11 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         keccak256("Accusation(address provider,bytes32 evidence,uint256 amount)");
     uint16 public constant MAX_BPS = 10_000;
 
-    /// @dev `staked` backs work and is what `stakeOf` reports; `locked` (LOCKER) and `bonded` (verifier bonds of open
-    /// accusations) are parts of it that cannot be unbonded. `unbonding` left `staked` but is still slashable.
+    /// @notice One account's stake, as `accountOf` reports it. `staked` backs work and is what `stakeOf` reports;
+    /// `locked` (LOCKER) and `bonded` (verifier bonds of open accusations) are parts of it that cannot be unbonded.
+    /// `unbonding` left `staked` but is still slashable; it can be withdrawn from `unbondingReadyAt`, the deadline in
+    /// force: the request's time + the delay then + every second paused since (while paused, it moves on with the
+    /// clock).
     struct StakeAccount {
         uint256 staked;
         uint256 locked;
@@ -42,7 +49,21 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         uint32 openDisputes;
     }
 
+    /// @dev What storage holds for an account: StakeAccount's fields with `unbondingReadyAt` nominal (the request's
+    /// time + the delay then), plus `pausedAtRequest` (pausedSeconds() at the request; `_readyAt` adds the seconds
+    /// paused since). The three small fields share one slot.
+    struct StakeRecord {
+        uint256 staked;
+        uint256 locked;
+        uint256 bonded;
+        uint256 unbonding;
+        uint64 unbondingReadyAt;
+        uint32 openDisputes;
+        uint40 pausedAtRequest;
+    }
+
     /// @dev `amount` is the verifier's claimed unearned pay, as signed; it does not cap the slash (see `resolve`).
+    /// `bond` is what `accuse` bonded; a slash of the verifier's stake may since have taken part of it (`_takeStake`).
     struct Dispute {
         address provider;
         address verifier;
@@ -56,7 +77,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     uint32 public unbondingDelay;
     uint256 public verifierBond;
 
-    mapping(address account => StakeAccount) private _accounts;
+    mapping(address account => StakeRecord) private _accounts;
     mapping(bytes32 gpuClass => uint256) private _minStake;
     mapping(bytes32 evidence => bool) private _evidenceUsed;
     mapping(bytes32 evidence => Dispute) private _disputes;
@@ -121,7 +142,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// @notice Bond `amount` GMT from the caller (needs a prior `approve`).
     function stake(uint256 amount) external whenNotPaused nonReentrant {
         if (amount == 0) revert StakingZeroAmount();
-        StakeAccount storage a = _accounts[msg.sender];
+        StakeRecord storage a = _accounts[msg.sender];
         uint256 newTotal = a.staked + amount;
         a.staked = newTotal;
         _totalStaked += amount;
@@ -130,10 +151,11 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     }
 
     /// @notice Start unbonding `amount` of the caller's free stake (not locked, not bonded, no open dispute).
-    /// It stays slashable until `withdraw`; a new request adds to the pending one and restarts the delay.
+    /// It stays slashable until `withdraw`; a new request adds to the pending one and restarts the delay. The event's
+    /// `readyAt` is the deadline as of now: any pause before it pushes it back (`accountOf` reports the one in force).
     function requestUnbond(uint256 amount) external whenNotPaused {
         if (amount == 0) revert StakingZeroAmount();
-        StakeAccount storage a = _accounts[msg.sender];
+        StakeRecord storage a = _accounts[msg.sender];
         if (a.openDisputes != 0) revert StakingUnderDispute(msg.sender, a.openDisputes);
         uint256 free = _free(a);
         if (amount > free) revert StakingInsufficientStake(msg.sender, free, amount);
@@ -145,16 +167,19 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         uint256 readyAt = block.timestamp + unbondingDelay;
         a.unbonding = unbonding;
         a.unbondingReadyAt = uint64(readyAt);
+        a.pausedAtRequest = _pausedSecondsNow();
         emit UnbondRequested(msg.sender, amount, unbonding, readyAt);
     }
 
-    /// @notice Withdraw everything that finished unbonding.
+    /// @notice Withdraw everything that finished unbonding: `unbondingDelay` seconds since the request, not counting
+    /// the seconds paused (StakingStillUnbonding names the deadline in force).
     function withdraw() external whenNotPaused nonReentrant returns (uint256 amount) {
-        StakeAccount storage a = _accounts[msg.sender];
+        StakeRecord storage a = _accounts[msg.sender];
         amount = a.unbonding;
         if (amount == 0) revert StakingNothingToWithdraw(msg.sender);
         if (a.openDisputes != 0) revert StakingUnderDispute(msg.sender, a.openDisputes);
-        if (block.timestamp < a.unbondingReadyAt) revert StakingStillUnbonding(msg.sender, a.unbondingReadyAt);
+        uint256 readyAt = _readyAt(a);
+        if (block.timestamp < readyAt) revert StakingStillUnbonding(msg.sender, readyAt);
         a.unbonding = 0;
         // unchecked: _totalStaked is the sum of every staked + unbonding, so it is >= amount.
         unchecked {
@@ -167,7 +192,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// @notice Lock `amount` of `provider`'s free stake behind work in flight (LOCKER: escrow / marketplace).
     function lock(address provider, uint256 amount) external onlyRole(LOCKER_ROLE) {
         if (amount == 0) revert StakingZeroAmount();
-        StakeAccount storage a = _accounts[provider];
+        StakeRecord storage a = _accounts[provider];
         uint256 free = _free(a);
         if (amount > free) revert StakingInsufficientStake(provider, free, amount);
         uint256 locked = a.locked + amount;
@@ -178,7 +203,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// @notice Release `amount` of `provider`'s locked stake once the work it backed is settled.
     function unlock(address provider, uint256 amount) external onlyRole(LOCKER_ROLE) {
         if (amount == 0) revert StakingZeroAmount();
-        StakeAccount storage a = _accounts[provider];
+        StakeRecord storage a = _accounts[provider];
         uint256 locked = a.locked;
         if (amount > locked) revert StakingInsufficientLocked(provider, locked, amount);
         // unchecked: amount <= locked was checked above.
@@ -208,9 +233,9 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         bytes32 digest = _hashTypedDataV4(keccak256(abi.encode(ACCUSATION_TYPEHASH, provider, evidence, amount)));
         address verifier = ECDSA.recover(digest, signature);
         if (verifier == provider) revert StakingSelfAccusation(provider);
-        StakeAccount storage p = _accounts[provider];
+        StakeRecord storage p = _accounts[provider];
         if (p.staked + p.unbonding == 0) revert StakingNothingToSlash(provider);
-        StakeAccount storage v = _accounts[verifier];
+        StakeRecord storage v = _accounts[verifier];
         uint256 bond = verifierBond;
         uint256 free = _free(v);
         if (bond == 0 || bond > free) revert StakingInsufficientStake(verifier, free, bond == 0 ? 1 : bond);
@@ -224,21 +249,22 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
 
     /// @notice Referee verdict on the dispute for `evidence`. `fraud`: slash the provider's WHOLE slashable stake
     /// (staked + unbonding, whatever is locked or bonded in it), bounty to the verifier. Otherwise the accusation was
-    /// false: the verifier's bond goes to the treasury.
+    /// false: the verifier's bond goes to the treasury, or what is left of it where a slash of the verifier's stake
+    /// since took part of it (`_takeStake`); stake the verifier added later never pays for it.
     /// @dev Why not the accused `amount`: the accuser chooses it and each evidence hash is used once, so a cheating
     /// provider could have a second staked key of its own accuse it first for 1 wei, and the fraud verdict on that
     /// accusation would cap its penalty at 1 wei and spend the evidence before an honest verifier could use it.
     /// A proven fraud therefore costs everything; `amount` stays in the signed struct as the verifier's claim of
     /// unearned pay (reported in Accused and disputeOf).
     function resolve(bytes32 evidence, bool fraud) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _closeDispute(evidence);
+        (Dispute memory d, uint256 bondLeft) = _closeDispute(evidence);
         if (fraud) {
-            StakeAccount storage p = _accounts[d.provider];
+            StakeRecord storage p = _accounts[d.provider];
             uint256 slashed = _takeStake(d.provider, p.staked + p.unbonding);
             emit DisputeResolved(evidence, true, slashed);
             _payOut(d.provider, d.verifier, evidence, slashed);
         } else {
-            uint256 penalty = _takeStake(d.verifier, d.bond);
+            uint256 penalty = _takeStake(d.verifier, bondLeft);
             emit DisputeResolved(evidence, false, penalty);
             _payOut(d.verifier, address(0), evidence, penalty);
         }
@@ -251,24 +277,28 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     /// tolerance), so an honest verifier's accusation can be wrong; it loses nothing. The dispute closes, both
     /// accounts unfreeze, the bond is released, no token moves and the evidence is spent.
     function dismiss(bytes32 evidence) external onlyRole(REFEREE_ROLE) whenNotPaused nonReentrant {
-        Dispute memory d = _closeDispute(evidence);
+        (Dispute memory d,) = _closeDispute(evidence);
         emit DisputeDismissed(evidence, d.provider, d.verifier);
     }
 
     /// @dev Close the open dispute for `evidence` (spending the evidence): both accounts leave it, the bond is
-    /// released. Reverts StakingUnknownDispute if none is open.
-    function _closeDispute(bytes32 evidence) private returns (Dispute memory d) {
+    /// released. Returns the dispute and `bondLeft`, the part of its bond still backed by the verifier's stake: all of
+    /// it unless a slash took stake from under the verifier's bonds (`_takeStake` then cut `bonded` to what is left;
+    /// that remainder backs the open bonds in the order they close). Reverts StakingUnknownDispute if none is open.
+    function _closeDispute(bytes32 evidence) private returns (Dispute memory d, uint256 bondLeft) {
         d = _disputes[evidence];
         if (d.provider == address(0)) revert StakingUnknownDispute(evidence);
         delete _disputes[evidence];
         _evidenceUsed[evidence] = true;
-        StakeAccount storage p = _accounts[d.provider];
-        StakeAccount storage v = _accounts[d.verifier];
-        // unchecked: each open dispute added exactly these amounts/counts in `accuse`.
+        StakeRecord storage p = _accounts[d.provider];
+        StakeRecord storage v = _accounts[d.verifier];
+        uint256 bonded = v.bonded;
+        bondLeft = d.bond < bonded ? d.bond : bonded;
+        // unchecked: each open dispute added exactly these counts in `accuse`; bondLeft <= bonded.
         unchecked {
             p.openDisputes -= 1;
             v.openDisputes -= 1;
-            v.bonded -= d.bond;
+            v.bonded = bonded - bondLeft;
         }
     }
 
@@ -286,7 +316,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         if (amount == 0) revert StakingZeroAmount();
         if (verifier == address(0)) revert StakingZeroAddress();
         if (_evidenceUsed[evidence] || _disputes[evidence].provider != address(0)) revert StakingEvidenceUsed(evidence);
-        StakeAccount storage a = _accounts[provider];
+        StakeRecord storage a = _accounts[provider];
         if (a.staked + a.unbonding == 0) revert StakingNothingToSlash(provider);
         _evidenceUsed[evidence] = true;
         uint256 slashed = _takeStake(provider, amount);
@@ -296,6 +326,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
     // ---------------------------------------------------------------- governance
 
     /// @notice Kill switch: blocks stake, unbonding, withdrawal, accusations and slashes. Unpause goes through the timelock.
+    /// The time paused does not count toward any unbonding delay (see `pausedSeconds`).
     function pause() external onlyRole(GUARDIAN_ROLE) {
         _pause();
     }
@@ -334,12 +365,15 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
 
     /// @notice Stake that may be unbonded now (or bonded for an accusation): staked - locked - bonded, floored at 0.
     function freeStakeOf(address account) external view returns (uint256) {
-        StakeAccount storage a = _accounts[account];
+        StakeRecord storage a = _accounts[account];
         return a.openDisputes != 0 ? 0 : _free(a);
     }
 
+    /// @notice `account`'s stake; `unbondingReadyAt` is the deadline in force (see StakeAccount).
     function accountOf(address account) external view returns (StakeAccount memory) {
-        return _accounts[account];
+        StakeRecord storage a = _accounts[account];
+        // the cast cannot truncate: a timestamp + a uint32 delay + a uint40 count of seconds paused fit in 64 bits.
+        return StakeAccount(a.staked, a.locked, a.bonded, a.unbonding, uint64(_readyAt(a)), a.openDisputes);
     }
 
     function minStake(bytes32 gpuClass) external view returns (uint256) {
@@ -348,7 +382,7 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
 
     /// @notice True if `provider`'s bonded stake reaches the minimum for `gpuClass` and no dispute is open against it.
     function meetsMinStake(address provider, bytes32 gpuClass) external view returns (bool) {
-        StakeAccount storage a = _accounts[provider];
+        StakeRecord storage a = _accounts[provider];
         return a.openDisputes == 0 && a.staked >= _minStake[gpuClass];
     }
 
@@ -372,15 +406,25 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
 
     // ---------------------------------------------------------------- internals
 
-    function _free(StakeAccount storage a) private view returns (uint256) {
+    /// @dev The unbonding's deadline in force: the nominal one plus the seconds paused since the request (PauseClock).
+    function _readyAt(StakeRecord storage a) private view returns (uint256) {
+        return _deadlineInForce(a.unbondingReadyAt, a.pausedAtRequest);
+    }
+
+    function _free(StakeRecord storage a) private view returns (uint256) {
         uint256 held = a.locked + a.bonded;
         return a.staked > held ? a.staked - held : 0;
     }
 
     /// @dev Removes up to `amount` from `account`: staked first, then unbonding. Returns what was taken (maybe 0:
     /// a dispute must still resolve when governance already slashed the account).
+    /// The verifier bonds of `account`'s open accusations are part of that stake, so what a slash takes from under
+    /// them it takes from the bonds: `bonded` is cut to the stake left (staked + unbonding, which a false verdict
+    /// draws on), so that stake added later is free and a false verdict takes only what is still backed (review R4:
+    /// the canary path slashes a verifier's whole stake; its bond used to be taken again from its next stake).
+    /// `locked` is not cut: nothing is ever paid out of a lock, and the LOCKER releases exactly what it locked.
     function _takeStake(address account, uint256 amount) private returns (uint256 taken) {
-        StakeAccount storage a = _accounts[account];
+        StakeRecord storage a = _accounts[account];
         uint256 staked = a.staked;
         uint256 unbonding = a.unbonding;
         uint256 fromStaked = amount < staked ? amount : staked;
@@ -388,11 +432,14 @@ contract GridStaking is AccessControl, Pausable, ReentrancyGuardTransient, EIP71
         uint256 fromUnbonding = rest < unbonding ? rest : unbonding;
         // unchecked: fromStaked <= staked, fromUnbonding <= unbonding, and _totalStaked >= staked + unbonding.
         unchecked {
-            a.staked = staked - fromStaked;
-            a.unbonding = unbonding - fromUnbonding;
+            staked -= fromStaked;
+            unbonding -= fromUnbonding;
             taken = fromStaked + fromUnbonding;
             _totalStaked -= taken;
         }
+        a.staked = staked;
+        a.unbonding = unbonding;
+        if (a.bonded > staked + unbonding) a.bonded = staked + unbonding;
     }
 
     /// @dev Splits `slashed`: bountyBps to `verifier` (none if it is address(0)), the rest to the treasury.

@@ -5,9 +5,10 @@ import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+import {PauseClock} from "./PauseClock.sol";
 
 /// @notice What JobEscrow needs from the epoch settlement pool (PayoutDistributor).
 interface IPayoutPool {
@@ -27,7 +28,7 @@ interface IPayoutPool {
 /// count against a grace: `closableAt` moves back by every second paused since the cancel, so a pause cannot wipe
 /// out the pay of units verified before it, nor let the customer close early.
 /// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + totalClaimable.
-contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
+contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
@@ -47,10 +48,6 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     IERC20 public immutable token;
     IPayoutPool public immutable distributor;
     uint32 public cancelGrace;
-    // Paused-time accounting (packs with cancelGrace and Pausable's flag): seconds spent paused before the current
-    // pause, and when the current pause began (meaningful only while paused).
-    uint40 private _pausedTotal;
-    uint40 private _pausedSince;
 
     mapping(bytes32 jobId => Job) private _jobs;
     mapping(bytes32 jobId => mapping(bytes32 unitId => bool)) private _unitReleased;
@@ -122,7 +119,7 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         if (job.closableAt != 0) revert EscrowJobCancelled(jobId, _closableAt(job));
         uint256 closableAt = block.timestamp + cancelGrace;
         job.closableAt = SafeCast.toUint40(closableAt);
-        job.pausedAtCancel = _pausedTotal; // not paused now (whenNotPaused): the total is complete
+        job.pausedAtCancel = _pausedSecondsNow();
         emit JobCancelled(jobId, closableAt);
     }
 
@@ -208,18 +205,6 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
         _unpause();
     }
 
-    /// @dev Paused-time accounting hooks into OpenZeppelin's `_pause` / `_unpause`: a pause starts the clock ...
-    function _pause() internal override {
-        super._pause();
-        _pausedSince = SafeCast.toUint40(block.timestamp);
-    }
-
-    /// @dev ... and an unpause adds the pause's length to the total.
-    function _unpause() internal override {
-        super._unpause();
-        _pausedTotal = SafeCast.toUint40(_pausedTotal + (block.timestamp - _pausedSince));
-    }
-
     function setCancelGrace(uint32 grace) external onlyRole(GOVERNOR_ROLE) {
         cancelGrace = grace;
         emit CancelGraceSet(grace);
@@ -236,13 +221,6 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     {
         Job storage job = _jobs[jobId];
         return (job.customer, job.funded, job.released, job.closed, _closableAt(job));
-    }
-
-    /// @notice Seconds this escrow has spent paused since it was deployed, the current pause included.
-    function pausedSeconds() public view returns (uint256) {
-        uint256 total = _pausedTotal;
-        if (paused()) total += block.timestamp - _pausedSince;
-        return total;
     }
 
     function claimable(address account) external view returns (uint256) {
@@ -281,13 +259,10 @@ contract JobEscrow is AccessControl, Pausable, ReentrancyGuardTransient {
     }
 
     /// @dev A cancelled job's deadline in force (0 if not cancelled): its nominal `closableAt` plus the seconds paused
-    /// since the cancel. Pauses after the deadline passed push it back by no more than they last, so a job past its
-    /// deadline stays past it.
+    /// since the cancel (PauseClock). Pauses after the deadline passed push it back by no more than they last, so a
+    /// job past its deadline stays past it.
     function _closableAt(Job storage job) private view returns (uint256) {
-        uint256 nominal = job.closableAt;
-        if (nominal == 0) return 0;
-        // pausedSeconds() never decreases, and was job.pausedAtCancel at the cancel: no underflow
-        return nominal + pausedSeconds() - job.pausedAtCancel;
+        return _deadlineInForce(job.closableAt, job.pausedAtCancel);
     }
 
     /// @dev Checks that `jobId` is open, not past a cancel's grace, and holds `amount`; records it as released.

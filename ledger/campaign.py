@@ -606,14 +606,15 @@ class Harness:
         expect(chain_totals == model_totals,
                f"system totals (staked, open escrow, deposited, latest epoch, its claimableAt) differ from the model: "
                f"chain {chain_totals}, model {model_totals}")
+        # GridLens reads at the latest block: an unbonding's or a cancelled job's deadline moves on with that block's
+        # time while paused
+        read_at = self.chain.timestamp() if m.paused else m.now
         for a, acc in by.items():
             ms = m.stakes.get(a)
             want_stake = [0] * 6 if ms is None else [
-                ms.staked, ms.locked, ms.bonded, ms.unbonding, ms.ready_at, ms.open_disputes]
+                ms.staked, ms.locked, ms.bonded, ms.unbonding, m.ready_at(ms, read_at), ms.open_disputes]
             want = [m.balances.get(a, 0), *want_stake, m.claimable.get(a, 0), m.claimed.get(a, 0)]
             expect(acc == want, f"{a}: chain {acc} != model {want}")
-        # GridLens reads at the latest block: a cancelled job's deadline moves on with that block's time while paused
-        read_at = self.chain.timestamp() if m.paused else m.now
         for job_id, j in zip(JOBS, jobs):
             mj = m.jobs.get(job_id)
             want_job = [0, 0, 0, 0] if mj is None else [mj.funded, mj.released, int(mj.closed), m.deadline(mj, read_at)]

@@ -22,8 +22,9 @@ class StakeM:
     locked: int = 0
     bonded: int = 0
     unbonding: int = 0
-    ready_at: int = 0
+    ready_at: int = 0  # nominal: the request's time + the delay; Model.ready_at adds the time paused since
     open_disputes: int = 0
+    paused_at_request: int = 0  # Model.paused_total at the request
 
     def free(self) -> int:
         return max(self.staked - self.locked - self.bonded, 0)
@@ -81,7 +82,8 @@ class Model:
     claimable_at: int = 0
     claimed: dict[str, int] = field(default_factory=dict)
     paused: bool = False
-    #: JobEscrow's paused-time accounting: seconds paused before the current pause, and when the current one began
+    #: the paused-time accounting of JobEscrow and GridStaking (PauseClock; the kill switch pauses both at once):
+    #: seconds paused before the current pause, and when the current one began
     paused_total: int = 0
     paused_since: int = 0
     evidence_used: set[bytes] = field(default_factory=set)
@@ -128,6 +130,7 @@ class Model:
         s.staked -= amount
         s.unbonding += amount
         s.ready_at = self.now + self.params.unbonding_delay
+        s.paused_at_request = self.paused_total
         return None
 
     def withdraw(self, a: str) -> str | None:
@@ -138,7 +141,7 @@ class Model:
             return "StakingNothingToWithdraw"
         if s.open_disputes:
             return "StakingUnderDispute"
-        if self.now < s.ready_at:
+        if self.now < self.ready_at(s):
             return "StakingStillUnbonding"
         self._add(self.balances, a, s.unbonding)
         self._add(self.withdrawn, a, s.unbonding)
@@ -202,15 +205,17 @@ class Model:
     def resolve(self, evidence: bytes, fraud: bool) -> str | None:
         if self.paused:
             return "EnforcedPause"
-        d = self._close_dispute(evidence)
-        if d is None:
+        closed = self._close_dispute(evidence)
+        if closed is None:
             return "StakingUnknownDispute"
+        d, bond_left = closed
         if fraud:
             ps = self.stake_of(d.provider)
             # The whole slashable stake: the accused amount is the accuser's choice and does not cap the slash.
             self._pay_out(d.verifier, self._take(d.provider, ps.staked + ps.unbonding))
         else:
-            self._pay_out(None, self._take(d.verifier, d.bond))
+            # The bond, as far as a slash of the verifier's stake has not taken it already.
+            self._pay_out(None, self._take(d.verifier, bond_left))
         return None
 
     def dismiss(self, evidence: bytes) -> str | None:
@@ -219,8 +224,10 @@ class Model:
             return "EnforcedPause"
         return "StakingUnknownDispute" if self._close_dispute(evidence) is None else None
 
-    def _close_dispute(self, evidence: bytes) -> DisputeM | None:
-        """Both accounts leave the dispute, the bond is released, the evidence is spent (GridStaking._closeDispute)."""
+    def _close_dispute(self, evidence: bytes) -> tuple[DisputeM, int] | None:
+        """Both accounts leave the dispute, the bond is released, the evidence is spent (GridStaking._closeDispute).
+        Returns the dispute and the part of its bond still backed: all of it unless a slash cut ``bonded`` (what is
+        left backs the open bonds in the order they close)."""
         d = self.disputes.pop(evidence, None)
         if d is None:
             return None
@@ -228,8 +235,9 @@ class Model:
         ps, vs = self.stake_of(d.provider), self.stake_of(d.verifier)
         ps.open_disputes -= 1
         vs.open_disputes -= 1
-        vs.bonded -= d.bond
-        return d
+        bond_left = min(d.bond, vs.bonded)
+        vs.bonded -= bond_left
+        return d, bond_left
 
     def _take(self, a: str, amount: int) -> int:
         s = self.stake_of(a)
@@ -237,6 +245,8 @@ class Model:
         from_unbonding = min(amount - from_staked, s.unbonding)
         s.staked -= from_staked
         s.unbonding -= from_unbonding
+        # the account's open bonds are part of its stake: what was taken from under them was taken from them
+        s.bonded = min(s.bonded, s.staked + s.unbonding)
         taken = from_staked + from_unbonding
         self.total_staked -= taken
         self._add(self.slashed, a, taken)
@@ -248,10 +258,15 @@ class Model:
             self._add(self.balances, verifier, bounty)
         self._add(self.balances, self.treasury, slashed - bounty)
 
+    def ready_at(self, s: StakeM, at: int | None = None) -> int:
+        """An unbonding's deadline in force at ``at`` (GridStaking accountOf's unbondingReadyAt): the nominal one
+        pushed back by the seconds paused since the request; 0 if nothing was ever requested."""
+        return s.ready_at + self.paused_seconds(at) - s.paused_at_request if s.ready_at else 0
+
     # ---------------------------------------------------------------- escrow
 
     def paused_seconds(self, at: int | None = None) -> int:
-        """JobEscrow.pausedSeconds() at time ``at`` (default ``now``): the current pause included."""
+        """pausedSeconds() of JobEscrow and GridStaking at time ``at`` (default ``now``): the current pause included."""
         at = self.now if at is None else at
         return self.paused_total + (at - self.paused_since if self.paused else 0)
 

@@ -16,7 +16,9 @@ from protocol.signing import sign_accusation as sign_accusation_message
 class StakeState:
     """One account's stake. ``staked`` backs work (what ``stake_of`` reports); ``locked`` (work in flight) and
     ``bonded`` (verifier bonds of open accusations) are parts of it that cannot be unbonded; ``unbonding`` is on its
-    way out (still slashable) and can be withdrawn from ``unbonding_ready_at``."""
+    way out (still slashable) and can be withdrawn from ``unbonding_ready_at``: the deadline in force, i.e. the
+    request's time + the delay + every second the staking contract has been paused since (time paused does not count
+    toward the delay; while paused, the deadline moves on with the clock)."""
 
     staked: int
     locked: int
@@ -79,7 +81,9 @@ class TokenStakingOps(ContractsBase):
             return self._send(self.staking, "stake", amount)
 
     def request_unbond(self, amount: int) -> int:
-        """Start unbonding ``amount`` of this account's free stake; returns the timestamp it can be withdrawn at."""
+        """Start unbonding ``amount`` of this account's free stake; returns the timestamp it can be withdrawn at if the
+        staking contract is not paused before then (each second paused pushes it back: :meth:`stake_state` reports the
+        deadline in force)."""
         receipt = self._send(self.staking, "requestUnbond", to_uint(amount))
         return int(self._event_arg(self.staking, "UnbondRequested", receipt, "readyAt"))
 
@@ -184,7 +188,9 @@ class TokenStakingOps(ContractsBase):
 
     def resolve_dispute(self, evidence: bytes | str, fraud: bool) -> int:
         """Referee verdict (needs REFEREE_ROLE); returns the amount slashed: with ``fraud``, the provider's whole
-        stake (staked + unbonding, whatever amount was accused); otherwise the verifier's bond."""
+        stake (staked + unbonding, whatever amount was accused); otherwise the verifier's bond, or what is left of it
+        where a slash of the verifier's stake has since taken part of it (0 after a whole-stake slash: stake added
+        later never pays for it)."""
         receipt = self._send(self.staking, "resolve", to_bytes32(evidence, "evidence"), bool(fraud))
         return int(self._event_arg(self.staking, "DisputeResolved", receipt, "slashed"))
 

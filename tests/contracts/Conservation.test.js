@@ -166,7 +166,20 @@ describe("GridMint protocol", function () {
         const fromUnbonding = rest < s.unbonding ? rest : s.unbonding;
         s.staked -= fromStaked;
         s.unbonding -= fromUnbonding;
+        // what a slash takes from under open bonds it takes from them: bonded never exceeds the stake left
+        if (s.bonded > s.staked + s.unbonding) s.bonded = s.staked + s.unbonding;
         return fromStaked + fromUnbonding;
+      };
+      // Closing a dispute releases its bond; returns the part of it still backed (all of it unless a slash cut
+      // `bonded`: what is left backs the open bonds in the order they close).
+      const closeDispute = (evidence, d) => {
+        disputes.delete(evidence);
+        stakes.get(d.provider).openDisputes -= 1n;
+        const v = stakes.get(d.verifier);
+        v.openDisputes -= 1n;
+        const left = d.bond < v.bonded ? d.bond : v.bonded;
+        v.bonded -= left;
+        return left;
       };
       const payOut = (verifierAddr, slashed) => {
         const bounty = verifierAddr === null ? 0n : (slashed * BPS) / 10_000n;
@@ -340,14 +353,12 @@ describe("GridMint protocol", function () {
           const [evidence, d] = rnd.pick([...disputes]);
           const fraud = rnd.chance(0.5);
           await staking.connect(operator).resolve(evidence, fraud);
-          disputes.delete(evidence);
-          stakes.get(d.provider).openDisputes -= 1n;
-          stakes.get(d.verifier).openDisputes -= 1n;
-          stakes.get(d.verifier).bonded -= d.bond;
-          // A fraud verdict takes the provider's whole stake, whatever amount was accused.
+          const bondLeft = closeDispute(evidence, d);
+          // A fraud verdict takes the provider's whole stake, whatever amount was accused; a false one the bond, as
+          // far as a slash has not taken it already.
           const ps = stakes.get(d.provider);
           if (fraud) payOut(d.verifier, take(d.provider, ps.staked + ps.unbonding));
-          else payOut(null, take(d.verifier, d.bond));
+          else payOut(null, take(d.verifier, bondLeft));
           return true;
         },
         async dismiss() {
@@ -355,10 +366,7 @@ describe("GridMint protocol", function () {
           if (disputes.size === 0) return false;
           const [evidence, d] = rnd.pick([...disputes]);
           await staking.connect(operator).dismiss(evidence);
-          disputes.delete(evidence);
-          stakes.get(d.provider).openDisputes -= 1n;
-          stakes.get(d.verifier).openDisputes -= 1n;
-          stakes.get(d.verifier).bonded -= d.bond;
+          closeDispute(evidence, d);
           return true;
         },
         async slash() {

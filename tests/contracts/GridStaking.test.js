@@ -631,6 +631,57 @@ describe("GridStaking", function () {
       expect(await staking.stakeOf(verifier.address)).to.equal(STAKE - BOND);
     });
 
+    it("false accusation after a slash took the verifier's whole stake: no bond from stake added later (review R4)", async function () {
+      // The canary path slashes a lazy verifier's whole stake, its open bond included; it then stakes again.
+      const { token, staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(slasher).slash(verifier.address, STAKE, treasury.address, EVIDENCE2);
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(0n); // nothing backs the bond any more
+      const again = STAKE / 10n;
+      await staking.connect(verifier).stake(again);
+      const tx = staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, false, 0n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier, treasury], [0n, 0n, 0n]);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([again, 0n, 0n]);
+      expect(await staking.freeStakeOf(verifier.address)).to.equal(again);
+    });
+
+    it("false accusation after a partial slash: takes only the part of the bond still backed", async function () {
+      const { staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      const left = BOND / 4n;
+      await staking.connect(slasher).slash(verifier.address, STAKE - left, treasury.address, EVIDENCE2);
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(left);
+      await staking.connect(verifier).stake(STAKE);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, left);
+      expect(await staking.stakeOf(verifier.address)).to.equal(STAKE); // left + STAKE - left
+    });
+
+    it("across several open bonds, takes no more than what backed them after the slash", async function () {
+      const { staking, slasher, referee, provider, provider2, verifier, treasury } = await networkHelpers.loadFixture(
+        accusedFixture,
+      );
+      await staking.connect(provider2).stake(STAKE);
+      const EVIDENCE3 = ethers.id("evidence-3");
+      await staking
+        .connect(referee)
+        .accuse(provider2.address, EVIDENCE3, 1n, await signAccusation(verifier, staking, provider2.address, EVIDENCE3, 1n));
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(BOND * 2n);
+      const left = BOND + BOND / 2n; // backs one bond and half of the other
+      await staking.connect(slasher).slash(verifier.address, STAKE - left, treasury.address, EVIDENCE2);
+      await staking.connect(verifier).stake(STAKE);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, BOND);
+      await expect(staking.connect(referee).resolve(EVIDENCE3, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE3, false, left - BOND);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, 0n, 0n]);
+      expect((await accountOf(staking, provider.address)).openDisputes).to.equal(0n);
+    });
+
     it("fraud after governance already slashed everything: resolves with 0 slashed and moves no token", async function () {
       const { token, staking, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(accusedFixture);
       await staking.connect(slasher).slash(provider.address, STAKE, verifier.address, EVIDENCE2);
@@ -684,6 +735,16 @@ describe("GridStaking", function () {
       await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
         .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
         .withArgs(EVIDENCE);
+    });
+
+    it("releases a bond a slash already took from: stake added later is free again", async function () {
+      const { staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(accusedFixture);
+      await staking.connect(slasher).slash(verifier.address, STAKE - BOND / 2n, treasury.address, EVIDENCE2);
+      await staking.connect(verifier).stake(STAKE);
+      await staking.connect(referee).dismiss(EVIDENCE);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE + BOND / 2n, 0n, 0n]);
+      expect(await staking.freeStakeOf(verifier.address)).to.equal(STAKE + BOND / 2n);
     });
 
     it("reverts with StakingUnknownDispute(evidence) for unknown, resolved or dismissed evidence", async function () {
@@ -875,6 +936,109 @@ describe("GridStaking", function () {
     it("reverts with ExpectedPause when not paused", async function () {
       const { staking, governor } = await networkHelpers.loadFixture(stakedFixture);
       await expect(staking.connect(governor).unpause()).to.be.revertedWithCustomError(staking, "ExpectedPause");
+    });
+  });
+
+  describe("pausedSeconds and a pause during unbonding", function () {
+    // The provider's request (unbondingFixture) would mature at readyAt. An hour after it the guardian pauses; the
+    // timelocked unpause lands 1,000 s after readyAt. Staking was paused for PAUSED seconds, during which nobody
+    // could accuse, resolve or slash, so the unbonding matures PAUSED seconds later: at `extended`.
+    async function pausedInUnbondingFixture() {
+      const f = await unbondingFixture();
+      const requestedAt = f.readyAt - DELAY;
+      await time.setNextBlockTimestamp(requestedAt + 3_600n);
+      await f.staking.connect(f.guardian).pause();
+      await time.setNextBlockTimestamp(f.readyAt + 1_000n);
+      await f.staking.connect(f.governor).unpause();
+      const paused = f.readyAt + 1_000n - (requestedAt + 3_600n);
+      return { ...f, paused, extended: f.readyAt + paused };
+    }
+
+    it("counts the seconds paused, the current pause included", async function () {
+      const { staking, guardian, governor } = await networkHelpers.loadFixture(deployStakingFixture);
+      expect(await staking.pausedSeconds()).to.equal(0n);
+      await staking.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(500);
+      expect(await staking.pausedSeconds()).to.equal(BigInt(await time.latest()) - pausedAt);
+      await time.setNextBlockTimestamp(pausedAt + 1_000n);
+      await staking.connect(governor).unpause();
+      await time.increase(5_000);
+      expect(await staking.pausedSeconds()).to.equal(1_000n); // stands still once unpaused
+    });
+
+    it("reports the deadline in force from accountOf, moving with the clock while paused", async function () {
+      const { staking, guardian, provider, readyAt } = await networkHelpers.loadFixture(unbondingFixture);
+      await staking.connect(guardian).pause();
+      const pausedAt = BigInt(await time.latest());
+      await time.increase(DELAY * 2n);
+      const pausedFor = BigInt(await time.latest()) - pausedAt;
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt + pausedFor);
+    });
+
+    it("keeps stake whose unbonding would have matured during the pause slashable after it (review R1)", async function () {
+      // The cheat requested its unbond at once, the pause blocked every slashing path, and the unpause was scheduled
+      // in public: its withdraw in the next block must fail, and the referee's fraud verdict must still find the stake.
+      const { token, staking, referee, provider, verifier, treasury, readyAt, extended } =
+        await networkHelpers.loadFixture(pausedInUnbondingFixture);
+      expect(BigInt(await time.latest())).to.be.greaterThan(readyAt); // past the nominal delay
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingStillUnbonding")
+        .withArgs(provider.address, extended);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      const bounty = (STAKE * BOUNTY_BPS) / 10_000n;
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, STAKE);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-STAKE, bounty, STAKE - bounty, 0n],
+      );
+    });
+
+    it("lets the withdraw through at the extended deadline, not a second before", async function () {
+      const { token, staking, provider, unbonded, paused, extended } = await networkHelpers.loadFixture(
+        pausedInUnbondingFixture,
+      );
+      expect(await staking.pausedSeconds()).to.equal(paused);
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(extended);
+      await time.setNextBlockTimestamp(extended - 1n);
+      await expect(staking.connect(provider).withdraw({ gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingStillUnbonding")
+        .withArgs(provider.address, extended);
+      const tx = staking.connect(provider).withdraw();
+      await expect(tx).to.emit(staking, "Withdrawn").withArgs(provider.address, unbonded);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, provider], [-unbonded, unbonded]);
+    });
+
+    it("does not move the deadline of a request made after the pause", async function () {
+      const { staking, guardian, governor, provider } = await networkHelpers.loadFixture(stakedFixture);
+      await staking.connect(guardian).pause();
+      await time.increase(10_000);
+      await staking.connect(governor).unpause();
+      await staking.connect(provider).requestUnbond(1n);
+      const readyAt = BigInt(await time.latest()) + DELAY;
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.equal(readyAt);
+      await time.increaseTo(readyAt);
+      await expect(staking.connect(provider).withdraw()).to.emit(staking, "Withdrawn").withArgs(provider.address, 1n);
+    });
+
+    it("leaves an unbonding that had matured before the pause withdrawable as soon as it ends", async function () {
+      const { staking, guardian, governor, provider, unbonded, readyAt } = await networkHelpers.loadFixture(
+        unbondingFixture,
+      );
+      await time.increaseTo(readyAt + 10n);
+      await staking.connect(guardian).pause();
+      await time.increase(DELAY * 3n);
+      await staking.connect(governor).unpause();
+      expect((await accountOf(staking, provider.address)).unbondingReadyAt).to.be.lessThan(
+        BigInt(await time.latest()),
+      );
+      await expect(staking.connect(provider).withdraw())
+        .to.emit(staking, "Withdrawn")
+        .withArgs(provider.address, unbonded);
     });
   });
 

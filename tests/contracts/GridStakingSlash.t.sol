@@ -148,6 +148,49 @@ contract GridStakingSlashFuzzTest {
         _checkResolved(c, token, staking);
     }
 
+    /// A bond is never taken twice: whatever the verifier's stake, bond, the governance slash that cut into it and the
+    /// stake it added afterwards, a false verdict takes only the part of the bond the slash left (the stake left, up
+    /// to the bond), and the stake added later stays whole and free.
+    function testFuzz_FalseVerdictTakesOnlyTheBondLeftAfterASlash(
+        uint256 verifierStake,
+        uint256 bond,
+        uint256 cut,
+        uint256 restake
+    ) public {
+        Accusation memory c;
+        c.providerStake = 1;
+        c.verifierStake = (verifierStake % (SUPPLY / 4)) + 1;
+        c.bond = (bond % c.verifierStake) + 1;
+        c.amount = 1;
+        c.verifier = vm.addr(VERIFIER_KEY);
+        c.evidence = keccak256(abi.encode("bond", c.verifierStake, c.bond, cut, restake));
+        cut = (cut % c.verifierStake) + 1;
+        restake = restake % (SUPPLY / 4);
+
+        (GridToken token, GridStaking staking) = _accuse(c);
+        staking.grantRole(staking.SLASHER_ROLE(), address(this));
+        staking.slash(c.verifier, cut, TREASURY, keccak256(abi.encode(c.evidence)));
+        uint256 left = c.verifierStake - cut;
+        uint256 bondLeft = c.bond < left ? c.bond : left;
+        require(staking.accountOf(c.verifier).bonded == bondLeft, "bonded cut to the stake left");
+        if (restake > 0) {
+            require(token.transfer(c.verifier, restake), "fund verifier");
+            vm.prank(c.verifier);
+            token.approve(address(staking), restake);
+            vm.prank(c.verifier);
+            staking.stake(restake);
+        }
+        uint256 treasuryBefore = token.balanceOf(TREASURY);
+
+        staking.resolve(c.evidence, false);
+
+        GridStaking.StakeAccount memory ver = staking.accountOf(c.verifier);
+        require(token.balanceOf(TREASURY) - treasuryBefore == bondLeft, "false verdict takes the bond left");
+        require(ver.staked == left - bondLeft + restake && ver.bonded == 0, "later stake untouched");
+        require(staking.freeStakeOf(c.verifier) == ver.staked, "later stake free");
+        require(token.balanceOf(address(staking)) == staking.totalStaked(), "staking balance != totalStaked");
+    }
+
     /// Deploys, stakes both sides and opens the dispute with the verifier's signature (this contract is the provider).
     function _accuse(Accusation memory c) internal returns (GridToken token, GridStaking staking) {
         token = new GridToken(address(this), SUPPLY);

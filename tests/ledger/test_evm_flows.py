@@ -83,6 +83,32 @@ class TestUnbonding:
         w.chain.advance_time(w.params["unbonding_delay_s"])
         assert p.withdraw() == 150
 
+    def test_a_pause_during_unbonding_does_not_count_toward_the_delay(self, timed_world: World) -> None:
+        """Review R1: unbond 400 (delay 1,000 s), the kill switch 10 s later, the unpause through the timelock 1,300 s
+        on. The request used to be withdrawable the moment the pause ended, before a slash could land. Now its
+        deadline moves back by the time paused, and stake_state reports that deadline while paused and after."""
+        w, p, admin = timed_world, timed_world.provider, timed_world.admin
+        p.stake(1_000)
+        ready_at = p.request_unbond(400)
+        w.chain.advance_time(10)
+        admin.pause_all()
+        paused_at = w.chain.timestamp()
+        op = admin.unpause_all()
+        assert op is not None
+        w.chain.advance_time(w.params["unbonding_delay_s"] + 300)
+        assert p.stake_state(p.address).unbonding_ready_at == ready_at + (w.chain.timestamp() - paused_at)
+        admin.execute(op)
+        unpaused_at = w.chain.timestamp()
+        assert not any(admin.paused().values()) and unpaused_at > ready_at  # past the nominal delay
+        deadline = ready_at + (unpaused_at - paused_at)
+        assert p.stake_state(p.address) == StakeState(600, 0, 0, 400, deadline, 0)
+        with pytest.raises(StakeFrozenError) as exc_info:
+            p.withdraw()
+        expect(exc_info, StakeFrozenError, "StakingStillUnbonding", p.address, deadline)
+        w.chain.advance_time(deadline - w.chain.timestamp())
+        assert p.withdraw() == 400
+        assert w.total_held() == w.supply
+
     def test_unstake_with_a_delay_only_requests(self, timed_world: World) -> None:
         w, p = timed_world, timed_world.provider
         p.stake(100)

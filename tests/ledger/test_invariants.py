@@ -260,6 +260,55 @@ def test_a_pause_inside_a_cancels_grace_extends_it_on_chain_and_in_the_model(har
     assert h.model.jobs[job].closed and h.check() == [] and h.stats.violations == []
 
 
+def test_a_pause_during_unbonding_extends_it_on_chain_and_in_the_model(harness: Harness) -> None:
+    """GridStaking's paused-time accounting against the model (review R1): an unbond request (delay 50 s), the kill
+    switch 10 s later, the timelocked unpause 100 s after that. The unbonding's deadline moves back by the time
+    paused: a withdraw after the nominal deadline reverts StakingStillUnbonding, one at the moved deadline pays; the
+    chain and the model agree at every step (GridLens's unbondingReadyAt included, read while paused)."""
+    harness.reset()
+    h = harness
+    h.stake(0, 1_000)
+    h.request_unbond(0, 400)
+    s = h.model.stake_of(h.cast.stakers[0].address)
+    nominal = s.ready_at
+    h.advance_time(10)
+    h.pause()
+    h.advance_time(100)
+    assert h.check() == []
+    h.unpause()
+    deadline = h.model.ready_at(s)
+    assert nominal < h.model.now < deadline and deadline == nominal + h.model.paused_total > nominal + 100
+    succeeded, reverts = dict(h.stats.succeeded), h.stats.reverts_expected
+    h.withdraw(0)  # past the nominal deadline: StakingStillUnbonding
+    assert h.stats.reverts_expected == reverts + 1
+    h.advance_time(deadline - h.model.now - 1)  # the next transaction runs at the deadline
+    h.withdraw(0)
+    assert h.stats.succeeded.get("withdraw", 0) == succeeded.get("withdraw", 0) + 1
+    assert s.unbonding == 0 and h.check() == [] and h.stats.violations == []
+
+
+def test_a_bond_slashed_away_is_not_taken_again_from_later_stake(harness: Harness) -> None:
+    """Review R4 against the model: a verifier bonds 100 on an accusation, a governance slash takes its whole stake
+    (the bond with it), it stakes 300 again, and the accusation is ruled false. The verdict takes nothing more: the
+    300 stays staked and free, on chain and in the model."""
+    harness.reset()
+    h = harness
+    verifier = h.cast.verifiers[0]
+    v_index = h.cast.stakers.index(verifier)
+    h.stake(0, 1_000)
+    h.stake(v_index, 500)
+    h.accuse(0, 0, 10)
+    h.slash(v_index, 500, 1)
+    s = h.model.stake_of(verifier.address)
+    assert (s.staked, s.bonded, s.open_disputes) == (0, 0, 1)
+    h.stake(v_index, 300)
+    slashed = h.model.slashed.get(verifier.address, 0)
+    h.resolve(0, fraud=False)
+    assert h.model.disputes == {} and h.model.slashed.get(verifier.address, 0) == slashed
+    assert (s.staked, s.bonded, s.open_disputes, s.free()) == (300, 0, 0, 300)
+    assert h.check() == [] and h.stats.violations == []
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 
