@@ -77,7 +77,35 @@ class BlobStore:
                     os.unlink(tmp)
                 raise
             self._remember(sha, target.stat())
+        else:
+            # handed in again: its age starts over, so the collector (:meth:`collect`) never takes a blob somebody
+            # has just uploaded, or written, to name it next
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(target)
+                self._remember(sha, target.stat())
         return sha
+
+    def collect(self, keep: set[str], older_than: float) -> tuple[int, int]:
+        """Delete every blob not in ``keep`` last written or handed in before ``older_than`` (unix s), and partial
+        writes (``.part``) as old; returns (files, bytes) deleted. A blob being named meanwhile is handed in anew
+        first (:meth:`put_checkpoint` renews its age), so its age is read again just before it goes."""
+        files = size = 0
+        for p in self.root.iterdir():
+            sha = p.name.removesuffix(".safetensors")
+            if p.suffix == ".safetensors" and sha in keep:
+                continue
+            if p.suffix not in (".safetensors", ".part"):
+                continue
+            try:
+                st = p.stat()
+                if st.st_mtime >= older_than:
+                    continue
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            self._intact.pop(sha, None)
+            files, size = files + 1, size + st.st_size
+        return files, size
 
     def put_tensors(self, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
         return self.put_checkpoint(safetensors_save({k: v.contiguous() for k, v in tensors.items()}, dict(metadata)))

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # verifiers on that very plan (they replay it bit for bit) for this long after it was queued, while one of them
     # has been seen within `unit_timeout_s`; then any verifier whose devices run it may take it. 0: no wait
     same_plan_hold_s: int = Field(default=600, ge=0)
+    # checkpoints nothing needs any more are deleted (marketplace.blobgc, hourly): a job's own once it ended this
+    # long ago (its global model is kept), an upload nobody names once this old
+    blob_retention_s: int = Field(default=7 * 86400, ge=0)
+    blob_orphan_s: int = Field(default=86400, ge=60)
     # the CPU kernels the referee's workers compute with (node.device.kernel_build); "": this machine's own (the API
     # and its workers run one build on one CPU kind). Verifiers read it in GET /config: one on other kernels cannot
     # have its replay reproduced by the referee, so it bonds no dispute, and work on other kernels is refereed within a

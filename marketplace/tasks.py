@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import redis.exceptions
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from marketplace import checking, service, settlement
+from marketplace import blobgc, checking, service, settlement
 from protocol.errors import ChainError
 from marketplace.runtime import Runtime, get_runtime
 from marketplace.settings import pool_beat_s
@@ -50,6 +51,7 @@ celery_app.conf.update(
         "matching-round": {"task": "gridmint.match", "schedule": 5.0},
         "payout-epoch": {"task": "gridmint.epoch", "schedule": 30.0},
         "sweep-lost-steps": {"task": "gridmint.sweep", "schedule": 60.0},
+        "collect-blobs": {"task": "gridmint.blob_gc", "schedule": 3600.0},
     },
 )
 
@@ -105,6 +107,11 @@ def epoch_task() -> int:
 @celery_app.task(name="gridmint.sweep")
 def sweep_task() -> dict[str, int]:
     return service.sweep(get_runtime())
+
+
+@celery_app.task(name="gridmint.blob_gc")
+def blob_gc_task() -> dict[str, Any]:
+    return blobgc.collect(get_runtime())
 
 
 @celery_app.task(name="gridmint.reap")

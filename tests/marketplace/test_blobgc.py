@@ -1,0 +1,69 @@
+"""Deleting checkpoints nothing needs (marketplace.blobgc): an ended job's after the retention (its global model
+kept, and what an open ruling needs), uploads nobody names after a day; a running job's, and a blob handed in again,
+never."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from sqlalchemy import update
+
+from marketplace import blobgc
+from marketplace.db import Job, Unit, Verification
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import _submitted, drive, provider, staked_verifier, submit_job
+
+SMALL = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                verification="full")
+
+
+def _unit_blobs(market, job_id: str) -> set[str]:
+    with market.rt.sessions() as s:
+        return {b for u in s.query(Unit).filter(Unit.job_id == job_id) for b in [*u.segment_blobs, u.final_blob] if b}
+
+
+def test_an_ended_jobs_checkpoints_go_after_the_retention_its_model_and_running_work_stay(market, tmp_path: Path):
+    node = provider(market, tmp_path, "node", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    done = submit_job(market, SMALL)
+    with market.rt.sessions() as s:
+        start_model = s.get(Job, done).global_blob  # replaced by the trained model once its round is averaged
+    drive(market, [node], verifier, done)
+    running = submit_job(market, SMALL)
+    _submitted(market, running, [node], 1)  # submitted, not yet checked: its job runs
+    store, rt = market.rt.blobs, market.rt
+    old, young = store.put_tensors({"junk": torch.zeros(3)}, {}), store.put_tensors({"junk": torch.ones(3)}, {})
+    day_ago = time.time() - rt.settings.blob_orphan_s - 60
+    os.utime(store.path(old), (day_ago, day_ago))
+    os.utime(store.path(young), (day_ago, day_ago))
+    store.put_tensors({"junk": torch.ones(3)}, {})  # the same bytes handed in again: young again
+    with rt.sessions() as s:
+        model = s.get(Job, done).global_blob
+    finished, live = _unit_blobs(market, done), _unit_blobs(market, running)
+    assert finished and live and model not in finished
+
+    now = int(time.time())
+    got = blobgc.collect(rt, now)  # the ended job is within its retention; only the old junk goes
+    assert got["deleted"] == 1 and not store.has(old) and store.has(young)
+    assert all(store.has(b) for b in finished | live | {model})
+
+    later = now + rt.settings.blob_retention_s + rt.settings.blob_orphan_s + 120  # past the retention for all
+    with rt.sessions.begin() as s:  # a ruling still open on the ended job's unit keeps its checkpoints
+        unit_id = s.query(Unit.id).filter(Unit.job_id == done).scalar()
+        s.add(Verification(unit_id=unit_id, provider=node.account.address, segment=0, status="disputed"))
+    assert blobgc.collect(rt, later)["deleted"] == 2 and not store.has(young)  # and the model it started from
+    assert not store.has(start_model) and start_model not in finished | live
+    assert all(store.has(b) for b in finished | live | {model})
+    with rt.sessions.begin() as s:
+        s.execute(update(Verification).where(Verification.status == "disputed").values(status="fraud"))
+    got = blobgc.collect(rt, later)
+    assert got["deleted"] == len(finished - live) and got["bytes"] > 0
+    assert not any(store.has(b) for b in finished - live)
+    assert all(store.has(b) for b in live) and store.has(model)  # a running job's, and every job's model, stay
+    r = httpx.get(f"{market.url}/jobs/{done}/weights")
+    assert r.status_code == 200 and r.content == store.read(model)
+    assert blobgc.collect(rt, later)["deleted"] == 0  # nothing more to take
