@@ -414,10 +414,11 @@ def create_app(rt: Runtime) -> FastAPI:
         return settlement.payout_for(rt, _address(address))
 
     @app.get("/providers", summary="Providers, cheapest ask first")
-    def providers() -> list[dict[str, Any]]:
-        """Every registered provider: region, GPU, VRAM, ask, benchmark, stake, status and reliability counts."""
+    def providers(limit: int = Query(200, ge=1, le=1000), offset: int = Query(0, ge=0, le=10**9)) -> list[dict[str, Any]]:
+        """Registered providers, staked ones first, each cheapest ask first (a page: ``limit`` from ``offset``):
+        region, GPU, VRAM, ask, benchmark, stake, status and reliability counts."""
         with rt.sessions() as s:
-            return [provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))]
+            return [provider_view(p) for p in s.scalars(_provider_order(select(Provider)).limit(limit).offset(offset))]
 
     @app.get("/providers/{address}", summary="One provider, with its work still open", responses=_errors(404, 422))
     def provider_one(address: str) -> dict[str, Any]:
@@ -440,7 +441,7 @@ def create_app(rt: Runtime) -> FastAPI:
     def index() -> str:
         """A human-readable page of providers and recent jobs."""
         with rt.sessions() as s:
-            return render_index([provider_view(p) for p in s.scalars(select(Provider).order_by(Provider.price))],
+            return render_index([provider_view(p) for p in s.scalars(_provider_order(select(Provider)).limit(100))],
                                 [job_view(s, j) for j in s.scalars(select(Job).order_by(Job.created_at.desc()).limit(20))])
 
     @app.get("/web/jobs/{job_id}", response_class=HTMLResponse, summary="Web page of one job", responses=_errors(404))
@@ -534,6 +535,13 @@ def provider_view(p: Provider) -> dict[str, Any]:
             "tokens_per_s": p.tokens_per_s, "stake": str(p.stake), "status": p.status, "assigned": p.assigned,
             "completed": p.completed, "dropped": p.dropped, "verified_streak": p.verified_streak,
             "trusted": p.verified_streak >= verification.TRUST_AFTER_UNITS}
+
+
+def _provider_order(q: Any) -> Any:
+    """Staked providers (those that can take work) first, each cheapest ask first: a page of the list is never
+    filled by unstaked registrations, which cost nothing to make."""
+    # (money is a decimal string: shorter is smaller, then digit by digit)
+    return q.order_by(Provider.stake == 0, func.length(Provider.price), Provider.price, Provider.address)
 
 
 def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:

@@ -132,7 +132,9 @@ def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0)
     submission), never its self-reported benchmark, which would be free to inflate. A provider with no delivered
     unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
     busy = _busy(s) if busy is None else busy
-    providers = list(s.scalars(select(Provider).where(Provider.status == "active", Provider.last_seen >= seen_since)))
+    # (an unstaked provider can meet no unit's stake floor: its row, free to create, is never loaded here)
+    providers = list(s.scalars(select(Provider).where(Provider.status == "active", Provider.last_seen >= seen_since,
+                                                      Provider.stake != 0)))
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
     return [

@@ -407,3 +407,24 @@ def test_a_checkpoint_from_a_wallet_with_no_work_is_refused_and_not_stored(marke
     r = idle.signed("PUT", "/blobs", blob, "application/octet-stream")
     assert r.status_code == 409, r.text
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
+
+def test_providers_are_listed_staked_first_by_numeric_ask_a_page_at_a_time_and_unstaked_ones_never_matched(
+        market, tmp_path) -> None:
+    """Registrations cost nothing without a stake: they are listed after every staked provider (a page is never
+    filled by them) and never loaded for matching. Asks are compared as numbers (money is stored as a decimal
+    string: 10 GMT used to list before 2 GMT)."""
+    from marketplace import service
+    from tests.marketplace.test_flow import provider
+
+    for price in ("10", "2", "0.6"):  # 20, 19 and 18 digits of base units
+        assert _post(market, market.account(), "/providers/register", {**REG, "price": str(tokens(price))}).status_code == 201
+    staked = provider(market, tmp_path, "staked", "eu-north", "5")
+    listed = httpx.get(market.url + "/providers").json()
+    assert [int(p["price"]) for p in listed] == [tokens(5), tokens("0.6"), tokens(2), tokens(10)]
+    assert listed[0]["address"] == staked.account.address
+    page = httpx.get(market.url + "/providers", params={"limit": 2, "offset": 1}).json()
+    assert [p["address"] for p in page] == [p["address"] for p in listed[1:3]]
+    assert httpx.get(market.url + "/providers", params={"limit": 0}).status_code == 422
+    with market.rt.sessions() as s:
+        assert [o.provider for o in service._offers(s)] == [staked.account.address]
