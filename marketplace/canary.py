@@ -18,8 +18,10 @@ What keeps a canary from being told without a replay:
   (:func:`plantable`); a verifier holds one task at a time, so it cannot fetch those while holding a canary;
 - it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks), not when it is handed out:
   a hand-out costs the same database work either way, nothing a verifier could time.
-What a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; and a
-unit's last segment is never a canary (nothing further on).
+A unit's last segment (nothing further on) is forged from the final state of another unit of its job and round
+handed in before it, when there is one: a verifier handed any segment of that unit gets no such canary. What a
+canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; and the last
+segment of a round's first unit handed in (or of a round of one unit) is never a canary.
 
 Cost: the operator writes one checkpoint per stocked check (no training); the verifier replays one segment.
 """
@@ -67,17 +69,23 @@ def stock_share(rate: float | Fraction) -> Fraction:
 
 
 def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs: list[str], final_blob: str,
-          blobs: BlobStore, rate: float | Fraction) -> dict[int, dict[str, Any]]:
+          blobs: BlobStore, rate: float | Fraction,
+          sibling: tuple[str, str] | None = None) -> dict[int, dict[str, Any]]:
     """Canaries forged ahead for a share of a unit's sampled segments ``picks`` (each drawn with probability
     :func:`stock_share` of ``rate``): segment -> its decoy (:func:`forge`'s output, plus the ``root`` of the proof it
-    was forged from and the ``share`` it was drawn at). Segments :func:`forge` declines have none."""
+    was forged from and the ``share`` it was drawn at). ``sibling``: (unit id, final checkpoint) of another unit of
+    the same job and round, the source of a last segment's forgery (named in its decoy's ``source_unit``: a
+    verifier handed any of that unit's segments gets no such canary). Segments :func:`forge` declines have none."""
     share = stock_share(rate)
     out: dict[int, dict[str, Any]] = {}
     for seg in sorted(set(picks)):
         if share > 0 and draw(share):
-            fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs)
+            last = seg == len(proof.segments) - 1
+            fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs,
+                         sibling[1] if last and sibling else None)
             if fake is not None:
-                out[seg] = {**fake, "root": proof.merkle_root, "share": str(share)}
+                out[seg] = {**fake, "root": proof.merkle_root, "share": str(share),
+                            **({"source_unit": sibling[0]} if last and sibling else {})}
     return out
 
 
@@ -98,20 +106,28 @@ def plantable(seg: int, seen: list[tuple[int, bool]]) -> bool:
 
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
-          blobs: BlobStore) -> dict[str, Any] | None:
-    """The forged claim for segment ``seg`` of a real unit; None for its last segment (nothing further on), where
-    the unit claims the next segment did not move the model (the state further on is the claimed end: no forgery),
-    and where it moved it less than 1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` did (a forgery that close
-    to the truth could pass an honest verifier checking within a tolerance).
+          blobs: BlobStore, sibling_final: str | None = None) -> dict[str, Any] | None:
+    """The forged claim for segment ``seg`` of a real unit: it ends in the unit's state one segment further on, or,
+    for the unit's last segment (nothing further on), in ``sibling_final``: the final state of another unit of the
+    same job and round (trained as long from the same model, on another shard). None for a last segment without
+    one, where the unit claims the next segment did not move the model (the state further on is the claimed end: no
+    forgery), and where the source state lies less than 1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` moved
+    from the true end (a forgery that close to the truth could pass an honest verifier checking within a
+    tolerance).
 
     Returns ``proof`` (the unit's proof with segment ``seg`` ending in the forged state), ``end_blob`` (that state,
     labelled like the unit's own checkpoint there, in the providers' file format) and ``true_end`` (the hash an
     honest replay ends in)."""
     n = len(proof.segments)
-    if not 0 <= seg < n - 1 or len(segment_blobs) != n:
+    last = seg == n - 1
+    if not 0 <= seg < n or len(segment_blobs) != n or (last and sibling_final is None):
         return None
-    true_end, _ = checkpoint.load(blobs.read(segment_blobs[seg + 1]))
-    further, _ = checkpoint.load(blobs.read(segment_blobs[seg + 2] if seg + 2 < n else final_blob))
+    true_end, _ = checkpoint.load(blobs.read(final_blob if last else segment_blobs[seg + 1]))
+    source = sibling_final if last else segment_blobs[seg + 2] if seg + 2 < n else final_blob
+    assert source is not None
+    further, _ = checkpoint.load(blobs.read(source))
+    if set(further) != set(true_end):
+        return None  # (not a state of this model: no unit of the same job is)
     forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
     moved = update_norm(true_end, forged_end)
     if moved == 0.0:  # (a forgery equal to the claim, hash and all, is one of these)
@@ -123,10 +139,11 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
         # "confirm" and slash. Honest segments move alike (0.8-2.6x their neighbours' median), so few are skipped
         return None
     end_hash = state_hash(forged_end)
-    end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, seg + 1)))
+    end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, None if last else seg + 1)))
     segments = list(proof.segments)
     segments[seg] = replace(segments[seg], end_hash=end_hash)
-    segments[seg + 1] = replace(segments[seg + 1], start_hash=end_hash)  # the chain stays unbroken
+    if not last:
+        segments[seg + 1] = replace(segments[seg + 1], start_hash=end_hash)  # the chain stays unbroken
     forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
                         segment_len=proof.segment_len, segments=segments)
     return {"proof": forged.to_dict(), "end_blob": end_blob, "true_end": proof.segments[seg].end_hash}

@@ -303,6 +303,10 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         prov = s.get(Provider, provider)
         assert prov is not None and unit.price is not None
         streak, price, backing = prov.verified_streak, unit.price, prov.stake if stake is None else stake
+        # another unit of the round handed in: the source of a canary of this unit's last segment (marketplace.canary)
+        sibling = s.execute(select(Unit.id, Unit.final_blob).where(
+            Unit.job_id == unit.job_id, Unit.round == unit.round, Unit.id != unit.id, Unit.final_blob.is_not(None),
+            Unit.status.in_(("submitted", "verified"))).order_by(func.random()).limit(1)).first()
     plan = Plan.parse(body.plan)
     if not referee.refereeable(plan):
         raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
@@ -349,7 +353,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
     # canaries forged now for a share of the checks, so that planting one later costs a verifier's poll no I/O
     decoys = canary.stock(spec, proof, picks, list(body.segment_blobs), body.final_blob, rt.blobs,
-                          rt.settings.canary_rate)
+                          rt.settings.canary_rate, (sibling[0], sibling[1]) if sibling else None)
     with rt.sessions.begin() as s:
         # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
         # cleanly and this result is refused; a plain write would put it over the unit's new holder

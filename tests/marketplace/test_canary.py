@@ -110,6 +110,30 @@ def test_canaries_are_stocked_at_a_multiple_of_the_rate_and_planted_so_the_rate_
     assert canary.plant_odds(1, {"share": str(share)}) == 1 and canary.plant_odds(0, {"share": str(share)}) == 0
 
 
+def test_a_last_segment_is_forged_from_a_sibling_units_final_state(unit: UnitResult, store: BlobStore,
+                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    sibling = train_unit(replace(SPEC, unit_id="0x" + "c4" * 32, shard=1), START, tmp_path_factory.mktemp("sib"))
+    blobs, final = _blobs(unit, store)
+    n, other = len(blobs), store.put_file(sibling.final_path)
+    fake = canary.forge(SPEC, unit.proof, n - 1, blobs, final, store, other)
+    assert fake is not None
+    proof = TrainingProof.from_dict(fake["proof"])
+    end, meta = checkpoint.load(store.path(fake["end_blob"]))
+    real_final, real_meta = checkpoint.load(unit.final_path)
+    theirs, _ = checkpoint.load(sibling.final_path)
+    assert meta == real_meta == checkpoint_metadata(SPEC, None)  # labelled as this unit's final checkpoint
+    for k, t in end.items():
+        assert torch.equal(t, real_final[k] if k.endswith(".step") else theirs[k]), k
+    assert proof.segments[-1].end_hash == proof.final_hash == state_hash(end) != fake["true_end"] == unit.proof.final_hash
+    view = segment_view(proof, n - 1)
+    assert claim_problem(SPEC, view, n - 1) is None
+    verdict = check_segment(SPEC, view, n - 1, unit.segment_paths[n - 1])
+    assert not verdict.ok and verdict.replayed_end == fake["true_end"], verdict.reason
+    stocked = canary.stock(SPEC, unit.proof, [n - 1], blobs, final, store, 1, ("0x" + "c4" * 32, other))
+    assert stocked[n - 1]["source_unit"] == "0x" + "c4" * 32
+    assert canary.stock(SPEC, unit.proof, [n - 1], blobs, final, store, 1) == {}  # no sibling: no canary
+
+
 def test_no_canary_of_a_units_last_segment(unit: UnitResult, store: BlobStore) -> None:
     blobs, final = _blobs(unit, store)
     assert canary.forge(SPEC, unit.proof, len(blobs) - 1, blobs, final, store) is None

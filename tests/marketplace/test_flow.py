@@ -904,6 +904,47 @@ def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_pat
         assert s.get(Verifier, lazy.agent.account.address).status == "benched"
 
 
+def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_verifiers_who_never_saw_it(
+        market, tmp_path: Path, monkeypatch) -> None:
+    """A unit's last segment has nothing further on to forge from: its canary ends in the final state of another
+    unit of the round handed in before (the same model, as long trained, on another shard). A verifier that was
+    handed any of that unit's segments could know that state, so it gets no such canary; one that was not cannot
+    tell, approves it unreplayed, and is benched."""
+    from marketplace import canary, service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    saw = staked_verifier(market, tmp_path, "saw")
+    lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    real_draw = canary.draw
+    monkeypatch.setattr(canary, "draw", lambda odds: False)  # (stocking is done: nothing planted for now)
+    while saw.verify_once() is not None:  # both segments of the first unit, replayed
+        pass
+    monkeypatch.setattr(canary, "draw", real_draw)  # the second unit's canaries are stocked for real
+    _submitted(market, job_id, [honest], 1)  # (the first is verified by now)
+    first = {v.unit_id for v in _rows(market, verifier=saw.account.address)}
+    (last,) = [v for v in _rows(market, segment=1, status="pending")]
+    assert last.decoy["source_unit"] in first and last.unit_id not in first
+    monkeypatch.setattr(canary, "draw", lambda odds: False)
+    assert saw.verify_once() == "ok"  # the second unit's segment 0
+    monkeypatch.setattr(canary, "draw", lambda odds: True)
+    task = saw.client.next_verification()
+    assert task["verification_id"] == last.id and _rows(market, id=last.id)[0].canary is None  # it saw the source
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    service.reap(market.rt)  # abandoned: back in the pool
+    market.rt.settings.unit_timeout_s = 120
+    assert lazy.verify_once() == "ok"
+    row = _rows(market, id=last.id)[0]
+    assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "benched"
+
+
 def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path) -> None:
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
