@@ -33,6 +33,9 @@ from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
 
+#: How long a refused claim (distributor paused, root voided, no gas) waits before the next try.
+RETRY_S = 60.0
+
 
 @dataclass
 class AgentConfig:
@@ -46,6 +49,7 @@ class AgentConfig:
     exit_when_idle_s: float | None = None  # stop after this long with no work (demo / batch use)
     adversary: str | None = None  # dishonest training strategy, for demos and the adversary suite only
     plan: str = "cpu"  # execution plan (node.crosscheck.Plan): "cpu" replays bit for bit anywhere; "cuda", "cpu/mb2" ...
+    retry_s: float = RETRY_S  # wait after a refused claim before trying again
 
 
 def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -> GridMintContracts:
@@ -77,6 +81,28 @@ def claim_owed(client: MarketClient, contracts: GridMintContracts, say: Callable
     return got
 
 
+class Claims:
+    """An idle agent's claims (:func:`claim_owed`), made so that none ends the agent: a claim the chain refuses (the
+    distributor paused by the guardian, a root voided, a wallet out of gas) or cannot be sent is said and tried again
+    after ``retry_s``. The agent must stay up: a dispute over its work may yet ask it to reveal a state, and one left
+    unanswered costs its stake. Nothing is lost by waiting: the distributor pays ``cumulative - claimed``."""
+
+    def __init__(self, claim: Callable[[], int], say: Callable[[str], None], retry_s: float = RETRY_S) -> None:
+        self.claim, self.say, self.retry_s = claim, say, retry_s
+        self._next = 0.0  # time.monotonic() of the next try
+
+    def __call__(self) -> int:
+        """Claim now unless the last try failed less than ``retry_s`` ago; base units received (0 if none or failed)."""
+        if time.monotonic() < self._next:
+            return 0
+        try:
+            return self.claim()
+        except (GridMintError, *UNREACHABLE) as exc:
+            self.say(f"[yellow]claim failed, trying again in {self.retry_s:g} s: {exc}[/]")
+            self._next = time.monotonic() + self.retry_s
+            return 0
+
+
 class UnitWithdrawn(GridMintError):
     """The marketplace took back the unit being trained (its deadline passed, or a heartbeat was missed): training it
     further would earn nothing."""
@@ -100,6 +126,7 @@ class ProviderAgent:
         self.client = MarketClient(cfg.marketplace, account)
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
+        self.claims = Claims(lambda: self.claim(), self.say, cfg.retry_s)
         self.plan = local_plan(Plan.parse(cfg.plan))  # a GPU plan names this machine's GPU model
         self.build = plan_build(self.plan)  # with which kernels it trains: its work replays bit for bit on these only
         # on the plan it declares when it submits (self.plan, read at training time)
@@ -291,7 +318,9 @@ class ProviderAgent:
 
     def run(self) -> str | None:
         """Work until stopped (a signal), idle (``exit_when_idle_s``, nothing of its own open), or slashed: then
-        the marketplace's word is returned (and said), so a caller can exit with a failure status."""
+        the marketplace's word is returned (and said), so a caller can exit with a failure status. A refused claim
+        does not end it (:class:`Claims`): a node gone while its units are unverified cannot answer the reveals that
+        decide its stake."""
         stopper = Stopper()
         self.setup()
         idle_since = time.monotonic()
@@ -310,10 +339,7 @@ class ProviderAgent:
             if worked:
                 idle_since = time.monotonic()
                 continue
-            try:
-                self.claim()
-            except UNREACHABLE as exc:
-                self.say(f"[yellow]claim postponed, unreachable: {exc}[/]")
+            self.claims()
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 if self._work_open():
                     idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state
