@@ -239,7 +239,10 @@ class VerifierAgent:
     def run(self, exit_when_idle_s: float | None = None) -> str | None:
         """Verify until stopped (a signal), idle for ``exit_when_idle_s``, or refused for good: then the refusal is
         returned (and said), so a caller can exit with a failure status."""
-        stopper = Stopper()
+        with Stopper(lambda msg: console.print(f"[dim]verifier[/] {msg}")) as stopper:
+            return self._run(stopper, exit_when_idle_s)
+
+    def _run(self, stopper: Stopper, exit_when_idle_s: float | None) -> str | None:
         claims = Claims(lambda: self.claim(), lambda msg: console.print(f"[dim]verifier[/] {msg}"), self.retry_s)
         check_market_recipe(self.client.config.get("recipe"))
         registered = False
