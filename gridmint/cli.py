@@ -162,14 +162,19 @@ def node_run(
                                            "the same model replays it bit for bit) or 'cpu/mb2' (elsewhere checked "
                                            "within a calibrated tolerance; disputes are bisected and you reveal "
                                            "states on request)")] = "cpu",
+    workdir: Annotated[Optional[Path], typer.Option(help="Where units are trained and kept until the marketplace takes "
+                                                         "them: a restart hands in a unit trained there before "
+                                                         "[default: ~/.gridmint/work/<wallet address>]")] = None,
 ) -> None:
-    """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings."""
+    """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings.
+    Ctrl-C (or SIGTERM) stops it after the current training step; a unit trained but not yet handed in is handed in
+    by the next start."""
     from node.agent import AgentConfig, ProviderAgent
     from node.wallet import load_or_create
 
     cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
                       capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary, plan=plan)
-    if ProviderAgent(cfg, load_or_create(wallet)).run() is not None:
+    if ProviderAgent(cfg, load_or_create(wallet), workdir).run() is not None:
         raise typer.Exit(2)  # refused for good (slashed): said already
 
 
@@ -594,6 +599,12 @@ def main() -> None:
         typer.echo(f"error: cannot reach {where}: {e or type(e).__name__} (check --marketplace or "
                    f"GRIDMINT_MARKETPLACE_URL, and that it is running)", err=True)
         raise SystemExit(2) from None
+    except OSError as e:  # a full disk, an unwritable --workdir or wallet: what and where, not a traceback
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asked the agent to stop cleanly
+        typer.echo("stopped", err=True)
+        raise SystemExit(130) from None
     except ValidationError as e:  # a GRIDMINT_* setting that does not parse
         bad = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         typer.echo(f"error: bad setting ({bad}): see the GRIDMINT_* variables in README.md", err=True)

@@ -4,14 +4,18 @@ Everything it sends is signed by its wallet. It trains deterministically, so any
 """
 from __future__ import annotations
 
+import errno
+import json
+import os
+import re
+import shutil
 import signal
-import tempfile
 import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -28,10 +32,26 @@ from node.trainer import (UnitResult, UnitSpec, check_market_recipe, check_recip
                           state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.money import format_tokens
+from protocol.proof import TrainingProof
 from protocol.schemas import ProviderRegister
 from protocol.signing import sign_typed, to_bytes32
 
 console = Console(stderr=True)
+T = TypeVar("T")
+
+#: How long a refused claim (distributor paused, root voided, no gas) or a failed disk write waits before the next try.
+RETRY_S = 60.0
+#: The most a failed upload or submission waits before its next try (it doubles from 1 s up to this).
+MAX_BACKOFF_S = 30.0
+#: What a kept, trained unit is named by in its directory (see ProviderAgent._keep).
+RESULT_FILE = "result.json"
+_UNIT_DIR = re.compile(r"[0-9a-fA-F]{12}")  # a unit's directory: unit_id[2:14]
+
+
+def default_workdir(address: str) -> Path:
+    """Where a wallet's node keeps its units: the same on every start, so a restarted node finds a unit it trained
+    and had not handed in yet (and a second start leaves no second directory behind)."""
+    return Path.home() / ".gridmint" / "work" / address
 
 
 @dataclass
@@ -46,6 +66,7 @@ class AgentConfig:
     exit_when_idle_s: float | None = None  # stop after this long with no work (demo / batch use)
     adversary: str | None = None  # dishonest training strategy, for demos and the adversary suite only
     plan: str = "cpu"  # execution plan (node.crosscheck.Plan): "cpu" replays bit for bit anywhere; "cuda", "cpu/mb2" ...
+    retry_s: float = RETRY_S  # wait after a refused claim or a full disk before trying again
 
 
 def contracts_for(client: MarketClient, chain_url: str, account: LocalAccount) -> GridMintContracts:
@@ -77,19 +98,63 @@ def claim_owed(client: MarketClient, contracts: GridMintContracts, say: Callable
     return got
 
 
+class Claims:
+    """An idle agent's claims (:func:`claim_owed`), made so that none ends the agent: a claim the chain refuses (the
+    distributor paused by the guardian, a root voided, a wallet out of gas) or cannot be sent is said and tried again
+    after ``retry_s``. The agent must stay up: a dispute over its work may yet ask it to reveal a state, and one left
+    unanswered costs its stake. Nothing is lost by waiting: the distributor pays ``cumulative - claimed``."""
+
+    def __init__(self, claim: Callable[[], int], say: Callable[[str], None], retry_s: float = RETRY_S) -> None:
+        self.claim, self.say, self.retry_s = claim, say, retry_s
+        self._next = 0.0  # time.monotonic() of the next try
+
+    def __call__(self) -> int:
+        """Claim now unless the last try failed less than ``retry_s`` ago; base units received (0 if none or failed)."""
+        if time.monotonic() < self._next:
+            return 0
+        try:
+            return self.claim()
+        except (GridMintError, *UNREACHABLE) as exc:
+            self.say(f"[yellow]claim failed, trying again in {self.retry_s:g} s: {exc}[/]")
+            self._next = time.monotonic() + self.retry_s
+            return 0
+
+
 class UnitWithdrawn(GridMintError):
     """The marketplace took back the unit being trained (its deadline passed, or a heartbeat was missed): training it
     further would earn nothing."""
 
 
+class Stopped(GridMintError):
+    """The owner asked the node to stop (Ctrl-C, SIGTERM) while it trained or handed in a unit."""
+
+
 class Stopper:
-    def __init__(self) -> None:
+    """SIGINT and SIGTERM as a flag that an agent reads between training steps, between tries of a hand-in and
+    between units, so it stops promptly and cleanly (a trained result stays on disk for the next start). The first
+    signal puts the previous handlers back: a second one stops the process at once. Use as a context manager (or
+    call :meth:`close`) to put them back when the agent returns."""
+
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.stop = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._say = say
+        self._prev = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, *_: Any) -> None:
         self.stop = True
+        self.close()
+        if self._say is not None:
+            self._say("[yellow]stopping (a second signal stops at once)[/]")
+
+    def close(self) -> None:
+        for sig, handler in self._prev.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> Stopper:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class ProviderAgent:
@@ -99,7 +164,10 @@ class ProviderAgent:
         self.account = account
         self.client = MarketClient(cfg.marketplace, account)
         self.contracts = contracts or contracts_for(self.client, cfg.chain_url, account)
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-node-"))
+        self.workdir = workdir or default_workdir(account.address)
+        self.stopper: Stopper | None = None  # set while run() runs: read between steps (see _between_steps)
+        self.claims = Claims(lambda: self.claim(), self.say, cfg.retry_s)
+        self._work_after = 0.0  # time.monotonic() before which no new unit is pulled (after a failed disk write)
         self.plan = local_plan(Plan.parse(cfg.plan))  # a GPU plan names this machine's GPU model
         self.build = plan_build(self.plan)  # with which kernels it trains: its work replays bit for bit on these only
         # on the plan it declares when it submits (self.plan, read at training time)
@@ -164,38 +232,176 @@ class ProviderAgent:
                                      f"{format_tokens(least)}: providers get work only while staking that much")
 
     def work_once(self) -> bool:
-        """Pull, train and submit one unit. Returns False if there was no work."""
+        """Pull, train and submit one unit. Returns False if there was no work.
+
+        A unit trained before a restart (still ours: ``/work/next`` hands it out again) is handed in from its kept
+        result (:meth:`_keep`), not trained again. Its files are removed once the marketplace has taken the result
+        (a reveal re-derives a state from the segment's start blob, which the marketplace serves) or refused it."""
         work = self.client.next_work()
         if work is None:
+            self._forget_units()
             return False
         spec = UnitSpec.from_json(work["spec"])
         check_recipe(spec, work.get("spec_hash"))  # another version's commitments would be refused
         unit_dir = self.workdir / spec.unit_id[2:14]
-        unit_dir.mkdir(parents=True, exist_ok=True)
-        start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
-        start, _ = checkpoint.load(start_path)
+        # no deadline given (an older marketplace): an hour, the shortest a unit gets
+        due = float(work.get("due") or time.time() + 3600)
         self._steps, self._withdrawn = 0, None
-        if work.get("due"):
-            self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in {int(work['due']) - int(time.time())} s")
-        with self.heartbeats(spec.unit_id):
-            try:
-                result = self.trainer(spec, model_only(start), unit_dir)
-            except UnitWithdrawn as exc:
-                self.say(f"[yellow]stopped training unit {spec.unit_id[:10]} after {self._steps} steps: {exc}[/]")
+        kept = self._kept(spec, unit_dir)
+        if kept is None:
+            result = self._train(spec, work, unit_dir)
+            if result is None:
                 return True
-            if self._withdrawn is not None:  # taken back as the last step ended: uploading would earn nothing
-                self.say(f"[yellow]not submitting unit {spec.unit_id[:10]}: {self._withdrawn}[/]")
-                return True
-            segment_blobs = [self.client.put_blob(p) for p in result.segment_paths]
-            final_blob = self.client.put_blob(result.final_path)
-        signature = sign_typed(self.account, "TrainingProof", self.client.domain, result.proof.signable_fields())
-        self.client.submit(spec.unit_id, {
-            "unit_id": spec.unit_id, "proof": result.proof.to_dict(), "proof_signature": signature,
-            "final_blob": final_blob, "segment_blobs": segment_blobs, "losses": [float(x) for x in result.losses],
-            "plan": self.plan.label, "build": self.build})
+            kept = self._keep(spec, unit_dir, result)
+        else:
+            self._steps = spec.steps
+            self.say(f"unit {spec.unit_id[:10]} was trained before a restart: handing in its kept result")
+        try:
+            self._hand_in(spec, unit_dir, kept, due)
+        except Stopped:
+            self.say(f"[yellow]unit {spec.unit_id[:10]} not handed in yet: its result is kept under {unit_dir}, and a "
+                     f"node started again before its deadline hands it in[/]")
+            return True
+        except UnitWithdrawn as exc:
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            self.say(f"[yellow]not submitting unit {spec.unit_id[:10]}: {exc}[/]")
+            return True
+        except MarketError as exc:
+            if exc.status < 500:  # refused, or no longer ours: nothing kept can earn anything
+                shutil.rmtree(unit_dir, ignore_errors=True)
+            raise
+        shutil.rmtree(unit_dir, ignore_errors=True)
+        losses = kept["losses"]
         self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
-                 f" loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+                 f" loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         return True
+
+    def _train(self, spec: UnitSpec, work: dict[str, Any], unit_dir: Path) -> UnitResult | None:
+        """Train ``spec`` into ``unit_dir``; None if it was stopped (taken back, or a signal): its partial files are
+        removed (training resumes from step 0: the trainer keeps no resumable mid-unit state). So are they when a
+        write fails (a full disk: the OSError goes on to run(), which says so)."""
+        shutil.rmtree(unit_dir, ignore_errors=True)  # a partial unit from before a restart
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
+            start, _ = checkpoint.load(start_path)
+            if work.get("due"):
+                self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in "
+                         f"{int(work['due']) - int(time.time())} s")
+            with self.heartbeats(spec.unit_id):
+                result = self.trainer(spec, model_only(start), unit_dir)
+        except (UnitWithdrawn, Stopped) as exc:
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            why = "" if isinstance(exc, UnitWithdrawn) else (
+                ": the unit stays ours until its deadline, and a node started again before then trains it anew")
+            self.say(f"[yellow]stopped training unit {spec.unit_id[:10]} after {self._steps} of {spec.steps} steps:"
+                     f" {exc}{why}[/]")
+            return None
+        except BaseException:
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            raise
+        if self._withdrawn is not None:  # taken back as the last step ended: uploading would earn nothing
+            shutil.rmtree(unit_dir, ignore_errors=True)
+            self.say(f"[yellow]not submitting unit {spec.unit_id[:10]}: {self._withdrawn}[/]")
+            return None
+        return result
+
+    def _keep(self, spec: UnitSpec, unit_dir: Path, result: UnitResult) -> dict[str, Any]:
+        """Write what handing in ``result`` needs to ``unit_dir/result.json`` (atomically, after its checkpoints):
+        a node restarted before the marketplace took the result hands it in from there instead of training the unit
+        again. The checkpoints' SHA-256 are kept with it, so a damaged file is found before it is uploaded."""
+        files = [Path(p) for p in (*result.segment_paths, result.final_path)]
+        kept = {"unit_id": spec.unit_id, "spec_hash": spec.spec_hash(), "plan": self.plan.label, "build": self.build,
+                "proof": result.proof.to_dict(), "losses": [float(x) for x in result.losses],
+                "files": [[p.relative_to(unit_dir).as_posix(), checkpoint.file_sha256(p)] for p in files]}
+        tmp = unit_dir / (RESULT_FILE + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(kept, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, unit_dir / RESULT_FILE)
+        except OSError as exc:  # a full disk: handed in all the same, from memory
+            tmp.unlink(missing_ok=True)
+            self.say(f"[yellow]unit {spec.unit_id[:10]}'s result not kept on disk ({exc}): a restart before it is "
+                     f"handed in would train it again[/]")
+        return kept
+
+    def _kept(self, spec: UnitSpec, unit_dir: Path) -> dict[str, Any] | None:
+        """The result :meth:`_keep` wrote for ``spec``, if it is there whole and was trained by this node's version
+        on its plan and kernels (what the submission declares); else None."""
+        path = unit_dir / RESULT_FILE
+        if not path.exists():
+            return None
+        try:
+            kept = json.loads(path.read_text())
+            why = next((f"its {k} was {kept.get(k)!r}" for k, want in (
+                ("unit_id", spec.unit_id), ("spec_hash", spec.spec_hash()), ("plan", self.plan.label),
+                ("build", self.build)) if kept.get(k) != want), None)
+            if why is None:
+                bad = [name for name, sha in kept["files"] if checkpoint.file_sha256(unit_dir / name) != sha]
+                why = f"{', '.join(bad)} changed on disk" if bad else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = f"it cannot be read ({exc})"
+        if why is None:
+            return kept
+        self.say(f"[yellow]training unit {spec.unit_id[:10]} again: the result kept from before cannot be used ({why})[/]")
+        return None
+
+    def _hand_in(self, spec: UnitSpec, unit_dir: Path, kept: dict[str, Any], due: float) -> None:
+        """Upload the kept result's checkpoints and submit it, beating all along. A dropped link or a 5xx (the
+        marketplace restarting) is tried again with backoff until ``due``: uploads are content-addressed (a repeat
+        stores nothing twice) and a result is taken once (a repeat is a 409). A refusal (4xx) is raised at once."""
+        names = [name for name, _ in kept["files"]]
+        proof = TrainingProof.from_dict(kept["proof"])
+        with self.heartbeats(spec.unit_id):
+            blobs = [self._retry(f"upload of {name}", lambda name=name: self.client.put_blob(unit_dir / name), due)
+                     for name in names]
+            signature = sign_typed(self.account, "TrainingProof", self.client.domain, proof.signable_fields())
+            body = {"unit_id": spec.unit_id, "proof": kept["proof"], "proof_signature": signature,
+                    "final_blob": blobs[-1], "segment_blobs": blobs[:-1], "losses": kept["losses"],
+                    "plan": kept["plan"], "build": kept["build"]}
+            self._retry("submission", lambda: self.client.submit(spec.unit_id, body), due)
+
+    def _retry(self, what: str, send: Callable[[], T], due: float) -> T:
+        """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
+        while that leaves time before ``due`` (unix seconds). A 4xx, the unit taken back (a heartbeat's 409) or a
+        stop request ends the tries."""
+        wait = 1.0
+        while True:
+            try:
+                return send()
+            except (MarketError, *UNREACHABLE) as exc:
+                if isinstance(exc, MarketError) and exc.status < 500:
+                    raise
+                if self._withdrawn is not None:
+                    raise UnitWithdrawn(self._withdrawn) from exc
+                if time.time() + wait > due:
+                    raise
+                self.say(f"[yellow]{what} failed ({exc}); trying again in {wait:g} s[/]")
+                self._pause(wait)
+                wait = min(2 * wait, MAX_BACKOFF_S)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the owner asks the node to stop (then :class:`Stopped`)."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self._check_stop()
+            time.sleep(min(0.1, left))
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if self.stopper is not None and self.stopper.stop:
+            raise Stopped("stopped on request (a signal)")
+
+    def _forget_units(self) -> None:
+        """Remove the directory of every unit: called when the marketplace assigns this node none, so each is a unit
+        it lost (reaped while the node was down, taken back) and none will be handed in. Only unit directories (named
+        by 12 hex digits of the unit id) are touched: a mistyped ``--workdir`` of the owner's loses nothing."""
+        if self.workdir.is_dir():
+            for d in self.workdir.iterdir():
+                if d.is_dir() and _UNIT_DIR.fullmatch(d.name):
+                    shutil.rmtree(d, ignore_errors=True)
 
     def reveal_once(self) -> bool:
         """Answer a referee bisecting a dispute over one of our segments: re-derive the training state before the
@@ -219,11 +425,15 @@ class ProviderAgent:
         plan = Plan.parse(ask["plan"])
         rdir = self.workdir / "reveals"
         rdir.mkdir(parents=True, exist_ok=True)
-        start, _ = checkpoint.load(self.client.get_blob(ask["checkpoint_blob"], rdir / f"{ask['checkpoint_blob']}.safetensors"))
-        state = crosscheck.Revealer(spec, crosscheck.PlanRunner(spec, start, plan), {seg: start})(step)
-        path = rdir / f"{spec.unit_id[2:14]}-{step}.safetensors"
-        checkpoint.save(path, state, checkpoint_metadata(spec, seg))
-        blob, h = self.client.put_blob(path), state_hash(state)
+        fetched, path = rdir / f"{ask['checkpoint_blob']}.safetensors", rdir / f"{spec.unit_id[2:14]}-{step}.safetensors"
+        try:  # neither file is kept: the start is fetched and the state re-derived again if asked again
+            start, _ = checkpoint.load(self.client.get_blob(ask["checkpoint_blob"], fetched))
+            state = crosscheck.Revealer(spec, crosscheck.PlanRunner(spec, start, plan), {seg: start})(step)
+            checkpoint.save(path, state, checkpoint_metadata(spec, seg))
+            blob, h = self.client.put_blob(path), state_hash(state)
+        finally:
+            path.unlink(missing_ok=True)
+            fetched.unlink(missing_ok=True)
         signature = sign_typed(self.account, "Reveal", self.client.domain,
                                {"unitId": to_bytes32(spec.unit_id), "step": step, "stateHash": to_bytes32(h)})
         return {"verification_id": ask["verification_id"], "step": step, "state_hash": h, "blob": blob,
@@ -233,10 +443,12 @@ class ProviderAgent:
         """Called by the trainer after every optimizer step, on the training thread: answer a reveal the heartbeat
         thread saw. The replay nests in the trainer's deterministic block (same thread, reentrant lock; torch's
         thread count and flags are restored) and touches none of the unit's tensors: its bits do not change. Stops
-        the unit (:class:`UnitWithdrawn`) once the marketplace has taken it back."""
+        the unit once the marketplace has taken it back (:class:`UnitWithdrawn`) or the owner asked the node to stop
+        (:class:`Stopped`: a unit of hours must not hold a Ctrl-C until its end)."""
         self._steps = step + 1
         if self._withdrawn is not None:
             raise UnitWithdrawn(self._withdrawn)
+        self._check_stop()
         if self._ask is None:  # the common case: no lock taken
             return
         with self._ask_lock:
@@ -291,13 +503,21 @@ class ProviderAgent:
 
     def run(self) -> str | None:
         """Work until stopped (a signal), idle (``exit_when_idle_s``, nothing of its own open), or slashed: then
-        the marketplace's word is returned (and said), so a caller can exit with a failure status."""
-        stopper = Stopper()
+        the marketplace's word is returned (and said), so a caller can exit with a failure status. Nothing else ends
+        it: a refused claim or a full disk is said and tried again later (:attr:`AgentConfig.retry_s`), since a
+        node gone while its units are unverified cannot answer the reveals that decide its stake."""
+        with Stopper(self.say) as self.stopper:
+            try:
+                return self._run(self.stopper)
+            finally:
+                self.stopper = None
+
+    def _run(self, stopper: Stopper) -> str | None:
         self.setup()
         idle_since = time.monotonic()
         while not stopper.stop:
             try:
-                worked = self.reveal_once() or self.work_once()
+                worked = self.reveal_once() or (time.monotonic() >= self._work_after and self.work_once())
             except MarketError as exc:
                 if exc.status == 409 and "slashed" in str(exc.detail):
                     self.say(f"[red]{exc.detail}[/]")
@@ -307,13 +527,17 @@ class ProviderAgent:
             except UNREACHABLE as exc:  # a restart or a dropped link: try again later
                 self.say(f"[yellow]unreachable, retrying in {self.cfg.poll_s:g} s: {exc}[/]")
                 worked = False
+            except OSError as exc:  # a full disk, most likely: the unit's files are gone again (see _train)
+                full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+                self.say(f"[red]cannot write under {self.workdir}: {exc}"
+                         f"{' (the disk is full: free some space there)' if full else ''}; new work waits "
+                         f"{self.cfg.retry_s:g} s, claims and reveals go on[/]")
+                self._work_after = time.monotonic() + self.cfg.retry_s
+                worked = False
             if worked:
                 idle_since = time.monotonic()
                 continue
-            try:
-                self.claim()
-            except UNREACHABLE as exc:
-                self.say(f"[yellow]claim postponed, unreachable: {exc}[/]")
+            self.claims()
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 if self._work_open():
                     idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state

@@ -60,11 +60,15 @@ def save(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: 
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     h = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for part in parts:
-            h.update(part)
-            f.write(part)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                h.update(part)
+                f.write(part)
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, say: no partial file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return "0x" + h.hexdigest()
 
 

@@ -12,6 +12,7 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 
 from node import checkpoint, crosscheck
+from node.agent import RETRY_S, Claims, Stopper, claim_owed
 from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import PROVIDER_PLAN, Plan
 from node.device import local_plan, plan_build
@@ -62,6 +63,7 @@ class VerifierAgent:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gridmint-verifier-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.poll_s = poll_s
+        self.retry_s = RETRY_S  # wait after a refused claim (distributor paused, root voided, no gas)
         self.approve_everything = approve_everything  # a lazy verifier, for the adversary suite
         self._under_review = False  # benched by a canary the referee has yet to rule on (run() waits)
         self.accuse_everything = accuse_everything  # a malicious verifier, for the adversary suite
@@ -115,8 +117,6 @@ class VerifierAgent:
     def claim(self) -> int:
         """Collect the check fees (and bounties) owed to this verifier (:func:`node.agent.claim_owed`); 0 without a
         chain client (one comes with :meth:`keep_staked`)."""
-        from node.agent import claim_owed
-
         if self._stake_target is None:
             return 0
         return claim_owed(self.client, self._stake_target[2],
@@ -239,9 +239,11 @@ class VerifierAgent:
     def run(self, exit_when_idle_s: float | None = None) -> str | None:
         """Verify until stopped (a signal), idle for ``exit_when_idle_s``, or refused for good: then the refusal is
         returned (and said), so a caller can exit with a failure status."""
-        from node.agent import Stopper
+        with Stopper(lambda msg: console.print(f"[dim]verifier[/] {msg}")) as stopper:
+            return self._run(stopper, exit_when_idle_s)
 
-        stopper = Stopper()
+    def _run(self, stopper: Stopper, exit_when_idle_s: float | None) -> str | None:
+        claims = Claims(lambda: self.claim(), lambda msg: console.print(f"[dim]verifier[/] {msg}"), self.retry_s)
         check_market_recipe(self.client.config.get("recipe"))
         registered = False
         idle_since = time.monotonic()
@@ -277,10 +279,7 @@ class VerifierAgent:
             if verified is not None:
                 idle_since = time.monotonic()
                 continue
-            try:
-                self.claim()  # idle: collect the fees of checks that passed (once their units' jobs settled)
-            except UNREACHABLE as exc:
-                console.print(f"[dim]verifier[/] [yellow]claim postponed, unreachable: {exc}[/]")
+            claims()  # idle: collect the fees of checks that passed (once their units' jobs settled)
             if exit_when_idle_s is not None and time.monotonic() - idle_since > exit_when_idle_s:
                 return None
             time.sleep(self.poll_s)

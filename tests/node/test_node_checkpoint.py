@@ -135,6 +135,25 @@ def test_missing_file_is_an_os_error_not_evidence(tmp_path: Path) -> None:
         checkpoint.load(tmp_path / "nope.safetensors")
 
 
+def test_a_failed_save_leaves_no_partial_file(tmp_path: Path) -> None:
+    """A write that fails part-way (a full disk; here RLIMIT_FSIZE: EFBIG past 64 KiB) raises the OSError and
+    removes its ``.tmp``: a full disk must not fill up further with halves of checkpoints."""
+    import resource
+    import signal
+
+    big = {"w": torch.zeros(64 * 1024, dtype=torch.float32)}  # 256 KiB
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    prev = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old[1]))
+    try:
+        with pytest.raises(OSError):
+            checkpoint.save(tmp_path / "x.safetensors", big, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, prev)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_rejects_non_string_metadata(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         checkpoint.save(tmp_path / "x", _tensors(), {"k": 1})  # type: ignore[dict-item]
