@@ -27,6 +27,7 @@ from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS, check_max_price
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
+from marketplace.sizing import JSON_LIMIT, check_unit_fits
 from marketplace.web import render_index, render_job
 from node.trainer import RECIPE
 from protocol import verification
@@ -44,7 +45,6 @@ from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, Provider
                               RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
 
-JSON_LIMIT = 1024 * 1024
 _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids are the escrow's bytes32 keys
 
 _STATUS: list[tuple[type[Exception], int]] = [
@@ -345,9 +345,12 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
     async def quote(request: Request) -> QuoteOut:
         """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
-        and the verification level's replay share, fee and catch odds. Nothing is stored."""
+        and the verification level's replay share, fee and catch odds. Nothing is stored. 422 for a job whose units
+        could not be handed in (checkpoints over ``max_upload_bytes``, a result body over the JSON limit), saying
+        what to stay under."""
         spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
         check_max_price(spec.max_price)
+        check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
         d = rt.contracts.deployment
         n = spec.steps_per_unit // spec.segment_len
         vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)
