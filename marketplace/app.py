@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import and_, func, or_, select
+from starlette.concurrency import run_in_threadpool
 
 from marketplace import checking, referee, service, settlement
 from marketplace import siwe
@@ -27,6 +28,7 @@ from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS, check_max_price
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
+from marketplace.sizing import JSON_LIMIT, check_unit_fits
 from marketplace.web import render_index, render_job
 from node.trainer import RECIPE
 from protocol import verification
@@ -45,7 +47,6 @@ from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, Provider
                               RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
 
-JSON_LIMIT = 1024 * 1024
 _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids are the escrow's bytes32 keys
 
 _STATUS: list[tuple[type[Exception], int]] = [
@@ -354,12 +355,12 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"status": checking.record_verdict(rt, req.signer, body)}
 
     # ------------------------------------------------------------ customers
-    @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
-    async def quote(request: Request) -> QuoteOut:
-        """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
-        and the verification level's replay share, fee and catch odds. Nothing is stored."""
-        spec = _parse(JobSpec, await read_body(request, JSON_LIMIT))
+    def quote_for(body: bytes) -> QuoteOut:
+        """The quote of a ``JobSpec`` body. CPU work (the spec's sizes and the level's catch odds, exact fractions): run
+        in the threadpool, never on the event loop, where every request of the process would wait behind it."""
+        spec = _parse(JobSpec, body)
         check_max_price(spec.max_price)
+        check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
         d = rt.contracts.deployment
         n = spec.steps_per_unit // spec.segment_len
         vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)
@@ -375,6 +376,15 @@ def create_app(rt: Runtime) -> FastAPI:
                                       "trusted_replay_share": str(verification.level_rate(spec.verification,
                                                                                           verification.TRUST_AFTER_UNITS)),
                                       "trusted_min_stake": None if trusted_stake is None else str(trusted_stake)})
+
+    @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
+    async def quote(request: Request) -> QuoteOut:
+        """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
+        and the verification level's replay share, fee and catch odds. Nothing is stored. 422 for a job whose units
+        could not be handed in (checkpoints over ``max_upload_bytes``, a result body over the JSON limit), saying
+        what to stay under."""
+        # the body is read here (its limit holds as it streams in, async), the quote computed in the threadpool
+        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT))
 
     @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
               openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))

@@ -26,6 +26,7 @@ from marketplace.pricing import (MAX_THROUGHPUT, REFERENCE_THROUGHPUT, Reliabili
                                  reliability_ppm)
 from protocol import verification
 from marketplace.runtime import Runtime
+from marketplace.sizing import check_unit_fits
 from node import checkpoint
 from node.model import init_state
 from node.crosscheck import Plan
@@ -76,8 +77,10 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
 def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
     """Accept a job only if its escrow on chain already holds the full budget, funded by this customer, and was not
     cancelled (Conflict: a cancelled escrow pays nothing after its grace, and is the customer's to close), and only
-    at a price cap some region's providers may take (``pricing.check_max_price``)."""
+    at a price cap some region's providers may take (``pricing.check_max_price``), and whose units can be handed in
+    (``sizing.check_unit_fits``: checkpoints and result within the upload and body limits)."""
     check_max_price(spec.max_price)
+    check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
     need = spec.budget()
     escrow = rt.contracts.get_job(job_id)
     if escrow.customer.lower() != customer.lower() or escrow.closed:

@@ -77,31 +77,52 @@ def serialize(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> byt
     return b"".join(_parts(tensors, metadata))
 
 
-def _parts(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> list[bytes | memoryview]:
-    """The file as its header followed by every tensor's raw bytes in name order (views, not copies, of
-    contiguous CPU tensors)."""
-    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
-        raise CheckpointError("writing checkpoints needs a little-endian machine")
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise CheckpointError(f"checkpoint metadata must map str to str, got {k!r}: {v!r}")
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    chunks: list[bytes | memoryview] = []
-    pos = 0
+def serialized_size(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> int:
+    """Bytes of the file :func:`save` writes for ``tensors`` + ``metadata``, from their names, dtypes and shapes
+    alone: tensors on the ``meta`` device (no data) give the size of a checkpoint without allocating it."""
+    entries = _entries(tensors)
+    return len(_header(entries, metadata)) + sum(nbytes for _, _, _, nbytes in entries)
+
+
+def _entries(tensors: Mapping[str, Tensor]) -> list[tuple[str, str, list[int], int]]:
+    """(name, safetensors dtype, shape, bytes) of every tensor, in the name order the file lays them out."""
+    out = []
     for name in sorted(tensors):
         t = tensors[name]
         if not isinstance(name, str) or name == "__metadata__" or not isinstance(t, Tensor):
             raise CheckpointError(f"checkpoint entries must be str -> Tensor, got {name!r}: {type(t).__name__}")
         if t.dtype not in _TORCH_TO_ST:
             raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, not one of {sorted(DTYPE_SIZES)}")
-        t = t.detach().to("cpu").contiguous()
-        raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
-        chunks.append(raw)
-        pos += len(raw)
+        out.append((name, _TORCH_TO_ST[t.dtype], list(t.shape), t.numel() * t.element_size()))
+    return out
+
+
+def _header(entries: list[tuple[str, str, list[int], int]], metadata: Mapping[str, str]) -> bytes:
+    """The length field and the JSON header (padded as safetensors pads it) that come before the tensors' bytes."""
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise CheckpointError(f"checkpoint metadata must map str to str, got {k!r}: {v!r}")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # safetensors pads the header with spaces to 8-byte alignment
-    return [len(head).to_bytes(8, "little") + head, *chunks]
+    return len(head).to_bytes(8, "little") + head
+
+
+def _parts(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> list[bytes | memoryview]:
+    """The file as its header followed by every tensor's raw bytes in name order (views, not copies, of
+    contiguous CPU tensors)."""
+    if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
+        raise CheckpointError("writing checkpoints needs a little-endian machine")
+    entries = _entries(tensors)
+    chunks: list[bytes | memoryview] = []
+    for name, _, _, nbytes in entries:
+        t = tensors[name].detach().to("cpu").contiguous()
+        chunks.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+    return [_header(entries, metadata), *chunks]
 
 
 def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes) -> str:
@@ -248,4 +269,4 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["save", "serialize", "load", "file_sha256", "DTYPE_SIZES"]
+__all__ = ["save", "serialize", "serialized_size", "load", "file_sha256", "DTYPE_SIZES"]

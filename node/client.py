@@ -1,7 +1,6 @@
 """HTTP client for the marketplace: every request is EIP-712 signed by the node's wallet, with a fresh nonce."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import httpx
 from eth_account.signers.local import LocalAccount
 
 from protocol.errors import ChainUnavailable, GridMintError, GridMintValueError
+from protocol.limits import wire_json
 from protocol.signing import Domain, NonceSource, sign_request
 
 REQUEST_TTL_S = 60
@@ -65,7 +65,7 @@ class MarketClient:
             return self.http.request(method, path, content=body, headers=headers)
 
     def signed_json(self, method: str, path: str, payload: Any) -> Any:
-        return self._check(self.signed(method, path, json.dumps(payload).encode()))
+        return self._check(self.signed(method, path, wire_json(payload)))  # the encoding result sizes assume
 
     @staticmethod
     def _check(resp: httpx.Response) -> Any:

@@ -15,6 +15,7 @@ and ``optim.<param>.step``. :func:`state_hash` of that dict is what segment comm
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -525,6 +527,23 @@ def checkpoint_metadata(spec: UnitSpec, seg_index: int | None) -> dict[str, str]
         "unit_id": spec.unit_id,
         "segment": "final" if seg_index is None else str(seg_index),
     }
+
+
+def checkpoint_size(spec: UnitSpec, seg_index: int | None) -> int:
+    """Exact bytes of the checkpoint :func:`train_unit` writes (and a node uploads, and a reveal re-derives) for
+    segment ``seg_index`` of ``spec``'s unit, ``None`` for the final one: :func:`fresh_state` of the model's float32
+    parameters (:func:`node.model.param_shapes`, a model built on the meta device) with its metadata, sized by
+    :func:`node.checkpoint.serialized_size`. Every training state of a spec has these names, shapes and dtypes
+    (:func:`check_training_state`), whatever the precision or the device it was trained on; nothing is allocated."""
+    return checkpoint.serialized_size(_meta_training_state(spec.model), checkpoint_metadata(spec, seg_index))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_training_state(cfg: ModelConfig) -> Mapping[str, Tensor]:
+    # a few thousand meta tensors for the largest model (~50 ms): built once per shape, read-only
+    with torch.device("meta"):
+        return MappingProxyType(fresh_state({name: torch.empty(shape, dtype=torch.float32)
+                                             for name, shape in param_shapes(cfg).items()}))
 
 
 def segment_path(workdir: Path, seg_index: int) -> Path:

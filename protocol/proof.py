@@ -28,6 +28,8 @@ NODE_PREFIX = b"\x01"
 BATCH_DOMAIN = b"GridMint/batches/v1"
 PROOF_VERSION = 1
 MAX_U63 = 2**63
+#: The largest loss (nats) a step or a segment may report: anything above is no training worth committing.
+MAX_LOSS = 1e9
 
 
 # --------------------------------------------------------------------------- Merkle tree
@@ -145,7 +147,7 @@ def batch_digest(steps: Iterable[tuple[int, Sequence[int]]]) -> str:
 
 def loss_to_micro(mean_loss: float) -> int:
     """A mean loss in nats as integer micro-nats (the only form a loss takes inside a hash)."""
-    if not mean_loss == mean_loss or mean_loss < 0 or mean_loss > 1e9:
+    if not mean_loss == mean_loss or mean_loss < 0 or mean_loss > MAX_LOSS:
         raise ProofError(f"loss must be a finite non-negative number, got {mean_loss!r}")
     return int(round(mean_loss * 1_000_000))
 

@@ -27,6 +27,8 @@ KernelBuild = Annotated[str, Field(pattern=rf"^({KERNEL_BUILD})?$")]
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 MAX_STEPS_PER_UNIT = 100_000
+#: The most segments one unit's result may commit (ResultSubmit.segment_blobs).
+MAX_SEGMENTS_PER_UNIT = 10_000
 MAX_VRAM_MB = 10_000_000
 
 
@@ -149,10 +151,10 @@ class ResultSubmit(Strict):
     proof: dict[str, Any]  # protocol.proof.TrainingProof JSON
     proof_signature: str = Field(pattern=r"^0x[0-9a-f]{130}$")
     final_blob: Sha256Hex
-    segment_blobs: list[Sha256Hex] = Field(max_length=10_000)
+    segment_blobs: list[Sha256Hex] = Field(max_length=MAX_SEGMENTS_PER_UNIT)
     # one training loss per step, signed with the request: each segment's mean must be the loss its commitment
     # says (protocol.proof.check_step_losses), and a referee's loss scan judges every step against it
-    losses: list[float] = Field(max_length=100_000)
+    losses: list[float] = Field(max_length=MAX_STEPS_PER_UNIT)
     # How the provider trained (its execution plan). A verifier on the same plan replays bit for bit; on another, it
     # checks within a calibrated tolerance, and a dispute is bisected to one step with the provider revealing states.
     plan: PlanLabel = "cpu"

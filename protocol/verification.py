@@ -30,6 +30,7 @@ from __future__ import annotations
 #: void the canary and put it back to work): its agent waits and asks again instead of stopping
 UNDER_REVIEW = "the referee is replaying the segment it approved: ask again later"
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -194,7 +195,11 @@ EXACT_HORIZON = 1024
 def catch_within(n: int, bad: int, picks: int, units: int) -> Fraction:
     """Chance a provider faking ``bad`` of ``n`` segments in every unit is caught within ``units`` units (exact up to
     ``EXACT_HORIZON`` units, to double precision beyond)."""
-    miss = miss_probability(n, bad, picks)
+    return _catch(miss_probability(n, bad, picks), units)
+
+
+def _catch(miss: Fraction, units: int) -> Fraction:
+    """Chance of at least one catch in ``units`` units, each missed with probability ``miss`` (see catch_within)."""
     if units <= EXACT_HORIZON or miss in (0, 1):
         return 1 - miss ** units
     log_miss = math.log(miss.numerator) - math.log(miss.denominator)  # big ints: no float underflow
@@ -274,18 +279,35 @@ def trusted_min_stake(level: str, *, n_segments: int, unit_price: int, max_units
         return None
     if challenge_budget(n_segments, trusted) == challenge_budget(n_segments, rate):
         return 0
-    for horizon in range(1, max_units + 2):  # stake_horizon = stake // price + 1
-        if _catch_1pct(n_segments, trusted, horizon) >= min(TRUSTED_MIN_CATCH, _catch_1pct(n_segments, rate, horizon)):
-            least = (horizon - 1) * unit_price
-            return least if least <= MAX_AMOUNT else None
+    horizon = _trusted_horizon(n_segments, rate, trusted, max_units)
+    if horizon is None:
+        return None
+    least = (horizon - 1) * unit_price  # stake_horizon = stake // price + 1
+    return least if least <= MAX_AMOUNT else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _trusted_horizon(n_segments: int, rate: Fraction, trusted: Fraction, max_units: int) -> int | None:
+    """The fewest units of stake horizon at which ``trusted`` catches a 1% cheat as :func:`sampling_rate` asks (None:
+    more than ``max_units + 1``). It does not depend on the unit price, so it is kept per (segments, rates): the
+    search costs up to ~30 ms of exact fractions (a few hundred segments at "standard"), and every quote asks it."""
+    miss_trusted, miss_rate = _miss_1pct(n_segments, trusted), _miss_1pct(n_segments, rate)
+    for horizon in range(1, max_units + 2):
+        if _catch(miss_trusted, horizon) >= min(TRUSTED_MIN_CATCH, _catch(miss_rate, horizon)):
+            return horizon
     return None
 
 
-def _catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
+def _miss_1pct(n_segments: int, rate: Fraction) -> Fraction:
+    """Chance one unit with 1% of its ``n_segments`` faked escapes the uniform picks of ``rate``."""
     k = challenge_budget(n_segments, rate)
     bad = max(1, math.ceil(n_segments / 100))
     uniform = k if k >= n_segments or k == 1 else max(0, k - 1 - math.floor(k * TARGETED_SHARE))
-    return catch_within(n_segments, bad, uniform, horizon)
+    return miss_probability(n_segments, bad, uniform)
+
+
+def _catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
+    return _catch(_miss_1pct(n_segments, rate), horizon)
 
 
 def plant_canaries(n_tasks: int, seed: int | bytes, rate: Fraction = CANARY_RATE) -> list[bool]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ from eth_account import Account
 
 from marketplace.db import Job, Provider, Verification
 from node.client import MarketClient
+from protocol import verification
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from protocol.signing import HEADER_SIGNER, Domain, sign_request
@@ -317,6 +320,56 @@ def test_quote_states_the_verification_level_its_fee_and_catch_odds(market) -> N
     bad = {**JobSpec(**base).model_dump(mode="json"), "verification": "lax"}
     r = httpx.post(f"{market.url}/jobs/quote", json=bad)
     assert r.status_code == 422 and "verification" in r.text
+
+
+def test_a_quote_in_flight_does_not_hold_up_other_requests(market, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``POST /jobs/quote`` did its work (parsing, the catch odds: 0.3 s for 100,000 one-step segments) inside an
+    ``async def``, on the event loop: four anonymous clients quoting in a loop pushed ``/healthz`` to a 10 s median.
+    Here the quote's computation is made to take ``SLOW`` s (blocking its thread, as CPU work does), and ``/healthz``
+    is timed idle, then while four clients quote: on the loop it would wait for the quote running (and those queued),
+    a large share of SLOW; off it, it answers as when idle. The quote's answer is the same as before."""
+    SLOW = 0.5
+    real = verification.quote
+
+    def slow_quote(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(SLOW)
+        return real(*args, **kwargs)
+
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=2048, segment_len=1, max_price=tokens(1),
+                   verification="paranoid").model_dump(mode="json")
+    before = httpx.post(f"{market.url}/jobs/quote", json=spec).json()
+    monkeypatch.setattr(verification, "quote", slow_quote)
+
+    def healthz_median(n: int = 9) -> float:
+        took = []
+        for _ in range(n):
+            t = time.perf_counter()
+            assert httpx.get(f"{market.url}/healthz", timeout=60).status_code == 200
+            took.append(time.perf_counter() - t)
+            time.sleep(0.05)
+        return sorted(took)[n // 2]
+
+    idle = healthz_median()
+    stop, answers = threading.Event(), []
+
+    def quoting() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                answers.append(c.post(f"{market.url}/jobs/quote", json=spec).json())
+
+    clients = [threading.Thread(target=quoting) for _ in range(4)]
+    for c in clients:
+        c.start()
+    time.sleep(SLOW / 2)  # the first quotes are in flight
+    busy = healthz_median()
+    stop.set()
+    for c in clients:
+        c.join()
+    print(f"/healthz median idle {idle * 1000:.1f} ms, with 4 quoting clients {busy * 1000:.1f} ms "
+          f"({busy / SLOW:.3f} of one quote's {SLOW} s); {len(answers)} quotes")
+    assert busy / SLOW < 0.2, (idle, busy)  # on the event loop: ~1 or more
+    assert answers and all({k: v for k, v in a.items() if k != "job_id"} ==
+                           {k: v for k, v in before.items() if k != "job_id"} for a in answers)
 
 
 def test_a_verifier_heartbeat_is_refused_for_a_task_that_is_not_its_own(market) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from eth_account import Account
 
 from gridmint.customer import download_weights, read_spec, submit
-from node.client import MarketClient
+from node.client import MarketClient, MarketError
 from protocol.errors import GridMintValueError
+from protocol.limits import max_steps_within
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 
@@ -57,3 +59,43 @@ def test_submit_refuses_what_it_cannot_pay_or_does_not_own(market, tmp_path: Pat
     (tmp_path / "spec.json").write_text(SPEC.model_dump_json())
     assert read_spec(tmp_path / "spec.json") == SPEC
     assert MarketClient(market.url, Account.create()).quote(read_spec(tmp_path / "spec.json").model_dump(mode="json"))
+
+
+def test_a_job_whose_units_could_never_be_handed_in_is_refused_before_anything_is_funded(market) -> None:
+    """A unit whose checkpoints are over ``max_upload_bytes`` (2 MiB here), or whose result body is over the 1 MiB JSON
+    limit, was quoted and accepted: every provider trained it in full, was refused at upload (413), and trained it
+    again until the deadline made it a dropout, and the job never finished. Now the quote and the submission are a
+    422 that says which limit and what to stay under, before the customer funds anything."""
+    customer = market.account(gmt=tokens(100))
+    client, contracts = MarketClient(market.url, customer), market.contracts(customer)
+    # 3.3 M parameters: a training state of 39,708,928 bytes (the final checkpoint the node review measured)
+    wide = JobSpec(model={"d_model": 256, "n_layer": 4, "n_head": 4, "ctx": 64}, rounds=1, units_per_round=1,
+                   steps_per_unit=2, segment_len=1, batch_size=1, max_price=tokens(1), verification="none")
+    with pytest.raises(MarketError) as got:
+        submit(client, contracts, wide, say=lambda _: None)
+    assert got.value.status == 422 and "39708928 bytes" in got.value.detail
+    assert "2097152-byte upload limit (max_upload_bytes)" in got.value.detail and "at most about" in got.value.detail
+    assert market.ops.balance_of(customer.address) == tokens(100)  # refused at the quote: nothing funded
+    # funded anyway (by hand), the submission itself is refused, and no job is stored
+    job_id = "0x" + "3c" * 32
+    contracts.fund_job_with_permit(job_id, wide.budget())
+    with pytest.raises(MarketError) as got:
+        client.submit_job(job_id, wide.model_dump(mode="json"))
+    assert got.value.status == 422 and "max_upload_bytes" in got.value.detail
+    assert httpx.get(f"{market.url}/jobs/{job_id}").status_code == 404
+    # one loss per step and one commitment per segment: 30,000 steps in segments of 15 is over the 1 MiB result body
+    most = max_steps_within(1024 * 1024, 15)
+    long = JobSpec(model={"d_model": 16, "n_layer": 1, "n_head": 1, "ctx": 8}, rounds=1, units_per_round=1,
+                   steps_per_unit=30_000, segment_len=15, batch_size=1, max_price=tokens(1), verification="none")
+    r = httpx.post(f"{market.url}/jobs/quote", json=long.model_dump(mode="json"))
+    assert r.status_code == 422 and "1048576-byte limit" in r.text and f"at most {most} steps_per_unit" in r.text
+    assert 20_000 < most < 30_000
+    edge = long.model_copy(update={"steps_per_unit": most})
+    assert httpx.post(f"{market.url}/jobs/quote", json=edge.model_dump(mode="json")).status_code == 200
+    over = long.model_copy(update={"steps_per_unit": most + 15})
+    assert httpx.post(f"{market.url}/jobs/quote", json=over.model_dump(mode="json")).status_code == 422
+    # more segments than a result may commit
+    many = long.model_copy(update={"steps_per_unit": 100_000, "segment_len": 1})
+    r = httpx.post(f"{market.url}/jobs/quote", json=many.model_dump(mode="json"))
+    assert r.status_code == 422 and "at most 10000" in r.text and "segment_len 10 or more" in r.text
+    assert client.quote(SPEC.model_dump(mode="json"))["units"] == 2  # the usual shapes are quoted as before

@@ -14,6 +14,7 @@ from node.replay import check_segment, choose_segments, replay_segment
 from node.trainer import (
     UnitSpec,
     average_states,
+    checkpoint_size,
     evaluate,
     fresh_state,
     model_only,
@@ -230,3 +231,15 @@ def test_commitments_run_off_the_training_loop_and_a_failed_checkpoint_write_sto
     monkeypatch.setattr(checkpoint, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
         train_unit(spec, global_state, tmp_path / "full")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_checkpoint_size_is_the_size_of_every_checkpoint_a_unit_writes(make_spec, global_state, tmp_path: Path,
+                                                                       precision: str) -> None:
+    """What the marketplace refuses a job on (a checkpoint over its upload limit) must be the exact size of what a node
+    uploads: every segment's checkpoint (one- and two-digit labels) and the final one, in either precision."""
+    spec = make_spec(steps=22, segment_len=2, precision=precision)
+    result = train_unit(spec, global_state, tmp_path)
+    sizes = [p.stat().st_size for p in result.segment_paths]
+    assert sizes == [checkpoint_size(spec, s) for s in range(spec.n_segments)]
+    assert result.final_path.stat().st_size == checkpoint_size(spec, None) >= max(sizes)  # "final": the widest label

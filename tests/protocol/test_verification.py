@@ -193,3 +193,47 @@ def test_a_stake_over_a_tiny_price_is_quoted_at_once() -> None:
         exact = 1 - vp.miss_probability(2048, 1, 1) ** units
         assert abs(vp.catch_within(2048, 1, 1, units) - exact) < Fraction(1, 10**9)
     assert vp.trusted_min_stake("standard", n_segments=2048, unit_price=1) is not None
+
+
+def _old_catch_1pct(n_segments: int, rate: Fraction, horizon: int) -> Fraction:
+    """The quote's catch odds as computed before they were cached (protocol/verification.py at cd3c9e5)."""
+    k = vp.challenge_budget(n_segments, rate)
+    bad = max(1, math.ceil(n_segments / 100))
+    uniform = k if k >= n_segments or k == 1 else max(0, k - 1 - math.floor(k * vp.TARGETED_SHARE))
+    miss = vp.miss_probability(n_segments, bad, uniform)
+    if horizon <= vp.EXACT_HORIZON or miss in (0, 1):
+        return 1 - miss ** horizon
+    return Fraction(-math.expm1(horizon * (math.log(miss.numerator) - math.log(miss.denominator))))
+
+
+def _old_trusted_min_stake(level: str, n_segments: int, unit_price: int, max_units: int = 10_000) -> int | None:
+    rate, trusted = vp.level_rate(level), vp.level_rate(level, vp.TRUST_AFTER_UNITS)
+    if trusted == rate:
+        return None
+    if vp.challenge_budget(n_segments, trusted) == vp.challenge_budget(n_segments, rate):
+        return 0
+    for horizon in range(1, max_units + 2):
+        if _old_catch_1pct(n_segments, trusted, horizon) >= min(vp.TRUSTED_MIN_CATCH,
+                                                                _old_catch_1pct(n_segments, rate, horizon)):
+            least = (horizon - 1) * unit_price
+            return least if least <= vp.MAX_AMOUNT else None
+    return None
+
+
+@pytest.mark.parametrize("level", ["standard", "paranoid", "full", "none"])
+def test_the_cached_trusted_stake_search_gives_what_the_plain_one_gave(level: str) -> None:
+    """A quote's trusted_min_stake keeps its horizon search per (segments, rates), since the stake it finds is that
+    many unit prices whatever the price: the same answers as the search run afresh each time, at every price, in
+    the second asking (from the cache) as in the first."""
+    prices = [1, tokens("0.5"), tokens("1.5"), 10**30, vp.MAX_AMOUNT // 40]
+    for n in [1, 2, 3, 4, 15, 63, 64, 100, 190, 274, 298, 500, 1000, 2048, 2685]:
+        for price in prices:
+            want = _old_trusted_min_stake(level, n, price)
+            assert vp.trusted_min_stake(level, n_segments=n, unit_price=price) == want, (n, price)
+            assert vp.trusted_min_stake(level, n_segments=n, unit_price=price) == want, (n, price)
+        assert vp.trusted_min_stake(level, n_segments=n, unit_price=7, max_units=30) == \
+            _old_trusted_min_stake(level, n, 7, max_units=30)
+        for horizon in (1, 21, 1024, 1025, 10**6):
+            rate = vp.level_rate(level)
+            if rate:
+                assert vp._catch_1pct(n, rate, horizon) == _old_catch_1pct(n, rate, horizon)
