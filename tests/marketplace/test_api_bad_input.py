@@ -27,6 +27,16 @@ def _post(market, acct, path: str, payload: dict, domain: Domain | None = None, 
     return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
 
 
+def _at_work(market, acct) -> None:
+    """Give ``acct`` an assigned unit, so its uploads get past the uploader check to the parser (SQLite enforces no
+    foreign key: no job is needed)."""
+    from marketplace.db import Unit
+
+    with market.rt.sessions.begin() as s:
+        s.add(Unit(id="0x" + acct.address[2:].lower().rjust(64, "0"), job_id="0x" + "ee" * 32, round=0,
+                   shard=int(acct.address, 16) % 2**31, status="assigned", provider=acct.address))
+
+
 def _providers(market) -> int:
     with market.rt.sessions() as s:
         return s.query(Provider).count()
@@ -275,6 +285,7 @@ def test_unfunded_and_underfunded_job_refused(market) -> None:
 
 def test_pickle_and_oversize_uploads_refused(market) -> None:
     acct = market.account()
+    _at_work(market, acct)
     client = MarketClient(market.url, acct)
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(3)}, buf)
@@ -293,7 +304,9 @@ def test_a_checkpoint_header_nested_deep_or_with_a_huge_integer_is_refused_and_t
     """A safetensors header of 100,000 nested brackets used to kill the server (json.loads overflowed the C stack
     under eth_account's recursion limit); a 5,000-digit integer in one was a 500. Both are a 422 now, nothing is
     stored, and the server still answers."""
-    client = MarketClient(market.url, Account.create())  # any fresh wallet may upload
+    acct = Account.create()
+    _at_work(market, acct)
+    client = MarketClient(market.url, acct)
     nested = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     huge = b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,4]}}'
     for header, data, says in ((nested, b"", "nests deeper"), (huge, b"\0" * 4, "5000-digit integer")):
@@ -406,4 +419,33 @@ def test_a_checkpoint_from_a_wallet_with_no_work_is_refused_and_not_stored(marke
     idle.register(region="eu-north", gpu="cpu", vram_mb=0, price=str(tokens("0.6")), tokens_per_s=1000, capacity=1)
     r = idle.signed("PUT", "/blobs", blob, "application/octet-stream")
     assert r.status_code == 409, r.text
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
+
+def _header_blob(header: dict) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def test_a_strangers_upload_is_refused_before_it_is_parsed_and_a_hostile_header_is_a_422(market) -> None:
+    """A fresh key's 32 MB header of 550,000 empty tensors cost the server 12 s and 1.1 GB before the 409: who may
+    upload is checked first now (a stranger's pickle or header bomb is a 409, unparsed), and for a provider at work
+    such a header is a 422 from its size alone. A dimension past int64 was a 500 (TypeError in safetensors)."""
+    from node import checkpoint
+
+    bomb = _header_blob({f"t{i:07d}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(checkpoint.MAX_TENSORS + 1)})
+    huge_dim = _header_blob({"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}})
+    stranger = MarketClient(market.url, Account.create())
+    for body in (bomb, huge_dim, b"\x80\x04K\x01."):
+        r = stranger.signed("PUT", "/blobs", body, "application/octet-stream")
+        assert r.status_code == 409 and "no unit assigned" in r.json()["detail"], r.text
+    acct = Account.create()
+    _at_work(market, acct)
+    worker = MarketClient(market.url, acct)
+    r = worker.signed("PUT", "/blobs", bomb, "application/octet-stream")
+    assert r.status_code == 422 and f"describes {checkpoint.MAX_TENSORS + 1} tensors" in r.json()["detail"], r.text
+    r = worker.signed("PUT", "/blobs", huge_dim, "application/octet-stream")
+    assert r.status_code == 422 and "2**63" in r.json()["detail"], r.text
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
