@@ -449,3 +449,44 @@ def test_a_strangers_upload_is_refused_before_it_is_parsed_and_a_hostile_header_
     r = worker.signed("PUT", "/blobs", huge_dim, "application/octet-stream")
     assert r.status_code == 422 and "2**63" in r.json()["detail"], r.text
     assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
+
+def test_a_fresh_key_costs_no_chain_read_and_no_matching_round(market, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key is free to make: a request signed by one must be refused from the database, not after a stake read on
+    chain (an RPC quota) or by queueing a matching round. Each of these routes read the stake first, and a result
+    or a registration queued ``gridmint.match`` whatever the stake. A staked provider's registration, with a unit
+    pending, still queues one; repeating it unchanged does not."""
+    reads: list[str] = []
+    queued: list[str] = []
+    stake_of, enqueue = market.rt.contracts.stake_of, market.rt.enqueue
+    monkeypatch.setattr(market.rt.contracts, "stake_of", lambda a: reads.append(a) or stake_of(a))
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, *a, **k: queued.append(name) or enqueue(name, *a, **k))
+    result = {"unit_id": "0x" + "11" * 32, "proof": {}, "proof_signature": "0x" + "00" * 65,
+              "final_blob": "ab" * 32, "segment_blobs": [], "losses": []}
+    for path, body, status, says in (("/work/next", {}, 404, "not registered"),
+                                     ("/verify/next", {}, 404, "not registered"),
+                                     (f"/units/{result['unit_id']}/result", result, 404, "does not exist")):
+        r = _post(market, Account.create(), path, body)
+        assert r.status_code == status and says in r.json()["detail"], (path, r.text)
+    assert (reads, queued) == ([], [])
+    unstaked = Account.create()
+    assert _post(market, unstaked, "/providers/register", REG).status_code == 201
+    assert queued == []  # matching cannot place a unit with it: nothing to do
+    stranger = _post(market, unstaked, f"/units/{result['unit_id']}/result", result)  # registered, holds no unit
+    assert stranger.status_code == 404 and (len(reads), queued) == (1, [])
+
+    customer = market.account(gmt=tokens(100))
+    client = MarketClient(market.url, customer)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, vram_mb=1,
+                   max_price=tokens(2)).model_dump(mode="json")
+    quote = client.quote(spec)
+    market.contracts(customer).fund_job(quote["job_id"], int(quote["budget"]))
+    client.submit_job(quote["job_id"], spec)
+    queued.clear()
+    staked = market.account(gmt=tokens(300))
+    market.contracts(staked).stake(tokens(200))
+    far = {**REG, "price": str(tokens(50))}  # dearer than the job pays: the unit stays pending
+    assert _post(market, staked, "/providers/register", far).status_code == 201
+    assert queued == ["gridmint.match"]
+    assert _post(market, staked, "/providers/register", far).status_code == 201
+    assert queued == ["gridmint.match"]  # the same offer again: nothing for matching to redo
