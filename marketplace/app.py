@@ -239,7 +239,7 @@ def create_app(rt: Runtime) -> FastAPI:
             consume_nonce_in(conn, req.signer, req.nonce)
             return service.heartbeat_in(conn, rt, req.signer, beat)
 
-        return await committer.run_async(write)
+        return await committer.run_async(write, key=req.signer)  # lock order: groupcommit's docstring
 
     self_signed.add("/providers/heartbeat")
 
