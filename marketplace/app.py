@@ -244,7 +244,7 @@ def create_app(rt: Runtime) -> FastAPI:
             consume_nonce_in(conn, req.signer, req.nonce)
             return service.heartbeat_in(conn, rt, req.signer, beat)
 
-        return await committer.run_async(write)
+        return await committer.run_async(write, key=req.signer)  # lock order: groupcommit's docstring
 
     self_signed.add("/providers/heartbeat")
 
@@ -265,7 +265,7 @@ def create_app(rt: Runtime) -> FastAPI:
         sha256, which result submissions then name. Only from a provider with a unit assigned to it or a state asked
         of it in a dispute (409 otherwise): an upload is for work, never free storage."""
         body = request._body  # noqa: SLF001
-        # what it is first (422: junk, pickle, a hostile header), then who may store it (409)
+        # who may store it first (409), then what it is (422: junk, pickle, a hostile header)
         return {"sha256": rt.blobs.put_checkpoint(body, admit=lambda: check_uploader(rt, req.signer))}
 
     @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=StreamingResponse,

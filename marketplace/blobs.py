@@ -56,10 +56,11 @@ class BlobStore:
     def put_checkpoint(self, data: bytes, admit: Callable[[], object] | None = None) -> str:
         """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent; a stored
         copy that is corrupt is written anew (so the same bytes uploaded again repair it).
-        ``admit``, if given, runs between the two (it raises to refuse the upload: what it is is said first)."""
-        load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
+        ``admit``, if given, runs first and raises to refuse the uploader: parsing costs CPU and memory that a
+        stranger's upload must not get to spend."""
         if admit is not None:
             admit()
+        load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if not self._holds(sha, target):

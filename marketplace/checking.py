@@ -43,17 +43,25 @@ def benched_message(s: Session, v: Verifier) -> str:
     return text
 
 
+def _known_verifier(s: Session, verifier: str) -> Verifier:
+    """``verifier``'s row; NotFound if it never registered, Conflict if it is benched."""
+    v = s.get(Verifier, verifier)
+    if v is None:
+        raise NotFound(f"verifier {verifier} is not registered")
+    if v.status == "benched":
+        raise Conflict(benched_message(s, v))
+    return v
+
+
 def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
     now = now_s()
+    with rt.sessions() as s:  # an unknown or benched signer is refused from the database, before a chain read
+        _known_verifier(s, verifier)
     # unknown while the chain is down: checks go on (a canary's slash waits for the chain)
     _, short = stake_short(rt, "verifier", verifier, rt.settings.min_verifier_stake, "tasks",
                             "(gridmint verifier run --stake AMOUNT --chain URL)")
     with rt.sessions.begin() as s:
-        v = s.get(Verifier, verifier)
-        if v is None:
-            raise NotFound(f"verifier {verifier} is not registered")
-        if v.status == "benched":
-            raise Conflict(benched_message(s, v))
+        v = _known_verifier(s, verifier)
         if short:
             # an unstaked verifier would risk nothing: a lazy one caught by a canary, or one benched for a false
             # accusation, would simply come back under a new wallet

@@ -10,7 +10,15 @@ the batch in flight plus its own.
 Contract for a queued function ``fn(conn)``: it runs inside a transaction shared with other requests, so it must not
 commit or roll back, and if it raises a ``GridMintError`` (a refusal for this one request) whatever it wrote before
 raising is kept: write only what should stand even when refusing (e.g. the used nonce), or raise before writing. Any
-other exception fails the whole batch (nothing of it is committed) and is raised to every caller in it.
+other exception fails the whole batch (nothing of it is committed) and is raised to every caller in it. It must do
+nothing outside ``conn``: a batch that PostgreSQL aborted as a deadlock (or a serialization failure) is rolled back
+and run again, every function of it anew.
+
+Lock order: with several API processes on PostgreSQL, each has its own writer, and two batches taking the same rows
+in opposite orders deadlock (a caller with keys A and B sends A then B to one process, B then A to the other). Each
+request is queued with a ``key`` (the signer: the rows a heartbeat locks, its nonce, provider and units, are all the
+signer's), and a batch runs its requests in key order (stable: one signer's requests keep their order), so every
+batch takes those locks in one global order. The retry covers what the order cannot: another transaction's locks.
 """
 from __future__ import annotations
 
@@ -23,17 +31,22 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from marketplace.db import per_engine, write_gate
 from protocol.errors import GridMintError
 
 T = TypeVar("T")
-Job = tuple[Callable[[Connection], Any], "Future[Any]"]
+Job = tuple[Callable[[Connection], Any], "Future[Any]", str]
 
 #: Most requests in one transaction: bounds how long the write lock is held and the last request's wait.
 MAX_BATCH = 256
 #: A writer with nothing to do for this long exits (so an idle process, or a discarded engine, keeps no thread).
 IDLE_EXIT_S = 30.0
+#: How often a batch aborted as a deadlock or serialization failure is run again before its callers get the error.
+MAX_RETRIES = 3
+#: PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back and may simply rerun.
+_RETRYABLE = frozenset({"40P01", "40001"})
 
 
 class GroupCommit:
@@ -47,9 +60,11 @@ class GroupCommit:
         self._start_lock = threading.Lock()
         self.batches = 0  # transactions committed (or failed), for tests and benchmarks
         self.requests = 0
+        self.retries = 0  # batches run again after a deadlock or serialization failure
 
-    def submit(self, fn: Callable[[Connection], T]) -> Future[T]:
-        """Queue ``fn``; the future holds its result (or its exception) once its batch has committed."""
+    def submit(self, fn: Callable[[Connection], T], key: str = "") -> Future[T]:
+        """Queue ``fn``; the future holds its result (or its exception) once its batch has committed. ``key``: the
+        batch runs its requests in key order (the rows ``fn`` locks should be ordered by it: the signer's)."""
         fut: Future[T] = Future()
         with self._start_lock:  # never queue onto a writer that is just leaving
             if self._pid != os.getpid():  # no writer: first use, idle exit, or a forked child (threads do not fork)
@@ -57,16 +72,16 @@ class GroupCommit:
                 threading.Thread(target=self._writer, args=(self._queue,), name="gridmint-group-commit",
                                  daemon=True).start()
                 self._pid = os.getpid()
-            self._queue.put((fn, fut))
+            self._queue.put((fn, fut, key))
         return fut
 
-    def run(self, fn: Callable[[Connection], T]) -> T:
+    def run(self, fn: Callable[[Connection], T], key: str = "") -> T:
         """From a thread: queue ``fn`` and wait for its committed result."""
-        return self.submit(fn).result()
+        return self.submit(fn, key).result()
 
-    async def run_async(self, fn: Callable[[Connection], T]) -> T:
+    async def run_async(self, fn: Callable[[Connection], T], key: str = "") -> T:
         """From the event loop: queue ``fn`` and await its committed result without blocking the loop."""
-        return await asyncio.wrap_future(self.submit(fn))
+        return await asyncio.wrap_future(self.submit(fn, key))
 
     def _writer(self, q: queue.SimpleQueue[Job]) -> None:
         gate = write_gate(self.engine)
@@ -84,22 +99,34 @@ class GroupCommit:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
-            live = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
+            live = sorted(((fn, fut, key) for fn, fut, key in batch if fut.set_running_or_notify_cancel()),
+                          key=lambda job: job[2])  # one lock order for every batch (stable within a key)
             if not live:
                 continue
-            outcomes: list[tuple[bool, Any]] = []
-            try:
-                with gate.begin() as conn:
-                    for fn, _ in live:
-                        try:
-                            outcomes.append((True, fn(conn)))
-                        except GridMintError as exc:  # this request refused; the batch goes on
-                            outcomes.append((False, exc))
-            except BaseException as exc:  # noqa: BLE001 - the batch failed as a whole: tell every caller
-                for _, fut in live:
-                    fut.set_exception(exc)
+            for attempt in range(MAX_RETRIES + 1):
+                outcomes: list[tuple[bool, Any]] = []
+                try:
+                    with gate.begin() as conn:
+                        for fn, _, _ in live:
+                            try:
+                                outcomes.append((True, fn(conn)))
+                            except GridMintError as exc:  # this request refused; the batch goes on
+                                outcomes.append((False, exc))
+                except DBAPIError as exc:
+                    if attempt < MAX_RETRIES and getattr(exc.orig, "sqlstate", None) in _RETRYABLE:
+                        self.retries += 1
+                        continue  # rolled back whole: run it again
+                    failed: BaseException | None = exc
+                except BaseException as exc:  # noqa: BLE001 - the batch failed as a whole: tell every caller
+                    failed = exc
+                else:
+                    failed = None
+                break
+            if failed is not None:
+                for _, fut, _ in live:
+                    fut.set_exception(failed)
             else:
-                for (_, fut), (ok, value) in zip(live, outcomes):
+                for (_, fut, _), (ok, value) in zip(live, outcomes):
                     if ok:
                         fut.set_result(value)
                     else:

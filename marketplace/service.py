@@ -12,7 +12,7 @@ import secrets
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -45,8 +45,16 @@ STANDBY_POOL = 3
 # ---------------------------------------------------------------- providers / verifiers
 
 def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Provider:
+    """Record (or update) ``address``'s offer with its stake on chain now. A matching round is queued only when the
+    offer is one matching can use (staked at least ``min_stake``) and it is new, changed or back to life, with a unit
+    pending: a registration that changes nothing matching sees (an unstaked key's, say) costs no round."""
     check_ask(body.region, body.price)
+    with rt.sessions() as s:  # refused from the database before a chain read is spent on it
+        known = s.get(Provider, address)
+        if known is not None and known.status == "slashed":
+            raise Conflict(f"provider {address} was slashed for fraud and cannot re-register")
     stake = rt.contracts.stake_of(address)
+    now = now_s()
     with rt.sessions.begin() as s:
         p = s.get(Provider, address)
         if p is None:
@@ -54,11 +62,21 @@ def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Prov
             s.add(p)
         if p.status == "slashed":
             raise Conflict(f"provider {address} was slashed for fraud and cannot re-register")
+        before = _offer_terms(rt, p, now)
         p.region, p.gpu, p.vram_mb, p.price = body.region, body.gpu, body.vram_mb, body.price
-        p.tokens_per_s, p.capacity, p.stake, p.last_seen = body.tokens_per_s, body.capacity, stake, now_s()
+        p.tokens_per_s, p.capacity, p.stake, p.last_seen = body.tokens_per_s, body.capacity, stake, now
         log(s, "provider_registered", address=address, region=body.region, price=str(body.price), stake=str(stake))
-    rt.enqueue("gridmint.match", [])
+        rematch = (stake >= rt.settings.min_stake and _offer_terms(rt, p, now) != before
+                   and s.scalar(select(exists().where(Unit.status == "pending"))))
+    if rematch:
+        rt.enqueue("gridmint.match", [])
     return p
+
+
+def _offer_terms(rt: Runtime, p: Provider, now: int) -> tuple[Any, ...]:
+    """What matching reads of a provider's row (``_offers`` and ``matching.Demand``), liveness included."""
+    live = p.last_seen is not None and p.last_seen >= _live_since(rt, now)
+    return (p.status, p.region, p.price, p.vram_mb, p.stake, p.capacity, live)
 
 
 def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None = None) -> None:
@@ -233,24 +251,35 @@ def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[in
                         "(its stake backs every unit until the unit is verified)", fresh)
 
 
-def _release(s: Session, unit: Unit, provider: str, why: str) -> None:
+def _release(s: Session, unit: Unit, provider: str, why: str) -> bool:
     """Hand an assigned unit back to the pool: its provider's stake no longer backs it (not a dropout). Nothing
-    if the unit moved meanwhile (``take_back``)."""
+    if the unit moved meanwhile (``take_back``); says whether it was released."""
     if take_back(s, unit.id, provider):
         log(s, "unit_released", unit.job_id, unit=unit.id, provider=provider, reason=why)
+        return True
+    return False
+
+
+def _known_provider(s: Session, provider: str) -> Provider:
+    """``provider``'s row; NotFound if it never registered, Conflict if it was slashed."""
+    p = s.get(Provider, provider)
+    if p is None:
+        raise NotFound(f"provider {provider} is not registered")
+    if p.status == "slashed":
+        raise Conflict(f"provider {provider} was slashed for fraud")
+    return p
 
 
 def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
     """The unit assigned to ``provider``, as the spec it must train and the checkpoint it starts from. A provider
-    whose stake fell below the minimum gets none (409), and the units it was assigned go back to the pool."""
+    whose stake fell below the minimum gets none (409), and the units it was assigned go back to the pool. An
+    unknown or slashed signer is refused from the database, before its stake is read from the chain."""
+    with rt.sessions() as s:
+        _known_provider(s, provider)
     stake, short = _provider_stake(rt, provider)
     released = 0
     with rt.sessions.begin() as s:
-        p = s.get(Provider, provider)
-        if p is None:
-            raise NotFound(f"provider {provider} is not registered")
-        if p.status == "slashed":
-            raise Conflict(f"provider {provider} was slashed for fraud")
+        p = _known_provider(s, provider)
         p.last_seen = now_s()
         if stake is not None:
             p.stake = stake  # matching ranks on what is staked now
@@ -277,10 +306,23 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- results
 
+def _assigned_unit(s: Session, unit_id: str, provider: str) -> Unit:
+    """Unit ``unit_id``; NotFound if there is none, Conflict unless it is assigned to ``provider``."""
+    unit = s.get(Unit, unit_id)
+    if unit is None:
+        raise NotFound(f"unit {unit_id} does not exist")
+    if unit.provider != provider or unit.status != "assigned":
+        raise Conflict(f"unit {unit_id} is not assigned to {provider} (status {unit.status})")
+    return unit
+
+
 def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     """Cheap, complete structural checks now; a sampled replay by a verifier later. A result whose provider's stake
     fell below the minimum while it trained is refused and its unit goes back to the pool: nothing would back it
-    (read from the chain now, not from a recent poll's read)."""
+    (read from the chain now, not from a recent poll's read). A unit that does not exist or is not assigned to the
+    signer is refused from the database first, without that chain read."""
+    with rt.sessions() as s:
+        _assigned_unit(s, body.unit_id, provider)
     stake, short = _provider_stake(rt, provider, fresh=True)
     if short:
         with rt.sessions.begin() as s:
@@ -288,16 +330,13 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
             p = s.get(Provider, provider)
             if p is not None and stake is not None:
                 p.stake = stake
-            if unit is not None and unit.provider == provider and unit.status == "assigned":
-                _release(s, unit, provider, short)
-        rt.enqueue("gridmint.match", [])
+            released = (unit is not None and unit.provider == provider and unit.status == "assigned"
+                        and _release(s, unit, provider, short))
+        if released:  # a unit back in the pool is what a matching round has to place
+            rt.enqueue("gridmint.match", [])
         raise Conflict(f"{short}: the result is refused and the unit goes back to the pool")
     with rt.sessions.begin() as s:
-        unit = s.get(Unit, body.unit_id)
-        if unit is None:
-            raise NotFound(f"unit {body.unit_id} does not exist")
-        if unit.provider != provider or unit.status != "assigned":
-            raise Conflict(f"unit {body.unit_id} is not assigned to {provider} (status {unit.status})")
+        unit = _assigned_unit(s, body.unit_id, provider)
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec = unit_spec(job, unit)

@@ -148,6 +148,15 @@ def cumulative_earnings(s: Session) -> dict[str, int]:
     return out
 
 
+def pooled_earnings(s: Session, address: str) -> int:
+    """``address``'s pooled earnings so far (its entry in :func:`cumulative_earnings`), read through the ledger's
+    provider index: the cost of one address's entries, not of every entry ever released. Summed here, not in SQL:
+    amounts are exact decimal strings (``db.Money``), which SQLite's SUM would add as floats."""
+    return sum(s.scalars(select(LedgerEntry.amount).where(LedgerEntry.provider == address,
+                                                          LedgerEntry.released.is_(True),
+                                                          LedgerEntry.batch.is_not(None))))
+
+
 def _entries_json(cumulative: dict[str, int]) -> dict[str, str]:
     return {a: str(v) for a, v in sorted(cumulative.items())}
 
@@ -251,7 +260,7 @@ def payout_for(rt: Runtime, address: str) -> dict[str, Any]:
         row = s.scalars(select(PayoutEpoch).where(PayoutEpoch.status == "posted", PayoutEpoch.claimable_at <= now)
                         .order_by(PayoutEpoch.epoch.desc())).first()
         newest = s.scalar(select(func.max(PayoutEpoch.epoch)).where(PayoutEpoch.status == "posted"))
-        pooled = cumulative_earnings(s).get(address, 0)
+        pooled = pooled_earnings(s, address)
     out: dict[str, Any] = {"address": address, "pooled": str(pooled), "newest_epoch": newest or 0,
                            "epoch": 0, "cumulative": "0", "proof": []}
     if row is not None:

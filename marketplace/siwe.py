@@ -73,6 +73,7 @@ _NONCE = re.compile(r"^[A-Za-z0-9]{8,}$")
 _CHAIN_ID = re.compile(r"^[1-9][0-9]{0,77}$")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})$")
 _EXPIRY = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() would let '²' through to int()
+_MAC = re.compile(r"[0-9a-f]{64}")  # what _mac gives; hmac.compare_digest raises TypeError on a non-ASCII str
 _PREAMBLE_SUFFIX = " wants you to sign in with your Ethereum account:"
 
 
@@ -236,7 +237,7 @@ def verify_token(token: str, *, secret: bytes, chain_id: int, now: float) -> Cus
     """The session a token stands for; ``LoginRejected`` if it is malformed, forged, for another chain or expired."""
     parts = token.split(".")
     if len(parts) != 4 or parts[0] != TOKEN_PREFIX or not _ADDRESS.fullmatch(parts[1]) \
-            or not _EXPIRY.fullmatch(parts[2]):
+            or not _EXPIRY.fullmatch(parts[2]) or not _MAC.fullmatch(parts[3]):
         raise LoginRejected("session token is malformed; log in again at POST /auth/login")
     _, address, expires, mac = parts
     if not hmac.compare_digest(mac, _mac(secret, chain_id, address, int(expires))):

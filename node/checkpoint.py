@@ -37,7 +37,14 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The largest model a job may ask for (protocol.schemas.ModelSpec: 24 layers, d_model 1024, ctx 1024) makes a training
+#: checkpoint of 1,176 tensors (294 parameters x model, exp_avg, exp_avg_sq, step) whose header is about 125 KB. The
+#: bounds below are several times that; they exist because the parse and safetensors' load cost CPU and memory per
+#: entry, not per byte: 32 MB of header describing 550,000 empty tensors took 12 s and 1.1 GB to load.
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_TENSORS = 8192
+#: torch sizes are int64: a larger dimension (with another one 0, so the byte count checks out) is a TypeError there.
+MAX_DIM = 2**63 - 1
 MAX_FILE_BYTES = 4 * 1024**3
 #: How deep a header's brackets may nest: {"name": {"shape": [...]}} is 3, the most a valid header has. Checked before
 #: json.loads, which recurses once per level in C: eth_account (py_ecc) raises the recursion limit to 100,000, so a
@@ -141,7 +148,7 @@ def load(path_or_bytes: str | os.PathLike[str] | bytes) -> tuple[dict[str, Tenso
     metadata = header.pop("__metadata__", {})
     try:
         tensors = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError) as exc:  # pragma: no cover - _parse_header catches these first
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:  # pragma: no cover - _parse_header first
         raise CheckpointError(f"safetensors refused the checkpoint: {exc}") from exc
     if set(tensors) != set(header):
         raise CheckpointError(f"checkpoint tensor names {sorted(tensors)} differ from its header {sorted(header)}")
@@ -175,14 +182,20 @@ def _parse_header(blob: bytes) -> dict[str, Any]:
     if len(blob) < 8:
         raise CheckpointError(f"not a safetensors file: {len(blob)} bytes is shorter than the 8-byte header length")
     n = int.from_bytes(blob[:8], "little")
-    if n < 2 or n > MAX_HEADER_BYTES or n > len(blob) - 8:
+    if n < 2 or n > len(blob) - 8:
         raise CheckpointError(
             f"not a safetensors file: header length field says {n} bytes but the file has {len(blob) - 8} "
             f"after it; got {_describe(blob)}"
         )
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"safetensors header is {n} bytes, over the {MAX_HEADER_BYTES} byte limit")
     raw = blob[8 : 8 + n]
     if raw[:1] != b"{":
         raise CheckpointError(f"not a safetensors file: header does not start with '{{'; got {_describe(blob)}")
+    # an upper bound on the entries (a key named so in a string counts too), counted in C before json.loads builds them
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise CheckpointError(f"safetensors header describes {entries} tensors, over the {MAX_TENSORS} limit")
     _check_depth(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_header_int)
@@ -236,8 +249,8 @@ def _check_entry(name: str, entry: Any) -> tuple[int, int]:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_SIZES:
         raise CheckpointError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}")
-    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise CheckpointError(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(shape, list) or not all(_is_uint(d) and d <= MAX_DIM for d in shape):
+        raise CheckpointError(f"tensor {name!r}: shape must be a list of ints in [0, 2**63), got {shape!r}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
         raise CheckpointError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
     begin, end = offsets

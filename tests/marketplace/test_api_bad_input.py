@@ -30,6 +30,16 @@ def _post(market, acct, path: str, payload: dict, domain: Domain | None = None, 
     return httpx.post(market.url + path, content=body, headers={**h, "content-type": "application/json"})
 
 
+def _at_work(market, acct) -> None:
+    """Give ``acct`` an assigned unit, so its uploads get past the uploader check to the parser (SQLite enforces no
+    foreign key: no job is needed)."""
+    from marketplace.db import Unit
+
+    with market.rt.sessions.begin() as s:
+        s.add(Unit(id="0x" + acct.address[2:].lower().rjust(64, "0"), job_id="0x" + "ee" * 32, round=0,
+                   shard=int(acct.address, 16) % 2**31, status="assigned", provider=acct.address))
+
+
 def _providers(market) -> int:
     with market.rt.sessions() as s:
         return s.query(Provider).count()
@@ -278,6 +288,7 @@ def test_unfunded_and_underfunded_job_refused(market) -> None:
 
 def test_pickle_and_oversize_uploads_refused(market) -> None:
     acct = market.account()
+    _at_work(market, acct)
     client = MarketClient(market.url, acct)
     buf = io.BytesIO()
     torch.save({"w": torch.zeros(3)}, buf)
@@ -296,7 +307,9 @@ def test_a_checkpoint_header_nested_deep_or_with_a_huge_integer_is_refused_and_t
     """A safetensors header of 100,000 nested brackets used to kill the server (json.loads overflowed the C stack
     under eth_account's recursion limit); a 5,000-digit integer in one was a 500. Both are a 422 now, nothing is
     stored, and the server still answers."""
-    client = MarketClient(market.url, Account.create())  # any fresh wallet may upload
+    acct = Account.create()
+    _at_work(market, acct)
+    client = MarketClient(market.url, acct)
     nested = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     huge = b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000 + b'],"data_offsets":[0,4]}}'
     for header, data, says in ((nested, b"", "nests deeper"), (huge, b"\0" * 4, "5000-digit integer")):
@@ -481,3 +494,73 @@ def test_providers_are_listed_staked_first_by_numeric_ask_a_page_at_a_time_and_u
     assert httpx.get(market.url + "/providers", params={"limit": 0}).status_code == 422
     with market.rt.sessions() as s:
         assert [o.provider for o in service._offers(s)] == [staked.account.address]
+
+
+def _header_blob(header: dict) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def test_a_strangers_upload_is_refused_before_it_is_parsed_and_a_hostile_header_is_a_422(market) -> None:
+    """A fresh key's 32 MB header of 550,000 empty tensors cost the server 12 s and 1.1 GB before the 409: who may
+    upload is checked first now (a stranger's pickle or header bomb is a 409, unparsed), and for a provider at work
+    such a header is a 422 from its size alone. A dimension past int64 was a 500 (TypeError in safetensors)."""
+    from node import checkpoint
+
+    bomb = _header_blob({f"t{i:07d}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(checkpoint.MAX_TENSORS + 1)})
+    huge_dim = _header_blob({"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}})
+    stranger = MarketClient(market.url, Account.create())
+    for body in (bomb, huge_dim, b"\x80\x04K\x01."):
+        r = stranger.signed("PUT", "/blobs", body, "application/octet-stream")
+        assert r.status_code == 409 and "no unit assigned" in r.json()["detail"], r.text
+    acct = Account.create()
+    _at_work(market, acct)
+    worker = MarketClient(market.url, acct)
+    r = worker.signed("PUT", "/blobs", bomb, "application/octet-stream")
+    assert r.status_code == 422 and f"describes {checkpoint.MAX_TENSORS + 1} tensors" in r.json()["detail"], r.text
+    r = worker.signed("PUT", "/blobs", huge_dim, "application/octet-stream")
+    assert r.status_code == 422 and "2**63" in r.json()["detail"], r.text
+    assert list(market.rt.blobs.root.glob("*.safetensors")) == []
+
+
+def test_a_fresh_key_costs_no_chain_read_and_no_matching_round(market, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key is free to make: a request signed by one must be refused from the database, not after a stake read on
+    chain (an RPC quota) or by queueing a matching round. Each of these routes read the stake first, and a result
+    or a registration queued ``gridmint.match`` whatever the stake. A staked provider's registration, with a unit
+    pending, still queues one; repeating it unchanged does not."""
+    reads: list[str] = []
+    queued: list[str] = []
+    stake_of, enqueue = market.rt.contracts.stake_of, market.rt.enqueue
+    monkeypatch.setattr(market.rt.contracts, "stake_of", lambda a: reads.append(a) or stake_of(a))
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, *a, **k: queued.append(name) or enqueue(name, *a, **k))
+    result = {"unit_id": "0x" + "11" * 32, "proof": {}, "proof_signature": "0x" + "00" * 65,
+              "final_blob": "ab" * 32, "segment_blobs": [], "losses": []}
+    for path, body, status, says in (("/work/next", {}, 404, "not registered"),
+                                     ("/verify/next", {}, 404, "not registered"),
+                                     (f"/units/{result['unit_id']}/result", result, 404, "does not exist")):
+        r = _post(market, Account.create(), path, body)
+        assert r.status_code == status and says in r.json()["detail"], (path, r.text)
+    assert (reads, queued) == ([], [])
+    unstaked = Account.create()
+    assert _post(market, unstaked, "/providers/register", REG).status_code == 201
+    assert queued == []  # matching cannot place a unit with it: nothing to do
+    stranger = _post(market, unstaked, f"/units/{result['unit_id']}/result", result)  # registered, holds no unit
+    assert stranger.status_code == 404 and (len(reads), queued) == (1, [])
+
+    customer = market.account(gmt=tokens(100))
+    client = MarketClient(market.url, customer)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, vram_mb=1,
+                   max_price=tokens(2)).model_dump(mode="json")
+    quote = client.quote(spec)
+    market.contracts(customer).fund_job(quote["job_id"], int(quote["budget"]))
+    client.submit_job(quote["job_id"], spec)
+    queued.clear()
+    staked = market.account(gmt=tokens(300))
+    market.contracts(staked).stake(tokens(200))
+    far = {**REG, "price": str(tokens(50))}  # dearer than the job pays: the unit stays pending
+    assert _post(market, staked, "/providers/register", far).status_code == 201
+    assert queued == ["gridmint.match"]
+    assert _post(market, staked, "/providers/register", far).status_code == 201
+    assert queued == ["gridmint.match"]  # the same offer again: nothing for matching to redo

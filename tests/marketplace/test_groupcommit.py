@@ -169,3 +169,78 @@ def test_the_sqlite_gate_serialises_writers_across_processes(tmp_path: Path, sta
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert _count(engine) == 300
+
+
+def test_a_batch_runs_its_requests_in_key_order_and_one_keys_in_arrival_order(tmp_path: Path) -> None:
+    engine = _engine(f"sqlite:///{tmp_path / 'order.db'}")
+    gc = GroupCommit(engine)
+    release = threading.Event()
+    held = gc.submit(lambda conn: release.wait(10))  # the next requests queue behind it: one batch
+    ran: list[str] = []
+    futs = [gc.submit(lambda conn, tag=tag: ran.append(tag), key=key)
+            for tag, key in (("c1", "0xc"), ("a1", "0xa"), ("c2", "0xc"), ("b1", "0xb"), ("a2", "0xa"))]
+    release.set()
+    held.result(10)
+    for f in futs:
+        f.result(10)
+    assert ran == ["a1", "a2", "b1", "c1", "c2"]  # one batch (queued behind the held one), run in key order
+
+
+def _crossed_batches(url: str, keys: tuple[str, str, str]) -> tuple[list[BaseException | None], list[GroupCommit]]:
+    """Two writers on two engines (two API processes) each run one batch: update counter row 1, wait until the other
+    batch has done its first update too (or 2 s), update row 2 - the second batch in the opposite row order. ``keys``:
+    the first request's, the wait's and the last request's (the second batch's first and last swapped)."""
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO counter VALUES (2, 0)"))
+    gcs = [GroupCommit(engine), GroupCommit(make_engine(url))]
+    met = threading.Barrier(2)
+    releases = [threading.Event(), threading.Event()]
+
+    def bump(row: int):  # type: ignore[no-untyped-def]
+        return lambda conn: conn.execute(text("UPDATE counter SET n = n + 1 WHERE id = :r"), {"r": row})
+
+    def both_hold_their_first_row(conn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            met.wait(2)
+        except threading.BrokenBarrierError:  # the other batch waits for this one's row (or this is a rerun)
+            pass
+
+    futs = []
+    for i, (gc, release) in enumerate(zip(gcs, releases)):
+        gc.submit(lambda conn, r=release: r.wait(10))  # hold each writer so its next batch forms whole
+        first, last = (1, 2) if i == 0 else (2, 1)
+        key_first, key_wait, key_last = keys if i == 0 else (keys[2], keys[1], keys[0])
+        futs += [gc.submit(bump(first), key=key_first), gc.submit(both_hold_their_first_row, key=key_wait),
+                 gc.submit(bump(last), key=key_last)]
+    for release in releases:
+        release.set()
+    errors = [f.exception(30) for f in futs]
+    return errors, gcs
+
+
+def test_two_processes_batches_lock_rows_in_one_order_and_never_deadlock(postgres_server: str) -> None:
+    """Two API processes' heartbeat batches took two signers' rows in opposite orders (A then B, B then A: a caller
+    with two keys can arrange it) and PostgreSQL aborted one as a deadlock, failing every request in it (up to 256
+    honest heartbeats: 500s). Keyed by signer, both batches take A's row first: no deadlock, no retry needed."""
+    from gridmint.procs import new_database
+
+    url = new_database(postgres_server)
+    errors, gcs = _crossed_batches(url, ("0xa", "0xa~", "0xb"))
+    assert errors == [None] * 6
+    assert [gc.retries for gc in gcs] == [0, 0]
+    with make_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT n FROM counter ORDER BY id")).scalars().all() == [2, 2]
+
+
+def test_a_batch_aborted_as_a_deadlock_is_run_again(postgres_server: str) -> None:
+    """Requests whose keys cannot order their locks (here: no keys) can still cross another transaction's: the
+    batch PostgreSQL aborts is rolled back and run again, and no caller sees the deadlock."""
+    from gridmint.procs import new_database
+
+    url = new_database(postgres_server)
+    errors, gcs = _crossed_batches(url, ("", "", ""))
+    assert errors == [None] * 6
+    assert sum(gc.retries for gc in gcs) == 1  # one of the two was the deadlock's victim, and ran again
+    with make_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT n FROM counter ORDER BY id")).scalars().all() == [2, 2]

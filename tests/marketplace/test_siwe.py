@@ -188,7 +188,8 @@ def test_token_round_trip() -> None:
 
 
 @pytest.mark.parametrize("case", ["other address", "longer expiry", "flipped mac", "other secret", "other chain",
-                                  "expired", "garbage", "empty", "extra part", "superscript expiry"])
+                                  "expired", "garbage", "empty", "extra part", "superscript expiry",
+                                  "non-ascii mac"])
 def test_tampered_tokens_are_refused(case: str) -> None:
     token = siwe.issue_token(ALICE.address, NOW + 100, secret=SECRET, chain_id=CHAIN)
     prefix, address, expires, mac = token.split(".")
@@ -213,6 +214,8 @@ def test_tampered_tokens_are_refused(case: str) -> None:
         token += ".x"
     elif case == "superscript expiry":
         token = ".".join([prefix, address, "\u00b2", mac])  # latin-1, so it can arrive in a header
+    elif case == "non-ascii mac":  # hmac.compare_digest raised TypeError on it (a 500)
+        token = ".".join([prefix, address, expires, "\u00e9" * 64])
     with pytest.raises(siwe.LoginRejected):
         siwe.verify_token(token, secret=secret, chain_id=chain_id, now=now)
 
@@ -358,6 +361,9 @@ def test_tampered_token_is_refused(client: TestClient) -> None:
         assert got.status_code == 401 and got.headers["www-authenticate"] == "Bearer", bad
     assert client.get("/auth/me").status_code == 401
     assert client.get("/auth/me", headers={"Authorization": f"Basic {token}"}).status_code == 401
+    latin1 = ".".join([prefix, address, expires, "\u00e9" * 64])  # was a 500: TypeError in hmac.compare_digest
+    got = client.get("/auth/me", headers={"Authorization": f"Bearer {latin1}".encode("latin-1")})
+    assert got.status_code == 401 and "malformed" in got.json()["detail"], got.text
 
 
 def test_token_cannot_be_moved_to_another_address(client: TestClient) -> None:

@@ -212,3 +212,60 @@ def test_brackets_and_quotes_inside_strings_do_not_count_as_nesting() -> None:
     meta = {"note": '[[[[{{{{ "quoted" \\ }}', "k[": "v{"}
     blob = checkpoint.serialize(_tensors(), meta)
     assert checkpoint.load(blob)[1] == meta
+
+
+def _empty_tensors_blob(n: int) -> bytes:
+    """A header of ``n`` zero-size tensors: valid in every other way (offsets tile an empty data buffer)."""
+    header = {f"t{i:07d}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(n)}
+    return _raw_blob(json.dumps(header, separators=(",", ":")).encode())
+
+
+def test_a_header_of_too_many_tensors_or_bytes_is_refused_before_json_parses_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 MB of header declaring 550,000 empty tensors cost 12 s of CPU and 1.1 GB to parse and load; a header over
+    the entry or byte bound is refused from a count of the bytes, before json.loads or safetensors sees it."""
+    assert len(checkpoint.load(_empty_tensors_blob(checkpoint.MAX_TENSORS))[0]) == checkpoint.MAX_TENSORS
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("json.loads was called on a header over the bounds")
+
+    monkeypatch.setattr(checkpoint.json, "loads", no_parse)
+    with pytest.raises(CheckpointError, match=f"describes {checkpoint.MAX_TENSORS + 1} tensors"):
+        checkpoint.load(_empty_tensors_blob(checkpoint.MAX_TENSORS + 1))
+    padded = b'{"__metadata__":{"k":"' + b"x" * checkpoint.MAX_HEADER_BYTES + b'"}}'
+    with pytest.raises(CheckpointError, match="byte limit"):
+        checkpoint.load(_raw_blob(padded))
+
+
+def test_the_largest_model_a_job_may_ask_for_is_well_inside_the_header_bounds() -> None:
+    """The bounds must never refuse real work: the training checkpoint of the largest ModelSpec has its header
+    described here (names and shapes as node.trainer writes them; its 3.4 GB of data are not needed for that)."""
+    from node.model import ModelConfig, param_shapes
+    from node.trainer import STATE_FORMAT
+    from protocol.schemas import ModelSpec
+
+    limits = {name: field.metadata for name, field in ModelSpec.model_fields.items()}
+    biggest = {name: max(getattr(m, "le", 0) or 0 for m in meta) for name, meta in limits.items()}
+    cfg = ModelConfig(**biggest)
+    header: dict[str, object] = {"__metadata__": {"format": STATE_FORMAT, "spec_hash": "0x" + "f" * 64,
+                                                  "unit_id": "0x" + "f" * 64, "segment": "final"}}
+    pos = 0
+    for name, shape in param_shapes(cfg).items():
+        for key, s in ((f"model.{name}", shape), (f"optim.{name}.exp_avg", shape),
+                       (f"optim.{name}.exp_avg_sq", shape), (f"optim.{name}.step", ())):
+            size = 4 * int(torch.Size(s).numel())
+            header[key] = {"dtype": "F32", "shape": list(s), "data_offsets": [pos, pos + size]}
+            pos += size
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    assert (cfg.n_layer, cfg.d_model, cfg.ctx) == (24, 1024, 1024)
+    assert 4 * (len(header) - 1) <= checkpoint.MAX_TENSORS  # 1,176 tensors
+    assert 4 * len(raw) <= checkpoint.MAX_HEADER_BYTES  # about 125 KB
+
+
+def test_a_dimension_past_int64_is_a_checkpoint_error() -> None:
+    """[2**63, 0] has 0 elements, so its byte count checks out, but torch sizes are int64: safetensors' load raised a
+    TypeError (a 500 from PUT /blobs)."""
+    for shape in ([2**63, 0], [0, 2**64 - 1]):
+        with pytest.raises(CheckpointError, match=r"ints in \[0, 2\*\*63\)"):
+            checkpoint.load(_blob({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}, b""))
+    assert checkpoint.load(_blob({"a": {"dtype": "F32", "shape": [2**63 - 1, 0], "data_offsets": [0, 0]}}, b""))
