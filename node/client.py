@@ -1,6 +1,8 @@
 """HTTP client for the marketplace: every request is EIP-712 signed by the node's wallet, with a fresh nonce."""
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,8 +25,14 @@ class MarketError(GridMintError, RuntimeError):
         self.detail = detail
 
 
+class BlobMismatch(GridMintError):
+    """A downloaded checkpoint's bytes do not hash to the name it was asked by: corrupted on the way or in the
+    marketplace's store. Never used (a verifier replaying from it would accuse an honest provider; a provider
+    training from it would be convicted): the agent tries again later."""
+
+
 #: What a dropped link or a restarting service looks like to an agent: wait and try again, never exit.
-UNREACHABLE: tuple[type[BaseException], ...] = (ChainUnavailable, httpx.TransportError)
+UNREACHABLE: tuple[type[BaseException], ...] = (ChainUnavailable, httpx.TransportError, BlobMismatch)
 
 
 class MarketClient:
@@ -98,10 +106,17 @@ class MarketClient:
         return str(self._check(resp)["sha256"])
 
     def get_blob(self, sha: str, dest: Path) -> Path:
+        """Download checkpoint ``sha`` to ``dest`` (written whole or not at all), once its bytes hash to ``sha``."""
         resp = self.http.get(f"/blobs/{sha}")
         if resp.status_code != 200:
             self._check(resp)
-        dest.write_bytes(resp.content)
+        got = hashlib.sha256(resp.content).hexdigest()
+        if got != sha:
+            raise BlobMismatch(f"checkpoint {sha} from {self.base_url} hashes to {got} ({len(resp.content)} bytes): "
+                               f"corrupted on the way or in its store; not used, asked again later")
+        part = dest.with_name(dest.name + ".part")
+        part.write_bytes(resp.content)
+        os.replace(part, dest)
         return dest
 
     def submit(self, unit_id: str, body: dict[str, Any]) -> Any:
