@@ -1046,7 +1046,7 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     from marketplace import canary, checking
     from marketplace.db import Verifier
 
-    def truthful(spec, proof, seg, segment_blobs, final_blob, blobs):  # what canary.forge itself never plants
+    def truthful(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None):  # canary.forge never plants it
         if seg + 1 >= len(segment_blobs):
             return None  # (as canary.forge: no canary of a unit's last segment)
         return {"proof": proof.to_dict(), "end_blob": segment_blobs[seg + 1], "true_end": proof.segments[seg].end_hash}
