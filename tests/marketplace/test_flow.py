@@ -1264,7 +1264,7 @@ def test_a_trusted_host_is_sampled_at_half_the_rate_and_its_record_grows_with_ea
     record = json.loads(got.stdout)
     assert record["address"] == host.account.address and record["trusted"] is True
     assert (record["verified_streak"], record["completed"], record["unverified"]) == (TRUST_AFTER_UNITS + 1, 1, 0)
-    assert set(record["payout"]) == {"epoch", "cumulative", "claimed"}
+    assert set(record["payout"]) == {"pooled", "epoch", "cumulative", "claimed"}
 
 
 def test_a_verifier_keeps_a_long_replay_alive_with_heartbeats_until_the_tasks_deadline(market, tmp_path: Path,
