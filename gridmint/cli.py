@@ -43,12 +43,14 @@ def demo(
 SpecArg = Annotated[Path, typer.Argument(help="Job spec, JSON: the body POST /jobs/quote takes (money in base units)")]
 
 
-def _customer(marketplace: str, chain: str, wallet: Path) -> tuple[Any, Any]:
+def _wallet_clients(marketplace: str, chain: str, wallet: Path, existing: bool = False) -> tuple[Any, Any]:
+    """The wallet's marketplace client and chain client; ``existing``: open an existing wallet only (a typo creates
+    nothing), else create one at ``wallet`` if there is none."""
     from node.agent import contracts_for
     from node.client import MarketClient
-    from node.wallet import load_or_create
+    from node.wallet import load, load_or_create
 
-    client = MarketClient(marketplace, load_or_create(wallet))
+    client = MarketClient(marketplace, (load if existing else load_or_create)(wallet))
     return client, contracts_for(client, chain, client.account)
 
 
@@ -87,7 +89,7 @@ def job_submit(
     from gridmint.customer import read_spec, submit
 
     job = read_spec(spec)  # before the wallet, the marketplace or the chain
-    client, contracts = _customer(marketplace, chain, wallet)
+    client, contracts = _wallet_clients(marketplace, chain, wallet)
     typer.echo(json.dumps(submit(client, contracts, job, job_id, say=lambda m: typer.echo(m, err=True)), indent=2))
 
 
@@ -127,7 +129,7 @@ def job_cancel(
 ) -> None:
     """Cancel the job's escrow on chain: the marketplace stops the job within a minute and pays the work verified
     by then; after the grace, `gridmint job close` refunds the rest."""
-    _, contracts = _customer(marketplace, chain, wallet)
+    _, contracts = _wallet_clients(marketplace, chain, wallet)
     closable_at = contracts.cancel_job(job_id)
     typer.echo(f"cancelled: work verified is paid until {closable_at} (unix s); then `gridmint job close {job_id}`")
 
@@ -142,7 +144,7 @@ def job_close(
     """Close a cancelled job's escrow once its grace is over: the rest comes back to your wallet."""
     from protocol.money import format_tokens
 
-    _, contracts = _customer(marketplace, chain, wallet)
+    _, contracts = _wallet_clients(marketplace, chain, wallet)
     typer.echo(f"refunded {format_tokens(contracts.close_job(job_id))} GMT")
 
 
@@ -217,16 +219,6 @@ def node_wallet(wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json") -
     typer.echo(load_or_create(wallet).address)
 
 
-def _earnings(marketplace: str, chain: str, wallet: Path) -> tuple[Any, Any]:
-    """The wallet's marketplace client and chain client (an existing wallet only: a typo creates nothing)."""
-    from node.agent import contracts_for
-    from node.client import MarketClient
-    from node.wallet import load
-
-    client = MarketClient(marketplace, load(wallet))
-    return client, contracts_for(client, chain, client.account)
-
-
 def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
     """``claim``, ``unbond`` and ``withdraw`` for a node's or a verifier's wallet (gridmint.earnings)."""
 
@@ -236,7 +228,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
         """Claim what you are owed now: the epoch payout pool and any per-unit escrow credit (idempotent)."""
         from gridmint.earnings import claim as run
 
-        run(*_earnings(marketplace, chain, wallet), typer.echo)
+        run(*_wallet_clients(marketplace, chain, wallet, existing=True), typer.echo)
 
     @app.command("unbond")
     def unbond(amount: Annotated[Optional[str], typer.Argument(help="GMT to unbond (default: all free stake)")] = None,
@@ -246,7 +238,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
         from gridmint.earnings import unbond as run
         from protocol.money import tokens
 
-        run(*_earnings(marketplace, chain, wallet), None if amount is None else tokens(amount), typer.echo)
+        run(*_wallet_clients(marketplace, chain, wallet, existing=True), None if amount is None else tokens(amount), typer.echo)
 
     @app.command("withdraw")
     def withdraw(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
@@ -254,7 +246,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
         """Withdraw stake whose unbonding delay is over, to your wallet."""
         from gridmint.earnings import withdraw as run
 
-        run(*_earnings(marketplace, chain, wallet), typer.echo)
+        run(*_wallet_clients(marketplace, chain, wallet, existing=True), typer.echo)
 
 _money_commands(node_app, Path.home() / ".gridmint" / "wallet.json")
 _money_commands(verifier_app, Path.home() / ".gridmint" / "verifier.json")
