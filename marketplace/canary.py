@@ -3,10 +3,12 @@
 A verifier is paid to replay; one that approves everything earns the same for no work, and every cheat it is handed
 goes free. So now and then (``Settings.canary_rate`` of the tasks it polls, drawn from the OS's randomness, so it
 cannot be predicted) the task a verifier is handed is a *canary*: the very task it was about to get (same id, unit,
-provider, spec, segment and start checkpoint), except that the claim for that segment is forged: it ends in the
-unit's state one segment further on (real training: that checkpoint's weights and moments, with the step counters
-the segment's true end has). A replay always exposes it, on any execution plan (the replay ends one whole segment
-of updates from the claim, far past any cross-plan tolerance). An honest verifier flags it; approved, it proves the
+provider, spec, segment and start checkpoint), except that the claim for that segment is forged: its weights are the
+segment's start moved by the *next* segment's real update, its optimizer moments those of the state one segment
+further on, its step counters the true end's. A replay always exposes it, on any execution plan (the replay ends a
+whole update's difference and a segment of moments from the claim, far past any cross-plan tolerance). The weights
+move as far as a segment moves them: the state one segment further on itself (the forgery before) moved twice as far
+from the start, which a check of movement against the spec's lr told at an AUC of 0.96 on the default job shape. An honest verifier flags it; approved, it proves the
 verifier lazy (or broken): it is benched, its stake is slashed, and the checks it passed on units not yet credited
 go back to the pool. Either way the real check of that segment is queued again, so the unit is still verified.
 
@@ -107,13 +109,16 @@ def plantable(seg: int, seen: list[tuple[int, bool]]) -> bool:
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
           blobs: BlobStore, sibling_final: str | None = None) -> dict[str, Any] | None:
-    """The forged claim for segment ``seg`` of a real unit: it ends in the unit's state one segment further on, or,
-    for the unit's last segment (nothing further on), in ``sibling_final``: the final state of another unit of the
-    same job and round (trained as long from the same model, on another shard). None for a last segment without
-    one, where the unit claims the next segment did not move the model (the state further on is the claimed end: no
-    forgery), and where the source state lies less than 1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` moved
-    from the true end (a forgery that close to the truth could pass an honest verifier checking within a
-    tolerance).
+    """The forged claim for segment ``seg`` of a real unit: the segment's start moved by the next segment's update
+    (the state further on minus the true end, in float64, rounded once), with the moments of the state further on
+    and the true end's step counters; or, for the unit's last segment (nothing further on), ``sibling_final``: the
+    final state of another unit of the same job and round (trained as long from the same model, on another shard).
+    None for a last segment without one, where the next segment's update is this one's (the forgery would be the
+    claim), and where the forgery lies less than 1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` moved from
+    the true end (that close to the truth it could pass an honest verifier checking within a tolerance). The
+    moments must differ from the true end's too: with the true end's moments, a bf16 forgery lay inside an honest
+    verifier's tolerance on another plan (4 of 6 segments of the default job shape approved; with these, margins of
+    4-19 x the tolerance, as before).
 
     Returns ``proof`` (the unit's proof with segment ``seg`` ending in the forged state), ``end_blob`` (that state,
     labelled like the unit's own checkpoint there, in the providers' file format) and ``true_end`` (the hash an
@@ -128,15 +133,21 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     further, _ = checkpoint.load(blobs.read(source))
     if set(further) != set(true_end):
         return None  # (not a state of this model: no unit of the same job is)
-    forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
+    start, _ = checkpoint.load(blobs.read(segment_blobs[seg]))
+    if last:
+        forged_end = {k: v if k.endswith(".step") else further[k] for k, v in true_end.items()}
+    else:  # the weights: this start moved by the next segment's update (in float64, rounded once)
+        forged_end = {k: v if k.endswith(".step") else further[k] if not k.startswith("model.")
+                      else (start[k].double() + further[k].double() - true_end[k].double()).to(v.dtype)
+                      for k, v in true_end.items()}
     moved = update_norm(true_end, forged_end)
     if moved == 0.0:  # (a forgery equal to the claim, hash and all, is one of these)
-        return None  # the next segment did not move the model (claimed idle): the "forgery" is the claim itself
-    start, _ = checkpoint.load(blobs.read(segment_blobs[seg]))
+        return None  # the next segment's update is this one's (or nothing): the "forgery" is the claim itself
     if moved * CANARY_MIN_UPDATE_SHARE < update_norm(start, true_end):
-        # the next segment barely moved the model (a provider may shape it so): the forgery could land inside the
-        # tolerance of an honest verifier on another plan, whose approval the referee's bit-for-bit replay would then
-        # "confirm" and slash. Honest segments move alike (0.8-2.6x their neighbours' median), so few are skipped
+        # the next segment's update is nearly this one's (a provider may shape it so): the forgery could land inside
+        # the tolerance of an honest verifier on another plan, whose approval the referee's bit-for-bit replay would
+        # then "confirm" and slash (checking.punish_verifier also referees the claim itself). On the default job
+        # shape honest neighbours' updates differ by 0.69-1.5x an update, so none are skipped
         return None
     end_hash = state_hash(forged_end)
     end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, None if last else seg + 1)))

@@ -6,6 +6,7 @@ moves (slashes, bond releases) are idempotent on chain and checked before they a
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -370,9 +371,11 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
 def punish_verifier(rt: Runtime, verification_id: int) -> str:
     """Slash the whole stake (bonded and unbonding) of the verifier that approved canary ``verification_id``, to the
     treasury (governance path; the evidence id is the canary's, usable once, so a re-run sends nothing twice) —
-    once the referee's own replay of the segment confirms the forged claim is wrong. A provider shapes the states a
-    canary is forged from (its own claims further on): should a replay reach the forgery, the verifier approved the
-    truth, and the canary is void: nothing is slashed and the verifier is back at work."""
+    once the referee's own replay of the segment confirms the forged claim is wrong, and the provider's own claim of
+    the segment holds (a second replay, only on a missed canary). A provider shapes the states a canary is forged
+    from (its own claims): should a replay reach the forgery, the verifier approved the truth; should the provider's
+    claim not hold, the forgery's distance from the truth is unknown (it may lie inside the verifier's tolerance).
+    Either way the canary is void: nothing is slashed and the verifier is back at work."""
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         if task is None or task.status != "canary_missed" or task.canary is None:
@@ -389,16 +392,31 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
             spec, seg, plan, build = unit_spec(job, unit), task.segment, Plan.parse(unit.plan), unit.build or ""
             forged, start, end = TrainingProof.from_dict(task.canary["proof"]), unit.segment_blobs[seg], \
                 task.canary["end_blob"]
+            real = TrainingProof.from_dict(unit.proof)
+            real_end = unit.final_blob if seg == len(real.segments) - 1 else unit.segment_blobs[seg + 1]
     assert verifier is not None
     if not confirmed:
+        exact = rt.referee_plans(here=True, build=build)
         ruling = referee.rule(spec, forged, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), {},
-                              lambda _: "", None, rt.referee_plans(here=True, build=build), build)
+                              lambda _: "", None, exact, build)
+        if ruling.fraud is not False:
+            # A canary is forged a safe distance from the provider's claim of the segment's end (canary.forge), which
+            # is the truth only if that claim holds. A provider that fakes a segment and shapes the claims the canary
+            # borrows from can put the forgery a hair from the true end: inside an honest verifier's tolerance on
+            # another plan, yet not the bits a replay ends in. So the claim itself is refereed too: where it does not
+            # hold, the canary proves nothing (the segment's real check, handed out again, catches the provider)
+            truth = referee.rule(spec, real, seg, plan, rt.blobs.checked_path(start),
+                                 rt.blobs.checked_path(real_end), {}, lambda _: "", None, exact, build)
+            if truth.fraud is not False:
+                ruling = replace(ruling, fraud=False, reason=f"the provider's own claim of the segment does not hold "
+                                 f"({truth.reason}): a canary forged from it proves nothing")
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None and task.canary is not None
             if task.status != "canary_missed":  # a concurrent run of this task got here first
                 return task.status
-            if ruling.fraud is False:  # the replay reaches the forged claim: the verifier was right
+            if ruling.fraud is False:  # the replay reaches the forged claim (the verifier was right), or the claim
+                # the canary was forged from does not hold
                 task.status = "canary_void"
                 ver = s.get(Verifier, verifier)
                 if ver is not None and ver.status == "benched" and f"(verification {task.id})" in (ver.benched_for or ""):

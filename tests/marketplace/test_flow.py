@@ -945,6 +945,68 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
         assert s.get(Verifier, lazy.account.address).status == "benched"
 
 
+def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
+    """A provider that fakes a segment can shape the claims its canary is forged from so that the forgery lies a hair
+    (1e-6) from the segment's true end: inside the tolerance of an honest verifier on another plan, which approves
+    it, yet not the bits the referee's replay ends in. The referee found the forged claim wrong and slashed the
+    honest verifier's whole stake. It now referees the provider's own claim of the segment too: that claim does not
+    hold, so the canary proves nothing: void, nothing slashed, the verifier back at work. (The approver here approves
+    everything: its verdict on that canary is the one an honest verifier within its tolerance gives.)"""
+    from dataclasses import replace
+
+    import torch
+
+    from marketplace import canary, checking
+    from node import checkpoint
+    from node.trainer import (checkpoint_metadata, deterministic, export_training_state, load_training_state,
+                              run_segment, state_hash)
+    from protocol.proof import make_proof
+
+    def shaped(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None):
+        if seg != 0:
+            return None
+        with deterministic(spec.threads):  # where an honest replay of the segment ends ...
+            model, opt = load_training_state(spec, checkpoint.load(blobs.read(segment_blobs[0]))[0])
+            run_segment(spec, model, opt, 0)
+            end = {k: v.detach().clone() for k, v in export_training_state(model, opt).items()}
+        key = next(k for k in end if k.startswith("model."))
+        end[key] = end[key] * (1 + 1e-6)  # ... and a hair from it
+        h = state_hash(end)
+        segments = list(proof.segments)
+        segments[0], segments[1] = replace(segments[0], end_hash=h), replace(segments[1], start_hash=h)
+        forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                            segment_len=proof.segment_len, segments=segments)
+        blob = blobs.put_checkpoint(checkpoint.serialize(end, checkpoint_metadata(spec, 1)))
+        assert not torch.equal(end[key], checkpoint.load(blobs.read(segment_blobs[1]))[0][key])  # the claim is fake
+        return {"proof": forged.to_dict(), "end_blob": blob, "true_end": proof.segments[0].end_hash}
+
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    approver = staked_verifier(market, tmp_path, "approver", approve_everything=True)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    monkeypatch.setattr(canary, "forge", shaped)
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [cheat], 1)
+    held: list[list] = []
+    send = market.rt.enqueue
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
+                        if name == "gridmint.punish_verifier" else send(name, args, queue))
+    assert approver.verify_once() == "ok"
+    market.rt.settings.canary_rate = 0.0
+    (missed,) = _rows(market, status="canary_missed")
+    assert missed.segment == 0 and held == [[missed.id]]
+    assert checking.punish_verifier(market.rt, missed.id) == "void"
+    row = _rows(market, id=missed.id)[0]
+    assert row.status == "canary_void" and row.slash_tx is None
+    assert market.ops.stake_state(approver.account.address).staked == tokens(100)
+    (void,) = _events(market, "canary_void")
+    assert void["verification"] == missed.id and "does not hold" in void["reason"]
+    assert not _events(market, "verifier_slashed")
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, approver.account.address).status == "active"
+
+
 def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path) -> None:
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
