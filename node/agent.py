@@ -365,14 +365,14 @@ class ProviderAgent:
 
     def _retry(self, what: str, send: Callable[[], T], due: float) -> T:
         """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
-        while that leaves time before ``due`` (unix seconds). A 4xx, the unit taken back (a heartbeat's 409) or a
-        stop request ends the tries."""
+        while that leaves time before ``due`` (unix seconds); so is a refused nonce (another process signing with
+        this wallet). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries."""
         wait = 1.0
         while True:
             try:
                 return send()
             except (MarketError, *UNREACHABLE) as exc:
-                if isinstance(exc, MarketError) and exc.status < 500:
+                if isinstance(exc, MarketError) and exc.status < 500 and not exc.replayed:
                     raise
                 if self._withdrawn is not None:
                     raise UnitWithdrawn(self._withdrawn) from exc
@@ -464,14 +464,15 @@ class ProviderAgent:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
         a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby, and so does one that has not
         submitted it by its deadline. Each beat reports the steps trained so far; a beat the marketplace refuses
-        because the unit is no longer ours (409) stops the training at its next step."""
+        because the unit is no longer ours (a 409 Conflict) stops the training at its next step. A beat whose nonce
+        it refuses (also a 409: another process on this wallet) is only a missed beat."""
 
         def beat() -> bool:
             try:
                 try:
                     self.client.heartbeat(unit_id, self._steps)
                 except MarketError as exc:
-                    if exc.status != 409:
+                    if not exc.conflict:
                         raise
                     self._withdrawn = f"the marketplace took it back ({exc.detail})"
                     return False
@@ -519,7 +520,7 @@ class ProviderAgent:
             try:
                 worked = self.reveal_once() or (time.monotonic() >= self._work_after and self.work_once())
             except MarketError as exc:
-                if exc.status == 409 and "slashed" in str(exc.detail):
+                if exc.conflict and "slashed" in str(exc.detail):
                     self.say(f"[red]{exc.detail}[/]")
                     return str(exc.detail)
                 self.say(f"[yellow]marketplace refused: {exc}[/]")
