@@ -170,14 +170,16 @@ def node_run(
 ) -> None:
     """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings.
     Ctrl-C (or SIGTERM) stops it after the current training step; a unit trained but not yet handed in is handed in
-    by the next start."""
+    by the next start. One process per wallet: a second one on the same wallet says which runs and exits."""
     from node.agent import AgentConfig, ProviderAgent
-    from node.wallet import load_or_create
+    from node.wallet import hold, load_or_create
 
     cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
                       capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary, plan=plan)
-    if ProviderAgent(cfg, load_or_create(wallet), workdir).run() is not None:
-        raise typer.Exit(2)  # refused for good (slashed): said already
+    account = load_or_create(wallet)
+    with hold(account.address, "gridmint node run"):  # before anything is staked or signed
+        if ProviderAgent(cfg, account, workdir).run() is not None:
+            raise typer.Exit(2)  # refused for good (slashed): said already
 
 
 @node_app.command("probe")
@@ -275,24 +277,26 @@ def verifier_run(
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
-    or, if you were wrong, your bond is (unless the referee reproduces your replay: honest drift, bond released)."""
+    or, if you were wrong, your bond is (unless the referee reproduces your replay: honest drift, bond released).
+    One process per wallet: a second one on the same wallet says which runs and exits."""
     from node.verifier_agent import VerifierAgent
-    from node.wallet import load_or_create
+    from node.wallet import hold, load_or_create
 
     from node.crosscheck import Plan
 
     if adversary not in (None, "approve-everything", "accuse-everything"):
         raise GridMintValueError(f"unknown verifier adversary {adversary!r}: approve-everything or accuse-everything")
     account = load_or_create(wallet)
-    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin,
-                          approve_everything=adversary == "approve-everything",
-                          accuse_everything=adversary == "accuse-everything")
-    if tokens(stake) > 0:
-        if not chain:
-            raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
-        agent.keep_staked(chain, tokens(stake))
-    if agent.run(exit_when_idle) is not None:
-        raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
+    with hold(account.address, "gridmint verifier run"):  # before anything is staked or signed
+        agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin,
+                              approve_everything=adversary == "approve-everything",
+                              accuse_everything=adversary == "accuse-everything")
+        if tokens(stake) > 0:
+            if not chain:
+                raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
+            agent.keep_staked(chain, tokens(stake))
+        if agent.run(exit_when_idle) is not None:
+            raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
 #: Production defaults of ``gridmint marketplace deploy``: the timelock's delay and a payout root's dispute window.
