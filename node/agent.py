@@ -283,8 +283,9 @@ class ProviderAgent:
         shutil.rmtree(unit_dir, ignore_errors=True)  # a partial unit from before a restart
         unit_dir.mkdir(parents=True, exist_ok=True)
         try:
-            start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
-            start, _ = checkpoint.load(start_path)
+            with self.alive():  # the unit is ours from its assignment: a long download must not lose it
+                start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
+                start, _ = checkpoint.load(start_path)
             if work.get("due"):
                 self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in "
                          f"{int(work['due']) - int(time.time())} s")
@@ -406,11 +407,15 @@ class ProviderAgent:
     def reveal_once(self) -> bool:
         """Answer a referee bisecting a dispute over one of our segments: re-derive the training state before the
         asked step from the segment's committed start, on the plan the unit was trained on (deterministic there),
-        upload it and sign (unit, step, state hash). Returns False if nothing was asked."""
+        upload it and sign (unit, step, state hash). Returns False if nothing was asked.
+
+        The replay takes as long as a segment's training: the node beats meanwhile (:meth:`alive`), so a unit the
+        marketplace assigns it in that time is not taken back from it as a silent dropout."""
         ask = self.client.next_reveal()
         if ask is None:
             return False
-        self._reveal(ask)
+        with self.alive():
+            self._reveal(ask)
         return True
 
     def _reveal(self, ask: dict[str, Any], where: str = "") -> None:
@@ -486,6 +491,20 @@ class ProviderAgent:
 
         return beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat)
 
+    def alive(self) -> AbstractContextManager[None]:
+        """Tell the marketplace we are alive while the block runs, with no unit in training (a reveal, a unit's
+        start download, the idle loop's claims): a beat with no unit refreshes every unit assigned to this node,
+        so none is taken back as a silent dropout before the node gets to it. A refused or failed beat is said."""
+
+        def beat() -> bool:
+            try:
+                self.client.heartbeat(None)
+            except (MarketError, httpx.HTTPError) as exc:
+                self.say(f"[yellow]heartbeat failed: {exc}[/]")
+            return True
+
+        return beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat)
+
     def claim(self) -> int:
         """Collect everything owed (:func:`claim_owed`). Returns base units received; 0 if none."""
         return claim_owed(self.client, self.contracts, self.say)
@@ -538,7 +557,8 @@ class ProviderAgent:
             if worked:
                 idle_since = time.monotonic()
                 continue
-            self.claims()
+            with self.alive():  # claims wait for chain receipts: a unit assigned meanwhile must not be reaped
+                self.claims()
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 if self._work_open():
                     idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state

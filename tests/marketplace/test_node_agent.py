@@ -1,16 +1,95 @@
-"""The provider node at the marketplace: a nonce refused because another process signs with its wallet is not a
-take-back. Real marketplace over HTTP, Celery on Redis, the in-process EVM (conftest)."""
+"""The provider node at the marketplace: heartbeats while it does something other than train (a reveal, a unit's
+start download, claims), and a nonce refused because another process signs with its wallet. Real marketplace over
+HTTP, Celery on Redis, the in-process EVM (conftest)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from marketplace import service
+from marketplace.db import Event
 from node.client import MarketClient, MarketError
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import _assigned, submit_job
 from tests.marketplace.test_node_faults import SMALL, node, said, unit_status
+
+#: Longer than the marketplace's unit_timeout_s in these tests (3 s): what a segment's replay, a large start
+#: checkpoint's download or a claim waiting for its receipts takes on a real unit (minutes, against 120 s).
+SLOW_S = 4.5
+
+
+def timed_out(market) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    with market.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.kind == "unit_timed_out"))]
+
+
+def test_a_reveal_keeps_the_unit_assigned_meanwhile_alive(market, tmp_path: Path) -> None:
+    """A referee asks the node to re-derive a state (a replay as long as a segment's training) while the matcher
+    hands it a unit: the node beats all along, so the unit is not reaped as a silent dropout. (The ask and the
+    replay are stubbed: a real one needs a bisecting dispute; only their duration matters here.)"""
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    asks = [{"unit_id": "0x" + "ab" * 32, "step": 7, "plan": "cpu"}]
+    reaped: list[int] = []
+
+    def replay(ask: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(SLOW_S)
+        reaped.append(service.reap(market.rt))  # what the marketplace's periodic reaper does meanwhile
+        return {}
+
+    p.client.next_reveal = lambda: asks.pop() if asks else None  # type: ignore[method-assign]
+    p.client.reveal = lambda body: {"status": "ok"}  # type: ignore[method-assign]
+    p.answer = replay  # type: ignore[method-assign]
+    assert p.reveal_once()
+    assert reaped == [0] and timed_out(market) == []  # before the fix: 1, "no heartbeat", a dropout
+    assert p.work_once() and unit_status(market, job_id) in ("submitted", "verified")
+
+
+def test_a_slow_start_download_does_not_lose_the_unit(market, tmp_path: Path, capsys) -> None:
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    get_blob, reaped = p.client.get_blob, []
+
+    def slow_get_blob(sha: str, dest: Path) -> Path:
+        time.sleep(SLOW_S)
+        reaped.append(service.reap(market.rt))
+        return get_blob(sha, dest)
+
+    p.client.get_blob = slow_get_blob  # type: ignore[method-assign]
+    assert p.work_once()
+    assert reaped == [0] and timed_out(market) == []
+    assert unit_status(market, job_id) in ("submitted", "verified")
+    assert "submitted unit" in said(capsys)
+
+
+def test_a_unit_assigned_while_the_idle_node_claims_is_not_lost(market, tmp_path: Path) -> None:
+    """The idle loop's claims wait for chain receipts; a unit matched meanwhile stays the node's."""
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    jobs: list[str] = []
+    reaped: list[int] = []
+
+    def slow_claim() -> int:
+        if not jobs:
+            jobs.append(submit_job(market, SMALL))
+            market.wait(lambda: _assigned(market, jobs[0]) == 1, what="the unit matched")
+            time.sleep(SLOW_S)
+            reaped.append(service.reap(market.rt))
+            assert p.stopper is not None
+            p.stopper.stop = True  # the owner stops the node: run() returns at the top of its loop
+        return 0
+
+    p.claims.claim = slow_claim
+    assert p.run() is None
+    assert reaped == [0] and timed_out(market) == []
 
 
 def test_a_nonce_refused_because_another_process_signs_is_not_a_take_back(market, tmp_path: Path, capsys) -> None:
