@@ -199,14 +199,19 @@ class ProviderAgent:
                                      f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
         have = self.contracts.stake_of(self.account.address)
         dev = probe()
-        tps = benchmark(seconds=0.5)
+        if dev.kind == "cuda" and self.plan.device == "cpu":
+            self.say(f"[yellow]this machine has a GPU ({dev.name}), but plan {self.plan.label!r} trains on the CPU: "
+                     f"start with --plan cuda to train on the GPU[/]")
+        tps = benchmark(seconds=0.5, device=self.plan.device)  # what the node will train at, on its plan's device
         offer = {"region": self.cfg.region, "gpu": dev.name, "vram_mb": dev.vram_mb, "price": str(self.cfg.price),
                  "tokens_per_s": tps, "capacity": self.cfg.capacity}
         self._check_offer(max(have, self.cfg.stake), offer)  # what the marketplace would refuse: before staking
         if have < self.cfg.stake:
             self.contracts.stake(self.cfg.stake - have)
         reg = self.client.register(**offer)
-        self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
+        on = dev.name if self.plan.device == dev.kind else self.plan.device
+        self.say(f"registered in {self.cfg.region}: training on {on} (plan {self.plan.label}), {tps:,} tok/s, "
+                 f"stake {format_tokens(int(reg['stake']))}")
         return reg
 
     def _check_offer(self, stake: int, offer: dict[str, Any]) -> None:

@@ -1,17 +1,19 @@
 """The provider node at the marketplace: heartbeats while it does something other than train (a reveal, a unit's
-start download, claims), and a nonce refused because another process signs with its wallet. Real marketplace over
-HTTP, Celery on Redis, the in-process EVM (conftest)."""
+start download, claims), a nonce refused because another process signs with its wallet, and the line it starts
+with. Real marketplace over HTTP, Celery on Redis, the in-process EVM (conftest)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from sqlalchemy import select
 
 from marketplace import service
 from marketplace.db import Event
 from node.client import MarketClient, MarketError
+from node.device import DeviceInfo, benchmark
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import _assigned, submit_job
@@ -144,6 +146,24 @@ def test_a_nonce_refused_because_another_process_signs_is_not_a_take_back(market
         assert exc.status == 409 and exc.error == "Conflict" and exc.conflict and not exc.replayed
     else:
         raise AssertionError("a heartbeat for a unit not ours was accepted")
+
+
+def test_the_start_line_says_what_the_node_trains_on_and_the_stake_in_gmt(market, tmp_path: Path, capsys) -> None:
+    """On a GPU machine without --plan (``probe()`` as it answers on an H100: no GPU here), the node warns that it
+    trains on the CPU and names --plan cuda; it benchmarks (and advertises) the CPU it trains on."""
+    devices: list[str | None] = []
+
+    def measured(*, seconds: float, device: str | None = None) -> int:
+        devices.append(device)
+        return benchmark(seconds=seconds, device=device or "cpu")
+
+    with mock.patch("node.agent.probe", return_value=DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 81559)), \
+            mock.patch("node.agent.benchmark", measured):
+        node(market, tmp_path / "p")
+    out = said(capsys)
+    assert devices == ["cpu"]  # named: the plan's (before the fix, none: benchmark's default, the CPU, whatever the plan)
+    assert "has a GPU (NVIDIA H100 80GB HBM3), but plan 'cpu' trains on the CPU: start with --plan cuda" in out
+    assert "training on cpu (plan cpu)" in out and "stake 200.0000 GMT" in out
 
 
 def test_a_submission_refused_for_its_nonce_is_sent_again_and_the_unit_kept(market, tmp_path: Path) -> None:
