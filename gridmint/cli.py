@@ -24,6 +24,9 @@ app.add_typer(verifier_app, name="verifier")
 app.add_typer(market_app, name="marketplace")
 
 WalletOpt = Annotated[Path, typer.Option(help="Keystore file (created if missing); password from GRIDMINT_WALLET_PASSWORD")]
+#: The wallet option of a command that opens an existing wallet only (a typo must create nothing).
+ExistingWalletOpt = Annotated[Path, typer.Option(help="Keystore file of an existing wallet (never created here); "
+                                                      "password from GRIDMINT_WALLET_PASSWORD")]
 MarketOpt = Annotated[str, typer.Option(envvar="GRIDMINT_MARKETPLACE_URL", help="Marketplace base URL")]
 ChainOpt = Annotated[str, typer.Option(envvar="GRIDMINT_CHAIN_URL", help="Chain JSON-RPC URL")]
 
@@ -196,7 +199,7 @@ def node_probe() -> None:
 @node_app.command("status")
 def node_status(
     marketplace: MarketOpt = "http://127.0.0.1:8000",
-    wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json",
+    wallet: ExistingWalletOpt = Path.home() / ".gridmint" / "wallet.json",
 ) -> None:
     """Your node's record at the marketplace, as JSON: stake, units assigned / completed / dropped, units verified in
     a row (``trusted``: sampled at a lower rate), units not yet verified, and pay owed under the newest payout root."""
@@ -226,7 +229,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
 
     @app.command("claim")
     def claim(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-              wallet: WalletOpt = default_wallet) -> None:
+              wallet: ExistingWalletOpt = default_wallet) -> None:
         """Claim what you are owed now: the epoch payout pool and any per-unit escrow credit (idempotent)."""
         from gridmint.earnings import claim as run
 
@@ -235,7 +238,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
     @app.command("unbond")
     def unbond(amount: Annotated[Optional[str], typer.Argument(help="GMT to unbond (default: all free stake)")] = None,
                marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-               wallet: WalletOpt = default_wallet) -> None:
+               wallet: ExistingWalletOpt = default_wallet) -> None:
         """Start unbonding stake (to leave the market): it stays slashable for the unbonding delay, then `withdraw`."""
         from gridmint.earnings import unbond as run
         from protocol.money import tokens
@@ -244,7 +247,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
 
     @app.command("withdraw")
     def withdraw(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-                 wallet: WalletOpt = default_wallet) -> None:
+                 wallet: ExistingWalletOpt = default_wallet) -> None:
         """Withdraw stake whose unbonding delay is over, to your wallet."""
         from gridmint.earnings import withdraw as run
 

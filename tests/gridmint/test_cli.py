@@ -156,3 +156,12 @@ def test_a_second_agent_on_a_wallet_says_which_one_runs_and_stakes_nothing(tmp_p
                        env={"HOME": str(tmp_path)})
     assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
     assert f"error: wallet {address} is in use by gridmint node run (pid {os.getpid()}" in got.stderr, got.stderr
+
+
+def test_commands_that_open_an_existing_wallet_only_do_not_say_it_is_created() -> None:
+    for role, command in [(r, c) for r in ("node", "verifier") for c in ("claim", "unbond", "withdraw")] + [
+            ("node", "status")]:
+        got = gridmint(role, command, "--help", env={"COLUMNS": "200"})
+        assert got.returncode == 0 and "existing wallet" in got.stdout, (role, command, got.stdout)
+        assert "created if missing" not in got.stdout, (role, command)
+    assert "created if missing" in gridmint("node", "run", "--help", env={"COLUMNS": "200"}).stdout
