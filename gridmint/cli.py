@@ -24,6 +24,9 @@ app.add_typer(verifier_app, name="verifier")
 app.add_typer(market_app, name="marketplace")
 
 WalletOpt = Annotated[Path, typer.Option(help="Keystore file (created if missing); password from GRIDMINT_WALLET_PASSWORD")]
+#: The wallet option of a command that opens an existing wallet only (a typo must create nothing).
+ExistingWalletOpt = Annotated[Path, typer.Option(help="Keystore file of an existing wallet (never created here); "
+                                                      "password from GRIDMINT_WALLET_PASSWORD")]
 MarketOpt = Annotated[str, typer.Option(envvar="GRIDMINT_MARKETPLACE_URL", help="Marketplace base URL")]
 ChainOpt = Annotated[str, typer.Option(envvar="GRIDMINT_CHAIN_URL", help="Chain JSON-RPC URL")]
 
@@ -170,14 +173,16 @@ def node_run(
 ) -> None:
     """Pull work, train it, submit it with proof-of-training commitments, answer dispute reveals, claim earnings.
     Ctrl-C (or SIGTERM) stops it after the current training step; a unit trained but not yet handed in is handed in
-    by the next start."""
+    by the next start. One process per wallet: a second one on the same wallet says which runs and exits."""
     from node.agent import AgentConfig, ProviderAgent
-    from node.wallet import load_or_create
+    from node.wallet import hold, load_or_create
 
     cfg = AgentConfig(marketplace=marketplace, chain_url=chain, region=region, price=tokens(price), stake=tokens(stake),
                       capacity=capacity, exit_when_idle_s=exit_when_idle, adversary=adversary, plan=plan)
-    if ProviderAgent(cfg, load_or_create(wallet), workdir).run() is not None:
-        raise typer.Exit(2)  # refused for good (slashed): said already
+    account = load_or_create(wallet)
+    with hold(account.address, "gridmint node run"):  # before anything is staked or signed
+        if ProviderAgent(cfg, account, workdir).run() is not None:
+            raise typer.Exit(2)  # refused for good (slashed): said already
 
 
 @node_app.command("probe")
@@ -194,7 +199,7 @@ def node_probe() -> None:
 @node_app.command("status")
 def node_status(
     marketplace: MarketOpt = "http://127.0.0.1:8000",
-    wallet: WalletOpt = Path.home() / ".gridmint" / "wallet.json",
+    wallet: ExistingWalletOpt = Path.home() / ".gridmint" / "wallet.json",
 ) -> None:
     """Your node's record at the marketplace, as JSON: stake, units assigned / completed / dropped, units verified in
     a row (``trusted``: sampled at a lower rate), units not yet verified, and pay owed under the newest payout root."""
@@ -224,7 +229,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
 
     @app.command("claim")
     def claim(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-              wallet: WalletOpt = default_wallet) -> None:
+              wallet: ExistingWalletOpt = default_wallet) -> None:
         """Claim what you are owed now: the epoch payout pool and any per-unit escrow credit (idempotent)."""
         from gridmint.earnings import claim as run
 
@@ -233,7 +238,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
     @app.command("unbond")
     def unbond(amount: Annotated[Optional[str], typer.Argument(help="GMT to unbond (default: all free stake)")] = None,
                marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-               wallet: WalletOpt = default_wallet) -> None:
+               wallet: ExistingWalletOpt = default_wallet) -> None:
         """Start unbonding stake (to leave the market): it stays slashable for the unbonding delay, then `withdraw`."""
         from gridmint.earnings import unbond as run
         from protocol.money import tokens
@@ -242,7 +247,7 @@ def _money_commands(app: typer.Typer, default_wallet: Path) -> None:
 
     @app.command("withdraw")
     def withdraw(marketplace: MarketOpt = "http://127.0.0.1:8000", chain: ChainOpt = "http://127.0.0.1:8545",
-                 wallet: WalletOpt = default_wallet) -> None:
+                 wallet: ExistingWalletOpt = default_wallet) -> None:
         """Withdraw stake whose unbonding delay is over, to your wallet."""
         from gridmint.earnings import withdraw as run
 
@@ -275,24 +280,26 @@ def verifier_run(
 ) -> None:
     """Replay sampled segments of submitted units and sign verdicts. On fraud, also sign an on-chain accusation: the
     marketplace relays it to GridStaking, its referee replays the segment, and the cheat is slashed (bounty to you)
-    or, if you were wrong, your bond is (unless the referee reproduces your replay: honest drift, bond released)."""
+    or, if you were wrong, your bond is (unless the referee reproduces your replay: honest drift, bond released).
+    One process per wallet: a second one on the same wallet says which runs and exits."""
     from node.verifier_agent import VerifierAgent
-    from node.wallet import load_or_create
+    from node.wallet import hold, load_or_create
 
     from node.crosscheck import Plan
 
     if adversary not in (None, "approve-everything", "accuse-everything"):
         raise GridMintValueError(f"unknown verifier adversary {adversary!r}: approve-everything or accuse-everything")
     account = load_or_create(wallet)
-    agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin,
-                          approve_everything=adversary == "approve-everything",
-                          accuse_everything=adversary == "accuse-everything")
-    if tokens(stake) > 0:
-        if not chain:
-            raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
-        agent.keep_staked(chain, tokens(stake))
-    if agent.run(exit_when_idle) is not None:
-        raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
+    with hold(account.address, "gridmint verifier run"):  # before anything is staked or signed
+        agent = VerifierAgent(marketplace, account, plan=Plan.parse(plan), bond_margin=bond_margin,
+                              approve_everything=adversary == "approve-everything",
+                              accuse_everything=adversary == "accuse-everything")
+        if tokens(stake) > 0:
+            if not chain:
+                raise GridMintValueError("--stake needs --chain (the JSON-RPC URL to send the stake transaction to)")
+            agent.keep_staked(chain, tokens(stake))
+        if agent.run(exit_when_idle) is not None:
+            raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
 #: Production defaults of ``gridmint marketplace deploy``: the timelock's delay and a payout root's dispute window.

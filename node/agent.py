@@ -199,14 +199,19 @@ class ProviderAgent:
                                      f"referee replays on {', '.join(devices)} only: it could not settle a dispute")
         have = self.contracts.stake_of(self.account.address)
         dev = probe()
-        tps = benchmark(seconds=0.5)
+        if dev.kind == "cuda" and self.plan.device == "cpu":
+            self.say(f"[yellow]this machine has a GPU ({dev.name}), but plan {self.plan.label!r} trains on the CPU: "
+                     f"start with --plan cuda to train on the GPU[/]")
+        tps = benchmark(seconds=0.5, device=self.plan.device)  # what the node will train at, on its plan's device
         offer = {"region": self.cfg.region, "gpu": dev.name, "vram_mb": dev.vram_mb, "price": str(self.cfg.price),
                  "tokens_per_s": tps, "capacity": self.cfg.capacity}
         self._check_offer(max(have, self.cfg.stake), offer)  # what the marketplace would refuse: before staking
         if have < self.cfg.stake:
             self.contracts.stake(self.cfg.stake - have)
         reg = self.client.register(**offer)
-        self.say(f"registered in {self.cfg.region}: {dev.kind} {dev.name}, {tps:,} tok/s, stake {reg['stake']}")
+        on = dev.name if self.plan.device == dev.kind else self.plan.device
+        self.say(f"registered in {self.cfg.region}: training on {on} (plan {self.plan.label}), {tps:,} tok/s, "
+                 f"stake {format_tokens(int(reg['stake']))}")
         return reg
 
     def _check_offer(self, stake: int, offer: dict[str, Any]) -> None:
@@ -283,8 +288,9 @@ class ProviderAgent:
         shutil.rmtree(unit_dir, ignore_errors=True)  # a partial unit from before a restart
         unit_dir.mkdir(parents=True, exist_ok=True)
         try:
-            start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
-            start, _ = checkpoint.load(start_path)
+            with self.alive():  # the unit is ours from its assignment: a long download must not lose it
+                start_path = self.client.get_blob(work["start_blob"], unit_dir / "start.safetensors")
+                start, _ = checkpoint.load(start_path)
             if work.get("due"):
                 self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in "
                          f"{int(work['due']) - int(time.time())} s")
@@ -365,14 +371,14 @@ class ProviderAgent:
 
     def _retry(self, what: str, send: Callable[[], T], due: float) -> T:
         """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
-        while that leaves time before ``due`` (unix seconds). A 4xx, the unit taken back (a heartbeat's 409) or a
-        stop request ends the tries."""
+        while that leaves time before ``due`` (unix seconds); so is a refused nonce (another process signing with
+        this wallet). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries."""
         wait = 1.0
         while True:
             try:
                 return send()
             except (MarketError, *UNREACHABLE) as exc:
-                if isinstance(exc, MarketError) and exc.status < 500:
+                if isinstance(exc, MarketError) and exc.status < 500 and not exc.replayed:
                     raise
                 if self._withdrawn is not None:
                     raise UnitWithdrawn(self._withdrawn) from exc
@@ -406,11 +412,15 @@ class ProviderAgent:
     def reveal_once(self) -> bool:
         """Answer a referee bisecting a dispute over one of our segments: re-derive the training state before the
         asked step from the segment's committed start, on the plan the unit was trained on (deterministic there),
-        upload it and sign (unit, step, state hash). Returns False if nothing was asked."""
+        upload it and sign (unit, step, state hash). Returns False if nothing was asked.
+
+        The replay takes as long as a segment's training: the node beats meanwhile (:meth:`alive`), so a unit the
+        marketplace assigns it in that time is not taken back from it as a silent dropout."""
         ask = self.client.next_reveal()
         if ask is None:
             return False
-        self._reveal(ask)
+        with self.alive():
+            self._reveal(ask)
         return True
 
     def _reveal(self, ask: dict[str, Any], where: str = "") -> None:
@@ -464,14 +474,15 @@ class ProviderAgent:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;
         a provider that goes silent past ``unit_timeout_s`` loses the unit to a standby, and so does one that has not
         submitted it by its deadline. Each beat reports the steps trained so far; a beat the marketplace refuses
-        because the unit is no longer ours (409) stops the training at its next step."""
+        because the unit is no longer ours (a 409 Conflict) stops the training at its next step. A beat whose nonce
+        it refuses (also a 409: another process on this wallet) is only a missed beat."""
 
         def beat() -> bool:
             try:
                 try:
                     self.client.heartbeat(unit_id, self._steps)
                 except MarketError as exc:
-                    if exc.status != 409:
+                    if not exc.conflict:
                         raise
                     self._withdrawn = f"the marketplace took it back ({exc.detail})"
                     return False
@@ -480,6 +491,20 @@ class ProviderAgent:
                     with self._ask_lock:
                         self._ask = self._ask or ask
             except (MarketError, httpx.HTTPError) as exc:  # the next beat (or the submission) will tell
+                self.say(f"[yellow]heartbeat failed: {exc}[/]")
+            return True
+
+        return beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat)
+
+    def alive(self) -> AbstractContextManager[None]:
+        """Tell the marketplace we are alive while the block runs, with no unit in training (a reveal, a unit's
+        start download, the idle loop's claims): a beat with no unit refreshes every unit assigned to this node,
+        so none is taken back as a silent dropout before the node gets to it. A refused or failed beat is said."""
+
+        def beat() -> bool:
+            try:
+                self.client.heartbeat(None)
+            except (MarketError, httpx.HTTPError) as exc:
                 self.say(f"[yellow]heartbeat failed: {exc}[/]")
             return True
 
@@ -519,7 +544,7 @@ class ProviderAgent:
             try:
                 worked = self.reveal_once() or (time.monotonic() >= self._work_after and self.work_once())
             except MarketError as exc:
-                if exc.status == 409 and "slashed" in str(exc.detail):
+                if exc.conflict and "slashed" in str(exc.detail):
                     self.say(f"[red]{exc.detail}[/]")
                     return str(exc.detail)
                 self.say(f"[yellow]marketplace refused: {exc}[/]")
@@ -537,7 +562,8 @@ class ProviderAgent:
             if worked:
                 idle_since = time.monotonic()
                 continue
-            self.claims()
+            with self.alive():  # claims wait for chain receipts: a unit assigned meanwhile must not be reaped
+                self.claims()
             if self.cfg.exit_when_idle_s is not None and time.monotonic() - idle_since > self.cfg.exit_when_idle_s:
                 if self._work_open():
                     idle_since = time.monotonic()  # stay up: a dispute may yet ask this node to reveal a state

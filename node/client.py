@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,13 +17,32 @@ from protocol.limits import wire_json
 from protocol.signing import Domain, NonceSource, sign_request
 
 REQUEST_TTL_S = 60
+#: How the marketplace's ReplayError names the signer's last accepted nonce (marketplace.auth.consume_nonce_in).
+_LAST_ACCEPTED = re.compile(r"last accepted (\d+)")
 
 
 class MarketError(GridMintError, RuntimeError):
-    def __init__(self, status: int, detail: Any) -> None:
+    """A refusal from the marketplace: its HTTP ``status``, its ``detail`` and ``error``, the class of the server's
+    error (``Conflict``, ``ReplayError``, ``NotFound``...; None from a server or proxy that does not say)."""
+
+    def __init__(self, status: int, detail: Any, error: str | None = None) -> None:
         super().__init__(f"marketplace answered {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.error = error
+
+    @property
+    def replayed(self) -> bool:
+        """The request's nonce (or deadline) was refused: nothing was looked at, let alone decided; sending the
+        request again under a fresh nonce is safe. Another process signing with this wallet, or a clock behind the
+        one that signed before."""
+        return self.error == "ReplayError"
+
+    @property
+    def conflict(self) -> bool:
+        """A 409 about the state of things (the unit is no longer ours, the task was withdrawn, slashed), as opposed
+        to a refused nonce (:attr:`replayed`), which is also a 409."""
+        return self.status == 409 and not self.replayed
 
 
 class BlobMismatch(GridMintError):
@@ -33,6 +53,21 @@ class BlobMismatch(GridMintError):
 
 #: What a dropped link or a restarting service looks like to an agent: wait and try again, never exit.
 UNREACHABLE: tuple[type[BaseException], ...] = (ChainUnavailable, httpx.TransportError, BlobMismatch)
+
+
+def _last_accepted(resp: httpx.Response) -> int | None:
+    """The last nonce the marketplace accepted from the signer, if ``resp`` refused a request's nonce as not above
+    it (a 409 ReplayError); else None (an expired deadline is a ReplayError too, and names none)."""
+    if resp.status_code != 409:
+        return None
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("error") != "ReplayError":
+        return None
+    found = _LAST_ACCEPTED.search(str(body.get("detail", "")))
+    return int(found.group(1)) if found else None
 
 
 class MarketClient:
@@ -65,6 +100,17 @@ class MarketClient:
         return Domain(self.chain_id, str(self.config["staking"]))
 
     def signed(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> httpx.Response:
+        """Send a request signed under a fresh nonce. One whose nonce the marketplace refuses as not above the last
+        it accepted from this wallet (another process signs with it, or this machine's clock is behind the one that
+        signed before) is sent once more under a nonce past that one: a refused nonce changes nothing there."""
+        resp = self._send_signed(method, path, body, content_type)
+        last = _last_accepted(resp)
+        if last is not None:
+            self.nonces.skip_past(last)
+            resp = self._send_signed(method, path, body, content_type)
+        return resp
+
+    def _send_signed(self, method: str, path: str, body: bytes, content_type: str) -> httpx.Response:
         d = self.domain
         with self._send_lock:
             headers = sign_request(self.account, d, method, path, body, self.nonces.next(),
@@ -80,12 +126,14 @@ class MarketClient:
         if resp.status_code == 204:
             return None
         if resp.status_code >= 400:
+            error = None
             try:
                 body = resp.json()
                 detail = body.get("detail") if isinstance(body, dict) else body
+                error = body.get("error") if isinstance(body, dict) else None
             except ValueError:
                 detail = resp.text[:300]
-            raise MarketError(resp.status_code, detail)
+            raise MarketError(resp.status_code, detail, error if isinstance(error, str) else None)
         try:
             return resp.json()
         except ValueError:  # not a GridMint answer (a web page, another service on that port)

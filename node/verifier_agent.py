@@ -136,7 +136,7 @@ class VerifierAgent:
             try:
                 self.client.verification_heartbeat(int(task["verification_id"]))
             except (MarketError, httpx.HTTPError) as exc:
-                if isinstance(exc, MarketError) and exc.status == 409:
+                if isinstance(exc, MarketError) and exc.conflict:
                     withdrawn.append(str(exc.detail))
                     return False
                 console.print(f"[yellow]verifier heartbeat failed: {exc}[/]")
@@ -257,6 +257,10 @@ class VerifierAgent:
                 console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
                 verified = None
             except MarketError as exc:
+                if exc.replayed:  # another process signs with this wallet (the lock file keeps out one on this machine)
+                    console.print(f"[dim]verifier[/] [yellow]marketplace refused a nonce, retrying: {exc.detail}[/]")
+                    time.sleep(self.poll_s)
+                    continue
                 if exc.status != 409:
                     raise
                 # refused tasks: short of the marketplace's minimum stake (a forfeit bond, say: top up and go on,

@@ -1,8 +1,13 @@
-"""The node's wallet: an encrypted Ethereum keystore file (created on first use, mode 0600)."""
+"""The node's wallet: an encrypted Ethereum keystore file (created on first use, mode 0600), and the lock that keeps
+a second agent process off a wallet one already runs on."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from eth_account import Account
@@ -58,3 +63,35 @@ def save(account: LocalAccount, path: Path, password: str | None = None) -> None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(keystore, fh)
+
+
+def lock_path(address: str) -> Path:
+    """The lock file of the agent running on wallet ``address``: one per address (two keystore files holding the
+    same key are one wallet), next to the node's default work directory."""
+    return Path.home() / ".gridmint" / "work" / f"{address}.lock"
+
+
+@contextmanager
+def hold(address: str, what: str, path: Path | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of wallet ``address`` (at ``path``, default :func:`lock_path`) while the block runs:
+    an agent that signs with the wallet (``what``: e.g. ``gridmint node run``) must be its only one. Two would each
+    draw request nonces from their own clock, and the marketplace takes only nonces above the last it accepted; two
+    started together could both stake. Raises GridMintValueError naming the process that holds it.
+
+    The lock is ``flock``'s: the kernel drops it when its holder exits, however it exits, so a crash leaves no stale
+    lock behind. The holder's pid and command are written into the file for the message."""
+    path = path or lock_path(address)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "another process"
+            raise GridMintValueError(f"wallet {address} is in use by {holder} (lock {path}): one agent per wallet; "
+                                     f"stop that one first, or use another wallet") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a process about to lock it)

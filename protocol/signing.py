@@ -293,6 +293,12 @@ class NonceSource:
             self._last = max(self._last + 1, time.time_ns() // 1000)
             return self._last
 
+    def skip_past(self, nonce: int) -> None:
+        """Draw every later nonce above ``nonce`` (the last one the server accepted from this signer, when another
+        process signs with the same key or this clock is behind the one that signed before)."""
+        with self._lock:
+            self._last = max(self._last, nonce)
+
 
 def sign_request(
     account: LocalAccount,

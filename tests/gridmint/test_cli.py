@@ -141,3 +141,27 @@ def test_the_customer_commands_exist_and_a_bad_spec_is_one_line(tmp_path: Path) 
                    "--wallet", str(tmp_path / "c.json"))
     assert got.returncode == 2 and "Traceback" not in got.stderr and "cannot read job spec" in got.stderr, got.stderr
     assert not (tmp_path / "c.json").exists()  # refused before a wallet was made
+
+
+@pytest.mark.parametrize("role", ["node", "verifier"])
+def test_a_second_agent_on_a_wallet_says_which_one_runs_and_stakes_nothing(tmp_path: Path, role: str) -> None:
+    """Two processes on one wallet draw clashing nonces and could both stake: the second one exits before it reads
+    the marketplace or the chain (here unreachable: the error would otherwise be "cannot reach")."""
+    from node.wallet import hold, load_or_create
+
+    wallet = tmp_path / "w.json"
+    address = load_or_create(wallet, password="").address
+    with hold(address, "gridmint node run", tmp_path / ".gridmint" / "work" / f"{address}.lock"):
+        got = gridmint(role, "run", "--marketplace", "http://127.0.0.1:1", "--wallet", str(wallet),
+                       env={"HOME": str(tmp_path)})
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+    assert f"error: wallet {address} is in use by gridmint node run (pid {os.getpid()}" in got.stderr, got.stderr
+
+
+def test_commands_that_open_an_existing_wallet_only_do_not_say_it_is_created() -> None:
+    for role, command in [(r, c) for r in ("node", "verifier") for c in ("claim", "unbond", "withdraw")] + [
+            ("node", "status")]:
+        got = gridmint(role, command, "--help", env={"COLUMNS": "200"})
+        assert got.returncode == 0 and "existing wallet" in got.stdout, (role, command, got.stdout)
+        assert "created if missing" not in got.stdout, (role, command)
+    assert "created if missing" in gridmint("node", "run", "--help", env={"COLUMNS": "200"}).stdout

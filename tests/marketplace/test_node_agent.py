@@ -1,0 +1,184 @@
+"""The provider node at the marketplace: heartbeats while it does something other than train (a reveal, a unit's
+start download, claims), a nonce refused because another process signs with its wallet, and the line it starts
+with. Real marketplace over HTTP, Celery on Redis, the in-process EVM (conftest)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from sqlalchemy import select
+
+from marketplace import service
+from marketplace.db import Event
+from node.client import MarketClient, MarketError
+from node.device import DeviceInfo, benchmark
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import _assigned, submit_job
+from tests.marketplace.test_node_faults import SMALL, node, said, unit_status
+
+#: Longer than the marketplace's unit_timeout_s in these tests (3 s): what a segment's replay, a large start
+#: checkpoint's download or a claim waiting for its receipts takes on a real unit (minutes, against 120 s).
+SLOW_S = 4.5
+
+
+def timed_out(market) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    with market.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.kind == "unit_timed_out"))]
+
+
+def test_a_reveal_keeps_the_unit_assigned_meanwhile_alive(market, tmp_path: Path) -> None:
+    """A referee asks the node to re-derive a state (a replay as long as a segment's training) while the matcher
+    hands it a unit: the node beats all along, so the unit is not reaped as a silent dropout. (The ask and the
+    replay are stubbed: a real one needs a bisecting dispute; only their duration matters here.)"""
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    asks = [{"unit_id": "0x" + "ab" * 32, "step": 7, "plan": "cpu"}]
+    reaped: list[int] = []
+
+    def replay(ask: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(SLOW_S)
+        reaped.append(service.reap(market.rt))  # what the marketplace's periodic reaper does meanwhile
+        return {}
+
+    p.client.next_reveal = lambda: asks.pop() if asks else None  # type: ignore[method-assign]
+    p.client.reveal = lambda body: {"status": "ok"}  # type: ignore[method-assign]
+    p.answer = replay  # type: ignore[method-assign]
+    assert p.reveal_once()
+    assert reaped == [0] and timed_out(market) == []  # before the fix: 1, "no heartbeat", a dropout
+    assert p.work_once() and unit_status(market, job_id) in ("submitted", "verified")
+
+
+def test_a_slow_start_download_does_not_lose_the_unit(market, tmp_path: Path, capsys) -> None:
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    get_blob, reaped = p.client.get_blob, []
+
+    def slow_get_blob(sha: str, dest: Path) -> Path:
+        time.sleep(SLOW_S)
+        reaped.append(service.reap(market.rt))
+        return get_blob(sha, dest)
+
+    p.client.get_blob = slow_get_blob  # type: ignore[method-assign]
+    assert p.work_once()
+    assert reaped == [0] and timed_out(market) == []
+    assert unit_status(market, job_id) in ("submitted", "verified")
+    assert "submitted unit" in said(capsys)
+
+
+def test_a_unit_assigned_while_the_idle_node_claims_is_not_lost(market, tmp_path: Path) -> None:
+    """The idle loop's claims wait for chain receipts; a unit matched meanwhile stays the node's."""
+    market.rt.settings.unit_timeout_s = 3
+    p = node(market, tmp_path / "p")
+    jobs: list[str] = []
+    reaped: list[int] = []
+
+    def slow_claim() -> int:
+        if not jobs:
+            jobs.append(submit_job(market, SMALL))
+            market.wait(lambda: _assigned(market, jobs[0]) == 1, what="the unit matched")
+            time.sleep(SLOW_S)
+            reaped.append(service.reap(market.rt))
+            assert p.stopper is not None
+            p.stopper.stop = True  # the owner stops the node: run() returns at the top of its loop
+        return 0
+
+    p.claims.claim = slow_claim
+    assert p.run() is None
+    assert reaped == [0] and timed_out(market) == []
+
+
+def test_a_nonce_refused_because_another_process_signs_is_not_a_take_back(market, tmp_path: Path, capsys) -> None:
+    """A second process on the node's wallet (another machine, its clock 30 s ahead) sends one request while the
+    node trains: the node's next beat carries a nonce below the one accepted last, and is refused (409, like a
+    take-back). The node sends it again under a nonce past that one and trains on; the unit is handed in. A node
+    restarted on that wallet with its clock behind starts (its registration is sent again the same way)."""
+    market.rt.settings.unit_timeout_s = 2  # a beat every 0.5 s
+    acct = market.account(gmt=tokens(500))
+    one = node(market, tmp_path / "one", acct=acct)
+    two = MarketClient(market.url, acct)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=40, segment_len=20, batch_size=8,
+                   max_price=tokens(2), verification="none")
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    beats: list[str] = []
+    heartbeat = one.client.heartbeat
+
+    def counted(*args: Any) -> Any:
+        try:
+            out = heartbeat(*args)
+        except MarketError as exc:
+            beats.append(f"refused: {exc.error} {exc.detail}")
+            raise
+        beats.append("ok")
+        return out
+
+    one.client.heartbeat = counted  # type: ignore[method-assign]
+    inner = one._between_steps
+    jump: dict[str, int] = {}
+
+    def between(step: int, loss: float) -> None:
+        inner(step, loss)
+        if step == 5:
+            jump["nonce"] = time.time_ns() // 1000 + 30_000_000
+            two.nonces.skip_past(jump["nonce"])
+            assert two.next_reveal() is None  # accepted: the wallet's last nonce is now 30 s ahead of one's clock
+            jump["beats"] = len(beats)
+            market.wait(lambda: len(beats) > jump["beats"], timeout=10, what="a beat after the jump")
+
+    one._between_steps = between  # type: ignore[method-assign]
+    assert one.work_once()
+    assert beats[jump["beats"]] == "ok", beats  # before the fix: "refused: ReplayError nonce ... already used"
+    assert one._withdrawn is None and unit_status(market, job_id) in ("submitted", "verified")
+    assert "took it back" not in said(capsys)
+    later = node(market, tmp_path / "later", acct=acct)  # before the fix: MarketError 409 out of setup()
+    assert later.client.nonces.next() > jump["nonce"] + 1  # its own clock is behind: it moved past the refused one
+    # a real take-back is still one: a 409 Conflict
+    try:
+        later.client.heartbeat("0x" + "cd" * 32, 1)
+    except MarketError as exc:
+        assert exc.status == 409 and exc.error == "Conflict" and exc.conflict and not exc.replayed
+    else:
+        raise AssertionError("a heartbeat for a unit not ours was accepted")
+
+
+def test_the_start_line_says_what_the_node_trains_on_and_the_stake_in_gmt(market, tmp_path: Path, capsys) -> None:
+    """On a GPU machine without --plan (``probe()`` as it answers on an H100: no GPU here), the node warns that it
+    trains on the CPU and names --plan cuda; it benchmarks (and advertises) the CPU it trains on."""
+    devices: list[str | None] = []
+
+    def measured(*, seconds: float, device: str | None = None) -> int:
+        devices.append(device)
+        return benchmark(seconds=seconds, device=device or "cpu")
+
+    with mock.patch("node.agent.probe", return_value=DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 81559)), \
+            mock.patch("node.agent.benchmark", measured):
+        node(market, tmp_path / "p")
+    out = said(capsys)
+    assert devices == ["cpu"]  # named: the plan's (before the fix, none: benchmark's default, the CPU, whatever the plan)
+    assert "has a GPU (NVIDIA H100 80GB HBM3), but plan 'cpu' trains on the CPU: start with --plan cuda" in out
+    assert "training on cpu (plan cpu)" in out and "stake 200.0000 GMT" in out
+
+
+def test_a_submission_refused_for_its_nonce_is_sent_again_and_the_unit_kept(market, tmp_path: Path) -> None:
+    """A hand-in whose nonce is refused even when sent again (another process on the wallet kept drawing higher
+    ones) is tried again like a blip; before, the trained unit's files were thrown away as if refused for good."""
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    submit, refused = p.client.submit, [MarketError(409, "nonce 5 was already used (last accepted 9)", "ReplayError")]
+
+    def refused_once(unit_id: str, body: dict) -> object:  # what the client raises for that 409
+        if refused:
+            raise refused.pop()
+        return submit(unit_id, body)
+
+    p.client.submit = refused_once  # type: ignore[method-assign]
+    assert p.work_once()
+    assert not refused and unit_status(market, job_id) in ("submitted", "verified")
