@@ -18,6 +18,7 @@ from ledger.errors import GovernanceError, PausedError, UnauthorizedError
 from ledger.evm import Chain, Deployment, Governance, GridMintContracts, deploy, role_id
 from ledger.payout_tree import build_payout_tree
 from protocol.errors import ChainError, GridMintValueError
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 from protocol.money import tokens
 
 DAY = 24 * 3600
@@ -28,7 +29,6 @@ PARAMS = {
     "cancel_grace_s": 3600,
     "verifier_bond": 100,
 }
-JOB = keccak(text="production-job")
 BATCH = keccak(text="production-batch")
 EVIDENCE = keccak(text="production-evidence")
 EVIDENCE_2 = keccak(text="production-evidence-2")
@@ -50,6 +50,10 @@ class Production:
     provider: GridMintContracts
     provider2: GridMintContracts
     verifier: GridMintContracts
+
+    def job(self, label: str) -> bytes:
+        """A job id of ``customer``'s (JobEscrow lets only the address it starts with fund it first)."""
+        return job_id_bytes(self.customer.address, keccak(text=label)[:RANDOM_BYTES])
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +159,14 @@ def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
 def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production) -> None:
     """Settle a job into the pool, post its root, slash a cheat through the referee path and a governance slash,
     close the job: all with the operator key. The guardian can still void a root inside its (non-zero) window."""
+    job = prod.job("production-job")
     ops, p, p2, v, c = prod.operator, prod.provider, prod.provider2, prod.verifier, prod.customer
     p.stake(1_000)
     p2.stake(400)
     v.stake(500)
-    c.fund_job(JOB, 1_000)
+    c.fund_job(job, 1_000)
 
-    assert ops.release_to_pool(JOB, BATCH, 300) is True  # SETTLER
+    assert ops.release_to_pool(job, BATCH, 300) is True  # SETTLER
     bad = build_payout_tree({ops.address: 300})  # a root naming the operator: the guardian vetoes it
     ops.post_tree(1, bad)  # POSTER
     prod.guardian.void_root(1)
@@ -175,7 +180,7 @@ def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production
     assert ops.resolve_dispute(EVIDENCE, fraud=True) == 1_000  # ...and convicts: the whole stake
     assert ops.slash(p2.address, 400, v.address, EVIDENCE_2) is True  # SLASHER (a canary-approving verifier's path)
     assert ops.stake_of(p.address) == ops.stake_of(p2.address) == 0
-    assert ops.close_job(JOB) == 700  # SETTLER closes, the customer gets the rest
+    assert ops.close_job(job) == 700  # SETTLER closes, the customer gets the rest
 
 
 def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_one(prod: Production) -> None:
@@ -232,10 +237,11 @@ def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: C
 
 def test_paused_contracts_stop_the_operator_key_too(prod: Production) -> None:
     """What the guardian buys while a leaked operator key is rotated out: nothing it holds moves money."""
+    job = prod.job("production-job")
     ops = prod.operator
-    prod.customer.fund_job(JOB, 100)
+    prod.customer.fund_job(job, 100)
     prod.guardian.pause_all()
     tree = build_payout_tree({ops.address: 1})
-    for flow in (lambda: ops.release_to_pool(JOB, BATCH, 1), lambda: ops.post_tree(1, tree), lambda: ops.close_job(JOB)):
+    for flow in (lambda: ops.release_to_pool(job, BATCH, 1), lambda: ops.post_tree(1, tree), lambda: ops.close_job(job)):
         with pytest.raises(PausedError):
             flow()
