@@ -50,6 +50,7 @@ class Production:
     provider: GridMintContracts
     provider2: GridMintContracts
     verifier: GridMintContracts
+    treasury: GridMintContracts  # holds the whole supply from the deploy on
 
     def job(self, label: str) -> bytes:
         """A job id of ``customer``'s (JobEscrow lets only the address it starts with fund it first)."""
@@ -62,10 +63,11 @@ def deployed(chain: Chain) -> Production:
     deployment = deploy(chain, operator, supply=tokens(1_000_000), treasury=treasury.address,
                         governance=Governance(governor=governor.address, guardian=guardian.address), **PARAMS)
     ops = GridMintContracts(chain, deployment, operator)
+    funder = ops.as_account(treasury)  # the supply is the treasury's: the operator key holds none
     for account in (customer, provider, provider2, verifier):
-        ops.transfer(account.address, tokens(10_000))
+        funder.transfer(account.address, tokens(10_000))
     clients = [ops.as_account(a) for a in (governor, guardian, customer, provider, provider2, verifier)]
-    return Production(chain, deployment, ops, *clients)
+    return Production(chain, deployment, ops, *clients, funder)
 
 
 @pytest.fixture
@@ -114,6 +116,16 @@ def test_roles_end_with_the_timelock_governor_and_guardian_not_the_operator(prod
     }
     assert prod.operator.min_delay() == PARAMS["timelock_delay_s"]
     assert prod.operator.dispute_window() == PARAMS["dispute_window_s"]
+
+
+def test_the_supply_is_minted_to_the_treasury_and_the_operator_key_holds_none(prod: Production) -> None:
+    """The deploy minted the whole supply to the operator key, the hot key every serve and worker machine holds: one
+    leak and every GMT not yet moved off it was gone, whatever the timelock guards. Now it goes to the treasury."""
+    ops, treasury = prod.operator, prod.treasury.address
+    assert prod.deployment.treasury == treasury
+    assert ops.total_supply() == tokens(1_000_000)
+    assert ops.balance_of(ops.address) == 0
+    assert ops.balance_of(treasury) == tokens(1_000_000) - 4 * tokens(10_000)  # less what the fixture handed out
 
 
 def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
@@ -232,6 +244,9 @@ def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: C
         with pytest.raises(GridMintValueError) as exc_info:
             deploy(chain, operator, supply=1, treasury=treasury, governance=governance, **params)
         assert says in str(exc_info.value) and not isinstance(exc_info.value, ChainError), str(exc_info.value)
+    with pytest.raises(GridMintValueError, match=f"the treasury {operator.address} is the operator key"):
+        deploy(chain, operator, supply=1, treasury=operator.address,
+               governance=Governance(governor.address, governor.address), **PARAMS)
     assert chain.w3.eth.get_transaction_count(operator.address) == nonce
 
 
