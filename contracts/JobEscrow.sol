@@ -24,7 +24,8 @@ interface IPayoutPool {
 /// The settler closes a finished job; a customer can `cancel` and close it itself after `cancelGrace` seconds (units
 /// verified in the meantime are still paid). Once that grace is over (`closableAt`), nothing more can be released
 /// from the job: what is left then is the customer's refund, whenever it closes. Closing refunds what was not
-/// released. Time the escrow spends paused (the guardian's kill switch; unpausing waits for the timelock) does not
+/// released. A job id starts with its customer's address (its first 20 bytes; the other 12 are the customer's to
+/// choose): only that address can fund it, so no one who sees the id in a pending transaction can take it first. Time the escrow spends paused (the guardian's kill switch; unpausing waits for the timelock) does not
 /// count against a grace: `closableAt` moves back by every second paused since the cancel, so a pause cannot wipe
 /// out the pay of units verified before it, nor let the customer close early.
 /// @dev Invariant: token.balanceOf(this) == sum over open jobs of (funded - released) + totalClaimable.
@@ -67,6 +68,7 @@ contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
     error EscrowZeroAddress();
     error EscrowUnknownJob(bytes32 jobId);
     error EscrowNotCustomer(bytes32 jobId, address caller, address customer);
+    error EscrowJobIdNotYours(bytes32 jobId, address caller);
     error EscrowJobClosed(bytes32 jobId);
     error EscrowJobCancelled(bytes32 jobId, uint256 closableAt);
     error EscrowUnitAlreadyReleased(bytes32 jobId, bytes32 unitId);
@@ -89,7 +91,8 @@ contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
 
     // ---------------------------------------------------------------- customers
 
-    /// @notice Add `amount` GMT to `jobId` (needs a prior `approve`). The first funder becomes the job's customer.
+    /// @notice Add `amount` GMT to `jobId` (needs a prior `approve`). The caller must be the job's customer: the
+    /// address in the id's first 20 bytes (EscrowJobIdNotYours for a new job, EscrowNotCustomer for a funded one).
     function fund(bytes32 jobId, uint256 amount) external whenNotPaused nonReentrant {
         _fund(jobId, msg.sender, amount);
     }
@@ -248,6 +251,8 @@ contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
         if (job.closableAt != 0) revert EscrowJobCancelled(jobId, _closableAt(job));
         address customer = job.customer;
         if (customer == address(0)) {
+            // The id names its customer, so copying it from a pending fundWithPermit and funding first squats nothing.
+            if (address(bytes20(jobId)) != funder) revert EscrowJobIdNotYours(jobId, funder);
             job.customer = funder;
         } else if (customer != funder) {
             revert EscrowNotCustomer(jobId, funder, customer);

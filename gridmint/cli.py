@@ -309,7 +309,10 @@ DISPUTE_WINDOW_S = 24 * 3600
 
 @market_app.command("deploy")
 def market_deploy(
-    treasury: Annotated[str, typer.Option(help="Address that receives the treasury's share of slashes")],
+    treasury: Annotated[Optional[str], typer.Option(help="Address that receives the whole --supply (production) and "
+                                                         "the treasury's share of slashes: a cold key or a multisig, "
+                                                         "not the operator key (default: the governor; with --dev, "
+                                                         "the operator key)")] = None,
     governor: Annotated[Optional[str], typer.Option(help="Address that proposes, executes and cancels GridTimelock "
                                                          "operations (unpause, parameters, roles): a cold key or a "
                                                          "multisig, not the operator key. Required unless --dev")]
@@ -318,8 +321,8 @@ def market_deploy(
                                                          "inside its dispute window and cancel a pending timelock "
                                                          "operation; not the operator key (default: the governor)")]
         = None,
-    supply: Annotated[str, typer.Option(help="GMT minted to the operator (who funds the market's first accounts)")]
-        = "1000000",
+    supply: Annotated[str, typer.Option(help="GMT minted, all of it to --treasury (with --dev, to the operator key, "
+                                             "which funds the dev market's first accounts)")] = "1000000",
     verifier_bond: Annotated[str, typer.Option(help="GMT a verifier bonds per accusation (0: fraud proofs off)")] = "50",
     unbonding_delay_s: Annotated[Optional[int], typer.Option(min=0, help="Seconds from an unbond request to "
                                                                          "withdrawal; must outlast submission-to-"
@@ -341,10 +344,11 @@ def market_deploy(
     """Deploy the GridMint contracts to GRIDMINT_CHAIN_URL with GRIDMINT_OPERATOR_KEY and write the deployment file
     every API and worker process reads (GRIDMINT_DEPLOYMENT_FILE, default GRIDMINT_DATA_DIR/deployment.json).
 
-    The operator key keeps only what serve and worker send (SETTLER, POSTER, SLASHER, REFEREE). GridTimelock becomes
-    the only admin of every contract; --governor proposes and executes through it, after --timelock-delay-s in
-    public; --guardian pauses, voids bad payout roots and cancels proposals. --dev: the development
-    wiring instead (the operator key admin of everything)."""
+    The operator key keeps only what serve and worker send (SETTLER, POSTER, SLASHER, REFEREE), and no GMT: the
+    whole --supply is minted to --treasury. GridTimelock becomes the only admin of every contract; --governor
+    proposes and executes through it, after --timelock-delay-s in public; --guardian pauses, voids bad payout roots
+    and cancels proposals. --dev: the development wiring instead (the operator key admin of everything, and holder
+    of the supply)."""
     from eth_utils import is_address, to_checksum_address
 
     from ledger.deploy import UNBONDING_DELAY_S
@@ -370,9 +374,11 @@ def market_deploy(
 
     operator = operator_account(settings)
     governance = None
+    treasury = to_checksum_address(treasury or governor or operator.address)
     if governor is not None:
         governance = Governance(governor=governor, guardian=to_checksum_address(guardian or governor))
-        for flag, address in (("--governor", governance.governor), ("--guardian", governance.guardian)):
+        for flag, address in (("--governor", governance.governor), ("--guardian", governance.guardian),
+                              ("--treasury", treasury)):
             if address == operator.address:
                 raise GridMintValueError(f"{flag} {address} is GRIDMINT_OPERATOR_KEY's address, the hot key every "
                                          f"serve and worker machine holds: use another key (--dev for a development "
@@ -381,7 +387,7 @@ def market_deploy(
     if out.exists() and not force:
         raise GridMintValueError(f"{out} exists: a marketplace already runs on it (--force to deploy anew)")
     chain = Chain.http(settings.chain_url)
-    deployment = deploy(chain, operator, supply=tokens(supply), treasury=to_checksum_address(treasury),
+    deployment = deploy(chain, operator, supply=tokens(supply), treasury=treasury,
                         verifier_bond=tokens(verifier_bond), unbonding_delay_s=unbonding,
                         cancel_grace_s=cancel_grace_s, timelock_delay_s=timelock_delay_s,
                         dispute_window_s=dispute_window_s, governance=governance)
@@ -390,12 +396,13 @@ def market_deploy(
     typer.echo(f"deployed on chain {deployment.chain_id}: token {deployment.token}, staking {deployment.staking}, "
                f"escrow {deployment.escrow}, timelock {deployment.timelock}; wrote {out}")
     if governance is None:
-        typer.echo(f"development deployment: the operator key {operator.address} is admin of every contract and can "
-                   f"skip the timelock")
+        typer.echo(f"development deployment: the operator key {operator.address} holds the whole supply, is admin of "
+                   f"every contract and can skip the timelock")
     else:
         kept = ", ".join(role.removesuffix("_ROLE") for roles in OPERATOR_ROLES.values() for role in roles)
         typer.echo(f"operator key {operator.address} keeps {kept} only; admin of every contract: the timelock "
-                   f"({timelock_delay_s} s delay); governor {governance.governor}; guardian {governance.guardian}")
+                   f"({timelock_delay_s} s delay); governor {governance.governor}; guardian {governance.guardian}; "
+                   f"the whole supply ({supply} GMT): treasury {treasury}")
 
 
 def _production_governor(governor: str | None, timelock_delay_s: int, dispute_window_s: int,

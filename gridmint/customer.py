@@ -13,6 +13,7 @@ from typing import Any, Callable
 from ledger.evm import GridMintContracts
 from node.client import MarketClient, MarketError
 from protocol.errors import GridMintValueError
+from protocol.jobs import check_job_id, new_job_id
 from protocol.money import format_tokens
 from protocol.schemas import JobSpec
 
@@ -29,11 +30,14 @@ def read_spec(path: Path) -> JobSpec:
 def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, job_id: str | None = None,
            say: Callable[[str], None] = print) -> dict[str, Any]:
     """Quote ``spec``, fund what its escrow still lacks (one ERC-2612 permit transaction) and submit it (signed).
-    ``job_id``: the id to use (to finish a submission that failed half way); else the quote's fresh one."""
+    ``job_id``: the id to use (to finish a submission that failed half way; it must be this wallet's, see
+    ``protocol.jobs``); else a fresh one bound to this wallet (``new_job_id``)."""
     me = client.account.address
+    if job_id is not None:
+        check_job_id(job_id, me)
     wire = spec.model_dump(mode="json")
     quote = client.quote(wire)
-    job_id = job_id or str(quote["job_id"])
+    job_id = job_id or new_job_id(me)
     budget = int(quote["budget"])
     escrow = contracts.get_job(job_id)
     funded_by_other = int(escrow.customer, 16) != 0 and escrow.customer.lower() != me.lower()

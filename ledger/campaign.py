@@ -43,11 +43,12 @@ from ledger.errors import revert_payload
 from ledger.jsonrpc import JsonRpcSocket
 from ledger.payout_tree import PayoutTree, build_payout_tree
 from protocol.errors import ChainError, GridMintError
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 
 TX_GAS = 1_000_000
 SUPPLY = 10**30
 START_BALANCE = 10**6
-JOBS = tuple(keccak(text=f"campaign-job-{i}") for i in range(4))
+N_JOBS = 4  # job i is customer i % 2's (Harness.jobs): the other customer's first funding of it must revert
 UNITS = tuple(keccak(text=f"campaign-unit-{i}") for i in range(6))
 
 
@@ -228,6 +229,9 @@ class Harness:
         self.decoder: ErrorDecoder = gridmint_error_decoder()
         accounts = chain.dev_accounts(8)
         self.cast = Cast(accounts[0], accounts[1:3], accounts[3:6], accounts[6:8], Account.create().address)
+        #: the job ids, each bound to a customer (protocol.jobs): job i to customer i % 2
+        self.jobs = tuple(job_id_bytes(self.cast.customers[i % 2].address,
+                                       keccak(text=f"campaign-job-{i}")[:RANDOM_BYTES]) for i in range(N_JOBS))
         self._setup()
 
     # ------------------------------------------------------------ setup and reset
@@ -254,7 +258,7 @@ class Harness:
         self.watched = [person.address for person in cast.people] + [cast.treasury]
         self._lens_call = calldata(
             "read(address,address,address,address,address[],bytes32[])",
-            self.token, self.staking, self.escrow, self.distributor, self.watched, list(JOBS),
+            self.token, self.staking, self.escrow, self.distributor, self.watched, list(self.jobs),
         )
         balances = {a: 0 for a in self.watched}
         balances[op.address] = SUPPLY - START_BALANCE * (len(cast.people) - 1)
@@ -339,36 +343,36 @@ class Harness:
     def fund(self, who: int, job: int, amount: int) -> None:
         c = self.cast.customers[who]
         self._op("fund")
-        self._tx("fund", c, self.escrow, calldata("fund(bytes32,uint256)", JOBS[job], amount),
-                 lambda: self.model.fund(c.address, JOBS[job], amount))
+        self._tx("fund", c, self.escrow, calldata("fund(bytes32,uint256)", self.jobs[job], amount),
+                 lambda: self.model.fund(c.address, self.jobs[job], amount))
 
     def release(self, job: int, unit: int, provider: int, amount: int) -> None:
         p = self.cast.providers[provider].address
         self._op("release")
-        data = calldata("release(bytes32,bytes32,address,uint256)", JOBS[job], UNITS[unit], p, amount)
+        data = calldata("release(bytes32,bytes32,address,uint256)", self.jobs[job], UNITS[unit], p, amount)
         self._tx("release", self.cast.operator, self.escrow, data,
-                 lambda: self.model.release(JOBS[job], UNITS[unit], p, amount))
+                 lambda: self.model.release(self.jobs[job], UNITS[unit], p, amount))
 
     def release_to_pool(self, job: int, batch: int, shares: Sequence[int]) -> None:
         """Move a batch paying ``shares[i]`` to provider i into the pool; the ledger credits each provider."""
         self._op("release_to_pool")
         split = [(p.address, v) for p, v in zip(self.cast.providers, shares) if v > 0]
-        data = calldata("releaseToPool(bytes32,bytes32,uint256)", JOBS[job], UNITS[batch], sum(shares))
+        data = calldata("releaseToPool(bytes32,bytes32,uint256)", self.jobs[job], UNITS[batch], sum(shares))
         self._tx("release_to_pool", self.cast.operator, self.escrow, data,
-                 lambda: self.model.release_to_pool(JOBS[job], UNITS[batch], split))
+                 lambda: self.model.release_to_pool(self.jobs[job], UNITS[batch], split))
 
     def cancel(self, who: int, job: int) -> None:
         c = self.cast.customers[who]
         self._op("cancel")
-        self._tx("cancel", c, self.escrow, calldata("cancel(bytes32)", JOBS[job]),
-                 lambda: self.model.cancel(c.address, JOBS[job]))
+        self._tx("cancel", c, self.escrow, calldata("cancel(bytes32)", self.jobs[job]),
+                 lambda: self.model.cancel(c.address, self.jobs[job]))
 
     def close(self, who: int | None, job: int) -> None:
         """Close as customer ``who``, or as the settler (operator) when ``who`` is None."""
         sender = self.cast.operator if who is None else self.cast.customers[who]
         self._op("close")
-        self._tx("close", sender, self.escrow, calldata("close(bytes32)", JOBS[job]),
-                 lambda: self.model.close(sender.address, JOBS[job]))
+        self._tx("close", sender, self.escrow, calldata("close(bytes32)", self.jobs[job]),
+                 lambda: self.model.close(sender.address, self.jobs[job]))
 
     def claim_escrow(self, provider: int) -> None:
         p = self.cast.providers[provider]
@@ -554,7 +558,7 @@ class Harness:
         n = len(self.watched)
         accounts = [list(flat[12 + 9 * i : 21 + 9 * i]) for i in range(n)]
         base = 12 + 9 * n
-        jobs = [list(flat[base + 4 * i : base + 4 * i + 4]) for i in range(len(JOBS))]
+        jobs = [list(flat[base + 4 * i : base + 4 * i + 4]) for i in range(N_JOBS)]
         return list(flat[:12]), accounts, jobs
 
     def check_if_changed(self) -> list[str]:
@@ -615,7 +619,7 @@ class Harness:
                 ms.staked, ms.locked, ms.bonded, ms.unbonding, m.ready_at(ms, read_at), ms.open_disputes]
             want = [m.balances.get(a, 0), *want_stake, m.claimable.get(a, 0), m.claimed.get(a, 0)]
             expect(acc == want, f"{a}: chain {acc} != model {want}")
-        for job_id, j in zip(JOBS, jobs):
+        for job_id, j in zip(self.jobs, jobs):
             mj = m.jobs.get(job_id)
             want_job = [0, 0, 0, 0] if mj is None else [mj.funded, mj.released, int(mj.closed), m.deadline(mj, read_at)]
             expect(j == want_job, f"job {job_id.hex()[:8]}: chain {j} != model {want_job}")
@@ -643,13 +647,13 @@ def random_op(h: Harness, rng: random.Random) -> None:
     timelocked unpause comes soon (every other operation is then a must-revert probe)."""
     m = h.model
     stakers = [a.address for a in h.cast.stakers]
-    n_stakers, n_prov, n_jobs = len(stakers), len(h.cast.providers), len(JOBS)
+    n_stakers, n_prov, n_jobs = len(stakers), len(h.cast.providers), N_JOBS
     if m.paused and rng.random() < 0.2:
         h.unpause()
         return
     who, job = rng.randrange(n_stakers), rng.randrange(n_jobs)
     s = m.stakes.get(stakers[who])
-    j = m.jobs.get(JOBS[job])
+    j = m.jobs.get(h.jobs[job])
     roll = rng.random()
     if roll < 0.10:
         h.stake(who, rng.choice([0, 10, 100, 300, 1000, 2_000_000]))

@@ -285,6 +285,8 @@ class Model:
             return "EscrowJobClosed"
         if j.closable_at:
             return "EscrowJobCancelled"
+        if j.customer is None and job[:20] != bytes.fromhex(c[2:]):
+            return "EscrowJobIdNotYours"  # a new job id is its customer's (its first 20 bytes)
         if j.customer is not None and j.customer != c:
             return "EscrowNotCustomer"
         if self.balances.get(c, 0) < amount:

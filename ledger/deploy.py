@@ -121,9 +121,10 @@ def deploy(
     timelock_delay_s: int = 0,
     governance: Governance | None = None,
 ) -> Deployment:
-    """Deploy GridToken (whole ``supply`` to ``deployer``), GridTimelock, GridStaking, PayoutDistributor, JobEscrow
-    and GridKillSwitch, and wire their roles.
+    """Deploy GridToken (the whole ``supply`` to ``treasury`` in production, to ``deployer`` in development),
+    GridTimelock, GridStaking, PayoutDistributor, JobEscrow and GridKillSwitch, and wire their roles.
 
+    - ``treasury``: receives the rest of each slash and, in production, the whole supply.
     - ``bounty_bps``: the verifier's share of each slash in basis points (the rest goes to ``treasury``).
     - ``unbonding_delay_s``: seconds between ``request_unbond`` and ``withdraw``. Unbonding stake stays slashable, so
       this must outlast the time from a unit's submission to its verification (a week by default): with 0, a cheat
@@ -141,23 +142,27 @@ def deploy(
     Either way the TimelockController holds GOVERNOR_ROLE everywhere and the kill switch GUARDIAN_ROLE on staking,
     escrow and distributor.
 
-    Production (``governance`` given): ``deployer`` (the marketplace's operator key) ends with ``OPERATOR_ROLES`` only.
-    The timelock is the only DEFAULT_ADMIN_ROLE of staking, escrow, distributor and kill switch, and of itself;
-    the governor proposes, executes and cancels; the guardian pauses, voids roots and cancels. Zero delays
-    (timelock, dispute window, unbonding) and a governor or guardian that is ``deployer`` are refused
-    (GridMintValueError) before anything is sent.
+    Production (``governance`` given): ``deployer`` (the marketplace's operator key) ends with ``OPERATOR_ROLES`` only
+    and no GMT: the supply is minted to ``treasury``, whose key no serve or worker machine holds. The timelock is the
+    only DEFAULT_ADMIN_ROLE of staking, escrow, distributor and kill switch, and of itself; the governor proposes,
+    executes and cancels; the guardian pauses, voids roots and cancels. Zero delays (timelock, dispute window,
+    unbonding) and a governor, guardian or treasury that is ``deployer`` are refused (GridMintValueError) before
+    anything is sent.
 
-    Development (no ``governance``; the demo, the tests): ``deployer`` keeps DEFAULT_ADMIN_ROLE everywhere, is the
-    timelock's admin, proposer and executor, and holds ``DEV_DEPLOYER_ROLES``, so it can grant itself GOVERNOR_ROLE
-    and skip the timelock. Never for a chain with anyone else's money on it.
+    Development (no ``governance``; the demo, the tests): ``deployer`` holds the whole supply (it funds the first
+    accounts), keeps DEFAULT_ADMIN_ROLE everywhere, is the timelock's admin, proposer and executor, and holds
+    ``DEV_DEPLOYER_ROLES``, so it can grant itself GOVERNOR_ROLE and skip the timelock. Never for a chain with anyone
+    else's money on it.
     """
     treasury = to_address(treasury)
     me = deployer.address
     if governance is not None:
-        governance = _production_governance(me, governance, timelock_delay_s=timelock_delay_s,
+        governance = _production_governance(me, governance, treasury=treasury, timelock_delay_s=timelock_delay_s,
                                             dispute_window_s=dispute_window_s, unbonding_delay_s=unbonding_delay_s)
     governor = me if governance is None else governance.governor
-    token = chain.deploy_contract(deployer, "GridToken", me, to_uint(supply, "supply"))
+    # production: the supply never touches the hot key (a leak would hand over every token it had not moved on)
+    holder = me if governance is None else treasury
+    token = chain.deploy_contract(deployer, "GridToken", holder, to_uint(supply, "supply"))
     # ``me`` is the timelock's admin until the roles are wired (the guardian's CANCELLER_ROLE), then renounces it.
     timelock = chain.deploy_contract(
         deployer, "GridTimelock", to_uint(timelock_delay_s, "timelock_delay_s"), [governor], [governor], me
@@ -206,11 +211,18 @@ def deploy(
 
 
 def _production_governance(
-    operator: str, governance: Governance, *, timelock_delay_s: int, dispute_window_s: int, unbonding_delay_s: int
+    operator: str, governance: Governance, *, treasury: str, timelock_delay_s: int, dispute_window_s: int,
+    unbonding_delay_s: int,
 ) -> Governance:
     """``governance`` with checksummed addresses, or GridMintValueError naming what makes it unsafe."""
     governor = to_address(governance.governor)
     guardian = to_address(governance.guardian)
+    if treasury == operator:
+        raise GridMintValueError(
+            f"the treasury {treasury} is the operator key that deploys and runs the marketplace: a production "
+            f"treasury receives the whole supply and must be another key (a cold key or a multisig), or whoever steals "
+            f"the operator key takes every token"
+        )
     for what, address in (("governor", governor), ("guardian", guardian)):
         if address == operator:
             raise GridMintValueError(

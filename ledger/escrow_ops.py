@@ -52,7 +52,8 @@ class EscrowOps(TokenStakingOps):
         return out
 
     def fund_job(self, job_id: bytes | str, amount: int) -> TxReceipt:
-        """Approve (if the allowance is short) and fund ``job_id``; the first funder becomes the job's customer."""
+        """Approve (if the allowance is short) and fund ``job_id``, which must be this account's: a job id starts
+        with its customer's address (``protocol.jobs``), and JobEscrow refuses anyone else (EscrowJobIdNotYours)."""
         amount = to_uint(amount)
         with self._account_op():
             self._ensure_allowance(self.escrow.address, amount)

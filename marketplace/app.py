@@ -3,7 +3,6 @@
 import json
 import math
 import re
-import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -43,6 +42,7 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
+from protocol.jobs import new_job_id
 from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit,
                               RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest
@@ -355,9 +355,10 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"status": checking.record_verdict(rt, req.signer, body)}
 
     # ------------------------------------------------------------ customers
-    def quote_for(body: bytes) -> QuoteOut:
-        """The quote of a ``JobSpec`` body. CPU work (the spec's sizes and the level's catch odds, exact fractions): run
-        in the threadpool, never on the event loop, where every request of the process would wait behind it."""
+    def quote_for(body: bytes, customer: str | None) -> QuoteOut:
+        """The quote of a ``JobSpec`` body; a fresh job id bound to ``customer`` (None: no id). CPU work (the spec's
+        sizes and the level's catch odds, exact fractions): run in the threadpool, never on the event loop, where
+        every request of the process would wait behind it."""
         spec = _parse(JobSpec, body)
         check_max_price(spec.max_price)
         check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
@@ -365,7 +366,7 @@ def create_app(rt: Runtime) -> FastAPI:
         n = spec.steps_per_unit // spec.segment_len
         vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)
         trusted_stake = verification.trusted_min_stake(spec.verification, n_segments=n, unit_price=spec.max_price)
-        return QuoteOut(job_id="0x" + secrets.token_hex(32), budget=spec.budget(),
+        return QuoteOut(job_id=None if customer is None else new_job_id(customer), budget=spec.budget(),
                         units=spec.rounds * spec.units_per_round, escrow=d.escrow, token=d.token, chain_id=rt.chain_id,
                         verification={"level": vq.level, "replay_share": str(vq.rate),
                                       "replayed_segments_per_unit": vq.replayed_segments, "fee_per_unit": str(vq.fee),
@@ -378,19 +379,25 @@ def create_app(rt: Runtime) -> FastAPI:
                                       "trusted_min_stake": None if trusted_stake is None else str(trusted_stake)})
 
     @app.post("/jobs/quote", summary="Quote a job", openapi_extra=body_doc(JobSpec), responses=_errors(413, 422))
-    async def quote(request: Request) -> QuoteOut:
-        """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), a fresh job id, the contracts to fund,
-        and the verification level's replay share, fee and catch odds. Nothing is stored. 422 for a job whose units
-        could not be handed in (checkpoints over ``max_upload_bytes``, a result body over the JSON limit), saying
-        what to stay under."""
+    async def quote(request: Request, customer: Annotated[str | None, Query(
+            description="The address that will fund the job: the quote's job_id is bound to it (protocol.jobs)")] = None,
+    ) -> QuoteOut:
+        """Body: ``JobSpec``. The escrow budget (every unit at ``max_price``), the contracts to fund, the verification
+        level's replay share, fee and catch odds, and, given ``?customer=0x...``, a fresh job id bound to that address
+        (its first 20 bytes; JobEscrow lets no one else fund it; without ``customer``, ``job_id`` is null: make one
+        with ``protocol.jobs.new_job_id``). Nothing is stored. 422 for a job whose units could not be handed in
+        (checkpoints over ``max_upload_bytes``, a result body over the JSON limit), saying what to stay under, or for a
+        ``customer`` that is not an address."""
+        who = None if customer is None else _address(customer)
         # the body is read here (its limit holds as it streams in, async), the quote computed in the threadpool
-        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT))
+        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT), who)
 
     @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
               openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))
     def submit_job(req: Signed, request: Request) -> dict[str, Any]:
-        """Body: ``JobSubmit``. Accepted only if JobEscrow already holds the full budget for ``job_id``, funded by
-        the signer; units are then matched to providers."""
+        """Body: ``JobSubmit``. Accepted only if ``job_id`` is the signer's (its first 20 bytes are the signer's
+        address: 422 otherwise) and JobEscrow already holds the full budget for it, funded by the signer; units are
+        then matched to providers."""
         body = _parse(JobSubmit, request._body)  # noqa: SLF001
         job = service.create_job(rt, req.signer, body.job_id, body.spec)
         return {"job_id": job.id, "budget": str(job.budget), "status": job.status}

@@ -33,6 +33,7 @@ from node.crosscheck import Plan
 from node.trainer import (UnitSpec, average_states, check_finite, evaluate, model_only, start_state_hash, state_hash,
                           update_norm)
 from protocol.errors import CheckpointError, GridMintValueError, InsufficientFundsError, ProofError
+from protocol.jobs import check_job_id
 from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerifierRegister
 from protocol.signing import recover_typed
@@ -93,10 +94,12 @@ def register_verifier(rt: Runtime, address: str, body: VerifierRegister | None =
 # ---------------------------------------------------------------- jobs
 
 def create_job(rt: Runtime, customer: str, job_id: str, spec: JobSpec) -> Job:
-    """Accept a job only if its escrow on chain already holds the full budget, funded by this customer, and was not
+    """Accept a job only if its id is this customer's (``protocol.jobs.check_job_id``: JobIdNotYours, a 422,
+    otherwise), its escrow on chain already holds the full budget, funded by this customer, and was not
     cancelled (Conflict: a cancelled escrow pays nothing after its grace, and is the customer's to close), and only
     at a price cap some region's providers may take (``pricing.check_max_price``), and whose units can be handed in
     (``sizing.check_unit_fits``: checkpoints and result within the upload and body limits)."""
+    check_job_id(job_id, customer)
     check_max_price(spec.max_price)
     check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
     need = spec.budget()

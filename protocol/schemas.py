@@ -112,7 +112,7 @@ class JobSpec(Strict):
 
 
 class QuoteOut(Strict):
-    job_id: Bytes32Hex
+    job_id: Bytes32Hex | None  # bound to the quote's ?customer= (protocol.jobs); None without one
     budget: MoneyField
     units: int
     escrow: str  # JobEscrow address to fund

@@ -1,7 +1,7 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
-import { buildPayoutTree, deployGridMint, signAccusation, sumBalances } from "./helpers.js";
+import { buildPayoutTree, deployGridMint, jobIdFor, signAccusation, sumBalances } from "./helpers.js";
 
 const { ethers, networkHelpers } = await network.create();
 const { time } = networkHelpers;
@@ -64,7 +64,7 @@ describe("GridMint protocol", function () {
       const { token, escrow, distributor, operator, customer, p1, p2, p3, holders } = await networkHelpers.loadFixture(
         deployProtocolFixture,
       );
-      const job = ethers.id("job-e2e");
+      const job = jobIdFor(customer, "job-e2e");
       const start = {};
       for (const s of [customer, p1, p2, p3]) start[s.address] = await token.balanceOf(s.address);
 
@@ -206,7 +206,7 @@ describe("GridMint protocol", function () {
         async fund() {
           const c = rnd.pick(customers);
           const own = [...jobs].filter(([, j]) => j.customer === c.address && !j.closed && j.closableAt === 0n);
-          const jobId = own.length > 0 && rnd.chance(0.5) ? rnd.pick(own)[0] : fresh("job");
+          const jobId = own.length > 0 && rnd.chance(0.5) ? rnd.pick(own)[0] : jobIdFor(c, `job-${seed}-${serial++}`);
           const amount = rnd.big(1n, 5_000n);
           if (book.get(c.address) < amount) return false;
           await escrow.connect(c).fund(jobId, amount);

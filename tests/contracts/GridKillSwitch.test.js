@@ -1,12 +1,12 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
-import { buildPayoutTree, deployGridMint, ROLES } from "./helpers.js";
+import { buildPayoutTree, deployGridMint, jobIdFor, ROLES } from "./helpers.js";
 
 const { ethers, networkHelpers } = await network.create();
 
 const SUPPLY = ethers.parseEther("1000000");
-const JOB = ethers.id("job-1");
+const JOB = jobIdFor((await ethers.getSigners())[3], "job-1"); // the fixture's customer's
 
 describe("GridKillSwitch", function () {
   // A deployment wired like ledger/deploy.py, plus a separate person holding GUARDIAN_ROLE on the kill switch only,

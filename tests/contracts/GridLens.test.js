@@ -1,12 +1,12 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
-import { buildPayoutTree, deployGridMint, signAccusation } from "./helpers.js";
+import { buildPayoutTree, deployGridMint, jobIdFor, signAccusation } from "./helpers.js";
 
 const { ethers, networkHelpers } = await network.create();
 
 const SUPPLY = 10n ** 9n;
-const JOB = ethers.id("job-lens");
+const JOB = jobIdFor((await ethers.getSigners())[2], "job-lens"); // the fixture's customer's
 const JOB_UNKNOWN = ethers.id("job-never-funded");
 
 describe("GridLens", function () {

@@ -1,7 +1,7 @@
 import { expect } from "chai";
 import { network } from "hardhat";
 
-import { signPermit } from "./helpers.js";
+import { jobIdFor, signPermit } from "./helpers.js";
 
 const { ethers, networkHelpers } = await network.create();
 const { time } = networkHelpers;
@@ -9,8 +9,13 @@ const { time } = networkHelpers;
 const SUPPLY = ethers.parseEther("1000000");
 const FUNDING = ethers.parseEther("100");
 const GRACE = 3600n; // cancelGrace, seconds
-const JOB = ethers.id("job-1");
-const JOB2 = ethers.id("job-2");
+// Job ids start with their customer's address (JobEscrow refuses anyone else's first funding): the fixture's signers
+// are, in order, admin, governor, guardian, settler, customer, customer2, provider, provider2, other.
+const SIGNERS = await ethers.getSigners();
+const JOB = jobIdFor(SIGNERS[4], "job-1"); // customer's
+const JOB2 = jobIdFor(SIGNERS[4], "job-2"); // customer's second
+const JOB_C2 = jobIdFor(SIGNERS[5], "job-c2"); // customer2's
+const OTHER_JOB = jobIdFor(SIGNERS[8], "job-other"); // other's
 const UNIT = ethers.id("unit-1");
 const UNIT2 = ethers.id("unit-2");
 const BATCH = ethers.id("batch-1");
@@ -102,7 +107,7 @@ describe("JobEscrow", function () {
   });
 
   describe("fund", function () {
-    it("makes the first funder the customer and emits JobFunded", async function () {
+    it("makes the address the id starts with its customer and emits JobFunded", async function () {
       const { token, escrow, customer } = await networkHelpers.loadFixture(deployEscrowFixture);
       const tx = escrow.connect(customer).fund(JOB, FUNDING);
       await expect(tx).to.emit(escrow, "JobFunded").withArgs(JOB, customer.address, FUNDING, FUNDING);
@@ -115,6 +120,17 @@ describe("JobEscrow", function () {
       await expect(escrow.connect(customer).fund(JOB, 5n))
         .to.emit(escrow, "JobFunded")
         .withArgs(JOB, customer.address, 5n, FUNDING + 5n);
+    });
+
+    it("reverts with EscrowJobIdNotYours(jobId, caller) when another address funds a new job first", async function () {
+      // review R3: the id was the first funder's to take, so anyone who saw it could squat it
+      const { token, escrow, customer, customer2 } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await expect(escrow.connect(customer2).fund(JOB, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobIdNotYours")
+        .withArgs(JOB, customer2.address);
+      expect(await jobOf(escrow, JOB)).to.deep.equal([ethers.ZeroAddress, 0n, 0n, false, 0n]);
+      await expect(escrow.connect(customer).fund(JOB, FUNDING)).to.changeTokenBalances(
+        ethers, token, [customer, escrow], [-FUNDING, FUNDING]);
     });
 
     it("reverts with EscrowNotCustomer(jobId, caller, customer) when another address funds the job", async function () {
@@ -147,7 +163,7 @@ describe("JobEscrow", function () {
     it("reverts with ERC20InsufficientAllowance without approval", async function () {
       const { token, escrow, admin, other } = await networkHelpers.loadFixture(deployEscrowFixture);
       await token.connect(admin).transfer(other.address, 5n);
-      await expect(escrow.connect(other).fund(JOB2, 5n))
+      await expect(escrow.connect(other).fund(OTHER_JOB, 5n))
         .to.be.revertedWithCustomError(token, "ERC20InsufficientAllowance")
         .withArgs(await escrow.getAddress(), 0n, 5n);
     });
@@ -159,9 +175,9 @@ describe("JobEscrow", function () {
       await token.connect(admin).transfer(other.address, 70n);
       const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 70n, deadline);
-      await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
+      await expect(escrow.connect(other).fundWithPermit(OTHER_JOB, 70n, deadline, sig.v, sig.r, sig.s))
         .to.emit(escrow, "JobFunded")
-        .withArgs(JOB2, other.address, 70n, 70n);
+        .withArgs(OTHER_JOB, other.address, 70n, 70n);
       expect(await token.balanceOf(other.address)).to.equal(0n);
       expect(await token.allowance(other.address, escrow)).to.equal(0n);
       expect(await token.nonces(other.address)).to.equal(1n);
@@ -173,9 +189,9 @@ describe("JobEscrow", function () {
       const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 70n, deadline);
       await token.connect(admin).permit(other.address, escrow, 70n, deadline, sig.v, sig.r, sig.s);
-      await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
+      await expect(escrow.connect(other).fundWithPermit(OTHER_JOB, 70n, deadline, sig.v, sig.r, sig.s))
         .to.emit(escrow, "JobFunded")
-        .withArgs(JOB2, other.address, 70n, 70n);
+        .withArgs(OTHER_JOB, other.address, 70n, 70n);
     });
 
     it("reverts with ERC20InsufficientAllowance for a bad permit and no allowance", async function () {
@@ -183,9 +199,28 @@ describe("JobEscrow", function () {
       await token.connect(admin).transfer(other.address, 70n);
       const deadline = (await time.latest()) + 3600;
       const sig = await signPermit(token, other, await escrow.getAddress(), 69n, deadline); // signed for 69
-      await expect(escrow.connect(other).fundWithPermit(JOB2, 70n, deadline, sig.v, sig.r, sig.s))
+      await expect(escrow.connect(other).fundWithPermit(OTHER_JOB, 70n, deadline, sig.v, sig.r, sig.s))
         .to.be.revertedWithCustomError(token, "ERC20InsufficientAllowance")
         .withArgs(await escrow.getAddress(), 0n, 70n);
+    });
+
+    it("funds the customer's job although a front-runner copied its id from the pending transaction", async function () {
+      // review R3: an attacker who funded the id first used to become its customer; the customer's call reverted
+      const { token, escrow, admin, customer2: attacker, other } = await networkHelpers.loadFixture(deployEscrowFixture);
+      await token.connect(admin).transfer(other.address, 70n);
+      const deadline = (await time.latest()) + 3600;
+      const sig = await signPermit(token, other, await escrow.getAddress(), 70n, deadline);
+      await expect(escrow.connect(attacker).fund(OTHER_JOB, 1n))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobIdNotYours")
+        .withArgs(OTHER_JOB, attacker.address);
+      const own = await signPermit(token, attacker, await escrow.getAddress(), 1n, deadline);
+      await expect(escrow.connect(attacker).fundWithPermit(OTHER_JOB, 1n, deadline, own.v, own.r, own.s))
+        .to.be.revertedWithCustomError(escrow, "EscrowJobIdNotYours")
+        .withArgs(OTHER_JOB, attacker.address);
+      await expect(escrow.connect(other).fundWithPermit(OTHER_JOB, 70n, deadline, sig.v, sig.r, sig.s))
+        .to.emit(escrow, "JobFunded")
+        .withArgs(OTHER_JOB, other.address, 70n, 70n);
+      expect(await jobOf(escrow, OTHER_JOB)).to.deep.equal([other.address, 70n, 0n, false, 0n]);
     });
 
     it("applies fund's checks: EscrowNotCustomer(jobId, caller, customer)", async function () {
@@ -740,12 +775,12 @@ describe("JobEscrow", function () {
       const { token, escrow, settler, customer, customer2, provider, provider2 } = await networkHelpers.loadFixture(
         releasedFixture,
       );
-      await escrow.connect(customer2).fund(JOB2, 50n);
-      await escrow.connect(settler).release(JOB2, UNIT, provider2.address, 7n);
-      await escrow.connect(settler).releaseToPool(JOB2, BATCH, 8n);
+      await escrow.connect(customer2).fund(JOB_C2, 50n);
+      await escrow.connect(settler).release(JOB_C2, UNIT, provider2.address, 7n);
+      await escrow.connect(settler).releaseToPool(JOB_C2, BATCH, 8n);
       await escrow.connect(settler).close(JOB);
       await escrow.connect(provider).claim();
-      const open = await jobOf(escrow, JOB2);
+      const open = await jobOf(escrow, JOB_C2);
       expect(open[3]).to.equal(false);
       expect(await token.balanceOf(escrow)).to.equal(open[1] - open[2] + (await escrow.totalClaimable()));
       expect(await escrow.totalClaimable()).to.equal(7n);

@@ -3,6 +3,17 @@
 // Pure functions take what they need as arguments; nothing here touches a network at import time.
 import { ethers } from "ethers";
 
+// ---------------------------------------------------------------- job ids
+
+/**
+ * A job id JobEscrow lets `customer` create: its address in the first 20 bytes, then 12 bytes of keccak(label)
+ * (protocol/jobs.py's new_job_id draws them at random). A signer object or an address string.
+ */
+export function jobIdFor(customer, label) {
+  const address = typeof customer === "string" ? customer : customer.address;
+  return ethers.hexlify(ethers.concat([ethers.getAddress(address), ethers.dataSlice(ethers.id(label), 0, 12)]));
+}
+
 // ---------------------------------------------------------------- payout tree
 
 /** PayoutDistributor's leaf: keccak256(abi.encodePacked(account, cumulative)), 52 bytes of preimage. */

@@ -89,6 +89,8 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
         for args, says in (((), "needs --governor ADDRESS"),
                            (("--governor", operator.address), f"--governor {operator.address} is GRIDMINT_OPERATOR_KEY"),
                            (("--governor", governor.address, "--guardian", operator.address), "--guardian"),
+                           (("--governor", governor.address, "--treasury", operator.address),  # the last one counts
+                            f"--treasury {operator.address} is GRIDMINT_OPERATOR_KEY"),
                            (("--governor", governor.address, "--timelock-delay-s", "0"), "--timelock-delay-s 0 is "
                                                                                           "refused"),
                            (("--governor", governor.address, "--dispute-window-s", "0"), "--dispute-window-s 0 is "
@@ -109,7 +111,9 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
         deployment = Deployment.from_json(out)
         ops = GridMintContracts(chain, deployment, operator)
         assert deployment.chain_id == chain.chain_id and deployment.treasury == treasury
-        assert ops.balance_of(operator.address) == tokens(5000) and ops.verifier_bond() == tokens(25)
+        assert ops.verifier_bond() == tokens(25)
+        # the supply is the treasury's, never the hot key's (it used to be minted to the operator key)
+        assert ops.balance_of(operator.address) == 0 and ops.balance_of(treasury) == tokens(5000)
         assert (ops.min_delay(), ops.dispute_window()) == (2 * 86400, 86400)  # the production defaults
         for role in ("SETTLER_ROLE", "POSTER_ROLE", "SLASHER_ROLE", "REFEREE_ROLE"):
             assert ops.has_role(role, operator.address), role
@@ -126,6 +130,7 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
         assert dev.returncode == 0 and "development deployment" in dev.stdout, dev.stderr
         dev_ops = GridMintContracts(chain, Deployment.from_json(out), operator)
         assert dev_ops.has_role("DEFAULT_ADMIN_ROLE", operator.address) and dev_ops.min_delay() == 0
+        assert dev_ops.balance_of(operator.address) == dev_ops.total_supply()  # --dev: the operator funds the demo
     finally:
         node.stop()
 

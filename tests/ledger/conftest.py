@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 
 from ledger.contracts import CONTRACT_NAMES, ArtifactError, load_artifact
 from ledger.devchain import HardhatNode
 from ledger.evm import Chain, Deployment, GridMintContracts, deploy
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 from protocol.money import tokens
 
 SUPPLY = tokens(1_000_000)
@@ -86,6 +88,11 @@ class World:
 
     def total_held(self) -> int:
         return sum(self.admin.balance_of(a) for a in self.holders)
+
+    def job(self, label: str = "job-1") -> bytes:
+        """A job id of ``customer``'s, the same for the same label (JobEscrow lets only the address it starts with
+        fund it first: protocol.jobs)."""
+        return job_id_bytes(self.customer.address, keccak(text=label)[:RANDOM_BYTES])
 
 
 def _make_world(chain: Chain, **params: Any) -> World:

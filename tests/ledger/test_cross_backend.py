@@ -14,8 +14,8 @@ from ledger.devchain import HardhatNode
 from ledger.evm import Chain, GridMintContracts, deploy
 from ledger.payout_tree import build_payout_tree
 from protocol.errors import ChainError
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 
-JOB = keccak(text="cross-backend-job")
 Seen = tuple[str, str | None, tuple[object, ...]]
 
 
@@ -28,8 +28,9 @@ def _revert_signatures(chain: Chain) -> list[Seen]:
     client = GridMintContracts(chain, deployment, admin)
     client.transfer(customer.address, 1_000)
     as_customer, as_provider = client.as_account(customer), client.as_account(provider)
+    job = job_id_bytes(customer.address, keccak(text="cross-backend-job")[:RANDOM_BYTES])  # the customer's
     labels: dict[object, str] = {admin.address: "admin", customer.address: "customer", provider.address: "provider",
-                                 verifier.address: "verifier"}
+                                 verifier.address: "verifier", job: "job"}
     seen: list[Seen] = []
 
     def attempt(action: Callable[[], object]) -> None:
@@ -39,11 +40,12 @@ def _revert_signatures(chain: Chain) -> list[Seen]:
             args = tuple(labels.get(a, a) if isinstance(a, (str, int, bytes)) else a for a in exc.error_args)
             seen.append((type(exc).__name__, exc.error_name, args))
 
-    attempt(lambda: client.release(JOB, keccak(text="u1"), provider.address, 5))  # unfunded
-    as_customer.fund_job(JOB, 100)
-    attempt(lambda: client.release(JOB, keccak(text="u2"), provider.address, 101))  # over-release
+    attempt(lambda: client.release(job, keccak(text="u1"), provider.address, 5))  # unfunded
+    attempt(lambda: as_provider.fund_job(job, 1))  # the customer's id: no one else may fund it first (review R3)
+    as_customer.fund_job(job, 100)
+    attempt(lambda: client.release(job, keccak(text="u2"), provider.address, 101))  # over-release
     attempt(lambda: as_provider.unstake(1))
-    attempt(lambda: as_provider.release(JOB, keccak(text="u3"), provider.address, 1))
+    attempt(lambda: as_provider.release(job, keccak(text="u3"), provider.address, 1))
     # unbonding
     client.transfer(provider.address, 1_000)
     as_provider.stake(100)
@@ -55,7 +57,7 @@ def _revert_signatures(chain: Chain) -> list[Seen]:
     # epoch roots
     tree = build_payout_tree({provider.address: 60})
     attempt(lambda: as_provider.claim_from_tree(1, tree))
-    client.release_to_pool(JOB, keccak(text="b1"), 60)
+    client.release_to_pool(job, keccak(text="b1"), 60)
     client.post_tree(1, tree)
     labels[client.latest_claimable_at()] = "claimable_at"
     attempt(lambda: as_provider.claim_from_tree(1, tree))
@@ -64,7 +66,7 @@ def _revert_signatures(chain: Chain) -> list[Seen]:
     attempt(lambda: client.post_root(2, tree.root, 61))
     # kill switch and timelock
     client.pause_all()
-    attempt(lambda: as_customer.fund_job(JOB, 1))
+    attempt(lambda: as_customer.fund_job(job, 1))
     op = client.unpause_all()
     assert op is not None
     labels[op.id] = "op"
@@ -80,8 +82,9 @@ def test_reverts_decode_identically(hardhat_node: HardhatNode) -> None:
     assert in_process == over_http
     ready = 1 << 2  # TimelockController state bitmap: the operation was expected Ready (OperationState 2)
     assert in_process == [
-        ("InsufficientEscrowError", "EscrowInsufficientFunds", (JOB, 0, 5)),
-        ("InsufficientEscrowError", "EscrowInsufficientFunds", (JOB, 100, 101)),
+        ("InsufficientEscrowError", "EscrowInsufficientFunds", ("job", 0, 5)),
+        ("EscrowError", "EscrowJobIdNotYours", ("job", "provider")),
+        ("InsufficientEscrowError", "EscrowInsufficientFunds", ("job", 100, 101)),
         ("InsufficientStakeError", "StakingInsufficientStake", ("provider", 0, 1)),
         ("UnauthorizedError", "AccessControlUnauthorizedAccount", ("provider", keccak(text="SETTLER_ROLE"))),
         ("StakeFrozenError", "StakingStillUnbonding", ("provider", "ready_at")),

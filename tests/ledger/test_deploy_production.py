@@ -18,6 +18,7 @@ from ledger.errors import GovernanceError, PausedError, UnauthorizedError
 from ledger.evm import Chain, Deployment, Governance, GridMintContracts, deploy, role_id
 from ledger.payout_tree import build_payout_tree
 from protocol.errors import ChainError, GridMintValueError
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 from protocol.money import tokens
 
 DAY = 24 * 3600
@@ -28,7 +29,6 @@ PARAMS = {
     "cancel_grace_s": 3600,
     "verifier_bond": 100,
 }
-JOB = keccak(text="production-job")
 BATCH = keccak(text="production-batch")
 EVIDENCE = keccak(text="production-evidence")
 EVIDENCE_2 = keccak(text="production-evidence-2")
@@ -50,6 +50,11 @@ class Production:
     provider: GridMintContracts
     provider2: GridMintContracts
     verifier: GridMintContracts
+    treasury: GridMintContracts  # holds the whole supply from the deploy on
+
+    def job(self, label: str) -> bytes:
+        """A job id of ``customer``'s (JobEscrow lets only the address it starts with fund it first)."""
+        return job_id_bytes(self.customer.address, keccak(text=label)[:RANDOM_BYTES])
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +63,11 @@ def deployed(chain: Chain) -> Production:
     deployment = deploy(chain, operator, supply=tokens(1_000_000), treasury=treasury.address,
                         governance=Governance(governor=governor.address, guardian=guardian.address), **PARAMS)
     ops = GridMintContracts(chain, deployment, operator)
+    funder = ops.as_account(treasury)  # the supply is the treasury's: the operator key holds none
     for account in (customer, provider, provider2, verifier):
-        ops.transfer(account.address, tokens(10_000))
+        funder.transfer(account.address, tokens(10_000))
     clients = [ops.as_account(a) for a in (governor, guardian, customer, provider, provider2, verifier)]
-    return Production(chain, deployment, ops, *clients)
+    return Production(chain, deployment, ops, *clients, funder)
 
 
 @pytest.fixture
@@ -112,6 +118,16 @@ def test_roles_end_with_the_timelock_governor_and_guardian_not_the_operator(prod
     assert prod.operator.dispute_window() == PARAMS["dispute_window_s"]
 
 
+def test_the_supply_is_minted_to_the_treasury_and_the_operator_key_holds_none(prod: Production) -> None:
+    """The deploy minted the whole supply to the operator key, the hot key every serve and worker machine holds: one
+    leak and every GMT not yet moved off it was gone, whatever the timelock guards. Now it goes to the treasury."""
+    ops, treasury = prod.operator, prod.treasury.address
+    assert prod.deployment.treasury == treasury
+    assert ops.total_supply() == tokens(1_000_000)
+    assert ops.balance_of(ops.address) == 0
+    assert ops.balance_of(treasury) == tokens(1_000_000) - 4 * tokens(10_000)  # less what the fixture handed out
+
+
 def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
     """Review R2's bypass, sent with the operator key: every step reverts, and nothing it governs changes."""
     ops, op = prod.operator, prod.operator.address
@@ -155,13 +171,14 @@ def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
 def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production) -> None:
     """Settle a job into the pool, post its root, slash a cheat through the referee path and a governance slash,
     close the job: all with the operator key. The guardian can still void a root inside its (non-zero) window."""
+    job = prod.job("production-job")
     ops, p, p2, v, c = prod.operator, prod.provider, prod.provider2, prod.verifier, prod.customer
     p.stake(1_000)
     p2.stake(400)
     v.stake(500)
-    c.fund_job(JOB, 1_000)
+    c.fund_job(job, 1_000)
 
-    assert ops.release_to_pool(JOB, BATCH, 300) is True  # SETTLER
+    assert ops.release_to_pool(job, BATCH, 300) is True  # SETTLER
     bad = build_payout_tree({ops.address: 300})  # a root naming the operator: the guardian vetoes it
     ops.post_tree(1, bad)  # POSTER
     prod.guardian.void_root(1)
@@ -175,7 +192,7 @@ def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production
     assert ops.resolve_dispute(EVIDENCE, fraud=True) == 1_000  # ...and convicts: the whole stake
     assert ops.slash(p2.address, 400, v.address, EVIDENCE_2) is True  # SLASHER (a canary-approving verifier's path)
     assert ops.stake_of(p.address) == ops.stake_of(p2.address) == 0
-    assert ops.close_job(JOB) == 700  # SETTLER closes, the customer gets the rest
+    assert ops.close_job(job) == 700  # SETTLER closes, the customer gets the rest
 
 
 def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_one(prod: Production) -> None:
@@ -227,15 +244,19 @@ def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: C
         with pytest.raises(GridMintValueError) as exc_info:
             deploy(chain, operator, supply=1, treasury=treasury, governance=governance, **params)
         assert says in str(exc_info.value) and not isinstance(exc_info.value, ChainError), str(exc_info.value)
+    with pytest.raises(GridMintValueError, match=f"the treasury {operator.address} is the operator key"):
+        deploy(chain, operator, supply=1, treasury=operator.address,
+               governance=Governance(governor.address, governor.address), **PARAMS)
     assert chain.w3.eth.get_transaction_count(operator.address) == nonce
 
 
 def test_paused_contracts_stop_the_operator_key_too(prod: Production) -> None:
     """What the guardian buys while a leaked operator key is rotated out: nothing it holds moves money."""
+    job = prod.job("production-job")
     ops = prod.operator
-    prod.customer.fund_job(JOB, 100)
+    prod.customer.fund_job(job, 100)
     prod.guardian.pause_all()
     tree = build_payout_tree({ops.address: 1})
-    for flow in (lambda: ops.release_to_pool(JOB, BATCH, 1), lambda: ops.post_tree(1, tree), lambda: ops.close_job(JOB)):
+    for flow in (lambda: ops.release_to_pool(job, BATCH, 1), lambda: ops.post_tree(1, tree), lambda: ops.close_job(job)):
         with pytest.raises(PausedError):
             flow()

@@ -19,7 +19,6 @@ from protocol.errors import ChainError, GridMintValueError
 if TYPE_CHECKING:  # fixtures come from conftest.py; never import it at run time (module-name clashes)
     from conftest import World
 
-JOB = keccak(text="job-1")
 UNIT_A = keccak(text="unit-a")
 UNIT_B = keccak(text="unit-b")
 EVIDENCE = keccak(text="evidence-1")
@@ -49,10 +48,11 @@ class TestDeploy:
         assert path.read_text() == text
 
     def test_grant_role_is_idempotent_and_effective(self, world: World) -> None:
+        job = world.job()
         assert world.admin.grant_role("SETTLER_ROLE", world.outsider.address) is True
         assert world.admin.grant_role("SETTLER_ROLE", world.outsider.address) is False
-        world.customer.fund_job(JOB, 100)
-        assert world.outsider.release(JOB, UNIT_A, world.provider.address, 10) is True
+        world.customer.fund_job(job, 100)
+        assert world.outsider.release(job, UNIT_A, world.provider.address, 10) is True
 
     def test_send_eth(self, chain: Chain) -> None:
         sender = chain.dev_accounts(1)[0]
@@ -133,13 +133,14 @@ class TestStaking:
 
 class TestEscrow:
     def test_full_cycle_conserves_tokens(self, world: World) -> None:
+        job = world.job()
         c, p1, p2, admin = world.customer, world.provider, world.provider2, world.admin
         start = {a: admin.balance_of(a) for a in (c.address, p1.address, p2.address)}
         steps = [
-            lambda: c.fund_job(JOB, 1_000),
-            lambda: admin.release(JOB, UNIT_A, p1.address, 300),
-            lambda: admin.release(JOB, UNIT_B, p2.address, 450),
-            lambda: admin.close_job(JOB),  # the settler closes a finished job
+            lambda: c.fund_job(job, 1_000),
+            lambda: admin.release(job, UNIT_A, p1.address, 300),
+            lambda: admin.release(job, UNIT_B, p2.address, 450),
+            lambda: admin.close_job(job),  # the settler closes a finished job
             lambda: p1.claim(),
             lambda: p2.claim(),
         ]
@@ -148,78 +149,99 @@ class TestEscrow:
             results.append(step())
             assert world.total_held() == world.supply
         assert results[1:] == [True, True, 250, 300, 450]
-        assert admin.get_job(JOB) == JobState(c.address, 1_000, 750, True, 0)
+        assert admin.get_job(job) == JobState(c.address, 1_000, 750, True, 0)
         assert admin.balance_of(c.address) == start[c.address] - 750
         assert admin.balance_of(p1.address) == start[p1.address] + 300
         assert admin.balance_of(p2.address) == start[p2.address] + 450
         assert admin.contract_balances() == {"staking": 0, "escrow": 0, "distributor": 0}
 
     def test_release_is_idempotent_per_unit(self, world: World) -> None:
-        world.customer.fund_job(JOB, 100)
-        assert world.admin.release(JOB, UNIT_A, world.provider.address, 40) is True
-        assert world.admin.release(JOB, UNIT_A, world.provider.address, 40) is False
-        assert world.admin.release("0x" + JOB.hex(), "0x" + UNIT_A.hex(), world.provider.address, 40) is False
+        job = world.job()
+        world.customer.fund_job(job, 100)
+        assert world.admin.release(job, UNIT_A, world.provider.address, 40) is True
+        assert world.admin.release(job, UNIT_A, world.provider.address, 40) is False
+        assert world.admin.release("0x" + job.hex(), "0x" + UNIT_A.hex(), world.provider.address, 40) is False
         assert world.admin.claimable(world.provider.address) == 40
-        assert world.admin.get_job(JOB).remaining == 60
+        assert world.admin.get_job(job).remaining == 60
 
     def test_release_lost_race_returns_false(self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-        world.customer.fund_job(JOB, 100)
-        world.admin.release(JOB, UNIT_A, world.provider.address, 40)
+        job = world.job()
+        world.customer.fund_job(job, 100)
+        world.admin.release(job, UNIT_A, world.provider.address, 40)
         monkeypatch.setattr(type(world.admin), "unit_released", lambda self, job, unit: False)
-        assert world.admin.release(JOB, UNIT_A, world.provider.address, 40) is False
+        assert world.admin.release(job, UNIT_A, world.provider.address, 40) is False
         assert world.admin.claimable(world.provider.address) == 40
 
     def test_unfunded_release_reverts_with_decoded_args(self, world: World) -> None:
+        job = world.job()
         with pytest.raises(ChainError) as exc_info:
-            world.admin.release(JOB, UNIT_A, world.provider.address, 5)
-        expect_revert(exc_info, "EscrowInsufficientFunds", JOB, 0, 5)
+            world.admin.release(job, UNIT_A, world.provider.address, 5)
+        expect_revert(exc_info, "EscrowInsufficientFunds", job, 0, 5)
 
     def test_over_release_reverts_with_decoded_args(self, world: World) -> None:
-        world.customer.fund_job(JOB, 100)
-        world.admin.release(JOB, UNIT_A, world.provider.address, 30)
+        job = world.job()
+        world.customer.fund_job(job, 100)
+        world.admin.release(job, UNIT_A, world.provider.address, 30)
         with pytest.raises(ChainError) as exc_info:
-            world.admin.release(JOB, UNIT_B, world.provider.address, 71)
-        expect_revert(exc_info, "EscrowInsufficientFunds", JOB, 70, 71)
-        assert world.admin.unit_released(JOB, UNIT_B) is False
+            world.admin.release(job, UNIT_B, world.provider.address, 71)
+        expect_revert(exc_info, "EscrowInsufficientFunds", job, 70, 71)
+        assert world.admin.unit_released(job, UNIT_B) is False
 
     def test_other_funder_and_outsider_close_revert(self, world: World) -> None:
-        world.customer.fund_job(JOB, 100)
+        job = world.job()
+        world.customer.fund_job(job, 100)
         with pytest.raises(ChainError) as exc_info:
-            world.provider.fund_job(JOB, 1)
-        expect_revert(exc_info, "EscrowNotCustomer", JOB, world.provider.address, world.customer.address)
+            world.provider.fund_job(job, 1)
+        expect_revert(exc_info, "EscrowNotCustomer", job, world.provider.address, world.customer.address)
         with pytest.raises(ChainError) as exc_info:
-            world.outsider.close_job(JOB)
-        expect_revert(exc_info, "EscrowNotAuthorized", JOB, world.outsider.address)
+            world.outsider.close_job(job)
+        expect_revert(exc_info, "EscrowNotAuthorized", job, world.outsider.address)
+
+    def test_a_job_id_copied_from_the_customer_cannot_be_funded_first(self, world: World) -> None:
+        """Review R3: the first funder of an id became its customer, so one who copied the id from a pending
+        fundWithPermit and funded 1 base unit first made the customer's transaction revert (EscrowNotCustomer)."""
+        job = world.job()
+        with pytest.raises(ChainError) as exc_info:
+            world.provider.fund_job(job, 1)
+        expect_revert(exc_info, "EscrowJobIdNotYours", job, world.provider.address)
+        with pytest.raises(ChainError) as exc_info:
+            world.provider.fund_job_with_permit(job, 1)
+        expect_revert(exc_info, "EscrowJobIdNotYours", job, world.provider.address)
+        world.customer.fund_job_with_permit(job, 500)
+        assert world.customer.get_job(job) == JobState(world.customer.address, 500, 0, False, 500)
 
     def test_close_and_claim_are_idempotent(self, world: World) -> None:
-        world.customer.fund_job(JOB, 100)
-        world.admin.release(JOB, UNIT_A, world.provider.address, 10)
-        assert world.admin.close_job(JOB) == 90  # a settler may close; the refund goes to the customer
-        assert world.customer.close_job(JOB) == 0  # already closed: nothing is sent
+        job = world.job()
+        world.customer.fund_job(job, 100)
+        world.admin.release(job, UNIT_A, world.provider.address, 10)
+        assert world.admin.close_job(job) == 90  # a settler may close; the refund goes to the customer
+        assert world.customer.close_job(job) == 0  # already closed: nothing is sent
         assert world.provider.claim() == 10
         assert world.provider.claim() == 0
         assert world.outsider.claim() == 0
         with pytest.raises(ChainError) as exc_info:
-            world.customer.fund_job(JOB, 1)
-        expect_revert(exc_info, "EscrowJobClosed", JOB)
+            world.customer.fund_job(job, 1)
+        expect_revert(exc_info, "EscrowJobClosed", job)
 
     def test_fund_with_permit_needs_no_approve(self, world: World) -> None:
+        job = world.job()
         c = world.customer
         nonce_before = c.token.functions.nonces(c.address).call()
-        c.fund_job_with_permit(JOB, 500)
-        assert c.get_job(JOB) == JobState(c.address, 500, 0, False, 500)
+        c.fund_job_with_permit(job, 500)
+        assert c.get_job(job) == JobState(c.address, 500, 0, False, 500)
         assert c.token.functions.allowance(c.address, world.deployment.escrow).call() == 0
         assert c.token.functions.nonces(c.address).call() == nonce_before + 1
-        c.fund_job_with_permit(JOB, 1)  # a second permit uses the next nonce
-        assert c.get_job(JOB).funded == 501
+        c.fund_job_with_permit(job, 1)  # a second permit uses the next nonce
+        assert c.get_job(job).funded == 501
 
 
 class TestPause:
     def test_pause_blocks_every_flow_and_unpause_restores(self, world: World) -> None:
+        job = world.job()
         admin, c, p = world.admin, world.customer, world.provider
         p.stake(100)
-        c.fund_job(JOB, 100)
-        admin.release(JOB, UNIT_A, p.address, 10)
+        c.fund_job(job, 100)
+        admin.release(job, UNIT_A, p.address, 10)
         admin.pause_all()
         assert admin.paused() == {"staking": True, "escrow": True, "distributor": True}
         admin.pause_all()  # idempotent: nothing is sent
@@ -228,11 +250,11 @@ class TestPause:
             "stake": lambda: p.stake(1),
             "unstake": lambda: p.unstake(1),
             "slash": lambda: admin.slash(p.address, 1, world.verifier.address, EVIDENCE),
-            "fund": lambda: c.fund_job(JOB, 1),
-            "fund_with_permit": lambda: c.fund_job_with_permit(JOB, 1),
-            "release": lambda: admin.release(JOB, UNIT_B, p.address, 1),
-            "release_to_pool": lambda: admin.release_to_pool(JOB, UNIT_B, 1),
-            "close": lambda: admin.close_job(JOB),
+            "fund": lambda: c.fund_job(job, 1),
+            "fund_with_permit": lambda: c.fund_job_with_permit(job, 1),
+            "release": lambda: admin.release(job, UNIT_B, p.address, 1),
+            "release_to_pool": lambda: admin.release_to_pool(job, UNIT_B, 1),
+            "close": lambda: admin.close_job(job),
             "claim": lambda: p.claim(),
         }
         for name, flow in flows.items():
@@ -247,9 +269,9 @@ class TestPause:
         p.stake(1)
         p.unstake(1)
         assert admin.slash(p.address, 1, world.verifier.address, EVIDENCE)
-        c.fund_job(JOB, 1)
-        assert admin.release(JOB, UNIT_B, p.address, 1)
-        assert admin.close_job(JOB) == 90
+        c.fund_job(job, 1)
+        assert admin.release(job, UNIT_B, p.address, 1)
+        assert admin.close_job(job) == 90
         assert p.claim() == 11
         assert world.total_held() == world.supply
 
@@ -280,12 +302,13 @@ class TestConcurrency:
 
 
 def test_bad_inputs_are_refused_before_sending(world: World) -> None:
+    job = world.job()
     with pytest.raises(GridMintValueError):
         world.customer.fund_job(b"short", 1)
     with pytest.raises(GridMintValueError):
         world.customer.fund_job("0x" + "zz" * 32, 1)
     with pytest.raises(GridMintValueError):
-        world.customer.fund_job(JOB, 1.5)  # type: ignore[arg-type]
+        world.customer.fund_job(job, 1.5)  # type: ignore[arg-type]
     with pytest.raises(GridMintValueError):
         world.customer.transfer("not-an-address", 1)
     with pytest.raises(GridMintValueError):
@@ -296,13 +319,14 @@ class TestRevertPaths:
     def test_mined_revert_decodes_like_a_simulated_one(self, world: World) -> None:
         """With explicit gas nothing is simulated: py-evm mines a status-0 receipt (decoded by replaying it),
         Hardhat reports the revert from eth_sendRawTransaction. Both must give the same ChainError."""
+        job = world.job()
         admin = world.admin
-        data = admin.escrow.encode_abi("release", args=[JOB, UNIT_A, world.provider.address, 5])
+        data = admin.escrow.encode_abi("release", args=[job, UNIT_A, world.provider.address, 5])
         with pytest.raises(ChainError) as exc_info:
             world.chain.transact(
                 admin.account, to=admin.escrow.address, data=data, gas=200_000, errors=admin._errors, label="release"
             )
-        expect_revert(exc_info, "EscrowInsufficientFunds", JOB, 0, 5)
+        expect_revert(exc_info, "EscrowInsufficientFunds", job, 0, 5)
         # The reverted transaction used its nonce on both backends; the next one still goes through.
         admin.transfer(world.outsider.address, 1)
         assert admin.balance_of(world.outsider.address) == 1

@@ -33,8 +33,6 @@ from protocol.signing import recover_accusation, sign_accusation
 if TYPE_CHECKING:  # fixtures come from conftest.py; never import it at run time (module-name clashes)
     from conftest import World
 
-JOB = keccak(text="flows-job")
-JOB2 = keccak(text="flows-job-2")
 BATCH_1 = keccak(text="batch-1")
 BATCH_2 = keccak(text="batch-2")
 UNIT = keccak(text="flows-unit")
@@ -322,39 +320,41 @@ class TestAccusation:
 
 class TestEscrowCancel:
     def test_customer_cancels_then_closes_after_the_grace(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, c, admin = timed_world, timed_world.customer, timed_world.admin
-        c.fund_job(JOB, 1_000)
-        closable_at = c.cancel_job(JOB)
+        c.fund_job(job, 1_000)
+        closable_at = c.cancel_job(job)
         assert closable_at == w.chain.timestamp() + w.params["cancel_grace_s"]
-        assert c.get_job(JOB).closable_at == closable_at
+        assert c.get_job(job).closable_at == closable_at
         with pytest.raises(EscrowError) as fund_info:
-            c.fund_job(JOB, 1)
-        expect(fund_info, EscrowError, "EscrowJobCancelled", JOB, closable_at)
+            c.fund_job(job, 1)
+        expect(fund_info, EscrowError, "EscrowJobCancelled", job, closable_at)
         with pytest.raises(EscrowError) as early_info:
-            c.close_job(JOB)
-        expect(early_info, EscrowError, "EscrowCancelPending", JOB, closable_at)
-        assert admin.release(JOB, UNIT, w.provider.address, 100)  # verified within the grace: still paid
+            c.close_job(job)
+        expect(early_info, EscrowError, "EscrowCancelPending", job, closable_at)
+        assert admin.release(job, UNIT, w.provider.address, 100)  # verified within the grace: still paid
         w.chain.advance_time(w.params["cancel_grace_s"])
         before = c.balance_of(c.address)
-        assert c.close_job(JOB) == 900
+        assert c.close_job(job) == 900
         assert c.balance_of(c.address) == before + 900
-        assert c.get_job(JOB) == JobState(c.address, 1_000, 100, True, 0, closable_at)
+        assert c.get_job(job) == JobState(c.address, 1_000, 100, True, 0, closable_at)
 
     def test_nothing_is_released_after_the_grace_so_the_customer_gets_the_rest(self, timed_world: World) -> None:
         """A reviewer's repro: fund 1,000, cancel (grace 120 s), wait 10,000 s; the settler's release 900 and
         releaseToPool 100 must be refused, and the customer's close refunds all 1,000."""
+        job = timed_world.job("flows-job")
         w, c, admin = timed_world, timed_world.customer, timed_world.admin
-        c.fund_job(JOB, 1_000)
-        closable_at = c.cancel_job(JOB)
+        c.fund_job(job, 1_000)
+        closable_at = c.cancel_job(job)
         w.chain.advance_time(10_000)
         with pytest.raises(EscrowError) as release_info:
-            admin.release(JOB, UNIT, w.provider.address, 900)
-        expect(release_info, EscrowError, "EscrowJobCancelled", JOB, closable_at)
+            admin.release(job, UNIT, w.provider.address, 900)
+        expect(release_info, EscrowError, "EscrowJobCancelled", job, closable_at)
         with pytest.raises(EscrowError) as pool_info:
-            admin.release_to_pool(JOB, BATCH_1, 100)
-        expect(pool_info, EscrowError, "EscrowJobCancelled", JOB, closable_at)
+            admin.release_to_pool(job, BATCH_1, 100)
+        expect(pool_info, EscrowError, "EscrowJobCancelled", job, closable_at)
         before = c.balance_of(c.address)
-        assert c.close_job(JOB) == 1_000
+        assert c.close_job(job) == 1_000
         assert c.balance_of(c.address) == before + 1_000
         assert w.total_held() == w.supply
 
@@ -364,9 +364,10 @@ class TestEscrowCancel:
         after the unpause (EscrowJobCancelled) and the customer's close took everything. Now the deadline moves back
         by the time paused: the settler still pays until then, the customer's close waits until then and refunds
         the rest."""
+        job = timed_world.job("flows-job")
         w, c, admin = timed_world, timed_world.customer, timed_world.admin
-        c.fund_job(JOB, 1_000)
-        closable_at = c.cancel_job(JOB)
+        c.fund_job(job, 1_000)
+        closable_at = c.cancel_job(job)
         w.chain.advance_time(10)
         admin.pause_all()
         paused_at = w.chain.timestamp()
@@ -377,61 +378,66 @@ class TestEscrowCancel:
         unpaused_at = w.chain.timestamp()
         assert not any(admin.paused().values()) and unpaused_at > closable_at  # past the nominal grace
         deadline = closable_at + (unpaused_at - paused_at)
-        assert c.get_job(JOB).closable_at == deadline
+        assert c.get_job(job).closable_at == deadline
         with pytest.raises(EscrowError) as early_info:
-            c.close_job(JOB)
-        expect(early_info, EscrowError, "EscrowCancelPending", JOB, deadline)
-        assert admin.release_to_pool(JOB, BATCH_1, 600)
+            c.close_job(job)
+        expect(early_info, EscrowError, "EscrowCancelPending", job, deadline)
+        assert admin.release_to_pool(job, BATCH_1, 600)
         w.chain.advance_time(deadline - w.chain.timestamp())
         with pytest.raises(EscrowError) as late_info:
-            admin.release(JOB, UNIT, w.provider.address, 100)
-        expect(late_info, EscrowError, "EscrowJobCancelled", JOB, deadline)
-        assert c.close_job(JOB) == 400
-        assert c.get_job(JOB) == JobState(c.address, 1_000, 600, True, 0, deadline)
+            admin.release(job, UNIT, w.provider.address, 100)
+        expect(late_info, EscrowError, "EscrowJobCancelled", job, deadline)
+        assert c.close_job(job) == 400
+        assert c.get_job(job) == JobState(c.address, 1_000, 600, True, 0, deadline)
         assert w.total_held() == w.supply
 
     def test_only_the_customer_cancels(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
+        job2 = timed_world.job("flows-job-2")
         w = timed_world
-        w.customer.fund_job(JOB, 10)
+        w.customer.fund_job(job, 10)
         with pytest.raises(EscrowError) as exc_info:
-            w.provider.cancel_job(JOB)
-        expect(exc_info, EscrowError, "EscrowNotCustomer", JOB, w.provider.address, w.customer.address)
+            w.provider.cancel_job(job)
+        expect(exc_info, EscrowError, "EscrowNotCustomer", job, w.provider.address, w.customer.address)
         with pytest.raises(EscrowError) as unknown_info:
-            w.customer.cancel_job(JOB2)
-        expect(unknown_info, EscrowError, "EscrowUnknownJob", JOB2)
+            w.customer.cancel_job(job2)
+        expect(unknown_info, EscrowError, "EscrowUnknownJob", job2)
 
 
 class TestPayoutPool:
     def test_release_to_pool_is_once_per_batch(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin = timed_world, timed_world.admin
-        w.customer.fund_job(JOB, 1_000)
-        assert admin.release_to_pool(JOB, BATCH_1, 600) is True
-        assert admin.release_to_pool(JOB, BATCH_1, 600) is False  # retried: nothing sent
-        assert admin.batch_released(JOB, BATCH_1)
+        w.customer.fund_job(job, 1_000)
+        assert admin.release_to_pool(job, BATCH_1, 600) is True
+        assert admin.release_to_pool(job, BATCH_1, 600) is False  # retried: nothing sent
+        assert admin.batch_released(job, BATCH_1)
         assert admin.total_deposited() == 600
         assert admin.contract_balances() == {"staking": 0, "escrow": 400, "distributor": 600}
-        assert admin.get_job(JOB).released == 600
+        assert admin.get_job(job).released == 600
         with pytest.raises(InsufficientEscrowError) as exc_info:
-            admin.release_to_pool(JOB, BATCH_2, 401)
-        expect(exc_info, InsufficientEscrowError, "EscrowInsufficientFunds", JOB, 400, 401)
+            admin.release_to_pool(job, BATCH_2, 401)
+        expect(exc_info, InsufficientEscrowError, "EscrowInsufficientFunds", job, 400, 401)
         assert w.total_held() == w.supply
 
     def test_release_to_pool_lost_race_returns_false(self, timed_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        job = timed_world.job("flows-job")
         w = timed_world
-        w.customer.fund_job(JOB, 100)
-        w.admin.release_to_pool(JOB, BATCH_1, 10)
+        w.customer.fund_job(job, 100)
+        w.admin.release_to_pool(job, BATCH_1, 10)
         monkeypatch.setattr(type(w.admin), "batch_released", lambda self, job, batch: False)
-        assert w.admin.release_to_pool(JOB, BATCH_1, 10) is False
+        assert w.admin.release_to_pool(job, BATCH_1, 10) is False
         assert w.admin.total_deposited() == 10
 
     def test_cumulative_roots_pay_each_account_once_across_epochs(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
         window = w.params["dispute_window_s"]
-        w.customer.fund_job(JOB, 10_000)
+        w.customer.fund_job(job, 10_000)
         start = {p.address: p.balance_of(p.address) for p in (p1, p2)}
 
         # epoch 1: p1 earned 100, p2 200
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        admin.release_to_pool(job, BATCH_1, 300)
         ledger = accumulate({}, [(p1.address, 100), (p2.address, 200)])
         tree1 = build_payout_tree(ledger)
         admin.post_tree(1, tree1)
@@ -446,7 +452,7 @@ class TestPayoutPool:
 
         # epochs 2 and 3: p1 earns 250 then 50; p2 does not claim until epoch 3
         for epoch, batch, earned in ((2, BATCH_2, [(p1.address, 250)]), (3, UNIT, [(p1.address, 50), (p2.address, 5)])):
-            admin.release_to_pool(JOB, batch, sum(v for _, v in earned))
+            admin.release_to_pool(job, batch, sum(v for _, v in earned))
             ledger = accumulate(ledger, earned)
             admin.post_tree(epoch, build_payout_tree(ledger))
             w.chain.advance_time(window)
@@ -462,9 +468,10 @@ class TestPayoutPool:
         assert w.total_held() == w.supply
 
     def test_claim_for_pays_the_account_not_the_sender(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1 = timed_world, timed_world.admin, timed_world.provider
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 70)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 70)
         tree = build_payout_tree({p1.address: 70})
         admin.post_tree(1, tree)
         w.chain.advance_time(w.params["dispute_window_s"])
@@ -474,9 +481,10 @@ class TestPayoutPool:
         assert (admin.balance_of(p1.address), admin.balance_of(admin.address)) == (before[0] + 70, before[1])
 
     def test_claim_payout_batch_pushes_pay_to_each_account_once(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 300)
         tree1 = build_payout_tree({p1.address: 100, p2.address: 200})
         admin.post_tree(1, tree1)
         rows = [(a, tree1.cumulative(a), tree1.proof(a)) for a in (p1.address, p2.address, p2.address)]
@@ -493,7 +501,7 @@ class TestPayoutPool:
         assert w.outsider.claim_payout_batch(1, rows) == 0  # a retry: everything already paid, nothing sent
         assert w.outsider.last_receipt is sent
 
-        admin.release_to_pool(JOB, BATCH_2, 70)
+        admin.release_to_pool(job, BATCH_2, 70)
         tree2 = build_payout_tree({p1.address: 150, p2.address: 200, w.verifier.address: 20})
         admin.post_tree(2, tree2)
         w.chain.advance_time(w.params["dispute_window_s"])
@@ -503,9 +511,10 @@ class TestPayoutPool:
         assert w.total_held() == w.supply
 
     def test_claim_payout_batch_is_refused_whole_for_one_bad_proof(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 300)
         tree = build_payout_tree({p1.address: 100, p2.address: 200})
         admin.post_tree(1, tree)
         w.chain.advance_time(w.params["dispute_window_s"])
@@ -519,9 +528,10 @@ class TestPayoutPool:
         expect(length_info, SettlementError, "SettlementLengthMismatch", 1, 1, 0)
 
     def test_bad_claims_are_refused_with_their_values(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 300)
         tree = build_payout_tree({p1.address: 100, p2.address: 200})
         with pytest.raises(SettlementError) as unknown_info:
             p1.claim_payout(1, 100, tree.proof(p1.address))
@@ -538,9 +548,10 @@ class TestPayoutPool:
         assert p1.claim_payout(1, 100, tree.proof(p1.address)) == 100
 
     def test_roots_that_are_refused(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin = timed_world, timed_world.admin
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 300)
         tree = build_payout_tree({w.provider.address: 300})
         with pytest.raises(SettlementError) as epoch_info:
             admin.post_tree(2, tree)
@@ -562,15 +573,16 @@ class TestPayoutPool:
                role_id("POSTER_ROLE"))
 
     def test_guardian_voids_a_bad_root_inside_the_window(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
         w, admin, p1, p2 = timed_world, timed_world.admin, timed_world.provider, timed_world.provider2
         window = w.params["dispute_window_s"]
-        w.customer.fund_job(JOB, 1_000)
-        admin.release_to_pool(JOB, BATCH_1, 300)
+        w.customer.fund_job(job, 1_000)
+        admin.release_to_pool(job, BATCH_1, 300)
         good1 = build_payout_tree({p1.address: 100, p2.address: 200})
         admin.post_tree(1, good1)
         w.chain.advance_time(window)
         # A wrong epoch-2 root: p2's earnings moved to p1, with an honest-looking total.
-        admin.release_to_pool(JOB, BATCH_2, 100)
+        admin.release_to_pool(job, BATCH_2, 100)
         bad = build_payout_tree({p1.address: 400})
         admin.post_tree(2, bad)
         admin.void_root(2)
@@ -598,15 +610,17 @@ class TestPayoutPool:
 
 class TestKillSwitchAndTimelock:
     def test_pause_all_stops_every_flow_until_the_timelock_unpauses(self, timed_world: World) -> None:
+        job = timed_world.job("flows-job")
+        job2 = timed_world.job("flows-job-2")
         w = timed_world
         admin, c, p, v = w.admin, w.customer, w.provider, w.verifier
         delay = w.params["timelock_delay_s"]
         p.stake(1_000)
         v.stake(500)
         p.request_unbond(100)
-        c.fund_job(JOB, 1_000)
-        admin.release(JOB, UNIT, p.address, 10)
-        admin.release_to_pool(JOB, BATCH_1, 100)
+        c.fund_job(job, 1_000)
+        admin.release(job, UNIT, p.address, 10)
+        admin.release_to_pool(job, BATCH_1, 100)
         tree = build_payout_tree({p.address: 100})
         admin.post_tree(1, tree)
         signature = v.sign_accusation(p.address, EVIDENCE, 10)
@@ -623,12 +637,12 @@ class TestKillSwitchAndTimelock:
             "accuse": lambda: admin.accuse(p.address, EVIDENCE_2, 1, v.sign_accusation(p.address, EVIDENCE_2, 1)),
             "resolve": lambda: admin.resolve_dispute(EVIDENCE, fraud=True),
             "slash": lambda: admin.slash(p.address, 1, v.address, EVIDENCE_2),
-            "fund": lambda: c.fund_job(JOB2, 1),
-            "fund_with_permit": lambda: c.fund_job_with_permit(JOB2, 1),
-            "cancel": lambda: c.cancel_job(JOB),
-            "release": lambda: admin.release(JOB, BATCH_2, p.address, 1),
-            "release_to_pool": lambda: admin.release_to_pool(JOB, BATCH_2, 1),
-            "close": lambda: admin.close_job(JOB),
+            "fund": lambda: c.fund_job(job2, 1),
+            "fund_with_permit": lambda: c.fund_job_with_permit(job2, 1),
+            "cancel": lambda: c.cancel_job(job),
+            "release": lambda: admin.release(job, BATCH_2, p.address, 1),
+            "release_to_pool": lambda: admin.release_to_pool(job, BATCH_2, 1),
+            "close": lambda: admin.close_job(job),
             "claim": lambda: p.claim(),
             # (not deposit: money into the payout pool stays open while paused, test_evm_client's pause test)
             "post_root": lambda: admin.post_tree(2, tree),

@@ -20,14 +20,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from ledger.campaign import JOBS, UNITS, Harness, run_campaign
+from ledger.campaign import N_JOBS, UNITS, Harness, run_campaign
 from ledger.campaign_model import StakeM
 from ledger.chain import Chain
 
 STAKERS = st.integers(min_value=0, max_value=4)  # 3 providers, then 2 verifiers
 PROVIDERS = st.integers(min_value=0, max_value=2)
 CUSTOMERS = st.integers(min_value=0, max_value=1)
-JOB = st.integers(min_value=0, max_value=len(JOBS) - 1)
+JOB = st.integers(min_value=0, max_value=N_JOBS - 1)
 UNIT = st.integers(min_value=0, max_value=len(UNITS) - 1)
 #: Amounts relative to what the model says the operation can take (see ``portion``). Hypothesis treats the first
 #: value of ``sampled_from`` as the simplest, so the list starts with the one that usually succeeds.
@@ -87,7 +87,7 @@ class CampaignMachine(RuleBasedStateMachine):
         steps on setting up."""
         for who in range(len(self.h.cast.stakers)):
             self.h.stake(who, 1_000)
-        for job in range(len(JOBS)):
+        for job in range(N_JOBS):
             self.h.fund(job % 2, job, 10_000)
         self.h.release_to_pool(0, 0, [300, 40, 5])
         self.h.post_root("honest")
@@ -121,7 +121,7 @@ class CampaignMachine(RuleBasedStateMachine):
 
     def release(self, draw: Draw) -> None:
         job = draw(JOB, label="job")
-        j = self.h.model.jobs.get(JOBS[job])
+        j = self.h.model.jobs.get(self.h.jobs[job])
         fits = j.funded - j.released if j and not j.closed else 0
         self.h.release(job, draw(UNIT, label="unit"), draw(PROVIDERS, label="provider"),
                        portion(draw(PORTION, label="kind"), fits))
@@ -236,7 +236,7 @@ def test_a_pause_inside_a_cancels_grace_extends_it_on_chain_and_in_the_model(har
     and the close refunds the rest; the chain and the model agree at every step (GridLens included, read while
     paused)."""
     harness.reset()
-    h, job = harness, JOBS[0]
+    h, job = harness, harness.jobs[0]
     h.fund(0, 0, 1_000)
     h.cancel(0, 0)
     nominal = h.model.jobs[job].closable_at

@@ -15,6 +15,7 @@ from eth_account import Account
 from marketplace.db import Job, Provider, Verification
 from node.client import MarketClient
 from protocol import verification
+from protocol.jobs import new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from protocol.signing import HEADER_SIGNER, Domain, sign_request
@@ -174,7 +175,7 @@ def test_a_price_cap_below_every_floor_is_refused_at_the_quote_and_the_submissio
     assert httpx.post(market.url + "/jobs/quote", json={"max_price": str(tokens("0.5"))}).status_code == 200
     customer = market.account(gmt=tokens(10))
     spec = JobSpec(max_price=tokens("0.5") - 1, rounds=1, units_per_round=1)
-    job_id = "0x" + "c3" * 32
+    job_id = new_job_id(customer.address)
     market.contracts(customer).fund_job(job_id, spec.budget())
     r = _post(market, customer, "/jobs", {"job_id": job_id, "spec": spec.model_dump(mode="json")})
     assert r.status_code == 422 and "below every region's price floor" in r.json()["detail"], r.text
@@ -272,18 +273,20 @@ def test_unfunded_and_underfunded_job_refused(market) -> None:
     client = MarketClient(market.url, customer)
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, max_price=tokens(2)).model_dump(mode="json")
     quote = client.quote(spec)
-    r = _post(market, customer, "/jobs", {"job_id": quote["job_id"], "spec": spec})
+    job_id = new_job_id(customer.address)
+    r = _post(market, customer, "/jobs", {"job_id": job_id, "spec": spec})
     assert r.status_code == 402 and "not funded" in r.json()["detail"]
-    market.contracts(customer).fund_job(quote["job_id"], int(quote["budget"]) - 1)
-    r = _post(market, customer, "/jobs", {"job_id": quote["job_id"], "spec": spec})
+    market.contracts(customer).fund_job(job_id, int(quote["budget"]) - 1)
+    r = _post(market, customer, "/jobs", {"job_id": job_id, "spec": spec})
     assert r.status_code == 402 and "needs" in r.json()["detail"]
     other = market.account()
-    market.contracts(customer).fund_job(quote["job_id"], 1)
-    r = _post(market, other, "/jobs", {"job_id": quote["job_id"], "spec": spec})  # someone else's escrow
-    assert r.status_code == 402
+    market.contracts(customer).fund_job(job_id, 1)
+    r = _post(market, other, "/jobs", {"job_id": job_id, "spec": spec})  # someone else's job id (and escrow)
+    assert r.status_code == 422 and r.json()["error"] == "JobIdNotYours", r.text
+    assert f"job id {job_id} is not {other.address}'s" in r.json()["detail"]
     with market.rt.sessions() as s:
         assert s.query(Job).count() == 0
-    assert client.submit_job(quote["job_id"], spec)["status"] == "running"
+    assert client.submit_job(job_id, spec)["status"] == "running"
 
 
 def test_pickle_and_oversize_uploads_refused(market) -> None:
@@ -553,9 +556,9 @@ def test_a_fresh_key_costs_no_chain_read_and_no_matching_round(market, monkeypat
     client = MarketClient(market.url, customer)
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, vram_mb=1,
                    max_price=tokens(2)).model_dump(mode="json")
-    quote = client.quote(spec)
-    market.contracts(customer).fund_job(quote["job_id"], int(quote["budget"]))
-    client.submit_job(quote["job_id"], spec)
+    quote, job_id = client.quote(spec), new_job_id(customer.address)
+    market.contracts(customer).fund_job(job_id, int(quote["budget"]))
+    client.submit_job(job_id, spec)
     queued.clear()
     staked = market.account(gmt=tokens(300))
     market.contracts(staked).stake(tokens(200))

@@ -23,6 +23,7 @@ from marketplace.db import Event, Job, LedgerEntry, Provider, Unit
 from node import checkpoint
 from node.model import init_state
 from protocol.errors import BlobCorruptError
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import submit_job
@@ -103,7 +104,7 @@ def test_a_round_is_not_averaged_from_a_corrupt_checkpoint_nor_its_job_failed(wo
     work were bad). Now advance raises BlobCorruptError: nothing is averaged, the job stays running and unfailed, the
     sweep queues the advance again, and once the blob is restored the round is averaged from the bytes uploaded."""
     w = world
-    job_id = "0x" + keccak(text="corrupt-final").hex()
+    job_id = new_job_id(w.customer.address, keccak(text="corrupt-final")[:RANDOM_BYTES])
     w.customer.fund_job(job_id, SPEC.budget())
     service.create_job(w.rt, w.customer.address, job_id, SPEC)
     finals: list[bytes] = []

@@ -26,6 +26,7 @@ from marketplace.app import create_app
 from marketplace.common import Conflict, model_config, unit_id_for
 from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Provider, Unit, Verification
 from node.model import init_state
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 from protocol.schemas import Heartbeat, JobSpec
 from protocol.signing import sign_request
@@ -46,7 +47,7 @@ def _spec(rounds: int = 1, units: int = 5) -> JobSpec:
 
 def _job(w: World, name: str, spec: JobSpec) -> str:
     """Fund ``spec``'s budget on chain and submit it (service.create_job, as POST /jobs does)."""
-    job_id = "0x" + keccak(text=name).hex()
+    job_id = new_job_id(w.customer.address, keccak(text=name)[:RANDOM_BYTES])
     w.customer.fund_job(job_id, spec.budget())
     service.create_job(w.rt, w.customer.address, job_id, spec)
     return job_id
@@ -129,7 +130,7 @@ def test_the_sweep_reads_many_escrows_per_chain_call_and_agrees_with_reading_eac
     from ledger.evm import GridMintContracts
 
     w = world
-    ids = ["0x" + keccak(text=f"lens-{i}").hex() for i in range(5)]
+    ids = [new_job_id(w.customer.address, keccak(text=f"lens-{i}")[:RANDOM_BYTES]) for i in range(5)]
     for job_id in ids[:4]:
         w.customer.fund_job(job_id, tokens(1))
     w.customer.cancel_job(ids[1])
@@ -173,7 +174,7 @@ def test_a_job_on_an_escrow_whose_cancel_is_pending_is_refused_with_409(world: W
     """The reviewer's first step: fund, cancel on chain, then POST /jobs. It used to be accepted (and run to
     nothing). Now 409, saying why and what to do; no job is created."""
     spec = _spec(units=2)
-    job_id = "0x" + "ab" * 32
+    job_id = new_job_id(world.customer.address)
     world.customer.fund_job(job_id, spec.budget())
     closable_at = world.customer.cancel_job(job_id)
     with pytest.raises(Conflict, match=f"cancelled on chain: it pays no work after {closable_at}"):

@@ -13,6 +13,7 @@ from gridmint.customer import download_weights, read_spec, submit
 from node.client import MarketClient, MarketError
 from protocol.errors import GridMintValueError
 from protocol.limits import max_steps_within
+from protocol.jobs import job_id_customer, new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 
@@ -33,7 +34,7 @@ def test_submit_funds_once_and_can_be_finished_after_a_lost_submission(market, t
     assert again["funded_now"] == "0" and market.ops.balance_of(customer.address) == tokens(100) - budget
     assert any("submitted already" in m for m in said)
     # funded, then the submission never reached the marketplace: a rerun funds nothing more and submits it
-    job_id = "0x" + "5e" * 32
+    job_id = new_job_id(customer.address)
     contracts.fund_job_with_permit(job_id, budget)
     done = submit(client, contracts, SPEC, job_id, say=said.append)
     assert done["funded_now"] == "0" and client.job(job_id)["customer"] == customer.address
@@ -48,9 +49,9 @@ def test_submit_refuses_what_it_cannot_pay_or_does_not_own(market, tmp_path: Pat
         submit(MarketClient(market.url, poor), market.contracts(poor), SPEC, say=lambda _: None)
     assert market.ops.balance_of(poor.address) == tokens(1)  # nothing sent
     other, me = market.account(gmt=tokens(100)), market.account(gmt=tokens(100))
-    job_id = "0x" + "7a" * 32
+    job_id = new_job_id(other.address)  # another customer's id, funded: refused before anything is sent
     market.contracts(other).fund_job(job_id, tokens(1))
-    with pytest.raises(GridMintValueError, match="funded by"):
+    with pytest.raises(GridMintValueError, match=f"job id {job_id} is not {me.address}'s"):
         submit(MarketClient(market.url, me), market.contracts(me), SPEC, job_id, say=lambda _: None)
     assert market.ops.balance_of(me.address) == tokens(100)
     (tmp_path / "bad.json").write_text("{not json")
@@ -59,6 +60,19 @@ def test_submit_refuses_what_it_cannot_pay_or_does_not_own(market, tmp_path: Pat
     (tmp_path / "spec.json").write_text(SPEC.model_dump_json())
     assert read_spec(tmp_path / "spec.json") == SPEC
     assert MarketClient(market.url, Account.create()).quote(read_spec(tmp_path / "spec.json").model_dump(mode="json"))
+
+
+def test_the_quote_makes_a_job_id_only_for_the_customer_it_names(market) -> None:
+    """Review R3: the quote's job id was random, so anyone who saw it in a pending fundWithPermit could fund it first
+    and own the job. An id now starts with its customer's address: the quote makes one only for ``?customer=``."""
+    spec, me = SPEC.model_dump(mode="json"), market.account()
+    ids = [httpx.post(f"{market.url}/jobs/quote", params={"customer": me.address.lower()}, json=spec).json()["job_id"]
+           for _ in range(2)]
+    assert all(job_id_customer(i) == me.address and i.startswith(me.address.lower()) for i in ids)
+    assert ids[0] != ids[1]  # the rest is random
+    assert httpx.post(f"{market.url}/jobs/quote", json=spec).json()["job_id"] is None
+    r = httpx.post(f"{market.url}/jobs/quote", params={"customer": "0x1234"}, json=spec)
+    assert r.status_code == 422 and "not an address" in r.text
 
 
 def test_a_job_whose_units_could_never_be_handed_in_is_refused_before_anything_is_funded(market) -> None:
@@ -77,7 +91,7 @@ def test_a_job_whose_units_could_never_be_handed_in_is_refused_before_anything_i
     assert "2097152-byte upload limit (max_upload_bytes)" in got.value.detail and "at most about" in got.value.detail
     assert market.ops.balance_of(customer.address) == tokens(100)  # refused at the quote: nothing funded
     # funded anyway (by hand), the submission itself is refused, and no job is stored
-    job_id = "0x" + "3c" * 32
+    job_id = new_job_id(customer.address)
     contracts.fund_job_with_permit(job_id, wide.budget())
     with pytest.raises(MarketError) as got:
         client.submit_job(job_id, wide.model_dump(mode="json"))

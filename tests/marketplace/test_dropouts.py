@@ -26,6 +26,7 @@ from node import checkpoint
 from node.device import kernel_build
 from node.replay import check_segment
 from node.trainer import UnitSpec, model_only, train_unit
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 from protocol.proof import TrainingProof
 from protocol.schemas import JobSpec, ModelSpec, ProviderRegister, ResultSubmit, VerdictSubmit, VerifierRegister
@@ -60,7 +61,7 @@ def _provider(w: World, i: int, price: int) -> LocalAccount:
 
 
 def _job(w: World, name: str, spec: JobSpec) -> str:
-    job_id = "0x" + keccak(text=name).hex()
+    job_id = new_job_id(w.customer.address, keccak(text=name)[:RANDOM_BYTES])
     w.customer.fund_job(job_id, spec.budget())
     service.create_job(w.rt, w.customer.address, job_id, spec)
     return job_id

@@ -36,6 +36,7 @@ from marketplace.runtime import pool_queue
 from node.client import MarketClient
 from node.device import FOREIGN_KERNELS, kernel_build
 from node.wallet import save as save_wallet
+from protocol.jobs import new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec, ModelSpec
 
@@ -149,7 +150,7 @@ class PoolMarket:
         self.ops.transfer(customer.address, tokens(100))
         client = MarketClient(self.url, customer)
         quote = client.quote(SPEC.model_dump(mode="json"))
-        job_id = quote["job_id"]
+        job_id = new_job_id(customer.address)
         GridMintContracts(self.chain, self.deployment, customer).fund_job_with_permit(job_id, int(quote["budget"]))
         client.submit_job(job_id, SPEC.model_dump(mode="json"))
         self.wait(lambda: client.job(job_id)["status"] == "settled", 360, "the job settled")

@@ -27,6 +27,7 @@ from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, make_ses
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient
 from node.verifier_agent import VerifierAgent
+from protocol.jobs import new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from protocol.signing import sign_request
@@ -141,7 +142,7 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     customer = cluster.account(gmt=tokens(100))
     client_a, client_b = MarketClient(api_a, customer), MarketClient(api_b, customer)
     quote = client_b.quote(SPEC.model_dump(mode="json"))
-    job_id, budget = quote["job_id"], int(quote["budget"])
+    job_id, budget = new_job_id(customer.address), int(quote["budget"])
     cluster.contracts(customer).fund_job_with_permit(job_id, budget)
     client_a.submit_job(job_id, SPEC.model_dump(mode="json"))
     supply_before = cluster.ops.total_supply()

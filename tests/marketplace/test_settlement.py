@@ -21,6 +21,7 @@ from marketplace.blobs import BlobStore
 from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Unit, Verification, make_sessionmaker
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 
 SUPPLY = tokens(1_000_000)
@@ -37,7 +38,7 @@ class World:
 
     def fund_done_job(self, name: str, pay: list[tuple[int, int]], budget: int = tokens(10)) -> str:
         """A job funded on chain and finished off chain, with one verified unit per (provider index, price)."""
-        job_id = "0x" + keccak(text=name).hex()
+        job_id = new_job_id(self.customer.address, keccak(text=name)[:RANDOM_BYTES])
         self.customer.fund_job(job_id, budget)
         with self.rt.sessions.begin() as s:
             s.add(Job(id=job_id, customer=self.customer.address, spec={}, budget=budget, global_blob="0" * 64,

@@ -25,6 +25,7 @@ from node import checkpoint
 from node.agent import ProviderAgent
 from node.model import init_state
 from node.trainer import UnitResult, UnitSpec, state_hash
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 from protocol.proof import make_proof
 from protocol.schemas import JobSpec
@@ -143,7 +144,7 @@ def test_a_round_that_cannot_be_averaged_into_a_finite_model_fails_the_job_which
     again."""
     w = world
     spec = JobSpec(rounds=2, units_per_round=2, steps_per_unit=10, segment_len=5, max_price=PRICE)
-    job_id = "0x" + keccak(text=f"diverges-{says}").hex()
+    job_id = new_job_id(w.customer.address, keccak(text=f"diverges-{says}")[:RANDOM_BYTES])
     w.customer.fund_job(job_id, spec.budget())
     service.create_job(w.rt, w.customer.address, job_id, spec)
     start = _job(w, job_id)
