@@ -67,14 +67,17 @@ def _reader(marketplace: str) -> Any:
 
 
 @job_app.command("quote")
-def job_quote(spec: SpecArg, marketplace: MarketOpt = "http://127.0.0.1:8000") -> None:
+def job_quote(spec: SpecArg, marketplace: MarketOpt = "http://127.0.0.1:8000",
+              customer: Annotated[Optional[str], typer.Option(
+                  help="the address that will fund the job: the quote's job_id is bound to it (null without)")] = None,
+              ) -> None:
     """What a job costs (its escrow budget: every unit at the price cap plus the level's verifier fees) and what
     its verification level buys, as JSON. Nothing is funded or stored."""
     import json
 
     from gridmint.customer import read_spec
 
-    typer.echo(json.dumps(_reader(marketplace).quote(read_spec(spec).model_dump(mode="json")), indent=2))
+    typer.echo(json.dumps(_reader(marketplace).quote(read_spec(spec).model_dump(mode="json"), customer), indent=2))
 
 
 @job_app.command("submit")
@@ -148,7 +151,7 @@ def job_close(
     from protocol.money import format_tokens
 
     _, contracts = _wallet_clients(marketplace, chain, wallet)
-    typer.echo(f"refunded {format_tokens(contracts.close_job(job_id))} GMT")
+    typer.echo(f"refunded {format_tokens(contracts.close_job(job_id))}")
 
 
 @node_app.command("run")

@@ -192,8 +192,10 @@ class MarketClient:
         return self.signed_json("POST", "/verify/verdict", body)
 
     # customer
-    def quote(self, spec: dict[str, Any]) -> Any:
-        return self._check(self.http.post("/jobs/quote", json=spec))
+    def quote(self, spec: dict[str, Any], customer: str | None = None) -> Any:
+        """The quote of ``spec``; its ``job_id`` is bound to ``customer`` (``protocol.jobs``), null without one."""
+        params = {"customer": customer} if customer else None
+        return self._check(self.http.post("/jobs/quote", json=spec, params=params))
 
     def submit_job(self, job_id: str, spec: dict[str, Any]) -> Any:
         return self.signed_json("POST", "/jobs", {"job_id": job_id, "spec": spec})

@@ -71,6 +71,9 @@ def test_the_quote_makes_a_job_id_only_for_the_customer_it_names(market) -> None
     assert all(job_id_customer(i) == me.address and i.startswith(me.address.lower()) for i in ids)
     assert ids[0] != ids[1]  # the rest is random
     assert httpx.post(f"{market.url}/jobs/quote", json=spec).json()["job_id"] is None
+    # the client (and `gridmint job quote --customer`) asks for one bound to the address it names
+    assert job_id_customer(MarketClient(market.url, Account.create()).quote(spec, me.address)["job_id"]) == me.address
+    assert MarketClient(market.url, Account.create()).quote(spec)["job_id"] is None
     r = httpx.post(f"{market.url}/jobs/quote", params={"customer": "0x1234"}, json=spec)
     assert r.status_code == 422 and "not an address" in r.text
 
