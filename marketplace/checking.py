@@ -113,7 +113,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         decoy = task.decoy
         if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
                 and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
-                and canary.plantable(task.segment, _seen(s, verifier, unit.id))
+                and canary.plantable(task.segment, _seen(s, verifier, unit.id), decoy.get("telling"))
                 and not (decoy.get("source_unit") and _seen(s, verifier, decoy["source_unit"]))
                 and s.scalar(select(func.count()).select_from(Verification).where(
                     Verification.unit_id == unit.id, Verification.segment == task.segment,

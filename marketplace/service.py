@@ -348,7 +348,8 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         prov = s.get(Provider, provider)
         assert prov is not None and unit.price is not None
         streak, price, backing = prov.verified_streak, unit.price, prov.stake if stake is None else stake
-        # another unit of the round handed in: the source of a canary of this unit's last segment (marketplace.canary)
+        # another unit of the round handed in: the source of a canary of the last segment of a unit of one or two
+        # segments (marketplace.canary.needs_sibling)
         sibling = s.execute(select(Unit.id, Unit.final_blob).where(
             Unit.job_id == unit.job_id, Unit.round == unit.round, Unit.id != unit.id, Unit.final_blob.is_not(None),
             Unit.status.in_(("submitted", "verified"))).order_by(func.random()).limit(1)).first()

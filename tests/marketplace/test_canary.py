@@ -44,7 +44,7 @@ def test_a_canary_is_the_real_task_with_a_forged_claim_that_only_a_replay_reject
     n = len(unit.proof.segments)
     for seg in range(n - 1):
         fake = canary.forge(SPEC, unit.proof, seg, blobs, final, store)
-        assert fake is not None
+        assert fake is not None and fake["telling"] == [s for s in (seg, seg + 1, seg + 2) if s < n]
         proof = TrainingProof.from_dict(fake["proof"])
         # the real unit's claim but for this one segment: well formed (structure, chain, root, data order)
         assert proof.unit_id == SPEC.unit_id and proof.merkle_root != unit.proof.merkle_root
@@ -95,13 +95,19 @@ def test_a_task_shows_its_segments_claim_only_so_a_canary_differs_from_the_real_
 
 
 def test_a_canary_is_not_planted_where_the_verifier_saw_what_tells_it() -> None:
-    """Its own segment earlier (the real claim), the next segment (it starts at the true end and ends where the
-    forgery's state comes from), the one after (it starts there), or a canary of the unit already: not plantable.
-    Earlier segments end where this one starts: they tell nothing."""
+    """Its own segment earlier (the real claim), the next segment (it starts at the true end), the one after (the
+    forward forgery is made of its start), or a canary of the unit already: not plantable; a backward forgery (a
+    last segment) is told by the two segments before it instead. Earlier segments tell nothing. Decoys stocked
+    before they named what tells them keep the forward rule."""
     assert canary.plantable(3, [])
     assert canary.plantable(3, [(0, False), (1, False), (2, False), (6, False)])
     for seen in ([(3, False)], [(4, False)], [(5, False)], [(0, True)], [(1, False), (7, True)]):
         assert not canary.plantable(3, seen), seen
+        assert not canary.plantable(3, seen, [3, 4, 5]), seen
+    backward = [1, 2, 3]  # segment 3 of 4: made of states 2 and 3
+    assert canary.plantable(3, [(0, False)], backward)
+    for seen in ([(1, False)], [(2, False)], [(3, False)], [(0, True)]):
+        assert not canary.plantable(3, seen, backward), seen
 
 
 def test_canaries_are_stocked_at_a_multiple_of_the_rate_and_planted_so_the_rate_holds() -> None:
@@ -115,33 +121,66 @@ def test_canaries_are_stocked_at_a_multiple_of_the_rate_and_planted_so_the_rate_
     assert canary.plant_odds(1, {"share": str(share)}) == 1 and canary.plant_odds(0, {"share": str(share)}) == 0
 
 
-def test_a_last_segment_is_forged_from_a_sibling_units_final_state(unit: UnitResult, store: BlobStore,
-                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
-    sibling = train_unit(replace(SPEC, unit_id="0x" + "c4" * 32, shard=1), START, tmp_path_factory.mktemp("sib"))
+def test_a_last_segment_borrows_the_update_before_it(unit: UnitResult, store: BlobStore) -> None:
+    """A unit's last segment (nothing further on) is forged backward: the weights of its start moved by the previous
+    segment's update again, the moments of the state before its start, the step counters of the true final state;
+    labelled as the unit's final checkpoint. No other unit is needed (the first unit of a round handed in, a round
+    of one unit), and the two segments before it are what tells it."""
+    from node.trainer import update_norm
+
     blobs, final = _blobs(unit, store)
-    n, other = len(blobs), store.put_file(sibling.final_path)
-    fake = canary.forge(SPEC, unit.proof, n - 1, blobs, final, store, other)
-    assert fake is not None
+    n = len(blobs)
+    states = [checkpoint.load(p)[0] for p in unit.segment_paths] + [checkpoint.load(unit.final_path)[0]]
+    fake = canary.forge(SPEC, unit.proof, n - 1, blobs, final, store)
+    assert fake is not None and fake["telling"] == [n - 3, n - 2, n - 1]
     proof = TrainingProof.from_dict(fake["proof"])
     end, meta = checkpoint.load(store.path(fake["end_blob"]))
-    real_final, real_meta = checkpoint.load(unit.final_path)
-    theirs, _ = checkpoint.load(sibling.final_path)
-    assert meta == real_meta == checkpoint_metadata(SPEC, None)  # labelled as this unit's final checkpoint
+    assert meta == checkpoint.load(unit.final_path)[1] == checkpoint_metadata(SPEC, None)
+    start, before, real_final = states[n - 1], states[n - 2], states[n]
     for k, t in end.items():
-        assert torch.equal(t, real_final[k] if k.endswith(".step") else theirs[k]), k
+        want = (real_final[k] if k.endswith(".step") else before[k] if not k.startswith("model.")
+                else (2 * start[k].double() - before[k].double()).float())
+        assert torch.equal(t, want), k
+    assert math.isclose(update_norm(start, end), update_norm(before, start), rel_tol=1e-4)
     assert proof.segments[-1].end_hash == proof.final_hash == state_hash(end) != fake["true_end"] == unit.proof.final_hash
     view = segment_view(proof, n - 1)
     assert claim_problem(SPEC, view, n - 1) is None
     verdict = check_segment(SPEC, view, n - 1, unit.segment_paths[n - 1])
     assert not verdict.ok and verdict.replayed_end == fake["true_end"], verdict.reason
-    stocked = canary.stock(SPEC, unit.proof, [n - 1], blobs, final, store, 1, ("0x" + "c4" * 32, other))
-    assert stocked[n - 1]["source_unit"] == "0x" + "c4" * 32
-    assert canary.stock(SPEC, unit.proof, [n - 1], blobs, final, store, 1) == {}  # no sibling: no canary
+    stocked = canary.stock(SPEC, unit.proof, [n - 1], blobs, final, store, 1)
+    assert list(stocked) == [n - 1] and "source_unit" not in stocked[n - 1]
 
 
-def test_no_canary_of_a_units_last_segment(unit: UnitResult, store: BlobStore) -> None:
+@pytest.mark.parametrize("segments", [1, 2])
+def test_the_last_segment_of_a_unit_of_one_or_two_is_forged_from_a_sibling_units_final_state(
+        store: BlobStore, tmp_path_factory: pytest.TempPathFactory, segments: int) -> None:
+    """With one or two segments a backward forgery's moments would be a fresh optimizer's zeros: the last segment's
+    forgery is the final state of another unit of the same job and round (with the true end's step counters), and the
+    decoy names that unit (a verifier handed it gets no such canary). Without one: no canary."""
+    short = replace(SPEC, steps=4 * segments, segment_len=4)
+    unit = train_unit(short, START, tmp_path_factory.mktemp("short"))
+    sibling = train_unit(replace(short, unit_id="0x" + "c4" * 32, shard=1), START, tmp_path_factory.mktemp("sib"))
     blobs, final = _blobs(unit, store)
-    assert canary.forge(SPEC, unit.proof, len(blobs) - 1, blobs, final, store) is None
+    n, other = len(blobs), store.put_file(sibling.final_path)
+    assert n == segments
+    fake = canary.forge(short, unit.proof, n - 1, blobs, final, store, other)
+    assert fake is not None
+    proof = TrainingProof.from_dict(fake["proof"])
+    end, meta = checkpoint.load(store.path(fake["end_blob"]))
+    real_final, real_meta = checkpoint.load(unit.final_path)
+    theirs, _ = checkpoint.load(sibling.final_path)
+    assert meta == real_meta == checkpoint_metadata(short, None)  # labelled as this unit's final checkpoint
+    for k, t in end.items():
+        assert torch.equal(t, real_final[k] if k.endswith(".step") else theirs[k]), k
+    assert proof.segments[-1].end_hash == proof.final_hash == state_hash(end) != fake["true_end"] == unit.proof.final_hash
+    view = segment_view(proof, n - 1)
+    assert claim_problem(short, view, n - 1) is None
+    verdict = check_segment(short, view, n - 1, unit.segment_paths[n - 1])
+    assert not verdict.ok and verdict.replayed_end == fake["true_end"], verdict.reason
+    stocked = canary.stock(short, unit.proof, [n - 1], blobs, final, store, 1, ("0x" + "c4" * 32, other))
+    assert stocked[n - 1]["source_unit"] == "0x" + "c4" * 32
+    assert canary.stock(short, unit.proof, [n - 1], blobs, final, store, 1) == {}  # no sibling: no canary
+    assert canary.forge(short, unit.proof, n - 1, blobs, final, store) is None
 
 
 def test_every_segment_of_an_idle_segment_cheat_gets_a_canary_a_replay_exposes(store: BlobStore,
@@ -180,7 +219,7 @@ def test_a_verifier_on_another_plan_flags_a_canary_far_past_its_tolerance(tmp_pa
     tol = cc.tolerance_for(spec, plan)
     store = BlobStore(tmp_path / "blobs")
     blobs, final = _blobs(unit, store)
-    for seg in range(len(blobs) - 1):
+    for seg in range(len(blobs)):  # forward, and backward for the last segment
         fake = canary.forge(spec, unit.proof, seg, blobs, final, store)
         assert fake is not None
         start, end = checkpoint.load(unit.segment_paths[seg])[0], checkpoint.load(store.path(fake["end_blob"]))[0]

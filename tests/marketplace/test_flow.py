@@ -963,6 +963,41 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
         assert s.get(Verifier, lazy.account.address).status == "benched"
 
 
+def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path: Path, monkeypatch) -> None:
+    """The last segment of a round's first unit handed in (here a round of one unit) was never a canary: it was
+    forged from another unit's final state, and there was none. It now borrows the update before it, so a verifier
+    that approves it unreplayed is benched; one handed the segments it is made of (here an honest one, handed the
+    first two) gets no such canary."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    careful = staked_verifier(market, tmp_path, "careful")
+    lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=15, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    (last,) = _rows(market, segment=2, status="pending")
+    assert last.decoy is not None and last.decoy["telling"] == [0, 1, 2] and "source_unit" not in last.decoy
+    real_draw = canary.draw
+    monkeypatch.setattr(canary, "draw", lambda odds: False)
+    assert careful.verify_once() == "ok" and careful.verify_once() == "ok"  # segments 0 and 1, replayed
+    monkeypatch.setattr(canary, "draw", real_draw)
+    task = careful.client.next_verification()  # segment 2: it saw what the forgery is made of
+    assert task["verification_id"] == last.id and _rows(market, id=last.id)[0].canary is None
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    from marketplace import service
+    service.reap(market.rt)  # abandoned: back in the pool
+    market.rt.settings.unit_timeout_s = 120
+    assert lazy.verify_once() == "ok"
+    row = _rows(market, id=last.id)[0]
+    assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "benched"
+
+
 def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
     """A provider that fakes a segment can shape the claims its canary is forged from so that the forgery lies a hair
     (1e-6) from the segment's true end: inside the tolerance of an honest verifier on another plan, which approves
