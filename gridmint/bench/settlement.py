@@ -48,6 +48,7 @@ from ledger.devchain import HardhatNode
 from ledger.jsonrpc import JsonRpcSocket
 from ledger.payout_tree import build_payout_tree
 from protocol.errors import ChainError, GridMintValueError
+from protocol.jobs import RANDOM_BYTES, job_id_bytes
 
 TARGETS = {"claim_gas": 60_000, "root_post_gas": 80_000, "gas_per_work_unit": 500, "invariant_violations": 0}
 SUPPLY = 10**30
@@ -194,7 +195,8 @@ def settle_epochs(
     op = GridMintContracts(chain, deployment, operator)
     op.transfer(customer.address, 10**27)
     people = synthetic_accounts(providers, "bench-provider")
-    job_ids = [keccak(text=f"bench-job-{j}") for j in range(jobs)]
+    # each bound to its customer, as JobEscrow requires of a new job id (protocol.jobs)
+    job_ids = [job_id_bytes(customer.address, keccak(text=f"bench-job-{j}")[:RANDOM_BYTES]) for j in range(jobs)]
     job_of = {p: i % jobs for i, p in enumerate(people)}  # each provider works on one job
     earned = {p: PRICE_PER_UNIT * units for p in people}  # per epoch
     batch_of_job = [sum(v for p, v in earned.items() if job_of[p] == j) for j in range(jobs)]
