@@ -581,7 +581,7 @@ def simulate(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Which benchmark (settlement, proof, matching, api)")],
+    name: Annotated[str, typer.Argument(help="Which benchmark (settlement, proof, canary, matching, api)")],
 ) -> None:
     """Run a benchmark; its last output line is a JSON object of figures. Options after NAME go to the benchmark."""
     from gridmint.bench import run

@@ -1,0 +1,163 @@
+"""``gridmint bench canary``: can a lazy verifier tell a canary from a real task without replaying it, and does an
+honest verifier on another plan still flag every canary?
+
+A canary (:mod:`marketplace.canary`) is a real task whose claimed end state is forged. The verifier holds the
+segment's start checkpoint, the claimed end checkpoint (a verifier on another plan downloads it) and the public spec
+(lr, segment length). From those alone it can compute cheap features of the claimed segment and skip replaying the
+tasks that look honest. This bench trains honest units of the default job shape and, for every segment, computes
+those features for the real end, for :func:`marketplace.canary.forge`'s forgery, and for the forgery it replaced
+(the state two segments on; another unit's final state for a last segment), measured in the same run as the
+baseline. The features:
+
+* ``movement``: how far the weights moved, over ``lr x segment_len x sqrt(parameters)`` (Adam moves each weight by
+  about lr a step);
+* ``movement_vs_adam``: how far the weights moved, over ``segment_len`` x Adam's step predicted from the end's
+  moments;
+* ``cos_update_end_moment``: the cosine between the weights' move and the end moments' step direction;
+* ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's.
+
+Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
+forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
+honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
+below 1 means the verifier approves it, and then the referee confirms the canary and slashes an honest verifier.
+``approved`` counts those, and must be 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from marketplace import canary
+from marketplace.blobs import BlobStore
+from node import checkpoint
+from node import crosscheck as cc
+from node.model import ModelConfig, init_state
+from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, train_unit
+from protocol.proof import TrainingProof
+
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift")
+
+
+def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> dict[str, float]:
+    """What a verifier can compute from a segment's start and claimed end checkpoints and the spec (module doc)."""
+    ps = model_only(start)
+    names = sorted(ps)
+    pe = model_only(end)
+
+    def flat(state: Mapping[str, Tensor], fmt: str) -> Tensor:
+        return torch.cat([state[fmt.format(n)].double().flatten() for n in names])
+
+    dp = flat(pe, "{}") - flat(ps, "{}")
+    steps = float(next(v for k, v in end.items() if k.endswith(".step")))
+    (b1, b2), eps = ADAMW_BETAS, ADAMW_EPS
+    m, v = flat(end, "optim.{}.exp_avg"), flat(end, "optim.{}.exp_avg_sq")
+    ms, vs = flat(start, "optim.{}.exp_avg"), flat(start, "optim.{}.exp_avg_sq")
+    step = spec.lr * (m / (1 - b1 ** steps)) / ((v / (1 - b2 ** steps)).sqrt() + eps)
+    tiny = 1e-30
+    return {
+        "movement": float(dp.norm()) / (spec.lr * spec.segment_len * math.sqrt(dp.numel())),
+        "movement_vs_adam": float(dp.norm()) / (spec.segment_len * float(step.norm()) + tiny),
+        "cos_update_end_moment": float(-(dp @ step) / (dp.norm() * step.norm() + tiny)),
+        "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
+        "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
+    }
+
+
+def auc(honest: list[float], forged: list[float]) -> float:
+    """P(a forgery's feature > an honest one's), ties half, folded to >= 0.5 (a tell in either direction)."""
+    a = sum((f > h) + 0.5 * (f == h) for f in forged for h in honest) / (len(forged) * len(honest))
+    return round(max(a, 1 - a), 3)
+
+
+def two_segments_on(states: list[dict[str, Tensor]], seg: int, sibling_final: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The forgery before: the state two segments on (for a last segment another unit's final state), with the true
+    end's step counters."""
+    source = sibling_final if seg + 2 >= len(states) else states[seg + 2]
+    return {k: v if k.endswith(".step") else source[k] for k, v in states[seg + 1].items()}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridmint bench canary", description=__doc__.split("\n\n")[0])
+    p.add_argument("--units", type=int, default=4)
+    p.add_argument("--segments", type=int, default=12, help="segments per unit (>= 3)")
+    p.add_argument("--segment-len", type=int, default=15)
+    p.add_argument("--margin-segments", type=int, default=6, help="segments of the fp32 and bf16 margin units")
+    p.add_argument("--small", action="store_true", help="a toy model (the test's size)")
+    a = p.parse_args(argv)
+    if a.segments < 3 or a.units < 2 or a.margin_segments < 3:
+        raise SystemExit("--segments and --margin-segments must be >= 3, --units >= 2")
+    log: Callable[[str], None] = lambda s: print(s, flush=True)
+    t0 = time.perf_counter()
+    cfg = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32) if a.small else ModelConfig()
+    start = init_state(cfg, 7)
+    base = UnitSpec(job_id="bench-canary", unit_id="0x" + "11" * 32, round=0, shard=0, n_shards=a.units, model=cfg,
+                    steps=a.segment_len * a.segments, segment_len=a.segment_len, batch_size=16, lr=3e-3, seed=5,
+                    threads=1)
+    out: dict[str, Any] = {"model_params": sum(t.numel() for t in start.values()), "segment_len": a.segment_len}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = BlobStore(Path(tmp) / "blobs")
+        units = []
+        for u in range(a.units):
+            spec = replace(base, unit_id="0x" + f"{u + 0x21:02x}" * 32, shard=u)
+            r = train_unit(spec, start, Path(tmp) / f"unit{u}")
+            units.append((spec, r, [store.put_file(x) for x in r.segment_paths], store.put_file(r.final_path)))
+        log(f"trained {a.units} units of {a.segments} segments of {a.segment_len} steps "
+            f"({out['model_params']:,} parameters) in {time.perf_counter() - t0:.1f} s")
+        rows: dict[str, list[dict[str, float]]] = {"honest": [], "canary": [], "two_segments_on": []}
+        declined = 0
+        for i, (spec, r, blobs, final) in enumerate(units):
+            sib_spec, sib_r, sib_blobs, sib_final = units[(i + 1) % a.units]
+            states = [checkpoint.load(x)[0] for x in r.segment_paths] + [checkpoint.load(r.final_path)[0]]
+            for seg in range(1, a.segments):  # segment 0 starts from zero moments: a population of its own
+                rows["honest"].append(features(spec, states[seg], states[seg + 1]))
+                rows["two_segments_on"].append(features(spec, states[seg], two_segments_on(
+                    states, seg, checkpoint.load(sib_r.final_path)[0])))
+                fake = canary.forge(spec, r.proof, seg, blobs, final, store, sib_final)
+                if fake is None:
+                    declined += 1
+                    continue
+                rows["canary"].append(features(spec, states[seg], checkpoint.load(store.path(fake["end_blob"]))[0]))
+        out["segments"] = {k: len(v) for k, v in rows.items()}
+        out["declined"] = declined
+        out["tell_auc"] = {f: {kind: auc([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
+                               for kind in ("canary", "two_segments_on")} for f in FEATURES}
+        out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values())
+                               for kind in ("canary", "two_segments_on")}
+        log(f"tell (AUC, 0.5 = none): {json.dumps(out['tell_auc'])}")
+
+        margins: dict[str, list[float]] = {}
+        approved = 0
+        plan = cc.Plan.parse("cpu/mb2")
+        for prec in ("fp32", "bf16"):
+            spec = replace(base, steps=a.segment_len * a.margin_segments, precision=prec)
+            r = train_unit(spec, start, Path(tmp) / f"margin-{prec}")
+            blobs, final = [store.put_file(x) for x in r.segment_paths], store.put_file(r.final_path)
+            tol = cc.tolerance_for(spec, plan)
+            got = []
+            for seg in range(a.margin_segments):
+                fake = canary.forge(spec, r.proof, seg, blobs, final, store)
+                if fake is None:
+                    continue
+                s0 = checkpoint.load(r.segment_paths[seg])[0]
+                end = checkpoint.load(store.path(fake["end_blob"]))[0]
+                v = cc.check_segment_across(spec, TrainingProof.from_dict(fake["proof"]), seg, s0, end, tol,
+                                            cc.PlanRunner(spec, s0, plan))
+                approved += int(v.ok)
+                got.append(round(v.margin, 2) if not v.ok else 0.0)
+            margins[prec] = got
+            log(f"{prec}: an honest cpu/mb2 verifier finds the canaries {got} x past its tolerance")
+        out["margins"] = margins
+        out["margin_min"] = {k: min(v) for k, v in margins.items() if v}
+        out["approved"] = approved
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+    return 0

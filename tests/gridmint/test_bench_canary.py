@@ -1,0 +1,27 @@
+"""``gridmint bench canary`` at toy size: its figures come from a real run, last line JSON."""
+from __future__ import annotations
+
+import json
+
+from gridmint.bench import available
+from gridmint.bench.canary import FEATURES, auc, main
+
+
+def test_auc_is_a_folded_rank_statistic() -> None:
+    assert auc([1, 2, 3], [4, 5]) == 1.0 and auc([4, 5], [1, 2, 3]) == 1.0  # a tell either way
+    assert auc([1, 3], [2, 2]) == 0.5 and auc([1, 2], [1, 2]) == 0.5
+
+
+def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(capsys) -> None:
+    assert "canary" in available()
+    assert main(["--small", "--units", "2", "--segments", "4", "--segment-len", "4", "--margin-segments", "3"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(figures["tell_auc"]) == set(FEATURES)
+    for f in FEATURES:
+        assert set(figures["tell_auc"][f]) == {"canary", "two_segments_on"}
+        assert all(0.5 <= v <= 1.0 for v in figures["tell_auc"][f].values())
+    assert figures["segments"]["honest"] == figures["segments"]["two_segments_on"] == 2 * 3
+    assert figures["segments"]["canary"] + figures["declined"] == 6
+    # an honest verifier on another plan flags every canary: none approved (the referee would slash it)
+    assert figures["approved"] == 0 and len(figures["margins"]["fp32"]) == len(figures["margins"]["bf16"]) == 3
+    assert min(figures["margin_min"].values()) > 1
