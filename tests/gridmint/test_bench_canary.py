@@ -23,5 +23,7 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     assert figures["segments"]["honest"] == figures["segments"]["two_segments_on"] == 2 * 3
     assert figures["segments"]["canary"] + figures["declined"] == 6
     # an honest verifier on another plan flags every canary: none approved (the referee would slash it)
-    assert figures["approved"] == 0 and len(figures["margins"]["fp32"]) == len(figures["margins"]["bf16"]) == 3
-    assert min(figures["margin_min"].values()) > 1
+    mine = figures["margins"]["canary"]
+    assert figures["approved"] == 0 and len(mine["fp32"]) == len(mine["bf16"]) == 3  # forward x 2, backward
+    assert len(figures["margins"]["two_segments_on"]["bf16"]) == 2  # the baseline, measured alongside
+    assert min(figures["margin_min"]["canary"].values()) > 1
