@@ -78,6 +78,9 @@ class Verifier(Base):
     fraud_found: Mapped[int] = mapped_column(Integer, default=0)
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    # when a poll for tasks last found its stake enough (checking.next_verification): only a verifier seen so lately
+    # holds back checks on its plan; a registration, which needs no stake, does not set it
+    staked_seen_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     plan: Mapped[str] = mapped_column(String(40), default="cpu", server_default="cpu")  # how it replays
     build: Mapped[str | None] = mapped_column(String(160), nullable=True)  # with which kernels (kernel_build)
     # active | benched: it gets no more tasks, for approving a planted known-bad segment (its stake is slashed too)
