@@ -20,7 +20,8 @@ from marketplace import checking, referee, service, settlement
 from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
-from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
+from marketplace.auth import (BodyTimeout, PayloadTooLarge, UploadSlots, UploadsBusy, body_deadline, check_envelope,
+                              consume_nonce_in, make_signed_dependency, read_body)
 from marketplace.common import Conflict, NotFound, check_uploader
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
@@ -51,6 +52,8 @@ _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids 
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
+    (BodyTimeout, 408),
+    (UploadsBusy, 503),
     (ReplayError, 409),
     (SignatureError, 401),
     (InsufficientFundsError, 402),
@@ -74,10 +77,12 @@ class ErrorOut(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes (bodies are ``ErrorOut``)."""
     text = {401: "Signature or session refused", 402: "Escrow does not hold the budget", 404: "Not found",
+            408: "The body did not arrive within its deadline",
             409: "Conflicts with the current state, or a replayed nonce", 413: "Body over the size limit",
             422: "Malformed body or values",
             500: "A stored checkpoint is corrupt (named in the detail): not served until the operator restores it",
-            502: "The chain refused the transaction"}
+            502: "The chain refused the transaction",
+            503: "Every upload slot is taken: try again after Retry-After seconds"}
     return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
 
 
@@ -129,7 +134,11 @@ def create_app(rt: Runtime) -> FastAPI:
     app = FastAPI(title="GridMint marketplace", version="0.1.0",
                   description="Buy and sell GPU training time. Node and verifier requests are EIP-712 signed.")
     signed_json = Depends(make_signed_dependency(rt, JSON_LIMIT))
-    signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes))
+    # an upload's body is read only for a signer that may upload (checked again once its signature is), holding one
+    # of max_uploads_in_flight slots: stalled or slow uploads cannot take the memory of more than that many bodies
+    signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes,
+                                                 UploadSlots(rt.settings.max_uploads_in_flight),
+                                                 precheck=lambda signer: check_uploader(rt, signer)))
     metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s,
                       pools=pool_builds(rt.settings.referee_pools))
     app.state.metrics = metrics
@@ -164,7 +173,7 @@ def create_app(rt: Runtime) -> FastAPI:
                 for method in route.methods:
                     op = schema["paths"][route.path_format][method.lower()]
                     op["security"] = [{"GridMintRequest": []}]
-                    for code, doc in _errors(401, 409, 413).items():
+                    for code, doc in _errors(401, 408, 409, 413).items():
                         op["responses"].setdefault(str(code), {
                             "description": doc["description"],
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}})
@@ -178,7 +187,11 @@ def create_app(rt: Runtime) -> FastAPI:
     async def _domain_error(_: Request, exc: GridMintError) -> JSONResponse:
         for kind, code in _STATUS:
             if isinstance(exc, kind):
-                return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+                # a body that timed out was not read whole: the connection cannot carry another request
+                headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, UploadsBusy)
+                           else {"Connection": "close"} if isinstance(exc, BodyTimeout) else None)
+                return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code,
+                                    headers=headers)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=400)
 
     @app.get("/healthz", summary="Liveness check")
@@ -236,7 +249,7 @@ def create_app(rt: Runtime) -> FastAPI:
         every signed route; ~0.15 ms of CPU, on the event loop) and group-commits: the nonce and the heartbeat of
         every request that arrived meanwhile go into one transaction (``marketplace.groupcommit``). A refused
         heartbeat (unknown provider, unit not its own) still uses up its nonce."""
-        body = await read_body(request, JSON_LIMIT)
+        body = await read_body(request, JSON_LIMIT, body_deadline(rt.settings))
         req = check_envelope(rt, request.headers, "POST", request.url.path, body)
         beat = _parse(Heartbeat, body)
 
@@ -258,7 +271,7 @@ def create_app(rt: Runtime) -> FastAPI:
         work = service.next_work(rt, req.signer)
         return Response(status_code=204) if work is None else JSONResponse(work)
 
-    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422),
+    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422, 503),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
     def put_blob(req: SignedBlob, request: Request) -> dict[str, str]:
         """Body: a safetensors file of at most ``max_upload_bytes`` (no pickle). Stored by content; answers its
@@ -384,7 +397,7 @@ def create_app(rt: Runtime) -> FastAPI:
         could not be handed in (checkpoints over ``max_upload_bytes``, a result body over the JSON limit), saying
         what to stay under."""
         # the body is read here (its limit holds as it streams in, async), the quote computed in the threadpool
-        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT))
+        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT, body_deadline(rt.settings)))
 
     @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
               openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))
@@ -489,7 +502,7 @@ def create_app(rt: Runtime) -> FastAPI:
         ``/auth/nonce``, this marketplace's domain and chain id, signed with EIP-191 ``personal_sign``. Answers a
         bearer token for the message's address. 401 if the signature, chain, domain, times or nonce do not check
         out (each nonce logs in once); 422 if the message is not EIP-4361."""
-        login = _parse(siwe.LoginIn, await read_body(request, JSON_LIMIT))
+        login = _parse(siwe.LoginIn, await read_body(request, JSON_LIMIT, body_deadline(rt.settings)))
         return siwe.login(rt.sessions, login, secret=session_secret, chain_id=rt.chain_id,
                           domain=siwe.request_domain(rt.settings, request.headers.get("host"), request.url.netloc),
                           now=now_s(), skew_s=rt.settings.clock_skew_s, ttl_s=rt.settings.session_ttl_s)
