@@ -28,6 +28,7 @@ from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS, check_max_price
 from marketplace.runtime import Runtime
+from marketplace.uploads import UploadQuotaExceeded, charge_upload
 from marketplace.settings import pool_builds
 from marketplace.sizing import JSON_LIMIT, check_unit_fits
 from marketplace.web import render_index, render_job
@@ -53,6 +54,7 @@ _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids 
 _STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
     (BodyTimeout, 408),
+    (UploadQuotaExceeded, 429),
     (UploadsBusy, 503),
     (ReplayError, 409),
     (SignatureError, 401),
@@ -78,6 +80,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes (bodies are ``ErrorOut``)."""
     text = {401: "Signature or session refused", 402: "Escrow does not hold the budget", 404: "Not found",
             408: "The body did not arrive within its deadline",
+            429: "Every unit the uploader holds has taken the checkpoints its work needs",
             409: "Conflicts with the current state, or a replayed nonce", 413: "Body over the size limit",
             422: "Malformed body or values",
             500: "A stored checkpoint is corrupt (named in the detail): not served until the operator restores it",
@@ -271,15 +274,20 @@ def create_app(rt: Runtime) -> FastAPI:
         work = service.next_work(rt, req.signer)
         return Response(status_code=204) if work is None else JSONResponse(work)
 
-    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422, 503),
+    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422, 429, 503),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
     def put_blob(req: SignedBlob, request: Request) -> dict[str, str]:
         """Body: a safetensors file of at most ``max_upload_bytes`` (no pickle). Stored by content; answers its
         sha256, which result submissions then name. Only from a provider with a unit assigned to it or a state asked
-        of it in a dispute (409 otherwise): an upload is for work, never free storage."""
+        of it in a dispute (409 otherwise), a training state of such a unit's model (422), within what that unit's
+        work needs (its segments, its final state, the states its disputes asked, and two more; distinct blobs, so
+        the same bytes again are free: 429 past it): an upload is for work, never free storage."""
         body = request._body  # noqa: SLF001
-        # who may store it first (409), then what it is (422: junk, pickle, a hostile header)
-        return {"sha256": rt.blobs.put_checkpoint(body, admit=lambda: check_uploader(rt, req.signer))}
+        # who may store it first (409), then what it is (422: junk, pickle, a hostile header, no state of the model
+        # of a unit the signer holds), then whether that unit may take one more (429)
+        return {"sha256": rt.blobs.put_checkpoint(
+            body, admit=lambda: check_uploader(rt, req.signer),
+            claim=lambda sha, tensors, meta: charge_upload(rt, req.signer, sha, tensors, meta))}
 
     @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=StreamingResponse,
              responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},

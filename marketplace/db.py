@@ -193,6 +193,20 @@ class Handed(Base):
     segment: Mapped[int] = mapped_column(Integer)
 
 
+class UnitUpload(Base):
+    """A checkpoint a provider uploaded, charged to one unit it held (marketplace.uploads): a unit's uploads are
+    bounded by what its result and its disputes need. One row per distinct blob: the same bytes again are free."""
+
+    __tablename__ = "unit_uploads"
+    __table_args__ = (UniqueConstraint("unit_id", "provider", "sha256"),
+                      Index("ix_unit_uploads_provider_sha", "provider", "sha256"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[str] = mapped_column(String(66))
+    provider: Mapped[str] = mapped_column(String(42))
+    sha256: Mapped[str] = mapped_column(String(64))
+    at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+
+
 class RefereePool(Base):
     """A referee pool's last sign of life (settings.referee_pools): its workers write it every few seconds."""
 

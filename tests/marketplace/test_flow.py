@@ -1537,6 +1537,12 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
                        ("nan", {**state, name: state[name].clone().fill_(float("nan"))})):
         path = tmp_path / f"reveal-{label}.safetensors"
         ckpt.save(path, bad, checkpoint_metadata(UnitSpec.from_json(ask["spec"]), int(ask["segment"])))
+        if label == "missing":  # no training state of the unit's model: refused at its upload already, not stored
+            with pytest.raises(MarketError) as err:
+                quiet.client.put_blob(path)
+            assert err.value.status == 422 and "not a training state" in str(err.value.detail), err.value.detail
+            assert not market.rt.blobs.has(ckpt.file_sha256(path).removeprefix("0x"))
+            continue
         blob, h = quiet.client.put_blob(path), state_hash(bad)
         signed = sign_typed(quiet.account, "Reveal", quiet.client.domain,
                             {"unitId": to_bytes32(ask["unit_id"]), "step": 4, "stateHash": to_bytes32(h)})
