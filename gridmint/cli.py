@@ -448,6 +448,10 @@ def market_serve(
     # worker starts.
     rt = runtime_from_settings(Settings())
     log_level = os.environ.get("GRIDMINT_LOG_LEVEL", "warning")
+    # a stalled connection holds a file descriptor: past serve_limit_concurrency a new one gets a 503 at once, so
+    # the process never runs out of them (a body is timed out by the app: GRIDMINT_BODY_TIMEOUT_S)
+    limits = {"limit_concurrency": rt.settings.serve_limit_concurrency,
+              "timeout_keep_alive": rt.settings.serve_keep_alive_s}
     if workers > 1:
         from marketplace.metrics import MULTIPROC_ENV
 
@@ -456,12 +460,13 @@ def market_serve(
             shutil.rmtree(shared, ignore_errors=True)  # counters start at zero with the server, as in one process
             shared.mkdir(parents=True)
             os.environ[MULTIPROC_ENV] = str(shared)
-        uvicorn.run("marketplace.asgi:create", factory=True, workers=workers, host=host, port=port, log_level=log_level)
+        uvicorn.run("marketplace.asgi:create", factory=True, workers=workers, host=host, port=port, log_level=log_level,
+                    **limits)
         return
     set_runtime(rt)
     app = create_app(rt)
     freeze_startup_heap()
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **limits)
 
 
 @market_app.command("worker")

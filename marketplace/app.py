@@ -19,13 +19,15 @@ from marketplace import checking, referee, service, settlement
 from marketplace import siwe
 from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, MetricsMiddleware
 from ledger.values import to_address
-from marketplace.auth import PayloadTooLarge, check_envelope, consume_nonce_in, make_signed_dependency, read_body
+from marketplace.auth import (BodyTimeout, PayloadTooLarge, UploadSlots, UploadsBusy, body_deadline, check_envelope,
+                              consume_nonce_in, make_signed_dependency, read_body)
 from marketplace.common import Conflict, NotFound, check_uploader
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
 from marketplace.pricing import REGIONS, check_max_price
 from marketplace.runtime import Runtime
+from marketplace.uploads import UploadQuotaExceeded, charge_upload
 from marketplace.settings import pool_builds
 from marketplace.sizing import JSON_LIMIT, check_unit_fits
 from marketplace.web import render_index, render_job
@@ -51,6 +53,9 @@ _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids 
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (PayloadTooLarge, 413),
+    (BodyTimeout, 408),
+    (UploadQuotaExceeded, 429),
+    (UploadsBusy, 503),
     (ReplayError, 409),
     (SignatureError, 401),
     (InsufficientFundsError, 402),
@@ -74,10 +79,13 @@ class ErrorOut(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for these error status codes (bodies are ``ErrorOut``)."""
     text = {401: "Signature or session refused", 402: "Escrow does not hold the budget", 404: "Not found",
+            408: "The body did not arrive within its deadline",
+            429: "Every unit the uploader holds has taken the checkpoints its work needs",
             409: "Conflicts with the current state, or a replayed nonce", 413: "Body over the size limit",
             422: "Malformed body or values",
             500: "A stored checkpoint is corrupt (named in the detail): not served until the operator restores it",
-            502: "The chain refused the transaction"}
+            502: "The chain refused the transaction",
+            503: "Every upload slot is taken: try again after Retry-After seconds"}
     return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
 
 
@@ -129,7 +137,11 @@ def create_app(rt: Runtime) -> FastAPI:
     app = FastAPI(title="GridMint marketplace", version="0.1.0",
                   description="Buy and sell GPU training time. Node and verifier requests are EIP-712 signed.")
     signed_json = Depends(make_signed_dependency(rt, JSON_LIMIT))
-    signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes))
+    # an upload's body is read only for a signer that may upload (checked again once its signature is), holding one
+    # of max_uploads_in_flight slots: stalled or slow uploads cannot take the memory of more than that many bodies
+    signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes,
+                                                 UploadSlots(rt.settings.max_uploads_in_flight),
+                                                 precheck=lambda signer: check_uploader(rt, signer)))
     metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s,
                       pools=pool_builds(rt.settings.referee_pools))
     app.state.metrics = metrics
@@ -164,7 +176,7 @@ def create_app(rt: Runtime) -> FastAPI:
                 for method in route.methods:
                     op = schema["paths"][route.path_format][method.lower()]
                     op["security"] = [{"GridMintRequest": []}]
-                    for code, doc in _errors(401, 409, 413).items():
+                    for code, doc in _errors(401, 408, 409, 413).items():
                         op["responses"].setdefault(str(code), {
                             "description": doc["description"],
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}})
@@ -178,7 +190,11 @@ def create_app(rt: Runtime) -> FastAPI:
     async def _domain_error(_: Request, exc: GridMintError) -> JSONResponse:
         for kind, code in _STATUS:
             if isinstance(exc, kind):
-                return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code)
+                # a body that timed out was not read whole: the connection cannot carry another request
+                headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, UploadsBusy)
+                           else {"Connection": "close"} if isinstance(exc, BodyTimeout) else None)
+                return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code,
+                                    headers=headers)
         return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=400)
 
     @app.get("/healthz", summary="Liveness check")
@@ -236,7 +252,7 @@ def create_app(rt: Runtime) -> FastAPI:
         every signed route; ~0.15 ms of CPU, on the event loop) and group-commits: the nonce and the heartbeat of
         every request that arrived meanwhile go into one transaction (``marketplace.groupcommit``). A refused
         heartbeat (unknown provider, unit not its own) still uses up its nonce."""
-        body = await read_body(request, JSON_LIMIT)
+        body = await read_body(request, JSON_LIMIT, body_deadline(rt.settings))
         req = check_envelope(rt, request.headers, "POST", request.url.path, body)
         beat = _parse(Heartbeat, body)
 
@@ -258,15 +274,20 @@ def create_app(rt: Runtime) -> FastAPI:
         work = service.next_work(rt, req.signer)
         return Response(status_code=204) if work is None else JSONResponse(work)
 
-    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422),
+    @app.put("/blobs", status_code=201, summary="Upload a checkpoint (signed)", responses=_errors(422, 429, 503),
              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
     def put_blob(req: SignedBlob, request: Request) -> dict[str, str]:
         """Body: a safetensors file of at most ``max_upload_bytes`` (no pickle). Stored by content; answers its
         sha256, which result submissions then name. Only from a provider with a unit assigned to it or a state asked
-        of it in a dispute (409 otherwise): an upload is for work, never free storage."""
+        of it in a dispute (409 otherwise), a training state of such a unit's model (422), within what that unit's
+        work needs (its segments, its final state, the states its disputes asked, and two more; distinct blobs, so
+        the same bytes again are free: 429 past it): an upload is for work, never free storage."""
         body = request._body  # noqa: SLF001
-        # who may store it first (409), then what it is (422: junk, pickle, a hostile header)
-        return {"sha256": rt.blobs.put_checkpoint(body, admit=lambda: check_uploader(rt, req.signer))}
+        # who may store it first (409), then what it is (422: junk, pickle, a hostile header, no state of the model
+        # of a unit the signer holds), then whether that unit may take one more (429)
+        return {"sha256": rt.blobs.put_checkpoint(
+            body, admit=lambda: check_uploader(rt, req.signer),
+            claim=lambda sha, tensors, meta: charge_upload(rt, req.signer, sha, tensors, meta))}
 
     @app.get("/blobs/{sha}", summary="Download a checkpoint", response_class=StreamingResponse,
              responses={200: {"description": "The safetensors bytes", "content": {"application/octet-stream": _BINARY}},
@@ -390,7 +411,7 @@ def create_app(rt: Runtime) -> FastAPI:
         ``customer`` that is not an address."""
         who = None if customer is None else _address(customer)
         # the body is read here (its limit holds as it streams in, async), the quote computed in the threadpool
-        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT), who)
+        return await run_in_threadpool(quote_for, await read_body(request, JSON_LIMIT, body_deadline(rt.settings)), who)
 
     @app.post("/jobs", status_code=201, summary="Submit a funded job (signed by the customer)",
               openapi_extra=body_doc(JobSubmit), responses=_errors(402, 409, 422))
@@ -496,7 +517,7 @@ def create_app(rt: Runtime) -> FastAPI:
         ``/auth/nonce``, this marketplace's domain and chain id, signed with EIP-191 ``personal_sign``. Answers a
         bearer token for the message's address. 401 if the signature, chain, domain, times or nonce do not check
         out (each nonce logs in once); 422 if the message is not EIP-4361."""
-        login = _parse(siwe.LoginIn, await read_body(request, JSON_LIMIT))
+        login = _parse(siwe.LoginIn, await read_body(request, JSON_LIMIT, body_deadline(rt.settings)))
         return siwe.login(rt.sessions, login, secret=session_secret, chain_id=rt.chain_id,
                           domain=siwe.request_domain(rt.settings, request.headers.get("host"), request.url.netloc),
                           now=now_s(), skew_s=rt.settings.clock_skew_s, ttl_s=rt.settings.session_ttl_s)

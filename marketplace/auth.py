@@ -1,7 +1,9 @@
 """Request authentication: EIP-712 envelope (protocol.signing) plus a per-signer nonce kept in the database."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,8 +14,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from marketplace.db import SignerNonce, now_s, write_gate
 from marketplace.runtime import Runtime
-from protocol.errors import GridMintValueError, ReplayError, SignatureError
-from protocol.signing import SignedRequest, verify_request
+from marketplace.settings import Settings
+from protocol.errors import GridMintError, GridMintValueError, ReplayError, SignatureError
+from protocol.signing import HEADER_SIGNER, SignedRequest, parse_address, verify_request
 
 MAX_NONCE = 2**63 - 1
 
@@ -22,20 +25,83 @@ class PayloadTooLarge(GridMintValueError):
     """Request body over the configured limit (HTTP 413)."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it as soon as it passes ``limit`` bytes (also when Content-Length lies or is absent)."""
+class BodyTimeout(GridMintError):
+    """The body did not arrive within its deadline (HTTP 408): a stalled or trickling client."""
+
+
+class UploadsBusy(GridMintError):
+    """Every upload slot of this process is taken (HTTP 503, with ``Retry-After``)."""
+
+    retry_after_s = 5
+
+
+def body_deadline_s(size: int, floor_s: float, min_rate: int) -> float:
+    """Seconds a body of ``size`` bytes may take to arrive: ``floor_s``, or longer for a body that needs it at
+    ``min_rate`` bytes a second."""
+    return max(floor_s, size / min_rate)
+
+
+def body_deadline(settings: Settings) -> Callable[[int], float]:
+    """:func:`body_deadline_s` under ``settings`` (GRIDMINT_BODY_TIMEOUT_S, GRIDMINT_BODY_MIN_RATE)."""
+    return lambda size: body_deadline_s(size, settings.body_timeout_s, settings.body_min_rate)
+
+
+async def read_body(request: Request, limit: int, deadline_s: Callable[[int], float] | None = None) -> bytes:
+    """Read the body, refusing it as soon as it passes ``limit`` bytes (also when Content-Length lies or is absent),
+    and, with ``deadline_s`` (of the declared size, or ``limit`` if none), as soon as it is late (BodyTimeout). What
+    was read of a refused body is dropped with it: a client that stalls holds nothing past its deadline."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    size_due = int(declared) if declared is not None and declared.isdigit() else limit
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+
+    try:
+        if deadline_s is None:
+            await receive()
+        else:
+            seconds = deadline_s(size_due)
+            try:
+                async with asyncio.timeout(seconds):
+                    await receive()
+            except TimeoutError:
+                raise BodyTimeout(f"the body did not arrive in time: {size} of {size_due} bytes in {seconds:g} s "
+                                  f"(a body gets {seconds:g} s); send it again, whole") from None
+        body = b"".join(chunks)
+    finally:
+        chunks.clear()
     request._body = body  # noqa: SLF001 - let later readers (request.json()) see the same bytes
     return body
+
+
+class UploadSlots:
+    """At most ``size`` uploads in this process at once, each holding its body in memory until it is stored. One
+    more is refused at once (UploadsBusy, 503 with Retry-After) rather than queued: a queue would hold its socket,
+    and its body once read, however long it waits. Used on the event loop only (no lock)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.taken = 0
+
+    @contextmanager
+    def take(self) -> Iterator[None]:
+        if self.taken >= self.size:
+            raise UploadsBusy(f"the marketplace is taking {self.size} uploads already; try again in "
+                              f"{UploadsBusy.retry_after_s} s")
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
 
 
 # Prebuilt Core statements: this runs on every signed request, and an ORM Session transaction costs ~2.3 ms here
@@ -84,16 +150,35 @@ def check_envelope(rt: Runtime, headers: Mapping[str, str], method: str, path: s
     return req
 
 
-def make_signed_dependency(rt: Runtime, limit: int):  # type: ignore[no-untyped-def]
+def claimed_signer(headers: Mapping[str, str]) -> str:
+    """The signer a request's headers name, before anything is verified (SignatureError if none, or not an
+    address): enough to refuse one that could not be let in whoever signed it, before its body is read."""
+    named = headers.get(HEADER_SIGNER)
+    if named is None:
+        raise SignatureError(f"unsigned request: missing header {HEADER_SIGNER}")
+    return parse_address(named)
+
+
+def make_signed_dependency(rt: Runtime, limit: int, slots: UploadSlots | None = None,
+                           precheck: Callable[[str], object] | None = None):  # type: ignore[no-untyped-def]
+    """The dependency that reads a signed route's body (at most ``limit`` bytes, within ``body_deadline_s`` of its
+    size) and checks its envelope and nonce. For uploads: ``precheck`` runs on the signer the headers name before the
+    body is read (a refusal there costs the caller no upload slot and the server no body), and the body is read
+    holding one of ``slots`` until the route is done with it."""
+    deadline = body_deadline(rt.settings)
+
     def check(headers: Mapping[str, str], method: str, path: str, body: bytes) -> SignedRequest:
         req = check_envelope(rt, headers, method, path, body)
         consume_nonce(rt, req.signer, req.nonce)
         return req
 
-    async def signed(request: Request) -> SignedRequest:
-        body = await read_body(request, limit)
-        # signature recovery and the nonce write block: keep them off the event loop
-        return await run_in_threadpool(check, request.headers, request.method, request.url.path, body)
+    async def signed(request: Request) -> AsyncIterator[SignedRequest]:
+        if precheck is not None:
+            await run_in_threadpool(precheck, claimed_signer(request.headers))
+        with slots.take() if slots is not None else nullcontext():
+            body = await read_body(request, limit, deadline)
+            # signature recovery and the nonce write block: keep them off the event loop
+            yield await run_in_threadpool(check, request.headers, request.method, request.url.path, body)
 
     return signed
 

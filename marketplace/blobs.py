@@ -53,15 +53,20 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return self.path(sha).exists()
 
-    def put_checkpoint(self, data: bytes, admit: Callable[[], object] | None = None) -> str:
+    def put_checkpoint(self, data: bytes, admit: Callable[[], object] | None = None,
+                       claim: Callable[[str, Mapping[str, Tensor], Mapping[str, str]], object] | None = None) -> str:
         """Validate ``data`` as safetensors (never unpickled) and store it; returns its sha256. Idempotent; a stored
         copy that is corrupt is written anew (so the same bytes uploaded again repair it).
         ``admit``, if given, runs first and raises to refuse the uploader: parsing costs CPU and memory that a
-        stranger's upload must not get to spend."""
+        stranger's upload must not get to spend. ``claim``, if given, gets the sha256, the parsed tensors and the
+        metadata before anything is written, and raises to refuse them (what they are for: ``marketplace.uploads``)."""
         if admit is not None:
             admit()
-        load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
+        tensors, metadata = load_checkpoint(data)  # raises CheckpointError for pickle, zip, junk, lying headers
         sha = hashlib.sha256(data).hexdigest()
+        if claim is not None:
+            claim(sha, tensors, metadata)
+        del tensors
         target = self.path(sha)
         if not self._holds(sha, target):
             if target.exists():

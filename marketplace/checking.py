@@ -67,7 +67,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             # an unstaked verifier would risk nothing: a lazy one caught by a canary, or one benched for a false
             # accusation, would simply come back under a new wallet
             raise Conflict(short)
-        v.last_seen = now
+        v.last_seen = v.staked_seen_at = now
         # one task at a time: a poll while one is out hands that one back (a restarted agent resumes it), so a
         # verifier never holds two tasks of a unit at once to compare (a canary's tell: marketplace.canary)
         task = s.scalars(select(Verification).where(Verification.verifier == verifier,
@@ -83,12 +83,14 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         seen_units = select(Handed.unit_id).where(Handed.verifier == verifier)
         # a check of a unit on an exact plan (another CPU plan, a named GPU) waits a while for a verifier on that
         # plan and the same kernels, who replays it bit for bit (a float8 step hides from every other): while one is
-        # around. (Kernels unsaid, "", are never the same: no bit-for-bit claim is made on them.)
+        # around. (Kernels unsaid, "", are never the same: no bit-for-bit claim is made on them.) Around means polling
+        # for tasks with its stake enough (staked_seen_at), not merely registered: a registration needs no stake, and
+        # one repeated every two minutes naming a plan held back every check of that plan for same_plan_hold_s
         unit_build = func.coalesce(Unit.build, "")
         same_plan_verifier = select(Verifier.address).where(
             Verifier.plan == Unit.plan, Verifier.build == unit_build, Verifier.status == "active",
             Verifier.address != verifier, Verifier.address != Verification.provider,
-            Verifier.last_seen >= now - rt.settings.unit_timeout_s).exists()
+            Verifier.staked_seen_at >= now - rt.settings.unit_timeout_s).exists()
         not_mine = or_(Unit.plan != v.plan, unit_build != (v.build or ""), unit_build == "")
         # (the default plan on the referee's kernels: any verifier there replays it bit for bit, none is waited for)
         reserved = and_(not_mine, or_(Unit.plan != PROVIDER_PLAN.label, unit_build != rt.referee_build()),

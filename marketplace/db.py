@@ -78,6 +78,9 @@ class Verifier(Base):
     fraud_found: Mapped[int] = mapped_column(Integer, default=0)
     wrong: Mapped[int] = mapped_column(Integer, default=0)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    # when a poll for tasks last found its stake enough (checking.next_verification): only a verifier seen so lately
+    # holds back checks on its plan; a registration, which needs no stake, does not set it
+    staked_seen_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     plan: Mapped[str] = mapped_column(String(40), default="cpu", server_default="cpu")  # how it replays
     build: Mapped[str | None] = mapped_column(String(160), nullable=True)  # with which kernels (kernel_build)
     # active | benched: it gets no more tasks, for approving a planted known-bad segment (its stake is slashed too)
@@ -188,6 +191,20 @@ class Handed(Base):
     verifier: Mapped[str] = mapped_column(String(42))
     unit_id: Mapped[str] = mapped_column(String(66))
     segment: Mapped[int] = mapped_column(Integer)
+
+
+class UnitUpload(Base):
+    """A checkpoint a provider uploaded, charged to one unit it held (marketplace.uploads): a unit's uploads are
+    bounded by what its result and its disputes need. One row per distinct blob: the same bytes again are free."""
+
+    __tablename__ = "unit_uploads"
+    __table_args__ = (UniqueConstraint("unit_id", "provider", "sha256"),
+                      Index("ix_unit_uploads_provider_sha", "provider", "sha256"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    unit_id: Mapped[str] = mapped_column(String(66))
+    provider: Mapped[str] = mapped_column(String(42))
+    sha256: Mapped[str] = mapped_column(String(64))
+    at: Mapped[int] = mapped_column(BigInteger, default=now_s)
 
 
 class RefereePool(Base):

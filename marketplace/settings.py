@@ -30,6 +30,17 @@ class Settings(BaseSettings):
     # of the settings shows it (``get_secret_value()`` where it signs: marketplace.bootstrap.operator_account)
     operator_key: SecretStr | None = None
     max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # a request body must arrive within body_timeout_s, or as long as its size takes at body_min_rate bytes/s if
+    # that is longer (a 32 MiB upload: 128 s), else 408: a stalled client holds neither memory nor a slot for ever
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    body_min_rate: int = Field(default=256 * 1024, ge=1)
+    # uploads (PUT /blobs) one API process takes at once, each body in memory until stored; one more is a 503 with
+    # Retry-After (nodes retry a 5xx), not a queue
+    max_uploads_in_flight: int = Field(default=8, ge=1)
+    # `gridmint marketplace serve`'s uvicorn, per worker: connections and requests at once before new ones get a 503
+    # (keep it under the process's file limit, `ulimit -n`), and how long an idle keep-alive connection stays open
+    serve_limit_concurrency: int = Field(default=512, ge=1)
+    serve_keep_alive_s: int = Field(default=5, ge=1)
     min_stake: int = Field(default=tokens(100), ge=0)  # base units a provider must stake to be matched
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)

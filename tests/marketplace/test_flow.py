@@ -1653,6 +1653,12 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
                        ("nan", {**state, name: state[name].clone().fill_(float("nan"))})):
         path = tmp_path / f"reveal-{label}.safetensors"
         ckpt.save(path, bad, checkpoint_metadata(UnitSpec.from_json(ask["spec"]), int(ask["segment"])))
+        if label == "missing":  # no training state of the unit's model: refused at its upload already, not stored
+            with pytest.raises(MarketError) as err:
+                quiet.client.put_blob(path)
+            assert err.value.status == 422 and "not a training state" in str(err.value.detail), err.value.detail
+            assert not market.rt.blobs.has(ckpt.file_sha256(path).removeprefix("0x"))
+            continue
         blob, h = quiet.client.put_blob(path), state_hash(bad)
         signed = sign_typed(quiet.account, "Reveal", quiet.client.domain,
                             {"unitId": to_bytes32(ask["unit_id"]), "step": 4, "stateHash": to_bytes32(h)})
@@ -1798,6 +1804,7 @@ def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(ma
         same.client.register_verifier(same.plan.label, same.build)
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
+    assert same.verify_once() is None  # it polls, staked: around (nothing to check yet)
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [mb2], 1)
     assert cpu_verifier.verify_once() is None  # kept for the verifier on the unit's own plan
@@ -1808,8 +1815,30 @@ def test_a_check_of_a_unit_on_an_exact_plan_waits_for_a_verifier_on_that_plan(ma
         assert done.verifier == same.account.address and done.replayed_hash == \
             unit.proof["segments"][done.segment]["endHash"]  # bit for bit
     with market.rt.sessions.begin() as s:  # the cpu/mb2 verifier is gone (not seen for longer than a unit timeout)
-        s.get(Verifier, same.account.address).last_seen -= market.rt.settings.unit_timeout_s + 1
+        s.get(Verifier, same.account.address).staked_seen_at -= market.rt.settings.unit_timeout_s + 1
     assert cpu_verifier.verify_once() is not None  # checked within its tolerance, by a verifier on another plan
+
+
+def test_an_unstaked_registration_on_an_exact_plan_holds_back_no_check(market, tmp_path: Path) -> None:
+    """A registration needs no stake. One naming a unit's exact plan (cpu/mb2), repeated as often as it likes, held
+    back every check of such units for GRIDMINT_SAME_PLAN_HOLD_S (600 s), though it could never take one: only a
+    verifier whose poll for tasks found its stake enough is waited for."""
+    from node.crosscheck import Plan
+
+    market.rt.settings.canary_rate = 0.0
+    mb2 = provider(market, tmp_path, "mb2", "us-east", "0.9", plan="cpu/mb2")
+    cpu_verifier = staked_verifier(market, tmp_path, "cpu-verifier")
+    free = VerifierAgent(market.url, market.account(), tmp_path / "free", plan=Plan.parse("cpu/mb2"))
+    free.client.register_verifier(free.plan.label, free.build)
+    with pytest.raises(MarketError) as err:  # it polls: refused, unstaked
+        free.verify_once()
+    assert err.value.status == 409 and "staked" in str(err.value.detail), err.value.detail
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [mb2], 1)
+    free.client.register_verifier(free.plan.label, free.build)  # seen just now, still unstaked
+    assert cpu_verifier.verify_once() is not None  # not held for it
 
 
 def test_a_bf16_loss_faked_on_one_step_across_plans_is_scanned_and_slashed(market, tmp_path: Path) -> None:

@@ -83,14 +83,16 @@ def test_a_checkpoint_in_another_dtype_or_with_a_nan_is_refused_and_the_unit_sta
     4-segment unit is replayed 1 time in 4. A float16 final state passed (hash, names and shapes were all that was
     checked), was paid, and then failed every average of its round: the job never ended. A NaN weight was averaged
     into the customer's model (on PostgreSQL its NaN loss could not even be stored, and the job never ended either).
-    Now each is refused with a 422 naming the checkpoint and the tensor, before anything is written: the unit stays
-    the provider's, nothing is credited or queued, and its sound result is then taken."""
+    Now each is refused with a 422 naming the checkpoint and the tensor (the float16 one at its upload, the NaN and
+    infinite ones at the submission), before anything is written: the unit stays the provider's, nothing is credited
+    or queued, and its sound result is then taken."""
     p: ProviderAgent = provider(market, tmp_path, "p", "us-east", "0.9")
     job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8,
                                         max_price=PRICE, verification="none"))
     market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
     final = 2  # 10 steps in segments of 5: checkpoints 0 and 1 start the segments, 2 is the final state
-    for trainer, says in ((tampered(final, half_precision_weights), "final checkpoint: tensor 'model."),
+    # (a float16 state is refused at its upload already: no training state of the unit's model, naming its hash)
+    for trainer, says in ((tampered(final, half_precision_weights), "is not a training state of the model"),
                           (tampered(1, one(float("nan"), "model.")), "checkpoint for segment 1: non-finite"),
                           (tampered(final, one(float("inf"), "optim.")), "final checkpoint: non-finite")):
         err = _refused(p, trainer)

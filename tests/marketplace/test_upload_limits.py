@@ -1,0 +1,141 @@
+"""Uploads cost the marketplace bounded memory, sockets, time and disk: a body is read only for a signer that may
+upload, within a deadline, holding one of a few slots (review A2); what is stored must be a training state of a unit
+the signer holds, and each unit takes only the checkpoints its work needs (review A8).
+
+Through the real HTTP API (uvicorn on loopback, the in-process EVM, SQLite), with raw sockets for clients that
+stall: the deadlines are the behaviour under test, so they are set short here."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import torch
+from eth_account import Account
+
+from marketplace.auth import body_deadline_s
+from marketplace.common import model_config
+from marketplace.db import Job
+from node import checkpoint
+from node.client import MarketClient
+from node.model import init_state
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from protocol.signing import HEADER_SIGNER
+from tests.marketplace.test_api_bad_input import _at_work
+from tests.marketplace.test_flow import _assigned, provider, submit_job
+
+
+def _stalled(market, signer: str, declared: int, sent: bytes = b"", path: str = "/blobs",
+             method: str = "PUT") -> socket.socket:
+    """A connection that declares a ``declared``-byte body naming ``signer``, sends ``sent`` of it, then stalls."""
+    host, port = market.url.removeprefix("http://").split(":")
+    c = socket.create_connection((host, int(port)))
+    c.sendall((f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+               f"{HEADER_SIGNER}: {signer}\r\nContent-Length: {declared}\r\n\r\n").encode() + sent)
+    return c
+
+
+def _answer(c: socket.socket, timeout_s: float = 20.0) -> tuple[int, bytes, bool]:
+    """(status, raw response, whether the server then closed the connection) of what ``c`` got back."""
+    c.settimeout(timeout_s)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    closed = False
+    try:
+        while chunk := c.recv(65536):
+            raw += chunk
+        closed = True
+    except TimeoutError:
+        pass
+    return int(raw.split(b" ", 2)[1]), raw, closed
+
+
+def test_a_body_gets_longer_the_larger_it_is_but_never_less_than_the_floor() -> None:
+    assert body_deadline_s(100, 30.0, 256 * 1024) == 30.0
+    assert body_deadline_s(32 * 1024 * 1024, 30.0, 256 * 1024) == 128.0
+
+
+def test_a_strangers_upload_is_refused_before_its_body_is_read(market) -> None:
+    """A signer with no work (and a request naming none) is answered at once, though its body never comes: it
+    holds no upload slot and no memory while it would trickle in."""
+    market.rt.settings.body_timeout_s = 600.0  # the answer cannot be a body timeout
+    stranger = _stalled(market, Account.create().address, 1024 * 1024, b"\0" * 1000)
+    status, raw, closed = _answer(stranger)
+    assert status == 409 and b"no unit assigned" in raw, raw
+    host, port = market.url.removeprefix("http://").split(":")
+    unsigned = socket.create_connection((host, int(port)))
+    unsigned.sendall(b"PUT /blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+    status, raw, _ = _answer(unsigned)
+    assert status == 401 and b"unsigned request" in raw, raw
+
+
+def test_a_stalled_upload_is_cut_off_at_its_deadline_and_a_busy_marketplace_says_when_to_come_back(market) -> None:
+    """Stalled uploads from a provider at work take at most max_uploads_in_flight slots; one more is a 503 with
+    Retry-After (a node retries a 5xx), not a queue. Each stalled one is answered 408 at its deadline and its
+    connection closed; then uploads go through again. A stalled JSON body is cut off alike."""
+    settings = market.rt.settings
+    settings.body_timeout_s, settings.body_min_rate = 2.0, 2**40  # every body here: 2 s
+    acct = Account.create()
+    _at_work(market, acct)
+    client = MarketClient(market.url, acct)
+    blob = checkpoint.serialize({"w": torch.zeros(4)}, {})
+
+    def probe() -> httpx.Response:
+        return client.signed("PUT", "/blobs", blob, "application/octet-stream")
+
+    stalled = [_stalled(market, acct.address, 1024 * 1024, b"\0" * 4096) for _ in range(settings.max_uploads_in_flight)]
+    busy = market.wait(lambda: (r := probe()).status_code == 503 and r, timeout=20, what="every slot taken")
+    assert busy.headers["retry-after"] == "5" and "try again" in busy.json()["detail"], busy.text
+    for c in stalled:
+        status, raw, closed = _answer(c)
+        assert status == 408 and b"did not arrive in time" in raw and closed, raw
+    assert probe().status_code == 422  # a slot again: parsed (and refused, no state of a unit's model)
+    json_stall = _stalled(market, acct.address, 100, b"{", path="/providers/register", method="POST")
+    status, raw, closed = _answer(json_stall)
+    assert status == 408 and closed, raw
+    assert httpx.get(market.url + "/healthz").status_code == 200
+
+
+def _training_state(spec: JobSpec, k: int) -> bytes:
+    """A full fp32 training state of ``spec``'s model (what a provider uploads), told apart by ``k``."""
+    tensors = {}
+    for name, value in init_state(model_config(spec), spec.seed).items():
+        tensors[f"model.{name}"] = value.float()
+        tensors[f"optim.{name}.exp_avg"] = torch.zeros_like(value, dtype=torch.float32)
+        tensors[f"optim.{name}.exp_avg_sq"] = torch.zeros_like(value, dtype=torch.float32)
+        tensors[f"optim.{name}.step"] = torch.tensor(float(k))
+    return checkpoint.serialize(tensors, {})
+
+
+def test_a_unit_takes_the_checkpoints_its_work_needs_and_no_junk(market, tmp_path: Path) -> None:
+    """A provider holding one unit stored 40 junk uploads of up to 32 MiB each: an upload must be a training state
+    of the model of a unit it holds (422), and a unit of 2 segments takes 2 + its final state + 2 distinct ones
+    (429 past that). The same bytes again are free (a node retries an upload after a dropped link), and what was
+    refused is not stored."""
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+
+    def put(data: bytes) -> httpx.Response:
+        return p.client.signed("PUT", "/blobs", data, "application/octet-stream")
+
+    junk = put(checkpoint.serialize({"junk": torch.rand(64 * 1024)}, {}))
+    assert junk.status_code == 422 and "not a training state of the model of any unit" in junk.json()["detail"], \
+        junk.text
+    other = spec.model_copy(update={"model": spec.model.model_copy(update={"n_layer": 1})})
+    assert put(_training_state(other, 0)).status_code == 422  # another model's state
+    shas = [put(_training_state(spec, k)).json()["sha256"] for k in range(5)]
+    assert put(_training_state(spec, 0)).json()["sha256"] == shas[0]  # sent again: not charged again
+    over = put(_training_state(spec, 5))
+    assert over.status_code == 429 and "as many checkpoints as its work needs" in over.json()["detail"], over.text
+    assert put(_training_state(spec, 3)).status_code == 201  # a retry of one it took is still taken
+    with market.rt.sessions() as s:
+        global_blob = s.get(Job, job_id).global_blob
+    stored = {f.name.removesuffix(".safetensors") for f in market.rt.blobs.root.glob("*.safetensors")}
+    assert stored == set(shas) | {global_blob}
