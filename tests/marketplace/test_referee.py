@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from eth_account import Account
+from eth_utils import keccak
 
 from marketplace import referee
 from marketplace.common import model_config, unit_id_for
@@ -20,10 +22,15 @@ from node import checkpoint
 from node import crosscheck as cc
 from node.model import init_state
 from node.trainer import UnitSpec, fresh_state
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.schemas import JobSpec
 
-#: The job whose only unit, trained honestly on cpu/mb2, the tests dispute in segment 0 (and not in segment 1).
-DRIFTING_JOB = "0x5d8934355fb8917e0dcfaa7d160a677cbe102f034c3a03f28081b6c298963a46"
+#: The job whose only unit, trained honestly on cpu/mb2, the tests dispute in segment 0 (and not in segment 1). Its
+#: id is bound to test_flow's FIXED_CUSTOMER (JobEscrow funds a new id for the address it starts with only); of the
+#: 48 such ids with a repeated random byte, this one's segment 0 drifts 10.4x segment 1 on AVX-512 (0.317 vs 0.031
+#: of the tolerance), where DRIFT_OVER needs 2x
+DRIFTING_JOB = new_job_id(Account.from_key(keccak(text="GridMint test_flow: the customer of fixed job ids")).address,
+                          bytes([0x20]) * RANDOM_BYTES)
 DRIFTING_SPEC = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8,
                         max_price=2 * 10**18, verification="full")
 MB2, CPU = cc.Plan.parse("cpu/mb2"), cc.Plan.parse("cpu")
