@@ -372,13 +372,14 @@ class ProviderAgent:
     def _retry(self, what: str, send: Callable[[], T], due: float) -> T:
         """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
         while that leaves time before ``due`` (unix seconds); so is a refused nonce (another process signing with
-        this wallet). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries."""
+        this wallet) and a 408 (an upload slower than the marketplace's body deadline: a slow link, maybe faster on
+        the next try). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries."""
         wait = 1.0
         while True:
             try:
                 return send()
             except (MarketError, *UNREACHABLE) as exc:
-                if isinstance(exc, MarketError) and exc.status < 500 and not exc.replayed:
+                if isinstance(exc, MarketError) and exc.status < 500 and exc.status != 408 and not exc.replayed:
                     raise
                 if self._withdrawn is not None:
                     raise UnitWithdrawn(self._withdrawn) from exc

@@ -71,8 +71,9 @@ def test_a_refused_claim_is_said_and_tried_again_and_never_ends_the_node(market,
 
 def test_a_blip_at_upload_or_submission_is_tried_again_without_training_again(market, tmp_path: Path,
                                                                              capsys) -> None:
-    """A dropped link at the first upload and a 503 at the submission (a marketplace restarting): the unit is
-    trained once, handed in on a later try, and its files are gone once it is taken."""
+    """A dropped link and then a 408 (a body slower than the marketplace's deadline) at the first upload, and a 503
+    at the submission (a marketplace restarting): the unit is trained once, handed in on a later try, and its files
+    are gone once it is taken."""
     p = node(market, tmp_path / "p")
     job_id = submit_job(market, SMALL)
     market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
@@ -80,7 +81,9 @@ def test_a_blip_at_upload_or_submission_is_tried_again_without_training_again(ma
     train = p.trainer
     p.trainer = lambda spec, start, wd: (trained.append(spec.unit_id), train(spec, start, wd))[1]
     put, submit = p.client.put_blob, p.client.submit
-    blips = {"put": [httpx.ConnectError("connection refused")], "submit": [503]}
+    from node.client import MarketError
+    blips = {"put": [MarketError(408, "request body took longer than 30 s"), httpx.ConnectError("connection refused")],
+             "submit": [503]}
 
     def flaky_put(path: Path) -> str:
         if blips["put"]:
@@ -98,6 +101,7 @@ def test_a_blip_at_upload_or_submission_is_tried_again_without_training_again(ma
     assert len(trained) == 1 and unit_status(market, job_id) in ("submitted", "verified")
     err = said(capsys)
     assert "(connection refused); trying again in 1 s" in err and "submission failed" in err
+    assert "took longer than 30 s" in err and "trying again in 2 s" in err
     assert files(p.workdir) == []  # taken: nothing of the unit is kept
     # with nothing assigned, a unit's directory left by an earlier start is stale; nothing else there is touched
     (p.workdir / "0123456789ab").mkdir()
