@@ -922,13 +922,31 @@ def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_pat
         assert s.get(Verifier, lazy.agent.account.address).status == "benched"
 
 
+def _withheld_then_missed(market, seer: VerifierAgent, lazy: VerifierAgent, check_id: int) -> None:
+    """``seer``, handed what tells check ``check_id``'s canary, is handed the check as itself; abandoned (back in the
+    pool), it goes to ``lazy`` as the canary, which approves it unreplayed and is benched."""
+    from marketplace import service
+
+    task = seer.client.next_verification()
+    assert task["verification_id"] == check_id and _rows(market, id=check_id)[0].canary is None
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    service.reap(market.rt)
+    market.rt.settings.unit_timeout_s = 120
+    assert lazy.verify_once() == "ok"
+    row = _rows(market, id=check_id)[0]
+    assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "benched"
+
+
 def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_verifiers_who_never_saw_it(
         market, tmp_path: Path, monkeypatch) -> None:
     """A unit's last segment has nothing further on to forge from: its canary ends in the final state of another
     unit of the round handed in before (the same model, as long trained, on another shard). A verifier that was
     handed any of that unit's segments could know that state, so it gets no such canary; one that was not cannot
     tell, approves it unreplayed, and is benched."""
-    from marketplace import canary, service
+    from marketplace import canary
 
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     saw = staked_verifier(market, tmp_path, "saw")
@@ -950,17 +968,7 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
     monkeypatch.setattr(canary, "draw", lambda odds: False)
     assert saw.verify_once() == "ok"  # the second unit's segment 0
     monkeypatch.setattr(canary, "draw", lambda odds: True)
-    task = saw.client.next_verification()
-    assert task["verification_id"] == last.id and _rows(market, id=last.id)[0].canary is None  # it saw the source
-    market.rt.settings.unit_timeout_s = 0
-    time.sleep(1.1)
-    service.reap(market.rt)  # abandoned: back in the pool
-    market.rt.settings.unit_timeout_s = 120
-    assert lazy.verify_once() == "ok"
-    row = _rows(market, id=last.id)[0]
-    assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
-    with market.rt.sessions() as s:
-        assert s.get(Verifier, lazy.account.address).status == "benched"
+    _withheld_then_missed(market, saw, lazy, last.id)  # saw was handed the source unit
 
 
 def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path: Path, monkeypatch) -> None:
@@ -984,18 +992,7 @@ def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path
     monkeypatch.setattr(canary, "draw", lambda odds: False)
     assert careful.verify_once() == "ok" and careful.verify_once() == "ok"  # segments 0 and 1, replayed
     monkeypatch.setattr(canary, "draw", real_draw)
-    task = careful.client.next_verification()  # segment 2: it saw what the forgery is made of
-    assert task["verification_id"] == last.id and _rows(market, id=last.id)[0].canary is None
-    market.rt.settings.unit_timeout_s = 0
-    time.sleep(1.1)
-    from marketplace import service
-    service.reap(market.rt)  # abandoned: back in the pool
-    market.rt.settings.unit_timeout_s = 120
-    assert lazy.verify_once() == "ok"
-    row = _rows(market, id=last.id)[0]
-    assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
-    with market.rt.sessions() as s:
-        assert s.get(Verifier, lazy.account.address).status == "benched"
+    _withheld_then_missed(market, careful, lazy, last.id)  # careful was handed the segments it is made of
 
 
 def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
