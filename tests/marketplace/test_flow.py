@@ -942,10 +942,10 @@ def _withheld_then_missed(market, seer: VerifierAgent, lazy: VerifierAgent, chec
 
 def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_verifiers_who_never_saw_it(
         market, tmp_path: Path, monkeypatch) -> None:
-    """A unit's last segment has nothing further on to forge from: its canary ends in the final state of another
-    unit of the round handed in before (the same model, as long trained, on another shard). A verifier that was
-    handed any of that unit's segments could know that state, so it gets no such canary; one that was not cannot
-    tell, approves it unreplayed, and is benched."""
+    """The last segment of a unit of two segments has nothing further on, nor moments a segment before its start, to
+    forge from: its canary ends in the final state of another unit of the round handed in before (the same model, as
+    long trained, on another shard). A verifier that was handed any of that unit's segments could know that state,
+    so it gets no such canary; one that was not cannot tell, approves it unreplayed, and is benched."""
     from marketplace import canary
 
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
