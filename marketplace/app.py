@@ -137,11 +137,12 @@ def create_app(rt: Runtime) -> FastAPI:
     app = FastAPI(title="GridMint marketplace", version="0.1.0",
                   description="Buy and sell GPU training time. Node and verifier requests are EIP-712 signed.")
     signed_json = Depends(make_signed_dependency(rt, JSON_LIMIT))
-    # an upload's body is read only for a signer that may upload (checked again once its signature is), holding one
-    # of max_uploads_in_flight slots: stalled or slow uploads cannot take the memory of more than that many bodies
+    # an upload's body is read only once its signature (over the body hash it carries) and nonce hold and its signer
+    # may upload, holding one of max_uploads_in_flight slots: stalled or slow uploads cannot take the memory of more
+    # than that many bodies, and only a signer with work can take a slot
     signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes,
                                                  UploadSlots(rt.settings.max_uploads_in_flight),
-                                                 precheck=lambda signer: check_uploader(rt, signer)))
+                                                 precheck=lambda signer: check_uploader(rt, signer), sign_first=True))
     metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s,
                       pools=pool_builds(rt.settings.referee_pools))
     app.state.metrics = metrics

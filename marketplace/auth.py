@@ -16,7 +16,8 @@ from marketplace.db import SignerNonce, now_s, write_gate
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.errors import GridMintError, GridMintValueError, ReplayError, SignatureError
-from protocol.signing import HEADER_SIGNER, SignedRequest, parse_address, verify_request
+from protocol.signing import (HEADER_BODY_HASH, HEADER_SIGNER, SignedRequest, body_hash, parse_address,
+                              signed_body_hash, verify_request)
 
 MAX_NONCE = 2**63 - 1
 
@@ -141,8 +142,9 @@ def consume_nonce(rt: Runtime, signer: str, nonce: int) -> None:
         consume_nonce_in(conn, signer, nonce)
 
 
-def check_envelope(rt: Runtime, headers: Mapping[str, str], method: str, path: str, body: bytes) -> SignedRequest:
-    """The signature, the signer and the deadline window (not the nonce: see ``consume_nonce``)."""
+def check_envelope(rt: Runtime, headers: Mapping[str, str], method: str, path: str, body: bytes | None) -> SignedRequest:
+    """The signature, the signer and the deadline window (not the nonce: see ``consume_nonce``); ``body`` None: over
+    the body hash the headers carry (``protocol.signing.verify_request``)."""
     now = now_s()
     req = verify_request(headers, rt.domain, method, path, body, now)
     if req.deadline > now + rt.settings.clock_skew_s:
@@ -160,24 +162,39 @@ def claimed_signer(headers: Mapping[str, str]) -> str:
 
 
 def make_signed_dependency(rt: Runtime, limit: int, slots: UploadSlots | None = None,
-                           precheck: Callable[[str], object] | None = None):  # type: ignore[no-untyped-def]
+                           precheck: Callable[[str], object] | None = None,
+                           sign_first: bool = False):  # type: ignore[no-untyped-def]
     """The dependency that reads a signed route's body (at most ``limit`` bytes, within ``body_deadline_s`` of its
-    size) and checks its envelope and nonce. For uploads: ``precheck`` runs on the signer the headers name before the
-    body is read (a refusal there costs the caller no upload slot and the server no body), and the body is read
-    holding one of ``slots`` until the route is done with it."""
+    size) and checks its envelope and nonce. For uploads (``sign_first``): the envelope and nonce are checked over
+    the body hash the headers carry (``x-gm-body-hash``, required) *before* the body is read, then ``precheck`` on the
+    proven signer; the body is read holding one of ``slots`` until the route is done with it, and refused unless it
+    hashes to what was signed. So a request not signed by a signer with work costs the server no body and takes no
+    slot (naming a working provider's address is not enough). Otherwise ``precheck`` runs on the signer the headers
+    name, before the body is read."""
     deadline = body_deadline(rt.settings)
 
-    def check(headers: Mapping[str, str], method: str, path: str, body: bytes) -> SignedRequest:
+    def check(headers: Mapping[str, str], method: str, path: str, body: bytes | None) -> SignedRequest:
         req = check_envelope(rt, headers, method, path, body)
         consume_nonce(rt, req.signer, req.nonce)
         return req
 
     async def signed(request: Request) -> AsyncIterator[SignedRequest]:
+        # signature recovery and the nonce write block: keep them off the event loop
+        if sign_first:
+            req = await run_in_threadpool(check, request.headers, request.method, request.url.path, None)
+            if precheck is not None:
+                await run_in_threadpool(precheck, req.signer)
+            with slots.take() if slots is not None else nullcontext():
+                body = await read_body(request, limit, deadline)
+                if body_hash(body) != signed_body_hash(request.headers):
+                    raise SignatureError(f"the body ({len(body)} bytes) does not hash to its signed {HEADER_BODY_HASH}; "
+                                         "its nonce is spent: sign it again and send it whole")
+                yield req
+            return
         if precheck is not None:
             await run_in_threadpool(precheck, claimed_signer(request.headers))
         with slots.take() if slots is not None else nullcontext():
             body = await read_body(request, limit, deadline)
-            # signature recovery and the nonce write block: keep them off the event loop
             yield await run_in_threadpool(check, request.headers, request.method, request.url.path, body)
 
     return signed

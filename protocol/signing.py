@@ -14,6 +14,7 @@ later (by a referee, or on chain) without the HTTP request that carried them.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from functools import lru_cache
@@ -42,6 +43,9 @@ HEADER_SIGNER = "x-gm-signer"
 HEADER_NONCE = "x-gm-nonce"
 HEADER_DEADLINE = "x-gm-deadline"
 HEADER_SIGNATURE = "x-gm-signature"
+#: the signed ``bodyHash`` (0x + sha256 of the body, hex), sent along so that a server can check the signature, the
+#: signer and the nonce before it reads a large body, and the body against it once read
+HEADER_BODY_HASH = "x-gm-body-hash"
 
 _EIP712_DOMAIN = [
     {"name": "name", "type": "string"},
@@ -265,12 +269,15 @@ def _text_hash(text: str) -> bytes:
     return keccak(text=text)
 
 
-def request_digest(d: Domain, signer: str, method: str, path: str, body: bytes, nonce: int, deadline: int) -> bytes:
+def request_digest(d: Domain, signer: str, method: str, path: str, body: bytes, nonce: int, deadline: int,
+                   digest: bytes | None = None) -> bytes:
     """The EIP-712 digest of ``Request(signer, method, path, bodyHash, nonce, deadline)`` under
-    ``GridMint/2/chainId/staking`` (what ``sign_request`` signs and ``verify_request`` recovers from)."""
+    ``GridMint/2/chainId/staking`` (what ``sign_request`` signs and ``verify_request`` recovers from); ``digest``:
+    the body's hash, given instead of the body (which is then ignored)."""
     _check_domain(d)
     struct = _keccak256(_REQUEST_TYPEHASH + bytes(12) + bytes.fromhex(signer[2:]) + _text_hash(method.upper())
-                    + _text_hash(path) + body_hash(body) + nonce.to_bytes(32, "big") + deadline.to_bytes(32, "big"))
+                    + _text_hash(path) + (body_hash(body) if digest is None else digest)
+                    + nonce.to_bytes(32, "big") + deadline.to_bytes(32, "big"))
     return _keccak256(b"\x19\x01" + _domain_separator(d) + struct)
 
 
@@ -323,7 +330,20 @@ def sign_request(
         HEADER_NONCE: str(nonce),
         HEADER_DEADLINE: str(deadline),
         HEADER_SIGNATURE: sign_typed(account, "Request", d, message),
+        HEADER_BODY_HASH: "0x" + message["bodyHash"].hex(),
     }
+
+
+def signed_body_hash(headers: Mapping[str, str]) -> bytes:
+    """The body hash a request's headers say was signed (:data:`HEADER_BODY_HASH`); SignatureError if absent or not
+    0x + 64 hex digits."""
+    text = {k.lower(): v for k, v in headers.items()}.get(HEADER_BODY_HASH)
+    if text is None:
+        raise SignatureError(f"missing header {HEADER_BODY_HASH}: the signed body hash (0x + sha256 of the body) must "
+                             "come first for this route")
+    if not re.fullmatch(r"0x[0-9a-fA-F]{64}", text):
+        raise SignatureError(f"{HEADER_BODY_HASH} is not 0x + 64 hex digits: {text[:80]!r}")
+    return bytes.fromhex(text[2:])
 
 
 def verify_request(
@@ -331,10 +351,12 @@ def verify_request(
     d: Domain,
     method: str,
     path: str,
-    body: bytes,
+    body: bytes | None,
     now: int,
 ) -> SignedRequest:
-    """Check a request's envelope: well-formed, signed by the claimed signer, not expired.
+    """Check a request's envelope: well-formed, signed by the claimed signer, not expired. ``body`` None: check it
+    against the body hash its headers carry (:func:`signed_body_hash`), before the body is read; the caller then
+    checks the body against that hash.
 
     Does *not* check the nonce against history: the caller owns that state (see marketplace.auth).
     Raises SignatureError (bad/forged) or ReplayError (expired).
@@ -352,7 +374,8 @@ def verify_request(
         raise SignatureError(f"nonce and deadline must be integers: {exc}") from exc
     if nonce < 0 or deadline < 0 or nonce >= 2**256 or deadline >= 2**256:
         raise SignatureError(f"nonce/deadline out of range: {nonce}, {deadline}")
-    recovered = _recover_digest(request_digest(d, signer, method, path, body, nonce, deadline),
+    digest = signed_body_hash(lowered) if body is None else None
+    recovered = _recover_digest(request_digest(d, signer, method, path, body or b"", nonce, deadline, digest),
                                 lowered[HEADER_SIGNATURE], "Request")
     if recovered != signer:
         raise SignatureError(f"signature is by {recovered}, not by the claimed signer {signer} (or the body, path, chain or marketplace differ)")

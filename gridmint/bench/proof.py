@@ -359,16 +359,18 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     from marketplace import canary
     from marketplace.blobs import BlobStore
 
-    approved, planted = 0, 0
+    approved, planted, declined = 0, 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         store = BlobStore(Path(tmp) / "blobs")
-        for u in range(a.canary_units):  # every segment but the last of each unit, forged and really replayed
+        for u in range(a.canary_units):  # every segment of each unit, forged and really replayed
             cspec = replace(_spec(cfg, 32, 777_000 + u), segment_len=4)
             cunit = train_unit(cspec, start, Path(tmp) / str(u))
             blobs, final = [store.put_file(p) for p in cunit.segment_paths], store.put_file(cunit.final_path)
-            for seg in range(cspec.n_segments - 1):
+            for seg in range(cspec.n_segments):
                 fake = canary.forge(cspec, cunit.proof, seg, blobs, final, store)
-                assert fake is not None
+                if fake is None:  # the borrowed update within 1/4 of this one's (short segments): too close to plant
+                    declined += 1
+                    continue
                 planted += 1
                 approved += check_segment(cspec, TrainingProof.from_dict(fake["proof"]), seg,
                                           store.path(blobs[seg])).ok
@@ -394,11 +396,13 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["lazy_verifier_tasks_to_catch_max"] = max(caught) if caught else None
     out["honest_verifier_canaries"] = planted
     out["honest_verifier_canary_errors"] = approved
+    out["canaries_declined"] = declined  # forgeries marketplace.canary.forge would not stock (too close to the truth)
     # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
-        f"honest verifier approved {approved} of {planted} forged canaries it replayed; verify cost with "
+        f"honest verifier approved {approved} of {planted} forged canaries it replayed ({declined} declined); "
+        f"verify cost with "
         f"canaries {out['verify_cost_ratio_with_canaries']}")
     return out
 

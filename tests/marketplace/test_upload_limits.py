@@ -7,11 +7,13 @@ stall: the deadlines are the behaviour under test, so they are set short here.""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import httpx
 import torch
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from marketplace.auth import body_deadline_s
 from marketplace.common import model_config
@@ -21,18 +23,27 @@ from node.client import MarketClient
 from node.model import init_state
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from protocol.signing import HEADER_SIGNER
+from protocol.signing import HEADER_BODY_HASH, HEADER_SIGNER, sign_request
 from tests.marketplace.test_api_bad_input import _at_work
 from tests.marketplace.test_flow import _assigned, provider, submit_job
 
 
-def _stalled(market, signer: str, declared: int, sent: bytes = b"", path: str = "/blobs",
-             method: str = "PUT") -> socket.socket:
-    """A connection that declares a ``declared``-byte body naming ``signer``, sends ``sent`` of it, then stalls."""
+def _stalled(market, signer: str | LocalAccount, declared: int, sent: bytes = b"", path: str = "/blobs",
+             method: str = "PUT", signed_body: bytes | None = None) -> socket.socket:
+    """A connection that declares a ``declared``-byte body, sends ``sent`` of it, then stalls. ``signer``: an address
+    the headers name (unsigned), or an account that signs the request over ``signed_body`` (default: ``declared``
+    zero bytes), its hash in the headers."""
     host, port = market.url.removeprefix("http://").split(":")
+    if isinstance(signer, str):
+        headers = {HEADER_SIGNER: signer}
+    else:
+        body = b"\0" * declared if signed_body is None else signed_body
+        headers = sign_request(signer, MarketClient(market.url, signer).domain, method, path, body,
+                               time.time_ns() // 1000, int(time.time()) + 300)
     c = socket.create_connection((host, int(port)))
     c.sendall((f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-               f"{HEADER_SIGNER}: {signer}\r\nContent-Length: {declared}\r\n\r\n").encode() + sent)
+               + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+               + f"Content-Length: {declared}\r\n\r\n").encode() + sent)
     return c
 
 
@@ -61,10 +72,12 @@ def test_a_body_gets_longer_the_larger_it_is_but_never_less_than_the_floor() -> 
 
 
 def test_a_strangers_upload_is_refused_before_its_body_is_read(market) -> None:
-    """A signer with no work (and a request naming none) is answered at once, though its body never comes: it
-    holds no upload slot and no memory while it would trickle in."""
+    """A signer with no work, a request naming none, and one naming a provider at work but not signed by it are
+    answered at once, though their bodies never come: they hold no upload slot and no memory while it would trickle
+    in. (Naming a working provider's public address took a slot, and stalled, before the signature was checked
+    first, over the body hash the headers carry.) An upload without that hash is refused at once too."""
     market.rt.settings.body_timeout_s = 600.0  # the answer cannot be a body timeout
-    stranger = _stalled(market, Account.create().address, 1024 * 1024, b"\0" * 1000)
+    stranger = _stalled(market, Account.create(), 1024 * 1024, b"\0" * 1000)
     status, raw, closed = _answer(stranger)
     assert status == 409 and b"no unit assigned" in raw, raw
     host, port = market.url.removeprefix("http://").split(":")
@@ -72,6 +85,29 @@ def test_a_strangers_upload_is_refused_before_its_body_is_read(market) -> None:
     unsigned.sendall(b"PUT /blobs HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
     status, raw, _ = _answer(unsigned)
     assert status == 401 and b"unsigned request" in raw, raw
+    worker = Account.create()
+    _at_work(market, worker)
+    impostor = _stalled(market, worker.address, 1024 * 1024, b"\0" * 1000)  # names it, cannot sign for it
+    status, raw, _ = _answer(impostor)
+    assert status == 401 and b"missing headers" in raw, raw
+    forged = Account.create()
+    headers = sign_request(forged, MarketClient(market.url, forged).domain, "PUT", "/blobs", b"x", 1, 2**40)
+    r = httpx.put(market.url + "/blobs", content=b"x", headers={**headers, HEADER_SIGNER: worker.address})
+    assert r.status_code == 401 and "not by the claimed signer" in r.text, r.text
+    no_hash = {k: v for k, v in sign_request(worker, MarketClient(market.url, worker).domain, "PUT", "/blobs", b"x",
+                                             time.time_ns() // 1000, int(time.time()) + 300).items()
+               if k != HEADER_BODY_HASH}
+    r = httpx.put(market.url + "/blobs", content=b"x", headers=no_hash)
+    assert r.status_code == 401 and HEADER_BODY_HASH in r.text, r.text
+
+
+def test_an_upload_whose_body_is_not_the_one_signed_is_refused(market) -> None:
+    """The signature covers the body hash the headers carry; the body that then arrives must hash to it."""
+    worker = Account.create()
+    _at_work(market, worker)
+    c = _stalled(market, worker, 64, b"\1" * 64, signed_body=b"\0" * 64)
+    status, raw, _ = _answer(c)
+    assert status == 401 and b"does not hash to its signed" in raw, raw
 
 
 def test_a_stalled_upload_is_cut_off_at_its_deadline_and_a_busy_marketplace_says_when_to_come_back(market) -> None:
@@ -88,7 +124,7 @@ def test_a_stalled_upload_is_cut_off_at_its_deadline_and_a_busy_marketplace_says
     def probe() -> httpx.Response:
         return client.signed("PUT", "/blobs", blob, "application/octet-stream")
 
-    stalled = [_stalled(market, acct.address, 1024 * 1024, b"\0" * 4096) for _ in range(settings.max_uploads_in_flight)]
+    stalled = [_stalled(market, acct, 1024 * 1024, b"\0" * 4096) for _ in range(settings.max_uploads_in_flight)]
     busy = market.wait(lambda: (r := probe()).status_code == 503 and r, timeout=20, what="every slot taken")
     assert busy.headers["retry-after"] == "5" and "try again" in busy.json()["detail"], busy.text
     for c in stalled:
