@@ -203,13 +203,14 @@ class ProviderAgent:
             self.say(f"[yellow]this machine has a GPU ({dev.name}), but plan {self.plan.label!r} trains on the CPU: "
                      f"start with --plan cuda to train on the GPU[/]")
         tps = benchmark(seconds=0.5, device=self.plan.device)  # what the node will train at, on its plan's device
-        offer = {"region": self.cfg.region, "gpu": dev.name, "vram_mb": dev.vram_mb, "price": str(self.cfg.price),
+        mine = dev if dev.kind == self.plan.device else probe(self.plan.device)  # and the device and memory it has
+        offer = {"region": self.cfg.region, "gpu": mine.name, "vram_mb": mine.vram_mb, "price": str(self.cfg.price),
                  "tokens_per_s": tps, "capacity": self.cfg.capacity}
         self._check_offer(max(have, self.cfg.stake), offer)  # what the marketplace would refuse: before staking
         if have < self.cfg.stake:
             self.contracts.stake(self.cfg.stake - have)
         reg = self.client.register(**offer)
-        on = dev.name if self.plan.device == dev.kind else self.plan.device
+        on = mine.name if mine.kind == "cuda" else self.plan.device
         self.say(f"registered in {self.cfg.region}: training on {on} (plan {self.plan.label}), {tps:,} tok/s, "
                  f"stake {format_tokens(int(reg['stake']))}")
         return reg

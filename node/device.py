@@ -24,8 +24,10 @@ class DeviceInfo:
     vram_mb: int  # GPU memory, or system memory for a CPU node
 
 
-def probe() -> DeviceInfo:
-    if torch.cuda.is_available():
+def probe(device: str | None = None) -> DeviceInfo:
+    """This machine's device: CUDA device 0 where there is one, else the CPU (its threads and RAM); ``device="cpu"``:
+    the CPU whatever else there is (what a node on a CPU plan trains on, and so advertises)."""
+    if device != "cpu" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return DeviceInfo("cuda", props.name, props.total_memory // (1024 * 1024))
     try:

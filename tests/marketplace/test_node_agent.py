@@ -11,7 +11,7 @@ from unittest import mock
 from sqlalchemy import select
 
 from marketplace import service
-from marketplace.db import Event
+from marketplace.db import Event, Provider
 from node.client import MarketClient, MarketError
 from node.device import DeviceInfo, benchmark
 from protocol.money import tokens
@@ -150,17 +150,23 @@ def test_a_nonce_refused_because_another_process_signs_is_not_a_take_back(market
 
 def test_the_start_line_says_what_the_node_trains_on_and_the_stake_in_gmt(market, tmp_path: Path, capsys) -> None:
     """On a GPU machine without --plan (``probe()`` as it answers on an H100: no GPU here), the node warns that it
-    trains on the CPU and names --plan cuda; it benchmarks (and advertises) the CPU it trains on."""
+    trains on the CPU and names --plan cuda; it benchmarks and advertises the CPU it trains on (its name and memory:
+    it registered the H100 and its 80 GB, so matching counted on memory it does not train with)."""
     devices: list[str | None] = []
 
     def measured(*, seconds: float, device: str | None = None) -> int:
         devices.append(device)
         return benchmark(seconds=seconds, device=device or "cpu")
 
-    with mock.patch("node.agent.probe", return_value=DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 81559)), \
-            mock.patch("node.agent.benchmark", measured):
-        node(market, tmp_path / "p")
+    def h100(device: str | None = None) -> DeviceInfo:
+        return DeviceInfo("cpu", "cpu x8", 64_000) if device == "cpu" else DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 81559)
+
+    with mock.patch("node.agent.probe", h100), mock.patch("node.agent.benchmark", measured):
+        p = node(market, tmp_path / "p")
     out = said(capsys)
+    with market.rt.sessions() as s:
+        row = s.get(Provider, p.account.address)
+        assert (row.gpu, row.vram_mb) == ("cpu x8", 64_000)
     assert devices == ["cpu"]  # named: the plan's (before the fix, none: benchmark's default, the CPU, whatever the plan)
     assert "has a GPU (NVIDIA H100 80GB HBM3), but plan 'cpu' trains on the CPU: start with --plan cuda" in out
     assert "training on cpu (plan cpu)" in out and "stake 200.0000 GMT" in out
