@@ -49,10 +49,10 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
     if short:
         have = contracts.balance_of(me)
         if have < short:
-            raise GridMintValueError(f"the job's budget is {format_tokens(budget)} GMT ({budget} base units); "
-                                     f"{me} holds {format_tokens(have)} GMT, {format_tokens(short - have)} short")
+            raise GridMintValueError(f"the job's budget is {format_tokens(budget)} ({budget} base units); "
+                                     f"{me} holds {format_tokens(have)}, {format_tokens(short - have)} short")
         contracts.fund_job_with_permit(job_id, short)
-        say(f"funded the escrow of job {job_id} with {format_tokens(short)} GMT (budget {format_tokens(budget)})")
+        say(f"funded the escrow of job {job_id} with {format_tokens(short)} (budget {format_tokens(budget)})")
     try:
         client.submit_job(job_id, wire)
     except MarketError as exc:

@@ -114,7 +114,7 @@ def check_max_price(max_price: int, table: CostTable = DEFAULT_TABLE) -> None:
     if max_price < region.floor_per_unit:
         raise GridMintValueError(
             f"max_price {max_price} base units is below every region's price floor (the lowest: {region.region}'s "
-            f"{region.floor_per_unit} = {format_tokens(region.floor_per_unit)} GMT per unit): no provider may take "
+            f"{region.floor_per_unit} = {format_tokens(region.floor_per_unit)} per unit): no provider may take "
             f"a unit at that price. Money is in base units: 1 GMT = 10**18")
 
 

@@ -89,11 +89,11 @@ def claim_owed(client: MarketClient, contracts: GridMintContracts, say: Callable
         proof = [bytes.fromhex(x[2:]) for x in p["proof"]]
         paid = contracts.claim_payout(int(p["epoch"]), cumulative, proof)
         if paid:
-            say(f"claimed {paid} base units from payout epoch {p['epoch']}")
+            say(f"claimed {format_tokens(paid)} from payout epoch {p['epoch']}")
         got += paid
     if contracts.claimable(client.account.address):
         paid = contracts.claim()
-        say(f"claimed {paid} base units of per-unit escrow credit")
+        say(f"claimed {format_tokens(paid)} of per-unit escrow credit")
         got += paid
     return got
 

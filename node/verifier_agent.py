@@ -19,6 +19,7 @@ from node.device import local_plan, plan_build
 from node.keepalive import beat_interval, beating
 from node.replay import check_segment
 from node.trainer import UnitSpec, check_market_recipe, check_recipe, same_bits
+from protocol.money import format_tokens
 from protocol.errors import CheckpointError
 from protocol.proof import TrainingProof
 from protocol.signing import sign_accusation, sign_typed, to_bytes32
@@ -99,7 +100,7 @@ class VerifierAgent:
         have = c.stake_of(self.account.address)
         if have < amount:
             c.stake(amount - have)
-        console.print(f"[dim]verifier[/] staked {max(have, amount)} base units")
+        console.print(f"[dim]verifier[/] staked {format_tokens(max(have, amount))}")
         return max(have, amount)
 
     def _restake(self) -> bool:
@@ -111,7 +112,7 @@ class VerifierAgent:
         try:
             return self.keep_staked(chain_url, amount, c) > before
         except Exception as exc:  # noqa: BLE001 - e.g. the wallet cannot cover it: said, and the agent stops
-            console.print(f"[dim]verifier[/] [yellow]could not stake back up to {amount} base units: {exc}[/]")
+            console.print(f"[dim]verifier[/] [yellow]could not stake back up to {format_tokens(amount)}: {exc}[/]")
             return False
 
     def claim(self) -> int:
