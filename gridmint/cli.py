@@ -449,9 +449,13 @@ def market_serve(
     rt = runtime_from_settings(Settings())
     log_level = os.environ.get("GRIDMINT_LOG_LEVEL", "warning")
     # a stalled connection holds a file descriptor: past serve_limit_concurrency a new one gets a 503 at once, so
-    # the process never runs out of them (a body is timed out by the app: GRIDMINT_BODY_TIMEOUT_S)
+    # the process never runs out of them; one that sends no request head in time is closed (marketplace.serving),
+    # so idle ones cannot hold every place either (a body is timed out by the app: GRIDMINT_BODY_TIMEOUT_S)
+    from marketplace import serving
+
+    os.environ[serving.ENV] = str(rt.settings.serve_header_timeout_s)  # (read by every worker's protocol)
     limits = {"limit_concurrency": rt.settings.serve_limit_concurrency,
-              "timeout_keep_alive": rt.settings.serve_keep_alive_s}
+              "timeout_keep_alive": rt.settings.serve_keep_alive_s, "http": serving.protocol_class()}
     if workers > 1:
         from marketplace.metrics import MULTIPROC_ENV
 

@@ -141,7 +141,8 @@ def create_app(rt: Runtime) -> FastAPI:
     # may upload, holding one of max_uploads_in_flight slots: stalled or slow uploads cannot take the memory of more
     # than that many bodies, and only a signer with work can take a slot
     signed_blob = Depends(make_signed_dependency(rt, rt.settings.max_upload_bytes,
-                                                 UploadSlots(rt.settings.max_uploads_in_flight),
+                                                 UploadSlots(rt.settings.max_uploads_in_flight,
+                                                             lambda: rt.settings.max_uploads_per_signer),
                                                  precheck=lambda signer: check_uploader(rt, signer), sign_first=True))
     metrics = Metrics(rt.sessions, active_window_s=rt.settings.unit_timeout_s,
                       pools=pool_builds(rt.settings.referee_pools))

@@ -85,24 +85,37 @@ async def read_body(request: Request, limit: int, deadline_s: Callable[[int], fl
 
 
 class UploadSlots:
-    """At most ``size`` uploads in this process at once, each holding its body in memory until it is stored. One
-    more is refused at once (UploadsBusy, 503 with Retry-After) rather than queued: a queue would hold its socket,
-    and its body once read, however long it waits. Used on the event loop only (no lock)."""
+    """At most ``size`` uploads in this process at once, each holding its body in memory until it is stored, and at
+    most ``per_signer`` of them one signer's: one provider (a signer with work) stalling uploads took every slot, and
+    every other provider's hand-ins and reveals got 503 until it stopped. One more is refused at once (UploadsBusy,
+    503 with Retry-After) rather than queued: a queue would hold its socket, and its body once read, however long it
+    waits. Used on the event loop only (no lock)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, per_signer: Callable[[], int] | None = None) -> None:
         self.size = size
+        self.per_signer = per_signer or (lambda: size)  # read at each upload (a setting)
         self.taken = 0
+        self.by: dict[str, int] = {}
 
     @contextmanager
-    def take(self) -> Iterator[None]:
+    def take(self, signer: str = "") -> Iterator[None]:
+        if self.by.get(signer, 0) >= (most := self.per_signer()):
+            raise UploadsBusy(f"{signer or 'this signer'} has {most} uploads in progress already; try again in "
+                              f"{UploadsBusy.retry_after_s} s")
         if self.taken >= self.size:
             raise UploadsBusy(f"the marketplace is taking {self.size} uploads already; try again in "
                               f"{UploadsBusy.retry_after_s} s")
         self.taken += 1
+        self.by[signer] = self.by.get(signer, 0) + 1
         try:
             yield
         finally:
             self.taken -= 1
+            left = self.by[signer] - 1
+            if left:
+                self.by[signer] = left
+            else:
+                del self.by[signer]
 
 
 # Prebuilt Core statements: this runs on every signed request, and an ORM Session transaction costs ~2.3 ms here
@@ -184,7 +197,7 @@ def make_signed_dependency(rt: Runtime, limit: int, slots: UploadSlots | None = 
             req = await run_in_threadpool(check, request.headers, request.method, request.url.path, None)
             if precheck is not None:
                 await run_in_threadpool(precheck, req.signer)
-            with slots.take() if slots is not None else nullcontext():
+            with slots.take(req.signer) if slots is not None else nullcontext():
                 body = await read_body(request, limit, deadline)
                 if body_hash(body) != signed_body_hash(request.headers):
                     raise SignatureError(f"the body ({len(body)} bytes) does not hash to its signed {HEADER_BODY_HASH}; "

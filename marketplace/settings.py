@@ -37,10 +37,14 @@ class Settings(BaseSettings):
     # uploads (PUT /blobs) one API process takes at once, each body in memory until stored; one more is a 503 with
     # Retry-After (nodes retry a 5xx), not a queue
     max_uploads_in_flight: int = Field(default=8, ge=1)
+    #: of those, at most this many one signer's (a provider stalling its uploads cannot take every slot)
+    max_uploads_per_signer: int = Field(default=2, ge=1)
     # `gridmint marketplace serve`'s uvicorn, per worker: connections and requests at once before new ones get a 503
     # (keep it under the process's file limit, `ulimit -n`), and how long an idle keep-alive connection stays open
     serve_limit_concurrency: int = Field(default=512, ge=1)
     serve_keep_alive_s: int = Field(default=5, ge=1)
+    #: a connection waiting longer than this for a request's head is closed (marketplace.serving)
+    serve_header_timeout_s: float = Field(default=10.0, gt=0)
     min_stake: int = Field(default=tokens(100), ge=0)  # base units a provider must stake to be matched
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)

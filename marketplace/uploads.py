@@ -43,9 +43,10 @@ class Held:
 
 
 def allowance(segments: int, asked: int) -> int:
-    """Distinct checkpoints a unit of ``segments`` segments may take: one per segment, its final state, ``asked``
-    states its disputes asked for, and ``UPLOAD_MARGIN``."""
-    return segments + 1 + asked + UPLOAD_MARGIN
+    """Distinct checkpoints a unit of ``segments`` segments may take: one per segment and its final state, twice (a
+    node restarted on another plan or kernels cannot hand in what it kept: it trains the unit again, every checkpoint
+    new bytes), ``asked`` states its disputes asked for, and ``UPLOAD_MARGIN``."""
+    return 2 * (segments + 1) + asked + UPLOAD_MARGIN
 
 
 def _asked(bisect: dict[str, Any] | None) -> int:

@@ -426,9 +426,15 @@ class ProviderAgent:
         return True
 
     def _reveal(self, ask: dict[str, Any], where: str = "") -> None:
-        self.client.reveal(self.answer(ask))
+        body = self.answer(ask)
+        self._retry("reveal", lambda: self.client.reveal(body), self._reveal_due(ask))
         self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute"
                  f"{where}")
+
+    @staticmethod
+    def _reveal_due(ask: dict[str, Any]) -> float:
+        """Until when a reveal is worth sending (unix seconds): the ask's deadline, or a minute from now."""
+        return float(ask.get("deadline") or time.time() + 60)
 
     def answer(self, ask: dict[str, Any]) -> dict[str, Any]:
         """The signed reveal body for a referee's ``ask`` (from ``/reveals/next``); uploads the state's checkpoint."""
@@ -442,7 +448,10 @@ class ProviderAgent:
             start, _ = checkpoint.load(self.client.get_blob(ask["checkpoint_blob"], fetched))
             state = crosscheck.Revealer(spec, crosscheck.PlanRunner(spec, start, plan), {seg: start})(step)
             checkpoint.save(path, state, checkpoint_metadata(spec, seg))
-            blob, h = self.client.put_blob(path), state_hash(state)
+            # a busy marketplace (every upload slot taken: 503), a slow link (408) or a dropped one is tried again
+            # until the reveal's deadline: a new attempt would replay the segment again first
+            blob = self._retry("reveal upload", lambda: self.client.put_blob(path), self._reveal_due(ask))
+            h = state_hash(state)
         finally:
             path.unlink(missing_ok=True)
             fetched.unlink(missing_ok=True)

@@ -53,6 +53,45 @@ def test_a_reveal_keeps_the_unit_assigned_meanwhile_alive(market, tmp_path: Path
     assert p.work_once() and unit_status(market, job_id) in ("submitted", "verified")
 
 
+def test_a_reveal_upload_refused_by_a_busy_marketplace_is_tried_again_without_replaying_again(
+        market, tmp_path: Path, capsys) -> None:
+    """A reveal's upload that meets a busy marketplace (every upload slot taken: 503) is tried again until the
+    reveal's deadline. It was not: the reveal failed, and the next attempt downloaded the start and replayed the
+    segment again first. (The ask is built from the node's own submitted unit, its start downloaded and the state
+    re-derived for real; only the upload and reveal routes are stubbed: a real reveal needs a bisecting dispute.)"""
+    from marketplace.common import unit_spec
+    from marketplace.db import Job, Unit
+
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    assert p.work_once()
+    with market.rt.sessions() as s:
+        unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
+        spec = unit_spec(s.get(Job, job_id), unit)
+        start_blob = unit.segment_blobs[0]
+    asks = [{"verification_id": 1, "unit_id": unit.id, "segment": 0, "step": 1, "spec": spec.to_json(),
+             "spec_hash": spec.spec_hash(), "plan": "cpu", "checkpoint_blob": start_blob,
+             "deadline": int(time.time()) + 120}]
+    downloads, puts, sent = [], [], []
+    get_blob = p.client.get_blob
+
+    def put_blob(path: Path) -> str:
+        puts.append(path.read_bytes())
+        if len(puts) == 1:
+            raise MarketError(503, "the marketplace is taking 8 uploads already; try again in 5 s", "UploadsBusy")
+        return "cd" * 32
+
+    p.client.next_reveal = lambda: asks.pop() if asks else None  # type: ignore[method-assign]
+    p.client.get_blob = lambda sha, dest: downloads.append(sha) or get_blob(sha, dest)  # type: ignore[method-assign]
+    p.client.put_blob = put_blob  # type: ignore[method-assign]
+    p.client.reveal = lambda body: sent.append(body) or {"status": "ok"}  # type: ignore[method-assign]
+    assert p.reveal_once()
+    assert downloads == [start_blob] and len(puts) == 2 and puts[0] == puts[1]  # one replay, sent twice
+    assert len(sent) == 1 and sent[0]["blob"] == "cd" * 32 and sent[0]["step"] == 1
+    assert "reveal upload failed" in said(capsys)
+
+
 def test_a_slow_start_download_does_not_lose_the_unit(market, tmp_path: Path, capsys) -> None:
     market.rt.settings.unit_timeout_s = 3
     p = node(market, tmp_path / "p")

@@ -116,6 +116,7 @@ def test_a_stalled_upload_is_cut_off_at_its_deadline_and_a_busy_marketplace_says
     connection closed; then uploads go through again. A stalled JSON body is cut off alike."""
     settings = market.rt.settings
     settings.body_timeout_s, settings.body_min_rate = 2.0, 2**40  # every body here: 2 s
+    settings.max_uploads_per_signer = settings.max_uploads_in_flight  # (one signer fills them here; see the next test)
     acct = Account.create()
     _at_work(market, acct)
     client = MarketClient(market.url, acct)
@@ -137,6 +138,28 @@ def test_a_stalled_upload_is_cut_off_at_its_deadline_and_a_busy_marketplace_says
     assert httpx.get(market.url + "/healthz").status_code == 200
 
 
+def test_one_provider_cannot_take_every_upload_slot(market) -> None:
+    """A staked provider with a unit stalled 8 signed uploads and every other provider's hand-ins and reveals got
+    503 until it let go (the review of this session's change). Now a signer holds at most
+    GRIDMINT_MAX_UPLOADS_PER_SIGNER (2) slots: its third is a 503 naming it, and another provider's upload goes
+    through meanwhile."""
+    market.rt.settings.body_timeout_s = 600.0
+    assert market.rt.settings.max_uploads_per_signer == 2
+    greedy, other = Account.create(), Account.create()
+    _at_work(market, greedy)
+    _at_work(market, other)
+    stalled = [_stalled(market, greedy, 1024 * 1024, b"\0" * 4096) for _ in range(2)]
+    blob = checkpoint.serialize({"w": torch.zeros(4)}, {})
+    third = market.wait(lambda: (r := MarketClient(market.url, greedy).signed(
+        "PUT", "/blobs", blob, "application/octet-stream")).status_code == 503 and r, timeout=20,
+        what="the greedy signer's slots taken")
+    assert "has 2 uploads in progress already" in third.json()["detail"] and third.headers["retry-after"] == "5"
+    r = MarketClient(market.url, other).signed("PUT", "/blobs", blob, "application/octet-stream")
+    assert r.status_code == 422, r.text  # a slot: read, parsed (and refused: no state of its unit's model)
+    for c in stalled:
+        c.close()
+
+
 def _training_state(spec: JobSpec, k: int) -> bytes:
     """A full fp32 training state of ``spec``'s model (what a provider uploads), told apart by ``k``."""
     tensors = {}
@@ -150,8 +173,8 @@ def _training_state(spec: JobSpec, k: int) -> bytes:
 
 def test_a_unit_takes_the_checkpoints_its_work_needs_and_no_junk(market, tmp_path: Path) -> None:
     """A provider holding one unit stored 40 junk uploads of up to 32 MiB each: an upload must be a training state
-    of the model of a unit it holds (422), and a unit of 2 segments takes 2 + its final state + 2 distinct ones
-    (429 past that). The same bytes again are free (a node retries an upload after a dropped link), and what was
+    of the model of a unit it holds (422), and a unit of 2 segments takes twice 2 + its final state (a node
+    restarted on another plan trains it again) + 2 distinct ones (429 past that). The same bytes again are free (a node retries an upload after a dropped link), and what was
     refused is not stored."""
     p = provider(market, tmp_path, "p", "us-east", "0.9")
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
@@ -166,9 +189,9 @@ def test_a_unit_takes_the_checkpoints_its_work_needs_and_no_junk(market, tmp_pat
         junk.text
     other = spec.model_copy(update={"model": spec.model.model_copy(update={"n_layer": 1})})
     assert put(_training_state(other, 0)).status_code == 422  # another model's state
-    shas = [put(_training_state(spec, k)).json()["sha256"] for k in range(5)]
+    shas = [put(_training_state(spec, k)).json()["sha256"] for k in range(8)]
     assert put(_training_state(spec, 0)).json()["sha256"] == shas[0]  # sent again: not charged again
-    over = put(_training_state(spec, 5))
+    over = put(_training_state(spec, 8))
     assert over.status_code == 429 and "as many checkpoints as its work needs" in over.json()["detail"], over.text
     assert put(_training_state(spec, 3)).status_code == 201  # a retry of one it took is still taken
     with market.rt.sessions() as s:
