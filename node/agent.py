@@ -426,10 +426,27 @@ class ProviderAgent:
         return True
 
     def _reveal(self, ask: dict[str, Any], where: str = "") -> None:
-        body = self.answer(ask)
-        self._retry("reveal", lambda: self.client.reveal(body), self._reveal_due(ask))
+        try:
+            body = self.answer(ask)
+            self._retry("reveal", lambda: self.client.reveal(body), self._reveal_due(ask))
+        except MarketError as exc:
+            # refused for good: the dispute may have moved on meanwhile (ruled on another segment's check, the unit
+            # gone), and then its upload (a state of no unit held) or the reveal itself is refused; nothing is lost
+            if exc.status >= 500 or self._still_asked(ask):
+                raise
+            self.say(f"[dim]unit {ask['unit_id'][:10]}: the state before step {ask['step']} is no longer asked for "
+                     f"({exc})[/]")
+            return
         self.say(f"revealed unit {ask['unit_id'][:10]} state before step {ask['step']} ({ask['plan']}) for a dispute"
                  f"{where}")
+
+    def _still_asked(self, ask: dict[str, Any]) -> bool:
+        """Whether the referee still waits for ``ask`` (the first open ask is it); a poll that fails says yes."""
+        try:
+            now = self.client.next_reveal()
+        except (MarketError, httpx.HTTPError):
+            return True
+        return now is not None and (now["verification_id"], now["step"]) == (ask["verification_id"], ask["step"])
 
     @staticmethod
     def _reveal_due(ask: dict[str, Any]) -> float:

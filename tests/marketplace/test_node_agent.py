@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import pytest
 from sqlalchemy import select
 
 from marketplace import service
 from marketplace.db import Event, Provider
+from node.agent import ProviderAgent
 from node.client import MarketClient, MarketError
 from node.device import DeviceInfo, benchmark
 from protocol.money import tokens
@@ -53,12 +55,9 @@ def test_a_reveal_keeps_the_unit_assigned_meanwhile_alive(market, tmp_path: Path
     assert p.work_once() and unit_status(market, job_id) in ("submitted", "verified")
 
 
-def test_a_reveal_upload_refused_by_a_busy_marketplace_is_tried_again_without_replaying_again(
-        market, tmp_path: Path, capsys) -> None:
-    """A reveal's upload that meets a busy marketplace (every upload slot taken: 503) is tried again until the
-    reveal's deadline. It was not: the reveal failed, and the next attempt downloaded the start and replayed the
-    segment again first. (The ask is built from the node's own submitted unit, its start downloaded and the state
-    re-derived for real; only the upload and reveal routes are stubbed: a real reveal needs a bisecting dispute.)"""
+def _submitted_unit_ask(market, tmp_path: Path) -> tuple[ProviderAgent, dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """A node that trained and handed in a unit, and a referee's ask for the state before step 1 of that unit (what
+    /reveals/next answers in a bisection of segment 0; a real one needs a bisecting dispute)."""
     from marketplace.common import unit_spec
     from marketplace.db import Job, Unit
 
@@ -69,10 +68,42 @@ def test_a_reveal_upload_refused_by_a_busy_marketplace_is_tried_again_without_re
     with market.rt.sessions() as s:
         unit = s.scalars(select(Unit).where(Unit.job_id == job_id)).one()
         spec = unit_spec(s.get(Job, job_id), unit)
-        start_blob = unit.segment_blobs[0]
-    asks = [{"verification_id": 1, "unit_id": unit.id, "segment": 0, "step": 1, "spec": spec.to_json(),
-             "spec_hash": spec.spec_hash(), "plan": "cpu", "checkpoint_blob": start_blob,
-             "deadline": int(time.time()) + 120}]
+        return p, {"verification_id": 1, "unit_id": unit.id, "segment": 0, "step": 1, "spec": spec.to_json(),
+                   "spec_hash": spec.spec_hash(), "plan": "cpu", "checkpoint_blob": unit.segment_blobs[0],
+                   "deadline": int(time.time()) + 120}
+
+
+def test_a_reveal_no_longer_asked_for_is_dropped_and_one_still_asked_is_not(market, tmp_path: Path, capsys) -> None:
+    """A dispute can move on while the node re-derives a state (another check of the unit ruled, the unit gone): its
+    upload is then refused (a state of no unit it holds: 422) or the reveal is (409). That error ended reveal_once,
+    and with it the node's loop turn; now the node asks whether the state is still wanted and, if not, says so and
+    goes on. Still asked, the refusal is raised as before."""
+    p, ask = _submitted_unit_ask(market, tmp_path)
+    refusal = MarketError(422, f"checkpoint ab is not a training state of the model of any unit {p.account.address} "
+                               "holds", "CheckpointError")
+    polls = [None, ask]  # popped from the end: first the ask itself, then (asked again) nothing open
+
+    def put_blob(path: Path) -> str:
+        raise refusal
+
+    p.client.next_reveal = lambda: polls.pop() if polls else None  # type: ignore[method-assign]
+    p.client.put_blob = put_blob  # type: ignore[method-assign]
+    p.client.reveal = lambda body: pytest.fail("nothing to reveal")  # type: ignore[method-assign]
+    assert p.reveal_once()
+    assert "is no longer asked for" in said(capsys)
+    polls[:] = [ask, ask]  # still open when asked again: the refusal stands
+    with pytest.raises(MarketError):
+        p.reveal_once()
+
+
+def test_a_reveal_upload_refused_by_a_busy_marketplace_is_tried_again_without_replaying_again(
+        market, tmp_path: Path, capsys) -> None:
+    """A reveal's upload that meets a busy marketplace (every upload slot taken: 503) is tried again until the
+    reveal's deadline. It was not: the reveal failed, and the next attempt downloaded the start and replayed the
+    segment again first. (The ask is built from the node's own submitted unit, its start downloaded and the state
+    re-derived for real; only the upload and reveal routes are stubbed: a real reveal needs a bisecting dispute.)"""
+    p, ask = _submitted_unit_ask(market, tmp_path)
+    start_blob, asks = ask["checkpoint_blob"], [ask]
     downloads, puts, sent = [], [], []
     get_blob = p.client.get_blob
 
