@@ -82,8 +82,8 @@ def cluster(tmp_path: Path, postgres_server: str) -> Iterator[Cluster]:
             "GRIDMINT_OPERATOR_KEY": "0x" + bytes(operator.key).hex(),
             "GRIDMINT_MIN_STAKE": str(tokens(100)),
             "GRIDMINT_UNIT_TIMEOUT_S": "60",
-            # every check of a segment but a unit's last comes first as a planted canary (each segment is planted at
-            # most once), forged by one process, answered via any
+            # every check of a segment comes first as a planted canary (each segment is planted at most once), forged
+            # by one process, answered via any
             "GRIDMINT_CANARY_RATE": "1.0",
             "GRIDMINT_MAX_UPLOAD_BYTES": str(2 * 1024 * 1024),
         }
@@ -174,12 +174,12 @@ def test_two_apis_two_workers_one_postgres_one_redis_settle_a_job_exactly_once(c
     # every unit verified once, credited once
     assert len(units) == n_units and all(u.status == "verified" and u.attempts == 1 for u in units)
     assert sorted(e.data["unit"] for e in verified_events) == sorted(u.id for u in units)
-    # every real check of a segment but the last stood behind exactly one planted canary, which the honest verifier
-    # flagged; the real check was done all the same
+    # every real check, of the last segment too (its forgery borrows the update before it), stood behind exactly one
+    # planted canary, which the honest verifier flagged; the real check was done all the same. (A forgery within 1/4
+    # of an update of the claim is declined: at this shape none were, 0 of 36 segments of 5 steps measured)
     real = [v for v in checks if v.canary is None]
     planted = sorted((v.unit_id, v.segment) for v in checks if v.canary is not None)
-    last = SPEC.steps_per_unit // SPEC.segment_len - 1
-    assert planted == sorted((v.unit_id, v.segment) for v in real if v.segment != last)
+    assert planted == sorted((v.unit_id, v.segment) for v in real)
     assert all(v.status == "canary_flagged" for v in checks if v.canary is not None)
     assert real and all(v.status == "passed" for v in real)
     assert len({(v.unit_id, v.segment) for v in real}) == len(real)  # no segment handed out twice
