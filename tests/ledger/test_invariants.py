@@ -205,17 +205,23 @@ def test_seeded_campaign_runs_clean(harness: Harness) -> None:
     assert {"stake", "fund"} <= set(stats.succeeded)
 
 
+def _accused(harness: Harness) -> tuple[Harness, Any, int]:
+    """The harness reset to a provider staking 1,000 and a verifier staking 500 that accuses it (a bond of 100 on one
+    open dispute): the harness, the verifier and its index among the stakers."""
+    harness.reset()
+    verifier = harness.cast.verifiers[0]
+    v_index = harness.cast.stakers.index(verifier)
+    harness.stake(0, 1_000)
+    harness.stake(v_index, 500)
+    harness.accuse(0, 0, 10)
+    return harness, verifier, v_index
+
+
 def test_a_dismissed_dispute_releases_the_bond_and_matches_the_model(harness: Harness) -> None:
     """The good-faith verdict on the real contract and the model: a verifier accuses, the referee dismisses; every
     invariant holds, the bond is free again, a second dismiss (and a resolve) of the spent evidence revert as
     predicted."""
-    harness.reset()
-    h = harness
-    verifier = h.cast.verifiers[0]
-    v_index = h.cast.stakers.index(verifier)
-    h.stake(0, 1_000)
-    h.stake(v_index, 500)
-    h.accuse(0, 0, 10)
+    h, verifier, v_index = _accused(harness)
     assert h.model.stake_of(verifier.address).bonded == 100 and len(h.model.disputes) == 1
     before = h.stats.succeeded.get("dismiss", 0)  # the harness is shared: its stats count every test's operations
     h.dismiss(0)
@@ -291,13 +297,7 @@ def test_a_bond_slashed_away_is_not_taken_again_from_later_stake(harness: Harnes
     """Review R4 against the model: a verifier bonds 100 on an accusation, a governance slash takes its whole stake
     (the bond with it), it stakes 300 again, and the accusation is ruled false. The verdict takes nothing more: the
     300 stays staked and free, on chain and in the model."""
-    harness.reset()
-    h = harness
-    verifier = h.cast.verifiers[0]
-    v_index = h.cast.stakers.index(verifier)
-    h.stake(0, 1_000)
-    h.stake(v_index, 500)
-    h.accuse(0, 0, 10)
+    h, verifier, v_index = _accused(harness)
     h.slash(v_index, 500, 1)
     s = h.model.stake_of(verifier.address)
     assert (s.staked, s.bonded, s.open_disputes) == (0, 0, 1)
