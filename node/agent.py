@@ -28,8 +28,8 @@ from node.client import UNREACHABLE, MarketClient, MarketError
 from node.crosscheck import Plan
 from node.device import benchmark, local_plan, plan_build, probe
 from node.keepalive import beat_interval, beating
-from node.trainer import (UnitResult, UnitSpec, check_market_recipe, check_recipe, checkpoint_metadata, model_only,
-                          state_hash, train_unit)
+from node.trainer import (PROGRESS_FILE, UnitResult, UnitSpec, check_market_recipe, check_recipe, checkpoint_metadata,
+                          model_only, state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.money import format_tokens
 from protocol.proof import TrainingProof
@@ -171,8 +171,10 @@ class ProviderAgent:
         self.plan = local_plan(Plan.parse(cfg.plan))  # a GPU plan names this machine's GPU model
         self.build = plan_build(self.plan)  # with which kernels it trains: its work replays bit for bit on these only
         # on the plan it declares when it submits (self.plan, read at training time)
+        # with a progress journal: a unit stopped partway (a kill, a reboot, Ctrl-C) goes on from its last kept
+        # segment when the node is started again before the unit's deadline
         self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(
-            spec, start, workdir, plan=self.plan, on_step=self._between_steps)
+            spec, start, workdir, plan=self.plan, on_step=self._between_steps, resume_as=self.build)
         # a referee's request to reveal a state, seen by the heartbeat thread while a unit trains; answered by the
         # training thread between two steps (a long unit must not outlast the reveal deadline)
         self._ask: dict[str, Any] | None = None
@@ -180,6 +182,7 @@ class ProviderAgent:
         # the training thread's progress, reported by the heartbeat thread; and why the marketplace took the unit
         # back, if it did (the training thread stops at the next step)
         self._steps = 0
+        self._first_step: int | None = None  # the first step the unit in training trained here (> 0: resumed)
         self._withdrawn: str | None = None
         if cfg.adversary:  # a cheat trains its own way, whatever plan it declares
             from node.adversary import ADVERSARIES, trains_on_its_plan
@@ -252,7 +255,7 @@ class ProviderAgent:
         unit_dir = self.workdir / spec.unit_id[2:14]
         # no deadline given (an older marketplace): an hour, the shortest a unit gets
         due = float(work.get("due") or time.time() + 3600)
-        self._steps, self._withdrawn = 0, None
+        self._steps, self._first_step, self._withdrawn = 0, None, None
         kept = self._kept(spec, unit_dir)
         if kept is None:
             result = self._train(spec, work, unit_dir)
@@ -278,15 +281,23 @@ class ProviderAgent:
             raise
         shutil.rmtree(unit_dir, ignore_errors=True)
         losses = kept["losses"]
-        self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}):"
+        resumed = f", resumed at step {self._first_step}" if self._first_step else ""
+        self.say(f"submitted unit {spec.unit_id[:10]} (round {spec.round}, shard {spec.shard}{resumed}):"
                  f" loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         return True
 
     def _train(self, spec: UnitSpec, work: dict[str, Any], unit_dir: Path) -> UnitResult | None:
-        """Train ``spec`` into ``unit_dir``; None if it was stopped (taken back, or a signal): its partial files are
-        removed (training resumes from step 0: the trainer keeps no resumable mid-unit state). So are they when a
-        write fails (a full disk: the OSError goes on to run(), which says so)."""
-        shutil.rmtree(unit_dir, ignore_errors=True)  # a partial unit from before a restart
+        """Train ``spec`` into ``unit_dir``; None if it was stopped (taken back, or a signal).
+
+        A unit stopped by a signal keeps its files and progress journal (:data:`node.trainer.PROGRESS_FILE`): a node
+        started again before the unit's deadline goes on from its last kept segment the journal vouches for, and so
+        does one killed outright (an OOM kill, a reboot). A unit taken back loses its files, and so does one whose
+        write failed (a full disk: the OSError goes on to run(), which says so)."""
+        if (unit_dir / PROGRESS_FILE).exists():
+            self.say(f"unit {spec.unit_id[:10]} was stopped partway before: going on from its last kept segment "
+                     f"that checks out")
+        else:
+            shutil.rmtree(unit_dir, ignore_errors=True)  # a unit's files from before a restart, with no journal
         unit_dir.mkdir(parents=True, exist_ok=True)
         try:
             with self.alive():  # the unit is ours from its assignment: a long download must not lose it
@@ -298,9 +309,12 @@ class ProviderAgent:
             with self.heartbeats(spec.unit_id):
                 result = self.trainer(spec, model_only(start), unit_dir)
         except (UnitWithdrawn, Stopped) as exc:
-            shutil.rmtree(unit_dir, ignore_errors=True)
-            why = "" if isinstance(exc, UnitWithdrawn) else (
-                ": the unit stays ours until its deadline, and a node started again before then trains it anew")
+            why = ""
+            if isinstance(exc, UnitWithdrawn) or not (unit_dir / PROGRESS_FILE).exists():
+                shutil.rmtree(unit_dir, ignore_errors=True)
+            if isinstance(exc, Stopped):
+                why = (": the unit stays ours until its deadline, and a node started again before then "
+                       + ("goes on from its last kept segment" if unit_dir.exists() else "trains it anew"))
             self.say(f"[yellow]stopped training unit {spec.unit_id[:10]} after {self._steps} of {spec.steps} steps:"
                      f" {exc}{why}[/]")
             return None
@@ -484,6 +498,8 @@ class ProviderAgent:
         the unit once the marketplace has taken it back (:class:`UnitWithdrawn`) or the owner asked the node to stop
         (:class:`Stopped`: a unit of hours must not hold a Ctrl-C until its end)."""
         self._steps = step + 1
+        if self._first_step is None:
+            self._first_step = step
         if self._withdrawn is not None:
             raise UnitWithdrawn(self._withdrawn)
         self._check_stop()

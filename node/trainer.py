@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -561,9 +562,55 @@ def check_start(spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
         raise GridMintValueError(f"start checkpoint does not fit the unit's model: {exc}") from exc
 
 
+#: The progress journal :func:`train_unit` keeps in a unit's directory when asked to (``resume_as``).
+PROGRESS_FILE = "progress.json"
+
+
+def _write_progress(workdir: Path, tag: Mapping[str, Any], hashes: Sequence[str],
+                    seg_losses: Sequence[Sequence[float]]) -> None:
+    """Replace the journal (no fsync: :func:`resume_point` trusts nothing it does not re-hash)."""
+    tmp = workdir / (PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps({**tag, "hashes": list(hashes), "losses": [list(x) for x in seg_losses]}))
+    os.replace(tmp, workdir / PROGRESS_FILE)
+
+
+def resume_point(spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, tag: Mapping[str, Any],
+                 ) -> tuple[int, list[str], list[list[float]], dict[str, Tensor]] | None:
+    """Where a unit stopped partway can go on from: ``(k, hashes of states 0..k, losses of segments 0..k-1, state
+    k)`` for the last segment start ``k >= 1`` that ``workdir``'s journal names, if the journal is this unit's on
+    this plan and build (``tag``) and starts from ``start``, and checkpoints 0..k are on disk whole and hash to what
+    it says (each is uploaded and committed to: one damaged file would be a proof no replay agrees with); else None,
+    and the unit is trained from step 0. Runs inside :func:`deterministic` (it hashes)."""
+    try:
+        journal = json.loads((workdir / PROGRESS_FILE).read_text())
+        if not isinstance(journal, dict) or any(journal.get(k) != v for k, v in tag.items()):
+            return None
+        hashes, losses = list(journal["hashes"]), [[float(x) for x in seg] for seg in journal["losses"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (not hashes or hashes[0] != start_state_hash(start) or len(losses) > spec.n_segments
+            or any(len(seg) != spec.segment_len for seg in losses)):
+        return None
+    best: tuple[int, dict[str, Tensor]] | None = None
+    for k in range(min(len(hashes) - 1, len(losses)) + 1):
+        path = final_path(workdir) if k == spec.n_segments else segment_path(workdir, k)
+        try:
+            state, _ = checkpoint.load(path)
+            check_training_state(spec, state)
+        except (OSError, CheckpointError, GridMintValueError):
+            break
+        if state_hash(state) != hashes[k]:
+            break
+        best = (k, state)
+    if best is None or best[0] == 0:
+        return None
+    k, state = best
+    return k, hashes[:k + 1], losses[:k], state
+
+
 def train_unit(
     spec: UnitSpec, start: Mapping[str, Tensor], workdir: Path, *, on_step: OnStep | None = None,
-    plan: Plan = PROVIDER_PLAN,
+    plan: Plan = PROVIDER_PLAN, resume_as: str | None = None,
 ) -> UnitResult:
     """Train one unit honestly from the model-only global checkpoint ``start`` (fresh AdamW state) on ``plan``.
 
@@ -576,6 +623,12 @@ def train_unit(
     buffer (:class:`node.statehash.AsyncStateHasher`: one fused copy on CPU; on CUDA a device-to-device copy,
     then to pinned host memory on a side stream), and hashing it and writing its checkpoint happen on a
     background thread while the next segment trains.
+
+    ``resume_as`` (the kernel build this process trains with, :func:`node.device.plan_build`): keep a journal of the
+    unit's progress in ``workdir`` (:data:`PROGRESS_FILE`: each kept checkpoint's state hash and every step's loss,
+    rewritten at each segment boundary), and start from the last kept segment a journal of this unit, plan and build
+    vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is what a verifier's
+    replay does: the resumed unit's checkpoints, losses and proof are byte for byte an uninterrupted run's (tests).
     """
     check_start(spec, start)
     workdir = Path(workdir)
@@ -588,33 +641,40 @@ def train_unit(
     def saver(k: int) -> Callable[[dict[str, Tensor]], object]:
         return lambda snapshot: checkpoint.save(paths[k], snapshot, metas[k])
 
+    tag = {"unit_id": spec.unit_id, "spec_hash": spec_hash, "plan": plan.label, "build": resume_as}
     with deterministic(spec.threads):
-        model, opt = load_training_state(spec, fresh_state(start))
+        point = resume_point(spec, start, workdir, tag) if resume_as is not None else None
+        first, known, seg_losses, state = point if point is not None else (0, [], [], fresh_state(start))
+        digests = [expected_batch_digest(spec, s) for s in range(first)]
+        model, opt = load_training_state(spec, state)
+        del state
         place(model, opt, plan)
         live = export_training_state(model, opt)
-        digests: list[str] = []
-        loss_micro: list[int] = []
-        all_losses: list[float] = []
         threads = max(1, min(8, (os.cpu_count() or 2) - (spec.threads if plan.device == "cpu" else 1)))
         with statehash.AsyncStateHasher(live, buffers=2, threads=threads) as hasher:
             t0 = time.perf_counter()
-            futures = [hasher.submit(live, then=saver(0))]
+            # a resumed unit's start-of-segment checkpoint is on disk already, its hash vouched for
+            futures = [] if first else [hasher.submit(live, then=saver(0))]
             commit_s = time.perf_counter() - t0
-            for s in range(n):
+            for s in range(first, n):
                 batches, losses = run_segment(spec, model, opt, s, on_step, plan)
                 t0 = time.perf_counter()
                 futures.append(hasher.submit(live, then=saver(s + 1)))
                 for f in futures[:-2]:
                     if f.done():
                         f.result()  # a failed checkpoint write stops the unit now, not at its end
-                commit_s += time.perf_counter() - t0
                 digests.append(batch_digest(batches))
-                loss_micro.append(mean_loss_micro(losses))
-                all_losses.extend(losses)
+                seg_losses.append(losses)
+                if resume_as is not None:
+                    done = [f.result() for f in itertools.takewhile(lambda f: f.done(), futures)]
+                    _write_progress(workdir, tag, known + done, seg_losses)
+                commit_s += time.perf_counter() - t0
             t0 = time.perf_counter()
-            hashes = [f.result() for f in futures]
+            hashes = known + [f.result() for f in futures]
             commit_s += time.perf_counter() - t0
         final_model = {k: v.detach().to("cpu", copy=True) for k, v in model_only(live).items()}
+    loss_micro = [mean_loss_micro(losses) for losses in seg_losses]
+    all_losses = [x for losses in seg_losses for x in losses]
     commits = [SegmentCommit(s, hashes[s], hashes[s + 1], digests[s], loss_micro[s]) for s in range(n)]
     proof = make_proof(
         unit_id=spec.unit_id, spec_hash=spec_hash, seed=spec.seed, steps=spec.steps,

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from marketplace.db import Unit
+from marketplace.db import Unit, Verification
 from node.agent import AgentConfig, ProviderAgent
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from tests.marketplace.test_flow import _assigned, job_status, submit_job
+from tests.marketplace.test_flow import _assigned, drive, job_status, slashed, staked_verifier, submit_job
 
 SMALL = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
                 verification="none")
@@ -187,3 +187,39 @@ def test_ctrl_c_stops_the_node_between_training_steps(market, tmp_path: Path, ca
     assert unit_status(market, job_id) == "assigned" and files(p.workdir) == []
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert "stopped training unit" in said(capsys)
+
+
+def test_a_node_stopped_partway_goes_on_from_its_last_kept_segment_and_its_unit_is_verified(market, tmp_path: Path,
+                                                                                          capsys) -> None:
+    """Ctrl-C partway through a unit of 8 segments: the node keeps the unit's checkpoints and progress journal, and
+    the node started again on the same wallet and work directory trains only the steps from its last kept segment
+    on. What it hands in passes a full replay of every segment, and the job settles with no one slashed."""
+    acct = market.account(gmt=tokens(500))
+    p = node(market, tmp_path / "p", acct=acct)
+    spec = SMALL.model_copy(update={"steps_per_unit": 40, "segment_len": 5, "verification": "full"})
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+
+    def press() -> None:
+        market.wait(lambda: p._steps >= 22, what="training past segment 4")  # noqa: SLF001
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press, daemon=True).start()
+    assert p.run() is None
+    stopped_at = p._steps  # noqa: SLF001
+    assert stopped_at < 40 and unit_status(market, job_id) == "assigned"
+    # before the fix: every file removed, and the next start trains from step 0
+    assert any(name.endswith("progress.json") for name in files(p.workdir)), files(p.workdir)
+    assert "goes on from its last kept segment" in said(capsys)
+
+    again = node(market, p.workdir, acct=acct)
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    drive(market, [again], verifier, job_id)
+    first = again._first_step  # noqa: SLF001
+    assert first is not None and 10 <= first <= stopped_at and first % 5 == 0, (first, stopped_at)
+    assert f"resumed at step {first}" in said(capsys)
+    with market.rt.sessions() as s:
+        checks = list(s.scalars(select(Verification)))
+    assert len(checks) == 8 and all(v.status == "passed" for v in checks), [(v.segment, v.status) for v in checks]
+    assert unit_status(market, job_id) == "verified" and not slashed(market)
+    assert files(again.workdir) == []
