@@ -7,31 +7,38 @@ and downloads); everything a ruling still open needs, however old its job (a dis
 a canary the referee has yet to confirm). Deleted: the rest, and uploads nobody names (a result never submitted,
 junk), once older than ``Settings.blob_orphan_s`` (a day) and than every unit in flight (a long unit's checkpoints
 wait for its result however long it trains). Age is the last write or upload of the same bytes: a blob handed in
-again is young again.
+again is young again. The upload charges of a unit whose checkpoints go (``unit_uploads``, marketplace.uploads) go
+with them: nothing can be uploaded for it any more.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from marketplace.common import log
-from marketplace.db import Job, Unit, Verification, now_s
+from marketplace.db import Job, Unit, UnitUpload, Verification, now_s
 from marketplace.runtime import Runtime
 
 #: check statuses whose ruling may still read the unit's checkpoints (and the canary's forged end, the reveals)
 OPEN_RULINGS = ("disputed", "bisecting")
 
 
-def referenced(s: Session, now: int, retention_s: int) -> set[str]:
-    """Every blob something kept still names (see the module's docstring)."""
-    keep = set(s.scalars(select(Job.global_blob)))
+def kept_units(now: int, retention_s: int) -> Select[tuple[str]]:
+    """The units whose checkpoints are kept: of a job running or ended less than ``retention_s`` ago, or with a
+    ruling still open."""
     ruling = select(Verification.unit_id).where(or_(
         Verification.status.in_(OPEN_RULINGS),
         and_(Verification.status == "canary_missed", Verification.slash_tx.is_(None))))
     live = select(Job.id).where(or_(Job.settled_at.is_(None), Job.settled_at > now - retention_s))
-    units = select(Unit.id).where(or_(Unit.job_id.in_(live), Unit.id.in_(ruling)))
+    return select(Unit.id).where(or_(Unit.job_id.in_(live), Unit.id.in_(ruling)))
+
+
+def referenced(s: Session, now: int, retention_s: int) -> set[str]:
+    """Every blob something kept still names (see the module's docstring)."""
+    keep = set(s.scalars(select(Job.global_blob)))
+    units = kept_units(now, retention_s)
     for segments, final in s.execute(select(Unit.segment_blobs, Unit.final_blob).where(Unit.id.in_(units))):
         keep.update(segments or [])
         if final:
@@ -55,8 +62,11 @@ def collect(rt: Runtime, now: int | None = None) -> dict[str, Any]:
     if in_flight is not None:
         older_than = min(older_than, in_flight - 60)  # (an upload for a unit in flight came after its assignment)
     files, size = rt.blobs.collect(keep, older_than)
-    out = {"deleted": files, "bytes": size, "kept": len(keep)}
-    if files:
+    with rt.sessions.begin() as s:  # an ended unit's upload charges: its provider can upload nothing more for it
+        charges = s.execute(delete(UnitUpload).where(
+            UnitUpload.unit_id.not_in(kept_units(now, rt.settings.blob_retention_s)))).rowcount
+    out = {"deleted": files, "bytes": size, "kept": len(keep), "upload_charges": charges}
+    if files or charges:
         with rt.sessions.begin() as s:
             log(s, "blobs_collected", **out)
     return out

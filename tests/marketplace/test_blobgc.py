@@ -12,7 +12,7 @@ import torch
 from sqlalchemy import update
 
 from marketplace import blobgc
-from marketplace.db import Job, Unit, Verification
+from marketplace.db import Job, Unit, UnitUpload, Verification
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import _submitted, drive, provider, staked_verifier, submit_job
@@ -24,6 +24,13 @@ SMALL = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, b
 def _unit_blobs(market, job_id: str) -> set[str]:
     with market.rt.sessions() as s:
         return {b for u in s.query(Unit).filter(Unit.job_id == job_id) for b in [*u.segment_blobs, u.final_blob] if b}
+
+
+def _charged(market, job_id: str) -> int:
+    """Upload charges (marketplace.uploads) on the job's units."""
+    with market.rt.sessions() as s:
+        units = s.query(Unit.id).filter(Unit.job_id == job_id)
+        return s.query(UnitUpload).filter(UnitUpload.unit_id.in_(units)).count()
 
 
 def test_an_ended_jobs_checkpoints_go_after_the_retention_its_model_and_running_work_stay(market, tmp_path: Path):
@@ -46,9 +53,12 @@ def test_an_ended_jobs_checkpoints_go_after_the_retention_its_model_and_running_
     finished, live = _unit_blobs(market, done), _unit_blobs(market, running)
     assert finished and live and model not in finished
 
+    charged = _charged(market, done), _charged(market, running)
+    assert charged == (len(finished), len(live))  # one per checkpoint its provider uploaded
+
     now = int(time.time())
     got = blobgc.collect(rt, now)  # the ended job is within its retention; only the old junk goes
-    assert got["deleted"] == 1 and not store.has(old) and store.has(young)
+    assert got["deleted"] == 1 and not store.has(old) and store.has(young) and got["upload_charges"] == 0
     assert all(store.has(b) for b in finished | live | {model})
 
     later = now + rt.settings.blob_retention_s + rt.settings.blob_orphan_s + 120  # past the retention for all
@@ -60,10 +70,14 @@ def test_an_ended_jobs_checkpoints_go_after_the_retention_its_model_and_running_
     assert all(store.has(b) for b in finished | live | {model})
     with rt.sessions.begin() as s:
         s.execute(update(Verification).where(Verification.status == "disputed").values(status="fraud"))
+    assert _charged(market, done) == charged[0]  # the ruling may still ask the provider for states
     got = blobgc.collect(rt, later)
     assert got["deleted"] == len(finished - live) and got["bytes"] > 0
+    # before the fix: the ended unit's charges stayed for ever, a row per checkpoint ever uploaded
+    assert got["upload_charges"] == charged[0] and (_charged(market, done), _charged(market, running)) == (0, charged[1])
     assert not any(store.has(b) for b in finished - live)
     assert all(store.has(b) for b in live) and store.has(model)  # a running job's, and every job's model, stay
     r = httpx.get(f"{market.url}/jobs/{done}/weights")
     assert r.status_code == 200 and r.content == store.read(model)
     assert blobgc.collect(rt, later)["deleted"] == 0  # nothing more to take
+    assert _charged(market, running) == charged[1]
