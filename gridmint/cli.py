@@ -454,6 +454,7 @@ def market_serve(
     from marketplace import serving
 
     os.environ[serving.ENV] = str(rt.settings.serve_header_timeout_s)  # (read by every worker's protocol)
+    os.environ[serving.PER_PEER_ENV] = str(rt.settings.serve_connections_per_peer)
     limits = {"limit_concurrency": rt.settings.serve_limit_concurrency,
               "timeout_keep_alive": rt.settings.serve_keep_alive_s, "http": serving.protocol_class()}
     if workers > 1:

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     serve_keep_alive_s: int = Field(default=5, ge=1)
     #: a connection waiting longer than this for a request's head is closed (marketplace.serving)
     serve_header_timeout_s: float = Field(default=10.0, gt=0)
+    #: connections one peer address may hold at once, per worker (0: no cap); proxies uvicorn trusts are not capped
+    serve_connections_per_peer: int = Field(default=64, ge=0)
     min_stake: int = Field(default=tokens(100), ge=0)  # base units a provider must stake to be matched
     # base units a verifier must keep staked to be handed tasks: what a planted canary it approves costs it (slashed
     # whole), and what a new wallet costs a verifier that was benched (a lazy approval or a proven false accusation)
