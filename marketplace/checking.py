@@ -396,6 +396,8 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
                 task.canary["end_blob"]
             real = TrainingProof.from_dict(unit.proof)
             real_end = unit.final_blob if seg == len(real.segments) - 1 else unit.segment_blobs[seg + 1]
+            ver = s.get(Verifier, verifier) if verifier is not None else None
+            ver_plan, ver_build = (ver.plan, ver.build) if ver is not None else (PROVIDER_PLAN.label, None)
     assert verifier is not None
     if not confirmed:
         exact = rt.referee_plans(here=True, build=build)
@@ -412,13 +414,20 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
             if truth.fraud is not False:
                 ruling = replace(ruling, fraud=False, reason=f"the provider's own claim of the segment does not hold "
                                  f"({truth.reason}): a canary forged from it proves nothing")
+            else:
+                # an honest verifier on another plan or kernels approves what lands within its tolerance of its
+                # replay: a forgery that close to the truth proves nothing against it (canary.forge keeps them far)
+                excuse = referee.canary_excuse(spec, plan, build, ver_plan, ver_build,
+                                               rt.blobs.checked_path(real_end), rt.blobs.checked_path(end))
+                if excuse is not None:
+                    ruling = replace(ruling, fraud=False, reason=excuse)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None and task.canary is not None
             if task.status != "canary_missed":  # a concurrent run of this task got here first
                 return task.status
-            if ruling.fraud is False:  # the replay reaches the forged claim (the verifier was right), or the claim
-                # the canary was forged from does not hold
+            if ruling.fraud is False:  # the replay reaches the forged claim (the verifier was right), the claim
+                # the canary was forged from does not hold, or the forgery lies within the verifier's tolerance
                 task.status = "canary_void"
                 ver = s.get(Verifier, verifier)
                 if ver is not None and ver.status == "benched" and f"(verification {task.id})" in (ver.benched_for or ""):

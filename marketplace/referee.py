@@ -108,6 +108,39 @@ class Ruling:
     look_reason: str = ""
 
 
+#: A canary's approval is excused (:func:`canary_excuse`) while the forgery lies within this many times the approving
+#: verifier's tolerance of the true end: its replay drifts from the truth by up to its tolerance, so an honest one may
+#: land within its tolerance of a forgery up to twice that far
+CANARY_EXCUSE_FACTOR = 2.0
+
+
+def canary_excuse(spec: UnitSpec, plan: Plan, build: str | None, verifier_plan: str, verifier_build: str | None,
+                  true_end: Path, forged_end: Path) -> str | None:
+    """Why a verifier's approval of a canary (forged end ``forged_end``, truth ``true_end``, of a unit trained on
+    ``plan`` with kernels ``build``) may be an honest verifier's, or None if it cannot be: the verifier, on
+    ``verifier_plan`` with ``verifier_build``, checks across plans or kernels within a calibrated tolerance, and the
+    forgery lies within :data:`CANARY_EXCUSE_FACTOR` times that tolerance of the truth. A verifier on the unit's own
+    plan and kernels replays bit for bit: any forgery is a mismatch it cannot miss.
+
+    The tolerance is the verifier's own calibration (as its agent computes it) where it can be run here, else (a GPU
+    verifier's, on a machine without that GPU) the referee's own between the unit's plan and this machine's."""
+    from node.verifier_agent import calibration_plans
+
+    vplan = Plan.parse(verifier_plan)
+    if vplan == plan and (verifier_build or "") == (build or ""):
+        return None
+    cal_plan, cal_provider, foreign = calibration_plans(plan, build, vplan, verifier_build or "", verifier_build or "")
+    if "cuda" in (cal_plan.device, cal_provider.device) and not torch.cuda.is_available():
+        cal_plan, cal_provider, foreign = REFEREE_PLAN, plan, plan.device == "cpu" and not native(plan, build)
+    tol = crosscheck.tolerance_for(spec, cal_plan, provider_plan=cal_provider, foreign=foreign)
+    thr = tol.for_steps(spec.segment_len)
+    d = crosscheck.distance(checkpoint.load(true_end)[0], checkpoint.load(forged_end)[0])
+    if d <= CANARY_EXCUSE_FACTOR * thr:
+        return (f"the forgery lies {d:.3g} from the true end, within {CANARY_EXCUSE_FACTOR:g} x the tolerance "
+                f"({thr:.3g}) of a verifier on {vplan.label} checking {plan.label} work: an honest replay may approve it")
+    return None
+
+
 def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path, end: Path,
          reveals: Mapping[int, Path], overdue: Callable[[int], str],
          losses: Sequence[float] | None = None, exact: frozenset[Plan] = frozenset({REFEREE_PLAN}),

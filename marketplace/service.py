@@ -350,7 +350,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         streak, price, backing = prov.verified_streak, unit.price, prov.stake if stake is None else stake
         # another unit of the round handed in: the source of a canary of the last segment of a unit of one or two
         # segments (marketplace.canary.needs_sibling)
-        sibling = s.execute(select(Unit.id, Unit.final_blob).where(
+        sibling = s.execute(select(Unit.id, Unit.segment_blobs, Unit.final_blob).where(
             Unit.job_id == unit.job_id, Unit.round == unit.round, Unit.id != unit.id, Unit.final_blob.is_not(None),
             Unit.status.in_(("submitted", "verified"))).order_by(func.random()).limit(1)).first()
     plan = Plan.parse(body.plan)
@@ -399,7 +399,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
     # canaries forged now for a share of the checks, so that planting one later costs a verifier's poll no I/O
     decoys = canary.stock(spec, proof, picks, list(body.segment_blobs), body.final_blob, rt.blobs,
-                          rt.settings.canary_rate, (sibling[0], sibling[1]) if sibling else None)
+                          rt.settings.canary_rate, (sibling[0], list(sibling[1] or []), sibling[2]) if sibling else None)
     with rt.sessions.begin() as s:
         # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
         # cleanly and this result is refused; a plain write would put it over the unit's new holder

@@ -14,13 +14,18 @@ baseline. The features:
 * ``movement_vs_adam``: how far the weights moved, over ``segment_len`` x Adam's step predicted from the end's
   moments;
 * ``cos_update_end_moment``: the cosine between the weights' move and the end moments' step direction;
-* ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's.
+* ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's;
+* ``moment_floor``: the share of second-moment entries below the floor ``segment_len`` AdamW steps leave of the
+  start's (:func:`marketplace.canary.moment_floor_breaches`). Not statistical: an honest end has none, so any breach
+  tells a forgery for sure (``told_by_moment_floor``: the share of each kind's ends with one; of honest ends, too).
 
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
 forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
 honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
-below 1 means the verifier approves it, and then the referee confirms the canary and slashes an honest verifier.
-``approved`` counts those, and must be 0.
+below 1 means the verifier approves it. ``approved`` counts those, and must be 0. ``from_truth``: how far each
+forgery lies from the true end, in the same tolerances; the referee voids a canary a verifier on another plan
+approved where that is at most :data:`marketplace.referee.CANARY_EXCUSE_FACTOR` (an honest replay might have
+approved it): ``void_for_cross_plan`` counts those, canaries that cannot catch a lazy verifier on that plan.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from marketplace import canary
+from marketplace import canary, referee
 from marketplace.blobs import BlobStore
 from node import checkpoint
 from node import crosscheck as cc
@@ -44,7 +49,7 @@ from node.model import ModelConfig, init_state
 from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
 from protocol.proof import TrainingProof, make_proof
 
-FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift")
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor")
 
 
 def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> dict[str, float]:
@@ -69,6 +74,7 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
         "cos_update_end_moment": float(-(dp @ step) / (dp.norm() * step.norm() + tiny)),
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
+        "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),
     }
 
 
@@ -132,7 +138,7 @@ def main(argv: list[str]) -> int:
                 rows["honest"].append(features(spec, states[seg], states[seg + 1]))
                 rows["two_segments_on"].append(features(spec, states[seg], two_segments_on(
                     states, seg, checkpoint.load(sib_r.final_path)[0])))
-                fake = canary.forge(spec, r.proof, seg, blobs, final, store, sib_final)
+                fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
                 if fake is None:
                     declined += 1
                     continue
@@ -143,9 +149,13 @@ def main(argv: list[str]) -> int:
                                for kind in ("canary", "two_segments_on")} for f in FEATURES}
         out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values())
                                for kind in ("canary", "two_segments_on")}
+        out["told_by_moment_floor"] = {kind: round(sum(x["moment_floor"] > 0 for x in v) / len(v), 3)
+                                       for kind, v in rows.items() if v}
         log(f"tell (AUC, 0.5 = none): {json.dumps(out['tell_auc'])}")
 
         margins: dict[str, dict[str, list[float]]] = {"canary": {}, "two_segments_on": {}}
+        from_truth: dict[str, dict[str, list[float]]] = {"canary": {}, "two_segments_on": {}}
+        void = {"canary": 0, "two_segments_on": 0}
         approved = {"canary": 0, "two_segments_on": 0}
         plan = cc.Plan.parse("cpu/mb2")
         for prec in ("fp32", "bf16"):
@@ -155,6 +165,7 @@ def main(argv: list[str]) -> int:
             states = [checkpoint.load(x)[0] for x in r.segment_paths] + [checkpoint.load(r.final_path)[0]]
             tol = cc.tolerance_for(spec, plan)
             got: dict[str, list[float]] = {"canary": [], "two_segments_on": []}
+            far: dict[str, list[float]] = {"canary": [], "two_segments_on": []}
             for seg in range(a.margin_segments):  # the canary's last segment is a backward forgery
                 forged = {}
                 if seg < a.margin_segments - 1:  # (the baseline has no last-segment forgery without a sibling)
@@ -167,12 +178,17 @@ def main(argv: list[str]) -> int:
                                                 cc.PlanRunner(spec, states[seg], plan))
                     approved[kind] += int(v.ok)
                     got[kind].append(round(v.margin, 2) if not v.ok else 0.0)
+                    far[kind].append(round(cc.distance(states[seg + 1], end) / v.threshold, 2))
             for kind in got:
                 margins[kind][prec] = got[kind]
+                from_truth[kind][prec] = far[kind]
+                void[kind] += sum(x <= referee.CANARY_EXCUSE_FACTOR for x in far[kind])
             log(f"{prec}: an honest cpu/mb2 verifier finds the canaries {got['canary']} x past its tolerance (the "
                 f"forgery before: {got['two_segments_on']})")
         out["margins"] = margins
         out["margin_min"] = {kind: {k: min(v) for k, v in m.items() if v} for kind, m in margins.items()}
+        out["from_truth"] = from_truth
+        out["void_for_cross_plan"] = void
         out["approved"] = approved["canary"]
         out["approved_two_segments_on"] = approved["two_segments_on"]
     out["wall_s"] = round(time.perf_counter() - t0, 1)

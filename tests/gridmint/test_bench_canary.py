@@ -27,3 +27,6 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     assert figures["approved"] == 0 and len(mine["fp32"]) == len(mine["bf16"]) == 3  # forward x 2, backward
     assert len(figures["margins"]["two_segments_on"]["bf16"]) == 2  # the baseline, measured alongside
     assert min(figures["margin_min"]["canary"].values()) > 1
+    # the exact check of the moments tells no honest end and none of the canaries; every one of the forgery before
+    assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "two_segments_on": 1.0}
+    assert len(figures["from_truth"]["canary"]["bf16"]) == 3 and figures["void_for_cross_plan"]["canary"] >= 0

@@ -1208,6 +1208,69 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     assert [e.provider for e in entries] == [honest.account.address]
 
 
+def test_a_canary_within_a_cross_plan_verifiers_tolerance_is_void_for_it_and_not_for_a_bit_exact_one(
+        market, tmp_path: Path, monkeypatch) -> None:
+    """A canary is forged far from the truth, but how far an honest verifier on another plan may drift is only
+    calibrated, not known when it is forged. One that approves a forgery lying within (twice) its tolerance of the
+    true end may have replayed honestly: the canary is void for it, stake and place kept. A verifier on the unit's
+    own plan and kernels replays bit for bit: for it the same forgery is a miss, and it is slashed."""
+    from marketplace import canary, checking
+    from dataclasses import replace
+
+    import torch
+
+    from marketplace.db import Verifier
+    from node import checkpoint
+    from node.crosscheck import Plan
+    from node.trainer import checkpoint_metadata, state_hash
+    from protocol.proof import make_proof
+
+    def near(spec, proof, seg, segment_blobs, final_blob, blobs, sibling=None):  # a forgery 1 ulp from the truth
+        last = seg == len(segment_blobs) - 1
+        true_end = checkpoint.load(blobs.read(final_blob if last else segment_blobs[seg + 1]))[0]
+        key = next(k for k in sorted(true_end) if k.startswith("model."))
+        nudged = dict(true_end)
+        nudged[key] = true_end[key].clone()
+        nudged[key].view(-1)[0] = torch.nextafter(nudged[key].view(-1)[0], torch.tensor(math.inf))
+        h = state_hash(nudged)
+        segments = list(proof.segments)
+        segments[seg] = replace(segments[seg], end_hash=h)
+        if not last:
+            segments[seg + 1] = replace(segments[seg + 1], start_hash=h)
+        forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                            segment_len=proof.segment_len, segments=segments)
+        blob = blobs.put_checkpoint(checkpoint.serialize(nudged, checkpoint_metadata(spec, None if last else seg + 1)))
+        return {"proof": forged.to_dict(), "end_blob": blob, "true_end": proof.segments[seg].end_hash,
+                "telling": [seg]}
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    other = staked_verifier(market, tmp_path, "other-plan", plan=Plan("cpu", 2), approve_everything=True)
+    same = staked_verifier(market, tmp_path, "same-plan", approve_everything=True)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    monkeypatch.setattr(canary, "forge", near)
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    held: list[list] = []
+    send = market.rt.enqueue
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
+                        if name == "gridmint.punish_verifier" else send(name, args, queue))
+    assert other.verify_once() == "ok" and same.verify_once() == "ok"  # both approve without replaying
+    market.rt.settings.canary_rate = 0.0
+    missed = {v.verifier: v.id for v in _rows(market, status="canary_missed")}
+    assert set(missed) == {other.account.address, same.account.address} and len(held) == 2
+    assert checking.punish_verifier(market.rt, missed[other.account.address]) == "void"
+    assert checking.punish_verifier(market.rt, missed[same.account.address]) == "slashed"
+    assert market.ops.stake_state(other.account.address).staked == tokens(100)  # before the fix: slashed whole
+    assert market.ops.stake_state(same.account.address).staked == 0
+    (void,) = _events(market, "canary_void")
+    assert void["verifier"] == other.account.address and "within 2 x the tolerance" in void["reason"], void
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, other.account.address).status == "active"
+        assert s.get(Verifier, same.account.address).status == "benched"
+
+
 def test_a_verifier_whose_task_is_withdrawn_while_it_replays_carries_on(market, tmp_path: Path) -> None:
     """A task can be withdrawn while a verifier replays it (its provider slashed over another segment, or it took
     too long): the verdict is refused (409), the verifier says so and goes on with the next task."""
