@@ -4,51 +4,57 @@ A verifier is paid to replay; one that approves everything earns the same for no
 goes free. So now and then (``Settings.canary_rate`` of the tasks it polls, drawn from the OS's randomness, so it
 cannot be predicted) the task a verifier is handed is a *canary*: the very task it was about to get (same id, unit,
 provider, spec, segment and start checkpoint), except that the claim for that segment is forged (:func:`forge`): the
-segment's start moved the way a neighbouring segment really moved its own (its weights' update; its gradients' share
-of the AdamW moments), the step counters the true end's. A replay always exposes it, on its own plan bit for bit,
-across plans by a whole update's difference and a segment of gradients from the claim, past the tolerance (a
-verifier on another plan that approves one lying within twice its tolerance of the truth is excused: the referee
-voids that canary, :func:`marketplace.referee.canary_excuse`). An honest verifier flags it; approved, it proves the
-verifier lazy (or broken): it is benched, its stake is slashed, and the checks it passed on units not yet credited go
-back to the pool. Either way the real check of that segment is queued again, so the unit is still verified.
+segment's start trained on made-up gradients that give the AdamW moments what a neighbouring segment's real gradients
+gave its own (:func:`carried`), the step counters the true end's. A replay always exposes it, on its own plan bit for
+bit, across plans by a segment of other gradients from the claim, past the tolerance (a verifier on another plan
+that approves one lying within twice its tolerance of the truth is excused: the referee voids that canary,
+:func:`marketplace.referee.canary_excuse`). An honest verifier flags it; approved, it proves the verifier lazy (or
+broken): it is benched, its stake is slashed, and the checks it passed on units not yet credited go back to the
+pool. Either way the real check of that segment is queued again, so the unit is still verified.
 
 What keeps a canary from being told without a replay:
 - a task shows only its own segment's claim (``protocol.proof.segment_view``): no Merkle root or neighbour's hash
   to compare across tasks of one unit;
-- its end looks like a segment's end: the weights move as far as a segment moves them, and the moments are what the
-  start's become under a real segment's gradients, so every exact relation between a segment's start and end moments
-  holds (:func:`moment_floor_breaches`: the second moments never fall below ``beta2 ** segment_len`` of the start's).
-  The forgery used to be the state two segments on (twice the movement; a check against the spec's lr told it at an
-  AUC of 0.96), then the start plus a neighbour's update with another state's own moments, which broke that floor in
-  4-5% of the entries of every canary and of no honest end: all told for sure, for nothing (``gridmint bench
-  canary``: ``told_by_moment_floor``). What is left are statistical tells (``tell_auc``; stop-28 issue note);
+- its end is a real AdamW trajectory from the start, so every exact test a verifier can run on a segment's start and
+  end without replaying passes, as on an honest end: the second moments never fall below ``beta2 ** segment_len`` of
+  the start's (:func:`moment_floor_breaches`), no weight moves farther than AdamW's steps from the start's moments can
+  move it (:func:`step_bound_breaches`), and the embedding rows of bytes the segment's batches never hold (the data
+  order is public) end where zero gradients take them (:func:`idle_row_breaches`). The forgery before this (stop
+  27: the start plus a neighbour's update, with another state's own moments) failed at least one of these on every
+  canary and on no honest end: all told for sure, for nothing (``gridmint bench canary``: ``told_exactly``). What is
+  left are statistical tells (``tell_auc``: the weights' movement and its alignment with the end moments, up to 0.87
+  on the default job shape at stop 28), which a lazy verifier can only bet on;
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, those the forgery is made of), nor twice on one unit for one verifier; a verifier
   holds one task at a time, so it cannot fetch those while holding a canary;
 - it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks), not when it is handed out:
   a hand-out costs the same database work either way, nothing a verifier could time.
 Every segment of a unit of three segments or more can be a canary, the last one too, whatever was handed in before.
-The last segment of a unit of one or two segments is forged from the final state of another unit of its job and round
-handed in before it, when there is one (none for a verifier handed any segment of that unit). What a canary cannot
-hide: a verifier comparing notes with another verifier of the same unit could tell; and that last segment of a
-round's first unit handed in (or of a round of one unit) is never a canary.
+The last segment of a unit of one or two segments takes its gradients' shares from the same segment of another unit
+of its job and round handed in before it, when there is one (none for a verifier handed any segment of that unit).
+What a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; and that
+last segment of a round's first unit handed in (or of a round of one unit) is never a canary.
 
-Cost: the operator writes one checkpoint per stocked check (no training); the verifier replays one segment.
+Cost: the operator writes one checkpoint per stocked check and computes ``segment_len`` elementwise AdamW steps (no
+model is run); the verifier replays one segment.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any, Mapping
 
+import torch
 from eth_utils import keccak
 from torch import Tensor
 
 from marketplace.blobs import BlobStore
-from node import checkpoint
+from node import checkpoint, data
 from node.crosscheck import distance
-from node.trainer import ADAMW_BETAS, UnitSpec, checkpoint_metadata, state_hash, update_norm
+from node.trainer import (ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, UnitSpec, checkpoint_metadata, segment_batches,
+                          state_hash, update_norm)
 from protocol.proof import TrainingProof, make_proof
 
 
@@ -150,52 +156,183 @@ def moment_floor_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapp
 MOMENT_FLOOR_RTOL = 1e-5
 
 
-def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Tensor],
-            after: Mapping[str, Tensor], counters: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``start`` moved the way a real segment moved ``before`` to ``after``, in float64, rounded once: the weights by
-    its update; the AdamW moments decayed over ``segment_len`` steps and given that segment's gradients' share
-    (``after - beta ** segment_len x before``: what its steps added). So the moments are what ``start`` would hold
-    after those gradients: every relation a verifier can check between a segment's start and end moments without
-    replaying holds (:func:`moment_floor_breaches`: none). The step counters are ``counters``'."""
-    (b1, b2), n = ADAMW_BETAS, spec.segment_len
-    out = {}
-    for k, v in counters.items():
-        if k.endswith(".step"):
-            out[k] = v
+def step_bound_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
+    """How many weights of ``end`` moved farther from ``start`` than ``segment_len`` AdamW steps from the start's
+    moments can move them, whatever the gradients: step t moves a weight by at most lr x the bias corrections x
+    (``beta1 ** t |m| / sqrt(beta2 ** t v)`` of the start's moments + ``sqrt(C_t)``), ``C_t`` the sum over the
+    steps so far of ``a_i ** 2 / b_i`` (the moments' gradient weights: Cauchy-Schwarz). Another test a verifier can run
+    without replaying; an honest end has none (worst 0.79 of the bound on the toy model). A forgery whose weights
+    took another segment's update (moved from that segment's start moments) broke it in 2 of 14 toy segments."""
+    (b1, b2), lr, n = ADAMW_BETAS, spec.lr, spec.segment_len
+    breaches = 0
+    for k, w in start.items():
+        if not k.startswith("model."):
             continue
-        a, b, c = start[k].double(), before[k].double(), after[k].double()
-        if k.startswith("model."):
-            x = a + c - b
-        elif k.endswith(".exp_avg_sq"):
-            x = b2 ** n * a + (c - b2 ** n * b).clamp(min=0)  # (a sum of squares: rounding below zero is zero)
-        else:
-            x = b1 ** n * a + (c - b1 ** n * b)
-        out[k] = x.to(v.dtype)
+        name = k[len("model."):]
+        m, v = start[f"optim.{name}.exp_avg"].double().abs(), start[f"optim.{name}.exp_avg_sq"].double()
+        t0 = float(start[f"optim.{name}.step"])
+        bound, c = torch.zeros_like(m), 0.0
+        for t in range(1, n + 1):
+            c += ((1 - b1) * b1 ** (t - 1)) ** 2 / ((1 - b2) * b2 ** (t - 1))
+            first = torch.where(v > 0, b1 ** t * m / (b2 ** t * v).sqrt(), torch.where(m > 0, math.inf, 0.0))
+            bound += math.sqrt(1 - b2 ** (t0 + t)) / (1 - b1 ** (t0 + t)) * (first + math.sqrt(c))
+        moved = (end[k].double() - w.double()).abs()
+        breaches += int((moved > lr * bound * (1 + MOMENT_FLOOR_RTOL) + 1e-12).sum())
+    return breaches
+
+
+def _least_energy(n: int) -> tuple[list[float], list[float], list[float], float]:
+    """For :func:`carried`: ``a_i`` and ``b_i``, the weights the step-i gradient and its square carry in the moments
+    after ``n`` steps, ``w_i = a_i / b_i`` (the least-energy way to a given first-moment share) and ``C = sum a_i
+    w_i``."""
+    b1, b2 = ADAMW_BETAS
+    a = [(1 - b1) * b1 ** (n - i) for i in range(1, n + 1)]
+    b = [(1 - b2) * b2 ** (n - i) for i in range(1, n + 1)]
+    w = [x / y for x, y in zip(a, b)]
+    return a, b, w, sum(x * y for x, y in zip(a, w))
+
+
+def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Tensor],
+            after: Mapping[str, Tensor], counters: Mapping[str, Tensor], seed: int | None = None) -> dict[str, Tensor]:
+    """``start`` trained ``segment_len`` AdamW steps on made-up gradients that give its moments what a real segment's
+    gave ``before`` on the way to ``after`` (``after - beta ** segment_len x before``, first and second moments), in
+    float64, rounded once; the step counters are ``counters'``.
+
+    Per weight, the step-i gradient is ``p w_i + q e_i`` (:func:`_least_energy`), ``e`` Gaussian noise (from
+    ``seed``; default: the OS's randomness) made to carry no first-moment share (``sum a_i e_i = 0``), ``p`` and ``q``
+    solved so that both moments' shares are met exactly (possible as the real segment's meet Cauchy-Schwarz). So the
+    moments are exactly the shares' (the noise only steers the weights along the way), it is a real AdamW trajectory
+    from the start, and every relation a verifier can check between a segment's start and end without replaying
+    holds (:func:`moment_floor_breaches`, :func:`step_bound_breaches`: none). Without the noise (the least-energy
+    gradients alone) the weights moved along the end moments far more than honest training moves them: an AUC of
+    0.99 on the toy model."""
+    (b1, b2), lr, n = ADAMW_BETAS, spec.lr, spec.segment_len
+    a, b, w, c = _least_energy(n)
+    gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    out = dict(counters)
+    for k, t in counters.items():
+        if not k.startswith("model."):
+            continue
+        name = k[len("model."):]
+        mk, vk, sk = f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq", f"optim.{name}.step"
+        rm = after[mk].double() - b1 ** n * before[mk].double()
+        rv = (after[vk].double() - b2 ** n * before[vk].double()).clamp(min=0)  # (a sum of squares)
+        state = gen.get_state()  # the noise is drawn twice: its sums first, then step by step (one step in memory)
+        sa, sb = torch.zeros_like(rm), torch.zeros_like(rm)
+        for i in range(n):
+            e = torch.randn(rm.shape, generator=gen, dtype=torch.float64)
+            sa += a[i] * e
+            sb += b[i] * e * e
+        gen.set_state(state)
+        energy = (sb - sa * sa / c).clamp(min=1e-300)  # sum b_i e'_i^2 of the noise with its first share taken out
+        q = ((rv - rm * rm / c).clamp(min=0) / energy).sqrt()
+        p = rm / c - q * sa / c  # (the share the noise's own first share takes out: e'_i = e_i - (sa / c) w_i)
+        m, v, x = start[mk].double(), start[vk].double(), start[k].double()
+        t0 = float(start[sk])
+        for i in range(n):
+            g = p * w[i] + q * torch.randn(rm.shape, generator=gen, dtype=torch.float64)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            step = t0 + i + 1
+            x = x * (1 - lr * ADAMW_WEIGHT_DECAY) - (lr / (1 - b1 ** step)) * m / (
+                (v / (1 - b2 ** step)).sqrt() + ADAMW_EPS)
+        out[k], out[mk], out[vk] = x.to(t.dtype), m.to(t.dtype), v.to(t.dtype)
     return out
+
+
+#: The input embedding: a row gets a gradient only in a step whose batch holds its byte (public: the spec's data order)
+EMBEDDING = "tok.weight"
+
+
+def _bytes_seen(spec: UnitSpec, seg: int) -> Tensor:
+    """Which rows of the input embedding segment ``seg`` of ``spec``'s unit trains (bool, one per byte value)."""
+    tokens = data.train_tokens()
+    seen = torch.zeros(spec.model.vocab, dtype=torch.bool)
+    for _, offsets in segment_batches(spec, seg):
+        seen[data.make_batch(tokens, offsets, spec.model.ctx)[0].unique()] = True
+    return seen
+
+
+def idle_row_breaches(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
+    """How many input-embedding rows of bytes segment ``seg``'s batches never hold differ in ``end`` from where AdamW
+    with zero gradients takes them from ``start`` (the optimizer's own kernel, run on those rows): a test a verifier
+    can run from the spec without replaying. An honest end has none."""
+    mk, vk, sk = f"optim.{EMBEDDING}.exp_avg", f"optim.{EMBEDDING}.exp_avg_sq", f"optim.{EMBEDDING}.step"
+    if f"model.{EMBEDDING}" not in start:
+        return 0
+    idle = ~_bytes_seen(spec, seg)
+    p = torch.nn.Parameter(start[f"model.{EMBEDDING}"][idle].clone())
+    opt = torch.optim.AdamW([p], lr=spec.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=ADAMW_WEIGHT_DECAY,
+                            fused=True)
+    opt.state[p] = {"step": start[sk].clone(), "exp_avg": start[mk][idle].clone(),
+                    "exp_avg_sq": start[vk][idle].clone()}
+    for _ in range(spec.segment_len):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    st = opt.state[p]
+    rows = torch.zeros(int(idle.sum()), dtype=torch.bool)
+    for mine, theirs in ((p.detach(), end[f"model.{EMBEDDING}"]), (st["exp_avg"], end[mk]),
+                         (st["exp_avg_sq"], end[vk])):
+        rows |= (mine != theirs[idle]).any(dim=1)
+    return int(rows.sum())
+
+
+def _embedding_rows_as_trained(spec: UnitSpec, seg: int, forged: dict[str, Tensor], true_end: Mapping[str, Tensor],
+                               before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
+    """Give ``forged`` the true end's input-embedding rows where the made-up gradients would show which bytes the
+    segment read: a byte absent from its batches has no gradient (its row evolves exactly as AdamW's with zero
+    gradients, which a verifier computes from the spec without replaying), and a byte present has one; so a row is
+    made up only for a byte both this segment and the borrowed one (``before`` -> ``after``) read."""
+    mk, vk = f"optim.{EMBEDDING}.exp_avg", f"optim.{EMBEDDING}.exp_avg_sq"
+    if f"model.{EMBEDDING}" not in forged:
+        return
+    b2n = ADAMW_BETAS[1] ** spec.segment_len
+    share = after[vk].double() - b2n * before[vk].double()
+    lent = (share > 1e-4 * after[vk].double()).any(dim=1)  # (rounding of an idle row's decay: ~1e-7 of it)
+    take = ~(lent & _bytes_seen(spec, seg))  # (an idle row of both: the true end's has the kernel's exact rounding)
+    for k in (f"model.{EMBEDDING}", mk, vk):
+        forged[k] = torch.where(take.unsqueeze(1), true_end[k], forged[k])
+
+
+def _share_gap(spec: UnitSpec, start: Mapping[str, Tensor], true_end: Mapping[str, Tensor],
+               forged: Mapping[str, Tensor]) -> float:
+    """How far ``forged``'s moments are from ``true_end``'s, relative to what the segment's gradients added to them
+    (the larger of the first and second moments'): 0 if the same."""
+    (b1, b2), n = ADAMW_BETAS, spec.segment_len
+    gap = 0.0
+    for suffix, beta in ((".exp_avg", b1 ** n), (".exp_avg_sq", b2 ** n)):
+        diff = share = 0.0
+        for k, t in true_end.items():
+            if k.startswith("optim.") and k.endswith(suffix):
+                diff += float((forged[k].double() - t.double()).pow(2).sum())
+                share += float((t.double() - beta * start[k].double()).pow(2).sum())
+        gap = max(gap, math.sqrt(diff / share) if share > 0 else (math.inf if diff > 0 else 0.0))
+    return gap
 
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
           blobs: BlobStore, sibling: tuple[str, str] | None = None) -> dict[str, Any] | None:
-    """The forged claim for segment ``seg`` of a real unit: its start moved the way another real segment moved its
-    own start (:func:`carried`: its weights' update, its gradients' share of the moments), the step counters always
-    the true end's:
+    """The forged claim for segment ``seg`` of a real unit: its start trained on made-up gradients with another real
+    segment's shares of the moments (:func:`carried`), the step counters always the true end's, and the embedding rows
+    of bytes the segment did not read (or the other one did not) the true end's (:func:`_embedding_rows_as_trained`).
+    The shares are taken from
 
-    * *forward* (every segment but the last): the next segment's move;
-    * *backward* (the last segment of a unit of :data:`BACKWARD_MIN_SEGMENTS` or more): the previous segment's;
-    * the last segment of a unit of one or two segments: the same segment's move in another unit of the same job and
-      round (trained from the same model, on another shard): ``sibling`` (its start checkpoint for that segment,
-      its final checkpoint).
+    * *forward* (every segment but the last): the next segment;
+    * *backward* (from the third segment on, and always for the last of a unit of :data:`BACKWARD_MIN_SEGMENTS` or
+      more): the previous one; where both can, the one whose forgery lands farther from the truth;
+    * the last segment of a unit of one or two segments: the same segment of another unit of the same job and round
+      (trained from the same model, on another shard): ``sibling`` (its start checkpoint for that segment, its final
+      checkpoint).
 
-    So the weights move as far as a segment moves them, the moments as a segment's gradients move them, and the
-    state is new (no checkpoint or hash of any task is it). The moments used to be another state's own (a segment
-    further on, or before): then 4-5% of the second-moment entries fell below the floor the start's leave after a
-    segment (:func:`moment_floor_breaches`), where an honest end has none: every canary told without a replay. The
-    moments must differ from the true end's: with its own, a bf16 forgery lay inside an honest verifier's tolerance
-    on another plan (4 of 6 segments of the default job shape approved).
+    So the weights move as AdamW moves them and the moments as a segment's gradients move them (every exact test a
+    lazy verifier can run passes: module docstring), and the state is new (no checkpoint or hash of any task is it).
+    The moments must differ from the true end's: with its own, a bf16 forgery lay inside an honest verifier's
+    tolerance on another plan (4 of 6 segments of the default job shape approved).
 
-    None for a sibling-forged segment without a sibling, where the borrowed update is this one's (the forgery would
-    be the claim), and where the forgery lies less than 1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` moved
-    from the true end (that close to the truth it could pass an honest verifier checking within a tolerance).
+    None for a sibling-forged segment without a sibling, and where the forgery lies less than
+    1/``CANARY_MIN_UPDATE_SHARE`` of what segment ``seg`` moved from the true end, or its moments that share of the
+    segment's gradients' from the true end's (that close to the truth it could pass an honest verifier checking
+    within a tolerance; a provider shapes the claims it is made from).
 
     Returns ``proof`` (the unit's proof with segment ``seg`` ending in the forged state), ``end_blob`` (that state,
     labelled like the unit's own checkpoint there, in the providers' file format), ``true_end`` (the hash an honest
@@ -224,6 +361,7 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     best: tuple[float, dict[str, Tensor], list[int]] | None = None
     for before, after, telling in candidates:
         forged = carried(spec, start, before, after, true_end)
+        _embedding_rows_as_trained(spec, seg, forged, true_end, before, after)
         moved = update_norm(true_end, forged)
         # the borrowed update is this one's (or nothing: the "forgery" would be the claim itself, hash and all), or
         # nearly (a provider may shape it so): the forgery could land inside the tolerance of an honest verifier on
@@ -231,6 +369,10 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
         # also referees the claim itself, and excuses an approval within the verifier's tolerance). On the default job
         # shape honest neighbours' updates differ by 0.69-1.5x an update, so none are skipped
         if moved == 0.0 or moved * CANARY_MIN_UPDATE_SHARE < own:
+            continue
+        # likewise the gradients' shares of the moments: borrowed nearly this segment's own, the made-up moments lie
+        # that close to the true end's (a provider shaping its next claim's moments so)
+        if _share_gap(spec, start, true_end, forged) * CANARY_MIN_UPDATE_SHARE < 1:
             continue
         # of the two, the one farther from the truth (what an honest verifier on another plan must see past its
         # tolerance: the moments' difference decides it, as the weights move by a segment's update either way)

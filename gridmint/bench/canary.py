@@ -5,9 +5,9 @@ A canary (:mod:`marketplace.canary`) is a real task whose claimed end state is f
 segment's start checkpoint, the claimed end checkpoint (a verifier on another plan downloads it) and the public spec
 (lr, segment length). From those alone it can compute cheap features of the claimed segment and skip replaying the
 tasks that look honest. This bench trains honest units of the default job shape and, for every segment, computes
-those features for the real end, for :func:`marketplace.canary.forge`'s forgery, and for the forgery it replaced
-(the state two segments on; another unit's final state for a last segment), measured in the same run as the
-baseline. The features:
+those features for the real end, for :func:`marketplace.canary.forge`'s forgery, and for the forgeries before it,
+measured in the same run as baselines: ``two_segments_on`` (the state two segments on; another unit's final state for
+a last segment) and ``stop27`` (the start moved by a neighbour's update, with another state's own moments). The features:
 
 * ``movement``: how far the weights moved, over ``lr x segment_len x sqrt(parameters)`` (Adam moves each weight by
   about lr a step);
@@ -17,7 +17,13 @@ baseline. The features:
 * ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's;
 * ``moment_floor``: the share of second-moment entries below the floor ``segment_len`` AdamW steps leave of the
   start's (:func:`marketplace.canary.moment_floor_breaches`). Not statistical: an honest end has none, so any breach
-  tells a forgery for sure (``told_by_moment_floor``: the share of each kind's ends with one; of honest ends, too).
+  tells a forgery for sure (``told_by_moment_floor``: the share of each kind's ends with one; of honest ends, too);
+* ``step_bound``: the share of weights that moved farther than ``segment_len`` AdamW steps from the start's moments
+  can move them, whatever the gradients (:func:`marketplace.canary.step_bound_breaches`); exact too
+  (``told_by_step_bound``);
+* ``idle_rows``: input-embedding rows of bytes the segment's batches never hold (public: the data order) that are
+  not where AdamW with zero gradients takes them (:func:`marketplace.canary.idle_row_breaches`); exact
+  (``told_by_idle_rows``; ``told_exactly``: by any of the three).
 
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
 forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
@@ -49,10 +55,13 @@ from node.model import ModelConfig, init_state
 from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
 from protocol.proof import TrainingProof, make_proof
 
-FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor")
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor", "step_bound",
+            "idle_rows")
+#: the exact tests (an honest end fails none): any failure tells a forgery for sure
+EXACT = ("moment_floor", "step_bound", "idle_rows")
 
 
-def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> dict[str, float]:
+def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor], seg: int) -> dict[str, float]:
     """What a verifier can compute from a segment's start and claimed end checkpoints and the spec (module doc)."""
     ps = model_only(start)
     names = sorted(ps)
@@ -75,6 +84,8 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
         "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),
+        "step_bound": canary.step_bound_breaches(spec, start, end) / v.numel(),
+        "idle_rows": float(canary.idle_row_breaches(spec, seg, start, end)),
     }
 
 
@@ -89,6 +100,17 @@ def two_segments_on(states: list[dict[str, Tensor]], seg: int, sibling_final: Ma
     end's step counters."""
     source = sibling_final if seg + 2 >= len(states) else states[seg + 2]
     return {k: v if k.endswith(".step") else source[k] for k, v in states[seg + 1].items()}
+
+
+def stop27(states: list[dict[str, Tensor]], seg: int) -> dict[str, Tensor]:
+    """The forgery of stop 27 (the one this stop replaced): the start moved by the next segment's update, with the
+    state further on's own moments (a last segment: the update before, the moments of the state before the start)."""
+    start = states[seg]
+    before, after, moments = ((states[seg + 1], states[seg + 2], states[seg + 2]) if seg + 2 < len(states)
+                              else (states[seg - 1], start, states[seg - 1]))
+    return {k: v if k.endswith(".step") else moments[k] if not k.startswith("model.")
+            else (start[k].double() + after[k].double() - before[k].double()).to(v.dtype)
+            for k, v in states[seg + 1].items()}
 
 
 def claiming(proof: TrainingProof, seg: int, end: Mapping[str, Tensor]) -> TrainingProof:
@@ -129,28 +151,31 @@ def main(argv: list[str]) -> int:
             units.append((spec, r, [store.put_file(x) for x in r.segment_paths], store.put_file(r.final_path)))
         log(f"trained {a.units} units of {a.segments} segments of {a.segment_len} steps "
             f"({out['model_params']:,} parameters) in {time.perf_counter() - t0:.1f} s")
-        rows: dict[str, list[dict[str, float]]] = {"honest": [], "canary": [], "two_segments_on": []}
+        rows: dict[str, list[dict[str, float]]] = {"honest": [], "canary": [], "two_segments_on": [], "stop27": []}
         declined = 0
         for i, (spec, r, blobs, final) in enumerate(units):
             sib_spec, sib_r, sib_blobs, sib_final = units[(i + 1) % a.units]
             states = [checkpoint.load(x)[0] for x in r.segment_paths] + [checkpoint.load(r.final_path)[0]]
             for seg in range(1, a.segments):  # segment 0 starts from zero moments: a population of its own
-                rows["honest"].append(features(spec, states[seg], states[seg + 1]))
+                rows["honest"].append(features(spec, states[seg], states[seg + 1], seg))
                 rows["two_segments_on"].append(features(spec, states[seg], two_segments_on(
-                    states, seg, checkpoint.load(sib_r.final_path)[0])))
+                    states, seg, checkpoint.load(sib_r.final_path)[0]), seg))
+                rows["stop27"].append(features(spec, states[seg], stop27(states, seg), seg))
                 fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
                 if fake is None:
                     declined += 1
                     continue
-                rows["canary"].append(features(spec, states[seg], checkpoint.load(store.path(fake["end_blob"]))[0]))
+                rows["canary"].append(features(spec, states[seg], checkpoint.load(store.path(fake["end_blob"]))[0], seg))
         out["segments"] = {k: len(v) for k, v in rows.items()}
         out["declined"] = declined
         out["tell_auc"] = {f: {kind: auc([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
-                               for kind in ("canary", "two_segments_on")} for f in FEATURES}
+                               for kind in ("canary", "two_segments_on", "stop27")} for f in FEATURES}
         out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values())
-                               for kind in ("canary", "two_segments_on")}
-        out["told_by_moment_floor"] = {kind: round(sum(x["moment_floor"] > 0 for x in v) / len(v), 3)
-                                       for kind, v in rows.items() if v}
+                               for kind in ("canary", "two_segments_on", "stop27")}
+        for f in EXACT:
+            out[f"told_by_{f}"] = {kind: round(sum(x[f] > 0 for x in v) / len(v), 3) for kind, v in rows.items() if v}
+        out["told_exactly"] = {kind: round(sum(any(x[f] > 0 for f in EXACT) for x in v) / len(v), 3)
+                               for kind, v in rows.items() if v}
         log(f"tell (AUC, 0.5 = none): {json.dumps(out['tell_auc'])}")
 
         margins: dict[str, dict[str, list[float]]] = {"canary": {}, "two_segments_on": {}}

@@ -18,7 +18,7 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(figures["tell_auc"]) == set(FEATURES)
     for f in FEATURES:
-        assert set(figures["tell_auc"][f]) == {"canary", "two_segments_on"}
+        assert set(figures["tell_auc"][f]) == {"canary", "two_segments_on", "stop27"}
         assert all(0.5 <= v <= 1.0 for v in figures["tell_auc"][f].values())
     assert figures["segments"]["honest"] == figures["segments"]["two_segments_on"] == 2 * 3
     assert figures["segments"]["canary"] + figures["declined"] == 6
@@ -28,5 +28,7 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     assert len(figures["margins"]["two_segments_on"]["bf16"]) == 2  # the baseline, measured alongside
     assert min(figures["margin_min"]["canary"].values()) > 1
     # the exact check of the moments tells no honest end and none of the canaries; every one of the forgery before
-    assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "two_segments_on": 1.0}
+    assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "two_segments_on": 1.0, "stop27": 1.0}
+    assert figures["told_exactly"]["honest"] == figures["told_exactly"]["canary"] == 0.0
+    assert figures["told_exactly"]["stop27"] == 1.0  # the forgery this replaced: every one told, without a replay
     assert len(figures["from_truth"]["canary"]["bf16"]) == 3 and figures["void_for_cross_plan"]["canary"] >= 0
