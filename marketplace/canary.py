@@ -17,13 +17,17 @@ What keeps a canary from being told without a replay:
   to compare across tasks of one unit;
 - its end is a real AdamW trajectory from the start, so every exact test a verifier can run on a segment's start and
   end without replaying passes, as on an honest end: the second moments never fall below ``beta2 ** segment_len`` of
-  the start's (:func:`moment_floor_breaches`), no weight moves farther than AdamW's steps from the start's moments can
-  move it (:func:`step_bound_breaches`), and the embedding rows of bytes the segment's batches never hold (the data
-  order is public) end where zero gradients take them (:func:`idle_row_breaches`). The forgery before this (stop
-  27: the start plus a neighbour's update, with another state's own moments) failed at least one of these on every
-  canary and on no honest end: all told for sure, for nothing (``gridmint bench canary``: ``told_exactly``). What is
-  left are statistical tells (``tell_auc``: the weights' movement and its alignment with the end moments, up to 0.87
-  on the default job shape at stop 28), which a lazy verifier can only bet on;
+  the start's (:func:`moment_floor_breaches`), the first moments moved no farther than the second allow
+  (:func:`moment_cs_breaches`), no weight moves farther than AdamW's steps from the start's moments can move it
+  (:func:`step_bound_breaches`), and the embedding rows of bytes the segment's batches never hold (the data order is
+  public) end where zero gradients take them (:func:`idle_row_breaches`). The forgery before this (stop 27: the
+  start plus a neighbour's update, with another state's own moments) failed at least one of these on every canary
+  and on no honest end: all told for sure, for nothing (``gridmint bench canary``: ``told_exactly``). Left: tells
+  that cost work, or are only statistical. A verifier that replays the segment's first step knows the exact state
+  after it and can run the same tests from there: they tell most canaries (93% on the default job shape at stop 28,
+  ``told_by_one_step_replay``), so laziness now costs a step per task instead of nothing; a forgery that passes them
+  needs the segment's true first steps (a replay here, not yet built). And ``tell_auc``: up to 0.90 (the weights'
+  movement against Adam's), a bet, not a proof;
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, those the forgery is made of), nor twice on one unit for one verifier; a verifier
   holds one task at a time, so it cannot fetch those while holding a canary;
@@ -156,6 +160,26 @@ def moment_floor_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapp
 MOMENT_FLOOR_RTOL = 1e-5
 
 
+def moment_cs_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
+    """How many entries of ``end``'s moments no gradients could give from ``start``'s: over a segment the first moment
+    gains ``sum a_i g_i`` and the second ``sum b_i g_i ** 2`` (AdamW's weights ``a_i``, ``b_i``), and Cauchy-Schwarz
+    bounds the first's square by ``C`` (``sum a_i ** 2 / b_i``) times the second (fp32 rounding allowed for). A test a
+    verifier can run without replaying; an honest end passes it."""
+    (b1, b2), n = ADAMW_BETAS, spec.segment_len
+    c = sum(((1 - b1) * b1 ** k) ** 2 / ((1 - b2) * b2 ** k) for k in range(n))
+    breaches = 0
+    for k, v in start.items():
+        if not k.endswith(".exp_avg_sq"):
+            continue
+        mk = k[: -len("_sq")]
+        vs, ve = v.double(), end[k].double()
+        rm = end[mk].double() - b1 ** n * start[mk].double()
+        rv = ve - b2 ** n * vs
+        slack = MOMENT_FLOOR_RTOL * (b2 ** n * vs + ve)  # the rounding of n fp32 updates of both moments
+        breaches += int((rm * rm > c * (rv + slack) * (1 + MOMENT_FLOOR_RTOL) + 1e-30).sum())
+    return breaches
+
+
 def step_bound_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
     """How many weights of ``end`` moved farther from ``start`` than ``segment_len`` AdamW steps from the start's
     moments can move them, whatever the gradients: step t moves a weight by at most lr x the bias corrections x
@@ -217,6 +241,9 @@ def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Te
         mk, vk, sk = f"optim.{name}.exp_avg", f"optim.{name}.exp_avg_sq", f"optim.{name}.step"
         rm = after[mk].double() - b1 ** n * before[mk].double()
         rv = (after[vk].double() - b2 ** n * before[vk].double()).clamp(min=0)  # (a sum of squares)
+        # at least the true segment's own second-moment share, entry by entry: a verifier replaying the segment's
+        # first steps knows their gradients, and an end whose share lies below theirs is told for sure
+        rv = torch.maximum(rv, (counters[vk].double() - b2 ** n * start[vk].double()).clamp(min=0))
         state = gen.get_state()  # the noise is drawn twice: its sums first, then step by step (one step in memory)
         sa, sb = torch.zeros_like(rm), torch.zeros_like(rm)
         for i in range(n):

@@ -25,6 +25,10 @@ a last segment) and ``stop27`` (the start moved by a neighbour's update, with an
   not where AdamW with zero gradients takes them (:func:`marketplace.canary.idle_row_breaches`); exact
   (``told_by_idle_rows``; ``told_exactly``: by any of the three).
 
+Not free: ``told_by_one_step_replay``, what a verifier that replays one step of the segment (1/``segment_len`` of the
+work) tells exactly, from that step's gradient: an honest end's second moments hold at least its share
+(:func:`first_step_breaches`).
+
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
 forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
 honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
@@ -52,13 +56,15 @@ from marketplace.blobs import BlobStore
 from node import checkpoint
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
-from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
+from node import data
+from node.trainer import (ADAMW_BETAS, ADAMW_EPS, UnitSpec, deterministic, export_training_state, load_training_state,
+                          model_only, segment_batches, state_hash, train_step, train_unit)
 from protocol.proof import TrainingProof, make_proof
 
-FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor", "step_bound",
-            "idle_rows")
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor", "moment_cs",
+            "step_bound", "idle_rows")
 #: the exact tests (an honest end fails none): any failure tells a forgery for sure
-EXACT = ("moment_floor", "step_bound", "idle_rows")
+EXACT = ("moment_floor", "moment_cs", "step_bound", "idle_rows")
 
 
 def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor], seg: int) -> dict[str, float]:
@@ -84,6 +90,7 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
         "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),
+        "moment_cs": canary.moment_cs_breaches(spec, start, end) / v.numel(),
         "step_bound": canary.step_bound_breaches(spec, start, end) / v.numel(),
         "idle_rows": float(canary.idle_row_breaches(spec, seg, start, end)),
     }
@@ -100,6 +107,21 @@ def two_segments_on(states: list[dict[str, Tensor]], seg: int, sibling_final: Ma
     end's step counters."""
     source = sibling_final if seg + 2 >= len(states) else states[seg + 2]
     return {k: v if k.endswith(".step") else source[k] for k, v in states[seg + 1].items()}
+
+
+def first_step_breaches(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
+    """A verifier that replays the segment's first step (1/``segment_len`` of a replay) holds the exact state after
+    it, and can run the exact tests from there over the steps left: the moment floor, Cauchy-Schwarz on the moments
+    and the step bound (:mod:`marketplace.canary`). An honest end passes them; how many entries of ``end`` do not."""
+    with deterministic(spec.threads):
+        model, opt = load_training_state(spec, start)
+        _, offsets = segment_batches(spec, seg)[0]
+        x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
+        train_step(model, opt, x, y)
+        after = {k: v.detach().clone() for k, v in export_training_state(model, opt).items()}
+    rest = replace(spec, steps=spec.segment_len - 1, segment_len=spec.segment_len - 1)
+    return (canary.moment_floor_breaches(rest, after, end) + canary.moment_cs_breaches(rest, after, end)
+            + canary.step_bound_breaches(rest, after, end))
 
 
 def stop27(states: list[dict[str, Tensor]], seg: int) -> dict[str, Tensor]:
@@ -161,11 +183,15 @@ def main(argv: list[str]) -> int:
                 rows["two_segments_on"].append(features(spec, states[seg], two_segments_on(
                     states, seg, checkpoint.load(sib_r.final_path)[0]), seg))
                 rows["stop27"].append(features(spec, states[seg], stop27(states, seg), seg))
+                for kind, end in (("honest", states[seg + 1]), ("stop27", stop27(states, seg))):
+                    rows[kind][-1]["one_step_replay"] = float(first_step_breaches(spec, seg, states[seg], end))
                 fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
                 if fake is None:
                     declined += 1
                     continue
-                rows["canary"].append(features(spec, states[seg], checkpoint.load(store.path(fake["end_blob"]))[0], seg))
+                forged = checkpoint.load(store.path(fake["end_blob"]))[0]
+                rows["canary"].append(features(spec, states[seg], forged, seg))
+                rows["canary"][-1]["one_step_replay"] = float(first_step_breaches(spec, seg, states[seg], forged))
         out["segments"] = {k: len(v) for k, v in rows.items()}
         out["declined"] = declined
         out["tell_auc"] = {f: {kind: auc([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
@@ -174,6 +200,8 @@ def main(argv: list[str]) -> int:
                                for kind in ("canary", "two_segments_on", "stop27")}
         for f in EXACT:
             out[f"told_by_{f}"] = {kind: round(sum(x[f] > 0 for x in v) / len(v), 3) for kind, v in rows.items() if v}
+        out["told_by_one_step_replay"] = {kind: round(sum(x.get("one_step_replay", 0) > 0 for x in v) / len(v), 3)
+                                          for kind, v in rows.items() if v and kind != "two_segments_on"}
         out["told_exactly"] = {kind: round(sum(any(x[f] > 0 for f in EXACT) for x in v) / len(v), 3)
                                for kind, v in rows.items() if v}
         log(f"tell (AUC, 0.5 = none): {json.dumps(out['tell_auc'])}")

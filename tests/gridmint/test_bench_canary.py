@@ -29,6 +29,9 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     assert min(figures["margin_min"]["canary"].values()) > 1
     # the exact check of the moments tells no honest end and none of the canaries; every one of the forgery before
     assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "two_segments_on": 1.0, "stop27": 1.0}
+    assert figures["told_by_moment_cs"]["honest"] == figures["told_by_moment_cs"]["canary"] == 0.0
     assert figures["told_exactly"]["honest"] == figures["told_exactly"]["canary"] == 0.0
     assert figures["told_exactly"]["stop27"] == 1.0  # the forgery this replaced: every one told, without a replay
+    # one replayed step tells no honest end (the test is exact); what it tells of the canaries is measured
+    assert figures["told_by_one_step_replay"]["honest"] == 0.0 and 0 <= figures["told_by_one_step_replay"]["canary"] <= 1
     assert len(figures["from_truth"]["canary"]["bf16"]) == 3 and figures["void_for_cross_plan"]["canary"] >= 0

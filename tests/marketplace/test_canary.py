@@ -88,7 +88,10 @@ def _shares_of(spec: UnitSpec, start: dict, before: dict, after: dict, end: dict
         if k.endswith(".exp_avg"):
             want = b1 ** L * start[k].double() + after[k].double() - b1 ** L * before[k].double()
         elif k.endswith(".exp_avg_sq"):
-            want = b2 ** L * start[k].double() + (after[k].double() - b2 ** L * before[k].double()).clamp(min=0)
+            # (at least the true segment's own share: no replay of its first steps finds the second moments short)
+            want = b2 ** L * start[k].double() + torch.maximum(
+                after[k].double() - b2 ** L * before[k].double(), true_end[k].double() - b2 ** L * start[k].double()
+            ).clamp(min=0)
         else:
             continue
         near = torch.isclose(t.double(), want, rtol=1e-5, atol=1e-12)
@@ -198,12 +201,12 @@ def test_the_last_segment_of_a_unit_of_one_or_two_is_forged_from_a_sibling_units
     theirs, _ = checkpoint.load(sibling.final_path)
     assert meta == real_meta == checkpoint_metadata(short, None)  # labelled as this unit's final checkpoint
     # the start trained on gradients with the shares of the sibling's same segment (for one segment: from the same
-    # start, so the moments are the sibling's final ones)
+    # start, so the first moments are the sibling's final ones)
     _shares_of(short, checkpoint.load(unit.segment_paths[n - 1])[0], checkpoint.load(sibling.segment_paths[n - 1])[0],
                theirs, end, real_final)
     if segments == 1:
         assert all(torch.allclose(t, theirs[k], rtol=1e-5, atol=1e-12) for k, t in end.items()
-                   if k.startswith("optim.") and ".tok." not in k)
+                   if k.endswith(".exp_avg") and ".tok." not in k)
     assert proof.segments[-1].end_hash == proof.final_hash == state_hash(end) != fake["true_end"] == unit.proof.final_hash
     view = segment_view(proof, n - 1)
     assert claim_problem(short, view, n - 1) is None
@@ -325,14 +328,14 @@ def test_a_forgerys_moments_pass_the_check_a_lazy_verifier_can_run_without_repla
     n = len(blobs)
     lent_update = 0
     for seg in range(n):
-        assert canary.moment_floor_breaches(spec, states[seg], states[seg + 1]) == 0, seg  # honest
-        assert canary.step_bound_breaches(spec, states[seg], states[seg + 1]) == 0, seg
+        checks = (canary.moment_floor_breaches, canary.moment_cs_breaches, canary.step_bound_breaches)
+        assert [check(spec, states[seg], states[seg + 1]) for check in checks] == [0, 0, 0], seg  # honest
         end = checkpoint.load(store.path(canary.forge(spec, unit.proof, seg, blobs, final, store)["end_blob"]))[0]
-        assert canary.moment_floor_breaches(spec, states[seg], end) == 0, seg
-        assert canary.step_bound_breaches(spec, states[seg], end) == 0, seg
+        assert [check(spec, states[seg], end) for check in checks] == [0, 0, 0], seg
         if 1 <= seg < n - 1:  # (segment 0 starts from zero moments: no floor)
             before = {k: v if k.endswith(".step") else states[seg + 2][k] for k, v in states[seg + 1].items()}
             assert canary.moment_floor_breaches(spec, states[seg], before) > 0, seg
+            assert canary.moment_cs_breaches(spec, states[seg], before) > 0, seg
             # the start plus the next segment's own update (the weights of the forgery before)
             lent = {k: (states[seg][k].double() + states[seg + 2][k].double() - states[seg + 1][k].double()).float()
                     if k.startswith("model.") else v for k, v in states[seg + 1].items()}
