@@ -728,6 +728,45 @@ def _rows(market, **where) -> list[Verification]:
         return list(s.scalars(q))
 
 
+def decoy_ending(spec: UnitSpec, proof: TrainingProof, seg: int, end: dict, blobs) -> dict:  # type: ignore[type-arg]
+    """A decoy (what ``canary.forge`` returns) claiming segment ``seg`` ends in ``end``: a test's own forgery."""
+    from dataclasses import replace
+
+    from node import checkpoint
+    from node.trainer import checkpoint_metadata, state_hash
+    from protocol.proof import make_proof
+
+    last = seg == len(proof.segments) - 1
+    h = state_hash(end)
+    segments = list(proof.segments)
+    segments[seg] = replace(segments[seg], end_hash=h)
+    if not last:
+        segments[seg + 1] = replace(segments[seg + 1], start_hash=h)
+    forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
+                        segment_len=proof.segment_len, segments=segments)
+    blob = blobs.put_checkpoint(checkpoint.serialize(end, checkpoint_metadata(spec, None if last else seg + 1)))
+    return {"proof": forged.to_dict(), "end_blob": blob, "true_end": proof.segments[seg].end_hash}
+
+
+def _every_check_a_canary(market, monkeypatch, forge, providers: list[ProviderAgent]) -> tuple[str, list[list]]:
+    """A full-replay job of one unit of four segments, submitted by ``providers``, every check of it stocked with the
+    canary ``forge`` makes (planted when handed out: canary rate 1); the referee's rulings on missed canaries are held
+    back in the list returned with the job id."""
+    from marketplace import canary
+
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    monkeypatch.setattr(canary, "forge", forge)
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, providers, 1)
+    held: list[list] = []
+    send = market.rt.enqueue
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
+                        if name == "gridmint.punish_verifier" else send(name, args, queue))
+    return job_id, held
+
+
 def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
     """Planted known-bad segments (marketplace.canary) mixed into an honest verifier's tasks: it flags every one
     with a signed accusation that is never relayed (no stake moves, the provider is not touched), a canary it
@@ -1002,15 +1041,11 @@ def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, 
     honest verifier's whole stake. It now referees the provider's own claim of the segment too: that claim does not
     hold, so the canary proves nothing: void, nothing slashed, the verifier back at work. (The approver here approves
     everything: its verdict on that canary is the one an honest verifier within its tolerance gives.)"""
-    from dataclasses import replace
-
     import torch
 
     from marketplace import canary, checking
     from node import checkpoint
-    from node.trainer import (checkpoint_metadata, deterministic, export_training_state, load_training_state,
-                              run_segment, state_hash)
-    from protocol.proof import make_proof
+    from node.trainer import deterministic, export_training_state, load_training_state, run_segment
 
     def shaped(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None):
         if seg != 0:
@@ -1021,27 +1056,12 @@ def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, 
             end = {k: v.detach().clone() for k, v in export_training_state(model, opt).items()}
         key = next(k for k in end if k.startswith("model."))
         end[key] = end[key] * (1 + 1e-6)  # ... and a hair from it
-        h = state_hash(end)
-        segments = list(proof.segments)
-        segments[0], segments[1] = replace(segments[0], end_hash=h), replace(segments[1], start_hash=h)
-        forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
-                            segment_len=proof.segment_len, segments=segments)
-        blob = blobs.put_checkpoint(checkpoint.serialize(end, checkpoint_metadata(spec, 1)))
         assert not torch.equal(end[key], checkpoint.load(blobs.read(segment_blobs[1]))[0][key])  # the claim is fake
-        return {"proof": forged.to_dict(), "end_blob": blob, "true_end": proof.segments[0].end_hash}
+        return decoy_ending(spec, proof, 0, end, blobs)
 
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     approver = staked_verifier(market, tmp_path, "approver", approve_everything=True)
-    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
-                   verification="full")
-    monkeypatch.setattr(canary, "forge", shaped)
-    market.rt.settings.canary_rate = 1.0
-    job_id = submit_job(market, spec)
-    _submitted(market, job_id, [cheat], 1)
-    held: list[list] = []
-    send = market.rt.enqueue
-    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
-                        if name == "gridmint.punish_verifier" else send(name, args, queue))
+    job_id, held = _every_check_a_canary(market, monkeypatch, shaped, [cheat])
     assert approver.verify_once() == "ok"
     market.rt.settings.canary_rate = 0.0
     (missed,) = _rows(market, status="canary_missed")
@@ -1214,16 +1234,12 @@ def test_a_canary_within_a_cross_plan_verifiers_tolerance_is_void_for_it_and_not
     calibrated, not known when it is forged. One that approves a forgery lying within (twice) its tolerance of the
     true end may have replayed honestly: the canary is void for it, stake and place kept. A verifier on the unit's
     own plan and kernels replays bit for bit: for it the same forgery is a miss, and it is slashed."""
-    from marketplace import canary, checking
-    from dataclasses import replace
-
     import torch
 
+    from marketplace import canary, checking
     from marketplace.db import Verifier
     from node import checkpoint
     from node.crosscheck import Plan
-    from node.trainer import checkpoint_metadata, state_hash
-    from protocol.proof import make_proof
 
     def near(spec, proof, seg, segment_blobs, final_blob, blobs, sibling=None):  # a forgery 1 ulp from the truth
         last = seg == len(segment_blobs) - 1
@@ -1232,30 +1248,12 @@ def test_a_canary_within_a_cross_plan_verifiers_tolerance_is_void_for_it_and_not
         nudged = dict(true_end)
         nudged[key] = true_end[key].clone()
         nudged[key].view(-1)[0] = torch.nextafter(nudged[key].view(-1)[0], torch.tensor(math.inf))
-        h = state_hash(nudged)
-        segments = list(proof.segments)
-        segments[seg] = replace(segments[seg], end_hash=h)
-        if not last:
-            segments[seg + 1] = replace(segments[seg + 1], start_hash=h)
-        forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=proof.steps,
-                            segment_len=proof.segment_len, segments=segments)
-        blob = blobs.put_checkpoint(checkpoint.serialize(nudged, checkpoint_metadata(spec, None if last else seg + 1)))
-        return {"proof": forged.to_dict(), "end_blob": blob, "true_end": proof.segments[seg].end_hash,
-                "telling": [seg]}
+        return {**decoy_ending(spec, proof, seg, nudged, blobs), "telling": [seg]}
 
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     other = staked_verifier(market, tmp_path, "other-plan", plan=Plan("cpu", 2), approve_everything=True)
     same = staked_verifier(market, tmp_path, "same-plan", approve_everything=True)
-    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
-                   verification="full")
-    monkeypatch.setattr(canary, "forge", near)
-    market.rt.settings.canary_rate = 1.0
-    job_id = submit_job(market, spec)
-    _submitted(market, job_id, [honest], 1)
-    held: list[list] = []
-    send = market.rt.enqueue
-    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
-                        if name == "gridmint.punish_verifier" else send(name, args, queue))
+    _, held = _every_check_a_canary(market, monkeypatch, near, [honest])
     assert other.verify_once() == "ok" and same.verify_once() == "ok"  # both approve without replaying
     market.rt.settings.canary_rate = 0.0
     missed = {v.verifier: v.id for v in _rows(market, status="canary_missed")}
