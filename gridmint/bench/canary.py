@@ -25,14 +25,17 @@ a last segment) and ``stop27`` (the start moved by a neighbour's update, with an
   not where AdamW with zero gradients takes them (:func:`marketplace.canary.idle_row_breaches`); exact
   (``told_by_idle_rows``; ``told_exactly``: by any of the three).
 
-Not free: ``told_by_one_step_replay``, what a verifier that replays one step of the segment (1/``segment_len`` of the
-work) tells exactly, from that step's gradient: an honest end's second moments hold at least its share
-(:func:`first_step_breaches`).
+Not free: ``told_by_replaying``, what a verifier that replays the first j steps of the segment (j/``segment_len`` of
+the work; j = 1 and half the segment) tells exactly by running those tests from the state it reached
+(:func:`replay_breaches`). A canary's first steps are the true ones (``canary_prefix_mean``: how many, on average), so
+a partial replay tells only those it replayed past.
 
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
 forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
 honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
-below 1 means the verifier approves it. ``approved`` counts those, and must be 0. ``from_truth``: how far each
+below 1 means the verifier approves it. ``approved`` counts those for canaries made up from the segment's start
+(no true prefix), and must be 0; ``approved_prefixed`` for canaries as planted (a random true prefix: the longer, the
+closer to the truth), each excused by the referee as long as it lies within twice the tolerance of the truth. ``from_truth``: how far each
 forgery lies from the true end, in the same tolerances; the referee voids a canary a verifier on another plan
 approved where that is at most :data:`marketplace.referee.CANARY_EXCUSE_FACTOR` (an honest replay might have
 approved it): ``void_for_cross_plan`` counts those, canaries that cannot catch a lazy verifier on that plan.
@@ -56,9 +59,7 @@ from marketplace.blobs import BlobStore
 from node import checkpoint
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
-from node import data
-from node.trainer import (ADAMW_BETAS, ADAMW_EPS, UnitSpec, deterministic, export_training_state, load_training_state,
-                          model_only, segment_batches, state_hash, train_step, train_unit)
+from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
 from protocol.proof import TrainingProof, make_proof
 
 FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor", "moment_cs",
@@ -109,17 +110,12 @@ def two_segments_on(states: list[dict[str, Tensor]], seg: int, sibling_final: Ma
     return {k: v if k.endswith(".step") else source[k] for k, v in states[seg + 1].items()}
 
 
-def first_step_breaches(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
-    """A verifier that replays the segment's first step (1/``segment_len`` of a replay) holds the exact state after
-    it, and can run the exact tests from there over the steps left: the moment floor, Cauchy-Schwarz on the moments
+def replay_breaches(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], end: Mapping[str, Tensor], j: int) -> int:
+    """A verifier that replays the segment's first ``j`` steps (``j / segment_len`` of a replay) holds the exact state
+    there, and can run the exact tests from it over the steps left: the moment floor, Cauchy-Schwarz on the moments
     and the step bound (:mod:`marketplace.canary`). An honest end passes them; how many entries of ``end`` do not."""
-    with deterministic(spec.threads):
-        model, opt = load_training_state(spec, start)
-        _, offsets = segment_batches(spec, seg)[0]
-        x, y = data.make_batch(data.train_tokens(), offsets, spec.model.ctx)
-        train_step(model, opt, x, y)
-        after = {k: v.detach().clone() for k, v in export_training_state(model, opt).items()}
-    rest = replace(spec, steps=spec.segment_len - 1, segment_len=spec.segment_len - 1)
+    after = canary.true_prefix(spec, seg, start, j)
+    rest = replace(spec, steps=spec.segment_len - j, segment_len=spec.segment_len - j)
     return (canary.moment_floor_breaches(rest, after, end) + canary.moment_cs_breaches(rest, after, end)
             + canary.step_bound_breaches(rest, after, end))
 
@@ -174,7 +170,8 @@ def main(argv: list[str]) -> int:
         log(f"trained {a.units} units of {a.segments} segments of {a.segment_len} steps "
             f"({out['model_params']:,} parameters) in {time.perf_counter() - t0:.1f} s")
         rows: dict[str, list[dict[str, float]]] = {"honest": [], "canary": [], "two_segments_on": [], "stop27": []}
-        declined = 0
+        declined, prefixes = 0, []
+        replayed = (1, a.segment_len // 2)
         for i, (spec, r, blobs, final) in enumerate(units):
             sib_spec, sib_r, sib_blobs, sib_final = units[(i + 1) % a.units]
             states = [checkpoint.load(x)[0] for x in r.segment_paths] + [checkpoint.load(r.final_path)[0]]
@@ -184,14 +181,17 @@ def main(argv: list[str]) -> int:
                     states, seg, checkpoint.load(sib_r.final_path)[0]), seg))
                 rows["stop27"].append(features(spec, states[seg], stop27(states, seg), seg))
                 for kind, end in (("honest", states[seg + 1]), ("stop27", stop27(states, seg))):
-                    rows[kind][-1]["one_step_replay"] = float(first_step_breaches(spec, seg, states[seg], end))
+                    for j in replayed:
+                        rows[kind][-1][f"replay_{j}"] = float(replay_breaches(spec, seg, states[seg], end, j))
                 fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
                 if fake is None:
                     declined += 1
                     continue
                 forged = checkpoint.load(store.path(fake["end_blob"]))[0]
                 rows["canary"].append(features(spec, states[seg], forged, seg))
-                rows["canary"][-1]["one_step_replay"] = float(first_step_breaches(spec, seg, states[seg], forged))
+                for j in replayed:
+                    rows["canary"][-1][f"replay_{j}"] = float(replay_breaches(spec, seg, states[seg], forged, j))
+                prefixes.append(fake["prefix"])
         out["segments"] = {k: len(v) for k, v in rows.items()}
         out["declined"] = declined
         out["tell_auc"] = {f: {kind: auc([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
@@ -200,16 +200,19 @@ def main(argv: list[str]) -> int:
                                for kind in ("canary", "two_segments_on", "stop27")}
         for f in EXACT:
             out[f"told_by_{f}"] = {kind: round(sum(x[f] > 0 for x in v) / len(v), 3) for kind, v in rows.items() if v}
-        out["told_by_one_step_replay"] = {kind: round(sum(x.get("one_step_replay", 0) > 0 for x in v) / len(v), 3)
-                                          for kind, v in rows.items() if v and kind != "two_segments_on"}
+        out["told_by_replaying"] = {
+            f"{j}_of_{a.segment_len}_steps": {kind: round(sum(x.get(f"replay_{j}", 0) > 0 for x in v) / len(v), 3)
+                                              for kind, v in rows.items() if v and kind != "two_segments_on"}
+            for j in replayed}
+        out["canary_prefix_mean"] = round(sum(prefixes) / max(1, len(prefixes)), 2)
         out["told_exactly"] = {kind: round(sum(any(x[f] > 0 for f in EXACT) for x in v) / len(v), 3)
                                for kind, v in rows.items() if v}
         log(f"tell (AUC, 0.5 = none): {json.dumps(out['tell_auc'])}")
 
-        margins: dict[str, dict[str, list[float]]] = {"canary": {}, "two_segments_on": {}}
-        from_truth: dict[str, dict[str, list[float]]] = {"canary": {}, "two_segments_on": {}}
-        void = {"canary": 0, "two_segments_on": 0}
-        approved = {"canary": 0, "two_segments_on": 0}
+        margins: dict[str, dict[str, list[float]]] = {"canary": {}, "canary_prefixed": {}, "two_segments_on": {}}
+        from_truth: dict[str, dict[str, list[float]]] = {"canary": {}, "canary_prefixed": {}, "two_segments_on": {}}
+        void = {"canary": 0, "canary_prefixed": 0, "two_segments_on": 0}
+        approved = {"canary": 0, "canary_prefixed": 0, "two_segments_on": 0}
         plan = cc.Plan.parse("cpu/mb2")
         for prec in ("fp32", "bf16"):
             spec = replace(base, steps=a.segment_len * a.margin_segments, precision=prec)
@@ -217,15 +220,16 @@ def main(argv: list[str]) -> int:
             blobs, final = [store.put_file(x) for x in r.segment_paths], store.put_file(r.final_path)
             states = [checkpoint.load(x)[0] for x in r.segment_paths] + [checkpoint.load(r.final_path)[0]]
             tol = cc.tolerance_for(spec, plan)
-            got: dict[str, list[float]] = {"canary": [], "two_segments_on": []}
-            far: dict[str, list[float]] = {"canary": [], "two_segments_on": []}
+            got: dict[str, list[float]] = {"canary": [], "canary_prefixed": [], "two_segments_on": []}
+            far: dict[str, list[float]] = {"canary": [], "canary_prefixed": [], "two_segments_on": []}
             for seg in range(a.margin_segments):  # the canary's last segment is a backward forgery
                 forged = {}
                 if seg < a.margin_segments - 1:  # (the baseline has no last-segment forgery without a sibling)
                     forged["two_segments_on"] = two_segments_on(states, seg, states[-1])
-                fake = canary.forge(spec, r.proof, seg, blobs, final, store)
-                if fake is not None:
-                    forged["canary"] = checkpoint.load(store.path(fake["end_blob"]))[0]
+                for kind, k in (("canary", 0), ("canary_prefixed", None)):  # made up from the start; as planted
+                    fake = canary.forge(spec, r.proof, seg, blobs, final, store, prefix=k)
+                    if fake is not None:
+                        forged[kind] = checkpoint.load(store.path(fake["end_blob"]))[0]
                 for kind, end in forged.items():
                     v = cc.check_segment_across(spec, claiming(r.proof, seg, end), seg, states[seg], end, tol,
                                                 cc.PlanRunner(spec, states[seg], plan))
@@ -243,6 +247,7 @@ def main(argv: list[str]) -> int:
         out["from_truth"] = from_truth
         out["void_for_cross_plan"] = void
         out["approved"] = approved["canary"]
+        out["approved_prefixed"] = approved["canary_prefixed"]
         out["approved_two_segments_on"] = approved["two_segments_on"]
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))

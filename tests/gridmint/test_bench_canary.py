@@ -32,6 +32,8 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     assert figures["told_by_moment_cs"]["honest"] == figures["told_by_moment_cs"]["canary"] == 0.0
     assert figures["told_exactly"]["honest"] == figures["told_exactly"]["canary"] == 0.0
     assert figures["told_exactly"]["stop27"] == 1.0  # the forgery this replaced: every one told, without a replay
-    # one replayed step tells no honest end (the test is exact); what it tells of the canaries is measured
-    assert figures["told_by_one_step_replay"]["honest"] == 0.0 and 0 <= figures["told_by_one_step_replay"]["canary"] <= 1
+    # a partial replay tells no honest end (the tests are exact); what it tells of the canaries is measured
+    for told in figures["told_by_replaying"].values():
+        assert told["honest"] == 0.0 and 0 <= told["canary"] <= 1 and told["stop27"] == 1.0
+    assert 0 <= figures["canary_prefix_mean"] <= 3
     assert len(figures["from_truth"]["canary"]["bf16"]) == 3 and figures["void_for_cross_plan"]["canary"] >= 0
