@@ -396,7 +396,7 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["lazy_verifier_tasks_to_catch_max"] = max(caught) if caught else None
     out["honest_verifier_canaries"] = planted
     out["honest_verifier_canary_errors"] = approved
-    out["canaries_declined"] = declined  # forgeries marketplace.canary.forge would not stock (too close to the truth)
+    out["canaries_declined"] = declined  # segments marketplace.canary.forge stocks no canary for (none but the claim)
     # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
