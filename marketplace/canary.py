@@ -216,6 +216,26 @@ def _least_energy(n: int) -> tuple[list[float], list[float], list[float], float]
     return a, b, w, sum(x * y for x, y in zip(a, w))
 
 
+def _noise_shapes(n: int, gen: torch.Generator) -> tuple[list[float], list[float], float, float]:
+    """Two random step patterns ``z`` and ``y`` over ``n`` steps for :func:`carried`'s noise, each carrying no
+    first-moment share (``sum a_i z_i = 0``) and apart in the second (``sum b_i z_i y_i = 0``), with their energies
+    ``Z = sum b_i z_i ** 2`` and ``Y``: a weight's noise is ``s z + u y``, ``s`` and ``u`` its own Gaussian draws (two
+    numbers a weight instead of two a step: drawing is most of the cost)."""
+    a, b, w, c = _least_energy(n)
+    z0, y0 = (torch.randn(n, generator=gen, dtype=torch.float64).tolist() for _ in range(2))
+
+    def no_first_share(e: list[float]) -> list[float]:
+        k = sum(x * y for x, y in zip(a, e)) / c
+        return [x - k * y for x, y in zip(e, w)]
+
+    z, y = no_first_share(z0), no_first_share(y0)
+    zz = sum(bi * x * x for bi, x in zip(b, z))
+    if zz > 0:
+        k = sum(bi * x * v for bi, x, v in zip(b, y, z)) / zz
+        y = [x - k * v for x, v in zip(y, z)]
+    return z, y, zz, sum(bi * x * x for bi, x in zip(b, y))
+
+
 def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Tensor],
             after: Mapping[str, Tensor], counters: Mapping[str, Tensor], seed: int | None = None,
             prefix: tuple[int, Mapping[str, Tensor]] | None = None) -> dict[str, Tensor]:
@@ -225,8 +245,8 @@ def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Te
 
     ``prefix``: ``(k, state)``, the segment's true state after its first ``k`` steps (:func:`true_prefix`); the
     made-up steps are the ``segment_len - k`` after it. Per weight, the step-i gradient is ``p w_i + q e_i``
-    (:func:`_least_energy` over those steps), ``e`` Gaussian noise (from ``seed``; default: the OS's randomness) made
-    to carry no first-moment share, ``p`` and ``q`` solved so that both moments end exactly where meant (the second
+    (:func:`_least_energy` over those steps), ``e`` random noise (:func:`_noise_shapes`, from ``seed``; default: the
+    OS's randomness) that carries no first-moment share, ``p`` and ``q`` solved so that both moments end exactly where meant (the second
     raised where no gradients could reach it from the prefix's state: Cauchy-Schwarz). The second-moment share is at
     least the true segment's own, entry by entry (a replay of its first steps never finds it short). So every
     relation a verifier can check without replaying holds (:func:`moment_floor_breaches`, :func:`moment_cs_breaches`,
@@ -239,6 +259,7 @@ def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Te
     left = n - k
     a, b, w, c = _least_energy(left)
     gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    z, y, zz, yy = _noise_shapes(left, gen)
     out = dict(counters)
     for key, t in counters.items():
         if not key.startswith("model."):
@@ -251,23 +272,18 @@ def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Te
             (after[vk].double() - b2 ** n * before[vk].double()).clamp(min=0), own)  # (a sum of squares)
         rm = m_end - b1 ** left * mid[mk].double()  # what the made-up steps must add
         rv = (v_end - b2 ** left * mid[vk].double()).clamp(min=0)
-        state = gen.get_state()  # the noise is drawn twice: its sums first, then step by step (one step in memory)
-        sa, sb = torch.zeros_like(rm), torch.zeros_like(rm)
-        for i in range(left):
-            e = torch.randn(rm.shape, generator=gen, dtype=torch.float64)
-            sa += a[i] * e
-            sb += b[i] * e * e
-        gen.set_state(state)
-        energy = sb - sa * sa / c  # sum b_i e'_i^2 of the noise with its first share taken out
+        sn, un = (torch.randn(rm.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+        energy = sn * sn * zz + un * un * yy  # sum b_i e_i^2 of this weight's noise (which has no first share)
         # (one step left: the noise can carry no energy without a first share, and that step's gradient sets both
         # moments; the second then ends where it does)
-        free = energy > 1e-9 * sb
+        free = energy > 1e-12
         q = torch.where(free, ((rv - rm * rm / c).clamp(min=0) / energy.clamp(min=1e-300)).sqrt(), 0.0)
-        p = rm / c - q * sa / c  # (the share the noise's own first share takes out: e'_i = e_i - (sa / c) w_i)
+        p = rm / c
         m, v, x = mid[mk].double(), mid[vk].double(), mid[key].double()
         t0 = float(mid[sk])
+        qs, qu = q * sn, q * un
         for i in range(left):
-            g = p * w[i] + q * torch.randn(rm.shape, generator=gen, dtype=torch.float64)
+            g = p * w[i] + qs * z[i] + qu * y[i]
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
             step = t0 + i + 1
