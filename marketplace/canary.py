@@ -26,9 +26,9 @@ What keeps a canary from being told without a replay:
 - its first steps are the segment's true ones (a random number of them, :func:`prefix_steps`, replayed here): a
   verifier that replays a task's first j steps holds the exact state there and can run the same tests from it, but
   they tell a canary only once the replay has passed its prefix. On the default job shape at stop 28, one replayed
-  step told none of 44 canaries, half a segment 29%; without the prefix, one step told 93%. So laziness saves work
-  only in proportion to the canaries it lets through, each of which costs it its whole stake. What is left is
-  statistical (``tell_auc``: at most 0.70, the weights' move against the end moments), a bet, not a proof;
+  step told 5 of 44 canaries, 7 of 15 steps half of them (prefixes below 7: 7/15); without the prefix, one step told
+  93%. So laziness saves work only in proportion to the canaries it lets through, each of which costs it its whole
+  stake. What is left is statistical (``tell_auc``: at most 0.69, the first moments' drift), a bet, not a proof;
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, those the forgery is made of), nor twice on one unit for one verifier; a verifier
   holds one task at a time, so it cannot fetch those while holding a canary;
