@@ -626,7 +626,8 @@ def train_unit(
 
     ``resume_as`` (the kernel build this process trains with, :func:`node.device.plan_build`): keep a journal of the
     unit's progress in ``workdir`` (:data:`PROGRESS_FILE`: each kept checkpoint's state hash and every step's loss,
-    rewritten at each segment boundary), and start from the last kept segment a journal of this unit, plan and build
+    rewritten at each segment boundary, and when training is stopped by an exception: then with every segment
+    trained; a kill leaves it up to a segment behind), and start from the last kept segment a journal of this unit, plan and build
     vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is what a verifier's
     replay does: the resumed unit's checkpoints, losses and proof are byte for byte an uninterrupted run's (tests).
     """
@@ -656,19 +657,27 @@ def train_unit(
             # a resumed unit's start-of-segment checkpoint is on disk already, its hash vouched for
             futures = [] if first else [hasher.submit(live, then=saver(0))]
             commit_s = time.perf_counter() - t0
-            for s in range(first, n):
-                batches, losses = run_segment(spec, model, opt, s, on_step, plan)
-                t0 = time.perf_counter()
-                futures.append(hasher.submit(live, then=saver(s + 1)))
-                for f in futures[:-2]:
-                    if f.done():
-                        f.result()  # a failed checkpoint write stops the unit now, not at its end
-                digests.append(batch_digest(batches))
-                seg_losses.append(losses)
-                if resume_as is not None:
-                    done = [f.result() for f in itertools.takewhile(lambda f: f.done(), futures)]
-                    _write_progress(workdir, tag, known + done, seg_losses)
-                commit_s += time.perf_counter() - t0
+            try:
+                for s in range(first, n):
+                    batches, losses = run_segment(spec, model, opt, s, on_step, plan)
+                    t0 = time.perf_counter()
+                    futures.append(hasher.submit(live, then=saver(s + 1)))
+                    for f in futures[:-2]:
+                        if f.done():
+                            f.result()  # a failed checkpoint write stops the unit now, not at its end
+                    digests.append(batch_digest(batches))
+                    seg_losses.append(losses)
+                    if resume_as is not None:
+                        done = [f.result() for f in itertools.takewhile(lambda f: f.done(), futures)]
+                        _write_progress(workdir, tag, known + done, seg_losses)
+                    commit_s += time.perf_counter() - t0
+            except BaseException:
+                if resume_as is not None and seg_losses:  # stopped (a signal, taken back): keep every segment trained
+                    try:
+                        _write_progress(workdir, tag, known + [f.result() for f in futures], seg_losses)
+                    except Exception:  # noqa: BLE001 - (a failed write: the journal as it was; the stop goes on)
+                        pass
+                raise
             t0 = time.perf_counter()
             hashes = known + [f.result() for f in futures]
             commit_s += time.perf_counter() - t0
