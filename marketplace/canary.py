@@ -59,10 +59,10 @@ from torch import Tensor
 
 from marketplace.blobs import BlobStore
 from node import checkpoint, data
-from node.crosscheck import distance
+from node.crosscheck import PlanRunner, distance
 from node.model import param_shapes
-from node.trainer import (ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, UnitSpec, checkpoint_metadata, deterministic,
-                          export_training_state, load_training_state, segment_batches, state_hash, train_step)
+from node.trainer import (ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, UnitSpec, checkpoint_metadata, segment_batches,
+                          state_hash)
 from protocol.proof import TrainingProof, make_proof
 
 
@@ -166,7 +166,7 @@ def moment_cs_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping
     bounds the first's square by ``C`` (``sum a_i ** 2 / b_i``) times the second (fp32 rounding allowed for). A test a
     verifier can run without replaying; an honest end passes it."""
     (b1, b2), n = ADAMW_BETAS, spec.segment_len
-    c = sum(((1 - b1) * b1 ** k) ** 2 / ((1 - b2) * b2 ** k) for k in range(n))
+    c = _least_energy(n)[3]
     breaches = 0
     for k, v in start.items():
         if not k.endswith(".exp_avg_sq"):
@@ -239,25 +239,26 @@ def _noise_shapes(n: int, gen: torch.Generator) -> tuple[list[float], list[float
 def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Tensor],
             after: Mapping[str, Tensor], counters: Mapping[str, Tensor], seed: int | None = None,
             prefix: tuple[int, Mapping[str, Tensor]] | None = None) -> dict[str, Tensor]:
-    """``start`` trained ``segment_len`` AdamW steps, the last of them on made-up gradients, to end with the moments a
-    real segment's gradients gave ``before`` on the way to ``after`` (its shares: ``after - beta ** segment_len x
-    before``) added to the start's, in float64, rounded once; the step counters are ``counters'`` (the true end's).
+    """``start`` trained ``segment_len`` AdamW steps, those after ``prefix`` on made-up gradients, to end with the
+    moments a real segment's gradients gave ``before`` on the way to ``after`` (its shares: ``after - beta **
+    segment_len x before``) added to the start's, in float64, rounded once; the step counters are ``counters'`` (the
+    true end's).
 
     ``prefix``: ``(k, state)``, the segment's true state after its first ``k`` steps (:func:`true_prefix`); the
     made-up steps are the ``segment_len - k`` after it. Per weight, the step-i gradient is ``p w_i + q e_i``
     (:func:`_least_energy` over those steps), ``e`` random noise (:func:`_noise_shapes`, from ``seed``; default: the
-    OS's randomness) that carries no first-moment share, ``p`` and ``q`` solved so that both moments end exactly where meant (the second
-    raised where no gradients could reach it from the prefix's state: Cauchy-Schwarz). The second-moment share is at
-    least the true segment's own, entry by entry (a replay of its first steps never finds it short). So every
-    relation a verifier can check without replaying holds (:func:`moment_floor_breaches`, :func:`moment_cs_breaches`,
-    :func:`step_bound_breaches`: none), and so do those from any state a replay of up to ``k`` steps reaches: the
-    forgery is a real AdamW trajectory through the true one's first ``k`` states. Without the noise (the
-    least-energy gradients alone) the weights moved along the end moments far more than honest training moves them:
-    an AUC of 0.99 on the toy model."""
+    OS's randomness) that carries no first-moment share, ``p`` and ``q`` solved so that both moments end exactly
+    where meant (the second raised where no gradients could reach it from the prefix's state: Cauchy-Schwarz). The
+    second-moment share is at least the true segment's own, entry by entry (a replay of its first steps never finds
+    it short). So every relation a verifier can check without replaying holds (:func:`moment_floor_breaches`,
+    :func:`moment_cs_breaches`, :func:`step_bound_breaches`: none), and so do those from any state a replay of up to
+    ``k`` steps reaches: the forgery is a real AdamW trajectory through the true one's first ``k`` states. Without
+    the noise (the least-energy gradients alone) the weights moved along the end moments far more than honest
+    training moves them: an AUC of 0.99 on the toy model."""
     (b1, b2), lr, n = ADAMW_BETAS, spec.lr, spec.segment_len
     k, mid = prefix if prefix is not None else (0, start)
     left = n - k
-    a, b, w, c = _least_energy(left)
+    _, _, w, c = _least_energy(left)
     gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     z, y, zz, yy = _noise_shapes(left, gen)
     out = dict(counters)
@@ -311,13 +312,8 @@ def prefix_steps(spec: UnitSpec) -> int:
 def true_prefix(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     """The full training state after the first ``k`` steps of segment ``seg`` from ``start``, replayed here (the
     referee's plan)."""
-    with deterministic(spec.threads):
-        model, opt = load_training_state(spec, start)
-        tokens = data.train_tokens()
-        for _, offsets in segment_batches(spec, seg)[:k]:
-            x, y = data.make_batch(tokens, offsets, spec.model.ctx)
-            train_step(model, opt, x, y)
-        return {name: t.detach().clone() for name, t in export_training_state(model, opt).items()}
+    state, _ = PlanRunner(spec, start).replay(start, seg * spec.segment_len, k)
+    return state
 
 
 #: The input embedding: a row gets a gradient only in a step whose batch holds its byte (public: the spec's data order)
@@ -371,7 +367,8 @@ def _embedding_rows_as_trained(spec: UnitSpec, seg: int, forged: dict[str, Tenso
     b2n = ADAMW_BETAS[1] ** spec.segment_len
     share = after[vk].double() - b2n * before[vk].double()
     lent = (share > 1e-4 * after[vk].double()).any(dim=1)  # (rounding of an idle row's decay: ~1e-7 of it)
-    take = ~(lent & _bytes_seen(spec, seg, first))  # (an idle row of both: the true end's has the kernel's exact rounding)
+    # (an idle row of both: the true end's, which has the optimizer kernel's exact rounding)
+    take = ~(lent & _bytes_seen(spec, seg, first))
     for k in (f"model.{EMBEDDING}", mk, vk):
         forged[k] = torch.where(take.unsqueeze(1), true_end[k], forged[k])
 
@@ -402,9 +399,10 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     used to be declined within 1/4 of an update of the claim, which would skew the prefixes planted towards short
     ones, the ones a partial replay tells.
 
-    Returns ``prefix`` (how many true steps it starts with), ``proof`` (the unit's proof with segment ``seg`` ending in the forged state), ``end_blob`` (that state,
-    labelled like the unit's own checkpoint there, in the providers' file format), ``true_end`` (the hash an honest
-    replay ends in) and ``telling`` (the segments whose hand-out tells it: :func:`plantable`)."""
+    Returns ``prefix`` (how many true steps it starts with), ``proof`` (the unit's proof with segment ``seg`` ending
+    in the forged state), ``end_blob`` (that state, labelled like the unit's own checkpoint there, in the providers'
+    file format), ``true_end`` (the hash an honest replay ends in) and ``telling`` (the segments whose hand-out
+    tells it: :func:`plantable`)."""
     n = len(proof.segments)
     last = seg == n - 1
     sib = needs_sibling(seg, n)
@@ -434,17 +432,17 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
         # the same state as the claim (a provider that shaped what it is made from): no forgery at all. One merely
         # close to the claim may pass an honest verifier on another plan within its tolerance: the referee excuses
         # that approval (referee.canary_excuse), and any other verifier's replay still exposes it
-        if state_hash(forged) == proof.segments[seg].end_hash:
+        forged_hash = state_hash(forged)
+        if forged_hash == proof.segments[seg].end_hash:
             continue
         # of the two, the one farther from the truth (what an honest verifier on another plan must see past its
         # tolerance)
         far = distance(true_end, forged)
         if best is None or far > best[0]:
-            best = (far, forged, telling)
+            best = (far, forged, forged_hash, telling)
     if best is None:
         return None
-    _, forged_end, telling = best
-    end_hash = state_hash(forged_end)
+    _, forged_end, end_hash, telling = best
     end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, None if last else seg + 1)))
     segments = list(proof.segments)
     segments[seg] = replace(segments[seg], end_hash=end_hash)

@@ -627,9 +627,10 @@ def train_unit(
     ``resume_as`` (the kernel build this process trains with, :func:`node.device.plan_build`): keep a journal of the
     unit's progress in ``workdir`` (:data:`PROGRESS_FILE`: each kept checkpoint's state hash and every step's loss,
     rewritten at each segment boundary, and when training is stopped by an exception: then with every segment
-    trained; a kill leaves it up to a segment behind), and start from the last kept segment a journal of this unit, plan and build
-    vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is what a verifier's
-    replay does: the resumed unit's checkpoints, losses and proof are byte for byte an uninterrupted run's (tests).
+    trained; a kill leaves it up to a segment behind), and start from the last kept segment a journal of this unit,
+    plan and build vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is
+    what a verifier's replay does: the resumed unit's checkpoints, losses and proof are byte for byte an
+    uninterrupted run's (tests).
     """
     check_start(spec, start)
     workdir = Path(workdir)
