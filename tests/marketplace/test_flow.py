@@ -840,6 +840,16 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert not _events(market, "segment_disputed") and not _events(market, "verifier_benched")
 
 
+def _forward_forgeries(monkeypatch) -> None:
+    """Canaries forged forward where they can be (from the next segment's move), not the farther of forward and
+    backward, a coin toss on these toy units: which segments' hand-outs tell a decoy (its ``telling``) is then the
+    same every run. A backward forgery of segment 2 is told by segments 0 and 1, and is not planted for a verifier
+    that was handed them."""
+    from marketplace import canary
+
+    monkeypatch.setattr(canary, "distance", lambda replayed, claimed: 0.0)
+
+
 class _CrossCheckingLazyVerifier:
     """A lazy verifier that looks for canaries instead of replaying: it replays the first task of each unit it is
     handed (honestly, through its agent), remembers every hash and checkpoint it is shown of the unit (by boundary:
@@ -911,9 +921,7 @@ def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(mark
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0  # every check is queued with its canary forged
-    # forged forward where it can be (not the farther of forward and backward, a coin toss here): which segments a
-    # decoy's hand-out is told by is then the same every run, and a canary is plantable after the first replay
-    monkeypatch.setattr(canary, "distance", lambda replayed, claimed: 0.0)
+    _forward_forgeries(monkeypatch)  # a canary is plantable after the first replay
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 2)
     draws = iter([False, True] * 20)  # every other task handed out is planted, where a canary may be
@@ -945,6 +953,7 @@ def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_pat
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0
+    _forward_forgeries(monkeypatch)  # segment 2's canary is not told by segments 0 and 1
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
     draws = iter([False, False, True, True])  # other's (segment 0), lazy's first (1), then two drawn as canaries
@@ -1080,7 +1089,8 @@ def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, 
         assert s.get(Verifier, approver.account.address).status == "active"
 
 
-def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path) -> None:
+def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
     step runs), and the two checks it passed are done again by an honest verifier before the unit is paid."""
@@ -1094,6 +1104,7 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0  # every check is queued with a canary forged for it
+    _forward_forgeries(monkeypatch)  # segment 2's canary is not told by segments 0 and 1
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
     market.rt.settings.canary_rate = 0.0  # none planted yet
