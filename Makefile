@@ -35,7 +35,7 @@ test-contracts: setup
 test-py: setup
 	@# which kernels this run computes with: how far honest runs drift apart depends on them
 	@$(PY) -c "from node.device import kernel_build; print('kernel build:', kernel_build('cpu'))"
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 clean:
 	rm -rf $(VENV) node_modules artifacts cache .stamp-*
