@@ -626,8 +626,9 @@ def train_unit(
 
     ``resume_as`` (the kernel build this process trains with, :func:`node.device.plan_build`): keep a journal of the
     unit's progress in ``workdir`` (:data:`PROGRESS_FILE`: each kept checkpoint's state hash and every step's loss,
-    rewritten at each segment boundary, and when training is stopped by an exception: then with every segment
-    trained; a kill leaves it up to a segment behind), and start from the last kept segment a journal of this unit,
+    rewritten at each segment boundary and once the hash of the state a segment ended in comes in, and when
+    training is stopped by an exception: then with every segment trained; a kill loses the segment it lands in, and
+    the one before only if it lands before that segment's end state is hashed), and start from the last kept segment a journal of this unit,
     plan and build vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is
     what a verifier's replay does: the resumed unit's checkpoints, losses and proof are byte for byte an
     uninterrupted run's (tests).
@@ -658,9 +659,28 @@ def train_unit(
             # a resumed unit's start-of-segment checkpoint is on disk already, its hash vouched for
             futures = [] if first else [hasher.submit(live, then=saver(0))]
             commit_s = time.perf_counter() - t0
+            journaled = (-1, -1)  # (hashes, segments) the journal holds
+
+            def journal() -> None:
+                """Rewrite the journal if a checkpoint's hash or a segment's losses came in since the last write:
+                at each segment boundary, and after the step in which the hash of the state it ended in came in
+                (hashed meanwhile, off this thread), so a kill loses at most the segment it lands in."""
+                nonlocal journaled
+                done = [f.result() for f in itertools.takewhile(lambda f: f.done(), futures)]
+                if (len(done), len(seg_losses)) != journaled:
+                    _write_progress(workdir, tag, known + done, seg_losses)
+                    journaled = (len(done), len(seg_losses))
+
+            def step_hook(step: int, loss: float) -> None:
+                if len(futures) > journaled[0] >= 0 and futures[journaled[0]].done():
+                    journal()
+                if on_step is not None:
+                    on_step(step, loss)
+
             try:
                 for s in range(first, n):
-                    batches, losses = run_segment(spec, model, opt, s, on_step, plan)
+                    batches, losses = run_segment(spec, model, opt, s, step_hook if resume_as is not None else on_step,
+                                                  plan)
                     t0 = time.perf_counter()
                     futures.append(hasher.submit(live, then=saver(s + 1)))
                     for f in futures[:-2]:
@@ -669,8 +689,7 @@ def train_unit(
                     digests.append(batch_digest(batches))
                     seg_losses.append(losses)
                     if resume_as is not None:
-                        done = [f.result() for f in itertools.takewhile(lambda f: f.done(), futures)]
-                        _write_progress(workdir, tag, known + done, seg_losses)
+                        journal()
                     commit_s += time.perf_counter() - t0
             except BaseException:
                 if resume_as is not None and seg_losses:  # stopped (a signal, taken back): keep every segment trained

@@ -50,10 +50,38 @@ def test_a_unit_killed_partway_resumes_from_its_last_kept_segment_and_hands_in_t
         again = train_unit(spec, global_state, wd, on_step=kill_at(-1, seen), resume_as=BUILD)
         same_result(again, whole)
         # stopped by an exception: every segment trained before it is kept, only the one it was in is trained again
-        # (a kill, which runs no handler, leaves the journal up to a segment behind)
+        # (a kill runs no handler: it loses the segment it lands in, see the next test)
         kept = len(journal["hashes"]) - 1
         assert kept == kill // 2 and seen == list(range(2 * kept, 12)), (kill, kept, seen)
         assert seen[0] > 0  # before the fix: every unit started over at step 0
+
+
+def test_a_unit_killed_outright_loses_only_the_segment_it_was_killed_in(make_spec, global_state, tmp_path: Path,
+                                                                       ) -> None:
+    """A kill (an OOM kill, a power cut) runs no handler: what resumes is the journal as it was on disk. It used to be
+    rewritten only at segment boundaries, before the state a segment ended in was hashed (off the training thread),
+    so it named one state fewer and a kill cost the segment before as well. It is rewritten once that hash is in."""
+    import time
+
+    spec = make_spec(steps=12, segment_len=3)  # 4 segments; segment 2 is steps 6-8
+    whole = train_unit(spec, global_state, tmp_path / "whole")
+    wd = tmp_path / "unit"
+    on_disk: list[str] = []
+
+    def kill(step: int, _loss: float) -> None:
+        if step == 6:
+            time.sleep(1.0)  # segment 2's start state is hashed meanwhile (milliseconds at this size)
+        if step == 7:
+            on_disk.append((wd / PROGRESS_FILE).read_text())  # the journal as the kill finds it
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_unit(spec, global_state, wd, on_step=kill, resume_as=BUILD)
+    (wd / PROGRESS_FILE).write_text(on_disk[0])  # (the stop's own rewrite undone: a kill runs none)
+    assert len(json.loads(on_disk[0])["hashes"]) == 3  # states 0, 1 and 2 (before the fix: 0 and 1)
+    seen: list[int] = []
+    same_result(train_unit(spec, global_state, wd, on_step=kill_at(-1, seen), resume_as=BUILD), whole)
+    assert seen == list(range(6, 12))  # segment 2 again, not segment 1
 
 
 def test_a_damaged_or_foreign_progress_is_not_trusted(make_spec, global_state, tmp_path: Path) -> None:
