@@ -15,6 +15,9 @@ a last segment) and ``stop27`` (the start moved by a neighbour's update, with an
   moments;
 * ``cos_update_end_moment``: the cosine between the weights' move and the end moments' step direction;
 * ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's;
+* ``cs_near``: the share of second-moment entries whose first moment's gain lies near its Cauchy-Schwarz bound
+  (``gain ** 2 >= 0.9 x C x`` the second's gain: :func:`marketplace.canary.moment_cs_breaches` counts those past 1),
+  which made-up steps that must raise the second moments to carry the first ones leave more of (statistical);
 * ``moment_floor``: the share of second-moment entries below the floor ``segment_len`` AdamW steps leave of the
   start's (:func:`marketplace.canary.moment_floor_breaches`). Not statistical: an honest end has none, so any breach
   tells a forgery for sure (``told_by_moment_floor``: the share of each kind's ends with one; of honest ends, too);
@@ -62,8 +65,8 @@ from node.model import ModelConfig, init_state
 from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
 from protocol.proof import TrainingProof, make_proof
 
-FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "moment_floor", "moment_cs",
-            "step_bound", "idle_rows")
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "cs_near", "moment_floor",
+            "moment_cs", "step_bound", "idle_rows")
 #: the exact tests (an honest end fails none): any failure tells a forgery for sure
 EXACT = ("moment_floor", "moment_cs", "step_bound", "idle_rows")
 
@@ -84,12 +87,16 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
     ms, vs = flat(start, "optim.{}.exp_avg"), flat(start, "optim.{}.exp_avg_sq")
     step = spec.lr * (m / (1 - b1 ** steps)) / ((v / (1 - b2 ** steps)).sqrt() + eps)
     tiny = 1e-30
+    n = spec.segment_len
+    gain_m, gain_v = m - b1 ** n * ms, v - b2 ** n * vs
+    near_cs = gain_m * gain_m >= 0.9 * canary._least_energy(n)[3] * gain_v.clamp(min=tiny)  # noqa: SLF001
     return {
         "movement": float(dp.norm()) / (spec.lr * spec.segment_len * math.sqrt(dp.numel())),
         "movement_vs_adam": float(dp.norm()) / (spec.segment_len * float(step.norm()) + tiny),
         "cos_update_end_moment": float(-(dp @ step) / (dp.norm() * step.norm() + tiny)),
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
+        "cs_near": float(near_cs.double().mean()),
         "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),
         "moment_cs": canary.moment_cs_breaches(spec, start, end) / v.numel(),
         "step_bound": canary.step_bound_breaches(spec, start, end) / v.numel(),
