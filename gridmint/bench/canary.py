@@ -34,7 +34,8 @@ the work; j = 1 and half the segment) tells exactly by running those tests from 
 a partial replay tells only those it replayed past.
 
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
-forgery told; folded, so a tell either way counts). Then ``margins``: how far past its calibrated tolerance an
+forgery told; folded, so a tell either way counts, and the feature's distance from the honest median too, so a
+spread to both sides counts: :func:`tell`). Then ``margins``: how far past its calibrated tolerance an
 honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
 below 1 means the verifier approves it. ``approved`` counts those for canaries made up from the segment's start
 (no true prefix), and must be 0; ``approved_prefixed`` for canaries as planted (a random true prefix: the longer, the
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -108,6 +110,14 @@ def auc(honest: list[float], forged: list[float]) -> float:
     """P(a forgery's feature > an honest one's), ties half, folded to >= 0.5 (a tell in either direction)."""
     a = sum((f > h) + 0.5 * (f == h) for f in forged for h in honest) / (len(forged) * len(honest))
     return round(max(a, 1 - a), 3)
+
+
+def tell(honest: list[float], forged: list[float]) -> float:
+    """The stronger of two tells: :func:`auc` of the feature itself, and of its distance from the honest median (a
+    verifier that replays the tasks that look odd either way: forgeries spread to both sides of the honest ends, as
+    the end moments' cosine does with the prefix, are told by that more than by the first)."""
+    med = statistics.median(honest)
+    return max(auc(honest, forged), auc([abs(x - med) for x in honest], [abs(x - med) for x in forged]))
 
 
 def two_segments_on(states: list[dict[str, Tensor]], seg: int, sibling_final: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -201,7 +211,7 @@ def main(argv: list[str]) -> int:
                 prefixes.append(fake["prefix"])
         out["segments"] = {k: len(v) for k, v in rows.items()}
         out["declined"] = declined
-        out["tell_auc"] = {f: {kind: auc([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
+        out["tell_auc"] = {f: {kind: tell([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
                                for kind in ("canary", "two_segments_on", "stop27")} for f in FEATURES}
         out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values())
                                for kind in ("canary", "two_segments_on", "stop27")}

@@ -37,3 +37,15 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
         assert told["honest"] == 0.0 and 0 <= told["canary"] <= 1 and told["stop27"] == 1.0
     assert 0 <= figures["canary_prefix_mean"] <= 3
     assert len(figures["from_truth"]["canary"]["bf16"]) == 3 and figures["void_for_cross_plan"]["canary"] >= 0
+
+
+def test_a_tell_counts_forgeries_spread_to_both_sides_of_the_honest_ends() -> None:
+    """Forgeries on both sides of a narrow honest spread are not told by a threshold on the feature (AUC 0.5), and are
+    by their distance from the honest median: the bench reports the stronger (stop 29: the end moments' cosine)."""
+    from gridmint.bench.canary import tell
+
+    honest = [0.4 + 0.01 * i for i in range(21)]
+    forged = [0.1, 0.15, 0.2, 0.8, 0.85, 0.9]
+    assert auc(honest, forged) == 0.5
+    assert tell(honest, forged) == 1.0
+    assert tell(honest, honest) == 0.5
