@@ -61,8 +61,8 @@ from marketplace.blobs import BlobStore
 from node import checkpoint, data
 from node.crosscheck import PlanRunner, distance
 from node.model import param_shapes
-from node.trainer import (ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, UnitSpec, checkpoint_metadata, segment_batches,
-                          state_hash)
+from node.trainer import (ADAMW_BETAS, ADAMW_EPS, ADAMW_WEIGHT_DECAY, PROVIDER_PLAN, UnitSpec, checkpoint_metadata,
+                          deterministic, plan_step, segment_batches, state_hash)
 from protocol.proof import TrainingProof, make_proof
 
 
@@ -96,7 +96,8 @@ BACKWARD_MIN_SEGMENTS = 3
 
 
 def needs_sibling(seg: int, n_segments: int) -> bool:
-    """Whether segment ``seg`` of a unit of ``n_segments`` is forged from another unit's final state."""
+    """Whether segment ``seg`` of a unit of ``n_segments`` is forged from another unit's final state (where it is
+    forged elementwise: not :func:`retrainable`)."""
     return seg == n_segments - 1 and n_segments < BACKWARD_MIN_SEGMENTS
 
 
@@ -114,7 +115,7 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
     for seg in sorted(set(picks)):
         if share > 0 and draw(share):
             other = (sibling if sibling is not None and needs_sibling(seg, len(proof.segments))
-                     and len(sibling[1]) > seg else None)
+                     and not retrainable(spec) and len(sibling[1]) > seg else None)
             fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs,
                          (other[1][seg], other[2]) if other else None)
             if fake is not None:
@@ -311,19 +312,64 @@ def carried(spec: UnitSpec, start: Mapping[str, Tensor], before: Mapping[str, Te
     return out
 
 
-#: The most work a canary's true prefix may cost the operator, in parameter x token steps (a job's parameters x
-#: batch x context, times the steps replayed): the default job's whole segment is ~2e9; the largest model a job may
-#: ask for makes ~3e11 a step, and gets no prefix (:func:`prefix_steps`)
-PREFIX_BUDGET = 20_000_000_000
+#: The most work forging a canary may cost the operator, in parameter x token steps (a job's parameters x batch x
+#: context, times the steps trained): the default job's whole segment is ~2e9, so its canaries are retrained
+#: (:func:`retrainable`); the largest model a job may ask for makes ~3e11 a step: its canaries are made up
+#: elementwise (:func:`carried`), with no true prefix (:func:`prefix_steps`)
+BUDGET = 20_000_000_000
+
+
+def _step_work(spec: UnitSpec) -> int:
+    return sum(math.prod(shape) for shape in param_shapes(spec.model).values()) * spec.batch_size * spec.model.ctx
+
+
+def retrainable(spec: UnitSpec) -> bool:
+    """Whether a canary of ``spec``'s unit is forged by training its segment again (:func:`retrained`): an fp32 job
+    whose whole segment's training is within :data:`BUDGET`. Not a bf16 job: honest bf16 replays on two plans drift
+    apart as far as such a forgery lies from the truth (the default job shape's tolerance across plans is half the
+    state's norm, the forgery a fifth), so a verifier on another plan approving one would be excused
+    (:func:`marketplace.referee.canary_excuse`) and a lazy one never caught there; made up elementwise, it lies past
+    that (``gridmint bench canary``: ``margins``), but a forward pass tells it."""
+    return spec.precision == "fp32" and _step_work(spec) * spec.segment_len <= BUDGET
 
 
 def prefix_steps(spec: UnitSpec) -> int:
     """How many of a segment's first steps a canary takes from the truth: uniform over ``0 .. segment_len - 1`` (from
-    the OS's randomness), capped by :data:`PREFIX_BUDGET`. A verifier that replays ``j`` steps of a task and runs the
-    exact tests from there tells a canary only if it replayed past the prefix: about ``j / segment_len`` of them."""
-    per_step = sum(math.prod(shape) for shape in param_shapes(spec.model).values()) * spec.batch_size * spec.model.ctx
-    most = min(spec.segment_len - 1, PREFIX_BUDGET // max(1, per_step))
+    the OS's randomness), capped by :data:`BUDGET`. A verifier that replays ``j`` steps of a task and runs the
+    exact tests from there tells an elementwise canary (:func:`carried`) only if it replayed past the prefix: about
+    ``j / segment_len`` of them."""
+    most = min(spec.segment_len - 1, BUDGET // max(1, _step_work(spec)))
     return secrets.randbelow(most + 1) if most > 0 else 0
+
+
+def made_up_batches(spec: UnitSpec, seg: int, first: int) -> list[list[int]]:
+    """The batches :func:`retrained` trains steps ``first ..`` of segment ``seg`` on: each step's own, one sequence
+    swapped for one of another step's batch of the segment (which, where and for which: the OS's randomness)."""
+    own = [batch for _, batch in segment_batches(spec, seg)]
+    out = []
+    for i in range(first, spec.segment_len):
+        batch = list(own[i])
+        other = own[(i + 1 + secrets.randbelow(len(own) - 1)) % len(own)] if len(own) > 1 else own[i]
+        batch[secrets.randbelow(len(batch))] = other[secrets.randbelow(len(other))]
+        out.append(batch)
+    return out
+
+
+def retrained(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], k: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Segment ``seg`` trained again from ``start`` on the provider's plan: its first ``k`` steps the true ones, the
+    rest on :func:`made_up_batches`. Returns the end state and which input-embedding rows the made-up steps read
+    (bool, one per byte value)."""
+    tokens = data.train_tokens()
+    read = torch.zeros(spec.model.vocab, dtype=torch.bool)
+    runner = PlanRunner(spec, start)
+    runner.load(start)
+    runner.run(seg * spec.segment_len, k)
+    with deterministic(spec.threads):
+        for batch in made_up_batches(spec, seg, k):
+            x, y = data.make_batch(tokens, batch, spec.model.ctx)
+            read[x.unique()] = True
+            plan_step(runner.model, runner.opt, x, y, PROVIDER_PLAN)
+    return runner.snapshot(), read
 
 
 def true_prefix(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
@@ -372,49 +418,57 @@ def idle_row_breaches(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], end
 
 
 def _embedding_rows_as_trained(spec: UnitSpec, seg: int, forged: dict[str, Tensor], true_end: Mapping[str, Tensor],
-                               before: Mapping[str, Tensor], after: Mapping[str, Tensor], first: int = 0) -> None:
-    """Give ``forged`` the true end's input-embedding rows where the made-up gradients would show which bytes the
-    segment read: a byte absent from its batches has no gradient (its row evolves exactly as AdamW's with zero
-    gradients, which a verifier computes from the spec without replaying), and a byte present has one; so a row is
-    made up only for a byte both the made-up steps (from ``first`` on) and the borrowed segment (``before`` ->
-    ``after``) read."""
+                               made_up: Tensor, first: int = 0) -> None:
+    """Give ``forged`` the true end's input-embedding rows where its made-up steps (from step ``first`` on) would show
+    which bytes the segment read: a byte absent from its batches has no gradient (its row evolves exactly as AdamW's
+    with zero gradients, which a verifier computes from the spec without replaying), and a byte present has one; so a
+    row is made up only for a byte both the made-up steps (``made_up``: the rows they gave gradients) and the
+    segment's own batches from ``first`` on read."""
     mk, vk = f"optim.{EMBEDDING}.exp_avg", f"optim.{EMBEDDING}.exp_avg_sq"
     if f"model.{EMBEDDING}" not in forged:
         return
-    b2n = ADAMW_BETAS[1] ** spec.segment_len
-    share = after[vk].double() - b2n * before[vk].double()
-    lent = (share > 1e-4 * after[vk].double()).any(dim=1)  # (rounding of an idle row's decay: ~1e-7 of it)
     # (an idle row of both: the true end's, which has the optimizer kernel's exact rounding)
-    take = ~(lent & _bytes_seen(spec, seg, first))
+    take = ~(made_up & _bytes_seen(spec, seg, first))
     for k in (f"model.{EMBEDDING}", mk, vk):
         forged[k] = torch.where(take.unsqueeze(1), true_end[k], forged[k])
 
 
+def _lent_rows(spec: UnitSpec, before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> Tensor:
+    """Which input-embedding rows the segment ``before`` -> ``after`` gave gradients (its second moments' share)."""
+    vk = f"optim.{EMBEDDING}.exp_avg_sq"
+    if vk not in after:
+        return torch.zeros(spec.model.vocab, dtype=torch.bool)
+    share = after[vk].double() - ADAMW_BETAS[1] ** spec.segment_len * before[vk].double()
+    return (share > 1e-4 * after[vk].double()).any(dim=1)  # (rounding of an idle row's decay: ~1e-7 of it)
+
+
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
           blobs: BlobStore, sibling: tuple[str, str] | None = None, prefix: int | None = None) -> dict[str, Any] | None:
-    """The forged claim for segment ``seg`` of a real unit: its first ``prefix`` steps the true ones (replayed here,
-    :func:`true_prefix`; default: :func:`prefix_steps` draws how many), the rest on made-up gradients with another
-    real segment's shares of the moments (:func:`carried`), the step counters always the true end's, and the
-    embedding rows of bytes the made-up steps do not read (or the other segment did not) the true end's
-    (:func:`_embedding_rows_as_trained`). The shares are taken from
+    """The forged claim for segment ``seg`` of a real unit: its first ``prefix`` steps the true ones (default:
+    :func:`prefix_steps` draws how many), the step counters the true end's. The rest:
 
-    * *forward* (every segment but the last): the next segment;
-    * *backward* (from the third segment on, and always for the last of a unit of :data:`BACKWARD_MIN_SEGMENTS` or
-      more): the previous one; where both can, the one whose forgery lands farther from the truth;
-    * the last segment of a unit of one or two segments: the same segment of another unit of the same job and round
-      (trained from the same model, on another shard): ``sibling`` (its start checkpoint for that segment, its final
-      checkpoint).
+    * where a whole fp32 segment's training is within :data:`BUDGET` (:func:`retrainable`; the default job), real
+      AdamW steps on the segment's own batches, each with one sequence swapped for one of another of its batches
+      (:func:`retrained`): real gradients of the segment's own data, so the end looks like an honest one by every
+      measure a verifier can take without replaying its steps: the exact tests (module docstring), the moments'
+      statistics, and the loss of the end on the segment's batches (``gridmint bench canary``). Made of nothing but
+      the segment's start: only the segment's own hand-out and the next one's (which starts at the true end) tell
+      it;
+    * else, made-up gradients with another real segment's shares of the moments (:func:`carried`), taken from
+      *forward* (every segment but the last): the next segment; *backward* (from the third segment on, and always
+      for the last of a unit of :data:`BACKWARD_MIN_SEGMENTS` or more): the previous one, where both can the one
+      whose forgery lands farther from the truth; the last segment of a unit of one or two segments: the same
+      segment of another unit of the same job and round (trained from the same model, on another shard):
+      ``sibling`` (its start checkpoint for that segment, its final checkpoint). Every exact test passes, but its
+      weights move along no data's gradients: the loss of its end on the segment's last batch rises where an
+      honest one falls, which one forward pass tells (AUC 1.0 without a true prefix, stop 30).
 
-    So the weights move as AdamW moves them and the moments as a segment's gradients move them (every exact test a
-    lazy verifier can run passes: module docstring), and the state is new (no checkpoint or hash of any task is it).
-    The moments must differ from the true end's: with its own, a bf16 forgery lay inside an honest verifier's
-    tolerance on another plan (4 of 6 segments of the default job shape approved).
+    Either way the embedding rows of bytes the made-up steps do not read (or the segment's own did not) are the
+    true end's (:func:`_embedding_rows_as_trained`), and the state is new (no checkpoint or hash of any task is it).
 
     None for a sibling-forged segment without a sibling, and where the forgery is the claim itself. A forgery close
     to the claim (a late prefix, or a provider that shaped the claims it is made from) may pass an honest verifier
-    on another plan within its tolerance: that approval is excused (:func:`marketplace.referee.canary_excuse`). It
-    used to be declined within 1/4 of an update of the claim, which would skew the prefixes planted towards short
-    ones, the ones a partial replay tells.
+    on another plan within its tolerance: that approval is excused (:func:`marketplace.referee.canary_excuse`).
 
     Returns ``prefix`` (how many true steps it starts with), ``proof`` (the unit's proof with segment ``seg`` ending
     in the forged state), ``end_blob`` (that state, labelled like the unit's own checkpoint there, in the providers'
@@ -422,37 +476,47 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     tells it: :func:`plantable`)."""
     n = len(proof.segments)
     last = seg == n - 1
-    sib = needs_sibling(seg, n)
+    retrain = retrainable(spec)
+    sib = not retrain and needs_sibling(seg, n)
     if not 0 <= seg < n or len(segment_blobs) != n or (sib and sibling is None):
         return None
     true_end, _ = checkpoint.load(blobs.read(final_blob if last else segment_blobs[seg + 1]))
     start, _ = checkpoint.load(blobs.read(segment_blobs[seg]))
-    candidates: list[tuple[Any, Any, list[int]]] = []  # (before, after, telling) of each segment to borrow from
-    if sib:
-        assert sibling is not None
-        before, after = (checkpoint.load(blobs.read(b))[0] for b in sibling)
-        if set(before) != set(true_end) or set(after) != set(true_end):
-            return None  # (not a state of this model: no unit of the same job is)
-        candidates.append((before, after, [seg, seg + 1, seg + 2]))
-    else:
-        if not last:  # forward: the next segment's move
-            after = checkpoint.load(blobs.read(segment_blobs[seg + 2] if seg + 2 < n else final_blob))[0]
-            candidates.append((true_end, after, [seg, seg + 1, seg + 2]))
-        if seg >= 2:  # backward: the one before's (not the first segment's: a fresh optimizer's moves are larger)
-            candidates.append((checkpoint.load(blobs.read(segment_blobs[seg - 1]))[0], start, [seg - 2, seg - 1, seg]))
     k = prefix_steps(spec) if prefix is None else prefix
-    mid = (k, true_prefix(spec, seg, start, k)) if k else None
-    best: tuple[float, dict[str, Tensor], list[int]] | None = None
-    for before, after, telling in candidates:
-        forged = carried(spec, start, before, after, true_end, prefix=mid)
-        _embedding_rows_as_trained(spec, seg, forged, true_end, before, after, k)
+    options: list[tuple[dict[str, Tensor], list[int]]] = []  # (forged end, telling)
+    if retrain:
+        forged, read = retrained(spec, seg, start, k)
+        _embedding_rows_as_trained(spec, seg, forged, true_end, read, k)
+        options.append((forged, [seg, seg + 1]))
+    else:
+        candidates: list[tuple[Any, Any, list[int]]] = []  # (before, after, telling) of each segment to borrow from
+        if sib:
+            assert sibling is not None
+            before, after = (checkpoint.load(blobs.read(b))[0] for b in sibling)
+            if set(before) != set(true_end) or set(after) != set(true_end):
+                return None  # (not a state of this model: no unit of the same job is)
+            candidates.append((before, after, [seg, seg + 1, seg + 2]))
+        else:
+            if not last:  # forward: the next segment's move
+                after = checkpoint.load(blobs.read(segment_blobs[seg + 2] if seg + 2 < n else final_blob))[0]
+                candidates.append((true_end, after, [seg, seg + 1, seg + 2]))
+            if seg >= 2:  # backward: the one before's (not the first segment's: a fresh optimizer's moves are larger)
+                candidates.append((checkpoint.load(blobs.read(segment_blobs[seg - 1]))[0], start,
+                                   [seg - 2, seg - 1, seg]))
+        mid = (k, true_prefix(spec, seg, start, k)) if k else None
+        for before, after, telling in candidates:
+            forged = carried(spec, start, before, after, true_end, prefix=mid)
+            _embedding_rows_as_trained(spec, seg, forged, true_end, _lent_rows(spec, before, after), k)
+            options.append((forged, telling))
+    best: tuple[float, dict[str, Tensor], str, list[int]] | None = None
+    for forged, telling in options:
         # the same state as the claim (a provider that shaped what it is made from): no forgery at all. One merely
         # close to the claim may pass an honest verifier on another plan within its tolerance: the referee excuses
         # that approval (referee.canary_excuse), and any other verifier's replay still exposes it
         forged_hash = state_hash(forged)
         if forged_hash == proof.segments[seg].end_hash:
             continue
-        # of the two, the one farther from the truth (what an honest verifier on another plan must see past its
+        # of two, the one farther from the truth (what an honest verifier on another plan must see past its
         # tolerance)
         far = distance(true_end, forged)
         if best is None or far > best[0]:

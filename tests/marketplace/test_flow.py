@@ -840,16 +840,6 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp
     assert not _events(market, "segment_disputed") and not _events(market, "verifier_benched")
 
 
-def _forward_forgeries(monkeypatch) -> None:
-    """Canaries forged forward where they can be (from the next segment's move), not the farther of forward and
-    backward, a coin toss on these toy units: which segments' hand-outs tell a decoy (its ``telling``) is then the
-    same every run. A backward forgery of segment 2 is told by segments 0 and 1, and is not planted for a verifier
-    that was handed them."""
-    from marketplace import canary
-
-    monkeypatch.setattr(canary, "distance", lambda replayed, claimed: 0.0)
-
-
 class _CrossCheckingLazyVerifier:
     """A lazy verifier that looks for canaries instead of replaying: it replays the first task of each unit it is
     handed (honestly, through its agent), remembers every hash and checkpoint it is shown of the unit (by boundary:
@@ -921,7 +911,6 @@ def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(mark
     spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0  # every check is queued with its canary forged
-    _forward_forgeries(monkeypatch)  # a canary is plantable after the first replay
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 2)
     draws = iter([False, True] * 20)  # every other task handed out is planted, where a canary may be
@@ -953,7 +942,6 @@ def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_pat
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0
-    _forward_forgeries(monkeypatch)  # segment 2's canary is not told by segments 0 and 1
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
     draws = iter([False, False, True, True])  # other's (segment 0), lazy's first (1), then two drawn as canaries
@@ -996,9 +984,11 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
     """The last segment of a unit of two segments has nothing further on, nor moments a segment before its start, to
     forge from: its canary ends in the final state of another unit of the round handed in before (the same model, as
     long trained, on another shard). A verifier that was handed any of that unit's segments could know that state,
-    so it gets no such canary; one that was not cannot tell, approves it unreplayed, and is benched."""
+    so it gets no such canary; one that was not cannot tell, approves it unreplayed, and is benched. (Canaries made
+    up elementwise: a job whose segment costs more to train again than the operator's budget, or a bf16 one.)"""
     from marketplace import canary
 
+    monkeypatch.setattr(canary, "BUDGET", 0)
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     saw = staked_verifier(market, tmp_path, "saw")
     lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
@@ -1024,11 +1014,12 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
 
 def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path: Path, monkeypatch) -> None:
     """The last segment of a round's first unit handed in (here a round of one unit) was never a canary: it was
-    forged from another unit's final state, and there was none. It now borrows the update before it, so a verifier
-    that approves it unreplayed is benched; one handed the segments it is made of (here an honest one, handed the
-    first two) gets no such canary."""
+    forged from another unit's final state, and there was none. Made up elementwise, it borrows the update before it,
+    so a verifier that approves it unreplayed is benched; one handed the segments it is made of (here an honest one,
+    handed the first two) gets no such canary."""
     from marketplace import canary
 
+    monkeypatch.setattr(canary, "BUDGET", 0)
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     careful = staked_verifier(market, tmp_path, "careful")
     lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
@@ -1044,6 +1035,40 @@ def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path
     assert careful.verify_once() == "ok" and careful.verify_once() == "ok"  # segments 0 and 1, replayed
     monkeypatch.setattr(canary, "draw", real_draw)
     _withheld_then_missed(market, careful, lazy, last.id)  # careful was handed the segments it is made of
+
+
+def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market, tmp_path: Path, monkeypatch) -> None:
+    """A canary trained again from its segment's start (the default job's way, canary.retrainable) is made of
+    nothing else: the last segment of a round's only unit is one too, and a verifier that was handed every segment
+    before it still gets it; an honest one replays it and flags it, a lazy one approves it and is benched."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    careful = staked_verifier(market, tmp_path, "careful")
+    lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=15, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    decoys = {v.segment: v.decoy for v in _rows(market, status="pending")}
+    assert {seg: d["telling"] for seg, d in decoys.items()} == {0: [0, 1], 1: [1, 2], 2: [2]}
+    assert not any("source_unit" in d for d in decoys.values())
+    (last,) = _rows(market, segment=2, status="pending")
+    real_draw = canary.draw
+    monkeypatch.setattr(canary, "draw", lambda odds: False)
+    assert careful.verify_once() == "ok" and careful.verify_once() == "ok"  # segments 0 and 1, replayed
+    monkeypatch.setattr(canary, "draw", real_draw)
+    assert careful.verify_once() is not None  # segment 2: planted all the same, replayed and flagged
+    row = _rows(market, id=last.id)[0]
+    assert row.canary is not None and row.status == "canary_flagged" and row.verifier == careful.account.address
+    _submitted(market, submit_job(market, spec), [honest], 1)  # another job's unit, not seen by the lazy one
+    while not _rows(market, status="canary_missed") and lazy.verify_once() is not None:
+        pass  # (the check of segment 2 queued again is real; every one of the new unit's is a canary at this rate)
+    missed = _rows(market, status="canary_missed")
+    assert len(missed) == 1 and missed[0].verifier == lazy.account.address
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "benched"
 
 
 def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
@@ -1104,7 +1129,6 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0  # every check is queued with a canary forged for it
-    _forward_forgeries(monkeypatch)  # segment 2's canary is not told by segments 0 and 1
     job_id = submit_job(market, spec)
     _submitted(market, job_id, [honest], 1)
     market.rt.settings.canary_rate = 0.0  # none planted yet
