@@ -3,14 +3,19 @@
 A verifier is paid to replay; one that approves everything earns the same for no work, and every cheat it is handed
 goes free. So now and then (``Settings.canary_rate`` of the tasks it polls, drawn from the OS's randomness, so it
 cannot be predicted) the task a verifier is handed is a *canary*: the very task it was about to get (same id, unit,
-provider, spec, segment and start checkpoint), except that the claim for that segment is forged (:func:`forge`): the
-segment's start trained on made-up gradients that give the AdamW moments what a neighbouring segment's real gradients
-gave its own (:func:`carried`), the step counters the true end's. A replay always exposes it, on its own plan bit for
-bit, across plans by a segment of other gradients from the claim, past the tolerance (a verifier on another plan
+provider, spec, segment and start checkpoint), except that the claim for that segment is forged (:func:`forge`). A
+replay always exposes it, on its own plan bit for bit, across plans past the tolerance (a verifier on another plan
 that approves one lying within twice its tolerance of the truth is excused: the referee voids that canary,
 :func:`marketplace.referee.canary_excuse`). An honest verifier flags it; approved, it proves the verifier lazy (or
 broken): it is benched, its stake is slashed, and the checks it passed on units not yet credited go back to the
 pool. Either way the real check of that segment is queued again, so the unit is still verified.
+
+The forgery (:func:`forge`). An fp32 job whose segment the operator can afford to train again (:func:`retrainable`:
+the default job shape) gets the segment trained again from its start: its first steps the true ones (a random
+number of them, :func:`prefix_steps`), each step after on its own batch with one sequence swapped for one of
+another batch of the segment (:func:`retrained`). Other jobs (bf16, whose honest replays across plans drift as far
+apart as that forgery lies from the truth; or too large to train again) get the start trained on made-up gradients
+with a neighbouring segment's shares of the AdamW moments (:func:`carried`), the *elementwise* forgery.
 
 What keeps a canary from being told without a replay:
 - a task shows only its own segment's claim (``protocol.proof.segment_view``): no Merkle root or neighbour's hash
@@ -20,30 +25,31 @@ What keeps a canary from being told without a replay:
   the start's (:func:`moment_floor_breaches`), the first moments moved no farther than the second allow
   (:func:`moment_cs_breaches`), no weight moves farther than AdamW's steps from the start's moments can move it
   (:func:`step_bound_breaches`), and the embedding rows of bytes the segment's batches never hold (the data order is
-  public) end where zero gradients take them (:func:`idle_row_breaches`). The forgery before this (stop 27: the
-  start plus a neighbour's update, with another state's own moments) failed at least one of these on every canary
-  and on no honest end: all told for sure, for nothing (``gridmint bench canary``: ``told_exactly``);
-- its first steps are the segment's true ones (a random number of them, :func:`prefix_steps`, replayed here): a
-  verifier that replays a task's first j steps holds the exact state there and can run the same tests from it, but
-  they tell a canary only once the replay has passed its prefix. On the default job shape at stop 28, one replayed
-  step told 5 of 44 canaries, 7 of 15 steps half of them (prefixes below 7: 7/15); without the prefix, one step told
-  93%. So laziness saves work only in proportion to the canaries it lets through, each of which costs it its whole
-  stake. What is left is statistical (``tell_auc``: at most 0.69, the first moments' drift), a bet, not a proof;
+  public) end where zero gradients take them (:func:`idle_row_breaches`);
+- a retrained one moves along real gradients of the segment's own data: the loss of its end on the segment's
+  batches falls as an honest end's does, and its moments have an honest end's statistics. Over 88 segments of the
+  default job (stop 30) no feature ``gridmint bench canary`` measures told it at an AUC above 0.56 (0.5: none),
+  the loss on the segment's last batch among them. The elementwise one moves along no data's gradients: one forward
+  pass on that batch told it at an AUC of 1.0 without a true prefix, 0.95 with half the segment's;
+- its first steps are the segment's true ones: a verifier that replays a task's first j steps holds the exact state
+  there and can run the exact tests from it, which tell an elementwise canary only once the replay has passed its
+  prefix (on the default job shape at stop 28, one replayed step told 5 of 44, half the segment half of them);
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
-  the one starting at the true end, those the forgery is made of), nor twice on one unit for one verifier; a verifier
-  holds one task at a time, so it cannot fetch those while holding a canary;
+  the one starting at the true end, and for an elementwise one those the forgery is made of), nor twice on one unit
+  for one verifier; a verifier holds one task at a time, so it cannot fetch those while holding a canary;
 - it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks), not when it is handed out:
   a hand-out costs the same database work either way, nothing a verifier could time.
-Every segment of a unit of three segments or more can be a canary, the last one too, whatever was handed in before.
-The last segment of a unit of one or two segments takes its gradients' shares from the same segment of another unit
-of its job and round handed in before it, when there is one (none for a verifier handed any segment of that unit).
-What a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; and that
-last segment of a round's first unit handed in (or of a round of one unit) is never a canary.
+Every segment can be a canary. An elementwise one of the last segment of a unit of one or two segments takes its
+gradients' shares from the same segment of another unit of its job and round handed in before it, when there is
+one (none for a verifier handed any segment of that unit; none at all for the round's first unit handed in). What
+a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; a bf16 job's
+elementwise canaries are told by a forward pass (to make them retrained for verifiers on the provider's own plan,
+decoys of both kinds would be stocked and planted by the verifier's plan).
 
-Cost: per stocked check the operator replays the true prefix (at most :data:`PREFIX_BUDGET` of work, else none),
-computes the rest as elementwise AdamW steps and writes one checkpoint: 0.14-0.30 s on the default job shape, where a
-segment trains in 0.3 s; the verifier replays one segment. (It runs in the submission's request: a job of the largest
-model allowed would stall it for seconds; stocking should move to a worker.)
+Cost: per stocked check the operator trains the segment again (0.4-0.7 s on the default job shape, where a segment
+trains in 0.3 s: loading, hashing and writing the checkpoint included), or, elementwise, replays the true prefix
+(at most :data:`BUDGET` of work, else none) and computes the rest as elementwise AdamW steps. The verifier replays
+one segment. (It runs in the submission's request: stocking should move to a worker.)
 """
 from __future__ import annotations
 

@@ -3,11 +3,14 @@ honest verifier on another plan still flag every canary?
 
 A canary (:mod:`marketplace.canary`) is a real task whose claimed end state is forged. The verifier holds the
 segment's start checkpoint, the claimed end checkpoint (a verifier on another plan downloads it) and the public spec
-(lr, segment length). From those alone it can compute cheap features of the claimed segment and skip replaying the
-tasks that look honest. This bench trains honest units of the default job shape and, for every segment, computes
-those features for the real end, for :func:`marketplace.canary.forge`'s forgery, and for the forgeries before it,
-measured in the same run as baselines: ``two_segments_on`` (the state two segments on; another unit's final state for
-a last segment) and ``stop27`` (the start moved by a neighbour's update, with another state's own moments). The features:
+(lr, segment length, data order). From those alone it can compute cheap features of the claimed segment and skip
+replaying the tasks that look honest. This bench trains honest units of the default job shape and, for every
+segment, computes those features for the real end, for :func:`marketplace.canary.forge`'s forgery (``canary``: the
+segment trained again, :func:`marketplace.canary.retrained`), for its elementwise one (``elementwise``: made-up
+gradients, :func:`marketplace.canary.carried`, what a bf16 job or one too large to train again gets), and for the
+forgeries before them, measured in the same run as baselines: ``two_segments_on`` (the state two segments on; another
+unit's final state for a last segment) and ``stop27`` (the start moved by a neighbour's update, with another state's
+own moments). The features:
 
 * ``movement``: how far the weights moved, over ``lr x segment_len x sqrt(parameters)`` (Adam moves each weight by
   about lr a step);
@@ -18,6 +21,9 @@ a last segment) and ``stop27`` (the start moved by a neighbour's update, with an
 * ``cs_near``: the share of second-moment entries whose first moment's gain lies near its Cauchy-Schwarz bound
   (``gain ** 2 >= 0.9 x C x`` the second's gain: :func:`marketplace.canary.moment_cs_breaches` counts those past 1),
   which made-up steps that must raise the second moments to carry the first ones leave more of (statistical);
+* ``loss_drop_last``: how far the loss on the segment's last batch fell from the start to the end (two forward
+  passes: a few percent of a replay); ``loss_recency``: that less the fall on its first batch (an honest end
+  trained on the last batch most recently);
 * ``moment_floor``: the share of second-moment entries below the floor ``segment_len`` AdamW steps leave of the
   start's (:func:`marketplace.canary.moment_floor_breaches`). Not statistical: an honest end has none, so any breach
   tells a forgery for sure (``told_by_moment_floor``: the share of each kind's ends with one; of honest ends, too);
@@ -36,7 +42,8 @@ a partial replay tells only those it replayed past.
 Figures: for each feature and each forgery, the AUC of telling it from an honest end (0.5: no tell; 1.0: every
 forgery told; folded, so a tell either way counts, and the feature's distance from the honest median too, so a
 spread to both sides counts: :func:`tell`). Then ``margins``: how far past its calibrated tolerance an
-honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 and bf16. A margin
+honest verifier on another plan (cpu/mb2 checking a cpu unit) finds each forgery, in fp32 (retrained) and bf16
+(elementwise: :func:`marketplace.canary.retrainable`). A margin
 below 1 means the verifier approves it. ``approved`` counts those for canaries made up from the segment's start
 (no true prefix), and must be 0; ``approved_prefixed`` for canaries as planted (a random true prefix: the longer, the
 closer to the truth), each excused by the referee as long as it lies within twice the tolerance of the truth. ``from_truth``: how far each
@@ -52,29 +59,44 @@ import math
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from marketplace import canary, referee
 from marketplace.blobs import BlobStore
-from node import checkpoint
+from node import checkpoint, data
 from node import crosscheck as cc
-from node.model import ModelConfig, init_state
-from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, train_unit
+from node.model import ModelConfig, build_model, init_state
+from node.trainer import ADAMW_BETAS, ADAMW_EPS, UnitSpec, model_only, state_hash, step_batch, train_unit
 from protocol.proof import TrainingProof, make_proof
 
-FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "cs_near", "moment_floor",
-            "moment_cs", "step_bound", "idle_rows")
+FEATURES = ("movement", "movement_vs_adam", "cos_update_end_moment", "v_drift", "m_drift", "cs_near", "loss_drop_last",
+            "loss_recency", "moment_floor", "moment_cs", "step_bound", "idle_rows")
+#: the forgeries measured against the honest ends: the canary as planted on this job (retrained), the elementwise
+#: one (made-up gradients: bf16 jobs, and those too large to train again) and the two before them
+KINDS = ("canary", "elementwise", "two_segments_on", "stop27")
 #: the exact tests (an honest end fails none): any failure tells a forgery for sure
 EXACT = ("moment_floor", "moment_cs", "step_bound", "idle_rows")
 
 
+def _loss(spec: UnitSpec, state: Mapping[str, Tensor], step: int) -> float:
+    """The loss of ``state``'s model on the batch of step ``step`` (public: the spec's data order): a forward pass."""
+    model = build_model(spec.model, model_only(state))
+    x, y = data.make_batch(data.train_tokens(), step_batch(spec, step), spec.model.ctx)
+    with torch.no_grad():
+        return float(model.loss(x, y))
+
+
 def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor], seg: int) -> dict[str, float]:
     """What a verifier can compute from a segment's start and claimed end checkpoints and the spec (module doc)."""
+    first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len - 1
+    drop_last = _loss(spec, start, last) - _loss(spec, end, last)
+    drop_first = _loss(spec, start, first) - _loss(spec, end, first)
     ps = model_only(start)
     names = sorted(ps)
     pe = model_only(end)
@@ -99,11 +121,26 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
         "cs_near": float(near_cs.double().mean()),
+        "loss_drop_last": drop_last,
+        "loss_recency": drop_last - drop_first,
         "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),
         "moment_cs": canary.moment_cs_breaches(spec, start, end) / v.numel(),
         "step_bound": canary.step_bound_breaches(spec, start, end) / v.numel(),
         "idle_rows": float(canary.idle_row_breaches(spec, seg, start, end)),
     }
+
+
+@contextmanager
+def elementwise(on: bool = True) -> Iterator[None]:
+    """Canaries forged elementwise (:func:`marketplace.canary.carried`) in the block, as for a job too large to
+    train again (``canary.BUDGET`` 0: no true prefix either)."""
+    budget = canary.BUDGET
+    if on:
+        canary.BUDGET = 0
+    try:
+        yield
+    finally:
+        canary.BUDGET = budget
 
 
 def auc(honest: list[float], forged: list[float]) -> float:
@@ -186,7 +223,7 @@ def main(argv: list[str]) -> int:
             units.append((spec, r, [store.put_file(x) for x in r.segment_paths], store.put_file(r.final_path)))
         log(f"trained {a.units} units of {a.segments} segments of {a.segment_len} steps "
             f"({out['model_params']:,} parameters) in {time.perf_counter() - t0:.1f} s")
-        rows: dict[str, list[dict[str, float]]] = {"honest": [], "canary": [], "two_segments_on": [], "stop27": []}
+        rows: dict[str, list[dict[str, float]]] = {"honest": [], **{kind: [] for kind in KINDS}}
         declined, prefixes = 0, []
         replayed = (1, a.segment_len // 2)
         for i, (spec, r, blobs, final) in enumerate(units):
@@ -200,21 +237,23 @@ def main(argv: list[str]) -> int:
                 for kind, end in (("honest", states[seg + 1]), ("stop27", stop27(states, seg))):
                     for j in replayed:
                         rows[kind][-1][f"replay_{j}"] = float(replay_breaches(spec, seg, states[seg], end, j))
-                fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
-                if fake is None:
-                    declined += 1
-                    continue
-                forged = checkpoint.load(store.path(fake["end_blob"]))[0]
-                rows["canary"].append(features(spec, states[seg], forged, seg))
-                for j in replayed:
-                    rows["canary"][-1][f"replay_{j}"] = float(replay_breaches(spec, seg, states[seg], forged, j))
-                prefixes.append(fake["prefix"])
+                for kind in ("canary", "elementwise"):
+                    with elementwise(kind == "elementwise"):
+                        fake = canary.forge(spec, r.proof, seg, blobs, final, store, (sib_blobs[seg], sib_final))
+                    if fake is None:
+                        declined += 1
+                        continue
+                    forged = checkpoint.load(store.path(fake["end_blob"]))[0]
+                    rows[kind].append(features(spec, states[seg], forged, seg))
+                    for j in replayed:
+                        rows[kind][-1][f"replay_{j}"] = float(replay_breaches(spec, seg, states[seg], forged, j))
+                    if kind == "canary":
+                        prefixes.append(fake["prefix"])
         out["segments"] = {k: len(v) for k, v in rows.items()}
         out["declined"] = declined
         out["tell_auc"] = {f: {kind: tell([x[f] for x in rows["honest"]], [x[f] for x in rows[kind]])
-                               for kind in ("canary", "two_segments_on", "stop27")} for f in FEATURES}
-        out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values())
-                               for kind in ("canary", "two_segments_on", "stop27")}
+                               for kind in KINDS} for f in FEATURES}
+        out["tell_auc_max"] = {kind: max(v[kind] for v in out["tell_auc"].values()) for kind in KINDS}
         for f in EXACT:
             out[f"told_by_{f}"] = {kind: round(sum(x[f] > 0 for x in v) / len(v), 3) for kind, v in rows.items() if v}
         out["told_by_replaying"] = {

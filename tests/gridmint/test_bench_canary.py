@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from gridmint.bench import available
-from gridmint.bench.canary import FEATURES, auc, main
+from gridmint.bench.canary import FEATURES, KINDS, auc, main
 
 
 def test_auc_is_a_folded_rank_statistic() -> None:
@@ -18,19 +18,21 @@ def test_the_bench_prints_every_feature_for_the_canary_and_its_baseline_last(cap
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(figures["tell_auc"]) == set(FEATURES)
     for f in FEATURES:
-        assert set(figures["tell_auc"][f]) == {"canary", "two_segments_on", "stop27"}
+        assert set(figures["tell_auc"][f]) == set(KINDS) == {"canary", "elementwise", "two_segments_on", "stop27"}
         assert all(0.5 <= v <= 1.0 for v in figures["tell_auc"][f].values())
     assert figures["segments"]["honest"] == figures["segments"]["two_segments_on"] == 2 * 3
-    assert figures["segments"]["canary"] + figures["declined"] == 6
+    assert figures["segments"]["canary"] + figures["segments"]["elementwise"] + figures["declined"] == 12
     # an honest verifier on another plan flags every canary: none approved (the referee would slash it)
     mine = figures["margins"]["canary"]
     assert figures["approved"] == 0 and len(mine["fp32"]) == len(mine["bf16"]) == 3  # forward x 2, backward
     assert len(figures["margins"]["two_segments_on"]["bf16"]) == 2  # the baseline, measured alongside
     assert min(figures["margin_min"]["canary"].values()) > 1
     # the exact check of the moments tells no honest end and none of the canaries; every one of the forgery before
-    assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "two_segments_on": 1.0, "stop27": 1.0}
+    assert figures["told_by_moment_floor"] == {"honest": 0.0, "canary": 0.0, "elementwise": 0.0,
+                                               "two_segments_on": 1.0, "stop27": 1.0}
     assert figures["told_by_moment_cs"]["honest"] == figures["told_by_moment_cs"]["canary"] == 0.0
     assert figures["told_exactly"]["honest"] == figures["told_exactly"]["canary"] == 0.0
+    assert figures["told_exactly"]["elementwise"] == 0.0
     assert figures["told_exactly"]["stop27"] == 1.0  # the forgery this replaced: every one told, without a replay
     # a partial replay tells no honest end (the tests are exact); what it tells of the canaries is measured
     for told in figures["told_by_replaying"].values():
