@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from marketplace import canary
 from marketplace.common import log
 from marketplace.db import Job, Unit, UnitUpload, Verification, now_s
 from marketplace.runtime import Runtime
@@ -46,8 +47,7 @@ def referenced(s: Session, now: int, retention_s: int) -> set[str]:
     for planted, decoy, bisect in s.execute(select(Verification.canary, Verification.decoy, Verification.bisect)
                                             .where(Verification.unit_id.in_(units))):
         for forged in (planted, decoy):
-            if forged and forged.get("end_blob"):
-                keep.add(forged["end_blob"])
+            keep.update(canary.decoy_blobs(forged))
         keep.update(r["blob"] for r in ((bisect or {}).get("reveals") or {}).values() if r.get("blob"))
     return keep
 

@@ -15,7 +15,9 @@ the default job shape) gets the segment trained again from its start: its first 
 number of them, :func:`prefix_steps`), each step after on its own batch with one sequence swapped for one of
 another batch of the segment (:func:`retrained`). Other jobs (bf16, whose honest replays across plans drift as far
 apart as that forgery lies from the truth; or too large to train again) get the start trained on made-up gradients
-with a neighbouring segment's shares of the AdamW moments (:func:`carried`), the *elementwise* forgery.
+with a neighbouring segment's shares of the AdamW moments (:func:`carried`), the *elementwise* forgery; a bf16 job's
+decoy also carries a retrained variant, planted for a verifier on the unit's own plan and kernels, which replays it
+bit for bit (:func:`for_verifier`).
 
 What keeps a canary from being told without a replay:
 - a task shows only its own segment's claim (``protocol.proof.segment_view``): no Merkle root or neighbour's hash
@@ -32,8 +34,10 @@ What keeps a canary from being told without a replay:
   the loss on the segment's last batch among them. The elementwise one moves along no data's gradients: one forward
   pass on that batch told it at an AUC of 1.0 without a true prefix, 0.95 with half the segment's;
 - its first steps are the segment's true ones: a verifier that replays a task's first j steps holds the exact state
-  there and can run the exact tests from it, which tell an elementwise canary only once the replay has passed its
-  prefix (on the default job shape at stop 28, one replayed step told 5 of 44, half the segment half of them);
+  there and can run the exact tests from it, which tell a canary only once the replay has passed its prefix (on the
+  default job shape at stop 30, one replayed step told 7% of the retrained canaries, half the segment 50%; every
+  elementwise one without a prefix): laziness saves work only in proportion to the canaries it lets through, each
+  of which costs it its whole stake;
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, and for an elementwise one those the forgery is made of), nor twice on one unit
   for one verifier; a verifier holds one task at a time, so it cannot fetch those while holding a canary;
@@ -42,13 +46,14 @@ What keeps a canary from being told without a replay:
 Every segment can be a canary. An elementwise one of the last segment of a unit of one or two segments takes its
 gradients' shares from the same segment of another unit of its job and round handed in before it, when there is
 one (none for a verifier handed any segment of that unit; none at all for the round's first unit handed in). What
-a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; a bf16 job's
-elementwise canaries are told by a forward pass (to make them retrained for verifiers on the provider's own plan,
-decoys of both kinds would be stocked and planted by the verifier's plan).
+a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; an elementwise
+canary (a bf16 job's, planted for a verifier on another plan; a job too large to train again) is told by a forward
+pass.
 
 Cost: per stocked check the operator trains the segment again (0.4-0.7 s on the default job shape, where a segment
 trains in 0.3 s: loading, hashing and writing the checkpoint included), or, elementwise, replays the true prefix
-(at most :data:`BUDGET` of work, else none) and computes the rest as elementwise AdamW steps. The verifier replays
+(at most :data:`BUDGET` of work, else none) and computes the rest as elementwise AdamW steps (a bf16 job within the
+budget: both). The verifier replays
 one segment. (It runs in the submission's request: stocking should move to a worker.)
 """
 from __future__ import annotations
@@ -112,10 +117,11 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
           sibling: tuple[str, list[str], str] | None = None) -> dict[int, dict[str, Any]]:
     """Canaries forged ahead for a share of a unit's sampled segments ``picks`` (each drawn with probability
     :func:`stock_share` of ``rate``): segment -> its decoy (:func:`forge`'s output, plus the ``root`` of the proof it
-    was forged from and the ``share`` it was drawn at). ``sibling``: (unit id, segment checkpoints, final checkpoint) of
-    another unit of the same job and round, the source of the last segment's forgery in a unit of one or two segments
-    (:func:`needs_sibling`; named in its decoy's ``source_unit``: a verifier handed any of that unit's segments gets
-    no such canary). Segments :func:`forge` declines have none."""
+    was forged from and the ``share`` it was drawn at; for a bf16 job within :data:`BUDGET` also ``exact``, the
+    retrained variant: :func:`for_verifier`). ``sibling``: (unit id, segment checkpoints, final checkpoint) of
+    another unit of the same job and round, the source of the last segment's elementwise forgery in a unit of one
+    or two segments (:func:`needs_sibling`; named in its decoy's ``source_unit``: a verifier handed any of that
+    unit's segments gets no such canary). Segments :func:`forge` declines have none."""
     share = stock_share(rate)
     out: dict[int, dict[str, Any]] = {}
     for seg in sorted(set(picks)):
@@ -124,10 +130,37 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
                      and not retrainable(spec) and len(sibling[1]) > seg else None)
             fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs,
                          (other[1][seg], other[2]) if other else None)
-            if fake is not None:
-                out[seg] = {**fake, "root": proof.merkle_root, "share": str(share),
-                            **({"source_unit": other[0]} if other else {})}
+            decoy = {**fake, **({"source_unit": other[0]} if other else {})} if fake is not None else {}
+            if not retrainable(spec) and affordable(spec):  # (a bf16 job) for a bit-for-bit replay
+                exact = forge(spec, proof, seg, segment_blobs, final_blob, blobs, retrain=True)
+                if exact is not None:
+                    decoy["exact"] = {k: exact[k] for k in DECOY_CLAIM}
+            if decoy:
+                out[seg] = {**decoy, "root": proof.merkle_root, "share": str(share)}
     return out
+
+
+#: What a decoy's claim is made of: the keys :func:`for_verifier` takes from its ``exact`` variant
+DECOY_CLAIM = ("proof", "end_blob", "true_end", "telling", "prefix")
+
+
+def decoy_blobs(decoy: Mapping[str, Any] | None) -> list[str]:
+    """The forged checkpoints a decoy (or a planted canary) names: its own and its ``exact`` variant's."""
+    if not decoy:
+        return []
+    return [d["end_blob"] for d in (decoy, decoy.get("exact") or {}) if d.get("end_blob")]
+
+
+def for_verifier(decoy: dict[str, Any], exact: bool) -> dict[str, Any] | None:
+    """The decoy to plant for a verifier that replays the unit's plan bit for bit (``exact``: the same plan and
+    kernels, as :func:`marketplace.referee.canary_excuse` has it) or not: a bf16 job's retrained variant (``exact``,
+    from :func:`stock`) for the first, where there is one, which no forward pass tells and its replay must miss by
+    bits; else the decoy itself, where it has one of its own (an elementwise forgery may be declined where the
+    retrained one is not: a last segment with no other unit to borrow from). None: no canary for that verifier."""
+    variant = decoy.get("exact") if exact else None
+    if variant:
+        return {**{k: v for k, v in decoy.items() if k not in ("exact", "source_unit")}, **variant}
+    return decoy if "proof" in decoy else None
 
 
 def plant_odds(rate: float | Fraction, decoy: dict[str, Any]) -> Fraction:
@@ -167,15 +200,15 @@ def moment_floor_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapp
 MOMENT_FLOOR_RTOL = 1e-5
 
 
-def moment_cs_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
-    """How many entries of ``end``'s moments no gradients could give from ``start``'s: over a segment the first moment
-    gains ``sum a_i g_i`` and the second ``sum b_i g_i ** 2`` (AdamW's weights ``a_i``, ``b_i``), and Cauchy-Schwarz
-    bounds the first's square by ``C`` (``sum a_i ** 2 / b_i``) times the second (fp32 rounding allowed for). A test a
-    verifier can run without replaying; an honest end passes it."""
+def moment_cs_sides(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per moment entry (all tensors, flattened), the two sides of the Cauchy-Schwarz test of
+    :func:`moment_cs_breaches`: the square of the first moment's gain over the segment, and ``C`` times the second
+    moment's gain (fp32 rounding allowed for). An entry breaches where the first exceeds the second; how near it
+    comes is a statistical tell (``gridmint bench canary``: ``cs_near``)."""
     (b1, b2), n = ADAMW_BETAS, spec.segment_len
     c = _least_energy(n)[3]
-    breaches = 0
-    for k, v in start.items():
+    lhs, rhs = [], []
+    for k, v in sorted(start.items()):
         if not k.endswith(".exp_avg_sq"):
             continue
         mk = k[: -len("_sq")]
@@ -183,8 +216,19 @@ def moment_cs_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping
         rm = end[mk].double() - b1 ** n * start[mk].double()
         rv = ve - b2 ** n * vs
         slack = MOMENT_FLOOR_RTOL * (b2 ** n * vs + ve)  # the rounding of n fp32 updates of both moments
-        breaches += int((rm * rm > c * (rv + slack) * (1 + MOMENT_FLOOR_RTOL) + 1e-30).sum())
-    return breaches
+        lhs.append((rm * rm).flatten())
+        rhs.append((c * (rv + slack) * (1 + MOMENT_FLOOR_RTOL) + 1e-30).flatten())
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(lhs), torch.cat(rhs)) if lhs else (empty, empty)
+
+
+def moment_cs_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
+    """How many entries of ``end``'s moments no gradients could give from ``start``'s: over a segment the first moment
+    gains ``sum a_i g_i`` and the second ``sum b_i g_i ** 2`` (AdamW's weights ``a_i``, ``b_i``), and Cauchy-Schwarz
+    bounds the first's square by ``C`` (``sum a_i ** 2 / b_i``) times the second (fp32 rounding allowed for:
+    :func:`moment_cs_sides`). A test a verifier can run without replaying; an honest end passes it."""
+    lhs, rhs = moment_cs_sides(spec, start, end)
+    return int((lhs > rhs).sum())
 
 
 def step_bound_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:
@@ -329,21 +373,26 @@ def _step_work(spec: UnitSpec) -> int:
     return sum(math.prod(shape) for shape in param_shapes(spec.model).values()) * spec.batch_size * spec.model.ctx
 
 
+def affordable(spec: UnitSpec) -> bool:
+    """Whether training a whole segment of ``spec``'s unit again is within :data:`BUDGET`."""
+    return _step_work(spec) * spec.segment_len <= BUDGET
+
+
 def retrainable(spec: UnitSpec) -> bool:
-    """Whether a canary of ``spec``'s unit is forged by training its segment again (:func:`retrained`): an fp32 job
-    whose whole segment's training is within :data:`BUDGET`. Not a bf16 job: honest bf16 replays on two plans drift
-    apart as far as such a forgery lies from the truth (the default job shape's tolerance across plans is half the
-    state's norm, the forgery a fifth), so a verifier on another plan approving one would be excused
-    (:func:`marketplace.referee.canary_excuse`) and a lazy one never caught there; made up elementwise, it lies past
-    that (``gridmint bench canary``: ``margins``), but a forward pass tells it."""
-    return spec.precision == "fp32" and _step_work(spec) * spec.segment_len <= BUDGET
+    """Whether a canary of ``spec``'s unit is forged by training its segment again (:func:`retrained`) for every
+    verifier: an fp32 job within :data:`BUDGET`. Not a bf16 job: honest bf16 replays on two plans drift apart as far
+    as such a forgery lies from the truth (the default job shape's tolerance across plans is half the state's norm,
+    the forgery a fifth), so a verifier on another plan approving one would be excused
+    (:func:`marketplace.referee.canary_excuse`) and a lazy one never caught there. Its canary is made up elementwise,
+    which lies past that (``gridmint bench canary``: ``margins``) but a forward pass tells; a retrained one is stocked
+    beside it for a verifier that replays the unit's plan bit for bit (:func:`for_verifier`)."""
+    return spec.precision == "fp32" and affordable(spec)
 
 
 def prefix_steps(spec: UnitSpec) -> int:
     """How many of a segment's first steps a canary takes from the truth: uniform over ``0 .. segment_len - 1`` (from
     the OS's randomness), capped by :data:`BUDGET`. A verifier that replays ``j`` steps of a task and runs the
-    exact tests from there tells an elementwise canary (:func:`carried`) only if it replayed past the prefix: about
-    ``j / segment_len`` of them."""
+    exact tests from there tells a canary only if it replayed past the prefix: about ``j / segment_len`` of them."""
     most = min(spec.segment_len - 1, BUDGET // max(1, _step_work(spec)))
     return secrets.randbelow(most + 1) if most > 0 else 0
 
@@ -449,9 +498,11 @@ def _lent_rows(spec: UnitSpec, before: Mapping[str, Tensor], after: Mapping[str,
 
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
-          blobs: BlobStore, sibling: tuple[str, str] | None = None, prefix: int | None = None) -> dict[str, Any] | None:
+          blobs: BlobStore, sibling: tuple[str, str] | None = None, prefix: int | None = None,
+          retrain: bool | None = None) -> dict[str, Any] | None:
     """The forged claim for segment ``seg`` of a real unit: its first ``prefix`` steps the true ones (default:
-    :func:`prefix_steps` draws how many), the step counters the true end's. The rest:
+    :func:`prefix_steps` draws how many), the step counters the true end's. The rest (``retrain``: which way; by
+    default the first where the job is :func:`retrainable`):
 
     * where a whole fp32 segment's training is within :data:`BUDGET` (:func:`retrainable`; the default job), real
       AdamW steps on the segment's own batches, each with one sequence swapped for one of another of its batches
@@ -482,7 +533,7 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     tells it: :func:`plantable`)."""
     n = len(proof.segments)
     last = seg == n - 1
-    retrain = retrainable(spec)
+    retrain = retrainable(spec) if retrain is None else retrain
     sib = not retrain and needs_sibling(seg, n)
     if not 0 <= seg < n or len(segment_blobs) != n or (sib and sibling is None):
         return None
@@ -530,7 +581,8 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     if best is None:
         return None
     _, forged_end, end_hash, telling = best
-    end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end, checkpoint_metadata(spec, None if last else seg + 1)))
+    end_blob = blobs.put_checkpoint(checkpoint.serialize(forged_end,
+                                                         checkpoint_metadata(spec, None if last else seg + 1)))
     segments = list(proof.segments)
     segments[seg] = replace(segments[seg], end_hash=end_hash)
     if not last:

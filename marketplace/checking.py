@@ -113,6 +113,9 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         # is queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
         decoy = task.decoy
+        if decoy is not None:  # a bf16 job's retrained variant for a bit-for-bit replay (canary.for_verifier)
+            decoy = canary.for_verifier(decoy, Plan.parse(v.plan) == Plan.parse(unit.plan or PROVIDER_PLAN.label)
+                                        and (v.build or "") == (unit.build or ""))
         if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
                 and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
                 and canary.plantable(task.segment, _seen(s, verifier, unit.id), decoy.get("telling"))

@@ -175,8 +175,10 @@ class Verification(Base):
     # settings.referee_pool_wait_s (None: judged by the referee its kernels name)
     fallback_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # A canary forged ahead, when the check was queued (marketplace.canary.stock), so that planting one when the
-    # task is handed out costs no checkpoint I/O a verifier could time: {proof, end_blob, true_end, root (of the
-    # proof it was forged from), share (the share of checks stocked)}; None: this check is never a canary
+    # task is handed out costs no checkpoint I/O a verifier could time: {proof, end_blob, true_end, telling, prefix,
+    # root (of the proof it was forged from), share (the share of checks stocked), source_unit (where one was
+    # borrowed from), exact (a bf16 job's retrained variant, for a bit-for-bit replay: canary.for_verifier)};
+    # None: this check is never a canary
     decoy: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 

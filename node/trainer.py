@@ -239,7 +239,8 @@ def update_norm(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> fl
     total = 0.0
     for k in sorted(a):
         if a[k].shape != b[k].shape:
-            raise GridMintValueError(f"tensor {k!r} is {tuple(a[k].shape)} in one state, {tuple(b[k].shape)} in the other")
+            raise GridMintValueError(f"tensor {k!r} is {tuple(a[k].shape)} in one state, "
+                                     f"{tuple(b[k].shape)} in the other")
         total += float((b[k].double() - a[k].double()).pow(2).sum())
     return math.sqrt(total)
 
@@ -628,10 +629,10 @@ def train_unit(
     unit's progress in ``workdir`` (:data:`PROGRESS_FILE`: each kept checkpoint's state hash and every step's loss,
     rewritten at each segment boundary and once the hash of the state a segment ended in comes in, and when
     training is stopped by an exception: then with every segment trained; a kill loses the segment it lands in, and
-    the one before only if it lands before that segment's end state is hashed), and start from the last kept segment a journal of this unit,
-    plan and build vouches for (:func:`resume_point`) instead of step 0. Training from a segment's start state is
-    what a verifier's replay does: the resumed unit's checkpoints, losses and proof are byte for byte an
-    uninterrupted run's (tests).
+    the one before only if it lands before that segment's end state is hashed), and start from the last kept
+    segment a journal of this unit, plan and build vouches for (:func:`resume_point`) instead of step 0. Training
+    from a segment's start state is what a verifier's replay does: the resumed unit's checkpoints, losses and proof
+    are byte for byte an uninterrupted run's (tests).
     """
     check_start(spec, start)
     workdir = Path(workdir)

@@ -19,7 +19,8 @@ own moments). The features:
 * ``cos_update_end_moment``: the cosine between the weights' move and the end moments' step direction;
 * ``v_drift`` / ``m_drift``: how far the second / first moments moved, relative to the start's;
 * ``cs_near``: the share of second-moment entries whose first moment's gain lies near its Cauchy-Schwarz bound
-  (``gain ** 2 >= 0.9 x C x`` the second's gain: :func:`marketplace.canary.moment_cs_breaches` counts those past 1),
+  (``gain ** 2 >= 0.9 x C x`` the second's gain, :func:`marketplace.canary.moment_cs_sides`; ``moment_cs`` counts
+  those past 1),
   which made-up steps that must raise the second moments to carry the first ones leave more of (statistical);
 * ``loss_drop_last``: how far the loss on the segment's last batch fell from the start to the end (two forward
   passes: a few percent of a replay); ``loss_recency``: that less the fall on its first batch (an honest end
@@ -111,16 +112,14 @@ def features(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tens
     ms, vs = flat(start, "optim.{}.exp_avg"), flat(start, "optim.{}.exp_avg_sq")
     step = spec.lr * (m / (1 - b1 ** steps)) / ((v / (1 - b2 ** steps)).sqrt() + eps)
     tiny = 1e-30
-    n = spec.segment_len
-    gain_m, gain_v = m - b1 ** n * ms, v - b2 ** n * vs
-    near_cs = gain_m * gain_m >= 0.9 * canary._least_energy(n)[3] * gain_v.clamp(min=tiny)  # noqa: SLF001
+    cs_lhs, cs_rhs = canary.moment_cs_sides(spec, start, end)
     return {
         "movement": float(dp.norm()) / (spec.lr * spec.segment_len * math.sqrt(dp.numel())),
         "movement_vs_adam": float(dp.norm()) / (spec.segment_len * float(step.norm()) + tiny),
         "cos_update_end_moment": float(-(dp @ step) / (dp.norm() * step.norm() + tiny)),
         "v_drift": float((v - vs).norm() / (vs.norm() + tiny)),
         "m_drift": float((m - ms).norm() / (ms.norm() + tiny)),
-        "cs_near": float(near_cs.double().mean()),
+        "cs_near": float((cs_lhs >= 0.9 * cs_rhs).double().mean()),
         "loss_drop_last": drop_last,
         "loss_recency": drop_last - drop_first,
         "moment_floor": canary.moment_floor_breaches(spec, start, end) / v.numel(),

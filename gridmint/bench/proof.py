@@ -368,7 +368,7 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
             blobs, final = [store.put_file(p) for p in cunit.segment_paths], store.put_file(cunit.final_path)
             for seg in range(cspec.n_segments):
                 fake = canary.forge(cspec, cunit.proof, seg, blobs, final, store)
-                if fake is None:  # the borrowed update within 1/4 of this one's (short segments): too close to plant
+                if fake is None:  # (the forgery would be the claim itself)
                     declined += 1
                     continue
                 planted += 1

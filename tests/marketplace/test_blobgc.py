@@ -81,3 +81,23 @@ def test_an_ended_jobs_checkpoints_go_after_the_retention_its_model_and_running_
     assert r.status_code == 200 and r.content == store.read(model)
     assert blobgc.collect(rt, later)["deleted"] == 0  # nothing more to take
     assert _charged(market, running) == charged[1]
+
+
+def test_a_stocked_canarys_forged_checkpoints_stay_its_retrained_variants_too(market, tmp_path: Path):
+    """A decoy names its forged end, and a bf16 job's its retrained variant's too (marketplace.canary.for_verifier):
+    both stay while the unit's job runs. (The variant's was collected as an orphan after a day.)"""
+    node = provider(market, tmp_path, "node", "us-east", "0.9")
+    job = submit_job(market, SMALL)
+    _submitted(market, job, [node], 1)
+    store, rt = market.rt.blobs, market.rt
+    forged = store.put_tensors({"forged": torch.zeros(3)}, {})
+    variant = store.put_tensors({"forged": torch.ones(3)}, {})
+    day_ago = time.time() - rt.settings.blob_orphan_s - 60
+    for blob in (forged, variant):
+        os.utime(store.path(blob), (day_ago, day_ago))
+    with rt.sessions.begin() as s:
+        unit_id = s.query(Unit.id).filter(Unit.job_id == job).scalar()
+        s.add(Verification(unit_id=unit_id, provider=node.account.address, segment=0, status="pending",
+                           decoy={"end_blob": forged, "exact": {"end_blob": variant}}))
+    blobgc.collect(rt, int(time.time()))
+    assert store.has(forged) and store.has(variant)

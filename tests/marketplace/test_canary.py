@@ -144,6 +144,44 @@ def test_a_canary_is_its_segment_trained_again_with_a_sequence_of_each_made_up_s
     assert not verdict.ok and verdict.replayed_end == one.proof.final_hash, verdict.reason
 
 
+def test_a_bf16_decoy_carries_a_retrained_variant_for_a_verifier_that_replays_bit_for_bit(tmp_path: Path) -> None:
+    """A bf16 job's canary is made up elementwise (a retrained one would lie within the tolerance of a verifier on
+    another plan, excused), and a forward pass tells it; so each of its decoys also carries a retrained variant
+    (``exact``) for a verifier on the unit's own plan and kernels, which replays it bit for bit and must miss it by
+    bits. An fp32 job's decoys are retrained for everyone and carry none."""
+    spec = replace(SPEC, precision="bf16")
+    unit = train_unit(spec, START, tmp_path / "unit")
+    store = BlobStore(tmp_path / "blobs")
+    blobs, final = _blobs(unit, store)
+    n = len(blobs)
+    states = [checkpoint.load(p)[0] for p in unit.segment_paths] + [checkpoint.load(unit.final_path)[0]]
+    stocked = canary.stock(spec, unit.proof, list(range(n)), blobs, final, store, 1)
+    assert sorted(stocked) == list(range(n))
+    for seg, decoy in stocked.items():
+        exact = decoy["exact"]
+        assert decoy["telling"] != exact["telling"] == [t for t in (seg, seg + 1) if t < n]  # elementwise, retrained
+        assert canary.for_verifier(decoy, exact=False) == decoy
+        mine = canary.for_verifier(decoy, exact=True)
+        assert {k: mine[k] for k in canary.DECOY_CLAIM} == exact and "exact" not in mine
+        assert mine["root"] == decoy["root"] and mine["share"] == decoy["share"]
+        for claim in (decoy, exact):
+            end = checkpoint.load(store.path(claim["end_blob"]))[0]
+            assert _exact_breaches(spec, seg, states[seg], end) == [0, 0, 0, 0], seg
+            verdict = check_segment(spec, segment_view(TrainingProof.from_dict(claim["proof"]), seg), seg,
+                                    unit.segment_paths[seg])
+            assert not verdict.ok and verdict.replayed_end == claim["true_end"], verdict.reason
+        assert exact["end_blob"] != decoy["end_blob"]
+    # a unit of one segment, no other unit to borrow from: no elementwise canary, the retrained one all the same
+    short = replace(spec, steps=SPEC.segment_len)
+    one = train_unit(short, START, tmp_path / "one")
+    (decoy,) = canary.stock(short, one.proof, [0], *_blobs(one, store), store, 1).values()
+    assert "proof" not in decoy and canary.for_verifier(decoy, exact=False) is None
+    assert canary.for_verifier(decoy, exact=True)["telling"] == [0]
+    plain = train_unit(SPEC, START, tmp_path / "fp32")
+    fp32 = canary.stock(SPEC, plain.proof, [0], *_blobs(plain, store), store, 1)
+    assert list(fp32) == [0] and "exact" not in fp32[0] and canary.for_verifier(fp32[0], exact=True) == fp32[0]
+
+
 def test_a_forward_pass_on_the_segments_last_batch_tells_an_elementwise_canary_not_a_retrained_one(
         unit: UnitResult, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lazy verifier's cheapest look: the loss of the claimed end on the segment's last batch against the start's
@@ -380,7 +418,7 @@ def test_a_verifier_on_another_plan_flags_a_canary_far_past_its_tolerance(tmp_pa
 
 
 def test_a_canary_starts_with_the_segments_true_steps_so_a_partial_replay_must_outrun_them(
-        tmp_path: Path, elementwise: None) -> None:
+        tmp_path: Path, way: str) -> None:
     """A verifier that replays a task's first j steps holds the exact state there and can run the exact tests from
     it over the steps left. A canary whose first k steps are the true ones (replayed by the operator) passes them for
     every j <= k, and is told only past its prefix: laziness saves work in proportion to the canaries it cannot tell.

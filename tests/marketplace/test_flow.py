@@ -1071,6 +1071,27 @@ def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market,
         assert s.get(Verifier, lazy.account.address).status == "benched"
 
 
+def test_a_bf16_canary_is_the_retrained_variant_for_a_verifier_on_the_units_own_plan(market, tmp_path: Path) -> None:
+    """A bf16 job's decoys are made up elementwise, each with a retrained variant beside it (canary.for_verifier): a
+    verifier that replays the unit's plan bit for bit is planted the retrained one, one on another plan the other."""
+    from node.crosscheck import Plan
+
+    own = staked_verifier(market, tmp_path, "own-plan", approve_everything=True)
+    other = staked_verifier(market, tmp_path, "other-plan", plan=Plan("cpu", 2), approve_everything=True)
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=15, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full", precision="bf16")
+    market.rt.settings.canary_rate = 1.0
+    _submitted(market, submit_job(market, spec), [honest], 1)
+    decoys = {v.id: v.decoy for v in _rows(market, status="pending")}
+    assert len(decoys) == 3 and all("exact" in d and "proof" in d for d in decoys.values())
+    for agent, exact in ((own, True), (other, False)):
+        assert agent.verify_once() == "ok"  # approved unreplayed
+        (row,) = _rows(market, verifier=agent.account.address)
+        want = decoys[row.id]["exact"] if exact else decoys[row.id]
+        assert row.status == "canary_missed" and row.canary["end_blob"] == want["end_blob"], agent.plan
+
+
 def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
     """A provider that fakes a segment can shape the claims its canary is forged from so that the forgery lies a hair
     (1e-6) from the segment's true end: inside the tolerance of an honest verifier on another plan, which approves
