@@ -343,7 +343,7 @@ def test_a_quote_in_flight_does_not_hold_up_other_requests(market, monkeypatch: 
     ``async def``, on the event loop: four anonymous clients quoting in a loop pushed ``/healthz`` to a 10 s median.
     Here the quote's computation is made to take ``SLOW`` s (blocking its thread, as CPU work does), and ``/healthz``
     is timed idle, then while four clients quote: on the loop it would wait for the quote running (and those queued),
-    a large share of SLOW; off it, it answers as when idle. The quote's answer is the same as before."""
+    a large share of SLOW more; off it, it answers as when idle. The quote's answer is the same as before."""
     SLOW = 0.5
     real = verification.quote
 
@@ -358,11 +358,12 @@ def test_a_quote_in_flight_does_not_hold_up_other_requests(market, monkeypatch: 
 
     def healthz_median(n: int = 9) -> float:
         took = []
-        for _ in range(n):
-            t = time.perf_counter()
-            assert httpx.get(f"{market.url}/healthz", timeout=60).status_code == 200
-            took.append(time.perf_counter() - t)
-            time.sleep(0.05)
+        with httpx.Client(timeout=60) as c:  # (one client: a new one per request costs ~0.1 s of its own set-up)
+            for _ in range(n):
+                t = time.perf_counter()
+                assert c.get(f"{market.url}/healthz").status_code == 200
+                took.append(time.perf_counter() - t)
+                time.sleep(0.05)
         return sorted(took)[n // 2]
 
     idle = healthz_median()
@@ -383,7 +384,9 @@ def test_a_quote_in_flight_does_not_hold_up_other_requests(market, monkeypatch: 
         c.join()
     print(f"/healthz median idle {idle * 1000:.1f} ms, with 4 quoting clients {busy * 1000:.1f} ms "
           f"({busy / SLOW:.3f} of one quote's {SLOW} s); {len(answers)} quotes")
-    assert busy / SLOW < 0.2, (idle, busy)  # on the event loop: ~1 or more
+    # what the quotes add to an answer (on the event loop: ~1 of SLOW or more), not the answer's own time (CI once
+    # timed 98 ms idle, a client set up per request, and failed the test on that alone)
+    assert (busy - idle) / SLOW < 0.2, (idle, busy)
     assert answers and all({k: v for k, v in a.items() if k != "job_id"} ==
                            {k: v for k, v in before.items() if k != "job_id"} for a in answers)
 
