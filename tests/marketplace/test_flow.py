@@ -1062,9 +1062,10 @@ def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market,
     assert careful.verify_once() is not None  # segment 2: planted all the same, replayed and flagged
     row = _rows(market, id=last.id)[0]
     assert row.canary is not None and row.status == "canary_flagged" and row.verifier == careful.account.address
-    _submitted(market, submit_job(market, spec), [honest], 1)  # another job's unit, not seen by the lazy one
+    # another job's unit of one segment, not seen by the lazy one
+    _submitted(market, submit_job(market, spec.model_copy(update={"steps_per_unit": 5})), [honest], 1)
     while not _rows(market, status="canary_missed") and lazy.verify_once() is not None:
-        pass  # (the check of segment 2 queued again is real; every one of the new unit's is a canary at this rate)
+        pass  # (the check of segment 2 queued again is real; the new unit's is a canary at this rate)
     missed = _rows(market, status="canary_missed")
     assert len(missed) == 1 and missed[0].verifier == lazy.account.address
     with market.rt.sessions() as s:
