@@ -36,8 +36,10 @@ What keeps a canary from being told without a replay:
 - its first steps are the segment's true ones: a verifier that replays a task's first j steps holds the exact state
   there and can run the exact tests from it, which tell a canary only once the replay has passed its prefix (on the
   default job shape at stop 30, one replayed step told 7% of the retrained canaries, half the segment 50%; every
-  elementwise one without a prefix): laziness saves work only in proportion to the canaries it lets through, each
-  of which costs it its whole stake;
+  elementwise one without a prefix). That is inherent to any end off the true trajectory: from a true state past
+  the prefix the steps left cannot reach it (one step past, 1 to 1,400 of 137,216 entries broke the floor or the
+  Cauchy-Schwarz bound; two steps from the end, most of them). So laziness saves work only in proportion to the
+  canaries it lets through, each of which costs it its whole stake;
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, and for an elementwise one those the forgery is made of), nor twice on one unit
   for one verifier; a verifier holds one task at a time, so it cannot fetch those while holding a canary;
