@@ -419,7 +419,6 @@ def retrained(spec: UnitSpec, seg: int, start: Mapping[str, Tensor], k: int) -> 
     tokens = data.train_tokens()
     read = torch.zeros(spec.model.vocab, dtype=torch.bool)
     runner = PlanRunner(spec, start)
-    runner.load(start)
     runner.run(seg * spec.segment_len, k)
     with deterministic(spec.threads):
         for batch in made_up_batches(spec, seg, k):
