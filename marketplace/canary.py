@@ -55,8 +55,8 @@ pass.
 Cost: per stocked check the operator trains the segment again (0.4-0.7 s on the default job shape, where a segment
 trains in 0.3 s: loading, hashing and writing the checkpoint included), or, elementwise, replays the true prefix
 (at most :data:`BUDGET` of work, else none) and computes the rest as elementwise AdamW steps (a bf16 job within the
-budget: both). The verifier replays
-one segment. (It runs in the submission's request: stocking should move to a worker.)
+budget: both). The verifier replays one segment. The stocking runs on a worker once the unit is handed in
+(:func:`marketplace.checking.stock_canaries`), not in the submission's request; the unit's checks wait for it.
 """
 from __future__ import annotations
 
@@ -130,11 +130,12 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
         if share > 0 and draw(share):
             other = (sibling if sibling is not None and needs_sibling(seg, len(proof.segments))
                      and not retrainable(spec) and len(sibling[1]) > seg else None)
+            states: dict[str, dict[str, Tensor]] = {}  # (a bf16 job's two forgeries load the checkpoints once)
             fake = forge(spec, proof, seg, segment_blobs, final_blob, blobs,
-                         (other[1][seg], other[2]) if other else None)
+                         (other[1][seg], other[2]) if other else None, states=states)
             decoy = {**fake, **({"source_unit": other[0]} if other else {})} if fake is not None else {}
             if not retrainable(spec) and affordable(spec):  # (a bf16 job) for a bit-for-bit replay
-                exact = forge(spec, proof, seg, segment_blobs, final_blob, blobs, retrain=True)
+                exact = forge(spec, proof, seg, segment_blobs, final_blob, blobs, retrain=True, states=states)
                 if exact is not None:
                     decoy["exact"] = {k: exact[k] for k in DECOY_CLAIM}
             if decoy:
@@ -500,7 +501,7 @@ def _lent_rows(spec: UnitSpec, before: Mapping[str, Tensor], after: Mapping[str,
 
 def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[str], final_blob: str,
           blobs: BlobStore, sibling: tuple[str, str] | None = None, prefix: int | None = None,
-          retrain: bool | None = None) -> dict[str, Any] | None:
+          retrain: bool | None = None, states: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Any] | None:
     """The forged claim for segment ``seg`` of a real unit: its first ``prefix`` steps the true ones (default:
     :func:`prefix_steps` draws how many), the step counters the true end's. The rest (``retrain``: which way; by
     default the first where the job is :func:`retrainable`):
@@ -531,15 +532,24 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
     Returns ``prefix`` (how many true steps it starts with), ``proof`` (the unit's proof with segment ``seg`` ending
     in the forged state), ``end_blob`` (that state, labelled like the unit's own checkpoint there, in the providers'
     file format), ``true_end`` (the hash an honest replay ends in) and ``telling`` (the segments whose hand-out
-    tells it: :func:`plantable`)."""
+    tells it: :func:`plantable`).
+
+    ``states``: checkpoints already loaded, by blob id; those this call loads are added (:func:`stock` forges a bf16
+    job's segment twice from the same ones). Nothing here writes into a state it loaded."""
     n = len(proof.segments)
+    cache: dict[str, dict[str, Tensor]] = {} if states is None else states
+
+    def load(blob: str) -> dict[str, Tensor]:
+        if blob not in cache:
+            cache[blob] = checkpoint.load(blobs.read(blob))[0]
+        return cache[blob]
+
     last = seg == n - 1
     retrain = retrainable(spec) if retrain is None else retrain
     sib = not retrain and needs_sibling(seg, n)
     if not 0 <= seg < n or len(segment_blobs) != n or (sib and sibling is None):
         return None
-    true_end, _ = checkpoint.load(blobs.read(final_blob if last else segment_blobs[seg + 1]))
-    start, _ = checkpoint.load(blobs.read(segment_blobs[seg]))
+    true_end, start = load(final_blob if last else segment_blobs[seg + 1]), load(segment_blobs[seg])
     k = prefix_steps(spec) if prefix is None else prefix
     options: list[tuple[dict[str, Tensor], list[int]]] = []  # (forged end, telling)
     if retrain:
@@ -550,16 +560,16 @@ def forge(spec: UnitSpec, proof: TrainingProof, seg: int, segment_blobs: list[st
         candidates: list[tuple[Any, Any, list[int]]] = []  # (before, after, telling) of each segment to borrow from
         if sib:
             assert sibling is not None
-            before, after = (checkpoint.load(blobs.read(b))[0] for b in sibling)
+            before, after = (load(b) for b in sibling)
             if set(before) != set(true_end) or set(after) != set(true_end):
                 return None  # (not a state of this model: no unit of the same job is)
             candidates.append((before, after, [seg, seg + 1, seg + 2]))
         else:
             if not last:  # forward: the next segment's move
-                after = checkpoint.load(blobs.read(segment_blobs[seg + 2] if seg + 2 < n else final_blob))[0]
+                after = load(segment_blobs[seg + 2] if seg + 2 < n else final_blob)
                 candidates.append((true_end, after, [seg, seg + 1, seg + 2]))
             if seg >= 2:  # backward: the one before's (not the first segment's: a fresh optimizer's moves are larger)
-                candidates.append((checkpoint.load(blobs.read(segment_blobs[seg - 1]))[0], start,
+                candidates.append((load(segment_blobs[seg - 1]), start,
                                    [seg - 2, seg - 1, seg]))
         mid = (k, true_prefix(spec, seg, start, k)) if k else None
         for before, after, telling in candidates:

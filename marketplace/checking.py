@@ -6,6 +6,7 @@ moves (slashes, bond releases) are idempotent on chain and checked before they a
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +30,8 @@ from protocol.proof import TrainingProof, segment_view
 from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
+
+logger = logging.getLogger(__name__)
 
 
 def benched_message(s: Session, v: Verifier) -> str:
@@ -134,6 +137,54 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
                 segment=task.segment)
         s.add(Handed(verifier=verifier, unit_id=unit.id, segment=task.segment))
         return _task_for(rt, s, task)
+
+
+def stock_canaries(rt: Runtime, unit_id: str) -> int:
+    """The step after a result is accepted (Celery ``gridmint.stock_canaries``): forge the canaries of a share of unit
+    ``unit_id``'s checks (:func:`marketplace.canary.stock`; the default job's retrained one costs 0.4-0.7 s, which
+    the submission's request no longer pays), then let every check of the unit out (``stocking`` -> ``pending``)
+    at once, each with its decoy where one was drawn: a check handed out early is no likelier to be real than one
+    handed out late. Returns how many decoys were stocked.
+
+    Idempotent: a check let out (or voided: the unit taken back, its job stopped) is never touched again, so a
+    duplicate of this step (the sweep sends it again for checks still waiting after ``service.STOCK_LOST_S``) stocks
+    nothing twice; two running at once both forge, and one of them writes (the other's checkpoints are orphans for
+    blob GC). A forgery that fails (a checkpoint gone, a bug) is logged, and the checks go out without canaries:
+    a canary checks the verifiers, the checks are what the customer pays for."""
+    with rt.sessions() as s:
+        unit = s.get(Unit, unit_id)
+        if unit is None or unit.proof is None or unit.final_blob is None or unit.provider is None:
+            return 0
+        waiting = sorted(s.scalars(select(Verification.segment).where(
+            Verification.unit_id == unit_id, Verification.provider == unit.provider,
+            Verification.status == "stocking")))
+        if not waiting:
+            return 0
+        job = s.get(Job, unit.job_id)
+        assert job is not None
+        spec, provider = unit_spec(job, unit), unit.provider
+        proof, segment_blobs, final_blob = (TrainingProof.from_dict(unit.proof), list(unit.segment_blobs or []),
+                                            unit.final_blob)
+        # another unit of the round handed in: the source of the elementwise canary of the last segment of a unit of
+        # one or two segments (marketplace.canary.needs_sibling)
+        sibling = s.execute(select(Unit.id, Unit.segment_blobs, Unit.final_blob).where(
+            Unit.job_id == unit.job_id, Unit.round == unit.round, Unit.id != unit.id, Unit.final_blob.is_not(None),
+            Unit.status.in_(("submitted", "verified"))).order_by(func.random()).limit(1)).first()
+    try:
+        decoys = canary.stock(spec, proof, waiting, segment_blobs, final_blob, rt.blobs, rt.settings.canary_rate,
+                              (sibling[0], list(sibling[1] or []), sibling[2]) if sibling else None)
+    except Exception:  # noqa: BLE001 - the checks must go out whatever became of their canaries
+        logger.exception("unit %s: its canaries could not be forged; its checks go out without", unit_id)
+        decoys = {}
+    stocked = 0
+    with rt.sessions.begin() as s:
+        for seg in waiting:
+            # conditional: a check voided (or let out by a duplicate of this step) since the read above stays so
+            if s.execute(update(Verification).where(Verification.unit_id == unit_id, Verification.provider == provider,
+                                                    Verification.segment == seg, Verification.status == "stocking")
+                         .values(status="pending", decoy=decoys.get(seg))).rowcount and seg in decoys:
+                stocked += 1
+    return stocked
 
 
 def _seen(s: Session, verifier: str, unit_id: str) -> list[tuple[int, bool]]:

@@ -33,8 +33,9 @@ def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
     s.add(Event(job_id=job_id, kind=kind, data=data))
 
 
-#: A provider's checks of a unit that are still open: voided once the unit leaves it (a check judges its result only)
-OPEN_CHECKS = ("pending", "assigned", "held")
+#: A provider's checks of a unit that are still open: voided once the unit leaves it (a check judges its result only).
+#: ``stocking``: queued, waiting for its unit's canaries to be forged (checking.stock_canaries) before any is handed out
+OPEN_CHECKS = ("stocking", "pending", "assigned", "held")
 
 
 def take_back(s: Session, unit_id: str, provider: str, statuses: Collection[str] = ("assigned",),

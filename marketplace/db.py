@@ -149,9 +149,10 @@ class Verification(Base):
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
     segment: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong | dismissed
-    # (its referee pool was away: the default referee found nothing, and blames no one);
-    # held: the check of a segment whose task is out as a canary (pending again once the canary is answered)
+    # [stocking ->] pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong
+    # | dismissed (its referee pool was away: the default referee found nothing, and blames no one);
+    # held: the check of a segment whose task is out as a canary (pending again once the canary is answered);
+    # stocking: queued while its unit's canaries are forged (checking.stock_canaries), never handed out
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the verifier's last sign of life

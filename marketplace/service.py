@@ -348,11 +348,6 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         prov = s.get(Provider, provider)
         assert prov is not None and unit.price is not None
         streak, price, backing = prov.verified_streak, unit.price, prov.stake if stake is None else stake
-        # another unit of the round handed in: the source of a canary of the last segment of a unit of one or two
-        # segments (marketplace.canary.needs_sibling)
-        sibling = s.execute(select(Unit.id, Unit.segment_blobs, Unit.final_blob).where(
-            Unit.job_id == unit.job_id, Unit.round == unit.round, Unit.id != unit.id, Unit.final_blob.is_not(None),
-            Unit.status.in_(("submitted", "verified"))).order_by(func.random()).limit(1)).first()
     plan = Plan.parse(body.plan)
     if not referee.refereeable(plan):
         raise GridMintValueError(f"plan {body.plan!r} cannot be refereed here (this marketplace replays on "
@@ -397,9 +392,10 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     picks = verification.choose_challenges(proof.unit_id, [c.loss_micro for c in proof.segments], rate,
                                            secrets.token_bytes(32), norms)
     outliers = verification.update_outliers(norms)[:verification.UPDATE_OUTLIER_PICKS]
-    # canaries forged now for a share of the checks, so that planting one later costs a verifier's poll no I/O
-    decoys = canary.stock(spec, proof, picks, list(body.segment_blobs), body.final_blob, rt.blobs,
-                          rt.settings.canary_rate, (sibling[0], list(sibling[1] or []), sibling[2]) if sibling else None)
+    # canaries are forged for a share of the checks before any is handed out (checking.stock_canaries, on a worker:
+    # 0.4-0.7 s each on the default job), so that planting one later costs a verifier's poll no I/O; meanwhile the
+    # checks wait, all of the unit's, whether one was drawn or not: which checks were handed out first tells nothing
+    stocking = bool(picks) and canary.stock_share(rt.settings.canary_rate) > 0
     with rt.sessions.begin() as s:
         # a conditional UPDATE: a reap (or a stop, or a stake release) that took the unit since the read above wins
         # cleanly and this result is refused; a plain write would put it over the unit's new holder
@@ -413,13 +409,16 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         assert unit is not None
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
         for seg in picks:
-            s.add(Verification(unit_id=unit.id, provider=provider, segment=seg, decoy=decoys.get(seg)))
+            s.add(Verification(unit_id=unit.id, provider=provider, segment=seg,
+                               status="stocking" if stocking else "pending"))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
             sampled=picks, rate=str(rate), trusted=trusted, update_outliers=[i for i in outliers if i in picks],
             final_loss=body.losses[-1] if body.losses else None)
         if not picks:  # level "none": nothing to wait for; the unit is credited now
             maybe_verified(s, unit)
         job_id = unit.job_id
+    if stocking:
+        rt.enqueue("gridmint.stock_canaries", [body.unit_id])
     if not picks:
         rt.enqueue("gridmint.advance", [job_id])
 
@@ -556,10 +555,17 @@ def heartbeat_in(conn: Connection, rt: Runtime, provider: str, body: Heartbeat) 
             "due": {u: due for u, due in units}}
 
 
+#: A unit's checks still waiting for their canaries this long after it was handed in: the stocking task was lost (a
+#: broker away when it was sent, a worker killed mid-task) and is sent again (a duplicate of one still queued finds
+#: nothing left to stock: checking.stock_canaries)
+STOCK_LOST_S = 60
+
+
 def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
-    the chain node was down, a broker restart): disputes not yet adjudicated, verifiers caught by a canary not yet
-    slashed, rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
+    the chain node was down, a broker restart): checks whose canaries are not stocked a while after their unit was
+    handed in (:data:`STOCK_LOST_S`), disputes not yet adjudicated, verifiers caught by a canary not yet slashed,
+    rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
     a job settled for good (``settled``, ``cancelled``, ``failed``) is never queued again."""
@@ -574,6 +580,10 @@ def sweep(rt: Runtime) -> dict[str, int]:
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status.in_(settlement.SETTLING))))
+        unstocked = list(s.scalars(select(Verification.unit_id).where(
+            Verification.status == "stocking", Verification.created_at < now_s() - STOCK_LOST_S).distinct()))
+    for u in unstocked:
+        rt.enqueue("gridmint.stock_canaries", [u])
     for v, build, fallen_back in disputes:
         run_referee(rt, v, build, fallen_back)
     for v in lazy:
@@ -584,7 +594,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     for j in done:
         rt.enqueue("gridmint.settle", [j])
     return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done),
-            "cancelled": len(cancelled)}
+            "cancelled": len(cancelled), "stock_canaries": len(unstocked)}
 
 
 def reap(rt: Runtime) -> int:

@@ -79,6 +79,11 @@ def match_task() -> int:
     return len(service.run_matching(get_runtime()))
 
 
+@celery_app.task(name="gridmint.stock_canaries")
+def stock_canaries_task(unit_id: str) -> int:
+    return checking.stock_canaries(get_runtime(), unit_id)
+
+
 @celery_app.task(name="gridmint.adjudicate", **_CHAIN_RETRY)
 def adjudicate_task(verification_id: int) -> str:
     return checking.adjudicate(get_runtime(), verification_id)

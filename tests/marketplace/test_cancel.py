@@ -246,7 +246,8 @@ def test_a_cancel_stops_the_job_pays_what_was_verified_and_leaves_the_rest_to_th
     assert w.ops.balance_of(w.customer.address) == before + refund
     # settled for good: a later sweep queues nothing for it
     w.queued.clear()
-    assert service.sweep(w.rt) == {"adjudicate": 1, "punish_verifier": 0, "advance": 0, "settle": 0, "cancelled": 0}
+    assert service.sweep(w.rt) == {"adjudicate": 1, "punish_verifier": 0, "advance": 0, "settle": 0, "cancelled": 0,
+                                   "stock_canaries": 0}
     assert all(name != "gridmint.settle" for name, _ in w.queued)
 
 

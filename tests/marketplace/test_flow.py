@@ -708,16 +708,31 @@ def test_an_idle_provider_node_stays_up_until_its_work_is_verified(market, tmp_p
 
 
 def _submitted(market, job_id: str, agents: list[ProviderAgent], n: int) -> None:
-    """Let the providers train until ``n`` units of the job are submitted (nothing verified yet)."""
+    """Let the providers train until ``n`` units of the job are submitted (nothing verified yet), and their checks
+    are out: the worker stocked their canaries (checking.stock_canaries)."""
+    _handed_in(market, job_id, agents, n)
+    _stocked(market)
+
+
+def _handed_in(market, job_id: str, agents: list[ProviderAgent], n: int) -> list[str]:
+    """Let the providers train until ``n`` units of the job are submitted; their ids."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with market.rt.sessions() as s:
-            done = len(list(s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.status == "submitted"))))
-        if done >= n:
-            return
+            done = list(s.scalars(select(Unit.id).where(Unit.job_id == job_id, Unit.status == "submitted")))
+        if len(done) >= n:
+            return done
         if not any(a.work_once() for a in agents):
             time.sleep(0.1)
     raise AssertionError(f"{n} units of {job_id} not submitted in time")
+
+
+def _stocked(market, timeout_s: float = 60) -> None:
+    """Wait until no check waits for its canaries (the Celery worker forges them once a unit is handed in)."""
+    deadline = time.monotonic() + timeout_s
+    while _rows(market, status="stocking"):
+        assert time.monotonic() < deadline, "checks still waiting for their canaries"
+        time.sleep(0.05)
 
 
 def _rows(market, **where) -> list[Verification]:
@@ -765,6 +780,85 @@ def _every_check_a_canary(market, monkeypatch, forge, providers: list[ProviderAg
     monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: held.append(args)
                         if name == "gridmint.punish_verifier" else send(name, args, queue))
     return job_id, held
+
+
+def test_a_units_canaries_are_forged_on_the_worker_while_its_checks_wait(market, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A result is accepted without forging a canary in the request (the default job's cost 0.4-0.7 s each): the
+    Celery worker forges them. Meanwhile every check of the unit waits, none handed out, drawn for a canary or not
+    (an early check is no likelier real than a late one); then all go out at once, each with its decoy. A
+    duplicate of the step stocks nothing twice."""
+    from marketplace import canary, checking
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    entered, gate = threading.Event(), threading.Event()
+    real_stock = canary.stock
+
+    def held_stock(*args, **kw):  # the worker's forging, held until the test has looked
+        entered.set()
+        assert gate.wait(60)
+        return real_stock(*args, **kw)
+
+    monkeypatch.setattr(canary, "stock", held_stock)
+    market.rt.settings.canary_rate = 1.0  # every check stocked with a canary
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    try:
+        [unit_id] = _handed_in(market, job_id, [honest], 1)  # accepted while the worker's forging is held
+        assert entered.wait(30)
+        waiting = _rows(market, unit_id=unit_id)
+        assert sorted((v.segment, v.status, v.decoy) for v in waiting) == [(0, "stocking", None), (1, "stocking", None)]
+        assert verifier.client.next_verification() is None
+        listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
+        assert sorted(v["status"] for v in listed) == ["stocking", "stocking"]
+    finally:
+        gate.set()
+    _stocked(market)
+    out = _rows(market, unit_id=unit_id)
+    assert [v.status for v in out] == ["pending", "pending"]
+    with market.rt.sessions() as s:
+        root = s.get(Unit, unit_id).proof["merkleRoot"]
+    assert all(v.decoy and v.decoy["root"] == root and v.decoy["proof"]["merkleRoot"] != root for v in out)
+    assert checking.stock_canaries(market.rt, unit_id) == 0  # (a duplicate: nothing left to stock)
+    assert [v.decoy for v in _rows(market, unit_id=unit_id)] == [v.decoy for v in out]
+    assert verifier.verify_once() == "fraud"  # a planted canary, flagged
+
+
+def test_checks_go_out_when_their_canaries_cannot_be_forged_or_the_stocking_step_is_lost(market, tmp_path: Path,
+                                                                                       monkeypatch, caplog) -> None:
+    """The stocking step never sent (a broker away when the result came in) is sent again by the sweep once the
+    checks have waited ``STOCK_LOST_S``; a forgery that fails there (a checkpoint gone) is logged and the checks go
+    out without canaries: the customer's checks never wait on a canary for ever."""
+    from marketplace import canary, service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    market.rt.settings.canary_rate = 1.0
+    send, lost = market.rt.enqueue, []
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
+                        if name == "gridmint.stock_canaries" else send(name, args, queue))
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    [unit_id] = _handed_in(market, job_id, [honest], 1)
+    assert lost == [[unit_id]] and {v.status for v in _rows(market, unit_id=unit_id)} == {"stocking"}
+    monkeypatch.setattr(market.rt, "enqueue", send)
+    assert service.sweep(market.rt)["stock_canaries"] == 0  # (not yet given up on)
+    monkeypatch.setattr(service, "STOCK_LOST_S", 0)
+    time.sleep(1.1)
+
+    def gone(*args, **kw):
+        raise FileNotFoundError("a checkpoint was collected")
+
+    monkeypatch.setattr(canary, "forge", gone)
+    assert service.sweep(market.rt)["stock_canaries"] == 1
+    _stocked(market)
+    assert [(v.status, v.decoy) for v in _rows(market, unit_id=unit_id)] == [("pending", None), ("pending", None)]
+    assert any("could not be forged" in r.getMessage() for r in caplog.records)
+    drive(market, [honest], verifier, job_id)  # real checks only: passed, the job settles
+    assert {v.status for v in _rows(market, unit_id=unit_id)} == {"passed"}
 
 
 def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
@@ -1106,7 +1200,7 @@ def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, 
     from node import checkpoint
     from node.trainer import deterministic, export_training_state, load_training_state, run_segment
 
-    def shaped(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None):
+    def shaped(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None, **_):
         if seg != 0:
             return None
         with deterministic(spec.threads):  # where an honest replay of the segment ends ...
@@ -1211,6 +1305,7 @@ def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_red
     market.wait(lambda: a.account.address in slashed(market), what="A slashed")
     market.rt.settings.canary_rate = 1.0  # B's checks are queued with canaries forged for them
     market.wait(lambda: b.work_once(), timeout=120, what="B re-trains and submits the unit")
+    _stocked(market)
     # the lazy verifier approves B's checks until a canary benches it (none of a segment whose state it saw in A's
     # claim: B's states are A's up to A's cheat), the real ones it passed of B's claim done again
     answers = []
@@ -1238,7 +1333,7 @@ def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_
     from marketplace import canary, checking
     from marketplace.db import Verifier
 
-    def truthful(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None):  # canary.forge never plants it
+    def truthful(spec, proof, seg, segment_blobs, final_blob, blobs, sibling_final=None, **_):  # never planted
         if seg + 1 >= len(segment_blobs):
             return None  # (as canary.forge: no canary of a unit's last segment)
         return {"proof": proof.to_dict(), "end_blob": segment_blobs[seg + 1], "true_end": proof.segments[seg].end_hash}
@@ -1301,7 +1396,7 @@ def test_a_canary_within_a_cross_plan_verifiers_tolerance_is_void_for_it_and_not
     from node import checkpoint
     from node.crosscheck import Plan
 
-    def near(spec, proof, seg, segment_blobs, final_blob, blobs, sibling=None):  # a forgery 1 ulp from the truth
+    def near(spec, proof, seg, segment_blobs, final_blob, blobs, sibling=None, **_):  # 1 ulp from the truth
         last = seg == len(segment_blobs) - 1
         true_end = checkpoint.load(blobs.read(final_blob if last else segment_blobs[seg + 1]))[0]
         key = next(k for k in sorted(true_end) if k.startswith("model."))

@@ -18,7 +18,7 @@ from ledger.payout_tree import verify_proof
 from marketplace import service, settlement
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
-from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Unit, Verification, make_sessionmaker
+from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Unit, Verification, make_sessionmaker, now_s
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.jobs import RANDOM_BYTES, new_job_id
@@ -275,8 +275,9 @@ def _epoch(world: World, n: int) -> PayoutEpoch:
 
 
 def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
-    """A settle task that ran out of retries (chain node down), a lost advance, a lost adjudication: the periodic
-    sweep queues each again; finished work (a settled job, a round still training) is left alone."""
+    """A settle task that ran out of retries (chain node down), a lost advance, a lost adjudication, a lost stocking
+    of canaries: the periodic sweep queues each again; finished work (a settled job, a round still training) and
+    checks queued a moment ago (their stocking step still on its way) are left alone."""
     lost = world.fund_done_job("lost-settle", [(0, tokens(1))])
     settled = world.fund_done_job("settled", [(1, tokens(1))])
     settlement.settle_job(world.rt, settled)
@@ -298,16 +299,22 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
         for status, slash_tx in (("canary_missed", None), ("canary_missed", "0x" + "11" * 32)):
             s.add(Verification(unit_id=disputed_unit, provider=world.providers[1].address, segment=2, status=status,
                                slash_tx=slash_tx, canary={"unit_id": "0x" + "22" * 32}))
+        # a unit's checks waiting for canaries a stocking step (lost) was to forge; another's, just queued
+        for unit, age in (("ready-0", service.STOCK_LOST_S + 5), ("ready-1", 0)):
+            for seg in (0, 1):
+                s.add(Verification(unit_id="0x" + keccak(text=unit).hex(), provider=world.providers[2].address,
+                                   segment=seg, status="stocking", created_at=now_s() - age))
     world.queued.clear()
     assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1,
-                                       "cancelled": 0}
+                                       "cancelled": 0, "stock_canaries": 1}
     with world.rt.sessions() as s:
         dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
         lazy = s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
                                                        Verification.slash_tx.is_(None))).one()
     assert sorted(world.queued) == sorted([("gridmint.adjudicate", [dispute]), ("gridmint.punish_verifier", [lazy]),
                                            ("gridmint.advance", ["0x" + keccak(text="ready").hex()]),
-                                           ("gridmint.settle", [lost])])
+                                           ("gridmint.settle", [lost]),
+                                           ("gridmint.stock_canaries", ["0x" + keccak(text="ready-0").hex()])])
     # the re-queued settle settles it, and the next sweep finds nothing more to settle
     settlement.settle_job(world.rt, lost)
     world.queued.clear()
