@@ -43,14 +43,18 @@ What keeps a canary from being told without a replay:
 - it is never planted where the verifier was handed a segment that tells it (:func:`plantable`: the segment itself,
   the one starting at the true end, and for an elementwise one those the forgery is made of), nor twice on one unit
   for one verifier; a verifier holds one task at a time, so it cannot fetch those while holding a canary;
-- it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks), not when it is handed out:
-  a hand-out costs the same database work either way, nothing a verifier could time.
+- verifiers comparing notes: it is never planted where *another* verifier was handed a segment that tells it
+  (:func:`telling`), and while it is out those segments' checks go to no other verifier; so what a ring of lazy
+  verifiers knows between them never contradicts a canary before it is answered (after, its verdict stands);
+- it is forged when the check is queued (:func:`stock`, ``stock_share`` of the checks, on a worker; the unit's
+  checks all wait for it), not when it is handed out: a hand-out costs the same database work either way, nothing
+  a verifier could time.
 Every segment can be a canary. An elementwise one of the last segment of a unit of one or two segments takes its
 gradients' shares from the same segment of another unit of its job and round handed in before it, when there is
 one (none for a verifier handed any segment of that unit; none at all for the round's first unit handed in). What
-a canary cannot hide: a verifier comparing notes with another verifier of the same unit could tell; an elementwise
-canary (a bf16 job's, planted for a verifier on another plan; a job too large to train again) is told by a forward
-pass.
+a canary cannot hide: an elementwise canary (a bf16 job's, planted for a verifier on another plan; a job too large
+to train again) is told by a forward pass, and one borrowed from another unit by a verifier comparing notes with
+one handed that unit; a verifier colluding with the unit's provider (who knows every true state) tells them all.
 
 Cost: per stocked check the operator trains the segment again (0.4-0.7 s on the default job shape, where a segment
 trains in 0.3 s: loading, hashing and writing the checkpoint included), or, elementwise, replays the true prefix
@@ -171,6 +175,16 @@ def plant_odds(rate: float | Fraction, decoy: dict[str, Any]) -> Fraction:
     stocked at (at most 1), so that rate of all the checks handed out are canaries."""
     share = Fraction(decoy.get("share", "1"))
     return min(Fraction(1), Fraction(rate).limit_denominator(1_000_000) / share) if share > 0 else Fraction(0)
+
+
+def telling(seg: int, decoy: Mapping[str, Any] | None) -> list[int]:
+    """The segments whose hand-out tells a canary of segment ``seg`` made from ``decoy`` (its ``telling``, from
+    :func:`forge`; a decoy stocked before that was kept: ``seg`` to ``seg`` + 2). Whoever was handed one of them
+    could tell the canary, and so could any verifier it compares notes with: a canary is planted only where no
+    verifier but its own was handed any, and none is handed out while the canary is out
+    (``marketplace.checking.next_verification``)."""
+    told = (decoy or {}).get("telling")
+    return [int(t) for t in told] if told is not None else [seg, seg + 1, seg + 2]
 
 
 def plantable(seg: int, seen: list[tuple[int, bool]], telling: list[int] | None = None) -> bool:

@@ -100,9 +100,14 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
                         or_(Unit.plan.like("cpu%"), Unit.plan.like("cuda:%")),
                         func.coalesce(Verification.created_at, 0) > now - rt.settings.same_plan_hold_s,
                         same_plan_verifier)
+        # nor a check that tells a canary out with another verifier (its decoy's ``telling``): the two could compare
+        # notes before the canary is answered; it waits until then
+        blocked = [and_(Verification.unit_id == u, Verification.segment == seg)
+                   for u, seg in sorted(_telling_canaries_out(s, verifier))]
         task = s.scalars(select(Verification).join(Unit, Unit.id == Verification.unit_id)
                          .where(Verification.status == "pending", Verification.provider != verifier,
-                                Verification.canary.is_(None), checkable, ~reserved)
+                                Verification.canary.is_(None), checkable, ~reserved,
+                                *([~or_(*blocked)] if blocked else []))
                          .order_by(Verification.unit_id.in_(seen_units), Unit.plan != v.plan, not_mine,
                                    Verification.id)
                          .limit(1)).first()
@@ -123,6 +128,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
                 and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
                 and canary.plantable(task.segment, _seen(s, verifier, unit.id), decoy.get("telling"))
                 and not (decoy.get("source_unit") and _seen(s, verifier, decoy["source_unit"]))
+                and not _shown_to_others(s, verifier, unit.id, canary.telling(task.segment, decoy))
                 and s.scalar(select(func.count()).select_from(Verification).where(
                     Verification.unit_id == unit.id, Verification.segment == task.segment,
                     Verification.canary.is_not(None))) == 0):
@@ -131,7 +137,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             s.add(held)
             s.flush()
             task.canary = {"proof": decoy["proof"], "end_blob": decoy["end_blob"], "true_end": decoy["true_end"],
-                           "held": held.id}
+                           "held": held.id, "telling": canary.telling(task.segment, decoy)}
             task.decoy = None
             log(s, "canary_planted", verification=task.id, verifier=verifier, unit=task.unit_id,
                 segment=task.segment)
@@ -185,6 +191,23 @@ def stock_canaries(rt: Runtime, unit_id: str) -> int:
                          .values(status="pending", decoy=decoys.get(seg))).rowcount and seg in decoys:
                 stocked += 1
     return stocked
+
+
+def _shown_to_others(s: Session, verifier: str, unit_id: str, segments: list[int]) -> bool:
+    """Whether a verifier other than ``verifier`` was handed any of ``segments`` of unit ``unit_id``: what tells a
+    canary of the unit (its decoy's ``telling``), and so what the two could compare notes on."""
+    return s.scalar(select(Handed.id).where(Handed.unit_id == unit_id, Handed.segment.in_(segments),
+                                            Handed.verifier != verifier).limit(1)) is not None
+
+
+def _telling_canaries_out(s: Session, verifier: str) -> set[tuple[str, int]]:
+    """The checks (unit, segment) that tell a canary out with a verifier other than ``verifier`` (its ``telling``)."""
+    out: set[tuple[str, int]] = set()
+    for unit_id, seg, planted in s.execute(select(Verification.unit_id, Verification.segment, Verification.canary)
+                                           .where(Verification.status == "assigned", Verification.canary.is_not(None),
+                                                  Verification.verifier != verifier)):
+        out |= {(unit_id, t) for t in canary.telling(seg, planted)}
+    return out
 
 
 def _seen(s: Session, verifier: str, unit_id: str) -> list[tuple[int, bool]]:

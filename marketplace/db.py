@@ -185,11 +185,12 @@ class Verification(Base):
 
 class Handed(Base):
     """Which segments of which unit a verifier was handed (a row per hand-out): a canary is never planted where
-    what it saw before tells the forgery (marketplace.canary.plantable), and a verifier gets units it has not
-    seen first."""
+    what it, or any other verifier, saw before tells the forgery (marketplace.canary.plantable, told_by), and a
+    verifier gets units it has not seen first."""
 
     __tablename__ = "handed"
-    __table_args__ = (Index("ix_handed_verifier_unit", "verifier", "unit_id"),)
+    __table_args__ = (Index("ix_handed_verifier_unit", "verifier", "unit_id"),
+                      Index("ix_handed_unit_segment", "unit_id", "segment"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     verifier: Mapped[str] = mapped_column(String(42))
     unit_id: Mapped[str] = mapped_column(String(66))

@@ -1055,9 +1055,77 @@ def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_pat
         assert s.get(Verifier, lazy.agent.account.address).status == "benched"
 
 
-def _withheld_then_missed(market, seer: VerifierAgent, lazy: VerifierAgent, check_id: int) -> None:
+def _colluding_pair(market, tmp_path: Path) -> tuple[_CrossCheckingLazyVerifier, _CrossCheckingLazyVerifier]:
+    """Two lazy verifiers that compare notes: what either was shown of a unit, both know."""
+    x = _CrossCheckingLazyVerifier(staked_verifier(market, tmp_path, "x"))
+    y = _CrossCheckingLazyVerifier(staked_verifier(market, tmp_path, "y"))
+    y.known = x.known
+    return x, y
+
+
+def _one_unit_of_four_segments(market, honest: ProviderAgent) -> str:
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 1.0
+    job_id = submit_job(market, spec)
+    _submitted(market, job_id, [honest], 1)
+    return job_id
+
+
+def test_no_canary_of_a_segment_whose_end_another_verifier_was_shown(market, tmp_path: Path, monkeypatch) -> None:
+    """Two lazy verifiers compare notes. One was handed segment 1 (and replayed it): it knows where segment 0 truly
+    ends, so a canary of segment 0 is planted for neither; the first canary the other gets is of a segment neither
+    was shown anything that tells, which it approves and is benched for."""
+    from marketplace import canary, service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    other = staked_verifier(market, tmp_path, "other")
+    x, y = _colluding_pair(market, tmp_path)
+    _one_unit_of_four_segments(market, honest)
+    draws = iter([False, False, True, True])  # other's (segment 0), y's (1), then two drawn as canaries
+    monkeypatch.setattr(canary, "draw", lambda odds: next(draws))
+    assert other.client.next_verification()["segment"] == 0  # and abandoned
+    assert y.verify_once() == "ok" and y.replays == 1  # segment 1, replayed: both know its start and end
+    market.rt.settings.unit_timeout_s = 0
+    time.sleep(1.1)
+    service.reap(market.rt)  # other's task of segment 0 back in the pool
+    market.rt.settings.unit_timeout_s = 120
+    assert x.verify_once() == "ok"  # segment 0, drawn but not planted: y knows where it ends
+    assert x.verify_once() == "ok"  # segment 2: a canary nothing either saw contradicts
+    planted = [v for v in _rows(market) if v.canary is not None]
+    assert [(v.segment, v.status, v.verifier) for v in planted] == [(2, "canary_missed", x.agent.account.address)]
+    assert not x.flagged_unseen and not y.flagged_unseen
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, x.agent.account.address).status == "benched"
+
+
+def test_what_tells_a_canary_out_is_handed_to_no_other_verifier_until_it_is_answered(market, tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """While a canary of segment 0 is out, segment 1's check (it starts at the true end) is handed to no other
+    verifier: a lazy pair comparing notes learns nothing that tells it, and the one holding the canary approves it
+    and is benched. Once it is answered, segment 1 goes out."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    x, y = _colluding_pair(market, tmp_path)
+    _one_unit_of_four_segments(market, honest)
+    draws = iter([True, False, False])  # x's (segment 0) planted; y's next tasks real
+    monkeypatch.setattr(canary, "draw", lambda odds: next(draws))
+    held = x.client.next_verification()  # a canary of segment 0, not answered yet
+    assert held["segment"] == 0 and _rows(market, id=held["verification_id"])[0].canary is not None
+    assert y.verify_once() == "ok" and y.replays == 1
+    assert [v.segment for v in _rows(market, verifier=y.agent.account.address)] == [2]  # not 1
+    assert x.verify_once() == "ok"  # nothing y saw contradicts it: approved unreplayed
+    assert _rows(market, id=held["verification_id"])[0].status == "canary_missed"
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, x.agent.account.address).status == "benched"
+    assert y.client.next_verification()["segment"] == 1  # now that the canary is answered (and its verdict stands)
+
+
+def _withheld_from_both(market, seer: VerifierAgent, lazy: VerifierAgent, check_id: int) -> None:
     """``seer``, handed what tells check ``check_id``'s canary, is handed the check as itself; abandoned (back in the
-    pool), it goes to ``lazy`` as the canary, which approves it unreplayed and is benched."""
+    pool), it goes to ``lazy`` as itself too: ``seer`` was shown its real claim, and the two could compare notes.
+    ``lazy``'s unreplayed approval is a pass of a real (honest) check."""
     from marketplace import service
 
     task = seer.client.next_verification()
@@ -1067,6 +1135,24 @@ def _withheld_then_missed(market, seer: VerifierAgent, lazy: VerifierAgent, chec
     service.reap(market.rt)
     market.rt.settings.unit_timeout_s = 120
     assert lazy.verify_once() == "ok"
+    row = _rows(market, id=check_id)[0]
+    assert row.canary is None and row.status == "passed" and row.verifier == lazy.account.address
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, lazy.account.address).status == "active"
+
+
+def _missed_when_first(market, lazy: VerifierAgent, check_id: int) -> None:
+    """Check ``check_id`` handed out before any other pending check (those held back meanwhile, as if still waiting
+    for their canaries): to ``lazy`` as its canary, which it approves unreplayed and is benched for."""
+    with market.rt.sessions.begin() as s:
+        others = list(s.scalars(select(Verification).where(Verification.status == "pending",
+                                                           Verification.id != check_id)))
+        for v in others:
+            v.status = "stocking"
+    assert lazy.verify_once() == "ok"
+    with market.rt.sessions.begin() as s:
+        for v in others:
+            s.get(Verification, v.id).status = "pending"
     row = _rows(market, id=check_id)[0]
     assert row.canary is not None and row.status == "canary_missed" and row.verifier == lazy.account.address
     with market.rt.sessions() as s:
@@ -1078,15 +1164,17 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
     """The last segment of a unit of two segments has nothing further on, nor moments a segment before its start, to
     forge from: its canary ends in the final state of another unit of the round handed in before (the same model, as
     long trained, on another shard). A verifier that was handed any of that unit's segments could know that state,
-    so it gets no such canary; one that was not cannot tell, approves it unreplayed, and is benched. (Canaries made
-    up elementwise: a job whose segment costs more to train again than the operator's budget, or a bf16 one.)"""
+    so it gets no such canary; nor does any verifier after it is handed the check (they could compare notes). One
+    that never saw the source unit, handed the check first, cannot tell, approves it unreplayed, and is benched.
+    (Canaries made up elementwise: a job whose segment costs more to train again than the operator's budget, or a
+    bf16 one.)"""
     from marketplace import canary
 
     monkeypatch.setattr(canary, "BUDGET", 0)
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     saw = staked_verifier(market, tmp_path, "saw")
     lazy = staked_verifier(market, tmp_path, "lazy", approve_everything=True)
-    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+    spec = JobSpec(rounds=1, units_per_round=3, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     market.rt.settings.canary_rate = 1.0
     job_id = submit_job(market, spec)
@@ -1095,7 +1183,7 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
     monkeypatch.setattr(canary, "draw", lambda odds: False)  # (stocking is done: nothing planted for now)
     while saw.verify_once() is not None:  # both segments of the first unit, replayed
         pass
-    monkeypatch.setattr(canary, "draw", real_draw)  # the second unit's canaries are stocked for real
+    monkeypatch.setattr(canary, "draw", real_draw)  # the other units' canaries are stocked for real
     _submitted(market, job_id, [honest], 1)  # (the first is verified by now)
     first = {v.unit_id for v in _rows(market, verifier=saw.account.address)}
     (last,) = [v for v in _rows(market, segment=1, status="pending")]
@@ -1103,14 +1191,18 @@ def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_veri
     monkeypatch.setattr(canary, "draw", lambda odds: False)
     assert saw.verify_once() == "ok"  # the second unit's segment 0
     monkeypatch.setattr(canary, "draw", lambda odds: True)
-    _withheld_then_missed(market, saw, lazy, last.id)  # saw was handed the source unit
+    _withheld_from_both(market, saw, lazy, last.id)  # saw was handed the source unit
+    # the third unit: its last segment's canary, handed first to a verifier that never saw its source (either unit)
+    fresh = staked_verifier(market, tmp_path, "fresh", approve_everything=True)
+    _submitted(market, job_id, [honest], 1)
+    (target,) = [v for v in _rows(market, segment=1, status="pending") if v.decoy and v.decoy.get("source_unit")]
+    _missed_when_first(market, fresh, target.id)
 
 
 def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path: Path, monkeypatch) -> None:
     """The last segment of a round's first unit handed in (here a round of one unit) was never a canary: it was
     forged from another unit's final state, and there was none. Made up elementwise, it borrows the update before it,
-    so a verifier that approves it unreplayed is benched; one handed the segments it is made of (here an honest one,
-    handed the first two) gets no such canary."""
+    so a verifier handed it before any segment it is made of, which approves it unreplayed, is benched."""
     from marketplace import canary
 
     monkeypatch.setattr(canary, "BUDGET", 0)
@@ -1124,11 +1216,10 @@ def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path
     _submitted(market, job_id, [honest], 1)
     (last,) = _rows(market, segment=2, status="pending")
     assert last.decoy is not None and last.decoy["telling"] == [0, 1, 2] and "source_unit" not in last.decoy
-    real_draw = canary.draw
-    monkeypatch.setattr(canary, "draw", lambda odds: False)
-    assert careful.verify_once() == "ok" and careful.verify_once() == "ok"  # segments 0 and 1, replayed
-    monkeypatch.setattr(canary, "draw", real_draw)
-    _withheld_then_missed(market, careful, lazy, last.id)  # careful was handed the segments it is made of
+    # handed out before anything it is made of: planted, approved unreplayed, benched
+    _missed_when_first(market, lazy, last.id)
+    drive(market, [honest], careful, job_id)  # the rest, and the real check it stood in for, replayed: all pass
+    assert {v.status for v in _rows(market) if v.canary is None} == {"passed"}
 
 
 def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market, tmp_path: Path, monkeypatch) -> None:
