@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from marketplace.common import OPEN_CHECKS
 from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, pools_seen
 from marketplace.settings import judging_pool
 
@@ -62,6 +63,8 @@ class MarketSnapshot:
     disputes: dict[str, int] = field(default_factory=dict)
     # each referee pool's last sign of life, unix s (0: never seen)
     pools_seen: dict[str, int] = field(default_factory=dict)
+    checks: dict[str, int] = field(default_factory=dict)  # checks not yet answered, by status (common.OPEN_CHECKS)
+    stocking_since: int = 0  # when the oldest check still waiting for its unit's canaries was queued (0: none)
 
 
 def market_families(snap: MarketSnapshot) -> list[Metric]:
@@ -85,8 +88,17 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
                              labels=["referee"])
     for referee, t in sorted(snap.pools_seen.items()):
         seen.add_metric([referee], t)
+    checks = GaugeMetricFamily("gridmint_checks_open", "Checks not yet answered, by status: stocking (waiting for a "
+                               "worker to forge the unit's canaries), pending (waiting for a verifier), assigned (out "
+                               "with a verifier, a canary too), held (a real check behind a canary out)",
+                               labels=["status"])
+    for status, n in sorted(({s: 0 for s in OPEN_CHECKS} | snap.checks).items()):
+        checks.add_metric([status], n)
     return [
-        units, jobs, providers, disputes, seen,
+        units, jobs, providers, disputes, seen, checks,
+        GaugeMetricFamily("gridmint_checks_stocking_since_timestamp_seconds", "When the oldest check still waiting "
+                          "for its unit's canaries was queued (0: none); the sweep sends its step again after a "
+                          "minute, so an old one means no worker is taking it", value=snap.stocking_since),
         GaugeMetricFamily("gridmint_providers_active", "Providers in good standing that were seen within the activity "
                           "window (unit_timeout_s)", value=snap.providers_active),
         GaugeMetricFamily("gridmint_payout_epoch_latest", "Newest payout epoch whose root is posted on chain (0: none)",
@@ -95,8 +107,9 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
 
 
 def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence[str] = ()) -> MarketSnapshot:
-    """Count units, jobs and providers by status, active providers, the newest posted epoch and open disputes by
-    referee and each referee pool's last sign of life (``pools``: the pools' kernels; six small queries)."""
+    """Count units, jobs and providers by status, active providers, the newest posted epoch, open disputes by
+    referee and each referee pool's last sign of life (``pools``: the pools' kernels), open checks by status and
+    the oldest one waiting for its canaries (eight small queries)."""
 
     def by_status(col: Any) -> dict[str, int]:
         return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col))}
@@ -113,10 +126,14 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
             .group_by(Unit.build, Verification.fallback_at.is_not(None))):
         referee = judging_pool(build, pools, bool(fallen_back)) or "default"
         disputes[referee] = disputes.get(referee, 0) + int(n)
+    checks = {str(k): int(v) for k, v in s.execute(select(Verification.status, func.count())
+                                                    .where(Verification.status.in_(OPEN_CHECKS))
+                                                    .group_by(Verification.status))}
+    stocking = s.scalar(select(func.min(Verification.created_at)).where(Verification.status == "stocking"))
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),
                           providers_active=int(active or 0), latest_posted_epoch=int(epoch or 0), disputes=disputes,
-                          pools_seen=seen)
+                          pools_seen=seen, checks=checks, stocking_since=int(stocking or 0))
 
 
 class MarketCollector(Collector):

@@ -58,6 +58,9 @@ def test_families_fill_known_statuses_with_zero() -> None:
     assert fams["gridmint_providers_active"].samples[0].value == 1
     assert fams["gridmint_payout_epoch_latest"].samples[0].value == 7
     assert {s.labels["referee"]: s.value for s in fams["gridmint_disputes_open"].samples} == {"default": 0}
+    assert {s.labels["status"]: s.value for s in fams["gridmint_checks_open"].samples} == {
+        "stocking": 0, "pending": 0, "assigned": 0, "held": 0}
+    assert fams["gridmint_checks_stocking_since_timestamp_seconds"].samples[0].value == 0
 
 
 def test_unreadable_database_still_scrapes(tmp_path: Path) -> None:
@@ -121,7 +124,16 @@ def test_market_gauges_follow_the_database(rt: Runtime) -> None:
         for epoch, status in [(1, "posted"), (2, "posted"), (3, "posting")]:
             s.add(PayoutEpoch(epoch=epoch, root="0x" + "00" * 32, total=1, entries={}, status=status, posted_at=now,
                               claimable_at=now))
+        s.flush()
+        # a unit's checks waiting for its canaries (the oldest queued 90 s ago), and others
+        for segment, (status, queued) in enumerate([("stocking", now - 90), ("stocking", now - 5), ("pending", now),
+                                                    ("assigned", now), ("passed", now), ("held", now)]):
+            s.add(Verification(unit_id=f"0x{3:064x}", provider="0x" + "0" * 40, segment=segment, status=status,
+                               created_at=queued))
     got = scrape(client)
+    assert {st: value(got, "gridmint_checks_open", status=st) for st in ("stocking", "pending", "assigned", "held")} \
+        == {"stocking": 2, "pending": 1, "assigned": 1, "held": 1}  # (a passed check is not open)
+    assert value(got, "gridmint_checks_stocking_since_timestamp_seconds") == now - 90
     assert value(got, "gridmint_units", status="pending") == 2
     assert value(got, "gridmint_units", status="assigned") == 1
     assert value(got, "gridmint_units", status="verified") == 1
@@ -135,7 +147,10 @@ def test_market_gauges_follow_the_database(rt: Runtime) -> None:
     with rt.sessions.begin() as s:
         s.execute(update(Unit).where(Unit.status == "pending").values(status="assigned"))
         s.execute(update(PayoutEpoch).where(PayoutEpoch.epoch == 3).values(status="posted"))
+        s.execute(update(Verification).where(Verification.status == "stocking").values(status="pending"))
     got = scrape(client)
+    assert value(got, "gridmint_checks_stocking_since_timestamp_seconds") == 0  # none waits now
+    assert value(got, "gridmint_checks_open", status="pending") == 3
     assert value(got, "gridmint_units", status="pending") == 0  # still reported, as 0
     assert value(got, "gridmint_units", status="assigned") == 3
     assert value(got, "gridmint_payout_epoch_latest") == 3
