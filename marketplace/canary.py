@@ -187,16 +187,17 @@ def telling(seg: int, decoy: Mapping[str, Any] | None) -> list[int]:
     return [int(t) for t in told] if told is not None else [seg, seg + 1, seg + 2]
 
 
-def plantable(seg: int, seen: list[tuple[int, bool]], telling: list[int] | None = None) -> bool:
+def plantable(seg: int, seen: list[tuple[int, bool]], told: list[int] | None = None) -> bool:
     """Whether a canary of segment ``seg`` may be handed to a verifier that was handed ``seen`` of the same unit
     before: (segment, was it a canary) per hand-out. Not where it had a canary of the unit already, nor where it was
-    handed one of ``telling`` (the decoy's, from :func:`forge`): the segment itself (its real claim, should the task
-    have come back to it), the one starting at the true end, and those whose checkpoints the forgery is made of
-    (with the start it is handed, a verifier holding them could recompute it). A forward forgery's: ``seg`` to
-    ``seg`` + 2 (also the rule for decoys stocked before ``telling`` existed); a backward one's: ``seg`` - 2 to
-    ``seg``. The other segments before tell nothing: they end where this one starts or before."""
-    told = set(telling if telling is not None else (seg, seg + 1, seg + 2))
-    return not any(was_canary or s in told for s, was_canary in seen)
+    handed one of ``told`` (the decoy's :func:`telling`, from :func:`forge`): the segment itself (its real claim,
+    should the task have come back to it), the one starting at the true end, and those whose checkpoints the forgery
+    is made of (with the start it is handed, a verifier holding them could recompute it). A forward forgery's:
+    ``seg`` to ``seg`` + 2 (also the rule for decoys stocked before ``telling`` existed: the default); a backward
+    one's: ``seg`` - 2 to ``seg``. The other segments before tell nothing: they end where this one starts or
+    before."""
+    tells = set(told if told is not None else telling(seg, None))
+    return not any(was_canary or s in tells for s, was_canary in seen)
 
 
 def moment_floor_breaches(spec: UnitSpec, start: Mapping[str, Tensor], end: Mapping[str, Tensor]) -> int:

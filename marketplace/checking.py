@@ -124,11 +124,12 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         if decoy is not None:  # a bf16 job's retrained variant for a bit-for-bit replay (canary.for_verifier)
             decoy = canary.for_verifier(decoy, Plan.parse(v.plan) == Plan.parse(unit.plan or PROVIDER_PLAN.label)
                                         and (v.build or "") == (unit.build or ""))
+        tells = canary.telling(task.segment, decoy)
         if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
                 and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
-                and canary.plantable(task.segment, _seen(s, verifier, unit.id), decoy.get("telling"))
+                and canary.plantable(task.segment, _seen(s, verifier, unit.id), tells)
                 and not (decoy.get("source_unit") and _seen(s, verifier, decoy["source_unit"]))
-                and not _shown_to_others(s, verifier, unit.id, canary.telling(task.segment, decoy))
+                and not _shown_to_others(s, verifier, unit.id, tells)
                 and s.scalar(select(func.count()).select_from(Verification).where(
                     Verification.unit_id == unit.id, Verification.segment == task.segment,
                     Verification.canary.is_not(None))) == 0):
@@ -137,7 +138,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
             s.add(held)
             s.flush()
             task.canary = {"proof": decoy["proof"], "end_blob": decoy["end_blob"], "true_end": decoy["true_end"],
-                           "held": held.id, "telling": canary.telling(task.segment, decoy)}
+                           "held": held.id, "telling": tells}
             task.decoy = None
             log(s, "canary_planted", verification=task.id, verifier=verifier, unit=task.unit_id,
                 segment=task.segment)

@@ -185,7 +185,7 @@ class Verification(Base):
 
 class Handed(Base):
     """Which segments of which unit a verifier was handed (a row per hand-out): a canary is never planted where
-    what it, or any other verifier, saw before tells the forgery (marketplace.canary.plantable, told_by), and a
+    what it, or any other verifier, saw before tells the forgery (marketplace.canary.plantable, telling), and a
     verifier gets units it has not seen first."""
 
     __tablename__ = "handed"
