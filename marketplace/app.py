@@ -608,7 +608,9 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
                                 for v in s.scalars(select(Verification).join(Unit).where(
                                     Unit.job_id == j.id, Verification.status != "held",
                                     # a canary shows as the task it is while out, then is gone: it was never a check
-                                    or_(Verification.canary.is_(None), Verification.status == "assigned")))]
+                                    or_(Verification.canary.is_(None), Verification.status == "assigned"))
+                                    # by unit and segment (a unit's checks are queued in a random order)
+                                    .order_by(Unit.round, Unit.shard, Unit.id, Verification.segment, Verification.id))]
         out["events"] = [{"kind": e.kind, "at": e.at, **e.data}
                          for e in s.scalars(select(Event).where(Event.job_id == j.id).order_by(Event.id))]
     return out

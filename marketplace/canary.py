@@ -96,8 +96,10 @@ def draw(rate: float | Fraction) -> bool:
 
 
 #: The share of checks a canary is forged for when they are queued is this many times the canary rate (at most all):
-#: a check handed out is planted with probability rate / share when it has one, so the rate holds while the rate set
-#: later stays within this factor of the one the stock was drawn at
+#: a check handed out is planted with probability rate x (1 + the unit's other checks that tell it) / share when it
+#: has one and the rules allow it (plant_odds), so the rate holds while that stays at most 1: a retrained canary
+#: (the default job's) is told by one other check at most, an elementwise one by two, so the rate set later may
+#: rise to 2x (4/3x) the one the stock was drawn at
 STOCK_FACTOR = 4
 
 
@@ -123,11 +125,12 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
           sibling: tuple[str, list[str], str] | None = None) -> dict[int, dict[str, Any]]:
     """Canaries forged ahead for a share of a unit's sampled segments ``picks`` (each drawn with probability
     :func:`stock_share` of ``rate``): segment -> its decoy (:func:`forge`'s output, plus the ``root`` of the proof it
-    was forged from and the ``share`` it was drawn at; for a bf16 job within :data:`BUDGET` also ``exact``, the
-    retrained variant: :func:`for_verifier`). ``sibling``: (unit id, segment checkpoints, final checkpoint) of
-    another unit of the same job and round, the source of the last segment's elementwise forgery in a unit of one
-    or two segments (:func:`needs_sibling`; named in its decoy's ``source_unit``: a verifier handed any of that
-    unit's segments gets no such canary). Segments :func:`forge` declines have none."""
+    was forged from, the ``share`` it was drawn at and the unit's ``checked`` segments, ``picks``, both for
+    :func:`plant_odds`; for a bf16 job within :data:`BUDGET` also ``exact``, the retrained variant:
+    :func:`for_verifier`). ``sibling``: (unit id, segment checkpoints, final checkpoint) of another unit of the same
+    job and round, the source of the last segment's elementwise forgery in a unit of one or two segments
+    (:func:`needs_sibling`; named in its decoy's ``source_unit``: a verifier handed any of that unit's segments gets
+    no such canary). Segments :func:`forge` declines have none."""
     share = stock_share(rate)
     out: dict[int, dict[str, Any]] = {}
     for seg in sorted(set(picks)):
@@ -143,7 +146,7 @@ def stock(spec: UnitSpec, proof: TrainingProof, picks: list[int], segment_blobs:
                 if exact is not None:
                     decoy["exact"] = {k: exact[k] for k in DECOY_CLAIM}
             if decoy:
-                out[seg] = {**decoy, "root": proof.merkle_root, "share": str(share)}
+                out[seg] = {**decoy, "root": proof.merkle_root, "share": str(share), "checked": sorted(set(picks))}
     return out
 
 
@@ -170,11 +173,22 @@ def for_verifier(decoy: dict[str, Any], exact: bool) -> dict[str, Any] | None:
     return decoy if "proof" in decoy else None
 
 
-def plant_odds(rate: float | Fraction, decoy: dict[str, Any]) -> Fraction:
-    """The probability that a check with ``decoy`` is planted when handed out: ``rate`` over the share the decoy was
-    stocked at (at most 1), so that rate of all the checks handed out are canaries."""
+def plant_odds(rate: float | Fraction, decoy: dict[str, Any], seg: int | None = None) -> Fraction:
+    """The probability that a check of segment ``seg`` with ``decoy`` is planted when handed out, where the rules
+    allow it (:func:`plantable`, and no other verifier handed what tells it: ``checking.next_verification``): ``rate``
+    over the share the decoy was stocked at, and over the odds that the rules allow it (at most 1), so that ``rate``
+    of all the checks handed out are canaries.
+
+    Those odds: a canary of ``seg`` is allowed only while no other check of the unit among its :func:`telling`
+    segments was handed out before it, to anyone; a unit's checks go out in a random order, so that is 1 in
+    1 + (how many of them the unit has: the decoy's ``checked``, its unit's checks when stocked). Under full
+    verification (every segment checked, each canary told by the next) half of all hand-outs are allowed: without
+    this, half the rate set was planted. (A decoy stocked before ``checked`` was kept: taken as allowed always.)"""
     share = Fraction(decoy.get("share", "1"))
-    return min(Fraction(1), Fraction(rate).limit_denominator(1_000_000) / share) if share > 0 else Fraction(0)
+    if share <= 0:
+        return Fraction(0)
+    others = len(set(telling(seg, decoy)) & set(decoy.get("checked", ())) - {seg}) if seg is not None else 0
+    return min(Fraction(1), Fraction(rate).limit_denominator(1_000_000) * (1 + others) / share)
 
 
 def telling(seg: int, decoy: Mapping[str, Any] | None) -> list[int]:

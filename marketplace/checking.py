@@ -126,7 +126,7 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
                                         and (v.build or "") == (unit.build or ""))
         tells = canary.telling(task.segment, decoy)
         if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
-                and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy))
+                and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy, task.segment))
                 and canary.plantable(task.segment, _seen(s, verifier, unit.id), tells)
                 and not (decoy.get("source_unit") and _seen(s, verifier, decoy["source_unit"]))
                 and not _shown_to_others(s, verifier, unit.id, tells)
@@ -146,6 +146,11 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         return _task_for(rt, s, task)
 
 
+#: A unit's stocking step claims its checks for this long (its forgeries take seconds: 0.4-0.7 s a canary on the
+#: default job); a claim older than this is a worker killed mid-forgery, and the sweep's next send takes it over
+STOCK_LEASE_S = 120
+
+
 def stock_canaries(rt: Runtime, unit_id: str) -> int:
     """The step after a result is accepted (Celery ``gridmint.stock_canaries``): forge the canaries of a share of unit
     ``unit_id``'s checks (:func:`marketplace.canary.stock`; the default job's retrained one costs 0.4-0.7 s, which
@@ -155,18 +160,26 @@ def stock_canaries(rt: Runtime, unit_id: str) -> int:
 
     Idempotent: a check let out (or voided: the unit taken back, its job stopped) is never touched again, so a
     duplicate of this step (the sweep sends it again for checks still waiting after ``service.STOCK_LOST_S``) stocks
-    nothing twice; two running at once both forge, and one of them writes (the other's checkpoints are orphans for
-    blob GC). A forgery that fails (a checkpoint gone, a bug) is logged, and the checks go out without canaries:
-    a canary checks the verifiers, the checks are what the customer pays for."""
-    with rt.sessions() as s:
+    nothing twice. The step first claims the unit's waiting checks (their ``heartbeat_at``, unused while stocking):
+    a duplicate that runs meanwhile finds them claimed and forges nothing; a claim older than
+    :data:`STOCK_LEASE_S` (its worker killed mid-forgery) is taken over. A forgery that fails (a checkpoint gone, a
+    bug) is logged, and the checks go out without canaries: a canary checks the verifiers, the checks are what the
+    customer pays for."""
+    now = now_s()
+    with rt.sessions.begin() as s:
         unit = s.get(Unit, unit_id)
         if unit is None or unit.proof is None or unit.final_blob is None or unit.provider is None:
             return 0
+        # conditional: of two steps claiming at once, the second finds the checks claimed (or let out) and leaves
+        if not s.execute(update(Verification).where(
+                Verification.unit_id == unit_id, Verification.provider == unit.provider,
+                Verification.status == "stocking",
+                or_(Verification.heartbeat_at.is_(None), Verification.heartbeat_at < now - STOCK_LEASE_S))
+                .values(heartbeat_at=now)).rowcount:
+            return 0
         waiting = sorted(s.scalars(select(Verification.segment).where(
             Verification.unit_id == unit_id, Verification.provider == unit.provider,
-            Verification.status == "stocking")))
-        if not waiting:
-            return 0
+            Verification.status == "stocking", Verification.heartbeat_at == now)))
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec, provider = unit_spec(job, unit), unit.provider
@@ -187,10 +200,10 @@ def stock_canaries(rt: Runtime, unit_id: str) -> int:
     with rt.sessions.begin() as s:
         for seg in waiting:
             # conditional: a check voided (or let out by a duplicate of this step) since the read above stays so
-            if s.execute(update(Verification).where(Verification.unit_id == unit_id, Verification.provider == provider,
-                                                    Verification.segment == seg, Verification.status == "stocking")
-                         .values(status="pending", decoy=decoys.get(seg))).rowcount and seg in decoys:
-                stocked += 1
+            out = s.execute(update(Verification).where(
+                Verification.unit_id == unit_id, Verification.provider == provider, Verification.segment == seg,
+                Verification.status == "stocking").values(status="pending", decoy=decoys.get(seg), heartbeat_at=None))
+            stocked += bool(out.rowcount and seg in decoys)
     return stocked
 
 

@@ -155,7 +155,8 @@ class Verification(Base):
     # stocking: queued while its unit's canaries are forged (checking.stock_canaries), never handed out
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
     assigned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the verifier's last sign of life
+    # the verifier's last sign of life; while stocking, when a stocking step claimed it (checking.stock_canaries)
+    heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # when its verdict came in
     # when the check was queued: a unit trained on an exact plan waits a while for a verifier on that plan
     created_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=now_s)

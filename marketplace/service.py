@@ -12,12 +12,13 @@ import secrets
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, exists, func, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, cancellation, matching, referee, settlement, standby
-from marketplace.checking import benched_message, maybe_verified, pools_away, retire_canary, run_referee
+from marketplace.checking import (STOCK_LEASE_S, benched_message, maybe_verified, pools_away, retire_canary,
+                                  run_referee)
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
                                 unit_id_for, unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
@@ -408,7 +409,9 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
         _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
-        for seg in picks:
+        # queued in a random order (checks go out in queue order): had they gone out by segment, a ring of verifiers
+        # seeing segment 2 handed out before 1 would guess 1 held back, the tell of a canary of 0 out with another
+        for seg in _shuffled(picks):
             s.add(Verification(unit_id=unit.id, provider=provider, segment=seg,
                                status="stocking" if stocking else "pending"))
         log(s, "unit_submitted", unit.job_id, unit=unit.id, provider=provider, segments=len(proof.segments),
@@ -421,6 +424,13 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
         rt.enqueue("gridmint.stock_canaries", [body.unit_id])
     if not picks:
         rt.enqueue("gridmint.advance", [job_id])
+
+
+def _shuffled(items: list[int]) -> list[int]:
+    """``items`` in an order no one can predict (the system's CSPRNG)."""
+    out = list(items)
+    secrets.SystemRandom().shuffle(out)
+    return out
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
@@ -580,8 +590,11 @@ def sweep(rt: Runtime) -> dict[str, int]:
         ready = list(s.scalars(select(Job.id).join(Unit, (Unit.job_id == Job.id) & (Unit.round == Job.round))
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status.in_(settlement.SETTLING))))
+        # (not those a stocking step holds: its claim lapses after STOCK_LEASE_S, the worker gone)
         unstocked = list(s.scalars(select(Verification.unit_id).where(
-            Verification.status == "stocking", Verification.created_at < now_s() - STOCK_LOST_S).distinct()))
+            Verification.status == "stocking", Verification.created_at < now_s() - STOCK_LOST_S,
+            or_(Verification.heartbeat_at.is_(None),
+                Verification.heartbeat_at < now_s() - STOCK_LEASE_S)).distinct()))
     for u in unstocked:
         rt.enqueue("gridmint.stock_canaries", [u])
     for v, build, fallen_back in disputes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import itertools
 import math
 
 import pytest
@@ -301,6 +302,26 @@ def test_canaries_are_stocked_at_a_multiple_of_the_rate_and_planted_so_the_rate_
     odds = canary.plant_odds(Fraction(1, 50), {"share": str(share)})
     assert share * odds == Fraction(1, 50)  # stocked and then drawn: the rate, however the two split it
     assert canary.plant_odds(1, {"share": str(share)}) == 1 and canary.plant_odds(0, {"share": str(share)}) == 0
+
+
+def test_a_canary_the_rules_allow_less_often_is_planted_more_often_when_they_do() -> None:
+    """A canary of a segment is allowed only if none of the unit's other checks that tell it went out before it (to
+    anyone): in a random queue order, 1 in 1 + their number. It is planted that many times likelier when allowed."""
+    from fractions import Fraction
+
+    rate = Fraction(1, 50)
+    share = canary.stock_share(rate)
+    retrained = {"share": str(share), "telling": [1, 2], "checked": [0, 1, 2, 5]}  # told by 2's check too
+    assert canary.plant_odds(rate, retrained, 1) == 2 * rate / share
+    assert canary.plant_odds(rate, {**retrained, "checked": [1, 5]}, 1) == rate / share  # 2 is not checked
+    forward = {"share": str(share), "telling": [3, 4, 5], "checked": [0, 3, 4, 5]}
+    assert canary.plant_odds(rate, forward, 3) == 3 * rate / share
+    assert canary.plant_odds(rate, {"share": str(share)}, 3) == rate / share  # stocked before ``checked``
+    assert canary.plant_odds(Fraction(1, 5), forward, 3) == 1  # (at most sure)
+    # the odds that the rules allow it, times the odds it is planted then: the rate, in a random order of the checks
+    orders = list(itertools.permutations(forward["checked"]))
+    allowed = Fraction(sum(o.index(3) < min(o.index(t) for t in (4, 5)) for o in orders), len(orders))
+    assert allowed * share * canary.plant_odds(rate, forward, 3) == rate
 
 
 def test_a_last_segment_borrows_the_update_before_it(unit: UnitResult, store: BlobStore,

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier
 from node.agent import AgentConfig, ProviderAgent
@@ -714,6 +715,24 @@ def _submitted(market, job_id: str, agents: list[ProviderAgent], n: int) -> None
     _stocked(market)
 
 
+def _stocking_kept(market, monkeypatch) -> tuple[list[list[str]], Any]:
+    """The stocking step's sends kept in a list, not sent (a broker away when the result came in, or a step the test
+    runs itself); and the market's own send, to put back."""
+    send, kept = market.rt.enqueue, []
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: kept.append(args)
+                        if name == "gridmint.stock_canaries" else send(name, args, queue))
+    return kept, send
+
+
+@pytest.fixture
+def segments_in_order(monkeypatch) -> None:
+    """A unit's checks queued (so handed out) in segment order, for the tests that script which segment each verifier
+    gets; the market queues them in a random order (service._shuffled)."""
+    from marketplace import service
+
+    monkeypatch.setattr(service, "_shuffled", list)
+
+
 def _handed_in(market, job_id: str, agents: list[ProviderAgent], n: int) -> list[str]:
     """Let the providers train until ``n`` units of the job are submitted; their ids."""
     deadline = time.monotonic() + 120
@@ -836,9 +855,7 @@ def test_checks_go_out_when_their_canaries_cannot_be_forged_or_the_stocking_step
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     verifier = staked_verifier(market, tmp_path, "verifier")
     market.rt.settings.canary_rate = 1.0
-    send, lost = market.rt.enqueue, []
-    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
-                        if name == "gridmint.stock_canaries" else send(name, args, queue))
+    lost, send = _stocking_kept(market, monkeypatch)
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
     job_id = submit_job(market, spec)
@@ -859,6 +876,75 @@ def test_checks_go_out_when_their_canaries_cannot_be_forged_or_the_stocking_step
     assert any("could not be forged" in r.getMessage() for r in caplog.records)
     drive(market, [honest], verifier, job_id)  # real checks only: passed, the job settles
     assert {v.status for v in _rows(market, unit_id=unit_id)} == {"passed"}
+
+
+def test_a_units_checks_go_out_in_an_order_no_one_can_predict(market, tmp_path: Path) -> None:
+    """A unit's checks are queued, and so handed out, in a random order, not by segment: a ring of verifiers seeing
+    one segment's check go out before an earlier one's learns nothing (had it been segment order, the earlier one
+    held back would tell a canary out with another verifier: checking.next_verification)."""
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=40, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    [unit_id] = _handed_in(market, job_id, [honest], 1)
+    queued = [v.segment for v in _rows(market, unit_id=unit_id)]  # by id: the queue's order
+    # every segment once; in segment order with odds 1/8! = 1/40,320
+    assert sorted(queued) == list(range(8)) and queued != sorted(queued)
+    handed = []
+    while (task := verifier.client.next_verification()) is not None:
+        handed.append(int(task["segment"]))
+        with market.rt.sessions.begin() as s:  # answered (what the verdict says is not this test's business)
+            s.execute(update(Verification).where(Verification.id == task["verification_id"]).values(status="passed"))
+    assert handed == queued
+    listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]  # the customer's view: by segment
+    assert [v["segment"] for v in listed] == list(range(8)) and {v["status"] for v in listed} == {"passed"}
+
+
+def test_a_stocking_step_claims_its_units_checks_so_a_duplicate_forges_nothing(market, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Two stocking steps of one unit (the sweep re-sent it while the first was queued behind others): the one that
+    runs while the other forges finds the checks claimed and forges nothing; a claim whose worker was killed
+    mid-forgery holds the sweep off until it lapses (``STOCK_LEASE_S``), then the sweep's step takes it over."""
+    from marketplace import canary, checking, service
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    market.rt.settings.canary_rate = 1.0
+    queued, _ = _stocking_kept(market, monkeypatch)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=15, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    [unit_id] = _handed_in(market, submit_job(market, spec), [honest], 1)
+    assert queued == [[unit_id]]
+    stock, calls, duplicate = canary.stock, [], []
+
+    def killed(*args, **kw):  # the worker dies mid-forgery (not an error the step catches)
+        calls.append("killed")
+        raise SystemExit("worker killed")
+
+    monkeypatch.setattr(canary, "stock", killed)
+    with pytest.raises(SystemExit):
+        checking.stock_canaries(market.rt, unit_id)
+    rows = _rows(market, unit_id=unit_id)
+    assert {v.status for v in rows} == {"stocking"} and all(v.heartbeat_at for v in rows)  # claimed
+    monkeypatch.setattr(service, "STOCK_LOST_S", 0)
+    time.sleep(1.1)
+    assert service.sweep(market.rt)["stock_canaries"] == 0  # claimed: not lost yet
+    with market.rt.sessions.begin() as s:  # the claim lapses (time passes)
+        s.execute(update(Verification).where(Verification.unit_id == unit_id)
+                  .values(heartbeat_at=Verification.heartbeat_at - checking.STOCK_LEASE_S - 1))
+    assert service.sweep(market.rt)["stock_canaries"] == 1 and queued == [[unit_id], [unit_id]]
+
+    def forging(*args, **kw):  # while this step forges, its duplicate runs
+        calls.append("forged")
+        duplicate.append(checking.stock_canaries(market.rt, unit_id))
+        return stock(*args, **kw)
+
+    monkeypatch.setattr(canary, "stock", forging)
+    assert checking.stock_canaries(market.rt, unit_id) == 3
+    assert calls == ["killed", "forged"] and duplicate == [0]  # the duplicate forged nothing
+    rows = _rows(market, unit_id=unit_id)
+    assert [(v.status, v.heartbeat_at, v.decoy is not None) for v in rows] == [("pending", None, True)] * 3
+    assert checking.stock_canaries(market.rt, unit_id) == 0 and calls == ["killed", "forged"]  # nothing left
 
 
 def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
@@ -998,7 +1084,7 @@ class _CrossCheckingLazyVerifier:
         return self.agent.verify_once()  # the same task again (one at a time): replayed for real
 
 
-def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(market, tmp_path: Path,
+def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(market, segments_in_order, tmp_path: Path,
                                                                            monkeypatch) -> None:
     """A verifier handed several segments of one unit replays the first and compares the others with what it saw:
     a task shows only its own segment's claim (no Merkle root or neighbour's hash), and a canary is never planted
@@ -1030,7 +1116,8 @@ def test_a_lazy_verifier_comparing_its_tasks_of_a_unit_cannot_tell_a_canary(mark
     assert lazy.replays >= 1 and answers
 
 
-def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, tmp_path: Path, monkeypatch) -> None:
+def test_no_canary_of_a_segment_whose_end_the_verifier_was_shown(market, segments_in_order,
+                                                                 tmp_path: Path, monkeypatch) -> None:
     """Tasks come back out of order (one abandoned by another verifier is reaped and handed out again): a verifier
     that was handed segment 1 knows the state segment 0 truly ends in, so segment 0 is not planted for it — the
     first canary drawn for it is of a later segment, which it cannot tell, approves, and is benched for."""
@@ -1078,7 +1165,8 @@ def _one_unit_of_four_segments(market, honest: ProviderAgent) -> str:
     return job_id
 
 
-def test_no_canary_of_a_segment_whose_end_another_verifier_was_shown(market, tmp_path: Path, monkeypatch) -> None:
+def test_no_canary_of_a_segment_whose_end_another_verifier_was_shown(market, segments_in_order,
+                                                                     tmp_path: Path, monkeypatch) -> None:
     """Two lazy verifiers compare notes. One was handed segment 1 (and replayed it): it knows where segment 0 truly
     ends, so a canary of segment 0 is planted for neither; the first canary the other gets is of a segment neither
     was shown anything that tells, which it approves and is benched for."""
@@ -1105,8 +1193,8 @@ def test_no_canary_of_a_segment_whose_end_another_verifier_was_shown(market, tmp
         assert s.get(Verifier, x.agent.account.address).status == "benched"
 
 
-def test_what_tells_a_canary_out_is_handed_to_no_other_verifier_until_it_is_answered(market, tmp_path: Path,
-                                                                                      monkeypatch) -> None:
+def test_what_tells_a_canary_out_is_handed_to_no_other_verifier_until_it_is_answered(
+        market, segments_in_order, tmp_path: Path, monkeypatch) -> None:
     """While a canary of segment 0 is out, segment 1's check (it starts at the true end) is handed to no other
     verifier: a lazy pair comparing notes learns nothing that tells it, and the one holding the canary approves it
     and is benched. Once it is answered, segment 1 goes out."""
@@ -1228,7 +1316,31 @@ def test_the_last_segment_of_a_rounds_only_unit_can_be_a_canary(market, tmp_path
     assert {v.status for v in _rows(market) if v.canary is None} == {"passed"}
 
 
-def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market, tmp_path: Path, monkeypatch) -> None:
+def test_a_canary_the_hand_out_order_may_forbid_is_planted_likelier_where_allowed(market, segments_in_order,
+                                                                                  tmp_path: Path, monkeypatch) -> None:
+    """A canary of segment 0 is allowed only if segment 1's check (which tells it) is not handed out before it: half
+    the time in a random order. Where it is allowed it is planted twice as likely, so the rate set holds: at rate
+    1/2, with every check stocked, the first check handed out is a canary for sure (canary.plant_odds)."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    market.rt.settings.canary_rate = 0.5  # (stocked at 4x, at most all: every check has a decoy)
+    _submitted(market, submit_job(market, spec), [honest], 1)
+    decoys = {v.segment: v.decoy for v in _rows(market, status="pending")}
+    assert {seg: (d["telling"], d["checked"]) for seg, d in decoys.items()} == {
+        0: ([0, 1], [0, 1, 2, 3]), 1: ([1, 2], [0, 1, 2, 3]), 2: ([2, 3], [0, 1, 2, 3]), 3: ([3], [0, 1, 2, 3])}
+    drawn, real_draw = [], canary.draw
+    monkeypatch.setattr(canary, "draw", lambda odds: drawn.append(odds) or real_draw(odds))
+    task = verifier.client.next_verification()
+    assert task["segment"] == 0 and drawn == [1]  # 1/2 x (1 + segment 1's check)
+    assert _rows(market, id=task["verification_id"])[0].canary is not None
+
+
+def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market, segments_in_order,
+                                                                         tmp_path: Path, monkeypatch) -> None:
     """A canary trained again from its segment's start (the default job's way, canary.retrainable) is made of
     nothing else: the last segment of a round's only unit is one too, and a verifier that was handed every segment
     before it still gets it; an honest one replays it and flags it, a lazy one approves it and is benched."""
@@ -1263,7 +1375,8 @@ def test_a_retrained_canary_is_told_by_its_own_segment_and_the_next_only(market,
         assert s.get(Verifier, lazy.account.address).status == "benched"
 
 
-def test_a_bf16_canary_is_the_retrained_variant_for_a_verifier_on_the_units_own_plan(market, tmp_path: Path) -> None:
+def test_a_bf16_canary_is_the_retrained_variant_for_a_verifier_on_the_units_own_plan(market, segments_in_order,
+                                                                                     tmp_path: Path) -> None:
     """A bf16 job's decoys are made up elementwise, each with a retrained variant beside it (canary.for_verifier): a
     verifier that replays the unit's plan bit for bit is planted the retrained one, one on another plan the other."""
     from node.crosscheck import Plan
@@ -1284,7 +1397,8 @@ def test_a_bf16_canary_is_the_retrained_variant_for_a_verifier_on_the_units_own_
         assert row.status == "canary_missed" and row.canary["end_blob"] == want["end_blob"], agent.plan
 
 
-def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, tmp_path: Path, monkeypatch) -> None:
+def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, segments_in_order,
+                                                                        tmp_path: Path, monkeypatch) -> None:
     """A provider that fakes a segment can shape the claims its canary is forged from so that the forgery lies a hair
     (1e-6) from the segment's true end: inside the tolerance of an honest verifier on another plan, which approves
     it, yet not the bits the referee's replay ends in. The referee found the forged claim wrong and slashed the
@@ -1327,8 +1441,8 @@ def test_a_canary_forged_from_a_claim_that_does_not_hold_proves_nothing(market, 
         assert s.get(Verifier, approver.account.address).status == "active"
 
 
-def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(market, tmp_path: Path,
-                                                                                     monkeypatch) -> None:
+def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_redone(
+        market, segments_in_order, tmp_path: Path, monkeypatch) -> None:
     """A staked verifier that approves without replaying passes two real checks, then a planted known-bad segment:
     it is benched (refused from then on), its whole stake goes to the treasury on chain (once, however often the
     step runs), and the two checks it passed are done again by an honest verifier before the unit is paid."""
