@@ -182,8 +182,9 @@ def plant_odds(rate: float | Fraction, decoy: dict[str, Any], seg: int | None = 
     Those odds: a canary of ``seg`` is allowed only while no other check of the unit among its :func:`telling`
     segments was handed out before it, to anyone; a unit's checks go out in a random order, so that is 1 in
     1 + (how many of them the unit has: the decoy's ``checked``, its unit's checks when stocked). Under full
-    verification (every segment checked, each canary told by the next) half of all hand-outs are allowed: without
-    this, half the rate set was planted. (A decoy stocked before ``checked`` was kept: taken as allowed always.)"""
+    verification (every segment checked, each retrained canary told by the next but the last segment's) about half
+    the hand-outs are allowed: without this, 0.60-0.65 of the rate set was planted (``gridmint bench planting``).
+    (A decoy stocked before ``checked`` was kept: taken as allowed always.)"""
     share = Fraction(decoy.get("share", "1"))
     if share <= 0:
         return Fraction(0)

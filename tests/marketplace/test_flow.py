@@ -1254,7 +1254,7 @@ def _missed_when_first(market, lazy: VerifierAgent, check_id: int) -> None:
 
 
 def test_a_last_segment_canary_is_forged_from_another_unit_of_the_round_for_verifiers_who_never_saw_it(
-        market, tmp_path: Path, monkeypatch) -> None:
+        market, segments_in_order, tmp_path: Path, monkeypatch) -> None:
     """The last segment of a unit of two segments has nothing further on, nor moments a segment before its start, to
     forge from: its canary ends in the final state of another unit of the round handed in before (the same model, as
     long trained, on another shard). A verifier that was handed any of that unit's segments could know that state,
@@ -1496,7 +1496,8 @@ def test_a_lazy_verifier_is_caught_by_a_canary_benched_slashed_and_its_checks_re
     assert [e.provider for e in entries] == [honest.account.address]
 
 
-def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_redone(market, tmp_path: Path) -> None:
+def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_redone(market, segments_in_order,
+                                                                                    tmp_path: Path) -> None:
     """A lazy verifier passed a check of provider A's claim; A was then slashed over another segment and a standby B
     re-submitted the unit. When a canary benched the lazy verifier, that old pass went back to the queue: an honest
     verifier replayed B's claim for a check naming A, and was never paid for it (only checks of the unit's current
@@ -1522,6 +1523,7 @@ def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_red
     answers = []
     while not _events(market, "verifier_benched"):
         answers.append(lazy.verify_once())
+        assert None not in answers, "the lazy verifier ran out of tasks without a canary"
     market.rt.settings.canary_rate = 0.0
     assert answers and set(answers) == {"ok"}
     assert _events(market, "verifier_benched")[0]["rechecks"] == len(answers) - 1  # not A's stale pass
