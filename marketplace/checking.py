@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -151,6 +151,12 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
 STOCK_LEASE_S = 120
 
 
+def stock_unclaimed(now: int) -> ColumnElement[bool]:
+    """A check no stocking step holds at ``now``: never claimed, or its claim lapsed (:data:`STOCK_LEASE_S`). What a
+    step may claim, and what the sweep sends a step again for (``service.sweep``)."""
+    return or_(Verification.heartbeat_at.is_(None), Verification.heartbeat_at < now - STOCK_LEASE_S)
+
+
 def stock_canaries(rt: Runtime, unit_id: str) -> int:
     """The step after a result is accepted (Celery ``gridmint.stock_canaries``): forge the canaries of a share of unit
     ``unit_id``'s checks (:func:`marketplace.canary.stock`; the default job's retrained one costs 0.4-0.7 s, which
@@ -173,9 +179,7 @@ def stock_canaries(rt: Runtime, unit_id: str) -> int:
         # conditional: of two steps claiming at once, the second finds the checks claimed (or let out) and leaves
         if not s.execute(update(Verification).where(
                 Verification.unit_id == unit_id, Verification.provider == unit.provider,
-                Verification.status == "stocking",
-                or_(Verification.heartbeat_at.is_(None), Verification.heartbeat_at < now - STOCK_LEASE_S))
-                .values(heartbeat_at=now)).rowcount:
+                Verification.status == "stocking", stock_unclaimed(now)).values(heartbeat_at=now)).rowcount:
             return 0
         waiting = sorted(s.scalars(select(Verification.segment).where(
             Verification.unit_id == unit_id, Verification.provider == unit.provider,

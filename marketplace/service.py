@@ -12,13 +12,13 @@ import secrets
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, exists, func, or_, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, cancellation, matching, referee, settlement, standby
-from marketplace.checking import (STOCK_LEASE_S, benched_message, maybe_verified, pools_away, retire_canary,
-                                  run_referee)
+from marketplace.checking import (benched_message, maybe_verified, pools_away, retire_canary, run_referee,
+                                  stock_unclaimed)
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
                                 unit_id_for, unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
@@ -591,10 +591,10 @@ def sweep(rt: Runtime) -> dict[str, int]:
                                .where(Job.status == "running").group_by(Job.id).having(unverified == 0)))
         done = list(s.scalars(select(Job.id).where(Job.status.in_(settlement.SETTLING))))
         # (not those a stocking step holds: its claim lapses after STOCK_LEASE_S, the worker gone)
+        now = now_s()
         unstocked = list(s.scalars(select(Verification.unit_id).where(
-            Verification.status == "stocking", Verification.created_at < now_s() - STOCK_LOST_S,
-            or_(Verification.heartbeat_at.is_(None),
-                Verification.heartbeat_at < now_s() - STOCK_LEASE_S)).distinct()))
+            Verification.status == "stocking", Verification.created_at < now - STOCK_LOST_S,
+            stock_unclaimed(now)).distinct()))
     for u in unstocked:
         rt.enqueue("gridmint.stock_canaries", [u])
     for v, build, fallen_back in disputes:
