@@ -785,11 +785,14 @@ def decoy_ending(spec: UnitSpec, proof: TrainingProof, seg: int, end: dict, blob
 def _every_check_a_canary(market, monkeypatch, forge, providers: list[ProviderAgent]) -> tuple[str, list[list]]:
     """A full-replay job of one unit of four segments, submitted by ``providers``, every check of it stocked with the
     canary ``forge`` makes (planted when handed out: canary rate 1); the referee's rulings on missed canaries are held
-    back in the list returned with the job id."""
-    from marketplace import canary
+    back in the list returned with the job id. Its checks are queued in segment order (segments_in_order): a test
+    scripts which segment each verifier gets, and a canary is planted only where no other verifier was handed what
+    tells it."""
+    from marketplace import canary, service
 
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2),
                    verification="full")
+    monkeypatch.setattr(service, "_shuffled", list)
     monkeypatch.setattr(canary, "forge", forge)
     market.rt.settings.canary_rate = 1.0
     job_id = submit_job(market, spec)
@@ -1538,8 +1541,8 @@ def test_a_benched_verifiers_pass_on_a_claim_the_unit_no_longer_holds_is_not_red
     assert done and done <= paid  # every check careful did of B's claim is paid
 
 
-def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_its_place(market, tmp_path: Path,
-                                                                                             monkeypatch) -> None:
+def test_a_canary_a_replay_reaches_is_void_and_its_approver_keeps_its_stake_and_its_place(
+        market, segments_in_order, tmp_path: Path, monkeypatch) -> None:
     """A provider shapes the states a canary is forged from (its own claims further on), so a "forgery" could be one
     a replay reaches. The honest verifier that approves it is not slashed: the referee replays the segment before
     any slash, finds the claim right, voids the canary and puts the verifier back to work."""
