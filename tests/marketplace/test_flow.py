@@ -950,7 +950,8 @@ def test_a_stocking_step_claims_its_units_checks_so_a_duplicate_forges_nothing(m
     assert checking.stock_canaries(market.rt, unit_id) == 0 and calls == ["killed", "forged"]  # nothing left
 
 
-def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, tmp_path: Path) -> None:
+def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, segments_in_order,
+                                                                      tmp_path: Path) -> None:
     """Planted known-bad segments (marketplace.canary) mixed into an honest verifier's tasks: it flags every one
     with a signed accusation that is never relayed (no stake moves, the provider is not touched), a canary it
     abandons is voided, the real check each canary stood in for is done all the same, and the job settles as
