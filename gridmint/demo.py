@@ -208,11 +208,13 @@ class Demo:
         elif k == "segment_disputed":
             out(f"  [red]verifier disputes[/] {self.name(ev['provider'])}'s unit {ev['unit'][:10]} segment {ev['segment']}")
         elif k == "provider_slashed":
-            how = ("the verifier's signed accusation, upheld by the referee" if ev.get("path") == "fraud-proof"
-                   else "governance slash")
+            how = {"fraud-proof": "the verifier's signed accusation, upheld by the referee",
+                   "audit": "the referee's audit of a verifier's pass"}.get(ev.get("path", ""), "governance slash")
             out(f"  [bold red]SLASHED[/] {self.name(ev['provider'])}: referee replay of segment {ev['segment']} gives "
                 f"{ev['replayed'][:12]}.., committed {ev['claimed'][:12]}..; {_fmt(int(ev['amount']))} stake taken via "
                 f"{how}; unit goes back to the pool")
+        elif k == "audit_passed":
+            out(f"  referee audits the pass of unit {ev['unit'][:10]} segment {ev['segment']}: it replays bit for bit")
         elif k == "false_accusation":
             out(f"  [yellow]referee overrules the verifier[/] on unit {ev['unit'][:10]}")
         elif k == "reveal_requested":

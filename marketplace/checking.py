@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from eth_utils import keccak
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -370,7 +371,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         ver = s.get(Verifier, verifier)
         assert ver is not None
         ver.checked += 1
-        planted, job_id, build = task.canary is not None, "", unit.build
+        planted, job_id, build, audited = task.canary is not None, "", unit.build, False
         task.verdict_at = now_s()
         if planted:  # never adjudicated, never relayed: the provider never made this claim
             task.status = "canary_missed" if body.ok else "canary_flagged"
@@ -380,8 +381,14 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             else:
                 log(s, "canary_flagged", verification=task.id, verifier=verifier)
         elif body.ok:
-            task.status = "passed"
-            log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier)
+            # now and then the referee replays the pass itself before the unit is paid (audit_check): what a verifier
+            # colluding with the provider cannot tell from an unaudited pass, as it could a canary
+            audited = (rt.settings.audit_rate > 0
+                       and _referee_exact(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
+                       and canary.draw(rt.settings.audit_rate))
+            task.status = "auditing" if audited else "passed"
+            log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
+                audited=audited)
             maybe_verified(s, unit)
             job_id = unit.job_id
         else:
@@ -392,7 +399,9 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         if body.ok:
             rt.enqueue("gridmint.punish_verifier", [body.verification_id])
         return "passed" if body.ok else "disputed"  # the words a real task gets: a canary stays a canary
-    if body.ok:
+    if audited:
+        rt.enqueue("gridmint.audit_check", [body.verification_id], queue=rt.referee_queue(build or ""))
+    elif body.ok:
         rt.enqueue("gridmint.advance", [job_id])
     else:
         run_referee(rt, body.verification_id, build)
@@ -682,23 +691,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return task.status
         task.status = "fraud"
         task.slash_tx = "0x" + evidence.hex()
-        prov = s.get(Provider, provider)
-        assert prov is not None
-        after = rt.contracts.stake_state(provider)
-        prov.status, prov.stake = "slashed", after.staked
+        after = _convicted(rt, s, provider)
         ver = s.get(Verifier, verifier)
         if ver is not None:
             ver.fraud_found += 1
-        # every unit of this provider not yet verified goes back to the pool, with the cheat excluded
-        # (each conditionally, ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby)
-        for u in list(s.scalars(select(Unit).where(Unit.provider == provider,
-                                                   Unit.status.in_(["assigned", "submitted"])))):
-            if not take_back(s, u.id, provider, ("assigned", "submitted"),
-                             excluded=sorted(set(u.excluded or []) | {provider})):
-                continue
-            for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
-                                                               Verification.status.in_(OPEN_CHECKS))):
-                other.status = "void"  # canaries too (take_back voided the provider's own real checks)
         # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
         log(s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
             provider=provider, verifier=verifier,
@@ -706,6 +702,115 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"
+
+
+def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
+    """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
+    slashed, and every unit of it not yet verified goes back to the pool with it excluded (each conditionally,
+    ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void.
+    Returns its stake state on chain after the slash."""
+    prov = s.get(Provider, provider)
+    assert prov is not None
+    after = rt.contracts.stake_state(provider)
+    prov.status, prov.stake = "slashed", after.staked
+    for u in list(s.scalars(select(Unit).where(Unit.provider == provider,
+                                               Unit.status.in_(["assigned", "submitted"])))):
+        if not take_back(s, u.id, provider, ("assigned", "submitted"),
+                         excluded=sorted(set(u.excluded or []) | {provider})):
+            continue
+        for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
+                                                           Verification.status.in_(OPEN_CHECKS))):
+            other.status = "void"  # canaries too (take_back voided the provider's own real checks)
+    return after
+
+
+#: An audit not done this long after the verdict it audits was lost (a broker away when it was sent, a worker killed
+#: mid-replay): the sweep sends it again (a duplicate of one still queued finds the check audited: audit_check)
+AUDIT_LOST_S = 300
+
+
+def audit_evidence(verification_id: int, verifier: str) -> bytes:
+    """The on-chain evidence id of "``verifier`` passed check ``verification_id``, whose claim the referee's audit
+    proved false" (its stake's slash, once)."""
+    return keccak(b"GridMint/audit/v1" + verification_id.to_bytes(32, "big") + bytes.fromhex(verifier[2:]))
+
+
+def audit_check(rt: Runtime, verification_id: int) -> str:
+    """The referee's own replay of a check a verifier passed (``auditing``: drawn at ``settings.audit_rate`` of the
+    passes, on work the referee replays bit for bit), before the unit is paid. The claim holds: the check is passed
+    (the unit is credited once its every check is). It does not: the provider loses its whole stake to the treasury
+    (a governance slash under the segment's fraud evidence, so a verifier's dispute of it could not slash twice), its
+    units not yet verified go back to the pool; the verifier earns nothing for the check, and one that replayed on
+    the unit's own plan and kernels (its pass asserted the very bits the referee did not get) is benched and loses
+    its whole stake too (its other passes on units not yet paid are redone). A verifier on another plan passed
+    within its tolerance: the overruled pass is counted against it (``wrong``), nothing more.
+
+    The pass of a lazy verifier is caught by canaries, which a verifier colluding with the unit's provider tells
+    apart (the provider knows every true state); an audit it cannot: the audited task was the real one. Idempotent:
+    each chain step is checked first, and the check leaves ``auditing`` once."""
+    with rt.sessions() as s:
+        task = s.get(Verification, verification_id)
+        if task is None or task.status != "auditing":
+            return task.status if task else "missing"
+        unit = s.get(Unit, task.unit_id)
+        assert unit is not None and unit.proof is not None
+        job = s.get(Job, unit.job_id)
+        assert job is not None and task.verifier is not None
+        spec, proof, seg, plan = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment, \
+            Plan.parse(unit.plan or PROVIDER_PLAN.label)
+        start, end, build = unit.segment_blobs[seg], _end_blob(unit, seg), unit.build or ""
+        provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
+        ver = s.get(Verifier, verifier)
+        same_bits = ver is not None and Plan.parse(ver.plan) == plan and (ver.build or "") == build != ""
+    ruling = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), {},
+                          lambda _: "", None, rt.referee_plans(here=True, build=build), build)
+    if not ruling.fraud:  # holds (None: not replayable here bit for bit, which the draw rules out: let it pass)
+        with rt.sessions.begin() as s:
+            task = s.get(Verification, verification_id)
+            assert task is not None
+            if task.status != "auditing":  # a concurrent run of this step got here first
+                return task.status
+            task.status = "passed"
+            unit = s.get(Unit, task.unit_id)
+            assert unit is not None
+            log(s, "audit_passed", job_id, unit=unit_id, segment=seg, verifier=verifier,
+                reason=ruling.reason if ruling.fraud is False else f"not replayable here bit for bit: {ruling.reason}")
+            maybe_verified(s, unit)
+        rt.enqueue("gridmint.advance", [job_id])
+        return "passed"
+    treasury = rt.contracts.deployment.treasury
+    evidence, ver_evidence = verification.fraud_evidence(unit_id, seg, provider), audit_evidence(verification_id,
+                                                                                                   verifier)
+    st = rt.contracts.stake_state(provider)
+    before = st.staked + st.unbonding
+    if before > 0 and not rt.contracts.evidence_used(evidence):
+        rt.contracts.slash(provider, before, treasury, evidence)
+    ver_lost = 0
+    if same_bits:
+        vst = rt.contracts.stake_state(verifier)
+        if vst.staked + vst.unbonding > 0 and not rt.contracts.evidence_used(ver_evidence):
+            rt.contracts.slash(verifier, vst.staked + vst.unbonding, treasury, ver_evidence)
+            ver_lost = vst.staked + vst.unbonding
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        assert task is not None
+        if task.status != "auditing":  # a concurrent run of this step got here first
+            return task.status
+        task.status, task.slash_tx = "audit_failed", "0x" + evidence.hex()
+        after = _convicted(rt, s, provider)
+        log(s, "provider_slashed" if before else "fraud_confirmed", job_id, unit=task.unit_id, segment=seg,
+            provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
+            claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit")
+        ver = s.get(Verifier, verifier)
+        if ver is not None:
+            ver.wrong += 1
+            if same_bits:
+                _bench(s, ver, task, f"it passed a claim the referee's audit proved false, replayed on the unit's "
+                                     f"own plan and kernels (verification {task.id})")
+                log(s, "verifier_slashed", verifier=verifier, verification=verification_id, amount=str(ver_lost),
+                    evidence="0x" + ver_evidence.hex())
+    rt.enqueue("gridmint.match", [])
+    return "audit_failed"
 
 
 def _dismiss_moved(rt: Runtime, verification_id: int) -> str:

@@ -34,8 +34,9 @@ def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
 
 
 #: A provider's checks of a unit that are still open: voided once the unit leaves it (a check judges its result only).
-#: ``stocking``: queued, waiting for its unit's canaries to be forged (checking.stock_canaries) before any is handed out
-OPEN_CHECKS = ("stocking", "pending", "assigned", "held")
+#: ``stocking``: queued, waiting for its unit's canaries to be forged (checking.stock_canaries) before any is handed out;
+#: ``auditing``: passed by its verifier, replayed by the referee before the unit is paid (checking.audit_check)
+OPEN_CHECKS = ("stocking", "pending", "assigned", "held", "auditing")
 
 
 def take_back(s: Session, unit_id: str, provider: str, statuses: Collection[str] = ("assigned",),

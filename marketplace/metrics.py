@@ -90,7 +90,8 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
         seen.add_metric([referee], t)
     checks = GaugeMetricFamily("gridmint_checks_open", "Checks not yet answered, by status: stocking (waiting for a "
                                "worker to forge the unit's canaries), pending (waiting for a verifier), assigned (out "
-                               "with a verifier, a canary too), held (a real check behind a canary out)",
+                               "with a verifier, a canary too), held (a real check behind a canary out), auditing "
+                               "(passed, waiting for the referee's audit replay)",
                                labels=["status"])
     for status, n in sorted(({s: 0 for s in OPEN_CHECKS} | snap.checks).items()):
         checks.add_metric([status], n)

@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, cancellation, matching, referee, settlement, standby
-from marketplace.checking import (benched_message, maybe_verified, pools_away, retire_canary, run_referee,
-                                  stock_unclaimed)
+from marketplace.checking import (AUDIT_LOST_S, benched_message, maybe_verified, pools_away, retire_canary,
+                                  run_referee, stock_unclaimed)
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
                                 unit_id_for, unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
@@ -575,6 +575,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
     the chain node was down, a broker restart): checks whose canaries are not stocked a while after their unit was
     handed in (:data:`STOCK_LOST_S`), disputes not yet adjudicated, verifiers caught by a canary not yet slashed,
+    passes whose audit is not done a while after the verdict (``checking.AUDIT_LOST_S``),
     rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
@@ -595,19 +596,24 @@ def sweep(rt: Runtime) -> dict[str, int]:
         unstocked = list(s.scalars(select(Verification.unit_id).where(
             Verification.status == "stocking", Verification.created_at < now - STOCK_LOST_S,
             stock_unclaimed(now)).distinct()))
+        audits = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+                                .where(Verification.status == "auditing",
+                                       Verification.verdict_at < now - AUDIT_LOST_S)))
     for u in unstocked:
         rt.enqueue("gridmint.stock_canaries", [u])
     for v, build, fallen_back in disputes:
         run_referee(rt, v, build, fallen_back)
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
+    for v, build in audits:
+        rt.enqueue("gridmint.audit_check", [v], queue=rt.referee_queue(build or ""))
     for j in ready:
         rt.enqueue("gridmint.advance", [j])
     done = [j for j in done if j not in cancelled]  # stop_cancelled queued their settlement
     for j in done:
         rt.enqueue("gridmint.settle", [j])
     return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done),
-            "cancelled": len(cancelled), "stock_canaries": len(unstocked)}
+            "cancelled": len(cancelled), "stock_canaries": len(unstocked), "audit_check": len(audits)}
 
 
 def reap(rt: Runtime) -> int:

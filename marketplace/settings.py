@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.money import tokens
 from protocol.schemas import KernelBuild
-from protocol.verification import CANARY_RATE
+from protocol.verification import AUDIT_RATE, CANARY_RATE
 
 
 #: ``provider_live_s`` by default: this many heartbeat deadlines (a provider's units are reaped after one) ...
@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # share of the verification tasks handed out that are planted known-bad segments (marketplace.canary): a verifier
     # that approves one is benched and slashed. A probability, not money; 0 plants none
     canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)
+    # share of the checks a verifier passed that the referee replays itself before the unit is paid (an audit:
+    # checking.audit_check), on work it replays bit for bit: a pass of a false claim costs the provider its whole stake
+    # and a verifier that replayed on the unit's own plan (its pass asserted the same bits) its own. What a verifier
+    # colluding with the provider cannot tell apart, as it can a canary (the provider knows its true states): at 0.1,
+    # cheating a unit through a friend loses 0.1 x the provider's stake on average. A probability; 0 audits none
+    audit_rate: float = Field(default=float(AUDIT_RATE), ge=0.0, le=1.0)
     # execution plans the referee replays bit for bit besides the providers' default "cpu" (comma-separated labels,
     # e.g. "cpu/mb2" or, on a machine with that GPU, "cuda:h200"; marketplace.referee.exact_plans): a segment trained
     # on one is judged by an exact replay, so a cheat hiding inside the honest drift between plans (float8 steps) is

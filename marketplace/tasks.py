@@ -94,6 +94,11 @@ def punish_verifier_task(verification_id: int) -> str:
     return checking.punish_verifier(get_runtime(), verification_id)
 
 
+@celery_app.task(name="gridmint.audit_check", **_CHAIN_RETRY)
+def audit_check_task(verification_id: int) -> str:
+    return checking.audit_check(get_runtime(), verification_id)
+
+
 @celery_app.task(name="gridmint.advance", **_CHAIN_RETRY)
 def advance_task(job_id: str) -> str:
     return service.advance(get_runtime(), job_id)
@@ -152,7 +157,7 @@ def enqueue(name: str, args: list[object], queue: str | None = None) -> None:
     A send fails at once on a broker that refuses connections, within ``BROKER_SOCKET_TIMEOUT_S`` (and half a second
     more for a pooled connection) on one that went silent; it is logged (a warning naming the task) and nothing is
     lost: the periodic sweep (service.sweep, every minute) queues each step that may be lost so again (advance,
-    settle, adjudicate, punish_verifier), and beat's schedule runs the others (match, reap, epoch) every few seconds
+    settle, adjudicate, punish_verifier, audit_check), and beat's schedule runs the others (match, reap, epoch) every few seconds
     whatever was sent."""
     try:
         celery_app.send_task(name, args=args, queue=queue)

@@ -72,6 +72,11 @@ UPDATE_OUTLIER_PICKS = 2
 #: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets
 #: its first canary within 228 tasks with probability 0.99, and loses its stake there.
 CANARY_RATE = Fraction(1, 50)
+#: Share of the passes (on work the referee replays bit for bit) that the referee replays itself before the unit is
+#: paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider, who tells canaries
+#: apart. It costs the operator this share of the verifiers' replays; a cheat whose every check goes to its friend
+#: is caught within 21 units with probability 1 - 0.9**21 = 0.89 (``gridmint bench proof``: colluding_caught_rate).
+AUDIT_RATE = Fraction(1, 10)
 
 
 def level_rate(level: str, consecutive_verified: int = 0) -> Fraction:

@@ -11,7 +11,10 @@ What runs (all real training and real replays on this machine; the trials only r
    caught if a challenge hits a failing segment before the provider has been paid for more units than its stake
    covers (pay follows verification, so that is within ``stake_units + 1`` units). The same trials again for a
    trusted host (``trusted``): sampled at half the rate, from the smallest stake at which the marketplace gives it
-   that discount on this unit shape (``protocol.verification.sampling_rate``).
+   that discount on this unit shape (``protocol.verification.sampling_rate``). And again with every check going to
+   a verifier colluding with the cheat (``colluding_caught_rate``): it passes them all and tells canaries apart, so
+   only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass) catches it; ``audit_cost_ratio``: the
+   referee's audit replays over the provider's compute.
 3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
    ``false_slash`` counts units with any failing segment.
 4. ``verify_cost_ratio``: compute (CPU seconds) of the standard-level verification of an honest unit of a default
@@ -39,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -293,15 +297,37 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         break
             return caught_trials / a.trials, round(units_caught / units_checked, 4)
 
+        def colluding(r: Any, h: int) -> tuple[float, float]:
+            # every check of the cheat's units goes to a verifier colluding with it (it passes them all, and tells
+            # the canaries apart: the provider knows every true state); only the referee's audit of a pass
+            # (vp.AUDIT_RATE of them, drawn per pass) replays it: caught where an audited pick fails
+            caught_trials, units_checked, units_caught = 0, 0, 0
+            for t in range(a.trials):
+                draw = random.Random(f"{name}/collude/{t}")
+                for u in range(h):
+                    spec, losses, verdicts, norms = units[(t + u) % len(units)]
+                    picks = vp.choose_challenges(spec.unit_id, losses, r, f"{name}/collude{t}/{u}".encode(), norms)
+                    units_checked += 1
+                    if any(draw.random() < vp.AUDIT_RATE and not verdicts[i] for i in picks):
+                        units_caught += 1
+                        caught_trials += 1
+                        break
+            return caught_trials / a.trials, round(units_caught / units_checked, 4)
+
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
+        collude_caught, collude_unit = colluding(rate, horizon)
         res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
                "caught_rate": caught, "unit_catch_rate": unit_catch, "trusted_caught_rate": trusted_caught,
+               "colluding_caught_rate": collude_caught, "colluding_unit_catch_rate": collude_unit,
                "build_s": round(time.perf_counter() - t0, 1)}
         out["adversaries"][name] = res
         log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
-            f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  ({res['build_s']} s)")
+            f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  with a colluding "
+            f"verifier (audits only) {collude_caught:.3f}  ({res['build_s']} s)")
     out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
+    out["audit_rate"] = float(vp.AUDIT_RATE)
+    out["colluding_min_caught_rate"] = min(r["colluding_caught_rate"] for r in out["adversaries"].values())
     out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
     log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
         f"caught rate there {out['trusted']['min_caught_rate']:.3f}")
@@ -399,6 +425,8 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["canaries_declined"] = declined  # segments marketplace.canary.forge stocks no canary for (none but the claim)
     # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
+    # the referee's audits: one replay of a segment per audited pass, on the operator's machines
+    out["audit_cost_ratio"] = round(out["verify_cost_ratio"] * float(vp.AUDIT_RATE), 4)
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
         f"honest verifier approved {approved} of {planted} forged canaries it replayed ({declined} declined); "

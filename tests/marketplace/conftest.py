@@ -87,7 +87,9 @@ def market(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> It
     ops = GridMintContracts(chain, deployment, operator)
     settings = Settings(data_dir=tmp_path / "market", min_stake=tokens(100), max_upload_bytes=2 * 1024 * 1024,
                         redis_url=redis_url, db_url=db_url,
-                        canary_rate=0.0)  # no planted known-bad tasks unless a test asks (test_flow's canary tests)
+                        # no planted known-bad tasks, nor the referee's audits of passes, unless a test asks
+                        # (test_flow's canary and audit tests)
+                        canary_rate=0.0, audit_rate=0.0)
     settings.data_dir.mkdir(parents=True)
     tasks.configure(redis_url)
     tasks.celery_app.connection_for_write().default_channel.client.flushdb()  # no tasks left from earlier tests

@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from marketplace import checking
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
+from marketplace.common import OPEN_CHECKS
 from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, make_engine, make_sessionmaker, now_s
 from marketplace.metrics import MarketCollector, MarketSnapshot, market_families
 from marketplace.runtime import Runtime
@@ -59,7 +60,7 @@ def test_families_fill_known_statuses_with_zero() -> None:
     assert fams["gridmint_payout_epoch_latest"].samples[0].value == 7
     assert {s.labels["referee"]: s.value for s in fams["gridmint_disputes_open"].samples} == {"default": 0}
     assert {s.labels["status"]: s.value for s in fams["gridmint_checks_open"].samples} == {
-        "stocking": 0, "pending": 0, "assigned": 0, "held": 0}
+        "stocking": 0, "pending": 0, "assigned": 0, "held": 0, "auditing": 0}
     assert fams["gridmint_checks_stocking_since_timestamp_seconds"].samples[0].value == 0
 
 
@@ -127,12 +128,13 @@ def test_market_gauges_follow_the_database(rt: Runtime) -> None:
         s.flush()
         # a unit's checks waiting for its canaries (the oldest queued 90 s ago), and others
         for segment, (status, queued) in enumerate([("stocking", now - 90), ("stocking", now - 5), ("pending", now),
-                                                    ("assigned", now), ("passed", now), ("held", now)]):
+                                                    ("assigned", now), ("passed", now), ("held", now),
+                                                    ("auditing", now)]):
             s.add(Verification(unit_id=f"0x{3:064x}", provider="0x" + "0" * 40, segment=segment, status=status,
                                created_at=queued))
     got = scrape(client)
-    assert {st: value(got, "gridmint_checks_open", status=st) for st in ("stocking", "pending", "assigned", "held")} \
-        == {"stocking": 2, "pending": 1, "assigned": 1, "held": 1}  # (a passed check is not open)
+    assert {st: value(got, "gridmint_checks_open", status=st) for st in OPEN_CHECKS} \
+        == {"stocking": 2, "pending": 1, "assigned": 1, "held": 1, "auditing": 1}  # (a passed check is not open)
     assert value(got, "gridmint_checks_stocking_since_timestamp_seconds") == now - 90
     assert value(got, "gridmint_units", status="pending") == 2
     assert value(got, "gridmint_units", status="assigned") == 1

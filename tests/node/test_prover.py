@@ -106,6 +106,11 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["false_slash"] == 0 and fig["honest_update_outliers"] == 0
     for whole in ("random_weights", "copied_weights", "replay_old"):  # every segment is wrong: any replay sees it
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
+        # through a colluding verifier, only the referee's audits of its passes catch it: some units, not all
+        assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 0.5
+        assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
+    assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
+    assert fig["audit_cost_ratio"] == round(fig["verify_cost_ratio"] * 0.1, 4)
     # 64 segments at the standard rate buy one challenge, drawn uniformly: a sparse cheat (5% of the segments) is
     # caught in about one unit of 16 at this size, which is why real units are long (the full-size bench shows them
     # caught); except a skipped step, whose segment's model did not move: an update outlier, replayed on top of the

@@ -1,0 +1,170 @@
+"""The referee's audits of passed checks (marketplace.checking.audit_check): a verifier colluding with the provider
+tells a canary apart (the provider knows every true state), but not an audited pass from another. Over real HTTP, a
+real Celery worker on Redis and the in-process EVM."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import select
+
+from marketplace import checking, service
+from marketplace.db import Event, LedgerEntry, Unit, Verification, Verifier
+from node.crosscheck import Plan
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import drive, job_status, provider, slashed, staked_verifier, submit_job
+
+#: one unit of two segments; the standard level checks one of them
+ONE_UNIT = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+
+
+def _checks(market, **where) -> list[Verification]:
+    with market.rt.sessions() as s:
+        q = select(Verification).where(Verification.canary.is_(None)).order_by(Verification.id)
+        for k, v in where.items():
+            q = q.where(getattr(Verification, k) == v)
+        return list(s.scalars(q))
+
+
+def _until(market, what: str, cond, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"not {what} in {timeout_s} s"
+        time.sleep(0.05)
+
+
+def _handed_in(market, agent, job_id: str) -> str:
+    """Let ``agent`` train until the job's unit is submitted; its id."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with market.rt.sessions() as s:
+            unit = s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.status == "submitted")).first()
+            if unit is not None:
+                return unit.id
+        agent.work_once()
+    raise AssertionError("the unit was not handed in")
+
+
+def _events(market, kind: str) -> list[dict]:
+    with market.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
+
+
+def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_whole_stakes(market,
+                                                                                            tmp_path: Path) -> None:
+    """A provider skipping half its steps and a verifier passing whatever it is handed (its friend's work: no canary
+    is planted here, as none would be on a colluder who tells them apart). The referee audits the pass: the claim
+    does not replay, so the provider loses its whole stake and the verifier, which replayed on the unit's own plan
+    (its pass asserted the bits the referee did not get), its own, both to the treasury; no bounty, no fee, no
+    pay. The unit goes to an honest provider, whose audited check passes, and the job settles."""
+    market.rt.settings.audit_rate = 1.0
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    treasury = market.deployment.treasury
+    supply_before = market.ops.total_supply()
+    job_id = submit_job(market, ONE_UNIT)
+    unit_id = _handed_in(market, cheat, job_id)
+    assert friend.verify_once() == "ok"  # the answer it gets is the one any pass gets
+    [check] = _checks(market, unit_id=unit_id)
+    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
+    assert slashed(market) == {cheat.account.address}
+    assert market.ops.stake_state(cheat.account.address).staked == 0
+    assert market.ops.stake_state(friend.account.address).staked == 0
+    assert market.ops.balance_of(treasury) == tokens(200) + tokens(100)  # the whole of both stakes
+    assert market.ops.balance_of(friend.account.address) == 0  # no bounty for a pass
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, friend.account.address)
+        assert ver.status == "benched" and f"(verification {check.id})" in ver.benched_for and ver.wrong == 1
+        unit = s.get(Unit, unit_id)
+        assert unit.status == "pending" and cheat.account.address in unit.excluded
+    [event] = _events(market, "provider_slashed")
+    assert event["path"] == "audit" and event["amount"] == str(tokens(200))
+    assert _events(market, "verifier_slashed")[0]["amount"] == str(tokens(100))
+    # a duplicate of the step (the sweep sent it again) does nothing twice
+    assert checking.audit_check(market.rt, check.id) == "audit_failed"
+    assert market.ops.balance_of(treasury) == tokens(300) and len(_events(market, "provider_slashed")) == 1
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    careful = staked_verifier(market, tmp_path, "careful")
+    drive(market, [cheat, honest], careful, job_id)
+    redone = [v for v in _checks(market, unit_id=unit_id) if v.id != check.id]
+    assert [v.status for v in redone] == ["passed"] and redone[0].provider == honest.account.address
+    assert _events(market, "audit_passed")  # the honest pass was audited too, and held
+    with market.rt.sessions() as s:
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    # the honest provider's pay and the careful verifier's fee; nothing to the cheat or its friend
+    assert {e.provider for e in entries} == {honest.account.address, careful.account.address}
+    assert market.ops.total_supply() == supply_before
+
+
+def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_sent_again(market, tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """An honest pass drawn for an audit: the unit is not paid while the referee has not replayed it (the job's page
+    says so); an audit whose send was lost (a broker away) is sent again by the sweep once ``AUDIT_LOST_S`` passed;
+    the referee's replay holds, the check passes, the unit is paid, the verifier earns its fee."""
+    market.rt.settings.audit_rate = 1.0
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    send, lost = market.rt.enqueue, []
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
+                        if name == "gridmint.audit_check" else send(name, args, queue))
+    job_id = submit_job(market, ONE_UNIT)
+    unit_id = _handed_in(market, honest, job_id)
+    assert verifier.verify_once() == "ok"
+    [check] = _checks(market, unit_id=unit_id)
+    assert check.status == "auditing" and lost == [[check.id]]
+    with market.rt.sessions() as s:
+        assert s.get(Unit, unit_id).status == "submitted"  # not paid yet
+    listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
+    assert [v["status"] for v in listed] == ["auditing"]
+    monkeypatch.setattr(market.rt, "enqueue", send)
+    assert service.sweep(market.rt)["audit_check"] == 0  # not given up on yet
+    monkeypatch.setattr(service, "AUDIT_LOST_S", 0)
+    time.sleep(1.1)
+    assert service.sweep(market.rt)["audit_check"] == 1
+    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "passed")
+    drive(market, [honest], verifier, job_id)
+    assert job_status(market, job_id) == "settled" and not slashed(market)
+    with market.rt.sessions() as s:
+        assert s.get(Unit, unit_id).status == "verified"
+        fees = list(s.scalars(select(LedgerEntry).where(LedgerEntry.provider == verifier.account.address)))
+    assert len(fees) == 1 and market.ops.stake_state(verifier.account.address).staked == tokens(100)
+    assert checking.audit_check(market.rt, check.id) == "passed"  # a duplicate: nothing twice
+    assert len(_events(market, "audit_passed")) == 1
+
+
+def test_a_cross_plan_verifiers_pass_of_a_cheat_costs_the_provider_its_stake_and_the_verifier_a_mark(
+        market, tmp_path: Path) -> None:
+    """A verifier on another plan passes within its tolerance: a pass of a claim the audit proves false is not a
+    provable lie of its own (what it replayed was never the unit's bits), so it keeps its stake and its place, with
+    the overruled pass counted against it; the provider loses its whole stake all the same."""
+    market.rt.settings.audit_rate = 1.0
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    other = staked_verifier(market, tmp_path, "other-plan", plan=Plan("cpu", 2), approve_everything=True)
+    job_id = submit_job(market, ONE_UNIT)
+    unit_id = _handed_in(market, cheat, job_id)
+    assert other.verify_once() == "ok"
+    [check] = _checks(market, unit_id=unit_id)
+    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
+    assert slashed(market) == {cheat.account.address}
+    assert market.ops.stake_state(other.account.address).staked == tokens(100)
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, other.account.address)
+        assert ver.status == "active" and ver.wrong == 1
+    assert not _events(market, "verifier_slashed") and not _events(market, "verifier_benched")
+
+
+def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_path: Path) -> None:
+    """A unit trained on a plan the referee does not replay bit for bit (micro-batches) is never drawn for an audit:
+    its replay could only judge it within a tolerance, where a cheat and its friend pass too (its checks' own
+    verifiers and the bisection of a dispute judge it)."""
+    market.rt.settings.audit_rate = 1.0
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    job_id = submit_job(market, ONE_UNIT)
+    unit_id = _handed_in(market, honest, job_id)
+    assert verifier.verify_once() == "ok"
+    assert [v.status for v in _checks(market, unit_id=unit_id)] == ["passed"]
+    assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
