@@ -289,25 +289,27 @@ def pool_away(now: int, pool_seen: int | None, dispute_seen: int, wait_s: int) -
     return wait_s > 0 and now - max(pool_seen or 0, dispute_seen) > wait_s
 
 
-def pools_away(rt: Runtime, s: Session, now: int) -> list[int]:
-    """Hand each open dispute whose referee pool is away (:func:`pool_away`) to the default referee: marked
-    ``fallback_at`` (so the pool, should it come back, leaves it alone) and logged. Returns their ids."""
+def pools_away(rt: Runtime, s: Session, now: int) -> list[tuple[int, bool]]:
+    """Hand each open dispute, and each audit, whose referee pool is away (:func:`pool_away`) to the default
+    referee: marked ``fallback_at`` (so the pool, should it come back, leaves it alone) and logged. Returns their
+    ids, each with whether it is an audit (:func:`audit_check`; else a dispute: :func:`adjudicate`)."""
     pools, wait = pool_builds(rt.settings.referee_pools), rt.settings.referee_pool_wait_s
     if not pools or not wait:
         return []
     seen = pools_seen(s, pools)
     moved = []
     for v, unit in s.execute(select(Verification, Unit).join(Unit, Unit.id == Verification.unit_id)
-                             .where(Verification.status.in_(["disputed", "bisecting"]),
+                             .where(Verification.status.in_(["disputed", "bisecting", "auditing"]),
                                     Verification.fallback_at.is_(None), Unit.build.in_(pools))):
         assert unit.build is not None
         if pool_away(now, seen.get(unit.build), v.verdict_at or v.heartbeat_at or v.assigned_at or 0, wait):
             v.fallback_at = now
+            audit = v.status == "auditing"
             log(s, "referee_fallback", unit.job_id, unit=unit.id, segment=v.segment, verification=v.id,
                 provider=v.provider, verifier=v.verifier, pool=unit.build, pool_seen=seen.get(unit.build),
                 reason=f"the referee pool computing with {unit.build} was not seen for {wait} s: the default "
-                       f"referee judges the dispute across kernels")
-            moved.append(v.id)
+                       f"referee judges the {'audit' if audit else 'dispute'} across kernels")
+            moved.append((v.id, audit))
     return moved
 
 
@@ -752,6 +754,9 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         task = s.get(Verification, verification_id)
         if task is None or task.status != "auditing":
             return task.status if task else "missing"
+        fallen_back = task.fallback_at is not None
+        if fallen_back and rt.referee_pool_here():
+            return task.status  # its pool was away and the default referee has it now: not this worker's any more
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         job = s.get(Job, unit.job_id)
@@ -762,9 +767,11 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
         ver = s.get(Verifier, verifier)
         same_bits = ver is not None and Plan.parse(ver.plan) == plan and (ver.build or "") == build != ""
+    # (its referee pool away: the default referee judges it across kernels, within the tolerance; a ruling that
+    # would need the provider's revealed states, None, lets the pass stand)
     ruling = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), {},
-                          lambda _: "", None, rt.referee_plans(here=True, build=build), build)
-    if not ruling.fraud:  # holds (None: not replayable here bit for bit, which the draw rules out: let it pass)
+                          lambda _: "", None, rt.referee_plans(here=True, build="" if fallen_back else build), build)
+    if not ruling.fraud:  # holds (None: not decidable without the provider's reveals here: the pass stands)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None

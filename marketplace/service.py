@@ -596,7 +596,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
         unstocked = list(s.scalars(select(Verification.unit_id).where(
             Verification.status == "stocking", Verification.created_at < now - STOCK_LOST_S,
             stock_unclaimed(now)).distinct()))
-        audits = list(s.execute(select(Verification.id, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+        audits = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
+                                .join(Unit, Unit.id == Verification.unit_id)
                                 .where(Verification.status == "auditing",
                                        Verification.verdict_at < now - AUDIT_LOST_S)))
     for u in unstocked:
@@ -605,8 +606,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
         run_referee(rt, v, build, fallen_back)
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
-    for v, build in audits:
-        rt.enqueue("gridmint.audit_check", [v], queue=rt.referee_queue(build or ""))
+    for v, build, fallen_back in audits:
+        rt.enqueue("gridmint.audit_check", [v], queue=rt.referee_queue(build or "", fallen_back))
     for j in ready:
         rt.enqueue("gridmint.advance", [j])
     done = [j for j in done if j not in cancelled]  # stop_cancelled queued their settlement
@@ -676,11 +677,15 @@ def reap(rt: Runtime) -> int:
                    if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
                    and now_s() > int(v.bisect.get("deadline", 0))]
         away = pools_away(rt, s, now)
+    moved = {vid for vid, _ in away}
     for vid, build, fallen_back in overdue:  # a provider that lets a reveal deadline pass loses its dispute
-        if vid not in away:
+        if vid not in moved:
             run_referee(rt, vid, build, fallen_back)
-    for vid in away:  # a dispute whose referee pool is away: to the default referee
-        run_referee(rt, vid, None, True)
+    for vid, audit in away:  # a dispute (or an audit) whose referee pool is away: to the default referee
+        if audit:
+            rt.enqueue("gridmint.audit_check", [vid], queue=rt.referee_queue("", True))
+        else:
+            run_referee(rt, vid, None, True)
     if n:
         rt.enqueue("gridmint.match", [])
     return n

@@ -347,18 +347,24 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
                              assigned_at=now - 1000),  # the referee's own kernels: the default's anyway
                 Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=2, status="disputed",
                              assigned_at=now - 1000, heartbeat_at=now - 1000,
-                             verdict_at=now - 5)]  # a long replay, disputed 5 s ago
+                             verdict_at=now - 5),  # a long replay, disputed 5 s ago
+                Verification(unit_id=f"0x{0:064x}", provider="0x" + "0" * 40, segment=3, status="auditing",
+                             assigned_at=now - 1000, verdict_at=now - 120)]  # a pass its pool has not audited
         s.add_all(rows)
-    away, recent, ours, fresh = (v.id for v in rows)
+    away, recent, ours, fresh, audit = (v.id for v in rows)
 
     assert service.reap(rt) == 0
-    assert sent == [("gridmint.adjudicate", [away], None)]
+    assert sorted(sent) == [("gridmint.adjudicate", [away], None), ("gridmint.audit_check", [audit], None)]
     with sessions() as s:
         marked = {v.id: v.fallback_at for v in s.scalars(select(Verification))}
-        [event] = [e.data for e in s.scalars(select(Event).where(Event.kind == "referee_fallback"))]
-    assert marked[away] is not None and marked[away] >= now
+        events = {e.data["verification"]: e.data
+                  for e in s.scalars(select(Event).where(Event.kind == "referee_fallback"))}
+    assert sorted(events) == [away, audit]
+    event, audited = events[away], events[audit]
+    assert marked[away] is not None and marked[away] >= now and marked[audit] is not None
     assert marked[recent] is None and marked[ours] is None and marked[fresh] is None
     assert event["verification"] == away and event["pool"] == pool and event["pool_seen"] is None
+    assert audited["verification"] == audit and "judges the audit across kernels" in audited["reason"]
     sent.clear()
     assert service.reap(rt) == 0 and sent == []  # handed over once
     # the pool says it is alive: its quiet disputes stay with it
@@ -386,8 +392,8 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
 
 
 def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp_path: Path) -> None:
-    """Once a dispute fell back from its away pool, a worker of that pool that comes back (and finds it in its queue)
-    does not judge it: the default referee has it."""
+    """Once a dispute (or an audit) fell back from its away pool, a worker of that pool that comes back (and finds it
+    in its queue) does not judge it: the default referee has it."""
     from marketplace import checking
     from marketplace.blobs import BlobStore
     from marketplace.db import Job, Unit, Verification, make_sessionmaker, now_s
@@ -413,3 +419,8 @@ def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp
     assert checking.adjudicate(rt, v.id) == "disputed"  # untouched: no proof was even read
     with sessions() as s:
         assert s.get(Verification, v.id).status == "disputed"  # type: ignore[union-attr]
+    with sessions.begin() as s:  # so too an audit handed over
+        s.get(Verification, v.id).status = "auditing"  # type: ignore[union-attr]
+    assert checking.audit_check(rt, v.id) == "auditing"
+    with sessions() as s:
+        assert s.get(Verification, v.id).status == "auditing"  # type: ignore[union-attr]
