@@ -10,11 +10,12 @@ import httpx
 from sqlalchemy import select
 
 from marketplace import checking, service
-from marketplace.db import Event, LedgerEntry, Unit, Verification, Verifier
+from marketplace.db import LedgerEntry, Unit, Verification, Verifier
 from node.crosscheck import Plan
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from tests.marketplace.test_flow import drive, job_status, provider, slashed, staked_verifier, submit_job
+from tests.marketplace.test_flow import (_events, _handed_in, drive, job_status, provider, slashed, staked_verifier,
+                                        submit_job)
 
 #: one unit of two segments; the standard level checks one of them
 ONE_UNIT = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
@@ -35,23 +36,6 @@ def _until(market, what: str, cond, timeout_s: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _handed_in(market, agent, job_id: str) -> str:
-    """Let ``agent`` train until the job's unit is submitted; its id."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with market.rt.sessions() as s:
-            unit = s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.status == "submitted")).first()
-            if unit is not None:
-                return unit.id
-        agent.work_once()
-    raise AssertionError("the unit was not handed in")
-
-
-def _events(market, kind: str) -> list[dict]:
-    with market.rt.sessions() as s:
-        return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
-
-
 def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_whole_stakes(market,
                                                                                             tmp_path: Path) -> None:
     """A provider skipping half its steps and a verifier passing whatever it is handed (its friend's work: no canary
@@ -65,7 +49,7 @@ def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_w
     treasury = market.deployment.treasury
     supply_before = market.ops.total_supply()
     job_id = submit_job(market, ONE_UNIT)
-    unit_id = _handed_in(market, cheat, job_id)
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
     assert friend.verify_once() == "ok"  # the answer it gets is the one any pass gets
     [check] = _checks(market, unit_id=unit_id)
     _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
@@ -111,7 +95,7 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
                         if name == "gridmint.audit_check" else send(name, args, queue))
     job_id = submit_job(market, ONE_UNIT)
-    unit_id = _handed_in(market, honest, job_id)
+    [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
     [check] = _checks(market, unit_id=unit_id)
     assert check.status == "auditing" and lost == [[check.id]]
@@ -144,7 +128,7 @@ def test_a_cross_plan_verifiers_pass_of_a_cheat_costs_the_provider_its_stake_and
     cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
     other = staked_verifier(market, tmp_path, "other-plan", plan=Plan("cpu", 2), approve_everything=True)
     job_id = submit_job(market, ONE_UNIT)
-    unit_id = _handed_in(market, cheat, job_id)
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
     assert other.verify_once() == "ok"
     [check] = _checks(market, unit_id=unit_id)
     _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
@@ -164,7 +148,7 @@ def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_p
     honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
     verifier = staked_verifier(market, tmp_path, "verifier")
     job_id = submit_job(market, ONE_UNIT)
-    unit_id = _handed_in(market, honest, job_id)
+    [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
     assert [v.status for v in _checks(market, unit_id=unit_id)] == ["passed"]
     assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
