@@ -54,7 +54,8 @@ gradients' shares from the same segment of another unit of its job and round han
 one (none for a verifier handed any segment of that unit; none at all for the round's first unit handed in). What
 a canary cannot hide: an elementwise canary (a bf16 job's, planted for a verifier on another plan; a job too large
 to train again) is told by a forward pass, and one borrowed from another unit by a verifier comparing notes with
-one handed that unit; a verifier colluding with the unit's provider (who knows every true state) tells them all.
+one handed that unit; a verifier colluding with the unit's provider (who knows every true state) tells them all:
+what the referee's audits of passes are for (:func:`marketplace.checking.audit_check`), which it cannot tell apart.
 
 Cost: per stocked check the operator trains the segment again (0.4-0.7 s on the default job shape, where a segment
 trains in 0.3 s: loading, hashing and writing the checkpoint included), or, elementwise, replays the true prefix
