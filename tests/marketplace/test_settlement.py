@@ -15,7 +15,7 @@ from sqlalchemy import event, select
 
 from ledger.evm import Chain, GridMintContracts, deploy
 from ledger.payout_tree import verify_proof
-from marketplace import service, settlement
+from marketplace import checking, service, settlement
 from marketplace.app import create_app
 from marketplace.blobs import BlobStore
 from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, Unit, Verification, make_sessionmaker, now_s
@@ -70,7 +70,8 @@ def make_world(tmp_path: Path, db_url: str, dispute_window_s: int = 0) -> World:
     _CHAINS[dispute_window_s] = (chain, deployment, chain.snapshot())
     operator, cust, *provs = chain.dev_accounts(5)
     ops = GridMintContracts(chain, deployment, operator)
-    settings = Settings(data_dir=tmp_path, db_url=db_url)
+    # no audits of passes unless a test asks: this world runs no worker, so an audited pass would wait for ever
+    settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.0)
     queued: list[tuple[str, list[Any]]] = []
     rt = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
                  blobs=BlobStore(settings.blob_dir()), chain_id=chain.chain_id, contracts=ops,
@@ -276,8 +277,9 @@ def _epoch(world: World, n: int) -> PayoutEpoch:
 
 def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
     """A settle task that ran out of retries (chain node down), a lost advance, a lost adjudication, a lost stocking
-    of canaries: the periodic sweep queues each again; finished work (a settled job, a round still training) and
-    checks queued a moment ago (their stocking step still on its way) are left alone."""
+    of canaries, a lost audit: the periodic sweep queues each again; finished work (a settled job, a round still
+    training), checks queued a moment ago (their stocking step still on its way) and a pass audited a moment ago
+    are left alone."""
     lost = world.fund_done_job("lost-settle", [(0, tokens(1))])
     settled = world.fund_done_job("settled", [(1, tokens(1))])
     settlement.settle_job(world.rt, settled)
@@ -304,9 +306,16 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
             for seg in (0, 1):
                 s.add(Verification(unit_id="0x" + keccak(text=unit).hex(), provider=world.providers[2].address,
                                    segment=seg, status="stocking", created_at=now_s() - age))
+        # a pass whose audit (lost) was to be replayed by the referee; another's, passed a moment ago
+        audits = [Verification(unit_id=disputed_unit, provider=world.providers[0].address, segment=seg,
+                               status="auditing", verdict_at=now_s() - age)
+                  for seg, age in ((3, checking.AUDIT_LOST_S + 5), (4, 0))]
+        s.add_all(audits)
+        s.flush()
+        lost_audit = audits[0].id
     world.queued.clear()
     assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1,
-                                       "cancelled": 0, "stock_canaries": 1}
+                                       "cancelled": 0, "stock_canaries": 1, "audit_check": 1}
     with world.rt.sessions() as s:
         dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
         lazy = s.scalars(select(Verification.id).where(Verification.status == "canary_missed",
@@ -314,7 +323,8 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
     assert sorted(world.queued) == sorted([("gridmint.adjudicate", [dispute]), ("gridmint.punish_verifier", [lazy]),
                                            ("gridmint.advance", ["0x" + keccak(text="ready").hex()]),
                                            ("gridmint.settle", [lost]),
-                                           ("gridmint.stock_canaries", ["0x" + keccak(text="ready-0").hex()])])
+                                           ("gridmint.stock_canaries", ["0x" + keccak(text="ready-0").hex()]),
+                                           ("gridmint.audit_check", [lost_audit])])
     # the re-queued settle settles it, and the next sweep finds nothing more to settle
     settlement.settle_job(world.rt, lost)
     world.queued.clear()
