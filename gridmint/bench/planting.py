@@ -33,27 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from celery.contrib.testing.worker import start_worker
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
 
-from gridmint.procs import free_port, start_redis
-from ledger.evm import Chain, GridMintContracts, deploy
-from marketplace import canary, tasks
-from marketplace.app import create_app
-from marketplace.blobs import BlobStore
-from marketplace.db import Handed, Job, Unit, Verification, make_sessionmaker
-from marketplace.runtime import Runtime, set_runtime
-from marketplace.settings import Settings
+from gridmint.inprocess import InProcessMarket
+from gridmint.procs import start_redis
+from marketplace import canary
+from marketplace.db import Handed, Job, Unit, Verification
 from node.agent import AgentConfig, ProviderAgent
 from node.client import MarketClient
 from node.verifier_agent import VerifierAgent
@@ -64,53 +53,7 @@ from protocol.schemas import JobSpec
 SEGMENT_LEN = 5
 
 
-class _Market:
-    """The marketplace in this process (as the tests run it): one chain, one database, one worker, for every
-    scenario."""
-
-    def __init__(self, root: Path, redis_url: str, rate: float) -> None:
-        self.chain = Chain.in_process()
-        self.operator = self.chain.dev_accounts()[0]
-        self.deployment = deploy(self.chain, self.operator, supply=tokens(10_000_000),
-                                 treasury=Account.create().address, verifier_bond=tokens(50))
-        self.ops = GridMintContracts(self.chain, self.deployment, self.operator)
-        settings = Settings(data_dir=root / "market", min_stake=tokens(100), redis_url=redis_url, canary_rate=rate)
-        settings.data_dir.mkdir(parents=True)
-        tasks.configure(redis_url)
-        self.rt = Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
-                          blobs=BlobStore(settings.blob_dir()), chain_id=self.chain.chain_id, contracts=self.ops,
-                          enqueue=tasks.enqueue)
-        set_runtime(self.rt)
-        self.root = root
-
-    def account(self, gmt: int) -> LocalAccount:
-        acct = Account.create()
-        self.chain.send_eth(self.operator, acct.address, 10**18)
-        self.ops.transfer(acct.address, gmt)
-        return acct
-
-    def contracts(self, acct: LocalAccount) -> GridMintContracts:
-        return GridMintContracts(self.chain, self.deployment, acct)
-
-    @contextmanager
-    def serving(self) -> Iterator[str]:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(self.rt), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
-        try:
-            with start_worker(tasks.celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING",
-                              shutdown_timeout=30):
-                yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            set_runtime(None)
-
-
-def _providers(m: _Market, url: str, n: int) -> list[ProviderAgent]:
+def _providers(m: InProcessMarket, url: str, n: int) -> list[ProviderAgent]:
     """``n`` staked provider agents, for every scenario (one that stopped polling would hold its units until
     reaped; none nears a trusted host's record, ``TRUST_AFTER_UNITS``, which would sample it less)."""
     providers = []
@@ -123,7 +66,7 @@ def _providers(m: _Market, url: str, n: int) -> list[ProviderAgent]:
     return providers
 
 
-def _scenario(m: _Market, url: str, name: str, level: str, providers: list[ProviderAgent],
+def _scenario(m: InProcessMarket, url: str, name: str, level: str, providers: list[ProviderAgent],
               args: argparse.Namespace) -> dict[str, Any]:
     verifiers = []
     for i in range(args.verifiers):
@@ -203,7 +146,9 @@ def main(argv: list[str]) -> int:
         (root / "redis").mkdir()
         redis, redis_url = start_redis(root / "redis", root / "redis")
         try:
-            m = _Market(root, redis_url, args.rate)
+            # the market's defaults but the canary rate (and the stake a provider needs, as the tests')
+            m = InProcessMarket(root, tokens(10_000_000), min_stake=tokens(100), redis_url=redis_url,
+                                canary_rate=args.rate)
             with m.serving() as url:
                 providers = _providers(m, url, args.providers)
                 for level in [x.strip() for x in args.levels.split(",") if x.strip()]:
