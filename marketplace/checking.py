@@ -402,7 +402,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             rt.enqueue("gridmint.punish_verifier", [body.verification_id])
         return "passed" if body.ok else "disputed"  # the words a real task gets: a canary stays a canary
     if audited:
-        rt.enqueue("gridmint.audit_check", [body.verification_id], queue=rt.referee_queue(build or ""))
+        run_audit(rt, body.verification_id, build)
     elif body.ok:
         rt.enqueue("gridmint.advance", [job_id])
     else:
@@ -544,10 +544,7 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
             # wrong beyond doubt (a bisection it would ask for means the replay is past the tolerance already)
             task.canary = {**task.canary, "confirmed": True}
     evidence = canary.evidence(verification_id, verifier)
-    st = rt.contracts.stake_state(verifier)
-    amount = st.staked + st.unbonding
-    if amount > 0 and not rt.contracts.evidence_used(evidence):
-        rt.contracts.slash(verifier, amount, rt.contracts.deployment.treasury, evidence)
+    amount = _slash_whole_stake(rt, verifier, rt.contracts.deployment.treasury, evidence)
     after = rt.contracts.stake_state(verifier)
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
@@ -726,6 +723,23 @@ def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
     return after
 
 
+def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
+    """Slash ``who``'s whole stake (staked and unbonding: one that started unbonding keeps nothing) under
+    ``evidence``, its share to ``to``, unless that evidence was used already (a re-run of the step sends nothing
+    twice). Returns what ``who`` held before."""
+    st = rt.contracts.stake_state(who)
+    held = st.staked + st.unbonding
+    if held > 0 and not rt.contracts.evidence_used(evidence):
+        rt.contracts.slash(who, held, to, evidence)
+    return held
+
+
+def run_audit(rt: Runtime, verification_id: int, build: str | None, fallen_back: bool = False) -> None:
+    """Send the audit of pass ``verification_id`` of work computed with kernel ``build`` to the referee that replays
+    it bit for bit (as :func:`run_referee` sends a dispute); the default referee's once it has ``fallen_back``."""
+    rt.enqueue("gridmint.audit_check", [verification_id], queue=rt.referee_queue(build or "", fallen_back))
+
+
 #: An audit not done this long after the verdict it audits was lost (a broker away when it was sent, a worker killed
 #: mid-replay): the sweep sends it again (a duplicate of one still queued finds the check audited: audit_check)
 AUDIT_LOST_S = 300
@@ -788,16 +802,12 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
     treasury = rt.contracts.deployment.treasury
     evidence, ver_evidence = verification.fraud_evidence(unit_id, seg, provider), audit_evidence(verification_id,
                                                                                                    verifier)
-    st = rt.contracts.stake_state(provider)
-    before = st.staked + st.unbonding
-    if before > 0 and not rt.contracts.evidence_used(evidence):
-        rt.contracts.slash(provider, before, treasury, evidence)
+    before = _slash_whole_stake(rt, provider, treasury, evidence)
     ver_lost = 0
     if same_bits:
-        vst = rt.contracts.stake_state(verifier)
-        if vst.staked + vst.unbonding > 0 and not rt.contracts.evidence_used(ver_evidence):
-            rt.contracts.slash(verifier, vst.staked + vst.unbonding, treasury, ver_evidence)
-            ver_lost = vst.staked + vst.unbonding
+        held = _slash_whole_stake(rt, verifier, treasury, ver_evidence)
+        vafter = rt.contracts.stake_state(verifier)
+        ver_lost = held - vafter.staked - vafter.unbonding
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         assert task is not None

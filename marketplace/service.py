@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from marketplace import canary, cancellation, matching, referee, settlement, standby
 from marketplace.checking import (AUDIT_LOST_S, benched_message, maybe_verified, pools_away, retire_canary,
-                                  run_referee, stock_unclaimed)
+                                  run_audit, run_referee, stock_unclaimed)
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
                                 unit_id_for, unit_spec)
 from marketplace.db import Job, Provider, Unit, Verification, Verifier, now_s, write_gate
@@ -607,7 +607,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     for v in lazy:
         rt.enqueue("gridmint.punish_verifier", [v])
     for v, build, fallen_back in audits:
-        rt.enqueue("gridmint.audit_check", [v], queue=rt.referee_queue(build or "", fallen_back))
+        run_audit(rt, v, build, fallen_back)
     for j in ready:
         rt.enqueue("gridmint.advance", [j])
     done = [j for j in done if j not in cancelled]  # stop_cancelled queued their settlement
@@ -683,7 +683,7 @@ def reap(rt: Runtime) -> int:
             run_referee(rt, vid, build, fallen_back)
     for vid, audit in away:  # a dispute (or an audit) whose referee pool is away: to the default referee
         if audit:
-            rt.enqueue("gridmint.audit_check", [vid], queue=rt.referee_queue("", True))
+            run_audit(rt, vid, None, True)
         else:
             run_referee(rt, vid, None, True)
     if n:

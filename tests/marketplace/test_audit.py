@@ -10,30 +10,16 @@ import httpx
 from sqlalchemy import select
 
 from marketplace import checking, service
-from marketplace.db import LedgerEntry, Unit, Verification, Verifier
+from marketplace.db import LedgerEntry, Unit, Verifier
 from node.crosscheck import Plan
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from tests.marketplace.test_flow import (_events, _handed_in, drive, job_status, provider, slashed, staked_verifier,
-                                        submit_job)
+# (_rows lists canaries too: the market fixture plants none unless a test asks, and these do not)
+from tests.marketplace.test_flow import (_events, _handed_in, _rows, drive, job_status, provider, slashed,
+                                        staked_verifier, submit_job)
 
 #: one unit of two segments; the standard level checks one of them
 ONE_UNIT = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
-
-
-def _checks(market, **where) -> list[Verification]:
-    with market.rt.sessions() as s:
-        q = select(Verification).where(Verification.canary.is_(None)).order_by(Verification.id)
-        for k, v in where.items():
-            q = q.where(getattr(Verification, k) == v)
-        return list(s.scalars(q))
-
-
-def _until(market, what: str, cond, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"not {what} in {timeout_s} s"
-        time.sleep(0.05)
 
 
 def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_whole_stakes(market,
@@ -51,8 +37,8 @@ def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_w
     job_id = submit_job(market, ONE_UNIT)
     [unit_id] = _handed_in(market, job_id, [cheat], 1)
     assert friend.verify_once() == "ok"  # the answer it gets is the one any pass gets
-    [check] = _checks(market, unit_id=unit_id)
-    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
+    [check] = _rows(market, unit_id=unit_id)
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "audit_failed", what="audited")
     assert slashed(market) == {cheat.account.address}
     assert market.ops.stake_state(cheat.account.address).staked == 0
     assert market.ops.stake_state(friend.account.address).staked == 0
@@ -73,7 +59,7 @@ def test_a_colluding_verifiers_pass_of_a_cheat_is_audited_and_costs_both_their_w
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     careful = staked_verifier(market, tmp_path, "careful")
     drive(market, [cheat, honest], careful, job_id)
-    redone = [v for v in _checks(market, unit_id=unit_id) if v.id != check.id]
+    redone = [v for v in _rows(market, unit_id=unit_id) if v.id != check.id]
     assert [v.status for v in redone] == ["passed"] and redone[0].provider == honest.account.address
     assert _events(market, "audit_passed")  # the honest pass was audited too, and held
     with market.rt.sessions() as s:
@@ -97,7 +83,7 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     job_id = submit_job(market, ONE_UNIT)
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
-    [check] = _checks(market, unit_id=unit_id)
+    [check] = _rows(market, unit_id=unit_id)
     assert check.status == "auditing" and lost == [[check.id]]
     with market.rt.sessions() as s:
         assert s.get(Unit, unit_id).status == "submitted"  # not paid yet
@@ -108,7 +94,7 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     monkeypatch.setattr(service, "AUDIT_LOST_S", 0)
     time.sleep(1.1)
     assert service.sweep(market.rt)["audit_check"] == 1
-    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "passed")
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "passed", what="audited")
     drive(market, [honest], verifier, job_id)
     assert job_status(market, job_id) == "settled" and not slashed(market)
     with market.rt.sessions() as s:
@@ -130,8 +116,8 @@ def test_a_cross_plan_verifiers_pass_of_a_cheat_costs_the_provider_its_stake_and
     job_id = submit_job(market, ONE_UNIT)
     [unit_id] = _handed_in(market, job_id, [cheat], 1)
     assert other.verify_once() == "ok"
-    [check] = _checks(market, unit_id=unit_id)
-    _until(market, "audited", lambda: _checks(market, id=check.id)[0].status == "audit_failed")
+    [check] = _rows(market, unit_id=unit_id)
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "audit_failed", what="audited")
     assert slashed(market) == {cheat.account.address}
     assert market.ops.stake_state(other.account.address).staked == tokens(100)
     with market.rt.sessions() as s:
@@ -150,5 +136,5 @@ def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_p
     job_id = submit_job(market, ONE_UNIT)
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
-    assert [v.status for v in _checks(market, unit_id=unit_id)] == ["passed"]
+    assert [v.status for v in _rows(market, unit_id=unit_id)] == ["passed"]
     assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
