@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # checking.audit_check), on work it replays bit for bit: a pass of a false claim costs the provider its whole stake
     # and a verifier that replayed on the unit's own plan (its pass asserted the same bits) its own. What a verifier
     # colluding with the provider cannot tell apart, as it can a canary (the provider knows its true states): at 0.1,
-    # cheating a unit through a friend loses 0.1 x the provider's stake on average. A probability; 0 audits none
+    # a unit cheated through a friend costs the provider its stake whenever the audited pass is of a segment it
+    # faked, one time in ten. A probability; 0 audits none
     audit_rate: float = Field(default=float(AUDIT_RATE), ge=0.0, le=1.0)
     # execution plans the referee replays bit for bit besides the providers' default "cpu" (comma-separated labels,
     # e.g. "cpu/mb2" or, on a machine with that GPU, "cuda:h200"; marketplace.referee.exact_plans): a segment trained

@@ -74,8 +74,9 @@ UPDATE_OUTLIER_PICKS = 2
 CANARY_RATE = Fraction(1, 50)
 #: Share of the passes (on work the referee replays bit for bit) that the referee replays itself before the unit is
 #: paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider, who tells canaries
-#: apart. It costs the operator this share of the verifiers' replays; a cheat whose every check goes to its friend
-#: is caught within 21 units with probability 1 - 0.9**21 = 0.89 (``gridmint bench proof``: colluding_caught_rate).
+#: apart. It costs the operator this share of the verifiers' replays. A cheat whose every check goes to its friend is
+#: caught where an audited pass lands on a segment it faked: ``gridmint bench proof``'s colluding_caught_rate (before
+#: its pay exceeds a 20x stake) was 0.36 for a cheat faking 1% of the steps, 1.0 for one faking whole units.
 AUDIT_RATE = Fraction(1, 10)
 
 

@@ -106,7 +106,8 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["false_slash"] == 0 and fig["honest_update_outliers"] == 0
     for whole in ("random_weights", "copied_weights", "replay_old"):  # every segment is wrong: any replay sees it
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
-        # through a colluding verifier, only the referee's audits of its passes catch it: some units, not all
+        # through a colluding verifier, only the referee's audits of its passes catch it: at this size (one challenge
+        # a unit, plus its outliers) some units, not all
         assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 0.5
         assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
