@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -385,9 +385,10 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         elif body.ok:
             # now and then the referee replays the pass itself before the unit is paid (audit_check): what a verifier
             # colluding with the provider cannot tell from an unaudited pass, as it could a canary
+            # (likelier where this verifier does more than its share of the provider's checking: audit_odds)
             audited = (rt.settings.audit_rate > 0
                        and _referee_exact(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
-                       and canary.draw(rt.settings.audit_rate))
+                       and canary.draw(audit_odds(rt, s, task, unit.plan or PROVIDER_PLAN.label, task.verdict_at)))
             task.status = "auditing" if audited else "passed"
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
                 audited=audited)
@@ -408,6 +409,27 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     else:
         run_referee(rt, body.verification_id, build)
     return "passed" if body.ok else "disputed"
+
+
+def audit_odds(rt: Runtime, s: Session, task: Verification, plan: str, now: int) -> float:
+    """The probability the referee audits ``task``'s pass (its verdict in): ``settings.audit_rate``, raised by how
+    many times its fair share of the provider's last ``AUDIT_WINDOW`` real verdicts its verifier gave, among the
+    verifiers around (active, polling with their stake enough within ``unit_timeout_s``) that could check work on
+    ``plan`` (:func:`protocol.verification.audit_rate`)."""
+    assert task.verifier is not None
+    recent = (select(Verification.verifier)
+              .where(Verification.provider == task.provider, Verification.verdict_at.is_not(None),
+                     Verification.canary.is_(None))
+              .order_by(Verification.verdict_at.desc(), Verification.id.desc())
+              .limit(verification.AUDIT_WINDOW).subquery())
+    window, mine = s.execute(select(func.count(), func.coalesce(func.sum(case((recent.c.verifier == task.verifier, 1),
+                                                                               else_=0)), 0))
+                             .select_from(recent)).one()
+    can_check = Verifier.plan.is_not(None) if Plan.parse(plan).device == "cpu" else ~Verifier.plan.like("cpu%")
+    around = s.scalar(select(func.count()).select_from(Verifier).where(
+        Verifier.address != task.provider, Verifier.status == "active", can_check,
+        or_(Verifier.staked_seen_at >= now - rt.settings.unit_timeout_s, Verifier.address == task.verifier)))
+    return verification.audit_rate(rt.settings.audit_rate, int(mine), int(window), int(around or 1))
 
 
 def maybe_verified(s: Session, unit: Unit) -> None:

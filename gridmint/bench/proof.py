@@ -46,6 +46,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from dataclasses import replace
 from typing import Any, Callable
@@ -249,6 +250,28 @@ def trainer_overhead(steps: int, repeats: int, plan: Plan, log: Callable[[str], 
 
 
 TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and honest units' model
+#: colluding_among: the ring as one wallet of this many verifiers around, at the best of these shares of the checks
+COLLUDING_AROUND = (2, 5, 10)
+COLLUDING_SHARES = (0.25, 0.5, 0.75, 1.0)
+
+
+def honest_audit_rate(checks: int = 20_000, seed: str = "honest audits") -> dict[str, float]:
+    """The mean audit odds (``protocol.verification.audit_rate``) of a provider's passes when each of ``checks``
+    checks goes to one of ``n`` verifiers at random (for each n of ``COLLUDING_AROUND``): the rate an honest market
+    pays for the audits, above ``AUDIT_RATE`` where a verifier's share is over its fair one by chance. (The
+    marketplace spreads a unit's checks over its verifiers, so its shares are nearer fair than at random.)"""
+    out = {}
+    for n in COLLUDING_AROUND:
+        draw, window, given, total = random.Random(f"{seed}/{n}"), deque[int](), [0] * n, 0.0
+        for _ in range(checks):
+            v = draw.randrange(n)
+            window.append(v)
+            given[v] += 1
+            if len(window) > vp.AUDIT_WINDOW:
+                given[window.popleft()] -= 1
+            total += vp.audit_rate(float(vp.AUDIT_RATE), given[v], len(window), n)
+        out[str(n)] = round(total / checks, 4)
+    return out
 
 
 def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -297,18 +320,35 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         break
             return caught_trials / a.trials, round(units_caught / units_checked, 4)
 
-        def colluding(r: Any, h: int) -> tuple[float, float]:
-            # every check of the cheat's units goes to a verifier colluding with it (it passes them all, and tells
-            # the canaries apart: the provider knows every true state); only the referee's audit of a pass
-            # (vp.AUDIT_RATE of them, drawn per pass) replays it: caught where an audited pick fails
+        # every trial's challenges of the colluding runs, drawn once (each run re-draws only who gets them)
+        collude_picks = [[vp.choose_challenges(units[(t + u) % len(units)][0].unit_id,
+                                               units[(t + u) % len(units)][1], rate,
+                                               f"{name}/collude{t}/{u}".encode(), units[(t + u) % len(units)][3])
+                          for u in range(horizon)] for t in range(a.trials)]
+
+        def colluding(around: int, share: float) -> tuple[float, float]:
+            # a verifier colluding with the cheat (it passes all it gets, and tells the canaries apart: the provider
+            # knows every true state) gets ``share`` of its checks, honest verifiers the rest; ``around`` verifiers
+            # (it among them) could check them. An honest verifier's check of a faked segment catches it; the
+            # ring's pass only where the referee audits it, at the odds the marketplace draws (audit_odds: raised
+            # with the ring's share of the provider's last AUDIT_WINDOW verdicts)
             caught_trials, units_checked, units_caught = 0, 0, 0
             for t in range(a.trials):
-                draw = random.Random(f"{name}/collude/{t}")
-                for u in range(h):
-                    spec, losses, verdicts, norms = units[(t + u) % len(units)]
-                    picks = vp.choose_challenges(spec.unit_id, losses, r, f"{name}/collude{t}/{u}".encode(), norms)
+                draw = random.Random(f"{name}/collude/{t}/{around}/{share}")
+                window: deque[bool] = deque()  # who gave each of the provider's recent verdicts (True: the ring)
+                mine = 0
+                for u in range(horizon):
+                    verdicts = units[(t + u) % len(units)][2]
                     units_checked += 1
-                    if any(draw.random() < vp.AUDIT_RATE and not verdicts[i] for i in picks):
+                    hit = False
+                    for i in collude_picks[t][u]:
+                        ring = draw.random() < share
+                        window.append(ring)
+                        mine += ring - (window.popleft() if len(window) > vp.AUDIT_WINDOW else 0)
+                        if not verdicts[i] and (not ring or draw.random() < vp.audit_rate(
+                                float(vp.AUDIT_RATE), mine, len(window), around)):
+                            hit = True
+                    if hit:
                         units_caught += 1
                         caught_trials += 1
                         break
@@ -316,18 +356,29 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
-        collude_caught, collude_unit = colluding(rate, horizon)
+        # the ring is every verifier around: each check its own, none of its shares over a fair one
+        collude_caught, collude_unit = colluding(1, 1.0)
+        # the ring is one wallet of ``around``, at the share of the checks that suits it best (taking them all
+        # raises its audit odds; taking fewer leaves more to honest verifiers)
+        among: dict[str, Any] = {}
+        for around in COLLUDING_AROUND:
+            worst = min((colluding(around, q) + (q,) for q in COLLUDING_SHARES), key=lambda x: (x[0], x[1]))
+            among[str(around)] = {"caught_rate": worst[0], "unit_catch_rate": worst[1], "ring_share": worst[2]}
         res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
                "caught_rate": caught, "unit_catch_rate": unit_catch, "trusted_caught_rate": trusted_caught,
                "colluding_caught_rate": collude_caught, "colluding_unit_catch_rate": collude_unit,
-               "build_s": round(time.perf_counter() - t0, 1)}
+               "colluding_among": among, "build_s": round(time.perf_counter() - t0, 1)}
         out["adversaries"][name] = res
         log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
             f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  with a colluding "
-            f"verifier (audits only) {collude_caught:.3f}  ({res['build_s']} s)")
+            f"verifier (audits only) {collude_caught:.3f}, as one wallet of 2/5/10 at its best share "
+            f"{'/'.join(format(v['caught_rate'], '.3f') for v in among.values())}  ({res['build_s']} s)")
     out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
     out["audit_rate"] = float(vp.AUDIT_RATE)
     out["colluding_min_caught_rate"] = min(r["colluding_caught_rate"] for r in out["adversaries"].values())
+    out["colluding_min_caught_rate_among"] = {
+        str(n): min(r["colluding_among"][str(n)]["caught_rate"] for r in out["adversaries"].values())
+        for n in COLLUDING_AROUND}
     out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
     log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
         f"caught rate there {out['trusted']['min_caught_rate']:.3f}")
@@ -426,7 +477,9 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     # canaries are segments of real jobs' shape, one replay each, r/(1-r) of them per real task handed out
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
     # the referee's audits: one replay of a segment per audited pass, on the operator's machines
-    out["audit_cost_ratio"] = round(out["verify_cost_ratio"] * float(vp.AUDIT_RATE), 4)
+    # (at the audit rate drawn in an honest market, raised a little by chance shares over the fair one)
+    out["honest_audit_rate"] = honest_audit_rate()
+    out["audit_cost_ratio"] = round(out["verify_cost_ratio"] * max(out["honest_audit_rate"].values()), 4)
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
         f"honest verifier approved {approved} of {planted} forged canaries it replayed ({declined} declined); "

@@ -73,10 +73,13 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
                                                                                           monkeypatch) -> None:
     """An honest pass drawn for an audit: the unit is not paid while the referee has not replayed it (the job's page
     says so); an audit whose send was lost (a broker away) is sent again by the sweep once ``AUDIT_LOST_S`` passed;
-    the referee's replay holds, the check passes, the unit is paid, the verifier earns its fee."""
-    market.rt.settings.audit_rate = 1.0
+    the referee's replay holds, the check passes, the unit is paid, the verifier earns its fee. The draw is at the
+    odds checking.audit_odds gives (here made 1; what it read: the base rate, the only verifier around)."""
+    market.rt.settings.audit_rate = 0.001
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     verifier = staked_verifier(market, tmp_path, "verifier")
+    odds, asked = checking.audit_odds, []
+    monkeypatch.setattr(checking, "audit_odds", lambda *a: asked.append(odds(*a)) or 1.0)
     send, lost = market.rt.enqueue, []
     monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
                         if name == "gridmint.audit_check" else send(name, args, queue))
@@ -84,7 +87,7 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
     [check] = _rows(market, unit_id=unit_id)
-    assert check.status == "auditing" and lost == [[check.id]]
+    assert check.status == "auditing" and lost == [[check.id]] and asked == [0.001]
     with market.rt.sessions() as s:
         assert s.get(Unit, unit_id).status == "submitted"  # not paid yet
     listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
@@ -138,3 +141,60 @@ def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_p
     assert verifier.verify_once() == "ok"
     assert [v.status for v in _rows(market, unit_id=unit_id)] == ["passed"]
     assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
+
+
+def test_a_verifier_doing_more_than_its_share_of_a_providers_checking_is_audited_more(tmp_path: Path,
+                                                                                      db_url: str) -> None:
+    """audit_odds reads who gave the provider's last AUDIT_WINDOW real verdicts (canaries and other providers' checks
+    apart) and how many verifiers are around that could check its plan (active, seen with their stake within
+    unit_timeout_s, the provider itself apart): a verifier that gave all of them is audited at the raised rate, one
+    at its fair share at the base rate; a CPU unit's checkers include GPU verifiers, a GPU unit's do not include CPU
+    ones."""
+    from marketplace.blobs import BlobStore
+    from marketplace.db import Job, Verification, make_sessionmaker, now_s
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+    from protocol import verification as vp
+
+    settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.1, unit_timeout_s=120)
+    sessions = make_sessionmaker(db_url)
+    rt = Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
+                 contracts=None, enqueue=lambda name, args, queue=None: None)
+    now, job = now_s(), "0x" + "02" * 32
+    addr = {name: "0x" + f"{i + 1:02x}" * 20 for i, name in enumerate(
+        ["ring", "fair", "gpu", "cpu2", "stale", "benched", "prov", "other"])}
+    with sessions.begin() as s:
+        s.add(Job(id=job, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"), budget=1,
+                  global_blob="0" * 64, status="done"))
+        s.flush()
+        s.add_all([Unit(id=f"0x{0:064x}", job_id=job, round=0, shard=0, status="submitted", plan="cpu"),
+                   Unit(id=f"0x{1:064x}", job_id=job, round=0, shard=1, status="submitted", plan="cuda:h100")])
+        for name, plan, status, seen in [("ring", "cpu", "active", now), ("fair", "cpu", "active", now - 60),
+                                         ("gpu", "cuda:h100", "active", now), ("cpu2", "cpu/mb2", "active", now),
+                                         ("stale", "cpu", "active", now - 500), ("benched", "cpu", "benched", now),
+                                         ("prov", "cpu", "active", now)]:
+            s.add(Verifier(address=addr[name], plan=plan, status=status, staked_seen_at=seen))
+        s.flush()
+
+        def verdicts(verifier: str, n: int, provider: str = addr["prov"], **kw: object) -> list[Verification]:
+            rows = [Verification(unit_id=f"0x{0:064x}", provider=provider, segment=i, status="passed",
+                                 verifier=verifier, verdict_at=now - 100 + i, **kw) for i in range(n)]
+            s.add_all(rows)
+            s.flush()
+            return rows
+
+        *_, ring = verdicts(addr["ring"], 40)
+        verdicts(addr["fair"], 30, canary={"proof": {}})  # canaries: not the provider's claims
+        verdicts(addr["fair"], 30, provider=addr["other"])  # another provider's checking
+        # around for a CPU unit: ring, fair, gpu, cpu2 (not the stale one, the benched one, nor the provider)
+        assert checking.audit_odds(rt, s, ring, "cpu", now) == vp.audit_rate(0.1, 40, 40, 4) > 0.1
+        *_, gpu_pass = verdicts(addr["gpu"], 1)
+        assert checking.audit_odds(rt, s, gpu_pass, "cuda:h100", now) == vp.audit_rate(0.1, 1, 41, 1) == 0.1
+        # the same provider checked by four verifiers in turn: each at its fair share, the base rate
+        s.query(Verification).filter(Verification.verifier == addr["ring"]).delete()
+        order = [addr[n] for n in ("ring", "fair", "gpu", "cpu2")] * 20
+        rows = [Verification(unit_id=f"0x{0:064x}", provider=addr["prov"], segment=i, status="passed", verifier=v,
+                             verdict_at=now + i) for i, v in enumerate(order)]
+        s.add_all(rows)
+        s.flush()
+        assert checking.audit_odds(rt, s, rows[-1], "cpu", now) == 0.1

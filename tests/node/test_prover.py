@@ -104,14 +104,24 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["lazy_verifier_caught_rate"] == 1.0 and 1 <= fig["lazy_verifier_tasks_to_catch_max"] <= 500
     assert fig["verify_cost_ratio_with_canaries"] > fig["verify_cost_ratio"]
     assert fig["false_slash"] == 0 and fig["honest_update_outliers"] == 0
-    for whole in ("random_weights", "copied_weights", "replay_old"):  # every segment is wrong: any replay sees it
+    whole_unit = ("random_weights", "copied_weights", "replay_old")
+    for whole in whole_unit:  # every segment is wrong: any replay sees it
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
         # through a colluding verifier, only the referee's audits of its passes catch it: at this size (one challenge
         # a unit, plus its outliers) some units, not all
         assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 0.5
         assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
+        among = [fig["adversaries"][whole]["colluding_among"][n] for n in ("2", "5", "10")]
+        assert all(a["ring_share"] in (0.25, 0.5, 0.75, 1.0) and 0 < a["caught_rate"] <= 1 for a in among)
+    # as one wallet of ten verifiers around, the ring's units are caught more often than where it is all of them,
+    # even at its best share of the checks (its passes' audit odds rise with its share, honest verifiers get the rest)
+    assert (sum(fig["adversaries"][w]["colluding_among"]["10"]["unit_catch_rate"] for w in whole_unit)
+            > 1.5 * sum(fig["adversaries"][w]["colluding_unit_catch_rate"] for w in whole_unit))
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
-    assert fig["audit_cost_ratio"] == round(fig["verify_cost_ratio"] * 0.1, 4)
+    assert set(fig["colluding_min_caught_rate_among"]) == {"2", "5", "10"}
+    # an honest market pays a little over the base rate for audits (chance shares over the fair one), not double
+    assert all(0.1 <= r < 0.15 for r in fig["honest_audit_rate"].values())
+    assert fig["audit_cost_ratio"] == round(fig["verify_cost_ratio"] * max(fig["honest_audit_rate"].values()), 4)
     # 64 segments at the standard rate buy one challenge, drawn uniformly: a sparse cheat (5% of the segments) is
     # caught in about one unit of 16 at this size, which is why real units are long (the full-size bench shows them
     # caught); except a skipped step, whose segment's model did not move: an update outlier, replayed on top of the

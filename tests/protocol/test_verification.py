@@ -237,3 +237,19 @@ def test_the_cached_trusted_stake_search_gives_what_the_plain_one_gave(level: st
             rate = vp.level_rate(level)
             if rate:
                 assert vp._catch_1pct(n, rate, horizon) == _old_catch_1pct(n, rate, horizon)
+
+
+def test_the_audit_rate_rises_with_a_verifiers_excess_share_of_one_providers_checking() -> None:
+    """Base rate at a fair share (or below it, or as the only verifier around); with one verifier doing every check of
+    a provider among ten, a rate that grows with the evidence toward 1; never above 1; 0 stays 0 (audits off)."""
+    base = float(vp.AUDIT_RATE)
+    assert vp.audit_rate(base, 25, 256, 10) == pytest.approx(base)  # its fair share, 1 in 10
+    assert vp.audit_rate(base, 0, 256, 10) == base and vp.audit_rate(base, 1, 1, 1) == base
+    assert vp.audit_rate(base, 256, 256, 1) == base  # the only verifier around cannot be over its share
+    ring = [vp.audit_rate(base, n, n, 10) for n in (1, 8, 32, 64, 256)]
+    assert ring == sorted(ring) and ring[0] < 0.15 and 0.6 < ring[2] < 0.7 and 0.9 < ring[-1] < 1
+    assert vp.audit_rate(base, 3, 3, 2) < vp.audit_rate(base, 3, 3, 10)  # the same record, more verifiers around
+    assert vp.audit_rate(0.5, 256, 256, 10) == 1.0 and vp.audit_rate(0.0, 256, 256, 10) == 0.0
+    for bad in ((base, 5, 4, 3), (base, -1, 4, 3), (1.5, 1, 1, 1), (base, 1, 1, True)):
+        with pytest.raises(GridMintValueError):
+            vp.audit_rate(*bad)  # type: ignore[arg-type]
