@@ -13,8 +13,12 @@ What runs (all real training and real replays on this machine; the trials only r
    trusted host (``trusted``): sampled at half the rate, from the smallest stake at which the marketplace gives it
    that discount on this unit shape (``protocol.verification.sampling_rate``). And again with every check going to
    a verifier colluding with the cheat (``colluding_caught_rate``): it passes them all and tells canaries apart, so
-   only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass) catches it; ``audit_cost_ratio``: the
-   referee's audit replays over the provider's compute.
+   only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass, the ring being every verifier around)
+   catches it. ``colluding_among``: the ring as one wallet of 2, 5 or 10 verifiers around, taking the share of the
+   cheat's checks (of ``COLLUDING_SHARES``) that suits it best; honest verifiers check the rest, and its passes are
+   audited at the odds the marketplace draws (``protocol.verification.audit_rate``: raised with its share of the
+   provider's recent verdicts). ``honest_audit_rate``: those odds averaged over an honest market's passes (checks
+   spread at random); ``audit_cost_ratio``: the referee's audit replays over the provider's compute.
 3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
    ``false_slash`` counts units with any failing segment.
 4. ``verify_cost_ratio``: compute (CPU seconds) of the standard-level verification of an honest unit of a default
