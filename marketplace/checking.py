@@ -385,10 +385,10 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         elif body.ok:
             # now and then the referee replays the pass itself before the unit is paid (audit_check): what a verifier
             # colluding with the provider cannot tell from an unaudited pass, as it could a canary
-            # (likelier where this verifier does more than its share of the provider's checking: audit_odds)
+            # (likelier where this verifier checks much more of the provider's work than of others': audit_odds)
             audited = (rt.settings.audit_rate > 0
                        and _referee_exact(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
-                       and canary.draw(audit_odds(rt, s, task, unit.plan or PROVIDER_PLAN.label, task.verdict_at)))
+                       and canary.draw(audit_odds(rt, s, task, unit.plan or PROVIDER_PLAN.label)))
             task.status = "auditing" if audited else "passed"
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
                 audited=audited)
@@ -411,25 +411,32 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     return "passed" if body.ok else "disputed"
 
 
-def audit_odds(rt: Runtime, s: Session, task: Verification, plan: str, now: int) -> float:
+def audit_odds(rt: Runtime, s: Session, task: Verification, plan: str) -> float:
     """The probability the referee audits ``task``'s pass (its verdict in): ``settings.audit_rate``, raised by how
-    many times its fair share of the provider's last ``AUDIT_WINDOW`` real verdicts its verifier gave, among the
-    verifiers around (active, polling with their stake enough within ``unit_timeout_s``) that could check work on
-    ``plan`` (:func:`protocol.verification.audit_rate`)."""
+    much larger its verifier's share of the provider's last ``AUDIT_WINDOW`` real verdicts is than its share of the
+    market's real verdicts on work of ``plan`` over the same time (:func:`protocol.verification.audit_rate`)."""
     assert task.verifier is not None
-    recent = (select(Verification.verifier)
-              .where(Verification.provider == task.provider, Verification.verdict_at.is_not(None),
-                     Verification.canary.is_(None))
+    real = (Verification.verdict_at.is_not(None), Verification.canary.is_(None))
+    theirs = (select(Verification.verifier, Verification.verdict_at)
+              .where(Verification.provider == task.provider, *real)
               .order_by(Verification.verdict_at.desc(), Verification.id.desc())
               .limit(verification.AUDIT_WINDOW).subquery())
-    window, mine = s.execute(select(func.count(), func.coalesce(func.sum(case((recent.c.verifier == task.verifier, 1),
-                                                                               else_=0)), 0))
-                             .select_from(recent)).one()
-    can_check = Verifier.plan.is_not(None) if Plan.parse(plan).device == "cpu" else ~Verifier.plan.like("cpu%")
-    around = s.scalar(select(func.count()).select_from(Verifier).where(
-        Verifier.address != task.provider, Verifier.status == "active", can_check,
-        or_(Verifier.staked_seen_at >= now - rt.settings.unit_timeout_s, Verifier.address == task.verifier)))
-    return verification.audit_rate(rt.settings.audit_rate, int(mine), int(window), int(around or 1))
+    window, mine, since = s.execute(select(func.count(), _count_of(theirs.c.verifier, task.verifier),
+                                           func.min(theirs.c.verdict_at)).select_from(theirs)).one()
+    plans = (select(Verification.verifier).join(Unit, Unit.id == Verification.unit_id)
+             .where(Unit.plan == plan, Verification.verdict_at >= (since or 0), *real)
+             .order_by(Verification.verdict_at.desc(), Verification.id.desc())
+             .limit(verification.AUDIT_MARKET_WINDOW).subquery())
+    plan_window, plan_mine, verifiers = s.execute(select(
+        func.count(), _count_of(plans.c.verifier, task.verifier), func.count(plans.c.verifier.distinct()))
+        .select_from(plans)).one()
+    return verification.audit_rate(rt.settings.audit_rate, int(mine), int(window), int(plan_mine), int(plan_window),
+                                   int(verifiers))
+
+
+def _count_of(column: Any, value: str) -> Any:
+    """SQL: how many rows have ``column`` = ``value`` (0 where none do)."""
+    return func.coalesce(func.sum(case((column == value, 1), else_=0)), 0)
 
 
 def maybe_verified(s: Session, unit: Unit) -> None:

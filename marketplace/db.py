@@ -144,8 +144,9 @@ class Unit(Base):
 
 class Verification(Base):
     __tablename__ = "verifications"
-    # a provider's latest verdicts: who gave them (checking.audit_odds)
-    __table_args__ = (Index("ix_verifications_provider_verdict", "provider", "verdict_at"),)
+    # a provider's latest verdicts, and the market's: who gave them (checking.audit_odds)
+    __table_args__ = (Index("ix_verifications_provider_verdict", "provider", "verdict_at"),
+                      Index("ix_verifications_verdict_at", "verdict_at"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     unit_id: Mapped[str] = mapped_column(ForeignKey("units.id"), index=True)
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked

@@ -78,31 +78,44 @@ CANARY_RATE = Fraction(1, 50)
 #: caught where an audited pass lands on a segment it faked: ``gridmint bench proof``'s colluding_caught_rate (before
 #: its pay exceeds a 20x stake) was 0.36 for a cheat faking 1% of the steps, 1.0 for one faking whole units.
 AUDIT_RATE = Fraction(1, 10)
-#: The audit rate rises where one verifier does more than its share of one provider's checking (the shape of a ring:
-#: a friend gets its provider's checks by polling the moment they are queued): measured over the provider's last
-#: ``AUDIT_WINDOW`` real verdicts, shrunk toward the fair share by ``AUDIT_PRIOR`` checks per verifier around
-#: (:func:`audit_rate`), so the first few checks of a new provider are not all audited.
+#: The audit rate rises where one verifier does more of one provider's checking than of the checking of the
+#: provider's plan across the market (the shape of a ring: a friend polling the moment its provider's checks are
+#: queued, and for little else). Measured over the provider's last ``AUDIT_WINDOW`` real verdicts, against the
+#: market's real verdicts on that plan over the same time (the last ``AUDIT_MARKET_WINDOW`` at most), each shrunk
+#: toward the fair share by ``AUDIT_PRIOR`` checks per verifier (:func:`audit_rate`).
 AUDIT_WINDOW = 256
+AUDIT_MARKET_WINDOW = 8192
 AUDIT_PRIOR = 2
 
 
-def audit_rate(base: float, by_verifier: int, window: int, verifiers: int) -> float:
+def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int, plan_window: int,
+               verifiers: int) -> float:
     """The probability the referee audits a pass by a verifier that gave ``by_verifier`` of its provider's last
-    ``window`` real verdicts (this one included), with ``verifiers`` verifiers around that could check that work (it
-    among them). ``base`` (``AUDIT_RATE``) times how many times its fair share (``1 / verifiers``) the verifier took,
-    shrunk by ``AUDIT_PRIOR`` checks each toward it; never below ``base``, at most 1. In an honest market the shares
-    are near fair and the rate is about ``base``; a single verifier (around, or at all) is never over its share; a
-    verifier doing every check of one provider among 10 gets 0.65 of its passes audited after 32 of them, 0.93 after
-    256. (A ring of k wallets among ``verifiers`` is one of ``verifiers / k``: it posts k stakes for it.)"""
-    for name, v in (("by_verifier", by_verifier), ("window", window), ("verifiers", verifiers)):
+    ``window`` real verdicts (this one included), and ``plan_by_verifier`` of the ``plan_window`` real verdicts the
+    market gave over the same time on work of the provider's plan (the provider's own among them), where
+    ``verifiers`` verifiers gave those. ``base`` (``AUDIT_RATE``) times the ratio of its share of the provider's
+    checking to its share of the plan's, each shrunk by ``AUDIT_PRIOR`` checks a verifier toward the fair share;
+    never below ``base``, at most 1.
+
+    An honest verifier takes the checks as they come, whoever's: its two shares agree (a fast one has both large), and
+    the rate is about ``base``; where the provider is the plan's only one, they are the same verdicts. A ring that
+    takes its friend's checks and does little else has a share of its friend's checking ``m`` times its share of the
+    plan's, for a friend doing ``1 / m`` of the plan's work: in a market of ten such providers, 0.93 of its passes are
+    audited once its friend's last 256 verdicts are its own, whichever number of wallets it splits them over (each
+    has both shares cut alike); to bring the ratio down it must check the other providers' work, honestly (a lazy
+    pass there meets the canaries)."""
+    for name, v in (("by_verifier", by_verifier), ("window", window), ("plan_by_verifier", plan_by_verifier),
+                    ("plan_window", plan_window), ("verifiers", verifiers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise GridMintValueError(f"{name} must be a non-negative int, got {v!r}")
-    if not 0 <= base <= 1 or by_verifier > window:
-        raise GridMintValueError(f"audit_rate: base {base!r} outside [0, 1] or {by_verifier} > window {window}")
+    if not 0 <= base <= 1 or by_verifier > window or plan_by_verifier > plan_window:
+        raise GridMintValueError(f"audit_rate: base {base!r} outside [0, 1], or a count over its window "
+                                 f"({by_verifier}/{window}, {plan_by_verifier}/{plan_window})")
     if base == 0:
         return 0.0
     n = max(1, verifiers)
-    over = Fraction(by_verifier + AUDIT_PRIOR, window + AUDIT_PRIOR * n) * n
+    over = (Fraction(by_verifier + AUDIT_PRIOR, window + AUDIT_PRIOR * n)
+            / Fraction(plan_by_verifier + AUDIT_PRIOR, plan_window + AUDIT_PRIOR * n))
     return min(1.0, float(base * max(Fraction(1), over)))
 
 

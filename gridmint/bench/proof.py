@@ -13,12 +13,15 @@ What runs (all real training and real replays on this machine; the trials only r
    trusted host (``trusted``): sampled at half the rate, from the smallest stake at which the marketplace gives it
    that discount on this unit shape (``protocol.verification.sampling_rate``). And again with every check going to
    a verifier colluding with the cheat (``colluding_caught_rate``): it passes them all and tells canaries apart, so
-   only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass, the ring being every verifier around)
-   catches it. ``colluding_among``: the ring as one wallet of 2, 5 or 10 verifiers around, taking the share of the
-   cheat's checks (of ``COLLUDING_SHARES``) that suits it best; honest verifiers check the rest, and its passes are
-   audited at the odds the marketplace draws (``protocol.verification.audit_rate``: raised with its share of the
-   provider's recent verdicts). ``honest_audit_rate``: those odds averaged over an honest market's passes (checks
-   spread at random); ``audit_cost_ratio``: the referee's audit replays over the provider's compute.
+   only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass) catches it, the cheat being its
+   plan's only provider (so its verifier's share of its checking is no larger than of the plan's).
+   ``colluding_by_providers``: the cheat as one of 2, 5 or 10 providers of equal work on its plan, checked by
+   ``HONEST_VERIFIERS`` honest verifiers and the ring, which takes the share of the cheat's checks (of
+   ``COLLUDING_SHARES``) that suits it best and checks nothing else; honest verifiers check the rest, and the
+   ring's passes are audited at the odds the marketplace draws (``protocol.verification.audit_rate``: its share of
+   the cheat's verdicts over its share of the plan's). ``honest_audit_rate``: those odds averaged over the passes
+   of an honest market (checks spread at random); ``audit_cost_ratio``: the referee's audit replays over the
+   provider's compute.
 3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
    ``false_slash`` counts units with any failing segment.
 4. ``verify_cost_ratio``: compute (CPU seconds) of the standard-level verification of an honest unit of a default
@@ -254,27 +257,42 @@ def trainer_overhead(steps: int, repeats: int, plan: Plan, log: Callable[[str], 
 
 
 TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and honest units' model
-#: colluding_among: the ring as one wallet of this many verifiers around, at the best of these shares of the checks
-COLLUDING_AROUND = (2, 5, 10)
+#: colluding_by_providers: the cheat as one of this many providers of equal work on its plan, checked by this many
+#: honest verifiers and the ring, at the best of these shares of its checks for the ring
+COLLUDING_PROVIDERS = (2, 5, 10)
+HONEST_VERIFIERS = 10
 COLLUDING_SHARES = (0.25, 0.5, 0.75, 1.0)
 
 
-def honest_audit_rate(checks: int = 20_000, seed: str = "honest audits") -> dict[str, float]:
-    """The mean audit odds (``protocol.verification.audit_rate``) of a provider's passes when each of ``checks``
-    checks goes to one of ``n`` verifiers at random (for each n of ``COLLUDING_AROUND``): the rate an honest market
-    pays for the audits, above ``AUDIT_RATE`` where a verifier's share is over its fair one by chance. (The
-    marketplace spreads a unit's checks over its verifiers, so its shares are nearer fair than at random.)"""
+def honest_audit_rate(checks: int = 20_000, providers: int = 10, seed: str = "honest audits") -> dict[str, float]:
+    """The mean audit odds (``protocol.verification.audit_rate``) of one provider's passes in an honest market of
+    ``providers`` providers of equal work on one plan, each of its ``checks`` checks going to one of ``n``
+    verifiers at random (for ``n`` in 2, 5, 10): the rate an honest market pays for the audits, above
+    ``AUDIT_RATE`` where a verifier's share of the provider's checking is over its share of the plan's by chance.
+    (The marketplace spreads a unit's checks over its verifiers, so its shares are nearer each other than at
+    random.)"""
     out = {}
-    for n in COLLUDING_AROUND:
-        draw, window, given, total = random.Random(f"{seed}/{n}"), deque[int](), [0] * n, 0.0
-        for _ in range(checks):
+    for n in (2, 5, 10):
+        draw, total, passes = random.Random(f"{seed}/{n}"), 0.0, 0
+        window: deque[tuple[int, int]] = deque()  # the provider's recent checks: (position in the market, verifier)
+        market: deque[int] = deque()  # the verifiers of the market's checks since the oldest of the window
+        given, plan_given = [0] * n, [0] * n
+        for i in range(checks * providers):
             v = draw.randrange(n)
-            window.append(v)
+            market.append(v)
+            plan_given[v] += 1
+            if draw.randrange(providers):
+                continue  # another provider's check
+            window.append((i, v))
             given[v] += 1
             if len(window) > vp.AUDIT_WINDOW:
-                given[window.popleft()] -= 1
-            total += vp.audit_rate(float(vp.AUDIT_RATE), given[v], len(window), n)
-        out[str(n)] = round(total / checks, 4)
+                given[window.popleft()[1]] -= 1
+            while len(market) > i - window[0][0] + 1:
+                plan_given[market.popleft()] -= 1
+            passes += 1
+            total += vp.audit_rate(float(vp.AUDIT_RATE), given[v], len(window), plan_given[v], len(market),
+                                   sum(1 for c in plan_given if c))
+        out[str(n)] = round(total / passes, 4)
     return out
 
 
@@ -330,15 +348,17 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                                                f"{name}/collude{t}/{u}".encode(), units[(t + u) % len(units)][3])
                           for u in range(horizon)] for t in range(a.trials)]
 
-        def colluding(around: int, share: float) -> tuple[float, float]:
+        def colluding(providers: int, share: float) -> tuple[float, float]:
             # a verifier colluding with the cheat (it passes all it gets, and tells the canaries apart: the provider
-            # knows every true state) gets ``share`` of its checks, honest verifiers the rest; ``around`` verifiers
-            # (it among them) could check them. An honest verifier's check of a faked segment catches it; the
-            # ring's pass only where the referee audits it, at the odds the marketplace draws (audit_odds: raised
-            # with the ring's share of the provider's last AUDIT_WINDOW verdicts)
+            # knows every true state) gets ``share`` of its checks, honest verifiers the rest; the cheat is one of
+            # ``providers`` providers of equal work on its plan, whose checks honest verifiers do. An honest
+            # verifier's check of a faked segment catches it; the ring's pass only where the referee audits it, at
+            # the odds the marketplace draws (audit_odds: the ring's share of the cheat's last AUDIT_WINDOW
+            # verdicts over its share of the plan's in the same time, where it gave only its friend's)
+            verifiers = 1 + (HONEST_VERIFIERS if providers > 1 or share < 1 else 0)
             caught_trials, units_checked, units_caught = 0, 0, 0
             for t in range(a.trials):
-                draw = random.Random(f"{name}/collude/{t}/{around}/{share}")
+                draw = random.Random(f"{name}/collude/{t}/{providers}/{share}")
                 window: deque[bool] = deque()  # who gave each of the provider's recent verdicts (True: the ring)
                 mine = 0
                 for u in range(horizon):
@@ -350,7 +370,7 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         window.append(ring)
                         mine += ring - (window.popleft() if len(window) > vp.AUDIT_WINDOW else 0)
                         if not verdicts[i] and (not ring or draw.random() < vp.audit_rate(
-                                float(vp.AUDIT_RATE), mine, len(window), around)):
+                                float(vp.AUDIT_RATE), mine, len(window), mine, providers * len(window), verifiers)):
                             hit = True
                     if hit:
                         units_caught += 1
@@ -360,29 +380,30 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
-        # the ring is every verifier around: each check its own, none of its shares over a fair one
+        # the cheat alone on its plan, the ring its only verifier: its shares are the same, the base rate
         collude_caught, collude_unit = colluding(1, 1.0)
-        # the ring is one wallet of ``around``, at the share of the checks that suits it best (taking them all
-        # raises its audit odds; taking fewer leaves more to honest verifiers)
-        among: dict[str, Any] = {}
-        for around in COLLUDING_AROUND:
-            worst = min((colluding(around, q) + (q,) for q in COLLUDING_SHARES), key=lambda x: (x[0], x[1]))
-            among[str(around)] = {"caught_rate": worst[0], "unit_catch_rate": worst[1], "ring_share": worst[2]}
+        # the cheat one of several providers on its plan, the ring at the share of its checks that suits it best
+        # (taking them all raises its audit odds; taking fewer leaves more to honest verifiers)
+        by_providers: dict[str, Any] = {}
+        for m in COLLUDING_PROVIDERS:
+            worst = min((colluding(m, q) + (q,) for q in COLLUDING_SHARES), key=lambda x: (x[0], x[1]))
+            by_providers[str(m)] = {"caught_rate": worst[0], "unit_catch_rate": worst[1], "ring_share": worst[2]}
         res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
                "caught_rate": caught, "unit_catch_rate": unit_catch, "trusted_caught_rate": trusted_caught,
                "colluding_caught_rate": collude_caught, "colluding_unit_catch_rate": collude_unit,
-               "colluding_among": among, "build_s": round(time.perf_counter() - t0, 1)}
+               "colluding_by_providers": by_providers, "build_s": round(time.perf_counter() - t0, 1)}
         out["adversaries"][name] = res
         log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
             f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  with a colluding "
-            f"verifier (audits only) {collude_caught:.3f}, as one wallet of 2/5/10 at its best share "
-            f"{'/'.join(format(v['caught_rate'], '.3f') for v in among.values())}  ({res['build_s']} s)")
+            f"verifier (audits only) {collude_caught:.3f}, as one of 2/5/10 providers on its plan (the ring at its "
+            f"best share) {'/'.join(format(v['caught_rate'], '.3f') for v in by_providers.values())}  "
+            f"({res['build_s']} s)")
     out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
     out["audit_rate"] = float(vp.AUDIT_RATE)
     out["colluding_min_caught_rate"] = min(r["colluding_caught_rate"] for r in out["adversaries"].values())
-    out["colluding_min_caught_rate_among"] = {
-        str(n): min(r["colluding_among"][str(n)]["caught_rate"] for r in out["adversaries"].values())
-        for n in COLLUDING_AROUND}
+    out["colluding_min_caught_rate_by_providers"] = {
+        str(m): min(r["colluding_by_providers"][str(m)]["caught_rate"] for r in out["adversaries"].values())
+        for m in COLLUDING_PROVIDERS}
     out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
     log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
         f"caught rate there {out['trusted']['min_caught_rate']:.3f}")

@@ -143,58 +143,55 @@ def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_p
     assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
 
 
-def test_a_verifier_doing_more_than_its_share_of_a_providers_checking_is_audited_more(tmp_path: Path,
-                                                                                      db_url: str) -> None:
-    """audit_odds reads who gave the provider's last AUDIT_WINDOW real verdicts (canaries and other providers' checks
-    apart) and how many verifiers are around that could check its plan (active, seen with their stake within
-    unit_timeout_s, the provider itself apart): a verifier that gave all of them is audited at the raised rate, one
-    at its fair share at the base rate; a CPU unit's checkers include GPU verifiers, a GPU unit's do not include CPU
-    ones."""
+def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audited_more(tmp_path: Path,
+                                                                                         db_url: str) -> None:
+    """audit_odds reads who gave the provider's last AUDIT_WINDOW real verdicts, and who gave the market's real
+    verdicts on work of the unit's plan since the oldest of those (canaries, older verdicts and other plans apart):
+    a verifier that checked all of the provider and little else is audited at the raised rate; one whose shares
+    agree, at the base rate."""
     from marketplace.blobs import BlobStore
     from marketplace.db import Job, Verification, make_sessionmaker, now_s
     from marketplace.runtime import Runtime
     from marketplace.settings import Settings
     from protocol import verification as vp
 
-    settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.1, unit_timeout_s=120)
+    settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.1)
     sessions = make_sessionmaker(db_url)
     rt = Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
                  contracts=None, enqueue=lambda name, args, queue=None: None)
     now, job = now_s(), "0x" + "02" * 32
-    addr = {name: "0x" + f"{i + 1:02x}" * 20 for i, name in enumerate(
-        ["ring", "fair", "gpu", "cpu2", "stale", "benched", "prov", "other"])}
+    ring, fair, prov, other = ("0x" + f"{i:02x}" * 20 for i in range(1, 5))
     with sessions.begin() as s:
         s.add(Job(id=job, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"), budget=1,
                   global_blob="0" * 64, status="done"))
         s.flush()
-        s.add_all([Unit(id=f"0x{0:064x}", job_id=job, round=0, shard=0, status="submitted", plan="cpu"),
-                   Unit(id=f"0x{1:064x}", job_id=job, round=0, shard=1, status="submitted", plan="cuda:h100")])
-        for name, plan, status, seen in [("ring", "cpu", "active", now), ("fair", "cpu", "active", now - 60),
-                                         ("gpu", "cuda:h100", "active", now), ("cpu2", "cpu/mb2", "active", now),
-                                         ("stale", "cpu", "active", now - 500), ("benched", "cpu", "benched", now),
-                                         ("prov", "cpu", "active", now)]:
-            s.add(Verifier(address=addr[name], plan=plan, status=status, staked_seen_at=seen))
+        cpu, theirs, gpu = (f"0x{i:064x}" for i in range(3))
+        s.add_all([Unit(id=cpu, job_id=job, round=0, shard=0, status="submitted", plan="cpu"),
+                   Unit(id=theirs, job_id=job, round=0, shard=1, status="submitted", plan="cpu"),
+                   Unit(id=gpu, job_id=job, round=0, shard=2, status="submitted", plan="cuda:h100")])
         s.flush()
 
-        def verdicts(verifier: str, n: int, provider: str = addr["prov"], **kw: object) -> list[Verification]:
-            rows = [Verification(unit_id=f"0x{0:064x}", provider=provider, segment=i, status="passed",
-                                 verifier=verifier, verdict_at=now - 100 + i, **kw) for i in range(n)]
+        def verdicts(unit: str, provider: str, verifier: str, n: int, at: int, **kw: object) -> list[Verification]:
+            rows = [Verification(unit_id=unit, provider=provider, segment=i, status="passed", verifier=verifier,
+                                 verdict_at=at + i, **kw) for i in range(n)]
             s.add_all(rows)
             s.flush()
             return rows
 
-        *_, ring = verdicts(addr["ring"], 40)
-        verdicts(addr["fair"], 30, canary={"proof": {}})  # canaries: not the provider's claims
-        verdicts(addr["fair"], 30, provider=addr["other"])  # another provider's checking
-        # around for a CPU unit: ring, fair, gpu, cpu2 (not the stale one, the benched one, nor the provider)
-        assert checking.audit_odds(rt, s, ring, "cpu", now) == vp.audit_rate(0.1, 40, 40, 4) > 0.1
-        *_, gpu_pass = verdicts(addr["gpu"], 1)
-        assert checking.audit_odds(rt, s, gpu_pass, "cuda:h100", now) == vp.audit_rate(0.1, 1, 41, 1) == 0.1
-        # the same provider checked by four verifiers in turn: each at its fair share, the base rate
-        s.query(Verification).filter(Verification.verifier == addr["ring"]).delete()
-        order = [addr[n] for n in ("ring", "fair", "gpu", "cpu2")] * 20
-        rows = [Verification(unit_id=f"0x{0:064x}", provider=addr["prov"], segment=i, status="passed", verifier=v,
-                             verdict_at=now + i) for i, v in enumerate(order)]
-        s.add_all(rows)
-        s.flush()
-        assert checking.audit_odds(rt, s, rows[-1], "cpu", now) == 0.1
+        verdicts(theirs, other, fair, 50, now - 1000)  # before the provider's window: not counted
+        *_, ring_pass = verdicts(cpu, prov, ring, 40, now - 100)
+        verdicts(theirs, other, fair, 30, now - 90)
+        verdicts(theirs, other, ring, 5, now - 80)
+        verdicts(theirs, other, fair, 30, now - 70, canary={"proof": {}})  # canaries: not a provider's claim
+        verdicts(gpu, other, fair, 30, now - 60)  # another plan's checking
+        odds = checking.audit_odds(rt, s, ring_pass, "cpu")
+        assert odds == vp.audit_rate(0.1, 40, 40, 45, 75, 2) > 0.15
+        # the other provider's pass on the GPU plan: its verifier gave most of that provider's verdicts (111 of 116),
+        # and all of the plan's (31): the base rate
+        *_, gpu_pass = verdicts(gpu, other, fair, 1, now - 50)
+        assert checking.audit_odds(rt, s, gpu_pass, "cuda:h100") == 0.1
+        # the provider checked by the two in turn, as the rest of the plan is: both at the base rate
+        rows = verdicts(cpu, prov, ring, 20, now - 40) + verdicts(cpu, prov, fair, 20, now - 20)
+        verdicts(theirs, other, ring, 20, now - 40)
+        verdicts(theirs, other, fair, 20, now - 20)
+        assert checking.audit_odds(rt, s, rows[-1], "cpu") == 0.1

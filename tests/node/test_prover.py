@@ -111,14 +111,15 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
         # a unit, plus its outliers) some units, not all
         assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 0.5
         assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
-        among = [fig["adversaries"][whole]["colluding_among"][n] for n in ("2", "5", "10")]
-        assert all(a["ring_share"] in (0.25, 0.5, 0.75, 1.0) and 0 < a["caught_rate"] <= 1 for a in among)
-    # as one wallet of ten verifiers around, the ring's units are caught more often than where it is all of them,
-    # even at its best share of the checks (its passes' audit odds rise with its share, honest verifiers get the rest)
-    assert (sum(fig["adversaries"][w]["colluding_among"]["10"]["unit_catch_rate"] for w in whole_unit)
+        by = [fig["adversaries"][whole]["colluding_by_providers"][m] for m in ("2", "5", "10")]
+        assert all(b["ring_share"] in (0.25, 0.5, 0.75, 1.0) and 0 < b["caught_rate"] <= 1 for b in by)
+    # the cheat one of ten providers on its plan: the ring's units are caught more often than where the cheat is the
+    # plan's only provider, even at the ring's best share of its checks (its passes' audit odds rise with its share
+    # of the cheat's checking over its share of the plan's; honest verifiers get the rest)
+    assert (sum(fig["adversaries"][w]["colluding_by_providers"]["10"]["unit_catch_rate"] for w in whole_unit)
             > 1.5 * sum(fig["adversaries"][w]["colluding_unit_catch_rate"] for w in whole_unit))
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
-    assert set(fig["colluding_min_caught_rate_among"]) == {"2", "5", "10"}
+    assert set(fig["colluding_min_caught_rate_by_providers"]) == {"2", "5", "10"}
     # an honest market pays a little over the base rate for audits (chance shares over the fair one), not double
     assert all(0.1 <= r < 0.15 for r in fig["honest_audit_rate"].values())
     assert fig["audit_cost_ratio"] == round(fig["verify_cost_ratio"] * max(fig["honest_audit_rate"].values()), 4)

@@ -239,17 +239,24 @@ def test_the_cached_trusted_stake_search_gives_what_the_plain_one_gave(level: st
                 assert vp._catch_1pct(n, rate, horizon) == _old_catch_1pct(n, rate, horizon)
 
 
-def test_the_audit_rate_rises_with_a_verifiers_excess_share_of_one_providers_checking() -> None:
-    """Base rate at a fair share (or below it, or as the only verifier around); with one verifier doing every check of
-    a provider among ten, a rate that grows with the evidence toward 1; never above 1; 0 stays 0 (audits off)."""
+def test_the_audit_rate_rises_with_a_verifiers_share_of_one_providers_checking_over_its_share_of_the_plans() -> None:
+    """Base rate where a verifier's two shares agree (a fast verifier, the only one, a provider alone on its plan) or
+    it checks less of the provider than of the plan; for a ring doing all its friend's checks and nothing else, a rate
+    that grows with the evidence and with the number of providers on the plan, toward 1 (not over); split over
+    wallets, the same; 0 stays 0 (audits off)."""
     base = float(vp.AUDIT_RATE)
-    assert vp.audit_rate(base, 25, 256, 10) == pytest.approx(base)  # its fair share, 1 in 10
-    assert vp.audit_rate(base, 0, 256, 10) == base and vp.audit_rate(base, 1, 1, 1) == base
-    assert vp.audit_rate(base, 256, 256, 1) == base  # the only verifier around cannot be over its share
-    ring = [vp.audit_rate(base, n, n, 10) for n in (1, 8, 32, 64, 256)]
+    assert vp.audit_rate(base, 26, 256, 256, 2560, 10) == pytest.approx(base, abs=0.002)  # its share both ways
+    assert vp.audit_rate(base, 200, 256, 2000, 2560, 10) == pytest.approx(base, abs=0.002)  # a fast verifier
+    assert vp.audit_rate(base, 256, 256, 256, 256, 1) == base  # the only verifier
+    assert vp.audit_rate(base, 90, 256, 90, 256, 4) == base  # the provider alone on its plan
+    assert vp.audit_rate(base, 0, 256, 300, 2560, 10) == base
+    ring = [vp.audit_rate(base, n, n, n, 10 * n, 11) for n in (1, 8, 32, 64, 256)]  # 1 of 10 providers' work
     assert ring == sorted(ring) and ring[0] < 0.15 and 0.6 < ring[2] < 0.7 and 0.9 < ring[-1] < 1
-    assert vp.audit_rate(base, 3, 3, 2) < vp.audit_rate(base, 3, 3, 10)  # the same record, more verifiers around
-    assert vp.audit_rate(0.5, 256, 256, 10) == 1.0 and vp.audit_rate(0.0, 256, 256, 10) == 0.0
-    for bad in ((base, 5, 4, 3), (base, -1, 4, 3), (1.5, 1, 1, 1), (base, 1, 1, True)):
+    assert vp.audit_rate(base, 64, 64, 64, 128, 3) < vp.audit_rate(base, 64, 64, 64, 640, 11)  # 1 of 2 vs of 10
+    # the same ring over four wallets: each has a quarter of both shares, and nearly the same odds
+    assert vp.audit_rate(base, 64, 256, 64, 2560, 14) == pytest.approx(ring[-1], rel=0.15)
+    assert vp.audit_rate(0.5, 256, 256, 256, 2560, 11) == 1.0 and vp.audit_rate(0.0, 256, 256, 256, 2560, 11) == 0
+    for bad in ((base, 5, 4, 5, 9, 3), (base, 1, 4, 9, 5, 3), (base, -1, 4, 1, 4, 3), (1.5, 1, 1, 1, 1, 1),
+                (base, 1, 1, 1, 1, True)):
         with pytest.raises(GridMintValueError):
             vp.audit_rate(*bad)  # type: ignore[arg-type]
