@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     # and a verifier that replayed on the unit's own plan (its pass asserted the same bits) its own. What a verifier
     # colluding with the provider cannot tell apart, as it can a canary (the provider knows its true states): at 0.1,
     # a unit cheated through a friend costs the provider its stake whenever the audited pass is of a segment it
-    # faked, one time in ten; likelier for a verifier that gives more than its share of one provider's verdicts
-    # (checking.audit_odds). A probability, the base one; 0 audits none
+    # faked, one time in ten; likelier for a verifier whose share of one provider's verdicts is over its share of
+    # the plan's (checking.audit_odds). A probability, the base one; 0 audits none
     audit_rate: float = Field(default=float(AUDIT_RATE), ge=0.0, le=1.0)
     # execution plans the referee replays bit for bit besides the providers' default "cpu" (comma-separated labels,
     # e.g. "cpu/mb2" or, on a machine with that GPU, "cuda:h200"; marketplace.referee.exact_plans): a segment trained
