@@ -74,9 +74,12 @@ UPDATE_OUTLIER_PICKS = 2
 CANARY_RATE = Fraction(1, 50)
 #: Share of the passes (on work the referee replays bit for bit) that the referee replays itself before the unit is
 #: paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider, who tells canaries
-#: apart. It costs the operator this share of the verifiers' replays. A cheat whose every check goes to its friend is
-#: caught where an audited pass lands on a segment it faked: ``gridmint bench proof``'s colluding_caught_rate (before
-#: its pay exceeds a 20x stake) was 0.36 for a cheat faking 1% of the steps, 1.0 for one faking whole units.
+#: apart. It costs the operator about this share of the verifiers' replays (``bench proof``'s honest_audit_rate:
+#: 0.103-0.108). A cheat whose every check goes to its friend is caught where an audited pass lands on a segment it
+#: faked, before its pay exceeds a 20x stake (``bench proof``, 1% of the steps faked): 0.41 where it is its plan's
+#: only provider (colluding_caught_rate), 0.59 / 0.91 / 0.99 as one of 2 / 5 / 10 providers of equal work on its
+#: plan (colluding_by_providers: the audit odds rise with the ring's share, :func:`audit_rate`); 1.0 for one faking
+#: whole units.
 AUDIT_RATE = Fraction(1, 10)
 #: The audit rate rises where one verifier does more of one provider's checking than of the checking of the
 #: provider's plan across the market (the shape of a ring: a friend polling the moment its provider's checks are
