@@ -23,7 +23,7 @@ from marketplace.db import Job, Unit, UnitUpload, Verification, now_s
 from marketplace.runtime import Runtime
 
 #: check statuses whose ruling may still read the unit's checkpoints (and the canary's forged end, the reveals)
-OPEN_RULINGS = ("disputed", "bisecting")
+OPEN_RULINGS = ("disputed", "bisecting", "auditing")
 
 
 def kept_units(now: int, retention_s: int) -> Select[tuple[str]]:

@@ -16,8 +16,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from marketplace import canary, referee
-from marketplace.common import (OPEN_CHECKS, Conflict, NotFound, check_fee_entry, check_uploaded_state, log, stake_short, take_back,
-                                unit_spec)
+from marketplace.common import (OPEN_CHECKS, REVEALING, Conflict, NotFound, check_fee_entry, check_uploaded_state,
+                                log, stake_short, take_back, unit_spec)
 from marketplace.db import (Handed, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
                             pools_seen)
 from marketplace.runtime import Runtime
@@ -258,6 +258,14 @@ def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
     return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build in rt.referee_builds())
 
 
+def _auditable(rt: Runtime, plan: Plan, build: str) -> bool:
+    """Whether the referee audits passes of work on ``plan`` computed with ``build``: any CPU plan on any kernels
+    (replayed bit for bit where :func:`_referee_exact`, else judged within the tolerance and bisected with the
+    provider's reveals, as a dispute), and a GPU plan it replays bit for bit (a referee judges a GPU plan only on
+    that GPU: one the operator names in ``GRIDMINT_REFEREE_PLANS``)."""
+    return plan.device == "cpu" or _referee_exact(rt, plan, build)
+
+
 def run_referee(rt: Runtime, verification_id: int, build: str | None, fallen_back: bool = False) -> None:
     """Send dispute ``verification_id`` over work computed with kernel ``build`` to the referee that judges it:
     the referee pool computing with those kernels (it replays the work bit for bit), else the default referee; the
@@ -387,7 +395,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
             # colluding with the provider cannot tell from an unaudited pass, as it could a canary
             # (likelier where this verifier checks much more of the provider's work than of others': audit_odds)
             audited = (rt.settings.audit_rate > 0
-                       and _referee_exact(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
+                       and _auditable(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
                        and canary.draw(audit_odds(rt, s, task, unit.plan or PROVIDER_PLAN.label)))
             task.status = "auditing" if audited else "passed"
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
@@ -781,8 +789,10 @@ def audit_evidence(verification_id: int, verifier: str) -> bytes:
 
 
 def audit_check(rt: Runtime, verification_id: int) -> str:
-    """The referee's own replay of a check a verifier passed (``auditing``: drawn at ``settings.audit_rate`` of the
-    passes, on work the referee replays bit for bit), before the unit is paid. The claim holds: the check is passed
+    """The referee's own replay of a check a verifier passed (``auditing``: drawn at the odds :func:`audit_odds` gives,
+    on work :func:`_auditable`), before the unit is paid: bit for bit where it replays the work so, else within the
+    tolerance, bisected with the provider's revealed states where its replay is past it (the check stays
+    ``auditing`` meanwhile, its ``bisect`` the ask, as a dispute's). The claim holds: the check is passed
     (the unit is credited once its every check is). It does not: the provider loses its whole stake to the treasury
     (a governance slash under the segment's fraud evidence, so a verifier's dispute of it could not slash twice), its
     units not yet verified go back to the pool; the verifier earns nothing for the check, and one that replayed on
@@ -800,6 +810,10 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         fallen_back = task.fallback_at is not None
         if fallen_back and rt.referee_pool_here():
             return task.status  # its pool was away and the default referee has it now: not this worker's any more
+        bisect = referee.bisect_view(task.bisect)
+        if bisect.get("asked") is not None and str(bisect["asked"]) not in bisect["reveals"] \
+                and now_s() <= int(bisect["deadline"]):
+            return task.status  # still waiting for the state asked of the provider: nothing to replay yet
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
         job = s.get(Job, unit.job_id)
@@ -807,14 +821,37 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         spec, proof, seg, plan = unit_spec(job, unit), TrainingProof.from_dict(unit.proof), task.segment, \
             Plan.parse(unit.plan or PROVIDER_PLAN.label)
         start, end, build = unit.segment_blobs[seg], _end_blob(unit, seg), unit.build or ""
+        losses = list(unit.losses) if unit.losses else None  # per step, as submitted and signed with the proof
         provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
         ver = s.get(Verifier, verifier)
         same_bits = ver is not None and Plan.parse(ver.plan) == plan and (ver.build or "") == build != ""
-    # (its referee pool away: the default referee judges it across kernels, within the tolerance; a ruling that
-    # would need the provider's revealed states, None, lets the pass stand)
-    ruling = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), {},
-                          lambda _: "", None, rt.referee_plans(here=True, build="" if fallen_back else build), build)
-    if not ruling.fraud:  # holds (None: not decidable without the provider's reveals here: the pass stands)
+    reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
+
+    def overdue(step: int) -> str:
+        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
+            return f"the provider did not reveal its state before step {step} by its deadline"
+        return ""
+
+    # work the referee does not replay bit for bit (another CPU plan, other kernels; or its referee pool away) is
+    # judged within the tolerance, and where its replay is past it, bisected with the provider's revealed states
+    # (asked as a dispute's are; a provider that lets the deadline pass is convicted)
+    exact = rt.referee_plans(here=True, build="" if fallen_back else build)
+    ruling = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), reveals,
+                          overdue, losses, exact, build)
+    if ruling.fraud is None:
+        assert ruling.pending is not None
+        with rt.sessions.begin() as s:
+            task = s.get(Verification, verification_id)
+            assert task is not None
+            b = referee.bisect_view(task.bisect)
+            if task.status == "auditing" and b.get("asked") != ruling.pending:
+                b["asked"], b["deadline"] = ruling.pending, now_s() + rt.settings.reveal_timeout_s
+                b["more"] = list(ruling.pending_more)  # asked in turn as each comes in (record_reveal)
+                task.bisect = b
+                log(s, "reveal_requested", job_id, unit=unit_id, segment=seg, provider=provider, step=ruling.pending,
+                    deadline=b["deadline"], then=len(b["more"]), path="audit")
+            return task.status
+    if not ruling.fraud:  # holds
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
@@ -823,8 +860,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
             task.status = "passed"
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
-            log(s, "audit_passed", job_id, unit=unit_id, segment=seg, verifier=verifier,
-                reason=ruling.reason if ruling.fraud is False else f"not replayable here bit for bit: {ruling.reason}")
+            log(s, "audit_passed", job_id, unit=unit_id, segment=seg, verifier=verifier, reason=ruling.reason)
             maybe_verified(s, unit)
         rt.enqueue("gridmint.advance", [job_id])
         return "passed"
@@ -928,7 +964,8 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
         if s.get(Provider, provider) is None:
             raise NotFound(f"provider {provider} is not registered")
         for task in s.scalars(select(Verification).where(Verification.provider == provider,
-                                                         Verification.status == "bisecting").order_by(Verification.id)):
+                                                         Verification.status.in_(REVEALING))
+                              .order_by(Verification.id)):
             b = referee.bisect_view(task.bisect)
             step = b.get("asked")
             if step is None or str(step) in b["reveals"]:
@@ -956,7 +993,7 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if task.provider != provider:
             raise Conflict(f"verification {task.id} is not over a segment of {provider}")
         b = referee.bisect_view(task.bisect)
-        if task.status != "bisecting" or b.get("asked") != body.step:
+        if task.status not in REVEALING or b.get("asked") != body.step:
             raise Conflict(f"verification {task.id} is not waiting for a state before step {body.step}"
                            f" (status {task.status}, asked {b.get('asked')})")
         if now_s() > int(b["deadline"]):
@@ -981,19 +1018,21 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         task = s.get(Verification, body.verification_id)
         assert task is not None
         b = referee.bisect_view(task.bisect)
-        if task.status != "bisecting" or b.get("asked") != body.step:  # answered (or timed out) meanwhile
+        if task.status not in REVEALING or b.get("asked") != body.step:  # answered (or timed out) meanwhile
             raise Conflict(f"verification {task.id} is no longer waiting for step {body.step}")
         b["reveals"][str(body.step)] = {"blob": body.blob, "hash": body.state_hash, "signature": body.signature}
         unit = s.get(Unit, task.unit_id)
         assert unit is not None
         log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)
         more, build = [int(x) for x in b.get("more") or [] if str(x) not in b["reveals"]], unit.build
-        fallen_back = task.fallback_at is not None
+        fallen_back, audit = task.fallback_at is not None, task.status == "auditing"
         if more:  # the referee asked for several states (a loss scan): the next one, with its own deadline
             b["asked"], b["more"], b["deadline"] = more[0], more[1:], now_s() + rt.settings.reveal_timeout_s
             log(s, "reveal_requested", unit.job_id, unit=unit.id, segment=task.segment, provider=provider,
                 step=more[0], deadline=b["deadline"], then=len(more) - 1)
         task.bisect = b
-    if not more:  # all the referee asked for is in: it rules (or goes on bisecting)
+    if not more and audit:  # all the referee asked for is in: it rules (or goes on bisecting)
+        run_audit(rt, body.verification_id, build, fallen_back)
+    elif not more:
         run_referee(rt, body.verification_id, build, fallen_back)
     return "revealed"

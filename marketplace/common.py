@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, check_fee_key
@@ -37,6 +37,9 @@ def log(s: Session, kind: str, job_id: str | None = None, **data: Any) -> None:
 #: ``stocking``: queued, waiting for its unit's canaries to be forged (checking.stock_canaries) before any is handed out;
 #: ``auditing``: passed by its verifier, replayed by the referee before the unit is paid (checking.audit_check)
 OPEN_CHECKS = ("stocking", "pending", "assigned", "held", "auditing")
+#: the statuses of a check whose referee may be waiting for a state from its provider: a dispute's bisection, and an
+#: audit of work the referee does not replay bit for bit (its ``bisect`` says what is asked, if anything)
+REVEALING = ("bisecting", "auditing")
 
 
 def take_back(s: Session, unit_id: str, provider: str, statuses: Collection[str] = ("assigned",),
@@ -130,12 +133,13 @@ def stake_short(rt: Runtime, role: str, address: str, need: int, gets: str, then
 
 
 def check_uploader(rt: Runtime, address: str) -> None:
-    """Checkpoints are uploaded for work: a unit assigned to ``address`` (its result) or a dispute of its work in
-    bisection (a revealed state). Anyone else's upload would only fill the disk (Conflict, 409)."""
+    """Checkpoints are uploaded for work: a unit assigned to ``address`` (its result) or a dispute (or an audit)
+    of its work in bisection (a revealed state). Anyone else's upload would only fill the disk (Conflict, 409)."""
     with rt.sessions() as s:
         working = s.scalar(select(exists().where(Unit.provider == address, Unit.status == "assigned")))
-        revealing = working or s.scalar(select(exists().where(Verification.provider == address,
-                                                              Verification.status == "bisecting")))
+        revealing = working or s.scalar(select(exists().where(
+            Verification.provider == address, Verification.status.in_(REVEALING), or_(
+                Verification.status == "bisecting", Verification.bisect.is_not(None)))))
     if not revealing:
         raise Conflict(f"{address} has no unit assigned and no state asked of it: checkpoints are uploaded for "
                        f"those only")

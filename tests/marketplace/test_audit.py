@@ -129,18 +129,69 @@ def test_a_cross_plan_verifiers_pass_of_a_cheat_costs_the_provider_its_stake_and
     assert not _events(market, "verifier_slashed") and not _events(market, "verifier_benched")
 
 
-def test_work_the_referee_cannot_replay_bit_for_bit_is_not_audited(market, tmp_path: Path) -> None:
-    """A unit trained on a plan the referee does not replay bit for bit (micro-batches) is never drawn for an audit:
-    its replay could only judge it within a tolerance, where a cheat and its friend pass too (its checks' own
-    verifiers and the bisection of a dispute judge it)."""
+def test_work_the_referee_does_not_replay_bit_for_bit_is_audited_within_the_tolerance(market, tmp_path: Path) -> None:
+    """A unit trained on a plan the referee does not replay bit for bit (micro-batches): its audit is the referee's
+    replay judged within the tolerance, which honest work meets at once (no state asked of the provider). A GPU plan
+    is audited only where the referee replays it bit for bit (a referee judges a GPU plan only on that GPU)."""
     market.rt.settings.audit_rate = 1.0
     honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
     verifier = staked_verifier(market, tmp_path, "verifier")
     job_id = submit_job(market, ONE_UNIT)
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
-    assert [v.status for v in _rows(market, unit_id=unit_id)] == ["passed"]
-    assert [e["audited"] for e in _events(market, "segment_passed")] == [False]
+    [check] = _rows(market, unit_id=unit_id)
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "passed", what="audited")
+    assert [e["audited"] for e in _events(market, "segment_passed")] == [True]
+    [held] = _events(market, "audit_passed")
+    assert "the referee's replay agrees" in held["reason"] and not _events(market, "reveal_requested")
+    drive(market, [honest], verifier, job_id)
+    assert job_status(market, job_id) == "settled" and not slashed(market)
+    gpu = Plan.parse("cuda:h100")
+    assert not checking._auditable(market.rt, gpu, "torch-2.13.0/cuda-12.4.sm90")
+    market.rt.settings.referee_plans = "cpu,cuda:h100"
+    assert checking._auditable(market.rt, gpu, "torch-2.13.0/cuda-12.4.sm90")
+
+
+def test_a_friends_pass_of_a_cheat_hiding_in_the_drift_is_bisected_by_the_audit_and_the_cheat_slashed(
+        market, tmp_path: Path) -> None:
+    """A cheat skipping each segment's last optimizer update declares a micro-batch plan to hide in the tolerance;
+    its friend passes the check. The referee's audit replays the segment past the tolerance and bisects it with the
+    cheat's revealed states (the check stays auditing meanwhile; the cheat's agent answers as it would a dispute)
+    down to the skipped step: the cheat's whole stake goes to the treasury, the friend, on another plan, gets a mark;
+    an honest provider redoes the unit and the job settles."""
+    market.rt.settings.audit_rate = 1.0
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-last-update", plan="cpu/mb2")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    treasury = market.deployment.treasury
+    treasury_before = market.ops.balance_of(treasury)
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=16, segment_len=8, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
+    assert friend.verify_once() == "ok"
+    [check] = _rows(market, unit_id=unit_id)
+    market.wait(lambda: bool(_events(market, "reveal_requested")), what="a state asked of the cheat")
+    assert _rows(market, id=check.id)[0].status == "auditing"
+    for _ in range(200):  # the cheat's agent answers each ask, as it would a dispute's
+        if _rows(market, id=check.id)[0].status != "auditing":
+            break
+        cheat.reveal_once()
+        time.sleep(0.1)
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "audit_failed", what="convicted")
+    [slash] = _events(market, "provider_slashed")
+    assert slash["path"] == "audit" and f"bisected to step {check.segment * 8 + 7}" in slash["reason"]
+    assert all(e["path"] == "audit" for e in _events(market, "reveal_requested"))
+    assert [e["provider"] for e in _events(market, "state_revealed")] == [cheat.account.address] * 3
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    assert market.ops.balance_of(treasury) - treasury_before == tokens(200)  # its whole stake, no bounty
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, friend.account.address)
+        assert ver.status == "active" and ver.wrong == 1  # on another plan: a mark, not a provable lie
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    drive(market, [honest], verifier, job_id)
+    assert job_status(market, job_id) == "settled"
+    with market.rt.sessions() as s:
+        assert s.get(Unit, unit_id).provider == honest.account.address
 
 
 def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audited_more(tmp_path: Path,
