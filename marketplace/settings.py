@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     # that approves one is benched and slashed. A probability, not money; 0 plants none
     canary_rate: float = Field(default=float(CANARY_RATE), ge=0.0, le=1.0)
     # share of the checks a verifier passed that the referee replays itself before the unit is paid (an audit:
-    # checking.audit_check), on work it replays bit for bit: a pass of a false claim costs the provider its whole stake
+    # checking.audit_check), on CPU work and GPU work it replays bit for bit: a pass of a false claim (bisected with the
+    # provider's reveals where the referee's replay is not bit for bit) costs the provider its whole stake
     # and a verifier that replayed on the unit's own plan (its pass asserted the same bits) its own. What a verifier
     # colluding with the provider cannot tell apart, as it can a canary (the provider knows its true states): at 0.1,
     # a unit cheated through a friend costs the provider its stake whenever the audited pass is of a segment it
