@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, check_fee_key
@@ -40,6 +40,13 @@ OPEN_CHECKS = ("stocking", "pending", "assigned", "held", "auditing")
 #: the statuses of a check whose referee may be waiting for a state from its provider: a dispute's bisection, and an
 #: audit of work the referee does not replay bit for bit (its ``bisect`` says what is asked, if anything)
 REVEALING = ("bisecting", "auditing")
+
+
+def revealing() -> ColumnElement[bool]:
+    """SQL: a check whose referee is bisecting it with its provider's revealed states (a dispute's, or an audit's
+    that asked for one)."""
+    return and_(Verification.status.in_(REVEALING),
+                or_(Verification.status == "bisecting", Verification.bisect.is_not(None)))
 
 
 def take_back(s: Session, unit_id: str, provider: str, statuses: Collection[str] = ("assigned",),
@@ -137,9 +144,7 @@ def check_uploader(rt: Runtime, address: str) -> None:
     of its work in bisection (a revealed state). Anyone else's upload would only fill the disk (Conflict, 409)."""
     with rt.sessions() as s:
         working = s.scalar(select(exists().where(Unit.provider == address, Unit.status == "assigned")))
-        revealing = working or s.scalar(select(exists().where(
-            Verification.provider == address, Verification.status.in_(REVEALING), or_(
-                Verification.status == "bisecting", Verification.bisect.is_not(None)))))
-    if not revealing:
+        asked = working or s.scalar(select(exists().where(Verification.provider == address, revealing())))
+    if not asked:
         raise Conflict(f"{address} has no unit assigned and no state asked of it: checkpoints are uploaded for "
                        f"those only")

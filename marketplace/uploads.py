@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from torch import Tensor
 
 from marketplace import referee
-from marketplace.common import REVEALING, unit_spec
+from marketplace.common import revealing, unit_spec
 from marketplace.db import Job, Unit, UnitUpload, Verification, now_s
 from marketplace.runtime import Runtime
 from node.trainer import UnitSpec, check_training_state
@@ -61,7 +61,7 @@ def held(s: Session, provider: str) -> list[Held]:
     results in bisection, a dispute's or an audit's (the states the referee asks of it), oldest first."""
     asked: dict[str, int] = {}
     for unit_id, bisect in s.execute(select(Verification.unit_id, Verification.bisect).where(
-            Verification.provider == provider, Verification.status.in_(REVEALING))):
+            Verification.provider == provider, revealing())):
         asked[unit_id] = asked.get(unit_id, 0) + _asked(bisect)
     rows = s.execute(select(Unit, Job).join(Job, Job.id == Unit.job_id).where(
         Unit.provider == provider, (Unit.status == "assigned") | Unit.id.in_(list(asked)))
