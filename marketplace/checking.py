@@ -637,34 +637,14 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
-    # every state ruled on is checked against its name first: a copy corrupted on this disk replays to another
-    # state, and would convict an honest provider (or clear a cheat); BlobCorruptError fails the task instead, and
-    # the sweep queues it again until the operator restores the blob
-    reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
-
-    def overdue(step: int) -> str:
-        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
-            return f"the provider did not reveal its state before step {step} by its deadline"
-        return ""
-
-    # a worker without a GPU it is configured to replay on says so here, and so does one handed a dispute that is
-    # another referee's (its pool's queue, or the default one, holds it by mistake; one that fell back from its pool
-    # is the default referee's, which judges the pool's kernels as other kernels: within the tolerance)
-    exact = rt.referee_plans(here=True, build="" if fallen_back else build)
-    verdict = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), reveals,
-                           overdue, losses, exact, build)
+    verdict = _rule(rt, spec, proof, seg, plan, start, end, bisect, losses, build, fallen_back)
     if verdict.fraud is None:  # the bisection waits for the provider's next reveal
-        assert verdict.pending is not None
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
-            b = referee.bisect_view(task.bisect)
-            if task.status in ("disputed", "bisecting") and b.get("asked") != verdict.pending:
-                b["asked"], b["deadline"] = verdict.pending, now_s() + rt.settings.reveal_timeout_s
-                b["more"] = list(verdict.pending_more)  # asked in turn as each comes in (record_reveal)
-                task.status, task.bisect = "bisecting", b
-                log(s, "reveal_requested", job.id, unit=unit.id, segment=seg, provider=provider, step=verdict.pending,
-                    deadline=b["deadline"], then=len(b["more"]))
+            if task.status in ("disputed", "bisecting"):
+                _ask(rt, s, task, verdict, job.id)
+                task.status = "bisecting"
             return task.status
     if not verdict.fraud:
         # the provider is cleared; the verifier's bond is forfeit unless the referee's own replay shows the
@@ -738,6 +718,42 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             reason=verdict.reason, path=path)
     rt.enqueue("gridmint.match", [])
     return "fraud"
+
+
+def _rule(rt: Runtime, spec: Any, proof: TrainingProof, seg: int, plan: Plan, start: str, end: str,
+          bisect: dict[str, Any], losses: list[float] | None, build: str, fallen_back: bool) -> referee.Ruling:
+    """The referee's ruling on segment ``seg`` (checkpoint blobs ``start``, ``end``) with the states its provider
+    revealed so far (``bisect``): :func:`marketplace.referee.rule` on the plans this worker replays bit for bit."""
+    # every state ruled on is checked against its name first: a copy corrupted on this disk replays to another
+    # state, and would convict an honest provider (or clear a cheat); BlobCorruptError fails the task instead, and
+    # the sweep queues it again until the operator restores the blob
+    reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
+
+    def overdue(step: int) -> str:
+        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
+            return f"the provider did not reveal its state before step {step} by its deadline"
+        return ""
+
+    # a worker without a GPU it is configured to replay on says so here, and so does one handed a dispute that is
+    # another referee's (its pool's queue, or the default one, holds it by mistake; one that fell back from its pool
+    # is the default referee's, which judges the pool's kernels as other kernels: within the tolerance)
+    exact = rt.referee_plans(here=True, build="" if fallen_back else build)
+    return referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), reveals,
+                        overdue, losses, exact, build)
+
+
+def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, job_id: str, **extra: Any) -> None:
+    """Record the state ``ruling`` waits for from ``task``'s provider (its ``bisect``: asked, deadline, and the
+    states to ask in turn after it), unless that one is asked already."""
+    assert ruling.pending is not None
+    b = referee.bisect_view(task.bisect)
+    if b.get("asked") == ruling.pending:
+        return
+    b["asked"], b["deadline"] = ruling.pending, now_s() + rt.settings.reveal_timeout_s
+    b["more"] = list(ruling.pending_more)  # asked in turn as each comes in (record_reveal)
+    task.bisect = b
+    log(s, "reveal_requested", job_id, unit=task.unit_id, segment=task.segment, provider=task.provider,
+        step=ruling.pending, deadline=b["deadline"], then=len(b["more"]), **extra)
 
 
 def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
@@ -825,31 +841,16 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
         ver = s.get(Verifier, verifier)
         same_bits = ver is not None and Plan.parse(ver.plan) == plan and (ver.build or "") == build != ""
-    reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
-
-    def overdue(step: int) -> str:
-        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
-            return f"the provider did not reveal its state before step {step} by its deadline"
-        return ""
-
     # work the referee does not replay bit for bit (another CPU plan, other kernels; or its referee pool away) is
     # judged within the tolerance, and where its replay is past it, bisected with the provider's revealed states
     # (asked as a dispute's are; a provider that lets the deadline pass is convicted)
-    exact = rt.referee_plans(here=True, build="" if fallen_back else build)
-    ruling = referee.rule(spec, proof, seg, plan, rt.blobs.checked_path(start), rt.blobs.checked_path(end), reveals,
-                          overdue, losses, exact, build)
+    ruling = _rule(rt, spec, proof, seg, plan, start, end, bisect, losses, build, fallen_back)
     if ruling.fraud is None:
-        assert ruling.pending is not None
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
-            b = referee.bisect_view(task.bisect)
-            if task.status == "auditing" and b.get("asked") != ruling.pending:
-                b["asked"], b["deadline"] = ruling.pending, now_s() + rt.settings.reveal_timeout_s
-                b["more"] = list(ruling.pending_more)  # asked in turn as each comes in (record_reveal)
-                task.bisect = b
-                log(s, "reveal_requested", job_id, unit=unit_id, segment=seg, provider=provider, step=ruling.pending,
-                    deadline=b["deadline"], then=len(b["more"]), path="audit")
+            if task.status == "auditing":
+                _ask(rt, s, task, ruling, job_id, path="audit")
             return task.status
     if not ruling.fraud:  # holds
         with rt.sessions.begin() as s:
