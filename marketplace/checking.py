@@ -654,8 +654,9 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         # (which might have convicted a cheat inside the drift between kernels), so the bond is released and the
         # overruled verdict not counted against it: "dismissed"
         lost, faith = 0, (referee.Faith(True, False, f"its referee pool ({build}) was away")
-                          if fallen_back else referee.judge_accusation(verdict, plan, verifier_plan, replayed_hash,
-                                                                       exact, build, verifier_build))
+                          if fallen_back else referee.judge_accusation(
+                              verdict, plan, verifier_plan, replayed_hash, rt.referee_plans(here=True, build=build),
+                              build, verifier_build))
         if disputed and not rt.contracts.evidence_used(evidence):
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)
