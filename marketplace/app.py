@@ -21,7 +21,7 @@ from marketplace.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, M
 from ledger.values import to_address
 from marketplace.auth import (BodyTimeout, PayloadTooLarge, UploadSlots, UploadsBusy, body_deadline, check_envelope,
                               consume_nonce_in, make_signed_dependency, read_body)
-from marketplace.common import Conflict, NotFound, check_uploader
+from marketplace.common import REVEALING, Conflict, NotFound, check_uploader
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification
 from marketplace.db import now_s
 from marketplace.groupcommit import group_commit
@@ -322,13 +322,15 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"status": "submitted"}
 
     @app.post("/reveals/next", summary="Poll for a state a referee wants revealed (signed)", responses={
-        200: {"description": "A dispute over one of the signer's segments waits for its state before a step",
+        200: {"description": "A dispute (or an audit) over one of the signer's segments waits for its state "
+                             "before a step",
               "content": {"application/json": {"schema": {"type": "object"}}}},
         204: {"description": "Nothing asked now; poll again"}, **_errors(404)})
     def reveal_next(req: Signed) -> Response:
-        """In a dispute over a segment the signer trained on another execution plan than the referee's, the referee
-        bisects it and asks for the provider's training state before one step; it re-derives it from the segment's
-        start checkpoint on its own plan. Unanswered by the deadline, the dispute is lost."""
+        """In a dispute over a segment the signer trained on another execution plan (or kernels) than the referee's,
+        or an audit of one whose replay is past the tolerance, the referee bisects it and asks for the provider's
+        training state before one step; it re-derives it from the segment's start checkpoint on its own plan.
+        Unanswered by the deadline, the dispute (or audit) is lost."""
         ask = checking.next_reveal(rt, req.signer)
         return Response(status_code=204) if ask is None else JSONResponse(ask)
 
@@ -471,7 +473,7 @@ def create_app(rt: Runtime) -> FastAPI:
             if p is None:
                 raise HTTPException(404, detail=f"provider {checksummed} is not registered")
             disputed = (select(Verification.id).where(Verification.unit_id == Unit.id,
-                                                      Verification.status.in_(["disputed", "bisecting"])).exists())
+                                                      Verification.status.in_(["disputed", *REVEALING])).exists())
             unverified = s.scalar(select(func.count()).select_from(Unit).where(
                 Unit.provider == checksummed,
                 or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed))))
