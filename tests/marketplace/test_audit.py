@@ -140,7 +140,7 @@ def test_work_the_referee_does_not_replay_bit_for_bit_is_audited_within_the_tole
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
     [check] = _rows(market, unit_id=unit_id)
-    market.wait(lambda: _rows(market, id=check.id)[0].status == "passed", what="audited")
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "passed", timeout=300, what="audited")
     assert [e["audited"] for e in _events(market, "segment_passed")] == [True]
     [held] = _events(market, "audit_passed")
     assert "the referee's replay agrees" in held["reason"] and not _events(market, "reveal_requested")
@@ -169,14 +169,17 @@ def test_a_friends_pass_of_a_cheat_hiding_in_the_drift_is_bisected_by_the_audit_
     [unit_id] = _handed_in(market, job_id, [cheat], 1)
     assert friend.verify_once() == "ok"
     [check] = _rows(market, unit_id=unit_id)
-    market.wait(lambda: bool(_events(market, "reveal_requested")), what="a state asked of the cheat")
+    market.wait(lambda: bool(_events(market, "reveal_requested")), timeout=300, what="a state asked of the cheat")
     assert _rows(market, id=check.id)[0].status == "auditing"
-    for _ in range(200):  # the cheat's agent answers each ask, as it would a dispute's
+
+    def answered() -> bool:  # the cheat's agent answers each ask, as it would a dispute's
         if _rows(market, id=check.id)[0].status != "auditing":
-            break
+            return True
         cheat.reveal_once()
-        time.sleep(0.1)
-    market.wait(lambda: _rows(market, id=check.id)[0].status == "audit_failed", what="convicted")
+        return False
+
+    market.wait(answered, timeout=300, what="the audit's bisection")
+    assert _rows(market, id=check.id)[0].status == "audit_failed"
     [slash] = _events(market, "provider_slashed")
     assert slash["path"] == "audit" and f"bisected to step {check.segment * 8 + 7}" in slash["reason"]
     assert all(e["path"] == "audit" for e in _events(market, "reveal_requested"))
