@@ -611,9 +611,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         unit = s.get(Unit, task.unit_id)
         assert unit is not None
         moved = unit.provider != task.provider
-        asked = referee.bisect_view(task.bisect) if task.status == "bisecting" else {}
-        if not moved and asked and str(asked.get("asked")) not in asked["reveals"] \
-                and now_s() <= int(asked["deadline"]):
+        if not moved and task.status == "bisecting" and referee.unanswered(task.bisect) \
+                and now_s() <= int(task.bisect["deadline"]):
             return task.status  # still waiting for the state asked: nothing to replay yet
     if moved:
         return _dismiss_moved(rt, verification_id)
@@ -828,8 +827,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if fallen_back and rt.referee_pool_here():
             return task.status  # its pool was away and the default referee has it now: not this worker's any more
         bisect = referee.bisect_view(task.bisect)
-        if bisect.get("asked") is not None and str(bisect["asked"]) not in bisect["reveals"] \
-                and now_s() <= int(bisect["deadline"]):
+        if referee.unanswered(bisect) and now_s() <= int(bisect["deadline"]):
             return task.status  # still waiting for the state asked of the provider: nothing to replay yet
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
@@ -968,10 +966,9 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
         for task in s.scalars(select(Verification).where(Verification.provider == provider,
                                                          Verification.status.in_(REVEALING))
                               .order_by(Verification.id)):
-            b = referee.bisect_view(task.bisect)
-            step = b.get("asked")
-            if step is None or str(step) in b["reveals"]:
+            if not referee.unanswered(task.bisect):
                 continue
+            step = task.bisect["asked"]
             unit = s.get(Unit, task.unit_id)
             assert unit is not None
             if unit.provider != provider:
@@ -981,7 +978,7 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
             spec = unit_spec(job, unit)
             return {"verification_id": task.id, "unit_id": unit.id, "segment": task.segment, "step": int(step),
                     "spec": spec.to_json(), "spec_hash": spec.spec_hash(), "plan": unit.plan,
-                    "checkpoint_blob": unit.segment_blobs[task.segment], "deadline": int(b["deadline"])}
+                    "checkpoint_blob": unit.segment_blobs[task.segment], "deadline": int(task.bisect["deadline"])}
     return None
 
 

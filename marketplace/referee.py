@@ -276,6 +276,12 @@ def judge_accusation(ruling: Ruling, plan: Plan, verifier_plan: Plan, replayed_h
                               f"{ruling.look_reason}")
 
 
+def unanswered(bisect: dict[str, Any] | None) -> bool:
+    """Whether a bisection record has a state asked of the provider that it has not revealed yet."""
+    b = bisect or {}
+    return b.get("asked") is not None and str(b["asked"]) not in (b.get("reveals") or {})
+
+
 def bisect_view(bisect: dict[str, Any] | None) -> dict[str, Any]:
     """A fresh copy of a verification's bisection record (never mutate the loaded JSON in place)."""
     b = dict(bisect or {})

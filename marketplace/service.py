@@ -674,8 +674,7 @@ def reap(rt: Runtime) -> int:
                    for v, build in s.execute(select(Verification, Unit.build)
                                              .join(Unit, Unit.id == Verification.unit_id)
                                              .where(Verification.status == "bisecting"))
-                   if v.bisect and str(v.bisect.get("asked")) not in (v.bisect.get("reveals") or {})
-                   and now_s() > int(v.bisect.get("deadline", 0))]
+                   if referee.unanswered(v.bisect) and now_s() > int(v.bisect["deadline"])]
         away = pools_away(rt, s, now)
     moved = {vid for vid, _ in away}
     for vid, build, fallen_back in overdue:  # a provider that lets a reveal deadline pass loses its dispute
