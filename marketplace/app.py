@@ -465,8 +465,8 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.get("/providers/{address}", summary="One provider, with its work still open", responses=_errors(404, 422))
     def provider_one(address: str) -> dict[str, Any]:
         """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified,
-        and those of cancelled jobs still under dispute (a dispute over one may still ask it to reveal a state: a node
-        should stay up until this is 0)."""
+        and those of cancelled jobs still under dispute or audit (either may still ask it to reveal a state: a
+        node should stay up until this is 0)."""
         checksummed = _address(address)
         with rt.sessions() as s:
             p = s.get(Provider, checksummed)

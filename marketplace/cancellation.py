@@ -10,7 +10,8 @@ customer's refund when it closes. So the marketplace:
    then are paid; every other unit is cancelled**. A provider training one is told at its next heartbeat (409) and
    stops; a submitted unit's pending checks are void (no verifier replays work nobody will pay for), and the
    checks that already passed on it earn their verifiers' fees (they did what the customer asked); a dispute
-   already open is still ruled on (a cheat is slashed whether or not it would be paid). The job is ``cancelling``;
+   already open is still ruled on, and so is a pass the referee was to audit (a cheat is slashed whether or not it
+   would be paid; a pass whose audit holds earns nothing, the job settled without it). The job is ``cancelling``;
 3. settles it at once, through the same idempotent path as a finished job (``settlement.settle_job``): the verified
    units' pay and the checks' fees go to the payout pool in one batch, the escrow stays open for the customer's close (which refunds
    the rest), and the job ends ``cancelled``;
@@ -35,8 +36,10 @@ from protocol.errors import ChainError
 logger = logging.getLogger(__name__)
 
 #: Unit states a stop cancels (everything but ``verified``); a cancelled unit's open checks (common.OPEN_CHECKS) are
-#: voided.
+#: voided, except a pass the referee is auditing: a ruling, as an open dispute is (else a stop would spare the cheat
+#: whose friend passed its work)
 STOPPED_UNITS = ("pending", "assigned", "submitted")
+VOIDED_CHECKS = tuple(c for c in OPEN_CHECKS if c != "auditing")
 
 
 def escrow_stop(escrow: JobState) -> str | None:
@@ -77,7 +80,7 @@ def stop_in(s: Session, job_id: str, why: str, closable_at: int) -> bool:
     if cancelled:
         voided = s.execute(update(Verification).where(Verification.unit_id.in_(cancelled),
                                                       Verification.canary.is_(None),
-                                                      Verification.status.in_(OPEN_CHECKS))
+                                                      Verification.status.in_(VOIDED_CHECKS))
                            .values(status="void"), execution_options=fetch).rowcount
     fees = _credit_done_checks(s, job_id, [u for u, _ in stopped["submitted"]])
     verified = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job_id, Unit.status == "verified"))

@@ -10,13 +10,13 @@ import httpx
 from sqlalchemy import select
 
 from marketplace import checking, service
-from marketplace.db import LedgerEntry, Unit, Verifier
+from marketplace.db import Job, LedgerEntry, Unit, Verifier
 from node.crosscheck import Plan
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 # (_rows lists canaries too: the market fixture plants none unless a test asks, and these do not)
-from tests.marketplace.test_flow import (_events, _handed_in, _rows, drive, job_status, provider, slashed,
-                                        staked_verifier, submit_job)
+from tests.marketplace.test_flow import (FIXED_CUSTOMER, _events, _handed_in, _rows, drive, fixed_job_id, job_status,
+                                        provider, slashed, staked_verifier, submit_job)
 
 #: one unit of two segments; the standard level checks one of them
 ONE_UNIT = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
@@ -106,6 +106,52 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     assert len(fees) == 1 and market.ops.stake_state(verifier.account.address).staked == tokens(100)
     assert checking.audit_check(market.rt, check.id) == "passed"  # a duplicate: nothing twice
     assert len(_events(market, "audit_passed")) == 1
+
+
+def test_a_job_stopped_while_a_friends_pass_waits_for_its_audit_still_has_the_cheat_slashed(market, tmp_path: Path,
+                                                                                            monkeypatch) -> None:
+    """The customer cancels on chain while a colluding verifier's pass of a cheat waits for its audit (its send lost
+    here, so that the stop lands first). The stop voids the unit's open checks but not the audit: a ruling, as an
+    open dispute is. The job is stopped and settled (nothing verified: the whole budget is the customer's); the
+    audit, sent again by the sweep, still costs the cheat and its friend their whole stakes, and pays nobody."""
+    market.rt.settings.audit_rate = 1.0
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    treasury = market.deployment.treasury
+    send, lost = market.rt.enqueue, []
+    monkeypatch.setattr(market.rt, "enqueue", lambda name, args, queue=None: lost.append(args)
+                        if name == "gridmint.audit_check" else send(name, args, queue))
+    job_id = submit_job(market, ONE_UNIT, job_id=fixed_job_id(0xA5))
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
+    assert friend.verify_once() == "ok"
+    [check] = _rows(market, unit_id=unit_id)
+    assert check.status == "auditing" and lost == [[check.id]]
+
+    market.contracts(FIXED_CUSTOMER).cancel_job(job_id)
+    assert service.sweep(market.rt)["cancelled"] == 1
+    market.wait(lambda: job_status(market, job_id) == "cancelled", what="the stop's settlement")
+    assert _rows(market, id=check.id)[0].status == "auditing"  # not void: still to be ruled on
+    [stop] = _events(market, "job_cancelled")
+    assert stop["checks_voided"] == 0 and stop["unchecked"] == {unit_id: cheat.account.address}
+    with market.rt.sessions() as s:
+        assert s.get(Unit, unit_id).status == "cancelled"
+        assert s.get(Job, job_id).refund == ONE_UNIT.budget()  # nothing verified, nothing paid
+    assert not slashed(market)
+
+    monkeypatch.setattr(market.rt, "enqueue", send)
+    monkeypatch.setattr(service, "AUDIT_LOST_S", 0)
+    time.sleep(1.1)
+    assert service.sweep(market.rt)["audit_check"] == 1
+    market.wait(lambda: _rows(market, id=check.id)[0].status == "audit_failed", what="audited")
+    assert slashed(market) == {cheat.account.address}
+    assert market.ops.balance_of(treasury) == tokens(200) + tokens(100)  # the whole of both stakes
+    [event] = _events(market, "provider_slashed")
+    assert event["path"] == "audit" and event["amount"] == str(tokens(200))
+    with market.rt.sessions() as s:
+        assert s.get(Verifier, friend.account.address).status == "benched"
+        assert s.get(Unit, unit_id).status == "cancelled"  # stays stopped: nobody redoes work nobody pays for
+        assert not list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+    assert job_status(market, job_id) == "cancelled"
 
 
 def test_a_cross_plan_verifiers_pass_of_a_cheat_costs_the_provider_its_stake_and_the_verifier_a_mark(
