@@ -422,7 +422,8 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
 def audit_odds(rt: Runtime, s: Session, task: Verification, plan: str) -> float:
     """The probability the referee audits ``task``'s pass (its verdict in): ``settings.audit_rate``, raised by how
     much larger its verifier's share of the provider's last ``AUDIT_WINDOW`` real verdicts is than its share of the
-    market's real verdicts on work of ``plan`` over the same time (:func:`protocol.verification.audit_rate`)."""
+    market's real verdicts on work of ``plan`` over the same time, that plan's counted as the work of
+    ``AUDIT_PEERS`` providers at least (:func:`protocol.verification.audit_rate`)."""
     assert task.verifier is not None
     real = (Verification.verdict_at.is_not(None), Verification.canary.is_(None))
     theirs = (select(Verification.verifier, Verification.verdict_at)
@@ -431,15 +432,15 @@ def audit_odds(rt: Runtime, s: Session, task: Verification, plan: str) -> float:
               .limit(verification.AUDIT_WINDOW).subquery())
     window, mine, since = s.execute(select(func.count(), _count_of(theirs.c.verifier, task.verifier),
                                            func.min(theirs.c.verdict_at)).select_from(theirs)).one()
-    plans = (select(Verification.verifier).join(Unit, Unit.id == Verification.unit_id)
+    plans = (select(Verification.verifier, Verification.provider).join(Unit, Unit.id == Verification.unit_id)
              .where(Unit.plan == plan, Verification.verdict_at >= (since or 0), *real)
              .order_by(Verification.verdict_at.desc(), Verification.id.desc())
              .limit(verification.AUDIT_MARKET_WINDOW).subquery())
-    plan_window, plan_mine, verifiers = s.execute(select(
-        func.count(), _count_of(plans.c.verifier, task.verifier), func.count(plans.c.verifier.distinct()))
-        .select_from(plans)).one()
+    plan_window, plan_mine, verifiers, peers = s.execute(select(
+        func.count(), _count_of(plans.c.verifier, task.verifier), func.count(plans.c.verifier.distinct()),
+        func.count(plans.c.provider.distinct())).select_from(plans)).one()
     return verification.audit_rate(rt.settings.audit_rate, int(mine), int(window), int(plan_mine), int(plan_window),
-                                   int(verifiers))
+                                   int(verifiers), int(peers))
 
 
 def _count_of(column: Any, value: str) -> Any:

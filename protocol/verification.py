@@ -89,16 +89,24 @@ AUDIT_RATE = Fraction(1, 10)
 AUDIT_WINDOW = 256
 AUDIT_MARKET_WINDOW = 8192
 AUDIT_PRIOR = 2
+#: The plan's checking is compared as if at least this many providers did it: where fewer did (over the same time),
+#: the missing ones count as checked by other verifiers, at the average volume of those there. Without it a ring
+#: would declare a plan of its own (any name: ``cpu/mb7``), its friend that plan's only provider and itself its only
+#: verifier, and have the very same shares both ways (the base rate: caught 0.41 before a 20x stake is paid out, for a
+#: 1% cheat). With it, a pass on a plan of one provider is audited at 0.8 (2: 0.4 for an honest verifier, 0.8 for a
+#: ring), falling to ``AUDIT_RATE`` from this many on: the price of a thin market, paid by the operator's referee.
+AUDIT_PEERS = 8
 
 
 def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int, plan_window: int,
-               verifiers: int) -> float:
+               verifiers: int, peers: int) -> float:
     """The probability the referee audits a pass by a verifier that gave ``by_verifier`` of its provider's last
     ``window`` real verdicts (this one included), and ``plan_by_verifier`` of the ``plan_window`` real verdicts the
     market gave over the same time on work of the provider's plan (the provider's own among them), where
-    ``verifiers`` verifiers gave those. ``base`` (``AUDIT_RATE``) times the ratio of its share of the provider's
-    checking to its share of the plan's, each shrunk by ``AUDIT_PRIOR`` checks a verifier toward the fair share;
-    never below ``base``, at most 1.
+    ``verifiers`` verifiers gave those, on the work of ``peers`` providers. ``base`` (``AUDIT_RATE``) times the ratio
+    of its share of the provider's checking to its share of the plan's, each shrunk by ``AUDIT_PRIOR`` checks a
+    verifier toward the fair share, the plan's counted as if ``AUDIT_PEERS`` providers at least did its work (the
+    missing ones checked by others); never below ``base``, at most 1.
 
     An honest verifier takes the checks as they come, whoever's: its two shares agree (a fast one has both large), and
     the rate is about ``base``; where the provider is the plan's only one, they are the same verdicts. A ring that
@@ -106,9 +114,11 @@ def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int
     plan's, for a friend doing ``1 / m`` of the plan's work: in a market of ten such providers, 0.93 of its passes are
     audited once its friend's last 256 verdicts are its own, whichever number of wallets it splits them over (each
     has both shares cut alike); to bring the ratio down it must check the other providers' work, honestly (a lazy
-    pass there meets the canaries)."""
+    pass there meets the canaries). Nor does a plan of the ring's own, where its friend is the only provider: the
+    plan's checking then counts ``AUDIT_PEERS`` times its friend's, and 0.8 of its passes are audited (so are an
+    honest lone provider's: a thin market is audited more)."""
     for name, v in (("by_verifier", by_verifier), ("window", window), ("plan_by_verifier", plan_by_verifier),
-                    ("plan_window", plan_window), ("verifiers", verifiers)):
+                    ("plan_window", plan_window), ("verifiers", verifiers), ("peers", peers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise GridMintValueError(f"{name} must be a non-negative int, got {v!r}")
     if not 0 <= base <= 1 or by_verifier > window or plan_by_verifier > plan_window:
@@ -117,8 +127,9 @@ def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int
     if base == 0:
         return 0.0
     n = max(1, verifiers)
+    plan = Fraction(plan_window) * max(1, Fraction(AUDIT_PEERS, max(1, peers)))  # the missing peers' checking
     over = (Fraction(by_verifier + AUDIT_PRIOR, window + AUDIT_PRIOR * n)
-            / Fraction(plan_by_verifier + AUDIT_PRIOR, plan_window + AUDIT_PRIOR * n))
+            / (Fraction(plan_by_verifier + AUDIT_PRIOR) / (plan + AUDIT_PRIOR * n)))
     return min(1.0, float(base * max(Fraction(1), over)))
 
 

@@ -14,14 +14,16 @@ What runs (all real training and real replays on this machine; the trials only r
    that discount on this unit shape (``protocol.verification.sampling_rate``). And again with every check going to
    a verifier colluding with the cheat (``colluding_caught_rate``): it passes them all and tells canaries apart, so
    only the referee's audit of a pass (``AUDIT_RATE`` of them, drawn per pass) catches it, the cheat being its
-   plan's only provider (so its verifier's share of its checking is no larger than of the plan's).
+   plan's only provider (so its verifier's share of its checking is no larger than of the plan's, and the plan's
+   checking counts as ``AUDIT_PEERS`` providers').
    ``colluding_by_providers``: the cheat as one of 2, 5 or 10 providers of equal work on its plan, checked by
    ``HONEST_VERIFIERS`` honest verifiers and the ring, which takes the share of the cheat's checks (of
    ``COLLUDING_SHARES``) that suits it best and checks nothing else; honest verifiers check the rest, and the
    ring's passes are audited at the odds the marketplace draws (``protocol.verification.audit_rate``: its share of
    the cheat's verdicts over its share of the plan's). ``honest_audit_rate``: those odds averaged over the passes
-   of an honest market (checks spread at random); ``audit_cost_ratio``: the referee's audit replays over the
-   provider's compute.
+   of an honest market (checks spread at random) of 10 providers on the plan (``honest_audit_rate_by_providers``:
+   of 1, 2, 5, 10: a thin market is audited more); ``audit_cost_ratio``: the referee's audit replays over the
+   provider's compute (``audit_cost_ratio_by_providers``: the same by providers on the plan).
 3. ``--honest-units`` short honest units, trained with 1 or 2 threads and fully replayed with the other count:
    ``false_slash`` counts units with any failing segment.
 4. ``verify_cost_ratio``: compute (CPU seconds) of the standard-level verification of an honest unit of a default
@@ -262,6 +264,8 @@ TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and 
 COLLUDING_PROVIDERS = (2, 5, 10)
 HONEST_VERIFIERS = 10
 COLLUDING_SHARES = (0.25, 0.5, 0.75, 1.0)
+#: honest_audit_rate_by_providers: an honest market of this many providers of equal work on one plan
+HONEST_PROVIDERS = (1, 2, 5, 10)
 
 
 def honest_audit_rate(checks: int = 20_000, providers: int = 10, seed: str = "honest audits") -> dict[str, float]:
@@ -291,7 +295,7 @@ def honest_audit_rate(checks: int = 20_000, providers: int = 10, seed: str = "ho
                 plan_given[market.popleft()] -= 1
             passes += 1
             total += vp.audit_rate(float(vp.AUDIT_RATE), given[v], len(window), plan_given[v], len(market),
-                                   sum(1 for c in plan_given if c))
+                                   sum(1 for c in plan_given if c), providers)
         out[str(n)] = round(total / passes, 4)
     return out
 
@@ -370,7 +374,8 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         window.append(ring)
                         mine += ring - (window.popleft() if len(window) > vp.AUDIT_WINDOW else 0)
                         if not verdicts[i] and (not ring or draw.random() < vp.audit_rate(
-                                float(vp.AUDIT_RATE), mine, len(window), mine, providers * len(window), verifiers)):
+                                float(vp.AUDIT_RATE), mine, len(window), mine, providers * len(window), verifiers,
+                                providers)):
                             hit = True
                     if hit:
                         units_caught += 1
@@ -380,7 +385,8 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
-        # the cheat alone on its plan, the ring its only verifier: its shares are the same, the base rate
+        # the cheat alone on its plan (one of the ring's own naming), the ring its only verifier: its shares are the
+        # same, and the plan counts as AUDIT_PEERS providers' work (0.8 of the ring's passes audited)
         collude_caught, collude_unit = colluding(1, 1.0)
         # the cheat one of several providers on its plan, the ring at the share of its checks that suits it best
         # (taking them all raises its audit odds; taking fewer leaves more to honest verifiers)
@@ -503,8 +509,12 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     out["verify_cost_ratio_with_canaries"] = round(out["verify_cost_ratio"] / (1 - float(vp.CANARY_RATE)), 4)
     # the referee's audits: one replay of a segment per audited pass, on the operator's machines
     # (at the audit rate drawn in an honest market, raised a little by chance shares over the fair one)
-    out["honest_audit_rate"] = honest_audit_rate()
+    # (and where the plan has fewer than AUDIT_PEERS providers, at the rate of a thin market)
+    out["honest_audit_rate_by_providers"] = {str(m): honest_audit_rate(providers=m) for m in HONEST_PROVIDERS}
+    out["honest_audit_rate"] = out["honest_audit_rate_by_providers"][str(HONEST_PROVIDERS[-1])]
     out["audit_cost_ratio"] = round(out["verify_cost_ratio"] * max(out["honest_audit_rate"].values()), 4)
+    out["audit_cost_ratio_by_providers"] = {m: round(out["verify_cost_ratio"] * max(r.values()), 4)
+                                            for m, r in out["honest_audit_rate_by_providers"].items()}
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
         f"honest verifier approved {approved} of {planted} forged canaries it replayed ({declined} declined); "

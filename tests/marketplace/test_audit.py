@@ -12,6 +12,7 @@ from sqlalchemy import select
 from marketplace import checking, service
 from marketplace.db import Job, LedgerEntry, Unit, Verifier
 from node.crosscheck import Plan
+from protocol import verification as vp
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 # (_rows lists canaries too: the market fixture plants none unless a test asks, and these do not)
@@ -74,7 +75,7 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     """An honest pass drawn for an audit: the unit is not paid while the referee has not replayed it (the job's page
     says so); an audit whose send was lost (a broker away) is sent again by the sweep once ``AUDIT_LOST_S`` passed;
     the referee's replay holds, the check passes, the unit is paid, the verifier earns its fee. The draw is at the
-    odds checking.audit_odds gives (here made 1; what it read: the base rate, the only verifier around)."""
+    odds checking.audit_odds gives (here made 1)."""
     market.rt.settings.audit_rate = 0.001
     honest = provider(market, tmp_path, "honest", "us-east", "0.9")
     verifier = staked_verifier(market, tmp_path, "verifier")
@@ -87,7 +88,10 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     [unit_id] = _handed_in(market, job_id, [honest], 1)
     assert verifier.verify_once() == "ok"
     [check] = _rows(market, unit_id=unit_id)
-    assert check.status == "auditing" and lost == [[check.id]] and asked == [0.001]
+    # what it read: the provider's first verdict, from the only verifier, on a plan of one provider (counted as
+    # AUDIT_PEERS providers' work: a thin market's odds, 1/3 of the way to AUDIT_PEERS x the base on the first)
+    assert check.status == "auditing" and lost == [[check.id]] and asked == [vp.audit_rate(0.001, 1, 1, 1, 1, 1, 1)]
+    assert 0.003 < asked[0] < 0.004
     with market.rt.sessions() as s:
         assert s.get(Unit, unit_id).status == "submitted"  # not paid yet
     listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
@@ -247,13 +251,13 @@ def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audit
                                                                                          db_url: str) -> None:
     """audit_odds reads who gave the provider's last AUDIT_WINDOW real verdicts, and who gave the market's real
     verdicts on work of the unit's plan since the oldest of those (canaries, older verdicts and other plans apart):
-    a verifier that checked all of the provider and little else is audited at the raised rate; one whose shares
-    agree, at the base rate."""
+    a verifier that checked all of the provider and little else is audited at the raised rate; on a plan of fewer
+    than AUDIT_PEERS providers, counted as that many providers' work, one checking it as the rest of the plan is at a
+    thin market's rate, under the ring's; from AUDIT_PEERS providers on, at the base rate."""
     from marketplace.blobs import BlobStore
     from marketplace.db import Job, Verification, make_sessionmaker, now_s
     from marketplace.runtime import Runtime
     from marketplace.settings import Settings
-    from protocol import verification as vp
 
     settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.1)
     sessions = make_sessionmaker(db_url)
@@ -284,14 +288,20 @@ def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audit
         verdicts(theirs, other, ring, 5, now - 80)
         verdicts(theirs, other, fair, 30, now - 70, canary={"proof": {}})  # canaries: not a provider's claim
         verdicts(gpu, other, fair, 30, now - 60)  # another plan's checking
-        odds = checking.audit_odds(rt, s, ring_pass, "cpu")
-        assert odds == vp.audit_rate(0.1, 40, 40, 45, 75, 2) > 0.15
+        odds = checking.audit_odds(rt, s, ring_pass, "cpu")  # two providers' work on the plan: prov's and other's
+        assert odds == vp.audit_rate(0.1, 40, 40, 45, 75, 2, 2) > 0.5
         # the other provider's pass on the GPU plan: its verifier gave most of that provider's verdicts (111 of 116),
-        # and all of the plan's (31): the base rate
+        # and all of the plan's (31), the plan's only provider: the rate of a plan of one provider
         *_, gpu_pass = verdicts(gpu, other, fair, 1, now - 50)
-        assert checking.audit_odds(rt, s, gpu_pass, "cuda:h100") == 0.1
-        # the provider checked by the two in turn, as the rest of the plan is: both at the base rate
+        assert checking.audit_odds(rt, s, gpu_pass, "cuda:h100") == vp.audit_rate(0.1, 111, 116, 31, 31, 1, 1) > 0.5
+        # the provider checked by the two in turn, as the rest of the plan is: the rate of a plan of two providers,
+        # well under the ring's
         rows = verdicts(cpu, prov, ring, 20, now - 40) + verdicts(cpu, prov, fair, 20, now - 20)
         verdicts(theirs, other, ring, 20, now - 40)
         verdicts(theirs, other, fair, 20, now - 20)
+        assert checking.audit_odds(rt, s, rows[-1], "cpu") == vp.audit_rate(0.1, 20, 80, 70, 155, 2, 2) < odds / 2
+        # eight providers on the plan: no missing peers counted; that verifier did less of the provider's checking
+        # than of the plan's: the base rate
+        for i in range(6):
+            verdicts(theirs, "0x" + f"{0x10 + i:02x}" * 20, fair, 2, now - 10)
         assert checking.audit_odds(rt, s, rows[-1], "cpu") == 0.1

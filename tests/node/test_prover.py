@@ -109,20 +109,31 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
         assert fig["adversaries"][whole]["caught_rate"] == 1.0
         # through a colluding verifier, only the referee's audits of its passes catch it: at this size (one challenge
         # a unit, plus its outliers) some units, not all
-        assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 0.5
+        assert 0 < fig["adversaries"][whole]["colluding_unit_catch_rate"] < 1
         assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
         by = [fig["adversaries"][whole]["colluding_by_providers"][m] for m in ("2", "5", "10")]
         assert all(b["ring_share"] in (0.25, 0.5, 0.75, 1.0) and 0 < b["caught_rate"] <= 1 for b in by)
-    # the cheat one of ten providers on its plan: the ring's units are caught more often than where the cheat is the
-    # plan's only provider, even at the ring's best share of its checks (its passes' audit odds rise with its share
-    # of the cheat's checking over its share of the plan's; honest verifiers get the rest)
-    assert (sum(fig["adversaries"][w]["colluding_by_providers"]["10"]["unit_catch_rate"] for w in whole_unit)
-            > 1.5 * sum(fig["adversaries"][w]["colluding_unit_catch_rate"] for w in whole_unit))
+    # the cheat its plan's only provider (a plan of the ring's own naming), the ring its only verifier: its shares are
+    # the same, yet the plan counts as AUDIT_PEERS providers' work, so most of its passes are audited. At the base
+    # rate (0.1 a pass; a unit has at most 1 + UPDATE_OUTLIER_PICKS passes here) no more than 1 - 0.9^3 = 0.271 of
+    # its units could be caught
+    alone = [fig["adversaries"][w]["colluding_unit_catch_rate"] for w in whole_unit]
+    assert sum(alone) / len(alone) > 0.4, alone
+    # (the cheat one of several providers on its plan: its passes' odds rise with the ring's share of its checking
+    # over its share of the plan's, from a prior of AUDIT_PRIOR checks for each of 11 verifiers, which these few
+    # toy units barely pass: test_verification's audit-rate test and the full-size bench show it)
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
     assert set(fig["colluding_min_caught_rate_by_providers"]) == {"2", "5", "10"}
-    # an honest market pays a little over the base rate for audits (chance shares over the fair one), not double
+    # an honest market of ten providers on the plan pays a little over the base rate for audits (chance shares over
+    # the fair one), not double; a thin one more: AUDIT_PEERS x the base for a plan of one provider, falling with more
     assert all(0.1 <= r < 0.15 for r in fig["honest_audit_rate"].values())
+    by_providers = fig["honest_audit_rate_by_providers"]
+    assert by_providers["10"] == fig["honest_audit_rate"] and list(by_providers) == ["1", "2", "5", "10"]
+    assert all(0.7 < r < 0.8 for r in by_providers["1"].values())
+    assert all(0.35 < r < 0.45 for r in by_providers["2"].values())
     assert fig["audit_cost_ratio"] == round(fig["verify_cost_ratio"] * max(fig["honest_audit_rate"].values()), 4)
+    cost = fig["audit_cost_ratio_by_providers"]
+    assert cost["10"] == fig["audit_cost_ratio"] < cost["1"]
     # 64 segments at the standard rate buy one challenge, drawn uniformly: a sparse cheat (5% of the segments) is
     # caught in about one unit of 16 at this size, which is why real units are long (the full-size bench shows them
     # caught); except a skipped step, whose segment's model did not move: an update outlier, replayed on top of the

@@ -240,23 +240,32 @@ def test_the_cached_trusted_stake_search_gives_what_the_plain_one_gave(level: st
 
 
 def test_the_audit_rate_rises_with_a_verifiers_share_of_one_providers_checking_over_its_share_of_the_plans() -> None:
-    """Base rate where a verifier's two shares agree (a fast verifier, the only one, a provider alone on its plan) or
-    it checks less of the provider than of the plan; for a ring doing all its friend's checks and nothing else, a rate
-    that grows with the evidence and with the number of providers on the plan, toward 1 (not over); split over
-    wallets, the same; 0 stays 0 (audits off)."""
+    """Base rate where a verifier's two shares agree (a fast verifier, the only one) on a plan of ``AUDIT_PEERS``
+    providers or more, or it checks less of the provider than of the plan; for a ring doing all its friend's checks
+    and nothing else, a rate that grows with the evidence and with the number of providers on the plan, toward 1
+    (not over); split over wallets, the same. A plan of fewer providers counts as ``AUDIT_PEERS`` providers' work: a
+    ring on a plan of its own naming, where its friend is the only provider, is audited at 0.8 (so is an honest lone
+    provider: a thin market is audited more). 0 stays 0 (audits off)."""
     base = float(vp.AUDIT_RATE)
-    assert vp.audit_rate(base, 26, 256, 256, 2560, 10) == pytest.approx(base, abs=0.002)  # its share both ways
-    assert vp.audit_rate(base, 200, 256, 2000, 2560, 10) == pytest.approx(base, abs=0.002)  # a fast verifier
-    assert vp.audit_rate(base, 256, 256, 256, 256, 1) == base  # the only verifier
-    assert vp.audit_rate(base, 90, 256, 90, 256, 4) == base  # the provider alone on its plan
-    assert vp.audit_rate(base, 0, 256, 300, 2560, 10) == base
-    ring = [vp.audit_rate(base, n, n, n, 10 * n, 11) for n in (1, 8, 32, 64, 256)]  # 1 of 10 providers' work
+    assert vp.AUDIT_PEERS == 8
+    assert vp.audit_rate(base, 26, 256, 256, 2560, 10, 10) == pytest.approx(base, abs=0.002)  # its share both ways
+    assert vp.audit_rate(base, 200, 256, 2000, 2560, 10, 10) == pytest.approx(base, abs=0.002)  # a fast verifier
+    assert vp.audit_rate(base, 256, 256, 2560, 2560, 1, 10) == base  # the only verifier
+    assert vp.audit_rate(base, 0, 256, 300, 2560, 10, 10) == base
+    assert vp.audit_rate(base, 32, 256, 256, 2048, 8, 8) == base  # AUDIT_PEERS providers: no more peers counted
+    # fewer providers on the plan: the missing ones' checking counted, done by others
+    assert vp.audit_rate(base, 90, 256, 90, 256, 4, 1) == pytest.approx(8 * base, abs=0.03)  # an honest lone one
+    assert vp.audit_rate(base, 45, 256, 90, 512, 4, 2) == pytest.approx(4 * base, abs=0.01)  # one of two
+    alone = [vp.audit_rate(base, n, n, n, n, 1, 1) for n in (1, 8, 32, 64, 256)]  # a ring on a plan of its own
+    assert alone == sorted(alone) and alone[0] < 0.35 and alone[1] > 0.6 and 0.78 < alone[-1] < 0.8
+    ring = [vp.audit_rate(base, n, n, n, 10 * n, 11, 10) for n in (1, 8, 32, 64, 256)]  # 1 of 10 providers' work
     assert ring == sorted(ring) and ring[0] < 0.15 and 0.6 < ring[2] < 0.7 and 0.9 < ring[-1] < 1
-    assert vp.audit_rate(base, 64, 64, 64, 128, 3) < vp.audit_rate(base, 64, 64, 64, 640, 11)  # 1 of 2 vs of 10
+    assert vp.audit_rate(base, 64, 64, 64, 640, 11, 10) < vp.audit_rate(base, 64, 64, 64, 1280, 11, 20)  # 10 vs 20
     # the same ring over four wallets: each has a quarter of both shares, and nearly the same odds
-    assert vp.audit_rate(base, 64, 256, 64, 2560, 14) == pytest.approx(ring[-1], rel=0.15)
-    assert vp.audit_rate(0.5, 256, 256, 256, 2560, 11) == 1.0 and vp.audit_rate(0.0, 256, 256, 256, 2560, 11) == 0
-    for bad in ((base, 5, 4, 5, 9, 3), (base, 1, 4, 9, 5, 3), (base, -1, 4, 1, 4, 3), (1.5, 1, 1, 1, 1, 1),
-                (base, 1, 1, 1, 1, True)):
+    assert vp.audit_rate(base, 64, 256, 64, 2560, 14, 10) == pytest.approx(ring[-1], rel=0.15)
+    assert vp.audit_rate(0.5, 256, 256, 256, 2560, 11, 10) == 1.0
+    assert vp.audit_rate(0.0, 256, 256, 256, 2560, 11, 10) == 0
+    for bad in ((base, 5, 4, 5, 9, 3, 1), (base, 1, 4, 9, 5, 3, 1), (base, -1, 4, 1, 4, 3, 1), (1.5, 1, 1, 1, 1, 1, 1),
+                (base, 1, 1, 1, 1, True, 1), (base, 1, 1, 1, 1, 1, -1), (base, 1, 1, 1, 1, 1, 1.0)):
         with pytest.raises(GridMintValueError):
             vp.audit_rate(*bad)  # type: ignore[arg-type]
