@@ -691,16 +691,14 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         rt.enqueue("gridmint.advance", [job.id])
         return task.status
     # all of it: staked and unbonding (a cheat that starts unbonding once it has submitted keeps nothing)
-    st = rt.contracts.stake_state(provider)
-    before = st.staked + st.unbonding
     if disputed:  # path (a): the verifier's fraud proof, resolved by this referee
-        path = "fraud-proof"
+        path, st = "fraud-proof", rt.contracts.stake_state(provider)
+        before = st.staked + st.unbonding
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
-    else:  # path (b): governance slash; idempotent (False if this evidence was already used, or nothing is left)
+    else:  # path (b): governance slash, its bounty to the verifier; sent once per evidence
+        before = _slash_whole_stake(rt, provider, verifier, evidence)
         path = "governance" if before > 0 else "nothing left to slash"
-        if before > 0:
-            rt.contracts.slash(provider, before, verifier, evidence)
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         assert task is not None
@@ -783,8 +781,8 @@ def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     twice). Returns what ``who`` held before."""
     st = rt.contracts.stake_state(who)
     held = st.staked + st.unbonding
-    if held > 0 and not rt.contracts.evidence_used(evidence):
-        rt.contracts.slash(who, held, to, evidence)
+    if held > 0:
+        rt.contracts.slash(who, held, to, evidence)  # (sends nothing where the evidence was used: exactly once)
     return held
 
 
