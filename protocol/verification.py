@@ -75,11 +75,12 @@ CANARY_RATE = Fraction(1, 50)
 #: Share of the passes (on work the referee replays bit for bit) that the referee replays itself before the unit is
 #: paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider, who tells canaries
 #: apart. It costs the operator about this share of the verifiers' replays (``bench proof``'s honest_audit_rate:
-#: 0.103-0.108). A cheat whose every check goes to its friend is caught where an audited pass lands on a segment it
-#: faked, before its pay exceeds a 20x stake (``bench proof``, 1% of the steps faked): 0.41 where it is its plan's
-#: only provider (colluding_caught_rate), 0.59 / 0.91 / 0.99 as one of 2 / 5 / 10 providers of equal work on its
-#: plan (colluding_by_providers: the audit odds rise with the ring's share, :func:`audit_rate`); 1.0 for one faking
-#: whole units.
+#: 0.103-0.108 where 10 providers share the plan; more on thinner plans: ``AUDIT_PEERS``). A cheat whose checks go to
+#: its friend is caught where an audited pass lands on a segment it faked, before its pay exceeds a 20x stake
+#: (``bench proof``, 1% of the steps faked, the ring taking the share of its friend's checks that suits it best):
+#: 0.995 where it is its plan's only provider (colluding_caught_rate; 0.41 before ``AUDIT_PEERS``), 0.985 / 0.97 /
+#: 0.99 as one of 2 / 5 / 10 providers of equal work on its plan (colluding_by_providers: the audit odds rise with
+#: the ring's share, :func:`audit_rate`; 0.59 / 0.91 / 0.99 before); 1.0 for one faking whole units.
 AUDIT_RATE = Fraction(1, 10)
 #: The audit rate rises where one verifier does more of one provider's checking than of the checking of the
 #: provider's plan across the market (the shape of a ring: a friend polling the moment its provider's checks are
@@ -93,8 +94,10 @@ AUDIT_PRIOR = 2
 #: the missing ones count as checked by other verifiers, at the average volume of those there. Without it a ring
 #: would declare a plan of its own (any name: ``cpu/mb7``), its friend that plan's only provider and itself its only
 #: verifier, and have the very same shares both ways (the base rate: caught 0.41 before a 20x stake is paid out, for a
-#: 1% cheat). With it, a pass on a plan of one provider is audited at 0.8 (2: 0.4 for an honest verifier, 0.8 for a
-#: ring), falling to ``AUDIT_RATE`` from this many on: the price of a thin market, paid by the operator's referee.
+#: 1% cheat; 0.995 with it). With it, a pass on a plan of one provider is audited at 0.8 (2: 0.4 for an honest
+#: verifier, up to 0.8 for a ring), falling to ``AUDIT_RATE`` from this many on: the price of a thin market, paid by
+#: the operator's referee (``bench proof``'s honest_audit_rate_by_providers). A ring could still staff a plan of its
+#: own with this many providers' work of its own (each staked, each winning real work) to get back to the base.
 AUDIT_PEERS = 8
 
 
