@@ -111,15 +111,15 @@ def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int
     verifier toward the fair share, the plan's counted as if ``AUDIT_PEERS`` providers at least did its work (the
     missing ones checked by others); never below ``base``, at most 1.
 
-    An honest verifier takes the checks as they come, whoever's: its two shares agree (a fast one has both large), and
-    the rate is about ``base``; where the provider is the plan's only one, they are the same verdicts. A ring that
-    takes its friend's checks and does little else has a share of its friend's checking ``m`` times its share of the
-    plan's, for a friend doing ``1 / m`` of the plan's work: in a market of ten such providers, 0.93 of its passes are
-    audited once its friend's last 256 verdicts are its own, whichever number of wallets it splits them over (each
-    has both shares cut alike); to bring the ratio down it must check the other providers' work, honestly (a lazy
-    pass there meets the canaries). Nor does a plan of the ring's own, where its friend is the only provider: the
-    plan's checking then counts ``AUDIT_PEERS`` times its friend's, and 0.8 of its passes are audited (so are an
-    honest lone provider's: a thin market is audited more)."""
+    An honest verifier takes the checks as they come, whoever's: its two shares agree (a fast one has both large),
+    and the rate is about ``base`` on a plan of ``AUDIT_PEERS`` providers or more. A ring that takes its friend's
+    checks and does little else has a share of its friend's checking ``m`` times its share of the plan's, for a
+    friend doing ``1 / m`` of the plan's work: in a market of ten such providers, 0.93 of its passes are audited
+    once its friend's last 256 verdicts are its own, whichever number of wallets it splits them over (each has both
+    shares cut alike); to bring the ratio down it must check the other providers' work, honestly (a lazy pass there
+    meets the canaries). Nor does a plan of the ring's own, where its friend is the only provider: the plan's
+    checking then counts ``AUDIT_PEERS`` times its friend's, and 0.8 of its passes are audited (so are an honest
+    lone provider's: a thin market is audited more)."""
     for name, v in (("by_verifier", by_verifier), ("window", window), ("plan_by_verifier", plan_by_verifier),
                     ("plan_window", plan_window), ("verifiers", verifiers), ("peers", peers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
