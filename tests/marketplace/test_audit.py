@@ -15,6 +15,7 @@ from node.crosscheck import Plan
 from protocol import verification as vp
 from protocol.money import tokens
 from protocol.schemas import JobSpec
+from tests.marketplace.chainless import chainless_runtime
 # (_rows lists canaries too: the market fixture plants none unless a test asks, and these do not)
 from tests.marketplace.test_flow import (FIXED_CUSTOMER, _events, _handed_in, _rows, drive, fixed_job_id, job_status,
                                         provider, slashed, staked_verifier, submit_job)
@@ -254,15 +255,12 @@ def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audit
     a verifier that checked all of the provider and little else is audited at the raised rate; on a plan of fewer
     than AUDIT_PEERS providers, counted as that many providers' work, one checking it as the rest of the plan is at a
     thin market's rate, under the ring's; from AUDIT_PEERS providers on, at the base rate."""
-    from marketplace.blobs import BlobStore
     from marketplace.db import Job, Verification, make_sessionmaker, now_s
-    from marketplace.runtime import Runtime
     from marketplace.settings import Settings
 
     settings = Settings(data_dir=tmp_path, db_url=db_url, audit_rate=0.1)
     sessions = make_sessionmaker(db_url)
-    rt = Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
-                 contracts=None, enqueue=lambda name, args, queue=None: None)
+    rt = chainless_runtime(settings, sessions=sessions)
     now, job = now_s(), "0x" + "02" * 32
     ring, fair, prov, other = ("0x" + f"{i:02x}" * 20 for i in range(1, 5))
     with sessions.begin() as s:

@@ -13,13 +13,13 @@ from sqlalchemy.orm import sessionmaker
 
 from marketplace import checking
 from marketplace.app import create_app
-from marketplace.blobs import BlobStore
 from marketplace.common import OPEN_CHECKS
-from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, make_engine, make_sessionmaker, now_s
+from marketplace.db import Job, PayoutEpoch, Provider, Unit, Verification, make_engine, now_s
 from marketplace.metrics import MarketCollector, MarketSnapshot, market_families
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.schemas import JobSpec
+from tests.marketplace.chainless import chainless_runtime
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -43,8 +43,7 @@ def scrape(client: TestClient) -> Samples:
 @pytest.fixture()
 def rt(tmp_path: Path, db_url: str) -> Runtime:
     settings = Settings(data_dir=tmp_path, db_url=db_url, unit_timeout_s=120)
-    return Runtime(settings=settings, sessions=make_sessionmaker(db_url), blobs=BlobStore(settings.blob_dir()),
-                   chain_id=31337, contracts=None, enqueue=lambda name, args, queue=None: None)
+    return chainless_runtime(settings, chain_id=31337)
 
 
 # ------------------------------------------------------------------------------------------------ pure
@@ -193,8 +192,7 @@ def test_open_disputes_are_counted_by_the_referee_that_judges_them(tmp_path: Pat
     pool, other = "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512", "torch-2.13.0.example/arm/aten-x"
     idle = "torch-2.13.0.example/aarch64.arm.neon/aten-default"
     settings = Settings(data_dir=tmp_path, db_url=db_url, referee_pools=f"{pool},{idle}")
-    rt = Runtime(settings=settings, sessions=make_sessionmaker(db_url), blobs=BlobStore(settings.blob_dir()),
-                 chain_id=31337, contracts=None, enqueue=lambda name, args, queue=None: None)
+    rt = chainless_runtime(settings, chain_id=31337)
     client = TestClient(create_app(rt))
     spec = JobSpec(max_price=1).model_dump(mode="json")
     with rt.sessions.begin() as s:

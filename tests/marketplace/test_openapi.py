@@ -11,10 +11,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from marketplace.app import create_app
-from marketplace.blobs import BlobStore
-from marketplace.db import make_sessionmaker
-from marketplace.runtime import Runtime
 from marketplace.settings import Settings
+from tests.marketplace.chainless import chainless_runtime
 
 # Routes that the marketplace signs for (EIP-712 envelope), by (method, path).
 SIGNED = {("POST", "/providers/register"), ("POST", "/providers/heartbeat"), ("POST", "/work/next"), ("PUT", "/blobs"),
@@ -25,9 +23,7 @@ SIGNED = {("POST", "/providers/register"), ("POST", "/providers/heartbeat"), ("P
 @pytest.fixture()
 def app(tmp_path: Path) -> FastAPI:
     settings = Settings(data_dir=tmp_path)
-    return create_app(Runtime(settings=settings, sessions=make_sessionmaker(settings.resolved_db_url()),
-                              blobs=BlobStore(settings.blob_dir()), chain_id=31337, contracts=None,
-                              enqueue=lambda name, args, queue=None: None))
+    return create_app(chainless_runtime(settings, chain_id=31337))
 
 
 def undocumented(app: FastAPI, schema: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from node.model import init_state
 from node.trainer import UnitSpec, fresh_state
 from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.schemas import JobSpec
+from tests.marketplace.chainless import chainless_runtime
 
 #: The job whose only unit, trained honestly on cpu/mb2, the tests dispute in segment 0 (and not in segment 1). Its
 #: id is bound to test_flow's FIXED_CUSTOMER (JobEscrow funds a new id for the address it starts with only); of the
@@ -314,7 +315,6 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
     from sqlalchemy import select
 
     from marketplace import checking, service
-    from marketplace.blobs import BlobStore
     from marketplace.db import Event, Job, RefereePool, Unit, Verification, make_sessionmaker, now_s
     from marketplace.runtime import Runtime, pool_queue
     from marketplace.settings import Settings
@@ -326,8 +326,8 @@ def test_a_dispute_whose_referee_pool_is_away_goes_to_the_default_referee(tmp_pa
 
     def runtime(**kw: object) -> Runtime:
         settings = Settings(data_dir=tmp_path, db_url=db_url, **kw)  # type: ignore[arg-type]
-        return Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
-                       contracts=None, enqueue=lambda name, args, queue=None: sent.append((name, args, queue)))
+        return chainless_runtime(settings, sessions=sessions,
+                                 enqueue=lambda name, args, queue=None: sent.append((name, args, queue)))
 
     rt = runtime(referee_pools=pool, referee_pool_wait_s=60)
     now, job = now_s(), "0x" + "01" * 32
@@ -395,17 +395,14 @@ def test_a_pools_worker_leaves_a_dispute_handed_to_the_default_referee_alone(tmp
     """Once a dispute (or an audit) fell back from its away pool, a worker of that pool that comes back (and finds it
     in its queue) does not judge it: the default referee has it."""
     from marketplace import checking
-    from marketplace.blobs import BlobStore
     from marketplace.db import Job, Unit, Verification, make_sessionmaker, now_s
-    from marketplace.runtime import Runtime
     from marketplace.settings import Settings
     from node.device import kernel_build
 
     here, default = kernel_build("cpu"), "torch-2.13.0.example/x86_64.genuineintel.avx512/aten-avx512"
     sessions = make_sessionmaker(f"sqlite:///{tmp_path / 'm.db'}")
     settings = Settings(data_dir=tmp_path, referee_pools=here, referee_build=default)
-    rt = Runtime(settings=settings, sessions=sessions, blobs=BlobStore(settings.blob_dir()), chain_id=1,
-                 contracts=None, enqueue=lambda name, args, queue=None: None)
+    rt = chainless_runtime(settings, sessions=sessions)
     assert rt.referee_pool_here()
     with sessions.begin() as s:
         s.add(Job(id="0x" + "01" * 32, customer="0x" + "0" * 40, spec=JobSpec(max_price=1).model_dump(mode="json"),

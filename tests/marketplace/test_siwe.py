@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 
 from marketplace import siwe
 from marketplace.app import create_app
-from marketplace.blobs import BlobStore
-from marketplace.db import Job, LoginNonce, make_sessionmaker
+from marketplace.db import Job, LoginNonce
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.errors import GridMintValueError
 from protocol.schemas import JobSpec
+from tests.marketplace.chainless import chainless_runtime
 
 CHAIN = 31337
 DOMAIN = "localhost"  # the Host the test client sends (a loopback name: trusted without GRIDMINT_SIWE_DOMAIN)
@@ -223,8 +223,7 @@ def test_tampered_tokens_are_refused(case: str) -> None:
 # ------------------------------------------------------------------------------------------------ over HTTP
 def runtime(data_dir: Path, db_url: str, **settings: Any) -> Runtime:
     s = Settings(data_dir=data_dir, db_url=db_url, **settings)
-    return Runtime(settings=s, sessions=make_sessionmaker(db_url), blobs=BlobStore(s.blob_dir()), chain_id=CHAIN,
-                   contracts=None, enqueue=lambda name, args, queue=None: None)
+    return chainless_runtime(s, chain_id=CHAIN)
 
 
 @pytest.fixture()

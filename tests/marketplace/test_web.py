@@ -8,12 +8,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from marketplace.app import create_app
-from marketplace.blobs import BlobStore
-from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, make_sessionmaker, now_s
+from marketplace.db import Event, Job, LedgerEntry, Unit, Verification, now_s
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.money import tokens
 from protocol.schemas import JobSpec
+from tests.marketplace.chainless import chainless_runtime
 
 JOB = "0x" + "ab" * 32
 CHEAT, HONEST, VERIFIER = "0x" + "c" * 40, "0x" + "d" * 40, "0x" + "e" * 40
@@ -22,8 +22,7 @@ CHEAT, HONEST, VERIFIER = "0x" + "c" * 40, "0x" + "d" * 40, "0x" + "e" * 40
 @pytest.fixture()
 def client(tmp_path: Path, db_url: str) -> tuple[TestClient, Runtime]:
     settings = Settings(data_dir=tmp_path, db_url=db_url)
-    rt = Runtime(settings=settings, sessions=make_sessionmaker(db_url), blobs=BlobStore(settings.blob_dir()),
-                 chain_id=31337, contracts=None, enqueue=lambda name, args, queue=None: None)
+    rt = chainless_runtime(settings, chain_id=31337)
     spec = JobSpec(rounds=2, units_per_round=2, max_price=tokens(2)).model_dump(mode="json")
     with rt.sessions.begin() as s:
         s.add(Job(id=JOB, customer="0x" + "0" * 40, spec=spec, budget=tokens(8), global_blob="0" * 64, round=1,
