@@ -346,11 +346,12 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         break
             return caught_trials / a.trials, round(units_caught / units_checked, 4)
 
+        def collude_draw(t: int, u: int) -> list[int]:
+            spec, losses, _, norms = units[(t + u) % len(units)]
+            return vp.choose_challenges(spec.unit_id, losses, rate, f"{name}/collude{t}/{u}".encode(), norms)
+
         # every trial's challenges of the colluding runs, drawn once (each run re-draws only who gets them)
-        collude_picks = [[vp.choose_challenges(units[(t + u) % len(units)][0].unit_id,
-                                               units[(t + u) % len(units)][1], rate,
-                                               f"{name}/collude{t}/{u}".encode(), units[(t + u) % len(units)][3])
-                          for u in range(horizon)] for t in range(a.trials)]
+        collude_picks = [[collude_draw(t, u) for u in range(horizon)] for t in range(a.trials)]
 
         def colluding(providers: int, share: float) -> tuple[float, float]:
             # a verifier colluding with the cheat (it passes all it gets, and tells the canaries apart: the provider
