@@ -512,10 +512,11 @@ def run_cpu(a: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]
     # (at the audit rate drawn in an honest market, raised a little by chance shares over the fair one)
     # (and where the plan has fewer than AUDIT_PEERS providers, at the rate of a thin market)
     out["honest_audit_rate_by_providers"] = {str(m): honest_audit_rate(providers=m) for m in HONEST_PROVIDERS}
-    out["honest_audit_rate"] = out["honest_audit_rate_by_providers"][str(HONEST_PROVIDERS[-1])]
-    out["audit_cost_ratio"] = round(out["verify_cost_ratio"] * max(out["honest_audit_rate"].values()), 4)
     out["audit_cost_ratio_by_providers"] = {m: round(out["verify_cost_ratio"] * max(r.values()), 4)
                                             for m, r in out["honest_audit_rate_by_providers"].items()}
+    # the headline figures: a plan of 10 providers (HONEST_PROVIDERS' last)
+    out["honest_audit_rate"] = out["honest_audit_rate_by_providers"][str(HONEST_PROVIDERS[-1])]
+    out["audit_cost_ratio"] = out["audit_cost_ratio_by_providers"][str(HONEST_PROVIDERS[-1])]
     log(f"lazy verifier caught within {window} tasks in {len(caught)}/{a.trials} trials (tasks to its first canary: "
         f"median {out['lazy_verifier_tasks_to_catch_median']}, max {out['lazy_verifier_tasks_to_catch_max']}); "
         f"honest verifier approved {approved} of {planted} forged canaries it replayed ({declined} declined); "
