@@ -72,10 +72,10 @@ UPDATE_OUTLIER_PICKS = 2
 #: segment replay, so this adds 2% to its compute (verify_cost_ratio x 1.02); a verifier approving everything meets
 #: its first canary within 228 tasks with probability 0.99, and loses its stake there.
 CANARY_RATE = Fraction(1, 50)
-#: Share of the passes (on work the referee replays bit for bit) that the referee replays itself before the unit is
-#: paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider, who tells canaries
-#: apart. It costs the operator about this share of the verifiers' replays (``bench proof``'s honest_audit_rate:
-#: 0.103-0.108 where 10 providers share the plan; more on thinner plans: ``AUDIT_PEERS``). A cheat whose checks go to
+#: Share of the passes (on CPU work; on GPU work where a referee runs on that GPU) that the referee replays itself
+#: before the unit is paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider,
+#: who tells canaries apart. It costs the operator about this share of the verifiers' replays (``bench proof``'s
+#: honest_audit_rate: 0.103-0.108 where 10 providers share the plan; more on thinner plans: ``AUDIT_PEERS``). A cheat whose checks go to
 #: its friend is caught where an audited pass lands on a segment it faked, before its pay exceeds a 20x stake
 #: (``bench proof``, 1% of the steps faked, the ring taking the share of its friend's checks that suits it best):
 #: 0.995 where it is its plan's only provider (colluding_caught_rate; 0.41 before ``AUDIT_PEERS``), 0.985 / 0.97 /
