@@ -213,6 +213,9 @@ class Demo:
             out(f"  [bold red]SLASHED[/] {self.name(ev['provider'])}: referee replay of segment {ev['segment']} gives "
                 f"{ev['replayed'][:12]}.., committed {ev['claimed'][:12]}..; {_fmt(int(ev['amount']))} stake taken via "
                 f"{how}; unit goes back to the pool")
+        elif k == "unit_redone":
+            out(f"  {self.name(ev['provider'])}'s verified unit {ev['unit'][:10]} of the open round goes back to the "
+                f"pool too: trained again by another, its {_fmt(int(ev['forfeit']))} forfeit")
         elif k == "audit_passed":
             out(f"  referee audits the pass of unit {ev['unit'][:10]} segment {ev['segment']}: it replays bit for bit")
         elif k == "false_accusation":

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 from marketplace import canary, referee
 from marketplace.common import (OPEN_CHECKS, REVEALING, Conflict, NotFound, check_fee_entry, check_uploaded_state,
                                 log, stake_short, take_back, unit_spec)
-from marketplace.db import (Handed, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier, now_s,
-                            pools_seen)
+from marketplace.db import (Handed, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier,
+                            check_fee_key, now_s, pools_seen)
 from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from node import checkpoint
@@ -28,7 +28,7 @@ from node.trainer import state_hash
 from protocol import verification
 from protocol.errors import ChainError, ProofError
 from protocol.proof import TrainingProof, segment_view
-from protocol.schemas import RevealSubmit, VerdictSubmit, VerificationBeat
+from protocol.schemas import JobSpec, RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
 from protocol.signing import ACCUSE_ALL, recover_accusation, recover_typed, to_bytes32
 
@@ -772,7 +772,49 @@ def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
         for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
                                                            Verification.status.in_(OPEN_CHECKS))):
             other.status = "void"  # canaries too (take_back voided the provider's own real checks)
+    _redo_unaveraged(s, provider)
     return after
+
+
+def _redo_unaveraged(s: Session, provider: str) -> None:
+    """Inside :func:`_convicted`'s transaction: each unit ``provider`` has verified in a running job's round that is
+    not averaged yet goes back to the pool, its price forfeit (its ledger entry removed), to be trained again by
+    another provider. A proven cheat's other units passed sampled replays, not a proof of honesty: they stay out of
+    the customer's model, and it is not paid for them. A unit of a round averaged already stays (it is in the model;
+    its pay stands).
+
+    The escrow pays the redo: the job's budget holds ``JobSpec.unit_budget`` for each unit, so what the job owes
+    (its ledger, less the forfeit price) and every unit not verified, this one and those of the rounds to come, at
+    that price, must fit in it. The verifiers whose checks the unit passed keep their fees where the job's other
+    units left room for them (they replayed honestly what they were handed); where they did not, those fees are
+    forfeit too. The job's row is taken first (locked till commit on PostgreSQL; on SQLite this transaction holds
+    the database's write lock already), as ``service.advance`` takes it before it commits a round: a round averaged
+    meanwhile has moved the job on (its units stay), and one averaging now finds the unit gone."""
+    for u in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "verified"))):
+        job = s.scalars(select(Job).where(Job.id == u.job_id).with_for_update()
+                        .execution_options(populate_existing=True)).one()
+        if job.status != "running" or job.round != u.round:
+            continue
+        entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job.id)))
+        price = next((e for e in entries if e.unit_id == u.id and e.provider == provider), None)
+        fee_keys = {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
+            Verification.unit_id == u.id, Verification.provider == provider, Verification.status == "passed"))}
+        fees = [e for e in entries if e.unit_id in fee_keys]
+        if price is None or price.released or any(e.released for e in fees):
+            continue  # (never: a running job's entries are released when it settles)
+        spec = JobSpec.model_validate(job.spec)
+        open_units = len(list(s.scalars(select(Unit.id).where(Unit.job_id == job.id, Unit.status != "verified"))))
+        later = (spec.rounds - job.round - 1) * spec.unit_budget() * spec.units_per_round
+        worst = sum(e.amount for e in entries) - price.amount + (open_units + 1) * spec.unit_budget() + later
+        paid = worst <= job.budget
+        if not paid and worst - sum(e.amount for e in fees) > job.budget:
+            continue  # (never: the budget held every unit at unit_budget before this one's redo)
+        if not take_back(s, u.id, provider, ("verified",), excluded=sorted(set(u.excluded or []) | {provider})):
+            continue
+        for e in [price] if paid else [price, *fees]:
+            s.delete(e)
+        log(s, "unit_redone", job.id, unit=u.id, provider=provider, round=u.round, forfeit=str(price.amount),
+            check_fees_forfeit=str(0 if paid else sum(e.amount for e in fees)))
 
 
 def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:

@@ -486,29 +486,54 @@ def advance(rt: Runtime, job_id: str) -> str:
         escrow = rt.contracts.get_job(job_id)
         if (why := cancellation.escrow_stop(escrow)) is not None:
             stop = (why, escrow.closable_at)
-    with rt.sessions.begin() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        if job.round != round_ or job.status != "running":  # another advance got here first
-            return job.status
-        job.global_blob = sha
-        job.eval_losses = [*job.eval_losses, loss]
-        log(s, "round_done", job_id, round=round_, eval_loss=loss)
-        if stop is not None:
-            cancellation.stop_in(s, job_id, *stop)
-            status = "cancelling"
-        elif round_ + 1 < spec.rounds:
-            job.round = round_ + 1
-            _create_round_units(s, job, spec, round_ + 1)
-            status = "running"
-        else:
-            job.status = status = "done"
-            log(s, "job_done", job_id, eval_loss=loss)
+    try:
+        status = _next_round(rt, job_id, round_, spec, blobs, sha, loss, stop)
+    except _RoundChanged:  # a unit of the round was taken back while it averaged (its provider convicted): the
+        return "running"   # verdict on its redo advances the round again
+    if status is None:  # another advance got here first
+        with rt.sessions() as s:
+            return str(s.scalar(select(Job.status).where(Job.id == job_id)))
     if status == "running":
         rt.enqueue("gridmint.match", [])
     else:
         rt.enqueue("gridmint.settle", [job_id])
     return status
+
+
+class _RoundChanged(Exception):
+    """The round's units are no longer those averaged."""
+
+
+def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: list[str | None], sha: str,
+                loss: float, stop: tuple[str, int] | None) -> str | None:
+    """:func:`advance`'s commit of round ``round_``, averaged from ``blobs`` into ``sha``: the next round, the stop
+    (``stop``: the escrow's), or the job done; the job's status after it. None, writing nothing, where another advance
+    got here first; :class:`_RoundChanged`, writing nothing, where the round's units are no longer those verified
+    ``blobs``."""
+    with rt.sessions.begin() as s:
+        # the job's row first, as a conviction taking back a unit of the round does (checking._redo_unaveraged):
+        # locked till commit on PostgreSQL; on SQLite this write takes the database's write lock
+        if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
+                     .values(global_blob=sha)).rowcount != 1:
+            return None
+        now = list(s.execute(select(Unit.status, Unit.final_blob).where(Unit.job_id == job_id, Unit.round == round_)
+                             .order_by(Unit.shard)))
+        if [(st, b) for st, b in now] != [("verified", b) for b in blobs]:
+            raise _RoundChanged(job_id)  # (rolls the write above back)
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.eval_losses = [*job.eval_losses, loss]
+        log(s, "round_done", job_id, round=round_, eval_loss=loss)
+        if stop is not None:
+            cancellation.stop_in(s, job_id, *stop)
+            return "cancelling"
+        if round_ + 1 < spec.rounds:
+            job.round = round_ + 1
+            _create_round_units(s, job, spec, round_ + 1)
+            return "running"
+        job.status = "done"
+        log(s, "job_done", job_id, eval_loss=loss)
+        return "done"
 
 
 def _fail(rt: Runtime, job_id: str, round_: int, reason: str) -> str:

@@ -102,13 +102,16 @@ class JobSpec(Strict):
         return self
 
     def budget(self) -> int:
-        """Escrow the job needs up front: every unit paid at the price cap, and the most its verification level can
-        cost in verifier fees at that price (protocol.verification.max_checks). The unspent rest is refunded."""
+        """Escrow the job needs up front: every unit at :meth:`unit_budget`. The unspent rest is refunded."""
+        return self.rounds * self.units_per_round * self.unit_budget()
+
+    def unit_budget(self) -> int:
+        """The most one unit of the job can cost: its price at the cap, and the most its verification level can cost
+        in verifier fees at that price (protocol.verification.max_checks)."""
         from protocol.verification import check_fee, max_checks
 
         n = self.steps_per_unit // self.segment_len
-        per_unit = self.max_price + check_fee(self.max_price, n) * max_checks(self.verification, n)
-        return self.rounds * self.units_per_round * per_unit
+        return self.max_price + check_fee(self.max_price, n) * max_checks(self.verification, n)
 
 
 class QuoteOut(Strict):

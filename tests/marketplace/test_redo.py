@@ -1,0 +1,253 @@
+"""A convicted provider's units verified in a round not yet averaged are trained again by another provider, and it
+is not paid for them (checking._redo_unaveraged): against the real contracts on the in-process EVM and a real
+SQLite / PostgreSQL ledger, and the whole story over real HTTP, a Celery worker and Redis."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from eth_utils import keccak
+from sqlalchemy import select
+
+from marketplace import checking, service, settlement
+from marketplace.common import check_fee_entry, model_config, unit_id_for
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, check_fee_key
+from node.adversary import ADVERSARIES
+from node.model import init_state
+from protocol.jobs import RANDOM_BYTES, new_job_id
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import _events, _handed_in, _stocked, drive, provider, slashed, staked_verifier, \
+    submit_job
+from tests.marketplace.test_settlement import World, make_world
+
+CAP = tokens(2)  # the spec's max_price; two segments a unit: a passed check's fee is half the unit's price
+
+
+@pytest.fixture()
+def world(tmp_path: Path, db_url: str) -> World:
+    return make_world(tmp_path, db_url)
+
+
+def _job(w: World, name: str, rounds: int = 1, units: int = 3) -> tuple[str, JobSpec]:
+    spec = JobSpec(rounds=rounds, units_per_round=units, steps_per_unit=10, segment_len=5, max_price=CAP)
+    job_id = new_job_id(w.customer.address, keccak(text=name)[:RANDOM_BYTES])
+    w.customer.fund_job(job_id, spec.budget())
+    service.create_job(w.rt, w.customer.address, job_id, spec)
+    return job_id, spec
+
+
+def _providers(w: World) -> list[str]:
+    with w.rt.sessions.begin() as s:
+        for a in w.providers:
+            if s.get(Provider, a.address) is None:
+                s.add(Provider(address=a.address, region="eu-north", gpu="test", vram_mb=8000, price=CAP,
+                               tokens_per_s=1000, capacity=2, stake=tokens(100)))
+    return [a.address for a in w.providers]
+
+
+def _verified(w: World, unit_id: str, who: str, price: int, checks: int = 0, verifier: str = "",
+              blob: str | None = None) -> None:
+    """Unit ``unit_id`` verified for ``who`` at ``price``: its price owed, and ``checks`` passed checks by
+    ``verifier`` owed their fees (as checking.maybe_verified credits them)."""
+    with w.rt.sessions.begin() as s:
+        u = s.get(Unit, unit_id)
+        assert u is not None
+        u.status, u.provider, u.price, u.segment_blobs, u.final_blob = "verified", who, price, ["a", "b"], blob
+        s.add(LedgerEntry(job_id=u.job_id, unit_id=u.id, provider=who, amount=price))
+        for seg in range(checks):
+            c = Verification(unit_id=u.id, provider=who, segment=seg, status="passed", verifier=verifier)
+            s.add(c)
+            s.flush()
+            s.add(check_fee_entry(u, c))
+
+
+def _convict(w: World, who: str) -> None:
+    """What a fraud ruling or a failed audit does once ``who`` is slashed (checking._convicted)."""
+    with w.rt.sessions.begin() as s:
+        checking._convicted(w.rt, s, who)
+
+
+def _owed(w: World, job_id: str) -> dict[str, int]:
+    with w.rt.sessions() as s:
+        out: dict[str, int] = {}
+        for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)):
+            out[e.provider] = out.get(e.provider, 0) + e.amount
+        return out
+
+
+def _unit(w: World, unit_id: str) -> Unit:
+    with w.rt.sessions() as s:
+        u = s.get(Unit, unit_id)
+        assert u is not None
+        return u
+
+
+def _job_events(w: World, job_id: str, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    with w.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.job_id == job_id, Event.kind == kind))]
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["room-for-the-fees", "no-room"])
+def test_a_convicted_providers_unit_of_the_open_round_is_redone_and_its_price_forfeit(world: World,
+                                                                                      room: bool) -> None:
+    """The cheat had one unit verified (at the cap, one passed check) and one submitted when convicted: both go back
+    to the pool with it excluded; its price for the verified one is no longer owed. The verifier that passed it keeps
+    its fee where the job's other units left room in the budget for it (shard 1 paid under the cap), and loses it
+    where they did not (shard 1 paid the most a unit can cost): the job never owes more than its escrow holds."""
+    cheat, honest, verifier = _providers(world)[:3]
+    job_id, spec = _job(world, f"redo-{room}")
+    ids = [unit_id_for(job_id, 0, shard) for shard in range(3)]
+    _verified(world, ids[0], cheat, CAP, checks=1, verifier=verifier)
+    if room:
+        _verified(world, ids[1], honest, tokens(1))
+    else:  # the most a unit can cost: the cap and two fees
+        _verified(world, ids[1], honest, CAP, checks=2, verifier=verifier)
+    with world.rt.sessions.begin() as s:
+        u = s.get(Unit, ids[2])
+        assert u is not None
+        u.status, u.provider = "submitted", cheat
+    assert spec.unit_budget() == CAP + 2 * (CAP // 2)
+    fee = CAP // 2
+    _convict(world, cheat)
+
+    for uid in (ids[0], ids[2]):
+        u = _unit(world, uid)
+        assert (u.status, u.provider, u.price, u.excluded) == ("pending", None, None, [cheat])
+    assert _unit(world, ids[1]).status == "verified"
+    [redone] = _job_events(world, job_id, "unit_redone")
+    assert redone == {"unit": ids[0], "provider": cheat, "round": 0, "forfeit": str(CAP),
+                      "check_fees_forfeit": "0" if room else str(fee)}
+    owed = _owed(world, job_id)
+    assert cheat not in owed
+    assert owed == ({honest: tokens(1), verifier: fee} if room else {honest: CAP, verifier: 2 * fee})
+    # at the worst, two more units at the most each can cost: within the budget the customer funded
+    assert sum(owed.values()) + 2 * spec.unit_budget() <= spec.budget()
+    with world.rt.sessions() as s:
+        [check] = s.scalars(select(Verification).where(Verification.unit_id == ids[0]))
+    assert check.status == "passed"  # the verifier's verdict stands: it replayed what it was handed, honestly
+    assert (check_fee_key(check.id) in {e for e in _keys(world, job_id)}) == room
+    # a re-run of the conviction (a retried task) changes nothing
+    _convict(world, cheat)
+    assert _owed(world, job_id) == owed and len(_job_events(world, job_id, "unit_redone")) == 1
+
+
+def _keys(w: World, job_id: str) -> set[str]:
+    with w.rt.sessions() as s:
+        return set(s.scalars(select(LedgerEntry.unit_id).where(LedgerEntry.job_id == job_id)))
+
+
+def test_units_of_an_averaged_round_or_a_job_no_longer_running_stay_verified_and_paid(world: World) -> None:
+    """A round averaged already is in the customer's model: its units stay, and their pay. So do the units of a job
+    stopped (its customer cancelled) or done: what settles them is settled on what they were."""
+    cheat, honest = _providers(world)[:2]
+    job_id, spec = _job(world, "averaged", rounds=2, units=2)
+    _verified(world, unit_id_for(job_id, 0, 0), cheat, tokens(1))
+    _verified(world, unit_id_for(job_id, 0, 1), honest, tokens(1))
+    with world.rt.sessions.begin() as s:  # round 0 averaged: round 1 opens
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.round = 1
+        service._create_round_units(s, job, spec, 1)
+    _verified(world, unit_id_for(job_id, 1, 0), cheat, tokens(1))
+    stopped, _ = _job(world, "stopped", units=2)
+    _verified(world, unit_id_for(stopped, 0, 0), cheat, tokens(1))
+    with world.rt.sessions.begin() as s:
+        s.get(Job, stopped).status = "cancelling"  # type: ignore[union-attr]
+    _convict(world, cheat)
+    assert _unit(world, unit_id_for(job_id, 0, 0)).status == "verified"
+    assert _unit(world, unit_id_for(job_id, 1, 0)).status == "pending"
+    assert _unit(world, unit_id_for(stopped, 0, 0)).status == "verified"
+    assert _owed(world, job_id) == {cheat: tokens(1), honest: tokens(1)}
+    assert _owed(world, stopped) == {cheat: tokens(1)}
+    assert [e["unit"] for e in _job_events(world, job_id, "unit_redone")] == [unit_id_for(job_id, 1, 0)]
+    assert not _job_events(world, stopped, "unit_redone")
+
+
+def test_a_round_whose_unit_is_taken_back_while_it_averages_waits_for_the_redo(world: World, monkeypatch) -> None:
+    """The conviction lands while the round's verified units are being averaged (service.advance reads them, then
+    averages outside any transaction): the round does not close on the cheat's weights. It closes once the redo is
+    verified, on the redo's."""
+    cheat, honest = _providers(world)[:2]
+    job_id, spec = _job(world, "race", units=2)
+    cfg = model_config(spec)
+    blobs = [world.rt.blobs.put_tensors(init_state(cfg, seed), {"kind": "test"}) for seed in (1, 2, 3)]
+    units = [unit_id_for(job_id, 0, shard) for shard in range(2)]
+    _verified(world, units[0], cheat, tokens(1), blob=blobs[0])
+    _verified(world, units[1], honest, tokens(1), blob=blobs[1])
+    before = _job_row(world, job_id).global_blob
+    real = service.average_states
+
+    def convicted_meanwhile(states):  # type: ignore[no-untyped-def]
+        _convict(world, cheat)
+        return real(states)
+
+    monkeypatch.setattr(service, "average_states", convicted_meanwhile)
+    assert service.advance(world.rt, job_id) == "running"
+    job = _job_row(world, job_id)
+    assert (job.status, job.round, job.global_blob) == ("running", 0, before)
+    assert not _job_events(world, job_id, "round_done")
+    assert _unit(world, units[0]).status == "pending"
+    monkeypatch.setattr(service, "average_states", real)
+
+    _verified(world, units[0], honest, tokens(1), blob=blobs[2])  # the redo, verified
+    assert service.advance(world.rt, job_id) == "done"
+    assert _job_row(world, job_id).global_blob != before
+    assert len(_job_events(world, job_id, "round_done")) == 1
+    assert settlement.settle_job(world.rt, job_id) == spec.budget() - tokens(2)
+    assert _owed(world, job_id) == {honest: tokens(2)}
+
+
+def _job_row(w: World, job_id: str) -> Job:
+    with w.rt.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_cheats_unit_that_passed_is_trained_again_once_its_next_cheat_is_caught(market, tmp_path: Path) -> None:
+    """The whole story: a provider trains its first unit honestly (verified, owed its price), cheats on its second,
+    and is slashed for that one. The first goes back to the pool with the second: an honest provider trains both,
+    the job settles on the honest provider's work alone, and the cheat is paid nothing."""
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    spec = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    [first] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+
+    def first_verified() -> bool:
+        verifier.verify_once()
+        with market.rt.sessions() as s:
+            u = s.get(Unit, first)
+            return u is not None and u.status == "verified"
+
+    market.wait(first_verified, what="the cheat's honest unit verified")
+    owed = {e.provider: e.amount for e in _ledger(market, job_id) if e.verification_id is None}
+    assert owed == {cheat.account.address: tokens("0.55")}
+    skip = ADVERSARIES["skip-steps"]
+    cheat.trainer = lambda s, start, workdir: skip(s, start, workdir)
+    [second] = _handed_in(market, job_id, [cheat], 1)  # (the first is verified, not submitted)
+    assert second != first
+    _stocked(market)
+    market.wait(lambda: verifier.verify_once() is None and cheat.account.address in slashed(market), timeout=120,
+                what="the cheat slashed")
+    [redone] = _events(market, "unit_redone")
+    assert (redone["unit"], redone["forfeit"]) == (first, str(tokens("0.55")))
+    # no unit of the job was verified under the cap to make room for them: the fees of its passed checks go too
+    assert int(redone["check_fees_forfeit"]) > 0
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    drive(market, [cheat, honest], verifier, job_id)
+    with market.rt.sessions() as s:
+        units = list(s.scalars(select(Unit).where(Unit.job_id == job_id)))
+    assert {(u.status, u.provider) for u in units} == {("verified", honest.account.address)}
+    paid = _ledger(market, job_id)
+    assert cheat.account.address not in {e.provider for e in paid} and all(e.released for e in paid)
+    assert {e.provider for e in paid if e.verification_id is None} == {honest.account.address}
+    escrow = market.ops.get_job(job_id)
+    assert escrow.released == sum(e.amount for e in paid) <= spec.budget()
+
+
+def _ledger(market, job_id: str) -> list[LedgerEntry]:  # type: ignore[no-untyped-def]
+    with market.rt.sessions() as s:
+        return list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
