@@ -25,6 +25,9 @@ from marketplace.runtime import Runtime, set_runtime
 from marketplace.settings import Settings
 from protocol.money import tokens
 
+#: The in-process worker's idle wait on the broker, in seconds (kombu's ``polling_interval``: its BRPOP timeout)
+IDLE_POLL_S = 0.1
+
 
 class Accounts:
     """Fresh funded accounts on a deployment; mixed into the in-process markets (needs chain, deployment, ops,
@@ -52,11 +55,12 @@ class InProcessMarket(Accounts):
     on it, its settings ``data_dir = root / "market"`` plus ``settings`` (redis_url, db_url, rates...). Funded
     accounts with :meth:`account`; the API and a worker with :meth:`serving`."""
 
-    def __init__(self, root: Path, supply: int, **settings: Any) -> None:
-        self.chain = Chain.in_process()
+    def __init__(self, root: Path, supply: int, *, deployed: tuple[Chain, Deployment] | None = None,
+                 **settings: Any) -> None:
+        """``deployed``: a chain and :meth:`deploy`'s deployment on it to use (the tests revert one chain to it,
+        instead of deploying anew for each); else a new chain, deployed here."""
+        self.chain, self.deployment = deployed or self.deploy(Chain.in_process(), supply)
         self.operator: LocalAccount = self.chain.dev_accounts()[0]
-        self.deployment: Deployment = deploy(self.chain, self.operator, supply=supply,
-                                             treasury=Account.create().address, verifier_bond=tokens(50))
         self.ops = GridMintContracts(self.chain, self.deployment, self.operator)
         conf = Settings(data_dir=root / "market", **settings)
         conf.data_dir.mkdir(parents=True)
@@ -65,6 +69,12 @@ class InProcessMarket(Accounts):
                           blobs=BlobStore(conf.blob_dir()), chain_id=self.chain.chain_id, contracts=self.ops,
                           enqueue=tasks.enqueue)
         self.root = root
+
+    @staticmethod
+    def deploy(chain: Chain, supply: int) -> tuple[Chain, Deployment]:
+        """The contracts on ``chain``, deployed by its first dev account, a fresh treasury holding ``supply``."""
+        return chain, deploy(chain, chain.dev_accounts()[0], supply=supply, treasury=Account.create().address,
+                             verifier_bond=tokens(50))
 
     @contextmanager
     def serving(self) -> Iterator[str]:
@@ -77,6 +87,10 @@ class InProcessMarket(Accounts):
         thread.start()
         while not server.started:
             time.sleep(0.02)
+        # the worker's idle wait on the broker (a BRPOP, 1 s by default) is what its shutdown waits out: 0.1 s here,
+        # where a market is started and stopped per test
+        conf = tasks.celery_app.conf
+        conf.broker_transport_options = {**conf.broker_transport_options, "polling_interval": IDLE_POLL_S}
         try:
             with start_worker(tasks.celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING",
                               shutdown_timeout=30):

@@ -492,26 +492,65 @@ def retire_canary(s: Session, planted: Verification) -> None:
 def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
     """``ver`` approved a planted known-bad segment, or made an accusation the referee proved false (``cause``): it
     gets no more tasks, what it holds goes back to the pool, and every check it passed on a unit not yet credited is
-    done again by another verifier (a unit already credited on its word stays credited: the canary rate bounds how
-    many). A canary's approver also has its stake slashed (``punish_verifier``); a false accuser loses its bond."""
+    done again by another verifier; so is one on a unit credited in a running job's round not averaged yet, the
+    unit's credit withdrawn till then (:func:`_reopen`). A unit of a round averaged already stays credited on its
+    word (it is in the model; the canary rate bounds how many). A canary's approver also has its stake slashed
+    (``punish_verifier``); a false accuser loses its bond."""
     if ver.status == "benched":
         return
     ver.status, ver.benched_for = "benched", why[:300]
     redo = 0
-    for v in s.scalars(select(Verification).where(Verification.verifier == ver.address,
-                                                  Verification.id != cause.id,
-                                                  Verification.status.in_(["assigned", "passed"]))):
+    for v in list(s.scalars(select(Verification).where(Verification.verifier == ver.address,
+                                                       Verification.id != cause.id,
+                                                       Verification.status.in_(["assigned", "passed"])))):
         if v.canary is not None:
             if v.status == "assigned":
                 v.status = "void"
                 retire_canary(s, v)
             continue
         unit = s.get(Unit, v.unit_id)
-        if v.status == "passed" and (unit is None or unit.status != "submitted" or unit.provider != v.provider):
-            continue  # credited already, or a claim the unit no longer holds (its provider slashed, a standby's now)
+        if v.status == "passed" and (unit is None or unit.provider != v.provider
+                                     or not (unit.status == "submitted" or _reopen(s, unit, ver.address))):
+            continue  # credited in an averaged round, or a claim the unit no longer holds (its provider slashed...)
         v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
         redo += 1
     log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
+
+
+def _open_round(s: Session, unit: Unit) -> bool:
+    """Whether ``unit`` belongs to its job's round not averaged yet, the job running. The job's row is taken first
+    (locked till commit on PostgreSQL; on SQLite the caller's transaction holds the database's write lock already),
+    as ``service.advance`` takes it before it commits a round: a round averaged meanwhile has moved the job on, and
+    one averaging now finds the unit changed."""
+    job = s.scalars(select(Job).where(Job.id == unit.job_id).with_for_update()
+                    .execution_options(populate_existing=True)).one()
+    return job.status == "running" and job.round == unit.round
+
+
+def _reopen(s: Session, unit: Unit, verifier: str) -> bool:
+    """Inside :func:`_bench`'s transaction: verified ``unit``, passed by benched ``verifier``, back to ``submitted``
+    if its round is open (:func:`_open_round`): what it was credited (its price, its checks' fees) withdrawn, to be
+    credited again once the checks the verifier passed are redone (the others stand). True if reopened."""
+    if not _open_round(s, unit):
+        return False
+    fee_keys = {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
+        Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.status == "passed"))}
+    credited = list(s.scalars(select(LedgerEntry).where(
+        LedgerEntry.job_id == unit.job_id, LedgerEntry.released.is_(False),
+        or_(and_(LedgerEntry.unit_id == unit.id, LedgerEntry.provider == unit.provider),
+            LedgerEntry.unit_id.in_(fee_keys)))))
+    if s.execute(update(Unit).where(Unit.id == unit.id, Unit.status == "verified").values(status="submitted")
+                 .execution_options(synchronize_session="fetch")).rowcount != 1:
+        return False
+    for e in credited:
+        s.delete(e)
+    prov = s.get(Provider, unit.provider)
+    if prov is not None:  # maybe_verified counts the unit again
+        prov.completed = max(0, prov.completed - 1)
+        prov.verified_streak = max(0, prov.verified_streak - 1)
+    log(s, "unit_reopened", unit.job_id, unit=unit.id, provider=unit.provider, verifier=verifier,
+        withdrawn=str(sum(e.amount for e in credited)))
+    return True
 
 
 def punish_verifier(rt: Runtime, verification_id: int) -> str:
@@ -787,14 +826,12 @@ def _redo_unaveraged(s: Session, provider: str) -> None:
     (its ledger, less the forfeit price) and every unit not verified, this one and those of the rounds to come, at
     that price, must fit in it. The verifiers whose checks the unit passed keep their fees where the job's other
     units left room for them (they replayed honestly what they were handed); where they did not, those fees are
-    forfeit too. The job's row is taken first (locked till commit on PostgreSQL; on SQLite this transaction holds
-    the database's write lock already), as ``service.advance`` takes it before it commits a round: a round averaged
-    meanwhile has moved the job on (its units stay), and one averaging now finds the unit gone."""
+    forfeit too. The round is read with the job's row taken (:func:`_open_round`)."""
     for u in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "verified"))):
-        job = s.scalars(select(Job).where(Job.id == u.job_id).with_for_update()
-                        .execution_options(populate_existing=True)).one()
-        if job.status != "running" or job.round != u.round:
+        if not _open_round(s, u):
             continue
+        job = s.get(Job, u.job_id)
+        assert job is not None
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job.id)))
         price = next((e for e in entries if e.unit_id == u.id and e.provider == provider), None)
         fee_keys = {check_fee_key(c) for c in s.scalars(select(Verification.id).where(

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from marketplace import checking, service, settlement
 from marketplace.common import check_fee_entry, model_config, unit_id_for
-from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, check_fee_key
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key
 from node.adversary import ADVERSARIES
 from node.model import init_state
 from protocol.jobs import RANDOM_BYTES, new_job_id
@@ -203,6 +203,78 @@ def _job_row(w: World, job_id: str) -> Job:
         job = s.get(Job, job_id)
         assert job is not None
         return job
+
+
+def test_a_benched_verifiers_pass_on_a_unit_of_the_open_round_is_done_again_before_the_unit_is_paid(
+        world: World) -> None:
+    """A verifier caught approving a canary had passed a check of a unit that was then credited (its other check
+    passed by a careful verifier). The round is not averaged yet: the unit goes back to ``submitted``, what it was
+    credited (its price, both fees) withdrawn, the lazy pass handed out again, the careful one standing. Once the
+    redone check passes, the unit is credited again, exactly once. A unit of an averaged round stays credited."""
+    honest, lazy, careful = _providers(world)[:3]
+    job_id, _ = _job(world, "reopen", units=2)
+    old_job, old_spec = _job(world, "reopen-averaged", rounds=2, units=1)
+    units = [unit_id_for(job_id, 0, shard) for shard in range(2)]
+    old_unit = unit_id_for(old_job, 0, 0)
+    with world.rt.sessions.begin() as s:
+        s.add(Verifier(address=lazy))
+        s.get(Provider, honest).completed, s.get(Provider, honest).verified_streak = 3, 3  # type: ignore[union-attr]
+    _verified(world, units[0], honest, tokens(1), checks=1, verifier=lazy)
+    _verified(world, units[1], honest, tokens(1), checks=1, verifier=careful)
+    _verified(world, old_unit, honest, tokens(1), checks=1, verifier=lazy)
+    with world.rt.sessions.begin() as s:
+        second = Verification(unit_id=units[0], provider=honest, segment=1, status="passed", verifier=careful)
+        s.add(second)
+        s.flush()
+        u = s.get(Unit, units[0])
+        assert u is not None
+        s.add(check_fee_entry(u, second))
+        cause = Verification(unit_id=units[1], provider=honest, segment=1, status="canary_missed", verifier=lazy,
+                             canary={"kind": "test"})
+        s.add(cause)
+        job = s.get(Job, old_job)
+        assert job is not None
+        job.round = 1  # the old job's round 0 averaged
+        service._create_round_units(s, job, old_spec, 1)
+    fee = CAP // 2 // 2  # a passed check: the unit's price (1 GMT) over its two segments
+    owed = _owed(world, job_id)
+    assert owed == {honest: tokens(2), lazy: fee, careful: 2 * fee}
+    with world.rt.sessions.begin() as s:
+        ver, why = s.get(Verifier, lazy), s.get(Verification, cause.id)
+        assert ver is not None and why is not None
+        checking._bench(s, ver, why, "it approved a planted known-bad segment (test)")
+
+    assert _unit(world, units[0]).status == "submitted" and _unit(world, units[1]).status == "verified"
+    assert _unit(world, old_unit).status == "verified" and _owed(world, old_job) == {honest: tokens(1), lazy: fee}
+    with world.rt.sessions() as s:
+        checks = {c.segment: c for c in s.scalars(select(Verification).where(Verification.unit_id == units[0]))}
+        prov = s.get(Provider, honest)
+        assert prov is not None and (prov.completed, prov.verified_streak) == (2, 2)
+    assert (checks[0].status, checks[0].verifier) == ("pending", None)
+    assert (checks[1].status, checks[1].verifier) == ("passed", careful)
+    assert _owed(world, job_id) == {honest: tokens(1), careful: fee}  # unit 1's: its price and careful's fee
+    [reopened] = _job_events(world, job_id, "unit_reopened")
+    assert reopened == {"unit": units[0], "provider": honest, "verifier": lazy, "withdrawn": str(tokens(1) + 2 * fee)}
+    [benched] = [e.data for e in _all(world) if e.kind == "verifier_benched"]
+    assert benched["rechecks"] == 1  # the open round's pass: the averaged round's stands
+
+    with world.rt.sessions.begin() as s:  # the careful verifier redoes the lazy pass
+        c = s.get(Verification, checks[0].id)
+        assert c is not None
+        c.status, c.verifier = "passed", careful
+        u = s.get(Unit, units[0])
+        assert u is not None
+        checking.maybe_verified(s, u)
+    assert _unit(world, units[0]).status == "verified"
+    assert _owed(world, job_id) == {honest: tokens(2), careful: 3 * fee}  # its two checks of unit 0, one of unit 1
+    with world.rt.sessions() as s:
+        prov = s.get(Provider, honest)
+        assert prov is not None and (prov.completed, prov.verified_streak) == (3, 3)
+
+
+def _all(w: World) -> list[Event]:
+    with w.rt.sessions() as s:
+        return list(s.scalars(select(Event).order_by(Event.id)))
 
 
 def test_a_cheats_unit_that_passed_is_trained_again_once_its_next_cheat_is_caught(market, tmp_path: Path) -> None:
