@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from gridmint.bench import available as bench_names
 from protocol.errors import GridMintValueError
 from protocol.money import tokens
 
@@ -591,7 +592,7 @@ def simulate(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Which benchmark (settlement, proof, canary, matching, api)")],
+    name: Annotated[str, typer.Argument(help=f"Which benchmark ({', '.join(bench_names())})")],
 ) -> None:
     """Run a benchmark; its last output line is a JSON object of figures. Options after NAME go to the benchmark."""
     from gridmint.bench import run

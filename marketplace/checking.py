@@ -498,6 +498,8 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
     (``punish_verifier``); a false accuser loses its bond."""
     if ver.status == "benched":
         return
+    _lock_jobs(s, select(Unit.job_id).join(Verification, Verification.unit_id == Unit.id).where(
+        Verification.verifier == ver.address, Verification.status.in_(["assigned", "passed"])))
     ver.status, ver.benched_for = "benched", why[:300]
     redo = 0
     for v in list(s.scalars(select(Verification).where(Verification.verifier == ver.address,
@@ -515,6 +517,17 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
         v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
         redo += 1
     log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
+
+
+def _lock_jobs(s: Session, job_ids: Any) -> None:
+    """Take the rows of the running jobs among ``job_ids`` (a select of ids) till the transaction ends (PostgreSQL;
+    SQLite has one writer at a time), in id order, writing nothing first (the session's pending changes wait): a
+    customer's stop (``cancellation.stop_in``) and ``service.advance`` take a job's row before its units and checks,
+    so a step that then changes a job's units and checks (a conviction, a bench) and takes its row first never waits
+    in a cycle with them."""
+    with s.no_autoflush:
+        s.execute(select(Job.id).where(Job.id.in_(job_ids), Job.status == "running").order_by(Job.id)
+                  .with_for_update()).all()
 
 
 def _open_round(s: Session, unit: Unit) -> bool:
@@ -797,8 +810,11 @@ def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, jo
 def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
     """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
     slashed, and every unit of it not yet verified goes back to the pool with it excluded (each conditionally,
-    ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void.
-    Returns its stake state on chain after the slash."""
+    ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so
+    do its units verified in a round not averaged yet (:func:`_redo_unaveraged`). Returns its stake state on chain
+    after the slash. The rows of the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
+    _lock_jobs(s, select(Unit.job_id).where(Unit.provider == provider,
+                                            Unit.status.in_(["assigned", "submitted", "verified"])))
     prov = s.get(Provider, provider)
     assert prov is not None
     after = rt.contracts.stake_state(provider)

@@ -488,8 +488,8 @@ def advance(rt: Runtime, job_id: str) -> str:
             stop = (why, escrow.closable_at)
     try:
         status = _next_round(rt, job_id, round_, spec, blobs, sha, loss, stop)
-    except _RoundChanged:  # a unit of the round was taken back while it averaged (its provider convicted): the
-        return "running"   # verdict on its redo advances the round again
+    except _RoundChanged:  # a unit of the round left "verified" while it averaged (its provider convicted, or a
+        return "running"   # benched verifier's pass of it to be redone): the verdict that credits it again advances
     if status is None:  # another advance got here first
         with rt.sessions() as s:
             return str(s.scalar(select(Job.status).where(Job.id == job_id)))
@@ -511,7 +511,7 @@ def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: lis
     got here first; :class:`_RoundChanged`, writing nothing, where the round's units are no longer those verified
     ``blobs``."""
     with rt.sessions.begin() as s:
-        # the job's row first, as a conviction taking back a unit of the round does (checking._redo_unaveraged):
+        # the job's row first, as a conviction or a bench taking a unit of the round back does (checking._open_round):
         # locked till commit on PostgreSQL; on SQLite this write takes the database's write lock
         if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
                      .values(global_blob=sha)).rowcount != 1:

@@ -3,13 +3,17 @@ is not paid for them (checking._redo_unaveraged): against the real contracts on 
 SQLite / PostgreSQL ledger, and the whole story over real HTTP, a Celery worker and Redis."""
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from eth_utils import keccak
 from sqlalchemy import select
 
-from marketplace import checking, service, settlement
+from marketplace import cancellation, checking, service, settlement
+from gridmint.procs import new_database
 from marketplace.common import check_fee_entry, model_config, unit_id_for
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key
 from node.adversary import ADVERSARIES
@@ -203,6 +207,108 @@ def _job_row(w: World, job_id: str) -> Job:
         job = s.get(Job, job_id)
         assert job is not None
         return job
+
+
+@pytest.fixture()
+def pg_world(tmp_path: Path, postgres_server: str) -> World:
+    """A world on PostgreSQL alone: row locks (SQLite has one writer at a time)."""
+    return make_world(tmp_path, new_database(postgres_server))
+
+
+def _while_stopping(w: World, job_id: str, step: Callable[[], None]) -> list[BaseException]:
+    """Run ``step`` in one thread while another stops ``job_id`` (cancellation.stop_in) in a transaction that takes
+    the job's row first, then waits half a second (``step`` under way) before it changes the job's units and checks.
+    What either raised."""
+    stopping, started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def stop() -> None:
+        with w.rt.sessions.begin() as s:
+            s.execute(select(Job.id).where(Job.id == job_id).with_for_update()).all()
+            stopping.set()
+            started.wait(10)
+            time.sleep(0.5)
+            assert cancellation.stop_in(s, job_id, "cancelled on chain (test)", 0)
+
+    def other() -> None:
+        stopping.wait(10)
+        started.set()
+        step()
+
+    def caught(f: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                f()
+            except BaseException as exc:  # noqa: BLE001 - returned to the test
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=caught(f)) for f in (stop, other)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    return errors
+
+
+def test_a_conviction_and_a_customers_stop_of_the_same_job_take_its_row_in_turn(pg_world: World) -> None:
+    """On PostgreSQL: a customer's stop (cancellation.stop_in) takes the job's row, then its units and checks; a conviction changes
+    the cheat's units, then reads the job's round with its row taken. Had the conviction taken the units first, the
+    two would wait on each other (PostgreSQL aborts one). It takes the job's rows first: it waits for the stop, then
+    finds the job stopping, its units cancelled, and leaves them."""
+    cheat, honest = _providers(pg_world)[:2]
+    job_id, _ = _job(pg_world, "stop-vs-conviction", units=3)
+    units = [unit_id_for(job_id, 0, shard) for shard in range(3)]
+    _verified(pg_world, units[0], cheat, tokens(1))
+    with pg_world.rt.sessions.begin() as s:
+        for uid, who in ((units[1], cheat), (units[2], honest)):
+            u = s.get(Unit, uid)
+            assert u is not None
+            u.status, u.provider = "submitted", who
+    assert not _while_stopping(pg_world, job_id, lambda: _convict(pg_world, cheat))
+    assert _job_row(pg_world, job_id).status == "cancelling"
+    assert [_unit(pg_world, u).status for u in units] == ["verified", "cancelled", "cancelled"]
+    assert _owed(pg_world, job_id) == {cheat: tokens(1)}  # a stopped job's verified units are paid: what settles it
+    assert not _job_events(pg_world, job_id, "unit_redone")
+    with pg_world.rt.sessions() as s:
+        prov = s.get(Provider, cheat)
+        assert prov is not None and prov.status == "slashed"
+
+
+def test_a_bench_and_a_customers_stop_of_the_same_job_take_its_row_in_turn(pg_world: World) -> None:
+    """On PostgreSQL, as above for a verifier benched while the customer stops the job: the bench hands the check it
+    held back to the pool and reopens the unit it passed; the stop voids the unit's checks. The bench takes the
+    job's row first, waits for the stop, and then finds nothing of the job to redo."""
+    honest, lazy = _providers(pg_world)[:2]
+    job_id, _ = _job(pg_world, "stop-vs-bench", units=2)
+    units = [unit_id_for(job_id, 0, shard) for shard in range(2)]
+    with pg_world.rt.sessions.begin() as s:
+        s.add(Verifier(address=lazy))
+        u = s.get(Unit, units[1])
+        assert u is not None
+        u.status, u.provider = "submitted", honest
+        held = Verification(unit_id=units[1], provider=honest, segment=0, status="assigned", verifier=lazy)
+        s.add(held)  # the check it holds: handed back to the pool first (a lower id)
+    _verified(pg_world, units[0], honest, tokens(1), checks=1, verifier=lazy)
+    with pg_world.rt.sessions.begin() as s:
+        cause = Verification(unit_id=units[1], provider=honest, segment=1, status="canary_missed", verifier=lazy,
+                             canary={"kind": "test"})
+        s.add(cause)
+
+    def bench() -> None:
+        with pg_world.rt.sessions.begin() as s:
+            ver, why = s.get(Verifier, lazy), s.get(Verification, cause.id)
+            assert ver is not None and why is not None
+            checking._bench(s, ver, why, "it approved a planted known-bad segment (test)")
+
+    assert not _while_stopping(pg_world, job_id, bench)
+    assert [_unit(pg_world, u).status for u in units] == ["verified", "cancelled"]
+    assert _owed(pg_world, job_id) == {honest: tokens(1), lazy: CAP // 2 // 2}  # paid as the stop found it
+    assert not _job_events(pg_world, job_id, "unit_reopened")
+    with pg_world.rt.sessions() as s:
+        ver = s.get(Verifier, lazy)
+        assert ver is not None and ver.status == "benched"
+        assert s.get(Verification, held.id).status == "void"  # type: ignore[union-attr]
 
 
 def test_a_benched_verifiers_pass_on_a_unit_of_the_open_round_is_done_again_before_the_unit_is_paid(
