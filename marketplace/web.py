@@ -71,6 +71,8 @@ def render_job(job: dict[str, Any]) -> str:
     slashed = [e for e in job["events"] if e["kind"] == "provider_slashed"]
     summary = ", ".join(f"{n} {status}" for status, n in sorted(checks.items())) or "none yet"
     cheats = f" ({', '.join(_short(e.get('provider')) for e in slashed)})" if slashed else ""
+    redone = sum(e["kind"] == "unit_redone" for e in job["events"])  # a slashed cheat's verified units, not averaged
+    cheats += f"; {redone} of their verified units trained again by others, unpaid" if redone else ""
     at = f"round {job['round'] + 1} of {job['rounds']}" if job["status"] == "running" else f"{job['rounds']} rounds"
     status = " · ".join([f"Status <b>{escape(job['status'])}</b>", escape(at),
                          f"{job['units_verified']}/{job['units_total']} units verified",

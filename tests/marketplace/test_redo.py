@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from eth_utils import keccak
 from sqlalchemy import select
@@ -424,6 +425,9 @@ def test_a_cheats_unit_that_passed_is_trained_again_once_its_next_cheat_is_caugh
     assert {e.provider for e in paid if e.verification_id is None} == {honest.account.address}
     escrow = market.ops.get_job(job_id)
     assert escrow.released == sum(e.amount for e in paid) <= spec.budget()
+    page = httpx.get(f"{market.url}/web/jobs/{job_id}", timeout=10)  # what the customer sees
+    assert page.status_code == 200 and "1 of their verified units trained again by others, unpaid" in page.text
+    assert "unit_redone" in page.text
 
 
 def _ledger(market, job_id: str) -> list[LedgerEntry]:  # type: ignore[no-untyped-def]
