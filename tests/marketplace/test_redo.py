@@ -384,6 +384,7 @@ def _all(w: World) -> list[Event]:
         return list(s.scalars(select(Event).order_by(Event.id)))
 
 
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_a_cheats_unit_that_passed_is_trained_again_once_its_next_cheat_is_caught(market, tmp_path: Path) -> None:
     """The whole story: a provider trains its first unit honestly (verified, owed its price), cheats on its second,
     and is slashed for that one. The first goes back to the pool with the second: an honest provider trains both,
