@@ -530,28 +530,30 @@ def _lock_jobs(s: Session, job_ids: Any) -> None:
                   .with_for_update()).all()
 
 
-def _open_round(s: Session, unit: Unit) -> bool:
-    """Whether ``unit`` belongs to its job's round not averaged yet, the job running. The job's row is taken first
-    (locked till commit on PostgreSQL; on SQLite the caller's transaction holds the database's write lock already),
-    as ``service.advance`` takes it before it commits a round: a round averaged meanwhile has moved the job on, and
-    one averaging now finds the unit changed."""
-    job = s.scalars(select(Job).where(Job.id == unit.job_id).with_for_update()
-                    .execution_options(populate_existing=True)).one()
-    return job.status == "running" and job.round == unit.round
+def _open_round(s: Session, unit: Unit) -> Job | None:
+    """``unit``'s job if it is running and ``unit`` belongs to its round not averaged yet, else None. The caller took
+    the job's row first (:func:`_lock_jobs`), as ``service.advance`` takes it before it commits a round: a round
+    averaged meanwhile has moved the job on, and one averaging now finds the unit changed."""
+    job = s.scalars(select(Job).where(Job.id == unit.job_id).execution_options(populate_existing=True)).one()
+    return job if job.status == "running" and job.round == unit.round else None
+
+
+def _fee_keys(s: Session, unit_id: str, provider: str) -> set[str]:
+    """The ledger keys of the fees owed for the checks of ``provider``'s claim of unit ``unit_id`` that passed."""
+    return {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
+        Verification.unit_id == unit_id, Verification.provider == provider, Verification.status == "passed"))}
 
 
 def _reopen(s: Session, unit: Unit, verifier: str) -> bool:
     """Inside :func:`_bench`'s transaction: verified ``unit``, passed by benched ``verifier``, back to ``submitted``
     if its round is open (:func:`_open_round`): what it was credited (its price, its checks' fees) withdrawn, to be
     credited again once the checks the verifier passed are redone (the others stand). True if reopened."""
-    if not _open_round(s, unit):
+    if _open_round(s, unit) is None:
         return False
-    fee_keys = {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
-        Verification.unit_id == unit.id, Verification.provider == unit.provider, Verification.status == "passed"))}
     credited = list(s.scalars(select(LedgerEntry).where(
         LedgerEntry.job_id == unit.job_id, LedgerEntry.released.is_(False),
         or_(and_(LedgerEntry.unit_id == unit.id, LedgerEntry.provider == unit.provider),
-            LedgerEntry.unit_id.in_(fee_keys)))))
+            LedgerEntry.unit_id.in_(_fee_keys(s, unit.id, unit.provider or ""))))))
     if s.execute(update(Unit).where(Unit.id == unit.id, Unit.status == "verified").values(status="submitted")
                  .execution_options(synchronize_session="fetch")).rowcount != 1:
         return False
@@ -842,21 +844,20 @@ def _redo_unaveraged(s: Session, provider: str) -> None:
     (its ledger, less the forfeit price) and every unit not verified, this one and those of the rounds to come, at
     that price, must fit in it. The verifiers whose checks the unit passed keep their fees where the job's other
     units left room for them (they replayed honestly what they were handed); where they did not, those fees are
-    forfeit too. The round is read with the job's row taken (:func:`_open_round`)."""
+    forfeit too. The round is read with the job's row taken (:func:`_lock_jobs`, by :func:`_convicted`)."""
     for u in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "verified"))):
-        if not _open_round(s, u):
+        job = _open_round(s, u)
+        if job is None:
             continue
-        job = s.get(Job, u.job_id)
-        assert job is not None
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job.id)))
         price = next((e for e in entries if e.unit_id == u.id and e.provider == provider), None)
-        fee_keys = {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
-            Verification.unit_id == u.id, Verification.provider == provider, Verification.status == "passed"))}
+        fee_keys = _fee_keys(s, u.id, provider)
         fees = [e for e in entries if e.unit_id in fee_keys]
         if price is None or price.released or any(e.released for e in fees):
             continue  # (never: a running job's entries are released when it settles)
         spec = JobSpec.model_validate(job.spec)
-        open_units = len(list(s.scalars(select(Unit.id).where(Unit.job_id == job.id, Unit.status != "verified"))))
+        open_units = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job.id,
+                                                                          Unit.status != "verified")) or 0
         later = (spec.rounds - job.round - 1) * spec.unit_budget() * spec.units_per_round
         worst = sum(e.amount for e in entries) - price.amount + (open_units + 1) * spec.unit_budget() + later
         paid = worst <= job.budget

@@ -511,7 +511,7 @@ def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: lis
     got here first; :class:`_RoundChanged`, writing nothing, where the round's units are no longer those verified
     ``blobs``."""
     with rt.sessions.begin() as s:
-        # the job's row first, as a conviction or a bench taking a unit of the round back does (checking._open_round):
+        # the job's row first, as a conviction or a bench taking a unit of the round back does (checking._lock_jobs):
         # locked till commit on PostgreSQL; on SQLite this write takes the database's write lock
         if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
                      .values(global_blob=sha)).rowcount != 1:

@@ -16,6 +16,7 @@ from ledger.evm import Chain, Deployment, GridMintContracts
 from marketplace import tasks
 from marketplace.runtime import Runtime
 from protocol.money import tokens
+from tests.marketplace.snapshots import reverted
 
 __all__ = ["Accounts", "Market", "SUPPLY"]  # (test_scale_out's cluster mixes Accounts in too)
 
@@ -28,22 +29,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = start_redis(d, d)
     yield url
     proc.stop()
-
-
-#: One deployment per test process (chain, deployment, snapshot), reverted to for each test's market: deploying
-#: the contracts took ~0.8 s a test
-_DEPLOYED: list[tuple[Chain, Deployment, str]] = []
-
-
-def _deployed() -> tuple[Chain, Deployment]:
-    """The process's chain, reverted to just after its deployment (nothing any earlier test sent is on it)."""
-    if not _DEPLOYED:
-        chain, deployment = InProcessMarket.deploy(Chain.in_process(), SUPPLY)
-        _DEPLOYED.append((chain, deployment, chain.snapshot()))
-    chain, deployment, snap = _DEPLOYED[0]
-    chain.revert(snap)
-    _DEPLOYED[0] = (chain, deployment, chain.snapshot())  # (a snapshot is taken anew after each revert)
-    return chain, deployment
 
 
 @dataclass
@@ -72,7 +57,8 @@ def market(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> It
     db_url = None
     if getattr(request, "param", "sqlite") == "postgres":
         db_url = new_database(request.getfixturevalue("postgres_server"))
-    m = InProcessMarket(tmp_path, SUPPLY, deployed=_deployed(), min_stake=tokens(100),
+    deployed = reverted("market", lambda: InProcessMarket.deploy(Chain.in_process(), SUPPLY))  # (snapshots.py)
+    m = InProcessMarket(tmp_path, SUPPLY, deployed=deployed, min_stake=tokens(100),
                         max_upload_bytes=2 * 1024 * 1024, redis_url=redis_url, db_url=db_url,
                         # no planted known-bad tasks, nor the referee's audits of passes, unless a test asks
                         # (test_flow's canary and audit tests)

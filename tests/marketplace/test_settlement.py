@@ -23,6 +23,7 @@ from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
+from tests.marketplace.snapshots import reverted
 
 SUPPLY = tokens(1_000_000)
 
@@ -53,21 +54,18 @@ class World:
         return self.ops.as_account(self.providers[i])
 
 
-_CHAINS: dict[int, tuple[Chain, Any, str]] = {}
+def _deployed(dispute_window_s: int) -> tuple[Chain, Any]:
+    chain = Chain.in_process()
+    operator, cust = chain.dev_accounts(2)
+    deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address,
+                        dispute_window_s=dispute_window_s)
+    GridMintContracts(chain, deployment, operator).transfer(cust.address, tokens(1_000))
+    return chain, deployment
 
 
 def make_world(tmp_path: Path, db_url: str, dispute_window_s: int = 0) -> World:
-    """A deployment per dispute window, made once per module; each test starts from its snapshot."""
-    if dispute_window_s not in _CHAINS:
-        chain = Chain.in_process()
-        operator, cust = chain.dev_accounts(2)
-        deployment = deploy(chain, operator, supply=SUPPLY, treasury=Account.create().address,
-                            dispute_window_s=dispute_window_s)
-        GridMintContracts(chain, deployment, operator).transfer(cust.address, tokens(1_000))
-        _CHAINS[dispute_window_s] = (chain, deployment, chain.snapshot())
-    chain, deployment, snap = _CHAINS[dispute_window_s]
-    chain.revert(snap)
-    _CHAINS[dispute_window_s] = (chain, deployment, chain.snapshot())
+    """A deployment per dispute window, made once per test process; each test starts from its snapshot."""
+    chain, deployment = reverted(("world", dispute_window_s), lambda: _deployed(dispute_window_s))
     operator, cust, *provs = chain.dev_accounts(5)
     ops = GridMintContracts(chain, deployment, operator)
     # no audits of passes unless a test asks: this world runs no worker, so an audited pass would wait for ever
