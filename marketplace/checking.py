@@ -498,8 +498,7 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
     (``punish_verifier``); a false accuser loses its bond."""
     if ver.status == "benched":
         return
-    _lock_jobs(s, select(Unit.job_id).join(Verification, Verification.unit_id == Unit.id).where(
-        Verification.verifier == ver.address, Verification.status.in_(["assigned", "passed"])))
+    _lock_jobs(s, _verifier_jobs(ver.address))
     ver.status, ver.benched_for = "benched", why[:300]
     redo = 0
     for v in list(s.scalars(select(Verification).where(Verification.verifier == ver.address,
@@ -519,15 +518,27 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
     log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
 
 
-def _lock_jobs(s: Session, job_ids: Any) -> None:
-    """Take the rows of the running jobs among ``job_ids`` (a select of ids) till the transaction ends (PostgreSQL;
-    SQLite has one writer at a time), in id order, writing nothing first (the session's pending changes wait): a
-    customer's stop (``cancellation.stop_in``) and ``service.advance`` take a job's row before its units and checks,
-    so a step that then changes a job's units and checks (a conviction, a bench) and takes its row first never waits
-    in a cycle with them."""
+def _verifier_jobs(verifier: str) -> Any:
+    """A select of the ids of the jobs whose checks ``verifier`` holds or passed (what :func:`_bench` changes)."""
+    return select(Unit.job_id).join(Verification, Verification.unit_id == Unit.id).where(
+        Verification.verifier == verifier, Verification.status.in_(["assigned", "passed"]))
+
+
+def _provider_jobs(provider: str) -> Any:
+    """A select of the ids of the jobs ``provider`` holds units of (what :func:`_convicted` changes)."""
+    return select(Unit.job_id).where(Unit.provider == provider, Unit.status.in_(["assigned", "submitted", "verified"]))
+
+
+def _lock_jobs(s: Session, *job_ids: Any) -> None:
+    """Take the rows of the running jobs among ``job_ids`` (selects of ids) till the transaction ends (PostgreSQL;
+    SQLite has one writer at a time), in id order, in one statement, writing nothing first (the session's pending
+    changes wait): a customer's stop (``cancellation.stop_in``) and ``service.advance`` take a job's row before its
+    units and checks, so a step that then changes a job's units and checks (a conviction, a bench) and takes its
+    rows first never waits in a cycle with them, nor with another such step (each takes all its rows at once: a
+    failed audit convicts a provider and benches a verifier, and takes the jobs of both first)."""
     with s.no_autoflush:
-        s.execute(select(Job.id).where(Job.id.in_(job_ids), Job.status == "running").order_by(Job.id)
-                  .with_for_update()).all()
+        s.execute(select(Job.id).where(or_(*(Job.id.in_(ids) for ids in job_ids)), Job.status == "running")
+                  .order_by(Job.id).with_for_update()).all()
 
 
 def _open_round(s: Session, unit: Unit) -> Job | None:
@@ -815,8 +826,7 @@ def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
     ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so
     do its units verified in a round not averaged yet (:func:`_redo_unaveraged`). Returns its stake state on chain
     after the slash. The rows of the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
-    _lock_jobs(s, select(Unit.job_id).where(Unit.provider == provider,
-                                            Unit.status.in_(["assigned", "submitted", "verified"])))
+    _lock_jobs(s, _provider_jobs(provider))
     prov = s.get(Provider, provider)
     assert prov is not None
     after = rt.contracts.stake_state(provider)
@@ -973,21 +983,39 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         assert task is not None
         if task.status != "auditing":  # a concurrent run of this step got here first
             return task.status
-        task.status, task.slash_tx = "audit_failed", "0x" + evidence.hex()
-        after = _convicted(rt, s, provider)
-        log(s, "provider_slashed" if before else "fraud_confirmed", job_id, unit=task.unit_id, segment=seg,
-            provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
-            claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit")
-        ver = s.get(Verifier, verifier)
-        if ver is not None:
-            ver.wrong += 1
-            if same_bits:
-                _bench(s, ver, task, f"it passed a claim the referee's audit proved false, replayed on the unit's "
-                                     f"own plan and kernels (verification {task.id})")
-                log(s, "verifier_slashed", verifier=verifier, verification=verification_id, amount=str(ver_lost),
-                    evidence="0x" + ver_evidence.hex())
+        task.slash_tx = "0x" + evidence.hex()
+        _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits else None, ver_lost)
     rt.enqueue("gridmint.match", [])
     return "audit_failed"
+
+
+def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, before: int,
+                  ver_evidence: bytes | None, ver_lost: int) -> None:
+    """Inside :func:`audit_check`'s transaction, the provider's stake slashed (it held ``before``): ``task``'s pass
+    is ``audit_failed``, its provider convicted (:func:`_convicted`), its verifier's overruled verdict counted, and
+    one that replayed on the unit's own plan and kernels (``ver_evidence``: its slash's, ``ver_lost`` taken) benched.
+    The rows of the jobs the conviction and the bench change are taken first, all in one batch (each then re-takes
+    its own, held already): two failed audits, each convicting one's provider and benching the other's verifier,
+    never wait on each other."""
+    provider, verifier = task.provider, task.verifier
+    assert verifier is not None
+    _lock_jobs(s, _provider_jobs(provider), *([_verifier_jobs(verifier)] if ver_evidence is not None else []))
+    task.status = "audit_failed"
+    unit = s.get(Unit, task.unit_id)
+    assert unit is not None
+    after = _convicted(rt, s, provider)
+    log(s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
+        provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
+        claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit")
+    ver = s.get(Verifier, verifier)
+    if ver is None:
+        return
+    ver.wrong += 1
+    if ver_evidence is not None:
+        _bench(s, ver, task, f"it passed a claim the referee's audit proved false, replayed on the unit's own plan "
+                             f"and kernels (verification {task.id})")
+        log(s, "verifier_slashed", verifier=verifier, verification=task.id, amount=str(ver_lost),
+            evidence="0x" + ver_evidence.hex())
 
 
 def _dismiss_moved(rt: Runtime, verification_id: int) -> str:

@@ -13,7 +13,7 @@ import pytest
 from eth_utils import keccak
 from sqlalchemy import select
 
-from marketplace import cancellation, checking, service, settlement
+from marketplace import cancellation, checking, referee, service, settlement
 from gridmint.procs import new_database
 from marketplace.common import check_fee_entry, model_config, unit_id_for
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key
@@ -310,6 +310,72 @@ def test_a_bench_and_a_customers_stop_of_the_same_job_take_its_row_in_turn(pg_wo
         ver = s.get(Verifier, lazy)
         assert ver is not None and ver.status == "benched"
         assert s.get(Verification, held.id).status == "void"  # type: ignore[union-attr]
+
+
+def test_two_failed_audits_crossing_jobs_take_their_rows_in_one_batch_each(pg_world: World, monkeypatch) -> None:
+    """On PostgreSQL: two audits fail at once, each convicting one's provider and benching the other's verifier
+    (each replayed on the unit's own bits), across two jobs: the first's provider and the second's verifier work in
+    job A, the others in job B. Had each taken its provider's jobs, then its verifier's (two batches), the two would
+    wait on each other: A then B, and B then A (PostgreSQL aborts one). Each takes all its rows first, in one
+    batch: the second waits for the first, and both land. (Each step here pauses half a second after it takes its
+    first rows, so that both are under way.)"""
+    cheat_a, cheat_b, honest = _providers(pg_world)[:3]
+    friend_a, friend_b = "0x" + "a1" * 20, "0x" + "b2" * 20
+    job_a, _ = _job(pg_world, "crossing-a", units=2)
+    job_b, _ = _job(pg_world, "crossing-b", units=2)
+    audits = []
+    with pg_world.rt.sessions.begin() as s:
+        for job_id, cheat, friend, other in ((job_a, cheat_a, friend_a, friend_b), (job_b, cheat_b, friend_b, friend_a)):
+            s.add(Verifier(address=friend))
+            for shard, who in ((0, cheat), (1, honest)):
+                u = s.get(Unit, unit_id_for(job_id, 0, shard))
+                assert u is not None
+                u.status, u.provider = "submitted", who
+            audit = Verification(unit_id=unit_id_for(job_id, 0, 0), provider=cheat, segment=0, status="auditing",
+                                 verifier=friend)
+            # the other audit's verifier passed the honest unit of this job
+            s.add_all([audit, Verification(unit_id=unit_id_for(job_id, 0, 1), provider=honest, segment=0,
+                                           status="passed", verifier=other)])
+            s.flush()
+            audits.append(audit.id)
+    lock, first = checking._lock_jobs, threading.local()
+
+    def slow_lock(s, *job_ids) -> None:  # type: ignore[no-untyped-def]
+        lock(s, *job_ids)
+        if not getattr(first, "done", False):
+            first.done = True
+            time.sleep(0.5)
+
+    monkeypatch.setattr(checking, "_lock_jobs", slow_lock)
+    errors: list[BaseException] = []
+
+    def fail(audit_id: int) -> None:
+        try:
+            with pg_world.rt.sessions.begin() as s:
+                task = s.get(Verification, audit_id)
+                assert task is not None
+                checking._audit_failed(pg_world.rt, s, task, referee.Ruling(fraud=True, reason="test"), 0,
+                                       b"\x01" * 32, 0)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fail, args=(a,)) for a in audits]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    with pg_world.rt.sessions() as s:
+        assert [s.get(Verification, a).status for a in audits] == ["audit_failed"] * 2  # type: ignore[union-attr]
+        for cheat in (cheat_a, cheat_b):
+            assert s.get(Provider, cheat).status == "slashed"  # type: ignore[union-attr]
+        for friend in (friend_a, friend_b):
+            assert s.get(Verifier, friend).status == "benched"  # type: ignore[union-attr]
+        # each cheat's unit back to the pool; each friend's pass of the honest unit handed out again
+        for job_id in (job_a, job_b):
+            assert s.get(Unit, unit_id_for(job_id, 0, 0)).status == "pending"  # type: ignore[union-attr]
+            [redo] = s.scalars(select(Verification).where(Verification.unit_id == unit_id_for(job_id, 0, 1)))
+            assert (redo.status, redo.verifier) == ("pending", None)
 
 
 def test_a_benched_verifiers_pass_on_a_unit_of_the_open_round_is_done_again_before_the_unit_is_paid(
