@@ -216,6 +216,12 @@ class Demo:
         elif k == "unit_redone":
             out(f"  {self.name(ev['provider'])}'s verified unit {ev['unit'][:10]} of the open round goes back to the "
                 f"pool too: trained again by another, its {_fmt(int(ev['forfeit']))} forfeit")
+        elif k == "pay_withheld":
+            out(f"  {self.name(ev['provider'])}'s unit {ev['unit'][:10]} of round {ev['round']} is in the model "
+                f"already: it stays, unpaid ({_fmt(int(ev['forfeit']))} back to the customer)")
+        elif k == "passes_audited":
+            out(f"  referee audits the {ev['checks']} pass(es) of {self.name(ev['provider'])}'s earlier work that "
+                f"still stand: a verifier that passed its fakes pays for it")
         elif k == "audit_passed":
             out(f"  referee audits the pass of unit {ev['unit'][:10]} segment {ev['segment']}: it replays bit for bit")
         elif k == "false_accusation":

@@ -310,7 +310,8 @@ def pools_away(rt: Runtime, s: Session, now: int) -> list[tuple[int, bool]]:
                              .where(Verification.status.in_(["disputed", "bisecting", "auditing"]),
                                     Verification.fallback_at.is_(None), Unit.build.in_(pools))):
         assert unit.build is not None
-        if pool_away(now, seen.get(unit.build), v.verdict_at or v.heartbeat_at or v.assigned_at or 0, wait):
+        if pool_away(now, seen.get(unit.build), v.audit_at or v.verdict_at or v.heartbeat_at or v.assigned_at or 0,
+                     wait):
             v.fallback_at = now
             audit = v.status == "auditing"
             log(s, "referee_fallback", unit.job_id, unit=unit.id, segment=v.segment, verification=v.id,
@@ -398,6 +399,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
                        and _auditable(rt, Plan.parse(unit.plan or PROVIDER_PLAN.label), unit.build or "")
                        and canary.draw(audit_odds(rt, s, task, unit.plan or PROVIDER_PLAN.label)))
             task.status = "auditing" if audited else "passed"
+            task.audit_at = task.verdict_at if audited else None
             log(s, "segment_passed", unit.job_id, unit=unit.id, segment=task.segment, verifier=verifier,
                 audited=audited)
             maybe_verified(s, unit)
@@ -541,12 +543,19 @@ def _lock_jobs(s: Session, *job_ids: Any) -> None:
                   .order_by(Job.id).with_for_update()).all()
 
 
-def _open_round(s: Session, unit: Unit) -> Job | None:
-    """``unit``'s job if it is running and ``unit`` belongs to its round not averaged yet, else None. The caller took
-    the job's row first (:func:`_lock_jobs`), as ``service.advance`` takes it before it commits a round: a round
-    averaged meanwhile has moved the job on, and one averaging now finds the unit changed."""
+def _running_job(s: Session, unit: Unit) -> Job | None:
+    """``unit``'s job if it is running, as the database has it now, else None. The caller took the job's row first
+    (:func:`_lock_jobs`), as ``service.advance`` takes it before it commits a round: a round averaged meanwhile has
+    moved the job on, and one averaging now finds the unit changed."""
     job = s.scalars(select(Job).where(Job.id == unit.job_id).execution_options(populate_existing=True)).one()
-    return job if job.status == "running" and job.round == unit.round else None
+    return job if job.status == "running" else None
+
+
+def _open_round(s: Session, unit: Unit) -> Job | None:
+    """``unit``'s job if it is running and ``unit`` belongs to its round not averaged yet, else None
+    (:func:`_running_job`)."""
+    job = _running_job(s, unit)
+    return job if job is not None and job.round == unit.round else None
 
 
 def _fee_keys(s: Session, unit_id: str, provider: str) -> set[str]:
@@ -771,7 +780,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return task.status
         task.status = "fraud"
         task.slash_tx = "0x" + evidence.hex()
-        after = _convicted(rt, s, provider)
+        after, audits = _convicted(rt, s, provider)
         ver = s.get(Verifier, verifier)
         if ver is not None:
             ver.fraud_found += 1
@@ -780,6 +789,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             provider=provider, verifier=verifier,
             amount=str(before - after.staked - after.unbonding), claimed=verdict.claimed, replayed=verdict.replayed,
             reason=verdict.reason, path=path)
+    for vid, build in audits:
+        run_audit(rt, vid, build)
     rt.enqueue("gridmint.match", [])
     return "fraud"
 
@@ -820,12 +831,14 @@ def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, jo
         step=ruling.pending, deadline=b["deadline"], then=len(b["more"]), **extra)
 
 
-def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
+def _convicted(rt: Runtime, s: Session, provider: str) -> tuple[Any, list[tuple[int, str]]]:
     """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
     slashed, and every unit of it not yet verified goes back to the pool with it excluded (each conditionally,
     ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so
-    do its units verified in a round not averaged yet (:func:`_redo_unaveraged`). Returns its stake state on chain
-    after the slash. The rows of the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
+    do its units verified in a round not averaged yet, and it is paid for none of a running job's units
+    (:func:`_forfeit_unsettled`); the passes of its work that still stand are audited (:func:`_audit_passes`).
+    Returns its stake state on chain after the slash, and the audits to send once the transaction is committed. The
+    rows of the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
     _lock_jobs(s, _provider_jobs(provider))
     prov = s.get(Provider, provider)
     assert prov is not None
@@ -839,16 +852,49 @@ def _convicted(rt: Runtime, s: Session, provider: str) -> Any:
         for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
                                                            Verification.status.in_(OPEN_CHECKS))):
             other.status = "void"  # canaries too (take_back voided the provider's own real checks)
-    _redo_unaveraged(s, provider)
-    return after
+    _forfeit_unsettled(s, provider)
+    return after, _audit_passes(rt, s, provider)
 
 
-def _redo_unaveraged(s: Session, provider: str) -> None:
-    """Inside :func:`_convicted`'s transaction: each unit ``provider`` has verified in a running job's round that is
-    not averaged yet goes back to the pool, its price forfeit (its ledger entry removed), to be trained again by
-    another provider. A proven cheat's other units passed sampled replays, not a proof of honesty: they stay out of
-    the customer's model, and it is not paid for them. A unit of a round averaged already stays (it is in the model;
-    its pay stands).
+def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str]]:
+    """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its verified
+    units, its latest ``AUDIT_WINDOW`` not audited yet, each drawn for the referee's audit (``auditing``), where the
+    referee replays the work bit for bit (:func:`_referee_exact`: a ruling that needs no state from the provider,
+    which a convicted one may never reveal). A verifier colluding with a proven cheat passed its faked segments;
+    each such pass fails its audit, which costs that verifier its fee, a mark, and, where it replayed on the unit's
+    own plan and kernels, its whole stake (:func:`audit_check`). Units of a job settled over half the blob
+    retention ago are left (their checkpoints go after it). Only where the operator runs audits
+    (``settings.audit_rate``). Returns the audits to send, once the transaction is committed: (check, kernels)."""
+    if rt.settings.audit_rate <= 0:
+        return []
+    now = now_s()
+    rows = s.execute(select(Verification, Unit.plan, Unit.build).join(Unit, Unit.id == Verification.unit_id)
+                     .join(Job, Job.id == Unit.job_id)
+                     .where(Verification.provider == provider, Verification.status == "passed",
+                            Verification.canary.is_(None), Verification.verifier.is_not(None),
+                            Verification.verdict_at.is_not(None), Verification.audit_at.is_(None),
+                            Unit.provider == provider, Unit.status == "verified",
+                            or_(Job.settled_at.is_(None), Job.settled_at > now - rt.settings.blob_retention_s // 2))
+                     .order_by(Verification.verdict_at.desc(), Verification.id.desc())
+                     .limit(verification.AUDIT_WINDOW)).all()
+    out = []
+    for check, plan, build in rows:
+        if _referee_exact(rt, Plan.parse(plan or PROVIDER_PLAN.label), build or ""):
+            check.status, check.audit_at = "auditing", now
+            out.append((check.id, build or ""))
+    if out:
+        log(s, "passes_audited", provider=provider, checks=len(out),
+            reason="its work passed these checks before its conviction: the referee replays each")
+    return out
+
+
+def _forfeit_unsettled(s: Session, provider: str) -> None:
+    """Inside :func:`_convicted`'s transaction: a proven cheat is paid for nothing of a running job. Its other units
+    passed sampled replays, not a proof of honesty. Each unit it has verified in a running job's round that is not
+    averaged yet goes back to the pool, its price forfeit (its ledger entry removed), to be trained again by another
+    provider: it stays out of the customer's model. One of a round averaged already is in the model and stays; its
+    price is forfeit all the same (``pay_withheld``): the escrow keeps it, the customer's at settlement. A job done
+    or stopped settles on what it was (its settlement may be under way).
 
     The escrow pays the redo: the job's budget holds ``JobSpec.unit_budget`` for each unit, so what the job owes
     (its ledger, less the forfeit price) and every unit not verified, this one and those of the rounds to come, at
@@ -856,15 +902,21 @@ def _redo_unaveraged(s: Session, provider: str) -> None:
     units left room for them (they replayed honestly what they were handed); where they did not, those fees are
     forfeit too. The round is read with the job's row taken (:func:`_lock_jobs`, by :func:`_convicted`)."""
     for u in list(s.scalars(select(Unit).where(Unit.provider == provider, Unit.status == "verified"))):
-        job = _open_round(s, u)
+        job = _running_job(s, u)
         if job is None:
             continue
         entries = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job.id)))
         price = next((e for e in entries if e.unit_id == u.id and e.provider == provider), None)
+        if price is None or price.released:
+            continue  # (withheld already: a re-run; released: never, a running job's entries wait for its settlement)
+        if u.round < job.round:  # averaged: in the model, unpaid
+            s.delete(price)
+            log(s, "pay_withheld", job.id, unit=u.id, provider=provider, round=u.round, forfeit=str(price.amount))
+            continue
         fee_keys = _fee_keys(s, u.id, provider)
         fees = [e for e in entries if e.unit_id in fee_keys]
-        if price is None or price.released or any(e.released for e in fees):
-            continue  # (never: a running job's entries are released when it settles)
+        if any(e.released for e in fees):
+            continue  # (never, as above)
         spec = JobSpec.model_validate(job.spec)
         open_units = s.scalar(select(func.count()).select_from(Unit).where(Unit.job_id == job.id,
                                                                           Unit.status != "verified")) or 0
@@ -984,38 +1036,52 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if task.status != "auditing":  # a concurrent run of this step got here first
             return task.status
         task.slash_tx = "0x" + evidence.hex()
-        _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits else None, ver_lost)
+        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits else None, ver_lost)
+    for vid, build in audits:
+        run_audit(rt, vid, build)
     rt.enqueue("gridmint.match", [])
     return "audit_failed"
 
 
 def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, before: int,
-                  ver_evidence: bytes | None, ver_lost: int) -> None:
+                  ver_evidence: bytes | None, ver_lost: int) -> list[tuple[int, str]]:
     """Inside :func:`audit_check`'s transaction, the provider's stake slashed (it held ``before``): ``task``'s pass
     is ``audit_failed``, its provider convicted (:func:`_convicted`), its verifier's overruled verdict counted, and
     one that replayed on the unit's own plan and kernels (``ver_evidence``: its slash's, ``ver_lost`` taken) benched.
-    The rows of the jobs the conviction and the bench change are taken first, all in one batch (each then re-takes
-    its own, held already): two failed audits, each convicting one's provider and benching the other's verifier,
-    never wait on each other."""
+    The verifier earns nothing for the check: a pass audited after its unit was credited (drawn at the provider's
+    conviction) has its fee withdrawn, while its job runs. The rows of the jobs the conviction and the bench change
+    are taken first, all in one batch (each then re-takes its own, held already): two failed audits, each
+    convicting one's provider and benching the other's verifier, never wait on each other. Returns the audits the
+    conviction drew (:func:`_convicted`)."""
     provider, verifier = task.provider, task.verifier
     assert verifier is not None
     _lock_jobs(s, _provider_jobs(provider), *([_verifier_jobs(verifier)] if ver_evidence is not None else []))
     task.status = "audit_failed"
     unit = s.get(Unit, task.unit_id)
     assert unit is not None
-    after = _convicted(rt, s, provider)
+    fee = s.scalars(select(LedgerEntry).where(LedgerEntry.unit_id == check_fee_key(task.id),
+                                              LedgerEntry.released.is_(False))).one_or_none()
+    if fee is not None and _running_job(s, unit) is None:
+        fee = None  # its job's settlement may be under way: the fee stands (the verifier's stake pays, if any)
+    if fee is not None:
+        s.delete(fee)
+    after, audits = _convicted(rt, s, provider)
     log(s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
         provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
-        claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit")
+        claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit",
+        check_fee_forfeit=str(fee.amount if fee is not None else 0))
     ver = s.get(Verifier, verifier)
     if ver is None:
-        return
+        return audits
     ver.wrong += 1
     if ver_evidence is not None:
+        first = ver.status != "benched"
         _bench(s, ver, task, f"it passed a claim the referee's audit proved false, replayed on the unit's own plan "
                              f"and kernels (verification {task.id})")
-        log(s, "verifier_slashed", verifier=verifier, verification=task.id, amount=str(ver_lost),
-            evidence="0x" + ver_evidence.hex())
+        if first or ver_lost:  # (another of its passes failed first: benched and slashed already)
+            log(s, "verifier_slashed", verifier=verifier, verification=task.id, amount=str(ver_lost),
+                evidence="0x" + ver_evidence.hex())
+    return audits
 
 
 def _dismiss_moved(rt: Runtime, verification_id: int) -> str:

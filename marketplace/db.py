@@ -152,8 +152,9 @@ class Verification(Base):
     provider: Mapped[str] = mapped_column(String(42))  # whose submission is checked
     segment: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    # [stocking ->] pending -> assigned -> passed | disputed [-> bisecting] -> fraud (referee agreed) | verifier_wrong
-    # | dismissed (its referee pool was away: the default referee found nothing, and blames no one);
+    # [stocking ->] pending -> assigned -> passed | auditing (the referee replays the pass, drawn at its verdict or at
+    # its provider's conviction: -> passed | audit_failed) | disputed [-> bisecting] -> fraud (referee agreed)
+    # | verifier_wrong | dismissed (its referee pool was away: the default referee found nothing, and blames no one);
     # held: the check of a segment whose task is out as a canary (pending again once the canary is answered);
     # stocking: queued while its unit's canaries are forged (checking.stock_canaries), never handed out
     verifier: Mapped[str | None] = mapped_column(String(42), nullable=True)
@@ -161,6 +162,9 @@ class Verification(Base):
     # the verifier's last sign of life; while stocking, when a stocking step claimed it (checking.stock_canaries)
     heartbeat_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # when its verdict came in
+    # when the referee's audit of its pass was drawn (at its verdict, or at its provider's conviction: a pass is
+    # audited once; the sweep re-sends an audit lost a while after this)
+    audit_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # when the check was queued: a unit trained on an exact plan waits a while for a verifier on that plan
     created_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=now_s)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)

@@ -600,7 +600,7 @@ def sweep(rt: Runtime) -> dict[str, int]:
     """Re-enqueue follow-up steps that should have run but may have been lost (a task that ran out of retries while
     the chain node was down, a broker restart): checks whose canaries are not stocked a while after their unit was
     handed in (:data:`STOCK_LOST_S`), disputes not yet adjudicated, verifiers caught by a canary not yet slashed,
-    passes whose audit is not done a while after the verdict (``checking.AUDIT_LOST_S``),
+    passes whose audit is not done a while after it was drawn (``checking.AUDIT_LOST_S``),
     rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
@@ -624,7 +624,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
         audits = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
                                 .join(Unit, Unit.id == Verification.unit_id)
                                 .where(Verification.status == "auditing",
-                                       Verification.verdict_at < now - AUDIT_LOST_S)))
+                                       func.coalesce(Verification.audit_at, Verification.verdict_at)
+                                       < now - AUDIT_LOST_S)))
     for u in unstocked:
         rt.enqueue("gridmint.stock_canaries", [u])
     for v, build, fallen_back in disputes:

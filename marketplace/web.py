@@ -73,6 +73,8 @@ def render_job(job: dict[str, Any]) -> str:
     cheats = f" ({', '.join(_short(e.get('provider')) for e in slashed)})" if slashed else ""
     redone = sum(e["kind"] == "unit_redone" for e in job["events"])  # a slashed cheat's verified units, not averaged
     cheats += f"; {redone} of their verified units trained again by others, unpaid" if redone else ""
+    withheld = sum(e["kind"] == "pay_withheld" for e in job["events"])  # theirs averaged into the model already
+    cheats += f"; {withheld} of their units averaged already, unpaid" if withheld else ""
     at = f"round {job['round'] + 1} of {job['rounds']}" if job["status"] == "running" else f"{job['rounds']} rounds"
     status = " · ".join([f"Status <b>{escape(job['status'])}</b>", escape(at),
                          f"{job['units_verified']}/{job['units_total']} units verified",

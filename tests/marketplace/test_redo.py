@@ -1,6 +1,7 @@
 """A convicted provider's units verified in a round not yet averaged are trained again by another provider, and it
-is not paid for them (checking._redo_unaveraged): against the real contracts on the in-process EVM and a real
-SQLite / PostgreSQL ledger, and the whole story over real HTTP, a Celery worker and Redis."""
+is paid for none of a running job's units (checking._forfeit_unsettled): against the real contracts on the
+in-process EVM and a real SQLite / PostgreSQL ledger, and the whole story over real HTTP, a Celery worker and
+Redis."""
 from __future__ import annotations
 
 import threading
@@ -142,12 +143,14 @@ def _keys(w: World, job_id: str) -> set[str]:
         return set(s.scalars(select(LedgerEntry.unit_id).where(LedgerEntry.job_id == job_id)))
 
 
-def test_units_of_an_averaged_round_or_a_job_no_longer_running_stay_verified_and_paid(world: World) -> None:
-    """A round averaged already is in the customer's model: its units stay, and their pay. So do the units of a job
-    stopped (its customer cancelled) or done: what settles them is settled on what they were."""
-    cheat, honest = _providers(world)[:2]
+def test_units_of_an_averaged_round_stay_in_the_model_unpaid_and_a_stopped_jobs_stay_paid(world: World) -> None:
+    """A round averaged already is in the customer's model: its units stay verified, but a proven cheat is not paid
+    for them (the escrow keeps their price, the customer's at settlement); the verifiers' fees stand. The units of a
+    job stopped (its customer cancelled) or done stay as they are: what settles them is settled on what they were. A
+    re-run of the conviction changes nothing."""
+    cheat, honest, verifier = _providers(world)
     job_id, spec = _job(world, "averaged", rounds=2, units=2)
-    _verified(world, unit_id_for(job_id, 0, 0), cheat, tokens(1))
+    _verified(world, unit_id_for(job_id, 0, 0), cheat, tokens(1), checks=1, verifier=verifier)
     _verified(world, unit_id_for(job_id, 0, 1), honest, tokens(1))
     with world.rt.sessions.begin() as s:  # round 0 averaged: round 1 opens
         job = s.get(Job, job_id)
@@ -163,10 +166,22 @@ def test_units_of_an_averaged_round_or_a_job_no_longer_running_stay_verified_and
     assert _unit(world, unit_id_for(job_id, 0, 0)).status == "verified"
     assert _unit(world, unit_id_for(job_id, 1, 0)).status == "pending"
     assert _unit(world, unit_id_for(stopped, 0, 0)).status == "verified"
-    assert _owed(world, job_id) == {cheat: tokens(1), honest: tokens(1)}
+    fee = tokens(1) // 2  # its check of one of two segments
+    assert _owed(world, job_id) == {honest: tokens(1), verifier: fee}
     assert _owed(world, stopped) == {cheat: tokens(1)}
     assert [e["unit"] for e in _job_events(world, job_id, "unit_redone")] == [unit_id_for(job_id, 1, 0)]
-    assert not _job_events(world, stopped, "unit_redone")
+    assert _job_events(world, job_id, "pay_withheld") == [
+        {"unit": unit_id_for(job_id, 0, 0), "provider": cheat, "round": 0, "forfeit": str(tokens(1))}]
+    assert not _job_events(world, stopped, "unit_redone") and not _job_events(world, stopped, "pay_withheld")
+    _convict(world, cheat)
+    assert _owed(world, job_id) == {honest: tokens(1), verifier: fee}
+    assert len(_job_events(world, job_id, "pay_withheld")) == 1
+    # settled: the withheld price is the customer's refund
+    for shard in range(2):
+        _verified(world, unit_id_for(job_id, 1, shard), honest, tokens(1))
+    with world.rt.sessions.begin() as s:
+        s.get(Job, job_id).status = "done"  # type: ignore[union-attr]
+    assert settlement.settle_job(world.rt, job_id) == spec.budget() - 3 * tokens(1) - fee
 
 
 def test_a_round_whose_unit_is_taken_back_while_it_averages_waits_for_the_redo(world: World, monkeypatch) -> None:

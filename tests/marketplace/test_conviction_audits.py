@@ -1,0 +1,237 @@
+"""A proven cheat's work that passed its checks: the referee audits those passes (checking._audit_passes), and the
+cheat is paid for none of a running job's units (checking._forfeit_unsettled). Against the real contracts on the
+in-process EVM and a real SQLite / PostgreSQL ledger, and the whole story over real HTTP, a Celery worker and
+Redis."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_utils import keccak
+from sqlalchemy import select
+
+from marketplace import checking, referee, service
+from marketplace.common import check_fee_entry, unit_id_for
+from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key, now_s
+from protocol.jobs import RANDOM_BYTES, new_job_id
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import _events, _handed_in, _rows, _stocked, drive, job_status, provider, slashed, \
+    staked_verifier, submit_job
+from tests.marketplace.test_settlement import World, make_world
+
+CAP = tokens(2)
+FRIEND, CAREFUL = "0x" + "a1" * 20, "0x" + "c3" * 20
+
+
+@pytest.fixture()
+def world(tmp_path: Path, db_url: str) -> World:
+    w = make_world(tmp_path, db_url)
+    w.rt.settings.audit_rate = 0.1  # the operator runs audits (this world has no worker: nothing is sent)
+    return w
+
+
+def _job(w: World, name: str, rounds: int = 1, units: int = 2) -> tuple[str, JobSpec]:
+    spec = JobSpec(rounds=rounds, units_per_round=units, steps_per_unit=10, segment_len=5, max_price=CAP)
+    job_id = new_job_id(w.customer.address, keccak(text=name)[:RANDOM_BYTES])
+    w.customer.fund_job(job_id, spec.budget())
+    service.create_job(w.rt, w.customer.address, job_id, spec)
+    return job_id, spec
+
+
+def _credited(w: World, unit_id: str, who: str, passes: list[tuple[str, int | None]], plan: str = "cpu",
+              build: str | None = None) -> list[int]:
+    """Unit ``unit_id`` verified for ``who`` at 1 GMT, on ``plan`` with ``build`` (the referee's kernels unless
+    named): a pass of each segment by each verifier of ``passes``, with the time its audit was drawn (None: it was
+    not), their fees owed. The checks' ids."""
+    with w.rt.sessions.begin() as s:
+        if s.get(Provider, who) is None:
+            s.add(Provider(address=who, region="eu-north", gpu="test", vram_mb=8000, price=CAP, tokens_per_s=1000,
+                           capacity=2, stake=tokens(100)))
+        u = s.get(Unit, unit_id)
+        assert u is not None
+        u.status, u.provider, u.price, u.segment_blobs = "verified", who, tokens(1), ["a", "b"]
+        u.plan, u.build = plan, build if build is not None else w.rt.referee_build()
+        s.add(LedgerEntry(job_id=u.job_id, unit_id=u.id, provider=who, amount=tokens(1)))
+        ids = []
+        for seg, (verifier, audit_at) in enumerate(passes):
+            c = Verification(unit_id=u.id, provider=who, segment=seg, status="passed", verifier=verifier,
+                             verdict_at=now_s() - 3600 + seg, audit_at=audit_at)
+            s.add(c)
+            s.flush()
+            s.add(check_fee_entry(u, c))
+            ids.append(c.id)
+        return ids
+
+
+def _open_round_1(w: World, job_id: str, spec: JobSpec) -> None:
+    with w.rt.sessions.begin() as s:  # round 0 averaged
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.round = 1
+        service._create_round_units(s, job, spec, 1)
+
+
+def _owed(w: World, job_id: str) -> dict[str, int]:
+    with w.rt.sessions() as s:
+        out: dict[str, int] = {}
+        for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)):
+            out[e.provider] = out.get(e.provider, 0) + e.amount
+        return out
+
+
+def _statuses(w: World, ids: list[int]) -> list[tuple[str, bool]]:
+    with w.rt.sessions() as s:
+        return [(c.status, c.audit_at is not None) for c in (s.get(Verification, i) for i in ids) if c is not None]
+
+
+def _kinds(w: World, kind: str) -> list[dict]:  # type: ignore[type-arg]
+    with w.rt.sessions() as s:
+        return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
+
+
+def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_stands(world: World) -> None:
+    """The cheat's units: one of an averaged round (a friend's pass of one segment, a careful verifier's audited
+    pass of the other), one of the open round (redone: its pass goes with the claim), one on kernels the referee does
+    not replay bit for bit (a ruling there may need a state from the provider, which a convicted one may never
+    reveal), one of a job settled a day ago, one of a job settled over half the blob retention ago (its checkpoints
+    go soon). Drawn: the friend's pass and the recent settled job's; each once (a re-run draws nothing); none where
+    the operator runs no audits. Its price is withheld in the running job, not in the settled ones."""
+    cheat, honest = (a.address for a in world.providers[:2])
+    job_id, spec = _job(world, "conviction-audits", rounds=2)
+    averaged = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None), (CAREFUL, now_s() - 20)])
+    _credited(world, unit_id_for(job_id, 0, 1), honest, [(FRIEND, None)])
+    _open_round_1(world, job_id, spec)
+    redone = _credited(world, unit_id_for(job_id, 1, 0), cheat, [(FRIEND, None)])
+    foreign_job, _ = _job(world, "foreign-kernels", units=1)
+    foreign = _credited(world, unit_id_for(foreign_job, 0, 0), cheat, [(FRIEND, None)], build="other-kernels")
+    recent_job, _ = _job(world, "settled-a-day-ago", units=1)
+    recent = _credited(world, unit_id_for(recent_job, 0, 0), cheat, [(FRIEND, None)])
+    old_job, _ = _job(world, "settled-long-ago", units=1)
+    old = _credited(world, unit_id_for(old_job, 0, 0), cheat, [(FRIEND, None)])
+    with world.rt.sessions.begin() as s:
+        for jid, ago in ((recent_job, 86400), (old_job, world.rt.settings.blob_retention_s // 2 + 60)):
+            job = s.get(Job, jid)
+            assert job is not None
+            job.status, job.settled_at = "settled", now_s() - ago
+    world.rt.settings.audit_rate = 0.0
+    with world.rt.sessions.begin() as s:
+        assert checking._convicted(world.rt, s, cheat)[1] == []  # no audits run: none drawn
+    world.rt.settings.audit_rate = 0.1
+    with world.rt.sessions.begin() as s:
+        _, audits = checking._convicted(world.rt, s, cheat)  # (a re-run: a second ruling on the same cheat)
+    assert sorted(audits) == sorted([(averaged[0], world.rt.referee_build()), (recent[0], world.rt.referee_build())])
+    assert _statuses(world, averaged) == [("auditing", True), ("passed", True)]
+    assert _statuses(world, recent) == [("auditing", True)]
+    assert _statuses(world, redone + foreign + old) == [("passed", False)] * 3
+    # their verdicts are an hour old, their audits just drawn: the sweep leaves them to the referee (a lost one is
+    # sent again AUDIT_LOST_S after it was drawn)
+    assert service.sweep(world.rt)["audit_check"] == 0
+    [drawn] = _kinds(world, "passes_audited")
+    assert (drawn["provider"], drawn["checks"]) == (cheat, 2)
+    with world.rt.sessions.begin() as s:
+        assert checking._convicted(world.rt, s, cheat)[1] == []
+    assert len(_kinds(world, "passes_audited")) == 1
+    fee = tokens(1) // 2
+    # the running job: the averaged unit stays, unpaid; the verifiers' fees stand (till an audit says otherwise; the
+    # redone unit's too: the job's budget has room for them)
+    assert _owed(world, job_id) == {honest: tokens(1), FRIEND: 3 * fee, CAREFUL: fee}
+    assert _owed(world, recent_job) == {cheat: tokens(1), FRIEND: fee}
+
+
+def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_its_bench(world: World) -> None:
+    """The referee's audit of the friend's pass (drawn at the cheat's conviction) proves the claim false: the
+    friend, which replayed on the unit's own plan and kernels, is benched and its fee for that check withdrawn (its
+    job still runs); its passes of an honest provider's unit of the averaged round stand. A failed audit of its pass
+    in a job settled already leaves that fee: the settlement may be under way."""
+    cheat, honest = (a.address for a in world.providers[:2])
+    job_id, spec = _job(world, "friend-audited", rounds=2)
+    [friend_pass] = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None)])
+    _credited(world, unit_id_for(job_id, 0, 1), honest, [(FRIEND, None)])
+    _open_round_1(world, job_id, spec)
+    done_job, _ = _job(world, "friend-audited-done", units=1)
+    [done_pass] = _credited(world, unit_id_for(done_job, 0, 0), cheat, [(FRIEND, None)])
+    with world.rt.sessions.begin() as s:
+        s.add(Verifier(address=FRIEND, plan="cpu", build=world.rt.referee_build()))
+        s.get(Job, done_job).status = "done"  # type: ignore[union-attr]
+    with world.rt.sessions.begin() as s:
+        _, audits = checking._convicted(world.rt, s, cheat)
+    assert [a for a, _ in audits] == [done_pass, friend_pass] or [a for a, _ in audits] == [friend_pass, done_pass]
+    fee = tokens(1) // 2
+    for check, job in ((friend_pass, job_id), (done_pass, done_job)):
+        with world.rt.sessions.begin() as s:
+            task = s.get(Verification, check)
+            assert task is not None
+            assert checking._audit_failed(world.rt, s, task, referee.Ruling(fraud=True, reason="test"), 0,
+                                          b"\x02" * 32, 0) == []
+    with world.rt.sessions() as s:
+        ver = s.get(Verifier, FRIEND)
+        assert ver is not None and ver.status == "benched" and ver.wrong == 2
+        keys = set(s.scalars(select(LedgerEntry.unit_id)))
+    assert _statuses(world, [friend_pass, done_pass]) == [("audit_failed", True)] * 2
+    assert check_fee_key(friend_pass) not in keys and check_fee_key(done_pass) in keys
+    assert _owed(world, job_id) == {honest: tokens(1), FRIEND: fee}  # its pass of the honest unit stands
+    assert [e["check_fee_forfeit"] for e in _kinds(world, "fraud_confirmed")] == [str(fee), "0"]
+    assert len(_kinds(world, "verifier_slashed")) == 1  # benched once: the second failure slashes nothing more
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches_it(market, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The whole story. A provider skips steps on every unit; its friend, a verifier passing whatever it is handed,
+    checks its first unit (its pass not drawn for an audit), which is verified and averaged into the model. A
+    careful verifier checks its second and disputes it: the referee convicts the cheat. The friend's pass of the
+    first unit is audited then, fails, and costs the friend its whole stake and its fee; the cheat is paid nothing
+    for the unit already in the model. An honest provider trains the second unit; the job settles paying it and the
+    careful verifier alone, and the customer gets the rest back."""
+    market.rt.settings.audit_rate = 1.0
+    monkeypatch.setattr(checking, "audit_odds", lambda *a: 0.0)  # no pass is drawn when its verdict comes in
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    careful = staked_verifier(market, tmp_path, "careful")
+    treasury, supply = market.deployment.treasury, market.ops.total_supply()
+    treasury_before = market.ops.balance_of(treasury)
+    spec = JobSpec(rounds=2, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    [first] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+    assert friend.verify_once() == "ok"
+    [friend_pass] = _rows(market, unit_id=first)
+
+    def round_1() -> bool:
+        with market.rt.sessions() as s:
+            job = s.get(Job, job_id)
+            return job is not None and job.round == 1
+
+    market.wait(round_1, what="round 0 averaged")
+    [second] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+    market.wait(lambda: careful.verify_once() is None and cheat.account.address in slashed(market), timeout=120,
+                what="the cheat slashed")
+    market.wait(lambda: _rows(market, id=friend_pass.id)[0].status == "audit_failed", timeout=120,
+                what="the friend's pass audited")
+    assert market.ops.stake_state(friend.account.address).staked == 0
+    # half the cheat's stake (the other half is the careful verifier's bounty) and the friend's whole stake
+    assert market.ops.balance_of(treasury) - treasury_before == tokens(100) + tokens(100)
+    [drawn] = _events(market, "passes_audited")
+    assert (drawn["provider"], drawn["checks"]) == (cheat.account.address, 1)
+    [withheld] = _events(market, "pay_withheld")
+    assert (withheld["unit"], withheld["forfeit"]) == (first, str(tokens("0.55")))
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, friend.account.address)
+        assert ver is not None and ver.status == "benched"
+        assert s.get(Unit, first).status == "verified"  # type: ignore[union-attr]  # in the model
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    drive(market, [cheat, honest], careful, job_id)
+    assert job_status(market, job_id) == "settled"
+    with market.rt.sessions() as s:
+        paid = list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+        second_unit = s.get(Unit, second)
+        assert second_unit is not None and second_unit.provider == honest.account.address
+    assert {e.provider for e in paid} == {honest.account.address, careful.account.address}
+    escrow = market.ops.get_job(job_id)
+    assert escrow.released == sum(e.amount for e in paid) < spec.budget()
+    assert market.ops.total_supply() == supply
+    page = httpx.get(f"{market.url}/web/jobs/{job_id}", timeout=10)
+    assert page.status_code == 200 and "1 of their units averaged already, unpaid" in page.text
