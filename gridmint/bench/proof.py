@@ -20,7 +20,12 @@ What runs (all real training and real replays on this machine; the trials only r
    ``HONEST_VERIFIERS`` honest verifiers and the ring, which takes the share of the cheat's checks (of
    ``COLLUDING_SHARES``) that suits it best and checks nothing else; honest verifiers check the rest, and the
    ring's passes are audited at the odds the marketplace draws (``protocol.verification.audit_rate``: its share of
-   the cheat's verdicts over its share of the plan's). ``honest_audit_rate``: those odds averaged over the passes
+   the cheat's verdicts over its share of the plan's). ``colluding_ring_slashed_rate`` (and ``ring_slashed_rate``
+   by providers, at the share that suits the ring best for it): the trials in which the ring, replaying on its
+   friend's own plan and kernels, loses its stake: an audit of its pass caught the cheat, or the conviction's audits
+   of the passes standing in the cheat's verified units of averaged rounds (``checking._audit_passes``; rounds of
+   ``COLLUDING_ROUND_UNITS`` of the cheat's units) find one it passed on a faked segment; a cheat not caught within
+   the stake horizon leaves its ring unscathed too. ``honest_audit_rate``: those odds averaged over the passes
    of an honest market (checks spread at random) of 10 providers on the plan (``honest_audit_rate_by_providers``:
    of 1, 2, 5, 10: a thin market is audited more); ``audit_cost_ratio``: the referee's audit replays over the
    provider's compute (``audit_cost_ratio_by_providers``: the same by providers on the plan).
@@ -264,6 +269,9 @@ TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and 
 COLLUDING_PROVIDERS = (2, 5, 10)
 HONEST_VERIFIERS = 10
 COLLUDING_SHARES = (0.25, 0.5, 0.75, 1.0)
+#: the cheat's units come in rounds of this many (a default job's round, JobSpec.units_per_round, all the cheat's):
+#: a pass on a unit of the round it is caught in goes with the unit, unaudited (colluding_ring_slashed_rate)
+COLLUDING_ROUND_UNITS = 3
 #: honest_audit_rate_by_providers: an honest market of this many providers of equal work on one plan
 HONEST_PROVIDERS = (1, 2, 5, 10)
 
@@ -353,63 +361,89 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         # every trial's challenges of the colluding runs, drawn once (each run re-draws only who gets them)
         collude_picks = [[collude_draw(t, u) for u in range(horizon)] for t in range(a.trials)]
 
-        def colluding(providers: int, share: float) -> tuple[float, float]:
+        def colluding(providers: int, share: float) -> tuple[float, float, float]:
             # a verifier colluding with the cheat (it passes all it gets, and tells the canaries apart: the provider
             # knows every true state) gets ``share`` of its checks, honest verifiers the rest; the cheat is one of
             # ``providers`` providers of equal work on its plan, whose checks honest verifiers do. An honest
             # verifier's check of a faked segment catches it; the ring's pass only where the referee audits it, at
             # the odds the marketplace draws (audit_odds: the ring's share of the cheat's last AUDIT_WINDOW
-            # verdicts over its share of the plan's in the same time, where it gave only its friend's)
+            # verdicts over its share of the plan's in the same time, where it gave only its friend's). The ring
+            # loses its stake (replaying on its friend's own plan and kernels) where an audit of its pass catches
+            # the cheat, or where the cheat is caught otherwise after the ring passed one of its faked segments
+            # among its last AUDIT_WINDOW verdicts on a unit of an averaged round: the conviction's audit of each
+            # pass standing in a verified unit finds it (checking._audit_passes; the units of the open round go
+            # back to the pool with their claims, unaudited). The cheat's units come in rounds of
+            # COLLUDING_ROUND_UNITS (a default job's round, all of it the cheat's). Returns the caught rate, the
+            # unit catch rate and the ring's slashed rate.
             verifiers = 1 + (HONEST_VERIFIERS if providers > 1 or share < 1 else 0)
-            caught_trials, units_checked, units_caught = 0, 0, 0
+            caught_trials, units_checked, units_caught, ring_slashed = 0, 0, 0, 0
             for t in range(a.trials):
                 draw = random.Random(f"{name}/collude/{t}/{providers}/{share}")
                 window: deque[bool] = deque()  # who gave each of the provider's recent verdicts (True: the ring)
-                mine = 0
+                mine, given, faked = 0, 0, []  # verdicts given; (verdict, unit) of each fake the ring passed
                 for u in range(horizon):
                     verdicts = units[(t + u) % len(units)][2]
                     units_checked += 1
-                    hit = False
+                    hit = audited = False
                     for i in collude_picks[t][u]:
                         ring = draw.random() < share
                         window.append(ring)
+                        given += 1
                         mine += ring - (window.popleft() if len(window) > vp.AUDIT_WINDOW else 0)
-                        if not verdicts[i] and (not ring or draw.random() < vp.audit_rate(
-                                float(vp.AUDIT_RATE), mine, len(window), mine, providers * len(window), verifiers,
-                                providers)):
+                        if verdicts[i]:
+                            continue
+                        if not ring:
                             hit = True
+                        elif draw.random() < vp.audit_rate(float(vp.AUDIT_RATE), mine, len(window), mine,
+                                                           providers * len(window), verifiers, providers):
+                            hit = audited = True
+                        else:
+                            faked.append((given, u))
                     if hit:
                         units_caught += 1
                         caught_trials += 1
+                        ring_slashed += audited or any(
+                            given - g < vp.AUDIT_WINDOW and f // COLLUDING_ROUND_UNITS < u // COLLUDING_ROUND_UNITS
+                            for g, f in faked)
                         break
-            return caught_trials / a.trials, round(units_caught / units_checked, 4)
+            return caught_trials / a.trials, round(units_caught / units_checked, 4), ring_slashed / a.trials
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
         # the cheat alone on its plan (one of the ring's own naming), the ring its only verifier: its shares are the
         # same, and the plan counts as AUDIT_PEERS providers' work (0.8 of the ring's passes audited)
-        collude_caught, collude_unit = colluding(1, 1.0)
+        collude_caught, collude_unit, collude_ring = colluding(1, 1.0)
         # the cheat one of several providers on its plan, the ring at the share of its checks that suits it best
-        # (taking them all raises its audit odds; taking fewer leaves more to honest verifiers)
+        # (taking them all raises its audit odds; taking fewer leaves more to honest verifiers); and the ring's
+        # slashed rate at the share that suits it best for that
         by_providers: dict[str, Any] = {}
         for m in COLLUDING_PROVIDERS:
-            worst = min((colluding(m, q) + (q,) for q in COLLUDING_SHARES), key=lambda x: (x[0], x[1]))
-            by_providers[str(m)] = {"caught_rate": worst[0], "unit_catch_rate": worst[1], "ring_share": worst[2]}
+            runs = [colluding(m, q) + (q,) for q in COLLUDING_SHARES]
+            worst = min(runs, key=lambda x: (x[0], x[1]))
+            safest = min(runs, key=lambda x: x[2])
+            by_providers[str(m)] = {"caught_rate": worst[0], "unit_catch_rate": worst[1], "ring_share": worst[3],
+                                    "ring_slashed_rate": safest[2], "ring_slashed_share": safest[3]}
         res = {"touches": touches, "pool_units": pool, "failing_segments_per_unit": failing,
                "caught_rate": caught, "unit_catch_rate": unit_catch, "trusted_caught_rate": trusted_caught,
                "colluding_caught_rate": collude_caught, "colluding_unit_catch_rate": collude_unit,
+               "colluding_ring_slashed_rate": collude_ring,
                "colluding_by_providers": by_providers, "build_s": round(time.perf_counter() - t0, 1)}
         out["adversaries"][name] = res
         log(f"{name:15s} touches {touches:45s} failing segments {failing}  caught {res['caught_rate']:.3f}  "
             f"unit catch {res['unit_catch_rate']:.3f}  trusted host caught {trusted_caught:.3f}  with a colluding "
             f"verifier (audits only) {collude_caught:.3f}, as one of 2/5/10 providers on its plan (the ring at its "
-            f"best share) {'/'.join(format(v['caught_rate'], '.3f') for v in by_providers.values())}  "
-            f"({res['build_s']} s)")
+            f"best share) {'/'.join(format(v['caught_rate'], '.3f') for v in by_providers.values())}; the ring "
+            f"slashed {collude_ring:.3f}, "
+            f"{'/'.join(format(v['ring_slashed_rate'], '.3f') for v in by_providers.values())}  ({res['build_s']} s)")
     out["min_caught_rate"] = min(r["caught_rate"] for r in out["adversaries"].values())
     out["audit_rate"] = float(vp.AUDIT_RATE)
     out["colluding_min_caught_rate"] = min(r["colluding_caught_rate"] for r in out["adversaries"].values())
     out["colluding_min_caught_rate_by_providers"] = {
         str(m): min(r["colluding_by_providers"][str(m)]["caught_rate"] for r in out["adversaries"].values())
+        for m in COLLUDING_PROVIDERS}
+    out["colluding_min_ring_slashed_rate"] = min(r["colluding_ring_slashed_rate"] for r in out["adversaries"].values())
+    out["colluding_min_ring_slashed_rate_by_providers"] = {
+        str(m): min(r["colluding_by_providers"][str(m)]["ring_slashed_rate"] for r in out["adversaries"].values())
         for m in COLLUDING_PROVIDERS}
     out["trusted"]["min_caught_rate"] = min(r["trusted_caught_rate"] for r in out["adversaries"].values())
     log(f"trusted hosts: sampled at {float(trusted_rate):g} from {trusted_units}x the unit price staked; lowest "
