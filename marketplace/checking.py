@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -454,19 +454,23 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     """A unit whose every sampled segment passed (by the verifier, or by the referee overruling a false accusation)
     is verified; its provider is owed its price (exactly once). A unit with nothing sampled (level "none": the
     buyer chose no replay) is verified once its result passed the structural checks."""
+    if unit.status != "submitted":
+        return
+    prov = s.get(Provider, unit.provider) if unit.provider is not None else None
+    if prov is not None and prov.status == "slashed":  # a convicted provider's, kept for the audits of its passes
+        _release(s, unit)
+        return
     checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id,
                                                        Verification.provider == unit.provider,
                                                        Verification.canary.is_(None))))
-    if unit.status != "submitted" or any(c.status not in ("passed", "verifier_wrong", "dismissed") for c in checks):
+    if any(c.status not in ("passed", "verifier_wrong", "dismissed") for c in checks):
         return
     # conditional: a unit its job's stop cancelled meanwhile (marketplace.cancellation) is not credited
     # (synchronize "fetch": the session's copy of the unit follows what the database did, not what it assumed)
     if s.execute(update(Unit).where(Unit.id == unit.id, Unit.status == "submitted").values(status="verified")
                  .execution_options(synchronize_session="fetch")).rowcount != 1:
         return
-    assert unit.provider is not None and unit.price is not None
-    prov = s.get(Provider, unit.provider)
-    assert prov is not None
+    assert unit.provider is not None and unit.price is not None and prov is not None
     prov.completed += 1
     if checks:  # a unit nobody replayed (level "none") builds no record
         prov.verified_streak += 1
@@ -833,32 +837,60 @@ def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, jo
 
 def _convicted(rt: Runtime, s: Session, provider: str) -> tuple[Any, list[tuple[int, str]]]:
     """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
-    slashed, and every unit of it not yet verified goes back to the pool with it excluded (each conditionally,
-    ``take_back``: a unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so
-    do its units verified in a round not averaged yet, and it is paid for none of a running job's units
-    (:func:`_forfeit_unsettled`); the passes of its work that still stand are audited (:func:`_audit_passes`).
-    Returns its stake state on chain after the slash, and the audits to send once the transaction is committed. The
-    rows of the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
+    slashed, and the passes of its work that still stand are drawn for the referee's audit (:func:`_audit_passes`).
+    Every unit of it not yet verified goes back to the pool with it excluded (each conditionally, ``take_back``: a
+    unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so do its units
+    verified in a round not averaged yet, and it is paid for none of a running job's units
+    (:func:`_forfeit_unsettled`). A unit a pass of which the referee audits waits for its audits as ``submitted``
+    (its claim kept for them; never credited: :func:`maybe_verified`), then goes back (:func:`_release`). Returns
+    its stake state on chain after the slash, and the audits to send once the transaction is committed. The rows of
+    the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
     _lock_jobs(s, _provider_jobs(provider))
     prov = s.get(Provider, provider)
     assert prov is not None
     after = rt.contracts.stake_state(provider)
     prov.status, prov.stake = "slashed", after.staked
+    audits = _audit_passes(rt, s, provider)
     for u in list(s.scalars(select(Unit).where(Unit.provider == provider,
                                                Unit.status.in_(["assigned", "submitted"])))):
-        if not take_back(s, u.id, provider, ("assigned", "submitted"),
-                         excluded=sorted(set(u.excluded or []) | {provider})):
-            continue
-        for other in s.scalars(select(Verification).where(Verification.unit_id == u.id,
-                                                           Verification.status.in_(OPEN_CHECKS))):
-            other.status = "void"  # canaries too (take_back voided the provider's own real checks)
+        _release(s, u, ("assigned", "submitted"))
     _forfeit_unsettled(s, provider)
-    return after, _audit_passes(rt, s, provider)
+    return after, audits
+
+
+def _audited(s: Session, unit_id: str, provider: str) -> bool:
+    """Whether the referee is auditing a pass of ``provider``'s claim of unit ``unit_id``."""
+    return bool(s.scalar(select(exists().where(Verification.unit_id == unit_id, Verification.provider == provider,
+                                               Verification.status == "auditing"))))
+
+
+def _release(s: Session, unit: Unit, statuses: tuple[str, ...] = ("submitted",)) -> bool:
+    """Inside a conviction's transaction (or once the last audit of a pass of a convicted provider's unit is done):
+    ``unit``, held by its convicted provider in one of ``statuses``, goes back to the pool with it excluded (each
+    conditionally, ``take_back``), its open checks void (canaries too) — unless the referee is auditing a pass of
+    it: then it waits as ``submitted`` for those audits, its other open checks void (nothing more is handed out on a
+    cheat's claim). True if it went back."""
+    provider = unit.provider
+    assert provider is not None
+    if _audited(s, unit.id, provider):
+        if s.execute(update(Unit).where(Unit.id == unit.id, Unit.provider == provider, Unit.status.in_(statuses))
+                     .values(status="submitted").execution_options(synchronize_session="fetch")).rowcount == 1:
+            s.execute(update(Verification).where(Verification.unit_id == unit.id,
+                                                 Verification.status.in_([c for c in OPEN_CHECKS if c != "auditing"]))
+                      .values(status="void").execution_options(synchronize_session="fetch"))
+        return False
+    if not take_back(s, unit.id, provider, statuses, excluded=sorted(set(unit.excluded or []) | {provider})):
+        return False
+    for other in s.scalars(select(Verification).where(Verification.unit_id == unit.id,
+                                                       Verification.status.in_(OPEN_CHECKS))):
+        other.status = "void"  # canaries too (take_back voided the provider's own real checks)
+    return True
 
 
 def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str]]:
-    """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its verified
-    units, its latest ``AUDIT_WINDOW`` not audited yet, each drawn for the referee's audit (``auditing``), where the
+    """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its units
+    (verified, or submitted: the one it was caught on among them), its latest ``AUDIT_WINDOW`` not audited yet,
+    each drawn for the referee's audit (``auditing``), where the
     referee replays the work bit for bit (:func:`_referee_exact`: a ruling that needs no state from the provider,
     which a convicted one may never reveal). A verifier colluding with a proven cheat passed its faked segments;
     each such pass fails its audit, which costs that verifier its fee, a mark, and, where it replayed on the unit's
@@ -873,7 +905,7 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
                      .where(Verification.provider == provider, Verification.status == "passed",
                             Verification.canary.is_(None), Verification.verifier.is_not(None),
                             Verification.verdict_at.is_not(None), Verification.audit_at.is_(None),
-                            Unit.provider == provider, Unit.status == "verified",
+                            Unit.provider == provider, Unit.status.in_(["verified", "submitted"]),
                             or_(Job.settled_at.is_(None), Job.settled_at > now - rt.settings.blob_retention_s // 2))
                      .order_by(Verification.verdict_at.desc(), Verification.id.desc())
                      .limit(verification.AUDIT_WINDOW)).all()
@@ -925,8 +957,8 @@ def _forfeit_unsettled(s: Session, provider: str) -> None:
         paid = worst <= job.budget
         if not paid and worst - sum(e.amount for e in fees) > job.budget:
             continue  # (never: the budget held every unit at unit_budget before this one's redo)
-        if not take_back(s, u.id, provider, ("verified",), excluded=sorted(set(u.excluded or []) | {provider})):
-            continue
+        if not _release(s, u, ("verified",)) and u.status != "submitted":
+            continue  # (gone meanwhile; "submitted": it waits for the audits of its passes, then goes back)
         for e in [price] if paid else [price, *fees]:
             s.delete(e)
         log(s, "unit_redone", job.id, unit=u.id, provider=provider, round=u.round, forfeit=str(price.amount),

@@ -21,11 +21,12 @@ What runs (all real training and real replays on this machine; the trials only r
    ``COLLUDING_SHARES``) that suits it best and checks nothing else; honest verifiers check the rest, and the
    ring's passes are audited at the odds the marketplace draws (``protocol.verification.audit_rate``: its share of
    the cheat's verdicts over its share of the plan's). ``colluding_ring_slashed_rate`` (and ``ring_slashed_rate``
-   by providers, at the share that suits the ring best for it): the trials in which the ring, replaying on its
-   friend's own plan and kernels, loses its stake: an audit of its pass caught the cheat, or the conviction's audits
-   of the passes standing in the cheat's verified units of averaged rounds (``checking._audit_passes``; rounds of
-   ``COLLUDING_ROUND_UNITS`` of the cheat's units) find one it passed on a faked segment; a cheat not caught within
-   the stake horizon leaves its ring unscathed too. ``honest_audit_rate``: those odds averaged over the passes
+   by providers, at the share that suits the ring best for it): of the trials in which the ring passed a faked
+   segment, the share in which that cost it its stake (replaying on its friend's own plan and kernels): an audit of
+   its pass caught the cheat, or the conviction's audits
+   of the passes standing in the cheat's units (``checking._audit_passes``) find one it passed on a faked segment
+   among the cheat's last ``AUDIT_WINDOW`` verdicts; a cheat not caught within the stake horizon leaves its ring
+   unscathed too. ``honest_audit_rate``: those odds averaged over the passes
    of an honest market (checks spread at random) of 10 providers on the plan (``honest_audit_rate_by_providers``:
    of 1, 2, 5, 10: a thin market is audited more); ``audit_cost_ratio``: the referee's audit replays over the
    provider's compute (``audit_cost_ratio_by_providers``: the same by providers on the plan).
@@ -269,9 +270,6 @@ TOY = ModelConfig(d_model=32, n_layer=1, n_head=2, ctx=32)  # the adversary and 
 COLLUDING_PROVIDERS = (2, 5, 10)
 HONEST_VERIFIERS = 10
 COLLUDING_SHARES = (0.25, 0.5, 0.75, 1.0)
-#: the cheat's units come in rounds of this many (a default job's round, JobSpec.units_per_round, all the cheat's):
-#: a pass on a unit of the round it is caught in goes with the unit, unaudited (colluding_ring_slashed_rate)
-COLLUDING_ROUND_UNITS = 3
 #: honest_audit_rate_by_providers: an honest market of this many providers of equal work on one plan
 HONEST_PROVIDERS = (1, 2, 5, 10)
 
@@ -370,17 +368,16 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             # verdicts over its share of the plan's in the same time, where it gave only its friend's). The ring
             # loses its stake (replaying on its friend's own plan and kernels) where an audit of its pass catches
             # the cheat, or where the cheat is caught otherwise after the ring passed one of its faked segments
-            # among its last AUDIT_WINDOW verdicts on a unit of an averaged round: the conviction's audit of each
-            # pass standing in a verified unit finds it (checking._audit_passes; the units of the open round go
-            # back to the pool with their claims, unaudited). The cheat's units come in rounds of
-            # COLLUDING_ROUND_UNITS (a default job's round, all of it the cheat's). Returns the caught rate, the
-            # unit catch rate and the ring's slashed rate.
+            # among its last AUDIT_WINDOW verdicts (in an earlier unit, or in the unit it is caught on before the
+            # catch): the conviction's audit of each pass standing in its units finds it (checking._audit_passes).
+            # Returns the caught rate, the unit catch rate and the ring's slashed rate: over the trials in which it
+            # passed a faked segment, the share in which that cost it its stake.
             verifiers = 1 + (HONEST_VERIFIERS if providers > 1 or share < 1 else 0)
-            caught_trials, units_checked, units_caught, ring_slashed = 0, 0, 0, 0
+            caught_trials, units_checked, units_caught, ring_slashed, ring_faked = 0, 0, 0, 0, 0
             for t in range(a.trials):
                 draw = random.Random(f"{name}/collude/{t}/{providers}/{share}")
                 window: deque[bool] = deque()  # who gave each of the provider's recent verdicts (True: the ring)
-                mine, given, faked = 0, 0, []  # verdicts given; (verdict, unit) of each fake the ring passed
+                mine, given, faked_at = 0, 0, None  # verdicts given; the last one the ring passed on a fake
                 for u in range(horizon):
                     verdicts = units[(t + u) % len(units)][2]
                     units_checked += 1
@@ -397,16 +394,16 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                         elif draw.random() < vp.audit_rate(float(vp.AUDIT_RATE), mine, len(window), mine,
                                                            providers * len(window), verifiers, providers):
                             hit = audited = True
-                        else:
-                            faked.append((given, u))
+                        elif not hit:  # (one after the catch is not in yet: the unit goes back without it)
+                            faked_at = given
                     if hit:
                         units_caught += 1
                         caught_trials += 1
-                        ring_slashed += audited or any(
-                            given - g < vp.AUDIT_WINDOW and f // COLLUDING_ROUND_UNITS < u // COLLUDING_ROUND_UNITS
-                            for g, f in faked)
+                        ring_slashed += audited or (faked_at is not None and given - faked_at < vp.AUDIT_WINDOW)
                         break
-            return caught_trials / a.trials, round(units_caught / units_checked, 4), ring_slashed / a.trials
+                ring_faked += audited or faked_at is not None
+            return (caught_trials / a.trials, round(units_caught / units_checked, 4),
+                    ring_slashed / ring_faked if ring_faked else 1.0)
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")

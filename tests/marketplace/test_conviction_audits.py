@@ -8,17 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from eth_utils import keccak
 from sqlalchemy import select
 
 from marketplace import checking, referee, service
 from marketplace.common import check_fee_entry, unit_id_for
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key, now_s
-from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import _events, _handed_in, _rows, _stocked, drive, job_status, provider, slashed, \
     staked_verifier, submit_job
+from tests.marketplace.test_redo import _job, _owed, _unit
 from tests.marketplace.test_settlement import World, make_world
 
 CAP = tokens(2)
@@ -32,12 +31,6 @@ def world(tmp_path: Path, db_url: str) -> World:
     return w
 
 
-def _job(w: World, name: str, rounds: int = 1, units: int = 2) -> tuple[str, JobSpec]:
-    spec = JobSpec(rounds=rounds, units_per_round=units, steps_per_unit=10, segment_len=5, max_price=CAP)
-    job_id = new_job_id(w.customer.address, keccak(text=name)[:RANDOM_BYTES])
-    w.customer.fund_job(job_id, spec.budget())
-    service.create_job(w.rt, w.customer.address, job_id, spec)
-    return job_id, spec
 
 
 def _credited(w: World, unit_id: str, who: str, passes: list[tuple[str, int | None]], plan: str = "cpu",
@@ -73,12 +66,6 @@ def _open_round_1(w: World, job_id: str, spec: JobSpec) -> None:
         service._create_round_units(s, job, spec, 1)
 
 
-def _owed(w: World, job_id: str) -> dict[str, int]:
-    with w.rt.sessions() as s:
-        out: dict[str, int] = {}
-        for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)):
-            out[e.provider] = out.get(e.provider, 0) + e.amount
-        return out
 
 
 def _statuses(w: World, ids: list[int]) -> list[tuple[str, bool]]:
@@ -91,19 +78,40 @@ def _kinds(w: World, kind: str) -> list[dict]:  # type: ignore[type-arg]
         return [e.data for e in s.scalars(select(Event).where(Event.kind == kind).order_by(Event.id))]
 
 
+def _submitted(w: World, unit_id: str, who: str, passed_by: str) -> list[int]:
+    """Unit ``unit_id`` submitted by ``who`` (on the referee's plan and kernels): segment 0 passed by ``passed_by``,
+    segment 1's check pending. The checks' ids."""
+    with w.rt.sessions.begin() as s:
+        u = s.get(Unit, unit_id)
+        assert u is not None
+        u.status, u.provider, u.price, u.segment_blobs = "submitted", who, tokens(1), ["a", "b"]
+        u.plan, u.build = "cpu", w.rt.referee_build()
+        checks = [Verification(unit_id=unit_id, provider=who, segment=0, status="passed", verifier=passed_by,
+                               verdict_at=now_s() - 3600),
+                  Verification(unit_id=unit_id, provider=who, segment=1, status="pending")]
+        s.add_all(checks)
+        s.flush()
+        return [c.id for c in checks]
+
+
+
+
 def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_stands(world: World) -> None:
-    """The cheat's units: one of an averaged round (a friend's pass of one segment, a careful verifier's audited
-    pass of the other), one of the open round (redone: its pass goes with the claim), one on kernels the referee does
-    not replay bit for bit (a ruling there may need a state from the provider, which a convicted one may never
-    reveal), one of a job settled a day ago, one of a job settled over half the blob retention ago (its checkpoints
-    go soon). Drawn: the friend's pass and the recent settled job's; each once (a re-run draws nothing); none where
-    the operator runs no audits. Its price is withheld in the running job, not in the settled ones."""
+    """The cheat's units: one of an averaged round (a friend's pass of one segment, a careful verifier's pass of the
+    other, audited already), one verified in the open round and one submitted (the one it was caught on, say), one
+    on kernels the referee does not replay bit for bit (a ruling there may need a state from the provider, which a
+    convicted one may never reveal), one of a job settled a day ago, one of a job settled over half the blob
+    retention ago (its checkpoints go soon). Drawn: the friend's passes but the last two, each once (a re-run draws
+    nothing). The open round's two units wait for their audits with their claims (their other checks void, the
+    verified one's price withdrawn), never credited, then go back to the pool. The cheat's price is withheld in the
+    running job, not in the settled one."""
     cheat, honest = (a.address for a in world.providers[:2])
-    job_id, spec = _job(world, "conviction-audits", rounds=2)
+    job_id, spec = _job(world, "conviction-audits", rounds=2, units=2)
     averaged = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None), (CAREFUL, now_s() - 20)])
     _credited(world, unit_id_for(job_id, 0, 1), honest, [(FRIEND, None)])
     _open_round_1(world, job_id, spec)
     redone = _credited(world, unit_id_for(job_id, 1, 0), cheat, [(FRIEND, None)])
+    caught = _submitted(world, unit_id_for(job_id, 1, 1), cheat, FRIEND)
     foreign_job, _ = _job(world, "foreign-kernels", units=1)
     foreign = _credited(world, unit_id_for(foreign_job, 0, 0), cheat, [(FRIEND, None)], build="other-kernels")
     recent_job, _ = _job(world, "settled-a-day-ago", units=1)
@@ -115,29 +123,56 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
             job = s.get(Job, jid)
             assert job is not None
             job.status, job.settled_at = "settled", now_s() - ago
-    world.rt.settings.audit_rate = 0.0
     with world.rt.sessions.begin() as s:
-        assert checking._convicted(world.rt, s, cheat)[1] == []  # no audits run: none drawn
-    world.rt.settings.audit_rate = 0.1
-    with world.rt.sessions.begin() as s:
-        _, audits = checking._convicted(world.rt, s, cheat)  # (a re-run: a second ruling on the same cheat)
-    assert sorted(audits) == sorted([(averaged[0], world.rt.referee_build()), (recent[0], world.rt.referee_build())])
+        _, audits = checking._convicted(world.rt, s, cheat)
+    build = world.rt.referee_build()
+    assert sorted(audits) == sorted((c, build) for c in (averaged[0], redone[0], caught[0], recent[0]))
     assert _statuses(world, averaged) == [("auditing", True), ("passed", True)]
-    assert _statuses(world, recent) == [("auditing", True)]
-    assert _statuses(world, redone + foreign + old) == [("passed", False)] * 3
+    assert _statuses(world, redone + caught + recent) == [("auditing", True), ("auditing", True), ("void", False),
+                                                          ("auditing", True)]
+    assert _statuses(world, foreign + old) == [("passed", False)] * 2
     # their verdicts are an hour old, their audits just drawn: the sweep leaves them to the referee (a lost one is
     # sent again AUDIT_LOST_S after it was drawn)
     assert service.sweep(world.rt)["audit_check"] == 0
     [drawn] = _kinds(world, "passes_audited")
-    assert (drawn["provider"], drawn["checks"]) == (cheat, 2)
+    assert (drawn["provider"], drawn["checks"]) == (cheat, 4)
+    held = [unit_id_for(job_id, 1, 0), unit_id_for(job_id, 1, 1)]
+    assert [(_unit(world, u).status, _unit(world, u).provider) for u in held] == [("submitted", cheat)] * 2
+    # (the foreign-kernels job's unit, of its open round, is redone at once: nothing of it is audited)
+    redos = {e["unit"]: e["forfeit"] for e in _kinds(world, "unit_redone")}
+    assert redos == {held[0]: str(tokens(1)), unit_id_for(foreign_job, 0, 0): str(tokens(1))}
+    assert _unit(world, unit_id_for(foreign_job, 0, 0)).status == "pending"
     with world.rt.sessions.begin() as s:
-        assert checking._convicted(world.rt, s, cheat)[1] == []
+        assert checking._convicted(world.rt, s, cheat)[1] == []  # a re-run (a second ruling on the same cheat)
     assert len(_kinds(world, "passes_audited")) == 1
     fee = tokens(1) // 2
     # the running job: the averaged unit stays, unpaid; the verifiers' fees stand (till an audit says otherwise; the
     # redone unit's too: the job's budget has room for them)
     assert _owed(world, job_id) == {honest: tokens(1), FRIEND: 3 * fee, CAREFUL: fee}
     assert _owed(world, recent_job) == {cheat: tokens(1), FRIEND: fee}
+    for check, unit_id in ((redone[0], held[0]), (caught[0], held[1])):  # the referee's audit holds
+        with world.rt.sessions.begin() as s:
+            c, u = s.get(Verification, check), s.get(Unit, unit_id)
+            assert c is not None and u is not None
+            c.status = "passed"
+            checking.maybe_verified(s, u)
+        assert (_unit(world, unit_id).status, _unit(world, unit_id).excluded) == ("pending", [cheat])
+    assert _owed(world, job_id) == {honest: tokens(1), FRIEND: 3 * fee, CAREFUL: fee}  # nothing credited
+
+
+def test_where_the_operator_runs_no_audits_a_conviction_draws_none(world: World) -> None:
+    """``settings.audit_rate`` 0: no pass is drawn, and the cheat's submitted unit goes back to the pool at once."""
+    world.rt.settings.audit_rate = 0.0
+    cheat, _ = (a.address for a in world.providers[:2])
+    job_id, spec = _job(world, "no-audits", rounds=2, units=2)
+    averaged = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None)])
+    _open_round_1(world, job_id, spec)
+    caught = _submitted(world, unit_id_for(job_id, 1, 0), cheat, FRIEND)
+    with world.rt.sessions.begin() as s:
+        assert checking._convicted(world.rt, s, cheat)[1] == []
+    assert _statuses(world, averaged + caught) == [("passed", False), ("passed", False), ("void", False)]
+    assert _unit(world, unit_id_for(job_id, 1, 0)).status == "pending"
+    assert not _kinds(world, "passes_audited")
 
 
 def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_its_bench(world: World) -> None:
@@ -146,7 +181,7 @@ def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_
     job still runs); its passes of an honest provider's unit of the averaged round stand. A failed audit of its pass
     in a job settled already leaves that fee: the settlement may be under way."""
     cheat, honest = (a.address for a in world.providers[:2])
-    job_id, spec = _job(world, "friend-audited", rounds=2)
+    job_id, spec = _job(world, "friend-audited", rounds=2, units=2)
     [friend_pass] = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None)])
     _credited(world, unit_id_for(job_id, 0, 1), honest, [(FRIEND, None)])
     _open_round_1(world, job_id, spec)

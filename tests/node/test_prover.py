@@ -113,9 +113,9 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
         assert fig["adversaries"][whole]["colluding_caught_rate"] > 0
         by = [fig["adversaries"][whole]["colluding_by_providers"][m] for m in ("2", "5", "10")]
         assert all(b["ring_share"] in (0.25, 0.5, 0.75, 1.0) and 0 < b["caught_rate"] <= 1 for b in by)
-        # the ring loses its stake at most as often as its friend is caught (by its audited pass, or by the
-        # conviction's audits of its standing passes)
-        assert 0 <= fig["adversaries"][whole]["colluding_ring_slashed_rate"] <= fig["adversaries"][whole][
+        # the ring its friend's only verifier, every segment faked: each of its passes is a fake, and the cheat is
+        # caught only by an audit of one of them, which slashes the ring too: whenever the cheat is caught, the ring is
+        assert fig["adversaries"][whole]["colluding_ring_slashed_rate"] == fig["adversaries"][whole][
             "colluding_caught_rate"]
         assert all(0 <= b["ring_slashed_rate"] <= 1 and b["ring_slashed_share"] in (0.25, 0.5, 0.75, 1.0) for b in by)
     # the cheat its plan's only provider (a plan of the ring's own naming), the ring its only verifier: its shares are
@@ -130,7 +130,7 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
     assert set(fig["colluding_min_caught_rate_by_providers"]) == {"2", "5", "10"}
     assert set(fig["colluding_min_ring_slashed_rate_by_providers"]) == {"2", "5", "10"}
-    assert 0 <= fig["colluding_min_ring_slashed_rate"] <= fig["colluding_min_caught_rate"]
+    assert 0 <= fig["colluding_min_ring_slashed_rate"] <= 1
     # an honest market of ten providers on the plan pays a little over the base rate for audits (chance shares over
     # the fair one), not double; a thin one more: AUDIT_PEERS x the base for a plan of one provider, falling with more
     assert all(0.1 <= r < 0.15 for r in fig["honest_audit_rate"].values())
