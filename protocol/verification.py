@@ -88,6 +88,13 @@ AUDIT_RATE = Fraction(1, 10)
 #: market's real verdicts on that plan over the same time (the last ``AUDIT_MARKET_WINDOW`` at most), each shrunk
 #: toward the fair share by ``AUDIT_PRIOR`` checks per verifier (:func:`audit_rate`).
 AUDIT_WINDOW = 256
+#: At a provider's conviction the referee audits the passes of its work that still stand, its latest this many
+#: (marketplace.checking._audit_passes): a verifier that passed one of its faked segments among them loses its fee
+#: and, replaying on the unit's own plan and kernels, its stake. Each is one segment's replay: at most this many
+#: segments of the cheat's work, about ``rate`` of the work those passes checked (a cheat caught within its stake
+#: horizon gave far fewer: ``bench proof``'s 21 units of 2,048 steps at the standard level, ~34 checks each, 714).
+#: ``bench proof``'s ``colluding_ring_slashed_rate``: of the rings that passed a fake, the share this costs its stake.
+CONVICTION_AUDITS = 2048
 AUDIT_MARKET_WINDOW = 8192
 AUDIT_PRIOR = 2
 #: The plan's checking is compared as if at least this many providers did it: where fewer did (over the same time),

@@ -25,7 +25,7 @@ What runs (all real training and real replays on this machine; the trials only r
    segment, the share in which that cost it its stake (replaying on its friend's own plan and kernels): an audit of
    its pass caught the cheat, or the conviction's audits
    of the passes standing in the cheat's units (``checking._audit_passes``) find one it passed on a faked segment
-   among the cheat's last ``AUDIT_WINDOW`` verdicts; a cheat not caught within the stake horizon leaves its ring
+   among the cheat's last ``CONVICTION_AUDITS`` verdicts; a cheat not caught within the stake horizon leaves its ring
    unscathed too. ``honest_audit_rate``: those odds averaged over the passes
    of an honest market (checks spread at random) of 10 providers on the plan (``honest_audit_rate_by_providers``:
    of 1, 2, 5, 10: a thin market is audited more); ``audit_cost_ratio``: the referee's audit replays over the
@@ -368,7 +368,7 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
             # verdicts over its share of the plan's in the same time, where it gave only its friend's). The ring
             # loses its stake (replaying on its friend's own plan and kernels) where an audit of its pass catches
             # the cheat, or where the cheat is caught otherwise after the ring passed one of its faked segments
-            # among its last AUDIT_WINDOW verdicts (in an earlier unit, or in the unit it is caught on before the
+            # among its last CONVICTION_AUDITS verdicts (in an earlier unit, or in the unit it is caught on before the
             # catch): the conviction's audit of each pass standing in its units finds it (checking._audit_passes).
             # Returns the caught rate, the unit catch rate and the ring's slashed rate: over the trials in which it
             # passed a faked segment, the share in which that cost it its stake.
@@ -399,11 +399,11 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
                     if hit:
                         units_caught += 1
                         caught_trials += 1
-                        ring_slashed += audited or (faked_at is not None and given - faked_at < vp.AUDIT_WINDOW)
+                        ring_slashed += audited or (faked_at is not None and given - faked_at < vp.CONVICTION_AUDITS)
                         break
                 ring_faked += audited or faked_at is not None
             return (caught_trials / a.trials, round(units_caught / units_checked, 4),
-                    ring_slashed / ring_faked if ring_faked else 1.0)
+                    round(ring_slashed / ring_faked, 4) if ring_faked else 1.0)
 
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
