@@ -270,3 +270,41 @@ def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches
     assert market.ops.total_supply() == supply
     page = httpx.get(f"{market.url}/web/jobs/{job_id}", timeout=10)
     assert page.status_code == 200 and "1 of their units averaged already, unpaid" in page.text
+
+
+def test_a_friends_pass_of_the_very_unit_a_cheat_is_caught_on_is_audited_before_the_unit_is_redone(
+        market, tmp_path: Path, monkeypatch) -> None:
+    """Every segment of the unit is checked (level "full"): the cheat's friend passes one (not drawn for an audit
+    then), a careful verifier disputes the other, and the referee convicts the cheat. The unit waits, its claim
+    kept, for the audit of the friend's pass, which fails: the friend loses its whole stake. Only then does the unit
+    go back to the pool; it is never credited to the cheat; an honest provider trains it and the job settles."""
+    market.rt.settings.audit_rate = 1.0
+    monkeypatch.setattr(checking, "audit_odds", lambda *a: 0.0)
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    careful = staked_verifier(market, tmp_path, "careful")
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2),
+                   verification="full")
+    job_id = submit_job(market, spec)
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+    assert friend.verify_once() == "ok"
+    [friend_pass] = _rows(market, unit_id=unit_id, verifier=friend.account.address)
+    assert friend_pass.status == "passed"
+    market.wait(lambda: careful.verify_once() is None and cheat.account.address in slashed(market), timeout=120,
+                what="the cheat slashed")
+    market.wait(lambda: _rows(market, id=friend_pass.id)[0].status == "audit_failed", timeout=120,
+                what="the friend's pass audited")
+    assert market.ops.stake_state(friend.account.address).staked == 0
+    with market.rt.sessions() as s:
+        kinds = [e.kind for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+        unit = s.get(Unit, unit_id)
+        assert unit is not None and (unit.status, unit.provider) == ("pending", None)
+    assert "unit_verified" not in kinds
+    [drawn] = _events(market, "passes_audited")
+    assert (drawn["provider"], drawn["checks"]) == (cheat.account.address, 1)
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    drive(market, [cheat, honest], careful, job_id)
+    with market.rt.sessions() as s:
+        paid = {e.provider for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))}
+    assert paid == {honest.account.address, careful.account.address}
