@@ -872,19 +872,18 @@ def _release(s: Session, unit: Unit, statuses: tuple[str, ...] = ("submitted",))
     cheat's claim). True if it went back."""
     provider = unit.provider
     assert provider is not None
-    if _audited(s, unit.id, provider):
-        if s.execute(update(Unit).where(Unit.id == unit.id, Unit.provider == provider, Unit.status.in_(statuses))
-                     .values(status="submitted").execution_options(synchronize_session="fetch")).rowcount == 1:
-            s.execute(update(Verification).where(Verification.unit_id == unit.id,
-                                                 Verification.status.in_([c for c in OPEN_CHECKS if c != "auditing"]))
-                      .values(status="void").execution_options(synchronize_session="fetch"))
-        return False
-    if not take_back(s, unit.id, provider, statuses, excluded=sorted(set(unit.excluded or []) | {provider})):
-        return False
-    for other in s.scalars(select(Verification).where(Verification.unit_id == unit.id,
-                                                       Verification.status.in_(OPEN_CHECKS))):
-        other.status = "void"  # canaries too (take_back voided the provider's own real checks)
-    return True
+    fetch = {"synchronize_session": "fetch"}
+    held = _audited(s, unit.id, provider)
+    if held:
+        moved = s.execute(update(Unit).where(Unit.id == unit.id, Unit.provider == provider, Unit.status.in_(statuses))
+                          .values(status="submitted"), execution_options=fetch).rowcount == 1
+    else:
+        moved = take_back(s, unit.id, provider, statuses, excluded=sorted(set(unit.excluded or []) | {provider}))
+    if moved:  # canaries too (take_back voided the provider's own real checks); never an audit under way
+        s.execute(update(Verification).where(Verification.unit_id == unit.id,
+                                             Verification.status.in_([c for c in OPEN_CHECKS if c != "auditing"]))
+                  .values(status="void"), execution_options=fetch)
+    return moved and not held
 
 
 def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str]]:
