@@ -888,7 +888,8 @@ def _release(s: Session, unit: Unit, statuses: tuple[str, ...] = ("submitted",))
 
 def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str]]:
     """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its units
-    (verified, or submitted: the one it was caught on among them), its latest ``CONVICTION_AUDITS`` not audited yet,
+    (verified, or submitted: the one it was caught on among them; or cancelled by a stop, their passes paid all the
+    same: ``cancellation._credit_done_checks``), its latest ``CONVICTION_AUDITS`` not audited yet,
     each drawn for the referee's audit (``auditing``), where the
     referee replays the work bit for bit (:func:`_referee_exact`: a ruling that needs no state from the provider,
     which a convicted one may never reveal). A verifier colluding with a proven cheat passed its faked segments;
@@ -904,7 +905,7 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
                      .where(Verification.provider == provider, Verification.status == "passed",
                             Verification.canary.is_(None), Verification.verifier.is_not(None),
                             Verification.verdict_at.is_not(None), Verification.audit_at.is_(None),
-                            Unit.provider == provider, Unit.status.in_(["verified", "submitted"]),
+                            Unit.provider == provider, Unit.status.in_(["verified", "submitted", "cancelled"]),
                             or_(Job.settled_at.is_(None), Job.settled_at > now - rt.settings.blob_retention_s // 2))
                      .order_by(Verification.verdict_at.desc(), Verification.id.desc())
                      .limit(verification.CONVICTION_AUDITS)).all()

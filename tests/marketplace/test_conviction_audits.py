@@ -100,7 +100,8 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     """The cheat's units: one of an averaged round (a friend's pass of one segment, a careful verifier's pass of the
     other, audited already), one verified in the open round and one submitted (the one it was caught on, say), one
     on kernels the referee does not replay bit for bit (a ruling there may need a state from the provider, which a
-    convicted one may never reveal), one of a job settled a day ago, one of a job settled over half the blob
+    convicted one may never reveal), one of a job settled a day ago, one cancelled by its customer's stop an hour ago
+    (its passes paid all the same), one of a job settled over half the blob
     retention ago (its checkpoints go soon). Drawn: the friend's passes but the last two, each once (a re-run draws
     nothing). The open round's two units wait for their audits with their claims (their other checks void, the
     verified one's price withdrawn), never credited, then go back to the pool. The cheat's price is withheld in the
@@ -118,7 +119,12 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     recent = _credited(world, unit_id_for(recent_job, 0, 0), cheat, [(FRIEND, None)])
     old_job, _ = _job(world, "settled-long-ago", units=1)
     old = _credited(world, unit_id_for(old_job, 0, 0), cheat, [(FRIEND, None)])
+    stopped_job, _ = _job(world, "stopped-an-hour-ago", units=1)
+    stopped = _credited(world, unit_id_for(stopped_job, 0, 0), cheat, [(FRIEND, None)])
     with world.rt.sessions.begin() as s:
+        job, unit = s.get(Job, stopped_job), s.get(Unit, unit_id_for(stopped_job, 0, 0))
+        assert job is not None and unit is not None
+        job.status, job.settled_at, unit.status = "cancelled", now_s() - 3600, "cancelled"
         for jid, ago in ((recent_job, 86400), (old_job, world.rt.settings.blob_retention_s // 2 + 60)):
             job = s.get(Job, jid)
             assert job is not None
@@ -126,16 +132,17 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     with world.rt.sessions.begin() as s:
         _, audits = checking._convicted(world.rt, s, cheat)
     build = world.rt.referee_build()
-    assert sorted(audits) == sorted((c, build) for c in (averaged[0], redone[0], caught[0], recent[0]))
+    assert sorted(audits) == sorted((c, build) for c in (averaged[0], redone[0], caught[0], recent[0], stopped[0]))
     assert _statuses(world, averaged) == [("auditing", True), ("passed", True)]
     assert _statuses(world, redone + caught + recent) == [("auditing", True), ("auditing", True), ("void", False),
                                                           ("auditing", True)]
+    assert _statuses(world, stopped) == [("auditing", True)]
     assert _statuses(world, foreign + old) == [("passed", False)] * 2
     # their verdicts are an hour old, their audits just drawn: the sweep leaves them to the referee (a lost one is
     # sent again AUDIT_LOST_S after it was drawn)
     assert service.sweep(world.rt)["audit_check"] == 0
     [drawn] = _kinds(world, "passes_audited")
-    assert (drawn["provider"], drawn["checks"]) == (cheat, 4)
+    assert (drawn["provider"], drawn["checks"]) == (cheat, 5)
     held = [unit_id_for(job_id, 1, 0), unit_id_for(job_id, 1, 1)]
     assert [(_unit(world, u).status, _unit(world, u).provider) for u in held] == [("submitted", cheat)] * 2
     # (the foreign-kernels job's unit, of its open round, is redone at once: nothing of it is audited)
@@ -158,6 +165,13 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
             checking.maybe_verified(s, u)
         assert (_unit(world, unit_id).status, _unit(world, unit_id).excluded) == ("pending", [cheat])
     assert _owed(world, job_id) == {honest: tokens(1), FRIEND: 3 * fee, CAREFUL: fee}  # nothing credited
+    with world.rt.sessions.begin() as s:  # the stopped job's: its unit stays as the stop left it, its pay as it was
+        c, u = s.get(Verification, stopped[0]), s.get(Unit, unit_id_for(stopped_job, 0, 0))
+        assert c is not None and u is not None
+        c.status = "passed"
+        checking.maybe_verified(s, u)
+    assert _unit(world, unit_id_for(stopped_job, 0, 0)).status == "cancelled"
+    assert _owed(world, stopped_job) == {cheat: tokens(1), FRIEND: fee}
 
 
 def test_where_the_operator_runs_no_audits_a_conviction_draws_none(world: World) -> None:
