@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 from eth_utils import keccak
@@ -784,15 +785,14 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             return task.status
         task.status = "fraud"
         task.slash_tx = "0x" + evidence.hex()
-        after, audits = _convicted(rt, s, provider)
+        # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
+        _, audits = _convicted(rt, s, provider, lambda after: log(
+            s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
+            provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
+            claimed=verdict.claimed, replayed=verdict.replayed, reason=verdict.reason, path=path))
         ver = s.get(Verifier, verifier)
         if ver is not None:
             ver.fraud_found += 1
-        # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
-        log(s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
-            provider=provider, verifier=verifier,
-            amount=str(before - after.staked - after.unbonding), claimed=verdict.claimed, replayed=verdict.replayed,
-            reason=verdict.reason, path=path)
     for vid, build in audits:
         run_audit(rt, vid, build)
     rt.enqueue("gridmint.match", [])
@@ -835,9 +835,12 @@ def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, jo
         step=ruling.pending, deadline=b["deadline"], then=len(b["more"]), **extra)
 
 
-def _convicted(rt: Runtime, s: Session, provider: str) -> tuple[Any, list[tuple[int, str]]]:
+def _convicted(rt: Runtime, s: Session, provider: str,
+               record: Callable[[Any], None] | None = None) -> tuple[Any, list[tuple[int, str]]]:
     """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
-    slashed, and the passes of its work that still stand are drawn for the referee's audit (:func:`_audit_passes`).
+    slashed (``record``, given its stake state on chain after the slash, logs the conviction: before the events that
+    follow from it), and the passes of its work that still stand are drawn for the referee's audit
+    (:func:`_audit_passes`).
     Every unit of it not yet verified goes back to the pool with it excluded (each conditionally, ``take_back``: a
     unit a reap handed to a standby meanwhile stays with the standby), their open checks void; so do its units
     verified in a round not averaged yet, and it is paid for none of a running job's units
@@ -850,6 +853,8 @@ def _convicted(rt: Runtime, s: Session, provider: str) -> tuple[Any, list[tuple[
     assert prov is not None
     after = rt.contracts.stake_state(provider)
     prov.status, prov.stake = "slashed", after.staked
+    if record is not None:
+        record(after)
     audits = _audit_passes(rt, s, provider)
     for u in list(s.scalars(select(Unit).where(Unit.provider == provider,
                                                Unit.status.in_(["assigned", "submitted"])))):
@@ -1097,11 +1102,11 @@ def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.R
         fee = None  # its job's settlement may be under way: the fee stands (the verifier's stake pays, if any)
     if fee is not None:
         s.delete(fee)
-    after, audits = _convicted(rt, s, provider)
-    log(s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
+    _, audits = _convicted(rt, s, provider, lambda after: log(
+        s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
         provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
         claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit",
-        check_fee_forfeit=str(fee.amount if fee is not None else 0))
+        check_fee_forfeit=str(fee.amount if fee is not None else 0)))
     ver = s.get(Verifier, verifier)
     if ver is None:
         return audits

@@ -267,6 +267,10 @@ def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches
     assert (drawn["provider"], drawn["checks"]) == (cheat.account.address, 1)
     [withheld] = _events(market, "pay_withheld")
     assert (withheld["unit"], withheld["forfeit"]) == (first, str(tokens("0.55")))
+    with market.rt.sessions() as s:  # the log tells the conviction first, then what follows from it
+        told = list(s.scalars(select(Event.kind).where(Event.kind.in_(["provider_slashed", "passes_audited",
+                                                                      "pay_withheld"])).order_by(Event.id)))
+    assert told == ["provider_slashed", "passes_audited", "pay_withheld"]
     with market.rt.sessions() as s:
         ver = s.get(Verifier, friend.account.address)
         assert ver is not None and ver.status == "benched"
