@@ -564,9 +564,11 @@ def _open_round(s: Session, unit: Unit) -> Job | None:
 
 
 def _fee_keys(s: Session, unit_id: str, provider: str) -> set[str]:
-    """The ledger keys of the fees owed for the checks of ``provider``'s claim of unit ``unit_id`` that passed."""
+    """The ledger keys of the fees owed for the checks of ``provider``'s claim of unit ``unit_id`` that passed (an
+    audit of the pass under way too: a verified unit's was credited with it)."""
     return {check_fee_key(c) for c in s.scalars(select(Verification.id).where(
-        Verification.unit_id == unit_id, Verification.provider == provider, Verification.status == "passed"))}
+        Verification.unit_id == unit_id, Verification.provider == provider,
+        Verification.status.in_(["passed", "auditing"])))}
 
 
 def _reopen(s: Session, unit: Unit, verifier: str) -> bool:
@@ -895,9 +897,11 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
     """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its units
     (verified, or submitted: the one it was caught on among them; or cancelled by a stop, their passes paid all the
     same: ``cancellation._credit_done_checks``), its latest ``CONVICTION_AUDITS`` not audited yet,
-    each drawn for the referee's audit (``auditing``), where the
-    referee replays the work bit for bit (:func:`_referee_exact`: a ruling that needs no state from the provider,
-    which a convicted one may never reveal). A verifier colluding with a proven cheat passed its faked segments;
+    each drawn for the referee's audit (``auditing``), on work the referee audits (:func:`_auditable`: bit for bit
+    where it replays it so, else within the tolerance, bisected with the provider's reveals where its replay is past
+    it: a convicted provider that lets the deadline pass loses that ruling, as any provider does, and the verifier's
+    pass is overruled; an honest segment's claim is within the tolerance of the referee's replay, and asks for
+    nothing). A verifier colluding with a proven cheat passed its faked segments;
     each such pass fails its audit, which costs that verifier its fee, a mark, and, where it replayed on the unit's
     own plan and kernels, its whole stake (:func:`audit_check`). Units of a job settled over half the blob
     retention ago are left (their checkpoints go after it). Only where the operator runs audits
@@ -916,7 +920,7 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
                      .limit(verification.CONVICTION_AUDITS)).all()
     out = []
     for check, plan, build in rows:
-        if _referee_exact(rt, Plan.parse(plan or PROVIDER_PLAN.label), build or ""):
+        if _auditable(rt, Plan.parse(plan or PROVIDER_PLAN.label), build or ""):
             check.status, check.audit_at = "auditing", now
             out.append((check.id, build or ""))
     if out:

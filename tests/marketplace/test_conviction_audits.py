@@ -99,13 +99,13 @@ def _submitted(w: World, unit_id: str, who: str, passed_by: str) -> list[int]:
 def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_stands(world: World) -> None:
     """The cheat's units: one of an averaged round (a friend's pass of one segment, a careful verifier's pass of the
     other, audited already), one verified in the open round and one submitted (the one it was caught on, say), one
-    on kernels the referee does not replay bit for bit (a ruling there may need a state from the provider, which a
-    convicted one may never reveal), one of a job settled a day ago, one cancelled by its customer's stop an hour ago
-    (its passes paid all the same), one of a job settled over half the blob
-    retention ago (its checkpoints go soon). Drawn: the friend's passes but the last two, each once (a re-run draws
-    nothing). The open round's two units wait for their audits with their claims (their other checks void, the
-    verified one's price withdrawn), never credited, then go back to the pool. The cheat's price is withheld in the
-    running job, not in the settled one."""
+    on CPU kernels the referee does not replay bit for bit (judged within the tolerance), one on a GPU no referee
+    runs on (nothing there can be audited), one of a job settled a day ago, one cancelled by its customer's stop an
+    hour ago (its passes paid all the same), one of a job settled over half the blob retention ago (its checkpoints
+    go soon). Drawn: the friend's passes but the GPU's and the last one's, each once (a re-run draws nothing). The
+    open rounds' three units wait for their audits with their claims (their other checks void, the verified ones'
+    prices withdrawn), never credited, then go back to the pool; the GPU's goes back at once. The cheat's price is
+    withheld in the running job, not in the settled one."""
     cheat, honest = (a.address for a in world.providers[:2])
     job_id, spec = _job(world, "conviction-audits", rounds=2, units=2)
     averaged = _credited(world, unit_id_for(job_id, 0, 0), cheat, [(FRIEND, None), (CAREFUL, now_s() - 20)])
@@ -115,6 +115,8 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     caught = _submitted(world, unit_id_for(job_id, 1, 1), cheat, FRIEND)
     foreign_job, _ = _job(world, "foreign-kernels", units=1)
     foreign = _credited(world, unit_id_for(foreign_job, 0, 0), cheat, [(FRIEND, None)], build="other-kernels")
+    gpu_job, _ = _job(world, "gpu-without-referee", units=1)
+    gpu = _credited(world, unit_id_for(gpu_job, 0, 0), cheat, [(FRIEND, None)], plan="cuda:h100", build="cu-kernels")
     recent_job, _ = _job(world, "settled-a-day-ago", units=1)
     recent = _credited(world, unit_id_for(recent_job, 0, 0), cheat, [(FRIEND, None)])
     old_job, _ = _job(world, "settled-long-ago", units=1)
@@ -132,23 +134,25 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     with world.rt.sessions.begin() as s:
         _, audits = checking._convicted(world.rt, s, cheat)
     build = world.rt.referee_build()
-    assert sorted(audits) == sorted((c, build) for c in (averaged[0], redone[0], caught[0], recent[0], stopped[0]))
+    assert sorted(audits) == sorted([(c, build) for c in (averaged[0], redone[0], caught[0], recent[0], stopped[0])]
+                                    + [(foreign[0], "other-kernels")])
     assert _statuses(world, averaged) == [("auditing", True), ("passed", True)]
     assert _statuses(world, redone + caught + recent) == [("auditing", True), ("auditing", True), ("void", False),
                                                           ("auditing", True)]
     assert _statuses(world, stopped) == [("auditing", True)]
-    assert _statuses(world, foreign + old) == [("passed", False)] * 2
+    assert _statuses(world, foreign) == [("auditing", True)]
+    assert _statuses(world, gpu + old) == [("passed", False)] * 2
     # their verdicts are an hour old, their audits just drawn: the sweep leaves them to the referee (a lost one is
     # sent again AUDIT_LOST_S after it was drawn)
     assert service.sweep(world.rt)["audit_check"] == 0
     [drawn] = _kinds(world, "passes_audited")
-    assert (drawn["provider"], drawn["checks"]) == (cheat, 5)
-    held = [unit_id_for(job_id, 1, 0), unit_id_for(job_id, 1, 1)]
-    assert [(_unit(world, u).status, _unit(world, u).provider) for u in held] == [("submitted", cheat)] * 2
-    # (the foreign-kernels job's unit, of its open round, is redone at once: nothing of it is audited)
+    assert (drawn["provider"], drawn["checks"]) == (cheat, 6)
+    held = [unit_id_for(job_id, 1, 0), unit_id_for(job_id, 1, 1), unit_id_for(foreign_job, 0, 0)]
+    assert [(_unit(world, u).status, _unit(world, u).provider) for u in held] == [("submitted", cheat)] * 3
+    # (the GPU job's unit, of its open round, is redone at once: no referee on that GPU, nothing of it is audited)
     redos = {e["unit"]: e["forfeit"] for e in _kinds(world, "unit_redone")}
-    assert redos == {held[0]: str(tokens(1)), unit_id_for(foreign_job, 0, 0): str(tokens(1))}
-    assert _unit(world, unit_id_for(foreign_job, 0, 0)).status == "pending"
+    assert redos == {u: str(tokens(1)) for u in (held[0], held[2], unit_id_for(gpu_job, 0, 0))}
+    assert _unit(world, unit_id_for(gpu_job, 0, 0)).status == "pending"
     with world.rt.sessions.begin() as s:
         assert checking._convicted(world.rt, s, cheat)[1] == []  # a re-run (a second ruling on the same cheat)
     assert len(_kinds(world, "passes_audited")) == 1
@@ -157,7 +161,11 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     # redone unit's too: the job's budget has room for them)
     assert _owed(world, job_id) == {honest: tokens(1), FRIEND: 3 * fee, CAREFUL: fee}
     assert _owed(world, recent_job) == {cheat: tokens(1), FRIEND: fee}
-    for check, unit_id in ((redone[0], held[0]), (caught[0], held[1])):  # the referee's audit holds
+    # a one-unit job has no room for the redo beside its checks' fees: the held unit's price and fee (its pass under
+    # audit) are withdrawn all the same (with the pass's fee left out, the redo was skipped: the cheat kept the unit)
+    assert _owed(world, foreign_job) == {}
+    assert [e["check_fees_forfeit"] for e in _kinds(world, "unit_redone") if e["unit"] == held[2]] == [str(fee)]
+    for check, unit_id in ((redone[0], held[0]), (caught[0], held[1]), (foreign[0], held[2])):  # the audits hold
         with world.rt.sessions.begin() as s:
             c, u = s.get(Verification, check), s.get(Unit, unit_id)
             assert c is not None and u is not None
