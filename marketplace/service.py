@@ -651,8 +651,8 @@ def reap(rt: Runtime) -> int:
     cheapest eligible standby seen lately right away, or goes back to the pool for the next matching round when no
     spare provider fits. Each take-back is conditional (``common.take_back``): a result, a stop or a conviction that
     landed since the units were read wins, and that unit is left alone. Verification tasks gone quiet go back to
-    the queue; a dispute whose provider let a reveal deadline pass is ruled on; one whose referee pool is away goes
-    to the default referee (:func:`pools_away`). Returns how many units were taken back."""
+    the queue; a dispute (or an audit) whose provider let a reveal deadline pass is ruled on; one whose referee pool
+    is away goes to the default referee (:func:`pools_away`). Returns how many units were taken back."""
     now = now_s()
     cutoff = now - rt.settings.unit_timeout_s
     n = 0
@@ -696,15 +696,20 @@ def reap(rt: Runtime) -> int:
                 retire_canary(s, v)
             else:
                 v.status, v.verifier = "pending", None
-        overdue = [(v.id, build, v.fallback_at is not None)
+        overdue = [(v.id, build, v.fallback_at is not None, v.status == "auditing")
                    for v, build in s.execute(select(Verification, Unit.build)
                                              .join(Unit, Unit.id == Verification.unit_id)
-                                             .where(Verification.status == "bisecting"))
+                                             .where(Verification.status.in_(["bisecting", "auditing"]),
+                                                    Verification.bisect.is_not(None)))
                    if referee.unanswered(v.bisect) and now_s() > int(v.bisect["deadline"])]
         away = pools_away(rt, s, now)
     moved = {vid for vid, _ in away}
-    for vid, build, fallen_back in overdue:  # a provider that lets a reveal deadline pass loses its dispute
-        if vid not in moved:
+    for vid, build, fallen_back, audit in overdue:  # a provider that lets a reveal deadline pass loses the ruling
+        if vid in moved:
+            continue
+        if audit:  # (the sweep would send it again only AUDIT_LOST_S after it was drawn)
+            run_audit(rt, vid, build, fallen_back)
+        else:
             run_referee(rt, vid, build, fallen_back)
     for vid, audit in away:  # a dispute (or an audit) whose referee pool is away: to the default referee
         if audit:

@@ -298,6 +298,62 @@ def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches
     assert page.status_code == 200 and "1 of their units averaged already, unpaid" in page.text
 
 
+def test_a_friends_pass_of_a_cheats_work_on_other_kernels_is_audited_within_the_tolerance_at_its_conviction(
+        market, tmp_path: Path, monkeypatch) -> None:
+    """The cheat skips steps on a micro-batch plan (the referee does not replay it bit for bit); its friend passes
+    its first unit (not drawn then), averaged into the model; a careful verifier disputes its second and the cheat,
+    silent when the referee asks it for states, is convicted. The conviction audits the friend's pass too: the
+    referee's replay is past the tolerance, the state asked of the convicted cheat never comes, and the pass is
+    overruled: the friend (on another plan than the unit's: a mark, not a provable lie) keeps its stake and its
+    place, loses the check's fee, and gets the mark."""
+    market.rt.settings.audit_rate = 1.0
+    market.rt.settings.reveal_timeout_s = 4
+    monkeypatch.setattr(checking, "audit_odds", lambda *a: 0.0)  # no pass is drawn when its verdict comes in
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps", plan="cpu/mb2")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    careful = staked_verifier(market, tmp_path, "careful")
+    spec = JobSpec(rounds=2, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    job_id = submit_job(market, spec)
+    [first] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+    assert friend.verify_once() == "ok"
+    [friend_pass] = _rows(market, unit_id=first)
+
+    def round_1() -> bool:
+        with market.rt.sessions() as s:
+            job = s.get(Job, job_id)
+            return job is not None and job.round == 1
+
+    market.wait(round_1, what="round 0 averaged")
+    _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+
+    def overdue(done) -> bool:  # type: ignore[no-untyped-def]  # the sweep hands overdue asks back to the referee
+        if done():
+            return True
+        service.reap(market.rt)
+        return False
+
+    market.wait(lambda: careful.verify_once() is None and overdue(lambda: cheat.account.address in slashed(market)),
+                timeout=180, what="the silent cheat slashed")
+    market.wait(lambda: overdue(lambda: _rows(market, id=friend_pass.id)[0].status == "audit_failed"), timeout=180,
+                what="the friend's pass audited")
+    [drawn] = _events(market, "passes_audited")
+    assert (drawn["provider"], drawn["checks"]) == (cheat.account.address, 1)
+    asked = [e for e in _events(market, "reveal_requested") if e.get("path") == "audit"]
+    assert asked and all(e["provider"] == cheat.account.address for e in asked) and not _events(market,
+                                                                                                 "state_revealed")
+    [confirmed] = [e for e in _events(market, "fraud_confirmed") if e["unit"] == first]
+    assert confirmed["path"] == "audit" and "did not reveal" in confirmed["reason"]
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, friend.account.address)
+        assert ver is not None and ver.status == "active" and ver.wrong == 1
+        keys = set(s.scalars(select(LedgerEntry.unit_id).where(LedgerEntry.job_id == job_id)))
+    assert check_fee_key(friend_pass.id) not in keys and int(confirmed["check_fee_forfeit"]) > 0
+    assert market.ops.stake_state(friend.account.address).staked == tokens(100)
+    assert not _events(market, "verifier_slashed")
+
+
 def test_a_friends_pass_of_the_very_unit_a_cheat_is_caught_on_is_audited_before_the_unit_is_redone(
         market, tmp_path: Path, monkeypatch) -> None:
     """Every segment of the unit is checked (level "full"): the cheat's friend passes one (not drawn for an audit
