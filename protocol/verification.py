@@ -74,14 +74,15 @@ UPDATE_OUTLIER_PICKS = 2
 CANARY_RATE = Fraction(1, 50)
 #: Share of the passes (on CPU work; on GPU work where a referee runs on that GPU) that the referee replays itself
 #: before the unit is paid (marketplace.checking.audit_check): what catches a verifier colluding with the provider,
-#: who tells canaries apart. It costs the operator about this share of the verifiers' replays (``bench proof``'s
-#: honest_audit_rate: 0.103-0.108 where 10 providers share the plan; more on thinner plans: ``AUDIT_PEERS``). A cheat whose checks go to
+#: who tells canaries apart. It costs the operator about this share of the verifiers' replays where ``AUDIT_PEERS``
+#: providers or more share the plan, more on thinner plans (``bench proof``'s honest_audit_rate, 10 providers on the
+#: plan: 0.120-0.125). A cheat whose checks go to
 #: its friend is caught where an audited pass lands on a segment it faked, before its pay exceeds a 20x stake
-#: (``bench proof``, 1% of the steps faked, the ring taking the share of its friend's checks that suits it best):
-#: 0.995 where it is its plan's only provider (colluding_caught_rate; 0.41 before ``AUDIT_PEERS``), 0.985 / 0.97 /
-#: 0.99 as one of 2 / 5 / 10 providers of equal work on its plan (colluding_by_providers: the audit odds rise with
-#: the ring's share, :func:`audit_rate`; 0.59 / 0.91 / 0.99 before); 1.0 for one faking whole units. Over 1,000
-#: trials (the bench's default is 200): 0.990, and 0.981 / 0.980 / 0.994.
+#: (``bench proof``, 1% of the steps faked, the ring taking the share of its friend's checks that suits it best;
+#: 1,000 trials): 0.997 where it is its plan's only provider (colluding_caught_rate; 0.41 before ``AUDIT_PEERS``),
+#: 0.996 / 0.995 / 0.997 as one of 2 / 5 / 10 providers of equal work on its plan (colluding_by_providers: the
+#: audit odds rise with the ring's share, :func:`audit_rate`; with ``AUDIT_PEERS`` 8: 0.981 / 0.980 / 0.994), as
+#: often as a cheat on its own (min_caught_rate 0.995); 1.0 for one faking whole units.
 AUDIT_RATE = Fraction(1, 10)
 #: The audit rate rises where one verifier does more of one provider's checking than of the checking of the
 #: provider's plan across the market (the shape of a ring: a friend polling the moment its provider's checks are
@@ -95,8 +96,9 @@ AUDIT_WINDOW = 256
 #: segments of the cheat's work, about ``rate`` of the work those passes checked (a cheat caught within its stake
 #: horizon gave far fewer: ``bench proof``'s 21 units of 2,048 steps at the standard level, ~34 checks each, 714).
 #: ``bench proof``'s ``colluding_ring_slashed_rate``: of the rings that passed a fake, the share this costs its stake:
-#: 0.993 where the cheat is its plan's only provider, 0.984 / 0.983 / 0.992 as one of 2 / 5 / 10 (1,000 trials; the
-#: rest are the trials in which the cheat itself escapes within its stake horizon). With 256: 0.88-0.98 (200 trials).
+#: 1.0 where the cheat is its plan's only provider, 0.998 / 0.996 / 0.996 as one of 2 / 5 / 10 (1,000 trials; the
+#: rest are the trials in which the cheat itself escapes within its stake horizon). With 256: 0.88-0.98 (200 trials,
+#: ``AUDIT_PEERS`` 8).
 CONVICTION_AUDITS = 2048
 AUDIT_MARKET_WINDOW = 8192
 AUDIT_PRIOR = 2
@@ -104,11 +106,16 @@ AUDIT_PRIOR = 2
 #: the missing ones count as checked by other verifiers, at the average volume of those there. Without it a ring
 #: would declare a plan of its own (any name: ``cpu/mb7``), its friend that plan's only provider and itself its only
 #: verifier, and have the very same shares both ways (the base rate: caught 0.41 before a 20x stake is paid out, for a
-#: 1% cheat; 0.995 with it). With it, a pass on a plan of one provider is audited at 0.8 (2: 0.4 for an honest
-#: verifier, up to 0.8 for a ring), falling to ``AUDIT_RATE`` from this many on: the price of a thin market, paid by
-#: the operator's referee (``bench proof``'s honest_audit_rate_by_providers). A ring could still staff a plan of its
-#: own with this many providers' work of its own (each staked, each winning real work) to get back to the base.
-AUDIT_PEERS = 8
+#: 1% cheat; 0.997 with it). With it, every pass on a plan of one provider is audited once it has a few verdicts
+#: (2 providers: 0.6 for an honest verifier, every pass for a ring; 5: 0.24; 10: 0.12), falling to ``AUDIT_RATE`` from
+#: this many on: the price of a thin market, paid by the operator's referee (``bench proof``'s
+#: honest_audit_rate_by_providers; audit_cost_ratio_by_providers: at most the verifiers' own compute, ~0.019 of the
+#: provider's, on a plan of one). Why 12, not 8: with 8 a ring's passes on a plan of 2-5 providers were audited at
+#: about 0.74 at steady state, and such a ring's cheat caught 0.98 of the time (1,000 trials); with 12 at 1.0 for any
+#: plan of up to 12 providers (0.996 / 0.995 for 2 / 5), at 1.2x the base for an honest market of 10. A ring could
+#: still staff a plan of its own with this many providers' work of its own (each staked, each winning real work) to
+#: get back to the base.
+AUDIT_PEERS = 12
 
 
 def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int, plan_window: int,
@@ -124,12 +131,12 @@ def audit_rate(base: float, by_verifier: int, window: int, plan_by_verifier: int
     An honest verifier takes the checks as they come, whoever's: its two shares agree (a fast one has both large),
     and the rate is about ``base`` on a plan of ``AUDIT_PEERS`` providers or more. A ring that takes its friend's
     checks and does little else has a share of its friend's checking ``m`` times its share of the plan's, for a
-    friend doing ``1 / m`` of the plan's work: in a market of ten such providers, 0.93 of its passes are audited
-    once its friend's last 256 verdicts are its own, whichever number of wallets it splits them over (each has both
-    shares cut alike); to bring the ratio down it must check the other providers' work, honestly (a lazy pass there
-    meets the canaries). Nor does a plan of the ring's own, where its friend is the only provider: the plan's
-    checking then counts ``AUDIT_PEERS`` times its friend's, and 0.8 of its passes are audited (so are an honest
-    lone provider's: a thin market is audited more)."""
+    friend doing ``1 / m`` of the plan's work (the plan counted as ``AUDIT_PEERS`` providers' at least): in a market
+    of ten such providers, every pass of it is audited once its friend's last 256 verdicts are its own, whichever
+    number of wallets it splits them over (each has both shares cut alike); to bring the ratio down it must check
+    the other providers' work, honestly (a lazy pass there meets the canaries). Nor does a plan of the ring's own,
+    where its friend is the only provider: the plan's checking then counts ``AUDIT_PEERS`` times its friend's, and
+    every pass is audited once it has a few (so are an honest lone provider's: a thin market is audited more)."""
     for name, v in (("by_verifier", by_verifier), ("window", window), ("plan_by_verifier", plan_by_verifier),
                     ("plan_window", plan_window), ("verifiers", verifiers), ("peers", peers)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -408,7 +408,7 @@ def run_adversaries(a: argparse.Namespace, log: Callable[[str], None]) -> dict[s
         caught, unit_catch = trials(rate, horizon, "")
         trusted_caught, _ = trials(trusted_rate, trusted_units + 1, "trusted/")
         # the cheat alone on its plan (one of the ring's own naming), the ring its only verifier: its shares are the
-        # same, and the plan counts as AUDIT_PEERS providers' work (0.8 of the ring's passes audited)
+        # same, and the plan counts as AUDIT_PEERS providers' work (every pass of the ring audited once it has a few)
         collude_caught, collude_unit, collude_ring = colluding(1, 1.0)
         # the cheat one of several providers on its plan, the ring at the share of its checks that suits it best
         # (taking them all raises its audit odds; taking fewer leaves more to honest verifiers); and the ring's

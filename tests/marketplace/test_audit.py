@@ -90,9 +90,9 @@ def test_a_pass_waits_for_its_audit_before_the_unit_is_paid_and_a_lost_audit_is_
     assert verifier.verify_once() == "ok"
     [check] = _rows(market, unit_id=unit_id)
     # what it read: the provider's first verdict, from the only verifier, on a plan of one provider (counted as
-    # AUDIT_PEERS providers' work: a thin market's odds, 1/3 of the way to AUDIT_PEERS x the base on the first)
+    # AUDIT_PEERS providers' work: a thin market's odds, 0.39 of the way to AUDIT_PEERS x the base on the first)
     assert check.status == "auditing" and lost == [[check.id]] and asked == [vp.audit_rate(0.001, 1, 1, 1, 1, 1, 1)]
-    assert 0.003 < asked[0] < 0.004
+    assert 0.004 < asked[0] < 0.005
     with market.rt.sessions() as s:
         assert s.get(Unit, unit_id).status == "submitted"  # not paid yet
     listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
@@ -298,8 +298,8 @@ def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audit
         verdicts(theirs, other, ring, 20, now - 40)
         verdicts(theirs, other, fair, 20, now - 20)
         assert checking.audit_odds(rt, s, rows[-1], "cpu") == vp.audit_rate(0.1, 20, 80, 70, 155, 2, 2) < odds / 2
-        # eight providers on the plan: no missing peers counted; that verifier did less of the provider's checking
-        # than of the plan's: the base rate
-        for i in range(6):
+        # twelve providers on the plan (AUDIT_PEERS): no missing peers counted; that verifier did less of the
+        # provider's checking than of the plan's: the base rate
+        for i in range(10):
             verdicts(theirs, "0x" + f"{0x10 + i:02x}" * 20, fair, 2, now - 10)
         assert checking.audit_odds(rt, s, rows[-1], "cpu") == 0.1

@@ -244,22 +244,23 @@ def test_the_audit_rate_rises_with_a_verifiers_share_of_one_providers_checking_o
     providers or more, or it checks less of the provider than of the plan; for a ring doing all its friend's checks
     and nothing else, a rate that grows with the evidence and with the number of providers on the plan, toward 1
     (not over); split over wallets, the same. A plan of fewer providers counts as ``AUDIT_PEERS`` providers' work: a
-    ring on a plan of its own naming, where its friend is the only provider, is audited at 0.8 (so is an honest lone
-    provider: a thin market is audited more). 0 stays 0 (audits off)."""
+    ring on a plan of its own naming, where its friend is the only provider, has every pass audited once its checks
+    are a few (so has an honest lone provider: a thin market is audited more). 0 stays 0 (audits off)."""
     base = float(vp.AUDIT_RATE)
-    assert vp.AUDIT_PEERS == 8
-    assert vp.audit_rate(base, 26, 256, 256, 2560, 10, 10) == pytest.approx(base, abs=0.002)  # its share both ways
-    assert vp.audit_rate(base, 200, 256, 2000, 2560, 10, 10) == pytest.approx(base, abs=0.002)  # a fast verifier
-    assert vp.audit_rate(base, 256, 256, 2560, 2560, 1, 10) == base  # the only verifier
-    assert vp.audit_rate(base, 0, 256, 300, 2560, 10, 10) == base
-    assert vp.audit_rate(base, 32, 256, 256, 2048, 8, 8) == base  # AUDIT_PEERS providers: no more peers counted
+    assert vp.AUDIT_PEERS == 12
+    assert vp.audit_rate(base, 21, 256, 256, 3072, 12, 12) == pytest.approx(base, abs=0.002)  # its share both ways
+    assert vp.audit_rate(base, 200, 256, 2400, 3072, 12, 12) == pytest.approx(base, abs=0.002)  # a fast verifier
+    assert vp.audit_rate(base, 256, 256, 3072, 3072, 1, 12) == base  # the only verifier
+    assert vp.audit_rate(base, 0, 256, 300, 3072, 12, 12) == base
+    assert vp.audit_rate(base, 32, 256, 384, 3072, 8, 12) == base  # AUDIT_PEERS providers: no more peers counted
     # fewer providers on the plan: the missing ones' checking counted, done by others
-    assert vp.audit_rate(base, 90, 256, 90, 256, 4, 1) == pytest.approx(8 * base, abs=0.03)  # an honest lone one
-    assert vp.audit_rate(base, 45, 256, 90, 512, 4, 2) == pytest.approx(4 * base, abs=0.01)  # one of two
+    assert vp.audit_rate(base, 90, 256, 90, 256, 4, 1) == 1.0  # an honest lone one: 12 x the base, capped
+    assert vp.audit_rate(base, 45, 256, 90, 512, 4, 2) == pytest.approx(6 * base, abs=0.01)  # one of two
+    assert vp.audit_rate(base, 26, 256, 256, 2560, 10, 10) == pytest.approx(1.2 * base, abs=0.003)  # one of ten
     alone = [vp.audit_rate(base, n, n, n, n, 1, 1) for n in (1, 8, 32, 64, 256)]  # a ring on a plan of its own
-    assert alone == sorted(alone) and alone[0] < 0.35 and alone[1] > 0.6 and 0.78 < alone[-1] < 0.8
+    assert alone == sorted(alone) and alone[0] < 0.5 and alone[1] > 0.95 and alone[2] == 1.0
     ring = [vp.audit_rate(base, n, n, n, 10 * n, 11, 10) for n in (1, 8, 32, 64, 256)]  # 1 of 10 providers' work
-    assert ring == sorted(ring) and ring[0] < 0.15 and 0.6 < ring[2] < 0.7 and 0.9 < ring[-1] < 1
+    assert ring == sorted(ring) and ring[0] < 0.15 and 0.7 < ring[2] < 0.8 and 0.9 < ring[3] < 1 and ring[-1] == 1.0
     assert vp.audit_rate(base, 64, 64, 64, 640, 11, 10) < vp.audit_rate(base, 64, 64, 64, 1280, 11, 20)  # 10 vs 20
     # the same ring over four wallets: each has a quarter of both shares, and nearly the same odds
     assert vp.audit_rate(base, 64, 256, 64, 2560, 14, 10) == pytest.approx(ring[-1], rel=0.15)
