@@ -7,8 +7,8 @@ moves (slashes, bond releases) are idempotent on chain and checked before they a
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from eth_utils import keccak
