@@ -897,11 +897,12 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
     """Inside :func:`_convicted`'s transaction: the passes of ``provider``'s work that still stand in its units
     (verified, or submitted: the one it was caught on among them; or cancelled by a stop, their passes paid all the
     same: ``cancellation._credit_done_checks``), its latest ``CONVICTION_AUDITS`` not audited yet,
-    each drawn for the referee's audit (``auditing``), on work the referee audits (:func:`_auditable`: bit for bit
-    where it replays it so, else within the tolerance, bisected with the provider's reveals where its replay is past
-    it: a convicted provider that lets the deadline pass loses that ruling, as any provider does, and the verifier's
-    pass is overruled; an honest segment's claim is within the tolerance of the referee's replay, and asks for
-    nothing). A verifier colluding with a proven cheat passed its faked segments;
+    each drawn for the referee's audit (``auditing``), where the referee replays the work bit for bit
+    (:func:`_referee_exact`: a ruling that needs no state from the provider, which a convicted one may never
+    reveal). Not other work, though audits of it run: off its own bits the referee's replay of an honest segment can
+    be past the tolerance (``bench proof``'s cross_build: 1 of 40 honest segments on other CPU kernels, at 1.04x),
+    and only the provider's reveals clear it; a convicted one, silent, would lose that ruling and the honest
+    verifier's pass with it. A verifier colluding with a proven cheat passed its faked segments;
     each such pass fails its audit, which costs that verifier its fee, a mark, and, where it replayed on the unit's
     own plan and kernels, its whole stake (:func:`audit_check`). Units of a job settled over half the blob
     retention ago are left (their checkpoints go after it). Only where the operator runs audits
@@ -920,7 +921,7 @@ def _audit_passes(rt: Runtime, s: Session, provider: str) -> list[tuple[int, str
                      .limit(verification.CONVICTION_AUDITS)).all()
     out = []
     for check, plan, build in rows:
-        if _auditable(rt, Plan.parse(plan or PROVIDER_PLAN.label), build or ""):
+        if _referee_exact(rt, Plan.parse(plan or PROVIDER_PLAN.label), build or ""):
             check.status, check.audit_at = "auditing", now
             out.append((check.id, build or ""))
     if out:

@@ -248,6 +248,42 @@ def test_a_friends_pass_of_a_cheat_hiding_in_the_drift_is_bisected_by_the_audit_
         assert s.get(Unit, unit_id).provider == honest.account.address
 
 
+def test_an_audit_whose_provider_stays_silent_is_ruled_on_once_the_reveal_deadline_passes(market,
+                                                                                           tmp_path: Path) -> None:
+    """A cheat skipping steps on a micro-batch plan (the referee does not replay it bit for bit); its friend passes
+    the check. The audit's replay is past the tolerance and asks the cheat for a state, which never comes: once the
+    deadline passes, the periodic reap hands the audit back to the referee (as it does a dispute; it waited for the
+    sweep's re-send, ``AUDIT_LOST_S`` after the draw), which rules: the silent cheat loses its whole stake, the
+    friend, on another plan than the unit's, gets a mark and keeps its stake."""
+    market.rt.settings.audit_rate = 1.0
+    market.rt.settings.reveal_timeout_s = 4
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps", plan="cpu/mb2")
+    friend = staked_verifier(market, tmp_path, "friend", approve_everything=True)
+    job_id = submit_job(market, ONE_UNIT)
+    [unit_id] = _handed_in(market, job_id, [cheat], 1)
+    assert friend.verify_once() == "ok"
+    [check] = _rows(market, unit_id=unit_id)
+    market.wait(lambda: bool(_events(market, "reveal_requested")), timeout=120, what="a state asked of the cheat")
+    asked = time.monotonic()
+
+    def ruled() -> bool:
+        if _rows(market, id=check.id)[0].status != "auditing":
+            return True
+        service.reap(market.rt)
+        return False
+
+    market.wait(ruled, timeout=120, what="the audit ruled on at the deadline")
+    assert time.monotonic() - asked < checking.AUDIT_LOST_S / 2
+    assert _rows(market, id=check.id)[0].status == "audit_failed" and not _events(market, "state_revealed")
+    [slash] = _events(market, "provider_slashed")
+    assert slash["path"] == "audit" and "did not reveal its state" in slash["reason"]
+    assert slashed(market) == {cheat.account.address} and market.ops.stake_of(cheat.account.address) == 0
+    with market.rt.sessions() as s:
+        ver = s.get(Verifier, friend.account.address)
+        assert ver is not None and ver.status == "active" and ver.wrong == 1
+    assert market.ops.stake_state(friend.account.address).staked == tokens(100)
+
+
 def test_a_verifier_checking_much_more_of_one_provider_than_of_its_plan_is_audited_more(tmp_path: Path,
                                                                                          db_url: str) -> None:
     """audit_odds reads who gave the provider's last AUDIT_WINDOW real verdicts, and who gave the market's real
