@@ -21,7 +21,7 @@ signer's), and a batch runs its requests in key order (stable: one signer's requ
 batch takes those locks in one global order. The retry covers what the order cannot: another transaction's locks.
 It waits before running again: the deadlock's survivor was queued for the very rows the victim's rollback frees, and
 a rerun at once could take them back first (its backend is running, the survivor's has yet to be woken: seen on a
-loaded 2-core machine, 2 runs in 65) and cross it again, the second deadlock costing another second
+loaded 2-core machine, 3 runs in 65) and cross it again, the second deadlock costing another second
 (``deadlock_timeout``) and a retry of ``MAX_RETRIES``.
 """
 from __future__ import annotations
