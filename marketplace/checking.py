@@ -788,7 +788,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         task.status = "fraud"
         task.slash_tx = "0x" + evidence.hex()
         # slashed to nothing over another segment already: the fraud is on record, nothing moved this time
-        _, audits = _convicted(rt, s, provider, lambda after: log(
+        audits = _convicted(rt, s, provider, lambda after: log(
             s, "provider_slashed" if before or disputed else "fraud_confirmed", job.id, unit=unit.id, segment=seg,
             provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
             claimed=verdict.claimed, replayed=verdict.replayed, reason=verdict.reason, path=path))
@@ -838,7 +838,7 @@ def _ask(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, jo
 
 
 def _convicted(rt: Runtime, s: Session, provider: str,
-               record: Callable[[Any], None] | None = None) -> tuple[Any, list[tuple[int, str]]]:
+               record: Callable[[Any], None] | None = None) -> list[tuple[int, str]]:
     """Inside the caller's transaction, once ``provider``'s stake was slashed for a claim proven false: it is marked
     slashed (``record``, given its stake state on chain after the slash, logs the conviction: before the events that
     follow from it), and the passes of its work that still stand are drawn for the referee's audit
@@ -848,8 +848,8 @@ def _convicted(rt: Runtime, s: Session, provider: str,
     verified in a round not averaged yet, and it is paid for none of a running job's units
     (:func:`_forfeit_unsettled`). A unit a pass of which the referee audits waits for its audits as ``submitted``
     (its claim kept for them; never credited: :func:`maybe_verified`), then goes back (:func:`_release`). Returns
-    its stake state on chain after the slash, and the audits to send once the transaction is committed. The rows of
-    the jobs it holds units of are taken first (:func:`_lock_jobs`)."""
+    the audits to send once the transaction is committed. The rows of the jobs it holds units of are taken first
+    (:func:`_lock_jobs`)."""
     _lock_jobs(s, _provider_jobs(provider))
     prov = s.get(Provider, provider)
     assert prov is not None
@@ -862,7 +862,7 @@ def _convicted(rt: Runtime, s: Session, provider: str,
                                                Unit.status.in_(["assigned", "submitted"])))):
         _release(s, u, ("assigned", "submitted"))
     _forfeit_unsettled(s, provider)
-    return after, audits
+    return audits
 
 
 def _audited(s: Session, unit_id: str, provider: str) -> bool:
@@ -1107,7 +1107,7 @@ def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.R
         fee = None  # its job's settlement may be under way: the fee stands (the verifier's stake pays, if any)
     if fee is not None:
         s.delete(fee)
-    _, audits = _convicted(rt, s, provider, lambda after: log(
+    audits = _convicted(rt, s, provider, lambda after: log(
         s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
         provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
         claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit",

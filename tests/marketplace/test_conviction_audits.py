@@ -135,7 +135,7 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
             assert job is not None
             job.status, job.settled_at = "settled", now_s() - ago
     with world.rt.sessions.begin() as s:
-        _, audits = checking._convicted(world.rt, s, cheat)
+        audits = checking._convicted(world.rt, s, cheat)
     build = world.rt.referee_build()
     assert sorted(audits) == sorted((c, build) for c in (averaged[0], redone[0], caught[0], single[0], recent[0],
                                                          stopped[0]))
@@ -159,7 +159,7 @@ def test_a_conviction_draws_an_audit_of_each_pass_of_the_cheats_work_that_still_
     assert redos == {u: str(tokens(1)) for u in (held[0], held[2], *away)}
     assert [_unit(world, u).status for u in away] == ["pending"] * 2
     with world.rt.sessions.begin() as s:
-        assert checking._convicted(world.rt, s, cheat)[1] == []  # a re-run (a second ruling on the same cheat)
+        assert checking._convicted(world.rt, s, cheat) == []  # a re-run (a second ruling on the same cheat)
     assert len(_kinds(world, "passes_audited")) == 1
     fee = tokens(1) // 2
     # the running job: the averaged unit stays, unpaid; the verifiers' fees stand (till an audit says otherwise; the
@@ -196,7 +196,7 @@ def test_where_the_operator_runs_no_audits_a_conviction_draws_none(world: World)
     _open_round_1(world, job_id, spec)
     caught = _submitted(world, unit_id_for(job_id, 1, 0), cheat, FRIEND)
     with world.rt.sessions.begin() as s:
-        assert checking._convicted(world.rt, s, cheat)[1] == []
+        assert checking._convicted(world.rt, s, cheat) == []
     assert _statuses(world, averaged + caught) == [("passed", False), ("passed", False), ("void", False)]
     assert _unit(world, unit_id_for(job_id, 1, 0)).status == "pending"
     assert not _kinds(world, "passes_audited")
@@ -218,7 +218,7 @@ def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_
         s.add(Verifier(address=FRIEND, plan="cpu", build=world.rt.referee_build()))
         s.get(Job, done_job).status = "done"  # type: ignore[union-attr]
     with world.rt.sessions.begin() as s:
-        _, audits = checking._convicted(world.rt, s, cheat)
+        audits = checking._convicted(world.rt, s, cheat)
     assert [a for a, _ in audits] == [done_pass, friend_pass] or [a for a, _ in audits] == [friend_pass, done_pass]
     fee = tokens(1) // 2
     for check, job in ((friend_pass, job_id), (done_pass, done_job)):
