@@ -238,27 +238,6 @@ def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_
     assert len(_kinds(world, "verifier_slashed")) == 1  # benched once: the second failure slashes nothing more
 
 
-def _friend_passes_the_first_unit(market, spec: JobSpec, cheat, friend):  # type: ignore[no-untyped-def]
-    """A job of ``spec`` (two rounds of one unit): ``cheat`` trains the first unit, ``friend`` passes its check (the
-    only one), the round is averaged, and ``cheat`` trains the second (its checks stocked). The job, the two units
-    and the friend's pass."""
-    job_id = submit_job(market, spec)
-    [first] = _handed_in(market, job_id, [cheat], 1)
-    _stocked(market)
-    assert friend.verify_once() == "ok"
-    [friend_pass] = _rows(market, unit_id=first)
-
-    def round_1() -> bool:
-        with market.rt.sessions() as s:
-            job = s.get(Job, job_id)
-            return job is not None and job.round == 1
-
-    market.wait(round_1, what="round 0 averaged")
-    [second] = _handed_in(market, job_id, [cheat], 1)
-    _stocked(market)
-    return job_id, first, second, friend_pass
-
-
 @pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches_it(market, tmp_path: Path,
                                                                                     monkeypatch) -> None:
@@ -276,7 +255,20 @@ def test_a_friends_passes_of_a_cheat_are_audited_once_an_honest_verifier_catches
     treasury, supply = market.deployment.treasury, market.ops.total_supply()
     treasury_before = market.ops.balance_of(treasury)
     spec = JobSpec(rounds=2, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
-    job_id, first, second, friend_pass = _friend_passes_the_first_unit(market, spec, cheat, friend)
+    job_id = submit_job(market, spec)
+    [first] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
+    assert friend.verify_once() == "ok"
+    [friend_pass] = _rows(market, unit_id=first)
+
+    def round_1() -> bool:
+        with market.rt.sessions() as s:
+            job = s.get(Job, job_id)
+            return job is not None and job.round == 1
+
+    market.wait(round_1, what="round 0 averaged")
+    [second] = _handed_in(market, job_id, [cheat], 1)
+    _stocked(market)
     market.wait(lambda: careful.verify_once() is None and cheat.account.address in slashed(market), timeout=120,
                 what="the cheat slashed")
     market.wait(lambda: _rows(market, id=friend_pass.id)[0].status == "audit_failed", timeout=120,
