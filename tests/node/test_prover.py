@@ -130,7 +130,12 @@ def test_proof_bench_runs_at_toy_sizes(capsys: pytest.CaptureFixture[str]) -> No
     assert fig["audit_rate"] == 0.1 and fig["colluding_min_caught_rate"] <= fig["min_caught_rate"]
     assert set(fig["colluding_min_caught_rate_by_providers"]) == {"2", "5", "10"}
     assert set(fig["colluding_min_ring_slashed_rate_by_providers"]) == {"2", "5", "10"}
-    assert 0 <= fig["colluding_min_ring_slashed_rate"] <= 1
+    # the minima are over every adversary (a whole-unit cheat's ring is slashed whenever the cheat is caught, above)
+    advs = fig["adversaries"].values()
+    assert fig["colluding_min_ring_slashed_rate"] == min(r["colluding_ring_slashed_rate"] for r in advs) <= min(
+        fig["adversaries"][w]["colluding_caught_rate"] for w in whole_unit)
+    assert fig["colluding_min_ring_slashed_rate_by_providers"] == {
+        m: min(r["colluding_by_providers"][m]["ring_slashed_rate"] for r in advs) for m in ("2", "5", "10")}
     # an honest market of ten providers on the plan pays a little over the base rate for audits (chance shares over
     # the fair one), not double; a thin one more: AUDIT_PEERS x the base for a plan of one provider (capped at every
     # pass), falling with more (10 providers count as AUDIT_PEERS: 1.2 x the base)
