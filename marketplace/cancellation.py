@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from ledger.escrow_ops import JobState
 from marketplace.common import OPEN_CHECKS, check_fee_entry, log
-from marketplace.db import Job, Unit, Verification, Verifier
+from marketplace.db import Job, LedgerEntry, Unit, Verification, Verifier, check_fee_key
 from marketplace.runtime import Runtime
 from protocol.errors import ChainError
 
@@ -94,16 +94,22 @@ def _credit_done_checks(s: Session, job_id: str, units: list[str]) -> dict[str, 
     """The fee of every real check that already passed on a submitted unit the stop cancelled (the verifier did the
     replay the customer's level asked for; only the unit's other checks were left), credited as a verified unit's
     are (``checking.maybe_verified``: once, keyed by the check) and paid with the cancel's settlement. Not to a
-    verifier benched meanwhile: a canary caught it approving without replaying, and its passes are worth nothing."""
+    verifier benched meanwhile: a canary caught it approving without replaying, and its passes are worth nothing.
+    Nor again: a convicted provider's unit, held ``submitted`` for the referee's audits of its passes, had them
+    credited when it was verified, and kept those fees where its job had room for its redo
+    (``checking._forfeit_unsettled``); those it lost for want of room are credited here (the stop frees the room)."""
     if not units:
         return {}
     out: dict[str, str] = {}
+    owed = set(s.scalars(select(LedgerEntry.unit_id).where(LedgerEntry.job_id == job_id)))
     rows = s.execute(select(Verification, Unit).join(Unit, Unit.id == Verification.unit_id)
                      .join(Verifier, Verifier.address == Verification.verifier)
                      .where(Verification.unit_id.in_(units), Verification.canary.is_(None),
                             Verification.status == "passed", Verification.provider == Unit.provider,
                             Verifier.status == "active")).all()
     for check, unit in rows:
+        if check_fee_key(check.id) in owed:
+            continue
         entry = check_fee_entry(unit, check)
         s.add(entry)
         out[str(check.id)] = str(entry.amount)

@@ -457,10 +457,10 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     buyer chose no replay) is verified once its result passed the structural checks."""
     if unit.status != "submitted":
         return
-    prov = s.get(Provider, unit.provider) if unit.provider is not None else None
-    if prov is not None and prov.status == "slashed":  # a convicted provider's, kept for the audits of its passes
+    if _held(s, unit):  # a convicted provider's, kept for the audits of its passes
         _release(s, unit)
         return
+    prov = s.get(Provider, unit.provider) if unit.provider is not None else None
     checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id,
                                                        Verification.provider == unit.provider,
                                                        Verification.canary.is_(None))))
@@ -502,12 +502,14 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
     done again by another verifier; so is one on a unit credited in a running job's round not averaged yet, the
     unit's credit withdrawn till then (:func:`_reopen`). A unit of a round averaged already stays credited on its
     word (it is in the model; the canary rate bounds how many). A canary's approver also has its stake slashed
-    (``punish_verifier``); a false accuser loses its bond."""
+    (``punish_verifier``); a false accuser loses its bond. A pass of a convicted provider's unit held for the
+    referee's audits (:func:`_release`) is not done again (nothing more is handed out on a cheat's claim): its fee,
+    kept at the conviction (:func:`_forfeit_unsettled`), is withdrawn while the job runs."""
     if ver.status == "benched":
         return
     _lock_jobs(s, _verifier_jobs(ver.address))
     ver.status, ver.benched_for = "benched", why[:300]
-    redo = 0
+    redo, withdrawn = 0, 0
     for v in list(s.scalars(select(Verification).where(Verification.verifier == ver.address,
                                                        Verification.id != cause.id,
                                                        Verification.status.in_(["assigned", "passed"])))):
@@ -517,12 +519,33 @@ def _bench(s: Session, ver: Verifier, cause: Verification, why: str) -> None:
                 retire_canary(s, v)
             continue
         unit = s.get(Unit, v.unit_id)
+        if v.status == "passed" and unit is not None and unit.provider == v.provider and _held(s, unit):
+            withdrawn += _withdraw_fee(s, unit, v)
+            continue
         if v.status == "passed" and (unit is None or unit.provider != v.provider
                                      or not (unit.status == "submitted" or _reopen(s, unit, ver.address))):
             continue  # credited in an averaged round, or a claim the unit no longer holds (its provider slashed...)
         v.status, v.verifier, v.assigned_at, v.replayed_hash, v.signature = "pending", None, None, None, None
         redo += 1
-    log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why)
+    log(s, "verifier_benched", verifier=ver.address, verification=cause.id, rechecks=redo, reason=why,
+        **({"held_fees_withdrawn": str(withdrawn)} if withdrawn else {}))
+
+
+def _held(s: Session, unit: Unit) -> bool:
+    """Whether ``unit`` is a convicted provider's, held ``submitted`` for the referee's audits of its passes."""
+    prov = s.get(Provider, unit.provider) if unit.provider is not None else None
+    return unit.status == "submitted" and prov is not None and prov.status == "slashed"
+
+
+def _withdraw_fee(s: Session, unit: Unit, check: Verification) -> int:
+    """The fee credited for ``check`` of ``unit``, removed from the ledger while the job runs (a stopped or done
+    job's settlement may be under way: it stands). Returns the amount withdrawn."""
+    fee = s.scalars(select(LedgerEntry).where(LedgerEntry.unit_id == check_fee_key(check.id),
+                                              LedgerEntry.released.is_(False))).one_or_none()
+    if fee is None or _running_job(s, unit) is None:
+        return 0
+    s.delete(fee)
+    return fee.amount
 
 
 def _verifier_jobs(verifier: str) -> Any:
@@ -1101,17 +1124,12 @@ def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.R
     task.status = "audit_failed"
     unit = s.get(Unit, task.unit_id)
     assert unit is not None
-    fee = s.scalars(select(LedgerEntry).where(LedgerEntry.unit_id == check_fee_key(task.id),
-                                              LedgerEntry.released.is_(False))).one_or_none()
-    if fee is not None and _running_job(s, unit) is None:
-        fee = None  # its job's settlement may be under way: the fee stands (the verifier's stake pays, if any)
-    if fee is not None:
-        s.delete(fee)
+    forfeit = _withdraw_fee(s, unit, task)  # (a stopped job's settlement may be under way: the fee stands there)
     audits = _convicted(rt, s, provider, lambda after: log(
         s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
         provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
         claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit",
-        check_fee_forfeit=str(fee.amount if fee is not None else 0)))
+        check_fee_forfeit=str(forfeit)))
     ver = s.get(Verifier, verifier)
     if ver is None:
         return audits

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from marketplace import checking, referee, service
+from marketplace import cancellation, checking, referee, service
 from marketplace.common import check_fee_entry, unit_id_for
 from marketplace.db import Event, Job, LedgerEntry, Provider, Unit, Verification, Verifier, check_fee_key, now_s
 from protocol.money import tokens
@@ -236,6 +236,77 @@ def test_a_pass_of_a_proven_cheats_faked_segment_costs_its_verifier_the_fee_and_
     assert _owed(world, job_id) == {honest: tokens(1), FRIEND: fee}  # its pass of the honest unit stands
     assert [e["check_fee_forfeit"] for e in _kinds(world, "fraud_confirmed")] == [str(fee), "0"]
     assert len(_kinds(world, "verifier_slashed")) == 1  # benched once: the second failure slashes nothing more
+
+
+def _held_with_a_pass_audited_at_its_verdict(w: World, name: str, room: bool = True) -> tuple[str, str, int, int]:
+    """A cheat's unit verified in the open round of a running job, its segment 0 passed by CAREFUL (that pass
+    audited when its verdict came in) and segment 1 by FRIEND, both verifiers active; the cheat is then convicted:
+    FRIEND's pass is drawn and the unit held ``submitted`` for that audit. ``room``: the job's other unit, an honest
+    provider's, was paid under the cap, so the job can pay the redo beside the unit's fees; else the job is this one
+    unit, and those fees are forfeit. The job, the unit, CAREFUL's and FRIEND's checks."""
+    cheat, honest = (a.address for a in w.providers[:2])
+    job_id, _ = _job(w, name, units=2 if room else 1)
+    held = unit_id_for(job_id, 0, 0)
+    careful, friend = _credited(w, held, cheat, [(CAREFUL, now_s() - 20), (FRIEND, None)])
+    with w.rt.sessions.begin() as s:
+        for who in (CAREFUL, FRIEND):
+            s.add(Verifier(address=who, plan="cpu", build=w.rt.referee_build()))
+    if room:
+        _credited(w, unit_id_for(job_id, 0, 1), honest, [])
+    with w.rt.sessions.begin() as s:
+        assert [a for a, _ in checking._convicted(w.rt, s, cheat)] == [friend]
+    assert _statuses(w, [careful, friend]) == [("passed", True), ("auditing", True)]
+    assert _unit(w, held).status == "submitted"
+    return job_id, held, careful, friend
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["fees-kept", "fees-forfeit"])
+def test_a_stop_while_a_convicts_unit_waits_for_its_audits_credits_each_fee_once(world: World, room: bool) -> None:
+    """The customer stops the job while the cheat's unit waits for the audit of FRIEND's pass. The stop credits the
+    fee of each pass of a submitted unit it cancels, but CAREFUL's was credited when the unit was verified and kept
+    at the conviction (the job had room for the redo): it is not credited again (it was, and the duplicate ledger
+    key failed the stop, and with it every sweep that tried it). Where the conviction forfeit it for want of room,
+    the stop, which frees that room, credits it. FRIEND's, under audit, stays as it was, and the sweep goes on."""
+    job_id, held, careful, friend = _held_with_a_pass_audited_at_its_verdict(world, f"stop-held-{room}", room)
+    fee = tokens(1) // 2
+    with world.rt.sessions() as s:
+        keys = set(s.scalars(select(LedgerEntry.unit_id).where(LedgerEntry.job_id == job_id)))
+    assert (check_fee_key(careful) in keys, check_fee_key(friend) in keys) == (room, room)
+    before = _owed(world, job_id)
+    with world.rt.sessions.begin() as s:
+        assert cancellation.stop_in(s, job_id, "cancelled on chain", 123)
+    assert _unit(world, held).status == "cancelled"
+    assert _statuses(world, [careful, friend]) == [("passed", True), ("auditing", True)]
+    assert _owed(world, job_id) == (before if room else {**before, CAREFUL: fee})
+    [stop] = _kinds(world, "job_cancelled")
+    assert stop["check_fees"] == ({} if room else {str(careful): str(fee)})
+    with world.rt.sessions.begin() as s:  # a second stop changes nothing
+        assert not cancellation.stop_in(s, job_id, "cancelled on chain", 123)
+    assert _owed(world, job_id) == (before if room else {**before, CAREFUL: fee})
+
+
+def test_a_verifier_benched_while_a_convicts_unit_waits_for_its_audits_loses_its_fee_and_the_check_stays(
+        world: World) -> None:
+    """CAREFUL is benched (a canary caught it, say) while the cheat's unit waits for the audit of FRIEND's pass: its
+    pass of that unit is not handed out again (nothing more is on a cheat's claim: it was, to a verifier whose
+    replay then earned nothing), and its fee, kept at the conviction, is withdrawn (a benched verifier's passes are
+    worth nothing; it was paid at settlement). A stop then credits it nothing."""
+    job_id, held, careful, friend = _held_with_a_pass_audited_at_its_verdict(world, "bench-held")
+    with world.rt.sessions.begin() as s:
+        ver, cause = s.get(Verifier, CAREFUL), s.get(Verification, friend)
+        assert ver is not None and cause is not None
+        checking._bench(s, ver, cause, "caught by a canary (test)")
+    with world.rt.sessions() as s:
+        check = s.get(Verification, careful)
+        assert check is not None and (check.status, check.verifier) == ("passed", CAREFUL)
+        assert not list(s.scalars(select(Verification).where(Verification.unit_id == held,
+                                                              Verification.status == "pending")))
+    assert CAREFUL not in _owed(world, job_id) and FRIEND in _owed(world, job_id)
+    [bench] = _kinds(world, "verifier_benched")
+    assert bench["rechecks"] == 0 and bench["held_fees_withdrawn"] == str(tokens(1) // 2)
+    with world.rt.sessions.begin() as s:
+        assert cancellation.stop_in(s, job_id, "cancelled on chain", 123)
+    assert CAREFUL not in _owed(world, job_id)
 
 
 @pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
