@@ -1036,7 +1036,9 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
     units not yet verified go back to the pool; the verifier earns nothing for the check, and one that replayed on
     the unit's own plan and kernels (its pass asserted the very bits the referee did not get) is benched and loses
     its whole stake too (its other passes on units not yet paid are redone). A verifier on another plan passed
-    within its tolerance: the overruled pass is counted against it (``wrong``), nothing more.
+    within its tolerance: the overruled pass is counted against it (``wrong``), nothing more. A claim that fails only
+    because its provider let a reveal deadline pass is not the verifier's fault: the provider is convicted, the pass
+    stands (``unanswered``: :func:`_audit_failed`).
 
     The pass of a lazy verifier is caught by canaries, which a verifier colluding with the unit's provider tells
     apart (the provider knows every true state); an audit it cannot: the audited task was the real one. Idempotent:
@@ -1091,7 +1093,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
                                                                                                    verifier)
     before = _slash_whole_stake(rt, provider, treasury, evidence)
     ver_lost = 0
-    if same_bits:
+    if same_bits and not ruling.unbacked:
         held = _slash_whole_stake(rt, verifier, treasury, ver_evidence)
         vafter = rt.contracts.stake_state(verifier)
         ver_lost = held - vafter.staked - vafter.unbonding
@@ -1101,11 +1103,12 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if task.status != "auditing":  # a concurrent run of this step got here first
             return task.status
         task.slash_tx = "0x" + evidence.hex()
-        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits else None, ver_lost)
+        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits and not ruling.unbacked
+                               else None, ver_lost)
     for vid, build in audits:
         run_audit(rt, vid, build)
     rt.enqueue("gridmint.match", [])
-    return "audit_failed"
+    return "unanswered" if ruling.unbacked else "audit_failed"
 
 
 def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.Ruling, before: int,
@@ -1114,24 +1117,34 @@ def _audit_failed(rt: Runtime, s: Session, task: Verification, ruling: referee.R
     is ``audit_failed``, its provider convicted (:func:`_convicted`), its verifier's overruled verdict counted, and
     one that replayed on the unit's own plan and kernels (``ver_evidence``: its slash's, ``ver_lost`` taken) benched.
     The verifier earns nothing for the check: a pass audited after its unit was credited (drawn at the provider's
-    conviction) has its fee withdrawn, while its job runs. The rows of the jobs the conviction and the bench change
-    are taken first, all in one batch (each then re-takes its own, held already): two failed audits, each
-    convicting one's provider and benching the other's verifier, never wait on each other. Returns the audits the
-    conviction drew (:func:`_convicted`)."""
+    conviction) has its fee withdrawn, while its job runs. Where the ruling rests on the provider's silence alone
+    (``ruling.unbacked``: it let a reveal deadline pass; a node that crashed, or one convicted over other work, which
+    never answers again) the provider is convicted all the same, but nothing was replayed against the verifier's
+    pass: it stands (``passed``; its fee as any honest pass of a convict's unit: :func:`_forfeit_unsettled`), with no
+    mark, no bench, no slash (an honest verifier's bit-for-bit pass cost it its whole stake when a provider fell
+    silent). A ring's provider can so spare its friend, at its own whole stake. The rows of the jobs the conviction
+    and the bench change are taken first, all in one batch (each then re-takes its own, held already): two failed
+    audits, each convicting one's provider and benching the other's verifier, never wait on each other. Returns the
+    audits the conviction drew (:func:`_convicted`)."""
     provider, verifier = task.provider, task.verifier
     assert verifier is not None
     _lock_jobs(s, _provider_jobs(provider), *([_verifier_jobs(verifier)] if ver_evidence is not None else []))
-    task.status = "audit_failed"
+    task.status = "passed" if ruling.unbacked else "audit_failed"
     unit = s.get(Unit, task.unit_id)
     assert unit is not None
-    forfeit = _withdraw_fee(s, unit, task)  # (a stopped job's settlement may be under way: the fee stands there)
+    # (a stopped job's settlement may be under way: the fee stands there)
+    forfeit = 0 if ruling.unbacked else _withdraw_fee(s, unit, task)
     audits = _convicted(rt, s, provider, lambda after: log(
         s, "provider_slashed" if before else "fraud_confirmed", unit.job_id, unit=task.unit_id, segment=task.segment,
         provider=provider, verifier=verifier, amount=str(before - after.staked - after.unbonding),
         claimed=ruling.claimed, replayed=ruling.replayed, reason=ruling.reason, path="audit",
         check_fee_forfeit=str(forfeit)))
+    if ruling.unbacked:
+        log(s, "audit_unanswered", unit.job_id, unit=task.unit_id, segment=task.segment, verification=task.id,
+            provider=provider, verifier=verifier, reason="the provider let a reveal deadline pass: it is convicted, "
+            "and nothing was replayed against the verifier's pass, which stands")
     ver = s.get(Verifier, verifier)
-    if ver is None:
+    if ver is None or ruling.unbacked:
         return audits
     ver.wrong += 1
     if ver_evidence is not None:

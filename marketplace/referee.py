@@ -106,6 +106,9 @@ class Ruling:
     look_hash: str = ""
     look_ok: bool | None = None
     look_reason: str = ""
+    # fraud on the provider's silence alone: it let a reveal deadline pass, so the referee replayed nothing against
+    # the claim past that point (the provider loses; a verifier's replay of the segment is not shown wrong by it)
+    unbacked: bool = False
 
 
 #: A canary's approval is excused (:func:`canary_excuse`) while the forgery lies within this many times the approving
@@ -188,6 +191,7 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
     if lv.fraud:
         return Ruling(True, f"[{label}] {lv.reason}", claimed, look.replayed_hash or "", **seen)
     first, last = seg * spec.segment_len, (seg + 1) * spec.segment_len
+    silent: list[int] = []  # a state asked of the provider past its deadline (the search stops at the first)
 
     def reveal(step: int) -> State:
         if step == first:
@@ -198,6 +202,7 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
             return checkpoint.load(reveals[step])[0]
         why = overdue(step)
         if why:
+            silent.append(step)
             raise TimeoutError(why)
         raise RevealPending(step)
 
@@ -210,14 +215,14 @@ def rule(spec: UnitSpec, proof: TrainingProof, seg: int, plan: Plan, start: Path
         except RevealPending as p:
             return Ruling(None, str(p), claimed, pending=p.step, pending_more=p.more, **seen)
         return Ruling(sv.fraud, f"[{label}] scanned the segment's {spec.segment_len} steps: {sv.reason}", claimed,
-                      step=sv.step, **seen)
+                      step=sv.step, unbacked=sv.fraud and bool(silent), **seen)
     try:
         dispute = crosscheck.bisect_segment(spec, proof, seg, reveal, tol, runner)
         v = crosscheck.referee_step(spec, dispute, reveal, tol, runner)
     except RevealPending as p:
         return Ruling(None, str(p), claimed, pending=p.step, **seen)
     where = f"[{label}] bisected to step {v.step} in {len(dispute.rounds)} reveal(s): {v.reason}"
-    return Ruling(v.fraud, where, claimed, step=v.step, **seen)
+    return Ruling(v.fraud, where, claimed, step=v.step, unbacked=v.fraud and bool(silent), **seen)
 
 
 @dataclass(frozen=True)
