@@ -25,7 +25,7 @@ from marketplace.runtime import Runtime
 from marketplace.settings import pool_builds
 from node import checkpoint
 from node.crosscheck import PROVIDER_PLAN, Plan
-from node.trainer import state_hash
+from node.trainer import same_bits, state_hash
 from protocol import verification
 from protocol.errors import ChainError, ProofError
 from protocol.proof import TrainingProof, segment_view
@@ -124,8 +124,8 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         # planted at most once, so each check costs at most one extra replay, whatever the rate
         decoy = task.decoy
         if decoy is not None:  # a bf16 job's retrained variant for a bit-for-bit replay (canary.for_verifier)
-            decoy = canary.for_verifier(decoy, Plan.parse(v.plan) == Plan.parse(unit.plan or PROVIDER_PLAN.label)
-                                        and (v.build or "") == (unit.build or ""))
+            decoy = canary.for_verifier(decoy, same_bits(Plan.parse(unit.plan or PROVIDER_PLAN.label),
+                                                         unit.build or "", Plan.parse(v.plan), v.build or ""))
         tells = canary.telling(task.segment, decoy)
         if (decoy is not None and decoy.get("root") == unit.proof.get("merkleRoot")
                 and canary.draw(canary.plant_odds(rt.settings.canary_rate, decoy, task.segment))
@@ -1063,7 +1063,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         losses = list(unit.losses) if unit.losses else None  # per step, as submitted and signed with the proof
         provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
         ver = s.get(Verifier, verifier)
-        same_bits = ver is not None and Plan.parse(ver.plan) == plan and (ver.build or "") == build != ""
+        own_bits = ver is not None and same_bits(plan, build, Plan.parse(ver.plan), ver.build or "")
     # work the referee does not replay bit for bit (another CPU plan, other kernels; or its referee pool away) is
     # judged within the tolerance, and where its replay is past it, bisected with the provider's revealed states
     # (asked as a dispute's are; a provider that lets the deadline pass is convicted)
@@ -1093,7 +1093,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
                                                                                                    verifier)
     before = _slash_whole_stake(rt, provider, treasury, evidence)
     ver_lost = 0
-    if same_bits and not ruling.unbacked:
+    if own_bits and not ruling.unbacked:
         held = _slash_whole_stake(rt, verifier, treasury, ver_evidence)
         vafter = rt.contracts.stake_state(verifier)
         ver_lost = held - vafter.staked - vafter.unbonding
@@ -1103,7 +1103,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if task.status != "auditing":  # a concurrent run of this step got here first
             return task.status
         task.slash_tx = "0x" + evidence.hex()
-        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if same_bits and not ruling.unbacked
+        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if own_bits and not ruling.unbacked
                                else None, ver_lost)
     for vid, build in audits:
         run_audit(rt, vid, build)

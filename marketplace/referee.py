@@ -130,7 +130,7 @@ def canary_excuse(spec: UnitSpec, plan: Plan, build: str | None, verifier_plan: 
     from node.verifier_agent import calibration_plans
 
     vplan = Plan.parse(verifier_plan)
-    if vplan == plan and (verifier_build or "") == (build or ""):
+    if same_bits(plan, build or "", vplan, verifier_build or ""):  # (kernels unsaid are never the same)
         return None
     cal_plan, cal_provider, foreign = calibration_plans(plan, build, vplan, verifier_build or "", verifier_build or "")
     if "cuda" in (cal_plan.device, cal_provider.device) and not torch.cuda.is_available():

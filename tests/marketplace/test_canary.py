@@ -438,6 +438,23 @@ def test_a_verifier_on_another_plan_flags_a_canary_far_past_its_tolerance(tmp_pa
         assert not v.ok and v.kind == "state" and referee.CANARY_EXCUSE_FACTOR < v.margin < math.inf, v
 
 
+def test_a_canary_approval_on_the_units_own_plan_is_inexcusable_only_on_kernels_both_sides_named(
+        tmp_path: Path) -> None:
+    """A verifier on the unit's own plan replays it bit for bit only on the same, known kernels
+    (:func:`node.trainer.same_bits`): its approval of a forgery, however near the truth, is inexcusable there. With
+    kernels unsaid ("", an older client's) it makes no bit-for-bit claim and checks within a tolerance, so a
+    forgery within twice that of the truth is excused (both unsaid used to count as the same kernels: slashed)."""
+    from marketplace import referee
+    from node import crosscheck as cc
+
+    unit = train_unit(SPEC, START, tmp_path / "unit")
+    plan, end = cc.Plan.parse("cpu/mb2"), unit.final_path  # a forgery at the true end: within any tolerance
+    assert referee.canary_excuse(SPEC, plan, "cpu-kernels-a", "cpu/mb2", "cpu-kernels-a", end, end) is None
+    for build, verifier_build in (("", ""), ("cpu-kernels-a", ""), ("", None), ("cpu-kernels-a", "cpu-kernels-b")):
+        excuse = referee.canary_excuse(SPEC, plan, build, "cpu/mb2", verifier_build, end, end)
+        assert excuse is not None and "an honest replay may approve it" in excuse, (build, verifier_build)
+
+
 def test_a_canary_starts_with_the_segments_true_steps_so_a_partial_replay_must_outrun_them(
         tmp_path: Path, way: str) -> None:
     """A verifier that replays a task's first j steps holds the exact state there and can run the exact tests from
