@@ -226,6 +226,8 @@ def create_app(rt: Runtime) -> FastAPI:
                 # referee pools: other CPU kernels some referee workers compute with (work on them is judged there,
                 # bit for bit; a task names the kernels of the referee that would judge it, `referee_build`)
                 "referee_pools": sorted(set(pool_builds(rt.settings.referee_pools))),
+                # the CUDA kernels its GPU workers replay the GPU plans above with (bit for bit only on those)
+                "referee_gpu_builds": sorted(rt.referee_gpu_builds()),
                 # how long a pool may be away before its disputes go to the default referee (0: never), which judges
                 # them across kernels and releases the bond of a dispute it does not uphold
                 "referee_pool_wait_s": rt.settings.referee_pool_wait_s,

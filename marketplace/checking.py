@@ -254,9 +254,10 @@ def _task_for(rt: Runtime, s: Session, task: Verification) -> dict[str, Any]:
 
 def _referee_exact(rt: Runtime, plan: Plan, build: str) -> bool:
     """Whether the referee replays work on ``plan`` computed with ``build`` bit for bit: a plan it is configured to
-    replay so, on CPU kernels a referee computes with: the default referee's, or a referee pool's (a GPU plan's
-    kernels are the operator's to match when naming the plan)."""
-    return plan in rt.referee_plans() and bool(build) and (plan.device != "cpu" or build in rt.referee_builds())
+    replay so, on kernels a referee computes with: on the CPU the default referee's or a referee pool's, on a GPU
+    those its GPU workers name (settings.referee_gpu_builds; any build of the GPU model was taken for them)."""
+    builds = rt.referee_builds() if plan.device == "cpu" else rt.referee_gpu_builds()
+    return plan in rt.referee_plans() and bool(build) and build in builds
 
 
 def _auditable(rt: Runtime, plan: Plan, build: str) -> bool:

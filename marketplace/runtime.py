@@ -58,7 +58,12 @@ class Runtime:
                                      f"{self.referee_build()}, this worker computes with {mine}: set it "
                                      f"to what `gridmint node probe` prints on the workers, or name this worker's "
                                      f"kernels in GRIDMINT_REFEREE_POOLS")
-        return exact_plans(self.settings.referee_plans, here)
+        plans = exact_plans(self.settings.referee_plans, here)
+        if here and any(p.device == "cuda" for p in plans) and kernel_build("cuda") not in self.referee_gpu_builds():
+            raise GridMintValueError(f"GRIDMINT_REFEREE_GPU_BUILDS names {sorted(self.referee_gpu_builds())}, this "
+                                     f"worker computes GPU work with {kernel_build('cuda')}: verifiers would bond "
+                                     f"disputes it cannot replay bit for bit")
+        return plans
 
     def referee_build(self) -> str:
         """The CPU kernels the referee replays with (settings.referee_build, or this machine's)."""
@@ -67,6 +72,10 @@ class Runtime:
     def referee_builds(self) -> frozenset[str]:
         """Every CPU kernel build some referee worker computes with: referee_build and the referee pools'."""
         return frozenset({self.referee_build(), *pool_builds(self.settings.referee_pools)})
+
+    def referee_gpu_builds(self) -> frozenset[str]:
+        """The CUDA kernel builds the referee's GPU workers compute with (settings.referee_gpu_builds)."""
+        return frozenset(pool_builds(self.settings.referee_gpu_builds))
 
     def referee_pool_here(self) -> bool:
         """Whether this machine computes with a referee pool's kernels (its worker referees that pool's work)."""

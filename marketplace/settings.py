@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     # a dispute over work on them is sent there and replayed bit for bit, so a cheat hiding inside the drift between
     # kernels (a float8 step in a bf16 job) is convicted, and a verifier on them bonds its disputes
     referee_pools: str = ""
+    # the CUDA kernels the referee's GPU workers compute with (comma-separated node.device.kernel_build strings, what
+    # `gridmint node probe` prints there), needed for each GPU plan named in referee_plans: GPU work on such a plan is
+    # replayed bit for bit only where it was computed with one of these (another torch, CUDA or cuDNN computes other
+    # bits on the same GPU model); on other kernels it is judged within the tolerance, a verifier bonds no dispute of
+    # it, and its passes are not audited (the referee's ruling there may need states from the provider)
+    referee_gpu_builds: str = ""
     # a pool's worker says it is alive every few seconds (marketplace.checking.pool_alive); a dispute whose pool has
     # not been seen for this long (nor the dispute, since its verdict) is handed to the default referee instead, so a
     # job never waits on a pool with no worker for ever. That referee judges it across kernels, within the tolerance:
@@ -161,11 +167,35 @@ class Settings(BaseSettings):
                                  f"on a CPU machine, e.g. torch-2.13.0+cpu.cf30153c/x86_64.authenticamd.avx2/aten-avx2)")
         return v
 
+    @field_validator("referee_gpu_builds")
+    @classmethod
+    def _gpu_builds_read(cls, v: str) -> str:
+        """Each must be a CUDA kernel build."""
+        import re
+
+        from protocol.schemas import KERNEL_BUILD
+
+        for b in pool_builds(v):
+            if not re.fullmatch(KERNEL_BUILD, b) or "/cuda-" not in b:
+                raise ValueError(f"referee GPU build {b!r} is not a CUDA kernel build (what `gridmint node probe` "
+                                 f"prints on a GPU machine, e.g. torch-2.13.0.4a8b0c1d/cuda-12.8.cudnn-91002.sm90)")
+        return v
+
     @model_validator(mode="after")
     def _pool_not_the_referee(self) -> "Settings":
         if self.referee_build and self.referee_build in pool_builds(self.referee_pools):
             raise ValueError(f"referee pool {self.referee_build!r} is the referee's own kernels (referee_build): "
                              f"its work would be taken from the referee's workers")
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_plans_have_builds(self) -> "Settings":
+        from marketplace.referee import exact_plans
+
+        gpu = sorted(p.label for p in exact_plans(self.referee_plans, here=False) if p.device == "cuda")
+        if gpu and not pool_builds(self.referee_gpu_builds):
+            raise ValueError(f"referee plans {', '.join(gpu)} need the CUDA kernels the referee replays them with: set "
+                             f"GRIDMINT_REFEREE_GPU_BUILDS to what `gridmint node probe` prints on its GPU workers")
         return self
 
     def resolved_db_url(self) -> str:

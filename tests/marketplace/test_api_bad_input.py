@@ -462,6 +462,7 @@ def test_a_verifier_registers_its_plan_and_kernels_and_malformed_ones_are_refuse
         assert (v.plan, v.build) == ("cpu/mb2", kernel_build())
     config = httpx.get(market.url + "/config").json()
     assert config["referee_build"] == kernel_build() and config["referee_pools"] == []
+    assert config["referee_gpu_builds"] == []
 
 
 def test_a_checkpoint_from_a_wallet_with_no_work_is_refused_and_not_stored(market) -> None:

@@ -201,10 +201,11 @@ def test_work_the_referee_does_not_replay_bit_for_bit_is_audited_within_the_tole
     assert "the referee's replay agrees" in held["reason"] and not _events(market, "reveal_requested")
     drive(market, [honest], verifier, job_id)
     assert job_status(market, job_id) == "settled" and not slashed(market)
-    gpu = Plan.parse("cuda:h100")
-    assert not checking._auditable(market.rt, gpu, "torch-2.13.0/cuda-12.4.sm90")
-    market.rt.settings.referee_plans = "cpu,cuda:h100"
-    assert checking._auditable(market.rt, gpu, "torch-2.13.0/cuda-12.4.sm90")
+    gpu, build = Plan.parse("cuda:h100"), "torch-2.13.0/cuda-12.4.sm90"
+    assert not checking._auditable(market.rt, gpu, build)
+    market.rt.settings.referee_plans, market.rt.settings.referee_gpu_builds = "cpu,cuda:h100", build
+    assert checking._auditable(market.rt, gpu, build)
+    assert not checking._auditable(market.rt, gpu, "torch-2.12.0/cuda-12.4.sm90")  # on other kernels (test_referee)
 
 
 def test_a_friends_pass_of_a_cheat_hiding_in_the_drift_is_bisected_by_the_audit_and_the_cheat_slashed(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 from eth_account import Account
 from eth_utils import keccak
 
@@ -303,6 +304,42 @@ def test_disputes_over_work_on_a_referee_pools_kernels_go_to_that_pools_queue(tm
             Settings(data_dir=tmp_path, referee_pools=bad)
     with pytest.raises(ValueError, match="is the referee's own kernels"):
         Settings(data_dir=tmp_path, referee_pools=avx512, referee_build=avx512)
+
+
+def test_gpu_work_is_replayed_bit_for_bit_only_on_the_cuda_kernels_the_referees_gpu_workers_name(
+        tmp_path: Path) -> None:
+    """A GPU plan the referee replays bit for bit (GRIDMINT_REFEREE_PLANS) is so only for work computed with the
+    CUDA kernels its GPU workers compute with (GRIDMINT_REFEREE_GPU_BUILDS): another torch or CUDA computes other
+    bits on the same GPU model, so there a verifier on that GPU, told the referee replays it exactly, bonded a
+    dispute the referee (judging within the tolerance) could not back, and lost the bond. A GPU plan with no build
+    named, or a build that is not CUDA's, fails at start-up; a GPU worker on other kernels refuses to referee."""
+    from marketplace import checking
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+    from protocol.errors import GridMintValueError
+
+    h100 = cc.Plan.parse("cuda:h100")
+    ours, theirs = ("torch-2.13.0.example/cuda-12.8.cudnn-91002.sm90", "torch-2.12.0.example/cuda-12.4.cudnn-90100.sm90")
+
+    def runtime(**kw: str) -> Runtime:
+        return Runtime(settings=Settings(data_dir=tmp_path, **kw), sessions=None, blobs=None, chain_id=1,
+                       contracts=None, enqueue=lambda name, args, queue=None: None)  # type: ignore[arg-type]
+
+    rt = runtime(referee_plans="cpu,cuda:h100", referee_gpu_builds=f"{ours}, ")
+    assert rt.referee_gpu_builds() == {ours} and h100 in rt.referee_plans()
+    assert checking._referee_exact(rt, h100, ours) and checking._auditable(rt, h100, ours)
+    for build in (theirs, ""):  # other kernels, or kernels unsaid: judged within the tolerance, not audited
+        assert not checking._referee_exact(rt, h100, build) and not checking._auditable(rt, h100, build)
+    assert not checking._referee_exact(rt, cc.Plan.parse("cuda:h200"), ours)  # a GPU no referee runs
+    assert not checking._referee_exact(rt, CPU, ours)  # (a CPU plan is the CPU referees')
+    with pytest.raises(ValueError, match="need the CUDA kernels the referee replays them with"):
+        Settings(data_dir=tmp_path, referee_plans="cpu,cuda:h100")
+    for bad in ("H100 box", "torch-2.13.0.example/x86_64.genuineintel.avx2/aten-avx2"):
+        with pytest.raises(ValueError, match="is not a CUDA kernel build"):
+            Settings(data_dir=tmp_path, referee_plans="cpu,cuda:h100", referee_gpu_builds=bad)
+    if not torch.cuda.is_available():  # a worker told to replay an H100 plan on a machine without one refuses
+        with pytest.raises(GridMintValueError, match="needs a h100 GPU here"):
+            rt.referee_plans(here=True)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

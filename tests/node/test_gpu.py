@@ -204,3 +204,25 @@ def test_a_verifier_on_the_same_gpu_model_replays_bit_for_bit_and_catches_a_floa
         checkpoint.save(p, states[8], {})
         v = check_segment(sp, proof, 1, p, plan)
         assert not v.ok and "replayed end state differs" in v.reason, (precision, v)
+
+
+def test_a_gpu_referee_worker_refuses_to_referee_on_other_cuda_kernels_than_the_marketplace_names(tmp_path) -> None:
+    """GRIDMINT_REFEREE_GPU_BUILDS tells verifiers which CUDA kernels the referee replays its GPU plans with (they
+    bond disputes on work computed with them): a GPU worker computing with others says so instead of judging."""
+    from marketplace.runtime import Runtime
+    from marketplace.settings import Settings
+    from node.device import gpu_name, kernel_build
+    from node.trainer import gpu_slug
+    from protocol.errors import GridMintValueError
+
+    plans = f"cpu,cuda:{gpu_slug(gpu_name())}"
+
+    def runtime(gpu_builds: str) -> Runtime:
+        return Runtime(settings=Settings(data_dir=tmp_path, referee_plans=plans, referee_gpu_builds=gpu_builds),
+                       sessions=None, blobs=None, chain_id=1, contracts=None,  # type: ignore[arg-type]
+                       enqueue=lambda name, args, queue=None: None)
+
+    here = kernel_build("cuda")
+    assert {p.label for p in runtime(here).referee_plans(here=True)} == set(plans.split(","))
+    with pytest.raises(GridMintValueError, match="this worker computes GPU work with"):
+        runtime("torch-0.0.0.example/cuda-0.0.cudnn-0.sm00").referee_plans(here=True)
