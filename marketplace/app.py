@@ -31,6 +31,7 @@ from marketplace.uploads import UploadQuotaExceeded, charge_upload
 from marketplace.settings import pool_builds
 from marketplace.sizing import JSON_LIMIT, check_unit_fits
 from marketplace.web import render_index, render_job
+from node.crosscheck import PROVIDER_PLAN
 from node.trainer import RECIPE
 from protocol import verification
 from protocol.errors import (
@@ -468,7 +469,8 @@ def create_app(rt: Runtime) -> FastAPI:
     def provider_one(address: str) -> dict[str, Any]:
         """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified,
         and those of cancelled jobs still under dispute or audit (either may still ask it to reveal a state: a
-        node should stay up until this is 0)."""
+        node should stay up until this is 0), and ``unverified_kernels``: how many of them were trained on each plan
+        with each kernel build (a state is re-derived for a reveal on the kernels it was trained with only)."""
         checksummed = _address(address)
         with rt.sessions() as s:
             p = s.get(Provider, checksummed)
@@ -476,10 +478,13 @@ def create_app(rt: Runtime) -> FastAPI:
                 raise HTTPException(404, detail=f"provider {checksummed} is not registered")
             disputed = (select(Verification.id).where(Verification.unit_id == Unit.id,
                                                       Verification.status.in_(["disputed", *REVEALING])).exists())
-            unverified = s.scalar(select(func.count()).select_from(Unit).where(
+            kernels = s.execute(select(Unit.plan, Unit.build, func.count()).where(
                 Unit.provider == checksummed,
-                or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed))))
-            return {**provider_view(p), "unverified": int(unverified or 0)}
+                or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed)))
+                .group_by(Unit.plan, Unit.build).order_by(Unit.plan, Unit.build)).all()
+            return {**provider_view(p), "unverified": sum(int(n) for _, _, n in kernels),
+                    "unverified_kernels": [{"plan": plan or PROVIDER_PLAN.label, "build": build or "", "units": int(n)}
+                                           for plan, build, n in kernels]}
 
     @app.get("/", response_class=HTMLResponse, summary="Web page")
     def index() -> str:

@@ -216,7 +216,32 @@ class ProviderAgent:
         on = mine.name if mine.kind == "cuda" else self.plan.device
         self.say(f"registered in {self.cfg.region}: training on {on} (plan {self.plan.label}), {tps:,} tok/s, "
                  f"stake {format_tokens(int(reg['stake']))}")
+        self._warn_open_kernels()
         return reg
+
+    def _warn_open_kernels(self) -> list[str]:
+        """Say, loudly, which of our units still open (``/providers/me``'s ``unverified_kernels``: a referee may yet
+        ask for a state of them) were trained with other kernels than this machine computes their plan's work with
+        now (a torch, CUDA or CPU changed since): a state re-derived here for a reveal is not the one committed to,
+        and past the referee's one-step threshold it loses the dispute. Returns the warnings."""
+        try:
+            groups = self.client.provider().get("unverified_kernels") or []
+        except (MarketError, *UNREACHABLE) as exc:
+            self.say(f"[yellow]cannot tell which kernels our open units were trained with ({exc})[/]")
+            return []
+        out = []
+        for g in groups:
+            plan = Plan.parse(g["plan"])
+            here = plan_build(plan)
+            if g["build"] and g["build"] != here:
+                out.append(f"{g['units']} unit(s) of ours on plan {plan.label}, still open (a dispute may ask for a "
+                           f"state of them), were trained with kernels {g['build']}; this machine computes "
+                           f"{plan.device} work with {here or 'nothing: no such device here'}. A state re-derived "
+                           f"here is not the one committed to and can lose the dispute: run the kernels they were "
+                           f"trained with (that torch, CUDA, CPU) until `gridmint node status` shows unverified 0")
+        for warning in out:
+            self.say(f"[red]{warning}[/]")
+        return out
 
     def _check_offer(self, stake: int, offer: dict[str, Any]) -> None:
         """The registration ``offer`` as the marketplace's schema takes it (capacity 1-64, ...), and its region, ask

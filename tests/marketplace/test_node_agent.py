@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select
 
 from marketplace import service
-from marketplace.db import Event, Provider
+from marketplace.db import Event, Provider, Unit
 from node.agent import ProviderAgent
 from node.client import MarketClient, MarketError
 from node.device import DeviceInfo, benchmark
 from protocol.money import tokens
 from protocol.schemas import JobSpec
-from tests.marketplace.test_flow import _assigned, submit_job
+from tests.marketplace.test_flow import _assigned, _handed_in, submit_job
 from tests.marketplace.test_node_faults import SMALL, node, said, unit_status
 
 #: Longer than the marketplace's unit_timeout_s in these tests (3 s): what a segment's replay, a large start
@@ -258,3 +258,28 @@ def test_a_submission_refused_for_its_nonce_is_sent_again_and_the_unit_kept(mark
     p.client.submit = refused_once  # type: ignore[method-assign]
     assert p.work_once()
     assert not refused and unit_status(market, job_id) in ("submitted", "verified")
+
+
+def test_a_node_whose_kernels_changed_since_it_trained_a_unit_still_open_says_so(market, tmp_path: Path,
+                                                                                   capsys) -> None:
+    """A state asked for a reveal is re-derived on the kernels the node computes with now: after a torch (or CUDA,
+    or CPU) change it is not the one committed to, and can lose the dispute. ``/providers/{address}`` says which
+    kernels its open units were trained with; a node on others says so, loudly, as it starts (here: the unit's
+    build as another torch's)."""
+    p = node(market, tmp_path / "p")
+    job_id = submit_job(market, SMALL.model_copy(update={"verification": "standard"}))  # (checked: it stays open)
+    [unit_id] = _handed_in(market, job_id, [p], 1)
+    mine = {"plan": "cpu", "build": p.build, "units": 1}
+    assert p.client.provider()["unverified_kernels"] == [mine] and p._warn_open_kernels() == []
+    other = "torch-2.0.0.example/x86_64.genuineintel.avx2/aten-avx2"
+    with market.rt.sessions.begin() as s:
+        unit = s.get(Unit, unit_id)
+        assert unit is not None
+        unit.build = other
+    record = p.client.provider()
+    assert record["unverified"] == 1 and record["unverified_kernels"] == [{**mine, "build": other}]
+    said(capsys)
+    again = node(market, tmp_path / "p", acct=p.account)  # the node started again, on this machine's kernels
+    [warning] = again._warn_open_kernels()
+    assert "1 unit(s) of ours on plan cpu, still open" in warning and other in warning and p.build in warning
+    assert "were trained with kernels" in said(capsys)
