@@ -626,7 +626,10 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
     the segment holds (a second replay, only on a missed canary). A provider shapes the states a canary is forged
     from (its own claims): should a replay reach the forgery, the verifier approved the truth; should the provider's
     claim not hold, the forgery's distance from the truth is unknown (it may lie inside the verifier's tolerance).
-    Either way the canary is void: nothing is slashed and the verifier is back at work."""
+    Either way the canary is void: nothing is slashed and the verifier is back at work. It gets back its place, not
+    the checks its bench handed to other verifiers nor their fees (:func:`_bench`, at the approval): the price of
+    benching at once, before a round averages on a lazy verifier's passes; a void canary is rare (a forgery is kept
+    far past a verifier's tolerance), and one on a claim that does not hold also convicts its provider."""
     with rt.sessions.begin() as s:
         task = s.get(Verification, verification_id)
         if task is None or task.status != "canary_missed" or task.canary is None:
