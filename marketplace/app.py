@@ -468,9 +468,11 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.get("/providers/{address}", summary="One provider, with its work still open", responses=_errors(404, 422))
     def provider_one(address: str) -> dict[str, Any]:
         """A provider as listed under ``/providers``, plus ``unverified``: its units submitted and not yet verified,
-        and those of cancelled jobs still under dispute or audit (either may still ask it to reveal a state: a
-        node should stay up until this is 0), and ``unverified_kernels``: how many of them were trained on each plan
-        with each kernel build (a state is re-derived for a reveal on the kernels it was trained with only)."""
+        those of cancelled jobs still under dispute or audit, and those verified in a running job's round not
+        averaged yet (a verifier that passed one, benched, sends it back to be checked again): any of them may still
+        ask it to reveal a state, so a node should stay up until this is 0; and ``unverified_kernels``: how many of
+        them were trained on each plan with each kernel build (a state is re-derived for a reveal on the kernels it
+        was trained with only)."""
         checksummed = _address(address)
         with rt.sessions() as s:
             p = s.get(Provider, checksummed)
@@ -478,9 +480,12 @@ def create_app(rt: Runtime) -> FastAPI:
                 raise HTTPException(404, detail=f"provider {checksummed} is not registered")
             disputed = (select(Verification.id).where(Verification.unit_id == Unit.id,
                                                       Verification.status.in_(["disputed", *REVEALING])).exists())
+            open_round = select(Job.id).where(Job.id == Unit.job_id, Job.status == "running",
+                                              Job.round == Unit.round).exists()
             kernels = s.execute(select(Unit.plan, Unit.build, func.count()).where(
                 Unit.provider == checksummed,
-                or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed)))
+                or_(Unit.status == "submitted", and_(Unit.status == "cancelled", disputed),
+                    and_(Unit.status == "verified", open_round)))
                 .group_by(Unit.plan, Unit.build).order_by(Unit.plan, Unit.build)).all()
             return {**provider_view(p), "unverified": sum(int(n) for _, _, n in kernels),
                     "unverified_kernels": [{"plan": plan or PROVIDER_PLAN.label, "build": build or "", "units": int(n)}

@@ -584,15 +584,17 @@ class ProviderAgent:
         return claim_owed(self.client, self.contracts, self.say)
 
     def _work_open(self) -> bool:
-        """Whether units of ours are submitted and not yet verified: a referee may still ask us to reveal a state
-        (a provider silent past its deadline loses the dispute), so an idle node does not exit before they are."""
+        """Whether units of ours are still open (submitted and not yet verified, or verified in a round not averaged
+        yet: ``/providers/{address}``'s ``unverified``): a referee may still ask us to reveal a state (a provider
+        silent past its deadline loses the dispute), so an idle node does not exit before they are closed."""
         try:
             open_units = int(self.client.provider()["unverified"])
         except (MarketError, *UNREACHABLE) as exc:
             self.say(f"[yellow]cannot tell whether work is still open ({exc}); staying up[/]")
             return True
         if open_units:
-            self.say(f"{open_units} unit(s) not yet verified: staying up to answer any dispute")
+            self.say(f"{open_units} unit(s) still open (not verified, or in a round not averaged yet): staying up to "
+                     f"answer any dispute")
         return open_units > 0
 
     def run(self) -> str | None:

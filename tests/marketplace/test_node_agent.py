@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from marketplace import service
-from marketplace.db import Event, Provider, Unit
+from marketplace.db import Event, Job, Provider, Unit
 from node.agent import ProviderAgent
 from node.client import MarketClient, MarketError
 from node.device import DeviceInfo, benchmark
@@ -265,7 +265,7 @@ def test_a_node_whose_kernels_changed_since_it_trained_a_unit_still_open_says_so
     """A state asked for a reveal is re-derived on the kernels the node computes with now: after a torch (or CUDA,
     or CPU) change it is not the one committed to, and can lose the dispute. ``/providers/{address}`` says which
     kernels its open units were trained with; a node on others says so, loudly, as it starts (here: the unit's
-    build as another torch's)."""
+    build as another torch's). A unit verified in a round not averaged yet counts as open too."""
     p = node(market, tmp_path / "p")
     job_id = submit_job(market, SMALL.model_copy(update={"verification": "standard"}))  # (checked: it stays open)
     [unit_id] = _handed_in(market, job_id, [p], 1)
@@ -283,3 +283,15 @@ def test_a_node_whose_kernels_changed_since_it_trained_a_unit_still_open_says_so
     [warning] = again._warn_open_kernels()
     assert "1 unit(s) of ours on plan cpu, still open" in warning and other in warning and p.build in warning
     assert "were trained with kernels" in said(capsys)
+    # verified, in a round not averaged yet: still open (a bench of the verifier that passed it would send it back
+    # to be checked again, maybe disputed); once the round is averaged, not
+    with market.rt.sessions.begin() as s:
+        unit = s.get(Unit, unit_id)
+        assert unit is not None
+        unit.status = "verified"
+    assert p.client.provider()["unverified"] == 1
+    with market.rt.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.round = 1
+    assert p.client.provider()["unverified"] == 0 and p.client.provider()["unverified_kernels"] == []
