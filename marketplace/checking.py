@@ -461,6 +461,8 @@ def maybe_verified(s: Session, unit: Unit) -> None:
     if _held(s, unit):  # a convicted provider's, kept for the audits of its passes
         _release(s, unit)
         return
+    if s.scalar(select(Job.status).where(Job.id == unit.job_id)) != "running":
+        return  # a job ending (failing: its settlement pays the units it had verified, a set it takes as fixed)
     prov = s.get(Provider, unit.provider) if unit.provider is not None else None
     checks = list(s.scalars(select(Verification).where(Verification.unit_id == unit.id,
                                                        Verification.provider == unit.provider,

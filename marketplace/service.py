@@ -479,7 +479,10 @@ def advance(rt: Runtime, job_id: str) -> str:
         if not math.isfinite(loss):
             raise GridMintValueError(f"the averaged model's held-out loss is {loss}")
     except (CheckpointError, GridMintValueError) as exc:  # not a chain error: a retry would fail the same way
-        return _fail(rt, job_id, round_, f"round {round_} could not be averaged into a usable model: {exc}")
+        try:
+            return _fail(rt, job_id, round_, blobs, f"round {round_} could not be averaged into a usable model: {exc}")
+        except _RoundChanged:  # (as below: the verdict that credits the unit again advances, and fails it then)
+            return "running"
     sha = rt.blobs.put_tensors(merged, {"kind": "global", "job": job_id, "round": str(round_ + 1)})
     stop = None  # a new round starts only on an escrow that was not cancelled (the last round just ends: done)
     if round_ + 1 < spec.rounds:
@@ -536,17 +539,23 @@ def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: lis
         return "done"
 
 
-def _fail(rt: Runtime, job_id: str, round_: int, reason: str) -> str:
+def _fail(rt: Runtime, job_id: str, round_: int, blobs: list[str | None], reason: str) -> str:
     """End a running job at ``round_`` as ``failing`` (a ``job_failed`` event says why) and queue its settlement: its
     verified units are paid and the rest of the escrow refunded as for a finished job, and it ends ``failed``
     (:func:`settlement.settle_job`). Its global model stays the last one that averaged cleanly (what the customer
-    downloads); its ``eval_losses`` get nothing for the failed round (a NaN cannot be stored as JSON on PostgreSQL)."""
+    downloads); its ``eval_losses`` get nothing for the failed round (a NaN cannot be stored as JSON on PostgreSQL).
+    As :func:`_next_round`, only if the round's units are still those verified ``blobs`` (:class:`_RoundChanged`):
+    one taken back meanwhile (a benched verifier's pass of it to be redone) would be credited to the job after its
+    settlement began, which a re-run of that settlement then released again, or never."""
     with rt.sessions.begin() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        if job.round != round_ or job.status != "running":  # another advance got here first
-            return job.status
-        job.status = "failing"
+        # the job's row first (checking._lock_jobs: a bench or a conviction taking a unit back takes it first too)
+        if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
+                     .values(status="failing")).rowcount != 1:  # another advance got here first
+            return str(s.scalar(select(Job.status).where(Job.id == job_id)))
+        now = list(s.execute(select(Unit.status, Unit.final_blob).where(Unit.job_id == job_id, Unit.round == round_)
+                             .order_by(Unit.shard)))
+        if [(st, b) for st, b in now] != [("verified", b) for b in blobs]:
+            raise _RoundChanged(job_id)  # (rolls the write above back)
         log(s, "job_failed", job_id, round=round_, reason=reason)
     rt.enqueue("gridmint.settle", [job_id])
     return "failing"

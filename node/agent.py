@@ -400,20 +400,25 @@ class ProviderAgent:
         stores nothing twice) and a result is taken once (a repeat is a 409). A refusal (4xx) is raised at once."""
         names = [name for name, _ in kept["files"]]
         proof = TrainingProof.from_dict(kept["proof"])
+
+        def between() -> None:  # a hand-in retried for long (a slow link) must not run a reveal past its deadline
+            self._answer_asked(", while a unit's hand-in waits to be tried again")
+
         with self.heartbeats(spec.unit_id):
-            blobs = [self._retry(f"upload of {name}", lambda name=name: self.client.put_blob(unit_dir / name), due)
-                     for name in names]
+            blobs = [self._retry(f"upload of {name}", lambda name=name: self.client.put_blob(unit_dir / name), due,
+                                 between) for name in names]
             signature = sign_typed(self.account, "TrainingProof", self.client.domain, proof.signable_fields())
             body = {"unit_id": spec.unit_id, "proof": kept["proof"], "proof_signature": signature,
                     "final_blob": blobs[-1], "segment_blobs": blobs[:-1], "losses": kept["losses"],
                     "plan": kept["plan"], "build": kept["build"]}
-            self._retry("submission", lambda: self.client.submit(spec.unit_id, body), due)
+            self._retry("submission", lambda: self.client.submit(spec.unit_id, body), due, between)
 
-    def _retry(self, what: str, send: Callable[[], T], due: float) -> T:
+    def _retry(self, what: str, send: Callable[[], T], due: float, between: Callable[[], None] | None = None) -> T:
         """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
         while that leaves time before ``due`` (unix seconds); so is a refused nonce (another process signing with
         this wallet) and a 408 (an upload slower than the marketplace's body deadline: a slow link, maybe faster on
-        the next try). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries."""
+        the next try). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries.
+        ``between()`` is called before each wait (a hand-in answers a reveal the heartbeats saw meanwhile)."""
         wait = 1.0
         while True:
             try:
@@ -426,6 +431,8 @@ class ProviderAgent:
                 if time.time() + wait > due:
                     raise
                 self.say(f"[yellow]{what} failed ({exc}); trying again in {wait:g} s[/]")
+                if between is not None:
+                    between()
                 self._pause(wait)
                 wait = min(2 * wait, MAX_BACKOFF_S)
 
@@ -528,6 +535,11 @@ class ProviderAgent:
         if self._withdrawn is not None:
             raise UnitWithdrawn(self._withdrawn)
         self._check_stop()
+        self._answer_asked(f", between steps {step} and {step + 1} of the unit in training")
+
+    def _answer_asked(self, where: str) -> None:
+        """Answer the reveal the heartbeat thread saw, if any (between two training steps, or between two tries of a
+        hand-in). One that fails is asked again after this unit (reveal_once), if still open."""
         if self._ask is None:  # the common case: no lock taken
             return
         with self._ask_lock:
@@ -535,9 +547,9 @@ class ProviderAgent:
         if ask is None:
             return
         try:
-            self._reveal(ask, f", between steps {step} and {step + 1} of the unit in training")
-        except (MarketError, httpx.HTTPError) as exc:  # asked again after this unit (reveal_once), if still open
-            self.say(f"[yellow]reveal during training failed: {exc}[/]")
+            self._reveal(ask, where)
+        except (MarketError, httpx.HTTPError) as exc:
+            self.say(f"[yellow]reveal{where} failed: {exc}[/]")
 
     def heartbeats(self, unit_id: str) -> AbstractContextManager[None]:
         """Tell the marketplace we are alive every quarter of its deadline (at most every 15 s) while the block runs;

@@ -295,3 +295,40 @@ def test_a_node_whose_kernels_changed_since_it_trained_a_unit_still_open_says_so
         assert job is not None
         job.round = 1
     assert p.client.provider()["unverified"] == 0 and p.client.provider()["unverified_kernels"] == []
+
+
+def test_a_reveal_asked_while_a_hand_in_waits_to_be_tried_again_is_answered_meanwhile(market, tmp_path: Path,
+                                                                                        capsys) -> None:
+    """A unit's hand-in tried again for long (a marketplace restarting: 503s, up to the unit's due time, an hour
+    or more) while a referee asks the node for a state of another of its units (the heartbeats see the ask): it was
+    answered only once training went on, or the next loop turn, past a reveal deadline of minutes. Now it is
+    answered between the tries. (The ask is built from the node's own submitted unit, its state re-derived and
+    uploaded for real; the submission's 503s and the reveal route are stubbed: a real ask needs a bisecting
+    dispute.)"""
+    market.rt.settings.unit_timeout_s = 3  # a heartbeat (and a look for asks) every ~0.75 s
+    p, ask = _submitted_unit_ask(market, tmp_path)
+    job_id = submit_job(market, SMALL)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="a second unit matched")
+    handing_in: list[Path] = []
+    sent: list[dict[str, Any]] = []
+    tries: list[str] = []
+    submit, put_blob = p.client.submit, p.client.put_blob
+
+    def uploading(path: Path) -> str:
+        handing_in.append(path)
+        return put_blob(path)
+
+    def restarting(unit_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        tries.append(unit_id)
+        if not sent and len(tries) < 6:
+            raise MarketError(503, "the marketplace is restarting", "Unavailable")
+        return submit(unit_id, body)
+
+    p.client.next_reveal = lambda: ask if handing_in and not sent else None  # type: ignore[method-assign]
+    p.client.reveal = lambda body: sent.append(body) or {"status": "ok"}  # type: ignore[method-assign]
+    p.client.put_blob = uploading  # type: ignore[method-assign]
+    p.client.submit = restarting  # type: ignore[method-assign]
+    assert p.work_once()
+    assert len(sent) == 1 and sent[0]["step"] == 1 and 1 < len(tries) < 6, (sent, tries)
+    assert "while a unit's hand-in waits to be tried again" in said(capsys)
+    assert unit_status(market, job_id) == "verified"  # handed in once the marketplace answered

@@ -515,3 +515,53 @@ def test_a_cheats_unit_that_passed_is_trained_again_once_its_next_cheat_is_caugh
 def _ledger(market, job_id: str) -> list[LedgerEntry]:  # type: ignore[no-untyped-def]
     with market.rt.sessions() as s:
         return list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id)))
+
+
+def test_a_round_that_diverges_while_a_unit_of_it_is_taken_back_fails_the_job_only_once_it_is_credited_again(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``advance`` reads the round's units verified and averages them outside any transaction; meanwhile a canary
+    benches the verifier that passed one of them, which takes that unit back to be checked again (its credit
+    withdrawn), and the average diverges. The job used to fail there with the unit still ``submitted``: the redone
+    check's verdict credited it to a job whose settlement had begun, so a settlement re-run after a crash released
+    the first run's entries twice (and stuck on the escrow's count), or, settled first, left it owed for good. Now
+    the job fails only on the units it averaged: the redo's verdict advances it again, and the failure then pays
+    every entry once."""
+    from protocol.errors import GridMintValueError
+
+    honest, lazy, careful = _providers(world)[:3]
+    job_id, _ = _job(world, "diverges-while-reopened", units=2)
+    units = [unit_id_for(job_id, 0, shard) for shard in range(2)]
+    _verified(world, units[0], honest, tokens(1), checks=1, verifier=lazy)
+    _verified(world, units[1], honest, tokens(1), checks=1, verifier=careful)
+    with world.rt.sessions.begin() as s:
+        s.add(Verifier(address=lazy))
+        cause = Verification(unit_id=units[1], provider=honest, segment=1, status="canary_missed", verifier=lazy,
+                             canary={"kind": "test"})
+        s.add(cause)
+        s.flush()
+        cause_id = cause.id
+
+    def bench_then_diverge(states: object) -> object:  # advance's averaging, outside any transaction
+        with world.rt.sessions.begin() as s:  # a canary catches the lazy verifier meanwhile (once)
+            ver = s.get(Verifier, lazy)
+            checking._bench(s, ver, s.get(Verification, cause_id), "it approved a canary (test)")
+        raise GridMintValueError("the averaged model is not finite (test)")
+
+    monkeypatch.setattr(service, "average_states", bench_then_diverge)
+    assert service.advance(world.rt, job_id) == "running"  # (was "failing", with shard 0 to be checked again)
+    assert _unit(world, units[0]).status == "submitted" and _job_row(world, job_id).status == "running"
+    assert _owed(world, job_id) == {honest: tokens(1), careful: tokens(1) // 2}  # shard 0's credit withdrawn
+    with world.rt.sessions.begin() as s:  # another verifier passes the check done again: credited again
+        [redo] = s.scalars(select(Verification).where(Verification.unit_id == units[0],
+                                                      Verification.status == "pending"))
+        redo.status, redo.verifier = "passed", careful
+        checking.maybe_verified(s, s.get(Unit, units[0]))  # type: ignore[arg-type]
+    assert service.advance(world.rt, job_id) == "failing"  # the round diverges again: now the job fails
+    settlement.settle_job(world.rt, job_id)
+    assert _job_row(world, job_id).status == "failed"
+    owed = _owed(world, job_id)
+    assert owed == {honest: tokens(2), careful: tokens(1)}
+    with world.rt.sessions() as s:
+        assert not list(s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id,
+                                                            LedgerEntry.released.is_(False))))
+    assert world.ops.get_job(job_id).released == sum(owed.values())
