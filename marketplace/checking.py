@@ -1206,6 +1206,12 @@ def _open_dispute(rt: Runtime, provider: str, verifier: str, evidence: bytes, ac
     except ChainError as exc:
         if exc.error_name == "StakingNothingToSlash":  # slashed to nothing already (over another segment)
             return False
+        if (exc.error_name or "").startswith("ECDSAInvalidSignature"):
+            # a signature the contract does not take (record_verdict refuses them since: protocol.signing): the
+            # dispute is ruled unbonded, not relayed again and again (it was never ruled)
+            logger.warning("the accusation of %s over %s is not one GridStaking takes (%s): ruled unbonded",
+                           verifier, "0x" + evidence.hex(), exc.error_name)
+            return bool(rt.contracts.dispute_of(evidence).is_open)
         if exc.error_name != "StakingEvidenceUsed":  # already open: a re-run of this task
             raise
     return True

@@ -360,6 +360,14 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     signer = recover_typed("TrainingProof", rt.domain, proof.signable_fields(), body.proof_signature)
     if signer != provider:
         raise ProofError(f"proof root is signed by {signer}, not by the assigned provider {provider}")
+    # the unit's own shape (what a verifier's replay checks first, node.replay.claim_problem): a proof of more
+    # segments than the spec's, consistent with itself, had its checks drawn among segments no replay can find (a
+    # verifier handed one stopped on it, again and again), and named as many checkpoints as it liked
+    shape = (proof.steps, proof.segment_len, len(proof.segments))
+    if proof.unit_id != body.unit_id or shape != (spec.steps, spec.segment_len, spec.n_segments):
+        raise ProofError(f"the proof is of unit {proof.unit_id[:12]}, {shape[0]} steps in {shape[2]} segments of "
+                         f"{shape[1]}: this unit is {body.unit_id[:12]}, {spec.steps} steps in {spec.n_segments} "
+                         f"segments of {spec.segment_len}")
     global_model, _ = checkpoint.load(rt.blobs.read(global_blob))
     check_structure(proof, expected_start_hash=start_state_hash(model_only(global_model)),
                     expected_spec_hash=spec.spec_hash())

@@ -194,9 +194,18 @@ def sign_accusation(account: LocalAccount, chain_id: int, staking: str, provider
 
 def recover_accusation(chain_id: int, staking: str, provider: str, evidence: bytes, signature: str,
                        amount: int = ACCUSE_ALL) -> str:
-    """Who signed this accusation; SignatureError if the signature is malformed."""
+    """Who signed this accusation; SignatureError if the signature is malformed, or not in the one form
+    GridStaking.accuse (OpenZeppelin's ECDSA.recover) takes: 65 bytes, v 27 or 28, s in the lower half of the curve
+    order. eth_account also recovers v 0/1 and a high s (the same signer, malleated): such an accusation, taken here,
+    reverted on chain every time its dispute was relayed, and the dispute was never ruled."""
     try:
         sig = bytes.fromhex(signature[2:] if signature.startswith("0x") else signature)
+    except ValueError as exc:
+        raise SignatureError(f"malformed Accusation signature: {exc}") from exc
+    if len(sig) != 65 or sig[64] not in (27, 28) or int.from_bytes(sig[32:64], "big") > _SECP256K1_N // 2:
+        raise SignatureError("Accusation signature is not in the form the staking contract takes (65 bytes, "
+                             "v 27 or 28, a low s: EIP-2)")
+    try:
         return str(Account.recover_message(_accusation(chain_id, staking, provider, evidence, amount), signature=sig))
     except Exception as exc:  # eth_account raises several types for junk input
         raise SignatureError(f"malformed Accusation signature: {exc}") from exc

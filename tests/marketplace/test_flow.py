@@ -457,6 +457,50 @@ def test_polls_reuse_a_recent_stake_read_and_a_submission_reads_the_chain_again(
         market.rt.contracts.stake_of = read
 
 
+def test_a_result_whose_proof_is_not_of_the_units_shape_is_refused_and_loses_nothing(market, tmp_path: Path) -> None:
+    """A proof consistent with itself but of another shape than the unit's spec (here 4 segments for its 2: the
+    start state and segment 1's start in turn, two checkpoints uploaded) was taken: its checks were drawn among
+    segments no replay can find, and a verifier handed one stopped on it ("out of range") each time it was handed
+    it again. It is refused with the reason; the unit stays the provider's, and the true result is taken."""
+    from dataclasses import replace
+
+    from protocol.proof import make_proof
+    from protocol.signing import sign_typed
+
+    p = provider(market, tmp_path, "p", "us-east", "0.9")
+    job_id = submit_job(market, JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8,
+                                        max_price=tokens(2)))
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    submit = p.client.submit
+
+    def reshaped(unit_id: str, body: dict) -> dict:  # type: ignore[type-arg]
+        proof = TrainingProof.from_dict(body["proof"])
+        a, b = proof.segments[0].start_hash, proof.segments[1].start_hash
+        segs = [replace(proof.segments[i % 2], index=i, start_hash=(a, b)[i % 2], end_hash=(b, a)[i % 2])
+                for i in range(4)]
+        forged = make_proof(unit_id=proof.unit_id, spec_hash=proof.spec_hash, seed=proof.seed, steps=20,
+                            segment_len=5, segments=segs)
+        losses = [x for seg in segs for x in [seg.loss_micro / 1e6] * 5]
+        return submit(unit_id, {**body, "proof": forged.to_dict(), "losses": losses, "final_blob":
+                                body["segment_blobs"][0], "segment_blobs": [*body["segment_blobs"]] * 2,
+                                "proof_signature": sign_typed(p.account, "TrainingProof", p.client.domain,
+                                                              forged.signable_fields())})
+
+    p.client.submit = reshaped  # type: ignore[method-assign]
+    with pytest.raises(MarketError) as err:
+        p.work_once()
+    p.client.submit = submit  # type: ignore[method-assign]
+    assert err.value.status == 422 and "20 steps in 4 segments of 5: this unit is" in str(err.value.detail), err.value
+    assert "10 steps in 2 segments of 5" in str(err.value.detail)
+    with market.rt.sessions() as s:
+        [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
+        assert unit.status == "assigned" and unit.provider == p.account.address and unit.proof is None
+        assert not list(s.scalars(select(Verification).where(Verification.unit_id == unit.id)))
+    assert p.work_once()  # the same unit, its kept result handed in as it is
+    with market.rt.sessions() as s:
+        assert s.scalars(select(Unit.status).where(Unit.job_id == job_id)).one() == "submitted"
+
+
 def test_a_result_whose_step_losses_do_not_average_to_its_commitments_is_refused_and_loses_nothing(
         market, tmp_path: Path) -> None:
     """The per-step losses a provider submits with its proof are what a loss scan judges each step against: a result

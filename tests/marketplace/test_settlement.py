@@ -329,6 +329,42 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
     assert service.sweep(world.rt)["settle"] == 0
 
 
+def test_an_accusation_in_a_form_the_staking_contract_refuses_is_refused_with_the_verdict_and_never_jams_a_dispute(
+        world: World) -> None:
+    """eth_account recovers a signer from v 0/1 and from a high s (the same signature, malleated); GridStaking.accuse
+    (OpenZeppelin ECDSA) reverts on both. A verdict whose accusation came in such a form was taken (200), and the
+    relay of its dispute then reverted on every try (the task's retries, every sweep): the dispute was never ruled,
+    the provider never paid, the liar never benched. Now recover_accusation refuses them (record_verdict calls it
+    before it writes anything: the verdict is a 401); and a relay the contract refuses for its signature rules the
+    dispute unbonded."""
+    from marketplace import checking
+    from protocol.errors import SignatureError
+    from protocol.signing import _SECP256K1_N, ACCUSE_ALL, recover_accusation
+    from protocol.verification import fraud_evidence
+
+    w = world
+    w.ops.govern([("staking", "setVerifierBond", (tokens(50),))], "bond")
+    prov, ver = w.providers[0], w.providers[1]
+    for a in (prov, ver):
+        w.ops.transfer(a.address, tokens(120))
+        w.ops.as_account(a).stake(tokens(120))
+    evidence = fraud_evidence("0x" + "01" * 32, 0, prov.address)
+    good = w.ops.as_account(ver).sign_accusation(prov.address, evidence, ACCUSE_ALL)
+    r, s_, v = good[:32], int.from_bytes(good[32:64], "big"), good[64]
+    staking, chain = w.rt.contracts.staking.address, w.rt.chain_id
+    assert recover_accusation(chain, staking, prov.address, evidence, "0x" + good.hex()) == ver.address
+    low_v = r + good[32:64] + bytes([v - 27])
+    high_s = r + (_SECP256K1_N - s_).to_bytes(32, "big") + bytes([55 - v])  # (27 <-> 28)
+    for bad in (low_v, high_s, good[:64], good + b"\x00"):
+        with pytest.raises(SignatureError, match="not in the form the staking contract takes"):
+            recover_accusation(chain, staking, prov.address, evidence, "0x" + bad.hex())
+    # one taken before this: the relay rules the dispute unbonded instead of raising on every try
+    assert not checking._open_dispute(w.rt, prov.address, ver.address, evidence, "0x" + low_v.hex())  # noqa: SLF001
+    assert not w.ops.dispute_of(evidence).is_open and w.ops.stake_state(ver.address).bonded == 0
+    assert checking._open_dispute(w.rt, prov.address, ver.address, evidence, "0x" + good.hex())  # noqa: SLF001
+    assert w.ops.dispute_of(evidence).is_open
+
+
 def test_a_verifiers_second_open_accusation_is_bonded_too(world: World) -> None:
     """The relay asked GridStaking.freeStakeOf whether a verifier could back an accusation; that is 0 while any of
     its accusations is open, so a second one at once went unbonded (a false one then cost nothing) although accuse
