@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -208,21 +209,43 @@ def _deadline(rt: Runtime, spec: JobSpec, tokens_per_s: int, queued: int, now: i
     return now + max(rt.settings.unit_deadline_min_s, due)
 
 
+def _lock_providers(s: Session, providers: Iterable[str]) -> None:
+    """Take the rows of ``providers`` till the transaction ends (PostgreSQL; SQLite has one writer at a time), in
+    address order, in one statement: two steps that assign units (matching rounds, a reap's standbys) to one
+    provider then count its units one after the other (:func:`_assign`), and a conviction, which writes the row
+    first, is seen by the step waiting for it."""
+    with s.no_autoflush:
+        s.execute(select(Provider.address).where(Provider.address.in_(sorted(set(providers))))
+                  .order_by(Provider.address).with_for_update()).all()
+
+
 def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer, price: int, rank: int,
-            how: str, busy: dict[str, int]) -> None:
-    """Give ``unit`` to ``offer``'s provider; ``busy`` (``_busy``, kept up to date by the caller's round) counts it."""
+            how: str, busy: dict[str, int]) -> bool:
+    """Give ``unit`` to ``offer``'s provider, if it still may have it: the unit still pending, its job still running,
+    the provider still active with a free slot, as the database has them now (a matching round decides on what it
+    read before: a stop, a conviction, another round or a reap's standby may have committed since; the caller took
+    the provider's row first, :func:`_lock_providers`). ``busy`` (``_busy``, kept up to date by the caller's round)
+    counts it. True if assigned."""
     provider, region = offer.provider, offer.region
-    prov = s.get(Provider, provider)
-    assert prov is not None
     now = now_s()
-    busy[provider] = busy.get(provider, 0) + 1
-    deadline = _deadline(rt, JobSpec.model_validate(job.spec), offer.throughput, busy[provider], now)
-    unit.status, unit.provider, unit.price, unit.rank = "assigned", provider, price, rank
-    unit.assigned_at, unit.heartbeat_at, unit.steps_done, unit.deadline_at = now, None, 0, deadline
-    unit.attempts += 1
-    prov.assigned += 1
+    queued = busy.get(provider, 0) + 1
+    deadline = _deadline(rt, JobSpec.model_validate(job.spec), offer.throughput, queued, now)
+    holds = (select(func.count()).select_from(Unit).where(Unit.provider == provider, Unit.status == "assigned")
+             .scalar_subquery())
+    may = select(Provider.address).where(Provider.address == provider, Provider.status == "active",
+                                         Provider.capacity > holds).exists()
+    running = select(Job.id).where(Job.id == unit.job_id, Job.status == "running").exists()
+    if s.execute(update(Unit).where(Unit.id == unit.id, Unit.status == "pending", running, may).values(
+            status="assigned", provider=provider, price=price, rank=rank, assigned_at=now, heartbeat_at=None,
+            steps_done=0, deadline_at=deadline, attempts=Unit.attempts + 1),
+            execution_options={"synchronize_session": "fetch"}).rowcount != 1:
+        return False
+    busy[provider] = queued
+    s.execute(update(Provider).where(Provider.address == provider).values(assigned=Provider.assigned + 1),
+              execution_options={"synchronize_session": "fetch"})
     log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=provider,
         region=region, price=str(price), rank=rank, how=how, deadline=deadline)
+    return True
 
 
 def run_matching(rt: Runtime) -> list[matching.Assignment]:
@@ -244,10 +267,9 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
                                          _back_after_dropping(s, [u for u, _ in pending]))
         units = {u.id: (u, j) for u, j in pending}
         by_provider = {o.provider: o for o in offers}
-        for a in got:
-            unit, job = units[a.unit_id]
-            _assign(rt, s, unit, job, by_provider[a.provider], a.price, a.rank, "matching round", busy)
-        return got
+        _lock_providers(s, (a.provider for a in got))
+        return [a for a in got if _assign(rt, s, *units[a.unit_id], by_provider[a.provider], a.price, a.rank,
+                                          "matching round", busy)]
 
 
 def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[int | None, str]:
@@ -678,7 +700,11 @@ def reap(rt: Runtime) -> int:
         stale = s.execute(select(Unit, Job).join(Job, Unit.job_id == Job.id).where(
             Unit.status == "assigned", silent | (Unit.deadline_at < now))).all()
         busy = _busy(s) if stale else {}
-        offers = _offers(s, busy, _live_since(rt, now)) if stale else []
+        # (not to a provider this pass takes a unit from: silent, or stuck past a deadline)
+        reaped = {u.provider for u, _ in stale}
+        offers = [o for o in _offers(s, busy, _live_since(rt, now)) if o.provider not in reaped] if stale else []
+        if offers:
+            _lock_providers(s, (o.provider for o in offers))
         for u, job in stale:
             dropped = u.provider
             assert dropped is not None
@@ -702,7 +728,7 @@ def reap(rt: Runtime) -> int:
             prov.verified_streak = 0  # a dropout starts its trusted-host record over
             if move.replacement is not None:
                 r = move.replacement
-                _assign(rt, s, u, job, r, r.price, 0, f"standby for {dropped}", busy)
+                _assign(rt, s, u, job, r, r.price, 0, f"standby for {dropped}", busy)  # (else: the next round's)
                 offers = [o if o.provider != r.provider else replace(o, free_slots=o.free_slots - 1) for o in offers]
             n += 1
         quiet = func.coalesce(Verification.heartbeat_at, Verification.assigned_at) < cutoff

@@ -291,3 +291,132 @@ def test_the_live_window_follows_the_heartbeat_deadline() -> None:
     assert Settings(unit_timeout_s=120).resolved_provider_live_s() == 360  # 3 heartbeat deadlines
     assert Settings(unit_timeout_s=2).resolved_provider_live_s() == 60  # never under 4 beats at 15 s
     assert Settings(unit_timeout_s=120, provider_live_s=900).resolved_provider_live_s() == 900
+
+
+# ---------------------------------------------------------------- a matching round against what commits meanwhile
+
+def _offering(w: World, i: int, price: int, capacity: int = 1) -> LocalAccount:
+    acct = w.providers[i]
+    _staked(w, acct)
+    service.register_provider(w.rt, acct.address, ProviderRegister(
+        region="eu-north", gpu="cpu", vram_mb=16_000, price=str(price), tokens_per_s=10_000, capacity=capacity))
+    return acct
+
+
+def _held(w: World) -> dict[str, list[str]]:
+    with w.rt.sessions() as s:
+        out: dict[str, list[str]] = {}
+        for u in s.scalars(select(Unit).where(Unit.status == "assigned")):
+            out.setdefault(str(u.provider), []).append(u.id)
+        return out
+
+
+def _during_matching(monkeypatch: pytest.MonkeyPatch, meanwhile: Any) -> list[bool]:
+    """Run ``meanwhile()`` (another worker's step: its own transaction, committed) once a matching round has read
+    its pending units and offers, before it writes its assignments."""
+    from marketplace import matching
+
+    real, fired = matching.match_last_resort, []
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            meanwhile()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matching, "match_last_resort", hooked)
+    return fired
+
+
+def test_a_matching_round_and_a_reaps_standby_at_once_never_overfill_a_provider(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round reads A (one slot) free for a pending unit; meanwhile the reaper hands A, as standby, a silent
+    provider's unit. The round wrote its decision over that: A held 2 units for its 1 slot, each with a deadline
+    for 1 queued (a late dropout to come). Now an assignment is conditional on what the database has when it is
+    written: the round's is refused, and its unit waits for the next."""
+    _offering(world, 0, tokens(2))
+    held_by_x = _job(world, "held-by-x", _spec())
+    service.run_matching(world.rt)
+    a = _offering(world, 1, tokens(1))
+    pending = _job(world, "pending", _spec())
+    _silent(world, held_by_x)
+    fired = _during_matching(monkeypatch, lambda: service.reap(world.rt))
+    assert service.run_matching(world.rt) == [] and fired
+    assert _held(world)[a.address] == [_unit(world, held_by_x).id]  # the standby's, alone
+    assert _unit(world, pending).status == "pending"
+    with world.rt.sessions() as s:
+        prov = s.get(Provider, a.address)
+        assert prov is not None and prov.assigned == 1
+
+
+def test_two_matching_rounds_at_once_never_overfill_a_provider_nor_undo_the_others_assignment(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 1 reads one pending unit and A, B free; round 2 (another worker) reads after a cheaper C registered and
+    a second job came, assigns the first unit to C and the second to A, and commits. Round 1 then wrote the first
+    unit to A (C's assignment silently undone; A 2 units for 1 slot). Now it is refused."""
+    a = _offering(world, 0, tokens(2))
+    _offering(world, 1, tokens(3))
+    first = _job(world, "first", _spec())
+    c = world.providers[2]
+
+    def other_round() -> None:
+        _job(world, "second", _spec().model_copy(update={"vram_mb": 12_000}))  # too big for C
+        _staked(world, c)
+        service.register_provider(world.rt, c.address, ProviderRegister(
+            region="eu-north", gpu="cpu", vram_mb=8_000, price=str(tokens(1)), tokens_per_s=10_000, capacity=1))
+        assert len(service.run_matching(world.rt)) == 2
+
+    fired = _during_matching(monkeypatch, other_round)
+    assert service.run_matching(world.rt) == [] and fired
+    held = _held(world)
+    assert held[c.address] == [_unit(world, first).id] and len(held[a.address]) == 1 and len(held) == 2
+
+
+def test_a_stop_or_a_conviction_during_a_matching_round_stands(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A customer's stop commits while a round decides: the round wrote the cancelled unit back to ``assigned`` (a
+    provider then trained it for nothing, and it counted as open work for ever). A provider convicted while a round
+    decides got work all the same. Now both stand."""
+    from marketplace import cancellation
+
+    a = _offering(world, 0, tokens(1))
+    stopped = _job(world, "stopped", _spec())
+
+    def stop() -> None:
+        with world.rt.sessions.begin() as s:
+            assert cancellation.stop_in(s, stopped, "cancelled by the customer", 123)
+
+    fired = _during_matching(monkeypatch, stop)
+    assert service.run_matching(world.rt) == [] and fired
+    assert _unit(world, stopped).status == "cancelled" and service.next_work(world.rt, a.address) is None
+    monkeypatch.undo()
+    convicted = _job(world, "to-a-cheat", _spec())
+
+    def convict() -> None:  # what checking._convicted commits first
+        with world.rt.sessions.begin() as s:
+            s.execute(update(Provider).where(Provider.address == a.address).values(status="slashed", stake=0))
+
+    fired = _during_matching(monkeypatch, convict)
+    assert service.run_matching(world.rt) == [] and fired
+    assert _unit(world, convicted).status == "pending" and a.address not in _held(world)
+
+
+def test_the_reaper_hands_no_unit_to_a_provider_it_takes_one_from_in_the_same_pass(world: World) -> None:
+    """X and Y, cheap, each silent on a unit; Z, dearer, live with free slots. The reaper offered X's unit to Y and
+    Y's to X (both still "seen lately"): each waited another timeout, and each dropout was counted twice. Now a
+    provider the pass takes a unit from is no standby in it: Z takes both."""
+    x = _offering(world, 0, tokens(1), capacity=2)
+    on_x = _job(world, "on-x", _spec())
+    service.run_matching(world.rt)
+    y = _offering(world, 1, tokens(1), capacity=2)
+    with world.rt.sessions.begin() as s:  # X full for now: Y takes the second job
+        s.execute(update(Provider).where(Provider.address == x.address).values(capacity=1))
+    on_y = _job(world, "on-y", _spec())
+    service.run_matching(world.rt)
+    with world.rt.sessions.begin() as s:
+        s.execute(update(Provider).where(Provider.address == x.address).values(capacity=2))
+    assert _held(world) == {x.address: [_unit(world, on_x).id], y.address: [_unit(world, on_y).id]}
+    z = _offering(world, 2, tokens(2), capacity=2)
+    _silent(world, on_x)
+    _silent(world, on_y)
+    assert service.reap(world.rt) == 2
+    assert sorted(_held(world)[z.address]) == sorted([_unit(world, on_x).id, _unit(world, on_y).id])
