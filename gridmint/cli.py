@@ -105,7 +105,7 @@ def job_status(job_id: str, marketplace: MarketOpt = "http://127.0.0.1:8000") ->
     """A job's status, rounds, units verified and held-out losses, as JSON (the full record: GET /jobs/ID)."""
     import json
 
-    job = _reader(marketplace).job(job_id)
+    job = _reader(marketplace).job(job_id.lower())  # (ids are lowercase hex at the marketplace)
     keep = ("job_id", "customer", "status", "round", "rounds", "budget", "eval_losses", "refund")
     out = {k: job[k] for k in keep if k in job}
     units = job.get("units") or []

@@ -35,6 +35,8 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
     me = client.account.address
     if job_id is not None:
         check_job_id(job_id, me)
+        job_id = job_id.lower()  # (an id written with the checksummed address: the marketplace takes lowercase hex,
+        # and a mixed-case one was refused after its escrow was funded)
     wire = spec.model_dump(mode="json")
     quote = client.quote(wire)
     job_id = job_id or new_job_id(me)
@@ -68,6 +70,7 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
 
 def download_weights(client: MarketClient, job_id: str, dest: Path) -> dict[str, Any]:
     """The job's global model (its final model once ``done``) as safetensors at ``dest``; says which it is."""
+    job_id = job_id.lower()
     job = client.job(job_id)
     resp = client.http.get(f"/jobs/{job_id}/weights")
     if resp.status_code != 200:

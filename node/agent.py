@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -174,7 +174,7 @@ class ProviderAgent:
         # with a progress journal: a unit stopped partway (a kill, a reboot, Ctrl-C) goes on from its last kept
         # segment when the node is started again before the unit's deadline
         self.trainer: Callable[..., UnitResult] = lambda spec, start, workdir: train_unit(
-            spec, start, workdir, plan=self.plan, on_step=self._between_steps, resume_as=self.build)
+            spec, start, workdir, plan=self.plan_for(spec), on_step=self._between_steps, resume_as=self.build)
         # a referee's request to reveal a state, seen by the heartbeat thread while a unit trains; answered by the
         # training thread between two steps (a long unit must not outlast the reveal deadline)
         self._ask: dict[str, Any] | None = None
@@ -188,11 +188,23 @@ class ProviderAgent:
             from node.adversary import ADVERSARIES, trains_on_its_plan
 
             cheat = ADVERSARIES[cfg.adversary]
-            self.trainer = ((lambda spec, start, workdir: cheat(spec, start, workdir, plan=self.plan))
+            self.trainer = ((lambda spec, start, workdir: cheat(spec, start, workdir, plan=self.plan_for(spec)))
                             if trains_on_its_plan(cheat) else cheat)
 
     def say(self, msg: str) -> None:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")
+
+    def plan_for(self, spec: UnitSpec) -> Plan:
+        """The plan this node trains ``spec`` on: its own, unless the spec's batch does not split into its
+        micro-batches (a customer's batch of 15 on a cpu/mb2 node: training stopped at the first step, and the node
+        with it, on every restart, till the unit was reaped as its dropout). Then the fewest micro-batches above its
+        own that split the batch (smaller ones: no more memory), else the most below (1 at least); the result says
+        which plan it was trained on, as always."""
+        m, batch = self.plan.micro_batches, spec.batch_size
+        if batch % m == 0:
+            return self.plan
+        divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+        return replace(self.plan, micro_batches=next((d for d in divisors if d > m), divisors[-1]))
 
     def setup(self) -> dict[str, Any]:
         check_market_recipe(self.client.config.get("recipe"))  # before anything is staked
@@ -331,6 +343,9 @@ class ProviderAgent:
             if work.get("due"):
                 self.say(f"training unit {spec.unit_id[:10]}: {spec.steps} steps, due in "
                          f"{int(work['due']) - int(time.time())} s")
+            if (plan := self.plan_for(spec)) != self.plan:
+                self.say(f"[yellow]unit {spec.unit_id[:10]}'s batch of {spec.batch_size} does not split into "
+                         f"{self.plan.micro_batches} micro-batches: trained on plan {plan.label}[/]")
             with self.heartbeats(spec.unit_id):
                 result = self.trainer(spec, model_only(start), unit_dir)
         except (UnitWithdrawn, Stopped) as exc:
@@ -357,7 +372,8 @@ class ProviderAgent:
         a node restarted before the marketplace took the result hands it in from there instead of training the unit
         again. The checkpoints' SHA-256 are kept with it, so a damaged file is found before it is uploaded."""
         files = [Path(p) for p in (*result.segment_paths, result.final_path)]
-        kept = {"unit_id": spec.unit_id, "spec_hash": spec.spec_hash(), "plan": self.plan.label, "build": self.build,
+        kept = {"unit_id": spec.unit_id, "spec_hash": spec.spec_hash(), "plan": self.plan_for(spec).label,
+                "build": self.build,
                 "proof": result.proof.to_dict(), "losses": [float(x) for x in result.losses],
                 "files": [[p.relative_to(unit_dir).as_posix(), checkpoint.file_sha256(p)] for p in files]}
         tmp = unit_dir / (RESULT_FILE + ".tmp")
@@ -382,7 +398,7 @@ class ProviderAgent:
         try:
             kept = json.loads(path.read_text())
             why = next((f"its {k} was {kept.get(k)!r}" for k, want in (
-                ("unit_id", spec.unit_id), ("spec_hash", spec.spec_hash()), ("plan", self.plan.label),
+                ("unit_id", spec.unit_id), ("spec_hash", spec.spec_hash()), ("plan", self.plan_for(spec).label),
                 ("build", self.build)) if kept.get(k) != want), None)
             if why is None:
                 bad = [name for name, sha in kept["files"] if checkpoint.file_sha256(unit_dir / name) != sha]

@@ -116,3 +116,18 @@ def test_a_job_whose_units_could_never_be_handed_in_is_refused_before_anything_i
     r = httpx.post(f"{market.url}/jobs/quote", json=many.model_dump(mode="json"))
     assert r.status_code == 422 and "at most 10000" in r.text and "segment_len 10 or more" in r.text
     assert client.quote(SPEC.model_dump(mode="json"))["units"] == 2  # the usual shapes are quoted as before
+
+
+def test_a_job_id_written_with_the_checksummed_address_is_submitted_and_read_as_lowercase(market) -> None:
+    """The README's job id is the customer's address then 12 random bytes; written with the address's EIP-55 form
+    it was taken by the wallet check (case-insensitive) and funded on chain, and then POST /jobs refused it (ids are
+    lowercase hex there): the escrow funded for an id no submission could use. Now it is submitted, and read, as
+    lowercase."""
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, max_price=tokens(1))
+    customer = market.account(gmt=tokens(100))
+    client, contracts = MarketClient(market.url, customer), market.contracts(customer)
+    job_id = "0x" + customer.address[2:] + "AB" * 12
+    assert job_id != job_id.lower()
+    out = submit(client, contracts, spec, job_id, say=lambda _: None)
+    assert out["job_id"] == job_id.lower() and client.job(job_id.lower())["status"] == "running"
+    assert contracts.get_job(job_id).remaining == spec.budget()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -332,3 +333,27 @@ def test_a_reveal_asked_while_a_hand_in_waits_to_be_tried_again_is_answered_mean
     assert len(sent) == 1 and sent[0]["step"] == 1 and 1 < len(tries) < 6, (sent, tries)
     assert "while a unit's hand-in waits to be tried again" in said(capsys)
     assert unit_status(market, job_id) == "verified"  # handed in once the marketplace answered
+
+
+def test_a_node_whose_micro_batches_do_not_split_a_jobs_batch_trains_it_on_a_plan_that_does(market, tmp_path: Path,
+                                                                                             capsys) -> None:
+    """A customer's batch of 15 matched to a node on cpu/mb2 (its registration says nothing of its plan): training
+    stopped at the first step with "does not split into 2 micro-batches", the node's loop with it (not a marketplace
+    error), and again on every restart, till the unit was reaped as its dropout. Now the node trains it on the
+    fewest micro-batches above its own that split the batch (3: smaller ones, no more memory) and says so; the
+    marketplace takes the result, on the plan it declares."""
+    from tests.marketplace.test_flow import provider
+
+    spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=4, segment_len=2, batch_size=15, max_price=tokens(2),
+                   verification="none")
+    p = provider(market, tmp_path, "mb2", "us-east", "0.9", plan="cpu/mb2")
+    job_id = submit_job(market, spec)
+    market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
+    assert p.work_once()
+    assert "batch of 15 does not split into 2 micro-batches: trained on plan cpu/mb3" in said(capsys)
+    with market.rt.sessions() as s:
+        [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
+        assert unit.status == "verified" and unit.plan == "cpu/mb3"
+    # its own where it splits; a batch with no divisor from 3 to 64 (a prime past 64; one sample): one micro-batch
+    assert [p.plan_for(SimpleNamespace(batch_size=b)).micro_batches  # type: ignore[arg-type]
+            for b in (16, 15, 67, 1)] == [2, 3, 1, 1]
