@@ -35,6 +35,10 @@ contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
     bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
     bytes32 public constant GOVERNOR_ROLE = keccak256("GOVERNOR_ROLE");
     bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
+    /// @dev The per-unit path (`release`) pays an address at once, claimable in the next block: no dispute window,
+    /// no guardian veto. A role of its own, which a production operator key does not hold (ledger/deploy.py): one
+    /// stolen from a marketplace machine could otherwise empty every open escrow before anyone could pause.
+    bytes32 public constant UNIT_SETTLER_ROLE = keccak256("UNIT_SETTLER_ROLE");
 
     /// @dev customer, closableAt, pausedAtCancel and closed share one slot (uint40 seconds last 34,000 years).
     struct Job {
@@ -152,7 +156,7 @@ contract JobEscrow is AccessControl, PauseClock, ReentrancyGuardTransient {
     /// Refused once a cancelled job's grace is over (EscrowJobCancelled(jobId, closableAt)).
     function release(bytes32 jobId, bytes32 unitId, address provider, uint256 amount)
         external
-        onlyRole(SETTLER_ROLE)
+        onlyRole(UNIT_SETTLER_ROLE)
         whenNotPaused
     {
         if (provider == address(0)) revert EscrowZeroAddress();

@@ -37,6 +37,7 @@ ROLE_CONTRACTS: dict[str, tuple[str, ...]] = {
     "LOCKER_ROLE": ("staking",),
     "REFEREE_ROLE": ("staking",),
     "SETTLER_ROLE": ("escrow",),
+    "UNIT_SETTLER_ROLE": ("escrow",),
     "POSTER_ROLE": ("distributor",),
     "PROPOSER_ROLE": ("timelock",),
     "EXECUTOR_ROLE": ("timelock",),

@@ -62,7 +62,9 @@ class Deployment:
 #: - staking: SLASHER (``marketplace.checking`` slashes a verifier that passed a canary), REFEREE (the referee relays
 #:   accusations and resolves or dismisses them). Not LOCKER: nothing in the marketplace locks stake, and a leaked key
 #:   that could would freeze any provider's stake.
-#: - escrow: SETTLER (``marketplace.settlement``: ``releaseToPool`` a settled job's pay, ``close`` it).
+#: - escrow: SETTLER (``marketplace.settlement``: ``releaseToPool`` a settled job's pay, ``close`` it). Not
+#:   UNIT_SETTLER: the per-unit ``release`` pays an address at once (no dispute window, no guardian veto), and the
+#:   marketplace never sends it; a leaked key that could would empty every open escrow within a block.
 #: - distributor: POSTER (``marketplace.settlement.post_epoch``: each epoch's payout root).
 OPERATOR_ROLES: dict[str, tuple[str, ...]] = {
     "staking": ("SLASHER_ROLE", "REFEREE_ROLE"),
@@ -74,7 +76,7 @@ OPERATOR_ROLES: dict[str, tuple[str, ...]] = {
 #: guardian's, besides DEFAULT_ADMIN_ROLE everywhere and the timelock's proposer, executor and admin roles.
 DEV_DEPLOYER_ROLES: dict[str, tuple[str, ...]] = {
     "staking": ("GUARDIAN_ROLE", "SLASHER_ROLE", "LOCKER_ROLE", "REFEREE_ROLE"),
-    "escrow": ("GUARDIAN_ROLE", "SETTLER_ROLE"),
+    "escrow": ("GUARDIAN_ROLE", "SETTLER_ROLE", "UNIT_SETTLER_ROLE"),
     "distributor": ("GUARDIAN_ROLE", "POSTER_ROLE"),
     "kill_switch": ("GUARDIAN_ROLE",),
 }

@@ -79,7 +79,7 @@ class EscrowOps(TokenStakingOps):
         return bool(self._call(self.escrow, "unitReleased", to_bytes32(job_id, "job_id"), to_bytes32(unit_id, "unit_id")))
 
     def release(self, job_id: bytes | str, unit_id: bytes | str, provider: str, amount: int) -> bool:
-        """Pay ``amount`` of ``job_id``'s escrow to ``provider`` for unit ``unit_id`` (needs SETTLER_ROLE).
+        """Pay ``amount`` of ``job_id``'s escrow to ``provider`` for unit ``unit_id`` (needs UNIT_SETTLER_ROLE).
 
         Idempotent per (job, unit): returns False, sending nothing, if that unit was already released. Raises
         EscrowError ``EscrowJobCancelled(job, closableAt)`` once a cancelled job's grace is over.

@@ -42,6 +42,7 @@ describe("JobEscrow", function () {
     ]);
     await escrow.grantRole(await escrow.GUARDIAN_ROLE(), guardian.address);
     await escrow.grantRole(await escrow.SETTLER_ROLE(), settler.address);
+    await escrow.grantRole(await escrow.UNIT_SETTLER_ROLE(), settler.address);
     await distributor.grantRole(await distributor.GUARDIAN_ROLE(), guardian.address);
     for (const c of [customer, customer2]) {
       await token.transfer(c.address, FUNDING * 10n);
@@ -471,12 +472,21 @@ describe("JobEscrow", function () {
       expect(funded).to.be.greaterThan(40n);
     });
 
-    it("reverts with AccessControlUnauthorizedAccount without SETTLER_ROLE", async function () {
+    it("reverts with AccessControlUnauthorizedAccount without UNIT_SETTLER_ROLE", async function () {
       const { escrow, customer, provider } = await networkHelpers.loadFixture(fundedFixture);
       await expect(escrow.connect(customer).release(JOB, UNIT, provider.address, 1n))
         .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
-        .withArgs(customer.address, await escrow.SETTLER_ROLE());
+        .withArgs(customer.address, await escrow.UNIT_SETTLER_ROLE());
     });
+
+    it("is not the pool settler's: SETTLER_ROLE alone (a production operator key) cannot pay an address at once",
+      async function () {
+        const { escrow, admin, customer, provider } = await networkHelpers.loadFixture(fundedFixture);
+        await escrow.connect(admin).grantRole(await escrow.SETTLER_ROLE(), customer.address);
+        await expect(escrow.connect(customer).release(JOB, UNIT, provider.address, 1n))
+          .to.be.revertedWithCustomError(escrow, "AccessControlUnauthorizedAccount")
+          .withArgs(customer.address, await escrow.UNIT_SETTLER_ROLE());
+      });
   });
 
   describe("releaseToPool", function () {

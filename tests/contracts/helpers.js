@@ -141,13 +141,14 @@ export const ROLES = {
   LOCKER_ROLE: ethers.id("LOCKER_ROLE"),
   REFEREE_ROLE: ethers.id("REFEREE_ROLE"),
   SETTLER_ROLE: ethers.id("SETTLER_ROLE"),
+  UNIT_SETTLER_ROLE: ethers.id("UNIT_SETTLER_ROLE"),
   POSTER_ROLE: ethers.id("POSTER_ROLE"),
 };
 
-// ledger/deploy.py's OPERATOR_ROLES: what the deployer (the marketplace operator) receives on each contract.
+// ledger/deploy.py's DEV_DEPLOYER_ROLES: what the deployer receives on each contract in a development deployment.
 const OPERATOR_ROLES = {
   staking: ["GUARDIAN_ROLE", "SLASHER_ROLE", "LOCKER_ROLE", "REFEREE_ROLE"],
-  escrow: ["GUARDIAN_ROLE", "SETTLER_ROLE"],
+  escrow: ["GUARDIAN_ROLE", "SETTLER_ROLE", "UNIT_SETTLER_ROLE"],
   distributor: ["GUARDIAN_ROLE", "POSTER_ROLE"],
   killSwitch: ["GUARDIAN_ROLE"],
 };

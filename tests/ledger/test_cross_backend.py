@@ -86,7 +86,7 @@ def test_reverts_decode_identically(hardhat_node: HardhatNode) -> None:
         ("EscrowError", "EscrowJobIdNotYours", ("job", "provider")),
         ("InsufficientEscrowError", "EscrowInsufficientFunds", ("job", 100, 101)),
         ("InsufficientStakeError", "StakingInsufficientStake", ("provider", 0, 1)),
-        ("UnauthorizedError", "AccessControlUnauthorizedAccount", ("provider", keccak(text="SETTLER_ROLE"))),
+        ("UnauthorizedError", "AccessControlUnauthorizedAccount", ("provider", keccak(text="UNIT_SETTLER_ROLE"))),
         ("StakeFrozenError", "StakingStillUnbonding", ("provider", "ready_at")),
         ("InsufficientStakeError", "StakingInsufficientStake", ("verifier", 0, 100)),
         ("SettlementError", "SettlementUnknownEpoch", (1, 0)),

@@ -33,7 +33,7 @@ BATCH = keccak(text="production-batch")
 EVIDENCE = keccak(text="production-evidence")
 EVIDENCE_2 = keccak(text="production-evidence-2")
 ROLE_NAMES = ("DEFAULT_ADMIN_ROLE", "GOVERNOR_ROLE", "GUARDIAN_ROLE", "SLASHER_ROLE", "LOCKER_ROLE", "REFEREE_ROLE",
-              "SETTLER_ROLE", "POSTER_ROLE", "PROPOSER_ROLE", "EXECUTOR_ROLE", "CANCELLER_ROLE")
+              "SETTLER_ROLE", "UNIT_SETTLER_ROLE", "POSTER_ROLE", "PROPOSER_ROLE", "EXECUTOR_ROLE", "CANCELLER_ROLE")
 ADMIN = role_id("DEFAULT_ADMIN_ROLE")
 
 
@@ -159,6 +159,9 @@ def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
     with pytest.raises(UnauthorizedError) as lock_info:  # nor lock a provider's stake (LOCKER is not the operator's)
         ops.lock_stake(prod.provider.address, 1)
     unauthorized(lock_info, op, "LOCKER_ROLE")
+    with pytest.raises(UnauthorizedError) as release_info:  # nor pay itself from an escrow on the per-unit path
+        ops.release(keccak(text="any-open-job"), keccak(text="any-unit"), op, 1)  # (claimable the next block)
+    unauthorized(release_info, op, "UNIT_SETTLER_ROLE")
     with pytest.raises(UnauthorizedError) as guardian_info:  # nor a guardian (pause, void a root, cancel a proposal)
         ops._send(ops._contract("kill_switch"), "pauseAll")  # noqa: SLF001
     unauthorized(guardian_info, op, "GUARDIAN_ROLE")

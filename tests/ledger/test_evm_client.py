@@ -49,8 +49,8 @@ class TestDeploy:
 
     def test_grant_role_is_idempotent_and_effective(self, world: World) -> None:
         job = world.job()
-        assert world.admin.grant_role("SETTLER_ROLE", world.outsider.address) is True
-        assert world.admin.grant_role("SETTLER_ROLE", world.outsider.address) is False
+        assert world.admin.grant_role("UNIT_SETTLER_ROLE", world.outsider.address) is True
+        assert world.admin.grant_role("UNIT_SETTLER_ROLE", world.outsider.address) is False
         world.customer.fund_job(job, 100)
         assert world.outsider.release(job, UNIT_A, world.provider.address, 10) is True
 
