@@ -88,12 +88,12 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
                              labels=["referee"])
     for referee, t in sorted(snap.pools_seen.items()):
         seen.add_metric([referee], t)
-    checks = GaugeMetricFamily("gridmint_checks_open", "Checks not yet answered, by status: stocking (waiting for a "
-                               "worker to forge the unit's canaries), pending (waiting for a verifier), assigned (out "
-                               "with a verifier, a canary too), held (a real check behind a canary out), auditing "
-                               "(passed, waiting for the referee's audit replay)",
-                               labels=["status"])
-    for status, n in sorted(({s: 0 for s in OPEN_CHECKS} | snap.checks).items()):
+    checks = GaugeMetricFamily("gridmint_checks_open", "Real checks not yet answered, by status: stocking (waiting "
+                               "for a worker to forge the unit's canaries), pending (waiting for a verifier), "
+                               "assigned (out with a verifier, or held behind a canary out with one: planted canaries "
+                               "are neither counted nor told apart), auditing (passed, waiting for the referee's "
+                               "audit replay)", labels=["status"])
+    for status, n in sorted(({s: 0 for s in PUBLIC_CHECK_STATES} | snap.checks).items()):
         checks.add_metric([status], n)
     return [
         units, jobs, providers, disputes, seen, checks,
@@ -105,6 +105,10 @@ def market_families(snap: MarketSnapshot) -> list[Metric]:
         GaugeMetricFamily("gridmint_payout_epoch_latest", "Newest payout epoch whose root is posted on chain (0: none)",
                           value=snap.latest_posted_epoch),
     ]
+
+
+#: The states ``gridmint_checks_open`` reports: the open ones less "held" (counted as "assigned")
+PUBLIC_CHECK_STATES = tuple(c for c in OPEN_CHECKS if c != "held")
 
 
 def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence[str] = ()) -> MarketSnapshot:
@@ -127,9 +131,14 @@ def read_snapshot(s: Session, *, now: int, active_window_s: int, pools: Sequence
             .group_by(Unit.build, Verification.fallback_at.is_not(None))):
         referee = judging_pool(build, pools, bool(fallen_back)) or "default"
         disputes[referee] = disputes.get(referee, 0) + int(n)
-    checks = {str(k): int(v) for k, v in s.execute(select(Verification.status, func.count())
-                                                    .where(Verification.status.in_(OPEN_CHECKS))
-                                                    .group_by(Verification.status))}
+    # (a public page: a verifier reading it around its poll must not tell a canary from a real task, as it did by
+    # the "held" row and the canary's own appearing; a held check is counted as the one out, canaries not at all)
+    checks: dict[str, int] = {}
+    for status, n in s.execute(select(Verification.status, func.count())
+                               .where(Verification.status.in_(OPEN_CHECKS), Verification.canary.is_(None))
+                               .group_by(Verification.status)):
+        key = "assigned" if status == "held" else str(status)
+        checks[key] = checks.get(key, 0) + int(n)
     stocking = s.scalar(select(func.min(Verification.created_at)).where(Verification.status == "stocking"))
     return MarketSnapshot(units=by_status(Unit.status), jobs=by_status(Job.status),
                           providers=by_status(Provider.status),
