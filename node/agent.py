@@ -29,7 +29,7 @@ from node.crosscheck import Plan
 from node.device import benchmark, local_plan, plan_build, probe
 from node.keepalive import beat_interval, beating
 from node.trainer import (PROGRESS_FILE, UnitResult, UnitSpec, check_market_recipe, check_recipe, checkpoint_metadata,
-                          model_only, state_hash, train_unit)
+                          fit_micro_batches, model_only, state_hash, train_unit)
 from protocol.errors import GridMintError, GridMintValueError
 from protocol.money import format_tokens
 from protocol.proof import TrainingProof
@@ -195,16 +195,11 @@ class ProviderAgent:
         console.print(f"[dim]{self.account.address[:10]}[/] {msg}")
 
     def plan_for(self, spec: UnitSpec) -> Plan:
-        """The plan this node trains ``spec`` on: its own, unless the spec's batch does not split into its
-        micro-batches (a customer's batch of 15 on a cpu/mb2 node: training stopped at the first step, and the node
-        with it, on every restart, till the unit was reaped as its dropout). Then the fewest micro-batches above its
-        own that split the batch (smaller ones: no more memory), else the most below (1 at least); the result says
-        which plan it was trained on, as always."""
-        m, batch = self.plan.micro_batches, spec.batch_size
-        if batch % m == 0:
-            return self.plan
-        divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
-        return replace(self.plan, micro_batches=next((d for d in divisors if d > m), divisors[-1]))
+        """The plan this node trains ``spec`` on, as its result declares it: its own, unless the spec's batch does
+        not split into its micro-batches (a customer's batch of 15 on a cpu/mb2 node: training stopped at the first
+        step, and the node with it, on every restart, till the unit was reaped as its dropout). Then the micro-batches
+        every machine splits that batch into for its plan (:func:`node.trainer.fit_micro_batches`)."""
+        return replace(self.plan, micro_batches=fit_micro_batches(self.plan.micro_batches, spec.batch_size))
 
     def setup(self) -> dict[str, Any]:
         check_market_recipe(self.client.config.get("recipe"))  # before anything is staked

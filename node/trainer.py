@@ -473,15 +473,25 @@ def same_bits(plan: Plan, build: str | None, other: Plan, other_build: str | Non
     return plan == other and plan.exact and bool(build) and build == other_build
 
 
+def fit_micro_batches(micro_batches: int, batch: int) -> int:
+    """The micro-batches a plan of ``micro_batches`` splits a batch of ``batch`` into: its own where they split it
+    evenly, else the fewest above them that do (smaller micro-batches: no more memory), else the most below (1 at
+    least), at most 64. One rule on every machine (provider, verifier, referee), so a plan computes the same bits
+    wherever it runs, whatever batch a customer chose (a batch of 15 stopped every cpu/mb2 node and verifier)."""
+    if batch % micro_batches == 0:
+        return micro_batches
+    divisors = [d for d in range(1, min(batch, 64) + 1) if batch % d == 0]
+    return next((d for d in divisors if d > micro_batches), divisors[-1])
+
+
 def plan_step(model: TinyGPT, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, plan: Plan) -> float:
-    if plan.micro_batches == 1:
+    m = fit_micro_batches(plan.micro_batches, x.shape[0])
+    if m == 1:
         return train_step(model, opt, x, y)
-    if x.shape[0] % plan.micro_batches:
-        raise GridMintValueError(f"batch of {x.shape[0]} does not split into {plan.micro_batches} micro-batches")
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for xs, ys in zip(x.chunk(plan.micro_batches), y.chunk(plan.micro_batches)):
-        part = model.loss(xs, ys) / plan.micro_batches  # equal chunks: the mean over the batch, summed in parts
+    for xs, ys in zip(x.chunk(m), y.chunk(m)):
+        part = model.loss(xs, ys) / m  # equal chunks: the mean over the batch, summed in parts
         part.backward()
         total += float(part.detach())
     opt.step()

@@ -341,16 +341,22 @@ def test_a_node_whose_micro_batches_do_not_split_a_jobs_batch_trains_it_on_a_pla
     stopped at the first step with "does not split into 2 micro-batches", the node's loop with it (not a marketplace
     error), and again on every restart, till the unit was reaped as its dropout. Now the node trains it on the
     fewest micro-batches above its own that split the batch (3: smaller ones, no more memory) and says so; the
-    marketplace takes the result, on the plan it declares."""
-    from tests.marketplace.test_flow import provider
+    marketplace takes the result, on the plan it declares. A verifier on cpu/mb2 stopped the same way on its check
+    (its replay, and its tolerance's calibration, ran its own plan): every machine now splits such a batch alike
+    (node.trainer.fit_micro_batches), and it passes the honest work."""
+    from node.crosscheck import Plan
+    from tests.marketplace.test_flow import provider, staked_verifier
 
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=4, segment_len=2, batch_size=15, max_price=tokens(2),
-                   verification="none")
+                   verification="full")
+    market.rt.settings.canary_rate = 0.0
     p = provider(market, tmp_path, "mb2", "us-east", "0.9", plan="cpu/mb2")
     job_id = submit_job(market, spec)
     market.wait(lambda: _assigned(market, job_id) == 1, what="the unit matched")
     assert p.work_once()
     assert "batch of 15 does not split into 2 micro-batches: trained on plan cpu/mb3" in said(capsys)
+    v = staked_verifier(market, tmp_path, "v-mb2", plan=Plan.parse("cpu/mb2"))
+    assert [v.verify_once(), v.verify_once(), v.verify_once()] == ["ok", "ok", None]  # both segments, then none
     with market.rt.sessions() as s:
         [unit] = s.scalars(select(Unit).where(Unit.job_id == job_id))
         assert unit.status == "verified" and unit.plan == "cpu/mb3"

@@ -14,7 +14,7 @@ from node import adversary
 from node import crosscheck as cc
 from node.model import init_state
 from node.prover import honest_step, train_traced
-from node.trainer import UnitSpec, fresh_state
+from node.trainer import UnitSpec, fit_micro_batches, fresh_state
 from protocol.errors import GridMintValueError
 from protocol.proof import make_proof
 from tests.node.conftest import TINY
@@ -216,9 +216,13 @@ def test_distance_tolerance_and_plan_reject_bad_input() -> None:
                  "cuda:" + "x" * 25):
         with pytest.raises(GridMintValueError):
             cc.Plan.parse(text)
-    with pytest.raises(GridMintValueError, match="micro-batches"):
-        spec = replace(_spec(1), batch_size=3)
-        cc.PlanRunner(spec, fresh_state(START), cc.Plan(micro_batches=2)).run(0, 1)
+    # a plan whose micro-batches do not split the batch runs on those every machine fits to it (it raised, and
+    # stopped every node and verifier on it at a customer's batch of 15): the same bits as the fitted plan's
+    spec = replace(_spec(1), batch_size=3)
+    fitted, three = (cc.PlanRunner(spec, fresh_state(START), cc.Plan(micro_batches=m)) for m in (2, 3))
+    assert fitted.run(0, 2) == three.run(0, 2) and cc.state_hash(fitted.snapshot()) == cc.state_hash(three.snapshot())
+    assert [fit_micro_batches(m, b) for m, b in ((2, 16), (2, 15), (2, 3), (4, 6), (2, 67), (2, 1), (64, 1024))] \
+        == [2, 3, 3, 6, 1, 1, 64]
 
 
 def test_training_on_a_plan_is_the_trainer_on_the_provider_plan_and_re_derivable_on_another(tmp_path) -> None:
