@@ -56,8 +56,10 @@ def collect(rt: Runtime, now: int | None = None) -> dict[str, Any]:
     """Delete the blobs nothing needs (module docstring); logs and returns what went (files, bytes)."""
     now = now_s() if now is None else now
     with rt.sessions() as s:
-        keep = referenced(s, now, rt.settings.blob_retention_s)
+        # (what is in flight first: a result submitted between the two reads is then either still in flight, its
+        # uploads kept by their age, or named by its unit, kept by name; read the other way round, neither)
         in_flight = s.scalar(select(func.min(Unit.assigned_at)).where(Unit.status == "assigned"))
+        keep = referenced(s, now, rt.settings.blob_retention_s)
     older_than = now - rt.settings.blob_orphan_s
     if in_flight is not None:
         older_than = min(older_than, in_flight - 60)  # (an upload for a unit in flight came after its assignment)

@@ -68,44 +68,57 @@ class BlobStore:
             claim(sha, tensors, metadata)
         del tensors
         target = self.path(sha)
-        if not self._holds(sha, target):
-            if target.exists():
-                log.warning("blob %s: its corrupt copy is replaced by the same bytes uploaded again", sha)
-            fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())  # on disk before it has a name: a host crash leaves no torn blob named right
-                os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
-            except BaseException:
-                with contextlib.suppress(OSError):  # a full disk: the partial file must not keep it full
-                    os.unlink(tmp)
-                raise
-            self._remember(sha, target.stat())
-        else:
+        if self._holds(sha, target):
             # handed in again: its age starts over, so the collector (:meth:`collect`) never takes a blob somebody
-            # has just uploaded, or written, to name it next
-            with contextlib.suppress(FileNotFoundError):
+            # has just uploaded, or written, to name it next; unless the collector took it meanwhile: written again
+            try:
                 os.utime(target)
                 self._remember(sha, target.stat())
+                return sha
+            except FileNotFoundError:
+                pass
+        if target.exists():
+            log.warning("blob %s: its corrupt copy is replaced by the same bytes uploaded again", sha)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())  # on disk before it has a name: a host crash leaves no torn blob named right
+            os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: the partial file must not keep it full
+                os.unlink(tmp)
+            raise
+        self._remember(sha, target.stat())
         return sha
 
     def collect(self, keep: set[str], older_than: float) -> tuple[int, int]:
         """Delete every blob not in ``keep`` last written or handed in before ``older_than`` (unix s), and partial
-        writes (``.part``) as old; returns (files, bytes) deleted. A blob being named meanwhile is handed in anew
-        first (:meth:`put_checkpoint` renews its age), so its age is read again just before it goes."""
+        writes (``.part``, and a collection's own ``.gc`` left by a crash) as old; returns (files, bytes) deleted. A
+        blob being named meanwhile is handed in anew first (:meth:`put_checkpoint` renews its age, or writes it again
+        if it is gone), so its age is read again, once it is taken aside, just before it goes."""
         files = size = 0
         for p in self.root.iterdir():
             sha = p.name.removesuffix(".safetensors")
             if p.suffix == ".safetensors" and sha in keep:
                 continue
-            if p.suffix not in (".safetensors", ".part"):
+            if p.suffix not in (".safetensors", ".part", ".gc"):
                 continue
             try:
                 st = p.stat()
                 if st.st_mtime >= older_than:
                     continue
+                if p.suffix == ".safetensors":
+                    # taken aside first, then its age read again: one handed in again between the two reads (its
+                    # age renewed, or, found gone, written anew under its name) stays
+                    aside = p.with_suffix(".gc")
+                    os.replace(p, aside)
+                    st = aside.stat()
+                    if st.st_mtime >= older_than:
+                        os.replace(aside, p)
+                        continue
+                    p = aside
                 p.unlink()
             except FileNotFoundError:
                 continue

@@ -509,6 +509,12 @@ def advance(rt: Runtime, job_id: str) -> str:
         if not math.isfinite(loss):
             raise GridMintValueError(f"the averaged model's held-out loss is {loss}")
     except (CheckpointError, GridMintValueError) as exc:  # not a chain error: a retry would fail the same way
+        if any(b and not rt.blobs.path(b).exists() for b in blobs):
+            # a checkpoint of the round not in the store (its verified units' blobs were all there when each was
+            # submitted): a storage problem here (a share not mounted, a restore), not the providers' bytes, and a
+            # retry (the task's, then the sweep's) finds it back; as a corrupt copy is (BlobCorruptError)
+            raise FileNotFoundError(f"round {round_} of job {job_id}: a checkpoint is missing from the blob store "
+                                    f"({exc}); the round is averaged once it is back") from exc
         try:
             return _fail(rt, job_id, round_, blobs, f"round {round_} could not be averaged into a usable model: {exc}")
         except _RoundChanged:  # (as below: the verdict that credits the unit again advances, and fails it then)

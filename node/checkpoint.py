@@ -45,6 +45,9 @@ MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 8192
 #: torch sizes are int64: a larger dimension (with another one 0, so the byte count checks out) is a TypeError there.
 MAX_DIM = 2**63 - 1
+#: The most dimensions a tensor may have (torch allows 64; a training state's have at most 2). Bounds the byte count's
+#: product: 230 dims of 2**63 - 1 made a number too long to print (a bare ValueError, a 500), 50,000 took 6 s of CPU.
+MAX_RANK = 8
 MAX_FILE_BYTES = 4 * 1024**3
 #: How deep a header's brackets may nest: {"name": {"shape": [...]}} is 3, the most a valid header has. Checked before
 #: json.loads, which recurses once per level in C: eth_account (py_ecc) raises the recursion limit to 100,000, so a
@@ -205,6 +208,9 @@ def _parse_header(blob: bytes) -> dict[str, Any]:
         raise CheckpointError(f"safetensors header is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"safetensors header must be a JSON object, got {type(header).__name__}")
+    tensors = len(header) - ("__metadata__" in header)  # counted again as parsed: a key written with an escape
+    if tensors > MAX_TENSORS:  # ("data\u005foffsets") is not counted above
+        raise CheckpointError(f"safetensors header describes {tensors} tensors, over the {MAX_TENSORS} limit")
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"safetensors __metadata__ must map str to str, got {meta!r}")
@@ -249,8 +255,9 @@ def _check_entry(name: str, entry: Any) -> tuple[int, int]:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in DTYPE_SIZES:
         raise CheckpointError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}")
-    if not isinstance(shape, list) or not all(_is_uint(d) and d <= MAX_DIM for d in shape):
-        raise CheckpointError(f"tensor {name!r}: shape must be a list of ints in [0, 2**63), got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_uint(d) and d <= MAX_DIM for d in shape):
+        raise CheckpointError(f"tensor {name!r}: shape must be a list of at most {MAX_RANK} ints in [0, 2**63), got "
+                              f"{str(shape)[:200]}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
         raise CheckpointError(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
     begin, end = offsets

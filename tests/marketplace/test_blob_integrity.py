@@ -134,3 +134,39 @@ def test_a_round_is_not_averaged_from_a_corrupt_checkpoint_nor_its_job_failed(wo
     assert service.advance(w.rt, job_id) == "running"
     with w.rt.sessions() as s:
         assert s.get(Job, job_id).round == 1
+
+
+def test_a_round_whose_checkpoint_is_missing_from_the_store_waits_for_it_and_its_job_is_not_failed(
+        world: World) -> None:
+    """A verified unit's final checkpoint briefly not in the store (a share not mounted, a restore under way): advance
+    took the missing blob for bad bytes and failed the job for good (the customer kept the last round's model, its
+    rounds to come refunded), as a corrupt copy no longer does. Now it raises FileNotFoundError: the job stays
+    running, the sweep queues the advance again, and the round is averaged once the file is back."""
+    w = world
+    job_id = new_job_id(w.customer.address, keccak(text="missing-final")[:RANDOM_BYTES])
+    w.customer.fund_job(job_id, SPEC.budget())
+    service.create_job(w.rt, w.customer.address, job_id, SPEC)
+    with w.rt.sessions.begin() as s:
+        for shard, who in enumerate(w.providers[:2]):
+            s.add(Provider(address=who.address, region="eu-north", gpu="test", vram_mb=8000, price=PRICE,
+                           tokens_per_s=1000, capacity=1, stake=tokens(100)))
+            u = s.scalars(select(Unit).where(Unit.job_id == job_id, Unit.shard == shard)).one()
+            u.status, u.provider, u.price, u.assigned_at = "verified", who.address, PRICE, int(time.time())
+            u.final_blob = w.rt.blobs.put_checkpoint(checkpoint.serialize(init_state(model_config(SPEC), shard),
+                                                                          {"kind": "unit"}))
+            s.add(LedgerEntry(job_id=job_id, unit_id=u.id, provider=who.address, amount=PRICE))
+            missing = u.final_blob
+    path = w.rt.blobs.path(missing)
+    away = path.with_name("away")
+    path.rename(away)
+    with pytest.raises(FileNotFoundError, match="a checkpoint is missing from the blob store"):
+        service.advance(w.rt, job_id)
+    with w.rt.sessions() as s:
+        assert (s.get(Job, job_id).status, s.get(Job, job_id).round) == ("running", 0)  # type: ignore[union-attr]
+        assert not list(s.scalars(select(Event).where(Event.job_id == job_id, Event.kind == "job_failed")))
+    w.queued.clear()
+    assert service.sweep(w.rt)["advance"] == 1 and w.queued == [("gridmint.advance", [job_id])]
+    away.rename(path)
+    assert service.advance(w.rt, job_id) == "running"
+    with w.rt.sessions() as s:
+        assert s.get(Job, job_id).round == 1  # type: ignore[union-attr]

@@ -101,3 +101,48 @@ def test_a_stocked_canarys_forged_checkpoints_stay_its_retrained_variants_too(ma
                            decoy={"end_blob": forged, "exact": {"end_blob": variant}}))
     blobgc.collect(rt, int(time.time()))
     assert store.has(forged) and store.has(variant)
+
+
+def test_a_blob_handed_in_again_while_the_collector_takes_it_is_kept(tmp_path: Path) -> None:
+    """A standby's deterministic retrain uploads the very bytes of an old orphan blob. The collector could delete the
+    file between the upload finding it there and renewing its age: the upload answered its sha, and nothing was
+    stored (the submission then failed on a missing checkpoint). Or read its old age, see it renewed, and delete it
+    all the same. Now the upload writes it again if it is gone, and the collector reads the age again once the file
+    is taken aside, putting back one renewed meanwhile."""
+    from marketplace.blobs import BlobStore
+    from node import checkpoint
+    from node.model import ModelConfig, init_state
+
+    store = BlobStore(tmp_path / "blobs")
+    data = checkpoint.serialize(init_state(ModelConfig(d_model=16, n_layer=1, n_head=2, ctx=16), 0), {"kind": "unit"})
+    sha = store.put_checkpoint(data)
+    old = time.time() - 7200
+    os.utime(store.path(sha), (old, old))
+    holds = store._holds
+
+    def collected_meanwhile(*args: object) -> bool:  # the collector runs between the look and the renewal
+        found = holds(*args)  # type: ignore[arg-type]
+        assert store.collect(set(), time.time() - 3600) == (1, len(data))
+        return found
+
+    store._holds = collected_meanwhile  # type: ignore[method-assign]
+    assert store.put_checkpoint(data) == sha
+    store._holds = holds  # type: ignore[method-assign]
+    assert store.path(sha).exists() and store.read(sha) == data
+    # the other order: the age renewed after the collector read it, before it deleted the file
+    os.utime(store.path(sha), (old, old))
+    real_replace = os.replace
+
+    def renewed_meanwhile(src: object, dst: object) -> None:
+        if str(dst).endswith(".gc"):
+            os.utime(str(src))  # an upload of the same bytes renews its age just before the file is taken aside
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    os.replace = renewed_meanwhile  # type: ignore[assignment]
+    try:
+        assert store.collect(set(), time.time() - 3600) == (0, 0)
+    finally:
+        os.replace = real_replace
+    assert store.read(sha) == data and not list(store.root.glob("*.gc"))
+    os.utime(store.path(sha), (old, old))
+    assert store.collect(set(), time.time() - 3600) == (1, len(data)) and not store.path(sha).exists()

@@ -237,6 +237,25 @@ def test_a_header_of_too_many_tensors_or_bytes_is_refused_before_json_parses_it(
         checkpoint.load(_raw_blob(padded))
 
 
+def test_a_header_escaping_its_keys_or_of_many_dimensions_is_a_checkpoint_error() -> None:
+    """Two ways past the header's bounds, each a CheckpointError (a 422 at the upload) now: a key written with an
+    escape ("data\\u005foffsets") was not counted before parsing (17,548 tensors loaded against the 8,192 limit),
+    and a shape of 230 dimensions of 2**63 - 1 had a byte count too long to print: a bare ValueError (a 500), and
+    50,000 such dimensions cost 6 s of CPU."""
+    entries = ",".join(f'"t{i:07d}":{{"dtype":"U8","shape":[0],"data\\u005foffsets":[0,0]}}'
+                       for i in range(checkpoint.MAX_TENSORS + 1))
+    with pytest.raises(CheckpointError, match=f"describes {checkpoint.MAX_TENSORS + 1} tensors"):
+        checkpoint.load(_raw_blob(("{" + entries + "}").encode()))
+    for rank in (checkpoint.MAX_RANK + 1, 230):
+        dims = ",".join([str(2**63 - 1)] * rank)
+        with pytest.raises(CheckpointError, match=f"at most {checkpoint.MAX_RANK} ints"):
+            checkpoint.load(_raw_blob(f'{{"a":{{"dtype":"F32","shape":[{dims}],"data_offsets":[0,4]}}}}'.encode(),
+                                      b"\0" * 4))
+    ok = ",".join(["1"] * checkpoint.MAX_RANK)  # (as many as a tensor may have: loads)
+    assert checkpoint.load(_raw_blob(f'{{"a":{{"dtype":"F32","shape":[{ok}],"data_offsets":[0,4]}}}}'.encode(),
+                                     b"\0" * 4))[0]["a"].shape == (1,) * checkpoint.MAX_RANK
+
+
 def test_the_largest_model_a_job_may_ask_for_is_well_inside_the_header_bounds() -> None:
     """The bounds must never refuse real work: the training checkpoint of the largest ModelSpec has its header
     described here (names and shapes as node.trainer writes them; its 3.4 GB of data are not needed for that)."""
