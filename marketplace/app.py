@@ -598,6 +598,10 @@ def _provider_order(q: Any) -> Any:
     return q.order_by(Provider.stake == 0, func.length(Provider.price), Provider.price, Provider.address)
 
 
+#: Check states the public job view shows as "open" (not yet answered: waiting for its canaries or a verifier, or out)
+UNANSWERED = ("stocking", "pending", "assigned")
+
+
 def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
     units = list(s.scalars(select(Unit).where(Unit.job_id == j.id).order_by(Unit.round, Unit.shard)))
     spec = JobSpec.model_validate(j.spec)
@@ -617,8 +621,11 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
         out["payouts"] = [{"unit_id": e.unit_id, "provider": e.provider, "amount": str(e.amount), "released": e.released,
                            **({"verification_id": e.verification_id} if e.verification_id is not None else {})}
                           for e in s.scalars(select(LedgerEntry).where(LedgerEntry.job_id == j.id))]
-        out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment, "status": v.status,
-                                 "provider": v.provider, "verifier": v.verifier}
+        # a check not yet answered is "open", its verifier unsaid: "pending" beside "assigned" told a lazy verifier
+        # which check of its unit waited behind the canary it held (canary.telling), the others handed out past it
+        out["verifications"] = [{"id": v.id, "unit_id": v.unit_id, "segment": v.segment,
+                                 "status": "open" if v.status in UNANSWERED else v.status, "provider": v.provider,
+                                 "verifier": None if v.status in UNANSWERED else v.verifier}
                                 for v in s.scalars(select(Verification).join(Unit).where(
                                     Unit.job_id == j.id, Verification.status != "held",
                                     # a canary shows as the task it is while out, then is gone: it was never a check

@@ -878,7 +878,7 @@ def test_a_units_canaries_are_forged_on_the_worker_while_its_checks_wait(market,
         assert sorted((v.segment, v.status, v.decoy) for v in waiting) == [(0, "stocking", None), (1, "stocking", None)]
         assert verifier.client.next_verification() is None
         listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
-        assert sorted(v["status"] for v in listed) == ["stocking", "stocking"]
+        assert sorted(v["status"] for v in listed) == ["open", "open"]  # (not answered: what for, unsaid)
     finally:
         gate.set()
     _stocked(market)
@@ -1027,7 +1027,7 @@ def test_an_honest_verifier_flags_planted_canaries_and_loses_nothing(market, seg
         headers = httpx.get(f"{market.url}/blobs/{blob}").headers
         assert "last-modified" not in headers and "etag" not in headers
     listed = {v["id"]: v["status"] for v in httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]}
-    assert len(listed) == 8 and listed[row.id] == "assigned"
+    assert len(listed) == 8 and listed[row.id] == "open"  # as any check out or waiting: nothing tells them apart
     held = _rows(market, id=row.canary["held"])[0]
     assert (held.unit_id, held.segment, held.status) == (row.unit_id, row.segment, "held")
     # every other check passes meanwhile, but those that tell the canary out with ``other`` (canary.telling: they
@@ -1257,6 +1257,14 @@ def test_what_tells_a_canary_out_is_handed_to_no_other_verifier_until_it_is_answ
     assert held["segment"] == 0 and _rows(market, id=held["verification_id"])[0].canary is not None
     assert y.verify_once() == "ok" and y.replays == 1
     assert [v.segment for v in _rows(market, verifier=y.agent.account.address)] == [2]  # not 1
+    # nor does the public job view tell x which check waits behind its canary (it listed segment 1 "pending" beside
+    # those out, "assigned"): every check not yet answered is "open", its verifier unsaid
+    job_id = _rows(market, id=held["verification_id"])[0].unit_id
+    with market.rt.sessions() as s:
+        job_id = s.get(Unit, job_id).job_id  # type: ignore[union-attr]
+    listed = httpx.get(f"{market.url}/jobs/{job_id}").json()["verifications"]
+    assert {(v["segment"], v["status"], v["verifier"]) for v in listed} == {
+        (0, "open", None), (1, "open", None), (2, "passed", y.agent.account.address), (3, "open", None)}
     assert x.verify_once() == "ok"  # nothing y saw contradicts it: approved unreplayed
     assert _rows(market, id=held["verification_id"])[0].status == "canary_missed"
     with market.rt.sessions() as s:
