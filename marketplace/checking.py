@@ -122,7 +122,12 @@ def next_verification(rt: Runtime, verifier: str) -> dict[str, Any] | None:
         # when it was queued (no checkpoint I/O here: a canary is handed out as fast as a real task). Its real check
         # is queued again once the canary is answered (or abandoned), and then handed out as itself: a segment is
         # planted at most once, so each check costs at most one extra replay, whatever the rate
-        decoy = task.decoy
+        # a GPU verifier's approval of a canary is excused (or not) against its own GPU's tolerance, which only a
+        # referee with a GPU can stand in for (referee.canary_excuse): with none (no GPU plan among the referee's),
+        # a CPU referee held it to the CPUs' own, ~1e-9, and could slash an honest approval near the truth. Such a
+        # verifier gets no canary; the referee's audits check its passes all the same
+        excusable = Plan.parse(v.plan).device == "cpu" or any(p.device == "cuda" for p in rt.referee_plans())
+        decoy = task.decoy if excusable else None
         if decoy is not None:  # a bf16 job's retrained variant for a bit-for-bit replay (canary.for_verifier)
             decoy = canary.for_verifier(decoy, same_bits(Plan.parse(unit.plan or PROVIDER_PLAN.label),
                                                          unit.build or "", Plan.parse(v.plan), v.build or ""))

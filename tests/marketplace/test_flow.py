@@ -1213,6 +1213,33 @@ def _one_unit_of_four_segments(market, honest: ProviderAgent) -> str:
     return job_id
 
 
+def test_a_gpu_verifier_is_planted_canaries_only_where_a_gpu_referee_can_excuse_its_approvals(
+        market, segments_in_order, tmp_path: Path, monkeypatch) -> None:
+    """A GPU verifier approves within its own GPU's tolerance; a referee with no GPU stood in for it with the CPUs'
+    own (~1e-9), so an honest approval of a canary near the truth could not be excused, and was slashed (found by
+    review). Where no GPU plan is among the referee's, a GPU verifier is handed real checks only (the audits still
+    check its passes); where one is, canaries as any verifier."""
+    from marketplace import canary
+
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    _one_unit_of_four_segments(market, honest)
+    monkeypatch.setattr(canary, "draw", lambda odds: True)
+
+    def gpu_verifier() -> MarketClient:
+        acct = market.account(gmt=tokens(100))
+        client = MarketClient(market.url, acct)
+        client.register_verifier("cuda:h100", "torch-2.13.0.example/cuda-12.8.cudnn-91002.sm90")
+        market.contracts(acct).stake(tokens(100))
+        return client
+
+    task = gpu_verifier().next_verification()
+    assert task is not None and _rows(market, id=task["verification_id"])[0].canary is None
+    market.rt.settings.referee_plans = "cpu,cuda:h100"
+    market.rt.settings.referee_gpu_builds = "torch-2.13.0.example/cuda-12.8.cudnn-91002.sm90"
+    task = gpu_verifier().next_verification()
+    assert task is not None and _rows(market, id=task["verification_id"])[0].canary is not None
+
+
 def test_no_canary_of_a_segment_whose_end_another_verifier_was_shown(market, segments_in_order,
                                                                      tmp_path: Path, monkeypatch) -> None:
     """Two lazy verifiers compare notes. One was handed segment 1 (and replayed it): it knows where segment 0 truly
