@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -281,6 +281,11 @@ def _simulate(config: SimConfig, progress: Callable[[int], None] | None) -> SimR
         taken: list[int] = []  # providers assigned this hour (one entry per run)
         waiting: list[tuple[Demand, int]] = []
         for d, job in pending:
+            # the operators the unit's other replicas are on now (a demand queued earlier carries those of then: two
+            # of its demands, a replica's and a dropout's, both went to the operator the first of them took)
+            ops_now = frozenset(unit_ops.get(d.unit_id, ()))
+            if ops_now != d.excluded_operators:
+                d = replace(d, excluded_operators=ops_now)
             got = assign(d)
             if not got:
                 waiting.append((d, job))

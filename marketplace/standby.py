@@ -44,11 +44,12 @@ def dropouts(last_heartbeat_s: Mapping[str, int], now_s: int, deadline_s: int) -
 def pick_standbys(offers: Sequence[Offer], demand: Demand, count: int, assigned: Collection[str],
                   table: CostTable = DEFAULT_TABLE) -> list[Offer]:
     """The ``count`` cheapest offers with a free slot that are eligible for ``demand`` (the job's
-    requirements), leaving out the providers in ``assigned`` (already working on the job). At most one per
-    operator, so one operator going down cannot take every standby with it. Cheapest first."""
+    requirements, its excluded operators too), leaving out the providers in ``assigned`` (already working on the
+    job). At most one per operator, so one operator going down cannot take every standby with it. Cheapest first."""
     if count < 0:
         raise GridMintValueError(f"standby count must be >= 0, got {count}")
-    candidates = sorted((o for o in offers if o.free_slots > 0 and o.provider not in assigned and eligible(o, demand)),
+    candidates = sorted((o for o in offers if o.free_slots > 0 and o.provider not in assigned and eligible(o, demand)
+                         and o.operated_by not in demand.excluded_operators),
                         key=lambda o: sort_key(o, table))
     out: list[Offer] = []
     operators: set[str] = set()
@@ -85,7 +86,8 @@ def reassign_on_dropout(demand: Demand, dropped: str, dropped_record: Reliabilit
                   demand.regions, demand.replicas, demand.excluded_operators)
     chosen: Offer | None = None
     for o in standbys:
-        if o.free_slots > 0 and eligible(o, unit) and o.operated_by not in busy_operators:
+        if (o.free_slots > 0 and eligible(o, unit) and o.operated_by not in busy_operators
+                and o.operated_by not in unit.excluded_operators):
             chosen = o
             break
     rest = tuple(o for o in standbys if o is not chosen and o.provider != dropped)
