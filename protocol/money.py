@@ -56,7 +56,9 @@ def check_amount(value: int, what: str = "amount") -> int:
 
 
 def format_tokens(base: int, places: int = 4) -> str:
-    """Base units -> human string with ``places`` decimals, exact (rounded down)."""
-    whole, frac = divmod(base, ONE_TOKEN)
+    """Base units -> human string with ``places`` decimals, truncated toward zero (a negative amount, a shortfall,
+    is its magnitude's string with a minus: -1 base unit was "-1.9999 GMT")."""
+    sign = "-" if base < 0 else ""
+    whole, frac = divmod(abs(base), ONE_TOKEN)
     frac_str = f"{frac:0{DECIMALS}d}"[:places]
-    return f"{whole:,}.{frac_str} GMT" if places else f"{whole:,} GMT"
+    return f"{sign}{whole:,}.{frac_str} GMT" if places else f"{sign}{whole:,} GMT"

@@ -106,3 +106,12 @@ def test_token_amounts_are_exact_past_28_significant_digits() -> None:
     assert tokens(12345678901234567890123) == 12345678901234567890123 * 10**18
     whole, frac = divmod(MAX_AMOUNT, 10**18)
     assert tokens(f"{whole}.{frac:018d}") == MAX_AMOUNT
+
+
+def test_format_tokens_is_exact_truncated_toward_zero_and_signed() -> None:
+    from protocol.money import format_tokens
+
+    assert format_tokens(tokens("1.23456")) == "1.2345 GMT" and format_tokens(tokens(1234567)) == "1,234,567.0000 GMT"
+    assert format_tokens(0) == "0.0000 GMT" and format_tokens(1) == "0.0000 GMT"  # one base unit: below 4 places
+    assert format_tokens(-tokens("1.5")) == "-1.5000 GMT" and format_tokens(-1) == "-0.0000 GMT"  # was -1.9999 GMT
+    assert format_tokens(tokens(2), places=0) == "2 GMT" and format_tokens(-tokens(2), places=0) == "-2 GMT"
