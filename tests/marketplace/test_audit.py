@@ -253,6 +253,18 @@ def test_a_friends_pass_of_a_cheat_hiding_in_the_drift_is_bisected_by_the_audit_
         assert s.get(Unit, unit_id).provider == honest.account.address
 
 
+def _ruled_once_the_deadline_passes(market, check_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Run the periodic reap (which hands an audit whose provider let a reveal deadline pass back to the referee)
+    until audit ``check_id`` is ruled on."""
+    def ruled() -> bool:
+        if _rows(market, id=check_id)[0].status != "auditing":
+            return True
+        service.reap(market.rt)
+        return False
+
+    market.wait(ruled, timeout=120, what="the audit ruled on at the deadline")
+
+
 def test_an_audit_whose_provider_stays_silent_is_ruled_on_once_the_reveal_deadline_passes(market,
                                                                                            tmp_path: Path) -> None:
     """A cheat skipping steps on a micro-batch plan (the referee does not replay it bit for bit); its friend passes
@@ -271,14 +283,7 @@ def test_an_audit_whose_provider_stays_silent_is_ruled_on_once_the_reveal_deadli
     [check] = _rows(market, unit_id=unit_id)
     market.wait(lambda: bool(_events(market, "reveal_requested")), timeout=120, what="a state asked of the cheat")
     asked = time.monotonic()
-
-    def ruled() -> bool:
-        if _rows(market, id=check.id)[0].status != "auditing":
-            return True
-        service.reap(market.rt)
-        return False
-
-    market.wait(ruled, timeout=120, what="the audit ruled on at the deadline")
+    _ruled_once_the_deadline_passes(market, check.id)
     assert time.monotonic() - asked < checking.AUDIT_LOST_S / 2
     assert _rows(market, id=check.id)[0].status == "passed" and not _events(market, "state_revealed")
     [slash] = _events(market, "provider_slashed")
@@ -316,14 +321,7 @@ def test_an_honest_verifier_on_the_units_own_plan_keeps_its_stake_when_the_provi
     assert careful.verify_once() == "ok"  # bit for bit, on the unit's own plan and kernels
     [check] = _rows(market, unit_id=unit_id)
     market.wait(lambda: bool(_events(market, "reveal_requested")), timeout=120, what="a state asked")
-
-    def ruled() -> bool:
-        if _rows(market, id=check.id)[0].status != "auditing":
-            return True
-        service.reap(market.rt)
-        return False
-
-    market.wait(ruled, timeout=120, what="the audit ruled on at the deadline")
+    _ruled_once_the_deadline_passes(market, check.id)
     assert _rows(market, id=check.id)[0].status == "passed"
     assert slashed(market) == {honest.account.address}  # it let the deadline pass
     with market.rt.sessions() as s:

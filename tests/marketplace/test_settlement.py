@@ -329,6 +329,16 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
     assert service.sweep(world.rt)["settle"] == 0
 
 
+def _bonded_pair(w: World) -> tuple[Any, Any]:
+    """A verifier bond of 50 GMT, and two of the world's providers staking 120 GMT each: a provider and a verifier."""
+    w.ops.govern([("staking", "setVerifierBond", (tokens(50),))], "bond")
+    prov, ver = w.providers[0], w.providers[1]
+    for a in (prov, ver):
+        w.ops.transfer(a.address, tokens(120))
+        w.ops.as_account(a).stake(tokens(120))
+    return prov, ver
+
+
 def test_an_accusation_in_a_form_the_staking_contract_refuses_is_refused_with_the_verdict_and_never_jams_a_dispute(
         world: World) -> None:
     """eth_account recovers a signer from v 0/1 and from a high s (the same signature, malleated); GridStaking.accuse
@@ -343,11 +353,7 @@ def test_an_accusation_in_a_form_the_staking_contract_refuses_is_refused_with_th
     from protocol.verification import fraud_evidence
 
     w = world
-    w.ops.govern([("staking", "setVerifierBond", (tokens(50),))], "bond")
-    prov, ver = w.providers[0], w.providers[1]
-    for a in (prov, ver):
-        w.ops.transfer(a.address, tokens(120))
-        w.ops.as_account(a).stake(tokens(120))
+    prov, ver = _bonded_pair(w)
     evidence = fraud_evidence("0x" + "01" * 32, 0, prov.address)
     good = w.ops.as_account(ver).sign_accusation(prov.address, evidence, ACCUSE_ALL)
     r, s_, v = good[:32], int.from_bytes(good[32:64], "big"), good[64]
@@ -374,11 +380,7 @@ def test_a_verifiers_second_open_accusation_is_bonded_too(world: World) -> None:
     from protocol.verification import fraud_evidence
 
     w = world
-    w.ops.govern([("staking", "setVerifierBond", (tokens(50),))], "bond")
-    prov, ver = w.providers[0], w.providers[1]
-    for a in (prov, ver):
-        w.ops.transfer(a.address, tokens(120))
-        w.ops.as_account(a).stake(tokens(120))
+    prov, ver = _bonded_pair(w)
     vc = w.ops.as_account(ver)
     evidence = [fraud_evidence("0x" + f"{i:064x}", 0, prov.address) for i in (1, 2, 3)]
     signed = ["0x" + vc.sign_accusation(prov.address, e, ACCUSE_ALL).hex() for e in evidence]
