@@ -2124,12 +2124,13 @@ def test_reveals_are_checked_and_a_provider_that_stays_silent_loses_the_dispute(
     submit_job(market, spec)
     from node.crosscheck import Plan
 
-    # declares a plan the batch of 8 cannot be cut into: refused at submission
-    quiet.plan = Plan.parse("cpu/mb3")
+    # declares a plan the batch of 8 cannot be cut into (as a client would that does not fit its micro-batches to
+    # the batch: ProviderAgent.plan_for): refused at submission
+    quiet.plan_for = lambda spec: Plan.parse("cpu/mb3")  # type: ignore[method-assign]
     with pytest.raises(MarketError) as err:
         market.wait(lambda: quiet.work_once(), what="the unit trained")
     assert err.value.status == 422 and "micro-batches" in str(err.value.detail)
-    quiet.plan = Plan.parse("cpu/mb2")
+    del quiet.plan_for  # (the agent's own again: cpu/mb2 splits a batch of 8)
     market.wait(lambda: quiet.work_once(), what="the unit trained and submitted")
     assert verifier.verify_once() == "fraud"
     ask = market.wait(lambda: quiet.client.next_reveal(), what="the referee asking for a state")
