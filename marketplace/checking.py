@@ -1104,7 +1104,8 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
                                                                                                    verifier)
     before = _slash_whole_stake(rt, provider, treasury, evidence)
     ver_lost = 0
-    if own_bits and not ruling.unbacked:
+    slash_verifier = own_bits and not ruling.unbacked  # (its pass asserted the bits a replay, not silence, refuted)
+    if slash_verifier:
         held = _slash_whole_stake(rt, verifier, treasury, ver_evidence)
         vafter = rt.contracts.stake_state(verifier)
         ver_lost = held - vafter.staked - vafter.unbonding
@@ -1114,8 +1115,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if task.status != "auditing":  # a concurrent run of this step got here first
             return task.status
         task.slash_tx = "0x" + evidence.hex()
-        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if own_bits and not ruling.unbacked
-                               else None, ver_lost)
+        audits = _audit_failed(rt, s, task, ruling, before, ver_evidence if slash_verifier else None, ver_lost)
     for vid, build in audits:
         run_audit(rt, vid, build)
     rt.enqueue("gridmint.match", [])

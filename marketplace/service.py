@@ -543,6 +543,14 @@ class _RoundChanged(Exception):
     """The round's units are no longer those averaged."""
 
 
+def _check_round_unchanged(s: Session, job_id: str, round_: int, blobs: list[str | None]) -> None:
+    """Raise :class:`_RoundChanged` unless round ``round_``'s units are still all verified, on ``blobs``."""
+    now = list(s.execute(select(Unit.status, Unit.final_blob).where(Unit.job_id == job_id, Unit.round == round_)
+                         .order_by(Unit.shard)))
+    if [(st, b) for st, b in now] != [("verified", b) for b in blobs]:
+        raise _RoundChanged(job_id)
+
+
 def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: list[str | None], sha: str,
                 loss: float, stop: tuple[str, int] | None) -> str | None:
     """:func:`advance`'s commit of round ``round_``, averaged from ``blobs`` into ``sha``: the next round, the stop
@@ -555,10 +563,7 @@ def _next_round(rt: Runtime, job_id: str, round_: int, spec: JobSpec, blobs: lis
         if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
                      .values(global_blob=sha)).rowcount != 1:
             return None
-        now = list(s.execute(select(Unit.status, Unit.final_blob).where(Unit.job_id == job_id, Unit.round == round_)
-                             .order_by(Unit.shard)))
-        if [(st, b) for st, b in now] != [("verified", b) for b in blobs]:
-            raise _RoundChanged(job_id)  # (rolls the write above back)
+        _check_round_unchanged(s, job_id, round_, blobs)  # (raising, rolls the write above back)
         job = s.get(Job, job_id)
         assert job is not None
         job.eval_losses = [*job.eval_losses, loss]
@@ -588,10 +593,7 @@ def _fail(rt: Runtime, job_id: str, round_: int, blobs: list[str | None], reason
         if s.execute(update(Job).where(Job.id == job_id, Job.round == round_, Job.status == "running")
                      .values(status="failing")).rowcount != 1:  # another advance got here first
             return str(s.scalar(select(Job.status).where(Job.id == job_id)))
-        now = list(s.execute(select(Unit.status, Unit.final_blob).where(Unit.job_id == job_id, Unit.round == round_)
-                             .order_by(Unit.shard)))
-        if [(st, b) for st, b in now] != [("verified", b) for b in blobs]:
-            raise _RoundChanged(job_id)  # (rolls the write above back)
+        _check_round_unchanged(s, job_id, round_, blobs)  # (raising, rolls the write above back)
         log(s, "job_failed", job_id, round=round_, reason=reason)
     rt.enqueue("gridmint.settle", [job_id])
     return "failing"

@@ -157,29 +157,15 @@ class Settings(BaseSettings):
     @classmethod
     def _pools_read(cls, v: str) -> str:
         """Each pool must be a CPU kernel build (GPU plans are refereed through referee_plans)."""
-        import re
-
-        from protocol.schemas import KERNEL_BUILD
-
-        for b in pool_builds(v):
-            if not re.fullmatch(KERNEL_BUILD, b) or "/cuda-" in b:
-                raise ValueError(f"referee pool {b!r} is not a CPU kernel build (what `gridmint node probe` prints "
-                                 f"on a CPU machine, e.g. torch-2.13.0+cpu.cf30153c/x86_64.authenticamd.avx2/aten-avx2)")
-        return v
+        return _kernel_builds(v, cuda=False, what="referee pool", example="a CPU machine, e.g. "
+                              "torch-2.13.0+cpu.cf30153c/x86_64.authenticamd.avx2/aten-avx2")
 
     @field_validator("referee_gpu_builds")
     @classmethod
     def _gpu_builds_read(cls, v: str) -> str:
         """Each must be a CUDA kernel build."""
-        import re
-
-        from protocol.schemas import KERNEL_BUILD
-
-        for b in pool_builds(v):
-            if not re.fullmatch(KERNEL_BUILD, b) or "/cuda-" not in b:
-                raise ValueError(f"referee GPU build {b!r} is not a CUDA kernel build (what `gridmint node probe` "
-                                 f"prints on a GPU machine, e.g. torch-2.13.0.4a8b0c1d/cuda-12.8.cudnn-91002.sm90)")
-        return v
+        return _kernel_builds(v, cuda=True, what="referee GPU build", example="a GPU machine, e.g. "
+                              "torch-2.13.0.4a8b0c1d/cuda-12.8.cudnn-91002.sm90")
 
     @model_validator(mode="after")
     def _pool_not_the_referee(self) -> "Settings":
@@ -215,6 +201,21 @@ class Settings(BaseSettings):
 def pool_beat_s(wait_s: int) -> float:
     """How often a referee pool's worker says it is alive: well inside ``referee_pool_wait_s`` (at most every 15 s)."""
     return max(0.5, min(15.0, wait_s / 4)) if wait_s else 15.0
+
+
+def _kernel_builds(v: str, *, cuda: bool, what: str, example: str) -> str:
+    """``v``, a comma-separated list of kernel builds, if each is one of a CUDA (``cuda``) or a CPU machine's
+    (node.device.kernel_build); else a ValueError naming it as ``what``."""
+    import re
+
+    from protocol.schemas import KERNEL_BUILD
+
+    kind = "CUDA" if cuda else "CPU"
+    for b in pool_builds(v):
+        if not re.fullmatch(KERNEL_BUILD, b) or ("/cuda-" in b) != cuda:
+            raise ValueError(f"{what} {b!r} is not a {kind} kernel build (what `gridmint node probe` prints on "
+                             f"{example})")
+    return v
 
 
 def pool_builds(pools: str) -> list[str]:
