@@ -271,6 +271,15 @@ class Tolerance:
             raise GridMintValueError(f"not a tolerance: {exc}") from exc
 
 
+#: The least one-step drift the referee's line is drawn over, per metric: a calibration whose plans happened to
+#: agree bit for bit (or nearly) measures ~0, and its line (factor x 0) would sit under the honest drift of runs
+#: that differ at all: fp32 runs that round differently disagree by ~1 ulp of the state (2^-23 relative; ~1e-7
+#: seen, :data:`REFEREE_RULE`), bf16 ones by ~1 ulp of an update (2^-8). The floors keep the line >= 64 x 2^-23
+#: (7.6e-6 of the state) and >= 8 x 2^-8 (3.1e-2 of an update), still far under any faked step (>= 1e-4 of the
+#: state; >= 0.5 of an update).
+REFEREE_DRIFT_FLOOR = {"state": 2.0 ** -23, "update": 2.0 ** -8}
+
+
 def _lengths(up_to: int) -> list[int]:
     out = [1]
     while out[-1] < up_to:
@@ -315,7 +324,8 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
     power-of-two length ``k`` up to the segment length, every aligned window of ``k`` steps is replayed from the
     provider's state on each verifier plan and compared with where the provider got. Dispute tolerance =
     ``factor`` x the worst drift seen (per length, made non-decreasing in ``k``); loss tolerance likewise (at least
-    the floor); referee threshold = ``referee_factor`` x the worst one-step drift by ``referee_metric``.
+    the floor); referee threshold = ``referee_factor`` x the worst one-step drift by ``referee_metric`` (at least
+    :data:`REFEREE_DRIFT_FLOOR`'s: plans that agree bit for bit measure none).
     ``provider_runs``: the provider's trajectories (states before every step, losses), one per unit, trained
     elsewhere (on other kernels: :mod:`node.foreign`) instead of here; ``provider_note`` says where."""
     if referee_metric not in REFEREE_METRICS:
@@ -356,7 +366,7 @@ def calibrate(units: Iterable[tuple[UnitSpec, State]], verifier_plans: Sequence[
         table.append((k, factor * max(running, floor)))
     plans = ", ".join(p.label for p in verifier_plans)
     tol = Tolerance(tuple(table), max(loss_floor_micro, math.ceil(factor * loss_max)),
-                    referee_factor * max(one_step, floor), factor,
+                    referee_factor * max(one_step, REFEREE_DRIFT_FLOOR[referee_metric]), factor,
                     f"provider {provider_plan.label}{provider_note} vs {plans}; {windows} windows; referee {referee_metric} "
                     f"x{referee_factor:g}", referee_metric, tuple(sorted(loss_k.items())))
     return Calibration(honest, loss_max, windows, tol, one_step, loss_k)

@@ -148,6 +148,30 @@ def test_honest_drift_past_the_tolerance_does_not_lead_the_bisection_away_from_t
     assert cc.referee_step(spec, d, cc.RecordedReveal(states), tol, ref).fraud
 
 
+def test_a_calibration_that_saw_no_drift_does_not_put_the_referee_under_honest_drift() -> None:
+    """Plans that agree bit for bit measure no one-step drift; the referee's line (64 x that) must still not fall
+    under the ~1 ulp an honest run on plans that round differently drifts by, or it slashes it."""
+    cal = cc.calibrate([(_spec(i), fresh_state(START)) for i in range(2)], [cc.PROVIDER_PLAN])
+    assert cal.referee_honest_max == 0 and cal.honest_max[1] == 0, "the plans must agree bit for bit here"
+    tol = cal.tolerance
+    assert tol.referee == 64 * cc.REFEREE_DRIFT_FLOOR["state"]
+    spec = _spec(70)
+    honest, _, _ = cc.record_policy(spec, START, honest_step)
+    _, ref = _runners(spec)
+    verdicts = [cc.referee_step(spec, cc.Dispute(spec.unit_id, t // SEG, t, cc.state_hash(honest[t]),
+                                                 cc.state_hash(honest[t + 1]), (), 0), cc.RecordedReveal(honest), tol,
+                                ref) for t in range(0, STEPS, 5)]
+    worst = max(v.distance for v in verdicts)
+    assert worst > 64 * 1e-9, f"an honest step drifted only {worst:.3g}: the old line would not have slashed it"
+    assert not any(v.fraud for v in verdicts), [v.reason for v in verdicts if v.fraud]
+    # and a faked step still lies far past it
+    bad = 13
+    cheat, _, _ = cc.record_policy(spec, START, adversary.SkipSteps(frozenset({bad})))
+    d = cc.Dispute(spec.unit_id, 1, bad, cc.state_hash(cheat[bad]), cc.state_hash(cheat[bad + 1]), (), 0)
+    v = cc.referee_step(spec, d, cc.RecordedReveal(cheat), tol, ref)
+    assert v.fraud and v.distance > 10 * tol.referee
+
+
 def test_an_adaptive_liar_is_cornered_at_its_last_step(tol: cc.Tolerance) -> None:
     spec = _spec(50)
     cheat, _, proof = cc.record_policy(spec, START, adversary.SkipSteps(frozenset({9})))
