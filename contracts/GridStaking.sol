@@ -23,6 +23,10 @@ import {PauseClock} from "./PauseClock.sol";
 /// accusation was made in good faith); or (b) by the governance SLASHER. Each evidence
 /// hash is used once, so slashing is exactly-once even when the off-chain side retries. A slash pays `bountyBps` to
 /// the verifier and the rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
+/// With a `slashDelay` (a production deployment has one), neither is paid at once: the stake leaves the account at
+/// the verdict (it can no longer be unbonded or withdrawn) and waits `slashDelay` seconds, not counting time paused,
+/// before anyone may `finalizeSlash` it; until then the GUARDIAN may `voidSlash` it, returning it to the account. A
+/// slash or verdict sent with a stolen referee / slasher key is then undone, not paid to whoever the thief named.
 contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
@@ -51,7 +55,9 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
 
     /// @dev What storage holds for an account: StakeAccount's fields with `unbondingReadyAt` nominal (the request's
     /// time + the delay then), plus `pausedAtRequest` (pausedSeconds() at the request; `_readyAt` adds the seconds
-    /// paused since). The three small fields share one slot.
+    /// paused since), and `bondsOpen`, the sum of the bonds of its open accusations as bonded (`bonded` is at most
+    /// that: a slash may have cut it, and a voided slash gives back what it cut, up to it). The three small fields
+    /// share one slot.
     struct StakeRecord {
         uint256 staked;
         uint256 locked;
@@ -60,6 +66,29 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         uint64 unbondingReadyAt;
         uint32 openDisputes;
         uint40 pausedAtRequest;
+        uint256 bondsOpen;
+    }
+
+    /// @notice A slash waiting out `slashDelay` (`slashOf`): `amount` taken from `account`, `bounty` of it for
+    /// `verifier`, the rest for the treasury, payable from `readyAt` (the deadline in force, as in StakeAccount).
+    struct PendingSlash {
+        address account;
+        address verifier;
+        uint256 amount;
+        uint256 bounty;
+        uint64 readyAt;
+    }
+
+    /// @dev What storage holds: PendingSlash with `readyAt` nominal, plus pausedSeconds() when it was set, and
+    /// `bondCut`, what the slash cut from the account's open bonds (`_takeStake`): a void backs them again.
+    struct SlashRecord {
+        address account;
+        address verifier;
+        uint256 amount;
+        uint256 bounty;
+        uint64 readyAt;
+        uint40 pausedAtSet;
+        uint256 bondCut;
     }
 
     /// @dev `amount` is the verifier's claimed unearned pay, as signed; it does not cap the slash (see `resolve`).
@@ -76,12 +105,17 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     uint16 public bountyBps;
     uint32 public unbondingDelay;
     uint256 public verifierBond;
+    /// @notice Seconds a slash waits (not counting time paused) before it is paid out, voidable by the guardian
+    /// meanwhile; 0: paid at once (a development deployment).
+    uint32 public slashDelay;
 
     mapping(address account => StakeRecord) private _accounts;
     mapping(bytes32 gpuClass => uint256) private _minStake;
     mapping(bytes32 evidence => bool) private _evidenceUsed;
     mapping(bytes32 evidence => Dispute) private _disputes;
     uint256 private _totalStaked;
+    mapping(bytes32 evidence => SlashRecord) private _pendingSlashes;
+    uint256 private _totalPendingSlashes;
 
     event Staked(address indexed provider, uint256 amount, uint256 newTotal);
     event UnbondRequested(address indexed provider, uint256 amount, uint256 totalUnbonding, uint256 readyAt);
@@ -100,6 +134,10 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     event BountyBpsSet(uint16 bps);
     event UnbondingDelaySet(uint32 delay);
     event VerifierBondSet(uint256 bond);
+    event SlashDelaySet(uint32 delay);
+    event SlashPending(bytes32 indexed evidence, address indexed account, uint256 amount, uint256 readyAt);
+    event SlashFinalized(bytes32 indexed evidence, address indexed account, address indexed verifier, uint256 amount);
+    event SlashVoided(bytes32 indexed evidence, address indexed account, uint256 amount);
 
     error StakingZeroAmount();
     error StakingZeroAddress();
@@ -113,6 +151,9 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     error StakingEvidenceUsed(bytes32 evidence);
     error StakingUnknownDispute(bytes32 evidence);
     error StakingSelfAccusation(address account);
+    error StakingUnknownSlash(bytes32 evidence);
+    error StakingSlashNotReady(bytes32 evidence, uint256 readyAt);
+    error StakingSlashFinal(bytes32 evidence, uint256 readyAt);
 
     constructor(
         IERC20 token_,
@@ -121,7 +162,8 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         address treasury_,
         uint16 bountyBps_,
         uint32 unbondingDelay_,
-        uint256 verifierBond_
+        uint256 verifierBond_,
+        uint32 slashDelay_
     ) EIP712("GridStaking", "1") {
         if (address(token_) == address(0) || admin == address(0) || governor == address(0) || treasury_ == address(0))
         {
@@ -133,6 +175,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         bountyBps = bountyBps_;
         unbondingDelay = unbondingDelay_;
         verifierBond = verifierBond_;
+        slashDelay = slashDelay_;
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         _grantRole(GOVERNOR_ROLE, governor);
     }
@@ -241,6 +284,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         if (bond == 0 || bond > free) revert StakingInsufficientStake(verifier, free, bond == 0 ? 1 : bond);
 
         v.bonded += bond;
+        v.bondsOpen += bond;
         v.openDisputes += 1;
         p.openDisputes += 1;
         _disputes[evidence] = Dispute(provider, verifier, amount, bond);
@@ -260,13 +304,13 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         (Dispute memory d, uint256 bondLeft) = _closeDispute(evidence);
         if (fraud) {
             StakeRecord storage p = _accounts[d.provider];
-            uint256 slashed = _takeStake(d.provider, p.staked + p.unbonding);
+            (uint256 slashed, uint256 cut) = _takeStake(d.provider, p.staked + p.unbonding);
             emit DisputeResolved(evidence, true, slashed);
-            _payOut(d.provider, d.verifier, evidence, slashed);
+            _payOut(d.provider, d.verifier, evidence, slashed, cut);
         } else {
-            uint256 penalty = _takeStake(d.verifier, bondLeft);
+            (uint256 penalty, uint256 cut) = _takeStake(d.verifier, bondLeft);
             emit DisputeResolved(evidence, false, penalty);
-            _payOut(d.verifier, address(0), evidence, penalty);
+            _payOut(d.verifier, address(0), evidence, penalty, cut);
         }
     }
 
@@ -299,6 +343,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
             p.openDisputes -= 1;
             v.openDisputes -= 1;
             v.bonded = bonded - bondLeft;
+            v.bondsOpen -= d.bond;
         }
     }
 
@@ -319,8 +364,52 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         StakeRecord storage a = _accounts[provider];
         if (a.staked + a.unbonding == 0) revert StakingNothingToSlash(provider);
         _evidenceUsed[evidence] = true;
-        uint256 slashed = _takeStake(provider, amount);
-        _payOut(provider, verifier, evidence, slashed);
+        (uint256 slashed, uint256 cut) = _takeStake(provider, amount);
+        _payOut(provider, verifier, evidence, slashed, cut);
+    }
+
+    // ---------------------------------------------------------------- slashing: the delay
+
+    /// @notice Pay out the slash for `evidence` once its delay has passed (`slashOf(evidence).readyAt`): `bounty` to
+    /// its verifier, the rest to the treasury. Anyone may send it; each slash is paid once.
+    function finalizeSlash(bytes32 evidence) external whenNotPaused nonReentrant {
+        SlashRecord memory r = _pendingSlashes[evidence];
+        if (r.amount == 0) revert StakingUnknownSlash(evidence);
+        uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
+        if (block.timestamp < readyAt) revert StakingSlashNotReady(evidence, readyAt);
+        delete _pendingSlashes[evidence];
+        // unchecked: every pending slash added its amount to the total.
+        unchecked {
+            _totalPendingSlashes -= r.amount;
+        }
+        emit SlashFinalized(evidence, r.account, r.verifier, r.amount);
+        _transferSlash(r.verifier, r.amount, r.bounty);
+    }
+
+    /// @notice Guardian: undo the slash for `evidence` before its delay has passed; its amount goes back to the
+    /// account's stake (`staked`, free to unbond again), and what it cut from the account's open bonds backs them
+    /// again (as far as they are still open). Works while paused: the guardian pauses first, then voids. The
+    /// evidence stays spent.
+    function voidSlash(bytes32 evidence) external onlyRole(GUARDIAN_ROLE) nonReentrant {
+        SlashRecord memory r = _pendingSlashes[evidence];
+        if (r.amount == 0) revert StakingUnknownSlash(evidence);
+        uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
+        if (block.timestamp >= readyAt) revert StakingSlashFinal(evidence, readyAt);
+        delete _pendingSlashes[evidence];
+        // unchecked: every pending slash added its amount to the total.
+        unchecked {
+            _totalPendingSlashes -= r.amount;
+        }
+        StakeRecord storage a = _accounts[r.account];
+        uint256 staked = a.staked + r.amount;
+        a.staked = staked;
+        _totalStaked += r.amount;
+        if (r.bondCut > 0) {
+            uint256 bonded = a.bonded + r.bondCut;
+            uint256 cap = a.bondsOpen < staked + a.unbonding ? a.bondsOpen : staked + a.unbonding;
+            a.bonded = bonded < cap ? bonded : cap;
+        }
+        emit SlashVoided(evidence, r.account, r.amount);
     }
 
     // ---------------------------------------------------------------- governance
@@ -354,6 +443,12 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     function setVerifierBond(uint256 bond) external onlyRole(GOVERNOR_ROLE) {
         verifierBond = bond;
         emit VerifierBondSet(bond);
+    }
+
+    /// @notice Applies to slashes made from now on; those pending keep their deadline.
+    function setSlashDelay(uint32 delay) external onlyRole(GOVERNOR_ROLE) {
+        slashDelay = delay;
+        emit SlashDelaySet(delay);
     }
 
     // ---------------------------------------------------------------- views
@@ -391,6 +486,20 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         return _totalStaked;
     }
 
+    /// @notice Tokens this contract holds for slashes waiting out their delay (not part of `totalStaked`).
+    function totalPendingSlashes() external view returns (uint256) {
+        return _totalPendingSlashes;
+    }
+
+    /// @notice The slash for `evidence` waiting out its delay (amount 0: none; paid, voided, or never delayed);
+    /// `readyAt` is the deadline in force.
+    function slashOf(bytes32 evidence) external view returns (PendingSlash memory) {
+        SlashRecord storage r = _pendingSlashes[evidence];
+        // the cast cannot truncate: a timestamp + a uint32 delay + a uint40 count of seconds paused fit in 64 bits.
+        return PendingSlash(r.account, r.verifier, r.amount, r.bounty,
+                            uint64(_deadlineInForce(r.readyAt, r.pausedAtSet)));
+    }
+
     function evidenceUsed(bytes32 evidence) external view returns (bool) {
         return _evidenceUsed[evidence];
     }
@@ -423,7 +532,8 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     /// draws on), so that stake added later is free and a false verdict takes only what is still backed (review R4:
     /// the canary path slashes a verifier's whole stake; its bond used to be taken again from its next stake).
     /// `locked` is not cut: nothing is ever paid out of a lock, and the LOCKER releases exactly what it locked.
-    function _takeStake(address account, uint256 amount) private returns (uint256 taken) {
+    /// Returns `bondCut` too: how much that cut `bonded` (a voided slash gives it back).
+    function _takeStake(address account, uint256 amount) private returns (uint256 taken, uint256 bondCut) {
         StakeRecord storage a = _accounts[account];
         uint256 staked = a.staked;
         uint256 unbonding = a.unbonding;
@@ -439,13 +549,36 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         }
         a.staked = staked;
         a.unbonding = unbonding;
-        if (a.bonded > staked + unbonding) a.bonded = staked + unbonding;
+        uint256 bonded = a.bonded;
+        if (bonded > staked + unbonding) {
+            // unchecked: bonded > staked + unbonding.
+            unchecked {
+                bondCut = bonded - (staked + unbonding);
+            }
+            a.bonded = staked + unbonding;
+        }
     }
 
-    /// @dev Splits `slashed`: bountyBps to `verifier` (none if it is address(0)), the rest to the treasury.
-    function _payOut(address provider, address verifier, bytes32 evidence, uint256 slashed) private {
+    /// @dev Splits `slashed`: bountyBps to `verifier` (none if it is address(0)), the rest to the treasury; paid at
+    /// once without a `slashDelay`, else held for `finalizeSlash` (or `voidSlash`). The split is fixed now.
+    function _payOut(address provider, address verifier, bytes32 evidence, uint256 slashed, uint256 bondCut)
+        private
+    {
         uint256 bounty = verifier == address(0) ? 0 : (slashed * bountyBps) / MAX_BPS;
         emit Slashed(provider, verifier, evidence, slashed, bounty);
+        uint32 delay = slashDelay;
+        if (delay == 0 || slashed == 0) {
+            _transferSlash(verifier, slashed, bounty);
+            return;
+        }
+        uint256 readyAt = block.timestamp + delay;
+        _pendingSlashes[evidence] =
+            SlashRecord(provider, verifier, slashed, bounty, uint64(readyAt), _pausedSecondsNow(), bondCut);
+        _totalPendingSlashes += slashed;
+        emit SlashPending(evidence, provider, slashed, readyAt);
+    }
+
+    function _transferSlash(address verifier, uint256 slashed, uint256 bounty) private {
         if (bounty > 0) token.safeTransfer(verifier, bounty);
         // unchecked: bounty <= slashed because bountyBps <= MAX_BPS.
         unchecked {

@@ -306,9 +306,11 @@ def verifier_run(
             raise typer.Exit(2)  # refused for good (benched, or short of stake it cannot top up): said already
 
 
-#: Production defaults of ``gridmint marketplace deploy``: the timelock's delay and a payout root's dispute window.
+#: Production defaults of ``gridmint marketplace deploy``: the timelock's delay, a payout root's dispute window and
+#: how long a slash waits before it is paid out (the guardian can void it meanwhile).
 TIMELOCK_DELAY_S = 2 * 24 * 3600
 DISPUTE_WINDOW_S = 24 * 3600
+SLASH_DELAY_S = 24 * 3600
 
 
 @market_app.command("deploy")
@@ -322,7 +324,8 @@ def market_deploy(
                                                          "multisig, not the operator key. Required unless --dev")]
         = None,
     guardian: Annotated[Optional[str], typer.Option(help="Address that can pause everything, void a payout root "
-                                                         "inside its dispute window and cancel a pending timelock "
+                                                         "inside its dispute window or a slash inside its delay, "
+                                                         "and cancel a pending timelock "
                                                          "operation; not the operator key (default: the governor)")]
         = None,
     supply: Annotated[str, typer.Option(help="GMT minted, all of it to --treasury (with --dev, to the operator key, "
@@ -340,6 +343,10 @@ def market_deploy(
                                                               "guardian can void it meanwhile, never with 0 (0 only "
                                                               "with --dev); also the shortest time between two "
                                                               "payout epochs")] = DISPUTE_WINDOW_S,
+    slash_delay_s: Annotated[int, typer.Option(min=0, help="Seconds a slash's stake waits before it is paid to the "
+                                                           "verifier and the treasury: the guardian can void it "
+                                                           "meanwhile (a slash sent with a stolen operator key), "
+                                                           "never with 0 (0 only with --dev)")] = SLASH_DELAY_S,
     dev: Annotated[bool, typer.Option(help="Development chain: the operator key stays admin of everything (it can "
                                            "skip the timelock) and zero delays are allowed. Never with real money")]
         = False,
@@ -351,7 +358,7 @@ def market_deploy(
     The operator key keeps only what serve and worker send (SETTLER, POSTER, SLASHER, REFEREE), and no GMT: the
     whole --supply is minted to --treasury. GridTimelock becomes the only admin of every contract; --governor
     proposes and executes through it, after --timelock-delay-s in public; --guardian pauses, voids bad payout roots
-    and cancels proposals. --dev: the development wiring instead (the operator key admin of everything, and holder
+    and slashes (within --slash-delay-s) and cancels proposals. --dev: the development wiring instead (the operator key admin of everything, and holder
     of the supply)."""
     from eth_utils import is_address, to_checksum_address
 
@@ -370,7 +377,8 @@ def market_deploy(
         raise GridMintValueError("--governor and --guardian are for a production deployment: --dev leaves every role "
                                  "with the operator key")
     # The flags first: checking against the operator key (below) needs marketplace.bootstrap, seconds of imports.
-    governor = None if dev else _production_governor(governor, timelock_delay_s, dispute_window_s, unbonding)
+    governor = None if dev else _production_governor(governor, timelock_delay_s, dispute_window_s, unbonding,
+                                                     slash_delay_s)
 
     from ledger.chain import Chain
     from ledger.deploy import OPERATOR_ROLES, Governance, deploy
@@ -394,7 +402,7 @@ def market_deploy(
     deployment = deploy(chain, operator, supply=tokens(supply), treasury=treasury,
                         verifier_bond=tokens(verifier_bond), unbonding_delay_s=unbonding,
                         cancel_grace_s=cancel_grace_s, timelock_delay_s=timelock_delay_s,
-                        dispute_window_s=dispute_window_s, governance=governance)
+                        dispute_window_s=dispute_window_s, slash_delay_s=slash_delay_s, governance=governance)
     out.parent.mkdir(parents=True, exist_ok=True)
     deployment.to_json(out)
     typer.echo(f"deployed on chain {deployment.chain_id}: token {deployment.token}, staking {deployment.staking}, "
@@ -410,7 +418,7 @@ def market_deploy(
 
 
 def _production_governor(governor: str | None, timelock_delay_s: int, dispute_window_s: int,
-                         unbonding_delay_s: int) -> str:
+                         unbonding_delay_s: int, slash_delay_s: int) -> str:
     """The checksummed --governor of a production deploy; GridMintValueError, in the CLI's own words (its flags), for
     what a production deploy must not do."""
     if governor is None:
@@ -420,7 +428,9 @@ def _production_governor(governor: str | None, timelock_delay_s: int, dispute_wi
     for flag, value, why in (("--timelock-delay-s", timelock_delay_s, "governance would skip its public delay"),
                              ("--dispute-window-s", dispute_window_s, "the guardian could never void a bad payout root"),
                              ("--unbonding-delay-s", unbonding_delay_s,
-                              "a cheat could withdraw its stake before it is verified")):
+                              "a cheat could withdraw its stake before it is verified"),
+                             ("--slash-delay-s", slash_delay_s,
+                              "the guardian could never undo a slash sent with a stolen operator key")):
         if value == 0:
             raise GridMintValueError(f"{flag} 0 is refused on a production chain: {why} (--dev for a development "
                                      f"chain)")

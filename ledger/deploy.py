@@ -121,6 +121,7 @@ def deploy(
     dispute_window_s: int = 0,
     cancel_grace_s: int = 3600,
     timelock_delay_s: int = 0,
+    slash_delay_s: int = 0,
     governance: Governance | None = None,
 ) -> Deployment:
     """Deploy GridToken (the whole ``supply`` to ``treasury`` in production, to ``deployer`` in development),
@@ -139,6 +140,9 @@ def deploy(
       escrow spends paused do not count). The marketplace pays what was verified as soon as it sees the cancel (its
       sweep runs every minute): keep the grace well above that.
     - ``timelock_delay_s``: the TimelockController's minimum delay for parameter changes, role changes and unpausing.
+    - ``slash_delay_s``: seconds (not counting time paused) a slash's stake waits before it is paid out to the
+      verifier and the treasury (``finalize_slash``); the guardian can void it meanwhile, giving it back. With 0 a
+      slash pays at once: a slash sent with a stolen operator key could not be undone.
     - ``governance``: who governs a production deployment (``Governance``); None for a development one.
 
     Either way the TimelockController holds GOVERNOR_ROLE everywhere and the kill switch GUARDIAN_ROLE on staking,
@@ -148,7 +152,7 @@ def deploy(
     and no GMT: the supply is minted to ``treasury``, whose key no serve or worker machine holds. The timelock is the
     only DEFAULT_ADMIN_ROLE of staking, escrow, distributor and kill switch, and of itself; the governor proposes,
     executes and cancels; the guardian pauses, voids roots and cancels. Zero delays (timelock, dispute window,
-    unbonding) and a governor, guardian or treasury that is ``deployer`` are refused (GridMintValueError) before
+    unbonding, slash) and a governor, guardian or treasury that is ``deployer`` are refused (GridMintValueError) before
     anything is sent.
 
     Development (no ``governance``; the demo, the tests): ``deployer`` holds the whole supply (it funds the first
@@ -160,7 +164,8 @@ def deploy(
     me = deployer.address
     if governance is not None:
         governance = _production_governance(me, governance, treasury=treasury, timelock_delay_s=timelock_delay_s,
-                                            dispute_window_s=dispute_window_s, unbonding_delay_s=unbonding_delay_s)
+                                            dispute_window_s=dispute_window_s, unbonding_delay_s=unbonding_delay_s,
+                                            slash_delay_s=slash_delay_s)
     governor = me if governance is None else governance.governor
     # production: the supply never touches the hot key (a leak would hand over every token it had not moved on)
     holder = me if governance is None else treasury
@@ -172,6 +177,7 @@ def deploy(
     staking = chain.deploy_contract(
         deployer, "GridStaking", token.address, me, timelock.address, treasury, to_uint(bounty_bps, "bounty_bps", 16),
         to_uint(unbonding_delay_s, "unbonding_delay_s", 32), to_uint(verifier_bond, "verifier_bond"),
+        to_uint(slash_delay_s, "slash_delay_s", 32),
     )
     distributor = chain.deploy_contract(
         deployer, "PayoutDistributor", token.address, me, timelock.address, to_uint(dispute_window_s, "dispute_window_s", 32)
@@ -214,7 +220,7 @@ def deploy(
 
 def _production_governance(
     operator: str, governance: Governance, *, treasury: str, timelock_delay_s: int, dispute_window_s: int,
-    unbonding_delay_s: int,
+    unbonding_delay_s: int, slash_delay_s: int,
 ) -> Governance:
     """``governance`` with checksummed addresses, or GridMintValueError naming what makes it unsafe."""
     governor = to_address(governance.governor)
@@ -236,6 +242,7 @@ def _production_governance(
         ("timelock_delay_s", timelock_delay_s, "governance would skip its public delay"),
         ("dispute_window_s", dispute_window_s, "the guardian could never void a bad payout root"),
         ("unbonding_delay_s", unbonding_delay_s, "a cheat could withdraw its stake before it is verified"),
+        ("slash_delay_s", slash_delay_s, "the guardian could never undo a slash sent with a stolen operator key"),
     ) if value == 0]
     if zero:
         raise GridMintValueError(f"a production deployment refuses a zero {'; a zero '.join(zero)}")

@@ -117,6 +117,9 @@ class GovernanceOps(SettlementOps):
     def set_bounty_bps(self, bps: int) -> TimelockOp:
         return self.govern([("staking", "setBountyBps", (to_uint(bps, "bps", 16),))], "set bounty bps")
 
+    def set_slash_delay(self, seconds: int) -> TimelockOp:
+        return self.govern([("staking", "setSlashDelay", (to_uint(seconds, "seconds", 32),))], "set slash delay")
+
     def set_verifier_bond(self, amount: int) -> TimelockOp:
         return self.govern([("staking", "setVerifierBond", (to_uint(amount),))], "set verifier bond")
 

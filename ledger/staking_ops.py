@@ -44,6 +44,19 @@ class Dispute:
         return int(self.provider, 16) != 0
 
 
+@dataclass(frozen=True)
+class PendingSlash:
+    """A slash waiting out GridStaking's ``slashDelay``: ``amount`` taken from ``account``, ``bounty`` of it for
+    ``verifier`` and the rest for the treasury, payable (``finalize_slash``) from ``ready_at``, the deadline in force
+    (time paused does not count); the guardian may void it before. ``amount`` is 0 when none is pending."""
+
+    account: str
+    verifier: str
+    amount: int
+    bounty: int
+    ready_at: int
+
+
 def gpu_class_id(gpu_class: str | bytes) -> bytes:
     """bytes32 key of a GPU class: ``keccak256(name)`` for a name such as ``"H100-80GB"``, or a raw 32-byte id."""
     if isinstance(gpu_class, str) and not gpu_class.startswith(("0x", "0X")):
@@ -202,6 +215,46 @@ class TokenStakingOps(ContractsBase):
         if int(self.dispute_of(ev).provider, 16) == 0:
             return False
         self._send(self.staking, "dismiss", ev)
+        return True
+
+    # staking: the slash delay
+
+    def slash_delay(self) -> int:
+        """Seconds a slash waits (not counting time paused) before it is paid out; 0: paid at once."""
+        return int(self._call(self.staking, "slashDelay"))
+
+    def slash_of(self, evidence: bytes | str) -> PendingSlash:
+        """The slash for ``evidence`` waiting out the delay; amount 0 if none (paid, voided, or never delayed)."""
+        account, verifier, amount, bounty, ready_at = self._call(self.staking, "slashOf",
+                                                                  to_bytes32(evidence, "evidence"))
+        return PendingSlash(str(account), str(verifier), int(amount), int(bounty), int(ready_at))
+
+    def total_pending_slashes(self) -> int:
+        return int(self._call(self.staking, "totalPendingSlashes"))
+
+    def finalize_slash(self, evidence: bytes | str) -> bool:
+        """Pay out the slash for ``evidence`` once its delay has passed (anyone may send it). Exactly-once: returns
+        False, sending nothing, if none is pending (paid already, voided, or paid at once); ChainError
+        (StakingSlashNotReady) before its time."""
+        ev = to_bytes32(evidence, "evidence")
+        if self.slash_of(ev).amount == 0:
+            return False
+        try:
+            self._send(self.staking, "finalizeSlash", ev)
+        except ChainError as exc:
+            if exc.error_name == "StakingUnknownSlash":
+                return False
+            raise
+        return True
+
+    def void_slash(self, evidence: bytes | str) -> bool:
+        """Guardian (GUARDIAN_ROLE): undo the slash for ``evidence`` before its delay has passed; its stake goes
+        back to the account. Returns False, sending nothing, if none is pending; ChainError (StakingSlashFinal)
+        once its delay has passed."""
+        ev = to_bytes32(evidence, "evidence")
+        if self.slash_of(ev).amount == 0:
+            return False
+        self._send(self.staking, "voidSlash", ev)
         return True
 
     # helpers

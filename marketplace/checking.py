@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from marketplace import canary, referee
+from marketplace import canary, referee, slashes
 from marketplace.common import (OPEN_CHECKS, REVEALING, Conflict, NotFound, check_fee_entry, check_uploaded_state,
                                 log, stake_short, take_back, unit_spec)
 from marketplace.db import (Handed, Job, LedgerEntry, Provider, RefereePool, Unit, Verification, Verifier,
@@ -777,6 +777,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                 rt.contracts.dismiss_dispute(evidence)
             else:
                 lost = rt.contracts.resolve_dispute(evidence, False)
+        if disputed:  # (a bond lost waits out the slash delay, as any slash: noted, also on a re-run)
+            slashes.note(rt, evidence)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
@@ -811,6 +813,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         before = st.staked + st.unbonding
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
+        slashes.note(rt, evidence)
     else:  # path (b): governance slash, its bounty to the verifier; sent once per evidence
         before = _slash_whole_stake(rt, provider, verifier, evidence)
         path = "governance" if before > 0 else "nothing left to slash"
@@ -1012,11 +1015,13 @@ def _forfeit_unsettled(s: Session, provider: str) -> None:
 def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     """Slash ``who``'s whole stake (staked and unbonding: one that started unbonding keeps nothing) under
     ``evidence``, its share to ``to``, unless that evidence was used already (a re-run of the step sends nothing
-    twice). Returns what ``who`` held before."""
+    twice). Returns what ``who`` held before. The slash is noted for the sweep to pay out after the slash delay
+    (:mod:`marketplace.slashes`; also on a re-run that sends nothing: the run that sent it may have stopped short)."""
     st = rt.contracts.stake_state(who)
     held = st.staked + st.unbonding
     if held > 0:
         rt.contracts.slash(who, held, to, evidence)  # (sends nothing where the evidence was used: exactly once)
+    slashes.note(rt, evidence)
     return held
 
 

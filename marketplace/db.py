@@ -274,6 +274,22 @@ class PayoutEpoch(Base):
     claimable_at: Mapped[int] = mapped_column(BigInteger)
 
 
+class Slash(Base):
+    """A slash this marketplace sent that waits out GridStaking's ``slashDelay`` (marketplace.slashes): the sweep
+    pays it out once its delay has passed (``finalizeSlash``), unless the guardian voided it first. ``done_at``: when
+    it was seen paid or gone; ``outcome`` "paid" (this marketplace finalized it) or "gone" (voided, or paid by someone
+    else)."""
+
+    __tablename__ = "slashes"
+    evidence: Mapped[str] = mapped_column(String(66), primary_key=True)
+    account: Mapped[str] = mapped_column(String(42))
+    amount: Mapped[int] = mapped_column(Money)
+    ready_at: Mapped[int] = mapped_column(BigInteger)  # chain time, as of when it was noted (a pause pushes it back)
+    noted_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    done_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    outcome: Mapped[str | None] = mapped_column(String(8), nullable=True)
+
+
 class Event(Base):
     """Human-readable history of a job (shown by the web page and the demo)."""
 

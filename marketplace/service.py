@@ -17,7 +17,7 @@ from sqlalchemy import Connection, bindparam, case, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from marketplace import canary, cancellation, matching, referee, settlement, standby
+from marketplace import canary, cancellation, matching, referee, settlement, slashes, standby
 from marketplace.checking import (AUDIT_LOST_S, benched_message, maybe_verified, pools_away, retire_canary,
                                   run_audit, run_referee, stock_unclaimed)
 from marketplace.common import (Conflict, NotFound, check_uploaded_state, log, model_config, stake_short, take_back,
@@ -648,11 +648,13 @@ def sweep(rt: Runtime) -> dict[str, int]:
     the chain node was down, a broker restart): checks whose canaries are not stocked a while after their unit was
     handed in (:data:`STOCK_LOST_S`), disputes not yet adjudicated, verifiers caught by a canary not yet slashed,
     passes whose audit is not done a while after it was drawn (``checking.AUDIT_LOST_S``),
-    rounds fully verified but not advanced, finished (or stopped) jobs not settled. Each step is
+    rounds fully verified but not advanced, finished (or stopped) jobs not settled; and it pays out the slashes whose
+    delay has passed (:func:`marketplace.slashes.finalize_due`). Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
     a job settled for good (``settled``, ``cancelled``, ``failed``) is never queued again."""
     cancelled = cancellation.stop_cancelled(rt)
+    slashes_paid = slashes.finalize_due(rt)
     with rt.sessions.begin() as s:
         disputes = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
                                   .join(Unit, Unit.id == Verification.unit_id)
@@ -687,7 +689,8 @@ def sweep(rt: Runtime) -> dict[str, int]:
     for j in done:
         rt.enqueue("gridmint.settle", [j])
     return {"adjudicate": len(disputes), "punish_verifier": len(lazy), "advance": len(ready), "settle": len(done),
-            "cancelled": len(cancelled), "stock_canaries": len(unstocked), "audit_check": len(audits)}
+            "cancelled": len(cancelled), "stock_canaries": len(unstocked), "audit_check": len(audits),
+            "slashes_paid": slashes_paid}
 
 
 def reap(rt: Runtime) -> int:

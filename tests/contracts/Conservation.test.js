@@ -10,6 +10,9 @@ const { time } = networkHelpers;
 const SUPPLY = 10n ** 12n;
 const PARAMS = { bountyBps: 5000, unbondingDelay: 100, verifierBond: 50n, disputeWindow: 200, cancelGrace: 300 };
 const BPS = BigInt(PARAMS.bountyBps);
+// The delayed run's slashDelay: a few `wait`s long, so that slashes are both voided and finalized along the way.
+const SLASH_DELAY = 300n;
+const NO_SLASH = { account: ethers.ZeroAddress, verifier: ethers.ZeroAddress, amount: 0n, bounty: 0n, readyAt: 0n };
 
 /** Small deterministic PRNG (mulberry32): the same seed replays the same sequence on every run. */
 function prng(seed) {
@@ -39,8 +42,17 @@ describe("GridMint protocol", function () {
   // A deployment wired like ledger/deploy.py (the deployer is the operator: settler, poster, slasher, locker,
   // referee, guardian), with GMT handed to customers, providers and a verifier, and every allowance in place.
   async function deployProtocolFixture() {
+    return deployProtocol(PARAMS);
+  }
+
+  // The same with a slash delay (as in production): slashes wait SLASH_DELAY seconds, voidable meanwhile.
+  async function deployDelayedProtocolFixture() {
+    return deployProtocol({ ...PARAMS, slashDelay: SLASH_DELAY });
+  }
+
+  async function deployProtocol(params) {
     const [operator, treasury, customer, customer2, p1, p2, p3, verifier] = await ethers.getSigners();
-    const c = await deployGridMint(ethers, operator, treasury.address, { supply: SUPPLY, ...PARAMS });
+    const c = await deployGridMint(ethers, operator, treasury.address, { supply: SUPPLY, ...params });
     const people = {
       customer: 200_000n,
       customer2: 200_000n,
@@ -128,9 +140,12 @@ describe("GridMint protocol", function () {
     // predicts every token movement and every piece of state. Each operation is picked so that it must succeed (an
     // unexpected revert fails the test); after each one, every holder's balance must match the model, the sum must
     // be the fixed supply, and each contract's balance must equal its own accounting.
-    async function runSequence(seed, steps) {
-      const f = await networkHelpers.loadFixture(deployProtocolFixture);
-      const { token, staking, escrow, distributor, operator, treasury, customer, customer2, p1, p2, p3, verifier } = f;
+    // With a `slashDelay` (deployDelayedProtocolFixture) slashes wait in the staking contract until finalized or
+    // voided, and the guardian pauses staking now and then (the timelock unpauses it): deadlines skip time paused.
+    async function runSequence(seed, steps, fixture = deployProtocolFixture, slashDelay = 0n) {
+      const f = await networkHelpers.loadFixture(fixture);
+      const { token, staking, escrow, distributor, timelock, operator, treasury } = f;
+      const { customer, customer2, p1, p2, p3, verifier } = f;
       const rnd = prng(seed);
       const providers = [p1, p2, p3];
       const stakers = [p1, p2, p3, verifier];
@@ -152,13 +167,33 @@ describe("GridMint protocol", function () {
       const stakes = new Map(
         stakers.map((s) => [
           s.address,
-          { staked: 0n, locked: 0n, bonded: 0n, unbonding: 0n, readyAt: 0n, openDisputes: 0n },
+          {
+            staked: 0n,
+            locked: 0n,
+            bonded: 0n,
+            unbonding: 0n,
+            readyAt: 0n,
+            pausedAt: 0n,
+            openDisputes: 0n,
+            bondsOpen: 0n, // the bonds of its open accusations as bonded: a voided slash backs them again up to it
+          },
         ]),
       );
+      // Staking's pause clock (PauseClock): a deadline set when pausedSeconds() was `pausedAt` is pushed back by
+      // every second paused since.
+      let paused = false;
+      let pausedTotal = 0n;
+      let pausedSince = 0n;
+      const pausedSeconds = (t) => pausedTotal + (paused ? t - pausedSince : 0n);
+      const inForce = (nominal, pausedAt, t) => (nominal === 0n ? 0n : nominal + pausedSeconds(t) - pausedAt);
+      const pending = new Map(); // evidence -> { account, verifier, amount, bounty, readyAt (nominal), pausedAt }
+      const settled = []; // evidence of slashes finalized, voided or of 0 (with a delay)
       const free = (a) => {
         const s = stakes.get(a);
         return s.staked > s.locked + s.bonded ? s.staked - s.locked - s.bonded : 0n;
       };
+      // Returns [taken, bondCut]: what a slash takes from under open bonds it takes from them (bonded never exceeds
+      // the stake left); a voided slash gives that cut back.
       const take = (a, amount) => {
         const s = stakes.get(a);
         const fromStaked = amount < s.staked ? amount : s.staked;
@@ -166,9 +201,12 @@ describe("GridMint protocol", function () {
         const fromUnbonding = rest < s.unbonding ? rest : s.unbonding;
         s.staked -= fromStaked;
         s.unbonding -= fromUnbonding;
-        // what a slash takes from under open bonds it takes from them: bonded never exceeds the stake left
-        if (s.bonded > s.staked + s.unbonding) s.bonded = s.staked + s.unbonding;
-        return fromStaked + fromUnbonding;
+        let cut = 0n;
+        if (s.bonded > s.staked + s.unbonding) {
+          cut = s.bonded - s.staked - s.unbonding;
+          s.bonded = s.staked + s.unbonding;
+        }
+        return [fromStaked + fromUnbonding, cut];
       };
       // Closing a dispute releases its bond; returns the part of it still backed (all of it unless a slash cut
       // `bonded`: what is left backs the open bonds in the order they close).
@@ -179,10 +217,21 @@ describe("GridMint protocol", function () {
         v.openDisputes -= 1n;
         const left = d.bond < v.bonded ? d.bond : v.bonded;
         v.bonded -= left;
+        v.bondsOpen -= d.bond;
         return left;
       };
-      const payOut = (verifierAddr, slashed) => {
+      // A slash made at `at` for `evidence`: paid at once without a delay, else held until finalized (a slash of 0
+      // records nothing: slashOf stays empty).
+      const payOut = (account, verifierAddr, [slashed, bondCut], evidence, at) => {
         const bounty = verifierAddr === null ? 0n : (slashed * BPS) / 10_000n;
+        if (slashDelay > 0n && slashed === 0n) settled.push(evidence);
+        if (slashDelay > 0n && slashed > 0n) {
+          const verifier = verifierAddr ?? ethers.ZeroAddress;
+          const readyAt = at + slashDelay;
+          const pausedAt = pausedSeconds(at);
+          pending.set(evidence, { account, verifier, amount: slashed, bounty, readyAt, pausedAt, bondCut });
+          return;
+        }
         if (bounty > 0n) move(S, verifierAddr, bounty);
         move(S, treasury.address, slashed - bounty);
       };
@@ -280,6 +329,7 @@ describe("GridMint protocol", function () {
           return true;
         },
         async stake() {
+          if (paused) return false;
           const s = rnd.pick(stakers);
           const amount = rnd.big(1n, 3_000n);
           if (book.get(s.address) < amount) return false;
@@ -289,6 +339,7 @@ describe("GridMint protocol", function () {
           return true;
         },
         async requestUnbond() {
+          if (paused) return false;
           const able = stakers.filter((s) => stakes.get(s.address).openDisputes === 0n && free(s.address) > 0n);
           if (able.length === 0) return false;
           const s = rnd.pick(able);
@@ -298,12 +349,14 @@ describe("GridMint protocol", function () {
           m.staked -= amount;
           m.unbonding += amount;
           m.readyAt = at + BigInt(PARAMS.unbondingDelay);
+          m.pausedAt = pausedSeconds(at);
           return true;
         },
         async withdraw(now) {
+          if (paused) return false;
           const ready = stakers.filter((s) => {
             const m = stakes.get(s.address);
-            return m.unbonding > 0n && m.openDisputes === 0n && m.readyAt <= now;
+            return m.unbonding > 0n && m.openDisputes === 0n && inForce(m.readyAt, m.pausedAt, now) <= now;
           });
           if (ready.length === 0) return false;
           const s = rnd.pick(ready);
@@ -332,6 +385,7 @@ describe("GridMint protocol", function () {
           return true;
         },
         async accuse() {
+          if (paused) return false;
           const accused = providers.filter((p) => stakes.get(p.address).staked + stakes.get(p.address).unbonding > 0n);
           if (accused.length === 0) return false;
           const p = rnd.pick(accused);
@@ -343,40 +397,94 @@ describe("GridMint protocol", function () {
           const sig = await signAccusation(v, staking, p.address, evidence, amount);
           await staking.connect(operator).accuse(p.address, evidence, amount, sig);
           stakes.get(v.address).bonded += PARAMS.verifierBond;
+          stakes.get(v.address).bondsOpen += PARAMS.verifierBond;
           stakes.get(v.address).openDisputes += 1n;
           stakes.get(p.address).openDisputes += 1n;
           disputes.set(evidence, { provider: p.address, verifier: v.address, amount, bond: PARAMS.verifierBond });
           return true;
         },
         async resolve() {
-          if (disputes.size === 0) return false;
+          if (paused || disputes.size === 0) return false;
           const [evidence, d] = rnd.pick([...disputes]);
           const fraud = rnd.chance(0.5);
-          await staking.connect(operator).resolve(evidence, fraud);
+          const at = await blockTime(await staking.connect(operator).resolve(evidence, fraud));
           const bondLeft = closeDispute(evidence, d);
           // A fraud verdict takes the provider's whole stake, whatever amount was accused; a false one the bond, as
           // far as a slash has not taken it already.
           const ps = stakes.get(d.provider);
-          if (fraud) payOut(d.verifier, take(d.provider, ps.staked + ps.unbonding));
-          else payOut(null, take(d.verifier, bondLeft));
+          if (fraud) payOut(d.provider, d.verifier, take(d.provider, ps.staked + ps.unbonding), evidence, at);
+          else payOut(d.verifier, null, take(d.verifier, bondLeft), evidence, at);
           return true;
         },
         async dismiss() {
           // good faith: the dispute closes, the bond is released, no token moves
-          if (disputes.size === 0) return false;
+          if (paused || disputes.size === 0) return false;
           const [evidence, d] = rnd.pick([...disputes]);
           await staking.connect(operator).dismiss(evidence);
           closeDispute(evidence, d);
           return true;
         },
         async slash() {
+          if (paused) return false;
           const able = stakers.filter((s) => stakes.get(s.address).staked + stakes.get(s.address).unbonding > 0n);
           if (able.length === 0) return false;
           const s = rnd.pick(able);
           const beneficiary = rnd.pick([verifier, p1, customer]);
           const amount = rnd.big(1n, 2_500n);
-          await staking.connect(operator).slash(s.address, amount, beneficiary.address, fresh("slash"));
-          payOut(beneficiary.address, take(s.address, amount));
+          const evidence = fresh("slash");
+          const at = await blockTime(
+            await staking.connect(operator).slash(s.address, amount, beneficiary.address, evidence),
+          );
+          payOut(s.address, beneficiary.address, take(s.address, amount), evidence, at);
+          return true;
+        },
+        async finalizeSlash(now) {
+          // anyone; the caller is a bystander
+          if (paused) return false;
+          const ready = [...pending].filter(([, p]) => inForce(p.readyAt, p.pausedAt, now) <= now);
+          if (ready.length === 0) return false;
+          const [evidence, p] = rnd.pick(ready);
+          await staking.connect(rnd.pick([customer, p2, operator])).finalizeSlash(evidence);
+          if (p.bounty > 0n) move(S, p.verifier, p.bounty);
+          move(S, treasury.address, p.amount - p.bounty);
+          pending.delete(evidence);
+          settled.push(evidence);
+          return true;
+        },
+        async voidSlash(now) {
+          // Only well inside the window (paused or not), so that block-time drift cannot make the outcome uncertain.
+          const voidable = [...pending].filter(([, p]) => inForce(p.readyAt, p.pausedAt, now) > now + 30n);
+          if (voidable.length === 0) return false;
+          const [evidence, p] = rnd.pick(voidable);
+          await staking.connect(operator).voidSlash(evidence);
+          // Back to `staked`; what the slash cut from the open bonds (take) backs them again, up to the bonds still
+          // open and the stake (see "voiding a slash that cut an open bond" in GridStaking.test.js).
+          const a = stakes.get(p.account);
+          a.staked += p.amount;
+          if (p.bondCut > 0n) {
+            const cap = a.bondsOpen < a.staked + a.unbonding ? a.bondsOpen : a.staked + a.unbonding;
+            a.bonded = a.bonded + p.bondCut < cap ? a.bonded + p.bondCut : cap;
+          }
+          pending.delete(evidence);
+          settled.push(evidence);
+          return true;
+        },
+        async pause() {
+          if (paused) return false;
+          pausedSince = await blockTime(await staking.connect(operator).pause());
+          paused = true;
+          return true;
+        },
+        async unpause() {
+          // through the timelock (GOVERNOR_ROLE), its delay 0 here
+          if (!paused) return false;
+          const data = staking.interface.encodeFunctionData("unpause");
+          const salt = fresh("unpause");
+          await timelock.connect(operator).schedule(staking, 0n, data, ethers.ZeroHash, salt, 0n);
+          const unpaused = await timelock.connect(operator).execute(staking, 0n, data, ethers.ZeroHash, salt);
+          const at = await blockTime(unpaused);
+          pausedTotal += at - pausedSince;
+          paused = false;
           return true;
         },
         async postRoot(now) {
@@ -456,12 +564,18 @@ describe("GridMint protocol", function () {
         accuse: 3,
         resolve: 3,
         dismiss: 2,
-        slash: 2,
+        slash: slashDelay > 0n ? 4 : 2,
         postRoot: 3,
         voidRoot: 3,
         poolClaim: 5,
         poolClaimMany: 2,
         wait: 5,
+        // Only with a slash delay (they would never run without one); appended, so that the bag, and the sequence
+        // a seed replays, stays what it was without one.
+        finalizeSlash: slashDelay > 0n ? 3 : 0,
+        voidSlash: slashDelay > 0n ? 3 : 0,
+        pause: slashDelay > 0n ? 1 : 0,
+        unpause: slashDelay > 0n ? 3 : 0,
       };
       const bag = Object.entries(weights).flatMap(([name, w]) => Array(w).fill(name));
 
@@ -475,6 +589,9 @@ describe("GridMint protocol", function () {
           sum += actual;
         }
         expect(sum, `${where}: supply`).to.equal(SUPPLY);
+        const now = BigInt(await time.latest());
+        expect(await staking.paused(), `${where}: paused`).to.equal(paused);
+        expect(await staking.pausedSeconds(), `${where}: pausedSeconds`).to.equal(pausedSeconds(now));
         let staked = 0n;
         for (const s of stakers) {
           const m = stakes.get(s.address);
@@ -484,13 +601,30 @@ describe("GridMint protocol", function () {
             locked: m.locked,
             bonded: m.bonded,
             unbonding: m.unbonding,
-            unbondingReadyAt: m.readyAt,
+            unbondingReadyAt: inForce(m.readyAt, m.pausedAt, now),
             openDisputes: m.openDisputes,
           });
           staked += m.staked + m.unbonding;
         }
         expect(await staking.totalStaked(), `${where}: totalStaked`).to.equal(staked);
-        expect(book.get(S), `${where}: staking holds exactly the stakes`).to.equal(staked);
+        let waiting = 0n;
+        for (const [evidence, p] of pending) {
+          expect((await staking.slashOf(evidence)).toObject(), `${where}: pending slash ${evidence}`).to.deep.equal({
+            account: p.account,
+            verifier: p.verifier,
+            amount: p.amount,
+            bounty: p.bounty,
+            readyAt: inForce(p.readyAt, p.pausedAt, now),
+          });
+          waiting += p.amount;
+        }
+        for (const evidence of settled) {
+          expect((await staking.slashOf(evidence)).toObject(), `${where}: settled ${evidence}`).to.deep.equal(NO_SLASH);
+        }
+        expect(await staking.totalPendingSlashes(), `${where}: totalPendingSlashes`).to.equal(waiting);
+        expect(book.get(S), `${where}: staking holds exactly the stakes and the pending slashes`).to.equal(
+          staked + waiting,
+        );
         let held = 0n;
         for (const [jobId, j] of jobs) {
           expect([...(await escrow.getJob(jobId))], `${where}: job ${jobId}`).to.deep.equal([
@@ -517,7 +651,7 @@ describe("GridMint protocol", function () {
         }
       }
 
-      const ran = Object.fromEntries(Object.keys(ops).map((k) => [k, 0]));
+      const ran = Object.fromEntries([...new Set(bag)].map((k) => [k, 0]));
       for (let step = 0; step < steps; step++) {
         const name = rnd.pick(bag);
         const now = BigInt(await time.latest());
@@ -537,5 +671,12 @@ describe("GridMint protocol", function () {
         }
       });
     }
+
+    it("conserves every token with a slash delay and staking paused at times (seed 10)", async function () {
+      const ran = await runSequence(10, 250, deployDelayedProtocolFixture, SLASH_DELAY);
+      for (const [name, count] of Object.entries(ran)) {
+        expect(count, `${name} ran ${count} times`).to.be.greaterThan(0);
+      }
+    });
   });
 });

@@ -35,6 +35,7 @@ describe("GridStaking", function () {
       BOUNTY_BPS,
       DELAY,
       BOND,
+      0,
     ]);
     await staking.grantRole(await staking.GUARDIAN_ROLE(), guardian.address);
     await staking.grantRole(await staking.SLASHER_ROLE(), slasher.address);
@@ -101,7 +102,7 @@ describe("GridStaking", function () {
     it("reverts with StakingInvalidBps(bps) above 10000", async function () {
       const { token, admin, governor, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
       const factory = await ethers.getContractFactory("GridStaking");
-      await expect(factory.deploy(token, admin.address, governor.address, treasury.address, 10_001, DELAY, BOND))
+      await expect(factory.deploy(token, admin.address, governor.address, treasury.address, 10_001, DELAY, BOND, 0))
         .to.be.revertedWithCustomError(factory, "StakingInvalidBps")
         .withArgs(10_001);
     });
@@ -112,7 +113,7 @@ describe("GridStaking", function () {
       const good = [await token.getAddress(), admin.address, governor.address, treasury.address];
       for (let i = 0; i < good.length; i++) {
         const addrs = good.map((a, j) => (j === i ? ethers.ZeroAddress : a));
-        await expect(factory.deploy(...addrs, BOUNTY_BPS, DELAY, BOND)).to.be.revertedWithCustomError(
+        await expect(factory.deploy(...addrs, BOUNTY_BPS, DELAY, BOND, 0)).to.be.revertedWithCustomError(
           factory,
           "StakingZeroAddress",
         );
@@ -1039,6 +1040,535 @@ describe("GridStaking", function () {
       await expect(staking.connect(provider).withdraw())
         .to.emit(staking, "Withdrawn")
         .withArgs(provider.address, unbonded);
+    });
+  });
+
+  describe("slash delay", function () {
+    // With a slashDelay every slash leaves the account at once but waits SLASH_DELAY seconds (not counting time
+    // paused) in the contract before anyone may finalizeSlash it; until then the guardian may voidSlash it.
+    const SLASH_DELAY = 2n * 24n * 3600n;
+    const EVIDENCE3 = ethers.id("evidence-3");
+    const NO_SLASH = { account: ethers.ZeroAddress, verifier: ethers.ZeroAddress, amount: 0n, bounty: 0n, readyAt: 0n };
+
+    async function slashOf(staking, evidence) {
+      return (await staking.slashOf(evidence)).toObject();
+    }
+
+    /** The contract holds exactly the stakes plus the slashes waiting out their delay. */
+    async function expectHeldCovered(token, staking) {
+      const held = (await staking.totalStaked()) + (await staking.totalPendingSlashes());
+      expect(await token.balanceOf(staking)).to.equal(held);
+    }
+
+    // stakedFixture with the governor's slash delay in force.
+    async function delayedFixture() {
+      const f = await stakedFixture();
+      await f.staking.connect(f.governor).setSlashDelay(SLASH_DELAY);
+      return f;
+    }
+
+    // delayedFixture with verifier's accusation of provider on EVIDENCE open (BOND bonded).
+    async function delayedAccusedFixture() {
+      const f = await delayedFixture();
+      const sig = await signAccusation(f.verifier, f.staking, f.provider.address, EVIDENCE, ACCUSED);
+      await f.staking.connect(f.referee).accuse(f.provider.address, EVIDENCE, ACCUSED, sig);
+      return f;
+    }
+
+    // The fraud verdict on EVIDENCE took provider's whole STAKE; it is payable from readyAt (verdict + SLASH_DELAY).
+    async function pendingFixture() {
+      const f = await delayedAccusedFixture();
+      await f.staking.connect(f.referee).resolve(EVIDENCE, true);
+      const readyAt = BigInt(await time.latest()) + SLASH_DELAY;
+      return { ...f, readyAt, bounty: (STAKE * BOUNTY_BPS) / 10_000n };
+    }
+
+    it("takes the slashDelay from the constructor (0 in deployStakingFixture)", async function () {
+      const { token, staking, admin, governor, treasury } = await networkHelpers.loadFixture(deployStakingFixture);
+      expect(await staking.slashDelay()).to.equal(0n);
+      const delayed = await ethers.deployContract("GridStaking", [
+        token,
+        admin.address,
+        governor.address,
+        treasury.address,
+        BOUNTY_BPS,
+        DELAY,
+        BOND,
+        SLASH_DELAY,
+      ]);
+      expect(await delayed.slashDelay()).to.equal(SLASH_DELAY);
+      expect(await delayed.totalPendingSlashes()).to.equal(0n);
+    });
+
+    it("fraud verdict: the stake leaves at once, no token moves, the slash is recorded", async function () {
+      const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        delayedAccusedFixture,
+      );
+      const bounty = (STAKE * BOUNTY_BPS) / 10_000n;
+      const at = BigInt(await time.latest()) + 100n;
+      await time.setNextBlockTimestamp(at);
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, STAKE);
+      await expect(tx)
+        .to.emit(staking, "Slashed")
+        .withArgs(provider.address, verifier.address, EVIDENCE, STAKE, bounty);
+      await expect(tx)
+        .to.emit(staking, "SlashPending")
+        .withArgs(EVIDENCE, provider.address, STAKE, at + SLASH_DELAY);
+      await expect(tx).to.not.emit(staking, "SlashFinalized");
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [0n, 0n, 0n, 0n],
+      );
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal({
+        account: provider.address,
+        verifier: verifier.address,
+        amount: STAKE,
+        bounty,
+        readyAt: at + SLASH_DELAY,
+      });
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding, p.openDisputes]).to.deep.equal([0n, 0n, 0n]);
+      expect(await staking.totalStaked()).to.equal(STAKE); // the verifier's
+      expect(await staking.totalPendingSlashes()).to.equal(STAKE);
+      expect(await token.balanceOf(staking)).to.equal(STAKE * 2n);
+      await expectHeldCovered(token, staking);
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
+      // The slashed stake can no longer be unbonded or withdrawn.
+      await expect(staking.connect(provider).requestUnbond(1n))
+        .to.be.revertedWithCustomError(staking, "StakingInsufficientStake")
+        .withArgs(provider.address, 0n, 1n);
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingNothingToWithdraw")
+        .withArgs(provider.address);
+    });
+
+    it("fraud verdict: takes unbonding stake too and holds it the same way", async function () {
+      const { token, staking, referee, provider, verifier } = await networkHelpers.loadFixture(delayedFixture);
+      await staking.connect(provider).requestUnbond(STAKE / 4n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      const tx = await staking.connect(referee).resolve(EVIDENCE, true);
+      const readyAt = BigInt(await time.latest()) + SLASH_DELAY;
+      await expect(tx).to.emit(staking, "SlashPending").withArgs(EVIDENCE, provider.address, STAKE, readyAt);
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding]).to.deep.equal([0n, 0n]);
+      await time.increase(DELAY);
+      await expect(staking.connect(provider).withdraw())
+        .to.be.revertedWithCustomError(staking, "StakingNothingToWithdraw")
+        .withArgs(provider.address);
+      await expectHeldCovered(token, staking);
+    });
+
+    it("finalizeSlash before readyAt reverts with StakingSlashNotReady(evidence, readyAt)", async function () {
+      const { staking, other, readyAt } = await networkHelpers.loadFixture(pendingFixture);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingSlashNotReady")
+        .withArgs(EVIDENCE, readyAt);
+      await time.setNextBlockTimestamp(readyAt - 1n);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingSlashNotReady")
+        .withArgs(EVIDENCE, readyAt);
+      expect((await slashOf(staking, EVIDENCE)).amount).to.equal(STAKE);
+    });
+
+    it("finalizeSlash from readyAt on (anyone) pays the bounty and the treasury share, once", async function () {
+      const { token, staking, guardian, provider, verifier, treasury, other, readyAt, bounty } =
+        await networkHelpers.loadFixture(pendingFixture);
+      await time.setNextBlockTimestamp(readyAt);
+      const tx = staking.connect(other).finalizeSlash(EVIDENCE);
+      await expect(tx)
+        .to.emit(staking, "SlashFinalized")
+        .withArgs(EVIDENCE, provider.address, verifier.address, STAKE);
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider, other],
+        [-STAKE, bounty, STAKE - bounty, 0n, 0n],
+      );
+      expect(await staking.totalPendingSlashes()).to.equal(0n);
+      expect(await staking.totalStaked()).to.equal(STAKE);
+      await expectHeldCovered(token, staking);
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal(NO_SLASH);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE);
+    });
+
+    it("finalizeSlash and voidSlash revert with StakingUnknownSlash(evidence) for no slash", async function () {
+      const { staking, guardian, other } = await networkHelpers.loadFixture(pendingFixture);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE2))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE2);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE2))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE2);
+      expect(await slashOf(staking, EVIDENCE2)).to.deep.equal(NO_SLASH);
+    });
+
+    it("voidSlash within the window returns the stake to the account, which may then unbond it", async function () {
+      const { token, staking, guardian, referee, provider, verifier, treasury, other, readyAt } =
+        await networkHelpers.loadFixture(pendingFixture);
+      await time.setNextBlockTimestamp(readyAt - 1n);
+      const tx = staking.connect(guardian).voidSlash(EVIDENCE);
+      await expect(tx).to.emit(staking, "SlashVoided").withArgs(EVIDENCE, provider.address, STAKE);
+      await expect(tx).to.not.emit(staking, "SlashFinalized");
+      await expect(tx).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [0n, 0n, 0n, 0n],
+      );
+      expect((await accountOf(staking, provider.address)).staked).to.equal(STAKE);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE);
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n);
+      expect(await staking.totalPendingSlashes()).to.equal(0n);
+      await expectHeldCovered(token, staking);
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal(NO_SLASH);
+      // Voided for good: nobody can pay it out, nor void it twice, nor raise the spent evidence again.
+      await time.increaseTo(readyAt + 1n);
+      for (const call of [
+        () => staking.connect(other).finalizeSlash(EVIDENCE),
+        () => staking.connect(guardian).voidSlash(EVIDENCE),
+      ]) {
+        await expect(call()).to.be.revertedWithCustomError(staking, "StakingUnknownSlash").withArgs(EVIDENCE);
+      }
+      expect(await staking.evidenceUsed(EVIDENCE)).to.equal(true);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await expect(staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig))
+        .to.be.revertedWithCustomError(staking, "StakingEvidenceUsed")
+        .withArgs(EVIDENCE);
+      // The stake is the provider's again: unbond and withdraw it.
+      await staking.connect(provider).requestUnbond(STAKE);
+      await time.increase(DELAY);
+      await expect(staking.connect(provider).withdraw()).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, provider],
+        [-STAKE, STAKE],
+      );
+      await expectHeldCovered(token, staking);
+    });
+
+    it("voidSlash returns stake a verdict took from unbonding to staked", async function () {
+      const { staking, guardian, referee, provider, verifier } = await networkHelpers.loadFixture(delayedFixture);
+      await staking.connect(provider).requestUnbond(STAKE / 4n);
+      const sig = await signAccusation(verifier, staking, provider.address, EVIDENCE, ACCUSED);
+      await staking.connect(referee).accuse(provider.address, EVIDENCE, ACCUSED, sig);
+      await staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE))
+        .to.emit(staking, "SlashVoided")
+        .withArgs(EVIDENCE, provider.address, STAKE);
+      const p = await accountOf(staking, provider.address);
+      expect([p.staked, p.unbonding]).to.deep.equal([STAKE, 0n]);
+      expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE);
+    });
+
+    it("voidSlash at or after readyAt reverts with StakingSlashFinal(evidence, readyAt)", async function () {
+      const { token, staking, guardian, other, readyAt } = await networkHelpers.loadFixture(pendingFixture);
+      await time.setNextBlockTimestamp(readyAt);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingSlashFinal")
+        .withArgs(EVIDENCE, readyAt);
+      await time.increase(3600);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingSlashFinal")
+        .withArgs(EVIDENCE, readyAt);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE)).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking],
+        [-STAKE],
+      );
+    });
+
+    it("voidSlash reverts with AccessControlUnauthorizedAccount without GUARDIAN_ROLE", async function () {
+      const { staking, admin, governor, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(
+        pendingFixture,
+      );
+      for (const who of [referee, slasher, governor, admin, provider, verifier]) {
+        await expect(staking.connect(who).voidSlash(EVIDENCE))
+          .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+          .withArgs(who.address, await staking.GUARDIAN_ROLE());
+      }
+      expect((await slashOf(staking, EVIDENCE)).amount).to.equal(STAKE);
+      expect(await staking.stakeOf(provider.address)).to.equal(0n);
+    });
+
+    it("a pause pushes readyAt back by its length; finalizeSlash reverts with EnforcedPause", async function () {
+      const { token, staking, guardian, governor, verifier, treasury, other, readyAt, bounty } =
+        await networkHelpers.loadFixture(pendingFixture);
+      const pausedAt = readyAt - SLASH_DELAY + 1_000n;
+      await time.setNextBlockTimestamp(pausedAt);
+      await staking.connect(guardian).pause();
+      await time.increaseTo(readyAt + 10n); // past the nominal deadline, still paused
+      expect((await slashOf(staking, EVIDENCE)).readyAt).to.equal(readyAt + (readyAt + 10n - pausedAt));
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE)).to.be.revertedWithCustomError(
+        staking,
+        "EnforcedPause",
+      );
+      await time.setNextBlockTimestamp(readyAt + 500n);
+      await staking.connect(governor).unpause();
+      const paused = readyAt + 500n - pausedAt;
+      const extended = readyAt + paused;
+      expect(await staking.pausedSeconds()).to.equal(paused);
+      expect((await slashOf(staking, EVIDENCE)).readyAt).to.equal(extended);
+      await time.setNextBlockTimestamp(extended - 1n);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingSlashNotReady")
+        .withArgs(EVIDENCE, extended);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE)).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury],
+        [-STAKE, bounty, STAKE - bounty],
+      );
+    });
+
+    it("voidSlash works while paused, even past the nominal readyAt", async function () {
+      const { token, staking, guardian, governor, provider, readyAt } = await networkHelpers.loadFixture(
+        pendingFixture,
+      );
+      await staking.connect(guardian).pause();
+      await time.increaseTo(readyAt + 3_600n);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE))
+        .to.emit(staking, "SlashVoided")
+        .withArgs(EVIDENCE, provider.address, STAKE);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+      await expectHeldCovered(token, staking);
+      await staking.connect(governor).unpause();
+      await expect(staking.connect(provider).requestUnbond(STAKE)).to.emit(staking, "UnbondRequested");
+    });
+
+    it("a slash final before a pause stays final: voidSlash reverts with StakingSlashFinal", async function () {
+      const { token, staking, guardian, governor, other, readyAt } = await networkHelpers.loadFixture(pendingFixture);
+      await time.setNextBlockTimestamp(readyAt + 10n);
+      await staking.connect(guardian).pause();
+      await time.setNextBlockTimestamp(readyAt + 5_010n);
+      // Pushed back by the 5,000 s paused so far: still 10 s behind the clock.
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingSlashFinal")
+        .withArgs(EVIDENCE, readyAt + 5_000n);
+      await staking.connect(governor).unpause();
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE)).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking],
+        [-STAKE],
+      );
+    });
+
+    it("does not move the deadline of a slash made after a pause ended", async function () {
+      const { staking, guardian, governor, slasher, provider, verifier } = await networkHelpers.loadFixture(
+        delayedFixture,
+      );
+      await staking.connect(guardian).pause();
+      await time.increase(10_000);
+      await staking.connect(governor).unpause();
+      await staking.connect(slasher).slash(provider.address, 1n, verifier.address, EVIDENCE);
+      const readyAt = BigInt(await time.latest()) + SLASH_DELAY;
+      expect((await slashOf(staking, EVIDENCE)).readyAt).to.equal(readyAt);
+      await time.increaseTo(readyAt);
+      await expect(staking.finalizeSlash(EVIDENCE)).to.emit(staking, "SlashFinalized");
+    });
+
+    it("governance slash: delayed the same way; bounty + treasury share == amount when finalized", async function () {
+      const { token, staking, slasher, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        delayedFixture,
+      );
+      const amount = 1003n;
+      const bounty = (amount * BOUNTY_BPS) / 10_000n; // 250, rounded down
+      const tx = staking.connect(slasher).slash(provider.address, amount, verifier.address, EVIDENCE2);
+      await expect(tx)
+        .to.emit(staking, "Slashed")
+        .withArgs(provider.address, verifier.address, EVIDENCE2, amount, bounty);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier, treasury], [0n, 0n, 0n]);
+      const readyAt = BigInt(await time.latest()) + SLASH_DELAY;
+      await expect(tx).to.emit(staking, "SlashPending").withArgs(EVIDENCE2, provider.address, amount, readyAt);
+      expect(await slashOf(staking, EVIDENCE2)).to.deep.equal({
+        account: provider.address,
+        verifier: verifier.address,
+        amount,
+        bounty,
+        readyAt,
+      });
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE - amount);
+      expect(await staking.totalPendingSlashes()).to.equal(amount);
+      await expectHeldCovered(token, staking);
+      await time.increaseTo(readyAt);
+      await expect(staking.finalizeSlash(EVIDENCE2)).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-amount, bounty, amount - bounty, 0n],
+      );
+      await expectHeldCovered(token, staking);
+    });
+
+    it("governance slash with a stolen slasher key: voided, the thief's address gets nothing", async function () {
+      const { token, staking, guardian, slasher, provider, other } = await networkHelpers.loadFixture(delayedFixture);
+      await staking.connect(slasher).slash(provider.address, STAKE, other.address, EVIDENCE2);
+      const readyAt = (await slashOf(staking, EVIDENCE2)).readyAt;
+      await staking.connect(guardian).voidSlash(EVIDENCE2);
+      await time.increaseTo(readyAt + 1n);
+      await expect(staking.connect(other).finalizeSlash(EVIDENCE2))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE2);
+      expect(await token.balanceOf(other.address)).to.equal(0n);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+    });
+
+    it("false accusation: the verifier's bond is delayed too, then paid to the treasury alone", async function () {
+      const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
+        delayedAccusedFixture,
+      );
+      const tx = staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, false, BOND);
+      await expect(tx).to.emit(staking, "Slashed").withArgs(verifier.address, ethers.ZeroAddress, EVIDENCE, BOND, 0n);
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier, treasury], [0n, 0n, 0n]);
+      const readyAt = BigInt(await time.latest()) + SLASH_DELAY;
+      await expect(tx).to.emit(staking, "SlashPending").withArgs(EVIDENCE, verifier.address, BOND, readyAt);
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal({
+        account: verifier.address,
+        verifier: ethers.ZeroAddress,
+        amount: BOND,
+        bounty: 0n,
+        readyAt,
+      });
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE - BOND, 0n, 0n]);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+      await expectHeldCovered(token, staking);
+      await time.setNextBlockTimestamp(readyAt - 1n);
+      await expect(staking.finalizeSlash(EVIDENCE, { gasLimit: 300_000 }))
+        .to.be.revertedWithCustomError(staking, "StakingSlashNotReady")
+        .withArgs(EVIDENCE, readyAt);
+      const fin = staking.finalizeSlash(EVIDENCE);
+      await expect(fin)
+        .to.emit(staking, "SlashFinalized")
+        .withArgs(EVIDENCE, verifier.address, ethers.ZeroAddress, BOND);
+      await expect(fin).to.changeTokenBalances(
+        ethers,
+        token,
+        [staking, verifier, treasury, provider],
+        [-BOND, 0n, BOND, 0n],
+      );
+      await expectHeldCovered(token, staking);
+    });
+
+    it("a slash of 0 (nothing left) records nothing: no SlashPending, nothing to finalize", async function () {
+      const { token, staking, guardian, slasher, referee, provider, verifier } = await networkHelpers.loadFixture(
+        delayedAccusedFixture,
+      );
+      await staking.connect(slasher).slash(provider.address, STAKE, verifier.address, EVIDENCE2);
+      const tx = staking.connect(referee).resolve(EVIDENCE, true);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, true, 0n);
+      await expect(tx).to.emit(staking, "Slashed").withArgs(provider.address, verifier.address, EVIDENCE, 0n, 0n);
+      await expect(tx).to.not.emit(staking, "SlashPending");
+      await expect(tx).to.changeTokenBalances(ethers, token, [staking, verifier], [0n, 0n]);
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal(NO_SLASH);
+      expect(await staking.totalPendingSlashes()).to.equal(STAKE); // the governance slash alone
+      await expectHeldCovered(token, staking);
+      await time.increase(SLASH_DELAY);
+      await expect(staking.finalizeSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE);
+      await expect(staking.connect(guardian).voidSlash(EVIDENCE))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(EVIDENCE);
+    });
+
+    it("a false verdict on a bond a slash already took whole records nothing either", async function () {
+      const { staking, slasher, referee, verifier, treasury } = await networkHelpers.loadFixture(delayedAccusedFixture);
+      await staking.connect(slasher).slash(verifier.address, STAKE, treasury.address, EVIDENCE2);
+      const tx = staking.connect(referee).resolve(EVIDENCE, false);
+      await expect(tx).to.emit(staking, "DisputeResolved").withArgs(EVIDENCE, false, 0n);
+      await expect(tx).to.not.emit(staking, "SlashPending");
+      expect(await slashOf(staking, EVIDENCE)).to.deep.equal(NO_SLASH);
+      expect(await staking.totalPendingSlashes()).to.equal(STAKE);
+    });
+
+    it("voiding a slash that cut an open bond backs it again: the false verdict takes it", async function () {
+      // A slash takes the verifier bonds of the account's open accusations with its stake (_takeStake cuts
+      // `bonded`). Voided, the slash is undone: the stake is back, so the bond it cut must be backed again, or a
+      // verifier whose accusation is false escapes its penalty because of a slash that never happened.
+      const { staking, guardian, slasher, referee, verifier, other } = await networkHelpers.loadFixture(
+        delayedAccusedFixture,
+      );
+      await staking.connect(slasher).slash(verifier.address, STAKE, other.address, EVIDENCE2);
+      expect((await accountOf(staking, verifier.address)).bonded).to.equal(0n);
+      await staking.connect(guardian).voidSlash(EVIDENCE2);
+      const v = await accountOf(staking, verifier.address);
+      expect([v.staked, v.bonded, v.openDisputes]).to.deep.equal([STAKE, BOND, 1n]);
+      await expect(staking.connect(referee).resolve(EVIDENCE, false))
+        .to.emit(staking, "DisputeResolved")
+        .withArgs(EVIDENCE, false, BOND);
+    });
+
+    it("keeps balance == totalStaked + totalPendingSlashes as slashes finalize and void", async function () {
+      const { token, staking, guardian, slasher, referee, provider, provider2, verifier } =
+        await networkHelpers.loadFixture(delayedAccusedFixture);
+      await staking.connect(provider2).stake(STAKE);
+      await expectHeldCovered(token, staking);
+      await staking.connect(referee).resolve(EVIDENCE, true); // provider's STAKE
+      await staking.connect(slasher).slash(provider2.address, 777n, verifier.address, EVIDENCE2);
+      await staking.connect(slasher).slash(verifier.address, 55n, provider2.address, EVIDENCE3);
+      expect(await staking.totalPendingSlashes()).to.equal(STAKE + 777n + 55n);
+      expect(await staking.totalStaked()).to.equal(STAKE * 2n - 777n - 55n);
+      await expectHeldCovered(token, staking);
+      await staking.connect(guardian).voidSlash(EVIDENCE2);
+      expect(await staking.totalPendingSlashes()).to.equal(STAKE + 55n);
+      expect(await staking.stakeOf(provider2.address)).to.equal(STAKE);
+      await expectHeldCovered(token, staking);
+      await time.increase(SLASH_DELAY);
+      await staking.finalizeSlash(EVIDENCE3);
+      await expectHeldCovered(token, staking);
+      await staking.finalizeSlash(EVIDENCE);
+      expect(await staking.totalPendingSlashes()).to.equal(0n);
+      expect(await token.balanceOf(staking)).to.equal(await staking.totalStaked());
+      expect(await staking.stakeOf(provider.address)).to.equal(0n);
+    });
+
+    describe("setSlashDelay", function () {
+      it("applies to later slashes, pending ones keep their deadline; emits SlashDelaySet", async function () {
+        const { token, staking, governor, slasher, verifier, treasury, other, readyAt } =
+          await networkHelpers.loadFixture(pendingFixture);
+        await expect(staking.connect(governor).setSlashDelay(60)).to.emit(staking, "SlashDelaySet").withArgs(60);
+        expect(await staking.slashDelay()).to.equal(60n);
+        expect((await slashOf(staking, EVIDENCE)).readyAt).to.equal(readyAt);
+        await staking.connect(slasher).slash(verifier.address, 10n, treasury.address, EVIDENCE2);
+        const readyAt2 = BigInt(await time.latest()) + 60n;
+        expect((await slashOf(staking, EVIDENCE2)).readyAt).to.equal(readyAt2);
+        // Without a delay the next slash is paid at once; the pending ones still wait.
+        await expect(staking.connect(governor).setSlashDelay(0)).to.emit(staking, "SlashDelaySet").withArgs(0);
+        const now = staking.connect(slasher).slash(verifier.address, 20n, other.address, EVIDENCE3);
+        await expect(now).to.not.emit(staking, "SlashPending");
+        await expect(now).to.changeTokenBalances(ethers, token, [staking, other, treasury], [-20n, 5n, 15n]);
+        expect(await slashOf(staking, EVIDENCE3)).to.deep.equal(NO_SLASH);
+        expect((await slashOf(staking, EVIDENCE)).readyAt).to.equal(readyAt);
+        await expect(staking.connect(other).finalizeSlash(EVIDENCE))
+          .to.be.revertedWithCustomError(staking, "StakingSlashNotReady")
+          .withArgs(EVIDENCE, readyAt);
+        await time.increaseTo(readyAt2);
+        await expect(staking.connect(other).finalizeSlash(EVIDENCE2)).to.emit(staking, "SlashFinalized");
+        expect(await staking.totalPendingSlashes()).to.equal(STAKE);
+        await expectHeldCovered(token, staking);
+      });
+
+      it("reverts with AccessControlUnauthorizedAccount without GOVERNOR_ROLE", async function () {
+        const { staking, admin, guardian, slasher } = await networkHelpers.loadFixture(delayedFixture);
+        for (const who of [admin, guardian, slasher]) {
+          await expect(staking.connect(who).setSlashDelay(0))
+            .to.be.revertedWithCustomError(staking, "AccessControlUnauthorizedAccount")
+            .withArgs(who.address, await staking.GOVERNOR_ROLE());
+        }
+        expect(await staking.slashDelay()).to.equal(SLASH_DELAY);
+      });
     });
   });
 

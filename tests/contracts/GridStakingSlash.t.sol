@@ -32,7 +32,7 @@ contract GridStakingSlashFuzzTest {
         bps = uint16(uint256(bps) % 10_001);
 
         GridToken token = new GridToken(address(this), SUPPLY);
-        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, bps, 3600, 0);
+        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, bps, 3600, 0, 0);
         staking.grantRole(staking.SLASHER_ROLE(), address(this));
         token.approve(address(staking), staked);
         staking.stake(staked);
@@ -64,7 +64,7 @@ contract GridStakingSlashFuzzTest {
         amount = (amount % staked) + 1;
 
         GridToken token = new GridToken(address(this), SUPPLY);
-        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, 0, 0, 0);
+        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, 0, 0, 0, 0);
         staking.grantRole(staking.LOCKER_ROLE(), address(this));
         token.approve(address(staking), staked);
         staking.stake(staked);
@@ -85,7 +85,7 @@ contract GridStakingSlashFuzzTest {
         unbond = (unbond % staked) + 1;
 
         GridToken token = new GridToken(address(this), SUPPLY);
-        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, 0, delay, 0);
+        GridStaking staking = new GridStaking(token, address(this), address(this), TREASURY, 0, delay, 0, 0);
         token.approve(address(staking), staked);
         staking.stake(staked);
         staking.requestUnbond(unbond);
@@ -194,7 +194,7 @@ contract GridStakingSlashFuzzTest {
     /// Deploys, stakes both sides and opens the dispute with the verifier's signature (this contract is the provider).
     function _accuse(Accusation memory c) internal returns (GridToken token, GridStaking staking) {
         token = new GridToken(address(this), SUPPLY);
-        staking = new GridStaking(token, address(this), address(this), TREASURY, c.bps, 0, c.bond);
+        staking = new GridStaking(token, address(this), address(this), TREASURY, c.bps, 0, c.bond, 0);
         staking.grantRole(staking.REFEREE_ROLE(), address(this));
         token.approve(address(staking), c.providerStake);
         staking.stake(c.providerStake);

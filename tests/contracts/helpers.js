@@ -165,6 +165,7 @@ export async function deployGridMint(hreEthers, deployer, treasury, p) {
     bountyBps: 5000,
     unbondingDelay: 0,
     verifierBond: 0,
+    slashDelay: 0,
     disputeWindow: 0,
     cancelGrace: 3600,
     timelockDelay: 0,
@@ -174,7 +175,7 @@ export async function deployGridMint(hreEthers, deployer, treasury, p) {
   const timelock = await hreEthers.deployContract("GridTimelock", [opts.timelockDelay, [me], [me], me], deployer);
   const staking = await hreEthers.deployContract(
     "GridStaking",
-    [token, me, timelock, treasury, opts.bountyBps, opts.unbondingDelay, opts.verifierBond],
+    [token, me, timelock, treasury, opts.bountyBps, opts.unbondingDelay, opts.verifierBond, opts.slashDelay],
     deployer,
   );
   const distributor = await hreEthers.deployContract(

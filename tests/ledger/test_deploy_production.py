@@ -25,6 +25,7 @@ DAY = 24 * 3600
 PARAMS = {
     "timelock_delay_s": 2 * DAY,
     "dispute_window_s": DAY,
+    "slash_delay_s": DAY,
     "unbonding_delay_s": 7 * DAY,
     "cancel_grace_s": 3600,
     "verifier_bond": 100,
@@ -198,6 +199,41 @@ def test_the_operator_key_still_does_what_serve_and_worker_send(prod: Production
     assert ops.close_job(job) == 700  # SETTLER closes, the customer gets the rest
 
 
+def test_a_slash_waits_out_its_delay_and_one_sent_with_a_stolen_operator_key_is_voided(prod: Production) -> None:
+    """A production slash takes the stake at once and pays nobody for ``slash_delay_s``: a thief holding the operator
+    key who slashes an honest provider, bounty to itself, gets nothing once the guardian voids it; a real conviction
+    is paid to its verifier after the delay, by whoever sends it."""
+    ops, p, p2, v = prod.operator, prod.provider, prod.provider2, prod.verifier
+    thief = Account.create().address
+    p.stake(1_000)
+    p2.stake(400)
+    v.stake(500)
+    treasury = prod.treasury.balance_of(prod.treasury.address)
+    assert ops.slash(p.address, 1_000, thief, EVIDENCE) is True  # the stolen key's SLASHER_ROLE
+    signature = v.sign_accusation(p2.address, EVIDENCE_2, 400)
+    ops.accuse(p2.address, EVIDENCE_2, 400, signature)
+    assert ops.resolve_dispute(EVIDENCE_2, fraud=True) == 400  # a real conviction
+    assert ops.stake_of(p.address) == ops.stake_of(p2.address) == 0  # neither can unbond or withdraw it now
+    assert ops.balance_of(thief) == 0 and ops.total_pending_slashes() == 1_400
+    pending = ops.slash_of(EVIDENCE)
+    assert (pending.account, pending.verifier, pending.amount, pending.bounty) == (p.address, thief, 1_000, 500)
+    with pytest.raises(ChainError) as exc_info:
+        ops.finalize_slash(EVIDENCE)  # not before its time
+    assert exc_info.value.error_name == "StakingSlashNotReady"
+    with pytest.raises(UnauthorizedError) as unauth:
+        ops.void_slash(EVIDENCE)  # the operator key cannot undo (or redo) anything
+    unauthorized(unauth, ops.address, "GUARDIAN_ROLE")
+    assert prod.guardian.void_slash(EVIDENCE) is True
+    assert ops.stake_of(p.address) == 1_000
+    prod.chain.advance_time(PARAMS["slash_delay_s"])
+    assert v.finalize_slash(EVIDENCE) is False  # voided: nothing to pay
+    assert v.finalize_slash(EVIDENCE_2) is True  # anyone may send it: here the verifier waiting for its bounty
+    assert ops.balance_of(thief) == 0 and ops.total_pending_slashes() == 0
+    assert v.balance_of(v.address) == tokens(10_000) - 500 + 200  # the bounty: half of 400
+    assert prod.treasury.balance_of(prod.treasury.address) - treasury == 200
+    assert prod.guardian.void_slash(EVIDENCE_2) is False and v.finalize_slash(EVIDENCE_2) is False  # paid, once
+
+
 def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_one(prod: Production) -> None:
     gov, ops, delay = prod.governor, prod.operator, PARAMS["timelock_delay_s"]
     prod.guardian.pause_all()
@@ -240,6 +276,7 @@ def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: C
         ({**PARAMS, "timelock_delay_s": 0}, Governance(governor.address, governor.address), "zero timelock_delay_s"),
         ({**PARAMS, "dispute_window_s": 0}, Governance(governor.address, governor.address), "zero dispute_window_s"),
         ({**PARAMS, "unbonding_delay_s": 0}, Governance(governor.address, governor.address), "zero unbonding_delay_s"),
+        ({**PARAMS, "slash_delay_s": 0}, Governance(governor.address, governor.address), "zero slash_delay_s"),
         (PARAMS, Governance(operator.address, governor.address), f"the governor {operator.address} is the operator"),
         (PARAMS, Governance(governor.address, operator.address), f"the guardian {operator.address} is the operator"),
         (PARAMS, Governance("0x1234", governor.address), "0x1234"),

@@ -247,7 +247,8 @@ def test_a_cancel_stops_the_job_pays_what_was_verified_and_leaves_the_rest_to_th
     # settled for good: a later sweep queues nothing for it
     w.queued.clear()
     assert service.sweep(w.rt) == {"adjudicate": 1, "punish_verifier": 0, "advance": 0, "settle": 0, "cancelled": 0,
-                                   "stock_canaries": 0, "audit_check": 0}
+                                   "stock_canaries": 0, "audit_check": 0,
+                                   "slashes_paid": 0}
     assert all(name != "gridmint.settle" for name, _ in w.queued)
 
 

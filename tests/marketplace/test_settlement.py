@@ -313,7 +313,7 @@ def test_sweep_requeues_lost_steps_and_nothing_else(world: World) -> None:
         lost_audit = audits[0].id
     world.queued.clear()
     assert service.sweep(world.rt) == {"adjudicate": 1, "punish_verifier": 1, "advance": 1, "settle": 1,
-                                       "cancelled": 0, "stock_canaries": 1, "audit_check": 1}
+                                       "cancelled": 0, "stock_canaries": 1, "audit_check": 1, "slashes_paid": 0}
     with world.rt.sessions() as s:
         dispute = s.scalars(select(Verification.id).where(Verification.status == "disputed")).one()
         lazy = s.scalars(select(Verification.id).where(Verification.status == "canary_missed",

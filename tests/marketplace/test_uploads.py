@@ -189,7 +189,8 @@ def test_a_round_that_cannot_be_averaged_into_a_finite_model_fails_the_job_which
     assert settlement.settle_job(w.rt, job_id) == refund  # final: a re-run pays nothing twice
     w.queued.clear()
     assert service.sweep(w.rt) == {"adjudicate": 0, "punish_verifier": 0, "advance": 0, "settle": 0, "cancelled": 0,
-                                   "stock_canaries": 0, "audit_check": 0}
+                                   "stock_canaries": 0, "audit_check": 0,
+                                   "slashes_paid": 0}
     assert w.queued == []
 
 

@@ -1,0 +1,71 @@
+"""A slash that waits out GridStaking's slash delay (a production deployment has one): the cheat's stake leaves it at
+once, nobody is paid until the delay has passed, then the marketplace's sweep pays the bounty and the treasury's
+share exactly once; a slash the guardian voids meanwhile (one sent with a stolen operator key) goes back to the
+account and is never paid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from marketplace import service
+from marketplace.db import Event, Slash
+from protocol.money import tokens
+from protocol.schemas import JobSpec
+from tests.marketplace.test_flow import drive, provider, slashed, staked_verifier, submit_job
+
+DELAY = 3600
+SPEC = JobSpec(rounds=1, units_per_round=2, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
+
+
+def _caught(market, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A skip-steps cheat caught and slashed (governance path, bounty to the verifier) under a slash delay."""
+    market.ops.set_slash_delay(DELAY)
+    assert market.ops.slash_delay() == DELAY
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    verifier.accuse = False
+    treasury = market.deployment.treasury
+    before = market.ops.balance_of(treasury)
+    drive(market, [cheat, honest], verifier, submit_job(market, SPEC))
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        rows = list(s.scalars(select(Slash)))
+    assert [(r.account, r.amount, r.done_at) for r in rows] == [(cheat.account.address, tokens(200), None)]
+    return cheat, verifier, treasury, before, rows[0].evidence
+
+
+def _outcome(market, evidence: str) -> tuple[str | None, list[str]]:  # type: ignore[no-untyped-def]
+    with market.rt.sessions() as s:
+        row = s.get(Slash, evidence)
+        kinds = [e.kind for e in s.scalars(select(Event).where(Event.kind.like("slash_%")).order_by(Event.id))]
+    return row.outcome, kinds
+
+
+def test_a_slash_is_paid_out_once_its_delay_has_passed(market, tmp_path: Path) -> None:
+    cheat, verifier, treasury, before, evidence = _caught(market, tmp_path)
+    assert market.ops.stake_of(cheat.account.address) == 0  # gone at the verdict: it cannot be withdrawn
+    assert market.ops.balance_of(verifier.account.address) == 0 and market.ops.balance_of(treasury) == before
+    assert market.ops.total_pending_slashes() == tokens(200)
+    assert service.sweep(market.rt)["slashes_paid"] == 0  # not yet
+    assert market.ops.balance_of(verifier.account.address) == 0
+    market.chain.advance_time(DELAY)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    assert market.ops.balance_of(verifier.account.address) == tokens(100)  # the bounty: half the 200 stake
+    assert market.ops.balance_of(treasury) - before == tokens(100)
+    assert market.ops.total_pending_slashes() == 0
+    assert service.sweep(market.rt)["slashes_paid"] == 0  # exactly once
+    assert market.ops.balance_of(verifier.account.address) == tokens(100)
+    assert _outcome(market, evidence) == ("paid", ["slash_pending", "slash_paid"])
+
+
+def test_a_slash_the_guardian_voids_goes_back_and_is_never_paid(market, tmp_path: Path) -> None:
+    cheat, verifier, treasury, before, evidence = _caught(market, tmp_path)
+    assert market.ops.void_slash(evidence)  # the dev deployer holds GUARDIAN_ROLE
+    assert market.ops.stake_of(cheat.account.address) == tokens(200)
+    market.chain.advance_time(DELAY)
+    assert service.sweep(market.rt)["slashes_paid"] == 0
+    assert market.ops.balance_of(verifier.account.address) == 0 and market.ops.balance_of(treasury) == before
+    assert _outcome(market, evidence) == ("gone", ["slash_pending", "slash_gone"])
+    assert not market.ops.finalize_slash(evidence)  # nothing left to pay
