@@ -25,8 +25,11 @@ import {PauseClock} from "./PauseClock.sol";
 /// the verifier and the rest to the treasury. Parameters and unpause belong to GOVERNOR_ROLE (the TimelockController).
 /// With a `slashDelay` (a production deployment has one), neither is paid at once: the stake leaves the account at
 /// the verdict (it can no longer be unbonded or withdrawn) and waits `slashDelay` seconds, not counting time paused,
-/// before anyone may `finalizeSlash` it; until then the GUARDIAN may `voidSlash` it, returning it to the account. A
-/// slash or verdict sent with a stolen referee / slasher key is then undone, not paid to whoever the thief named.
+/// before anyone may `finalizeSlash` it; until then the GUARDIAN may `voidSlash` it, returning it to the account. The
+/// stake a slash or verdict sent with a stolen referee / slasher key took is then given back, not paid to whoever the
+/// thief named (what else such a verdict did stays done: a dispute it closed is closed, its evidence spent). A slash
+/// that finds an account's stake held by its own pending slashes takes what is left; `pendingSlashesOf` says how much
+/// is held, so that the slasher can slash again what a void gives back.
 contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP712 {
     using SafeERC20 for IERC20;
 
@@ -116,6 +119,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     uint256 private _totalStaked;
     mapping(bytes32 evidence => SlashRecord) private _pendingSlashes;
     uint256 private _totalPendingSlashes;
+    mapping(address account => uint256) private _pendingOf;
 
     event Staked(address indexed provider, uint256 amount, uint256 newTotal);
     event UnbondRequested(address indexed provider, uint256 amount, uint256 totalUnbonding, uint256 readyAt);
@@ -378,9 +382,10 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
         if (block.timestamp < readyAt) revert StakingSlashNotReady(evidence, readyAt);
         delete _pendingSlashes[evidence];
-        // unchecked: every pending slash added its amount to the total.
+        // unchecked: every pending slash added its amount to both totals.
         unchecked {
             _totalPendingSlashes -= r.amount;
+            _pendingOf[r.account] -= r.amount;
         }
         emit SlashFinalized(evidence, r.account, r.verifier, r.amount);
         _transferSlash(r.verifier, r.amount, r.bounty);
@@ -396,9 +401,10 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
         if (block.timestamp >= readyAt) revert StakingSlashFinal(evidence, readyAt);
         delete _pendingSlashes[evidence];
-        // unchecked: every pending slash added its amount to the total.
+        // unchecked: every pending slash added its amount to both totals.
         unchecked {
             _totalPendingSlashes -= r.amount;
+            _pendingOf[r.account] -= r.amount;
         }
         StakeRecord storage a = _accounts[r.account];
         uint256 staked = a.staked + r.amount;
@@ -491,6 +497,11 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         return _totalPendingSlashes;
     }
 
+    /// @notice What `account`'s slashes waiting out their delay hold of its former stake: a void gives it back.
+    function pendingSlashesOf(address account) external view returns (uint256) {
+        return _pendingOf[account];
+    }
+
     /// @notice The slash for `evidence` waiting out its delay (amount 0: none; paid, voided, or never delayed);
     /// `readyAt` is the deadline in force.
     function slashOf(bytes32 evidence) external view returns (PendingSlash memory) {
@@ -575,6 +586,7 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
         _pendingSlashes[evidence] =
             SlashRecord(provider, verifier, slashed, bounty, uint64(readyAt), _pausedSecondsNow(), bondCut);
         _totalPendingSlashes += slashed;
+        _pendingOf[provider] += slashed;
         emit SlashPending(evidence, provider, slashed, readyAt);
     }
 

@@ -97,8 +97,9 @@ class Governance:
       (the timelock is the only admin of every contract) is a proposal of the governor that waits the timelock's
       delay in public before it can run. A cold key or a multisig.
     - ``guardian``: GUARDIAN_ROLE on the kill switch and on staking, escrow and distributor (pause at once, void a
-      payout root inside its dispute window) and CANCELLER on GridTimelock (veto a pending proposal). It can stop
-      things, never move money or restart them. May be the governor.
+      payout root inside its dispute window, void a slash inside its delay: its stake goes back to its account) and
+      CANCELLER on GridTimelock (veto a pending proposal). It can stop or undo things, never move money anywhere else
+      or restart them. May be the governor.
 
     Neither may be the operator key: as proposer, whoever stole it would only wait the delay, and as canceller (the
     guardian's, and every proposer's) it could cancel the very proposal that revokes it, leaving the system paused

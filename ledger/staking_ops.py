@@ -232,6 +232,21 @@ class TokenStakingOps(ContractsBase):
     def total_pending_slashes(self) -> int:
         return int(self._call(self.staking, "totalPendingSlashes"))
 
+    def pending_slashes_of(self, account: str) -> int:
+        """What ``account``'s slashes waiting out the delay hold of its former stake (a void gives it back)."""
+        return int(self._call(self.staking, "pendingSlashesOf", to_address(account)))
+
+    def slashes_voided(self, account: str, from_block: int) -> int:
+        """The sum of ``account``'s slashes voided from block ``from_block`` on (SlashVoided events)."""
+        try:
+            logs = self.staking.events.SlashVoided().get_logs(argument_filters={"account": to_address(account)},
+                                                              from_block=to_uint(from_block, "from_block"))
+        except ChainError:
+            raise
+        except Exception as exc:  # transport failures: the caller's task retries a ChainError
+            raise ChainError(f"GridStaking SlashVoided logs unreadable: {exc}") from exc
+        return sum(int(log["args"]["amount"]) for log in logs)
+
     def finalize_slash(self, evidence: bytes | str) -> bool:
         """Pay out the slash for ``evidence`` once its delay has passed (anyone may send it). Exactly-once: returns
         False, sending nothing, if none is pending (paid already, voided, or paid at once); ChainError

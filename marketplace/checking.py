@@ -776,7 +776,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)
             else:
+                bond = rt.contracts.dispute_of(evidence).bond
                 lost = rt.contracts.resolve_dispute(evidence, False)
+                # (a bond its own pending slashes held is taken again if a void gives it back)
+                slashes.hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - lost)
         if disputed:  # (a bond lost waits out the slash delay, as any slash: noted, also on a re-run)
             slashes.note(rt, evidence)
         with rt.sessions.begin() as s:
@@ -814,6 +817,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
         slashes.note(rt, evidence)
+        slashes.hold_over(rt, provider, verifier, evidence)  # (what its own pending slashes held, if given back)
     else:  # path (b): governance slash, its bounty to the verifier; sent once per evidence
         before = _slash_whole_stake(rt, provider, verifier, evidence)
         path = "governance" if before > 0 else "nothing left to slash"
@@ -1016,12 +1020,14 @@ def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     """Slash ``who``'s whole stake (staked and unbonding: one that started unbonding keeps nothing) under
     ``evidence``, its share to ``to``, unless that evidence was used already (a re-run of the step sends nothing
     twice). Returns what ``who`` held before. The slash is noted for the sweep to pay out after the slash delay
-    (:mod:`marketplace.slashes`; also on a re-run that sends nothing: the run that sent it may have stopped short)."""
+    (:mod:`marketplace.slashes`; also on a re-run that sends nothing: the run that sent it may have stopped short),
+    and what ``who``'s own pending slashes held of its stake is slashed again if a void gives it back."""
     st = rt.contracts.stake_state(who)
     held = st.staked + st.unbonding
     if held > 0:
         rt.contracts.slash(who, held, to, evidence)  # (sends nothing where the evidence was used: exactly once)
     slashes.note(rt, evidence)
+    slashes.hold_over(rt, who, to, evidence)
     return held
 
 

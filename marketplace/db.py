@@ -275,16 +275,26 @@ class PayoutEpoch(Base):
 
 
 class Slash(Base):
-    """A slash this marketplace sent that waits out GridStaking's ``slashDelay`` (marketplace.slashes): the sweep
-    pays it out once its delay has passed (``finalizeSlash``), unless the guardian voided it first. ``done_at``: when
-    it was seen paid or gone; ``outcome`` "paid" (this marketplace finalized it) or "gone" (voided, or paid by someone
-    else)."""
+    """A slash this marketplace sent or must send again, under GridStaking's ``slashDelay`` (marketplace.slashes).
+
+    ``kind`` "payout": a slash that waits out the delay; the sweep pays it out (``finalizeSlash``) once ``ready_at``
+    (chain time, as of when it was noted: a pause pushes it back) has passed, unless the guardian voided it first.
+    ``kind`` "redo": a slash or verdict that found ``account``'s stake held by its own pending slashes (sent with a
+    stolen operator key, say) took less than it should have; once none is pending, whatever voids since block
+    ``since_block`` gave back (at most ``want``; None: all of it) is slashed again under ``evidence`` (derived from
+    the first one's), its bounty to ``beneficiary``; the row then waits as that slash's "payout". ``done_at``: when
+    it was closed; ``outcome`` "paid" (this marketplace finalized it), "gone" (voided, or paid by someone else),
+    "slashed" (a redo paid at once), "nothing" (a redo with nothing given back)."""
 
     __tablename__ = "slashes"
     evidence: Mapped[str] = mapped_column(String(66), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), default="payout")
     account: Mapped[str] = mapped_column(String(42))
     amount: Mapped[int] = mapped_column(Money)
-    ready_at: Mapped[int] = mapped_column(BigInteger)  # chain time, as of when it was noted (a pause pushes it back)
+    ready_at: Mapped[int] = mapped_column(BigInteger)
+    beneficiary: Mapped[str | None] = mapped_column(String(42), nullable=True)
+    want: Mapped[int | None] = mapped_column(Money, nullable=True)
+    since_block: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     noted_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
     done_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     outcome: Mapped[str | None] = mapped_column(String(8), nullable=True)

@@ -649,12 +649,12 @@ def sweep(rt: Runtime) -> dict[str, int]:
     handed in (:data:`STOCK_LOST_S`), disputes not yet adjudicated, verifiers caught by a canary not yet slashed,
     passes whose audit is not done a while after it was drawn (``checking.AUDIT_LOST_S``),
     rounds fully verified but not advanced, finished (or stopped) jobs not settled; and it pays out the slashes whose
-    delay has passed (:func:`marketplace.slashes.finalize_due`). Each step is
+    delay has passed and sends again those a void gave stake back to (:func:`marketplace.slashes.sweep`). Each step is
     idempotent, so a duplicate of a step still queued does nothing. First, every running job whose customer
     cancelled its escrow on chain is stopped (:func:`cancellation.stop_cancelled`, a thousand escrows per chain read);
     a job settled for good (``settled``, ``cancelled``, ``failed``) is never queued again."""
     cancelled = cancellation.stop_cancelled(rt)
-    slashes_paid = slashes.finalize_due(rt)
+    slashes_paid = slashes.sweep(rt)
     with rt.sessions.begin() as s:
         disputes = list(s.execute(select(Verification.id, Unit.build, Verification.fallback_at.is_not(None))
                                   .join(Unit, Unit.id == Verification.unit_id)

@@ -2,59 +2,140 @@
 --slash-delay-s``): the stake leaves the account at the verdict, and is paid to the verifier and the treasury only
 once the delay has passed, so that the guardian can void a slash sent with a stolen operator key before anyone is
 paid. The marketplace notes each slash it sends (:func:`note`) and its sweep pays out those whose delay has passed
-(:func:`finalize_due`). Paying out is open to anyone on chain, so a slash this marketplace lost track of is still
-paid by whoever sends ``finalizeSlash`` (a verifier waiting for its bounty)."""
+(:func:`sweep`). Paying out is open to anyone on chain, so a slash this marketplace lost track of is still paid by
+whoever sends ``finalizeSlash`` (a verifier waiting for its bounty).
+
+A slash that finds an account's stake held by the account's own pending slashes (a thief's, say, sent with the
+operator key before the guardian paused) takes only what is left. If the guardian voids those, the stake comes back
+to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
+once nothing of the account is pending any more, what the voids gave back is slashed again under an evidence derived
+from the first, its bounty to the same party."""
 from __future__ import annotations
 
+import logging
+
+from eth_utils import keccak
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from marketplace.common import log
 from marketplace.db import Slash
 from marketplace.runtime import Runtime
+from protocol.errors import ChainError
 from protocol.signing import to_bytes32
 
+logger = logging.getLogger(__name__)
 
-def note(rt: Runtime, evidence: bytes) -> bool:
+
+def _hex(evidence: bytes | str) -> str:
+    return "0x" + to_bytes32(evidence).hex()
+
+
+def _insert(rt: Runtime, row: Slash, **event: object) -> bool:
+    """Add ``row`` unless its evidence is noted already (a re-run, or a concurrent run of the same step)."""
+    try:
+        with rt.sessions.begin() as s:
+            if s.get(Slash, row.evidence) is not None:
+                return False
+            s.add(row)
+            log(s, f"slash_{'pending' if row.kind == 'payout' else 'held_over'}", None, evidence=row.evidence,
+                account=row.account, **event)
+    except IntegrityError:
+        return False
+    return True
+
+
+def note(rt: Runtime, evidence: bytes | str) -> bool:
     """Record the slash sent under ``evidence`` if it waits out a delay (nothing with none: it was paid at once).
     Idempotent: a re-run of the step that sent it notes it once. Returns True if one is noted now."""
     pending = rt.contracts.slash_of(evidence)
     if pending.amount == 0:
         return False
-    ev = "0x" + to_bytes32(evidence).hex()
-    try:
-        with rt.sessions.begin() as s:
-            if s.get(Slash, ev) is not None:
-                return False
-            s.add(Slash(evidence=ev, account=pending.account, amount=pending.amount, ready_at=pending.ready_at))
-            log(s, "slash_pending", None, evidence=ev, account=pending.account, amount=str(pending.amount),
-                verifier=pending.verifier, bounty=str(pending.bounty), ready_at=pending.ready_at)
-    except IntegrityError:  # a concurrent run of the same step noted it first
+    return _insert(rt, Slash(evidence=_hex(evidence), kind="payout", account=pending.account, amount=pending.amount,
+                             ready_at=pending.ready_at),
+                   amount=str(pending.amount), verifier=pending.verifier, bounty=str(pending.bounty),
+                   ready_at=pending.ready_at)
+
+
+def redo_evidence(evidence: bytes | str) -> bytes:
+    """The evidence a held-over slash is sent again under (one per first evidence: exactly once)."""
+    return keccak(b"GridMint/slash-redo/v1" + to_bytes32(evidence))
+
+
+def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, want: int | None = None) -> bool:
+    """After a slash or verdict against ``account`` under ``evidence`` (sent, or found sent): if the account's own
+    pending slashes, other than this one, hold stake of it, note a redo of this slash for what their voids give back
+    (at most ``want``; None: all of it), its bounty to ``beneficiary``. Returns True if one is noted now."""
+    held = rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount
+    if held <= 0 or want == 0:
         return False
-    return True
+    redo = redo_evidence(evidence)
+    if rt.contracts.evidence_used(redo):
+        return False
+    block = int(rt.contracts.chain.w3.eth.block_number)
+    return _insert(rt, Slash(evidence=_hex(redo), kind="redo", account=account, amount=0, ready_at=0,
+                             beneficiary=beneficiary, want=want, since_block=block),
+                   after=_hex(evidence), held=str(held), want=None if want is None else str(want))
 
 
-def finalize_due(rt: Runtime) -> int:
-    """Pay out every noted slash whose delay has passed by the chain's clock (time paused does not count: the
-    deadline is re-read from the chain, and one not yet due is left for the next sweep). A slash no longer pending
-    on chain (voided by the guardian, or paid by someone else) is closed as "gone". Returns how many it paid."""
+def sweep(rt: Runtime) -> int:
+    """The sweep's part: send the redos whose account has nothing pending any more, then pay out every noted slash
+    whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read from the chain;
+    one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
+    by someone else) is closed as "gone". A chain error on one slash (the guardian paused staking, a node away) is
+    logged and that slash left for the next sweep: the rest of the sweep goes on. Returns how many it paid out."""
     with rt.sessions.begin() as s:
-        open_ = list(s.scalars(select(Slash.evidence).where(Slash.done_at.is_(None)).order_by(Slash.ready_at)))
-    if not open_:
-        return 0
-    now = rt.contracts.chain.timestamp()
+        open_ = list(s.execute(select(Slash.evidence, Slash.kind).where(Slash.done_at.is_(None))
+                               .order_by(Slash.kind.desc(), Slash.ready_at)))  # the redos first
     paid = 0
-    for ev in open_:
-        pending = rt.contracts.slash_of(ev)
-        if pending.amount > 0 and pending.ready_at > now:
-            continue
-        outcome = "paid" if pending.amount > 0 and rt.contracts.finalize_slash(ev) else "gone"
-        paid += outcome == "paid"
-        with rt.sessions.begin() as s:
-            row = s.get(Slash, ev)
-            if row is None or row.done_at is not None:
-                continue
-            row.done_at, row.outcome = now, outcome
-            log(s, "slash_paid" if outcome == "paid" else "slash_gone", None, evidence=ev, account=row.account,
-                amount=str(row.amount))
+    for ev, kind in open_:
+        try:
+            paid += _redo(rt, ev) if kind == "redo" else _pay(rt, ev)
+        except ChainError as exc:
+            logger.warning("slash %s left for the next sweep: %s", ev, exc)
     return paid
+
+
+def _pay(rt: Runtime, ev: str) -> int:
+    pending = rt.contracts.slash_of(ev)
+    now = rt.contracts.chain.timestamp()
+    if pending.amount > 0 and pending.ready_at > now:
+        return 0
+    paid = pending.amount > 0 and rt.contracts.finalize_slash(ev)
+    with rt.sessions.begin() as s:
+        row = s.get(Slash, ev)
+        # (a concurrent sweep may have closed it first: as "gone" if it saw this one's payment land; "paid" wins)
+        if row is None or (row.done_at is not None and not paid):
+            return int(paid)
+        row.done_at, row.outcome = now, "paid" if paid else "gone"
+        log(s, f"slash_{row.outcome}", None, evidence=ev, account=row.account, amount=str(row.amount))
+    return int(paid)
+
+
+def _redo(rt: Runtime, ev: str) -> int:
+    """Send the redo ``ev`` once nothing of its account is pending: the row then waits as the payout of the slash it
+    sent (its evidence is the slash's)."""
+    with rt.sessions() as s:
+        row = s.get(Slash, ev)
+        assert row is not None
+        account, beneficiary, want, since = row.account, row.beneficiary, row.want, row.since_block or 0
+    if rt.contracts.pending_slashes_of(account) > 0:
+        return 0  # not yet: what its pending slashes hold comes back only if voided
+    back = rt.contracts.slashes_voided(account, since)
+    st = rt.contracts.stake_state(account)
+    amount = min(back if want is None else min(want, back), st.staked + st.unbonding)
+    if amount > 0 and beneficiary is not None:
+        rt.contracts.slash(account, amount, beneficiary, ev)  # (sends nothing if a run before sent it)
+    pending = rt.contracts.slash_of(ev)
+    with rt.sessions.begin() as s:
+        row = s.get(Slash, ev)
+        if row is None or row.done_at is not None or row.kind != "redo":
+            return 0
+        if pending.amount > 0:
+            row.kind, row.amount, row.ready_at = "payout", pending.amount, pending.ready_at
+        else:  # nothing given back (its pending slashes were paid out), or paid at once (no delay any more)
+            row.done_at, row.amount = rt.contracts.chain.timestamp(), amount
+            row.outcome = "slashed" if amount > 0 else "nothing"
+        log(s, "slash_redone" if amount > 0 else "slash_redo_nothing", None, evidence=ev, account=account,
+            amount=str(amount), voided_since=str(back))
+    return 0

@@ -1100,6 +1100,24 @@ describe("GridStaking", function () {
       expect(await delayed.totalPendingSlashes()).to.equal(0n);
     });
 
+    it("pendingSlashesOf: what an account's pending slashes hold, till each is paid out or voided", async function () {
+      const { staking, guardian, slasher, provider, verifier, other, readyAt } =
+        await networkHelpers.loadFixture(pendingFixture);
+      expect(await staking.pendingSlashesOf(provider.address)).to.equal(STAKE);
+      expect(await staking.pendingSlashesOf(verifier.address)).to.equal(0n);
+      await staking.connect(slasher).slash(verifier.address, 30n, other.address, EVIDENCE2);
+      expect(await staking.pendingSlashesOf(verifier.address)).to.equal(30n);
+      // a slash that finds the stake held by a pending one takes nothing more: the holder says what could come back
+      await expect(staking.connect(slasher).slash(provider.address, 1n, other.address, ethers.id("evidence-3")))
+        .to.be.revertedWithCustomError(staking, "StakingNothingToSlash")
+        .withArgs(provider.address);
+      await staking.connect(guardian).voidSlash(EVIDENCE2);
+      expect(await staking.pendingSlashesOf(verifier.address)).to.equal(0n);
+      await time.increaseTo(readyAt);
+      await staking.connect(other).finalizeSlash(EVIDENCE);
+      expect(await staking.pendingSlashesOf(provider.address)).to.equal(0n);
+    });
+
     it("fraud verdict: the stake leaves at once, no token moves, the slash is recorded", async function () {
       const { token, staking, referee, provider, verifier, treasury } = await networkHelpers.loadFixture(
         delayedAccusedFixture,

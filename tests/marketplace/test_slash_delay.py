@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eth_account import Account
+from eth_utils import keccak
 from sqlalchemy import select
 
 from marketplace import service
-from marketplace.db import Event, Slash
+from marketplace.db import Event, Slash, Unit
 from protocol.money import tokens
 from protocol.schemas import JobSpec
 from tests.marketplace.test_flow import drive, provider, slashed, staked_verifier, submit_job
@@ -69,3 +71,50 @@ def test_a_slash_the_guardian_voids_goes_back_and_is_never_paid(market, tmp_path
     assert market.ops.balance_of(verifier.account.address) == 0 and market.ops.balance_of(treasury) == before
     assert _outcome(market, evidence) == ("gone", ["slash_pending", "slash_gone"])
     assert not market.ops.finalize_slash(evidence)  # nothing left to pay
+
+
+def test_a_cheat_whose_stake_a_thief_slashed_first_is_slashed_again_once_the_guardian_voids_the_theft(
+        market, tmp_path: Path) -> None:
+    """A thief with the operator key slashes a provider's stake to itself; the provider turns out a cheat and is
+    convicted meanwhile, with nothing left to slash. The guardian voids the theft: the stake comes back to the cheat,
+    and the sweep slashes it again, the bounty to the verifier that caught it."""
+    market.ops.set_slash_delay(DELAY)
+    cheat = provider(market, tmp_path, "cheat", "eu-north", "0.55", adversary="skip-steps")
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    verifier.accuse = False
+    job_id = submit_job(market, SPEC)
+
+    def handed_in() -> bool:
+        cheat.work_once()
+        honest.work_once()
+        with market.rt.sessions() as s:
+            return s.scalar(select(Unit.id).where(Unit.provider == cheat.account.address,
+                                                  Unit.status == "submitted")) is not None
+
+    market.wait(handed_in, what="the cheat's unit handed in")
+    thief, theft = Account.create().address, keccak(text="theft")
+    assert market.ops.slash(cheat.account.address, tokens(200), thief, theft)  # the stolen key's SLASHER_ROLE
+    drive(market, [cheat, honest], verifier, job_id)
+    assert slashed(market) == {cheat.account.address}
+    with market.rt.sessions() as s:
+        (redo,) = list(s.scalars(select(Slash)))
+        assert (redo.kind, redo.account, redo.beneficiary, redo.done_at) == (
+            "redo", cheat.account.address, verifier.account.address, None)
+    assert service.sweep(market.rt)["slashes_paid"] == 0 and market.ops.stake_of(cheat.account.address) == 0
+    assert market.ops.void_slash(theft)  # the guardian (the dev deployer holds GUARDIAN_ROLE)
+    assert market.ops.stake_of(cheat.account.address) == tokens(200)  # back to the cheat, for a moment
+    assert service.sweep(market.rt)["slashes_paid"] == 0  # slashed again, held for the delay
+    assert market.ops.stake_of(cheat.account.address) == 0
+    market.chain.advance_time(DELAY + 1)  # (the latest block may be a second behind the redo's)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    assert market.ops.balance_of(verifier.account.address) == tokens(100) and market.ops.balance_of(thief) == 0
+    assert _outcome(market, redo.evidence) == ("paid", ["slash_held_over", "slash_redone", "slash_paid"])
+    assert service.sweep(market.rt)["slashes_paid"] == 0 and market.ops.total_pending_slashes() == 0
+
+
+def test_a_sweep_goes_on_past_a_slash_it_cannot_pay_while_staking_is_paused(market, tmp_path: Path) -> None:
+    _caught(market, tmp_path)
+    market.chain.advance_time(DELAY)  # due, not yet paid ...
+    market.ops.pause_all()  # ... when the guardian pauses: finalizeSlash reverts till the unpause
+    assert service.sweep(market.rt)["slashes_paid"] == 0  # the rest of the sweep still runs

@@ -1,5 +1,6 @@
 """slashes waiting out GridStaking's slashDelay (marketplace.slashes): the sweep pays each out once its delay has
-passed, unless the guardian voided it first
+passed, unless the guardian voided it first; and slashes to send again once a void gives back what an account's own
+pending slashes held
 
 Revision ID: 0020
 Revises: 0019
@@ -20,9 +21,13 @@ def upgrade() -> None:
     op.create_table(
         'slashes',
         sa.Column('evidence', sa.String(length=66), nullable=False),
+        sa.Column('kind', sa.String(length=8), nullable=False),
         sa.Column('account', sa.String(length=42), nullable=False),
         sa.Column('amount', sa.String(length=80), nullable=False),
         sa.Column('ready_at', sa.BigInteger(), nullable=False),
+        sa.Column('beneficiary', sa.String(length=42), nullable=True),
+        sa.Column('want', sa.String(length=80), nullable=True),
+        sa.Column('since_block', sa.BigInteger(), nullable=True),
         sa.Column('noted_at', sa.BigInteger(), nullable=False),
         sa.Column('done_at', sa.BigInteger(), nullable=True),
         sa.Column('outcome', sa.String(length=8), nullable=True),
