@@ -3,16 +3,19 @@
 ``Harness`` deploys the GridMint contracts on a dev chain, hands tokens to a cast of customers, providers and
 verifiers, and exposes one method per operation (stake, unbond, withdraw, lock, fund, release, release to the pool,
 cancel, close, claim, post root, void root, claim payout, batched payout push, set the dispute window, slash, accuse,
-resolve, dismiss, pause, unpause, advance time).
+resolve, dismiss, finalize and void a delayed slash, set the slash delay, pause, unpause, advance time).
 Each method sends the transaction(s), compares the outcome (success, or the exact custom error) with the model's
-prediction, then ``check()`` reads the whole system in one call (GridLens) and verifies:
+prediction, then ``check()`` reads the whole system in one call (GridLens; GridStaking's pending slashes besides)
+and verifies:
 
 - token totals are conserved (every token sits with a known holder; the sum is the fixed supply);
-- every token a contract holds is accounted for: staking == sum(staked + unbonding); escrow == sum over open jobs
-  of (funded - released) + per-unit claimables; distributor == deposited - sum(claimed);
+- every token a contract holds is accounted for: staking == totalStaked + totalPendingSlashes, totalStaked ==
+  sum(staked + unbonding), totalPendingSlashes == the sum of every slashOf; escrow == sum over open jobs of
+  (funded - released) + per-unit claimables; distributor == deposited - sum(claimed);
 - no account ever claimed more from the pool than its cumulative entitlement in the off-chain ledger;
 - nothing moves while paused (every token-moving operation must revert EnforcedPause, and balances stand still);
-- a slashed account never gets the slashed part back: stake in == withdrawn + slashed + staked + unbonding;
+- a slashed account never gets the slashed part back, unless the guardian voids the slash within the slash delay:
+  stake in + restored == withdrawn + slashed + staked + unbonding, and slashed == paid out + pending + restored;
 - and every on-chain figure equals the model's.
 
 The Hypothesis state machine in ``tests/ledger/test_invariants.py`` drives these methods for the test suite (a few
@@ -49,6 +52,8 @@ TX_GAS = 1_000_000
 SUPPLY = 10**30
 START_BALANCE = 10**6
 N_JOBS = 4  # job i is customer i % 2's (Harness.jobs): the other customer's first funding of it must revert
+SLASH_DELAY = 60  # the default Params' slash delay: between the unbonding delay (50) and the dispute window (100)
+ZERO_ADDRESS = "0x" + "00" * 20
 UNITS = tuple(keccak(text=f"campaign-unit-{i}") for i in range(6))
 
 
@@ -207,6 +212,8 @@ class Stats:
     by_op: dict[str, int] = field(default_factory=dict)
     #: transactions that succeeded (as the model predicted), by kind: shows which flows really ran
     succeeded: dict[str, int] = field(default_factory=dict)
+    #: transactions the model predicted to revert, by the custom error it predicted: shows which refusals ran
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 class Harness:
@@ -221,8 +228,11 @@ class Harness:
     ) -> None:
         self.chain = chain
         self.driver = make_driver(chain)
+        # A slash delay by default, as in production: a slash is then paid out or voided later, and each episode of
+        # ``run_campaign`` (each Hypothesis example) may switch it off through governance to cover the immediate path.
         self.params = params or Params(
-            bounty_bps=5000, unbonding_delay=50, verifier_bond=100, dispute_window=100, cancel_grace=30
+            bounty_bps=5000, unbonding_delay=50, verifier_bond=100, dispute_window=100, cancel_grace=30,
+            slash_delay=SLASH_DELAY,
         )
         self.raise_on_violation = raise_on_violation
         self.stats = Stats()
@@ -242,7 +252,7 @@ class Harness:
         self.deployment = deploy(
             self.chain, op, supply=SUPPLY, treasury=cast.treasury, bounty_bps=p.bounty_bps,
             unbonding_delay_s=p.unbonding_delay, verifier_bond=p.verifier_bond, dispute_window_s=p.dispute_window,
-            cancel_grace_s=p.cancel_grace,
+            cancel_grace_s=p.cancel_grace, slash_delay_s=p.slash_delay,
         )
         self.client = GridMintContracts(self.chain, self.deployment, op)
         d = self.deployment
@@ -260,6 +270,7 @@ class Harness:
             "read(address,address,address,address,address[],bytes32[])",
             self.token, self.staking, self.escrow, self.distributor, self.watched, list(self.jobs),
         )
+        self._pending_call = calldata("totalPendingSlashes()")
         balances = {a: 0 for a in self.watched}
         balances[op.address] = SUPPLY - START_BALANCE * (len(cast.people) - 1)
         for person in cast.people[1:]:
@@ -267,6 +278,8 @@ class Harness:
         self.base_model = Model(op.address, cast.treasury, p, now=self.chain.timestamp(), balances=balances)
         self.model = self.base_model.copy()
         self.trees: dict[int, PayoutTree] = {}
+        #: slash evidence ``check()`` found settled on chain and in the model (it reads their slashOf no more)
+        self._settled_slashes: set[bytes] = set()
         self._evidence = 0
         self._signers: dict[str, GridMintContracts] = {}
         self._dirty = True
@@ -280,6 +293,7 @@ class Harness:
         self.model = self.base_model.copy()
         self.model.now = self.chain.timestamp()
         self.trees = {}
+        self._settled_slashes = set()
         self._dirty = True
 
     # ------------------------------------------------------------ running one operation
@@ -293,6 +307,7 @@ class Harness:
         self.stats.transactions += 1
         if expected is not None:
             self.stats.reverts_expected += 1
+            self.stats.refused[expected] = self.stats.refused.get(expected, 0) + 1
         elif actual is None:
             self.stats.succeeded[name] = self.stats.succeeded.get(name, 0) + 1
         if actual is None or actual != expected:
@@ -468,16 +483,27 @@ class Harness:
                  lambda: m.claim_payout_batch(epoch, entries, lengths_match=mode != "mismatch"))
 
     def set_dispute_window(self, window: int) -> None:
-        """Governance changes the dispute window through the timelock (delay 0 here): schedule, then execute. It
-        applies to roots posted afterwards; the latest root keeps the claimable time it was posted with."""
+        """Governance changes the dispute window. It applies to roots posted afterwards; the latest root keeps the
+        claimable time it was posted with."""
         self._op("set_dispute_window")
-        salt = keccak(text=f"window-{self.stats.transactions}")
-        args = (self.distributor, 0, calldata("setDisputeWindow(uint32)", window), b"\x00" * 32, salt)
+        self._govern("dispute_window", self.distributor, calldata("setDisputeWindow(uint32)", window),
+                     lambda: self.model.set_dispute_window(window))
+
+    def set_slash_delay(self, delay: int) -> None:
+        """Governance changes the slash delay. It applies to slashes made afterwards; pending ones keep their
+        deadline."""
+        self._op("set_slash_delay")
+        self._govern("slash_delay", self.staking, calldata("setSlashDelay(uint32)", delay),
+                     lambda: self.model.set_slash_delay(delay))
+
+    def _govern(self, name: str, target: str, data: bytes, predict: Callable[[], str | None]) -> None:
+        """One governance call through the timelock (delay 0 here): schedule, then execute (``set_<name>``)."""
+        salt = keccak(text=f"{name}-{self.stats.transactions}")
+        args = (target, 0, data, b"\x00" * 32, salt)
         schedule = calldata("schedule(address,uint256,bytes,bytes32,bytes32,uint256)", *args, 0)
-        self._tx("schedule_dispute_window", self.cast.operator, self.timelock, schedule, lambda: None)
+        self._tx(f"schedule_{name}", self.cast.operator, self.timelock, schedule, lambda: None)
         execute = calldata("execute(address,uint256,bytes,bytes32,bytes32)", *args)
-        self._tx("set_dispute_window", self.cast.operator, self.timelock, execute,
-                 lambda: self.model.set_dispute_window(window))
+        self._tx(f"set_{name}", self.cast.operator, self.timelock, execute, predict)
 
     def slash(self, provider: int, amount: int, verifier: int, reuse: bool = False) -> None:
         """Governance slash (SLASHER: operator) of a staker, bounty to a verifier."""
@@ -514,6 +540,49 @@ class Harness:
         evidence = open_[pick % len(open_)] if open_ else keccak(text="no-such-dispute")
         self._tx("dismiss", self.cast.operator, self.staking, calldata("dismiss(bytes32)", evidence),
                  lambda: m.dismiss(evidence))
+
+    def finalize_slash(self, pick: int, sender: int = 0, stale: bool = False, timing: str = "now") -> None:
+        """Anyone (``sender``: an index into the whole cast) pays out the ``pick``-th pending slash; ``stale``: a slash
+        that is no longer pending (paid, voided, paid at once) or never was. ``timing`` (see ``_wait_for_slash``):
+        ``"now"``, ``"before"`` (a second before its deadline: StakingSlashNotReady) or ``"deadline"`` (at it)."""
+        m = self.model
+        self._op("finalize_slash")
+        evidence = self._slash_evidence(pick, stale)
+        self._wait_for_slash(evidence, timing)
+        self._tx("finalize_slash", self.cast.people[sender], self.staking, calldata("finalizeSlash(bytes32)", evidence),
+                 lambda: m.finalize_slash(evidence))
+
+    def void_slash(self, pick: int, sender: int | None = None, stale: bool = False, timing: str = "now") -> None:
+        """The guardian (operator), or staker ``sender`` who is not one, voids the ``pick``-th pending slash; ``stale``
+        and ``timing`` as in ``finalize_slash`` (at the deadline: StakingSlashFinal)."""
+        m = self.model
+        who = self.cast.operator if sender is None else self.cast.stakers[sender]
+        self._op("void_slash")
+        evidence = self._slash_evidence(pick, stale)
+        self._wait_for_slash(evidence, timing)
+        self._tx("void_slash", who, self.staking, calldata("voidSlash(bytes32)", evidence),
+                 lambda: m.void_slash(who.address, evidence))
+
+    def _slash_evidence(self, pick: int, stale: bool) -> bytes:
+        """The ``pick``-th pending slash's evidence; with ``stale``, or when none is pending, a settled slash's (paid,
+        voided or paid at once), or one never slashed for when there is none."""
+        m = self.model
+        pending = sorted(m.pending_slashes)
+        if pending and not stale:
+            return pending[pick % len(pending)]
+        settled = sorted(m.slash_evidence.keys() - set(pending))
+        return settled[pick % len(settled)] if settled else keccak(text="no-such-slash")
+
+    def _wait_for_slash(self, evidence: bytes, timing: str) -> None:
+        """Let time pass so that the next transaction runs at the pending slash's deadline in force (``"deadline"``)
+        or a second before it (``"before"``); nothing for ``"now"``, a slash that is not pending, a deadline already
+        behind, or while paused (the deadline then moves on with the clock)."""
+        m = self.model
+        ps = m.pending_slashes.get(evidence)
+        if timing == "now" or ps is None or m.paused:
+            return
+        target = m.slash_ready_at(ps) - (1 if timing == "before" else 0)
+        m.now = max(m.now, target - 1)  # _tx moves on one second
 
     def pause(self) -> None:
         """Guardian hits the kill switch: one transaction pauses staking, escrow and distributor."""
@@ -587,8 +656,38 @@ class Harness:
         held = sum(acc[0] for acc in accounts) + staking_bal + escrow_bal + dist_bal
         expect(held == supply == SUPPLY, f"tokens not conserved: held {held}, supply {supply}")
         stakes = sum(acc[1] + acc[4] for acc in accounts)
-        expect(staking_bal == total_staked == stakes,
-               f"staking holds {staking_bal}, totalStaked {total_staked}, sum of stakes {stakes}")
+        pending = int.from_bytes(self.driver.read(self.staking, self._pending_call), "big")
+        expect(staking_bal == total_staked + pending and total_staked == stakes,
+               f"staking holds {staking_bal}, totalStaked {total_staked} + pending slashes {pending}, "
+               f"sum of stakes {stakes}")
+        # GridLens reads at the latest block: an unbonding's, a cancelled job's or a pending slash's deadline moves
+        # on with that block's time while paused
+        read_at = self.chain.timestamp() if m.paused else m.now
+        # every slash the model knows of, figure by figure; the chain's pending ones must add up to its total. One
+        # found settled (paid, voided or paid at once) is read no more: were it to come back, the total would tell.
+        chain_pending: dict[int, int] = {}
+        unsettled = sorted(m.slash_evidence.keys() - self._settled_slashes)
+        for evidence in unsettled:
+            raw = self.driver.read(self.staking, calldata("slashOf(bytes32)", evidence))
+            got = [int.from_bytes(raw[i : i + 32], "big") for i in range(0, 160, 32)]
+            ps = m.pending_slashes.get(evidence)
+            want = [0] * 5 if ps is None else [int(ps.account, 16), int(ps.verifier or ZERO_ADDRESS, 16), ps.amount,
+                                               ps.bounty, m.slash_ready_at(ps, read_at)]
+            expect(got == want, f"slash {evidence.hex()[:8]}: chain {got} != model {want}")
+            chain_pending[got[0]] = chain_pending.get(got[0], 0) + got[2]
+            if got == want == [0] * 5:
+                self._settled_slashes.add(evidence)
+        listed = sum(chain_pending.values())
+        expect(pending == listed == m.total_pending_slashes(),
+               f"totalPendingSlashes {pending}, sum of slashOf {listed}, model {m.total_pending_slashes()}")
+        # pendingSlashesOf, for each account whose slashes the loop above read (only a slash, a finalize or a void of
+        # one of its slashes changes an account's figure)
+        for a in sorted({m.slash_evidence[e] for e in unsettled}):
+            held = int.from_bytes(self.driver.read(self.staking, calldata("pendingSlashesOf(address)", a)), "big")
+            want_held = m.pending_slashes_of(a)
+            expect(held == want_held == chain_pending.get(int(a, 16), 0),
+                   f"{a}: pendingSlashesOf {held}, sum of its slashOf {chain_pending.get(int(a, 16), 0)}, "
+                   f"model {want_held}")
         open_jobs = sum(j[0] - j[1] for j in jobs if not j[2])
         claimables = sum(acc[7] for acc in accounts)
         expect(total_claimable == claimables, f"totalClaimable {total_claimable} != sum {claimables}")
@@ -599,20 +698,23 @@ class Harness:
         for a, acc in by.items():
             entitled = m.ledger.get(a, 0)
             expect(acc[8] <= entitled, f"{a} claimed {acc[8]} > entitlement {entitled}")
-            flows = m.withdrawn.get(a, 0) + m.slashed.get(a, 0) + acc[1] + acc[4]
-            expect(m.stake_in.get(a, 0) == flows, f"{a} stake flows: in {m.stake_in.get(a, 0)} != out+held {flows}")
+            # a void's stake comes back as ``restored``: it counts as coming in again, ``slashed`` stays as it was
+            slashed, restored = m.slashed.get(a, 0), m.restored.get(a, 0)
+            flows = m.withdrawn.get(a, 0) + slashed + acc[1] + acc[4]
+            came_in = m.stake_in.get(a, 0) + restored
+            expect(came_in == flows, f"{a} stake flows: in + restored {came_in} != out+held {flows}")
+            paid, held = m.slash_paid.get(a, 0), chain_pending.get(int(a, 16), 0)
+            expect(slashed == paid + held + restored,
+                   f"{a} slashed {slashed} != paid {paid} + pending {held} + restored {restored}")
         paused = (p_staking, p_escrow, p_dist)
         expect(paused == (int(m.paused),) * 3, f"paused {paused}, model {m.paused}")
         # the model, figure by figure
         model_open = sum(j.funded - j.released for j in m.jobs.values() if not j.closed)
-        chain_totals = (staking_bal, escrow_bal - total_claimable, deposited, latest, claimable_at)
+        chain_totals = (total_staked, escrow_bal - total_claimable, deposited, latest, claimable_at)
         model_totals = (m.total_staked, model_open, m.deposited, m.latest, m.claimable_at)
         expect(chain_totals == model_totals,
                f"system totals (staked, open escrow, deposited, latest epoch, its claimableAt) differ from the model: "
                f"chain {chain_totals}, model {model_totals}")
-        # GridLens reads at the latest block: an unbonding's or a cancelled job's deadline moves on with that block's
-        # time while paused
-        read_at = self.chain.timestamp() if m.paused else m.now
         for a, acc in by.items():
             ms = m.stakes.get(a)
             want_stake = [0] * 6 if ms is None else [
@@ -644,12 +746,16 @@ def _amount(rng: random.Random, fits: int) -> int:
 
 def random_op(h: Harness, rng: random.Random) -> None:
     """One random operation with random arguments, weighted toward the money flows. While paused, the guardian's
-    timelocked unpause comes soon (every other operation is then a must-revert probe)."""
+    timelocked unpause comes soon (every other operation is then a must-revert probe); while a slash waits out its
+    delay, its finalize or void comes soon (drawn at random, most would find nothing pending)."""
     m = h.model
     stakers = [a.address for a in h.cast.stakers]
     n_stakers, n_prov, n_jobs = len(stakers), len(h.cast.providers), N_JOBS
     if m.paused and rng.random() < 0.2:
         h.unpause()
+        return
+    if m.pending_slashes and rng.random() < 0.1:
+        _settle_slash(h, rng, rng.random() < 0.5)
         return
     who, job = rng.randrange(n_stakers), rng.randrange(n_jobs)
     s = m.stakes.get(stakers[who])
@@ -666,40 +772,66 @@ def random_op(h: Harness, rng: random.Random) -> None:
         h.lock(who, _amount(rng, (s.locked if unlock else s.free()) if s else 0), unlock=unlock)
     elif roll < 0.34:
         h.fund(rng.randrange(2), job, rng.choice([0, 100, 1000, 10_000, 5_000_000]))
-    elif roll < 0.41:
+    elif roll < 0.40:
         available = j.funded - j.released if j and not j.closed else 0
         h.release(job, rng.randrange(len(UNITS)), rng.randrange(n_prov), _amount(rng, available))
-    elif roll < 0.51:
+    elif roll < 0.485:
         h.release_to_pool(job, rng.randrange(len(UNITS)), [rng.choice([0, 0, 5, 40, 300]) for _ in range(n_prov)])
-    elif roll < 0.54:
+    elif roll < 0.515:
         h.cancel(rng.randrange(2), job)
-    elif roll < 0.58:
+    elif roll < 0.555:
         h.close(None if rng.random() < 0.5 else rng.randrange(2), job)
-    elif roll < 0.62:
+    elif roll < 0.595:
         h.claim_escrow(rng.randrange(n_prov))
-    elif roll < 0.70:
+    elif roll < 0.665:
         h.post_root(rng.choice(["honest", "honest", "honest", "skip", "inflated", "bad_then_void"]))
-    elif roll < 0.71:
+    elif roll < 0.675:
         h.void_root()
-    elif roll < 0.79:
+    elif roll < 0.74:
         claimer = rng.randrange(n_prov) if rng.random() < 0.8 else who  # mostly providers: they have leaves
         h.claim_payout(claimer, rng.choice(["latest", "claimable", "claimable", "oldest", "tampered", "foreign"]))
-    elif roll < 0.83:
+    elif roll < 0.78:
         h.claim_payout_batch(rng.choice(["claimable", "claimable", "claimable", "latest", "tampered", "mismatch"]))
-    elif roll < 0.85:
+    elif roll < 0.81:
         h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2)
-    elif roll < 0.89:
+    elif roll < 0.85:
         h.accuse(rng.randrange(2), who, _amount(rng, s.staked + s.unbonding if s else 0), reuse=rng.random() < 0.2)
-    elif roll < 0.91:
+    elif roll < 0.87:
         h.resolve(rng.randrange(4), fraud=rng.random() < 0.5)
-    elif roll < 0.92:
+    elif roll < 0.88:
         h.dismiss(rng.randrange(4))
+    elif roll < 0.905:
+        _settle_slash(h, rng, finalize=True)
+    elif roll < 0.92:
+        _settle_slash(h, rng, finalize=False)
     elif roll < 0.925:
+        h.set_slash_delay(rng.choice([0, 20, SLASH_DELAY, 300]))
+    elif roll < 0.93:
         h.pause()
-    elif roll < 0.935:
+    elif roll < 0.94:
         h.set_dispute_window(rng.choice([0, 10, 100, 400]))
     else:
         h.advance_time(rng.choice([5, 30, 60, 120, 400]))
+
+
+def _settle_slash(h: Harness, rng: random.Random, finalize: bool) -> None:
+    """Anyone finalizes, or the guardian (sometimes a staker who is not one) voids, a pending slash (sometimes one no
+    longer pending), as the sequence has it or a second before / at its deadline in force."""
+    pick, stale = rng.randrange(4), rng.random() < 0.15
+    timing = rng.choice(["now", "now", "before", "deadline"])
+    if finalize:
+        h.finalize_slash(pick, rng.randrange(len(h.cast.people)), stale=stale, timing=timing)
+    else:
+        h.void_slash(pick, None if rng.random() < 0.8 else rng.randrange(len(h.cast.stakers)), stale=stale,
+                     timing=timing)
+
+
+def start_episode(h: Harness, immediate_slashes: bool) -> None:
+    """With ``immediate_slashes``, governance first sets the slash delay to 0, so that the episode's slashes pay out
+    at once (a development deployment's path); else they wait out the deployed delay (production's path). Costs one
+    operation, and nothing when the deployment has no delay."""
+    if immediate_slashes and h.model.params.slash_delay:
+        h.set_slash_delay(0)
 
 
 def run_campaign(
@@ -711,13 +843,16 @@ def run_campaign(
     on_progress: Callable[[int], None] | None = None,
 ) -> Stats:
     """``ops`` random operations in episodes of ``episode`` (each from the freshly set-up state), checking every
-    invariant after every operation. Returns the stats; ``stats.violations`` lists what broke (empty is the goal)."""
+    invariant after every operation. Returns the stats; ``stats.violations`` lists what broke (empty is the goal).
+    Each episode starts with the deployed slash delay or, half the time, none (``start_episode``)."""
     rng = random.Random(seed)
     start = h.stats.ops
     done_in_episode = 0
+    start_episode(h, rng.random() < 0.5)
     while h.stats.ops - start < ops:
         if done_in_episode >= episode:
             h.reset()
+            start_episode(h, rng.random() < 0.5)
             done_in_episode = 0
         before = h.stats.ops
         random_op(h, rng)
@@ -726,6 +861,7 @@ def run_campaign(
         done_in_episode += 1
         if h.check_if_changed() and not h.raise_on_violation:
             h.reset()  # the model diverged: start a fresh episode so later figures stay meaningful
+            start_episode(h, rng.random() < 0.5)
             done_in_episode = 0
         if on_progress is not None:
             on_progress(h.stats.ops - start)

@@ -25,6 +25,9 @@ class StakeM:
     ready_at: int = 0  # nominal: the request's time + the delay; Model.ready_at adds the time paused since
     open_disputes: int = 0
     paused_at_request: int = 0  # Model.paused_total at the request
+    #: the bonds of the account's open accusations as bonded: ``bonded`` is at most that (a slash may have cut it; a
+    #: voided slash gives back what it cut, up to it). GridStaking's bondsOpen (not in accountOf).
+    bonds_open: int = 0
 
     def free(self) -> int:
         return max(self.staked - self.locked - self.bonded, 0)
@@ -49,12 +52,28 @@ class DisputeM:
 
 
 @dataclass
+class PendingSlashM:
+    """A slash waiting out the slash delay (GridStaking.slashOf): ``amount`` taken from ``account``, ``bounty`` of it
+    for ``verifier`` (None: a false accusation's penalty, all of it the treasury's)."""
+
+    account: str
+    verifier: str | None
+    amount: int
+    bounty: int
+    ready_at: int  # nominal: the slash's time + the delay then; Model.slash_ready_at adds the time paused since
+    paused_at_set: int  # Model.paused_seconds() at the slash
+    bond_cut: int  # what the slash cut from the account's open bonds (Model._take): a void backs them again
+
+
+@dataclass
 class Params:
     bounty_bps: int
     unbonding_delay: int
     verifier_bond: int
     dispute_window: int
     cancel_grace: int
+    #: GridStaking.slashDelay; 0 (deploy's default, a development deployment): a slash pays out at once
+    slash_delay: int = 0
 
 
 @dataclass
@@ -88,10 +107,20 @@ class Model:
     paused_since: int = 0
     evidence_used: set[bytes] = field(default_factory=set)
     disputes: dict[bytes, DisputeM] = field(default_factory=dict)
-    # per-account stake flows: stake_in == withdrawn + slashed + staked + unbonding, always
+    #: slashes waiting out the slash delay, by evidence (GridStaking.slashOf)
+    pending_slashes: dict[bytes, PendingSlashM] = field(default_factory=dict)
+    #: every evidence a slash of a nonzero amount was made for (pending, paid or voided), and the account it took
+    #: from: the campaign compares slashOf for each with ``pending_slashes`` (empty once settled)
+    slash_evidence: dict[bytes, str] = field(default_factory=dict)
+    # Per-account stake flows. ``slashed`` counts what a slash takes, at the verdict (the stake leaves the account
+    # then, delay or not); a guardian's void gives it back, counted in ``restored`` (``slashed`` never decreases).
+    # Always: stake_in + restored == withdrawn + slashed + staked + unbonding, and every slashed token is paid out,
+    # still pending, or restored: slashed == slash_paid + pending (the account's) + restored.
     stake_in: dict[str, int] = field(default_factory=dict)
     withdrawn: dict[str, int] = field(default_factory=dict)
     slashed: dict[str, int] = field(default_factory=dict)
+    slash_paid: dict[str, int] = field(default_factory=dict)
+    restored: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> Model:
         return copy.deepcopy(self)
@@ -178,7 +207,7 @@ class Model:
         if s.staked + s.unbonding == 0:
             return "StakingNothingToSlash"
         self.evidence_used.add(evidence)
-        self._pay_out(verifier, self._take(p, amount))
+        self._pay_out(p, verifier, evidence, *self._take(p, amount))
         return None
 
     def accuse(self, verifier: str, p: str, evidence: bytes, amount: int) -> str | None:
@@ -197,6 +226,7 @@ class Model:
         if bond == 0 or bond > vs.free():
             return "StakingInsufficientStake"
         vs.bonded += bond
+        vs.bonds_open += bond
         vs.open_disputes += 1
         ps.open_disputes += 1
         self.disputes[evidence] = DisputeM(p, verifier, amount, bond)
@@ -212,10 +242,10 @@ class Model:
         if fraud:
             ps = self.stake_of(d.provider)
             # The whole slashable stake: the accused amount is the accuser's choice and does not cap the slash.
-            self._pay_out(d.verifier, self._take(d.provider, ps.staked + ps.unbonding))
+            self._pay_out(d.provider, d.verifier, evidence, *self._take(d.provider, ps.staked + ps.unbonding))
         else:
             # The bond, as far as a slash of the verifier's stake has not taken it already.
-            self._pay_out(None, self._take(d.verifier, bond_left))
+            self._pay_out(d.verifier, None, evidence, *self._take(d.verifier, bond_left))
         return None
 
     def dismiss(self, evidence: bytes) -> str | None:
@@ -237,26 +267,95 @@ class Model:
         vs.open_disputes -= 1
         bond_left = min(d.bond, vs.bonded)
         vs.bonded -= bond_left
+        vs.bonds_open -= d.bond
         return d, bond_left
 
-    def _take(self, a: str, amount: int) -> int:
+    def _take(self, a: str, amount: int) -> tuple[int, int]:
+        """Takes up to ``amount`` (staked, then unbonding); returns what it took and what that cut from the
+        account's open bonds."""
         s = self.stake_of(a)
         from_staked = min(amount, s.staked)
         from_unbonding = min(amount - from_staked, s.unbonding)
         s.staked -= from_staked
         s.unbonding -= from_unbonding
         # the account's open bonds are part of its stake: what was taken from under them was taken from them
-        s.bonded = min(s.bonded, s.staked + s.unbonding)
+        bond_cut = max(s.bonded - (s.staked + s.unbonding), 0)
+        s.bonded -= bond_cut
         taken = from_staked + from_unbonding
         self.total_staked -= taken
         self._add(self.slashed, a, taken)
-        return taken
+        return taken, bond_cut
 
-    def _pay_out(self, verifier: str | None, slashed: int) -> None:
+    def _pay_out(self, account: str, verifier: str | None, evidence: bytes, slashed: int, bond_cut: int) -> None:
+        """Splits what a slash took from ``account`` (the bounty is fixed here, at the bounty rate of the moment): paid
+        at once without a slash delay, else held under ``evidence`` (with the ``bond_cut`` a void gives back) until
+        finalized or voided. A slash of 0 records nothing (a verdict on an account a slash already emptied)."""
+        if slashed == 0:
+            return
         bounty = 0 if verifier is None else slashed * self.params.bounty_bps // MAX_BPS
+        self.slash_evidence[evidence] = account
+        if self.params.slash_delay == 0:
+            self._transfer_slash(account, verifier, slashed, bounty)
+            return
+        self.pending_slashes[evidence] = PendingSlashM(
+            account, verifier, slashed, bounty, self.now + self.params.slash_delay, self.paused_seconds(), bond_cut)
+
+    def _transfer_slash(self, account: str, verifier: str | None, slashed: int, bounty: int) -> None:
         if verifier is not None:
             self._add(self.balances, verifier, bounty)
         self._add(self.balances, self.treasury, slashed - bounty)
+        self._add(self.slash_paid, account, slashed)
+
+    def total_pending_slashes(self) -> int:
+        return sum(ps.amount for ps in self.pending_slashes.values())
+
+    def pending_slashes_of(self, a: str) -> int:
+        """What ``a``'s pending slashes hold of its former stake (GridStaking.pendingSlashesOf)."""
+        return sum(ps.amount for ps in self.pending_slashes.values() if ps.account == a)
+
+    def slash_ready_at(self, ps: PendingSlashM, at: int | None = None) -> int:
+        """A pending slash's deadline in force at ``at`` (GridStaking slashOf's readyAt): the nominal one pushed back
+        by the seconds paused since the slash."""
+        return ps.ready_at + self.paused_seconds(at) - ps.paused_at_set
+
+    def finalize_slash(self, evidence: bytes) -> str | None:
+        """Anyone pays out a pending slash from its deadline on (GridStaking.finalizeSlash)."""
+        if self.paused:
+            return "EnforcedPause"
+        ps = self.pending_slashes.get(evidence)
+        if ps is None:
+            return "StakingUnknownSlash"
+        if self.now < self.slash_ready_at(ps):
+            return "StakingSlashNotReady"
+        del self.pending_slashes[evidence]
+        self._transfer_slash(ps.account, ps.verifier, ps.amount, ps.bounty)
+        return None
+
+    def void_slash(self, sender: str, evidence: bytes) -> str | None:
+        """The guardian (``operator``) undoes a pending slash before its deadline, paused or not: the amount goes back
+        to the account's ``staked`` (whatever it was taken from), what it cut from the account's open bonds backs
+        them again as far as they are still open and the stake covers them; the evidence stays spent (and a dispute
+        the verdict closed stays closed)."""
+        if sender != self.operator:
+            return "AccessControlUnauthorizedAccount"
+        ps = self.pending_slashes.get(evidence)
+        if ps is None:
+            return "StakingUnknownSlash"
+        if self.now >= self.slash_ready_at(ps):
+            return "StakingSlashFinal"
+        del self.pending_slashes[evidence]
+        s = self.stake_of(ps.account)
+        s.staked += ps.amount
+        if ps.bond_cut:
+            s.bonded = min(s.bonded + ps.bond_cut, s.bonds_open, s.staked + s.unbonding)
+        self.total_staked += ps.amount
+        self._add(self.restored, ps.account, ps.amount)
+        return None
+
+    def set_slash_delay(self, delay: int) -> str | None:
+        """Governance (through the timelock): applies to slashes made from now on; pending ones keep their deadline."""
+        self.params.slash_delay = delay
+        return None
 
     def ready_at(self, s: StakeM, at: int | None = None) -> int:
         """An unbonding's deadline in force at ``at`` (GridStaking accountOf's unbondingReadyAt): the nominal one

@@ -1,12 +1,14 @@
 """Stateful invariant test: Hypothesis drives random operation sequences against the real contracts on the
 in-process EVM (``ledger.campaign.Harness``), and every invariant is checked after every step:
 
-token totals conserved; each contract's balance equals what it owes (stakes; open escrows + claimables; deposits -
-claims); no account claims more than its cumulative entitlement; nothing moves while paused; a slashed account never
-gets the slashed part back; and every on-chain figure equals the Python model's.
+token totals conserved; each contract's balance equals what it owes (stakes + slashes waiting out the slash delay;
+open escrows + claimables; deposits - claims); no account claims more than its cumulative entitlement; nothing moves
+while paused; a slashed account never gets the slashed part back unless the guardian voids the slash in time; and every
+on-chain figure (each pending slash's included) equals the Python model's.
 
-The second half shows the checks can fail: a corrupted model, tokens moved behind the model's back, a wrong
-prediction and an over-promising root that is not voided are each reported.
+The second half shows the checks can fail: a corrupted model, tokens moved behind the model's back, a pending slash
+the model does not know, a void the stake flows do not count, a wrong prediction and an over-promising root that is
+not voided are each reported.
 
 Runs derandomized (a fixed seed derived from the test) with a step budget that fits in about a minute.
 """
@@ -20,8 +22,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from ledger.campaign import N_JOBS, UNITS, Harness, run_campaign
-from ledger.campaign_model import StakeM
+from ledger.campaign import N_JOBS, UNITS, Harness, run_campaign, start_episode
+from ledger.campaign_model import PendingSlashM, StakeM
 from ledger.chain import Chain
 
 STAKERS = st.integers(min_value=0, max_value=4)  # 3 providers, then 2 verifiers
@@ -32,6 +34,12 @@ UNIT = st.integers(min_value=0, max_value=len(UNITS) - 1)
 #: Amounts relative to what the model says the operation can take (see ``portion``). Hypothesis treats the first
 #: value of ``sampled_from`` as the simplest, so the list starts with the one that usually succeeds.
 PORTION = st.sampled_from(["some", "all", "one", "too_much", "zero"])
+#: When a finalize or void of a pending slash runs: as the sequence has it, a second before its deadline in force, or
+#: at it.
+TIMING = st.sampled_from(["now", "before", "deadline"])
+#: Mostly False: Hypothesis draws ``st.booleans()`` True about half the time, which would spend most finalizes and
+#: voids on slashes no longer pending, and most examples without a slash delay.
+RARELY = st.sampled_from([False, False, False, True])
 Draw = Callable[..., Any]  # ``st.DataObject.draw``
 
 MACHINE_SETTINGS = settings(
@@ -63,10 +71,17 @@ def harness(artifacts: None) -> Iterator[Harness]:
 OPERATIONS: tuple[tuple[str, int], ...] = (
     ("advance_time", 7), ("stake", 10), ("fund", 8), ("release_to_pool", 9), ("release", 6), ("request_unbond", 6),
     ("withdraw", 5), ("lock", 4), ("cancel", 3), ("close", 4), ("claim_escrow", 4), ("post_root", 8), ("void_root", 1),
-    ("claim_payout", 11), ("claim_payout_batch", 5), ("set_dispute_window", 1), ("slash", 3), ("accuse", 4),
-    ("resolve", 3), ("dismiss", 2), ("pause", 1), ("unpause", 4),
+    ("claim_payout", 11), ("claim_payout_batch", 5), ("set_dispute_window", 1), ("slash", 6), ("accuse", 4),
+    ("resolve", 3), ("dismiss", 2), ("finalize_slash", 3), ("void_slash", 2), ("set_slash_delay", 1), ("pause", 1),
+    ("unpause", 4),
 )
 OPERATION = st.sampled_from([name for name, weight in OPERATIONS for _ in range(weight)])
+#: The weights while a slash waits out its delay: its finalize or void comes soon (most steps would otherwise draw them
+#: while nothing is pending, and a 40-step sequence would seldom pay out or void one).
+PENDING_WEIGHTS = {"finalize_slash": 16, "void_slash": 10}
+OPERATION_WHILE_PENDING = st.sampled_from(
+    [name for name, weight in OPERATIONS for _ in range(PENDING_WEIGHTS.get(name, weight))]
+)
 
 
 class CampaignMachine(RuleBasedStateMachine):
@@ -80,11 +95,12 @@ class CampaignMachine(RuleBasedStateMachine):
         self.h = self.harness
         self.h.reset()
 
-    @initialize()
-    def start_with_stakes_and_funded_jobs(self) -> None:
+    @initialize(immediate_slashes=RARELY)
+    def start_with_stakes_and_funded_jobs(self, immediate_slashes: bool) -> None:
         """Every staker bonds 1,000, each customer funds two jobs, and a first batch is in the pool under an honest
         root, so that short sequences reach the deeper flows (claims, disputes, voids) instead of spending their
-        steps on setting up."""
+        steps on setting up. Slashes wait out the deployed slash delay, or governance first switches it off."""
+        start_episode(self.h, immediate_slashes)
         for who in range(len(self.h.cast.stakers)):
             self.h.stake(who, 1_000)
         for job in range(N_JOBS):
@@ -95,8 +111,9 @@ class CampaignMachine(RuleBasedStateMachine):
     def _stake(self, who: int) -> StakeM:
         return self.h.model.stakes.get(self.h.cast.stakers[who].address) or StakeM()
 
-    @rule(op=OPERATION, data=st.data())
-    def step(self, op: str, data: st.DataObject) -> None:
+    @rule(data=st.data())
+    def step(self, data: st.DataObject) -> None:
+        op = data.draw(OPERATION_WHILE_PENDING if self.h.model.pending_slashes else OPERATION, label="op")
         getattr(self, op)(data.draw)
 
     def stake(self, draw: Draw) -> None:
@@ -172,6 +189,18 @@ class CampaignMachine(RuleBasedStateMachine):
 
     def dismiss(self, draw: Draw) -> None:
         self.h.dismiss(draw(st.integers(0, 3), label="pick"))
+
+    def finalize_slash(self, draw: Draw) -> None:
+        self.h.finalize_slash(draw(st.integers(0, 3), label="pick"), draw(st.integers(0, 7), label="sender"),
+                              stale=draw(RARELY, label="stale"), timing=draw(TIMING, label="timing"))
+
+    def void_slash(self, draw: Draw) -> None:
+        sender = draw(STAKERS, label="sender") if draw(RARELY, label="not the guardian") else None
+        self.h.void_slash(draw(st.integers(0, 3), label="pick"), sender, stale=draw(RARELY, label="stale"),
+                          timing=draw(TIMING, label="timing"))
+
+    def set_slash_delay(self, draw: Draw) -> None:
+        self.h.set_slash_delay(draw(st.sampled_from([60, 0, 20, 300]), label="delay"))
 
     def pause(self, draw: Draw) -> None:
         self.h.pause()
@@ -309,6 +338,149 @@ def test_a_bond_slashed_away_is_not_taken_again_from_later_stake(harness: Harnes
     assert h.check() == [] and h.stats.violations == []
 
 
+def _slashed_pending(h: Harness, who: int, amount: int) -> tuple[bytes, PendingSlashM]:
+    """A governance slash of ``amount`` from staker ``who`` (bounty to verifier 0) under the deployed slash delay: its
+    evidence and the model's pending slash."""
+    assert h.model.params.slash_delay == h.params.slash_delay > 0
+    pending = set(h.model.pending_slashes)
+    h.slash(who, amount, 0)
+    (evidence,) = set(h.model.pending_slashes) - pending
+    return evidence, h.model.pending_slashes[evidence]
+
+
+def test_a_delayed_slash_pays_out_only_after_its_delay_not_counting_a_pause(harness: Harness) -> None:
+    """The slash delay against the model: a governance slash takes 400 of a provider's 1,000 at once but pays nobody
+    (a finalize right away reverts StakingSlashNotReady); 10 s later the kill switch, 100 s paused (a finalize then
+    reverts EnforcedPause), the timelocked unpause. The deadline moved back by the time paused: a finalize after the
+    nominal deadline, or a second before the moved one, reverts StakingSlashNotReady; one at the moved deadline pays
+    the verifier its bounty and the treasury the rest; a second finalize, and a void, find nothing pending. Chain and
+    model agree at every step (each slashOf and totalPendingSlashes included)."""
+    harness.reset()
+    h = harness
+    provider, verifier = h.cast.stakers[0].address, h.cast.verifiers[0].address
+    h.stake(0, 1_000)
+    evidence, ps = _slashed_pending(h, 0, 400)
+    treasury, bounty = h.model.balances.get(h.cast.treasury, 0), h.model.balances[verifier]
+    assert (ps.account, ps.verifier, ps.amount, ps.bounty) == (provider, verifier, 400, 200)
+    assert h.model.stake_of(provider).staked == 600 and h.model.total_pending_slashes() == 400
+    assert h.client.slash_of(evidence).amount == 400 and h.client.total_pending_slashes() == 400
+    refused = dict(h.stats.refused)
+    h.finalize_slash(0)
+    assert h.stats.refused.get("StakingSlashNotReady", 0) == refused.get("StakingSlashNotReady", 0) + 1
+    nominal = ps.ready_at
+    h.advance_time(10)
+    h.pause()
+    h.advance_time(100)
+    h.finalize_slash(0, sender=3)
+    assert h.stats.refused.get("EnforcedPause", 0) == refused.get("EnforcedPause", 0) + 1
+    assert h.check() == []
+    h.unpause()
+    deadline = h.model.slash_ready_at(ps)
+    assert nominal < h.model.now < deadline and deadline == nominal + h.model.paused_total > nominal + 100
+    h.finalize_slash(0, sender=3)  # past the nominal deadline, not the one in force
+    h.finalize_slash(0, sender=3, timing="before")  # a second before the one in force
+    assert h.stats.refused.get("StakingSlashNotReady", 0) == refused.get("StakingSlashNotReady", 0) + 3
+    assert h.model.now == deadline - 1
+    finalized = h.stats.succeeded.get("finalize_slash", 0)
+    h.finalize_slash(0, sender=3, timing="deadline")
+    assert h.model.now == deadline and h.stats.succeeded.get("finalize_slash", 0) == finalized + 1
+    assert h.model.pending_slashes == {} and h.model.balances[verifier] == bounty + 200
+    assert h.model.balances[h.cast.treasury] == treasury + 200
+    h.finalize_slash(0)
+    h.void_slash(0)
+    assert h.stats.refused.get("StakingUnknownSlash", 0) == refused.get("StakingUnknownSlash", 0) + 2
+    assert h.client.slash_of(evidence).amount == 0 and h.client.total_pending_slashes() == 0
+    assert h.check() == [] and h.stats.violations == []
+
+
+def test_the_guardian_voids_a_slash_in_time_and_the_stake_comes_back(harness: Harness) -> None:
+    """A fraud verdict takes a provider's whole stake (700 staked + 300 unbonding) into a pending slash. A staker
+    cannot void it (AccessControlUnauthorizedAccount); the guardian pauses and voids it while paused: the 1,000 comes
+    back as staked (free to unbond again), counted as restored in the stake flows (stake in + restored == withdrawn +
+    slashed + staked + unbonding). A second slash cannot be voided at its deadline (StakingSlashFinal) and is paid."""
+    h, verifier, v_index = _accused(harness)
+    provider = h.cast.stakers[0].address
+    h.request_unbond(0, 300)
+    h.resolve(0, fraud=True)
+    (evidence,) = h.model.pending_slashes
+    s = h.model.stake_of(provider)
+    assert (s.staked, s.unbonding, h.model.pending_slashes[evidence].amount) == (0, 0, 1_000)
+    refused = dict(h.stats.refused)
+    h.void_slash(0, sender=v_index)
+    assert h.stats.refused.get("AccessControlUnauthorizedAccount", 0) == refused.get(
+        "AccessControlUnauthorizedAccount", 0) + 1
+    h.pause()
+    voided = h.stats.succeeded.get("void_slash", 0)
+    h.void_slash(0)
+    assert h.stats.succeeded.get("void_slash", 0) == voided + 1 and h.model.pending_slashes == {}
+    assert (s.staked, s.unbonding, s.open_disputes, s.free()) == (1_000, 0, 0, 1_000)
+    assert h.model.slashed[provider] == h.model.restored[provider] == 1_000
+    assert h.check() == []
+    h.unpause()
+    h.request_unbond(0, 1_000)  # the voided stake is free again
+    assert h.stats.succeeded.get("request_unbond", 0) >= 1 and s.unbonding == 1_000
+    evidence, ps = _slashed_pending(h, 0, 250)
+    h.void_slash(0, timing="deadline")
+    assert h.stats.refused.get("StakingSlashFinal", 0) == refused.get("StakingSlashFinal", 0) + 1
+    h.finalize_slash(0, sender=1)
+    assert h.model.pending_slashes == {} and h.model.slash_paid[provider] == 250
+    assert h.model.slashed[provider] == 1_250 and h.model.restored[provider] == 1_000
+    assert h.check() == [] and h.stats.violations == []
+
+
+def test_a_voided_slash_backs_the_open_bonds_it_cut_again(harness: Harness) -> None:
+    """A governance slash of an accusing verifier's whole 500 cuts its bond (100) with it; the guardian voids the slash:
+    the 500 is staked again and backs the bond again, so the false verdict still costs the bond (a pending penalty of
+    100, no verifier). Where the dispute closed between the slash and the void, there is no bond left to back: the
+    void gives back the stake only. Chain and model agree throughout."""
+    h, verifier, v_index = _accused(harness)
+    s = h.model.stake_of(verifier.address)
+    evidence, _ = _slashed_pending(h, v_index, 500)
+    assert (s.staked, s.bonded, s.bonds_open, h.model.pending_slashes[evidence].bond_cut) == (0, 0, 100, 100)
+    h.void_slash(0)
+    assert (s.staked, s.bonded, s.free()) == (500, 100, 400) and h.check() == []
+    h.resolve(0, fraud=False)
+    (penalty,) = h.model.pending_slashes.values()
+    assert (penalty.account, penalty.verifier, penalty.amount) == (verifier.address, None, 100)
+    assert (s.staked, s.bonded, s.bonds_open) == (400, 0, 0)
+    h.accuse(0, 0, 10)
+    evidence, _ = _slashed_pending(h, v_index, 400)
+    assert (s.staked, s.bonded, s.bonds_open) == (0, 0, 100)
+    h.dismiss(0)  # the bond is released: there is none open any more
+    h.void_slash(sorted(h.model.pending_slashes).index(evidence))
+    assert evidence not in h.model.pending_slashes
+    assert (s.staked, s.bonded, s.bonds_open, s.free()) == (400, 0, 0, 400)
+    assert h.check() == [] and h.stats.violations == []
+
+
+def test_a_slash_delay_change_applies_to_later_slashes_and_zero_pays_at_once(harness: Harness) -> None:
+    """Governance raises the slash delay to 300 while a slash waits out 60: that one keeps its deadline (paid at it),
+    the next waits 300. With the delay set to 0 a slash pays at once: slashOf stays empty and a finalize of its
+    evidence reverts StakingUnknownSlash. A false accusation's penalty waits like any slash, all of it the treasury's
+    (no verifier in slashOf)."""
+    h, verifier, v_index = _accused(harness)
+    first, ps = _slashed_pending(h, 0, 100)
+    h.set_slash_delay(300)
+    h.resolve(0, fraud=False)  # the verifier's bond (100) becomes a pending penalty, under the new delay
+    penalties = [e for e, p in h.model.pending_slashes.items() if p.verifier is None]
+    assert len(penalties) == 1 and h.model.pending_slashes[penalties[0]].account == verifier.address
+    late = h.model.pending_slashes[penalties[0]]
+    assert late.ready_at - ps.ready_at > 200 and h.check() == []
+    h.finalize_slash(sorted(h.model.pending_slashes).index(first), timing="deadline")
+    assert first not in h.model.pending_slashes and penalties[0] in h.model.pending_slashes
+    h.set_slash_delay(0)
+    treasury = h.model.balances.get(h.cast.treasury, 0)
+    pending = dict(h.model.pending_slashes)
+    h.slash(0, 50, 1)
+    assert h.model.pending_slashes == pending and h.model.balances[h.cast.treasury] == treasury + 25
+    refused = h.stats.refused.get("StakingUnknownSlash", 0)
+    h.finalize_slash(0, stale=True)
+    assert h.stats.refused.get("StakingUnknownSlash", 0) == refused + 1
+    h.finalize_slash(0, timing="deadline")  # the penalty, under its 300 s
+    assert h.model.pending_slashes == {} and h.model.slash_paid[verifier.address] == 100
+    assert h.check() == [] and h.stats.violations == []
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 
@@ -348,6 +520,27 @@ def test_check_reports_stake_that_came_back_after_a_slash(lenient: Harness) -> N
     h.slash(0, 400, 0)
     assert h.check() == []
     h.model.slashed[h.cast.stakers[0].address] = 0  # as if the slashed 400 were still owed back to the provider
+    assert any("stake flows" in v for v in h.check())
+
+
+def test_check_reports_a_pending_slash_the_model_does_not_know(lenient: Harness) -> None:
+    h = lenient
+    h.stake(0, 1_000)
+    evidence, _ = _slashed_pending(h, 0, 400)
+    assert h.check() == []
+    del h.model.pending_slashes[evidence]  # as if the slash had been paid at once
+    violations = h.check()
+    assert any(v.startswith("totalPendingSlashes 400") for v in violations), violations
+    assert any(v.startswith(f"slash {evidence.hex()[:8]}") for v in violations), violations
+
+
+def test_check_reports_a_void_the_stake_flows_do_not_count(lenient: Harness) -> None:
+    h = lenient
+    h.stake(0, 1_000)
+    _slashed_pending(h, 0, 400)
+    h.void_slash(0)
+    assert h.check() == []
+    h.model.restored.clear()  # as if the voided 400 had come from nowhere
     assert any("stake flows" in v for v in h.check())
 
 
