@@ -10,7 +10,7 @@ from eth_account import Account
 from eth_utils import keccak
 from sqlalchemy import select
 
-from marketplace import service
+from marketplace import service, slashes
 from marketplace.db import Event, Slash, Unit
 from protocol.money import tokens
 from protocol.schemas import JobSpec
@@ -118,3 +118,32 @@ def test_a_sweep_goes_on_past_a_slash_it_cannot_pay_while_staking_is_paused(mark
     market.chain.advance_time(DELAY)  # due, not yet paid ...
     market.ops.pause_all()  # ... when the guardian pauses: finalizeSlash reverts till the unpause
     assert service.sweep(market.rt)["slashes_paid"] == 0  # the rest of the sweep still runs
+
+
+def test_a_false_accusers_bond_held_by_a_thiefs_slash_is_taken_again_once_the_guardian_voids_it(market) -> None:
+    """The same for a bond: a verifier's stake slashed by a thief while its accusation is open; the referee then
+    finds the accusation false, with the bond cut to nothing. After the void the bond is taken again, for the
+    treasury (hold_over called as the referee's step calls it)."""
+    market.ops.set_slash_delay(DELAY)
+    cheat_free, liar = market.account(gmt=tokens(300)), market.account(gmt=tokens(300))
+    for who in (cheat_free, liar):
+        market.contracts(who).stake(tokens(200))
+    evidence, theft = keccak(text="false accusation"), keccak(text="theft")
+    market.ops.accuse(cheat_free.address, evidence, tokens(1),
+                      market.contracts(liar).sign_accusation(cheat_free.address, evidence, tokens(1)))
+    bond = market.ops.dispute_of(evidence).bond
+    assert bond == tokens(50)
+    thief = Account.create().address
+    assert market.ops.slash(liar.address, tokens(200), thief, theft)  # cuts the open bond to nothing
+    assert market.ops.resolve_dispute(evidence, False) == 0  # the penalty finds nothing
+    treasury = market.deployment.treasury
+    before = market.ops.balance_of(treasury)
+    assert slashes.hold_over(market.rt, liar.address, treasury, evidence, bond - 0)
+    assert not slashes.hold_over(market.rt, liar.address, treasury, evidence, bond)  # once
+    assert market.ops.void_slash(theft)
+    assert market.ops.stake_of(liar.address) == tokens(200)
+    service.sweep(market.rt)
+    assert market.ops.stake_of(liar.address) == tokens(150)  # the bond, taken again; the rest is the liar's
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    assert market.ops.balance_of(treasury) - before == bond and market.ops.balance_of(thief) == 0
