@@ -1,7 +1,9 @@
 """Token and staking operations of the typed client (mixed into ``GridMintContracts``)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from eth_utils import keccak
 from web3.types import TxReceipt
@@ -236,16 +238,50 @@ class TokenStakingOps(ContractsBase):
         """What ``account``'s slashes waiting out the delay hold of its former stake (a void gives it back)."""
         return int(self._call(self.staking, "pendingSlashesOf", to_address(account)))
 
-    def slashes_voided(self, account: str, from_block: int) -> int:
-        """The sum of ``account``'s slashes voided from block ``from_block`` on (SlashVoided events)."""
+    def _staking_logs(self, event: str, from_block: int = 0, **filters: object) -> list[Any]:
+        """GridStaking's ``event`` logs from ``from_block`` on, filtered on indexed arguments (ChainError if the
+        node cannot answer)."""
         try:
-            logs = self.staking.events.SlashVoided().get_logs(argument_filters={"account": to_address(account)},
-                                                              from_block=to_uint(from_block, "from_block"))
+            return list(self.staking.events[event]().get_logs(argument_filters=filters,
+                                                              from_block=to_uint(from_block, "from_block")))
         except ChainError:
             raise
         except Exception as exc:  # transport failures: the caller's task retries a ChainError
-            raise ChainError(f"GridStaking SlashVoided logs unreadable: {exc}") from exc
-        return sum(int(log["args"]["amount"]) for log in logs)
+            raise ChainError(f"GridStaking {event} logs unreadable: {exc}") from exc
+
+    def pending_slashes_listed(self, account: str) -> dict[str, int]:
+        """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount."""
+        out: dict[str, int] = {}
+        for log in self._staking_logs("SlashPending", account=to_address(account)):
+            ev = "0x" + bytes(log["args"]["evidence"]).hex()
+            if ev not in out:
+                amount = self.slash_of(ev).amount
+                if amount > 0:
+                    out[ev] = amount
+        return out
+
+    def voided_of(self, account: str, evidences: Iterable[str]) -> int:
+        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events)."""
+        wanted = {e.lower() for e in evidences}
+        return sum(int(log["args"]["amount"]) for log in self._staking_logs("SlashVoided", account=to_address(account))
+                   if "0x" + bytes(log["args"]["evidence"]).hex() in wanted)
+
+    def slashed_since(self, account: str, from_block: int, exclude: Iterable[str] = ()) -> int:
+        """What slashes of ``account`` took from block ``from_block`` on (Slashed events), but those under
+        ``exclude``."""
+        skip = {e.lower() for e in exclude}
+        return sum(int(log["args"]["slashed"])
+                   for log in self._staking_logs("Slashed", from_block, provider=to_address(account))
+                   if "0x" + bytes(log["args"]["evidence"]).hex() not in skip)
+
+    def dispute_terms(self, evidence: bytes | str) -> tuple[int, int | None]:
+        """The bond an accusation under ``evidence`` bonded and what its false verdict took (None: not resolved
+        false, or not yet), from its Accused and DisputeResolved events (0, None: never accused)."""
+        ev = to_bytes32(evidence, "evidence")
+        accused = self._staking_logs("Accused", evidence=ev)
+        resolved = [log for log in self._staking_logs("DisputeResolved", evidence=ev) if not log["args"]["fraud"]]
+        bond = int(accused[-1]["args"]["bond"]) if accused else 0
+        return bond, (int(resolved[-1]["args"]["slashed"]) if resolved else None)
 
     def finalize_slash(self, evidence: bytes | str) -> bool:
         """Pay out the slash for ``evidence`` once its delay has passed (anyone may send it). Exactly-once: returns

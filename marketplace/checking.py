@@ -776,12 +776,13 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)
             else:
-                bond = rt.contracts.dispute_of(evidence).bond
                 lost = rt.contracts.resolve_dispute(evidence, False)
-                # (a bond its own pending slashes held is taken again if a void gives it back)
-                slashes.hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - lost)
         if disputed:  # (a bond lost waits out the slash delay, as any slash: noted, also on a re-run)
             slashes.note(rt, evidence)
+        if disputed and not faith.good:  # a bond its own pending slashes held: taken again if a void gives it back
+            bond, penalty = rt.contracts.dispute_terms(evidence)
+            if penalty is not None:
+                slashes.hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - penalty)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None

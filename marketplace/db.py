@@ -279,10 +279,12 @@ class Slash(Base):
 
     ``kind`` "payout": a slash that waits out the delay; the sweep pays it out (``finalizeSlash``) once ``ready_at``
     (chain time, as of when it was noted: a pause pushes it back) has passed, unless the guardian voided it first.
-    ``kind`` "redo": a slash or verdict that found ``account``'s stake held by its own pending slashes (sent with a
-    stolen operator key, say) took less than it should have; once none is pending, whatever voids since block
-    ``since_block`` gave back (at most ``want``; None: all of it) is slashed again under ``evidence`` (derived from
-    the first one's), its bounty to ``beneficiary``; the row then waits as that slash's "payout". ``done_at``: when
+    ``kind`` "redo": a slash or verdict (under ``basis["after"]``) that found ``account``'s stake held by its own
+    pending slashes (``basis["held"]``: evidence -> amount; sent with a stolen operator key, say) took less than it
+    should have; once none of those can be voided any more, what their voids gave back, less what slashes of the
+    account took from block ``since_block`` on (at most ``want``; None: all of it), is slashed again under
+    ``evidence`` (derived from the first one's), its bounty to ``beneficiary``; the row then waits as that slash's
+    "payout". ``done_at``: when
     it was closed; ``outcome`` "paid" (this marketplace finalized it), "gone" (voided, or paid by someone else),
     "slashed" (a redo paid at once), "nothing" (a redo with nothing given back)."""
 
@@ -295,6 +297,7 @@ class Slash(Base):
     beneficiary: Mapped[str | None] = mapped_column(String(42), nullable=True)
     want: Mapped[int | None] = mapped_column(Money, nullable=True)
     since_block: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    basis: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     noted_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
     done_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     outcome: Mapped[str | None] = mapped_column(String(8), nullable=True)

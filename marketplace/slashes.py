@@ -8,8 +8,9 @@ whoever sends ``finalizeSlash`` (a verifier waiting for its bounty).
 A slash that finds an account's stake held by the account's own pending slashes (a thief's, say, sent with the
 operator key before the guardian paused) takes only what is left. If the guardian voids those, the stake comes back
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
-once nothing of the account is pending any more, what the voids gave back is slashed again under an evidence derived
-from the first, its bounty to the same party."""
+once none of the slashes that held the stake can be voided any more, what their voids gave back (less what other
+slashes of the account took since: never stake it added later) is slashed again under an evidence derived from the
+first, its bounty to the same party."""
 from __future__ import annotations
 
 import logging
@@ -66,16 +67,21 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
     """After a slash or verdict against ``account`` under ``evidence`` (sent, or found sent): if the account's own
     pending slashes, other than this one, hold stake of it, note a redo of this slash for what their voids give back
     (at most ``want``; None: all of it), its bounty to ``beneficiary``. Returns True if one is noted now."""
-    held = rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount
-    if held <= 0 or want == 0:
+    if want is not None and want <= 0:
         return False
-    redo = redo_evidence(evidence)
+    if rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount <= 0:
+        return False
+    redo, own = redo_evidence(evidence), _hex(evidence)
     if rt.contracts.evidence_used(redo):
+        return False
+    held = {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account).items() if ev != own}
+    if not held:
         return False
     block = int(rt.contracts.chain.w3.eth.block_number)
     return _insert(rt, Slash(evidence=_hex(redo), kind="redo", account=account, amount=0, ready_at=0,
-                             beneficiary=beneficiary, want=want, since_block=block),
-                   after=_hex(evidence), held=str(held), want=None if want is None else str(want))
+                             beneficiary=beneficiary, want=want, since_block=block,
+                             basis={"after": own, "held": {ev: str(a) for ev, a in held.items()}}),
+                   after=own, held=str(sum(held.values())), want=None if want is None else str(want))
 
 
 def sweep(rt: Runtime) -> int:
@@ -113,19 +119,27 @@ def _pay(rt: Runtime, ev: str) -> int:
 
 
 def _redo(rt: Runtime, ev: str) -> int:
-    """Send the redo ``ev`` once nothing of its account is pending: the row then waits as the payout of the slash it
-    sent (its evidence is the slash's)."""
+    """Send the redo ``ev`` once none of the slashes that held its account's stake can be voided any more: what
+    their voids gave back, less what slashes of the account took since (another redo's, a later conviction's: never
+    stake it added since), at most ``want``. The row then waits as the payout of the slash it sent (its evidence is
+    the slash's)."""
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None
         account, beneficiary, want, since = row.account, row.beneficiary, row.want, row.since_block or 0
-    if rt.contracts.pending_slashes_of(account) > 0:
-        return 0  # not yet: what its pending slashes hold comes back only if voided
-    back = rt.contracts.slashes_voided(account, since)
-    st = rt.contracts.stake_state(account)
-    amount = min(back if want is None else min(want, back), st.staked + st.unbonding)
-    if amount > 0 and beneficiary is not None:
-        rt.contracts.slash(account, amount, beneficiary, ev)  # (sends nothing if a run before sent it)
+        basis = dict(row.basis or {})
+    held = {h: int(a) for h, a in (basis.get("held") or {}).items()}
+    amount, back = 0, 0
+    if not rt.contracts.evidence_used(ev):  # (used: a run before sent it and stopped short of this row)
+        now = rt.contracts.chain.timestamp()
+        if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
+            return 0  # not yet: a slash that held the stake may still be voided
+        back = min(rt.contracts.voided_of(account, held), sum(held.values()))
+        taken = rt.contracts.slashed_since(account, since, exclude=[basis.get("after", ""), ev, *held])
+        st = rt.contracts.stake_state(account)
+        amount = max(min(back - taken, st.staked + st.unbonding, back if want is None else want), 0)
+        if amount > 0 and beneficiary is not None:
+            rt.contracts.slash(account, amount, beneficiary, ev)
     pending = rt.contracts.slash_of(ev)
     with rt.sessions.begin() as s:
         row = s.get(Slash, ev)
@@ -133,9 +147,9 @@ def _redo(rt: Runtime, ev: str) -> int:
             return 0
         if pending.amount > 0:
             row.kind, row.amount, row.ready_at = "payout", pending.amount, pending.ready_at
-        else:  # nothing given back (its pending slashes were paid out), or paid at once (no delay any more)
+        else:  # nothing given back (what held it was paid out, or taken since), or paid at once (no delay any more)
             row.done_at, row.amount = rt.contracts.chain.timestamp(), amount
-            row.outcome = "slashed" if amount > 0 else "nothing"
-        log(s, "slash_redone" if amount > 0 else "slash_redo_nothing", None, evidence=ev, account=account,
-            amount=str(amount), voided_since=str(back))
+            row.outcome = "slashed" if amount > 0 or rt.contracts.evidence_used(ev) else "nothing"
+        log(s, "slash_redone" if pending.amount > 0 or amount > 0 else "slash_redo_nothing", None, evidence=ev,
+            account=account, amount=str(pending.amount or amount), voided=str(back))
     return 0

@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column('beneficiary', sa.String(length=42), nullable=True),
         sa.Column('want', sa.String(length=80), nullable=True),
         sa.Column('since_block', sa.BigInteger(), nullable=True),
+        sa.Column('basis', sa.JSON(), nullable=True),
         sa.Column('noted_at', sa.BigInteger(), nullable=False),
         sa.Column('done_at', sa.BigInteger(), nullable=True),
         sa.Column('outcome', sa.String(length=8), nullable=True),
