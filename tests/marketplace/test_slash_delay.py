@@ -10,7 +10,7 @@ from eth_account import Account
 from eth_utils import keccak
 from sqlalchemy import select
 
-from marketplace import service, slashes
+from marketplace import checking, service, slashes
 from marketplace.db import Event, Slash, Unit
 from protocol.money import tokens
 from protocol.schemas import JobSpec
@@ -147,3 +147,55 @@ def test_a_false_accusers_bond_held_by_a_thiefs_slash_is_taken_again_once_the_gu
     market.chain.advance_time(DELAY + 1)
     assert service.sweep(market.rt)["slashes_paid"] == 1
     assert market.ops.balance_of(treasury) - before == bond and market.ops.balance_of(thief) == 0
+
+
+def _staked(market, amount: int):  # type: ignore[no-untyped-def]
+    acct = market.account(gmt=tokens(500))
+    market.contracts(acct).stake(amount)
+    return acct
+
+
+def test_two_redos_never_take_one_void_twice_nor_stake_added_since(market) -> None:
+    """Two convictions of one account find its stake held by a thief's slash: the void gives back 200, taken once
+    (by whichever redo goes first); the 100 the account stakes afterwards is not the thieves' nor the redos'."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft = keccak(text="theft")
+    assert market.ops.slash(cheat.address, tokens(200), thief, theft)
+    for n in (1, 2):  # each conviction's governance slash finds nothing left, and notes a redo
+        assert checking._slash_whole_stake(market.rt, cheat.address, verifier, keccak(text=f"conviction {n}")) == 0
+    with market.rt.sessions() as s:
+        assert sorted(r.kind for r in s.scalars(select(Slash))) == ["redo", "redo"]
+    assert market.ops.void_slash(theft)
+    service.sweep(market.rt)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.pending_slashes_of(cheat.address) == tokens(200)
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    market.contracts(cheat).stake(tokens(100))  # new stake, after all that
+    for _ in range(2):
+        service.sweep(market.rt)
+        market.chain.advance_time(DELAY + 1)
+    assert market.ops.stake_of(cheat.address) == tokens(100)
+    assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
+    with market.rt.sessions() as s:
+        assert sorted(r.outcome for r in s.scalars(select(Slash))) == ["nothing", "paid"]
+
+
+def test_a_redo_goes_ahead_once_the_slashes_that_held_the_stake_cannot_be_voided(market) -> None:
+    """Two thefts; the guardian voids one and misses the other, which becomes final and is never paid out: the redo
+    does not wait for it for ever, it takes what the void gave back once the other can no longer be voided."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    first, second = keccak(text="theft 1"), keccak(text="theft 2")
+    assert market.ops.slash(cheat.address, tokens(100), thief, first)
+    assert market.ops.slash(cheat.address, tokens(100), thief, second)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, keccak(text="conviction")) == 0
+    assert market.ops.void_slash(first)
+    service.sweep(market.rt)
+    assert market.ops.stake_of(cheat.address) == tokens(100)  # the second theft may still be voided: it waits
+    market.chain.advance_time(DELAY + 1)
+    service.sweep(market.rt)  # the second theft is final (nobody paid it out): the 100 given back is slashed again
+    assert market.ops.stake_of(cheat.address) == 0
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    assert market.ops.balance_of(verifier) == tokens(50)
