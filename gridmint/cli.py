@@ -358,8 +358,8 @@ def market_deploy(
     The operator key keeps only what serve and worker send (SETTLER, POSTER, SLASHER, REFEREE), and no GMT: the
     whole --supply is minted to --treasury. GridTimelock becomes the only admin of every contract; --governor
     proposes and executes through it, after --timelock-delay-s in public; --guardian pauses, voids bad payout roots
-    and slashes (within --slash-delay-s) and cancels proposals. --dev: the development wiring instead (the operator key admin of everything, and holder
-    of the supply)."""
+    and slashes (within --slash-delay-s) and cancels proposals. --dev: the development wiring instead (the operator
+    key admin of everything, and holder of the supply)."""
     from eth_utils import is_address, to_checksum_address
 
     from ledger.deploy import UNBONDING_DELAY_S
