@@ -85,9 +85,9 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
 
 
 def sweep(rt: Runtime) -> int:
-    """The sweep's part: send the redos whose account has nothing pending any more, then pay out every noted slash
-    whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read from the chain;
-    one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
+    """The sweep's part: send the redos none of whose holding slashes can be voided any more, then pay out every
+    noted slash whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read
+    from the chain; one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
     by someone else) is closed as "gone". A chain error on one slash (the guardian paused staking, a node away) is
     logged and that slash left for the next sweep: the rest of the sweep goes on. Returns how many it paid out."""
     with rt.sessions.begin() as s:
