@@ -173,6 +173,16 @@ class ContractsBase:
         with self.chain.account_lock(self.address):
             yield
 
+    def _logs(self, contract: Contract, event: str, from_block: int = 0, **filters: Any) -> list[Any]:
+        """``contract``'s ``event`` logs from block ``from_block`` on, filtered on indexed arguments; ChainError if
+        the node cannot answer (the caller's task retries it)."""
+        try:
+            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=from_block))
+        except ChainError:
+            raise
+        except Exception as exc:  # transport failures
+            raise ChainError(f"{self._name(contract)} {event} logs unreadable: {exc}") from exc
+
     def _event_arg(self, contract: Contract, event: str, receipt: TxReceipt, arg: str) -> Any:
         logs = contract.events[event]().process_receipt(receipt, errors=DISCARD)
         if not logs:

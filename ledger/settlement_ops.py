@@ -45,13 +45,7 @@ class SettlementOps(EscrowOps):
     def voided_roots(self, epoch: int) -> list[bytes]:
         """Every root the guardian voided at ``epoch`` (its ``RootVoided`` events, oldest first): how a poster that
         crashed after sending a root tells "voided" from "never sent" (both leave the chain's latest epoch below)."""
-        try:
-            logs = self.distributor.events.RootVoided().get_logs(argument_filters={"epoch": to_uint(epoch, "epoch", 32)},
-                                                                 from_block=0)
-        except ChainError:
-            raise
-        except Exception as exc:  # transport failures: the caller's task retries a ChainError
-            raise ChainError(f"PayoutDistributor RootVoided logs unreadable: {exc}") from exc
+        logs = self._logs(self.distributor, "RootVoided", epoch=to_uint(epoch, "epoch", 32))
         return [bytes(e["args"]["root"]) for e in logs]
 
     def latest_epoch(self) -> int:

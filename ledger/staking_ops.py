@@ -59,6 +59,11 @@ class PendingSlash:
     ready_at: int
 
 
+def _evidence_of(log: Any) -> str:
+    """A GridStaking event log's ``evidence``, as 0x hex."""
+    return "0x" + bytes(log["args"]["evidence"]).hex()
+
+
 def gpu_class_id(gpu_class: str | bytes) -> bytes:
     """bytes32 key of a GPU class: ``keccak256(name)`` for a name such as ``"H100-80GB"``, or a raw 32-byte id."""
     if isinstance(gpu_class, str) and not gpu_class.startswith(("0x", "0X")):
@@ -239,21 +244,13 @@ class TokenStakingOps(ContractsBase):
         return int(self._call(self.staking, "pendingSlashesOf", to_address(account)))
 
     def _staking_logs(self, event: str, from_block: int = 0, **filters: object) -> list[Any]:
-        """GridStaking's ``event`` logs from ``from_block`` on, filtered on indexed arguments (ChainError if the
-        node cannot answer)."""
-        try:
-            return list(self.staking.events[event]().get_logs(argument_filters=filters,
-                                                              from_block=to_uint(from_block, "from_block")))
-        except ChainError:
-            raise
-        except Exception as exc:  # transport failures: the caller's task retries a ChainError
-            raise ChainError(f"GridStaking {event} logs unreadable: {exc}") from exc
+        return self._logs(self.staking, event, to_uint(from_block, "from_block"), **filters)
 
     def pending_slashes_listed(self, account: str) -> dict[str, int]:
         """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount."""
         out: dict[str, int] = {}
         for log in self._staking_logs("SlashPending", account=to_address(account)):
-            ev = "0x" + bytes(log["args"]["evidence"]).hex()
+            ev = _evidence_of(log)
             if ev not in out:
                 amount = self.slash_of(ev).amount
                 if amount > 0:
@@ -264,7 +261,7 @@ class TokenStakingOps(ContractsBase):
         """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events)."""
         wanted = {e.lower() for e in evidences}
         return sum(int(log["args"]["amount"]) for log in self._staking_logs("SlashVoided", account=to_address(account))
-                   if "0x" + bytes(log["args"]["evidence"]).hex() in wanted)
+                   if _evidence_of(log) in wanted)
 
     def slashed_since(self, account: str, from_block: int, exclude: Iterable[str] = ()) -> int:
         """What slashes of ``account`` took from block ``from_block`` on (Slashed events), but those under
@@ -272,7 +269,7 @@ class TokenStakingOps(ContractsBase):
         skip = {e.lower() for e in exclude}
         return sum(int(log["args"]["slashed"])
                    for log in self._staking_logs("Slashed", from_block, provider=to_address(account))
-                   if "0x" + bytes(log["args"]["evidence"]).hex() not in skip)
+                   if _evidence_of(log) not in skip)
 
     def dispute_terms(self, evidence: bytes | str) -> tuple[int, int | None]:
         """The bond an accusation under ``evidence`` bonded and what its false verdict took (None: not resolved

@@ -780,9 +780,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         if disputed:  # (a bond lost waits out the slash delay, as any slash: noted, also on a re-run)
             slashes.note(rt, evidence)
         if disputed and not faith.good:  # a bond its own pending slashes held: taken again if a void gives it back
-            bond, penalty = rt.contracts.dispute_terms(evidence)
-            if penalty is not None:
-                slashes.hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - penalty)
+            slashes.hold_over_bond(rt, verifier, evidence)
         with rt.sessions.begin() as s:
             task = s.get(Verification, verification_id)
             assert task is not None
@@ -817,8 +815,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         before = st.staked + st.unbonding
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
-        slashes.note(rt, evidence)
-        slashes.hold_over(rt, provider, verifier, evidence)  # (what its own pending slashes held, if given back)
+        slashes.after_slash(rt, provider, verifier, evidence)
     else:  # path (b): governance slash, its bounty to the verifier; sent once per evidence
         before = _slash_whole_stake(rt, provider, verifier, evidence)
         path = "governance" if before > 0 else "nothing left to slash"
@@ -1027,8 +1024,7 @@ def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     held = st.staked + st.unbonding
     if held > 0:
         rt.contracts.slash(who, held, to, evidence)  # (sends nothing where the evidence was used: exactly once)
-    slashes.note(rt, evidence)
-    slashes.hold_over(rt, who, to, evidence)
+    slashes.after_slash(rt, who, to, evidence)
     return held
 
 

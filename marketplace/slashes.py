@@ -63,13 +63,34 @@ def redo_evidence(evidence: bytes | str) -> bytes:
     return keccak(b"GridMint/slash-redo/v1" + to_bytes32(evidence))
 
 
+def after_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str) -> None:
+    """What follows a slash of ``account``'s whole stake under ``evidence``, its bounty to ``beneficiary`` (sent, or
+    found sent by a run before): :func:`note` it, and :func:`hold_over` what the account's own pending slashes held."""
+    note(rt, evidence)
+    hold_over(rt, account, beneficiary, evidence)
+
+
+def hold_over_bond(rt: Runtime, verifier: str, evidence: bytes | str) -> bool:
+    """After a false accusation's verdict under ``evidence``: :func:`hold_over` the part of ``verifier``'s bond its
+    own pending slashes held (the bond and the penalty read from the chain's events only then), for the treasury."""
+    if not _held_by_others(rt, verifier, evidence):
+        return False
+    bond, penalty = rt.contracts.dispute_terms(evidence)
+    return penalty is not None and hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - penalty)
+
+
+def _held_by_others(rt: Runtime, account: str, evidence: bytes | str) -> bool:
+    """Whether ``account``'s pending slashes other than the one under ``evidence`` hold stake of it."""
+    return rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount > 0
+
+
 def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, want: int | None = None) -> bool:
     """After a slash or verdict against ``account`` under ``evidence`` (sent, or found sent): if the account's own
     pending slashes, other than this one, hold stake of it, note a redo of this slash for what their voids give back
     (at most ``want``; None: all of it), its bounty to ``beneficiary``. Returns True if one is noted now."""
     if want is not None and want <= 0:
         return False
-    if rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount <= 0:
+    if not _held_by_others(rt, account, evidence):
         return False
     redo, own = redo_evidence(evidence), _hex(evidence)
     if rt.contracts.evidence_used(redo):

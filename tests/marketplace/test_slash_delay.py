@@ -123,7 +123,7 @@ def test_a_sweep_goes_on_past_a_slash_it_cannot_pay_while_staking_is_paused(mark
 def test_a_false_accusers_bond_held_by_a_thiefs_slash_is_taken_again_once_the_guardian_voids_it(market) -> None:
     """The same for a bond: a verifier's stake slashed by a thief while its accusation is open; the referee then
     finds the accusation false, with the bond cut to nothing. After the void the bond is taken again, for the
-    treasury (hold_over called as the referee's step calls it)."""
+    treasury."""
     market.ops.set_slash_delay(DELAY)
     cheat_free, liar = market.account(gmt=tokens(300)), market.account(gmt=tokens(300))
     for who in (cheat_free, liar):
@@ -138,8 +138,8 @@ def test_a_false_accusers_bond_held_by_a_thiefs_slash_is_taken_again_once_the_gu
     assert market.ops.resolve_dispute(evidence, False) == 0  # the penalty finds nothing
     treasury = market.deployment.treasury
     before = market.ops.balance_of(treasury)
-    assert slashes.hold_over(market.rt, liar.address, treasury, evidence, bond - 0)
-    assert not slashes.hold_over(market.rt, liar.address, treasury, evidence, bond)  # once
+    assert slashes.hold_over_bond(market.rt, liar.address, evidence)  # (as the referee's step calls it)
+    assert not slashes.hold_over_bond(market.rt, liar.address, evidence)  # once
     assert market.ops.void_slash(theft)
     assert market.ops.stake_of(liar.address) == tokens(200)
     service.sweep(market.rt)
