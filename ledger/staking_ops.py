@@ -257,11 +257,18 @@ class TokenStakingOps(ContractsBase):
                     out[ev] = amount
         return out
 
-    def voided_of(self, account: str, evidences: Iterable[str]) -> int:
-        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events)."""
+    def voided_of(self, account: str, evidences: Iterable[str], from_block: int = 0) -> int:
+        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events) from block
+        ``from_block`` on."""
         wanted = {e.lower() for e in evidences}
-        return sum(int(log["args"]["amount"]) for log in self._staking_logs("SlashVoided", account=to_address(account))
+        return sum(int(log["args"]["amount"])
+                   for log in self._staking_logs("SlashVoided", from_block, account=to_address(account))
                    if _evidence_of(log) in wanted)
+
+    def slash_block(self, evidence: bytes | str) -> int | None:
+        """The block the slash under ``evidence`` took its stake in (its Slashed event; None: never slashed)."""
+        logs = self._staking_logs("Slashed", evidence=to_bytes32(evidence, "evidence"))
+        return int(logs[0]["blockNumber"]) if logs else None
 
     def slashed_since(self, account: str, from_block: int, exclude: Iterable[str] = ()) -> int:
         """What slashes of ``account`` took from block ``from_block`` on (Slashed events), but those under

@@ -772,6 +772,8 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
                           if fallen_back else referee.judge_accusation(
                               verdict, plan, verifier_plan, replayed_hash, rt.referee_plans(here=True, build=build),
                               build, verifier_build))
+        if disputed and not faith.good:  # (noted before the verdict is sent: see slashes.before_slash)
+            slashes.before_slash(rt, verifier, rt.contracts.deployment.treasury, evidence, bond=True)
         if disputed and not rt.contracts.evidence_used(evidence):
             if faith.good:
                 rt.contracts.dismiss_dispute(evidence)
@@ -813,6 +815,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
     if disputed:  # path (a): the verifier's fraud proof, resolved by this referee
         path, st = "fraud-proof", rt.contracts.stake_state(provider)
         before = st.staked + st.unbonding
+        slashes.before_slash(rt, provider, verifier, evidence)
         if not rt.contracts.evidence_used(evidence):
             rt.contracts.resolve_dispute(evidence, True)
         slashes.after_slash(rt, provider, verifier, evidence)
@@ -1020,6 +1023,7 @@ def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     twice). Returns what ``who`` held before. The slash is noted for the sweep to pay out after the slash delay
     (:mod:`marketplace.slashes`; also on a re-run that sends nothing: the run that sent it may have stopped short),
     and what ``who``'s own pending slashes held of its stake is slashed again if a void gives it back."""
+    slashes.before_slash(rt, who, to, evidence)
     st = rt.contracts.stake_state(who)
     held = st.staked + st.unbonding
     if held > 0:

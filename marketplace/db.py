@@ -282,9 +282,10 @@ class Slash(Base):
     ``kind`` "redo": a slash or verdict (under ``basis["after"]``) that found ``account``'s stake held by its own
     pending slashes (``basis["held"]``: evidence -> amount; sent with a stolen operator key, say) took less than it
     should have; once none of those can be voided any more, what their voids gave back, less what slashes of the
-    account took from block ``since_block`` on (at most ``want``; None: all of it), is slashed again under
-    ``evidence`` (derived from the first one's), its bounty to ``beneficiary``; the row then waits as that slash's
-    "payout". ``done_at``: when
+    account took from block ``since_block`` on (at most ``want``, or for ``basis["bond"]`` the part of a false
+    accuser's bond its verdict could not take; None: all of it), is slashed again under ``evidence`` (derived from the
+    first one's), its bounty to ``beneficiary``; the row then waits as that slash's "payout". A redo is noted before
+    its first slash is sent, ``basis["armed"]`` false till that slash is (only an armed redo is sent). ``done_at``: when
     it was closed; ``outcome`` "paid" (this marketplace finalized it), "gone" (voided, or paid by someone else),
     "slashed" (a redo paid at once), "nothing" (a redo with nothing given back)."""
 

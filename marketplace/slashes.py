@@ -10,7 +10,9 @@ operator key before the guardian paused) takes only what is left. If the guardia
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
 once none of the slashes that held the stake can be voided any more, what their voids gave back (less what other
 slashes of the account took since: never stake it added later) is slashed again under an evidence derived from the
-first, its bounty to the same party."""
+first, its bounty to the same party. The redo is noted before the first slash is sent and armed once it is
+(:func:`before_slash`, :func:`hold_over`): a run that stops between the two leaves it for its re-run, which would
+otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile."""
 from __future__ import annotations
 
 import logging
@@ -63,6 +65,30 @@ def redo_evidence(evidence: bytes | str) -> bytes:
     return keccak(b"GridMint/slash-redo/v1" + to_bytes32(evidence))
 
 
+def before_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, bond: bool = False) -> bool:
+    """Before a slash of ``account``'s whole stake (or a false verdict on its bond: ``bond``) is sent under
+    ``evidence``: if the account's own pending slashes hold stake of it, note the redo now, unarmed (:func:`_redo`
+    leaves it be until :func:`hold_over`, after the send, arms it). A run that stops between the send and that call
+    so leaves the redo for its re-run to arm: the re-run would find nothing pending (the guardian may have voided
+    it meanwhile) and note none. A redo a run before noted and never sent (its evidence unused) is noted again:
+    what holds the stake now, from now on. Returns True if one is noted now."""
+    redo = _hex(redo_evidence(evidence))
+    with rt.sessions() as s:
+        row = s.get(Slash, redo)
+        stale = row is not None and row.done_at is None and not _armed(row)
+    if row is None:
+        return _note_redo(rt, account, beneficiary, evidence, armed=False, bond=bond)
+    if not stale or rt.contracts.evidence_used(evidence):
+        return False  # (armed or closed; or sent by a run before: the call after the send arms it)
+    held, block = _held_of(rt, account, evidence), int(rt.contracts.chain.w3.eth.block_number)
+    with rt.sessions.begin() as s:  # (a run before stopped short of the send: the stake it saw held may be back)
+        row = s.get(Slash, redo)
+        if row is not None and row.done_at is None and not _armed(row):
+            row.basis = {**(row.basis or {}), "held": {ev: str(a) for ev, a in held.items()}}
+            row.since_block = block
+    return False
+
+
 def after_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str) -> None:
     """What follows a slash of ``account``'s whole stake under ``evidence``, its bounty to ``beneficiary`` (sent, or
     found sent by a run before): :func:`note` it, and :func:`hold_over` what the account's own pending slashes held."""
@@ -72,11 +98,9 @@ def after_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | s
 
 def hold_over_bond(rt: Runtime, verifier: str, evidence: bytes | str) -> bool:
     """After a false accusation's verdict under ``evidence``: :func:`hold_over` the part of ``verifier``'s bond its
-    own pending slashes held (the bond and the penalty read from the chain's events only then), for the treasury."""
-    if not _held_by_others(rt, verifier, evidence):
-        return False
-    bond, penalty = rt.contracts.dispute_terms(evidence)
-    return penalty is not None and hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond - penalty)
+    own pending slashes held, for the treasury (how much: the bond less what the verdict took, read from the chain's
+    events when the redo is sent)."""
+    return hold_over(rt, verifier, rt.contracts.deployment.treasury, evidence, bond=True)
 
 
 def _held_by_others(rt: Runtime, account: str, evidence: bytes | str) -> bool:
@@ -84,25 +108,59 @@ def _held_by_others(rt: Runtime, account: str, evidence: bytes | str) -> bool:
     return rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount > 0
 
 
-def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, want: int | None = None) -> bool:
-    """After a slash or verdict against ``account`` under ``evidence`` (sent, or found sent): if the account's own
-    pending slashes, other than this one, hold stake of it, note a redo of this slash for what their voids give back
-    (at most ``want``; None: all of it), its bounty to ``beneficiary``. Returns True if one is noted now."""
-    if want is not None and want <= 0:
-        return False
+def _held_of(rt: Runtime, account: str, evidence: bytes | str) -> dict[str, int]:
+    """``account``'s pending slashes now but the one under ``evidence``: evidence -> amount."""
+    own = _hex(evidence)
+    return {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account).items() if ev != own}
+
+
+def _armed(row: Slash) -> bool:
+    return bool((row.basis or {}).get("armed", True))  # (rows noted before unarmed redos were: noted after the send)
+
+
+def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, bond: bool = False) -> bool:
+    """After a slash or verdict against ``account`` under ``evidence`` (sent, or found sent): arm the redo
+    :func:`before_slash` noted; with none noted, note one (armed) if the account's own pending slashes, other than
+    this one, hold stake of it, for what their voids give back, its bounty to ``beneficiary``. Returns True if one is
+    noted now."""
+    redo = _hex(redo_evidence(evidence))
+    with rt.sessions() as s:
+        row = s.get(Slash, redo)
+        arm = row is not None and row.done_at is None and not _armed(row)
+    if row is None:
+        return _note_redo(rt, account, beneficiary, evidence, armed=True, bond=bond)
+    if arm:  # voids count from the block the slash took its stake in on (those before, it took back with it)
+        block = rt.contracts.slash_block(evidence)
+        with rt.sessions.begin() as s:
+            row = s.get(Slash, redo)
+            if row is not None and row.done_at is None and not _armed(row):
+                row.basis = {**(row.basis or {}), "armed": True}
+                row.since_block = block if block is not None else row.since_block
+    return False
+
+
+def _note_redo(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, armed: bool,
+               bond: bool) -> bool:
+    """Note the redo of the slash under ``evidence`` if ``account``'s own pending slashes, other than it, hold stake
+    of it (and none is noted yet). Voids count from block ``since_block`` + 1 on: the slash's own block once sent
+    (``armed``), else the latest now."""
     if not _held_by_others(rt, account, evidence):
         return False
-    redo, own = redo_evidence(evidence), _hex(evidence)
+    redo = redo_evidence(evidence)
     if rt.contracts.evidence_used(redo):
         return False
-    held = {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account).items() if ev != own}
+    held = _held_of(rt, account, evidence)
     if not held:
         return False
-    block = int(rt.contracts.chain.w3.eth.block_number)
+    block = rt.contracts.slash_block(evidence) if armed else None
+    block = int(rt.contracts.chain.w3.eth.block_number) if block is None else block
+    basis: dict[str, object] = {"after": _hex(evidence), "held": {ev: str(a) for ev, a in held.items()},
+                                "armed": armed}
+    if bond:
+        basis["bond"] = True
     return _insert(rt, Slash(evidence=_hex(redo), kind="redo", account=account, amount=0, ready_at=0,
-                             beneficiary=beneficiary, want=want, since_block=block,
-                             basis={"after": own, "held": {ev: str(a) for ev, a in held.items()}}),
-                   after=own, held=str(sum(held.values())), want=None if want is None else str(want))
+                             beneficiary=beneficiary, since_block=block, basis=basis),
+                   after=_hex(evidence), held=str(sum(held.values())), armed=armed)
 
 
 def sweep(rt: Runtime) -> int:
@@ -149,13 +207,18 @@ def _redo(rt: Runtime, ev: str) -> int:
         assert row is not None
         account, beneficiary, want, since = row.account, row.beneficiary, row.want, row.since_block or 0
         basis = dict(row.basis or {})
+        if not _armed(row):
+            return 0  # its slash not (yet) sent: the step that sends it arms it
     held = {h: int(a) for h, a in (basis.get("held") or {}).items()}
     amount, back = 0, 0
     if not rt.contracts.evidence_used(ev):  # (used: a run before sent it and stopped short of this row)
         now = rt.contracts.chain.timestamp()
         if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
             return 0  # not yet: a slash that held the stake may still be voided
-        back = min(rt.contracts.voided_of(account, held), sum(held.values()))
+        if basis.get("bond"):  # the part of a false accuser's bond the verdict could not take
+            bond, penalty = rt.contracts.dispute_terms(basis.get("after", ""))
+            want = 0 if penalty is None else bond - penalty
+        back = min(rt.contracts.voided_of(account, held, since + 1), sum(held.values()))
         taken = rt.contracts.slashed_since(account, since, exclude=[basis.get("after", ""), ev, *held])
         st = rt.contracts.stake_state(account)
         amount = max(min(back - taken, st.staked + st.unbonding, back if want is None else want), 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from eth_account import Account
 from eth_utils import keccak
 from sqlalchemy import select
@@ -199,3 +200,89 @@ def test_a_redo_goes_ahead_once_the_slashes_that_held_the_stake_cannot_be_voided
     market.chain.advance_time(DELAY + 1)
     assert service.sweep(market.rt)["slashes_paid"] == 1
     assert market.ops.balance_of(verifier) == tokens(50)
+
+
+def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later_void_gives_back(
+        market, monkeypatch) -> None:
+    """The step stops between sending the conviction's slash and noting what it could not take; the guardian voids
+    the theft before the step runs again. The re-run finds nothing pending any more, yet the redo noted before the
+    send is armed by it, and the sweep takes the stake the void gave back."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    real_after = slashes.after_slash
+
+    def crash(*_a: object) -> None:
+        raise RuntimeError("worker lost after the send")
+
+    monkeypatch.setattr(slashes, "after_slash", crash)
+    with pytest.raises(RuntimeError):
+        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+    assert market.ops.slash_of(conviction).amount == tokens(50)  # sent: what the theft left
+    assert market.ops.void_slash(theft)
+    assert market.ops.stake_of(cheat.address) == tokens(150)
+    service.sweep(market.rt)  # the redo waits for its step to arm it: nothing moves
+    assert market.ops.stake_of(cheat.address) == tokens(150)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
+    checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
+    service.sweep(market.rt)
+    assert market.ops.stake_of(cheat.address) == 0
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 2  # the conviction's 50 and the redo's 150
+    assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
+
+
+def test_a_conviction_that_stops_before_its_send_takes_the_void_once_and_never_later_stake(
+        market, monkeypatch) -> None:
+    """The step stops before its send; the guardian voids the theft; the re-run's slash takes the stake the void gave
+    back itself. The redo noted on the first run must not take it again from stake the cheat adds later."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    real_slash = market.rt.contracts.slash
+
+    def crash(*_a: object) -> bool:
+        raise RuntimeError("worker lost before the send")
+
+    monkeypatch.setattr(market.rt.contracts, "slash", crash)
+    with pytest.raises(RuntimeError):
+        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+    with market.rt.sessions() as s:
+        assert [r.kind for r in s.scalars(select(Slash))] == ["redo"]  # noted, not armed
+    assert market.ops.void_slash(theft)
+    service.sweep(market.rt)  # no conviction landed: an unarmed redo takes nothing
+    assert market.ops.stake_of(cheat.address) == tokens(200)
+    monkeypatch.setattr(market.rt.contracts, "slash", real_slash)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(200)
+    market.contracts(cheat).stake(tokens(100))  # new stake, after the conviction
+    for _ in range(2):
+        service.sweep(market.rt)
+        market.chain.advance_time(DELAY + 1)
+    service.sweep(market.rt)
+    assert market.ops.stake_of(cheat.address) == tokens(100)
+    assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
+
+
+def test_a_false_verdict_that_stops_after_its_send_still_takes_the_bond_a_later_void_gives_back(market) -> None:
+    """The bond's path: the redo is noted before the verdict is sent; the step stops after it; the void lands; the
+    re-run (which finds nothing pending) arms it, and the bond is taken again for the treasury."""
+    market.ops.set_slash_delay(DELAY)
+    accused, liar = _staked(market, tokens(200)), _staked(market, tokens(200))
+    evidence, theft, thief = keccak(text="false accusation"), keccak(text="theft"), Account.create().address
+    market.ops.accuse(accused.address, evidence, tokens(1),
+                      market.contracts(liar).sign_accusation(accused.address, evidence, tokens(1)))
+    assert market.ops.slash(liar.address, tokens(200), thief, theft)
+    treasury = market.deployment.treasury
+    assert slashes.before_slash(market.rt, liar.address, treasury, evidence, bond=True)
+    assert market.ops.resolve_dispute(evidence, False) == 0  # ... and the step stops here
+    assert market.ops.void_slash(theft)
+    before = market.ops.balance_of(treasury)
+    assert not slashes.before_slash(market.rt, liar.address, treasury, evidence, bond=True)  # the re-run
+    assert not slashes.hold_over_bond(market.rt, liar.address, evidence)  # arms the redo noted before the send
+    service.sweep(market.rt)
+    assert market.ops.stake_of(liar.address) == tokens(150)
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 1
+    assert market.ops.balance_of(treasury) - before == tokens(50) and market.ops.balance_of(thief) == 0
