@@ -163,6 +163,18 @@ class ContractsBase:
         self.last_receipt = receipt
         return receipt
 
+    def _send_once(self, contract: Contract, fn: str, *args: Any, done: str,
+                   gas: int | None = None) -> TxReceipt | None:
+        """:meth:`_send`, for a call its contract refuses with the custom error ``done`` once it has happened (a
+        concurrent or earlier sender got there first): None then, having moved nothing; other errors raise. Callers
+        check the chain's state first; this closes the race between that check and the send."""
+        try:
+            return self._send(contract, fn, *args, gas=gas)
+        except ChainError as exc:
+            if exc.error_name == done:
+                return None
+            raise
+
     def _name(self, contract: Contract) -> str:
         return self._names.get(contract.address, contract.address)
 

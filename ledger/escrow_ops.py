@@ -8,7 +8,6 @@ from web3.types import TxReceipt
 
 from ledger.staking_ops import TokenStakingOps
 from ledger.values import to_address, to_bytes32, to_uint
-from protocol.errors import ChainError
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,8 @@ class EscrowOps(TokenStakingOps):
         job, unit = to_bytes32(job_id, "job_id"), to_bytes32(unit_id, "unit_id")
         if self.unit_released(job, unit):
             return False
-        try:
-            self._send(self.escrow, "release", job, unit, to_address(provider), to_uint(amount))
-        except ChainError as exc:
-            if exc.error_name == "EscrowUnitAlreadyReleased":
-                return False
-            raise
-        return True
+        return self._send_once(self.escrow, "release", job, unit, to_address(provider), to_uint(amount),
+                               done="EscrowUnitAlreadyReleased") is not None
 
     def batch_released(self, job_id: bytes | str, batch_id: bytes | str) -> bool:
         return bool(
@@ -107,13 +101,8 @@ class EscrowOps(TokenStakingOps):
         job, batch = to_bytes32(job_id, "job_id"), to_bytes32(batch_id, "batch_id")
         if self.batch_released(job, batch):
             return False
-        try:
-            self._send(self.escrow, "releaseToPool", job, batch, to_uint(amount))
-        except ChainError as exc:
-            if exc.error_name == "EscrowUnitAlreadyReleased":
-                return False
-            raise
-        return True
+        return self._send_once(self.escrow, "releaseToPool", job, batch, to_uint(amount),
+                               done="EscrowUnitAlreadyReleased") is not None
 
     def cancel_job(self, job_id: bytes | str) -> int:
         """Customer: cancel ``job_id``; returns when the customer may ``close_job`` it (a pause of the escrow
@@ -131,13 +120,8 @@ class EscrowOps(TokenStakingOps):
         job = to_bytes32(job_id, "job_id")
         if self.get_job(job).closed:
             return 0
-        try:
-            receipt = self._send(self.escrow, "close", job)
-        except ChainError as exc:
-            if exc.error_name == "EscrowJobClosed":
-                return 0
-            raise
-        return int(self._event_arg(self.escrow, "JobClosed", receipt, "refund"))
+        receipt = self._send_once(self.escrow, "close", job, done="EscrowJobClosed")
+        return 0 if receipt is None else int(self._event_arg(self.escrow, "JobClosed", receipt, "refund"))
 
     def claimable(self, address: str) -> int:
         """What the per-unit path (``release``) credited to ``address`` and it has not claimed yet."""
@@ -151,10 +135,5 @@ class EscrowOps(TokenStakingOps):
         if none). Epoch payouts are claimed with ``claim_payout``."""
         if self.claimable(self.address) == 0:
             return 0
-        try:
-            receipt = self._send(self.escrow, "claim")
-        except ChainError as exc:
-            if exc.error_name == "EscrowNothingToClaim":
-                return 0
-            raise
-        return int(self._event_arg(self.escrow, "Claimed", receipt, "amount"))
+        receipt = self._send_once(self.escrow, "claim", done="EscrowNothingToClaim")
+        return 0 if receipt is None else int(self._event_arg(self.escrow, "Claimed", receipt, "amount"))

@@ -9,7 +9,6 @@ from web3.types import TxReceipt
 from ledger.escrow_ops import EscrowOps
 from ledger.payout_tree import PayoutTree
 from ledger.values import to_address, to_bytes32, to_uint
-from protocol.errors import ChainError
 
 #: Gas for a claim sent without an estimate (a 1,024-leaf claim uses ~45-60k; deeper trees add ~1k per level).
 CLAIM_GAS_LIMIT = 150_000
@@ -79,13 +78,8 @@ class SettlementOps(EscrowOps):
         if cumulative <= self.claimed(self.address):
             return 0
         args = (to_uint(epoch, "epoch", 32), cumulative, [to_bytes32(p, "proof node") for p in proof])
-        try:
-            receipt = self._send(self.distributor, "claim", *args, gas=gas)
-        except ChainError as exc:
-            if exc.error_name == "SettlementNothingToClaim":
-                return 0
-            raise
-        return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
+        receipt = self._send_once(self.distributor, "claim", *args, gas=gas, done="SettlementNothingToClaim")
+        return 0 if receipt is None else int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
 
     def claim_from_tree(self, epoch: int, tree: PayoutTree) -> int:
         """``claim_payout`` with this account's leaf and proof from ``tree`` (epoch ``epoch``'s tree)."""
@@ -99,13 +93,8 @@ class SettlementOps(EscrowOps):
         if cumulative <= self.claimed(account):
             return 0
         args = (account, to_uint(epoch, "epoch", 32), cumulative, [to_bytes32(p, "proof node") for p in proof])
-        try:
-            receipt = self._send(self.distributor, "claimFor", *args, gas=gas)
-        except ChainError as exc:
-            if exc.error_name == "SettlementNothingToClaim":
-                return 0
-            raise
-        return int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
+        receipt = self._send_once(self.distributor, "claimFor", *args, gas=gas, done="SettlementNothingToClaim")
+        return 0 if receipt is None else int(self._event_arg(self.distributor, "Claimed", receipt, "amount"))
 
     def claim_payout_batch(
         self, epoch: int, entries: Sequence[tuple[str, int, Sequence[bytes]]], *, gas: int | None = None

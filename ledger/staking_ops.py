@@ -179,13 +179,8 @@ class TokenStakingOps(ContractsBase):
         ev = to_bytes32(evidence, "evidence")
         if self.evidence_used(ev):
             return False
-        try:
-            self._send(self.staking, "slash", to_address(provider), to_uint(amount), to_address(verifier), ev)
-        except ChainError as exc:
-            if exc.error_name == "StakingEvidenceUsed":
-                return False
-            raise
-        return True
+        return self._send_once(self.staking, "slash", to_address(provider), to_uint(amount), to_address(verifier), ev,
+                               done="StakingEvidenceUsed") is not None
 
     def sign_accusation(self, provider: str, evidence: bytes | str, amount: int) -> bytes:
         """This account (a staked verifier) signs that ``provider``'s commitment ``evidence`` does not replay, and
@@ -294,13 +289,7 @@ class TokenStakingOps(ContractsBase):
         ev = to_bytes32(evidence, "evidence")
         if self.slash_of(ev).amount == 0:
             return False
-        try:
-            self._send(self.staking, "finalizeSlash", ev)
-        except ChainError as exc:
-            if exc.error_name == "StakingUnknownSlash":
-                return False
-            raise
-        return True
+        return self._send_once(self.staking, "finalizeSlash", ev, done="StakingUnknownSlash") is not None
 
     def void_slash(self, evidence: bytes | str) -> bool:
         """Guardian (GUARDIAN_ROLE): undo the slash for ``evidence`` before its delay has passed; its stake goes
