@@ -241,11 +241,14 @@ class TokenStakingOps(ContractsBase):
     def _staking_logs(self, event: str, from_block: int = 0, **filters: object) -> list[Any]:
         return self._logs(self.staking, event, to_uint(from_block, "from_block"), **filters)
 
-    def pending_slashes_listed(self, account: str) -> dict[str, int]:
-        """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount."""
+    def pending_slashes_listed(self, account: str, before_block: int | None = None) -> dict[str, int]:
+        """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount; only those sent before block
+        ``before_block`` if given."""
         out: dict[str, int] = {}
         for log in self._staking_logs("SlashPending", account=to_address(account)):
             ev = _evidence_of(log)
+            if before_block is not None and int(log["blockNumber"]) >= before_block:
+                continue
             if ev not in out:
                 amount = self.slash_of(ev).amount
                 if amount > 0:

@@ -76,10 +76,10 @@ def before_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | 
     with rt.sessions() as s:
         row = s.get(Slash, redo)
         stale = row is not None and row.done_at is None and not _armed(row)
+    if (row is not None and not stale) or rt.contracts.evidence_used(evidence):
+        return False  # (armed or closed; or sent by a run before: the call after the send arms it, or notes it)
     if row is None:
         return _note_redo(rt, account, beneficiary, evidence, armed=False, bond=bond)
-    if not stale or rt.contracts.evidence_used(evidence):
-        return False  # (armed or closed; or sent by a run before: the call after the send arms it)
     held, block = _held_of(rt, account, evidence), int(rt.contracts.chain.w3.eth.block_number)
     with rt.sessions.begin() as s:  # (a run before stopped short of the send: the stake it saw held may be back)
         row = s.get(Slash, redo)
@@ -108,10 +108,11 @@ def _held_by_others(rt: Runtime, account: str, evidence: bytes | str) -> bool:
     return rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount > 0
 
 
-def _held_of(rt: Runtime, account: str, evidence: bytes | str) -> dict[str, int]:
-    """``account``'s pending slashes now but the one under ``evidence``: evidence -> amount."""
+def _held_of(rt: Runtime, account: str, evidence: bytes | str, before: int | None = None) -> dict[str, int]:
+    """``account``'s pending slashes now but the one under ``evidence`` (sent before block ``before``, if given:
+    one sent after the slash held nothing the slash wanted): evidence -> amount."""
     own = _hex(evidence)
-    return {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account).items() if ev != own}
+    return {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account, before).items() if ev != own}
 
 
 def _armed(row: Slash) -> bool:
@@ -142,17 +143,17 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
 def _note_redo(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, armed: bool,
                bond: bool) -> bool:
     """Note the redo of the slash under ``evidence`` if ``account``'s own pending slashes, other than it, hold stake
-    of it (and none is noted yet). Voids count from block ``since_block`` + 1 on: the slash's own block once sent
-    (``armed``), else the latest now."""
+    of it (and none is noted yet): those sent before the slash's own block once it is sent (``armed``), else all
+    pending now. Their voids count from block ``since_block`` + 1 on: the slash's own block, else the latest now."""
     if not _held_by_others(rt, account, evidence):
         return False
     redo = redo_evidence(evidence)
     if rt.contracts.evidence_used(redo):
         return False
-    held = _held_of(rt, account, evidence)
+    block = rt.contracts.slash_block(evidence) if armed else None
+    held = _held_of(rt, account, evidence, block)
     if not held:
         return False
-    block = rt.contracts.slash_block(evidence) if armed else None
     block = int(rt.contracts.chain.w3.eth.block_number) if block is None else block
     basis: dict[str, object] = {"after": _hex(evidence), "held": {ev: str(a) for ev, a in held.items()},
                                 "armed": armed}

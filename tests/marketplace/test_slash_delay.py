@@ -286,3 +286,23 @@ def test_a_false_verdict_that_stops_after_its_send_still_takes_the_bond_a_later_
     market.chain.advance_time(DELAY + 1)
     assert service.sweep(market.rt)["slashes_paid"] == 1
     assert market.ops.balance_of(treasury) - before == tokens(50) and market.ops.balance_of(thief) == 0
+
+
+def test_a_redo_never_counts_a_slash_sent_after_the_conviction(market) -> None:
+    """A re-run of the step after the conviction's slash finds the account's stake held by a slash sent after that
+    one (of stake added since): that slash held nothing the conviction wanted, so no redo takes what its void gives
+    back."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    conviction, theft = keccak(text="conviction"), keccak(text="theft")
+    assert market.ops.slash(cheat.address, tokens(200), verifier, conviction)  # the send; its step stops after it
+    market.contracts(cheat).stake(tokens(100))
+    assert market.ops.slash(cheat.address, tokens(100), thief, theft)
+    slashes.after_slash(market.rt, cheat.address, verifier, conviction)  # the re-run
+    with market.rt.sessions() as s:
+        assert [r.kind for r in s.scalars(select(Slash))] == ["payout"]  # the conviction's, no redo
+    assert market.ops.void_slash(theft)
+    for _ in range(2):
+        service.sweep(market.rt)
+        market.chain.advance_time(DELAY + 1)
+    assert market.ops.stake_of(cheat.address) == tokens(100)
