@@ -100,18 +100,35 @@ def train_traced(
     return Trace(proof, all_losses, final, train_s)
 
 
+class PlainLoop:
+    """The unit's honest training without commitments, in pieces: the model, its AdamW and every batch built once
+    (untimed), :meth:`steps` trains the next ``n``. Where a benchmark times it beside other work, interleaved."""
+
+    def __init__(self, spec: UnitSpec, start: Mapping[str, Tensor]) -> None:
+        self.spec, self.done = spec, 0
+        tokens = data.train_tokens()
+        with deterministic(spec.threads):
+            self.model, self.opt = load_training_state(spec, fresh_state(start))
+            batches = [b for s in range(spec.n_segments) for b in segment_batches(spec, s)]
+            self.xs = [data.make_batch(tokens, offsets, spec.model.ctx) for _, offsets in batches]
+
+    def steps(self, n: int) -> None:
+        with deterministic(self.spec.threads):
+            for x, y in self.xs[self.done:self.done + n]:
+                train_step(self.model, self.opt, x, y)
+        self.done += n
+
+
 def plain_throughput(spec: UnitSpec, start: Mapping[str, Tensor], *, commit_every: int | None,
                      cpu: bool = False) -> float:
     """Optimizer steps per second over ``spec.steps`` honest steps, hashing the state asynchronously every
     ``commit_every`` steps (None: no commitments at all). The same loop either way, for an overhead ratio.
     ``cpu``: per second of this process's CPU time (its compute) instead of wall time."""
     clock = time.process_time if cpu else time.perf_counter
-    tokens = data.train_tokens()
+    loop = PlainLoop(spec, start)
+    model, opt, xs = loop.model, loop.opt, loop.xs
     with deterministic(spec.threads):
-        model, opt = load_training_state(spec, fresh_state(start))
         live = export_training_state(model, opt)
-        batches = [b for s in range(spec.n_segments) for b in segment_batches(spec, s)]
-        xs = [data.make_batch(tokens, offsets, spec.model.ctx) for _, offsets in batches]
         hasher = AsyncStateHasher(live, buffers=4, threads=1) if commit_every else None
         futures = []
         t0 = clock()

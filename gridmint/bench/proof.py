@@ -71,7 +71,7 @@ import torch
 from node import adversary, checkpoint
 from node import crosscheck as cc
 from node.model import ModelConfig, init_state
-from node.prover import StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
+from node.prover import PlainLoop, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
                           load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
                           train_unit, update_norm)
@@ -156,9 +156,10 @@ def _adversaries(frac: float) -> dict[str, tuple[Callable[[UnitSpec], StepPolicy
 def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repeats: int, log: Callable[[str], None],
                 what: str, detail: dict[str, Any] | None = None) -> tuple[float, float, int]:
     """(verifier compute for the standard level's challenges of one honest unit / provider compute to train it
-    without commitments, the same in wall time, number of challenges). Compute is this process's CPU time (what a
-    busy neighbour on a shared machine does not inflate), wall time is reported beside it; each is the median of
-    ``repeats`` provider/verifier pairs. The verifier runs the live verifier's check (:func:`node.replay.
+    without commitments, the same in wall time, number of challenges). Compute is this process's CPU time, wall time
+    is reported beside it; each is the median of ``repeats`` provider/verifier pairs, each pair interleaved: the
+    unit's training in as many stretches as there are checks, a check after each (timed apart), so that both are
+    measured over the same minutes of a shared machine whose speed drifts (a neighbour's load, its clock). The verifier runs the live verifier's check (:func:`node.replay.
     check_state`: the claim's own checks, the revealed start state's hash, the replay, the end state's hash) on the
     model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit.
     ``detail``, if given, gets where a replayed segment's compute goes, in provider steps (the ratio's unit):
@@ -183,15 +184,27 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     with deterministic(spec.threads):
         reuse_training_state(spec, claimed0)  # the verifier's model + optimizer for this job shape, built once
     build_s = time.process_time() - b0
+    step_times = []
     for _ in range(repeats):
-        provider_cpu = spec.steps / plain_throughput(spec, start, commit_every=None, cpu=True)
-        provider_wall = spec.steps / plain_throughput(spec, start, commit_every=None)
-        w0, c0 = time.perf_counter(), time.process_time()
-        oks += [check_state(spec, trace.proof, s, kept[s]).ok for s in picks]
-        cpu_ratios.append((time.process_time() - c0) / provider_cpu)
-        wall_ratios.append((time.perf_counter() - w0) / provider_wall)
+        # the provider's unit and the verifier's checks interleaved (a stretch of plain training, one check, ...):
+        # both timed over the same stretch of time, so a neighbour's load or a clock change weighs on both alike
+        loop, times = PlainLoop(spec, start), {"pc": 0.0, "pw": 0.0, "vc": 0.0, "vw": 0.0}
+        cuts = [round(spec.steps * (i + 1) / len(picks)) for i in range(len(picks))]
+        for s, cut in zip(picks, cuts):
+            w0, c0 = time.perf_counter(), time.process_time()
+            loop.steps(cut - loop.done)
+            w1, c1 = time.perf_counter(), time.process_time()
+            oks.append(check_state(spec, trace.proof, s, kept[s]).ok)
+            times["pc"] += c1 - c0
+            times["pw"] += w1 - w0
+            times["vc"] += time.process_time() - c1
+            times["vw"] += time.perf_counter() - w1
+        assert loop.done == spec.steps
+        cpu_ratios.append(times["vc"] / times["pc"])
+        wall_ratios.append(times["vw"] / times["pw"])
+        step_times.append(times["pc"] / spec.steps)
     ratio, wall = round(statistics.median(cpu_ratios), 4), round(statistics.median(wall_ratios), 4)
-    step_s = provider_cpu / spec.steps  # one provider step, CPU s
+    step_s = statistics.median(step_times)  # one provider step, CPU s
     hashes, sha = [], []
     for s in picks:  # one state hash on its own, on the states the checks hashed; and SHA-256 of the same bytes
         c0 = time.process_time()
