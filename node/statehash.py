@@ -95,17 +95,23 @@ def state_hash(tensors: Mapping[str, Tensor]) -> str:
 
     A thread hashing states of one shape again and again (a verifier, a replayer) reuses its layout and buffer:
     only the tensor slots are written, so the padding stays zero."""
-    cpu = {n: (t.detach().cpu() if t.device.type != "cpu" else t) for n, t in tensors.items()}
-    key = tuple((n, t.dtype, tuple(t.shape)) for n, t in sorted(cpu.items()))
+    names = sorted(tensors)
+    ts = [tensors[n] for n in names]
+    if any(t.device.type != "cpu" for t in ts):
+        ts = [t.detach().cpu() for t in ts]
+    key = (names, [(t.dtype, t.shape) for t in ts])
     cached = getattr(_scratch, "entry", None)
     if cached is None or cached[0] != key:
+        cpu = dict(zip(names, ts))
         layout = Layout.of(cpu)
         buf = torch.frombuffer(bytearray(layout.total), dtype=torch.uint8) if layout.total else torch.zeros(0, dtype=torch.uint8)
-        cached = (key, layout, buf, layout.views(cpu, buf))
+        kept = [nbytes > 0 for nbytes in layout.nbytes]  # (an empty tensor has no slot)
+        cached = (key, layout, layout.views(cpu, buf), kept, memoryview(buf.numpy()), buf)
         _scratch.entry = cached
-    _, layout, buf, views = cached
-    layout.pack(cpu, buf, views)
-    return layout.digest(memoryview(buf.numpy()))
+    _, layout, views, kept, mem, _buf = cached
+    with torch.no_grad():
+        torch._foreach_copy_(views, ts if all(kept) else [t for t, k in zip(ts, kept) if k])
+    return layout.digest(mem)
 
 
 class AsyncStateHasher:

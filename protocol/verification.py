@@ -48,7 +48,9 @@ from protocol.money import MAX_AMOUNT
 #: 0.0195-0.0216, over budget in two runs of three). That was on AVX2. On AVX-512/AMX the step is cheaper and the
 #: two SHA-256 hashes of the state were not (SHA-NI either way): 27% per replayed step, 0.0204-0.0208 at 16/1000.
 #: The v3 state hash (BLAKE3, node.statehash) halves them: 20% per replayed step, 0.0192 (``bench proof``'s
-#: verify_segment_steps, verify_hash_steps say where it goes).
+#: verify_segment_steps, verify_hash_steps say where it goes). Those runs spread +-15%; timed interleaved with the
+#: provider's unit (stop 41) they spread 0.0191-0.021: 0.0203, a replayed step costing 1.27 provider steps (two
+#: state hashes 0.11, loading the state 0.04, the claim's checks 0.01, the rest a step run cold), over 2% by 1.5%.
 LEVELS: dict[str, Fraction] = {
     "none": Fraction(0),
     "standard": Fraction(16, 1000),
