@@ -64,6 +64,11 @@ def _evidence_of(log: Any) -> str:
     return "0x" + bytes(log["args"]["evidence"]).hex()
 
 
+def _position(log: Any) -> tuple[int, int]:
+    """Where an event log sits on chain: (block, log index), in the order the chain applied them."""
+    return int(log["blockNumber"]), int(log["logIndex"])
+
+
 def gpu_class_id(gpu_class: str | bytes) -> bytes:
     """bytes32 key of a GPU class: ``keccak256(name)`` for a name such as ``"H100-80GB"``, or a raw 32-byte id."""
     if isinstance(gpu_class, str) and not gpu_class.startswith(("0x", "0X")):
@@ -241,32 +246,40 @@ class TokenStakingOps(ContractsBase):
     def _staking_logs(self, event: str, from_block: int = 0, **filters: object) -> list[Any]:
         return self._logs(self.staking, event, to_uint(from_block, "from_block"), **filters)
 
-    def pending_slashes_listed(self, account: str, before_block: int | None = None) -> dict[str, int]:
-        """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount; only those sent before block
-        ``before_block`` if given."""
+    def pending_slashes_listed(self, account: str) -> dict[str, int]:
+        """``account``'s slashes waiting out the delay now: evidence (0x hex) -> amount."""
         out: dict[str, int] = {}
         for log in self._staking_logs("SlashPending", account=to_address(account)):
             ev = _evidence_of(log)
-            if before_block is not None and int(log["blockNumber"]) >= before_block:
-                continue
             if ev not in out:
                 amount = self.slash_of(ev).amount
                 if amount > 0:
                     out[ev] = amount
         return out
 
-    def voided_of(self, account: str, evidences: Iterable[str], from_block: int = 0) -> int:
-        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events) from block
-        ``from_block`` on."""
+    def voided_of(self, account: str, evidences: Iterable[str], after: tuple[int, int] = (-1, 0)) -> int:
+        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events) after chain
+        position ``after`` (block, log index; :meth:`slash_position`)."""
         wanted = {e.lower() for e in evidences}
         return sum(int(log["args"]["amount"])
-                   for log in self._staking_logs("SlashVoided", from_block, account=to_address(account))
-                   if _evidence_of(log) in wanted)
+                   for log in self._staking_logs("SlashVoided", max(after[0], 0), account=to_address(account))
+                   if _evidence_of(log) in wanted and _position(log) > after)
 
-    def slash_block(self, evidence: bytes | str) -> int | None:
-        """The block the slash under ``evidence`` took its stake in (its Slashed event; None: never slashed)."""
+    def slash_position(self, evidence: bytes | str) -> tuple[int, int] | None:
+        """Where on chain (block, log index) the slash under ``evidence`` took its stake: its Slashed event (None:
+        never slashed)."""
         logs = self._staking_logs("Slashed", evidence=to_bytes32(evidence, "evidence"))
-        return int(logs[0]["blockNumber"]) if logs else None
+        return _position(logs[0]) if logs else None
+
+    def slashes_pending_at(self, account: str, at: tuple[int, int]) -> dict[str, int]:
+        """``account``'s slashes that were waiting out the delay at chain position ``at`` (block, log index): sent
+        before it, neither paid out nor voided before it, whatever became of them since: evidence (0x hex) ->
+        amount."""
+        acct = to_address(account)
+        ended = {_evidence_of(log) for event in ("SlashFinalized", "SlashVoided")
+                 for log in self._staking_logs(event, account=acct) if _position(log) < at}
+        return {_evidence_of(log): int(log["args"]["amount"]) for log in self._staking_logs("SlashPending", account=acct)
+                if _position(log) < at and _evidence_of(log) not in ended}
 
     def slashed_since(self, account: str, from_block: int, exclude: Iterable[str] = ()) -> int:
         """What slashes of ``account`` took from block ``from_block`` on (Slashed events), but those under

@@ -28,6 +28,7 @@ from node.crosscheck import PROVIDER_PLAN, Plan
 from node.trainer import same_bits, state_hash
 from protocol import verification
 from protocol.errors import ChainError, ProofError
+from protocol.money import MAX_AMOUNT
 from protocol.proof import TrainingProof, segment_view
 from protocol.schemas import JobSpec, RevealSubmit, VerdictSubmit, VerificationBeat
 from protocol.verification import UNDER_REVIEW
@@ -1027,7 +1028,9 @@ def _slash_whole_stake(rt: Runtime, who: str, to: str, evidence: bytes) -> int:
     st = rt.contracts.stake_state(who)
     held = st.staked + st.unbonding
     if held > 0:
-        rt.contracts.slash(who, held, to, evidence)  # (sends nothing where the evidence was used: exactly once)
+        # all there is when it lands (a void between this read and the send gave stake back: taken with the rest);
+        # sends nothing where the evidence was used: exactly once
+        rt.contracts.slash(who, MAX_AMOUNT, to, evidence)
     slashes.after_slash(rt, who, to, evidence)
     return held
 

@@ -108,11 +108,14 @@ def _held_by_others(rt: Runtime, account: str, evidence: bytes | str) -> bool:
     return rt.contracts.pending_slashes_of(account) - rt.contracts.slash_of(evidence).amount > 0
 
 
-def _held_of(rt: Runtime, account: str, evidence: bytes | str, before: int | None = None) -> dict[str, int]:
-    """``account``'s pending slashes now but the one under ``evidence`` (sent before block ``before``, if given:
-    one sent after the slash held nothing the slash wanted): evidence -> amount."""
+def _held_of(rt: Runtime, account: str, evidence: bytes | str, at: tuple[int, int] | None = None) -> dict[str, int]:
+    """``account``'s slashes but the one under ``evidence`` pending now, or (``at``: the slash's own place on chain)
+    pending when it took its stake (one sent after it held nothing it wanted; one voided since did): evidence ->
+    amount."""
     own = _hex(evidence)
-    return {ev: amount for ev, amount in rt.contracts.pending_slashes_listed(account, before).items() if ev != own}
+    listed = (rt.contracts.pending_slashes_listed(account) if at is None
+              else rt.contracts.slashes_pending_at(account, at))
+    return {ev: amount for ev, amount in listed.items() if ev != own}
 
 
 def _armed(row: Slash) -> bool:
@@ -130,31 +133,28 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
         arm = row is not None and row.done_at is None and not _armed(row)
     if row is None:
         return _note_redo(rt, account, beneficiary, evidence, armed=True, bond=bond)
-    if arm:  # voids count from the block the slash took its stake in on (those before, it took back with it)
-        block = rt.contracts.slash_block(evidence)
+    if arm:
         with rt.sessions.begin() as s:
             row = s.get(Slash, redo)
             if row is not None and row.done_at is None and not _armed(row):
                 row.basis = {**(row.basis or {}), "armed": True}
-                row.since_block = block if block is not None else row.since_block
     return False
 
 
 def _note_redo(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, armed: bool,
                bond: bool) -> bool:
     """Note the redo of the slash under ``evidence`` if ``account``'s own pending slashes, other than it, hold stake
-    of it (and none is noted yet): those sent before the slash's own block once it is sent (``armed``), else all
-    pending now. Their voids count from block ``since_block`` + 1 on: the slash's own block, else the latest now."""
+    of it (and none is noted yet): those pending when it took its stake once it is sent (``armed``), else all
+    pending now. ``since_block``: the latest block now (:func:`_redo` counts from the slash's own place once sent)."""
     if not _held_by_others(rt, account, evidence):
         return False
     redo = redo_evidence(evidence)
     if rt.contracts.evidence_used(redo):
         return False
-    block = rt.contracts.slash_block(evidence) if armed else None
-    held = _held_of(rt, account, evidence, block)
+    held = _held_of(rt, account, evidence, rt.contracts.slash_position(evidence) if armed else None)
     if not held:
         return False
-    block = int(rt.contracts.chain.w3.eth.block_number) if block is None else block
+    block = int(rt.contracts.chain.w3.eth.block_number)
     basis: dict[str, object] = {"after": _hex(evidence), "held": {ev: str(a) for ev, a in held.items()},
                                 "armed": armed}
     if bond:
@@ -213,14 +213,25 @@ def _redo(rt: Runtime, ev: str) -> int:
     held = {h: int(a) for h, a in (basis.get("held") or {}).items()}
     amount, back = 0, 0
     if not rt.contracts.evidence_used(ev):  # (used: a run before sent it and stopped short of this row)
+        # where the first slash took its stake (all there was: those voided before, it took back with it), and
+        # which slashes held it then (one sent between the note and the send too); nothing sent (nothing was
+        # there): from the block the redo was noted in
+        after = basis.get("after", "")
+        at = rt.contracts.slash_position(after) if after else None
+        if at is None:
+            at = (since, 1 << 62)
+        else:
+            since = max(since, at[0])
+            held.update(_held_of(rt, account, after, at))
+        held.pop(ev, None)
         now = rt.contracts.chain.timestamp()
         if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
             return 0  # not yet: a slash that held the stake may still be voided
         if basis.get("bond"):  # the part of a false accuser's bond the verdict could not take
-            bond, penalty = rt.contracts.dispute_terms(basis.get("after", ""))
+            bond, penalty = rt.contracts.dispute_terms(after)
             want = 0 if penalty is None else bond - penalty
-        back = min(rt.contracts.voided_of(account, held, since + 1), sum(held.values()))
-        taken = rt.contracts.slashed_since(account, since, exclude=[basis.get("after", ""), ev, *held])
+        back = min(rt.contracts.voided_of(account, held, at), sum(held.values()))
+        taken = rt.contracts.slashed_since(account, since, exclude=[after, ev, *held])
         st = rt.contracts.stake_state(account)
         amount = max(min(back - taken, st.staked + st.unbonding, back if want is None else want), 0)
         if amount > 0 and beneficiary is not None:

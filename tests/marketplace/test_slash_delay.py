@@ -306,3 +306,76 @@ def test_a_redo_never_counts_a_slash_sent_after_the_conviction(market) -> None:
         service.sweep(market.rt)
         market.chain.advance_time(DELAY + 1)
     assert market.ops.stake_of(cheat.address) == tokens(100)
+
+
+def _settle(market) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        service.sweep(market.rt)
+        market.chain.advance_time(DELAY + 1)
+    service.sweep(market.rt)
+
+
+def test_a_rerun_whose_conviction_takes_the_void_itself_takes_it_once(market) -> None:
+    """The conviction finds the whole stake held by the theft and sends nothing (its redo armed); the step stops
+    before its commit, the guardian voids the theft, and the re-run's conviction takes the 200 itself. The redo must
+    not take them again out of stake the cheat adds later (found by a review)."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, tokens(200), thief, theft)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
+    assert market.ops.void_slash(theft)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(200)  # the re-run
+    market.contracts(cheat).stake(tokens(100))
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(100) and market.ops.balance_of(thief) == 0
+    assert market.ops.balance_of(verifier) == tokens(100)
+
+
+def test_a_void_between_the_stake_read_and_the_send_is_taken_by_the_conviction(market, monkeypatch) -> None:
+    """The step reads 50 (the theft holds 150); the guardian's void lands before the send: the conviction takes all
+    200 there when it lands (found by a review: it took the 50 it had read, and the void fell before the redo's
+    count)."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    real = market.rt.contracts.slash
+
+    def void_first(*a: object) -> bool:
+        assert market.ops.void_slash(theft)  # the guardian, at that moment
+        monkeypatch.setattr(market.rt.contracts, "slash", real)
+        return real(*a)
+
+    monkeypatch.setattr(market.rt.contracts, "slash", void_first)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(50)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
+    assert market.ops.balance_of(verifier) == tokens(100)
+
+
+def test_a_theft_landing_between_the_redos_note_and_the_send_is_taken_again_after_its_void(
+        market, monkeypatch) -> None:
+    """The redo is noted with theft 1; theft 2 lands before the send; the conviction takes what is left. The redo
+    waits for both, and once both are voided takes back what both held (found by a review: only theft 1's)."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(300)), Account.create().address, Account.create().address
+    first, second, conviction = keccak(text="theft 1"), keccak(text="theft 2"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, tokens(100), thief, first)
+    real = slashes.before_slash
+
+    def then_theft(*a: object, **k: object) -> bool:
+        out = real(*a, **k)
+        assert market.ops.slash(cheat.address, tokens(100), thief, second)  # the thief, at that moment
+        return out
+
+    monkeypatch.setattr(slashes, "before_slash", then_theft)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(100)
+    monkeypatch.setattr(slashes, "before_slash", real)
+    assert market.ops.void_slash(first)
+    service.sweep(market.rt)  # theft 2 may still be voided: the redo waits for it
+    assert market.ops.stake_of(cheat.address) == tokens(100)
+    assert market.ops.void_slash(second)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
+    assert market.ops.balance_of(verifier) == tokens(150)
