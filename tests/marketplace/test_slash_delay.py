@@ -156,6 +156,16 @@ def _staked(market, amount: int):  # type: ignore[no-untyped-def]
     return acct
 
 
+def _robbed(market, stolen: int):  # type: ignore[no-untyped-def]
+    """Under a slash delay: a cheat staking 200 whose ``stolen`` of it a thief's pending slash holds; its verifier,
+    the thief, the theft's evidence and the cheat's conviction's."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    assert market.ops.slash(cheat.address, stolen, thief, theft)
+    return cheat, verifier, thief, theft, conviction
+
+
 def test_two_redos_never_take_one_void_twice_nor_stake_added_since(market) -> None:
     """Two convictions of one account find its stake held by a thief's slash: the void gives back 200, taken once
     (by whichever redo goes first); the 100 the account stakes afterwards is not the thieves' nor the redos'."""
@@ -207,10 +217,7 @@ def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later
     """The step stops between sending the conviction's slash and noting what it could not take; the guardian voids
     the theft before the step runs again. The re-run finds nothing pending any more, yet the redo noted before the
     send is armed by it, and the sweep takes the stake the void gave back."""
-    market.ops.set_slash_delay(DELAY)
-    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
-    theft, conviction = keccak(text="theft"), keccak(text="conviction")
-    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
     real_after = slashes.after_slash
 
     def crash(*_a: object) -> None:
@@ -237,10 +244,7 @@ def test_a_conviction_that_stops_before_its_send_takes_the_void_once_and_never_l
         market, monkeypatch) -> None:
     """The step stops before its send; the guardian voids the theft; the re-run's slash takes the stake the void gave
     back itself. The redo noted on the first run must not take it again from stake the cheat adds later."""
-    market.ops.set_slash_delay(DELAY)
-    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
-    theft, conviction = keccak(text="theft"), keccak(text="conviction")
-    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
     real_slash = market.rt.contracts.slash
 
     def crash(*_a: object) -> bool:
@@ -319,10 +323,7 @@ def test_a_rerun_whose_conviction_takes_the_void_itself_takes_it_once(market) ->
     """The conviction finds the whole stake held by the theft and sends nothing (its redo armed); the step stops
     before its commit, the guardian voids the theft, and the re-run's conviction takes the 200 itself. The redo must
     not take them again out of stake the cheat adds later (found by a review)."""
-    market.ops.set_slash_delay(DELAY)
-    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
-    theft, conviction = keccak(text="theft"), keccak(text="conviction")
-    assert market.ops.slash(cheat.address, tokens(200), thief, theft)
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(200))
     assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
     assert market.ops.void_slash(theft)
     assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(200)  # the re-run
@@ -336,10 +337,7 @@ def test_a_void_between_the_stake_read_and_the_send_is_taken_by_the_conviction(m
     """The step reads 50 (the theft holds 150); the guardian's void lands before the send: the conviction takes all
     200 there when it lands (found by a review: it took the 50 it had read, and the void fell before the redo's
     count)."""
-    market.ops.set_slash_delay(DELAY)
-    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
-    theft, conviction = keccak(text="theft"), keccak(text="conviction")
-    assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
     real = market.rt.contracts.slash
 
     def void_first(*a: object) -> bool:
