@@ -72,21 +72,33 @@ def before_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | 
     so leaves the redo for its re-run to arm: the re-run would find nothing pending (the guardian may have voided
     it meanwhile) and note none. A redo a run before noted and never sent (its evidence unused) is noted again:
     what holds the stake now, from now on. Returns True if one is noted now."""
-    redo = _hex(redo_evidence(evidence))
-    with rt.sessions() as s:
-        row = s.get(Slash, redo)
-        stale = row is not None and row.done_at is None and not _armed(row)
-    if (row is not None and not stale) or rt.contracts.evidence_used(evidence):
+    noted, unarmed = _noted(rt, evidence)
+    if (noted and not unarmed) or rt.contracts.evidence_used(evidence):
         return False  # (armed or closed; or sent by a run before: the call after the send arms it, or notes it)
-    if row is None:
+    if not noted:
         return _note_redo(rt, account, beneficiary, evidence, armed=False, bond=bond)
-    held, block = _held_of(rt, account, evidence), int(rt.contracts.chain.w3.eth.block_number)
-    with rt.sessions.begin() as s:  # (a run before stopped short of the send: the stake it saw held may be back)
-        row = s.get(Slash, redo)
-        if row is not None and row.done_at is None and not _armed(row):
-            row.basis = {**(row.basis or {}), "held": {ev: str(a) for ev, a in held.items()}}
-            row.since_block = block
+    # (a run before stopped short of the send: the stake it saw held may be back)
+    held = {ev: str(a) for ev, a in _held_of(rt, account, evidence).items()}
+    _update_unarmed(rt, evidence, {"held": held}, int(rt.contracts.chain.w3.eth.block_number))
     return False
+
+
+def _noted(rt: Runtime, evidence: bytes | str) -> tuple[bool, bool]:
+    """(whether a redo of the slash under ``evidence`` is noted, whether it is open and not yet armed)."""
+    with rt.sessions() as s:
+        row = s.get(Slash, _hex(redo_evidence(evidence)))
+        return row is not None, row is not None and row.done_at is None and not _armed(row)
+
+
+def _update_unarmed(rt: Runtime, evidence: bytes | str, basis: dict[str, object],
+                    since_block: int | None = None) -> None:
+    """Merge ``basis`` into the redo of the slash under ``evidence`` (and set ``since_block``) if it is still open
+    and unarmed."""
+    with rt.sessions.begin() as s:
+        row = s.get(Slash, _hex(redo_evidence(evidence)))
+        if row is not None and row.done_at is None and not _armed(row):
+            row.basis = {**(row.basis or {}), **basis}
+            row.since_block = row.since_block if since_block is None else since_block
 
 
 def after_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str) -> None:
@@ -127,17 +139,11 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
     :func:`before_slash` noted; with none noted, note one (armed) if the account's own pending slashes, other than
     this one, hold stake of it, for what their voids give back, its bounty to ``beneficiary``. Returns True if one is
     noted now."""
-    redo = _hex(redo_evidence(evidence))
-    with rt.sessions() as s:
-        row = s.get(Slash, redo)
-        arm = row is not None and row.done_at is None and not _armed(row)
-    if row is None:
+    noted, unarmed = _noted(rt, evidence)
+    if not noted:
         return _note_redo(rt, account, beneficiary, evidence, armed=True, bond=bond)
-    if arm:
-        with rt.sessions.begin() as s:
-            row = s.get(Slash, redo)
-            if row is not None and row.done_at is None and not _armed(row):
-                row.basis = {**(row.basis or {}), "armed": True}
+    if unarmed:
+        _update_unarmed(rt, evidence, {"armed": True})
     return False
 
 
@@ -220,10 +226,8 @@ def _redo(rt: Runtime, ev: str) -> int:
         at = rt.contracts.slash_position(after) if after else None
         if at is None:
             at = (since, 1 << 62)
-        else:
-            since = max(since, at[0])
-            held.update(_held_of(rt, account, after, at))
-        held.pop(ev, None)
+        else:  # (what was noted before the send, less any that ended before it, plus any sent in between)
+            since, held = max(since, at[0]), _held_of(rt, account, after, at)
         now = rt.contracts.chain.timestamp()
         if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
             return 0  # not yet: a slash that held the stake may still be voided
