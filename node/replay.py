@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from node import checkpoint
+from node.model import TinyGPT
 from node.trainer import (
     PROVIDER_PLAN,
     Plan,
@@ -21,9 +23,9 @@ from node.trainer import (
     deterministic,
     expected_batch_digest,
     export_training_state,
+    kept_training_state,
     load_training_state,
     place,
-    reuse_training_state,
     mean_loss_micro,
     run_segment,
     state_hash,
@@ -62,22 +64,39 @@ def replay_segment(spec: UnitSpec, seg_index: int, checkpoint_path: CheckpointSo
     return replay_state(spec, seg_index, tensors)
 
 
-def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor], start: str | None = None,
+def replay_state(spec: UnitSpec, seg_index: int, tensors: Mapping[str, Tensor],
                  plan: Plan = PROVIDER_PLAN) -> ReplayResult:
-    """Re-run segment ``seg_index`` from a training state in memory (on the model + AdamW kept for its job shape)
-    on ``plan`` (the provider's: bit for bit where the plan is :attr:`~node.trainer.Plan.exact`). ``start``: the
-    state's hash when the caller has computed it already (a full-state hash is not free). Raises CheckpointError if
-    the state does not fit the spec."""
-    start = start or state_hash(tensors)
+    """Re-run segment ``seg_index`` from a training state in memory on ``plan`` (the provider's: bit for bit where
+    the plan is :attr:`~node.trainer.Plan.exact`); on CPU, on the model + AdamW kept for its job shape
+    (:func:`node.trainer.kept_training_state`). Raises CheckpointError if the state does not fit the spec."""
     with deterministic(spec.threads):
-        if plan.device == "cpu":
-            model, opt = reuse_training_state(spec, tensors)  # built once per job shape
-        else:  # a fresh pair on the plan's device (load_training_state checks the state fits)
-            model, opt = load_training_state(spec, tensors)
-            place(model, opt, plan)
-        batches, losses = run_segment(spec, model, opt, seg_index, plan=plan)
-        end = state_hash(export_training_state(model, opt))
-    return ReplayResult(start, end, tuple(losses), batch_digest(batches), mean_loss_micro(losses))
+        return _replay_loaded(spec, seg_index, _load(spec, tensors, plan), plan)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    start: str  # the loaded state's hash
+    model: TinyGPT
+    opt: Optimizer
+    end_hash: Callable[[], str]  # the hash of the pair's state when called
+
+
+def _load(spec: UnitSpec, tensors: Mapping[str, Tensor], plan: Plan) -> _Loaded:
+    """A challenged state loaded for replay on ``plan``, hashed. Inside :func:`deterministic`."""
+    if plan.device == "cpu":  # the pair kept per job shape, its state in the state hash's own layout
+        kept = kept_training_state(spec, tensors)
+        kept.load(spec, tensors)  # the one copy: hashing it needs no other
+        return _Loaded(kept.state_hash(), kept.model, kept.opt, kept.state_hash)
+    start = state_hash(tensors)
+    model, opt = load_training_state(spec, tensors)  # a fresh pair on the plan's device (checks the state fits)
+    place(model, opt, plan)
+    return _Loaded(start, model, opt, lambda: state_hash(export_training_state(model, opt)))
+
+
+def _replay_loaded(spec: UnitSpec, seg_index: int, loaded: _Loaded, plan: Plan) -> ReplayResult:
+    batches, losses = run_segment(spec, loaded.model, loaded.opt, seg_index, plan=plan)
+    return ReplayResult(loaded.start, loaded.end_hash(), tuple(losses), batch_digest(batches),
+                        mean_loss_micro(losses))
 
 
 def check_segment(
@@ -127,13 +146,21 @@ def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
         return SegmentVerdict(False, seg_index, claimed, replayed, reason)
 
     seg = proof.segments[seg_index]
-    got_start = state_hash(tensors)
-    if got_start != seg.start_hash:
-        return fail(f"checkpoint hashes to {got_start}, not the committed start {seg.start_hash}", seg.end_hash)
-    try:
-        result = replay_state(spec, seg_index, tensors, got_start, plan)
-    except CheckpointError as exc:
-        return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
+
+    def not_start(got: str) -> SegmentVerdict:
+        return fail(f"checkpoint hashes to {got}, not the committed start {seg.start_hash}", seg.end_hash)
+
+    with deterministic(spec.threads):
+        try:
+            loaded = _load(spec, tensors, plan)
+        except CheckpointError as exc:
+            got_start = state_hash(tensors)  # a state of another shape: its hash is what is wrong, if it is
+            if got_start != seg.start_hash:
+                return not_start(got_start)
+            return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)
+        if loaded.start != seg.start_hash:
+            return not_start(loaded.start)
+        result = _replay_loaded(spec, seg_index, loaded, plan)
     if result.end_hash != seg.end_hash:
         return fail("replayed end state differs from the committed end", seg.end_hash, result.end_hash)
     if result.loss_micro != seg.loss_micro:

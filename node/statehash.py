@@ -5,7 +5,8 @@ The state hash (v3): the tensors, in sorted name order, are laid out in one flat
 layout lists every tensor's name, dtype, shape and offset. BLAKE3 is a tree hash: a large buffer spreads over
 threads inside the one hash, and on one core it runs at 7.2 GB/s on a 1.65 MB state where OpenSSL's SHA-256 (with
 SHA-NI) runs at 1.72 GB/s (v2 was SHA-256 over 4 MiB chunks); 200 MB take 35 ms on one thread, 18 ms on two. With
-the copy into the buffer, a verifier's hash of that state (two per replayed segment) takes 0.69 ms CPU, v2's 1.28.
+the copy into the buffer, a hash of that state takes 0.69 ms CPU, v2's 1.28; a verifier's replayer keeps its state in
+this layout (:class:`node.trainer.KeptTrainingState`), so its two hashes per replayed segment are bare digests.
 
 :class:`AsyncStateHasher` snapshots a state and hashes it in the background:
 

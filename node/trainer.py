@@ -279,42 +279,76 @@ def load_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[
     return model, opt
 
 
-#: Models + optimizers kept for replays, one per job shape, newest last (see :func:`reuse_training_state`).
-_REUSED: dict[tuple[Any, ...], tuple[TinyGPT, torch.optim.AdamW, dict[str, Tensor]]] = {}
+class KeptTrainingState:
+    """A model + AdamW kept for the replays of one job shape, every tensor of whose training state (weights, both
+    moments, step counts) is a view into one buffer laid out as the state hash lays a state out
+    (:class:`node.statehash.Layout`): :meth:`load` is the one copy a replay needs, and :meth:`state_hash` of the
+    state loaded or replayed is a digest of that buffer, with no copy (a default job's state hash is half copy)."""
+
+    def __init__(self, spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
+        model, opt = load_training_state(spec, tensors)
+        live = export_training_state(model, opt)
+        self.layout = statehash.Layout.of(live)
+        if not all(self.layout.nbytes):
+            raise GridMintValueError("a training state with an empty tensor cannot be kept")
+        self._buf = torch.zeros(self.layout.total, dtype=torch.uint8)
+        views = dict(zip(self.layout.names, self.layout.views(live, self._buf)))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                views[f"model.{name}"].copy_(p)
+                p.data = views[f"model.{name}"]  # the parameter now lives in the buffer (same object: opt keeps it)
+                st = opt.state[p]
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    views[f"optim.{name}.{k}"].copy_(st[k])
+                    st[k] = views[f"optim.{name}.{k}"]
+        self.model, self.opt = model, opt
+        self._dst = [views[n] for n in self.layout.names]
+        self._mem = memoryview(self._buf.numpy())
+
+    def load(self, spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
+        """Copy ``tensors`` in (one fused copy); :class:`CheckpointError` if they are no training state of ``spec``."""
+        check_training_state(spec, tensors)
+        with torch.no_grad():
+            torch._foreach_copy_(self._dst, [tensors[n] for n in self.layout.names])
+
+    def state_hash(self) -> str:
+        """:func:`state_hash` of the model's and optimizer's state as it is now."""
+        return self.layout.digest(self._mem)
+
+
+#: Models + optimizers kept for replays, one per job shape, newest last (see :func:`kept_training_state`).
+_REUSED: dict[tuple[Any, ...], KeptTrainingState] = {}
 REUSE_SLOTS = 2
 
 
-def reuse_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
-    """:func:`load_training_state` on a model + AdamW kept per job shape (model, lr, precision): ``tensors`` are
-    copied into it. A verifier replays segment after segment of units of one shape, and building the model and the
-    optimizer costs about one training step of a default job; a replay on the kept pair is bit for bit a replay on
-    a fresh one (tests). Call it inside :func:`deterministic` (which serialises all torch work in this process):
-    the pair is shared, and stays valid only until the next call."""
-    check_training_state(spec, tensors)
+def kept_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> KeptTrainingState:
+    """The model + AdamW kept for ``spec``'s job shape (model, lr, precision), built from ``tensors`` if there is
+    none (then holding them; else holding whatever it last held: :meth:`KeptTrainingState.load` them). A verifier
+    replays segment after segment of units of one shape, and building the pair costs about one training step of a
+    default job; a replay on the kept pair is bit for bit a replay on a fresh one (tests). Call it inside
+    :func:`deterministic` (which serialises all torch work in this process): the pair is shared, and stays valid
+    only until the next call."""
     key = (spec.model, spec.lr, spec.precision)
-    slot = _REUSED.pop(key, None)
-    if slot is None:
-        model, opt = load_training_state(spec, tensors)
-        slot = (model, opt, export_training_state(model, opt))
-    else:
-        with torch.no_grad():  # one fused copy (a copy_ per tensor cost 0.6 ms of dispatch on a default job's 120)
-            torch._foreach_copy_(list(slot[2].values()), [tensors[name] for name in slot[2]])
-    _REUSED[key] = slot
+    kept = _REUSED.pop(key, None)
+    if kept is None:
+        kept = KeptTrainingState(spec, tensors)
+    _REUSED[key] = kept
     while len(_REUSED) > REUSE_SLOTS:
         del _REUSED[next(iter(_REUSED))]
-    return slot[0], slot[1]
+    return kept
+
+
+def reuse_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
+    """:func:`load_training_state` on the pair kept for ``spec``'s job shape (:func:`kept_training_state`)."""
+    kept = kept_training_state(spec, tensors)
+    kept.load(spec, tensors)
+    return kept.model, kept.opt
 
 
 def check_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
     """:class:`CheckpointError` unless ``tensors`` are a full fp32 training state of ``spec``'s model."""
-    shapes = param_shapes(spec.model)
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, shape in shapes.items():
-        expected[f"model.{name}"] = shape
-        expected[f"optim.{name}.exp_avg"] = shape
-        expected[f"optim.{name}.exp_avg_sq"] = shape
-        expected[f"optim.{name}.step"] = ()
-    if set(tensors) != set(expected):
+    expected = _state_shapes(spec.model)
+    if tensors.keys() != expected.keys():
         raise CheckpointError(
             f"training state does not fit {spec.model}: missing {sorted(set(expected) - set(tensors))}, "
             f"unexpected {sorted(set(tensors) - set(expected))}"
@@ -323,6 +357,18 @@ def check_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
         t = tensors[name]
         if t.dtype != torch.float32 or tuple(t.shape) != shape:
             raise CheckpointError(f"tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected torch.float32{shape}")
+
+
+@functools.lru_cache(maxsize=64)
+def _state_shapes(cfg: ModelConfig) -> MappingProxyType[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a full training state of ``cfg``'s model (every replay checks its state)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in param_shapes(cfg).items():
+        expected[f"model.{name}"] = shape
+        expected[f"optim.{name}.exp_avg"] = shape
+        expected[f"optim.{name}.exp_avg_sq"] = shape
+        expected[f"optim.{name}.step"] = ()
+    return MappingProxyType(expected)
 
 
 def check_finite(tensors: Mapping[str, Tensor]) -> None:

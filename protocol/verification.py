@@ -51,6 +51,10 @@ from protocol.money import MAX_AMOUNT
 #: verify_segment_steps, verify_hash_steps say where it goes). Those runs spread +-15%; timed interleaved with the
 #: provider's unit (stop 41) they spread 0.0191-0.021: 0.0203, a replayed step costing 1.27 provider steps (two
 #: state hashes 0.11, loading the state 0.04, the claim's checks 0.01, the rest a step run cold), over 2% by 1.5%.
+#: Since the verifier's kept model + AdamW hold their state in the hash's own layout (node.trainer.
+#: KeptTrainingState: the load is the hash's one copy, each hash a bare digest), loading and both hashes cost 0.045
+#: provider steps, and the same measurement, alternating the old code and the new on one machine, went 0.019 ->
+#: 0.0183 and 0.0196 -> 0.0189 (stop 42; ``verify_load_steps``, ``verify_digest_steps``).
 LEVELS: dict[str, Fraction] = {
     "none": Fraction(0),
     "standard": Fraction(16, 1000),

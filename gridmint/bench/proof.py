@@ -73,8 +73,8 @@ from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import PlainLoop, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
-                          load_training_state, model_only, place, reuse_training_state, run_segment, state_hash,
-                          train_unit, update_norm)
+                          kept_training_state, load_training_state, model_only, place, reuse_training_state, run_segment,
+                          state_hash, train_unit, update_norm)
 from node.device import kernel_build, local_plan
 from node.statehash import Layout
 from node.replay import check_segment, check_state, replay_state
@@ -115,9 +115,8 @@ def traced_with_verdicts(spec: UnitSpec, start: dict[str, torch.Tensor], policy:
     updates = _Updates() if norms is not None else None
 
     def replay(s: int, state: dict[str, torch.Tensor]) -> tuple[str, str, int]:  # the live verifier's replay
-        h = state_hash(state)
-        r = replay_state(vspec, s, state, h)
-        return h, r.end_hash, r.loss_micro
+        r = replay_state(vspec, s, state)
+        return r.start_hash, r.end_hash, r.loss_micro
 
     def tap(s: int, live: Any) -> None:
         revealed = claimed0 if s == 0 else live  # the state whose hash the cheater committed as segment s's start
@@ -163,8 +162,10 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     check_state`: the claim's own checks, the revealed start state's hash, the replay, the end state's hash) on the
     model and optimizer it keeps per job shape; building that pair once (logged) is not charged to every unit.
     ``detail``, if given, gets where a replayed segment's compute goes, in provider steps (the ratio's unit):
-    ``verify_segment_steps`` all of it, ``verify_hash_steps`` one hash of the training state (a check hashes two:
-    the revealed start and the replayed end), measured here on the same states."""
+    ``verify_segment_steps`` all of it, ``verify_load_steps`` copying the revealed start state into the kept pair
+    (whose state lies in the state hash's layout: :class:`node.trainer.KeptTrainingState`), ``verify_digest_steps``
+    one digest of that pair's state (a check takes two: the revealed start's and the replayed end's), measured here
+    on the same states; and ``state_hash_vs_sha256``, a state hash with its copy against bare SHA-256."""
     updates = _Updates()  # each segment's update, as the marketplace measures it (not timed)
     trace = train_traced(spec, start, tap=lambda s, live: updates.see(live))
     updates.see(trace.final_state)
@@ -205,8 +206,17 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
         step_times.append(times["pc"] / spec.steps)
     ratio, wall = round(statistics.median(cpu_ratios), 4), round(statistics.median(wall_ratios), 4)
     step_s = statistics.median(step_times)  # one provider step, CPU s
-    hashes, sha = [], []
-    for s in picks:  # one state hash on its own, on the states the checks hashed; and SHA-256 of the same bytes
+    loads, digests, hashes, sha = [], [], [], []
+    with deterministic(spec.threads):
+        pair = kept_training_state(spec, claimed0)
+        for s in picks:  # a check's load and one of its digests, on the states the checks loaded
+            c0 = time.process_time()
+            pair.load(spec, kept[s])
+            c1 = time.process_time()
+            pair.state_hash()
+            loads.append(c1 - c0)
+            digests.append(time.process_time() - c1)
+    for s in picks:  # one state hash on its own (its copy included), on the same states; and SHA-256 of the bytes
         c0 = time.process_time()
         state_hash(kept[s])
         hashes.append(time.process_time() - c0)
@@ -217,17 +227,20 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
         hashlib.sha256(memoryview(packed.numpy())).digest()
         sha.append(time.process_time() - c0)
     seg_steps = statistics.median(cpu_ratios) * spec.steps / len(picks)
-    hash_steps = statistics.median(hashes) / step_s
+    load_steps, digest_steps = statistics.median(loads) / step_s, statistics.median(digests) / step_s
     log(f"verify cost ({what}): {len(picks)} segments replayed per unit of {spec.steps} steps: compute "
         f"{[round(r, 4) for r in cpu_ratios]} -> {ratio}, wall {[round(r, 4) for r in wall_ratios]} -> {wall} "
         f"(all ok: {all(oks)}; the verifier's model + optimizer for this shape built once in {build_s * 1e3:.0f} ms "
         f"CPU, {build_s / step_s:.2f} provider steps); a replayed segment of "
         f"{spec.segment_len} step(s) costs {seg_steps:.3f} provider steps ({step_s * 1e3:.2f} ms CPU each), of which "
-        f"two state hashes {2 * hash_steps:.3f} ({statistics.median(hashes) * 1e3:.2f} ms CPU each)")
+        f"loading the revealed state {load_steps:.3f} ({statistics.median(loads) * 1e3:.2f} ms CPU) and the two "
+        f"digests of the loaded and the replayed state {2 * digest_steps:.3f} ({statistics.median(digests) * 1e3:.2f} "
+        f"ms CPU each)")
     log(f"the state hash (BLAKE3, with its copy into the layout) {statistics.median(hashes) * 1e3:.2f} ms CPU; "
         f"bare SHA-256 of the same bytes {statistics.median(sha) * 1e3:.2f} ms")
     if detail is not None:
-        detail.update({"verify_segment_steps": round(seg_steps, 3), "verify_hash_steps": round(hash_steps, 3),
+        detail.update({"verify_segment_steps": round(seg_steps, 3), "verify_load_steps": round(load_steps, 3),
+                       "verify_digest_steps": round(digest_steps, 3),
                        # > 1: the state hash costs less than SHA-256 alone would, before any copy (v2's hash)
                        "state_hash_vs_sha256": round(statistics.median(sha) / statistics.median(hashes), 2)})
     assert all(oks), "an honest unit failed verification"

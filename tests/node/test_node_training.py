@@ -101,6 +101,29 @@ def test_replays_on_the_kept_model_match_fresh_ones_across_units_shapes_and_evic
     assert len(trainer._REUSED) == trainer.REUSE_SLOTS
 
 
+def test_the_kept_pair_lives_in_the_state_hash_layout(spec, global_state, honest) -> None:
+    """The kept model + AdamW (node.trainer.KeptTrainingState) hold their state in one buffer laid out as the state
+    hash lays it out: its digest is the state hash of the pair's state after a load and after training steps (the
+    weights and moments the optimizer updates in place are the buffer's), and a state that does not fit is refused
+    before anything is copied."""
+    from node import trainer
+    from protocol.errors import CheckpointError
+
+    tensors, _ = checkpoint.load(honest.segment_paths[1])
+    with trainer.deterministic(spec.threads):
+        kept = trainer.kept_training_state(spec, tensors)
+        kept.load(spec, tensors)
+        assert kept.state_hash() == state_hash(tensors) == honest.proof.segments[1].start_hash
+        trainer.run_segment(spec, kept.model, kept.opt, 1)
+        live = trainer.export_training_state(kept.model, kept.opt)
+        assert kept.state_hash() == state_hash(live) == honest.proof.segments[1].end_hash
+        misfit = dict(tensors)
+        misfit.pop(next(iter(misfit)))
+        with pytest.raises(CheckpointError, match="does not fit"):
+            kept.load(spec, misfit)
+        assert kept.state_hash() == honest.proof.segments[1].end_hash  # nothing copied
+
+
 def test_replay_under_other_ambient_threads_still_matches(spec, honest) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
