@@ -12,7 +12,9 @@ once none of the slashes that held the stake can be voided any more, what their 
 slashes of the account took since: never stake it added later) is slashed again under an evidence derived from the
 first, its bounty to the same party. The redo is noted before the first slash is sent and armed once it is
 (:func:`before_slash`, :func:`hold_over`): a run that stops between the two leaves it for its re-run, which would
-otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile."""
+otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile. A slash that lands
+between the note and the send is found where the first slash took its stake on chain, by the redo (it waits for it)
+or, where none was noted, by the re-run's :func:`hold_over` (pending there, voided since or not)."""
 from __future__ import annotations
 
 import logging
@@ -149,15 +151,17 @@ def hold_over(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str
 
 def _note_redo(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, armed: bool,
                bond: bool) -> bool:
-    """Note the redo of the slash under ``evidence`` if ``account``'s own pending slashes, other than it, hold stake
-    of it (and none is noted yet): those pending when it took its stake once it is sent (``armed``), else all
-    pending now. ``since_block``: the latest block now (:func:`_redo` counts from the slash's own place once sent)."""
-    if not _held_by_others(rt, account, evidence):
+    """Note the redo of the slash under ``evidence`` if ``account``'s own slashes, other than it, held stake of it
+    (and none is noted yet): once it is sent (``armed``), those pending where it took its stake, voided since or not
+    (a run that stopped after the send, before noting anything, may run again after the void); else those pending
+    now. ``since_block``: the latest block now (:func:`_redo` counts from the slash's own place once sent)."""
+    at = rt.contracts.slash_position(evidence) if armed else None
+    if at is None and not _held_by_others(rt, account, evidence):
         return False
     redo = redo_evidence(evidence)
     if rt.contracts.evidence_used(redo):
         return False
-    held = _held_of(rt, account, evidence, rt.contracts.slash_position(evidence) if armed else None)
+    held = _held_of(rt, account, evidence, at)
     if not held:
         return False
     block = int(rt.contracts.chain.w3.eth.block_number)

@@ -377,3 +377,38 @@ def test_a_theft_landing_between_the_redos_note_and_the_send_is_taken_again_afte
     _settle(market)
     assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
     assert market.ops.balance_of(verifier) == tokens(150)
+
+
+def test_a_theft_between_the_note_and_the_send_voided_before_the_rerun_is_still_taken_again(
+        market, monkeypatch) -> None:
+    """Nothing held the stake when the step noted its redo (none noted); a theft lands before the send, the
+    conviction takes what it left, and the step stops before what follows the send; the guardian voids the theft
+    before the re-run. The re-run finds nothing pending, yet the theft held the stake where the conviction took
+    it: the redo is noted from there, and takes the 150 the void gave back."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction = keccak(text="theft"), keccak(text="conviction")
+    real_before, real_after = slashes.before_slash, slashes.after_slash
+
+    def then_theft(*a: object, **k: object) -> bool:
+        out = real_before(*a, **k)
+        assert market.ops.slash(cheat.address, tokens(150), thief, theft)  # the thief, at that moment
+        return out
+
+    def crash(*_a: object) -> None:
+        raise RuntimeError("worker lost after the send")
+
+    monkeypatch.setattr(slashes, "before_slash", then_theft)
+    monkeypatch.setattr(slashes, "after_slash", crash)
+    with pytest.raises(RuntimeError):
+        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+    with market.rt.sessions() as s:
+        assert list(s.scalars(select(Slash))) == []  # nothing noted: nothing held the stake at the note
+    assert market.ops.slash_of(conviction).amount == tokens(50)
+    assert market.ops.void_slash(theft)
+    monkeypatch.setattr(slashes, "before_slash", real_before)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
+    checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
+    assert market.ops.balance_of(verifier) == tokens(100)  # half of the 50 and of the 150
