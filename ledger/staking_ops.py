@@ -281,13 +281,13 @@ class TokenStakingOps(ContractsBase):
         return {_evidence_of(log): int(log["args"]["amount"]) for log in self._staking_logs("SlashPending", account=acct)
                 if _position(log) < at and _evidence_of(log) not in ended}
 
-    def slashed_since(self, account: str, from_block: int, exclude: Iterable[str] = ()) -> int:
-        """What slashes of ``account`` took from block ``from_block`` on (Slashed events), but those under
-        ``exclude``."""
+    def slashed_since(self, account: str, after: tuple[int, int], exclude: Iterable[str] = ()) -> int:
+        """What slashes of ``account`` took after chain position ``after`` (block, log index; :meth:`slash_position`)
+        (Slashed events), but those under ``exclude``."""
         skip = {e.lower() for e in exclude}
         return sum(int(log["args"]["slashed"])
-                   for log in self._staking_logs("Slashed", from_block, provider=to_address(account))
-                   if _evidence_of(log) not in skip)
+                   for log in self._staking_logs("Slashed", max(after[0], 0), provider=to_address(account))
+                   if _evidence_of(log) not in skip and _position(log) > after)
 
     def dispute_terms(self, evidence: bytes | str) -> tuple[int, int | None]:
         """The bond an accusation under ``evidence`` bonded and what its false verdict took (None: not resolved

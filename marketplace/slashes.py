@@ -225,13 +225,14 @@ def _redo(rt: Runtime, ev: str) -> int:
     if not rt.contracts.evidence_used(ev):  # (used: a run before sent it and stopped short of this row)
         # where the first slash took its stake (all there was: those voided before, it took back with it), and
         # which slashes held it then (one sent between the note and the send too); nothing sent (nothing was
-        # there): from the block the redo was noted in
+        # there): after the block the redo was noted in. Voids and other slashes count from there on (a redo noted
+        # late, by a re-run, counts a slash that took the void's stake before its note)
         after = basis.get("after", "")
         at = rt.contracts.slash_position(after) if after else None
         if at is None:
             at = (since, 1 << 62)
         else:  # (what was noted before the send, less any that ended before it, plus any sent in between)
-            since, held = max(since, at[0]), _held_of(rt, account, after, at)
+            held = _held_of(rt, account, after, at)
         now = rt.contracts.chain.timestamp()
         if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
             return 0  # not yet: a slash that held the stake may still be voided
@@ -239,7 +240,7 @@ def _redo(rt: Runtime, ev: str) -> int:
             bond, penalty = rt.contracts.dispute_terms(after)
             want = 0 if penalty is None else bond - penalty
         back = min(rt.contracts.voided_of(account, held, at), sum(held.values()))
-        taken = rt.contracts.slashed_since(account, since, exclude=[after, ev, *held])
+        taken = rt.contracts.slashed_since(account, at, exclude=[after, ev, *held])
         st = rt.contracts.stake_state(account)
         amount = max(min(back - taken, st.staked + st.unbonding, back if want is None else want), 0)
         if amount > 0 and beneficiary is not None:

@@ -412,3 +412,35 @@ def test_a_theft_between_the_note_and_the_send_voided_before_the_rerun_is_still_
     _settle(market)
     assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
     assert market.ops.balance_of(verifier) == tokens(100)  # half of the 50 and of the 150
+
+
+def test_a_redo_noted_late_counts_what_a_conviction_took_before_its_note(market, monkeypatch) -> None:
+    """As above, but after the void a second conviction takes the 150 the void gave back, and the cheat stakes 100
+    more, all before the first step runs again. The redo the re-run notes counts what slashes took from the first
+    conviction's place on, not from its own note: it takes nothing, and the 100 staked since stays the cheat's."""
+    market.ops.set_slash_delay(DELAY)
+    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
+    theft, conviction, second = keccak(text="theft"), keccak(text="conviction"), keccak(text="second conviction")
+    real_before, real_after = slashes.before_slash, slashes.after_slash
+
+    def then_theft(*a: object, **k: object) -> bool:
+        out = real_before(*a, **k)
+        assert market.ops.slash(cheat.address, tokens(150), thief, theft)
+        return out
+
+    def crash(*_a: object) -> None:
+        raise RuntimeError("worker lost after the send")
+
+    monkeypatch.setattr(slashes, "before_slash", then_theft)
+    monkeypatch.setattr(slashes, "after_slash", crash)
+    with pytest.raises(RuntimeError):
+        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+    monkeypatch.setattr(slashes, "before_slash", real_before)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
+    assert market.ops.void_slash(theft)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, second) == tokens(150)
+    market.contracts(cheat).stake(tokens(100))  # new stake, after all that
+    checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(100)
+    assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
