@@ -379,12 +379,10 @@ def test_a_theft_landing_between_the_redos_note_and_the_send_is_taken_again_afte
     assert market.ops.balance_of(verifier) == tokens(150)
 
 
-def test_a_theft_between_the_note_and_the_send_voided_before_the_rerun_is_still_taken_again(
-        market, monkeypatch) -> None:
-    """Nothing held the stake when the step noted its redo (none noted); a theft lands before the send, the
-    conviction takes what it left, and the step stops before what follows the send; the guardian voids the theft
-    before the re-run. The re-run finds nothing pending, yet the theft held the stake where the conviction took
-    it: the redo is noted from there, and takes the 150 the void gave back."""
+def _stopped_after_a_late_theft(market, monkeypatch):  # type: ignore[no-untyped-def]
+    """A cheat staking 200 whose conviction's step noted no redo (nothing held the stake at the note), a thief's
+    slash of 150 landing before the send, the conviction taking the 50 left, and the step stopping after the send
+    (the hooks restored after): the cheat, its verifier, the thief, the theft's evidence and the conviction's."""
     market.ops.set_slash_delay(DELAY)
     cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
     theft, conviction = keccak(text="theft"), keccak(text="conviction")
@@ -402,12 +400,22 @@ def test_a_theft_between_the_note_and_the_send_voided_before_the_rerun_is_still_
     monkeypatch.setattr(slashes, "after_slash", crash)
     with pytest.raises(RuntimeError):
         checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+    monkeypatch.setattr(slashes, "before_slash", real_before)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
     with market.rt.sessions() as s:
         assert list(s.scalars(select(Slash))) == []  # nothing noted: nothing held the stake at the note
     assert market.ops.slash_of(conviction).amount == tokens(50)
+    return cheat, verifier, thief, theft, conviction
+
+
+def test_a_theft_between_the_note_and_the_send_voided_before_the_rerun_is_still_taken_again(
+        market, monkeypatch) -> None:
+    """Nothing held the stake when the step noted its redo (none noted); a theft lands before the send, the
+    conviction takes what it left, and the step stops before what follows the send; the guardian voids the theft
+    before the re-run. The re-run finds nothing pending, yet the theft held the stake where the conviction took
+    it: the redo is noted from there, and takes the 150 the void gave back."""
+    cheat, verifier, thief, theft, conviction = _stopped_after_a_late_theft(market, monkeypatch)
     assert market.ops.void_slash(theft)
-    monkeypatch.setattr(slashes, "before_slash", real_before)
-    monkeypatch.setattr(slashes, "after_slash", real_after)
     checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
     _settle(market)
     assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
@@ -418,26 +426,9 @@ def test_a_redo_noted_late_counts_what_a_conviction_took_before_its_note(market,
     """As above, but after the void a second conviction takes the 150 the void gave back, and the cheat stakes 100
     more, all before the first step runs again. The redo the re-run notes counts what slashes took from the first
     conviction's place on, not from its own note: it takes nothing, and the 100 staked since stays the cheat's."""
-    market.ops.set_slash_delay(DELAY)
-    cheat, verifier, thief = _staked(market, tokens(200)), Account.create().address, Account.create().address
-    theft, conviction, second = keccak(text="theft"), keccak(text="conviction"), keccak(text="second conviction")
-    real_before, real_after = slashes.before_slash, slashes.after_slash
-
-    def then_theft(*a: object, **k: object) -> bool:
-        out = real_before(*a, **k)
-        assert market.ops.slash(cheat.address, tokens(150), thief, theft)
-        return out
-
-    def crash(*_a: object) -> None:
-        raise RuntimeError("worker lost after the send")
-
-    monkeypatch.setattr(slashes, "before_slash", then_theft)
-    monkeypatch.setattr(slashes, "after_slash", crash)
-    with pytest.raises(RuntimeError):
-        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
-    monkeypatch.setattr(slashes, "before_slash", real_before)
-    monkeypatch.setattr(slashes, "after_slash", real_after)
+    cheat, verifier, thief, theft, conviction = _stopped_after_a_late_theft(market, monkeypatch)
     assert market.ops.void_slash(theft)
+    second = keccak(text="second conviction")
     assert checking._slash_whole_stake(market.rt, cheat.address, verifier, second) == tokens(150)
     market.contracts(cheat).stake(tokens(100))  # new stake, after all that
     checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
