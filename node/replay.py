@@ -81,13 +81,14 @@ class _Loaded:
     end_hash: Callable[[], str]  # the hash of the pair's state when called
 
 
-def _load(spec: UnitSpec, tensors: Mapping[str, Tensor], plan: Plan) -> _Loaded:
-    """A challenged state loaded for replay on ``plan``, hashed. Inside :func:`deterministic`."""
+def _load(spec: UnitSpec, tensors: Mapping[str, Tensor], plan: Plan, start: str | None = None) -> _Loaded:
+    """A challenged state loaded for replay on ``plan``, hashed (off the CPU: ``start``, its hash if the caller has
+    it already). Inside :func:`deterministic`."""
     if plan.device == "cpu":  # the pair kept per job shape, its state in the state hash's own layout
         kept = kept_training_state(spec, tensors)
         kept.load(spec, tensors)  # the one copy: hashing it needs no other
         return _Loaded(kept.state_hash(), kept.model, kept.opt, kept.state_hash)
-    start = state_hash(tensors)
+    start = start or state_hash(tensors)
     model, opt = load_training_state(spec, tensors)  # a fresh pair on the plan's device (checks the state fits)
     place(model, opt, plan)
     return _Loaded(start, model, opt, lambda: state_hash(export_training_state(model, opt)))
@@ -151,10 +152,15 @@ def _check_loaded(spec: UnitSpec, proof: TrainingProof, seg_index: int,
         return fail(f"checkpoint hashes to {got}, not the committed start {seg.start_hash}", seg.end_hash)
 
     with deterministic(spec.threads):
+        got_start = None
+        if plan.device != "cpu":  # hashed before any device work: a state that is not the start goes nowhere
+            got_start = state_hash(tensors)
+            if got_start != seg.start_hash:
+                return not_start(got_start)
         try:
-            loaded = _load(spec, tensors, plan)
+            loaded = _load(spec, tensors, plan, got_start)
         except CheckpointError as exc:
-            got_start = state_hash(tensors)  # a state of another shape: its hash is what is wrong, if it is
+            got_start = got_start or state_hash(tensors)  # another shape: its hash is what is wrong, if it is
             if got_start != seg.start_hash:
                 return not_start(got_start)
             return fail(f"checkpoint is not a training state for this spec: {exc}", seg.end_hash)

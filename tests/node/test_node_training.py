@@ -124,6 +124,36 @@ def test_the_kept_pair_lives_in_the_state_hash_layout(spec, global_state, honest
         assert kept.state_hash() == honest.proof.segments[1].end_hash  # nothing copied
 
 
+def test_a_state_held_in_memory_with_other_strides_replays_bit_for_bit(spec, honest) -> None:
+    """A revealed state whose 2-D tensors are laid out transposed in memory (same values, other strides) replays to
+    the commitment, and so does the next segment on the kept pair built from it (before the kept pair held its
+    state in the hash's layout, a pair built from such a state kept its strides and replayed every later segment
+    of the shape wrong; found by a review)."""
+    from node import trainer
+    from node.replay import check_state
+
+    trainer._REUSED.clear()
+    tensors, _ = checkpoint.load(honest.segment_paths[1])
+    odd = {n: (t.t().contiguous().t() if t.dim() == 2 else t) for n, t in tensors.items()}
+    assert any(not t.is_contiguous() for t in odd.values())
+    assert check_state(spec, honest.proof, 1, odd).ok
+    assert check_segment(spec, honest.proof, 2, honest.segment_paths[2]).ok
+
+
+def test_a_gpu_plans_check_refuses_a_wrong_start_before_any_device_work(spec, honest, monkeypatch) -> None:
+    """On a plan off the CPU the revealed state is hashed before anything is moved to the device: a state that is
+    not the committed start gets its verdict even on a machine whose device would refuse it (found by a review)."""
+    from node.replay import check_state
+    from node.trainer import Plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any device work would raise
+    tensors, _ = checkpoint.load(honest.segment_paths[1])
+    wrong = {n: t.clone() for n, t in tensors.items()}
+    wrong["model.tok.weight"].view(-1)[0] += 1
+    verdict = check_state(spec, honest.proof, 1, wrong, Plan("cuda", 1, "h100"))
+    assert not verdict.ok and "not the committed start" in verdict.reason
+
+
 def test_replay_under_other_ambient_threads_still_matches(spec, honest) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
