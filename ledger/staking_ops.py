@@ -1,7 +1,6 @@
 """Token and staking operations of the typed client (mixed into ``GridMintContracts``)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +43,17 @@ class Dispute:
     @property
     def is_open(self) -> bool:
         return int(self.provider, 16) != 0
+
+
+@dataclass(frozen=True)
+class SlashEvent:
+    """A slash of an account (``kind`` "slashed": what it took) or the guardian's void of one ("voided": what went
+    back), at ``position`` (block, log index) on chain."""
+
+    position: tuple[int, int]
+    evidence: str  # 0x hex
+    kind: str
+    amount: int
 
 
 @dataclass(frozen=True)
@@ -257,14 +267,6 @@ class TokenStakingOps(ContractsBase):
                     out[ev] = amount
         return out
 
-    def voided_of(self, account: str, evidences: Iterable[str], after: tuple[int, int] = (-1, 0)) -> int:
-        """The sum of ``account``'s slashes under ``evidences`` the guardian voided (SlashVoided events) after chain
-        position ``after`` (block, log index; :meth:`slash_position`)."""
-        wanted = {e.lower() for e in evidences}
-        return sum(int(log["args"]["amount"])
-                   for log in self._staking_logs("SlashVoided", max(after[0], 0), account=to_address(account))
-                   if _evidence_of(log) in wanted and _position(log) > after)
-
     def slash_position(self, evidence: bytes | str) -> tuple[int, int] | None:
         """Where on chain (block, log index) the slash under ``evidence`` took its stake: its Slashed event (None:
         never slashed)."""
@@ -281,13 +283,15 @@ class TokenStakingOps(ContractsBase):
         return {_evidence_of(log): int(log["args"]["amount"]) for log in self._staking_logs("SlashPending", account=acct)
                 if _position(log) < at and _evidence_of(log) not in ended}
 
-    def slashed_since(self, account: str, after: tuple[int, int], exclude: Iterable[str] = ()) -> int:
-        """What slashes of ``account`` took after chain position ``after`` (block, log index; :meth:`slash_position`)
-        (Slashed events), but those under ``exclude``."""
-        skip = {e.lower() for e in exclude}
-        return sum(int(log["args"]["slashed"])
-                   for log in self._staking_logs("Slashed", max(after[0], 0), provider=to_address(account))
-                   if _evidence_of(log) not in skip and _position(log) > after)
+    def slash_events_after(self, account: str, after: tuple[int, int]) -> list[SlashEvent]:
+        """``account``'s slashes (Slashed events naming it) and the guardian's voids of them (SlashVoided) after chain
+        position ``after`` (block, log index; :meth:`slash_position`), in the order the chain applied them."""
+        acct = to_address(account)
+        out = [SlashEvent(_position(log), _evidence_of(log), kind, int(log["args"][field]))
+               for event, kind, field, filters in (("Slashed", "slashed", "slashed", {"provider": acct}),
+                                                   ("SlashVoided", "voided", "amount", {"account": acct}))
+               for log in self._staking_logs(event, max(after[0], 0), **filters) if _position(log) > after]
+        return sorted(out, key=lambda e: e.position)
 
     def dispute_terms(self, evidence: bytes | str) -> tuple[int, int | None]:
         """The bond an accusation under ``evidence`` bonded and what its false verdict took (None: not resolved

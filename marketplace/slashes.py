@@ -8,9 +8,10 @@ whoever sends ``finalizeSlash`` (a verifier waiting for its bounty).
 A slash that finds an account's stake held by the account's own pending slashes (a thief's, say, sent with the
 operator key before the guardian paused) takes only what is left. If the guardian voids those, the stake comes back
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
-once none of the slashes that held the stake can be voided any more, what their voids gave back (less what other
-slashes of the account took since: never stake it added later) is slashed again under an evidence derived from the
-first, its bounty to the same party. The redo is noted before the first slash is sent and armed once it is
+once neither the first slash nor any that held the stake or took of it since can be voided any more, what their voids
+gave back that no slash since took (:func:`given_back`: never stake the account added later) is slashed again under
+an evidence derived from the first, its bounty to the same party; nothing if the guardian voided the first slash.
+The redo is noted before the first slash is sent and armed once it is
 (:func:`before_slash`, :func:`hold_over`): a run that stops between the two leaves it for its re-run, which would
 otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile. A slash that lands
 between the note and the send is found where the first slash took its stake on chain, by the redo (it waits for it)
@@ -18,11 +19,13 @@ or, where none was noted, by the re-run's :func:`hold_over` (pending there, void
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterable
 
 from eth_utils import keccak
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ledger.staking_ops import SlashEvent
 from marketplace.common import log
 from marketplace.db import Slash
 from marketplace.runtime import Runtime
@@ -174,6 +177,23 @@ def _note_redo(rt: Runtime, account: str, beneficiary: str, evidence: bytes | st
                    after=_hex(evidence), held=str(sum(held.values())), armed=armed)
 
 
+def given_back(events: Iterable[SlashEvent], held: Collection[str], skip: Collection[str] = ()) -> int:
+    """What the guardian's voids of the ``held`` slashes gave an account back that no slash of it since took:
+    ``events``, its slashes and voids after the slash a redo redoes, in chain order (those under ``skip`` aside).
+    Each slash takes what was given back before any stake the account added (so the redo never takes added stake
+    where another slash took the given-back part), and a void of one gives back what it took of it."""
+    back, took = 0, {}
+    for e in events:
+        if e.evidence in skip:
+            continue
+        if e.kind == "voided":
+            back += e.amount if e.evidence in held else took.pop(e.evidence, 0)
+        elif e.evidence not in held:
+            took[e.evidence] = min(e.amount, back)
+            back -= took[e.evidence]
+    return back
+
+
 def sweep(rt: Runtime) -> int:
     """The sweep's part: send the redos none of whose holding slashes can be voided any more, then pay out every
     noted slash whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read
@@ -209,10 +229,11 @@ def _pay(rt: Runtime, ev: str) -> int:
 
 
 def _redo(rt: Runtime, ev: str) -> int:
-    """Send the redo ``ev`` once none of the slashes that held its account's stake can be voided any more: what
-    their voids gave back, less what slashes of the account took since (another redo's, a later conviction's: never
-    stake it added since), at most ``want``. The row then waits as the payout of the slash it sent (its evidence is
-    the slash's)."""
+    """Send the redo ``ev`` once neither the slash it redoes nor any slash that held its account's stake or took of
+    it since can be voided any more: what the voids of those that held it gave back and no slash since took
+    (:func:`given_back`: never stake the account added since), at most ``want``; nothing if the guardian voided the
+    slash it redoes (overturned: there is nothing to redo). The row then waits as the payout of the slash it sent
+    (its evidence is the slash's)."""
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None
@@ -233,18 +254,21 @@ def _redo(rt: Runtime, ev: str) -> int:
             at = (since, 1 << 62)
         else:  # (what was noted before the send, less any that ended before it, plus any sent in between)
             held = _held_of(rt, account, after, at)
-        now = rt.contracts.chain.timestamp()
-        if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
-            return 0  # not yet: a slash that held the stake may still be voided
-        if basis.get("bond"):  # the part of a false accuser's bond the verdict could not take
-            bond, penalty = rt.contracts.dispute_terms(after)
-            want = 0 if penalty is None else bond - penalty
-        back = min(rt.contracts.voided_of(account, held, at), sum(held.values()))
-        taken = rt.contracts.slashed_since(account, at, exclude=[after, ev, *held])
-        st = rt.contracts.stake_state(account)
-        amount = max(min(back - taken, st.staked + st.unbonding, back if want is None else want), 0)
-        if amount > 0 and beneficiary is not None:
-            rt.contracts.slash(account, amount, beneficiary, ev)
+        events = rt.contracts.slash_events_after(account, at)
+        if not any(e.kind == "voided" and e.evidence == after for e in events):  # (voided: overturned)
+            since_then = {e.evidence for e in events if e.kind == "slashed"} - {ev}
+            now = rt.contracts.chain.timestamp()
+            if any(p.amount > 0 and p.ready_at > now
+                   for p in map(rt.contracts.slash_of, {*held, *since_then, *([after] if after else [])})):
+                return 0  # not yet: the first slash, one that held the stake or one that took of it since may be voided
+            if basis.get("bond"):  # the part of a false accuser's bond the verdict could not take
+                bond, penalty = rt.contracts.dispute_terms(after)
+                want = 0 if penalty is None else bond - penalty
+            back = min(given_back(events, held, skip={after, ev}), sum(held.values()))
+            st = rt.contracts.stake_state(account)
+            amount = max(min(back, st.staked + st.unbonding, back if want is None else want), 0)
+            if amount > 0 and beneficiary is not None:
+                rt.contracts.slash(account, amount, beneficiary, ev)
     pending = rt.contracts.slash_of(ev)
     with rt.sessions.begin() as s:
         row = s.get(Slash, ev)

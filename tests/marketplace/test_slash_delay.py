@@ -11,6 +11,7 @@ from eth_account import Account
 from eth_utils import keccak
 from sqlalchemy import select
 
+from ledger.staking_ops import SlashEvent
 from marketplace import checking, service, slashes
 from marketplace.db import Event, Slash, Unit
 from protocol.money import tokens
@@ -233,10 +234,13 @@ def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later
     assert market.ops.stake_of(cheat.address) == tokens(150)
     monkeypatch.setattr(slashes, "after_slash", real_after)
     checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
-    service.sweep(market.rt)
+    service.sweep(market.rt)  # armed, the redo waits for the conviction itself to be past voiding
+    assert market.ops.stake_of(cheat.address) == tokens(150)
+    market.chain.advance_time(DELAY + 1)
+    assert service.sweep(market.rt)["slashes_paid"] == 1  # the conviction's 50; the redo sends its 150
     assert market.ops.stake_of(cheat.address) == 0
     market.chain.advance_time(DELAY + 1)
-    assert service.sweep(market.rt)["slashes_paid"] == 2  # the conviction's 50 and the redo's 150
+    assert service.sweep(market.rt)["slashes_paid"] == 1  # the redo's 150
     assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
 
 
@@ -435,3 +439,78 @@ def test_a_redo_noted_late_counts_what_a_conviction_took_before_its_note(market,
     _settle(market)
     assert market.ops.stake_of(cheat.address) == tokens(100)
     assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
+
+
+def _convicted_over_a_theft(market, monkeypatch, late: bool):  # type: ignore[no-untyped-def]
+    """A cheat staking 200, a thief's slash of 150 pending, the conviction taking the 50 left: its redo noted before
+    the send, or (``late``) by the re-run of a step that stopped after the send having noted none (the theft landed
+    between the note and the send). Returns the cheat, its verifier, the thief, the theft's evidence, the
+    conviction's, and the re-run (a no-op unless ``late``), to call once the case has played out."""
+    if late:
+        cheat, verifier, thief, theft, conviction = _stopped_after_a_late_theft(market, monkeypatch)
+    else:
+        cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
+        assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == tokens(50)
+
+    def rerun() -> None:
+        if late:
+            checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+
+    return cheat, verifier, thief, theft, conviction, rerun
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_slash_voided_after_the_void_takes_none_of_what_it_gave_back(market, monkeypatch, late: bool) -> None:
+    """After the theft's void the thief slashes the 150 again, and the guardian voids that too: the second theft took
+    nothing in the end, and the redo takes the 150 (found by a review: it counted the second theft as taken)."""
+    cheat, verifier, thief, theft, _, rerun = _convicted_over_a_theft(market, monkeypatch, late)
+    again = keccak(text="theft again")
+    assert market.ops.void_slash(theft)
+    assert market.ops.slash(cheat.address, tokens(150), thief, again)
+    assert market.ops.void_slash(again)
+    rerun()
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(thief) == 0
+    assert market.ops.balance_of(verifier) == tokens(100)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_slash_before_the_void_took_added_stake_not_what_the_void_gives_back(market, monkeypatch, late: bool) -> None:
+    """The cheat stakes 100 more; a second theft takes those 100 (never voided); then the guardian voids the first
+    theft. The second theft could not take stake given back after it: the redo takes the 150 (found by a review:
+    it subtracted the second theft)."""
+    cheat, verifier, thief, theft, _, rerun = _convicted_over_a_theft(market, monkeypatch, late)
+    market.contracts(cheat).stake(tokens(100))
+    assert market.ops.slash(cheat.address, tokens(100), thief, keccak(text="theft again"))
+    assert market.ops.void_slash(theft)
+    rerun()
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(verifier) == tokens(100)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_conviction_the_guardian_voids_is_not_redone(market, monkeypatch, late: bool) -> None:
+    """The guardian voids the conviction itself (overturned) as well as the theft: nothing is redone, the account
+    keeps its 200 (found by a review: the redo took the theft's 150 all the same)."""
+    cheat, verifier, thief, theft, conviction, rerun = _convicted_over_a_theft(market, monkeypatch, late)
+    assert market.ops.void_slash(conviction)
+    assert market.ops.void_slash(theft)
+    rerun()
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(200)
+    assert market.ops.balance_of(verifier) == 0 and market.ops.balance_of(thief) == 0
+
+
+def test_given_back_replays_the_slashes_and_voids_in_chain_order() -> None:
+    """What a redo may take: the held slash's void gives 150 back; a slash before it took other stake; one after it
+    takes the given-back stake first, and its own void gives that back; the slash redone and the redo are skipped."""
+    def ev(i: int, evidence: str, kind: str, amount: int) -> SlashEvent:
+        return SlashEvent((10 + i, 0), evidence, kind, amount)
+
+    held, events = {"0xtheft": 150}, [ev(0, "0xother", "slashed", 100), ev(1, "0xtheft", "voided", 150)]
+    assert slashes.given_back(events, held) == 150
+    events += [ev(2, "0xlater", "slashed", 120)]
+    assert slashes.given_back(events, held) == 30
+    assert slashes.given_back([*events, ev(3, "0xlater", "voided", 120)], held) == 150
+    assert slashes.given_back([*events, ev(3, "0xredo", "slashed", 30)], held, skip={"0xredo"}) == 30
+    assert slashes.given_back([*events, ev(3, "0xredo", "slashed", 30)], held) == 0
