@@ -8,9 +8,9 @@ whoever sends ``finalizeSlash`` (a verifier waiting for its bounty).
 A slash that finds an account's stake held by the account's own pending slashes (a thief's, say, sent with the
 operator key before the guardian paused) takes only what is left. If the guardian voids those, the stake comes back
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
-once neither the first slash nor any that held the stake or took of it since can be voided any more, what their voids
-gave back that no slash since took (:func:`given_back`: never stake the account added later) is slashed again under
-an evidence derived from the first, its bounty to the same party; nothing if the guardian voided the first slash.
+once none of the slashes that held the stake can be voided any more, what their voids gave back that no slash since
+took (:func:`given_back`: never stake the account added later) is slashed again under an evidence derived from the
+first, its bounty to the same party; nothing if the guardian voided the first slash.
 The redo is noted before the first slash is sent and armed once it is
 (:func:`before_slash`, :func:`hold_over`): a run that stops between the two leaves it for its re-run, which would
 otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile. A slash that lands
@@ -229,11 +229,11 @@ def _pay(rt: Runtime, ev: str) -> int:
 
 
 def _redo(rt: Runtime, ev: str) -> int:
-    """Send the redo ``ev`` once neither the slash it redoes nor any slash that held its account's stake or took of
-    it since can be voided any more: what the voids of those that held it gave back and no slash since took
-    (:func:`given_back`: never stake the account added since), at most ``want``; nothing if the guardian voided the
-    slash it redoes (overturned: there is nothing to redo). The row then waits as the payout of the slash it sent
-    (its evidence is the slash's)."""
+    """Send the redo ``ev`` once none of the slashes that held its account's stake can be voided any more: what their
+    voids gave back and no slash since took (:func:`given_back`: never stake the account added since; a slash since
+    still pending counts as taken), at most ``want``; nothing if the guardian voided the slash it redoes (overturned;
+    one it voids after the redo went out, it voids the redo's slash with it). The row then waits as the payout of the
+    slash it sent (its evidence is the slash's)."""
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None
@@ -254,13 +254,13 @@ def _redo(rt: Runtime, ev: str) -> int:
             at = (since, 1 << 62)
         else:  # (what was noted before the send, less any that ended before it, plus any sent in between)
             held = _held_of(rt, account, after, at)
+        now = rt.contracts.chain.timestamp()
+        if any(p.amount > 0 and p.ready_at > now for p in map(rt.contracts.slash_of, held)):
+            return 0  # not yet: a slash that held the stake may still be voided
+        # (nor waiting for the first slash or later ones: the stake a void gave back is free to unbond meanwhile,
+        # and a stream of slashes would hold the redo back for ever)
         events = rt.contracts.slash_events_after(account, at)
         if not any(e.kind == "voided" and e.evidence == after for e in events):  # (voided: overturned)
-            since_then = {e.evidence for e in events if e.kind == "slashed"} - {ev}
-            now = rt.contracts.chain.timestamp()
-            if any(p.amount > 0 and p.ready_at > now
-                   for p in map(rt.contracts.slash_of, {*held, *since_then, *([after] if after else [])})):
-                return 0  # not yet: the first slash, one that held the stake or one that took of it since may be voided
             if basis.get("bond"):  # the part of a false accuser's bond the verdict could not take
                 bond, penalty = rt.contracts.dispute_terms(after)
                 want = 0 if penalty is None else bond - penalty

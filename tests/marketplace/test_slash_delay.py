@@ -234,13 +234,10 @@ def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later
     assert market.ops.stake_of(cheat.address) == tokens(150)
     monkeypatch.setattr(slashes, "after_slash", real_after)
     checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
-    service.sweep(market.rt)  # armed, the redo waits for the conviction itself to be past voiding
-    assert market.ops.stake_of(cheat.address) == tokens(150)
-    market.chain.advance_time(DELAY + 1)
-    assert service.sweep(market.rt)["slashes_paid"] == 1  # the conviction's 50; the redo sends its 150
+    service.sweep(market.rt)
     assert market.ops.stake_of(cheat.address) == 0
     market.chain.advance_time(DELAY + 1)
-    assert service.sweep(market.rt)["slashes_paid"] == 1  # the redo's 150
+    assert service.sweep(market.rt)["slashes_paid"] == 2  # the conviction's 50 and the redo's 150
     assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
 
 
@@ -514,3 +511,19 @@ def test_given_back_replays_the_slashes_and_voids_in_chain_order() -> None:
     assert slashes.given_back([*events, ev(3, "0xlater", "voided", 120)], held) == 150
     assert slashes.given_back([*events, ev(3, "0xredo", "slashed", 30)], held, skip={"0xredo"}) == 30
     assert slashes.given_back([*events, ev(3, "0xredo", "slashed", 30)], held) == 0
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_redo_goes_out_before_the_given_back_stake_can_be_withdrawn(market, monkeypatch, late: bool) -> None:
+    """Unbonding shorter than the slash delay: once the theft is voided the redo goes out at the next sweep, not
+    after the conviction's own delay, and the cheat has nothing left to unbond (found by a review: a redo that
+    waited for the conviction let it withdraw the 150)."""
+    cheat, verifier, thief, theft, conviction, rerun = _convicted_over_a_theft(market, monkeypatch, late)
+    market.ops.set_unbonding_delay(600)
+    assert market.ops.void_slash(theft)
+    rerun()
+    service.sweep(market.rt)
+    assert market.ops.stake_state(cheat.address).staked == 0
+    _settle(market)
+    assert market.ops.balance_of(cheat.address) == tokens(300)  # what it held beside its 200 staked
+    assert market.ops.balance_of(verifier) == tokens(100)
