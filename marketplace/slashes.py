@@ -10,10 +10,10 @@ operator key before the guardian paused) takes only what is left. If the guardia
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
 once none of the slashes that held the stake can be voided any more, what their voids gave back that no slash since
 took (:func:`given_back`: never stake the account added later) is slashed again under an evidence derived from the
-first, its bounty to the same party; nothing if the guardian voided the first slash.
-The redo is noted before the first slash is sent and armed once it is
-(:func:`before_slash`, :func:`hold_over`): a run that stops between the two leaves it for its re-run, which would
-otherwise find nothing pending any more if the guardian voided the holding slashes meanwhile. A slash that lands
+first, its bounty to the same party; nothing if the guardian voided the first slash. The redo is noted before the
+first slash is sent and armed once it is (:func:`before_slash`, :func:`hold_over`): a run that stops between the two
+leaves it for its re-run, which would otherwise find nothing pending any more if the guardian voided the holding
+slashes meanwhile. A slash that lands
 between the note and the send is found where the first slash took its stake on chain, by the redo (it waits for it)
 or, where none was noted, by the re-run's :func:`hold_over` (pending there, voided since or not)."""
 from __future__ import annotations
@@ -232,8 +232,8 @@ def _redo(rt: Runtime, ev: str) -> int:
     """Send the redo ``ev`` once none of the slashes that held its account's stake can be voided any more: what their
     voids gave back and no slash since took (:func:`given_back`: never stake the account added since; a slash since
     still pending counts as taken), at most ``want``; nothing if the guardian voided the slash it redoes (overturned;
-    one it voids after the redo went out, it voids the redo's slash with it). The row then waits as the payout of the
-    slash it sent (its evidence is the slash's)."""
+    where it voids that slash after the redo went out, the guardian must void the redo's slash too). The row then
+    waits as the payout of the slash it sent (its evidence is the slash's)."""
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None
