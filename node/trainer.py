@@ -308,8 +308,7 @@ class KeptTrainingState:
     def load(self, spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:
         """Copy ``tensors`` in (one fused copy); :class:`CheckpointError` if they are no training state of ``spec``."""
         check_training_state(spec, tensors)
-        with torch.no_grad():
-            torch._foreach_copy_(self._dst, [tensors[n] for n in self.layout.names])
+        self.layout.pack(tensors, self._buf, self._dst)
 
     def state_hash(self) -> str:
         """:func:`state_hash` of the model's and optimizer's state as it is now."""
@@ -336,13 +335,6 @@ def kept_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> KeptTr
     while len(_REUSED) > REUSE_SLOTS:
         del _REUSED[next(iter(_REUSED))]
     return kept
-
-
-def reuse_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> tuple[TinyGPT, torch.optim.AdamW]:
-    """:func:`load_training_state` on the pair kept for ``spec``'s job shape (:func:`kept_training_state`)."""
-    kept = kept_training_state(spec, tensors)
-    kept.load(spec, tensors)
-    return kept.model, kept.opt
 
 
 def check_training_state(spec: UnitSpec, tensors: Mapping[str, Tensor]) -> None:

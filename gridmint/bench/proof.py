@@ -73,8 +73,8 @@ from node import crosscheck as cc
 from node.model import ModelConfig, init_state
 from node.prover import PlainLoop, StepPolicy, Trace, bad_step_set, honest_step, plain_throughput, train_traced
 from node.trainer import (PROVIDER_PLAN, Plan, UnitSpec, check_start, deterministic, fresh_state,
-                          kept_training_state, load_training_state, model_only, place, reuse_training_state, run_segment,
-                          state_hash, train_unit, update_norm)
+                          kept_training_state, load_training_state, model_only, place, run_segment, state_hash,
+                          train_unit, update_norm)
 from node.device import kernel_build, local_plan
 from node.statehash import Layout
 from node.replay import check_segment, check_state, replay_state
@@ -183,7 +183,7 @@ def verify_cost(spec: UnitSpec, start: dict[str, torch.Tensor], rate: Any, repea
     cpu_ratios, wall_ratios, oks = [], [], []
     b0 = time.process_time()
     with deterministic(spec.threads):
-        reuse_training_state(spec, claimed0)  # the verifier's model + optimizer for this job shape, built once
+        kept_training_state(spec, claimed0)  # the verifier's model + optimizer for this job shape, built once
     build_s = time.process_time() - b0
     step_times = []
     for _ in range(repeats):

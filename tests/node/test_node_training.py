@@ -73,7 +73,7 @@ def test_every_honest_segment_replays_exactly(spec, honest) -> None:
 
 def test_replays_on_the_kept_model_match_fresh_ones_across_units_shapes_and_evictions(
         make_spec, tiny_cfg, global_state, tmp_path: Path) -> None:
-    """A verifier keeps one model + optimizer per job shape (node.trainer.reuse_training_state) and copies each
+    """A verifier keeps one model + optimizer per job shape (node.trainer.kept_training_state) and copies each
     challenged state into it: replays interleaved over two units of a shape, three shapes (more than the kept
     slots, so pairs are evicted and rebuilt) and a state of another model in between still match every commitment
     bit for bit."""
