@@ -394,12 +394,27 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     /// @notice Guardian: undo the slash for `evidence` before its delay has passed; its amount goes back to the
     /// account's stake (`staked`, free to unbond again), and what it cut from the account's open bonds backs them
     /// again (as far as they are still open). Works while paused: the guardian pauses first, then voids. The
-    /// evidence stays spent.
+    /// evidence stays spent. The slash's redo (`redoEvidenceOf(evidence)`), if pending and not yet final, is voided
+    /// with it: a conviction overturned is overturned whole.
     function voidSlash(bytes32 evidence) external onlyRole(GUARDIAN_ROLE) nonReentrant {
         SlashRecord memory r = _pendingSlashes[evidence];
         if (r.amount == 0) revert StakingUnknownSlash(evidence);
         uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
         if (block.timestamp >= readyAt) revert StakingSlashFinal(evidence, readyAt);
+        _void(evidence, r);
+        bytes32 redo = redoEvidenceOf(evidence);
+        SlashRecord memory rr = _pendingSlashes[redo];
+        if (rr.amount != 0 && block.timestamp < _deadlineInForce(rr.readyAt, rr.pausedAtSet)) _void(redo, rr);
+    }
+
+    /// @notice The evidence of the redo of the slash for `evidence`: a slash that found the account's stake held by
+    /// its own pending slashes (a thief's, sent with a stolen SLASHER key) takes what is left, and the marketplace
+    /// slashes again, under this evidence, what the guardian's voids of those gave back.
+    function redoEvidenceOf(bytes32 evidence) public pure returns (bytes32) {
+        return keccak256(abi.encodePacked("GridMint/slash-redo/v1", evidence));
+    }
+
+    function _void(bytes32 evidence, SlashRecord memory r) private {
         delete _pendingSlashes[evidence];
         // unchecked: every pending slash added its amount to both totals.
         unchecked {

@@ -45,6 +45,7 @@ from ledger.deploy import deploy
 from ledger.errors import revert_payload
 from ledger.jsonrpc import JsonRpcSocket
 from ledger.payout_tree import PayoutTree, build_payout_tree
+from ledger.staking_ops import redo_evidence
 from protocol.errors import ChainError, GridMintError
 from protocol.jobs import RANDOM_BYTES, job_id_bytes
 
@@ -505,11 +506,14 @@ class Harness:
         execute = calldata("execute(address,uint256,bytes,bytes32,bytes32)", *args)
         self._tx(f"set_{name}", self.cast.operator, self.timelock, execute, predict)
 
-    def slash(self, provider: int, amount: int, verifier: int, reuse: bool = False) -> None:
-        """Governance slash (SLASHER: operator) of a staker, bounty to a verifier."""
+    def slash(self, provider: int, amount: int, verifier: int, reuse: bool = False, redo: int | None = None) -> None:
+        """Governance slash (SLASHER: operator) of a staker, bounty to a verifier; ``redo``: under the redo evidence
+        of the ``redo``-th pending slash (the marketplace's redo; voided with it), when one is pending."""
         p, v = self.cast.stakers[provider].address, self.cast.verifiers[verifier].address
         self._op("slash")
-        evidence = self._new_evidence(reuse)
+        pending = sorted(self.model.pending_slashes)
+        evidence = (redo_evidence(pending[redo % len(pending)]) if redo is not None and pending
+                    else self._new_evidence(reuse))
         data = calldata("slash(address,uint256,address,bytes32)", p, amount, v, evidence)
         self._tx("slash", self.cast.operator, self.staking, data, lambda: self.model.slash(p, amount, v, evidence))
 
@@ -793,7 +797,9 @@ def random_op(h: Harness, rng: random.Random) -> None:
     elif roll < 0.78:
         h.claim_payout_batch(rng.choice(["claimable", "claimable", "claimable", "latest", "tampered", "mismatch"]))
     elif roll < 0.81:
-        h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2)
+        redo = rng.randrange(4) if rng.random() < 0.25 else None
+        h.slash(who, _amount(rng, s.staked + s.unbonding if s else 0), rng.randrange(2), reuse=rng.random() < 0.2,
+                redo=redo)
     elif roll < 0.85:
         h.accuse(rng.randrange(2), who, _amount(rng, s.staked + s.unbonding if s else 0), reuse=rng.random() < 0.2)
     elif roll < 0.87:

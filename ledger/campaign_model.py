@@ -13,6 +13,8 @@ import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ledger.staking_ops import redo_evidence
+
 MAX_BPS = 10_000
 
 
@@ -343,6 +345,14 @@ class Model:
             return "StakingUnknownSlash"
         if self.now >= self.slash_ready_at(ps):
             return "StakingSlashFinal"
+        self._void(evidence, ps)
+        redo = redo_evidence(evidence)
+        child = self.pending_slashes.get(redo)
+        if child is not None and self.now < self.slash_ready_at(child):
+            self._void(redo, child)  # its redo, pending and not final, goes with it
+        return None
+
+    def _void(self, evidence: bytes, ps: PendingSlashM) -> None:
         del self.pending_slashes[evidence]
         s = self.stake_of(ps.account)
         s.staked += ps.amount
@@ -350,7 +360,6 @@ class Model:
             s.bonded = min(s.bonded + ps.bond_cut, s.bonds_open, s.staked + s.unbonding)
         self.total_staked += ps.amount
         self._add(self.restored, ps.account, ps.amount)
-        return None
 
     def set_slash_delay(self, delay: int) -> str | None:
         """Governance (through the timelock): applies to slashes made from now on; pending ones keep their deadline."""

@@ -13,6 +13,12 @@ from protocol.errors import ChainError
 from protocol.signing import sign_accusation as sign_accusation_message
 
 
+def redo_evidence(evidence: bytes | str) -> bytes:
+    """The evidence a slash's redo is sent under (GridStaking.redoEvidenceOf: one per first evidence, exactly once;
+    the guardian's void of the first slash voids it too)."""
+    return keccak(b"GridMint/slash-redo/v1" + to_bytes32(evidence))
+
+
 @dataclass(frozen=True)
 class StakeState:
     """One account's stake. ``staked`` backs work (what ``stake_of`` reports); ``locked`` (work in flight) and

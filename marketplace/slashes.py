@@ -10,7 +10,8 @@ operator key before the guardian paused) takes only what is left. If the guardia
 to the account: a cheat convicted meanwhile would keep it. So such a slash is noted as a redo (:func:`hold_over`):
 once none of the slashes that held the stake can be voided any more, what their voids gave back that no slash since
 took (:func:`given_back`: never stake the account added later) is slashed again under an evidence derived from the
-first, its bounty to the same party; nothing if the guardian voided the first slash. The redo is noted before the
+first (:func:`redo_evidence`), its bounty to the same party; nothing if the guardian voided the first slash (and if
+it voids it after the redo went out, GridStaking's ``voidSlash`` voids the redo with it). The redo is noted before the
 first slash is sent and armed once it is (:func:`before_slash`, :func:`hold_over`): a run that stops between the two
 leaves it for its re-run, which would otherwise find nothing pending any more if the guardian voided the holding
 slashes meanwhile. A slash that lands
@@ -21,11 +22,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable
 
-from eth_utils import keccak
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from ledger.staking_ops import SlashEvent
+from ledger.staking_ops import SlashEvent, redo_evidence
 from marketplace.common import log
 from marketplace.db import Slash
 from marketplace.runtime import Runtime
@@ -63,11 +63,6 @@ def note(rt: Runtime, evidence: bytes | str) -> bool:
                              ready_at=pending.ready_at),
                    amount=str(pending.amount), verifier=pending.verifier, bounty=str(pending.bounty),
                    ready_at=pending.ready_at)
-
-
-def redo_evidence(evidence: bytes | str) -> bytes:
-    """The evidence a held-over slash is sent again under (one per first evidence: exactly once)."""
-    return keccak(b"GridMint/slash-redo/v1" + to_bytes32(evidence))
 
 
 def before_slash(rt: Runtime, account: str, beneficiary: str, evidence: bytes | str, *, bond: bool = False) -> bool:
@@ -232,8 +227,8 @@ def _redo(rt: Runtime, ev: str) -> int:
     """Send the redo ``ev`` once none of the slashes that held its account's stake can be voided any more: what their
     voids gave back and no slash since took (:func:`given_back`: never stake the account added since; a slash since
     still pending counts as taken), at most ``want``; nothing if the guardian voided the slash it redoes (overturned;
-    where it voids that slash after the redo went out, the guardian must void the redo's slash too). The row then
-    waits as the payout of the slash it sent (its evidence is the slash's)."""
+    voided after the redo went out, GridStaking voids the redo's slash with it: the row then closes as "gone"). The
+    row then waits as the payout of the slash it sent (its evidence is the slash's)."""
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None

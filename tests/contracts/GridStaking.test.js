@@ -1287,6 +1287,40 @@ describe("GridStaking", function () {
       expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE);
     });
 
+    it("voidSlash voids the slash's redo (redoEvidenceOf) with it; not one already final", async function () {
+      const { token, staking, governor, guardian, slasher, provider, verifier, other } =
+        await networkHelpers.loadFixture(delayedFixture);
+      const redo = await staking.redoEvidenceOf(EVIDENCE2);
+      expect(redo).to.equal(
+        ethers.solidityPackedKeccak256(["string", "bytes32"], ["GridMint/slash-redo/v1", EVIDENCE2]),
+      );
+      await staking.connect(slasher).slash(provider.address, 300n, other.address, EVIDENCE2);
+      await staking.connect(slasher).slash(provider.address, 200n, other.address, redo);
+      await staking.connect(slasher).slash(verifier.address, 100n, other.address, EVIDENCE3);
+      const tx = staking.connect(guardian).voidSlash(EVIDENCE2);
+      await expect(tx).to.emit(staking, "SlashVoided").withArgs(EVIDENCE2, provider.address, 300n);
+      await expect(tx).to.emit(staking, "SlashVoided").withArgs(redo, provider.address, 200n);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+      expect(await staking.pendingSlashesOf(provider.address)).to.equal(0n);
+      expect((await slashOf(staking, redo)).amount).to.equal(0n);
+      expect((await slashOf(staking, EVIDENCE3)).amount).to.equal(100n); // another's slash: untouched
+      expect(await staking.evidenceUsed(redo)).to.equal(true);
+      await expectHeldCovered(token, staking);
+      // A redo sent under a shorter delay is final before the slash it redoes: the void leaves it to be paid.
+      const redo1 = await staking.redoEvidenceOf(EVIDENCE);
+      await staking.connect(slasher).slash(provider.address, 300n, other.address, EVIDENCE);
+      await staking.connect(governor).setSlashDelay(10);
+      await staking.connect(slasher).slash(provider.address, 200n, other.address, redo1);
+      await time.increase(20);
+      const receipt = await (await staking.connect(guardian).voidSlash(EVIDENCE)).wait();
+      const voided = receipt.logs.map((l) => staking.interface.parseLog(l)).filter((e) => e?.name === "SlashVoided");
+      expect(voided.map((e) => [e.args.evidence, e.args.amount])).to.deep.equal([[EVIDENCE, 300n]]);
+      expect((await slashOf(staking, redo1)).amount).to.equal(200n);
+      await expect(staking.connect(other).finalizeSlash(redo1)).to.emit(staking, "SlashFinalized");
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE - 200n);
+      await expectHeldCovered(token, staking);
+    });
+
     it("voidSlash at or after readyAt reverts with StakingSlashFinal(evidence, readyAt)", async function () {
       const { token, staking, guardian, other, readyAt } = await networkHelpers.loadFixture(pendingFixture);
       await time.setNextBlockTimestamp(readyAt);

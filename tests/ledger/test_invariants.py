@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from ledger.campaign import N_JOBS, UNITS, Harness, run_campaign, start_episode
 from ledger.campaign_model import PendingSlashM, StakeM
+from ledger.staking_ops import redo_evidence
 from ledger.chain import Chain
 
 STAKERS = st.integers(min_value=0, max_value=4)  # 3 providers, then 2 verifiers
@@ -176,7 +177,8 @@ class CampaignMachine(RuleBasedStateMachine):
         who = draw(STAKERS, label="who")
         s = self._stake(who)
         self.h.slash(who, portion(draw(PORTION, label="kind"), s.staked + s.unbonding),
-                     draw(st.integers(0, 1), label="verifier"), reuse=draw(st.booleans(), label="reuse"))
+                     draw(st.integers(0, 1), label="verifier"), reuse=draw(st.booleans(), label="reuse"),
+                     redo=draw(st.one_of(st.none(), st.integers(0, 3)), label="redo"))
 
     def accuse(self, draw: Draw) -> None:
         verifier, who = draw(st.integers(0, 1), label="verifier"), draw(STAKERS, label="who")
@@ -425,6 +427,37 @@ def test_the_guardian_voids_a_slash_in_time_and_the_stake_comes_back(harness: Ha
     h.finalize_slash(0, sender=1)
     assert h.model.pending_slashes == {} and h.model.slash_paid[provider] == 250
     assert h.model.slashed[provider] == 1_250 and h.model.restored[provider] == 1_000
+    assert h.check() == [] and h.stats.violations == []
+
+
+def test_voiding_a_slash_voids_its_redo_too_unless_the_redo_is_final(harness: Harness) -> None:
+    """A slash of 300 and its redo (200, under GridStaking.redoEvidenceOf of its evidence) pending, beside another
+    staker's slash: the guardian voids the first, and the redo goes with it (the account gets 500 back); the other
+    slash stays. Where the redo is final already (sent under a shorter delay), the void leaves it to be paid."""
+    h = harness
+    h.reset()
+    h.stake(0, 1_000)
+    h.stake(1, 1_000)
+    first, _ = _slashed_pending(h, 0, 300)
+    other, _ = _slashed_pending(h, 1, 100)
+    h.slash(0, 200, 1, redo=sorted(h.model.pending_slashes).index(first))
+    redo = redo_evidence(first)
+    assert set(h.model.pending_slashes) == {first, other, redo} and h.client.slash_of(redo).amount == 200
+    voided = h.stats.succeeded.get("void_slash", 0)
+    h.void_slash(sorted(h.model.pending_slashes).index(first))
+    assert h.stats.succeeded.get("void_slash", 0) == voided + 1
+    assert set(h.model.pending_slashes) == {other} and h.client.slash_of(redo).amount == 0
+    assert h.model.stake_of(h.cast.stakers[0].address).staked == 1_000 and h.client.evidence_used(redo)
+    assert h.check() == []
+    second, _ = _slashed_pending(h, 0, 300)  # again, its redo under a 20 s delay: final before the first is
+    h.set_slash_delay(20)
+    h.slash(0, 200, 1, redo=sorted(h.model.pending_slashes).index(second))
+    h.advance_time(30)
+    h.void_slash(sorted(h.model.pending_slashes).index(second))
+    assert h.client.slash_of(second).amount == 0 and h.client.slash_of(redo_evidence(second)).amount == 200
+    h.finalize_slash(sorted(h.model.pending_slashes).index(redo_evidence(second)))
+    assert h.client.slash_of(redo_evidence(second)).amount == 0
+    assert h.model.stake_of(h.cast.stakers[0].address).staked == 800
     assert h.check() == [] and h.stats.violations == []
 
 

@@ -527,3 +527,22 @@ def test_a_redo_goes_out_before_the_given_back_stake_can_be_withdrawn(market, mo
     _settle(market)
     assert market.ops.balance_of(cheat.address) == tokens(300)  # what it held beside its 200 staked
     assert market.ops.balance_of(verifier) == tokens(100)
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_conviction_the_guardian_voids_after_its_redo_went_out_takes_the_redo_with_it(
+        market, monkeypatch, late: bool) -> None:
+    """The theft voided, the redo goes out (150 pending under its own evidence); then the guardian voids the
+    conviction (overturned): GridStaking voids the redo with it, and the account keeps its 200."""
+    cheat, verifier, thief, theft, conviction, rerun = _convicted_over_a_theft(market, monkeypatch, late)
+    assert market.ops.void_slash(theft)
+    rerun()
+    service.sweep(market.rt)
+    redo = slashes.redo_evidence(conviction)
+    assert market.ops.slash_of(redo).amount == tokens(150) and market.ops.stake_of(cheat.address) == 0
+    assert market.ops.void_slash(conviction)
+    assert market.ops.slash_of(redo).amount == 0 and market.ops.stake_of(cheat.address) == tokens(200)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(200)
+    assert market.ops.balance_of(verifier) == 0 and market.ops.balance_of(thief) == 0
+    assert _outcome(market, "0x" + redo.hex())[0] == "gone"
