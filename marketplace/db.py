@@ -304,6 +304,16 @@ class Slash(Base):
     outcome: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
 
+class Lease(Base):
+    """A step that must not run twice at once, across every worker (marketplace.leases): held by ``holder`` till
+    ``until`` (wall clock, seconds); lapsed, anyone may take it."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(32))
+    until: Mapped[int] = mapped_column(BigInteger)
+
+
 class Event(Base):
     """Human-readable history of a job (shown by the web page and the demo)."""
 

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from ledger.staking_ops import SlashEvent, redo_evidence
+from marketplace import leases
 from marketplace.common import log
 from marketplace.db import Slash
 from marketplace.runtime import Runtime
@@ -33,6 +34,11 @@ from protocol.errors import ChainError
 from protocol.signing import to_bytes32
 
 logger = logging.getLogger(__name__)
+
+#: the lease under which a sweep sends redos (marketplace.leases), and how long one take of it lasts: longer than a
+#: redo (a few reads and one send, whose receipt the chain client waits 120 s for at most)
+REDO_LEASE = "slash-redos"
+REDO_LEASE_S = 600
 
 
 def _hex(evidence: bytes | str) -> str:
@@ -190,7 +196,8 @@ def given_back(events: Iterable[SlashEvent], held: Collection[str], skip: Collec
 
 
 def sweep(rt: Runtime) -> int:
-    """The sweep's part: send the redos none of whose holding slashes can be voided any more, then pay out every
+    """The sweep's part: send the redos none of whose holding slashes can be voided any more (one sweep at a time:
+    :func:`_redos`), then pay out every
     noted slash whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read
     from the chain; one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
     by someone else) is closed as "gone". A chain error on one slash (the guardian paused staking, a node away) is
@@ -198,13 +205,35 @@ def sweep(rt: Runtime) -> int:
     with rt.sessions.begin() as s:
         open_ = list(s.execute(select(Slash.evidence, Slash.kind).where(Slash.done_at.is_(None))
                                .order_by(Slash.kind.desc(), Slash.ready_at)))  # the redos first
+    redos = [ev for ev, kind in open_ if kind == "redo"]
+    if redos:
+        _redos(rt, redos)
     paid = 0
-    for ev, kind in open_:
+    for ev in (ev for ev, kind in open_ if kind != "redo"):
         try:
-            paid += _redo(rt, ev) if kind == "redo" else _pay(rt, ev)
+            paid += _pay(rt, ev)
         except ChainError as exc:
             logger.warning("slash %s left for the next sweep: %s", ev, exc)
     return paid
+
+
+def _redos(rt: Runtime, redos: list[str]) -> None:
+    """:func:`_redo` each of ``redos`` under the lease :data:`REDO_LEASE`, taken again before each: two sweeps at
+    once (a slow chain holds one past the next beat) would each read what a void gave back before the other's redo
+    of the account lands, and both take it, the second from stake the account added since. A sweep that finds the
+    lease held leaves the redos to its holder (or, if that dies, to a sweep after the lease lapses)."""
+    me = leases.holder()
+    try:
+        for ev in redos:
+            if not leases.take(rt, REDO_LEASE, me, REDO_LEASE_S):
+                logger.info("another sweep sends the slash redos: %d left to it", len(redos))
+                return
+            try:
+                _redo(rt, ev)
+            except ChainError as exc:
+                logger.warning("slash redo %s left for the next sweep: %s", ev, exc)
+    finally:
+        leases.give_back(rt, REDO_LEASE, me)
 
 
 def _pay(rt: Runtime, ev: str) -> int:

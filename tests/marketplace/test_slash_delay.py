@@ -546,3 +546,40 @@ def test_a_conviction_the_guardian_voids_after_its_redo_went_out_takes_the_redo_
     assert market.ops.stake_of(cheat.address) == tokens(200)
     assert market.ops.balance_of(verifier) == 0 and market.ops.balance_of(thief) == 0
     assert _outcome(market, "0x" + redo.hex())[0] == "gone"
+
+
+def test_two_sweeps_at_once_never_redo_one_void_twice(market, monkeypatch) -> None:
+    """Two convictions found the whole 200 held by a thief's slash; the first one's step stopped before arming its
+    redo. The void gives the 200 back and the cheat stakes 100 more. A sweep sends the second redo (200); while its
+    send is on its way, the first step runs again (arming its redo) and a second sweep starts (the next beat). The
+    second sweep leaves the redos to the first (the lease): the void's 200 is taken once and the 100 stays the
+    cheat's (without the lease the second sweep sent the first redo, 200, before the second redo's send landed,
+    whose 200 then took the added 100: 300 pending)."""
+    cheat, verifier, thief, theft, first = _robbed(market, tokens(200))
+    second = keccak(text="conviction 2")
+    real_after = slashes.after_slash
+
+    def crash(*_a: object) -> None:
+        raise RuntimeError("worker lost after the send")
+
+    monkeypatch.setattr(slashes, "after_slash", crash)
+    with pytest.raises(RuntimeError):
+        checking._slash_whole_stake(market.rt, cheat.address, verifier, first)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, second) == 0
+    assert market.ops.void_slash(theft)
+    market.contracts(cheat).stake(tokens(100))
+    real_slash, inner = market.rt.contracts.slash, []
+
+    def overlapped(*a: object) -> bool:
+        monkeypatch.setattr(market.rt.contracts, "slash", real_slash)
+        slashes.after_slash(market.rt, cheat.address, verifier, first)  # the first step's re-run arms its redo
+        inner.append(service.sweep(market.rt))  # the next beat's sweep, meanwhile
+        return real_slash(*a)
+
+    monkeypatch.setattr(market.rt.contracts, "slash", overlapped)
+    service.sweep(market.rt)
+    assert inner and market.ops.pending_slashes_of(cheat.address) == tokens(200)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(100)
+    assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0

@@ -1,0 +1,53 @@
+"""Leases (marketplace.leases) on both databases: one holder at a time, extended by its holder, free again once
+given back or lapsed; of many workers racing for one, exactly one wins."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import update
+
+from marketplace import leases
+from marketplace.db import Lease
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_a_lease_has_one_holder_till_it_is_given_back_or_lapses(market) -> None:  # type: ignore[no-untyped-def]
+    rt = market.rt
+    assert leases.take(rt, "step", "a", 60)  # the first time: the row is made
+    assert not leases.take(rt, "step", "b", 60)
+    assert leases.take(rt, "step", "a", 60)  # its holder extends it
+    leases.give_back(rt, "step", "b")  # not b's: nothing changes
+    assert not leases.take(rt, "step", "b", 60)
+    leases.give_back(rt, "step", "a")
+    assert leases.take(rt, "step", "b", 60) and not leases.take(rt, "step", "a", 60)
+    with rt.sessions.begin() as s:  # b's worker died: its lease lapses
+        s.execute(update(Lease).where(Lease.name == "step").values(until=Lease.until - 61))
+    assert leases.take(rt, "step", "a", 60)
+    assert leases.take(rt, "other", "b", 60)  # another step's lease is its own
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_of_workers_racing_for_a_lease_exactly_one_wins(market) -> None:  # type: ignore[no-untyped-def]
+    """Eight threads, each its own holder, take a lease at once: when it does not exist yet (racing inserts) and
+    when it has lapsed (racing updates)."""
+    rt = market.rt
+
+    def race() -> list[bool]:
+        start, won = threading.Barrier(8), [False] * 8
+
+        def one(i: int) -> None:
+            start.wait()
+            won[i] = leases.take(rt, "race", f"worker-{i}", 60)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return won
+
+    assert sum(race()) == 1
+    with rt.sessions.begin() as s:
+        s.execute(update(Lease).where(Lease.name == "race").values(until=0))
+    assert sum(race()) == 1
