@@ -333,8 +333,9 @@ def market_deploy(
     verifier_bond: Annotated[str, typer.Option(help="GMT a verifier bonds per accusation (0: fraud proofs off)")] = "50",
     unbonding_delay_s: Annotated[Optional[int], typer.Option(min=0, help="Seconds from an unbond request to "
                                                                          "withdrawal; must outlast submission-to-"
-                                                                         "verification (default: a week; 0 only "
-                                                                         "with --dev)")] = None,
+                                                                         "verification, and --slash-delay-s by an "
+                                                                         "hour (default: a week; 0 only with "
+                                                                         "--dev)")] = None,
     cancel_grace_s: Annotated[int, typer.Option(min=0, help="Seconds after a customer's cancel during which "
                                                             "verified units are still paid")] = 3600,
     timelock_delay_s: Annotated[int, typer.Option(min=0, help="Timelock delay for unpausing, parameter and role "
@@ -434,6 +435,11 @@ def _production_governor(governor: str | None, timelock_delay_s: int, dispute_wi
         if value == 0:
             raise GridMintValueError(f"{flag} 0 is refused on a production chain: {why} (--dev for a development "
                                      f"chain)")
+    from ledger.deploy import REDO_MARGIN_S, UNBONDING_OVER_SLASH_DELAY
+
+    if unbonding_delay_s < slash_delay_s + REDO_MARGIN_S:
+        raise GridMintValueError(f"--unbonding-delay-s {unbonding_delay_s} must be at least --slash-delay-s "
+                                 f"{slash_delay_s} + {REDO_MARGIN_S} on a production chain: {UNBONDING_OVER_SLASH_DELAY}")
     from eth_utils import to_checksum_address
 
     return str(to_checksum_address(governor))

@@ -87,6 +87,12 @@ ADMINISTERED = ("staking", "escrow", "distributor", "kill_switch")
 
 #: Default seconds between ``request_unbond`` and ``withdraw``: a week.
 UNBONDING_DELAY_S = 7 * 24 * 3600
+#: A production deployment's unbonding delay outlasts its slash delay by at least this much, for the reason below.
+REDO_MARGIN_S = 3600
+UNBONDING_OVER_SLASH_DELAY = (
+    "a cheat convicted while a thief's pending slashes held its stake could withdraw what the guardian's void of one "
+    "gives back before the marketplace's sweep slashes it again (the redo waits till none of those slashes can be "
+    "voided: up to the slash delay; the margin covers a sweep held up meanwhile)")
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,8 @@ def deploy(
     and no GMT: the supply is minted to ``treasury``, whose key no serve or worker machine holds. The timelock is the
     only DEFAULT_ADMIN_ROLE of staking, escrow, distributor and kill switch, and of itself; the governor proposes,
     executes and cancels; the guardian pauses, voids roots and cancels. Zero delays (timelock, dispute window,
-    unbonding, slash) and a governor, guardian or treasury that is ``deployer`` are refused (GridMintValueError) before
-    anything is sent.
+    unbonding, slash), an unbonding delay short of the slash delay + :data:`REDO_MARGIN_S`, and a governor, guardian
+    or treasury that is ``deployer`` are refused (GridMintValueError) before anything is sent.
 
     Development (no ``governance``; the demo, the tests): ``deployer`` holds the whole supply (it funds the first
     accounts), keeps DEFAULT_ADMIN_ROLE everywhere, is the timelock's admin, proposer and executor, and holds
@@ -247,4 +253,8 @@ def _production_governance(
     ) if value == 0]
     if zero:
         raise GridMintValueError(f"a production deployment refuses a zero {'; a zero '.join(zero)}")
+    if unbonding_delay_s < slash_delay_s + REDO_MARGIN_S:
+        raise GridMintValueError(
+            f"a production deployment needs unbonding_delay_s ({unbonding_delay_s}) of at least slash_delay_s "
+            f"({slash_delay_s}) + {REDO_MARGIN_S}: {UNBONDING_OVER_SLASH_DELAY}")
     return Governance(governor=governor, guardian=guardian)

@@ -95,6 +95,8 @@ def test_marketplace_deploy_writes_the_deployment_file_serve_reads(tmp_path: Pat
                                                                                           "refused"),
                            (("--governor", governor.address, "--dispute-window-s", "0"), "--dispute-window-s 0 is "
                                                                                          "refused"),
+                           (("--governor", governor.address, "--unbonding-delay-s", "86400"),
+                            "--unbonding-delay-s 86400 must be at least --slash-delay-s 86400 + 3600"),
                            (("--governor", "0x1234"), "--governor '0x1234' is not an address"),
                            (("--dev", "--governor", governor.address), "--dev leaves every role")):
             refused = gridmint(*deploy, *args, env=env)

@@ -277,6 +277,8 @@ def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: C
         ({**PARAMS, "dispute_window_s": 0}, Governance(governor.address, governor.address), "zero dispute_window_s"),
         ({**PARAMS, "unbonding_delay_s": 0}, Governance(governor.address, governor.address), "zero unbonding_delay_s"),
         ({**PARAMS, "slash_delay_s": 0}, Governance(governor.address, governor.address), "zero slash_delay_s"),
+        ({**PARAMS, "unbonding_delay_s": DAY + 3599}, Governance(governor.address, governor.address),
+         f"unbonding_delay_s ({DAY + 3599}) of at least slash_delay_s ({DAY}) + 3600"),
         (PARAMS, Governance(operator.address, governor.address), f"the governor {operator.address} is the operator"),
         (PARAMS, Governance(governor.address, operator.address), f"the guardian {operator.address} is the operator"),
         (PARAMS, Governance("0x1234", governor.address), "0x1234"),
