@@ -395,16 +395,24 @@ contract GridStaking is AccessControl, PauseClock, ReentrancyGuardTransient, EIP
     /// account's stake (`staked`, free to unbond again), and what it cut from the account's open bonds backs them
     /// again (as far as they are still open). Works while paused: the guardian pauses first, then voids. The
     /// evidence stays spent. The slash's redo (`redoEvidenceOf(evidence)`), if pending and not yet final, is voided
-    /// with it: a conviction overturned is overturned whole.
+    /// with it: a conviction overturned is overturned whole, also one that took nothing itself (its account's stake
+    /// all held by other slashes) or was paid at once, whose redo alone is pending.
     function voidSlash(bytes32 evidence) external onlyRole(GUARDIAN_ROLE) nonReentrant {
         SlashRecord memory r = _pendingSlashes[evidence];
-        if (r.amount == 0) revert StakingUnknownSlash(evidence);
-        uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
-        if (block.timestamp >= readyAt) revert StakingSlashFinal(evidence, readyAt);
-        _void(evidence, r);
         bytes32 redo = redoEvidenceOf(evidence);
-        SlashRecord memory rr = _pendingSlashes[redo];
-        if (rr.amount != 0 && block.timestamp < _deadlineInForce(rr.readyAt, rr.pausedAtSet)) _void(redo, rr);
+        SlashRecord memory rr;
+        if (_pendingSlashes[redo].amount != 0) {
+            rr = _pendingSlashes[redo];
+            if (block.timestamp >= _deadlineInForce(rr.readyAt, rr.pausedAtSet)) rr.amount = 0; // final: it stands
+        }
+        if (r.amount != 0) {
+            uint256 readyAt = _deadlineInForce(r.readyAt, r.pausedAtSet);
+            if (block.timestamp >= readyAt) revert StakingSlashFinal(evidence, readyAt);
+            _void(evidence, r);
+        } else if (rr.amount == 0) {
+            revert StakingUnknownSlash(evidence);
+        }
+        if (rr.amount != 0) _void(redo, rr);
     }
 
     /// @notice The evidence of the redo of the slash for `evidence`: a slash that found the account's stake held by

@@ -337,19 +337,23 @@ class Model:
         """The guardian (``operator``) undoes a pending slash before its deadline, paused or not: the amount goes back
         to the account's ``staked`` (whatever it was taken from), what it cut from the account's open bonds backs
         them again as far as they are still open and the stake covers them; the evidence stays spent (and a dispute
-        the verdict closed stays closed)."""
+        the verdict closed stays closed). Its redo (``redo_evidence``), pending and not final, is voided with it, also
+        where the slash itself has nothing pending."""
         if sender != self.operator:
             return "AccessControlUnauthorizedAccount"
         ps = self.pending_slashes.get(evidence)
-        if ps is None:
-            return "StakingUnknownSlash"
-        if self.now >= self.slash_ready_at(ps):
-            return "StakingSlashFinal"
-        self._void(evidence, ps)
         redo = redo_evidence(evidence)
         child = self.pending_slashes.get(redo)
-        if child is not None and self.now < self.slash_ready_at(child):
-            self._void(redo, child)  # its redo, pending and not final, goes with it
+        if child is not None and self.now >= self.slash_ready_at(child):
+            child = None  # final: it stands
+        if ps is not None:
+            if self.now >= self.slash_ready_at(ps):
+                return "StakingSlashFinal"
+            self._void(evidence, ps)
+        elif child is None:
+            return "StakingUnknownSlash"
+        if child is not None:
+            self._void(redo, child)  # its redo, pending and not final, goes with it (alone, if it is all pending)
         return None
 
     def _void(self, evidence: bytes, ps: PendingSlashM) -> None:

@@ -279,6 +279,10 @@ class TokenStakingOps(ContractsBase):
         logs = self._staking_logs("Slashed", evidence=to_bytes32(evidence, "evidence"))
         return _position(logs[0]) if logs else None
 
+    def slash_voided(self, evidence: bytes | str) -> bool:
+        """Whether the guardian voided the slash under ``evidence`` (its SlashVoided event)."""
+        return bool(self._staking_logs("SlashVoided", evidence=to_bytes32(evidence, "evidence")))
+
     def slashes_pending_at(self, account: str, at: tuple[int, int]) -> dict[str, int]:
         """``account``'s slashes that were waiting out the delay at chain position ``at`` (block, log index): sent
         before it, neither paid out nor voided before it, whatever became of them since: evidence (0x hex) ->
@@ -318,11 +322,11 @@ class TokenStakingOps(ContractsBase):
         return self._send_once(self.staking, "finalizeSlash", ev, done="StakingUnknownSlash") is not None
 
     def void_slash(self, evidence: bytes | str) -> bool:
-        """Guardian (GUARDIAN_ROLE): undo the slash for ``evidence`` before its delay has passed; its stake goes
-        back to the account. Returns False, sending nothing, if none is pending; ChainError (StakingSlashFinal)
-        once its delay has passed."""
+        """Guardian (GUARDIAN_ROLE): undo the slash for ``evidence`` before its delay has passed, and its redo
+        (:func:`redo_evidence`) if pending and not final; their stake goes back to the account. Returns False,
+        sending nothing, if neither is pending; ChainError (StakingSlashFinal) once the slash's delay has passed."""
         ev = to_bytes32(evidence, "evidence")
-        if self.slash_of(ev).amount == 0:
+        if self.slash_of(ev).amount == 0 and self.slash_of(redo_evidence(ev)).amount == 0:
             return False
         self._send(self.staking, "voidSlash", ev)
         return True

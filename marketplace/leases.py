@@ -4,13 +4,16 @@ worker shares: taking it is one conditional UPDATE (atomic on SQLite and Postgre
 racing for it exactly one wins; a holder that dies leaves it to lapse after its ``ttl_s``."""
 from __future__ import annotations
 
+import logging
 import uuid
 
 from sqlalchemy import or_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from marketplace.db import Lease, now_s
 from marketplace.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 def holder() -> str:
@@ -32,6 +35,9 @@ def take(rt: Runtime, name: str, who: str, ttl_s: int) -> bool:
                 return False
             s.add(Lease(name=name, holder=who, until=now + ttl_s))  # the first time: one of two racing inserts wins
     except IntegrityError:
+        return False
+    except OperationalError as exc:  # (SQLite: another writer held the database past its busy timeout)
+        logger.warning("lease %s not taken: %s", name, exc)
         return False
     return True
 

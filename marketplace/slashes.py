@@ -20,7 +20,8 @@ or, where none was noted, by the re-run's :func:`hold_over` (pending there, void
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -201,7 +202,8 @@ def sweep(rt: Runtime) -> int:
     noted slash whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read
     from the chain; one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
     by someone else) is closed as "gone". A chain error on one slash (the guardian paused staking, a node away) is
-    logged and that slash left for the next sweep: the rest of the sweep goes on. Returns how many it paid out."""
+    logged and that slash left for the next sweep (so is any other error, with its traceback): the rest of the sweep
+    goes on. Returns how many it paid out."""
     with rt.sessions.begin() as s:
         open_ = list(s.execute(select(Slash.evidence, Slash.kind).where(Slash.done_at.is_(None))
                                .order_by(Slash.kind.desc(), Slash.ready_at)))  # the redos first
@@ -210,11 +212,20 @@ def sweep(rt: Runtime) -> int:
         _redos(rt, redos)
     paid = 0
     for ev in (ev for ev, kind in open_ if kind != "redo"):
-        try:
+        with _left_on_error("slash", ev):
             paid += _pay(rt, ev)
-        except ChainError as exc:
-            logger.warning("slash %s left for the next sweep: %s", ev, exc)
     return paid
+
+
+@contextmanager
+def _left_on_error(what: str, ev: str) -> Iterator[None]:
+    """One slash's step in the sweep: an error leaves that slash for the next sweep, and the sweep goes on."""
+    try:
+        yield
+    except ChainError as exc:  # the guardian paused staking, a node away
+        logger.warning("%s %s left for the next sweep: %s", what, ev, exc)
+    except Exception:  # noqa: BLE001 - one slash's failure must not hold back the others' payouts
+        logger.exception("%s %s failed; left for the next sweep", what, ev)
 
 
 def _redos(rt: Runtime, redos: list[str]) -> None:
@@ -228,10 +239,8 @@ def _redos(rt: Runtime, redos: list[str]) -> None:
             if not leases.take(rt, REDO_LEASE, me, REDO_LEASE_S):
                 logger.info("another sweep sends the slash redos: %d left to it", len(redos))
                 return
-            try:
+            with _left_on_error("slash redo", ev):
                 _redo(rt, ev)
-            except ChainError as exc:
-                logger.warning("slash redo %s left for the next sweep: %s", ev, exc)
     finally:
         leases.give_back(rt, REDO_LEASE, me)
 
@@ -261,6 +270,8 @@ def _redo(rt: Runtime, ev: str) -> int:
     with rt.sessions() as s:
         row = s.get(Slash, ev)
         assert row is not None
+        if row.done_at is not None or row.kind != "redo":
+            return 0  # (closed, or sent, by a sweep that ran after this one listed it)
         account, beneficiary, want, since = row.account, row.beneficiary, row.want, row.since_block or 0
         basis = dict(row.basis or {})
         if not _armed(row):
@@ -300,9 +311,11 @@ def _redo(rt: Runtime, ev: str) -> int:
             return 0
         if pending.amount > 0:
             row.kind, row.amount, row.ready_at = "payout", pending.amount, pending.ready_at
-        else:  # nothing given back (what held it was paid out, or taken since), or paid at once (no delay any more)
+        else:  # nothing given back (what held it was paid out, or taken since), or paid at once (no delay any more),
+            # or sent by a run that stopped before this row and voided since (its conviction overturned) or paid
             row.done_at, row.amount = rt.contracts.chain.timestamp(), amount
-            row.outcome = "slashed" if amount > 0 or rt.contracts.evidence_used(ev) else "nothing"
+            sent = amount > 0 or rt.contracts.evidence_used(ev)
+            row.outcome = ("gone" if rt.contracts.slash_voided(ev) else "slashed") if sent else "nothing"
         log(s, "slash_redone" if pending.amount > 0 or amount > 0 else "slash_redo_nothing", None, evidence=ev,
             account=account, amount=str(pending.amount or amount), voided=str(back))
     return 0

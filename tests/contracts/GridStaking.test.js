@@ -1287,7 +1287,7 @@ describe("GridStaking", function () {
       expect(await staking.freeStakeOf(provider.address)).to.equal(STAKE);
     });
 
-    it("voidSlash voids the slash's redo (redoEvidenceOf) with it; not one already final", async function () {
+    it("voidSlash voids the slash's redo (redoEvidenceOf) with it, or alone; not one already final", async function () {
       const { token, staking, governor, guardian, slasher, provider, verifier, other } =
         await networkHelpers.loadFixture(delayedFixture);
       const redo = await staking.redoEvidenceOf(EVIDENCE2);
@@ -1306,6 +1306,18 @@ describe("GridStaking", function () {
       expect((await slashOf(staking, EVIDENCE3)).amount).to.equal(100n); // another's slash: untouched
       expect(await staking.evidenceUsed(redo)).to.equal(true);
       await expectHeldCovered(token, staking);
+      // A slash with nothing pending of its own (it took nothing: the stake all held by others' slashes; or it was
+      // paid at once): voiding it voids its redo alone; then there is nothing left to void.
+      const none = ethers.id("evidence-4");
+      const redo4 = await staking.redoEvidenceOf(none);
+      await staking.connect(slasher).slash(provider.address, 50n, other.address, redo4);
+      await expect(staking.connect(guardian).voidSlash(none))
+        .to.emit(staking, "SlashVoided")
+        .withArgs(redo4, provider.address, 50n);
+      expect(await staking.stakeOf(provider.address)).to.equal(STAKE);
+      await expect(staking.connect(guardian).voidSlash(none))
+        .to.be.revertedWithCustomError(staking, "StakingUnknownSlash")
+        .withArgs(none);
       // A redo sent under a shorter delay is final before the slash it redoes: the void leaves it to be paid.
       const redo1 = await staking.redoEvidenceOf(EVIDENCE);
       await staking.connect(slasher).slash(provider.address, 300n, other.address, EVIDENCE);

@@ -433,7 +433,8 @@ def test_the_guardian_voids_a_slash_in_time_and_the_stake_comes_back(harness: Ha
 def test_voiding_a_slash_voids_its_redo_too_unless_the_redo_is_final(harness: Harness) -> None:
     """A slash of 300 and its redo (200, under GridStaking.redoEvidenceOf of its evidence) pending, beside another
     staker's slash: the guardian voids the first, and the redo goes with it (the account gets 500 back); the other
-    slash stays. Where the redo is final already (sent under a shorter delay), the void leaves it to be paid."""
+    slash stays. Where the redo is final already (sent under a shorter delay), the void leaves it to be paid; where
+    the slash has nothing pending of its own (paid out), the void voids its redo alone."""
     h = harness
     h.reset()
     h.stake(0, 1_000)
@@ -458,6 +459,19 @@ def test_voiding_a_slash_voids_its_redo_too_unless_the_redo_is_final(harness: Ha
     h.finalize_slash(sorted(h.model.pending_slashes).index(redo_evidence(second)))
     assert h.client.slash_of(redo_evidence(second)).amount == 0
     assert h.model.stake_of(h.cast.stakers[0].address).staked == 800
+    assert h.check() == []
+    h.set_slash_delay(60)  # a third slash, paid out; its redo, sent 30 s after it, still pending: voided alone
+    pending = set(h.model.pending_slashes)
+    h.slash(0, 100, 0)
+    (third,) = set(h.model.pending_slashes) - pending
+    h.advance_time(30)
+    h.slash(0, 50, 1, redo=sorted(h.model.pending_slashes).index(third))
+    h.advance_time(31)
+    h.finalize_slash(sorted(h.model.pending_slashes).index(third))
+    assert h.client.slash_of(third).amount == 0 and h.client.slash_of(redo_evidence(third)).amount == 50
+    h.void_slash(sorted(h.model.slash_evidence.keys() - set(h.model.pending_slashes)).index(third), stale=True)
+    assert h.client.slash_of(redo_evidence(third)).amount == 0
+    assert h.model.stake_of(h.cast.stakers[0].address).staked == 700
     assert h.check() == [] and h.stats.violations == []
 
 

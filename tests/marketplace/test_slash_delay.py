@@ -583,3 +583,86 @@ def test_two_sweeps_at_once_never_redo_one_void_twice(market, monkeypatch) -> No
     _settle(market)
     assert market.ops.stake_of(cheat.address) == tokens(100)
     assert market.ops.balance_of(verifier) == tokens(100) and market.ops.balance_of(thief) == 0
+
+
+def test_a_sweep_never_redoes_a_redo_another_sweep_closed_since_it_listed_it(market, monkeypatch) -> None:
+    """The void gives back 150, which the cheat withdraws (a development chain: no unbonding delay); a sweep lists the
+    open redo, and before it takes the lease another sweep closes the redo as "nothing" (nothing left to take); the
+    cheat stakes 100. The first sweep's list is stale: the redo is closed, and the 100 stays the cheat's (found by a
+    review: it took them)."""
+    cheat, verifier, thief, theft, _, _ = _convicted_over_a_theft(market, monkeypatch, False)
+    market.ops.set_unbonding_delay(0)
+    assert market.ops.void_slash(theft)
+    market.contracts(cheat).request_unbond(tokens(150))
+    market.contracts(cheat).withdraw()
+    real, inner = slashes._redos, []
+
+    def after_another(rt, redos):  # type: ignore[no-untyped-def]
+        if not inner:
+            inner.append("running")
+            monkeypatch.setattr(slashes, "_redos", real)
+            inner.append(service.sweep(rt))  # the other sweep, start to end
+            market.contracts(cheat).stake(tokens(100))
+        return real(rt, redos)
+
+    monkeypatch.setattr(slashes, "_redos", after_another)
+    service.sweep(market.rt)
+    assert inner and market.ops.pending_slashes_of(cheat.address) == tokens(50)  # the conviction's, no more
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(100) and market.ops.balance_of(verifier) == tokens(25)
+
+
+def test_a_redo_sent_by_a_sweep_that_failed_before_its_row_then_voided_closes_as_gone(market, monkeypatch) -> None:
+    """A sweep sends the redo and fails before it updates the redo's row; the guardian then voids the conviction,
+    which voids the redo: the next sweep closes the row as "gone", not "slashed" (found by a review)."""
+    cheat, verifier, thief, theft, conviction, _ = _convicted_over_a_theft(market, monkeypatch, False)
+    assert market.ops.void_slash(theft)
+    real = market.rt.contracts.slash
+
+    def sent_then_fail(*a: object) -> bool:
+        real(*a)
+        raise RuntimeError("worker lost after the redo's send")
+
+    monkeypatch.setattr(market.rt.contracts, "slash", sent_then_fail)
+    service.sweep(market.rt)  # (the failure is logged; the sweep goes on)
+    monkeypatch.setattr(market.rt.contracts, "slash", real)
+    redo = slashes.redo_evidence(conviction)
+    assert market.ops.slash_of(redo).amount == tokens(150)
+    assert market.ops.void_slash(conviction)
+    _settle(market)
+    assert _outcome(market, "0x" + redo.hex())[0] == "gone"
+    assert market.ops.stake_of(cheat.address) == tokens(200) and market.ops.balance_of(verifier) == 0
+
+
+def test_a_redo_that_fails_holds_back_no_payout(market, monkeypatch) -> None:
+    """A redo's step fails with something other than a chain error: the sweep logs it and goes on to pay out the
+    conviction that is due (found by a review: the error ended the sweep); the redo goes out at the next sweep."""
+    cheat, verifier, thief, theft, conviction, _ = _convicted_over_a_theft(market, monkeypatch, False)
+    assert market.ops.void_slash(theft)
+    market.chain.advance_time(DELAY + 1)
+    real = slashes._redo
+
+    def fail(*_a: object) -> int:
+        raise RuntimeError("a bug in the redo")
+
+    monkeypatch.setattr(slashes, "_redo", fail)
+    assert service.sweep(market.rt)["slashes_paid"] == 1  # the conviction's 50
+    monkeypatch.setattr(slashes, "_redo", real)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(verifier) == tokens(100)
+
+
+def test_a_conviction_that_took_nothing_voided_after_its_redo_went_out_takes_the_redo_with_it(market) -> None:
+    """The thief's slash held the whole 200, so the conviction took nothing (no slash of its own pending); its redo
+    takes the 200 the void gave back. The guardian then overturns the conviction: voiding it voids the redo alone
+    (found by a review: there was nothing to void under the conviction's evidence, and the redo stood)."""
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(200))
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
+    assert market.ops.void_slash(theft)
+    service.sweep(market.rt)
+    redo = slashes.redo_evidence(conviction)
+    assert market.ops.slash_of(redo).amount == tokens(200) and market.ops.slash_of(conviction).amount == 0
+    assert market.ops.void_slash(conviction)
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == tokens(200) and market.ops.balance_of(verifier) == 0
+    assert _outcome(market, "0x" + redo.hex())[0] == "gone"
