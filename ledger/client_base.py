@@ -186,10 +186,11 @@ class ContractsBase:
             yield
 
     def _logs(self, contract: Contract, event: str, from_block: int = 0, **filters: Any) -> list[Any]:
-        """``contract``'s ``event`` logs from block ``from_block`` on, filtered on indexed arguments; ChainError if
-        the node cannot answer (the caller's task retries it)."""
+        """``contract``'s ``event`` logs from block ``from_block`` on (never before the deployment's), filtered on
+        indexed arguments; ChainError if the node cannot answer (the caller's task retries it)."""
+        start = max(from_block, self.deployment.from_block)
         try:
-            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=from_block))
+            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=start))
         except ChainError:
             raise
         except Exception as exc:  # transport failures

@@ -30,6 +30,9 @@ class Deployment:
     kill_switch: str | None = None
     timelock: str | None = None
     lens: str | None = None  # GridLens (read-only): many jobs' escrow state in one call
+    #: the chain's latest block before the contracts were deployed: the client reads their events from there on,
+    #: never from genesis (0: a deployment written before this was kept, or built from a marketplace's ``/config``)
+    from_block: int = 0
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON text of this deployment; also written to ``path`` if given."""
@@ -51,6 +54,7 @@ class Deployment:
                 staking=to_address(data["staking"]),
                 escrow=to_address(data["escrow"]),
                 treasury=to_address(data["treasury"]),
+                from_block=int(data.get("from_block", 0)),
                 **optional,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -176,6 +180,7 @@ def deploy(
     governor = me if governance is None else governance.governor
     # production: the supply never touches the hot key (a leak would hand over every token it had not moved on)
     holder = me if governance is None else treasury
+    from_block = int(chain.w3.eth.block_number)
     token = chain.deploy_contract(deployer, "GridToken", holder, to_uint(supply, "supply"))
     # ``me`` is the timelock's admin until the roles are wired (the guardian's CANCELLER_ROLE), then renounces it.
     timelock = chain.deploy_contract(
@@ -198,7 +203,7 @@ def deploy(
     deployment = Deployment(
         chain.chain_id, token.address, staking.address, escrow.address, treasury,
         distributor=distributor.address, kill_switch=kill_switch.address, timelock=timelock.address,
-        lens=lens.address,
+        lens=lens.address, from_block=from_block,
     )
     from ledger.client import GridMintContracts  # the client imports this module
 

@@ -47,6 +47,33 @@ class TestDeploy:
         assert Deployment.from_json(path) == world.deployment
         assert path.read_text() == text
 
+    def test_events_are_read_from_the_deployment_block_on(self, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A deployment on a chain with history (the world's, here) keeps the block it was deployed from (its file
+        keeps it); the client reads events from there on, never from genesis, and finds them."""
+        from ledger.client import GridMintContracts
+        from ledger.deploy import deploy
+
+        chain = world.chain
+        sender = chain.dev_accounts(1)[0]
+        chain.send_eth(sender, Account.create().address, 1)
+        before = int(chain.w3.eth.block_number)
+        deployment = deploy(chain, sender, supply=10**21, treasury=sender.address)
+        assert deployment.from_block == before > 0
+        ops = GridMintContracts(chain, deployment, sender)
+        ops.stake(10**20)
+        ops.slash(sender.address, 10**19, Account.create().address, EVIDENCE)
+        asked: list[int] = []
+        real = chain.w3.eth.get_logs
+
+        def spy(params):  # type: ignore[no-untyped-def]
+            b = params["fromBlock"]
+            asked.append(int(b, 0) if isinstance(b, str) else int(b))
+            return real(params)
+
+        monkeypatch.setattr(chain.w3.eth, "get_logs", spy)
+        assert ops.slash_position(EVIDENCE) is not None
+        assert asked and min(asked) >= before, asked
+
     def test_grant_role_is_idempotent_and_effective(self, world: World) -> None:
         job = world.job()
         assert world.admin.grant_role("UNIT_SETTLER_ROLE", world.outsider.address) is True
