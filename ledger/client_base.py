@@ -54,6 +54,12 @@ def role_id(role_name: str) -> bytes:
     return b"\x00" * 32 if role_name == "DEFAULT_ADMIN_ROLE" else keccak(text=role_name)
 
 
+#: words of a node's refusal of an eth_getLogs query over its block range or result limit (Infura: "query returned
+#: more than 10000 results"; Alchemy: "Log response size exceeded ... up to a 2K block range"; QuickNode:
+#: "eth_getLogs is limited to a 10000 range"; geth/erigon's "exceed maximum block range"): asked again in halves
+LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too large")
+
+
 class ContractsBase:
     """Bound contracts of one deployment, acting as ``account`` (which signs every transaction)."""
 
@@ -68,6 +74,8 @@ class ContractsBase:
         self._names: dict[str, str] = {}
         #: receipt of the last transaction this client sent (benchmarks read its ``gasUsed``)
         self.last_receipt: TxReceipt | None = None
+        #: the block range of one eth_getLogs query, once the node refused a larger one (None: the whole range)
+        self._log_window: int | None = None
         for key in ("token", "staking", "escrow"):
             self._bind(key, getattr(deployment, key))
         for key in ("distributor", "kill_switch", "timelock", "lens"):
@@ -187,14 +195,34 @@ class ContractsBase:
 
     def _logs(self, contract: Contract, event: str, from_block: int = 0, **filters: Any) -> list[Any]:
         """``contract``'s ``event`` logs from block ``from_block`` on (never before the deployment's), filtered on
-        indexed arguments; ChainError if the node cannot answer (the caller's task retries it)."""
+        indexed arguments, oldest first; ChainError if the node cannot answer (the caller's task retries it). A node
+        that limits a query's block range or result count (hosted RPCs do) gets it in halves, down to what it
+        accepts, and this client's next queries in windows of that size."""
         start = max(from_block, self.deployment.from_block)
         try:
-            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=start))
+            end = int(self.chain.w3.eth.block_number)
+            out: list[Any] = []
+            while start <= end:
+                stop = end if self._log_window is None else min(end, start + self._log_window - 1)
+                out += self._logs_between(contract, event, filters, start, stop)
+                start = stop + 1
+            return out
         except ChainError:
             raise
         except Exception as exc:  # transport failures
             raise ChainError(f"{self._name(contract)} {event} logs unreadable: {exc}") from exc
+
+    def _logs_between(self, contract: Contract, event: str, filters: dict[str, Any], start: int,
+                      stop: int) -> list[Any]:
+        try:
+            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop))
+        except Exception as exc:
+            if stop <= start or not any(word in str(exc).lower() for word in LOG_LIMIT_WORDS):
+                raise
+        mid = (start + stop) // 2
+        self._log_window = min(self._log_window or stop - start + 1, mid - start + 1)
+        return (self._logs_between(contract, event, filters, start, mid)
+                + self._logs_between(contract, event, filters, mid + 1, stop))
 
     def _event_arg(self, contract: Contract, event: str, receipt: TxReceipt, arg: str) -> Any:
         logs = contract.events[event]().process_receipt(receipt, errors=DISCARD)

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from eth_utils import keccak
 
 from ledger.devchain import HardhatNode
 from ledger.evm import Chain, GridMintContracts, deploy
-from protocol.errors import ChainUnavailable
+from protocol.errors import ChainError, ChainUnavailable
 from protocol.money import tokens
 
 
@@ -38,6 +39,14 @@ class FlakyProxy:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 method = json.loads(body).get("method", "")
+                refusal = proxy._refusal(json.loads(body))
+                if refusal is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(refusal)))
+                    self.end_headers()
+                    self.wfile.write(refusal)
+                    return
                 when = proxy._take(method)
                 if when == "before":
                     self.close_connection = True
@@ -63,6 +72,23 @@ class FlakyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def limit_logs(self, blocks: int, message: str) -> None:
+        """Answer every eth_getLogs over ``blocks`` blocks with a JSON-RPC error saying ``message`` (as hosted RPCs
+        refuse a range or result count over their limit); ``refused`` counts them."""
+        self.log_limit = (blocks, message)
+
+    def _refusal(self, request: dict[str, object]) -> bytes | None:
+        limit = getattr(self, "log_limit", None)
+        if limit is None or request.get("method") != "eth_getLogs":
+            return None
+        (query,) = request["params"]  # type: ignore[misc]
+        span = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
+        if span <= limit[0]:
+            return None
+        self.refused = getattr(self, "refused", 0) + 1
+        return json.dumps({"jsonrpc": "2.0", "id": request.get("id"),
+                           "error": {"code": -32005, "message": limit[1]}}).encode()
 
     def fail(self, method: str, when: str, times: int = 1) -> None:
         self.plan.extend([(method, when)] * times)
@@ -188,3 +214,35 @@ def test_an_unreachable_node_is_named_without_its_credentials_or_path() -> None:
         Chain.http("http://rpcuser:S3CRET@127.0.0.1:1/v3/API-KEY-123", timeout=1).timestamp()
     text = str(err.value)
     assert "127.0.0.1:1" in text and not any(s in text for s in ("S3CRET", "rpcuser", "API-KEY-123", "/v3"))
+
+
+@pytest.mark.parametrize("message", ["eth_getLogs is limited to a 4 range", "query returned more than 10000 results"])
+def test_a_node_that_limits_log_queries_is_asked_in_windows(deployed: tuple[Chain, GridMintContracts],
+                                                            proxy: FlakyProxy, message: str) -> None:
+    """A node that refuses an eth_getLogs over 4 blocks (a hosted RPC's range or result limit): the client asks in
+    halves, finds every event a direct read finds, and asks its next queries in windows the node accepts."""
+    direct_chain, direct = deployed
+    direct.stake(tokens(100))
+    evidences = [keccak(text=f"windowed-{message}-{i}") for i in range(3)]
+    for ev in evidences:  # one slash per block, some blocks apart
+        direct.slash(direct.address, tokens(1), direct_chain.dev_accounts(3)[2].address, ev)
+        direct.transfer(direct_chain.dev_accounts(3)[2].address, 1)
+    limited = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    proxy.limit_logs(4, message)
+    for ev in evidences:
+        assert limited.slash_position(ev) == direct.slash_position(ev) is not None
+    assert proxy.refused > 0 and limited._log_window is not None and limited._log_window <= 4
+    refused = proxy.refused
+    assert limited.slash_position(evidences[0]) == direct.slash_position(evidences[0])
+    assert proxy.refused == refused  # the window it learnt: no refusal any more
+
+
+def test_a_log_query_the_node_fails_otherwise_is_not_split(deployed: tuple[Chain, GridMintContracts],
+                                                           proxy: FlakyProxy) -> None:
+    """A node error that says nothing of a limit is a ChainError at once, not a storm of ever smaller queries."""
+    _, direct = deployed
+    limited = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    proxy.limit_logs(0, "internal error")
+    with pytest.raises(ChainError, match="internal error"):
+        limited.slash_position(keccak(text="any"))
+    assert proxy.refused == 1
