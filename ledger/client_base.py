@@ -58,6 +58,14 @@ def role_id(role_name: str) -> bytes:
 #: more than 10000 results"; Alchemy: "Log response size exceeded ... up to a 2K block range"; QuickNode:
 #: "eth_getLogs is limited to a 10000 range"; geth/erigon's "exceed maximum block range"): asked again in halves
 LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too large")
+#: ... unless it says the node is rate-limiting this client (Infura: "project ID request rate exceeded"; HTTP 429):
+#: smaller queries would only be more of them
+RATE_LIMIT_WORDS = ("rate", "capacity", "429", "too many requests")
+
+
+def _log_limit(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in LOG_LIMIT_WORDS) and not any(w in text for w in RATE_LIMIT_WORDS)
 
 
 class ContractsBase:
@@ -217,7 +225,7 @@ class ContractsBase:
         try:
             return list(contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop))
         except Exception as exc:
-            if stop <= start or not any(word in str(exc).lower() for word in LOG_LIMIT_WORDS):
+            if stop <= start or not _log_limit(exc):
                 raise
         mid = (start + stop) // 2
         self._log_window = min(self._log_window or stop - start + 1, mid - start + 1)

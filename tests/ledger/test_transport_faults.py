@@ -237,12 +237,14 @@ def test_a_node_that_limits_log_queries_is_asked_in_windows(deployed: tuple[Chai
     assert proxy.refused == refused  # the window it learnt: no refusal any more
 
 
+@pytest.mark.parametrize("message", ["internal error", "project ID request rate exceeded"])
 def test_a_log_query_the_node_fails_otherwise_is_not_split(deployed: tuple[Chain, GridMintContracts],
-                                                           proxy: FlakyProxy) -> None:
-    """A node error that says nothing of a limit is a ChainError at once, not a storm of ever smaller queries."""
+                                                           proxy: FlakyProxy, message: str) -> None:
+    """A node error that says nothing of a query limit (or says the node rate-limits this client) is a ChainError
+    at once, not a storm of ever smaller queries."""
     _, direct = deployed
     limited = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
-    proxy.limit_logs(0, "internal error")
-    with pytest.raises(ChainError, match="internal error"):
+    proxy.limit_logs(0, message)
+    with pytest.raises(ChainError, match=message):
         limited.slash_position(keccak(text="any"))
     assert proxy.refused == 1
