@@ -1,6 +1,7 @@
 """The shared core of the typed client: bound contracts, reads, sends, roles (``GridMintContracts`` builds on it)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,14 +59,17 @@ def role_id(role_name: str) -> bytes:
 #: more than 10000 results"; Alchemy: "Log response size exceeded ... up to a 2K block range"; QuickNode:
 #: "eth_getLogs is limited to a 10000 range"; geth/erigon's "exceed maximum block range"): asked again in halves
 LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too large")
-#: ... unless it says the node is rate-limiting this client (Infura: "project ID request rate exceeded"; HTTP 429):
-#: smaller queries would only be more of them
-RATE_LIMIT_WORDS = ("rate", "capacity", "429", "too many requests")
+#: ... unless it says the node is rate-limiting this client (Infura: "project ID request rate exceeded"; Chainstack:
+#: "You've exceeded the RPS limit"; HTTP 429): smaller queries would only be more of them
+RATE_LIMIT = re.compile(r"\b(rate|rps|quota|capacity|429)\b|per second|too many requests")
 
 
 def _log_limit(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(w in text for w in LOG_LIMIT_WORDS) and not any(w in text for w in RATE_LIMIT_WORDS)
+    """Whether ``exc`` is a node's refusal of a query over its limits (its JSON-RPC error message, where it has one:
+    the rest of the error, such as the block numbers it echoes, says nothing of why)."""
+    error = (getattr(exc, "rpc_response", None) or {}).get("error")
+    text = str(error.get("message", "") if isinstance(error, dict) else exc).lower()
+    return any(w in text for w in LOG_LIMIT_WORDS) and RATE_LIMIT.search(text) is None
 
 
 class ContractsBase:
@@ -204,33 +208,35 @@ class ContractsBase:
     def _logs(self, contract: Contract, event: str, from_block: int = 0, **filters: Any) -> list[Any]:
         """``contract``'s ``event`` logs from block ``from_block`` on (never before the deployment's), filtered on
         indexed arguments, oldest first; ChainError if the node cannot answer (the caller's task retries it). A node
-        that limits a query's block range or result count (hosted RPCs do) gets it in halves, down to what it
-        accepts, and this client's next queries in windows of that size."""
+        that limits a query's block range or result count (hosted RPCs do) is asked for half the range after each
+        refusal and twice the range after each answer, so the queries follow its limit where the logs are dense and
+        grow again where they are sparse; this client's next read starts at the last range answered."""
         start = max(from_block, self.deployment.from_block)
         try:
             end = int(self.chain.w3.eth.block_number)
+            size = end - start + 1 if self._log_window is None else self._log_window
+            limited = self._log_window is not None
             out: list[Any] = []
             while start <= end:
-                stop = end if self._log_window is None else min(end, start + self._log_window - 1)
-                out += self._logs_between(contract, event, filters, start, stop)
+                stop = min(end, start + size - 1)
+                try:
+                    got = contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop)
+                except Exception as exc:
+                    if stop <= start or not _log_limit(exc):
+                        raise
+                    size, limited = (stop - start + 1) // 2, True
+                    continue
+                out += got
+                if limited:  # (a node that refused a range: the range it answered, a larger one next)
+                    if stop - start + 1 == size or self._log_window is None:  # (not the read's short tail)
+                        self._log_window = stop - start + 1
+                    size *= 2
                 start = stop + 1
             return out
         except ChainError:
             raise
         except Exception as exc:  # transport failures
             raise ChainError(f"{self._name(contract)} {event} logs unreadable: {exc}") from exc
-
-    def _logs_between(self, contract: Contract, event: str, filters: dict[str, Any], start: int,
-                      stop: int) -> list[Any]:
-        try:
-            return list(contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop))
-        except Exception as exc:
-            if stop <= start or not _log_limit(exc):
-                raise
-        mid = (start + stop) // 2
-        self._log_window = min(self._log_window or stop - start + 1, mid - start + 1)
-        return (self._logs_between(contract, event, filters, start, mid)
-                + self._logs_between(contract, event, filters, mid + 1, stop))
 
     def _event_arg(self, contract: Contract, event: str, receipt: TxReceipt, arg: str) -> Any:
         logs = contract.events[event]().process_receipt(receipt, errors=DISCARD)
