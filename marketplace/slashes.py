@@ -198,12 +198,11 @@ def given_back(events: Iterable[SlashEvent], held: Collection[str], skip: Collec
 
 def sweep(rt: Runtime) -> int:
     """The sweep's part: send the redos none of whose holding slashes can be voided any more (one sweep at a time:
-    :func:`_redos`), then pay out every
-    noted slash whose delay has passed by the chain's clock (time paused does not count: the deadline is re-read
-    from the chain; one not yet due is left for the next sweep). A slash no longer pending on chain (voided by the guardian, or paid
-    by someone else) is closed as "gone". A chain error on one slash (the guardian paused staking, a node away) is
-    logged and that slash left for the next sweep (so is any other error, with its traceback): the rest of the sweep
-    goes on. Returns how many it paid out."""
+    :func:`_redos`), then pay out every noted slash whose delay has passed by the chain's clock (time paused does
+    not count: the deadline is re-read from the chain; one not yet due is left for the next sweep). A slash no
+    longer pending on chain (voided by the guardian, or paid by someone else) is closed as "gone". A chain error on
+    one slash (the guardian paused staking, a node away) is logged and that slash left for the next sweep (so is any
+    other error, with its traceback): the rest of the sweep goes on. Returns how many it paid out."""
     with rt.sessions.begin() as s:
         open_ = list(s.execute(select(Slash.evidence, Slash.kind).where(Slash.done_at.is_(None))
                                .order_by(Slash.kind.desc(), Slash.ready_at)))  # the redos first

@@ -38,45 +38,24 @@ class FlakyProxy:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                method = json.loads(body).get("method", "")
-                refusal = proxy._refusal(json.loads(body))
-                if refusal is not None:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(refusal)))
-                    self.end_headers()
-                    self.wfile.write(refusal)
-                    return
-                when = proxy._take(method)
-                if method == "eth_getLogs" and getattr(proxy, "result_limit", None) is not None:
+                asked = json.loads(body)
+                method = asked.get("method", "")
+                answer = proxy._refusal(asked)  # (over the range limit: the node never sees it)
+                if answer is None:
+                    when = proxy._take(method)
+                    if when == "before":
+                        self.close_connection = True
+                        return
                     request = urllib.request.Request(proxy.upstream, data=body,
                                                      headers={"Content-Type": "application/json"})
                     with urllib.request.urlopen(request, timeout=30) as reply:
                         answer = reply.read()
                     proxy.seen[method] = proxy.seen.get(method, 0) + 1
-                    decoded = json.loads(answer)
-                    if len(decoded.get("result") or []) > proxy.result_limit:
-                        proxy.refused = getattr(proxy, "refused", 0) + 1
-                        answer = json.dumps({"jsonrpc": "2.0", "id": decoded.get("id"), "error": {
-                            "code": -32005, "message": f"query returned more than {proxy.result_limit} results",
-                            "data": {"from": "0x1e8429"}}}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
-                    return
-                if when == "before":
-                    self.close_connection = True
-                    return
-                request = urllib.request.Request(proxy.upstream, data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=30) as reply:
-                    answer = reply.read()
-                proxy.seen[method] = proxy.seen.get(method, 0) + 1
-                if when == "after":
-                    self.close_connection = True
-                    return
+                    if when == "after":
+                        self.close_connection = True
+                        return
+                    if method == "eth_getLogs":
+                        answer = proxy._over_results(answer)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -100,6 +79,16 @@ class FlakyProxy:
         """Answer every eth_getLogs whose answer holds over ``logs`` logs with Infura's refusal (its error data
         echoing a block number whose hex holds "429"); ``refused`` counts them."""
         self.result_limit = logs
+
+    def _over_results(self, answer: bytes) -> bytes:
+        limit = getattr(self, "result_limit", None)
+        decoded = json.loads(answer)
+        if limit is None or len(decoded.get("result") or []) <= limit:
+            return answer
+        self.refused = getattr(self, "refused", 0) + 1
+        return json.dumps({"jsonrpc": "2.0", "id": decoded.get("id"), "error": {
+            "code": -32005, "message": f"query returned more than {limit} results",
+            "data": {"from": "0x1e8429"}}}).encode()
 
     def _refusal(self, request: dict[str, object]) -> bytes | None:
         limit = getattr(self, "log_limit", None)

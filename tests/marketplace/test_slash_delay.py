@@ -213,12 +213,9 @@ def test_a_redo_goes_ahead_once_the_slashes_that_held_the_stake_cannot_be_voided
     assert market.ops.balance_of(verifier) == tokens(50)
 
 
-def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later_void_gives_back(
-        market, monkeypatch) -> None:
-    """The step stops between sending the conviction's slash and noting what it could not take; the guardian voids
-    the theft before the step runs again. The re-run finds nothing pending any more, yet the redo noted before the
-    send is armed by it, and the sweep takes the stake the void gave back."""
-    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
+def _stopped_after_the_send(market, monkeypatch, account, verifier, conviction) -> None:  # type: ignore[no-untyped-def]
+    """The conviction's step sends its slash of ``account`` (or finds nothing to send) and stops before what follows
+    the send: its redo, noted before the send, is left unarmed."""
     real_after = slashes.after_slash
 
     def crash(*_a: object) -> None:
@@ -226,13 +223,22 @@ def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later
 
     monkeypatch.setattr(slashes, "after_slash", crash)
     with pytest.raises(RuntimeError):
-        checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)
+        checking._slash_whole_stake(market.rt, account, verifier, conviction)
+    monkeypatch.setattr(slashes, "after_slash", real_after)
+
+
+def test_a_conviction_that_stops_after_its_send_still_slashes_again_what_a_later_void_gives_back(
+        market, monkeypatch) -> None:
+    """The step stops between sending the conviction's slash and noting what it could not take; the guardian voids
+    the theft before the step runs again. The re-run finds nothing pending any more, yet the redo noted before the
+    send is armed by it, and the sweep takes the stake the void gave back."""
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(150))
+    _stopped_after_the_send(market, monkeypatch, cheat.address, verifier, conviction)
     assert market.ops.slash_of(conviction).amount == tokens(50)  # sent: what the theft left
     assert market.ops.void_slash(theft)
     assert market.ops.stake_of(cheat.address) == tokens(150)
     service.sweep(market.rt)  # the redo waits for its step to arm it: nothing moves
     assert market.ops.stake_of(cheat.address) == tokens(150)
-    monkeypatch.setattr(slashes, "after_slash", real_after)
     checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction)  # the re-run: sends nothing again
     service.sweep(market.rt)
     assert market.ops.stake_of(cheat.address) == 0
@@ -557,15 +563,7 @@ def test_two_sweeps_at_once_never_redo_one_void_twice(market, monkeypatch) -> No
     whose 200 then took the added 100: 300 pending)."""
     cheat, verifier, thief, theft, first = _robbed(market, tokens(200))
     second = keccak(text="conviction 2")
-    real_after = slashes.after_slash
-
-    def crash(*_a: object) -> None:
-        raise RuntimeError("worker lost after the send")
-
-    monkeypatch.setattr(slashes, "after_slash", crash)
-    with pytest.raises(RuntimeError):
-        checking._slash_whole_stake(market.rt, cheat.address, verifier, first)
-    monkeypatch.setattr(slashes, "after_slash", real_after)
+    _stopped_after_the_send(market, monkeypatch, cheat.address, verifier, first)
     assert checking._slash_whole_stake(market.rt, cheat.address, verifier, second) == 0
     assert market.ops.void_slash(theft)
     market.contracts(cheat).stake(tokens(100))
