@@ -91,6 +91,11 @@ class _RetryingHTTPProvider(HTTPProvider):
             # the path) go into the error: a marketplace answers it to anonymous callers
             raise ChainUnavailable(f"chain node {redact_url(str(self.endpoint_uri))} unreachable during {method} "
                                    f"({type(exc).__name__})") from exc
+        except requests.exceptions.HTTPError as exc:  # (a hosted node's 429, 413, 5xx: its text repeats the URL)
+            answer = exc.response
+            status = "?" if answer is None else f"{answer.status_code} {answer.reason or ''}".strip()
+            raise ChainUnavailable(f"chain node {redact_url(str(self.endpoint_uri))} answered HTTP {status} to "
+                                   f"{method}") from exc
 
 
 def redact_url(url: str) -> str:

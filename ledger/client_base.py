@@ -57,19 +57,27 @@ def role_id(role_name: str) -> bytes:
 
 #: words of a node's refusal of an eth_getLogs query over its block range or result limit (Infura: "query returned
 #: more than 10000 results"; Alchemy: "Log response size exceeded ... up to a 2K block range"; QuickNode:
-#: "eth_getLogs is limited to a 10000 range"; geth/erigon's "exceed maximum block range"): asked again in halves
-LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too large")
+#: "eth_getLogs is limited to a 10000 range", or HTTP 413 Payload Too Large; geth/erigon's "exceed maximum block
+#: range"; Tenderly: "invalid params" with "range ... is bigger than range limit 2000" in its data): asked again in
+#: halves
+LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too large", "bigger than")
 #: ... unless it says the node is rate-limiting this client (Infura: "project ID request rate exceeded"; Chainstack:
 #: "You've exceeded the RPS limit"; HTTP 429): smaller queries would only be more of them
 RATE_LIMIT = re.compile(r"\b(rate|rps|quota|capacity|429)\b|per second|too many requests")
+#: a refusal that names a result count or size (it may name a block range too, as Alchemy's does) is no fixed block
+#: range: the range it refused is tried again where the logs are sparser
+RESULT_LIMIT = re.compile(r"result|response size|payload too large")
 
 
-def _log_limit(exc: Exception) -> bool:
-    """Whether ``exc`` is a node's refusal of a query over its limits (its JSON-RPC error message, where it has one:
-    the rest of the error, such as the block numbers it echoes, says nothing of why)."""
+def _log_refusal(exc: Exception) -> str | None:
+    """How ``exc`` refuses a query over a node's limits: "range" (a fixed block range: never asked again), "results"
+    (a result count or size), or None (not such a refusal: a rate limit, any other error). Read from its JSON-RPC
+    error's message and data, where it has them (the rest of the error says nothing of why)."""
     error = (getattr(exc, "rpc_response", None) or {}).get("error")
-    text = str(error.get("message", "") if isinstance(error, dict) else exc).lower()
-    return any(w in text for w in LOG_LIMIT_WORDS) and RATE_LIMIT.search(text) is None
+    text = (f"{error.get('message', '')} {error.get('data', '')}" if isinstance(error, dict) else str(exc)).lower()
+    if not any(w in text for w in LOG_LIMIT_WORDS) or RATE_LIMIT.search(text) is not None:
+        return None
+    return "results" if RESULT_LIMIT.search(text) or "range" not in text else "range"
 
 
 class ContractsBase:
@@ -86,8 +94,10 @@ class ContractsBase:
         self._names: dict[str, str] = {}
         #: receipt of the last transaction this client sent (benchmarks read its ``gasUsed``)
         self.last_receipt: TxReceipt | None = None
-        #: the block range of one eth_getLogs query, once the node refused a larger one (None: the whole range)
+        #: the block range of one eth_getLogs query, once the node refused a larger one (None: the whole range), and
+        #: the smallest block range it refused as too long (None: none)
         self._log_window: int | None = None
+        self._log_ceiling: int | None = None
         for key in ("token", "staking", "escrow"):
             self._bind(key, getattr(deployment, key))
         for key in ("distributor", "kill_switch", "timelock", "lens"):
@@ -209,8 +219,9 @@ class ContractsBase:
         """``contract``'s ``event`` logs from block ``from_block`` on (never before the deployment's), filtered on
         indexed arguments, oldest first; ChainError if the node cannot answer (the caller's task retries it). A node
         that limits a query's block range or result count (hosted RPCs do) is asked for half the range after each
-        refusal and twice the range after each answer, so the queries follow its limit where the logs are dense and
-        grow again where they are sparse; this client's next read starts at the last range answered."""
+        refusal and twice the range after each answer (never again a block range it refused as such), so the
+        queries follow a result limit where the logs are dense and grow again where they are sparse; this client's
+        next read starts at the last range answered."""
         start = max(from_block, self.deployment.from_block)
         try:
             end = int(self.chain.w3.eth.block_number)
@@ -218,12 +229,17 @@ class ContractsBase:
             limited = self._log_window is not None
             out: list[Any] = []
             while start <= end:
+                if self._log_ceiling is not None:
+                    size = min(size, self._log_ceiling - 1)
                 stop = min(end, start + size - 1)
                 try:
                     got = contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop)
                 except Exception as exc:
-                    if stop <= start or not _log_limit(exc):
+                    refusal = _log_refusal(exc)
+                    if stop <= start or refusal is None:
                         raise
+                    if refusal == "range":
+                        self._log_ceiling = min(self._log_ceiling or stop - start + 1, stop - start + 1)
                     size, limited = (stop - start + 1) // 2, True
                     continue
                 out += got

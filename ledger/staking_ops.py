@@ -324,10 +324,13 @@ class TokenStakingOps(ContractsBase):
     def void_slash(self, evidence: bytes | str) -> bool:
         """Guardian (GUARDIAN_ROLE): undo the slash for ``evidence`` before its delay has passed, and its redo
         (:func:`redo_evidence`) if pending and not final; their stake goes back to the account. Returns False,
-        sending nothing, if neither is pending; ChainError (StakingSlashFinal) once the slash's delay has passed."""
+        sending nothing, if the slash is not pending and its redo is not pending or final; ChainError
+        (StakingSlashFinal) once the slash's delay has passed."""
         ev = to_bytes32(evidence, "evidence")
-        if self.slash_of(ev).amount == 0 and self.slash_of(redo_evidence(ev)).amount == 0:
-            return False
+        if self.slash_of(ev).amount == 0:
+            redo = self.slash_of(redo_evidence(ev))
+            if redo.amount == 0 or redo.ready_at <= self.chain.timestamp():
+                return False
         self._send(self.staking, "voidSlash", ev)
         return True
 

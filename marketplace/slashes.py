@@ -233,10 +233,13 @@ def _redos(rt: Runtime, redos: list[str]) -> None:
     of the account lands, and both take it, the second from stake the account added since. A sweep that finds the
     lease held leaves the redos to its holder (or, if that dies, to a sweep after the lease lapses)."""
     me = leases.holder()
+    if not leases.take(rt, REDO_LEASE, me, REDO_LEASE_S):
+        logger.info("another sweep sends the slash redos: %d left to it", len(redos))
+        return
     try:
-        for ev in redos:
-            if not leases.take(rt, REDO_LEASE, me, REDO_LEASE_S):
-                logger.info("another sweep sends the slash redos: %d left to it", len(redos))
+        for i, ev in enumerate(redos):
+            if i and not leases.take(rt, REDO_LEASE, me, REDO_LEASE_S):  # (again: held past its lapse, it is gone)
+                logger.warning("the slash redos' lease lapsed: %d left to the next sweep", len(redos) - i)
                 return
             with _left_on_error("slash redo", ev):
                 _redo(rt, ev)

@@ -664,3 +664,16 @@ def test_a_conviction_that_took_nothing_voided_after_its_redo_went_out_takes_the
     _settle(market)
     assert market.ops.stake_of(cheat.address) == tokens(200) and market.ops.balance_of(verifier) == 0
     assert _outcome(market, "0x" + redo.hex())[0] == "gone"
+
+
+def test_voiding_a_conviction_whose_redo_is_final_sends_nothing(market) -> None:
+    """A conviction that took nothing, its redo past its own delay (final, not yet paid out): the client's void has
+    nothing to void and sends nothing (found by a review: it sent, and the chain refused it), and the redo is paid."""
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(200))
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
+    assert market.ops.void_slash(theft)
+    service.sweep(market.rt)
+    market.chain.advance_time(DELAY + 1)
+    assert market.ops.void_slash(conviction) is False
+    _settle(market)
+    assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(verifier) == tokens(100)
