@@ -49,6 +49,8 @@ GAS_HEADROOM = 30_000
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError,
 )
+#: HTTP statuses of a node that is busy or refuses a request's size for now (5xx too): ChainUnavailable, retried.
+TRANSIENT_HTTP = frozenset({408, 413, 429})
 #: Tries (and the first back-off, doubled per try) for one request that failed in transport.
 TRANSPORT_RETRIES, TRANSPORT_BACKOFF_S = 6, 0.1
 #: Methods safe to resend: web3's read-only eth_/net_ list. Not eth_sendRawTransaction (``Chain.transact`` resends it
@@ -91,11 +93,17 @@ class _RetryingHTTPProvider(HTTPProvider):
             # the path) go into the error: a marketplace answers it to anonymous callers
             raise ChainUnavailable(f"chain node {redact_url(str(self.endpoint_uri))} unreachable during {method} "
                                    f"({type(exc).__name__})") from exc
-        except requests.exceptions.HTTPError as exc:  # (a hosted node's 429, 413, 5xx: its text repeats the URL)
+        except requests.exceptions.HTTPError as exc:  # (its text repeats the URL: a hosted node's API key)
             answer = exc.response
+            code = None if answer is None else answer.status_code
             status = "?" if answer is None else f"{answer.status_code} {answer.reason or ''}".strip()
-            raise ChainUnavailable(f"chain node {redact_url(str(self.endpoint_uri))} answered HTTP {status} to "
-                                   f"{method}") from exc
+            said = f"chain node {redact_url(str(self.endpoint_uri))} answered HTTP {status} to {method}"
+            # a busy or failing node (retry later) or a query too large (asked again smaller); any other 4xx (a
+            # wrong URL, an API key refused) is no outage: retrying would not help, and a stake check that takes an
+            # outage for "no answer yet" must not pass on it
+            err = ChainUnavailable(said) if code in TRANSIENT_HTTP or (code or 0) >= 500 else ChainError(said)
+            err.http_status = code  # type: ignore[attr-defined]
+            raise err from exc
 
 
 def redact_url(url: str) -> str:

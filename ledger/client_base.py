@@ -69,15 +69,29 @@ RATE_LIMIT = re.compile(r"\b(rate|rps|quota|capacity|429)\b|per second|too many 
 RESULT_LIMIT = re.compile(r"result|response size|payload too large")
 
 
-def _log_refusal(exc: Exception) -> str | None:
-    """How ``exc`` refuses a query over a node's limits: "range" (a fixed block range: never asked again), "results"
-    (a result count or size), or None (not such a refusal: a rate limit, any other error). Read from its JSON-RPC
-    error's message and data, where it has them (the rest of the error says nothing of why)."""
+def _log_refusal(exc: Exception, asked: int) -> tuple[bool, int | None]:
+    """Whether ``exc`` is a node's refusal of an eth_getLogs over ``asked`` blocks for its limits, and the largest
+    block range it says it takes where it names one below ``asked`` ("limited to a 10000 range", "range limit
+    2000"): a fixed limit, never asked over again. Read from the node's JSON-RPC error (message and data) or its HTTP
+    status (413: too large; 429: a rate limit), never from this client's own errors (a host name may hold
+    "range")."""
+    status = getattr(exc, "http_status", None)
+    if status is not None:
+        return status == 413, None
     error = (getattr(exc, "rpc_response", None) or {}).get("error")
-    text = (f"{error.get('message', '')} {error.get('data', '')}" if isinstance(error, dict) else str(exc)).lower()
+    if isinstance(error, dict):
+        text = f"{error.get('message', '')} {error.get('data', '')}".lower()
+    elif isinstance(exc, ChainError):
+        return False, None
+    else:
+        text = str(exc).lower()
     if not any(w in text for w in LOG_LIMIT_WORDS) or RATE_LIMIT.search(text) is not None:
-        return None
-    return "results" if RESULT_LIMIT.search(text) or "range" not in text else "range"
+        return False, None
+    if "range" not in text or RESULT_LIMIT.search(text):
+        return True, None
+    named = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text)]
+    below = [n for n in named if 1 <= n < asked]
+    return True, (min(below) if below else None)
 
 
 class ContractsBase:
@@ -95,9 +109,9 @@ class ContractsBase:
         #: receipt of the last transaction this client sent (benchmarks read its ``gasUsed``)
         self.last_receipt: TxReceipt | None = None
         #: the block range of one eth_getLogs query, once the node refused a larger one (None: the whole range), and
-        #: the smallest block range it refused as too long (None: none)
+        #: the largest the node said it takes (None: it named none)
         self._log_window: int | None = None
-        self._log_ceiling: int | None = None
+        self._log_max: int | None = None
         for key in ("token", "staking", "escrow"):
             self._bind(key, getattr(deployment, key))
         for key in ("distributor", "kill_switch", "timelock", "lens"):
@@ -219,9 +233,9 @@ class ContractsBase:
         """``contract``'s ``event`` logs from block ``from_block`` on (never before the deployment's), filtered on
         indexed arguments, oldest first; ChainError if the node cannot answer (the caller's task retries it). A node
         that limits a query's block range or result count (hosted RPCs do) is asked for half the range after each
-        refusal and twice the range after each answer (never again a block range it refused as such), so the
-        queries follow a result limit where the logs are dense and grow again where they are sparse; this client's
-        next read starts at the last range answered."""
+        refusal and twice the range after each answer (never over a block range limit it named), so the queries
+        follow a result limit where the logs are dense and grow again where they are sparse; this client's next read
+        starts at the last range answered."""
         start = max(from_block, self.deployment.from_block)
         try:
             end = int(self.chain.w3.eth.block_number)
@@ -229,17 +243,17 @@ class ContractsBase:
             limited = self._log_window is not None
             out: list[Any] = []
             while start <= end:
-                if self._log_ceiling is not None:
-                    size = min(size, self._log_ceiling - 1)
+                if self._log_max is not None:
+                    size = min(size, self._log_max)
                 stop = min(end, start + size - 1)
                 try:
                     got = contract.events[event]().get_logs(argument_filters=filters, from_block=start, to_block=stop)
                 except Exception as exc:
-                    refusal = _log_refusal(exc)
-                    if stop <= start or refusal is None:
+                    refused, most = _log_refusal(exc, stop - start + 1)
+                    if stop <= start or not refused:
                         raise
-                    if refusal == "range":
-                        self._log_ceiling = min(self._log_ceiling or stop - start + 1, stop - start + 1)
+                    if most is not None:
+                        self._log_max = min(self._log_max or most, most)
                     size, limited = (stop - start + 1) // 2, True
                     continue
                 out += got

@@ -327,12 +327,14 @@ class TokenStakingOps(ContractsBase):
         sending nothing, if the slash is not pending and its redo is not pending or final; ChainError
         (StakingSlashFinal) once the slash's delay has passed."""
         ev = to_bytes32(evidence, "evidence")
-        if self.slash_of(ev).amount == 0:
-            redo = self.slash_of(redo_evidence(ev))
-            if redo.amount == 0 or redo.ready_at <= self.chain.timestamp():
-                return False
-        self._send(self.staking, "voidSlash", ev)
-        return True
+        if self.slash_of(ev).amount > 0:
+            self._send(self.staking, "voidSlash", ev)
+            return True
+        redo = self.slash_of(redo_evidence(ev))
+        if redo.amount == 0 or redo.ready_at <= self.chain.timestamp():
+            return False
+        # (the redo alone, final by the next block's time if that is its deadline: refused then, nothing voided)
+        return self._send_once(self.staking, "voidSlash", ev, done="StakingUnknownSlash") is not None
 
     # helpers
 

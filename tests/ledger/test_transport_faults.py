@@ -77,11 +77,13 @@ class FlakyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def limit_logs(self, blocks: int, message: str, data: object = None, http: int | None = None) -> None:
-        """Answer every eth_getLogs over ``blocks`` blocks with a JSON-RPC error saying ``message`` (and ``data``),
-        as hosted RPCs refuse a range or result count over their limit, or with HTTP status ``http``; ``refused``
-        counts them."""
+    def limit_logs(self, blocks: int, message: str, data: object = None, http: int | None = None,
+                   times: int | None = None) -> None:
+        """Answer every eth_getLogs over ``blocks`` blocks (the next ``times`` only, if given) with a JSON-RPC error
+        saying ``message`` (and ``data``), as hosted RPCs refuse a range or result count over their limit, or with
+        HTTP status ``http``; ``refused`` counts them."""
         self.log_limit = (blocks, message, data, http)
+        self.log_limit_times = times
 
     def limit_results(self, logs: int) -> None:
         """Answer every eth_getLogs whose answer holds over ``logs`` logs with Infura's refusal (its error data
@@ -104,8 +106,10 @@ class FlakyProxy:
             return None
         (query,) = request["params"]  # type: ignore[misc]
         span = int(query["toBlock"], 16) - int(query["fromBlock"], 16) + 1
-        if span <= limit[0]:
+        if span <= limit[0] or self.log_limit_times == 0:
             return None
+        if self.log_limit_times is not None:
+            self.log_limit_times -= 1
         self.refused = getattr(self, "refused", 0) + 1
         error: dict[str, object] = {"code": -32005, "message": limit[1]}
         if limit[2] is not None:
@@ -268,6 +272,38 @@ def test_a_node_that_limits_log_queries_is_asked_in_windows(deployed: tuple[Chai
     again, asked = proxy.refused - refused, proxy.seen["eth_getLogs"] - answered
     assert asked <= 2 * -(-span // 4) + 2, (asked, span)
     assert again == 0 if fixed else again <= asked + 1, (again, asked)
+
+
+def test_a_passing_refusal_that_names_no_limit_leaves_none_behind(deployed: tuple[Chain, GridMintContracts],
+                                                                  proxy: FlakyProxy) -> None:
+    """A load-balanced node refuses one query with geth's "block range extends beyond current head block" (its
+    server a block behind), then answers everything: the read is split once and done, and the next read is one
+    query again, no limit learnt (found by a review: a ceiling of 2 blocks was learnt for the client's life)."""
+    _, direct = deployed
+    limited = GridMintContracts(Chain.http(proxy.url), direct.deployment, direct.account)
+    proxy.limit_logs(0, "block range extends beyond current head block", times=1)
+    ev = keccak(text="windowed-eth_getLogs is limited to a 4 range-0")
+    assert limited.slash_position(ev) == direct.slash_position(ev)
+    assert proxy.refused == 1 and limited._log_max is None
+    asked = proxy.seen["eth_getLogs"]
+    assert limited.slash_position(ev) == direct.slash_position(ev)
+    assert proxy.seen["eth_getLogs"] - asked <= 2  # (the learnt window and its double cover the rest)
+
+
+@pytest.mark.parametrize("status, transient", [(429, True), (401, False), (404, False), (503, True)])
+def test_a_node_answering_http_errors_keeps_its_url_secret(deployed: tuple[Chain, GridMintContracts],
+                                                           proxy: FlakyProxy, status: int, transient: bool) -> None:
+    """An HTTP error from the node: a ChainError naming the status, never the URL's path, where a hosted node keeps
+    its API key (found by a review); a busy node (429, 5xx) is ChainUnavailable (retried later), a refused key or a
+    wrong path (401, 404) a plain ChainError (found by a review: taken for an outage, a stake check passed on it);
+    neither is split into more queries."""
+    _, direct = deployed
+    limited = GridMintContracts(Chain.http(proxy.url + "/v3/SECRETKEY"), direct.deployment, direct.account)
+    proxy.limit_logs(0, "refused", http=status)
+    with pytest.raises(ChainError, match=f"HTTP {status}") as exc_info:
+        limited.slash_position(keccak(text="any"))
+    assert "SECRETKEY" not in str(exc_info.value) and proxy.refused == 1
+    assert isinstance(exc_info.value, ChainUnavailable) == transient
 
 
 def test_a_node_that_rate_limits_is_told_apart_and_its_url_kept_secret(deployed: tuple[Chain, GridMintContracts],

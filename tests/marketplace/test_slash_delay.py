@@ -677,3 +677,18 @@ def test_voiding_a_conviction_whose_redo_is_final_sends_nothing(market) -> None:
     assert market.ops.void_slash(conviction) is False
     _settle(market)
     assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(verifier) == tokens(100)
+
+
+def test_voiding_a_conviction_whose_redo_turns_final_in_the_next_block_sends_nothing_done(market) -> None:
+    """The latest block a second before the redo's deadline: the client sees it pending, but the next block is at
+    the deadline, where the chain counts it final and refuses the void: False, nothing voided (found by a review:
+    the refusal was raised)."""
+    cheat, verifier, thief, theft, conviction = _robbed(market, tokens(200))
+    assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
+    assert market.ops.void_slash(theft)
+    service.sweep(market.rt)
+    ready = market.ops.slash_of(slashes.redo_evidence(conviction)).ready_at
+    market.chain.advance_time(ready - market.chain.timestamp())  # (the in-process chain: the next block at ready)
+    assert market.chain.timestamp() == ready - 1
+    assert market.ops.void_slash(conviction) is False
+    assert market.ops.slash_of(slashes.redo_evidence(conviction)).amount == tokens(200)
