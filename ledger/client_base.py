@@ -64,6 +64,11 @@ LOG_LIMIT_WORDS = ("range", "limit", "more than", "exceed", "too many", "too lar
 #: ... unless it says the node is rate-limiting this client (Infura: "project ID request rate exceeded"; Chainstack:
 #: "You've exceeded the RPS limit"; HTTP 429): smaller queries would only be more of them
 RATE_LIMIT = re.compile(r"\b(rate|rps|quota|capacity|429)\b|per second|too many requests")
+#: a block range a refusal names as the node's limit: a number on its own right after a limit's words ("limited to a
+#: 10,000 range", "range limit 2000", "up to a 500 block range", "maximum block range: 5000", "10K"), never a hex
+#: value, an id or a block number elsewhere in the text
+NAMED_LIMIT = re.compile(r"(?:limit(?:ed)?(?: of| to| is)?(?: a)?|max(?:imum)?(?: block)?(?: range)?(?: of| is)?:?"
+                         r"|up to(?: a)?) (\d[\d,]*)(k?)\b")
 #: a refusal that names a result count or size (it may name a block range too, as Alchemy's does) is no fixed block
 #: range: the range it refused is tried again where the logs are sparser
 RESULT_LIMIT = re.compile(r"result|response size|payload too large")
@@ -80,7 +85,7 @@ def _log_refusal(exc: Exception, asked: int) -> tuple[bool, int | None]:
         return status == 413, None
     error = (getattr(exc, "rpc_response", None) or {}).get("error")
     if isinstance(error, dict):
-        text = f"{error.get('message', '')} {error.get('data', '')}".lower()
+        text = _error_text(error)
     elif isinstance(exc, ChainError):
         return False, None
     else:
@@ -89,9 +94,20 @@ def _log_refusal(exc: Exception, asked: int) -> tuple[bool, int | None]:
         return False, None
     if "range" not in text or RESULT_LIMIT.search(text):
         return True, None
-    named = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text)]
+    named = [int(n.replace(",", "")) * (1000 if k else 1) for n, k in NAMED_LIMIT.findall(text)]
     below = [n for n in named if 1 <= n < asked]
     return True, (min(below) if below else None)
+
+
+def _error_text(error: dict[str, Any]) -> str:
+    """A JSON-RPC error's message and the strings of its data (not its ids, hashes or block numbers)."""
+    data = error.get("data")
+    parts = [str(error.get("message", ""))]
+    if isinstance(data, str):
+        parts.append(data)
+    elif isinstance(data, dict):
+        parts += [v for v in data.values() if isinstance(v, str)]
+    return " ".join(parts).lower()
 
 
 class ContractsBase:

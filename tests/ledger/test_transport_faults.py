@@ -352,3 +352,33 @@ def test_a_log_query_the_node_fails_otherwise_is_not_split(deployed: tuple[Chain
     with pytest.raises(ChainError, match=message):
         limited.slash_position(keccak(text="any"))
     assert proxy.refused == 1
+
+
+@pytest.mark.parametrize("error, refused, most", [
+    ({"message": "eth_getLogs is limited to a 10,000 range"}, True, 10_000),  # QuickNode
+    ({"message": "eth_getLogs is limited to a 10K range"}, True, 10_000),
+    ({"message": "invalid params", "data": {"error_id": "4ed94073-0317-4a3b-9e1d-107fba5f44b3",
+                                            "payload": "range 9009594 is bigger than range limit 2000"}}, True, 2000),
+    ({"message": "block range 7-1000006 exceeds limit of 10000"}, True, 10_000),
+    ({"message": "exceed maximum block range: 5000"}, True, 5000),  # geth
+    ({"message": "-32005: block range too large, max 50000"}, True, 50_000),
+    ({"message": "Log response size exceeded. You can make eth_getLogs requests with up to a 500 block range. "
+                 "Based on your parameters, this block range should work: [0x123c9b2, 0x123cba5]"}, True, None),
+    ({"message": "query returned more than 10000 results", "data": {"from": "0x1e8429"}}, True, None),  # Infura
+    ({"message": "block range extends beyond current head block"}, True, None),  # a node a block behind
+    ({"message": "project ID request rate exceeded"}, False, None),
+    ({"message": "You've exceeded the RPS limit available on the current plan."}, False, None),
+    ({"message": "execution reverted"}, False, None),
+])
+def test_a_refusal_is_told_by_its_words_and_a_limit_only_by_the_number_it_names(
+        error: dict[str, object], refused: bool, most: int | None) -> None:
+    """What the client learns from a node's refusal: a block-range cap only from a number standing right after a
+    limit's words, never from a hex value, an id, an error code or a block number elsewhere in it (found by a
+    review: it took the smallest number anywhere, 2 from Alchemy's hex, 3 from Tenderly's error id)."""
+    from web3.exceptions import Web3RPCError
+
+    from ledger.client_base import _log_refusal
+
+    answer = {"jsonrpc": "2.0", "id": 1, "error": error}
+    exc = Web3RPCError(repr(error), rpc_response=answer)  # type: ignore[arg-type]
+    assert _log_refusal(exc, 1_000_000) == (refused, most)

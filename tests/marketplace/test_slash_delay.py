@@ -679,10 +679,13 @@ def test_voiding_a_conviction_whose_redo_is_final_sends_nothing(market) -> None:
     assert market.ops.stake_of(cheat.address) == 0 and market.ops.balance_of(verifier) == tokens(100)
 
 
-def test_voiding_a_conviction_whose_redo_turns_final_in_the_next_block_sends_nothing_done(market) -> None:
+@pytest.mark.parametrize("estimated_at", ["next block", "latest block"])
+def test_voiding_a_conviction_whose_redo_turns_final_in_the_next_block_sends_nothing_done(
+        market, monkeypatch, estimated_at: str) -> None:
     """The latest block a second before the redo's deadline: the client sees it pending, but the next block is at
     the deadline, where the chain counts it final and refuses the void: False, nothing voided (found by a review:
-    the refusal was raised)."""
+    the refusal was raised). Also where the node estimates gas against the latest block (geth's default), so the
+    void is sent and fails on chain, undecoded (found by a second review)."""
     cheat, verifier, thief, theft, conviction = _robbed(market, tokens(200))
     assert checking._slash_whole_stake(market.rt, cheat.address, verifier, conviction) == 0
     assert market.ops.void_slash(theft)
@@ -690,5 +693,7 @@ def test_voiding_a_conviction_whose_redo_turns_final_in_the_next_block_sends_not
     ready = market.ops.slash_of(slashes.redo_evidence(conviction)).ready_at
     market.chain.advance_time(ready - market.chain.timestamp())  # (the in-process chain: the next block at ready)
     assert market.chain.timestamp() == ready - 1
+    if estimated_at == "latest block":
+        monkeypatch.setattr(market.chain.w3.eth, "estimate_gas", lambda *_a, **_k: 200_000)
     assert market.ops.void_slash(conviction) is False
     assert market.ops.slash_of(slashes.redo_evidence(conviction)).amount == tokens(200)
