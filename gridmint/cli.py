@@ -435,9 +435,9 @@ def _production_governor(governor: str | None, timelock_delay_s: int, dispute_wi
         if value == 0:
             raise GridMintValueError(f"{flag} 0 is refused on a production chain: {why} (--dev for a development "
                                      f"chain)")
-    from ledger.deploy import REDO_MARGIN_S, UNBONDING_OVER_SLASH_DELAY
+    from ledger.deploy import REDO_MARGIN_S, UNBONDING_OVER_SLASH_DELAY, unbonding_outlasts_slash_delay
 
-    if unbonding_delay_s < slash_delay_s + REDO_MARGIN_S:
+    if not unbonding_outlasts_slash_delay(unbonding_delay_s, slash_delay_s):
         raise GridMintValueError(f"--unbonding-delay-s {unbonding_delay_s} must be at least --slash-delay-s "
                                  f"{slash_delay_s} + {REDO_MARGIN_S} on a production chain: {UNBONDING_OVER_SLASH_DELAY}")
     from eth_utils import to_checksum_address

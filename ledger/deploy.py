@@ -99,6 +99,12 @@ UNBONDING_OVER_SLASH_DELAY = (
     "voided: up to the slash delay; the margin covers a sweep held up meanwhile)")
 
 
+def unbonding_outlasts_slash_delay(unbonding_delay_s: int, slash_delay_s: int) -> bool:
+    """Whether a production deployment's unbonding delay is long enough beside its slash delay
+    (:data:`UNBONDING_OVER_SLASH_DELAY`): the deploy and the CLI's flags check this one rule."""
+    return unbonding_delay_s >= slash_delay_s + REDO_MARGIN_S
+
+
 @dataclass(frozen=True)
 class Governance:
     """Who holds the powers a production deployment keeps off the operator's hot key.
@@ -258,7 +264,7 @@ def _production_governance(
     ) if value == 0]
     if zero:
         raise GridMintValueError(f"a production deployment refuses a zero {'; a zero '.join(zero)}")
-    if unbonding_delay_s < slash_delay_s + REDO_MARGIN_S:
+    if not unbonding_outlasts_slash_delay(unbonding_delay_s, slash_delay_s):
         raise GridMintValueError(
             f"a production deployment needs unbonding_delay_s ({unbonding_delay_s}) of at least slash_delay_s "
             f"({slash_delay_s}) + {REDO_MARGIN_S}: {UNBONDING_OVER_SLASH_DELAY}")

@@ -327,20 +327,22 @@ class TokenStakingOps(ContractsBase):
         sending nothing, if the slash is not pending and its redo is not pending or final; ChainError
         (StakingSlashFinal) once the slash's delay has passed."""
         ev = to_bytes32(evidence, "evidence")
+
+        def nothing_to_void() -> bool:  # (neither the slash nor its redo pending and voidable by the latest block)
+            redo = self.slash_of(redo_evidence(ev))
+            return self.slash_of(ev).amount == 0 and (redo.amount == 0 or redo.ready_at <= self.chain.timestamp())
+
         if self.slash_of(ev).amount > 0:
             self._send(self.staking, "voidSlash", ev)
             return True
-        redo = self.slash_of(redo_evidence(ev))
-        if redo.amount == 0 or redo.ready_at <= self.chain.timestamp():
+        if nothing_to_void():
             return False
         # (the redo alone, final by the next block's time if that is its deadline: refused then, nothing voided;
         # a node that estimated against the latest block sends it and it fails undecoded)
         try:
             return self._send_once(self.staking, "voidSlash", ev, done="StakingUnknownSlash") is not None
         except ChainError as exc:
-            redo = self.slash_of(redo_evidence(ev))
-            if exc.error_name is None and self.slash_of(ev).amount == 0 and (
-                    redo.amount == 0 or redo.ready_at <= self.chain.timestamp()):
+            if exc.error_name is None and nothing_to_void():
                 return False
             raise
 
