@@ -210,7 +210,10 @@ class Chain:
         seconds = to_uint(seconds, "seconds", 64)
         if self._tester is not None:
             target = self.timestamp() + max(seconds, 1)
-            self._tester.time_travel(target)
+            # eth-tester mines its block at one second before the time asked for, and keeps that time for the
+            # pending block: ask one more, so the latest block stands at ``target`` (as on Hardhat) and a second
+            # call moves time on again
+            self._tester.time_travel(target + 1)
             return target
         self._rpc("evm_increaseTime", [seconds])
         self._rpc("evm_mine", [])

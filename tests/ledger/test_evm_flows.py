@@ -45,6 +45,18 @@ def expect(exc_info: pytest.ExceptionInfo[ChainError], cls: type[ChainError], na
     assert (exc_info.value.error_name, exc_info.value.error_args) == (name, args), str(exc_info.value)
 
 
+def test_advance_time_puts_the_latest_block_there_every_time(timed_world: World) -> None:
+    """The dev chains' clock: the latest block stands ``seconds`` on (py-evm left it one second short, and a second
+    ``advance_time(1)`` did not move it)."""
+    chain = timed_world.chain
+    before = chain.timestamp()
+    at = chain.advance_time(100)
+    assert chain.timestamp() == at >= before + 100
+    for _ in range(3):
+        previous, at = at, chain.advance_time(1)
+        assert chain.timestamp() == at > previous
+
+
 class TestUnbonding:
     def test_request_then_withdraw_after_the_delay(self, timed_world: World) -> None:
         w, p = timed_world, timed_world.provider

@@ -691,7 +691,7 @@ def test_voiding_a_conviction_whose_redo_turns_final_in_the_next_block_sends_not
     assert market.ops.void_slash(theft)
     service.sweep(market.rt)
     ready = market.ops.slash_of(slashes.redo_evidence(conviction)).ready_at
-    market.chain.advance_time(ready - market.chain.timestamp())  # (the in-process chain: the next block at ready)
+    market.chain.advance_time(ready - 1 - market.chain.timestamp())  # (the in-process chain: the next block at ready)
     assert market.chain.timestamp() == ready - 1
     if estimated_at == "latest block":
         monkeypatch.setattr(market.chain.w3.eth, "estimate_gas", lambda *_a, **_k: 200_000)
