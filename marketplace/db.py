@@ -43,10 +43,11 @@ def now_s() -> int:
 
 
 class SignerNonce(Base):
-    """Highest nonce seen per signer: a signed request is accepted only with a larger one."""
+    """Highest nonce seen per signer and lane: a signed request is accepted only with a larger one. ``address`` is
+    the signer's, or the signer's + "/beat" for its heartbeats' lane (``protocol.signing.nonce_key``)."""
 
     __tablename__ = "signer_nonces"
-    address: Mapped[str] = mapped_column(String(42), primary_key=True)
+    address: Mapped[str] = mapped_column(String(48), primary_key=True)
     last_nonce: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -306,7 +307,7 @@ class Slash(Base):
 
 class Lease(Base):
     """A step that must not run twice at once, across every worker (marketplace.leases): held by ``holder`` till
-    ``until`` (wall clock, seconds); lapsed, anyone may take it."""
+    ``until`` (the database's clock, seconds); lapsed, anyone may take it."""
 
     __tablename__ = "leases"
     name: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -28,6 +28,25 @@ def test_a_lease_has_one_holder_till_it_is_given_back_or_lapses(market) -> None:
 
 
 @pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_a_workers_own_clock_neither_takes_a_held_lease_nor_keeps_a_lapsed_one(  # type: ignore[no-untyped-def]
+        market, monkeypatch) -> None:
+    """Leases run on the database's clock: a worker whose clock is an hour fast cannot take a lease another holds
+    for a minute, and one whose clock is an hour slow takes a lease that lapsed (with the worker's clock, the first
+    took the held lease and the second waited an hour)."""
+    import time
+
+    rt, real = market.rt, time.time
+    assert leases.take(rt, "step", "a", 60)
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert not leases.take(rt, "step", "fast", 60)
+    with rt.sessions.begin() as s:  # a's worker died a minute ago: its lease has lapsed
+        s.execute(update(Lease).where(Lease.name == "step").values(until=Lease.until - 61))
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    assert leases.take(rt, "step", "slow", 60)
+    assert not leases.take(rt, "step", "a", 60)
+
+
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
 def test_of_workers_racing_for_a_lease_exactly_one_wins(market) -> None:  # type: ignore[no-untyped-def]
     """Eight threads, each its own holder, take a lease at once: when it does not exist yet (racing inserts) and
     when it has lapsed (racing updates)."""
