@@ -112,13 +112,40 @@ class GovernanceOps(SettlementOps):
         return self.govern([("staking", "setMinStake", (gpu_class_id(gpu_class), to_uint(amount)))], "set min stake")
 
     def set_unbonding_delay(self, seconds: int) -> TimelockOp:
-        return self.govern([("staking", "setUnbondingDelay", (to_uint(seconds, "seconds", 32),))], "set unbonding delay")
+        return self.set_delays(unbonding_delay_s=seconds)
 
     def set_bounty_bps(self, bps: int) -> TimelockOp:
         return self.govern([("staking", "setBountyBps", (to_uint(bps, "bps", 16),))], "set bounty bps")
 
     def set_slash_delay(self, seconds: int) -> TimelockOp:
-        return self.govern([("staking", "setSlashDelay", (to_uint(seconds, "seconds", 32),))], "set slash delay")
+        return self.set_delays(slash_delay_s=seconds)
+
+    def set_delays(self, *, unbonding_delay_s: int | None = None, slash_delay_s: int | None = None) -> TimelockOp:
+        """Change the unbonding delay, the slash delay or both, in one timelock operation.
+
+        Under a timelock with a delay (every production deployment has one) and a slash delay, the pair they leave
+        must keep the rule the production deploy checks (``ledger.deploy.unbonding_outlasts_slash_delay``): else
+        GridMintValueError, and nothing is proposed. To raise the slash delay past it, change both in one call.
+        A development deployment (no timelock delay) takes any pair."""
+        from ledger.deploy import REDO_MARGIN_S, UNBONDING_OVER_SLASH_DELAY, unbonding_outlasts_slash_delay
+
+        calls: list[Call] = []
+        said = []
+        if unbonding_delay_s is not None:
+            calls.append(("staking", "setUnbondingDelay", (to_uint(unbonding_delay_s, "unbonding_delay_s", 32),)))
+            said.append("set unbonding delay")
+        if slash_delay_s is not None:
+            calls.append(("staking", "setSlashDelay", (to_uint(slash_delay_s, "slash_delay_s", 32),)))
+            said.append("set slash delay")
+        if not calls:
+            raise GridMintValueError("set_delays needs unbonding_delay_s, slash_delay_s or both")
+        unbonding = self.unbonding_delay() if unbonding_delay_s is None else unbonding_delay_s
+        slash = self.slash_delay() if slash_delay_s is None else slash_delay_s
+        if slash and self.min_delay() and not unbonding_outlasts_slash_delay(unbonding, slash):
+            raise GridMintValueError(
+                f"an unbonding delay of {unbonding} s beside a slash delay of {slash} s: it must be at least the slash "
+                f"delay + {REDO_MARGIN_S} s, or {UNBONDING_OVER_SLASH_DELAY}")
+        return self.govern(calls, " and ".join(said))
 
     def set_verifier_bond(self, amount: int) -> TimelockOp:
         return self.govern([("staking", "setVerifierBond", (to_uint(amount),))], "set verifier bond")

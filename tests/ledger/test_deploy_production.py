@@ -149,7 +149,7 @@ def test_the_operator_key_cannot_skip_the_timelock(prod: Production) -> None:
         ops._send(ops.staking, "setUnbondingDelay", 0)  # noqa: SLF001
     unauthorized(param_info, op, "GOVERNOR_ROLE")
     with pytest.raises(UnauthorizedError) as propose_info:  # nor propose it through the timelock
-        ops.set_unbonding_delay(0)
+        ops.set_unbonding_delay(PARAMS["unbonding_delay_s"] * 2)
     unauthorized(propose_info, op, "PROPOSER_ROLE")
     with pytest.raises(UnauthorizedError) as timelock_info:  # nor make itself a proposer
         ops.grant_role_on("timelock", "PROPOSER_ROLE", op)
@@ -246,7 +246,8 @@ def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_
         ops.execute(op)
     unauthorized(executor_info, ops.address, "EXECUTOR_ROLE")
 
-    bad = gov.set_unbonding_delay(0)  # say the governor's key leaked: the guardian cancels in the delay
+    # say the governor's key leaked (a thief need not use GridMint's checks): the guardian cancels in the delay
+    bad = gov.govern([("staking", "setUnbondingDelay", (0,))])
     prod.guardian.cancel(bad)
     prod.chain.advance_time(delay)
     gov.execute(op)
@@ -266,6 +267,27 @@ def test_a_timelocked_proposal_runs_after_the_delay_and_the_guardian_can_cancel_
     gov.execute(rotate)
     for role in ("SETTLER_ROLE", "POSTER_ROLE", "SLASHER_ROLE", "REFEREE_ROLE"):
         assert ops.has_role(role, new_key) and not ops.has_role(role, ops.address), role
+
+
+def test_the_governor_is_refused_delays_that_let_a_cheat_unbond_before_its_redo(prod: Production) -> None:
+    """The rule the production deploy checks (unbonding delay >= slash delay + 1 h) holds for the governor's
+    proposals too: each delay against the other's value, or both in one operation."""
+    gov, delay = prod.governor, PARAMS["timelock_delay_s"]
+    too_short = PARAMS["slash_delay_s"] + 3599
+    with pytest.raises(GridMintValueError, match=f"unbonding delay of {too_short} s beside a slash delay of {DAY} s"):
+        gov.set_unbonding_delay(too_short)
+    with pytest.raises(GridMintValueError, match="at least the slash delay"):
+        gov.set_slash_delay(PARAMS["unbonding_delay_s"])
+    with pytest.raises(GridMintValueError, match="needs unbonding_delay_s, slash_delay_s or both"):
+        gov.set_delays()
+    lower = gov.set_unbonding_delay(DAY + 3600)  # exactly the margin: allowed
+    both = gov.set_delays(unbonding_delay_s=14 * DAY, slash_delay_s=7 * DAY)  # raised together: allowed
+    prod.chain.advance_time(delay)
+    gov.execute(lower)
+    assert gov.unbonding_delay() == DAY + 3600
+    gov.execute(both)
+    assert (gov.unbonding_delay(), gov.slash_delay()) == (14 * DAY, 7 * DAY)
+    assert gov.set_slash_delay(0).description == "set slash delay"  # no slash delay, no redo to wait for: allowed
 
 
 def test_unsafe_production_settings_are_refused_before_anything_is_sent(chain: Chain) -> None:
