@@ -48,7 +48,7 @@ from protocol.errors import (
 from protocol.jobs import new_job_id
 from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit,
                               RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
-from protocol.signing import SignedRequest
+from protocol.signing import SignedRequest, nonce_key
 
 _JOB_ID = re.compile(r"0x[0-9a-f]{64}")  # protocol.schemas.Bytes32Hex: job ids are the escrow's bytes32 keys
 
@@ -262,7 +262,7 @@ def create_app(rt: Runtime) -> FastAPI:
         beat = _parse(Heartbeat, body)
 
         def write(conn: Any) -> dict[str, Any]:
-            consume_nonce_in(conn, req.signer, req.nonce)
+            consume_nonce_in(conn, nonce_key(req.signer, request.url.path), req.nonce)
             return service.heartbeat_in(conn, rt, req.signer, beat)
 
         return await committer.run_async(write, key=req.signer)  # lock order: groupcommit's docstring
@@ -306,7 +306,10 @@ def create_app(rt: Runtime) -> FastAPI:
         return _send_blob(sha)
 
     def _send_blob(sha: str, filename: str | None = None) -> StreamingResponse:
-        size, chunks = rt.blobs.send(sha)  # BlobCorruptError (500) before the first byte where it can tell then
+        try:
+            size, chunks = rt.blobs.send(sha)  # BlobCorruptError (500) before the first byte where it can tell then
+        except FileNotFoundError:  # (collected since the caller looked)
+            raise NotFound(f"no checkpoint {sha}") from None
         headers = {"content-length": str(size)}  # a body cut off (corruption found on the way) is seen to be short
         if filename is not None:
             headers["content-disposition"] = f'attachment; filename="{filename}"'

@@ -16,7 +16,7 @@ from marketplace.db import SignerNonce, now_s, write_gate
 from marketplace.runtime import Runtime
 from marketplace.settings import Settings
 from protocol.errors import GridMintError, GridMintValueError, ReplayError, SignatureError
-from protocol.signing import (HEADER_BODY_HASH, HEADER_SIGNER, SignedRequest, body_hash, parse_address,
+from protocol.signing import (HEADER_BODY_HASH, HEADER_SIGNER, SignedRequest, body_hash, nonce_key, parse_address,
                               signed_body_hash, verify_request)
 
 MAX_NONCE = 2**63 - 1
@@ -188,7 +188,7 @@ def make_signed_dependency(rt: Runtime, limit: int, slots: UploadSlots | None = 
 
     def check(headers: Mapping[str, str], method: str, path: str, body: bytes | None) -> SignedRequest:
         req = check_envelope(rt, headers, method, path, body)
-        consume_nonce(rt, req.signer, req.nonce)
+        consume_nonce(rt, nonce_key(req.signer, path), req.nonce)
         return req
 
     async def signed(request: Request) -> AsyncIterator[SignedRequest]:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
@@ -163,16 +163,28 @@ class BlobStore:
         client gets an error, not the bytes) unless this process wrote or hashed this very file before (same inode,
         size and mtime: ``_identity``), so a blob every provider downloads is not read twice each time; and hashed on
         the way whatever: the last chunk goes only if the whole matches, so a copy that rotted in place (its
-        metadata untouched) is cut off, and no client ever gets all of a corrupt blob. FileNotFoundError if none."""
+        metadata untouched) is cut off, and no client ever gets all of a corrupt blob. FileNotFoundError if none.
+        The file is opened once, checked and sent from that one handle: the collector taking it meanwhile changes
+        nothing (a review found a blob collected between the check and the send was a bare 500, or a cut body)."""
         p = self.path(sha)
-        st = p.stat()
-        if self._intact.get(sha) != _identity(st):
-            self.checked_path(sha)
-        return st.st_size, self._chunks(sha, p)
+        fh = p.open("rb")
+        try:
+            st = os.fstat(fh.fileno())
+            if self._intact.get(sha) != _identity(st):
+                h = hashlib.sha256()
+                while chunk := fh.read(CHUNK):
+                    h.update(chunk)
+                self._check(sha, h.hexdigest(), p)
+                self._remember(sha, st)
+                fh.seek(0)
+        except BaseException:
+            fh.close()
+            raise
+        return st.st_size, self._chunks(sha, p, fh)
 
-    def _chunks(self, sha: str, p: Path) -> Iterator[bytes]:
+    def _chunks(self, sha: str, p: Path, fh: BinaryIO) -> Iterator[bytes]:
         h = hashlib.sha256()
-        with p.open("rb") as fh:
+        with fh:
             held = fh.read(CHUNK)
             while nxt := fh.read(CHUNK):
                 h.update(held)
@@ -193,7 +205,7 @@ class BlobStore:
             return True
         try:
             self.checked_path(sha)
-        except BlobCorruptError:
+        except (BlobCorruptError, FileNotFoundError):  # (taken by the collector since the stat: written again)
             return False
         return True
 

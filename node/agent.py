@@ -48,6 +48,11 @@ RESULT_FILE = "result.json"
 _UNIT_DIR = re.compile(r"[0-9a-fA-F]{12}")  # a unit's directory: unit_id[2:14]
 
 
+def _same_ask(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two reveal requests ask for one state (the same dispute's same step)."""
+    return (a.get("verification_id"), a.get("step")) == (b.get("verification_id"), b.get("step"))
+
+
 def default_workdir(address: str) -> Path:
     """Where a wallet's node keeps its units: the same on every start, so a restarted node finds a unit it trained
     and had not handed in yet (and a second start leaves no second directory behind)."""
@@ -417,19 +422,21 @@ class ProviderAgent:
 
         with self.heartbeats(spec.unit_id):
             blobs = [self._retry(f"upload of {name}", lambda name=name: self.client.put_blob(unit_dir / name), due,
-                                 between) for name in names]
+                                 between, unit=True) for name in names]
             signature = sign_typed(self.account, "TrainingProof", self.client.domain, proof.signable_fields())
             body = {"unit_id": spec.unit_id, "proof": kept["proof"], "proof_signature": signature,
                     "final_blob": blobs[-1], "segment_blobs": blobs[:-1], "losses": kept["losses"],
                     "plan": kept["plan"], "build": kept["build"]}
-            self._retry("submission", lambda: self.client.submit(spec.unit_id, body), due, between)
+            self._retry("submission", lambda: self.client.submit(spec.unit_id, body), due, between, unit=True)
 
-    def _retry(self, what: str, send: Callable[[], T], due: float, between: Callable[[], None] | None = None) -> T:
+    def _retry(self, what: str, send: Callable[[], T], due: float, between: Callable[[], None] | None = None,
+               unit: bool = False) -> T:
         """``send()``, tried again after a dropped link or a 5xx, waiting 1, 2, 4 ... (at most MAX_BACKOFF_S) seconds
         while that leaves time before ``due`` (unix seconds); so is a refused nonce (another process signing with
         this wallet) and a 408 (an upload slower than the marketplace's body deadline: a slow link, maybe faster on
-        the next try). Another 4xx, the unit taken back (a heartbeat's 409) or a stop request ends the tries.
-        ``between()`` is called before each wait (a hand-in answers a reveal the heartbeats saw meanwhile)."""
+        the next try). Another 4xx, the unit in hand taken back (a heartbeat's 409; only where ``send`` is that
+        unit's: ``unit``) or a stop request ends the tries. ``between()`` is called before each wait (a hand-in
+        answers a reveal the heartbeats saw meanwhile)."""
         wait = 1.0
         while True:
             try:
@@ -437,7 +444,8 @@ class ProviderAgent:
             except (MarketError, *UNREACHABLE) as exc:
                 if isinstance(exc, MarketError) and exc.status < 500 and exc.status != 408 and not exc.replayed:
                     raise
-                if self._withdrawn is not None:
+                if unit and self._withdrawn is not None:  # (a reveal is another unit's: a review found a unit
+                    # taken back before ended a later reveal's tries, and the agent with them)
                     raise UnitWithdrawn(self._withdrawn) from exc
                 if time.time() + wait > due:
                     raise
@@ -478,6 +486,9 @@ class ProviderAgent:
         ask = self.client.next_reveal()
         if ask is None:
             return False
+        with self._ask_lock:  # the heartbeats saw it too: answered here, not again between the next unit's steps
+            if self._ask is not None and _same_ask(self._ask, ask):
+                self._ask = None
         with self.alive():
             self._reveal(ask)
         return True
@@ -503,7 +514,7 @@ class ProviderAgent:
             now = self.client.next_reveal()
         except (MarketError, httpx.HTTPError):
             return True
-        return now is not None and (now["verification_id"], now["step"]) == (ask["verification_id"], ask["step"])
+        return now is not None and _same_ask(now, ask)
 
     @staticmethod
     def _reveal_due(ask: dict[str, Any]) -> float:

@@ -14,7 +14,7 @@ from eth_account.signers.local import LocalAccount
 
 from protocol.errors import ChainUnavailable, GridMintError, GridMintValueError
 from protocol.limits import wire_json
-from protocol.signing import Domain, NonceSource, sign_request
+from protocol.signing import BEAT_LANE_PATHS, Domain, NonceSource, sign_request
 
 REQUEST_TTL_S = 60
 #: How the marketplace's ReplayError names the signer's last accepted nonce (marketplace.auth.consume_nonce_in).
@@ -37,6 +37,12 @@ class MarketError(GridMintError, RuntimeError):
         request again under a fresh nonce is safe. Another process signing with this wallet, or a clock behind the
         one that signed before."""
         return self.error == "ReplayError"
+
+    @property
+    def transient(self) -> bool:
+        """A marketplace restarting or busy (a 5xx, from it or a proxy in front), a body too slow for its deadline
+        (408) or a rate limit (429): nothing was decided, and the same request may go through later."""
+        return self.status >= 500 or self.status in (408, 429)
 
     @property
     def conflict(self) -> bool:
@@ -76,8 +82,12 @@ class MarketClient:
         self.account = account
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self.nonces = NonceSource()
-        # one signed request at a time: nonces must reach the server in the order they were drawn
+        # one signed request at a time per nonce lane: nonces must reach the server in the order they were drawn;
+        # heartbeats and the reveal poll have a lane of their own (protocol.signing.BEAT_LANE_PATHS), so the
+        # heartbeat thread never waits behind an upload of the main thread's
         self._send_lock = threading.Lock()
+        self.beat_nonces = NonceSource()
+        self._beat_lock = threading.Lock()
         self._config: dict[str, Any] | None = None
 
     @property
@@ -106,14 +116,18 @@ class MarketClient:
         resp = self._send_signed(method, path, body, content_type)
         last = _last_accepted(resp)
         if last is not None:
-            self.nonces.skip_past(last)
+            self._lane(path)[0].skip_past(last)
             resp = self._send_signed(method, path, body, content_type)
         return resp
 
+    def _lane(self, path: str) -> tuple[NonceSource, threading.Lock]:
+        return (self.beat_nonces, self._beat_lock) if path in BEAT_LANE_PATHS else (self.nonces, self._send_lock)
+
     def _send_signed(self, method: str, path: str, body: bytes, content_type: str) -> httpx.Response:
         d = self.domain
-        with self._send_lock:
-            headers = sign_request(self.account, d, method, path, body, self.nonces.next(),
+        nonces, lock = self._lane(path)
+        with lock:
+            headers = sign_request(self.account, d, method, path, body, nonces.next(),
                                    int(time.time()) + REQUEST_TTL_S)
             headers["content-type"] = content_type
             return self.http.request(method, path, content=body, headers=headers)

@@ -35,6 +35,9 @@ console = Console(stderr=True)
 #: a verifier whose verdicts are mostly overruled there is benched instead (GRIDMINT_VERIFIER_OVERRULED_*).
 REFEREE_BOND_MARGIN = 1.0
 OTHER_PLAN_BOND_MARGIN = math.inf
+#: How long a verdict is tried again after a dropped link or a 5xx (the marketplace restarting) before the replay it
+#: reports is given up (the task is then handed out again).
+VERDICT_RETRY_S = 600.0
 
 
 def calibration_plans(provider_plan: Plan, provider_build: str | None, plan: Plan, build: str,
@@ -204,16 +207,42 @@ class VerifierAgent:
             body["accusation"] = sign_accusation(self.account, self.client.chain_id, self.client.config["staking"],
                                                  task["provider"], evidence)
         try:
-            self.client.verdict(body)
+            with beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat):
+                self._send_verdict(body, withdrawn)
         except MarketError as exc:
             if exc.status != 409:
                 raise
             # the task was withdrawn while this replayed it (its provider slashed meanwhile, or it timed out)
             console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({exc.detail})")
             return "withdrawn"
+        if withdrawn:
+            console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({withdrawn[0]})")
+            return "withdrawn"
         word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({reason})"
         console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
         return "ok" if ok else "fraud"
+
+    def _send_verdict(self, body: dict[str, Any], withdrawn: list[str]) -> None:
+        """Send a verdict, trying again after a dropped link or a passing refusal (a 5xx: the marketplace
+        restarting; 408, 429), waiting 1, 2, 4 ... 30 s, for at most :data:`VERDICT_RETRY_S`, and while the task is
+        still this verifier's (the caller beats meanwhile; ``withdrawn`` says it was taken back): a replay of a whole
+        segment is not thrown away on one bad answer (a review found the agent stopped on it). A verdict is taken
+        once: one whose answer was lost is refused as withdrawn (409)."""
+        wait, give_up = 1.0, time.monotonic() + VERDICT_RETRY_S
+        while True:
+            try:
+                self.client.verdict(body)
+                return
+            except (MarketError, *UNREACHABLE) as exc:
+                if isinstance(exc, MarketError) and not exc.transient:
+                    raise
+                if withdrawn:
+                    return  # taken back meanwhile: the caller says so
+                if time.monotonic() + wait > give_up:
+                    raise
+                console.print(f"[dim]verifier[/] [yellow]verdict not taken ({exc}); trying again in {wait:g} s[/]")
+                time.sleep(wait)
+                wait = min(2 * wait, 30.0)
 
     def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
                       end_path: Path, provider_plan: Plan = PROVIDER_PLAN,
@@ -258,6 +287,12 @@ class VerifierAgent:
                 console.print(f"[dim]verifier[/] [yellow]unreachable, retrying in {self.poll_s:g} s: {exc}[/]")
                 verified = None
             except MarketError as exc:
+                if exc.transient:  # a restart behind a proxy (502/503), busy: as a dropped link (a review found one
+                    # 503 stopped the verifier for good)
+                    console.print(f"[dim]verifier[/] [yellow]marketplace answered {exc.status}, retrying in "
+                                  f"{self.poll_s:g} s: {exc.detail}[/]")
+                    time.sleep(self.poll_s)
+                    continue
                 if exc.replayed:  # another process signs with this wallet (the lock file keeps out one on this machine)
                     console.print(f"[dim]verifier[/] [yellow]marketplace refused a nonce, retrying: {exc.detail}[/]")
                     time.sleep(self.poll_s)

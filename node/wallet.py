@@ -50,19 +50,51 @@ def load_or_create(path: Path = DEFAULT_WALLET, password: str | None = None) -> 
         return Account.from_key(key)
     account = Account.create()
     try:
-        save(account, path, password)
+        created = _create(account, path, password)
     except OSError as exc:
         raise GridMintValueError(f"cannot create wallet {path}: {exc.strerror or exc}") from exc
-    return account
+    # another process created it meanwhile (two agents started together on a new wallet): use that key, never
+    # overwrite it (a review found the second start's key replaced the first's, which ran on with a key on no disk)
+    return account if created else load_or_create(path, password)
+
+
+def _create(account: LocalAccount, path: Path, password: str) -> bool:
+    """Write ``account``'s keystore at ``path`` whole, only if no file is there (False if one is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
+    _write(account, part, password)
+    try:
+        os.link(part, path)  # (atomic, and refuses an existing name: of two, one wins)
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: made exclusively, then written
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(part.read_bytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        part.unlink(missing_ok=True)
+    return True
 
 
 def save(account: LocalAccount, path: Path, password: str | None = None) -> None:
+    """Write ``account``'s keystore at ``path``, replacing any file there."""
     password = password_from_env() if password is None else password
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write(account, path, password)
+
+
+def _write(account: LocalAccount, path: Path, password: str) -> None:
     keystore = Account.encrypt(account.key, password, kdf="pbkdf2", iterations=200_000)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(keystore, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def lock_path(address: str) -> Path:

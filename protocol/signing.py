@@ -297,6 +297,19 @@ class SignedRequest:
     deadline: int
 
 
+#: Signed routes whose nonces run in a lane of their own: small, frequent requests (heartbeats, the reveal poll) that a
+#: node's heartbeat thread sends while its main thread may be in a long upload. Nonces rise within each lane; a
+#: marketplace keeps the last one per signer and lane (:func:`nonce_key`), so a beat never waits behind an upload
+#: (a review found a node on a slow link reaped as silent while it handed in a unit).
+BEAT_LANE_PATHS = frozenset({"/providers/heartbeat", "/verify/heartbeat", "/reveals/next"})
+
+
+def nonce_key(signer: str, path: str) -> str:
+    """Under which key a marketplace keeps ``signer``'s last nonce for a request to ``path``: the address, or the
+    address + "/beat" for the routes of :data:`BEAT_LANE_PATHS`."""
+    return f"{signer}/beat" if path in BEAT_LANE_PATHS else signer
+
+
 class NonceSource:
     """Strictly increasing nonces for one signer in this process (microsecond clock, never repeats)."""
 

@@ -46,6 +46,23 @@ def _providers(market) -> int:
         return s.query(Provider).count()
 
 
+@pytest.mark.parametrize("market", ["sqlite", "postgres"], indirect=True)
+def test_heartbeats_and_the_reveal_poll_keep_a_nonce_lane_of_their_own(market) -> None:  # type: ignore[no-untyped-def]
+    """A node's heartbeat thread signs beats while its main thread uploads (node.client's lanes): a beat's nonce is
+    checked against the signer's last beat-lane nonce, not against its uploads' and submissions', and the other way
+    round; within a lane a nonce is used once and rises (a review found beats waited behind a slow upload, and a
+    node on a slow link lost its unit as silent while handing it in)."""
+    acct = market.account()
+    assert _post(market, acct, "/providers/register", REG, nonce=1_000).status_code == 201
+    assert _post(market, acct, "/providers/heartbeat", {"unit_id": None, "steps_done": 0}, nonce=500).status_code == 200
+    assert _post(market, acct, "/reveals/next", {}, nonce=501).status_code == 204  # (the poll: same lane)
+    assert _post(market, acct, "/providers/register", REG, nonce=1_001).status_code == 201
+    again = _post(market, acct, "/providers/heartbeat", {"unit_id": None, "steps_done": 0}, nonce=501)
+    assert again.status_code == 409 and "last accepted 501" in again.json()["detail"], again.text
+    assert _post(market, acct, "/providers/register", REG, nonce=1_001).status_code == 409
+    assert _post(market, acct, "/providers/heartbeat", {"unit_id": None, "steps_done": 0}, nonce=502).status_code == 200
+
+
 def test_register_ok_then_replay_rejected(market) -> None:
     acct = market.account()
     body = json.dumps(REG).encode()

@@ -146,3 +146,66 @@ def test_a_blob_handed_in_again_while_the_collector_takes_it_is_kept(tmp_path: P
     assert store.read(sha) == data and not list(store.root.glob("*.gc"))
     os.utime(store.path(sha), (old, old))
     assert store.collect(set(), time.time() - 3600) == (1, len(data)) and not store.path(sha).exists()
+
+
+def _old_orphan(root: Path) -> tuple[str, bytes]:
+    """A checkpoint another API process stored two hours ago, named by nothing: the collector's to take."""
+    from marketplace.blobs import BlobStore
+
+    writer = BlobStore(root)
+    sha = writer.put_tensors({"x": torch.arange(6, dtype=torch.float32)}, {"k": "v"})
+    old = time.time() - 7200
+    os.utime(writer.path(sha), (old, old))
+    return sha, writer.path(sha).read_bytes()
+
+
+def test_a_blob_handed_in_again_as_the_collector_takes_it_mid_check_is_written_again(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """An API process that never saw the file hashes it to find it there; the collector (another process) takes it
+    between that stat and the hash: the upload writes it again (a review found FileNotFoundError escaped the upload
+    as a 500)."""
+    from marketplace.blobs import BlobStore
+
+    sha, data = _old_orphan(tmp_path)
+    api, gc = BlobStore(tmp_path), BlobStore(tmp_path)
+    real = BlobStore.checked_path
+
+    def collected_first(self: BlobStore, s: str) -> Path:
+        if self is api:
+            assert gc.collect(set(), older_than=time.time() - 60)[0] == 1
+        return real(self, s)
+
+    monkeypatch.setattr(BlobStore, "checked_path", collected_first)
+    assert api.put_checkpoint(data) == sha
+    assert api.path(sha).read_bytes() == data
+
+
+def test_a_blob_collected_between_the_look_and_the_send_is_a_404(market, monkeypatch) -> None:
+    """GET /blobs/{sha} over HTTP: a blob the collector removes after the route found it is a 404, as a moment
+    later (a review found a bare 500); one removed once the route has opened it is sent whole."""
+    from marketplace.blobs import BlobStore
+
+    store = market.rt.blobs
+    sha = store.put_tensors({"x": torch.arange(6, dtype=torch.float32)}, {"k": "v"})
+    data = store.path(sha).read_bytes()
+    real_has, real_fstat = BlobStore.has, os.fstat
+
+    def collected_after_the_look(self: BlobStore, s: str) -> bool:
+        there = real_has(self, s)
+        os.unlink(self.path(s))
+        return there
+
+    monkeypatch.setattr(BlobStore, "has", collected_after_the_look)
+    got = httpx.get(f"{market.url}/blobs/{sha}")
+    assert got.status_code == 404 and got.json()["error"] == "NotFound", got.text[:200]
+    monkeypatch.undo()
+    store.path(sha).write_bytes(data)
+
+    def collected_once_open(fd: int) -> os.stat_result:
+        if store.path(sha).exists():
+            os.unlink(store.path(sha))
+        return real_fstat(fd)
+
+    monkeypatch.setattr("marketplace.blobs.os.fstat", collected_once_open)
+    got = httpx.get(f"{market.url}/blobs/{sha}")
+    assert got.status_code == 200 and got.content == data

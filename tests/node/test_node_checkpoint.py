@@ -214,6 +214,20 @@ def test_brackets_and_quotes_inside_strings_do_not_count_as_nesting() -> None:
     assert checkpoint.load(blob)[1] == meta
 
 
+def test_an_unclosed_string_of_escaped_quotes_is_stripped_in_one_pass() -> None:
+    """A header of one string never closed, made of escaped quotes: the string pattern takes it to the end in one
+    match, so the depth check is linear (the pattern, which needed a closing quote, was tried again from each later
+    quote, each try scanning to the end: 4 s of CPU with the GIL held for a 32 KB header, about an hour at the 1 MB
+    a header may have, found by a review); the loader then refuses it."""
+    def unclosed(n: int) -> bytes:
+        return b'{"' + b'\\"' * n + b"\\"
+
+    assert checkpoint._JSON_STRING.sub(b"", unclosed(2_000)) == b"{"
+    assert checkpoint._JSON_STRING.sub(b"", b'{"a\\"b":"c"}') == b"{:}"  # closed strings as before
+    with pytest.raises(CheckpointError, match="header"):
+        checkpoint.load(_raw_blob(unclosed(400_000)))  # 800 KB, under the header bound: parsed, and refused
+
+
 def _empty_tensors_blob(n: int) -> bytes:
     """A header of ``n`` zero-size tensors: valid in every other way (offsets tile an empty data buffer)."""
     header = {f"t{i:07d}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(n)}
