@@ -3,7 +3,8 @@ download its model, cancel it and close the escrow for the refund. Money is inte
 
 ``submit`` can be run again with the same ``job_id`` after a failure half way (the escrow funded, the submission
 lost): it funds only what the escrow still lacks, and takes a job the marketplace already holds for this customer
-as submitted."""
+as submitted (refusing, before anything is funded, one it holds with another spec). The job id is said before the
+money moves."""
 from __future__ import annotations
 
 import json
@@ -33,11 +34,21 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
     ``job_id``: the id to use (to finish a submission that failed half way; it must be this wallet's, see
     ``protocol.jobs``); else a fresh one bound to this wallet (``new_job_id``)."""
     me = client.account.address
+    wire = spec.model_dump(mode="json")
     if job_id is not None:
         check_job_id(job_id, me)
         job_id = job_id.lower()  # (an id written with the checksummed address: the marketplace takes lowercase hex,
         # and a mixed-case one was refused after its escrow was funded)
-    wire = spec.model_dump(mode="json")
+        held = _held(client, job_id)
+        if held is not None:  # submitted before: fund nothing more (a review found a re-run with an edited spec
+            # funded the difference and said the edited job was submitted, while the marketplace held the first)
+            if "spec" in held and JobSpec.model_validate(held["spec"]) != spec:
+                raise GridMintValueError(
+                    f"the marketplace holds job {job_id} with another spec ({held['rounds']} rounds, budget "
+                    f"{format_tokens(int(held['budget']))}): nothing funded; submit the edited spec under a new job id")
+            say(f"job {job_id} was submitted already (status {held['status']})")
+            return {"job_id": job_id, "budget": str(held["budget"]), "funded_now": "0",
+                    "page": f"{client.base_url}/web/jobs/{job_id}"}
     quote = client.quote(wire)
     job_id = job_id or new_job_id(me)
     budget = int(quote["budget"])
@@ -53,6 +64,9 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
         if have < short:
             raise GridMintValueError(f"the job's budget is {format_tokens(budget)} ({budget} base units); "
                                      f"{me} holds {format_tokens(have)}, {format_tokens(short - have)} short")
+        # named before the money moves: a run that stops after the fund landed (a lost receipt, a Ctrl-C) is
+        # finished with this id, not funded again under a new one (a review found the id was never said)
+        say(f"funding the escrow of job {job_id}; if this stops half way, finish it with --job-id {job_id}")
         contracts.fund_job_with_permit(job_id, short)
         say(f"funded the escrow of job {job_id} with {format_tokens(short)} (budget {format_tokens(budget)})")
     try:
@@ -66,6 +80,16 @@ def submit(client: MarketClient, contracts: GridMintContracts, spec: JobSpec, jo
         f"{client.base_url}/web/jobs/{job_id}")
     return {"job_id": job_id, "budget": str(budget), "funded_now": str(short),
             "page": f"{client.base_url}/web/jobs/{job_id}"}
+
+
+def _held(client: MarketClient, job_id: str) -> dict[str, Any] | None:
+    """The marketplace's view of job ``job_id``, or None if it holds no such job."""
+    try:
+        return dict(client.job(job_id))
+    except MarketError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def download_weights(client: MarketClient, job_id: str, dest: Path) -> dict[str, Any]:

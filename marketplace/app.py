@@ -45,7 +45,7 @@ from protocol.errors import (
     ReplayError,
     SignatureError,
 )
-from protocol.jobs import new_job_id
+from protocol.jobs import RANDOM_BYTES, new_job_id
 from protocol.schemas import (INT64_MAX, Heartbeat, JobSpec, JobSubmit, ProviderRegister, QuoteOut, ResultSubmit,
                               RevealSubmit, VerdictSubmit, VerificationBeat, VerifierRegister)
 from protocol.signing import SignedRequest, nonce_key
@@ -453,7 +453,9 @@ def create_app(rt: Runtime) -> FastAPI:
         against its name as it is sent, like ``GET /blobs/{sha}``."""
         with rt.sessions() as s:
             sha = _job_row(s, job_id).global_blob
-        return _send_blob(sha, f"gridmint-{job_id[2:10]}.safetensors")
+        # named by the id's random tail: its head is the customer's address, the same for every job of theirs (a
+        # review found two jobs' models downloaded under one name)
+        return _send_blob(sha, f"gridmint-{job_id[-2 * RANDOM_BYTES:][:12]}.safetensors")
 
     @app.get("/payouts/{address}", summary="What an address can claim, with its Merkle proof", responses=_errors(422))
     def payout(address: str) -> dict[str, Any]:
@@ -615,6 +617,7 @@ def job_view(s: Any, j: Job, detail: bool = False) -> dict[str, Any]:
         "eval_losses": j.eval_losses, "refund": None if j.refund is None else str(j.refund),
     }
     if detail:
+        out["spec"] = spec.model_dump(mode="json")  # what was submitted (a customer's re-run compares its own)
         out["units"] = [{"unit_id": u.id, "round": u.round, "shard": u.shard, "status": u.status, "provider": u.provider,
                          "price": None if u.price is None else str(u.price), "rank": u.rank, "attempts": u.attempts,
                          "excluded": u.excluded, "dropped_by": u.dropped_by,

@@ -131,3 +131,62 @@ def test_a_job_id_written_with_the_checksummed_address_is_submitted_and_read_as_
     out = submit(client, contracts, spec, job_id, say=lambda _: None)
     assert out["job_id"] == job_id.lower() and client.job(job_id.lower())["status"] == "running"
     assert contracts.get_job(job_id).remaining == spec.budget()
+
+
+def test_a_rerun_with_an_edited_spec_funds_nothing_and_says_what_the_marketplace_holds(market) -> None:
+    """The same job id again with another spec (3 rounds where 1 was submitted): refused before anything is funded
+    (a review found it funded the difference and said the 3-round job was submitted, the marketplace holding the
+    1-round one)."""
+    customer = market.account(gmt=tokens(100))
+    client, contracts = MarketClient(market.url, customer), market.contracts(customer)
+    sent = submit(client, contracts, SPEC, say=lambda _: None)
+    before = market.ops.balance_of(customer.address)
+    with pytest.raises(GridMintValueError, match="holds job .* with another spec \\(1 rounds"):
+        submit(client, contracts, SPEC.model_copy(update={"rounds": 3}), sent["job_id"], say=lambda _: None)
+    assert market.ops.balance_of(customer.address) == before
+    assert client.job(sent["job_id"])["rounds"] == 1
+
+
+class _LandsThenTimesOut:
+    """The customer's chain client, whose fund lands on chain and whose receipt is then lost (the RPC drops, a
+    Ctrl-C): what a real chain does between sending and mining."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def fund_job_with_permit(self, job_id: str, amount: int) -> None:
+        from protocol.errors import ChainUnavailable
+
+        self._real.fund_job_with_permit(job_id, amount)  # type: ignore[attr-defined]
+        raise ChainUnavailable("timed out waiting for the receipt")
+
+
+def test_a_fund_whose_receipt_is_lost_was_named_first_and_is_finished_with_its_id(market) -> None:
+    """The job id is said before the money moves (a review found it never was: the budget sat in an escrow nobody
+    could name, and a plain rerun funded a second one); the rerun with it funds nothing more and submits."""
+    from protocol.errors import ChainError
+
+    said: list[str] = []
+    customer = market.account(gmt=tokens(100))
+    client = MarketClient(market.url, customer)
+    with pytest.raises(ChainError):
+        submit(client, _LandsThenTimesOut(market.contracts(customer)), SPEC, say=said.append)  # type: ignore[arg-type]
+    assert market.ops.balance_of(customer.address) == tokens(100) - SPEC.budget()
+    named = [w for m in said for w in m.replace(";", " ").split() if w.startswith("0x") and len(w) == 2 + 64]
+    assert named, said
+    done = submit(client, market.contracts(customer), SPEC, named[0], say=said.append)
+    assert done["funded_now"] == "0" and client.job(named[0])["status"] == "running"
+    assert market.ops.balance_of(customer.address) == tokens(100) - SPEC.budget()
+
+
+def test_each_jobs_model_downloads_under_its_own_name(market) -> None:
+    """The file name comes from the id's random tail (its head, the customer's address, named every job of theirs
+    alike: found by a review)."""
+    customer = market.account(gmt=tokens(100))
+    client, contracts = MarketClient(market.url, customer), market.contracts(customer)
+    ids = [submit(client, contracts, SPEC, say=lambda _: None)["job_id"] for _ in range(2)]
+    names = [httpx.get(f"{market.url}/jobs/{j}/weights").headers["content-disposition"] for j in ids]
+    assert names[0] != names[1] and all(j[-24:][:12] in n for j, n in zip(ids, names)), names
