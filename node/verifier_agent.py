@@ -87,6 +87,7 @@ class VerifierAgent:
         self.bond_margin = bond_margin if bond_margin is not None else (
             REFEREE_BOND_MARGIN if plan == PROVIDER_PLAN else OTHER_PLAN_BOND_MARGIN)
         self._stake_target: tuple[str, int, Any] | None = None  # what keep_staked keeps topped up (run() re-stakes)
+        self._stopper: Stopper | None = None  # run()'s, while it runs: a verdict's tries end on a stop request
 
     @property
     def cpu_build(self) -> str:
@@ -208,40 +209,46 @@ class VerifierAgent:
                                                  task["provider"], evidence)
         try:
             with beating(beat_interval(int(self.client.config.get("unit_timeout_s", 120))), beat):
-                self._send_verdict(body, withdrawn)
+                taken = self._send_verdict(body, withdrawn)
         except MarketError as exc:
             if exc.status != 409:
                 raise
             # the task was withdrawn while this replayed it (its provider slashed meanwhile, or it timed out)
             console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({exc.detail})")
             return "withdrawn"
-        if withdrawn:
+        if not taken:  # (a beat's 409 once the verdict was taken is the task closed by it: a review found it said
+            # "withdrawn" of a verdict taken)
             console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: withdrawn ({withdrawn[0]})")
             return "withdrawn"
         word = "[green]ok[/]" if ok else f"[red]FRAUD[/] ({reason})"
         console.print(f"[dim]verifier[/] unit {spec.unit_id[:10]} segment {seg}: {word}")
         return "ok" if ok else "fraud"
 
-    def _send_verdict(self, body: dict[str, Any], withdrawn: list[str]) -> None:
+    def _send_verdict(self, body: dict[str, Any], withdrawn: list[str]) -> bool:
         """Send a verdict, trying again after a dropped link or a passing refusal (a 5xx: the marketplace
         restarting; 408, 429), waiting 1, 2, 4 ... 30 s, for at most :data:`VERDICT_RETRY_S`, and while the task is
         still this verifier's (the caller beats meanwhile; ``withdrawn`` says it was taken back): a replay of a whole
         segment is not thrown away on one bad answer (a review found the agent stopped on it). A verdict is taken
-        once: one whose answer was lost is refused as withdrawn (409)."""
+        once: one whose answer was lost is refused as withdrawn (409). True once taken; False if the task was taken
+        back before (no more tries). A stop request (a signal) ends the tries too."""
         wait, give_up = 1.0, time.monotonic() + VERDICT_RETRY_S
         while True:
             try:
                 self.client.verdict(body)
-                return
+                return True
             except (MarketError, *UNREACHABLE) as exc:
                 if isinstance(exc, MarketError) and not exc.transient:
                     raise
                 if withdrawn:
-                    return  # taken back meanwhile: the caller says so
+                    return False  # taken back meanwhile: the caller says so
                 if time.monotonic() + wait > give_up:
                     raise
                 console.print(f"[dim]verifier[/] [yellow]verdict not taken ({exc}); trying again in {wait:g} s[/]")
-                time.sleep(wait)
+                end = time.monotonic() + wait
+                while time.monotonic() < end:
+                    if self._stopper is not None and self._stopper.stop:
+                        raise
+                    time.sleep(min(0.1, end - time.monotonic()))
                 wait = min(2 * wait, 30.0)
 
     def _check_across(self, spec: UnitSpec, proof: TrainingProof, seg: int, start_path: Path,
@@ -270,7 +277,11 @@ class VerifierAgent:
         """Verify until stopped (a signal), idle for ``exit_when_idle_s``, or refused for good: then the refusal is
         returned (and said), so a caller can exit with a failure status."""
         with Stopper(lambda msg: console.print(f"[dim]verifier[/] {msg}")) as stopper:
-            return self._run(stopper, exit_when_idle_s)
+            self._stopper = stopper
+            try:
+                return self._run(stopper, exit_when_idle_s)
+            finally:
+                self._stopper = None
 
     def _run(self, stopper: Stopper, exit_when_idle_s: float | None) -> str | None:
         claims = Claims(lambda: self.claim(), lambda msg: console.print(f"[dim]verifier[/] {msg}"), self.retry_s)

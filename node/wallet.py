@@ -34,6 +34,9 @@ def load(path: Path = DEFAULT_WALLET, password: str | None = None) -> LocalAccou
 def load_or_create(path: Path = DEFAULT_WALLET, password: str | None = None) -> LocalAccount:
     """Load the keystore at ``path``, or create a fresh key there. The password comes from GRIDMINT_WALLET_PASSWORD."""
     password = password_from_env() if password is None else password
+    if path.is_symlink():  # (a link to where the key is to live: made there, as before; a review found a link to a
+        # file not yet made was never written, and each try made a new key)
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise GridMintValueError(f"wallet {path} is a directory: name a file (e.g. {path / 'wallet.json'})")
     if path.exists():
@@ -55,6 +58,8 @@ def load_or_create(path: Path = DEFAULT_WALLET, password: str | None = None) -> 
         raise GridMintValueError(f"cannot create wallet {path}: {exc.strerror or exc}") from exc
     # another process created it meanwhile (two agents started together on a new wallet): use that key, never
     # overwrite it (a review found the second start's key replaced the first's, which ran on with a key on no disk)
+    if not created and not path.exists():
+        raise GridMintValueError(f"cannot create wallet {path}: something else holds the name")
     return account if created else load_or_create(path, password)
 
 

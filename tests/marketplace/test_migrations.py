@@ -39,3 +39,25 @@ def test_concurrent_and_repeated_migrations_are_harmless(db_url: str) -> None:
         t.join()
     assert errors == []
     migrate(make_engine(db_url))  # and once more, already at head
+
+
+def test_0022_starts_each_signers_beat_lane_at_its_last_nonce_and_goes_back(db_url: str) -> None:
+    """Nonce lanes (0022): a signer's beat lane starts at the last nonce the signer's one row held, so a beat the
+    marketplace took just before the upgrade is not taken again after it (found by a review: the lane started
+    empty); downgraded, the lanes' rows go and the signer's own stays."""
+    from alembic import command
+    from sqlalchemy import text
+
+    engine = make_engine(db_url)
+    cfg = alembic_config()
+    a = "0x" + "ab" * 20
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0021")
+        conn.execute(text("INSERT INTO signer_nonces (address, last_nonce) VALUES (:a, 5)"), {"a": a})
+        command.upgrade(cfg, "head")
+        rows = sorted(conn.execute(text("SELECT address, last_nonce FROM signer_nonces")).all())
+        assert rows == [(a, 5), (a + "/beat", 5)]
+        command.downgrade(cfg, "0021")
+        assert conn.execute(text("SELECT address, last_nonce FROM signer_nonces")).all() == [(a, 5)]
+        command.upgrade(cfg, "head")

@@ -363,3 +363,26 @@ def test_a_node_whose_micro_batches_do_not_split_a_jobs_batch_trains_it_on_a_pla
     # its own where it splits; a batch with no divisor from 3 to 64 (a prime past 64; one sample): one micro-batch
     assert [p.plan_for(SimpleNamespace(batch_size=b)).micro_batches  # type: ignore[arg-type]
             for b in (16, 15, 67, 1)] == [2, 3, 1, 1]
+
+
+def test_a_verdict_taken_while_its_answer_is_slow_is_not_said_withdrawn(market, tmp_path: Path, monkeypatch) -> None:
+    """The verifier beats while its verdict is sent (it may be tried again for minutes); the answer of one the
+    marketplace took comes back slowly, and a beat meanwhile is refused (409: the task is decided): the verifier
+    still reports the verdict it gave (a review found it said "withdrawn")."""
+    from marketplace import checking
+    from tests.marketplace.test_flow import provider, staked_verifier
+
+    one = JobSpec(rounds=1, units_per_round=1, steps_per_unit=10, segment_len=5, batch_size=8, max_price=tokens(2))
+    worker = provider(market, tmp_path, "node", "eu-north", "0.5")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    _handed_in(market, submit_job(market, one), [worker], 1)
+    verifier.client.config["unit_timeout_s"] = 2  # a beat every 0.5 s (scaled down: 15 s in production)
+    real = checking.record_verdict
+
+    def slow_answer(rt, signer, body):  # type: ignore[no-untyped-def]
+        status = real(rt, signer, body)  # taken
+        time.sleep(1.2)  # its answer on its way back
+        return status
+
+    monkeypatch.setattr(checking, "record_verdict", slow_answer)
+    assert verifier.verify_once() == "ok"

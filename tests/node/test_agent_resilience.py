@@ -221,3 +221,21 @@ def test_a_verdict_met_by_a_5xx_is_sent_again_and_a_refusal_is_not(tmp_path: Pat
     answers[:] = [refusal({"detail": "restarting"}, 502)]
     verifier._send_verdict({"verification_id": 3}, ["unit taken back"])  # noqa: SLF001 - nothing more is sent
     assert len(sent) == 4 and not answers
+
+
+def test_a_wallet_path_linked_to_a_file_not_made_yet_is_made_there(tmp_path: Path) -> None:
+    """`~/.gridmint/wallet.json -> /secure/wallet.json`, the target not made yet: the keystore is written there, once
+    (a review found the link's name refused the exclusive create, and each try made a new key, none stored)."""
+    from node import wallet
+
+    target = tmp_path / "secure" / "wallet.json"
+    target.parent.mkdir()
+    link = tmp_path / "wallet.json"
+    link.symlink_to(target)
+    account = load_or_create(link, "pw")
+    assert target.exists() and load(link, "pw").address == account.address == load(target, "pw").address
+    assert link.is_symlink() and not list(target.parent.glob(".*part"))
+    blocked = tmp_path / "blocked.json"
+    blocked.symlink_to(blocked)  # a name that is there and no file: a clear error, not a loop
+    with pytest.raises(wallet.GridMintValueError):
+        load_or_create(blocked, "pw")
