@@ -36,6 +36,21 @@ def _identity(st: os.stat_result) -> _Identity:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _fsync_dir(d: Path) -> None:
+    """Flush directory ``d``'s entries (a rename in it) to disk; a filesystem that cannot (some network ones) is
+    left to its own guarantees."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -86,6 +101,8 @@ class BlobStore:
                 fh.flush()
                 os.fsync(fh.fileno())  # on disk before it has a name: a host crash leaves no torn blob named right
             os.replace(tmp, target)  # atomic: a crash never leaves a half blob under its name
+            _fsync_dir(self.root)  # and the name on disk before the caller records it (a review: a host crash could
+            # lose the name of a blob a committed row already named)
         except BaseException:
             with contextlib.suppress(OSError):  # a full disk: the partial file must not keep it full
                 os.unlink(tmp)

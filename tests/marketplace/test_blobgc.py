@@ -209,3 +209,28 @@ def test_a_blob_collected_between_the_look_and_the_send_is_a_404(market, monkeyp
     monkeypatch.setattr("marketplace.blobs.os.fstat", collected_once_open)
     got = httpx.get(f"{market.url}/blobs/{sha}")
     assert got.status_code == 200 and got.content == data
+
+
+def test_a_stored_blob_is_on_disk_and_named_there_before_the_store_returns(tmp_path: Path, monkeypatch) -> None:
+    """The bytes are flushed before the rename and the folder after it: a host crash after the caller recorded the
+    blob's name loses neither (a review found the folder was never flushed, so the name could go)."""
+    import stat
+
+    from marketplace.blobs import BlobStore
+
+    flushed: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        flushed.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        flushed.append("rename")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("marketplace.blobs.os.fsync", fsync)
+    monkeypatch.setattr("marketplace.blobs.os.replace", replace)
+    store = BlobStore(tmp_path / "blobs")
+    sha = store.put_tensors({"x": torch.arange(6, dtype=torch.float32)}, {"k": "v"})
+    assert flushed == ["file", "rename", "folder"] and store.has(sha)
