@@ -70,6 +70,11 @@ class Provider(Base):
     verified_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[int] = mapped_column(BigInteger, default=now_s)
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
+    # when the reaper last took a unit from it for silence: offered no work (matching, standby) till seen since
+    silent_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # when its last unit was handed in: a node trains its units one after another, so the next one's delivery is
+    # timed from here if it was assigned before (service._observe_delivery)
+    last_delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Verifier(Base):

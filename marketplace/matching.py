@@ -277,7 +277,9 @@ def match_last_resort(offers: Sequence[Offer], demands: Sequence[Demand], lifted
     taken = Counter(a.provider for a in got)
     left = [replace(o, free_slots=o.free_slots - taken[o.provider]) for o in offers
             if o.free_slots > taken[o.provider]]
-    return got + match(left, retry, table)
+    # (ranks among every offer, as the first pass's: a review found them counted among the leftovers)
+    rank = {o.provider: r + 1 for r, o in enumerate(sorted(offers, key=lambda o: sort_key(o, table)))}
+    return got + [a._replace(rank=rank[a.provider]) for a in match(left, retry, table)]
 
 
 class NaiveBook:

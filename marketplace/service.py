@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, exists, func, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -159,8 +159,11 @@ def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0)
     unit yet is ranked at the median delivered throughput, so it competes on its ask until its work speaks."""
     busy = _busy(s) if busy is None else busy
     # (an unstaked provider can meet no unit's stake floor: its row, free to create, is never loaded here)
-    providers = list(s.scalars(select(Provider).where(Provider.status == "active", Provider.last_seen >= seen_since,
-                                                      Provider.stake != 0)))
+    # (nor one the reaper found silent and that has not been seen since: a review found it given the next round's
+    # work, and the next dropout's unit as standby, while the live window lasted)
+    providers = list(s.scalars(select(Provider).where(
+        Provider.status == "active", Provider.last_seen >= seen_since, Provider.stake != 0,
+        or_(Provider.silent_at.is_(None), Provider.last_seen >= Provider.silent_at))))
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
     return [
@@ -222,14 +225,21 @@ def _lock_providers(s: Session, providers: Iterable[str]) -> None:
 def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer, price: int, rank: int,
             how: str, busy: dict[str, int]) -> bool:
     """Give ``unit`` to ``offer``'s provider, if it still may have it: the unit still pending, its job still running,
-    the provider still active with a free slot, as the database has them now (a matching round decides on what it
-    read before: a stop, a conviction, another round or a reap's standby may have committed since; the caller took
-    the provider's row first, :func:`_lock_providers`). ``busy`` (``_busy``, kept up to date by the caller's round)
-    counts it. True if assigned."""
+    the provider still active with a free slot, and on the terms it was matched on (its ask, enough VRAM for the
+    job, the minimum stake), as the database has them now (a matching round decides on what it read before: a stop,
+    a conviction, another round, a reap's standby, a new registration or a stake read may have committed since; the
+    caller took the provider's row first, :func:`_lock_providers`). ``busy`` (``_busy``, kept up to date by the
+    caller's round) counts it. True if assigned."""
     provider, region = offer.provider, offer.region
     now = now_s()
+    spec = JobSpec.model_validate(job.spec)
+    terms = s.execute(select(Provider.price, Provider.vram_mb, Provider.stake)
+                      .where(Provider.address == provider)).one_or_none()
+    if (terms is None or terms.price != offer.price or terms.vram_mb < spec.vram_mb
+            or terms.stake < rt.settings.min_stake):
+        return False  # (a review found a unit given on the terms read before: a GPU too small, an ask gone up)
     queued = busy.get(provider, 0) + 1
-    deadline = _deadline(rt, JobSpec.model_validate(job.spec), offer.throughput, queued, now)
+    deadline = _deadline(rt, spec, offer.throughput, queued, now)
     holds = (select(func.count()).select_from(Unit).where(Unit.provider == provider, Unit.status == "assigned")
              .scalar_subquery())
     may = select(Provider.address).where(Provider.address == provider, Provider.status == "active",
@@ -438,7 +448,7 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
             raise Conflict(f"unit {body.unit_id} is no longer assigned to {provider}")
         unit = s.get(Unit, body.unit_id)
         assert unit is not None
-        _observe_delivery(s, provider, spec, now_s() - (unit.assigned_at or now_s()))
+        _observe_delivery(s, provider, spec, unit.assigned_at)
         # queued in a random order (checks go out in queue order): had they gone out by segment, a ring of verifiers
         # seeing segment 2 handed out before 1 would guess 1 held back, the tell of a canary of 0 out with another
         for seg in _shuffled(picks):
@@ -463,11 +473,16 @@ def _shuffled(items: list[int]) -> list[int]:
     return out
 
 
-def _observe_delivery(s: Session, provider: str, spec: UnitSpec, seconds: int) -> None:
-    """Blend the throughput this unit was delivered at (tokens trained / seconds since assignment) into the
-    provider's record; the first unit sets it."""
+def _observe_delivery(s: Session, provider: str, spec: UnitSpec, assigned_at: int | None) -> None:
+    """Blend the throughput this unit was delivered at (tokens trained / seconds it had) into the provider's record;
+    the first unit sets it. A node trains its units one after another: a unit assigned while another was in hand
+    had from that one's hand-in on (a review found the k-th of k queued units measured k times too slow, so a
+    provider of several slots ranked dearer than a slower one)."""
     p = s.get(Provider, provider)
     assert p is not None
+    now = now_s()
+    seconds = now - max(assigned_at or now, p.last_delivered_at or 0)
+    p.last_delivered_at = now
     measured = spec.steps * spec.batch_size * spec.model.ctx // max(1, seconds)
     p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
@@ -730,9 +745,12 @@ def reap(rt: Runtime) -> int:
             if not take_back(s, u.id, dropped, dropped_by={**(u.dropped_by or {}), dropped: now}):
                 continue
             extra: dict[str, Any] = {}
-            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed);
+                # it had the unit from its assignment, or from its last hand-in if it held another then
                 extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
-                                                           now - (assigned_at or now))
+                                                           now - max(assigned_at or now, prov.last_delivered_at or 0))
+            else:  # silent: no work for it till it is seen again
+                prov.silent_at = now
             log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,
                 reason=f"not submitted by its deadline ({deadline_at})" if late else "no heartbeat", **extra)
             prov.dropped = move.dropped_reliability.dropped

@@ -420,3 +420,117 @@ def test_the_reaper_hands_no_unit_to_a_provider_it_takes_one_from_in_the_same_pa
     _silent(world, on_y)
     assert service.reap(world.rt) == 2
     assert sorted(_held(world)[z.address]) == sorted([_unit(world, on_x).id, _unit(world, on_y).id])
+
+
+def test_a_provider_whose_terms_change_while_a_round_decides_is_not_given_the_unit(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-registers with less VRAM than the job needs and a higher ask while a round decides: the unit stays
+    pending for the next round (a review found it handed over at the old ask, on a GPU too small for it)."""
+    a = _offering(world, 0, tokens(1))
+    big = _spec().model_copy(update={"vram_mb": 12_000})
+    job = None
+
+    def rereg() -> None:
+        service.register_provider(world.rt, a.address, ProviderRegister(
+            region="eu-north", gpu="cpu", vram_mb=8_000, price=str(tokens(4)), tokens_per_s=10_000, capacity=1))
+
+    # create the job without the automatic round firing our hook: run_matching is only called explicitly
+    job = _job(world, "big", big)
+    fired = _during_matching(monkeypatch, rereg)
+    got = service.run_matching(world.rt)
+    assert fired
+    u = _unit(world, job)
+    with world.rt.sessions() as s:
+        p = s.get(Provider, a.address)
+    assert got == [] and u.status == "pending", (
+        f"assigned to a provider that now has {p.vram_mb} MB (< 12000) at {u.price} (its ask now {p.price})")
+
+
+
+def test_a_provider_whose_stake_falls_short_while_a_round_decides_is_not_given_the_unit(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll for work reads A's stake fallen below the minimum (and writes it) while a round decides: the unit
+    stays pending (a review found it handed to A, staked 1 GMT against a minimum of 100)."""
+    a = _offering(world, 0, tokens(1))
+    job = _job(world, "j", _spec())
+
+    def short() -> None:  # what next_work commits when the chain says the stake fell short
+        with world.rt.sessions.begin() as s:
+            s.execute(update(Provider).where(Provider.address == a.address).values(stake=tokens(1)))
+
+    fired = _during_matching(monkeypatch, short)
+    got = service.run_matching(world.rt)
+    assert fired
+    u = _unit(world, job)
+    assert got == [] and u.status == "pending", f"assigned to {u.provider}, staked 1 GMT < min 100"
+
+
+
+def test_a_provider_reaped_for_silence_gets_no_work_till_seen_again(world: World) -> None:
+    """X (cheap) and Y each hold a unit; a third job's unit waits. X goes silent and is reaped: the round after
+    gives X nothing (a review found it given the waiting unit, silent for over a heartbeat deadline); once X is
+    seen again, it is offered work again."""
+    x = _offering(world, 0, tokens(1))
+    j1 = _job(world, "j1", _spec())
+    service.run_matching(world.rt)
+    y = _offering(world, 1, tokens(2))
+    j2 = _job(world, "j2", _spec())
+    service.run_matching(world.rt)
+    assert _held(world) == {x.address: [_unit(world, j1).id], y.address: [_unit(world, j2).id]}
+    j3 = _job(world, "j3", _spec())
+    service.run_matching(world.rt)
+    assert _unit(world, j3).status == "pending"
+    _silent(world, j1)
+    assert service.reap(world.rt) == 1
+    service.run_matching(world.rt)
+    held = _held(world)
+    assert x.address not in held, f"silent X (last seen > unit_timeout ago) was given {held.get(x.address)}"
+    assert service.next_work(world.rt, x.address) is None  # back: a poll for work
+    service.run_matching(world.rt)
+    assert x.address in _held(world)
+
+
+
+def test_a_provider_reaped_for_silence_is_no_later_dropouts_standby(world: World) -> None:
+    """X is reaped for silence (Z takes its unit). A pass later W goes silent: its unit does not go to X, still
+    silent, as standby (a review found it did: the live window is 3 heartbeat deadlines)."""
+    x = _offering(world, 0, tokens(1))
+    j1 = _job(world, "j1", _spec())
+    service.run_matching(world.rt)
+    w_ = _offering(world, 1, tokens(2))
+    j2 = _job(world, "j2", _spec())
+    service.run_matching(world.rt)
+    _silent(world, j1)
+    z = _offering(world, 2, tokens(3))
+    assert service.reap(world.rt) == 1
+    assert _held(world)[z.address] == [_unit(world, j1).id]
+    _silent(world, j2)
+    # keep X's last_seen as _silent left it (unit_timeout + 5 s ago): within the live window, past the deadline
+    assert service.reap(world.rt) == 1
+    held = _held(world)
+    assert x.address not in held, f"the standby for W's unit is X, silent: {held}"
+
+
+
+def test_units_queued_on_a_provider_are_timed_from_the_hand_in_before(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P (2 slots) gets both units of a job at once and trains them one after another (next_work hands out the
+    oldest), each in 10 s: its delivered throughput is one unit per 10 s (a review found the second timed from its
+    assignment, 20 s: half P's speed, and a provider of k slots ranked as k times slower)."""
+    p = _offering(world, 0, tokens(1), capacity=2)
+    job = _job(world, "two", _spec(units=2))
+    assert len(service.run_matching(world.rt)) == 2
+    t0 = now_s()
+    with world.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
+    spec = _spec(units=2)
+    tokens_per_unit = spec.steps_per_unit * spec.batch_size * spec.model.ctx
+    for when in (t0 - 10, t0):
+        body = _train(world, p, tmp_path)
+        monkeypatch.setattr(service, "now_s", lambda when=when: when)
+        service.submit_result(world.rt, p.address, body)
+        monkeypatch.undo()
+    with world.rt.sessions() as s:
+        got = s.get(Provider, p.address).observed_tps
+    real = tokens_per_unit // 10
+    assert got == real, f"P trained each unit in 10 s ({real} tokens/s); recorded {got}"

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from marketplace.matching import (Assignment, Demand, MatchingBook, NaiveBook, Offer, OfferColumns, eligible, match,
-                                  match_naive, sort_key)
+                                  match_last_resort, match_naive, sort_key)
 from marketplace.pricing import PPM, REFERENCE_THROUGHPUT, REGIONS, effective_price
 from marketplace.simulation import synthetic_demands, synthetic_offers
 from protocol.errors import GridMintValueError
@@ -312,3 +312,16 @@ def test_rank_order_is_exact_effective_price_order(offers: list[tuple[int, int, 
     assert fractions == sorted(fractions)
     assert [effective_price(a.price, *next((o.throughput, o.reliability_ppm) for o in book if o.provider == a.provider))
             for a in got] == sorted(effective_price(o.price, o.throughput, o.reliability_ppm) for o in book)
+
+
+def test_a_last_resort_assignment_is_ranked_among_every_offer() -> None:
+    """rank: 1 = the cheapest offer overall, for a last-resort assignment too (a review found it ranked among the
+    offers left after the first pass)."""
+    offers = [Offer("0xa", "eu-north", 1, 16_000, 100, 1), Offer("0xb", "eu-north", 2, 16_000, 100, 1),
+              Offer("0xc", "eu-north", 3, 16_000, 100, 1)]
+    demands = [Demand("u1", 0, 0, 10), Demand("u2", 0, 0, 10, excluded=frozenset({"0xc"})),
+               Demand("u3", 0, 0, 10, excluded=frozenset({"0xc"}))]
+    got = match_last_resort(offers, demands, {"u3": frozenset({"0xc"})})
+    last = next(a for a in got if a.unit_id == "u3")
+    assert last.provider == "0xc"
+    assert last.rank == 3, f"0xc is the 3rd cheapest overall, reported rank {last.rank}"
