@@ -21,6 +21,7 @@ inside the dispute window) is noticed on chain, logged and its epoch number reus
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Any
 
@@ -35,6 +36,8 @@ from marketplace.db import Event, Job, LedgerEntry, PayoutEpoch, now_s
 from marketplace.runtime import Runtime
 from protocol.errors import ChainError, GridMintValueError, InsufficientFundsError
 from protocol.signing import to_bytes32
+
+logger = logging.getLogger(__name__)
 
 
 def batch_id_for(job_id: str, unit_ids: list[str]) -> str:
@@ -184,13 +187,22 @@ def post_epoch(rt: Runtime) -> int | None:
         return None
     epoch, root, total = pending.epoch, bytes.fromhex(pending.root[2:]), pending.total
     if chain_latest < epoch:
-        c.post_root(epoch, root, total)
+        try:
+            c.post_root(epoch, root, total)
+        except ChainError:
+            if c.root_of(epoch) != root:
+                raise
+            # (another run sent this very row since this one read the chain: recorded below; a review found the
+            # second run's send refused, SettlementWrongEpoch, and the task failed)
     elif c.root_of(epoch) != root:
         raise ChainError(f"epoch {epoch} on chain has root 0x{c.root_of(epoch).hex()}, the ledger wrote {pending.root}")
     claimable_at = c.latest_claimable_at()
+    if c.root_of(epoch) != root:  # voided as soon as it landed: left "posting", the next run drops it (a review
+        return None  # found it recorded claimable at once, its voided proof served)
     with rt.sessions.begin() as s:
         row = s.get(PayoutEpoch, epoch)
-        assert row is not None
+        if row is None or row.status == "posted":
+            return epoch  # (recorded by another run, or voided and dropped since: nothing to record twice)
         row.status, row.posted_at, row.claimable_at = "posted", c.chain.timestamp(), claimable_at
         s.add(Event(kind="epoch_posted", data={"epoch": epoch, "root": row.root, "total": str(total),
                                                "accounts": len(row.entries), "claimable_at": claimable_at}))
@@ -219,6 +231,11 @@ def _claim_epoch(rt: Runtime, chain_latest: int) -> PayoutEpoch | None:
             raise ChainError(f"distributor is at epoch {chain_latest}, the ledger at {last.epoch if last else 0}: "
                              "a root was posted that this ledger did not write")
         tree = build_payout_tree(cumulative)
+        if tree.root in c.voided_roots(chain_latest + 1):  # the guardian's veto stands till the ledger changes (a
+            # review found the very root it voided sent again at once, with a new dispute window)
+            logger.warning("epoch %d: root 0x%s was voided by the guardian and the ledger has not changed since; "
+                           "not posted again", chain_latest + 1, tree.root.hex())
+            return None
         pending = PayoutEpoch(epoch=chain_latest + 1, root="0x" + tree.root.hex(), total=tree.total,
                               entries=_entries_json(cumulative), status="posting", posted_at=0, claimable_at=0)
         s.add(pending)

@@ -218,6 +218,70 @@ def test_a_root_voided_after_a_crash_before_recording_is_rebuilt_not_resent(tmp_
     assert ahead is not None and settlement.post_epoch(w.rt) == 2 and _epoch(w, 2).root == ahead.root
 
 
+def test_a_vetoed_root_is_not_sent_again_till_the_ledger_changes(tmp_path: Path, db_url: str) -> None:
+    """The guardian voids epoch 1 and nothing is settled since: the same root is not posted again (a review found
+    the very root vetoed sent again at once, with a new dispute window); once the ledger changes, the next root is."""
+    w = make_world(tmp_path, db_url, dispute_window_s=600)
+    settlement.settle_job(w.rt, w.fund_done_job("v1", [(0, tokens(1))]))
+    assert settlement.post_epoch(w.rt) == 1
+    vetoed = w.ops.root_of(1)
+    w.ops.void_root(1)
+    assert settlement.post_epoch(w.rt) is None and settlement.post_epoch(w.rt) is None
+    assert w.ops.latest_epoch() == 0
+    settlement.settle_job(w.rt, w.fund_done_job("v2", [(1, tokens(2))]))
+    assert settlement.post_epoch(w.rt) == 1 and w.ops.root_of(1) not in (vetoed, b"\x00" * 32)
+
+
+def test_a_root_voided_as_it_lands_is_never_served_as_claimable(tmp_path: Path, db_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guardian voids the root between its post and the poster's read of when it is claimable: the epoch is not
+    recorded as posted (a review found it recorded claimable at once, and its proofs served for a root the chain
+    no longer has); the next run logs the veto."""
+    w = make_world(tmp_path, db_url, dispute_window_s=600)
+    settlement.settle_job(w.rt, w.fund_done_job("p1", [(0, tokens(1))]))
+    c = w.rt.contracts
+    real = type(c).latest_claimable_at
+
+    def voided_first(self: Any) -> int:
+        w.ops.void_root(1)
+        return real(self)
+
+    monkeypatch.setattr(type(c), "latest_claimable_at", voided_first)
+    assert settlement.post_epoch(w.rt) is None
+    monkeypatch.setattr(type(c), "latest_claimable_at", real)
+    assert settlement.payout_for(w.rt, w.providers[0].address)["epoch"] == 0
+    assert settlement.post_epoch(w.rt) is None  # (the vetoed root, not sent again)
+    with w.rt.sessions() as s:
+        assert [e.kind for e in s.scalars(select(Event).where(Event.kind.like("epoch_%")))] == ["epoch_voided"]
+        assert s.scalars(select(PayoutEpoch)).all() == []
+
+
+def test_a_root_another_run_sent_first_is_recorded_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker B reads the chain; worker A writes epoch 1's row and sends its root; B finds A's row and would send it
+    too: it records it instead, once (a review found B's send refused, SettlementWrongEpoch, its task failed)."""
+    w = world
+    settlement.settle_job(w.rt, w.fund_done_job("c1", [(0, tokens(1))]))
+    c = w.rt.contracts
+    real = type(c).latest_epoch
+    sent: list[int] = []
+
+    def stale(self: Any) -> int:
+        got = real(self)
+        if not sent:
+            sent.append(got)
+            row = settlement._claim_epoch(w.rt, got)  # worker A writes ahead ...
+            assert row is not None
+            w.ops.post_root(row.epoch, bytes.fromhex(row.root[2:]), row.total)  # ... and sends, not yet recorded
+        return got
+
+    monkeypatch.setattr(type(c), "latest_epoch", stale)
+    assert settlement.post_epoch(w.rt) == 1  # worker B
+    monkeypatch.setattr(type(c), "latest_epoch", real)
+    assert _epoch(w, 1).status == "posted" and "0x" + c.root_of(1).hex() == _epoch(w, 1).root
+    with w.rt.sessions() as s:
+        assert [e.kind for e in s.scalars(select(Event).where(Event.kind.like("epoch_%")))] == ["epoch_posted"]
+
+
 def test_payout_endpoint(world: World) -> None:
     settlement.settle_job(world.rt, world.fund_done_job("h", [(0, tokens(1))]))
     settlement.post_epoch(world.rt)
