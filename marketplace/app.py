@@ -213,6 +213,8 @@ def create_app(rt: Runtime) -> FastAPI:
         return {"chain_id": rt.chain_id, "token": d.token, "staking": d.staking, "escrow": d.escrow, "treasury": d.treasury,
                 "distributor": rt.contracts.distributor.address,
                 "min_stake": str(rt.settings.min_stake), "max_upload_bytes": rt.settings.max_upload_bytes,
+                # a provider's stake covers this many units at its ask too (protocol.verification.STAKE_UNITS)
+                "stake_units": verification.STAKE_UNITS,
                 "unit_timeout_s": rt.settings.unit_timeout_s, "reveal_timeout_s": rt.settings.reveal_timeout_s,
                 # how units are trained and committed (model, optimizer, data order, state hash): a node or verifier
                 # on another recipe runs another GridMint version and stops before it stakes
@@ -240,10 +242,12 @@ def create_app(rt: Runtime) -> FastAPI:
               openapi_extra=body_doc(ProviderRegister), responses=_errors(422, 502))
     def register(req: Signed, request: Request) -> dict[str, Any]:
         """Body: ``ProviderRegister``. The signer becomes (or updates) a provider with its GPU, region, ask and
-        benchmark. Its stake is read from GridStaking; it is matched only while ``eligible`` (stake >= min_stake)."""
+        benchmark. Its stake is read from GridStaking; it is matched only while ``eligible``: its stake covers
+        ``stake_units`` units at its ask, and ``min_stake`` (``/config``)."""
         body = _parse(ProviderRegister, request._body)  # noqa: SLF001 - the exact bytes that were signed
         p = service.register_provider(rt, req.signer, body)
-        return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= rt.settings.min_stake}
+        return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= service.provider_floor(rt, p.price),
+                "min_stake": str(service.provider_floor(rt, p.price))}
 
     committer = group_commit(rt.sessions.kw["bind"])
 
@@ -395,7 +399,9 @@ def create_app(rt: Runtime) -> FastAPI:
         check_unit_fits(spec, max_upload_bytes=rt.settings.max_upload_bytes)
         d = rt.contracts.deployment
         n = spec.steps_per_unit // spec.segment_len
-        vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price, stake=rt.settings.min_stake)
+        # (a provider asking the cap stakes at least provider_min_stake of it: the horizon the odds are counted on)
+        vq = verification.quote(spec.verification, n_segments=n, unit_price=spec.max_price,
+                                stake=verification.provider_min_stake(spec.max_price, rt.settings.min_stake))
         trusted_stake = verification.trusted_min_stake(spec.verification, n_segments=n, unit_price=spec.max_price)
         return QuoteOut(job_id=None if customer is None else new_job_id(customer), budget=spec.budget(),
                         units=spec.rounds * spec.units_per_round, escrow=d.escrow, token=d.token, chain_id=rt.chain_id,

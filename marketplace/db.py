@@ -72,9 +72,10 @@ class Provider(Base):
     last_seen: Mapped[int] = mapped_column(BigInteger, default=now_s)
     # when the reaper last took a unit from it for silence: offered no work (matching, standby) till seen since
     silent_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # when its last unit was handed in: a node trains its units one after another, so the next one's delivery is
-    # timed from here if it was assigned before (service._observe_delivery)
-    last_delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # its busy stretch: since when it has held a unit without a break, and the tokens it handed in since (its
+    # delivered throughput is measured over the stretch: service._observe_delivery)
+    busy_since: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    busy_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Verifier(Base):

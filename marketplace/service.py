@@ -36,6 +36,7 @@ from node.trainer import (UnitSpec, average_states, check_finite, evaluate, mode
                           update_norm)
 from protocol.errors import CheckpointError, GridMintValueError, InsufficientFundsError, ProofError
 from protocol.jobs import check_job_id
+from protocol.money import format_tokens
 from protocol.proof import TrainingProof, check_step_losses, check_structure
 from protocol.schemas import Heartbeat, JobSpec, ProviderRegister, ResultSubmit, VerifierRegister
 from protocol.signing import recover_typed
@@ -69,11 +70,17 @@ def register_provider(rt: Runtime, address: str, body: ProviderRegister) -> Prov
         p.region, p.gpu, p.vram_mb, p.price = body.region, body.gpu, body.vram_mb, body.price
         p.tokens_per_s, p.capacity, p.stake, p.last_seen = body.tokens_per_s, body.capacity, stake, now
         log(s, "provider_registered", address=address, region=body.region, price=str(body.price), stake=str(stake))
-        rematch = (stake >= rt.settings.min_stake and _offer_terms(rt, p, now) != before
+        rematch = (stake >= provider_floor(rt, body.price) and _offer_terms(rt, p, now) != before
                    and s.scalar(select(exists().where(Unit.status == "pending"))))
     if rematch:
         rt.enqueue("gridmint.match", [])
     return p
+
+
+def provider_floor(rt: Runtime, ask: int) -> int:
+    """The stake a provider asking ``ask`` per unit needs to be matched, to get its work and to hand it in
+    (``verification.provider_min_stake``: ``STAKE_UNITS`` units at its ask, at least ``min_stake``)."""
+    return verification.provider_min_stake(ask, rt.settings.min_stake)
 
 
 def _offer_terms(rt: Runtime, p: Provider, now: int) -> tuple[Any, ...]:
@@ -147,7 +154,7 @@ def _busy(s: Session) -> dict[str, int]:
         select(Unit.provider, func.count()).where(Unit.status == "assigned").group_by(Unit.provider)).all())
 
 
-def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0) -> list[matching.Offer]:
+def _offers(rt: Runtime, s: Session, busy: dict[str, int] | None = None, seen_since: int = 0) -> list[matching.Offer]:
     """The offer of every active provider seen (registered, polled for work, heartbeat) at ``seen_since`` or later
     (unix s; the caller's ``_live_since``: a node gone for good is offered no unit that would only sit until the
     reaper takes it back): its ask, free slots, delivered throughput and delivery record, so the matcher ranks by
@@ -164,6 +171,8 @@ def _offers(s: Session, busy: dict[str, int] | None = None, seen_since: int = 0)
     providers = list(s.scalars(select(Provider).where(
         Provider.status == "active", Provider.last_seen >= seen_since, Provider.stake != 0,
         or_(Provider.silent_at.is_(None), Provider.last_seen >= Provider.silent_at))))
+    # (nor one whose stake does not cover STAKE_UNITS units at its ask: provider_floor)
+    providers = [p for p in providers if p.stake >= provider_floor(rt, p.price)]
     seen = sorted(p.observed_tps for p in providers if p.observed_tps)
     default = seen[len(seen) // 2] if seen else REFERENCE_THROUGHPUT
     return [
@@ -236,7 +245,7 @@ def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer
     terms = s.execute(select(Provider.price, Provider.vram_mb, Provider.stake)
                       .where(Provider.address == provider)).one_or_none()
     if (terms is None or terms.price != offer.price or terms.vram_mb < spec.vram_mb
-            or terms.stake < rt.settings.min_stake):
+            or terms.stake < provider_floor(rt, terms.price)):
         return False  # (a review found a unit given on the terms read before: a GPU too small, an ask gone up)
     queued = busy.get(provider, 0) + 1
     deadline = _deadline(rt, spec, offer.throughput, queued, now)
@@ -251,7 +260,8 @@ def _assign(rt: Runtime, s: Session, unit: Unit, job: Job, offer: matching.Offer
             execution_options={"synchronize_session": "fetch"}).rowcount != 1:
         return False
     busy[provider] = queued
-    s.execute(update(Provider).where(Provider.address == provider).values(assigned=Provider.assigned + 1),
+    stretch = {"busy_since": now, "busy_tokens": 0} if queued == 1 else {}  # (held nothing: a busy stretch starts)
+    s.execute(update(Provider).where(Provider.address == provider).values(assigned=Provider.assigned + 1, **stretch),
               execution_options={"synchronize_session": "fetch"})
     log(s, "unit_assigned", job.id, unit=unit.id, round=unit.round, shard=unit.shard, provider=provider,
         region=region, price=str(price), rank=rank, how=how, deadline=deadline)
@@ -272,7 +282,7 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
         if not pending:
             return []
         busy = _busy(s)
-        offers = _offers(s, busy, _live_since(rt, now_s()))
+        offers = _offers(rt, s, busy, _live_since(rt, now_s()))
         got = matching.match_last_resort(offers, [_demand(rt, unit, job) for unit, job in pending],
                                          _back_after_dropping(s, [u for u, _ in pending]))
         units = {u.id: (u, j) for u, j in pending}
@@ -282,9 +292,11 @@ def run_matching(rt: Runtime) -> list[matching.Assignment]:
                                           "matching round", busy)]
 
 
-def _provider_stake(rt: Runtime, provider: str, fresh: bool = False) -> tuple[int | None, str]:
-    return stake_short(rt, "provider", provider, rt.settings.min_stake, "work",
-                        "(its stake backs every unit until the unit is verified)", fresh)
+def _provider_stake(rt: Runtime, provider: str, ask: int, fresh: bool = False) -> tuple[int | None, str]:
+    return stake_short(rt, "provider", provider, provider_floor(rt, ask), "work",
+                       f"at an ask of {format_tokens(ask)} ({verification.STAKE_UNITS} units at its ask, at least "
+                       f"{format_tokens(rt.settings.min_stake)}: its stake backs every unit until the unit is "
+                       f"verified)", fresh)
 
 
 def _release(s: Session, unit: Unit, provider: str, why: str) -> bool:
@@ -311,8 +323,8 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
     whose stake fell below the minimum gets none (409), and the units it was assigned go back to the pool. An
     unknown or slashed signer is refused from the database, before its stake is read from the chain."""
     with rt.sessions() as s:
-        _known_provider(s, provider)
-    stake, short = _provider_stake(rt, provider)
+        ask = _known_provider(s, provider).price
+    stake, short = _provider_stake(rt, provider, ask)
     released = 0
     with rt.sessions.begin() as s:
         p = _known_provider(s, provider)
@@ -359,7 +371,8 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     signer is refused from the database first, without that chain read."""
     with rt.sessions() as s:
         _assigned_unit(s, body.unit_id, provider)
-    stake, short = _provider_stake(rt, provider, fresh=True)
+        ask = _known_provider(s, provider).price
+    stake, short = _provider_stake(rt, provider, ask, fresh=True)
     if short:
         with rt.sessions.begin() as s:
             unit = s.get(Unit, body.unit_id)
@@ -474,16 +487,22 @@ def _shuffled(items: list[int]) -> list[int]:
 
 
 def _observe_delivery(s: Session, provider: str, spec: UnitSpec, assigned_at: int | None) -> None:
-    """Blend the throughput this unit was delivered at (tokens trained / seconds it had) into the provider's record;
-    the first unit sets it. A node trains its units one after another: a unit assigned while another was in hand
-    had from that one's hand-in on (a review found the k-th of k queued units measured k times too slow, so a
-    provider of several slots ranked dearer than a slower one)."""
+    """Blend the throughput the provider delivered at into its record (the first unit sets it): the tokens it handed
+    in over its busy stretch (since it last got a unit while holding none) by the stretch's length. A node trains
+    its units one after another, so a unit that waited behind others is not timed from its own assignment (a
+    review found the k-th of k queued units measured k times too slow, so a provider of several slots ranked
+    dearer than a slower one); and units handed in together count the time they took together (timed from the
+    previous hand-in, a provider that held one result back and handed in two at once was measured at a unit per
+    second: a second review). What a stretch hands in was trained within it: never measured above its speed."""
     p = s.get(Provider, provider)
     assert p is not None
     now = now_s()
-    seconds = now - max(assigned_at or now, p.last_delivered_at or 0)
-    p.last_delivered_at = now
-    measured = spec.steps * spec.batch_size * spec.model.ctx // max(1, seconds)
+    tokens = spec.steps * spec.batch_size * spec.model.ctx
+    since = assigned_at if assigned_at is not None else now
+    if p.busy_since is not None and p.busy_since <= since:  # (in its stretch; none before migration 0023)
+        since, tokens = p.busy_since, (p.busy_tokens or 0) + tokens
+    p.busy_since, p.busy_tokens = since, tokens
+    measured = tokens // max(1, now - since)
     p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
 
@@ -728,7 +747,7 @@ def reap(rt: Runtime) -> int:
         busy = _busy(s) if stale else {}
         # (not to a provider this pass takes a unit from: silent, or stuck past a deadline)
         reaped = {u.provider for u, _ in stale}
-        offers = [o for o in _offers(s, busy, _live_since(rt, now)) if o.provider not in reaped] if stale else []
+        offers = [o for o in _offers(rt, s, busy, _live_since(rt, now)) if o.provider not in reaped] if stale else []
         if offers:
             _lock_providers(s, (o.provider for o in offers))
         for u, job in stale:
@@ -745,10 +764,9 @@ def reap(rt: Runtime) -> int:
             if not take_back(s, u.id, dropped, dropped_by={**(u.dropped_by or {}), dropped: now}):
                 continue
             extra: dict[str, Any] = {}
-            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed);
-                # it had the unit from its assignment, or from its last hand-in if it held another then
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
                 extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
-                                                           now - max(assigned_at or now, prov.last_delivered_at or 0))
+                                                           now - (assigned_at or now))
             else:  # silent: no work for it till it is seen again
                 prov.silent_at = now
             log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,

@@ -231,8 +231,13 @@ def _claim_epoch(rt: Runtime, chain_latest: int) -> PayoutEpoch | None:
             raise ChainError(f"distributor is at epoch {chain_latest}, the ledger at {last.epoch if last else 0}: "
                              "a root was posted that this ledger did not write")
         tree = build_payout_tree(cumulative)
-        if tree.root in c.voided_roots(chain_latest + 1):  # the guardian's veto stands till the ledger changes (a
-            # review found the very root it voided sent again at once, with a new dispute window)
+        # the guardian's veto stands till the ledger changes (a review found the very root it voided sent again at
+        # once, with a new dispute window). The vetoes are the ledger's own epoch_voided events (_forget_voided and
+        # _voided_after_sending log each, above, before anything is posted), read only while latestClaimableAt is
+        # 0, as a void leaves it till the next post (and before the first root): no chain log read (a second review
+        # found one on every post, which failed the post on a node refusing log reads)
+        if c.latest_claimable_at() == 0 and "0x" + tree.root.hex() in {
+                d.get("root") for d in s.scalars(select(Event.data).where(Event.kind == "epoch_voided"))}:
             logger.warning("epoch %d: root 0x%s was voided by the guardian and the ledger has not changed since; "
                            "not posted again", chain_latest + 1, tree.root.hex())
             return None

@@ -272,10 +272,14 @@ class ProviderAgent:
         if self.cfg.price < floor:
             raise GridMintValueError(f"price {format_tokens(self.cfg.price)} per unit is below the "
                                      f"{self.cfg.region} floor of {format_tokens(floor)}")
-        least = int(cfg.get("min_stake", 0))
+        units = int(cfg.get("stake_units", 0))  # (an older marketplace: its flat minimum only)
+        least = max(int(cfg.get("min_stake", 0)), units * self.cfg.price)
         if stake < least:
-            raise GridMintValueError(f"stake {format_tokens(stake)} is below this marketplace's minimum of "
-                                     f"{format_tokens(least)}: providers get work only while staking that much")
+            raise GridMintValueError(
+                f"stake {format_tokens(stake)} is below the {format_tokens(least)} this marketplace asks of a "
+                f"provider at a price of {format_tokens(self.cfg.price)} per unit (its minimum of "
+                f"{format_tokens(int(cfg.get('min_stake', 0)))}, and {units} units at the price): providers get work "
+                f"only while staking that much")
 
     def work_once(self) -> bool:
         """Pull, train and submit one unit. Returns False if there was no work.

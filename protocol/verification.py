@@ -62,6 +62,19 @@ LEVELS: dict[str, Fraction] = {
     "full": Fraction(1),
 }
 TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as trusted
+#: A provider's stake covers at least this many units at its ask (and the marketplace's flat minimum): its stake
+#: horizon (:func:`stake_horizon`) is then over this many units, the horizon ``gridmint bench proof`` measures
+#: ``caught_rate`` at (``--stake-units``). A flat minimum alone let a provider asking more than a twentieth of it
+#: take work on which a 1% cheat was caught before its pay passed its stake less often than measured.
+STAKE_UNITS = 20
+
+
+def provider_min_stake(ask: int, min_stake: int) -> int:
+    """The least stake (base units) a provider asking ``ask`` per unit is matched and paid with: :data:`STAKE_UNITS`
+    units at its ask, never below the marketplace's flat ``min_stake``."""
+    if min(ask, min_stake) < 0:
+        raise GridMintValueError(f"ask and min stake must be >= 0, got {ask}, {min_stake}")
+    return max(min_stake, STAKE_UNITS * ask)
 TRUSTED_DISCOUNT = Fraction(1, 2)
 #: The catch probability (1% of segments faked, within the stake horizon) the trusted discount must keep: the 0.99
 #: target with room for the measurement's noise.

@@ -1068,7 +1068,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fraction", type=float, default=0.01, help="share of steps a sparse cheater fakes")
     p.add_argument("--pool", type=int, default=2, help="real units per sparse adversary")
     p.add_argument("--trials", type=int, default=200)
-    p.add_argument("--stake-units", type=int, default=20, help="stake as a multiple of the unit price")
+    p.add_argument("--stake-units", type=int, default=vp.STAKE_UNITS,
+                   help="stake as a multiple of the unit price (the least the marketplace matches: STAKE_UNITS)")
     p.add_argument("--honest-units", type=int, default=1000)
     p.add_argument("--honest-steps", type=int, default=16)
     p.add_argument("--overhead-steps", type=int, default=512)

@@ -534,3 +534,53 @@ def test_units_queued_on_a_provider_are_timed_from_the_hand_in_before(
         got = s.get(Provider, p.address).observed_tps
     real = tokens_per_unit // 10
     assert got == real, f"P trained each unit in 10 s ({real} tokens/s); recorded {got}"
+
+
+def test_results_held_back_and_handed_in_together_are_not_measured_faster(
+        world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P (2 slots) gets both units at t0 - 20 and trains them in 10 s each, but holds the first result back and
+    hands both in at t0, one right after the other: its delivered throughput is no more than it trained at (a review
+    found the second timed from the first's hand-in, 1 s: P ranked at several times its speed, cheaper than it is)."""
+    p = _offering(world, 0, tokens(1), capacity=2)
+    job = _job(world, "burst", _spec(units=2))
+    assert len(service.run_matching(world.rt)) == 2
+    t0 = now_s()
+    with world.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
+        s.execute(update(Provider).where(Provider.address == p.address).values(busy_since=t0 - 20))
+    spec = _spec(units=2)
+    first = _train(world, p, tmp_path)
+    monkeypatch.setattr(service, "now_s", lambda: t0)
+    service.submit_result(world.rt, p.address, first)
+    service.submit_result(world.rt, p.address, _train(world, p, tmp_path))  # the same second
+    with world.rt.sessions() as s:
+        got = s.get(Provider, p.address).observed_tps
+    assert got <= spec.steps_per_unit * spec.batch_size * spec.model.ctx // 10, got
+
+
+def test_a_provider_is_matched_and_paid_only_while_its_stake_covers_twenty_units_at_its_ask(world: World) -> None:
+    """The proof bench's catch odds are measured at a stake of STAKE_UNITS (20) units: a provider asking 8 GMT with
+    the flat 100 GMT minimum staked (12.5 units) is not matched, is told what it needs when it polls, and is matched
+    once it stakes 160 (the flat minimum alone let it take work on which a 1% cheat was caught before its pay passed
+    its stake less often than measured). The quote counts its catch odds at that stake."""
+    from marketplace.common import Conflict
+    from protocol import verification
+
+    dear = _offering(world, 0, tokens(8))
+    spec = _spec().model_copy(update={"max_price": tokens(10)})
+    job = _job(world, "dear", spec)
+    assert service.run_matching(world.rt) == [] and _unit(world, job).status == "pending"
+    with pytest.raises(Conflict, match="staking at least 160.0000 GMT at an ask of 8.0000 GMT"):
+        service.next_work(world.rt, dear.address)
+    world.ops.transfer(dear.address, tokens(60))
+    world.ops.as_account(dear).stake(tokens(60))
+    service.register_provider(world.rt, dear.address, ProviderRegister(
+        region="eu-north", gpu="cpu", vram_mb=16_000, price=str(tokens(8)), tokens_per_s=10_000, capacity=1))
+    service.run_matching(world.rt)
+    assert _unit(world, job).provider == dear.address
+    assert verification.provider_min_stake(tokens(8), tokens(100)) == tokens(160)
+    assert verification.provider_min_stake(tokens(1), tokens(100)) == tokens(100)  # the flat minimum below 5 GMT
+    at_floor = verification.quote("standard", n_segments=8, unit_price=tokens(10),
+                                  stake=verification.provider_min_stake(tokens(10), tokens(100)))
+    at_flat = verification.quote("standard", n_segments=8, unit_price=tokens(10), stake=tokens(100))
+    assert at_floor.catch_within_stake_1pct > at_flat.catch_within_stake_1pct

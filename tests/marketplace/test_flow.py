@@ -370,7 +370,11 @@ def test_a_node_whose_region_ask_or_stake_would_be_refused_stops_before_it_stake
             # the registration's own bounds, as the marketplace's schema has them (a capacity of 0 staked first)
             ("eu-north", "0.6", 200, 0, "would refuse this offer .capacity: Input should be greater than or equal to 1"),
             ("eu-north", "0.6", 200, 65, "would refuse this offer .capacity: Input should be less than or equal to 64"),
-            ("eu-north", "0.6", 50, 1, "below this marketplace's minimum of 100.0000 GMT")):
+            ("eu-north", "0.6", 50, 1, "below the 100.0000 GMT this marketplace asks of a provider at a price of "
+                                       "0.6000 GMT per unit .its minimum of 100.0000 GMT, and 20 units"),
+            # a stake over the flat minimum that does not cover 20 units at the ask (20 x 6 = 120 GMT)
+            ("eu-north", "6", 110, 1, "below the 120.0000 GMT this marketplace asks of a provider at a price of "
+                                      "6.0000 GMT")):
         acct = market.account(gmt=tokens(500))
         cfg = AgentConfig(marketplace=market.url, chain_url="", region=region, price=tokens(price), stake=tokens(stake),
                           capacity=capacity)
@@ -1802,7 +1806,7 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
     unit = next(u for u in httpx.get(f"{market.url}/jobs/{job_id}").json()["units"])
     assert unit["provider"] == slow.account.address and unit["due"] is not None
     with market.rt.sessions() as s:
-        ranked_at = {o.provider: o.throughput for o in service._offers(s)}[slow.account.address]
+        ranked_at = {o.provider: o.throughput for o in service._offers(market.rt, s)}[slow.account.address]
     assert service.unit_seconds(spec, 1) > 10_000  # what the claim alone would have allowed, in seconds
     assert 1 <= unit["due"] - int(time.time()) <= max(2, service.unit_seconds(spec, ranked_at))
     train = slow.trainer
@@ -1844,7 +1848,7 @@ def test_a_unit_not_submitted_by_its_deadline_is_taken_back_however_alive_its_pr
         at_most = timed_out[0]["delivered_at_most"]
         unit_tokens = spec.steps_per_unit * spec.batch_size * spec.model.ctx
         assert dropout.observed_tps == at_most and 1 <= at_most <= min(ranked_at, unit_tokens // 2)
-        assert {o.provider: o.throughput for o in service._offers(s)}[slow.account.address] == at_most
+        assert {o.provider: o.throughput for o in service._offers(market.rt, s)}[slow.account.address] == at_most
     assert any(e["how"] == f"standby for {slow.account.address}" for e in _events(market, "unit_assigned"))
     market.rt.settings.unit_deadline_min_s, market.rt.settings.unit_deadline_factor = 3600, 4
     drive(market, [slow, spare], verifier, job_id)

@@ -1,5 +1,5 @@
-"""providers: when the reaper last took a unit for silence (no work offered till seen since), and when the last unit
-was handed in (a queued unit's delivery is timed from there)
+"""providers: when the reaper last took a unit for silence (no work offered till seen since), and the busy stretch
+its delivered throughput is measured over (since when it has held a unit without a break, tokens handed in since)
 
 Revision ID: 0023
 Revises: 0022
@@ -19,10 +19,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('providers') as batch:
         batch.add_column(sa.Column('silent_at', sa.BigInteger(), nullable=True))
-        batch.add_column(sa.Column('last_delivered_at', sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column('busy_since', sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column('busy_tokens', sa.BigInteger(), nullable=False, server_default='0'))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('providers') as batch:
-        batch.drop_column('last_delivered_at')
+        batch.drop_column('busy_tokens')
+        batch.drop_column('busy_since')
         batch.drop_column('silent_at')
