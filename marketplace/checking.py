@@ -366,6 +366,17 @@ def _own_task(s: Session, verification_id: int, verifier: str) -> Verification:
     return task
 
 
+def _replayed_with(s: Session, task: Verification) -> tuple[str, str | None]:
+    """(plan, kernels) ``task``'s verifier replayed with: as registered when it gave its verdict (a review found a
+    verifier judged by a registration it changed since, a restart on an upgraded torch during a bisection: its
+    honest accusation ruled "cannot reproduce" and its bond forfeit), else (a verdict before they were kept) as
+    registered now."""
+    if task.verifier_plan is not None:
+        return task.verifier_plan, task.verifier_build
+    ver = s.get(Verifier, task.verifier) if task.verifier is not None else None
+    return (ver.plan, ver.build) if ver is not None else (PROVIDER_PLAN.label, None)
+
+
 def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
     with rt.sessions.begin() as s:
         task = _own_task(s, body.verification_id, verifier)
@@ -390,6 +401,7 @@ def record_verdict(rt: Runtime, verifier: str, body: VerdictSubmit) -> str:
         ver = s.get(Verifier, verifier)
         assert ver is not None
         ver.checked += 1
+        task.verifier_plan, task.verifier_build = ver.plan, ver.build  # (how it replayed: judged by these)
         planted, job_id, build, audited = task.canary is not None, "", unit.build, False
         task.verdict_at = now_s()
         if planted:  # never adjudicated, never relayed: the provider never made this claim
@@ -656,8 +668,7 @@ def punish_verifier(rt: Runtime, verification_id: int) -> str:
                 task.canary["end_blob"]
             real = TrainingProof.from_dict(unit.proof)
             real_end = unit.final_blob if seg == len(real.segments) - 1 else unit.segment_blobs[seg + 1]
-            ver = s.get(Verifier, verifier) if verifier is not None else None
-            ver_plan, ver_build = (ver.plan, ver.build) if ver is not None else (PROVIDER_PLAN.label, None)
+            ver_plan, ver_build = _replayed_with(s, task)
     assert verifier is not None
     if not confirmed:
         exact = rt.referee_plans(here=True, build=build)
@@ -729,7 +740,7 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         assert unit is not None
         moved = unit.provider != task.provider
         if not moved and task.status == "bisecting" and referee.unanswered(task.bisect) \
-                and now_s() <= int(task.bisect["deadline"]):
+                and not referee.overdue(task.bisect, now_s()):
             return task.status  # still waiting for the state asked: nothing to replay yet
     if moved:
         return _dismiss_moved(rt, verification_id)
@@ -746,10 +757,10 @@ def adjudicate(rt: Runtime, verification_id: int) -> str:
         provider, verifier, accusation = task.provider, task.verifier, task.accusation
         replayed_hash = task.replayed_hash or ""
         bisect = referee.bisect_view(task.bisect)
-        ver_row = s.get(Verifier, verifier) if verifier is not None else None
-        verifier_plan = Plan.parse(ver_row.plan) if ver_row is not None else PROVIDER_PLAN
+        ver_plan, ver_build = _replayed_with(s, task)
+        verifier_plan = Plan.parse(ver_plan)
         # which kernels each computed with ("" unsaid: never taken for the referee's own)
-        build, verifier_build = unit.build or "", (ver_row.build if ver_row is not None else None) or ""
+        build, verifier_build = unit.build or "", ver_build or ""
     assert verifier is not None
     evidence = verification.fraud_evidence(unit.id, seg, provider)
     disputed = accusation is not None and _open_dispute(rt, provider, verifier, evidence, accusation)
@@ -854,7 +865,7 @@ def _rule(rt: Runtime, spec: Any, proof: TrainingProof, seg: int, plan: Plan, st
     reveals = {int(k): rt.blobs.checked_path(r["blob"]) for k, r in bisect["reveals"].items()}
 
     def overdue(step: int) -> str:
-        if bisect.get("asked") == step and now_s() > int(bisect["deadline"]):
+        if bisect.get("asked") == step and referee.overdue(bisect, now_s()):
             return f"the provider did not reveal its state before step {step} by its deadline"
         return ""
 
@@ -1077,7 +1088,7 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         if fallen_back and rt.referee_pool_here():
             return task.status  # its pool was away and the default referee has it now: not this worker's any more
         bisect = referee.bisect_view(task.bisect)
-        if referee.unanswered(bisect) and now_s() <= int(bisect["deadline"]):
+        if referee.unanswered(bisect) and not referee.overdue(bisect, now_s()):
             return task.status  # still waiting for the state asked of the provider: nothing to replay yet
         unit = s.get(Unit, task.unit_id)
         assert unit is not None and unit.proof is not None
@@ -1088,8 +1099,8 @@ def audit_check(rt: Runtime, verification_id: int) -> str:
         start, end, build = unit.segment_blobs[seg], _end_blob(unit, seg), unit.build or ""
         losses = list(unit.losses) if unit.losses else None  # per step, as submitted and signed with the proof
         provider, verifier, job_id, unit_id = task.provider, task.verifier, job.id, unit.id
-        ver = s.get(Verifier, verifier)
-        own_bits = ver is not None and same_bits(plan, build, Plan.parse(ver.plan), ver.build or "")
+        ver_plan, ver_build = _replayed_with(s, task)
+        own_bits = same_bits(plan, build, Plan.parse(ver_plan), ver_build or "")
     # work the referee does not replay bit for bit (another CPU plan, other kernels; or its referee pool away) is
     # judged within the tolerance, and where its replay is past it, bisected with the provider's revealed states
     # (asked as a dispute's are; a provider that lets the deadline pass is convicted)
@@ -1289,8 +1300,12 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if task.status not in REVEALING or b.get("asked") != body.step:
             raise Conflict(f"verification {task.id} is not waiting for a state before step {body.step}"
                            f" (status {task.status}, asked {b.get('asked')})")
-        if now_s() > int(b["deadline"]):
+        now = now_s()
+        if now > int(b["deadline"]):
             raise Conflict(f"the deadline to reveal step {body.step} of verification {task.id} has passed")
+        # arrived in time: not taken for silence while it is checked below (referee.overdue)
+        b["receiving"] = {"step": body.step, "at": now}
+        task.bisect = b
         unit_id = task.unit_id
         unit = s.get(Unit, unit_id)
         assert unit is not None
@@ -1314,6 +1329,7 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         if task.status not in REVEALING or b.get("asked") != body.step:  # answered (or timed out) meanwhile
             raise Conflict(f"verification {task.id} is no longer waiting for step {body.step}")
         b["reveals"][str(body.step)] = {"blob": body.blob, "hash": body.state_hash, "signature": body.signature}
+        b.pop("receiving", None)
         unit = s.get(Unit, task.unit_id)
         assert unit is not None
         log(s, "state_revealed", unit.job_id, unit=unit.id, segment=task.segment, provider=provider, step=body.step)

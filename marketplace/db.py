@@ -175,6 +175,10 @@ class Verification(Base):
     # when the check was queued: a unit trained on an exact plan waits a while for a verifier on that plan
     created_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True, default=now_s)
     replayed_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    # how its verifier replayed when it gave its verdict (its registration then: plan, kernels); the referee judges
+    # the verdict by these, not by a registration the verifier changed since (None: a verdict before migration 0024)
+    verifier_plan: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    verifier_build: Mapped[str | None] = mapped_column(String(160), nullable=True)
     signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     slash_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)  # the evidence id used on chain
     accusation: Mapped[str | None] = mapped_column(String(132), nullable=True)  # verifier's signed Accusation

@@ -287,6 +287,24 @@ def unanswered(bisect: dict[str, Any] | None) -> bool:
     return b.get("asked") is not None and str(b["asked"]) not in (b.get("reveals") or {})
 
 
+#: How long past its deadline a state asked of a provider is not yet taken for silence while a reveal of it that
+#: reached the marketplace by the deadline is being checked (read, hashed, loaded: seconds for the largest state).
+RECEIVING_GRACE_S = 300
+
+
+def overdue(bisect: dict[str, Any] | None, now: int) -> bool:
+    """Whether the state asked of the provider is unanswered past its deadline: its silence loses the ruling. Not
+    while a reveal of it that arrived by the deadline (``receiving``, :func:`marketplace.checking.record_reveal`) is
+    being checked, for :data:`RECEIVING_GRACE_S` (a review found an honest provider convicted for silence while its
+    reveal, sent in time, was being checked)."""
+    b = bisect or {}
+    if not unanswered(b) or now <= int(b["deadline"]):
+        return False
+    got = b.get("receiving") or {}
+    on_time = got.get("step") == b.get("asked") and int(got.get("at", now)) <= int(b["deadline"])
+    return not (on_time and now <= int(b["deadline"]) + RECEIVING_GRACE_S)
+
+
 def bisect_view(bisect: dict[str, Any] | None) -> dict[str, Any]:
     """A fresh copy of a verification's bisection record (never mutate the loaded JSON in place)."""
     b = dict(bisect or {})

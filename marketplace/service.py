@@ -791,7 +791,7 @@ def reap(rt: Runtime) -> int:
                                              .join(Unit, Unit.id == Verification.unit_id)
                                              .where(Verification.status.in_(["bisecting", "auditing"]),
                                                     Verification.bisect.is_not(None)))
-                   if referee.unanswered(v.bisect) and now_s() > int(v.bisect["deadline"])]
+                   if referee.overdue(v.bisect, now_s())]
         away = pools_away(rt, s, now)
     moved = {vid for vid, _ in away}
     for vid, build, fallen_back, audit in overdue:  # a provider that lets a reveal deadline pass loses the ruling

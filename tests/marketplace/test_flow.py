@@ -2491,3 +2491,74 @@ def test_a_node_or_verifier_on_another_gridmint_version_stops_before_any_work(ma
     assert slashed(market) == set() and _events(market, "false_accusation") == []
     assert market.ops.stake_state(v.account.address).staked == tokens(100)
     assert market.ops.stake_state(p.account.address).staked == tokens(200)
+
+
+def test_a_verifier_that_registers_anew_during_a_bisection_is_judged_as_it_replayed(market, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """An honest, bonded dispute on the referee's plan (as above); while the referee bisects, the verifier's host
+    upgrades torch and its agent registers again with other kernels: the referee judges the replay the verifier
+    signed, made with the kernels it had then, and releases the bond (a review found it judged the new registration:
+    "cannot reproduce a replay on other kernels", the bond forfeit)."""
+    from test_referee import DRIFTING_JOB, DRIFTING_SPEC, drift_past_tolerance  # this directory is on sys.path
+
+    from node import crosscheck
+
+    monkeypatch.setattr(crosscheck, "tolerance_for", drift_past_tolerance())
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    _submitted(market, submit_job(market, DRIFTING_SPEC, job_id=DRIFTING_JOB), [honest], 1)
+    verdicts: list[str | None] = []
+    while "fraud" not in verdicts:
+        verdicts.append(verifier.verify_once())
+    market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    verifier.client.register_verifier(verifier.plan.label, verifier.build + "-upgraded")
+
+    def ruled() -> list[dict[str, Any]]:
+        honest.reveal_once()
+        return _events(market, "false_accusation")
+
+    wrong = market.wait(ruled, timeout=240, what="the dispute ruled")
+    assert slashed(market) == set() and len(wrong) == 1 and wrong[0]["bonded"]
+    assert wrong[0]["good_faith"] and wrong[0]["bond_lost"] == "0", wrong[0]
+    assert market.ops.stake_of(verifier.account.address) == tokens(100)
+
+
+def test_a_reveal_that_arrived_in_time_is_not_taken_for_silence_while_it_is_checked(market, tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """The state asked of a provider reaches the marketplace before its deadline, and its checks (read, hash, load)
+    outlast the deadline: the sweep and the referee, run meanwhile, do not convict the provider for silence; the
+    reveal is stored and the bisection goes on (a review found the provider slashed with its reveal answered
+    "revealed")."""
+    from test_referee import DRIFTING_JOB, DRIFTING_SPEC, drift_past_tolerance  # this directory is on sys.path
+
+    from marketplace import checking, service
+    from node import crosscheck
+
+    monkeypatch.setattr(crosscheck, "tolerance_for", drift_past_tolerance())
+    market.rt.settings.reveal_timeout_s = 8
+    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
+    verifier = staked_verifier(market, tmp_path, "verifier")
+    _submitted(market, submit_job(market, DRIFTING_SPEC, job_id=DRIFTING_JOB), [honest], 1)
+    verdicts: list[str | None] = []
+    while "fraud" not in verdicts:
+        verdicts.append(verifier.verify_once())
+    ask = market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    real = checking.check_uploaded_state
+    ruled_meanwhile: list[str] = []
+
+    def slow(spec, tensors, what):  # type: ignore[no-untyped-def]
+        if "revealed" in what and not ruled_meanwhile:
+            while int(time.time()) <= ask["deadline"]:
+                time.sleep(0.1)
+            service.reap(market.rt)  # the periodic sweep, past the deadline
+            ruled_meanwhile.append(checking.adjudicate(market.rt, ask["verification_id"]))  # and the referee
+        return real(spec, tensors, what)
+
+    monkeypatch.setattr(checking, "check_uploaded_state", slow)
+    body = honest.answer(ask)
+    assert time.time() < ask["deadline"]
+    assert honest.client.reveal(body) == {"status": "revealed"}
+    assert ruled_meanwhile == ["bisecting"] and slashed(market) == set()
+    with market.rt.sessions() as s:
+        task = s.get(Verification, ask["verification_id"])
+        assert task is not None and str(ask["step"]) in task.bisect["reveals"] and "receiving" not in task.bisect
