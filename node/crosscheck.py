@@ -28,7 +28,7 @@ A provider that does not reveal a state, or reveals one that does not hash to it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -725,8 +725,11 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
             return RefereeVerdict(True, at, math.inf, thr, f"the revealed state before step {at} is not the committed one")
     losses: list[float] = []
     worst_step, worst_rel = 0, 0.0  # the largest window's loss difference judged (step_losses), and as a distance
+    adrift: list[tuple[float, int]] = []  # chunks whose replay lands past the tolerance from the next state revealed
     for i, (a, b) in enumerate(zip(points, points[1:])):
         got, chunk_losses = runner.replay(states[i], a, b - a)
+        if chunk > 1 and (over := distance(got, states[i + 1]) / tol.for_steps(b - a)) > 1.0:
+            adrift.append((over, i))
         if chunk == 1:
             d = step_distance(tol.referee_metric, states[i], got, states[i + 1])
             if d > tol.referee:
@@ -751,11 +754,45 @@ def scan_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal: R
                               f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is "
                               f"{dl} micro-nats off the committed one (honest drift <= {drift}; the referee convicts "
                               f"past {thr:g})")
+    # The states revealed inside the segment commit to nothing: a chunk replayed from one must land where the next
+    # one is (the last, on the committed end), or the provider made them up, say to back losses it faked (a review
+    # showed crafted states clearing a faked loss in every chunked scan). A chunk past its multi-step tolerance is
+    # not evidence on its own (honest chaotic drift): it is bisected to one step, judged by the one-step rule.
+    for over, i in sorted(adrift, reverse=True):
+        sv = _bisect_chunk(reveal, tol, runner, points[i], states[i], points[i + 1], states[i + 1])
+        if sv.fraud:
+            return replace(sv, reason=f"chunk {points[i]}-{points[i + 1] - 1} replayed {over:.3g}x its tolerance "
+                                      f"away from the provider's next revealed state; bisected: {sv.reason}")
     each = ("" if step_losses is None else f", each step's within {worst_step}" if chunk == 1
-            else f", each {chunk}-step window's within {worst_step} <= {REFEREE_SCAN_WINDOW_MARGIN * thr:g}")
+            else f", each {chunk}-step window's within {worst_step} (the line {REFEREE_SCAN_WINDOW_MARGIN * thr:g})")
     return RefereeVerdict(False, lo, float(max(dl, worst_rel)), thr,
                           f"replayed {how} from the provider's own states, segment {seg_index}'s mean loss is within "
                           f"{dl}{each} <= {thr:g} micro-nats of the committed one")
+
+
+def _bisect_chunk(reveal: RevealFn, tol: Tolerance, runner: PlanRunner, lo: int, s_lo: State, hi: int,
+                  s_hi: State) -> RefereeVerdict:
+    """Narrow the steps ``lo``..``hi`` between two states the provider revealed to one step, as
+    :func:`bisect_segment` narrows a segment (into the half further past its tolerance), asking the provider for the
+    states in between (:class:`RevealPending` while missing), and judge that step by the referee's one-step rule:
+    fraud if it lands past ``tol.referee`` from the provider's own next state, or the provider cannot reveal one."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        s_mid, why = _reveal(reveal, mid)
+        if s_mid is None:
+            return RefereeVerdict(True, mid, math.inf, tol.referee, why)
+        left, _ = runner.replay(s_lo, lo, mid - lo)
+        right, _ = runner.replay(s_mid, mid, hi - mid)
+        if distance(right, s_hi) / tol.for_steps(hi - mid) > distance(left, s_mid) / tol.for_steps(mid - lo):
+            lo, s_lo = mid, s_mid
+        else:
+            hi, s_hi = mid, s_mid
+    got, _ = runner.replay(s_lo, lo, 1)
+    d = step_distance(tol.referee_metric, s_lo, got, s_hi)
+    if d > tol.referee:
+        return RefereeVerdict(True, lo, d, tol.referee, f"step {lo} replays {d:.3g} away from the provider's revealed "
+                                                        f"next state (> {tol.referee:.3g}{_against(tol.referee_metric)})")
+    return RefereeVerdict(False, lo, d, tol.referee, f"step {lo} replays within {d:.3g} <= {tol.referee:.3g}")
 
 
 # --------------------------------------------------------------------------- the provider's side

@@ -540,3 +540,72 @@ def test_a_verifier_calibrates_against_what_its_machine_can_stand_in_for() -> No
     assert calibration_plans(a100, "gpu", h200, "gpu", "ours") == (cpu, cc.Plan("cuda"), False)  # another model
     assert calibration_plans(h200mb2, "old-torch", h200, "gpu", "ours") == (cpu, cc.Plan("cuda", 2), False)
     assert calibration_plans(cc.Plan("cuda"), "gpu", h200, "gpu", "ours") == (cpu, cc.Plan("cuda"), False)
+
+
+def _crafted(spec: UnitSpec, honest: cc.State, a: int, n: int, target_micro: int) -> dict[str, torch.Tensor]:
+    """What a cheat reveals before step ``a`` to back a loss it faked: its honest state with the weights moved towards
+    ones fitted to the next ``n`` batches, just far enough that an ``n``-step replay on the referee's (public) plan
+    averages ``target_micro`` (all of it public: the spec's data order, the referee's plan; a review's attack)."""
+    from node import data
+    from node.trainer import PROVIDER_PLAN, deterministic, load_training_state, mean_loss_micro, step_batch
+
+    model, _ = load_training_state(spec, honest)
+    batches = [data.make_batch(data.train_tokens(), step_batch(spec, t), spec.model.ctx) for t in range(a, a + n)]
+    runner = cc.PlanRunner(spec, honest, PROVIDER_PLAN)
+    names = [f"model.{k}" for k, _ in model.named_parameters()]
+
+    def at(target: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        return {k: (v + alpha * (target[k] - v) if k in target else v).clone() for k, v in honest.items()}
+
+    def off(st: cc.State) -> int:
+        return mean_loss_micro(runner.replay(st, a, n)[1]) - target_micro
+
+    sign = 1 if off(honest) > 0 else -1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with deterministic(spec.threads):
+        for it in range(400):
+            opt.zero_grad()
+            (sign * sum(model.loss(x, y) for x, y in batches) / n).backward()
+            opt.step()
+            if it % 10 == 9:
+                fitted = {k: p.detach().clone() for k, (_, p) in zip(names, model.named_parameters())}
+                if sign * off(at(fitted, 1.0)) < 0:
+                    break
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sign * off(at(fitted, mid)) > 0 else (lo, mid)
+    return at(fitted, hi)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_states_made_up_to_back_a_faked_loss_in_a_chunked_scan_are_bisected_and_convicted(precision: str) -> None:
+    """A segment of 32 steps is scanned 2 steps at a time from the states its provider reveals, which commit to
+    nothing. A provider on cpu/mb2 faked a loss on step 41 and reveals, before step 40, a state made up so that the
+    chunk replays to the faked losses: the chunks before and after it no longer land on the next state revealed, the
+    worst is bisected to one step, and the one-step rule convicts (a review showed such states clearing the fake).
+    Its true states are convicted on the loss, as before; an honest provider's chain never asks for more."""
+    from node.trainer import PROVIDER_PLAN, mean_loss_micro
+
+    mb2 = cc.Plan.parse("cpu/mb2")
+    spec = UnitSpec(job_id="job-made-up", unit_id="0x" + f"{4401:064x}", round=0, shard=0, n_shards=1, model=TINY,
+                    steps=64, segment_len=32, batch_size=4, lr=3e-3, seed=7, threads=1, precision=precision)
+    tol = cc.tolerance_for(spec, PROVIDER_PLAN, provider_plan=mb2)
+    states, losses, proof = cc.record_policy(spec, init_state(TINY, 3), plan=mb2)
+    ref = cc.PlanRunner(spec, states[32], PROVIDER_PLAN)
+    honest = cc.scan_segment(spec, proof, 1, lambda t: states[t], tol, ref, step_losses=losses[32:])
+    assert not honest.fraud, honest.reason
+    factor = 0.97 if precision == "bf16" else 1 - 16 * tol.loss_micro * 32 / 1e6 / losses[41]
+    lie, lied = adversary.fake_step_loss(proof, losses, 41, factor)
+    made_up = _crafted(spec, states[40], 40, 2, mean_loss_micro([float(x) for x in lied[40:42]]))
+    asked: list[int] = []
+
+    def reveal(t: int) -> cc.State:
+        asked.append(t)
+        return made_up if t == 40 else states[t]
+
+    r = cc.scan_segment(spec, lie, 1, reveal, tol, ref, step_losses=lied[32:])
+    assert r.fraud and "bisected" in r.reason and "replays" in r.reason, r.reason
+    assert set(asked) - set(range(32, 65, 2)), asked  # states inside a chunk were asked for
+    true = cc.scan_segment(spec, lie, 1, lambda t: states[t], tol, ref, step_losses=lied[32:])
+    assert true.fraud and "mean loss" in true.reason, true.reason
