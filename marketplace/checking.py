@@ -1287,6 +1287,16 @@ def next_reveal(rt: Runtime, provider: str) -> dict[str, Any] | None:
     return None
 
 
+def _not_receiving(rt: Runtime, verification_id: int, step: int) -> None:
+    """Drop the mark of a reveal of ``step`` being checked (``referee.overdue``): it was refused."""
+    with rt.sessions.begin() as s:
+        task = s.get(Verification, verification_id)
+        b = referee.bisect_view(task.bisect if task is not None else None)
+        if task is not None and (b.get("receiving") or {}).get("step") == step:
+            b.pop("receiving")
+            task.bisect = b
+
+
 def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
     """Store a provider's revealed state: it must be the step the referee asked for, signed by the unit's provider
     (EIP-712 Reveal), and the uploaded checkpoint must hash to the signed state hash. Then the referee goes on."""
@@ -1312,16 +1322,21 @@ def record_reveal(rt: Runtime, provider: str, body: RevealSubmit) -> str:
         job = s.get(Job, unit.job_id)
         assert job is not None
         spec = unit_spec(job, unit)
-    message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
-    signer = recover_typed("Reveal", rt.domain, message, body.signature)
-    if signer != provider:
-        raise ProofError(f"reveal is signed by {signer}, not by the unit's provider {provider}")
-    tensors, _ = checkpoint.load(rt.blobs.read(body.blob))
-    if state_hash(tensors) != body.state_hash:
-        raise ProofError(f"revealed checkpoint hashes to {state_hash(tensors)}, not to the signed {body.state_hash}")
-    # a state the referee cannot load failed every ruling, outside the guard that counts a bad reveal against the
-    # provider: the dispute stalled for ever, the cheat unslashed (422 here; its deadline still runs)
-    check_uploaded_state(spec, tensors, f"revealed state before step {body.step}")
+    try:
+        message = {"unitId": to_bytes32(unit_id), "step": body.step, "stateHash": to_bytes32(body.state_hash)}
+        signer = recover_typed("Reveal", rt.domain, message, body.signature)
+        if signer != provider:
+            raise ProofError(f"reveal is signed by {signer}, not by the unit's provider {provider}")
+        tensors, _ = checkpoint.load(rt.blobs.read(body.blob))
+        if state_hash(tensors) != body.state_hash:
+            raise ProofError(f"revealed checkpoint hashes to {state_hash(tensors)}, not to the signed "
+                             f"{body.state_hash}")
+        # a state the referee cannot load failed every ruling, outside the guard that counts a bad reveal against
+        # the provider: the dispute stalled for ever, the cheat unslashed (422 here; its deadline still runs)
+        check_uploaded_state(spec, tensors, f"revealed state before step {body.step}")
+    except Exception:
+        _not_receiving(rt, body.verification_id, body.step)  # (refused: no grace past the deadline for it; review)
+        raise
     with rt.sessions.begin() as s:
         task = s.get(Verification, body.verification_id)
         assert task is not None

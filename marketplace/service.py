@@ -324,7 +324,11 @@ def next_work(rt: Runtime, provider: str) -> dict[str, Any] | None:
     unknown or slashed signer is refused from the database, before its stake is read from the chain."""
     with rt.sessions() as s:
         ask = _known_provider(s, provider).price
-    stake, short = _provider_stake(rt, provider, ask)
+        # the units it holds were given at their own price: its stake must cover those (a review found a provider
+        # that raised its ask lose the units in hand, and one that lowered it hand in dear units on the flat minimum)
+        held = [p for p in s.scalars(select(Unit.price).where(Unit.provider == provider, Unit.status == "assigned"))
+                if p is not None]
+    stake, short = _provider_stake(rt, provider, max(held) if held else ask)
     released = 0
     with rt.sessions.begin() as s:
         p = _known_provider(s, provider)
@@ -370,8 +374,8 @@ def submit_result(rt: Runtime, provider: str, body: ResultSubmit) -> None:
     (read from the chain now, not from a recent poll's read). A unit that does not exist or is not assigned to the
     signer is refused from the database first, without that chain read."""
     with rt.sessions() as s:
-        _assigned_unit(s, body.unit_id, provider)
-        ask = _known_provider(s, provider).price
+        held = _assigned_unit(s, body.unit_id, provider)
+        ask = held.price if held.price is not None else _known_provider(s, provider).price  # (the unit's own price)
     stake, short = _provider_stake(rt, provider, ask, fresh=True)
     if short:
         with rt.sessions.begin() as s:
@@ -506,13 +510,17 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, assigned_at: in
     p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
 
-def _observe_late(prov: Provider, spec: JobSpec, seconds: int) -> int:
+def _observe_late(prov: Provider, spec: JobSpec, now: int, assigned_at: int | None) -> int:
     """A provider alive but past a unit's deadline delivered that unit's tokens in *more* than ``seconds``: blend
     that bound into its delivered throughput (the first record sets it) and return it. Only the fact that the
     unit is not in counts, never the node's own progress report (free to shade either way), so a node that missed
     its deadline is ranked, and its next deadline set, at no more than it has shown; without this, a slow node new
     to the market stays ranked at the market's median and misses deadline after deadline."""
-    bound = max(1, min(MAX_THROUGHPUT, spec.steps_per_unit * spec.batch_size * spec.model.ctx // max(1, seconds)))
+    tokens = spec.steps_per_unit * spec.batch_size * spec.model.ctx
+    since = assigned_at if assigned_at is not None else now
+    if prov.busy_since is not None and prov.busy_since <= since:  # what its stretch handed in, and this unit
+        since, tokens = prov.busy_since, (prov.busy_tokens or 0) + tokens
+    bound = max(1, min(MAX_THROUGHPUT, tokens // max(1, now - since)))
     prov.observed_tps = min(prov.observed_tps, observe_throughput(prov.observed_tps, bound)) if prov.observed_tps else bound
     return bound
 
@@ -764,9 +772,9 @@ def reap(rt: Runtime) -> int:
             if not take_back(s, u.id, dropped, dropped_by={**(u.dropped_by or {}), dropped: now}):
                 continue
             extra: dict[str, Any] = {}
-            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed)
-                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec),
-                                                           now - (assigned_at or now))
+            if late:  # alive, yet not done: it trains at most this fast (a silent dropout says nothing of its speed);
+                # over its busy stretch, as a delivery is measured (a unit queued behind others waited for them)
+                extra["delivered_at_most"] = _observe_late(prov, JobSpec.model_validate(job.spec), now, assigned_at)
             else:  # silent: no work for it till it is seen again
                 prov.silent_at = now
             log(s, "unit_timed_out", u.job_id, unit=u.id, provider=dropped,

@@ -584,3 +584,101 @@ def test_a_provider_is_matched_and_paid_only_while_its_stake_covers_twenty_units
                                   stake=verification.provider_min_stake(tokens(10), tokens(100)))
     at_flat = verification.quote("standard", n_segments=8, unit_price=tokens(10), stake=tokens(100))
     assert at_floor.catch_within_stake_1pct > at_flat.catch_within_stake_1pct
+
+
+def test_a_queued_unit_reaped_late_is_bounded_over_the_busy_stretch(world: World, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """P (2 slots) gets both units at t0 - 20 and hands in the first at t0 - 10 (10 s a unit); the second is not in
+    by its deadline at t0: P's throughput is bounded at two units in 20 s, one per 10 s, not one unit in the 20 s
+    the second waited behind the first (a review found the bound k times too low for k queued units)."""
+    p = _offering(world, 0, tokens(1), capacity=2)
+    job = _job(world, "two", _spec(units=2))
+    assert len(service.run_matching(world.rt)) == 2
+    t0 = now_s()
+    with world.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
+        s.execute(update(Provider).where(Provider.address == p.address).values(busy_since=t0 - 20))
+    spec = _spec(units=2)
+    per_unit = spec.steps_per_unit * spec.batch_size * spec.model.ctx
+    body = _train(world, p, tmp_path)
+    monkeypatch.setattr(service, "now_s", lambda: t0 - 10)
+    service.submit_result(world.rt, p.address, body)
+    monkeypatch.undo()
+    with world.rt.sessions() as s:
+        assert s.get(Provider, p.address).observed_tps == per_unit // 10
+    with world.rt.sessions.begin() as s:  # the second: P alive, its deadline just passed
+        s.execute(update(Unit).where(Unit.job_id == job, Unit.status == "assigned")
+                  .values(heartbeat_at=t0 - 1, deadline_at=t0 - 1))
+    monkeypatch.setattr(service, "now_s", lambda: t0)
+    assert service.reap(world.rt) == 1
+    with world.rt.sessions() as s:
+        got = s.get(Provider, p.address).observed_tps
+    assert got == per_unit // 10, got
+
+
+def test_units_in_hand_are_backed_at_their_own_price_whatever_the_ask_says_since(world: World,
+                                                                                   tmp_path: Path) -> None:
+    """A provider's stake must cover 20 units at the price of the units it holds, not at the ask it registers since
+    (a review found one that raised its ask lose its units in hand and its finished result, and one that lowered it
+    and unbonded hand in a dear unit on the flat minimum)."""
+    from marketplace.common import Conflict
+
+    def ask(acct: LocalAccount, price: int) -> None:
+        service.register_provider(world.rt, acct.address, ProviderRegister(
+            region="eu-north", gpu="cpu", vram_mb=16_000, price=str(price), tokens_per_s=10_000, capacity=1))
+
+    cheap = _offering(world, 0, tokens(1))
+    job = _job(world, "raise", _spec())
+    service.run_matching(world.rt)
+    assert _unit(world, job).provider == cheap.address and _unit(world, job).price == tokens(1)
+    ask(cheap, tokens(6))  # its next units' ask needs 120; the unit it holds, 100
+    assert service.next_work(world.rt, cheap.address) is not None  # its unit is still its own
+    service.submit_result(world.rt, cheap.address, _train(world, cheap, tmp_path))
+    assert _unit(world, job).status in ("submitted", "verified")
+    dear = _offering(world, 1, tokens(8))
+    world.ops.transfer(dear.address, tokens(60))
+    world.ops.as_account(dear).stake(tokens(60))
+    ask(dear, tokens(8))
+    job2 = _job(world, "lower", _spec().model_copy(update={"max_price": tokens(10)}))
+    service.run_matching(world.rt)
+    assert _unit(world, job2).provider == dear.address and _unit(world, job2).price == tokens(8)
+    result = _train(world, dear, tmp_path)
+    ask(dear, tokens(1))
+    world.ops.as_account(dear).request_unbond(tokens(60))
+    with pytest.raises(Conflict, match="staking at least 160.0000 GMT at an ask of 8.0000 GMT"):
+        service.submit_result(world.rt, dear.address, result)
+
+
+def test_a_refused_reveal_buys_no_grace_past_its_deadline(world: World, tmp_path: Path) -> None:
+    """A reveal sent in time is marked as being checked (no silence ruled till it is stored, for a grace past the
+    deadline); one its checks refuse (signed by another key) drops the mark: the ask is overdue at its deadline (a
+    review found a bad reveal sent just before the deadline held the ruling off for the whole grace)."""
+    from eth_account import Account
+
+    from marketplace import checking, referee
+    from node.trainer import state_hash
+    from protocol.errors import ProofError
+    from protocol.schemas import RevealSubmit
+
+    p = _offering(world, 0, tokens(1))
+    job = _job(world, "reveal", _spec("full"))
+    service.run_matching(world.rt)
+    body = _train(world, p, tmp_path)
+    service.submit_result(world.rt, p.address, body)
+    deadline = now_s() + 30
+    with world.rt.sessions.begin() as s:
+        task = s.scalars(select(Verification).where(Verification.unit_id == body.unit_id)).first()
+        task.status, task.bisect = "bisecting", {"asked": 2, "deadline": deadline, "reveals": {}, "more": []}
+        vid = task.id
+    blob = body.segment_blobs[-1]
+    tensors, _ = checkpoint.load(world.rt.blobs.read(blob))
+    h = state_hash(tensors)
+    wrong = Account.create()  # a bad reveal: signed by another key
+    sig = sign_typed(wrong, "Reveal", world.rt.domain,
+                     {"unitId": to_bytes32(body.unit_id), "step": 2, "stateHash": to_bytes32(h)})
+    with pytest.raises(ProofError):
+        checking.record_reveal(world.rt, p.address, RevealSubmit(verification_id=vid, step=2, state_hash=h,
+                                                                 blob=blob, signature=sig))
+    with world.rt.sessions() as s:
+        b = s.get(Verification, vid).bisect
+    assert "receiving" not in b and referee.overdue(b, deadline + 1), b
