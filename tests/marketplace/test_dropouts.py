@@ -446,7 +446,6 @@ def test_a_provider_whose_terms_change_while_a_round_decides_is_not_given_the_un
         f"assigned to a provider that now has {p.vram_mb} MB (< 12000) at {u.price} (its ask now {p.price})")
 
 
-
 def test_a_provider_whose_stake_falls_short_while_a_round_decides_is_not_given_the_unit(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A poll for work reads A's stake fallen below the minimum (and writes it) while a round decides: the unit
@@ -465,18 +464,23 @@ def test_a_provider_whose_stake_falls_short_while_a_round_decides_is_not_given_t
     assert got == [] and u.status == "pending", f"assigned to {u.provider}, staked 1 GMT < min 100"
 
 
+def _two_each_holding_a_unit(w: World) -> tuple[LocalAccount, LocalAccount, str, str]:
+    """Providers 0 (asking 1 GMT) and 1 (2 GMT), each given a job's one unit: (first, second, its job, its job)."""
+    x = _offering(w, 0, tokens(1))
+    j1 = _job(w, "j1", _spec())
+    service.run_matching(w.rt)
+    y = _offering(w, 1, tokens(2))
+    j2 = _job(w, "j2", _spec())
+    service.run_matching(w.rt)
+    assert _held(w) == {x.address: [_unit(w, j1).id], y.address: [_unit(w, j2).id]}
+    return x, y, j1, j2
+
 
 def test_a_provider_reaped_for_silence_gets_no_work_till_seen_again(world: World) -> None:
     """X (cheap) and Y each hold a unit; a third job's unit waits. X goes silent and is reaped: the round after
     gives X nothing (a review found it given the waiting unit, silent for over a heartbeat deadline); once X is
     seen again, it is offered work again."""
-    x = _offering(world, 0, tokens(1))
-    j1 = _job(world, "j1", _spec())
-    service.run_matching(world.rt)
-    y = _offering(world, 1, tokens(2))
-    j2 = _job(world, "j2", _spec())
-    service.run_matching(world.rt)
-    assert _held(world) == {x.address: [_unit(world, j1).id], y.address: [_unit(world, j2).id]}
+    x, y, j1, j2 = _two_each_holding_a_unit(world)
     j3 = _job(world, "j3", _spec())
     service.run_matching(world.rt)
     assert _unit(world, j3).status == "pending"
@@ -490,16 +494,10 @@ def test_a_provider_reaped_for_silence_gets_no_work_till_seen_again(world: World
     assert x.address in _held(world)
 
 
-
 def test_a_provider_reaped_for_silence_is_no_later_dropouts_standby(world: World) -> None:
     """X is reaped for silence (Z takes its unit). A pass later W goes silent: its unit does not go to X, still
     silent, as standby (a review found it did: the live window is 3 heartbeat deadlines)."""
-    x = _offering(world, 0, tokens(1))
-    j1 = _job(world, "j1", _spec())
-    service.run_matching(world.rt)
-    w_ = _offering(world, 1, tokens(2))
-    j2 = _job(world, "j2", _spec())
-    service.run_matching(world.rt)
+    x, w_, j1, j2 = _two_each_holding_a_unit(world)
     _silent(world, j1)
     z = _offering(world, 2, tokens(3))
     assert service.reap(world.rt) == 1
@@ -509,7 +507,6 @@ def test_a_provider_reaped_for_silence_is_no_later_dropouts_standby(world: World
     assert service.reap(world.rt) == 1
     held = _held(world)
     assert x.address not in held, f"the standby for W's unit is X, silent: {held}"
-
 
 
 def test_units_queued_on_a_provider_are_timed_from_the_hand_in_before(
@@ -536,19 +533,25 @@ def test_units_queued_on_a_provider_are_timed_from_the_hand_in_before(
     assert got == real, f"P trained each unit in 10 s ({real} tokens/s); recorded {got}"
 
 
+def _two_units_assigned_20_s_ago(w: World, name: str) -> tuple[LocalAccount, str, int, JobSpec]:
+    """A provider of 2 slots given both units of a 2-unit job 20 s before ``t0`` (now), its busy stretch from then:
+    (provider, job id, t0, the job's spec)."""
+    p = _offering(w, 0, tokens(1), capacity=2)
+    job = _job(w, name, _spec(units=2))
+    assert len(service.run_matching(w.rt)) == 2
+    t0 = now_s()
+    with w.rt.sessions.begin() as s:
+        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
+        s.execute(update(Provider).where(Provider.address == p.address).values(busy_since=t0 - 20))
+    return p, job, t0, _spec(units=2)
+
+
 def test_results_held_back_and_handed_in_together_are_not_measured_faster(
         world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """P (2 slots) gets both units at t0 - 20 and trains them in 10 s each, but holds the first result back and
     hands both in at t0, one right after the other: its delivered throughput is no more than it trained at (a review
     found the second timed from the first's hand-in, 1 s: P ranked at several times its speed, cheaper than it is)."""
-    p = _offering(world, 0, tokens(1), capacity=2)
-    job = _job(world, "burst", _spec(units=2))
-    assert len(service.run_matching(world.rt)) == 2
-    t0 = now_s()
-    with world.rt.sessions.begin() as s:
-        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
-        s.execute(update(Provider).where(Provider.address == p.address).values(busy_since=t0 - 20))
-    spec = _spec(units=2)
+    p, job, t0, spec = _two_units_assigned_20_s_ago(world, "burst")
     first = _train(world, p, tmp_path)
     monkeypatch.setattr(service, "now_s", lambda: t0)
     service.submit_result(world.rt, p.address, first)
@@ -591,14 +594,7 @@ def test_a_queued_unit_reaped_late_is_bounded_over_the_busy_stretch(world: World
     """P (2 slots) gets both units at t0 - 20 and hands in the first at t0 - 10 (10 s a unit); the second is not in
     by its deadline at t0: P's throughput is bounded at two units in 20 s, one per 10 s, not one unit in the 20 s
     the second waited behind the first (a review found the bound k times too low for k queued units)."""
-    p = _offering(world, 0, tokens(1), capacity=2)
-    job = _job(world, "two", _spec(units=2))
-    assert len(service.run_matching(world.rt)) == 2
-    t0 = now_s()
-    with world.rt.sessions.begin() as s:
-        s.execute(update(Unit).where(Unit.job_id == job).values(assigned_at=t0 - 20))
-        s.execute(update(Provider).where(Provider.address == p.address).values(busy_since=t0 - 20))
-    spec = _spec(units=2)
+    p, job, t0, spec = _two_units_assigned_20_s_ago(world, "two")
     per_unit = spec.steps_per_unit * spec.batch_size * spec.model.ctx
     body = _train(world, p, tmp_path)
     monkeypatch.setattr(service, "now_s", lambda: t0 - 10)

@@ -2493,12 +2493,11 @@ def test_a_node_or_verifier_on_another_gridmint_version_stops_before_any_work(ma
     assert market.ops.stake_state(p.account.address).staked == tokens(200)
 
 
-def test_a_verifier_that_registers_anew_during_a_bisection_is_judged_as_it_replayed(market, tmp_path: Path,
-                                                                                    monkeypatch) -> None:
-    """An honest, bonded dispute on the referee's plan (as above); while the referee bisects, the verifier's host
-    upgrades torch and its agent registers again with other kernels: the referee judges the replay the verifier
-    signed, made with the kernels it had then, and releases the bond (a review found it judged the new registration:
-    "cannot reproduce a replay on other kernels", the bond forfeit)."""
+def _an_honest_drift_disputed(  # type: ignore[no-untyped-def]
+        market, tmp_path: Path, monkeypatch) -> tuple[ProviderAgent, Any, dict[str, Any]]:
+    """An honest provider on cpu/mb2 whose segment drifts past a tight calibration (test_referee's), disputed with a
+    bond by an honest verifier on the referee's plan; the referee has asked the provider for a state: (provider,
+    verifier, the ask)."""
     from test_referee import DRIFTING_JOB, DRIFTING_SPEC, drift_past_tolerance  # this directory is on sys.path
 
     from node import crosscheck
@@ -2510,7 +2509,17 @@ def test_a_verifier_that_registers_anew_during_a_bisection_is_judged_as_it_repla
     verdicts: list[str | None] = []
     while "fraud" not in verdicts:
         verdicts.append(verifier.verify_once())
-    market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    ask = market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    return honest, verifier, ask
+
+
+def test_a_verifier_that_registers_anew_during_a_bisection_is_judged_as_it_replayed(market, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """An honest, bonded dispute on the referee's plan (as above); while the referee bisects, the verifier's host
+    upgrades torch and its agent registers again with other kernels: the referee judges the replay the verifier
+    signed, made with the kernels it had then, and releases the bond (a review found it judged the new registration:
+    "cannot reproduce a replay on other kernels", the bond forfeit)."""
+    honest, verifier, _ = _an_honest_drift_disputed(market, tmp_path, monkeypatch)
     verifier.client.register_verifier(verifier.plan.label, verifier.build + "-upgraded")
 
     def ruled() -> list[dict[str, Any]]:
@@ -2529,20 +2538,10 @@ def test_a_reveal_that_arrived_in_time_is_not_taken_for_silence_while_it_is_chec
     outlast the deadline: the sweep and the referee, run meanwhile, do not convict the provider for silence; the
     reveal is stored and the bisection goes on (a review found the provider slashed with its reveal answered
     "revealed")."""
-    from test_referee import DRIFTING_JOB, DRIFTING_SPEC, drift_past_tolerance  # this directory is on sys.path
-
     from marketplace import checking, service
-    from node import crosscheck
 
-    monkeypatch.setattr(crosscheck, "tolerance_for", drift_past_tolerance())
     market.rt.settings.reveal_timeout_s = 8
-    honest = provider(market, tmp_path, "honest", "us-east", "0.9", plan="cpu/mb2")
-    verifier = staked_verifier(market, tmp_path, "verifier")
-    _submitted(market, submit_job(market, DRIFTING_SPEC, job_id=DRIFTING_JOB), [honest], 1)
-    verdicts: list[str | None] = []
-    while "fraud" not in verdicts:
-        verdicts.append(verifier.verify_once())
-    ask = market.wait(lambda: honest.client.next_reveal(), what="the referee asking for a state")
+    honest, _, ask = _an_honest_drift_disputed(market, tmp_path, monkeypatch)
     real = checking.check_uploaded_state
     ruled_meanwhile: list[str] = []
 
