@@ -187,8 +187,9 @@ def test_quote_is_the_matcher_run_dry() -> None:
 
 
 def test_a_missed_deadline_only_ever_lowers_a_providers_delivered_throughput() -> None:
-    """A unit not in after ``seconds`` bounds its provider's speed from above: the bound sets a first record, is
-    blended into a faster one, and never raises a slower one (service._observe_late)."""
+    """A unit not in ``seconds`` after its assignment (at ``now`` - ``seconds``) bounds its provider's speed from above:
+    the bound sets a first record, is blended into a faster one, and never raises a slower one
+    (service._observe_late; with no busy stretch recorded, timed from the assignment)."""
     from marketplace.db import Provider
     from marketplace.service import _observe_late
     from protocol.schemas import JobSpec
@@ -196,11 +197,11 @@ def test_a_missed_deadline_only_ever_lowers_a_providers_delivered_throughput() -
     spec = JobSpec(rounds=1, units_per_round=1, steps_per_unit=20, segment_len=5, batch_size=8, max_price=tokens(2))
     unit_tokens = 20 * 8 * spec.model.ctx
     new = Provider(observed_tps=None)
-    assert _observe_late(new, spec, 100) == unit_tokens // 100 == new.observed_tps
+    assert _observe_late(new, spec, 1_000, 900) == unit_tokens // 100 == new.observed_tps
     fast = Provider(observed_tps=10 * unit_tokens)
-    _observe_late(fast, spec, 100)
+    _observe_late(fast, spec, 1_000, 900)
     assert fast.observed_tps == observe_throughput(10 * unit_tokens, unit_tokens // 100)
     slow = Provider(observed_tps=7)
-    assert _observe_late(slow, spec, 100) > 7 and slow.observed_tps == 7
+    assert _observe_late(slow, spec, 1_000, 900) > 7 and slow.observed_tps == 7
     idle = Provider(observed_tps=None)
-    assert _observe_late(idle, spec, 10**12) == 1 == idle.observed_tps  # floored at 1 token/s
+    assert _observe_late(idle, spec, 10**12, 0) == 1 == idle.observed_tps  # floored at 1 token/s
