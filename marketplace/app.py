@@ -246,8 +246,8 @@ def create_app(rt: Runtime) -> FastAPI:
         ``stake_units`` units at its ask, and ``min_stake`` (``/config``)."""
         body = _parse(ProviderRegister, request._body)  # noqa: SLF001 - the exact bytes that were signed
         p = service.register_provider(rt, req.signer, body)
-        return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= service.provider_floor(rt, p.price),
-                "min_stake": str(service.provider_floor(rt, p.price))}
+        floor = service.provider_floor(rt, p.price)
+        return {"address": p.address, "stake": str(p.stake), "eligible": p.stake >= floor, "min_stake": str(floor)}
 
     committer = group_commit(rt.sessions.kw["bind"])
 

@@ -501,25 +501,30 @@ def _observe_delivery(s: Session, provider: str, spec: UnitSpec, assigned_at: in
     p = s.get(Provider, provider)
     assert p is not None
     now = now_s()
-    tokens = spec.steps * spec.batch_size * spec.model.ctx
-    since = assigned_at if assigned_at is not None else now
-    if p.busy_since is not None and p.busy_since <= since:  # (in its stretch; none before migration 0023)
-        since, tokens = p.busy_since, (p.busy_tokens or 0) + tokens
+    since, tokens = _over_stretch(p, spec.steps * spec.batch_size * spec.model.ctx, assigned_at, now)
     p.busy_since, p.busy_tokens = since, tokens
     measured = tokens // max(1, now - since)
     p.observed_tps = observe_throughput(p.observed_tps, measured) if p.observed_tps else max(1, min(MAX_THROUGHPUT, measured))
 
 
-def _observe_late(prov: Provider, spec: JobSpec, now: int, assigned_at: int | None) -> int:
-    """A provider alive but past a unit's deadline delivered that unit's tokens in *more* than ``seconds``: blend
-    that bound into its delivered throughput (the first record sets it) and return it. Only the fact that the
-    unit is not in counts, never the node's own progress report (free to shade either way), so a node that missed
-    its deadline is ranked, and its next deadline set, at no more than it has shown; without this, a slow node new
-    to the market stays ranked at the market's median and misses deadline after deadline."""
-    tokens = spec.steps_per_unit * spec.batch_size * spec.model.ctx
+def _over_stretch(p: Provider, tokens: int, assigned_at: int | None, now: int) -> tuple[int, int]:
+    """(since when, tokens) to time a unit of ``tokens`` assigned at ``assigned_at`` over: ``p``'s busy stretch and
+    what it handed in during it, when the unit was assigned within the stretch (none before migration 0023), else
+    the unit alone from its assignment."""
     since = assigned_at if assigned_at is not None else now
-    if prov.busy_since is not None and prov.busy_since <= since:  # what its stretch handed in, and this unit
-        since, tokens = prov.busy_since, (prov.busy_tokens or 0) + tokens
+    if p.busy_since is not None and p.busy_since <= since:
+        return p.busy_since, (p.busy_tokens or 0) + tokens
+    return since, tokens
+
+
+def _observe_late(prov: Provider, spec: JobSpec, now: int, assigned_at: int | None) -> int:
+    """A provider alive but past the deadline of a unit assigned at ``assigned_at`` has not delivered it by ``now``:
+    over its busy stretch (:func:`_over_stretch`), it trains at most this fast. Blend that bound into its delivered
+    throughput (the first record sets it) and return it. Only the fact that the unit is not in counts, never the
+    node's own progress report (free to shade either way), so a node that missed its deadline is ranked, and its
+    next deadline set, at no more than it has shown; without this, a slow node new to the market stays ranked at
+    the market's median and misses deadline after deadline."""
+    since, tokens = _over_stretch(prov, spec.steps_per_unit * spec.batch_size * spec.model.ctx, assigned_at, now)
     bound = max(1, min(MAX_THROUGHPUT, tokens // max(1, now - since)))
     prov.observed_tps = min(prov.observed_tps, observe_throughput(prov.observed_tps, bound)) if prov.observed_tps else bound
     return bound

@@ -35,6 +35,7 @@ from protocol.money import format_tokens
 from protocol.proof import TrainingProof
 from protocol.schemas import ProviderRegister
 from protocol.signing import sign_typed, to_bytes32
+from protocol.verification import provider_min_stake
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -273,7 +274,7 @@ class ProviderAgent:
             raise GridMintValueError(f"price {format_tokens(self.cfg.price)} per unit is below the "
                                      f"{self.cfg.region} floor of {format_tokens(floor)}")
         units = int(cfg.get("stake_units", 0))  # (an older marketplace: its flat minimum only)
-        least = max(int(cfg.get("min_stake", 0)), units * self.cfg.price)
+        least = provider_min_stake(self.cfg.price, int(cfg.get("min_stake", 0)), units)
         if stake < least:
             raise GridMintValueError(
                 f"stake {format_tokens(stake)} is below the {format_tokens(least)} this marketplace asks of a "

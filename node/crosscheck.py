@@ -562,21 +562,46 @@ def bisect_segment(spec: UnitSpec, proof: TrainingProof, seg_index: int, reveal:
     if not fail and h_hi != seg.end_hash:
         fail = f"revealed end hashes to {h_hi}, committed {seg.end_hash}"
     rounds: list[tuple[int, str, bool]] = []
-    while not fail and hi - lo > 1:
+    if not fail:
+        lo, _, _, _, _, fail = _narrow(reveal, tol, runner, lo, s_lo, hi, s_hi, rounds)
+        # (the ends it narrowed to: the last midpoint it went right of, and left of, hashed in their rounds)
+        h_lo = next((h for _, h, right in reversed(rounds) if right), h_lo)
+        h_hi = next((h for _, h, right in reversed(rounds) if not right), h_hi)
+    return Dispute(spec.unit_id, seg_index, lo, h_lo, h_hi, tuple(rounds), runner.steps_run - spent0, fail)
+
+
+def _narrow(reveal: RevealFn, tol: Tolerance, runner: PlanRunner, lo: int, s_lo: State, hi: int, s_hi: State,
+            rounds: list[tuple[int, str, bool]] | None = None) -> tuple[int, State, int, State, int, str]:
+    """Bisect the steps ``lo``..``hi`` between two of the provider's states down to one: each round the provider
+    reveals the midpoint, both halves are replayed from their starts, and the search goes on into the half further
+    past its tolerance (the first on a tie). Returns (lo, its state, hi, its state, the step the provider could not
+    reveal, why; "" if it revealed every one). ``rounds`` gets (midpoint, its hash, whether the search went right)."""
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        s_mid, fail = _reveal(reveal, mid)
+        s_mid, why = _reveal(reveal, mid)
         if s_mid is None:
-            break
-        h_mid = state_hash(s_mid)
+            return lo, s_lo, hi, s_hi, mid, why
         left, _ = runner.replay(s_lo, lo, mid - lo)
         right, _ = runner.replay(s_mid, mid, hi - mid)
         go_right = distance(right, s_hi) / tol.for_steps(hi - mid) > distance(left, s_mid) / tol.for_steps(mid - lo)
-        rounds.append((mid, h_mid, go_right))  # True: the first half agreed better than the second
+        if rounds is not None:
+            rounds.append((mid, state_hash(s_mid), go_right))  # True: the first half agreed better than the second
         if go_right:
-            lo, s_lo, h_lo = mid, s_mid, h_mid
+            lo, s_lo = mid, s_mid
         else:
-            hi, h_hi, s_hi = mid, h_mid, s_mid
-    return Dispute(spec.unit_id, seg_index, lo, h_lo, h_hi, tuple(rounds), runner.steps_run - spent0, fail)
+            hi, s_hi = mid, s_mid
+    return lo, s_lo, hi, s_hi, lo, ""
+
+
+def _one_step(tol: Tolerance, runner: PlanRunner, t: int, before: State, after: State, claim: str) -> RefereeVerdict:
+    """The referee's one-step rule: step ``t`` replayed from the provider's ``before`` lands within ``tol.referee``
+    of its ``after`` (``claim``: how the verdict names that state), or it is fraud."""
+    got, _ = runner.replay(before, t, 1)
+    d = step_distance(tol.referee_metric, before, got, after)
+    if d > tol.referee:
+        return RefereeVerdict(True, t, d, tol.referee, f"step {t} replays {d:.3g} away from {claim} (> "
+                                                       f"{tol.referee:.3g}{_against(tol.referee_metric)})")
+    return RefereeVerdict(False, t, d, tol.referee, f"step {t} replays within {d:.3g} <= {tol.referee:.3g}")
 
 
 def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolerance, runner: PlanRunner) -> RefereeVerdict:
@@ -593,12 +618,8 @@ def referee_step(spec: UnitSpec, dispute: Dispute, reveal: RevealFn, tol: Tolera
         return RefereeVerdict(True, t, math.inf, thr, why or why2)
     if state_hash(before) != dispute.before_hash or state_hash(after) != dispute.after_hash:
         return RefereeVerdict(True, t, math.inf, thr, "revealed states do not match the hashes of the bisection")
-    got, _ = runner.replay(before, t, 1)
-    d = step_distance(tol.referee_metric, before, got, after)
-    if d > thr:
-        return RefereeVerdict(True, t, d, thr, f"step {t} replays {d:.3g} away from the provider's claim (> {thr:.3g}"
-                                               f"{_against(tol.referee_metric)})")
-    return RefereeVerdict(False, t, d, thr, f"step {t} replays within {d:.3g} <= {thr:.3g}: the dispute was wrong")
+    v = _one_step(tol, runner, t, before, after, "the provider's claim")
+    return v if v.fraud else replace(v, reason=f"{v.reason}: the dispute was wrong")
 
 
 def referee_loss(spec: UnitSpec, proof: TrainingProof, seg_index: int, start: State, tol: Tolerance,
@@ -776,23 +797,10 @@ def _bisect_chunk(reveal: RevealFn, tol: Tolerance, runner: PlanRunner, lo: int,
     :func:`bisect_segment` narrows a segment (into the half further past its tolerance), asking the provider for the
     states in between (:class:`RevealPending` while missing), and judge that step by the referee's one-step rule:
     fraud if it lands past ``tol.referee`` from the provider's own next state, or the provider cannot reveal one."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        s_mid, why = _reveal(reveal, mid)
-        if s_mid is None:
-            return RefereeVerdict(True, mid, math.inf, tol.referee, why)
-        left, _ = runner.replay(s_lo, lo, mid - lo)
-        right, _ = runner.replay(s_mid, mid, hi - mid)
-        if distance(right, s_hi) / tol.for_steps(hi - mid) > distance(left, s_mid) / tol.for_steps(mid - lo):
-            lo, s_lo = mid, s_mid
-        else:
-            hi, s_hi = mid, s_mid
-    got, _ = runner.replay(s_lo, lo, 1)
-    d = step_distance(tol.referee_metric, s_lo, got, s_hi)
-    if d > tol.referee:
-        return RefereeVerdict(True, lo, d, tol.referee, f"step {lo} replays {d:.3g} away from the provider's revealed "
-                                                        f"next state (> {tol.referee:.3g}{_against(tol.referee_metric)})")
-    return RefereeVerdict(False, lo, d, tol.referee, f"step {lo} replays within {d:.3g} <= {tol.referee:.3g}")
+    lo, s_lo, _, s_hi, missing, why = _narrow(reveal, tol, runner, lo, s_lo, hi, s_hi)
+    if why:
+        return RefereeVerdict(True, missing, math.inf, tol.referee, why)
+    return _one_step(tol, runner, lo, s_lo, s_hi, "the provider's revealed next state")
 
 
 # --------------------------------------------------------------------------- the provider's side

@@ -69,12 +69,13 @@ TRUST_AFTER_UNITS = 50  # consecutive verified units before a host counts as tru
 STAKE_UNITS = 20
 
 
-def provider_min_stake(ask: int, min_stake: int) -> int:
-    """The least stake (base units) a provider asking ``ask`` per unit is matched and paid with: :data:`STAKE_UNITS`
-    units at its ask, never below the marketplace's flat ``min_stake``."""
-    if min(ask, min_stake) < 0:
-        raise GridMintValueError(f"ask and min stake must be >= 0, got {ask}, {min_stake}")
-    return max(min_stake, STAKE_UNITS * ask)
+def provider_min_stake(ask: int, min_stake: int, units: int = STAKE_UNITS) -> int:
+    """The least stake (base units) a provider asking ``ask`` per unit is matched and paid with: ``units`` units at
+    its ask (:data:`STAKE_UNITS`; a node passes what its marketplace's ``/config`` says), never below the
+    marketplace's flat ``min_stake``."""
+    if min(ask, min_stake, units) < 0:
+        raise GridMintValueError(f"ask, min stake and units must be >= 0, got {ask}, {min_stake}, {units}")
+    return max(min_stake, units * ask)
 TRUSTED_DISCOUNT = Fraction(1, 2)
 #: The catch probability (1% of segments faked, within the stake horizon) the trusted discount must keep: the 0.99
 #: target with room for the measurement's noise.
